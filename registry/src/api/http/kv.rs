@@ -1,0 +1,259 @@
+//! `/v1/kv/<key>`: Consul's key/value endpoint.
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde::Serialize;
+
+use super::AppState;
+use super::error::ApiError;
+use super::query::{Params, ReadOptions, read_headers, run_read};
+use crate::command::Command;
+use crate::state::KvEntry;
+
+/// Largest value accepted (Consul's limit).
+pub const MAX_VALUE_BYTES: usize = 512 * 1024;
+/// Longest key accepted.
+pub const MAX_KEY_BYTES: usize = 512;
+
+/// One entry as Consul's JSON shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct KvPair<'a> {
+    lock_index: u64,
+    key: &'a str,
+    flags: u64,
+    /// base64; `null` for an empty value, as Consul.
+    value: Option<String>,
+    create_index: u64,
+    modify_index: u64,
+}
+
+impl<'a> KvPair<'a> {
+    fn new(key: &'a str, entry: &KvEntry) -> Self {
+        KvPair {
+            lock_index: entry.lock_index,
+            key,
+            flags: entry.flags,
+            value: (!entry.value.is_empty()).then(|| STANDARD.encode(&entry.value)),
+            create_index: entry.create_index,
+            modify_index: entry.modify_index,
+        }
+    }
+}
+
+/// Every method on `/v1/kv/...`.
+pub async fn handle(
+    State(app): State<AppState>,
+    method: Method,
+    uri: Uri,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let key = key_from_path(uri.path())?;
+        let params = Params::parse(query.as_deref());
+        match method {
+            Method::GET => get(&app, &key, &params).await,
+            Method::PUT | Method::POST => put(&app, key, &params, &headers, body).await,
+            Method::DELETE => delete(&app, key, &params).await,
+            other => Err(ApiError::MethodNotAllowed(format!(
+                "method {other} not allowed on /v1/kv (use GET, PUT or DELETE)"
+            ))),
+        }
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The key is the rest of the path after `/v1/kv/`, percent-decoded.
+fn key_from_path(path: &str) -> Result<String, ApiError> {
+    let raw = path
+        .strip_prefix("/v1/kv/")
+        .or_else(|| path.strip_prefix("/v1/kv").filter(|r| r.is_empty()))
+        .unwrap_or("");
+    let bytes: Vec<u8> = percent_encoding::percent_decode_str(raw).collect();
+    let key = String::from_utf8(bytes)
+        .map_err(|_| ApiError::bad_request("Invalid key: not valid UTF-8"))?;
+    if key.len() > MAX_KEY_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "Invalid key: {} bytes long, the limit is {MAX_KEY_BYTES}",
+            key.len()
+        )));
+    }
+    Ok(key)
+}
+
+async fn get(app: &AppState, key: &str, params: &Params) -> Result<Response, ApiError> {
+    let options = ReadOptions::from_params(params)?;
+    let node = &app.node;
+    let shutdown = &app.shutdown;
+    let mut headers;
+    let body: Option<Response>;
+    if params.has("keys") {
+        let separator = params.get("separator").map(str::to_owned);
+        let result = run_read(node, options, shutdown, |state| {
+            (
+                state.kv.keys(key, separator.as_deref()),
+                state.kv.prefix_index(key),
+            )
+        })
+        .await?;
+        headers = read_headers(node, result.index, options.consistency);
+        body = (!result.value.is_empty()).then(|| axum::Json(result.value).into_response());
+    } else if params.flag("recurse")? {
+        let result = run_read(node, options, shutdown, |state| {
+            let pairs: Vec<KvPair<'_>> = state
+                .kv
+                .prefix_range(key)
+                .map(|(k, e)| KvPair::new(k, e))
+                .collect();
+            let body = (!pairs.is_empty()).then(|| serde_json::to_vec(&pairs));
+            (body, state.kv.prefix_index(key))
+        })
+        .await?;
+        headers = read_headers(node, result.index, options.consistency);
+        body = result
+            .value
+            .transpose()
+            .map_err(|e| internal(&e))?
+            .map(json_bytes);
+    } else {
+        if key.is_empty() {
+            return Err(ApiError::bad_request("Missing key name"));
+        }
+        let raw = params.flag("raw")?;
+        let result = run_read(node, options, shutdown, |state| {
+            let found = state.kv.get(key).map(|entry| {
+                if raw {
+                    Ok(entry.value.to_vec())
+                } else {
+                    serde_json::to_vec(&[KvPair::new(key, entry)])
+                }
+            });
+            (found, state.kv.key_index(key))
+        })
+        .await?;
+        headers = read_headers(node, result.index, options.consistency);
+        body = match result.value.transpose().map_err(|e| internal(&e))? {
+            None => None,
+            Some(bytes) if raw => {
+                let mut response = bytes.into_response();
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+                Some(response)
+            }
+            Some(bytes) => Some(json_bytes(bytes)),
+        };
+    }
+    let mut response = body.unwrap_or_else(|| StatusCode::NOT_FOUND.into_response());
+    headers.extend(response.headers().clone());
+    *response.headers_mut() = headers;
+    Ok(response)
+}
+
+fn json_bytes(bytes: Vec<u8>) -> Response {
+    let mut response = bytes.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn internal(e: &serde_json::Error) -> ApiError {
+    ApiError::Cluster(crate::node::ClusterError::Internal(e.to_string()))
+}
+
+async fn put(
+    app: &AppState,
+    key: String,
+    params: &Params,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if key.is_empty() {
+        return Err(ApiError::bad_request("Missing key name"));
+    }
+    for unsupported in ["acquire", "release"] {
+        if params.has(unsupported) {
+            return Err(ApiError::bad_request(format!(
+                "?{unsupported} needs sessions, which Meshwork does not implement yet"
+            )));
+        }
+    }
+    let flags = params.u64("flags")?.unwrap_or(0);
+    let cas = params.u64("cas")?;
+    let value = read_body(headers, body).await?;
+    let applied = app
+        .node
+        .write(Command::KvSet {
+            key,
+            value,
+            flags,
+            cas,
+        })
+        .await?;
+    Ok(axum::Json(applied.response.succeeded()).into_response())
+}
+
+/// Reads the value, refusing more than [`MAX_VALUE_BYTES`] before
+/// buffering it (by Content-Length when given, else while reading).
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
+    let too_large = |len: Option<u64>| {
+        ApiError::PayloadTooLarge(match len {
+            Some(len) => {
+                format!("Request body({len} bytes) too large, max size: {MAX_VALUE_BYTES} bytes")
+            }
+            None => format!("Request body too large, max size: {MAX_VALUE_BYTES} bytes"),
+        })
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > MAX_VALUE_BYTES as u64 {
+            return Err(too_large(Some(len)));
+        }
+    }
+    match axum::body::to_bytes(body, MAX_VALUE_BYTES).await {
+        Ok(bytes) => Ok(bytes.to_vec()),
+        Err(e) => {
+            let is_limit = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if is_limit {
+                Err(too_large(None))
+            } else {
+                Err(ApiError::bad_request(format!(
+                    "cannot read request body: {e}"
+                )))
+            }
+        }
+    }
+}
+
+async fn delete(app: &AppState, key: String, params: &Params) -> Result<Response, ApiError> {
+    let cas = params.u64("cas")?;
+    let command = if params.flag("recurse")? {
+        if cas.is_some() {
+            return Err(ApiError::bad_request(
+                "?cas cannot be combined with ?recurse",
+            ));
+        }
+        Command::KvDeleteTree { prefix: key }
+    } else {
+        if key.is_empty() {
+            return Err(ApiError::bad_request("Missing key name"));
+        }
+        Command::KvDelete { key, cas }
+    };
+    let applied = app.node.write(command).await?;
+    Ok(axum::Json(applied.response.succeeded()).into_response())
+}

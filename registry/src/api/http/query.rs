@@ -1,0 +1,239 @@
+//! Query-string options shared by every read: consistency mode and
+//! blocking (`?index=&wait=`), and the response headers that go with them.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue};
+use rand::Rng;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::error::ApiError;
+use crate::node::{Consistency, RegistryNode};
+use crate::state::State;
+
+/// Default and maximum `?wait` of a blocking query (Consul's).
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+pub const MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// The query string as flags and values (`?recurse` has value "").
+#[derive(Debug, Default)]
+pub struct Params(HashMap<String, String>);
+
+impl Params {
+    pub fn parse(raw: Option<&str>) -> Self {
+        Params(
+            form_urlencoded::parse(raw.unwrap_or("").as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        )
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.0.contains_key(key)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    /// A boolean flag: present with no value, or `true`/`false`.
+    pub fn flag(&self, key: &str) -> Result<bool, ApiError> {
+        match self.get(key) {
+            None => Ok(false),
+            Some("" | "true" | "1") => Ok(true),
+            Some("false" | "0") => Ok(false),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "Invalid value for ?{key}: {other:?}"
+            ))),
+        }
+    }
+
+    pub fn u64(&self, key: &str) -> Result<Option<u64>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.parse().map(Some).map_err(|_| {
+                ApiError::bad_request(format!("Invalid {key}: {v:?} is not an unsigned integer"))
+            }),
+        }
+    }
+}
+
+/// How a read should be served.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadOptions {
+    pub consistency: Consistency,
+    /// Block until the result's index passes this.
+    pub min_index: Option<u64>,
+    pub wait: Duration,
+}
+
+impl ReadOptions {
+    pub fn from_params(params: &Params) -> Result<Self, ApiError> {
+        let stale = params.flag("stale")?;
+        let consistent = params.flag("consistent")?;
+        let consistency = match (stale, consistent) {
+            (true, true) => {
+                return Err(ApiError::bad_request(
+                    "Cannot specify ?stale with ?consistent, conflicting semantics.",
+                ));
+            }
+            (true, false) => Consistency::Stale,
+            (false, true) => Consistency::Consistent,
+            (false, false) => Consistency::Default,
+        };
+        let min_index = params.u64("index")?.filter(|i| *i > 0);
+        let wait = match params.get("wait") {
+            None | Some("") => DEFAULT_WAIT,
+            Some(text) => parse_duration(text)
+                .ok_or_else(|| ApiError::bad_request(format!("Invalid wait time: {text:?}")))?
+                .min(MAX_WAIT),
+        };
+        Ok(Self {
+            consistency,
+            min_index,
+            wait,
+        })
+    }
+}
+
+/// Parses a Go-style duration: `10s`, `5m`, `1m30s`, `250ms`, `1h`; a
+/// bare number is seconds (Consul accepts it too).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    if let Ok(secs) = text.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return None;
+        }
+        let number: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit_secs = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += Duration::try_from_secs_f64(number * unit_secs).ok()?;
+    }
+    Some(total)
+}
+
+/// A read's result and the index it reports.
+#[derive(Debug)]
+pub struct Indexed<T> {
+    pub value: T,
+    pub index: u64,
+}
+
+/// Runs a read: waits for the consistency barrier, then computes the
+/// result and, for a blocking query, recomputes it after each applied
+/// change until its index passes `min_index` or the wait (plus up to 1/16
+/// jitter, as Consul) runs out. Shutdown ends the wait early.
+pub async fn run_read<T>(
+    node: &RegistryNode,
+    options: ReadOptions,
+    shutdown: &CancellationToken,
+    compute: impl Fn(&State) -> (T, u64),
+) -> Result<Indexed<T>, ApiError> {
+    node.read_barrier(options.consistency).await?;
+    let mut applied = node.state.subscribe();
+    let deadline = options.min_index.map(|_| {
+        let jitter_ms = rand::rng().random_range(0..=(options.wait.as_millis() as u64 / 16).max(1));
+        Instant::now() + options.wait + Duration::from_millis(jitter_ms)
+    });
+    loop {
+        applied.borrow_and_update();
+        let (value, index) = {
+            let state = node.state.read();
+            compute(&state)
+        };
+        // Index 0 would make clients spin; Consul reports at least 1.
+        let index = index.max(1);
+        let (Some(min), Some(deadline)) = (options.min_index, deadline) else {
+            return Ok(Indexed { value, index });
+        };
+        if index > min {
+            return Ok(Indexed { value, index });
+        }
+        tokio::select! {
+            changed = tokio::time::timeout_at(deadline, applied.changed()) => {
+                if !matches!(changed, Ok(Ok(()))) {
+                    return Ok(Indexed { value, index });
+                }
+            }
+            () = shutdown.cancelled() => return Ok(Indexed { value, index }),
+        }
+    }
+}
+
+/// Consul's read headers: the index, and how fresh the answering server is.
+pub fn read_headers(node: &RegistryNode, index: u64, consistency: Consistency) -> HeaderMap {
+    let (known_leader, last_contact) = node.leader_contact();
+    let mut headers = HeaderMap::new();
+    headers.insert("X-Consul-Index", HeaderValue::from(index));
+    headers.insert(
+        "X-Consul-KnownLeader",
+        HeaderValue::from_static(if known_leader { "true" } else { "false" }),
+    );
+    headers.insert(
+        "X-Consul-LastContact",
+        HeaderValue::from(last_contact.as_millis() as u64),
+    );
+    headers.insert(
+        "X-Consul-Effective-Consistency",
+        HeaderValue::from_static(match consistency {
+            Consistency::Default => "leader",
+            Consistency::Consistent => "consistent",
+            Consistency::Stale => "stale",
+        }),
+    );
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_go() {
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("abc"), None);
+        assert_eq!(parse_duration("10x"), None);
+        assert_eq!(parse_duration(""), None);
+        assert_eq!(parse_duration("s"), None);
+    }
+
+    #[test]
+    fn stale_and_consistent_conflict() {
+        let params = Params::parse(Some("stale&consistent"));
+        assert!(ReadOptions::from_params(&params).is_err());
+        let params = Params::parse(Some("index=abc"));
+        assert!(ReadOptions::from_params(&params).is_err());
+        let params = Params::parse(Some("index=5&wait=20m"));
+        let options = ReadOptions::from_params(&params).expect("valid");
+        assert_eq!(options.wait, MAX_WAIT);
+        assert_eq!(options.min_index, Some(5));
+    }
+}

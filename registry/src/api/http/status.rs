@@ -1,0 +1,133 @@
+//! Cluster status in Consul's shapes: `/v1/status/*`,
+//! `/v1/operator/raft/*` and `/v1/agent/self`.
+
+use axum::Json;
+use axum::extract::{RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::error::ApiError;
+use super::query::Params;
+
+/// `GET /v1/status/leader`: the leader's Raft address, `""` if none.
+pub async fn leader(State(app): State<AppState>) -> Json<String> {
+    Json(app.node.leader().map(|(_, addr)| addr).unwrap_or_default())
+}
+
+/// `GET /v1/status/peers`: the voters' Raft addresses.
+pub async fn peers(State(app): State<AppState>) -> Json<Vec<String>> {
+    Json(
+        app.node
+            .members()
+            .into_iter()
+            .filter(|m| m.voter)
+            .map(|m| m.raft_addr)
+            .collect(),
+    )
+}
+
+/// `GET /v1/operator/raft/configuration`.
+pub async fn raft_configuration(State(app): State<AppState>) -> Json<Value> {
+    let leader = app.node.leader().map(|(id, _)| id);
+    let servers: Vec<Value> = app
+        .node
+        .members()
+        .into_iter()
+        .map(|m| {
+            json!({
+                "ID": m.id.to_string(),
+                "Node": if m.id == app.node.id { app.node_name.to_string() } else { format!("meshwork-{}", m.id) },
+                "Address": m.raft_addr,
+                "Leader": Some(m.id) == leader,
+                "Voter": m.voter,
+                "ProtocolVersion": "3",
+            })
+        })
+        .collect();
+    Json(json!({ "Servers": servers, "Index": app.node.membership_index() }))
+}
+
+/// `DELETE /v1/operator/raft/peer?id=N` (or `?address=HOST:PORT`).
+pub async fn remove_peer(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(query.as_deref());
+    let id = match (params.get("id"), params.get("address")) {
+        (Some(id), _) => id.parse::<u64>().map_err(|_| {
+            ApiError::bad_request(format!(
+                "Invalid id {id:?}: server ids are positive integers"
+            ))
+        })?,
+        (None, Some(addr)) => app
+            .node
+            .members()
+            .into_iter()
+            .find(|m| m.raft_addr == addr)
+            .map(|m| m.id)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "No server with address {addr:?} in the Raft configuration"
+                ))
+            })?,
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "Must specify either ?id with the server's ID or ?address with IP:port of peer to remove",
+            ));
+        }
+    };
+    app.node.remove_server(id).await?;
+    Ok(().into_response())
+}
+
+/// `GET /v1/agent/self`: what Consul clients read on start.
+pub async fn agent_self(State(app): State<AppState>) -> Json<Value> {
+    let (host, port) = app
+        .node_raft_addr
+        .rsplit_once(':')
+        .map(|(h, p)| (h.to_owned(), p.parse::<u16>().unwrap_or(0)))
+        .unwrap_or_else(|| (app.node_raft_addr.clone(), 0));
+    Json(json!({
+        "Config": {
+            "Datacenter": app.datacenter,
+            "PrimaryDatacenter": app.datacenter,
+            "NodeName": app.node_name,
+            "NodeID": app.node_uuid,
+            "Server": true,
+            "Revision": "",
+            "Version": env!("CARGO_PKG_VERSION"),
+            "BuildDate": "",
+        },
+        "DebugConfig": {},
+        "Coord": null,
+        "Member": {
+            "Name": app.node_name,
+            "Addr": host,
+            "Port": port,
+            "Tags": {
+                "role": "consul",
+                "dc": app.datacenter,
+                "id": app.node_uuid,
+                "vsn": "2",
+                "build": concat!(env!("CARGO_PKG_VERSION"), ":meshwork"),
+                "raft_vsn": "3",
+            },
+            "Status": 1,
+            "ProtocolMin": 1,
+            "ProtocolMax": 5,
+            "ProtocolCur": 2,
+            "DelegateMin": 2,
+            "DelegateMax": 5,
+            "DelegateCur": 4,
+        },
+        "Stats": {
+            "raft": {
+                "applied_index": app.node.state.applied_index().to_string(),
+                "state": if app.node.is_leader() { "Leader" } else { "Follower" },
+            }
+        },
+        "Meta": {},
+        "xDS": null,
+    }))
+}

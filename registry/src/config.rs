@@ -1,0 +1,502 @@
+//! Command line and config file → validated runtime [`Config`].
+//!
+//! Every setting can come from a flag or from the TOML file given with
+//! `--config` (same names, with `_` for `-`); a flag wins over the file.
+//! Unknown keys in the file are rejected, all of them at once, each with
+//! its line. Validation reports every problem, not only the first.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Defaults, named so that docs and code agree.
+pub mod defaults {
+    pub const HTTP_ADDR: &str = "127.0.0.1:8500";
+    pub const GRPC_ADDR: &str = "127.0.0.1:8502";
+    pub const RAFT_ADDR: &str = "127.0.0.1:8300";
+    pub const DNS_ADDR: &str = "127.0.0.1:8600";
+    pub const DATACENTER: &str = "dc1";
+    pub const DATA_DIR: &str = "/var/lib/meshwork";
+    pub const SNAPSHOT_THRESHOLD: u64 = 8192;
+    pub const SNAPSHOT_TRAILING_LOGS: u64 = 1024;
+    pub const HEARTBEAT_MS: u64 = 200;
+    pub const ELECTION_TIMEOUT_MS: u64 = 1000;
+    pub const LEADER_WAIT_MS: u64 = 5000;
+}
+
+/// `meshwork-registry`: a Meshwork registry server.
+#[derive(Debug, Default, Parser)]
+#[command(name = "meshwork-registry", version, about, long_about = None)]
+pub struct Cli {
+    /// One server, data in a temp dir, every API on its default port.
+    #[arg(long)]
+    pub dev: bool,
+    /// TOML file with the same settings as the flags (flags win).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This server's id, unique in the cluster (1, 2, 3, …).
+    #[arg(long)]
+    pub node_id: Option<u64>,
+    /// This server's node name (default: `meshwork-<node-id>`).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Datacenter name reported to Consul clients.
+    #[arg(long)]
+    pub datacenter: Option<String>,
+    /// Where the Raft log, snapshots and metadata live.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// REST API and web UI listen address.
+    #[arg(long, value_name = "ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Public gRPC listen address (watch and agent services).
+    #[arg(long, value_name = "ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Raft and internal gRPC listen address.
+    #[arg(long, value_name = "ADDR")]
+    pub raft_addr: Option<SocketAddr>,
+    /// Raft address other servers use to reach this one (default: the
+    /// entry for this node in --peers, else --raft-addr).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise_addr: Option<String>,
+    /// DNS listen address (UDP and TCP).
+    #[arg(long, value_name = "ADDR")]
+    pub dns_addr: Option<SocketAddr>,
+    /// Initial servers as `ID@HOST:PORT` Raft addresses, comma separated.
+    /// Servers started with the same list form a cluster by themselves.
+    #[arg(long, value_delimiter = ',', value_name = "ID@HOST:PORT,…")]
+    pub peers: Option<Vec<String>>,
+    /// Raft address of any server of a running cluster to join.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub join: Option<String>,
+    /// Take a snapshot after this many applied entries.
+    #[arg(long)]
+    pub snapshot_threshold: Option<u64>,
+    /// Log entries kept behind a snapshot for slow followers.
+    #[arg(long)]
+    pub snapshot_trailing_logs: Option<u64>,
+    /// Leader heartbeat interval in milliseconds.
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// Minimum election timeout in milliseconds (the maximum is twice it).
+    #[arg(long)]
+    pub election_timeout_ms: Option<u64>,
+    /// How long a request waits for a leader before "No cluster leader".
+    #[arg(long)]
+    pub leader_wait_ms: Option<u64>,
+    /// Log format: `text` or `json`.
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` also works.
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+/// The config file: the same settings as [`Cli`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_id: Option<u64>,
+    pub node_name: Option<String>,
+    pub datacenter: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub http_addr: Option<SocketAddr>,
+    pub grpc_addr: Option<SocketAddr>,
+    pub raft_addr: Option<SocketAddr>,
+    pub advertise_addr: Option<String>,
+    pub dns_addr: Option<SocketAddr>,
+    pub peers: Option<Vec<String>>,
+    pub join: Option<String>,
+    pub snapshot_threshold: Option<u64>,
+    pub snapshot_trailing_logs: Option<u64>,
+    pub heartbeat_ms: Option<u64>,
+    pub election_timeout_ms: Option<u64>,
+    pub leader_wait_ms: Option<u64>,
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
+}
+
+const FILE_KEYS: &[&str] = &[
+    "node_id",
+    "node_name",
+    "datacenter",
+    "data_dir",
+    "http_addr",
+    "grpc_addr",
+    "raft_addr",
+    "advertise_addr",
+    "dns_addr",
+    "peers",
+    "join",
+    "snapshot_threshold",
+    "snapshot_trailing_logs",
+    "heartbeat_ms",
+    "election_timeout_ms",
+    "leader_wait_ms",
+    "log_format",
+    "log_level",
+];
+
+/// How a server comes into a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// Form a cluster of these servers (a single server in dev mode).
+    Peers(Vec<(u64, String)>),
+    /// Ask a running cluster, through this server, to add us.
+    Join(String),
+    /// Neither: restart from the data dir only.
+    None,
+}
+
+/// Where the data lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataDir {
+    Path(PathBuf),
+    /// Dev mode: a temp dir removed at exit.
+    Temporary,
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub dev: bool,
+    pub node_id: u64,
+    pub node_name: String,
+    pub datacenter: String,
+    pub data_dir: DataDir,
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub raft_addr: SocketAddr,
+    pub advertise_addr: String,
+    pub dns_addr: SocketAddr,
+    pub bootstrap: Bootstrap,
+    pub snapshot_threshold: u64,
+    pub snapshot_trailing_logs: u64,
+    pub heartbeat: Duration,
+    pub election_timeout: Duration,
+    pub leader_wait: Duration,
+    pub log_json: bool,
+    pub log_level: Option<String>,
+}
+
+/// Every problem found in the configuration, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigError(pub Vec<String>);
+
+impl Config {
+    /// Reads the file named by `--config` (if any) and merges the flags.
+    pub fn load(cli: Cli) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(cli, file)
+    }
+
+    /// Merges flags over file settings over defaults, and validates.
+    pub fn merge(cli: Cli, file: FileConfig) -> Result<Self, ConfigError> {
+        let mut errors = Vec::new();
+        let addr = |flag: Option<SocketAddr>, file: Option<SocketAddr>, default: &str| {
+            flag.or(file).unwrap_or_else(|| {
+                default
+                    .parse()
+                    .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+            })
+        };
+        let http_addr = addr(cli.http_addr, file.http_addr, defaults::HTTP_ADDR);
+        let grpc_addr = addr(cli.grpc_addr, file.grpc_addr, defaults::GRPC_ADDR);
+        let raft_addr = addr(cli.raft_addr, file.raft_addr, defaults::RAFT_ADDR);
+        let dns_addr = addr(cli.dns_addr, file.dns_addr, defaults::DNS_ADDR);
+
+        let node_id = cli.node_id.or(file.node_id).unwrap_or(1);
+        if node_id == 0 {
+            errors.push("node_id: must be at least 1".to_owned());
+        }
+        let peers_raw = cli.peers.or(file.peers).unwrap_or_default();
+        let mut peers = Vec::new();
+        for entry in peers_raw.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+            match parse_peer(entry) {
+                Ok(peer) => peers.push(peer),
+                Err(e) => errors.push(format!("peers: {e}")),
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (id, _) in &peers {
+            if !seen.insert(*id) {
+                errors.push(format!("peers: node id {id} appears twice"));
+            }
+        }
+        let join = cli.join.or(file.join);
+        if let Some(j) = &join {
+            if let Err(e) = check_host_port(j) {
+                errors.push(format!("join: {e}"));
+            }
+        }
+        if cli.dev && (!peers.is_empty() || join.is_some()) {
+            errors
+                .push("--dev runs a single server: it takes neither --peers nor --join".to_owned());
+        }
+        if !peers.is_empty() && join.is_some() {
+            errors.push("--peers and --join exclude each other: --peers forms a new cluster, --join enters a running one".to_owned());
+        }
+        if !peers.is_empty() && !peers.iter().any(|(id, _)| *id == node_id) {
+            errors.push(format!(
+                "peers: this server's node id {node_id} is not in the list"
+            ));
+        }
+
+        let advertise_addr = match cli.advertise_addr.or(file.advertise_addr) {
+            Some(a) => a,
+            None => match peers.iter().find(|(id, _)| *id == node_id) {
+                Some((_, a)) => a.clone(),
+                None => {
+                    if raft_addr.ip().is_unspecified() {
+                        errors.push(format!(
+                            "advertise_addr: raft_addr {raft_addr} is not an address other servers can dial; set --advertise-addr"
+                        ));
+                    }
+                    raft_addr.to_string()
+                }
+            },
+        };
+
+        let data_dir = match (cli.dev, cli.data_dir.or(file.data_dir)) {
+            (_, Some(dir)) => DataDir::Path(dir),
+            (true, None) => DataDir::Temporary,
+            (false, None) => DataDir::Path(PathBuf::from(defaults::DATA_DIR)),
+        };
+
+        let snapshot_threshold = cli
+            .snapshot_threshold
+            .or(file.snapshot_threshold)
+            .unwrap_or(defaults::SNAPSHOT_THRESHOLD);
+        if snapshot_threshold == 0 {
+            errors.push("snapshot_threshold: must be at least 1".to_owned());
+        }
+        let snapshot_trailing_logs = cli
+            .snapshot_trailing_logs
+            .or(file.snapshot_trailing_logs)
+            .unwrap_or(defaults::SNAPSHOT_TRAILING_LOGS);
+        let heartbeat_ms = cli
+            .heartbeat_ms
+            .or(file.heartbeat_ms)
+            .unwrap_or(defaults::HEARTBEAT_MS);
+        let election_ms = cli
+            .election_timeout_ms
+            .or(file.election_timeout_ms)
+            .unwrap_or(defaults::ELECTION_TIMEOUT_MS);
+        if heartbeat_ms == 0 || election_ms <= heartbeat_ms {
+            errors.push(format!(
+                "election_timeout_ms ({election_ms}) must be greater than heartbeat_ms ({heartbeat_ms}), which must be at least 1"
+            ));
+        }
+        let leader_wait_ms = cli
+            .leader_wait_ms
+            .or(file.leader_wait_ms)
+            .unwrap_or(defaults::LEADER_WAIT_MS);
+        let log_json = match cli.log_format.or(file.log_format).as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => {
+                errors.push(format!(
+                    "log_format: {other:?} is neither \"text\" nor \"json\""
+                ));
+                false
+            }
+        };
+
+        if !errors.is_empty() {
+            return Err(ConfigError(errors));
+        }
+        let bootstrap = if cli.dev {
+            Bootstrap::Peers(vec![(node_id, advertise_addr.clone())])
+        } else if let Some(join) = join {
+            Bootstrap::Join(join)
+        } else if !peers.is_empty() {
+            Bootstrap::Peers(peers)
+        } else {
+            Bootstrap::None
+        };
+        Ok(Config {
+            dev: cli.dev,
+            node_id,
+            node_name: cli
+                .node_name
+                .or(file.node_name)
+                .unwrap_or_else(|| format!("meshwork-{node_id}")),
+            datacenter: cli
+                .datacenter
+                .or(file.datacenter)
+                .unwrap_or_else(|| defaults::DATACENTER.to_owned()),
+            data_dir,
+            http_addr,
+            grpc_addr,
+            raft_addr,
+            advertise_addr,
+            dns_addr,
+            bootstrap,
+            snapshot_threshold,
+            snapshot_trailing_logs,
+            heartbeat: Duration::from_millis(heartbeat_ms),
+            election_timeout: Duration::from_millis(election_ms),
+            leader_wait: Duration::from_millis(leader_wait_ms),
+            log_json,
+            log_level: cli.log_level.or(file.log_level),
+        })
+    }
+}
+
+fn parse_peer(entry: &str) -> Result<(u64, String), String> {
+    let (id, addr) = entry
+        .split_once('@')
+        .ok_or_else(|| format!("{entry:?} is not ID@HOST:PORT"))?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| format!("{entry:?}: node id {id:?} is not a positive integer"))?;
+    if id == 0 {
+        return Err(format!("{entry:?}: node ids start at 1"));
+    }
+    check_host_port(addr).map_err(|e| format!("{entry:?}: {e}"))?;
+    Ok((id, addr.to_owned()))
+}
+
+fn check_host_port(addr: &str) -> Result<(), String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{addr:?} has no port (HOST:PORT)"))?;
+    if host.is_empty() {
+        return Err(format!("{addr:?} has no host"));
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("{addr:?}: port {port:?} is not a number from 0 to 65535"))?;
+    Ok(())
+}
+
+/// Reads and checks a TOML config file.
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError(vec![format!(
+            "cannot read config file {}: {e}",
+            path.display()
+        )])
+    })?;
+    parse_file(&text).map_err(|ConfigError(errors)| {
+        ConfigError(
+            errors
+                .into_iter()
+                .map(|e| format!("{}: {e}", path.display()))
+                .collect(),
+        )
+    })
+}
+
+/// Parses config file text, reporting every unknown key with its line.
+pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError(vec![one_line(&e.to_string())]))?;
+    let unknown: Vec<String> = table
+        .keys()
+        .filter(|k| !FILE_KEYS.contains(&k.as_str()))
+        .map(|k| match line_of_key(text, k) {
+            Some(line) => format!("line {line}: unknown key `{k}`"),
+            None => format!("unknown key `{k}`"),
+        })
+        .collect();
+    if !unknown.is_empty() {
+        return Err(ConfigError(unknown));
+    }
+    toml::from_str(text).map_err(|e: toml::de::Error| ConfigError(vec![one_line(&e.to_string())]))
+}
+
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|'))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|line| {
+            let line = line.trim_start();
+            let rest = line
+                .strip_prefix(key)
+                .or_else(|| line.strip_prefix(&format!("\"{key}\"")))
+                .or_else(|| line.strip_prefix(&format!("[{key}]")).map(|_| "="));
+            rest.is_some_and(|r| r.trim_start().starts_with('=') || r.trim_start().starts_with('.'))
+        })
+        .map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_all_reported_with_lines() {
+        let text = "node_id = 2\nbogus = 1\nhttp_addr = \"127.0.0.1:1\"\nalso_bad = \"x\"\n";
+        let err = parse_file(text).expect_err("must fail");
+        assert_eq!(
+            err.0,
+            [
+                "line 2: unknown key `bogus`",
+                "line 4: unknown key `also_bad`"
+            ]
+        );
+    }
+
+    #[test]
+    fn type_errors_name_the_line() {
+        let err = parse_file("node_id = \"one\"\n").expect_err("must fail");
+        assert!(err.0[0].contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn flags_win_over_file_and_peers_give_advertise() {
+        let file = parse_file("node_id = 2\npeers = [\"1@127.0.0.1:9001\", \"2@127.0.0.1:9002\"]\ndata_dir = \"/x\"\n")
+            .expect("parse");
+        let cli = Cli {
+            data_dir: Some("/y".into()),
+            ..Cli::default()
+        };
+        let config = Config::merge(cli, file).expect("valid");
+        assert_eq!(config.node_id, 2);
+        assert_eq!(config.advertise_addr, "127.0.0.1:9002");
+        assert_eq!(config.data_dir, DataDir::Path("/y".into()));
+        assert!(matches!(config.bootstrap, Bootstrap::Peers(ref p) if p.len() == 2));
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let cli = Cli {
+            node_id: Some(4),
+            peers: Some(vec!["1@a:1".into(), "x@b:2".into(), "1@c:notaport".into()]),
+            join: Some("nohost".into()),
+            log_format: Some("yaml".into()),
+            ..Cli::default()
+        };
+        let err = Config::merge(cli, FileConfig::default()).expect_err("invalid");
+        assert!(err.0.len() >= 5, "{err}");
+    }
+
+    #[test]
+    fn dev_is_a_single_server_cluster() {
+        let cli = Cli {
+            dev: true,
+            ..Cli::default()
+        };
+        let config = Config::merge(cli, FileConfig::default()).expect("valid");
+        assert_eq!(config.data_dir, DataDir::Temporary);
+        assert_eq!(
+            config.bootstrap,
+            Bootstrap::Peers(vec![(1, "127.0.0.1:8300".into())])
+        );
+    }
+}

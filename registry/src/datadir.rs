@@ -1,0 +1,217 @@
+//! The data directory: what it holds, and the checks that keep a server
+//! from running on the wrong or a damaged one. Nothing here ever deletes
+//! data: a problem stops the start with a message naming it.
+//!
+//! Layout: `meshwork.json` (format version, node id, node UUID) and `raft/`
+//! (the sled database: log, Raft metadata, snapshot).
+
+use std::path::{Path, PathBuf};
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// Layout version written by this binary.
+const FORMAT: u32 = 1;
+const MARKER: &str = "meshwork.json";
+const RAFT_DIR: &str = "raft";
+
+/// Why a data dir cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error("cannot create data dir {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is corrupt ({reason}); restore it from a backup or point --data-dir elsewhere")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "{path} has Raft data but no {MARKER}: it was not written by meshwork-registry, or it is damaged"
+    )]
+    NoMarker { path: PathBuf },
+    #[error("data dir {path} uses layout version {found}; this binary reads version {FORMAT}")]
+    Format { path: PathBuf, found: u32 },
+    #[error(
+        "data dir {path} belongs to node {found}, not node {wanted}: check --node-id and --data-dir"
+    )]
+    WrongNode {
+        path: PathBuf,
+        found: u64,
+        wanted: u64,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot open the Raft store in {path}: {reason} (is another meshwork-registry using it?)"
+    )]
+    Store { path: PathBuf, reason: String },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Marker {
+    format: u32,
+    node_id: u64,
+    node_uuid: String,
+}
+
+/// An opened data dir.
+#[derive(Debug)]
+pub struct DataDir {
+    pub path: PathBuf,
+    pub node_uuid: String,
+    pub db: sled::Db,
+}
+
+impl DataDir {
+    /// Opens (creating if new) the data dir for `node_id`.
+    pub fn open(path: &Path, node_id: u64) -> Result<Self, DataDirError> {
+        std::fs::create_dir_all(path).map_err(|source| DataDirError::Create {
+            path: path.to_owned(),
+            source,
+        })?;
+        let marker_path = path.join(MARKER);
+        let raft_path = path.join(RAFT_DIR);
+        let marker = match std::fs::read(&marker_path) {
+            Ok(bytes) => {
+                let marker: Marker =
+                    serde_json::from_slice(&bytes).map_err(|e| DataDirError::Corrupt {
+                        path: marker_path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                if marker.format != FORMAT {
+                    return Err(DataDirError::Format {
+                        path: path.to_owned(),
+                        found: marker.format,
+                    });
+                }
+                if marker.node_id != node_id {
+                    return Err(DataDirError::WrongNode {
+                        path: path.to_owned(),
+                        found: marker.node_id,
+                        wanted: node_id,
+                    });
+                }
+                marker
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if raft_path.exists() {
+                    return Err(DataDirError::NoMarker {
+                        path: path.to_owned(),
+                    });
+                }
+                let marker = Marker {
+                    format: FORMAT,
+                    node_id,
+                    node_uuid: new_uuid(),
+                };
+                write_atomically(&marker_path, &marker)?;
+                marker
+            }
+            Err(source) => {
+                return Err(DataDirError::Read {
+                    path: marker_path,
+                    source,
+                });
+            }
+        };
+        let db = sled::Config::new()
+            .path(&raft_path)
+            .mode(sled::Mode::LowSpace)
+            .open()
+            .map_err(|e| DataDirError::Store {
+                path: raft_path.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            path: path.to_owned(),
+            node_uuid: marker.node_uuid,
+            db,
+        })
+    }
+}
+
+fn write_atomically(path: &Path, marker: &Marker) -> Result<(), DataDirError> {
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec_pretty(marker).map_err(|e| DataDirError::Write {
+        path: path.to_owned(),
+        source: std::io::Error::other(e),
+    })?;
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().map_err(|source| DataDirError::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// A random RFC 4122 version-4 UUID, as Consul's node IDs.
+fn new_uuid() -> String {
+    let mut b: [u8; 16] = rand::rng().random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopens_and_rejects_other_node() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let uuid = {
+            let opened = DataDir::open(dir.path(), 3).expect("open");
+            opened.node_uuid.clone()
+        };
+        let again = DataDir::open(dir.path(), 3).expect("reopen");
+        assert_eq!(again.node_uuid, uuid);
+        drop(again);
+        let err = DataDir::open(dir.path(), 4).expect_err("other node");
+        assert!(err.to_string().contains("belongs to node 3"), "{err}");
+    }
+
+    #[test]
+    fn corrupt_marker_and_missing_marker_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(DataDir::open(dir.path(), 1).expect("open"));
+        std::fs::write(dir.path().join(MARKER), b"{not json").expect("write");
+        let err = DataDir::open(dir.path(), 1).expect_err("corrupt");
+        assert!(err.to_string().contains("corrupt"), "{err}");
+        std::fs::remove_file(dir.path().join(MARKER)).expect("rm");
+        let err = DataDir::open(dir.path(), 1).expect_err("no marker");
+        assert!(err.to_string().contains("no meshwork.json"), "{err}");
+    }
+
+    #[test]
+    fn uuid_shape() {
+        let id = new_uuid();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+    }
+}

@@ -1,0 +1,133 @@
+//! `meshwork-registry`: parses flags, sets up logging, binds the listeners
+//! and runs the server until SIGINT or SIGTERM.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use meshwork_registry::config::{Cli, Config, DataDir};
+use meshwork_registry::server::{self, Listeners};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let config = match Config::load(Cli::parse()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("meshwork-registry: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshwork-registry: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshwork-registry: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter = config
+        .log_level
+        .as_deref()
+        .map(EnvFilter::new)
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("warn,meshwork_registry=info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen for {what} on {addr}: {e} (pick another address with --{what}-addr)"
+        )
+    })
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listeners = Listeners {
+        http: bind("http", config.http_addr).await?,
+        grpc: bind("grpc", config.grpc_addr).await?,
+        raft: bind("raft", config.raft_addr).await?,
+    };
+    // Dev mode keeps its data in a temp dir that is removed at exit.
+    let (data_dir, _temp) = match &config.data_dir {
+        DataDir::Path(path) => (path.clone(), None),
+        DataDir::Temporary => {
+            let temp = tempfile::Builder::new().prefix("meshwork-dev-").tempdir()?;
+            (temp.path().to_owned(), Some(temp))
+        }
+    };
+    println!(
+        "meshwork-registry {}: node {} ({}){}",
+        env!("CARGO_PKG_VERSION"),
+        config.node_id,
+        config.node_name,
+        if config.dev { ", dev mode" } else { "" }
+    );
+    println!("  data  {}", data_dir.display());
+    println!(
+        "  http  http://{}  (REST API)",
+        listeners.http.local_addr()?
+    );
+    println!("  grpc  {}  (public gRPC)", listeners.grpc.local_addr()?);
+    println!(
+        "  raft  {}  (Raft and internal gRPC, advertised as {})",
+        listeners.raft.local_addr()?,
+        config.advertise_addr
+    );
+    println!(
+        "  dns   {}  (not served yet: the DNS interface is a later milestone)",
+        config.dns_addr
+    );
+
+    let shutdown = CancellationToken::new();
+    let signal_token = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signal_token.cancel();
+    });
+    server::run(config, &data_dir, listeners, shutdown).await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

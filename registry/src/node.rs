@@ -1,0 +1,588 @@
+//! One registry server's view of the cluster: the Raft handle, the shared
+//! state, and the operations every API needs — writes from any server
+//! (forwarded to the leader), read barriers for the three consistency
+//! modes, and membership changes. Callers never need to know who leads.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meshwork_proto::v1::{
+    ErrorKind, ForwardWriteRequest, JoinRequest, ReadIndexRequest, RemoveServerRequest,
+};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use tokio::time::Instant;
+
+use crate::command::{Command, CommandResponse};
+use crate::raft::network::PeerChannels;
+use crate::raft::state_machine::SharedState;
+use crate::raft::{NodeId, Raft};
+
+/// How a read may be served (Consul's three modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Consistency {
+    /// From the leader's state (a follower first catches up to it).
+    #[default]
+    Default,
+    /// As default, after the leader confirms leadership with a quorum.
+    Consistent,
+    /// From this server's state, however old.
+    Stale,
+}
+
+/// Why a cluster operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClusterError {
+    /// No leader could be reached within the wait bound.
+    #[error("No cluster leader")]
+    NoLeader,
+    /// The write was sent but its fate is unknown (connection lost).
+    #[error("write outcome unknown: {0}")]
+    OutcomeUnknown(String),
+    /// The cluster refused the request as invalid.
+    #[error("{0}")]
+    Rejected(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// A command's result once it is committed and applied.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub index: u64,
+    pub response: CommandResponse,
+}
+
+/// A server in the Raft configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: NodeId,
+    pub raft_addr: String,
+    pub voter: bool,
+}
+
+/// Handle shared by every API of one server.
+pub struct RegistryNode {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub state: Arc<SharedState>,
+    pub channels: PeerChannels,
+    /// How long an operation waits for a leader before "No cluster leader".
+    pub leader_wait: Duration,
+    /// When this follower last heard from a leader (AppendEntries).
+    last_contact: Mutex<Option<std::time::Instant>>,
+}
+
+impl std::fmt::Debug for RegistryNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryNode")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RegistryNode {
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        state: Arc<SharedState>,
+        channels: PeerChannels,
+        leader_wait: Duration,
+    ) -> Self {
+        Self {
+            id,
+            raft,
+            state,
+            channels,
+            leader_wait,
+            last_contact: Mutex::new(None),
+        }
+    }
+
+    /// Called by the internal service on every AppendEntries from a leader.
+    pub fn touch_leader_contact(&self) {
+        *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now());
+    }
+
+    /// Whether this server knows a leader, and how long ago it heard from
+    /// it (0 on the leader), as Consul's `X-Consul-KnownLeader` and
+    /// `X-Consul-LastContact`.
+    pub fn leader_contact(&self) -> (bool, Duration) {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.state == ServerState::Leader {
+            return (true, Duration::ZERO);
+        }
+        let since = self
+            .last_contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_or(Duration::ZERO, |t| t.elapsed());
+        (metrics.current_leader.is_some(), since)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// The leader's id and Raft address, as this server believes.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let id = metrics.current_leader?;
+        let addr = metrics
+            .membership_config
+            .membership()
+            .get_node(&id)?
+            .addr
+            .clone();
+        Some((id, addr))
+    }
+
+    /// The servers in the current Raft configuration.
+    pub fn members(&self) -> Vec<Member> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, node)| Member {
+                id: *id,
+                raft_addr: node.addr.clone(),
+                voter: voters.contains(id),
+            })
+            .collect()
+    }
+
+    /// Index of the configuration entry (for `/v1/operator/raft/configuration`).
+    pub fn membership_index(&self) -> u64 {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .log_id()
+            .map_or(0, |l| l.index)
+    }
+
+    /// Waits until a leader is known, or the deadline passes.
+    async fn wait_for_leader(&self, deadline: Instant) -> Option<(NodeId, String)> {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Some(leader) = self.leader() {
+                return Some(leader);
+            }
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// A pause before trying again after a leader change, bounded by the deadline.
+    async fn backoff(deadline: Instant) -> bool {
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        tokio::time::sleep_until(deadline.min(now + Duration::from_millis(50))).await;
+        Instant::now() < deadline
+    }
+
+    /// Proposes `command` and answers once it is committed and applied,
+    /// forwarding to the leader when this server does not lead.
+    pub async fn write(&self, command: Command) -> Result<Applied, ClusterError> {
+        let deadline = Instant::now() + self.leader_wait;
+        loop {
+            let Some((leader_id, leader_addr)) = self.wait_for_leader(deadline).await else {
+                return Err(ClusterError::NoLeader);
+            };
+            let retry = if leader_id == self.id {
+                match self.write_local(command.clone()).await {
+                    Ok(applied) => return Ok(applied),
+                    Err(WriteAttempt::Retry) => true,
+                    Err(WriteAttempt::Failed(e)) => return Err(e),
+                }
+            } else {
+                match self.forward_write(&leader_addr, &command).await {
+                    Ok(applied) => return Ok(applied),
+                    Err(WriteAttempt::Retry) => true,
+                    Err(WriteAttempt::Failed(e)) => return Err(e),
+                }
+            };
+            if retry && !Self::backoff(deadline).await {
+                return Err(ClusterError::NoLeader);
+            }
+        }
+    }
+
+    /// Proposes on this server, which believes it leads.
+    pub(crate) async fn write_local(&self, command: Command) -> Result<Applied, WriteAttempt> {
+        match self.raft.client_write(command).await {
+            Ok(resp) => Ok(Applied {
+                index: resp.log_id.index,
+                response: resp.data,
+            }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(WriteAttempt::Retry)
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(WriteAttempt::Failed(ClusterError::Rejected(e.to_string())))
+            }
+            Err(RaftError::Fatal(e)) => {
+                Err(WriteAttempt::Failed(ClusterError::Internal(e.to_string())))
+            }
+        }
+    }
+
+    async fn forward_write(
+        &self,
+        leader_addr: &str,
+        command: &Command,
+    ) -> Result<Applied, WriteAttempt> {
+        let bytes = serde_json::to_vec(command)
+            .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
+        let mut client = self
+            .channels
+            .client(leader_addr)
+            .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
+        let mut request = tonic::Request::new(ForwardWriteRequest { command: bytes });
+        request.set_timeout(self.leader_wait + Duration::from_secs(5));
+        let reply = match client.forward_write(request).await {
+            Ok(reply) => reply.into_inner(),
+            Err(status) if is_connect_failure(&status) => return Err(WriteAttempt::Retry),
+            Err(status) => {
+                return Err(WriteAttempt::Failed(ClusterError::OutcomeUnknown(format!(
+                    "forwarding to the leader at {leader_addr} failed: {}",
+                    status.message()
+                ))));
+            }
+        };
+        match reply.kind() {
+            ErrorKind::None => {
+                let response = serde_json::from_slice(&reply.response)
+                    .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
+                Ok(Applied {
+                    index: reply.index,
+                    response,
+                })
+            }
+            ErrorKind::NoLeader | ErrorKind::NotLeader => Err(WriteAttempt::Retry),
+            ErrorKind::OutcomeUnknown => Err(WriteAttempt::Failed(ClusterError::OutcomeUnknown(
+                reply.error,
+            ))),
+            ErrorKind::Other => Err(WriteAttempt::Failed(ClusterError::Rejected(reply.error))),
+        }
+    }
+
+    /// Returns once this server may answer a read in `mode`: at once for
+    /// stale reads; otherwise after it has applied everything the leader
+    /// had applied (default) or committed after a quorum round (consistent).
+    pub async fn read_barrier(&self, mode: Consistency) -> Result<(), ClusterError> {
+        if mode == Consistency::Stale {
+            return Ok(());
+        }
+        let linearizable = mode == Consistency::Consistent;
+        let deadline = Instant::now() + self.leader_wait;
+        loop {
+            let Some((leader_id, leader_addr)) = self.wait_for_leader(deadline).await else {
+                return Err(ClusterError::NoLeader);
+            };
+            let attempt = if leader_id == self.id {
+                self.read_index_local(linearizable, deadline).await
+            } else {
+                self.read_index_remote(&leader_addr, linearizable, deadline)
+                    .await
+            };
+            match attempt {
+                Ok(index) => return self.wait_applied(index, deadline).await,
+                Err(WriteAttempt::Failed(e)) => return Err(e),
+                Err(WriteAttempt::Retry) => {
+                    if !Self::backoff(deadline).await {
+                        return Err(ClusterError::NoLeader);
+                    }
+                }
+            }
+        }
+    }
+
+    /// On the leader: the index a read must wait for.
+    pub(crate) async fn read_index_local(
+        &self,
+        linearizable: bool,
+        deadline: Instant,
+    ) -> Result<u64, WriteAttempt> {
+        if !linearizable {
+            return if self.is_leader() {
+                Ok(self.state.applied_index())
+            } else {
+                Err(WriteAttempt::Retry)
+            };
+        }
+        match tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await {
+            Err(_) => Err(WriteAttempt::Failed(ClusterError::NoLeader)),
+            Ok(Ok(log_id)) => Ok(log_id.map_or(0, |l| l.index)),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
+                Err(WriteAttempt::Retry)
+            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
+                Err(WriteAttempt::Retry)
+            }
+            Ok(Err(RaftError::Fatal(e))) => {
+                Err(WriteAttempt::Failed(ClusterError::Internal(e.to_string())))
+            }
+        }
+    }
+
+    async fn read_index_remote(
+        &self,
+        leader_addr: &str,
+        linearizable: bool,
+        deadline: Instant,
+    ) -> Result<u64, WriteAttempt> {
+        let mut client = self
+            .channels
+            .client(leader_addr)
+            .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
+        let mut request = tonic::Request::new(ReadIndexRequest { linearizable });
+        request.set_timeout(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(10)),
+        );
+        match client.read_index(request).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                match reply.kind() {
+                    ErrorKind::None => Ok(reply.index),
+                    ErrorKind::NoLeader | ErrorKind::NotLeader => Err(WriteAttempt::Retry),
+                    _ => Err(WriteAttempt::Failed(ClusterError::Internal(reply.error))),
+                }
+            }
+            // A read has no side effect: any failure is worth another try.
+            Err(_) => Err(WriteAttempt::Retry),
+        }
+    }
+
+    /// Waits until this server has applied `index`.
+    async fn wait_applied(&self, index: u64, deadline: Instant) -> Result<(), ClusterError> {
+        let mut applied = self.state.subscribe();
+        let caught_up = tokio::time::timeout_at(deadline, applied.wait_for(|i| *i >= index)).await;
+        match caught_up {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(ClusterError::Internal("state machine stopped".into())),
+            Err(_) => Err(ClusterError::Internal(format!(
+                "timed out catching up with the leader (index {index}, applied {})",
+                self.state.applied_index()
+            ))),
+        }
+    }
+
+    /// Adds a server: learner first (it catches up), then voter.
+    pub async fn add_server(&self, id: NodeId, raft_addr: String) -> Result<(), ClusterError> {
+        let request = JoinRequest {
+            node_id: id,
+            raft_addr,
+        };
+        self.membership_op(MembershipOp::Join(request)).await
+    }
+
+    /// Removes a server from the configuration.
+    pub async fn remove_server(&self, id: NodeId) -> Result<(), ClusterError> {
+        if !self.members().iter().any(|m| m.id == id) {
+            return Err(ClusterError::Rejected(format!(
+                "server {id} is not in the Raft configuration"
+            )));
+        }
+        self.membership_op(MembershipOp::Remove(id)).await
+    }
+
+    async fn membership_op(&self, op: MembershipOp) -> Result<(), ClusterError> {
+        // Adding a learner waits until it has caught up: allow longer.
+        let deadline = Instant::now() + self.leader_wait + Duration::from_secs(60);
+        loop {
+            let Some((leader_id, leader_addr)) = self
+                .wait_for_leader(Instant::now() + self.leader_wait)
+                .await
+            else {
+                return Err(ClusterError::NoLeader);
+            };
+            let attempt = if leader_id == self.id {
+                self.membership_local(&op).await
+            } else {
+                self.membership_remote(&leader_addr, &op, deadline).await
+            };
+            match attempt {
+                Ok(()) => return Ok(()),
+                Err(WriteAttempt::Failed(e)) => return Err(e),
+                Err(WriteAttempt::Retry) => {
+                    if !Self::backoff(deadline).await {
+                        return Err(ClusterError::NoLeader);
+                    }
+                }
+            }
+        }
+    }
+
+    /// On the leader: applies a membership change.
+    pub(crate) async fn membership_local(&self, op: &MembershipOp) -> Result<(), WriteAttempt> {
+        let map = |e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => WriteAttempt::Retry,
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                WriteAttempt::Failed(ClusterError::Rejected(e.to_string()))
+            }
+            RaftError::Fatal(e) => WriteAttempt::Failed(ClusterError::Internal(e.to_string())),
+        };
+        match op {
+            MembershipOp::Join(req) => {
+                let already_voter = self
+                    .members()
+                    .iter()
+                    .any(|m| m.id == req.node_id && m.voter);
+                if already_voter {
+                    return Ok(());
+                }
+                if let Some(m) = self.members().iter().find(|m| m.id == req.node_id) {
+                    if m.raft_addr != req.raft_addr {
+                        return Err(WriteAttempt::Failed(ClusterError::Rejected(format!(
+                            "server {} is already a member at {}, not {}",
+                            req.node_id, m.raft_addr, req.raft_addr
+                        ))));
+                    }
+                }
+                tracing::info!(node = req.node_id, addr = %req.raft_addr, "adding server as learner");
+                self.raft
+                    .add_learner(req.node_id, BasicNode::new(&req.raft_addr), true)
+                    .await
+                    .map_err(map)?;
+                tracing::info!(node = req.node_id, "promoting server to voter");
+                self.raft
+                    .change_membership(
+                        ChangeMembers::AddVoterIds(BTreeSet::from([req.node_id])),
+                        false,
+                    )
+                    .await
+                    .map_err(map)?;
+                Ok(())
+            }
+            MembershipOp::Remove(id) => {
+                tracing::info!(node = id, "removing server");
+                self.raft
+                    .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([*id])), false)
+                    .await
+                    .map_err(map)?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn membership_remote(
+        &self,
+        leader_addr: &str,
+        op: &MembershipOp,
+        deadline: Instant,
+    ) -> Result<(), WriteAttempt> {
+        let mut client = self
+            .channels
+            .client(leader_addr)
+            .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
+        let timeout = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(10));
+        let reply = match op {
+            MembershipOp::Join(req) => {
+                let mut request = tonic::Request::new(req.clone());
+                request.set_timeout(timeout);
+                client.join(request).await
+            }
+            MembershipOp::Remove(id) => {
+                let mut request = tonic::Request::new(RemoveServerRequest { node_id: *id });
+                request.set_timeout(timeout);
+                client.remove_server(request).await
+            }
+        };
+        match reply {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                match reply.kind() {
+                    ErrorKind::None => Ok(()),
+                    ErrorKind::NoLeader | ErrorKind::NotLeader => Err(WriteAttempt::Retry),
+                    _ => Err(WriteAttempt::Failed(ClusterError::Rejected(reply.error))),
+                }
+            }
+            // Membership changes are idempotent here: retrying is safe.
+            Err(_) => Err(WriteAttempt::Retry),
+        }
+    }
+
+    /// Forms a new cluster from `members` when this server's store is
+    /// pristine; a server that already holds a configuration keeps it.
+    pub async fn bootstrap(
+        &self,
+        members: BTreeMap<NodeId, BasicNode>,
+    ) -> Result<(), ClusterError> {
+        let initialized = self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| ClusterError::Internal(e.to_string()))?;
+        if initialized {
+            return Ok(());
+        }
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(ClusterError::Internal(e.to_string())),
+        }
+    }
+}
+
+/// A membership change request, as carried over the internal service.
+#[derive(Debug, Clone)]
+pub enum MembershipOp {
+    Join(JoinRequest),
+    Remove(NodeId),
+}
+
+/// The outcome of one attempt at a leader-only operation.
+#[derive(Debug)]
+pub enum WriteAttempt {
+    /// Nothing was applied (no leader, or it moved): try again.
+    Retry,
+    Failed(ClusterError),
+}
+
+impl WriteAttempt {
+    /// The wire form of a failed attempt.
+    pub fn to_wire(&self) -> (ErrorKind, String) {
+        match self {
+            WriteAttempt::Retry => (ErrorKind::NotLeader, "not the leader".into()),
+            WriteAttempt::Failed(ClusterError::NoLeader) => {
+                (ErrorKind::NoLeader, "No cluster leader".into())
+            }
+            WriteAttempt::Failed(e @ ClusterError::OutcomeUnknown(_)) => {
+                (ErrorKind::OutcomeUnknown, e.to_string())
+            }
+            WriteAttempt::Failed(e) => (ErrorKind::Other, e.to_string()),
+        }
+    }
+}
+
+/// Whether a gRPC failure happened before the request left this server
+/// (connection refused or no route), so that no write can have happened.
+fn is_connect_failure(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+            ) {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
+}

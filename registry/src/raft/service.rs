@@ -1,0 +1,160 @@
+//! The server side of the internal gRPC service (on the Raft address):
+//! Raft RPCs into openraft, and the leader-only operations that followers
+//! forward (writes, read indexes, membership changes).
+
+use std::sync::Arc;
+
+use meshwork_proto::v1::raft_internal_server::RaftInternal;
+use meshwork_proto::v1::{
+    ErrorKind, ForwardWriteReply, ForwardWriteRequest, JoinReply, JoinRequest, RaftPayload,
+    ReadIndexReply, ReadIndexRequest, RemoveServerRequest,
+};
+use openraft::raft::AppendEntriesResponse;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::{Request, Response, Status};
+
+use crate::command::Command;
+use crate::node::{MembershipOp, RegistryNode, WriteAttempt};
+
+/// Serves `meshwork.v1.RaftInternal` for one server.
+#[derive(Debug, Clone)]
+pub struct InternalService {
+    node: Arc<RegistryNode>,
+}
+
+impl InternalService {
+    pub fn new(node: Arc<RegistryNode>) -> Self {
+        Self { node }
+    }
+}
+
+fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, Status> {
+    serde_json::from_slice(&payload.data)
+        .map_err(|e| Status::invalid_argument(format!("undecodable raft payload: {e}")))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
+    serde_json::to_vec(value)
+        .map(|data| Response::new(RaftPayload { data }))
+        .map_err(|e| Status::internal(format!("cannot encode raft reply: {e}")))
+}
+
+#[tonic::async_trait]
+impl RaftInternal for InternalService {
+    async fn append_entries(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let req = decode(request.get_ref())?;
+        let result = self.node.raft.append_entries(req).await;
+        if matches!(&result, Ok(resp) if !matches!(resp, AppendEntriesResponse::HigherVote(_))) {
+            self.node.touch_leader_contact();
+        }
+        encode(&result)
+    }
+
+    async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let req = decode(request.get_ref())?;
+        encode(&self.node.raft.vote(req).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let req = decode(request.get_ref())?;
+        let result = self.node.raft.install_snapshot(req).await;
+        if result.is_ok() {
+            self.node.touch_leader_contact();
+        }
+        encode(&result)
+    }
+
+    async fn forward_write(
+        &self,
+        request: Request<ForwardWriteRequest>,
+    ) -> Result<Response<ForwardWriteReply>, Status> {
+        let command: Command = serde_json::from_slice(&request.get_ref().command)
+            .map_err(|e| Status::invalid_argument(format!("undecodable command: {e}")))?;
+        let reply = match self.node.write_local(command).await {
+            Ok(applied) => ForwardWriteReply {
+                response: serde_json::to_vec(&applied.response)
+                    .map_err(|e| Status::internal(e.to_string()))?,
+                index: applied.index,
+                error: String::new(),
+                kind: ErrorKind::None.into(),
+            },
+            Err(attempt) => {
+                let (kind, error) = attempt.to_wire();
+                ForwardWriteReply {
+                    response: Vec::new(),
+                    index: 0,
+                    error,
+                    kind: kind.into(),
+                }
+            }
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn read_index(
+        &self,
+        request: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexReply>, Status> {
+        let deadline = tokio::time::Instant::now() + self.node.leader_wait;
+        let reply = match self
+            .node
+            .read_index_local(request.get_ref().linearizable, deadline)
+            .await
+        {
+            Ok(index) => ReadIndexReply {
+                index,
+                error: String::new(),
+                kind: ErrorKind::None.into(),
+            },
+            Err(attempt) => {
+                let (kind, error) = attempt.to_wire();
+                ReadIndexReply {
+                    index: 0,
+                    error,
+                    kind: kind.into(),
+                }
+            }
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
+        let op = MembershipOp::Join(request.into_inner());
+        Ok(Response::new(membership_reply(
+            self.node.membership_local(&op).await,
+        )))
+    }
+
+    async fn remove_server(
+        &self,
+        request: Request<RemoveServerRequest>,
+    ) -> Result<Response<JoinReply>, Status> {
+        let op = MembershipOp::Remove(request.get_ref().node_id);
+        Ok(Response::new(membership_reply(
+            self.node.membership_local(&op).await,
+        )))
+    }
+}
+
+fn membership_reply(result: Result<(), WriteAttempt>) -> JoinReply {
+    match result {
+        Ok(()) => JoinReply {
+            error: String::new(),
+            kind: ErrorKind::None.into(),
+        },
+        Err(attempt) => {
+            let (kind, error) = attempt.to_wire();
+            JoinReply {
+                error,
+                kind: kind.into(),
+            }
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The state machine adapter: applies committed entries to the in-memory
+//! [`State`], builds and installs snapshots, and persists the latest
+//! snapshot in sled (tree `snapshot`) so a restart rebuilds the state from
+//! it plus the log after it.
+
+use std::io::Cursor;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{
+    BasicNode, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder,
+    StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{LogId, NodeId, StorageError, TypeConfig, storage_io_error};
+use crate::command::CommandResponse;
+use crate::state::State;
+
+type Entry = openraft::Entry<TypeConfig>;
+type Membership = StoredMembership<NodeId, BasicNode>;
+
+const SNAPSHOT_META: &[u8] = b"meta";
+const SNAPSHOT_DATA: &[u8] = b"data";
+
+/// The state as readers see it, shared between the state machine (the only
+/// writer) and the APIs.
+///
+/// Lock rule: the `RwLock` is held only for in-memory work, never across an
+/// `.await` or I/O; readers copy out what they need.
+#[derive(Debug)]
+pub struct SharedState {
+    state: RwLock<State>,
+    /// Index of the last applied entry: blocking queries wait on it.
+    applied: watch::Sender<u64>,
+}
+
+impl SharedState {
+    fn new(state: State) -> Self {
+        let index = state.last_index;
+        Self {
+            state: RwLock::new(state),
+            applied: watch::Sender::new(index),
+        }
+    }
+
+    /// Read access to the state. A poisoned lock means a panic while
+    /// applying, after which nothing is trustworthy: propagate it.
+    pub fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The index of the last applied entry.
+    pub fn applied_index(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// A receiver that changes whenever an entry is applied.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    fn replace(&self, state: State) {
+        let index = state.last_index;
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = state;
+        self.applied.send_replace(index);
+    }
+}
+
+/// What a snapshot holds: the state plus Raft's bookkeeping at its index.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotPayload {
+    last_applied: Option<LogId>,
+    last_membership: Membership,
+    state: State,
+}
+
+/// openraft's state machine, backed by [`SharedState`].
+#[derive(Debug)]
+pub struct StateMachineStore {
+    shared: Arc<SharedState>,
+    last_applied: Option<LogId>,
+    last_membership: Membership,
+    db: sled::Db,
+    snapshots: sled::Tree,
+    /// Distinguishes snapshots built at the same index.
+    snapshot_seq: u64,
+}
+
+impl StateMachineStore {
+    /// Opens the state machine, loading the last persisted snapshot.
+    pub fn open(db: &sled::Db) -> Result<Self, StorageError> {
+        let snapshots = db
+            .open_tree("snapshot")
+            .map_err(|e| storage_io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        let mut store = Self {
+            shared: Arc::new(SharedState::new(State::default())),
+            last_applied: None,
+            last_membership: Membership::default(),
+            db: db.clone(),
+            snapshots,
+            snapshot_seq: 0,
+        };
+        if let Some(snapshot) = store.read_snapshot()? {
+            let payload = decode_payload(snapshot.snapshot.get_ref())?;
+            store.last_applied = payload.last_applied;
+            store.last_membership = payload.last_membership;
+            store.shared.replace(payload.state);
+        }
+        Ok(store)
+    }
+
+    pub fn shared(&self) -> Arc<SharedState> {
+        Arc::clone(&self.shared)
+    }
+
+    fn read_snapshot(&self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let read_err =
+            |e: sled::Error| storage_io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e);
+        let (Some(meta), Some(data)) = (
+            self.snapshots.get(SNAPSHOT_META).map_err(read_err)?,
+            self.snapshots.get(SNAPSHOT_DATA).map_err(read_err)?,
+        ) else {
+            return Ok(None);
+        };
+        let meta: SnapshotMeta<NodeId, BasicNode> = serde_json::from_slice(&meta)
+            .map_err(|e| storage_io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data.to_vec())),
+        }))
+    }
+
+    async fn persist_snapshot(
+        db: &sled::Db,
+        tree: &sled::Tree,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        data: &[u8],
+    ) -> Result<(), StorageError> {
+        let subject = ErrorSubject::Snapshot(Some(meta.signature()));
+        let meta_bytes = serde_json::to_vec(meta)
+            .map_err(|e| storage_io_error(subject.clone(), ErrorVerb::Write, e))?;
+        let mut batch = sled::Batch::default();
+        batch.insert(SNAPSHOT_META, meta_bytes);
+        batch.insert(SNAPSHOT_DATA, data);
+        tree.apply_batch(batch)
+            .map_err(|e| storage_io_error(subject.clone(), ErrorVerb::Write, e))?;
+        db.flush_async()
+            .await
+            .map(|_| ())
+            .map_err(|e| storage_io_error(subject, ErrorVerb::Write, e))
+    }
+}
+
+fn decode_payload(bytes: &[u8]) -> Result<SnapshotPayload, StorageError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| storage_io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))
+}
+
+/// Builds a snapshot from a copy of the state taken under a short read lock.
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    payload: SnapshotPayload,
+    db: sled::Db,
+    snapshots: sled::Tree,
+    snapshot_id: String,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let data = serde_json::to_vec(&self.payload)
+            .map_err(|e| storage_io_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        let meta = SnapshotMeta {
+            last_log_id: self.payload.last_applied,
+            last_membership: self.payload.last_membership.clone(),
+            snapshot_id: self.snapshot_id.clone(),
+        };
+        StateMachineStore::persist_snapshot(&self.db, &self.snapshots, &meta, &data).await?;
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "snapshot built");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
+        Ok((self.last_applied, self.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResponse>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut responses = Vec::new();
+        let mut last_index = None;
+        {
+            let mut state = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
+            for entry in entries {
+                let index = entry.log_id.index;
+                self.last_applied = Some(entry.log_id);
+                last_index = Some(index);
+                let response = match entry.payload {
+                    EntryPayload::Blank => {
+                        state.apply_noop(index);
+                        CommandResponse::Empty
+                    }
+                    EntryPayload::Normal(ref command) => state.apply(index, command),
+                    EntryPayload::Membership(ref membership) => {
+                        self.last_membership =
+                            StoredMembership::new(Some(entry.log_id), membership.clone());
+                        state.apply_noop(index);
+                        CommandResponse::Empty
+                    }
+                };
+                responses.push(response);
+            }
+        }
+        if let Some(index) = last_index {
+            self.shared.applied.send_replace(index);
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.snapshot_seq += 1;
+        let state = self.shared.read().clone();
+        let snapshot_id = match self.last_applied {
+            Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, self.snapshot_seq),
+            None => format!("0-0-{}", self.snapshot_seq),
+        };
+        SnapshotBuilder {
+            payload: SnapshotPayload {
+                last_applied: self.last_applied,
+                last_membership: self.last_membership.clone(),
+                state,
+            },
+            db: self.db.clone(),
+            snapshots: self.snapshots.clone(),
+            snapshot_id,
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let payload = decode_payload(&data)?;
+        Self::persist_snapshot(&self.db, &self.snapshots, meta, &data).await?;
+        self.last_applied = meta.last_log_id;
+        self.last_membership = meta.last_membership.clone();
+        let mut state = payload.state;
+        if let Some(id) = meta.last_log_id {
+            state.last_index = state.last_index.max(id.index);
+        }
+        self.shared.replace(state);
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        self.read_snapshot()
+    }
+}

@@ -1,0 +1,297 @@
+//! Starts one registry server: opens the data dir, builds the Raft node,
+//! serves every listener, bootstraps or joins the cluster, and shuts it
+//! all down in order when the token is cancelled.
+//!
+//! `run` takes already-bound listeners so that tests can bind port 0.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshwork_proto::v1::JoinRequest;
+use meshwork_proto::v1::raft_internal_server::RaftInternalServer;
+use meshwork_proto::v1::registry_server::RegistryServer;
+use openraft::{BasicNode, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::api::grpc::RegistryService;
+use crate::api::http::{self, AppState};
+use crate::config::{Bootstrap, Config};
+use crate::datadir::{DataDir, DataDirError};
+use crate::node::RegistryNode;
+use crate::raft::log_store::SledLogStore;
+use crate::raft::network::{MAX_INTERNAL_MESSAGE, NetworkFactory};
+use crate::raft::service::InternalService;
+use crate::raft::state_machine::StateMachineStore;
+use crate::raft::{Raft, TypeConfig};
+
+/// How long in-flight requests get to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Bound sockets, one per interface.
+#[derive(Debug)]
+pub struct Listeners {
+    pub http: TcpListener,
+    pub grpc: TcpListener,
+    pub raft: TcpListener,
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error("data dir {path} cannot be loaded: {reason}")]
+    Storage { path: String, reason: String },
+    #[error("invalid Raft settings: {0}")]
+    RaftConfig(String),
+    #[error("cannot start Raft: {0}")]
+    Raft(String),
+    #[error("{0} server failed: {1}")]
+    Serve(&'static str, String),
+}
+
+/// Runs a registry server until `shutdown` is cancelled.
+pub async fn run(
+    config: Config,
+    data_dir: &std::path::Path,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let dir = DataDir::open(data_dir, config.node_id)?;
+    let storage_error = |e: &dyn std::fmt::Display| ServerError::Storage {
+        path: dir.path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let log_store = SledLogStore::open(&dir.db).map_err(|e| storage_error(&e))?;
+    let state_machine = StateMachineStore::open(&dir.db).map_err(|e| storage_error(&e))?;
+    let shared = state_machine.shared();
+
+    let raft_config = openraft::Config {
+        cluster_name: "meshwork".into(),
+        heartbeat_interval: config.heartbeat.as_millis() as u64,
+        election_timeout_min: config.election_timeout.as_millis() as u64,
+        election_timeout_max: config.election_timeout.as_millis() as u64 * 2,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_threshold),
+        max_in_snapshot_log_to_keep: config.snapshot_trailing_logs,
+        max_payload_entries: 256,
+        install_snapshot_timeout: 30_000,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| ServerError::RaftConfig(e.to_string()))?;
+
+    let network = NetworkFactory::default();
+    let channels = network.channels.clone();
+    let raft: Raft = openraft::Raft::<TypeConfig>::new(
+        config.node_id,
+        Arc::new(raft_config),
+        network,
+        log_store,
+        state_machine,
+    )
+    .await
+    .map_err(|e| storage_error(&e))?;
+    let node = Arc::new(RegistryNode::new(
+        config.node_id,
+        raft.clone(),
+        shared,
+        channels,
+        config.leader_wait,
+    ));
+
+    let mut tasks: JoinSet<Result<(), ServerError>> = JoinSet::new();
+
+    // Internal gRPC: Raft RPCs and forwarding, on the Raft address.
+    let internal = RaftInternalServer::new(InternalService::new(Arc::clone(&node)))
+        .max_decoding_message_size(MAX_INTERNAL_MESSAGE)
+        .max_encoding_message_size(MAX_INTERNAL_MESSAGE);
+    let token = shutdown.clone();
+    tasks.spawn(
+        async move {
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(internal)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listeners.raft),
+                    token.cancelled_owned(),
+                )
+                .await
+                .map_err(|e| ServerError::Serve("raft", e.to_string()))
+        }
+        .instrument(tracing::info_span!("raft_server")),
+    );
+
+    // Public gRPC.
+    let public = RegistryServer::new(RegistryService {
+        node: Arc::clone(&node),
+    });
+    let token = shutdown.clone();
+    tasks.spawn(
+        async move {
+            tonic::transport::Server::builder()
+                .add_service(public)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listeners.grpc),
+                    token.cancelled_owned(),
+                )
+                .await
+                .map_err(|e| ServerError::Serve("grpc", e.to_string()))
+        }
+        .instrument(tracing::info_span!("grpc_server")),
+    );
+
+    // REST.
+    let app = http::router(AppState {
+        node: Arc::clone(&node),
+        shutdown: shutdown.clone(),
+        node_name: config.node_name.clone().into(),
+        node_uuid: dir.node_uuid.clone().into(),
+        node_raft_addr: config.advertise_addr.clone(),
+        datacenter: config.datacenter.clone().into(),
+    });
+    let token = shutdown.clone();
+    tasks.spawn(
+        async move {
+            axum::serve(listeners.http, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
+                .map_err(|e| ServerError::Serve("http", e.to_string()))
+        }
+        .instrument(tracing::info_span!("http_server")),
+    );
+
+    // Cluster formation.
+    let bootstrap_node = Arc::clone(&node);
+    let token = shutdown.clone();
+    let bootstrap = config.bootstrap.clone();
+    let advertise = config.advertise_addr.clone();
+    tasks.spawn(
+        async move {
+            tokio::select! {
+                () = token.cancelled() => Ok(()),
+                result = form_cluster(&bootstrap_node, bootstrap, advertise) => result,
+            }
+        }
+        .instrument(tracing::info_span!("bootstrap")),
+    );
+
+    tracing::info!(node = config.node_id, "registry server started");
+
+    let mut failure = None;
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        Some(joined) = tasks.join_next() => {
+            // A listener died (or bootstrap ended): only an error stops us.
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = Some(e),
+                Err(e) => failure = Some(ServerError::Serve("task", e.to_string())),
+            }
+            if failure.is_some() {
+                shutdown.cancel();
+            }
+        }
+    }
+    if failure.is_none() {
+        // Bootstrap finishing is normal: keep serving until cancelled.
+        shutdown.cancelled().await;
+    }
+
+    tracing::info!("shutting down");
+    let drain = async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok(Err(e)) = joined {
+                tracing::warn!(error = %e, "task failed during shutdown");
+            }
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        tracing::warn!("grace period over, aborting remaining tasks");
+        tasks.abort_all();
+    }
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown failed");
+    }
+    if let Err(e) = dir.db.flush_async().await {
+        tracing::warn!(error = %e, "final flush failed");
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Bootstraps a new cluster, joins a running one, or does nothing when
+/// the data dir already holds a configuration.
+async fn form_cluster(
+    node: &RegistryNode,
+    bootstrap: Bootstrap,
+    advertise: String,
+) -> Result<(), ServerError> {
+    let initialized = node
+        .raft
+        .is_initialized()
+        .await
+        .map_err(|e| ServerError::Raft(e.to_string()))?;
+    if initialized {
+        tracing::info!("restarting with the cluster configuration in the data dir");
+        return Ok(());
+    }
+    match bootstrap {
+        Bootstrap::None => {
+            tracing::warn!(
+                "empty data dir and neither --peers nor --join: waiting for a leader to add this server"
+            );
+            Ok(())
+        }
+        Bootstrap::Peers(peers) => {
+            let members: BTreeMap<u64, BasicNode> = peers
+                .into_iter()
+                .map(|(id, addr)| (id, BasicNode::new(addr)))
+                .collect();
+            tracing::info!(servers = members.len(), "forming a new cluster");
+            node.bootstrap(members)
+                .await
+                .map_err(|e| ServerError::Raft(e.to_string()))
+        }
+        Bootstrap::Join(target) => {
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match join_once(node, &target, &advertise).await {
+                    Ok(()) => {
+                        tracing::info!(via = %target, "joined the cluster");
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::warn!(via = %target, error = %e, retry_in = ?delay, "join failed");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn join_once(node: &RegistryNode, target: &str, advertise: &str) -> Result<(), String> {
+    let mut client = node.channels.client(target).map_err(|e| e.to_string())?;
+    let mut request = tonic::Request::new(JoinRequest {
+        node_id: node.id,
+        raft_addr: advertise.to_owned(),
+    });
+    request.set_timeout(Duration::from_secs(120));
+    let reply = client
+        .join(request)
+        .await
+        .map_err(|s| s.message().to_owned())?
+        .into_inner();
+    if reply.error.is_empty() {
+        Ok(())
+    } else {
+        Err(reply.error)
+    }
+}

@@ -1,0 +1,239 @@
+//! The key/value store with Consul's semantics: every entry carries
+//! `CreateIndex`/`ModifyIndex`, deletions leave tombstones so that a
+//! blocking query on a prefix sees a deletion as a change.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// One stored key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvEntry {
+    /// Shared so that readers can copy an entry out under a short lock.
+    #[serde(with = "arc_bytes")]
+    pub value: Arc<[u8]>,
+    pub flags: u64,
+    pub create_index: u64,
+    pub modify_index: u64,
+    /// Sessions and locks are not implemented; always 0, as Consul for an
+    /// unlocked key.
+    pub lock_index: u64,
+}
+
+/// All keys, in order, plus the tombstones of deleted ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvStore {
+    entries: BTreeMap<String, KvEntry>,
+    /// key → index of its deletion. A re-created key drops its tombstone
+    /// (its new ModifyIndex is higher anyway).
+    tombstones: BTreeMap<String, u64>,
+}
+
+impl KvStore {
+    /// Sets `key`; with `cas`, only if the precondition holds.
+    pub fn set(
+        &mut self,
+        index: u64,
+        key: &str,
+        value: &[u8],
+        flags: u64,
+        cas: Option<u64>,
+    ) -> bool {
+        let existing = self.entries.get(key);
+        if let Some(cas) = cas {
+            let current = existing.map_or(0, |e| e.modify_index);
+            if current != cas {
+                return false;
+            }
+        }
+        let create_index = existing.map_or(index, |e| e.create_index);
+        self.entries.insert(
+            key.to_owned(),
+            KvEntry {
+                value: Arc::from(value),
+                flags,
+                create_index,
+                modify_index: index,
+                lock_index: 0,
+            },
+        );
+        self.tombstones.remove(key);
+        true
+    }
+
+    /// Deletes `key`; with `cas`, only if its ModifyIndex matches. Deleting
+    /// a missing key succeeds (as Consul).
+    pub fn delete(&mut self, index: u64, key: &str, cas: Option<u64>) -> bool {
+        match (self.entries.get(key), cas) {
+            (None, _) => true,
+            (Some(e), Some(cas)) if e.modify_index != cas => false,
+            (Some(_), _) => {
+                self.entries.remove(key);
+                self.tombstones.insert(key.to_owned(), index);
+                true
+            }
+        }
+    }
+
+    /// Deletes every key under `prefix`.
+    pub fn delete_tree(&mut self, index: u64, prefix: &str) {
+        let doomed: Vec<String> = self.prefix_range(prefix).map(|(k, _)| k.clone()).collect();
+        for key in doomed {
+            self.entries.remove(&key);
+            self.tombstones.insert(key, index);
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&KvEntry> {
+        self.entries.get(key)
+    }
+
+    /// Entries whose key starts with `prefix`, in key order.
+    pub fn prefix_range<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = (&'a String, &'a KvEntry)> + 'a {
+        self.entries
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(move |(k, _)| k.starts_with(prefix))
+    }
+
+    /// The index a read of `key` reports: its ModifyIndex, or the index of
+    /// its deletion, or 0 when it never existed.
+    pub fn key_index(&self, key: &str) -> u64 {
+        self.entries
+            .get(key)
+            .map(|e| e.modify_index)
+            .or_else(|| self.tombstones.get(key).copied())
+            .unwrap_or(0)
+    }
+
+    /// The index a read of the prefix reports: the highest ModifyIndex or
+    /// deletion index under it.
+    pub fn prefix_index(&self, prefix: &str) -> u64 {
+        let live = self
+            .prefix_range(prefix)
+            .map(|(_, e)| e.modify_index)
+            .max()
+            .unwrap_or(0);
+        let dead = self
+            .tombstones
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, i)| *i)
+            .max()
+            .unwrap_or(0);
+        live.max(dead)
+    }
+
+    /// Keys under `prefix`; with a separator, keys are rolled up to the
+    /// first separator after the prefix (`a/b/c` with prefix `a/` and
+    /// separator `/` lists `a/b/`), as Consul's `?keys&separator=`.
+    pub fn keys(&self, prefix: &str, separator: Option<&str>) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for (key, _) in self.prefix_range(prefix) {
+            let listed = match separator.filter(|s| !s.is_empty()) {
+                Some(sep) => match key[prefix.len()..].find(sep) {
+                    Some(at) => &key[..prefix.len() + at + sep.len()],
+                    None => key.as_str(),
+                },
+                None => key.as_str(),
+            };
+            if out.last().map(String::as_str) != Some(listed) {
+                out.push(listed.to_owned());
+            }
+        }
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+mod arc_bytes {
+    use std::sync::Arc;
+
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &Arc<[u8]>, serializer: S) -> Result<S::Ok, S::Error> {
+        crate::command::base64_bytes::serialize(bytes, serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Arc<[u8]>, D::Error> {
+        crate::command::base64_bytes::deserialize(deserializer).map(Arc::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_keeps_create_index_and_bumps_modify_index() {
+        let mut kv = KvStore::default();
+        assert!(kv.set(5, "a", b"1", 0, None));
+        assert!(kv.set(9, "a", b"2", 3, None));
+        let e = kv.get("a").expect("present");
+        assert_eq!((e.create_index, e.modify_index, e.flags), (5, 9, 3));
+        assert_eq!(&*e.value, b"2");
+    }
+
+    #[test]
+    fn cas_zero_creates_only_when_absent() {
+        let mut kv = KvStore::default();
+        assert!(kv.set(2, "a", b"1", 0, Some(0)));
+        assert!(!kv.set(3, "a", b"2", 0, Some(0)));
+        assert!(!kv.set(4, "a", b"2", 0, Some(7)));
+        assert!(kv.set(5, "a", b"2", 0, Some(2)));
+        assert_eq!(kv.get("a").map(|e| e.modify_index), Some(5));
+    }
+
+    #[test]
+    fn delete_with_cas_and_tombstones() {
+        let mut kv = KvStore::default();
+        kv.set(2, "p/a", b"1", 0, None);
+        kv.set(3, "p/b", b"1", 0, None);
+        assert!(!kv.delete(4, "p/a", Some(99)));
+        assert!(kv.delete(5, "p/a", Some(2)));
+        assert!(kv.delete(6, "p/missing", Some(1)));
+        assert_eq!(kv.key_index("p/a"), 5);
+        assert_eq!(kv.prefix_index("p/"), 5);
+        kv.delete_tree(8, "p/");
+        assert!(kv.is_empty());
+        assert_eq!(kv.prefix_index("p/"), 8);
+        assert_eq!(kv.prefix_index("q/"), 0);
+        kv.set(9, "p/a", b"x", 0, None);
+        assert_eq!(kv.key_index("p/a"), 9);
+    }
+
+    #[test]
+    fn prefix_range_stops_at_prefix_end() {
+        let mut kv = KvStore::default();
+        for (i, k) in ["a", "ab", "abc", "b", "a/x"].iter().enumerate() {
+            kv.set(i as u64 + 1, k, b"", 0, None);
+        }
+        let keys: Vec<_> = kv.prefix_range("ab").map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["ab", "abc"]);
+    }
+
+    #[test]
+    fn keys_roll_up_at_separator() {
+        let mut kv = KvStore::default();
+        for (i, k) in ["web/a", "web/sub/x", "web/sub/y", "web/z", "webx"]
+            .iter()
+            .enumerate()
+        {
+            kv.set(i as u64 + 1, k, b"", 0, None);
+        }
+        assert_eq!(kv.keys("web/", Some("/")), ["web/a", "web/sub/", "web/z"]);
+        assert_eq!(kv.keys("web", None).len(), 5);
+        assert_eq!(kv.keys("", Some("/")), ["web/", "webx"]);
+    }
+}
