@@ -399,14 +399,16 @@ pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
     let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| ConfigError(vec![one_line(&e.to_string())]))?;
-    let unknown: Vec<String> = table
+    let mut unknown: Vec<(usize, String)> = table
         .keys()
         .filter(|k| !FILE_KEYS.contains(&k.as_str()))
         .map(|k| match line_of_key(text, k) {
-            Some(line) => format!("line {line}: unknown key `{k}`"),
-            None => format!("unknown key `{k}`"),
+            Some(line) => (line, format!("line {line}: unknown key `{k}`")),
+            None => (usize::MAX, format!("unknown key `{k}`")),
         })
         .collect();
+    unknown.sort();
+    let unknown: Vec<String> = unknown.into_iter().map(|(_, message)| message).collect();
     if !unknown.is_empty() {
         return Err(ConfigError(unknown));
     }
