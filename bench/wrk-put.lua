@@ -1,12 +1,14 @@
 -- wrk script used for BOTH systems, so that the load tool, the connection
 -- handling, the payload and the bookkeeping are identical.
 --
---   wrk ... -s wrk-put.lua URL -- MODE PREFIX [QUOTA]
+--   wrk ... -s wrk-put.lua URL -- MODE PREFIX [QUOTA MARKER_DIR]
 --
 -- MODE    meshwork : PUT  /v1/kv/<key>   body = the raw 256-byte value
 --         etcd     : POST /v3/kv/put     body = {"key": b64(key), "value": b64(value)}
 -- PREFIX  key prefix; every request writes a distinct key PREFIX/<thread>/<n>
 -- QUOTA   optional: each wrk thread stops after QUOTA responses (0 = run for -d)
+--         and creates the file MARKER_DIR/<thread> so that the caller knows
+--         when to end wrk (wrk itself always waits for its full -d)
 --
 -- A request counts as OK only if the status is 2xx AND the body is what the
 -- API returns for a successful write ("true" for Meshwork, a JSON object with
@@ -52,6 +54,8 @@ function init(args)
   mode = args[1] or "meshwork"
   prefix = args[2] or "bench"
   quota = tonumber(args[3] or "0") or 0
+  marker_dir = args[4]
+  stopped = false
   if mode ~= "meshwork" and mode ~= "etcd" then
     error("MODE must be meshwork or etcd, got " .. tostring(mode))
   end
@@ -98,7 +102,12 @@ function response(status, headers, body)
       first_error = "status " .. status .. ": " .. tostring(body):sub(1, 200)
     end
   end
-  if quota > 0 and answered >= quota then
+  if quota > 0 and answered >= quota and not stopped then
+    stopped = true
+    if marker_dir then
+      local f = io.open(marker_dir .. "/" .. tid, "w")
+      if f then f:write(answered, "\n"); f:close() end
+    end
     wrk.thread:stop()
   end
 end

@@ -1,1 +1,318 @@
-//! Helpers for the end-to-end suites.
+//! Helpers for the end-to-end suites: start real `meshwork-registry`
+//! processes on loopback, talk to them over HTTP, kill and restart them.
+//!
+//! Every cluster gets its own random `127.x.y.0/24` addresses, so suites can
+//! run in parallel without port races. Each server's stderr goes to a file
+//! in the cluster's temp dir; the last lines are printed when a test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tokio::process::{Child, Command};
+
+/// HTTP, gRPC and Raft ports every test server uses on its own address.
+pub const HTTP_PORT: u16 = 28500;
+pub const GRPC_PORT: u16 = 28502;
+pub const RAFT_PORT: u16 = 28300;
+
+/// Path of the `meshwork-registry` binary under test.
+pub fn registry_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("MESHWORK_REGISTRY_BIN") {
+        return PathBuf::from(path);
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let path = target.join("debug").join("meshwork-registry");
+    assert!(
+        path.exists(),
+        "{} not found: build it first (`cargo build --bins`, which scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` until it returns `Some`, at most `timeout` long.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One server process and where it listens.
+#[derive(Debug)]
+pub struct Server {
+    pub id: u64,
+    pub ip: String,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    /// Flags every start of this server gets.
+    pub args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Server {
+    pub fn http(&self) -> String {
+        format!("http://{}:{HTTP_PORT}", self.ip)
+    }
+
+    pub fn raft_addr(&self) -> String {
+        format!("{}:{RAFT_PORT}", self.ip)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Starts the process (with its fixed flags plus `extra`).
+    pub fn start(&mut self, extra: &[String]) -> Result<()> {
+        assert!(self.child.is_none(), "server {} already running", self.id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .context("open server log")?;
+        let child = Command::new(registry_bin())
+            .args(&self.args)
+            .args(extra)
+            .env("RUST_LOG", "warn,meshwork_registry=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawn meshwork-registry")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9`: no chance to flush anything.
+    pub async fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.context("kill")?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub async fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("server {} is not running", self.id);
+        };
+        if let Some(pid) = child.id() {
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .context("kill -TERM")?;
+        }
+        match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => {
+                child.kill().await?;
+                bail!("server {} did not exit within 20s of SIGTERM", self.id)
+            }
+        }
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+/// A set of servers with their data in one temp dir.
+#[derive(Debug)]
+pub struct Cluster {
+    pub servers: Vec<Server>,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+    base_ip: String,
+}
+
+impl Cluster {
+    /// Creates (but does not start) `n` servers forming one cluster via
+    /// `--peers`, each also given `extra` flags.
+    pub fn new(n: u64, extra: &[&str]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let base_ip = format!("127.{}.{}", 10 + rand_u8() % 200, rand_u8());
+        let peers: Vec<String> = (1..=n).map(|i| format!("{i}@{base_ip}.{i}:{RAFT_PORT}")).collect();
+        let mut cluster = Cluster {
+            servers: Vec::new(),
+            dir,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?,
+            base_ip,
+        };
+        for id in 1..=n {
+            let mut args = cluster.base_args(id);
+            args.push("--peers".into());
+            args.push(peers.join(","));
+            args.extend(extra.iter().map(|s| s.to_string()));
+            cluster.push_server(id, args);
+        }
+        Ok(cluster)
+    }
+
+    fn base_args(&self, id: u64) -> Vec<String> {
+        let ip = format!("{}.{id}", self.base_ip);
+        vec![
+            "--node-id".into(),
+            id.to_string(),
+            "--data-dir".into(),
+            self.dir.path().join(format!("n{id}")).display().to_string(),
+            "--http-addr".into(),
+            format!("{ip}:{HTTP_PORT}"),
+            "--grpc-addr".into(),
+            format!("{ip}:{GRPC_PORT}"),
+            "--raft-addr".into(),
+            format!("{ip}:{RAFT_PORT}"),
+            "--dns-addr".into(),
+            format!("{ip}:28600"),
+            "--heartbeat-ms".into(),
+            "100".into(),
+            "--election-timeout-ms".into(),
+            "600".into(),
+        ]
+    }
+
+    fn push_server(&mut self, id: u64, args: Vec<String>) {
+        self.servers.push(Server {
+            id,
+            ip: format!("{}.{id}", self.base_ip),
+            data_dir: self.dir.path().join(format!("n{id}")),
+            log_path: self.dir.path().join(format!("n{id}.log")),
+            args,
+            child: None,
+        });
+    }
+
+    /// Adds a server that joins through server `via` (index), with `extra` flags.
+    pub fn add_joining_server(&mut self, via: usize, extra: &[&str]) -> usize {
+        let id = self.servers.len() as u64 + 1;
+        let mut args = self.base_args(id);
+        args.push("--join".into());
+        args.push(self.servers[via].raft_addr());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.push_server(id, args);
+        self.servers.len() - 1
+    }
+
+    /// Starts `n` servers and waits until they agree on a leader.
+    pub async fn start(n: u64, extra: &[&str]) -> Result<Self> {
+        let mut cluster = Self::new(n, extra)?;
+        for server in &mut cluster.servers {
+            server.start(&[])?;
+        }
+        cluster.wait_leader(Duration::from_secs(20)).await?;
+        Ok(cluster)
+    }
+
+    /// The leader's index in `servers`, once every running server names
+    /// the same leader.
+    pub async fn wait_leader(&self, timeout: Duration) -> Result<usize> {
+        wait_for("a leader all running servers agree on", timeout, || async {
+            let mut leader = None;
+            for server in self.servers.iter().filter(|s| s.is_running()) {
+                let addr = self.status_leader(server).await?;
+                if addr.is_empty() || leader.as_ref().is_some_and(|l| *l != addr) {
+                    return None;
+                }
+                leader = Some(addr);
+            }
+            let addr = leader?;
+            self.servers.iter().position(|s| s.raft_addr() == addr && s.is_running())
+        })
+        .await
+    }
+
+    async fn status_leader(&self, server: &Server) -> Option<String> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/status/leader", server.http()))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        resp.json::<String>().await.ok()
+    }
+
+    /// Indexes of running servers other than `leader`.
+    pub fn followers(&self, leader: usize) -> Vec<usize> {
+        (0..self.servers.len())
+            .filter(|i| *i != leader && self.servers[*i].is_running())
+            .collect()
+    }
+
+    /// `PUT /v1/kv/<key>` on server `i`; returns the status and body.
+    pub async fn put(&self, i: usize, key: &str, value: &[u8], query: &str) -> Result<(u16, String)> {
+        let url = format!("{}/v1/kv/{key}{query}", self.servers[i].http());
+        let resp = self.http.put(url).body(value.to_vec()).send().await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.text().await?))
+    }
+
+    /// A PUT that must succeed.
+    pub async fn must_put(&self, i: usize, key: &str, value: &str) -> Result<()> {
+        let (status, body) = self.put(i, key, value.as_bytes(), "").await?;
+        if status != 200 || body.trim() != "true" {
+            bail!("PUT {key} on server {} answered {status} {body:?}", i + 1);
+        }
+        Ok(())
+    }
+
+    /// `GET /v1/kv/<key>?raw&<query>` on server `i`: the value, `None` on 404.
+    pub async fn get_raw(&self, i: usize, key: &str, query: &str) -> Result<Option<String>> {
+        let url = format!("{}/v1/kv/{key}?raw{query}", self.servers[i].http());
+        let resp = self.http.get(url).send().await?;
+        match resp.status().as_u16() {
+            200 => Ok(Some(resp.text().await?)),
+            404 => Ok(None),
+            other => bail!("GET {key} on server {} answered {other}: {}", i + 1, resp.text().await?),
+        }
+    }
+
+    /// Every server's log tail, for failure messages.
+    pub fn logs(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| format!("--- server {} ---\n{}", s.id, s.log_tail(40)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+fn rand_u8() -> u8 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    hasher.write_u32(std::process::id());
+    (hasher.finish() % 251) as u8
+}

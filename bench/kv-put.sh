@@ -1,0 +1,483 @@
+#!/usr/bin/env bash
+# KV PUT benchmark: a three-server Meshwork cluster vs a three-member etcd
+# cluster (Debian's etcd-server, written through its JSON gateway), both on
+# 127.0.0.1, driven by the same wrk + Lua script with the same 256-byte values.
+#
+#   bash bench/kv-put.sh            # writes bench/RESULTS.md and bench/out/ (raw data)
+#
+# Environment knobs (defaults in brackets):
+#   DURATION     seconds per measured run [20]
+#   WARMUP       seconds of discarded warm-up before each measured run [3]
+#   CONCURRENCY  connection counts [1 16 64]
+#   DISK_WRITES  writes in the disk-usage phase [100000]
+#   DISK_CONNS   connections in the disk-usage phase [64]
+#   DISK_MAX_S   time cap of the disk-usage phase per system, seconds [300]
+#   DIAG_STRACE  1 = short extra run under `strace -c` to count fsyncs [1]
+#   SKIP_BUILD   1 = use the existing release binary [0]
+#   BENCH_TMPDIR parent of the temporary data dirs [/var/tmp] (must be a real
+#                disk, not tmpfs, or fsync costs nothing)
+#   RESULTS_FILE where to write the report [bench/RESULTS.md]
+#   RAW_DIR      where to keep raw wrk output and logs [bench/out] (git-ignored)
+#   QUIET_WAIT_S before each measured run, wait up to this long for the machine
+#                to be idle (other processes skew a 2-core box) [90]
+#
+# Everything listens on 127.0.0.1 only; every wait loop is bounded; the EXIT
+# trap stops every process this script started and removes the temp dir.
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(dirname "$BENCH_DIR")
+DURATION=${DURATION:-20}
+WARMUP=${WARMUP:-3}
+CONCURRENCY=${CONCURRENCY:-"1 16 64"}
+DISK_WRITES=${DISK_WRITES:-100000}
+DISK_CONNS=${DISK_CONNS:-64}
+DISK_MAX_S=${DISK_MAX_S:-300}
+DIAG_STRACE=${DIAG_STRACE:-1}
+SKIP_BUILD=${SKIP_BUILD:-0}
+BENCH_TMPDIR=${BENCH_TMPDIR:-/var/tmp}
+RESULTS_FILE=${RESULTS_FILE:-$BENCH_DIR/RESULTS.md}
+RAW_DIR=${RAW_DIR:-$BENCH_DIR/out}
+QUIET_WAIT_S=${QUIET_WAIT_S:-90}
+LUA=$BENCH_DIR/wrk-put.lua
+HOST=127.0.0.1
+
+# Ports. Meshwork: raft 1830N, http 1850N, grpc 1860N, dns 1870N.
+# etcd: client 2379N, peer 2380N (N = 1..3; Debian's default 2379/2380 untouched).
+MW_PEERS="1@$HOST:18301,2@$HOST:18302,3@$HOST:18303"
+ETCD_CLUSTER="e1=http://$HOST:23801,e2=http://$HOST:23802,e3=http://$HOST:23803"
+
+log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+declare -a PIDS=()
+declare -A MW_PID=() ETCD_PID=()
+WORK=""
+BG_PID=""
+
+cleanup() {
+    local rc=$?
+    set +e
+    trap - EXIT INT TERM
+    [ -n "$BG_PID" ] && kill -KILL "$BG_PID" 2>/dev/null
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+    local i alive
+    for i in $(seq 1 50); do
+        alive=0
+        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ "$alive" = 0 ] && break
+        sleep 0.2
+    done
+    for pid in "${PIDS[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then
+            log "pid $pid ($(cat "/proc/$pid/comm" 2>/dev/null)) still running 10 s after SIGTERM; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null
+        fi
+    done
+    wait 2>/dev/null
+    [ -n "$WORK" ] && [ -d "$WORK" ] && rm -rf -- "$WORK"
+    [ "$rc" = 0 ] || log "exited with status $rc (processes stopped, temp dir removed)"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- prerequisites
+ensure_packages() {
+    local -a missing=()
+    command -v etcd >/dev/null || missing+=(etcd-server)
+    command -v etcdctl >/dev/null || missing+=(etcd-client)
+    command -v wrk >/dev/null || missing+=(wrk)
+    command -v curl >/dev/null || missing+=(curl)
+    command -v python3 >/dev/null || missing+=(python3)
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    [ "$(id -u)" = 0 ] || die "missing ${missing[*]}; run as root or install them first"
+    local p need_update=0
+    for p in "${missing[@]}"; do
+        apt-cache policy "$p" 2>/dev/null | grep -q 'Candidate: [0-9]' || need_update=1
+    done
+    if [ "$need_update" = 1 ]; then
+        log "apt-get update"
+        apt-get update -q >&2
+    fi
+    log "apt-get install ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+}
+
+port_free() { ! (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+
+check_ports() {
+    local p
+    for p in 18301 18302 18303 18501 18502 18503 18601 18602 18603 \
+             23791 23792 23793 23801 23802 23803; do
+        port_free "$p" || die "port $HOST:$p is already in use"
+    done
+}
+
+# ---------------------------------------------------------------- /proc helpers
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() { [ -r "/proc/$1/stat" ] && awk '{print $14+$15}' "/proc/$1/stat" || echo 0; }
+io_write_bytes() { [ -r "/proc/$1/io" ] && awk '/^write_bytes/{print $2}' "/proc/$1/io" || echo 0; }
+rss_kb() { awk -v k="$2:" '$1==k{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+sys_cpu() { awk '/^cpu /{idle=$5+$6; t=0; for(i=2;i<=NF;i++) t+=$i; print t, idle}' /proc/stat; }
+du_alloc() { du -sB1 "$1" | cut -f1; }
+du_apparent() { du -sb --apparent-size "$1" | cut -f1; }
+
+# Machine CPU busy % over one second.
+busy_1s() {
+    local a b
+    a=$(sys_cpu); sleep 1; b=$(sys_cpu)
+    awk -v a="$a" -v b="$b" 'BEGIN{split(a,x," "); split(b,y," "); dt=y[1]-x[1]; di=y[2]-x[2]; printf "%.0f", (dt>0 ? 100*(dt-di)/dt : 0)}'
+}
+
+# Waits (bounded) until the machine is idle, so that someone else's compile
+# does not end up in the numbers. Records what it saw in quiet.tsv.
+wait_quiet() { # label
+    local deadline=$((SECONDS + QUIET_WAIT_S)) b waited=0
+    b=$(busy_1s)
+    while [ "$b" -gt 20 ] && [ "$SECONDS" -lt "$deadline" ]; do
+        [ "$waited" = 0 ] && log "  machine is ${b}% busy (not us?); waiting up to ${QUIET_WAIT_S}s for it to settle"
+        waited=1
+        sleep 2
+        b=$(busy_1s)
+    done
+    printf '%s\t%s\n' "$1" "$b" >>"$WORK/quiet.tsv"
+    if [ "$b" -gt 20 ]; then
+        log "  machine still ${b}% busy; measuring anyway (see 'other processes' in the report)"
+        ps -eo pid,pcpu,comm --sort=-pcpu | head -n 6 >&2
+    fi
+}
+
+# ---------------------------------------------------------------- clusters
+start_meshwork() {
+    local i
+    for i in 1 2 3; do
+        mkdir -p "$WORK/mw/n$i"
+        "$MW_BIN" --node-id "$i" --data-dir "$WORK/mw/n$i" \
+            --http-addr "$HOST:1850$i" --grpc-addr "$HOST:1860$i" \
+            --raft-addr "$HOST:1830$i" --dns-addr "$HOST:1870$i" \
+            --peers "$MW_PEERS" --log-level warn \
+            >"$WORK/logs/meshwork-$i.log" 2>&1 &
+        MW_PID[$i]=$!
+        PIDS+=("$!")
+    done
+}
+
+start_etcd() {
+    local i
+    for i in 1 2 3; do
+        mkdir -p "$WORK/etcd"
+        etcd --name "e$i" --data-dir "$WORK/etcd/n$i" \
+            --listen-client-urls "http://$HOST:2379$i" \
+            --advertise-client-urls "http://$HOST:2379$i" \
+            --listen-peer-urls "http://$HOST:2380$i" \
+            --initial-advertise-peer-urls "http://$HOST:2380$i" \
+            --initial-cluster "$ETCD_CLUSTER" --initial-cluster-state new \
+            --initial-cluster-token meshwork-bench \
+            --logger zap --log-level warn \
+            >"$WORK/logs/etcd-$i.log" 2>&1 &
+        ETCD_PID[$i]=$!
+        PIDS+=("$!")
+    done
+}
+
+check_alive() { # name pid log
+    kill -0 "$2" 2>/dev/null && return 0
+    tail -n 20 "$3" >&2 || true
+    die "$1 (pid $2) exited"
+}
+
+# Prints the node number (1..3) of the Meshwork leader, or nothing.
+meshwork_leader() {
+    local i raw
+    for i in 1 2 3; do
+        raw=$(curl -s -m 2 "http://$HOST:1850$i/v1/status/leader" 2>/dev/null) || continue
+        case "$raw" in
+            *"$HOST:1830"[123]*) raw=${raw##*:1830}; echo "${raw:0:1}"; return 0 ;;
+        esac
+    done
+}
+
+# Prints the member number (1..3) of the etcd leader, or nothing.
+etcd_leader() {
+    local i raw
+    for i in 1 2 3; do
+        raw=$(curl -s -m 2 -X POST -d '{}' "http://$HOST:2379$i/v3/maintenance/status" 2>/dev/null) || continue
+        if python3 -c 'import json,sys; d=json.loads(sys.argv[1]); sys.exit(0 if d["header"]["member_id"]==d["leader"] else 1)' "$raw" 2>/dev/null; then
+            echo "$i"; return 0
+        fi
+    done
+}
+
+wait_ready() {
+    local deadline=$((SECONDS + 60)) i
+    MW_LEADER="" ETCD_LEADER=""
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        for i in 1 2 3; do
+            check_alive "meshwork-$i" "${MW_PID[$i]}" "$WORK/logs/meshwork-$i.log"
+            check_alive "etcd-$i" "${ETCD_PID[$i]}" "$WORK/logs/etcd-$i.log"
+        done
+        [ -z "$MW_LEADER" ] && MW_LEADER=$(meshwork_leader)
+        [ -z "$ETCD_LEADER" ] && ETCD_LEADER=$(etcd_leader)
+        if [ -n "$MW_LEADER" ] && [ -n "$ETCD_LEADER" ]; then
+            local a b
+            a=$(curl -s -m 5 -X PUT --data-binary ready "http://$HOST:1850$MW_LEADER/v1/kv/ready" || true)
+            b=$(curl -s -m 5 -X POST -d '{"key":"cmVhZHk=","value":"cmVhZHk="}' "http://$HOST:2379$ETCD_LEADER/v3/kv/put" || true)
+            if [ "$a" = true ] && [[ "$b" == *'"header"'* ]]; then
+                log "ready: Meshwork leader node $MW_LEADER, etcd leader member $ETCD_LEADER"
+                return 0
+            fi
+        fi
+        sleep 0.5
+    done
+    die "clusters not ready within 60 s (meshwork leader '${MW_LEADER}', etcd leader '${ETCD_LEADER}')"
+}
+
+url_of() { # system -> leader base URL
+    if [ "$1" = meshwork ]; then echo "http://$HOST:1850$MW_LEADER"; else echo "http://$HOST:2379$ETCD_LEADER"; fi
+}
+
+# ---------------------------------------------------------------- measurement
+all_server_pids() { echo "${MW_PID[1]} ${MW_PID[2]} ${MW_PID[3]} ${ETCD_PID[1]} ${ETCD_PID[2]} ${ETCD_PID[3]}"; }
+
+# run_load SYSTEM CONNS SECONDS PREFIX OUTFILE [record]
+# Runs wrk; if the 6th argument is "record", appends one line to runs.tsv.
+run_load() {
+    local sys=$1 c=$2 d=$3 prefix=$4 out=$5 record=${6:-}
+    local threads=$(( c < 2 ? c : 2 )) url pid
+    url=$(url_of "$sys")
+    local -a before=() wb_before=() after=() wb_after=()
+    for pid in $(all_server_pids); do before+=("$(cpu_ticks "$pid")"); wb_before+=("$(io_write_bytes "$pid")"); done
+    local s0 s1
+    s0=$(sys_cpu)
+    local top_pid=""
+    if [ "$record" = record ]; then
+        ( sleep $((d / 2)); top -b -n1 -w 200 2>/dev/null | head -n 25 >"$out.top" ) &
+        top_pid=$!
+    fi
+    local TIMEFORMAT='%U %S'
+    { time timeout --signal=INT --kill-after=10 $((d + 30)) \
+        wrk -t"$threads" -c"$c" -d"${d}s" --timeout 10s --latency -s "$LUA" "$url" -- "$sys" "$prefix" \
+        >"$out" 2>"$out.err" ; } 2>"$out.time" || die "wrk failed for $sys c=$c (see $out.err)"
+    [ -n "$top_pid" ] && wait "$top_pid" 2>/dev/null || true
+    s1=$(sys_cpu)
+    for pid in $(all_server_pids); do after+=("$(cpu_ticks "$pid")"); wb_after+=("$(io_write_bytes "$pid")"); done
+    grep -q '^RESULT ' "$out" || die "no RESULT line from wrk for $sys c=$c (see $out)"
+    if [ "$record" = record ]; then
+        local -a cpu=() wb=()
+        local k
+        for k in 0 1 2 3 4 5; do
+            cpu+=("$(awk -v a="${after[$k]}" -v b="${before[$k]}" -v t="$CLK_TCK" 'BEGIN{printf "%.2f", (a-b)/t}')")
+            wb+=("$(( wb_after[k] - wb_before[k] ))")
+        done
+        local sysbusy
+        sysbusy=$(awk -v a="$s0" -v b="$s1" 'BEGIN{split(a,x," "); split(b,y," "); dt=y[1]-x[1]; di=y[2]-x[2]; printf "%.1f", (dt>0 ? 100*(dt-di)/dt : 0)}')
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$sys" "$c" "$threads" \
+            "$(sed -n 's/^RESULT //p' "$out")" \
+            "${cpu[*]}" "${wb[*]}" "$(cat "$out.time")" "$sysbusy" \
+            "$(sed -n 's/^FIRST_ERROR //p' "$out" | head -n1)" >>"$WORK/runs.tsv"
+    fi
+}
+
+# Writes exactly-ish N keys with the same wrk script in quota mode. Each wrk
+# thread stops after N/threads responses and drops a marker file; when all
+# threads are done, wrk is sent SIGINT and prints its summary.
+write_n() { # system n conns prefix outfile
+    local sys=$1 n=$2 c=$3 prefix=$4 out=$5
+    local threads=$(( c < 2 ? c : 2 )) url
+    url=$(url_of "$sys")
+    local quota=$(( (n + threads - 1) / threads ))
+    local markers="$WORK/markers-$sys"
+    rm -rf "$markers"; mkdir -p "$markers"
+    wrk -t"$threads" -c"$c" -d"${DISK_MAX_S}s" --timeout 10s -s "$LUA" "$url" \
+        -- "$sys" "$prefix" "$quota" "$markers" >"$out" 2>"$out.err" &
+    BG_PID=$!
+    local deadline=$((SECONDS + DISK_MAX_S + 30))
+    while kill -0 "$BG_PID" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do
+        [ "$(find "$markers" -type f | wc -l)" -ge "$threads" ] && break
+        sleep 0.2
+    done
+    kill -INT "$BG_PID" 2>/dev/null || true
+    local i
+    for i in $(seq 1 100); do kill -0 "$BG_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$BG_PID" 2>/dev/null || true
+    wait "$BG_PID" 2>/dev/null || true
+    BG_PID=""
+    grep -q '^RESULT ' "$out" || die "no RESULT line from wrk (disk phase, $sys; see $out)"
+}
+
+snapshot_rss() { # label -> appends to rss.tsv
+    local i
+    for i in 1 2 3; do
+        printf '%s\tmeshwork\t%s\t%s\t%s\t%s\n' "$1" "$i" "$([ "$i" = "$MW_LEADER" ] && echo leader || echo follower)" \
+            "$(rss_kb "${MW_PID[$i]}" VmRSS)" "$(rss_kb "${MW_PID[$i]}" VmHWM)" >>"$WORK/rss.tsv"
+    done
+    for i in 1 2 3; do
+        printf '%s\tetcd\t%s\t%s\t%s\t%s\n' "$1" "$i" "$([ "$i" = "$ETCD_LEADER" ] && echo leader || echo follower)" \
+            "$(rss_kb "${ETCD_PID[$i]}" VmRSS)" "$(rss_kb "${ETCD_PID[$i]}" VmHWM)" >>"$WORK/rss.tsv"
+    done
+}
+
+snapshot_disk() { # label system -> appends to disk.tsv
+    local i dir
+    sync
+    for i in 1 2 3; do
+        if [ "$2" = meshwork ]; then dir="$WORK/mw/n$i"; else dir="$WORK/etcd/n$i"; fi
+        printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$i" "$(du_alloc "$dir")" "$(du_apparent "$dir")" >>"$WORK/disk.tsv"
+    done
+}
+
+fsync_probe() { # latency of fdatasync and of sled's sync_file_range on the data disk
+    python3 - "$WORK/fsync-probe" <<'EOF2'
+import ctypes, os, sys, time
+path = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+FLAGS = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER, as sled 0.34 uses it
+fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+buf = b"x" * 4096
+def probe(sync):
+    lat = []
+    for i in range(300):
+        off = (i % 64) * 4096
+        os.pwrite(fd, buf, off)
+        t = time.perf_counter()
+        sync(off)
+        lat.append(time.perf_counter() - t)
+    lat.sort()
+    q = lambda p: lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1000
+    return f"{q(50):.3f}\t{q(99):.3f}\t{sum(lat)/len(lat)*1000:.3f}"
+def sfr(off):
+    if libc.sync_file_range(fd, off, 4096, FLAGS) != 0:
+        raise OSError(ctypes.get_errno(), "sync_file_range")
+print("fdatasync\t" + probe(lambda off: os.fdatasync(fd)))
+print("sync_file_range\t" + probe(sfr))
+os.close(fd)
+os.unlink(path)
+EOF2
+}
+
+strace_probe() { # system leader-pid -> raw/strace-<system>.txt
+    local sys=$1 pid=$2 out="$WORK/raw/strace-$sys.txt"
+    command -v strace >/dev/null || { echo "strace not installed" >"$out"; return 0; }
+    strace -f -c -w -e trace=fsync,fdatasync,sync_file_range,write,pwrite64,writev,sendto,sendmsg \
+        -p "$pid" -o "$out" 2>"$out.err" &
+    BG_PID=$!
+    sleep 1
+    run_load "$sys" 16 5 "strace" "$WORK/raw/strace-wrk-$sys.txt"
+    kill -INT "$BG_PID" 2>/dev/null || true
+    local i
+    for i in $(seq 1 100); do kill -0 "$BG_PID" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "$BG_PID" 2>/dev/null || true
+    wait "$BG_PID" 2>/dev/null || true
+    BG_PID=""
+}
+
+# ================================================================ main
+START_TS=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+ensure_packages
+check_ports
+
+if [ "$SKIP_BUILD" != 1 ]; then
+    log "cargo build --release --bin meshwork-registry"
+    (cd "$REPO_DIR" && cargo build --release --bin meshwork-registry) >&2
+fi
+MW_BIN=${MW_BIN:-${CARGO_TARGET_DIR:-$REPO_DIR/target}/release/meshwork-registry}
+[ -x "$MW_BIN" ] || die "no binary at $MW_BIN"
+
+mkdir -p "$BENCH_TMPDIR"
+WORK=$(mktemp -d "$BENCH_TMPDIR/meshwork-bench.XXXXXX")
+mkdir -p "$WORK/logs" "$WORK/raw"
+: >"$WORK/runs.tsv"; : >"$WORK/rss.tsv"; : >"$WORK/disk.tsv"; : >"$WORK/quiet.tsv"
+
+# Machine facts.
+{
+    echo "date_utc=$START_TS"
+    echo "nproc=$(nproc)"
+    echo "cpu_model=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)"
+    echo "kernel=$(uname -r)"
+    echo "fs=$(df -PT "$WORK" | awk 'NR==2{print $2" ("$1")"}')"
+    echo "etcd_version=$(etcd --version 2>/dev/null | awk '/etcd Version/{print $3}')"
+    echo "wrk_version=$(wrk -v 2>&1 | head -n1 | awk '{print $2}')"
+    echo "meshwork_version=$("$MW_BIN" --version 2>/dev/null | awk '{print $2}')"
+    echo "git_rev=$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "git_dirty=$(git -C "$REPO_DIR" status --porcelain 2>/dev/null | grep -vc '^?? bench/' || true)"
+    echo "loadavg_before=$(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "duration=$DURATION"
+    echo "warmup=$WARMUP"
+    echo "concurrency=$CONCURRENCY"
+    echo "disk_writes=$DISK_WRITES"
+    echo "disk_conns=$DISK_CONNS"
+} >"$WORK/machine.txt"
+free -h >"$WORK/free.txt"
+ps -eo pid,pcpu,etime,comm --sort=-pcpu | head -n 8 >"$WORK/ps-before.txt"
+log "fsync probe on $(df -P "$WORK" | awk 'NR==2{print $1}')"
+fsync_probe >"$WORK/fsync.tsv"
+
+log "starting clusters in $WORK"
+start_meshwork
+start_etcd
+wait_ready
+MW_LEADER_START=$MW_LEADER
+ETCD_LEADER_START=$ETCD_LEADER
+sleep 2
+snapshot_rss idle
+snapshot_disk start meshwork
+snapshot_disk start etcd
+
+flip=0
+for c in $CONCURRENCY; do
+    if [ "$flip" = 0 ]; then order="meshwork etcd"; flip=1; else order="etcd meshwork"; flip=0; fi
+    for sys in $order; do
+        if [ "$WARMUP" -gt 0 ]; then
+            log "$sys: warm-up ${WARMUP}s, $c connections"
+            run_load "$sys" "$c" "$WARMUP" "warm/c$c" "$WORK/raw/warmup-$sys-c$c.txt"
+        fi
+        wait_quiet "$sys-c$c"
+        log "$sys: measured ${DURATION}s, $c connections"
+        run_load "$sys" "$c" "$DURATION" "bench/c$c" "$WORK/raw/wrk-$sys-c$c.txt" record
+        log "  $(sed -n 's/^RESULT //p' "$WORK/raw/wrk-$sys-c$c.txt" | awk '{print $2, $3, $4, $5, $11, $13}')"
+        for i in 1 2 3; do
+            check_alive "meshwork-$i" "${MW_PID[$i]}" "$WORK/logs/meshwork-$i.log"
+            check_alive "etcd-$i" "${ETCD_PID[$i]}" "$WORK/logs/etcd-$i.log"
+        done
+    done
+done
+snapshot_rss after-latency-runs
+
+for sys in meshwork etcd; do
+    sleep 3
+    snapshot_disk before-disk-phase "$sys"
+    log "$sys: disk phase, writing $DISK_WRITES keys with $DISK_CONNS connections (cap ${DISK_MAX_S}s)"
+    write_n "$sys" "$DISK_WRITES" "$DISK_CONNS" "disk" "$WORK/raw/wrk-$sys-disk.txt"
+    log "  $(sed -n 's/^RESULT //p' "$WORK/raw/wrk-$sys-disk.txt" | awk '{print $1, $3, $4, $5}')"
+    sleep 5
+    snapshot_disk after-disk-phase "$sys"
+done
+snapshot_rss end
+
+# Per-directory breakdown of node 1 of each system, and the leaders at the end.
+{
+    echo "== meshwork node 1"; (cd "$WORK/mw/n1" && du -aB1 --max-depth=2 . | sort -k2)
+    echo "== etcd member 1"; (cd "$WORK/etcd/n1" && du -aB1 --max-depth=3 . | sort -k2)
+} >"$WORK/raw/du-breakdown.txt" 2>&1 || true
+MW_LEADER_END=$(meshwork_leader); ETCD_LEADER_END=$(etcd_leader)
+{
+    echo "mw_leader_start=$MW_LEADER_START"; echo "mw_leader_end=$MW_LEADER_END"
+    echo "etcd_leader_start=$ETCD_LEADER_START"; echo "etcd_leader_end=$ETCD_LEADER_END"
+} >>"$WORK/machine.txt"
+
+if [ "$DIAG_STRACE" = 1 ]; then
+    log "diagnostic: strace -c on each leader during a 5 s, 16-connection run (not part of the results)"
+    strace_probe meshwork "${MW_PID[$MW_LEADER]}"
+    strace_probe etcd "${ETCD_PID[$ETCD_LEADER]}"
+fi
+
+# Keep raw output and server logs next to the report.
+rm -rf "$RAW_DIR"; mkdir -p "$RAW_DIR"
+cp "$WORK"/raw/* "$RAW_DIR"/ 2>/dev/null || true
+cp "$WORK"/logs/*.log "$RAW_DIR"/
+cp "$WORK"/*.tsv "$WORK"/machine.txt "$WORK"/free.txt "$WORK"/ps-before.txt "$RAW_DIR"/
+
+python3 "$BENCH_DIR/report.py" "$RAW_DIR" >"$RESULTS_FILE"
+log "wrote $RESULTS_FILE (raw data in $RAW_DIR)"

@@ -1,0 +1,102 @@
+//! The binary refuses bad configs and unusable data dirs with a message
+//! and a non-zero exit, and never touches the data.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use meshwork_tests::{Cluster, registry_bin};
+
+fn run_registry(args: &[&str]) -> Result<std::process::Output> {
+    let mut child = std::process::Command::new(registry_bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // A refusal is immediate; a server that starts is killed after 10 s.
+    for _ in 0..100 {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill()?;
+    Ok(child.wait_with_output()?)
+}
+
+fn ports(ip: &str) -> Vec<String> {
+    vec![
+        "--http-addr".into(),
+        format!("{ip}:28500"),
+        "--grpc-addr".into(),
+        format!("{ip}:28502"),
+        "--raft-addr".into(),
+        format!("{ip}:28300"),
+    ]
+}
+
+#[test]
+fn config_file_with_unknown_keys_is_refused_with_their_lines() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("registry.toml");
+    std::fs::write(&file, "node_id = 1\nnodeid = 2\n\nhttp_adr = \"127.0.0.1:1\"\n")?;
+    let out = run_registry(&["--config", file.to_str().unwrap_or_default()])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("line 2: unknown key `nodeid`"), "{stderr}");
+    assert!(stderr.contains("line 4: unknown key `http_adr`"), "{stderr}");
+
+    let out = run_registry(&["--peers", "1@a:1,zz", "--node-id", "3"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is not ID@HOST:PORT") && stderr.contains("node id 3 is not in the list"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_data_dirs_are_refused_and_left_alone() -> Result<()> {
+    // A real data dir of node 1, with data in it.
+    let mut cluster = Cluster::start(1, &[]).await?;
+    cluster.must_put(0, "precious", "data").await?;
+    cluster.servers[0].stop().await?;
+    let data_dir = cluster.servers[0].data_dir.clone();
+    let dir = data_dir.to_str().unwrap_or_default().to_owned();
+    let ip = cluster.servers[0].ip.clone();
+
+    // Started as another node.
+    let mut args = vec!["--node-id", "2", "--data-dir", &dir, "--peers", "2@127.0.0.1:1"];
+    let extra = ports(&ip);
+    args.extend(extra.iter().map(String::as_str));
+    let out = run_registry(&args)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("belongs to node 1"), "{stderr}");
+
+    // A corrupt marker.
+    let marker = data_dir.join("meshwork.json");
+    let saved = std::fs::read(&marker)?;
+    std::fs::write(&marker, b"garbage")?;
+    let mut args = vec!["--node-id", "1", "--data-dir", &dir];
+    args.extend(extra.iter().map(String::as_str));
+    let out = run_registry(&args)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("corrupt"), "{stderr}");
+    std::fs::write(&marker, &saved)?;
+
+    // An unreadable data dir (a file where the dir should be).
+    let file = cluster.dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x")?;
+    let file_arg = file.to_str().unwrap_or_default().to_owned();
+    let mut args = vec!["--node-id", "1", "--data-dir", &file_arg];
+    args.extend(extra.iter().map(String::as_str));
+    let out = run_registry(&args)?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot create data dir"));
+
+    // The original data is intact.
+    cluster.servers[0].start(&[])?;
+    cluster.wait_leader(Duration::from_secs(20)).await?;
+    assert_eq!(cluster.get_raw(0, "precious", "").await?.as_deref(), Some("data"));
+    Ok(())
+}
