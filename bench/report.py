@@ -41,6 +41,8 @@ machine = dict(
     line.split("=", 1) for line in read("machine.txt").splitlines() if "=" in line
 )
 
+quiet = dict(line.split("\t") for line in read("quiet.tsv").splitlines() if "\t" in line)
+
 # ---------------------------------------------------------------- runs
 runs = {}  # (sys, conns) -> dict
 for line in read("runs.tsv").splitlines():
@@ -71,7 +73,7 @@ for line in read("runs.tsv").splitlines():
         wrk_cpu=u + s,
         busy=float(busy),
         foreign=max(foreign, 0.0),
-        quiet=quiet.get(f"{sys_}-{c}", "?"),
+        quiet=quiet.get(f"{sys_}-c{c}", "?"),
         first_err=first_err,
         sock_err=r["connect_err"] + r["read_err"] + r["write_err"] + r["timeout_err"],
     )
@@ -120,7 +122,6 @@ for line in read("fsync.tsv").splitlines():
         fsp[f[0]] = f[1:]
 fs = fsp.get("fdatasync", [])
 sfr = fsp.get("sync_file_range", [])
-quiet = dict(line.split("\t") for line in read("quiet.tsv").splitlines() if "\t" in line)
 w("## Machine and setup")
 w("")
 w(f"- CPU: `nproc` = {machine.get('nproc', '?')} ({machine.get('cpu_model', '?')}), kernel {machine.get('kernel', '?')}")
@@ -153,6 +154,12 @@ w(f"- Requests go to the leader of each cluster (found via `GET /v1/status/leade
   f"etcd leader: member {machine.get('etcd_leader_start', '?')} at start, member {machine.get('etcd_leader_end', '?')} at end.")
 w(f"- Each level: {machine.get('warmup', '?')} s warm-up (discarded), then {machine.get('duration', '?')} s measured; "
   "the system that goes first alternates between levels.")
+rep_runs = [line.split("\t") for line in read("attempts.tsv").splitlines() if line.count("\t") == 3]
+redo = [f"{NAMES.get(r[0], r[0])} at {r[1]} clients ({r[3]}% of the machine's CPU went to other processes)"
+        for r in rep_runs if r[2] == "1" and any(x[:2] == r[:2] and x[2] == "2" for x in rep_runs)]
+w("- Before each measured run the script waits (bounded) for the machine to be idle; a run during which other processes "
+  "took more than 10% of the machine's CPU is repeated once and only the repeat is reported. "
+  + ("Repeated in this run: " + "; ".join(redo) + "." if redo else "No run had to be repeated."))
 w("")
 
 # ---------------------------------------------------------------- per level
@@ -361,21 +368,29 @@ for sys_ in SYSTEMS:
         w("")
 
 # ---------------------------------------------------------------- logs
-w("## Server logs")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+TS = re.compile(r"^\S*\d{4}-\d\d-\d\dT[0-9:.]+Z\s*")
+w("## Server logs (warnings and errors, grouped)")
 w("")
 for sys_, pat in (("meshwork", "meshwork-*.log"), ("etcd", "etcd-*.log")):
-    lines = []
+    groups = {}
+    total = 0
     for p in sorted(glob.glob(os.path.join(RAW, pat))):
         with open(p, errors="replace") as f:
             for line in f:
-                if re.search(r"WARN|ERROR|warn|error|panic", line):
-                    lines.append((os.path.basename(p), line.rstrip()))
-    w(f"- {NAMES[sys_]}: {len(lines)} warning/error lines in the server logs (`bench/out/{pat}`).")
-    if lines:
-        w("")
-        w("```")
-        for name, line in lines[:8]:
-            w(f"{name}: {line[:300]}")
-        w("```")
+                line = ANSI.sub("", line).strip()
+                if not re.search(r"WARN|ERROR|warn|error|panic", line):
+                    continue
+                total += 1
+                m = re.search(r'"level":"(\w+)".*?"msg":"([^"]*)"', line)
+                if m:
+                    key = f"{m.group(1)}: {m.group(2)}"
+                else:
+                    key = TS.sub("", line)
+                    key = re.sub(r"\b(T\d+-N\d+|target=\d+)\b", "…", key)
+                groups.setdefault(key[:200], []).append(os.path.basename(p))
+    w(f"- {NAMES[sys_]}: {total} warning/error lines (`bench/out/{pat}`)" + (":" if groups else "."))
+    for key, files in sorted(groups.items(), key=lambda kv: -len(kv[1]))[:8]:
+        w(f"  - {len(files)}× `{key}`")
 w("")
 print("\n".join(out))

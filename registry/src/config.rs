@@ -231,10 +231,10 @@ impl Config {
             }
         }
         let join = cli.join.or(file.join);
-        if let Some(j) = &join {
-            if let Err(e) = check_host_port(j) {
-                errors.push(format!("join: {e}"));
-            }
+        if let Some(j) = &join
+            && let Err(e) = check_host_port(j)
+        {
+            errors.push(format!("join: {e}"));
         }
         if cli.dev && (!peers.is_empty() || join.is_some()) {
             errors

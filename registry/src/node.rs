@@ -441,13 +441,13 @@ impl RegistryNode {
                 if already_voter {
                     return Ok(());
                 }
-                if let Some(m) = self.members().iter().find(|m| m.id == req.node_id) {
-                    if m.raft_addr != req.raft_addr {
-                        return Err(WriteAttempt::Failed(ClusterError::Rejected(format!(
-                            "server {} is already a member at {}, not {}",
-                            req.node_id, m.raft_addr, req.raft_addr
-                        ))));
-                    }
+                if let Some(m) = self.members().iter().find(|m| m.id == req.node_id)
+                    && m.raft_addr != req.raft_addr
+                {
+                    return Err(WriteAttempt::Failed(ClusterError::Rejected(format!(
+                        "server {} is already a member at {}, not {}",
+                        req.node_id, m.raft_addr, req.raft_addr
+                    ))));
                 }
                 tracing::info!(node = req.node_id, addr = %req.raft_addr, "adding server as learner");
                 self.raft
@@ -572,15 +572,15 @@ impl WriteAttempt {
 fn is_connect_failure(status: &tonic::Status) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
     while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if matches!(
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
                 io.kind(),
                 std::io::ErrorKind::ConnectionRefused
                     | std::io::ErrorKind::HostUnreachable
                     | std::io::ErrorKind::NetworkUnreachable
-            ) {
-                return true;
-            }
+            )
+        {
+            return true;
         }
         source = err.source();
     }

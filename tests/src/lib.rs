@@ -150,11 +150,15 @@ impl Cluster {
     pub fn new(n: u64, extra: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let base_ip = format!("127.{}.{}", 10 + rand_u8() % 200, rand_u8());
-        let peers: Vec<String> = (1..=n).map(|i| format!("{i}@{base_ip}.{i}:{RAFT_PORT}")).collect();
+        let peers: Vec<String> = (1..=n)
+            .map(|i| format!("{i}@{base_ip}.{i}:{RAFT_PORT}"))
+            .collect();
         let mut cluster = Cluster {
             servers: Vec::new(),
             dir,
-            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
             base_ip,
         };
         for id in 1..=n {
@@ -234,7 +238,9 @@ impl Cluster {
                 leader = Some(addr);
             }
             let addr = leader?;
-            self.servers.iter().position(|s| s.raft_addr() == addr && s.is_running())
+            self.servers
+                .iter()
+                .position(|s| s.raft_addr() == addr && s.is_running())
         })
         .await
     }
@@ -258,7 +264,13 @@ impl Cluster {
     }
 
     /// `PUT /v1/kv/<key>` on server `i`; returns the status and body.
-    pub async fn put(&self, i: usize, key: &str, value: &[u8], query: &str) -> Result<(u16, String)> {
+    pub async fn put(
+        &self,
+        i: usize,
+        key: &str,
+        value: &[u8],
+        query: &str,
+    ) -> Result<(u16, String)> {
         let url = format!("{}/v1/kv/{key}{query}", self.servers[i].http());
         let resp = self.http.put(url).body(value.to_vec()).send().await?;
         let status = resp.status().as_u16();
@@ -281,7 +293,11 @@ impl Cluster {
         match resp.status().as_u16() {
             200 => Ok(Some(resp.text().await?)),
             404 => Ok(None),
-            other => bail!("GET {key} on server {} answered {other}: {}", i + 1, resp.text().await?),
+            other => bail!(
+                "GET {key} on server {} answered {other}: {}",
+                i + 1,
+                resp.text().await?
+            ),
         }
     }
 

@@ -15,24 +15,44 @@ async fn write_on_follower_is_readable_on_every_server() -> Result<()> {
 
     // Default and consistent reads on any server see the write at once.
     for i in 0..3 {
-        assert_eq!(cluster.get_raw(i, "greeting", "").await?.as_deref(), Some("hello"), "default read on {i}");
         assert_eq!(
-            cluster.get_raw(i, "greeting", "&consistent").await?.as_deref(),
+            cluster.get_raw(i, "greeting", "").await?.as_deref(),
+            Some("hello"),
+            "default read on {i}"
+        );
+        assert_eq!(
+            cluster
+                .get_raw(i, "greeting", "&consistent")
+                .await?
+                .as_deref(),
             Some("hello"),
             "consistent read on {i}"
         );
     }
     // Stale reads converge.
     for i in 0..3 {
-        wait_for("stale read to see the write", Duration::from_secs(5), || async {
-            (cluster.get_raw(i, "greeting", "&stale").await.ok()?.as_deref() == Some("hello")).then_some(())
-        })
+        wait_for(
+            "stale read to see the write",
+            Duration::from_secs(5),
+            || async {
+                (cluster
+                    .get_raw(i, "greeting", "&stale")
+                    .await
+                    .ok()?
+                    .as_deref()
+                    == Some("hello"))
+                .then_some(())
+            },
+        )
         .await?;
     }
     // A stale read says who leads and how fresh it is.
     let resp = cluster
         .http
-        .get(format!("{}/v1/kv/greeting?stale", cluster.servers[follower].http()))
+        .get(format!(
+            "{}/v1/kv/greeting?stale",
+            cluster.servers[follower].http()
+        ))
         .send()
         .await?;
     assert_eq!(resp.headers()["x-consul-knownleader"], "true");
@@ -46,19 +66,29 @@ async fn killing_the_leader_elects_another_and_loses_no_acknowledged_write() -> 
     let mut cluster = Cluster::start(3, &[]).await?;
     let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
     for n in 0..40 {
-        cluster.must_put(n % 3, &format!("k/{n}"), &format!("v{n}")).await?;
+        cluster
+            .must_put(n % 3, &format!("k/{n}"), &format!("v{n}"))
+            .await?;
     }
     cluster.servers[leader].kill().await?;
     let killed_at = Instant::now();
     let new_leader = cluster.wait_leader(Duration::from_secs(10)).await?;
     assert_ne!(new_leader, leader);
     let elapsed = killed_at.elapsed();
-    assert!(elapsed < Duration::from_secs(10), "failover took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "failover took {elapsed:?}"
+    );
 
     for i in cluster.followers(leader) {
         for n in 0..40 {
             let value = cluster.get_raw(i, &format!("k/{n}"), "&consistent").await?;
-            assert_eq!(value, Some(format!("v{n}")), "key k/{n} on server {}", i + 1);
+            assert_eq!(
+                value,
+                Some(format!("v{n}")),
+                "key k/{n} on server {}",
+                i + 1
+            );
         }
     }
     // The survivors keep accepting writes, and the old leader catches up
@@ -66,9 +96,19 @@ async fn killing_the_leader_elects_another_and_loses_no_acknowledged_write() -> 
     let survivor = cluster.followers(leader)[0];
     cluster.must_put(survivor, "after", "failover").await?;
     cluster.servers[leader].start(&[])?;
-    wait_for("restarted old leader to catch up", Duration::from_secs(15), || async {
-        (cluster.get_raw(leader, "after", "&stale").await.ok()?.as_deref() == Some("failover")).then_some(())
-    })
+    wait_for(
+        "restarted old leader to catch up",
+        Duration::from_secs(15),
+        || async {
+            (cluster
+                .get_raw(leader, "after", "&stale")
+                .await
+                .ok()?
+                .as_deref()
+                == Some("failover"))
+            .then_some(())
+        },
+    )
     .await?;
     Ok(())
 }
@@ -77,12 +117,18 @@ async fn killing_the_leader_elects_another_and_loses_no_acknowledged_write() -> 
 async fn restarting_every_server_keeps_the_data() -> Result<()> {
     let mut cluster = Cluster::start(3, &["--snapshot-threshold", "30"]).await?;
     for n in 0..60 {
-        cluster.must_put(n % 3, &format!("r/{n}"), &format!("v{n}")).await?;
+        cluster
+            .must_put(n % 3, &format!("r/{n}"), &format!("v{n}"))
+            .await?;
     }
     cluster.must_put(0, "r/5", "overwritten").await?;
-    let (status, _) = cluster.put(1, "r/6", b"", "").await.map(|(s, b)| (s, b))?;
+    let (status, _) = cluster.put(1, "r/6", b"", "").await?;
     ensure!(status == 200);
-    let resp = cluster.http.delete(format!("{}/v1/kv/r/7", cluster.servers[2].http())).send().await?;
+    let resp = cluster
+        .http
+        .delete(format!("{}/v1/kv/r/7", cluster.servers[2].http()))
+        .send()
+        .await?;
     ensure!(resp.status() == 200);
 
     for server in &mut cluster.servers {
@@ -109,29 +155,56 @@ async fn restarting_every_server_keeps_the_data() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_missed_a_snapshot_catches_up_after_restart() -> Result<()> {
-    let mut cluster = Cluster::start(3, &["--snapshot-threshold", "50", "--snapshot-trailing-logs", "0"]).await?;
+    let mut cluster = Cluster::start(
+        3,
+        &[
+            "--snapshot-threshold",
+            "50",
+            "--snapshot-trailing-logs",
+            "0",
+        ],
+    )
+    .await?;
     let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
     let lagging = cluster.followers(leader)[0];
     cluster.servers[lagging].kill().await?;
     let writers: Vec<usize> = (0..3).filter(|i| *i != lagging).collect();
     for n in 0..300 {
-        cluster.must_put(writers[n % 2], &format!("s/{n:03}"), &format!("v{n}")).await?;
+        cluster
+            .must_put(writers[n % 2], &format!("s/{n:03}"), &format!("v{n}"))
+            .await?;
     }
     cluster.servers[lagging].start(&[])?;
-    wait_for("lagging server to have every key", Duration::from_secs(30), || async {
-        let resp = cluster
-            .http
-            .get(format!("{}/v1/kv/s/?keys&stale", cluster.servers[lagging].http()))
-            .send()
-            .await
-            .ok()?;
-        let keys: Vec<String> = resp.json().await.ok()?;
-        (keys.len() == 300).then_some(())
-    })
+    wait_for(
+        "lagging server to have every key",
+        Duration::from_secs(30),
+        || async {
+            let resp = cluster
+                .http
+                .get(format!(
+                    "{}/v1/kv/s/?keys&stale",
+                    cluster.servers[lagging].http()
+                ))
+                .send()
+                .await
+                .ok()?;
+            let keys: Vec<String> = resp.json().await.ok()?;
+            (keys.len() == 300).then_some(())
+        },
+    )
     .await?;
-    assert_eq!(cluster.get_raw(lagging, "s/299", "&stale").await?.as_deref(), Some("v299"));
+    assert_eq!(
+        cluster
+            .get_raw(lagging, "s/299", "&stale")
+            .await?
+            .as_deref(),
+        Some("v299")
+    );
     let log = std::fs::read_to_string(&cluster.servers[lagging].log_path)?;
-    assert!(log.contains("snapshot installed"), "the lagging server caught up without a snapshot:\n{log}");
+    assert!(
+        log.contains("snapshot installed"),
+        "the lagging server caught up without a snapshot:\n{log}"
+    );
     Ok(())
 }
 
@@ -140,12 +213,19 @@ async fn blocking_queries_wake_on_change_and_time_out_without_one() -> Result<()
     let cluster = Cluster::start(3, &[]).await?;
     cluster.must_put(0, "watched", "one").await?;
     cluster.must_put(0, "elsewhere", "x").await?;
-    let resp = cluster.http.get(format!("{}/v1/kv/watched", cluster.servers[1].http())).send().await?;
+    let resp = cluster
+        .http
+        .get(format!("{}/v1/kv/watched", cluster.servers[1].http()))
+        .send()
+        .await?;
     let index: u64 = resp.headers()["x-consul-index"].to_str()?.parse()?;
 
     // A change elsewhere does not wake the query; the timeout ends it.
     let started = Instant::now();
-    let url = format!("{}/v1/kv/watched?index={index}&wait=1s", cluster.servers[1].http());
+    let url = format!(
+        "{}/v1/kv/watched?index={index}&wait=1s",
+        cluster.servers[1].http()
+    );
     let writer = async {
         tokio::time::sleep(Duration::from_millis(200)).await;
         cluster.must_put(2, "elsewhere", "y").await
@@ -154,13 +234,25 @@ async fn blocking_queries_wake_on_change_and_time_out_without_one() -> Result<()
     written?;
     let resp = resp?;
     let elapsed = started.elapsed();
-    assert_eq!(resp.headers()["x-consul-index"].to_str()?.parse::<u64>()?, index);
-    assert!(elapsed >= Duration::from_secs(1), "returned after {elapsed:?}, before its wait");
-    assert!(elapsed < Duration::from_secs(5), "returned after {elapsed:?}");
+    assert_eq!(
+        resp.headers()["x-consul-index"].to_str()?.parse::<u64>()?,
+        index
+    );
+    assert!(
+        elapsed >= Duration::from_secs(1),
+        "returned after {elapsed:?}, before its wait"
+    );
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "returned after {elapsed:?}"
+    );
 
     // A change to the key wakes it well before its 30 s wait.
     let started = Instant::now();
-    let url = format!("{}/v1/kv/watched?index={index}&wait=30s", cluster.servers[2].http());
+    let url = format!(
+        "{}/v1/kv/watched?index={index}&wait=30s",
+        cluster.servers[2].http()
+    );
     let writer = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         cluster.must_put(0, "watched", "two").await
@@ -172,16 +264,31 @@ async fn blocking_queries_wake_on_change_and_time_out_without_one() -> Result<()
     assert!(new_index > index);
     let body: serde_json::Value = resp.json().await?;
     assert_eq!(body[0]["Value"], "dHdv"); // "two"
-    assert!(started.elapsed() < Duration::from_secs(15), "woke after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "woke after {:?}",
+        started.elapsed()
+    );
 
     // A prefix query wakes on a deletion under the prefix.
     cluster.must_put(0, "tree/a", "1").await?;
-    let resp = cluster.http.get(format!("{}/v1/kv/tree/?recurse", cluster.servers[0].http())).send().await?;
+    let resp = cluster
+        .http
+        .get(format!("{}/v1/kv/tree/?recurse", cluster.servers[0].http()))
+        .send()
+        .await?;
     let index: u64 = resp.headers()["x-consul-index"].to_str()?.parse()?;
-    let url = format!("{}/v1/kv/tree/?recurse&index={index}&wait=30s", cluster.servers[1].http());
+    let url = format!(
+        "{}/v1/kv/tree/?recurse&index={index}&wait=30s",
+        cluster.servers[1].http()
+    );
     let deleter = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        cluster.http.delete(format!("{}/v1/kv/tree/a", cluster.servers[2].http())).send().await
+        cluster
+            .http
+            .delete(format!("{}/v1/kv/tree/a", cluster.servers[2].http()))
+            .send()
+            .await
     };
     let (resp, deleted) = tokio::join!(cluster.http.get(&url).send(), deleter);
     ensure!(deleted?.status() == 200);
@@ -195,7 +302,9 @@ async fn blocking_queries_wake_on_change_and_time_out_without_one() -> Result<()
 async fn join_adds_a_fourth_server_that_receives_all_data() -> Result<()> {
     let mut cluster = Cluster::start(3, &["--snapshot-threshold", "40"]).await?;
     for n in 0..100 {
-        cluster.must_put(n % 3, &format!("j/{n:03}"), &format!("v{n}")).await?;
+        cluster
+            .must_put(n % 3, &format!("j/{n:03}"), &format!("v{n}"))
+            .await?;
     }
     let fourth = cluster.add_joining_server(1, &["--snapshot-threshold", "40"]);
     cluster.servers[fourth].start(&[])?;
@@ -210,36 +319,59 @@ async fn join_adds_a_fourth_server_that_receives_all_data() -> Result<()> {
         (peers.len() == 4).then_some(())
     })
     .await?;
-    wait_for("the new server to have every key", Duration::from_secs(20), || async {
-        let resp = cluster
-            .http
-            .get(format!("{}/v1/kv/j/?keys&stale", cluster.servers[fourth].http()))
-            .send()
-            .await
-            .ok()?;
-        let keys: Vec<String> = resp.json().await.ok()?;
-        (keys.len() == 100).then_some(())
-    })
+    wait_for(
+        "the new server to have every key",
+        Duration::from_secs(20),
+        || async {
+            let resp = cluster
+                .http
+                .get(format!(
+                    "{}/v1/kv/j/?keys&stale",
+                    cluster.servers[fourth].http()
+                ))
+                .send()
+                .await
+                .ok()?;
+            let keys: Vec<String> = resp.json().await.ok()?;
+            (keys.len() == 100).then_some(())
+        },
+    )
     .await?;
     // It serves writes too, and survives a restart as a member.
     cluster.must_put(fourth, "from/fourth", "hi").await?;
     cluster.servers[fourth].kill().await?;
     cluster.servers[fourth].start(&[])?;
-    wait_for("restarted fourth server to serve", Duration::from_secs(20), || async {
-        (cluster.get_raw(fourth, "from/fourth", "").await.ok()?.as_deref() == Some("hi")).then_some(())
-    })
+    wait_for(
+        "restarted fourth server to serve",
+        Duration::from_secs(20),
+        || async {
+            (cluster
+                .get_raw(fourth, "from/fourth", "")
+                .await
+                .ok()?
+                .as_deref()
+                == Some("hi"))
+            .then_some(())
+        },
+    )
     .await?;
 
     // Removing a server through the operator API shrinks the voter set.
     let resp = cluster
         .http
-        .delete(format!("{}/v1/operator/raft/peer?id=4", cluster.servers[0].http()))
+        .delete(format!(
+            "{}/v1/operator/raft/peer?id=4",
+            cluster.servers[0].http()
+        ))
         .send()
         .await?;
     assert_eq!(resp.status(), 200, "{}", resp.text().await?);
     let config: serde_json::Value = cluster
         .http
-        .get(format!("{}/v1/operator/raft/configuration", cluster.servers[1].http()))
+        .get(format!(
+            "{}/v1/operator/raft/configuration",
+            cluster.servers[1].http()
+        ))
         .send()
         .await?
         .json()
@@ -255,9 +387,19 @@ async fn without_quorum_writes_fail_fast_and_stale_reads_work() -> Result<()> {
     let mut cluster = Cluster::start(3, &["--leader-wait-ms", "2000"]).await?;
     cluster.must_put(0, "q", "before").await?;
     let survivor = 2;
-    wait_for("the write on every server", Duration::from_secs(5), || async {
-        (cluster.get_raw(survivor, "q", "&stale").await.ok()?.as_deref() == Some("before")).then_some(())
-    })
+    wait_for(
+        "the write on every server",
+        Duration::from_secs(5),
+        || async {
+            (cluster
+                .get_raw(survivor, "q", "&stale")
+                .await
+                .ok()?
+                .as_deref()
+                == Some("before"))
+            .then_some(())
+        },
+    )
     .await?;
     cluster.servers[0].kill().await?;
     cluster.servers[1].kill().await?;
@@ -266,14 +408,24 @@ async fn without_quorum_writes_fail_fast_and_stale_reads_work() -> Result<()> {
     let (status, body) = cluster.put(survivor, "q", b"after", "").await?;
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("No cluster leader"), "{body}");
-    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
 
     let resp = cluster
         .http
-        .get(format!("{}/v1/kv/q?consistent", cluster.servers[survivor].http()))
+        .get(format!(
+            "{}/v1/kv/q?consistent",
+            cluster.servers[survivor].http()
+        ))
         .send()
         .await?;
     assert_eq!(resp.status(), 500);
-    assert_eq!(cluster.get_raw(survivor, "q", "&stale").await?.as_deref(), Some("before"));
+    assert_eq!(
+        cluster.get_raw(survivor, "q", "&stale").await?.as_deref(),
+        Some("before")
+    );
     Ok(())
 }

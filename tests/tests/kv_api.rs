@@ -20,7 +20,9 @@ async fn kv_semantics_match_consul() -> Result<()> {
     let http = &cluster.http;
 
     // PUT with flags, GET in Consul's JSON shape.
-    let (status, body) = cluster.put(0, "app/config", b"{\"a\":1}", "?flags=42").await?;
+    let (status, body) = cluster
+        .put(0, "app/config", b"{\"a\":1}", "?flags=42")
+        .await?;
     assert_eq!((status, body.trim()), (200, "true"));
     let resp = http.get(format!("{base}/v1/kv/app/config")).send().await?;
     assert_eq!(resp.status(), 200);
@@ -32,7 +34,8 @@ async fn kv_semantics_match_consul() -> Result<()> {
     assert_eq!(entry["LockIndex"], 0);
     assert_eq!(entry["CreateIndex"], entry["ModifyIndex"]);
     assert_eq!(entry["ModifyIndex"].as_u64(), Some(index));
-    let value = base64::engine::general_purpose::STANDARD.decode(entry["Value"].as_str().unwrap_or_default())?;
+    let value = base64::engine::general_purpose::STANDARD
+        .decode(entry["Value"].as_str().unwrap_or_default())?;
     assert_eq!(value, b"{\"a\":1}");
 
     // Missing key: 404 with an index.
@@ -42,25 +45,73 @@ async fn kv_semantics_match_consul() -> Result<()> {
 
     // Empty value reads back as null (Consul) and as an empty raw body.
     cluster.put(0, "app/empty", b"", "").await?;
-    let body: Value = http.get(format!("{base}/v1/kv/app/empty")).send().await?.json().await?;
+    let body: Value = http
+        .get(format!("{base}/v1/kv/app/empty"))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(body[0]["Value"], Value::Null);
-    assert_eq!(cluster.get_raw(0, "app/empty", "").await?.as_deref(), Some(""));
+    assert_eq!(
+        cluster.get_raw(0, "app/empty", "").await?.as_deref(),
+        Some("")
+    );
 
     // CAS: 0 creates only when absent; otherwise the ModifyIndex must match.
-    assert_eq!(cluster.put(0, "lock", b"a", "?cas=0").await?.1.trim(), "true");
-    assert_eq!(cluster.put(0, "lock", b"b", "?cas=0").await?.1.trim(), "false");
-    let body: Value = http.get(format!("{base}/v1/kv/lock")).send().await?.json().await?;
+    assert_eq!(
+        cluster.put(0, "lock", b"a", "?cas=0").await?.1.trim(),
+        "true"
+    );
+    assert_eq!(
+        cluster.put(0, "lock", b"b", "?cas=0").await?.1.trim(),
+        "false"
+    );
+    let body: Value = http
+        .get(format!("{base}/v1/kv/lock"))
+        .send()
+        .await?
+        .json()
+        .await?;
     let modify = body[0]["ModifyIndex"].as_u64().unwrap_or_default();
-    assert_eq!(cluster.put(0, "lock", b"c", &format!("?cas={}", modify + 100)).await?.1.trim(), "false");
-    assert_eq!(cluster.put(0, "lock", b"c", &format!("?cas={modify}")).await?.1.trim(), "true");
+    assert_eq!(
+        cluster
+            .put(0, "lock", b"c", &format!("?cas={}", modify + 100))
+            .await?
+            .1
+            .trim(),
+        "false"
+    );
+    assert_eq!(
+        cluster
+            .put(0, "lock", b"c", &format!("?cas={modify}"))
+            .await?
+            .1
+            .trim(),
+        "true"
+    );
     assert_eq!(cluster.get_raw(0, "lock", "").await?.as_deref(), Some("c"));
 
     // Delete with a stale cas fails, with the right one succeeds.
-    let body: Value = http.get(format!("{base}/v1/kv/lock")).send().await?.json().await?;
+    let body: Value = http
+        .get(format!("{base}/v1/kv/lock"))
+        .send()
+        .await?
+        .json()
+        .await?;
     let modify = body[0]["ModifyIndex"].as_u64().unwrap_or_default();
-    let (_, body) = status_body(http.delete(format!("{base}/v1/kv/lock?cas={}", modify - 1)).send().await?).await?;
+    let (_, body) = status_body(
+        http.delete(format!("{base}/v1/kv/lock?cas={}", modify - 1))
+            .send()
+            .await?,
+    )
+    .await?;
     assert_eq!(body.trim(), "false");
-    let (_, body) = status_body(http.delete(format!("{base}/v1/kv/lock?cas={modify}")).send().await?).await?;
+    let (_, body) = status_body(
+        http.delete(format!("{base}/v1/kv/lock?cas={modify}"))
+            .send()
+            .await?,
+    )
+    .await?;
     assert_eq!(body.trim(), "true");
     assert_eq!(cluster.get_raw(0, "lock", "").await?, None);
 
@@ -68,25 +119,74 @@ async fn kv_semantics_match_consul() -> Result<()> {
     for key in ["web/a", "web/sub/x", "web/sub/y", "web/z", "webx"] {
         cluster.must_put(0, key, key).await?;
     }
-    let body: Value = http.get(format!("{base}/v1/kv/web/?recurse")).send().await?.json().await?;
-    let keys: Vec<&str> = body.as_array().map(|a| a.iter().filter_map(|e| e["Key"].as_str()).collect()).unwrap_or_default();
+    let body: Value = http
+        .get(format!("{base}/v1/kv/web/?recurse"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let keys: Vec<&str> = body
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["Key"].as_str()).collect())
+        .unwrap_or_default();
     assert_eq!(keys, ["web/a", "web/sub/x", "web/sub/y", "web/z"]);
-    let keys: Vec<String> = http.get(format!("{base}/v1/kv/web/?keys&separator=/")).send().await?.json().await?;
+    let keys: Vec<String> = http
+        .get(format!("{base}/v1/kv/web/?keys&separator=/"))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(keys, ["web/a", "web/sub/", "web/z"]);
-    let keys: Vec<String> = http.get(format!("{base}/v1/kv/?keys")).send().await?.json().await?;
+    let keys: Vec<String> = http
+        .get(format!("{base}/v1/kv/?keys"))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert!(keys.contains(&"webx".to_owned()) && keys.contains(&"app/config".to_owned()));
-    assert_eq!(http.get(format!("{base}/v1/kv/nothing/?recurse")).send().await?.status(), 404);
-    assert_eq!(http.get(format!("{base}/v1/kv/nothing/?keys")).send().await?.status(), 404);
+    assert_eq!(
+        http.get(format!("{base}/v1/kv/nothing/?recurse"))
+            .send()
+            .await?
+            .status(),
+        404
+    );
+    assert_eq!(
+        http.get(format!("{base}/v1/kv/nothing/?keys"))
+            .send()
+            .await?
+            .status(),
+        404
+    );
 
     // Delete a tree.
-    let (_, body) = status_body(http.delete(format!("{base}/v1/kv/web/?recurse")).send().await?).await?;
+    let (_, body) = status_body(
+        http.delete(format!("{base}/v1/kv/web/?recurse"))
+            .send()
+            .await?,
+    )
+    .await?;
     assert_eq!(body.trim(), "true");
-    assert_eq!(http.get(format!("{base}/v1/kv/web/?recurse")).send().await?.status(), 404);
-    assert_eq!(cluster.get_raw(0, "webx", "").await?.as_deref(), Some("webx"));
+    assert_eq!(
+        http.get(format!("{base}/v1/kv/web/?recurse"))
+            .send()
+            .await?
+            .status(),
+        404
+    );
+    assert_eq!(
+        cluster.get_raw(0, "webx", "").await?.as_deref(),
+        Some("webx")
+    );
 
     // Keys with characters that need escaping round-trip.
     cluster.must_put(0, "sp%20ace/%C3%A9", "ok").await?;
-    let keys: Vec<String> = http.get(format!("{base}/v1/kv/sp?keys")).send().await?.json().await?;
+    let keys: Vec<String> = http
+        .get(format!("{base}/v1/kv/sp?keys"))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(keys, ["sp ace/é"]);
     Ok(())
 }
@@ -98,37 +198,113 @@ async fn bad_input_gets_a_clear_4xx() -> Result<()> {
     let http = &cluster.http;
     let long_key = "k".repeat(513);
     let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
-        (http.put(format!("{base}/v1/kv/")).body("x"), 400, "Missing key name"),
-        (http.put(format!("{base}/v1/kv/{long_key}")).body("x"), 400, "limit is 512"),
-        (http.put(format!("{base}/v1/kv/bad%FFkey")).body("x"), 400, "not valid UTF-8"),
-        (http.put(format!("{base}/v1/kv/k?cas=abc")).body("x"), 400, "Invalid cas"),
-        (http.put(format!("{base}/v1/kv/k?flags=-1")).body("x"), 400, "Invalid flags"),
-        (http.put(format!("{base}/v1/kv/k?acquire=abc")).body("x"), 400, "sessions"),
-        (http.get(format!("{base}/v1/kv/k?index=xyz")), 400, "Invalid index"),
-        (http.get(format!("{base}/v1/kv/k?index=1&wait=forever")), 400, "Invalid wait"),
-        (http.get(format!("{base}/v1/kv/k?stale&consistent")), 400, "conflicting"),
-        (http.get(format!("{base}/v1/kv/k?recurse=maybe")), 400, "Invalid value"),
-        (http.delete(format!("{base}/v1/kv/k?cas=1&recurse")), 400, "cas"),
-        (http.delete(format!("{base}/v1/kv/")), 400, "Missing key name"),
+        (
+            http.put(format!("{base}/v1/kv/")).body("x"),
+            400,
+            "Missing key name",
+        ),
+        (
+            http.put(format!("{base}/v1/kv/{long_key}")).body("x"),
+            400,
+            "limit is 512",
+        ),
+        (
+            http.put(format!("{base}/v1/kv/bad%FFkey")).body("x"),
+            400,
+            "not valid UTF-8",
+        ),
+        (
+            http.put(format!("{base}/v1/kv/k?cas=abc")).body("x"),
+            400,
+            "Invalid cas",
+        ),
+        (
+            http.put(format!("{base}/v1/kv/k?flags=-1")).body("x"),
+            400,
+            "Invalid flags",
+        ),
+        (
+            http.put(format!("{base}/v1/kv/k?acquire=abc")).body("x"),
+            400,
+            "sessions",
+        ),
+        (
+            http.get(format!("{base}/v1/kv/k?index=xyz")),
+            400,
+            "Invalid index",
+        ),
+        (
+            http.get(format!("{base}/v1/kv/k?index=1&wait=forever")),
+            400,
+            "Invalid wait",
+        ),
+        (
+            http.get(format!("{base}/v1/kv/k?stale&consistent")),
+            400,
+            "conflicting",
+        ),
+        (
+            http.get(format!("{base}/v1/kv/k?recurse=maybe")),
+            400,
+            "Invalid value",
+        ),
+        (
+            http.delete(format!("{base}/v1/kv/k?cas=1&recurse")),
+            400,
+            "cas",
+        ),
+        (
+            http.delete(format!("{base}/v1/kv/")),
+            400,
+            "Missing key name",
+        ),
         (http.patch(format!("{base}/v1/kv/k")), 405, "not allowed"),
-        (http.put(format!("{base}/v1/kv/k")).body(vec![b'x'; 512 * 1024 + 1]), 413, "too large"),
+        (
+            http.put(format!("{base}/v1/kv/k"))
+                .body(vec![b'x'; 512 * 1024 + 1]),
+            413,
+            "too large",
+        ),
         (http.get(format!("{base}/v1/nope")), 404, "no such endpoint"),
-        (http.delete(format!("{base}/v1/operator/raft/peer")), 400, "Must specify"),
-        (http.delete(format!("{base}/v1/operator/raft/peer?id=x")), 400, "Invalid id"),
-        (http.delete(format!("{base}/v1/operator/raft/peer?id=9")), 400, "not in the Raft configuration"),
+        (
+            http.delete(format!("{base}/v1/operator/raft/peer")),
+            400,
+            "Must specify",
+        ),
+        (
+            http.delete(format!("{base}/v1/operator/raft/peer?id=x")),
+            400,
+            "Invalid id",
+        ),
+        (
+            http.delete(format!("{base}/v1/operator/raft/peer?id=9")),
+            400,
+            "not in the Raft configuration",
+        ),
     ];
     for (request, want_status, want_text) in cases {
         let request = request.build()?;
         let what = format!("{} {}", request.method(), request.url());
         let (status, body) = status_body(http.execute(request).await?).await?;
         assert_eq!(status, want_status, "{what}: {body}");
-        assert!(body.contains(want_text), "{what}: {body:?} lacks {want_text:?}");
-        assert!(body.trim().lines().count() <= 1, "{what}: multi-line error {body:?}");
+        assert!(
+            body.contains(want_text),
+            "{what}: {body:?} lacks {want_text:?}"
+        );
+        assert!(
+            body.trim().lines().count() <= 1,
+            "{what}: multi-line error {body:?}"
+        );
     }
     // A value of exactly 512 KiB is accepted, also without Content-Length.
     let (status, _) = cluster.put(0, "big", &vec![b'y'; 512 * 1024], "").await?;
     assert_eq!(status, 200);
-    let status_line = put_chunked(&format!("{}:{}", cluster.servers[0].ip, meshwork_tests::HTTP_PORT), 9, 64 * 1024).await?;
+    let status_line = put_chunked(
+        &format!("{}:{}", cluster.servers[0].ip, meshwork_tests::HTTP_PORT),
+        9,
+        64 * 1024,
+    )
+    .await?;
     assert!(status_line.starts_with("HTTP/1.1 413"), "{status_line}");
     // The server is still fine.
     cluster.must_put(0, "still", "alive").await?;
@@ -164,11 +340,29 @@ async fn put_chunked(addr: &str, chunks: usize, chunk_size: usize) -> Result<Str
 async fn status_and_agent_self_have_consul_shapes() -> Result<()> {
     let cluster = Cluster::start(3, &[]).await?;
     let base = cluster.servers[1].http();
-    let leader: String = cluster.http.get(format!("{base}/v1/status/leader")).send().await?.json().await?;
+    let leader: String = cluster
+        .http
+        .get(format!("{base}/v1/status/leader"))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert!(leader.ends_with(":28300"), "{leader}");
-    let peers: Vec<String> = cluster.http.get(format!("{base}/v1/status/peers")).send().await?.json().await?;
+    let peers: Vec<String> = cluster
+        .http
+        .get(format!("{base}/v1/status/peers"))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(peers.len(), 3);
-    let me: Value = cluster.http.get(format!("{base}/v1/agent/self")).send().await?.json().await?;
+    let me: Value = cluster
+        .http
+        .get(format!("{base}/v1/agent/self"))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(me["Config"]["Datacenter"], "dc1");
     assert_eq!(me["Config"]["NodeName"], "meshwork-2");
     assert_eq!(me["Config"]["NodeID"].as_str().map(str::len), Some(36));

@@ -39,17 +39,26 @@ fn ports(ip: &str) -> Vec<String> {
 fn config_file_with_unknown_keys_is_refused_with_their_lines() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("registry.toml");
-    std::fs::write(&file, "node_id = 1\nnodeid = 2\n\nhttp_adr = \"127.0.0.1:1\"\n")?;
+    std::fs::write(
+        &file,
+        "node_id = 1\nnodeid = 2\n\nhttp_adr = \"127.0.0.1:1\"\n",
+    )?;
     let out = run_registry(&["--config", file.to_str().unwrap_or_default()])?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("line 2: unknown key `nodeid`"), "{stderr}");
-    assert!(stderr.contains("line 4: unknown key `http_adr`"), "{stderr}");
+    assert!(
+        stderr.contains("line 4: unknown key `http_adr`"),
+        "{stderr}"
+    );
 
     let out = run_registry(&["--peers", "1@a:1,zz", "--node-id", "3"])?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("is not ID@HOST:PORT") && stderr.contains("node id 3 is not in the list"), "{stderr}");
+    assert!(
+        stderr.contains("is not ID@HOST:PORT") && stderr.contains("node id 3 is not in the list"),
+        "{stderr}"
+    );
     Ok(())
 }
 
@@ -64,7 +73,14 @@ async fn unusable_data_dirs_are_refused_and_left_alone() -> Result<()> {
     let ip = cluster.servers[0].ip.clone();
 
     // Started as another node.
-    let mut args = vec!["--node-id", "2", "--data-dir", &dir, "--peers", "2@127.0.0.1:1"];
+    let mut args = vec![
+        "--node-id",
+        "2",
+        "--data-dir",
+        &dir,
+        "--peers",
+        "2@127.0.0.1:1",
+    ];
     let extra = ports(&ip);
     args.extend(extra.iter().map(String::as_str));
     let out = run_registry(&args)?;
@@ -97,6 +113,9 @@ async fn unusable_data_dirs_are_refused_and_left_alone() -> Result<()> {
     // The original data is intact.
     cluster.servers[0].start(&[])?;
     cluster.wait_leader(Duration::from_secs(20)).await?;
-    assert_eq!(cluster.get_raw(0, "precious", "").await?.as_deref(), Some("data"));
+    assert_eq!(
+        cluster.get_raw(0, "precious", "").await?.as_deref(),
+        Some("data")
+    );
     Ok(())
 }

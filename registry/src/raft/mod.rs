@@ -2,6 +2,9 @@
 //! the sled log store, the in-memory state machine with persisted
 //! snapshots, and the gRPC network between servers.
 
+// openraft's `StorageError` is large, and its storage traits dictate it.
+#![allow(clippy::result_large_err)]
+
 pub mod log_store;
 pub mod network;
 pub mod service;

@@ -218,10 +218,9 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError>
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
+        && len > MAX_VALUE_BYTES as u64
     {
-        if len > MAX_VALUE_BYTES as u64 {
-            return Err(too_large(Some(len)));
-        }
+        return Err(too_large(Some(len)));
     }
     match axum::body::to_bytes(body, MAX_VALUE_BYTES).await {
         Ok(bytes) => Ok(bytes.to_vec()),
