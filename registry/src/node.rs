@@ -217,7 +217,16 @@ impl RegistryNode {
 
     /// Proposes on this server, which believes it leads.
     pub(crate) async fn write_local(&self, command: Command) -> Result<Applied, WriteAttempt> {
-        match self.raft.client_write(command).await {
+        // A leader cut off from its quorum would wait forever; the entry
+        // may still commit if the quorum comes back, so its fate is unknown.
+        let written = tokio::time::timeout(self.leader_wait, self.raft.client_write(command)).await;
+        let Ok(written) = written else {
+            return Err(WriteAttempt::Failed(ClusterError::OutcomeUnknown(format!(
+                "no quorum committed the write within {:?} (No cluster leader?); it may still be applied if the cluster recovers",
+                self.leader_wait
+            ))));
+        };
+        match written {
             Ok(resp) => Ok(Applied {
                 index: resp.log_id.index,
                 response: resp.data,

@@ -429,3 +429,29 @@ async fn without_quorum_writes_fail_fast_and_stale_reads_work() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_without_quorum_fails_writes_in_bounded_time() -> Result<()> {
+    let mut cluster = Cluster::start(3, &["--leader-wait-ms", "2000"]).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    cluster.must_put(leader, "q", "before").await?;
+    for follower in cluster.followers(leader) {
+        cluster.servers[follower].kill().await?;
+    }
+    let started = Instant::now();
+    let (status, body) = cluster.put(leader, "q", b"after", "").await?;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("No cluster leader"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+
+    let started = Instant::now();
+    let resp = cluster
+        .http
+        .get(format!("{}/v1/kv/q?consistent", cluster.servers[leader].http()))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 500);
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    assert_eq!(cluster.get_raw(leader, "q", "&stale").await?.as_deref(), Some("before"));
+    Ok(())
+}
