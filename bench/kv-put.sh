@@ -21,7 +21,8 @@
 #   QUIET_WAIT_S before each measured run, wait up to this long for the machine
 #                to be idle (other processes skew a 2-core box) [90]
 #   NOISE_PCT    if other processes used more than this % of the machine's CPU
-#                during a measured run, that run is repeated once [10]
+#                during a measured run, that run is repeated [10]
+#   MAX_ATTEMPTS at most this many tries per measured run [3]
 #
 # Everything listens on 127.0.0.1 only; every wait loop is bounded; the EXIT
 # trap stops every process this script started and removes the temp dir.
@@ -42,6 +43,7 @@ RESULTS_FILE=${RESULTS_FILE:-$BENCH_DIR/RESULTS.md}
 RAW_DIR=${RAW_DIR:-$BENCH_DIR/out}
 QUIET_WAIT_S=${QUIET_WAIT_S:-90}
 NOISE_PCT=${NOISE_PCT:-10}
+MAX_ATTEMPTS=${MAX_ATTEMPTS:-3}
 LUA=$BENCH_DIR/wrk-put.lua
 HOST=127.0.0.1
 
@@ -57,6 +59,7 @@ declare -a PIDS=()
 declare -A MW_PID=() ETCD_PID=()
 WORK=""
 BG_PID=""
+SAMPLER_PID=""
 FOREIGN_PCT=0
 
 cleanup() {
@@ -64,6 +67,7 @@ cleanup() {
     set +e
     trap - EXIT INT TERM
     [ -n "$BG_PID" ] && kill -KILL "$BG_PID" 2>/dev/null
+    [ -n "$SAMPLER_PID" ] && kill -KILL "$SAMPLER_PID" 2>/dev/null
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
     local i alive
     for i in $(seq 1 50); do
@@ -128,28 +132,29 @@ du_alloc() { du -sB1 "$1" | cut -f1; }
 du_apparent() { du -sb --apparent-size "$1" | cut -f1; }
 
 # Machine CPU busy % over one second.
-busy_1s() {
+busy_pct() { # seconds
     local a b
-    a=$(sys_cpu); sleep 1; b=$(sys_cpu)
+    a=$(sys_cpu); sleep "$1"; b=$(sys_cpu)
     awk -v a="$a" -v b="$b" 'BEGIN{split(a,x," "); split(b,y," "); dt=y[1]-x[1]; di=y[2]-x[2]; printf "%.0f", (dt>0 ? 100*(dt-di)/dt : 0)}'
 }
 
-# Waits (bounded) until the machine is idle, so that someone else's compile
-# does not end up in the numbers. Records what it saw in quiet.tsv.
+# Waits (bounded) until the machine has been idle for two 2-second samples in
+# a row, so that someone else's compile or test run does not end up in the
+# numbers. Records the last sample in quiet.tsv.
 wait_quiet() { # label
-    local deadline=$((SECONDS + QUIET_WAIT_S)) b waited=0
-    b=$(busy_1s)
-    while [ "$b" -gt 20 ] && [ "$SECONDS" -lt "$deadline" ]; do
-        [ "$waited" = 0 ] && log "  machine is ${b}% busy (not us?); waiting up to ${QUIET_WAIT_S}s for it to settle"
-        waited=1
-        sleep 2
-        b=$(busy_1s)
+    local deadline=$((SECONDS + QUIET_WAIT_S)) b1 b2 said=0
+    b1=$(busy_pct 2); b2=$(busy_pct 2)
+    while { [ "$b1" -gt 15 ] || [ "$b2" -gt 15 ]; } && [ "$SECONDS" -lt "$deadline" ]; do
+        if [ "$said" = 0 ]; then
+            log "  machine is ${b2}% busy without load (someone else?); waiting up to ${QUIET_WAIT_S}s"
+            ps -eo pid,pcpu,comm --sort=-pcpu | sed -n 2,4p >&2
+            said=1
+        fi
+        b1=$b2; b2=$(busy_pct 2)
     done
-    printf '%s\t%s\n' "$1" "$b" >>"$WORK/quiet.tsv"
-    if [ "$b" -gt 20 ]; then
-        log "  machine still ${b}% busy; measuring anyway (see 'other processes' in the report)"
-        ps -eo pid,pcpu,comm --sort=-pcpu | head -n 6 >&2
-    fi
+    printf '%s\t%s\n' "$1" "$b2" >>"$WORK/quiet.tsv"
+    [ "$b2" -gt 15 ] && log "  machine still ${b2}% busy; measuring anyway (see 'other processes' in the report)"
+    return 0
 }
 
 # ---------------------------------------------------------------- clusters
@@ -445,14 +450,14 @@ for c in $CONCURRENCY; do
             log "$sys: warm-up ${WARMUP}s, $c connections"
             run_load "$sys" "$c" "$WARMUP" "warm/c$c" "$WORK/raw/warmup-$sys-c$c.txt"
         fi
-        for attempt in 1 2; do
+        for attempt in $(seq 1 "$MAX_ATTEMPTS"); do
             wait_quiet "$sys-c$c"
             log "$sys: measured ${DURATION}s, $c connections"
             cp "$WORK/runs.tsv" "$WORK/runs.tsv.bak"
             run_load "$sys" "$c" "$DURATION" "bench/c$c-$attempt" "$WORK/raw/wrk-$sys-c$c.txt" record
             printf '%s\t%s\t%s\t%s\n' "$sys" "$c" "$attempt" "$FOREIGN_PCT" >>"$WORK/attempts.tsv"
-            if [ "$FOREIGN_PCT" -gt "$NOISE_PCT" ] && [ "$attempt" = 1 ]; then
-                log "  other processes used ${FOREIGN_PCT}% of the machine during this run; repeating it once"
+            if [ "$FOREIGN_PCT" -gt "$NOISE_PCT" ] && [ "$attempt" -lt "$MAX_ATTEMPTS" ]; then
+                log "  other processes used ${FOREIGN_PCT}% of the machine during this run; repeating it"
                 cp "$WORK/runs.tsv.bak" "$WORK/runs.tsv"
                 continue
             fi
@@ -470,10 +475,29 @@ snapshot_rss after-latency-runs
 for sys in meshwork etcd; do
     sleep 3
     snapshot_disk before-disk-phase "$sys"
+    if [ "$sys" = meshwork ]; then ddirs="$WORK/mw"; else ddirs="$WORK/etcd"; fi
+    # Sample the data dirs every 2 s during the phase (peak disk use).
+    ( t0=$SECONDS
+      while [ $((SECONDS - t0)) -lt $((DISK_MAX_S + 120)) ]; do
+          printf '%s\t%s\n' $((SECONDS - t0)) "$(du -sB1 "$ddirs" 2>/dev/null | cut -f1)"
+          sleep 2
+      done ) >"$WORK/raw/du-samples-$sys.tsv" &
+    SAMPLER_PID=$!
     log "$sys: disk phase, writing $DISK_WRITES keys with $DISK_CONNS connections (cap ${DISK_MAX_S}s)"
     write_n "$sys" "$DISK_WRITES" "$DISK_CONNS" "disk" "$WORK/raw/wrk-$sys-disk.txt"
     log "  $(sed -n 's/^RESULT //p' "$WORK/raw/wrk-$sys-disk.txt" | awk '{print $1, $3, $4, $5}')"
-    sleep 5
+    # Let background compaction/flushing settle: until two samples 3 s apart
+    # differ by less than 1% (at most 30 s).
+    prev=0
+    for i in $(seq 1 10); do
+        sleep 3
+        cur=$(du -sB1 "$ddirs" | cut -f1)
+        awk -v a="$prev" -v b="$cur" 'BEGIN{exit !(a > 0 && (a-b)^2 < (b/100)^2)}' && break
+        prev=$cur
+    done
+    kill "$SAMPLER_PID" 2>/dev/null || true
+    wait "$SAMPLER_PID" 2>/dev/null || true
+    SAMPLER_PID=""
     snapshot_disk after-disk-phase "$sys"
 done
 snapshot_rss end

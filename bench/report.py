@@ -271,6 +271,15 @@ for sys_ in SYSTEMS:
         d["alloc"] = (sum(x[0] for x in a) - sum(x[0] for x in b)) / r["ok"] * 100000
         d["app"] = (sum(x[1] for x in a) - sum(x[1] for x in b)) / r["ok"] * 100000
         d["errs"] = r["non2xx"] + r["badbody"]
+    samples = []
+    for line in read(f"du-samples-{sys_}.tsv").splitlines():
+        f = line.split("\t")
+        if len(f) == 2 and f[1].isdigit():
+            samples.append(int(f[1]))
+    if b and a and samples:
+        d["before_total"] = sum(x[0] for x in b)
+        d["after_total"] = sum(x[0] for x in a)
+        d["peak_total"] = max(samples + [d["after_total"]])
     if st and a:
         tw = total_writes(sys_)
         d["tw"] = tw
@@ -290,6 +299,10 @@ if "alloc" in M and "alloc" in E:
     w(f"| writes in the dedicated phase (64 connections) | {M['n']:.0f} in {M['secs']:.0f} s | {E['n']:.0f} in {E['secs']:.0f} s | |")
     w(f"| **growth per 100k writes, allocated, 3 servers** (dedicated phase) | **{mb(M['alloc'])}** | **{mb(E['alloc'])}** | {ratio(M['alloc'], E['alloc'])} |")
     w(f"| growth per 100k writes, apparent, 3 servers (dedicated phase) | {mb(M['app'])} | {mb(E['app'])} | {ratio(M['app'], E['app'])} |")
+if "peak_total" in M and "peak_total" in E:
+    w(f"| data dirs, 3 servers: before → peak during → after the dedicated phase (allocated) "
+      f"| {mb(M['before_total'])} → {mb(M['peak_total'])} → {mb(M['after_total'])} "
+      f"| {mb(E['before_total'])} → {mb(E['peak_total'])} → {mb(E['after_total'])} | |")
 if "run_alloc" in M and "run_alloc" in E:
     w(f"| growth per 100k writes, allocated, 3 servers (whole run: {M['tw']:.0f} / {E['tw']:.0f} writes, scaled) "
       f"| {mb(M['run_alloc'])} | {mb(E['run_alloc'])} | {ratio(M['run_alloc'], E['run_alloc'])} |")

@@ -25,6 +25,10 @@ pub enum Command {
     KvDelete { key: String, cas: Option<u64> },
     /// Delete every key that starts with `prefix`.
     KvDeleteTree { prefix: String },
+    /// Names the cluster, once: the first leader proposes a random id and
+    /// later proposals change nothing. Servers refuse Raft traffic from
+    /// another cluster's id.
+    SetClusterId { id: String },
 }
 
 /// What applying a command produced.

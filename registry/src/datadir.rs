@@ -61,13 +61,19 @@ struct Marker {
     format: u32,
     node_id: u64,
     node_uuid: String,
+    /// Learned from the Raft log once the cluster has named itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cluster_id: Option<String>,
 }
 
 /// An opened data dir.
 #[derive(Debug)]
 pub struct DataDir {
     pub path: PathBuf,
+    pub node_id: u64,
     pub node_uuid: String,
+    /// The cluster this data belongs to, once known.
+    pub cluster_id: Option<String>,
     pub db: sled::Db,
 }
 
@@ -112,6 +118,7 @@ impl DataDir {
                     format: FORMAT,
                     node_id,
                     node_uuid: new_uuid(),
+                    cluster_id: None,
                 };
                 write_atomically(&marker_path, &marker)?;
                 marker
@@ -133,9 +140,22 @@ impl DataDir {
             })?;
         Ok(Self {
             path: path.to_owned(),
+            node_id,
             node_uuid: marker.node_uuid,
+            cluster_id: marker.cluster_id,
             db,
         })
+    }
+
+    /// Writes the cluster id into the marker (done once, when learned).
+    pub fn record_cluster_id(&self, cluster_id: &str) -> Result<(), DataDirError> {
+        let marker = Marker {
+            format: FORMAT,
+            node_id: self.node_id,
+            node_uuid: self.node_uuid.clone(),
+            cluster_id: Some(cluster_id.to_owned()),
+        };
+        write_atomically(&self.path.join(MARKER), &marker)
     }
 }
 
@@ -163,7 +183,7 @@ fn write_atomically(path: &Path, marker: &Marker) -> Result<(), DataDirError> {
 }
 
 /// A random RFC 4122 version-4 UUID, as Consul's node IDs.
-fn new_uuid() -> String {
+pub fn new_uuid() -> String {
     let mut b: [u8; 16] = rand::rng().random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;

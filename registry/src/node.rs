@@ -254,7 +254,9 @@ impl RegistryNode {
             .channels
             .client(leader_addr)
             .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
-        let mut request = tonic::Request::new(ForwardWriteRequest { command: bytes });
+        let mut request = self
+            .channels
+            .request(ForwardWriteRequest { command: bytes });
         request.set_timeout(self.leader_wait + Duration::from_secs(5));
         let reply = match client.forward_write(request).await {
             Ok(reply) => reply.into_inner(),
@@ -352,7 +354,7 @@ impl RegistryNode {
             .channels
             .client(leader_addr)
             .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
-        let mut request = tonic::Request::new(ReadIndexRequest { linearizable });
+        let mut request = self.channels.request(ReadIndexRequest { linearizable });
         request.set_timeout(
             deadline
                 .saturating_duration_since(Instant::now())
@@ -499,12 +501,12 @@ impl RegistryNode {
             .max(Duration::from_millis(10));
         let reply = match op {
             MembershipOp::Join(req) => {
-                let mut request = tonic::Request::new(req.clone());
+                let mut request = self.channels.request(req.clone());
                 request.set_timeout(timeout);
                 client.join(request).await
             }
             MembershipOp::Remove(id) => {
-                let mut request = tonic::Request::new(RemoveServerRequest { node_id: *id });
+                let mut request = self.channels.request(RemoveServerRequest { node_id: *id });
                 request.set_timeout(timeout);
                 client.remove_server(request).await
             }

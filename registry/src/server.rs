@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshwork_proto::v1::JoinRequest;
 use meshwork_proto::v1::raft_internal_server::RaftInternalServer;
 use meshwork_proto::v1::registry_server::RegistryServer;
+use meshwork_proto::v1::{JoinRequest, ReadIndexRequest};
 use openraft::{BasicNode, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -19,11 +19,13 @@ use tracing::Instrument;
 
 use crate::api::grpc::RegistryService;
 use crate::api::http::{self, AppState};
+use crate::command::Command;
 use crate::config::{Bootstrap, Config};
 use crate::datadir::{DataDir, DataDirError};
 use crate::node::RegistryNode;
+use crate::raft::identity::{ClusterIdentity, FOREIGN_CLUSTER};
 use crate::raft::log_store::SledLogStore;
-use crate::raft::network::{MAX_INTERNAL_MESSAGE, NetworkFactory};
+use crate::raft::network::{MAX_INTERNAL_MESSAGE, NetworkFactory, PeerChannels};
 use crate::raft::service::InternalService;
 use crate::raft::state_machine::StateMachineStore;
 use crate::raft::{Raft, TypeConfig};
@@ -52,6 +54,8 @@ pub enum ServerError {
     Raft(String),
     #[error("{0} server failed: {1}")]
     Serve(&'static str, String),
+    #[error("data dir belongs to another cluster: {0}")]
+    ForeignCluster(String),
 }
 
 /// Runs a registry server until `shutdown` is cancelled.
@@ -61,7 +65,8 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let dir = DataDir::open(data_dir, config.node_id)?;
+    let dir = Arc::new(DataDir::open(data_dir, config.node_id)?);
+    let identity = Arc::new(ClusterIdentity::new(dir.cluster_id.clone()));
     let storage_error = |e: &dyn std::fmt::Display| ServerError::Storage {
         path: dir.path.display().to_string(),
         reason: e.to_string(),
@@ -84,7 +89,9 @@ pub async fn run(
     .validate()
     .map_err(|e| ServerError::RaftConfig(e.to_string()))?;
 
-    let network = NetworkFactory::default();
+    let network = NetworkFactory {
+        channels: PeerChannels::new(identity),
+    };
     let channels = network.channels.clone();
     let raft: Raft = openraft::Raft::<TypeConfig>::new(
         config.node_id,
@@ -169,37 +176,49 @@ pub async fn run(
     let token = shutdown.clone();
     let bootstrap = config.bootstrap.clone();
     let advertise = config.advertise_addr.clone();
+    let dev = config.dev;
     tasks.spawn(
         async move {
             tokio::select! {
                 () = token.cancelled() => Ok(()),
-                result = form_cluster(&bootstrap_node, bootstrap, advertise) => result,
+                result = form_cluster(&bootstrap_node, bootstrap, advertise, dev) => result,
             }
         }
         .instrument(tracing::info_span!("bootstrap")),
     );
 
-    tracing::info!(node = config.node_id, "registry server started");
-
-    let mut failure = None;
-    tokio::select! {
-        () = shutdown.cancelled() => {}
-        Some(joined) = tasks.join_next() => {
-            // A listener died (or bootstrap ended): only an error stops us.
-            match joined {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => failure = Some(e),
-                Err(e) => failure = Some(ServerError::Serve("task", e.to_string())),
-            }
-            if failure.is_some() {
-                shutdown.cancel();
+    // Cluster identity: name a new cluster, record the name on disk.
+    let identity_node = Arc::clone(&node);
+    let identity_dir = Arc::clone(&dir);
+    let token = shutdown.clone();
+    tasks.spawn(
+        async move {
+            tokio::select! {
+                () = token.cancelled() => Ok(()),
+                result = keep_cluster_identity(&identity_node, &identity_dir) => result,
             }
         }
-    }
-    if failure.is_none() {
-        // Bootstrap finishing is normal: keep serving until cancelled.
-        shutdown.cancelled().await;
-    }
+        .instrument(tracing::info_span!("cluster_identity")),
+    );
+
+    tracing::info!(node = config.node_id, "registry server started");
+
+    // Serve until cancelled; a task that fails stops the server.
+    let failure = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break None,
+            joined = tasks.join_next() => match joined {
+                Some(Ok(Ok(()))) => continue,
+                Some(Ok(Err(e))) => break Some(e),
+                Some(Err(e)) => break Some(ServerError::Serve("task", e.to_string())),
+                None => {
+                    shutdown.cancelled().await;
+                    break None;
+                }
+            },
+        }
+    };
+    shutdown.cancel();
 
     tracing::info!("shutting down");
     let drain = async {
@@ -231,6 +250,7 @@ async fn form_cluster(
     node: &RegistryNode,
     bootstrap: Bootstrap,
     advertise: String,
+    dev: bool,
 ) -> Result<(), ServerError> {
     let initialized = node
         .raft
@@ -239,7 +259,7 @@ async fn form_cluster(
         .map_err(|e| ServerError::Raft(e.to_string()))?;
     if initialized {
         tracing::info!("restarting with the cluster configuration in the data dir");
-        return Ok(());
+        return check_same_cluster(node, &bootstrap, dev).await;
     }
     match bootstrap {
         Bootstrap::None => {
@@ -279,7 +299,7 @@ async fn form_cluster(
 
 async fn join_once(node: &RegistryNode, target: &str, advertise: &str) -> Result<(), String> {
     let mut client = node.channels.client(target).map_err(|e| e.to_string())?;
-    let mut request = tonic::Request::new(JoinRequest {
+    let mut request = node.channels.request(JoinRequest {
         node_id: node.id,
         raft_addr: advertise.to_owned(),
     });
@@ -293,5 +313,103 @@ async fn join_once(node: &RegistryNode, target: &str, advertise: &str) -> Result
         Ok(())
     } else {
         Err(reply.error)
+    }
+}
+
+/// On restart: refuses a data dir whose Raft configuration shares no
+/// server with `--peers`, or whose peers answer with another cluster id.
+async fn check_same_cluster(
+    node: &RegistryNode,
+    bootstrap: &Bootstrap,
+    dev: bool,
+) -> Result<(), ServerError> {
+    let mut metrics = node.raft.metrics();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        metrics.wait_for(|m| m.membership_config.membership().nodes().next().is_some()),
+    )
+    .await;
+    let members = node.members();
+    if let Bootstrap::Peers(peers) = bootstrap
+        && !dev
+        && !members.is_empty()
+        && !peers
+            .iter()
+            .any(|(_, addr)| members.iter().any(|m| m.raft_addr == *addr))
+    {
+        let stored: Vec<String> = members
+            .iter()
+            .map(|m| format!("{}@{}", m.id, m.raft_addr))
+            .collect();
+        let wanted: Vec<String> = peers
+            .iter()
+            .map(|(id, addr)| format!("{id}@{addr}"))
+            .collect();
+        return Err(ServerError::ForeignCluster(format!(
+            "its Raft configuration lists {}, none of which is in --peers {}; point --data-dir at this cluster's data or fix --peers",
+            stored.join(","),
+            wanted.join(",")
+        )));
+    }
+    for member in members.iter().filter(|m| m.id != node.id) {
+        let Ok(mut client) = node.channels.client(&member.raft_addr) else {
+            continue;
+        };
+        let mut request = node.channels.request(ReadIndexRequest {
+            linearizable: false,
+        });
+        request.set_timeout(Duration::from_secs(1));
+        if let Err(status) = client.read_index(request).await
+            && status.code() == tonic::Code::FailedPrecondition
+            && status.message().starts_with(FOREIGN_CLUSTER)
+        {
+            return Err(ServerError::ForeignCluster(format!(
+                "server {} at {} answered: {}",
+                member.id,
+                member.raft_addr,
+                status.message()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Leader duty and bookkeeping for the cluster id: the first leader of a
+/// new cluster names it; every server records the name in its data dir.
+async fn keep_cluster_identity(node: &RegistryNode, dir: &DataDir) -> Result<(), ServerError> {
+    let mut applied = node.state.subscribe();
+    let mut metrics = node.raft.metrics();
+    let recorded = dir.cluster_id.is_some();
+    loop {
+        let known = node.state.read().cluster_id.clone();
+        match known {
+            Some(id) => {
+                if !node.channels.identity.learn(&id) {
+                    return Err(ServerError::ForeignCluster(format!(
+                        "{} records cluster {:?} but its Raft log names cluster {id}",
+                        dir.path.display(),
+                        node.channels.identity.get().unwrap_or_default()
+                    )));
+                }
+                if !recorded {
+                    dir.record_cluster_id(&id)?;
+                    tracing::info!(cluster = %id, "cluster id recorded");
+                }
+                return Ok(());
+            }
+            None if node.is_leader() => {
+                let id = crate::datadir::new_uuid();
+                if let Err(e) = node.write(Command::SetClusterId { id }).await {
+                    tracing::warn!(error = %e, "could not name the cluster yet");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                continue;
+            }
+            None => {}
+        }
+        tokio::select! {
+            _ = applied.changed() => {}
+            _ = metrics.changed() => {}
+        }
     }
 }

@@ -100,6 +100,13 @@ impl Server {
         Ok(())
     }
 
+    /// The exit status, if the process has exited (it is then reaped).
+    pub fn try_exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
     /// `kill -9`: no chance to flush anything.
     pub async fn kill(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
@@ -142,6 +149,9 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub http: reqwest::Client,
     base_ip: String,
+    /// Set by [`Cluster::done`]; a cluster dropped without it (an error or
+    /// a panic) prints its servers' logs.
+    done: bool,
 }
 
 impl Cluster {
@@ -160,6 +170,7 @@ impl Cluster {
                 .timeout(Duration::from_secs(30))
                 .build()?,
             base_ip,
+            done: false,
         };
         for id in 1..=n {
             let mut args = cluster.base_args(id);
@@ -311,9 +322,16 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Marks the test as passed, so that dropping the cluster stays quiet.
+    pub fn done(mut self) {
+        self.done = true;
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if !self.done || std::thread::panicking() {
             eprintln!("{}", self.logs());
         }
     }

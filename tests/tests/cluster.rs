@@ -58,6 +58,7 @@ async fn write_on_follower_is_readable_on_every_server() -> Result<()> {
     assert_eq!(resp.headers()["x-consul-knownleader"], "true");
     let contact: u64 = resp.headers()["x-consul-lastcontact"].to_str()?.parse()?;
     assert!(contact < 5_000, "last contact {contact} ms");
+    cluster.done();
     Ok(())
 }
 
@@ -110,6 +111,7 @@ async fn killing_the_leader_elects_another_and_loses_no_acknowledged_write() -> 
         },
     )
     .await?;
+    cluster.done();
     Ok(())
 }
 
@@ -150,6 +152,7 @@ async fn restarting_every_server_keeps_the_data() -> Result<()> {
             assert_eq!(got, expected, "r/{n} on server {}", i + 1);
         }
     }
+    cluster.done();
     Ok(())
 }
 
@@ -205,6 +208,7 @@ async fn a_server_that_missed_a_snapshot_catches_up_after_restart() -> Result<()
         log.contains("snapshot installed"),
         "the lagging server caught up without a snapshot:\n{log}"
     );
+    cluster.done();
     Ok(())
 }
 
@@ -295,6 +299,7 @@ async fn blocking_queries_wake_on_change_and_time_out_without_one() -> Result<()
     let resp = resp?;
     assert_eq!(resp.status(), 404);
     assert!(resp.headers()["x-consul-index"].to_str()?.parse::<u64>()? > index);
+    cluster.done();
     Ok(())
 }
 
@@ -379,6 +384,7 @@ async fn join_adds_a_fourth_server_that_receives_all_data() -> Result<()> {
     let servers = config["Servers"].as_array().context("Servers")?;
     assert_eq!(servers.len(), 3, "{config}");
     assert_eq!(servers.iter().filter(|s| s["Leader"] == true).count(), 1);
+    cluster.done();
     Ok(())
 }
 
@@ -427,6 +433,7 @@ async fn without_quorum_writes_fail_fast_and_stale_reads_work() -> Result<()> {
         cluster.get_raw(survivor, "q", "&stale").await?.as_deref(),
         Some("before")
     );
+    cluster.done();
     Ok(())
 }
 
@@ -442,16 +449,31 @@ async fn a_leader_without_quorum_fails_writes_in_bounded_time() -> Result<()> {
     let (status, body) = cluster.put(leader, "q", b"after", "").await?;
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("No cluster leader"), "{body}");
-    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
 
     let started = Instant::now();
     let resp = cluster
         .http
-        .get(format!("{}/v1/kv/q?consistent", cluster.servers[leader].http()))
+        .get(format!(
+            "{}/v1/kv/q?consistent",
+            cluster.servers[leader].http()
+        ))
         .send()
         .await?;
     assert_eq!(resp.status(), 500);
-    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
-    assert_eq!(cluster.get_raw(leader, "q", "&stale").await?.as_deref(), Some("before"));
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        cluster.get_raw(leader, "q", "&stale").await?.as_deref(),
+        Some("before")
+    );
+    cluster.done();
     Ok(())
 }

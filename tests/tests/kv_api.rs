@@ -188,6 +188,7 @@ async fn kv_semantics_match_consul() -> Result<()> {
         .json()
         .await?;
     assert_eq!(keys, ["sp ace/é"]);
+    cluster.done();
     Ok(())
 }
 
@@ -308,6 +309,7 @@ async fn bad_input_gets_a_clear_4xx() -> Result<()> {
     assert!(status_line.starts_with("HTTP/1.1 413"), "{status_line}");
     // The server is still fine.
     cluster.must_put(0, "still", "alive").await?;
+    cluster.done();
     Ok(())
 }
 
@@ -376,5 +378,6 @@ async fn status_and_agent_self_have_consul_shapes() -> Result<()> {
         .await?;
     assert_eq!(config["Servers"].as_array().map(Vec::len), Some(3));
     assert!(cluster.wait_leader(Duration::from_secs(5)).await.is_ok());
+    cluster.done();
     Ok(())
 }

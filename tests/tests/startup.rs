@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use meshwork_tests::{Cluster, registry_bin};
 
 fn run_registry(args: &[&str]) -> Result<std::process::Output> {
@@ -117,5 +117,64 @@ async fn unusable_data_dirs_are_refused_and_left_alone() -> Result<()> {
         cluster.get_raw(0, "precious", "").await?.as_deref(),
         Some("data")
     );
+    cluster.done();
+    Ok(())
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_from_another_cluster_is_refused() -> Result<()> {
+    let mut a = Cluster::start(1, &[]).await?;
+    a.must_put(0, "from", "a").await?;
+    // The cluster names itself and every server records the name.
+    let marker = a.servers[0].data_dir.join("meshwork.json");
+    meshwork_tests::wait_for(
+        "the cluster id in the marker",
+        Duration::from_secs(10),
+        || async {
+            std::fs::read_to_string(&marker)
+                .ok()?
+                .contains("cluster_id")
+                .then_some(())
+        },
+    )
+    .await?;
+    a.servers[0].stop().await?;
+
+    // Cluster B's server 1, started on a copy of A's data.
+    let mut b = Cluster::new(1, &[])?;
+    copy_dir(&a.servers[0].data_dir, &b.servers[0].data_dir)?;
+    b.servers[0].start(&[])?;
+    let mut status = None;
+    for _ in 0..200 {
+        status = b.servers[0].try_exit_status();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = status.context("the server did not exit within 20 s")?;
+    assert!(!status.success());
+    let log = std::fs::read_to_string(&b.servers[0].log_path)?;
+    assert!(log.contains("belongs to another cluster"), "{log}");
+    // A's own server still starts on its data.
+    a.servers[0].start(&[])?;
+    a.wait_leader(Duration::from_secs(20)).await?;
+    assert_eq!(a.get_raw(0, "from", "").await?.as_deref(), Some("a"));
+    a.done();
+    b.done();
     Ok(())
 }

@@ -23,6 +23,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
+use super::identity::ClusterIdentity;
 use super::{NodeId, TypeConfig};
 
 /// Largest internal message: append batches and snapshot chunks. Internal
@@ -35,9 +36,23 @@ pub const MAX_INTERNAL_MESSAGE: usize = 256 * 1024 * 1024;
 #[derive(Debug, Clone, Default)]
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Stamped on every request; checked by the receiving server.
+    pub identity: Arc<ClusterIdentity>,
 }
 
 impl PeerChannels {
+    pub fn new(identity: Arc<ClusterIdentity>) -> Self {
+        Self {
+            channels: Arc::default(),
+            identity,
+        }
+    }
+
+    /// A request stamped with this server's cluster id.
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        self.identity.request(message)
+    }
+
     /// The client for the server at `addr` (`host:port`).
     pub fn client(
         &self,
@@ -64,7 +79,7 @@ impl PeerChannels {
 }
 
 /// openraft's network factory: one [`PeerClient`] per target.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct NetworkFactory {
     pub channels: PeerChannels,
 }
@@ -77,6 +92,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             addr: node.addr.clone(),
             client: self.channels.client(&node.addr).map_err(|e| e.to_string()),
+            identity: Arc::clone(&self.channels.identity),
         }
     }
 }
@@ -88,6 +104,7 @@ pub struct PeerClient {
     addr: String,
     /// An address that is not a valid URI fails every call (and says so).
     client: Result<RaftInternalClient<Channel>, String>,
+    identity: Arc<ClusterIdentity>,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
@@ -115,7 +132,7 @@ impl PeerClient {
             }
         };
         let data = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut request = tonic::Request::new(RaftPayload { data });
+        let mut request = self.identity.request(RaftPayload { data });
         request.set_timeout(option.hard_ttl());
         let reply = match method {
             Method::AppendEntries => client.append_entries(request).await,
@@ -124,6 +141,10 @@ impl PeerClient {
         };
         let reply = reply.map_err(|status| match status.code() {
             tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&status)),
+            tonic::Code::FailedPrecondition => {
+                tracing::error!(target_node = self.target, addr = %self.addr, error = status.message(), "peer refused Raft traffic");
+                RPCError::Unreachable(Unreachable::new(&status))
+            }
             _ => RPCError::Network(NetworkError::new(&status)),
         })?;
         let result: Result<Resp, RaftError<NodeId, E>> =

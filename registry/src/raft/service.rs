@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
 use crate::command::Command;
-use crate::node::{MembershipOp, RegistryNode, WriteAttempt};
+use crate::node::{RegistryNode, WriteAttempt};
 
 /// Serves `meshwork.v1.RaftInternal` for one server.
 #[derive(Debug, Clone)]
@@ -46,6 +46,7 @@ impl RaftInternal for InternalService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        self.node.channels.identity.check(&request)?;
         let req = decode(request.get_ref())?;
         let result = self.node.raft.append_entries(req).await;
         if matches!(&result, Ok(resp) if !matches!(resp, AppendEntriesResponse::HigherVote(_))) {
@@ -55,6 +56,7 @@ impl RaftInternal for InternalService {
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.node.channels.identity.check(&request)?;
         let req = decode(request.get_ref())?;
         encode(&self.node.raft.vote(req).await)
     }
@@ -63,6 +65,7 @@ impl RaftInternal for InternalService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        self.node.channels.identity.check(&request)?;
         let req = decode(request.get_ref())?;
         let result = self.node.raft.install_snapshot(req).await;
         if result.is_ok() {
@@ -75,6 +78,7 @@ impl RaftInternal for InternalService {
         &self,
         request: Request<ForwardWriteRequest>,
     ) -> Result<Response<ForwardWriteReply>, Status> {
+        self.node.channels.identity.check(&request)?;
         let command: Command = serde_json::from_slice(&request.get_ref().command)
             .map_err(|e| Status::invalid_argument(format!("undecodable command: {e}")))?;
         let reply = match self.node.write_local(command).await {
@@ -102,6 +106,7 @@ impl RaftInternal for InternalService {
         &self,
         request: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexReply>, Status> {
+        self.node.channels.identity.check(&request)?;
         let deadline = tokio::time::Instant::now() + self.node.leader_wait;
         let reply = match self
             .node
@@ -126,9 +131,12 @@ impl RaftInternal for InternalService {
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
-        let op = MembershipOp::Join(request.into_inner());
+        self.node.channels.identity.check(&request)?;
+        // Any server takes a join: it forwards to the leader if need be.
+        let req = request.into_inner();
+        let result = self.node.add_server(req.node_id, req.raft_addr).await;
         Ok(Response::new(membership_reply(
-            self.node.membership_local(&op).await,
+            result.map_err(WriteAttempt::Failed),
         )))
     }
 
@@ -136,9 +144,10 @@ impl RaftInternal for InternalService {
         &self,
         request: Request<RemoveServerRequest>,
     ) -> Result<Response<JoinReply>, Status> {
-        let op = MembershipOp::Remove(request.get_ref().node_id);
+        self.node.channels.identity.check(&request)?;
+        let result = self.node.remove_server(request.get_ref().node_id).await;
         Ok(Response::new(membership_reply(
-            self.node.membership_local(&op).await,
+            result.map_err(WriteAttempt::Failed),
         )))
     }
 }

@@ -14,6 +14,9 @@ pub use kv::{KvEntry, KvStore};
 pub struct State {
     /// Index of the last log entry applied (commands and Raft's own entries).
     pub last_index: u64,
+    /// Set once by the first leader; see [`Command::SetClusterId`].
+    #[serde(default)]
+    pub cluster_id: Option<String>,
     pub kv: KvStore,
 }
 
@@ -36,6 +39,14 @@ impl State {
                 self.kv.delete_tree(index, prefix);
                 CommandResponse::Applied(true)
             }
+            Command::SetClusterId { id } => {
+                if self.cluster_id.is_some() {
+                    CommandResponse::Applied(false)
+                } else {
+                    self.cluster_id = Some(id.clone());
+                    CommandResponse::Applied(true)
+                }
+            }
         }
     }
 
@@ -43,5 +54,21 @@ impl State {
     /// applied, so indexes keep moving.
     pub fn apply_noop(&mut self, index: u64) {
         self.last_index = index;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_id_is_set_once() {
+        let mut state = State::default();
+        let first = Command::SetClusterId { id: "a".into() };
+        let second = Command::SetClusterId { id: "b".into() };
+        assert_eq!(state.apply(3, &first), CommandResponse::Applied(true));
+        assert_eq!(state.apply(4, &second), CommandResponse::Applied(false));
+        assert_eq!(state.cluster_id.as_deref(), Some("a"));
+        assert_eq!(state.last_index, 4);
     }
 }
