@@ -23,6 +23,8 @@
 #   NOISE_PCT    if other processes used more than this % of the machine's CPU
 #                during a measured run, that run is repeated [10]
 #   MAX_ATTEMPTS at most this many tries per measured run [3]
+#   MW_EXTRA_ARGS extra flags for meshwork-registry, word-split (experiments
+#                only, e.g. "--snapshot-threshold 1000000") []
 #
 # Everything listens on 127.0.0.1 only; every wait loop is bounded; the EXIT
 # trap stops every process this script started and removes the temp dir.
@@ -44,6 +46,7 @@ RAW_DIR=${RAW_DIR:-$BENCH_DIR/out}
 QUIET_WAIT_S=${QUIET_WAIT_S:-90}
 NOISE_PCT=${NOISE_PCT:-10}
 MAX_ATTEMPTS=${MAX_ATTEMPTS:-3}
+MW_EXTRA_ARGS=${MW_EXTRA_ARGS:-}
 LUA=$BENCH_DIR/wrk-put.lua
 HOST=127.0.0.1
 
@@ -165,7 +168,7 @@ start_meshwork() {
         "$MW_BIN" --node-id "$i" --data-dir "$WORK/mw/n$i" \
             --http-addr "$HOST:1850$i" --grpc-addr "$HOST:1860$i" \
             --raft-addr "$HOST:1830$i" --dns-addr "$HOST:1870$i" \
-            --peers "$MW_PEERS" --log-level warn \
+            --peers "$MW_PEERS" --log-level warn $MW_EXTRA_ARGS \
             >"$WORK/logs/meshwork-$i.log" 2>&1 &
         MW_PID[$i]=$!
         PIDS+=("$!")
@@ -425,6 +428,7 @@ mkdir -p "$WORK/logs" "$WORK/raw"
     echo "concurrency=$CONCURRENCY"
     echo "disk_writes=$DISK_WRITES"
     echo "disk_conns=$DISK_CONNS"
+    echo "mw_extra_args=$MW_EXTRA_ARGS"
 } >"$WORK/machine.txt"
 free -h >"$WORK/free.txt"
 ps -eo pid,pcpu,etime,comm --sort=-pcpu | head -n 8 >"$WORK/ps-before.txt"

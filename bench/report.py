@@ -106,11 +106,15 @@ w("")
 w("```sh")
 dflt = (machine.get("duration") == "20" and machine.get("warmup") == "3"
         and machine.get("concurrency") == "1 16 64" and machine.get("disk_writes") == "100000")
+if machine.get("mw_extra_args"):
+    dflt = False
 if dflt:
     w("bash bench/kv-put.sh")
 else:
     w(f"DURATION={machine.get('duration')} WARMUP={machine.get('warmup')} "
-      f"CONCURRENCY='{machine.get('concurrency')}' DISK_WRITES={machine.get('disk_writes')} bash bench/kv-put.sh")
+      f"CONCURRENCY='{machine.get('concurrency')}' DISK_WRITES={machine.get('disk_writes')}"
+      + (f" MW_EXTRA_ARGS='{machine['mw_extra_args']}'" if machine.get("mw_extra_args") else "")
+      + " bash bench/kv-put.sh")
 w("```")
 w("")
 
@@ -254,7 +258,8 @@ def total_writes(sys_):
 
 w("## Disk bytes per 100,000 writes")
 w("")
-w("`du` of the three data dirs (sum), after `sync`. *Allocated* is `du -B1` (blocks on disk); "
+w("`du` of the three data dirs (sum), after `sync`; the *after* value is taken once the size stopped changing "
+  "(two samples 3 s apart within 1%, at most 30 s), the *peak* from `du` every 2 s during the phase. *Allocated* is `du -B1` (blocks on disk); "
   "*apparent* is `du --apparent-size` (file sizes, includes preallocated-but-unwritten space such as etcd's 64 MB WAL segments).")
 w("")
 w("| | Meshwork | etcd | Meshwork / etcd |")

@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::state::catalog::{CatalogError, HealthStatus, Registration};
+
 /// A change to the replicated state, as written to the Raft log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -29,6 +31,21 @@ pub enum Command {
     /// later proposals change nothing. Servers refuse Raft traffic from
     /// another cluster's id.
     SetClusterId { id: String },
+    /// Register a node, optionally a service on it, and checks.
+    CatalogRegister(Registration),
+    /// Remove a node (both ids absent), a service instance, or a check.
+    CatalogDeregister {
+        node: String,
+        service_id: Option<String>,
+        check_id: Option<String>,
+    },
+    /// Set a check's status and output (a no-op when unchanged).
+    CheckUpdate {
+        node: String,
+        check_id: String,
+        status: HealthStatus,
+        output: String,
+    },
 }
 
 /// What applying a command produced.
@@ -39,6 +56,8 @@ pub enum CommandResponse {
     Empty,
     /// The command was applied (`true`) or its precondition failed (`false`).
     Applied(bool),
+    /// A catalog change refused as invalid (nothing changed).
+    CatalogRejected(CatalogError),
 }
 
 impl CommandResponse {

@@ -2,11 +2,13 @@
 //! log order. Nothing here knows about HTTP, gRPC, sled or clocks; every
 //! object is stamped with the log index that created or changed it.
 
+pub mod catalog;
 pub mod kv;
 
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, CommandResponse};
+pub use catalog::Catalog;
 pub use kv::{KvEntry, KvStore};
 
 /// Everything the registry replicates.
@@ -18,6 +20,8 @@ pub struct State {
     #[serde(default)]
     pub cluster_id: Option<String>,
     pub kv: KvStore,
+    #[serde(default)]
+    pub catalog: Catalog,
 }
 
 impl State {
@@ -39,6 +43,28 @@ impl State {
                 self.kv.delete_tree(index, prefix);
                 CommandResponse::Applied(true)
             }
+            Command::CatalogRegister(registration) => {
+                catalog_response(self.catalog.register(index, registration).map(|()| true))
+            }
+            Command::CatalogDeregister {
+                node,
+                service_id,
+                check_id,
+            } => catalog_response(
+                self.catalog
+                    .deregister(index, node, service_id.as_deref(), check_id.as_deref())
+                    .map(|()| true),
+            ),
+            Command::CheckUpdate {
+                node,
+                check_id,
+                status,
+                output,
+            } => catalog_response(
+                self.catalog
+                    .update_check(index, node, check_id, *status, output)
+                    .map(|_| true),
+            ),
             Command::SetClusterId { id } => {
                 if self.cluster_id.is_some() {
                     CommandResponse::Applied(false)
@@ -54,6 +80,13 @@ impl State {
     /// applied, so indexes keep moving.
     pub fn apply_noop(&mut self, index: u64) {
         self.last_index = index;
+    }
+}
+
+fn catalog_response(result: Result<bool, catalog::CatalogError>) -> CommandResponse {
+    match result {
+        Ok(applied) => CommandResponse::Applied(applied),
+        Err(e) => CommandResponse::CatalogRejected(e),
     }
 }
 
