@@ -158,6 +158,12 @@ pub async fn run(
         node_name: config.node_name.clone().into(),
         node_uuid: dir.node_uuid.clone().into(),
         node_raft_addr: config.advertise_addr.clone(),
+        agent_address: config
+            .advertise_addr
+            .rsplit_once(':')
+            .map_or(config.advertise_addr.as_str(), |(host, _)| host)
+            .trim_matches(|c| c == '[' || c == ']')
+            .into(),
         datacenter: config.datacenter.clone().into(),
     });
     let token = shutdown.clone();

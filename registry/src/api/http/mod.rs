@@ -2,6 +2,9 @@
 //! clients use. Handlers parse and validate, then call [`RegistryNode`];
 //! errors map to responses in `error.rs` only.
 
+pub mod agent;
+pub mod catalog;
+pub mod consul_json;
 pub mod error;
 pub mod kv;
 pub mod query;
@@ -12,10 +15,12 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::Uri;
-use axum::routing::{any, delete, get};
+use axum::routing::{any, delete, get, put};
 use tokio_util::sync::CancellationToken;
 
+use crate::command::{Command, CommandResponse};
 use crate::node::RegistryNode;
+use crate::state::catalog::CatalogError;
 use error::ApiError;
 
 /// What every handler can reach.
@@ -27,7 +32,23 @@ pub struct AppState {
     pub node_name: Arc<str>,
     pub node_uuid: Arc<str>,
     pub node_raft_addr: String,
+    /// The address this server's node registers with (its advertise host).
+    pub agent_address: Arc<str>,
     pub datacenter: Arc<str>,
+}
+
+impl AppState {
+    /// Writes a catalog command; a refusal becomes 400 or 404.
+    pub async fn write_catalog(&self, command: Command) -> Result<(), ApiError> {
+        let applied = self.node.write(command).await?;
+        match applied.response {
+            CommandResponse::CatalogRejected(e) => Err(match e {
+                CatalogError::Invalid(_) => ApiError::BadRequest(e.to_string()),
+                _ => ApiError::NotFound(e.to_string()),
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The REST router.
@@ -44,6 +65,38 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/operator/raft/peer", delete(status::remove_peer))
         .route("/v1/agent/self", get(status::agent_self))
+        .route("/v1/agent/services", get(agent::services))
+        .route("/v1/agent/service/{id}", get(agent::service))
+        .route("/v1/agent/checks", get(agent::checks))
+        .route("/v1/agent/service/register", put(agent::register_service))
+        .route(
+            "/v1/agent/service/deregister/{id}",
+            put(agent::deregister_service),
+        )
+        .route(
+            "/v1/agent/service/maintenance/{id}",
+            put(agent::maintenance),
+        )
+        .route("/v1/agent/check/register", put(agent::register_check))
+        .route(
+            "/v1/agent/check/deregister/{id}",
+            put(agent::deregister_check),
+        )
+        .route("/v1/agent/check/pass/{id}", put(agent::pass))
+        .route("/v1/agent/check/warn/{id}", put(agent::warn))
+        .route("/v1/agent/check/fail/{id}", put(agent::fail))
+        .route("/v1/agent/check/update/{id}", put(agent::update))
+        .route("/v1/catalog/register", put(catalog::register))
+        .route("/v1/catalog/deregister", put(catalog::deregister))
+        .route("/v1/catalog/datacenters", get(catalog::datacenters))
+        .route("/v1/catalog/services", get(catalog::services))
+        .route("/v1/catalog/service/{name}", get(catalog::service))
+        .route("/v1/catalog/nodes", get(catalog::nodes))
+        .route("/v1/catalog/node/{node}", get(catalog::node))
+        .route("/v1/health/service/{name}", get(catalog::health_service))
+        .route("/v1/health/checks/{name}", get(catalog::health_checks))
+        .route("/v1/health/node/{node}", get(catalog::health_node))
+        .route("/v1/health/state/{state}", get(catalog::health_state))
         .fallback(not_found)
         // The KV handler enforces its own limit with a clearer message;
         // this bounds every other body.

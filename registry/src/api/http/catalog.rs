@@ -1,0 +1,291 @@
+//! `/v1/catalog/*` and `/v1/health/*`: Consul's catalog and health views,
+//! every read blocking-capable and indexed by what it covers.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use super::AppState;
+use super::consul_json::{self, Fields};
+use super::error::ApiError;
+use super::query::{Params, ReadOptions, read_headers, run_read};
+use crate::command::Command;
+use crate::state::State as RegistryState;
+use crate::state::catalog::{HealthStatus, Registration};
+
+/// Runs a blocking-capable read whose result is JSON.
+async fn json_read(
+    app: &AppState,
+    query: Option<String>,
+    compute: impl Fn(&RegistryState, &Params) -> (Value, u64),
+) -> Result<Response, ApiError> {
+    let params = Params::parse(query.as_deref());
+    let options = ReadOptions::from_params(&params)?;
+    let result = run_read(&app.node, options, &app.shutdown, |state| {
+        compute(state, &params)
+    })
+    .await?;
+    let headers = read_headers(&app.node, result.index, options.consistency);
+    Ok((headers, Json(result.value)).into_response())
+}
+
+/// Whether an instance carries every tag asked for with `?tag=`.
+fn has_tags(tags: &[String], params: &Params) -> bool {
+    params
+        .get_all("tag")
+        .all(|t| tags.iter().any(|have| have == t))
+}
+
+/// `PUT /v1/catalog/register`.
+pub async fn register(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let mut f = Fields::from_body("registration", &body)?;
+    let node = f.string("node")?;
+    if node.is_empty() {
+        return Err(ApiError::bad_request("Must provide node"));
+    }
+    let address = f.string("address")?;
+    let skip_node_update = f.bool("skipnodeupdate")?;
+    if address.is_empty() && !skip_node_update {
+        return Err(ApiError::bad_request("Must provide address"));
+    }
+    let datacenter = f.string("datacenter")?;
+    if !datacenter.is_empty() && datacenter != *app.datacenter {
+        return Err(ApiError::bad_request(format!(
+            "No path to datacenter {datacenter:?}"
+        )));
+    }
+    let mut reg = Registration {
+        node_id: f.string("id")?,
+        address,
+        datacenter: app.datacenter.to_string(),
+        tagged_addresses: f.string_map("taggedaddresses")?,
+        node_meta: f.string_map("nodemeta")?,
+        skip_node_update,
+        node,
+        ..Registration::default()
+    };
+    let service = match f.object("service", "service")? {
+        Some(mut s) => {
+            let spec = consul_json::decode_service_fields(&mut s, false)?;
+            s.finish()?;
+            Some(spec)
+        }
+        None => None,
+    };
+    let check = f.object("check", "check")?;
+    let checks = f.objects("checks", "check")?;
+    f.ignore(&[
+        "partition",
+        "namespace",
+        "enabletagoverride",
+        "locality",
+        "peername",
+    ]);
+    f.finish()?;
+    for fields in check.into_iter().chain(checks) {
+        let mut c = consul_json::decode_check(fields)?;
+        if c.check_id.is_empty() {
+            c.check_id.clone_from(&c.name);
+        }
+        if c.check_id.is_empty() {
+            return Err(ApiError::bad_request("Missing check ID or name"));
+        }
+        reg.checks.push(c);
+    }
+    reg.service = service;
+    app.write_catalog(Command::CatalogRegister(reg)).await?;
+    Ok(Json(true).into_response())
+}
+
+/// `PUT /v1/catalog/deregister` with `{Node, ServiceID?, CheckID?}`.
+pub async fn deregister(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let mut f = Fields::from_body("deregistration", &body)?;
+    let node = f.string("node")?;
+    let service_id = Some(f.string("serviceid")?).filter(|s| !s.is_empty());
+    let check_id = Some(f.string("checkid")?).filter(|s| !s.is_empty());
+    f.ignore(&["datacenter", "partition", "namespace"]);
+    f.finish()?;
+    if node.is_empty() {
+        return Err(ApiError::bad_request("Must provide node"));
+    }
+    app.write_catalog(Command::CatalogDeregister {
+        node,
+        service_id,
+        check_id,
+    })
+    .await?;
+    Ok(Json(true).into_response())
+}
+
+/// `GET /v1/catalog/datacenters`.
+pub async fn datacenters(State(app): State<AppState>) -> Json<Value> {
+    Json(json!([app.datacenter.as_ref()]))
+}
+
+/// `GET /v1/catalog/services`: name → tags.
+pub async fn services(
+    State(app): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    json_read(&app, q, |state, _| {
+        let names: BTreeMap<&str, Vec<&str>> = state
+            .catalog
+            .service_names()
+            .into_iter()
+            .map(|(name, tags)| (name, tags.into_iter().collect()))
+            .collect();
+        (json!(names), state.catalog.services_list_index())
+    })
+    .await
+}
+
+/// `GET /v1/catalog/service/:name?tag=`.
+pub async fn service(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    json_read(&app, q, |state, params| {
+        let list: Vec<Value> = state
+            .catalog
+            .instances(&name)
+            .filter(|(_, s)| has_tags(&s.tags, params))
+            .map(|(n, s)| consul_json::catalog_service_json(n, s))
+            .collect();
+        (Value::Array(list), state.catalog.service_index(&name))
+    })
+    .await
+}
+
+/// `GET /v1/catalog/nodes`.
+pub async fn nodes(
+    State(app): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    json_read(&app, q, |state, _| {
+        let list: Vec<Value> = state.catalog.nodes().map(consul_json::node_json).collect();
+        (Value::Array(list), state.catalog.nodes_index())
+    })
+    .await
+}
+
+/// `GET /v1/catalog/node/:node`: the node and its services (`null` if unknown).
+pub async fn node(
+    State(app): State<AppState>,
+    Path(node): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    json_read(&app, q, |state, _| {
+        let value = match state.catalog.node(&node) {
+            None => Value::Null,
+            Some(n) => {
+                let services: Map<String, Value> = state
+                    .catalog
+                    .node_services(&node)
+                    .map(|s| (s.id.clone(), consul_json::service_json(s)))
+                    .collect();
+                json!({ "Node": consul_json::node_json(n), "Services": services })
+            }
+        };
+        (value, state.catalog.node_index(&node))
+    })
+    .await
+}
+
+/// `GET /v1/health/service/:name?passing&tag=`.
+pub async fn health_service(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(q.as_deref());
+    let passing_only = params.flag("passing")?;
+    json_read(&app, q, |state, params| {
+        let catalog = &state.catalog;
+        let list: Vec<Value> = catalog
+            .instances(&name)
+            .filter(|(_, s)| has_tags(&s.tags, params))
+            .filter(|(n, s)| {
+                !passing_only || catalog.instance_status(&n.name, &s.id) == HealthStatus::Passing
+            })
+            .map(|(n, s)| {
+                let checks: Vec<Value> = catalog
+                    .instance_checks(&n.name, &s.id)
+                    .map(consul_json::check_json)
+                    .collect();
+                json!({
+                    "Node": consul_json::node_json(n),
+                    "Service": consul_json::service_json(s),
+                    "Checks": checks,
+                })
+            })
+            .collect();
+        (Value::Array(list), catalog.service_index(&name))
+    })
+    .await
+}
+
+/// `GET /v1/health/checks/:service`.
+pub async fn health_checks(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    json_read(&app, q, |state, _| {
+        let list: Vec<Value> = state
+            .catalog
+            .all_checks()
+            .filter(|c| c.service_name == name)
+            .map(consul_json::check_json)
+            .collect();
+        (Value::Array(list), state.catalog.service_index(&name))
+    })
+    .await
+}
+
+/// `GET /v1/health/node/:node`.
+pub async fn health_node(
+    State(app): State<AppState>,
+    Path(node): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    json_read(&app, q, |state, _| {
+        let list: Vec<Value> = state
+            .catalog
+            .node_checks(&node)
+            .map(consul_json::check_json)
+            .collect();
+        (Value::Array(list), state.catalog.node_index(&node))
+    })
+    .await
+}
+
+/// `GET /v1/health/state/:state` (`any`, `passing`, `warning`, `critical`).
+pub async fn health_state(
+    State(app): State<AppState>,
+    Path(wanted): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let filter = match wanted.as_str() {
+        "any" => None,
+        other => Some(HealthStatus::parse(other).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "Invalid check state {other:?}: use any, passing, warning or critical"
+            ))
+        })?),
+    };
+    json_read(&app, q, |state, _| {
+        let list: Vec<Value> = state
+            .catalog
+            .all_checks()
+            .filter(|c| filter.is_none_or(|f| c.status == f))
+            .map(consul_json::check_json)
+            .collect();
+        (Value::Array(list), state.catalog.checks_index())
+    })
+    .await
+}
