@@ -1,22 +1,40 @@
 #!/usr/bin/env bash
 # Installs what the test suites need beyond cargo, idempotently. Run by
-# scripts/test.sh; safe to run by hand. Needs root (or sudo) only when
-# something is missing.
+# scripts/test.sh; safe to run by hand. Needs root (or sudo) only when a
+# Debian package is missing.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
-# Debian packages the suites use: `kill` (procps) to stop servers.
+sudo=""
+[[ $(id -u) -ne 0 ]] && sudo="sudo"
+
+# Debian packages: procps (`kill`), python3-pip and npm for the real
+# Consul clients.
 packages=(procps)
+command -v python3 >/dev/null || packages+=(python3 python3-pip)
+command -v npm >/dev/null || packages+=(nodejs npm)
 
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
-    sudo=""
-    [[ $(id -u) -ne 0 ]] && sudo="sudo"
-    echo "installing: ${missing[*]}"
+    echo "installing Debian packages: ${missing[*]}"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi
+
+# The Python Consul client (PyPI py-consul), pinned.
+if ! python3 -c 'import consul, sys; sys.exit(0 if consul.__version__ == "1.8.0" else 1)' 2>/dev/null; then
+    echo "installing py-consul 1.8.0"
+    python3 -m pip install --quiet --disable-pip-version-check py-consul==1.8.0 \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages py-consul==1.8.0
+fi
+
+# The npm Consul client, pinned by tests/clients/package-lock.json.
+if [[ ! -d tests/clients/node_modules/consul ]]; then
+    echo "installing npm consul"
+    (cd tests/clients && npm ci --silent --no-audit --no-fund)
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -44,7 +44,7 @@ fn init_tracing(config: &Config) {
         .as_deref()
         .map(EnvFilter::new)
         .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("warn,meshwork_registry=info"));
+        .unwrap_or_else(|| EnvFilter::new("warn,openraft=error,meshwork_registry=info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

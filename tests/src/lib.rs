@@ -89,7 +89,7 @@ impl Server {
         let child = Command::new(registry_bin())
             .args(&self.args)
             .args(extra)
-            .env("RUST_LOG", "warn,meshwork_registry=info")
+            .env("RUST_LOG", "warn,openraft=error,meshwork_registry=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

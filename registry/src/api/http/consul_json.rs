@@ -225,7 +225,6 @@ const IGNORED_SERVICE_FIELDS: &[&str] = &[
     "partition",
     "peer",
     "locality",
-    "enabletagoverride_",
     "replaceexistingchecks",
 ];
 
@@ -248,7 +247,7 @@ const IGNORED_CHECK_FIELDS: &[&str] = &[
     "node",
     "servicename",
     "servicetags",
-    "interval_",
+    "tcpusetls",
 ];
 
 /// Check kinds Meshwork refuses, with why.
@@ -425,7 +424,8 @@ pub fn decode_agent_service(body: &[u8]) -> Result<(ServiceSpec, Vec<CheckSpec>)
     let spec = decode_service_fields(&mut f, true)?;
     f.finish()?;
     let mut out = Vec::new();
-    let single = check.is_some() && checks.is_empty();
+    // Consul numbers default ids only when there is more than one check.
+    let single = usize::from(check.is_some()) + checks.len() == 1;
     for (n, fields) in check.into_iter().chain(checks).enumerate() {
         let mut c = decode_check(fields)?;
         if c.check_id.is_empty() {
