@@ -3,7 +3,7 @@
 //! (forwarded to the leader), read barriers for the three consistency
 //! modes, and membership changes. Callers never need to know who leads.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -72,6 +72,9 @@ pub struct RegistryNode {
     pub leader_wait: Duration,
     /// When this follower last heard from a leader (AppendEntries).
     last_contact: Mutex<Option<std::time::Instant>>,
+    /// On the leader: when each TTL check was last updated by a client.
+    /// In memory only: a new leader gives every TTL a full period.
+    ttl_touches: Mutex<HashMap<(String, String), tokio::time::Instant>>,
 }
 
 impl std::fmt::Debug for RegistryNode {
@@ -97,6 +100,7 @@ impl RegistryNode {
             channels,
             leader_wait,
             last_contact: Mutex::new(None),
+            ttl_touches: Mutex::new(HashMap::new()),
         }
     }
 
@@ -216,7 +220,25 @@ impl RegistryNode {
     }
 
     /// Proposes on this server, which believes it leads.
+    /// When a client last updated the TTL check `key` through this leader.
+    pub fn ttl_touched(&self, key: &(String, String)) -> Option<tokio::time::Instant> {
+        self.ttl_touches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied()
+    }
+
     pub(crate) async fn write_local(&self, command: Command) -> Result<Applied, WriteAttempt> {
+        if let Command::CheckUpdate { node, check_id, .. } = &command {
+            self.ttl_touches
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    (node.clone(), check_id.clone()),
+                    tokio::time::Instant::now(),
+                );
+        }
         // A leader cut off from its quorum would wait forever; the entry
         // may still commit if the quorum comes back, so its fate is unknown.
         let written = tokio::time::timeout(self.leader_wait, self.raft.client_write(command)).await;

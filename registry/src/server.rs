@@ -207,6 +207,17 @@ pub async fn run(
         .instrument(tracing::info_span!("cluster_identity")),
     );
 
+    // Leader duties: health checks, TTLs, deregistration of critical instances.
+    let health_node = Arc::clone(&node);
+    let token = shutdown.clone();
+    tasks.spawn(
+        async move {
+            crate::health::supervise(health_node, token).await;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("health")),
+    );
+
     tracing::info!(node = config.node_id, "registry server started");
 
     // Serve until cancelled; a task that fails stops the server.

@@ -12,6 +12,7 @@ use super::consul_json::{self, Fields};
 use super::error::ApiError;
 use super::query::Params;
 use crate::command::Command;
+use crate::node::Consistency;
 use crate::state::catalog::{CheckSpec, HealthStatus, Registration};
 
 /// The registration of this server's own node, carrying `service` and `checks`.
@@ -43,6 +44,17 @@ pub async fn deregister_service(
     State(app): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    app.node.read_barrier(Consistency::Default).await?;
+    if app
+        .node
+        .state
+        .read()
+        .catalog
+        .service(&app.node_name, &id)
+        .is_none()
+    {
+        return Err(ApiError::NotFound(format!("Unknown service ID {id:?}")));
+    }
     app.write_catalog(Command::CatalogDeregister {
         node: app.node_name.to_string(),
         service_id: Some(id),
@@ -115,6 +127,17 @@ pub async fn deregister_check(
     State(app): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    app.node.read_barrier(Consistency::Default).await?;
+    let known = app
+        .node
+        .state
+        .read()
+        .catalog
+        .node_checks(&app.node_name)
+        .any(|c| c.check_id == id);
+    if !known {
+        return Err(ApiError::NotFound(format!("Unknown check ID {id:?}")));
+    }
     app.write_catalog(Command::CatalogDeregister {
         node: app.node_name.to_string(),
         service_id: None,
@@ -186,6 +209,7 @@ async fn update_ttl_check(
     status: HealthStatus,
     output: String,
 ) -> Result<Response, ApiError> {
+    app.node.read_barrier(Consistency::Default).await?;
     {
         let state = app.node.state.read();
         let check = state

@@ -1,0 +1,264 @@
+//! Leader-only health duties: runs the HTTP and TCP checks registered
+//! over REST, expires TTL checks that were not updated in time, and removes
+//! service instances whose `DeregisterCriticalServiceAfter` has passed.
+//!
+//! Only the leader does this, so every check has exactly one runner; a new
+//! leader starts every probe within one interval (jittered, so a fleet is
+//! not probed in lockstep) and gives every TTL and deregistration timer a
+//! full period of grace, since it cannot know when the old leader last saw
+//! them. Only changes go through Raft: a status change at once, an
+//! output-only change at most every [`OUTPUT_REFRESH`] (as Consul's
+//! `check_update_interval`).
+
+pub mod probe;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::command::Command;
+use crate::node::RegistryNode;
+use crate::state::catalog::{CheckDefinition, HealthStatus};
+use probe::ProbeResult;
+
+/// How often output-only changes are written.
+pub const OUTPUT_REFRESH: Duration = Duration::from_secs(300);
+/// How often TTL and deregistration timers are looked at.
+const TICK: Duration = Duration::from_millis(250);
+
+/// A check's identity: (node, check id).
+pub type CheckKey = (String, String);
+
+/// Runs the leader duties whenever this server leads, until shutdown.
+pub async fn supervise(node: Arc<RegistryNode>, shutdown: CancellationToken) {
+    let mut metrics = node.raft.metrics();
+    loop {
+        if node.is_leader() {
+            tracing::info!("leading: running health checks");
+            lead(&node, &shutdown).await;
+            tracing::info!("no longer leading: health checks stopped");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = metrics.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+struct RunningProbe {
+    definition: CheckDefinition,
+    task: tokio::task::AbortHandle,
+}
+
+async fn lead(node: &Arc<RegistryNode>, shutdown: &CancellationToken) {
+    let started = Instant::now();
+    let mut probes: HashMap<CheckKey, RunningProbe> = HashMap::new();
+    let mut probe_tasks: JoinSet<()> = JoinSet::new();
+    let mut writes: JoinSet<()> = JoinSet::new();
+    let (results_tx, mut results) = mpsc::channel::<(CheckKey, ProbeResult)>(1024);
+    let mut critical_since: HashMap<CheckKey, Instant> = HashMap::new();
+    let mut output_written: HashMap<CheckKey, Instant> = HashMap::new();
+    let mut deregistering: HashSet<CheckKey> = HashSet::new();
+    let mut seen_checks_index = None;
+    let mut applied = node.state.subscribe();
+    let mut metrics = node.raft.metrics();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        let checks_index = node.state.read().catalog.checks_index();
+        if seen_checks_index != Some(checks_index) {
+            seen_checks_index = Some(checks_index);
+            reconcile(node, &mut probes, &mut probe_tasks, &results_tx);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            changed = metrics.changed() => {
+                if changed.is_err() || !node.is_leader() {
+                    break;
+                }
+            }
+            _ = applied.changed() => {}
+            Some((key, result)) = results.recv() => {
+                if let Some(command) = probe_update(node, &key, result, &mut output_written) {
+                    spawn_write(&mut writes, node, command);
+                }
+            }
+            _ = tick.tick() => {
+                for command in timers(node, started, &mut critical_since, &mut deregistering) {
+                    spawn_write(&mut writes, node, command);
+                }
+            }
+            Some(_) = writes.join_next() => {}
+        }
+    }
+    probe_tasks.abort_all();
+    writes.abort_all();
+}
+
+/// Starts probes for new or changed HTTP/TCP checks, stops removed ones.
+fn reconcile(
+    node: &RegistryNode,
+    probes: &mut HashMap<CheckKey, RunningProbe>,
+    tasks: &mut JoinSet<()>,
+    results: &mpsc::Sender<(CheckKey, ProbeResult)>,
+) {
+    let wanted: HashMap<CheckKey, CheckDefinition> = {
+        let state = node.state.read();
+        state
+            .catalog
+            .all_checks()
+            .filter(|c| c.definition.http.is_some() || c.definition.tcp.is_some())
+            .map(|c| ((c.node.clone(), c.check_id.clone()), c.definition.clone()))
+            .collect()
+    };
+    probes.retain(|key, probe| {
+        let keep = wanted.get(key) == Some(&probe.definition);
+        if !keep {
+            probe.task.abort();
+        }
+        keep
+    });
+    for (key, definition) in wanted {
+        if probes.contains_key(&key) {
+            continue;
+        }
+        let interval = Duration::from_millis(definition.interval_ms.unwrap_or(10_000).max(100));
+        let task = tasks.spawn(run_probe(
+            key.clone(),
+            definition.clone(),
+            interval,
+            results.clone(),
+        ));
+        probes.insert(key, RunningProbe { definition, task });
+    }
+}
+
+/// Probes one check forever: a random first delay within one interval,
+/// then once per interval.
+async fn run_probe(
+    key: CheckKey,
+    definition: CheckDefinition,
+    interval: Duration,
+    results: mpsc::Sender<(CheckKey, ProbeResult)>,
+) {
+    let first = rand::rng().random_range(0..=interval.as_millis() as u64);
+    tokio::time::sleep(Duration::from_millis(first)).await;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(result) = probe::run(&definition).await else {
+            return;
+        };
+        if results.send((key.clone(), result)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The write a probe result calls for, if any.
+fn probe_update(
+    node: &RegistryNode,
+    key: &CheckKey,
+    result: ProbeResult,
+    output_written: &mut HashMap<CheckKey, Instant>,
+) -> Option<Command> {
+    let state = node.state.read();
+    let check = state
+        .catalog
+        .node_checks(&key.0)
+        .find(|c| c.check_id == key.1)?;
+    let status_changed = check.status != result.status;
+    let output_due = check.output != result.output
+        && output_written
+            .get(key)
+            .is_none_or(|t| t.elapsed() >= OUTPUT_REFRESH);
+    if !status_changed && !output_due {
+        return None;
+    }
+    if status_changed {
+        tracing::info!(node = %key.0, check = %key.1, from = check.status.as_str(), to = result.status.as_str(), "check status changed");
+    }
+    output_written.insert(key.clone(), Instant::now());
+    Some(Command::CheckUpdate {
+        node: key.0.clone(),
+        check_id: key.1.clone(),
+        status: result.status,
+        output: result.output,
+    })
+}
+
+/// TTL expiries and critical-too-long deregistrations due now.
+fn timers(
+    node: &RegistryNode,
+    leader_since: Instant,
+    critical_since: &mut HashMap<CheckKey, Instant>,
+    deregistering: &mut HashSet<CheckKey>,
+) -> Vec<Command> {
+    let now = Instant::now();
+    let mut commands = Vec::new();
+    let state = node.state.read();
+    let mut still_critical = HashSet::new();
+    for check in state.catalog.all_checks() {
+        let key = (check.node.clone(), check.check_id.clone());
+        if let Some(ttl) = check.definition.ttl_ms
+            && check.status != HealthStatus::Critical
+        {
+            let touched = node
+                .ttl_touched(&key)
+                .map_or(leader_since, |t| t.max(leader_since));
+            if now.duration_since(touched) >= Duration::from_millis(ttl) {
+                commands.push(Command::CheckUpdate {
+                    node: check.node.clone(),
+                    check_id: check.check_id.clone(),
+                    status: HealthStatus::Critical,
+                    output: format!("TTL expired (no update within {})", humantime(ttl)),
+                });
+            }
+        }
+        if let Some(after) = check.definition.deregister_critical_after_ms
+            && check.status == HealthStatus::Critical
+            && !check.service_id.is_empty()
+        {
+            still_critical.insert(key.clone());
+            let since = *critical_since.entry(key.clone()).or_insert(now);
+            if now.duration_since(since) >= Duration::from_millis(after)
+                && deregistering.insert(key.clone())
+            {
+                tracing::info!(node = %check.node, service = %check.service_id, check = %check.check_id, "critical too long: deregistering the service instance");
+                commands.push(Command::CatalogDeregister {
+                    node: check.node.clone(),
+                    service_id: Some(check.service_id.clone()),
+                    check_id: None,
+                });
+            }
+        }
+    }
+    critical_since.retain(|k, _| still_critical.contains(k));
+    deregistering.retain(|k| still_critical.contains(k));
+    commands
+}
+
+fn humantime(ms: u64) -> String {
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+fn spawn_write(writes: &mut JoinSet<()>, node: &Arc<RegistryNode>, command: Command) {
+    let node = Arc::clone(node);
+    writes.spawn(async move {
+        if let Err(e) = node.write(command).await {
+            tracing::warn!(error = %e, "health update not written");
+        }
+    });
+}
