@@ -32,7 +32,7 @@ pub enum Command {
     /// another cluster's id.
     SetClusterId { id: String },
     /// Register a node, optionally a service on it, and checks.
-    CatalogRegister(Registration),
+    CatalogRegister(Box<Registration>),
     /// Remove a node (both ids absent), a service instance, or a check.
     CatalogDeregister {
         node: String,

@@ -165,6 +165,7 @@ pub async fn run(
             .trim_matches(|c| c == '[' || c == ']')
             .into(),
         datacenter: config.datacenter.clone().into(),
+        shared_reads: Arc::default(),
     });
     let token = shutdown.clone();
     tasks.spawn(

@@ -35,7 +35,8 @@ pub async fn register_service(
     let mut reg = agent_registration(&app);
     reg.service = Some(service);
     reg.checks = checks;
-    app.write_catalog(Command::CatalogRegister(reg)).await?;
+    app.write_catalog(Command::CatalogRegister(Box::new(reg)))
+        .await?;
     Ok(().into_response())
 }
 
@@ -118,7 +119,8 @@ pub async fn register_check(
     }
     let mut reg = agent_registration(&app);
     reg.checks = vec![check];
-    app.write_catalog(Command::CatalogRegister(reg)).await?;
+    app.write_catalog(Command::CatalogRegister(Box::new(reg)))
+        .await?;
     Ok(().into_response())
 }
 
@@ -276,7 +278,8 @@ pub async fn maintenance(
             service_id: id,
             ..CheckSpec::default()
         }];
-        app.write_catalog(Command::CatalogRegister(reg)).await?;
+        app.write_catalog(Command::CatalogRegister(Box::new(reg)))
+            .await?;
     } else {
         let present = app
             .node

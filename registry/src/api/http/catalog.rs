@@ -6,31 +6,44 @@ use std::collections::BTreeMap;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderValue, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use super::AppState;
 use super::consul_json::{self, Fields};
 use super::error::ApiError;
-use super::query::{Params, ReadOptions, read_headers, run_read};
+use super::query::{Params, ReadOptions, read_headers, run_read, shared_read_key};
 use crate::command::Command;
 use crate::state::State as RegistryState;
 use crate::state::catalog::{HealthStatus, Registration};
 
-/// Runs a blocking-capable read whose result is JSON.
+/// Runs a blocking-capable read whose result is JSON. The answer for each
+/// applied change is computed and encoded once and shared by every
+/// request asking the same question.
 async fn json_read(
     app: &AppState,
+    path: &str,
     query: Option<String>,
     compute: impl Fn(&RegistryState, &Params) -> (Value, u64),
 ) -> Result<Response, ApiError> {
     let params = Params::parse(query.as_deref());
     let options = ReadOptions::from_params(&params)?;
+    let key = shared_read_key(path, query.as_deref());
     let result = run_read(&app.node, options, &app.shutdown, |state| {
-        compute(state, &params)
+        app.shared_reads.get_or_compute(&key, state, |state| {
+            let (value, index) = compute(state, &params);
+            let body = serde_json::to_vec(&value).unwrap_or_else(|_| b"null".to_vec());
+            (Bytes::from(body), index)
+        })
     })
     .await?;
-    let headers = read_headers(&app.node, result.index, options.consistency);
-    Ok((headers, Json(result.value)).into_response())
+    let mut headers = read_headers(&app.node, result.index, options.consistency);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok((headers, result.value).into_response())
 }
 
 /// Whether an instance carries every tag asked for with `?tag=`.
@@ -97,7 +110,8 @@ pub async fn register(State(app): State<AppState>, body: Bytes) -> Result<Respon
         reg.checks.push(c);
     }
     reg.service = service;
-    app.write_catalog(Command::CatalogRegister(reg)).await?;
+    app.write_catalog(Command::CatalogRegister(Box::new(reg)))
+        .await?;
     Ok(Json(true).into_response())
 }
 
@@ -129,9 +143,10 @@ pub async fn datacenters(State(app): State<AppState>) -> Json<Value> {
 /// `GET /v1/catalog/services`: name → tags.
 pub async fn services(
     State(app): State<AppState>,
+    uri: Uri,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, q, |state, _| {
+    json_read(&app, uri.path(), q, |state, _| {
         let names: BTreeMap<&str, Vec<&str>> = state
             .catalog
             .service_names()
@@ -146,10 +161,11 @@ pub async fn services(
 /// `GET /v1/catalog/service/:name?tag=`.
 pub async fn service(
     State(app): State<AppState>,
+    uri: Uri,
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, q, |state, params| {
+    json_read(&app, uri.path(), q, |state, params| {
         let list: Vec<Value> = state
             .catalog
             .instances(&name)
@@ -164,9 +180,10 @@ pub async fn service(
 /// `GET /v1/catalog/nodes`.
 pub async fn nodes(
     State(app): State<AppState>,
+    uri: Uri,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, q, |state, _| {
+    json_read(&app, uri.path(), q, |state, _| {
         let list: Vec<Value> = state.catalog.nodes().map(consul_json::node_json).collect();
         (Value::Array(list), state.catalog.nodes_index())
     })
@@ -176,10 +193,11 @@ pub async fn nodes(
 /// `GET /v1/catalog/node/:node`: the node and its services (`null` if unknown).
 pub async fn node(
     State(app): State<AppState>,
+    uri: Uri,
     Path(node): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, q, |state, _| {
+    json_read(&app, uri.path(), q, |state, _| {
         let value = match state.catalog.node(&node) {
             None => Value::Null,
             Some(n) => {
@@ -199,12 +217,13 @@ pub async fn node(
 /// `GET /v1/health/service/:name?passing&tag=`.
 pub async fn health_service(
     State(app): State<AppState>,
+    uri: Uri,
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let params = Params::parse(q.as_deref());
     let passing_only = params.flag("passing")?;
-    json_read(&app, q, |state, params| {
+    json_read(&app, uri.path(), q, |state, params| {
         let catalog = &state.catalog;
         let list: Vec<Value> = catalog
             .instances(&name)
@@ -232,10 +251,11 @@ pub async fn health_service(
 /// `GET /v1/health/checks/:service`.
 pub async fn health_checks(
     State(app): State<AppState>,
+    uri: Uri,
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, q, |state, _| {
+    json_read(&app, uri.path(), q, |state, _| {
         let list: Vec<Value> = state
             .catalog
             .all_checks()
@@ -250,10 +270,11 @@ pub async fn health_checks(
 /// `GET /v1/health/node/:node`.
 pub async fn health_node(
     State(app): State<AppState>,
+    uri: Uri,
     Path(node): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, q, |state, _| {
+    json_read(&app, uri.path(), q, |state, _| {
         let list: Vec<Value> = state
             .catalog
             .node_checks(&node)
@@ -267,6 +288,7 @@ pub async fn health_node(
 /// `GET /v1/health/state/:state` (`any`, `passing`, `warning`, `critical`).
 pub async fn health_state(
     State(app): State<AppState>,
+    uri: Uri,
     Path(wanted): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -278,7 +300,7 @@ pub async fn health_state(
             ))
         })?),
     };
-    json_read(&app, q, |state, _| {
+    json_read(&app, uri.path(), q, |state, _| {
         let list: Vec<Value> = state
             .catalog
             .all_checks()

@@ -507,7 +507,7 @@ pub fn is_dns_label(name: &str) -> bool {
 fn go_duration(ms: Option<u64>) -> String {
     match ms {
         None | Some(0) => String::new(),
-        Some(ms) if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        Some(ms) if ms.is_multiple_of(1000) => format!("{}s", ms / 1000),
         Some(ms) => format!("{ms}ms"),
     }
 }

@@ -35,6 +35,8 @@ pub struct AppState {
     /// The address this server's node registers with (its advertise host).
     pub agent_address: Arc<str>,
     pub datacenter: Arc<str>,
+    /// Read results shared by concurrent waiters.
+    pub shared_reads: Arc<query::SharedReads>,
 }
 
 impl AppState {

@@ -2,6 +2,7 @@
 //! blocking (`?index=&wait=`), and the response headers that go with them.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue};
@@ -238,6 +239,38 @@ mod tests {
     }
 
     #[test]
+    fn shared_reads_compute_once_per_applied_change() {
+        let reads = SharedReads::default();
+        let mut state = State::default();
+        let mut computed = 0;
+        for _ in 0..3 {
+            let (body, index) = reads.get_or_compute("k", &state, |_| {
+                computed += 1;
+                (bytes::Bytes::from_static(b"[]"), 7)
+            });
+            assert_eq!((&body[..], index), (&b"[]"[..], 7));
+        }
+        assert_eq!(computed, 1);
+        state.last_index = 9;
+        reads.get_or_compute("k", &state, |_| {
+            computed += 1;
+            (bytes::Bytes::new(), 9)
+        });
+        assert_eq!(computed, 2);
+        assert_eq!(
+            shared_read_key(
+                "/v1/health/service/web",
+                Some("wait=5s&tag=b&index=3&tag=a&stale")
+            ),
+            shared_read_key("/v1/health/service/web", Some("tag=a&tag=b"))
+        );
+        assert_ne!(
+            shared_read_key("/v1/health/service/web", Some("passing")),
+            shared_read_key("/v1/health/service/web", None)
+        );
+    }
+
+    #[test]
     fn stale_and_consistent_conflict() {
         let params = Params::parse(Some("stale&consistent"));
         assert!(ReadOptions::from_params(&params).is_err());
@@ -248,4 +281,84 @@ mod tests {
         assert_eq!(options.wait, MAX_WAIT);
         assert_eq!(options.min_index, Some(5));
     }
+}
+
+/// Results of blocking-capable reads, computed once per applied change and
+/// shared by every waiter asking the same question: when 10,000 watchers
+/// of one service wake on a change, the first computes and encodes the
+/// answer, the rest copy a reference to it.
+#[derive(Debug, Default)]
+pub struct SharedReads {
+    entries: std::sync::Mutex<HashMap<String, Arc<std::sync::Mutex<Option<SharedRead>>>>>,
+}
+
+/// One encoded answer and the state it was computed from.
+#[derive(Debug, Clone)]
+struct SharedRead {
+    /// The state's applied index when computed: valid until it moves.
+    applied: u64,
+    index: u64,
+    body: bytes::Bytes,
+}
+
+/// Distinct questions kept before unused ones are dropped.
+const SHARED_READS_MAX: usize = 4096;
+
+impl SharedReads {
+    /// The answer to `key` for `state`, computing it only if no waiter has
+    /// done so since the last applied change.
+    pub fn get_or_compute(
+        &self,
+        key: &str,
+        state: &State,
+        compute: impl FnOnce(&State) -> (bytes::Bytes, u64),
+    ) -> (bytes::Bytes, u64) {
+        let slot = {
+            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            if entries.len() >= SHARED_READS_MAX && !entries.contains_key(key) {
+                entries.retain(|_, slot| Arc::strong_count(slot) > 1);
+            }
+            Arc::clone(entries.entry(key.to_owned()).or_default())
+        };
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(read) = slot.as_ref()
+            && read.applied == state.last_index
+        {
+            return (read.body.clone(), read.index);
+        }
+        let (body, index) = compute(state);
+        *slot = Some(SharedRead {
+            applied: state.last_index,
+            index,
+            body: body.clone(),
+        });
+        (body, index)
+    }
+}
+
+/// The cache key of a read: its path and the parameters that shape the
+/// answer (not those that only say how long or how consistently to wait).
+pub fn shared_read_key(path: &str, query: Option<&str>) -> String {
+    const NOT_SHAPING: &[&str] = &[
+        "index",
+        "wait",
+        "stale",
+        "consistent",
+        "cached",
+        "token",
+        "near",
+    ];
+    let mut pairs: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .filter(|(k, _)| !NOT_SHAPING.contains(&k.as_ref()))
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    pairs.sort();
+    let mut key = path.to_owned();
+    for (k, v) in pairs {
+        key.push('\u{1}');
+        key.push_str(&k);
+        key.push('=');
+        key.push_str(&v);
+    }
+    key
 }
