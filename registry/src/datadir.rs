@@ -2,8 +2,9 @@
 //! from running on the wrong or a damaged one. Nothing here ever deletes
 //! data: a problem stops the start with a message naming it.
 //!
-//! Layout: `meshwork.json` (format version, node id, node UUID) and `raft/`
-//! (the sled database: log, Raft metadata, snapshot).
+//! Layout: `meshwork.json` (format version, node id, node UUID, cluster
+//! id), `raft/` (the sled database: log and Raft metadata) and `snapshot/`
+//! (the latest snapshot file).
 
 use std::path::{Path, PathBuf};
 
@@ -132,7 +133,10 @@ impl DataDir {
         };
         let db = sled::Config::new()
             .path(&raft_path)
-            .mode(sled::Mode::LowSpace)
+            .mode(sled::Mode::HighThroughput)
+            // Durability comes from explicit flushes before acknowledging;
+            // the background flusher would only add writes.
+            .flush_every_ms(None)
             .open()
             .map_err(|e| DataDirError::Store {
                 path: raft_path.clone(),

@@ -195,6 +195,15 @@ impl RegistryNode {
     /// Proposes `command` and answers once it is committed and applied,
     /// forwarding to the leader when this server does not lead.
     pub async fn write(&self, command: Command) -> Result<Applied, ClusterError> {
+        let applied = self.write_anywhere(command).await?;
+        // Read-your-writes on this server: answer once its own state has
+        // applied the write too (bounded; the write is committed either way).
+        let mut local = self.state.subscribe();
+        let _ = tokio::time::timeout(self.leader_wait, local.wait_for(|i| *i >= applied.index)).await;
+        Ok(applied)
+    }
+
+    async fn write_anywhere(&self, command: Command) -> Result<Applied, ClusterError> {
         let deadline = Instant::now() + self.leader_wait;
         loop {
             let Some((leader_id, leader_addr)) = self.wait_for_leader(deadline).await else {

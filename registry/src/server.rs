@@ -72,7 +72,8 @@ pub async fn run(
         reason: e.to_string(),
     };
     let log_store = SledLogStore::open(&dir.db).map_err(|e| storage_error(&e))?;
-    let state_machine = StateMachineStore::open(&dir.db).map_err(|e| storage_error(&e))?;
+    let state_machine =
+        StateMachineStore::open(&dir.path.join("snapshot")).map_err(|e| storage_error(&e))?;
     let shared = state_machine.shared();
 
     let raft_config = openraft::Config {

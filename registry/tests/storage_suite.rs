@@ -16,7 +16,7 @@ impl StoreBuilder<TypeConfig, SledLogStore, StateMachineStore, tempfile::TempDir
         let dir = tempfile::tempdir().expect("temp dir");
         let db = sled::open(dir.path().join("raft")).expect("open sled");
         let log = SledLogStore::open(&db).expect("log store");
-        let sm = StateMachineStore::open(&db)?;
+        let sm = StateMachineStore::open(&dir.path().join("snapshot"))?;
         Ok((dir, log, sm))
     }
 }

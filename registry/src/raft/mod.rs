@@ -9,6 +9,7 @@ pub mod identity;
 pub mod log_store;
 pub mod network;
 pub mod service;
+pub mod snapshot_file;
 pub mod state_machine;
 
 use std::io::Cursor;

@@ -1,9 +1,10 @@
 //! The state machine adapter: applies committed entries to the in-memory
 //! [`State`], builds and installs snapshots, and persists the latest
-//! snapshot in sled (tree `snapshot`) so a restart rebuilds the state from
-//! it plus the log after it.
+//! snapshot in a file ([`SnapshotFile`]) so a restart rebuilds the state
+//! from it plus the log after it.
 
 use std::io::Cursor;
+use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
@@ -14,15 +15,13 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::snapshot_file::SnapshotFile;
 use super::{LogId, NodeId, StorageError, TypeConfig, storage_io_error};
 use crate::command::CommandResponse;
 use crate::state::State;
 
 type Entry = openraft::Entry<TypeConfig>;
 type Membership = StoredMembership<NodeId, BasicNode>;
-
-const SNAPSHOT_META: &[u8] = b"meta";
-const SNAPSHOT_DATA: &[u8] = b"data";
 
 /// The state as readers see it, shared between the state machine (the only
 /// writer) and the APIs.
@@ -82,23 +81,20 @@ pub struct StateMachineStore {
     shared: Arc<SharedState>,
     last_applied: Option<LogId>,
     last_membership: Membership,
-    db: sled::Db,
-    snapshots: sled::Tree,
+    snapshots: SnapshotFile,
     /// Distinguishes snapshots built at the same index.
     snapshot_seq: u64,
 }
 
 impl StateMachineStore {
     /// Opens the state machine, loading the last persisted snapshot.
-    pub fn open(db: &sled::Db) -> Result<Self, StorageError> {
-        let snapshots = db
-            .open_tree("snapshot")
+    pub fn open(snapshot_dir: &Path) -> Result<Self, StorageError> {
+        let snapshots = SnapshotFile::new(snapshot_dir)
             .map_err(|e| storage_io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
         let mut store = Self {
             shared: Arc::new(SharedState::new(State::default())),
             last_applied: None,
             last_membership: Membership::default(),
-            db: db.clone(),
             snapshots,
             snapshot_seq: 0,
         };
@@ -117,38 +113,37 @@ impl StateMachineStore {
 
     fn read_snapshot(&self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let read_err =
-            |e: sled::Error| storage_io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e);
-        let (Some(meta), Some(data)) = (
-            self.snapshots.get(SNAPSHOT_META).map_err(read_err)?,
-            self.snapshots.get(SNAPSHOT_DATA).map_err(read_err)?,
-        ) else {
+            |e: std::io::Error| storage_io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e);
+        let Some((meta, data)) = self.snapshots.read().map_err(read_err)? else {
             return Ok(None);
         };
         let meta: SnapshotMeta<NodeId, BasicNode> = serde_json::from_slice(&meta)
             .map_err(|e| storage_io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
         Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data.to_vec())),
+            snapshot: Box::new(Cursor::new(data)),
         }))
     }
 
     async fn persist_snapshot(
-        db: &sled::Db,
-        tree: &sled::Tree,
+        files: &SnapshotFile,
         meta: &SnapshotMeta<NodeId, BasicNode>,
-        data: &[u8],
-    ) -> Result<(), StorageError> {
+        data: Vec<u8>,
+    ) -> Result<Vec<u8>, StorageError> {
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
         let meta_bytes = serde_json::to_vec(meta)
             .map_err(|e| storage_io_error(subject.clone(), ErrorVerb::Write, e))?;
-        let mut batch = sled::Batch::default();
-        batch.insert(SNAPSHOT_META, meta_bytes);
-        batch.insert(SNAPSHOT_DATA, data);
-        tree.apply_batch(batch)
-            .map_err(|e| storage_io_error(subject.clone(), ErrorVerb::Write, e))?;
-        db.flush_async()
+        let files = files.clone();
+        // File I/O off the async workers.
+        tokio::task::spawn_blocking(move || files.write(&meta_bytes, &data).map(|()| data))
             .await
-            .map(|_| ())
+            .map_err(|e| {
+                storage_io_error(
+                    subject.clone(),
+                    ErrorVerb::Write,
+                    std::io::Error::other(e.to_string()),
+                )
+            })?
             .map_err(|e| storage_io_error(subject, ErrorVerb::Write, e))
     }
 }
@@ -162,8 +157,7 @@ fn decode_payload(bytes: &[u8]) -> Result<SnapshotPayload, StorageError> {
 #[derive(Debug)]
 pub struct SnapshotBuilder {
     payload: SnapshotPayload,
-    db: sled::Db,
-    snapshots: sled::Tree,
+    snapshots: SnapshotFile,
     snapshot_id: String,
 }
 
@@ -176,7 +170,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: self.payload.last_membership.clone(),
             snapshot_id: self.snapshot_id.clone(),
         };
-        StateMachineStore::persist_snapshot(&self.db, &self.snapshots, &meta, &data).await?;
+        let data = StateMachineStore::persist_snapshot(&self.snapshots, &meta, data).await?;
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "snapshot built");
         Ok(Snapshot {
             meta,
@@ -240,7 +234,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 last_membership: self.last_membership.clone(),
                 state,
             },
-            db: self.db.clone(),
             snapshots: self.snapshots.clone(),
             snapshot_id,
         }
@@ -257,7 +250,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let payload = decode_payload(&data)?;
-        Self::persist_snapshot(&self.db, &self.snapshots, meta, &data).await?;
+        let data = Self::persist_snapshot(&self.snapshots, meta, data).await?;
         self.last_applied = meta.last_log_id;
         self.last_membership = meta.last_membership.clone();
         let mut state = payload.state;
