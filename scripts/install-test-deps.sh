@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 sudo=""
 [[ $(id -u) -ne 0 ]] && sudo="sudo"
 
-# Debian packages: procps (`kill`), python3-pip and npm for the real
-# Consul clients.
-packages=(procps)
+# Debian packages: procps (`kill`), dnsutils (`dig`), python3-pip and
+# npm for the real Consul clients.
+packages=(procps dnsutils)
 command -v python3 >/dev/null || packages+=(python3 python3-pip)
 command -v npm >/dev/null || packages+=(nodejs npm)
 

@@ -87,6 +87,25 @@ pub struct Cli {
     /// How long a request waits for a leader before "No cluster leader".
     #[arg(long)]
     pub leader_wait_ms: Option<u64>,
+    /// DNS domain served (default `mesh.`; `consul.` for drop-in use).
+    #[arg(long)]
+    pub dns_domain: Option<String>,
+    /// TTL in seconds of node answers (default 0, as Consul).
+    #[arg(long)]
+    pub dns_node_ttl: Option<u32>,
+    /// TTLs of service answers: `NAME=SECONDS,…`; `*` sets the default (0).
+    #[arg(long, value_delimiter = ',')]
+    pub dns_service_ttl: Option<Vec<String>>,
+    /// Answer only with instances whose checks all pass (not warning).
+    #[arg(long)]
+    pub dns_only_passing: bool,
+    /// At most this many A/AAAA records per answer (0: no limit).
+    #[arg(long)]
+    pub dns_a_record_limit: Option<usize>,
+    /// Resolvers for names outside the domain (`IP:PORT`, comma separated);
+    /// without them such names are refused.
+    #[arg(long, value_delimiter = ',')]
+    pub dns_recursors: Option<Vec<SocketAddr>>,
     /// Log format: `text` or `json`.
     #[arg(long)]
     pub log_format: Option<String>,
@@ -115,6 +134,12 @@ pub struct FileConfig {
     pub heartbeat_ms: Option<u64>,
     pub election_timeout_ms: Option<u64>,
     pub leader_wait_ms: Option<u64>,
+    pub dns_domain: Option<String>,
+    pub dns_node_ttl: Option<u32>,
+    pub dns_service_ttl: Option<std::collections::BTreeMap<String, u32>>,
+    pub dns_only_passing: Option<bool>,
+    pub dns_a_record_limit: Option<usize>,
+    pub dns_recursors: Option<Vec<SocketAddr>>,
     pub log_format: Option<String>,
     pub log_level: Option<String>,
 }
@@ -136,6 +161,12 @@ const FILE_KEYS: &[&str] = &[
     "heartbeat_ms",
     "election_timeout_ms",
     "leader_wait_ms",
+    "dns_domain",
+    "dns_node_ttl",
+    "dns_service_ttl",
+    "dns_only_passing",
+    "dns_a_record_limit",
+    "dns_recursors",
     "log_format",
     "log_level",
 ];
@@ -178,8 +209,21 @@ pub struct Config {
     pub heartbeat: Duration,
     pub election_timeout: Duration,
     pub leader_wait: Duration,
+    pub dns: DnsSettings,
     pub log_json: bool,
     pub log_level: Option<String>,
+}
+
+/// DNS settings, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// Lower-case, with the trailing dot.
+    pub domain: String,
+    pub node_ttl: u32,
+    pub service_ttl: std::collections::BTreeMap<String, u32>,
+    pub only_passing: bool,
+    pub a_record_limit: usize,
+    pub recursors: Vec<SocketAddr>,
 }
 
 /// Every problem found in the configuration, one per line.
@@ -298,6 +342,47 @@ impl Config {
             .leader_wait_ms
             .or(file.leader_wait_ms)
             .unwrap_or(defaults::LEADER_WAIT_MS);
+        let mut domain = cli
+            .dns_domain
+            .or(file.dns_domain)
+            .unwrap_or_else(|| "mesh.".to_owned())
+            .to_ascii_lowercase();
+        if !domain.ends_with('.') {
+            domain.push('.');
+        }
+        let domain_ok = domain.len() > 1
+            && domain.len() <= 200
+            && domain.trim_end_matches('.').split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !domain_ok {
+            errors.push(format!("dns_domain: {domain:?} is not a valid domain name"));
+        }
+        let mut service_ttl = file.dns_service_ttl.unwrap_or_default();
+        for entry in cli.dns_service_ttl.unwrap_or_default() {
+            match entry
+                .split_once('=')
+                .map(|(n, t)| (n.trim(), t.trim().parse::<u32>()))
+            {
+                Some((name, Ok(ttl))) if !name.is_empty() => {
+                    service_ttl.insert(name.to_owned(), ttl);
+                }
+                _ => errors.push(format!("dns_service_ttl: {entry:?} is not NAME=SECONDS")),
+            }
+        }
+        let dns = DnsSettings {
+            domain,
+            node_ttl: cli.dns_node_ttl.or(file.dns_node_ttl).unwrap_or(0),
+            service_ttl,
+            only_passing: cli.dns_only_passing || file.dns_only_passing.unwrap_or(false),
+            a_record_limit: cli
+                .dns_a_record_limit
+                .or(file.dns_a_record_limit)
+                .unwrap_or(0),
+            recursors: cli.dns_recursors.or(file.dns_recursors).unwrap_or_default(),
+        };
         let log_json = match cli.log_format.or(file.log_format).as_deref() {
             None | Some("text") => false,
             Some("json") => true,
@@ -344,6 +429,7 @@ impl Config {
             heartbeat: Duration::from_millis(heartbeat_ms),
             election_timeout: Duration::from_millis(election_ms),
             leader_wait: Duration::from_millis(leader_wait_ms),
+            dns,
             log_json,
             log_level: cli.log_level.or(file.log_level),
         })

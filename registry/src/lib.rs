@@ -10,6 +10,7 @@ pub mod api;
 pub mod command;
 pub mod config;
 pub mod datadir;
+pub mod dns;
 pub mod health;
 pub mod node;
 pub mod raft;

@@ -68,6 +68,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         http: bind("http", config.http_addr).await?,
         grpc: bind("grpc", config.grpc_addr).await?,
         raft: bind("raft", config.raft_addr).await?,
+        dns_udp: tokio::net::UdpSocket::bind(config.dns_addr)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen for dns (udp) on {}: {e} (pick another address with --dns-addr)",
+                    config.dns_addr
+                )
+            })?,
+        dns_tcp: bind("dns", config.dns_addr).await?,
     };
     // Dev mode keeps its data in a temp dir that is removed at exit.
     let (data_dir, _temp) = match &config.data_dir {
@@ -96,8 +105,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         config.advertise_addr
     );
     println!(
-        "  dns   {}  (not served yet: the DNS interface is a later milestone)",
-        config.dns_addr
+        "  dns   {}  (UDP and TCP, domain {})",
+        listeners.dns_udp.local_addr()?,
+        config.dns.domain
     );
 
     let shutdown = CancellationToken::new();

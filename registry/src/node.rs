@@ -199,7 +199,8 @@ impl RegistryNode {
         // Read-your-writes on this server: answer once its own state has
         // applied the write too (bounded; the write is committed either way).
         let mut local = self.state.subscribe();
-        let _ = tokio::time::timeout(self.leader_wait, local.wait_for(|i| *i >= applied.index)).await;
+        let _ =
+            tokio::time::timeout(self.leader_wait, local.wait_for(|i| *i >= applied.index)).await;
         Ok(applied)
     }
 

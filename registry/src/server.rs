@@ -39,6 +39,8 @@ pub struct Listeners {
     pub http: TcpListener,
     pub grpc: TcpListener,
     pub raft: TcpListener,
+    pub dns_udp: tokio::net::UdpSocket,
+    pub dns_tcp: TcpListener,
 }
 
 /// Why the server could not start or stopped with an error.
@@ -207,6 +209,38 @@ pub async fn run(
             }
         }
         .instrument(tracing::info_span!("cluster_identity")),
+    );
+
+    // DNS, from this server's own state.
+    let dns_config = Arc::new(crate::dns::DnsConfig {
+        domain: hickory_proto::rr::Name::from_ascii(&config.dns.domain)
+            .map_err(|e| ServerError::RaftConfig(format!("dns domain: {e}")))?,
+        datacenter: config.datacenter.clone(),
+        service_ttl: config.dns.service_ttl.clone().into_iter().collect(),
+        node_ttl: config.dns.node_ttl,
+        only_passing: config.dns.only_passing,
+        a_record_limit: config.dns.a_record_limit,
+        recursors: config.dns.recursors.clone(),
+        ns_addr: config
+            .advertise_addr
+            .rsplit_once(':')
+            .and_then(|(host, _)| host.trim_matches(|c| c == '[' || c == ']').parse().ok()),
+    });
+    let dns_state = Arc::clone(&node.state);
+    let token = shutdown.clone();
+    tasks.spawn(
+        async move {
+            crate::dns::serve(
+                listeners.dns_udp,
+                listeners.dns_tcp,
+                dns_state,
+                dns_config,
+                token,
+            )
+            .await;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("dns")),
     );
 
     // Leader duties: health checks, TTLs, deregistration of critical instances.

@@ -1,0 +1,222 @@
+//! The DNS interface (UDP and TCP): every server answers from its own copy
+//! of the state (stale reads, no request to the leader), so an applied
+//! change shows in the next answer with no polling. Names outside the
+//! domain go to the configured recursors, or are refused.
+//!
+//! Packets are parsed and built with hickory-proto; the socket loops are
+//! our own so that every malformed packet gets an answer (or is dropped)
+//! by rules we control, and UDP answers respect 512 bytes without EDNS.
+
+pub mod answer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::raft::state_machine::SharedState;
+pub use answer::DnsConfig;
+use answer::{Outcome, Transport, handle_packet};
+
+/// Concurrent TCP connections served; more wait in the accept queue.
+const MAX_TCP_CONNECTIONS: usize = 512;
+/// A TCP connection idle this long is closed.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// How long a recursor gets to answer.
+const RECURSOR_TIMEOUT: Duration = Duration::from_secs(2);
+/// UDP receive workers sharing the socket.
+const UDP_WORKERS: usize = 2;
+
+/// Serves DNS on both sockets until `shutdown`.
+pub async fn serve(
+    udp: UdpSocket,
+    tcp: TcpListener,
+    state: Arc<SharedState>,
+    config: Arc<DnsConfig>,
+    shutdown: CancellationToken,
+) {
+    let udp = Arc::new(udp);
+    let mut tasks = JoinSet::new();
+    for _ in 0..UDP_WORKERS {
+        tasks.spawn(udp_worker(
+            Arc::clone(&udp),
+            Arc::clone(&state),
+            Arc::clone(&config),
+            shutdown.clone(),
+        ));
+    }
+    tasks.spawn(tcp_acceptor(tcp, state, config, shutdown.clone()));
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn udp_worker(
+    socket: Arc<UdpSocket>,
+    state: Arc<SharedState>,
+    config: Arc<DnsConfig>,
+    shutdown: CancellationToken,
+) {
+    let mut buf = vec![0u8; 65_535];
+    let mut forwards = JoinSet::new();
+    loop {
+        let (len, src) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(_) = forwards.join_next(), if !forwards.is_empty() => continue,
+            received = socket.recv_from(&mut buf) => match received {
+                Ok(r) => r,
+                Err(e) => {
+                    // ICMP errors from earlier sends surface here; keep serving.
+                    tracing::debug!(error = %e, "dns udp receive failed");
+                    continue;
+                }
+            },
+        };
+        let packet = &buf[..len];
+        let outcome = {
+            let state = state.read();
+            handle_packet(packet, &state, &config, Transport::Udp, &mut rand::rng())
+        };
+        match outcome {
+            Outcome::Reply(bytes) => {
+                if let Err(e) = socket.send_to(&bytes, src).await {
+                    tracing::debug!(error = %e, %src, "dns udp send failed");
+                }
+            }
+            Outcome::Forward if forwards.len() < 256 => {
+                let packet = packet.to_vec();
+                let socket = Arc::clone(&socket);
+                let recursors = config.recursors.clone();
+                forwards.spawn(async move {
+                    let reply = forward(&packet, &recursors)
+                        .await
+                        .unwrap_or_else(|| servfail(&packet));
+                    let _ = socket.send_to(&reply, src).await;
+                });
+            }
+            Outcome::Forward => {
+                let _ = socket.send_to(&servfail(packet), src).await;
+            }
+            Outcome::Drop => {}
+        }
+    }
+    forwards.abort_all();
+}
+
+async fn tcp_acceptor(
+    listener: TcpListener,
+    state: Arc<SharedState>,
+    config: Arc<DnsConfig>,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    let mut connections = JoinSet::new();
+    loop {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            break;
+        };
+        let (stream, _) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(error = %e, "dns tcp accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = Arc::clone(&state);
+        let config = Arc::clone(&config);
+        let token = shutdown.clone();
+        connections.spawn(async move {
+            tokio::select! {
+                () = token.cancelled() => {}
+                () = tcp_connection(stream, state, config) => {}
+            }
+            drop(permit);
+        });
+    }
+    connections.abort_all();
+}
+
+/// Serves length-prefixed queries on one connection until it closes,
+/// idles, or sends something that is not DNS.
+async fn tcp_connection(mut stream: TcpStream, state: Arc<SharedState>, config: Arc<DnsConfig>) {
+    let _ = stream.set_nodelay(true);
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let len = usize::from(u16::from_be_bytes(len));
+        let mut packet = vec![0u8; len];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut packet)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let outcome = {
+            let state = state.read();
+            handle_packet(&packet, &state, &config, Transport::Tcp, &mut rand::rng())
+        };
+        let reply = match outcome {
+            Outcome::Reply(bytes) => bytes,
+            Outcome::Forward => forward(&packet, &config.recursors)
+                .await
+                .unwrap_or_else(|| servfail(&packet)),
+            Outcome::Drop => return,
+        };
+        let Ok(reply_len) = u16::try_from(reply.len()) else {
+            return;
+        };
+        let mut framed = Vec::with_capacity(reply.len() + 2);
+        framed.extend_from_slice(&reply_len.to_be_bytes());
+        framed.extend_from_slice(&reply);
+        if stream.write_all(&framed).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Asks each recursor in turn over UDP; the first answer with our id wins.
+async fn forward(packet: &[u8], recursors: &[SocketAddr]) -> Option<Vec<u8>> {
+    for recursor in recursors {
+        let bind: SocketAddr = if recursor.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            ([0u16; 8], 0).into()
+        };
+        let Ok(socket) = UdpSocket::bind(bind).await else {
+            continue;
+        };
+        if socket.send_to(packet, recursor).await.is_err() {
+            continue;
+        }
+        let mut buf = vec![0u8; 65_535];
+        if let Ok(Ok((len, from))) =
+            tokio::time::timeout(RECURSOR_TIMEOUT, socket.recv_from(&mut buf)).await
+            && from == *recursor
+            && len >= 2
+            && buf[..2] == packet[..2]
+        {
+            buf.truncate(len);
+            return Some(buf);
+        }
+        tracing::debug!(%recursor, "recursor did not answer");
+    }
+    None
+}
+
+fn servfail(packet: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; 12];
+    out[0] = packet.first().copied().unwrap_or(0);
+    out[1] = packet.get(1).copied().unwrap_or(0);
+    out[2] = 0x80 | (packet.get(2).copied().unwrap_or(0) & 0x79);
+    out[3] = 0x80 | 2;
+    out
+}
