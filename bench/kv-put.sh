@@ -397,6 +397,9 @@ strace_probe() { # system leader-pid -> raw/strace-<system>.txt
 START_TS=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 ensure_packages
 check_ports
+if [ -e "$RAW_DIR" ] && [ ! -f "$RAW_DIR/.kv-put-raw" ]; then
+    die "RAW_DIR $RAW_DIR exists and was not made by this script; pick another"
+fi
 
 if [ "$SKIP_BUILD" != 1 ]; then
     log "cargo build --release --bin meshwork-registry"
@@ -524,7 +527,12 @@ if [ "$DIAG_STRACE" = 1 ]; then
 fi
 
 # Keep raw output and server logs next to the report.
-rm -rf "$RAW_DIR"; mkdir -p "$RAW_DIR"
+# Only ever delete a RAW_DIR that this script created (it carries a marker).
+if [ -e "$RAW_DIR" ]; then
+    [ -f "$RAW_DIR/.kv-put-raw" ] || die "$RAW_DIR exists and was not made by this script; not replacing it"
+    rm -rf -- "$RAW_DIR"
+fi
+mkdir -p "$RAW_DIR"; : >"$RAW_DIR/.kv-put-raw"
 cp "$WORK"/raw/* "$RAW_DIR"/ 2>/dev/null || true
 cp "$WORK"/logs/*.log "$RAW_DIR"/
 cp "$WORK"/*.tsv "$WORK"/machine.txt "$WORK"/free.txt "$WORK"/ps-before.txt "$RAW_DIR"/

@@ -226,3 +226,51 @@ async fn garbage_packets_get_formerr_or_silence_and_the_server_keeps_answering()
     cluster.done();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_outside_the_domain_go_to_the_recursors() -> Result<()> {
+    use hickory_proto::op::{Message, MessageType};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record};
+    // A stand-in upstream resolver on loopback that answers every A query.
+    let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let upstream_addr = upstream.local_addr()?;
+    tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        for _ in 0..100 {
+            let Ok((len, from)) = upstream.recv_from(&mut buf).await else {
+                return;
+            };
+            let Ok(query) = Message::from_vec(&buf[..len]) else {
+                continue;
+            };
+            let mut reply = Message::new();
+            reply
+                .set_id(query.id())
+                .set_message_type(MessageType::Response);
+            for q in query.queries() {
+                reply.add_query(q.clone());
+                reply.add_answer(Record::from_rdata(
+                    q.name().clone(),
+                    60,
+                    RData::A(A([127, 0, 0, 99].into())),
+                ));
+            }
+            if let Ok(bytes) = reply.to_vec() {
+                let _ = upstream.send_to(&bytes, from).await;
+            }
+        }
+    });
+    let recursor = upstream_addr.to_string();
+    let cluster = Cluster::start(1, &["--dns-recursors", &recursor]).await?;
+    assert_eq!(short(&cluster, 0, &["example.com", "A"])?, ["127.0.0.99"]);
+    assert_eq!(
+        short(&cluster, 0, &["+tcp", "example.org", "A"])?,
+        ["127.0.0.99"]
+    );
+    // Our own names are still ours.
+    let own = dig(&cluster, 0, &["nosuch.service.mesh", "A"])?;
+    assert!(own.contains("status: NXDOMAIN"), "{own}");
+    cluster.done();
+    Ok(())
+}
