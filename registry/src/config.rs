@@ -22,6 +22,7 @@ pub mod defaults {
     pub const DATA_DIR: &str = "/var/lib/meshwork";
     pub const SNAPSHOT_THRESHOLD: u64 = 8192;
     pub const SNAPSHOT_TRAILING_LOGS: u64 = 1024;
+    pub const SNAPSHOT_INTERVAL_MS: u64 = 5000;
     pub const HEARTBEAT_MS: u64 = 200;
     pub const ELECTION_TIMEOUT_MS: u64 = 1000;
     pub const LEADER_WAIT_MS: u64 = 5000;
@@ -78,6 +79,9 @@ pub struct Cli {
     /// Log entries kept behind a snapshot for slow followers.
     #[arg(long)]
     pub snapshot_trailing_logs: Option<u64>,
+    /// How often to check whether a snapshot is due, in milliseconds.
+    #[arg(long)]
+    pub snapshot_interval_ms: Option<u64>,
     /// Leader heartbeat interval in milliseconds.
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
@@ -131,6 +135,7 @@ pub struct FileConfig {
     pub join: Option<String>,
     pub snapshot_threshold: Option<u64>,
     pub snapshot_trailing_logs: Option<u64>,
+    pub snapshot_interval_ms: Option<u64>,
     pub heartbeat_ms: Option<u64>,
     pub election_timeout_ms: Option<u64>,
     pub leader_wait_ms: Option<u64>,
@@ -158,6 +163,7 @@ const FILE_KEYS: &[&str] = &[
     "join",
     "snapshot_threshold",
     "snapshot_trailing_logs",
+    "snapshot_interval_ms",
     "heartbeat_ms",
     "election_timeout_ms",
     "leader_wait_ms",
@@ -206,6 +212,7 @@ pub struct Config {
     pub bootstrap: Bootstrap,
     pub snapshot_threshold: u64,
     pub snapshot_trailing_logs: u64,
+    pub snapshot_interval: Duration,
     pub heartbeat: Duration,
     pub election_timeout: Duration,
     pub leader_wait: Duration,
@@ -325,6 +332,11 @@ impl Config {
             .snapshot_trailing_logs
             .or(file.snapshot_trailing_logs)
             .unwrap_or(defaults::SNAPSHOT_TRAILING_LOGS);
+        let snapshot_interval_ms = cli
+            .snapshot_interval_ms
+            .or(file.snapshot_interval_ms)
+            .unwrap_or(defaults::SNAPSHOT_INTERVAL_MS)
+            .max(10);
         let heartbeat_ms = cli
             .heartbeat_ms
             .or(file.heartbeat_ms)
@@ -426,6 +438,7 @@ impl Config {
             bootstrap,
             snapshot_threshold,
             snapshot_trailing_logs,
+            snapshot_interval: Duration::from_millis(snapshot_interval_ms),
             heartbeat: Duration::from_millis(heartbeat_ms),
             election_timeout: Duration::from_millis(election_ms),
             leader_wait: Duration::from_millis(leader_wait_ms),

@@ -355,10 +355,23 @@ impl RegistryNode {
         deadline: Instant,
     ) -> Result<u64, WriteAttempt> {
         if !linearizable {
-            return if self.is_leader() {
-                Ok(self.state.applied_index())
-            } else {
-                Err(WriteAttempt::Retry)
+            // The leader's state answers default reads, but only once it
+            // has applied an entry of its own term: until then, entries
+            // committed under the previous leader may not be applied yet.
+            let mut metrics = self.raft.metrics();
+            let ready = tokio::time::timeout_at(
+                deadline,
+                metrics.wait_for(|m| {
+                    m.state != ServerState::Leader
+                        || m.last_applied
+                            .is_some_and(|l| l.leader_id.term >= m.current_term)
+                }),
+            )
+            .await;
+            return match ready {
+                Ok(Ok(m)) if m.state == ServerState::Leader => Ok(self.state.applied_index()),
+                Ok(_) => Err(WriteAttempt::Retry),
+                Err(_) => Err(WriteAttempt::Failed(ClusterError::NoLeader)),
             };
         }
         match tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await {

@@ -73,7 +73,8 @@ pub async fn run(
         path: dir.path.display().to_string(),
         reason: e.to_string(),
     };
-    let log_store = SledLogStore::open(&dir.db).map_err(|e| storage_error(&e))?;
+    let log_store =
+        SledLogStore::open(&dir.db, &dir.path.join("raft")).map_err(|e| storage_error(&e))?;
     let state_machine =
         StateMachineStore::open(&dir.path.join("snapshot")).map_err(|e| storage_error(&e))?;
     let shared = state_machine.shared();
@@ -83,7 +84,11 @@ pub async fn run(
         heartbeat_interval: config.heartbeat.as_millis() as u64,
         election_timeout_min: config.election_timeout.as_millis() as u64,
         election_timeout_max: config.election_timeout.as_millis() as u64 * 2,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_threshold),
+        // Snapshots are triggered by `snapshot_when_due`, at most once per
+        // interval (as Consul's snapshot_interval), not on every threshold
+        // crossing: at high write rates a large state would otherwise be
+        // rewritten every few seconds.
+        snapshot_policy: SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: config.snapshot_trailing_logs,
         max_payload_entries: 256,
         install_snapshot_timeout: 30_000,
@@ -241,6 +246,21 @@ pub async fn run(
             Ok(())
         }
         .instrument(tracing::info_span!("dns")),
+    );
+
+    // Snapshots: every interval, if enough entries were applied since the last.
+    let snapshot_node = Arc::clone(&node);
+    let token = shutdown.clone();
+    let (threshold, interval) = (config.snapshot_threshold, config.snapshot_interval);
+    tasks.spawn(
+        async move {
+            tokio::select! {
+                () = token.cancelled() => {}
+                () = snapshot_when_due(&snapshot_node, threshold, interval) => {}
+            }
+            Ok(())
+        }
+        .instrument(tracing::info_span!("snapshots")),
     );
 
     // Leader duties: health checks, TTLs, deregistration of critical instances.
@@ -463,6 +483,37 @@ async fn keep_cluster_identity(node: &RegistryNode, dir: &DataDir) -> Result<(),
         tokio::select! {
             _ = applied.changed() => {}
             _ = metrics.changed() => {}
+        }
+    }
+}
+
+/// Triggers a snapshot (which then purges the log) whenever `threshold`
+/// entries have been applied since the last one, checking every `interval`.
+async fn snapshot_when_due(node: &RegistryNode, threshold: u64, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let (applied, last_snapshot) = {
+            let metrics = node.raft.metrics();
+            let m = metrics.borrow();
+            (
+                m.last_applied.map_or(0, |l| l.index),
+                m.snapshot.map_or(0, |l| l.index),
+            )
+        };
+        if applied.saturating_sub(last_snapshot) >= threshold {
+            if let Err(e) = node.raft.trigger().snapshot().await {
+                tracing::warn!(error = %e, "could not trigger a snapshot");
+                return;
+            }
+            // Give the snapshot time to finish before looking again.
+            let mut metrics = node.raft.metrics();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(60),
+                metrics.wait_for(|m| m.snapshot.map_or(0, |l| l.index) > last_snapshot),
+            )
+            .await;
         }
     }
 }

@@ -15,7 +15,7 @@ impl StoreBuilder<TypeConfig, SledLogStore, StateMachineStore, tempfile::TempDir
     ) -> Result<(tempfile::TempDir, SledLogStore, StateMachineStore), StorageError<u64>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = sled::open(dir.path().join("raft")).expect("open sled");
-        let log = SledLogStore::open(&db).expect("log store");
+        let log = SledLogStore::open(&db, &dir.path().join("raft")).expect("log store");
         let sm = StateMachineStore::open(&dir.path().join("snapshot"))?;
         Ok((dir, log, sm))
     }

@@ -117,7 +117,16 @@ async fn killing_the_leader_elects_another_and_loses_no_acknowledged_write() -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_every_server_keeps_the_data() -> Result<()> {
-    let mut cluster = Cluster::start(3, &["--snapshot-threshold", "30"]).await?;
+    let mut cluster = Cluster::start(
+        3,
+        &[
+            "--snapshot-threshold",
+            "30",
+            "--snapshot-interval-ms",
+            "100",
+        ],
+    )
+    .await?;
     for n in 0..60 {
         cluster
             .must_put(n % 3, &format!("r/{n}"), &format!("v{n}"))
@@ -165,6 +174,8 @@ async fn a_server_that_missed_a_snapshot_catches_up_after_restart() -> Result<()
             "50",
             "--snapshot-trailing-logs",
             "0",
+            "--snapshot-interval-ms",
+            "100",
         ],
     )
     .await?;
@@ -177,6 +188,9 @@ async fn a_server_that_missed_a_snapshot_catches_up_after_restart() -> Result<()
             .must_put(writers[n % 2], &format!("s/{n:03}"), &format!("v{n}"))
             .await?;
     }
+    // Snapshots are checked every 100 ms: let one run and purge the log
+    // the lagging server would need.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     cluster.servers[lagging].start(&[])?;
     wait_for(
         "lagging server to have every key",
@@ -305,13 +319,30 @@ async fn blocking_queries_wake_on_change_and_time_out_without_one() -> Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_adds_a_fourth_server_that_receives_all_data() -> Result<()> {
-    let mut cluster = Cluster::start(3, &["--snapshot-threshold", "40"]).await?;
+    let mut cluster = Cluster::start(
+        3,
+        &[
+            "--snapshot-threshold",
+            "40",
+            "--snapshot-interval-ms",
+            "100",
+        ],
+    )
+    .await?;
     for n in 0..100 {
         cluster
             .must_put(n % 3, &format!("j/{n:03}"), &format!("v{n}"))
             .await?;
     }
-    let fourth = cluster.add_joining_server(1, &["--snapshot-threshold", "40"]);
+    let fourth = cluster.add_joining_server(
+        1,
+        &[
+            "--snapshot-threshold",
+            "40",
+            "--snapshot-interval-ms",
+            "100",
+        ],
+    );
     cluster.servers[fourth].start(&[])?;
     wait_for("four voters", Duration::from_secs(30), || async {
         let resp = cluster

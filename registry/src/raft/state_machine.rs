@@ -163,13 +163,31 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let data = serde_json::to_vec(&self.payload)
-            .map_err(|e| storage_io_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
         let meta = SnapshotMeta {
             last_log_id: self.payload.last_applied,
             last_membership: self.payload.last_membership.clone(),
             snapshot_id: self.snapshot_id.clone(),
         };
+        // Encoding a large state is CPU work: keep it off the async workers
+        // that carry heartbeats and client requests.
+        let payload = std::mem::replace(
+            &mut self.payload,
+            SnapshotPayload {
+                last_applied: None,
+                last_membership: Membership::default(),
+                state: State::default(),
+            },
+        );
+        let data = tokio::task::spawn_blocking(move || serde_json::to_vec(&payload))
+            .await
+            .map_err(|e| {
+                storage_io_error(
+                    ErrorSubject::Snapshot(None),
+                    ErrorVerb::Write,
+                    std::io::Error::other(e.to_string()),
+                )
+            })?
+            .map_err(|e| storage_io_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
         let data = StateMachineStore::persist_snapshot(&self.snapshots, &meta, data).await?;
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "snapshot built");
         Ok(Snapshot {

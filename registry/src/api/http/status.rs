@@ -28,7 +28,14 @@ pub async fn peers(State(app): State<AppState>) -> Json<Vec<String>> {
 }
 
 /// `GET /v1/operator/raft/configuration`.
-pub async fn raft_configuration(State(app): State<AppState>) -> Json<Value> {
+pub async fn raft_configuration(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    // A leader read by default (as Consul), so a change just made through
+    // any server is visible; `?stale` answers from this server's view.
+    let options = super::query::ReadOptions::from_params(&Params::parse(query.as_deref()))?;
+    app.node.read_barrier(options.consistency).await?;
     let leader = app.node.leader().map(|(id, _)| id);
     let servers: Vec<Value> = app
         .node
@@ -45,7 +52,9 @@ pub async fn raft_configuration(State(app): State<AppState>) -> Json<Value> {
             })
         })
         .collect();
-    Json(json!({ "Servers": servers, "Index": app.node.membership_index() }))
+    Ok(Json(
+        json!({ "Servers": servers, "Index": app.node.membership_index() }),
+    ))
 }
 
 /// `DELETE /v1/operator/raft/peer?id=N` (or `?address=HOST:PORT`).
