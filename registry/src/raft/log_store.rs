@@ -23,7 +23,6 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, Vote};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
 
 use super::{LogId, NodeId, StorageError, TypeConfig, storage_io_error};
 
@@ -42,16 +41,20 @@ pub struct SledLogStore {
     /// sled's data file, for `fdatasync` after each flush.
     data_file: Arc<Option<std::fs::File>>,
     /// Completion callbacks of appends waiting for the next flush.
-    flusher: mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
+    flusher: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
 }
 
 impl SledLogStore {
-    /// Opens the log in `db`, whose files live in `dir`. Starts the flusher
-    /// task, so it must run inside a tokio runtime.
+    /// Opens the log in `db`, whose files live in `dir`, and starts the
+    /// flusher thread (it ends when the last clone of the store is dropped).
     pub fn open(db: &sled::Db, dir: &Path) -> Result<Self, sled::Error> {
         let data_file = Arc::new(std::fs::File::open(dir.join("db")).ok());
-        let (flusher, pending) = mpsc::unbounded_channel();
-        tokio::spawn(flush_appends(db.clone(), Arc::clone(&data_file), pending));
+        let (flusher, pending) = std::sync::mpsc::channel();
+        let (flush_db, flush_file) = (db.clone(), Arc::clone(&data_file));
+        std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || flush_appends(&flush_db, &flush_file, &pending))
+            .map_err(|e| sled::Error::Io(std::io::Error::other(e.to_string())))?;
         Ok(Self {
             db: db.clone(),
             log: db.open_tree("log")?,
@@ -139,18 +142,23 @@ async fn flush_durably(
     .map_err(std::io::Error::other)?
 }
 
-/// The flusher: one durable flush per batch of queued appends.
-async fn flush_appends(
-    db: sled::Db,
-    data_file: Arc<Option<std::fs::File>>,
-    mut pending: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>,
+/// The flusher thread: one durable flush per batch of queued appends. A
+/// plain thread, because flushing blocks: no async worker waits on disk.
+fn flush_appends(
+    db: &sled::Db,
+    data_file: &Option<std::fs::File>,
+    pending: &std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>,
 ) {
-    while let Some(first) = pending.recv().await {
+    while let Ok(first) = pending.recv() {
         let mut batch = vec![first];
         while let Ok(more) = pending.try_recv() {
             batch.push(more);
         }
-        let result = flush_durably(&db, &data_file).await;
+        let result = db
+            .flush()
+            .map(|_| ())
+            .map_err(std::io::Error::other)
+            .and_then(|()| data_file.as_ref().map_or(Ok(()), std::fs::File::sync_data));
         if let Err(e) = &result {
             tracing::error!(error = %e, "raft log flush failed");
         }
