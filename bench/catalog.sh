@@ -27,7 +27,9 @@
 #   POST_SCALE_ROUND 1 = one more WAITERS fan-out on the big catalog [1]
 #   CONNMEM      connections in the per-connection memory check on a separate
 #                fresh one-server cluster (idle, then blocking), 0 = skip [3334]
-#   TIME_BUDGET_S optional phases are skipped once the run is this old [600]
+#   TIME_BUDGET_S optional phases (small rounds after the first, noise test,
+#                memory check, post-scale round) are skipped once this many
+#                seconds have passed since the servers started [600]
 #   QUIET_WAIT_S before each measurement, wait up to this long for the machine
 #                to be idle (it is shared) [30]
 #   NOISE_PCT    a fan-out round during which other processes used more than
@@ -150,7 +152,15 @@ check_alive() {
     done
 }
 
-budget_left() { [ "$SECONDS" -lt "$TIME_BUDGET_S" ]; }
+# The budget counts from when the servers start (a build can take minutes).
+T0=0
+SKIPPED=""
+budget_left() { # phase name
+    [ $((SECONDS - T0)) -lt "$TIME_BUDGET_S" ] && return 0
+    log "time budget (${TIME_BUDGET_S}s) used up; skipping $1"
+    SKIPPED="$SKIPPED $1"
+    return 1
+}
 
 # Runs the load client; a failure is recorded and the run goes on.
 run_client() { # label subcommand args...
@@ -217,6 +227,7 @@ fi
 free -h >"$RAW_DIR/free.txt"
 
 # ---------------------------------------------------------------- cluster
+T0=$SECONDS
 WORK=$(mktemp -d "$BENCH_TMPDIR/meshwork-catalog-bench.XXXXXX")
 mkdir -p "$WORK/logs"
 for i in 1 2 3; do
@@ -305,12 +316,13 @@ fanout() { # label waiters write_server(0-based) [extra args]
 # The small rounds first, so that their memory is measured on fresh servers
 # (the allocator keeps what the 10,000-waiter rounds took).
 for r in $(seq 1 "$SMALL_ROUNDS"); do
+    [ "$r" = 1 ] || budget_left "w${SMALL_WAITERS}-r$r" || continue
     fanout "w${SMALL_WAITERS}-r$r" "$SMALL_WAITERS" $(( (r - 1) % 3 ))
 done
 for r in $(seq 1 "$ROUNDS"); do
     fanout "w${WAITERS}-r$r" "$WAITERS" $(( (r - 1) % 3 ))
 done
-if [ "$NOISE_WRITES" -gt 0 ] && budget_left; then
+if [ "$NOISE_WRITES" -gt 0 ] && budget_left "noise-test"; then
     log "noise: $NOISE_WRITES unrelated KV writes without waiters"
     wait_quiet "noise-w0"
     run_client "noise-w0" noise --write-server 0 --noise-writes "$NOISE_WRITES"
@@ -322,7 +334,7 @@ fi
 # so that no earlier round has warmed its allocator: RSS per idle connection,
 # then per blocking request on those connections, then after they close;
 # two passes.
-if [ -n "$SOLO_PID" ] && budget_left; then
+if [ -n "$SOLO_PID" ] && budget_left "connmem"; then
     solo_ok=0
     for _ in $(seq 1 40); do
         kill -0 "$SOLO_PID" 2>/dev/null || break
@@ -347,7 +359,7 @@ run_client "scale" scale --data-dirs "$WORK/n1,$WORK/n2,$WORK/n3" \
     --services "$SERVICES" --instances "$INSTANCES" --nodes "$SCALE_NODES" \
     --concurrency "$SCALE_CONC" --max-s "$SCALE_MAX_S"
 
-if [ "$POST_SCALE_ROUND" = 1 ] && budget_left; then
+if [ "$POST_SCALE_ROUND" = 1 ] && budget_left "postscale-round"; then
     fanout "postscale-w${WAITERS}" "$WAITERS" 1
 fi
 
@@ -357,6 +369,7 @@ for i in 1 2 3; do
     printf 'server%s_log_warn_error=%s\n' "$i" "$(tail -n +"$((LOG_BASE[$i] + 1))" "$WORK/logs/meshwork-$i.log" | grep -ciE 'warn|error|panic' || true)" >>"$RAW_DIR/meta.txt"
 done
 echo "total_s=$SECONDS" >>"$RAW_DIR/meta.txt"
+echo "skipped=${SKIPPED# }" >>"$RAW_DIR/meta.txt"
 printf 'server1_log_base=%s\nserver2_log_base=%s\nserver3_log_base=%s\n' \
     "${LOG_BASE[1]}" "${LOG_BASE[2]}" "${LOG_BASE[3]}" >>"$RAW_DIR/meta.txt"
 cp "$WORK"/logs/*.log "$RAW_DIR/"
