@@ -46,6 +46,9 @@ pub enum Command {
         status: HealthStatus,
         output: String,
     },
+    /// Several client writes in one log entry (group commit), applied in
+    /// order at the same index.
+    Batch(Vec<Command>),
 }
 
 /// What applying a command produced.
@@ -58,6 +61,8 @@ pub enum CommandResponse {
     Applied(bool),
     /// A catalog change refused as invalid (nothing changed).
     CatalogRejected(CatalogError),
+    /// One response per command of a [`Command::Batch`].
+    Batch(Vec<CommandResponse>),
 }
 
 impl CommandResponse {

@@ -72,9 +72,17 @@ pub struct RegistryNode {
     pub leader_wait: Duration,
     /// When this follower last heard from a leader (AppendEntries).
     last_contact: Mutex<Option<std::time::Instant>>,
+    /// Queue of writes proposed on this server, batched into log entries.
+    batcher: tokio::sync::mpsc::Sender<BatchItem>,
     /// On the leader: when each TTL check was last updated by a client.
     /// In memory only: a new leader gives every TTL a full period.
     ttl_touches: Mutex<HashMap<(String, String), tokio::time::Instant>>,
+}
+
+impl std::fmt::Debug for BatchItem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchItem").finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for RegistryNode {
@@ -86,6 +94,7 @@ impl std::fmt::Debug for RegistryNode {
 }
 
 impl RegistryNode {
+    /// Creates the handle and starts its write batcher (inside a runtime).
     pub fn new(
         id: NodeId,
         raft: Raft,
@@ -93,6 +102,8 @@ impl RegistryNode {
         channels: PeerChannels,
         leader_wait: Duration,
     ) -> Self {
+        let (batcher, queue) = tokio::sync::mpsc::channel(4096);
+        tokio::spawn(run_batcher(raft.clone(), queue, leader_wait));
         Self {
             id,
             raft,
@@ -101,6 +112,7 @@ impl RegistryNode {
             leader_wait,
             last_contact: Mutex::new(None),
             ttl_touches: Mutex::new(HashMap::new()),
+            batcher,
         }
     }
 
@@ -249,30 +261,22 @@ impl RegistryNode {
                     tokio::time::Instant::now(),
                 );
         }
-        // A leader cut off from its quorum would wait forever; the entry
-        // may still commit if the quorum comes back, so its fate is unknown.
-        let written = tokio::time::timeout(self.leader_wait, self.raft.client_write(command)).await;
-        let Ok(written) = written else {
-            return Err(WriteAttempt::Failed(ClusterError::OutcomeUnknown(format!(
-                "no quorum committed the write within {:?} (No cluster leader?); it may still be applied if the cluster recovers",
-                self.leader_wait
-            ))));
-        };
-        match written {
-            Ok(resp) => Ok(Applied {
-                index: resp.log_id.index,
-                response: resp.data,
-            }),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Err(WriteAttempt::Retry)
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(WriteAttempt::Failed(ClusterError::Rejected(e.to_string())))
-            }
-            Err(RaftError::Fatal(e)) => {
-                Err(WriteAttempt::Failed(ClusterError::Internal(e.to_string())))
-            }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self
+            .batcher
+            .send(BatchItem { command, reply })
+            .await
+            .is_err()
+        {
+            return Err(WriteAttempt::Failed(ClusterError::Internal(
+                "the write batcher has stopped".into(),
+            )));
         }
+        answer.await.unwrap_or_else(|_| {
+            Err(WriteAttempt::Failed(ClusterError::Internal(
+                "the write batcher dropped a write".into(),
+            )))
+        })
     }
 
     async fn forward_write(
@@ -641,4 +645,83 @@ fn is_connect_failure(status: &tonic::Status) -> bool {
         source = err.source();
     }
     false
+}
+
+/// A write waiting to be proposed.
+struct BatchItem {
+    command: Command,
+    reply: tokio::sync::oneshot::Sender<Result<Applied, WriteAttempt>>,
+}
+
+/// Most commands in one log entry.
+const MAX_BATCH: usize = 256;
+
+/// Group commit: proposes the queued writes as one log entry (one fsync on
+/// each server for all of them), waits for it to commit, then takes
+/// whatever queued up meanwhile. A lone write goes as itself.
+async fn run_batcher(
+    raft: Raft,
+    mut queue: tokio::sync::mpsc::Receiver<BatchItem>,
+    leader_wait: Duration,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut items = vec![first];
+        while items.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(item) => items.push(item),
+                Err(_) => break,
+            }
+        }
+        let (commands, replies): (Vec<Command>, Vec<_>) =
+            items.into_iter().map(|i| (i.command, i.reply)).unzip();
+        let count = commands.len();
+        let entry = if count == 1 {
+            commands
+                .into_iter()
+                .next()
+                .unwrap_or(Command::Batch(Vec::new()))
+        } else {
+            Command::Batch(commands)
+        };
+        // A leader cut off from its quorum would wait forever; the entry
+        // may still commit if the quorum comes back, so its fate is unknown.
+        let written = tokio::time::timeout(leader_wait, raft.client_write(entry)).await;
+        let outcome: Result<(u64, Vec<CommandResponse>), WriteAttempt> = match written {
+            Err(_) => Err(WriteAttempt::Failed(ClusterError::OutcomeUnknown(format!(
+                "no quorum committed the write within {leader_wait:?} (No cluster leader?); it may still be applied if the cluster recovers"
+            )))),
+            Ok(Ok(resp)) => {
+                let index = resp.log_id.index;
+                match resp.data {
+                    CommandResponse::Batch(responses) if count > 1 => Ok((index, responses)),
+                    single => Ok((index, vec![single])),
+                }
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Err(WriteAttempt::Retry)
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                Err(WriteAttempt::Failed(ClusterError::Rejected(e.to_string())))
+            }
+            Ok(Err(RaftError::Fatal(e))) => {
+                Err(WriteAttempt::Failed(ClusterError::Internal(e.to_string())))
+            }
+        };
+        match outcome {
+            Ok((index, responses)) => {
+                for (reply, response) in replies.into_iter().zip(responses) {
+                    let _ = reply.send(Ok(Applied { index, response }));
+                }
+            }
+            Err(attempt) => {
+                for reply in replies {
+                    let copy = match &attempt {
+                        WriteAttempt::Retry => WriteAttempt::Retry,
+                        WriteAttempt::Failed(e) => WriteAttempt::Failed(e.clone()),
+                    };
+                    let _ = reply.send(Err(copy));
+                }
+            }
+        }
+    }
 }

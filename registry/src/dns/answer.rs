@@ -481,15 +481,20 @@ fn soa_record(config: &DnsConfig) -> Record {
     Record::from_rdata(config.domain.clone(), config.node_ttl, RData::SOA(soa))
 }
 
-/// Encodes a response, trimming it to `limit` bytes with TC set when it
-/// does not fit (additional records go first, then answers).
+/// Encodes a response within `limit` bytes: additional records go first
+/// (without TC), then answers are cut and TC is set.
 fn encode(mut response: Message, limit: usize) -> Vec<u8> {
     let fits = |m: &Message| m.to_vec().ok().filter(|bytes| bytes.len() <= limit);
     if let Some(bytes) = fits(&response) {
         return bytes;
     }
-    response.set_truncated(true);
+    // Dropping additional records alone does not call for TC (RFC 2181
+    // §9): the answer is complete, the client can look the targets up.
     response.take_additionals();
+    if let Some(bytes) = fits(&response) {
+        return bytes;
+    }
+    response.set_truncated(true);
     let mut answers = response.take_answers();
     while !answers.is_empty() {
         let mut attempt = response.clone();
@@ -707,6 +712,22 @@ mod tests {
         let r = Message::from_vec(&bytes).expect("valid");
         assert!(!r.truncated());
         assert_eq!(r.answers().len(), 60);
+    }
+
+    #[test]
+    fn dropping_only_additionals_does_not_set_tc() {
+        let many: Vec<(String, String)> = (0..10)
+            .map(|i| (format!("host-number-{i}"), format!("10.0.0.{}", i + 1)))
+            .collect();
+        let entries: Vec<(&str, &str, &str, HealthStatus, &[&str])> = many
+            .iter()
+            .map(|(n, a)| (n.as_str(), a.as_str(), "", HealthStatus::Passing, &[][..]))
+            .collect();
+        let state = state_with(&entries);
+        let r = ask(&state, "web.service.mesh.", RecordType::SRV);
+        assert_eq!(r.answers().len(), 10);
+        assert!(r.additionals().is_empty());
+        assert!(!r.truncated());
     }
 
     #[test]

@@ -65,6 +65,9 @@ impl State {
                     .update_check(index, node, check_id, *status, output)
                     .map(|_| true),
             ),
+            Command::Batch(commands) => {
+                CommandResponse::Batch(commands.iter().map(|c| self.apply(index, c)).collect())
+            }
             Command::SetClusterId { id } => {
                 if self.cluster_id.is_some() {
                     CommandResponse::Applied(false)
@@ -93,6 +96,28 @@ fn catalog_response(result: Result<bool, catalog::CatalogError>) -> CommandRespo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_applies_in_order_at_one_index() {
+        let mut state = State::default();
+        let set = |key: &str, cas: Option<u64>| Command::KvSet {
+            key: key.into(),
+            value: b"v".to_vec(),
+            flags: 0,
+            cas,
+        };
+        let batch = Command::Batch(vec![set("a", None), set("a", Some(0)), set("b", Some(0))]);
+        let response = state.apply(7, &batch);
+        assert_eq!(
+            response,
+            CommandResponse::Batch(vec![
+                CommandResponse::Applied(true),
+                CommandResponse::Applied(false),
+                CommandResponse::Applied(true)
+            ])
+        );
+        assert_eq!(state.kv.get("b").map(|e| e.modify_index), Some(7));
+    }
 
     #[test]
     fn cluster_id_is_set_once() {
