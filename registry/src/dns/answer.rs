@@ -331,18 +331,18 @@ fn service_lookup(
     rng: &mut impl rand::Rng,
 ) -> Lookup {
     let catalog = &state.catalog;
-    let mut instances: Vec<(&Node, &ServiceInstance, HealthStatus)> = catalog
-        .instances(service)
-        .collect::<Vec<_>>()
+    let mut candidates: Vec<(&Node, &ServiceInstance)> = catalog.instances(service).collect();
+    if candidates.is_empty() {
+        // Service names are case-insensitive in DNS; registered names may not be.
+        candidates = catalog
+            .service_names()
+            .into_keys()
+            .filter(|n| n.eq_ignore_ascii_case(service))
+            .flat_map(|n| catalog.instances(n).collect::<Vec<_>>())
+            .collect();
+    }
+    let mut instances: Vec<(&Node, &ServiceInstance, HealthStatus)> = candidates
         .into_iter()
-        .chain(
-            // Service names are case-insensitive in DNS.
-            catalog
-                .service_names()
-                .into_keys()
-                .filter(|n| *n != service && n.eq_ignore_ascii_case(service))
-                .flat_map(|n| catalog.instances(n).collect::<Vec<_>>()),
-        )
         .filter(|(_, s)| tag.is_none_or(|t| s.tags.iter().any(|have| have.eq_ignore_ascii_case(t))))
         .map(|(n, s)| (n, s, catalog.instance_status(&n.name, &s.id)))
         .filter(|(_, _, status)| match status {
