@@ -116,7 +116,15 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------- helpers
-port_free() { ! (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+# Free = can be bound the way the server binds it (SO_REUSEADDR, as tokio
+# does): the ports are in the ephemeral range, so an outgoing connection of
+# another program can hold one even though nothing listens on it.
+port_free() {
+    python3 -c 'import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try: s.bind((sys.argv[1], int(sys.argv[2])))
+except OSError: sys.exit(1)' "$HOST" "$1"
+}
 
 # Waits (bounded) until the machine is idle for two 2-second samples in a
 # row; records the last sample and the processes that used the CPU during it
@@ -183,10 +191,6 @@ run_client() { # label subcommand args...
 # ---------------------------------------------------------------- prerequisites
 command -v python3 >/dev/null || die "python3 is needed"
 command -v curl >/dev/null || die "curl is needed"
-for p in 36301 36302 36303 36304 36501 36502 36503 36504 36601 36602 36603 36604 \
-         36701 36702 36703 36704; do
-    port_free "$p" || die "port $HOST:$p is already in use"
-done
 
 # File descriptors: the client holds WAITERS sockets, each server a third.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -227,6 +231,10 @@ fi
 free -h >"$RAW_DIR/free.txt"
 
 # ---------------------------------------------------------------- cluster
+for p in 36301 36302 36303 36304 36501 36502 36503 36504 36601 36602 36603 36604 \
+         36701 36702 36703 36704; do
+    port_free "$p" || die "port $HOST:$p is already in use"
+done
 T0=$SECONDS
 WORK=$(mktemp -d "$BENCH_TMPDIR/meshwork-catalog-bench.XXXXXX")
 mkdir -p "$WORK/logs"
