@@ -715,6 +715,49 @@ mod tests {
     }
 
     #[test]
+    fn only_passing_and_a_record_limit() {
+        let state = state_with(&[
+            ("n1", "10.0.0.1", "", HealthStatus::Passing, &[]),
+            ("n2", "10.0.0.2", "", HealthStatus::Warning, &[]),
+            ("n3", "10.0.0.3", "", HealthStatus::Passing, &[]),
+        ]);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut cfg = config();
+        cfg.only_passing = true;
+        let Outcome::Reply(bytes) = handle_packet(
+            &query("web.service.mesh.", RecordType::A),
+            &state,
+            &cfg,
+            Transport::Udp,
+            &mut rng,
+        ) else {
+            panic!("no reply");
+        };
+        let r = Message::from_vec(&bytes).expect("valid");
+        assert!(
+            r.answers()
+                .iter()
+                .all(|a| a.data().to_string() != "10.0.0.2")
+        );
+        assert_eq!(r.answers().len(), 2);
+        cfg.only_passing = false;
+        cfg.a_record_limit = 1;
+        cfg.service_ttl.insert("web".into(), 9);
+        let Outcome::Reply(bytes) = handle_packet(
+            &query("web.service.mesh.", RecordType::A),
+            &state,
+            &cfg,
+            Transport::Udp,
+            &mut rng,
+        ) else {
+            panic!("no reply");
+        };
+        let r = Message::from_vec(&bytes).expect("valid");
+        assert_eq!(r.answers().len(), 1);
+        assert_eq!(r.answers()[0].ttl(), 9);
+    }
+
+    #[test]
     fn dropping_only_additionals_does_not_set_tc() {
         let many: Vec<(String, String)> = (0..10)
             .map(|i| (format!("host-number-{i}"), format!("10.0.0.{}", i + 1)))
