@@ -24,7 +24,7 @@ use crate::config::{Bootstrap, Config};
 use crate::datadir::{DataDir, DataDirError};
 use crate::node::RegistryNode;
 use crate::raft::identity::{ClusterIdentity, FOREIGN_CLUSTER};
-use crate::raft::log_store::SledLogStore;
+use crate::raft::log_store::LogStore;
 use crate::raft::network::{MAX_INTERNAL_MESSAGE, NetworkFactory, PeerChannels};
 use crate::raft::service::InternalService;
 use crate::raft::state_machine::StateMachineStore;
@@ -73,8 +73,8 @@ pub async fn run(
         path: dir.path.display().to_string(),
         reason: e.to_string(),
     };
-    let log_store =
-        SledLogStore::open(&dir.db, &dir.path.join("raft")).map_err(|e| storage_error(&e))?;
+    let log_store = LogStore::open(&dir.db, &dir.path.join("raft"), &dir.path.join("wal"))
+        .map_err(|e| storage_error(&e))?;
     let state_machine =
         StateMachineStore::open(&dir.path.join("snapshot")).map_err(|e| storage_error(&e))?;
     let shared = state_machine.shared();
@@ -127,11 +127,14 @@ pub async fn run(
     let token = shutdown.clone();
     tasks.spawn(
         async move {
+            // `tcp_nodelay` on the builder does not reach sockets from
+            // `serve_with_incoming`; without it Nagle + delayed ACK stall
+            // small replies for 40 ms.
             tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .add_service(internal)
                 .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listeners.raft),
+                    tonic::transport::server::TcpIncoming::from(listeners.raft)
+                        .with_nodelay(Some(true)),
                     token.cancelled_owned(),
                 )
                 .await
@@ -150,7 +153,8 @@ pub async fn run(
             tonic::transport::Server::builder()
                 .add_service(public)
                 .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listeners.grpc),
+                    tonic::transport::server::TcpIncoming::from(listeners.grpc)
+                        .with_nodelay(Some(true)),
                     token.cancelled_owned(),
                 )
                 .await
@@ -178,7 +182,13 @@ pub async fn run(
     let token = shutdown.clone();
     tasks.spawn(
         async move {
-            axum::serve(listeners.http, app)
+            use axum::serve::ListenerExt;
+            let listener = listeners.http.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY failed");
+                }
+            });
+            axum::serve(listener, app)
                 .with_graceful_shutdown(token.cancelled_owned())
                 .await
                 .map_err(|e| ServerError::Serve("http", e.to_string()))

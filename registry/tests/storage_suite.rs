@@ -1,29 +1,35 @@
-//! openraft's storage conformance suite against our sled log store and
+//! openraft's storage conformance suite against our log store (WAL + sled metadata) and
 //! state machine, each test on a fresh sled database in a temp dir.
 
 use meshwork_registry::raft::TypeConfig;
-use meshwork_registry::raft::log_store::SledLogStore;
+use meshwork_registry::raft::log_store::LogStore;
 use meshwork_registry::raft::state_machine::StateMachineStore;
 use openraft::StorageError;
 use openraft::testing::{StoreBuilder, Suite};
 
-struct SledBuilder;
+struct Builder;
 
-impl StoreBuilder<TypeConfig, SledLogStore, StateMachineStore, tempfile::TempDir> for SledBuilder {
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
     async fn build(
         &self,
-    ) -> Result<(tempfile::TempDir, SledLogStore, StateMachineStore), StorageError<u64>> {
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<u64>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = sled::open(dir.path().join("raft")).expect("open sled");
-        let log = SledLogStore::open(&db, &dir.path().join("raft")).expect("log store");
+        let log = LogStore::open_with_segment_size(
+            &db,
+            &dir.path().join("raft"),
+            &dir.path().join("wal"),
+            64 * 1024,
+        )
+        .expect("log store");
         let sm = StateMachineStore::open(&dir.path().join("snapshot"))?;
         Ok((dir, log, sm))
     }
 }
 
 #[test]
-fn sled_store_passes_openraft_suite() {
-    if let Err(e) = Suite::test_all(SledBuilder) {
+fn log_store_passes_openraft_suite() {
+    if let Err(e) = Suite::test_all(Builder) {
         panic!("storage suite failed: {e}");
     }
 }

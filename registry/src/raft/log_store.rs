@@ -1,18 +1,16 @@
-//! The Raft log, vote and committed index in sled.
+//! The Raft log store: entries in our write-ahead log ([`super::wal`]),
+//! the vote, committed index and purge point in sled.
 //!
-//! Trees: `log` (big-endian index → JSON entry) and `meta` (vote, committed,
-//! last purged log id). sled only writes back in the background unless told
-//! to, so every append and vote is flushed before openraft hears it is
-//! durable: an acknowledged write is on disk on a quorum.
+//! Every append and vote is synced before openraft hears it is durable: an
+//! acknowledged write is on disk on a quorum. sled 0.34's flush ends in
+//! `sync_file_range`, which neither flushes the drive's write cache nor file
+//! metadata, so every sled flush here is followed by `fdatasync` of sled's
+//! data file.
 //!
-//! Durability: sled 0.34's flush ends in `sync_file_range`, which neither
-//! flushes the drive's write cache nor file metadata; every flush here is
-//! followed by `fdatasync` of sled's data file.
-//!
-//! Group commit: `append` hands its completion callback to one flusher
-//! task and returns; the flusher takes every callback queued meanwhile and
-//! covers them all with one flush, so under load many appends share an
-//! fsync.
+//! Group commit: `append` writes its entries to the WAL (page cache) and
+//! hands its completion callback to one flusher thread; the flusher takes
+//! every callback queued meanwhile and covers them all with one
+//! `fdatasync`, so under load many appends share a sync.
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
@@ -24,6 +22,7 @@ use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, Vote};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::wal::{DEFAULT_SEGMENT_SIZE, Wal};
 use super::{LogId, NodeId, StorageError, TypeConfig, storage_io_error};
 
 type Entry = openraft::Entry<TypeConfig>;
@@ -31,40 +30,84 @@ type Entry = openraft::Entry<TypeConfig>;
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const LAST_PURGED: &[u8] = b"last_purged";
+/// The sled tree that held log entries before they moved to the WAL; its
+/// entries are moved over on open.
+const OLD_LOG_TREE: &[u8] = b"log";
 
-/// The log store. Cloning is cheap and clones share the same trees.
+/// The log store. Cloning is cheap and clones share the same files.
 #[derive(Debug, Clone)]
-pub struct SledLogStore {
+pub struct LogStore {
     db: sled::Db,
-    log: sled::Tree,
     meta: sled::Tree,
+    wal: Arc<Wal>,
     /// sled's data file, for `fdatasync` after each flush.
     data_file: Arc<Option<std::fs::File>>,
-    /// Completion callbacks of appends waiting for the next flush.
+    /// Completion callbacks of appends waiting for the next sync.
     flusher: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
 }
 
-impl SledLogStore {
-    /// Opens the log in `db`, whose files live in `dir`, and starts the
-    /// flusher thread (it ends when the last clone of the store is dropped).
-    pub fn open(db: &sled::Db, dir: &Path) -> Result<Self, sled::Error> {
-        let data_file = Arc::new(std::fs::File::open(dir.join("db")).ok());
+/// Why the log store could not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("raft metadata (sled): {0}")]
+    Meta(#[from] sled::Error),
+    #[error("raft log {path}: {source}")]
+    Wal {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("raft metadata: {0}")]
+    Decode(String),
+}
+
+impl LogStore {
+    /// Opens the log: metadata in `db` (whose files live in `sled_dir`),
+    /// entries in the WAL in `wal_dir`. Starts the flusher thread (it ends
+    /// when the last clone of the store is dropped).
+    pub fn open(db: &sled::Db, sled_dir: &Path, wal_dir: &Path) -> Result<Self, OpenError> {
+        Self::open_with_segment_size(db, sled_dir, wal_dir, DEFAULT_SEGMENT_SIZE)
+    }
+
+    pub fn open_with_segment_size(
+        db: &sled::Db,
+        sled_dir: &Path,
+        wal_dir: &Path,
+        segment_size: u64,
+    ) -> Result<Self, OpenError> {
+        let meta = db.open_tree("raft_meta")?;
+        let purged: Option<LogId> = match meta.get(LAST_PURGED)? {
+            Some(bytes) => {
+                Some(serde_json::from_slice(&bytes).map_err(|e| OpenError::Decode(e.to_string()))?)
+            }
+            None => None,
+        };
+        let wal_error = |source| OpenError::Wal {
+            path: wal_dir.display().to_string(),
+            source,
+        };
+        let (wal, recovery) =
+            Wal::open(wal_dir, segment_size, purged.map(|p| p.index)).map_err(wal_error)?;
+        tracing::debug!(?recovery, "raft log opened");
+        let wal = Arc::new(wal);
+        let data_file = Arc::new(std::fs::File::open(sled_dir.join("db")).ok());
+        move_old_log(db, &wal, &data_file).map_err(wal_error)?;
         let (flusher, pending) = std::sync::mpsc::channel();
-        let (flush_db, flush_file) = (db.clone(), Arc::clone(&data_file));
+        let flush_wal = Arc::clone(&wal);
         std::thread::Builder::new()
             .name("raft-log-flush".into())
-            .spawn(move || flush_appends(&flush_db, &flush_file, &pending))
-            .map_err(|e| sled::Error::Io(std::io::Error::other(e.to_string())))?;
+            .spawn(move || flush_appends(&flush_wal, &pending))
+            .map_err(wal_error)?;
         Ok(Self {
             db: db.clone(),
-            log: db.open_tree("log")?,
-            meta: db.open_tree("raft_meta")?,
+            meta,
+            wal,
             data_file,
             flusher,
         })
     }
 
-    async fn flush(&self, subject: ErrorSubject<NodeId>) -> Result<(), StorageError> {
+    async fn flush_meta(&self, subject: ErrorSubject<NodeId>) -> Result<(), StorageError> {
         flush_durably(&self.db, &self.data_file)
             .await
             .map_err(|e| storage_io_error(subject, ErrorVerb::Write, e))
@@ -107,24 +150,72 @@ impl SledLogStore {
     }
 
     fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
-        match self
-            .log
-            .last()
-            .map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Read, e))?
-        {
-            Some((_, bytes)) => Ok(Some(Self::decode_entry(&bytes)?.log_id)),
+        let Some((_, last)) = self.wal.bounds() else {
+            return Ok(None);
+        };
+        let records = self
+            .wal
+            .read(last, last + 1)
+            .map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        match records.first() {
+            Some((_, bytes)) => Ok(Some(Self::decode_entry(bytes)?.log_id)),
             None => Ok(None),
         }
     }
 
     /// Number of entries currently kept in the log (for metrics and tests).
     pub fn len(&self) -> usize {
-        self.log.len()
+        self.wal
+            .bounds()
+            .map_or(0, |(first, last)| (last - first + 1) as usize)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.log.is_empty()
+        self.wal.bounds().is_none()
     }
+}
+
+/// Moves entries left in sled's `log` tree by an earlier build into the
+/// WAL (synced), then drops the tree.
+fn move_old_log(
+    db: &sled::Db,
+    wal: &Wal,
+    data_file: &Option<std::fs::File>,
+) -> std::io::Result<()> {
+    let names = db.tree_names();
+    if !names.iter().any(|n| n.as_ref() == OLD_LOG_TREE) {
+        return Ok(());
+    }
+    let tree = db.open_tree(OLD_LOG_TREE).map_err(std::io::Error::other)?;
+    if tree.is_empty() {
+        return Ok(());
+    }
+    if wal.bounds().is_some() {
+        return Err(std::io::Error::other(
+            "log entries both in sled and in the WAL; refusing to guess which is right",
+        ));
+    }
+    let mut moved = 0usize;
+    for item in tree.iter() {
+        let (key, bytes) = item.map_err(std::io::Error::other)?;
+        let mut index = [0u8; 8];
+        if key.len() != 8 {
+            return Err(std::io::Error::other("bad key in the old sled log"));
+        }
+        index.copy_from_slice(&key);
+        wal.append(u64::from_be_bytes(index), &bytes)?;
+        moved += 1;
+    }
+    for file in wal.take_dirty() {
+        file.sync_data()?;
+    }
+    db.drop_tree(OLD_LOG_TREE).map_err(std::io::Error::other)?;
+    db.flush().map_err(std::io::Error::other)?;
+    if let Some(file) = data_file {
+        file.sync_data()?;
+    }
+    tracing::info!(entries = moved, "moved the raft log from sled to the WAL");
+    Ok(())
 }
 
 /// sled flush, then `fdatasync` of its data file.
@@ -142,25 +233,20 @@ async fn flush_durably(
     .map_err(std::io::Error::other)?
 }
 
-/// The flusher thread: one durable flush per batch of queued appends. A
-/// plain thread, because flushing blocks: no async worker waits on disk.
-fn flush_appends(
-    db: &sled::Db,
-    data_file: &Option<std::fs::File>,
-    pending: &std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>,
-) {
+/// The flusher thread: one `fdatasync` per batch of queued appends. A
+/// plain thread, because syncing blocks: no async worker waits on disk.
+fn flush_appends(wal: &Wal, pending: &std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
     while let Ok(first) = pending.recv() {
         let mut batch = vec![first];
         while let Ok(more) = pending.try_recv() {
             batch.push(more);
         }
-        let result = db
-            .flush()
-            .map(|_| ())
-            .map_err(std::io::Error::other)
-            .and_then(|()| data_file.as_ref().map_or(Ok(()), std::fs::File::sync_data));
+        let result = wal
+            .take_dirty()
+            .iter()
+            .try_for_each(|file| file.sync_data());
         if let Err(e) = &result {
-            tracing::error!(error = %e, "raft log flush failed");
+            tracing::error!(error = %e, "raft log sync failed");
         }
         for callback in batch {
             callback.log_io_completed(match &result {
@@ -171,11 +257,7 @@ fn flush_appends(
     }
 }
 
-fn index_key(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
-}
-
-impl RaftLogReader<TypeConfig> for SledLogStore {
+impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
@@ -186,23 +268,23 @@ impl RaftLogReader<TypeConfig> for SledLogStore {
             Bound::Excluded(i) => i.saturating_add(1),
             Bound::Unbounded => 0,
         };
-        let mut out = Vec::new();
-        for item in self.log.range(index_key(start)..) {
-            let (key, bytes) =
-                item.map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            let mut index_bytes = [0u8; 8];
-            index_bytes.copy_from_slice(&key);
-            let index = u64::from_be_bytes(index_bytes);
-            if !range.contains(&index) {
-                break;
-            }
-            out.push(Self::decode_entry(&bytes)?);
-        }
-        Ok(out)
+        let end = match range.end_bound() {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        let records = self
+            .wal
+            .read(start, end)
+            .map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        records
+            .iter()
+            .map(|(_, bytes)| Self::decode_entry(bytes))
+            .collect()
     }
 }
 
-impl RaftLogStorage<TypeConfig> for SledLogStore {
+impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
@@ -220,7 +302,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
         self.write_meta(VOTE, vote, ErrorSubject::Vote)?;
-        self.flush(ErrorSubject::Vote).await
+        self.flush_meta(ErrorSubject::Vote).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
@@ -248,16 +330,14 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
         for entry in entries {
             let bytes = serde_json::to_vec(&entry)
                 .map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-            batch.insert(&index_key(entry.log_id.index), bytes);
+            self.wal
+                .append(entry.log_id.index, &bytes)
+                .map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-        // Durable once the flusher's next flush completes.
+        // Durable once the flusher's next sync completes.
         self.flusher.send(callback).map_err(|_| {
             storage_io_error(
                 ErrorSubject::Logs,
@@ -268,31 +348,20 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(index_key(log_id.index)..) {
-            let (key, _) =
-                item.map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-            batch.remove(key);
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-        self.flush(ErrorSubject::Logs).await
+        // Synced before returning (rare: only when a new leader overrides
+        // uncommitted entries).
+        self.wal
+            .truncate(log_id.index)
+            .map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Record the purge point first: a crash between the two steps leaves
         // extra entries below it, which reads never reach.
         self.write_meta(LAST_PURGED, &log_id, ErrorSubject::Logs)?;
-        self.flush(ErrorSubject::Logs).await?;
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(..=index_key(log_id.index)) {
-            let (key, _) =
-                item.map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-            batch.remove(key);
-        }
-        self.log
-            .apply_batch(batch)
+        self.flush_meta(ErrorSubject::Logs).await?;
+        self.wal
+            .purge(log_id.index)
             .map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 }

@@ -11,6 +11,7 @@ pub mod network;
 pub mod service;
 pub mod snapshot_file;
 pub mod state_machine;
+pub mod wal;
 
 use std::io::Cursor;
 
