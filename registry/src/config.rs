@@ -22,7 +22,7 @@ pub mod defaults {
     pub const DATA_DIR: &str = "/var/lib/meshwork";
     pub const SNAPSHOT_THRESHOLD: u64 = 8192;
     pub const SNAPSHOT_TRAILING_LOGS: u64 = 1024;
-    pub const SNAPSHOT_INTERVAL_MS: u64 = 5000;
+    pub const SNAPSHOT_INTERVAL_MS: u64 = 30_000;
     pub const HEARTBEAT_MS: u64 = 200;
     pub const ELECTION_TIMEOUT_MS: u64 = 1000;
     pub const LEADER_WAIT_MS: u64 = 5000;

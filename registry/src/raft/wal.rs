@@ -10,11 +10,17 @@
 //! write. (etcd preallocates its WAL segments for the same reason.)
 //!
 //! Layout: `wal-<seq>.seg` files (16 hex digits, increasing). Each record is
-//! `len: u32 LE | crc32(index ‖ payload): u32 LE | index: u64 LE | payload`;
-//! a zero `len` ends a segment's records. Indexes are consecutive within a
-//! segment; a new segment may start past a purged gap. A spare segment
-//! (`wal.spare`) is zero-filled in the background so that rolling over to a
-//! new segment does not stall appends.
+//! `len: u32 LE | crc32(seq ‖ index ‖ payload): u32 LE | index: u64 LE |
+//! payload`; a zero header ends a segment's records (written explicitly
+//! when a segment is closed). Indexes are consecutive within a segment; a
+//! new segment may start past a purged gap.
+//!
+//! Segments are recycled: one that holds only purged records becomes the
+//! spare (`wal.spare`) that the next roll-over renames into place, so in
+//! steady state no new blocks are allocated at all. Its old records fail
+//! the checksum (it includes the segment's seq), so they read as the end
+//! of the log. Only when there is nothing to recycle is a spare zero-filled,
+//! in the background.
 //!
 //! Crash safety: records are written in order and only acknowledged after
 //! `fdatasync`; a segment is synced before the next one receives a record.
@@ -98,8 +104,9 @@ fn parse_segment_name(name: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
-fn checksum(index: u64, payload: &[u8]) -> u32 {
+fn checksum(seq: u64, index: u64, payload: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&seq.to_le_bytes());
     hasher.update(&index.to_le_bytes());
     hasher.update(payload);
     hasher.finalize()
@@ -178,7 +185,7 @@ fn scan_segment(file: &File, seq: u64) -> std::io::Result<Scanned> {
         }
         payload.resize(len as usize, 0);
         reader.read_exact(&mut payload)?;
-        if checksum(index, &payload) != crc {
+        if checksum(seq, index, &payload) != crc {
             break Some(format!("checksum mismatch at offset {offset}"));
         }
         if let Some(p) = prev
@@ -338,6 +345,12 @@ impl Wal {
     /// order across segments.
     fn roll_over(&self, state: &mut State) -> std::io::Result<()> {
         if let Some(current) = state.segments.back() {
+            // Close it with an explicit end (a recycled file holds old
+            // bytes past the last record), unless the file ends there.
+            let file_len = current.file.metadata()?.len();
+            if current.end + HEADER as u64 <= file_len {
+                current.file.write_all_at(&[0u8; HEADER], current.end)?;
+            }
             current.file.sync_data()?;
         }
         let seq = state.segments.back().map_or(1, |s| s.seq + 1);
@@ -366,7 +379,8 @@ impl Wal {
         Ok(())
     }
 
-    /// Deletes segments (never the current one) that hold no live record.
+    /// Recycles as the spare, or deletes, the segments (never the current
+    /// one) that hold no live record.
     fn remove_unused_segments(&self, state: &mut State) -> std::io::Result<()> {
         let oldest_live = state.positions.front().map(|p| p.seq);
         let mut removed = false;
@@ -375,8 +389,19 @@ impl Wal {
             if oldest_live.is_some_and(|live| live <= seq) {
                 break;
             }
-            state.segments.pop_front();
-            std::fs::remove_file(self.dir.join(segment_name(seq)))?;
+            let Some(segment) = state.segments.pop_front() else {
+                break;
+            };
+            let path = self.dir.join(segment_name(seq));
+            let spare = self.dir.join(SPARE);
+            let recyclable = segment.file.metadata()?.len() == self.segment_size
+                && !spare.exists()
+                && !self.spare_in_progress.load(Ordering::Acquire);
+            if recyclable {
+                std::fs::rename(&path, &spare)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
             removed = true;
         }
         if removed {
@@ -427,7 +452,7 @@ impl Wal {
         };
         let mut record = Vec::with_capacity(total as usize);
         record.extend_from_slice(&len.to_le_bytes());
-        record.extend_from_slice(&checksum(index, payload).to_le_bytes());
+        record.extend_from_slice(&checksum(seg.seq, index, payload).to_le_bytes());
         record.extend_from_slice(&index.to_le_bytes());
         record.extend_from_slice(payload);
         // The segment is zero-filled, so a record that runs past its
@@ -487,7 +512,7 @@ impl Wal {
             file.read_exact_at(&mut buf, pos.offset)?;
             let payload = buf.split_off(HEADER);
             let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-            if checksum(index, &payload) != crc {
+            if checksum(pos.seq, index, &payload) != crc {
                 return Err(corrupt(format!(
                     "log record {index} in segment {} at offset {} fails its checksum",
                     pos.seq, pos.offset
@@ -642,6 +667,33 @@ mod tests {
         let (wal, _) = Wal::open(dir.path(), 4096, None).expect("reopen");
         assert_eq!(wal.bounds(), Some((1001, 1001)));
         assert_eq!(segment_files(dir.path()), 1);
+    }
+
+    #[test]
+    fn recycled_segments_do_not_bring_old_records_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (wal, _) = Wal::open(dir.path(), 4096, None).expect("open");
+        let mut next = 1;
+        for round in 0..5 {
+            for _ in 0..200 {
+                wal.append(next, &payload(next)).expect("append");
+                next += 1;
+            }
+            sync(&wal);
+            wal.purge(next - 50).expect("purge");
+            assert!(
+                dir.path().join(SPARE).exists(),
+                "round {round}: a segment was recycled"
+            );
+        }
+        // Stop mid-segment: the rest of the (recycled) file is old records.
+        drop(wal);
+        let (wal, rec) = Wal::open(dir.path(), 4096, Some(next - 50)).expect("reopen");
+        assert_eq!(wal.bounds(), Some((next - 49, next - 1)));
+        assert!(rec.records >= 49);
+        for (i, p) in wal.read(next - 49, next).expect("read") {
+            assert_eq!(p, payload(i));
+        }
     }
 
     #[test]

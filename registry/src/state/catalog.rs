@@ -9,6 +9,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use imbl::OrdMap;
+
 use serde::{Deserialize, Serialize};
 
 /// A check's health, ordered from best to worst.
@@ -198,16 +200,16 @@ pub enum CatalogError {
 /// The catalog.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Catalog {
-    nodes: BTreeMap<String, Node>,
+    nodes: OrdMap<String, Node>,
     /// node → service id → instance.
-    services: BTreeMap<String, BTreeMap<String, ServiceInstance>>,
+    services: OrdMap<String, BTreeMap<String, ServiceInstance>>,
     /// node → check id → check.
-    checks: BTreeMap<String, BTreeMap<String, HealthCheck>>,
+    checks: OrdMap<String, BTreeMap<String, HealthCheck>>,
     /// service name → index of the last change to any of its instances,
     /// their checks or their nodes' checks (kept after deletion).
-    service_index: BTreeMap<String, u64>,
+    service_index: OrdMap<String, u64>,
     /// node name → index of the last change to the node, its services or checks.
-    node_index: BTreeMap<String, u64>,
+    node_index: OrdMap<String, u64>,
     /// Last change to the set of service names or their tags.
     services_list_index: u64,
     /// Last change to the set of nodes.

@@ -2,7 +2,7 @@
 //! `CreateIndex`/`ModifyIndex`, deletions leave tombstones so that a
 //! blocking query on a prefix sees a deletion as a change.
 
-use std::collections::BTreeMap;
+use imbl::OrdMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -25,10 +25,10 @@ pub struct KvEntry {
 /// All keys, in order, plus the tombstones of deleted ones.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvStore {
-    entries: BTreeMap<String, KvEntry>,
+    entries: OrdMap<String, KvEntry>,
     /// key → index of its deletion. A re-created key drops its tombstone
     /// (its new ModifyIndex is higher anyway).
-    tombstones: BTreeMap<String, u64>,
+    tombstones: OrdMap<String, u64>,
 }
 
 impl KvStore {
@@ -96,7 +96,7 @@ impl KvStore {
         prefix: &'a str,
     ) -> impl Iterator<Item = (&'a String, &'a KvEntry)> + 'a {
         self.entries
-            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .range::<_, str>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(move |(k, _)| k.starts_with(prefix))
     }
 
@@ -120,7 +120,7 @@ impl KvStore {
             .unwrap_or(0);
         let dead = self
             .tombstones
-            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .range::<_, str>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(_, i)| *i)
             .max()
