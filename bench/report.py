@@ -133,7 +133,8 @@ w(f"- Data dirs on {machine.get('fs', '?')}; load average before the run: {machi
 if len(fs) == 3:
     w(f"- Disk `fdatasync` after a 4 KiB write (300 samples, Python probe): p50 {fs[0]} ms, p99 {fs[1]} ms, mean {fs[2]} ms")
 if len(sfr) == 3:
-    w(f"- Disk `sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)` after a 4 KiB write (what sled 0.34 uses on Linux): "
+    w(f"- Disk `sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)` after a 4 KiB write (what sled 0.34's flush uses; "
+      f"Meshwork's sled holds only the vote and metadata now): "
       f"p50 {sfr[0]} ms, p99 {sfr[1]} ms, mean {sfr[2]} ms")
 w("- `free -h`:")
 w("")
@@ -145,9 +146,8 @@ w("Setup, identical for both systems:")
 w("")
 w("- Three servers each, all on 127.0.0.1, running at the same time on the same 2-core machine as the load generator.")
 w("  Meshwork: `meshwork-registry --node-id N --peers 1@…,2@…,3@… --log-level warn` (release build, default settings; "
-  "the log store flushes sled before an append is acknowledged; on Linux sled 0.34 implements that flush with "
-  "`sync_file_range`, which writes the pages but does not flush the disk's write cache or file metadata the way "
-  "`fsync`/`fdatasync` do — see the strace counts below).")
+  "log entries go to Meshwork's write-ahead log of zero-filled, recycled segments and are `fdatasync`ed "
+  "before an append is acknowledged, one sync per batch of appends — see the strace counts below).")
 w("  etcd: `etcd --name eN --initial-cluster …` with default settings (fsync on, snapshot-count 100000, no auto-compaction).")
 w("- Load: `wrk` 4.1 with one Lua script for both (`bench/wrk-put.lua`), `--timeout 10s`, 1 thread for 1 connection, "
   "2 threads otherwise; closed loop (each connection sends its next request when the previous answered).")

@@ -182,16 +182,8 @@ pub async fn run(
     let token = shutdown.clone();
     tasks.spawn(
         async move {
-            use axum::serve::ListenerExt;
-            let listener = listeners.http.tap_io(|tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "TCP_NODELAY failed");
-                }
-            });
-            axum::serve(listener, app)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await
-                .map_err(|e| ServerError::Serve("http", e.to_string()))
+            http::serve::serve(listeners.http, app, token).await;
+            Ok(())
         }
         .instrument(tracing::info_span!("http_server")),
     );

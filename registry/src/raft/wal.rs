@@ -132,12 +132,24 @@ fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Drops a synced file's pages from the page cache. Zero-filling (or
+/// reading) a file in large chunks leaves it cached in large folios, and a
+/// small append then dirties a whole folio: measured on ext4 with this
+/// kernel, every 500-byte append + `fdatasync` wrote 1 MiB to the disk. With
+/// the cache dropped, appends build page-sized folios again (4 KiB each).
+fn drop_cache(file: &File) {
+    if let Err(e) = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed) {
+        tracing::debug!(error = %e, "fadvise(DONTNEED) failed");
+    }
+}
+
 /// Creates `wal.spare`: a zero-filled, synced file of `size` bytes.
 fn make_spare(dir: &Path, size: u64) -> std::io::Result<()> {
     let tmp = dir.join(SPARE_TMP);
     let file = File::create(&tmp)?;
     zero_range(&file, 0, size)?;
     file.sync_all()?;
+    drop_cache(&file);
     drop(file);
     std::fs::rename(&tmp, dir.join(SPARE))?;
     sync_dir(dir)
@@ -259,6 +271,7 @@ impl Wal {
                 file.sync_data()?;
                 recovery.torn_bytes = torn;
             }
+            drop_cache(&file);
             if let Some((first_index, _)) = scanned.records.first() {
                 let expected = first + positions.len() as u64;
                 if !positions.is_empty() && *first_index != expected {
@@ -362,6 +375,7 @@ impl Wal {
             let file = File::create(&path)?;
             zero_range(&file, 0, self.segment_size)?;
             file.sync_all()?;
+            drop_cache(&file);
         }
         sync_dir(&self.dir)?;
         let file = std::fs::OpenOptions::new()
@@ -398,6 +412,8 @@ impl Wal {
                 && !spare.exists()
                 && !self.spare_in_progress.load(Ordering::Acquire);
             if recyclable {
+                // Synced when it was closed; its pages are clean.
+                drop_cache(&segment.file);
                 std::fs::rename(&path, &spare)?;
             } else {
                 std::fs::remove_file(&path)?;

@@ -8,6 +8,7 @@ pub mod consul_json;
 pub mod error;
 pub mod kv;
 pub mod query;
+pub mod serve;
 pub mod status;
 
 use std::sync::Arc;
