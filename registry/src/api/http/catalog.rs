@@ -23,13 +23,16 @@ use crate::state::catalog::{HealthStatus, Registration};
 /// request asking the same question.
 async fn json_read(
     app: &AppState,
-    path: &str,
+    uri: Uri,
     query: Option<String>,
     compute: impl Fn(&RegistryState, &Params) -> (Value, u64),
 ) -> Result<Response, ApiError> {
     let params = Params::parse(query.as_deref());
     let options = ReadOptions::from_params(&params)?;
-    let key = shared_read_key(path, query.as_deref());
+    let key = shared_read_key(uri.path(), query.as_deref());
+    // The URI points into hyper's read buffer; holding it across a blocking
+    // wait would pin 8 KiB per parked request.
+    drop(uri);
     let result = run_read(&app.node, options, &app.shutdown, |state| {
         app.shared_reads.get_or_compute(&key, state, |state| {
             let (value, index) = compute(state, &params);
@@ -146,7 +149,7 @@ pub async fn services(
     uri: Uri,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, uri.path(), q, |state, _| {
+    json_read(&app, uri, q, |state, _| {
         let names: BTreeMap<&str, Vec<&str>> = state
             .catalog
             .service_names()
@@ -165,7 +168,7 @@ pub async fn service(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, uri.path(), q, |state, params| {
+    json_read(&app, uri, q, |state, params| {
         let list: Vec<Value> = state
             .catalog
             .instances(&name)
@@ -183,7 +186,7 @@ pub async fn nodes(
     uri: Uri,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, uri.path(), q, |state, _| {
+    json_read(&app, uri, q, |state, _| {
         let list: Vec<Value> = state.catalog.nodes().map(consul_json::node_json).collect();
         (Value::Array(list), state.catalog.nodes_index())
     })
@@ -197,7 +200,7 @@ pub async fn node(
     Path(node): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, uri.path(), q, |state, _| {
+    json_read(&app, uri, q, |state, _| {
         let value = match state.catalog.node(&node) {
             None => Value::Null,
             Some(n) => {
@@ -223,7 +226,7 @@ pub async fn health_service(
 ) -> Result<Response, ApiError> {
     let params = Params::parse(q.as_deref());
     let passing_only = params.flag("passing")?;
-    json_read(&app, uri.path(), q, |state, params| {
+    json_read(&app, uri, q, |state, params| {
         let catalog = &state.catalog;
         let list: Vec<Value> = catalog
             .instances(&name)
@@ -255,7 +258,7 @@ pub async fn health_checks(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, uri.path(), q, |state, _| {
+    json_read(&app, uri, q, |state, _| {
         let list: Vec<Value> = state
             .catalog
             .all_checks()
@@ -274,7 +277,7 @@ pub async fn health_node(
     Path(node): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, uri.path(), q, |state, _| {
+    json_read(&app, uri, q, |state, _| {
         let list: Vec<Value> = state
             .catalog
             .node_checks(&node)
@@ -300,7 +303,7 @@ pub async fn health_state(
             ))
         })?),
     };
-    json_read(&app, uri.path(), q, |state, _| {
+    json_read(&app, uri, q, |state, _| {
         let list: Vec<Value> = state
             .catalog
             .all_checks()

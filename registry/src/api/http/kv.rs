@@ -54,19 +54,26 @@ pub async fn handle(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let result = async {
-        let key = key_from_path(uri.path())?;
-        let params = Params::parse(query.as_deref());
-        match method {
-            Method::GET => get(&app, &key, &params).await,
-            Method::PUT | Method::POST => put(&app, key, &params, &headers, body).await,
-            Method::DELETE => delete(&app, key, &params).await,
-            other => Err(ApiError::MethodNotAllowed(format!(
-                "method {other} not allowed on /v1/kv (use GET, PUT or DELETE)"
-            ))),
+    // Nothing that points into the request head (the URI, the header
+    // values) may live across a blocking wait: it would pin hyper's 8 KiB
+    // read buffer for each parked request.
+    let key = match key_from_path(uri.path()) {
+        Ok(key) => key,
+        Err(e) => return e.into_response(),
+    };
+    drop(uri);
+    let params = Params::parse(query.as_deref());
+    let result = match method {
+        Method::GET => {
+            drop((headers, body));
+            get(&app, &key, &params).await
         }
-    }
-    .await;
+        Method::PUT | Method::POST => put(&app, key, &params, &headers, body).await,
+        Method::DELETE => delete(&app, key, &params).await,
+        other => Err(ApiError::MethodNotAllowed(format!(
+            "method {other} not allowed on /v1/kv (use GET, PUT or DELETE)"
+        ))),
+    };
     result.unwrap_or_else(IntoResponse::into_response)
 }
 

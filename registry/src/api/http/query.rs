@@ -166,7 +166,9 @@ pub async fn run_read<T>(
     shutdown: &CancellationToken,
     compute: impl Fn(&State) -> (T, u64),
 ) -> Result<Indexed<T>, ApiError> {
-    node.read_barrier(options.consistency).await?;
+    // Boxed: the barrier's future (a gRPC call to the leader) is large, and
+    // inline it would size the state of every parked blocking query.
+    Box::pin(node.read_barrier(options.consistency)).await?;
     let mut applied = node.state.subscribe();
     let deadline = options.min_index.map(|_| {
         let jitter_ms = rand::rng().random_range(0..=(options.wait.as_millis() as u64 / 16).max(1));

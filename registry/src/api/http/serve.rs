@@ -13,6 +13,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Router;
+use axum::http::{HeaderValue, StatusCode, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -55,7 +56,18 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
         let app = app.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             let mut app = app.clone();
-            async move { Ok::<_, Infallible>(app.call(request).await.unwrap_or_else(|e| match e {})) }
+            async move {
+                let mut response = app.call(request).await.unwrap_or_else(|e| match e {});
+                if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    // The rest of the body was not read, so hyper closes the
+                    // connection after this response: say so, or a client
+                    // reuses it and its next request fails.
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(response)
+            }
         });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
