@@ -2,7 +2,11 @@
 //! needed on the build machine) and generates the tonic clients and servers.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["meshwork/v1/raft.proto", "meshwork/v1/registry.proto"];
+    let files = [
+        "meshwork/v1/raft.proto",
+        "meshwork/v1/registry.proto",
+        "meshwork/v1/watch.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

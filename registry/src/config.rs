@@ -23,6 +23,7 @@ pub mod defaults {
     pub const SNAPSHOT_THRESHOLD: u64 = 8192;
     pub const SNAPSHOT_TRAILING_LOGS: u64 = 1024;
     pub const SNAPSHOT_INTERVAL_MS: u64 = 30_000;
+    pub const WATCH_HEARTBEAT_MS: u64 = 10_000;
     pub const HEARTBEAT_MS: u64 = 200;
     pub const ELECTION_TIMEOUT_MS: u64 = 1000;
     pub const LEADER_WAIT_MS: u64 = 5000;
@@ -85,6 +86,9 @@ pub struct Cli {
     /// Leader heartbeat interval in milliseconds.
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
+    /// Watch streams send a heartbeat after this many idle milliseconds.
+    #[arg(long)]
+    pub watch_heartbeat_ms: Option<u64>,
     /// Minimum election timeout in milliseconds (the maximum is twice it).
     #[arg(long)]
     pub election_timeout_ms: Option<u64>,
@@ -137,6 +141,7 @@ pub struct FileConfig {
     pub snapshot_trailing_logs: Option<u64>,
     pub snapshot_interval_ms: Option<u64>,
     pub heartbeat_ms: Option<u64>,
+    pub watch_heartbeat_ms: Option<u64>,
     pub election_timeout_ms: Option<u64>,
     pub leader_wait_ms: Option<u64>,
     pub dns_domain: Option<String>,
@@ -165,6 +170,7 @@ const FILE_KEYS: &[&str] = &[
     "snapshot_trailing_logs",
     "snapshot_interval_ms",
     "heartbeat_ms",
+    "watch_heartbeat_ms",
     "election_timeout_ms",
     "leader_wait_ms",
     "dns_domain",
@@ -217,6 +223,7 @@ pub struct Config {
     pub election_timeout: Duration,
     pub leader_wait: Duration,
     pub dns: DnsSettings,
+    pub watch: crate::watch::HubConfig,
     pub log_json: bool,
     pub log_level: Option<String>,
 }
@@ -337,6 +344,13 @@ impl Config {
             .or(file.snapshot_interval_ms)
             .unwrap_or(defaults::SNAPSHOT_INTERVAL_MS)
             .max(10);
+        let watch_heartbeat_ms = cli
+            .watch_heartbeat_ms
+            .or(file.watch_heartbeat_ms)
+            .unwrap_or(defaults::WATCH_HEARTBEAT_MS);
+        if watch_heartbeat_ms == 0 {
+            errors.push("watch_heartbeat_ms: must be at least 1".to_owned());
+        }
         let heartbeat_ms = cli
             .heartbeat_ms
             .or(file.heartbeat_ms)
@@ -443,6 +457,10 @@ impl Config {
             election_timeout: Duration::from_millis(election_ms),
             leader_wait: Duration::from_millis(leader_wait_ms),
             dns,
+            watch: crate::watch::HubConfig {
+                heartbeat: Duration::from_millis(watch_heartbeat_ms),
+                ..Default::default()
+            },
             log_json,
             log_level: cli.log_level.or(file.log_level),
         })

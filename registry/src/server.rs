@@ -147,11 +147,22 @@ pub async fn run(
     let public = RegistryServer::new(RegistryService {
         node: Arc::clone(&node),
     });
+    let hub = crate::watch::Hub::new(Arc::clone(&node.state), config.watch.clone());
+    tasks.spawn({
+        let (hub, token) = (Arc::clone(&hub), shutdown.clone());
+        async move {
+            hub.run(token).await;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("watch_hub"))
+    });
+    let watch = crate::api::grpc::watch::WatchServer::new(hub);
     let token = shutdown.clone();
     tasks.spawn(
         async move {
             tonic::transport::Server::builder()
                 .add_service(public)
+                .add_service(watch)
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(listeners.grpc)
                         .with_nodelay(Some(true)),

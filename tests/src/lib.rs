@@ -70,6 +70,10 @@ impl Server {
         format!("http://{}:{HTTP_PORT}", self.ip)
     }
 
+    pub fn grpc(&self) -> String {
+        format!("http://{}:{GRPC_PORT}", self.ip)
+    }
+
     pub fn raft_addr(&self) -> String {
         format!("{}:{RAFT_PORT}", self.ip)
     }

@@ -6,6 +6,7 @@
 use std::io::Cursor;
 use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{
@@ -33,7 +34,16 @@ pub struct SharedState {
     state: RwLock<State>,
     /// Index of the last applied entry: blocking queries wait on it.
     applied: watch::Sender<u64>,
+    /// The state after each of the last applied entries, oldest first
+    /// (cheap: the maps are persistent and share what did not change).
+    /// Watch streams diff against them to resume a client on any server.
+    versions: std::sync::Mutex<std::collections::VecDeque<(Instant, State)>>,
 }
+
+/// At most this many recent versions are kept...
+const MAX_VERSIONS: usize = 256;
+/// ...and none older than this.
+const MAX_VERSION_AGE: Duration = Duration::from_secs(120);
 
 impl SharedState {
     fn new(state: State) -> Self {
@@ -41,7 +51,36 @@ impl SharedState {
         Self {
             state: RwLock::new(state),
             applied: watch::Sender::new(index),
+            versions: std::sync::Mutex::new(std::collections::VecDeque::new()),
         }
+    }
+
+    fn versions(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(Instant, State)>> {
+        self.versions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records `state` as the version after its last applied entry.
+    fn record_version(&self, state: &State) {
+        let now = Instant::now();
+        let mut versions = self.versions();
+        versions.push_back((now, state.clone()));
+        while versions.len() > MAX_VERSIONS
+            || versions
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > MAX_VERSION_AGE)
+        {
+            versions.pop_front();
+        }
+    }
+
+    /// The state as it was right after entry `index` was applied, if this
+    /// server still keeps that version.
+    pub fn version_at(&self, index: u64) -> Option<State> {
+        let versions = self.versions();
+        let pos = versions
+            .binary_search_by_key(&index, |(_, s)| s.last_index)
+            .ok()?;
+        versions.get(pos).map(|(_, s)| s.clone())
     }
 
     /// Read access to the state. A poisoned lock means a panic while
@@ -63,6 +102,7 @@ impl SharedState {
     fn replace(&self, state: State) {
         let index = state.last_index;
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = state;
+        self.versions().clear();
         self.applied.send_replace(index);
     }
 }
@@ -230,6 +270,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         CommandResponse::Empty
                     }
                 };
+                self.shared.record_version(&state);
                 responses.push(response);
             }
         }

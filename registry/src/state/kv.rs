@@ -29,6 +29,9 @@ pub struct KvStore {
     /// key → index of its deletion. A re-created key drops its tombstone
     /// (its new ModifyIndex is higher anyway).
     tombstones: OrdMap<String, u64>,
+    /// Index of the last change to any key (0 when none yet).
+    #[serde(default)]
+    last_change: u64,
 }
 
 impl KvStore {
@@ -60,6 +63,7 @@ impl KvStore {
             },
         );
         self.tombstones.remove(key);
+        self.last_change = index;
         true
     }
 
@@ -72,6 +76,7 @@ impl KvStore {
             (Some(_), _) => {
                 self.entries.remove(key);
                 self.tombstones.insert(key.to_owned(), index);
+                self.last_change = index;
                 true
             }
         }
@@ -83,7 +88,13 @@ impl KvStore {
         for key in doomed {
             self.entries.remove(&key);
             self.tombstones.insert(key, index);
+            self.last_change = index;
         }
+    }
+
+    /// Index of the last change to any key.
+    pub fn last_change(&self) -> u64 {
+        self.last_change
     }
 
     pub fn get(&self, key: &str) -> Option<&KvEntry> {

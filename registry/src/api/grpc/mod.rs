@@ -1,6 +1,8 @@
 //! The public gRPC services (port 8502). For now `Registry.Status`; the
 //! watch and agent services for sidecars join it here.
 
+pub mod watch;
+
 use std::sync::Arc;
 
 use meshwork_proto::v1::registry_server::Registry;

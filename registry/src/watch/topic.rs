@@ -1,0 +1,249 @@
+//! What a watch topic contains, computed from the state, and the changes
+//! between two versions of it. Pure: no locks, no I/O.
+
+use std::collections::BTreeMap;
+
+use meshwork_proto::v1::{
+    Change, Endpoint, Health, KvEntry, ServiceSummary, SubscribeRequest, change, subscribe_request,
+};
+
+use crate::state::State;
+use crate::state::catalog::HealthStatus;
+
+/// A topic subscribers can follow.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// The instances of one service, with health.
+    Service { name: String, passing_only: bool },
+    /// All service names with their tags.
+    Services,
+    /// The keys under a prefix.
+    KvPrefix(String),
+}
+
+/// A topic's contents: item key → its current value (as an upsert).
+pub type Contents = BTreeMap<String, Change>;
+
+impl Topic {
+    /// The topic a request asks for, or why it is invalid.
+    pub fn from_request(request: &SubscribeRequest) -> Result<Self, String> {
+        match &request.topic {
+            None => Err("no topic: set one of service, services or kv_prefix".into()),
+            Some(subscribe_request::Topic::Service(s)) => {
+                if s.name.is_empty() {
+                    return Err("service topic without a service name".into());
+                }
+                Ok(Topic::Service {
+                    name: s.name.clone(),
+                    passing_only: s.passing_only,
+                })
+            }
+            Some(subscribe_request::Topic::Services(_)) => Ok(Topic::Services),
+            Some(subscribe_request::Topic::KvPrefix(k)) => Ok(Topic::KvPrefix(k.prefix.clone())),
+        }
+    }
+
+    /// The index of the last change to the topic (deletions included).
+    pub fn index(&self, state: &State) -> u64 {
+        match self {
+            Topic::Service { name, .. } => state.catalog.service_index(name),
+            Topic::Services => state.catalog.services_list_index(),
+            Topic::KvPrefix(prefix) => state.kv.prefix_index(prefix),
+        }
+    }
+
+    /// Whether anything the topic covers may have changed after `since`
+    /// (a cheap test before computing [`Topic::index`]).
+    pub fn may_have_changed(&self, state: &State, since: u64) -> bool {
+        match self {
+            Topic::KvPrefix(_) => state.kv.last_change() > since,
+            _ => true,
+        }
+    }
+
+    /// The topic's current contents.
+    pub fn contents(&self, state: &State) -> Contents {
+        match self {
+            Topic::Service { name, passing_only } => {
+                let catalog = &state.catalog;
+                catalog
+                    .instances(name)
+                    .filter_map(|(node, svc)| {
+                        let status = catalog.instance_status(&node.name, &svc.id);
+                        if *passing_only && status != HealthStatus::Passing {
+                            return None;
+                        }
+                        let key = format!("{}/{}", node.name, svc.id);
+                        let endpoint = Endpoint {
+                            key: key.clone(),
+                            node: node.name.clone(),
+                            node_address: node.address.clone(),
+                            service_id: svc.id.clone(),
+                            service_name: svc.name.clone(),
+                            address: if svc.address.is_empty() {
+                                node.address.clone()
+                            } else {
+                                svc.address.clone()
+                            },
+                            port: u32::from(svc.port),
+                            tags: svc.tags.clone(),
+                            meta: svc
+                                .meta
+                                .iter()
+                                .map(|(k, v)| (k.clone(), v.clone()))
+                                .collect(),
+                            weight_passing: svc.weights.passing,
+                            weight_warning: svc.weights.warning,
+                            health: health(status) as i32,
+                            create_index: svc.create_index,
+                            modify_index: svc.modify_index,
+                        };
+                        Some((
+                            key,
+                            Change {
+                                change: Some(change::Change::Endpoint(endpoint)),
+                            },
+                        ))
+                    })
+                    .collect()
+            }
+            Topic::Services => state
+                .catalog
+                .service_names()
+                .into_iter()
+                .map(|(name, tags)| {
+                    (
+                        name.to_owned(),
+                        Change {
+                            change: Some(change::Change::Service(ServiceSummary {
+                                name: name.to_owned(),
+                                tags: tags.into_iter().map(str::to_owned).collect(),
+                            })),
+                        },
+                    )
+                })
+                .collect(),
+            Topic::KvPrefix(prefix) => state
+                .kv
+                .prefix_range(prefix)
+                .map(|(key, entry)| {
+                    (
+                        key.clone(),
+                        Change {
+                            change: Some(change::Change::Kv(KvEntry {
+                                key: key.clone(),
+                                value: entry.value.to_vec(),
+                                flags: entry.flags,
+                                create_index: entry.create_index,
+                                modify_index: entry.modify_index,
+                            })),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// The change that says `key` is gone from this topic.
+    fn removal(&self, key: &str) -> Change {
+        let key = key.to_owned();
+        Change {
+            change: Some(match self {
+                Topic::Service { .. } => change::Change::EndpointRemoved(key),
+                Topic::Services => change::Change::ServiceRemoved(key),
+                Topic::KvPrefix(_) => change::Change::KvRemoved(key),
+            }),
+        }
+    }
+
+    /// What turns `old` into `new`: upserts of new or changed items, then
+    /// removals, each in key order.
+    pub fn diff(&self, old: &Contents, new: &Contents) -> Vec<Change> {
+        let mut changes: Vec<Change> = new
+            .iter()
+            .filter(|(key, value)| old.get(*key) != Some(*value))
+            .map(|(_, value)| value.clone())
+            .collect();
+        changes.extend(
+            old.keys()
+                .filter(|key| !new.contains_key(*key))
+                .map(|key| self.removal(key)),
+        );
+        changes
+    }
+}
+
+fn health(status: HealthStatus) -> Health {
+    match status {
+        HealthStatus::Passing => Health::Passing,
+        HealthStatus::Warning => Health::Warning,
+        HealthStatus::Critical => Health::Critical,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::Command;
+
+    fn put(state: &mut State, index: u64, key: &str, value: &str) {
+        state.apply(
+            index,
+            &Command::KvSet {
+                key: key.into(),
+                value: value.as_bytes().to_vec(),
+                flags: 0,
+                cas: None,
+            },
+        );
+    }
+
+    #[test]
+    fn kv_prefix_diff_has_upserts_and_removals() {
+        let mut state = State::default();
+        put(&mut state, 1, "app/a", "1");
+        put(&mut state, 2, "app/b", "2");
+        put(&mut state, 3, "other", "x");
+        let topic = Topic::KvPrefix("app/".into());
+        let before = topic.contents(&state);
+        assert_eq!(before.len(), 2);
+        assert_eq!(topic.index(&state), 2);
+        put(&mut state, 4, "app/a", "changed");
+        state.apply(
+            5,
+            &Command::KvDelete {
+                key: "app/b".into(),
+                cas: None,
+            },
+        );
+        assert!(topic.may_have_changed(&state, 2));
+        assert_eq!(topic.index(&state), 5);
+        let after = topic.contents(&state);
+        let changes = topic.diff(&before, &after);
+        assert_eq!(changes.len(), 2);
+        assert!(matches!(
+            &changes[0].change,
+            Some(change::Change::Kv(e)) if e.key == "app/a" && e.value == b"changed"
+        ));
+        assert!(matches!(
+            &changes[1].change,
+            Some(change::Change::KvRemoved(k)) if k == "app/b"
+        ));
+        assert!(topic.diff(&after, &after).is_empty());
+    }
+
+    #[test]
+    fn requests_without_a_usable_topic_are_refused() {
+        assert!(Topic::from_request(&SubscribeRequest::default()).is_err());
+        let empty_service = SubscribeRequest {
+            topic: Some(subscribe_request::Topic::Service(
+                meshwork_proto::v1::ServiceTopic {
+                    name: String::new(),
+                    passing_only: false,
+                },
+            )),
+            since_index: 0,
+        };
+        assert!(Topic::from_request(&empty_service).is_err());
+    }
+}
