@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "meshwork/v1/raft.proto",
         "meshwork/v1/registry.proto",
         "meshwork/v1/watch.proto",
+        "meshwork/v1/agent.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

@@ -15,5 +15,6 @@ pub mod health;
 pub mod node;
 pub mod raft;
 pub mod server;
+pub mod session;
 pub mod state;
 pub mod watch;

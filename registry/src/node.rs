@@ -251,8 +251,21 @@ impl RegistryNode {
             .copied()
     }
 
+    /// Records, on the leader, that `key`'s TTL or session was renewed now.
+    pub fn touch(&self, key: (String, String)) {
+        self.ttl_touches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, tokio::time::Instant::now());
+    }
+
     pub(crate) async fn write_local(&self, command: Command) -> Result<Applied, WriteAttempt> {
-        if let Command::CheckUpdate { node, check_id, .. } = &command {
+        // A status update renews a TTL check. Not a session: only the
+        // sidecar's heartbeats renew those (and the leader's own expiry
+        // write must not count as one).
+        if let Command::CheckUpdate { node, check_id, .. } = &command
+            && check_id != crate::session::SESSION_CHECK_ID
+        {
             self.ttl_touches
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

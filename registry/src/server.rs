@@ -157,12 +157,27 @@ pub async fn run(
         .instrument(tracing::info_span!("watch_hub"))
     });
     let watch = crate::api::grpc::watch::WatchServer::new(hub);
+    let (sessions, forward_sessions) =
+        crate::session::Sessions::new(Arc::clone(&node), shutdown.clone());
+    tasks.spawn(
+        async move {
+            forward_sessions.await;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("sessions")),
+    );
+    let agent =
+        meshwork_proto::v1::agent_server::AgentServer::new(crate::api::grpc::agent::AgentService {
+            node: Arc::clone(&node),
+            sessions,
+        });
     let token = shutdown.clone();
     tasks.spawn(
         async move {
             tonic::transport::Server::builder()
                 .add_service(public)
                 .add_service(watch)
+                .add_service(agent)
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(listeners.grpc)
                         .with_nodelay(Some(true)),

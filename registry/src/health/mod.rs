@@ -65,6 +65,7 @@ async fn lead(node: &Arc<RegistryNode>, shutdown: &CancellationToken) {
     let mut critical_since: HashMap<CheckKey, Instant> = HashMap::new();
     let mut output_written: HashMap<CheckKey, Instant> = HashMap::new();
     let mut deregistering: HashSet<CheckKey> = HashSet::new();
+    let mut valve_logged: Option<Instant> = None;
     let mut seen_checks_index = None;
     let mut applied = node.state.subscribe();
     let mut metrics = node.raft.metrics();
@@ -91,7 +92,13 @@ async fn lead(node: &Arc<RegistryNode>, shutdown: &CancellationToken) {
                 }
             }
             _ = tick.tick() => {
-                for command in timers(node, started, &mut critical_since, &mut deregistering) {
+                for command in timers(
+                    node,
+                    started,
+                    &mut critical_since,
+                    &mut deregistering,
+                    &mut valve_logged,
+                ) {
                     spawn_write(&mut writes, node, command);
                 }
             }
@@ -201,13 +208,60 @@ fn timers(
     leader_since: Instant,
     critical_since: &mut HashMap<CheckKey, Instant>,
     deregistering: &mut HashSet<CheckKey>,
+    valve_logged: &mut Option<Instant>,
 ) -> Vec<Command> {
     let now = Instant::now();
     let mut commands = Vec::new();
     let state = node.state.read();
     let mut still_critical = HashSet::new();
+    let mut sessions = 0usize;
+    let mut expiring = Vec::new();
     for check in state.catalog.all_checks() {
         let key = (check.node.clone(), check.check_id.clone());
+        if let Some(ttl) = check.definition.session_ttl_ms {
+            sessions += 1;
+            let ttl = Duration::from_millis(ttl);
+            let renewed = node.ttl_touched(&key);
+            let last = renewed.map_or(leader_since, |t| t.max(leader_since));
+            if check.status != HealthStatus::Critical {
+                if now.duration_since(last) >= ttl {
+                    expiring.push(Command::CheckUpdate {
+                        node: check.node.clone(),
+                        check_id: check.check_id.clone(),
+                        status: HealthStatus::Critical,
+                        output: format!(
+                            "session expired: no heartbeat from the sidecar within {}",
+                            humantime(ttl.as_millis() as u64)
+                        ),
+                    });
+                }
+                continue;
+            }
+            if renewed.is_some_and(|t| now.duration_since(t) < ttl) {
+                commands.push(Command::CheckUpdate {
+                    node: check.node.clone(),
+                    check_id: check.check_id.clone(),
+                    status: HealthStatus::Passing,
+                    output: "session renewed".into(),
+                });
+                continue;
+            }
+            if let Some(after) = check.definition.deregister_critical_after_ms {
+                still_critical.insert(key.clone());
+                let since = *critical_since.entry(key.clone()).or_insert(now);
+                if now.duration_since(since) >= Duration::from_millis(after)
+                    && deregistering.insert(key.clone())
+                {
+                    tracing::info!(node = %check.node, "session expired too long ago: removing the node and its services");
+                    commands.push(Command::CatalogDeregister {
+                        node: check.node.clone(),
+                        service_id: None,
+                        check_id: None,
+                    });
+                }
+            }
+            continue;
+        }
         if let Some(ttl) = check.definition.ttl_ms
             && check.status != HealthStatus::Critical
         {
@@ -243,8 +297,34 @@ fn timers(
     }
     critical_since.retain(|k, _| still_critical.contains(k));
     deregistering.retain(|k| still_critical.contains(k));
+    // Safety valve (as Eureka's self-preservation): when an unusual share
+    // of sessions goes silent at once, the likelier cause is a network
+    // problem near the registry, not that many sidecars died; expiring
+    // them all would take healthy services out of every load balancer.
+    if expiring.len() >= VALVE_MIN_SESSIONS && expiring.len() as f64 > VALVE_SHARE * sessions as f64
+    {
+        if valve_logged.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(30)) {
+            *valve_logged = Some(now);
+            tracing::error!(
+                silent = expiring.len(),
+                sessions,
+                "safety valve: {} of {} sidecar sessions went silent at once; NOT expiring them \
+                 (check the network between the sidecars and the registry)",
+                expiring.len(),
+                sessions
+            );
+        }
+    } else {
+        commands.extend(expiring);
+    }
     commands
 }
+
+/// The safety valve holds expiries when more than this share of all
+/// sessions would expire at once...
+const VALVE_SHARE: f64 = 0.4;
+/// ...and at least this many.
+const VALVE_MIN_SESSIONS: usize = 3;
 
 fn humantime(ms: u64) -> String {
     if ms.is_multiple_of(1000) {

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use meshwork_proto::v1::raft_internal_server::RaftInternal;
 use meshwork_proto::v1::{
     ErrorKind, ForwardWriteReply, ForwardWriteRequest, JoinReply, JoinRequest, RaftPayload,
-    ReadIndexReply, ReadIndexRequest, RemoveServerRequest,
+    ReadIndexReply, ReadIndexRequest, RemoveServerRequest, TouchSessionsReply,
+    TouchSessionsRequest,
 };
 use openraft::raft::AppendEntriesResponse;
 use serde::Serialize;
@@ -149,6 +150,21 @@ impl RaftInternal for InternalService {
         Ok(Response::new(membership_reply(
             result.map_err(WriteAttempt::Failed),
         )))
+    }
+
+    async fn touch_sessions(
+        &self,
+        request: Request<TouchSessionsRequest>,
+    ) -> Result<Response<TouchSessionsReply>, Status> {
+        self.node.channels.identity.check(&request)?;
+        let leader = self.node.is_leader();
+        if leader {
+            for name in request.into_inner().nodes {
+                self.node
+                    .touch((name, crate::session::SESSION_CHECK_ID.to_owned()));
+            }
+        }
+        Ok(Response::new(TouchSessionsReply { leader }))
     }
 }
 

@@ -65,6 +65,14 @@ pub struct CheckDefinition {
     pub timeout_ms: Option<u64>,
     #[serde(default)]
     pub deregister_critical_after_ms: Option<u64>,
+    /// A sidecar's heartbeat session (a node check): critical when the
+    /// sidecar sent no heartbeat within this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_ttl_ms: Option<u64>,
+    /// Run by a sidecar, which reports its status; this names what it
+    /// probes (e.g. `http://127.0.0.1:8080/health`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<String>,
 }
 
 impl CheckDefinition {
@@ -76,6 +84,10 @@ impl CheckDefinition {
             "tcp"
         } else if self.ttl_ms.is_some() {
             "ttl"
+        } else if self.session_ttl_ms.is_some() {
+            "session"
+        } else if self.sidecar.is_some() {
+            "sidecar"
         } else {
             ""
         }

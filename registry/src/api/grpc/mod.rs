@@ -1,6 +1,7 @@
 //! The public gRPC services (port 8502). For now `Registry.Status`; the
 //! watch and agent services for sidecars join it here.
 
+pub mod agent;
 pub mod watch;
 
 use std::sync::Arc;

@@ -411,6 +411,8 @@ pub fn decode_check(mut f: Fields) -> Result<CheckSpec, ApiError> {
             interval_ms: ms(interval),
             timeout_ms: ms(timeout),
             deregister_critical_after_ms: ms(deregister_after),
+            session_ttl_ms: None,
+            sidecar: None,
         },
     })
 }

@@ -1,0 +1,291 @@
+//! `meshwork.v1.Agent`: what sidecars call to register the service they
+//! front, report its checks and renew their session.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshwork_proto::v1::agent_server::Agent;
+use meshwork_proto::v1::{
+    AgentReply, CheckStatus, DeregisterRequest, HeartbeatReply, HeartbeatRequest, RegisterReply,
+    RegisterRequest, UpdateCheckRequest,
+};
+use tonic::{Request, Response, Status};
+
+use crate::command::{Command, CommandResponse};
+use crate::node::{ClusterError, Consistency, RegistryNode};
+use crate::session::{DEFAULT_SESSION_TTL, SESSION_CHECK_ID, Sessions};
+use crate::state::catalog::{
+    CatalogError, CheckDefinition, CheckSpec, HealthStatus, Registration, ServiceSpec, Weights,
+};
+
+/// Shortest session TTL accepted.
+const MIN_SESSION_TTL: Duration = Duration::from_millis(500);
+
+/// Serves `meshwork.v1.Agent`.
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    pub node: Arc<RegistryNode>,
+    pub sessions: Sessions,
+}
+
+fn cluster_status(e: ClusterError) -> Status {
+    match e {
+        ClusterError::NoLeader => Status::unavailable("No cluster leader"),
+        ClusterError::OutcomeUnknown(m) => {
+            Status::unavailable(format!("write outcome unknown: {m}"))
+        }
+        ClusterError::Rejected(m) => Status::invalid_argument(m),
+        ClusterError::Internal(m) => Status::internal(m),
+    }
+}
+
+fn health(status: i32, what: &str) -> Result<HealthStatus, Status> {
+    match CheckStatus::try_from(status) {
+        Ok(CheckStatus::CheckPassing) => Ok(HealthStatus::Passing),
+        Ok(CheckStatus::CheckWarning) => Ok(HealthStatus::Warning),
+        // Consul's default for a new check.
+        Ok(CheckStatus::CheckCritical | CheckStatus::Unspecified) => Ok(HealthStatus::Critical),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "{what}: unknown check status {status}"
+        ))),
+    }
+}
+
+fn non_empty(value: &str, what: &str) -> Result<(), Status> {
+    if value.trim().is_empty() {
+        Err(Status::invalid_argument(format!(
+            "{what} must not be empty"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+impl AgentService {
+    async fn write(&self, command: Command) -> Result<u64, Status> {
+        let applied = self.node.write(command).await.map_err(cluster_status)?;
+        match applied.response {
+            CommandResponse::CatalogRejected(e) => Err(match e {
+                CatalogError::Invalid(m) => Status::invalid_argument(m),
+                other => Status::not_found(other.to_string()),
+            }),
+            _ => Ok(applied.index),
+        }
+    }
+
+    fn registration(request: RegisterRequest) -> Result<(Registration, Duration), Status> {
+        non_empty(&request.node, "node")?;
+        non_empty(&request.node_address, "node_address")?;
+        let service = request
+            .service
+            .ok_or_else(|| Status::invalid_argument("service is required"))?;
+        non_empty(&service.name, "service.name")?;
+        let id = if service.id.is_empty() {
+            service.name.clone()
+        } else {
+            service.id.clone()
+        };
+        let port = u16::try_from(service.port).map_err(|_| {
+            Status::invalid_argument(format!("service.port {} is above 65535", service.port))
+        })?;
+        let session_ttl = match request.session_ttl_ms {
+            0 => DEFAULT_SESSION_TTL,
+            ms => Duration::from_millis(ms),
+        };
+        if session_ttl < MIN_SESSION_TTL {
+            return Err(Status::invalid_argument(format!(
+                "session_ttl_ms must be at least {}",
+                MIN_SESSION_TTL.as_millis()
+            )));
+        }
+        let mut seen = HashSet::new();
+        let mut checks = Vec::with_capacity(request.checks.len() + 1);
+        for check in request.checks {
+            non_empty(&check.check_id, "checks[].check_id")?;
+            if check.check_id == SESSION_CHECK_ID || !seen.insert(check.check_id.clone()) {
+                return Err(Status::invalid_argument(format!(
+                    "check id {:?} is reserved or given twice",
+                    check.check_id
+                )));
+            }
+            checks.push(CheckSpec {
+                name: if check.name.is_empty() {
+                    format!("Service '{}' check", service.name)
+                } else {
+                    check.name
+                },
+                status: health(check.status, &check.check_id)?,
+                notes: String::new(),
+                output: check.output,
+                service_id: id.clone(),
+                definition: CheckDefinition {
+                    sidecar: Some(check.target),
+                    interval_ms: (check.interval_ms > 0).then_some(check.interval_ms),
+                    deregister_critical_after_ms: (check.deregister_critical_after_ms > 0)
+                        .then_some(check.deregister_critical_after_ms),
+                    ..CheckDefinition::default()
+                },
+                check_id: check.check_id,
+            });
+        }
+        checks.push(CheckSpec {
+            check_id: SESSION_CHECK_ID.into(),
+            name: "Sidecar session".into(),
+            status: HealthStatus::Passing,
+            notes: "critical when the sidecar sends no heartbeat within the session TTL".into(),
+            output: "session started".into(),
+            service_id: String::new(),
+            definition: CheckDefinition {
+                session_ttl_ms: Some(session_ttl.as_millis() as u64),
+                deregister_critical_after_ms: (request.deregister_critical_after_ms > 0)
+                    .then_some(request.deregister_critical_after_ms),
+                ..CheckDefinition::default()
+            },
+        });
+        let registration = Registration {
+            node: request.node,
+            address: request.node_address,
+            node_meta: request.node_meta.into_iter().collect::<BTreeMap<_, _>>(),
+            service: Some(ServiceSpec {
+                id,
+                name: service.name,
+                tags: service.tags,
+                address: service.address,
+                port,
+                meta: service.meta.into_iter().collect(),
+                weights: Weights {
+                    passing: if service.weight_passing == 0 {
+                        Weights::default().passing
+                    } else {
+                        service.weight_passing
+                    },
+                    warning: if service.weight_warning == 0 {
+                        Weights::default().warning
+                    } else {
+                        service.weight_warning
+                    },
+                },
+                enable_tag_override: false,
+            }),
+            checks,
+            ..Registration::default()
+        };
+        Ok((registration, session_ttl))
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterReply>, Status> {
+        let (registration, ttl) = Self::registration(request.into_inner())?;
+        let node = registration.node.clone();
+        let index = self
+            .write(Command::CatalogRegister(Box::new(registration)))
+            .await?;
+        self.sessions.touch(&node);
+        Ok(Response::new(RegisterReply {
+            index,
+            session_ttl_ms: ttl.as_millis() as u64,
+        }))
+    }
+
+    async fn update_check(
+        &self,
+        request: Request<UpdateCheckRequest>,
+    ) -> Result<Response<AgentReply>, Status> {
+        let request = request.into_inner();
+        non_empty(&request.node, "node")?;
+        non_empty(&request.check_id, "check_id")?;
+        if request.check_id == SESSION_CHECK_ID {
+            return Err(Status::invalid_argument(
+                "the session check is renewed with Heartbeat, not updated",
+            ));
+        }
+        let status = health(request.status, &request.check_id)?;
+        let index = self
+            .write(Command::CheckUpdate {
+                node: request.node,
+                check_id: request.check_id,
+                status,
+                output: request.output,
+            })
+            .await?;
+        Ok(Response::new(AgentReply { index }))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<DeregisterRequest>,
+    ) -> Result<Response<AgentReply>, Status> {
+        let request = request.into_inner();
+        non_empty(&request.node, "node")?;
+        non_empty(&request.service_id, "service_id")?;
+        let mut index = self
+            .write(Command::CatalogDeregister {
+                node: request.node.clone(),
+                service_id: Some(request.service_id),
+                check_id: None,
+            })
+            .await?;
+        // The sidecar's node goes too once nothing else runs on it.
+        let empty = self
+            .node
+            .state
+            .read()
+            .catalog
+            .node_services(&request.node)
+            .next()
+            .is_none();
+        if empty {
+            index = self
+                .write(Command::CatalogDeregister {
+                    node: request.node,
+                    service_id: None,
+                    check_id: None,
+                })
+                .await?;
+        }
+        Ok(Response::new(AgentReply { index }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        let request = request.into_inner();
+        non_empty(&request.node, "node")?;
+        self.sessions.touch(&request.node);
+        let lookup = |node: &RegistryNode| {
+            let state = node.state.read();
+            let registered = request.service_id.is_empty()
+                || state
+                    .catalog
+                    .service(&request.node, &request.service_id)
+                    .is_some();
+            let ttl = state
+                .catalog
+                .node_checks(&request.node)
+                .find(|c| c.check_id == SESSION_CHECK_ID)
+                .and_then(|c| c.definition.session_ttl_ms);
+            (registered && ttl.is_some(), ttl)
+        };
+        let (mut registered, mut ttl) = lookup(&self.node);
+        if !registered {
+            // This server may lag behind a fresh registration: look again
+            // at the leader's index before telling the sidecar to register.
+            self.node
+                .read_barrier(Consistency::Default)
+                .await
+                .map_err(cluster_status)?;
+            (registered, ttl) = lookup(&self.node);
+        }
+        Ok(Response::new(HeartbeatReply {
+            registered,
+            session_ttl_ms: ttl.unwrap_or(DEFAULT_SESSION_TTL.as_millis() as u64),
+        }))
+    }
+}
