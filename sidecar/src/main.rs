@@ -1,6 +1,132 @@
-//! `meshwork-sidecar`: the agent and proxy that runs next to each service.
-//! Not built yet: see the issue tracker (sidecar agent and data plane).
+//! `meshwork-sidecar --config FILE`: the agent that runs next to each
+//! service instance. It registers the service with the registry, runs its
+//! checks, keeps a heartbeat session and deregisters on SIGTERM/SIGINT.
+//! (The traffic-carrying proxy comes next; see the issue tracker.)
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("meshwork-sidecar is not implemented yet; the registry is usable on its own")
+mod admin;
+mod agent;
+mod config;
+mod notify;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// EX_USAGE from sysexits.h: a bad command line or configuration.
+const EX_USAGE: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(name = "meshwork-sidecar", version, about = "Meshwork sidecar agent")]
+struct Cli {
+    /// The sidecar's TOML configuration.
+    #[arg(long)]
+    config: PathBuf,
+    /// `text` or `json`.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+    /// tracing filter (RUST_LOG works too).
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let config = match config::Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("meshwork-sidecar: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    if cli.log_format != "text" && cli.log_format != "json" {
+        eprintln!("meshwork-sidecar: --log-format must be text or json");
+        return ExitCode::from(EX_USAGE);
+    }
+    let filter = cli
+        .log_level
+        .as_deref()
+        .map(EnvFilter::new)
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("warn,meshwork_sidecar=info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    // A small runtime: the sidecar agent is mostly idle.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshwork-sidecar: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshwork-sidecar: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: config::Config) -> anyhow::Result<()> {
+    let admin = tokio::net::TcpListener::bind(config.admin)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for admin on {}: {e} (set admin.listen)",
+                config.admin
+            )
+        })?;
+    eprintln!(
+        "meshwork-sidecar: {} ({}) on node {} via {}; admin on http://{}",
+        config.service_id,
+        config.service_name,
+        config.node,
+        config.registry.join(","),
+        config.admin
+    );
+    let shutdown = CancellationToken::new();
+    let status: agent::SharedStatus = Arc::new(Mutex::new(agent::Status::default()));
+    let admin_task = tokio::spawn(admin::serve(admin, Arc::clone(&status), shutdown.clone()));
+    let agent_shutdown = CancellationToken::new();
+    let agent_task = tokio::spawn(agent::run(
+        config,
+        Arc::clone(&status),
+        agent_shutdown.clone(),
+    ));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down: deregistering");
+    agent_shutdown.cancel();
+    let _ = agent_task.await;
+    shutdown.cancel();
+    let _ = admin_task.await;
+    Ok(())
 }

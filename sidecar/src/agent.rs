@@ -1,0 +1,466 @@
+//! The sidecar's agent: registers the service with the registry (retrying
+//! with capped, jittered backoff while no server answers), runs its checks
+//! locally and reports only status changes, renews the heartbeat session,
+//! fails over across the listed registry servers, registers again when the
+//! registry has lost the instance, and deregisters on shutdown.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use meshwork_proto::v1::agent_client::AgentClient;
+use meshwork_proto::v1::{
+    AgentCheck, AgentService, CheckStatus, DeregisterRequest, HeartbeatRequest, RegisterRequest,
+    UpdateCheckRequest,
+};
+use meshwork_registry::health::probe;
+use meshwork_registry::state::catalog::{CheckDefinition, HealthStatus};
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::{Check, Config, Probe};
+use crate::notify;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const RPC_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `/status` shows.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Status {
+    pub registered: bool,
+    pub node: String,
+    pub service_id: String,
+    /// The registry server in use.
+    pub registry: Option<String>,
+    /// Seconds since the epoch of the last successful call to it.
+    pub last_contact_unix: Option<u64>,
+    pub last_error: Option<String>,
+    pub checks: Vec<CheckState>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckState {
+    pub id: String,
+    pub target: String,
+    pub status: &'static str,
+    pub output: String,
+    /// Reported to the registry.
+    pub reported: bool,
+}
+
+pub type SharedStatus = Arc<Mutex<Status>>;
+
+fn lock(status: &SharedStatus) -> std::sync::MutexGuard<'_, Status> {
+    status.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn wire(status: HealthStatus) -> i32 {
+    match status {
+        HealthStatus::Passing => CheckStatus::CheckPassing as i32,
+        HealthStatus::Warning => CheckStatus::CheckWarning as i32,
+        HealthStatus::Critical => CheckStatus::CheckCritical as i32,
+    }
+}
+
+/// The registry servers, one in use; a failure moves to the next.
+struct Registry {
+    addresses: Vec<String>,
+    current: usize,
+    client: Option<AgentClient<Channel>>,
+}
+
+impl Registry {
+    async fn client(&mut self) -> Result<AgentClient<Channel>, String> {
+        if let Some(client) = &self.client {
+            return Ok(client.clone());
+        }
+        let addr = &self.addresses[self.current % self.addresses.len()];
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("{addr}: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(RPC_TIMEOUT)
+            .tcp_nodelay(true);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let client = AgentClient::new(channel);
+        self.client = Some(client.clone());
+        Ok(client)
+    }
+
+    fn current(&self) -> String {
+        self.addresses[self.current % self.addresses.len()].clone()
+    }
+
+    fn fail_over(&mut self) {
+        self.client = None;
+        self.current = (self.current + 1) % self.addresses.len();
+    }
+}
+
+struct LocalCheck {
+    config: Check,
+    status: HealthStatus,
+    output: String,
+    streak: u32,
+    streak_status: HealthStatus,
+    reported: bool,
+}
+
+/// Runs the agent until `shutdown`, then deregisters.
+pub async fn run(config: Config, status: SharedStatus, shutdown: CancellationToken) {
+    let mut registry = Registry {
+        addresses: config.registry.clone(),
+        current: 0,
+        client: None,
+    };
+    let mut checks: Vec<LocalCheck> = config
+        .checks
+        .iter()
+        .map(|c| LocalCheck {
+            config: c.clone(),
+            // Consul's default until the first result.
+            status: HealthStatus::Critical,
+            output: "not run yet".into(),
+            streak: 0,
+            streak_status: HealthStatus::Critical,
+            reported: true,
+        })
+        .collect();
+    {
+        let mut s = lock(&status);
+        s.node = config.node.clone();
+        s.service_id = config.service_id.clone();
+    }
+    publish_checks(&status, &checks);
+
+    let (results_tx, mut results) = mpsc::channel(64);
+    let probes = CancellationToken::new();
+    for (i, check) in config.checks.iter().enumerate() {
+        tokio::spawn(run_probe(
+            i,
+            check.clone(),
+            results_tx.clone(),
+            probes.clone(),
+        ));
+    }
+
+    if !register_until_done(&config, &mut registry, &checks, &status, &shutdown).await {
+        probes.cancel();
+        return;
+    }
+    notify::ready();
+
+    let mut heartbeat =
+        tokio::time::interval((config.session_ttl / 3).max(Duration::from_millis(100)));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some((i, result)) = results.recv() => {
+                if let Some(check) = checks.get_mut(i)
+                    && absorb(check, result)
+                {
+                    tracing::info!(check = %check.config.id, status = check.status.as_str(), "check status changed");
+                    check.reported = false;
+                    report(&config, &mut registry, &mut checks, &status).await;
+                }
+                publish_checks(&status, &checks);
+            }
+            _ = heartbeat.tick() => {
+                match renew(&config, &mut registry, &status).await {
+                    Renewal::Alive => {
+                        if checks.iter().any(|c| !c.reported) {
+                            report(&config, &mut registry, &mut checks, &status).await;
+                        }
+                    }
+                    Renewal::Lost => {
+                        tracing::warn!("the registry no longer has this instance; registering again");
+                        lock(&status).registered = false;
+                        if !register_until_done(&config, &mut registry, &checks, &status, &shutdown).await {
+                            break;
+                        }
+                    }
+                    Renewal::Failed => {}
+                }
+                publish_checks(&status, &checks);
+            }
+        }
+    }
+    probes.cancel();
+    notify::stopping();
+    deregister(&config, &mut registry, &status).await;
+}
+
+fn publish_checks(status: &SharedStatus, checks: &[LocalCheck]) {
+    lock(status).checks = checks
+        .iter()
+        .map(|c| CheckState {
+            id: c.config.id.clone(),
+            target: c.config.probe.target(),
+            status: c.status.as_str(),
+            output: c.output.clone(),
+            reported: c.reported,
+        })
+        .collect();
+}
+
+/// Folds a probe result in; true when the check's status flips.
+fn absorb(check: &mut LocalCheck, result: probe::ProbeResult) -> bool {
+    if result.status == check.streak_status {
+        check.streak = check.streak.saturating_add(1);
+    } else {
+        check.streak_status = result.status;
+        check.streak = 1;
+    }
+    check.output = result.output;
+    let needed = if result.status == HealthStatus::Passing {
+        check.config.success_before_passing
+    } else {
+        check.config.failures_before_critical
+    };
+    if check.streak >= needed && check.status != result.status {
+        check.status = result.status;
+        return true;
+    }
+    false
+}
+
+async fn run_probe(
+    index: usize,
+    check: Check,
+    results: mpsc::Sender<(usize, probe::ProbeResult)>,
+    stop: CancellationToken,
+) {
+    let definition = CheckDefinition {
+        http: match &check.probe {
+            Probe::Http(url) => Some(url.clone()),
+            Probe::Tcp(_) => None,
+        },
+        tcp: match &check.probe {
+            Probe::Tcp(addr) => Some(addr.clone()),
+            Probe::Http(_) => None,
+        },
+        timeout_ms: Some(check.timeout.as_millis() as u64),
+        ..CheckDefinition::default()
+    };
+    // The first run is jittered within a tenth of the interval (at most
+    // 1 s), so a fleet restarted together does not probe in lockstep.
+    let jitter = (check.interval.as_millis() as u64 / 10).min(1000);
+    let first = rand::rng().random_range(0..=jitter);
+    tokio::select! {
+        () = stop.cancelled() => return,
+        () = tokio::time::sleep(Duration::from_millis(first)) => {}
+    }
+    let mut ticker = tokio::time::interval(check.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let Some(result) = probe::run(&definition).await else {
+            return;
+        };
+        if results.send((index, result)).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn note_success(status: &SharedStatus, registry: &Registry) {
+    let mut s = lock(status);
+    s.registry = Some(registry.current());
+    s.last_contact_unix = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs());
+    s.last_error = None;
+}
+
+fn note_failure(status: &SharedStatus, registry: &mut Registry, what: &str, error: &str) {
+    let server = registry.current();
+    tracing::warn!(registry = %server, error, "{what} failed; trying the next registry server");
+    lock(status).last_error = Some(format!("{what} via {server}: {error}"));
+    registry.fail_over();
+}
+
+fn register_request(config: &Config, checks: &[LocalCheck]) -> RegisterRequest {
+    RegisterRequest {
+        node: config.node.clone(),
+        node_address: config.node_address.clone(),
+        node_meta: Default::default(),
+        service: Some(AgentService {
+            id: config.service_id.clone(),
+            name: config.service_name.clone(),
+            address: config.service_address.clone(),
+            port: u32::from(config.port),
+            tags: config.tags.clone(),
+            meta: config.meta.clone().into_iter().collect(),
+            weight_passing: 0,
+            weight_warning: 0,
+        }),
+        checks: checks
+            .iter()
+            .map(|c| AgentCheck {
+                check_id: c.config.id.clone(),
+                name: c.config.name.clone(),
+                status: wire(c.status),
+                output: c.output.clone(),
+                target: c.config.probe.target(),
+                interval_ms: c.config.interval.as_millis() as u64,
+                deregister_critical_after_ms: c
+                    .config
+                    .deregister_critical_after
+                    .map_or(0, |d| d.as_millis() as u64),
+            })
+            .collect(),
+        session_ttl_ms: config.session_ttl.as_millis() as u64,
+        deregister_critical_after_ms: config
+            .deregister_critical_after
+            .map_or(0, |d| d.as_millis() as u64),
+    }
+}
+
+/// Registers, retrying with capped, jittered backoff across the servers.
+/// False when shut down first.
+async fn register_until_done(
+    config: &Config,
+    registry: &mut Registry,
+    checks: &[LocalCheck],
+    status: &SharedStatus,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let attempt = async {
+            let mut client = registry.client().await?;
+            client
+                .register(register_request(config, checks))
+                .await
+                .map_err(|s| format!("{}: {}", s.code(), s.message()))
+        }
+        .await;
+        match attempt {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                tracing::info!(registry = %registry.current(), index = reply.index, service = %config.service_id, "registered");
+                note_success(status, registry);
+                lock(status).registered = true;
+                return true;
+            }
+            Err(e) => note_failure(status, registry, "register", &e),
+        }
+        let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+        tracing::warn!(
+            retry_in_ms = wait.as_millis() as u64,
+            "no registry server accepted the registration yet"
+        );
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(wait) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+enum Renewal {
+    Alive,
+    Lost,
+    Failed,
+}
+
+/// One heartbeat, with one immediate retry on the next server.
+async fn renew(config: &Config, registry: &mut Registry, status: &SharedStatus) -> Renewal {
+    for _ in 0..2 {
+        let attempt = async {
+            let mut client = registry.client().await?;
+            client
+                .heartbeat(HeartbeatRequest {
+                    node: config.node.clone(),
+                    service_id: config.service_id.clone(),
+                })
+                .await
+                .map_err(|s| format!("{}: {}", s.code(), s.message()))
+        }
+        .await;
+        match attempt {
+            Ok(reply) => {
+                note_success(status, registry);
+                return if reply.into_inner().registered {
+                    Renewal::Alive
+                } else {
+                    Renewal::Lost
+                };
+            }
+            Err(e) => note_failure(status, registry, "heartbeat", &e),
+        }
+    }
+    Renewal::Failed
+}
+
+/// Sends every unreported status change (kept for the next try on failure).
+async fn report(
+    config: &Config,
+    registry: &mut Registry,
+    checks: &mut [LocalCheck],
+    status: &SharedStatus,
+) {
+    for check in checks.iter_mut().filter(|c| !c.reported) {
+        let attempt = async {
+            let mut client = registry.client().await?;
+            client
+                .update_check(UpdateCheckRequest {
+                    node: config.node.clone(),
+                    check_id: check.config.id.clone(),
+                    status: wire(check.status),
+                    output: check.output.clone(),
+                })
+                .await
+                .map_err(|s| format!("{}: {}", s.code(), s.message()))
+        }
+        .await;
+        match attempt {
+            Ok(_) => {
+                check.reported = true;
+                note_success(status, registry);
+            }
+            Err(e) => {
+                note_failure(status, registry, "check update", &e);
+                return;
+            }
+        }
+    }
+}
+
+/// Deregisters before exit, trying each server once.
+async fn deregister(config: &Config, registry: &mut Registry, status: &SharedStatus) {
+    for _ in 0..registry.addresses.len() {
+        let attempt = async {
+            let mut client = registry.client().await?;
+            client
+                .deregister(DeregisterRequest {
+                    node: config.node.clone(),
+                    service_id: config.service_id.clone(),
+                })
+                .await
+                .map_err(|s| format!("{}: {}", s.code(), s.message()))
+        }
+        .await;
+        match attempt {
+            Ok(_) => {
+                tracing::info!(service = %config.service_id, "deregistered");
+                lock(status).registered = false;
+                return;
+            }
+            Err(e) => note_failure(status, registry, "deregister", &e),
+        }
+    }
+    tracing::error!(
+        "could not deregister from any registry server; the session will expire instead"
+    );
+}
