@@ -1,0 +1,296 @@
+//! `meshwork-sidecar` as a real process next to a demo HTTP service, with a
+//! real three-server registry: registration, a failing check, SIGTERM,
+//! kill -9 (session expiry then removal), losing the registry leader, and
+//! a bad config.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use meshwork_tests::{Cluster, GRPC_PORT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+
+fn sidecar_bin() -> PathBuf {
+    let bin = meshwork_tests::registry_bin();
+    bin.with_file_name("meshwork-sidecar")
+}
+
+/// A demo service whose `/health` answers with the status in `code`.
+async fn demo_service(ip: &str) -> Result<(u16, Arc<AtomicU16>)> {
+    let listener = TcpListener::bind(format!("{ip}:0")).await?;
+    let port = listener.local_addr()?.port();
+    let code = Arc::new(AtomicU16::new(200));
+    let served = Arc::clone(&code);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let code = served.load(Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                let reply = format!(
+                    "HTTP/1.1 {code} X\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                );
+                let _ = stream.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    Ok((port, code))
+}
+
+fn write_config(dir: &Path, name: &str, body: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    std::fs::write(&path, body)?;
+    Ok(path)
+}
+
+fn sidecar_config(cluster: &Cluster, ip: &str, app_port: u16, admin_port: u16) -> String {
+    let addresses: Vec<String> = cluster
+        .servers
+        .iter()
+        .map(|s| format!("\"{}:{GRPC_PORT}\"", s.ip))
+        .collect();
+    format!(
+        r#"
+[registry]
+addresses = [{}]
+
+[service]
+name = "web"
+id = "web-1"
+address = "{ip}"
+port = {app_port}
+tags = ["v1"]
+
+[[service.checks]]
+http = "http://{ip}:{app_port}/health"
+interval = "500ms"
+timeout = "1s"
+
+[session]
+node = "app-host-1"
+ttl = "2s"
+deregister_critical_after = "3s"
+
+[admin]
+listen = "{ip}:{admin_port}"
+"#,
+        addresses.join(", ")
+    )
+}
+
+fn start_sidecar(config: &Path, log: &Path) -> Result<Child> {
+    let log = std::fs::File::create(log)?;
+    Ok(Command::new(sidecar_bin())
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+/// `web` instances on server `i` with their aggregate status.
+async fn web(cluster: &Cluster, i: usize) -> Result<Vec<(String, String)>> {
+    let url = format!("{}/v1/health/service/web", cluster.servers[i].http());
+    let body: serde_json::Value = cluster.http.get(url).send().await?.json().await?;
+    let mut out = Vec::new();
+    for entry in body.as_array().into_iter().flatten() {
+        let id = entry["Service"]["ID"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let statuses: Vec<&str> = entry["Checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["Status"].as_str())
+            .collect();
+        let status = if statuses.contains(&"critical") {
+            "critical"
+        } else {
+            "passing"
+        };
+        out.push((id, status.to_owned()));
+    }
+    Ok(out)
+}
+
+async fn wait_web(
+    cluster: &Cluster,
+    i: usize,
+    want: &[(&str, &str)],
+    within: Duration,
+) -> Result<()> {
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect();
+    let polls = (within.as_millis() / 50).max(1);
+    let mut last = Vec::new();
+    for _ in 0..polls {
+        if let Ok(now) = web(cluster, i).await {
+            if now == want {
+                return Ok(());
+            }
+            last = now;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!(
+        "server {} shows {last:?}, wanted {want:?} within {within:?}",
+        i + 1
+    )
+}
+
+fn signal(child: &Child, sig: &str) -> Result<()> {
+    let pid = child.id().context("sidecar already reaped")?;
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
+    if !status.success() {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn sidecar_registers_checks_survives_leader_loss_and_leaves() -> Result<()> {
+    let mut cluster = Cluster::start(3, &[]).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    let ip = cluster.servers[0].ip.clone();
+    let (app_port, code) = demo_service(&ip).await?;
+    let config = write_config(
+        cluster.dir.path(),
+        "web.toml",
+        &sidecar_config(&cluster, &ip, app_port, 29000),
+    )?;
+    let log = cluster.dir.path().join("sidecar.log");
+    let mut sidecar = start_sidecar(&config, &log)?;
+    let result = async {
+        // Registered and, after its first check, passing on every server.
+        for i in 0..3 {
+            wait_web(
+                &cluster,
+                i,
+                &[("web-1", "passing")],
+                Duration::from_secs(10),
+            )
+            .await?;
+        }
+        let ready = cluster
+            .http
+            .get(format!("http://{ip}:29000/ready"))
+            .send()
+            .await?;
+        assert_eq!(ready.status().as_u16(), 200);
+        let status: serde_json::Value = cluster
+            .http
+            .get(format!("http://{ip}:29000/status"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        assert_eq!(status["registered"], true, "{status}");
+        assert_eq!(status["checks"][0]["status"], "passing", "{status}");
+
+        // The app fails its health check: critical within an interval or so.
+        code.store(500, Ordering::Relaxed);
+        wait_web(
+            &cluster,
+            leader,
+            &[("web-1", "critical")],
+            Duration::from_secs(3),
+        )
+        .await?;
+        code.store(200, Ordering::Relaxed);
+        wait_web(
+            &cluster,
+            leader,
+            &[("web-1", "passing")],
+            Duration::from_secs(3),
+        )
+        .await?;
+
+        // Kill the registry leader: the instance stays registered and
+        // passing on the survivors throughout.
+        cluster.servers[leader].kill().await?;
+        let survivor = (leader + 1) % 3;
+        for _ in 0..40 {
+            let now = web(&cluster, survivor).await.unwrap_or_default();
+            if !now.is_empty() {
+                assert_eq!(now, [("web-1".to_owned(), "passing".to_owned())]);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        cluster.wait_leader(Duration::from_secs(10)).await?;
+        wait_web(
+            &cluster,
+            survivor,
+            &[("web-1", "passing")],
+            Duration::from_secs(5),
+        )
+        .await?;
+
+        // SIGTERM: deregistered at once.
+        signal(&sidecar, "TERM")?;
+        let exit = tokio::time::timeout(Duration::from_secs(10), sidecar.wait()).await??;
+        assert!(exit.success(), "sidecar exit {exit:?}");
+        wait_web(&cluster, survivor, &[], Duration::from_secs(2)).await?;
+
+        // kill -9: critical within the session TTL, gone after
+        // deregister_critical_after.
+        let mut again = start_sidecar(&config, &log)?;
+        wait_web(
+            &cluster,
+            survivor,
+            &[("web-1", "passing")],
+            Duration::from_secs(10),
+        )
+        .await?;
+        signal(&again, "KILL")?;
+        let _ = again.wait().await;
+        wait_web(
+            &cluster,
+            survivor,
+            &[("web-1", "critical")],
+            Duration::from_secs(5),
+        )
+        .await?;
+        wait_web(&cluster, survivor, &[], Duration::from_secs(6)).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = &result {
+        let tail = std::fs::read_to_string(&log).unwrap_or_default();
+        eprintln!("--- sidecar ---\n{tail}\n{}", cluster.logs());
+        bail!("{e:#}");
+    }
+    cluster.done();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bad_config_exits_64_naming_file_line_and_key() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = write_config(
+        dir.path(),
+        "bad.toml",
+        "[registry]\naddresses = [\"127.0.0.1:8502\"]\n\n[service]\nname = \"web\"\nport = 80\nprot = 81\n",
+    )?;
+    let out = std::process::Command::new(sidecar_bin())
+        .arg("--config")
+        .arg(&config)
+        .output()?;
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.toml"), "{stderr}");
+    assert!(stderr.contains("line 7"), "{stderr}");
+    assert!(stderr.contains("prot"), "{stderr}");
+    Ok(())
+}
