@@ -3,16 +3,12 @@
 //! checks, keeps a heartbeat session and deregisters on SIGTERM/SIGINT.
 //! (The traffic-carrying proxy comes next; see the issue tracker.)
 
-mod admin;
-mod agent;
-mod config;
-mod notify;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
+use meshwork_sidecar::{admin, agent, config};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 

@@ -268,3 +268,70 @@ async fn kv_prefix_watch_and_bad_requests() -> Result<()> {
     cluster.done();
     Ok(())
 }
+
+/// The sidecar's discovery module: the endpoint set follows the registry,
+/// and keeps following when the server it streams from is killed.
+#[tokio::test]
+async fn sidecar_discovery_follows_a_service_across_a_server_loss() -> Result<()> {
+    use meshwork_sidecar::discovery::Discovery;
+
+    let mut cluster = Cluster::start(3, &["--watch-heartbeat-ms", "300"]).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    let follower = cluster.followers(leader)[0];
+    // The first address is the one it streams from until that fails.
+    let mut addresses = vec![format!(
+        "{}:{}",
+        cluster.servers[follower].ip,
+        meshwork_tests::GRPC_PORT
+    )];
+    addresses.extend(
+        (0..3)
+            .filter(|i| *i != follower)
+            .map(|i| format!("{}:{}", cluster.servers[i].ip, meshwork_tests::GRPC_PORT)),
+    );
+    let shutdown = tokio_util_free_token();
+    let discovery = Discovery::new(addresses, shutdown.clone());
+    let mut web = discovery.service("web", false);
+
+    async fn keys_when(
+        rx: &mut meshwork_sidecar::discovery::Endpoints,
+        want: &[&str],
+    ) -> Result<()> {
+        let want: Vec<String> = want.iter().map(|s| (*s).to_owned()).collect();
+        let waited = tokio::time::timeout(
+            Duration::from_secs(15),
+            rx.wait_for(|set| {
+                set.ready && set.endpoints.keys().cloned().collect::<Vec<_>>() == want
+            }),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        match waited {
+            true => Ok(()),
+            false => bail!(
+                "endpoints never became {want:?}: {:?}",
+                rx.borrow().endpoints.keys().collect::<Vec<_>>()
+            ),
+        }
+    }
+
+    keys_when(&mut web, &[]).await?;
+    register(&cluster, leader, "n1", "web-1").await?;
+    keys_when(&mut web, &["n1/web-1"]).await?;
+    register(&cluster, leader, "n2", "web-2").await?;
+    keys_when(&mut web, &["n1/web-1", "n2/web-2"]).await?;
+
+    // Kill the server it streams from; a change made meanwhile still arrives.
+    cluster.servers[follower].kill().await?;
+    deregister(&cluster, leader, "n1", "web-1").await?;
+    keys_when(&mut web, &["n2/web-2"]).await?;
+    register(&cluster, leader, "n3", "web-3").await?;
+    keys_when(&mut web, &["n2/web-2", "n3/web-3"]).await?;
+    shutdown.cancel();
+    cluster.done();
+    Ok(())
+}
+
+fn tokio_util_free_token() -> meshwork_sidecar::discovery::ShutdownToken {
+    meshwork_sidecar::discovery::ShutdownToken::new()
+}

@@ -1,0 +1,197 @@
+//! Discovery: follows `Watch.Subscribe` streams for the services the proxy
+//! needs and keeps each one's latest endpoint set in a
+//! `tokio::sync::watch` channel. On a broken stream it fails over to the
+//! next registry server and resumes from the last index it fully received,
+//! so it never misses or repeats a change; a fresh snapshot (the server
+//! could not resume) replaces the set.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meshwork_proto::v1::watch_client::WatchClient;
+use meshwork_proto::v1::watch_event::Kind;
+use meshwork_proto::v1::{Endpoint, ServiceTopic, SubscribeRequest, change, subscribe_request};
+use rand::Rng;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint as GrpcEndpoint;
+
+/// What ends the discovery tasks (re-exported so users need not depend
+/// on tokio-util themselves).
+pub type ShutdownToken = CancellationToken;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Without any message (heartbeats included) for this long, the stream is
+/// considered dead and another server is tried.
+const SILENCE: Duration = Duration::from_secs(45);
+
+/// One service's endpoints as of `index`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EndpointSet {
+    /// The last index fully applied; 0 until the first snapshot.
+    pub index: u64,
+    /// True once a snapshot has been received.
+    pub ready: bool,
+    /// By `<node>/<service id>`.
+    pub endpoints: BTreeMap<String, Endpoint>,
+}
+
+/// A followed service's endpoint set, always the latest.
+pub type Endpoints = watch::Receiver<Arc<EndpointSet>>;
+
+/// Follows services; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    addresses: Arc<Vec<String>>,
+    services: Arc<Mutex<HashMap<(String, bool), Endpoints>>>,
+    shutdown: CancellationToken,
+}
+
+impl Discovery {
+    pub fn new(addresses: Vec<String>, shutdown: CancellationToken) -> Self {
+        Self {
+            addresses: Arc::new(addresses),
+            services: Arc::default(),
+            shutdown,
+        }
+    }
+
+    /// The endpoint set of `service` (only passing instances when
+    /// `passing_only`), kept current from now on.
+    pub fn service(&self, service: &str, passing_only: bool) -> Endpoints {
+        let key = (service.to_owned(), passing_only);
+        let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rx) = services.get(&key) {
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(Arc::new(EndpointSet::default()));
+        services.insert(key, rx.clone());
+        tokio::spawn(follow(
+            Arc::clone(&self.addresses),
+            service.to_owned(),
+            passing_only,
+            tx,
+            self.shutdown.clone(),
+        ));
+        rx
+    }
+}
+
+/// Why a stream ended.
+enum Ended {
+    Shutdown,
+    Broken(String),
+}
+
+async fn follow(
+    addresses: Arc<Vec<String>>,
+    service: String,
+    passing_only: bool,
+    tx: watch::Sender<Arc<EndpointSet>>,
+    shutdown: CancellationToken,
+) {
+    let mut set = EndpointSet::default();
+    let mut server = 0usize;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let addr = &addresses[server % addresses.len()];
+        match stream_once(addr, &service, passing_only, &mut set, &tx, &shutdown).await {
+            Ended::Shutdown => return,
+            Ended::Broken(reason) => {
+                tracing::warn!(service, registry = %addr, reason, resume_from = set.index, "watch stream broken; trying the next registry server");
+            }
+        }
+        server += 1;
+        let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        if set.ready {
+            backoff = BACKOFF_MIN;
+        }
+    }
+}
+
+async fn stream_once(
+    addr: &str,
+    service: &str,
+    passing_only: bool,
+    set: &mut EndpointSet,
+    tx: &watch::Sender<Arc<EndpointSet>>,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let endpoint = match GrpcEndpoint::from_shared(format!("http://{addr}")) {
+        Ok(e) => e.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true),
+        Err(e) => return Ended::Broken(e.to_string()),
+    };
+    let channel = match endpoint.connect().await {
+        Ok(c) => c,
+        Err(e) => return Ended::Broken(e.to_string()),
+    };
+    let request = SubscribeRequest {
+        topic: Some(subscribe_request::Topic::Service(ServiceTopic {
+            name: service.to_owned(),
+            passing_only,
+        })),
+        since_index: set.index,
+    };
+    let mut stream = match WatchClient::new(channel).subscribe(request).await {
+        Ok(s) => s.into_inner(),
+        Err(status) => return Ended::Broken(format!("{}: {}", status.code(), status.message())),
+    };
+    // Changes received before END_OF_SNAPSHOT are applied to a copy, so a
+    // half-received snapshot never shows.
+    let mut pending: Option<EndpointSet> = Some(set.clone());
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return Ended::Shutdown,
+            m = tokio::time::timeout(SILENCE, stream.message()) => m,
+        };
+        let event = match message {
+            Err(_) => return Ended::Broken(format!("nothing received for {SILENCE:?}")),
+            Ok(Err(status)) => {
+                return Ended::Broken(format!("{}: {}", status.code(), status.message()));
+            }
+            Ok(Ok(None)) => return Ended::Broken("the server ended the stream".into()),
+            Ok(Ok(Some(event))) => event,
+        };
+        let target = pending.as_mut().unwrap_or(set);
+        if event.reset {
+            target.endpoints.clear();
+        }
+        for c in event.changes {
+            match c.change {
+                Some(change::Change::Endpoint(e)) => {
+                    target.endpoints.insert(e.key.clone(), e);
+                }
+                Some(change::Change::EndpointRemoved(key)) => {
+                    target.endpoints.remove(&key);
+                }
+                _ => {}
+            }
+        }
+        match Kind::try_from(event.kind) {
+            Ok(Kind::EndOfSnapshot) => {
+                if let Some(mut done) = pending.take() {
+                    done.index = done.index.max(event.index);
+                    done.ready = true;
+                    *set = done;
+                    tx.send_replace(Arc::new(set.clone()));
+                }
+            }
+            Ok(Kind::Change) if pending.is_none() => {
+                set.index = set.index.max(event.index);
+                tx.send_replace(Arc::new(set.clone()));
+            }
+            Ok(Kind::Heartbeat) if pending.is_none() => {
+                // Nothing changed up to here: resume from it next time.
+                set.index = set.index.max(event.index);
+            }
+            _ => {}
+        }
+    }
+}
