@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "meshwork/v1/registry.proto",
         "meshwork/v1/watch.proto",
         "meshwork/v1/agent.proto",
+        "grpc/health/v1/health.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

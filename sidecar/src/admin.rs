@@ -1,23 +1,39 @@
 //! The admin listener: `/live` (the process runs), `/ready` (registered
 //! with the registry), `/status` (JSON: registration, checks, which
-//! registry server, last contact).
+//! registry server, last contact), and Consul's TTL check endpoints
+//! (`PUT /v1/agent/check/pass|warn|fail/<check id>?note=...`) for the app.
+
+use std::collections::HashMap;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
+use meshwork_registry::state::catalog::HealthStatus;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::SharedStatus;
+use crate::agent::{SharedStatus, TtlReports};
 
-pub async fn serve(listener: TcpListener, status: SharedStatus, shutdown: CancellationToken) {
+#[derive(Clone)]
+struct Admin {
+    status: SharedStatus,
+    ttl: TtlReports,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    status: SharedStatus,
+    ttl: TtlReports,
+    shutdown: CancellationToken,
+) {
     let app = Router::new()
         .route("/live", get(|| async { "live\n" }))
         .route("/ready", get(ready))
         .route("/status", get(status_json))
-        .with_state(status);
+        .route("/v1/agent/check/{verb}/{check_id}", put(ttl_report))
+        .with_state(Admin { status, ttl });
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -26,8 +42,8 @@ pub async fn serve(listener: TcpListener, status: SharedStatus, shutdown: Cancel
     }
 }
 
-async fn ready(State(status): State<SharedStatus>) -> Response {
-    let registered = status.lock().map(|s| s.registered).unwrap_or(false);
+async fn ready(State(admin): State<Admin>) -> Response {
+    let registered = admin.status.lock().map(|s| s.registered).unwrap_or(false);
     if registered {
         (StatusCode::OK, "ready\n").into_response()
     } else {
@@ -35,7 +51,34 @@ async fn ready(State(status): State<SharedStatus>) -> Response {
     }
 }
 
-async fn status_json(State(status): State<SharedStatus>) -> Response {
-    let snapshot = status.lock().map(|s| s.clone()).unwrap_or_default();
+async fn status_json(State(admin): State<Admin>) -> Response {
+    let snapshot = admin.status.lock().map(|s| s.clone()).unwrap_or_default();
     Json(snapshot).into_response()
+}
+
+async fn ttl_report(
+    State(admin): State<Admin>,
+    Path((verb, check_id)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let status = match verb.as_str() {
+        "pass" => HealthStatus::Passing,
+        "warn" => HealthStatus::Warning,
+        "fail" => HealthStatus::Critical,
+        other => {
+            return (
+                StatusCode::NOT_FOUND,
+                format!("unknown verb {other:?} (use pass, warn or fail)\n"),
+            )
+                .into_response();
+        }
+    };
+    let note = query.get("note").cloned().unwrap_or_default();
+    match admin.ttl.report(&check_id, status, note) {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) if e.starts_with("no TTL check") => {
+            (StatusCode::NOT_FOUND, format!("{e}\n")).into_response()
+        }
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
 }

@@ -4,8 +4,9 @@
 //! fails over across the listed registry servers, registers again when the
 //! registry has lost the instance, and deregisters on shutdown.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use meshwork_proto::v1::agent_client::AgentClient;
 use meshwork_proto::v1::{
@@ -111,8 +112,74 @@ struct LocalCheck {
     reported: bool,
 }
 
+/// A check result from a probe, a TTL timer or the admin API.
+pub type CheckResult = (usize, probe::ProbeResult);
+
+/// When the app last reported a TTL check.
+type LastReport = Arc<Mutex<Instant>>;
+
+/// How the app reports its TTL checks (through the admin API).
+#[derive(Debug, Clone)]
+pub struct TtlReports {
+    results: mpsc::Sender<CheckResult>,
+    /// check id -> (index, when the app last reported).
+    checks: Arc<HashMap<String, (usize, LastReport)>>,
+}
+
+impl TtlReports {
+    /// Records a report for TTL check `check_id`; `Err` names what is wrong.
+    pub fn report(&self, check_id: &str, status: HealthStatus, note: String) -> Result<(), String> {
+        let (index, last) = self
+            .checks
+            .get(check_id)
+            .ok_or_else(|| format!("no TTL check {check_id:?} in this sidecar's config"))?;
+        *last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.results
+            .try_send((
+                *index,
+                probe::ProbeResult {
+                    status,
+                    output: note,
+                },
+            ))
+            .map_err(|_| "the agent is busy or stopping; try again".to_owned())
+    }
+}
+
+/// The results channel and the TTL check handles for `config`.
+pub fn channels(
+    config: &Config,
+) -> (
+    TtlReports,
+    mpsc::Sender<CheckResult>,
+    mpsc::Receiver<CheckResult>,
+) {
+    let (tx, rx) = mpsc::channel(256);
+    let checks = config
+        .checks
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| matches!(c.probe, Probe::Ttl(_)))
+        .map(|(i, c)| (c.id.clone(), (i, Arc::new(Mutex::new(Instant::now())))))
+        .collect();
+    (
+        TtlReports {
+            results: tx.clone(),
+            checks: Arc::new(checks),
+        },
+        tx,
+        rx,
+    )
+}
+
 /// Runs the agent until `shutdown`, then deregisters.
-pub async fn run(config: Config, status: SharedStatus, shutdown: CancellationToken) {
+pub async fn run(
+    config: Config,
+    status: SharedStatus,
+    shutdown: CancellationToken,
+    ttl_reports: TtlReports,
+    (results_tx, mut results): (mpsc::Sender<CheckResult>, mpsc::Receiver<CheckResult>),
+) {
     let mut registry = Registry {
         addresses: config.registry.clone(),
         current: 0,
@@ -138,16 +205,35 @@ pub async fn run(config: Config, status: SharedStatus, shutdown: CancellationTok
     }
     publish_checks(&status, &checks);
 
-    let (results_tx, mut results) = mpsc::channel(64);
     let probes = CancellationToken::new();
     for (i, check) in config.checks.iter().enumerate() {
-        tokio::spawn(run_probe(
-            i,
-            check.clone(),
-            results_tx.clone(),
-            probes.clone(),
-        ));
+        match &check.probe {
+            Probe::Ttl(ttl) => {
+                let last = ttl_reports
+                    .checks
+                    .get(&check.id)
+                    .map(|(_, l)| Arc::clone(l));
+                if let Some(last) = last {
+                    tokio::spawn(ttl_watchdog(
+                        i,
+                        *ttl,
+                        last,
+                        results_tx.clone(),
+                        probes.clone(),
+                    ));
+                }
+            }
+            _ => {
+                tokio::spawn(run_probe(
+                    i,
+                    check.clone(),
+                    results_tx.clone(),
+                    probes.clone(),
+                ));
+            }
+        }
     }
+    drop(results_tx);
 
     if !register_until_done(&config, &mut registry, &checks, &status, &shutdown).await {
         probes.cancel();
@@ -230,20 +316,90 @@ fn absorb(check: &mut LocalCheck, result: probe::ProbeResult) -> bool {
     false
 }
 
+/// Critical when the app has not reported within the TTL.
+async fn ttl_watchdog(
+    index: usize,
+    ttl: Duration,
+    last: LastReport,
+    results: mpsc::Sender<CheckResult>,
+    stop: CancellationToken,
+) {
+    let mut expired_for: Option<Instant> = None;
+    let mut ticker = tokio::time::interval((ttl / 4).max(Duration::from_millis(50)));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let reported = *last.lock().unwrap_or_else(|e| e.into_inner());
+        if reported.elapsed() >= ttl && expired_for != Some(reported) {
+            expired_for = Some(reported);
+            let result = probe::ProbeResult {
+                status: HealthStatus::Critical,
+                output: format!("TTL expired: no report within {}ms", ttl.as_millis()),
+            };
+            if results.send((index, result)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One gRPC health check (`grpc.health.v1.Health/Check`).
+async fn grpc_probe(addr: &str, service: &str, timeout: Duration) -> probe::ProbeResult {
+    use meshwork_proto::grpc_health::HealthCheckRequest;
+    use meshwork_proto::grpc_health::health_check_response::ServingStatus;
+    use meshwork_proto::grpc_health::health_client::HealthClient;
+    let attempt = async {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .map(|r| r.into_inner().status())
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))
+    };
+    let critical = |output: String| probe::ProbeResult {
+        status: HealthStatus::Critical,
+        output,
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(ServingStatus::Serving)) => probe::ProbeResult {
+            status: HealthStatus::Passing,
+            output: format!("gRPC health {addr}/{service}: SERVING"),
+        },
+        Ok(Ok(other)) => critical(format!(
+            "gRPC health {addr}/{service}: {}",
+            other.as_str_name()
+        )),
+        Ok(Err(e)) => critical(format!("gRPC health {addr}/{service}: {e}")),
+        Err(_) => critical(format!(
+            "gRPC health {addr}/{service}: timed out after {timeout:?}"
+        )),
+    }
+}
+
 async fn run_probe(
     index: usize,
     check: Check,
-    results: mpsc::Sender<(usize, probe::ProbeResult)>,
+    results: mpsc::Sender<CheckResult>,
     stop: CancellationToken,
 ) {
     let definition = CheckDefinition {
         http: match &check.probe {
             Probe::Http(url) => Some(url.clone()),
-            Probe::Tcp(_) => None,
+            _ => None,
         },
         tcp: match &check.probe {
             Probe::Tcp(addr) => Some(addr.clone()),
-            Probe::Http(_) => None,
+            _ => None,
         },
         timeout_ms: Some(check.timeout.as_millis() as u64),
         ..CheckDefinition::default()
@@ -263,8 +419,12 @@ async fn run_probe(
             () = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let Some(result) = probe::run(&definition).await else {
-            return;
+        let result = match &check.probe {
+            Probe::Grpc(addr, service) => grpc_probe(addr, service, check.timeout).await,
+            _ => match probe::run(&definition).await {
+                Some(result) => result,
+                None => return,
+            },
         };
         if results.send((index, result)).await.is_err() {
             return;

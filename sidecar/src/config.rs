@@ -80,6 +80,10 @@ struct SessionSection {
 pub enum Probe {
     Http(String),
     Tcp(String),
+    /// `HOST:PORT` and the service name to ask about ("" = the server).
+    Grpc(String, String),
+    /// Passing while the app reports in time through the admin API.
+    Ttl(Duration),
 }
 
 impl Probe {
@@ -87,6 +91,9 @@ impl Probe {
         match self {
             Probe::Http(url) => url.clone(),
             Probe::Tcp(addr) => format!("tcp://{addr}"),
+            Probe::Grpc(addr, service) if service.is_empty() => format!("grpc://{addr}"),
+            Probe::Grpc(addr, service) => format!("grpc://{addr}/{service}"),
+            Probe::Ttl(ttl) => format!("ttl {}ms", ttl.as_millis()),
         }
     }
 }
@@ -217,9 +224,27 @@ impl Config {
                     Probe::Http(url.clone())
                 }
                 (None, Some(addr), None, None) => Probe::Tcp(addr.clone()),
-                (None, None, Some(_), None) | (None, None, None, Some(_)) => {
-                    errors.push(format!("{f}: {key}: grpc and ttl checks are not supported by this sidecar yet; use http or tcp"));
-                    continue;
+                (None, None, Some(target), None) => {
+                    // Consul's form: HOST:PORT or HOST:PORT/service.
+                    let (addr, service) = target.split_once('/').unwrap_or((target.as_str(), ""));
+                    if addr
+                        .rsplit_once(':')
+                        .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+                    {
+                        errors.push(format!(
+                            "{f}: {key}.grpc: {target:?} is not HOST:PORT or HOST:PORT/service"
+                        ));
+                    }
+                    Probe::Grpc(addr.to_owned(), service.to_owned())
+                }
+                (None, None, None, Some(ttl)) => {
+                    match duration(f, &format!("{key}.ttl"), Some(ttl), Duration::ZERO) {
+                        Ok(ttl) => Probe::Ttl(ttl),
+                        Err(e) => {
+                            errors.push(e);
+                            continue;
+                        }
+                    }
                 }
                 _ => {
                     errors.push(format!(

@@ -106,12 +106,20 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     );
     let shutdown = CancellationToken::new();
     let status: agent::SharedStatus = Arc::new(Mutex::new(agent::Status::default()));
-    let admin_task = tokio::spawn(admin::serve(admin, Arc::clone(&status), shutdown.clone()));
+    let (ttl_reports, results_tx, results) = agent::channels(&config);
+    let admin_task = tokio::spawn(admin::serve(
+        admin,
+        Arc::clone(&status),
+        ttl_reports.clone(),
+        shutdown.clone(),
+    ));
     let agent_shutdown = CancellationToken::new();
     let agent_task = tokio::spawn(agent::run(
         config,
         Arc::clone(&status),
         agent_shutdown.clone(),
+        ttl_reports,
+        (results_tx, results),
     ));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -294,3 +294,164 @@ async fn a_bad_config_exits_64_naming_file_line_and_key() -> Result<()> {
     assert!(stderr.contains("prot"), "{stderr}");
     Ok(())
 }
+
+mod grpc_health {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use meshwork_proto::grpc_health::health_check_response::ServingStatus;
+    use meshwork_proto::grpc_health::health_server::{Health, HealthServer};
+    use meshwork_proto::grpc_health::{HealthCheckRequest, HealthCheckResponse};
+    use tonic::{Request, Response, Status};
+
+    pub struct Demo(pub Arc<AtomicBool>);
+
+    #[tonic::async_trait]
+    impl Health for Demo {
+        async fn check(
+            &self,
+            _request: Request<HealthCheckRequest>,
+        ) -> Result<Response<HealthCheckResponse>, Status> {
+            let status = if self.0.load(Ordering::Relaxed) {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            Ok(Response::new(HealthCheckResponse {
+                status: status as i32,
+            }))
+        }
+    }
+
+    /// Serves `grpc.health.v1.Health` on `ip`, answering SERVING while the
+    /// flag is set.
+    pub async fn serve(ip: &str) -> anyhow::Result<(u16, Arc<AtomicBool>)> {
+        let listener = tokio::net::TcpListener::bind(format!("{ip}:0")).await?;
+        let port = listener.local_addr()?.port();
+        let serving = Arc::new(AtomicBool::new(true));
+        let service = HealthServer::new(Demo(Arc::clone(&serving)));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        Ok((port, serving))
+    }
+}
+
+#[tokio::test]
+async fn ttl_checks_via_the_admin_api_and_grpc_health_checks() -> Result<()> {
+    let cluster = Cluster::start(1, &[]).await?;
+    cluster.wait_leader(Duration::from_secs(10)).await?;
+    let ip = cluster.servers[0].ip.clone();
+    let (grpc_port, serving) = grpc_health::serve(&ip).await?;
+    let config = format!(
+        r#"
+[registry]
+addresses = ["{ip}:{GRPC_PORT}"]
+
+[service]
+name = "web"
+id = "web-ttl"
+port = 8080
+
+[[service.checks]]
+grpc = "{ip}:{grpc_port}"
+interval = "300ms"
+
+[[service.checks]]
+id = "app-ttl"
+ttl = "1s"
+
+[session]
+node = "app-host-ttl"
+
+[admin]
+listen = "{ip}:29001"
+"#
+    );
+    let config = write_config(cluster.dir.path(), "ttl.toml", &config)?;
+    let log = cluster.dir.path().join("sidecar-ttl.log");
+    let mut sidecar = start_sidecar(&config, &log)?;
+    let admin = format!("http://{ip}:29001");
+    let result = async {
+        // The TTL check has had no report yet: critical.
+        wait_web(
+            &cluster,
+            0,
+            &[("web-ttl", "critical")],
+            Duration::from_secs(10),
+        )
+        .await?;
+        let pass = cluster
+            .http
+            .put(format!("{admin}/v1/agent/check/pass/app-ttl?note=fine"))
+            .send()
+            .await?;
+        assert_eq!(pass.status().as_u16(), 200);
+        wait_web(
+            &cluster,
+            0,
+            &[("web-ttl", "passing")],
+            Duration::from_secs(3),
+        )
+        .await?;
+        // No report within the TTL: critical again.
+        wait_web(
+            &cluster,
+            0,
+            &[("web-ttl", "critical")],
+            Duration::from_secs(4),
+        )
+        .await?;
+        // Reports keep it passing; then the gRPC service stops serving.
+        for _ in 0..6 {
+            cluster
+                .http
+                .put(format!("{admin}/v1/agent/check/pass/app-ttl"))
+                .send()
+                .await?;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        wait_web(
+            &cluster,
+            0,
+            &[("web-ttl", "passing")],
+            Duration::from_secs(2),
+        )
+        .await?;
+        serving.store(false, Ordering::Relaxed);
+        for _ in 0..8 {
+            cluster
+                .http
+                .put(format!("{admin}/v1/agent/check/pass/app-ttl"))
+                .send()
+                .await?;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        wait_web(
+            &cluster,
+            0,
+            &[("web-ttl", "critical")],
+            Duration::from_secs(1),
+        )
+        .await?;
+        let unknown = cluster
+            .http
+            .put(format!("{admin}/v1/agent/check/pass/no-such-check"))
+            .send()
+            .await?;
+        assert_eq!(unknown.status().as_u16(), 404);
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = &result {
+        let tail = std::fs::read_to_string(&log).unwrap_or_default();
+        eprintln!("--- sidecar ---\n{tail}\n{}", cluster.logs());
+        bail!("{e:#}");
+    }
+    signal(&sidecar, "TERM")?;
+    let _ = tokio::time::timeout(Duration::from_secs(10), sidecar.wait()).await;
+    cluster.done();
+    Ok(())
+}
