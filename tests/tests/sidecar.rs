@@ -199,6 +199,65 @@ async fn sidecar_registers_checks_survives_leader_loss_and_leaves() -> Result<()
         assert_eq!(status["registered"], true, "{status}");
         assert_eq!(status["checks"][0]["status"], "passing", "{status}");
 
+        // Visible over DNS too.
+        let dig = std::process::Command::new("dig")
+            .arg(format!("@{}", cluster.servers[leader].ip))
+            .args([
+                "-p",
+                "28600",
+                "+time=3",
+                "+tries=1",
+                "+short",
+                "web.service.mesh",
+            ])
+            .output()
+            .context("run dig (install dnsutils: scripts/install-test-deps.sh)")?;
+        let answer = String::from_utf8_lossy(&dig.stdout);
+        assert_eq!(answer.trim(), ip, "dig web.service.mesh");
+
+        // The registry loses the instance (say, an operator removed it):
+        // the sidecar registers it again within a heartbeat or two (seen
+        // as a new CreateIndex).
+        let create_index = |cluster: &Cluster| {
+            let url = format!("{}/v1/catalog/service/web", cluster.servers[leader].http());
+            let http = cluster.http.clone();
+            async move {
+                let body: serde_json::Value = http.get(url).send().await.ok()?.json().await.ok()?;
+                body[0]["CreateIndex"].as_u64()
+            }
+        };
+        let before = create_index(&cluster)
+            .await
+            .context("web-1 has a CreateIndex")?;
+        let resp = cluster
+            .http
+            .put(format!(
+                "{}/v1/catalog/deregister",
+                cluster.servers[leader].http()
+            ))
+            .json(&serde_json::json!({"Node": "app-host-1", "ServiceID": "web-1"}))
+            .send()
+            .await?;
+        assert!(resp.status().is_success());
+        let mut again = None;
+        for _ in 0..100 {
+            if let Some(index) = create_index(&cluster).await
+                && index > before
+            {
+                again = Some(index);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        again.context("the sidecar did not register again within 5 s")?;
+        wait_web(
+            &cluster,
+            leader,
+            &[("web-1", "passing")],
+            Duration::from_secs(5),
+        )
+        .await?;
+
         // The app fails its health check: critical within an interval or so.
         code.store(500, Ordering::Relaxed);
         wait_web(
