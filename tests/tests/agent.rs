@@ -224,6 +224,25 @@ async fn mass_silence_trips_the_safety_valve_and_bad_requests_are_refused() -> R
         cluster.logs()
     );
 
+    // Registering again with other checks drops the ones no longer declared.
+    let mut changed = registration("host-1", "api-1", 1000, 0);
+    changed.checks[0].check_id = "api-1:tcp".into();
+    client.register(changed).await?;
+    let checks = cluster
+        .http
+        .get(format!(
+            "{}/v1/health/node/host-1",
+            cluster.servers[0].http()
+        ))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        checks.contains("api-1:tcp") && !checks.contains("api-1:http"),
+        "{checks}"
+    );
+
     let mut bad = registration("h", "x", 1000, 0);
     bad.service = None;
     let status = client.register(bad).await.err();

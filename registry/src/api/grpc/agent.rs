@@ -183,9 +183,47 @@ impl Agent for AgentService {
     ) -> Result<Response<RegisterReply>, Status> {
         let (registration, ttl) = Self::registration(request.into_inner())?;
         let node = registration.node.clone();
-        let index = self
-            .write(Command::CatalogRegister(Box::new(registration)))
-            .await?;
+        // Checks this instance had before but no longer declares (the
+        // sidecar's config changed) go in the same log entry.
+        let stale: Vec<Command> = {
+            let state = self.node.state.read();
+            let service_id = registration
+                .service
+                .as_ref()
+                .map(|s| s.id.as_str())
+                .unwrap_or_default();
+            state
+                .catalog
+                .node_checks(&node)
+                .filter(|c| c.service_id == service_id)
+                .filter(|c| !registration.checks.iter().any(|n| n.check_id == c.check_id))
+                .map(|c| Command::CatalogDeregister {
+                    node: node.clone(),
+                    service_id: None,
+                    check_id: Some(c.check_id.clone()),
+                })
+                .collect()
+        };
+        let register = Command::CatalogRegister(Box::new(registration));
+        let index = if stale.is_empty() {
+            self.write(register).await?
+        } else {
+            let mut batch = stale;
+            batch.push(register);
+            let applied = self
+                .node
+                .write(Command::Batch(batch))
+                .await
+                .map_err(cluster_status)?;
+            // Only the registration's own answer matters (a stale check
+            // that is already gone is fine).
+            if let CommandResponse::Batch(responses) = &applied.response
+                && let Some(CommandResponse::CatalogRejected(e)) = responses.last()
+            {
+                return Err(Status::invalid_argument(e.to_string()));
+            }
+            applied.index
+        };
         self.sessions.touch(&node);
         Ok(Response::new(RegisterReply {
             index,
