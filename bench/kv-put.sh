@@ -17,7 +17,7 @@
 #   BENCH_TMPDIR parent of the temporary data dirs [/var/tmp] (must be a real
 #                disk, not tmpfs, or fsync costs nothing)
 #   RESULTS_FILE where to write the report [bench/RESULTS.md]
-#   RAW_DIR      where to keep raw wrk output and logs [bench/out] (git-ignored)
+#   RAW_DIR      where to keep raw wrk output and logs [bench/out/kv] (git-ignored)
 #   QUIET_WAIT_S before each measured run, wait up to this long for the machine
 #                to be idle (other processes skew a 2-core box) [90]
 #   NOISE_PCT    if other processes used more than this % of the machine's CPU
@@ -42,7 +42,7 @@ DIAG_STRACE=${DIAG_STRACE:-1}
 SKIP_BUILD=${SKIP_BUILD:-0}
 BENCH_TMPDIR=${BENCH_TMPDIR:-/var/tmp}
 RESULTS_FILE=${RESULTS_FILE:-$BENCH_DIR/RESULTS.md}
-RAW_DIR=${RAW_DIR:-$BENCH_DIR/out}
+RAW_DIR=${RAW_DIR:-$BENCH_DIR/out/kv}
 QUIET_WAIT_S=${QUIET_WAIT_S:-90}
 NOISE_PCT=${NOISE_PCT:-10}
 MAX_ATTEMPTS=${MAX_ATTEMPTS:-3}
