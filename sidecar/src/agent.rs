@@ -93,6 +93,19 @@ impl Registry {
         Ok(client)
     }
 
+    /// One call on the server in use; errors as one line.
+    async fn call<T, F, Fut>(&mut self, call: F) -> Result<T, String>
+    where
+        F: FnOnce(AgentClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let client = self.client().await?;
+        call(client)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))
+    }
+
     fn current(&self) -> String {
         self.addresses[self.current % self.addresses.len()].clone()
     }
@@ -497,17 +510,12 @@ async fn register_until_done(
 ) -> bool {
     let mut backoff = BACKOFF_MIN;
     loop {
-        let attempt = async {
-            let mut client = registry.client().await?;
-            client
-                .register(register_request(config, checks))
-                .await
-                .map_err(|s| format!("{}: {}", s.code(), s.message()))
-        }
-        .await;
+        let request = register_request(config, checks);
+        let attempt = registry
+            .call(|mut c| async move { c.register(request).await })
+            .await;
         match attempt {
             Ok(reply) => {
-                let reply = reply.into_inner();
                 tracing::info!(registry = %registry.current(), index = reply.index, service = %config.service_id, "registered");
                 note_success(status, registry);
                 lock(status).registered = true;
@@ -537,21 +545,17 @@ enum Renewal {
 /// One heartbeat, with one immediate retry on the next server.
 async fn renew(config: &Config, registry: &mut Registry, status: &SharedStatus) -> Renewal {
     for _ in 0..2 {
-        let attempt = async {
-            let mut client = registry.client().await?;
-            client
-                .heartbeat(HeartbeatRequest {
-                    node: config.node.clone(),
-                    service_id: config.service_id.clone(),
-                })
-                .await
-                .map_err(|s| format!("{}: {}", s.code(), s.message()))
-        }
-        .await;
+        let request = HeartbeatRequest {
+            node: config.node.clone(),
+            service_id: config.service_id.clone(),
+        };
+        let attempt = registry
+            .call(|mut c| async move { c.heartbeat(request).await })
+            .await;
         match attempt {
             Ok(reply) => {
                 note_success(status, registry);
-                return if reply.into_inner().registered {
+                return if reply.registered {
                     Renewal::Alive
                 } else {
                     Renewal::Lost
@@ -571,19 +575,15 @@ async fn report(
     status: &SharedStatus,
 ) {
     for check in checks.iter_mut().filter(|c| !c.reported) {
-        let attempt = async {
-            let mut client = registry.client().await?;
-            client
-                .update_check(UpdateCheckRequest {
-                    node: config.node.clone(),
-                    check_id: check.config.id.clone(),
-                    status: wire(check.status),
-                    output: check.output.clone(),
-                })
-                .await
-                .map_err(|s| format!("{}: {}", s.code(), s.message()))
-        }
-        .await;
+        let request = UpdateCheckRequest {
+            node: config.node.clone(),
+            check_id: check.config.id.clone(),
+            status: wire(check.status),
+            output: check.output.clone(),
+        };
+        let attempt = registry
+            .call(|mut c| async move { c.update_check(request).await })
+            .await;
         match attempt {
             Ok(_) => {
                 check.reported = true;
@@ -600,17 +600,13 @@ async fn report(
 /// Deregisters before exit, trying each server once.
 async fn deregister(config: &Config, registry: &mut Registry, status: &SharedStatus) {
     for _ in 0..registry.addresses.len() {
-        let attempt = async {
-            let mut client = registry.client().await?;
-            client
-                .deregister(DeregisterRequest {
-                    node: config.node.clone(),
-                    service_id: config.service_id.clone(),
-                })
-                .await
-                .map_err(|s| format!("{}: {}", s.code(), s.message()))
-        }
-        .await;
+        let request = DeregisterRequest {
+            node: config.node.clone(),
+            service_id: config.service_id.clone(),
+        };
+        let attempt = registry
+            .call(|mut c| async move { c.deregister(request).await })
+            .await;
         match attempt {
             Ok(_) => {
                 tracing::info!(service = %config.service_id, "deregistered");

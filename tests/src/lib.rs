@@ -316,6 +316,67 @@ impl Cluster {
         }
     }
 
+    /// `service`'s instances as server `i` reports them in
+    /// `/v1/health/service/<service>`: (service ID, worst check status),
+    /// sorted.
+    pub async fn instance_health(&self, i: usize, service: &str) -> Result<Vec<(String, String)>> {
+        let url = format!("{}/v1/health/service/{service}", self.servers[i].http());
+        let body: serde_json::Value = self.http.get(url).send().await?.json().await?;
+        let mut out = Vec::new();
+        for entry in body.as_array().into_iter().flatten() {
+            let id = entry["Service"]["ID"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let statuses: Vec<&str> = entry["Checks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["Status"].as_str())
+                .collect();
+            let worst = ["critical", "warning"]
+                .into_iter()
+                .find(|s| statuses.contains(s))
+                .unwrap_or("passing");
+            out.push((id, worst.to_owned()));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Polls [`Cluster::instance_health`] until it is `want`, at most
+    /// `within` long.
+    pub async fn wait_instance_health(
+        &self,
+        i: usize,
+        service: &str,
+        want: &[(&str, &str)],
+        within: Duration,
+    ) -> Result<()> {
+        let mut want: Vec<(String, String)> = want
+            .iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect();
+        want.sort();
+        let deadline = Instant::now() + within;
+        let mut last = Vec::new();
+        loop {
+            if let Ok(now) = self.instance_health(i, service).await {
+                if now == want {
+                    return Ok(());
+                }
+                last = now;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "server {} shows {service} as {last:?}, wanted {want:?} within {within:?}",
+                    i + 1
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Every server's log tail, for failure messages.
     pub fn logs(&self) -> String {
         self.servers

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use meshwork_proto::v1::agent_client::AgentClient;
 use meshwork_proto::v1::{
     AgentCheck, AgentService, CheckStatus, DeregisterRequest, HeartbeatRequest, RegisterRequest,
@@ -37,59 +37,6 @@ fn registration(node: &str, id: &str, ttl_ms: u64, deregister_after_ms: u64) -> 
     }
 }
 
-/// The `api` instances a server reports, with their aggregate status.
-async fn instances(cluster: &Cluster, i: usize) -> Result<Vec<(String, String)>> {
-    let url = format!("{}/v1/health/service/api", cluster.servers[i].http());
-    let body: serde_json::Value = cluster.http.get(url).send().await?.json().await?;
-    let mut out = Vec::new();
-    for entry in body.as_array().into_iter().flatten() {
-        let id = entry["Service"]["ID"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        let statuses: Vec<&str> = entry["Checks"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c["Status"].as_str())
-            .collect();
-        let status = if statuses.contains(&"critical") {
-            "critical"
-        } else if statuses.contains(&"warning") {
-            "warning"
-        } else {
-            "passing"
-        };
-        out.push((id, status.to_owned()));
-    }
-    out.sort();
-    Ok(out)
-}
-
-async fn wait_instances(cluster: &Cluster, i: usize, want: &[(&str, &str)]) -> Result<()> {
-    let want: Vec<(String, String)> = want
-        .iter()
-        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
-        .collect();
-    let mut last = Vec::new();
-    // Bounded: 200 polls of 50 ms.
-    for _ in 0..200 {
-        if let Ok(now) = instances(cluster, i).await {
-            if now == want {
-                return Ok(());
-            }
-            last = now;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let url = format!("{}/v1/health/node/app-host-1", cluster.servers[i].http());
-    let detail = cluster.http.get(url).send().await?.text().await?;
-    bail!(
-        "server {} shows {last:?}, wanted {want:?}; checks: {detail}",
-        i + 1
-    )
-}
-
 async fn heartbeat_for(client: &mut AgentClient<Channel>, node: &str, id: &str, d: Duration) {
     let end = tokio::time::Instant::now() + d;
     while tokio::time::Instant::now() < end {
@@ -117,7 +64,9 @@ async fn sidecar_session_lifecycle_through_followers() -> Result<()> {
         .into_inner();
     assert_eq!(reply.session_ttl_ms, 2000);
     for i in 0..3 {
-        wait_instances(&cluster, i, &[("api-1", "passing")]).await?;
+        cluster
+            .wait_instance_health(i, "api", &[("api-1", "passing")], Duration::from_secs(10))
+            .await?;
     }
 
     // Heartbeats through the other follower keep it alive past the TTL.
@@ -129,12 +78,19 @@ async fn sidecar_session_lifecycle_through_followers() -> Result<()> {
     )
     .await;
     assert_eq!(
-        instances(&cluster, leader).await?,
+        cluster.instance_health(leader, "api").await?,
         [("api-1".to_owned(), "passing".to_owned())]
     );
 
     // Silence: critical within the TTL (plus the leader's 250 ms tick)...
-    wait_instances(&cluster, leader, &[("api-1", "critical")]).await?;
+    cluster
+        .wait_instance_health(
+            leader,
+            "api",
+            &[("api-1", "critical")],
+            Duration::from_secs(10),
+        )
+        .await?;
     // ...renewed: passing again.
     heartbeat_for(
         &mut via_other,
@@ -143,10 +99,26 @@ async fn sidecar_session_lifecycle_through_followers() -> Result<()> {
         Duration::from_millis(800),
     )
     .await;
-    wait_instances(&cluster, leader, &[("api-1", "passing")]).await?;
+    cluster
+        .wait_instance_health(
+            leader,
+            "api",
+            &[("api-1", "passing")],
+            Duration::from_secs(10),
+        )
+        .await?;
     // Silent for good: critical, then removed after deregister_critical_after.
-    wait_instances(&cluster, leader, &[("api-1", "critical")]).await?;
-    wait_instances(&cluster, leader, &[]).await?;
+    cluster
+        .wait_instance_health(
+            leader,
+            "api",
+            &[("api-1", "critical")],
+            Duration::from_secs(10),
+        )
+        .await?;
+    cluster
+        .wait_instance_health(leader, "api", &[], Duration::from_secs(10))
+        .await?;
     let reply = via_other
         .heartbeat(HeartbeatRequest {
             node: "app-host-1".into(),
@@ -160,7 +132,14 @@ async fn sidecar_session_lifecycle_through_followers() -> Result<()> {
     via_follower
         .register(registration("app-host-2", "api-2", 60_000, 0))
         .await?;
-    wait_instances(&cluster, leader, &[("api-2", "passing")]).await?;
+    cluster
+        .wait_instance_health(
+            leader,
+            "api",
+            &[("api-2", "passing")],
+            Duration::from_secs(10),
+        )
+        .await?;
     via_other
         .update_check(UpdateCheckRequest {
             node: "app-host-2".into(),
@@ -169,14 +148,23 @@ async fn sidecar_session_lifecycle_through_followers() -> Result<()> {
             output: "HTTP 503".into(),
         })
         .await?;
-    wait_instances(&cluster, leader, &[("api-2", "critical")]).await?;
+    cluster
+        .wait_instance_health(
+            leader,
+            "api",
+            &[("api-2", "critical")],
+            Duration::from_secs(10),
+        )
+        .await?;
     via_other
         .deregister(DeregisterRequest {
             node: "app-host-2".into(),
             service_id: "api-2".into(),
         })
         .await?;
-    wait_instances(&cluster, leader, &[]).await?;
+    cluster
+        .wait_instance_health(leader, "api", &[], Duration::from_secs(10))
+        .await?;
     let nodes: serde_json::Value = cluster
         .http
         .get(format!(
@@ -213,11 +201,15 @@ async fn mass_silence_trips_the_safety_valve_and_bad_requests_are_refused() -> R
         want.push((format!("api-{n}"), "passing"));
     }
     let want: Vec<(&str, &str)> = want.iter().map(|(a, b)| (a.as_str(), *b)).collect();
-    wait_instances(&cluster, 0, &want).await?;
+    cluster
+        .wait_instance_health(0, "api", &want, Duration::from_secs(10))
+        .await?;
     // All four go silent at once: more than 40 % of the sessions, so the
     // leader holds the expiry and says why.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    wait_instances(&cluster, 0, &want).await?;
+    cluster
+        .wait_instance_health(0, "api", &want, Duration::from_secs(10))
+        .await?;
     assert!(
         cluster.servers[0].log_tail(200).contains("safety valve"),
         "{}",

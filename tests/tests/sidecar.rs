@@ -94,59 +94,6 @@ fn start_sidecar(config: &Path, log: &Path) -> Result<Child> {
         .spawn()?)
 }
 
-/// `web` instances on server `i` with their aggregate status.
-async fn web(cluster: &Cluster, i: usize) -> Result<Vec<(String, String)>> {
-    let url = format!("{}/v1/health/service/web", cluster.servers[i].http());
-    let body: serde_json::Value = cluster.http.get(url).send().await?.json().await?;
-    let mut out = Vec::new();
-    for entry in body.as_array().into_iter().flatten() {
-        let id = entry["Service"]["ID"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        let statuses: Vec<&str> = entry["Checks"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c["Status"].as_str())
-            .collect();
-        let status = if statuses.contains(&"critical") {
-            "critical"
-        } else {
-            "passing"
-        };
-        out.push((id, status.to_owned()));
-    }
-    Ok(out)
-}
-
-async fn wait_web(
-    cluster: &Cluster,
-    i: usize,
-    want: &[(&str, &str)],
-    within: Duration,
-) -> Result<()> {
-    let want: Vec<(String, String)> = want
-        .iter()
-        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
-        .collect();
-    let polls = (within.as_millis() / 50).max(1);
-    let mut last = Vec::new();
-    for _ in 0..polls {
-        if let Ok(now) = web(cluster, i).await {
-            if now == want {
-                return Ok(());
-            }
-            last = now;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!(
-        "server {} shows {last:?}, wanted {want:?} within {within:?}",
-        i + 1
-    )
-}
-
 fn signal(child: &Child, sig: &str) -> Result<()> {
     let pid = child.id().context("sidecar already reaped")?;
     let status = std::process::Command::new("kill")
@@ -175,13 +122,9 @@ async fn sidecar_registers_checks_survives_leader_loss_and_leaves() -> Result<()
     let result = async {
         // Registered and, after its first check, passing on every server.
         for i in 0..3 {
-            wait_web(
-                &cluster,
-                i,
-                &[("web-1", "passing")],
-                Duration::from_secs(10),
-            )
-            .await?;
+            cluster
+                .wait_instance_health(i, "web", &[("web-1", "passing")], Duration::from_secs(10))
+                .await?;
         }
         let ready = cluster
             .http
@@ -250,78 +193,91 @@ async fn sidecar_registers_checks_survives_leader_loss_and_leaves() -> Result<()
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         again.context("the sidecar did not register again within 5 s")?;
-        wait_web(
-            &cluster,
-            leader,
-            &[("web-1", "passing")],
-            Duration::from_secs(5),
-        )
-        .await?;
+        cluster
+            .wait_instance_health(
+                leader,
+                "web",
+                &[("web-1", "passing")],
+                Duration::from_secs(5),
+            )
+            .await?;
 
         // The app fails its health check: critical within an interval or so.
         code.store(500, Ordering::Relaxed);
-        wait_web(
-            &cluster,
-            leader,
-            &[("web-1", "critical")],
-            Duration::from_secs(3),
-        )
-        .await?;
+        cluster
+            .wait_instance_health(
+                leader,
+                "web",
+                &[("web-1", "critical")],
+                Duration::from_secs(3),
+            )
+            .await?;
         code.store(200, Ordering::Relaxed);
-        wait_web(
-            &cluster,
-            leader,
-            &[("web-1", "passing")],
-            Duration::from_secs(3),
-        )
-        .await?;
+        cluster
+            .wait_instance_health(
+                leader,
+                "web",
+                &[("web-1", "passing")],
+                Duration::from_secs(3),
+            )
+            .await?;
 
         // Kill the registry leader: the instance stays registered and
         // passing on the survivors throughout.
         cluster.servers[leader].kill().await?;
         let survivor = (leader + 1) % 3;
         for _ in 0..40 {
-            let now = web(&cluster, survivor).await.unwrap_or_default();
+            let now = cluster
+                .instance_health(survivor, "web")
+                .await
+                .unwrap_or_default();
             if !now.is_empty() {
                 assert_eq!(now, [("web-1".to_owned(), "passing".to_owned())]);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         cluster.wait_leader(Duration::from_secs(10)).await?;
-        wait_web(
-            &cluster,
-            survivor,
-            &[("web-1", "passing")],
-            Duration::from_secs(5),
-        )
-        .await?;
+        cluster
+            .wait_instance_health(
+                survivor,
+                "web",
+                &[("web-1", "passing")],
+                Duration::from_secs(5),
+            )
+            .await?;
 
         // SIGTERM: deregistered at once.
         signal(&sidecar, "TERM")?;
         let exit = tokio::time::timeout(Duration::from_secs(10), sidecar.wait()).await??;
         assert!(exit.success(), "sidecar exit {exit:?}");
-        wait_web(&cluster, survivor, &[], Duration::from_secs(2)).await?;
+        cluster
+            .wait_instance_health(survivor, "web", &[], Duration::from_secs(2))
+            .await?;
 
         // kill -9: critical within the session TTL, gone after
         // deregister_critical_after.
         let mut again = start_sidecar(&config, &log)?;
-        wait_web(
-            &cluster,
-            survivor,
-            &[("web-1", "passing")],
-            Duration::from_secs(10),
-        )
-        .await?;
+        cluster
+            .wait_instance_health(
+                survivor,
+                "web",
+                &[("web-1", "passing")],
+                Duration::from_secs(10),
+            )
+            .await?;
         signal(&again, "KILL")?;
         let _ = again.wait().await;
-        wait_web(
-            &cluster,
-            survivor,
-            &[("web-1", "critical")],
-            Duration::from_secs(5),
-        )
-        .await?;
-        wait_web(&cluster, survivor, &[], Duration::from_secs(6)).await?;
+        cluster
+            .wait_instance_health(
+                survivor,
+                "web",
+                &[("web-1", "critical")],
+                Duration::from_secs(5),
+            )
+            .await?;
+        cluster
+            .wait_instance_health(survivor, "web", &[], Duration::from_secs(6))
+            .await?;
         anyhow::Ok(())
     }
     .await;
@@ -398,6 +354,19 @@ mod grpc_health {
     }
 }
 
+/// Reports the TTL check `app-ttl` as passing `times` times, 250 ms apart.
+async fn keep_reporting(cluster: &Cluster, admin: &str, times: usize) -> Result<()> {
+    for _ in 0..times {
+        cluster
+            .http
+            .put(format!("{admin}/v1/agent/check/pass/app-ttl"))
+            .send()
+            .await?;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn ttl_checks_via_the_admin_api_and_grpc_health_checks() -> Result<()> {
     let cluster = Cluster::start(1, &[]).await?;
@@ -435,66 +404,37 @@ listen = "{ip}:29001"
     let admin = format!("http://{ip}:29001");
     let result = async {
         // The TTL check has had no report yet: critical.
-        wait_web(
-            &cluster,
-            0,
-            &[("web-ttl", "critical")],
-            Duration::from_secs(10),
-        )
-        .await?;
+        cluster
+            .wait_instance_health(
+                0,
+                "web",
+                &[("web-ttl", "critical")],
+                Duration::from_secs(10),
+            )
+            .await?;
         let pass = cluster
             .http
             .put(format!("{admin}/v1/agent/check/pass/app-ttl?note=fine"))
             .send()
             .await?;
         assert_eq!(pass.status().as_u16(), 200);
-        wait_web(
-            &cluster,
-            0,
-            &[("web-ttl", "passing")],
-            Duration::from_secs(3),
-        )
-        .await?;
+        cluster
+            .wait_instance_health(0, "web", &[("web-ttl", "passing")], Duration::from_secs(3))
+            .await?;
         // No report within the TTL: critical again.
-        wait_web(
-            &cluster,
-            0,
-            &[("web-ttl", "critical")],
-            Duration::from_secs(4),
-        )
-        .await?;
+        cluster
+            .wait_instance_health(0, "web", &[("web-ttl", "critical")], Duration::from_secs(4))
+            .await?;
         // Reports keep it passing; then the gRPC service stops serving.
-        for _ in 0..6 {
-            cluster
-                .http
-                .put(format!("{admin}/v1/agent/check/pass/app-ttl"))
-                .send()
-                .await?;
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        wait_web(
-            &cluster,
-            0,
-            &[("web-ttl", "passing")],
-            Duration::from_secs(2),
-        )
-        .await?;
+        keep_reporting(&cluster, &admin, 6).await?;
+        cluster
+            .wait_instance_health(0, "web", &[("web-ttl", "passing")], Duration::from_secs(2))
+            .await?;
         serving.store(false, Ordering::Relaxed);
-        for _ in 0..8 {
-            cluster
-                .http
-                .put(format!("{admin}/v1/agent/check/pass/app-ttl"))
-                .send()
-                .await?;
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        wait_web(
-            &cluster,
-            0,
-            &[("web-ttl", "critical")],
-            Duration::from_secs(1),
-        )
-        .await?;
+        keep_reporting(&cluster, &admin, 8).await?;
+        cluster
+            .wait_instance_health(0, "web", &[("web-ttl", "critical")], Duration::from_secs(1))
+            .await?;
         let unknown = cluster
             .http
             .put(format!("{admin}/v1/agent/check/pass/no-such-check"))
