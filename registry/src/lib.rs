@@ -12,6 +12,7 @@ pub mod config;
 pub mod datadir;
 pub mod dns;
 pub mod health;
+pub mod metrics;
 pub mod node;
 pub mod raft;
 pub mod server;

@@ -157,6 +157,25 @@ pub async fn run(
         .instrument(tracing::info_span!("watch_hub"))
     });
     let watch = crate::api::grpc::watch::WatchServer::new(hub);
+    tasks.spawn({
+        let (mut raft_metrics, token) = (node.raft.metrics(), shutdown.clone());
+        async move {
+            let mut leader = raft_metrics.borrow().current_leader;
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => return Ok(()),
+                    changed = raft_metrics.changed() => if changed.is_err() { return Ok(()) },
+                }
+                let now = raft_metrics.borrow().current_leader;
+                if now != leader {
+                    leader = now;
+                    crate::metrics::METRICS
+                        .leader_changes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    });
     let (sessions, forward_sessions) =
         crate::session::Sessions::new(Arc::clone(&node), shutdown.clone());
     tasks.spawn(

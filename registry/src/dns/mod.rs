@@ -82,6 +82,7 @@ async fn udp_worker(
         };
         match outcome {
             Outcome::Reply(bytes) => {
+                count_answer(packet, &bytes);
                 if let Err(e) = socket.send_to(&bytes, src).await {
                     tracing::debug!(error = %e, %src, "dns udp send failed");
                 }
@@ -165,7 +166,10 @@ async fn tcp_connection(mut stream: TcpStream, state: Arc<SharedState>, config: 
             handle_packet(&packet, &state, &config, Transport::Tcp, &mut rand::rng())
         };
         let reply = match outcome {
-            Outcome::Reply(bytes) => bytes,
+            Outcome::Reply(bytes) => {
+                count_answer(&packet, &bytes);
+                bytes
+            }
             Outcome::Forward => forward(&packet, &config.recursors)
                 .await
                 .unwrap_or_else(|| servfail(&packet)),
@@ -219,4 +223,49 @@ fn servfail(packet: &[u8]) -> Vec<u8> {
     out[2] = 0x80 | (packet.get(2).copied().unwrap_or(0) & 0x79);
     out[3] = 0x80 | 2;
     out
+}
+
+/// Counts an answer by the question's type and the answer's rcode, read
+/// straight off the wire (both packets were already validated).
+fn count_answer(query: &[u8], reply: &[u8]) {
+    let rcode = match reply.get(3).map(|b| b & 0x0f) {
+        Some(0) => "NOERROR",
+        Some(1) => "FORMERR",
+        Some(2) => "SERVFAIL",
+        Some(3) => "NXDOMAIN",
+        Some(4) => "NOTIMP",
+        Some(5) => "REFUSED",
+        _ => "OTHER",
+    };
+    crate::metrics::METRICS.dns_answer(qtype(query), rcode);
+}
+
+/// The first question's type, by name.
+fn qtype(query: &[u8]) -> &'static str {
+    let mut at = 12usize;
+    // Bounded: a name has at most 128 labels.
+    for _ in 0..128 {
+        match query.get(at) {
+            Some(0) => break,
+            Some(len) if len & 0xc0 == 0 => at += 1 + usize::from(*len),
+            _ => return "OTHER",
+        }
+    }
+    let code = match (query.get(at + 1), query.get(at + 2)) {
+        (Some(hi), Some(lo)) => u16::from_be_bytes([*hi, *lo]),
+        _ => return "OTHER",
+    };
+    match code {
+        1 => "A",
+        2 => "NS",
+        5 => "CNAME",
+        6 => "SOA",
+        12 => "PTR",
+        15 => "MX",
+        16 => "TXT",
+        28 => "AAAA",
+        33 => "SRV",
+        255 => "ANY",
+        _ => "OTHER",
+    }
 }

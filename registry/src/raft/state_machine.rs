@@ -210,6 +210,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         // Encoding a large state is CPU work: keep it off the async workers
         // that carry heartbeats and client requests.
+        let started = Instant::now();
         let payload = std::mem::replace(
             &mut self.payload,
             SnapshotPayload {
@@ -229,6 +230,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             })?
             .map_err(|e| storage_io_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
         let data = StateMachineStore::persist_snapshot(&self.snapshots, &meta, data).await?;
+        crate::metrics::METRICS.snapshot_built(data.len(), started.elapsed());
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "snapshot built");
         Ok(Snapshot {
             meta,

@@ -116,6 +116,7 @@ fn event_stream(subscription: Subscription) -> EventStream {
     let initial: Vec<Result<Bytes, Status>> =
         subscription.initial.iter().cloned().map(Ok).collect();
     let tail = Tail {
+        _open: crate::metrics::GaugeGuard::new(&crate::metrics::METRICS.watch_subscribers),
         last: subscription.index,
         heartbeat: subscription.heartbeat.max(Duration::from_millis(10)),
         subscription,
@@ -135,6 +136,8 @@ fn event_stream(subscription: Subscription) -> EventStream {
 }
 
 struct Tail {
+    /// Counts the stream as open until it is dropped.
+    _open: crate::metrics::GaugeGuard,
     subscription: Subscription,
     /// Index of the last event sent: nothing at or below it is sent again.
     last: u64,

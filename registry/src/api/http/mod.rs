@@ -100,11 +100,70 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/health/checks/{name}", get(catalog::health_checks))
         .route("/v1/health/node/{node}", get(catalog::health_node))
         .route("/v1/health/state/{state}", get(catalog::health_state))
+        .route("/metrics", get(metrics_prometheus))
+        .route("/v1/agent/metrics", get(metrics))
+        // Counted by matched route, so ids in paths do not explode labels.
+        .route_layer(axum::middleware::from_fn(count_request))
         .fallback(not_found)
         // The KV handler enforces its own limit with a clearer message;
         // this bounds every other body.
         .layer(DefaultBodyLimit::max(kv::MAX_VALUE_BYTES))
         .with_state(state)
+}
+
+async fn count_request(
+    route: Option<axum::extract::MatchedPath>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    let route = route.as_ref().map_or("unmatched", |r| r.as_str());
+    crate::metrics::METRICS.http_request(
+        route,
+        method.as_str(),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
+
+fn prometheus_text(app: &AppState) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::METRICS.prometheus(&app.node),
+    )
+        .into_response()
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics_prometheus(
+    axum::extract::State(app): axum::extract::State<AppState>,
+) -> axum::response::Response {
+    prometheus_text(&app)
+}
+
+/// `GET /v1/agent/metrics`: Consul's JSON, or Prometheus text with
+/// `?format=prometheus`.
+async fn metrics(
+    axum::extract::State(app): axum::extract::State<AppState>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let params = query::Params::parse(query.as_deref());
+    match params.get("format") {
+        Some("prometheus") => prometheus_text(&app),
+        Some(other) => ApiError::bad_request(format!(
+            "unknown format {other:?} (use prometheus, or leave it out for JSON)"
+        ))
+        .into_response(),
+        None => axum::Json(crate::metrics::METRICS.consul_json(&app.node)).into_response(),
+    }
 }
 
 async fn not_found(uri: Uri) -> ApiError {

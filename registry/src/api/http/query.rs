@@ -174,6 +174,8 @@ pub async fn run_read<T>(
         let jitter_ms = rand::rng().random_range(0..=(options.wait.as_millis() as u64 / 16).max(1));
         Instant::now() + options.wait + Duration::from_millis(jitter_ms)
     });
+    let _parked = deadline
+        .map(|_| crate::metrics::GaugeGuard::new(&crate::metrics::METRICS.blocking_queries));
     loop {
         applied.borrow_and_update();
         let (value, index) = {

@@ -1,0 +1,283 @@
+//! Process-wide metrics, rendered as Prometheus text at `/metrics` and
+//! `/v1/agent/metrics?format=prometheus` (and as Consul-shaped JSON at
+//! `/v1/agent/metrics`). Counters are plain atomics or small maps behind a
+//! mutex touched once per request; nothing here blocks a request on I/O.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+use crate::node::RegistryNode;
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if seconds <= *bound {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+}
+
+/// Everything counted.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// (route, method, status) -> latency histogram (its count is the count).
+    http: Mutex<BTreeMap<(String, String, u16), Histogram>>,
+    /// (query type, rcode) -> answers.
+    dns: Mutex<BTreeMap<(String, String), u64>>,
+    pub blocking_queries: AtomicI64,
+    pub watch_subscribers: AtomicI64,
+    pub leader_changes: AtomicU64,
+    snapshot_bytes: AtomicU64,
+    snapshot_millis: AtomicU64,
+    snapshots: AtomicU64,
+}
+
+/// The process's metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Decrements a gauge when dropped.
+#[derive(Debug)]
+pub struct GaugeGuard(&'static AtomicI64);
+
+impl GaugeGuard {
+    pub fn new(gauge: &'static AtomicI64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    pub fn http_request(&self, route: &str, method: &str, status: u16, took: Duration) {
+        lock(&self.http)
+            .entry((route.to_owned(), method.to_owned(), status))
+            .or_default()
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn dns_answer(&self, qtype: &str, rcode: &str) {
+        *lock(&self.dns)
+            .entry((qtype.to_owned(), rcode.to_owned()))
+            .or_default() += 1;
+    }
+
+    pub fn snapshot_built(&self, bytes: usize, took: Duration) {
+        self.snapshot_bytes.store(bytes as u64, Ordering::Relaxed);
+        self.snapshot_millis
+            .store(took.as_millis() as u64, Ordering::Relaxed);
+        self.snapshots.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The gauges that describe the node, as (name, help, value).
+    fn gauges(&self, node: &RegistryNode) -> Vec<(&'static str, &'static str, f64)> {
+        let m = node.raft.metrics().borrow().clone();
+        let (services, nodes, keys) = {
+            let state = node.state.read();
+            (
+                state.catalog.service_names().len(),
+                state.catalog.nodes().count(),
+                state.kv.len(),
+            )
+        };
+        vec![
+            (
+                "meshwork_raft_term",
+                "Current Raft term.",
+                m.current_term as f64,
+            ),
+            (
+                "meshwork_raft_last_log_index",
+                "Index of the last entry in this server's log.",
+                m.last_log_index.unwrap_or(0) as f64,
+            ),
+            (
+                "meshwork_raft_applied_index",
+                "Index of the last entry applied to the state machine.",
+                m.last_applied.map_or(0, |l| l.index) as f64,
+            ),
+            (
+                "meshwork_raft_snapshot_index",
+                "Index covered by the latest snapshot.",
+                m.snapshot.map_or(0, |l| l.index) as f64,
+            ),
+            (
+                "meshwork_raft_is_leader",
+                "1 when this server leads.",
+                f64::from(u8::from(node.is_leader())),
+            ),
+            (
+                "meshwork_raft_leader_changes_total",
+                "Times the known leader changed since start.",
+                self.leader_changes.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "meshwork_snapshots_total",
+                "Snapshots built since start.",
+                self.snapshots.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "meshwork_snapshot_last_bytes",
+                "Size of the last snapshot built.",
+                self.snapshot_bytes.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "meshwork_snapshot_last_seconds",
+                "How long the last snapshot took to build.",
+                self.snapshot_millis.load(Ordering::Relaxed) as f64 / 1000.0,
+            ),
+            (
+                "meshwork_blocking_queries",
+                "REST blocking queries parked right now.",
+                self.blocking_queries.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "meshwork_watch_subscribers",
+                "gRPC watch streams open right now.",
+                self.watch_subscribers.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "meshwork_catalog_services",
+                "Service names in the catalog.",
+                services as f64,
+            ),
+            (
+                "meshwork_catalog_nodes",
+                "Nodes in the catalog.",
+                nodes as f64,
+            ),
+            ("meshwork_kv_keys", "Keys in the KV store.", keys as f64),
+        ]
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn prometheus(&self, node: &RegistryNode) -> String {
+        let mut out = String::new();
+        for (name, help, value) in self.gauges(node) {
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meshwork_http_request_duration_seconds REST requests by route, method and status.\n\
+             # TYPE meshwork_http_request_duration_seconds histogram"
+        );
+        for ((route, method, status), h) in lock(&self.http).iter() {
+            let labels = format!(
+                "route=\"{}\",method=\"{}\",status=\"{status}\"",
+                escape(route),
+                escape(method)
+            );
+            for (bound, count) in BUCKETS.iter().zip(h.counts) {
+                let _ = writeln!(
+                    out,
+                    "meshwork_http_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {count}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "meshwork_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}\n\
+                 meshwork_http_request_duration_seconds_sum{{{labels}}} {}\n\
+                 meshwork_http_request_duration_seconds_count{{{labels}}} {}",
+                h.count, h.sum, h.count
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meshwork_dns_answers_total DNS answers by query type and rcode.\n\
+             # TYPE meshwork_dns_answers_total counter"
+        );
+        for ((qtype, rcode), n) in lock(&self.dns).iter() {
+            let _ = writeln!(
+                out,
+                "meshwork_dns_answers_total{{qtype=\"{}\",rcode=\"{}\"}} {n}",
+                escape(qtype),
+                escape(rcode)
+            );
+        }
+        out
+    }
+
+    /// Consul's `/v1/agent/metrics` JSON shape (gauges and counters).
+    pub fn consul_json(&self, node: &RegistryNode) -> serde_json::Value {
+        let gauges: Vec<serde_json::Value> = self
+            .gauges(node)
+            .into_iter()
+            .map(|(name, _, value)| serde_json::json!({"Name": name, "Value": value, "Labels": {}}))
+            .collect();
+        let counters: Vec<serde_json::Value> = lock(&self.http)
+            .iter()
+            .map(|((route, method, status), h)| {
+                serde_json::json!({
+                    "Name": "meshwork_http_requests",
+                    "Count": h.count,
+                    "Sum": h.sum,
+                    "Labels": {"route": route, "method": method, "status": status.to_string()},
+                })
+            })
+            .collect();
+        serde_json::json!({"Gauges": gauges, "Counters": counters, "Samples": []})
+    }
+}
+
+fn escape(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut h = Histogram::default();
+        h.observe(0.0004);
+        h.observe(0.02);
+        h.observe(9.0);
+        assert_eq!(h.counts[0], 1);
+        assert_eq!(h.counts[5], 2);
+        assert_eq!(h.counts[BUCKETS.len() - 1], 2);
+        assert_eq!(h.count, 3);
+    }
+
+    #[test]
+    fn labels_are_escaped() {
+        assert_eq!(escape("a\"b\\c\n"), "a\\\"b\\\\c\\n");
+    }
+}
