@@ -48,10 +48,18 @@ fn write_config(dir: &Path, name: &str, body: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn sidecar_config(cluster: &Cluster, ip: &str, app_port: u16, admin_port: u16) -> String {
-    let addresses: Vec<String> = cluster
-        .servers
-        .iter()
+/// A sidecar config listing every server, `first` first (the one it uses
+/// until that fails).
+fn sidecar_config(
+    cluster: &Cluster,
+    first: usize,
+    ip: &str,
+    app_port: u16,
+    admin_port: u16,
+) -> String {
+    let n = cluster.servers.len();
+    let addresses: Vec<String> = (0..n)
+        .map(|k| &cluster.servers[(first + k) % n])
         .map(|s| format!("\"{}:{GRPC_PORT}\"", s.ip))
         .collect();
     format!(
@@ -115,7 +123,7 @@ async fn sidecar_registers_checks_survives_leader_loss_and_leaves() -> Result<()
     let config = write_config(
         cluster.dir.path(),
         "web.toml",
-        &sidecar_config(&cluster, &ip, app_port, 29000),
+        &sidecar_config(&cluster, leader, &ip, app_port, 29000),
     )?;
     let log = cluster.dir.path().join("sidecar.log");
     let mut sidecar = start_sidecar(&config, &log)?;
@@ -237,6 +245,27 @@ async fn sidecar_registers_checks_survives_leader_loss_and_leaves() -> Result<()
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         cluster.wait_leader(Duration::from_secs(10)).await?;
+        // It streamed from the dead leader; it now talks to a survivor.
+        let dead = format!("{}:{GRPC_PORT}", cluster.servers[leader].ip);
+        let mut now_using = String::new();
+        for _ in 0..100 {
+            let status: serde_json::Value = cluster
+                .http
+                .get(format!("http://{ip}:29000/status"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            now_using = status["registry"].as_str().unwrap_or_default().to_owned();
+            if !now_using.is_empty() && now_using != dead && status["last_error"].is_null() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_ne!(
+            now_using, dead,
+            "the sidecar moved to another registry server"
+        );
         cluster
             .wait_instance_health(
                 survivor,
