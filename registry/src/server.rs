@@ -156,7 +156,7 @@ pub async fn run(
         }
         .instrument(tracing::info_span!("watch_hub"))
     });
-    let watch = crate::api::grpc::watch::WatchServer::new(hub);
+    let watch = crate::api::grpc::watch::WatchServer::new(hub, shutdown.clone());
     tasks.spawn({
         let (mut raft_metrics, token) = (node.raft.metrics(), shutdown.clone());
         async move {

@@ -335,3 +335,27 @@ async fn sidecar_discovery_follows_a_service_across_a_server_loss() -> Result<()
 fn tokio_util_free_token() -> meshwork_sidecar::discovery::ShutdownToken {
     meshwork_sidecar::discovery::ShutdownToken::new()
 }
+
+/// SIGTERM ends open watch streams instead of waiting for them forever.
+#[tokio::test]
+async fn a_server_with_open_watch_streams_stops_promptly() -> Result<()> {
+    let mut cluster = Cluster::start(1, &[]).await?;
+    cluster.wait_leader(Duration::from_secs(10)).await?;
+    let mut stream = subscribe(cluster.servers[0].grpc(), service_topic("web", 0)).await?;
+    initial(&mut stream).await?;
+    let started = Instant::now();
+    let stopped = tokio::time::timeout(Duration::from_secs(20), cluster.servers[0].stop()).await;
+    let status = stopped.context("the server did not stop within 20 s")??;
+    assert!(status.success(), "exit {status:?}");
+    // Well inside the 5 s grace the server gives stragglers.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "stopped after {:?}",
+        started.elapsed()
+    );
+    // The client sees its stream end (and would resubscribe elsewhere).
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message()).await;
+    assert!(!matches!(end, Ok(Ok(Some(_)))), "the stream ended: {end:?}");
+    cluster.done();
+    Ok(())
+}

@@ -13,6 +13,7 @@ use futures::Stream;
 use meshwork_proto::v1::SubscribeRequest;
 use prost::Message;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio_util::sync::CancellationToken;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, ServerStreamingService};
@@ -27,11 +28,14 @@ const MAX_REQUEST: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct WatchServer {
     hub: Arc<Hub>,
+    /// Ends every stream (UNAVAILABLE, so clients resubscribe elsewhere)
+    /// when the server shuts down, instead of holding shutdown up.
+    shutdown: CancellationToken,
 }
 
 impl WatchServer {
-    pub fn new(hub: Arc<Hub>) -> Self {
-        Self { hub }
+    pub fn new(hub: Arc<Hub>, shutdown: CancellationToken) -> Self {
+        Self { hub, shutdown }
     }
 }
 
@@ -87,7 +91,7 @@ impl Codec for PreEncodedCodec {
 
 type EventStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
 
-struct SubscribeSvc(Arc<Hub>);
+struct SubscribeSvc(Arc<Hub>, CancellationToken);
 
 impl ServerStreamingService<SubscribeRequest> for SubscribeSvc {
     type Response = Bytes;
@@ -96,6 +100,7 @@ impl ServerStreamingService<SubscribeRequest> for SubscribeSvc {
 
     fn call(&mut self, request: Request<SubscribeRequest>) -> Self::Future {
         let hub = Arc::clone(&self.0);
+        let shutdown = self.1.clone();
         Box::pin(async move {
             let request = request.into_inner();
             let topic = Topic::from_request(&request).map_err(Status::invalid_argument)?;
@@ -106,13 +111,13 @@ impl ServerStreamingService<SubscribeRequest> for SubscribeSvc {
                         SubscribeError::InvalidTopic(m) => Status::invalid_argument(m),
                         e @ SubscribeError::Behind { .. } => Status::unavailable(e.to_string()),
                     })?;
-            Ok(Response::new(event_stream(subscription)))
+            Ok(Response::new(event_stream(subscription, shutdown)))
         })
     }
 }
 
 /// The snapshot (or the missed changes), then live changes and heartbeats.
-fn event_stream(subscription: Subscription) -> EventStream {
+fn event_stream(subscription: Subscription, shutdown: CancellationToken) -> EventStream {
     let initial: Vec<Result<Bytes, Status>> =
         subscription.initial.iter().cloned().map(Ok).collect();
     let tail = Tail {
@@ -120,6 +125,7 @@ fn event_stream(subscription: Subscription) -> EventStream {
         last: subscription.index,
         heartbeat: subscription.heartbeat.max(Duration::from_millis(10)),
         subscription,
+        shutdown,
         done: false,
     };
     let live = futures::stream::unfold(tail, |mut tail| async move {
@@ -142,30 +148,40 @@ struct Tail {
     /// Index of the last event sent: nothing at or below it is sent again.
     last: u64,
     heartbeat: Duration,
+    shutdown: CancellationToken,
     done: bool,
 }
 
 impl Tail {
     async fn next(&mut self) -> Option<Result<Bytes, Status>> {
         loop {
-            let received =
-                match tokio::time::timeout(self.heartbeat, self.subscription.live.recv()).await {
-                    Ok(received) => received,
-                    Err(_) => {
-                        // Idle: if the channel is still empty after reading
-                        // the published index, every change up to it was sent.
-                        let processed = self.subscription.processed();
-                        match self.subscription.live.try_recv() {
-                            Ok(event) => Ok(event),
-                            Err(TryRecvError::Empty) => {
-                                self.last = self.last.max(processed);
-                                return Some(Ok(Subscription::heartbeat_event(self.last)));
-                            }
-                            Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
-                            Err(TryRecvError::Closed) => Err(RecvError::Closed),
+            let next = tokio::select! {
+                () = self.shutdown.cancelled() => {
+                    self.done = true;
+                    return Some(Err(Status::unavailable(format!(
+                        "server shutting down; resubscribe elsewhere with since_index={}",
+                        self.last
+                    ))));
+                }
+                next = tokio::time::timeout(self.heartbeat, self.subscription.live.recv()) => next,
+            };
+            let received = match next {
+                Ok(received) => received,
+                Err(_) => {
+                    // Idle: if the channel is still empty after reading
+                    // the published index, every change up to it was sent.
+                    let processed = self.subscription.processed();
+                    match self.subscription.live.try_recv() {
+                        Ok(event) => Ok(event),
+                        Err(TryRecvError::Empty) => {
+                            self.last = self.last.max(processed);
+                            return Some(Ok(Subscription::heartbeat_event(self.last)));
                         }
+                        Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                        Err(TryRecvError::Closed) => Err(RecvError::Closed),
                     }
-                };
+                }
+            };
             match received {
                 Ok(event) if event.index <= self.last => continue,
                 Ok(event) => {
@@ -203,11 +219,14 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let hub = Arc::clone(&self.hub);
+        let shutdown = self.shutdown.clone();
         match request.uri().path() {
             "/meshwork.v1.Watch/Subscribe" => Box::pin(async move {
                 let mut grpc = Grpc::new(PreEncodedCodec)
                     .apply_max_message_size_config(Some(MAX_REQUEST), None);
-                Ok(grpc.server_streaming(SubscribeSvc(hub), request).await)
+                Ok(grpc
+                    .server_streaming(SubscribeSvc(hub, shutdown), request)
+                    .await)
             }),
             _ => Box::pin(async move {
                 Ok(Status::unimplemented("no such method in meshwork.v1.Watch").into_http())
