@@ -35,13 +35,18 @@ impl Histogram {
     }
 }
 
+/// (method, status) -> latency histogram.
+type ByMethodStatus = BTreeMap<(&'static str, u16), Histogram>;
+
 /// Everything counted.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// (route, method, status) -> latency histogram (its count is the count).
-    http: Mutex<BTreeMap<(String, String, u16), Histogram>>,
+    /// route -> (method, status) -> latency histogram (its count is the
+    /// count). Two levels so that a request allocates nothing once its
+    /// series exists.
+    http: Mutex<BTreeMap<String, ByMethodStatus>>,
     /// (query type, rcode) -> answers.
-    dns: Mutex<BTreeMap<(String, String), u64>>,
+    dns: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     pub blocking_queries: AtomicI64,
     pub watch_subscribers: AtomicI64,
     pub leader_changes: AtomicU64,
@@ -76,16 +81,29 @@ impl Drop for GaugeGuard {
 
 impl Metrics {
     pub fn http_request(&self, route: &str, method: &str, status: u16, took: Duration) {
-        lock(&self.http)
-            .entry((route.to_owned(), method.to_owned(), status))
+        let method = match method {
+            "GET" => "GET",
+            "PUT" => "PUT",
+            "POST" => "POST",
+            "DELETE" => "DELETE",
+            "HEAD" => "HEAD",
+            "PATCH" => "PATCH",
+            "OPTIONS" => "OPTIONS",
+            _ => "OTHER",
+        };
+        let mut http = lock(&self.http);
+        let by_route = match http.get_mut(route) {
+            Some(m) => m,
+            None => http.entry(route.to_owned()).or_default(),
+        };
+        by_route
+            .entry((method, status))
             .or_default()
             .observe(took.as_secs_f64());
     }
 
-    pub fn dns_answer(&self, qtype: &str, rcode: &str) {
-        *lock(&self.dns)
-            .entry((qtype.to_owned(), rcode.to_owned()))
-            .or_default() += 1;
+    pub fn dns_answer(&self, qtype: &'static str, rcode: &'static str) {
+        *lock(&self.dns).entry((qtype, rcode)).or_default() += 1;
     }
 
     pub fn snapshot_built(&self, bytes: usize, took: Duration) {
@@ -195,7 +213,12 @@ impl Metrics {
             "# HELP meshwork_http_request_duration_seconds REST requests by route, method and status.\n\
              # TYPE meshwork_http_request_duration_seconds histogram"
         );
-        for ((route, method, status), h) in lock(&self.http).iter() {
+        let http = lock(&self.http);
+        let series = http.iter().flat_map(|(route, m)| {
+            m.iter()
+                .map(move |((method, status), h)| (route, method, status, h))
+        });
+        for (route, method, status, h) in series {
             let labels = format!(
                 "route=\"{}\",method=\"{}\",status=\"{status}\"",
                 escape(route),
@@ -240,7 +263,8 @@ impl Metrics {
             .collect();
         let counters: Vec<serde_json::Value> = lock(&self.http)
             .iter()
-            .map(|((route, method, status), h)| {
+            .flat_map(|(route, m)| m.iter().map(move |(k, h)| (route.clone(), *k, h.clone())))
+            .map(|(route, (method, status), h)| {
                 serde_json::json!({
                     "Name": "meshwork_http_requests",
                     "Count": h.count,
