@@ -79,11 +79,7 @@ impl Registry {
             return Ok(client.clone());
         }
         let addr = &self.addresses[self.current % self.addresses.len()];
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| format!("{addr}: {e}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(RPC_TIMEOUT)
-            .tcp_nodelay(true);
+        let endpoint = crate::registry_endpoint(addr)?.timeout(RPC_TIMEOUT);
         let channel = endpoint
             .connect()
             .await

@@ -15,7 +15,6 @@ use meshwork_proto::v1::{Endpoint, ServiceTopic, SubscribeRequest, change, subsc
 use rand::Rng;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint as GrpcEndpoint;
 
 /// What ends the discovery tasks (re-exported so users need not depend
 /// on tokio-util themselves).
@@ -124,9 +123,9 @@ async fn stream_once(
     tx: &watch::Sender<Arc<EndpointSet>>,
     shutdown: &CancellationToken,
 ) -> Ended {
-    let endpoint = match GrpcEndpoint::from_shared(format!("http://{addr}")) {
-        Ok(e) => e.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true),
-        Err(e) => return Ended::Broken(e.to_string()),
+    let endpoint = match crate::registry_endpoint(addr) {
+        Ok(e) => e,
+        Err(e) => return Ended::Broken(e),
     };
     let channel = match endpoint.connect().await {
         Ok(c) => c,

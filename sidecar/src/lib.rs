@@ -8,3 +8,14 @@ pub mod agent;
 pub mod config;
 pub mod discovery;
 pub mod notify;
+
+/// A gRPC endpoint for a registry server (`HOST:PORT`), as every part of
+/// the sidecar dials it: 2 s connect timeout, `TCP_NODELAY`.
+pub(crate) fn registry_endpoint(addr: &str) -> Result<tonic::transport::Endpoint, String> {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map(|e| {
+            e.connect_timeout(std::time::Duration::from_secs(2))
+                .tcp_nodelay(true)
+        })
+        .map_err(|e| format!("{addr}: {e}"))
+}

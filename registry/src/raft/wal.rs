@@ -559,15 +559,12 @@ impl Wal {
         if removed {
             sync_dir(&self.dir)?;
         }
-        let first = state.first;
         if let Some(seg) = state.segments.back_mut() {
             zero_range(&seg.file, cut.offset, seg.end - cut.offset)?;
             seg.file.sync_data()?;
             seg.end = cut.offset;
-            seg.last_index = (index > first && keep > 0).then(|| index - 1);
-            if cut.offset == 0 {
-                seg.last_index = None;
-            }
+            // A record before the cut in this segment is index - 1.
+            seg.last_index = (cut.offset > 0).then(|| index - 1);
         }
         Ok(())
     }

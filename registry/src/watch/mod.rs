@@ -83,6 +83,49 @@ struct FeedInner {
     /// Changes after this index are all in `history`.
     floor: u64,
     idle_since: Option<Instant>,
+    /// The SNAPSHOT messages of `contents` at `index`, encoded once and
+    /// shared by every new subscriber until the topic changes.
+    snapshot: Option<Arc<[Bytes]>>,
+}
+
+impl FeedInner {
+    fn snapshot(&mut self, chunk: usize) -> Arc<[Bytes]> {
+        if let Some(snapshot) = &self.snapshot {
+            return Arc::clone(snapshot);
+        }
+        let items: Vec<&Change> = self.contents.values().collect();
+        let mut encoded: Vec<Bytes> = items
+            .chunks(chunk.max(1))
+            .enumerate()
+            .map(|(i, part)| {
+                Bytes::from(
+                    WatchEvent {
+                        kind: Kind::Snapshot as i32,
+                        index: self.index,
+                        reset: i == 0,
+                        resumed: false,
+                        changes: part.iter().map(|c| (*c).clone()).collect(),
+                    }
+                    .encode_to_vec(),
+                )
+            })
+            .collect();
+        if encoded.is_empty() {
+            // An empty topic still resets the client.
+            encoded.push(Bytes::from(
+                WatchEvent {
+                    kind: Kind::Snapshot as i32,
+                    index: self.index,
+                    reset: true,
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            ));
+        }
+        let snapshot: Arc<[Bytes]> = encoded.into();
+        self.snapshot = Some(Arc::clone(&snapshot));
+        snapshot
+    }
 }
 
 #[derive(Debug)]
@@ -107,6 +150,7 @@ impl Feed {
                 history: VecDeque::new(),
                 floor: index,
                 idle_since: None,
+                snapshot: None,
             }),
             topic,
             tx,
@@ -126,6 +170,7 @@ impl Feed {
         let contents = self.topic.contents(state);
         let changes = self.topic.diff(&inner.contents, &contents);
         inner.contents = contents;
+        inner.snapshot = None;
         let index = if index > inner.index {
             index
         } else {
@@ -299,34 +344,7 @@ impl Hub {
                 ));
             }
         } else {
-            let items: Vec<&Change> = inner.contents.values().collect();
-            let chunk = self.config.snapshot_chunk.max(1);
-            let mut first = true;
-            for part in items.chunks(chunk) {
-                initial.push(Bytes::from(
-                    WatchEvent {
-                        kind: Kind::Snapshot as i32,
-                        index: inner.index,
-                        reset: first,
-                        resumed: false,
-                        changes: part.iter().map(|c| (*c).clone()).collect(),
-                    }
-                    .encode_to_vec(),
-                ));
-                first = false;
-            }
-            if first {
-                // An empty topic still resets the client.
-                initial.push(Bytes::from(
-                    WatchEvent {
-                        kind: Kind::Snapshot as i32,
-                        index: inner.index,
-                        reset: true,
-                        ..Default::default()
-                    }
-                    .encode_to_vec(),
-                ));
-            }
+            initial.extend(inner.snapshot(self.config.snapshot_chunk).iter().cloned());
         }
         let index = if resumable {
             inner.index.max(since_index)
