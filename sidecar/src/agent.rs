@@ -28,6 +28,10 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Service meta key naming the port of the instance's sidecar inbound
+/// listener; upstream traffic to the instance goes there.
+pub const INBOUND_PORT_META: &str = "meshwork-inbound-port";
+
 /// What `/status` shows.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Status {
@@ -458,6 +462,21 @@ fn note_failure(status: &SharedStatus, registry: &mut Registry, what: &str, erro
     registry.fail_over();
 }
 
+/// The service meta sent to the registry: the file's, plus
+/// [`INBOUND_PORT_META`] when the sidecar has an inbound listener, which
+/// tells other sidecars to dial that port instead of the app's.
+fn service_meta(config: &Config) -> std::collections::HashMap<String, String> {
+    let mut meta: std::collections::HashMap<String, String> =
+        config.meta.clone().into_iter().collect();
+    if let Some(inbound) = &config.inbound {
+        meta.insert(
+            INBOUND_PORT_META.to_owned(),
+            inbound.listen.port().to_string(),
+        );
+    }
+    meta
+}
+
 fn register_request(config: &Config, checks: &[LocalCheck]) -> RegisterRequest {
     RegisterRequest {
         node: config.node.clone(),
@@ -469,7 +488,7 @@ fn register_request(config: &Config, checks: &[LocalCheck]) -> RegisterRequest {
             address: config.service_address.clone(),
             port: u32::from(config.port),
             tags: config.tags.clone(),
-            meta: config.meta.clone().into_iter().collect(),
+            meta: service_meta(config),
             weight_passing: 0,
             weight_warning: 0,
         }),

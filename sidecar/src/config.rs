@@ -10,6 +10,13 @@ use std::time::Duration;
 use meshwork_registry::api::http::query::parse_duration;
 use serde::Deserialize;
 
+mod traffic;
+
+pub use traffic::{
+    Balance, Inbound, Limits, OutlierPolicy, Protocol, ProxySettings, RetryOn, RetryPolicy,
+    Upstream,
+};
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
@@ -19,6 +26,72 @@ struct File {
     admin: AdminSection,
     #[serde(default)]
     session: SessionSection,
+    inbound: Option<InboundSection>,
+    #[serde(default)]
+    upstreams: Vec<UpstreamSection>,
+    #[serde(default)]
+    proxy: ProxySection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InboundSection {
+    listen: Option<String>,
+    protocol: Option<String>,
+    /// Where the local app listens; default `service.address:service.port`.
+    app: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamSection {
+    name: String,
+    listen: String,
+    protocol: Option<String>,
+    tag: Option<String>,
+    balance: Option<String>,
+    /// `ring_hash` only: the request header hashed (HTTP); without it the
+    /// client's IP address is hashed.
+    hash_header: Option<String>,
+    connect_timeout: Option<String>,
+    request_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    retries: Option<RetriesSection>,
+    outlier: Option<OutlierSection>,
+    limits: Option<LimitsSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetriesSection {
+    attempts: Option<u32>,
+    on: Option<Vec<String>>,
+    budget_percent: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutlierSection {
+    consecutive_5xx: Option<u32>,
+    base_ejection: Option<String>,
+    max_ejection_percent: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsSection {
+    max_connections: Option<u32>,
+    max_pending: Option<u32>,
+    max_requests: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ProxySection {
+    /// How long in-flight requests may finish after SIGTERM.
+    drain: Option<String>,
+    /// One JSON line per request or connection on stdout.
+    access_log: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,6 +199,11 @@ pub struct Config {
     pub admin: SocketAddr,
     pub session_ttl: Duration,
     pub deregister_critical_after: Option<Duration>,
+    /// The inbound listener in front of the app, when the file has `[inbound]`.
+    pub inbound: Option<Inbound>,
+    /// One outbound listener each.
+    pub upstreams: Vec<Upstream>,
+    pub proxy: ProxySettings,
 }
 
 /// A configuration error: one line per problem, each naming the file.
@@ -335,6 +413,38 @@ impl Config {
                 }
             },
         };
+        let app_default = format!(
+            "{}:{port}",
+            service.address.as_deref().unwrap_or("127.0.0.1")
+        )
+        .parse::<SocketAddr>()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], port)));
+        let inbound = file
+            .inbound
+            .map(|raw| traffic::inbound(f, raw, app_default, &mut errors));
+        let upstreams = traffic::upstreams(f, file.upstreams, &mut errors);
+        if let Some(inbound) = &inbound {
+            if inbound.listen.port() == 0 {
+                errors.push(format!(
+                    "{f}: inbound.listen: needs a fixed port (other sidecars dial it)"
+                ));
+            }
+            if inbound.listen == admin || upstreams.iter().any(|u| u.listen == inbound.listen) {
+                errors.push(format!(
+                    "{f}: inbound.listen: {} is also used by another listener",
+                    inbound.listen
+                ));
+            }
+        }
+        for (i, u) in upstreams.iter().enumerate() {
+            if u.listen == admin {
+                errors.push(format!(
+                    "{f}: upstreams[{i}].listen: {} is the admin listener",
+                    u.listen
+                ));
+            }
+        }
+        let proxy = traffic::proxy(f, file.proxy, &mut errors);
         if !errors.is_empty() {
             return Err(ConfigError(errors.join("\n")));
         }
@@ -366,6 +476,9 @@ impl Config {
             admin,
             session_ttl,
             deregister_critical_after,
+            inbound,
+            upstreams,
+            proxy,
         })
     }
 }
@@ -428,5 +541,127 @@ listen = "127.0.0.1:19000"
             .to_string();
         assert!(err.contains("service.port"), "{err}");
         assert!(err.contains("service.checks[0].interval"), "{err}");
+    }
+
+    const TRAFFIC: &str = r#"
+[inbound]
+listen = "0.0.0.0:21000"
+protocol = "http"
+
+[[upstreams]]
+name = "api"
+listen = "127.0.0.1:9191"
+protocol = "http"
+tag = "v2"
+balance = "least_request"
+connect_timeout = "5s"
+request_timeout = "15s"
+retries = { attempts = 2, on = ["connect-failure", "reset", "503"], budget_percent = 20 }
+outlier = { consecutive_5xx = 5, base_ejection = "30s", max_ejection_percent = 50 }
+limits = { max_connections = 1024, max_pending = 1024, max_requests = 1024 }
+
+[[upstreams]]
+name = "db"
+listen = "127.0.0.1:9192"
+"#;
+
+    #[test]
+    fn the_proxy_example_parses_with_defaults_filled_in() {
+        let text = format!("{GOOD}{TRAFFIC}");
+        let c = Config::parse("s.toml", &text).expect("valid");
+        let inbound = c.inbound.expect("inbound");
+        assert_eq!(inbound.listen, "0.0.0.0:21000".parse().expect("addr"));
+        assert_eq!(inbound.protocol, Protocol::Http);
+        assert_eq!(inbound.app, "10.0.0.21:8080".parse().expect("addr"));
+        assert_eq!(c.upstreams.len(), 2);
+        let api = &c.upstreams[0];
+        assert_eq!(api.name, "api");
+        assert_eq!(api.tag.as_deref(), Some("v2"));
+        assert_eq!(api.balance, Balance::LeastRequest);
+        assert_eq!(api.request_timeout, Duration::from_secs(15));
+        assert_eq!(api.retries.attempts, 2);
+        assert!(api.retries.on.connect_failure && api.retries.on.reset);
+        assert!(api.retries.on.status(503) && !api.retries.on.status(500));
+        assert_eq!(api.outlier.consecutive_5xx, 5);
+        assert_eq!(api.outlier.base_ejection, Duration::from_secs(30));
+        assert_eq!(api.limits.max_pending, 1024);
+        let db = &c.upstreams[1];
+        assert_eq!(db.protocol, Protocol::Tcp);
+        assert_eq!(db.balance, Balance::RoundRobin);
+        assert_eq!(db.connect_timeout, Duration::from_secs(5));
+        assert_eq!(db.idle_timeout, Duration::from_secs(3600));
+        assert!(db.retries.on.connect_failure && !db.retries.on.reset);
+        assert_eq!(c.proxy.drain, Duration::from_secs(5));
+        assert!(!c.proxy.access_log);
+    }
+
+    #[test]
+    fn no_proxy_sections_means_agent_only() {
+        let c = Config::parse("s.toml", GOOD).expect("valid");
+        assert!(c.inbound.is_none());
+        assert!(c.upstreams.is_empty());
+    }
+
+    #[test]
+    fn unknown_upstream_keys_name_their_line() {
+        let text =
+            format!("{GOOD}{TRAFFIC}").replace("tag = \"v2\"", "tag = \"v2\"\ntimeout = \"1s\"");
+        let err = Config::parse("s.toml", &text)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("timeout"), "{err}");
+        assert!(err.contains("line 31"), "{err}");
+        let text = format!("{GOOD}{TRAFFIC}").replace("attempts = 2,", "attempts = 2, tries = 3,");
+        let err = Config::parse("s.toml", &text)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("tries"), "{err}");
+    }
+
+    #[test]
+    fn bad_proxy_values_are_all_reported() {
+        let text = format!("{GOOD}{TRAFFIC}")
+            .replace("protocol = \"http\"\ntag", "protocol = \"quic\"\ntag")
+            .replace("least_request", "fastest")
+            .replace("\"503\"", "\"404\"")
+            .replace("max_ejection_percent = 50", "max_ejection_percent = 150")
+            .replace("max_pending = 1024", "max_pending = 0")
+            .replace("request_timeout = \"15s\"", "request_timeout = \"later\"")
+            .replace("127.0.0.1:9192", "127.0.0.1:9191");
+        let err = Config::parse("s.toml", &text)
+            .expect_err("refused")
+            .to_string();
+        for key in [
+            "upstreams[0].protocol",
+            "upstreams[0].balance",
+            "upstreams[0].retries.on",
+            "upstreams[0].outlier.max_ejection_percent",
+            "upstreams[0].limits.max_pending",
+            "upstreams[0].request_timeout",
+            "upstreams[1].listen",
+        ] {
+            assert!(err.contains(key), "{key} missing in: {err}");
+        }
+    }
+
+    #[test]
+    fn tcp_upstreams_only_retry_connect_failures_and_hash_addresses() {
+        let text = format!(
+            "{GOOD}\n[[upstreams]]\nname = \"db\"\nlisten = \"127.0.0.1:5432\"\nretries = {{ on = [\"5xx\"] }}\nbalance = \"ring_hash\"\nhash_header = \"x-user\"\n"
+        );
+        let err = Config::parse("s.toml", &text)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("upstreams[0].retries.on"), "{err}");
+        assert!(err.contains("upstreams[0].hash_header"), "{err}");
+    }
+
+    #[test]
+    fn listeners_must_not_collide() {
+        let text = format!("{GOOD}{TRAFFIC}").replace("127.0.0.1:9192", "127.0.0.1:19000");
+        let err = Config::parse("s.toml", &text)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("upstreams[1].listen"), "{err}");
     }
 }

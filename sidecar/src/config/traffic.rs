@@ -1,0 +1,453 @@
+//! The proxy's part of the config file: `[inbound]`, `[[upstreams]]` and
+//! `[proxy]`, validated into [`Inbound`], [`Upstream`] and [`ProxySettings`].
+//! Defaults follow Envoy/Consul practice (connect 5 s, request 15 s, idle
+//! 1 h, circuit breaker 1024/1024/1024, ejection 30 s base). This module
+//! only parses; it knows nothing about sockets.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::{InboundSection, ProxySection, UpstreamSection, duration};
+
+/// The sidecar inbound listener's default address.
+pub const DEFAULT_INBOUND: &str = "0.0.0.0:21000";
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// HTTP/1.1 (and HTTP/2 with prior knowledge, which hyper's auto
+    /// server detects), proxied at L7.
+    Http,
+    /// HTTP/2 to the upstream.
+    Http2,
+    /// gRPC: HTTP/2 to the upstream, errors as gRPC statuses.
+    Grpc,
+    /// Raw bytes (L4).
+    Tcp,
+}
+
+impl Protocol {
+    fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "http" => Protocol::Http,
+            "http2" => Protocol::Http2,
+            "grpc" => Protocol::Grpc,
+            "tcp" => Protocol::Tcp,
+            _ => return None,
+        })
+    }
+
+    pub fn is_http(self) -> bool {
+        self != Protocol::Tcp
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Http => "http",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+            Protocol::Tcp => "tcp",
+        })
+    }
+}
+
+/// How an upstream endpoint is picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    RoundRobin,
+    /// Power of two choices on in-flight requests.
+    LeastRequest,
+    Random,
+    /// Consistent hashing on a header (or the client's address).
+    RingHash,
+}
+
+impl Balance {
+    fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "round_robin" => Balance::RoundRobin,
+            "least_request" => Balance::LeastRequest,
+            "random" => Balance::Random,
+            "ring_hash" => Balance::RingHash,
+            _ => return None,
+        })
+    }
+}
+
+/// When a failed attempt is tried again (on another endpoint).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RetryOn {
+    /// The TCP connection could not be made (always safe to retry).
+    pub connect_failure: bool,
+    /// The upstream reset or closed the connection before answering.
+    pub reset: bool,
+    /// Any 5xx answer.
+    pub any_5xx: bool,
+    /// These status codes.
+    pub statuses: Vec<u16>,
+}
+
+impl RetryOn {
+    pub fn status(&self, code: u16) -> bool {
+        (self.any_5xx && (500..600).contains(&code)) || self.statuses.contains(&code)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (0 = none).
+    pub attempts: u32,
+    pub on: RetryOn,
+    /// Retries in flight may be at most this share of requests in flight
+    /// (at least 3 are always allowed, as in Envoy).
+    pub budget_percent: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutlierPolicy {
+    /// Consecutive 5xx (or connect failures) that eject an endpoint; 0 = off.
+    pub consecutive_5xx: u32,
+    /// Ejection time is this times the number of ejections so far.
+    #[serde(serialize_with = "millis")]
+    pub base_ejection: Duration,
+    /// At most this share of endpoints is ejected at once.
+    pub max_ejection_percent: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    /// Open upstream connections (TCP: proxied connections).
+    pub max_connections: usize,
+    /// Requests waiting for a connection slot.
+    pub max_pending: usize,
+    /// Requests in flight.
+    pub max_requests: usize,
+}
+
+/// One `[[upstreams]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Upstream {
+    /// The service's name in the registry.
+    pub name: String,
+    pub listen: SocketAddr,
+    pub protocol: Protocol,
+    /// Only instances carrying this tag.
+    pub tag: Option<String>,
+    pub balance: Balance,
+    pub hash_header: Option<String>,
+    #[serde(serialize_with = "millis")]
+    pub connect_timeout: Duration,
+    #[serde(serialize_with = "millis")]
+    pub request_timeout: Duration,
+    #[serde(serialize_with = "millis")]
+    pub idle_timeout: Duration,
+    pub retries: RetryPolicy,
+    pub outlier: OutlierPolicy,
+    pub limits: Limits,
+}
+
+/// The `[inbound]` listener, in front of the local app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Inbound {
+    pub listen: SocketAddr,
+    pub protocol: Protocol,
+    /// The local app.
+    pub app: SocketAddr,
+}
+
+/// `[proxy]`: process-wide proxy settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProxySettings {
+    #[serde(serialize_with = "millis")]
+    pub drain: Duration,
+    pub access_log: bool,
+}
+
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+fn socket_addr(f: &str, key: &str, text: &str, errors: &mut Vec<String>) -> SocketAddr {
+    text.parse().unwrap_or_else(|_| {
+        errors.push(format!("{f}: {key}: {text:?} is not IP:PORT"));
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    })
+}
+
+fn protocol(f: &str, key: &str, text: Option<&str>, errors: &mut Vec<String>) -> Protocol {
+    let text = text.unwrap_or("tcp");
+    Protocol::parse(text).unwrap_or_else(|| {
+        errors.push(format!(
+            "{f}: {key}: {text:?} is not one of http, http2, grpc, tcp"
+        ));
+        Protocol::Tcp
+    })
+}
+
+fn or_error<T>(result: Result<T, String>, fallback: T, errors: &mut Vec<String>) -> T {
+    result.unwrap_or_else(|e| {
+        errors.push(e);
+        fallback
+    })
+}
+
+fn percent(f: &str, key: &str, value: u32, errors: &mut Vec<String>) -> u32 {
+    if value > 100 {
+        errors.push(format!("{f}: {key}: {value} is over 100"));
+    }
+    value.min(100)
+}
+
+fn limit(f: &str, key: &str, value: Option<u32>, errors: &mut Vec<String>) -> usize {
+    match value {
+        None => 1024,
+        Some(0) => {
+            errors.push(format!("{f}: {key}: must be at least 1"));
+            1024
+        }
+        Some(n) => n as usize,
+    }
+}
+
+/// `[inbound]`; `app_default` is where the app listens by default.
+pub(super) fn inbound(
+    f: &str,
+    raw: InboundSection,
+    app_default: SocketAddr,
+    errors: &mut Vec<String>,
+) -> Inbound {
+    Inbound {
+        listen: socket_addr(
+            f,
+            "inbound.listen",
+            raw.listen.as_deref().unwrap_or(DEFAULT_INBOUND),
+            errors,
+        ),
+        protocol: protocol(f, "inbound.protocol", raw.protocol.as_deref(), errors),
+        app: raw
+            .app
+            .map_or(app_default, |a| socket_addr(f, "inbound.app", &a, errors)),
+    }
+}
+
+fn retry_on(f: &str, key: &str, list: &[String], errors: &mut Vec<String>) -> RetryOn {
+    let mut on = RetryOn::default();
+    for item in list {
+        match item.as_str() {
+            "connect-failure" => on.connect_failure = true,
+            "reset" => on.reset = true,
+            "5xx" => on.any_5xx = true,
+            "gateway-error" => on.statuses.extend([502, 503, 504]),
+            code => match code.parse::<u16>() {
+                Ok(c) if (500..600).contains(&c) => on.statuses.push(c),
+                _ => errors.push(format!(
+                    "{f}: {key}: {item:?} is not one of connect-failure, reset, 5xx, gateway-error or a 5xx status code"
+                )),
+            },
+        }
+    }
+    on.statuses.sort_unstable();
+    on.statuses.dedup();
+    on
+}
+
+pub(super) fn upstreams(
+    f: &str,
+    raw: Vec<UpstreamSection>,
+    errors: &mut Vec<String>,
+) -> Vec<Upstream> {
+    let mut names = HashSet::new();
+    let mut listens = HashSet::new();
+    let mut out = Vec::new();
+    for (i, u) in raw.into_iter().enumerate() {
+        let key = format!("upstreams[{i}]");
+        if u.name.trim().is_empty() {
+            errors.push(format!("{f}: {key}.name: must not be empty"));
+        } else if !names.insert(u.name.clone()) {
+            errors.push(format!(
+                "{f}: {key}.name: {:?} is listed twice (give each upstream once; tags select subsets)",
+                u.name
+            ));
+        }
+        let listen = socket_addr(f, &format!("{key}.listen"), &u.listen, errors);
+        if listen.port() != 0 && !listens.insert(listen) {
+            errors.push(format!("{f}: {key}.listen: {listen} is used twice"));
+        }
+        let protocol = protocol(f, &format!("{key}.protocol"), u.protocol.as_deref(), errors);
+        let balance = match u.balance.as_deref() {
+            None => Balance::RoundRobin,
+            Some(b) => Balance::parse(b).unwrap_or_else(|| {
+                errors.push(format!(
+                    "{f}: {key}.balance: {b:?} is not one of round_robin, least_request, random, ring_hash"
+                ));
+                Balance::RoundRobin
+            }),
+        };
+        if let Some(h) = &u.hash_header {
+            if balance != Balance::RingHash {
+                errors.push(format!(
+                    "{f}: {key}.hash_header: only used with balance = \"ring_hash\""
+                ));
+            } else if protocol == Protocol::Tcp {
+                errors.push(format!(
+                    "{f}: {key}.hash_header: a tcp upstream has no headers (it hashes the client's address)"
+                ));
+            } else if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                errors.push(format!(
+                    "{f}: {key}.hash_header: {h:?} is not a header name"
+                ));
+            }
+        }
+        let d = |name: &str, text: Option<&str>, default: Duration, errors: &mut Vec<String>| {
+            or_error(
+                duration(f, &format!("{key}.{name}"), text, default),
+                default,
+                errors,
+            )
+        };
+        let connect_timeout = d(
+            "connect_timeout",
+            u.connect_timeout.as_deref(),
+            DEFAULT_CONNECT_TIMEOUT,
+            errors,
+        );
+        let request_timeout = d(
+            "request_timeout",
+            u.request_timeout.as_deref(),
+            DEFAULT_REQUEST_TIMEOUT,
+            errors,
+        );
+        let idle_timeout = d(
+            "idle_timeout",
+            u.idle_timeout.as_deref(),
+            DEFAULT_IDLE_TIMEOUT,
+            errors,
+        );
+        let retries = match u.retries {
+            None => RetryPolicy {
+                attempts: 2,
+                on: RetryOn {
+                    connect_failure: true,
+                    ..RetryOn::default()
+                },
+                budget_percent: 20,
+            },
+            Some(r) => RetryPolicy {
+                attempts: match r.attempts {
+                    Some(n) if n > 10 => {
+                        errors.push(format!("{f}: {key}.retries.attempts: {n} is over 10"));
+                        10
+                    }
+                    n => n.unwrap_or(2),
+                },
+                on: match &r.on {
+                    None => RetryOn {
+                        connect_failure: true,
+                        ..RetryOn::default()
+                    },
+                    Some(list) => retry_on(f, &format!("{key}.retries.on"), list, errors),
+                },
+                budget_percent: percent(
+                    f,
+                    &format!("{key}.retries.budget_percent"),
+                    r.budget_percent.unwrap_or(20),
+                    errors,
+                ),
+            },
+        };
+        if protocol == Protocol::Tcp
+            && (retries.on.reset || !retries.on.statuses.is_empty() || retries.on.any_5xx)
+        {
+            errors.push(format!(
+                "{f}: {key}.retries.on: a tcp upstream can only retry connect-failure"
+            ));
+        }
+        let outlier = match u.outlier {
+            None => OutlierPolicy {
+                consecutive_5xx: 5,
+                base_ejection: Duration::from_secs(30),
+                max_ejection_percent: 50,
+            },
+            Some(o) => OutlierPolicy {
+                consecutive_5xx: o.consecutive_5xx.unwrap_or(5),
+                base_ejection: d(
+                    "outlier.base_ejection",
+                    o.base_ejection.as_deref(),
+                    Duration::from_secs(30),
+                    errors,
+                ),
+                max_ejection_percent: percent(
+                    f,
+                    &format!("{key}.outlier.max_ejection_percent"),
+                    o.max_ejection_percent.unwrap_or(50),
+                    errors,
+                ),
+            },
+        };
+        let limits = match u.limits {
+            None => Limits {
+                max_connections: 1024,
+                max_pending: 1024,
+                max_requests: 1024,
+            },
+            Some(l) => Limits {
+                max_connections: limit(
+                    f,
+                    &format!("{key}.limits.max_connections"),
+                    l.max_connections,
+                    errors,
+                ),
+                max_pending: limit(
+                    f,
+                    &format!("{key}.limits.max_pending"),
+                    l.max_pending,
+                    errors,
+                ),
+                max_requests: limit(
+                    f,
+                    &format!("{key}.limits.max_requests"),
+                    l.max_requests,
+                    errors,
+                ),
+            },
+        };
+        out.push(Upstream {
+            name: u.name,
+            listen,
+            protocol,
+            tag: u.tag.filter(|t| !t.is_empty()),
+            balance,
+            hash_header: u.hash_header.map(|h| h.to_ascii_lowercase()),
+            connect_timeout,
+            request_timeout,
+            idle_timeout,
+            retries,
+            outlier,
+            limits,
+        });
+    }
+    out
+}
+
+pub(super) fn proxy(f: &str, raw: ProxySection, errors: &mut Vec<String>) -> ProxySettings {
+    ProxySettings {
+        drain: or_error(
+            duration(f, "proxy.drain", raw.drain.as_deref(), DEFAULT_DRAIN),
+            DEFAULT_DRAIN,
+            errors,
+        ),
+        access_log: raw.access_log.unwrap_or(false),
+    }
+}
