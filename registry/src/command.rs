@@ -49,6 +49,9 @@ pub enum Command {
     /// Several client writes in one log entry (group commit), applied in
     /// order at the same index.
     Batch(Vec<Command>),
+    /// Replace the KV store and the catalog with a backup's
+    /// (`PUT /v1/snapshot`); the cluster keeps its own id.
+    Restore(Box<crate::state::State>),
 }
 
 /// What applying a command produced.

@@ -14,6 +14,7 @@ pub mod dns;
 pub mod health;
 pub mod metrics;
 pub mod node;
+pub mod notify;
 pub mod raft;
 pub mod server;
 pub mod session;

@@ -1,36 +1,9 @@
-//! systemd's readiness protocol (sd_notify): a datagram to `$NOTIFY_SOCKET`.
-//! Without the variable (not under systemd) nothing is sent.
+//! systemd's readiness protocol, shared with the registry
+//! ([`meshwork_registry::notify`]).
 
-use std::os::unix::net::UnixDatagram;
+pub use meshwork_registry::notify::stopping;
 
-fn send(message: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let result = (|| -> std::io::Result<()> {
-        let socket = UnixDatagram::unbound()?;
-        let bytes = path.as_encoded_bytes();
-        if let Some(name) = bytes.strip_prefix(b"@") {
-            // An abstract socket (Linux).
-            use std::os::linux::net::SocketAddrExt;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-            socket.send_to_addr(message.as_bytes(), &addr)?;
-        } else {
-            socket.send_to(message.as_bytes(), &path)?;
-        }
-        Ok(())
-    })();
-    if let Err(e) = result {
-        tracing::warn!(error = %e, message, "sd_notify failed");
-    }
-}
-
-/// Tells systemd the service is up (Type=notify).
+/// Tells systemd the sidecar is up: its service is registered.
 pub fn ready() {
-    send("READY=1\nSTATUS=registered with the registry");
-}
-
-/// Tells systemd the service is shutting down.
-pub fn stopping() {
-    send("STOPPING=1");
+    meshwork_registry::notify::ready("registered with the registry");
 }

@@ -471,6 +471,69 @@ impl Catalog {
         Ok(true)
     }
 
+    /// Replaces the whole catalog with `backup` (a restored snapshot), as
+    /// one write at `index`: every restored object is stamped with
+    /// `index`, and every service and node that existed before or after
+    /// counts as changed, so indexes never go backwards and every blocking
+    /// query and watch sees the change.
+    pub fn restore(&mut self, index: u64, backup: &Catalog) {
+        let mut service_index = self.service_index.clone();
+        let mut node_index = self.node_index.clone();
+        for name in self
+            .services
+            .values()
+            .chain(backup.services.values())
+            .flat_map(|s| s.values())
+            .map(|s| &s.name)
+        {
+            service_index.insert(name.clone(), index);
+        }
+        for name in self.nodes.keys().chain(backup.nodes.keys()) {
+            node_index.insert(name.clone(), index);
+        }
+        let mut restored = backup.clone();
+        restored.nodes = backup
+            .nodes
+            .iter()
+            .map(|(name, node)| {
+                let mut node = node.clone();
+                node.create_index = index;
+                node.modify_index = index;
+                (name.clone(), node)
+            })
+            .collect();
+        restored.services = backup
+            .services
+            .iter()
+            .map(|(node, instances)| {
+                let mut instances = instances.clone();
+                for instance in instances.values_mut() {
+                    instance.create_index = index;
+                    instance.modify_index = index;
+                }
+                (node.clone(), instances)
+            })
+            .collect();
+        restored.checks = backup
+            .checks
+            .iter()
+            .map(|(node, checks)| {
+                let mut checks = checks.clone();
+                for check in checks.values_mut() {
+                    check.create_index = index;
+                    check.modify_index = index;
+                }
+                (node.clone(), checks)
+            })
+            .collect();
+        restored.service_index = service_index;
+        restored.node_index = node_index;
+        restored.services_list_index = index;
+        restored.nodes_index = index;
+        restored.checks_index = index;
+        *self = restored;
+    }
+
     fn check_changed(&mut self, index: u64, check: &HealthCheck) {
         self.checks_index = index;
         self.touch_node(index, &check.node);

@@ -35,6 +35,35 @@ pub struct KvStore {
 }
 
 impl KvStore {
+    /// Replaces every key with those of `backup` (a restored snapshot), as
+    /// one write at `index`: restored entries carry `index` as their
+    /// create and modify index, and keys that are gone leave tombstones,
+    /// so indexes never go backwards and every blocking query wakes.
+    pub fn restore(&mut self, index: u64, backup: &KvStore) {
+        let mut tombstones = self.tombstones.clone();
+        for key in self.entries.keys() {
+            if !backup.entries.contains_key(key) {
+                tombstones.insert(key.clone(), index);
+            }
+        }
+        let mut entries = OrdMap::new();
+        for (key, entry) in &backup.entries {
+            tombstones.remove(key);
+            entries.insert(
+                key.clone(),
+                KvEntry {
+                    create_index: index,
+                    modify_index: index,
+                    lock_index: 0,
+                    ..entry.clone()
+                },
+            );
+        }
+        self.entries = entries;
+        self.tombstones = tombstones;
+        self.last_change = index;
+    }
+
     /// Sets `key`; with `cas`, only if the precondition holds.
     pub fn set(
         &mut self,

@@ -68,6 +68,11 @@ impl State {
             Command::Batch(commands) => {
                 CommandResponse::Batch(commands.iter().map(|c| self.apply(index, c)).collect())
             }
+            Command::Restore(backup) => {
+                self.kv.restore(index, &backup.kv);
+                self.catalog.restore(index, &backup.catalog);
+                CommandResponse::Applied(true)
+            }
             Command::SetClusterId { id } => {
                 if self.cluster_id.is_some() {
                     CommandResponse::Applied(false)
@@ -117,6 +122,44 @@ mod tests {
             ])
         );
         assert_eq!(state.kv.get("b").map(|e| e.modify_index), Some(7));
+    }
+
+    #[test]
+    fn a_restore_replaces_data_as_one_write_and_keeps_the_cluster_id() {
+        let set = |key: &str| Command::KvSet {
+            key: key.into(),
+            value: key.as_bytes().to_vec(),
+            flags: 1,
+            cas: None,
+        };
+        let mut backup = State::default();
+        backup.apply(3, &set_cluster_id("old"));
+        backup.apply(40, &set("kept"));
+        backup.apply(41, &set("only-in-backup"));
+        let mut state = State::default();
+        state.apply(2, &set_cluster_id("new"));
+        state.apply(5, &set("kept"));
+        state.apply(6, &set("only-here"));
+        let before = state.kv.prefix_index("only-here");
+        assert_eq!(
+            state.apply(9, &Command::Restore(Box::new(backup))),
+            CommandResponse::Applied(true)
+        );
+        assert_eq!(state.cluster_id.as_deref(), Some("new"));
+        assert!(state.kv.get("only-here").is_none());
+        let kept = state.kv.get("kept").expect("restored");
+        assert_eq!(
+            (kept.create_index, kept.modify_index, kept.flags),
+            (9, 9, 1)
+        );
+        assert!(state.kv.get("only-in-backup").is_some());
+        // The deleted key's prefix moved forward, never back.
+        assert!(state.kv.prefix_index("only-here") > before);
+        assert_eq!(state.kv.last_change(), 9);
+    }
+
+    fn set_cluster_id(id: &str) -> Command {
+        Command::SetClusterId { id: id.into() }
     }
 
     #[test]

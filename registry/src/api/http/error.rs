@@ -17,6 +17,11 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The request contradicts the state (e.g. another cluster's snapshot).
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Internal(String),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
 }
@@ -32,6 +37,8 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Cluster(ClusterError::Rejected(_)) => StatusCode::BAD_REQUEST,
             ApiError::Cluster(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

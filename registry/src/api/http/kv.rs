@@ -197,7 +197,7 @@ async fn put(
     }
     let flags = params.u64("flags")?.unwrap_or(0);
     let cas = params.u64("cas")?;
-    let value = read_body(headers, body).await?;
+    let value = read_body(headers, body, MAX_VALUE_BYTES).await?;
     let applied = app
         .node
         .write(Command::KvSet {
@@ -210,26 +210,30 @@ async fn put(
     Ok(axum::Json(applied.response.succeeded()).into_response())
 }
 
-/// Reads the value, refusing more than [`MAX_VALUE_BYTES`] before
-/// buffering it (by Content-Length when given, else while reading).
-async fn read_body(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
+/// Reads a request body, refusing more than `max` bytes before buffering
+/// it (by Content-Length when given, else while reading).
+pub(super) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    max: usize,
+) -> Result<Vec<u8>, ApiError> {
     let too_large = |len: Option<u64>| {
         ApiError::PayloadTooLarge(match len {
             Some(len) => {
-                format!("Request body({len} bytes) too large, max size: {MAX_VALUE_BYTES} bytes")
+                format!("Request body({len} bytes) too large, max size: {max} bytes")
             }
-            None => format!("Request body too large, max size: {MAX_VALUE_BYTES} bytes"),
+            None => format!("Request body too large, max size: {max} bytes"),
         })
     };
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
-        && len > MAX_VALUE_BYTES as u64
+        && len > max as u64
     {
         return Err(too_large(Some(len)));
     }
-    match axum::body::to_bytes(body, MAX_VALUE_BYTES).await {
+    match axum::body::to_bytes(body, max).await {
         Ok(bytes) => Ok(bytes.to_vec()),
         Err(e) => {
             let is_limit = std::error::Error::source(&e)

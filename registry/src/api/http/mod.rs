@@ -9,6 +9,7 @@ pub mod error;
 pub mod kv;
 pub mod query;
 pub mod serve;
+pub mod snapshot;
 pub mod status;
 
 use std::sync::Arc;
@@ -100,6 +101,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/health/checks/{name}", get(catalog::health_checks))
         .route("/v1/health/node/{node}", get(catalog::health_node))
         .route("/v1/health/state/{state}", get(catalog::health_state))
+        .route(
+            "/v1/snapshot",
+            get(snapshot::save)
+                .put(snapshot::restore)
+                .layer(DefaultBodyLimit::max(snapshot::MAX_BACKUP_BYTES)),
+        )
         .route("/metrics", get(metrics_prometheus))
         .route("/v1/agent/metrics", get(metrics))
         // Counted by matched route, so ids in paths do not explode labels.

@@ -1,0 +1,194 @@
+//! Backups over the API: `GET /v1/snapshot` saves the whole replicated
+//! state, `PUT /v1/snapshot` restores it through Raft so every server
+//! converges (Consul's paths; our own archive format).
+//!
+//! An archive is one frame (see `raft::snapshot_file`): the magic
+//! `MWBACKUP1\n`, a JSON header ([`BackupHeader`]), the state as JSON, and a
+//! CRC-32 of everything before it. A restore checks all of it before it
+//! proposes anything, so a truncated, corrupt or foreign archive leaves the
+//! state untouched.
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::error::ApiError;
+use super::query::{Params, ReadOptions};
+use crate::command::{Command, CommandResponse};
+use crate::raft::snapshot_file::{decode_frame, encode_frame};
+
+/// Marks a Meshwork backup archive (and its format version).
+pub const BACKUP_MAGIC: &[u8] = b"MWBACKUP1\n";
+/// Largest archive a restore accepts.
+pub const MAX_BACKUP_BYTES: usize = 256 * 1024 * 1024;
+
+/// What an archive says about itself.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct BackupHeader {
+    /// The cluster it was taken from.
+    pub cluster_id: Option<String>,
+    /// The log index of the state it holds.
+    pub index: u64,
+    pub datacenter: String,
+    /// The server that wrote it.
+    pub server: String,
+    pub version: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    pub kv_entries: usize,
+    pub nodes: usize,
+}
+
+/// `GET /v1/snapshot`: a consistent archive of the whole state (a leader
+/// read by default; `?stale` from this server, `?consistent` after a
+/// quorum check).
+pub async fn save(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let options = ReadOptions::from_params(&Params::parse(query.as_deref()))?;
+    app.node.read_barrier(options.consistency).await?;
+    // O(1): the state maps are persistent.
+    let state = app.node.state.read().clone();
+    let header = BackupHeader {
+        cluster_id: state.cluster_id.clone(),
+        index: state.last_index,
+        datacenter: app.datacenter.to_string(),
+        server: app.node_name.to_string(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        created_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        kv_entries: state.kv.len(),
+        nodes: state.catalog.nodes().count(),
+    };
+    let index = state.last_index;
+    let archive = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+        let meta = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+        let data = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
+        Ok(encode_frame(BACKUP_MAGIC, &meta, &data))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("encoding the snapshot: {e}")))?
+    .map_err(|e| ApiError::Internal(format!("encoding the snapshot: {e}")))?;
+    tracing::info!(index, bytes = archive.len(), "snapshot saved over the API");
+    let mut response = archive.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert("X-Consul-Index", HeaderValue::from(index));
+    Ok(response)
+}
+
+/// `PUT /v1/snapshot`: restores an archive. One from another cluster is
+/// refused unless `?force` says that is meant (a rebuilt cluster has a new
+/// id); the cluster keeps its own id either way.
+pub async fn restore(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(query.as_deref());
+    let force = params.flag("force")?;
+    let bytes = super::kv::read_body(&headers, body, MAX_BACKUP_BYTES).await?;
+    let (header, state) = tokio::task::spawn_blocking(move || decode_archive(&bytes))
+        .await
+        .map_err(|e| ApiError::Internal(format!("decoding the snapshot: {e}")))??;
+    let ours = app.node.state.read().cluster_id.clone();
+    if let (Some(theirs), Some(ours)) = (&header.cluster_id, &ours)
+        && theirs != ours
+        && !force
+    {
+        return Err(ApiError::Conflict(format!(
+            "Snapshot is from cluster {theirs}, this is cluster {ours}; nothing was changed. \
+             Restore it anyway with ?force (meshctl snapshot restore --force) to replace this cluster's data"
+        )));
+    }
+    let applied = app.node.write(Command::Restore(Box::new(state))).await?;
+    if applied.response != CommandResponse::Applied(true) {
+        return Err(ApiError::Internal(format!(
+            "restore not applied: {:?}",
+            applied.response
+        )));
+    }
+    tracing::warn!(
+        index = applied.index,
+        from_index = header.index,
+        from_cluster = header.cluster_id.as_deref().unwrap_or(""),
+        "snapshot restored over the API: the KV store and catalog were replaced"
+    );
+    let mut response = ().into_response();
+    response
+        .headers_mut()
+        .insert("X-Consul-Index", HeaderValue::from(applied.index));
+    Ok(response)
+}
+
+/// Checks and decodes an archive; says what is wrong with a bad one.
+pub fn decode_archive(bytes: &[u8]) -> Result<(BackupHeader, crate::state::State), ApiError> {
+    let (meta, data) = decode_frame(BACKUP_MAGIC, bytes).map_err(|why| {
+        ApiError::bad_request(format!(
+            "Not a valid Meshwork snapshot ({} bytes): {why}; nothing was changed",
+            bytes.len()
+        ))
+    })?;
+    let header: BackupHeader = serde_json::from_slice(&meta).map_err(|e| {
+        ApiError::bad_request(format!(
+            "Snapshot header is invalid: {e}; nothing was changed"
+        ))
+    })?;
+    let state: crate::state::State = serde_json::from_slice(&data).map_err(|e| {
+        ApiError::bad_request(format!(
+            "Snapshot data is invalid: {e}; nothing was changed"
+        ))
+    })?;
+    Ok((header, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn damaged_archives_are_refused_with_the_reason() {
+        let header = BackupHeader {
+            cluster_id: Some("c1".into()),
+            index: 7,
+            datacenter: "dc1".into(),
+            server: "s1".into(),
+            version: "0".into(),
+            created_at: 0,
+            kv_entries: 0,
+            nodes: 0,
+        };
+        let meta = serde_json::to_vec(&header).expect("meta");
+        let data = serde_json::to_vec(&crate::state::State::default()).expect("data");
+        let good = encode_frame(BACKUP_MAGIC, &meta, &data);
+        let (back, _) = decode_archive(&good).expect("good archive");
+        assert_eq!(back.index, 7);
+
+        let message = |bytes: &[u8]| match decode_archive(bytes) {
+            Ok(_) => panic!("accepted a bad archive"),
+            Err(e) => e.to_string(),
+        };
+        assert!(message(&good[..good.len() / 2]).contains("truncated"));
+        let mut flipped = good.clone();
+        let at = flipped.len() - 10;
+        flipped[at] ^= 1;
+        assert!(message(&flipped).contains("checksum"));
+        assert!(message(b"MWSNAP1\nnot a backup at all").contains("bad magic"));
+        assert!(message(b"").contains("bad magic"));
+        let mut trailing = good.clone();
+        trailing.extend_from_slice(b"junk");
+        assert!(!message(&trailing).is_empty());
+        let not_state = encode_frame(BACKUP_MAGIC, &meta, b"{\"nope\":1}");
+        assert!(message(&not_state).contains("Snapshot data is invalid"));
+    }
+}
