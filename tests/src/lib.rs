@@ -5,6 +5,8 @@
 //! run in parallel without port races. Each server's stderr goes to a file
 //! in the cluster's temp dir; the last lines are printed when a test fails.
 
+pub mod linearizable;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
