@@ -9,8 +9,11 @@ sudo=""
 [[ $(id -u) -ne 0 ]] && sudo="sudo"
 
 # Debian packages: procps (`kill`), dnsutils (`dig`), python3-pip and
-# npm for the real Consul clients.
-packages=(procps dnsutils)
+# npm for the real Consul clients; iproute2 (`ip netns`), curl and
+# systemd (`systemd-analyze verify`, `systemctl --root`) for the
+# deploy-vm tests.
+packages=(procps dnsutils iproute2 curl)
+command -v systemd-analyze >/dev/null || packages+=(systemd)
 command -v python3 >/dev/null || packages+=(python3 python3-pip)
 command -v npm >/dev/null || packages+=(nodejs npm)
 

@@ -1,0 +1,145 @@
+# shellcheck shell=bash disable=SC2034
+# (SC2034: the names and ports here are used by the scripts that source it.)
+# Sourced by the lab scripts (up.sh, down.sh, partition.sh, heal.sh): the
+# lab's settings, names, addresses and small helpers. The layout is
+# documented at the top of up.sh.
+
+lab_script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+lab_repo=$(cd "$lab_script_dir/../.." && pwd)
+
+die() {
+    echo "${0##*/}: $*" >&2
+    exit 1
+}
+say() { echo "${0##*/}: $*"; }
+
+[[ $(id -u) -eq 0 ]] || die "the lab creates network namespaces: run it as root"
+command -v ip >/dev/null || die "'ip' (iproute2) not found: apt-get install iproute2"
+
+LAB_DIR=${LAB_DIR:-/tmp/meshwork-lab}
+[[ $LAB_DIR == /* && $LAB_DIR != / ]] || die "LAB_DIR must be an absolute path other than /, not '$LAB_DIR'"
+LAB_DIR=${LAB_DIR%/}
+lab_env="$LAB_DIR/lab.env"
+
+# Settings: the ones a running lab recorded in lab.env win for down.sh,
+# partition.sh and heal.sh (so they act on what up.sh made); up.sh compares
+# them with what it is asked for.
+lab_load_settings() {
+    LAB_PREFIX=${LAB_PREFIX:-mwlab}
+    LAB_NET=${LAB_NET:-198.18.0}
+    LAB_SERVERS=${LAB_SERVERS:-3}
+    LAB_APPS=${LAB_APPS:-2}
+    if [[ -f $lab_env ]]; then
+        local key value
+        while IFS='=' read -r key value; do
+            case $key in
+            recorded_prefix) recorded_prefix=$value ;;
+            recorded_net) recorded_net=$value ;;
+            recorded_servers) recorded_servers=$value ;;
+            recorded_apps) recorded_apps=$value ;;
+            esac
+        done <"$lab_env"
+    fi
+    [[ $LAB_PREFIX =~ ^[a-z][a-z0-9]{0,9}$ ]] ||
+        die "LAB_PREFIX '$LAB_PREFIX': 1-10 lower-case letters and digits (it prefixes interface names, at most 15 characters)"
+    if ! [[ $LAB_NET =~ ^198\.1[89]\.([0-9]{1,3})$ ]] || ((BASH_REMATCH[1] > 255)); then
+        die "LAB_NET '$LAB_NET': must be the first three octets of a /24 in 198.18.0.0/15 (198.18.X or 198.19.X)"
+    fi
+    [[ $LAB_SERVERS =~ ^[1-7]$ ]] || die "LAB_SERVERS '$LAB_SERVERS': 1 to 7 registry servers"
+    [[ $LAB_APPS =~ ^[0-9]$ ]] || die "LAB_APPS '$LAB_APPS': 0 to 9 app hosts"
+}
+
+# Use what a running lab recorded (down.sh, partition.sh, heal.sh).
+lab_use_recorded() {
+    LAB_PREFIX=${recorded_prefix:-$LAB_PREFIX}
+    LAB_NET=${recorded_net:-$LAB_NET}
+    LAB_SERVERS=${recorded_servers:-$LAB_SERVERS}
+    LAB_APPS=${recorded_apps:-$LAB_APPS}
+}
+
+# Ports (every host has its own network namespace, so all use the defaults).
+HTTP_PORT=8500
+GRPC_PORT=8502
+RAFT_PORT=8300
+DNS_PORT=8600
+APP_PORT=8080
+INBOUND_PORT=21000
+ADMIN_PORT=19000
+UPSTREAM_PORT_BASE=9100
+
+lab_bridge() { echo "$LAB_PREFIX-br"; }
+# The second bridge partition.sh moves cut-off hosts to.
+lab_bridge_b() { echo "$LAB_PREFIX-brb"; }
+lab_ns() { echo "$LAB_PREFIX-$1"; }
+# The host-side end of a host's veth pair (inside, it is eth0).
+lab_veth() { echo "$LAB_PREFIX-$1"; }
+
+lab_servers() {
+    local i
+    for ((i = 1; i <= LAB_SERVERS; i++)); do echo "reg$i"; done
+}
+lab_apps() {
+    local i
+    for ((i = 1; i <= LAB_APPS; i++)); do echo "app$i"; done
+}
+lab_hosts() {
+    lab_servers
+    lab_apps
+}
+
+# 198.18.0.1 is this (the root) namespace, reg<i> .1<i>, app<i> .2<i>.
+lab_ip() {
+    case $1 in
+    host) echo "$LAB_NET.1" ;;
+    reg[1-9]) echo "$LAB_NET.1${1#reg}" ;;
+    app[1-9]) echo "$LAB_NET.2${1#app}" ;;
+    *) die "unknown lab host '$1'" ;;
+    esac
+}
+
+lab_is_host() {
+    local h
+    for h in $(lab_hosts); do [[ $h == "$1" ]] && return 0; done
+    return 1
+}
+
+ns_exists() { [[ -e /run/netns/$1 ]]; }
+link_exists() { ip link show dev "$1" >/dev/null 2>&1; }
+
+# in_host HOST CMD…: runs CMD inside HOST's namespace.
+in_host() {
+    local host=$1
+    shift
+    ip netns exec "$(lab_ns "$host")" "$@"
+}
+
+# wait_until SECONDS WHAT CMD…: polls CMD every 0.2 s until it succeeds,
+# or fails after SECONDS with a message naming WHAT.
+wait_until() {
+    local limit=$1 what=$2
+    shift 2
+    local deadline=$((SECONDS + limit))
+    until "$@" >/dev/null 2>&1; do
+        if ((SECONDS >= deadline)); then
+            echo "${0##*/}: timed out after ${limit}s waiting for $what" >&2
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+# http_ok HOST URL: a 2xx answer to GET URL from inside HOST.
+http_ok() {
+    in_host "$1" curl -fsS --max-time 2 -o /dev/null "$2"
+}
+
+# pid_alive PIDFILE HOST: the process recorded in PIDFILE runs in HOST's
+# namespace (a recycled pid elsewhere does not count).
+pid_alive() {
+    local pidfile=$1 host=$2 pid
+    [[ -f $pidfile ]] || return 1
+    pid=$(<"$pidfile")
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    kill -0 "$pid" 2>/dev/null || return 1
+    [[ $(ip netns identify "$pid" 2>/dev/null) == "$(lab_ns "$host")" ]]
+}
