@@ -1,9 +1,12 @@
 //! The admin listener: `/live` (the process runs), `/ready` (registered
 //! with the registry), `/status` (JSON: registration, checks, which
 //! registry server, last contact), and Consul's TTL check endpoints
-//! (`PUT /v1/agent/check/pass|warn|fail/<check id>?note=...`) for the app.
+//! (`PUT /v1/agent/check/pass|warn|fail/<check id>?note=...`) for the app;
+//! with the proxy running, `/metrics` (Prometheus text), `/clusters` and
+//! `/config` (JSON).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -15,17 +18,20 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{SharedStatus, TtlReports};
+use crate::proxy::Proxy;
 
 #[derive(Clone)]
 struct Admin {
     status: SharedStatus,
     ttl: TtlReports,
+    proxy: Option<Arc<Proxy>>,
 }
 
 pub async fn serve(
     listener: TcpListener,
     status: SharedStatus,
     ttl: TtlReports,
+    proxy: Option<Arc<Proxy>>,
     shutdown: CancellationToken,
 ) {
     let app = Router::new()
@@ -33,7 +39,10 @@ pub async fn serve(
         .route("/ready", get(ready))
         .route("/status", get(status_json))
         .route("/v1/agent/check/{verb}/{check_id}", put(ttl_report))
-        .with_state(Admin { status, ttl });
+        .route("/metrics", get(metrics))
+        .route("/clusters", get(clusters))
+        .route("/config", get(config))
+        .with_state(Admin { status, ttl, proxy });
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -49,6 +58,42 @@ async fn ready(State(admin): State<Admin>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not registered yet\n").into_response()
     }
+}
+
+async fn metrics(State(admin): State<Admin>) -> Response {
+    let Some(proxy) = &admin.proxy else {
+        return no_proxy();
+    };
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        proxy.metrics(),
+    )
+        .into_response()
+}
+
+async fn clusters(State(admin): State<Admin>) -> Response {
+    match &admin.proxy {
+        Some(proxy) => Json(proxy.clusters()).into_response(),
+        None => no_proxy(),
+    }
+}
+
+async fn config(State(admin): State<Admin>) -> Response {
+    match &admin.proxy {
+        Some(proxy) => Json(proxy.config()).into_response(),
+        None => no_proxy(),
+    }
+}
+
+fn no_proxy() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        "this sidecar has no [inbound] or [[upstreams]]: no proxy running\n",
+    )
+        .into_response()
 }
 
 async fn status_json(State(admin): State<Admin>) -> Response {

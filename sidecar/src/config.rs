@@ -13,8 +13,8 @@ use serde::Deserialize;
 mod traffic;
 
 pub use traffic::{
-    Balance, Inbound, Limits, OutlierPolicy, Protocol, ProxySettings, RetryOn, RetryPolicy,
-    Upstream,
+    Balance, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, Inbound, Limits, OutlierPolicy,
+    Protocol, ProxySettings, RetryOn, RetryPolicy, Upstream,
 };
 
 #[derive(Debug, Deserialize)]

@@ -6,6 +6,7 @@
 //! could not resume) replaces the set.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,6 +47,19 @@ pub struct Discovery {
     addresses: Arc<Vec<String>>,
     services: Arc<Mutex<HashMap<(String, bool), Endpoints>>>,
     shutdown: CancellationToken,
+    /// Streams connected to a registry server now (for metrics: when it
+    /// is below the number of services followed, some endpoint sets are
+    /// the last known ones).
+    connected: Arc<AtomicUsize>,
+}
+
+/// Counts a connected stream until dropped.
+struct Connected(Arc<AtomicUsize>);
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Discovery {
@@ -54,7 +68,17 @@ impl Discovery {
             addresses: Arc::new(addresses),
             services: Arc::default(),
             shutdown,
+            connected: Arc::default(),
         }
+    }
+
+    /// `(connected, followed)` watch streams.
+    pub fn streams(&self) -> (usize, usize) {
+        let followed = self.services.lock().map(|s| s.len()).unwrap_or(0);
+        (
+            self.connected.load(Ordering::Relaxed).min(followed),
+            followed,
+        )
     }
 
     /// The endpoint set of `service` (only passing instances when
@@ -73,6 +97,7 @@ impl Discovery {
             passing_only,
             tx,
             self.shutdown.clone(),
+            Arc::clone(&self.connected),
         ));
         rx
     }
@@ -90,13 +115,24 @@ async fn follow(
     passing_only: bool,
     tx: watch::Sender<Arc<EndpointSet>>,
     shutdown: CancellationToken,
+    connected: Arc<AtomicUsize>,
 ) {
     let mut set = EndpointSet::default();
     let mut server = 0usize;
     let mut backoff = BACKOFF_MIN;
     loop {
         let addr = &addresses[server % addresses.len()];
-        match stream_once(addr, &service, passing_only, &mut set, &tx, &shutdown).await {
+        match stream_once(
+            addr,
+            &service,
+            passing_only,
+            &mut set,
+            &tx,
+            &shutdown,
+            &connected,
+        )
+        .await
+        {
             Ended::Shutdown => return,
             Ended::Broken(reason) => {
                 tracing::warn!(service, registry = %addr, reason, resume_from = set.index, "watch stream broken; trying the next registry server");
@@ -122,6 +158,7 @@ async fn stream_once(
     set: &mut EndpointSet,
     tx: &watch::Sender<Arc<EndpointSet>>,
     shutdown: &CancellationToken,
+    connected: &Arc<AtomicUsize>,
 ) -> Ended {
     let endpoint = match crate::registry_endpoint(addr) {
         Ok(e) => e,
@@ -142,6 +179,8 @@ async fn stream_once(
         Ok(s) => s.into_inner(),
         Err(status) => return Ended::Broken(format!("{}: {}", status.code(), status.message())),
     };
+    connected.fetch_add(1, Ordering::Relaxed);
+    let _connected = Connected(Arc::clone(connected));
     // Changes received before END_OF_SNAPSHOT are applied to a copy, so a
     // half-received snapshot never shows.
     let mut pending: Option<EndpointSet> = Some(set.clone());

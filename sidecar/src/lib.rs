@@ -1,13 +1,16 @@
 //! The Meshwork sidecar: the agent next to every service instance
 //! ([`agent`]), its configuration ([`config`]), the admin listener
 //! ([`admin`]), systemd notification ([`notify`]) and the discovery of
-//! upstream endpoints for the proxy ([`discovery`]).
+//! upstream endpoints ([`discovery`]) for the data plane ([`proxy`]), whose
+//! counters [`telemetry`] renders.
 
 pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod discovery;
 pub mod notify;
+pub mod proxy;
+pub mod telemetry;
 
 /// A gRPC endpoint for a registry server (`HOST:PORT`), as every part of
 /// the sidecar dials it: 2 s connect timeout, `TCP_NODELAY`.

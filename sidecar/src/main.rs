@@ -1,13 +1,16 @@
 //! `meshwork-sidecar --config FILE`: the agent that runs next to each
 //! service instance. It registers the service with the registry, runs its
-//! checks, keeps a heartbeat session and deregisters on SIGTERM/SIGINT.
-//! (The traffic-carrying proxy comes next; see the issue tracker.)
+//! checks, keeps a heartbeat session and, with `[inbound]` or
+//! `[[upstreams]]`, carries the service's traffic. On SIGTERM/SIGINT it
+//! deregisters, stops accepting, drains in-flight requests and exits.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
+use meshwork_sidecar::discovery::Discovery;
+use meshwork_sidecar::proxy::Proxy;
 use meshwork_sidecar::{admin, agent, config};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -27,6 +30,9 @@ struct Cli {
     /// tracing filter (RUST_LOG works too).
     #[arg(long)]
     log_level: Option<String>,
+    /// Runtime worker threads (the proxy's parallelism).
+    #[arg(long, default_value_t = 1)]
+    worker_threads: usize,
 }
 
 fn main() -> ExitCode {
@@ -66,9 +72,10 @@ fn main() -> ExitCode {
     } else {
         builder.init();
     }
-    // A small runtime: the sidecar agent is mostly idle.
+    // A small runtime: the agent is mostly idle and one thread carries a
+    // service's traffic comfortably; --worker-threads for more.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(cli.worker_threads.max(1))
         .enable_all()
         .build()
     {
@@ -105,12 +112,23 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
         config.admin
     );
     let shutdown = CancellationToken::new();
+    // The proxy's listeners are bound before registering, so peers that
+    // see this instance can reach its inbound listener at once.
+    let proxy = if config.inbound.is_some() || !config.upstreams.is_empty() {
+        let discovery = Discovery::new(config.registry.clone(), shutdown.clone());
+        let proxy = Proxy::bind(&config, discovery, shutdown.clone()).await?;
+        proxy.run();
+        Some(proxy)
+    } else {
+        None
+    };
     let status: agent::SharedStatus = Arc::new(Mutex::new(agent::Status::default()));
     let (ttl_reports, results_tx, results) = agent::channels(&config);
     let admin_task = tokio::spawn(admin::serve(
         admin,
         Arc::clone(&status),
         ttl_reports.clone(),
+        proxy.clone(),
         shutdown.clone(),
     ));
     let agent_shutdown = CancellationToken::new();
@@ -130,6 +148,10 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     tracing::info!("shutting down: deregistering");
     agent_shutdown.cancel();
     let _ = agent_task.await;
+    if let Some(proxy) = &proxy {
+        tracing::info!("draining the proxy");
+        proxy.drain().await;
+    }
     shutdown.cancel();
     let _ = admin_task.await;
     Ok(())

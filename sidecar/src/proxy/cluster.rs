@@ -1,0 +1,597 @@
+//! A cluster: one upstream's endpoints as the proxy sees them. A task
+//! follows the discovery channel and swaps in a new immutable [`Table`]
+//! on each change; per-endpoint counters (in flight, failures, ejection)
+//! live in [`EndpointStats`] shared across tables, so an update keeps
+//! them and in-flight requests finish on the endpoint they started on.
+//! Passive health (outlier ejection) and the panic threshold live here
+//! too; the picking itself is in [`super::balance`].
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use meshwork_proto::v1::{Endpoint, Health};
+use serde::Serialize;
+
+use super::balance::{self, Ring};
+use crate::agent::INBOUND_PORT_META;
+use crate::config::{Balance, Upstream};
+use crate::discovery::{EndpointSet, Endpoints, ShutdownToken};
+use crate::telemetry::ClusterMetrics;
+
+/// Below this share of healthy endpoints, all endpoints are used (Envoy's
+/// panic threshold): better to spread load over maybe-bad instances than
+/// to crush the few good ones.
+const PANIC_THRESHOLD_PERCENT: usize = 50;
+/// Ejections never last longer than this (Envoy's max_ejection_time).
+const MAX_EJECTION: Duration = Duration::from_secs(300);
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+/// Counters of one endpoint, kept across table updates.
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    in_flight: AtomicUsize,
+    consecutive_failures: AtomicU32,
+    /// Milliseconds since [`epoch`]; 0 = not ejected.
+    ejected_until_ms: AtomicU64,
+    ejections: AtomicU32,
+    requests: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// One endpoint in a table.
+#[derive(Debug)]
+pub struct EndpointState {
+    /// `<node>/<service id>`.
+    pub key: String,
+    /// Where it is dialled: its sidecar's inbound port when it has one.
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// Passing or warning.
+    pub healthy: bool,
+    pub health: &'static str,
+    stats: Arc<EndpointStats>,
+}
+
+/// Counts a request in flight on an endpoint until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<EndpointStats>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl EndpointState {
+    pub fn new(key: String, addr: SocketAddr, weight: u32, healthy: bool) -> Self {
+        EndpointState {
+            key,
+            addr,
+            weight: weight.max(1),
+            healthy,
+            health: if healthy { "passing" } else { "critical" },
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.stats.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn start_request(&self) -> InFlight {
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(&self.stats))
+    }
+
+    fn ejected_at(&self, now: u64) -> bool {
+        let until = self.stats.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && now < until
+    }
+
+    pub fn ejected(&self) -> bool {
+        self.ejected_at(now_ms())
+    }
+}
+
+/// The immutable view a request picks from.
+#[derive(Debug, Default)]
+pub struct Table {
+    /// The registry index it reflects (0 for static clusters).
+    pub index: u64,
+    /// A first snapshot arrived (static clusters: always).
+    pub ready: bool,
+    pub endpoints: Vec<Arc<EndpointState>>,
+    pub ring: Option<Ring>,
+}
+
+/// Where a cluster's endpoints come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// The registry (an outbound upstream).
+    Registry,
+    /// The local app (the inbound listener).
+    Local,
+}
+
+/// What `/clusters` shows of one endpoint.
+#[derive(Debug, Serialize)]
+pub struct EndpointView {
+    pub key: String,
+    pub address: String,
+    pub weight: u32,
+    pub health: &'static str,
+    pub ejected: bool,
+    pub ejected_for_ms: u64,
+    pub ejections: u32,
+    pub in_flight: usize,
+    pub consecutive_failures: u32,
+    pub requests: u64,
+    pub failures: u64,
+}
+
+/// Circuit-breaker counters of a cluster.
+#[derive(Debug, Default)]
+pub struct Gauges {
+    /// Requests in flight (HTTP) or connections proxied (TCP).
+    pub requests: AtomicUsize,
+    /// Requests sent upstream and waiting for the response head.
+    pub pending: AtomicUsize,
+    /// Upstream connections open.
+    pub connections: AtomicUsize,
+    /// Retries in flight (for the budget).
+    pub retries: AtomicUsize,
+}
+
+/// Decrements a gauge when dropped.
+#[derive(Debug)]
+pub struct GaugeGuard<'a>(&'a AtomicUsize);
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Takes one unit of `gauge` when it is below `max`.
+pub fn acquire(gauge: &AtomicUsize, max: usize) -> Option<GaugeGuard<'_>> {
+    gauge
+        .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| GaugeGuard(gauge))
+}
+
+/// Owned variant of [`GaugeGuard`] for guards that outlive a borrow.
+#[derive(Debug)]
+pub struct OwnedGauge {
+    cluster: Arc<Cluster>,
+    which: fn(&Gauges) -> &AtomicUsize,
+}
+
+impl Drop for OwnedGauge {
+    fn drop(&mut self) {
+        (self.which)(&self.cluster.gauges).fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Takes one unit of a cluster gauge, owned.
+pub fn acquire_owned(
+    cluster: &Arc<Cluster>,
+    which: fn(&Gauges) -> &AtomicUsize,
+    max: usize,
+) -> Option<OwnedGauge> {
+    which(&cluster.gauges)
+        .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()?;
+    Some(OwnedGauge {
+        cluster: Arc::clone(cluster),
+        which,
+    })
+}
+
+#[derive(Debug)]
+pub struct Cluster {
+    pub config: Upstream,
+    pub source: Source,
+    table: RwLock<Arc<Table>>,
+    /// Endpoint stats by key and address, reused by the next table.
+    stats: Mutex<HashMap<(String, SocketAddr), Arc<EndpointStats>>>,
+    round_robin: AtomicUsize,
+    panicking: AtomicBool,
+    pub gauges: Gauges,
+    pub metrics: ClusterMetrics,
+}
+
+impl Cluster {
+    fn new(config: Upstream, source: Source) -> Self {
+        Cluster {
+            metrics: ClusterMetrics::default(),
+            config,
+            source,
+            table: RwLock::default(),
+            stats: Mutex::default(),
+            round_robin: AtomicUsize::new(0),
+            panicking: AtomicBool::new(false),
+            gauges: Gauges::default(),
+        }
+    }
+
+    /// A cluster of one fixed endpoint (the local app).
+    pub fn local(config: Upstream, app: SocketAddr) -> Arc<Self> {
+        let cluster = Arc::new(Self::new(config, Source::Local));
+        cluster.install(Table {
+            index: 0,
+            ready: true,
+            endpoints: vec![Arc::new(EndpointState::new(
+                "local/app".into(),
+                app,
+                1,
+                true,
+            ))],
+            ring: None,
+        });
+        cluster
+    }
+
+    /// A cluster that follows `endpoints` until `shutdown`.
+    pub fn follow(
+        config: Upstream,
+        mut endpoints: Endpoints,
+        shutdown: ShutdownToken,
+    ) -> Arc<Self> {
+        let cluster = Arc::new(Self::new(config, Source::Registry));
+        let weak = Arc::downgrade(&cluster);
+        let name = cluster.config.name.clone();
+        tokio::spawn(async move {
+            loop {
+                let set = Arc::clone(&endpoints.borrow_and_update());
+                // The cluster is gone (the proxy shut down): stop.
+                let Some(cluster) = weak.upgrade() else {
+                    return;
+                };
+                cluster.update(&set);
+                drop(cluster);
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    changed = endpoints.changed() => {
+                        if changed.is_err() {
+                            tracing::debug!(upstream = %name, "discovery ended");
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        cluster
+    }
+
+    pub fn table(&self) -> Arc<Table> {
+        Arc::clone(&self.table.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn install(&self, mut table: Table) {
+        if self.config.balance == Balance::RingHash {
+            table.ring = Some(Ring::build(&table.endpoints));
+        }
+        *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+    }
+
+    /// Rebuilds the table from a discovery update.
+    fn update(&self, set: &EndpointSet) {
+        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = HashMap::new();
+        let mut endpoints = Vec::new();
+        for endpoint in set.endpoints.values() {
+            if let Some(tag) = &self.config.tag
+                && !endpoint.tags.contains(tag)
+            {
+                continue;
+            }
+            let Some(mut state) = endpoint_state(endpoint) else {
+                tracing::warn!(upstream = %self.config.name, endpoint = %endpoint.key, address = %endpoint.address, "endpoint address is not an IP address; skipped");
+                continue;
+            };
+            let id = (state.key.clone(), state.addr);
+            let shared = stats.get(&id).cloned().unwrap_or_default();
+            state.stats = Arc::clone(&shared);
+            kept.insert(id, shared);
+            endpoints.push(Arc::new(state));
+        }
+        *stats = kept;
+        drop(stats);
+        tracing::info!(upstream = %self.config.name, index = set.index, endpoints = endpoints.len(), healthy = endpoints.iter().filter(|e| e.healthy).count(), "endpoints updated");
+        self.install(Table {
+            index: set.index,
+            ready: set.ready,
+            endpoints,
+            ring: None,
+        });
+    }
+
+    /// Picks an endpoint, avoiding `tried` when others are left.
+    pub fn pick(&self, hash: Option<u64>, tried: &[SocketAddr]) -> Option<Arc<EndpointState>> {
+        let table = self.table();
+        let all = &table.endpoints;
+        if all.is_empty() {
+            return None;
+        }
+        let healthy: Vec<usize> = (0..all.len()).filter(|&i| all[i].healthy).collect();
+        let panic = healthy.len() * 100 < all.len() * PANIC_THRESHOLD_PERCENT;
+        if panic != self.panicking.swap(panic, Ordering::Relaxed) {
+            if panic {
+                tracing::warn!(upstream = %self.config.name, healthy = healthy.len(), total = all.len(), "fewer than {PANIC_THRESHOLD_PERCENT}% of endpoints are healthy: panic mode, using all of them");
+            } else {
+                tracing::info!(upstream = %self.config.name, "out of panic mode");
+            }
+        }
+        let mut candidates = if panic {
+            (0..all.len()).collect()
+        } else {
+            healthy
+        };
+        let now = now_ms();
+        let not_ejected: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&i| !all[i].ejected_at(now))
+            .collect();
+        if !not_ejected.is_empty() {
+            candidates = not_ejected;
+        }
+        let untried: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&i| !tried.contains(&all[i].addr))
+            .collect();
+        if !untried.is_empty() {
+            candidates = untried;
+        }
+        let counter = self.round_robin.fetch_add(1, Ordering::Relaxed);
+        balance::pick(
+            self.config.balance,
+            all,
+            &candidates,
+            counter,
+            table.ring.as_ref(),
+            hash,
+        )
+        .map(|i| Arc::clone(&all[i]))
+    }
+
+    /// Passive health: a failed (5xx, reset, connect failure) or
+    /// successful exchange with `endpoint`.
+    pub fn report(&self, endpoint: &EndpointState, failed: bool) {
+        let stats = &endpoint.stats;
+        if !failed {
+            stats.consecutive_failures.store(0, Ordering::Relaxed);
+            return;
+        }
+        stats.failures.fetch_add(1, Ordering::Relaxed);
+        let policy = &self.config.outlier;
+        if policy.consecutive_5xx == 0 {
+            return;
+        }
+        let n = stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < policy.consecutive_5xx {
+            return;
+        }
+        let now = now_ms();
+        if endpoint.ejected_at(now) {
+            return;
+        }
+        let table = self.table();
+        let total = table.endpoints.len();
+        let ejected = table.endpoints.iter().filter(|e| e.ejected_at(now)).count();
+        // At least one may always go (as Envoy), the rest within the share.
+        if ejected > 0 && (ejected + 1) * 100 > total * policy.max_ejection_percent as usize {
+            return;
+        }
+        let times = stats.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let for_ = (policy.base_ejection * times).min(MAX_EJECTION.max(policy.base_ejection));
+        stats
+            .ejected_until_ms
+            .store(now + for_.as_millis() as u64, Ordering::Relaxed);
+        stats.consecutive_failures.store(0, Ordering::Relaxed);
+        self.metrics.ejections.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(upstream = %self.config.name, endpoint = %endpoint.key, address = %endpoint.addr, failures = n, ejected_ms = for_.as_millis() as u64, "endpoint ejected after consecutive failures");
+    }
+
+    pub fn view(&self) -> Vec<EndpointView> {
+        let now = now_ms();
+        self.table()
+            .endpoints
+            .iter()
+            .map(|e| {
+                let until = e.stats.ejected_until_ms.load(Ordering::Relaxed);
+                EndpointView {
+                    key: e.key.clone(),
+                    address: e.addr.to_string(),
+                    weight: e.weight,
+                    health: e.health,
+                    ejected: e.ejected_at(now),
+                    ejected_for_ms: until.saturating_sub(now),
+                    ejections: e.stats.ejections.load(Ordering::Relaxed),
+                    in_flight: e.in_flight(),
+                    consecutive_failures: e.stats.consecutive_failures.load(Ordering::Relaxed),
+                    requests: e.stats.requests.load(Ordering::Relaxed),
+                    failures: e.stats.failures.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    pub fn panicking(&self) -> bool {
+        self.panicking.load(Ordering::Relaxed)
+    }
+}
+
+/// An endpoint from the registry as the proxy dials it: at its sidecar's
+/// inbound port when it advertises one, else at its own port.
+fn endpoint_state(endpoint: &Endpoint) -> Option<EndpointState> {
+    let ip: IpAddr = endpoint.address.parse().ok()?;
+    let port = endpoint
+        .meta
+        .get(INBOUND_PORT_META)
+        .and_then(|p| p.parse::<u16>().ok())
+        .filter(|p| *p != 0)
+        .or_else(|| u16::try_from(endpoint.port).ok())?;
+    let health = Health::try_from(endpoint.health).unwrap_or(Health::Critical);
+    let (healthy, weight, health) = match health {
+        Health::Passing => (true, endpoint.weight_passing, "passing"),
+        Health::Warning => (true, endpoint.weight_warning, "warning"),
+        Health::Maintenance => (false, 1, "maintenance"),
+        Health::Critical | Health::Unspecified => (false, 1, "critical"),
+    };
+    Some(EndpointState {
+        key: endpoint.key.clone(),
+        addr: SocketAddr::new(ip, port),
+        weight: if weight == 0 { 1 } else { weight },
+        healthy,
+        health,
+        stats: Arc::default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn upstream() -> Upstream {
+        let text = r#"
+[registry]
+addresses = ["127.0.0.1:8502"]
+[service]
+name = "web"
+port = 8080
+[[upstreams]]
+name = "api"
+listen = "127.0.0.1:9191"
+protocol = "http"
+outlier = { consecutive_5xx = 2, base_ejection = "30s", max_ejection_percent = 50 }
+"#;
+        let mut c = Config::parse("t.toml", text).expect("valid");
+        c.upstreams.remove(0)
+    }
+
+    fn endpoint(i: u8, health: Health, inbound: Option<u16>) -> Endpoint {
+        Endpoint {
+            key: format!("n{i}/api-{i}"),
+            address: format!("127.0.0.{i}"),
+            port: 8000,
+            health: health as i32,
+            weight_passing: 1,
+            weight_warning: 1,
+            meta: inbound
+                .map(|p| (INBOUND_PORT_META.to_owned(), p.to_string()))
+                .into_iter()
+                .collect(),
+            ..Endpoint::default()
+        }
+    }
+
+    fn cluster(endpoints: Vec<Endpoint>) -> Cluster {
+        let c = Cluster::new(upstream(), Source::Registry);
+        c.update(&EndpointSet {
+            index: 7,
+            ready: true,
+            endpoints: endpoints.into_iter().map(|e| (e.key.clone(), e)).collect(),
+        });
+        c
+    }
+
+    #[test]
+    fn sidecar_endpoints_are_dialled_at_their_inbound_port() {
+        let c = cluster(vec![endpoint(1, Health::Passing, Some(21000))]);
+        let picked = c.pick(None, &[]).expect("one");
+        assert_eq!(picked.addr, "127.0.0.1:21000".parse().expect("addr"));
+        let c = cluster(vec![endpoint(1, Health::Passing, None)]);
+        let picked = c.pick(None, &[]).expect("one");
+        assert_eq!(picked.addr, "127.0.0.1:8000".parse().expect("addr"));
+    }
+
+    #[test]
+    fn only_healthy_endpoints_unless_in_panic() {
+        let c = cluster(vec![
+            endpoint(1, Health::Passing, None),
+            endpoint(2, Health::Critical, None),
+        ]);
+        for _ in 0..20 {
+            assert_eq!(c.pick(None, &[]).expect("one").key, "n1/api-1");
+        }
+        assert!(!c.panicking());
+        let c = cluster(vec![
+            endpoint(1, Health::Passing, None),
+            endpoint(2, Health::Critical, None),
+            endpoint(3, Health::Critical, None),
+        ]);
+        let picked: std::collections::HashSet<String> = (0..30)
+            .map(|_| c.pick(None, &[]).expect("one").key.clone())
+            .collect();
+        assert_eq!(picked.len(), 3, "panic mode uses every endpoint");
+        assert!(c.panicking());
+    }
+
+    #[test]
+    fn retries_avoid_tried_endpoints() {
+        let c = cluster(vec![
+            endpoint(1, Health::Passing, None),
+            endpoint(2, Health::Passing, None),
+        ]);
+        let first = c.pick(None, &[]).expect("one");
+        for _ in 0..10 {
+            assert_ne!(c.pick(None, &[first.addr]).expect("one").addr, first.addr);
+        }
+    }
+
+    #[test]
+    fn consecutive_failures_eject_within_the_share() {
+        let c = cluster(vec![
+            endpoint(1, Health::Passing, None),
+            endpoint(2, Health::Passing, None),
+        ]);
+        let table = c.table();
+        let (a, b) = (&table.endpoints[0], &table.endpoints[1]);
+        c.report(a, true);
+        c.report(a, false);
+        c.report(a, true);
+        assert!(!a.ejected(), "a success resets the streak");
+        c.report(a, true);
+        assert!(a.ejected());
+        for _ in 0..20 {
+            assert_eq!(c.pick(None, &[]).expect("one").key, b.key);
+        }
+        c.report(b, true);
+        c.report(b, true);
+        assert!(!b.ejected(), "at most 50% ejected");
+        // Stats survive a table update.
+        c.update(&EndpointSet {
+            index: 8,
+            ready: true,
+            endpoints: [
+                endpoint(1, Health::Passing, None),
+                endpoint(2, Health::Passing, None),
+            ]
+            .into_iter()
+            .map(|e| (e.key.clone(), e))
+            .collect(),
+        });
+        assert!(c.table().endpoints[0].ejected());
+    }
+}

@@ -1,0 +1,595 @@
+//! L7: one HTTP request from the listener's server to an endpoint of the
+//! cluster through a pooled client (HTTP/1.1 keep-alive or HTTP/2
+//! multiplexing, per the upstream's protocol). Hop-by-hop headers are
+//! dropped, `x-request-id` is added when absent (`traceparent` passes
+//! untouched), the cluster's limits are enforced, and a failed attempt is
+//! retried on another endpoint when that is safe: the body was empty or
+//! buffered (at most 64 KiB) and either the connection was never made or
+//! the method is idempotent. `Upgrade` requests (WebSocket) are spliced
+//! once both sides agree on 101. Trailers (gRPC) pass through in both
+//! directions because bodies are streamed frame by frame.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rand::Rng;
+
+use super::balance::hash_of;
+use super::cluster::{Cluster, EndpointState, acquire_owned};
+use super::connect::{ConnectError, Connector};
+use super::rescue::{self, ProxyError};
+use super::{BoxError, ProxyBody, retry};
+use crate::config::Protocol;
+use crate::telemetry::{AccessLog, Outcome, unix_ms};
+
+/// Bodies up to this size are buffered so the request can be retried.
+const MAX_REPLAY_BODY: u64 = 64 * 1024;
+const REQUEST_ID: &str = "x-request-id";
+
+/// One listener's HTTP proxy: its cluster and pooled client.
+#[derive(Debug)]
+pub struct HttpProxy {
+    pub cluster: Arc<Cluster>,
+    pub direction: &'static str,
+    client: Client<Connector, ProxyBody>,
+    protocol: Protocol,
+    access_log: bool,
+}
+
+/// The request body: kept (so it can be sent again) or streamed once.
+enum RequestBody {
+    Replayable(Bytes),
+    Streaming(Option<Incoming>),
+}
+
+impl HttpProxy {
+    pub fn new(cluster: Arc<Cluster>, direction: &'static str, access_log: bool) -> Self {
+        let protocol = cluster.config.protocol;
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(cluster.config.idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new());
+        if matches!(protocol, Protocol::Http2 | Protocol::Grpc) {
+            builder.http2_only(true);
+        }
+        let client = builder.build(Connector {
+            cluster: Arc::clone(&cluster),
+        });
+        HttpProxy {
+            cluster,
+            direction,
+            client,
+            protocol,
+            access_log,
+        }
+    }
+
+    /// Answers one request: the upstream's response or the proxy's own.
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let grpc = is_grpc(req.headers());
+        let mut log = self.access_log.then(|| LogContext::new(&req));
+        if !req.headers().contains_key(REQUEST_ID) {
+            let id = format!("{:032x}", rand::rng().random::<u128>());
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                req.headers_mut().insert(REQUEST_ID, v);
+            }
+            if let Some(log) = &mut log {
+                log.request_id = Some(id);
+            }
+        }
+        let cluster = &self.cluster;
+        let Some(active) =
+            acquire_owned(cluster, |g| &g.requests, cluster.config.limits.max_requests)
+        else {
+            return self.fail(
+                ProxyError::CircuitOpen("max_requests"),
+                grpc,
+                start,
+                log,
+                None,
+                0,
+            );
+        };
+        let upgrade = is_upgrade(&req);
+        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(v) = HeaderValue::from_str(authority.as_str())
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+        let method = parts.method.clone();
+        let hash = match &cluster.config.hash_header {
+            Some(name) => parts
+                .headers
+                .get(name.as_str())
+                .map(|v| hash_of(v.as_bytes())),
+            None => Some(hash_of(&peer.ip())),
+        };
+        let policy = &cluster.config.retries;
+        let deadline = tokio::time::Instant::now() + cluster.config.request_timeout;
+        let mut body = if body.is_end_stream() {
+            RequestBody::Replayable(Bytes::new())
+        } else if policy.attempts > 0
+            && !upgrade
+            && content_length(&parts.headers).is_some_and(|n| n <= MAX_REPLAY_BODY)
+        {
+            match tokio::time::timeout_at(deadline, body.collect()).await {
+                Ok(Ok(collected)) => RequestBody::Replayable(collected.to_bytes()),
+                Ok(Err(_)) => {
+                    return self.fail(
+                        ProxyError::BadRequest("the request body broke off"),
+                        grpc,
+                        start,
+                        log,
+                        None,
+                        0,
+                    );
+                }
+                Err(_) => {
+                    return self.fail(
+                        ProxyError::Timeout(cluster.config.request_timeout),
+                        grpc,
+                        start,
+                        log,
+                        None,
+                        0,
+                    );
+                }
+            }
+        } else {
+            RequestBody::Streaming(Some(body))
+        };
+        let version = match self.protocol {
+            Protocol::Http2 | Protocol::Grpc => Version::HTTP_2,
+            _ => Version::HTTP_11,
+        };
+        let max_attempts = 1 + policy.attempts;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempt = 0u32;
+        let mut retry_slot = None;
+        loop {
+            attempt += 1;
+            let Some(endpoint) = cluster.pick(hash, &tried) else {
+                return self.fail(
+                    ProxyError::NoHealthyUpstream(cluster.config.name.clone()),
+                    grpc,
+                    start,
+                    log,
+                    None,
+                    attempt,
+                );
+            };
+            tried.push(endpoint.addr);
+            let in_flight = endpoint.start_request();
+            let replayable = matches!(body, RequestBody::Replayable(_));
+            let outgoing_body = match &mut body {
+                RequestBody::Replayable(bytes) => rescue::full(bytes.clone()),
+                RequestBody::Streaming(b) => match b.take() {
+                    Some(b) => b.map_err(BoxError::from).boxed_unsync(),
+                    None => rescue::empty(),
+                },
+            };
+            let uri = match Uri::try_from(format!("http://{}{path}", endpoint.addr)) {
+                Ok(uri) => uri,
+                Err(_) => {
+                    return self.fail(
+                        ProxyError::BadRequest("the request target is not a valid URI"),
+                        grpc,
+                        start,
+                        log,
+                        Some(endpoint.addr),
+                        attempt,
+                    );
+                }
+            };
+            let mut outgoing = Request::new(outgoing_body);
+            *outgoing.method_mut() = method.clone();
+            *outgoing.uri_mut() = uri;
+            *outgoing.version_mut() = version;
+            *outgoing.headers_mut() = parts.headers.clone();
+            let Some(pending) =
+                acquire_owned(cluster, |g| &g.pending, cluster.config.limits.max_pending)
+            else {
+                return self.fail(
+                    ProxyError::CircuitOpen("max_pending"),
+                    grpc,
+                    start,
+                    log,
+                    Some(endpoint.addr),
+                    attempt,
+                );
+            };
+            let result = tokio::time::timeout_at(deadline, self.client.request(outgoing)).await;
+            drop(pending);
+            drop(retry_slot.take());
+            let can_retry = replayable && attempt < max_attempts;
+            let error = match result {
+                Err(_) => {
+                    return self.fail(
+                        ProxyError::Timeout(cluster.config.request_timeout),
+                        grpc,
+                        start,
+                        log,
+                        Some(endpoint.addr),
+                        attempt,
+                    );
+                }
+                Ok(Ok(mut response)) => {
+                    let status = response.status();
+                    let failed = status.is_server_error();
+                    if failed
+                        && can_retry
+                        && retry::idempotent(&method)
+                        && policy.on.status(status.as_u16())
+                        && let Some(slot) = retry::budget(cluster)
+                    {
+                        cluster.report(&endpoint, true);
+                        tracing::debug!(upstream = %cluster.config.name, endpoint = %endpoint.addr, %status, attempt, "retrying on another endpoint");
+                        retry_slot = Some(slot);
+                        drop(response);
+                        drop(in_flight);
+                        if !self.wait_backoff(attempt, deadline).await {
+                            return self.fail(
+                                ProxyError::Timeout(cluster.config.request_timeout),
+                                grpc,
+                                start,
+                                log,
+                                Some(endpoint.addr),
+                                attempt,
+                            );
+                        }
+                        continue;
+                    }
+                    cluster.report(&endpoint, failed);
+                    let upstream_upgrade = (status == StatusCode::SWITCHING_PROTOCOLS)
+                        .then(|| hyper::upgrade::on(&mut response));
+                    let (mut head, body) = response.into_parts();
+                    head.version = Version::HTTP_11;
+                    cluster
+                        .metrics
+                        .record(status.as_u16(), Outcome::Upstream, start.elapsed());
+                    if let Some(log) = log {
+                        log.write(
+                            self,
+                            status.as_u16(),
+                            Outcome::Upstream,
+                            Some(endpoint.addr),
+                            attempt,
+                            start,
+                        );
+                    }
+                    if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
+                        let name = cluster.config.name.clone();
+                        tokio::spawn(async move {
+                            let _guards = (active, in_flight);
+                            match tokio::join!(down, up) {
+                                (Ok(down), Ok(up)) => {
+                                    let mut down = TokioIo::new(down);
+                                    let mut up = TokioIo::new(up);
+                                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                                }
+                                (d, u) => {
+                                    tracing::debug!(upstream = %name, down_ok = d.is_ok(), up_ok = u.is_ok(), "upgrade did not complete")
+                                }
+                            }
+                        });
+                        return Response::from_parts(head, rescue::empty());
+                    }
+                    strip_hop_by_hop(&mut head.headers, false);
+                    let body = Guarded {
+                        inner: body.map_err(BoxError::from).boxed_unsync(),
+                        _guards: Box::new((active, in_flight)),
+                    };
+                    return Response::from_parts(head, body.boxed_unsync());
+                }
+                Ok(Err(e)) => classify(&e, &endpoint),
+            };
+            let connect = matches!(
+                error,
+                ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout(..)
+            );
+            if !matches!(error, ProxyError::CircuitOpen(_)) {
+                cluster.report(&endpoint, true);
+            }
+            let safe = (connect && policy.on.connect_failure)
+                || (matches!(error, ProxyError::Reset(_))
+                    && policy.on.reset
+                    && retry::idempotent(&method));
+            if can_retry
+                && safe
+                && let Some(slot) = retry::budget(cluster)
+            {
+                tracing::debug!(upstream = %cluster.config.name, endpoint = %endpoint.addr, error = %error, attempt, "retrying on another endpoint");
+                retry_slot = Some(slot);
+                drop(in_flight);
+                if self.wait_backoff(attempt, deadline).await {
+                    continue;
+                }
+                return self.fail(
+                    ProxyError::Timeout(cluster.config.request_timeout),
+                    grpc,
+                    start,
+                    log,
+                    Some(endpoint.addr),
+                    attempt,
+                );
+            }
+            tracing::debug!(upstream = %cluster.config.name, endpoint = %endpoint.addr, error = %error, "request failed");
+            return self.fail(error, grpc, start, log, Some(endpoint.addr), attempt);
+        }
+    }
+
+    /// Sleeps before a retry; false when the deadline comes first.
+    async fn wait_backoff(&self, attempt: u32, deadline: tokio::time::Instant) -> bool {
+        self.cluster.metrics.retries.fetch_add(1, Ordering::Relaxed);
+        let wait = retry::backoff(attempt);
+        if tokio::time::Instant::now() + wait >= deadline {
+            return false;
+        }
+        tokio::time::sleep(wait).await;
+        true
+    }
+
+    fn fail(
+        &self,
+        error: ProxyError,
+        grpc: bool,
+        start: Instant,
+        log: Option<LogContext>,
+        endpoint: Option<SocketAddr>,
+        attempts: u32,
+    ) -> Response<ProxyBody> {
+        let response = rescue::respond(&error, grpc);
+        let status = response.status().as_u16();
+        self.cluster
+            .metrics
+            .record(status, error.outcome(), start.elapsed());
+        if let Some(log) = log {
+            log.write(self, status, error.outcome(), endpoint, attempts, start);
+        }
+        response
+    }
+}
+
+/// Turns a client error into what went wrong, from hyper's error chain.
+fn classify(error: &hyper_util::client::legacy::Error, endpoint: &EndpointState) -> ProxyError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(c) = e.downcast_ref::<ConnectError>() {
+            return match c {
+                ConnectError::Timeout(addr, d) => ProxyError::ConnectTimeout(addr.to_string(), *d),
+                ConnectError::Limit => ProxyError::CircuitOpen("max_connections"),
+                other => ProxyError::ConnectFailure(other.to_string()),
+            };
+        }
+        source = e.source();
+    }
+    if error.is_connect() {
+        return ProxyError::ConnectFailure(endpoint.addr.to_string());
+    }
+    let mut text = error.to_string();
+    if let Some(cause) = std::error::Error::source(error) {
+        text = format!("{text}: {cause}");
+    }
+    ProxyError::Reset(text)
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// An HTTP/1.1 `Connection: upgrade` request with an `Upgrade` header.
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v, "upgrade"))
+}
+
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        .unwrap_or(false)
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Drops hop-by-hop headers (RFC 9110 §7.6.1), and those the
+/// `Connection` header names; keeps `te: trailers` (gRPC needs it) and,
+/// for an upgrade, `Connection: upgrade` and `Upgrade`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection", "transfer-encoding"] {
+        headers.remove(name);
+    }
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| has_token(v, "trailers"));
+    headers.remove(header::TE);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    headers.remove(header::CONNECTION);
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// A response body that keeps the request's counters (in flight, the
+/// cluster's active requests) until the last byte has gone.
+struct Guarded {
+    inner: ProxyBody,
+    _guards: Box<dyn Send>,
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What the access log needs of the request, taken before it moves on.
+struct LogContext {
+    method: String,
+    path: String,
+    protocol: &'static str,
+    request_id: Option<String>,
+    traceparent: Option<String>,
+}
+
+impl LogContext {
+    fn new<B>(req: &Request<B>) -> Self {
+        let text = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        LogContext {
+            method: req.method().to_string(),
+            path: req.uri().path().to_owned(),
+            protocol: match req.version() {
+                Version::HTTP_2 => "HTTP/2",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            request_id: text(REQUEST_ID),
+            traceparent: text("traceparent"),
+        }
+    }
+
+    fn write(
+        self,
+        proxy: &HttpProxy,
+        status: u16,
+        outcome: Outcome,
+        endpoint: Option<SocketAddr>,
+        attempts: u32,
+        start: Instant,
+    ) {
+        AccessLog {
+            ts_unix_ms: unix_ms(),
+            direction: proxy.direction,
+            upstream: &proxy.cluster.config.name,
+            method: &self.method,
+            path: &self.path,
+            protocol: self.protocol,
+            status,
+            outcome: outcome.as_str(),
+            endpoint: endpoint.map(|e| e.to_string()),
+            attempts,
+            duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+            request_id: self.request_id.as_deref(),
+            traceparent: self.traceparent.as_deref(),
+        }
+        .write();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::Method;
+
+    #[test]
+    fn hop_by_hop_headers_go_but_trailers_and_upgrades_stay() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("traceparent", HeaderValue::from_static("00-abc-def-01"));
+        let mut plain = h.clone();
+        strip_hop_by_hop(&mut plain, false);
+        assert!(!plain.contains_key("x-secret"));
+        assert!(!plain.contains_key(header::CONNECTION));
+        assert!(!plain.contains_key(header::UPGRADE));
+        assert_eq!(plain[header::TE], "trailers");
+        assert!(plain.contains_key("traceparent"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn methods_and_lengths() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+        assert_eq!(content_length(&h), Some(12));
+        let req = Request::builder()
+            .method(Method::GET)
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::UPGRADE, "websocket")
+            .body(())
+            .expect("request");
+        assert!(is_upgrade(&req));
+    }
+}

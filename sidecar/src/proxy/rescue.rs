@@ -1,0 +1,151 @@
+//! Every answer the proxy makes itself, in one place: a [`ProxyError`]
+//! becomes a 502/503/504/400 with `x-meshwork-error: <code>` and a one-line
+//! body, or, for a gRPC caller, a trailers-only response with the matching
+//! `grpc-status`. Nothing else in the proxy builds error responses.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Response, StatusCode};
+
+use super::ProxyBody;
+use crate::telemetry::Outcome;
+
+/// The header naming why the proxy answered instead of the upstream.
+pub const ERROR_HEADER: &str = "x-meshwork-error";
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no healthy endpoint for upstream {0:?}")]
+    NoHealthyUpstream(String),
+    #[error("cannot connect to {0}")]
+    ConnectFailure(String),
+    #[error("connecting to {0} took longer than {1:?}")]
+    ConnectTimeout(String, Duration),
+    #[error("the upstream closed or reset the connection before answering: {0}")]
+    Reset(String),
+    #[error("no answer within the request timeout of {0:?}")]
+    Timeout(Duration),
+    #[error("circuit open: {0} limit reached")]
+    CircuitOpen(&'static str),
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("the sidecar is shutting down")]
+    Draining,
+}
+
+impl ProxyError {
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            ProxyError::NoHealthyUpstream(_) => Outcome::NoHealthyUpstream,
+            ProxyError::ConnectFailure(_) => Outcome::ConnectFailure,
+            ProxyError::ConnectTimeout(..) => Outcome::ConnectTimeout,
+            ProxyError::Reset(_) => Outcome::Reset,
+            ProxyError::Timeout(_) => Outcome::Timeout,
+            ProxyError::CircuitOpen(_) => Outcome::CircuitOpen,
+            ProxyError::BadRequest(_) => Outcome::BadRequest,
+            ProxyError::Draining => Outcome::Draining,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoHealthyUpstream(_)
+            | ProxyError::ConnectFailure(_)
+            | ProxyError::ConnectTimeout(..)
+            | ProxyError::CircuitOpen(_)
+            | ProxyError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Reset(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The gRPC status code for the same failure.
+    fn grpc_status(&self) -> u8 {
+        match self {
+            ProxyError::Timeout(_) => 4,      // DEADLINE_EXCEEDED
+            ProxyError::BadRequest(_) => 13,  // INTERNAL
+            ProxyError::CircuitOpen(_) => 14, // UNAVAILABLE
+            _ => 14,                          // UNAVAILABLE
+        }
+    }
+}
+
+/// The response for `error`; `grpc` when the caller speaks gRPC.
+pub fn respond(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
+    let code = HeaderValue::from_static(error.outcome().as_str());
+    let message = error.to_string();
+    if grpc {
+        // Trailers-only: the status travels in the headers of a 200.
+        let mut response = Response::new(empty());
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(error.grpc_status())),
+        );
+        if let Ok(v) = HeaderValue::from_str(&grpc_message(&message)) {
+            headers.insert("grpc-message", v);
+        }
+        headers.insert(ERROR_HEADER, code);
+        return response;
+    }
+    let mut response = Response::new(full(Bytes::from(format!("{message}\n"))));
+    *response.status_mut() = error.status();
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(ERROR_HEADER, code);
+    response
+}
+
+/// gRPC's percent-encoding of `grpc-message` (everything outside
+/// printable ASCII, and `%`).
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+pub fn empty() -> ProxyBody {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_carry_the_header_and_the_right_status() {
+        let r = respond(&ProxyError::Timeout(Duration::from_secs(1)), false);
+        assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(r.headers()[ERROR_HEADER], "timeout");
+        let r = respond(&ProxyError::CircuitOpen("max_requests"), false);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[ERROR_HEADER], "circuit-open");
+        let r = respond(&ProxyError::NoHealthyUpstream("api".into()), true);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "14");
+        assert_eq!(r.headers()[ERROR_HEADER], "no-healthy-upstream");
+        assert_eq!(grpc_message("a%b é"), "a%25b %C3%A9");
+    }
+}

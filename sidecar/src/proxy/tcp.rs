@@ -1,0 +1,198 @@
+//! L4: a connection accepted on a TCP listener is spliced to an endpoint
+//! of its cluster. A failed connect is tried again on another endpoint
+//! (when `retries.on` has `connect-failure`); then bytes flow both ways
+//! until both sides have finished, a half-close (FIN) on one side passed
+//! on to the other while the reverse direction keeps flowing. A
+//! connection idle for the upstream's `idle_timeout` is closed.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::balance::hash_of;
+use super::cluster::{Cluster, acquire_owned};
+use super::connect::{ConnectError, connect};
+use super::rescue::ProxyError;
+use super::retry;
+use crate::telemetry::{AccessLog, Outcome, unix_ms};
+
+/// Proxies one accepted connection; returns when it is done or `stop`
+/// (the end of the drain period) fires.
+pub async fn proxy_connection(
+    client: TcpStream,
+    peer: SocketAddr,
+    cluster: Arc<Cluster>,
+    direction: &'static str,
+    access_log: bool,
+    stop: CancellationToken,
+) {
+    let start = Instant::now();
+    let _ = client.set_nodelay(true);
+    let finish = |status_outcome: Outcome, endpoint: Option<SocketAddr>, attempts: u32| {
+        cluster.metrics.record(0, status_outcome, start.elapsed());
+        if access_log {
+            AccessLog {
+                ts_unix_ms: unix_ms(),
+                direction,
+                upstream: &cluster.config.name,
+                method: "",
+                path: "",
+                protocol: "tcp",
+                status: 0,
+                outcome: status_outcome.as_str(),
+                endpoint: endpoint.map(|e| e.to_string()),
+                attempts,
+                duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+                request_id: None,
+                traceparent: None,
+            }
+            .write();
+        }
+    };
+    let Some(_active) = acquire_owned(&cluster, |g| &g.requests, usize::MAX) else {
+        return;
+    };
+    let policy = &cluster.config.retries;
+    let max_attempts = 1 + if policy.on.connect_failure {
+        policy.attempts
+    } else {
+        0
+    };
+    let hash = Some(hash_of(&peer.ip()));
+    let mut tried = Vec::new();
+    let mut attempts = 0;
+    let (upstream, endpoint) = loop {
+        attempts += 1;
+        let Some(endpoint) = cluster.pick(hash, &tried) else {
+            let e = ProxyError::NoHealthyUpstream(cluster.config.name.clone());
+            tracing::warn!(upstream = %cluster.config.name, %peer, "{e}");
+            finish(e.outcome(), None, attempts);
+            return;
+        };
+        tried.push(endpoint.addr);
+        match connect(&cluster, endpoint.addr).await {
+            Ok(upstream) => break (upstream, endpoint),
+            Err(ConnectError::Limit) => {
+                let e = ProxyError::CircuitOpen("max_connections");
+                tracing::warn!(upstream = %cluster.config.name, %peer, "{e}");
+                finish(e.outcome(), Some(endpoint.addr), attempts);
+                return;
+            }
+            Err(e) => {
+                cluster.report(&endpoint, true);
+                let outcome = match e {
+                    ConnectError::Timeout(..) => Outcome::ConnectTimeout,
+                    _ => Outcome::ConnectFailure,
+                };
+                if attempts < max_attempts
+                    && let Some(_budget) = retry::budget(&cluster)
+                {
+                    tracing::debug!(upstream = %cluster.config.name, error = %e, "connect failed; trying another endpoint");
+                    cluster.metrics.retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(retry::backoff(attempts)).await;
+                    continue;
+                }
+                tracing::warn!(upstream = %cluster.config.name, error = %e, "connect failed");
+                finish(outcome, Some(endpoint.addr), attempts);
+                return;
+            }
+        }
+    };
+    cluster.report(&endpoint, false);
+    let _in_flight = endpoint.start_request();
+    let (mut upstream, _slot) = upstream.into_parts();
+    let last = Arc::new(AtomicU64::new(0));
+    let mut client = Watched {
+        inner: client,
+        start,
+        last: Arc::clone(&last),
+    };
+    let idle = cluster.config.idle_timeout;
+    let idle_watch = async {
+        loop {
+            let quiet = start
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+            if quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - quiet).await;
+        }
+    };
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            match result {
+                Ok((sent, received)) => {
+                    cluster.metrics.bytes_in.fetch_add(sent, Ordering::Relaxed);
+                    cluster.metrics.bytes_out.fetch_add(received, Ordering::Relaxed);
+                }
+                Err(e) => tracing::debug!(upstream = %cluster.config.name, error = %e, "tcp splice ended with an error"),
+            }
+        }
+        () = idle_watch => {
+            tracing::debug!(upstream = %cluster.config.name, %peer, "closing a connection idle for {idle:?}");
+        }
+        () = stop.cancelled() => {}
+    }
+    finish(Outcome::Upstream, Some(endpoint.addr), attempts);
+}
+
+/// The client side of a spliced connection, noting when bytes last moved
+/// (either way) for the idle timeout.
+struct Watched {
+    inner: TcpStream,
+    start: Instant,
+    /// Milliseconds after `start`.
+    last: Arc<AtomicU64>,
+}
+
+impl Watched {
+    fn touch(&self) {
+        self.last
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if r.is_ready() {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if r.is_ready() {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,345 @@
+//! Proxy telemetry: per-cluster counters and latency histograms kept in
+//! atomics (no lock on the request path), rendered as Prometheus text on
+//! the admin listener's `/metrics`, and the optional JSON access log.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Why a request or connection ended as it did; the label `outcome`.
+/// Everything but `Upstream` is an answer the proxy made itself (see
+/// `proxy::rescue`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream's own answer (whatever its status).
+    Upstream,
+    NoHealthyUpstream,
+    ConnectFailure,
+    ConnectTimeout,
+    Reset,
+    Timeout,
+    CircuitOpen,
+    BadRequest,
+    Draining,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 9] = [
+        Outcome::Upstream,
+        Outcome::NoHealthyUpstream,
+        Outcome::ConnectFailure,
+        Outcome::ConnectTimeout,
+        Outcome::Reset,
+        Outcome::Timeout,
+        Outcome::CircuitOpen,
+        Outcome::BadRequest,
+        Outcome::Draining,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Upstream => "upstream",
+            Outcome::NoHealthyUpstream => "no-healthy-upstream",
+            Outcome::ConnectFailure => "connect-failure",
+            Outcome::ConnectTimeout => "connect-timeout",
+            Outcome::Reset => "upstream-reset",
+            Outcome::Timeout => "timeout",
+            Outcome::CircuitOpen => "circuit-open",
+            Outcome::BadRequest => "bad-request",
+            Outcome::Draining => "draining",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Latency bucket bounds in milliseconds.
+const BUCKETS_MS: [u64; 14] = [
+    1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
+];
+/// Status classes: 0 = no status (TCP, or the connection broke), 1..=5.
+const CLASSES: usize = 6;
+const OUTCOMES: usize = Outcome::ALL.len();
+
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS_MS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let ms = d.as_millis() as u64;
+        if let Some(i) = BUCKETS_MS.iter().position(|b| ms <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// One cluster's counters.
+#[derive(Debug, Default)]
+pub struct ClusterMetrics {
+    requests: [[AtomicU64; OUTCOMES]; CLASSES],
+    /// Time to the response head (HTTP) or connection length (TCP).
+    pub latency: Histogram,
+    pub retries: AtomicU64,
+    pub retries_budget_exhausted: AtomicU64,
+    pub ejections: AtomicU64,
+    pub connections: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+impl ClusterMetrics {
+    /// One request (or TCP connection) ended with `status` (0 = none).
+    pub fn record(&self, status: u16, outcome: Outcome, latency: Duration) {
+        let class = usize::from(status / 100).min(CLASSES - 1);
+        self.requests[class][outcome.index()].fetch_add(1, Ordering::Relaxed);
+        self.latency.observe(latency);
+    }
+
+    pub fn requests(&self, class: usize, outcome: Outcome) -> u64 {
+        self.requests[class][outcome.index()].load(Ordering::Relaxed)
+    }
+}
+
+/// Gauges read at render time.
+#[derive(Debug)]
+pub struct ClusterGauges {
+    pub requests_active: usize,
+    pub pending: usize,
+    pub connections_active: usize,
+    pub endpoints: usize,
+    pub endpoints_healthy: usize,
+    pub endpoints_ejected: usize,
+}
+
+/// A counter's name, help text and where it lives.
+type CounterRow = (
+    &'static str,
+    &'static str,
+    fn(&ClusterMetrics) -> &AtomicU64,
+);
+/// A gauge's name, help text and how to read it.
+type GaugeRow = (&'static str, &'static str, fn(&ClusterGauges) -> usize);
+
+/// Renders the metrics of every cluster: `(direction, name, metrics, gauges)`.
+pub fn render<'a>(
+    clusters: impl Iterator<Item = (&'a str, &'a str, &'a ClusterMetrics, ClusterGauges)>,
+    registry_streams: (usize, usize),
+    draining: bool,
+) -> String {
+    let clusters: Vec<_> = clusters.collect();
+    let mut out = String::with_capacity(4096);
+    let help = |out: &mut String, name: &str, kind: &str, text: &str| {
+        let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}");
+    };
+    help(
+        &mut out,
+        "meshwork_proxy_requests_total",
+        "counter",
+        "Requests (TCP: connections) by upstream, status class and outcome.",
+    );
+    for (direction, name, m, _) in &clusters {
+        for (class, row) in m.requests.iter().enumerate() {
+            for outcome in Outcome::ALL {
+                let n = row[outcome.index()].load(Ordering::Relaxed);
+                if n == 0 {
+                    continue;
+                }
+                let class = if class == 0 {
+                    "none".to_owned()
+                } else {
+                    format!("{class}xx")
+                };
+                let _ = writeln!(
+                    out,
+                    "meshwork_proxy_requests_total{{direction=\"{direction}\",upstream=\"{name}\",class=\"{class}\",outcome=\"{}\"}} {n}",
+                    outcome.as_str()
+                );
+            }
+        }
+    }
+    help(
+        &mut out,
+        "meshwork_proxy_request_duration_seconds",
+        "histogram",
+        "Time to the response head (TCP: connection lifetime).",
+    );
+    for (direction, name, m, _) in &clusters {
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS_MS.iter().enumerate() {
+            cumulative += m.latency.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "meshwork_proxy_request_duration_seconds_bucket{{direction=\"{direction}\",upstream=\"{name}\",le=\"{}\"}} {cumulative}",
+                *bound as f64 / 1000.0
+            );
+        }
+        let count = m.latency.count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "meshwork_proxy_request_duration_seconds_bucket{{direction=\"{direction}\",upstream=\"{name}\",le=\"+Inf\"}} {count}\nmeshwork_proxy_request_duration_seconds_sum{{direction=\"{direction}\",upstream=\"{name}\"}} {}\nmeshwork_proxy_request_duration_seconds_count{{direction=\"{direction}\",upstream=\"{name}\"}} {count}",
+            m.latency.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+    }
+    let counters: [CounterRow; 7] = [
+        ("meshwork_proxy_retries_total", "Retries sent.", |m| {
+            &m.retries
+        }),
+        (
+            "meshwork_proxy_retries_budget_exhausted_total",
+            "Retries not sent because the retry budget was used up.",
+            |m| &m.retries_budget_exhausted,
+        ),
+        (
+            "meshwork_proxy_ejections_total",
+            "Endpoints ejected by outlier detection.",
+            |m| &m.ejections,
+        ),
+        (
+            "meshwork_proxy_upstream_connections_total",
+            "Upstream connections opened.",
+            |m| &m.connections,
+        ),
+        (
+            "meshwork_proxy_connect_failures_total",
+            "Upstream connection attempts that failed.",
+            |m| &m.connect_failures,
+        ),
+        (
+            "meshwork_proxy_tcp_received_bytes_total",
+            "TCP bytes from the downstream client.",
+            |m| &m.bytes_in,
+        ),
+        (
+            "meshwork_proxy_tcp_sent_bytes_total",
+            "TCP bytes to the downstream client.",
+            |m| &m.bytes_out,
+        ),
+    ];
+    for (metric, text, get) in counters {
+        help(&mut out, metric, "counter", text);
+        for (direction, name, m, _) in &clusters {
+            let _ = writeln!(
+                out,
+                "{metric}{{direction=\"{direction}\",upstream=\"{name}\"}} {}",
+                get(m).load(Ordering::Relaxed)
+            );
+        }
+    }
+    let gauges: [GaugeRow; 6] = [
+        (
+            "meshwork_proxy_requests_active",
+            "Requests (TCP: connections) in flight.",
+            |g| g.requests_active,
+        ),
+        (
+            "meshwork_proxy_requests_pending",
+            "Requests waiting for the upstream's response head.",
+            |g| g.pending,
+        ),
+        (
+            "meshwork_proxy_upstream_connections_active",
+            "Upstream connections open.",
+            |g| g.connections_active,
+        ),
+        ("meshwork_proxy_endpoints", "Endpoints known.", |g| {
+            g.endpoints
+        }),
+        (
+            "meshwork_proxy_endpoints_healthy",
+            "Endpoints passing or warning.",
+            |g| g.endpoints_healthy,
+        ),
+        (
+            "meshwork_proxy_endpoints_ejected",
+            "Endpoints ejected now.",
+            |g| g.endpoints_ejected,
+        ),
+    ];
+    for (metric, text, get) in gauges {
+        help(&mut out, metric, "gauge", text);
+        for (direction, name, _, g) in &clusters {
+            let _ = writeln!(
+                out,
+                "{metric}{{direction=\"{direction}\",upstream=\"{name}\"}} {}",
+                get(g)
+            );
+        }
+    }
+    help(
+        &mut out,
+        "meshwork_sidecar_registry_streams",
+        "gauge",
+        "Discovery watch streams by state (connected to a registry server or not).",
+    );
+    let (up, total) = registry_streams;
+    let _ = writeln!(
+        out,
+        "meshwork_sidecar_registry_streams{{state=\"connected\"}} {up}\nmeshwork_sidecar_registry_streams{{state=\"disconnected\"}} {}",
+        total.saturating_sub(up)
+    );
+    help(
+        &mut out,
+        "meshwork_sidecar_registry_connected",
+        "gauge",
+        "1 when every discovery stream is connected (0: routing on last known endpoints).",
+    );
+    let _ = writeln!(
+        out,
+        "meshwork_sidecar_registry_connected {}",
+        u8::from(up == total)
+    );
+    help(
+        &mut out,
+        "meshwork_proxy_draining",
+        "gauge",
+        "1 after SIGTERM while in-flight requests finish.",
+    );
+    let _ = writeln!(out, "meshwork_proxy_draining {}", u8::from(draining));
+    out
+}
+
+/// One access-log line (JSON on stdout).
+#[derive(Debug, Serialize)]
+pub struct AccessLog<'a> {
+    pub ts_unix_ms: u64,
+    pub direction: &'a str,
+    pub upstream: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub protocol: &'a str,
+    pub status: u16,
+    pub outcome: &'static str,
+    pub endpoint: Option<String>,
+    pub attempts: u32,
+    pub duration_ms: f64,
+    pub request_id: Option<&'a str>,
+    pub traceparent: Option<&'a str>,
+}
+
+impl AccessLog<'_> {
+    pub fn write(&self) {
+        if let Ok(line) = serde_json::to_string(self) {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+        }
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
