@@ -7,8 +7,10 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod autopilot;
 pub mod command;
 pub mod config;
+pub mod ctl;
 pub mod datadir;
 pub mod dns;
 pub mod health;

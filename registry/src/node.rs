@@ -70,6 +70,8 @@ pub struct RegistryNode {
     pub channels: PeerChannels,
     /// How long an operation waits for a leader before "No cluster leader".
     pub leader_wait: Duration,
+    /// Raft's (minimum) election timeout.
+    pub election_timeout: Duration,
     /// When this follower last heard from a leader (AppendEntries).
     last_contact: Mutex<Option<std::time::Instant>>,
     /// Queue of writes proposed on this server, batched into log entries.
@@ -101,6 +103,7 @@ impl RegistryNode {
         state: Arc<SharedState>,
         channels: PeerChannels,
         leader_wait: Duration,
+        election_timeout: Duration,
     ) -> Self {
         let (batcher, queue) = tokio::sync::mpsc::channel(4096);
         tokio::spawn(run_batcher(raft.clone(), queue, leader_wait));
@@ -110,6 +113,7 @@ impl RegistryNode {
             state,
             channels,
             leader_wait,
+            election_timeout,
             last_contact: Mutex::new(None),
             ttl_touches: Mutex::new(HashMap::new()),
             batcher,
@@ -181,7 +185,7 @@ impl RegistryNode {
     }
 
     /// Waits until a leader is known, or the deadline passes.
-    async fn wait_for_leader(&self, deadline: Instant) -> Option<(NodeId, String)> {
+    pub(crate) async fn wait_for_leader(&self, deadline: Instant) -> Option<(NodeId, String)> {
         let mut metrics = self.raft.metrics();
         loop {
             if let Some(leader) = self.leader() {
@@ -195,7 +199,7 @@ impl RegistryNode {
     }
 
     /// A pause before trying again after a leader change, bounded by the deadline.
-    async fn backoff(deadline: Instant) -> bool {
+    pub(crate) async fn backoff(deadline: Instant) -> bool {
         let now = Instant::now();
         if now >= deadline {
             return false;

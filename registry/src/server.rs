@@ -116,6 +116,7 @@ pub async fn run(
         shared,
         channels,
         config.leader_wait,
+        config.election_timeout,
     ));
 
     let mut tasks: JoinSet<Result<(), ServerError>> = JoinSet::new();

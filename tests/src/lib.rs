@@ -6,6 +6,8 @@
 //! in the cluster's temp dir; the last lines are printed when a test fails.
 
 pub mod linearizable;
+pub mod netns;
+pub mod workload;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -227,6 +229,16 @@ impl Cluster {
         let mut args = self.base_args(id);
         args.push("--join".into());
         args.push(self.servers[via].raft_addr());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.push_server(id, args);
+        self.servers.len() - 1
+    }
+
+    /// Adds a server with an empty data dir and neither `--peers` nor
+    /// `--join`: it waits for a leader to add it (`meshctl server add`).
+    pub fn add_idle_server(&mut self, extra: &[&str]) -> usize {
+        let id = self.servers.len() as u64 + 1;
+        let mut args = self.base_args(id);
         args.extend(extra.iter().map(|s| s.to_string()));
         self.push_server(id, args);
         self.servers.len() - 1

@@ -36,6 +36,8 @@ pub const MAX_INTERNAL_MESSAGE: usize = 256 * 1024 * 1024;
 #[derive(Debug, Clone, Default)]
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// When each peer last answered an AppendEntries (on the leader).
+    contacts: Arc<Mutex<HashMap<NodeId, std::time::Instant>>>,
     /// Stamped on every request; checked by the receiving server.
     pub identity: Arc<ClusterIdentity>,
 }
@@ -44,8 +46,15 @@ impl PeerChannels {
     pub fn new(identity: Arc<ClusterIdentity>) -> Self {
         Self {
             channels: Arc::default(),
+            contacts: Arc::default(),
             identity,
         }
+    }
+
+    /// How long ago `peer` last answered an AppendEntries from this server.
+    pub fn last_contact(&self, peer: NodeId) -> Option<Duration> {
+        let contacts = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+        contacts.get(&peer).map(|at| at.elapsed())
     }
 
     /// A request stamped with this server's cluster id.
@@ -93,6 +102,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             addr: node.addr.clone(),
             client: self.channels.client(&node.addr).map_err(|e| e.to_string()),
             identity: Arc::clone(&self.channels.identity),
+            contacts: Arc::clone(&self.channels.contacts),
         }
     }
 }
@@ -105,6 +115,7 @@ pub struct PeerClient {
     /// An address that is not a valid URI fails every call (and says so).
     client: Result<RaftInternalClient<Channel>, String>,
     identity: Arc<ClusterIdentity>,
+    contacts: Arc<Mutex<HashMap<NodeId, std::time::Instant>>>,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
@@ -167,7 +178,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.call(Method::AppendEntries, &rpc, &option).await
+        let reply = self.call(Method::AppendEntries, &rpc, &option).await;
+        if reply.is_ok() {
+            let mut contacts = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+            contacts.insert(self.target, std::time::Instant::now());
+        }
+        reply
     }
 
     async fn install_snapshot(

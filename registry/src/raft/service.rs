@@ -7,8 +7,8 @@ use std::sync::Arc;
 use meshwork_proto::v1::raft_internal_server::RaftInternal;
 use meshwork_proto::v1::{
     ErrorKind, ForwardWriteReply, ForwardWriteRequest, JoinReply, JoinRequest, RaftPayload,
-    ReadIndexReply, ReadIndexRequest, RemoveServerRequest, TouchSessionsReply,
-    TouchSessionsRequest,
+    ReadIndexReply, ReadIndexRequest, RemoveServerRequest, ServerHealthReply, ServerHealthRequest,
+    TouchSessionsReply, TouchSessionsRequest,
 };
 use openraft::raft::AppendEntriesResponse;
 use serde::Serialize;
@@ -165,6 +165,41 @@ impl RaftInternal for InternalService {
             }
         }
         Ok(Response::new(TouchSessionsReply { leader }))
+    }
+
+    async fn server_health(
+        &self,
+        request: Request<ServerHealthRequest>,
+    ) -> Result<Response<ServerHealthReply>, Status> {
+        self.node.channels.identity.check(&request)?;
+        // Only the leader answers: a follower forwarding again could loop.
+        Ok(Response::new(server_health_reply(
+            self.node.server_health_local(),
+        )))
+    }
+}
+
+fn server_health_reply(
+    result: Result<Vec<crate::autopilot::ServerHealth>, WriteAttempt>,
+) -> ServerHealthReply {
+    let encoded = result.and_then(|servers| {
+        serde_json::to_vec(&servers)
+            .map_err(|e| WriteAttempt::Failed(crate::node::ClusterError::Internal(e.to_string())))
+    });
+    match encoded {
+        Ok(servers) => ServerHealthReply {
+            servers,
+            error: String::new(),
+            kind: ErrorKind::None.into(),
+        },
+        Err(attempt) => {
+            let (kind, error) = attempt.to_wire();
+            ServerHealthReply {
+                servers: Vec::new(),
+                error,
+                kind: kind.into(),
+            }
+        }
     }
 }
 

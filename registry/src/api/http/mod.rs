@@ -67,7 +67,14 @@ pub fn router(state: AppState) -> Router {
             "/v1/operator/raft/configuration",
             get(status::raft_configuration),
         )
-        .route("/v1/operator/raft/peer", delete(status::remove_peer))
+        .route(
+            "/v1/operator/raft/peer",
+            delete(status::remove_peer).put(status::add_peer),
+        )
+        .route(
+            "/v1/operator/autopilot/health",
+            get(status::autopilot_health),
+        )
         .route("/v1/agent/self", get(status::agent_self))
         .route("/v1/agent/services", get(agent::services))
         .route("/v1/agent/service/{id}", get(agent::service))

@@ -90,6 +90,78 @@ pub async fn remove_peer(
     Ok(().into_response())
 }
 
+/// `PUT /v1/operator/raft/peer?id=N&address=HOST:PORT` (a Meshwork
+/// extension; Consul joins through Serf): adds the server with that id
+/// and Raft address, as a learner until it has caught up, then as a voter.
+pub async fn add_peer(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(query.as_deref());
+    let (Some(id), Some(address)) = (params.get("id"), params.get("address")) else {
+        return Err(ApiError::bad_request(
+            "Must specify ?id with the new server's ID and ?address with its Raft IP:port",
+        ));
+    };
+    let id = id.parse::<u64>().ok().filter(|id| *id > 0).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "Invalid id {id:?}: server ids are positive integers"
+        ))
+    })?;
+    if address.parse::<std::net::SocketAddr>().is_err()
+        && address
+            .rsplit_once(':')
+            .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+    {
+        return Err(ApiError::bad_request(format!(
+            "Invalid address {address:?}: want HOST:PORT of the server's Raft listener"
+        )));
+    }
+    app.node.add_server(id, address.to_owned()).await?;
+    Ok(().into_response())
+}
+
+/// `GET /v1/operator/autopilot/health`: every server's health as the
+/// leader sees it (Consul's shape); 429 when the cluster is unhealthy, as
+/// Consul, so load balancers and scripts can check the status alone.
+pub async fn autopilot_health(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let servers = app.node.server_health().await?;
+    let voters = servers.iter().filter(|s| s.voter).count();
+    let healthy_voters = servers.iter().filter(|s| s.voter && s.healthy).count();
+    let quorum = voters / 2 + 1;
+    let healthy = servers.iter().all(|s| s.healthy);
+    let body = json!({
+        "Healthy": healthy,
+        "FailureTolerance": healthy_voters.saturating_sub(quorum),
+        "Servers": servers.iter().map(|s| json!({
+            "ID": s.id.to_string(),
+            "Name": if s.id == app.node.id { app.node_name.to_string() } else { format!("meshwork-{}", s.id) },
+            "Address": s.raft_addr,
+            "Leader": s.leader,
+            "Voter": s.voter,
+            "LastContact": s.last_contact_ms.map_or_else(|| "never".to_owned(), go_duration_ms),
+            "LastTerm": s.last_term,
+            "LastIndex": s.last_index,
+            "Healthy": s.healthy,
+        })).collect::<Vec<_>>(),
+    });
+    let status = if healthy {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::TOO_MANY_REQUESTS
+    };
+    Ok((status, Json(body)).into_response())
+}
+
+/// Milliseconds as Go prints a `time.Duration` ("0s", "12ms", "1.5s").
+fn go_duration_ms(ms: u64) -> String {
+    match ms {
+        0 => "0s".to_owned(),
+        1..=999 => format!("{ms}ms"),
+        _ => format!("{}s", ms as f64 / 1000.0),
+    }
+}
+
 /// `GET /v1/agent/self`: what Consul clients read on start.
 pub async fn agent_self(State(app): State<AppState>) -> Json<Value> {
     let (host, port) = app

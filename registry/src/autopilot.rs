@@ -1,0 +1,140 @@
+//! Server health as the leader sees it (Consul's autopilot health): each
+//! server's replication progress, last contact and whether it keeps up.
+//! Asked on a follower, the question goes to the leader.
+
+use std::time::Duration;
+
+use meshwork_proto::v1::{ErrorKind, ServerHealthRequest};
+use openraft::ServerState;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::node::{ClusterError, RegistryNode, WriteAttempt};
+use crate::raft::NodeId;
+
+/// A server that trails the leader's log by more than this is unhealthy
+/// (Consul's autopilot `MaxTrailingLogs`).
+pub const MAX_TRAILING_LOGS: u64 = 250;
+
+/// One server, as the leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerHealth {
+    pub id: NodeId,
+    pub raft_addr: String,
+    pub voter: bool,
+    pub leader: bool,
+    /// Highest log index known to be on the server.
+    pub last_index: u64,
+    /// Term of that entry.
+    pub last_term: u64,
+    /// Since the server last answered the leader (`None`: never).
+    pub last_contact_ms: Option<u64>,
+    pub healthy: bool,
+}
+
+impl RegistryNode {
+    /// Every server's health, from the leader (asked over the internal
+    /// service when this server does not lead).
+    pub async fn server_health(&self) -> Result<Vec<ServerHealth>, ClusterError> {
+        let deadline = Instant::now() + self.leader_wait;
+        loop {
+            let Some((leader_id, leader_addr)) = self.wait_for_leader(deadline).await else {
+                return Err(ClusterError::NoLeader);
+            };
+            let attempt = if leader_id == self.id {
+                self.server_health_local()
+            } else {
+                self.server_health_remote(&leader_addr, deadline).await
+            };
+            match attempt {
+                Ok(servers) => return Ok(servers),
+                Err(WriteAttempt::Failed(e)) => return Err(e),
+                Err(WriteAttempt::Retry) => {
+                    if !Self::backoff(deadline).await {
+                        return Err(ClusterError::NoLeader);
+                    }
+                }
+            }
+        }
+    }
+
+    /// On the leader: its own metrics plus its replication state.
+    pub(crate) fn server_health_local(&self) -> Result<Vec<ServerHealth>, WriteAttempt> {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.state != ServerState::Leader {
+            return Err(WriteAttempt::Retry);
+        }
+        let leader_last = metrics.last_log_index.unwrap_or(0);
+        // A follower that has not answered for two election timeouts is
+        // as good as gone.
+        let contact_limit = self.election_timeout * 2;
+        let replication = metrics.replication.unwrap_or_default();
+        let servers = self
+            .members()
+            .into_iter()
+            .map(|m| {
+                if m.id == self.id {
+                    return ServerHealth {
+                        id: m.id,
+                        raft_addr: m.raft_addr,
+                        voter: m.voter,
+                        leader: true,
+                        last_index: leader_last,
+                        last_term: metrics.current_term,
+                        last_contact_ms: Some(0),
+                        healthy: true,
+                    };
+                }
+                let matched = replication.get(&m.id).copied().flatten();
+                let contact = self.channels.last_contact(m.id);
+                let last_index = matched.map_or(0, |l| l.index);
+                let healthy = contact.is_some_and(|c| c <= contact_limit)
+                    && leader_last.saturating_sub(last_index) <= MAX_TRAILING_LOGS;
+                ServerHealth {
+                    id: m.id,
+                    raft_addr: m.raft_addr,
+                    voter: m.voter,
+                    leader: false,
+                    last_index,
+                    last_term: matched.map_or(0, |l| l.leader_id.term),
+                    last_contact_ms: contact.map(|c| c.as_millis() as u64),
+                    healthy,
+                }
+            })
+            .collect();
+        Ok(servers)
+    }
+
+    async fn server_health_remote(
+        &self,
+        leader_addr: &str,
+        deadline: Instant,
+    ) -> Result<Vec<ServerHealth>, WriteAttempt> {
+        let mut client = self
+            .channels
+            .client(leader_addr)
+            .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
+        let mut request = self.channels.request(ServerHealthRequest {});
+        request.set_timeout(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(10)),
+        );
+        match client.server_health(request).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                match reply.kind() {
+                    ErrorKind::None => serde_json::from_slice(&reply.servers).map_err(|e| {
+                        WriteAttempt::Failed(ClusterError::Internal(format!(
+                            "leader's server health: {e}"
+                        )))
+                    }),
+                    ErrorKind::NoLeader | ErrorKind::NotLeader => Err(WriteAttempt::Retry),
+                    _ => Err(WriteAttempt::Failed(ClusterError::Internal(reply.error))),
+                }
+            }
+            // No side effect: any failure is worth another try.
+            Err(_) => Err(WriteAttempt::Retry),
+        }
+    }
+}

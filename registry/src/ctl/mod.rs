@@ -1,0 +1,771 @@
+//! `meshctl`: the operator's command line for a registry cluster, over
+//! the REST API. Human tables by default, `--json` for scripts.
+//!
+//! Exit codes: 0 done; 1 the registry refused or failed the request;
+//! 2 bad usage (unknown flag, bad address, unreadable file); 3 not found
+//! (key, service, server); 4 no registry answered.
+
+mod client;
+
+use std::io::Write;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use clap::{Parser, Subcommand};
+use hyper::Method;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde_json::Value;
+
+pub use client::Client;
+
+/// Characters kept as they are in a key path (`/` separates segments).
+const KEY_CHARS: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'/')
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+/// Characters kept as they are in a query value or path segment.
+const SEGMENT_CHARS: &AsciiSet = &KEY_CHARS.add(b'/');
+
+/// Why a command failed; each kind has its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("{0}")]
+    Server(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+impl CtlError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::Server(_) => 1,
+            CtlError::Usage(_) => 2,
+            CtlError::NotFound(_) => 3,
+            CtlError::Unreachable(_) => 4,
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshctl",
+    version,
+    about = "Operate a Meshwork registry cluster over its REST API",
+    after_help = "Exit codes: 0 ok, 1 request failed, 2 bad usage, 3 not found, 4 registry unreachable."
+)]
+pub struct Cli {
+    /// The registry's REST address (HOST:PORT or http://HOST:PORT);
+    /// CONSUL_HTTP_ADDR is read too [default: 127.0.0.1:8500].
+    #[arg(long, global = true, env = "MESHWORK_HTTP_ADDR")]
+    http_addr: Option<String>,
+    /// ACL token, sent as X-Consul-Token; CONSUL_HTTP_TOKEN is read too.
+    #[arg(
+        long,
+        global = true,
+        env = "MESHWORK_HTTP_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// How long to wait for an answer (e.g. 10s, 500ms).
+    #[arg(long, global = true, default_value = "30s")]
+    timeout: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The registry servers: role, term, last index, health.
+    Members,
+    /// The current leader's Raft address.
+    Leader,
+    /// Read and change keys.
+    #[command(subcommand)]
+    Kv(KvCommand),
+    /// The registered services and their tags.
+    Services,
+    /// Look at one service.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Save or restore the whole state.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Add or remove registry servers.
+    #[command(subcommand)]
+    Server(ServerCommand),
+    /// This meshctl's version and the registry's.
+    Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum KvCommand {
+    /// Print a key's value (or, with --recurse, every key under a prefix).
+    Get {
+        key: String,
+        #[arg(long)]
+        recurse: bool,
+    },
+    /// Set a key. VALUE "-" reads standard input, "@FILE" reads a file.
+    Put {
+        key: String,
+        value: String,
+        #[arg(long, default_value_t = 0)]
+        flags: u64,
+        /// Only if the key's ModifyIndex is this (0: only if absent).
+        #[arg(long)]
+        cas: Option<u64>,
+    },
+    /// Delete a key (or, with --recurse, every key under a prefix).
+    Delete {
+        key: String,
+        #[arg(long)]
+        recurse: bool,
+        /// Only if the key's ModifyIndex is this.
+        #[arg(long)]
+        cas: Option<u64>,
+    },
+    /// List keys under a prefix, one level deep unless --recurse.
+    Ls {
+        #[arg(default_value = "")]
+        prefix: String,
+        #[arg(long)]
+        recurse: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceCommand {
+    /// A service's instances with their health and checks.
+    Show { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Write a consistent snapshot of the whole state to FILE.
+    Save { file: std::path::PathBuf },
+    /// Replace the cluster's data with the snapshot in FILE.
+    Restore {
+        file: std::path::PathBuf,
+        /// Also restore a snapshot taken from another cluster.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ServerCommand {
+    /// Add the server with this ID and Raft address (HOST:PORT).
+    Add { id: u64, addr: String },
+    /// Remove the server with this ID.
+    Remove { id: u64 },
+}
+
+/// Runs meshctl with the process's arguments; returns the exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print and succeed; the rest is usage.
+            let _ = e.print();
+            return std::process::ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("meshctl: cannot start: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    match runtime.block_on(run(cli, &mut out)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = out.flush();
+            eprintln!("meshctl: {e}");
+            std::process::ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Runs one parsed command, writing its output to `out`.
+pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CtlError> {
+    let timeout = crate::api::http::query::parse_duration(&cli.timeout)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            CtlError::Usage(format!(
+                "invalid --timeout {:?}: want a duration such as 10s or 500ms",
+                cli.timeout
+            ))
+        })?;
+    let http_addr = cli
+        .http_addr
+        .or_else(|| std::env::var("CONSUL_HTTP_ADDR").ok())
+        .unwrap_or_else(|| "127.0.0.1:8500".to_owned());
+    let token = cli
+        .token
+        .or_else(|| std::env::var("CONSUL_HTTP_TOKEN").ok());
+    let client = Client::new(&http_addr, token.as_deref(), timeout)?;
+    let ctl = Ctl {
+        client,
+        json: cli.json,
+        timeout,
+    };
+    let write_err = |e: std::io::Error| CtlError::Server(format!("cannot write output: {e}"));
+    match cli.command {
+        Command::Members => ctl.members(out).await,
+        Command::Leader => ctl.leader(out).await,
+        Command::Kv(cmd) => ctl.kv(cmd, out).await,
+        Command::Services => ctl.services(out).await,
+        Command::Service(ServiceCommand::Show { name }) => ctl.service_show(&name, out).await,
+        Command::Snapshot(cmd) => ctl.snapshot(cmd, out).await,
+        Command::Server(cmd) => ctl.server(cmd, out).await,
+        Command::Version => ctl.version(out).await,
+    }
+    .and_then(|()| out.flush().map_err(write_err))
+}
+
+struct Ctl {
+    client: Client,
+    json: bool,
+    timeout: Duration,
+}
+
+fn io_err(e: std::io::Error) -> CtlError {
+    CtlError::Server(format!("cannot write output: {e}"))
+}
+
+fn print_json(out: &mut dyn Write, value: &Value) -> Result<(), CtlError> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| CtlError::Server(format!("cannot encode JSON: {e}")))?;
+    writeln!(out, "{text}").map_err(io_err)
+}
+
+/// Prints rows as columns aligned under their headers.
+fn print_table(
+    out: &mut dyn Write,
+    headers: &[&str],
+    rows: &[Vec<String>],
+) -> Result<(), CtlError> {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut text = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<w$}  ", w = *w));
+            }
+        }
+        text.trim_end().to_owned()
+    };
+    writeln!(out, "{}", line(headers.to_vec())).map_err(io_err)?;
+    for row in rows {
+        writeln!(out, "{}", line(row.iter().map(String::as_str).collect())).map_err(io_err)?;
+    }
+    Ok(())
+}
+
+fn str_field<'a>(value: &'a Value, key: &str) -> &'a str {
+    value.get(key).and_then(Value::as_str).unwrap_or("")
+}
+
+fn num_field(value: &Value, key: &str) -> String {
+    value
+        .get(key)
+        .and_then(Value::as_u64)
+        .map_or_else(String::new, |n| n.to_string())
+}
+
+fn encode_key(key: &str) -> String {
+    utf8_percent_encode(key.trim_start_matches('/'), KEY_CHARS).to_string()
+}
+
+fn encode_segment(text: &str) -> String {
+    utf8_percent_encode(text, SEGMENT_CHARS).to_string()
+}
+
+impl Ctl {
+    async fn get_json(&self, path: &str) -> Result<Value, CtlError> {
+        self.client
+            .send(Method::GET, path, Vec::new())
+            .await?
+            .json()
+    }
+
+    async fn members(&self, out: &mut dyn Write) -> Result<(), CtlError> {
+        let health = self
+            .client
+            .send(Method::GET, "/v1/operator/autopilot/health", Vec::new())
+            .await?;
+        // 429 means "unhealthy" and still carries the report.
+        let health = if health.status.as_u16() == 429 {
+            serde_json::from_slice(&health.body)
+                .map_err(|e| CtlError::Server(format!("the registry sent invalid JSON: {e}")))?
+        } else {
+            health.json()?
+        };
+        if self.json {
+            return print_json(out, &health);
+        }
+        let servers = health
+            .get("Servers")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let rows: Vec<Vec<String>> = servers
+            .iter()
+            .map(|s| {
+                let voter = s.get("Voter").and_then(Value::as_bool).unwrap_or(false);
+                let leader = s.get("Leader").and_then(Value::as_bool).unwrap_or(false);
+                let role = match (leader, voter) {
+                    (true, _) => "leader",
+                    (false, true) => "follower",
+                    (false, false) => "learner",
+                };
+                let healthy = s.get("Healthy").and_then(Value::as_bool).unwrap_or(false);
+                vec![
+                    str_field(s, "ID").to_owned(),
+                    str_field(s, "Name").to_owned(),
+                    str_field(s, "Address").to_owned(),
+                    role.to_owned(),
+                    num_field(s, "LastTerm"),
+                    num_field(s, "LastIndex"),
+                    str_field(s, "LastContact").to_owned(),
+                    if healthy { "healthy" } else { "UNHEALTHY" }.to_owned(),
+                ]
+            })
+            .collect();
+        print_table(
+            out,
+            &[
+                "ID",
+                "NAME",
+                "ADDRESS",
+                "ROLE",
+                "TERM",
+                "LAST INDEX",
+                "LAST CONTACT",
+                "HEALTH",
+            ],
+            &rows,
+        )?;
+        let tolerance = health
+            .get("FailureTolerance")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        writeln!(out, "\nfailure tolerance: {tolerance} server(s)").map_err(io_err)
+    }
+
+    async fn leader(&self, out: &mut dyn Write) -> Result<(), CtlError> {
+        let leader = self.get_json("/v1/status/leader").await?;
+        let addr = leader.as_str().unwrap_or("");
+        if addr.is_empty() {
+            return Err(CtlError::Server(
+                "the cluster has no leader right now (is a majority of servers up?)".into(),
+            ));
+        }
+        if self.json {
+            return print_json(out, &serde_json::json!({ "Leader": addr }));
+        }
+        writeln!(out, "{addr}").map_err(io_err)
+    }
+
+    async fn kv(&self, cmd: KvCommand, out: &mut dyn Write) -> Result<(), CtlError> {
+        match cmd {
+            KvCommand::Get { key, recurse } => {
+                let mut path = format!("/v1/kv/{}", encode_key(&key));
+                if recurse {
+                    path.push_str("?recurse");
+                }
+                let entries = self.get_json(&path).await.map_err(|e| match e {
+                    CtlError::NotFound(_) => CtlError::NotFound(format!(
+                        "no key {key:?}{}",
+                        if recurse { " or keys under it" } else { "" }
+                    )),
+                    e => e,
+                })?;
+                if self.json {
+                    return print_json(out, &entries);
+                }
+                let entries = entries.as_array().cloned().unwrap_or_default();
+                for entry in &entries {
+                    let value = match entry.get("Value").and_then(Value::as_str) {
+                        Some(b64) => STANDARD.decode(b64).map_err(|e| {
+                            CtlError::Server(format!("the registry sent a bad value: {e}"))
+                        })?,
+                        None => Vec::new(),
+                    };
+                    if recurse {
+                        write!(out, "{}:", str_field(entry, "Key")).map_err(io_err)?;
+                    }
+                    out.write_all(&value).map_err(io_err)?;
+                    if recurse || !value.ends_with(b"\n") {
+                        writeln!(out).map_err(io_err)?;
+                    }
+                }
+                Ok(())
+            }
+            KvCommand::Put {
+                key,
+                value,
+                flags,
+                cas,
+            } => {
+                let body = read_value(&value)?;
+                let mut path = format!("/v1/kv/{}?flags={flags}", encode_key(&key));
+                if let Some(cas) = cas {
+                    path.push_str(&format!("&cas={cas}"));
+                }
+                let reply = self.client.send(Method::PUT, &path, body).await?.json()?;
+                if reply != Value::Bool(true) {
+                    return Err(CtlError::Server(format!(
+                        "key {key:?} not written: its ModifyIndex is not {} (check-and-set failed)",
+                        cas.unwrap_or(0)
+                    )));
+                }
+                if self.json {
+                    return print_json(out, &serde_json::json!({ "Key": key, "Written": true }));
+                }
+                writeln!(out, "wrote {key}").map_err(io_err)
+            }
+            KvCommand::Delete { key, recurse, cas } => {
+                let mut path = format!("/v1/kv/{}", encode_key(&key));
+                let mut sep = '?';
+                if recurse {
+                    path.push_str("?recurse");
+                    sep = '&';
+                }
+                if let Some(cas) = cas {
+                    path.push_str(&format!("{sep}cas={cas}"));
+                }
+                let reply = self
+                    .client
+                    .send(Method::DELETE, &path, Vec::new())
+                    .await?
+                    .json()?;
+                if reply != Value::Bool(true) {
+                    return Err(CtlError::Server(format!(
+                        "key {key:?} not deleted: its ModifyIndex is not {} (check-and-set failed)",
+                        cas.unwrap_or(0)
+                    )));
+                }
+                if self.json {
+                    return print_json(out, &serde_json::json!({ "Key": key, "Deleted": true }));
+                }
+                writeln!(
+                    out,
+                    "deleted {key}{}",
+                    if recurse { " (recursively)" } else { "" }
+                )
+                .map_err(io_err)
+            }
+            KvCommand::Ls { prefix, recurse } => {
+                let mut path = format!("/v1/kv/{}?keys", encode_key(&prefix));
+                if !recurse {
+                    path.push_str("&separator=/");
+                }
+                let keys = match self.get_json(&path).await {
+                    Ok(keys) => keys,
+                    // No keys under the prefix: an empty listing.
+                    Err(CtlError::NotFound(_)) => Value::Array(Vec::new()),
+                    Err(e) => return Err(e),
+                };
+                if self.json {
+                    return print_json(out, &keys);
+                }
+                for key in keys.as_array().into_iter().flatten() {
+                    writeln!(out, "{}", key.as_str().unwrap_or("")).map_err(io_err)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn services(&self, out: &mut dyn Write) -> Result<(), CtlError> {
+        let services = self.get_json("/v1/catalog/services").await?;
+        if self.json {
+            return print_json(out, &services);
+        }
+        let rows: Vec<Vec<String>> = services
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(name, tags)| {
+                let tags: Vec<&str> = tags
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                vec![name.clone(), tags.join(",")]
+            })
+            .collect();
+        print_table(out, &["SERVICE", "TAGS"], &rows)
+    }
+
+    async fn service_show(&self, name: &str, out: &mut dyn Write) -> Result<(), CtlError> {
+        let path = format!("/v1/health/service/{}", encode_segment(name));
+        let instances = self.get_json(&path).await?;
+        let instances = instances.as_array().cloned().unwrap_or_default();
+        if instances.is_empty() {
+            return Err(CtlError::NotFound(format!(
+                "no service {name:?} is registered (see `meshctl services`)"
+            )));
+        }
+        if self.json {
+            return print_json(out, &Value::Array(instances));
+        }
+        let mut rows = Vec::new();
+        let mut check_rows = Vec::new();
+        for entry in &instances {
+            let node = entry.get("Node").cloned().unwrap_or(Value::Null);
+            let service = entry.get("Service").cloned().unwrap_or(Value::Null);
+            let checks = entry
+                .get("Checks")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let worst = checks
+                .iter()
+                .map(|c| str_field(c, "Status"))
+                .max_by_key(|s| match *s {
+                    "critical" => 3,
+                    "warning" => 2,
+                    "passing" => 1,
+                    _ => 0,
+                })
+                .unwrap_or("passing");
+            let address = match str_field(&service, "Address") {
+                "" => str_field(&node, "Address"),
+                a => a,
+            };
+            let tags: Vec<&str> = service
+                .get("Tags")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            rows.push(vec![
+                str_field(&service, "ID").to_owned(),
+                str_field(&node, "Node").to_owned(),
+                format!("{address}:{}", num_field(&service, "Port")),
+                tags.join(","),
+                worst.to_owned(),
+            ]);
+            for check in &checks {
+                check_rows.push(vec![
+                    str_field(&service, "ID").to_owned(),
+                    str_field(check, "CheckID").to_owned(),
+                    str_field(check, "Name").to_owned(),
+                    str_field(check, "Status").to_owned(),
+                    str_field(check, "Output")
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .chars()
+                        .take(60)
+                        .collect(),
+                ]);
+            }
+        }
+        print_table(out, &["ID", "NODE", "ADDRESS", "TAGS", "STATUS"], &rows)?;
+        if !check_rows.is_empty() {
+            writeln!(out).map_err(io_err)?;
+            print_table(
+                out,
+                &["INSTANCE", "CHECK", "NAME", "STATUS", "OUTPUT"],
+                &check_rows,
+            )?;
+        }
+        Ok(())
+    }
+
+    async fn snapshot(&self, cmd: SnapshotCommand, out: &mut dyn Write) -> Result<(), CtlError> {
+        match cmd {
+            SnapshotCommand::Save { file } => {
+                let reply = self
+                    .client
+                    .send(Method::GET, "/v1/snapshot", Vec::new())
+                    .await?;
+                let index = reply.index;
+                let bytes = reply.ok()?;
+                // Checked before it is kept: a damaged download is no backup.
+                let (header, _) =
+                    crate::api::http::snapshot::decode_archive(&bytes).map_err(|e| {
+                        CtlError::Server(format!("the snapshot received is damaged: {e}"))
+                    })?;
+                write_atomically(&file, &bytes)?;
+                if self.json {
+                    return print_json(
+                        out,
+                        &serde_json::json!({
+                            "File": file.display().to_string(),
+                            "Bytes": bytes.len(),
+                            "Index": index.unwrap_or(header.index),
+                            "ClusterID": header.cluster_id,
+                        }),
+                    );
+                }
+                writeln!(
+                    out,
+                    "saved snapshot at index {} ({} bytes, {} keys, {} nodes) to {}",
+                    header.index,
+                    bytes.len(),
+                    header.kv_entries,
+                    header.nodes,
+                    file.display()
+                )
+                .map_err(io_err)
+            }
+            SnapshotCommand::Restore { file, force } => {
+                let bytes = std::fs::read(&file).map_err(|e| {
+                    CtlError::Usage(format!("cannot read snapshot {}: {e}", file.display()))
+                })?;
+                // Refuse what is plainly not a snapshot before sending it.
+                let (header, _) = crate::api::http::snapshot::decode_archive(&bytes)
+                    .map_err(|e| CtlError::Usage(format!("{}: {e}", file.display())))?;
+                let path = if force {
+                    "/v1/snapshot?force"
+                } else {
+                    "/v1/snapshot"
+                };
+                let reply = self.client.send(Method::PUT, path, bytes).await?;
+                let index = reply.index;
+                reply.ok()?;
+                if self.json {
+                    return print_json(
+                        out,
+                        &serde_json::json!({
+                            "File": file.display().to_string(),
+                            "Restored": true,
+                            "Index": index,
+                            "FromIndex": header.index,
+                        }),
+                    );
+                }
+                writeln!(
+                    out,
+                    "restored snapshot {} (taken at index {}) as index {}",
+                    file.display(),
+                    header.index,
+                    index.map_or_else(|| "?".to_owned(), |i| i.to_string())
+                )
+                .map_err(io_err)
+            }
+        }
+    }
+
+    async fn server(&self, cmd: ServerCommand, out: &mut dyn Write) -> Result<(), CtlError> {
+        let (path, method, done) = match &cmd {
+            ServerCommand::Add { id, addr } => (
+                format!(
+                    "/v1/operator/raft/peer?id={id}&address={}",
+                    encode_segment(addr)
+                ),
+                Method::PUT,
+                format!("added server {id} at {addr}"),
+            ),
+            ServerCommand::Remove { id } => (
+                format!("/v1/operator/raft/peer?id={id}"),
+                Method::DELETE,
+                format!("removed server {id}"),
+            ),
+        };
+        let reply = self.client.send(method, &path, Vec::new()).await?;
+        match reply.ok() {
+            Ok(_) => {}
+            Err(CtlError::Server(m)) if m.contains("not in the Raft configuration") => {
+                return Err(CtlError::NotFound(m));
+            }
+            Err(e) => return Err(e),
+        }
+        if self.json {
+            return print_json(out, &serde_json::json!({ "Done": done }));
+        }
+        writeln!(out, "{done}").map_err(io_err)
+    }
+
+    async fn version(&self, out: &mut dyn Write) -> Result<(), CtlError> {
+        let ours = env!("CARGO_PKG_VERSION");
+        let theirs = self.get_json("/v1/agent/self").await.map(|s| {
+            s.pointer("/Config/Version")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        });
+        let theirs = match theirs {
+            Ok(v) => Some(v),
+            // The version of meshctl itself is still worth printing.
+            Err(CtlError::Unreachable(e)) => {
+                eprintln!("meshctl: {e}");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        if self.json {
+            return print_json(
+                out,
+                &serde_json::json!({ "Meshctl": ours, "Registry": theirs, "Address": self.client.addr() }),
+            );
+        }
+        writeln!(out, "meshctl {ours}").map_err(io_err)?;
+        match theirs {
+            Some(v) => writeln!(out, "registry {v} at {}", self.client.addr()).map_err(io_err),
+            None => Err(CtlError::Unreachable(format!(
+                "registry at {} did not answer within {:?}",
+                self.client.addr(),
+                self.timeout
+            ))),
+        }
+    }
+}
+
+/// Reads a `kv put` value: literal, `-` for stdin, `@FILE` for a file.
+fn read_value(value: &str) -> Result<Vec<u8>, CtlError> {
+    if value == "-" {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+            .map_err(|e| CtlError::Usage(format!("cannot read the value from stdin: {e}")))?;
+        return Ok(bytes);
+    }
+    if let Some(path) = value.strip_prefix('@') {
+        return std::fs::read(path)
+            .map_err(|e| CtlError::Usage(format!("cannot read the value from {path}: {e}")));
+    }
+    Ok(value.as_bytes().to_vec())
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a
+/// failed save never leaves half a snapshot under the name.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<(), CtlError> {
+    let fail = |e: std::io::Error| CtlError::Usage(format!("cannot write {}: {e}", path.display()));
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(fail)?;
+    tmp.write_all(bytes).map_err(fail)?;
+    tmp.as_file().sync_all().map_err(fail)?;
+    tmp.persist(path).map_err(|e| fail(e.error))?;
+    Ok(())
+}

@@ -1,0 +1,337 @@
+//! Operator procedures on real three-server clusters: snapshot save, wipe,
+//! restore; damaged and foreign snapshots refused; a rolling restart under
+//! steady writes loses no acknowledged write.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use meshwork_tests::{Cluster, wait_for};
+use serde_json::Value;
+
+/// Every key with its value and flags, as server `i` has it (stale read,
+/// so each server answers from its own state).
+async fn kv_dump(cluster: &Cluster, i: usize) -> Result<BTreeMap<String, (String, u64)>> {
+    let url = format!("{}/v1/kv/?recurse&stale", cluster.servers[i].http());
+    let resp = cluster.http.get(url).send().await?;
+    if resp.status().as_u16() == 404 {
+        return Ok(BTreeMap::new());
+    }
+    let entries: Value = resp.error_for_status()?.json().await?;
+    let mut out = BTreeMap::new();
+    for e in entries.as_array().into_iter().flatten() {
+        let key = e["Key"].as_str().context("Key")?.to_owned();
+        let value = e["Value"].as_str().unwrap_or("").to_owned();
+        out.insert(key, (value, e["Flags"].as_u64().unwrap_or(0)));
+    }
+    Ok(out)
+}
+
+/// The catalog's services on server `i`: id → (name, address, port, tags,
+/// check statuses), without indexes.
+async fn catalog_dump(cluster: &Cluster, i: usize) -> Result<BTreeMap<String, Value>> {
+    let base = cluster.servers[i].http();
+    let names: Value = cluster
+        .http
+        .get(format!("{base}/v1/catalog/services?stale"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let mut out = BTreeMap::new();
+    for name in names.as_object().into_iter().flatten().map(|(n, _)| n) {
+        let entries: Value = cluster
+            .http
+            .get(format!("{base}/v1/health/service/{name}?stale"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        for e in entries.as_array().into_iter().flatten() {
+            let svc = &e["Service"];
+            let checks: Vec<(Value, Value)> = e["Checks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| (c["CheckID"].clone(), c["Status"].clone()))
+                .collect();
+            out.insert(
+                format!("{}/{}", e["Node"]["Node"], svc["ID"]),
+                serde_json::json!([
+                    svc["Service"],
+                    svc["Address"],
+                    svc["Port"],
+                    svc["Tags"],
+                    svc["Meta"],
+                    checks
+                ]),
+            );
+        }
+    }
+    Ok(out)
+}
+
+async fn get_snapshot(cluster: &Cluster, i: usize) -> Result<Vec<u8>> {
+    let resp = cluster
+        .http
+        .get(format!("{}/v1/snapshot", cluster.servers[i].http()))
+        .send()
+        .await?;
+    if resp.status().as_u16() != 200 {
+        bail!("GET /v1/snapshot: {} {}", resp.status(), resp.text().await?);
+    }
+    assert!(resp.headers().contains_key("x-consul-index"));
+    Ok(resp.bytes().await?.to_vec())
+}
+
+async fn put_snapshot(
+    cluster: &Cluster,
+    i: usize,
+    body: &[u8],
+    query: &str,
+) -> Result<(u16, String)> {
+    let resp = cluster
+        .http
+        .put(format!("{}/v1/snapshot{query}", cluster.servers[i].http()))
+        .body(body.to_vec())
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.text().await?))
+}
+
+/// Waits until every running server holds exactly `kv` and `catalog`.
+async fn wait_converged(
+    cluster: &Cluster,
+    kv: &BTreeMap<String, (String, u64)>,
+    catalog: &BTreeMap<String, Value>,
+) -> Result<()> {
+    for i in 0..cluster.servers.len() {
+        wait_for(
+            &format!("server {} to hold the restored data", i + 1),
+            Duration::from_secs(20),
+            || async {
+                let same_kv = kv_dump(cluster, i).await.ok()? == *kv;
+                let same_catalog = catalog_dump(cluster, i).await.ok()? == *catalog;
+                (same_kv && same_catalog).then_some(())
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn snapshot_save_wipe_restore_gives_identical_data() -> Result<()> {
+    let old = Cluster::start(3, &[]).await?;
+    let leader = old.wait_leader(Duration::from_secs(20)).await?;
+    for n in 0..50 {
+        old.must_put(n % 3, &format!("cfg/{n:02}"), &format!("value {n}"))
+            .await?;
+    }
+    let (status, _) = old
+        .put(leader, "cfg/flagged", b"\x00\x01binary", "?flags=42")
+        .await?;
+    assert_eq!(status, 200);
+    for (node, id, port) in [
+        ("vm-1", "web-1", 8080),
+        ("vm-2", "web-2", 8081),
+        ("vm-2", "db-1", 5432),
+    ] {
+        let name = id.split('-').next().unwrap_or(id);
+        let reg = serde_json::json!({
+            "Node": node, "Address": "10.0.0.9",
+            "Service": {"ID": id, "Service": name, "Tags": ["blue"], "Port": port, "Meta": {"v": "1"}},
+            "Check": {"CheckID": format!("{id}-ok"), "Name": "ok", "Status": "passing", "ServiceID": id},
+        });
+        let resp = old
+            .http
+            .put(format!(
+                "{}/v1/catalog/register",
+                old.servers[leader].http()
+            ))
+            .json(&reg)
+            .send()
+            .await?;
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+    let kv_before = kv_dump(&old, leader).await?;
+    let catalog_before = catalog_dump(&old, leader).await?;
+    assert_eq!(kv_before.len(), 51);
+    assert_eq!(catalog_before.len(), 3);
+    // Saved through a follower (forwarded consistency: a leader read).
+    let archive = get_snapshot(&old, (leader + 1) % 3).await?;
+    old.done();
+    // Wipe: the old cluster's processes and data dirs are gone.
+
+    let mut new = Cluster::start(3, &[]).await?;
+    let leader = new.wait_leader(Duration::from_secs(20)).await?;
+    new.must_put(leader, "only/in/new", "x").await?;
+    let kv_new = kv_dump(&new, leader).await?;
+
+    // Damaged archives are refused, and nothing changes.
+    let truncated = &archive[..archive.len() * 2 / 3];
+    let mut flipped = archive.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x20;
+    for (what, body) in [
+        ("truncated", truncated),
+        ("corrupt", &flipped[..]),
+        ("empty", &[][..]),
+        ("not a snapshot", b"{\"Key\":\"x\"}"),
+    ] {
+        let (status, message) = put_snapshot(&new, leader, body, "?force").await?;
+        assert_eq!(status, 400, "{what}: {message}");
+        assert!(message.contains("nothing was changed"), "{what}: {message}");
+    }
+    // Another cluster's snapshot needs ?force.
+    let (status, message) = put_snapshot(&new, (leader + 1) % 3, &archive, "").await?;
+    assert_eq!(status, 409, "{message}");
+    assert!(message.contains("?force"), "{message}");
+    assert_eq!(kv_dump(&new, leader).await?, kv_new);
+
+    // Restore through a follower; every server converges on the old data.
+    let (status, message) = put_snapshot(&new, (leader + 1) % 3, &archive, "?force").await?;
+    assert_eq!(status, 200, "{message}");
+    wait_converged(&new, &kv_before, &catalog_before).await?;
+
+    // The restored cluster keeps working: indexes move forward from here.
+    let before = new
+        .http
+        .get(format!("{}/v1/kv/cfg/00", new.servers[leader].http()))
+        .send()
+        .await?;
+    let index: u64 = before.headers()["x-consul-index"].to_str()?.parse()?;
+    new.must_put(leader, "cfg/00", "changed").await?;
+    let after = new
+        .http
+        .get(format!("{}/v1/kv/cfg/00", new.servers[leader].http()))
+        .send()
+        .await?;
+    let index_after: u64 = after.headers()["x-consul-index"].to_str()?.parse()?;
+    assert!(index_after > index, "{index_after} <= {index}");
+
+    // And it survives a full restart (the restore is in the log / snapshot).
+    for server in &mut new.servers {
+        server.stop().await?;
+    }
+    for server in &mut new.servers {
+        server.start(&[])?;
+    }
+    new.wait_leader(Duration::from_secs(20)).await?;
+    let mut expected = kv_before.clone();
+    if let Some(entry) = expected.get_mut("cfg/00") {
+        entry.0 = "Y2hhbmdlZA==".into(); // base64("changed")
+    }
+    wait_converged(&new, &expected, &catalog_before).await?;
+    new.done();
+    Ok(())
+}
+
+#[tokio::test]
+async fn rolling_restart_under_steady_writes_loses_no_acknowledged_write() -> Result<()> {
+    let mut cluster = Cluster::start(3, &[]).await?;
+    cluster.wait_leader(Duration::from_secs(20)).await?;
+    let urls: Vec<String> = cluster.servers.iter().map(|s| s.http()).collect();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // Two writers, each through its own rotation of servers; a write is
+    // acknowledged only by a 200 "true".
+    let mut writers = Vec::new();
+    for w in 0..2usize {
+        let (urls, http, stop) = (urls.clone(), http.clone(), Arc::clone(&stop));
+        writers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut attempts = 0u64;
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(180) {
+                let n = attempts;
+                attempts += 1;
+                let url = &urls[(n as usize + w) % urls.len()];
+                let key = format!("rolling/{w}/{n:06}");
+                let result = http
+                    .put(format!("{url}/v1/kv/{key}"))
+                    .body(format!("v{n}"))
+                    .send()
+                    .await;
+                if let Ok(resp) = result
+                    && resp.status().as_u16() == 200
+                    && resp.text().await.is_ok_and(|b| b.trim() == "true")
+                {
+                    acked.push((key, format!("v{n}")));
+                } else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            (acked, attempts)
+        }));
+    }
+
+    // Restart each server in turn (SIGTERM, start), waiting until the
+    // cluster is whole again before the next.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (i, url) in urls.iter().enumerate() {
+        cluster.servers[i].stop().await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.servers[i].start(&[])?;
+        cluster.wait_leader(Duration::from_secs(30)).await?;
+        let health_url = format!("{url}/v1/operator/autopilot/health");
+        wait_for(
+            &format!("server {} healthy again after its restart", i + 1),
+            Duration::from_secs(30),
+            || async {
+                let resp = http.get(&health_url).send().await.ok()?;
+                (resp.status().as_u16() == 200).then_some(())
+            },
+        )
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut acked = Vec::new();
+    for writer in writers {
+        let (keys, attempts) = writer.await?;
+        eprintln!("writer: {} of {attempts} writes acknowledged", keys.len());
+        acked.extend(keys);
+    }
+    assert!(
+        acked.len() >= 50,
+        "too few writes got through: {}",
+        acked.len()
+    );
+
+    // Every acknowledged write is on every server.
+    for i in 0..cluster.servers.len() {
+        let want = acked.len();
+        wait_for(
+            &format!("server {} to hold all {want} acknowledged writes", i + 1),
+            Duration::from_secs(20),
+            || async {
+                let dump = kv_dump(&cluster, i).await.ok()?;
+                let decoded = |b64: &str| {
+                    use base64::Engine;
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .ok()
+                        .and_then(|v| String::from_utf8(v).ok())
+                };
+                let missing = acked
+                    .iter()
+                    .filter(|(k, v)| {
+                        dump.get(k).and_then(|(b, _)| decoded(b)).as_deref() != Some(v)
+                    })
+                    .count();
+                (missing == 0).then_some(())
+            },
+        )
+        .await?;
+    }
+    cluster.done();
+    Ok(())
+}
