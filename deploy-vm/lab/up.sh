@@ -13,7 +13,7 @@
 #   (this)   root            LAB_NET.1          bridge <prefix>-br (reach the lab from here)
 #   reg<i>   <prefix>-reg<i> LAB_NET.1<i>       meshwork-registry  http :8500, grpc :8502,
 #                                               dns :8600 (udp+tcp), raft :8300
-#   app<i>   <prefix>-app<i> LAB_NET.2<i>       demo app  127.0.0.1:8080 (python3 http.server;
+#   app<i>   <prefix>-app<i> LAB_NET.2<i>       demo app  127.0.0.1:8080 (demo-app.py:
 #                                               GET / -> "hello from app<i>", /health)
 #                                               meshwork-sidecar: service "app<i>" (id app<i>,
 #                                               node app<i>), inbound :21000,
@@ -39,7 +39,7 @@
 #   RUST_LOG     passed to the binaries
 #
 # State in LAB_DIR: lab.env (the settings, read by the other scripts),
-# <host>/{registry.toml,data/,sidecar.toml,www/,*.log,*.pid}.
+# <host>/{registry.toml,data/,sidecar.toml,*.log,*.pid}.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -166,6 +166,8 @@ for host in $(lab_servers); do
     registry_grpc+="${registry_grpc:+, }\"$(lab_ip "$host"):$GRPC_PORT\""
 done
 
+# Plain logs in the log files (tracing colours them unless NO_COLOR is set).
+export NO_COLOR=${NO_COLOR:-1}
 read -r -a registry_flags <<<"${LAB_REGISTRY_FLAGS:-}"
 for host in $(lab_servers); do
     ip=$(lab_ip "$host")
@@ -206,9 +208,7 @@ say "registry cluster up, leader $leader"
 for host in $(lab_apps); do
     ip=$(lab_ip "$host")
     dir="$LAB_DIR/$host"
-    mkdir -p "$dir/www"
-    echo "hello from $host" >"$dir/www/index.html"
-    echo "ok" >"$dir/www/health"
+    mkdir -p "$dir"
     {
         cat <<EOF
 # Written by deploy-vm/lab/up.sh.
@@ -251,7 +251,7 @@ protocol = "http"
 EOF
         done
     } >"$dir/sidecar.toml"
-    start "$host" app python3 -m http.server "$APP_PORT" --bind 127.0.0.1 --directory "$dir/www"
+    start "$host" app python3 "$lab_script_dir/demo-app.py" "$host" "$APP_PORT"
     start "$host" sidecar "$BIN_DIR/meshwork-sidecar" --config "$dir/sidecar.toml"
 done
 
