@@ -11,8 +11,9 @@ sudo=""
 # Debian packages: procps (`kill`), dnsutils (`dig`), python3-pip and
 # npm for the real Consul clients; iproute2 (`ip netns`), curl and
 # systemd (`systemd-analyze verify`, `systemctl --root`) for the
-# deploy-vm tests.
-packages=(procps dnsutils iproute2 curl)
+# deploy-vm tests; iptables for the fault suite's splits and one-way loss
+# (it also needs `setpriv`, from util-linux, which Debian always has).
+packages=(procps dnsutils iproute2 curl iptables)
 command -v systemd-analyze >/dev/null || packages+=(systemd)
 command -v python3 >/dev/null || packages+=(python3 python3-pip)
 command -v npm >/dev/null || packages+=(nodejs npm)

@@ -1,0 +1,534 @@
+//! The fault suite's workload and its record: clients doing read / write /
+//! compare-and-set on a few keys through the KV REST API of whichever
+//! servers they are given, each operation logged with its invoke and
+//! completion times and outcome as a [`linearizable::Operation`]; and a
+//! watcher following a key prefix over the gRPC Watch API, checking that
+//! it sees no gap, duplicate or index regression across reconnects.
+//!
+//! It knows nothing about faults or namespaces: the caller decides where
+//! the sockets live (the fault suite runs it on threads moved into the
+//! lab's client namespace) and when to stop.
+//!
+//! Outcomes follow what the client can know. A write or CAS answered with
+//! a 5xx, a timeout or a lost connection is *unknown* (it may have been
+//! committed); one refused with a 4xx, or that never got a connection, has
+//! *failed* (no effect). A read that does not answer 200/404 has failed:
+//! reads have no effect, so that loses nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use base64::Engine;
+use meshwork_proto::v1::watch_client::WatchClient;
+use meshwork_proto::v1::watch_event::Kind;
+use meshwork_proto::v1::{KvPrefixTopic, SubscribeRequest, change, subscribe_request};
+
+use crate::linearizable::{Call, Operation, Outcome};
+
+/// A (key, value) seen with a `ModifyIndex`, by a read or the watcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observation {
+    pub value: u64,
+    pub modify_index: u64,
+}
+
+/// What every client shares.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// The run's time origin: operation times are nanoseconds since it.
+    pub t0: Instant,
+    /// Source of unique values (each write writes a value of its own).
+    pub next_value: Arc<AtomicU64>,
+    /// Set to stop every client after its current operation.
+    pub stop: Arc<AtomicBool>,
+    /// Completion time of the latest acknowledged write or CAS: lets a
+    /// fault loop wait for progress without reading the record.
+    pub last_ack: Arc<AtomicU64>,
+    pub http: reqwest::Client,
+}
+
+impl Shared {
+    pub fn new(t0: Instant, op_timeout: Duration) -> Result<Self> {
+        Ok(Shared {
+            t0,
+            next_value: Arc::new(AtomicU64::new(1)),
+            stop: Arc::new(AtomicBool::new(false)),
+            last_ack: Arc::new(AtomicU64::new(0)),
+            http: reqwest::Client::builder()
+                .timeout(op_timeout)
+                .connect_timeout(op_timeout)
+                .pool_idle_timeout(Duration::from_secs(5))
+                .build()?,
+        })
+    }
+
+    pub fn now(&self) -> u64 {
+        self.t0.elapsed().as_nanos() as u64
+    }
+
+    fn value(&self) -> u64 {
+        self.next_value.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A server as the clients address it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Short name for the record, e.g. `n2`.
+    pub name: String,
+    /// `http://ip:port`
+    pub http: String,
+}
+
+/// What one client did.
+#[derive(Debug, Default)]
+pub struct ClientLog {
+    pub ops: Vec<Operation>,
+    /// (key, observation) from every successful read.
+    pub observed: Vec<(String, Observation)>,
+}
+
+/// The mix of operations a client does, in percent (the rest are CAS).
+#[derive(Debug, Clone, Copy)]
+pub struct Mix {
+    pub read: u32,
+    pub write: u32,
+}
+
+/// One client: random operations on random `keys` through random
+/// `targets` until [`Shared::stop`] is set or `max_ops` are done, with a
+/// pause of up to `think` between operations.
+pub async fn run_client(
+    shared: Shared,
+    client: u32,
+    targets: Vec<Target>,
+    keys: Vec<String>,
+    mix: Mix,
+    think: Duration,
+    max_ops: usize,
+) -> ClientLog {
+    let mut log = ClientLog::default();
+    let mut rng = SplitMix(u64::from(client).wrapping_mul(0x2545_F491_4F6C_DD1D) ^ shared.now());
+    while !shared.stop.load(Ordering::Relaxed) && log.ops.len() < max_ops {
+        if targets.is_empty() || keys.is_empty() {
+            break;
+        }
+        let target = &targets[rng.below(targets.len() as u64) as usize];
+        let key = &keys[rng.below(keys.len() as u64) as usize];
+        let roll = rng.below(100) as u32;
+        if roll < mix.read {
+            read(&shared, client, target, key, &mut log).await;
+        } else if roll < mix.read + mix.write {
+            let value = shared.value();
+            write(&shared, client, target, key, value, None, &mut log).await;
+        } else {
+            // Consul-style CAS: read the index, then PUT ?cas=index.
+            if let Some(seen) = read(&shared, client, target, key, &mut log).await {
+                let value = shared.value();
+                write(&shared, client, target, key, value, Some(seen), &mut log).await;
+            }
+        }
+        if !think.is_zero() {
+            let pause = rng.below(think.as_millis() as u64 + 1);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+    }
+    log
+}
+
+/// A `?consistent` read. Returns what it saw (`Some(None)`: absent), or
+/// `None` when it failed.
+pub async fn read(
+    shared: &Shared,
+    client: u32,
+    target: &Target,
+    key: &str,
+    log: &mut ClientLog,
+) -> Option<Option<Observation>> {
+    let invoke = shared.now();
+    let url = format!("{}/v1/kv/{key}?consistent", target.http);
+    let result = match shared.http.get(url).send().await {
+        Ok(resp) if resp.status() == 404 => Some(None),
+        Ok(resp) if resp.status() == 200 => match resp.json::<serde_json::Value>().await {
+            Ok(body) => parse_entry(&body).map(Some),
+            Err(_) => None,
+        },
+        _ => None,
+    };
+    let complete = shared.now();
+    let outcome = match result {
+        Some(seen) => Outcome::Read(seen.map(|o| o.value)),
+        None => Outcome::Failed,
+    };
+    if let Some(Some(seen)) = result {
+        log.observed.push((key.to_owned(), seen));
+    }
+    log.ops.push(Operation {
+        client,
+        key: key.to_owned(),
+        call: Call::Read,
+        outcome,
+        invoke,
+        complete: Some(complete),
+        via: target.name.clone(),
+    });
+    result
+}
+
+/// `[{"Value": base64, "ModifyIndex": n}]` → the value and index, `None`
+/// when the body is not that shape or the value is not one of ours.
+pub fn parse_entry(body: &serde_json::Value) -> Option<Observation> {
+    let entry = body.as_array()?.first()?;
+    let modify_index = entry.get("ModifyIndex")?.as_u64()?;
+    let encoded = entry.get("Value")?.as_str()?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let value = std::str::from_utf8(&bytes).ok()?.parse().ok()?;
+    Some(Observation {
+        value,
+        modify_index,
+    })
+}
+
+/// A plain PUT, or with `cas` a PUT `?cas=<index seen>` (0 when absent).
+pub async fn write(
+    shared: &Shared,
+    client: u32,
+    target: &Target,
+    key: &str,
+    value: u64,
+    cas: Option<Option<Observation>>,
+    log: &mut ClientLog,
+) -> Outcome {
+    let query = match cas {
+        None => String::new(),
+        Some(seen) => format!("?cas={}", seen.map_or(0, |o| o.modify_index)),
+    };
+    let invoke = shared.now();
+    let url = format!("{}/v1/kv/{key}{query}", target.http);
+    let outcome = match shared.http.put(url).body(value.to_string()).send().await {
+        Ok(resp) if resp.status() == 200 => match resp.text().await {
+            Ok(body) => match (body.trim(), cas.is_some()) {
+                ("true", false) => Outcome::Written,
+                ("true", true) => Outcome::Cas(true),
+                ("false", true) => Outcome::Cas(false),
+                // A plain PUT answered false, or a garbled body: the
+                // request was taken, so its fate is unknown.
+                _ => Outcome::Unknown,
+            },
+            // The answer was lost on the way: unknown.
+            Err(_) => Outcome::Unknown,
+        },
+        Ok(resp) if resp.status().is_client_error() => Outcome::Failed,
+        Ok(_) => Outcome::Unknown,
+        // Never connected: the request was never sent.
+        Err(e) if e.is_connect() => Outcome::Failed,
+        Err(_) => Outcome::Unknown,
+    };
+    let complete = (outcome != Outcome::Unknown).then(|| shared.now());
+    if let (Outcome::Written | Outcome::Cas(true), Some(at)) = (outcome, complete) {
+        shared.last_ack.fetch_max(at, Ordering::Relaxed);
+    }
+    let call = match cas {
+        None => Call::Write { value },
+        Some(seen) => Call::Cas {
+            expected: seen.map(|o| o.value),
+            new: value,
+        },
+    };
+    log.ops.push(Operation {
+        client,
+        key: key.to_owned(),
+        call,
+        outcome,
+        invoke,
+        complete,
+        via: target.name.clone(),
+    });
+    outcome
+}
+
+/// A small deterministic generator (splitmix64): enough for picking keys
+/// and servers, no dependency.
+#[derive(Debug, Clone)]
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n` > 0; 0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next_u64() % n }
+    }
+}
+
+/// What the watcher saw and what it found wrong.
+#[derive(Debug, Default)]
+pub struct WatchLog {
+    /// Every key's entry as the watcher last knew it.
+    pub state: HashMap<String, Observation>,
+    /// (key, observation) for every entry in a CHANGE.
+    pub seen: Vec<(String, Observation)>,
+    /// Index ranges `(from, to]` the watcher followed without a fresh
+    /// snapshot in between: every change to the prefix inside them must
+    /// have reached it.
+    pub covered: Vec<(u64, u64)>,
+    /// The last index it fully received.
+    pub last_index: u64,
+    pub connects: u32,
+    /// Reconnects that resumed (no snapshot).
+    pub resumed: u32,
+    /// Reconnects that got a fresh snapshot.
+    pub resets: u32,
+    pub events: u64,
+    /// Duplicates, index regressions and malformed events.
+    pub anomalies: Vec<String>,
+}
+
+impl WatchLog {
+    fn extend_coverage(&mut self, to: u64) {
+        if let Some(last) = self.covered.last_mut() {
+            last.1 = last.1.max(to);
+        }
+    }
+}
+
+/// Follows `prefix` through the servers' gRPC Watch API, moving to the
+/// next server (resuming from its last index) whenever a stream fails or
+/// goes quiet for `quiet`, until `stop` is set.
+pub async fn run_watcher(
+    grpc: Vec<String>,
+    prefix: String,
+    quiet: Duration,
+    stop: Arc<AtomicBool>,
+) -> WatchLog {
+    let mut log = WatchLog::default();
+    let mut server = 0usize;
+    while !stop.load(Ordering::Relaxed) && !grpc.is_empty() {
+        let url = grpc[server % grpc.len()].clone();
+        server += 1;
+        if let Err(e) = follow_once(&url, &prefix, quiet, &stop, &mut log).await {
+            // Expected under faults; the next server carries on.
+            let _ = e;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    log
+}
+
+async fn follow_once(
+    url: &str,
+    prefix: &str,
+    quiet: Duration,
+    stop: &AtomicBool,
+    log: &mut WatchLog,
+) -> Result<()> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(1));
+    let channel = tokio::time::timeout(Duration::from_secs(2), endpoint.connect()).await??;
+    let mut client = WatchClient::new(channel);
+    let request = SubscribeRequest {
+        topic: Some(subscribe_request::Topic::KvPrefix(KvPrefixTopic {
+            prefix: prefix.to_owned(),
+        })),
+        since_index: log.last_index,
+    };
+    let mut stream = tokio::time::timeout(quiet, client.subscribe(request))
+        .await??
+        .into_inner();
+    log.connects += 1;
+    let since = log.last_index;
+    // Within the initial part: a fresh snapshot replaces the state.
+    let mut in_snapshot = true;
+    let mut fresh = false;
+    let mut max_messages = 1_000_000u32;
+    while !stop.load(Ordering::Relaxed) && max_messages > 0 {
+        max_messages -= 1;
+        let Some(event) = tokio::time::timeout(quiet, stream.message()).await?? else {
+            return Ok(());
+        };
+        log.events += 1;
+        let kind = Kind::try_from(event.kind).unwrap_or(Kind::Unspecified);
+        match kind {
+            Kind::Snapshot => {
+                if !in_snapshot {
+                    log.anomalies
+                        .push(format!("{url}: SNAPSHOT after END_OF_SNAPSHOT: {event:?}"));
+                }
+                if event.reset {
+                    fresh = true;
+                    log.state.clear();
+                }
+                apply_changes(&event.changes, None, url, log);
+                if event.index < log.last_index && since > 0 {
+                    log.anomalies.push(format!(
+                        "{url}: index regression: a snapshot at {} after the watcher had {} (resumed from {since})",
+                        event.index, log.last_index
+                    ));
+                }
+            }
+            Kind::EndOfSnapshot => {
+                in_snapshot = false;
+                if fresh == event.resumed {
+                    log.anomalies.push(format!(
+                        "{url}: END_OF_SNAPSHOT resumed={} after {} snapshot",
+                        event.resumed,
+                        if fresh { "a fresh" } else { "no" }
+                    ));
+                }
+                if event.resumed {
+                    log.resumed += u32::from(since > 0);
+                    log.extend_coverage(event.index);
+                } else {
+                    log.resets += u32::from(since > 0);
+                    if event.index < log.last_index {
+                        log.anomalies.push(format!(
+                            "{url}: index regression: fresh snapshot at {} after the watcher had {}",
+                            event.index, log.last_index
+                        ));
+                    }
+                    log.covered.push((event.index, event.index));
+                }
+                log.last_index = log.last_index.max(event.index);
+            }
+            Kind::Change => {
+                if event.index <= log.last_index {
+                    log.anomalies.push(format!(
+                        "{url}: {} at index {} after the watcher had {} (resumed from {since})",
+                        if event.index == log.last_index {
+                            "duplicate change"
+                        } else {
+                            "index regression"
+                        },
+                        event.index,
+                        log.last_index
+                    ));
+                }
+                if log.covered.is_empty() {
+                    log.covered.push((since, since));
+                }
+                apply_changes(&event.changes, Some(event.index), url, log);
+                log.last_index = log.last_index.max(event.index);
+                if !in_snapshot {
+                    log.extend_coverage(event.index);
+                }
+            }
+            Kind::Heartbeat | Kind::Unspecified => {}
+        }
+    }
+    Ok(())
+}
+
+fn apply_changes(
+    changes: &[meshwork_proto::v1::Change],
+    index: Option<u64>,
+    url: &str,
+    log: &mut WatchLog,
+) {
+    for c in changes {
+        match &c.change {
+            Some(change::Change::Kv(entry)) => {
+                let value = std::str::from_utf8(&entry.value)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok());
+                let Some(value) = value else {
+                    log.anomalies
+                        .push(format!("{url}: a value that is not ours: {entry:?}"));
+                    continue;
+                };
+                if let Some(index) = index
+                    && entry.modify_index != index
+                {
+                    log.anomalies.push(format!(
+                        "{url}: change at index {index} carries {} with ModifyIndex {}",
+                        entry.key, entry.modify_index
+                    ));
+                }
+                let seen = Observation {
+                    value,
+                    modify_index: entry.modify_index,
+                };
+                if index.is_some() {
+                    log.seen.push((entry.key.clone(), seen));
+                }
+                log.state.insert(entry.key.clone(), seen);
+            }
+            Some(change::Change::KvRemoved(key)) => {
+                log.state.remove(key);
+            }
+            other => log
+                .anomalies
+                .push(format!("{url}: not a KV change: {other:?}")),
+        }
+    }
+}
+
+/// Checks index ↔ value over every observation (reads and watcher): one
+/// index must always carry the same value (else two writes shared an
+/// index), and one value must always carry the same index (else a write
+/// was applied twice). Returns one line per conflict.
+pub fn index_value_conflicts(observations: &[(String, Observation)]) -> Vec<String> {
+    let mut by_index: HashMap<(&str, u64), u64> = HashMap::new();
+    let mut by_value: HashMap<u64, (&str, u64)> = HashMap::new();
+    let mut problems = Vec::new();
+    for (key, o) in observations {
+        if let Some(v) = by_index.insert((key, o.modify_index), o.value)
+            && v != o.value
+            && problems.len() < 20
+        {
+            problems.push(format!(
+                "{key}: ModifyIndex {} seen with values {v} and {}",
+                o.modify_index, o.value
+            ));
+        }
+        if let Some((k, i)) = by_value.insert(o.value, (key, o.modify_index))
+            && (k != key || i != o.modify_index)
+            && problems.len() < 20
+        {
+            problems.push(format!(
+                "value {} seen as {k}@{i} and {key}@{} (a write applied twice?)",
+                o.value, o.modify_index
+            ));
+        }
+    }
+    problems
+}
+
+/// Gaps: a change a read saw at an index the watcher followed without a
+/// break, that the watcher did not get.
+pub fn watch_gaps(watch: &WatchLog, reads: &[(String, Observation)]) -> Vec<String> {
+    let seen: std::collections::HashSet<(&str, u64)> = watch
+        .seen
+        .iter()
+        .map(|(k, o)| (k.as_str(), o.modify_index))
+        .collect();
+    let mut gaps = Vec::new();
+    let mut reported = std::collections::HashSet::new();
+    for (key, o) in reads {
+        let covered = watch
+            .covered
+            .iter()
+            .any(|(from, to)| o.modify_index > *from && o.modify_index <= *to);
+        if covered
+            && !seen.contains(&(key.as_str(), o.modify_index))
+            && reported.insert((key.as_str(), o.modify_index))
+            && gaps.len() < 20
+        {
+            gaps.push(format!(
+                "{key}@{} (value {}) was read but never reached the watcher, which followed that index range",
+                o.modify_index, o.value
+            ));
+        }
+    }
+    gaps
+}
