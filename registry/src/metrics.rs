@@ -47,6 +47,14 @@ pub struct Metrics {
     http: Mutex<BTreeMap<String, ByMethodStatus>>,
     /// (query type, rcode) -> answers.
     dns: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// gRPC method -> status code name -> latency histogram (public
+    /// services; time until the response headers, so a stream counts its
+    /// setup, and a status sent later in its trailers is not seen).
+    grpc: Mutex<BTreeMap<&'static str, BTreeMap<&'static str, Histogram>>>,
+    /// Raft log appends: from the append to the sync that made it durable.
+    raft_append: Mutex<Histogram>,
+    /// State machine: one call applying a batch of committed entries.
+    raft_apply: Mutex<Histogram>,
     pub blocking_queries: AtomicI64,
     pub watch_subscribers: AtomicI64,
     pub leader_changes: AtomicU64,
@@ -100,6 +108,65 @@ impl Metrics {
             .entry((method, status))
             .or_default()
             .observe(took.as_secs_f64());
+    }
+
+    /// A public gRPC call: `path` is `/package.Service/Method`, `code` the
+    /// gRPC status code number from the response headers (absent: OK).
+    pub fn grpc_request(&self, path: &str, code: Option<&str>, took: Duration) {
+        // Only the methods we serve get their own series: a peer sending
+        // random paths must not grow the map.
+        const METHODS: [&str; 6] = [
+            "/meshwork.v1.Watch/Subscribe",
+            "/meshwork.v1.Agent/Register",
+            "/meshwork.v1.Agent/UpdateCheck",
+            "/meshwork.v1.Agent/Deregister",
+            "/meshwork.v1.Agent/Heartbeat",
+            "/meshwork.v1.Registry/Status",
+        ];
+        let method = METHODS.into_iter().find(|m| *m == path).unwrap_or("other");
+        const CODES: [&str; 17] = [
+            "OK",
+            "CANCELLED",
+            "UNKNOWN",
+            "INVALID_ARGUMENT",
+            "DEADLINE_EXCEEDED",
+            "NOT_FOUND",
+            "ALREADY_EXISTS",
+            "PERMISSION_DENIED",
+            "RESOURCE_EXHAUSTED",
+            "FAILED_PRECONDITION",
+            "ABORTED",
+            "OUT_OF_RANGE",
+            "UNIMPLEMENTED",
+            "INTERNAL",
+            "UNAVAILABLE",
+            "DATA_LOSS",
+            "UNAUTHENTICATED",
+        ];
+        let code = match code {
+            None => "OK",
+            Some(c) => c
+                .parse::<usize>()
+                .ok()
+                .and_then(|c| CODES.get(c).copied())
+                .unwrap_or("UNKNOWN"),
+        };
+        lock(&self.grpc)
+            .entry(method)
+            .or_default()
+            .entry(code)
+            .or_default()
+            .observe(took.as_secs_f64());
+    }
+
+    /// A batch of log entries became durable `took` after its append.
+    pub fn raft_appended(&self, took: Duration) {
+        lock(&self.raft_append).observe(took.as_secs_f64());
+    }
+
+    /// The state machine applied a batch of entries in `took`.
+    pub fn raft_applied(&self, took: Duration) {
+        lock(&self.raft_apply).observe(took.as_secs_f64());
     }
 
     pub fn dns_answer(&self, qtype: &'static str, rcode: &'static str) {
@@ -224,19 +291,43 @@ impl Metrics {
                 escape(route),
                 escape(method)
             );
-            for (bound, count) in BUCKETS.iter().zip(h.counts) {
-                let _ = writeln!(
-                    out,
-                    "meshwork_http_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {count}"
+            write_histogram(
+                &mut out,
+                "meshwork_http_request_duration_seconds",
+                &labels,
+                h,
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meshwork_grpc_request_duration_seconds Public gRPC calls by method and status code (time to response headers).\n\
+             # TYPE meshwork_grpc_request_duration_seconds histogram"
+        );
+        for (method, codes) in lock(&self.grpc).iter() {
+            for (code, h) in codes {
+                let labels = format!("method=\"{}\",code=\"{}\"", escape(method), escape(code));
+                write_histogram(
+                    &mut out,
+                    "meshwork_grpc_request_duration_seconds",
+                    &labels,
+                    h,
                 );
             }
-            let _ = writeln!(
-                out,
-                "meshwork_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}\n\
-                 meshwork_http_request_duration_seconds_sum{{{labels}}} {}\n\
-                 meshwork_http_request_duration_seconds_count{{{labels}}} {}",
-                h.count, h.sum, h.count
-            );
+        }
+        for (name, help, h) in [
+            (
+                "meshwork_raft_append_duration_seconds",
+                "Raft log appends, from append to durable (fdatasync).",
+                lock(&self.raft_append).clone(),
+            ),
+            (
+                "meshwork_raft_apply_duration_seconds",
+                "State machine apply calls (a batch of committed entries each).",
+                lock(&self.raft_apply).clone(),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            write_histogram(&mut out, name, "", &h);
         }
         let _ = writeln!(
             out,
@@ -275,6 +366,24 @@ impl Metrics {
             .collect();
         serde_json::json!({"Gauges": gauges, "Counters": counters, "Samples": []})
     }
+}
+
+/// One histogram series (`labels` without braces, possibly empty).
+fn write_histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    for (bound, count) in BUCKETS.iter().zip(h.counts) {
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {count}");
+    }
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}\n{name}_sum{braces} {}\n{name}_count{braces} {}",
+        h.count, h.sum, h.count
+    );
 }
 
 fn escape(label: &str) -> String {

@@ -195,6 +195,7 @@ pub async fn run(
     tasks.spawn(
         async move {
             tonic::transport::Server::builder()
+                .layer(crate::api::grpc::metrics::GrpcMetricsLayer)
                 .add_service(public)
                 .add_service(watch)
                 .add_service(agent)

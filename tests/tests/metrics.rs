@@ -27,6 +27,22 @@ async fn prometheus_text_and_consul_json() -> Result<()> {
         let url = format!("{base}/v1/kv/app/a?index=1000000&wait=5s");
         tokio::spawn(async move { http.get(url).send().await })
     };
+    // One gRPC call that succeeds and one the server refuses.
+    let mut registry =
+        meshwork_proto::v1::registry_client::RegistryClient::connect(cluster.servers[0].grpc())
+            .await?;
+    registry
+        .status(meshwork_proto::v1::StatusRequest {})
+        .await?;
+    let mut agent =
+        meshwork_proto::v1::agent_client::AgentClient::connect(cluster.servers[0].grpc()).await?;
+    let refused = agent
+        .update_check(meshwork_proto::v1::UpdateCheckRequest::default())
+        .await;
+    let refused_code = match refused {
+        Ok(reply) => panic!("an empty UpdateCheck was accepted: {reply:?}"),
+        Err(status) => status.code(),
+    };
     let dig = std::process::Command::new("dig")
         .arg(format!("@{}", cluster.servers[0].ip))
         .args(["-p", "28600", "+time=3", "+tries=1", "nosuch.service.mesh"])
@@ -64,6 +80,33 @@ async fn prometheus_text_and_consul_json() -> Result<()> {
     assert_eq!(value(&text, "meshwork_kv_keys"), Some(1.0), "{text}");
     let put = r#"meshwork_http_request_duration_seconds_count{route="/v1/kv/{*key}",method="PUT",status="200"}"#;
     assert_eq!(value(&text, put), Some(1.0), "{text}");
+    let status_ok = r#"meshwork_grpc_request_duration_seconds_count{method="/meshwork.v1.Registry/Status",code="OK"}"#;
+    assert_eq!(value(&text, status_ok), Some(1.0), "{text}");
+    let code_name = format!("{refused_code:?}")
+        .chars()
+        .flat_map(|c| {
+            let upper = c.is_uppercase();
+            [
+                if upper { Some('_') } else { None },
+                Some(c.to_ascii_uppercase()),
+            ]
+        })
+        .flatten()
+        .collect::<String>();
+    let refused = format!(
+        r#"meshwork_grpc_request_duration_seconds_count{{method="/meshwork.v1.Agent/UpdateCheck",code="{}"}}"#,
+        code_name.trim_start_matches('_')
+    );
+    assert_eq!(value(&text, &refused), Some(1.0), "{refused}\n{text}");
+    for series in [
+        "meshwork_raft_append_duration_seconds_count",
+        "meshwork_raft_apply_duration_seconds_count",
+    ] {
+        assert!(
+            value(&text, series).is_some_and(|n| n >= 1.0),
+            "{series}\n{text}"
+        );
+    }
     let nx = r#"meshwork_dns_answers_total{qtype="A",rcode="NXDOMAIN"}"#;
     assert_eq!(value(&text, nx), Some(1.0), "{text}");
 

@@ -43,7 +43,7 @@ pub struct LogStore {
     /// sled's data file, for `fdatasync` after each flush.
     data_file: Arc<Option<std::fs::File>>,
     /// Completion callbacks of appends waiting for the next sync.
-    flusher: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+    flusher: std::sync::mpsc::Sender<(LogFlushed<TypeConfig>, std::time::Instant)>,
 }
 
 /// Why the log store could not open.
@@ -235,7 +235,10 @@ async fn flush_durably(
 
 /// The flusher thread: one `fdatasync` per batch of queued appends. A
 /// plain thread, because syncing blocks: no async worker waits on disk.
-fn flush_appends(wal: &Wal, pending: &std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+fn flush_appends(
+    wal: &Wal,
+    pending: &std::sync::mpsc::Receiver<(LogFlushed<TypeConfig>, std::time::Instant)>,
+) {
     while let Ok(first) = pending.recv() {
         let mut batch = vec![first];
         while let Ok(more) = pending.try_recv() {
@@ -248,7 +251,8 @@ fn flush_appends(wal: &Wal, pending: &std::sync::mpsc::Receiver<LogFlushed<TypeC
         if let Err(e) = &result {
             tracing::error!(error = %e, "raft log sync failed");
         }
-        for callback in batch {
+        for (callback, appended) in batch {
+            crate::metrics::METRICS.raft_appended(appended.elapsed());
             callback.log_io_completed(match &result {
                 Ok(()) => Ok(()),
                 Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
@@ -338,13 +342,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         }
         // Durable once the flusher's next sync completes.
-        self.flusher.send(callback).map_err(|_| {
-            storage_io_error(
-                ErrorSubject::Logs,
-                ErrorVerb::Write,
-                std::io::Error::other("the log flusher has stopped"),
-            )
-        })
+        self.flusher
+            .send((callback, std::time::Instant::now()))
+            .map_err(|_| {
+                storage_io_error(
+                    ErrorSubject::Logs,
+                    ErrorVerb::Write,
+                    std::io::Error::other("the log flusher has stopped"),
+                )
+            })
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

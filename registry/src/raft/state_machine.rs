@@ -251,6 +251,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let started = Instant::now();
         let mut responses = Vec::new();
         let mut last_index = None;
         {
@@ -279,6 +280,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if let Some(index) = last_index {
             self.shared.applied.send_replace(index);
         }
+        crate::metrics::METRICS.raft_applied(started.elapsed());
         Ok(responses)
     }
 
