@@ -117,6 +117,9 @@ pub struct Cli {
     /// Log format: `text` or `json`.
     #[arg(long)]
     pub log_format: Option<String>,
+    /// JSON logs (the same as `--log-format json`).
+    #[arg(long, conflicts_with = "log_format")]
+    pub log_json: bool,
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` also works.
     #[arg(long)]
     pub log_level: Option<String>,
@@ -409,7 +412,11 @@ impl Config {
                 .unwrap_or(0),
             recursors: cli.dns_recursors.or(file.dns_recursors).unwrap_or_default(),
         };
-        let log_json = match cli.log_format.or(file.log_format).as_deref() {
+        let log_format = match cli.log_json {
+            true => Some("json".to_owned()),
+            false => cli.log_format.or(file.log_format),
+        };
+        let log_json = match log_format.as_deref() {
             None | Some("text") => false,
             Some("json") => true,
             Some(other) => {
