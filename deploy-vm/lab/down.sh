@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Removes everything deploy-vm/lab/up.sh made: stops every process in the
-# lab's namespaces (SIGTERM, then SIGKILL), deletes the namespaces, their
-# veths and the bridges, and LAB_DIR. Only names with the lab's prefix are
-# touched (LAB_PREFIX, default mwlab, or the one recorded in LAB_DIR), so
-# other labs and the host's own interfaces are left alone. Safe to re-run.
+# lab's namespaces (SIGTERM, then SIGKILL), deletes the namespaces (the
+# switch's bridges and the veths go with them) and LAB_DIR. Only names with
+# the lab's prefix are touched (LAB_PREFIX, default mwlab, or the one
+# recorded in LAB_DIR), so other labs and the host's own interfaces are left
+# alone. Safe to re-run.
 #
 # Environment: LAB_DIR (default /tmp/meshwork-lab), LAB_PREFIX.
 set -euo pipefail
@@ -60,7 +61,8 @@ if ((${#namespaces[@]})); then
     say "removed namespaces ${namespaces[*]}"
 fi
 
-# Host-side veths normally go with their namespace; bridges stay until deleted.
+# The lab makes no links in this namespace; sweep any with its prefix anyway
+# (a veth whose namespace is being torn down can linger for a moment).
 mapfile -t links < <(ip -o link show | awk -F': ' '{print $2}' | sed 's/@.*//' | grep -E "^$LAB_PREFIX-" || true)
 for link in "${links[@]}"; do
     ip link del "$link" 2>/dev/null || true

@@ -8,16 +8,17 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 lab_load_settings
 lab_use_recorded
 [[ -f $lab_env ]] || die "no lab in $LAB_DIR: run up.sh first"
-
-bridge=$(lab_bridge)
-link_exists "$bridge" || die "no bridge $bridge: is the lab up? (up.sh makes it again)"
-for host in $(lab_hosts); do
-    veth=$(lab_veth "$host")
-    link_exists "$veth" || continue
-    ip link set "$veth" master "$bridge"
-    ip link set "$veth" up
-done
-if link_exists "$(lab_bridge_b)"; then
-    ip link del "$(lab_bridge_b)"
+if ! ns_exists "$(lab_switch)" || ! sw_link_exists "$LAB_BRIDGE"; then
+    die "no switch namespace $(lab_switch) with its bridge: is the lab up? (up.sh makes it again)"
 fi
-say "healed: every host is back on $bridge"
+
+for host in $(lab_hosts); do
+    sw_link_exists "$host" || continue
+    sw link set dev "$host" master "$LAB_BRIDGE"
+    sw link set dev "$host" up
+done
+if sw_link_exists "$LAB_BRIDGE_B"; then
+    sw link del dev "$LAB_BRIDGE_B"
+fi
+rm -f "$LAB_DIR/isolated"
+say "healed: every host is back on the lab's bridge"

@@ -40,8 +40,8 @@ lab_load_settings() {
             esac
         done <"$lab_env"
     fi
-    [[ $LAB_PREFIX =~ ^[a-z][a-z0-9]{0,9}$ ]] ||
-        die "LAB_PREFIX '$LAB_PREFIX': 1-10 lower-case letters and digits (it prefixes interface names, at most 15 characters)"
+    [[ $LAB_PREFIX =~ ^[a-z][a-z0-9]{0,19}$ ]] ||
+        die "LAB_PREFIX '$LAB_PREFIX': 1-20 lower-case letters and digits, starting with a letter"
     if ! [[ $LAB_NET =~ ^198\.1[89]\.([0-9]{1,3})$ ]] || ((BASH_REMATCH[1] > 255)); then
         die "LAB_NET '$LAB_NET': must be the first three octets of a /24 in 198.18.0.0/15 (198.18.X or 198.19.X)"
     fi
@@ -67,12 +67,17 @@ INBOUND_PORT=21000
 ADMIN_PORT=19000
 UPSTREAM_PORT_BASE=9100
 
-lab_bridge() { echo "$LAB_PREFIX-br"; }
-# The second bridge partition.sh moves cut-off hosts to.
-lab_bridge_b() { echo "$LAB_PREFIX-brb"; }
+# The "switch": a namespace of its own holding the bridge and the
+# host-side ends of the veths, so nothing is made in the caller's namespace.
+lab_switch() { echo "$LAB_PREFIX-sw"; }
 lab_ns() { echo "$LAB_PREFIX-$1"; }
-# The host-side end of a host's veth pair (inside, it is eth0).
-lab_veth() { echo "$LAB_PREFIX-$1"; }
+# In the switch namespace: the bridge, the second bridge partition.sh moves
+# cut-off hosts to, and each host's port (named after the host; inside the
+# host it is eth0).
+LAB_BRIDGE=br0
+LAB_BRIDGE_B=br1
+sw() { ip -n "$(lab_switch)" "$@"; }
+sw_link_exists() { ip -n "$(lab_switch)" link show dev "$1" >/dev/null 2>&1; }
 
 lab_servers() {
     local i
@@ -87,10 +92,9 @@ lab_hosts() {
     lab_apps
 }
 
-# 198.18.0.1 is this (the root) namespace, reg<i> .1<i>, app<i> .2<i>.
+# reg<i> is LAB_NET.1<i>, app<i> LAB_NET.2<i>.
 lab_ip() {
     case $1 in
-    host) echo "$LAB_NET.1" ;;
     reg[1-9]) echo "$LAB_NET.1${1#reg}" ;;
     app[1-9]) echo "$LAB_NET.2${1#app}" ;;
     *) die "unknown lab host '$1'" ;;
@@ -104,7 +108,6 @@ lab_is_host() {
 }
 
 ns_exists() { [[ -e /run/netns/$1 ]]; }
-link_exists() { ip link show dev "$1" >/dev/null 2>&1; }
 
 # in_host HOST CMD…: runs CMD inside HOST's namespace.
 in_host() {

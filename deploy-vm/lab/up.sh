@@ -6,11 +6,11 @@
 # server comes back with its data), and changes nothing else.
 #
 # Layout (LAB_NET=198.18.0 by default; everything stays inside
-# 198.18.0.0/15, the benchmarking range that is never routed: no uplink, no
-# NAT, no default route in any namespace):
+# 198.18.0.0/15, the benchmarking range that is never routed, and inside the
+# lab's own namespaces: nothing is added to the caller's network, and there
+# is no uplink, NAT or default route):
 #
 #   host     namespace       address            runs
-#   (this)   root            LAB_NET.1          bridge <prefix>-br (reach the lab from here)
 #   reg<i>   <prefix>-reg<i> LAB_NET.1<i>       meshwork-registry  http :8500, grpc :8502,
 #                                               dns :8600 (udp+tcp), raft :8300
 #   app<i>   <prefix>-app<i> LAB_NET.2<i>       demo app  127.0.0.1:8080 (demo-app.py:
@@ -18,13 +18,15 @@
 #                                               meshwork-sidecar: service "app<i>" (id app<i>,
 #                                               node app<i>), inbound :21000,
 #                                               admin 127.0.0.1:19000, upstream "app<j>"
-#                                               for every other app j on 127.0.0.1:91<0j>
+#                                               for every other app j on 127.0.0.1:910<j>
+#   switch   <prefix>-sw     -                  bridge br0; one port per host, named
+#                                               after it (eth0 inside the host)
 #
-#   e.g. reg1 198.18.0.11, reg2 .12, reg3 .13, app1 .21, app2 .22; app1 calls
-#   app2 with `curl http://127.0.0.1:9102/` inside mwlab-app1.
-#   Each host's veth is eth0 inside its namespace and <prefix>-<host> on the
-#   bridge; partition.sh moves host-side ends to a second bridge
-#   <prefix>-brb (or downs them), heal.sh puts them back.
+#   e.g. reg1 198.18.0.11, reg2 .12, reg3 .13, app1 .21, app2 .22. Reach them
+#   from a host: `ip netns exec mwlab-app1 curl http://198.18.0.11:8500/v1/status/leader`;
+#   app1 calls app2 with `ip netns exec mwlab-app1 curl http://127.0.0.1:9102/`.
+#   partition.sh moves ports to a second bridge br1 (or downs them);
+#   heal.sh puts them back.
 #
 # Environment:
 #   LAB_DIR      all state: configs, data dirs, logs, pids (default /tmp/meshwork-lab)
@@ -75,13 +77,6 @@ for bin in meshwork-registry meshwork-sidecar; do
     [[ -x $BIN_DIR/$bin ]] || die "$BIN_DIR/$bin not found: build it or point BIN_DIR at it"
 done
 
-bridge=$(lab_bridge)
-host_ip=$(lab_ip host)
-# Another lab (or anything else) on the same /24 would make traffic ambiguous.
-if other=$(ip -o -4 addr show to "$LAB_NET.0/24" | awk -v br="$bridge" '$2 != br {print $2}') && [[ -n $other ]]; then
-    die "$LAB_NET.0/24 is already used on this host by $other: pick another LAB_NET"
-fi
-
 mkdir -p "$LAB_DIR"
 cat >"$lab_env" <<EOF
 recorded_prefix=$LAB_PREFIX
@@ -91,28 +86,29 @@ recorded_apps=$LAB_APPS
 EOF
 
 # --- network --------------------------------------------------------------
-if ! link_exists "$bridge"; then
-    ip link add "$bridge" type bridge
-fi
-ip addr replace "$host_ip/24" dev "$bridge"
-ip link set "$bridge" up
+# The switch namespace holds the bridge; nothing is made in this one.
+switch=$(lab_switch)
+ns_exists "$switch" || ip netns add "$switch"
+sw link set dev lo up
+sw_link_exists "$LAB_BRIDGE" || sw link add name "$LAB_BRIDGE" type bridge
+sw link set dev "$LAB_BRIDGE" up
 
 for host in $(lab_hosts); do
     ns=$(lab_ns "$host")
-    veth=$(lab_veth "$host")
     ns_exists "$ns" || ip netns add "$ns"
-    if ! link_exists "$veth"; then
-        # A half-made host (its namespace lost its eth0): start it over.
-        ip -n "$ns" link del eth0 2>/dev/null || true
-        ip link add "$veth" type veth peer name eth0 netns "$ns"
+    if ! sw_link_exists "$host"; then
+        # A half-made host (its namespace kept an eth0): start it over.
+        ip -n "$ns" link del dev eth0 2>/dev/null || true
+        sw link add name "$host" type veth peer name eth0 netns "$ns"
     fi
-    # (Re)attach to the main bridge unless partition.sh holds it on the other side.
-    master=$(ip -o link show dev "$veth" | sed -n 's/.* master \([^ ]*\) .*/\1/p')
-    [[ $master == "$(lab_bridge_b)" ]] || ip link set "$veth" master "$bridge"
-    ip link set "$veth" up
-    ip -n "$ns" link set lo up
+    # Onto the bridge, unless partition.sh holds it on the other side or
+    # keeps it isolated.
+    master=$(sw -o link show dev "$host" | sed -n 's/.* master \([^ ]*\) .*/\1/p')
+    [[ $master == "$LAB_BRIDGE_B" ]] || sw link set dev "$host" master "$LAB_BRIDGE"
+    grep -qx "$host" "$LAB_DIR/isolated" 2>/dev/null || sw link set dev "$host" up
+    ip -n "$ns" link set dev lo up
     ip -n "$ns" addr replace "$(lab_ip "$host")/24" dev eth0
-    ip -n "$ns" link set eth0 up
+    ip -n "$ns" link set dev eth0 up
 done
 
 # --- processes -------------------------------------------------------------
@@ -191,19 +187,30 @@ leader_known() {
     answer=$(in_host "$host" curl -fsS --max-time 2 "http://$(lab_ip "$host"):$HTTP_PORT/v1/status/leader") || return 1
     [[ $answer == \"$LAB_NET.*\" ]]
 }
+serving() {
+    http_ok "$1" "http://$(lab_ip "$1"):$HTTP_PORT/v1/status/peers"
+}
+# During a partition (partition.sh, not yet healed) a leader or a
+# registration may be out of reach: then only wait for the processes to serve.
+partitioned=0
+if sw_link_exists "$LAB_BRIDGE_B" || [[ -s $LAB_DIR/isolated ]]; then
+    partitioned=1
+    say "the lab is partitioned (heal.sh undoes it): waiting for the processes only"
+fi
+server_ready=leader_known
+((partitioned == 0)) || server_ready=serving
 for host in $(lab_servers); do
-    if ! wait_until "$LAB_WAIT" "$host to know a leader" alive_and "$host" registry leader_known "$host" ||
+    if ! wait_until "$LAB_WAIT" "$host to know a leader" alive_and "$host" registry "$server_ready" "$host" ||
         ! alive "$host" registry; then
         mapfile -t servers < <(lab_servers)
         tail_logs "${servers[@]}"
-        if [[ -r /proc/sys/net/bridge/bridge-nf-call-iptables && $(</proc/sys/net/bridge/bridge-nf-call-iptables) == 1 ]]; then
-            echo "hint: bridge-nf-call-iptables is 1: a firewall FORWARD policy of DROP (as docker sets) also drops traffic between the lab's hosts" >&2
-        fi
         die "the registry cluster did not come up (logs in $LAB_DIR; clean up with down.sh)"
     fi
 done
-leader=$(in_host reg1 curl -fsS --max-time 2 "http://$(lab_ip reg1):$HTTP_PORT/v1/status/leader" 2>/dev/null || true)
-say "registry cluster up, leader $leader"
+if ((partitioned == 0)); then
+    leader=$(in_host reg1 curl -fsS --max-time 2 "http://$(lab_ip reg1):$HTTP_PORT/v1/status/leader" 2>/dev/null || true)
+    say "registry cluster up, leader $leader"
+fi
 
 for host in $(lab_apps); do
     ip=$(lab_ip "$host")
@@ -255,17 +262,28 @@ EOF
     start "$host" sidecar "$BIN_DIR/meshwork-sidecar" --config "$dir/sidecar.toml"
 done
 
+# registered HOST: some server lists HOST's instance with every check passing.
 registered() {
-    local host=$1 answer
-    answer=$(in_host reg1 curl -fsS --max-time 2 "http://$(lab_ip reg1):$HTTP_PORT/v1/health/service/$host?passing") || return 1
-    [[ $answer == *"\"ID\":\"$host\""* ]]
+    local host=$1 server answer
+    for server in $(lab_servers); do
+        answer=$(in_host "$server" curl -fsS --max-time 2 \
+            "http://$(lab_ip "$server"):$HTTP_PORT/v1/health/service/$host?passing") || continue
+        [[ $answer == *"\"ID\":\"$host\""* ]] && return 0
+    done
+    return 1
+}
+sidecar_ready() {
+    ((partitioned)) || http_ok "$1" "http://127.0.0.1:$ADMIN_PORT/ready"
+}
+app_registered() {
+    ((partitioned)) || registered "$1"
 }
 for host in $(lab_apps); do
     if ! wait_until "$LAB_WAIT" "$host's app" alive_and "$host" app http_ok "$host" "http://127.0.0.1:$APP_PORT/health" ||
         ! alive "$host" app ||
-        ! wait_until "$LAB_WAIT" "$host's sidecar to be ready" alive_and "$host" sidecar http_ok "$host" "http://127.0.0.1:$ADMIN_PORT/ready" ||
+        ! wait_until "$LAB_WAIT" "$host's sidecar to be ready" alive_and "$host" sidecar sidecar_ready "$host" ||
         ! alive "$host" sidecar ||
-        ! wait_until "$LAB_WAIT" "$host to be registered and passing" registered "$host"; then
+        ! wait_until "$LAB_WAIT" "$host to be registered and passing" app_registered "$host"; then
         tail_logs "$host"
         die "app host $host did not come up (logs in $LAB_DIR; clean up with down.sh)"
     fi
@@ -275,7 +293,6 @@ done
 echo
 echo "Meshwork lab is up: $LAB_SERVERS registry server(s), $LAB_APPS app host(s); state and logs in $LAB_DIR"
 printf '  %-5s %-14s %-14s %s\n' host namespace address "what"
-printf '  %-5s %-14s %-14s %s\n' "(you)" "-" "$host_ip" "bridge $bridge"
 for host in $(lab_servers); do
     printf '  %-5s %-14s %-14s %s\n' "$host" "$(lab_ns "$host")" "$(lab_ip "$host")" \
         "registry: http :$HTTP_PORT  grpc :$GRPC_PORT  dns :$DNS_PORT  raft :$RAFT_PORT"
@@ -291,11 +308,12 @@ done
 reg1_ip=$(lab_ip reg1)
 echo
 echo "Try:"
-echo "  curl http://$reg1_ip:$HTTP_PORT/v1/status/peers"
-echo "  curl 'http://$reg1_ip:$HTTP_PORT/v1/health/service/app1?passing'"
-echo "  dig @$reg1_ip -p $DNS_PORT app1.service.mesh. +short"
+in_reg1="ip netns exec $(lab_ns reg1)"
+echo "  $in_reg1 curl http://$reg1_ip:$HTTP_PORT/v1/status/peers"
+echo "  $in_reg1 curl 'http://$reg1_ip:$HTTP_PORT/v1/health/service/app1?passing'"
+echo "  $in_reg1 dig @$reg1_ip -p $DNS_PORT app1.service.mesh. +short"
 if ((LAB_APPS >= 2)); then
     echo "  ip netns exec $(lab_ns app1) curl http://127.0.0.1:$((UPSTREAM_PORT_BASE + 2))/   # app1 -> its sidecar -> app2's sidecar -> app2"
 fi
-echo "  $lab_script_dir/partition.sh reg1      # cut reg1 off; heal.sh undoes it"
+echo "  $lab_script_dir/partition.sh reg1      # cut reg1 off (also: reg1 app1, --isolate); heal.sh undoes it"
 echo "  $lab_script_dir/down.sh                # remove everything"

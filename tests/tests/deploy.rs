@@ -2,8 +2,9 @@
 //! `install.sh` into a temp `DESTDIR` is idempotent and keeps the
 //! operator's configs, the example configs are accepted by the binaries,
 //! and the network-namespace lab comes up (a leader, every app registered
-//! and passing), survives a partition and heals, carries a request from
-//! app1 through both sidecars to app2, and `down.sh` leaves nothing behind.
+//! and passing), carries requests app -> sidecar -> sidecar -> app both
+//! ways, is safe to bring up again, survives partitions and a killed server,
+//! heals, and `down.sh` leaves nothing behind.
 //!
 //! The lab needs root (network namespaces), `ip`, `curl` and `python3`;
 //! the install and unit tests need `systemctl` and `systemd-analyze`.
@@ -542,6 +543,32 @@ impl Lab {
         Ok(leader)
     }
 
+    /// The leader every server names, once they all name the same one.
+    fn agreed_leader(&self) -> Result<String> {
+        let leaders: Vec<String> = ["reg1", "reg2", "reg3"]
+            .iter()
+            .map(|h| self.leader_seen_by(h))
+            .collect::<Result<_>>()?;
+        ensure!(
+            leaders.iter().all(|l| *l == leaders[0]),
+            "servers disagree: {leaders:?}"
+        );
+        Ok(leaders[0].clone())
+    }
+
+    /// A GET to `from`'s upstream listener on `port` comes back with `body`
+    /// (within 15 s: discovery may still be catching up).
+    fn request_flows(&self, from: &str, port: u16, body: &str) -> Result<()> {
+        let url = format!("http://127.0.0.1:{port}/");
+        let got = eventually(
+            &format!("{from} -> {url} through the sidecars"),
+            Duration::from_secs(15),
+            || self.curl(from, &url),
+        )?;
+        ensure!(got.trim() == body, "{from} -> {url}: {got:?}");
+        Ok(())
+    }
+
     /// Names of the lab's namespaces and links left on the host.
     fn leftovers(&self) -> Result<Vec<String>> {
         let netns = run(
@@ -654,7 +681,7 @@ fn eventually<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Result<
 }
 
 #[test]
-fn lab_comes_up_elects_a_leader_registers_the_apps_partitions_heals_and_goes_down() -> Result<()> {
+fn lab_comes_up_carries_traffic_survives_partitions_and_goes_down() -> Result<()> {
     if missing(true, &["ip", "curl", "python3"]).is_some() {
         return Ok(());
     }
@@ -663,11 +690,7 @@ fn lab_comes_up_elects_a_leader_registers_the_apps_partitions_heals_and_goes_dow
     assert!(up.stdout.contains("Meshwork lab is up"), "{}", up.stdout);
 
     // One leader, the same for all three servers, and three peers.
-    let leaders: Vec<String> = ["reg1", "reg2", "reg3"]
-        .iter()
-        .map(|h| lab.leader_seen_by(h))
-        .collect::<Result<_>>()?;
-    assert!(leaders.iter().all(|l| *l == leaders[0]), "{leaders:?}");
+    lab.agreed_leader()?;
     let peers: Vec<String> = serde_json::from_str(&lab.curl(
         "reg2",
         &format!("http://{}:8500/v1/status/peers", lab.ip("reg2")),
@@ -704,6 +727,11 @@ fn lab_comes_up_elects_a_leader_registers_the_apps_partitions_heals_and_goes_dow
             .is_err()
     );
 
+    // app1 calls its upstream "app2" on 127.0.0.1:9102: app1's sidecar ->
+    // app2's sidecar (inbound :21000) -> app2's app; and the other way.
+    lab.request_flows("app1", 9102, "hello from app2")?;
+    lab.request_flows("app2", 9101, "hello from app1")?;
+
     // up.sh again: everything is already running, nothing restarts.
     let pids = lab.pids()?;
     let again = lab.script("up.sh", &[])?.ok("the second up.sh")?;
@@ -732,35 +760,37 @@ fn lab_comes_up_elects_a_leader_registers_the_apps_partitions_heals_and_goes_dow
             Ok(())
         },
     )?;
+    // Isolate app2 as well: nobody reaches its sidecar.
+    lab.script("partition.sh", &["--isolate", "app2"])?
+        .ok("partition.sh --isolate")?;
+    assert!(
+        lab.curl("reg2", &format!("http://{}:21000/", lab.ip("app2")))
+            .is_err(),
+        "app2 is isolated"
+    );
+
+    // A server killed during the partition: up.sh starts it again (with
+    // its data), without waiting for a leader it may not reach.
+    let reg3_pid = fs::read_to_string(lab.lab_dir().join("reg3/registry.pid"))?;
+    run(
+        Command::new("kill").args(["-KILL", reg3_pid.trim()]),
+        Duration::from_secs(5),
+    )?
+    .ok("kill reg3")?;
+    let restart = lab.script("up.sh", &[])?.ok("up.sh during a partition")?;
+    assert!(
+        restart.stdout.contains("reg3: started registry") && restart.stdout.contains("partitioned"),
+        "{}",
+        restart.stdout
+    );
+
+    // Healed: one leader for all three again, traffic flows again.
     lab.script("heal.sh", &[])?.ok("heal.sh")?;
-    eventually("reg1 reachable again", Duration::from_secs(10), || {
-        lab.curl("app1", &reg1)
+    eventually("one leader after heal", Duration::from_secs(30), || {
+        lab.agreed_leader()
     })?;
+    lab.curl("app1", &reg1)?;
+    lab.request_flows("app1", 9102, "hello from app2")?;
 
-    lab.down()
-}
-
-#[test]
-#[ignore = "needs the sidecar proxy (issue 6)"]
-fn lab_carries_a_request_from_app1_through_both_sidecars_to_app2() -> Result<()> {
-    if missing(true, &["ip", "curl", "python3"]).is_some() {
-        return Ok(());
-    }
-    let lab = Lab::new("mwdproxy", "198.19.251")?;
-    lab.script("up.sh", &[])?.ok("up.sh")?;
-    // app1 calls its upstream "app2" on 127.0.0.1:9102: app1's sidecar ->
-    // app2's sidecar (inbound 198.19.251.22:21000) -> app2's app.
-    let body = eventually(
-        "app1 -> app2 through the sidecars",
-        Duration::from_secs(15),
-        || lab.curl("app1", "http://127.0.0.1:9102/"),
-    )?;
-    assert_eq!(body.trim(), "hello from app2");
-    let body = eventually(
-        "app2 -> app1 through the sidecars",
-        Duration::from_secs(15),
-        || lab.curl("app2", "http://127.0.0.1:9101/"),
-    )?;
-    assert_eq!(body.trim(), "hello from app1");
     lab.down()
 }
