@@ -794,3 +794,98 @@ fn lab_comes_up_carries_traffic_survives_partitions_and_goes_down() -> Result<()
 
     lab.down()
 }
+
+/// install.sh without DESTDIR, as on a VM: run in a private mount namespace
+/// where /etc, /usr/local and /var/lib are overlays on a tmpfs, so the user,
+/// the files and their owners are real but the host is left untouched.
+#[test]
+fn install_sh_on_a_real_root_creates_the_user_and_sets_owners() -> Result<()> {
+    if missing(true, &["unshare", "systemctl", "getent"]).is_some() {
+        return Ok(());
+    }
+    let host_files = || {
+        [
+            "/etc/sysusers.d/meshwork.conf",
+            "/etc/meshwork",
+            "/usr/local/share/meshwork",
+        ]
+        .map(|p| Path::new(p).exists())
+    };
+    let host_before = host_files();
+    let dir = tempfile::tempdir()?;
+    let bins = stub_binaries(dir.path(), "real root")?;
+    let scratch = dir.path().join("overlays");
+    fs::create_dir_all(&scratch)?;
+    // Every mount must succeed before install.sh runs (set -e), or it
+    // would write to the real /etc.
+    let script = format!(
+        r#"set -euo pipefail
+mount -t tmpfs tmpfs {scratch}
+for d in etc usr/local var/lib; do
+    n=${{d//\//_}}
+    mkdir -p {scratch}/$n-up {scratch}/$n-work
+    mount -t overlay overlay -o lowerdir=/$d,upperdir={scratch}/$n-up,workdir={scratch}/$n-work /$d
+done
+echo mounted
+{install} --bin-dir {bins} --node-id 2 --registry
+echo "--- user"
+getent passwd meshwork
+echo "--- owners"
+stat -c '%n %U:%G %a' /etc/meshwork /etc/meshwork/registry.toml /etc/meshwork/sidecar/web.toml /var/lib/meshwork /usr/local/bin/meshwork-registry
+echo "--- again"
+{install} --bin-dir {bins} --node-id 2 --registry
+"#,
+        scratch = scratch.display(),
+        install = deploy_dir().join("install.sh").display(),
+        bins = bins.display(),
+    );
+    let out = run(
+        Command::new("unshare").args([
+            "--mount",
+            "--propagation",
+            "private",
+            "bash",
+            "-c",
+            &script,
+        ]),
+        Duration::from_secs(60),
+    )?;
+    if !out.stdout.contains("mounted") {
+        // Overlays on tmpfs need a kernel and container that allow them.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "cannot make the overlays under CI: {}",
+            out.stderr
+        );
+        eprintln!(
+            "skipped: cannot make the overlays here: {}",
+            out.stderr.trim()
+        );
+        return Ok(());
+    }
+    let out = out.ok("install.sh on the overlaid root")?;
+    let user = out
+        .stdout
+        .split("--- user\n")
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .context("no user line")?;
+    assert!(
+        user.starts_with("meshwork:x:") && user.contains(":/var/lib/meshwork:"),
+        "{user}"
+    );
+    for expected in [
+        "/etc/meshwork root:meshwork 750",
+        "/etc/meshwork/registry.toml root:meshwork 640",
+        "/etc/meshwork/sidecar/web.toml root:meshwork 640",
+        "/var/lib/meshwork meshwork:meshwork 750",
+        "/usr/local/bin/meshwork-registry root:root 755",
+    ] {
+        assert!(out.stdout.contains(expected), "{expected}:\n{}", out.stdout);
+    }
+    let again = out.stdout.split("--- again\n").nth(1).unwrap_or_default();
+    assert!(again.contains("nothing to change"), "{}", out.stdout);
+    // And the host itself was not touched.
+    assert_eq!(host_files(), host_before, "the host's own files changed");
+    Ok(())
+}
