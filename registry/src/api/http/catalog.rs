@@ -25,7 +25,8 @@ async fn json_read(
     app: &AppState,
     uri: Uri,
     query: Option<String>,
-    compute: impl Fn(&RegistryState, &Params) -> (Value, u64),
+    index_of: impl Fn(&RegistryState) -> u64,
+    compute: impl Fn(&RegistryState, &Params) -> Value,
 ) -> Result<Response, ApiError> {
     let params = Params::parse(query.as_deref());
     let options = ReadOptions::from_params(&params)?;
@@ -33,11 +34,10 @@ async fn json_read(
     // The URI points into hyper's read buffer; holding it across a blocking
     // wait would pin 8 KiB per parked request.
     drop(uri);
-    let result = run_read(&app.node, options, &app.shutdown, |state| {
+    let result = run_read(&app.node, options, &app.shutdown, &index_of, |state| {
         app.shared_reads.get_or_compute(&key, state, |state| {
-            let (value, index) = compute(state, &params);
-            let body = serde_json::to_vec(&value).unwrap_or_else(|_| b"null".to_vec());
-            (Bytes::from(body), index)
+            let value = compute(state, &params);
+            Bytes::from(serde_json::to_vec(&value).unwrap_or_else(|_| b"null".to_vec()))
         })
     })
     .await?;
@@ -149,15 +149,21 @@ pub async fn services(
     uri: Uri,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, uri, q, |state, _| {
-        let names: BTreeMap<&str, Vec<&str>> = state
-            .catalog
-            .service_names()
-            .into_iter()
-            .map(|(name, tags)| (name, tags.into_iter().collect()))
-            .collect();
-        (json!(names), state.catalog.services_list_index())
-    })
+    json_read(
+        &app,
+        uri,
+        q,
+        |state| state.catalog.services_list_index(),
+        |state, _| {
+            let names: BTreeMap<&str, Vec<&str>> = state
+                .catalog
+                .service_names()
+                .into_iter()
+                .map(|(name, tags)| (name, tags.into_iter().collect()))
+                .collect();
+            json!(names)
+        },
+    )
     .await
 }
 
@@ -168,15 +174,21 @@ pub async fn service(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, uri, q, |state, params| {
-        let list: Vec<Value> = state
-            .catalog
-            .instances(&name)
-            .filter(|(_, s)| has_tags(&s.tags, params))
-            .map(|(n, s)| consul_json::catalog_service_json(n, s))
-            .collect();
-        (Value::Array(list), state.catalog.service_index(&name))
-    })
+    json_read(
+        &app,
+        uri,
+        q,
+        |state| state.catalog.service_index(&name),
+        |state, params| {
+            let list: Vec<Value> = state
+                .catalog
+                .instances(&name)
+                .filter(|(_, s)| has_tags(&s.tags, params))
+                .map(|(n, s)| consul_json::catalog_service_json(n, s))
+                .collect();
+            Value::Array(list)
+        },
+    )
     .await
 }
 
@@ -186,10 +198,16 @@ pub async fn nodes(
     uri: Uri,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, uri, q, |state, _| {
-        let list: Vec<Value> = state.catalog.nodes().map(consul_json::node_json).collect();
-        (Value::Array(list), state.catalog.nodes_index())
-    })
+    json_read(
+        &app,
+        uri,
+        q,
+        |state| state.catalog.nodes_index(),
+        |state, _| {
+            let list: Vec<Value> = state.catalog.nodes().map(consul_json::node_json).collect();
+            Value::Array(list)
+        },
+    )
     .await
 }
 
@@ -200,8 +218,12 @@ pub async fn node(
     Path(node): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, uri, q, |state, _| {
-        let value = match state.catalog.node(&node) {
+    json_read(
+        &app,
+        uri,
+        q,
+        |state| state.catalog.node_index(&node),
+        |state, _| match state.catalog.node(&node) {
             None => Value::Null,
             Some(n) => {
                 let services: Map<String, Value> = state
@@ -211,9 +233,8 @@ pub async fn node(
                     .collect();
                 json!({ "Node": consul_json::node_json(n), "Services": services })
             }
-        };
-        (value, state.catalog.node_index(&node))
-    })
+        },
+    )
     .await
 }
 
@@ -226,28 +247,35 @@ pub async fn health_service(
 ) -> Result<Response, ApiError> {
     let params = Params::parse(q.as_deref());
     let passing_only = params.flag("passing")?;
-    json_read(&app, uri, q, |state, params| {
-        let catalog = &state.catalog;
-        let list: Vec<Value> = catalog
-            .instances(&name)
-            .filter(|(_, s)| has_tags(&s.tags, params))
-            .filter(|(n, s)| {
-                !passing_only || catalog.instance_status(&n.name, &s.id) == HealthStatus::Passing
-            })
-            .map(|(n, s)| {
-                let checks: Vec<Value> = catalog
-                    .instance_checks(&n.name, &s.id)
-                    .map(consul_json::check_json)
-                    .collect();
-                json!({
-                    "Node": consul_json::node_json(n),
-                    "Service": consul_json::service_json(s),
-                    "Checks": checks,
+    json_read(
+        &app,
+        uri,
+        q,
+        |state| state.catalog.service_index(&name),
+        |state, params| {
+            let catalog = &state.catalog;
+            let list: Vec<Value> = catalog
+                .instances(&name)
+                .filter(|(_, s)| has_tags(&s.tags, params))
+                .filter(|(n, s)| {
+                    !passing_only
+                        || catalog.instance_status(&n.name, &s.id) == HealthStatus::Passing
                 })
-            })
-            .collect();
-        (Value::Array(list), catalog.service_index(&name))
-    })
+                .map(|(n, s)| {
+                    let checks: Vec<Value> = catalog
+                        .instance_checks(&n.name, &s.id)
+                        .map(consul_json::check_json)
+                        .collect();
+                    json!({
+                        "Node": consul_json::node_json(n),
+                        "Service": consul_json::service_json(s),
+                        "Checks": checks,
+                    })
+                })
+                .collect();
+            Value::Array(list)
+        },
+    )
     .await
 }
 
@@ -258,15 +286,21 @@ pub async fn health_checks(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, uri, q, |state, _| {
-        let list: Vec<Value> = state
-            .catalog
-            .all_checks()
-            .filter(|c| c.service_name == name)
-            .map(consul_json::check_json)
-            .collect();
-        (Value::Array(list), state.catalog.service_index(&name))
-    })
+    json_read(
+        &app,
+        uri,
+        q,
+        |state| state.catalog.service_index(&name),
+        |state, _| {
+            let list: Vec<Value> = state
+                .catalog
+                .all_checks()
+                .filter(|c| c.service_name == name)
+                .map(consul_json::check_json)
+                .collect();
+            Value::Array(list)
+        },
+    )
     .await
 }
 
@@ -277,14 +311,20 @@ pub async fn health_node(
     Path(node): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, uri, q, |state, _| {
-        let list: Vec<Value> = state
-            .catalog
-            .node_checks(&node)
-            .map(consul_json::check_json)
-            .collect();
-        (Value::Array(list), state.catalog.node_index(&node))
-    })
+    json_read(
+        &app,
+        uri,
+        q,
+        |state| state.catalog.node_index(&node),
+        |state, _| {
+            let list: Vec<Value> = state
+                .catalog
+                .node_checks(&node)
+                .map(consul_json::check_json)
+                .collect();
+            Value::Array(list)
+        },
+    )
     .await
 }
 
@@ -303,14 +343,20 @@ pub async fn health_state(
             ))
         })?),
     };
-    json_read(&app, uri, q, |state, _| {
-        let list: Vec<Value> = state
-            .catalog
-            .all_checks()
-            .filter(|c| filter.is_none_or(|f| c.status == f))
-            .map(consul_json::check_json)
-            .collect();
-        (Value::Array(list), state.catalog.checks_index())
-    })
+    json_read(
+        &app,
+        uri,
+        q,
+        |state| state.catalog.checks_index(),
+        |state, _| {
+            let list: Vec<Value> = state
+                .catalog
+                .all_checks()
+                .filter(|c| filter.is_none_or(|f| c.status == f))
+                .map(consul_json::check_json)
+                .collect();
+            Value::Array(list)
+        },
+    )
     .await
 }

@@ -103,25 +103,31 @@ async fn get(app: &AppState, key: &str, params: &Params) -> Result<Response, Api
     let body: Option<Response>;
     if params.has("keys") {
         let separator = params.get("separator").map(str::to_owned);
-        let result = run_read(node, options, shutdown, |state| {
-            (
-                state.kv.keys(key, separator.as_deref()),
-                state.kv.prefix_index(key),
-            )
-        })
+        let result = run_read(
+            node,
+            options,
+            shutdown,
+            |state| state.kv.prefix_index(key),
+            |state| state.kv.keys(key, separator.as_deref()),
+        )
         .await?;
         headers = read_headers(node, result.index, options.consistency);
         body = (!result.value.is_empty()).then(|| axum::Json(result.value).into_response());
     } else if params.flag("recurse")? {
-        let result = run_read(node, options, shutdown, |state| {
-            let pairs: Vec<KvPair<'_>> = state
-                .kv
-                .prefix_range(key)
-                .map(|(k, e)| KvPair::new(k, e))
-                .collect();
-            let body = (!pairs.is_empty()).then(|| serde_json::to_vec(&pairs));
-            (body, state.kv.prefix_index(key))
-        })
+        let result = run_read(
+            node,
+            options,
+            shutdown,
+            |state| state.kv.prefix_index(key),
+            |state| {
+                let pairs: Vec<KvPair<'_>> = state
+                    .kv
+                    .prefix_range(key)
+                    .map(|(k, e)| KvPair::new(k, e))
+                    .collect();
+                (!pairs.is_empty()).then(|| serde_json::to_vec(&pairs))
+            },
+        )
         .await?;
         headers = read_headers(node, result.index, options.consistency);
         body = result
@@ -134,16 +140,21 @@ async fn get(app: &AppState, key: &str, params: &Params) -> Result<Response, Api
             return Err(ApiError::bad_request("Missing key name"));
         }
         let raw = params.flag("raw")?;
-        let result = run_read(node, options, shutdown, |state| {
-            let found = state.kv.get(key).map(|entry| {
-                if raw {
-                    Ok(entry.value.to_vec())
-                } else {
-                    serde_json::to_vec(&[KvPair::new(key, entry)])
-                }
-            });
-            (found, state.kv.key_index(key))
-        })
+        let result = run_read(
+            node,
+            options,
+            shutdown,
+            |state| state.kv.key_index(key),
+            |state| {
+                state.kv.get(key).map(|entry| {
+                    if raw {
+                        Ok(entry.value.to_vec())
+                    } else {
+                        serde_json::to_vec(&[KvPair::new(key, entry)])
+                    }
+                })
+            },
+        )
         .await?;
         headers = read_headers(node, result.index, options.consistency);
         body = match result.value.transpose().map_err(|e| internal(&e))? {

@@ -156,15 +156,19 @@ pub struct Indexed<T> {
     pub index: u64,
 }
 
-/// Runs a read: waits for the consistency barrier, then computes the
-/// result and, for a blocking query, recomputes it after each applied
-/// change until its index passes `min_index` or the wait (plus up to 1/16
-/// jitter, as Consul) runs out. Shutdown ends the wait early.
+/// Runs a read: waits for the consistency barrier, then answers with
+/// `compute` and the result's index from `index_of`. A blocking query
+/// parks until that index passes `min_index` or the wait (plus up to 1/16
+/// jitter, as Consul) runs out; each applied change wakes it, but only the
+/// cheap `index_of` runs until the answer is due, so changes elsewhere cost
+/// a map lookup, not a recomputed and re-encoded answer. Shutdown ends the
+/// wait early.
 pub async fn run_read<T>(
     node: &RegistryNode,
     options: ReadOptions,
     shutdown: &CancellationToken,
-    compute: impl Fn(&State) -> (T, u64),
+    index_of: impl Fn(&State) -> u64,
+    compute: impl Fn(&State) -> T,
 ) -> Result<Indexed<T>, ApiError> {
     // Boxed: the barrier's future (a gRPC call to the leader) is large, and
     // inline it would size the state of every parked blocking query.
@@ -176,27 +180,29 @@ pub async fn run_read<T>(
     });
     let _parked = deadline
         .map(|_| crate::metrics::GaugeGuard::new(&crate::metrics::METRICS.blocking_queries));
+    // Index 0 would make clients spin; Consul reports at least 1.
+    let answer = |state: &State| Indexed {
+        index: index_of(state).max(1),
+        value: compute(state),
+    };
+    let (Some(min), Some(deadline)) = (options.min_index, deadline) else {
+        return Ok(answer(&node.state.read()));
+    };
     loop {
         applied.borrow_and_update();
-        let (value, index) = {
+        {
             let state = node.state.read();
-            compute(&state)
-        };
-        // Index 0 would make clients spin; Consul reports at least 1.
-        let index = index.max(1);
-        let (Some(min), Some(deadline)) = (options.min_index, deadline) else {
-            return Ok(Indexed { value, index });
-        };
-        if index > min {
-            return Ok(Indexed { value, index });
-        }
-        tokio::select! {
-            changed = tokio::time::timeout_at(deadline, applied.changed()) => {
-                if !matches!(changed, Ok(Ok(()))) {
-                    return Ok(Indexed { value, index });
-                }
+            if index_of(&state).max(1) > min {
+                return Ok(answer(&state));
             }
-            () = shutdown.cancelled() => return Ok(Indexed { value, index }),
+        }
+        let woken = tokio::select! {
+            changed = tokio::time::timeout_at(deadline, applied.changed()) => matches!(changed, Ok(Ok(()))),
+            () = shutdown.cancelled() => false,
+        };
+        if !woken {
+            // Timed out or shutting down: the answer as it stands.
+            return Ok(answer(&node.state.read()));
         }
     }
 }
@@ -248,17 +254,17 @@ mod tests {
         let mut state = State::default();
         let mut computed = 0;
         for _ in 0..3 {
-            let (body, index) = reads.get_or_compute("k", &state, |_| {
+            let body = reads.get_or_compute("k", &state, |_| {
                 computed += 1;
-                (bytes::Bytes::from_static(b"[]"), 7)
+                bytes::Bytes::from_static(b"[]")
             });
-            assert_eq!((&body[..], index), (&b"[]"[..], 7));
+            assert_eq!(&body[..], b"[]");
         }
         assert_eq!(computed, 1);
         state.last_index = 9;
         reads.get_or_compute("k", &state, |_| {
             computed += 1;
-            (bytes::Bytes::new(), 9)
+            bytes::Bytes::new()
         });
         assert_eq!(computed, 2);
         assert_eq!(
@@ -301,7 +307,6 @@ pub struct SharedReads {
 struct SharedRead {
     /// The state's applied index when computed: valid until it moves.
     applied: u64,
-    index: u64,
     body: bytes::Bytes,
 }
 
@@ -315,8 +320,8 @@ impl SharedReads {
         &self,
         key: &str,
         state: &State,
-        compute: impl FnOnce(&State) -> (bytes::Bytes, u64),
-    ) -> (bytes::Bytes, u64) {
+        compute: impl FnOnce(&State) -> bytes::Bytes,
+    ) -> bytes::Bytes {
         let slot = {
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             if entries.len() >= SHARED_READS_MAX && !entries.contains_key(key) {
@@ -328,15 +333,14 @@ impl SharedReads {
         if let Some(read) = slot.as_ref()
             && read.applied == state.last_index
         {
-            return (read.body.clone(), read.index);
+            return read.body.clone();
         }
-        let (body, index) = compute(state);
+        let body = compute(state);
         *slot = Some(SharedRead {
             applied: state.last_index,
-            index,
             body: body.clone(),
         });
-        (body, index)
+        body
     }
 }
 
