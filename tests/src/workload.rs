@@ -290,6 +290,8 @@ pub struct WatchLog {
     pub resumed: u32,
     /// Reconnects that got a fresh snapshot.
     pub resets: u32,
+    /// Resumes answered with one diffed CHANGE instead of each change.
+    pub coalesced: u32,
     pub events: u64,
     /// Duplicates, index regressions and malformed events.
     pub anomalies: Vec<String>,
@@ -351,6 +353,8 @@ async fn follow_once(
     // Within the initial part: a fresh snapshot replaces the state.
     let mut in_snapshot = true;
     let mut fresh = false;
+    // The resumed part held a diff rather than every change.
+    let mut coalesced = false;
     let mut max_messages = 1_000_000u32;
     while !stop.load(Ordering::Relaxed) && max_messages > 0 {
         max_messages -= 1;
@@ -369,7 +373,7 @@ async fn follow_once(
                     fresh = true;
                     log.state.clear();
                 }
-                apply_changes(&event.changes, None, url, log);
+                apply_changes(&event.changes, None, since, false, url, log);
                 if event.index < log.last_index && since > 0 {
                     log.anomalies.push(format!(
                         "{url}: index regression: a snapshot at {} after the watcher had {} (resumed from {since})",
@@ -386,9 +390,15 @@ async fn follow_once(
                         if fresh { "a fresh" } else { "no" }
                     ));
                 }
-                if event.resumed {
+                if event.resumed && !coalesced {
                     log.resumed += u32::from(since > 0);
                     log.extend_coverage(event.index);
+                } else if event.resumed {
+                    // Caught up by a diff: the state is whole again, but
+                    // the changes in between were not each delivered.
+                    log.resumed += u32::from(since > 0);
+                    log.coalesced += 1;
+                    log.covered.push((event.index, event.index));
                 } else {
                     log.resets += u32::from(since > 0);
                     if event.index < log.last_index {
@@ -417,7 +427,13 @@ async fn follow_once(
                 if log.covered.is_empty() {
                     log.covered.push((since, since));
                 }
-                apply_changes(&event.changes, Some(event.index), url, log);
+                // Live changes carry exactly their own index; a resume on
+                // another server may send one CHANGE diffed against the
+                // state at `since` (documented in registry/src/watch), whose
+                // entries were modified in (since, index].
+                let exact = !in_snapshot;
+                coalesced |=
+                    apply_changes(&event.changes, Some(event.index), since, exact, url, log);
                 log.last_index = log.last_index.max(event.index);
                 if !in_snapshot {
                     log.extend_coverage(event.index);
@@ -429,12 +445,17 @@ async fn follow_once(
     Ok(())
 }
 
+/// Applies one event's changes to the watcher's view; returns whether
+/// they were coalesced (an entry modified before the event's index).
 fn apply_changes(
     changes: &[meshwork_proto::v1::Change],
     index: Option<u64>,
+    since: u64,
+    exact: bool,
     url: &str,
     log: &mut WatchLog,
-) {
+) -> bool {
+    let mut coalesced = false;
     for c in changes {
         match &c.change {
             Some(change::Change::Kv(entry)) => {
@@ -446,13 +467,19 @@ fn apply_changes(
                         .push(format!("{url}: a value that is not ours: {entry:?}"));
                     continue;
                 };
-                if let Some(index) = index
-                    && entry.modify_index != index
-                {
-                    log.anomalies.push(format!(
-                        "{url}: change at index {index} carries {} with ModifyIndex {}",
-                        entry.key, entry.modify_index
-                    ));
+                if let Some(index) = index {
+                    let fits = if exact {
+                        entry.modify_index == index
+                    } else {
+                        entry.modify_index > since && entry.modify_index <= index
+                    };
+                    if !fits {
+                        log.anomalies.push(format!(
+                            "{url}: change at index {index} (resumed from {since}) carries {} with ModifyIndex {}",
+                            entry.key, entry.modify_index
+                        ));
+                    }
+                    coalesced |= entry.modify_index != index;
                 }
                 let seen = Observation {
                     value,
@@ -471,6 +498,7 @@ fn apply_changes(
                 .push(format!("{url}: not a KV change: {other:?}")),
         }
     }
+    coalesced
 }
 
 /// Checks index ↔ value over every observation (reads and watcher): one
