@@ -25,7 +25,7 @@ use super::cluster::{Cluster, OwnedGauge, acquire_owned};
 pub enum ConnectError {
     #[error("connect to {0} timed out after {1:?}")]
     Timeout(SocketAddr, Duration),
-    #[error("connect to {0}: {1}")]
+    #[error("{0}: {1}")]
     Io(SocketAddr, #[source] io::Error),
     #[error("max_connections reached")]
     Limit,

@@ -319,12 +319,19 @@ impl HttpProxy {
                 || (matches!(error, ProxyError::Reset(_))
                     && policy.on.reset
                     && retry::idempotent(&method));
+            // A connection that was never made cost the upstream nothing,
+            // so connect failures do not spend the retry budget.
+            let slot = if can_retry && safe && !connect {
+                retry::budget(cluster).map(Some)
+            } else {
+                Some(None)
+            };
             if can_retry
                 && safe
-                && let Some(slot) = retry::budget(cluster)
+                && let Some(slot) = slot
             {
                 tracing::debug!(upstream = %cluster.config.name, endpoint = %endpoint.addr, error = %error, attempt, "retrying on another endpoint");
-                retry_slot = Some(slot);
+                retry_slot = slot;
                 drop(in_flight);
                 if self.wait_backoff(attempt, deadline).await {
                     continue;
@@ -338,7 +345,7 @@ impl HttpProxy {
                     attempt,
                 );
             }
-            tracing::debug!(upstream = %cluster.config.name, endpoint = %endpoint.addr, error = %error, "request failed");
+            tracing::debug!(upstream = %cluster.config.name, endpoint = %endpoint.addr, error = %error, attempt, retryable = can_retry && safe, "request failed");
             return self.fail(error, grpc, start, log, Some(endpoint.addr), attempt);
         }
     }

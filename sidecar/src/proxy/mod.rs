@@ -10,6 +10,7 @@ pub mod balance;
 pub mod cluster;
 pub mod connect;
 pub mod http;
+pub mod idle;
 pub mod rescue;
 pub mod retry;
 pub mod tcp;
@@ -239,15 +240,24 @@ impl Proxy {
                 Some(http) => {
                     let _ = stream.set_nodelay(true);
                     let http = Arc::clone(http);
+                    let activity = Arc::new(idle::Activity::default());
+                    let busy = Arc::clone(&activity);
                     let service = hyper::service::service_fn(move |req| {
                         let http = Arc::clone(&http);
-                        async move { Ok::<_, Infallible>(http.handle(req, peer).await) }
+                        let busy = busy.busy();
+                        async move {
+                            let response = http.handle(req, peer).await;
+                            drop(busy);
+                            Ok::<_, Infallible>(response)
+                        }
                     });
+                    let io = idle::Tracked::new(stream, Arc::clone(&activity));
                     let connection = server
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .serve_connection_with_upgrades(TokioIo::new(io), service)
                         .into_owned();
                     let graceful = self.stop_accepting.clone();
                     let stop_now = self.stop_now.clone();
+                    let idle_timeout = cluster.config.idle_timeout;
                     self.tasks.spawn(async move {
                         tokio::pin!(connection);
                         tokio::select! {
@@ -257,6 +267,7 @@ impl Proxy {
                                 }
                                 return;
                             }
+                            () = activity.idle(HEADER_READ_TIMEOUT, idle_timeout) => return,
                             () = graceful.cancelled() => {}
                         }
                         // Finish what is in flight, refuse new requests.

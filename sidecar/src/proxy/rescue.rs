@@ -20,7 +20,7 @@ pub const ERROR_HEADER: &str = "x-meshwork-error";
 pub enum ProxyError {
     #[error("no healthy endpoint for upstream {0:?}")]
     NoHealthyUpstream(String),
-    #[error("cannot connect to {0}")]
+    #[error("connect failed: {0}")]
     ConnectFailure(String),
     #[error("connecting to {0} took longer than {1:?}")]
     ConnectTimeout(String, Duration),

@@ -5,21 +5,18 @@
 //! on to the other while the reverse direction keeps flowing. A
 //! connection idle for the upstream's `idle_timeout` is closed.
 
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::balance::hash_of;
 use super::cluster::{Cluster, acquire_owned};
 use super::connect::{ConnectError, connect};
+use super::idle::{Activity, Tracked};
 use super::rescue::ProxyError;
 use super::retry;
 use crate::telemetry::{AccessLog, Outcome, unix_ms};
@@ -92,9 +89,8 @@ pub async fn proxy_connection(
                     ConnectError::Timeout(..) => Outcome::ConnectTimeout,
                     _ => Outcome::ConnectFailure,
                 };
-                if attempts < max_attempts
-                    && let Some(_budget) = retry::budget(&cluster)
-                {
+                // Connect failures cost the upstream nothing: no budget.
+                if attempts < max_attempts {
                     tracing::debug!(upstream = %cluster.config.name, error = %e, "connect failed; trying another endpoint");
                     cluster.metrics.retries.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(retry::backoff(attempts)).await;
@@ -109,24 +105,11 @@ pub async fn proxy_connection(
     cluster.report(&endpoint, false);
     let _in_flight = endpoint.start_request();
     let (mut upstream, _slot) = upstream.into_parts();
-    let last = Arc::new(AtomicU64::new(0));
-    let mut client = Watched {
-        inner: client,
-        start,
-        last: Arc::clone(&last),
-    };
+    let activity = Arc::new(Activity::default());
+    let mut client = Tracked::new(client, Arc::clone(&activity));
     let idle = cluster.config.idle_timeout;
-    let idle_watch = async {
-        loop {
-            let quiet = start
-                .elapsed()
-                .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-            if quiet >= idle {
-                return;
-            }
-            tokio::time::sleep(idle - quiet).await;
-        }
-    };
+    // The connection is busy while it lasts; only silence counts.
+    let idle_watch = activity.idle(idle, idle);
     tokio::select! {
         result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
             match result {
@@ -143,56 +126,4 @@ pub async fn proxy_connection(
         () = stop.cancelled() => {}
     }
     finish(Outcome::Upstream, Some(endpoint.addr), attempts);
-}
-
-/// The client side of a spliced connection, noting when bytes last moved
-/// (either way) for the idle timeout.
-struct Watched {
-    inner: TcpStream,
-    start: Instant,
-    /// Milliseconds after `start`.
-    last: Arc<AtomicU64>,
-}
-
-impl Watched {
-    fn touch(&self) {
-        self.last
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if r.is_ready() {
-            self.touch();
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Watched {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if r.is_ready() {
-            self.touch();
-        }
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }

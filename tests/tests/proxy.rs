@@ -1,0 +1,1318 @@
+//! The sidecar's data plane end to end: real `meshwork-registry` and
+//! `meshwork-sidecar` processes and demo backends written here (hyper and
+//! tonic servers). Traffic goes app → client sidecar (outbound listener) →
+//! server sidecar (inbound listener) → backend, as in production.
+//!
+//! Every address is on the cluster's own `127.x.y.0/24`; every loop is
+//! bounded in count and time.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshwork_tests::{Cluster, GRPC_PORT, wait_for};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+fn sidecar_bin() -> PathBuf {
+    meshwork_tests::registry_bin().with_file_name("meshwork-sidecar")
+}
+
+/// The admin port every test sidecar uses on its own address.
+const ADMIN_PORT: u16 = 19000;
+/// The inbound port every server sidecar uses on its own address.
+const INBOUND_PORT: u16 = 21000;
+/// The outbound port the client sidecar gives its upstream.
+const UPSTREAM_PORT: u16 = 9191;
+
+// ---------------------------------------------------------------- backends
+
+/// What a demo HTTP backend does; changed by the test while it runs.
+#[derive(Debug, Default)]
+struct Behavior {
+    /// Answer every request with this status (0 = normal answers).
+    fail_with: AtomicU16,
+    /// Requests answered.
+    served: AtomicUsize,
+}
+
+/// A demo HTTP backend (HTTP/1.1 and HTTP/2, upgrades). It answers
+/// `<name> <body>` with the headers it saw echoed back as `x-seen-*`;
+/// `/slow` waits 2 s; an `Upgrade` request gets 101 and an echo of bytes.
+async fn http_backend(ip: &str, name: &str) -> Result<(SocketAddr, Arc<Behavior>)> {
+    let listener = TcpListener::bind(format!("{ip}:0")).await?;
+    let addr = listener.local_addr()?;
+    let behavior = Arc::new(Behavior::default());
+    let served = Arc::clone(&behavior);
+    let name: Arc<str> = Arc::from(name);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let behavior = Arc::clone(&served);
+            let name = Arc::clone(&name);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let behavior = Arc::clone(&behavior);
+                    let name = Arc::clone(&name);
+                    async move { Ok::<_, Infallible>(answer(req, &name, &behavior).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok((addr, behavior))
+}
+
+async fn answer(
+    mut req: Request<Incoming>,
+    name: &str,
+    behavior: &Behavior,
+) -> Response<Full<Bytes>> {
+    behavior.served.fetch_add(1, Ordering::Relaxed);
+    let fail = behavior.fail_with.load(Ordering::Relaxed);
+    if fail != 0 {
+        let mut r = Response::new(Full::new(Bytes::from(format!("{name} failing"))));
+        *r.status_mut() = StatusCode::from_u16(fail).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        r.headers_mut()
+            .insert("x-backend", name.parse().expect("ascii"));
+        return r;
+    }
+    if req.uri().path() == "/slow" {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    if req.headers().contains_key(hyper::header::UPGRADE) {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let mut buf = [0u8; 1024];
+                for _ in 0..100 {
+                    match io.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if io.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert("upgrade", "echo".parse().expect("ascii"));
+        r.headers_mut()
+            .insert("connection", "upgrade".parse().expect("ascii"));
+        return r;
+    }
+    let version = format!("{:?}", req.version());
+    let seen: Vec<(String, String)> = ["x-request-id", "traceparent", "host"]
+        .iter()
+        .filter_map(|h| {
+            req.headers()
+                .get(*h)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| (format!("x-seen-{h}"), v.to_owned()))
+        })
+        .collect();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(format!(
+        "{name} {}",
+        String::from_utf8_lossy(&body)
+    ))));
+    let headers = r.headers_mut();
+    headers.insert("x-backend", name.parse().expect("ascii"));
+    headers.insert("x-seen-version", version.parse().expect("ascii"));
+    for (k, v) in seen {
+        if let (Ok(k), Ok(v)) = (
+            hyper::header::HeaderName::from_bytes(k.as_bytes()),
+            v.parse(),
+        ) {
+            headers.insert(k, v);
+        }
+    }
+    r
+}
+
+/// A TCP backend: reads until the client half-closes, then answers
+/// `<name> got <n> bytes` and closes.
+async fn tcp_backend(ip: &str, name: &str) -> Result<SocketAddr> {
+    let listener = TcpListener::bind(format!("{ip}:0")).await?;
+    let addr = listener.local_addr()?;
+    let name = name.to_owned();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let name = name.clone();
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                if stream.read_to_end(&mut all).await.is_ok() {
+                    let reply = format!("{name} got {} bytes", all.len());
+                    let _ = stream.write_all(reply.as_bytes()).await;
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A gRPC backend serving `meshwork.v1.Watch/Subscribe` (server
+/// streaming): three events for any topic, then OK; for the service name
+/// `fail`, one event then NOT_FOUND in the trailers.
+async fn grpc_backend(ip: &str) -> Result<SocketAddr> {
+    use meshwork_proto::v1::watch_server::{Watch, WatchServer};
+    use meshwork_proto::v1::{SubscribeRequest, WatchEvent, subscribe_request};
+    use tonic::codegen::tokio_stream;
+
+    struct Demo;
+
+    #[tonic::async_trait]
+    impl Watch for Demo {
+        type SubscribeStream =
+            tokio_stream::Iter<std::vec::IntoIter<Result<WatchEvent, tonic::Status>>>;
+
+        async fn subscribe(
+            &self,
+            request: tonic::Request<SubscribeRequest>,
+        ) -> Result<tonic::Response<Self::SubscribeStream>, tonic::Status> {
+            let name = match request.into_inner().topic {
+                Some(subscribe_request::Topic::Service(s)) => s.name,
+                _ => String::new(),
+            };
+            let event = |index| {
+                Ok(WatchEvent {
+                    kind: 3,
+                    index,
+                    ..WatchEvent::default()
+                })
+            };
+            let events = if name == "fail" {
+                vec![
+                    event(1),
+                    Err(tonic::Status::not_found("no such demo topic")),
+                ]
+            } else {
+                vec![event(1), event(2), event(3)]
+            };
+            Ok(tonic::Response::new(tokio_stream::iter(events)))
+        }
+    }
+
+    let listener = TcpListener::bind(format!("{ip}:0")).await?;
+    let addr = listener.local_addr()?;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(WatchServer::new(Demo))
+            .serve_with_incoming(incoming),
+    );
+    Ok(addr)
+}
+
+// ---------------------------------------------------------------- sidecars
+
+/// One sidecar process.
+struct Sidecar {
+    ip: String,
+    child: Option<Child>,
+    log: PathBuf,
+    /// Its stdout: the JSON access log when `[proxy] access_log = true`.
+    access_log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Sidecar {
+    fn admin(&self, path: &str) -> String {
+        format!("http://{}:{ADMIN_PORT}{path}", self.ip)
+    }
+
+    async fn json(&self, path: &str) -> Result<serde_json::Value> {
+        Ok(self.http.get(self.admin(path)).send().await?.json().await?)
+    }
+
+    async fn metrics(&self) -> Result<String> {
+        Ok(self
+            .http
+            .get(self.admin("/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+
+    /// Sum of the metric lines starting with `prefix` (name and labels).
+    async fn metric_sum(&self, prefix: &str) -> Result<f64> {
+        let text = self.metrics().await?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// Endpoints of the first outbound cluster as `(address, health, ejected)`.
+    async fn endpoints(&self) -> Result<Vec<(String, String, bool)>> {
+        let clusters = self.json("/clusters").await?;
+        let list = clusters["clusters"]
+            .as_array()
+            .context("clusters")?
+            .iter()
+            .find(|c| c["direction"] == "outbound")
+            .context("an outbound cluster")?["endpoints"]
+            .as_array()
+            .context("endpoints")?
+            .iter()
+            .map(|e| {
+                (
+                    e["address"].as_str().unwrap_or_default().to_owned(),
+                    e["health"].as_str().unwrap_or_default().to_owned(),
+                    e["ejected"].as_bool().unwrap_or(false),
+                )
+            })
+            .collect();
+        Ok(list)
+    }
+
+    async fn wait_endpoints(&self, n: usize) -> Result<()> {
+        wait_for(
+            &format!("{n} passing endpoints"),
+            Duration::from_secs(15),
+            || async {
+                let list = self.endpoints().await.ok()?;
+                (list.iter().filter(|e| e.1 == "passing").count() == n).then_some(())
+            },
+        )
+        .await
+    }
+
+    fn signal(&self, sig: &str) -> Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .context("sidecar not running")?;
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()?;
+        ensure!(status.success(), "kill -{sig} {pid}");
+        Ok(())
+    }
+
+    async fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+/// A registry and the sidecars of one test; prints the sidecars' logs when
+/// dropped without [`Mesh::done`].
+struct Mesh {
+    cluster: Option<Cluster>,
+    /// `127.x.y`: the cluster's own /24.
+    net: String,
+    sidecars: Vec<Sidecar>,
+    done: bool,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if !self.done {
+            for s in &self.sidecars {
+                eprintln!("--- sidecar {} log ---\n{}", s.ip, s.log_tail());
+            }
+        }
+    }
+}
+
+/// A server sidecar's service.
+struct Service<'a> {
+    name: &'a str,
+    id: &'a str,
+    app: SocketAddr,
+    /// The inbound listener's protocol.
+    protocol: &'a str,
+}
+
+impl Mesh {
+    async fn start() -> Result<Self> {
+        let cluster = Cluster::start(1, &[]).await?;
+        let ip = cluster.servers[0].ip.clone();
+        let net = ip
+            .rsplit_once('.')
+            .map(|(net, _)| net.to_owned())
+            .context("cluster ip")?;
+        Ok(Mesh {
+            cluster: Some(cluster),
+            net,
+            sidecars: Vec::new(),
+            done: false,
+        })
+    }
+
+    fn cluster(&self) -> &Cluster {
+        self.cluster.as_ref().expect("cluster kept until drop")
+    }
+
+    fn ip(&self, host: u8) -> String {
+        format!("{}.{host}", self.net)
+    }
+
+    fn spawn(&mut self, ip: &str, name: &str, config: &str) -> Result<usize> {
+        let dir = self.cluster().dir.path().to_owned();
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, config)?;
+        let log = dir.join(format!("{name}.log"));
+        let access_log = dir.join(format!("{name}.access.log"));
+        let child = Command::new(sidecar_bin())
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "warn,meshwork_sidecar=debug")
+            .stdout(std::fs::File::create(&access_log)?)
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawn meshwork-sidecar")?;
+        self.sidecars.push(Sidecar {
+            ip: ip.to_owned(),
+            child: Some(child),
+            log,
+            access_log,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+        });
+        Ok(self.sidecars.len() - 1)
+    }
+
+    fn registry_section(&self) -> String {
+        format!(
+            "[registry]\naddresses = [\"{}:{GRPC_PORT}\"]\n",
+            self.cluster().servers[0].ip
+        )
+    }
+
+    /// Starts a server sidecar on `ip` in front of `service.app`.
+    async fn server_sidecar(&mut self, ip: &str, service: Service<'_>) -> Result<usize> {
+        let config = format!(
+            r#"{}
+[service]
+name = "{}"
+id = "{}"
+address = "{}"
+port = {}
+
+[session]
+node = "node-{ip}"
+ttl = "2s"
+deregister_critical_after = "2s"
+
+[inbound]
+listen = "{ip}:{INBOUND_PORT}"
+protocol = "{}"
+
+[proxy]
+drain = "3s"
+
+[admin]
+listen = "{ip}:{ADMIN_PORT}"
+"#,
+            self.registry_section(),
+            service.name,
+            service.id,
+            service.app.ip(),
+            service.app.port(),
+            service.protocol,
+        );
+        let i = self.spawn(ip, service.id, &config)?;
+        wait_for("server sidecar ready", Duration::from_secs(15), || async {
+            let r = self.sidecars[i]
+                .http
+                .get(self.sidecars[i].admin("/ready"))
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await?;
+        Ok(i)
+    }
+
+    /// Starts the client sidecar on `ip` with one upstream, given as the
+    /// body of its `[[upstreams]]` table (listen is added).
+    async fn client_sidecar(&mut self, ip: &str, upstream: &str) -> Result<usize> {
+        let config = format!(
+            r#"{}
+[service]
+name = "client"
+id = "client-1"
+address = "{ip}"
+port = 8080
+
+[session]
+node = "node-{ip}"
+ttl = "2s"
+
+[proxy]
+drain = "3s"
+access_log = true
+
+[admin]
+listen = "{ip}:{ADMIN_PORT}"
+
+[[upstreams]]
+listen = "{ip}:{UPSTREAM_PORT}"
+{upstream}
+"#,
+            self.registry_section()
+        );
+        let i = self.spawn(ip, "client", &config)?;
+        wait_for("client sidecar admin", Duration::from_secs(15), || async {
+            self.sidecars[i]
+                .http
+                .get(self.sidecars[i].admin("/live"))
+                .send()
+                .await
+                .ok()?;
+            Some(())
+        })
+        .await?;
+        Ok(i)
+    }
+
+    fn done(mut self) {
+        self.done = true;
+        if let Some(c) = self.cluster.take() {
+            c.done();
+        }
+    }
+}
+
+/// `n` HTTP backends with server sidecars for service `echo`, on hosts
+/// `.20`, `.21`, …
+async fn echo_instances(
+    mesh: &mut Mesh,
+    n: u8,
+    protocol: &str,
+) -> Result<Vec<(SocketAddr, Arc<Behavior>, usize)>> {
+    let mut out = Vec::new();
+    for k in 0..n {
+        let ip = mesh.ip(20 + k);
+        let name = format!("echo-{k}");
+        let (app, behavior) = http_backend(&ip, &name).await?;
+        let i = mesh
+            .server_sidecar(
+                &ip,
+                Service {
+                    name: "echo",
+                    id: &name,
+                    app,
+                    protocol,
+                },
+            )
+            .await?;
+        out.push((app, behavior, i));
+    }
+    Ok(out)
+}
+
+fn http_client() -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?)
+}
+
+/// A raw HTTP/1.1 exchange: writes `request`, reads until the server
+/// closes or 2 s pass.
+async fn raw_exchange(addr: &str, request: &[u8]) -> Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(request).await?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn http1_through_two_sidecars_spreads_evenly_and_passes_headers() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let instances = echo_instances(&mut mesh, 3, "http").await?;
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(
+            &client_ip,
+            "name = \"echo\"\nprotocol = \"http\"\nbalance = \"round_robin\"",
+        )
+        .await?;
+    mesh.sidecars[c].wait_endpoints(3).await?;
+    // The endpoints are the sidecars' inbound listeners, not the apps.
+    let endpoints = mesh.sidecars[c].endpoints().await?;
+    for k in 0..3u8 {
+        let inbound = format!("{}:{INBOUND_PORT}", mesh.ip(20 + k));
+        ensure!(
+            endpoints.iter().any(|e| e.0 == inbound),
+            "{inbound} in {endpoints:?}"
+        );
+    }
+    let http = http_client()?;
+    let url = format!("http://{client_ip}:{UPSTREAM_PORT}");
+    let mut counts = std::collections::HashMap::new();
+    for i in 0..300 {
+        let r = http
+            .post(format!("{url}/hello"))
+            .header(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )
+            .body(format!("n{i}"))
+            .send()
+            .await?;
+        ensure!(r.status() == 200, "request {i}: {}", r.status());
+        let backend = r.headers()["x-backend"].to_str()?.to_owned();
+        ensure!(
+            r.headers().contains_key("x-seen-x-request-id"),
+            "x-request-id added"
+        );
+        ensure!(
+            r.headers()["x-seen-traceparent"]
+                == "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "traceparent passed through"
+        );
+        let body = r.text().await?;
+        ensure!(body == format!("{backend} n{i}"), "{body}");
+        *counts.entry(backend).or_insert(0) += 1;
+    }
+    // Round robin over three: exactly even.
+    ensure!(
+        counts.len() == 3 && counts.values().all(|n| *n == 100),
+        "{counts:?}"
+    );
+    for (_, behavior, _) in &instances {
+        ensure!(behavior.served.load(Ordering::Relaxed) == 100);
+    }
+    // An x-request-id the app sent is kept.
+    let r = http
+        .get(&url)
+        .header("x-request-id", "abc-123")
+        .send()
+        .await?;
+    ensure!(r.headers()["x-seen-x-request-id"] == "abc-123");
+    // Metrics count them, in both sidecars.
+    let client_2xx = mesh.sidecars[c]
+        .metric_sum("meshwork_proxy_requests_total{direction=\"outbound\",upstream=\"echo\",class=\"2xx\",outcome=\"upstream\"}")
+        .await?;
+    ensure!(client_2xx == 301.0, "client 2xx = {client_2xx}");
+    let inbound_2xx = mesh.sidecars[instances[0].2]
+        .metric_sum("meshwork_proxy_requests_total{direction=\"inbound\"")
+        .await?;
+    ensure!(inbound_2xx >= 100.0, "inbound = {inbound_2xx}");
+    // The access log has a JSON line per request.
+    let access = std::fs::read_to_string(&mesh.sidecars[c].access_log)?;
+    let line: serde_json::Value =
+        serde_json::from_str(access.lines().next().context("an access log line")?)?;
+    ensure!(
+        line["upstream"] == "echo" && line["status"] == 200,
+        "{line}"
+    );
+    ensure!(
+        line["method"] == "POST" && line["path"] == "/hello",
+        "{line}"
+    );
+    ensure!(
+        line["traceparent"].is_string() && line["request_id"].is_string(),
+        "{line}"
+    );
+    // Consistent hashing on a header: one user, one backend.
+    let c2_ip = mesh.ip(101);
+    let c2 = mesh
+        .client_sidecar(
+            &c2_ip,
+            "name = \"echo\"\nprotocol = \"http\"\nbalance = \"ring_hash\"\nhash_header = \"x-user\"",
+        )
+        .await?;
+    mesh.sidecars[c2].wait_endpoints(3).await?;
+    let mut seen_backends = std::collections::HashSet::new();
+    for user in 0..12 {
+        let mut backends = std::collections::HashSet::new();
+        for _ in 0..5 {
+            let r = http
+                .get(format!("http://{c2_ip}:{UPSTREAM_PORT}/"))
+                .header("x-user", format!("user-{user}"))
+                .send()
+                .await?;
+            backends.insert(r.headers()["x-backend"].to_str()?.to_owned());
+        }
+        ensure!(backends.len() == 1, "user-{user} went to {backends:?}");
+        seen_backends.extend(backends);
+    }
+    ensure!(
+        seen_backends.len() >= 2,
+        "users spread over backends: {seen_backends:?}"
+    );
+    let config = mesh.sidecars[c].json("/config").await?;
+    ensure!(
+        config["upstreams"][0]["upstream"]["name"] == "echo",
+        "{config}"
+    );
+    ensure!(
+        config["upstreams"][0]["endpoints"].as_array().map(Vec::len) == Some(3),
+        "{config}"
+    );
+    mesh.done();
+    Ok(())
+}
+
+#[tokio::test]
+async fn tcp_through_two_sidecars_half_closes_and_retries_connects() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    for k in 0..2u8 {
+        let ip = mesh.ip(20 + k);
+        let name = format!("tcp-{k}");
+        let app = tcp_backend(&ip, &name).await?;
+        mesh.server_sidecar(
+            &ip,
+            Service {
+                name: "blob",
+                id: &name,
+                app,
+                protocol: "tcp",
+            },
+        )
+        .await?;
+    }
+    // A third instance registered over REST (no sidecar) whose port is
+    // closed: connects to it fail and go to another endpoint.
+    let dead = mesh.ip(30);
+    let registry = mesh.cluster().servers[0].http();
+    let r = mesh
+        .cluster()
+        .http
+        .put(format!("{registry}/v1/agent/service/register"))
+        .json(&serde_json::json!({"Name": "blob", "ID": "blob-dead", "Address": dead, "Port": 1}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "register: {}", r.status());
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(
+            &client_ip,
+            "name = \"blob\"\nprotocol = \"tcp\"\nretries = { attempts = 2, on = [\"connect-failure\"] }",
+        )
+        .await?;
+    mesh.sidecars[c].wait_endpoints(3).await?;
+    let payload = vec![7u8; 200_000];
+    for i in 0..30 {
+        let mut s = TcpStream::connect(format!("{client_ip}:{UPSTREAM_PORT}")).await?;
+        s.write_all(&payload).await?;
+        // Half-close: the backend answers only after it sees our FIN, and
+        // its answer must still reach us.
+        s.shutdown().await?;
+        let mut reply = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut reply))
+            .await
+            .context("reply in time")??;
+        ensure!(
+            reply.ends_with("got 200000 bytes"),
+            "connection {i}: {reply:?}"
+        );
+    }
+    let failures = mesh.sidecars[c]
+        .metric_sum("meshwork_proxy_connect_failures_total{direction=\"outbound\"")
+        .await?;
+    ensure!(failures >= 1.0, "the dead endpoint was tried: {failures}");
+    mesh.done();
+    Ok(())
+}
+
+#[tokio::test]
+async fn http2_and_grpc_streaming_with_trailers() -> Result<()> {
+    use meshwork_proto::v1::watch_client::WatchClient;
+    use meshwork_proto::v1::{ServiceTopic, SubscribeRequest, subscribe_request};
+
+    let mut mesh = Mesh::start().await?;
+    // gRPC: client sidecar (grpc) -> server sidecar (grpc) -> tonic.
+    let ip = mesh.ip(20);
+    let app = grpc_backend(&ip).await?;
+    mesh.server_sidecar(
+        &ip,
+        Service {
+            name: "streamer",
+            id: "streamer-1",
+            app,
+            protocol: "grpc",
+        },
+    )
+    .await?;
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(&client_ip, "name = \"streamer\"\nprotocol = \"grpc\"")
+        .await?;
+    mesh.sidecars[c].wait_endpoints(1).await?;
+    let mut client = WatchClient::connect(format!("http://{client_ip}:{UPSTREAM_PORT}")).await?;
+    let request = |name: &str| SubscribeRequest {
+        topic: Some(subscribe_request::Topic::Service(ServiceTopic {
+            name: name.to_owned(),
+            passing_only: false,
+        })),
+        since_index: 0,
+    };
+    let mut stream = client.subscribe(request("ok")).await?.into_inner();
+    let mut indexes = Vec::new();
+    for _ in 0..10 {
+        match stream.message().await? {
+            Some(e) => indexes.push(e.index),
+            None => break,
+        }
+    }
+    ensure!(indexes == vec![1, 2, 3], "{indexes:?}");
+    // A status in the trailers after a message arrives as such.
+    let mut stream = client.subscribe(request("fail")).await?.into_inner();
+    let first = stream.message().await?;
+    ensure!(first.map(|e| e.index) == Some(1));
+    match stream.message().await {
+        Err(status) => ensure!(status.code() == tonic::Code::NotFound, "{status:?}"),
+        Ok(m) => bail!("expected NOT_FOUND in the trailers, got {m:?}"),
+    }
+
+    // Plain HTTP/2 (prior knowledge) through an http2 upstream.
+    let h2_ip = mesh.ip(21);
+    let (h2_app, _) = http_backend(&h2_ip, "h2-echo").await?;
+    mesh.server_sidecar(
+        &h2_ip,
+        Service {
+            name: "h2echo",
+            id: "h2echo-1",
+            app: h2_app,
+            protocol: "http2",
+        },
+    )
+    .await?;
+    let c2_ip = mesh.ip(101);
+    let c2 = mesh
+        .client_sidecar(&c2_ip, "name = \"h2echo\"\nprotocol = \"http2\"")
+        .await?;
+    mesh.sidecars[c2].wait_endpoints(1).await?;
+    let h2 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    for i in 0..20 {
+        let req = Request::post(format!("http://{c2_ip}:{UPSTREAM_PORT}/x"))
+            .body(Full::new(Bytes::from(format!("h2 {i}"))))?;
+        let r = h2.request(req).await?;
+        ensure!(r.status() == 200);
+        ensure!(
+            r.headers()["x-seen-version"] == "HTTP/2.0",
+            "{:?}",
+            r.headers()
+        );
+        let body = r.into_body().collect().await?.to_bytes();
+        ensure!(body == format!("h2-echo h2 {i}").as_bytes());
+    }
+    mesh.done();
+    Ok(())
+}
+
+#[tokio::test]
+async fn upgrades_are_passed_through() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    echo_instances(&mut mesh, 1, "http").await?;
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(&client_ip, "name = \"echo\"\nprotocol = \"http\"")
+        .await?;
+    mesh.sidecars[c].wait_endpoints(1).await?;
+    let mut s = TcpStream::connect(format!("{client_ip}:{UPSTREAM_PORT}")).await?;
+    s.write_all(b"GET /ws HTTP/1.1\r\nhost: echo\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n")
+        .await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    for _ in 0..4096 {
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut byte)).await??;
+        head.push(byte[0]);
+        if head.ends_with(b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    ensure!(head.starts_with("http/1.1 101"), "{head}");
+    ensure!(head.contains("upgrade: echo"), "{head}");
+    for i in 0..5 {
+        let msg = format!("frame {i}");
+        s.write_all(msg.as_bytes()).await?;
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await??;
+        ensure!(
+            back == msg.as_bytes(),
+            "echoed over the upgraded connection"
+        );
+    }
+    mesh.done();
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_instance_killed_mid_load_fails_no_idempotent_request() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let instances = echo_instances(&mut mesh, 3, "http").await?;
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(
+            &client_ip,
+            "name = \"echo\"\nprotocol = \"http\"\nbalance = \"least_request\"\nretries = { attempts = 2, on = [\"connect-failure\", \"reset\", \"gateway-error\"] }",
+        )
+        .await?;
+    mesh.sidecars[c].wait_endpoints(3).await?;
+    let url = format!("http://{client_ip}:{UPSTREAM_PORT}/load");
+    let failures = Arc::new(AtomicUsize::new(0));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (url, failures, ok, stop) = (
+            url.clone(),
+            Arc::clone(&failures),
+            Arc::clone(&ok),
+            Arc::clone(&stop),
+        );
+        workers.push(tokio::spawn(async move {
+            let http = http_client().expect("client");
+            for _ in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match http.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => {
+                        eprintln!(
+                            "failed: {} {:?}",
+                            r.status(),
+                            r.headers().get("x-meshwork-error")
+                        );
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("failed: {e}");
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // kill -9 the sidecar of instance 1: its connections reset, its port
+    // refuses, and the registry only notices after the session TTL.
+    let victim = instances[1].2;
+    mesh.sidecars[victim].kill().await?;
+    let before = ok.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await?;
+    }
+    let after = ok.load(Ordering::Relaxed);
+    ensure!(
+        after > before + 50,
+        "traffic kept flowing: {before} -> {after}"
+    );
+    ensure!(
+        failures.load(Ordering::Relaxed) == 0,
+        "{} failed requests",
+        failures.load(Ordering::Relaxed)
+    );
+    mesh.done();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_flaky_instance_is_ejected_and_later_readmitted() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let instances = echo_instances(&mut mesh, 2, "http").await?;
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(
+            &client_ip,
+            "name = \"echo\"\nprotocol = \"http\"\nretries = { attempts = 0 }\noutlier = { consecutive_5xx = 3, base_ejection = \"2s\", max_ejection_percent = 50 }",
+        )
+        .await?;
+    mesh.sidecars[c].wait_endpoints(2).await?;
+    let flaky = &instances[0].1;
+    flaky.fail_with.store(500, Ordering::Relaxed);
+    let http = http_client()?;
+    let url = format!("http://{client_ip}:{UPSTREAM_PORT}/");
+    for _ in 0..20 {
+        http.get(&url).send().await?;
+    }
+    let flaky_inbound = format!("{}:{INBOUND_PORT}", mesh.ip(20));
+    let endpoints = mesh.sidecars[c].endpoints().await?;
+    ensure!(
+        endpoints.iter().any(|e| e.0 == flaky_inbound && e.2),
+        "flaky endpoint ejected: {endpoints:?}"
+    );
+    let ejections = mesh.sidecars[c]
+        .metric_sum("meshwork_proxy_ejections_total{direction=\"outbound\"")
+        .await?;
+    ensure!(ejections == 1.0, "ejections = {ejections}");
+    // While ejected it gets nothing.
+    let served = flaky.served.load(Ordering::Relaxed);
+    for _ in 0..20 {
+        let r = http.get(&url).send().await?;
+        ensure!(r.status() == 200);
+    }
+    ensure!(flaky.served.load(Ordering::Relaxed) == served);
+    // Fixed, and after the ejection time it is back in the rotation.
+    flaky.fail_with.store(0, Ordering::Relaxed);
+    wait_for("readmitted", Duration::from_secs(6), || async {
+        let list = mesh.sidecars[c].endpoints().await.ok()?;
+        list.iter().all(|e| !e.2).then_some(())
+    })
+    .await?;
+    for _ in 0..20 {
+        let r = http.get(&url).send().await?;
+        ensure!(r.status() == 200);
+    }
+    ensure!(
+        flaky.served.load(Ordering::Relaxed) >= served + 5,
+        "it receives traffic again"
+    );
+    mesh.done();
+    Ok(())
+}
+
+#[tokio::test]
+async fn timeouts_retries_and_limits_are_answered_and_counted() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let instances = echo_instances(&mut mesh, 2, "http").await?;
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(
+            &client_ip,
+            "name = \"echo\"\nprotocol = \"http\"\nrequest_timeout = \"500ms\"\nretries = { attempts = 1, on = [\"503\"] }\noutlier = { consecutive_5xx = 0 }\nlimits = { max_requests = 2 }",
+        )
+        .await?;
+    mesh.sidecars[c].wait_endpoints(2).await?;
+    let http = http_client()?;
+    let url = format!("http://{client_ip}:{UPSTREAM_PORT}");
+    // A slow answer: 504 from the proxy, saying why.
+    let r = http.get(format!("{url}/slow")).send().await?;
+    ensure!(r.status() == 504, "{}", r.status());
+    ensure!(r.headers()["x-meshwork-error"] == "timeout");
+    // One instance answers 503: GETs are retried on the other one.
+    instances[0].1.fail_with.store(503, Ordering::Relaxed);
+    for _ in 0..10 {
+        let r = http.get(format!("{url}/")).send().await?;
+        ensure!(r.status() == 200, "{}", r.status());
+    }
+    // ... but a POST is not (not idempotent).
+    let mut posts = Vec::new();
+    for _ in 0..4 {
+        posts.push(
+            http.post(format!("{url}/"))
+                .body("x")
+                .send()
+                .await?
+                .status()
+                .as_u16(),
+        );
+    }
+    ensure!(posts.contains(&503), "{posts:?}");
+    let retries = mesh.sidecars[c]
+        .metric_sum("meshwork_proxy_retries_total{direction=\"outbound\"")
+        .await?;
+    ensure!(retries >= 5.0, "retries = {retries}");
+    let timeouts = mesh.sidecars[c]
+        .metric_sum("meshwork_proxy_requests_total{direction=\"outbound\",upstream=\"echo\",class=\"5xx\",outcome=\"timeout\"}")
+        .await?;
+    ensure!(timeouts == 1.0, "timeouts = {timeouts}");
+    instances[0].1.fail_with.store(0, Ordering::Relaxed);
+    // max_requests = 2: a third concurrent request is refused at once.
+    let slow = |http: reqwest::Client, url: String| async move {
+        http.get(format!("{url}/slow")).send().await
+    };
+    let a = tokio::spawn(slow(http.clone(), url.clone()));
+    let b = tokio::spawn(slow(http.clone(), url.clone()));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let r = http.get(format!("{url}/")).send().await?;
+    ensure!(r.status() == 503, "{}", r.status());
+    ensure!(r.headers()["x-meshwork-error"] == "circuit-open");
+    let _ = (a.await?, b.await?);
+    // No instance at all: 503 no-healthy-upstream.
+    let c2_ip = mesh.ip(101);
+    let c2 = mesh
+        .client_sidecar(&c2_ip, "name = \"nobody\"\nprotocol = \"http\"")
+        .await?;
+    let r = mesh.sidecars[c2]
+        .http
+        .get(format!("http://{c2_ip}:{UPSTREAM_PORT}/"))
+        .send()
+        .await?;
+    ensure!(r.status() == 503);
+    ensure!(r.headers()["x-meshwork-error"] == "no-healthy-upstream");
+    mesh.done();
+    Ok(())
+}
+
+#[tokio::test]
+async fn new_instances_get_traffic_within_a_second_and_the_registry_can_vanish() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    echo_instances(&mut mesh, 1, "http").await?;
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(&client_ip, "name = \"echo\"\nprotocol = \"http\"")
+        .await?;
+    mesh.sidecars[c].wait_endpoints(1).await?;
+    let http = http_client()?;
+    let url = format!("http://{client_ip}:{UPSTREAM_PORT}/");
+    // A second instance: as soon as its sidecar is registered, the client
+    // sends it traffic within a second.
+    let ip = mesh.ip(21);
+    let (app, behavior) = http_backend(&ip, "echo-new").await?;
+    mesh.server_sidecar(
+        &ip,
+        Service {
+            name: "echo",
+            id: "echo-new",
+            app,
+            protocol: "http",
+        },
+    )
+    .await?;
+    let registered = Instant::now();
+    wait_for(
+        "traffic on the new instance",
+        Duration::from_secs(1),
+        || async {
+            http.get(&url).send().await.ok()?;
+            (behavior.served.load(Ordering::Relaxed) > 0).then_some(())
+        },
+    )
+    .await?;
+    let took = registered.elapsed();
+    ensure!(took < Duration::from_secs(1), "{took:?}");
+    // The registry goes away entirely: traffic keeps flowing to what was
+    // known last, and the metrics say the registry is unreachable.
+    if let Some(cluster) = mesh.cluster.as_mut() {
+        cluster.servers[0].kill().await?;
+    }
+    wait_for(
+        "registry disconnected in metrics",
+        Duration::from_secs(10),
+        || async {
+            let m = mesh.sidecars[c].metrics().await.ok()?;
+            m.contains("meshwork_sidecar_registry_connected 0")
+                .then_some(())
+        },
+    )
+    .await?;
+    for i in 0..50 {
+        let r = http.get(&url).send().await?;
+        ensure!(
+            r.status() == 200,
+            "request {i} without a registry: {}",
+            r.status()
+        );
+    }
+    mesh.done();
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_without_harming_others() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let instances = echo_instances(&mut mesh, 1, "http").await?;
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(&client_ip, "name = \"echo\"\nprotocol = \"http\"")
+        .await?;
+    mesh.sidecars[c].wait_endpoints(1).await?;
+    let addr = format!("{client_ip}:{UPSTREAM_PORT}");
+    let served = || instances[0].1.served.load(Ordering::Relaxed);
+
+    // Smuggling: Content-Length and Transfer-Encoding together. The body
+    // is read as chunked, and the connection is closed after the answer,
+    // so the "hidden" request is never seen as a request.
+    let before = served();
+    let reply = raw_exchange(
+        &addr,
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n",
+    )
+    .await?;
+    let answers = reply.lines().filter(|l| l.starts_with("HTTP/1.1 ")).count();
+    ensure!(answers <= 1, "one answer at most: {reply}");
+    ensure!(
+        reply.to_lowercase().contains("connection: close"),
+        "closed after the answer: {reply}"
+    );
+    ensure!(
+        served() - before <= 1,
+        "no smuggled request reached the app"
+    );
+    // Two different Content-Lengths: 400.
+    let reply = raw_exchange(
+        &addr,
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\ncontent-length: 5\r\n\r\nabcde",
+    )
+    .await?;
+    ensure!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    // NUL and bare CR in a header: 400.
+    for bad in [&b"x-a: a\0b\r\n"[..], &b"x-a: a\rb\r\n"[..]] {
+        let mut req = b"GET / HTTP/1.1\r\nhost: x\r\n".to_vec();
+        req.extend_from_slice(bad);
+        req.extend_from_slice(b"\r\n");
+        let reply = raw_exchange(&addr, &req).await?;
+        ensure!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
+    }
+    // Headers over 64 KiB: 431.
+    let mut req = b"GET / HTTP/1.1\r\nhost: x\r\n".to_vec();
+    for i in 0..80 {
+        req.extend_from_slice(format!("x-filler-{i}: {}\r\n", "a".repeat(1000)).as_bytes());
+    }
+    req.extend_from_slice(b"\r\n");
+    let reply = raw_exchange(&addr, &req).await?;
+    ensure!(reply.starts_with("HTTP/1.1 431"), "{reply:?}");
+    // A client that connects and sends nothing is dropped as well.
+    let mut silent = TcpStream::connect(&addr).await?;
+    let silent_closed = tokio::spawn(async move {
+        let mut buf = [0u8; 16];
+        tokio::time::timeout(Duration::from_secs(14), silent.read(&mut buf))
+            .await
+            .is_ok()
+    });
+    // Slowloris: a head that never ends is cut after the header read
+    // timeout (10 s); meanwhile others are served.
+    let mut slow = TcpStream::connect(&addr).await?;
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await?;
+    let http = http_client()?;
+    let r = http.get(format!("http://{addr}/")).send().await?;
+    ensure!(r.status() == 200, "others are served meanwhile");
+    let started = Instant::now();
+    let mut buf = [0u8; 256];
+    let mut closed = false;
+    for _ in 0..30 {
+        let _ = slow.write_all(b"x-drip: 1\r\n").await;
+        match tokio::time::timeout(Duration::from_millis(500), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) => {
+                closed = true;
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    ensure!(closed, "slowloris connection closed");
+    ensure!(
+        started.elapsed() < Duration::from_secs(14),
+        "{:?}",
+        started.elapsed()
+    );
+    ensure!(silent_closed.await?, "a silent connection is closed");
+    let r = http.get(format!("http://{addr}/")).send().await?;
+    ensure!(r.status() == 200);
+
+    // HTTP/2 rapid reset: streams opened and cancelled at once, by the
+    // thousand, on one connection; a well-behaved client on another
+    // connection is served throughout.
+    let flood_addr = addr.clone();
+    let flood = tokio::spawn(async move {
+        let h2 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http::<Full<Bytes>>();
+        for _ in 0..2000 {
+            let Ok(req) =
+                Request::get(format!("http://{flood_addr}/slow")).body(Full::new(Bytes::new()))
+            else {
+                break;
+            };
+            // Polled once (HEADERS sent), then dropped (RST_STREAM).
+            let _ = tokio::time::timeout(Duration::from_micros(200), h2.request(req)).await;
+        }
+    });
+    let calm = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    for i in 0..20 {
+        let req = Request::get(format!("http://{addr}/")).body(Full::new(Bytes::new()))?;
+        let r = tokio::time::timeout(Duration::from_secs(5), calm.request(req)).await??;
+        ensure!(r.status() == 200, "calm request {i}: {}", r.status());
+    }
+    flood.await?;
+    let r = http.get(format!("http://{addr}/")).send().await?;
+    ensure!(r.status() == 200, "served after the flood");
+    mesh.done();
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    echo_instances(&mut mesh, 1, "http").await?;
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(&client_ip, "name = \"echo\"\nprotocol = \"http\"")
+        .await?;
+    mesh.sidecars[c].wait_endpoints(1).await?;
+    let http = http_client()?;
+    let url = format!("http://{client_ip}:{UPSTREAM_PORT}/slow");
+    let in_flight = tokio::spawn({
+        let http = http.clone();
+        let url = url.clone();
+        async move { http.get(url).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    mesh.sidecars[c].signal("TERM")?;
+    let r = in_flight.await??;
+    ensure!(
+        r.status() == 200,
+        "the in-flight request finished: {}",
+        r.status()
+    );
+    let child = mesh.sidecars[c].child.as_mut().context("child")?;
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await??;
+    ensure!(status.success(), "{status}");
+    mesh.sidecars[c].child = None;
+    ensure!(
+        TcpStream::connect(format!("{client_ip}:{UPSTREAM_PORT}"))
+            .await
+            .is_err(),
+        "no longer accepting"
+    );
+    mesh.done();
+    Ok(())
+}
