@@ -65,8 +65,8 @@ fn mode() -> Mode {
     let mut mode = if std::env::var("MESHWORK_FAULTS_LONG").is_ok_and(|v| v == "1") {
         Mode {
             long: true,
-            fault_secs: 600,
-            kill_cycles: 1000,
+            fault_secs: 480,
+            kill_cycles: 600,
         }
     } else {
         Mode {
@@ -509,7 +509,12 @@ fn failover_samples(ops: &[Operation], losses_ms: &[u64]) -> Vec<u64> {
 
 /// Linearizability of every key (check 1, and with the final reads
 /// check 2), with the minimal offending history of each failing key.
-fn check_linearizable(ops: &[Operation], findings: &mut Findings, what: &str) -> String {
+fn check_linearizable(
+    ops: &[Operation],
+    timeline: &Timeline,
+    findings: &mut Findings,
+    what: &str,
+) -> String {
     let budget = Budget::default();
     let started = Instant::now();
     let reports = linearizable::check_history(ops, budget);
@@ -542,6 +547,21 @@ fn check_linearizable(ops: &[Operation], findings: &mut Findings, what: &str) ->
                     key_ops.len(),
                     indent(&linearizable::format_history(&small), 4)
                 );
+                // The faults around it: from 2 s before its first
+                // invocation to its last completion.
+                let from = small.iter().map(|o| o.invoke).min().unwrap_or(0) / 1_000_000;
+                let to = small
+                    .iter()
+                    .filter_map(|o| o.complete)
+                    .max()
+                    .unwrap_or(u64::MAX / 2)
+                    / 1_000_000;
+                let _ = writeln!(text, "  faults meanwhile (ms since start):");
+                for (at, event) in &timeline.lines {
+                    if *at + 2000 >= from && *at <= to {
+                        let _ = writeln!(text, "    {at:>10} {event}");
+                    }
+                }
             }
         }
     }
@@ -1181,6 +1201,7 @@ fn partitions_pauses_crashes_and_membership_changes() -> Result<()> {
         );
         check_linearizable(
             &log.ops,
+            &cluster.timeline,
             &mut findings,
             "1+2. linearizable per key, final reads on every server included",
         );
@@ -1194,8 +1215,19 @@ fn partitions_pauses_crashes_and_membership_changes() -> Result<()> {
         );
         check_watch(&watch, &log.observed, target_index, &cluster, &mut findings).await;
         findings.failover_ms = failover_samples(&log.ops, &losses);
-        let snapshots = cluster.metric(0, "meshwork_snapshots_total").await;
-        findings.notes.push(format!("Raft snapshots taken by n1 (metrics): {snapshots:?}; threshold 64 entries, so the workload forces many"));
+        let mut snapshots = Vec::new();
+        for i in 0..3 {
+            let taken = cluster.metric(i, "meshwork_snapshots_total").await;
+            let index = cluster.metric(i, "meshwork_raft_snapshot_index").await;
+            snapshots.push(format!(
+                "n{}: {taken:?} taken since its last start, latest at index {index:?}",
+                i + 1
+            ));
+        }
+        findings.notes.push(format!(
+            "snapshots forced by --snapshot-threshold 64 (no trigger API in the registry): {}",
+            snapshots.join("; ")
+        ));
         let path = write_report(
             &cluster,
             "Fault suite: partitions, pauses, crashes, membership",
@@ -1433,6 +1465,7 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
         );
         check_linearizable(
             &log.ops,
+            &cluster.timeline,
             &mut findings,
             "1. linearizable per key through the kill loop, final reads included",
         );
