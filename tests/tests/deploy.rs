@@ -889,3 +889,320 @@ echo "--- again"
     assert_eq!(host_files(), host_before, "the host's own files changed");
     Ok(())
 }
+
+/// A throw-away container booted with the host's systemd as its init: its
+/// own mount, PID, network, UTS, IPC and cgroup namespaces, its root an
+/// overlay of / on a tmpfs. Dropping it kills its init, which ends every
+/// process in it; the mounts go with its mount namespace.
+#[derive(Debug)]
+struct Container {
+    /// `unshare`, whose child is the container's init.
+    unshare: std::process::Child,
+    /// The init's pid as seen from here.
+    init: u32,
+    dir: tempfile::TempDir,
+}
+
+impl Container {
+    /// Boots systemd after `install.sh --registry --sidecar web` ran inside
+    /// with the given configs; `Ok(None)` when systemd cannot boot here.
+    fn boot(registry_toml: &str, web_toml: &str) -> Result<Option<Self>> {
+        let dir = tempfile::tempdir()?;
+        let repo = repo().canonicalize()?;
+        let bins = registry_bin()
+            .parent()
+            .context("the binaries' directory")?
+            .canonicalize()?;
+        fs::write(dir.path().join("registry.toml"), registry_toml)?;
+        fs::write(dir.path().join("web.toml"), web_toml)?;
+        let script = format!(
+            r#"set -euo pipefail
+D={dir}
+mkdir -p $D/mnt
+mount -t tmpfs -o size=3g tmpfs $D/mnt
+mkdir -p $D/mnt/up $D/mnt/work $D/mnt/root
+mount -t overlay overlay -o lowerdir=/,upperdir=$D/mnt/up,workdir=$D/mnt/work $D/mnt/root
+R=$D/mnt/root
+# The checkout and the binaries may live on other mounts than /.
+for p in {repo} {bins}; do mkdir -p "$R$p"; mount --bind "$p" "$R$p"; done
+mkdir -p $R/etc/meshwork/sidecar
+cp $D/registry.toml $R/etc/meshwork/registry.toml
+cp $D/web.toml $R/etc/meshwork/sidecar/web.toml
+chroot $R {repo}/deploy-vm/install.sh --bin-dir {bins} --registry --sidecar web
+# What cannot work in a container.
+chroot $R systemctl mask --quiet systemd-udevd.service systemd-udev-trigger.service \
+    systemd-networkd.service systemd-logind.service getty.target console-getty.service || true
+mount -t proc proc $R/proc
+mount --rbind /sys $R/sys
+mount --rbind /dev $R/dev
+echo booting
+exec chroot $R /lib/systemd/systemd --system --unit=multi-user.target --log-target=console
+"#,
+            dir = dir.path().display(),
+            repo = repo.display(),
+            bins = bins.display(),
+        );
+        fs::write(dir.path().join("boot.sh"), script)?;
+        let console = fs::File::create(dir.path().join("console.log"))?;
+        let unshare = Command::new("unshare")
+            .args(["--mount", "--pid", "--net", "--uts", "--ipc", "--cgroup"])
+            .args(["--fork", "--propagation", "private", "bash"])
+            .arg(dir.path().join("boot.sh"))
+            .stdin(Stdio::null())
+            .stdout(console.try_clone()?)
+            .stderr(console)
+            .spawn()?;
+        let unshare_pid = unshare.id();
+        let mut container = Container {
+            unshare,
+            init: 0,
+            dir,
+        };
+        // The init is unshare's only child.
+        container.init = eventually("the container's init", Duration::from_secs(30), || {
+            let children =
+                fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children"))?;
+            let pid: u32 = children
+                .split_whitespace()
+                .next()
+                .context("no child yet")?
+                .parse()?;
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm"))?;
+            ensure!(comm.trim() == "systemd", "init is still {}", comm.trim());
+            Ok(pid)
+        })
+        .map_err(|e| anyhow::anyhow!("{e:#}\n{}", container.console()))?;
+        // `--wait` returns once start-up is over: running, or degraded when
+        // some unit of the host's failed in here (not ours; checked below).
+        // Until systemd has its bus up, systemctl cannot connect.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let state = loop {
+            let state = container.exec(&["systemctl", "is-system-running", "--wait"], 90)?;
+            if !state.stderr.contains("Failed to connect") || Instant::now() >= deadline {
+                break state;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        if !matches!(state.stdout.trim(), "running" | "degraded") {
+            eprintln!(
+                "skipped: systemd does not boot in a container here ({}{})",
+                state.stdout.trim(),
+                state.stderr.trim()
+            );
+            return Ok(None);
+        }
+        Ok(Some(container))
+    }
+
+    fn console(&self) -> String {
+        fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
+    }
+
+    /// Runs a command inside the container.
+    fn exec(&self, args: &[&str], limit_secs: u64) -> Result<Outcome> {
+        run(
+            Command::new("nsenter")
+                .arg(format!("--target={}", self.init))
+                .args([
+                    "--mount", "--pid", "--net", "--uts", "--ipc", "--root", "--wd=/",
+                ])
+                .args(args),
+            Duration::from_secs(limit_secs),
+        )
+    }
+
+    /// `systemctl show -p …` as a map.
+    fn show(&self, unit: &str) -> Result<BTreeMap<String, String>> {
+        let out = self
+            .exec(
+                &[
+                    "systemctl",
+                    "show",
+                    "-p",
+                    "ActiveState,SubState,Type,User,NRestarts,ExecMainStatus,StatusText",
+                    unit,
+                ],
+                20,
+            )?
+            .ok("systemctl show")?;
+        Ok(out
+            .stdout
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect())
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        // SIGKILL to a PID namespace's init ends everything in it.
+        if self.init != 0 {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.init.to_string()])
+                .status();
+        }
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+    }
+}
+
+/// The units as systemd runs them: both become active through READY=1 as
+/// the `meshwork` user under all the hardening; a crash and a stray SIGHUP
+/// are restarted; a stopping sidecar deregisters; a bad config fails
+/// without a restart loop.
+#[test]
+fn units_run_under_systemd() -> Result<()> {
+    if missing(true, &["unshare", "nsenter", "chroot", "systemctl"]).is_some() {
+        return Ok(());
+    }
+    if !Path::new("/lib/systemd/systemd").exists() {
+        eprintln!("skipped: no /lib/systemd/systemd to boot");
+        return Ok(());
+    }
+    let registry_toml = r#"node_id = 1
+data_dir = "/var/lib/meshwork"
+http_addr = "127.0.0.1:8500"
+grpc_addr = "127.0.0.1:8502"
+dns_addr = "127.0.0.1:8600"
+raft_addr = "127.0.0.1:8300"
+peers = ["1@127.0.0.1:8300"]
+"#;
+    // The sidecar fronts the registry's REST port as its "app", so a
+    // request to its upstream goes sidecar -> sidecar -> registry.
+    let web_toml = r#"[registry]
+addresses = ["127.0.0.1:8502"]
+[service]
+name = "web"
+port = 8500
+[[service.checks]]
+tcp = "127.0.0.1:8500"
+interval = "1s"
+[session]
+node = "box"
+[inbound]
+listen = "127.0.0.1:21000"
+app = "127.0.0.1:8500"
+[[upstreams]]
+name = "web"
+listen = "127.0.0.1:9191"
+"#;
+    let Some(container) = Container::boot(registry_toml, web_toml)? else {
+        return Ok(());
+    };
+    let result = check_units(&container);
+    if result.is_err() {
+        if let Ok(out) = container.exec(&["journalctl", "--no-pager", "-n", "60"], 20) {
+            eprintln!("--- journal\n{}", out.stdout);
+        }
+        eprintln!("--- console\n{}", container.console());
+    }
+    result
+}
+
+fn check_units(c: &Container) -> Result<()> {
+    let registry = "meshwork-registry.service";
+    let sidecar = "meshwork-sidecar@web.service";
+    for unit in [registry, sidecar] {
+        let show = eventually(&format!("{unit} active"), Duration::from_secs(30), || {
+            let show = c.show(unit)?;
+            ensure!(
+                show.get("SubState").map(String::as_str) == Some("running"),
+                "{show:?}"
+            );
+            Ok(show)
+        })?;
+        assert_eq!(show["Type"], "notify", "{show:?}");
+        assert_eq!(show["User"], "meshwork", "{show:?}");
+        assert!(!show["StatusText"].is_empty(), "{show:?}");
+    }
+    // Traffic through the sidecar (its upstream "web" is itself).
+    eventually(
+        "a request through the sidecar",
+        Duration::from_secs(20),
+        || {
+            let out = c.exec(
+                &[
+                    "curl",
+                    "-fsS",
+                    "-m",
+                    "2",
+                    "http://127.0.0.1:9191/v1/status/leader",
+                ],
+                10,
+            )?;
+            ensure!(out.stdout.contains("127.0.0.1:8300"), "{out:?}");
+            Ok(())
+        },
+    )?;
+
+    // kill -9: restarted. SIGHUP (no handler, a "clean" death to systemd): restarted too.
+    for (signal, restarts) in [("KILL", "1"), ("HUP", "2")] {
+        c.exec(&["systemctl", "kill", "-s", signal, registry], 20)?
+            .ok("systemctl kill")?;
+        eventually(
+            &format!("the registry back after SIG{signal}"),
+            Duration::from_secs(30),
+            || {
+                let show = c.show(registry)?;
+                ensure!(
+                    show["SubState"] == "running" && show["NRestarts"] == restarts,
+                    "{show:?}"
+                );
+                Ok(())
+            },
+        )?;
+    }
+
+    // Stopping the sidecar deregisters its instance.
+    c.exec(&["systemctl", "stop", sidecar], 60)?
+        .ok("systemctl stop")?;
+    let journal = c
+        .exec(
+            &["journalctl", "--no-pager", "-o", "cat", "-u", sidecar],
+            20,
+        )?
+        .ok("journalctl")?;
+    assert!(
+        journal.stdout.contains("deregistered"),
+        "{}",
+        journal.stdout
+    );
+    assert!(
+        !journal.stdout.contains('\u{1b}'),
+        "colour codes in the journal"
+    );
+    eventually("web gone from the catalog", Duration::from_secs(20), || {
+        let out = c.exec(
+            &[
+                "curl",
+                "-fsS",
+                "-m",
+                "2",
+                "http://127.0.0.1:8500/v1/catalog/services",
+            ],
+            10,
+        )?;
+        ensure!(out.stdout.trim() == "{}", "{}", out.stdout);
+        Ok(())
+    })?;
+
+    // A bad config: the start fails with exit 2 and is not retried.
+    c.exec(
+        &[
+            "sh",
+            "-c",
+            "echo 'bogus = 1' >> /etc/meshwork/registry.toml",
+        ],
+        10,
+    )?
+    .ok("break the config")?;
+    let restart = c.exec(&["systemctl", "restart", registry], 60)?;
+    assert!(!restart.status.success(), "{restart:?}");
+    std::thread::sleep(Duration::from_secs(5)); // two RestartSec= periods
+    let show = c.show(registry)?;
+    assert_eq!(show["ActiveState"], "failed", "{show:?}");
+    assert_eq!(show["ExecMainStatus"], "2", "{show:?}");
+    assert_eq!(show["NRestarts"], "0", "no restart loop: {show:?}");
+    Ok(())
+}
