@@ -225,6 +225,7 @@ pub async fn run(
             .into(),
         datacenter: config.datacenter.clone().into(),
         shared_reads: Arc::default(),
+        waiters: http::waiters::Waiters::start(Arc::clone(&node.state), shutdown.clone()),
     });
     let token = shutdown.clone();
     tasks.spawn(

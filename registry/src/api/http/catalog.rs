@@ -14,6 +14,7 @@ use super::AppState;
 use super::consul_json::{self, Fields};
 use super::error::ApiError;
 use super::query::{Params, ReadOptions, read_headers, run_read, shared_read_key};
+use super::waiters::IndexOf;
 use crate::command::Command;
 use crate::state::State as RegistryState;
 use crate::state::catalog::{HealthStatus, Registration};
@@ -25,7 +26,7 @@ async fn json_read(
     app: &AppState,
     uri: Uri,
     query: Option<String>,
-    index_of: impl Fn(&RegistryState) -> u64,
+    what: IndexOf,
     compute: impl Fn(&RegistryState, &Params) -> Value,
 ) -> Result<Response, ApiError> {
     let params = Params::parse(query.as_deref());
@@ -34,12 +35,19 @@ async fn json_read(
     // The URI points into hyper's read buffer; holding it across a blocking
     // wait would pin 8 KiB per parked request.
     drop(uri);
-    let result = run_read(&app.node, options, &app.shutdown, &index_of, |state| {
-        app.shared_reads.get_or_compute(&key, state, |state| {
-            let value = compute(state, &params);
-            Bytes::from(serde_json::to_vec(&value).unwrap_or_else(|_| b"null".to_vec()))
-        })
-    })
+    let result = run_read(
+        &app.node,
+        &app.waiters,
+        options,
+        &app.shutdown,
+        &what,
+        |state| {
+            app.shared_reads.get_or_compute(&key, state, |state| {
+                let value = compute(state, &params);
+                Bytes::from(serde_json::to_vec(&value).unwrap_or_else(|_| b"null".to_vec()))
+            })
+        },
+    )
     .await?;
     let mut headers = read_headers(&app.node, result.index, options.consistency);
     headers.insert(
@@ -149,21 +157,15 @@ pub async fn services(
     uri: Uri,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(
-        &app,
-        uri,
-        q,
-        |state| state.catalog.services_list_index(),
-        |state, _| {
-            let names: BTreeMap<&str, Vec<&str>> = state
-                .catalog
-                .service_names()
-                .into_iter()
-                .map(|(name, tags)| (name, tags.into_iter().collect()))
-                .collect();
-            json!(names)
-        },
-    )
+    json_read(&app, uri, q, IndexOf::ServiceList, |state, _| {
+        let names: BTreeMap<&str, Vec<&str>> = state
+            .catalog
+            .service_names()
+            .into_iter()
+            .map(|(name, tags)| (name, tags.into_iter().collect()))
+            .collect();
+        json!(names)
+    })
     .await
 }
 
@@ -178,7 +180,7 @@ pub async fn service(
         &app,
         uri,
         q,
-        |state| state.catalog.service_index(&name),
+        IndexOf::Service(name.clone()),
         |state, params| {
             let list: Vec<Value> = state
                 .catalog
@@ -198,16 +200,10 @@ pub async fn nodes(
     uri: Uri,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(
-        &app,
-        uri,
-        q,
-        |state| state.catalog.nodes_index(),
-        |state, _| {
-            let list: Vec<Value> = state.catalog.nodes().map(consul_json::node_json).collect();
-            Value::Array(list)
-        },
-    )
+    json_read(&app, uri, q, IndexOf::NodeList, |state, _| {
+        let list: Vec<Value> = state.catalog.nodes().map(consul_json::node_json).collect();
+        Value::Array(list)
+    })
     .await
 }
 
@@ -222,7 +218,7 @@ pub async fn node(
         &app,
         uri,
         q,
-        |state| state.catalog.node_index(&node),
+        IndexOf::Node(node.clone()),
         |state, _| match state.catalog.node(&node) {
             None => Value::Null,
             Some(n) => {
@@ -251,7 +247,7 @@ pub async fn health_service(
         &app,
         uri,
         q,
-        |state| state.catalog.service_index(&name),
+        IndexOf::Service(name.clone()),
         |state, params| {
             let catalog = &state.catalog;
             let list: Vec<Value> = catalog
@@ -286,21 +282,15 @@ pub async fn health_checks(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(
-        &app,
-        uri,
-        q,
-        |state| state.catalog.service_index(&name),
-        |state, _| {
-            let list: Vec<Value> = state
-                .catalog
-                .all_checks()
-                .filter(|c| c.service_name == name)
-                .map(consul_json::check_json)
-                .collect();
-            Value::Array(list)
-        },
-    )
+    json_read(&app, uri, q, IndexOf::Service(name.clone()), |state, _| {
+        let list: Vec<Value> = state
+            .catalog
+            .all_checks()
+            .filter(|c| c.service_name == name)
+            .map(consul_json::check_json)
+            .collect();
+        Value::Array(list)
+    })
     .await
 }
 
@@ -311,20 +301,14 @@ pub async fn health_node(
     Path(node): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(
-        &app,
-        uri,
-        q,
-        |state| state.catalog.node_index(&node),
-        |state, _| {
-            let list: Vec<Value> = state
-                .catalog
-                .node_checks(&node)
-                .map(consul_json::check_json)
-                .collect();
-            Value::Array(list)
-        },
-    )
+    json_read(&app, uri, q, IndexOf::Node(node.clone()), |state, _| {
+        let list: Vec<Value> = state
+            .catalog
+            .node_checks(&node)
+            .map(consul_json::check_json)
+            .collect();
+        Value::Array(list)
+    })
     .await
 }
 
@@ -343,20 +327,14 @@ pub async fn health_state(
             ))
         })?),
     };
-    json_read(
-        &app,
-        uri,
-        q,
-        |state| state.catalog.checks_index(),
-        |state, _| {
-            let list: Vec<Value> = state
-                .catalog
-                .all_checks()
-                .filter(|c| filter.is_none_or(|f| c.status == f))
-                .map(consul_json::check_json)
-                .collect();
-            Value::Array(list)
-        },
-    )
+    json_read(&app, uri, q, IndexOf::Checks, |state, _| {
+        let list: Vec<Value> = state
+            .catalog
+            .all_checks()
+            .filter(|c| filter.is_none_or(|f| c.status == f))
+            .map(consul_json::check_json)
+            .collect();
+        Value::Array(list)
+    })
     .await
 }

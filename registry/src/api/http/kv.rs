@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::AppState;
 use super::error::ApiError;
 use super::query::{Params, ReadOptions, read_headers, run_read};
+use super::waiters::IndexOf;
 use crate::command::Command;
 use crate::state::KvEntry;
 
@@ -105,9 +106,10 @@ async fn get(app: &AppState, key: &str, params: &Params) -> Result<Response, Api
         let separator = params.get("separator").map(str::to_owned);
         let result = run_read(
             node,
+            &app.waiters,
             options,
             shutdown,
-            |state| state.kv.prefix_index(key),
+            &IndexOf::Prefix(key.to_owned()),
             |state| state.kv.keys(key, separator.as_deref()),
         )
         .await?;
@@ -116,9 +118,10 @@ async fn get(app: &AppState, key: &str, params: &Params) -> Result<Response, Api
     } else if params.flag("recurse")? {
         let result = run_read(
             node,
+            &app.waiters,
             options,
             shutdown,
-            |state| state.kv.prefix_index(key),
+            &IndexOf::Prefix(key.to_owned()),
             |state| {
                 let pairs: Vec<KvPair<'_>> = state
                     .kv
@@ -142,9 +145,10 @@ async fn get(app: &AppState, key: &str, params: &Params) -> Result<Response, Api
         let raw = params.flag("raw")?;
         let result = run_read(
             node,
+            &app.waiters,
             options,
             shutdown,
-            |state| state.kv.key_index(key),
+            &IndexOf::Key(key.to_owned()),
             |state| {
                 state.kv.get(key).map(|entry| {
                     if raw {

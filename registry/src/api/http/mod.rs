@@ -11,6 +11,7 @@ pub mod query;
 pub mod serve;
 pub mod snapshot;
 pub mod status;
+pub mod waiters;
 
 use std::sync::Arc;
 
@@ -39,6 +40,8 @@ pub struct AppState {
     pub datacenter: Arc<str>,
     /// Read results shared by concurrent waiters.
     pub shared_reads: Arc<query::SharedReads>,
+    /// Parked blocking queries, woken by what they wait on.
+    pub waiters: Arc<waiters::Waiters>,
 }
 
 impl AppState {

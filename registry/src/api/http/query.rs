@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
+use super::waiters::{IndexOf, Waiters};
 use crate::node::{Consistency, RegistryNode};
 use crate::state::State;
 
@@ -157,54 +158,47 @@ pub struct Indexed<T> {
 }
 
 /// Runs a read: waits for the consistency barrier, then answers with
-/// `compute` and the result's index from `index_of`. A blocking query
-/// parks until that index passes `min_index` or the wait (plus up to 1/16
-/// jitter, as Consul) runs out; each applied change wakes it, but only the
-/// cheap `index_of` runs until the answer is due, so changes elsewhere cost
-/// a map lookup, not a recomputed and re-encoded answer. Shutdown ends the
-/// wait early.
+/// `compute` and the index of `what`. A blocking query parks until that
+/// index passes `min_index` or the wait (plus up to 1/16 jitter, as
+/// Consul) runs out. Parked, it is woken only when its own index moves
+/// (see [`Waiters`]), not by changes elsewhere. Shutdown ends the wait
+/// early.
 pub async fn run_read<T>(
     node: &RegistryNode,
+    waiters: &Waiters,
     options: ReadOptions,
     shutdown: &CancellationToken,
-    index_of: impl Fn(&State) -> u64,
+    what: &IndexOf,
     compute: impl Fn(&State) -> T,
 ) -> Result<Indexed<T>, ApiError> {
     // Boxed: the barrier's future (a gRPC call to the leader) is large, and
     // inline it would size the state of every parked blocking query.
     Box::pin(node.read_barrier(options.consistency)).await?;
-    let mut applied = node.state.subscribe();
-    let deadline = options.min_index.map(|_| {
-        let jitter_ms = rand::rng().random_range(0..=(options.wait.as_millis() as u64 / 16).max(1));
-        Instant::now() + options.wait + Duration::from_millis(jitter_ms)
-    });
-    let _parked = deadline
-        .map(|_| crate::metrics::GaugeGuard::new(&crate::metrics::METRICS.blocking_queries));
     // Index 0 would make clients spin; Consul reports at least 1.
     let answer = |state: &State| Indexed {
-        index: index_of(state).max(1),
+        index: what.index(state).max(1),
         value: compute(state),
     };
-    let (Some(min), Some(deadline)) = (options.min_index, deadline) else {
+    let Some(min) = options.min_index else {
         return Ok(answer(&node.state.read()));
     };
-    loop {
-        applied.borrow_and_update();
-        {
-            let state = node.state.read();
-            if index_of(&state).max(1) > min {
-                return Ok(answer(&state));
-            }
-        }
-        let woken = tokio::select! {
-            changed = tokio::time::timeout_at(deadline, applied.changed()) => matches!(changed, Ok(Ok(()))),
-            () = shutdown.cancelled() => false,
-        };
-        if !woken {
-            // Timed out or shutting down: the answer as it stands.
-            return Ok(answer(&node.state.read()));
+    let jitter_ms = rand::rng().random_range(0..=(options.wait.as_millis() as u64 / 16).max(1));
+    let deadline = Instant::now() + options.wait + Duration::from_millis(jitter_ms);
+    let _parked = crate::metrics::GaugeGuard::new(&crate::metrics::METRICS.blocking_queries);
+    // Join the group first, then look: a change in between is not missed.
+    let mut group = waiters.subscribe(what);
+    {
+        let state = node.state.read();
+        if what.index(&state).max(1) > min {
+            return Ok(answer(&state));
         }
     }
+    tokio::select! {
+        _ = tokio::time::timeout_at(deadline, group.wait_for(|index| (*index).max(1) > min)) => {}
+        () = shutdown.cancelled() => {}
+    }
+    // Due, timed out or shutting down: the answer as it stands.
+    Ok(answer(&node.state.read()))
 }
 
 /// Consul's read headers: the index, and how fresh the answering server is.
