@@ -118,6 +118,7 @@ pub struct ClusterGauges {
     pub requests_active: usize,
     pub pending: usize,
     pub connections_active: usize,
+    pub downstream_active: usize,
     pub endpoints: usize,
     pub endpoints_healthy: usize,
     pub endpoints_ejected: usize,
@@ -237,7 +238,7 @@ pub fn render<'a>(
             );
         }
     }
-    let gauges: [GaugeRow; 6] = [
+    let gauges: [GaugeRow; 7] = [
         (
             "meshwork_proxy_requests_active",
             "Requests (TCP: connections) in flight.",
@@ -252,6 +253,11 @@ pub fn render<'a>(
             "meshwork_proxy_upstream_connections_active",
             "Upstream connections open.",
             |g| g.connections_active,
+        ),
+        (
+            "meshwork_proxy_downstream_connections_active",
+            "Client connections open on the listener.",
+            |g| g.downstream_active,
         ),
         ("meshwork_proxy_endpoints", "Endpoints known.", |g| {
             g.endpoints

@@ -807,6 +807,22 @@ async fn http2_and_grpc_streaming_with_trailers() -> Result<()> {
         Ok(m) => bail!("expected NOT_FOUND in the trailers, got {m:?}"),
     }
 
+    // The proxy's own errors reach a gRPC caller as a gRPC status.
+    let c3_ip = mesh.ip(102);
+    mesh.client_sidecar(&c3_ip, "name = \"nobody\"\nprotocol = \"grpc\"")
+        .await?;
+    let mut nobody = WatchClient::connect(format!("http://{c3_ip}:{UPSTREAM_PORT}")).await?;
+    match nobody.subscribe(request("ok")).await {
+        Err(status) => {
+            ensure!(status.code() == tonic::Code::Unavailable, "{status:?}");
+            ensure!(
+                status.message().contains("no healthy endpoint"),
+                "{status:?}"
+            );
+        }
+        Ok(_) => bail!("a stream from a service with no instances"),
+    }
+
     // Plain HTTP/2 (prior knowledge) through an http2 upstream.
     let h2_ip = mesh.ip(21);
     let (h2_app, _) = http_backend(&h2_ip, "h2-echo").await?;

@@ -153,6 +153,8 @@ pub struct Gauges {
     pub connections: AtomicUsize,
     /// Retries in flight (for the budget).
     pub retries: AtomicUsize,
+    /// Client connections open on the listener.
+    pub downstream: AtomicUsize,
 }
 
 /// Decrements a gauge when dropped.

@@ -226,16 +226,23 @@ impl Proxy {
                     }
                 },
             };
+            let Some(open) = cluster::acquire_owned(&cluster, |g| &g.downstream, usize::MAX) else {
+                continue;
+            };
             match &http {
                 None => {
-                    self.tasks.spawn(tcp::proxy_connection(
+                    let stream_task = tcp::proxy_connection(
                         stream,
                         peer,
                         Arc::clone(&cluster),
                         direction,
                         self.settings.access_log,
                         self.stop_now.clone(),
-                    ));
+                    );
+                    self.tasks.spawn(async move {
+                        stream_task.await;
+                        drop(open);
+                    });
                 }
                 Some(http) => {
                     let _ = stream.set_nodelay(true);
@@ -259,6 +266,7 @@ impl Proxy {
                     let stop_now = self.stop_now.clone();
                     let idle_timeout = cluster.config.idle_timeout;
                     self.tasks.spawn(async move {
+                        let _open = open;
                         tokio::pin!(connection);
                         tokio::select! {
                             result = connection.as_mut() => {
@@ -312,6 +320,7 @@ impl Proxy {
                 requests_active: c.gauges.requests.load(Ordering::Relaxed),
                 pending: c.gauges.pending.load(Ordering::Relaxed),
                 connections_active: c.gauges.connections.load(Ordering::Relaxed),
+                downstream_active: c.gauges.downstream.load(Ordering::Relaxed),
                 endpoints: table.endpoints.len(),
                 endpoints_healthy: table.endpoints.iter().filter(|e| e.healthy).count(),
                 endpoints_ejected: table.endpoints.iter().filter(|e| e.ejected()).count(),
@@ -344,6 +353,7 @@ impl Proxy {
                     "requests_active": c.gauges.requests.load(Ordering::Relaxed),
                     "pending": c.gauges.pending.load(Ordering::Relaxed),
                     "connections_active": c.gauges.connections.load(Ordering::Relaxed),
+                    "downstream_connections_active": c.gauges.downstream.load(Ordering::Relaxed),
                     "endpoints": c.view(),
                 })
             })
