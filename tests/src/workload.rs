@@ -279,6 +279,14 @@ pub struct WatchLog {
     pub state: HashMap<String, Observation>,
     /// (key, observation) for every entry in a CHANGE.
     pub seen: Vec<(String, Observation)>,
+    /// For every entry in a CHANGE: (key, its ModifyIndex, the index the
+    /// watcher had before the event, the event's index). An entry whose
+    /// ModifyIndex is below the event's index stands for every change to
+    /// that key in between (the event was coalesced).
+    pub spans: Vec<(String, u64, u64, u64)>,
+    /// Live CHANGE events that carried entries modified at earlier
+    /// indexes (several Raft indexes folded into one event).
+    pub coalesced_live: u32,
     /// Index ranges `(from, to]` the watcher followed without a fresh
     /// snapshot in between: every change to the prefix inside them must
     /// have reached it.
@@ -373,7 +381,7 @@ async fn follow_once(
                     fresh = true;
                     log.state.clear();
                 }
-                apply_changes(&event.changes, None, since, false, url, log);
+                apply_changes(&event.changes, None, since, url, log);
                 if event.index < log.last_index && since > 0 {
                     log.anomalies.push(format!(
                         "{url}: index regression: a snapshot at {} after the watcher had {} (resumed from {since})",
@@ -427,13 +435,21 @@ async fn follow_once(
                 if log.covered.is_empty() {
                     log.covered.push((since, since));
                 }
-                // Live changes carry exactly their own index; a resume on
-                // another server may send one CHANGE diffed against the
-                // state at `since` (documented in registry/src/watch), whose
-                // entries were modified in (since, index].
-                let exact = !in_snapshot;
-                coalesced |=
-                    apply_changes(&event.changes, Some(event.index), since, exact, url, log);
+                // watch.proto promises one CHANGE per Raft index, but the
+                // registry's feeds diff the topic whenever they catch up
+                // (registry/src/watch: Feed::update), and a resume on
+                // another server is one CHANGE diffed against the state at
+                // `since`: entries may carry any ModifyIndex in
+                // (what the watcher had, the event's index]. Counted, and
+                // the gap check accepts an event that jumps over an index.
+                let live = !in_snapshot;
+                let before = log.last_index;
+                let folded = apply_changes(&event.changes, Some(event.index), before, url, log);
+                if live {
+                    log.coalesced_live += u32::from(folded);
+                } else {
+                    coalesced |= folded;
+                }
                 log.last_index = log.last_index.max(event.index);
                 if !in_snapshot {
                     log.extend_coverage(event.index);
@@ -447,11 +463,12 @@ async fn follow_once(
 
 /// Applies one event's changes to the watcher's view; returns whether
 /// they were coalesced (an entry modified before the event's index).
+/// Every entry of a CHANGE must have been modified after `before` (what
+/// the watcher already had) and no later than the event's index.
 fn apply_changes(
     changes: &[meshwork_proto::v1::Change],
     index: Option<u64>,
-    since: u64,
-    exact: bool,
+    before: u64,
     url: &str,
     log: &mut WatchLog,
 ) -> bool {
@@ -468,18 +485,15 @@ fn apply_changes(
                     continue;
                 };
                 if let Some(index) = index {
-                    let fits = if exact {
-                        entry.modify_index == index
-                    } else {
-                        entry.modify_index > since && entry.modify_index <= index
-                    };
-                    if !fits {
+                    if entry.modify_index <= before || entry.modify_index > index {
                         log.anomalies.push(format!(
-                            "{url}: change at index {index} (resumed from {since}) carries {} with ModifyIndex {}",
+                            "{url}: change at index {index} (watcher had {before}) carries {} with ModifyIndex {}",
                             entry.key, entry.modify_index
                         ));
                     }
                     coalesced |= entry.modify_index != index;
+                    log.spans
+                        .push((entry.key.clone(), entry.modify_index, before, index));
                 }
                 let seen = Observation {
                     value,
@@ -533,28 +547,33 @@ pub fn index_value_conflicts(observations: &[(String, Observation)]) -> Vec<Stri
 }
 
 /// Gaps: a change a read saw at an index the watcher followed without a
-/// break, that the watcher did not get.
+/// break, that reached the watcher neither as itself nor folded into a
+/// later change of the same key (an event that jumped over its index).
 pub fn watch_gaps(watch: &WatchLog, reads: &[(String, Observation)]) -> Vec<String> {
-    let seen: std::collections::HashSet<(&str, u64)> = watch
-        .seen
-        .iter()
-        .map(|(k, o)| (k.as_str(), o.modify_index))
-        .collect();
+    let mut by_key: HashMap<&str, Vec<(u64, u64, u64)>> = HashMap::new();
+    for (key, modify_index, before, index) in &watch.spans {
+        by_key
+            .entry(key.as_str())
+            .or_default()
+            .push((*modify_index, *before, *index));
+    }
     let mut gaps = Vec::new();
     let mut reported = std::collections::HashSet::new();
     for (key, o) in reads {
-        let covered = watch
-            .covered
-            .iter()
-            .any(|(from, to)| o.modify_index > *from && o.modify_index <= *to);
-        if covered
-            && !seen.contains(&(key.as_str(), o.modify_index))
-            && reported.insert((key.as_str(), o.modify_index))
-            && gaps.len() < 20
-        {
+        let m = o.modify_index;
+        let covered = watch.covered.iter().any(|(from, to)| m > *from && m <= *to);
+        if !covered {
+            continue;
+        }
+        let reached = by_key.get(key.as_str()).is_some_and(|spans| {
+            spans.iter().any(|(modify_index, before, index)| {
+                *modify_index == m || (*before < m && m <= *index && *modify_index >= m)
+            })
+        });
+        if !reached && reported.insert((key.as_str(), m)) && gaps.len() < 20 {
             gaps.push(format!(
-                "{key}@{} (value {}) was read but never reached the watcher, which followed that index range",
-                o.modify_index, o.value
+                "{key}@{m} (value {}) was read but never reached the watcher, which followed that index range",
+                o.value
             ));
         }
     }
