@@ -974,11 +974,12 @@ exec chroot $R /lib/systemd/systemd --system --unit=multi-user.target --log-targ
         .map_err(|e| anyhow::anyhow!("{e:#}\n{}", container.console()))?;
         // `--wait` returns once start-up is over: running, or degraded when
         // some unit of the host's failed in here (not ours; checked below).
-        // Until systemd has its bus up, systemctl cannot connect.
+        // Until systemd has made /run/systemd/system and its bus, systemctl
+        // says it was not booted or cannot connect: ask again.
         let deadline = Instant::now() + Duration::from_secs(60);
         let state = loop {
             let state = container.exec(&["systemctl", "is-system-running", "--wait"], 90)?;
-            if !state.stderr.contains("Failed to connect") || Instant::now() >= deadline {
+            if matches!(state.stdout.trim(), "running" | "degraded") || Instant::now() >= deadline {
                 break state;
             }
             std::thread::sleep(Duration::from_millis(250));
