@@ -590,7 +590,14 @@ listen = "127.0.0.1:9192"
         assert_eq!(db.balance, Balance::RoundRobin);
         assert_eq!(db.connect_timeout, Duration::from_secs(5));
         assert_eq!(db.idle_timeout, Duration::from_secs(3600));
-        assert!(db.retries.on.connect_failure && !db.retries.on.reset);
+        assert!(db.retries.on.connect_failure && !db.retries.on.reset, "tcp");
+        let c = Config::parse(
+            "s.toml",
+            &text.replace("name = \"db\"", "name = \"db\"\nprotocol = \"http\""),
+        )
+        .expect("valid");
+        let on = &c.upstreams[1].retries.on;
+        assert!(on.connect_failure && on.reset && !on.any_5xx, "http");
         assert_eq!(c.proxy.drain, Duration::from_secs(5));
         assert!(!c.proxy.access_log);
     }

@@ -1220,6 +1220,18 @@ async fn bad_input_is_refused_without_harming_others() -> Result<()> {
     req.extend_from_slice(b"\r\n");
     let reply = raw_exchange(&addr, &req).await?;
     ensure!(reply.starts_with("HTTP/1.1 431"), "{reply:?}");
+    // A keep-alive connection used once, then idle past the 10 s head
+    // timeout below: it stays open and serves the next request.
+    let mut keep = TcpStream::connect(&addr).await?;
+    let one = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+    keep.write_all(one).await?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), keep.read(&mut buf)).await??;
+    ensure!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
     // A client that connects and sends nothing is dropped as well.
     let mut silent = TcpStream::connect(&addr).await?;
     let silent_closed = tokio::spawn(async move {
@@ -1259,6 +1271,13 @@ async fn bad_input_is_refused_without_harming_others() -> Result<()> {
         started.elapsed()
     );
     ensure!(silent_closed.await?, "a silent connection is closed");
+    keep.write_all(one).await?;
+    let n = tokio::time::timeout(Duration::from_secs(5), keep.read(&mut buf)).await??;
+    ensure!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "the idle keep-alive connection still serves: {:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
     let r = http.get(format!("http://{addr}/")).send().await?;
     ensure!(r.status() == 200);
 

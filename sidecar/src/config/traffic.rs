@@ -263,6 +263,17 @@ fn retry_on(f: &str, key: &str, list: &[String], errors: &mut Vec<String>) -> Re
     on
 }
 
+/// Connect failures always; for HTTP also resets (idempotent requests
+/// only), which is what a pooled connection closed by the other side at
+/// the wrong moment looks like.
+fn default_retry_on(protocol: Protocol) -> RetryOn {
+    RetryOn {
+        connect_failure: true,
+        reset: protocol.is_http(),
+        ..RetryOn::default()
+    }
+}
+
 pub(super) fn upstreams(
     f: &str,
     raw: Vec<UpstreamSection>,
@@ -338,10 +349,7 @@ pub(super) fn upstreams(
         let retries = match u.retries {
             None => RetryPolicy {
                 attempts: 2,
-                on: RetryOn {
-                    connect_failure: true,
-                    ..RetryOn::default()
-                },
+                on: default_retry_on(protocol),
                 budget_percent: 20,
             },
             Some(r) => RetryPolicy {
@@ -353,10 +361,7 @@ pub(super) fn upstreams(
                     n => n.unwrap_or(2),
                 },
                 on: match &r.on {
-                    None => RetryOn {
-                        connect_failure: true,
-                        ..RetryOn::default()
-                    },
+                    None => default_retry_on(protocol),
                     Some(list) => retry_on(f, &format!("{key}.retries.on"), list, errors),
                 },
                 budget_percent: percent(

@@ -499,6 +499,15 @@ impl Body for Guarded {
     }
 }
 
+/// `body`, holding `guard` until its last byte has gone.
+pub fn hold(body: ProxyBody, guard: impl Send + 'static) -> ProxyBody {
+    Guarded {
+        inner: body,
+        _guards: Box::new(guard),
+    }
+    .boxed_unsync()
+}
+
 /// What the access log needs of the request, taken before it moves on.
 struct LogContext {
     method: String,

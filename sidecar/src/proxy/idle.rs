@@ -2,13 +2,19 @@
 //! notes when bytes last moved; [`Activity::idle`] resolves when the
 //! connection has been quiet too long — no byte at all within the first
 //! `first_byte` (a client that connects and says nothing, which would
-//! otherwise sit in protocol detection forever), or nothing moving for
-//! `idle` while no request is in flight.
+//! otherwise sit in protocol detection forever), an HTTP/1 request head
+//! begun but not finished within `first_byte` (slowloris), or nothing
+//! moving for `idle` while no request is in flight.
+//!
+//! The head timer starts at the first byte of a head, not when the
+//! connection falls idle (as hyper's own `header_read_timeout` does), so
+//! idle keep-alive connections stay open for `idle` and clients reusing
+//! them do not race a 10 s close.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,14 +30,29 @@ pub struct Activity {
     last_ms: AtomicU64,
     /// Requests being answered on this connection.
     in_flight: AtomicUsize,
+    /// Milliseconds after `start` that the first byte of a request head
+    /// arrived while no request was in flight; `u64::MAX` for none.
+    head_since_ms: AtomicU64,
+    /// Watch request heads (HTTP/1 listeners; off for TCP and once the
+    /// HTTP/2 preface is seen).
+    heads: AtomicBool,
+    /// The first read has been looked at.
+    first_read: AtomicBool,
 }
 
-impl Default for Activity {
-    fn default() -> Self {
+/// The HTTP/2 connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+impl Activity {
+    /// `http`: the connection carries HTTP, so request heads are timed.
+    pub fn new(http: bool) -> Self {
         Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(u64::MAX),
             in_flight: AtomicUsize::new(0),
+            head_since_ms: AtomicU64::new(u64::MAX),
+            heads: AtomicBool::new(http),
+            first_read: AtomicBool::new(false),
         }
     }
 }
@@ -47,13 +68,37 @@ impl Drop for Busy {
 }
 
 impl Activity {
-    fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
     }
 
+    fn touch(&self) {
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Bytes arrived from the client.
+    fn received(&self, bytes: &[u8]) {
+        self.touch();
+        if !self.first_read.swap(true, Ordering::Relaxed) {
+            let n = bytes.len().min(H2_PREFACE.len());
+            if n > 0 && H2_PREFACE.starts_with(&bytes[..n]) {
+                // HTTP/2 has no heads to time here (its own limits apply).
+                self.heads.store(false, Ordering::Relaxed);
+            }
+        }
+        if self.heads.load(Ordering::Relaxed)
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_since_ms.load(Ordering::Relaxed) == u64::MAX
+        {
+            self.head_since_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// A request head was parsed: the request is in flight until the guard
+    /// drops.
     pub fn busy(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_since_ms.store(u64::MAX, Ordering::Relaxed);
         self.touch();
         Busy(Arc::clone(self))
     }
@@ -63,6 +108,14 @@ impl Activity {
         loop {
             let now = self.start.elapsed();
             let last = self.last_ms.load(Ordering::Relaxed);
+            let head = self.head_since_ms.load(Ordering::Relaxed);
+            if head != u64::MAX
+                && self.in_flight.load(Ordering::Relaxed) == 0
+                && now.saturating_sub(Duration::from_millis(head)) >= first_byte
+            {
+                tracing::debug!("closing a connection whose request head took over {first_byte:?}");
+                return;
+            }
             let wait = if last == u64::MAX {
                 if now >= first_byte {
                     tracing::debug!("closing a connection that sent nothing for {first_byte:?}");
@@ -75,7 +128,11 @@ impl Activity {
                     tracing::debug!("closing a connection idle for {idle:?}");
                     return;
                 }
-                idle.saturating_sub(quiet).max(Duration::from_millis(100))
+                let mut wait = idle.saturating_sub(quiet);
+                if head != u64::MAX {
+                    wait = wait.min(Duration::from_millis(250));
+                }
+                wait.max(Duration::from_millis(100))
             };
             tokio::time::sleep(wait).await;
         }
@@ -104,7 +161,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.activity.touch();
+            self.activity.received(&buf.filled()[before..]);
         }
         r
     }
@@ -155,11 +212,11 @@ mod tests {
     #[tokio::test]
     async fn silent_and_idle_connections_are_noticed() {
         let ms = Duration::from_millis;
-        let a = Arc::new(Activity::default());
+        let a = Arc::new(Activity::new(true));
         let t = Instant::now();
         a.idle(ms(100), ms(300)).await;
         assert!(t.elapsed() >= ms(100) && t.elapsed() < ms(300));
-        let a = Arc::new(Activity::default());
+        let a = Arc::new(Activity::new(true));
         let busy = a.busy();
         let idle = a.idle(ms(100), ms(300));
         tokio::pin!(idle);
@@ -171,5 +228,33 @@ mod tests {
         tokio::time::timeout(ms(500), idle)
             .await
             .expect("idle once the request is done");
+        // Half a head: cut after `first_byte`, though `idle` is long.
+        let a = Arc::new(Activity::new(true));
+        a.received(b"GET / HTTP/1.1\r\n");
+        let t = Instant::now();
+        a.idle(ms(200), Duration::from_secs(60)).await;
+        assert!(t.elapsed() < ms(600));
+        // An idle keep-alive connection (a request done, nothing since)
+        // stays open.
+        let a = Arc::new(Activity::new(true));
+        a.received(b"GET / HTTP/1.1\r\n\r\n");
+        drop(a.busy());
+        assert!(
+            tokio::time::timeout(ms(600), a.idle(ms(200), Duration::from_secs(60)))
+                .await
+                .is_err()
+        );
+        // HTTP/2 and TCP connections have no heads to time.
+        for (a, bytes) in [
+            (Activity::new(true), H2_PREFACE),
+            (Activity::new(false), &b"GET"[..]),
+        ] {
+            a.received(bytes);
+            assert!(
+                tokio::time::timeout(ms(600), a.idle(ms(200), Duration::from_secs(60)))
+                    .await
+                    .is_err()
+            );
+        }
     }
 }

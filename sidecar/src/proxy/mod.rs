@@ -43,7 +43,8 @@ pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>
 /// Request headers larger than this get 431 (HTTP/1.1) or a stream
 /// error (HTTP/2).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// A client must send a request's whole head within this (slowloris).
+/// A client must send a request's whole head within this (slowloris), and
+/// its first byte within this of connecting.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 streams a client may reset before the server answers, per
 /// connection (rapid reset, CVE-2023-44487).
@@ -102,9 +103,15 @@ fn inbound_upstream(config: &Config, inbound: &Inbound) -> Upstream {
         connect_timeout: crate::config::DEFAULT_CONNECT_TIMEOUT,
         request_timeout: Duration::from_secs(24 * 3600),
         idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
+        // Once more on a fresh connection when a pooled one to the app
+        // turns out closed (idempotent requests only).
         retries: RetryPolicy {
-            attempts: 0,
-            on: RetryOn::default(),
+            attempts: 1,
+            on: RetryOn {
+                connect_failure: true,
+                reset: inbound.protocol.is_http(),
+                ..RetryOn::default()
+            },
             budget_percent: 20,
         },
         outlier: OutlierPolicy {
@@ -247,15 +254,15 @@ impl Proxy {
                 Some(http) => {
                     let _ = stream.set_nodelay(true);
                     let http = Arc::clone(http);
-                    let activity = Arc::new(idle::Activity::default());
+                    let activity = Arc::new(idle::Activity::new(true));
                     let busy = Arc::clone(&activity);
                     let service = hyper::service::service_fn(move |req| {
                         let http = Arc::clone(&http);
                         let busy = busy.busy();
                         async move {
                             let response = http.handle(req, peer).await;
-                            drop(busy);
-                            Ok::<_, Infallible>(response)
+                            // Busy until the response's last byte.
+                            Ok::<_, Infallible>(response.map(|body| http::hold(body, busy)))
                         }
                     });
                     let io = idle::Tracked::new(stream, Arc::clone(&activity));
@@ -400,7 +407,9 @@ fn server_builder() -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Heads are timed by `idle::Activity` from their first byte;
+        // hyper's timer would also close idle keep-alive connections.
+        .header_read_timeout(None)
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true);
     builder

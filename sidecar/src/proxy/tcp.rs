@@ -105,7 +105,7 @@ pub async fn proxy_connection(
     cluster.report(&endpoint, false);
     let _in_flight = endpoint.start_request();
     let (mut upstream, _slot) = upstream.into_parts();
-    let activity = Arc::new(Activity::default());
+    let activity = Arc::new(Activity::new(false));
     let mut client = Tracked::new(client, Arc::clone(&activity));
     let idle = cluster.config.idle_timeout;
     // The connection is busy while it lasts; only silence counts.
