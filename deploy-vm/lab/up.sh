@@ -34,8 +34,8 @@
 #   LAB_NET      first three octets of the lab's /24 (default 198.18.0; 198.18.X or 198.19.X)
 #   LAB_SERVERS  registry servers, 1-7 (default 3)
 #   LAB_APPS     app hosts, 0-9 (default 2; 0 = registry servers only)
-#   BIN_DIR      meshwork-registry and meshwork-sidecar (default target/release,
-#                built with `cargo build --release` when missing there)
+#   BIN_DIR      meshwork-registry and meshwork-sidecar (default: target/release,
+#                brought up to date with `cargo build --release` first)
 #   LAB_WAIT     seconds to wait for each stage (default 60)
 #   LAB_REGISTRY_FLAGS  extra meshwork-registry flags, e.g. "--election-timeout-ms 500"
 #   RUST_LOG     passed to the binaries
@@ -66,8 +66,10 @@ done
 
 if [[ -z ${BIN_DIR:-} ]]; then
     BIN_DIR=${CARGO_TARGET_DIR:-$lab_repo/target}/release
-    if [[ ! -x $BIN_DIR/meshwork-registry || ! -x $BIN_DIR/meshwork-sidecar ]]; then
-        say "no release binaries in $BIN_DIR: building them (cargo build --release)"
+    # Build (a no-op when up to date) so that stale binaries are never used;
+    # without cargo, whatever is in target/release.
+    if command -v cargo >/dev/null; then
+        say "cargo build --release (the lab's binaries; set BIN_DIR to use others)"
         (cd "$lab_repo" && cargo build --release --bin meshwork-registry --bin meshwork-sidecar) ||
             die "the release build failed"
     fi
@@ -310,10 +312,12 @@ echo
 echo "Try:"
 in_reg1="ip netns exec $(lab_ns reg1)"
 echo "  $in_reg1 curl http://$reg1_ip:$HTTP_PORT/v1/status/peers"
-echo "  $in_reg1 curl 'http://$reg1_ip:$HTTP_PORT/v1/health/service/app1?passing'"
-echo "  $in_reg1 dig @$reg1_ip -p $DNS_PORT app1.service.mesh. +short"
+if ((LAB_APPS >= 1)); then
+    echo "  $in_reg1 curl 'http://$reg1_ip:$HTTP_PORT/v1/health/service/app1?passing'"
+    echo "  $in_reg1 dig @$reg1_ip -p $DNS_PORT app1.service.mesh. +short"
+fi
 if ((LAB_APPS >= 2)); then
     echo "  ip netns exec $(lab_ns app1) curl http://127.0.0.1:$((UPSTREAM_PORT_BASE + 2))/   # app1 -> its sidecar -> app2's sidecar -> app2"
 fi
-echo "  $lab_script_dir/partition.sh reg1      # cut reg1 off (also: reg1 app1, --isolate); heal.sh undoes it"
+echo "  $lab_script_dir/partition.sh reg1      # cut reg1 off (several hosts: one side; --isolate); heal.sh undoes it"
 echo "  $lab_script_dir/down.sh                # remove everything"
