@@ -5,6 +5,8 @@
 //! run in parallel without port races. Each server's stderr goes to a file
 //! in the cluster's temp dir; the last lines are printed when a test fails.
 
+pub mod fault_report;
+pub mod lab_cluster;
 pub mod linearizable;
 pub mod netns;
 pub mod workload;

@@ -3,8 +3,11 @@
 //! client namespace drives the workload), faults injected and healed, and
 //! the recorded history checked.
 //!
-//! Two tests, run one after the other (a lock file, and a nextest test
-//! group):
+//! Three tests, run one after the other (a lock file, and a nextest test
+//! group). The servers are driven by `meshwork_tests::lab_cluster`, the
+//! network by `meshwork_tests::netns`, the workload and watcher by
+//! `meshwork_tests::workload`, and the verdicts and report by
+//! `meshwork_tests::fault_report`:
 //!
 //! - `partitions_pauses_crashes_and_membership_changes`: random faults
 //!   (leader isolated, majority/minority splits with the client still
@@ -17,6 +20,8 @@
 //! - `kill_9_loop_loses_no_acknowledged_write`: cycles of kill -9 of a
 //!   random server mid-write (the leader every other cycle, all three every
 //!   tenth), restarted on the same data; checks 3, 4, 1, 6.
+//! - `restarted_leader_serves_no_stale_consistent_read`: the stale read the
+//!   kill -9 loop finds, on its own (loopback, no root needed).
 //!
 //! Each run writes `target/faults/<run>/report.txt` (path printed) with the
 //! faults, operation counts, anomalies with minimal histories, and failover
@@ -27,30 +32,29 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use meshwork_tests::linearizable::{self, Budget, Call, Operation, Outcome, Verdict};
-use meshwork_tests::netns::Lab;
-use meshwork_tests::registry_bin;
-use meshwork_tests::workload::{
-    self, ClientLog, Mix, Observation, Shared, SplitMix, Target, WatchLog,
+use meshwork_tests::fault_report::{
+    Findings, check_linearizable, conclude, failover_samples, write_report,
 };
-use tokio::process::Child;
+use meshwork_tests::lab_cluster::{Cluster, ELECTION_TIMEOUT_MS, Node, lock_suite};
+use meshwork_tests::linearizable::{Call, Outcome};
+use meshwork_tests::netns::Lab;
+use meshwork_tests::workload::{self, ClientLog, Mix, Observation, Shared, SplitMix, WatchLog};
 
-const HTTP_PORT: u16 = 8500;
-const GRPC_PORT: u16 = 8502;
-const RAFT_PORT: u16 = 8300;
-const DNS_PORT: u16 = 8600;
-/// Election timeout the servers run with (minimum; the maximum is twice).
-const ELECTION_TIMEOUT_MS: u64 = 600;
 /// Client per-request timeout: past it a write is unknown.
 const OP_TIMEOUT: Duration = Duration::from_millis(2000);
+
+/// The run's settings, for the report's header.
+fn setup(mode: Mode) -> String {
+    format!(
+        "mode: {} ; election timeout {ELECTION_TIMEOUT_MS} ms, heartbeat 100 ms, client timeout {OP_TIMEOUT:?}",
+        if mode.long { "long" } else { "quick" }
+    )
+}
 
 /// How much to do.
 #[derive(Debug, Clone, Copy)]
@@ -86,13 +90,6 @@ fn mode() -> Mode {
     mode
 }
 
-/// The workspace's target dir.
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
-}
-
 /// Root, `ip netns` and the lock that runs the fault tests one at a time
 /// (two clusters at once on two cores would make both tests about CPU
 /// starvation). `None`: skip, with the reason printed.
@@ -102,510 +99,6 @@ fn prerequisites() -> Result<Option<std::fs::File>> {
         return Ok(None);
     }
     lock_suite().map(Some)
-}
-
-/// The lock that runs this target's tests one at a time.
-fn lock_suite() -> Result<std::fs::File> {
-    let dir = target_dir().join("faults");
-    std::fs::create_dir_all(&dir)?;
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(".lock"))?;
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-        .context("lock target/faults/.lock")?;
-    Ok(lock)
-}
-
-/// One registry server in its namespace.
-#[derive(Debug)]
-struct Node {
-    id: u64,
-    host: String,
-    ip: Ipv4Addr,
-    log_path: PathBuf,
-    args: Vec<String>,
-    child: Option<Child>,
-    paused: bool,
-}
-
-impl Node {
-    fn http(&self) -> String {
-        format!("http://{}:{HTTP_PORT}", self.ip)
-    }
-    fn grpc(&self) -> String {
-        format!("http://{}:{GRPC_PORT}", self.ip)
-    }
-    fn raft_addr(&self) -> String {
-        format!("{}:{RAFT_PORT}", self.ip)
-    }
-    fn running(&self) -> bool {
-        self.child.is_some()
-    }
-    fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(Child::id)
-    }
-    fn target(&self) -> Target {
-        Target {
-            name: self.host.clone(),
-            http: self.http(),
-        }
-    }
-    fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-/// What happened, when (ms since the run's start).
-#[derive(Debug, Default)]
-struct Timeline {
-    lines: Vec<(u64, String)>,
-}
-
-/// The servers of one run and its record.
-struct Cluster<'a> {
-    /// Dropped first: each child is killed on drop.
-    nodes: Vec<Node>,
-    lab: &'a Lab,
-    http: reqwest::Client,
-    t0: Instant,
-    timeline: Timeline,
-    run_dir: PathBuf,
-    /// Data dirs (removed at the end; logs stay in `run_dir`).
-    _data: tempfile::TempDir,
-    done: bool,
-}
-
-impl<'a> Cluster<'a> {
-    /// Three servers `n1`..`n3` forming a cluster by `--peers`.
-    fn new(lab: &'a Lab, run: &str, t0: Instant) -> Result<Self> {
-        let run_dir = target_dir().join("faults").join(run);
-        std::fs::create_dir_all(&run_dir)?;
-        let data = tempfile::tempdir()?;
-        let mut cluster = Cluster {
-            nodes: Vec::new(),
-            lab,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(2))
-                .build()?,
-            t0,
-            timeline: Timeline::default(),
-            run_dir,
-            _data: data,
-            done: false,
-        };
-        let peers: Vec<String> = (1..=3)
-            .map(|i| {
-                let ip = lab.host(&format!("n{i}")).map(|h| h.ip)?;
-                Ok(format!("{i}@{ip}:{RAFT_PORT}"))
-            })
-            .collect::<Result<_>>()?;
-        for id in 1..=3 {
-            let host = format!("n{id}");
-            let extra = ["--peers".to_owned(), peers.join(",")];
-            cluster.add_node(id, &host, &extra)?;
-        }
-        Ok(cluster)
-    }
-
-    fn add_node(&mut self, id: u64, host: &str, extra: &[String]) -> Result<usize> {
-        let ip = self.lab.host(host)?.ip;
-        let data_dir = self._data.path().join(format!("node{id}"));
-        let mut args: Vec<String> = [
-            "--node-id",
-            &id.to_string(),
-            "--data-dir",
-            &data_dir.display().to_string(),
-            "--http-addr",
-            &format!("{ip}:{HTTP_PORT}"),
-            "--grpc-addr",
-            &format!("{ip}:{GRPC_PORT}"),
-            "--raft-addr",
-            &format!("{ip}:{RAFT_PORT}"),
-            "--dns-addr",
-            &format!("{ip}:{DNS_PORT}"),
-            "--heartbeat-ms",
-            "100",
-            "--election-timeout-ms",
-            &ELECTION_TIMEOUT_MS.to_string(),
-            "--leader-wait-ms",
-            "1500",
-            "--watch-heartbeat-ms",
-            "500",
-            // Snapshots (and log purges) every few dozen entries, all the
-            // time: the registry has no trigger API, so this is how the
-            // suite forces snapshots during faults.
-            "--snapshot-threshold",
-            "64",
-            "--snapshot-trailing-logs",
-            "32",
-            "--snapshot-interval-ms",
-            "250",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().cloned());
-        self.nodes.push(Node {
-            id,
-            host: host.to_owned(),
-            ip,
-            log_path: self.run_dir.join(format!("node{id}.log")),
-            args,
-            child: None,
-            paused: false,
-        });
-        Ok(self.nodes.len() - 1)
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.t0.elapsed().as_millis() as u64
-    }
-
-    fn note(&mut self, what: impl Into<String>) {
-        let what = what.into();
-        let at = self.now_ms();
-        eprintln!("[{:>8.3}s] {what}", at as f64 / 1000.0);
-        self.timeline.lines.push((at, what));
-    }
-
-    fn start(&mut self, i: usize) -> Result<()> {
-        let node = &mut self.nodes[i];
-        if node.child.is_some() {
-            bail!("{} already running", node.host);
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log_path)
-            .context("open server log")?;
-        let child = self
-            .lab
-            .command(&node.host, &registry_bin())?
-            .args(&node.args)
-            .env("RUST_LOG", "warn,openraft=error,meshwork_registry=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawn meshwork-registry")?;
-        node.child = Some(child);
-        node.paused = false;
-        Ok(())
-    }
-
-    /// kill -9 and reap.
-    async fn kill(&mut self, i: usize) -> Result<()> {
-        let node = &mut self.nodes[i];
-        if let Some(mut child) = node.child.take() {
-            child.start_kill().context("kill -9")?;
-            tokio::time::timeout(Duration::from_secs(10), child.wait())
-                .await
-                .context("reaping a killed server")??;
-        }
-        node.paused = false;
-        Ok(())
-    }
-
-    fn signal(&mut self, i: usize, signal: &str) -> Result<()> {
-        let Some(pid) = self.nodes[i].pid() else {
-            bail!("{} is not running", self.nodes[i].host);
-        };
-        let status = std::process::Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()?;
-        if !status.success() {
-            bail!("kill {signal} {pid} failed");
-        }
-        self.nodes[i].paused = signal == "-STOP";
-        Ok(())
-    }
-
-    /// The leader most live servers name (index in `nodes`), if any.
-    async fn leader(&self) -> Option<usize> {
-        let asks = self
-            .nodes
-            .iter()
-            .filter(|n| n.running() && !n.paused)
-            .map(|n| {
-                let http = self.http.clone();
-                let url = format!("{}/v1/status/leader", n.http());
-                async move {
-                    let resp = http
-                        .get(url)
-                        .timeout(Duration::from_millis(800))
-                        .send()
-                        .await
-                        .ok()?;
-                    resp.json::<String>().await.ok()
-                }
-            });
-        let answers = futures_join_all(asks).await;
-        let mut votes: HashMap<String, usize> = HashMap::new();
-        for addr in answers.into_iter().flatten().filter(|a| !a.is_empty()) {
-            *votes.entry(addr).or_default() += 1;
-        }
-        let (addr, count) = votes.into_iter().max_by_key(|(_, c)| *c)?;
-        if count < 2 {
-            return None;
-        }
-        self.nodes
-            .iter()
-            .position(|n| n.raft_addr() == addr && n.running() && !n.paused)
-    }
-
-    async fn wait_leader(&self, within: Duration) -> Result<usize> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(leader) = self.leader().await {
-                return Ok(leader);
-            }
-            if Instant::now() >= deadline {
-                bail!("no leader within {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn targets(&self) -> Vec<Target> {
-        self.nodes.iter().take(3).map(Node::target).collect()
-    }
-
-    /// Voters in the leader's Raft configuration.
-    async fn voters(&self, via: usize) -> Option<Vec<u64>> {
-        let url = format!("{}/v1/operator/raft/configuration", self.nodes[via].http());
-        let body: serde_json::Value = self.http.get(url).send().await.ok()?.json().await.ok()?;
-        let mut ids: Vec<u64> = body["Servers"]
-            .as_array()?
-            .iter()
-            .filter(|s| s["Voter"] == true)
-            .filter_map(|s| s["ID"].as_str()?.parse().ok())
-            .collect();
-        ids.sort_unstable();
-        Some(ids)
-    }
-
-    /// `?recurse&stale` of `prefix` on server `i`: key → (value, index).
-    async fn dump(&self, i: usize, prefix: &str) -> Result<(u64, Vec<(String, String, u64)>)> {
-        let url = format!("{}/v1/kv/{prefix}?recurse&stale", self.nodes[i].http());
-        let resp = self.http.get(url).send().await?;
-        let index = resp
-            .headers()
-            .get("X-Consul-Index")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        if resp.status() == 404 {
-            return Ok((index, Vec::new()));
-        }
-        let body: serde_json::Value = resp.json().await?;
-        let mut out = Vec::new();
-        for e in body.as_array().into_iter().flatten() {
-            out.push((
-                e["Key"].as_str().unwrap_or_default().to_owned(),
-                e["Value"].as_str().unwrap_or_default().to_owned(),
-                e["ModifyIndex"].as_u64().unwrap_or(0),
-            ));
-        }
-        out.sort();
-        Ok((index, out))
-    }
-
-    async fn metric(&self, i: usize, name: &str) -> Option<f64> {
-        let url = format!("{}/metrics", self.nodes[i].http());
-        let text = self.http.get(url).send().await.ok()?.text().await.ok()?;
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-    }
-
-    fn logs(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| format!("--- {} (node {}) ---\n{}", n.host, n.id, n.log_tail(30)))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-impl Drop for Cluster<'_> {
-    fn drop(&mut self) {
-        if !self.done || std::thread::panicking() {
-            eprintln!("{}", self.logs());
-        }
-    }
-}
-
-/// `join_all` without the futures crate: the futures are few and short.
-async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futures.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for handle in handles {
-        if let Ok(v) = handle.await {
-            out.push(v);
-        }
-    }
-    out
-}
-
-/// The findings of one run, in report order.
-#[derive(Debug, Default)]
-struct Findings {
-    /// (check, passed, details)
-    checks: Vec<(String, bool, String)>,
-    failover_ms: Vec<u64>,
-    notes: Vec<String>,
-}
-
-impl Findings {
-    fn check(&mut self, name: &str, passed: bool, details: impl Into<String>) {
-        self.checks.push((name.to_owned(), passed, details.into()));
-    }
-    fn failed(&self) -> Vec<&str> {
-        self.checks
-            .iter()
-            .filter(|(_, ok, _)| !ok)
-            .map(|(n, _, _)| n.as_str())
-            .collect()
-    }
-}
-
-fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
-/// From each leader loss to the first acknowledged write invoked after it.
-fn failover_samples(ops: &[Operation], losses_ms: &[u64]) -> Vec<u64> {
-    let mut acks: Vec<(u64, u64)> = ops
-        .iter()
-        .filter(|op| matches!(op.outcome, Outcome::Written | Outcome::Cas(true)))
-        .filter_map(|op| Some((op.invoke, op.complete?)))
-        .collect();
-    acks.sort_unstable();
-    losses_ms
-        .iter()
-        .filter_map(|loss| {
-            let loss_ns = loss * 1_000_000;
-            let start = acks.partition_point(|(invoke, _)| *invoke < loss_ns);
-            acks[start..]
-                .iter()
-                .map(|(_, complete)| complete.saturating_sub(loss_ns) / 1_000_000)
-                .min()
-        })
-        .collect()
-}
-
-/// Linearizability of every key (check 1, and with the final reads
-/// check 2), with the minimal offending history of each failing key.
-fn check_linearizable(
-    ops: &[Operation],
-    timeline: &Timeline,
-    findings: &mut Findings,
-    what: &str,
-) -> String {
-    let budget = Budget::default();
-    let started = Instant::now();
-    let reports = linearizable::check_history(ops, budget);
-    let mut text = String::new();
-    let mut ok = true;
-    let mut undecided = 0;
-    for r in &reports {
-        let _ = writeln!(
-            text,
-            "  {:<12} {:>6} ops  {:>9} steps  {:>7.1} ms  {:?}",
-            r.key,
-            r.operations,
-            r.steps,
-            r.took.as_secs_f64() * 1000.0,
-            r.verdict
-        );
-        match &r.verdict {
-            Verdict::Linearizable => {}
-            Verdict::Undecided { .. } => undecided += 1,
-            Verdict::NotLinearizable { reason } => {
-                ok = false;
-                let key_ops: Vec<Operation> =
-                    ops.iter().filter(|o| o.key == r.key).cloned().collect();
-                let small = linearizable::minimize(&key_ops, budget, Duration::from_secs(20));
-                let _ = writeln!(
-                    text,
-                    "\n  NOT LINEARIZABLE: {} ({reason})\n  minimal offending history ({} of {} ops):\n{}",
-                    r.key,
-                    small.len(),
-                    key_ops.len(),
-                    indent(&linearizable::format_history(&small), 4)
-                );
-                // The faults around it: from 2 s before its first
-                // invocation to its last completion.
-                let from = small.iter().map(|o| o.invoke).min().unwrap_or(0) / 1_000_000;
-                let to = small
-                    .iter()
-                    .filter_map(|o| o.complete)
-                    .max()
-                    .unwrap_or(u64::MAX / 2)
-                    / 1_000_000;
-                let _ = writeln!(text, "  faults meanwhile (ms since start):");
-                for (at, event) in &timeline.lines {
-                    if *at + 2000 >= from && *at <= to {
-                        let _ = writeln!(text, "    {at:>10} {event}");
-                    }
-                }
-            }
-        }
-    }
-    let _ = writeln!(
-        text,
-        "  checked in {:.2} s; {undecided} key(s) undecided",
-        started.elapsed().as_secs_f64()
-    );
-    if undecided > 0 {
-        findings.notes.push(format!(
-            "{what}: {undecided} key(s) undecided within the search budget (not counted as failures)"
-        ));
-    }
-    findings.check(what, ok, text.clone());
-    text
-}
-
-fn indent(text: &str, n: usize) -> String {
-    let pad = " ".repeat(n);
-    text.lines()
-        .map(|l| format!("{pad}{l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn count_outcomes(ops: &[Operation]) -> String {
-    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
-    for op in ops {
-        let kind = match op.call {
-            Call::Read => "read",
-            Call::Write { .. } => "write",
-            Call::Cas { .. } => "cas",
-        };
-        let outcome = match op.outcome {
-            Outcome::Read(_) | Outcome::Written => "ok",
-            Outcome::Cas(true) => "ok(true)",
-            Outcome::Cas(false) => "ok(false)",
-            Outcome::Failed => "fail",
-            Outcome::Unknown => "unknown",
-        };
-        *counts.entry(format!("{kind} {outcome}")).or_default() += 1;
-    }
-    let lines: Vec<String> = counts.iter().map(|(k, v)| format!("{k}: {v}")).collect();
-    format!("{} operations ({})", ops.len(), lines.join(", "))
 }
 
 /// After healing: one leader all servers agree on (check 6a), a barrier
@@ -629,19 +122,33 @@ async fn settle_and_compare(
             return Ok(());
         }
     };
-    // Every live server names the same leader.
-    let mut named = Vec::new();
-    for n in cluster.nodes.iter().filter(|n| n.running()) {
-        let url = format!("{}/v1/status/leader", n.http());
-        let leader_addr = match cluster.http.get(url).send().await {
-            Ok(r) => r.json::<String>().await.unwrap_or_default(),
-            Err(e) => format!("error: {e}"),
-        };
-        named.push(format!("{} -> {leader_addr}", n.host));
-    }
-    let agree = named
-        .iter()
-        .all(|l| l.ends_with(&cluster.nodes[leader].raft_addr()));
+    // Every live server names the same leader, within 20 s of healing
+    // (a server back from the minority may need an election round).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut leader = leader;
+    let (agree, named) = loop {
+        let mut named = Vec::new();
+        let mut addrs = Vec::new();
+        for n in cluster.nodes.iter().filter(|n| n.running()) {
+            let url = format!("{}/v1/status/leader", n.http());
+            let leader_addr = match cluster.http.get(url).send().await {
+                Ok(r) => r.json::<String>().await.unwrap_or_default(),
+                Err(e) => format!("error: {e}"),
+            };
+            named.push(format!("{} -> {leader_addr}", n.host));
+            addrs.push(leader_addr);
+        }
+        let agree = addrs
+            .iter()
+            .all(|a| *a == cluster.nodes[leader].raft_addr());
+        if agree || Instant::now() >= deadline {
+            break (agree, named);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Some(now) = cluster.leader().await {
+            leader = now;
+        }
+    };
     findings.check(
         "6. one leader after healing",
         agree,
@@ -764,86 +271,6 @@ where
     runtime.shutdown_timeout(Duration::from_secs(5));
     drop(lab);
     result
-}
-
-fn write_report(
-    cluster: &Cluster<'_>,
-    title: &str,
-    mode: Mode,
-    findings: &Findings,
-    ops: &[Operation],
-    extra: &str,
-) -> Result<PathBuf> {
-    let mut r = String::new();
-    let _ = writeln!(r, "# {title}\n");
-    let _ = writeln!(
-        r,
-        "mode: {} ; binary: {} ; lab {} ; election timeout {ELECTION_TIMEOUT_MS} ms, heartbeat 100 ms, client timeout {OP_TIMEOUT:?}\n",
-        if mode.long { "long" } else { "quick" },
-        registry_bin().display(),
-        cluster.lab.prefix
-    );
-    let _ = writeln!(r, "## Checks");
-    for (name, ok, _) in &findings.checks {
-        let _ = writeln!(r, "- [{}] {name}", if *ok { "pass" } else { "FAIL" });
-    }
-    let mut sorted = findings.failover_ms.clone();
-    sorted.sort_unstable();
-    let _ = writeln!(
-        r,
-        "\n## Failover (leader loss -> first acknowledged write)\n{} samples; p50 {} ms, p99 {} ms, max {} ms\n{:?}",
-        sorted.len(),
-        percentile(&sorted, 50.0).map_or("-".into(), |v| v.to_string()),
-        percentile(&sorted, 99.0).map_or("-".into(), |v| v.to_string()),
-        sorted.last().map_or("-".into(), |v| v.to_string()),
-        sorted
-    );
-    let _ = writeln!(r, "\n## Operations\n{}", count_outcomes(ops));
-    if !findings.notes.is_empty() {
-        let _ = writeln!(r, "\n## Notes");
-        for n in &findings.notes {
-            let _ = writeln!(r, "- {n}");
-        }
-    }
-    let _ = writeln!(r, "{extra}");
-    let _ = writeln!(r, "\n## Check details");
-    for (name, ok, details) in &findings.checks {
-        let _ = writeln!(
-            r,
-            "\n### [{}] {name}\n{details}",
-            if *ok { "pass" } else { "FAIL" }
-        );
-    }
-    let _ = writeln!(r, "\n## Timeline (ms since start)");
-    for (at, what) in &cluster.timeline.lines {
-        let _ = writeln!(r, "{at:>8} {what}");
-    }
-    let path = cluster.run_dir.join("report.txt");
-    std::fs::write(&path, r)?;
-    std::fs::write(
-        cluster.run_dir.join("history.txt"),
-        linearizable::format_history(ops),
-    )?;
-    Ok(path)
-}
-
-/// Prints where the report is and fails with the failed checks.
-fn conclude(path: &Path, findings: &Findings) -> Result<()> {
-    eprintln!("fault suite report: {}", path.display());
-    let failed = findings.failed();
-    for (name, ok, details) in &findings.checks {
-        if !ok {
-            eprintln!("FAILED {name}:\n{details}");
-        }
-    }
-    if !failed.is_empty() {
-        bail!(
-            "failed checks: {} (report: {})",
-            failed.join("; "),
-            path.display()
-        );
-    }
-    Ok(())
 }
 
 fn run_name(kind: &str) -> String {
@@ -1231,7 +658,7 @@ fn partitions_pauses_crashes_and_membership_changes() -> Result<()> {
         let path = write_report(
             &cluster,
             "Fault suite: partitions, pauses, crashes, membership",
-            mode,
+            &setup(mode),
             &findings,
             &log.ops,
             "",
@@ -1496,7 +923,7 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
         let path = write_report(
             &cluster,
             "Fault suite: kill -9 loop",
-            mode,
+            &setup(mode),
             &findings,
             &log.ops,
             &extra,
