@@ -453,29 +453,64 @@ fn example_configs_are_accepted_by_the_binaries() -> Result<()> {
     Ok(())
 }
 
-/// A lab made by `deploy-vm/lab/up.sh` with its own name prefix, /24 and
-/// dir, so it cannot clash with another lab (or another test's). Dropping
-/// it runs `down.sh`, also when the test fails.
+/// Prefix of the labs' names in these tests (`mwd<pid>-reg1`, …).
+const LAB_PREFIX: &str = "mwd";
+
+/// A lab made by `deploy-vm/lab/up.sh` with its own name prefix and dir,
+/// so it cannot clash with another lab (or another test's). Dropping it
+/// runs `down.sh`, also when the test fails.
 #[derive(Debug)]
 struct Lab {
-    prefix: &'static str,
+    /// `mwd<pid>`: unique to this test process, so concurrent runs of the
+    /// suite cannot touch each other's labs.
+    prefix: String,
     net: &'static str,
     dir: tempfile::TempDir,
     down: bool,
 }
 
 impl Lab {
-    fn new(prefix: &'static str, net: &'static str) -> Result<Self> {
+    fn new(net: &'static str) -> Result<Self> {
         let lab = Lab {
-            prefix,
+            prefix: format!("{LAB_PREFIX}{}", std::process::id()),
             net,
             dir: tempfile::tempdir()?,
             down: false,
         };
-        // A run killed before its guard could clean up leaves its
-        // namespaces (and processes holding the ports) behind.
-        lab.script("down.sh", &[])?.ok("down.sh before the test")?;
+        lab.sweep_dead_labs()?;
         Ok(lab)
+    }
+
+    /// A test process killed before its guard could run down.sh (SIGKILL
+    /// from a runner's timeout) leaves its lab behind: remove the labs
+    /// whose process is gone.
+    fn sweep_dead_labs(&self) -> Result<()> {
+        let netns = run(
+            Command::new("ip").args(["netns", "list"]),
+            Duration::from_secs(10),
+        )?
+        .ok("ip netns list")?;
+        let dead: std::collections::BTreeSet<u32> = netns
+            .stdout
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter_map(|name| name.strip_prefix(LAB_PREFIX)?.split_once('-'))
+            .filter_map(|(pid, _)| pid.parse::<u32>().ok())
+            .filter(|pid| !running(*pid))
+            .collect();
+        for pid in dead {
+            let out = run(
+                Command::new(deploy_dir().join("lab/down.sh"))
+                    .env("LAB_DIR", self.dir.path().join("sweep"))
+                    .env("LAB_PREFIX", format!("{LAB_PREFIX}{pid}")),
+                Duration::from_secs(60),
+            )?;
+            eprintln!(
+                "swept the lab of dead test process {pid}: {}",
+                out.stdout.trim()
+            );
+        }
+        Ok(())
     }
 
     fn lab_dir(&self) -> PathBuf {
@@ -491,7 +526,7 @@ impl Lab {
             Command::new(deploy_dir().join("lab").join(name))
                 .args(args)
                 .env("LAB_DIR", self.lab_dir())
-                .env("LAB_PREFIX", self.prefix)
+                .env("LAB_PREFIX", &self.prefix)
                 .env("LAB_NET", self.net)
                 .env("LAB_SERVERS", "3")
                 .env("LAB_APPS", "2")
@@ -685,7 +720,7 @@ fn lab_comes_up_carries_traffic_survives_partitions_and_goes_down() -> Result<()
     if missing(true, &["ip", "curl", "python3"]).is_some() {
         return Ok(());
     }
-    let lab = Lab::new("mwdeploy", "198.19.250")?;
+    let lab = Lab::new("198.19.250")?;
     let up = lab.script("up.sh", &[])?.ok("up.sh")?;
     assert!(up.stdout.contains("Meshwork lab is up"), "{}", up.stdout);
 
