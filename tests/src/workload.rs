@@ -579,3 +579,74 @@ pub fn watch_gaps(watch: &WatchLog, reads: &[(String, Observation)]) -> Vec<Stri
     }
     gaps
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(value: u64, modify_index: u64) -> Observation {
+        Observation {
+            value,
+            modify_index,
+        }
+    }
+
+    #[test]
+    fn parse_entry_reads_consul_json() {
+        let body = serde_json::json!([{"Key": "k", "Value": "NDI=", "ModifyIndex": 7}]);
+        assert_eq!(parse_entry(&body), Some(obs(42, 7)));
+        assert_eq!(
+            parse_entry(&serde_json::json!([{"Value": null, "ModifyIndex": 7}])),
+            None
+        );
+        assert_eq!(parse_entry(&serde_json::json!({"Value": "NDI="})), None);
+    }
+
+    #[test]
+    fn index_value_conflicts_find_double_applies_and_shared_indexes() {
+        let k = |s: &str| s.to_owned();
+        assert!(index_value_conflicts(&[(k("a"), obs(1, 5)), (k("a"), obs(1, 5))]).is_empty());
+        let twice = index_value_conflicts(&[(k("a"), obs(1, 5)), (k("a"), obs(1, 9))]);
+        assert!(
+            twice.iter().any(|p| p.contains("applied twice")),
+            "{twice:?}"
+        );
+        let shared = index_value_conflicts(&[(k("a"), obs(1, 5)), (k("a"), obs(2, 5))]);
+        assert!(
+            shared.iter().any(|p| p.contains("ModifyIndex 5")),
+            "{shared:?}"
+        );
+    }
+
+    #[test]
+    fn watch_gaps_accept_folded_changes_and_catch_missing_ones() {
+        let mut watch = WatchLog {
+            covered: vec![(10, 30)],
+            ..WatchLog::default()
+        };
+        // Key a: changes at 12 and 20 each delivered; at 25 and 27 folded
+        // into one event at 28 (watcher had 24).
+        watch.spans.push(("a".into(), 12, 10, 12));
+        watch.spans.push(("a".into(), 20, 12, 20));
+        watch.spans.push(("a".into(), 27, 24, 28));
+        let reads = vec![
+            ("a".to_owned(), obs(1, 12)),
+            ("a".to_owned(), obs(2, 20)),
+            ("a".to_owned(), obs(3, 25)),
+            // Outside what the watcher followed: not its business.
+            ("a".to_owned(), obs(4, 5)),
+        ];
+        assert!(watch_gaps(&watch, &reads).is_empty());
+        // A change at 22 that never arrived: the watcher went from 20 to
+        // 24 with nothing for `a` (the event at 28 only covers 25..=28).
+        let missing = watch_gaps(&watch, &[("a".to_owned(), obs(9, 22))]);
+        assert_eq!(missing.len(), 1, "{missing:?}");
+    }
+
+    #[test]
+    fn splitmix_below_stays_in_range() {
+        let mut rng = SplitMix(7);
+        assert!((0..1000).all(|_| rng.below(3) < 3));
+        assert_eq!(rng.below(0), 0);
+    }
+}
