@@ -35,6 +35,10 @@
 #   /var/lib/meshwork                  state (the units' StateDirectory)
 set -euo pipefail
 
+# New directories (and parents) 0755 whatever the caller's umask; files
+# get their modes explicitly.
+umask 022
+
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 
@@ -150,6 +154,16 @@ dir() {
     chown_if "$owner" "$path"
 }
 
+# sysdir PATH: a directory Meshwork shares with the system (/usr/local/bin,
+# /etc/systemd/system, …): created (0755) when missing, never re-moded.
+sysdir() {
+    if [[ ! -d $1 ]]; then
+        mkdir -p "$1"
+        note "created $1"
+        changes=$((changes + 1))
+    fi
+}
+
 chown_if() {
     local owner=$1 path=$2
     [[ -n $owner && -z $DESTDIR ]] || return 0
@@ -164,7 +178,7 @@ root=$DESTDIR
 echo "installing Meshwork into ${root:-/} (binaries from $BIN_DIR)"
 
 # --- the user ---------------------------------------------------------
-dir "$root/etc/sysusers.d" 755
+sysdir "$root/etc/sysusers.d"
 sysusers=$(mktemp)
 trap 'rm -f "$sysusers" "${unit_tmp:-}"' EXIT
 cat >"$sysusers" <<'EOF'
@@ -185,7 +199,7 @@ if [[ -z $DESTDIR ]] && ! getent passwd meshwork >/dev/null; then
 fi
 
 # --- binaries -----------------------------------------------------------
-dir "$root$PREFIX/bin" 755
+sysdir "$root$PREFIX/bin"
 put "$BIN_DIR/meshwork-registry" "$root$PREFIX/bin/meshwork-registry" 755
 put "$BIN_DIR/meshwork-sidecar" "$root$PREFIX/bin/meshwork-sidecar" 755
 if [[ -x $BIN_DIR/meshctl ]]; then
@@ -195,6 +209,7 @@ else
 fi
 
 # --- examples and configs ---------------------------------------------
+sysdir "$root$PREFIX/share"
 dir "$root$PREFIX/share/meshwork" 755
 dir "$root$PREFIX/share/meshwork/examples" 755
 for example in "$here"/config/*.toml; do
@@ -213,7 +228,7 @@ dir "$root/var/lib/meshwork" 750 meshwork:meshwork
 
 # --- units ------------------------------------------------------------
 unit_dir="$root/etc/systemd/system"
-dir "$unit_dir" 755
+sysdir "$unit_dir"
 units_changed=0
 unit_tmp=$(mktemp)
 for unit in "$here"/systemd/*.service; do
