@@ -16,6 +16,19 @@
 //!
 //! Needs root, `ip` (iproute2), and `iptables` for one-way loss and
 //! server-to-server splits (installed by scripts/install-test-deps.sh).
+//!
+//! Why not `deploy-vm/lab/{up,down,partition,heal}.sh`: the lab is one
+//! long-lived fleet per `LAB_DIR` (fixed names, its bridge and an address in
+//! the host's namespace, release binaries, sidecars and apps), whose
+//! processes belong to the scripts (pid files, restart by re-running
+//! up.sh). The fault suite needs to own its servers (kill -9 and restart
+//! two hundred times in a couple of minutes, SIGSTOP, a fourth server that
+//! joins and leaves), to cut servers apart while the client still reaches
+//! both sides and to drop one direction only (partition.sh moves whole
+//! hosts to another bridge, client included), to run several labs at once
+//! with unique names, and to remove everything when a test panics. It
+//! follows the lab's layout (one namespace per host, `eth0` on a bridge,
+//! 198.18.0.0/15, no uplink).
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;

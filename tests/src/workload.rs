@@ -324,7 +324,10 @@ pub async fn run_watcher(
 ) -> WatchLog {
     let mut log = WatchLog::default();
     let mut server = 0usize;
-    while !stop.load(Ordering::Relaxed) && !grpc.is_empty() {
+    // Bounded: at most this many reconnects (about one a second is usual
+    // under faults), besides `stop`.
+    let max_connects = 100_000usize;
+    while !stop.load(Ordering::Relaxed) && !grpc.is_empty() && server < max_connects {
         let url = grpc[server % grpc.len()].clone();
         server += 1;
         if let Err(e) = follow_once(&url, &prefix, quiet, &stop, &mut log).await {
