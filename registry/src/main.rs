@@ -1,5 +1,7 @@
 //! `meshwork-registry`: parses flags, sets up logging, binds the listeners
-//! and runs the server until SIGINT or SIGTERM.
+//! and runs the server until SIGINT or SIGTERM. SIGHUP reloads the
+//! configuration file: the log level takes effect at once, the other
+//! settings at the next restart.
 
 use std::process::ExitCode;
 
@@ -27,7 +29,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(&config);
+    let reload_log_level = init_tracing(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -38,7 +40,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    match runtime.block_on(serve(config, reload_log_level)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshwork-registry: {e}");
@@ -47,20 +49,55 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(config: &Config) {
-    let filter = config
+/// Sets the log filter anew (on SIGHUP).
+type ReloadLogLevel = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+/// The log filter: `--log-level` / `log_level`, else `RUST_LOG`, else quiet.
+fn log_filter(config: &Config) -> EnvFilter {
+    config
         .log_level
         .as_deref()
         .map(EnvFilter::new)
         .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("warn,openraft=error,meshwork_registry=info"));
+        .unwrap_or_else(|| EnvFilter::new("warn,openraft=error,meshwork_registry=info"))
+}
+
+fn init_tracing(config: &Config) -> ReloadLogLevel {
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter(config))
         .with_writer(std::io::stderr);
     if config.log_json {
-        builder.json().init();
-    } else {
+        let builder = builder.json().with_filter_reloading();
+        let handle = builder.reload_handle();
         builder.init();
+        Box::new(move |filter| handle.reload(filter).map_err(|e| e.to_string()))
+    } else {
+        let builder = builder.with_filter_reloading();
+        let handle = builder.reload_handle();
+        builder.init();
+        Box::new(move |filter| handle.reload(filter).map_err(|e| e.to_string()))
+    }
+}
+
+/// SIGHUP: reads the flags and the configuration file again. A file that
+/// no longer parses changes nothing; the log level applies at once.
+async fn reload_on_sighup(reload_log_level: ReloadLogLevel) {
+    let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!("cannot listen for SIGHUP: reload is not available");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        match Config::load(Cli::parse()) {
+            Err(e) => tracing::error!(error = %e, "reload failed: the running configuration stays"),
+            Ok(config) => match reload_log_level(log_filter(&config)) {
+                Ok(()) => tracing::warn!(
+                    log_level = config.log_level.as_deref().unwrap_or("default"),
+                    "configuration reloaded: the log level applies now, other settings after a restart"
+                ),
+                Err(e) => tracing::error!(error = %e, "reload failed: cannot change the log level"),
+            },
+        }
     }
 }
 
@@ -72,7 +109,7 @@ async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListe
     })
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, reload_log_level: ReloadLogLevel) -> anyhow::Result<()> {
     let listeners = Listeners {
         http: bind("http", config.http_addr).await?,
         grpc: bind("grpc", config.grpc_addr).await?,
@@ -119,6 +156,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         config.dns.domain
     );
 
+    tokio::spawn(reload_on_sighup(reload_log_level));
     let shutdown = CancellationToken::new();
     let signal_token = shutdown.clone();
     tokio::spawn(async move {

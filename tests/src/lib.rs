@@ -88,6 +88,11 @@ impl Server {
         self.child.is_some()
     }
 
+    /// The process id while it runs (to send it signals).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// Starts the process (with its fixed flags plus `extra`).
     pub fn start(&mut self, extra: &[String]) -> Result<()> {
         assert!(self.child.is_none(), "server {} already running", self.id);

@@ -178,3 +178,58 @@ async fn a_data_dir_from_another_cluster_is_refused() -> Result<()> {
     b.done();
     Ok(())
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_log_level_and_survives_a_bad_file() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("registry.toml");
+    std::fs::write(&path, "log_level = \"warn\"\n")?;
+    let path_arg = path.display().to_string();
+    let mut cluster = Cluster::new(1, &["--config", &path_arg])?;
+    cluster.servers[0].start(&[])?;
+    cluster.wait_leader(Duration::from_secs(20)).await?;
+    let hangup = |pid: u32| {
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+    };
+    let log_has = |text: &'static str| {
+        let log = cluster.servers[0].log_path.clone();
+        move || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .ok()
+                    .filter(|l| l.contains(text))
+                    .map(|_| ())
+            }
+        }
+    };
+
+    std::fs::write(&path, "log_level = \"info,meshwork_registry=debug\"\n")?;
+    let pid = cluster.servers[0].pid().context("pid")?;
+    assert!(hangup(pid)?.success());
+    meshwork_tests::wait_for(
+        "the reload to be logged",
+        Duration::from_secs(10),
+        log_has("configuration reloaded"),
+    )
+    .await?;
+
+    // A broken file changes nothing and the server keeps serving.
+    std::fs::write(&path, "log_level = \"warn\"\nno_such_key = 1\n")?;
+    assert!(hangup(pid)?.success());
+    meshwork_tests::wait_for(
+        "the failed reload to be logged",
+        Duration::from_secs(10),
+        log_has("reload failed"),
+    )
+    .await?;
+    assert!(
+        cluster.servers[0].try_exit_status().is_none(),
+        "SIGHUP ended the server"
+    );
+    cluster.must_put(0, "still/serving", "yes").await?;
+    cluster.done();
+    Ok(())
+}
