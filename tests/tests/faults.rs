@@ -17,9 +17,11 @@
 //!   every few dozen entries throughout) under clients doing read / write /
 //!   CAS through every server and a watcher on the key prefix. Checks 1, 2,
 //!   4 (samples), 5 and 6 of the issue.
-//! - `kill_9_loop_loses_no_acknowledged_write`: cycles of kill -9 of a
-//!   random server mid-write (the leader every other cycle, all three every
-//!   tenth), restarted on the same data; checks 3, 4, 1, 6.
+//! - `kill_9_loop_loses_no_acknowledged_write`: cycles of kill -9 mid-write
+//!   (every tenth all three; every fourth the leader, kept down until
+//!   another server acknowledges a write: a failover sample; two cycles
+//!   later the leader, restarted at once; otherwise a random follower),
+//!   restarted on the same data; checks 3, 4, 1, 6.
 //! - `restarted_leader_serves_no_stale_consistent_read`: the stale read the
 //!   kill -9 loop finds, on its own (loopback, no root needed).
 //!
