@@ -450,7 +450,23 @@ fn example_configs_are_accepted_by_the_binaries() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let config = deploy_dir().join(format!("config/registry-{n}.toml"));
         let stdout_path = dir.path().join("stdout");
-        let mut child = Command::new(registry_bin())
+        // The examples name peers on 10.0.0.x: as root, keep the server in
+        // a network namespace of its own so it cannot dial them for real.
+        let isolated = is_root() && which("unshare").is_some() && which("ip").is_some();
+        let mut command = if isolated {
+            let mut c = Command::new("unshare");
+            c.args([
+                "--net",
+                "sh",
+                "-c",
+                "ip link set lo up && exec \"$0\" \"$@\"",
+            ])
+            .arg(registry_bin());
+            c
+        } else {
+            Command::new(registry_bin())
+        };
+        let mut child = command
             .arg("--config")
             .arg(&config)
             .arg("--data-dir")
