@@ -807,12 +807,13 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
             cluster.timeline.lines.push((
                 at,
                 format!(
-                    "cycle {cycle}: kill -9 {names:?}{}",
+                    "cycle {cycle}: kill -9 {names:?}{}; the leader was {}",
                     if keep_down {
                         " (kept down until a write is acknowledged)"
                     } else {
                         ""
-                    }
+                    },
+                    leader.map_or("unknown".to_owned(), |l| format!("n{}", l + 1))
                 ),
             ));
             // Progress before the next kill: an acknowledged write.
