@@ -70,7 +70,7 @@ if [[ -z ${BIN_DIR:-} ]]; then
     # without cargo, whatever is in target/release.
     if command -v cargo >/dev/null; then
         say "cargo build --release (the lab's binaries; set BIN_DIR to use others)"
-        (cd "$lab_repo" && cargo build --release --bin meshwork-registry --bin meshwork-sidecar) ||
+        (cd "$lab_repo" && cargo build --release --bin meshwork-registry --bin meshwork-sidecar --bin meshctl) ||
             die "the release build failed"
     fi
 fi
@@ -311,6 +311,9 @@ reg1_ip=$(lab_ip reg1)
 echo
 echo "Try:"
 in_reg1="ip netns exec $(lab_ns reg1)"
+if [[ -x $BIN_DIR/meshctl ]]; then
+    echo "  $in_reg1 $BIN_DIR/meshctl --http-addr $reg1_ip:$HTTP_PORT members"
+fi
 echo "  $in_reg1 curl http://$reg1_ip:$HTTP_PORT/v1/status/peers"
 if ((LAB_APPS >= 1)); then
     echo "  $in_reg1 curl 'http://$reg1_ip:$HTTP_PORT/v1/health/service/app1?passing'"
