@@ -1,5 +1,6 @@
 //! The admin listener: `/live` (the process runs), `/ready` (registered
-//! with the registry), `/status` (JSON: registration, checks, which
+//! with the registry and, with a proxy, every upstream's first endpoint
+//! set received), `/status` (JSON: registration, checks, which
 //! registry server, last contact), and Consul's TTL check endpoints
 //! (`PUT /v1/agent/check/pass|warn|fail/<check id>?note=...`) for the app;
 //! with the proxy running, `/metrics` (Prometheus text), `/clusters` and
@@ -53,6 +54,16 @@ pub async fn serve(
 
 async fn ready(State(admin): State<Admin>) -> Response {
     let registered = admin.status.lock().map(|s| s.registered).unwrap_or(false);
+    if let Some(proxy) = &admin.proxy
+        && registered
+        && !proxy.ready()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "registered; waiting for the upstreams' first endpoint sets\n",
+        )
+            .into_response();
+    }
     if registered {
         (StatusCode::OK, "ready\n").into_response()
     } else {

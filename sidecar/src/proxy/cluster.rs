@@ -333,36 +333,30 @@ impl Cluster {
         if all.is_empty() {
             return None;
         }
-        let healthy: Vec<usize> = (0..all.len()).filter(|&i| all[i].healthy).collect();
-        let panic = healthy.len() * 100 < all.len() * PANIC_THRESHOLD_PERCENT;
-        if panic != self.panicking.swap(panic, Ordering::Relaxed) {
+        let healthy = all.iter().filter(|e| e.healthy).count();
+        let panic = healthy * 100 < all.len() * PANIC_THRESHOLD_PERCENT;
+        if panic != self.panicking.load(Ordering::Relaxed) {
+            self.panicking.store(panic, Ordering::Relaxed);
             if panic {
-                tracing::warn!(upstream = %self.config.name, healthy = healthy.len(), total = all.len(), "fewer than {PANIC_THRESHOLD_PERCENT}% of endpoints are healthy: panic mode, using all of them");
+                tracing::warn!(upstream = %self.config.name, healthy, total = all.len(), "fewer than {PANIC_THRESHOLD_PERCENT}% of endpoints are healthy: panic mode, using all of them");
             } else {
                 tracing::info!(upstream = %self.config.name, "out of panic mode");
             }
         }
-        let mut candidates = if panic {
-            (0..all.len()).collect()
-        } else {
-            healthy
-        };
         let now = now_ms();
-        let not_ejected: Vec<usize> = candidates
-            .iter()
-            .copied()
-            .filter(|&i| !all[i].ejected_at(now))
+        let usable = |i: usize| panic || all[i].healthy;
+        // Healthy (or all, in panic), not ejected, not tried yet; each
+        // condition is dropped, last first, when nothing would be left.
+        let mut candidates: Vec<usize> = (0..all.len())
+            .filter(|&i| usable(i) && !all[i].ejected_at(now) && !tried.contains(&all[i].addr))
             .collect();
-        if !not_ejected.is_empty() {
-            candidates = not_ejected;
+        if candidates.is_empty() {
+            candidates = (0..all.len())
+                .filter(|&i| usable(i) && !all[i].ejected_at(now))
+                .collect();
         }
-        let untried: Vec<usize> = candidates
-            .iter()
-            .copied()
-            .filter(|&i| !tried.contains(&all[i].addr))
-            .collect();
-        if !untried.is_empty() {
-            candidates = untried;
+        if candidates.is_empty() {
+            candidates = (0..all.len()).filter(|&i| usable(i)).collect();
         }
         let counter = self.round_robin.fetch_add(1, Ordering::Relaxed);
         balance::pick(

@@ -319,6 +319,11 @@ impl Proxy {
         }
     }
 
+    /// Every upstream has received its first endpoint set.
+    pub fn ready(&self) -> bool {
+        self.clusters.iter().all(|(_, c)| c.table().ready)
+    }
+
     /// Prometheus text for `/metrics`.
     pub fn metrics(&self) -> String {
         let rows = self.clusters.iter().map(|(direction, c)| {

@@ -1,0 +1,393 @@
+#!/usr/bin/env bash
+# Sidecar data-plane benchmark: the same backend (nginx answering a fixed
+# 12-byte body) reached directly, through one Meshwork sidecar, through a
+# client sidecar -> server sidecar chain, and through HAProxy and nginx in
+# the same single and chained shapes. Same machine, same run, same load tool
+# (wrk for HTTP/1.1, h2load for HTTP/2 with prior knowledge). Every proxy
+# runs one worker thread (sidecar --worker-threads 1, HAProxy nbthread 1,
+# nginx worker_processes 1 / master_process off).
+#
+#   bash bench/proxy.sh          # from anywhere; ~5 minutes plus the build
+#
+# Reported per shape: req/s, p50/p99/p99.9 latency and the added latency over
+# direct, CPU seconds of the proxy processes per 100k requests, their RSS
+# after the run, and how busy the whole machine was (other work skews a
+# 2-core box). Then the sidecar's idle RSS, and its RSS following 1,000
+# endpoints across 100 upstreams.
+#
+# Environment knobs (defaults in brackets):
+#   DURATION   seconds per measured run [10]
+#   WARMUP     seconds of unmeasured load before each run [2]
+#   CONNS      wrk connections (one wrk thread) [32]
+#   H2_CONNS   h2load connections [4]; H2_STREAMS streams per connection [16]
+#   SKIP_BUILD 1 = use the existing target/release binaries [0]
+#   RESULTS_FILE  [bench/RESULTS-proxy.md]; RAW_DIR [bench/out/proxy]
+#   BENCH_TMPDIR  parent of the temp dir [/var/tmp]
+#
+# Needs wrk, h2load (nghttp2-client), haproxy, nginx (nginx-light): installed
+# with apt-get when missing. Everything listens on 127.0.0.1 (ports 18080-18283,
+# 18331/18531/18631/18731, 19191-19293, 21001, 22000-22099); every wait is
+# bounded; the EXIT trap stops every process this script started.
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(dirname "$BENCH_DIR")
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+CONNS=${CONNS:-32}
+H2_CONNS=${H2_CONNS:-4}
+H2_STREAMS=${H2_STREAMS:-16}
+SKIP_BUILD=${SKIP_BUILD:-0}
+RESULTS_FILE=${RESULTS_FILE:-$BENCH_DIR/RESULTS-proxy.md}
+RAW_DIR=${RAW_DIR:-$BENCH_DIR/out/proxy}
+HOST=127.0.0.1
+TARGET=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release
+MW_BIN=$TARGET/meshwork-registry
+SC_BIN=$TARGET/meshwork-sidecar
+
+log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+PIDS=()
+WORK=$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/meshwork-proxy-bench.XXXXXX")
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    sleep 0.5
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+mkdir -p "$RAW_DIR" "$WORK/logs"
+: >"$RAW_DIR/results.jsonl"
+
+# ---------------------------------------------------------------- tools
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v h2load >/dev/null || need+=(nghttp2-client)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v nginx >/dev/null || need+=(nginx-light)
+if [ "${#need[@]}" -gt 0 ]; then
+    log "apt-get install ${need[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >&2
+fi
+if [ "$SKIP_BUILD" != 1 ]; then
+    log "cargo build --release --bin meshwork-registry --bin meshwork-sidecar"
+    (cd "$REPO_DIR" && timeout 3600 cargo build --release --bin meshwork-registry --bin meshwork-sidecar) >&2
+fi
+[ -x "$MW_BIN" ] && [ -x "$SC_BIN" ] || die "release binaries missing under $TARGET"
+
+port_free() { ! (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+for p in 18080 18081 18181 18182 18183 18184 18281 18282 18283 18331 18531 18631 18731 \
+         19191 19192 19193 19291 19292 19293 19294 21001; do
+    port_free "$p" || die "port $HOST:$p is already in use"
+done
+
+wait_port() { # port, seconds
+    local deadline=$((SECONDS + $2))
+    until ! port_free "$1"; do
+        [ "$SECONDS" -lt "$deadline" ] || die "nothing listens on $HOST:$1 after $2 s"
+        sleep 0.1
+    done
+}
+
+# ---------------------------------------------------------------- /proc helpers
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() { # pids... -> utime+stime summed
+    local p t=0 v
+    for p in "$@"; do
+        v=$(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0)
+        t=$((t + v))
+    done
+    echo "$t"
+}
+rss_kb() { # pids... -> VmRSS summed
+    local p t=0 v
+    for p in "$@"; do
+        v=$(awk '$1=="VmRSS:"{print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+        t=$((t + v))
+    done
+    echo "$t"
+}
+sys_cpu() { awk '/^cpu /{idle=$5+$6; t=0; for(i=2;i<=NF;i++) t+=$i; print t, idle}' /proc/stat; }
+
+# ---------------------------------------------------------------- backend and peers
+nginx_conf() { # name, server block(s)
+    mkdir -p "$WORK/$1"
+    cat >"$WORK/$1/nginx.conf" <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/logs/$1.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/$1/body;
+    proxy_temp_path $WORK/$1/proxy;
+    fastcgi_temp_path $WORK/$1/fastcgi;
+    uwsgi_temp_path $WORK/$1/uwsgi;
+    scgi_temp_path $WORK/$1/scgi;
+    keepalive_requests 1000000;
+$2
+}
+EOF
+    nginx -c "$WORK/$1/nginx.conf" -p "$WORK/$1" >"$WORK/logs/$1.out" 2>&1 &
+    PIDS+=("$!")
+    echo "$!"
+}
+
+nginx_proxy_block() { # listen port, upstream port
+    cat <<EOF
+    upstream up$1 { server $HOST:$2; keepalive 64; }
+    server {
+        listen $HOST:$1;
+        location / { proxy_pass http://up$1; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    }
+EOF
+}
+
+haproxy_conf() { # name, frontend port, backend port, h2 (0/1)
+    local bind_opt="" srv_opt=""
+    if [ "$4" = 1 ]; then bind_opt="proto h2"; srv_opt="proto h2"; fi
+    cat >"$WORK/$1.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 20000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+frontend f
+    bind $HOST:$2 $bind_opt
+    default_backend b
+backend b
+    http-reuse always
+    server s1 $HOST:$3 $srv_opt
+EOF
+    haproxy -f "$WORK/$1.cfg" -db >"$WORK/logs/$1.log" 2>&1 &
+    PIDS+=("$!")
+    echo "$!"
+}
+
+sidecar() { # name, admin port, config body
+    cat >"$WORK/$1.toml" <<EOF
+[registry]
+addresses = ["$HOST:18631"]
+
+[admin]
+listen = "$HOST:$2"
+
+$3
+EOF
+    "$SC_BIN" --config "$WORK/$1.toml" --worker-threads 1 --log-level warn \
+        >"$WORK/logs/$1.out" 2>"$WORK/logs/$1.log" &
+    PIDS+=("$!")
+    echo "$!"
+}
+
+register() { # name, id, port
+    curl -fsS -X PUT "http://$HOST:18531/v1/agent/service/register" \
+        -d "{\"Name\":\"$1\",\"ID\":\"$2\",\"Address\":\"$HOST\",\"Port\":$3}" >/dev/null
+}
+
+wait_endpoints() { # admin port, count, seconds
+    local deadline=$((SECONDS + $3)) n
+    while :; do
+        n=$(curl -fsS "http://$HOST:$1/clusters" 2>/dev/null \
+            | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(len(c["endpoints"]) for c in d["clusters"] if c["direction"]=="outbound"))' 2>/dev/null || echo 0)
+        [ "$n" -ge "$2" ] && return 0
+        [ "$SECONDS" -lt "$deadline" ] || die "sidecar on :$1 sees $n of $2 endpoints after $3 s"
+        sleep 0.2
+    done
+}
+
+log "starting the backend (nginx, h1 :18080, h2c :18081), a registry, the proxies"
+BACKEND_PID=$(nginx_conf backend "    server { listen $HOST:18080; listen $HOST:18081 http2; location / { return 200 \"hello world\\n\"; } }")
+mkdir -p "$WORK/mw"
+"$MW_BIN" --node-id 1 --data-dir "$WORK/mw" --http-addr "$HOST:18531" --grpc-addr "$HOST:18631" \
+    --raft-addr "$HOST:18331" --dns-addr "$HOST:18731" --peers "1@$HOST:18331" --log-level warn \
+    >"$WORK/logs/registry.log" 2>&1 &
+PIDS+=("$!")
+wait_port 18080 10; wait_port 18531 20
+deadline=$((SECONDS + 30))
+until register backend backend-1 18080 2>/dev/null; do
+    [ "$SECONDS" -lt "$deadline" ] || die "the registry does not accept registrations"
+    sleep 0.3
+done
+register backend-h2 backend-h2-1 18081
+
+SC_SINGLE=$(sidecar single 19291 "[service]
+name = \"bench-client\"
+port = 1
+[[upstreams]]
+name = \"backend\"
+listen = \"$HOST:19191\"
+protocol = \"http\"
+[[upstreams]]
+name = \"backend-h2\"
+listen = \"$HOST:19193\"
+protocol = \"http2\"")
+SC_SERVER=$(sidecar server 19293 "[service]
+name = \"backend-mesh\"
+address = \"$HOST\"
+port = 18080
+[inbound]
+listen = \"$HOST:21001\"
+protocol = \"http\"")
+SC_CLIENT=$(sidecar client 19292 "[service]
+name = \"bench-client-2\"
+port = 1
+[[upstreams]]
+name = \"backend-mesh\"
+listen = \"$HOST:19192\"
+protocol = \"http\"")
+HA_SINGLE=$(haproxy_conf ha-single 18181 18080 0)
+HA_B=$(haproxy_conf ha-chain-b 18183 18080 0)
+HA_A=$(haproxy_conf ha-chain-a 18182 18183 0)
+HA_H2=$(haproxy_conf ha-h2 18184 18081 1)
+NG_SINGLE=$(nginx_conf ng-single "$(nginx_proxy_block 18281 18080)")
+NG_B=$(nginx_conf ng-chain-b "$(nginx_proxy_block 18283 18080)")
+NG_A=$(nginx_conf ng-chain-a "$(nginx_proxy_block 18282 18283)")
+for p in 18181 18182 18183 18184 18281 18282 18283 19191 19192 19193 21001; do wait_port "$p" 20; done
+wait_endpoints 19291 2 20
+wait_endpoints 19292 1 20
+sleep 2
+SIDECAR_IDLE_KB=$(rss_kb "$SC_SINGLE")
+log "sidecar idle RSS: ${SIDECAR_IDLE_KB} KiB"
+
+# ---------------------------------------------------------------- runs
+run() { # shape, proto (h1/h2), url, proxy pids...
+    local shape=$1 proto=$2 url=$3; shift 3
+    local pids=("$@") out t0 t1 s0 s1 busy rss
+    if [ "$proto" = h1 ]; then
+        wrk -t1 -c"$CONNS" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
+    else
+        h2load -c"$H2_CONNS" -m"$H2_STREAMS" -D"$WARMUP" "$url" >/dev/null 2>&1 || true
+    fi
+    t0=$(cpu_ticks "${pids[@]}"); s0=$(sys_cpu)
+    if [ "$proto" = h1 ]; then
+        out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$BENCH_DIR/proxy-wrk.lua" "$url" | tail -n 1)
+    else
+        rm -f "$WORK/h2.log"
+        h2load -c"$H2_CONNS" -m"$H2_STREAMS" -D"$DURATION" --log-file="$WORK/h2.log" "$url" \
+            >"$RAW_DIR/h2load-$shape.txt" 2>&1 || true
+        out=$(python3 - "$WORK/h2.log" "$DURATION" <<'EOF'
+import json, sys
+lat = []; bad = 0
+for line in open(sys.argv[1]):
+    f = line.split()
+    if len(f) < 3: continue
+    if not f[1].startswith("2"): bad += 1
+    lat.append(int(f[2]))
+lat.sort()
+pct = lambda p: lat[min(len(lat) - 1, int(len(lat) * p / 100))] if lat else 0
+print(json.dumps({"requests": len(lat), "duration_us": int(float(sys.argv[2]) * 1e6), "errors": bad,
+                  "non2xx": bad, "p50_us": pct(50), "p99_us": pct(99), "p999_us": pct(99.9),
+                  "mean_us": sum(lat) / max(1, len(lat))}))
+EOF
+)
+    fi
+    t1=$(cpu_ticks "${pids[@]}"); s1=$(sys_cpu)
+    busy=$(awk -v a="$s0" -v b="$s1" 'BEGIN{split(a,x," "); split(b,y," "); dt=y[1]-x[1]; di=y[2]-x[2]; printf "%.0f", (dt>0 ? 100*(dt-di)/dt : 0)}')
+    rss=$(rss_kb "${pids[@]}")
+    echo "$out" | python3 -c "
+import json, sys
+r = json.loads(sys.stdin.read())
+r.update(shape='$shape', proto='$proto', proxy_cpu_s=($t1 - $t0) / $CLK_TCK, proxy_rss_kb=$rss,
+         machine_busy_pct=$busy, proxies=${#pids[@]})
+print(json.dumps(r))" >>"$RAW_DIR/results.jsonl"
+    log "  $shape ($proto): $(tail -n 1 "$RAW_DIR/results.jsonl")"
+}
+
+log "HTTP/1.1 with wrk: ${DURATION}s per shape, $CONNS connections"
+run direct h1 "http://$HOST:18080/"
+run sidecar h1 "http://$HOST:19191/" "$SC_SINGLE"
+run haproxy h1 "http://$HOST:18181/" "$HA_SINGLE"
+run nginx h1 "http://$HOST:18281/" "$NG_SINGLE"
+run sidecar-chain h1 "http://$HOST:19192/" "$SC_CLIENT" "$SC_SERVER"
+run haproxy-chain h1 "http://$HOST:18182/" "$HA_A" "$HA_B"
+run nginx-chain h1 "http://$HOST:18282/" "$NG_A" "$NG_B"
+log "HTTP/2 (h2c) with h2load: $H2_CONNS connections x $H2_STREAMS streams"
+run direct h2 "http://$HOST:18081/"
+run sidecar h2 "http://$HOST:19193/" "$SC_SINGLE"
+run haproxy h2 "http://$HOST:18184/" "$HA_H2"
+
+# ---------------------------------------------------------------- RSS at scale
+log "sidecar RSS with 1,000 endpoints across 100 upstreams"
+for i in $(seq 0 99); do
+    for j in $(seq 0 9); do
+        curl -fsS -X PUT "http://$HOST:18531/v1/catalog/register" \
+            -d "{\"Node\":\"bench-n$j\",\"Address\":\"$HOST\",\"Service\":{\"Service\":\"svc$i\",\"ID\":\"svc$i-$j\",\"Port\":$((30000 + j))}}" >/dev/null
+    done
+done
+UPSTREAMS=""
+for i in $(seq 0 99); do
+    UPSTREAMS+="[[upstreams]]
+name = \"svc$i\"
+listen = \"$HOST:$((22000 + i))\"
+protocol = \"http\"
+"
+done
+SC_BIG=$(sidecar big 19294 "[service]
+name = \"bench-big\"
+port = 1
+$UPSTREAMS")
+wait_endpoints 19294 1000 60
+sleep 2
+SIDECAR_BIG_KB=$(rss_kb "$SC_BIG")
+log "sidecar RSS with 1,000 endpoints: ${SIDECAR_BIG_KB} KiB"
+
+# ---------------------------------------------------------------- report
+python3 - "$RAW_DIR/results.jsonl" "$RESULTS_FILE" "$SIDECAR_IDLE_KB" "$SIDECAR_BIG_KB" \
+    "$DURATION" "$CONNS" "$H2_CONNS" "$H2_STREAMS" <<'EOF'
+import json, sys, subprocess, datetime
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+idle_kb, big_kb = int(sys.argv[3]), int(sys.argv[4])
+duration, conns, h2c, h2m = sys.argv[5:9]
+def get(shape, proto):
+    return next((r for r in rows if r["shape"] == shape and r["proto"] == proto), None)
+out = []
+w = out.append
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+w("# Sidecar proxy benchmark\n")
+w(f"Generated by `bash bench/proxy.sh` on {datetime.date.today()} at commit {commit}, "
+  f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores. "
+  f"Backend: nginx returning a 12-byte body. HTTP/1.1: wrk, 1 thread, {conns} connections, {duration} s; "
+  f"HTTP/2: h2load, {h2c} connections x {h2m} streams, {duration} s. Every proxy has one worker thread. "
+  "Load tool, backend and proxies share the same cores, so absolute numbers are low; compare rows.\n")
+w("Reproduce: `bash bench/proxy.sh` (knobs at the top of the script; raw data in `bench/out/proxy/`).\n")
+for proto, title in (("h1", "HTTP/1.1 (wrk)"), ("h2", "HTTP/2 prior knowledge (h2load)")):
+    base = get("direct", proto)
+    w(f"\n## {title}\n")
+    w("| shape | req/s | p50 ms | p99 ms | p99.9 ms | added p50 / p99 / p99.9 ms | proxy CPU s per 100k req | proxy RSS MiB | errors | machine busy |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["proto"] != proto: continue
+        rps = r["requests"] / (r["duration_us"] / 1e6)
+        ms = lambda us: us / 1000
+        added = "—" if r["shape"] == "direct" or not base else \
+            f"{ms(r['p50_us'] - base['p50_us']):+.2f} / {ms(r['p99_us'] - base['p99_us']):+.2f} / {ms(r['p999_us'] - base['p999_us']):+.2f}"
+        cpu = "—" if not r["proxies"] else f"{r['proxy_cpu_s'] / max(1, r['requests']) * 1e5:.2f}"
+        rss = "—" if not r["proxies"] else f"{r['proxy_rss_kb'] / 1024:.1f}"
+        w(f"| {r['shape']} | {rps:,.0f} | {ms(r['p50_us']):.2f} | {ms(r['p99_us']):.2f} | {ms(r['p999_us']):.2f} | {added} | {cpu} | {rss} | {r['errors']} | {r['machine_busy_pct']}% |")
+w("\n## Targets from issue 6\n")
+def ratio(a, b):
+    ra, rb = get(a, "h1"), get(b, "h1")
+    if not ra or not rb: return None
+    return (ra["requests"] / ra["duration_us"]) / (rb["requests"] / rb["duration_us"])
+r = ratio("sidecar", "haproxy")
+sc, ha = get("sidecar", "h1"), get("haproxy", "h1")
+w("| target | result | met |")
+w("|---|---|---|")
+if r is not None:
+    w(f"| single-hop throughput at least HAProxy's (one thread each) | sidecar / HAProxy = {r:.2f} | {'yes' if r >= 1 else 'NO'} |")
+if sc and ha:
+    w(f"| p99 added latency no worse than HAProxy's | sidecar p99 {sc['p99_us']/1000:.2f} ms vs HAProxy {ha['p99_us']/1000:.2f} ms | {'yes' if sc['p99_us'] <= ha['p99_us'] else 'NO'} |")
+w(f"| sidecar RSS under 15 MiB idle | {idle_kb / 1024:.1f} MiB | {'yes' if idle_kb < 15 * 1024 else 'NO'} |")
+w(f"| sidecar RSS under 40 MiB with 1,000 endpoints across 100 upstreams | {big_kb / 1024:.1f} MiB | {'yes' if big_kb < 40 * 1024 else 'NO'} |")
+open(sys.argv[2], "w").write("\n".join(out) + "\n")
+EOF
+log "wrote $RESULTS_FILE"
