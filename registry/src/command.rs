@@ -52,6 +52,20 @@ pub enum Command {
     /// Replace the KV store and the catalog with a backup's
     /// (`PUT /v1/snapshot`); the cluster keeps its own id.
     Restore(Box<crate::state::State>),
+    /// Store a config entry (fields already validated and spelled as
+    /// Consul); with `cas`, only if its ModifyIndex equals it (0: absent).
+    ConfigSet {
+        kind: String,
+        name: String,
+        body: serde_json::Map<String, serde_json::Value>,
+        cas: Option<u64>,
+    },
+    /// Delete a config entry; with `cas`, only if its ModifyIndex equals it.
+    ConfigDelete {
+        kind: String,
+        name: String,
+        cas: Option<u64>,
+    },
 }
 
 /// What applying a command produced.

@@ -130,6 +130,15 @@ def main():
     assert "pyweb-1" not in c.agent.services()
     _, nodes = other.health.service("pyweb")
     assert nodes == []
+    # Config entries.
+    assert c.config.set("service-defaults", "pyweb", {"Protocol": "http"})
+    entry = other.config.get("service-defaults", "pyweb")
+    assert entry["Protocol"] == "http" and entry["ModifyIndex"] > 0, entry
+    assert not c.config.set("service-defaults", "pyweb", {"Protocol": "grpc"}, cas=0)
+    assert c.config.set("service-defaults", "pyweb", {"Protocol": "grpc"}, cas=entry["ModifyIndex"])
+    assert [e["Name"] for e in other.config.list("service-defaults")] == ["pyweb"]
+    assert c.config.delete("service-defaults", "pyweb")
+    assert other.config.list("service-defaults") == []
     print("py-consul: all checks passed")
 
 

@@ -157,6 +157,13 @@ async fn snapshot_save_wipe_restore_gives_identical_data() -> Result<()> {
             .await?;
         assert_eq!(resp.status().as_u16(), 200);
     }
+    let resp = old
+        .http
+        .put(format!("{}/v1/config", old.servers[leader].http()))
+        .json(&serde_json::json!({"Kind": "service-defaults", "Name": "web", "Protocol": "grpc"}))
+        .send()
+        .await?;
+    assert_eq!(resp.text().await?.trim(), "true");
     let kv_before = kv_dump(&old, leader).await?;
     let catalog_before = catalog_dump(&old, leader).await?;
     assert_eq!(kv_before.len(), 51);
@@ -196,6 +203,22 @@ async fn snapshot_save_wipe_restore_gives_identical_data() -> Result<()> {
     let (status, message) = put_snapshot(&new, (leader + 1) % 3, &archive, "?force").await?;
     assert_eq!(status, 200, "{message}");
     wait_converged(&new, &kv_before, &catalog_before).await?;
+    for server in &new.servers {
+        let entry: Value = new
+            .http
+            .get(format!(
+                "{}/v1/config/service-defaults/web?stale",
+                server.http()
+            ))
+            .send()
+            .await?
+            .json()
+            .await?;
+        assert_eq!(
+            entry["Protocol"], "grpc",
+            "config entries are restored too: {entry}"
+        );
+    }
 
     // The restored cluster keeps working: indexes move forward from here.
     let before = new

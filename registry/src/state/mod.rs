@@ -3,6 +3,7 @@
 //! object is stamped with the log index that created or changed it.
 
 pub mod catalog;
+pub mod config;
 pub mod kv;
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,8 @@ pub struct State {
     pub kv: KvStore,
     #[serde(default)]
     pub catalog: Catalog,
+    #[serde(default)]
+    pub config: config::ConfigStore,
 }
 
 impl State {
@@ -71,7 +74,17 @@ impl State {
             Command::Restore(backup) => {
                 self.kv.restore(index, &backup.kv);
                 self.catalog.restore(index, &backup.catalog);
+                self.config.restore(index, &backup.config);
                 CommandResponse::Applied(true)
+            }
+            Command::ConfigSet {
+                kind,
+                name,
+                body,
+                cas,
+            } => CommandResponse::Applied(self.config.set(index, kind, name, body, *cas)),
+            Command::ConfigDelete { kind, name, cas } => {
+                CommandResponse::Applied(self.config.delete(index, kind, name, *cas))
             }
             Command::SetClusterId { id } => {
                 if self.cluster_id.is_some() {

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use meshwork_proto::v1::{
-    Change, Endpoint, Health, KvEntry, ServiceSummary, SubscribeRequest, change, subscribe_request,
+    Change, ConfigEntry, Endpoint, Health, KvEntry, ServiceSummary, SubscribeRequest, change,
+    subscribe_request,
 };
 
 use crate::state::State;
@@ -19,6 +20,8 @@ pub enum Topic {
     Services,
     /// The keys under a prefix.
     KvPrefix(String),
+    /// The config entries of one kind.
+    ConfigEntries(String),
 }
 
 /// A topic's contents: item key → its current value (as an upsert).
@@ -28,7 +31,9 @@ impl Topic {
     /// The topic a request asks for, or why it is invalid.
     pub fn from_request(request: &SubscribeRequest) -> Result<Self, String> {
         match &request.topic {
-            None => Err("no topic: set one of service, services or kv_prefix".into()),
+            None => {
+                Err("no topic: set one of service, services, kv_prefix or config_entries".into())
+            }
             Some(subscribe_request::Topic::Service(s)) => {
                 if s.name.is_empty() {
                     return Err("service topic without a service name".into());
@@ -40,6 +45,10 @@ impl Topic {
             }
             Some(subscribe_request::Topic::Services(_)) => Ok(Topic::Services),
             Some(subscribe_request::Topic::KvPrefix(k)) => Ok(Topic::KvPrefix(k.prefix.clone())),
+            Some(subscribe_request::Topic::ConfigEntries(c)) => {
+                crate::state::config::check_kind(&c.kind)?;
+                Ok(Topic::ConfigEntries(c.kind.clone()))
+            }
         }
     }
 
@@ -49,6 +58,7 @@ impl Topic {
             Topic::Service { name, .. } => state.catalog.service_index(name),
             Topic::Services => state.catalog.services_list_index(),
             Topic::KvPrefix(prefix) => state.kv.prefix_index(prefix),
+            Topic::ConfigEntries(kind) => state.config.kind_index(kind),
         }
     }
 
@@ -141,6 +151,25 @@ impl Topic {
                     )
                 })
                 .collect(),
+            Topic::ConfigEntries(kind) => state
+                .config
+                .list(kind)
+                .map(|(name, entry)| {
+                    let json = crate::state::config::entry_json(kind, name, entry).to_string();
+                    (
+                        name.clone(),
+                        Change {
+                            change: Some(change::Change::ConfigEntry(ConfigEntry {
+                                kind: kind.clone(),
+                                name: name.clone(),
+                                json,
+                                create_index: entry.create_index,
+                                modify_index: entry.modify_index,
+                            })),
+                        },
+                    )
+                })
+                .collect(),
         }
     }
 
@@ -152,6 +181,7 @@ impl Topic {
                 Topic::Service { .. } => change::Change::EndpointRemoved(key),
                 Topic::Services => change::Change::ServiceRemoved(key),
                 Topic::KvPrefix(_) => change::Change::KvRemoved(key),
+                Topic::ConfigEntries(_) => change::Change::ConfigEntryRemoved(key),
             }),
         }
     }

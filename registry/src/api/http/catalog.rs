@@ -22,7 +22,7 @@ use crate::state::catalog::{HealthStatus, Registration};
 /// Runs a blocking-capable read whose result is JSON. The answer for each
 /// applied change is computed and encoded once and shared by every
 /// request asking the same question.
-async fn json_read(
+pub(super) async fn json_read(
     app: &AppState,
     uri: Uri,
     query: Option<String>,

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod catalog;
+pub mod config;
 pub mod consul_json;
 pub mod error;
 pub mod kv;
@@ -116,6 +117,12 @@ pub fn router(state: AppState) -> Router {
             get(snapshot::save)
                 .put(snapshot::restore)
                 .layer(DefaultBodyLimit::max(snapshot::MAX_BACKUP_BYTES)),
+        )
+        .route("/v1/config", put(config::apply))
+        .route("/v1/config/{kind}", get(config::list))
+        .route(
+            "/v1/config/{kind}/{name}",
+            get(config::get).delete(config::delete),
         )
         .route("/metrics", get(metrics_prometheus))
         .route("/v1/agent/metrics", get(metrics))

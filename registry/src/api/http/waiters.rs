@@ -34,6 +34,8 @@ pub enum IndexOf {
     NodeList,
     /// Every check.
     Checks,
+    /// The config entries of one kind.
+    ConfigKind(String),
 }
 
 impl IndexOf {
@@ -46,6 +48,7 @@ impl IndexOf {
             IndexOf::ServiceList => state.catalog.services_list_index(),
             IndexOf::NodeList => state.catalog.nodes_index(),
             IndexOf::Checks => state.catalog.checks_index(),
+            IndexOf::ConfigKind(kind) => state.config.kind_index(kind),
         }
     }
 

@@ -1,0 +1,164 @@
+//! Configuration entries in Consul's shapes: `PUT /v1/config`,
+//! `GET /v1/config/:kind`, `GET|DELETE /v1/config/:kind/:name`.
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+use super::AppState;
+use super::error::ApiError;
+use super::query::{Params, ReadOptions, read_headers, run_read};
+use super::waiters::IndexOf;
+use crate::command::{Command, CommandResponse};
+use crate::state::config::{check_kind, entry_json, normalize};
+
+fn cas(params: &Params) -> Result<Option<u64>, ApiError> {
+    params
+        .get("cas")
+        .map(|v| {
+            v.parse::<u64>().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "Invalid cas {v:?}: want a ModifyIndex (0 = create only)"
+                ))
+            })
+        })
+        .transpose()
+}
+
+fn refuse_filter(params: &Params) -> Result<(), ApiError> {
+    if params.has("filter") {
+        return Err(ApiError::bad_request(
+            "?filter is not supported by Meshwork; list the entries and filter them yourself",
+        ));
+    }
+    Ok(())
+}
+
+fn check_dc(app: &AppState, params: &Params) -> Result<(), ApiError> {
+    match params.get("dc") {
+        Some(dc) if !dc.is_empty() && dc != &*app.datacenter => Err(ApiError::bad_request(
+            format!("No path to datacenter {dc:?}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `PUT /v1/config[?cas=N]`: creates or replaces an entry; `true`, or
+/// `false` when the check-and-set failed.
+pub async fn apply(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(query.as_deref());
+    check_dc(&app, &params)?;
+    let cas = cas(&params)?;
+    let entry: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("Request decode failed: {e}")))?;
+    let (kind, name, body) = normalize(entry).map_err(ApiError::bad_request)?;
+    let applied = app
+        .node
+        .write(Command::ConfigSet {
+            kind,
+            name,
+            body,
+            cas,
+        })
+        .await?;
+    Ok(axum::Json(applied.response == CommandResponse::Applied(true)).into_response())
+}
+
+/// `GET /v1/config/:kind`: every entry of the kind (blocking-capable).
+pub async fn list(
+    State(app): State<AppState>,
+    uri: Uri,
+    Path(kind): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(query.as_deref());
+    check_dc(&app, &params)?;
+    refuse_filter(&params)?;
+    check_kind(&kind).map_err(ApiError::bad_request)?;
+    super::catalog::json_read(
+        &app,
+        uri,
+        query,
+        IndexOf::ConfigKind(kind.clone()),
+        |state, _| {
+            Value::Array(
+                state
+                    .config
+                    .list(&kind)
+                    .map(|(name, entry)| entry_json(&kind, name, entry))
+                    .collect(),
+            )
+        },
+    )
+    .await
+}
+
+/// `GET /v1/config/:kind/:name` (blocking-capable): the entry, or 404.
+pub async fn get(
+    State(app): State<AppState>,
+    Path((kind, name)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(query.as_deref());
+    check_dc(&app, &params)?;
+    check_kind(&kind).map_err(ApiError::bad_request)?;
+    let options = ReadOptions::from_params(&params)?;
+    let result = run_read(
+        &app.node,
+        &app.waiters,
+        options,
+        &app.shutdown,
+        &IndexOf::ConfigKind(kind.clone()),
+        |state| {
+            state
+                .config
+                .get(&kind, &name)
+                .map(|entry| entry_json(&kind, &name, entry))
+        },
+    )
+    .await?;
+    let mut headers = read_headers(&app.node, result.index, options.consistency);
+    match result.value {
+        Some(entry) => {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            Ok((headers, axum::Json(entry)).into_response())
+        }
+        None => Ok((
+            StatusCode::NOT_FOUND,
+            headers,
+            format!("Config entry not found for {kind:?} / {name:?}\n"),
+        )
+            .into_response()),
+    }
+}
+
+/// `DELETE /v1/config/:kind/:name[?cas=N]`: `{}` (as Consul), or with
+/// `cas` whether the entry was deleted.
+pub async fn delete(
+    State(app): State<AppState>,
+    Path((kind, name)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(query.as_deref());
+    check_dc(&app, &params)?;
+    check_kind(&kind).map_err(ApiError::bad_request)?;
+    let cas = cas(&params)?;
+    let applied = app
+        .node
+        .write(Command::ConfigDelete { kind, name, cas })
+        .await?;
+    let deleted = applied.response == CommandResponse::Applied(true);
+    Ok(match cas {
+        Some(_) => axum::Json(Value::Bool(deleted)).into_response(),
+        None => axum::Json(serde_json::json!({})).into_response(),
+    })
+}
