@@ -76,6 +76,14 @@ pub struct RegistryNode {
     last_contact: Mutex<Option<std::time::Instant>>,
     /// Queue of writes proposed on this server, batched into log entries.
     batcher: tokio::sync::mpsc::Sender<BatchItem>,
+    /// On the leader: (term, index) — the last log index when this process
+    /// first served a read as leader of that term. Reads wait for it: a
+    /// leader restarted from its data dir resumes its term without an
+    /// election (openraft keeps its own vote), and the committed index it
+    /// restored may trail entries it had committed (and acknowledged)
+    /// before the crash; those are all in its log, so a read index at or
+    /// past its log's end as of leadership covers them.
+    read_floor: Mutex<(u64, u64)>,
     /// On the leader: when each TTL check was last updated by a client.
     /// In memory only: a new leader gives every TTL a full period.
     ttl_touches: Mutex<HashMap<(String, String), tokio::time::Instant>>,
@@ -115,6 +123,7 @@ impl RegistryNode {
             leader_wait,
             election_timeout,
             last_contact: Mutex::new(None),
+            read_floor: Mutex::new((0, 0)),
             ttl_touches: Mutex::new(HashMap::new()),
             batcher,
         }
@@ -375,7 +384,21 @@ impl RegistryNode {
         linearizable: bool,
         deadline: Instant,
     ) -> Result<u64, WriteAttempt> {
-        if !linearizable {
+        let index = if linearizable {
+            match tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await {
+                Err(_) => return Err(WriteAttempt::Failed(ClusterError::NoLeader)),
+                Ok(Ok(log_id)) => log_id.map_or(0, |l| l.index),
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
+                    return Err(WriteAttempt::Retry);
+                }
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
+                    return Err(WriteAttempt::Retry);
+                }
+                Ok(Err(RaftError::Fatal(e))) => {
+                    return Err(WriteAttempt::Failed(ClusterError::Internal(e.to_string())));
+                }
+            }
+        } else {
             // The leader's state answers default reads, but only once it
             // has applied an entry of its own term: until then, entries
             // committed under the previous leader may not be applied yet.
@@ -389,25 +412,28 @@ impl RegistryNode {
                 }),
             )
             .await;
-            return match ready {
-                Ok(Ok(m)) if m.state == ServerState::Leader => Ok(self.state.applied_index()),
-                Ok(_) => Err(WriteAttempt::Retry),
-                Err(_) => Err(WriteAttempt::Failed(ClusterError::NoLeader)),
-            };
+            match ready {
+                Ok(Ok(m)) if m.state == ServerState::Leader => self.state.applied_index(),
+                Ok(_) => return Err(WriteAttempt::Retry),
+                Err(_) => return Err(WriteAttempt::Failed(ClusterError::NoLeader)),
+            }
+        };
+        let floor = self.read_floor().ok_or(WriteAttempt::Retry)?;
+        Ok(index.max(floor))
+    }
+
+    /// The [`RegistryNode::read_floor`] of the current term, set at the
+    /// first read of the term; `None` when this server does not lead.
+    fn read_floor(&self) -> Option<u64> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            return None;
         }
-        match tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await {
-            Err(_) => Err(WriteAttempt::Failed(ClusterError::NoLeader)),
-            Ok(Ok(log_id)) => Ok(log_id.map_or(0, |l| l.index)),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
-                Err(WriteAttempt::Retry)
-            }
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
-                Err(WriteAttempt::Retry)
-            }
-            Ok(Err(RaftError::Fatal(e))) => {
-                Err(WriteAttempt::Failed(ClusterError::Internal(e.to_string())))
-            }
+        let mut floor = self.read_floor.lock().unwrap_or_else(|p| p.into_inner());
+        if floor.0 != m.current_term {
+            *floor = (m.current_term, m.last_log_index.unwrap_or(0));
         }
+        Some(floor.1)
     }
 
     async fn read_index_remote(
