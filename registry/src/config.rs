@@ -36,6 +36,11 @@ pub struct Cli {
     /// One server, data in a temp dir, every API on its default port.
     #[arg(long)]
     pub dev: bool,
+    /// Check the flags and the configuration file, print the settings that
+    /// would be used, and exit (0 when valid, 2 otherwise) without
+    /// starting or touching the data dir.
+    #[arg(long)]
+    pub check_config: bool,
     /// TOML file with the same settings as the flags (flags win).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,

@@ -22,13 +22,19 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
-    let config = match Config::load(Cli::parse()) {
+    let cli = Cli::parse();
+    let check_only = cli.check_config;
+    let config = match Config::load(cli) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("meshwork-registry: {e}");
             return ExitCode::from(2);
         }
     };
+    if check_only {
+        println!("meshwork-registry: configuration is valid\n{config:#?}");
+        return ExitCode::SUCCESS;
+    }
     let reload_log_level = init_tracing(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -63,8 +69,10 @@ fn log_filter(config: &Config) -> EnvFilter {
 }
 
 fn init_tracing(config: &Config) -> ReloadLogLevel {
+    // Colour only on a terminal: the journal and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(log_filter(config))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if config.log_json {
         let builder = builder.json().with_filter_reloading();

@@ -233,3 +233,32 @@ async fn sighup_reloads_the_log_level_and_survives_a_bad_file() -> Result<()> {
     cluster.done();
     Ok(())
 }
+
+#[test]
+fn check_config_validates_without_starting() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        format!(
+            "node_id = 2\ndata_dir = \"{}\"\npeers = [\"1@127.0.0.1:8300\", \"2@127.0.0.2:8300\"]\n",
+            data.display()
+        ),
+    )?;
+    let good_arg = good.display().to_string();
+    let out = run_registry(&["--config", &good_arg, "--check-config"])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout.contains("configuration is valid"), "{stdout}");
+    assert!(!data.exists(), "--check-config must not create the data dir");
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "node_id = 0\nnot_a_key = 1\n")?;
+    let bad_arg = bad.display().to_string();
+    let out = run_registry(&["--config", &bad_arg, "--check-config"])?;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not_a_key"), "{stderr}");
+    Ok(())
+}
