@@ -251,7 +251,10 @@ fn check_config_validates_without_starting() -> Result<()> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(stdout.contains("configuration is valid"), "{stdout}");
-    assert!(!data.exists(), "--check-config must not create the data dir");
+    assert!(
+        !data.exists(),
+        "--check-config must not create the data dir"
+    );
 
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "node_id = 0\nnot_a_key = 1\n")?;
