@@ -112,6 +112,9 @@ rss_kb() { # pids... -> VmRSS summed
 sys_cpu() { awk '/^cpu /{idle=$5+$6; t=0; for(i=2;i<=NF;i++) t+=$i; print t, idle}' /proc/stat; }
 
 # ---------------------------------------------------------------- backend and peers
+# Each starter runs in this shell (not in $(...), whose PIDS+= would be
+# lost to the EXIT trap) and leaves the new process's pid in LAST_PID.
+LAST_PID=
 nginx_conf() { # name, server block(s)
     mkdir -p "$WORK/$1"
     cat >"$WORK/$1/nginx.conf" <<EOF
@@ -133,8 +136,8 @@ $2
 }
 EOF
     nginx -c "$WORK/$1/nginx.conf" -p "$WORK/$1" >"$WORK/logs/$1.out" 2>&1 &
-    PIDS+=("$!")
-    echo "$!"
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
 }
 
 nginx_proxy_block() { # listen port, upstream port
@@ -153,7 +156,7 @@ haproxy_conf() { # name, frontend port, backend port, h2 (0/1)
     cat >"$WORK/$1.cfg" <<EOF
 global
     nbthread 1
-    maxconn 20000
+    maxconn 4000
 defaults
     mode http
     timeout connect 5s
@@ -168,8 +171,8 @@ backend b
     server s1 $HOST:$3 $srv_opt
 EOF
     haproxy -f "$WORK/$1.cfg" -db >"$WORK/logs/$1.log" 2>&1 &
-    PIDS+=("$!")
-    echo "$!"
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
 }
 
 sidecar() { # name, admin port, config body
@@ -184,8 +187,8 @@ $3
 EOF
     "$SC_BIN" --config "$WORK/$1.toml" --worker-threads 1 --log-level warn \
         >"$WORK/logs/$1.out" 2>"$WORK/logs/$1.log" &
-    PIDS+=("$!")
-    echo "$!"
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
 }
 
 register() { # name, id, port
@@ -205,7 +208,8 @@ wait_endpoints() { # admin port, count, seconds
 }
 
 log "starting the backend (nginx, h1 :18080, h2c :18081), a registry, the proxies"
-BACKEND_PID=$(nginx_conf backend "    server { listen $HOST:18080; listen $HOST:18081 http2; location / { return 200 \"hello world\\n\"; } }")
+nginx_conf backend "    server { listen $HOST:18080; listen $HOST:18081 http2; location / { return 200 \"hello world\\n\"; } }"
+BACKEND_PID=$LAST_PID
 mkdir -p "$WORK/mw"
 "$MW_BIN" --node-id 1 --data-dir "$WORK/mw" --http-addr "$HOST:18531" --grpc-addr "$HOST:18631" \
     --raft-addr "$HOST:18331" --dns-addr "$HOST:18731" --peers "1@$HOST:18331" --log-level warn \
@@ -219,7 +223,7 @@ until register backend backend-1 18080 2>/dev/null; do
 done
 register backend-h2 backend-h2-1 18081
 
-SC_SINGLE=$(sidecar single 19291 "[service]
+sidecar single 19291 "[service]
 name = \"bench-client\"
 port = 1
 [[upstreams]]
@@ -229,28 +233,38 @@ protocol = \"http\"
 [[upstreams]]
 name = \"backend-h2\"
 listen = \"$HOST:19193\"
-protocol = \"http2\"")
-SC_SERVER=$(sidecar server 19293 "[service]
+protocol = \"http2\""
+SC_SINGLE=$LAST_PID
+sidecar server 19293 "[service]
 name = \"backend-mesh\"
 address = \"$HOST\"
 port = 18080
 [inbound]
 listen = \"$HOST:21001\"
-protocol = \"http\"")
-SC_CLIENT=$(sidecar client 19292 "[service]
+protocol = \"http\""
+SC_SERVER=$LAST_PID
+sidecar client 19292 "[service]
 name = \"bench-client-2\"
 port = 1
 [[upstreams]]
 name = \"backend-mesh\"
 listen = \"$HOST:19192\"
-protocol = \"http\"")
-HA_SINGLE=$(haproxy_conf ha-single 18181 18080 0)
-HA_B=$(haproxy_conf ha-chain-b 18183 18080 0)
-HA_A=$(haproxy_conf ha-chain-a 18182 18183 0)
-HA_H2=$(haproxy_conf ha-h2 18184 18081 1)
-NG_SINGLE=$(nginx_conf ng-single "$(nginx_proxy_block 18281 18080)")
-NG_B=$(nginx_conf ng-chain-b "$(nginx_proxy_block 18283 18080)")
-NG_A=$(nginx_conf ng-chain-a "$(nginx_proxy_block 18282 18283)")
+protocol = \"http\""
+SC_CLIENT=$LAST_PID
+haproxy_conf ha-single 18181 18080 0
+HA_SINGLE=$LAST_PID
+haproxy_conf ha-chain-b 18183 18080 0
+HA_B=$LAST_PID
+haproxy_conf ha-chain-a 18182 18183 0
+HA_A=$LAST_PID
+haproxy_conf ha-h2 18184 18081 1
+HA_H2=$LAST_PID
+nginx_conf ng-single "$(nginx_proxy_block 18281 18080)"
+NG_SINGLE=$LAST_PID
+nginx_conf ng-chain-b "$(nginx_proxy_block 18283 18080)"
+NG_B=$LAST_PID
+nginx_conf ng-chain-a "$(nginx_proxy_block 18282 18283)"
+NG_A=$LAST_PID
 for p in 18181 18182 18183 18184 18281 18282 18283 19191 19192 19193 21001; do wait_port "$p" 20; done
 wait_endpoints 19291 2 20
 wait_endpoints 19292 1 20
@@ -331,10 +345,11 @@ listen = \"$HOST:$((22000 + i))\"
 protocol = \"http\"
 "
 done
-SC_BIG=$(sidecar big 19294 "[service]
+sidecar big 19294 "[service]
 name = \"bench-big\"
 port = 1
-$UPSTREAMS")
+$UPSTREAMS"
+SC_BIG=$LAST_PID
 wait_endpoints 19294 1000 60
 sleep 2
 SIDECAR_BIG_KB=$(rss_kb "$SC_BIG")

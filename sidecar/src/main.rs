@@ -74,11 +74,19 @@ fn main() -> ExitCode {
     }
     // A small runtime: the agent is mostly idle and one thread carries a
     // service's traffic comfortably; --worker-threads for more.
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cli.worker_threads.max(1))
-        .enable_all()
-        .build()
-    {
+    // One thread: the current-thread scheduler, which skips the
+    // work-stealing machinery a single worker would not use.
+    let runtime = if cli.worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cli.worker_threads)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("meshwork-sidecar: cannot start the async runtime: {e}");

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use hyper::http::uri::Authority;
 use meshwork_proto::v1::{Endpoint, Health};
 use serde::Serialize;
 
@@ -56,6 +57,8 @@ pub struct EndpointState {
     pub key: String,
     /// Where it is dialled: its sidecar's inbound port when it has one.
     pub addr: SocketAddr,
+    /// `addr` as a URI authority (made once, cloned per request).
+    pub authority: Authority,
     pub weight: u32,
     /// Passing or warning.
     pub healthy: bool,
@@ -77,6 +80,7 @@ impl EndpointState {
     pub fn new(key: String, addr: SocketAddr, weight: u32, healthy: bool) -> Self {
         EndpointState {
             key,
+            authority: authority_of(addr),
             addr,
             weight: weight.max(1),
             healthy,
@@ -437,6 +441,12 @@ impl Cluster {
     }
 }
 
+fn authority_of(addr: SocketAddr) -> Authority {
+    // A socket address always makes a valid authority.
+    Authority::try_from(addr.to_string().as_str())
+        .unwrap_or_else(|_| Authority::from_static("0.0.0.0:0"))
+}
+
 /// An endpoint from the registry as the proxy dials it: at its sidecar's
 /// inbound port when it advertises one, else at its own port.
 fn endpoint_state(endpoint: &Endpoint) -> Option<EndpointState> {
@@ -454,9 +464,11 @@ fn endpoint_state(endpoint: &Endpoint) -> Option<EndpointState> {
         Health::Maintenance => (false, 1, "maintenance"),
         Health::Critical | Health::Unspecified => (false, 1, "critical"),
     };
+    let addr = SocketAddr::new(ip, port);
     Some(EndpointState {
         key: endpoint.key.clone(),
-        addr: SocketAddr::new(ip, port),
+        authority: authority_of(addr),
+        addr,
         weight: if weight == 0 { 1 } else { weight },
         healthy,
         health,

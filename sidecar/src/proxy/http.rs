@@ -77,10 +77,13 @@ impl HttpProxy {
     }
 
     /// Answers one request: the upstream's response or the proxy's own.
+    /// `connection` is held until the response's last byte (it marks the
+    /// client connection busy).
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        connection: impl Send + 'static,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
@@ -111,16 +114,27 @@ impl HttpProxy {
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
-        if !parts.headers.contains_key(header::HOST)
+        let version = match self.protocol {
+            Protocol::Http2 | Protocol::Grpc => Version::HTTP_2,
+            _ => Version::HTTP_11,
+        };
+        if version == Version::HTTP_2 {
+            // HTTP/2 carries the authority in `:authority` (the endpoint
+            // dialled); a Host header naming something else makes the
+            // request malformed (RFC 9113 §8.3.1).
+            parts.headers.remove(header::HOST);
+        } else if !parts.headers.contains_key(header::HOST)
             && let Some(authority) = parts.uri.authority()
             && let Ok(v) = HeaderValue::from_str(authority.as_str())
         {
+            // HTTP/2 downstream, HTTP/1.1 upstream: the authority becomes Host.
             parts.headers.insert(header::HOST, v);
         }
         let path = parts
             .uri
             .path_and_query()
-            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+            .cloned()
+            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
         let method = parts.method.clone();
         let hash = match &cluster.config.hash_header {
             Some(name) => parts
@@ -163,10 +177,6 @@ impl HttpProxy {
         } else {
             RequestBody::Streaming(Some(body))
         };
-        let version = match self.protocol {
-            Protocol::Http2 | Protocol::Grpc => Version::HTTP_2,
-            _ => Version::HTTP_11,
-        };
         let max_attempts = 1 + policy.attempts;
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt = 0u32;
@@ -193,7 +203,11 @@ impl HttpProxy {
                     None => rescue::empty(),
                 },
             };
-            let uri = match Uri::try_from(format!("http://{}{path}", endpoint.addr)) {
+            let mut target = hyper::http::uri::Parts::default();
+            target.scheme = Some(hyper::http::uri::Scheme::HTTP);
+            target.authority = Some(endpoint.authority.clone());
+            target.path_and_query = Some(path.clone());
+            let uri = match Uri::from_parts(target) {
                 Ok(uri) => uri,
                 Err(_) => {
                     return self.fail(
@@ -285,7 +299,7 @@ impl HttpProxy {
                     if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
                         let name = cluster.config.name.clone();
                         tokio::spawn(async move {
-                            let _guards = (active, in_flight);
+                            let _guards = (active, in_flight, connection);
                             match tokio::join!(down, up) {
                                 (Ok(down), Ok(up)) => {
                                     let mut down = TokioIo::new(down);
@@ -302,7 +316,7 @@ impl HttpProxy {
                     strip_hop_by_hop(&mut head.headers, false);
                     let body = Guarded {
                         inner: body.map_err(BoxError::from).boxed_unsync(),
-                        _guards: Box::new((active, in_flight)),
+                        _guards: Box::new((active, in_flight, connection)),
                     };
                     return Response::from_parts(head, body.boxed_unsync());
                 }
@@ -497,15 +511,6 @@ impl Body for Guarded {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
-}
-
-/// `body`, holding `guard` until its last byte has gone.
-pub fn hold(body: ProxyBody, guard: impl Send + 'static) -> ProxyBody {
-    Guarded {
-        inner: body,
-        _guards: Box::new(guard),
-    }
-    .boxed_unsync()
 }
 
 /// What the access log needs of the request, taken before it moves on.

@@ -259,11 +259,7 @@ impl Proxy {
                     let service = hyper::service::service_fn(move |req| {
                         let http = Arc::clone(&http);
                         let busy = busy.busy();
-                        async move {
-                            let response = http.handle(req, peer).await;
-                            // Busy until the response's last byte.
-                            Ok::<_, Infallible>(response.map(|body| http::hold(body, busy)))
-                        }
+                        async move { Ok::<_, Infallible>(http.handle(req, peer, busy).await) }
                     });
                     let io = idle::Tracked::new(stream, Arc::clone(&activity));
                     let connection = server
