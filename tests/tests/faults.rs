@@ -295,9 +295,10 @@ enum Fault {
     KillAll,
     PauseLeader,
     MembershipDuringFollowerCrash,
+    SnapshotWhileFollowerCut,
 }
 
-const FAULTS: [Fault; 10] = [
+const FAULTS: [Fault; 11] = [
     Fault::IsolateLeader,
     Fault::SplitLeaderFromFollowers,
     Fault::SplitFollowerFromRest,
@@ -308,6 +309,7 @@ const FAULTS: [Fault; 10] = [
     Fault::KillAll,
     Fault::PauseLeader,
     Fault::MembershipDuringFollowerCrash,
+    Fault::SnapshotWhileFollowerCut,
 ];
 
 impl Fault {
@@ -416,6 +418,29 @@ async fn inject(
         }
         Fault::MembershipDuringFollowerCrash => {
             membership_change(cluster, leader, follower, next_id).await?;
+        }
+        Fault::SnapshotWhileFollowerCut => {
+            // The cut follower falls behind a snapshot and a purged log:
+            // after the heal it catches up by InstallSnapshot.
+            let f = name(follower);
+            lab.isolate(&f)?;
+            cluster.note(format!(
+                "isolate follower {f}; forced Raft snapshots on the other two; hold {hold:?}"
+            ));
+            tokio::time::sleep(hold / 2).await;
+            for i in (0..3).filter(|i| *i != follower) {
+                let url = format!("{}/v1/operator/raft/snapshot", cluster.nodes[i].http());
+                let answer = match cluster.http.put(url).send().await {
+                    Ok(resp) => format!(
+                        "{} {}",
+                        resp.status(),
+                        resp.text().await.unwrap_or_default()
+                    ),
+                    Err(e) => format!("failed: {e}"),
+                };
+                cluster.note(format!("snapshot on {}: {}", name(i), answer.trim()));
+            }
+            tokio::time::sleep(hold / 2).await;
         }
     }
     lab.heal()?;
@@ -654,7 +679,7 @@ fn partitions_pauses_crashes_and_membership_changes() -> Result<()> {
             ));
         }
         findings.notes.push(format!(
-            "snapshots forced by --snapshot-threshold 64 (no trigger API in the registry): {}",
+            "snapshots forced by --snapshot-threshold 64 and PUT /v1/operator/raft/snapshot: {}",
             snapshots.join("; ")
         ));
         let path = write_report(

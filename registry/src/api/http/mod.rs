@@ -75,6 +75,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/operator/raft/peer",
             delete(status::remove_peer).put(status::add_peer),
         )
+        .route("/v1/operator/raft/snapshot", put(status::take_snapshot))
         .route(
             "/v1/operator/autopilot/health",
             get(status::autopilot_health),

@@ -162,6 +162,41 @@ fn go_duration_ms(ms: u64) -> String {
     }
 }
 
+/// `PUT /v1/operator/raft/snapshot` (a Meshwork extension): this server
+/// builds a Raft snapshot now and compacts its log behind it, instead of
+/// waiting for `--snapshot-threshold`; answers the snapshot's index once
+/// it is written (or 500 if that takes over 60 s).
+pub async fn take_snapshot(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let mut metrics = app.node.raft.metrics();
+    let applied = app.node.state.applied_index();
+    if let Some(existing) = metrics.borrow().snapshot
+        && existing.index >= applied
+    {
+        // Nothing applied since the last one.
+        return Ok(Json(json!({ "Index": existing.index })).into_response());
+    }
+    app.node
+        .raft
+        .trigger()
+        .snapshot()
+        .await
+        .map_err(|e| ApiError::Internal(format!("cannot start a snapshot: {e}")))?;
+    let built = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        metrics.wait_for(|m| m.snapshot.is_some_and(|s| s.index >= applied)),
+    )
+    .await;
+    match built {
+        Ok(Ok(m)) => {
+            Ok(Json(json!({ "Index": m.snapshot.map_or(0, |s| s.index) })).into_response())
+        }
+        Ok(Err(_)) => Err(ApiError::Internal("the Raft core stopped".into())),
+        Err(_) => Err(ApiError::Internal(
+            "the snapshot was not written within 60 s; see the server log".into(),
+        )),
+    }
+}
+
 /// `GET /v1/agent/self`: what Consul clients read on start.
 pub async fn agent_self(State(app): State<AppState>) -> Json<Value> {
     let (host, port) = app
