@@ -45,6 +45,15 @@ fn check_dc(app: &AppState, params: &Params) -> Result<(), ApiError> {
     }
 }
 
+/// The query of a request about one kind, once the datacenter and the
+/// kind are known to be valid.
+fn kind_request(app: &AppState, kind: &str, query: Option<&str>) -> Result<Params, ApiError> {
+    let params = Params::parse(query);
+    check_dc(app, &params)?;
+    check_kind(kind).map_err(ApiError::bad_request)?;
+    Ok(params)
+}
+
 /// `PUT /v1/config[?cas=N]`: creates or replaces an entry; `true`, or
 /// `false` when the check-and-set failed.
 pub async fn apply(
@@ -77,10 +86,7 @@ pub async fn list(
     Path(kind): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref());
-    check_dc(&app, &params)?;
-    refuse_filter(&params)?;
-    check_kind(&kind).map_err(ApiError::bad_request)?;
+    refuse_filter(&kind_request(&app, &kind, query.as_deref())?)?;
     super::catalog::json_read(
         &app,
         uri,
@@ -105,9 +111,7 @@ pub async fn get(
     Path((kind, name)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref());
-    check_dc(&app, &params)?;
-    check_kind(&kind).map_err(ApiError::bad_request)?;
+    let params = kind_request(&app, &kind, query.as_deref())?;
     let options = ReadOptions::from_params(&params)?;
     let result = run_read(
         &app.node,
@@ -148,9 +152,7 @@ pub async fn delete(
     Path((kind, name)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref());
-    check_dc(&app, &params)?;
-    check_kind(&kind).map_err(ApiError::bad_request)?;
+    let params = kind_request(&app, &kind, query.as_deref())?;
     let cas = cas(&params)?;
     let applied = app
         .node
