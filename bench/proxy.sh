@@ -21,6 +21,7 @@
 #   CONNS      wrk connections (one wrk thread) [32]
 #   H2_CONNS   h2load connections [4]; H2_STREAMS streams per connection [16]
 #   SKIP_BUILD 1 = use the existing target/release binaries [0]
+#   PERF       1 = perf record the sidecar shapes into RAW_DIR/perf-*.data [0]
 #   RESULTS_FILE  [bench/RESULTS-proxy.md]; RAW_DIR [bench/out/proxy]
 #   BENCH_TMPDIR  parent of the temp dir [/var/tmp]
 #
@@ -281,6 +282,12 @@ run() { # shape, proto (h1/h2), url, proxy pids...
     else
         h2load -c"$H2_CONNS" -m"$H2_STREAMS" -D"$WARMUP" "$url" >/dev/null 2>&1 || true
     fi
+    local perf_pid=""
+    if [ "${PERF:-0}" = 1 ] && [ "${#pids[@]}" -gt 0 ] && [[ $shape == sidecar* ]]; then
+        perf record -F 999 -g -o "$RAW_DIR/perf-$shape-$proto.data" -p "$(IFS=,; echo "${pids[*]}")" \
+            -- sleep "$DURATION" >/dev/null 2>&1 &
+        perf_pid=$!
+    fi
     t0=$(cpu_ticks "${pids[@]}"); s0=$(sys_cpu)
     if [ "$proto" = h1 ]; then
         out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$BENCH_DIR/proxy-wrk.lua" "$url" | tail -n 1)
@@ -305,6 +312,7 @@ EOF
 )
     fi
     t1=$(cpu_ticks "${pids[@]}"); s1=$(sys_cpu)
+    [ -z "$perf_pid" ] || wait "$perf_pid" || true
     busy=$(awk -v a="$s0" -v b="$s1" 'BEGIN{split(a,x," "); split(b,y," "); dt=y[1]-x[1]; di=y[2]-x[2]; printf "%.0f", (dt>0 ? 100*(dt-di)/dt : 0)}')
     rss=$(rss_kb "${pids[@]}")
     echo "$out" | python3 -c "

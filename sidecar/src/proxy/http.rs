@@ -30,7 +30,7 @@ use super::cluster::{Cluster, EndpointState, acquire_owned};
 use super::connect::{ConnectError, Connector};
 use super::rescue::{self, ProxyError};
 use super::{BoxError, ProxyBody, retry};
-use crate::config::Protocol;
+use crate::config::{Balance, Protocol};
 use crate::telemetry::{AccessLog, Outcome, unix_ms};
 
 /// Bodies up to this size are buffered so the request can be retried.
@@ -136,12 +136,13 @@ impl HttpProxy {
             .cloned()
             .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
         let method = parts.method.clone();
-        let hash = match &cluster.config.hash_header {
-            Some(name) => parts
+        let hash = match (&cluster.config.balance, &cluster.config.hash_header) {
+            (Balance::RingHash, Some(name)) => parts
                 .headers
                 .get(name.as_str())
                 .map(|v| hash_of(v.as_bytes())),
-            None => Some(hash_of(&peer.ip())),
+            (Balance::RingHash, None) => Some(hash_of(&peer.ip())),
+            _ => None,
         };
         let policy = &cluster.config.retries;
         let deadline = tokio::time::Instant::now() + cluster.config.request_timeout;

@@ -63,7 +63,8 @@ pub async fn proxy_connection(
     } else {
         0
     };
-    let hash = Some(hash_of(&peer.ip()));
+    let hash =
+        (cluster.config.balance == crate::config::Balance::RingHash).then(|| hash_of(&peer.ip()));
     let mut tried = Vec::new();
     let mut attempts = 0;
     let (upstream, endpoint) = loop {
