@@ -431,6 +431,14 @@ impl Config {
                 false
             }
         };
+        let log_level = cli.log_level.or(file.log_level);
+        if let Some(level) = &log_level
+            && let Err(e) = tracing_subscriber::EnvFilter::try_new(level)
+        {
+            errors.push(format!(
+                "log_level: {level:?} is not a valid filter ({e}); e.g. \"info\" or \"warn,meshwork_registry=debug\""
+            ));
+        }
 
         if !errors.is_empty() {
             return Err(ConfigError(errors));
@@ -474,7 +482,7 @@ impl Config {
                 ..Default::default()
             },
             log_json,
-            log_level: cli.log_level.or(file.log_level),
+            log_level,
         })
     }
 }

@@ -425,13 +425,17 @@ impl RegistryNode {
     /// The [`RegistryNode::read_floor`] of the current term, set at the
     /// first read of the term; `None` when this server does not lead.
     fn read_floor(&self) -> Option<u64> {
-        let m = self.raft.metrics().borrow().clone();
-        if m.state != ServerState::Leader {
+        let (state, term, last_log) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (m.state, m.current_term, m.last_log_index.unwrap_or(0))
+        };
+        if state != ServerState::Leader {
             return None;
         }
         let mut floor = self.read_floor.lock().unwrap_or_else(|p| p.into_inner());
-        if floor.0 != m.current_term {
-            *floor = (m.current_term, m.last_log_index.unwrap_or(0));
+        if floor.0 != term {
+            *floor = (term, last_log);
         }
         Some(floor.1)
     }

@@ -263,5 +263,12 @@ fn check_config_validates_without_starting() -> Result<()> {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not_a_key"), "{stderr}");
+
+    // A log filter that does not parse is an error too, not a silent default.
+    std::fs::write(&bad, "log_level = \"info,meshwork=loud\"\n")?;
+    let out = run_registry(&["--config", &bad_arg, "--check-config"])?;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("log_level"), "{stderr}");
     Ok(())
 }

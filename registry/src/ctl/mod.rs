@@ -349,7 +349,10 @@ impl Ctl {
                     role.to_owned(),
                     num_field(s, "LastTerm"),
                     num_field(s, "LastIndex"),
-                    str_field(s, "LastContact").to_owned(),
+                    match str_field(s, "LastContact") {
+                        "-1ns" => "never".to_owned(),
+                        other => other.to_owned(),
+                    },
                     if healthy { "healthy" } else { "UNHEALTHY" }.to_owned(),
                 ]
             })

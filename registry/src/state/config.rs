@@ -279,10 +279,11 @@ impl ConfigStore {
     }
 
     /// Deletes an entry; with `cas`, only if its ModifyIndex equals it.
-    /// Deleting a missing entry succeeds.
+    /// Deleting a missing entry succeeds, unless it is a check-and-set.
     pub fn delete(&mut self, index: u64, kind: &str, name: &str, cas: Option<u64>) -> bool {
         let Some(existing) = self.get(kind, name) else {
-            return true;
+            // As Consul: a check-and-set delete of nothing fails.
+            return cas.is_none();
         };
         if cas.is_some_and(|cas| cas != existing.modify_index) {
             return false;
@@ -420,5 +421,6 @@ mod tests {
         assert!(store.is_empty());
         assert_eq!(store.kind_index("service-defaults"), 10);
         assert!(store.delete(11, "service-defaults", "web", None));
+        assert!(!store.delete(12, "service-defaults", "web", Some(10)));
     }
 }

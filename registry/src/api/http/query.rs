@@ -187,16 +187,19 @@ pub async fn run_read<T>(
     let _parked = crate::metrics::GaugeGuard::new(&crate::metrics::METRICS.blocking_queries);
     // Join the group first, then look: a change in between is not missed.
     let mut group = waiters.subscribe(what);
-    {
+    let due_now = {
         let state = node.state.read();
-        if what.index(&state).max(1) > min {
-            return Ok(answer(&state));
-        }
+        (what.index(&state).max(1) > min).then(|| answer(&state))
+    };
+    if let Some(due) = due_now {
+        waiters.release(what, group);
+        return Ok(due);
     }
     tokio::select! {
         _ = tokio::time::timeout_at(deadline, group.wait_for(|index| (*index).max(1) > min)) => {}
         () = shutdown.cancelled() => {}
     }
+    waiters.release(what, group);
     // Due, timed out or shutting down: the answer as it stands.
     Ok(answer(&node.state.read()))
 }

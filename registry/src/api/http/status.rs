@@ -139,7 +139,9 @@ pub async fn autopilot_health(State(app): State<AppState>) -> Result<Response, A
             "Address": s.raft_addr,
             "Leader": s.leader,
             "Voter": s.voter,
-            "LastContact": s.last_contact_ms.map_or_else(|| "never".to_owned(), go_duration_ms),
+            // Go's time.ParseDuration must read it (Consul's Go client
+            // does): a server never heard from shows as "-1ns".
+            "LastContact": s.last_contact_ms.map_or_else(|| "-1ns".to_owned(), go_duration_ms),
             "LastTerm": s.last_term,
             "LastIndex": s.last_index,
             "Healthy": s.healthy,

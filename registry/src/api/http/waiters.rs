@@ -60,7 +60,7 @@ impl IndexOf {
 /// One group: its index as last computed, published to its waiters.
 #[derive(Debug)]
 struct Group {
-    index: watch::Sender<u64>,
+    index: Arc<watch::Sender<u64>>,
 }
 
 /// Every group of parked queries of one server.
@@ -106,14 +106,28 @@ impl Waiters {
         self.groups()
             .entry(what.clone())
             .or_insert_with(|| Group {
-                index: watch::channel(index).0,
+                index: Arc::new(watch::channel(index).0),
             })
             .index
             .subscribe()
     }
 
+    /// A waiter is done with `what`: its group goes when nobody else
+    /// waits on it (so groups do not pile up on a quiet cluster).
+    pub fn release(&self, what: &IndexOf, receiver: watch::Receiver<u64>) {
+        drop(receiver);
+        let mut groups = self.groups();
+        if groups
+            .get(what)
+            .is_some_and(|g| g.index.receiver_count() == 0)
+        {
+            groups.remove(what);
+        }
+    }
+
     /// After each applied change: recompute every group's index; wake the
-    /// groups whose index moved; drop groups nobody waits on.
+    /// groups whose index moved. The groups lock is held only to list
+    /// them: computing an index (a prefix scan) happens outside it.
     async fn run(&self) {
         let mut applied = self.state.subscribe();
         let mut kv_seen = 0u64;
@@ -126,22 +140,23 @@ impl Waiters {
             // KV groups only need a look when some key changed.
             let kv_changed = state.kv.last_change() != kv_seen;
             kv_seen = state.kv.last_change();
-            let mut groups = self.groups();
-            groups.retain(|what, group| {
-                if group.index.receiver_count() == 0 {
-                    return false;
-                }
-                if what.is_kv() && !kv_changed {
-                    return true;
-                }
+            let due: Vec<(IndexOf, Arc<watch::Sender<u64>>)> = {
+                let mut groups = self.groups();
+                groups.retain(|_, group| group.index.receiver_count() > 0);
+                groups
+                    .iter()
+                    .filter(|(what, _)| kv_changed || !what.is_kv())
+                    .map(|(what, group)| (what.clone(), Arc::clone(&group.index)))
+                    .collect()
+            };
+            for (what, sender) in due {
                 let index = what.index(&state);
-                group.index.send_if_modified(|current| {
+                sender.send_if_modified(|current| {
                     let moved = *current != index;
                     *current = index;
                     moved
                 });
-                true
-            });
+            }
         }
     }
 
