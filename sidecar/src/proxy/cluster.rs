@@ -3,18 +3,20 @@
 //! on each change; per-endpoint counters (in flight, failures, ejection)
 //! live in [`EndpointStats`] shared across tables, so an update keeps
 //! them and in-flight requests finish on the endpoint they started on.
-//! Passive health (outlier ejection) and the panic threshold live here
-//! too; the picking itself is in [`super::balance`].
+//! The panic threshold lives here too; passive health (outlier ejection)
+//! in [`outlier`], the picking itself in [`super::balance`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hyper::http::uri::Authority;
 use meshwork_proto::v1::{Endpoint, Health};
 use serde::Serialize;
+
+mod outlier;
 
 use super::balance::{self, Ring};
 use crate::agent::INBOUND_PORT_META;
@@ -26,8 +28,6 @@ use crate::telemetry::ClusterMetrics;
 /// panic threshold): better to spread load over maybe-bad instances than
 /// to crush the few good ones.
 const PANIC_THRESHOLD_PERCENT: usize = 50;
-/// Ejections never last longer than this (Envoy's max_ejection_time).
-const MAX_EJECTION: Duration = Duration::from_secs(300);
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -372,44 +372,6 @@ impl Cluster {
             hash,
         )
         .map(|i| Arc::clone(&all[i]))
-    }
-
-    /// Passive health: a failed (5xx, reset, connect failure) or
-    /// successful exchange with `endpoint`.
-    pub fn report(&self, endpoint: &EndpointState, failed: bool) {
-        let stats = &endpoint.stats;
-        if !failed {
-            stats.consecutive_failures.store(0, Ordering::Relaxed);
-            return;
-        }
-        stats.failures.fetch_add(1, Ordering::Relaxed);
-        let policy = &self.config.outlier;
-        if policy.consecutive_5xx == 0 {
-            return;
-        }
-        let n = stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if n < policy.consecutive_5xx {
-            return;
-        }
-        let now = now_ms();
-        if endpoint.ejected_at(now) {
-            return;
-        }
-        let table = self.table();
-        let total = table.endpoints.len();
-        let ejected = table.endpoints.iter().filter(|e| e.ejected_at(now)).count();
-        // At least one may always go (as Envoy), the rest within the share.
-        if ejected > 0 && (ejected + 1) * 100 > total * policy.max_ejection_percent as usize {
-            return;
-        }
-        let times = stats.ejections.fetch_add(1, Ordering::Relaxed) + 1;
-        let for_ = (policy.base_ejection * times).min(MAX_EJECTION.max(policy.base_ejection));
-        stats
-            .ejected_until_ms
-            .store(now + for_.as_millis() as u64, Ordering::Relaxed);
-        stats.consecutive_failures.store(0, Ordering::Relaxed);
-        self.metrics.ejections.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(upstream = %self.config.name, endpoint = %endpoint.key, address = %endpoint.addr, failures = n, ejected_ms = for_.as_millis() as u64, "endpoint ejected after consecutive failures");
     }
 
     pub fn view(&self) -> Vec<EndpointView> {

@@ -19,7 +19,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -28,6 +28,7 @@ use rand::Rng;
 use super::balance::hash_of;
 use super::cluster::{Cluster, EndpointState, acquire_owned};
 use super::connect::{ConnectError, Connector};
+use super::headers::{content_length, is_grpc, is_upgrade, strip_hop_by_hop};
 use super::rescue::{self, ProxyError};
 use super::{BoxError, ProxyBody, retry};
 use crate::config::{Balance, Protocol};
@@ -110,7 +111,9 @@ impl HttpProxy {
                 0,
             );
         };
-        let upgrade = is_upgrade(&req);
+        // Upgrades need an HTTP/1.1 hop all the way (HTTP/2 has no
+        // Upgrade; its extended CONNECT is not supported yet).
+        let upgrade = self.protocol == Protocol::Http && is_upgrade(&req);
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
@@ -420,73 +423,6 @@ fn classify(error: &hyper_util::client::legacy::Error, endpoint: &EndpointState)
     ProxyError::Reset(text)
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
-/// An HTTP/1.1 `Connection: upgrade` request with an `Upgrade` header.
-fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| has_token(v, "upgrade"))
-}
-
-fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .to_str()
-        .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        .unwrap_or(false)
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
-}
-
-/// Drops hop-by-hop headers (RFC 9110 §7.6.1), and those the
-/// `Connection` header names; keeps `te: trailers` (gRPC needs it) and,
-/// for an upgrade, `Connection: upgrade` and `Upgrade`.
-fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && n == header::UPGRADE))
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in ["keep-alive", "proxy-connection", "transfer-encoding"] {
-        headers.remove(name);
-    }
-    let trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .any(|v| has_token(v, "trailers"));
-    headers.remove(header::TE);
-    if trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-    headers.remove(header::CONNECTION);
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
-    }
-}
-
 /// A response body that keeps the request's counters (in flight, the
 /// cluster's active requests) until the last byte has gone.
 struct Guarded {
@@ -569,49 +505,5 @@ impl LogContext {
             traceparent: self.traceparent.as_deref(),
         }
         .write();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use hyper::Method;
-
-    #[test]
-    fn hop_by_hop_headers_go_but_trailers_and_upgrades_stay() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert("traceparent", HeaderValue::from_static("00-abc-def-01"));
-        let mut plain = h.clone();
-        strip_hop_by_hop(&mut plain, false);
-        assert!(!plain.contains_key("x-secret"));
-        assert!(!plain.contains_key(header::CONNECTION));
-        assert!(!plain.contains_key(header::UPGRADE));
-        assert_eq!(plain[header::TE], "trailers");
-        assert!(plain.contains_key("traceparent"));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h[header::CONNECTION], "upgrade");
-        assert_eq!(h[header::UPGRADE], "websocket");
-    }
-
-    #[test]
-    fn methods_and_lengths() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
-        assert_eq!(content_length(&h), Some(12));
-        let req = Request::builder()
-            .method(Method::GET)
-            .header(header::CONNECTION, "Upgrade")
-            .header(header::UPGRADE, "websocket")
-            .body(())
-            .expect("request");
-        assert!(is_upgrade(&req));
     }
 }
