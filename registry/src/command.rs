@@ -49,8 +49,11 @@ pub enum Command {
     /// Several client writes in one log entry (group commit), applied in
     /// order at the same index.
     Batch(Vec<Command>),
-    /// Replace the KV store and the catalog with a backup's
-    /// (`PUT /v1/snapshot`); the cluster keeps its own id.
+    /// Replace the KV store, the catalog and the config entries with a
+    /// backup's; the cluster keeps its own id. (Written by earlier
+    /// versions; `PUT /v1/snapshot` now sends [`Command::RestorePart`]s
+    /// and a [`Command::RestoreCommit`], so that no log entry is larger
+    /// than what replicates within a heartbeat.)
     Restore(Box<crate::state::State>),
     /// Store a config entry (fields already validated and spelled as
     /// Consul); with `cas`, only if its ModifyIndex equals it (0: absent).
@@ -66,6 +69,19 @@ pub enum Command {
         name: String,
         cas: Option<u64>,
     },
+    /// One piece of a backup being restored, staged in the state until the
+    /// commit. Piece 0 starts restore `id` (dropping any unfinished one);
+    /// a piece out of order, or of a restore since replaced, is refused.
+    RestorePart {
+        id: String,
+        part: u32,
+        #[serde(with = "base64_bytes")]
+        data: Vec<u8>,
+    },
+    /// Restores the staged backup `id` (the JSON of a `State`) when it has
+    /// `parts` pieces whose CRC-32 is `crc`: [`Command::Restore`] at this
+    /// index. Refused (nothing changes) otherwise.
+    RestoreCommit { id: String, parts: u32, crc: u32 },
 }
 
 /// What applying a command produced.

@@ -131,6 +131,13 @@ async fn snapshot_save_wipe_restore_gives_identical_data() -> Result<()> {
         old.must_put(n % 3, &format!("cfg/{n:02}"), &format!("value {n}"))
             .await?;
     }
+    // Big values too, so the restore travels as several Raft entries.
+    for n in 0..20u8 {
+        let value = vec![b'a' + n; 100 * 1024];
+        let key = format!("big/{n:02}");
+        let (status, body) = old.put(usize::from(n) % 3, &key, &value, "").await?;
+        assert_eq!((status, body.trim()), (200, "true"));
+    }
     let (status, _) = old
         .put(leader, "cfg/flagged", b"\x00\x01binary", "?flags=42")
         .await?;
@@ -166,7 +173,7 @@ async fn snapshot_save_wipe_restore_gives_identical_data() -> Result<()> {
     assert_eq!(resp.text().await?.trim(), "true");
     let kv_before = kv_dump(&old, leader).await?;
     let catalog_before = catalog_dump(&old, leader).await?;
-    assert_eq!(kv_before.len(), 51);
+    assert_eq!(kv_before.len(), 71);
     assert_eq!(catalog_before.len(), 3);
     // Saved through a follower (forwarded consistency: a leader read).
     let archive = get_snapshot(&old, (leader + 1) % 3).await?;

@@ -309,6 +309,11 @@ impl ConfigStore {
         self.entries.get(kind).into_iter().flat_map(|e| e.iter())
     }
 
+    /// The kinds that have entries.
+    pub fn kinds(&self) -> impl Iterator<Item = &String> {
+        self.entries.keys()
+    }
+
     /// Index of the last change to an entry of `kind` (deletions included).
     pub fn kind_index(&self, kind: &str) -> u64 {
         self.kind_index.get(kind).copied().unwrap_or(0)

@@ -197,7 +197,7 @@ impl KvStore {
     }
 }
 
-mod arc_bytes {
+pub(crate) mod arc_bytes {
     use std::sync::Arc;
 
     use serde::{Deserializer, Serializer};

@@ -25,7 +25,21 @@ pub struct State {
     pub catalog: Catalog,
     #[serde(default)]
     pub config: config::ConfigStore,
+    /// A backup being restored piece by piece (`PUT /v1/snapshot`).
+    #[serde(default)]
+    pub restoring: Option<StagedRestore>,
 }
+
+/// The pieces of a backup received so far, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedRestore {
+    pub id: String,
+    pub parts: imbl::Vector<StagedPart>,
+}
+
+/// One piece (shared, so copies of the state stay cheap).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedPart(#[serde(with = "kv::arc_bytes")] pub std::sync::Arc<[u8]>);
 
 impl State {
     /// Applies one command at log index `index`. Deterministic: the same
@@ -72,10 +86,47 @@ impl State {
                 CommandResponse::Batch(commands.iter().map(|c| self.apply(index, c)).collect())
             }
             Command::Restore(backup) => {
-                self.kv.restore(index, &backup.kv);
-                self.catalog.restore(index, &backup.catalog);
-                self.config.restore(index, &backup.config);
+                self.restore(index, backup);
                 CommandResponse::Applied(true)
+            }
+            Command::RestorePart { id, part, data } => {
+                let part_data = StagedPart(std::sync::Arc::from(data.as_slice()));
+                match (&mut self.restoring, *part) {
+                    (slot, 0) => {
+                        *slot = Some(StagedRestore {
+                            id: id.clone(),
+                            parts: imbl::Vector::unit(part_data),
+                        });
+                        CommandResponse::Applied(true)
+                    }
+                    (Some(staged), n) if staged.id == *id && staged.parts.len() == n as usize => {
+                        staged.parts.push_back(part_data);
+                        CommandResponse::Applied(true)
+                    }
+                    _ => CommandResponse::Applied(false),
+                }
+            }
+            Command::RestoreCommit { id, parts, crc } => {
+                let staged = match &self.restoring {
+                    Some(staged) if staged.id == *id => staged,
+                    _ => return CommandResponse::Applied(false),
+                };
+                let complete = staged.parts.len() == *parts as usize;
+                let mut bytes = Vec::with_capacity(staged.parts.iter().map(|p| p.0.len()).sum());
+                for part in &staged.parts {
+                    bytes.extend_from_slice(&part.0);
+                }
+                self.restoring = None;
+                if !complete || crc32fast::hash(&bytes) != *crc {
+                    return CommandResponse::Applied(false);
+                }
+                match serde_json::from_slice::<State>(&bytes) {
+                    Ok(backup) => {
+                        self.restore(index, &backup);
+                        CommandResponse::Applied(true)
+                    }
+                    Err(_) => CommandResponse::Applied(false),
+                }
             }
             Command::ConfigSet {
                 kind,
@@ -95,6 +146,14 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Replaces the data with a backup's as one write at `index`; the
+    /// cluster keeps its own id.
+    fn restore(&mut self, index: u64, backup: &State) {
+        self.kv.restore(index, &backup.kv);
+        self.catalog.restore(index, &backup.catalog);
+        self.config.restore(index, &backup.config);
     }
 
     /// Records that a log entry without a command (blank, membership) was
@@ -169,6 +228,87 @@ mod tests {
         // The deleted key's prefix moved forward, never back.
         assert!(state.kv.prefix_index("only-here") > before);
         assert_eq!(state.kv.last_change(), 9);
+    }
+
+    #[test]
+    fn a_restore_in_pieces_applies_only_when_whole_and_intact() {
+        let mut backup = State::default();
+        backup.apply(
+            4,
+            &Command::KvSet {
+                key: "from/backup".into(),
+                value: vec![7; 3000],
+                flags: 0,
+                cas: None,
+            },
+        );
+        let data = serde_json::to_vec(&backup).expect("encode");
+        let pieces: Vec<&[u8]> = data.chunks(1000).collect();
+        let part = |id: &str, n: usize| Command::RestorePart {
+            id: id.into(),
+            part: n as u32,
+            data: pieces[n].to_vec(),
+        };
+        let commit = |id: &str, crc: u32| Command::RestoreCommit {
+            id: id.into(),
+            parts: pieces.len() as u32,
+            crc,
+        };
+        let crc = crc32fast::hash(&data);
+        let mut state = State::default();
+        let mut index = 10;
+        let mut apply = |state: &mut State, c: &Command| {
+            index += 1;
+            state.apply(index, c)
+        };
+        // Out of order: refused.
+        assert_eq!(
+            apply(&mut state, &part("a", 1)),
+            CommandResponse::Applied(false)
+        );
+        // A second restore replaces the first; the first's pieces are refused.
+        assert_eq!(
+            apply(&mut state, &part("a", 0)),
+            CommandResponse::Applied(true)
+        );
+        assert_eq!(
+            apply(&mut state, &part("b", 0)),
+            CommandResponse::Applied(true)
+        );
+        assert_eq!(
+            apply(&mut state, &part("a", 1)),
+            CommandResponse::Applied(false)
+        );
+        for n in 1..pieces.len() {
+            assert_eq!(
+                apply(&mut state, &part("b", n)),
+                CommandResponse::Applied(true)
+            );
+        }
+        // A bad checksum: nothing restored, the staging is gone.
+        assert_eq!(
+            apply(&mut state, &commit("b", crc ^ 1)),
+            CommandResponse::Applied(false)
+        );
+        assert!(state.restoring.is_none() && state.kv.is_empty());
+        // Whole and intact: restored at the commit's index.
+        for n in 0..pieces.len() {
+            assert_eq!(
+                apply(&mut state, &part("c", n)),
+                CommandResponse::Applied(true)
+            );
+        }
+        assert_eq!(
+            apply(&mut state, &commit("c", crc)),
+            CommandResponse::Applied(true)
+        );
+        let entry = state.kv.get("from/backup").expect("restored");
+        assert_eq!(entry.modify_index, state.last_index);
+        assert!(state.restoring.is_none());
+        assert_eq!(
+            apply(&mut state, &commit("c", crc)),
+            CommandResponse::Applied(false)
+        );
     }
 
     fn set_cluster_id(id: &str) -> Command {

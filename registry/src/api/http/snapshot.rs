@@ -6,7 +6,8 @@
 //! `MWBACKUP1\n`, a JSON header ([`BackupHeader`]), the state as JSON, and a
 //! CRC-32 of everything before it. A restore checks all of it before it
 //! proposes anything, so a truncated, corrupt or foreign archive leaves the
-//! state untouched.
+//! state untouched; then it sends the state's JSON through Raft in pieces
+//! (`RestorePart`, staged) and a `RestoreCommit` that swaps the data in.
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
@@ -23,7 +24,13 @@ use crate::raft::snapshot_file::{decode_frame, encode_frame};
 /// Marks a Meshwork backup archive (and its format version).
 pub const BACKUP_MAGIC: &[u8] = b"MWBACKUP1\n";
 /// Largest archive a restore accepts.
-pub const MAX_BACKUP_BYTES: usize = 256 * 1024 * 1024;
+pub const MAX_BACKUP_BYTES: usize = 128 * 1024 * 1024;
+/// A restore goes through Raft in pieces of this size: openraft gives one
+/// AppendEntries a heartbeat interval to arrive, so no log entry may be
+/// much larger than what a link carries in that time.
+const RESTORE_PART_BYTES: usize = 512 * 1024;
+/// One restore at a time per server.
+static RESTORING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// What an archive says about itself.
 #[derive(Debug, Serialize, Deserialize)]
@@ -98,7 +105,7 @@ pub async fn restore(
     let params = Params::parse(query.as_deref());
     let force = params.flag("force")?;
     let bytes = super::kv::read_body(&headers, body, MAX_BACKUP_BYTES).await?;
-    let (header, state) = tokio::task::spawn_blocking(move || decode_archive(&bytes))
+    let (header, data) = tokio::task::spawn_blocking(move || decode_archive(&bytes))
         .await
         .map_err(|e| ApiError::Internal(format!("decoding the snapshot: {e}")))??;
     let ours = app.node.state.read().cluster_id.clone();
@@ -111,12 +118,48 @@ pub async fn restore(
              Restore it anyway with ?force (meshctl snapshot restore --force) to replace this cluster's data"
         )));
     }
-    let applied = app.node.write(Command::Restore(Box::new(state))).await?;
+    let Ok(_one_at_a_time) = RESTORING.try_lock() else {
+        return Err(ApiError::Conflict(
+            "A restore is already running on this server; nothing was changed. Wait for it to finish".into(),
+        ));
+    };
+    let id = format!("{:016x}", rand::random::<u64>());
+    let pieces: Vec<&[u8]> = data.chunks(RESTORE_PART_BYTES).collect();
+    let parts =
+        u32::try_from(pieces.len()).map_err(|_| ApiError::bad_request("snapshot too large"))?;
+    tracing::warn!(
+        restore = %id,
+        bytes = data.len(),
+        parts,
+        "restoring a snapshot over the API"
+    );
+    for (part, piece) in pieces.iter().enumerate() {
+        let staged = app
+            .node
+            .write(Command::RestorePart {
+                id: id.clone(),
+                part: part as u32,
+                data: piece.to_vec(),
+            })
+            .await?;
+        if staged.response != CommandResponse::Applied(true) {
+            return Err(ApiError::Conflict(
+                "Another restore (through another server) replaced this one; nothing of this one was applied".into(),
+            ));
+        }
+    }
+    let applied = app
+        .node
+        .write(Command::RestoreCommit {
+            id,
+            parts,
+            crc: crc32fast::hash(&data),
+        })
+        .await?;
     if applied.response != CommandResponse::Applied(true) {
-        return Err(ApiError::Internal(format!(
-            "restore not applied: {:?}",
-            applied.response
-        )));
+        return Err(ApiError::Conflict(
+            "The restore was replaced by another one before it completed; nothing of this one was applied".into(),
+        ));
     }
     tracing::warn!(
         index = applied.index,
@@ -132,7 +175,9 @@ pub async fn restore(
 }
 
 /// Checks and decodes an archive; says what is wrong with a bad one.
-pub fn decode_archive(bytes: &[u8]) -> Result<(BackupHeader, crate::state::State), ApiError> {
+/// Returns the header and the state's JSON, checked to decode (and to hold
+/// only config entry kinds this version knows).
+pub fn decode_archive(bytes: &[u8]) -> Result<(BackupHeader, Vec<u8>), ApiError> {
     let (meta, data) = decode_frame(BACKUP_MAGIC, bytes).map_err(|why| {
         ApiError::bad_request(format!(
             "Not a valid Meshwork snapshot ({} bytes): {why}; nothing was changed",
@@ -149,7 +194,16 @@ pub fn decode_archive(bytes: &[u8]) -> Result<(BackupHeader, crate::state::State
             "Snapshot data is invalid: {e}; nothing was changed"
         ))
     })?;
-    Ok((header, state))
+    if let Some(kind) = state
+        .config
+        .kinds()
+        .find(|k| crate::state::config::check_kind(k).is_err())
+    {
+        return Err(ApiError::bad_request(format!(
+            "Snapshot holds config entries of kind {kind:?}, unknown to this version; nothing was changed"
+        )));
+    }
+    Ok((header, data))
 }
 
 #[cfg(test)]
