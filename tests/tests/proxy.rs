@@ -44,6 +44,17 @@ struct Behavior {
     fail_with: AtomicU16,
     /// Requests answered.
     served: AtomicUsize,
+    /// Set (with `down`) when the backend has "crashed": it stops
+    /// accepting and drops its connections.
+    is_down: AtomicBool,
+    down: tokio::sync::Notify,
+}
+
+impl Behavior {
+    fn crash(&self) {
+        self.is_down.store(true, Ordering::SeqCst);
+        self.down.notify_waiters();
+    }
 }
 
 /// A demo HTTP backend (HTTP/1.1 and HTTP/2, upgrades). It answers
@@ -56,18 +67,39 @@ async fn http_backend(ip: &str, name: &str) -> Result<(SocketAddr, Arc<Behavior>
     let served = Arc::clone(&behavior);
     let name: Arc<str> = Arc::from(name);
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+        loop {
+            let down = served.down.notified();
+            if served.is_down.load(Ordering::SeqCst) {
+                // The listener goes with this task: connects are refused.
+                return;
+            }
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => return,
+                },
+                () = down => return,
+            };
             let behavior = Arc::clone(&served);
             let name = Arc::clone(&name);
             tokio::spawn(async move {
+                let crashed = Arc::clone(&behavior);
+                let down = crashed.down.notified();
+                if crashed.is_down.load(Ordering::SeqCst) {
+                    return;
+                }
                 let service = hyper::service::service_fn(move |req| {
                     let behavior = Arc::clone(&behavior);
                     let name = Arc::clone(&name);
                     async move { Ok::<_, Infallible>(answer(req, &name, &behavior).await) }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let connection =
+                    builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                tokio::select! {
+                    _ = connection => {}
+                    () = down => {}
+                }
             });
         }
     });
@@ -1347,6 +1379,99 @@ async fn sigterm_drains_in_flight_requests() -> Result<()> {
             .await
             .is_err(),
         "no longer accepting"
+    );
+    mesh.done();
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_app_crashing_behind_its_sidecar_fails_no_request() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let instances = echo_instances(&mut mesh, 3, "http").await?;
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(&client_ip, "name = \"echo\"\nprotocol = \"http\"")
+        .await?;
+    mesh.sidecars[c].wait_endpoints(3).await?;
+    let url = format!("http://{client_ip}:{UPSTREAM_PORT}/load");
+    // Traffic reaches all three, then the app behind instance 1 dies; its
+    // sidecar (and its registration, which has no check) stays, so every
+    // request sent there comes back as 503 connect-failure from that
+    // sidecar and must be sent elsewhere. (The crash comes between
+    // requests: a POST the app was answering when it died may not be
+    // retried, and that is right.)
+    let http = http_client()?;
+    for _ in 0..9 {
+        ensure!(http.get(&url).send().await?.status() == 200);
+    }
+    instances[1].1.crash();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let failures = Arc::new(AtomicUsize::new(0));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let (url, failures, ok, stop) = (
+            url.clone(),
+            Arc::clone(&failures),
+            Arc::clone(&ok),
+            Arc::clone(&stop),
+        );
+        workers.push(tokio::spawn(async move {
+            let http = http_client().expect("client");
+            for i in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                // POSTs too: a request that never reached an app is safe
+                // to send to another whatever its method.
+                let request = if (w + i) % 2 == 0 {
+                    http.get(&url)
+                } else {
+                    http.post(&url).body(format!("order {w}-{i}"))
+                };
+                match request.send().await {
+                    Ok(r) if r.status() == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => {
+                        eprintln!(
+                            "failed: {} {:?}",
+                            r.status(),
+                            r.headers().get("x-meshwork-error")
+                        );
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("failed: {e}");
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    let before = 0;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await?;
+    }
+    let after = ok.load(Ordering::Relaxed);
+    ensure!(
+        after > before + 50,
+        "traffic kept flowing: {before} -> {after}"
+    );
+    ensure!(
+        failures.load(Ordering::Relaxed) == 0,
+        "{} failed requests",
+        failures.load(Ordering::Relaxed)
+    );
+    // Passive health took the instance out.
+    let endpoints = mesh.sidecars[c].endpoints().await?;
+    let dead = format!("{}:{INBOUND_PORT}", mesh.ip(21));
+    ensure!(
+        endpoints.iter().any(|e| e.0 == dead && e.2),
+        "ejected: {endpoints:?}"
     );
     mesh.done();
     Ok(())

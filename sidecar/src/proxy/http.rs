@@ -26,7 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rand::Rng;
 
 use super::balance::hash_of;
-use super::cluster::{Cluster, EndpointState, acquire_owned};
+use super::cluster::{Cluster, EndpointState, Source, acquire_owned};
 use super::connect::{ConnectError, Connector};
 use super::headers::{content_length, is_grpc, is_upgrade, strip_hop_by_hop};
 use super::rescue::{self, ProxyError};
@@ -259,6 +259,31 @@ impl HttpProxy {
                 Ok(Ok(mut response)) => {
                     let status = response.status();
                     let failed = status.is_server_error();
+                    // The peer's sidecar could not reach its app: the
+                    // request went no further than that sidecar, so it is
+                    // as safe to send elsewhere as a failed connect.
+                    let unreached = self.cluster.source == Source::Registry
+                        && (status == StatusCode::SERVICE_UNAVAILABLE
+                            || response.headers().contains_key("grpc-status"))
+                        && rescue::never_reached_app(response.headers());
+                    let retry_as_connect = unreached && policy.on.connect_failure;
+                    if retry_as_connect && can_retry {
+                        cluster.report(&endpoint, true);
+                        tracing::debug!(upstream = %cluster.config.name, endpoint = %endpoint.addr, attempt, "the endpoint's sidecar could not reach its app; trying another endpoint");
+                        drop(response);
+                        drop(in_flight);
+                        if !self.wait_backoff(attempt, deadline).await {
+                            return self.fail(
+                                ProxyError::Timeout(cluster.config.request_timeout),
+                                grpc,
+                                start,
+                                log,
+                                Some(endpoint.addr),
+                                attempt,
+                            );
+                        }
+                        continue;
+                    }
                     if failed
                         && can_retry
                         && retry::idempotent(&method)

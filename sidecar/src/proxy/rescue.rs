@@ -74,6 +74,23 @@ impl ProxyError {
     }
 }
 
+/// True when `headers` (of a 503 from a peer sidecar) say the request
+/// never reached that sidecar's app: it could not connect, had nothing to
+/// send to, was at a limit, or was shutting down.
+pub fn never_reached_app(headers: &hyper::HeaderMap) -> bool {
+    headers.get(ERROR_HEADER).is_some_and(|v| {
+        [
+            Outcome::ConnectFailure,
+            Outcome::ConnectTimeout,
+            Outcome::NoHealthyUpstream,
+            Outcome::CircuitOpen,
+            Outcome::Draining,
+        ]
+        .iter()
+        .any(|o| v.as_bytes() == o.as_str().as_bytes())
+    })
+}
+
 /// The response for `error`; `grpc` when the caller speaks gRPC.
 pub fn respond(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
     let code = HeaderValue::from_static(error.outcome().as_str());
@@ -147,5 +164,9 @@ mod tests {
         assert_eq!(r.headers()["grpc-status"], "14");
         assert_eq!(r.headers()[ERROR_HEADER], "no-healthy-upstream");
         assert_eq!(grpc_message("a%b é"), "a%25b %C3%A9");
+        let r = respond(&ProxyError::ConnectFailure("app".into()), false);
+        assert!(never_reached_app(r.headers()));
+        let r = respond(&ProxyError::Reset("app".into()), false);
+        assert!(!never_reached_app(r.headers()));
     }
 }
