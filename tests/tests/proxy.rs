@@ -118,6 +118,12 @@ async fn answer(
         *r.status_mut() = StatusCode::from_u16(fail).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         r.headers_mut()
             .insert("x-backend", name.parse().expect("ascii"));
+        // An app must not be able to pass for a sidecar: its inbound
+        // sidecar drops this, or peers would retry even POSTs.
+        r.headers_mut().insert(
+            "x-meshwork-error",
+            "connect-failure".parse().expect("ascii"),
+        );
         return r;
     }
     if req.uri().path() == "/slow" {
@@ -1098,6 +1104,19 @@ async fn timeouts_retries_and_limits_are_answered_and_counted() -> Result<()> {
         );
     }
     ensure!(posts.contains(&503), "{posts:?}");
+    let mut refused = None;
+    for _ in 0..4 {
+        let r = http.post(format!("{url}/")).body("x").send().await?;
+        if r.status() == 503 {
+            refused = Some(r);
+            break;
+        }
+    }
+    let r = refused.context("a POST answered 503 by the failing instance")?;
+    ensure!(
+        !r.headers().contains_key("x-meshwork-error"),
+        "the app's own x-meshwork-error was dropped by its sidecar"
+    );
     let retries = mesh.sidecars[c]
         .metric_sum("meshwork_proxy_retries_total{direction=\"outbound\"")
         .await?;

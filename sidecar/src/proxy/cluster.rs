@@ -63,6 +63,9 @@ pub struct EndpointState {
     /// Passing or warning.
     pub healthy: bool,
     pub health: &'static str,
+    /// It has a sidecar in front (it advertises an inbound port), whose
+    /// `x-meshwork-error` answers can be trusted.
+    pub sidecar: bool,
     stats: Arc<EndpointStats>,
 }
 
@@ -85,6 +88,7 @@ impl EndpointState {
             weight: weight.max(1),
             healthy,
             health: if healthy { "passing" } else { "critical" },
+            sidecar: false,
             stats: Arc::default(),
         }
     }
@@ -413,12 +417,12 @@ fn authority_of(addr: SocketAddr) -> Authority {
 /// inbound port when it advertises one, else at its own port.
 fn endpoint_state(endpoint: &Endpoint) -> Option<EndpointState> {
     let ip: IpAddr = endpoint.address.parse().ok()?;
-    let port = endpoint
+    let inbound = endpoint
         .meta
         .get(INBOUND_PORT_META)
         .and_then(|p| p.parse::<u16>().ok())
-        .filter(|p| *p != 0)
-        .or_else(|| u16::try_from(endpoint.port).ok())?;
+        .filter(|p| *p != 0);
+    let port = inbound.or_else(|| u16::try_from(endpoint.port).ok())?;
     let health = Health::try_from(endpoint.health).unwrap_or(Health::Critical);
     let (healthy, weight, health) = match health {
         Health::Passing => (true, endpoint.weight_passing, "passing"),
@@ -434,6 +438,7 @@ fn endpoint_state(endpoint: &Endpoint) -> Option<EndpointState> {
         weight: if weight == 0 { 1 } else { weight },
         healthy,
         health,
+        sidecar: inbound.is_some(),
         stats: Arc::default(),
     })
 }
@@ -491,9 +496,11 @@ outlier = { consecutive_5xx = 2, base_ejection = "30s", max_ejection_percent = 5
         let c = cluster(vec![endpoint(1, Health::Passing, Some(21000))]);
         let picked = c.pick(None, &[]).expect("one");
         assert_eq!(picked.addr, "127.0.0.1:21000".parse().expect("addr"));
+        assert!(picked.sidecar);
         let c = cluster(vec![endpoint(1, Health::Passing, None)]);
         let picked = c.pick(None, &[]).expect("one");
         assert_eq!(picked.addr, "127.0.0.1:8000".parse().expect("addr"));
+        assert!(!picked.sidecar);
     }
 
     #[test]

@@ -263,6 +263,7 @@ impl HttpProxy {
                     // request went no further than that sidecar, so it is
                     // as safe to send elsewhere as a failed connect.
                     let unreached = self.cluster.source == Source::Registry
+                        && endpoint.sidecar
                         && (status == StatusCode::SERVICE_UNAVAILABLE
                             || response.headers().contains_key("grpc-status"))
                         && rescue::never_reached_app(response.headers());
@@ -343,6 +344,11 @@ impl HttpProxy {
                         return Response::from_parts(head, rescue::empty());
                     }
                     strip_hop_by_hop(&mut head.headers, false);
+                    if self.cluster.source == Source::Local {
+                        // Only a sidecar may say why it answered: an app's
+                        // own x-meshwork-error would make peers retry.
+                        head.headers.remove(rescue::ERROR_HEADER);
+                    }
                     let body = Guarded {
                         inner: body.map_err(BoxError::from).boxed_unsync(),
                         _guards: Box::new((active, in_flight, connection)),
