@@ -1495,3 +1495,54 @@ async fn an_app_crashing_behind_its_sidecar_fails_no_request() -> Result<()> {
     mesh.done();
     Ok(())
 }
+
+#[tokio::test]
+async fn registry_weights_shape_the_spread() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    // Two instances registered over REST (no sidecars: dialled directly)
+    // with Consul weights 3 and 1.
+    let registry = mesh.cluster().servers[0].http();
+    let mut behaviors = Vec::new();
+    for (k, weight) in [(0u8, 3u32), (1, 1)] {
+        let ip = mesh.ip(40 + k);
+        let (app, behavior) = http_backend(&ip, &format!("weighted-{k}")).await?;
+        let r = mesh
+            .cluster()
+            .http
+            .put(format!("{registry}/v1/agent/service/register"))
+            .json(&serde_json::json!({
+                "Name": "weighted",
+                "ID": format!("weighted-{k}"),
+                "Address": ip,
+                "Port": app.port(),
+                "Weights": {"Passing": weight, "Warning": 1},
+            }))
+            .send()
+            .await?;
+        ensure!(r.status().is_success(), "register: {}", r.status());
+        behaviors.push(behavior);
+    }
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(&client_ip, "name = \"weighted\"\nprotocol = \"http\"")
+        .await?;
+    mesh.sidecars[c].wait_endpoints(2).await?;
+    let http = http_client()?;
+    for _ in 0..200 {
+        let r = http
+            .get(format!("http://{client_ip}:{UPSTREAM_PORT}/"))
+            .send()
+            .await?;
+        ensure!(r.status() == 200);
+    }
+    let (heavy, light) = (
+        behaviors[0].served.load(Ordering::Relaxed),
+        behaviors[1].served.load(Ordering::Relaxed),
+    );
+    ensure!(
+        heavy == 150 && light == 50,
+        "weights 3:1 gave {heavy}:{light}"
+    );
+    mesh.done();
+    Ok(())
+}
