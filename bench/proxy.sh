@@ -24,6 +24,8 @@
 #   H2_CONNS   h2load connections [4]; H2_STREAMS streams per connection [16]
 #   SKIP_BUILD 1 = use the existing target/release binaries [0]
 #   PERF       1 = perf record the sidecar shapes into RAW_DIR/perf-*.data [0]
+#   STRACE     1 = count the first sidecar's syscalls (strace -c) per sidecar
+#              shape into RAW_DIR/strace-*.txt (slows it down: diagnosis only) [0]
 #   RESULTS_FILE  [bench/RESULTS-proxy.md]; RAW_DIR [bench/out/proxy]
 #   BENCH_TMPDIR  parent of the temp dir [/var/tmp]
 #
@@ -289,6 +291,10 @@ run() { # shape, proto (h1/h2), url, proxy pids...
     if [ "${PERF:-0}" = 1 ] && [ "${#pids[@]}" -gt 0 ] && [[ $shape == sidecar* ]]; then
         perf record -F 999 -g -o "$RAW_DIR/perf-$shape-$proto.data" -p "$(IFS=,; echo "${pids[*]}")" \
             -- sleep "$DURATION" >/dev/null 2>&1 &
+        perf_pid=$!
+    fi
+    if [ "${STRACE:-0}" = 1 ] && [ "${#pids[@]}" -gt 0 ] && [[ $shape == sidecar* ]]; then
+        timeout "$DURATION" strace -c -f -o "$RAW_DIR/strace-$shape-$proto.txt" -p "${pids[0]}" >/dev/null 2>&1 &
         perf_pid=$!
     fi
     t0=$(cpu_ticks "${pids[@]}"); s0=$(sys_cpu)
