@@ -84,6 +84,31 @@ pub enum Command {
     RestoreCommit { id: String, parts: u32, crc: u32 },
 }
 
+impl Command {
+    /// About how many bytes the command takes in a log entry (its large
+    /// fields; cheap, no encoding): what the replication splits on.
+    pub fn approx_size(&self) -> usize {
+        const SMALL: usize = 256;
+        match self {
+            Command::KvSet { key, value, .. } => SMALL + key.len() + value.len() * 4 / 3,
+            Command::RestorePart { data, .. } => SMALL + data.len() * 4 / 3,
+            Command::Batch(commands) => commands.iter().map(Command::approx_size).sum(),
+            Command::ConfigSet { body, .. } => {
+                SMALL + serde_json::to_vec(body).map_or(0, |b| b.len())
+            }
+            Command::Restore(state) => serde_json::to_vec(state).map_or(usize::MAX, |b| b.len()),
+            Command::CatalogRegister(_) => 4 * SMALL,
+            Command::KvDelete { .. }
+            | Command::KvDeleteTree { .. }
+            | Command::SetClusterId { .. }
+            | Command::CatalogDeregister { .. }
+            | Command::CheckUpdate { .. }
+            | Command::ConfigDelete { .. }
+            | Command::RestoreCommit { .. } => SMALL,
+        }
+    }
+}
+
 /// What applying a command produced.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandResponse {

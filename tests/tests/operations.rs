@@ -378,3 +378,32 @@ async fn rolling_restart_under_steady_writes_loses_no_acknowledged_write() -> Re
     cluster.done();
     Ok(())
 }
+
+#[tokio::test]
+async fn a_follower_catches_up_on_large_entries() -> Result<()> {
+    let mut cluster = Cluster::start(3, &[]).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await?;
+    let follower = cluster.followers(leader)[0];
+    cluster.servers[follower].stop().await?;
+    // 40 values of 200 KiB while it is away: ~11 MB of log entries, far
+    // more than one AppendEntries can carry within a heartbeat.
+    for n in 0..40u8 {
+        let value = vec![b'A' + n % 26; 200 * 1024];
+        let (status, body) = cluster
+            .put(leader, &format!("large/{n:02}"), &value, "")
+            .await?;
+        assert_eq!((status, body.trim()), (200, "true"));
+    }
+    cluster.servers[follower].start(&[])?;
+    wait_for(
+        "the restarted follower to hold all 40 large values",
+        Duration::from_secs(60),
+        || async {
+            let dump = kv_dump(&cluster, follower).await.ok()?;
+            (dump.keys().filter(|k| k.starts_with("large/")).count() == 40).then_some(())
+        },
+    )
+    .await?;
+    cluster.done();
+    Ok(())
+}

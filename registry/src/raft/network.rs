@@ -30,6 +30,10 @@ use super::{NodeId, TypeConfig};
 /// peers only; public services keep tonic's 4 MiB default.
 pub const MAX_INTERNAL_MESSAGE: usize = 256 * 1024 * 1024;
 
+/// What one AppendEntries carries at most (by the entries' approximate
+/// sizes), beyond its first entry.
+const MAX_APPEND_BYTES: usize = 512 * 1024;
+
 /// Lazily connected channels to other servers, keyed by Raft address.
 /// A channel reconnects by itself, so one per address is kept for the life
 /// of the process.
@@ -178,12 +182,45 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        // openraft gives one AppendEntries a heartbeat interval and may
+        // batch up to 256 entries: a follower catching up on large entries
+        // (512 KiB values, restore pieces) would time out for ever. Send a
+        // prefix within the budget and report it as a partial success;
+        // openraft sends the rest next.
+        let mut rpc = rpc;
+        let mut budget = MAX_APPEND_BYTES;
+        let keep = rpc
+            .entries
+            .iter()
+            .position(|entry| {
+                let size = match &entry.payload {
+                    openraft::EntryPayload::Normal(command) => command.approx_size(),
+                    _ => 256,
+                };
+                let over = size > budget;
+                budget = budget.saturating_sub(size);
+                over
+            })
+            // Always at least one entry, however large.
+            .map(|over_at| over_at.max(1));
+        let truncated_to = match keep {
+            Some(n) if n < rpc.entries.len() => {
+                rpc.entries.truncate(n);
+                rpc.entries.last().map(|e| e.log_id)
+            }
+            _ => None,
+        };
         let reply = self.call(Method::AppendEntries, &rpc, &option).await;
         if reply.is_ok() {
             let mut contacts = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
             contacts.insert(self.target, std::time::Instant::now());
         }
-        reply
+        match (reply, truncated_to) {
+            (Ok(AppendEntriesResponse::Success), Some(last)) => {
+                Ok(AppendEntriesResponse::PartialSuccess(Some(last)))
+            }
+            (reply, _) => reply,
+        }
     }
 
     async fn install_snapshot(

@@ -28,7 +28,7 @@ pub const MAX_BACKUP_BYTES: usize = 128 * 1024 * 1024;
 /// A restore goes through Raft in pieces of this size: openraft gives one
 /// AppendEntries a heartbeat interval to arrive, so no log entry may be
 /// much larger than what a link carries in that time.
-const RESTORE_PART_BYTES: usize = 512 * 1024;
+const RESTORE_PART_BYTES: usize = 128 * 1024;
 /// One restore at a time per server.
 static RESTORING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
