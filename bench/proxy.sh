@@ -23,6 +23,7 @@
 #   CONNS      wrk connections (one wrk thread) [32]
 #   H2_CONNS   h2load connections [4]; H2_STREAMS streams per connection [16]
 #   SKIP_BUILD 1 = use the existing target/release binaries [0]
+#   SC_BIN, MW_BIN  other sidecar / registry binaries (A/B experiments)
 #   PERF       1 = perf record the sidecar shapes into RAW_DIR/perf-*.data [0]
 #   STRACE     1 = count the first sidecar's syscalls (strace -c) per sidecar
 #              shape into RAW_DIR/strace-*.txt (slows it down: diagnosis only) [0]
@@ -48,8 +49,8 @@ RESULTS_FILE=${RESULTS_FILE:-$BENCH_DIR/RESULTS-proxy.md}
 RAW_DIR=${RAW_DIR:-$BENCH_DIR/out/proxy}
 HOST=127.0.0.1
 TARGET=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release
-MW_BIN=$TARGET/meshwork-registry
-SC_BIN=$TARGET/meshwork-sidecar
+MW_BIN=${MW_BIN:-$TARGET/meshwork-registry}
+SC_BIN=${SC_BIN:-$TARGET/meshwork-sidecar}
 
 log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
