@@ -133,7 +133,12 @@ impl RegistryNode {
                     _ => Err(WriteAttempt::Failed(ClusterError::Internal(reply.error))),
                 }
             }
-            // No side effect: any failure is worth another try.
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                Err(WriteAttempt::Failed(ClusterError::Internal(
+                    "the leader runs an older Meshwork without server health; upgrade it".into(),
+                )))
+            }
+            // No side effect: any other failure is worth another try.
             Err(_) => Err(WriteAttempt::Retry),
         }
     }

@@ -164,7 +164,10 @@ async fn serve(config: Config, reload_log_level: ReloadLogLevel) -> anyhow::Resu
         config.dns.domain
     );
 
-    tokio::spawn(reload_on_sighup(reload_log_level));
+    tokio::spawn(tracing::Instrument::instrument(
+        reload_on_sighup(reload_log_level),
+        tracing::info_span!("reload"),
+    ));
     let shutdown = CancellationToken::new();
     let signal_token = shutdown.clone();
     tokio::spawn(async move {

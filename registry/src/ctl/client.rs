@@ -76,9 +76,21 @@ impl Client {
         path_and_query: &str,
         body: Vec<u8>,
     ) -> Result<Reply, CtlError> {
-        match tokio::time::timeout(self.timeout, self.exchange(method, path_and_query, body)).await
+        let sent = std::sync::atomic::AtomicBool::new(false);
+        match tokio::time::timeout(
+            self.timeout,
+            self.exchange(method, path_and_query, body, &sent),
+        )
+        .await
         {
             Ok(result) => result,
+            Err(_) if sent.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(CtlError::OutcomeUnknown(format!(
+                    "{} took the request but did not answer within {:?}; it may still take effect: \
+                     check (e.g. `meshctl members`, `meshctl kv get`) or raise --timeout",
+                    self.addr, self.timeout
+                )))
+            }
             Err(_) => Err(CtlError::Unreachable(format!(
                 "no answer from {} within {:?}; is the registry up and is --http-addr right?",
                 self.addr, self.timeout
@@ -91,7 +103,14 @@ impl Client {
         method: Method,
         path_and_query: &str,
         body: Vec<u8>,
+        sent: &std::sync::atomic::AtomicBool,
     ) -> Result<Reply, CtlError> {
+        let lost = |e: &dyn std::fmt::Display| {
+            CtlError::OutcomeUnknown(format!(
+                "the request reached {} but its answer was lost ({e}); it may have taken effect: check before retrying",
+                self.addr
+            ))
+        };
         let unreachable = |e: &dyn std::fmt::Display| {
             CtlError::Unreachable(format!(
                 "cannot reach the registry at {}: {e}; is it running, and is --http-addr (or MESHWORK_HTTP_ADDR) right?",
@@ -119,10 +138,8 @@ impl Client {
         let request = request
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| CtlError::Usage(format!("bad request {path_and_query:?}: {e}")))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| unreachable(&e))?;
+        sent.store(true, std::sync::atomic::Ordering::Relaxed);
+        let response = sender.send_request(request).await.map_err(|e| lost(&e))?;
         let status = response.status();
         let index = response
             .headers()
@@ -133,7 +150,7 @@ impl Client {
             .into_body()
             .collect()
             .await
-            .map_err(|e| unreachable(&e))?
+            .map_err(|e| lost(&e))?
             .to_bytes();
         Ok(Reply {
             status,

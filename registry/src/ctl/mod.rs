@@ -3,7 +3,8 @@
 //!
 //! Exit codes: 0 done; 1 the registry refused or failed the request;
 //! 2 bad usage (unknown flag, bad address, unreadable file); 3 not found
-//! (key, service, server); 4 no registry answered.
+//! (key, service, server); 4 no registry answered; 5 the request was sent
+//! but its answer was lost, so whether it took effect is unknown.
 
 mod client;
 
@@ -40,6 +41,8 @@ pub enum CtlError {
     NotFound(String),
     #[error("{0}")]
     Unreachable(String),
+    #[error("{0}")]
+    OutcomeUnknown(String),
 }
 
 impl CtlError {
@@ -49,6 +52,7 @@ impl CtlError {
             CtlError::Usage(_) => 2,
             CtlError::NotFound(_) => 3,
             CtlError::Unreachable(_) => 4,
+            CtlError::OutcomeUnknown(_) => 5,
         }
     }
 }
@@ -58,7 +62,7 @@ impl CtlError {
     name = "meshctl",
     version,
     about = "Operate a Meshwork registry cluster over its REST API",
-    after_help = "Exit codes: 0 ok, 1 request failed, 2 bad usage, 3 not found, 4 registry unreachable."
+    after_help = "Exit codes: 0 ok, 1 request failed, 2 bad usage, 3 not found, 4 registry unreachable, 5 request sent but outcome unknown."
 )]
 pub struct Cli {
     /// The registry's REST address (HOST:PORT or http://HOST:PORT);
@@ -76,9 +80,10 @@ pub struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
-    /// How long to wait for an answer (e.g. 10s, 500ms).
-    #[arg(long, global = true, default_value = "30s")]
-    timeout: String,
+    /// How long to wait for an answer (e.g. 10s, 500ms) [default: 30s;
+    /// 10m for snapshot and server commands, which can take long].
+    #[arg(long, global = true)]
+    timeout: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -203,14 +208,18 @@ pub fn main() -> std::process::ExitCode {
 
 /// Runs one parsed command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CtlError> {
-    let timeout = crate::api::http::query::parse_duration(&cli.timeout)
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| {
-            CtlError::Usage(format!(
-                "invalid --timeout {:?}: want a duration such as 10s or 500ms",
-                cli.timeout
-            ))
-        })?;
+    let slow = matches!(cli.command, Command::Snapshot(_) | Command::Server(_));
+    let timeout = match &cli.timeout {
+        None if slow => Duration::from_secs(600),
+        None => Duration::from_secs(30),
+        Some(text) => crate::api::http::query::parse_duration(text)
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                CtlError::Usage(format!(
+                    "invalid --timeout {text:?}: want a duration such as 10s or 500ms"
+                ))
+            })?,
+    };
     let http_addr = cli
         .http_addr
         .or_else(|| std::env::var("CONSUL_HTTP_ADDR").ok())

@@ -169,6 +169,12 @@ fn go_duration_ms(ms: u64) -> String {
 /// waiting for `--snapshot-threshold`; answers the snapshot's index once
 /// it is written (or 500 if that takes over 60 s).
 pub async fn take_snapshot(State(app): State<AppState>) -> Result<Response, ApiError> {
+    static TAKING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let Ok(_one_at_a_time) = TAKING.try_lock() else {
+        return Err(ApiError::Conflict(
+            "A snapshot requested through the API is being taken on this server; try again when it is done".into(),
+        ));
+    };
     let mut metrics = app.node.raft.metrics();
     let applied = app.node.state.applied_index();
     if let Some(existing) = metrics.borrow().snapshot

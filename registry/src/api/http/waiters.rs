@@ -79,12 +79,15 @@ impl Waiters {
             groups: Mutex::default(),
         });
         let runner = Arc::clone(&waiters);
-        tokio::spawn(async move {
-            tokio::select! {
-                () = runner.run() => {}
-                () = shutdown.cancelled() => {}
-            }
-        });
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                tokio::select! {
+                    () = runner.run() => {}
+                    () = shutdown.cancelled() => {}
+                }
+            },
+            tracing::info_span!("blocking_query_waiters"),
+        ));
         waiters
     }
 
