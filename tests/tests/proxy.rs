@@ -1546,3 +1546,89 @@ async fn registry_weights_shape_the_spread() -> Result<()> {
     mesh.done();
     Ok(())
 }
+
+#[tokio::test]
+async fn a_server_sidecar_stopped_with_sigterm_fails_no_request() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let instances = echo_instances(&mut mesh, 3, "http").await?;
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(&client_ip, "name = \"echo\"\nprotocol = \"http\"")
+        .await?;
+    mesh.sidecars[c].wait_endpoints(3).await?;
+    let url = format!("http://{client_ip}:{UPSTREAM_PORT}/load");
+    let failures = Arc::new(AtomicUsize::new(0));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let (url, failures, ok, stop) = (
+            url.clone(),
+            Arc::clone(&failures),
+            Arc::clone(&ok),
+            Arc::clone(&stop),
+        );
+        workers.push(tokio::spawn(async move {
+            let http = http_client().expect("client");
+            for i in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let request = if (w + i) % 2 == 0 {
+                    http.get(&url)
+                } else {
+                    http.post(&url).body(format!("order {w}-{i}"))
+                };
+                match request.send().await {
+                    Ok(r) if r.status() == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => {
+                        eprintln!(
+                            "failed: {} {:?}",
+                            r.status(),
+                            r.headers().get("x-meshwork-error")
+                        );
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("failed: {e}");
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A rolling restart: instance 1's sidecar gets SIGTERM. It deregisters
+    // (peers stop picking it), then drains: what it is answering finishes,
+    // new connections are refused (and sent elsewhere).
+    let victim = instances[1].2;
+    mesh.sidecars[victim].signal("TERM")?;
+    let child = mesh.sidecars[victim].child.as_mut().context("child")?;
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await??;
+    ensure!(status.success(), "{status}");
+    mesh.sidecars[victim].child = None;
+    let before = ok.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await?;
+    }
+    ensure!(
+        ok.load(Ordering::Relaxed) > before + 20,
+        "traffic kept flowing"
+    );
+    ensure!(
+        failures.load(Ordering::Relaxed) == 0,
+        "{} failed requests",
+        failures.load(Ordering::Relaxed)
+    );
+    wait_for("2 endpoints left", Duration::from_secs(5), || async {
+        let list = mesh.sidecars[c].endpoints().await.ok()?;
+        (list.len() == 2).then_some(())
+    })
+    .await?;
+    mesh.done();
+    Ok(())
+}
