@@ -256,7 +256,7 @@ impl HttpProxy {
                         attempt,
                     );
                 }
-                Ok(Ok(mut response)) => {
+                Ok(Ok(response)) => {
                     let status = response.status();
                     let failed = status.is_server_error();
                     // The peer's sidecar could not reach its app: the
@@ -309,10 +309,6 @@ impl HttpProxy {
                         continue;
                     }
                     cluster.report(&endpoint, failed);
-                    let upstream_upgrade = (status == StatusCode::SWITCHING_PROTOCOLS)
-                        .then(|| hyper::upgrade::on(&mut response));
-                    let (mut head, body) = response.into_parts();
-                    head.version = Version::HTTP_11;
                     cluster
                         .metrics
                         .record(status.as_u16(), Outcome::Upstream, start.elapsed());
@@ -326,34 +322,11 @@ impl HttpProxy {
                             start,
                         );
                     }
-                    if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
-                        let name = cluster.config.name.clone();
-                        tokio::spawn(async move {
-                            let _guards = (active, in_flight, connection);
-                            match tokio::join!(down, up) {
-                                (Ok(down), Ok(up)) => {
-                                    let mut down = TokioIo::new(down);
-                                    let mut up = TokioIo::new(up);
-                                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                                }
-                                (d, u) => {
-                                    tracing::debug!(upstream = %name, down_ok = d.is_ok(), up_ok = u.is_ok(), "upgrade did not complete")
-                                }
-                            }
-                        });
-                        return Response::from_parts(head, rescue::empty());
-                    }
-                    strip_hop_by_hop(&mut head.headers, false);
-                    if self.cluster.source == Source::Local {
-                        // Only a sidecar may say why it answered: an app's
-                        // own x-meshwork-error would make peers retry.
-                        head.headers.remove(rescue::ERROR_HEADER);
-                    }
-                    let body = Guarded {
-                        inner: body.map_err(BoxError::from).boxed_unsync(),
-                        _guards: Box::new((active, in_flight, connection)),
-                    };
-                    return Response::from_parts(head, body.boxed_unsync());
+                    return self.forward(
+                        response,
+                        downstream_upgrade,
+                        (active, in_flight, connection),
+                    );
                 }
                 Ok(Err(e)) => classify(&e, &endpoint),
             };
@@ -397,6 +370,49 @@ impl HttpProxy {
             tracing::debug!(upstream = %cluster.config.name, endpoint = %endpoint.addr, error = %error, attempt, retryable = can_retry && safe, "request failed");
             return self.fail(error, grpc, start, log, Some(endpoint.addr), attempt);
         }
+    }
+
+    /// Passes the upstream's response on, holding `guards` until its last
+    /// byte; a 101 answer to an upgrade request splices the two upgraded
+    /// connections instead.
+    fn forward(
+        &self,
+        mut response: Response<Incoming>,
+        downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        guards: impl Send + 'static,
+    ) -> Response<ProxyBody> {
+        let upstream_upgrade = (response.status() == StatusCode::SWITCHING_PROTOCOLS)
+            .then(|| hyper::upgrade::on(&mut response));
+        let (mut head, body) = response.into_parts();
+        head.version = Version::HTTP_11;
+        if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
+            let name = self.cluster.config.name.clone();
+            tokio::spawn(async move {
+                let _guards = guards;
+                match tokio::join!(down, up) {
+                    (Ok(down), Ok(up)) => {
+                        let mut down = TokioIo::new(down);
+                        let mut up = TokioIo::new(up);
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                    (d, u) => {
+                        tracing::debug!(upstream = %name, down_ok = d.is_ok(), up_ok = u.is_ok(), "upgrade did not complete")
+                    }
+                }
+            });
+            return Response::from_parts(head, rescue::empty());
+        }
+        strip_hop_by_hop(&mut head.headers, false);
+        if self.cluster.source == Source::Local {
+            // Only a sidecar may say why it answered: an app's own
+            // x-meshwork-error would make peers retry.
+            head.headers.remove(rescue::ERROR_HEADER);
+        }
+        let body = Guarded {
+            inner: body.map_err(BoxError::from).boxed_unsync(),
+            _guards: Box::new(guards),
+        };
+        Response::from_parts(head, body.boxed_unsync())
     }
 
     /// Sleeps before a retry; false when the deadline comes first.
