@@ -1632,3 +1632,78 @@ async fn a_server_sidecar_stopped_with_sigterm_fails_no_request() -> Result<()> 
     mesh.done();
     Ok(())
 }
+
+/// One HTTP/2 frame: 9-byte header and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[tokio::test]
+async fn an_http2_continuation_flood_is_cut_off() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    echo_instances(&mut mesh, 1, "http").await?;
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(&client_ip, "name = \"echo\"\nprotocol = \"http\"")
+        .await?;
+    mesh.sidecars[c].wait_endpoints(1).await?;
+    let addr = format!("{client_ip}:{UPSTREAM_PORT}");
+    let mut s = TcpStream::connect(&addr).await?;
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+    s.write_all(&h2_frame(0x4, 0, 0, &[])).await?;
+    // HEADERS (GET / http) without END_HEADERS, then CONTINUATION frames
+    // that never end: about 1 MiB of header block in 100-byte literals.
+    s.write_all(&h2_frame(0x1, 0x1, 1, &[0x82, 0x86, 0x84]))
+        .await?;
+    let mut literal = vec![0x00, 7];
+    literal.extend_from_slice(b"x-flood");
+    literal.push(100);
+    literal.extend_from_slice(&[b'a'; 100]);
+    let mut cut_off = false;
+    for _ in 0..10_000 {
+        if s.write_all(&h2_frame(0x9, 0, 1, &literal)).await.is_err() {
+            cut_off = true;
+            break;
+        }
+    }
+    // The server gave up on this connection: a GOAWAY, or a reset/EOF.
+    if !cut_off {
+        let mut buf = vec![0u8; 65536];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    cut_off = true;
+                    break;
+                }
+                Ok(Ok(n)) => {
+                    // Look for a GOAWAY frame (type 7) among what came back.
+                    let mut i = 0;
+                    while i + 9 <= n {
+                        let len = (usize::from(buf[i]) << 16)
+                            | (usize::from(buf[i + 1]) << 8)
+                            | usize::from(buf[i + 2]);
+                        if buf[i + 3] == 0x7 {
+                            cut_off = true;
+                        }
+                        i += 9 + len;
+                    }
+                    if cut_off {
+                        break;
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    ensure!(cut_off, "the flooding connection was not cut off");
+    // Others are served as before.
+    let r = http_client()?.get(format!("http://{addr}/")).send().await?;
+    ensure!(r.status() == 200);
+    mesh.done();
+    Ok(())
+}
