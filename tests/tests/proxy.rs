@@ -950,64 +950,20 @@ async fn an_instance_killed_mid_load_fails_no_idempotent_request() -> Result<()>
         .await?;
     mesh.sidecars[c].wait_endpoints(3).await?;
     let url = format!("http://{client_ip}:{UPSTREAM_PORT}/load");
-    let failures = Arc::new(AtomicUsize::new(0));
-    let ok = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for _ in 0..4 {
-        let (url, failures, ok, stop) = (
-            url.clone(),
-            Arc::clone(&failures),
-            Arc::clone(&ok),
-            Arc::clone(&stop),
-        );
-        workers.push(tokio::spawn(async move {
-            let http = http_client().expect("client");
-            for _ in 0..100_000 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                match http.get(&url).send().await {
-                    Ok(r) if r.status() == 200 => {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(r) => {
-                        eprintln!(
-                            "failed: {} {:?}",
-                            r.status(),
-                            r.headers().get("x-meshwork-error")
-                        );
-                        failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        eprintln!("failed: {e}");
-                        failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        }));
-    }
+    let load = Load::start(&url, false);
     tokio::time::sleep(Duration::from_millis(700)).await;
     // kill -9 the sidecar of instance 1: its connections reset, its port
     // refuses, and the registry only notices after the session TTL.
     let victim = instances[1].2;
     mesh.sidecars[victim].kill().await?;
-    let before = ok.load(Ordering::Relaxed);
+    let before = load.ok();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.await?;
-    }
-    let after = ok.load(Ordering::Relaxed);
+    let (after, failures) = load.stop().await?;
     ensure!(
         after > before + 50,
         "traffic kept flowing: {before} -> {after}"
     );
-    ensure!(
-        failures.load(Ordering::Relaxed) == 0,
-        "{} failed requests",
-        failures.load(Ordering::Relaxed)
-    );
+    ensure!(failures == 0, "{} failed requests", failures);
     mesh.done();
     Ok(())
 }
@@ -1425,66 +1381,15 @@ async fn an_app_crashing_behind_its_sidecar_fails_no_request() -> Result<()> {
     }
     instances[1].1.crash();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let failures = Arc::new(AtomicUsize::new(0));
-    let ok = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for w in 0..4 {
-        let (url, failures, ok, stop) = (
-            url.clone(),
-            Arc::clone(&failures),
-            Arc::clone(&ok),
-            Arc::clone(&stop),
-        );
-        workers.push(tokio::spawn(async move {
-            let http = http_client().expect("client");
-            for i in 0..100_000 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                // POSTs too: a request that never reached an app is safe
-                // to send to another whatever its method.
-                let request = if (w + i) % 2 == 0 {
-                    http.get(&url)
-                } else {
-                    http.post(&url).body(format!("order {w}-{i}"))
-                };
-                match request.send().await {
-                    Ok(r) if r.status() == 200 => {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(r) => {
-                        eprintln!(
-                            "failed: {} {:?}",
-                            r.status(),
-                            r.headers().get("x-meshwork-error")
-                        );
-                        failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        eprintln!("failed: {e}");
-                        failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        }));
-    }
+    let load = Load::start(&url, true);
     let before = 0;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.await?;
-    }
-    let after = ok.load(Ordering::Relaxed);
+    let (after, failures) = load.stop().await?;
     ensure!(
         after > before + 50,
         "traffic kept flowing: {before} -> {after}"
     );
-    ensure!(
-        failures.load(Ordering::Relaxed) == 0,
-        "{} failed requests",
-        failures.load(Ordering::Relaxed)
-    );
+    ensure!(failures == 0, "{} failed requests", failures);
     // Passive health took the instance out.
     let endpoints = mesh.sidecars[c].endpoints().await?;
     let dead = format!("{}:{INBOUND_PORT}", mesh.ip(21));
@@ -1557,48 +1462,7 @@ async fn a_server_sidecar_stopped_with_sigterm_fails_no_request() -> Result<()> 
         .await?;
     mesh.sidecars[c].wait_endpoints(3).await?;
     let url = format!("http://{client_ip}:{UPSTREAM_PORT}/load");
-    let failures = Arc::new(AtomicUsize::new(0));
-    let ok = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for w in 0..4 {
-        let (url, failures, ok, stop) = (
-            url.clone(),
-            Arc::clone(&failures),
-            Arc::clone(&ok),
-            Arc::clone(&stop),
-        );
-        workers.push(tokio::spawn(async move {
-            let http = http_client().expect("client");
-            for i in 0..100_000 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let request = if (w + i) % 2 == 0 {
-                    http.get(&url)
-                } else {
-                    http.post(&url).body(format!("order {w}-{i}"))
-                };
-                match request.send().await {
-                    Ok(r) if r.status() == 200 => {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(r) => {
-                        eprintln!(
-                            "failed: {} {:?}",
-                            r.status(),
-                            r.headers().get("x-meshwork-error")
-                        );
-                        failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        eprintln!("failed: {e}");
-                        failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        }));
-    }
+    let load = Load::start(&url, true);
     tokio::time::sleep(Duration::from_millis(500)).await;
     // A rolling restart: instance 1's sidecar gets SIGTERM. It deregisters
     // (peers stop picking it), then drains: what it is answering finishes,
@@ -1609,21 +1473,11 @@ async fn a_server_sidecar_stopped_with_sigterm_fails_no_request() -> Result<()> 
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await??;
     ensure!(status.success(), "{status}");
     mesh.sidecars[victim].child = None;
-    let before = ok.load(Ordering::Relaxed);
+    let before = load.ok();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.await?;
-    }
-    ensure!(
-        ok.load(Ordering::Relaxed) > before + 20,
-        "traffic kept flowing"
-    );
-    ensure!(
-        failures.load(Ordering::Relaxed) == 0,
-        "{} failed requests",
-        failures.load(Ordering::Relaxed)
-    );
+    let (after, failures) = load.stop().await?;
+    ensure!(after > before + 20, "traffic kept flowing");
+    ensure!(failures == 0, "{} failed requests", failures);
     wait_for("2 endpoints left", Duration::from_secs(5), || async {
         let list = mesh.sidecars[c].endpoints().await.ok()?;
         (list.len() == 2).then_some(())
@@ -1706,4 +1560,86 @@ async fn an_http2_continuation_flood_is_cut_off() -> Result<()> {
     ensure!(r.status() == 200);
     mesh.done();
     Ok(())
+}
+
+/// Four workers sending requests to `url` until stopped (GETs, or GETs
+/// and POSTs in turn), counting 200 answers and failures.
+struct Load {
+    ok: Arc<AtomicUsize>,
+    failures: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(url: &str, with_posts: bool) -> Self {
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = (0..4)
+            .map(|w| {
+                let (url, failures, ok, stop) = (
+                    url.to_owned(),
+                    Arc::clone(&failures),
+                    Arc::clone(&ok),
+                    Arc::clone(&stop),
+                );
+                tokio::spawn(async move {
+                    let http = http_client().expect("client");
+                    for i in 0..100_000 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        // POSTs too: a request that never reached an app
+                        // is safe to send to another whatever its method.
+                        let request = if !with_posts || (w + i) % 2 == 0 {
+                            http.get(&url)
+                        } else {
+                            http.post(&url).body(format!("order {w}-{i}"))
+                        };
+                        match request.send().await {
+                            Ok(r) if r.status() == 200 => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(r) => {
+                                eprintln!(
+                                    "failed: {} {:?}",
+                                    r.status(),
+                                    r.headers().get("x-meshwork-error")
+                                );
+                                failures.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                eprintln!("failed: {e}");
+                                failures.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            ok,
+            failures,
+            stop,
+            workers,
+        }
+    }
+
+    /// Requests answered 200 so far.
+    fn ok(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops the workers; (answered 200, failed).
+    async fn stop(self) -> Result<(usize, usize)> {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.workers {
+            w.await?;
+        }
+        Ok((
+            self.ok.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+        ))
+    }
 }
