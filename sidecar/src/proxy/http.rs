@@ -268,32 +268,27 @@ impl HttpProxy {
                             || response.headers().contains_key("grpc-status"))
                         && rescue::never_reached_app(response.headers());
                     let retry_as_connect = unreached && policy.on.connect_failure;
-                    if retry_as_connect && can_retry {
-                        cluster.report(&endpoint, true);
-                        tracing::debug!(upstream = %cluster.config.name, endpoint = %endpoint.addr, attempt, "the endpoint's sidecar could not reach its app; trying another endpoint");
-                        drop(response);
-                        drop(in_flight);
-                        if !self.wait_backoff(attempt, deadline).await {
-                            return self.fail(
-                                ProxyError::Timeout(cluster.config.request_timeout),
-                                grpc,
-                                start,
-                                log,
-                                Some(endpoint.addr),
-                                attempt,
-                            );
-                        }
-                        continue;
-                    }
-                    if failed
+                    // A peer sidecar that never reached its app: retried like
+                    // a connect failure, any method. Otherwise only a retryable
+                    // status of an idempotent request, within the budget.
+                    let retry_why = if retry_as_connect && can_retry {
+                        Some(
+                            "the endpoint's sidecar could not reach its app; trying another endpoint",
+                        )
+                    } else if failed
                         && can_retry
                         && retry::idempotent(&method)
                         && policy.on.status(status.as_u16())
                         && let Some(slot) = retry::budget(cluster)
                     {
-                        cluster.report(&endpoint, true);
-                        tracing::debug!(upstream = %cluster.config.name, endpoint = %endpoint.addr, %status, attempt, "retrying on another endpoint");
                         retry_slot = Some(slot);
+                        Some("retrying on another endpoint")
+                    } else {
+                        None
+                    };
+                    if let Some(why) = retry_why {
+                        cluster.report(&endpoint, true);
+                        tracing::debug!(upstream = %cluster.config.name, endpoint = %endpoint.addr, %status, attempt, "{why}");
                         drop(response);
                         drop(in_flight);
                         if !self.wait_backoff(attempt, deadline).await {
