@@ -552,6 +552,21 @@ listen = "{ip}:{UPSTREAM_PORT}"
 
 /// `n` HTTP backends with server sidecars for service `echo`, on hosts
 /// `.20`, `.21`, …
+/// `n` HTTP echo instances with their sidecars, and a client sidecar on
+/// the mesh's client address whose one upstream is `upstream` (TOML), once
+/// it sees all `n` endpoints: (instances, client address, its index).
+async fn echo_behind_client(
+    mesh: &mut Mesh,
+    n: u8,
+    upstream: &str,
+) -> Result<(Vec<(SocketAddr, Arc<Behavior>, usize)>, String, usize)> {
+    let instances = echo_instances(mesh, n, "http").await?;
+    let client_ip = mesh.ip(100);
+    let c = mesh.client_sidecar(&client_ip, upstream).await?;
+    mesh.sidecars[c].wait_endpoints(usize::from(n)).await?;
+    Ok((instances, client_ip, c))
+}
+
 async fn echo_instances(
     mesh: &mut Mesh,
     n: u8,
@@ -607,15 +622,12 @@ async fn raw_exchange(addr: &str, request: &[u8]) -> Result<String> {
 #[tokio::test]
 async fn http1_through_two_sidecars_spreads_evenly_and_passes_headers() -> Result<()> {
     let mut mesh = Mesh::start().await?;
-    let instances = echo_instances(&mut mesh, 3, "http").await?;
-    let client_ip = mesh.ip(100);
-    let c = mesh
-        .client_sidecar(
-            &client_ip,
-            "name = \"echo\"\nprotocol = \"http\"\nbalance = \"round_robin\"",
-        )
-        .await?;
-    mesh.sidecars[c].wait_endpoints(3).await?;
+    let (instances, client_ip, c) = echo_behind_client(
+        &mut mesh,
+        3,
+        "name = \"echo\"\nprotocol = \"http\"\nbalance = \"round_robin\"",
+    )
+    .await?;
     // The endpoints are the sidecars' inbound listeners, not the apps.
     let endpoints = mesh.sidecars[c].endpoints().await?;
     for k in 0..3u8 {
@@ -940,15 +952,7 @@ async fn upgrades_are_passed_through() -> Result<()> {
 #[tokio::test]
 async fn an_instance_killed_mid_load_fails_no_idempotent_request() -> Result<()> {
     let mut mesh = Mesh::start().await?;
-    let instances = echo_instances(&mut mesh, 3, "http").await?;
-    let client_ip = mesh.ip(100);
-    let c = mesh
-        .client_sidecar(
-            &client_ip,
-            "name = \"echo\"\nprotocol = \"http\"\nbalance = \"least_request\"\nretries = { attempts = 2, on = [\"connect-failure\", \"reset\", \"gateway-error\"] }",
-        )
-        .await?;
-    mesh.sidecars[c].wait_endpoints(3).await?;
+    let (instances, client_ip, _) = echo_behind_client(&mut mesh, 3, "name = \"echo\"\nprotocol = \"http\"\nbalance = \"least_request\"\nretries = { attempts = 2, on = [\"connect-failure\", \"reset\", \"gateway-error\"] }").await?;
     let url = format!("http://{client_ip}:{UPSTREAM_PORT}/load");
     let load = Load::start(&url, false);
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -971,15 +975,7 @@ async fn an_instance_killed_mid_load_fails_no_idempotent_request() -> Result<()>
 #[tokio::test]
 async fn a_flaky_instance_is_ejected_and_later_readmitted() -> Result<()> {
     let mut mesh = Mesh::start().await?;
-    let instances = echo_instances(&mut mesh, 2, "http").await?;
-    let client_ip = mesh.ip(100);
-    let c = mesh
-        .client_sidecar(
-            &client_ip,
-            "name = \"echo\"\nprotocol = \"http\"\nretries = { attempts = 0 }\noutlier = { consecutive_5xx = 3, base_ejection = \"2s\", max_ejection_percent = 50 }",
-        )
-        .await?;
-    mesh.sidecars[c].wait_endpoints(2).await?;
+    let (instances, client_ip, c) = echo_behind_client(&mut mesh, 2, "name = \"echo\"\nprotocol = \"http\"\nretries = { attempts = 0 }\noutlier = { consecutive_5xx = 3, base_ejection = \"2s\", max_ejection_percent = 50 }").await?;
     let flaky = &instances[0].1;
     flaky.fail_with.store(500, Ordering::Relaxed);
     let http = http_client()?;
@@ -1026,15 +1022,7 @@ async fn a_flaky_instance_is_ejected_and_later_readmitted() -> Result<()> {
 #[tokio::test]
 async fn timeouts_retries_and_limits_are_answered_and_counted() -> Result<()> {
     let mut mesh = Mesh::start().await?;
-    let instances = echo_instances(&mut mesh, 2, "http").await?;
-    let client_ip = mesh.ip(100);
-    let c = mesh
-        .client_sidecar(
-            &client_ip,
-            "name = \"echo\"\nprotocol = \"http\"\nrequest_timeout = \"500ms\"\nretries = { attempts = 1, on = [\"503\"] }\noutlier = { consecutive_5xx = 0 }\nlimits = { max_requests = 2 }",
-        )
-        .await?;
-    mesh.sidecars[c].wait_endpoints(2).await?;
+    let (instances, client_ip, c) = echo_behind_client(&mut mesh, 2, "name = \"echo\"\nprotocol = \"http\"\nrequest_timeout = \"500ms\"\nretries = { attempts = 1, on = [\"503\"] }\noutlier = { consecutive_5xx = 0 }\nlimits = { max_requests = 2 }").await?;
     let http = http_client()?;
     let url = format!("http://{client_ip}:{UPSTREAM_PORT}");
     // A slow answer: 504 from the proxy, saying why.
@@ -1176,12 +1164,8 @@ async fn new_instances_get_traffic_within_a_second_and_the_registry_can_vanish()
 #[tokio::test]
 async fn bad_input_is_refused_without_harming_others() -> Result<()> {
     let mut mesh = Mesh::start().await?;
-    let instances = echo_instances(&mut mesh, 1, "http").await?;
-    let client_ip = mesh.ip(100);
-    let c = mesh
-        .client_sidecar(&client_ip, "name = \"echo\"\nprotocol = \"http\"")
-        .await?;
-    mesh.sidecars[c].wait_endpoints(1).await?;
+    let (instances, client_ip, _) =
+        echo_behind_client(&mut mesh, 1, "name = \"echo\"\nprotocol = \"http\"").await?;
     let addr = format!("{client_ip}:{UPSTREAM_PORT}");
     let served = || instances[0].1.served.load(Ordering::Relaxed);
 
@@ -1362,12 +1346,8 @@ async fn sigterm_drains_in_flight_requests() -> Result<()> {
 #[tokio::test]
 async fn an_app_crashing_behind_its_sidecar_fails_no_request() -> Result<()> {
     let mut mesh = Mesh::start().await?;
-    let instances = echo_instances(&mut mesh, 3, "http").await?;
-    let client_ip = mesh.ip(100);
-    let c = mesh
-        .client_sidecar(&client_ip, "name = \"echo\"\nprotocol = \"http\"")
-        .await?;
-    mesh.sidecars[c].wait_endpoints(3).await?;
+    let (instances, client_ip, c) =
+        echo_behind_client(&mut mesh, 3, "name = \"echo\"\nprotocol = \"http\"").await?;
     let url = format!("http://{client_ip}:{UPSTREAM_PORT}/load");
     // Traffic reaches all three, then the app behind instance 1 dies; its
     // sidecar (and its registration, which has no check) stays, so every
@@ -1455,12 +1435,8 @@ async fn registry_weights_shape_the_spread() -> Result<()> {
 #[tokio::test]
 async fn a_server_sidecar_stopped_with_sigterm_fails_no_request() -> Result<()> {
     let mut mesh = Mesh::start().await?;
-    let instances = echo_instances(&mut mesh, 3, "http").await?;
-    let client_ip = mesh.ip(100);
-    let c = mesh
-        .client_sidecar(&client_ip, "name = \"echo\"\nprotocol = \"http\"")
-        .await?;
-    mesh.sidecars[c].wait_endpoints(3).await?;
+    let (instances, client_ip, c) =
+        echo_behind_client(&mut mesh, 3, "name = \"echo\"\nprotocol = \"http\"").await?;
     let url = format!("http://{client_ip}:{UPSTREAM_PORT}/load");
     let load = Load::start(&url, true);
     tokio::time::sleep(Duration::from_millis(500)).await;
