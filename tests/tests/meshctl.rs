@@ -207,6 +207,36 @@ async fn meshctl_drives_a_live_cluster() -> Result<()> {
     fails(&addr, &["server", "remove", "9"], 3).await?;
     fails(&addr, &["server", "add", "5", "not-an-address"], 1).await?;
 
+    // snapshot save / restore through meshctl.
+    ok(&addr, &["kv", "put", "saved/key", "before"]).await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("backup.snap");
+    let file_arg = file.display().to_string();
+    let saved = ok(&addr, &["snapshot", "save", &file_arg, "--json"])
+        .await?
+        .json()?;
+    assert!(saved["Bytes"].as_u64() > Some(0), "{saved}");
+    ok(&addr, &["kv", "put", "saved/key", "after"]).await?;
+    let restored = ok(&addr, &["snapshot", "restore", &file_arg, "--json"])
+        .await?
+        .json()?;
+    assert_eq!(restored["Restored"], true, "{restored}");
+    let value = ok(&addr, &["kv", "get", "saved/key"]).await?;
+    assert_eq!(value.stdout.trim(), "before");
+    // A truncated file is refused before anything is sent.
+    let bytes = std::fs::read(&file)?;
+    let cut = dir.path().join("cut.snap");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2])?;
+    let refused = fails(
+        &addr,
+        &["snapshot", "restore", &cut.display().to_string()],
+        2,
+    )
+    .await?;
+    assert!(refused.stderr.contains("truncated"), "{refused:?}");
+    let value = ok(&addr, &["kv", "get", "saved/key"]).await?;
+    assert_eq!(value.stdout.trim(), "before");
+
     // version.
     let version = ok(&addr, &["version", "--json"]).await?.json()?;
     assert_eq!(version["Meshctl"], version["Registry"]);
