@@ -275,6 +275,17 @@ where
     result
 }
 
+/// Servers n1..n3 of `lab` started and agreeing on a leader.
+async fn three_servers<'a>(lab: &'a Lab, kind: &str, t0: Instant) -> Result<Cluster<'a>> {
+    let mut cluster = Cluster::new(lab, &run_name(kind), t0)?;
+    for i in 0..3 {
+        cluster.start(i)?;
+    }
+    cluster.wait_leader(Duration::from_secs(30)).await?;
+    cluster.note("cluster up");
+    Ok(cluster)
+}
+
 fn run_name(kind: &str) -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -537,12 +548,7 @@ fn partitions_pauses_crashes_and_membership_changes() -> Result<()> {
     in_lab(&["n1", "n2", "n3", "n4", "client"], |lab| async move {
         let mode = mode();
         let t0 = Instant::now();
-        let mut cluster = Cluster::new(&lab, &run_name("partitions"), t0)?;
-        for i in 0..3 {
-            cluster.start(i)?;
-        }
-        cluster.wait_leader(Duration::from_secs(30)).await?;
-        cluster.note("cluster up");
+        let mut cluster = three_servers(&lab, "partitions", t0).await?;
         let mut findings = Findings::default();
         let shared = Shared::new(t0, OP_TIMEOUT)?;
         let keys: Vec<String> = (0..4).map(|k| format!("f/k{k}")).collect();
@@ -758,12 +764,7 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
     in_lab(&["n1", "n2", "n3", "client"], |lab| async move {
         let mode = mode();
         let t0 = Instant::now();
-        let mut cluster = Cluster::new(&lab, &run_name("kill9"), t0)?;
-        for i in 0..3 {
-            cluster.start(i)?;
-        }
-        cluster.wait_leader(Duration::from_secs(30)).await?;
-        cluster.note("cluster up");
+        let mut cluster = three_servers(&lab, "kill9", t0).await?;
         let mut findings = Findings::default();
         let shared = Shared::new(t0, OP_TIMEOUT)?;
         // One key per client, so each key has one sequential writer whose
