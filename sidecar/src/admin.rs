@@ -3,8 +3,8 @@
 //! set received), `/status` (JSON: registration, checks, which
 //! registry server, last contact), and Consul's TTL check endpoints
 //! (`PUT /v1/agent/check/pass|warn|fail/<check id>?note=...`) for the app;
-//! with the proxy running, `/metrics` (Prometheus text), `/clusters` and
-//! `/config` (JSON).
+//! `/metrics` (Prometheus text: the proxy's counters and config reloads),
+//! `/clusters` and `/config` (JSON; empty without listeners).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,19 +20,22 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{SharedStatus, TtlReports};
 use crate::proxy::Proxy;
+use crate::reload::ReloadCounters;
 
 #[derive(Clone)]
 struct Admin {
     status: SharedStatus,
     ttl: TtlReports,
-    proxy: Option<Arc<Proxy>>,
+    proxy: Arc<Proxy>,
+    reloads: Arc<ReloadCounters>,
 }
 
 pub async fn serve(
     listener: TcpListener,
     status: SharedStatus,
     ttl: TtlReports,
-    proxy: Option<Arc<Proxy>>,
+    proxy: Arc<Proxy>,
+    reloads: Arc<ReloadCounters>,
     shutdown: CancellationToken,
 ) {
     let app = Router::new()
@@ -43,7 +46,12 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/clusters", get(clusters))
         .route("/config", get(config))
-        .with_state(Admin { status, ttl, proxy });
+        .with_state(Admin {
+            status,
+            ttl,
+            proxy,
+            reloads,
+        });
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -54,10 +62,7 @@ pub async fn serve(
 
 async fn ready(State(admin): State<Admin>) -> Response {
     let registered = admin.status.lock().map(|s| s.registered).unwrap_or(false);
-    if let Some(proxy) = &admin.proxy
-        && registered
-        && !proxy.ready()
-    {
+    if registered && !admin.proxy.ready() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "registered; waiting for the upstreams' first endpoint sets\n",
@@ -72,39 +77,24 @@ async fn ready(State(admin): State<Admin>) -> Response {
 }
 
 async fn metrics(State(admin): State<Admin>) -> Response {
-    let Some(proxy) = &admin.proxy else {
-        return no_proxy();
-    };
+    let mut text = admin.proxy.metrics();
+    text.push_str(&admin.reloads.render());
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        proxy.metrics(),
+        text,
     )
         .into_response()
 }
 
 async fn clusters(State(admin): State<Admin>) -> Response {
-    match &admin.proxy {
-        Some(proxy) => Json(proxy.clusters()).into_response(),
-        None => no_proxy(),
-    }
+    Json(admin.proxy.clusters()).into_response()
 }
 
 async fn config(State(admin): State<Admin>) -> Response {
-    match &admin.proxy {
-        Some(proxy) => Json(proxy.config()).into_response(),
-        None => no_proxy(),
-    }
-}
-
-fn no_proxy() -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        "this sidecar has no [inbound] or [[upstreams]]: no proxy running\n",
-    )
-        .into_response()
+    Json(admin.proxy.config()).into_response()
 }
 
 async fn status_json(State(admin): State<Admin>) -> Response {

@@ -17,7 +17,7 @@ use meshwork_registry::health::probe;
 use meshwork_registry::state::catalog::{CheckDefinition, HealthStatus};
 use rand::Rng;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
@@ -44,6 +44,21 @@ pub struct Status {
     pub last_contact_unix: Option<u64>,
     pub last_error: Option<String>,
     pub checks: Vec<CheckState>,
+    /// Config reloads (SIGHUP) and how the last one went.
+    pub config: ConfigStatus,
+}
+
+/// What `/status` shows of the config file and its reloads.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ConfigStatus {
+    pub file: String,
+    /// Seconds since the epoch when the config in use was loaded.
+    pub loaded_unix: Option<u64>,
+    pub reloads: u64,
+    pub reload_failures: u64,
+    /// Why the last reload was refused (the previous config stays in use);
+    /// cleared by a successful one.
+    pub last_reload_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -125,8 +140,10 @@ struct LocalCheck {
     reported: bool,
 }
 
-/// A check result from a probe, a TTL timer or the admin API.
-pub type CheckResult = (usize, probe::ProbeResult);
+/// A check result from a probe, a TTL timer or the admin API: the check
+/// set's generation (a reload starts a new one; late results of the old
+/// set are dropped), the check's index in it, the result.
+pub type CheckResult = (u64, usize, probe::ProbeResult);
 
 /// When the app last reported a TTL check.
 type LastReport = Arc<Mutex<Instant>>;
@@ -135,21 +152,55 @@ type LastReport = Arc<Mutex<Instant>>;
 #[derive(Debug, Clone)]
 pub struct TtlReports {
     results: mpsc::Sender<CheckResult>,
-    /// check id -> (index, when the app last reported).
-    checks: Arc<HashMap<String, (usize, LastReport)>>,
+    /// The check set now: its generation and, by check id, (index, when
+    /// the app last reported).
+    checks: Arc<Mutex<TtlChecks>>,
+}
+
+#[derive(Debug, Default)]
+struct TtlChecks {
+    generation: u64,
+    by_id: HashMap<String, (usize, LastReport)>,
+}
+
+impl TtlChecks {
+    /// The TTL checks of `config`; a check already known by id keeps its
+    /// last report time (a reload does not reset the app's reports).
+    fn of(config: &Config, generation: u64, before: &TtlChecks) -> TtlChecks {
+        let by_id = config
+            .checks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| matches!(c.probe, Probe::Ttl(_)))
+            .map(|(i, c)| {
+                let last = before
+                    .by_id
+                    .get(&c.id)
+                    .map(|(_, l)| Arc::clone(l))
+                    .unwrap_or_else(|| Arc::new(Mutex::new(Instant::now())));
+                (c.id.clone(), (i, last))
+            })
+            .collect();
+        TtlChecks { generation, by_id }
+    }
 }
 
 impl TtlReports {
     /// Records a report for TTL check `check_id`; `Err` names what is wrong.
     pub fn report(&self, check_id: &str, status: HealthStatus, note: String) -> Result<(), String> {
-        let (index, last) = self
-            .checks
-            .get(check_id)
-            .ok_or_else(|| format!("no TTL check {check_id:?} in this sidecar's config"))?;
-        *last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        let (generation, index) = {
+            let checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+            let (index, last) = checks
+                .by_id
+                .get(check_id)
+                .ok_or_else(|| format!("no TTL check {check_id:?} in this sidecar's config"))?;
+            *last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            (checks.generation, *index)
+        };
         self.results
             .try_send((
-                *index,
+                generation,
+                index,
                 probe::ProbeResult {
                     status,
                     output: note,
@@ -168,69 +219,63 @@ pub fn channels(
     mpsc::Receiver<CheckResult>,
 ) {
     let (tx, rx) = mpsc::channel(256);
-    let checks = config
-        .checks
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| matches!(c.probe, Probe::Ttl(_)))
-        .map(|(i, c)| (c.id.clone(), (i, Arc::new(Mutex::new(Instant::now())))))
-        .collect();
+    let checks = TtlChecks::of(config, 0, &TtlChecks::default());
     (
         TtlReports {
             results: tx.clone(),
-            checks: Arc::new(checks),
+            checks: Arc::new(Mutex::new(checks)),
         },
         tx,
         rx,
     )
 }
 
-/// Runs the agent until `shutdown`, then deregisters.
-pub async fn run(
-    config: Config,
-    status: SharedStatus,
-    shutdown: CancellationToken,
-    ttl_reports: TtlReports,
-    (results_tx, mut results): (mpsc::Sender<CheckResult>, mpsc::Receiver<CheckResult>),
-) {
-    let mut registry = Registry {
-        addresses: config.registry.clone(),
-        current: 0,
-        client: None,
-    };
-    let mut checks: Vec<LocalCheck> = config
+/// The local checks of `config`; a check already known by id keeps its
+/// state (a reload does not flap it back to critical).
+fn local_checks(config: &Config, before: Vec<LocalCheck>) -> Vec<LocalCheck> {
+    let mut before: HashMap<String, LocalCheck> = before
+        .into_iter()
+        .map(|c| (c.config.id.clone(), c))
+        .collect();
+    config
         .checks
         .iter()
-        .map(|c| LocalCheck {
-            config: c.clone(),
-            // Consul's default until the first result.
-            status: HealthStatus::Critical,
-            output: "not run yet".into(),
-            streak: 0,
-            streak_status: HealthStatus::Critical,
-            reported: true,
+        .map(|c| match before.remove(&c.id) {
+            Some(kept) => LocalCheck {
+                config: c.clone(),
+                ..kept
+            },
+            None => LocalCheck {
+                config: c.clone(),
+                // Consul's default until the first result.
+                status: HealthStatus::Critical,
+                output: "not run yet".into(),
+                streak: 0,
+                streak_status: HealthStatus::Critical,
+                reported: true,
+            },
         })
-        .collect();
-    {
-        let mut s = lock(&status);
-        s.node = config.node.clone();
-        s.service_id = config.service_id.clone();
-    }
-    publish_checks(&status, &checks);
+        .collect()
+}
 
+/// Starts the probes and TTL watchdogs of generation `generation`; they
+/// stop when the returned token is cancelled.
+fn start_probes(
+    config: &Config,
+    generation: u64,
+    ttl_reports: &TtlReports,
+    results_tx: &mpsc::Sender<CheckResult>,
+) -> CancellationToken {
     let probes = CancellationToken::new();
+    let ttl = ttl_reports.checks.lock().unwrap_or_else(|e| e.into_inner());
     for (i, check) in config.checks.iter().enumerate() {
         match &check.probe {
-            Probe::Ttl(ttl) => {
-                let last = ttl_reports
-                    .checks
-                    .get(&check.id)
-                    .map(|(_, l)| Arc::clone(l));
-                if let Some(last) = last {
+            Probe::Ttl(period) => {
+                if let Some((_, last)) = ttl.by_id.get(&check.id) {
                     tokio::spawn(ttl_watchdog(
-                        i,
-                        *ttl,
-                        last,
+                        (generation, i),
+                        *period,
+                        Arc::clone(last),
                         results_tx.clone(),
                         probes.clone(),
                     ));
@@ -238,7 +283,7 @@ pub async fn run(
             }
             _ => {
                 tokio::spawn(run_probe(
-                    i,
+                    (generation, i),
                     check.clone(),
                     results_tx.clone(),
                     probes.clone(),
@@ -246,7 +291,44 @@ pub async fn run(
             }
         }
     }
-    drop(results_tx);
+    probes
+}
+
+fn heartbeat_timer(config: &Config) -> tokio::time::Interval {
+    let mut heartbeat =
+        tokio::time::interval((config.session_ttl / 3).max(Duration::from_millis(100)));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    heartbeat
+}
+
+/// Runs the agent until `shutdown`, then deregisters. A new config sent on
+/// `configs` (a reload) is applied as it comes: checks restart (keeping the
+/// state of those with the same id), the registry server list is replaced,
+/// and the instance is registered again when anything the registry holds
+/// changed (under a new node or service id: the new one first, then the
+/// old one deregistered).
+pub async fn run(
+    mut configs: watch::Receiver<Arc<Config>>,
+    status: SharedStatus,
+    shutdown: CancellationToken,
+    ttl_reports: TtlReports,
+    (results_tx, mut results): (mpsc::Sender<CheckResult>, mpsc::Receiver<CheckResult>),
+) {
+    let mut config: Arc<Config> = Arc::clone(&configs.borrow_and_update());
+    let mut registry = Registry {
+        addresses: config.registry.clone(),
+        current: 0,
+        client: None,
+    };
+    let mut generation = 0u64;
+    let mut checks = local_checks(&config, Vec::new());
+    {
+        let mut s = lock(&status);
+        s.node = config.node.clone();
+        s.service_id = config.service_id.clone();
+    }
+    publish_checks(&status, &checks);
+    let mut probes = start_probes(&config, generation, &ttl_reports, &results_tx);
 
     if !register_until_done(&config, &mut registry, &checks, &status, &shutdown).await {
         probes.cancel();
@@ -254,14 +336,56 @@ pub async fn run(
     }
     notify::ready();
 
-    let mut heartbeat =
-        tokio::time::interval((config.session_ttl / 3).max(Duration::from_millis(100)));
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeat = heartbeat_timer(&config);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            Some((i, result)) = results.recv() => {
-                if let Some(check) = checks.get_mut(i)
+            Ok(()) = configs.changed() => {
+                let next = Arc::clone(&configs.borrow_and_update());
+                let before = register_request(&config, &checks);
+                generation += 1;
+                probes.cancel();
+                {
+                    let mut ttl = ttl_reports.checks.lock().unwrap_or_else(|e| e.into_inner());
+                    *ttl = TtlChecks::of(&next, generation, &ttl);
+                }
+                checks = local_checks(&next, std::mem::take(&mut checks));
+                probes = start_probes(&next, generation, &ttl_reports, &results_tx);
+                if registry.addresses != next.registry {
+                    tracing::info!(registry = ?next.registry, "registry servers changed");
+                    registry.addresses = next.registry.clone();
+                    registry.current = 0;
+                    registry.client = None;
+                }
+                if next.session_ttl != config.session_ttl {
+                    heartbeat = heartbeat_timer(&next);
+                }
+                let after = register_request(&next, &checks);
+                let moved = (config.node != next.node || config.service_id != next.service_id)
+                    .then(|| Arc::clone(&config));
+                config = next;
+                {
+                    let mut s = lock(&status);
+                    s.node = config.node.clone();
+                    s.service_id = config.service_id.clone();
+                }
+                if before != after {
+                    // Still registered as before until the new one lands.
+                    tracing::info!(service = %config.service_id, "registration changed by a reload; registering again");
+                    if !register_until_done(&config, &mut registry, &checks, &status, &shutdown).await {
+                        break;
+                    }
+                    if let Some(old) = moved {
+                        tracing::info!(old = %old.service_id, node = %old.node, "deregistering the instance's old identity");
+                        deregister(&old, &mut registry, &status).await;
+                        lock(&status).registered = true;
+                    }
+                }
+                publish_checks(&status, &checks);
+            }
+            Some((from, i, result)) = results.recv() => {
+                if from == generation
+                    && let Some(check) = checks.get_mut(i)
                     && absorb(check, result)
                 {
                     tracing::info!(check = %check.config.id, status = check.status.as_str(), "check status changed");
@@ -331,7 +455,7 @@ fn absorb(check: &mut LocalCheck, result: probe::ProbeResult) -> bool {
 
 /// Critical when the app has not reported within the TTL.
 async fn ttl_watchdog(
-    index: usize,
+    (generation, index): (u64, usize),
     ttl: Duration,
     last: LastReport,
     results: mpsc::Sender<CheckResult>,
@@ -351,7 +475,7 @@ async fn ttl_watchdog(
                 status: HealthStatus::Critical,
                 output: format!("TTL expired: no report within {}ms", ttl.as_millis()),
             };
-            if results.send((index, result)).await.is_err() {
+            if results.send((generation, index, result)).await.is_err() {
                 return;
             }
         }
@@ -400,7 +524,7 @@ async fn grpc_probe(addr: &str, service: &str, timeout: Duration) -> probe::Prob
 }
 
 async fn run_probe(
-    index: usize,
+    (generation, index): (u64, usize),
     check: Check,
     results: mpsc::Sender<CheckResult>,
     stop: CancellationToken,
@@ -439,7 +563,7 @@ async fn run_probe(
                 None => return,
             },
         };
-        if results.send((index, result)).await.is_err() {
+        if results.send((generation, index, result)).await.is_err() {
             return;
         }
     }

@@ -41,11 +41,16 @@ pub struct EndpointSet {
 /// A followed service's endpoint set, always the latest.
 pub type Endpoints = watch::Receiver<Arc<EndpointSet>>;
 
+/// By (service, passing only): its channel and what stops its follower.
+type Followed = HashMap<(String, bool), (Endpoints, CancellationToken)>;
+
 /// Follows services; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Discovery {
-    addresses: Arc<Vec<String>>,
-    services: Arc<Mutex<HashMap<(String, bool), Endpoints>>>,
+    /// The registry servers; a reload may change them.
+    addresses: Arc<watch::Sender<Arc<Vec<String>>>>,
+    /// Each followed service's channel and what stops its follower.
+    services: Arc<Mutex<Followed>>,
     shutdown: CancellationToken,
     /// Streams connected to a registry server now (for metrics: when it
     /// is below the number of services followed, some endpoint sets are
@@ -65,7 +70,7 @@ impl Drop for Connected {
 impl Discovery {
     pub fn new(addresses: Vec<String>, shutdown: CancellationToken) -> Self {
         Self {
-            addresses: Arc::new(addresses),
+            addresses: Arc::new(watch::Sender::new(Arc::new(addresses))),
             services: Arc::default(),
             shutdown,
             connected: Arc::default(),
@@ -86,20 +91,47 @@ impl Discovery {
     pub fn service(&self, service: &str, passing_only: bool) -> Endpoints {
         let key = (service.to_owned(), passing_only);
         let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(rx) = services.get(&key) {
+        if let Some((rx, _)) = services.get(&key) {
             return rx.clone();
         }
         let (tx, rx) = watch::channel(Arc::new(EndpointSet::default()));
-        services.insert(key, rx.clone());
+        let stop = self.shutdown.child_token();
+        services.insert(key, (rx.clone(), stop.clone()));
         tokio::spawn(follow(
-            Arc::clone(&self.addresses),
+            self.addresses.subscribe(),
             service.to_owned(),
             passing_only,
             tx,
-            self.shutdown.clone(),
+            stop,
             Arc::clone(&self.connected),
         ));
         rx
+    }
+
+    /// Uses `addresses` from now on (a config reload): streams on a server
+    /// no longer listed move to a listed one, resuming where they were.
+    pub fn set_addresses(&self, addresses: Vec<String>) {
+        self.addresses.send_if_modified(|current| {
+            if **current == addresses {
+                return false;
+            }
+            *current = Arc::new(addresses);
+            true
+        });
+    }
+
+    /// Stops following the services for which `keep` is false (upstreams
+    /// a reload removed); their channels end.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        services.retain(|(name, _), (_, stop)| {
+            let kept = keep(name);
+            if !kept {
+                tracing::info!(service = %name, "no longer followed");
+                stop.cancel();
+            }
+            kept
+        });
     }
 }
 
@@ -110,7 +142,7 @@ enum Ended {
 }
 
 async fn follow(
-    addresses: Arc<Vec<String>>,
+    mut addresses: watch::Receiver<Arc<Vec<String>>>,
     service: String,
     passing_only: bool,
     tx: watch::Sender<Arc<EndpointSet>>,
@@ -121,13 +153,14 @@ async fn follow(
     let mut server = 0usize;
     let mut backoff = BACKOFF_MIN;
     loop {
-        let addr = &addresses[server % addresses.len()];
+        let list = Arc::clone(&addresses.borrow_and_update());
+        let addr = &list[server % list.len().max(1)];
         match stream_once(
             addr,
             &service,
             passing_only,
             &mut set,
-            &tx,
+            (&tx, &mut addresses),
             &shutdown,
             &connected,
         )
@@ -156,7 +189,10 @@ async fn stream_once(
     service: &str,
     passing_only: bool,
     set: &mut EndpointSet,
-    tx: &watch::Sender<Arc<EndpointSet>>,
+    (tx, addresses): (
+        &watch::Sender<Arc<EndpointSet>>,
+        &mut watch::Receiver<Arc<Vec<String>>>,
+    ),
     shutdown: &CancellationToken,
     connected: &Arc<AtomicUsize>,
 ) -> Ended {
@@ -187,6 +223,12 @@ async fn stream_once(
     loop {
         let message = tokio::select! {
             () = shutdown.cancelled() => return Ended::Shutdown,
+            Ok(()) = addresses.changed() => {
+                if addresses.borrow_and_update().iter().any(|a| a == addr) {
+                    continue;
+                }
+                return Ended::Broken("registry.addresses changed and no longer lists this server".into());
+            }
             m = tokio::time::timeout(SILENCE, stream.message()) => m,
         };
         let event = match message {

@@ -2,7 +2,8 @@
 //! ([`agent`]), its configuration ([`config`]), the admin listener
 //! ([`admin`]), systemd notification ([`notify`]) and the discovery of
 //! upstream endpoints ([`discovery`]) for the data plane ([`proxy`]), whose
-//! counters [`telemetry`] renders.
+//! counters [`telemetry`] renders; [`reload`] applies a changed config file
+//! without a restart.
 
 pub mod admin;
 pub mod agent;
@@ -10,6 +11,7 @@ pub mod config;
 pub mod discovery;
 pub mod notify;
 pub mod proxy;
+pub mod reload;
 pub mod telemetry;
 
 /// A gRPC endpoint for a registry server (`HOST:PORT`), as every part of

@@ -1,8 +1,9 @@
 //! `meshwork-sidecar --config FILE`: the agent that runs next to each
 //! service instance. It registers the service with the registry, runs its
 //! checks, keeps a heartbeat session and, with `[inbound]` or
-//! `[[upstreams]]`, carries the service's traffic. On SIGTERM/SIGINT it
-//! deregisters, stops accepting, drains in-flight requests and exits.
+//! `[[upstreams]]`, carries the service's traffic. On SIGHUP it reloads
+//! its config file (see [`meshwork_sidecar::reload`]); on SIGTERM/SIGINT
+//! it deregisters, stops accepting, drains in-flight requests and exits.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +12,10 @@ use std::sync::{Arc, Mutex};
 use clap::Parser;
 use meshwork_sidecar::discovery::Discovery;
 use meshwork_sidecar::proxy::Proxy;
+use meshwork_sidecar::reload::{ReloadCounters, Reloader};
 use meshwork_sidecar::{admin, agent, config};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -95,7 +99,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, cli.config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshwork-sidecar: {e:#}");
@@ -104,7 +108,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: config::Config) -> anyhow::Result<()> {
+async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(config.admin)
         .await
         .map_err(|e| {
@@ -123,45 +127,62 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     );
     let shutdown = CancellationToken::new();
     // The proxy's listeners are bound before registering, so peers that
-    // see this instance can reach its inbound listener at once.
-    let proxy = if config.inbound.is_some() || !config.upstreams.is_empty() {
-        let discovery = Discovery::new(config.registry.clone(), shutdown.clone());
-        let proxy = Proxy::bind(&config, discovery, shutdown.clone()).await?;
-        proxy.run();
-        Some(proxy)
-    } else {
-        None
-    };
+    // see this instance can reach its inbound listener at once. A sidecar
+    // without listeners still has an (idle) proxy: a reload may add some.
+    let discovery = Discovery::new(config.registry.clone(), shutdown.clone());
+    let proxy = Proxy::bind(&config, discovery.clone(), shutdown.clone()).await?;
+    proxy.run();
     let status: agent::SharedStatus = Arc::new(Mutex::new(agent::Status::default()));
     let (ttl_reports, results_tx, results) = agent::channels(&config);
+    let counters = Arc::new(ReloadCounters::default());
+    let config = Arc::new(config);
+    let (configs, agent_configs) = watch::channel(Arc::clone(&config));
+    let mut reloader = Reloader::new(
+        config_path,
+        config,
+        Arc::clone(&proxy),
+        discovery,
+        configs,
+        Arc::clone(&status),
+        Arc::clone(&counters),
+    );
     let admin_task = tokio::spawn(admin::serve(
         admin,
         Arc::clone(&status),
         ttl_reports.clone(),
-        proxy.clone(),
+        Arc::clone(&proxy),
+        counters,
         shutdown.clone(),
     ));
     let agent_shutdown = CancellationToken::new();
     let agent_task = tokio::spawn(agent::run(
-        config,
+        agent_configs,
         Arc::clone(&status),
         agent_shutdown.clone(),
         ttl_reports,
         (results_tx, results),
     ));
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading the config");
+                // The outcome is logged and shown in /status and /metrics.
+                let _ = reloader.reload().await;
+            }
+        }
     }
     tracing::info!("shutting down: deregistering");
     agent_shutdown.cancel();
     let _ = agent_task.await;
-    if let Some(proxy) = &proxy {
+    if proxy.has_listeners() {
         tracing::info!("draining the proxy");
-        proxy.drain().await;
     }
+    proxy.drain().await;
     shutdown.cancel();
     let _ = admin_task.await;
     Ok(())

@@ -1619,3 +1619,299 @@ impl Load {
         ))
     }
 }
+
+// ---------------------------------------------------------------- reload
+
+impl Mesh {
+    /// The config file sidecar `i` was started with.
+    fn config_path(&self, name: &str) -> PathBuf {
+        self.cluster().dir.path().join(format!("{name}.toml"))
+    }
+
+    /// Writes `text` as sidecar `i`'s config (named `name`), sends SIGHUP
+    /// and waits until the reload is done; the `/status` config section.
+    async fn reload(&self, i: usize, name: &str, text: &str) -> Result<serde_json::Value> {
+        let sidecar = &self.sidecars[i];
+        let before = sidecar.json("/status").await?["config"].clone();
+        let done = |c: &serde_json::Value| {
+            c["reloads"].as_u64().unwrap_or(0) + c["reload_failures"].as_u64().unwrap_or(0)
+        };
+        std::fs::write(self.config_path(name), text)?;
+        sidecar.signal("HUP")?;
+        wait_for("the reload", Duration::from_secs(10), || async {
+            let now = sidecar.json("/status").await.ok()?["config"].clone();
+            (done(&now) > done(&before)).then_some(now)
+        })
+        .await
+    }
+}
+
+/// The body of `GET url`, or why not.
+async fn body_of(http: &reqwest::Client, url: &str) -> Result<String> {
+    let r = http.get(url).send().await?;
+    ensure!(r.status() == 200, "{url}: {}", r.status());
+    Ok(r.text().await?)
+}
+
+#[tokio::test]
+async fn a_reload_changes_upstreams_without_failing_a_request() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let (_, client_ip, c) =
+        echo_behind_client(&mut mesh, 2, "name = \"echo\"\nprotocol = \"http\"").await?;
+    // A second service, not yet an upstream of the client.
+    let other_ip = mesh.ip(30);
+    let (other_app, _) = http_backend(&other_ip, "other-0").await?;
+    mesh.server_sidecar(
+        &other_ip,
+        Service {
+            name: "other",
+            id: "other-0",
+            app: other_app,
+            protocol: "http",
+        },
+    )
+    .await?;
+    let path = mesh.config_path("client");
+    let original = std::fs::read_to_string(&path)?;
+    let echo_url = format!("http://{client_ip}:{UPSTREAM_PORT}/");
+    let other_port = UPSTREAM_PORT + 1;
+    let other_url = format!("http://{client_ip}:{other_port}/");
+    let http = http_client()?;
+    ensure!(
+        TcpStream::connect(format!("{client_ip}:{other_port}"))
+            .await
+            .is_err(),
+        "no listener for `other` yet"
+    );
+    let requests = |clusters: &serde_json::Value| -> u64 {
+        clusters["clusters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["name"] == "echo")
+            .flat_map(|c| c["endpoints"].as_array().into_iter().flatten())
+            .filter_map(|e| e["requests"].as_u64())
+            .sum()
+    };
+
+    // Under load: the echo upstream's settings change in place and a new
+    // upstream appears.
+    let load = Load::start(&echo_url, false);
+    wait_for("load flowing", Duration::from_secs(10), || async {
+        (load.ok() > 50).then_some(())
+    })
+    .await?;
+    let counted_before = requests(&mesh.sidecars[c].json("/clusters").await?);
+    let changed = original.replace(
+        "name = \"echo\"\nprotocol = \"http\"",
+        "name = \"echo\"\nprotocol = \"http\"\nbalance = \"random\"\nrequest_timeout = \"7s\"",
+    ) + &format!(
+        "\n[[upstreams]]\nname = \"other\"\nlisten = \"{client_ip}:{other_port}\"\nprotocol = \"http\"\n"
+    );
+    let status = mesh.reload(c, "client", &changed).await?;
+    ensure!(
+        status["reloads"] == 1 && status["last_reload_error"].is_null(),
+        "{status}"
+    );
+    wait_for(
+        "`other` through its new listener",
+        Duration::from_secs(10),
+        || async {
+            body_of(&http, &other_url)
+                .await
+                .ok()
+                .filter(|b| b.starts_with("other-0"))
+        },
+    )
+    .await?;
+    let config = mesh.sidecars[c].json("/config").await?;
+    let echo = config["upstreams"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|u| u["upstream"]["name"] == "echo")
+        .context("echo in /config")?;
+    ensure!(
+        echo["upstream"]["balance"] == "random" && echo["upstream"]["request_timeout"] == 7000,
+        "{echo}"
+    );
+    // The same cluster carried on: its per-endpoint counters were kept.
+    let counted_after = requests(&mesh.sidecars[c].json("/clusters").await?);
+    ensure!(
+        counted_after > counted_before,
+        "endpoint counters kept across the reload: {counted_before} -> {counted_after}"
+    );
+    let seen = load.ok();
+    wait_for("load after the reload", Duration::from_secs(10), || async {
+        (load.ok() > seen + 50).then_some(())
+    })
+    .await?;
+    let (ok, failures) = load.stop().await?;
+    ensure!(
+        failures == 0,
+        "{failures} of {} requests failed",
+        ok + failures
+    );
+
+    // The echo upstream goes; `other` moves to its port (a replaced route).
+    let moved = format!(
+        "{}\n[[upstreams]]\nname = \"other\"\nlisten = \"{client_ip}:{UPSTREAM_PORT}\"\nprotocol = \"http\"\n",
+        original
+            .split("[[upstreams]]")
+            .next()
+            .context("config head")?
+    );
+    let status = mesh.reload(c, "client", &moved).await?;
+    ensure!(status["reloads"] == 2, "{status}");
+    let fresh = http_client()?;
+    ensure!(
+        body_of(&fresh, &echo_url).await?.starts_with("other-0"),
+        "port {UPSTREAM_PORT} now serves `other`"
+    );
+    wait_for(
+        "the removed listener closed",
+        Duration::from_secs(10),
+        || async {
+            TcpStream::connect(format!("{client_ip}:{other_port}"))
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await?;
+
+    // Refused reloads change nothing: a bad file, a port already taken,
+    // a new admin address.
+    let bad = moved.replace("protocol = \"http\"\n", "protocol = \"http\"\nbogus = 1\n");
+    let status = mesh.reload(c, "client", &bad).await?;
+    let error = status["last_reload_error"].as_str().unwrap_or_default();
+    ensure!(
+        status["reload_failures"] == 1 && error.contains("client.toml") && error.contains("bogus"),
+        "{status}"
+    );
+    let taken = TcpListener::bind(format!("{client_ip}:0")).await?;
+    let taken_addr = taken.local_addr()?;
+    let clash = format!(
+        "{moved}\n[[upstreams]]\nname = \"echo\"\nlisten = \"{taken_addr}\"\nprotocol = \"http\"\n"
+    );
+    let status = mesh.reload(c, "client", &clash).await?;
+    let error = status["last_reload_error"].as_str().unwrap_or_default();
+    ensure!(
+        status["reload_failures"] == 2 && error.contains(&taken_addr.to_string()),
+        "{status}"
+    );
+    let admin_moved = moved.replace(
+        &format!("{client_ip}:{ADMIN_PORT}"),
+        &format!("{client_ip}:{}", ADMIN_PORT + 1),
+    );
+    let status = mesh.reload(c, "client", &admin_moved).await?;
+    let error = status["last_reload_error"].as_str().unwrap_or_default();
+    ensure!(
+        status["reload_failures"] == 3 && error.contains("admin.listen"),
+        "{status}"
+    );
+    ensure!(
+        body_of(&fresh, &echo_url).await?.starts_with("other-0"),
+        "still serving after refused reloads"
+    );
+    let upstreams = mesh.sidecars[c].json("/config").await?["upstreams"]
+        .as_array()
+        .map(Vec::len);
+    ensure!(upstreams == Some(1), "{upstreams:?}");
+    let metrics = mesh.sidecars[c].metrics().await?;
+    ensure!(
+        metrics.contains("meshwork_sidecar_config_reloads_total{result=\"ok\"} 2")
+            && metrics.contains("meshwork_sidecar_config_reloads_total{result=\"error\"} 3"),
+        "{metrics}"
+    );
+    drop(taken);
+    mesh.done();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_reload_registers_new_tags_checks_and_id_without_a_gap() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let instances = echo_instances(&mut mesh, 1, "http").await?;
+    let (app, _, s) = &instances[0];
+    let http = http_client()?;
+    let registry = mesh.cluster().servers[0].http();
+    let catalog = |registry: String| {
+        let http = http.clone();
+        async move {
+            let list: serde_json::Value = http
+                .get(format!("{registry}/v1/health/service/echo"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let list = list.as_array()?.clone();
+            Some(list)
+        }
+    };
+    let original = std::fs::read_to_string(mesh.config_path("echo-0"))?;
+    // New tags and a TCP check on the app.
+    let port_line = format!("port = {}", app.port());
+    let tagged = original.replace(
+        &port_line,
+        &format!(
+            "{port_line}\ntags = [\"v2\"]\n\n[[service.checks]]\ntcp = \"{app}\"\ninterval = \"1s\""
+        ),
+    );
+    ensure!(tagged != original, "the config was edited");
+    let status = mesh.reload(*s, "echo-0", &tagged).await?;
+    ensure!(status["reloads"] == 1, "{status}");
+    wait_for(
+        "new tags and check in the registry",
+        Duration::from_secs(10),
+        || async {
+            let list = catalog(registry.clone()).await?;
+            let entry = list.first()?;
+            let tags = entry["Service"]["Tags"].as_array()?;
+            let checks = entry["Checks"].as_array()?;
+            let service_checks: Vec<_> = checks
+                .iter()
+                .filter(|c| c["ServiceID"] == "echo-0")
+                .collect();
+            let passing = service_checks.len() == 1 && service_checks[0]["Status"] == "passing";
+            (list.len() == 1 && tags.iter().any(|t| t == "v2") && passing).then_some(())
+        },
+    )
+    .await?;
+    ensure!(
+        mesh.sidecars[*s]
+            .http
+            .get(mesh.sidecars[*s].admin("/ready"))
+            .send()
+            .await?
+            .status()
+            == 200,
+        "ready throughout"
+    );
+    // A new service id: the new one is registered, then the old one goes.
+    let renamed = tagged.replace("id = \"echo-0\"", "id = \"echo-0b\"");
+    let status = mesh.reload(*s, "echo-0", &renamed).await?;
+    ensure!(status["reloads"] == 2, "{status}");
+    wait_for(
+        "only the new id registered",
+        Duration::from_secs(10),
+        || async {
+            let list = catalog(registry.clone()).await?;
+            let ids: Vec<&str> = list
+                .iter()
+                .filter_map(|e| e["Service"]["ID"].as_str())
+                .collect();
+            (ids == ["echo-0b"]).then_some(())
+        },
+    )
+    .await?;
+    let status = mesh.sidecars[*s].json("/status").await?;
+    ensure!(
+        status["service_id"] == "echo-0b" && status["registered"] == true,
+        "{status}"
+    );
+    mesh.done();
+    Ok(())
+}

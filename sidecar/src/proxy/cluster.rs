@@ -217,9 +217,16 @@ pub fn acquire_owned(
 
 #[derive(Debug)]
 pub struct Cluster {
-    pub config: Upstream,
+    /// Swapped by a config reload ([`Cluster::reconfigure`]); a request
+    /// reads it once and keeps that version to its end.
+    config: RwLock<Arc<Upstream>>,
     pub source: Source,
+    /// The local app, for the inbound listener's cluster.
+    pub app: Option<SocketAddr>,
     table: RwLock<Arc<Table>>,
+    /// The last endpoint set from discovery, to rebuild the table when a
+    /// reload changes the tag filter or the balancer.
+    last_set: Mutex<Option<Arc<EndpointSet>>>,
     /// Endpoint stats by key and address, reused by the next table.
     stats: Mutex<HashMap<(String, SocketAddr), Arc<EndpointStats>>>,
     round_robin: AtomicUsize,
@@ -232,9 +239,11 @@ impl Cluster {
     fn new(config: Upstream, source: Source) -> Self {
         Cluster {
             metrics: ClusterMetrics::default(),
-            config,
+            config: RwLock::new(Arc::new(config)),
             source,
+            app: None,
             table: RwLock::default(),
+            last_set: Mutex::default(),
             stats: Mutex::default(),
             round_robin: AtomicUsize::new(0),
             panicking: AtomicBool::new(false),
@@ -244,7 +253,10 @@ impl Cluster {
 
     /// A cluster of one fixed endpoint (the local app).
     pub fn local(config: Upstream, app: SocketAddr) -> Arc<Self> {
-        let cluster = Arc::new(Self::new(config, Source::Local));
+        let cluster = Arc::new(Cluster {
+            app: Some(app),
+            ..Self::new(config, Source::Local)
+        });
         cluster.install(Table {
             index: 0,
             ready: true,
@@ -267,7 +279,7 @@ impl Cluster {
     ) -> Arc<Self> {
         let cluster = Arc::new(Self::new(config, Source::Registry));
         let weak = Arc::downgrade(&cluster);
-        let name = cluster.config.name.clone();
+        let name = cluster.config().name.clone();
         tokio::spawn(async move {
             loop {
                 let set = Arc::clone(&endpoints.borrow_and_update());
@@ -275,7 +287,7 @@ impl Cluster {
                 let Some(cluster) = weak.upgrade() else {
                     return;
                 };
-                cluster.update(&set);
+                cluster.follow_update(set);
                 drop(cluster);
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -295,8 +307,54 @@ impl Cluster {
         Arc::clone(&self.table.read().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// The upstream's settings now.
+    pub fn config(&self) -> Arc<Upstream> {
+        Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Applies new settings for the same upstream (a config reload):
+    /// requests in flight finish under the settings they started with,
+    /// endpoint counters and ejections are kept, and the table is rebuilt
+    /// when the tag filter or the balancer changed.
+    pub fn reconfigure(&self, config: Upstream) {
+        let old = std::mem::replace(
+            &mut *self.config.write().unwrap_or_else(|e| e.into_inner()),
+            Arc::new(config),
+        );
+        let new = self.config();
+        if old.tag == new.tag && old.balance == new.balance {
+            return;
+        }
+        match self.source {
+            Source::Registry => {
+                // Under the lock: an update racing with this one used
+                // either the new settings or is redone here with them.
+                let last = self.last_set.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(set) = &*last {
+                    self.update(set);
+                }
+            }
+            Source::Local => {
+                let table = self.table();
+                self.install(Table {
+                    index: table.index,
+                    ready: table.ready,
+                    endpoints: table.endpoints.clone(),
+                    ring: None,
+                });
+            }
+        }
+    }
+
+    /// A discovery update: kept for [`Cluster::reconfigure`], then applied.
+    fn follow_update(&self, set: Arc<EndpointSet>) {
+        let mut last = self.last_set.lock().unwrap_or_else(|e| e.into_inner());
+        self.update(&set);
+        *last = Some(set);
+    }
+
     fn install(&self, mut table: Table) {
-        if self.config.balance == Balance::RingHash {
+        if self.config().balance == Balance::RingHash {
             table.ring = Some(Ring::build(&table.endpoints));
         }
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
@@ -304,17 +362,18 @@ impl Cluster {
 
     /// Rebuilds the table from a discovery update.
     fn update(&self, set: &EndpointSet) {
+        let config = self.config();
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         let mut kept = HashMap::new();
         let mut endpoints = Vec::new();
         for endpoint in set.endpoints.values() {
-            if let Some(tag) = &self.config.tag
+            if let Some(tag) = &config.tag
                 && !endpoint.tags.contains(tag)
             {
                 continue;
             }
             let Some(mut state) = endpoint_state(endpoint) else {
-                tracing::warn!(upstream = %self.config.name, endpoint = %endpoint.key, address = %endpoint.address, "endpoint address is not an IP address; skipped");
+                tracing::warn!(upstream = %config.name, endpoint = %endpoint.key, address = %endpoint.address, "endpoint address is not an IP address; skipped");
                 continue;
             };
             let id = (state.key.clone(), state.addr);
@@ -325,7 +384,7 @@ impl Cluster {
         }
         *stats = kept;
         drop(stats);
-        tracing::info!(upstream = %self.config.name, index = set.index, endpoints = endpoints.len(), healthy = endpoints.iter().filter(|e| e.healthy).count(), "endpoints updated");
+        tracing::info!(upstream = %config.name, index = set.index, endpoints = endpoints.len(), healthy = endpoints.iter().filter(|e| e.healthy).count(), "endpoints updated");
         self.install(Table {
             index: set.index,
             ready: set.ready,
@@ -336,6 +395,7 @@ impl Cluster {
 
     /// Picks an endpoint, avoiding `tried` when others are left.
     pub fn pick(&self, hash: Option<u64>, tried: &[SocketAddr]) -> Option<Arc<EndpointState>> {
+        let config = self.config();
         let table = self.table();
         let all = &table.endpoints;
         if all.is_empty() {
@@ -346,9 +406,9 @@ impl Cluster {
         if panic != self.panicking.load(Ordering::Relaxed) {
             self.panicking.store(panic, Ordering::Relaxed);
             if panic {
-                tracing::warn!(upstream = %self.config.name, healthy, total = all.len(), "fewer than {PANIC_THRESHOLD_PERCENT}% of endpoints are healthy: panic mode, using all of them");
+                tracing::warn!(upstream = %config.name, healthy, total = all.len(), "fewer than {PANIC_THRESHOLD_PERCENT}% of endpoints are healthy: panic mode, using all of them");
             } else {
-                tracing::info!(upstream = %self.config.name, "out of panic mode");
+                tracing::info!(upstream = %config.name, "out of panic mode");
             }
         }
         let now = now_ms();
@@ -368,7 +428,7 @@ impl Cluster {
         }
         let counter = self.round_robin.fetch_add(1, Ordering::Relaxed);
         balance::pick(
-            self.config.balance,
+            config.balance,
             all,
             &candidates,
             counter,

@@ -51,10 +51,10 @@ pub async fn connect(cluster: &Arc<Cluster>, addr: SocketAddr) -> Result<Counted
     let slot = acquire_owned(
         cluster,
         |g| &g.connections,
-        cluster.config.limits.max_connections,
+        cluster.config().limits.max_connections,
     )
     .ok_or(ConnectError::Limit)?;
-    let timeout = cluster.config.connect_timeout;
+    let timeout = cluster.config().connect_timeout;
     let attempt = tokio::time::timeout(timeout, TcpStream::connect(addr)).await;
     let stream = match attempt {
         Err(_) => {

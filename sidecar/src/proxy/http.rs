@@ -56,10 +56,10 @@ enum RequestBody {
 
 impl HttpProxy {
     pub fn new(cluster: Arc<Cluster>, direction: &'static str, access_log: bool) -> Self {
-        let protocol = cluster.config.protocol;
+        let protocol = cluster.config().protocol;
         let mut builder = Client::builder(TokioExecutor::new());
         builder
-            .pool_idle_timeout(cluster.config.idle_timeout)
+            .pool_idle_timeout(cluster.config().idle_timeout)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new());
         if matches!(protocol, Protocol::Http2 | Protocol::Grpc) {
@@ -73,6 +73,18 @@ impl HttpProxy {
             direction,
             client,
             protocol,
+            access_log,
+        }
+    }
+
+    /// The same proxy (cluster and pooled connections) with the access
+    /// log on or off (a config reload).
+    pub fn with_access_log(&self, access_log: bool) -> Self {
+        HttpProxy {
+            cluster: Arc::clone(&self.cluster),
+            direction: self.direction,
+            client: self.client.clone(),
+            protocol: self.protocol,
             access_log,
         }
     }
@@ -99,9 +111,11 @@ impl HttpProxy {
             }
         }
         let cluster = &self.cluster;
-        let Some(active) =
-            acquire_owned(cluster, |g| &g.requests, cluster.config.limits.max_requests)
-        else {
+        let Some(active) = acquire_owned(
+            cluster,
+            |g| &g.requests,
+            cluster.config().limits.max_requests,
+        ) else {
             return self.fail(
                 ProxyError::CircuitOpen("max_requests"),
                 grpc,
@@ -139,7 +153,7 @@ impl HttpProxy {
             .cloned()
             .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
         let method = parts.method.clone();
-        let hash = match (&cluster.config.balance, &cluster.config.hash_header) {
+        let hash = match (&cluster.config().balance, &cluster.config().hash_header) {
             (Balance::RingHash, Some(name)) => parts
                 .headers
                 .get(name.as_str())
@@ -147,8 +161,8 @@ impl HttpProxy {
             (Balance::RingHash, None) => Some(hash_of(&peer.ip())),
             _ => None,
         };
-        let policy = &cluster.config.retries;
-        let deadline = tokio::time::Instant::now() + cluster.config.request_timeout;
+        let policy = &cluster.config().retries;
+        let deadline = tokio::time::Instant::now() + cluster.config().request_timeout;
         let mut body = if body.is_end_stream() {
             RequestBody::Replayable(Bytes::new())
         } else if policy.attempts > 0
@@ -169,7 +183,7 @@ impl HttpProxy {
                 }
                 Err(_) => {
                     return self.fail(
-                        ProxyError::Timeout(cluster.config.request_timeout),
+                        ProxyError::Timeout(cluster.config().request_timeout),
                         grpc,
                         start,
                         log,
@@ -189,7 +203,7 @@ impl HttpProxy {
             attempt += 1;
             let Some(endpoint) = cluster.pick(hash, &tried) else {
                 return self.fail(
-                    ProxyError::NoHealthyUpstream(cluster.config.name.clone()),
+                    ProxyError::NoHealthyUpstream(cluster.config().name.clone()),
                     grpc,
                     start,
                     log,
@@ -230,7 +244,7 @@ impl HttpProxy {
             *outgoing.version_mut() = version;
             *outgoing.headers_mut() = parts.headers.clone();
             let Some(pending) =
-                acquire_owned(cluster, |g| &g.pending, cluster.config.limits.max_pending)
+                acquire_owned(cluster, |g| &g.pending, cluster.config().limits.max_pending)
             else {
                 return self.fail(
                     ProxyError::CircuitOpen("max_pending"),
@@ -248,7 +262,7 @@ impl HttpProxy {
             let error = match result {
                 Err(_) => {
                     return self.fail(
-                        ProxyError::Timeout(cluster.config.request_timeout),
+                        ProxyError::Timeout(cluster.config().request_timeout),
                         grpc,
                         start,
                         log,
@@ -288,12 +302,12 @@ impl HttpProxy {
                     };
                     if let Some(why) = retry_why {
                         cluster.report(&endpoint, true);
-                        tracing::debug!(upstream = %cluster.config.name, endpoint = %endpoint.addr, %status, attempt, "{why}");
+                        tracing::debug!(upstream = %cluster.config().name, endpoint = %endpoint.addr, %status, attempt, "{why}");
                         drop(response);
                         drop(in_flight);
                         if !self.wait_backoff(attempt, deadline).await {
                             return self.fail(
-                                ProxyError::Timeout(cluster.config.request_timeout),
+                                ProxyError::Timeout(cluster.config().request_timeout),
                                 grpc,
                                 start,
                                 log,
@@ -347,14 +361,14 @@ impl HttpProxy {
                 && safe
                 && let Some(slot) = slot
             {
-                tracing::debug!(upstream = %cluster.config.name, endpoint = %endpoint.addr, error = %error, attempt, "retrying on another endpoint");
+                tracing::debug!(upstream = %cluster.config().name, endpoint = %endpoint.addr, error = %error, attempt, "retrying on another endpoint");
                 retry_slot = slot;
                 drop(in_flight);
                 if self.wait_backoff(attempt, deadline).await {
                     continue;
                 }
                 return self.fail(
-                    ProxyError::Timeout(cluster.config.request_timeout),
+                    ProxyError::Timeout(cluster.config().request_timeout),
                     grpc,
                     start,
                     log,
@@ -362,7 +376,7 @@ impl HttpProxy {
                     attempt,
                 );
             }
-            tracing::debug!(upstream = %cluster.config.name, endpoint = %endpoint.addr, error = %error, attempt, retryable = can_retry && safe, "request failed");
+            tracing::debug!(upstream = %cluster.config().name, endpoint = %endpoint.addr, error = %error, attempt, retryable = can_retry && safe, "request failed");
             return self.fail(error, grpc, start, log, Some(endpoint.addr), attempt);
         }
     }
@@ -381,7 +395,7 @@ impl HttpProxy {
         let (mut head, body) = response.into_parts();
         head.version = Version::HTTP_11;
         if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
-            let name = self.cluster.config.name.clone();
+            let name = self.cluster.config().name.clone();
             tokio::spawn(async move {
                 let _guards = guards;
                 match tokio::join!(down, up) {
@@ -534,7 +548,7 @@ impl LogContext {
         AccessLog {
             ts_unix_ms: unix_ms(),
             direction: proxy.direction,
-            upstream: &proxy.cluster.config.name,
+            upstream: &proxy.cluster.config().name,
             method: &self.method,
             path: &self.path,
             protocol: self.protocol,

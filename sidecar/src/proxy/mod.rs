@@ -18,8 +18,8 @@ pub mod tcp;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -55,7 +55,7 @@ const H2_MAX_PENDING_RESETS: usize = 20;
 const H2_MAX_LOCAL_RESETS: usize = 256;
 const H2_MAX_STREAMS: u32 = 1024;
 
-/// Why the proxy could not start.
+/// Why the proxy could not start (or a reload could not apply).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr} ({key}): {source}")]
 pub struct BindError {
@@ -65,23 +65,144 @@ pub struct BindError {
     source: std::io::Error,
 }
 
-/// One bound listener and what it serves.
+/// What a listener serves: replaced whole when a reload changes what the
+/// listener is (its upstream, protocol or app); reloads that only change
+/// settings reconfigure the cluster in place instead.
 #[derive(Debug)]
-struct Listener {
-    socket: TcpListener,
-    cluster: Arc<Cluster>,
+struct Route {
     direction: &'static str,
+    cluster: Arc<Cluster>,
+    http: Option<Arc<http::HttpProxy>>,
+    access_log: bool,
+    /// Cancelled when a reload replaces or removes the route: its HTTP
+    /// connections finish what is in flight and close (clients reconnect
+    /// to the new route).
+    retired: CancellationToken,
+    /// Cancelled a drain period after `retired` (or at the end of the
+    /// proxy's drain): cuts whatever of the route is still open.
+    cut: CancellationToken,
+}
+
+impl Route {
+    fn new(
+        direction: &'static str,
+        cluster: Arc<Cluster>,
+        access_log: bool,
+        stop_now: &CancellationToken,
+    ) -> Arc<Self> {
+        let http = cluster.config().protocol.is_http().then(|| {
+            Arc::new(http::HttpProxy::new(
+                Arc::clone(&cluster),
+                direction,
+                access_log,
+            ))
+        });
+        Arc::new(Route {
+            direction,
+            cluster,
+            http,
+            access_log,
+            retired: CancellationToken::new(),
+            cut: stop_now.child_token(),
+        })
+    }
+
+    /// The same cluster and pooled connections, another access-log setting.
+    fn with_access_log(&self, access_log: bool, stop_now: &CancellationToken) -> Arc<Self> {
+        Arc::new(Route {
+            direction: self.direction,
+            cluster: Arc::clone(&self.cluster),
+            http: self
+                .http
+                .as_ref()
+                .map(|h| Arc::new(h.with_access_log(access_log))),
+            access_log,
+            retired: CancellationToken::new(),
+            cut: stop_now.child_token(),
+        })
+    }
+
+    /// Stops the route: HTTP connections close once idle, and after
+    /// `grace` everything still open is cut.
+    fn retire(&self, grace: Duration) {
+        self.retired.cancel();
+        let cut = self.cut.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(grace) => cut.cancel(),
+                () = cut.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// Identifies a listener across reloads: its configured address, and for
+/// several on port 0 (tests), which one in order.
+type SlotKey = (SocketAddr, usize);
+
+/// One listener: its socket stays bound across reloads for as long as the
+/// config has it, whatever it serves.
+#[derive(Debug)]
+struct Slot {
+    key: SlotKey,
+    /// Where it is actually bound.
+    local: SocketAddr,
+    route: RwLock<Arc<Route>>,
+    /// The listener is gone from the config: stop accepting, free the port.
+    closed: CancellationToken,
+}
+
+impl Slot {
+    fn route(&self) -> Arc<Route> {
+        Arc::clone(&self.route.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn set_route(&self, route: Arc<Route>) -> Arc<Route> {
+        std::mem::replace(
+            &mut *self.route.write().unwrap_or_else(|e| e.into_inner()),
+            route,
+        )
+    }
+}
+
+/// What a reload changed in the data plane.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ProxyChanges {
+    /// Listeners opened.
+    pub added: Vec<String>,
+    /// Listeners closed (their connections drain).
+    pub removed: Vec<String>,
+    /// Listeners now serving another upstream, protocol or app (their
+    /// connections drain; new ones get the new route).
+    pub replaced: Vec<String>,
+    /// Upstreams whose settings changed in place.
+    pub reconfigured: Vec<String>,
+}
+
+impl ProxyChanges {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.replaced.is_empty()
+            && self.reconfigured.is_empty()
+    }
 }
 
 /// The running data plane.
 #[derive(Debug)]
 pub struct Proxy {
-    /// `(direction, cluster)` in config order, inbound first.
-    clusters: Vec<(&'static str, Arc<Cluster>)>,
-    listeners: std::sync::Mutex<Vec<Listener>>,
-    settings: ProxySettings,
-    inbound: Option<Inbound>,
+    /// Every listener, in config order, inbound first.
+    slots: RwLock<Vec<Arc<Slot>>>,
+    /// Sockets bound before [`Proxy::run`]; moved to their accept loops by it.
+    unstarted: Mutex<Vec<(Arc<Slot>, TcpListener)>>,
+    running: AtomicBool,
+    settings: RwLock<ProxySettings>,
+    inbound: RwLock<Option<Inbound>>,
     discovery: Discovery,
+    /// Ends the clusters' discovery followers.
+    shutdown: CancellationToken,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
     draining: AtomicBool,
     /// Every accept loop and connection task.
     tasks: TaskTracker,
@@ -93,9 +214,9 @@ pub struct Proxy {
 
 /// The inbound listener's cluster: the local app, no retries but connect
 /// failures, no ejection, long timeout (the caller's sidecar has its own).
-fn inbound_upstream(config: &Config, inbound: &Inbound) -> Upstream {
+fn inbound_upstream(service_name: &str, inbound: &Inbound) -> Upstream {
     Upstream {
-        name: config.service_name.clone(),
+        name: service_name.to_owned(),
         listen: inbound.listen,
         protocol: inbound.protocol,
         tag: None,
@@ -128,101 +249,150 @@ fn inbound_upstream(config: &Config, inbound: &Inbound) -> Upstream {
     }
 }
 
+/// One listener as a config asks for it.
+struct Wanted {
+    key: SlotKey,
+    config_key: String,
+    direction: &'static str,
+    upstream: Upstream,
+    /// Inbound: the local app.
+    app: Option<SocketAddr>,
+}
+
+fn wanted(config: &Config) -> Vec<Wanted> {
+    let mut list = Vec::new();
+    if let Some(inbound) = &config.inbound {
+        list.push(Wanted {
+            key: (inbound.listen, 0),
+            config_key: "inbound.listen".into(),
+            direction: "inbound",
+            upstream: inbound_upstream(&config.service_name, inbound),
+            app: Some(inbound.app),
+        });
+    }
+    for (i, upstream) in config.upstreams.iter().enumerate() {
+        let nth = list
+            .iter()
+            .filter(|w: &&Wanted| w.key.0 == upstream.listen)
+            .count();
+        list.push(Wanted {
+            key: (upstream.listen, nth),
+            config_key: format!("upstreams[{i}].listen"),
+            direction: "outbound",
+            upstream: upstream.clone(),
+            app: None,
+        });
+    }
+    list
+}
+
+async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|source| BindError {
+        key: key.to_owned(),
+        addr,
+        source,
+    })
+}
+
 impl Proxy {
     /// Binds every listener of `config` and starts following the
     /// upstreams' endpoints (nothing is accepted until [`Proxy::run`]).
+    /// A config without listeners makes an idle proxy that a reload can
+    /// give listeners later.
     pub async fn bind(
         config: &Config,
         discovery: Discovery,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, BindError> {
-        let mut clusters = Vec::new();
-        let mut listeners = Vec::new();
-        let bind = |key: String, addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| BindError { key, addr, source })
-        };
-        if let Some(inbound) = &config.inbound {
-            let cluster = Cluster::local(inbound_upstream(config, inbound), inbound.app);
-            let socket = bind("inbound.listen".into(), inbound.listen).await?;
-            clusters.push(("inbound", Arc::clone(&cluster)));
-            listeners.push(Listener {
-                socket,
-                cluster,
-                direction: "inbound",
-            });
-        }
-        for (i, upstream) in config.upstreams.iter().enumerate() {
-            let socket = bind(format!("upstreams[{i}].listen"), upstream.listen).await?;
-            // All instances with their health: the balancer needs the
-            // unhealthy ones for the panic threshold.
-            let endpoints = discovery.service(&upstream.name, false);
-            let cluster = Cluster::follow(upstream.clone(), endpoints, shutdown.clone());
-            clusters.push(("outbound", Arc::clone(&cluster)));
-            listeners.push(Listener {
-                socket,
-                cluster,
-                direction: "outbound",
-            });
-        }
-        Ok(Arc::new(Proxy {
-            clusters,
-            listeners: std::sync::Mutex::new(listeners),
-            settings: config.proxy.clone(),
-            inbound: config.inbound.clone(),
+        let proxy = Arc::new(Proxy {
+            slots: RwLock::default(),
+            unstarted: Mutex::default(),
+            running: AtomicBool::new(false),
+            settings: RwLock::new(config.proxy.clone()),
+            inbound: RwLock::new(config.inbound.clone()),
             discovery,
+            shutdown,
+            reloading: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
             tasks: TaskTracker::new(),
             stop_accepting: CancellationToken::new(),
             stop_now: CancellationToken::new(),
-        }))
+        });
+        let mut slots = Vec::new();
+        for w in wanted(config) {
+            let socket = bind(&w.config_key, w.upstream.listen).await?;
+            slots.push((proxy.new_slot(&w, &socket, config.proxy.access_log), socket));
+        }
+        *proxy.slots.write().unwrap_or_else(|e| e.into_inner()) =
+            slots.iter().map(|(s, _)| Arc::clone(s)).collect();
+        *proxy.unstarted.lock().unwrap_or_else(|e| e.into_inner()) = slots;
+        Ok(proxy)
+    }
+
+    fn new_cluster(&self, w: &Wanted) -> Arc<Cluster> {
+        match w.app {
+            Some(app) => Cluster::local(w.upstream.clone(), app),
+            // All instances with their health: the balancer needs the
+            // unhealthy ones for the panic threshold.
+            None => Cluster::follow(
+                w.upstream.clone(),
+                self.discovery.service(&w.upstream.name, false),
+                self.shutdown.clone(),
+            ),
+        }
+    }
+
+    fn new_slot(&self, w: &Wanted, socket: &TcpListener, access_log: bool) -> Arc<Slot> {
+        let cluster = self.new_cluster(w);
+        Arc::new(Slot {
+            key: w.key,
+            local: socket.local_addr().unwrap_or(w.upstream.listen),
+            route: RwLock::new(Route::new(w.direction, cluster, access_log, &self.stop_now)),
+            closed: CancellationToken::new(),
+        })
+    }
+
+    fn slots(&self) -> Vec<Arc<Slot>> {
+        self.slots.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The addresses actually bound (tests bind port 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .lock()
-            .map(|l| {
-                l.iter()
-                    .filter_map(|l| l.socket.local_addr().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.slots().iter().map(|s| s.local).collect()
     }
 
     /// Starts accepting on every listener.
     pub fn run(self: &Arc<Self>) {
-        let listeners =
-            std::mem::take(&mut *self.listeners.lock().unwrap_or_else(|e| e.into_inner()));
-        for listener in listeners {
-            let proxy = Arc::clone(self);
-            let span = tracing::info_span!("listener", direction = listener.direction, upstream = %listener.cluster.config.name);
-            tracing::info!(parent: &span, address = ?listener.socket.local_addr().ok(), protocol = %listener.cluster.config.protocol, "listening");
-            self.tasks.spawn(tracing::Instrument::instrument(
-                proxy.accept_loop(listener),
-                span,
-            ));
+        self.running.store(true, Ordering::SeqCst);
+        let unstarted =
+            std::mem::take(&mut *self.unstarted.lock().unwrap_or_else(|e| e.into_inner()));
+        for (slot, socket) in unstarted {
+            self.start(slot, socket);
         }
     }
 
-    async fn accept_loop(self: Arc<Self>, listener: Listener) {
-        let Listener {
-            socket,
-            cluster,
-            direction,
-        } = listener;
-        let http = cluster.config.protocol.is_http().then(|| {
-            Arc::new(http::HttpProxy::new(
-                Arc::clone(&cluster),
-                direction,
-                self.settings.access_log,
-            ))
-        });
+    fn start(self: &Arc<Self>, slot: Arc<Slot>, socket: TcpListener) {
+        let route = slot.route();
+        let config = route.cluster.config();
+        let span =
+            tracing::info_span!("listener", direction = route.direction, upstream = %config.name);
+        tracing::info!(parent: &span, address = %slot.local, protocol = %config.protocol, "listening");
+        let proxy = Arc::clone(self);
+        self.tasks.spawn(tracing::Instrument::instrument(
+            proxy.accept_loop(slot, socket),
+            span,
+        ));
+    }
+
+    async fn accept_loop(self: Arc<Self>, slot: Arc<Slot>, socket: TcpListener) {
         let server = server_builder();
         loop {
             let (stream, peer) = tokio::select! {
                 () = self.stop_accepting.cancelled() => return,
+                () = slot.closed.cancelled() => {
+                    tracing::info!(address = %slot.local, "listener removed by a reload; closed");
+                    return;
+                }
                 accepted = socket.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
@@ -234,31 +404,43 @@ impl Proxy {
                     }
                 },
             };
-            let Some(open) = cluster::acquire_owned(&cluster, |g| &g.downstream, usize::MAX) else {
+            // What the listener serves now (a reload may have changed it).
+            let route = slot.route();
+            let Some(open) = cluster::acquire_owned(&route.cluster, |g| &g.downstream, usize::MAX)
+            else {
                 continue;
             };
-            match &http {
+            match &route.http {
                 None => {
                     let stream_task = tcp::proxy_connection(
                         stream,
                         peer,
-                        Arc::clone(&cluster),
-                        direction,
-                        self.settings.access_log,
-                        self.stop_now.clone(),
+                        Arc::clone(&route.cluster),
+                        route.direction,
+                        route.access_log,
+                        route.cut.clone(),
                     );
                     self.tasks.spawn(async move {
                         stream_task.await;
                         drop(open);
                     });
                 }
-                Some(http) => {
+                Some(accepted_with) => {
                     let _ = stream.set_nodelay(true);
-                    let http = Arc::clone(http);
                     let activity = Arc::new(idle::Activity::new(true));
                     let busy = Arc::clone(&activity);
+                    let (slot, accepted_with) = (Arc::clone(&slot), Arc::clone(accepted_with));
+                    let cluster = Arc::clone(&route.cluster);
                     let service = hyper::service::service_fn(move |req| {
-                        let http = Arc::clone(&http);
+                        // A reload that kept the cluster but changed how
+                        // it is served (access log) applies to the next
+                        // request; a replaced route keeps serving its own
+                        // connections until they close.
+                        let now = slot.route();
+                        let http = match &now.http {
+                            Some(h) if Arc::ptr_eq(&now.cluster, &cluster) => Arc::clone(h),
+                            _ => Arc::clone(&accepted_with),
+                        };
                         let busy = busy.busy();
                         async move { Ok::<_, Infallible>(http.handle(req, peer, busy).await) }
                     });
@@ -267,8 +449,9 @@ impl Proxy {
                         .serve_connection_with_upgrades(TokioIo::new(io), service)
                         .into_owned();
                     let graceful = self.stop_accepting.clone();
-                    let stop_now = self.stop_now.clone();
-                    let idle_timeout = cluster.config.idle_timeout;
+                    let retired = route.retired.clone();
+                    let cut = route.cut.clone();
+                    let idle_timeout = route.cluster.config().idle_timeout;
                     self.tasks.spawn(async move {
                         let _open = open;
                         tokio::pin!(connection);
@@ -281,17 +464,115 @@ impl Proxy {
                             }
                             () = activity.idle(HEADER_READ_TIMEOUT, idle_timeout) => return,
                             () = graceful.cancelled() => {}
+                            () = retired.cancelled() => {}
                         }
                         // Finish what is in flight, refuse new requests.
                         connection.as_mut().graceful_shutdown();
                         tokio::select! {
                             _ = connection.as_mut() => {}
-                            () = stop_now.cancelled() => {}
+                            () = cut.cancelled() => {}
                         }
                     });
                 }
             }
         }
+    }
+
+    /// Applies a reloaded config: listeners the new config no longer has
+    /// close (their connections drain), new ones open, listeners whose
+    /// upstream, protocol or app changed get a new route (old connections
+    /// drain), and settings of the same upstream change in place (pooled
+    /// connections, endpoint counters and ejections are kept; requests in
+    /// flight finish under the settings they started with). Every new
+    /// socket is bound first: when one cannot be, nothing changes.
+    pub async fn reload(self: &Arc<Self>, config: &Config) -> Result<ProxyChanges, BindError> {
+        let _one = self.reloading.lock().await;
+        let old_slots = self.slots();
+        let wanted = wanted(config);
+        let mut fresh = Vec::new();
+        for w in &wanted {
+            if !old_slots.iter().any(|s| s.key == w.key) {
+                fresh.push((w.key, bind(&w.config_key, w.upstream.listen).await?));
+            }
+        }
+        // From here on nothing fails.
+        let grace = config.proxy.drain;
+        let access_log = config.proxy.access_log;
+        let mut changes = ProxyChanges::default();
+        let mut slots = Vec::new();
+        let mut to_start = Vec::new();
+        for w in &wanted {
+            let label = format!(
+                "{} {} on {}",
+                w.direction, w.upstream.name, w.upstream.listen
+            );
+            if let Some(pos) = fresh.iter().position(|(k, _)| *k == w.key) {
+                let (_, socket) = fresh.swap_remove(pos);
+                let slot = self.new_slot(w, &socket, access_log);
+                to_start.push((Arc::clone(&slot), socket));
+                slots.push(slot);
+                changes.added.push(label);
+                continue;
+            }
+            let Some(slot) = old_slots.iter().find(|s| s.key == w.key) else {
+                continue;
+            };
+            let route = slot.route();
+            let current = route.cluster.config();
+            let same_identity = route.direction == w.direction
+                && current.name == w.upstream.name
+                && current.protocol == w.upstream.protocol
+                && route.cluster.app == w.app
+                // The pool's idle timeout is fixed when it is made.
+                && (current.idle_timeout == w.upstream.idle_timeout || route.http.is_none());
+            if same_identity {
+                if *current != w.upstream {
+                    route.cluster.reconfigure(w.upstream.clone());
+                    changes.reconfigured.push(label);
+                }
+                if route.access_log != access_log {
+                    // Open connections pick the new one up per request.
+                    slot.set_route(route.with_access_log(access_log, &self.stop_now));
+                }
+            } else {
+                let cluster = self.new_cluster(w);
+                let old =
+                    slot.set_route(Route::new(w.direction, cluster, access_log, &self.stop_now));
+                old.retire(grace);
+                changes.replaced.push(label);
+            }
+            slots.push(Arc::clone(slot));
+        }
+        for slot in &old_slots {
+            if !slots.iter().any(|s| Arc::ptr_eq(s, slot)) {
+                slot.closed.cancel();
+                let route = slot.route();
+                route.retire(grace);
+                changes.removed.push(format!(
+                    "{} {} on {}",
+                    route.direction,
+                    route.cluster.config().name,
+                    slot.local
+                ));
+            }
+        }
+        *self.slots.write().unwrap_or_else(|e| e.into_inner()) = slots;
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = config.proxy.clone();
+        *self.inbound.write().unwrap_or_else(|e| e.into_inner()) = config.inbound.clone();
+        let followed: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
+        self.discovery
+            .retain(|service| followed.iter().any(|n| n == service));
+        if self.running.load(Ordering::SeqCst) && !self.stop_accepting.is_cancelled() {
+            for (slot, socket) in to_start {
+                self.start(slot, socket);
+            }
+        } else {
+            self.unstarted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(to_start);
+        }
+        Ok(changes)
     }
 
     /// Stops accepting, lets in-flight requests finish within the drain
@@ -300,7 +581,11 @@ impl Proxy {
         self.draining.store(true, Ordering::Relaxed);
         self.stop_accepting.cancel();
         self.tasks.close();
-        let grace = self.settings.drain;
+        let grace = self
+            .settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain;
         if tokio::time::timeout(grace, self.tasks.wait())
             .await
             .is_err()
@@ -316,26 +601,52 @@ impl Proxy {
         }
     }
 
+    /// The proxy has listeners (a sidecar without `[inbound]` or
+    /// `[[upstreams]]` has none until a reload adds some).
+    pub fn has_listeners(&self) -> bool {
+        !self
+            .slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// `(direction, cluster)` of every listener, in config order.
+    fn clusters_now(&self) -> Vec<(&'static str, Arc<Cluster>)> {
+        self.slots()
+            .iter()
+            .map(|s| {
+                let route = s.route();
+                (route.direction, Arc::clone(&route.cluster))
+            })
+            .collect()
+    }
+
     /// Every upstream has received its first endpoint set.
     pub fn ready(&self) -> bool {
-        self.clusters.iter().all(|(_, c)| c.table().ready)
+        self.clusters_now().iter().all(|(_, c)| c.table().ready)
     }
 
     /// Prometheus text for `/metrics`.
     pub fn metrics(&self) -> String {
-        let rows = self.clusters.iter().map(|(direction, c)| {
-            let table = c.table();
-            let gauges = ClusterGauges {
-                requests_active: c.gauges.requests.load(Ordering::Relaxed),
-                pending: c.gauges.pending.load(Ordering::Relaxed),
-                connections_active: c.gauges.connections.load(Ordering::Relaxed),
-                downstream_active: c.gauges.downstream.load(Ordering::Relaxed),
-                endpoints: table.endpoints.len(),
-                endpoints_healthy: table.endpoints.iter().filter(|e| e.healthy).count(),
-                endpoints_ejected: table.endpoints.iter().filter(|e| e.ejected()).count(),
-            };
-            (*direction, c.config.name.as_str(), &c.metrics, gauges)
-        });
+        let clusters = self.clusters_now();
+        let configs: Vec<Arc<Upstream>> = clusters.iter().map(|(_, c)| c.config()).collect();
+        let rows = clusters
+            .iter()
+            .zip(&configs)
+            .map(|((direction, c), config)| {
+                let table = c.table();
+                let gauges = ClusterGauges {
+                    requests_active: c.gauges.requests.load(Ordering::Relaxed),
+                    pending: c.gauges.pending.load(Ordering::Relaxed),
+                    connections_active: c.gauges.connections.load(Ordering::Relaxed),
+                    downstream_active: c.gauges.downstream.load(Ordering::Relaxed),
+                    endpoints: table.endpoints.len(),
+                    endpoints_healthy: table.endpoints.iter().filter(|e| e.healthy).count(),
+                    endpoints_ejected: table.endpoints.iter().filter(|e| e.ejected()).count(),
+                };
+                (*direction, config.name.as_str(), &c.metrics, gauges)
+            });
         telemetry::render(
             rows,
             self.discovery.streams(),
@@ -346,16 +657,17 @@ impl Proxy {
     /// `/clusters`: every cluster's endpoints and their state.
     pub fn clusters(&self) -> serde_json::Value {
         let list: Vec<_> = self
-            .clusters
+            .clusters_now()
             .iter()
             .map(|(direction, c)| {
                 let table = c.table();
+                let config = c.config();
                 json!({
-                    "name": c.config.name,
+                    "name": config.name,
                     "direction": direction,
                     "source": c.source,
-                    "protocol": c.config.protocol,
-                    "balance": c.config.balance,
+                    "protocol": config.protocol,
+                    "balance": config.balance,
                     "ready": table.ready,
                     "index": table.index,
                     "panic": c.panicking(),
@@ -378,13 +690,13 @@ impl Proxy {
     /// `/config`: the listeners, their settings and the routing table now.
     pub fn config(&self) -> serde_json::Value {
         let upstreams: Vec<_> = self
-            .clusters
+            .clusters_now()
             .iter()
             .filter(|(direction, _)| *direction == "outbound")
             .map(|(_, c)| {
                 let table = c.table();
                 json!({
-                    "upstream": c.config,
+                    "upstream": *c.config(),
                     "index": table.index,
                     "endpoints": table
                         .endpoints
@@ -395,9 +707,9 @@ impl Proxy {
             })
             .collect();
         json!({
-            "inbound": self.inbound,
+            "inbound": *self.inbound.read().unwrap_or_else(|e| e.into_inner()),
             "upstreams": upstreams,
-            "proxy": self.settings,
+            "proxy": *self.settings.read().unwrap_or_else(|e| e.into_inner()),
         })
     }
 }

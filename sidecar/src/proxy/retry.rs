@@ -21,8 +21,8 @@ const MIN_RETRY_CONCURRENCY: usize = 3;
 /// A slot in the retry budget, or `None` (counted) when it is used up.
 pub fn budget(cluster: &Arc<Cluster>) -> Option<OwnedGauge> {
     let active = cluster.gauges.requests.load(Ordering::Relaxed);
-    let allowed =
-        (active * cluster.config.retries.budget_percent as usize / 100).max(MIN_RETRY_CONCURRENCY);
+    let allowed = (active * cluster.config().retries.budget_percent as usize / 100)
+        .max(MIN_RETRY_CONCURRENCY);
     let slot = acquire_owned(cluster, |g| &g.retries, allowed);
     if slot.is_none() {
         cluster

@@ -23,7 +23,8 @@ impl Cluster {
             return;
         }
         stats.failures.fetch_add(1, Ordering::Relaxed);
-        let policy = &self.config.outlier;
+        let config = self.config();
+        let policy = &config.outlier;
         if policy.consecutive_5xx == 0 {
             return;
         }
@@ -49,6 +50,6 @@ impl Cluster {
             .store(now + for_.as_millis() as u64, Ordering::Relaxed);
         stats.consecutive_failures.store(0, Ordering::Relaxed);
         self.metrics.ejections.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(upstream = %self.config.name, endpoint = %endpoint.key, address = %endpoint.addr, failures = n, ejected_ms = for_.as_millis() as u64, "endpoint ejected after consecutive failures");
+        tracing::warn!(upstream = %config.name, endpoint = %endpoint.key, address = %endpoint.addr, failures = n, ejected_ms = for_.as_millis() as u64, "endpoint ejected after consecutive failures");
     }
 }
