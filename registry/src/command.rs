@@ -82,6 +82,10 @@ pub enum Command {
     /// `parts` pieces whose CRC-32 is `crc`: [`Command::Restore`] at this
     /// index. Refused (nothing changes) otherwise.
     RestoreCommit { id: String, parts: u32, crc: u32 },
+    /// Tombstone GC, proposed by the leader ([`crate::gc`]): drops KV
+    /// tombstones and the indexes of gone services and nodes whose last
+    /// change is at or below `up_to`. Readers never see an index go back.
+    Reap { up_to: u64 },
 }
 
 impl Command {
@@ -104,7 +108,8 @@ impl Command {
             | Command::CatalogDeregister { .. }
             | Command::CheckUpdate { .. }
             | Command::ConfigDelete { .. }
-            | Command::RestoreCommit { .. } => SMALL,
+            | Command::RestoreCommit { .. }
+            | Command::Reap { .. } => SMALL,
         }
     }
 }

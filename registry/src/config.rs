@@ -100,6 +100,10 @@ pub struct Cli {
     /// How long a request waits for a leader before "No cluster leader".
     #[arg(long)]
     pub leader_wait_ms: Option<u64>,
+    /// How long KV tombstones (and indexes of gone services and nodes) are
+    /// kept before they are reaped (default 15 min, as Consul).
+    #[arg(long)]
+    pub tombstone_ttl_ms: Option<u64>,
     /// DNS domain served (default `mesh.`; `consul.` for drop-in use).
     #[arg(long)]
     pub dns_domain: Option<String>,
@@ -152,6 +156,7 @@ pub struct FileConfig {
     pub watch_heartbeat_ms: Option<u64>,
     pub election_timeout_ms: Option<u64>,
     pub leader_wait_ms: Option<u64>,
+    pub tombstone_ttl_ms: Option<u64>,
     pub dns_domain: Option<String>,
     pub dns_node_ttl: Option<u32>,
     pub dns_service_ttl: Option<std::collections::BTreeMap<String, u32>>,
@@ -181,6 +186,7 @@ const FILE_KEYS: &[&str] = &[
     "watch_heartbeat_ms",
     "election_timeout_ms",
     "leader_wait_ms",
+    "tombstone_ttl_ms",
     "dns_domain",
     "dns_node_ttl",
     "dns_service_ttl",
@@ -230,6 +236,8 @@ pub struct Config {
     pub heartbeat: Duration,
     pub election_timeout: Duration,
     pub leader_wait: Duration,
+    /// KV tombstones older than this are reaped ([`crate::gc`]).
+    pub tombstone_ttl: Duration,
     pub dns: DnsSettings,
     pub watch: crate::watch::HubConfig,
     pub log_json: bool,
@@ -359,6 +367,13 @@ impl Config {
         if watch_heartbeat_ms == 0 {
             errors.push("watch_heartbeat_ms: must be at least 1".to_owned());
         }
+        let tombstone_ttl_ms = cli
+            .tombstone_ttl_ms
+            .or(file.tombstone_ttl_ms)
+            .unwrap_or(crate::gc::DEFAULT_TTL.as_millis() as u64);
+        if tombstone_ttl_ms < 100 {
+            errors.push("tombstone_ttl_ms: must be at least 100".to_owned());
+        }
         let heartbeat_ms = cli
             .heartbeat_ms
             .or(file.heartbeat_ms)
@@ -476,6 +491,7 @@ impl Config {
             heartbeat: Duration::from_millis(heartbeat_ms),
             election_timeout: Duration::from_millis(election_ms),
             leader_wait: Duration::from_millis(leader_wait_ms),
+            tombstone_ttl: Duration::from_millis(tombstone_ttl_ms),
             dns,
             watch: crate::watch::HubConfig {
                 heartbeat: Duration::from_millis(watch_heartbeat_ms),

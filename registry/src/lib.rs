@@ -13,6 +13,7 @@ pub mod config;
 pub mod ctl;
 pub mod datadir;
 pub mod dns;
+pub mod gc;
 pub mod health;
 pub mod metrics;
 pub mod node;

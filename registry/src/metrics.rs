@@ -183,12 +183,13 @@ impl Metrics {
     /// The gauges that describe the node, as (name, help, value).
     fn gauges(&self, node: &RegistryNode) -> Vec<(&'static str, &'static str, f64)> {
         let m = node.raft.metrics().borrow().clone();
-        let (services, nodes, keys) = {
+        let (services, nodes, keys, tombstones) = {
             let state = node.state.read();
             (
                 state.catalog.service_names().len(),
                 state.catalog.nodes().count(),
                 state.kv.len(),
+                state.kv.tombstones(),
             )
         };
         vec![
@@ -258,6 +259,11 @@ impl Metrics {
                 nodes as f64,
             ),
             ("meshwork_kv_keys", "Keys in the KV store.", keys as f64),
+            (
+                "meshwork_kv_tombstones",
+                "Deleted keys still remembered (reaped after tombstone_ttl_ms).",
+                tombstones as f64,
+            ),
         ]
     }
 

@@ -144,6 +144,15 @@ pub async fn run(
         .instrument(tracing::info_span!("raft_server")),
     );
 
+    tasks.spawn({
+        let (node, ttl, token) = (Arc::clone(&node), config.tombstone_ttl, shutdown.clone());
+        async move {
+            crate::gc::run(node, ttl, token).await;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("tombstone_gc"))
+    });
+
     // Public gRPC.
     let public = RegistryServer::new(RegistryService {
         node: Arc::clone(&node),

@@ -381,3 +381,105 @@ async fn status_and_agent_self_have_consul_shapes() -> Result<()> {
     cluster.done();
     Ok(())
 }
+
+/// `meshwork_kv_tombstones` on every server.
+async fn tombstones(cluster: &Cluster) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for s in &cluster.servers {
+        let text = cluster
+            .http
+            .get(format!("{}/v1/agent/metrics?format=prometheus", s.http()))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix("meshwork_kv_tombstones "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .ok_or_else(|| anyhow::anyhow!("no meshwork_kv_tombstones in {text}"))?;
+        out.push(value as u64);
+    }
+    Ok(out)
+}
+
+async fn index_of(resp: reqwest::Response) -> Result<u64> {
+    Ok(resp
+        .headers()
+        .get("x-consul-index")
+        .ok_or_else(|| anyhow::anyhow!("no X-Consul-Index"))?
+        .to_str()?
+        .parse()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_keys_are_reaped_after_the_tombstone_ttl_and_indexes_never_go_back() -> Result<()> {
+    let cluster = Cluster::start(3, &["--tombstone-ttl-ms", "800"]).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    let base = cluster.servers[leader].http();
+    let http = &cluster.http;
+    cluster.must_put(leader, "app/a", "1").await?;
+    cluster.must_put(leader, "app/b", "2").await?;
+    let resp = http.delete(format!("{base}/v1/kv/app/b")).send().await?;
+    assert_eq!(resp.status(), 200);
+    let seen = index_of(
+        http.get(format!("{base}/v1/kv/app/?recurse"))
+            .send()
+            .await?,
+    )
+    .await?;
+    let seen_key = index_of(http.get(format!("{base}/v1/kv/app/b")).send().await?).await?;
+    assert_eq!(seen, seen_key, "the prefix's index is the deletion's");
+    // (Followers apply the deletion a moment later; the TTL is longer.)
+    meshwork_tests::wait_for(
+        "one tombstone everywhere",
+        Duration::from_secs(5),
+        || async {
+            let counts = tombstones(&cluster).await.ok()?;
+            counts.iter().all(|n| *n == 1).then_some(())
+        },
+    )
+    .await?;
+
+    // Past the TTL the leader reaps it, through Raft: gone on every server.
+    meshwork_tests::wait_for("tombstones reaped", Duration::from_secs(20), || async {
+        let counts = tombstones(&cluster).await.ok()?;
+        counts.iter().all(|n| *n == 0).then_some(())
+    })
+    .await?;
+    for s in &cluster.servers {
+        let at = s.http();
+        let prefix = index_of(http.get(format!("{at}/v1/kv/app/?recurse")).send().await?).await?;
+        let key = http.get(format!("{at}/v1/kv/app/b")).send().await?;
+        assert_eq!(key.status(), 404);
+        let key = index_of(key).await?;
+        assert!(
+            prefix >= seen && key >= seen,
+            "indexes went back after the reap on {at}: prefix {prefix}, key {key}, seen {seen}"
+        );
+    }
+    // The remaining key is untouched and the prefix still blocks and wakes.
+    assert_eq!(
+        cluster.get_raw(leader, "app/a", "").await?.as_deref(),
+        Some("1")
+    );
+    let now = index_of(
+        http.get(format!("{base}/v1/kv/app/?recurse"))
+            .send()
+            .await?,
+    )
+    .await?;
+    let blocked = tokio::spawn({
+        let (http, url) = (
+            http.clone(),
+            format!("{base}/v1/kv/app/?recurse&index={now}&wait=10s"),
+        );
+        async move { http.get(url).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cluster.must_put(leader, "app/c", "3").await?;
+    let woke = tokio::time::timeout(Duration::from_secs(5), blocked).await???;
+    assert!(index_of(woke).await? > now);
+    cluster.done();
+    Ok(())
+}

@@ -228,6 +228,11 @@ pub struct Catalog {
     nodes_index: u64,
     /// Last change to any check.
     checks_index: u64,
+    /// The highest index of a reaped `service_index`/`node_index` entry
+    /// (of a service or node that no longer exists): a name with no entry
+    /// reports it, so an index a reader saw never goes backwards.
+    #[serde(default)]
+    reaped: u64,
 }
 
 impl Catalog {
@@ -531,6 +536,9 @@ impl Catalog {
         restored.services_list_index = index;
         restored.nodes_index = index;
         restored.checks_index = index;
+        // Ours, not the backup's: an index from another cluster's history
+        // could be ahead of this one's log.
+        restored.reaped = self.reaped;
         *self = restored;
     }
 
@@ -636,11 +644,56 @@ impl Catalog {
     }
 
     pub fn service_index(&self, name: &str) -> u64 {
-        self.service_index.get(name).copied().unwrap_or(0)
+        self.service_index.get(name).copied().unwrap_or(self.reaped)
     }
 
     pub fn node_index(&self, node: &str) -> u64 {
-        self.node_index.get(node).copied().unwrap_or(0)
+        self.node_index.get(node).copied().unwrap_or(self.reaped)
+    }
+
+    /// Index entries of services and nodes that no longer exist, last
+    /// changed at or below `up_to`.
+    fn reapable_entries(&self, up_to: u64) -> (Vec<Named>, Vec<Named>) {
+        let live: std::collections::HashSet<&str> = self
+            .services
+            .values()
+            .flat_map(|s| s.values())
+            .map(|s| s.name.as_str())
+            .collect();
+        let services = self
+            .service_index
+            .iter()
+            .filter(|(name, i)| **i <= up_to && !live.contains(name.as_str()))
+            .map(|(n, i)| (n.clone(), *i))
+            .collect();
+        let nodes = self
+            .node_index
+            .iter()
+            .filter(|(name, i)| **i <= up_to && !self.nodes.contains_key(*name))
+            .map(|(n, i)| (n.clone(), *i))
+            .collect();
+        (services, nodes)
+    }
+
+    /// Some entry [`Catalog::reap`] would drop.
+    pub fn reapable(&self, up_to: u64) -> bool {
+        let (services, nodes) = self.reapable_entries(up_to);
+        !services.is_empty() || !nodes.is_empty()
+    }
+
+    /// Forgets the indexes of services and nodes gone since `up_to` or
+    /// before (the catalog's tombstones); how many.
+    pub fn reap(&mut self, up_to: u64) -> usize {
+        let (services, nodes) = self.reapable_entries(up_to);
+        for (name, index) in &services {
+            self.service_index.remove(name);
+            self.reaped = self.reaped.max(*index);
+        }
+        for (name, index) in &nodes {
+            self.node_index.remove(name);
+            self.reaped = self.reaped.max(*index);
+        }
+        services.len() + nodes.len()
     }
 
     pub fn services_list_index(&self) -> u64 {
@@ -655,6 +708,9 @@ impl Catalog {
         self.checks_index
     }
 }
+
+/// A name and its index.
+type Named = (String, u64);
 
 fn effective_service_id<'a>(check: &'a CheckSpec, service: Option<&'a ServiceSpec>) -> &'a str {
     if check.service_id.is_empty() {
@@ -724,6 +780,27 @@ mod tests {
             c.service_names()["web"].iter().copied().collect::<Vec<_>>(),
             ["v1"]
         );
+    }
+
+    #[test]
+    fn gone_services_and_nodes_are_reaped_without_an_index_going_back() {
+        let mut c = Catalog::default();
+        c.register(5, &reg("n1", Some(("web-1", "web")), vec![]))
+            .expect("register");
+        c.register(6, &reg("n2", Some(("db-1", "db")), vec![]))
+            .expect("register");
+        c.deregister(7, "n2", None, None).expect("node gone");
+        assert_eq!(c.service_index("db"), 7);
+        assert!(!c.reapable(6), "nothing gone at or below 6");
+        assert!(c.reapable(7));
+        assert_eq!(c.reap(7), 2, "db's and n2's index entries");
+        assert!(!c.reapable(100), "live web and n1 are kept");
+        assert_eq!(c.service_index("db"), 7, "never below what was seen");
+        assert_eq!(c.node_index("n2"), 7);
+        assert_eq!(c.service_index("web"), 5, "live entries are exact");
+        c.register(9, &reg("n2", Some(("db-2", "db")), vec![]))
+            .expect("back");
+        assert_eq!(c.service_index("db"), 9);
     }
 
     #[test]

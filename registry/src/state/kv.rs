@@ -1,6 +1,8 @@
 //! The key/value store with Consul's semantics: every entry carries
 //! `CreateIndex`/`ModifyIndex`, deletions leave tombstones so that a
-//! blocking query on a prefix sees a deletion as a change.
+//! blocking query on a prefix sees a deletion as a change. Tombstones older
+//! than the tombstone TTL are reaped ([`crate::gc`]); what a reader saw of
+//! a reaped key's index never goes backwards (see `reaped`).
 
 use imbl::OrdMap;
 use std::ops::Bound;
@@ -32,6 +34,11 @@ pub struct KvStore {
     /// Index of the last change to any key (0 when none yet).
     #[serde(default)]
     last_change: u64,
+    /// The highest deletion index of a reaped tombstone: a key or prefix
+    /// with nothing newer reports it, so an index a reader saw (a reaped
+    /// deletion's) never goes backwards.
+    #[serde(default)]
+    reaped: u64,
 }
 
 impl KvStore {
@@ -121,6 +128,31 @@ impl KvStore {
         }
     }
 
+    /// Drops the tombstones of deletions at or below `up_to`; how many.
+    pub fn reap(&mut self, up_to: u64) -> usize {
+        let doomed: Vec<(String, u64)> = self
+            .tombstones
+            .iter()
+            .filter(|(_, i)| **i <= up_to)
+            .map(|(k, i)| (k.clone(), *i))
+            .collect();
+        for (key, index) in &doomed {
+            self.tombstones.remove(key);
+            self.reaped = self.reaped.max(*index);
+        }
+        doomed.len()
+    }
+
+    /// Some tombstone is at or below `up_to`.
+    pub fn reapable(&self, up_to: u64) -> bool {
+        self.tombstones.values().any(|i| *i <= up_to)
+    }
+
+    /// Tombstones kept.
+    pub fn tombstones(&self) -> usize {
+        self.tombstones.len()
+    }
+
     /// Index of the last change to any key.
     pub fn last_change(&self) -> u64 {
         self.last_change
@@ -141,17 +173,19 @@ impl KvStore {
     }
 
     /// The index a read of `key` reports: its ModifyIndex, or the index of
-    /// its deletion, or 0 when it never existed.
+    /// its deletion, or (never existed, or its tombstone was reaped) the
+    /// highest reaped deletion index (0 before any).
     pub fn key_index(&self, key: &str) -> u64 {
         self.entries
             .get(key)
             .map(|e| e.modify_index)
             .or_else(|| self.tombstones.get(key).copied())
-            .unwrap_or(0)
+            .unwrap_or(self.reaped)
     }
 
     /// The index a read of the prefix reports: the highest ModifyIndex or
-    /// deletion index under it.
+    /// deletion index under it, and at least the highest reaped deletion
+    /// index (a reaped tombstone under the prefix may have counted).
     pub fn prefix_index(&self, prefix: &str) -> u64 {
         let live = self
             .prefix_range(prefix)
@@ -165,7 +199,7 @@ impl KvStore {
             .map(|(_, i)| *i)
             .max()
             .unwrap_or(0);
-        live.max(dead)
+        live.max(dead).max(self.reaped)
     }
 
     /// Keys under `prefix`; with a separator, keys are rolled up to the
@@ -233,6 +267,31 @@ mod tests {
         assert!(!kv.set(4, "a", b"2", 0, Some(7)));
         assert!(kv.set(5, "a", b"2", 0, Some(2)));
         assert_eq!(kv.get("a").map(|e| e.modify_index), Some(5));
+    }
+
+    #[test]
+    fn reaped_tombstones_never_move_an_index_back() {
+        let mut kv = KvStore::default();
+        kv.set(1, "a/x", b"1", 0, None);
+        kv.set(2, "a/y", b"1", 0, None);
+        kv.set(3, "b/z", b"1", 0, None);
+        kv.delete(4, "a/y", None);
+        kv.delete(6, "b/z", None);
+        assert_eq!(kv.prefix_index("a/"), 4);
+        assert!(kv.reapable(5));
+        assert_eq!(kv.reap(5), 1, "only the deletion at or below 5");
+        assert!(!kv.reapable(5));
+        assert_eq!(kv.tombstones(), 1);
+        // Index 4 was seen for `a/` and `a/y`: neither goes below it.
+        assert_eq!(kv.prefix_index("a/"), 4);
+        assert_eq!(kv.key_index("a/y"), 4);
+        assert_eq!(kv.key_index("b/z"), 6, "an unreaped tombstone is exact");
+        assert_eq!(kv.key_index("a/x"), 1, "live keys are exact");
+        assert_eq!(kv.reap(10), 1);
+        assert_eq!(kv.key_index("b/z"), 6);
+        assert_eq!(kv.tombstones(), 0);
+        kv.set(11, "b/z", b"2", 0, None);
+        assert_eq!(kv.key_index("b/z"), 11);
     }
 
     #[test]

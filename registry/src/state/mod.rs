@@ -137,6 +137,10 @@ impl State {
             Command::ConfigDelete { kind, name, cas } => {
                 CommandResponse::Applied(self.config.delete(index, kind, name, *cas))
             }
+            Command::Reap { up_to } => {
+                let reaped = self.kv.reap(*up_to) + self.catalog.reap(*up_to);
+                CommandResponse::Applied(reaped > 0)
+            }
             Command::SetClusterId { id } => {
                 if self.cluster_id.is_some() {
                     CommandResponse::Applied(false)
