@@ -230,8 +230,9 @@ pub fn channels(
     )
 }
 
-/// The local checks of `config`; a check already known by id keeps its
-/// state (a reload does not flap it back to critical).
+/// The local checks of `config`; a check already known by id that probes
+/// the same thing keeps its state (a reload does not flap it back to
+/// critical). A changed probe starts over, as Consul's agent does.
 fn local_checks(config: &Config, before: Vec<LocalCheck>) -> Vec<LocalCheck> {
     let mut before: HashMap<String, LocalCheck> = before
         .into_iter()
@@ -240,7 +241,7 @@ fn local_checks(config: &Config, before: Vec<LocalCheck>) -> Vec<LocalCheck> {
     config
         .checks
         .iter()
-        .map(|c| match before.remove(&c.id) {
+        .map(|c| match before.remove(&c.id).filter(|b| b.config.probe == c.probe) {
             Some(kept) => LocalCheck {
                 config: c.clone(),
                 ..kept
