@@ -241,21 +241,23 @@ fn local_checks(config: &Config, before: Vec<LocalCheck>) -> Vec<LocalCheck> {
     config
         .checks
         .iter()
-        .map(|c| match before.remove(&c.id).filter(|b| b.config.probe == c.probe) {
-            Some(kept) => LocalCheck {
-                config: c.clone(),
-                ..kept
+        .map(
+            |c| match before.remove(&c.id).filter(|b| b.config.probe == c.probe) {
+                Some(kept) => LocalCheck {
+                    config: c.clone(),
+                    ..kept
+                },
+                None => LocalCheck {
+                    config: c.clone(),
+                    // Consul's default until the first result.
+                    status: HealthStatus::Critical,
+                    output: "not run yet".into(),
+                    streak: 0,
+                    streak_status: HealthStatus::Critical,
+                    reported: true,
+                },
             },
-            None => LocalCheck {
-                config: c.clone(),
-                // Consul's default until the first result.
-                status: HealthStatus::Critical,
-                output: "not run yet".into(),
-                streak: 0,
-                streak_status: HealthStatus::Critical,
-                reported: true,
-            },
-        })
+        )
         .collect()
 }
 

@@ -1237,45 +1237,31 @@ fn check_units(c: &Container) -> Result<()> {
             Ok(())
         },
     )?;
-    // systemctl reload: the same process rereads its config.
-    let pid_before = c.show(registry)?["MainPID"].clone();
-    c.exec(&["systemctl", "reload", registry], 30)?
-        .ok("systemctl reload")?;
-    eventually("the reload in the journal", Duration::from_secs(20), || {
-        let journal = c
-            .exec(
-                &["journalctl", "--no-pager", "-o", "cat", "-u", registry],
-                20,
-            )?
-            .ok("journalctl")?;
-        ensure!(journal.stdout.contains("reloaded"), "not yet");
+    // systemctl reload: the same process rereads its config (registry and
+    // sidecar alike).
+    let reload_in_place = |unit: &str, logged: &str| -> Result<()> {
+        let pid_before = c.show(unit)?["MainPID"].clone();
+        c.exec(&["systemctl", "reload", unit], 30)?
+            .ok("systemctl reload")?;
+        eventually(
+            &format!("{unit}'s reload in the journal"),
+            Duration::from_secs(20),
+            || {
+                let journal = c
+                    .exec(&["journalctl", "--no-pager", "-o", "cat", "-u", unit], 20)?
+                    .ok("journalctl")?;
+                ensure!(journal.stdout.contains(logged), "not yet");
+                Ok(())
+            },
+        )?;
+        let show = c.show(unit)?;
+        assert_eq!(show["SubState"], "running", "{show:?}");
+        assert_eq!(show["MainPID"], pid_before, "reload restarted it: {show:?}");
         Ok(())
-    })?;
-    let show = c.show(registry)?;
-    assert_eq!(show["SubState"], "running", "{show:?}");
-    assert_eq!(show["MainPID"], pid_before, "reload restarted it: {show:?}");
-    assert_eq!(show["NRestarts"], "1", "{show:?}");
-    // systemctl reload of the sidecar: the same process rereads its file.
-    let pid_before = c.show(sidecar)?["MainPID"].clone();
-    c.exec(&["systemctl", "reload", sidecar], 30)?
-        .ok("systemctl reload")?;
-    eventually(
-        "the sidecar's reload in the journal",
-        Duration::from_secs(20),
-        || {
-            let journal = c
-                .exec(
-                    &["journalctl", "--no-pager", "-o", "cat", "-u", sidecar],
-                    20,
-                )?
-                .ok("journalctl")?;
-            ensure!(journal.stdout.contains("config reloaded"), "not yet");
-            Ok(())
-        },
-    )?;
-    let show = c.show(sidecar)?;
-    assert_eq!(show["SubState"], "running", "{show:?}");
-    assert_eq!(show["MainPID"], pid_before, "reload restarted it: {show:?}");
+    };
+    reload_in_place(registry, "reloaded")?;
+    assert_eq!(c.show(registry)?["NRestarts"], "1");
+    reload_in_place(sidecar, "config reloaded")?;
 
     // Stopping the sidecar deregisters its instance.
     c.exec(&["systemctl", "stop", sidecar], 60)?
