@@ -30,6 +30,12 @@ pub struct ServerHealth {
     /// Since the server last answered the leader (`None`: never).
     pub last_contact_ms: Option<u64>,
     pub healthy: bool,
+    /// Its node name and version when the leader has heard them (absent
+    /// from older leaders' answers).
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 impl RegistryNode {
@@ -73,6 +79,11 @@ impl RegistryNode {
             .members()
             .into_iter()
             .map(|m| {
+                let info = self.channels.directory.get(m.id);
+                let (name, version) = (
+                    info.as_ref().map(|s| s.name.clone()),
+                    info.map(|s| s.version),
+                );
                 if m.id == self.id {
                     return ServerHealth {
                         id: m.id,
@@ -83,6 +94,8 @@ impl RegistryNode {
                         last_term: metrics.current_term,
                         last_contact_ms: Some(0),
                         healthy: true,
+                        name,
+                        version,
                     };
                 }
                 let matched = replication.get(&m.id).copied().flatten();
@@ -99,6 +112,8 @@ impl RegistryNode {
                     last_term: matched.map_or(0, |l| l.leader_id.term),
                     last_contact_ms: contact.map(|c| c.as_millis() as u64),
                     healthy,
+                    name,
+                    version,
                 }
             })
             .collect();

@@ -60,6 +60,18 @@ pub struct Member {
     pub id: NodeId,
     pub raft_addr: String,
     pub voter: bool,
+    /// Its node name, once this server has heard of it
+    /// ([`crate::raft::directory`]).
+    pub name: Option<String>,
+}
+
+impl Member {
+    /// Its name, or `meshwork-<id>` while unknown.
+    pub fn display_name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("meshwork-{}", self.id))
+    }
 }
 
 /// Handle shared by every API of one server.
@@ -179,6 +191,7 @@ impl RegistryNode {
                 id: *id,
                 raft_addr: node.addr.clone(),
                 voter: voters.contains(id),
+                name: self.channels.directory.get(*id).map(|s| s.name),
             })
             .collect()
     }

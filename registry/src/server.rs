@@ -98,7 +98,13 @@ pub async fn run(
     .map_err(|e| ServerError::RaftConfig(e.to_string()))?;
 
     let network = NetworkFactory {
-        channels: PeerChannels::new(identity),
+        channels: PeerChannels::new(
+            identity,
+            Arc::new(crate::raft::directory::Directory::new(
+                config.node_id,
+                config.node_name.clone(),
+            )),
+        ),
     };
     let channels = network.channels.clone();
     let raft: Raft = openraft::Raft::<TypeConfig>::new(

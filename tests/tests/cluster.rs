@@ -508,3 +508,61 @@ async fn a_leader_without_quorum_fails_writes_in_bounded_time() -> Result<()> {
     cluster.done();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_server_knows_the_others_by_name_and_version() -> Result<()> {
+    let mut cluster = Cluster::new(3, &[])?;
+    for (i, server) in cluster.servers.iter_mut().enumerate() {
+        server.start(&["--node-name".into(), format!("reg-{}", ["a", "b", "c"][i])])?;
+    }
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await?;
+    // Followers learn the others through the leader's heartbeats.
+    for i in 0..3 {
+        let base = cluster.servers[i].http();
+        wait_for(
+            &format!("names in server {i}'s raft configuration"),
+            Duration::from_secs(10),
+            || async {
+                let config: serde_json::Value = cluster
+                    .http
+                    .get(format!("{base}/v1/operator/raft/configuration?stale"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                let mut names: Vec<String> = config["Servers"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|s| s["Node"].as_str().map(str::to_owned))
+                    .collect();
+                names.sort();
+                (names == ["reg-a", "reg-b", "reg-c"]).then_some(())
+            },
+        )
+        .await?;
+    }
+    let health: serde_json::Value = cluster
+        .http
+        .get(format!(
+            "{}/v1/operator/autopilot/health",
+            cluster.servers[leader].http()
+        ))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let servers = health["Servers"].as_array().context("Servers")?;
+    ensure!(servers.len() == 3, "{health}");
+    for s in servers {
+        let name = s["Name"].as_str().unwrap_or_default();
+        ensure!(name.starts_with("reg-"), "{health}");
+        ensure!(
+            s["Version"] == env!("CARGO_PKG_VERSION"),
+            "every server reports its version: {health}"
+        );
+    }
+    cluster.done();
+    Ok(())
+}

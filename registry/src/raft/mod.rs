@@ -5,6 +5,7 @@
 // openraft's `StorageError` is large, and its storage traits dictate it.
 #![allow(clippy::result_large_err)]
 
+pub mod directory;
 pub mod identity;
 pub mod log_store;
 pub mod network;

@@ -23,6 +23,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
+use super::directory::Directory;
 use super::identity::ClusterIdentity;
 use super::{NodeId, TypeConfig};
 
@@ -37,22 +38,33 @@ const MAX_APPEND_BYTES: usize = 512 * 1024;
 /// Lazily connected channels to other servers, keyed by Raft address.
 /// A channel reconnects by itself, so one per address is kept for the life
 /// of the process.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// When each peer last answered an AppendEntries (on the leader).
     contacts: Arc<Mutex<HashMap<NodeId, std::time::Instant>>>,
     /// Stamped on every request; checked by the receiving server.
     pub identity: Arc<ClusterIdentity>,
+    /// The servers' names and versions, exchanged on every request.
+    pub directory: Arc<Directory>,
 }
 
 impl PeerChannels {
-    pub fn new(identity: Arc<ClusterIdentity>) -> Self {
+    pub fn new(identity: Arc<ClusterIdentity>, directory: Arc<Directory>) -> Self {
         Self {
             channels: Arc::default(),
             contacts: Arc::default(),
             identity,
+            directory,
         }
+    }
+
+    /// Checks an incoming internal request (cluster id) and learns the
+    /// sender's directory.
+    pub fn accept<T>(&self, request: &tonic::Request<T>) -> Result<(), tonic::Status> {
+        self.identity.check(request)?;
+        self.directory.absorb(request.metadata());
+        Ok(())
     }
 
     /// How long ago `peer` last answered an AppendEntries from this server.
@@ -61,9 +73,11 @@ impl PeerChannels {
         contacts.get(&peer).map(|at| at.elapsed())
     }
 
-    /// A request stamped with this server's cluster id.
+    /// A request stamped with this server's cluster id and directory.
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
-        self.identity.request(message)
+        let mut request = self.identity.request(message);
+        self.directory.stamp(request.metadata_mut());
+        request
     }
 
     /// The client for the server at `addr` (`host:port`).
@@ -105,8 +119,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             addr: node.addr.clone(),
             client: self.channels.client(&node.addr).map_err(|e| e.to_string()),
-            identity: Arc::clone(&self.channels.identity),
-            contacts: Arc::clone(&self.channels.contacts),
+            channels: self.channels.clone(),
         }
     }
 }
@@ -118,8 +131,8 @@ pub struct PeerClient {
     addr: String,
     /// An address that is not a valid URI fails every call (and says so).
     client: Result<RaftInternalClient<Channel>, String>,
-    identity: Arc<ClusterIdentity>,
-    contacts: Arc<Mutex<HashMap<NodeId, std::time::Instant>>>,
+    /// For the identity and directory stamps and the contact times.
+    channels: PeerChannels,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
@@ -147,7 +160,7 @@ impl PeerClient {
             }
         };
         let data = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut request = self.identity.request(RaftPayload { data });
+        let mut request = self.channels.request(RaftPayload { data });
         request.set_timeout(option.hard_ttl());
         let reply = match method {
             Method::AppendEntries => client.append_entries(request).await,
@@ -162,6 +175,7 @@ impl PeerClient {
             }
             _ => RPCError::Network(NetworkError::new(&status)),
         })?;
+        self.channels.directory.absorb(reply.metadata());
         let result: Result<Resp, RaftError<NodeId, E>> =
             serde_json::from_slice(&reply.into_inner().data)
                 .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
@@ -212,7 +226,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         };
         let reply = self.call(Method::AppendEntries, &rpc, &option).await;
         if reply.is_ok() {
-            let mut contacts = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+            let mut contacts = self
+                .channels
+                .contacts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             contacts.insert(self.target, std::time::Instant::now());
         }
         match (reply, truncated_to) {

@@ -47,17 +47,20 @@ impl RaftInternal for InternalService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        self.node.channels.identity.check(&request)?;
+        self.node.channels.accept(&request)?;
         let req = decode(request.get_ref())?;
         let result = self.node.raft.append_entries(req).await;
         if matches!(&result, Ok(resp) if !matches!(resp, AppendEntriesResponse::HigherVote(_))) {
             self.node.touch_leader_contact();
         }
-        encode(&result)
+        // The leader learns its followers' directory from their answers.
+        let mut response = encode(&result)?;
+        self.node.channels.directory.stamp(response.metadata_mut());
+        Ok(response)
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        self.node.channels.identity.check(&request)?;
+        self.node.channels.accept(&request)?;
         let req = decode(request.get_ref())?;
         encode(&self.node.raft.vote(req).await)
     }
@@ -66,7 +69,7 @@ impl RaftInternal for InternalService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        self.node.channels.identity.check(&request)?;
+        self.node.channels.accept(&request)?;
         let req = decode(request.get_ref())?;
         let result = self.node.raft.install_snapshot(req).await;
         if result.is_ok() {
@@ -79,7 +82,7 @@ impl RaftInternal for InternalService {
         &self,
         request: Request<ForwardWriteRequest>,
     ) -> Result<Response<ForwardWriteReply>, Status> {
-        self.node.channels.identity.check(&request)?;
+        self.node.channels.accept(&request)?;
         let command: Command = serde_json::from_slice(&request.get_ref().command)
             .map_err(|e| Status::invalid_argument(format!("undecodable command: {e}")))?;
         let reply = match self.node.write_local(command).await {
@@ -107,7 +110,7 @@ impl RaftInternal for InternalService {
         &self,
         request: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexReply>, Status> {
-        self.node.channels.identity.check(&request)?;
+        self.node.channels.accept(&request)?;
         let deadline = tokio::time::Instant::now() + self.node.leader_wait;
         let reply = match self
             .node
@@ -132,7 +135,7 @@ impl RaftInternal for InternalService {
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
-        self.node.channels.identity.check(&request)?;
+        self.node.channels.accept(&request)?;
         // Any server takes a join: it forwards to the leader if need be.
         let req = request.into_inner();
         let result = self.node.add_server(req.node_id, req.raft_addr).await;
@@ -145,7 +148,7 @@ impl RaftInternal for InternalService {
         &self,
         request: Request<RemoveServerRequest>,
     ) -> Result<Response<JoinReply>, Status> {
-        self.node.channels.identity.check(&request)?;
+        self.node.channels.accept(&request)?;
         let result = self.node.remove_server(request.get_ref().node_id).await;
         Ok(Response::new(membership_reply(
             result.map_err(WriteAttempt::Failed),
@@ -156,7 +159,7 @@ impl RaftInternal for InternalService {
         &self,
         request: Request<TouchSessionsRequest>,
     ) -> Result<Response<TouchSessionsReply>, Status> {
-        self.node.channels.identity.check(&request)?;
+        self.node.channels.accept(&request)?;
         let leader = self.node.is_leader();
         if leader {
             for name in request.into_inner().nodes {
@@ -171,7 +174,7 @@ impl RaftInternal for InternalService {
         &self,
         request: Request<ServerHealthRequest>,
     ) -> Result<Response<ServerHealthReply>, Status> {
-        self.node.channels.identity.check(&request)?;
+        self.node.channels.accept(&request)?;
         // Only the leader answers: a follower forwarding again could loop.
         Ok(Response::new(server_health_reply(
             self.node.server_health_local(),

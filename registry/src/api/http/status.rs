@@ -44,7 +44,7 @@ pub async fn raft_configuration(
         .map(|m| {
             json!({
                 "ID": m.id.to_string(),
-                "Node": if m.id == app.node.id { app.node_name.to_string() } else { format!("meshwork-{}", m.id) },
+                "Node": m.display_name(),
                 "Address": m.raft_addr,
                 "Leader": Some(m.id) == leader,
                 "Voter": m.voter,
@@ -135,7 +135,8 @@ pub async fn autopilot_health(State(app): State<AppState>) -> Result<Response, A
         "FailureTolerance": healthy_voters.saturating_sub(quorum),
         "Servers": servers.iter().map(|s| json!({
             "ID": s.id.to_string(),
-            "Name": if s.id == app.node.id { app.node_name.to_string() } else { format!("meshwork-{}", s.id) },
+            "Name": s.name.clone().unwrap_or_else(|| format!("meshwork-{}", s.id)),
+            "Version": s.version.clone().unwrap_or_default(),
             "Address": s.raft_addr,
             "Leader": s.leader,
             "Voter": s.voter,
