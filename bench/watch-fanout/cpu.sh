@@ -6,6 +6,8 @@
 # the baseline cost of a write. Prints µs per subscriber per change.
 #
 #   bash bench/watch-fanout/cpu.sh [N=3000] [W=20] [CONNS=32]
+# SYSCALLS=1 also counts the server's syscalls during the writes.
+# PERF_OUT=FILE also records a perf profile of the server during the writes.
 set -euo pipefail
 N=${1:-3000}; W=${2:-20}; CONNS=${CONNS:-32}
 DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -44,7 +46,17 @@ done
 [ "${n:-0}" = "$N" ] || { echo "only ${n:-0} subscribers"; exit 1; }
 sleep 1
 held_idle=$(idle $(awk -v w="$W" 'BEGIN{print w*0.2+0.5}'))   # CPU of the held streams alone (heartbeats etc.)
+if [ -n "${SYSCALLS:-}" ]; then
+    perf stat -e syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex -p "$SRV" -o "$WORK/stat" &
+    PERF_PID=$!; sleep 0.5
+fi
+if [ -n "${PERF_OUT:-}" ]; then
+    perf record -F 2000 -g --call-graph dwarf,16384 -p "$SRV" -o "$PERF_OUT" 2>/dev/null &
+    PERF_PID=$!; sleep 0.5
+fi
 with=$(writes held)
+if [ -n "${PERF_OUT:-}${SYSCALLS:-}" ]; then kill -INT "$PERF_PID"; wait "$PERF_PID" || true; fi
+[ -n "${SYSCALLS:-}" ] && grep syscalls "$WORK/stat"
 awk -v n="$N" -v w="$W" -v t="$tck" -v base="$base" -v with="$with" -v idle="$held_idle" 'BEGIN{
     per = (with - base - idle) / t / w / n * 1e6;
     printf "N=%d W=%d: writes alone %.3f s, held idle %.3f s, writes with N held %.3f s -> %.2f us CPU per subscriber per change\n",
