@@ -163,16 +163,9 @@ pub async fn run(
     let public = RegistryServer::new(RegistryService {
         node: Arc::clone(&node),
     });
+    // The hub's task runs on the public gRPC server's thread (below).
     let hub = crate::watch::Hub::new(Arc::clone(&node.state), config.watch.clone());
-    tasks.spawn({
-        let (hub, token) = (Arc::clone(&hub), shutdown.clone());
-        async move {
-            hub.run(token).await;
-            Ok(())
-        }
-        .instrument(tracing::info_span!("watch_hub"))
-    });
-    let watch = crate::api::grpc::watch::WatchServer::new(hub, shutdown.clone());
+    let watch = crate::api::grpc::watch::WatchServer::new(Arc::clone(&hub), shutdown.clone());
     tasks.spawn({
         let (mut raft_metrics, token) = (node.raft.metrics(), shutdown.clone());
         async move {
@@ -206,24 +199,43 @@ pub async fn run(
             node: Arc::clone(&node),
             sessions,
         });
+    // The public gRPC server and the watch hub's task run on a thread of
+    // their own with a single-threaded runtime. A watch change wakes every
+    // subscriber's stream task at once, from the same thread, so they go
+    // into its local run queue in order; each queues its DATA frame and
+    // wakes its connection's task, which is queued behind them and then
+    // writes all of its frames in one syscall. On the multi-threaded
+    // runtime the connection task, woken by the first stream, takes the
+    // worker's LIFO slot and runs right after every single stream (and
+    // tasks woken from another thread arrive through the injection queue,
+    // one at a time): one write(2) per subscriber, most of the cost of a
+    // fan-out.
     let token = shutdown.clone();
-    tasks.spawn(
-        async move {
-            tonic::transport::Server::builder()
-                .layer(crate::api::grpc::metrics::GrpcMetricsLayer)
-                .add_service(public)
-                .add_service(watch)
-                .add_service(agent)
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listeners.grpc)
-                        .with_nodelay(Some(true)),
-                    token.cancelled_owned(),
-                )
-                .await
-                .map_err(|e| ServerError::Serve("grpc", e.to_string()))
-        }
-        .instrument(tracing::info_span!("grpc_server")),
-    );
+    let grpc_listener = listeners
+        .grpc
+        .into_std()
+        .map_err(|e| ServerError::Serve("grpc", e.to_string()))?;
+    let (grpc_done, grpc_result) = tokio::sync::oneshot::channel();
+    let span = tracing::info_span!("grpc_server");
+    std::thread::Builder::new()
+        .name("grpc-public".into())
+        .spawn(move || {
+            let _ = grpc_done.send(serve_public_grpc(
+                grpc_listener,
+                hub,
+                public,
+                watch,
+                agent,
+                token,
+                span,
+            ));
+        })
+        .map_err(|e| ServerError::Serve("grpc", e.to_string()))?;
+    tasks.spawn(async move {
+        grpc_result
+            .await
+            .unwrap_or_else(|_| Err(ServerError::Serve("grpc", "server thread died".into())))
+    });
 
     // REST.
     let app = http::router(AppState {
@@ -385,6 +397,51 @@ pub async fn run(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Serves the public gRPC port and runs the watch hub on the calling
+/// thread (see `run`) until `shutdown`, plus the grace period for open calls.
+fn serve_public_grpc(
+    listener: std::net::TcpListener,
+    hub: Arc<crate::watch::Hub>,
+    public: RegistryServer<RegistryService>,
+    watch: crate::api::grpc::watch::WatchServer,
+    agent: meshwork_proto::v1::agent_server::AgentServer<crate::api::grpc::agent::AgentService>,
+    shutdown: CancellationToken,
+    span: tracing::Span,
+) -> Result<(), ServerError> {
+    let serve_error = |e: &dyn std::fmt::Display| ServerError::Serve("grpc", e.to_string());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| serve_error(&e))?;
+    runtime.block_on(
+        async move {
+            let listener = TcpListener::from_std(listener).map_err(|e| serve_error(&e))?;
+            tokio::spawn(
+                hub.run(shutdown.clone())
+                    .instrument(tracing::info_span!("watch_hub")),
+            );
+            let serve = tonic::transport::Server::builder()
+                .layer(crate::api::grpc::metrics::GrpcMetricsLayer)
+                .add_service(public)
+                .add_service(watch)
+                .add_service(agent)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown.clone().cancelled_owned(),
+                );
+            tokio::select! {
+                served = serve => served.map_err(|e| serve_error(&e)),
+                // Past the grace `run` gives every task, drop what is left.
+                () = async {
+                    shutdown.cancelled().await;
+                    tokio::time::sleep(SHUTDOWN_GRACE).await;
+                } => Ok(()),
+            }
+        }
+        .instrument(span),
+    )
 }
 
 /// Bootstraps a new cluster, joins a running one, or does nothing when

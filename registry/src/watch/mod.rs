@@ -58,18 +58,31 @@ impl Default for HubConfig {
     }
 }
 
+/// `event` as one gRPC length-prefixed message (the 5-byte prefix, then
+/// the encoded `WatchEvent`): what goes into a DATA frame as it is, so every
+/// subscriber sends the same bytes without copying them.
+pub fn grpc_frame(event: &WatchEvent) -> Bytes {
+    let len = event.encoded_len();
+    let mut buf = Vec::with_capacity(5 + len);
+    buf.push(0); // not compressed
+    buf.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    event.encode_raw(&mut buf);
+    Bytes::from(buf)
+}
+
 /// One encoded `WatchEvent` and the index it carries.
 #[derive(Debug, Clone)]
 pub struct Encoded {
     pub index: u64,
-    pub bytes: Bytes,
+    /// The event as a gRPC message, prefix included ([`grpc_frame`]).
+    pub frame: Bytes,
 }
 
 impl Encoded {
     fn new(event: &WatchEvent) -> Arc<Self> {
         Arc::new(Self {
             index: event.index,
-            bytes: Bytes::from(event.encode_to_vec()),
+            frame: grpc_frame(event),
         })
     }
 }
@@ -98,29 +111,23 @@ impl FeedInner {
             .chunks(chunk.max(1))
             .enumerate()
             .map(|(i, part)| {
-                Bytes::from(
-                    WatchEvent {
-                        kind: Kind::Snapshot as i32,
-                        index: self.index,
-                        reset: i == 0,
-                        resumed: false,
-                        changes: part.iter().map(|c| (*c).clone()).collect(),
-                    }
-                    .encode_to_vec(),
-                )
+                grpc_frame(&WatchEvent {
+                    kind: Kind::Snapshot as i32,
+                    index: self.index,
+                    reset: i == 0,
+                    resumed: false,
+                    changes: part.iter().map(|c| (*c).clone()).collect(),
+                })
             })
             .collect();
         if encoded.is_empty() {
             // An empty topic still resets the client.
-            encoded.push(Bytes::from(
-                WatchEvent {
-                    kind: Kind::Snapshot as i32,
-                    index: self.index,
-                    reset: true,
-                    ..Default::default()
-                }
-                .encode_to_vec(),
-            ));
+            encoded.push(grpc_frame(&WatchEvent {
+                kind: Kind::Snapshot as i32,
+                index: self.index,
+                reset: true,
+                ..Default::default()
+            }));
         }
         let snapshot: Arc<[Bytes]> = encoded.into();
         self.snapshot = Some(Arc::clone(&snapshot));
@@ -211,9 +218,13 @@ pub enum SubscribeError {
         "this server has applied up to index {applied}, behind since_index {since}; retry or use another server"
     )]
     Behind { applied: u64, since: u64 },
+    #[error("server shutting down; subscribe elsewhere")]
+    ShuttingDown,
 }
 
-/// A started subscription: what to send first, then the live feed.
+/// A started subscription: what to send first, then the live feed. Every
+/// `Bytes` here is a whole gRPC message, prefix included ([`grpc_frame`]).
+/// The live channel closes when the server shuts down.
 #[derive(Debug)]
 pub struct Subscription {
     pub initial: Vec<Bytes>,
@@ -221,27 +232,29 @@ pub struct Subscription {
     pub index: u64,
     pub live: broadcast::Receiver<Arc<Encoded>>,
     pub heartbeat: Duration,
-    processed: Arc<AtomicU64>,
+    pub processed: Processed,
+}
+
+/// The applied index up to which the hub has published every change.
+#[derive(Debug, Clone)]
+pub struct Processed(Arc<AtomicU64>);
+
+impl Processed {
+    /// Read it *before* finding the live channel empty: then every change
+    /// up to it has been received.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 impl Subscription {
-    /// The applied index up to which every change has been published.
-    /// Read it *before* finding the live channel empty: then every change
-    /// up to it has been received.
-    pub fn processed(&self) -> u64 {
-        self.processed.load(Ordering::Acquire)
-    }
-
     /// A heartbeat: nothing changed in the topic up to `index`.
     pub fn heartbeat_event(index: u64) -> Bytes {
-        Bytes::from(
-            WatchEvent {
-                kind: Kind::Heartbeat as i32,
-                index,
-                ..Default::default()
-            }
-            .encode_to_vec(),
-        )
+        grpc_frame(&WatchEvent {
+            kind: Kind::Heartbeat as i32,
+            index,
+            ..Default::default()
+        })
     }
 }
 
@@ -251,7 +264,9 @@ pub struct Hub {
     state: Arc<SharedState>,
     /// The applied index the feeds were last brought up to.
     processed: Arc<AtomicU64>,
-    feeds: Mutex<HashMap<Topic, Arc<Feed>>>,
+    /// `None` once the hub has shut down: dropping the feeds closed every
+    /// subscriber's channel, and no new subscription starts.
+    feeds: Mutex<Option<HashMap<Topic, Arc<Feed>>>>,
     config: HubConfig,
 }
 
@@ -260,14 +275,14 @@ impl Hub {
         Arc::new(Self {
             processed: Arc::new(AtomicU64::new(state.applied_index())),
             state,
-            feeds: Mutex::new(HashMap::new()),
+            feeds: Mutex::new(Some(HashMap::new())),
             config,
         })
     }
 
     /// Number of topics with a feed (for metrics and tests).
     pub fn feeds(&self) -> usize {
-        lock(&self.feeds).len()
+        lock(&self.feeds).as_ref().map_or(0, HashMap::len)
     }
 
     /// Starts a subscription to `topic` after `since_index` (0 = none).
@@ -294,6 +309,9 @@ impl Hub {
         }
         let feed = {
             let mut feeds = lock(&self.feeds);
+            let Some(feeds) = feeds.as_mut() else {
+                return Err(SubscribeError::ShuttingDown);
+            };
             match feeds.get(&topic) {
                 Some(feed) => Arc::clone(feed),
                 None => {
@@ -326,22 +344,19 @@ impl Hub {
                     .history
                     .iter()
                     .filter(|e| e.index > since_index)
-                    .map(|e| e.bytes.clone()),
+                    .map(|e| e.frame.clone()),
             );
         } else if let Some(past) = &past {
             // One CHANGE with everything that differs, at the topic's index.
             let changes = feed.topic.diff(&feed.topic.contents(past), &inner.contents);
             if !changes.is_empty() {
-                initial.push(Bytes::from(
-                    WatchEvent {
-                        kind: Kind::Change as i32,
-                        index: inner.index.max(since_index + 1),
-                        reset: false,
-                        resumed: false,
-                        changes,
-                    }
-                    .encode_to_vec(),
-                ));
+                initial.push(grpc_frame(&WatchEvent {
+                    kind: Kind::Change as i32,
+                    index: inner.index.max(since_index + 1),
+                    reset: false,
+                    resumed: false,
+                    changes,
+                }));
             }
         } else {
             initial.extend(inner.snapshot(self.config.snapshot_chunk).iter().cloned());
@@ -351,28 +366,33 @@ impl Hub {
         } else {
             inner.index
         };
-        initial.push(Bytes::from(
-            WatchEvent {
-                kind: Kind::EndOfSnapshot as i32,
-                index,
-                reset: false,
-                resumed: resumable,
-                changes: Vec::new(),
-            }
-            .encode_to_vec(),
-        ));
+        initial.push(grpc_frame(&WatchEvent {
+            kind: Kind::EndOfSnapshot as i32,
+            index,
+            reset: false,
+            resumed: resumable,
+            changes: Vec::new(),
+        }));
         Ok(Subscription {
             initial,
             index,
             live,
             heartbeat: self.config.heartbeat,
-            processed: Arc::clone(&self.processed),
+            processed: Processed(Arc::clone(&self.processed)),
         })
     }
 
     /// Keeps every feed current until `shutdown`. Runs on its own task; it
-    /// only ever takes the state's read lock.
+    /// only ever takes the state's read lock. When it returns, every feed
+    /// is dropped, which closes every subscriber's channel (their streams
+    /// end with UNAVAILABLE), and no new subscription starts.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        self.follow(shutdown).await;
+        let feeds = lock(&self.feeds).take();
+        drop(feeds);
+    }
+
+    async fn follow(&self, shutdown: CancellationToken) {
         let mut applied = self.state.subscribe();
         loop {
             tokio::select! {
@@ -385,7 +405,10 @@ impl Hub {
                 () = shutdown.cancelled() => return,
             }
             applied.borrow_and_update();
-            let feeds: Vec<Arc<Feed>> = lock(&self.feeds).values().cloned().collect();
+            let feeds: Vec<Arc<Feed>> = match lock(&self.feeds).as_ref() {
+                Some(feeds) => feeds.values().cloned().collect(),
+                None => return,
+            };
             {
                 let state = self.state.read();
                 for feed in &feeds {
@@ -400,7 +423,11 @@ impl Hub {
     fn drop_idle_feeds(&self) {
         let now = Instant::now();
         let ttl = self.config.idle_feed_ttl;
-        lock(&self.feeds).retain(|_, feed| {
+        let mut feeds = lock(&self.feeds);
+        let Some(feeds) = feeds.as_mut() else {
+            return;
+        };
+        feeds.retain(|_, feed| {
             if feed.tx.receiver_count() > 0 {
                 return true;
             }

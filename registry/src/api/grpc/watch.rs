@@ -3,23 +3,35 @@
 //! change is encoded once per topic ([`crate::watch`]) and these bytes go
 //! out as they are. The wire format is the generated `WatchEvent`, so the
 //! generated client decodes it.
+//!
+//! The fan-out of one change to every subscriber is the hot path, so each
+//! response body is a hand-written [`http_body`](hyper::body::Body): it hands
+//! hyper the change's gRPC message (prefix included, built once per change
+//! and shared by every subscriber) as a DATA frame without copying it, polls
+//! its broadcast receiver through one reused future, and arms no timer per
+//! message: the heartbeat timer is pushed back only when it fires early.
+//! The end of the stream is its trailers (`grpc-status`).
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes};
-use futures::Stream;
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
 use meshwork_proto::v1::SubscribeRequest;
 use prost::Message;
-use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-use tokio_util::sync::CancellationToken;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
-use tonic::server::{Grpc, NamedService, ServerStreamingService};
-use tonic::{Code, Request, Response, Status};
+use tokio::sync::broadcast::Receiver;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, ReusableBoxFuture};
+use tonic::codegen::{BoxFuture, Service, StdError, http};
+use tonic::server::NamedService;
+use tonic::{Code, Status};
 
-use crate::watch::{Hub, SubscribeError, Subscription, Topic};
+use crate::watch::{Encoded, Hub, Processed, SubscribeError, Subscription, Topic};
 
 /// Largest subscribe request accepted.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -28,8 +40,9 @@ const MAX_REQUEST: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct WatchServer {
     hub: Arc<Hub>,
-    /// Ends every stream (UNAVAILABLE, so clients resubscribe elsewhere)
-    /// when the server shuts down, instead of holding shutdown up.
+    /// Refuses new subscriptions (UNAVAILABLE) once the server shuts down;
+    /// open streams end (UNAVAILABLE, so clients resubscribe elsewhere)
+    /// when the hub, stopping on the same token, closes their channels.
     shutdown: CancellationToken,
 }
 
@@ -43,170 +56,10 @@ impl NamedService for WatchServer {
     const NAME: &'static str = "meshwork.v1.Watch";
 }
 
-/// Writes pre-encoded messages; reads `SubscribeRequest`s.
-#[derive(Debug, Default, Clone, Copy)]
-struct PreEncodedCodec;
-
-#[derive(Debug, Default, Clone, Copy)]
-struct PreEncoded;
-
-#[derive(Debug, Default, Clone, Copy)]
-struct RequestDecoder;
-
-impl Encoder for PreEncoded {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for RequestDecoder {
-    type Item = SubscribeRequest;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<SubscribeRequest>, Status> {
-        SubscribeRequest::decode(src)
-            .map(Some)
-            .map_err(|e| Status::invalid_argument(format!("malformed SubscribeRequest: {e}")))
-    }
-}
-
-impl Codec for PreEncodedCodec {
-    type Encode = Bytes;
-    type Decode = SubscribeRequest;
-    type Encoder = PreEncoded;
-    type Decoder = RequestDecoder;
-
-    fn encoder(&mut self) -> PreEncoded {
-        PreEncoded
-    }
-
-    fn decoder(&mut self) -> RequestDecoder {
-        RequestDecoder
-    }
-}
-
-type EventStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
-
-struct SubscribeSvc(Arc<Hub>, CancellationToken);
-
-impl ServerStreamingService<SubscribeRequest> for SubscribeSvc {
-    type Response = Bytes;
-    type ResponseStream = EventStream;
-    type Future = BoxFuture<Response<EventStream>, Status>;
-
-    fn call(&mut self, request: Request<SubscribeRequest>) -> Self::Future {
-        let hub = Arc::clone(&self.0);
-        let shutdown = self.1.clone();
-        Box::pin(async move {
-            let request = request.into_inner();
-            let topic = Topic::from_request(&request).map_err(Status::invalid_argument)?;
-            let subscription =
-                hub.subscribe(topic, request.since_index)
-                    .await
-                    .map_err(|e| match e {
-                        SubscribeError::InvalidTopic(m) => Status::invalid_argument(m),
-                        e @ SubscribeError::Behind { .. } => Status::unavailable(e.to_string()),
-                    })?;
-            Ok(Response::new(event_stream(subscription, shutdown)))
-        })
-    }
-}
-
-/// The snapshot (or the missed changes), then live changes and heartbeats.
-fn event_stream(subscription: Subscription, shutdown: CancellationToken) -> EventStream {
-    let initial: Vec<Result<Bytes, Status>> =
-        subscription.initial.iter().cloned().map(Ok).collect();
-    let tail = Tail {
-        _open: crate::metrics::GaugeGuard::new(&crate::metrics::METRICS.watch_subscribers),
-        last: subscription.index,
-        heartbeat: subscription.heartbeat.max(Duration::from_millis(10)),
-        subscription,
-        shutdown,
-        done: false,
-    };
-    let live = futures::stream::unfold(tail, |mut tail| async move {
-        if tail.done {
-            return None;
-        }
-        let item = tail.next().await?;
-        Some((item, tail))
-    });
-    Box::pin(futures::stream::StreamExt::chain(
-        futures::stream::iter(initial),
-        live,
-    ))
-}
-
-struct Tail {
-    /// Counts the stream as open until it is dropped.
-    _open: crate::metrics::GaugeGuard,
-    subscription: Subscription,
-    /// Index of the last event sent: nothing at or below it is sent again.
-    last: u64,
-    heartbeat: Duration,
-    shutdown: CancellationToken,
-    done: bool,
-}
-
-impl Tail {
-    async fn next(&mut self) -> Option<Result<Bytes, Status>> {
-        loop {
-            let next = tokio::select! {
-                () = self.shutdown.cancelled() => {
-                    self.done = true;
-                    return Some(Err(Status::unavailable(format!(
-                        "server shutting down; resubscribe elsewhere with since_index={}",
-                        self.last
-                    ))));
-                }
-                next = tokio::time::timeout(self.heartbeat, self.subscription.live.recv()) => next,
-            };
-            let received = match next {
-                Ok(received) => received,
-                Err(_) => {
-                    // Idle: if the channel is still empty after reading
-                    // the published index, every change up to it was sent.
-                    let processed = self.subscription.processed();
-                    match self.subscription.live.try_recv() {
-                        Ok(event) => Ok(event),
-                        Err(TryRecvError::Empty) => {
-                            self.last = self.last.max(processed);
-                            return Some(Ok(Subscription::heartbeat_event(self.last)));
-                        }
-                        Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
-                        Err(TryRecvError::Closed) => Err(RecvError::Closed),
-                    }
-                }
-            };
-            match received {
-                Ok(event) if event.index <= self.last => continue,
-                Ok(event) => {
-                    self.last = event.index;
-                    return Some(Ok(event.bytes.clone()));
-                }
-                Err(RecvError::Lagged(n)) => {
-                    self.done = true;
-                    return Some(Err(Status::new(
-                        Code::ResourceExhausted,
-                        format!(
-                            "subscriber fell {n} changes behind; resubscribe with since_index={}",
-                            self.last
-                        ),
-                    )));
-                }
-                Err(RecvError::Closed) => return None,
-            }
-        }
-    }
-}
-
 impl<B> Service<http::Request<B>> for WatchServer
 where
     B: Body + Send + 'static,
+    B::Data: Send,
     B::Error: Into<StdError> + Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
@@ -222,15 +75,270 @@ where
         let shutdown = self.shutdown.clone();
         match request.uri().path() {
             "/meshwork.v1.Watch/Subscribe" => Box::pin(async move {
-                let mut grpc = Grpc::new(PreEncodedCodec)
-                    .apply_max_message_size_config(Some(MAX_REQUEST), None);
-                Ok(grpc
-                    .server_streaming(SubscribeSvc(hub, shutdown), request)
-                    .await)
+                Ok(subscribe(hub, shutdown, request)
+                    .await
+                    .unwrap_or_else(Status::into_http))
             }),
             _ => Box::pin(async move {
                 Ok(Status::unimplemented("no such method in meshwork.v1.Watch").into_http())
             }),
+        }
+    }
+}
+
+/// One `Subscribe` call: reads the request, starts the subscription, and
+/// answers with its event stream (or with a trailers-only error).
+async fn subscribe<B>(
+    hub: Arc<Hub>,
+    shutdown: CancellationToken,
+    request: http::Request<B>,
+) -> Result<http::Response<tonic::body::Body>, Status>
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    if let Some(encoding) = request.headers().get("grpc-encoding")
+        && encoding.as_bytes() != b"identity"
+    {
+        return Err(Status::unimplemented(format!(
+            "grpc-encoding {encoding:?} is not supported; send uncompressed requests"
+        )));
+    }
+    let request = read_request(request.into_body()).await?;
+    let topic = Topic::from_request(&request).map_err(Status::invalid_argument)?;
+    if shutdown.is_cancelled() {
+        return Err(Status::unavailable(
+            SubscribeError::ShuttingDown.to_string(),
+        ));
+    }
+    let subscription = hub
+        .subscribe(topic, request.since_index)
+        .await
+        .map_err(|e| match e {
+            SubscribeError::InvalidTopic(m) => Status::invalid_argument(m),
+            e @ (SubscribeError::Behind { .. } | SubscribeError::ShuttingDown) => {
+                Status::unavailable(e.to_string())
+            }
+        })?;
+    let mut response = http::Response::new(tonic::body::Body::new(EventBody::new(subscription)));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    Ok(response)
+}
+
+/// The request body: exactly one uncompressed length-prefixed
+/// `SubscribeRequest` (the client ends its side after it).
+async fn read_request<B>(body: B) -> Result<SubscribeRequest, Status>
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    let mut body = std::pin::pin!(body);
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            let e: StdError = e.into();
+            Status::cancelled(format!("reading the request: {e}"))
+        })?;
+        if let Ok(mut data) = frame.into_data() {
+            if buf.len() + data.remaining() > MAX_REQUEST + 5 {
+                return Err(Status::out_of_range(format!(
+                    "SubscribeRequest larger than {MAX_REQUEST} bytes"
+                )));
+            }
+            while data.has_remaining() {
+                let chunk = data.chunk();
+                let n = chunk.len();
+                buf.extend_from_slice(chunk);
+                data.advance(n);
+            }
+        }
+    }
+    if buf.len() < 5 {
+        return Err(Status::internal("missing request message"));
+    }
+    if buf[0] != 0 {
+        return Err(Status::unimplemented(
+            "compressed request messages are not supported",
+        ));
+    }
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if len > MAX_REQUEST {
+        return Err(Status::out_of_range(format!(
+            "SubscribeRequest larger than {MAX_REQUEST} bytes"
+        )));
+    }
+    if buf.len() != 5 + len {
+        return Err(Status::internal(
+            "expected exactly one complete request message",
+        ));
+    }
+    SubscribeRequest::decode(&buf[5..])
+        .map_err(|e| Status::invalid_argument(format!("malformed SubscribeRequest: {e}")))
+}
+
+/// The response body of one subscriber: the snapshot (or the missed
+/// changes), then live changes and heartbeats, then trailers.
+struct EventBody {
+    initial: std::vec::IntoIter<Bytes>,
+    /// `None` once the trailers went out.
+    tail: Option<Tail>,
+}
+
+impl EventBody {
+    fn new(subscription: Subscription) -> Self {
+        let Subscription {
+            initial,
+            index,
+            live,
+            heartbeat,
+            processed,
+        } = subscription;
+        Self {
+            initial: initial.into_iter(),
+            tail: Some(Tail::new(index, live, heartbeat, processed)),
+        }
+    }
+}
+
+impl Body for EventBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        if let Some(message) = this.initial.next() {
+            return Poll::Ready(Some(Ok(Frame::data(message))));
+        }
+        let Some(tail) = this.tail.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match tail.poll_next(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(message)) => Poll::Ready(Some(Ok(Frame::data(message)))),
+            Poll::Ready(Err(status)) => {
+                this.tail = None;
+                let mut trailers = http::HeaderMap::new();
+                if let Err(e) = status.add_header(&mut trailers) {
+                    trailers.clear();
+                    let _ = Status::new(status.code(), "").add_header(&mut trailers);
+                    tracing::debug!("watch stream status not encodable: {e}");
+                }
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.tail.is_none() && self.initial.len() == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+type Received = (Result<Arc<Encoded>, RecvError>, Receiver<Arc<Encoded>>);
+
+async fn recv(mut live: Receiver<Arc<Encoded>>) -> Received {
+    let received = live.recv().await;
+    (received, live)
+}
+
+/// The live part of one stream.
+struct Tail {
+    /// Counts the stream as open until it is dropped.
+    _open: crate::metrics::GaugeGuard,
+    processed: Processed,
+    /// The next `recv` of the live channel (which it owns meanwhile); one
+    /// allocation reused for every message.
+    next: ReusableBoxFuture<'static, Received>,
+    /// Index of the last event sent: nothing at or below it is sent again.
+    last: u64,
+    heartbeat: Duration,
+    /// When the last message went out.
+    sent_at: Instant,
+    /// Fires at `sent_at + heartbeat` or earlier; pushed back when early.
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Tail {
+    fn new(
+        index: u64,
+        live: Receiver<Arc<Encoded>>,
+        heartbeat: Duration,
+        processed: Processed,
+    ) -> Self {
+        let heartbeat = heartbeat.max(Duration::from_millis(10));
+        let now = Instant::now();
+        Self {
+            _open: crate::metrics::GaugeGuard::new(&crate::metrics::METRICS.watch_subscribers),
+            last: index,
+            next: ReusableBoxFuture::new(recv(live)),
+            processed,
+            heartbeat,
+            sent_at: now,
+            timer: Box::pin(tokio::time::sleep_until(now + heartbeat)),
+        }
+    }
+
+    fn sent(&mut self, message: Bytes) -> Poll<Result<Bytes, Status>> {
+        self.sent_at = Instant::now();
+        Poll::Ready(Ok(message))
+    }
+
+    /// The next message, or the status that ends the stream.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Bytes, Status>> {
+        // Set when idle for a heartbeat: the published index, read before
+        // finding the channel empty.
+        let mut idle_at: Option<u64> = None;
+        loop {
+            if let Poll::Ready((received, live)) = self.next.poll(cx) {
+                self.next.set(recv(live));
+                match received {
+                    Ok(event) if event.index <= self.last => continue,
+                    Ok(event) => {
+                        self.last = event.index;
+                        return self.sent(event.frame.clone());
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        return Poll::Ready(Err(Status::new(
+                            Code::ResourceExhausted,
+                            format!(
+                                "subscriber fell {n} changes behind; resubscribe with since_index={}",
+                                self.last
+                            ),
+                        )));
+                    }
+                    Err(RecvError::Closed) => {
+                        return Poll::Ready(Err(Status::unavailable(format!(
+                            "server shutting down; resubscribe elsewhere with since_index={}",
+                            self.last
+                        ))));
+                    }
+                }
+            }
+            if let Some(processed) = idle_at {
+                // Every change up to `processed` was received and sent.
+                self.last = self.last.max(processed);
+                return self.sent(Subscription::heartbeat_event(self.last));
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let due = self.sent_at + self.heartbeat;
+            if due > Instant::now() {
+                // Something went out since the timer was set.
+                self.timer.as_mut().reset(due);
+                continue;
+            }
+            self.timer.as_mut().reset(Instant::now() + self.heartbeat);
+            idle_at = Some(self.processed.get());
         }
     }
 }

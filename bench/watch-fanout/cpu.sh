@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Server CPU per subscriber per change, one `meshwork-registry --dev`:
+# hold N watch streams on `service web` (the load tool, long hold), make
+# W topic changes spaced apart, and read the server's utime+stime
+# (/proc/PID/stat) around them; the same W writes with no subscribers give
+# the baseline cost of a write. Prints µs per subscriber per change.
+#
+#   bash bench/watch-fanout/cpu.sh [N=3000] [W=20] [CONNS=32]
+# SYSCALLS=1 also counts the server's syscalls during the writes.
+# PERF_OUT=FILE also records a perf profile of the server during the writes.
+set -euo pipefail
+N=${1:-3000}; W=${2:-20}; CONNS=${CONNS:-32}
+DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$(dirname "$DIR")")
+BIN=${MW_BIN:-$REPO/target/release/meshwork-registry}
+TOOL=$DIR/target/release/watch-fanout
+H=127.0.0.1
+WORK=$(mktemp -d /var/tmp/mw-cpu.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$WORK"; }
+trap cleanup EXIT
+"$BIN" --dev --data-dir "$WORK/d" --http-addr $H:28501 --grpc-addr $H:28601 \
+    --raft-addr $H:28301 --dns-addr $H:28701 --log-level warn ${MW_EXTRA_ARGS:-} >"$WORK/log" 2>&1 &
+SRV=$!; PIDS+=("$SRV")
+for _ in $(seq 1 100); do curl -sf -m 1 http://$H:28501/v1/status/leader | grep -q 28301 && break; sleep 0.1; done
+reg() { curl -sS -m 5 -X PUT http://$H:28501/v1/catalog/register \
+    -d "{\"Node\":\"n-$1\",\"Address\":\"198.18.1.1\",\"Service\":{\"Service\":\"web\",\"ID\":\"$1\",\"Port\":8080}}" >/dev/null; }
+reg seed-1; reg seed-2; reg seed-3
+tck=$(getconf CLK_TCK)
+cpu() { awk '{print $14+$15}' /proc/$SRV/stat; }
+writes() { # tag -> server CPU ticks used by W writes (200 ms apart)
+    local a b i; a=$(cpu)
+    for i in $(seq 1 "$W"); do reg "$1-$i"; sleep 0.2; done
+    sleep 0.5; b=$(cpu); echo $((b - a))
+}
+idle() { local a b; a=$(cpu); sleep "$1"; b=$(cpu); echo $((b - a)); }
+base=$(writes base)
+"$TOOL" meshwork --servers $H:28601 --http $H:28501 --subscribers "$N" --conns "$CONNS" \
+    --settle-ms 100 --hold-ms 600000 --timeout 5 --new-id never --new-node never \
+    --label cpu >"$WORK/tool.out" 2>"$WORK/tool.err" &
+PIDS+=("$!")
+for _ in $(seq 1 600); do
+    n=$(curl -s -m 1 http://$H:28501/metrics | awk '$1=="meshwork_watch_subscribers"{print $2}')
+    [ "${n:-0}" = "$N" ] && break; sleep 0.1
+done
+[ "${n:-0}" = "$N" ] || { echo "only ${n:-0} subscribers"; exit 1; }
+sleep 1
+held_idle=$(idle $(awk -v w="$W" 'BEGIN{print w*0.2+0.5}'))   # CPU of the held streams alone (heartbeats etc.)
+if [ -n "${SYSCALLS:-}" ]; then
+    perf stat -e syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex -p "$SRV" -o "$WORK/stat" &
+    PERF_PID=$!; sleep 0.5
+fi
+if [ -n "${PERF_OUT:-}" ]; then
+    perf record -F 2000 -g --call-graph dwarf,16384 -p "$SRV" -o "$PERF_OUT" 2>/dev/null &
+    PERF_PID=$!; sleep 0.5
+fi
+with=$(writes held)
+if [ -n "${PERF_OUT:-}${SYSCALLS:-}" ]; then kill -INT "$PERF_PID"; wait "$PERF_PID" || true; fi
+[ -n "${SYSCALLS:-}" ] && grep syscalls "$WORK/stat"
+awk -v n="$N" -v w="$W" -v t="$tck" -v base="$base" -v with="$with" -v idle="$held_idle" 'BEGIN{
+    per = (with - base - idle) / t / w / n * 1e6;
+    printf "N=%d W=%d: writes alone %.3f s, held idle %.3f s, writes with N held %.3f s -> %.2f us CPU per subscriber per change\n",
+        n, w, base/t, idle/t, with/t, per }'
