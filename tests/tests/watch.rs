@@ -354,8 +354,105 @@ async fn a_server_with_open_watch_streams_stops_promptly() -> Result<()> {
         started.elapsed()
     );
     // The client sees its stream end (and would resubscribe elsewhere).
+    // The client sees its stream end with UNAVAILABLE (and would
+    // resubscribe elsewhere).
     let end = tokio::time::timeout(Duration::from_secs(5), stream.message()).await;
-    assert!(!matches!(end, Ok(Ok(Some(_)))), "the stream ended: {end:?}");
+    assert!(
+        matches!(&end, Ok(Err(status)) if status.code() == tonic::Code::Unavailable),
+        "the stream ended with UNAVAILABLE: {end:?}"
+    );
+    cluster.done();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_subscriber_that_falls_behind_is_cut_off_and_catches_up_by_resubscribing() -> Result<()> {
+    let cluster = Cluster::start(1, &[]).await?;
+    cluster.wait_leader(Duration::from_secs(10)).await?;
+    let url = cluster.servers[0].grpc();
+    let request = |since_index| SubscribeRequest {
+        topic: Some(subscribe_request::Topic::KvPrefix(KvPrefixTopic {
+            prefix: "lag/".into(),
+        })),
+        since_index,
+    };
+    // A small HTTP/2 window (hyper's default is 2 MiB), so that the server
+    // cannot send ahead much of what the subscriber does not read.
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+        .initial_stream_window_size(Some(16 * 1024))
+        .initial_connection_window_size(Some(16 * 1024))
+        .connect()
+        .await?;
+    let mut stream = WatchClient::new(channel)
+        .subscribe(request(0))
+        .await?
+        .into_inner();
+    let (_, end) = initial(&mut stream).await?;
+    let mut last = end.index;
+    // The subscriber reads nothing while more changes than the server
+    // keeps queued for it (1,024) are written; the values are large enough
+    // that what HTTP/2 buffers per stream (hyper: 400 KiB) holds only a
+    // hundred of them.
+    let value = "v".repeat(4000);
+    const WRITES: usize = 1100;
+    for i in 0..WRITES {
+        cluster.must_put(0, &format!("lag/{i:04}"), &value).await?;
+    }
+    // What was sent before the cut-off arrives, then RESOURCE_EXHAUSTED.
+    let mut keys = std::collections::BTreeSet::new();
+    let mut apply = |event: &WatchEvent, keys: &mut std::collections::BTreeSet<String>| {
+        for c in &event.changes {
+            match &c.change {
+                Some(change::Change::Kv(e)) => {
+                    keys.insert(e.key.clone());
+                }
+                Some(change::Change::KvRemoved(k)) => {
+                    keys.remove(k);
+                }
+                _ => {}
+            }
+        }
+    };
+    let mut cut = None;
+    for _ in 0..WRITES + 10 {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+            Ok(Ok(Some(event))) => {
+                assert!(event.index >= last, "index went back");
+                last = last.max(event.index);
+                apply(&event, &mut keys);
+            }
+            Ok(Err(status)) => {
+                cut = Some(status);
+                break;
+            }
+            other => bail!("expected events then RESOURCE_EXHAUSTED, got {other:?}"),
+        }
+    }
+    let status = cut.context("the lagging subscriber was not cut off")?;
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+    assert!(
+        status.message().contains("since_index"),
+        "the status says how to resume: {status}"
+    );
+    assert!(keys.len() < WRITES, "it was cut off before the end");
+    // Resubscribing from the last index seen: the server keeps as many
+    // changes per topic as a subscriber may lag, so one cut off for lag
+    // gets a fresh snapshot (flagged: not `resumed`, first event `reset`).
+    let mut stream = subscribe(url, request(last)).await?;
+    let (missed, end) = initial(&mut stream).await?;
+    if end.resumed {
+        for event in &missed {
+            apply(event, &mut keys);
+        }
+    } else {
+        assert!(missed.first().is_some_and(|e| e.reset), "a snapshot resets");
+        keys.clear();
+        for event in &missed {
+            apply(event, &mut keys);
+        }
+    }
+    assert!(end.index >= last, "no index regression on resubscribing");
+    assert_eq!(keys.len(), WRITES, "every key after resubscribing");
     cluster.done();
     Ok(())
 }
