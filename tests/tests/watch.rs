@@ -400,7 +400,7 @@ async fn a_subscriber_that_falls_behind_is_cut_off_and_catches_up_by_resubscribi
     }
     // What was sent before the cut-off arrives, then RESOURCE_EXHAUSTED.
     let mut keys = std::collections::BTreeSet::new();
-    let mut apply = |event: &WatchEvent, keys: &mut std::collections::BTreeSet<String>| {
+    let apply = |event: &WatchEvent, keys: &mut std::collections::BTreeSet<String>| {
         for c in &event.changes {
             match &c.change {
                 Some(change::Change::Kv(e)) => {
