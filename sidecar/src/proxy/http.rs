@@ -20,15 +20,15 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
-use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
 use rand::Rng;
 
 use super::balance::hash_of;
-use super::cluster::{Cluster, EndpointState, Source, acquire_owned};
-use super::connect::{ConnectError, Connector};
+use super::cluster::{Cluster, EndpointState, InFlight, OwnedGauge, Source, acquire_owned};
+use super::connect::{ConnectError, Lease, Pool, SendError};
 use super::headers::{content_length, is_grpc, is_upgrade, strip_hop_by_hop};
+use super::idle::Busy;
 use super::rescue::{self, ProxyError};
 use super::{BoxError, ProxyBody, retry};
 use crate::config::{Balance, Protocol};
@@ -43,7 +43,7 @@ const REQUEST_ID: &str = "x-request-id";
 pub struct HttpProxy {
     pub cluster: Arc<Cluster>,
     pub direction: &'static str,
-    client: Client<Connector, ProxyBody>,
+    pool: Pool<OutgoingBody>,
     protocol: Protocol,
     access_log: bool,
 }
@@ -57,21 +57,12 @@ enum RequestBody {
 impl HttpProxy {
     pub fn new(cluster: Arc<Cluster>, direction: &'static str, access_log: bool) -> Self {
         let protocol = cluster.config.protocol;
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(cluster.config.idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new());
-        if matches!(protocol, Protocol::Http2 | Protocol::Grpc) {
-            builder.http2_only(true);
-        }
-        let client = builder.build(Connector {
-            cluster: Arc::clone(&cluster),
-        });
+        let http2 = matches!(protocol, Protocol::Http2 | Protocol::Grpc);
+        let pool = Pool::new(Arc::clone(&cluster), http2);
         HttpProxy {
             cluster,
             direction,
-            client,
+            pool,
             protocol,
             access_log,
         }
@@ -84,18 +75,18 @@ impl HttpProxy {
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
-        connection: impl Send + 'static,
-    ) -> Response<ProxyBody> {
+        connection: Busy,
+    ) -> Response<ResponseBody> {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
         let mut log = self.access_log.then(|| LogContext::new(&req));
         if !req.headers().contains_key(REQUEST_ID) {
-            let id = format!("{:032x}", rand::rng().random::<u128>());
-            if let Ok(v) = HeaderValue::from_str(&id) {
+            let id = request_id();
+            if let Ok(v) = HeaderValue::from_bytes(&id) {
                 req.headers_mut().insert(REQUEST_ID, v);
             }
             if let Some(log) = &mut log {
-                log.request_id = Some(id);
+                log.request_id = Some(String::from_utf8_lossy(&id).into_owned());
             }
         }
         let cluster = &self.cluster;
@@ -148,7 +139,7 @@ impl HttpProxy {
             _ => None,
         };
         let policy = &cluster.config.retries;
-        let deadline = tokio::time::Instant::now() + cluster.config.request_timeout;
+        let deadline = tokio::time::Instant::from_std(start) + cluster.config.request_timeout;
         let mut body = if body.is_end_stream() {
             RequestBody::Replayable(Bytes::new())
         } else if policy.attempts > 0
@@ -182,6 +173,8 @@ impl HttpProxy {
             RequestBody::Streaming(Some(body))
         };
         let max_attempts = 1 + policy.attempts;
+        // Endpoints already tried (filled only when retrying, so the usual
+        // single attempt allocates nothing).
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt = 0u32;
         let mut retry_slot = None;
@@ -197,21 +190,17 @@ impl HttpProxy {
                     attempt,
                 );
             };
-            tried.push(endpoint.addr);
             let in_flight = endpoint.start_request();
             let replayable = matches!(body, RequestBody::Replayable(_));
+            let can_retry = replayable && attempt < max_attempts;
             let outgoing_body = match &mut body {
-                RequestBody::Replayable(bytes) => rescue::full(bytes.clone()),
+                RequestBody::Replayable(bytes) => OutgoingBody::Full(Some(bytes.clone())),
                 RequestBody::Streaming(b) => match b.take() {
-                    Some(b) => b.map_err(BoxError::from).boxed_unsync(),
-                    None => rescue::empty(),
+                    Some(b) => OutgoingBody::Streaming(b),
+                    None => OutgoingBody::Full(None),
                 },
             };
-            let mut target = hyper::http::uri::Parts::default();
-            target.scheme = Some(hyper::http::uri::Scheme::HTTP);
-            target.authority = Some(endpoint.authority.clone());
-            target.path_and_query = Some(path.clone());
-            let uri = match Uri::from_parts(target) {
+            let uri = match target_uri(version, &method, &endpoint, &path) {
                 Ok(uri) => uri,
                 Err(_) => {
                     return self.fail(
@@ -228,7 +217,18 @@ impl HttpProxy {
             *outgoing.method_mut() = method.clone();
             *outgoing.uri_mut() = uri;
             *outgoing.version_mut() = version;
-            *outgoing.headers_mut() = parts.headers.clone();
+            // The last attempt takes the headers; earlier ones a copy.
+            *outgoing.headers_mut() = if can_retry {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+            if version == Version::HTTP_11 && !outgoing.headers().contains_key(header::HOST) {
+                // An HTTP/1.0 request without Host: name the endpoint.
+                if let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str()) {
+                    outgoing.headers_mut().insert(header::HOST, v);
+                }
+            }
             let Some(pending) =
                 acquire_owned(cluster, |g| &g.pending, cluster.config.limits.max_pending)
             else {
@@ -241,10 +241,10 @@ impl HttpProxy {
                     attempt,
                 );
             };
-            let result = tokio::time::timeout_at(deadline, self.client.request(outgoing)).await;
+            let result =
+                tokio::time::timeout_at(deadline, self.pool.send(endpoint.addr, outgoing)).await;
             drop(pending);
             drop(retry_slot.take());
-            let can_retry = replayable && attempt < max_attempts;
             let error = match result {
                 Err(_) => {
                     return self.fail(
@@ -256,7 +256,7 @@ impl HttpProxy {
                         attempt,
                     );
                 }
-                Ok(Ok(response)) => {
+                Ok(Ok((response, lease))) => {
                     let status = response.status();
                     let failed = status.is_server_error();
                     // The peer's sidecar could not reach its app: the
@@ -290,7 +290,9 @@ impl HttpProxy {
                         cluster.report(&endpoint, true);
                         tracing::debug!(upstream = %cluster.config.name, endpoint = %endpoint.addr, %status, attempt, "{why}");
                         drop(response);
+                        drop(lease);
                         drop(in_flight);
+                        tried.push(endpoint.addr);
                         if !self.wait_backoff(attempt, deadline).await {
                             return self.fail(
                                 ProxyError::Timeout(cluster.config.request_timeout),
@@ -319,11 +321,16 @@ impl HttpProxy {
                     }
                     return self.forward(
                         response,
+                        lease,
                         downstream_upgrade,
-                        (active, in_flight, connection),
+                        Guards {
+                            _active: active,
+                            _in_flight: in_flight,
+                            _connection: connection,
+                        },
                     );
                 }
-                Ok(Err(e)) => classify(&e, &endpoint),
+                Ok(Err(e)) => classify(e),
             };
             let connect = matches!(
                 error,
@@ -350,6 +357,7 @@ impl HttpProxy {
                 tracing::debug!(upstream = %cluster.config.name, endpoint = %endpoint.addr, error = %error, attempt, "retrying on another endpoint");
                 retry_slot = slot;
                 drop(in_flight);
+                tried.push(endpoint.addr);
                 if self.wait_backoff(attempt, deadline).await {
                     continue;
                 }
@@ -373,9 +381,10 @@ impl HttpProxy {
     fn forward(
         &self,
         mut response: Response<Incoming>,
+        lease: Option<Lease<OutgoingBody>>,
         downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
-        guards: impl Send + 'static,
-    ) -> Response<ProxyBody> {
+        guards: Guards,
+    ) -> Response<ResponseBody> {
         let upstream_upgrade = (response.status() == StatusCode::SWITCHING_PROTOCOLS)
             .then(|| hyper::upgrade::on(&mut response));
         let (mut head, body) = response.into_parts();
@@ -384,6 +393,8 @@ impl HttpProxy {
             let name = self.cluster.config.name.clone();
             tokio::spawn(async move {
                 let _guards = guards;
+                // The upstream connection is the splice's now.
+                let _lease = lease;
                 match tokio::join!(down, up) {
                     (Ok(down), Ok(up)) => {
                         let mut down = TokioIo::new(down);
@@ -395,7 +406,7 @@ impl HttpProxy {
                     }
                 }
             });
-            return Response::from_parts(head, rescue::empty());
+            return Response::from_parts(head, ResponseBody::Empty);
         }
         strip_hop_by_hop(&mut head.headers, false);
         if self.cluster.source == Source::Local {
@@ -403,11 +414,13 @@ impl HttpProxy {
             // x-meshwork-error would make peers retry.
             head.headers.remove(rescue::ERROR_HEADER);
         }
-        let body = Guarded {
-            inner: body.map_err(BoxError::from).boxed_unsync(),
-            _guards: Box::new(guards),
-        };
-        Response::from_parts(head, body.boxed_unsync())
+        let body = ResponseBody::Upstream(Guarded {
+            inner: body,
+            lease,
+            done: false,
+            _guards: guards,
+        });
+        Response::from_parts(head, body)
     }
 
     /// Sleeps before a retry; false when the deadline comes first.
@@ -429,8 +442,8 @@ impl HttpProxy {
         log: Option<LogContext>,
         endpoint: Option<SocketAddr>,
         attempts: u32,
-    ) -> Response<ProxyBody> {
-        let response = rescue::respond(&error, grpc);
+    ) -> Response<ResponseBody> {
+        let response = rescue::respond(&error, grpc).map(ResponseBody::Own);
         let status = response.status().as_u16();
         self.cluster
             .metrics
@@ -442,45 +455,176 @@ impl HttpProxy {
     }
 }
 
-/// Turns a client error into what went wrong, from hyper's error chain.
-fn classify(error: &hyper_util::client::legacy::Error, endpoint: &EndpointState) -> ProxyError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = source {
-        if let Some(c) = e.downcast_ref::<ConnectError>() {
-            return match c {
-                ConnectError::Timeout(addr, d) => ProxyError::ConnectTimeout(addr.to_string(), *d),
-                ConnectError::Limit => ProxyError::CircuitOpen("max_connections"),
-                other => ProxyError::ConnectFailure(other.to_string()),
-            };
+/// Turns a pool error into what went wrong.
+fn classify(error: SendError) -> ProxyError {
+    match error {
+        SendError::Connect(ConnectError::Timeout(addr, d)) => {
+            ProxyError::ConnectTimeout(addr.to_string(), d)
         }
-        source = e.source();
+        SendError::Connect(ConnectError::Limit) => ProxyError::CircuitOpen("max_connections"),
+        SendError::Connect(other) => ProxyError::ConnectFailure(other.to_string()),
+        SendError::Handshake(..) => ProxyError::ConnectFailure(error.to_string()),
+        SendError::Http(e) => {
+            let mut text = e.to_string();
+            if let Some(cause) = std::error::Error::source(&e) {
+                text = format!("{text}: {cause}");
+            }
+            ProxyError::Reset(text)
+        }
     }
-    if error.is_connect() {
-        return ProxyError::ConnectFailure(endpoint.addr.to_string());
-    }
-    let mut text = error.to_string();
-    if let Some(cause) = std::error::Error::source(error) {
-        text = format!("{text}: {cause}");
-    }
-    ProxyError::Reset(text)
 }
 
-/// A response body that keeps the request's counters (in flight, the
-/// cluster's active requests) until the last byte has gone.
-struct Guarded {
-    inner: ProxyBody,
-    _guards: Box<dyn Send>,
+/// A random `x-request-id`: 128 bits as 32 lowercase hex digits.
+fn request_id() -> [u8; 32] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = rand::rng().random::<u128>();
+    let mut id = [0u8; 32];
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    id
 }
 
-impl Body for Guarded {
+/// The request target sent upstream: origin form (`/path?query`) for
+/// HTTP/1.1, authority form for CONNECT, the absolute URI (scheme and
+/// `:authority`) for HTTP/2.
+fn target_uri(
+    version: Version,
+    method: &Method,
+    endpoint: &EndpointState,
+    path: &hyper::http::uri::PathAndQuery,
+) -> Result<Uri, hyper::http::Error> {
+    if version == Version::HTTP_11 {
+        if method == Method::CONNECT {
+            return Ok(Uri::from(endpoint.authority.clone()));
+        }
+        return Ok(Uri::from(path.clone()));
+    }
+    let mut target = hyper::http::uri::Parts::default();
+    target.scheme = Some(hyper::http::uri::Scheme::HTTP);
+    target.authority = Some(endpoint.authority.clone());
+    target.path_and_query = Some(path.clone());
+    Ok(Uri::from_parts(target)?)
+}
+
+/// The request body sent upstream: a buffered one (sent again on a retry)
+/// or the client's, streamed once.
+pub enum OutgoingBody {
+    Full(Option<Bytes>),
+    Streaming(Incoming),
+}
+
+impl Body for OutgoingBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            OutgoingBody::Full(bytes) => Poll::Ready(
+                bytes
+                    .take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
+            OutgoingBody::Streaming(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            OutgoingBody::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
+            OutgoingBody::Streaming(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            OutgoingBody::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            OutgoingBody::Streaming(body) => body.size_hint(),
+        }
+    }
+}
+
+/// Every body the proxy answers with: the upstream's (streamed, holding
+/// the request's counters), its own, or none (a spliced upgrade). An enum
+/// rather than a boxed body: no allocation per response.
+pub enum ResponseBody {
+    Upstream(Guarded),
+    Own(ProxyBody),
+    Empty,
+}
+
+impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        match self.get_mut() {
+            ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            ResponseBody::Own(body) => Pin::new(body).poll_frame(cx),
+            ResponseBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Upstream(body) => body.inner.is_end_stream(),
+            ResponseBody::Own(body) => body.is_end_stream(),
+            ResponseBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Upstream(body) => body.inner.size_hint(),
+            ResponseBody::Own(body) => body.size_hint(),
+            ResponseBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// What a response holds until its last byte has gone: the cluster's
+/// active-request slot, the endpoint's in-flight count, and the client
+/// connection's busy mark.
+pub struct Guards {
+    _active: OwnedGauge,
+    _in_flight: InFlight,
+    _connection: Busy,
+}
+
+/// The upstream's response body; once it has been read to the end its
+/// HTTP/1.1 connection goes back to the pool.
+pub struct Guarded {
+    inner: Incoming,
+    lease: Option<Lease<OutgoingBody>>,
+    /// The body's end was seen.
+    done: bool,
+    _guards: Guards,
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.done = true,
+            Poll::Ready(Some(Err(_))) => drop(self.lease.take()),
+            _ => {}
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -489,6 +633,19 @@ impl Body for Guarded {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        // Read to the end (hyper drops a body whose declared length has
+        // been sent without polling for the end): the connection is
+        // reusable. Otherwise it is dropped and closes.
+        if let Some(lease) = self.lease.take()
+            && (self.done || self.inner.is_end_stream())
+        {
+            lease.release();
+        }
     }
 }
 
