@@ -269,10 +269,14 @@ where
         if self.http2 {
             return self.send_h2(addr, req).await.map(|r| (r, None));
         }
+
         loop {
             let (mut sender, reused) = match self.shared.take_h1(addr) {
                 Some(sender) => (sender, true),
-                None => (self.connect_h1(addr).await?, false),
+                // Boxed: connecting is rare, and its future would make
+                // every request's future (moved into place per request)
+                // that much larger.
+                None => (Box::pin(self.connect_h1(addr)).await?, false),
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
@@ -316,14 +320,8 @@ where
         loop {
             let (mut sender, reused) = match self.shared_h2(addr) {
                 Some(sender) => (sender, true),
-                None => {
-                    let _one = self.h2_connecting.lock().await;
-                    // Someone else may have connected meanwhile.
-                    match self.shared_h2(addr) {
-                        Some(sender) => (sender, true),
-                        None => (self.connect_h2(addr).await?, false),
-                    }
-                }
+                // Boxed: rare, and large (see `send`).
+                None => Box::pin(self.connect_h2_once(addr)).await?,
             };
             match sender.try_send_request(req).await {
                 Ok(response) => return Ok(response),
@@ -335,6 +333,19 @@ where
                     _ => return Err(SendError::Http(e.into_error())),
                 },
             }
+        }
+    }
+
+    /// Connects unless another request did so while this one waited its
+    /// turn; true when the connection is a reused one.
+    async fn connect_h2_once(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(http2::SendRequest<B>, bool), SendError> {
+        let _one = self.h2_connecting.lock().await;
+        match self.shared_h2(addr) {
+            Some(sender) => Ok((sender, true)),
+            None => Ok((self.connect_h2(addr).await?, false)),
         }
     }
 
