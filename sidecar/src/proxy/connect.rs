@@ -113,9 +113,6 @@ pub struct Pool<B> {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     shared: Arc<Shared<B>>,
-    /// One HTTP/2 connect at a time, so a burst of first requests opens
-    /// one connection per endpoint rather than one each.
-    h2_connecting: tokio::sync::Mutex<()>,
 }
 
 impl<B> std::fmt::Debug for Pool<B> {
@@ -142,6 +139,10 @@ struct Idle<B> {
     h1: HashMap<SocketAddr, Vec<(http1::SendRequest<B>, Instant)>>,
     /// The HTTP/2 connection of each endpoint, with when it was last used.
     h2: HashMap<SocketAddr, (http2::SendRequest<B>, Instant)>,
+    /// One HTTP/2 connect at a time per endpoint, so a burst of first
+    /// requests opens one connection rather than one each (and a slow
+    /// endpoint holds up no other).
+    h2_connecting: HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>,
     /// The sweeper task is running.
     sweeping: bool,
 }
@@ -200,12 +201,16 @@ impl<B: Send + 'static> Shared<B> {
         if idle.sweeping {
             return;
         }
+        // No runtime (a body dropped while it shuts down): nothing to sweep.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         idle.sweeping = true;
         let pool = Arc::downgrade(self);
         let every = (self.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
         let span = tracing::debug_span!("upstream pool", upstream = %self.upstream);
         // Ends with the pool (the listener's proxy) or once nothing is left.
-        tokio::spawn(
+        runtime.spawn(
             async move {
                 loop {
                     tokio::time::sleep(every).await;
@@ -218,6 +223,8 @@ impl<B: Send + 'static> Shared<B> {
                     });
                     idle.h2
                         .retain(|_, (s, used)| !s.is_closed() && used.elapsed() < limit);
+                    idle.h2_connecting
+                        .retain(|_, turn| Arc::strong_count(turn) > 1);
                     if idle.h1.is_empty() && idle.h2.is_empty() {
                         idle.sweeping = false;
                         return;
@@ -244,6 +251,7 @@ where
                 idle: Mutex::new(Idle {
                     h1: HashMap::new(),
                     h2: HashMap::new(),
+                    h2_connecting: HashMap::new(),
                     sweeping: false,
                 }),
                 idle_timeout: cluster.config.idle_timeout,
@@ -253,7 +261,6 @@ where
             http2,
             h1: http1::Builder::new(),
             h2,
-            h2_connecting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -342,7 +349,11 @@ where
         &self,
         addr: SocketAddr,
     ) -> Result<(http2::SendRequest<B>, bool), SendError> {
-        let _one = self.h2_connecting.lock().await;
+        let turn = {
+            let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(idle.h2_connecting.entry(addr).or_default())
+        };
+        let _one = turn.lock().await;
         match self.shared_h2(addr) {
             Some(sender) => Ok((sender, true)),
             None => Ok((self.connect_h2(addr).await?, false)),
@@ -428,5 +439,75 @@ impl AsyncWrite for Counted {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty};
+
+    type TestBody = Empty<bytes::Bytes>;
+
+    /// An HTTP/1.1 server that answers "ok" and drops each connection
+    /// `linger` after accepting it, keep-alive or not.
+    async fn server(linger: Duration) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"ok"),
+                    )))
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::spawn(tokio::time::timeout(linger, connection));
+            }
+        });
+        addr
+    }
+
+    fn cluster(app: SocketAddr) -> Arc<Cluster> {
+        let text = "[registry]\naddresses = [\"127.0.0.1:8502\"]\n[service]\nname = \"web\"\nport = 8080\n[[upstreams]]\nname = \"api\"\nlisten = \"127.0.0.1:9191\"\nprotocol = \"http\"\n";
+        let mut config = crate::config::Config::parse("t.toml", text).expect("valid");
+        Cluster::local(config.upstreams.remove(0), app)
+    }
+
+    async fn get(pool: &Pool<TestBody>, addr: SocketAddr) {
+        let req = Request::builder()
+            .uri("/")
+            .header("host", "test")
+            .body(Empty::new())
+            .expect("request");
+        let (response, lease) = pool.send(addr, req).await.expect("response");
+        let body = response.into_body().collect().await.expect("body");
+        assert_eq!(body.to_bytes(), "ok");
+        lease.expect("an HTTP/1.1 lease").release();
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_reused_and_closed_ones_replaced() {
+        let addr = server(Duration::from_millis(300)).await;
+        let cluster = cluster(addr);
+        let pool = Pool::<TestBody>::new(Arc::clone(&cluster), false);
+        let opened = || cluster.metrics.connections.load(Ordering::Relaxed);
+        get(&pool, addr).await;
+        get(&pool, addr).await;
+        get(&pool, addr).await;
+        assert_eq!(opened(), 1, "one connection, kept alive");
+        // The server has dropped it meanwhile: a new one, no error.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        get(&pool, addr).await;
+        assert_eq!(opened(), 2);
+        // A lease dropped unreleased is not reused.
+        let req = Request::new(Empty::new());
+        let (_response, lease) = pool.send(addr, req).await.expect("response");
+        drop(lease);
+        get(&pool, addr).await;
+        assert_eq!(opened(), 3);
     }
 }
