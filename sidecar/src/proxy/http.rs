@@ -14,24 +14,26 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use rand::Rng;
 
+mod body;
+pub use body::{Guards, OutgoingBody, ResponseBody};
+
 use super::balance::hash_of;
-use super::cluster::{Cluster, EndpointState, InFlight, OwnedGauge, Source, acquire_owned};
+use super::cluster::{Cluster, EndpointState, Source, acquire_owned};
 use super::connect::{ConnectError, Lease, Pool, SendError};
 use super::headers::{content_length, is_grpc, is_upgrade, strip_hop_by_hop};
 use super::idle::Busy;
 use super::rescue::{self, ProxyError};
-use super::{BoxError, ProxyBody, retry};
+use super::retry;
 use crate::config::{Balance, Protocol};
 use crate::telemetry::{AccessLog, Outcome, unix_ms};
 
@@ -337,11 +339,7 @@ impl HttpProxy {
                         response,
                         lease,
                         downstream_upgrade,
-                        Guards {
-                            _active: active,
-                            _in_flight: in_flight,
-                            _connection: connection,
-                        },
+                        Guards::new(active, in_flight, connection),
                     );
                 }
                 Ok(Err(e)) => classify(e),
@@ -428,13 +426,7 @@ impl HttpProxy {
             // x-meshwork-error would make peers retry.
             head.headers.remove(rescue::ERROR_HEADER);
         }
-        let body = ResponseBody::Upstream(Guarded {
-            inner: body,
-            lease,
-            done: false,
-            _guards: guards,
-        });
-        Response::from_parts(head, body)
+        Response::from_parts(head, ResponseBody::upstream(body, lease, guards))
     }
 
     /// Sleeps before a retry; false when the deadline comes first.
@@ -535,148 +527,6 @@ fn target_uri(
     target.authority = Some(endpoint.authority.clone());
     target.path_and_query = Some(path.clone());
     Ok(Uri::from_parts(target)?)
-}
-
-/// The request body sent upstream: a buffered one (sent again on a retry)
-/// or the client's, streamed once.
-pub enum OutgoingBody {
-    Full(Option<Bytes>),
-    Streaming(Incoming),
-}
-
-impl Body for OutgoingBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            OutgoingBody::Full(bytes) => Poll::Ready(
-                bytes
-                    .take()
-                    .filter(|b| !b.is_empty())
-                    .map(|b| Ok(Frame::data(b))),
-            ),
-            OutgoingBody::Streaming(body) => Pin::new(body).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            OutgoingBody::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
-            OutgoingBody::Streaming(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            OutgoingBody::Full(bytes) => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
-            OutgoingBody::Streaming(body) => body.size_hint(),
-        }
-    }
-}
-
-/// Every body the proxy answers with: the upstream's (streamed, holding
-/// the request's counters), its own, or none (a spliced upgrade). An enum
-/// rather than a boxed body: no allocation per response.
-pub enum ResponseBody {
-    Upstream(Guarded),
-    Own(ProxyBody),
-    Empty,
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
-            ResponseBody::Own(body) => Pin::new(body).poll_frame(cx),
-            ResponseBody::Empty => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ResponseBody::Upstream(body) => body.inner.is_end_stream(),
-            ResponseBody::Own(body) => body.is_end_stream(),
-            ResponseBody::Empty => true,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ResponseBody::Upstream(body) => body.inner.size_hint(),
-            ResponseBody::Own(body) => body.size_hint(),
-            ResponseBody::Empty => SizeHint::with_exact(0),
-        }
-    }
-}
-
-/// What a response holds until its last byte has gone: the cluster's
-/// active-request slot, the endpoint's in-flight count, and the client
-/// connection's busy mark.
-pub struct Guards {
-    _active: OwnedGauge,
-    _in_flight: InFlight,
-    _connection: Busy,
-}
-
-/// The upstream's response body; once it has been read to the end its
-/// HTTP/1.1 connection goes back to the pool.
-pub struct Guarded {
-    inner: Incoming,
-    lease: Option<Lease<OutgoingBody>>,
-    /// The body's end was seen.
-    done: bool,
-    _guards: Guards,
-}
-
-impl Body for Guarded {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.done = true,
-            Poll::Ready(Some(Err(_))) => drop(self.lease.take()),
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        // Read to the end (hyper drops a body whose declared length has
-        // been sent without polling for the end): the connection is
-        // reusable. Otherwise it is dropped and closes.
-        if let Some(lease) = self.lease.take()
-            && (self.done || self.inner.is_end_stream())
-        {
-            lease.release();
-        }
-    }
 }
 
 /// What the access log needs of the request, taken before it moves on.
