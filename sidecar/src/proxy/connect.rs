@@ -1,22 +1,32 @@
-//! Opening upstream connections: a connect timeout, `TCP_NODELAY`, the
-//! cluster's `max_connections` limit, and counters; plus the I/O wrapper
-//! that keeps the connection counted while it lives. Used both by the
-//! pooled HTTP client (as its connector) and by the TCP proxy.
+//! Upstream connections: opening them (a connect timeout, `TCP_NODELAY`,
+//! the cluster's `max_connections` limit, counters, and the I/O wrapper
+//! that keeps the connection counted while it lives), used by the HTTP
+//! and TCP proxies; and the HTTP proxy's [`Pool`] of them per endpoint:
+//! idle HTTP/1.1 keep-alive connections, one shared HTTP/2 connection.
+//!
+//! The pool is ours rather than hyper-util's legacy `Client` because that
+//! one costs a boxed future, a pool-key hash and clone of both protocol
+//! builders per request, and per HTTP/1 response a spawned task or
+//! `DelayEof` channel to return the connection; here a request takes an
+//! idle connection under a short lock and its response body gives it back
+//! when its last byte has gone (see [`Lease`]).
 
-use std::future::Future;
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use hyper::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::TokioIo;
+use hyper::body::{Body, Incoming};
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 use super::cluster::{Cluster, OwnedGauge, acquire_owned};
 
@@ -81,82 +91,327 @@ pub async fn connect(cluster: &Arc<Cluster>, addr: SocketAddr) -> Result<Counted
     })
 }
 
-/// The pooled HTTP client's connector: the URI's authority is the
-/// endpoint's `IP:PORT`.
-#[derive(Debug, Clone)]
-pub struct Connector {
-    pub cluster: Arc<Cluster>,
+/// Why a pooled request got no response head.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection (a request sent nowhere: safe to send elsewhere).
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The HTTP/2 handshake on a new connection failed (nothing was sent).
+    #[error("HTTP/2 handshake with {0} failed: {1}")]
+    Handshake(SocketAddr, #[source] hyper::Error),
+    /// The exchange itself failed (the upstream may have seen the request).
+    #[error(transparent)]
+    Http(hyper::Error),
 }
 
-impl tower::Service<Uri> for Connector {
-    type Response = PooledIo;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<PooledIo, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let cluster = Arc::clone(&self.cluster);
-        Box::pin(async move {
-            let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-            let addr: SocketAddr = authority
-                .parse()
-                .map_err(|_| ConnectError::BadAddress(authority.to_owned()))?;
-            let counted = connect(&cluster, addr).await?;
-            Ok(PooledIo(TokioIo::new(counted)))
-        })
-    }
+/// Idle HTTP/1.1 connections and shared HTTP/2 connections of one
+/// listener's cluster, by endpoint address.
+pub struct Pool<B> {
+    cluster: Arc<Cluster>,
+    http2: bool,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    shared: Arc<Shared<B>>,
 }
 
-/// hyper's view of a counted connection.
-#[derive(Debug)]
-pub struct PooledIo(TokioIo<Counted>);
-
-impl Connection for PooledIo {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl hyper::rt::Read for PooledIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+impl<B> Clone for Pool<B> {
+    /// Another handle on the same connections (a reload that keeps them).
+    fn clone(&self) -> Self {
+        Pool {
+            cluster: Arc::clone(&self.cluster),
+            http2: self.http2,
+            h1: self.h1.clone(),
+            h2: self.h2.clone(),
+            shared: Arc::clone(&self.shared),
+        }
     }
 }
 
-impl hyper::rt::Write for PooledIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+impl<B> std::fmt::Debug for Pool<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("upstream", &self.cluster.config().name)
+            .field("http2", &self.http2)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Lease`]s and the sweeper reach back to.
+struct Shared<B> {
+    /// Lock rule: held only to take or put an entry, never across an await.
+    idle: Mutex<Idle<B>>,
+    /// Connections unused this long are closed.
+    idle_timeout: Duration,
+    upstream: String,
+}
+
+struct Idle<B> {
+    /// Ready HTTP/1.1 connections, most recently used last, with when
+    /// they went idle.
+    h1: HashMap<SocketAddr, Vec<(http1::SendRequest<B>, Instant)>>,
+    /// The HTTP/2 connection of each endpoint, with when it was last used.
+    h2: HashMap<SocketAddr, (http2::SendRequest<B>, Instant)>,
+    /// One HTTP/2 connect at a time per endpoint, so a burst of first
+    /// requests opens one connection rather than one each (and a slow
+    /// endpoint holds up no other).
+    h2_connecting: HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>,
+    /// The sweeper task is running.
+    sweeping: bool,
+}
+
+/// An HTTP/1.1 connection lent to one request: [`Lease::release`] (once
+/// the response's last byte has been read) puts it back in the pool;
+/// dropping it unreleased closes the connection after the exchange.
+pub struct Lease<B> {
+    sender: Option<http1::SendRequest<B>>,
+    addr: SocketAddr,
+    pool: Weak<Shared<B>>,
+}
+
+impl<B> std::fmt::Debug for Lease<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("addr", &self.addr).finish()
+    }
+}
+
+impl<B: Send + 'static> Lease<B> {
+    pub fn release(mut self) {
+        if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
+            pool.put_h1(self.addr, sender);
+        }
+    }
+}
+
+impl<B: Send + 'static> Shared<B> {
+    fn take_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<B>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.h1.get_mut(&addr)?;
+        while let Some((sender, since)) = list.pop() {
+            // Closed by the upstream, or idle too long: dropped (closes).
+            // Not ready yet: its last exchange is still going (a request
+            // body still streaming); dropping it closes it afterwards.
+            if sender.is_ready() && since.elapsed() < self.idle_timeout {
+                return Some(sender);
+            }
+        }
+        None
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+    fn put_h1(self: &Arc<Self>, addr: SocketAddr, sender: http1::SendRequest<B>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.h1
+            .entry(addr)
+            .or_default()
+            .push((sender, Instant::now()));
+        self.start_sweeper(&mut idle);
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+    fn start_sweeper(self: &Arc<Self>, idle: &mut Idle<B>) {
+        if idle.sweeping {
+            return;
+        }
+        // No runtime (a body dropped while it shuts down): nothing to sweep.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        idle.sweeping = true;
+        let pool = Arc::downgrade(self);
+        let every = (self.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let span = tracing::debug_span!("upstream pool", upstream = %self.upstream);
+        // Ends with the pool (the listener's proxy) or once nothing is left.
+        runtime.spawn(
+            async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(pool) = pool.upgrade() else { return };
+                    let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+                    let limit = pool.idle_timeout;
+                    idle.h1.retain(|_, list| {
+                        list.retain(|(s, since)| !s.is_closed() && since.elapsed() < limit);
+                        !list.is_empty()
+                    });
+                    idle.h2
+                        .retain(|_, (s, used)| !s.is_closed() && used.elapsed() < limit);
+                    idle.h2_connecting
+                        .retain(|_, turn| Arc::strong_count(turn) > 1);
+                    if idle.h1.is_empty() && idle.h2.is_empty() {
+                        idle.sweeping = false;
+                        return;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+impl<B> Pool<B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// `http2`: the upstream speaks HTTP/2 (prior knowledge) only.
+    pub fn new(cluster: Arc<Cluster>, http2: bool) -> Self {
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new());
+        Pool {
+            shared: Arc::new(Shared {
+                idle: Mutex::new(Idle {
+                    h1: HashMap::new(),
+                    h2: HashMap::new(),
+                    h2_connecting: HashMap::new(),
+                    sweeping: false,
+                }),
+                idle_timeout: cluster.config().idle_timeout,
+                upstream: cluster.config().name.clone(),
+            }),
+            cluster,
+            http2,
+            h1: http1::Builder::new(),
+            h2,
+        }
     }
 
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+    /// Sends `req` to `addr` on a pooled connection or a new one, and
+    /// returns the response head; for HTTP/1.1 also the connection, to be
+    /// released when the response body is done. A request that a reused
+    /// connection closed before taking goes out again on another.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<B>,
+    ) -> Result<(Response<Incoming>, Option<Lease<B>>), SendError> {
+        if self.http2 {
+            return self.send_h2(addr, req).await.map(|r| (r, None));
+        }
+
+        loop {
+            let (mut sender, reused) = match self.shared.take_h1(addr) {
+                Some(sender) => (sender, true),
+                // Boxed: connecting is rare, and its future would make
+                // every request's future (moved into place per request)
+                // that much larger.
+                None => (Box::pin(self.connect_h1(addr)).await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    let lease = Lease {
+                        sender: Some(sender),
+                        addr,
+                        pool: Arc::downgrade(&self.shared),
+                    };
+                    return Ok((response, Some(lease)));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(SendError::Http(e.into_error())),
+                },
+            }
+        }
     }
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    async fn connect_h1(&self, addr: SocketAddr) -> Result<http1::SendRequest<B>, SendError> {
+        let io = TokioIo::new(connect(&self.cluster, addr).await?);
+        // An HTTP/1 handshake does no I/O; it cannot fail on a new socket.
+        let (sender, connection) = self.h1.handshake(io).await.map_err(SendError::Http)?;
+        let span = tracing::debug_span!("upstream connection", upstream = %self.cluster.config().name, endpoint = %addr);
+        tokio::spawn(
+            async move {
+                // Upgrades: a 101 hands the socket to the splice.
+                if let Err(e) = connection.with_upgrades().await {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+        Ok(sender)
+    }
+
+    async fn send_h2(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<B>,
+    ) -> Result<Response<Incoming>, SendError> {
+        loop {
+            let (mut sender, reused) = match self.shared_h2(addr) {
+                Some(sender) => (sender, true),
+                // Boxed: rare, and large (see `send`).
+                None => Box::pin(self.connect_h2_once(addr)).await?,
+            };
+            match sender.try_send_request(req).await {
+                Ok(response) => return Ok(response),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => {
+                        self.forget_h2(addr, &sender);
+                        req = unsent;
+                    }
+                    _ => return Err(SendError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// Connects unless another request did so while this one waited its
+    /// turn; true when the connection is a reused one.
+    async fn connect_h2_once(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(http2::SendRequest<B>, bool), SendError> {
+        let turn = {
+            let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(idle.h2_connecting.entry(addr).or_default())
+        };
+        let _one = turn.lock().await;
+        match self.shared_h2(addr) {
+            Some(sender) => Ok((sender, true)),
+            None => Ok((self.connect_h2(addr).await?, false)),
+        }
+    }
+
+    /// The endpoint's open HTTP/2 connection, if any.
+    fn shared_h2(&self, addr: SocketAddr) -> Option<http2::SendRequest<B>> {
+        let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let (sender, used) = idle.h2.get_mut(&addr)?;
+        if sender.is_closed() || used.elapsed() >= self.shared.idle_timeout {
+            idle.h2.remove(&addr);
+            return None;
+        }
+        *used = Instant::now();
+        Some(sender.clone())
+    }
+
+    fn forget_h2(&self, addr: SocketAddr, sender: &http2::SendRequest<B>) {
+        let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if sender.is_closed() || idle.h2.get(&addr).is_some_and(|(s, _)| s.is_closed()) {
+            idle.h2.remove(&addr);
+        }
+    }
+
+    async fn connect_h2(&self, addr: SocketAddr) -> Result<http2::SendRequest<B>, SendError> {
+        let io = TokioIo::new(connect(&self.cluster, addr).await?);
+        let (sender, connection) = self
+            .h2
+            .handshake(io)
+            .await
+            .map_err(|e| SendError::Handshake(addr, e))?;
+        let span = tracing::debug_span!("upstream connection", upstream = %self.cluster.config().name, endpoint = %addr);
+        tokio::spawn(
+            async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+        let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.h2.insert(addr, (sender.clone(), Instant::now()));
+        self.shared.start_sweeper(&mut idle);
+        Ok(sender)
     }
 }
 
@@ -197,5 +452,75 @@ impl AsyncWrite for Counted {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty};
+
+    type TestBody = Empty<bytes::Bytes>;
+
+    /// An HTTP/1.1 server that answers "ok" and drops each connection
+    /// `linger` after accepting it, keep-alive or not.
+    async fn server(linger: Duration) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"ok"),
+                    )))
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::spawn(tokio::time::timeout(linger, connection));
+            }
+        });
+        addr
+    }
+
+    fn cluster(app: SocketAddr) -> Arc<Cluster> {
+        let text = "[registry]\naddresses = [\"127.0.0.1:8502\"]\n[service]\nname = \"web\"\nport = 8080\n[[upstreams]]\nname = \"api\"\nlisten = \"127.0.0.1:9191\"\nprotocol = \"http\"\n";
+        let mut config = crate::config::Config::parse("t.toml", text).expect("valid");
+        Cluster::local(config.upstreams.remove(0), app)
+    }
+
+    async fn get(pool: &Pool<TestBody>, addr: SocketAddr) {
+        let req = Request::builder()
+            .uri("/")
+            .header("host", "test")
+            .body(Empty::new())
+            .expect("request");
+        let (response, lease) = pool.send(addr, req).await.expect("response");
+        let body = response.into_body().collect().await.expect("body");
+        assert_eq!(body.to_bytes(), "ok");
+        lease.expect("an HTTP/1.1 lease").release();
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_reused_and_closed_ones_replaced() {
+        let addr = server(Duration::from_millis(300)).await;
+        let cluster = cluster(addr);
+        let pool = Pool::<TestBody>::new(Arc::clone(&cluster), false);
+        let opened = || cluster.metrics.connections.load(Ordering::Relaxed);
+        get(&pool, addr).await;
+        get(&pool, addr).await;
+        get(&pool, addr).await;
+        assert_eq!(opened(), 1, "one connection, kept alive");
+        // The server has dropped it meanwhile: a new one, no error.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        get(&pool, addr).await;
+        assert_eq!(opened(), 2);
+        // A lease dropped unreleased is not reused.
+        let req = Request::new(Empty::new());
+        let (_response, lease) = pool.send(addr, req).await.expect("response");
+        drop(lease);
+        get(&pool, addr).await;
+        assert_eq!(opened(), 3);
     }
 }

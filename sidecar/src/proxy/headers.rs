@@ -39,36 +39,93 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+// Which hop-by-hop headers a message has, as bits.
+const HAS_CONNECTION: u8 = 1;
+const HAS_TE: u8 = 2;
+const HAS_TRANSFER_ENCODING: u8 = 4;
+const HAS_UPGRADE: u8 = 8;
+const HAS_KEEP_ALIVE: u8 = 16;
+const HAS_PROXY_CONNECTION: u8 = 32;
+
+/// The bit of a header that is hop-by-hop whatever `Connection` says.
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    if name == header::CONNECTION {
+        HAS_CONNECTION
+    } else if name == header::TE {
+        HAS_TE
+    } else if name == header::TRANSFER_ENCODING {
+        HAS_TRANSFER_ENCODING
+    } else if name == header::UPGRADE {
+        HAS_UPGRADE
+    } else if name == KEEP_ALIVE {
+        HAS_KEEP_ALIVE
+    } else if name == PROXY_CONNECTION {
+        HAS_PROXY_CONNECTION
+    } else {
+        0
+    }
+}
+
 /// Drops hop-by-hop headers (RFC 9110 §7.6.1), and those the
 /// `Connection` header names; keeps `te: trailers` (gRPC needs it) and,
 /// for an upgrade, `Connection: upgrade` and `Upgrade`.
+///
+/// It runs on every request and response, so it looks first (one pass
+/// over the names, standard ones comparing as enums) and then touches
+/// only the headers that are there.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && n == header::UPGRADE))
-        .collect();
-    for name in named {
-        headers.remove(name);
+    let present = headers.keys().fold(0, |bits, n| bits | hop_by_hop_bit(n));
+    if present == 0 && !upgrade {
+        return;
     }
-    for name in ["keep-alive", "proxy-connection", "transfer-encoding"] {
-        headers.remove(name);
+    if present & HAS_CONNECTION != 0 {
+        // Usually just `keep-alive` or `close`: no allocation for those
+        // unless a header of that name is there to go.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("keep-alive") {
+                    continue; // removed below with the fixed ones
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+                    && !(upgrade && name == header::UPGRADE)
+                    && headers.contains_key(&name)
+                {
+                    named.push(name);
+                }
+            }
+        }
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
     }
-    let trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .any(|v| has_token(v, "trailers"));
-    headers.remove(header::TE);
-    if trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    if present & HAS_KEEP_ALIVE != 0 {
+        headers.remove(KEEP_ALIVE);
     }
-    headers.remove(header::CONNECTION);
+    if present & HAS_PROXY_CONNECTION != 0 {
+        headers.remove(PROXY_CONNECTION);
+    }
+    if present & HAS_TRANSFER_ENCODING != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if present & HAS_TE != 0 {
+        let trailers = headers
+            .get_all(header::TE)
+            .iter()
+            .any(|v| has_token(v, "trailers"));
+        headers.remove(header::TE);
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if present & HAS_UPGRADE != 0 {
         headers.remove(header::UPGRADE);
     }
 }
@@ -90,8 +147,16 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("traceparent", HeaderValue::from_static("00-abc-def-01"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         let mut plain = h.clone();
         strip_hop_by_hop(&mut plain, false);
+        assert!(!plain.contains_key("keep-alive"));
+        assert!(!plain.contains_key("proxy-connection"));
+        assert!(!plain.contains_key(header::TRANSFER_ENCODING));
         assert!(!plain.contains_key("x-secret"));
         assert!(!plain.contains_key(header::CONNECTION));
         assert!(!plain.contains_key(header::UPGRADE));
@@ -100,6 +165,14 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h[header::CONNECTION], "upgrade");
         assert_eq!(h[header::UPGRADE], "websocket");
+        // Untouched without any hop-by-hop header; `close` names no header.
+        let mut end = HeaderMap::new();
+        end.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        end.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut end, false);
+        assert_eq!(end.len(), 1);
+        strip_hop_by_hop(&mut end, false);
+        assert_eq!(end.len(), 1);
     }
 
     #[test]

@@ -9,28 +9,31 @@
 //! once both sides agree on 101. Trailers (gRPC) pass through in both
 //! directions because bodies are streamed frame by frame.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Incoming};
 use hyper::header::{self, HeaderValue};
-use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
 use rand::Rng;
+
+mod body;
+pub use body::{Guards, OutgoingBody, ResponseBody};
 
 use super::balance::hash_of;
 use super::cluster::{Cluster, EndpointState, Source, acquire_owned};
-use super::connect::{ConnectError, Connector};
+use super::connect::{ConnectError, Lease, Pool, SendError};
 use super::headers::{content_length, is_grpc, is_upgrade, strip_hop_by_hop};
+use super::idle::Busy;
 use super::rescue::{self, ProxyError};
-use super::{BoxError, ProxyBody, retry};
+use super::retry;
 use crate::config::{Balance, Protocol};
 use crate::telemetry::{AccessLog, Outcome, unix_ms};
 
@@ -43,7 +46,7 @@ const REQUEST_ID: &str = "x-request-id";
 pub struct HttpProxy {
     pub cluster: Arc<Cluster>,
     pub direction: &'static str,
-    client: Client<Connector, ProxyBody>,
+    pool: Pool<OutgoingBody>,
     protocol: Protocol,
     access_log: bool,
 }
@@ -57,21 +60,12 @@ enum RequestBody {
 impl HttpProxy {
     pub fn new(cluster: Arc<Cluster>, direction: &'static str, access_log: bool) -> Self {
         let protocol = cluster.config().protocol;
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(cluster.config().idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new());
-        if matches!(protocol, Protocol::Http2 | Protocol::Grpc) {
-            builder.http2_only(true);
-        }
-        let client = builder.build(Connector {
-            cluster: Arc::clone(&cluster),
-        });
+        let http2 = matches!(protocol, Protocol::Http2 | Protocol::Grpc);
+        let pool = Pool::new(Arc::clone(&cluster), http2);
         HttpProxy {
             cluster,
             direction,
-            client,
+            pool,
             protocol,
             access_log,
         }
@@ -83,7 +77,7 @@ impl HttpProxy {
         HttpProxy {
             cluster: Arc::clone(&self.cluster),
             direction: self.direction,
-            client: self.client.clone(),
+            pool: self.pool.clone(),
             protocol: self.protocol,
             access_log,
         }
@@ -92,30 +86,41 @@ impl HttpProxy {
     /// Answers one request: the upstream's response or the proxy's own.
     /// `connection` is held until the response's last byte (it marks the
     /// client connection busy).
-    pub async fn handle(
+    ///
+    /// The answering future is boxed: it is some 3 KiB, and hyper moves
+    /// the service future into place per request (several times over for
+    /// HTTP/2, where each stream is a spawned task); one allocation is
+    /// cheaper than those copies.
+    pub fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        connection: Busy,
+    ) -> Pin<Box<impl Future<Output = Response<ResponseBody>> + Send + '_>> {
+        Box::pin(self.answer(req, peer, connection))
+    }
+
+    async fn answer(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
-        connection: impl Send + 'static,
-    ) -> Response<ProxyBody> {
+        connection: Busy,
+    ) -> Response<ResponseBody> {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
         let mut log = self.access_log.then(|| LogContext::new(&req));
         if !req.headers().contains_key(REQUEST_ID) {
-            let id = format!("{:032x}", rand::rng().random::<u128>());
-            if let Ok(v) = HeaderValue::from_str(&id) {
-                req.headers_mut().insert(REQUEST_ID, v);
-            }
+            let id = request_id();
             if let Some(log) = &mut log {
-                log.request_id = Some(id);
+                log.request_id = id.to_str().ok().map(str::to_owned);
             }
+            req.headers_mut().insert(REQUEST_ID, id);
         }
         let cluster = &self.cluster;
-        let Some(active) = acquire_owned(
-            cluster,
-            |g| &g.requests,
-            cluster.config().limits.max_requests,
-        ) else {
+        // The settings this request runs under, whatever a reload does meanwhile.
+        let config = cluster.config();
+        let Some(active) = acquire_owned(cluster, |g| &g.requests, config.limits.max_requests)
+        else {
             return self.fail(
                 ProxyError::CircuitOpen("max_requests"),
                 grpc,
@@ -153,7 +158,7 @@ impl HttpProxy {
             .cloned()
             .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
         let method = parts.method.clone();
-        let hash = match (&cluster.config().balance, &cluster.config().hash_header) {
+        let hash = match (&config.balance, &config.hash_header) {
             (Balance::RingHash, Some(name)) => parts
                 .headers
                 .get(name.as_str())
@@ -161,15 +166,16 @@ impl HttpProxy {
             (Balance::RingHash, None) => Some(hash_of(&peer.ip())),
             _ => None,
         };
-        let policy = &cluster.config().retries;
-        let deadline = tokio::time::Instant::now() + cluster.config().request_timeout;
+        let policy = &config.retries;
+        let deadline = tokio::time::Instant::from_std(start) + config.request_timeout;
         let mut body = if body.is_end_stream() {
             RequestBody::Replayable(Bytes::new())
         } else if policy.attempts > 0
             && !upgrade
             && content_length(&parts.headers).is_some_and(|n| n <= MAX_REPLAY_BODY)
         {
-            match tokio::time::timeout_at(deadline, body.collect()).await {
+            // Boxed: only requests with a body get here (see `Pool::send`).
+            match Box::pin(tokio::time::timeout_at(deadline, body.collect())).await {
                 Ok(Ok(collected)) => RequestBody::Replayable(collected.to_bytes()),
                 Ok(Err(_)) => {
                     return self.fail(
@@ -183,7 +189,7 @@ impl HttpProxy {
                 }
                 Err(_) => {
                     return self.fail(
-                        ProxyError::Timeout(cluster.config().request_timeout),
+                        ProxyError::Timeout(config.request_timeout),
                         grpc,
                         start,
                         log,
@@ -196,6 +202,8 @@ impl HttpProxy {
             RequestBody::Streaming(Some(body))
         };
         let max_attempts = 1 + policy.attempts;
+        // Endpoints already tried (filled only when retrying, so the usual
+        // single attempt allocates nothing).
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt = 0u32;
         let mut retry_slot = None;
@@ -203,7 +211,7 @@ impl HttpProxy {
             attempt += 1;
             let Some(endpoint) = cluster.pick(hash, &tried) else {
                 return self.fail(
-                    ProxyError::NoHealthyUpstream(cluster.config().name.clone()),
+                    ProxyError::NoHealthyUpstream(config.name.clone()),
                     grpc,
                     start,
                     log,
@@ -211,21 +219,17 @@ impl HttpProxy {
                     attempt,
                 );
             };
-            tried.push(endpoint.addr);
             let in_flight = endpoint.start_request();
             let replayable = matches!(body, RequestBody::Replayable(_));
+            let can_retry = replayable && attempt < max_attempts;
             let outgoing_body = match &mut body {
-                RequestBody::Replayable(bytes) => rescue::full(bytes.clone()),
+                RequestBody::Replayable(bytes) => OutgoingBody::Full(Some(bytes.clone())),
                 RequestBody::Streaming(b) => match b.take() {
-                    Some(b) => b.map_err(BoxError::from).boxed_unsync(),
-                    None => rescue::empty(),
+                    Some(b) => OutgoingBody::Streaming(b),
+                    None => OutgoingBody::Full(None),
                 },
             };
-            let mut target = hyper::http::uri::Parts::default();
-            target.scheme = Some(hyper::http::uri::Scheme::HTTP);
-            target.authority = Some(endpoint.authority.clone());
-            target.path_and_query = Some(path.clone());
-            let uri = match Uri::from_parts(target) {
+            let uri = match target_uri(version, &method, &endpoint, &path) {
                 Ok(uri) => uri,
                 Err(_) => {
                     return self.fail(
@@ -242,9 +246,19 @@ impl HttpProxy {
             *outgoing.method_mut() = method.clone();
             *outgoing.uri_mut() = uri;
             *outgoing.version_mut() = version;
-            *outgoing.headers_mut() = parts.headers.clone();
-            let Some(pending) =
-                acquire_owned(cluster, |g| &g.pending, cluster.config().limits.max_pending)
+            // The last attempt takes the headers; earlier ones a copy.
+            *outgoing.headers_mut() = if can_retry {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+            if version == Version::HTTP_11 && !outgoing.headers().contains_key(header::HOST) {
+                // An HTTP/1.0 request without Host: name the endpoint.
+                if let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str()) {
+                    outgoing.headers_mut().insert(header::HOST, v);
+                }
+            }
+            let Some(pending) = acquire_owned(cluster, |g| &g.pending, config.limits.max_pending)
             else {
                 return self.fail(
                     ProxyError::CircuitOpen("max_pending"),
@@ -255,14 +269,14 @@ impl HttpProxy {
                     attempt,
                 );
             };
-            let result = tokio::time::timeout_at(deadline, self.client.request(outgoing)).await;
+            let result =
+                tokio::time::timeout_at(deadline, self.pool.send(endpoint.addr, outgoing)).await;
             drop(pending);
             drop(retry_slot.take());
-            let can_retry = replayable && attempt < max_attempts;
             let error = match result {
                 Err(_) => {
                     return self.fail(
-                        ProxyError::Timeout(cluster.config().request_timeout),
+                        ProxyError::Timeout(config.request_timeout),
                         grpc,
                         start,
                         log,
@@ -270,7 +284,7 @@ impl HttpProxy {
                         attempt,
                     );
                 }
-                Ok(Ok(response)) => {
+                Ok(Ok((response, lease))) => {
                     let status = response.status();
                     let failed = status.is_server_error();
                     // The peer's sidecar could not reach its app: the
@@ -302,12 +316,14 @@ impl HttpProxy {
                     };
                     if let Some(why) = retry_why {
                         cluster.report(&endpoint, true);
-                        tracing::debug!(upstream = %cluster.config().name, endpoint = %endpoint.addr, %status, attempt, "{why}");
+                        tracing::debug!(upstream = %config.name, endpoint = %endpoint.addr, %status, attempt, "{why}");
                         drop(response);
+                        drop(lease);
                         drop(in_flight);
-                        if !self.wait_backoff(attempt, deadline).await {
+                        tried.push(endpoint.addr);
+                        if !Box::pin(self.wait_backoff(attempt, deadline)).await {
                             return self.fail(
-                                ProxyError::Timeout(cluster.config().request_timeout),
+                                ProxyError::Timeout(config.request_timeout),
                                 grpc,
                                 start,
                                 log,
@@ -333,11 +349,12 @@ impl HttpProxy {
                     }
                     return self.forward(
                         response,
+                        lease,
                         downstream_upgrade,
-                        (active, in_flight, connection),
+                        Guards::new(active, in_flight, connection),
                     );
                 }
-                Ok(Err(e)) => classify(&e, &endpoint),
+                Ok(Err(e)) => classify(e),
             };
             let connect = matches!(
                 error,
@@ -361,14 +378,15 @@ impl HttpProxy {
                 && safe
                 && let Some(slot) = slot
             {
-                tracing::debug!(upstream = %cluster.config().name, endpoint = %endpoint.addr, error = %error, attempt, "retrying on another endpoint");
+                tracing::debug!(upstream = %config.name, endpoint = %endpoint.addr, error = %error, attempt, "retrying on another endpoint");
                 retry_slot = slot;
                 drop(in_flight);
-                if self.wait_backoff(attempt, deadline).await {
+                tried.push(endpoint.addr);
+                if Box::pin(self.wait_backoff(attempt, deadline)).await {
                     continue;
                 }
                 return self.fail(
-                    ProxyError::Timeout(cluster.config().request_timeout),
+                    ProxyError::Timeout(config.request_timeout),
                     grpc,
                     start,
                     log,
@@ -376,7 +394,7 @@ impl HttpProxy {
                     attempt,
                 );
             }
-            tracing::debug!(upstream = %cluster.config().name, endpoint = %endpoint.addr, error = %error, attempt, retryable = can_retry && safe, "request failed");
+            tracing::debug!(upstream = %config.name, endpoint = %endpoint.addr, error = %error, attempt, retryable = can_retry && safe, "request failed");
             return self.fail(error, grpc, start, log, Some(endpoint.addr), attempt);
         }
     }
@@ -387,9 +405,10 @@ impl HttpProxy {
     fn forward(
         &self,
         mut response: Response<Incoming>,
+        lease: Option<Lease<OutgoingBody>>,
         downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
-        guards: impl Send + 'static,
-    ) -> Response<ProxyBody> {
+        guards: Guards,
+    ) -> Response<ResponseBody> {
         let upstream_upgrade = (response.status() == StatusCode::SWITCHING_PROTOCOLS)
             .then(|| hyper::upgrade::on(&mut response));
         let (mut head, body) = response.into_parts();
@@ -398,6 +417,8 @@ impl HttpProxy {
             let name = self.cluster.config().name.clone();
             tokio::spawn(async move {
                 let _guards = guards;
+                // The upstream connection is the splice's now.
+                let _lease = lease;
                 match tokio::join!(down, up) {
                     (Ok(down), Ok(up)) => {
                         let mut down = TokioIo::new(down);
@@ -409,7 +430,7 @@ impl HttpProxy {
                     }
                 }
             });
-            return Response::from_parts(head, rescue::empty());
+            return Response::from_parts(head, ResponseBody::Empty);
         }
         strip_hop_by_hop(&mut head.headers, false);
         if self.cluster.source == Source::Local {
@@ -417,11 +438,7 @@ impl HttpProxy {
             // x-meshwork-error would make peers retry.
             head.headers.remove(rescue::ERROR_HEADER);
         }
-        let body = Guarded {
-            inner: body.map_err(BoxError::from).boxed_unsync(),
-            _guards: Box::new(guards),
-        };
-        Response::from_parts(head, body.boxed_unsync())
+        Response::from_parts(head, ResponseBody::upstream(body, lease, guards))
     }
 
     /// Sleeps before a retry; false when the deadline comes first.
@@ -443,8 +460,8 @@ impl HttpProxy {
         log: Option<LogContext>,
         endpoint: Option<SocketAddr>,
         attempts: u32,
-    ) -> Response<ProxyBody> {
-        let response = rescue::respond(&error, grpc);
+    ) -> Response<ResponseBody> {
+        let response = rescue::respond(&error, grpc).map(ResponseBody::Own);
         let status = response.status().as_u16();
         self.cluster
             .metrics
@@ -456,54 +473,72 @@ impl HttpProxy {
     }
 }
 
-/// Turns a client error into what went wrong, from hyper's error chain.
-fn classify(error: &hyper_util::client::legacy::Error, endpoint: &EndpointState) -> ProxyError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = source {
-        if let Some(c) = e.downcast_ref::<ConnectError>() {
-            return match c {
-                ConnectError::Timeout(addr, d) => ProxyError::ConnectTimeout(addr.to_string(), *d),
-                ConnectError::Limit => ProxyError::CircuitOpen("max_connections"),
-                other => ProxyError::ConnectFailure(other.to_string()),
-            };
+/// Turns a pool error into what went wrong.
+fn classify(error: SendError) -> ProxyError {
+    match error {
+        SendError::Connect(ConnectError::Timeout(addr, d)) => {
+            ProxyError::ConnectTimeout(addr.to_string(), d)
         }
-        source = e.source();
+        SendError::Connect(ConnectError::Limit) => ProxyError::CircuitOpen("max_connections"),
+        SendError::Connect(other) => ProxyError::ConnectFailure(other.to_string()),
+        SendError::Handshake(..) => ProxyError::ConnectFailure(error.to_string()),
+        SendError::Http(e) => {
+            let mut text = e.to_string();
+            if let Some(cause) = std::error::Error::source(&e) {
+                text = format!("{text}: {cause}");
+            }
+            ProxyError::Reset(text)
+        }
     }
-    if error.is_connect() {
-        return ProxyError::ConnectFailure(endpoint.addr.to_string());
-    }
-    let mut text = error.to_string();
-    if let Some(cause) = std::error::Error::source(error) {
-        text = format!("{text}: {cause}");
-    }
-    ProxyError::Reset(text)
 }
 
-/// A response body that keeps the request's counters (in flight, the
-/// cluster's active requests) until the last byte has gone.
-struct Guarded {
-    inner: ProxyBody,
-    _guards: Box<dyn Send>,
+/// A random `x-request-id`: 128 bits as 32 lowercase hex digits. The
+/// digits are written into a per-thread slab that many ids share, so an
+/// id costs no allocation of its own.
+fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    const LEN: usize = 32;
+    thread_local! {
+        static SLAB: std::cell::RefCell<bytes::BytesMut> =
+            std::cell::RefCell::new(bytes::BytesMut::new());
+    }
+    let n = rand::rng().random::<u128>();
+    let mut id = [0u8; LEN];
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    let shared = SLAB.with_borrow_mut(|slab| {
+        if slab.capacity() < LEN {
+            *slab = bytes::BytesMut::with_capacity(LEN * 64);
+        }
+        slab.extend_from_slice(&id);
+        slab.split().freeze()
+    });
+    // Hex digits are always a valid header value.
+    HeaderValue::from_maybe_shared(shared)
+        .unwrap_or_else(|_| HeaderValue::from_static("00000000000000000000000000000000"))
 }
 
-impl Body for Guarded {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+/// The request target sent upstream: origin form (`/path?query`) for
+/// HTTP/1.1, authority form for CONNECT, the absolute URI (scheme and
+/// `:authority`) for HTTP/2.
+fn target_uri(
+    version: Version,
+    method: &Method,
+    endpoint: &EndpointState,
+    path: &hyper::http::uri::PathAndQuery,
+) -> Result<Uri, hyper::http::Error> {
+    if version == Version::HTTP_11 {
+        if method == Method::CONNECT {
+            return Ok(Uri::from(endpoint.authority.clone()));
+        }
+        return Ok(Uri::from(path.clone()));
     }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+    let mut target = hyper::http::uri::Parts::default();
+    target.scheme = Some(hyper::http::uri::Scheme::HTTP);
+    target.authority = Some(endpoint.authority.clone());
+    target.path_and_query = Some(path.clone());
+    Ok(Uri::from_parts(target)?)
 }
 
 /// What the access log needs of the request, taken before it moves on.
@@ -561,5 +596,35 @@ impl LogContext {
             traceparent: self.traceparent.as_deref(),
         }
         .write();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::idle::Activity;
+
+    fn size_of_output<F: Fn() -> R, R>(_: &F) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    #[allow(clippy::unimplemented)]
+    fn never() -> Incoming {
+        unimplemented!("only the type is used")
+    }
+
+    #[tokio::test]
+    async fn the_future_hyper_moves_per_request_is_small() {
+        let text = "[registry]\naddresses = [\"127.0.0.1:8502\"]\n[service]\nname = \"web\"\nport = 8080\n[[upstreams]]\nname = \"api\"\nlisten = \"127.0.0.1:9191\"\nprotocol = \"http\"\n";
+        let mut config = crate::config::Config::parse("t.toml", text).expect("valid");
+        let upstream = config.upstreams.remove(0);
+        let cluster = Cluster::local(upstream, "127.0.0.1:1".parse().expect("addr"));
+        let proxy = HttpProxy::new(cluster, "outbound", false);
+        let activity = Arc::new(Activity::new(true));
+        let peer: SocketAddr = "127.0.0.1:2".parse().expect("addr");
+        let handle = || proxy.handle(Request::new(never()), peer, activity.busy());
+        assert!(size_of_output(&handle) <= 16);
+        assert_eq!(request_id().len(), 32);
+        assert_ne!(request_id(), request_id());
     }
 }

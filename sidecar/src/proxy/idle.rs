@@ -78,7 +78,8 @@ impl Activity {
 
     /// Bytes arrived from the client.
     fn received(&self, bytes: &[u8]) {
-        self.touch();
+        let now = self.now_ms();
+        self.last_ms.store(now, Ordering::Relaxed);
         if !self.first_read.swap(true, Ordering::Relaxed) {
             let n = bytes.len().min(H2_PREFACE.len());
             if n > 0 && H2_PREFACE.starts_with(&bytes[..n]) {
@@ -90,7 +91,7 @@ impl Activity {
             && self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_since_ms.load(Ordering::Relaxed) == u64::MAX
         {
-            self.head_since_ms.store(self.now_ms(), Ordering::Relaxed);
+            self.head_since_ms.store(now, Ordering::Relaxed);
         }
     }
 

@@ -1,0 +1,181 @@
+//! The bodies of the HTTP proxy: what it sends upstream (a buffered,
+//! replayable body or the client's, streamed) and what it answers with
+//! (the upstream's body holding the request's counters and, for HTTP/1.1,
+//! its pooled connection until the last byte; its own; or none). Enums
+//! rather than boxed bodies, so a request allocates none of them.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::proxy::cluster::{InFlight, OwnedGauge};
+use crate::proxy::connect::Lease;
+use crate::proxy::idle::Busy;
+use crate::proxy::{BoxError, ProxyBody};
+
+/// The request body sent upstream: a buffered one (sent again on a retry)
+/// or the client's, streamed once.
+pub enum OutgoingBody {
+    Full(Option<Bytes>),
+    Streaming(Incoming),
+}
+
+impl Body for OutgoingBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            OutgoingBody::Full(bytes) => Poll::Ready(
+                bytes
+                    .take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
+            OutgoingBody::Streaming(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            OutgoingBody::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
+            OutgoingBody::Streaming(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            OutgoingBody::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            OutgoingBody::Streaming(body) => body.size_hint(),
+        }
+    }
+}
+
+/// Every body the proxy answers with: the upstream's (streamed, holding
+/// the request's counters), its own, or none (a spliced upgrade). An enum
+/// rather than a boxed body: no allocation per response.
+pub enum ResponseBody {
+    Upstream(Guarded),
+    Own(ProxyBody),
+    Empty,
+}
+
+impl ResponseBody {
+    /// The upstream's body, holding `guards` (and `lease`, given back
+    /// to the pool at the end) until its last byte has gone.
+    pub fn upstream(inner: Incoming, lease: Option<Lease<OutgoingBody>>, guards: Guards) -> Self {
+        ResponseBody::Upstream(Guarded {
+            inner,
+            lease,
+            done: false,
+            _guards: guards,
+        })
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            ResponseBody::Own(body) => Pin::new(body).poll_frame(cx),
+            ResponseBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Upstream(body) => body.inner.is_end_stream(),
+            ResponseBody::Own(body) => body.is_end_stream(),
+            ResponseBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Upstream(body) => body.inner.size_hint(),
+            ResponseBody::Own(body) => body.size_hint(),
+            ResponseBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// What a response holds until its last byte has gone: the cluster's
+/// active-request slot, the endpoint's in-flight count, and the client
+/// connection's busy mark.
+pub struct Guards {
+    _active: OwnedGauge,
+    _in_flight: InFlight,
+    _connection: Busy,
+}
+
+impl Guards {
+    pub fn new(active: OwnedGauge, in_flight: InFlight, connection: Busy) -> Self {
+        Guards {
+            _active: active,
+            _in_flight: in_flight,
+            _connection: connection,
+        }
+    }
+}
+
+/// The upstream's response body; once it has been read to the end its
+/// HTTP/1.1 connection goes back to the pool.
+pub struct Guarded {
+    inner: Incoming,
+    lease: Option<Lease<OutgoingBody>>,
+    /// The body's end was seen.
+    done: bool,
+    _guards: Guards,
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.done = true,
+            Poll::Ready(Some(Err(_))) => drop(self.lease.take()),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        // Read to the end (hyper drops a body whose declared length has
+        // been sent without polling for the end): the connection is
+        // reusable. Otherwise it is dropped and closes.
+        if let Some(lease) = self.lease.take()
+            && (self.done || self.inner.is_end_stream())
+        {
+            lease.release();
+        }
+    }
+}
