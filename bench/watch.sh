@@ -5,7 +5,7 @@
 # (bench/watch-fanout, Rust, tonic), same machine, same N and C.
 # Then the sidecar agent's idle RSS.
 #
-#   sudo bash bench/watch.sh      # from anywhere; ~8-15 minutes plus builds
+#   sudo bash bench/watch.sh      # from anywhere; ~3 minutes plus builds on a quiet machine (longer when it waits for quiet)
 #
 # Every round runs in each client mode of the load tool (CLIENT_MODES):
 #   full   each system's usual Rust client (tonic's generated Meshwork
