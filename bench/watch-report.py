@@ -18,6 +18,7 @@ import sys
 
 SYSTEMS = ("meshwork", "etcd")
 NAMES = {"meshwork": "Meshwork", "etcd": "etcd"}
+MODE_NAMES = {"full": "full client", "light": "light client"}
 SIDECAR_TARGET_KIB = 8 * 1024
 
 
@@ -37,12 +38,29 @@ def st(r, key="from_ack_ms"):
     return r.get(key) or {}
 
 
+def mode(r):
+    """The load tool's client mode of a run (runs from before the modes were full)."""
+    return r.get("client") or r.get("meta", {}).get("client") or "full"
+
+
+def rnd(r):
+    return int(r.get("meta", {}).get("round", 0) or 0)
+
+
+def seq(r):
+    return int(r.get("meta", {}).get("seq", 0) or 0)
+
+
+def med(v):
+    return statistics.median(v) if v else None
+
+
 def one_line(r):
     if r.get("kind") != "round":
         return f"  {r.get('label', '?')}: FAILED: {r.get('error', json.dumps(r)[:200])}"
     a, s = st(r), st(r, "from_send_ms")
     cpu = r["cpu"]["fanout"]
-    return (f"  {r['label']}: received {r['received']}/{r['n']} (subscribed {r['subscribed']}, "
+    return (f"  {r['label']} ({mode(r)} client): received {r['received']}/{r['n']} (subscribed {r['subscribed']}, "
             f"setup {r['setup_s']:.1f}s); from ack p50 {a.get('p50')} p99 {a.get('p99')} "
             f"max {a.get('max')} min {a.get('min')} ms; from send p99 {s.get('p99')} ms; "
             f"write RTT {r.get('write_rtt_ms')} ms; errors {r['errors']}; "
@@ -135,7 +153,13 @@ def report(raw):
             side_samples.append((int(f[1]), int(f[2] or 0), int(f[3] or 0)))
         elif len(f) >= 2:
             side[f[0]] = f[1]
-    by = {s: [r for r in rounds if r["system"] == s] for s in SYSTEMS}
+    modes = [x for x in m.get("client_modes", "").split() if x]
+    for r in rounds:
+        if mode(r) not in modes:
+            modes.append(mode(r))
+    # Runs in the order they were made (round, then place in the round).
+    rounds.sort(key=lambda r: (rnd(r), seq(r), modes.index(mode(r)), r["system"] != "meshwork"))
+    by = {(c, s): [r for r in rounds if r["system"] == s and mode(r) == c] for c in modes for s in SYSTEMS}
     n = int(m.get("subscribers", "10000"))
     conns = m.get("conns", "32")
 
@@ -153,7 +177,8 @@ def report(raw):
     p("bash bench/watch.sh")
     p("```")
     p()
-    p(f"Parameters: `SUBSCRIBERS={n} CONNS={conns} ROUNDS={m.get('rounds')} TIMEOUT_S={m.get('timeout_s')} "
+    p(f"Parameters: `SUBSCRIBERS={n} CONNS={conns} ROUNDS={m.get('rounds')} "
+      f"CLIENT_MODES=\"{m.get('client_modes', 'full')}\" TIMEOUT_S={m.get('timeout_s')} "
       f"SETUP_TIMEOUT_S={m.get('setup_timeout_s')} OPEN_CONCURRENCY={m.get('open_concurrency')} "
       f"SETTLE_MS={m.get('settle_ms')} HOLD_MS={m.get('hold_ms')} SIDECAR_IDLE_S={m.get('sidecar_idle_s')} "
       f"NOISE_PCT={m.get('noise_pct')}`{(' MW_EXTRA_ARGS=`' + m['mw_extra_args'] + '`') if m.get('mw_extra_args') else ''}. "
@@ -171,26 +196,50 @@ def report(raw):
       f"default settings, `--log-level warn`. Both clusters run at the same time on 127.0.0.1 (the idle one "
       f"uses next to no CPU; its CPU is not counted as \"other processes\").")
     p(f"- Load tool `bench/watch-fanout` (Rust, {m.get('rustc', '').split(' (')[0]}, tokio multi-threaded runtime "
-      f"on both cores; {m.get('tool_deps', '').strip()}), one process per round, on the same machine. "
+      f"on both cores; {m.get('tool_deps', '').strip()}), one process per run, on the same machine. "
       f"Subscriber i goes to server i mod 3 and uses connection (i / 3) mod {conns} of that server: "
-      f"{n:,} streams multiplexed over {conns} HTTP/2 connections per server, for both systems.")
+      f"{n:,} streams multiplexed over {conns} HTTP/2 connections per server, for both systems and both client "
+      "modes.")
+    p("- The topic and the write, the same in both client modes:")
     p("  - Meshwork: one `meshwork.v1.Watch/Subscribe` stream per subscriber, topic `service { name: \"web\", "
-      "passing_only: false }`, `since_index` 0 (client generated from `proto/meshwork/v1/watch.proto` with "
-      "protox + tonic-prost-build). Subscribed = END_OF_SNAPSHOT received. The topic holds 3 `web` "
-      "instances. The write: `PUT /v1/catalog/register` of a new `web` instance over HTTP/1.1; received = a "
-      "CHANGE carrying an endpoint with the new service ID. The instance is deregistered after the round.")
-    p("  - etcd: one `Watch` gRPC stream per watcher on the key `/bench/web` (the `etcd-client` crate's `watch`, "
-      "which opens one stream per call), created over `Client`s that each hold one connection to one member. "
-      "Subscribed = the `created` response received. The write: a KV `Put` of the key over gRPC (the value is "
-      "the same JSON as Meshwork's registration body); received = an event for the key with that value.")
-    p("  - The write goes through member ((round − 1) mod 3) + 1 in both systems, over a connection opened "
-      "before the subscribers and used once (a read) just before the write. Rounds alternate which system goes "
-      "first; each round opens fresh streams and closes them at the end.")
+      "passing_only: false }`, `since_index` 0. The topic holds 3 `web` instances. The write: "
+      "`PUT /v1/catalog/register` of a new `web` instance over HTTP/1.1. The instance is deregistered after "
+      "the run.")
+    p("  - etcd: one `Watch` gRPC stream per watcher on the key `/bench/web` (a `WatchRequest` with one "
+      "`create_request` for the key). The write: a KV `Put` of the key over gRPC with the `etcd-client` crate "
+      "(the value is the same JSON as Meshwork's registration body).")
+    p("  - The write goes through member ((round − 1) mod 3) + 1 in both systems and modes, over a connection "
+      "opened before the subscribers and used once (a read) just before the write. Every run opens fresh "
+      "streams and closes them at the end.")
+    p("- Two client modes for the subscribers (`--client` of the load tool); every round runs each mode for "
+      "both systems:")
+    p("  - **full client**: each system's usual Rust client. Meshwork: tonic's `WatchClient` generated from "
+      "`proto/meshwork/v1/watch.proto` (protox + tonic-prost-build); subscribed = END_OF_SNAPSHOT received; "
+      "received = a CHANGE carrying an endpoint with the new service ID. etcd: the `etcd-client` crate's "
+      "`watch` (one gRPC stream per call) over `Client`s that each hold one connection to one member; "
+      "subscribed = the `created` response; received = an event for the key with the written value. Every "
+      "message is decoded with prost; the two clients are different code (tonic `Streaming` vs etcd-client's "
+      "stream wrapper and request channel).")
+    p("  - **light client**: the SAME code for both systems (`bench/watch-fanout/src/light.rs`): gRPC over raw "
+      "HTTP/2 with the `h2` crate (hyper's default HTTP/2 settings, as tonic uses), one stream per subscriber "
+      "with `content-type: application/grpc` and `te: trailers`, the request message encoded once up front "
+      "(prost, the generated `SubscribeRequest` / etcd-client's `WatchRequest`) and sent as the only DATA; then "
+      "it reads DATA frames, releases their flow-control capacity as it reads, splits them into messages by "
+      "the 5-byte gRPC length prefixes (messages split across frames are reassembled) and decodes nothing: "
+      "subscribed = the first message whose top-level varint field `kind` = END_OF_SNAPSHOT (Meshwork) / "
+      "`created` = true (etcd); received = the first later message containing the new instance's service ID "
+      "(Meshwork) / the written value (etcd). The only differences between the systems are the method path, "
+      "the request bytes and these byte markers. It does not classify the other messages it skips (snapshot, "
+      "heartbeats), so unlike the full client it counts no \"unexpected events\".")
+    p("  - Order within a round: the modes alternate which goes first from round to round, and the system "
+      "order inside a mode alternates too, so neither a system nor a mode always runs first (`run` column).")
     p("- Latency = the instant the subscriber's task got the change from its stream (`Instant::now()` right "
-      "after the message is decoded) − the instant the write's response arrived (acknowledgement); also shown "
-      "from the instant the write was sent. These are user-space timestamps of the load tool, so they include "
-      f"the tool's own work of decoding {n:,} messages on 2 cores shared with the servers — the same for both "
-      "systems. A subscriber can get the change before the acknowledgement arrives (negative values).")
+      "after the message is decoded (full) / right after the DATA frame is read (light)) − the instant the "
+      "write's response arrived (acknowledgement); also shown from the instant the write was sent. These are "
+      "user-space timestamps of the load tool, so they include the tool's own work on "
+      f"{n:,} messages on 2 cores shared with the servers: the full clients spend much more CPU per message "
+      "than the light one (see CPU), so the light client's numbers show more of the servers. A subscriber can "
+      "get the change before the acknowledgement arrives (negative values).")
     p(f"- Memory: each server's VmRSS (`/proc/PID/status`) just before the subscribers connect and "
       f"{m.get('settle_ms')} ms after the last one is subscribed (all held); RSS per 1,000 subscribers = "
       "growth of the three servers together × 1,000 / subscribers. Kernel socket memory is not in VmRSS.")
@@ -202,19 +251,21 @@ def report(raw):
     p()
 
     # ------------------------------------------------------------ latency
-    p("## Fan-out latency, per round")
+    p("## Fan-out latency, per run")
     p()
     p("Milliseconds from the write's acknowledgement to each subscriber receiving the change "
-      "(p50 / p99 / max over the subscribers that received it; min may be negative).")
+      "(p50 / p99 / max over the subscribers that received it; min may be negative). Runs in the order they "
+      "were made.")
     p()
-    p("| round | system | write via | received / N | p50 ms | p99 ms | max ms | min ms | got it before the ack | "
-      "write RTT ms | from send: p50 / p99 / max ms | subscribe all s | errors | other processes % |")
-    p("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
-    for r in sorted(rounds, key=lambda r: (int(r["meta"].get("round", 0)), r["system"] != "meshwork")):
+    p("| round | run | client | system | write via | received / N | p50 ms | p99 ms | max ms | min ms | "
+      "got it before the ack | write RTT ms | from send: p50 / p99 / max ms | subscribe all s | errors | "
+      "other processes % |")
+    p("|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+    for r in rounds:
         a, s = st(r), st(r, "from_send_ms")
         ws = r["write_server"]
         role = "leader" if str(ws) == r["meta"].get("leader") else "follower"
-        p(f"| {r['meta'].get('round')} | {NAMES[r['system']]} | member {ws} ({role}) | "
+        p(f"| {rnd(r)} | {seq(r) or '–'} | {mode(r)} | {NAMES[r['system']]} | member {ws} ({role}) | "
           f"{r['received']:,} / {r['n']:,} | {fmt(a.get('p50'))} | {fmt(a.get('p99'))} | {fmt(a.get('max'))} | "
           f"{fmt(a.get('min'))} | {r.get('received_before_ack', '–')} | {fmt(r.get('write_rtt_ms'))} | "
           f"{fmt(s.get('p50'))} / {fmt(s.get('p99'))} / {fmt(s.get('max'))} | {r['setup_s']:.2f} | "
@@ -222,42 +273,60 @@ def report(raw):
     p()
     p("Per server (p50 / p99 / max ms from the acknowledgement; subscriber i is on server i mod 3):")
     p()
-    p("| round | system | server 1 | server 2 | server 3 |")
-    p("|---|---|---|---|---|")
-    for r in sorted(rounds, key=lambda r: (int(r["meta"].get("round", 0)), r["system"] != "meshwork")):
+    p("| round | client | system | server 1 | server 2 | server 3 |")
+    p("|---|---|---|---|---|---|")
+    for r in rounds:
         cells = []
         for x in r.get("from_ack_ms_per_server") or []:
             cells.append("–" if not x else f"{fmt(x['p50'])} / {fmt(x['p99'])} / {fmt(x['max'])} (n={x['n']})")
-        p(f"| {r['meta'].get('round')} | {NAMES[r['system']]} | " + " | ".join(cells) + " |")
+        p(f"| {rnd(r)} | {mode(r)} | {NAMES[r['system']]} | " + " | ".join(cells) + " |")
     p()
 
     summary = {}
-    p("### Summary over the rounds")
+    p("### Summary over the rounds, per client mode")
     p()
-    p("| system | rounds | received (all rounds) | p50 ms, median of rounds | p99 ms, median of rounds | "
-      "p99 ms, worst round | max ms, worst round | from send: p99 median / worst ms |")
-    p("|---|---:|---:|---:|---:|---:|---:|---|")
-    for s in SYSTEMS:
-        rs = by[s]
-        if not rs:
-            p(f"| {NAMES[s]} | 0 | – | – | – | – | – | – |")
-            continue
-        ok = [r for r in rs if st(r)]
-        p50 = [st(r)["p50"] for r in ok]
-        p99 = [st(r)["p99"] for r in ok]
-        mx = [st(r)["max"] for r in ok]
-        s99 = [st(r, "from_send_ms")["p99"] for r in ok]
-        rec = sum(r["received"] for r in rs)
-        tot = sum(r["n"] for r in rs)
-        summary[s] = dict(p99_med=statistics.median(p99) if p99 else None,
-                          p99_worst=max(p99) if p99 else None,
-                          s99_med=statistics.median(s99) if s99 else None,
-                          all_received=rec == tot and len(ok) == len(rs), rec=rec, tot=tot,
-                          p99s=p99)
-        p(f"| {NAMES[s]} | {len(rs)} | {rec:,} / {tot:,} | {fmt(statistics.median(p50))} | "
-          f"{fmt(statistics.median(p99))} | {fmt(max(p99))} | {fmt(max(mx))} | "
-          f"{fmt(statistics.median(s99))} / {fmt(max(s99))} |")
+    p("| client | system | rounds | received (all rounds) | p50 ms, median of rounds | p99 ms, median of rounds | "
+      "p99 ms, worst round | max ms, worst round | from send: p50 median ms | from send: p99 median / worst ms | "
+      "write RTT ms, median |")
+    p("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    for c in modes:
+        for s in SYSTEMS:
+            rs = by[(c, s)]
+            if not rs:
+                p(f"| {c} | {NAMES[s]} | 0 | – | – | – | – | – | – | – | – |")
+                continue
+            ok = [r for r in rs if st(r)]
+            p50 = [st(r)["p50"] for r in ok]
+            p99 = [st(r)["p99"] for r in ok]
+            mx = [st(r)["max"] for r in ok]
+            s50 = [st(r, "from_send_ms")["p50"] for r in ok]
+            s99 = [st(r, "from_send_ms")["p99"] for r in ok]
+            rtt = [r["write_rtt_ms"] for r in ok if r.get("write_rtt_ms") is not None]
+            rec = sum(r["received"] for r in rs)
+            tot = sum(r["n"] for r in rs)
+            summary[(c, s)] = dict(p50_med=med(p50), p99_med=med(p99), p99_worst=max(p99) if p99 else None,
+                                   s50_med=med(s50), s99_med=med(s99),
+                                   all_received=rec == tot and len(ok) == len(rs), rec=rec, tot=tot,
+                                   p99s=p99, rtt_med=med(rtt))
+            p(f"| {c} | {NAMES[s]} | {len(rs)} | {rec:,} / {tot:,} | {fmt(med(p50))} | "
+              f"{fmt(med(p99))} | {fmt(max(p99) if p99 else None)} | {fmt(max(mx) if mx else None)} | "
+              f"{fmt(med(s50))} | {fmt(med(s99))} / {fmt(max(s99) if s99 else None)} | {fmt(med(rtt))} |")
     p()
+    if len(modes) > 1:
+        p("Side by side (medians over the rounds, ms; from the acknowledgement / from the send):")
+        p()
+        p("| client | Meshwork p50 | etcd p50 | Meshwork p99 | etcd p99 | Meshwork p99 from send | "
+          "etcd p99 from send | Meshwork p99 no worse than etcd's (from the ack) |")
+        p("|---|---:|---:|---:|---:|---:|---:|---|")
+        for c in modes:
+            mw, et = summary.get((c, "meshwork")), summary.get((c, "etcd"))
+            if not mw or not et:
+                continue
+            ok = (mw["p99_med"] is not None and et["p99_med"] is not None and mw["p99_med"] <= et["p99_med"]
+                  and mw["all_received"])
+            p(f"| {c} | {fmt(mw['p50_med'])} | {fmt(et['p50_med'])} | {fmt(mw['p99_med'])} | "
+              f"{fmt(et['p99_med'])} | {fmt(mw['s99_med'])} | {fmt(et['s99_med'])} | {'yes' if ok else 'no'} |")
+        p()
 
     # ------------------------------------------------------------ memory
     p("## Server memory per 1,000 subscribers")
@@ -267,41 +336,42 @@ def report(raw):
       "third of the subscribers).")
     p()
     idle = {s: sum(int(f[4]) for f in rss if f[0] == "idle" and f[1] == s) for s in SYSTEMS}
-    p("| round | system | RSS before MiB | RSS held MiB | growth MiB (sum) | KiB per 1,000 subscribers | "
+    p("| round | client | system | RSS before MiB | RSS held MiB | growth MiB (sum) | KiB per 1,000 subscribers | "
       "per server KiB / 1,000 | held above idle RSS at start, KiB per 1,000 | RSS after the write MiB |")
-    p("|---|---|---|---|---:|---:|---|---:|---|")
+    p("|---|---|---|---|---|---:|---:|---|---:|---|")
     mem = {s: [] for s in SYSTEMS}
-    for r in sorted(rounds, key=lambda r: (int(r["meta"].get("round", 0)), r["system"] != "meshwork")):
+    for r in rounds:
         k1, per, grow = per_1k(r)
         b = r["mem"]["before"]["rss_kb"]
         h = r["mem"]["held"]["rss_kb"]
         a = r["mem"]["after"]["rss_kb"]
         subs = r["subscribed"] or r["n"]
         above = 1000.0 * (sum(h) - idle[r["system"]]) / subs if idle[r["system"]] and subs else None
-        mem[r["system"]].append((int(r["meta"].get("round", 0)), k1, above))
-        p(f"| {r['meta'].get('round')} | {NAMES[r['system']]} | {' / '.join(mib(x) for x in b)} | "
+        mem[r["system"]].append(((rnd(r), seq(r)), k1, above, mode(r)))
+        p(f"| {rnd(r)} | {mode(r)} | {NAMES[r['system']]} | {' / '.join(mib(x) for x in b)} | "
           f"{' / '.join(mib(x) for x in h)} | {sum(grow) / 1024:.1f} | {k1:,.0f} | "
           f"{' / '.join(fmt(x, 0) for x in per)} | {fmt(above, 0) if above is None else f'{above:,.0f}'} | "
           f"{' / '.join(mib(x) for x in a)} |")
     p()
-    p("The later rounds grow less than the first because the allocator (Meshwork: jemalloc) and the Go heap "
-      "(etcd) keep memory that the previous round's closed streams freed and reuse it, so their \"before\" "
-      "RSS is already higher. The clean per-subscriber figure is round 1 (fresh servers); \"held above idle "
-      "RSS at start\" compares every round with the servers' RSS before any round (3 seed instances / one key, "
-      "no subscribers).")
+    p("The later runs grow less than the first because the allocator (Meshwork: jemalloc) and the Go heap "
+      "(etcd) keep memory that the previous run's closed streams freed and reuse it, so their \"before\" "
+      "RSS is already higher. The clean per-subscriber figure is each system's first run (fresh servers; the "
+      "client mode of that run is named); \"held above idle RSS at start\" compares every run with the "
+      "servers' RSS before any run (3 seed instances / one key, no subscribers).")
     p()
-    p("| system | KiB per 1,000 subscribers, round 1 (fresh servers) | KiB per subscriber, round 1 | "
-      "held above idle RSS at start, KiB per 1,000, worst round | growth in later rounds, KiB per 1,000 |")
+    p("| system | KiB per 1,000 subscribers, first run (fresh servers) | KiB per subscriber, first run | "
+      "held above idle RSS at start, KiB per 1,000, worst run | growth in later runs, KiB per 1,000 |")
     p("|---|---:|---:|---:|---|")
     mem_sum = {}
     for s in SYSTEMS:
         if not mem[s]:
             continue
-        ms = sorted(mem[s])
+        ms = sorted(mem[s], key=lambda x: x[0])
         first = ms[0][1]
         worst = max((x[2] for x in ms if x[2] is not None), default=None)
-        mem_sum[s] = (first, worst)
-        p(f"| {NAMES[s]} | {first:,.0f} | {first / 1000:.1f} | {'–' if worst is None else f'{worst:,.0f}'} | "
+        mem_sum[s] = (first, worst, ms[0][3])
+        p(f"| {NAMES[s]} | {first:,.0f} ({ms[0][3]} client) | {first / 1000:.1f} | "
+          f"{'–' if worst is None else f'{worst:,.0f}'} | "
           f"{', '.join(f'{x[1]:,.0f}' for x in ms[1:]) or '–'} |")
     p()
     p("Server RSS at fixed points of the run (MiB; VmHWM = peak):")
@@ -327,14 +397,18 @@ def report(raw):
       "idle hold); the load tool's own CPU; machine busy % and the share used by processes outside the "
       "benchmark in that window.")
     p()
-    p("| round | system | subscribe: servers CPU s | subscribe: tool CPU s | write+fan-out: servers CPU s | "
+    p("| round | client | system | subscribe: servers CPU s | subscribe: tool CPU s | write+fan-out: servers CPU s | "
       "write+fan-out: tool CPU s | write+fan-out: servers + tool CPU s | send → last receipt ms | "
       "window: machine busy % | other processes % |")
-    p("|---|---|---|---:|---|---:|---:|---:|---:|---:|")
-    for r in sorted(rounds, key=lambda r: (int(r["meta"].get("round", 0)), r["system"] != "meshwork")):
+    p("|---|---|---|---|---:|---|---:|---:|---:|---:|---:|")
+    cpu_by = {}
+    for r in rounds:
         c1, c3 = r["cpu"]["setup"], r["cpu"]["fanout"]
         tot = sum(c3["servers_s"]) + c3["client_s"]
-        p(f"| {r['meta'].get('round')} | {NAMES[r['system']]} | {' / '.join(fmt(x, 2) for x in c1['servers_s'])} | "
+        cpu_by.setdefault((mode(r), r["system"]), []).append(
+            (sum(c1["servers_s"]), c1["client_s"], sum(c3["servers_s"]), c3["client_s"],
+             st(r, "from_send_ms").get("max")))
+        p(f"| {rnd(r)} | {mode(r)} | {NAMES[r['system']]} | {' / '.join(fmt(x, 2) for x in c1['servers_s'])} | "
           f"{fmt(c1['client_s'], 2)} | {' / '.join(fmt(x, 2) for x in c3['servers_s'])} | {fmt(c3['client_s'], 2)} | "
           f"{tot:.2f} | {fmt(st(r, 'from_send_ms').get('max'))} | {c3['machine_busy_pct']} | {c3['foreign_pct']} |")
     p()
@@ -342,6 +416,20 @@ def report(raw):
       "least N / cores seconds of wall time: when \"servers + tool CPU s\" (nearly all of it spent after the "
       "send; the servers are idle during the hold) is close to cores × \"send → last receipt\", the fan-out "
       "was CPU-bound on this machine, for that system and the load tool together.")
+    p()
+    p("Medians over the rounds, per client mode (CPU seconds; the write+fan-out window includes the idle "
+      "hold before the write):")
+    p()
+    p("| client | system | subscribe: servers (sum) | subscribe: tool | write+fan-out: servers (sum) | "
+      "write+fan-out: tool | send → last receipt ms |")
+    p("|---|---|---:|---:|---:|---:|---:|")
+    for c in modes:
+        for s in SYSTEMS:
+            v = cpu_by.get((c, s))
+            if not v:
+                continue
+            p(f"| {c} | {NAMES[s]} | " + " | ".join(
+                fmt(med([x[k] for x in v if x[k] is not None]), 2 if k < 4 else 1) for k in range(5)) + " |")
     p()
 
     # ------------------------------------------------------------ sidecar
@@ -372,35 +460,55 @@ def report(raw):
     # ------------------------------------------------------------ targets
     p("## Targets")
     p()
-    mw, et = summary.get("meshwork"), summary.get("etcd")
-    if mw and et and mw["p99_med"] is not None and et["p99_med"] is not None:
+    p("Target: Meshwork's p99 from the write's acknowledgement to the subscribers no worse than etcd's "
+      "(median over the rounds), judged separately for each client mode of the load tool. The light client "
+      "is the same code for both systems and spends far less CPU per message; the full clients are each "
+      "system's usual Rust client. Both are shown; neither replaces the other.")
+    p()
+    p("| client | Meshwork p99 from ack, median ms | etcd p99 from ack, median ms | target met? | "
+      "Meshwork worse in (rounds) | p99 from send, median: Meshwork / etcd ms | delivered: Meshwork / etcd |")
+    p("|---|---:|---:|---|---|---|---|")
+    verdict = {}
+    detail = {}
+    for c in modes:
+        mw, et = summary.get((c, "meshwork")), summary.get((c, "etcd"))
+        if not (mw and et and mw["p99_med"] is not None and et["p99_med"] is not None):
+            verdict[c] = None
+            p(f"| {c} | – | – | NOT MET (no complete measurement of both systems) | – | – | – |")
+            continue
         met = mw["p99_med"] <= et["p99_med"] and mw["all_received"]
-        pairs = []
-        for r in sorted(by["meshwork"], key=lambda r: int(r["meta"].get("round", 0))):
-            e = [x for x in by["etcd"] if x["meta"].get("round") == r["meta"].get("round")]
+        verdict[c] = met
+        pairs, spairs, worse = [], [], 0
+        for r in by[(c, "meshwork")]:
+            e = [x for x in by[(c, "etcd")] if rnd(x) == rnd(r)]
             if e and st(r) and st(e[0]):
-                pairs.append(f"round {r['meta'].get('round')}: {fmt(st(r)['p99'])} vs {fmt(st(e[0])['p99'])}")
-        worse = sum(1 for r in by["meshwork"] for e in by["etcd"]
-                    if e["meta"].get("round") == r["meta"].get("round") and st(r) and st(e)
-                    and st(r)["p99"] > st(e)["p99"])
-        p(f"- **p99 (from the write's acknowledgement to the last percentile of subscribers) no worse than etcd's: "
-          f"{'MET' if met else 'NOT MET'}** — median over {len(by['meshwork'])} rounds: Meshwork "
-          f"{fmt(mw['p99_med'])} ms vs etcd {fmt(et['p99_med'])} ms (Meshwork vs etcd per round, same write member: "
-          f"{'; '.join(pairs)}; Meshwork worse in {worse} of {len(pairs)}). Meshwork delivered to "
-          f"{mw['rec']:,} of {mw['tot']:,} subscriber-rounds, etcd to {et['rec']:,} of {et['tot']:,}. "
-          f"Counted from the write's *send* instead: p99 median Meshwork {fmt(mw['s99_med'])} ms vs etcd "
-          f"{fmt(et['s99_med'])} ms (per round: "
-          + "; ".join(f"round {r['meta'].get('round')}: {fmt(st(r, 'from_send_ms').get('p99'))} vs "
-                      f"{fmt(st(e, 'from_send_ms').get('p99'))}"
-                      for r in sorted(by["meshwork"], key=lambda r: int(r["meta"].get("round", 0)))
-                      for e in by["etcd"] if e["meta"].get("round") == r["meta"].get("round"))
-          + "). The write's acknowledgement took "
-          + ", ".join(f"{NAMES[s]} {fmt(min(x.get('write_rtt_ms') or 0 for x in by[s]))}–"
-                      f"{fmt(max(x.get('write_rtt_ms') or 0 for x in by[s]))} ms" for s in SYSTEMS if by[s])
+                pairs.append(f"round {rnd(r)}: {fmt(st(r)['p99'])} vs {fmt(st(e[0])['p99'])}")
+                spairs.append(f"round {rnd(r)}: {fmt(st(r, 'from_send_ms').get('p99'))} vs "
+                              f"{fmt(st(e[0], 'from_send_ms').get('p99'))}")
+                worse += st(r)["p99"] > st(e[0])["p99"]
+        detail[c] = (mw, et, pairs, spairs, worse)
+        p(f"| {c} | {fmt(mw['p99_med'])} | {fmt(et['p99_med'])} | **{'MET' if met else 'NOT MET'}** | "
+          f"{worse} of {len(pairs)} | {fmt(mw['s99_med'])} / {fmt(et['s99_med'])} | "
+          f"{mw['rec']:,} / {mw['tot']:,}; {et['rec']:,} / {et['tot']:,} |")
+    p()
+    for c in modes:
+        if c not in detail:
+            p(f"- **{MODE_NAMES.get(c, c)}: p99 no worse than etcd's: NOT MET** — no complete measurement of both "
+              "systems (see the checks below).")
+            continue
+        mw, et, pairs, spairs, worse = detail[c]
+        rtts = {s: [x.get("write_rtt_ms") for x in by[(c, s)] if x.get("write_rtt_ms") is not None]
+                for s in SYSTEMS}
+        p(f"- **{MODE_NAMES.get(c, c)}: p99 (from the write's acknowledgement to the last percentile of "
+          f"subscribers) no worse than etcd's: {'MET' if verdict[c] else 'NOT MET'}** — median over "
+          f"{len(by[(c, 'meshwork')])} rounds: Meshwork {fmt(mw['p99_med'])} ms vs etcd {fmt(et['p99_med'])} ms "
+          f"(per round, same write member: {'; '.join(pairs)}; Meshwork worse in {worse} of {len(pairs)}). "
+          f"Meshwork delivered to {mw['rec']:,} of {mw['tot']:,} subscriber-rounds, etcd to {et['rec']:,} of "
+          f"{et['tot']:,}. Counted from the write's *send* instead: p99 median Meshwork {fmt(mw['s99_med'])} ms "
+          f"vs etcd {fmt(et['s99_med'])} ms (per round: {'; '.join(spairs)}). The write's acknowledgement took "
+          + ", ".join(f"{NAMES[s]} {fmt(min(v))}–{fmt(max(v))} ms" for s, v in rtts.items() if v)
           + " after the send; a later acknowledgement makes the from-acknowledgement figure smaller, so both "
           "views are shown.")
-    else:
-        p("- **p99 no worse than etcd's: NOT MET** — no complete measurement of both systems (see the checks below).")
     if side:
         vm = int(side.get("VmRSS", "0") or 0)
         p(f"- **Sidecar agent alone: idle RSS under 8 MiB: {'MET' if 0 < vm < SIDECAR_TARGET_KIB else 'NOT MET'}** — "
@@ -410,8 +518,9 @@ def report(raw):
         p("- **Sidecar agent alone: idle RSS under 8 MiB: NOT MET** — not measured.")
     if mem_sum:
         p("- Server RSS per 1,000 subscribers (no target, reported side by side): " + "; ".join(
-            f"{NAMES[s]} {v[0]:,.0f} KiB ({v[0] / 1024:.1f} MiB) of growth in round 1 on fresh servers"
-            + ("" if v[1] is None else f", {v[1]:,.0f} KiB above the idle RSS at start in the worst round")
+            f"{NAMES[s]} {v[0]:,.0f} KiB ({v[0] / 1024:.1f} MiB) of growth in its first run on fresh servers "
+            f"({v[2]} client)"
+            + ("" if v[1] is None else f", {v[1]:,.0f} KiB above the idle RSS at start in the worst run")
             for s, v in mem_sum.items()) + ".")
     p()
 

@@ -5,7 +5,18 @@
 # (bench/watch-fanout, Rust, tonic), same machine, same N and C.
 # Then the sidecar agent's idle RSS.
 #
-#   sudo bash bench/watch.sh      # from anywhere; ~5-8 minutes plus builds
+#   sudo bash bench/watch.sh      # from anywhere; ~3 minutes plus builds on a quiet machine (longer when it waits for quiet)
+#
+# Every round runs in each client mode of the load tool (CLIENT_MODES):
+#   full   each system's usual Rust client (tonic's generated Meshwork
+#          client; the etcd-client crate), every message decoded with prost;
+#   light  one raw-HTTP/2 gRPC subscriber (h2) that is the SAME code for both
+#          systems: the request encoded once, messages split by their length
+#          prefixes and recognised by their bytes. Only the method path, the
+#          request bytes and the byte markers (END_OF_SNAPSHOT / created; the
+#          new instance's ID / the written value) differ between systems. It
+#          needs far less CPU per message, so the latencies show more of the
+#          servers and less of the load tool.
 #
 # Per round and system: SUBSCRIBERS streams, subscriber i on server i mod 3,
 # multiplexed over CONNS HTTP/2 connections per server (Meshwork:
@@ -16,13 +27,17 @@
 # /v1/catalog/register of a new `web` instance; etcd: gRPC Put of the key),
 # and records when the write's acknowledgement arrived and when each
 # subscriber received the change. The write goes through member
-# ((round - 1) mod 3) + 1 in both systems. ROUNDS rounds per system,
-# alternating which system goes first.
+# ((round - 1) mod 3) + 1 in both systems. ROUNDS rounds; a round is one run
+# per system and client mode, interleaved: the mode order alternates every
+# round, the system order inside a mode alternates too (and is mirrored for
+# the next mode), so neither a system nor a mode always goes first.
 #
 # Environment knobs (defaults in brackets):
 #   SUBSCRIBERS  watch streams per round [10000]
 #   CONNS        HTTP/2 connections per server, both systems [32]
-#   ROUNDS       rounds per system [3]
+#   ROUNDS       rounds per system and client mode [3]
+#   CLIENT_MODES the load tool's client modes, in the first round's order
+#                [full light]
 #   TIMEOUT_S    delivery timeout after the write [30]
 #   SETUP_TIMEOUT_S  time allowed to open all subscriptions [120]
 #   OPEN_CONCURRENCY subscriptions being opened at once [512]
@@ -55,6 +70,7 @@ REPO_DIR=$(dirname "$BENCH_DIR")
 SUBSCRIBERS=${SUBSCRIBERS:-10000}
 CONNS=${CONNS:-32}
 ROUNDS=${ROUNDS:-3}
+CLIENT_MODES=${CLIENT_MODES:-full light}
 TIMEOUT_S=${TIMEOUT_S:-30}
 SETUP_TIMEOUT_S=${SETUP_TIMEOUT_S:-120}
 OPEN_CONCURRENCY=${OPEN_CONCURRENCY:-512}
@@ -84,6 +100,12 @@ ETCD_CLIENT="$HOST:23791,$HOST:23792,$HOST:23793"
 
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+
+read -r -a MODES <<<"$CLIENT_MODES"
+[ "${#MODES[@]}" -gt 0 ] || die "CLIENT_MODES is empty"
+for m in "${MODES[@]}"; do
+    case "$m" in full|light) ;; *) die "CLIENT_MODES: unknown mode '$m' (full, light)" ;; esac
+done
 
 declare -a PIDS=()
 declare -A MW_PID=() ETCD_PID=()
@@ -328,11 +350,13 @@ snapshot_rss() { # label -> rss.tsv: label system member role VmRSS VmHWM
 }
 
 # ---------------------------------------------------------------- one round
-# run_round SYSTEM ROUND WRITE_MEMBER -> appends the tool's JSON to results.jsonl
+# run_round SYSTEM ROUND WRITE_MEMBER MODE SEQ -> appends the tool's JSON to
+# results.jsonl (SEQ: the run's place in the whole sequence, for the report)
 run_round() {
-    local sys=$1 r=$2 ws=$3 attempt out label leader pids others
+    local sys=$1 r=$2 ws=$3 mode=$4 seq=$5 attempt out label leader pids others tag
     for attempt in $(seq 1 "$MAX_ATTEMPTS"); do
-        label="$sys-r$r-a$attempt"
+        label="$sys-$mode-r$r-a$attempt"
+        tag="$mode-r$r-a$attempt"
         if [ "$sys" = meshwork ]; then
             leader=$(meshwork_leader)
             pids="${MW_PID[1]},${MW_PID[2]},${MW_PID[3]}"
@@ -343,18 +367,19 @@ run_round() {
             others="${MW_PID[1]},${MW_PID[2]},${MW_PID[3]}"
         fi
         wait_quiet "$label"
-        log "$sys round $r$([ "$attempt" -gt 1 ] && echo " (attempt $attempt)"): $SUBSCRIBERS subscribers, $CONNS conns/server, write via member $ws (leader: ${leader:-?})"
+        log "$sys round $r, $mode client$([ "$attempt" -gt 1 ] && echo " (attempt $attempt)"): $SUBSCRIBERS subscribers, $CONNS conns/server, write via member $ws (leader: ${leader:-?})"
         local -a args=(--subscribers "$SUBSCRIBERS" --conns "$CONNS" --write-server "$ws"
             --open-concurrency "$OPEN_CONCURRENCY" --setup-timeout "$SETUP_TIMEOUT_S"
             --timeout "$TIMEOUT_S" --settle-ms "$SETTLE_MS" --hold-ms "$HOLD_MS"
             --pids "$pids" --other-pids "$others" --clk-tck "$CLK_TCK" --label "$label"
+            --client "$mode" --meta "client=$mode" --meta "seq=$seq"
             --meta "round=$r" --meta "attempt=$attempt" --meta "leader=${leader:-}"
-            --new-id "web-new-r$r-a$attempt" --new-node "bench-r$r-a$attempt"
-            --new-address "10.9.$r.$attempt")
+            --new-id "web-new-$tag" --new-node "bench-$tag"
+            --new-address "10.9.$r.$(( attempt + $([ "$mode" = light ] && echo 10 || echo 0) ))")
         if [ "$sys" = meshwork ]; then
             args=(meshwork --servers "$MW_GRPC" --http "$MW_HTTP" "${args[@]}")
         else
-            args=(etcd --servers "$ETCD_CLIENT" --key "$ETCD_KEY" --value-tag "r$r-a$attempt" "${args[@]}")
+            args=(etcd --servers "$ETCD_CLIENT" --key "$ETCD_KEY" --value-tag "$tag" "${args[@]}")
         fi
         out=$(timeout --kill-after=10 $((SETUP_TIMEOUT_S + TIMEOUT_S + 120)) "$TOOL" "${args[@]}" \
             2>>"$RAW_DIR/client.log") || true
@@ -362,7 +387,7 @@ run_round() {
         # Meshwork: remove the instance again so every round sees the same topic.
         if [ "$sys" = meshwork ]; then
             curl -sS -m 10 -X PUT "http://$HOST:1850$ws/v1/catalog/deregister" \
-                -d "{\"Node\":\"bench-r$r-a$attempt\"}" >/dev/null 2>&1 || true
+                -d "{\"Node\":\"bench-$tag\"}" >/dev/null 2>&1 || true
         fi
         check_all_alive
         python3 "$REPORT" --line "$out" >&2 || true
@@ -506,6 +531,7 @@ mkdir -p "$WORK/logs"
     echo "subscribers=$SUBSCRIBERS"
     echo "conns=$CONNS"
     echo "rounds=$ROUNDS"
+    echo "client_modes=${MODES[*]}"
     echo "timeout_s=$TIMEOUT_S"
     echo "setup_timeout_s=$SETUP_TIMEOUT_S"
     echo "open_concurrency=$OPEN_CONCURRENCY"
@@ -535,11 +561,23 @@ for i in 1 2 3; do
 done
 echo "etcd_leader_start=$ETCD_LEADER" >>"$RAW_DIR/machine.txt"
 
+# Order: round r takes the modes rotated by r - 1 (full light, light full,
+# ...). The first mode of a round starts with Meshwork in rounds 1-2, 5-6, ...
+# and with etcd in rounds 3-4, 7-8, ... (every other round with one mode);
+# each further mode of the round mirrors the previous one's system order
+# (ABBA), so the same system runs twice in a row across a mode change.
+NM=${#MODES[@]}
+SEQ=0
 for r in $(seq 1 "$ROUNDS"); do
     ws=$(( (r - 1) % 3 + 1 ))
-    if [ $((r % 2)) = 1 ]; then order="meshwork etcd"; else order="etcd meshwork"; fi
-    for sys in $order; do
-        run_round "$sys" "$r" "$ws"
+    if [ "$NM" -gt 1 ]; then flip=$(( ((r - 1) / 2) % 2 )); else flip=$(( (r - 1) % 2 )); fi
+    for j in $(seq 0 $((NM - 1))); do
+        mode=${MODES[$(( (j + r - 1) % NM ))]}
+        if [ $(( (flip + j) % 2 )) = 0 ]; then order="meshwork etcd"; else order="etcd meshwork"; fi
+        for sys in $order; do
+            SEQ=$((SEQ + 1))
+            run_round "$sys" "$r" "$ws" "$mode" "$SEQ"
+        done
     done
     snapshot_rss "after-round-$r"
 done

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! watch-fanout meshwork --servers G1,G2,G3 --http H1,H2,H3 --write-server 1 \
-//!     --new-id web-new-1 --new-node bench-n1 [options]
+//!     --new-id web-new-1 --new-node bench-n1 [--client full|light] [options]
 //! watch-fanout etcd     --servers E1,E2,E3 --write-server 1 --key /bench/web \
 //!     --value-tag r1 [options]
 //! ```
@@ -27,6 +27,14 @@
 //! same key over gRPC; a subscriber has the change when it gets an event for
 //! the key with the written value.
 //!
+//! `--client full` (the default) subscribes with each system's usual Rust
+//! client as above, decoding every message with prost; `--client light`
+//! subscribes with the same raw-HTTP/2 gRPC code for both systems (module
+//! `light`: request encoded once, messages recognised by their bytes), so
+//! that the tool's own work per message is small and identical for both.
+//! The connection layout, the timestamps and the write are the same in both
+//! modes.
+//!
 //! Every wait is bounded: `--setup-timeout` for the subscriptions,
 //! `--timeout` for the delivery of the change.
 
@@ -39,6 +47,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore, watch};
+
+mod light;
 
 mod pb {
     tonic::include_proto!("meshwork.v1");
@@ -57,9 +67,32 @@ enum Mode {
     Etcd,
 }
 
+/// How the subscribers talk to the servers (the write is the same in both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientKind {
+    /// Each system's usual Rust client: tonic's generated `WatchClient`
+    /// (Meshwork) and the `etcd-client` crate (etcd); every message is
+    /// decoded with prost.
+    Full,
+    /// The same code for both systems: gRPC over raw HTTP/2 (`h2`), the
+    /// request encoded once, messages found by their length prefixes and
+    /// recognised by their bytes (see `light`).
+    Light,
+}
+
+impl ClientKind {
+    fn name(self) -> &'static str {
+        match self {
+            ClientKind::Full => "full",
+            ClientKind::Light => "light",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Args {
     mode: Mode,
+    client: ClientKind,
     /// gRPC addresses (host:port), one per server.
     servers: Vec<String>,
     /// Meshwork only: HTTP addresses, same order as `servers`.
@@ -98,6 +131,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: watch-fanout meshwork|etcd --servers A,B,C [--http A,B,C] [--write-server 1] \
+         [--client full|light] \
          [--subscribers 10000] [--conns 32] [--open-concurrency 512] [--setup-timeout 120] \
          [--timeout 30] [--settle-ms 2000] [--hold-ms 1000] [--pids P,P,P] [--other-pids P,..] \
          [--clk-tck 100] [--label L] [--meta k=v]... [--service web] [--new-id ID] \
@@ -123,6 +157,7 @@ fn parse_args() -> Args {
     };
     let mut a = Args {
         mode,
+        client: ClientKind::Full,
         servers: Vec::new(),
         http: Vec::new(),
         write_server: 1,
@@ -150,6 +185,13 @@ fn parse_args() -> Args {
         let num = |v: String| -> u64 { v.parse().unwrap_or_else(|_| usage()) };
         match flag.as_str() {
             "--servers" => a.servers = split_list(&val()),
+            "--client" => {
+                a.client = match val().as_str() {
+                    "full" => ClientKind::Full,
+                    "light" => ClientKind::Light,
+                    _ => usage(),
+                }
+            }
             "--http" => a.http = split_list(&val()),
             "--write-server" => a.write_server = num(val()) as usize,
             "--subscribers" => a.subscribers = num(val()) as usize,
@@ -313,6 +355,9 @@ struct Shared {
     received: AtomicUsize,
     /// Changes that were not the expected one (counted, not fatal).
     unexpected: AtomicUsize,
+    /// Light client: messages after the subscribed marker that were not the
+    /// change (Meshwork: heartbeats; not classified further).
+    other_messages: AtomicUsize,
     /// Receive instants, ns since `base` + 1; 0 = not received.
     recv_ns: Vec<AtomicU64>,
     progress: Notify,
@@ -328,6 +373,7 @@ impl Shared {
             lost: AtomicUsize::new(0),
             received: AtomicUsize::new(0),
             unexpected: AtomicUsize::new(0),
+            other_messages: AtomicUsize::new(0),
             recv_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
             progress: Notify::new(),
             errors: Mutex::new(BTreeMap::new()),
@@ -560,45 +606,140 @@ struct WriteTimes {
     detail: Value,
 }
 
-async fn meshwork_round(args: Arc<Args>, sh: Arc<Shared>) -> Result<Value, BoxError> {
-    let mut channels: Vec<Vec<tonic::transport::Channel>> = Vec::new();
-    let t_connect = Instant::now();
-    for addr in &args.servers {
-        let mut per = Vec::new();
-        for _ in 0..args.conns {
-            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(5))
-                .connect()
-                .await?;
-            per.push(ch);
+/// The subscribers' connections, `[server][connection]`.
+enum Subscribers {
+    MeshworkFull(Vec<Vec<tonic::transport::Channel>>),
+    EtcdFull(Vec<Vec<etcd_client::Client>>, Arc<Vec<u8>>),
+    Light(Vec<Vec<light::Conn>>, Arc<light::Spec>),
+}
+
+impl Subscribers {
+    /// Opens `conns` connections to every server (tonic channels, etcd
+    /// clients or raw HTTP/2), one after another.
+    async fn connect(
+        args: &Args,
+        light: Option<Arc<light::Spec>>,
+        expect: Arc<Vec<u8>>,
+    ) -> Result<Self, BoxError> {
+        match (light, args.mode) {
+            (Some(spec), _) => {
+                let mut all = Vec::new();
+                for addr in &args.servers {
+                    let mut per = Vec::new();
+                    for _ in 0..args.conns {
+                        per.push(light::connect(addr, spec.path).await?);
+                    }
+                    all.push(per);
+                }
+                Ok(Subscribers::Light(all, spec))
+            }
+            (None, Mode::Meshwork) => {
+                let mut all = Vec::new();
+                for addr in &args.servers {
+                    let mut per = Vec::new();
+                    for _ in 0..args.conns {
+                        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                            .tcp_nodelay(true)
+                            .connect_timeout(Duration::from_secs(5))
+                            .connect()
+                            .await?;
+                        per.push(ch);
+                    }
+                    all.push(per);
+                }
+                Ok(Subscribers::MeshworkFull(all))
+            }
+            (None, Mode::Etcd) => {
+                let mut all = Vec::new();
+                for addr in &args.servers {
+                    let mut per = Vec::new();
+                    for _ in 0..args.conns {
+                        per.push(etcd_connect(addr).await?);
+                    }
+                    all.push(per);
+                }
+                Ok(Subscribers::EtcdFull(all, expect))
+            }
         }
-        channels.push(per);
     }
+
+    /// One task per subscriber: subscriber i on server i mod S, connection
+    /// (i / S) mod C of that server.
+    fn spawn(
+        &self,
+        args: &Arc<Args>,
+        sh: &Arc<Shared>,
+        open: &Arc<Semaphore>,
+        close: &watch::Receiver<bool>,
+    ) -> tokio::task::JoinSet<()> {
+        let ns = args.servers.len();
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..args.subscribers {
+            let (s, c) = (i % ns, (i / ns) % args.conns);
+            let (sh, open, close) = (Arc::clone(sh), Arc::clone(open), close.clone());
+            match self {
+                Subscribers::MeshworkFull(chs) => {
+                    set.spawn(meshwork_subscriber(
+                        i,
+                        chs[s][c].clone(),
+                        sh,
+                        open,
+                        Arc::clone(args),
+                        close,
+                    ));
+                }
+                Subscribers::EtcdFull(cls, expect) => {
+                    set.spawn(etcd_subscriber(
+                        i,
+                        cls[s][c].clone(),
+                        sh,
+                        open,
+                        Arc::clone(args),
+                        Arc::clone(expect),
+                        close,
+                    ));
+                }
+                Subscribers::Light(conns, spec) => {
+                    set.spawn(light::subscriber(
+                        i,
+                        conns[s][c].clone(),
+                        Arc::clone(spec),
+                        sh,
+                        open,
+                        close,
+                    ));
+                }
+            }
+        }
+        set
+    }
+}
+
+async fn meshwork_round(args: Arc<Args>, sh: Arc<Shared>) -> Result<Value, BoxError> {
+    let request = pb::SubscribeRequest {
+        topic: Some(pb::subscribe_request::Topic::Service(pb::ServiceTopic {
+            name: args.service.clone(),
+            passing_only: false,
+        })),
+        since_index: 0,
+    };
+    let light = (args.client == ClientKind::Light).then(|| {
+        Arc::new(light::Spec {
+            path: "/meshwork.v1.Watch/Subscribe",
+            request: light::Spec::frame(&prost::Message::encode_to_vec(&request)),
+            subscribed: (1, Kind::EndOfSnapshot as u64), // WatchEvent.kind
+            canceled: None,
+            needle: args.new_id.as_bytes().to_vec(),
+        })
+    });
+    let t_connect = Instant::now();
+    let subs = Subscribers::connect(&args, light, Arc::new(Vec::new())).await?;
     let connect_s = t_connect.elapsed().as_secs_f64();
     // The write's connection: opened and used once now, reused for the write.
     let waddr = args.http[args.write_server - 1].clone();
     let mut wconn = TcpStream::connect(&waddr).await?;
     wconn.set_nodelay(true)?;
 
-    let spawn = |channels: &Vec<Vec<tonic::transport::Channel>>,
-                 open: &Arc<Semaphore>,
-                 close: &watch::Receiver<bool>| {
-        let ns = args.servers.len();
-        let mut set = tokio::task::JoinSet::new();
-        for i in 0..args.subscribers {
-            let ch = channels[i % ns][(i / ns) % args.conns].clone();
-            set.spawn(meshwork_subscriber(
-                i,
-                ch,
-                Arc::clone(&sh),
-                Arc::clone(open),
-                Arc::clone(&args),
-                close.clone(),
-            ));
-        }
-        set
-    };
     let body = json!({
         "Node": args.new_node,
         "Address": args.new_address,
@@ -621,9 +762,13 @@ async fn meshwork_round(args: Arc<Args>, sh: Arc<Shared>) -> Result<Value, BoxEr
         }
         Ok(WriteTimes { send, ack, detail: json!({"status": st, "body": resp}) })
     };
-    run_round(&args, &sh, connect_s, |open, close| spawn(&channels, open, close), async || {
-        write(&mut wconn).await
-    })
+    run_round(
+        &args,
+        &sh,
+        connect_s,
+        |open, close| subs.spawn(&args, &sh, open, close),
+        async || write(&mut wconn).await,
+    )
     .await
 }
 
@@ -710,17 +855,6 @@ async fn etcd_connect(addr: &str) -> Result<etcd_client::Client, BoxError> {
 }
 
 async fn etcd_round(args: Arc<Args>, sh: Arc<Shared>) -> Result<Value, BoxError> {
-    let mut clients: Vec<Vec<etcd_client::Client>> = Vec::new();
-    let t_connect = Instant::now();
-    for addr in &args.servers {
-        let mut per = Vec::new();
-        for _ in 0..args.conns {
-            per.push(etcd_connect(addr).await?);
-        }
-        clients.push(per);
-    }
-    let connect_s = t_connect.elapsed().as_secs_f64();
-    let mut wclient = etcd_connect(&args.servers[args.write_server - 1]).await?;
     // The value written: the same JSON as Meshwork's registration.
     let value = json!({
         "Node": args.new_node,
@@ -731,35 +865,39 @@ async fn etcd_round(args: Arc<Args>, sh: Arc<Shared>) -> Result<Value, BoxError>
     .to_string()
     .into_bytes();
     let expect = Arc::new(value.clone());
-    let spawn = |clients: &Vec<Vec<etcd_client::Client>>,
-                 open: &Arc<Semaphore>,
-                 close: &watch::Receiver<bool>| {
-        let ns = args.servers.len();
-        let mut set = tokio::task::JoinSet::new();
-        for i in 0..args.subscribers {
-            let c = clients[i % ns][(i / ns) % args.conns].clone();
-            set.spawn(etcd_subscriber(
-                i,
-                c,
-                Arc::clone(&sh),
-                Arc::clone(open),
-                Arc::clone(&args),
-                Arc::clone(&expect),
-                close.clone(),
-            ));
-        }
-        set
-    };
+    let light = (args.client == ClientKind::Light).then(|| {
+        // Exactly the request etcd-client's `watch(key, None)` sends.
+        let request = etcd_client::proto::PbWatchRequest::from(
+            etcd_client::WatchOptions::new().with_key(args.key.as_bytes()),
+        );
+        Arc::new(light::Spec {
+            path: "/etcdserverpb.Watch/Watch",
+            request: light::Spec::frame(&prost::Message::encode_to_vec(&request)),
+            subscribed: (3, 1),     // WatchResponse.created = true
+            canceled: Some((4, 1)), // WatchResponse.canceled = true
+            needle: value.clone(),
+        })
+    });
+    let t_connect = Instant::now();
+    let subs = Subscribers::connect(&args, light, Arc::clone(&expect)).await?;
+    let connect_s = t_connect.elapsed().as_secs_f64();
+    let mut wclient = etcd_connect(&args.servers[args.write_server - 1]).await?;
     let key = args.key.clone();
-    run_round(&args, &sh, connect_s, |open, close| spawn(&clients, open, close), async || {
-        // Warm the write's connection with one read of the key.
-        wclient.get(key.as_bytes(), None).await?;
-        let send = Instant::now();
-        let resp = wclient.put(key.as_bytes(), value.clone(), None).await?;
-        let ack = Instant::now();
-        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-        Ok(WriteTimes { send, ack, detail: json!({"revision": rev}) })
-    })
+    run_round(
+        &args,
+        &sh,
+        connect_s,
+        |open, close| subs.spawn(&args, &sh, open, close),
+        async || {
+            // Warm the write's connection with one read of the key.
+            wclient.get(key.as_bytes(), None).await?;
+            let send = Instant::now();
+            let resp = wclient.put(key.as_bytes(), value.clone(), None).await?;
+            let ack = Instant::now();
+            let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+            Ok(WriteTimes { send, ack, detail: json!({"revision": rev}) })
+        },
+    )
     .await
 }
 
@@ -908,6 +1046,7 @@ where
     let extra = json!({
         "kind": "round",
         "system": match args.mode { Mode::Meshwork => "meshwork", Mode::Etcd => "etcd" },
+        "client": args.client.name(),
         "label": args.label,
         "meta": args.meta,
         "n": n,
@@ -924,6 +1063,7 @@ where
         "missing": n - received,
         "lost_after_subscribe": sh.lost.load(Ordering::SeqCst),
         "unexpected_events": sh.unexpected.load(Ordering::SeqCst),
+        "other_messages": sh.other_messages.load(Ordering::SeqCst),
         "delivery_timed_out": times.is_some() && !delivery_ok,
         "write_error": write_error,
         "errors": error_count,
@@ -971,7 +1111,7 @@ fn main() {
                 "{}",
                 json!({"kind": "failed", "label": args.label, "meta": args.meta,
                        "system": match args.mode { Mode::Meshwork => "meshwork", Mode::Etcd => "etcd" },
-                       "error": e.to_string()})
+                       "client": args.client.name(), "error": e.to_string()})
             );
             std::process::exit(2);
         }
