@@ -37,6 +37,10 @@ struct Cli {
     /// Runtime worker threads (the proxy's parallelism).
     #[arg(long, default_value_t = 1)]
     worker_threads: usize,
+    /// Validate the config file, print a summary and exit: 0 when valid,
+    /// 64 when not (before `systemctl reload`, as `nginx -t`).
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn main() -> ExitCode {
@@ -58,6 +62,24 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
+    if cli.check_config {
+        println!(
+            "{}: valid — service {} ({}) on node {}, {} check(s), {} upstream(s){}, admin {}",
+            cli.config.display(),
+            config.service_id,
+            config.service_name,
+            config.node,
+            config.checks.len(),
+            config.upstreams.len(),
+            config
+                .inbound
+                .as_ref()
+                .map(|i| format!(", inbound {}", i.listen))
+                .unwrap_or_default(),
+            config.admin
+        );
+        return ExitCode::SUCCESS;
+    }
     if cli.log_format != "text" && cli.log_format != "json" {
         eprintln!("meshwork-sidecar: --log-format must be text or json");
         return ExitCode::from(EX_USAGE);

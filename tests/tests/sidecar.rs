@@ -336,6 +336,31 @@ async fn a_bad_config_exits_64_naming_file_line_and_key() -> Result<()> {
     assert!(stderr.contains("bad.toml"), "{stderr}");
     assert!(stderr.contains("line 7"), "{stderr}");
     assert!(stderr.contains("prot"), "{stderr}");
+    // --check-config says the same without starting anything, and passes a
+    // good file (what to run before `systemctl reload`).
+    let out = std::process::Command::new(sidecar_bin())
+        .arg("--config")
+        .arg(&config)
+        .arg("--check-config")
+        .output()?;
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 7"));
+    let good = write_config(
+        dir.path(),
+        "good.toml",
+        "[registry]\naddresses = [\"127.0.0.1:8502\"]\n\n[service]\nname = \"web\"\nport = 80\n",
+    )?;
+    let out = std::process::Command::new(sidecar_bin())
+        .arg("--config")
+        .arg(&good)
+        .arg("--check-config")
+        .output()?;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("valid") && stdout.contains("web"),
+        "{stdout}"
+    );
     Ok(())
 }
 
