@@ -194,19 +194,23 @@ async fn mass_silence_trips_the_safety_valve_and_bad_requests_are_refused() -> R
             .register(registration(
                 &format!("host-{n}"),
                 &format!("api-{n}"),
-                1000,
+                3000,
                 0,
             ))
             .await?;
         want.push((format!("api-{n}"), "passing"));
+        // Staggered within a third of the TTL, as real sidecars' renewals
+        // are: their expiries come in different sweeps (every 250 ms), one
+        // or two at a time, and the valve must still see them together.
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let want: Vec<(&str, &str)> = want.iter().map(|(a, b)| (a.as_str(), *b)).collect();
     cluster
         .wait_instance_health(0, "api", &want, Duration::from_secs(10))
         .await?;
-    // All four go silent at once: more than 40 % of the sessions, so the
+    // All four go silent together: more than 40 % of the sessions, so the
     // leader holds the expiry and says why.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     cluster
         .wait_instance_health(0, "api", &want, Duration::from_secs(10))
         .await?;

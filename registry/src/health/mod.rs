@@ -216,6 +216,13 @@ fn timers(
     let mut still_critical = HashSet::new();
     let mut sessions = 0usize;
     let mut expiring = Vec::new();
+    // Sessions that missed more than half their TTL. Sidecars renew every
+    // TTL/3 at phases of their own, so when a network problem silences
+    // many at once their expiries still come spread over a third of the
+    // TTL; by the time the first one expires, all of them have been
+    // silent for over half of it. Counting these (not only the ones that
+    // expire in this very pass) is what lets the valve see them together.
+    let mut going_silent = 0usize;
     for check in state.catalog.all_checks() {
         let key = (check.node.clone(), check.check_id.clone());
         if let Some(ttl) = check.definition.session_ttl_ms {
@@ -224,6 +231,9 @@ fn timers(
             let renewed = node.ttl_touched(&key);
             let last = renewed.map_or(leader_since, |t| t.max(leader_since));
             if check.status != HealthStatus::Critical {
+                if now.duration_since(last) > ttl / 2 {
+                    going_silent += 1;
+                }
                 if now.duration_since(last) >= ttl {
                     expiring.push(Command::CheckUpdate {
                         node: check.node.clone(),
@@ -301,16 +311,19 @@ fn timers(
     // of sessions goes silent at once, the likelier cause is a network
     // problem near the registry, not that many sidecars died; expiring
     // them all would take healthy services out of every load balancer.
-    if expiring.len() >= VALVE_MIN_SESSIONS && expiring.len() as f64 > VALVE_SHARE * sessions as f64
+    if !expiring.is_empty()
+        && going_silent >= VALVE_MIN_SESSIONS
+        && going_silent as f64 > VALVE_SHARE * sessions as f64
     {
         if valve_logged.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(30)) {
             *valve_logged = Some(now);
             tracing::error!(
-                silent = expiring.len(),
+                silent = going_silent,
+                expired_now = expiring.len(),
                 sessions,
                 "safety valve: {} of {} sidecar sessions went silent at once; NOT expiring them \
                  (check the network between the sidecars and the registry)",
-                expiring.len(),
+                going_silent,
                 sessions
             );
         }
