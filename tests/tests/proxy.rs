@@ -1702,12 +1702,18 @@ async fn a_reload_changes_upstreams_without_failing_a_request() -> Result<()> {
     })
     .await?;
     let counted_before = requests(&mesh.sidecars[c].json("/clusters").await?);
-    let changed = original.replace(
-        "name = \"echo\"\nprotocol = \"http\"",
-        "name = \"echo\"\nprotocol = \"http\"\nbalance = \"random\"\nrequest_timeout = \"7s\"",
-    ) + &format!(
-        "\n[[upstreams]]\nname = \"other\"\nlisten = \"{client_ip}:{other_port}\"\nprotocol = \"http\"\n"
-    );
+    // A keep-alive connection opened before the reload (see below).
+    let kept = http_client()?;
+    ensure!(body_of(&kept, &echo_url).await?.starts_with("echo-"));
+    let changed = original
+        .replace(
+            "name = \"echo\"\nprotocol = \"http\"",
+            "name = \"echo\"\nprotocol = \"http\"\nbalance = \"random\"\nrequest_timeout = \"7s\"",
+        )
+        .replace("access_log = true", "access_log = false")
+        + &format!(
+            "\n[[upstreams]]\nname = \"other\"\nlisten = \"{client_ip}:{other_port}\"\nprotocol = \"http\"\n"
+        );
     let status = mesh.reload(c, "client", &changed).await?;
     ensure!(
         status["reloads"] == 1 && status["last_reload_error"].is_null(),
@@ -1752,6 +1758,9 @@ async fn a_reload_changes_upstreams_without_failing_a_request() -> Result<()> {
         "{failures} of {} requests failed",
         ok + failures
     );
+    // The keep-alive connection opened before that reload (which changed
+    // its route's access log) still serves echo ...
+    ensure!(body_of(&kept, &echo_url).await?.starts_with("echo-"));
 
     // The echo upstream goes; `other` moves to its port (a replaced route).
     let moved = format!(
@@ -1763,6 +1772,18 @@ async fn a_reload_changes_upstreams_without_failing_a_request() -> Result<()> {
     );
     let status = mesh.reload(c, "client", &moved).await?;
     ensure!(status["reloads"] == 2, "{status}");
+    // ... is closed once idle and reopens onto the new route.
+    wait_for(
+        "the old keep-alive connection moved to the new route",
+        Duration::from_secs(10),
+        || async {
+            body_of(&kept, &echo_url)
+                .await
+                .ok()
+                .filter(|b| b.starts_with("other-0"))
+        },
+    )
+    .await?;
     let fresh = http_client()?;
     ensure!(
         body_of(&fresh, &echo_url).await?.starts_with("other-0"),

@@ -74,9 +74,10 @@ struct Route {
     cluster: Arc<Cluster>,
     http: Option<Arc<http::HttpProxy>>,
     access_log: bool,
-    /// Cancelled when a reload replaces or removes the route: its HTTP
-    /// connections finish what is in flight and close (clients reconnect
-    /// to the new route).
+    /// Cancelled when a reload replaces or removes the route, or when the
+    /// proxy stops accepting (a child of that token): its HTTP connections
+    /// finish what is in flight and close (clients reconnect to the new
+    /// route). Shared by the routes [`Route::with_access_log`] makes.
     retired: CancellationToken,
     /// Cancelled a drain period after `retired` (or at the end of the
     /// proxy's drain): cuts whatever of the route is still open.
@@ -84,11 +85,12 @@ struct Route {
 }
 
 impl Route {
+    /// `stop_accepting` and `stop_now` are the proxy's tokens.
     fn new(
         direction: &'static str,
         cluster: Arc<Cluster>,
         access_log: bool,
-        stop_now: &CancellationToken,
+        (stop_accepting, stop_now): (&CancellationToken, &CancellationToken),
     ) -> Arc<Self> {
         let http = cluster.config().protocol.is_http().then(|| {
             Arc::new(http::HttpProxy::new(
@@ -102,13 +104,14 @@ impl Route {
             cluster,
             http,
             access_log,
-            retired: CancellationToken::new(),
+            retired: stop_accepting.child_token(),
             cut: stop_now.child_token(),
         })
     }
 
-    /// The same cluster and pooled connections, another access-log setting.
-    fn with_access_log(&self, access_log: bool, stop_now: &CancellationToken) -> Arc<Self> {
+    /// The same cluster, pooled connections and lifetime (retiring either
+    /// retires both), another access-log setting.
+    fn with_access_log(&self, access_log: bool) -> Arc<Self> {
         Arc::new(Route {
             direction: self.direction,
             cluster: Arc::clone(&self.cluster),
@@ -117,8 +120,8 @@ impl Route {
                 .as_ref()
                 .map(|h| Arc::new(h.with_access_log(access_log))),
             access_log,
-            retired: CancellationToken::new(),
-            cut: stop_now.child_token(),
+            retired: self.retired.clone(),
+            cut: self.cut.clone(),
         })
     }
 
@@ -347,9 +350,14 @@ impl Proxy {
         Arc::new(Slot {
             key: w.key,
             local: socket.local_addr().unwrap_or(w.upstream.listen),
-            route: RwLock::new(Route::new(w.direction, cluster, access_log, &self.stop_now)),
+            route: RwLock::new(Route::new(w.direction, cluster, access_log, self.tokens())),
             closed: CancellationToken::new(),
         })
+    }
+
+    /// (stop accepting, stop now): what routes derive their tokens from.
+    fn tokens(&self) -> (&CancellationToken, &CancellationToken) {
+        (&self.stop_accepting, &self.stop_now)
     }
 
     fn slots(&self) -> Vec<Arc<Slot>> {
@@ -448,7 +456,7 @@ impl Proxy {
                     let connection = server
                         .serve_connection_with_upgrades(TokioIo::new(io), service)
                         .into_owned();
-                    let graceful = self.stop_accepting.clone();
+                    // Retired by a reload or when the proxy stops accepting.
                     let retired = route.retired.clone();
                     let cut = route.cut.clone();
                     let idle_timeout = route.cluster.config().idle_timeout;
@@ -463,7 +471,6 @@ impl Proxy {
                                 return;
                             }
                             () = activity.idle(HEADER_READ_TIMEOUT, idle_timeout) => return,
-                            () = graceful.cancelled() => {}
                             () = retired.cancelled() => {}
                         }
                         // Finish what is in flight, refuse new requests.
@@ -532,12 +539,12 @@ impl Proxy {
                 }
                 if route.access_log != access_log {
                     // Open connections pick the new one up per request.
-                    slot.set_route(route.with_access_log(access_log, &self.stop_now));
+                    slot.set_route(route.with_access_log(access_log));
                 }
             } else {
                 let cluster = self.new_cluster(w);
                 let old =
-                    slot.set_route(Route::new(w.direction, cluster, access_log, &self.stop_now));
+                    slot.set_route(Route::new(w.direction, cluster, access_log, self.tokens()));
                 old.retire(grace);
                 changes.replaced.push(label);
             }
