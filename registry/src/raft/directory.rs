@@ -39,7 +39,17 @@ pub struct Directory {
     me: ServerInfo,
     /// Everyone else, by id.
     others: Mutex<BTreeMap<NodeId, ServerInfo>>,
+    /// What [`Directory::stamp`] sends, encoded once per change of `others`
+    /// (it rides on every heartbeat); `None` after a change.
+    encoded: Mutex<Option<BinaryMetadataValue>>,
+    /// Payloads already absorbed: a peer sends the same bytes on every
+    /// heartbeat until something changes, and they need no parsing again.
+    seen: Mutex<std::collections::HashSet<bytes::Bytes>>,
 }
+
+/// Distinct payloads remembered as already absorbed (a handful of servers
+/// each send one until something changes).
+const SEEN_MAX: usize = 64;
 
 /// What travels: the sender first, then the others it knows.
 #[derive(Debug, Serialize, Deserialize)]
@@ -55,6 +65,8 @@ impl Directory {
                 protocol: PROTOCOL,
             },
             others: Mutex::default(),
+            encoded: Mutex::default(),
+            seen: Mutex::default(),
         }
     }
 
@@ -72,10 +84,16 @@ impl Directory {
 
     /// Adds this server's view to outgoing metadata.
     pub fn stamp(&self, metadata: &mut MetadataMap) {
-        let mut list = vec![self.me.clone()];
-        list.extend(self.others().values().cloned());
-        if let Ok(json) = serde_json::to_vec(&Wire(list)) {
-            metadata.insert_bin(DIRECTORY_HEADER, BinaryMetadataValue::from_bytes(&json));
+        let mut encoded = self.encoded.lock().unwrap_or_else(|p| p.into_inner());
+        if encoded.is_none() {
+            let mut list = vec![self.me.clone()];
+            list.extend(self.others().values().cloned());
+            *encoded = serde_json::to_vec(&Wire(list))
+                .ok()
+                .map(|json| BinaryMetadataValue::from_bytes(&json));
+        }
+        if let Some(value) = &*encoded {
+            metadata.insert_bin(DIRECTORY_HEADER, value.clone());
         }
     }
 
@@ -85,18 +103,34 @@ impl Directory {
         let Some(Ok(bytes)) = metadata.get_bin(DIRECTORY_HEADER).map(|v| v.to_bytes()) else {
             return;
         };
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.contains(&bytes) {
+                return;
+            }
+            if seen.len() >= SEEN_MAX {
+                seen.clear();
+            }
+            seen.insert(bytes.clone());
+        }
         let Ok(Wire(list)) = serde_json::from_slice::<Wire>(&bytes) else {
             return;
         };
         let mut others = self.others();
+        let mut changed = false;
         for (i, info) in list.into_iter().enumerate() {
             if info.id == self.me.id {
                 continue;
             }
             // The sender speaks for itself; relayed entries only fill gaps.
-            if i == 0 || !others.contains_key(&info.id) {
+            if (i == 0 || !others.contains_key(&info.id)) && others.get(&info.id) != Some(&info) {
                 others.insert(info.id, info);
+                changed = true;
             }
+        }
+        drop(others);
+        if changed {
+            *self.encoded.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
     }
 

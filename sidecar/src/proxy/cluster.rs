@@ -393,9 +393,14 @@ impl Cluster {
         });
     }
 
-    /// Picks an endpoint, avoiding `tried` when others are left.
-    pub fn pick(&self, hash: Option<u64>, tried: &[SocketAddr]) -> Option<Arc<EndpointState>> {
-        let config = self.config();
+    /// Picks an endpoint, avoiding `tried` when others are left. `config`
+    /// is the settings the request runs under (read once per request).
+    pub fn pick(
+        &self,
+        config: &Upstream,
+        hash: Option<u64>,
+        tried: &[SocketAddr],
+    ) -> Option<Arc<EndpointState>> {
         let table = self.table();
         let all = &table.endpoints;
         if all.is_empty() {
@@ -554,11 +559,11 @@ outlier = { consecutive_5xx = 2, base_ejection = "30s", max_ejection_percent = 5
     #[test]
     fn sidecar_endpoints_are_dialled_at_their_inbound_port() {
         let c = cluster(vec![endpoint(1, Health::Passing, Some(21000))]);
-        let picked = c.pick(None, &[]).expect("one");
+        let picked = c.pick(&c.config(), None, &[]).expect("one");
         assert_eq!(picked.addr, "127.0.0.1:21000".parse().expect("addr"));
         assert!(picked.sidecar);
         let c = cluster(vec![endpoint(1, Health::Passing, None)]);
-        let picked = c.pick(None, &[]).expect("one");
+        let picked = c.pick(&c.config(), None, &[]).expect("one");
         assert_eq!(picked.addr, "127.0.0.1:8000".parse().expect("addr"));
         assert!(!picked.sidecar);
     }
@@ -570,7 +575,7 @@ outlier = { consecutive_5xx = 2, base_ejection = "30s", max_ejection_percent = 5
             endpoint(2, Health::Critical, None),
         ]);
         for _ in 0..20 {
-            assert_eq!(c.pick(None, &[]).expect("one").key, "n1/api-1");
+            assert_eq!(c.pick(&c.config(), None, &[]).expect("one").key, "n1/api-1");
         }
         assert!(!c.panicking());
         let c = cluster(vec![
@@ -579,7 +584,7 @@ outlier = { consecutive_5xx = 2, base_ejection = "30s", max_ejection_percent = 5
             endpoint(3, Health::Critical, None),
         ]);
         let picked: std::collections::HashSet<String> = (0..30)
-            .map(|_| c.pick(None, &[]).expect("one").key.clone())
+            .map(|_| c.pick(&c.config(), None, &[]).expect("one").key.clone())
             .collect();
         assert_eq!(picked.len(), 3, "panic mode uses every endpoint");
         assert!(c.panicking());
@@ -591,9 +596,12 @@ outlier = { consecutive_5xx = 2, base_ejection = "30s", max_ejection_percent = 5
             endpoint(1, Health::Passing, None),
             endpoint(2, Health::Passing, None),
         ]);
-        let first = c.pick(None, &[]).expect("one");
+        let first = c.pick(&c.config(), None, &[]).expect("one");
         for _ in 0..10 {
-            assert_ne!(c.pick(None, &[first.addr]).expect("one").addr, first.addr);
+            assert_ne!(
+                c.pick(&c.config(), None, &[first.addr]).expect("one").addr,
+                first.addr
+            );
         }
     }
 
@@ -612,7 +620,7 @@ outlier = { consecutive_5xx = 2, base_ejection = "30s", max_ejection_percent = 5
         c.report(a, true);
         assert!(a.ejected());
         for _ in 0..20 {
-            assert_eq!(c.pick(None, &[]).expect("one").key, b.key);
+            assert_eq!(c.pick(&c.config(), None, &[]).expect("one").key, b.key);
         }
         c.report(b, true);
         c.report(b, true);

@@ -209,7 +209,7 @@ impl HttpProxy {
         let mut retry_slot = None;
         loop {
             attempt += 1;
-            let Some(endpoint) = cluster.pick(hash, &tried) else {
+            let Some(endpoint) = cluster.pick(&config, hash, &tried) else {
                 return self.fail(
                     ProxyError::NoHealthyUpstream(config.name.clone()),
                     grpc,

@@ -33,13 +33,15 @@ pub async fn proxy_connection(
 ) {
     let start = Instant::now();
     let _ = client.set_nodelay(true);
+    // The settings this connection runs under, whatever a reload does.
+    let config = cluster.config();
     let finish = |status_outcome: Outcome, endpoint: Option<SocketAddr>, attempts: u32| {
         cluster.metrics.record(0, status_outcome, start.elapsed());
         if access_log {
             AccessLog {
                 ts_unix_ms: unix_ms(),
                 direction,
-                upstream: &cluster.config().name,
+                upstream: &config.name,
                 method: "",
                 path: "",
                 protocol: "tcp",
@@ -57,21 +59,20 @@ pub async fn proxy_connection(
     let Some(_active) = acquire_owned(&cluster, |g| &g.requests, usize::MAX) else {
         return;
     };
-    let policy = &cluster.config().retries;
+    let policy = &config.retries;
     let max_attempts = 1 + if policy.on.connect_failure {
         policy.attempts
     } else {
         0
     };
-    let hash =
-        (cluster.config().balance == crate::config::Balance::RingHash).then(|| hash_of(&peer.ip()));
+    let hash = (config.balance == crate::config::Balance::RingHash).then(|| hash_of(&peer.ip()));
     let mut tried = Vec::new();
     let mut attempts = 0;
     let (upstream, endpoint) = loop {
         attempts += 1;
-        let Some(endpoint) = cluster.pick(hash, &tried) else {
-            let e = ProxyError::NoHealthyUpstream(cluster.config().name.clone());
-            tracing::warn!(upstream = %cluster.config().name, %peer, "{e}");
+        let Some(endpoint) = cluster.pick(&config, hash, &tried) else {
+            let e = ProxyError::NoHealthyUpstream(config.name.clone());
+            tracing::warn!(upstream = %config.name, %peer, "{e}");
             finish(e.outcome(), None, attempts);
             return;
         };
@@ -80,7 +81,7 @@ pub async fn proxy_connection(
             Ok(upstream) => break (upstream, endpoint),
             Err(ConnectError::Limit) => {
                 let e = ProxyError::CircuitOpen("max_connections");
-                tracing::warn!(upstream = %cluster.config().name, %peer, "{e}");
+                tracing::warn!(upstream = %config.name, %peer, "{e}");
                 finish(e.outcome(), Some(endpoint.addr), attempts);
                 return;
             }
@@ -92,12 +93,12 @@ pub async fn proxy_connection(
                 };
                 // Connect failures cost the upstream nothing: no budget.
                 if attempts < max_attempts {
-                    tracing::debug!(upstream = %cluster.config().name, error = %e, "connect failed; trying another endpoint");
+                    tracing::debug!(upstream = %config.name, error = %e, "connect failed; trying another endpoint");
                     cluster.metrics.retries.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(retry::backoff(attempts)).await;
                     continue;
                 }
-                tracing::warn!(upstream = %cluster.config().name, error = %e, "connect failed");
+                tracing::warn!(upstream = %config.name, error = %e, "connect failed");
                 finish(outcome, Some(endpoint.addr), attempts);
                 return;
             }
@@ -108,7 +109,7 @@ pub async fn proxy_connection(
     let (mut upstream, _slot) = upstream.into_parts();
     let activity = Arc::new(Activity::new(false));
     let mut client = Tracked::new(client, Arc::clone(&activity));
-    let idle = cluster.config().idle_timeout;
+    let idle = config.idle_timeout;
     // The connection is busy while it lasts; only silence counts.
     let idle_watch = activity.idle(idle, idle);
     tokio::select! {
@@ -118,11 +119,11 @@ pub async fn proxy_connection(
                     cluster.metrics.bytes_in.fetch_add(sent, Ordering::Relaxed);
                     cluster.metrics.bytes_out.fetch_add(received, Ordering::Relaxed);
                 }
-                Err(e) => tracing::debug!(upstream = %cluster.config().name, error = %e, "tcp splice ended with an error"),
+                Err(e) => tracing::debug!(upstream = %config.name, error = %e, "tcp splice ended with an error"),
             }
         }
         () = idle_watch => {
-            tracing::debug!(upstream = %cluster.config().name, %peer, "closing a connection idle for {idle:?}");
+            tracing::debug!(upstream = %config.name, %peer, "closing a connection idle for {idle:?}");
         }
         () = stop.cancelled() => {}
     }
