@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::cluster::{Cluster, OwnedGauge, acquire_owned};
+use super::h1;
 
 /// Why a connection was not made; found again in hyper's error chain.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +104,9 @@ pub enum SendError {
     /// The exchange itself failed (the upstream may have seen the request).
     #[error(transparent)]
     Http(hyper::Error),
+    /// The same, on an inline HTTP/1.1 connection.
+    #[error(transparent)]
+    Inline(h1::Error),
 }
 
 /// Idle HTTP/1.1 connections and shared HTTP/2 connections of one
@@ -113,6 +117,8 @@ pub struct Pool<B> {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     shared: Arc<Shared<B>>,
+    /// HTTP/1.1 connections driven by their requests (see [`h1`]).
+    inline: Arc<h1::IdleConns>,
 }
 
 impl<B> Clone for Pool<B> {
@@ -124,6 +130,7 @@ impl<B> Clone for Pool<B> {
             h1: self.h1.clone(),
             h2: self.h2.clone(),
             shared: Arc::clone(&self.shared),
+            inline: Arc::clone(&self.inline),
         }
     }
 }
@@ -270,11 +277,38 @@ where
                 idle_timeout: cluster.config().idle_timeout,
                 upstream: cluster.config().name.clone(),
             }),
+            inline: h1::IdleConns::new(
+                cluster.config().idle_timeout,
+                cluster.config().name.clone(),
+            ),
             cluster,
             http2,
             h1: http1::Builder::new(),
             h2,
         }
+    }
+
+    /// Sends a request whose body is in memory over an inline HTTP/1.1
+    /// connection (see [`h1`]): the response head, and the body that reads
+    /// the rest from the connection and then gives it back to the pool.
+    pub async fn send_inline(
+        &self,
+        addr: SocketAddr,
+        authority: &hyper::http::uri::Authority,
+        req: &h1::RequestHead<'_>,
+        idempotent: bool,
+    ) -> Result<(h1::Head, h1::Body), SendError> {
+        let connect = || async move {
+            let (stream, slot) = connect(&self.cluster, addr).await?.into_parts();
+            Ok::<_, ConnectError>(h1::Conn::new(stream, slot))
+        };
+        self.inline
+            .send(addr, authority, req, idempotent, connect)
+            .await
+            .map_err(|e| match e {
+                h1::SendError::Connect(e) => SendError::Connect(e),
+                h1::SendError::Exchange(e) => SendError::Inline(e),
+            })
     }
 
     /// Sends `req` to `addr` on a pooled connection or a new one, and

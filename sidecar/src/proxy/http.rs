@@ -30,6 +30,7 @@ pub use body::{Guards, OutgoingBody, ResponseBody};
 use super::balance::hash_of;
 use super::cluster::{Cluster, EndpointState, Source, acquire_owned};
 use super::connect::{ConnectError, Lease, Pool, SendError};
+use super::h1;
 use super::headers::{content_length, is_grpc, is_upgrade, strip_hop_by_hop};
 use super::idle::Busy;
 use super::rescue::{self, ProxyError};
@@ -201,6 +202,13 @@ impl HttpProxy {
         } else {
             RequestBody::Streaming(Some(body))
         };
+        // An HTTP/1.1 upstream and a body in memory: the inline leg (see
+        // `h1`). Upgrades, CONNECT and streamed bodies go through hyper.
+        let inline = version == Version::HTTP_11
+            && !upgrade
+            && method != Method::CONNECT
+            && matches!(body, RequestBody::Replayable(_));
+        let had_length = parts.headers.contains_key(header::CONTENT_LENGTH);
         let max_attempts = 1 + policy.attempts;
         // Endpoints already tried (filled only when retrying, so the usual
         // single attempt allocates nothing).
@@ -222,42 +230,6 @@ impl HttpProxy {
             let in_flight = endpoint.start_request();
             let replayable = matches!(body, RequestBody::Replayable(_));
             let can_retry = replayable && attempt < max_attempts;
-            let outgoing_body = match &mut body {
-                RequestBody::Replayable(bytes) => OutgoingBody::Full(Some(bytes.clone())),
-                RequestBody::Streaming(b) => match b.take() {
-                    Some(b) => OutgoingBody::Streaming(b),
-                    None => OutgoingBody::Full(None),
-                },
-            };
-            let uri = match target_uri(version, &method, &endpoint, &path) {
-                Ok(uri) => uri,
-                Err(_) => {
-                    return self.fail(
-                        ProxyError::BadRequest("the request target is not a valid URI"),
-                        grpc,
-                        start,
-                        log,
-                        Some(endpoint.addr),
-                        attempt,
-                    );
-                }
-            };
-            let mut outgoing = Request::new(outgoing_body);
-            *outgoing.method_mut() = method.clone();
-            *outgoing.uri_mut() = uri;
-            *outgoing.version_mut() = version;
-            // The last attempt takes the headers; earlier ones a copy.
-            *outgoing.headers_mut() = if can_retry {
-                parts.headers.clone()
-            } else {
-                std::mem::take(&mut parts.headers)
-            };
-            if version == Version::HTTP_11 && !outgoing.headers().contains_key(header::HOST) {
-                // An HTTP/1.0 request without Host: name the endpoint.
-                if let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str()) {
-                    outgoing.headers_mut().insert(header::HOST, v);
-                }
-            }
             let Some(pending) = acquire_owned(cluster, |g| &g.pending, config.limits.max_pending)
             else {
                 return self.fail(
@@ -269,8 +241,70 @@ impl HttpProxy {
                     attempt,
                 );
             };
-            let result =
-                tokio::time::timeout_at(deadline, self.pool.send(endpoint.addr, outgoing)).await;
+            let result = match (&mut body, inline) {
+                (RequestBody::Replayable(bytes), true) => {
+                    // Encoded straight from the client's headers: nothing
+                    // to copy for a retry.
+                    let head = h1::RequestHead {
+                        method: &method,
+                        path: &path,
+                        headers: &parts.headers,
+                        body: bytes,
+                        had_length,
+                    };
+                    let send = self.pool.send_inline(
+                        endpoint.addr,
+                        &endpoint.authority,
+                        &head,
+                        retry::idempotent(&method),
+                    );
+                    tokio::time::timeout_at(deadline, send)
+                        .await
+                        .map(|r| r.map(|(head, body)| Upstream::Inline(head, body)))
+                }
+                (body, _) => {
+                    let outgoing_body = match body {
+                        RequestBody::Replayable(bytes) => OutgoingBody::Full(Some(bytes.clone())),
+                        RequestBody::Streaming(b) => match b.take() {
+                            Some(b) => OutgoingBody::Streaming(b),
+                            None => OutgoingBody::Full(None),
+                        },
+                    };
+                    let uri = match target_uri(version, &method, &endpoint, &path) {
+                        Ok(uri) => uri,
+                        Err(_) => {
+                            return self.fail(
+                                ProxyError::BadRequest("the request target is not a valid URI"),
+                                grpc,
+                                start,
+                                log,
+                                Some(endpoint.addr),
+                                attempt,
+                            );
+                        }
+                    };
+                    let mut outgoing = Request::new(outgoing_body);
+                    *outgoing.method_mut() = method.clone();
+                    *outgoing.uri_mut() = uri;
+                    *outgoing.version_mut() = version;
+                    // The last attempt takes the headers; earlier ones a copy.
+                    *outgoing.headers_mut() = if can_retry {
+                        parts.headers.clone()
+                    } else {
+                        std::mem::take(&mut parts.headers)
+                    };
+                    if version == Version::HTTP_11 && !outgoing.headers().contains_key(header::HOST)
+                    {
+                        // An HTTP/1.0 request without Host: name the endpoint.
+                        if let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str()) {
+                            outgoing.headers_mut().insert(header::HOST, v);
+                        }
+                    }
+                    tokio::time::timeout_at(deadline, self.pool.send(endpoint.addr, outgoing))
+                        .await
+                        .map(|r| r.map(|(response, lease)| Upstream::Hyper(response, lease)))
+                }
+            };
             drop(pending);
             drop(retry_slot.take());
             let error = match result {
@@ -284,7 +318,7 @@ impl HttpProxy {
                         attempt,
                     );
                 }
-                Ok(Ok((response, lease))) => {
+                Ok(Ok(response)) => {
                     let status = response.status();
                     let failed = status.is_server_error();
                     // The peer's sidecar could not reach its app: the
@@ -318,7 +352,6 @@ impl HttpProxy {
                         cluster.report(&endpoint, true);
                         tracing::debug!(upstream = %config.name, endpoint = %endpoint.addr, %status, attempt, "{why}");
                         drop(response);
-                        drop(lease);
                         drop(in_flight);
                         tried.push(endpoint.addr);
                         if !Box::pin(self.wait_backoff(attempt, deadline)).await {
@@ -349,7 +382,6 @@ impl HttpProxy {
                     }
                     return self.forward(
                         response,
-                        lease,
                         downstream_upgrade,
                         Guards::new(active, in_flight, connection),
                     );
@@ -404,11 +436,21 @@ impl HttpProxy {
     /// connections instead.
     fn forward(
         &self,
-        mut response: Response<Incoming>,
-        lease: Option<Lease<OutgoingBody>>,
+        response: Upstream,
         downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
         guards: Guards,
     ) -> Response<ResponseBody> {
+        let (mut response, lease) = match response {
+            Upstream::Inline(head, body) => {
+                let mut headers = head.headers;
+                self.strip_response_headers(&mut headers);
+                let mut response = Response::new(ResponseBody::inline(body, guards));
+                *response.status_mut() = head.status;
+                *response.headers_mut() = headers;
+                return response;
+            }
+            Upstream::Hyper(response, lease) => (response, lease),
+        };
         let upstream_upgrade = (response.status() == StatusCode::SWITCHING_PROTOCOLS)
             .then(|| hyper::upgrade::on(&mut response));
         let (mut head, body) = response.into_parts();
@@ -432,13 +474,17 @@ impl HttpProxy {
             });
             return Response::from_parts(head, ResponseBody::Empty);
         }
-        strip_hop_by_hop(&mut head.headers, false);
+        self.strip_response_headers(&mut head.headers);
+        Response::from_parts(head, ResponseBody::upstream(body, lease, guards))
+    }
+
+    fn strip_response_headers(&self, headers: &mut hyper::HeaderMap) {
+        strip_hop_by_hop(headers, false);
         if self.cluster.source == Source::Local {
             // Only a sidecar may say why it answered: an app's own
             // x-meshwork-error would make peers retry.
-            head.headers.remove(rescue::ERROR_HEADER);
+            headers.remove(rescue::ERROR_HEADER);
         }
-        Response::from_parts(head, ResponseBody::upstream(body, lease, guards))
     }
 
     /// Sleeps before a retry; false when the deadline comes first.
@@ -473,6 +519,29 @@ impl HttpProxy {
     }
 }
 
+/// An upstream's answer: from hyper's client (with the HTTP/1.1
+/// connection to give back after the body) or from the inline leg.
+enum Upstream {
+    Hyper(Response<Incoming>, Option<Lease<OutgoingBody>>),
+    Inline(h1::Head, h1::Body),
+}
+
+impl Upstream {
+    fn status(&self) -> StatusCode {
+        match self {
+            Upstream::Hyper(r, _) => r.status(),
+            Upstream::Inline(head, _) => head.status,
+        }
+    }
+
+    fn headers(&self) -> &hyper::HeaderMap {
+        match self {
+            Upstream::Hyper(r, _) => r.headers(),
+            Upstream::Inline(head, _) => &head.headers,
+        }
+    }
+}
+
 /// Turns a pool error into what went wrong.
 fn classify(error: SendError) -> ProxyError {
     match error {
@@ -482,6 +551,7 @@ fn classify(error: SendError) -> ProxyError {
         SendError::Connect(ConnectError::Limit) => ProxyError::CircuitOpen("max_connections"),
         SendError::Connect(other) => ProxyError::ConnectFailure(other.to_string()),
         SendError::Handshake(..) => ProxyError::ConnectFailure(error.to_string()),
+        SendError::Inline(e) => ProxyError::Reset(e.to_string()),
         SendError::Http(e) => {
             let mut text = e.to_string();
             if let Some(cause) = std::error::Error::source(&e) {

@@ -9,6 +9,7 @@
 pub mod balance;
 pub mod cluster;
 pub mod connect;
+pub mod h1;
 pub mod headers;
 pub mod http;
 pub mod idle;

@@ -12,6 +12,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::proxy::cluster::{InFlight, OwnedGauge};
 use crate::proxy::connect::Lease;
+use crate::proxy::h1;
 use crate::proxy::idle::Busy;
 use crate::proxy::{BoxError, ProxyBody};
 
@@ -63,6 +64,8 @@ impl Body for OutgoingBody {
 /// rather than a boxed body: no allocation per response.
 pub enum ResponseBody {
     Upstream(Guarded),
+    /// From the inline HTTP/1.1 leg, holding the request's guards.
+    Inline(h1::Body, Guards),
     Own(ProxyBody),
     Empty,
 }
@@ -78,6 +81,11 @@ impl ResponseBody {
             _guards: guards,
         })
     }
+
+    /// The inline leg's body, holding `guards` until it is dropped.
+    pub fn inline(body: h1::Body, guards: Guards) -> Self {
+        ResponseBody::Inline(body, guards)
+    }
 }
 
 impl Body for ResponseBody {
@@ -90,6 +98,7 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            ResponseBody::Inline(body, _) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
             ResponseBody::Own(body) => Pin::new(body).poll_frame(cx),
             ResponseBody::Empty => Poll::Ready(None),
         }
@@ -98,6 +107,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Upstream(body) => body.inner.is_end_stream(),
+            ResponseBody::Inline(body, _) => body.is_end_stream(),
             ResponseBody::Own(body) => body.is_end_stream(),
             ResponseBody::Empty => true,
         }
@@ -106,6 +116,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Upstream(body) => body.inner.size_hint(),
+            ResponseBody::Inline(body, _) => body.size_hint(),
             ResponseBody::Own(body) => body.size_hint(),
             ResponseBody::Empty => SizeHint::with_exact(0),
         }

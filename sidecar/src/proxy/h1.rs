@@ -1,0 +1,969 @@
+//! The HTTP/1.1 upstream leg, driven inline by the request that uses it:
+//! no connection task, no channels. A request whose body is already in
+//! memory (empty, or buffered for retries) is encoded straight from the
+//! client's header map into the connection's write buffer, written in one
+//! go, and its response head parsed from the connection's read buffer; the
+//! response body ([`Body`]) then reads the upstream socket itself from the
+//! client connection's task, and puts the connection back in the pool
+//! ([`IdleConns`]) the moment its last byte is read.
+//!
+//! Requests that stream their body, upgrades and CONNECT go through
+//! hyper's client instead (see `connect::Pool::send`): those need the
+//! request and the response to move at the same time.
+//!
+//! Responses are framed per RFC 9112 §6.3: no body after HEAD or for
+//! 1xx/204/304; `Transfer-Encoding: chunked` (then any Content-Length is
+//! ignored and the connection is not reused); one Content-Length value
+//! (repeated values must agree); else the body runs to the connection's
+//! close. Anything else — another transfer coding, a bad length, a bad
+//! chunk, a head over 64 KiB or with over 100 fields, bytes after the
+//! end — is an error, and the connection is closed rather than reused.
+
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::body::{Frame, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::{Authority, PathAndQuery};
+use hyper::{Method, StatusCode, Version};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use super::MAX_HEADER_BYTES;
+use super::cluster::OwnedGauge;
+
+/// Fields in a response head (hyper's client allows as many).
+const MAX_FIELDS: usize = 100;
+/// A chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Reads ask for at least this much room.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("writing the request failed: {0}")]
+    Write(#[source] io::Error),
+    #[error("reading the response failed: {0}")]
+    Read(#[source] io::Error),
+    #[error("the connection closed before the response was complete")]
+    Closed,
+    #[error("invalid response from the upstream: {0}")]
+    Protocol(&'static str),
+}
+
+impl Error {
+    /// An I/O failure or EOF (not a bad response).
+    fn broken(&self) -> bool {
+        !matches!(self, Error::Protocol(_))
+    }
+}
+
+/// An upstream connection with its buffers; counted in the cluster's open
+/// connections while it lives.
+pub struct Conn {
+    stream: TcpStream,
+    _slot: OwnedGauge,
+    /// Bytes read and not yet consumed.
+    rbuf: BytesMut,
+    /// The request being written.
+    wbuf: Vec<u8>,
+    /// Bytes came back during the current exchange.
+    answered: bool,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream, slot: OwnedGauge) -> Self {
+        Conn {
+            stream,
+            _slot: slot,
+            rbuf: BytesMut::new(),
+            wbuf: Vec::new(),
+            answered: false,
+        }
+    }
+
+    /// Reads what the socket has into the read buffer; 0 at EOF.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf)
+    }
+
+    /// Still usable after sitting idle: nothing arrived since (the
+    /// runtime's readiness says so without a system call; when it says
+    /// readable, one non-blocking read tells EOF or stray bytes from a
+    /// spurious wake-up).
+    fn alive(&mut self) -> bool {
+        if !self.rbuf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
+/// What a request sends: borrowed from the request being answered, so a
+/// retry encodes it again without a copy being kept.
+pub struct RequestHead<'a> {
+    pub method: &'a Method,
+    pub path: &'a PathAndQuery,
+    pub headers: &'a HeaderMap,
+    pub body: &'a Bytes,
+    /// The client sent a Content-Length (kept even when it is 0).
+    pub had_length: bool,
+}
+
+impl RequestHead<'_> {
+    /// The request in HTTP/1.1 wire form; `authority` names the endpoint
+    /// when the client sent no Host (HTTP/1.0). Header values cannot hold
+    /// CR or LF (`HeaderValue` refuses them), so nothing can be injected.
+    fn encode(&self, out: &mut Vec<u8>, authority: &Authority) {
+        out.clear();
+        out.extend_from_slice(self.method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.path.as_str().as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in self.headers {
+            // Framing is the proxy's own (the body is sent whole).
+            if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+                continue;
+            }
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        if !self.headers.contains_key(header::HOST) {
+            out.extend_from_slice(b"host: ");
+            out.extend_from_slice(authority.as_str().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        if self.had_length || !self.body.is_empty() {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa(self.body.len() as u64, &mut [0u8; 20]));
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(self.body);
+    }
+}
+
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// A parsed response head.
+pub struct Head {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+}
+
+/// How the response body is delimited, and how far it has got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes still to come.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the upstream closes the connection.
+    Close,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// A chunk-size line is next.
+    Size,
+    /// This many bytes of chunk data are left.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// The trailer section after the last chunk.
+    Trailers,
+}
+
+/// Sends `req` on `conn` and reads the response head; the body is left
+/// in `conn` for a [`Body`] to read. 1xx interim responses are skipped.
+async fn exchange(
+    conn: &mut Conn,
+    req: &RequestHead<'_>,
+    authority: &Authority,
+) -> Result<(Head, Framing, bool), Error> {
+    conn.answered = false;
+    let mut wbuf = std::mem::take(&mut conn.wbuf);
+    req.encode(&mut wbuf, authority);
+    let written = conn.stream.write_all(&wbuf).await;
+    conn.wbuf = wbuf;
+    written.map_err(Error::Write)?;
+    loop {
+        if let Some((head, framing, reusable)) = parse_head(conn, req.method == Method::HEAD)? {
+            return Ok((head, framing, reusable));
+        }
+        if conn.rbuf.len() > MAX_HEADER_BYTES {
+            return Err(Error::Protocol("response head over 64 KiB"));
+        }
+        let n = poll_fn(|cx| conn.poll_fill(cx))
+            .await
+            .map_err(Error::Read)?;
+        if n == 0 {
+            return Err(Error::Closed);
+        }
+        conn.answered = true;
+    }
+}
+
+/// A complete response head from the read buffer (consumed), or `None`
+/// when more bytes are needed. Interim 1xx responses are consumed and
+/// skipped.
+fn parse_head(conn: &mut Conn, head_request: bool) -> Result<Option<(Head, Framing, bool)>, Error> {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+        let mut response = httparse::Response::new(&mut fields);
+        let base = conn.rbuf.as_ptr() as usize;
+        let len = match response.parse(&conn.rbuf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Error::Protocol("over 100 header fields"));
+            }
+            Err(_) => return Err(Error::Protocol("malformed response head")),
+        };
+        if len > MAX_HEADER_BYTES {
+            return Err(Error::Protocol("response head over 64 KiB"));
+        }
+        let code = response.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code).map_err(|_| Error::Protocol("bad status code"))?;
+        let version = if response.version == Some(1) {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_10
+        };
+        // Where each field sits in the head, so the values can share it.
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_FIELDS];
+        let count = response.headers.len();
+        for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
+            let name = field.name.as_ptr() as usize - base;
+            let value = field.value.as_ptr() as usize - base;
+            *span = (
+                name,
+                name + field.name.len(),
+                value,
+                value + field.value.len(),
+            );
+        }
+        let head_bytes = conn.rbuf.split_to(len).freeze();
+        if status.is_informational() {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(Error::Protocol("101 to a request that asked no upgrade"));
+            }
+            continue;
+        }
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(n0, n1, v0, v1) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head_bytes[n0..n1])
+                .map_err(|_| Error::Protocol("bad header name"))?;
+            let value = HeaderValue::from_maybe_shared(head_bytes.slice(v0..v1))
+                .map_err(|_| Error::Protocol("bad header value"))?;
+            headers.append(name, value);
+        }
+        let (framing, mut reusable) = framing(status, head_request, &mut headers)?;
+        reusable &= keep_alive(version, &headers);
+        return Ok(Some((Head { status, headers }, framing, reusable)));
+    }
+}
+
+/// The body's framing (RFC 9112 §6.3) and whether the connection can
+/// carry another request after it.
+fn framing(
+    status: StatusCode,
+    head_request: bool,
+    headers: &mut HeaderMap,
+) -> Result<(Framing, bool), Error> {
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Framing::Done, true));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let mut codings = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(|c| c.trim_ascii())
+            .filter(|c| !c.is_empty());
+        let chunked = matches!(
+            (codings.next(), codings.next()),
+            (Some(c), None) if c.eq_ignore_ascii_case(b"chunked")
+        );
+        if !chunked {
+            return Err(Error::Protocol("unsupported transfer-encoding"));
+        }
+        // Both: Transfer-Encoding wins, and the message is suspect
+        // (RFC 9112 §6.3 item 3): not reused.
+        let both = headers.remove(header::CONTENT_LENGTH).is_some();
+        return Ok((Framing::Chunked(Chunk::Size), !both));
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let n = parse_length(part.trim_ascii()).ok_or(Error::Protocol("bad content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Error::Protocol("conflicting content-length values"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => (Framing::Done, true),
+        Some(n) => (Framing::Length(n), true),
+        None => (Framing::Close, false),
+    })
+}
+
+fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+    })
+}
+
+fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
+    let has = |token: &str| {
+        headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        })
+    };
+    if version == Version::HTTP_11 {
+        !has("close")
+    } else {
+        has("keep-alive")
+    }
+}
+
+/// A response body read from the upstream connection as the client
+/// takes it; the connection goes back to the pool once the body is
+/// complete, or closes if it cannot be reused.
+pub struct Body {
+    conn: Option<Conn>,
+    framing: Framing,
+    reusable: bool,
+    addr: SocketAddr,
+    pool: Weak<IdleConns>,
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Body")
+            .field("addr", &self.addr)
+            .field("framing", &self.framing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Body {
+    /// The end of the body: the connection is reused when the exchange
+    /// left it clean.
+    fn finish(&mut self) {
+        self.framing = Framing::Done;
+        if let Some(conn) = self.conn.take()
+            && self.reusable
+            && conn.rbuf.is_empty()
+            && let Some(pool) = self.pool.upgrade()
+        {
+            pool.put(self.addr, conn);
+        }
+    }
+
+    fn fail(&mut self, error: Error) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        self.framing = Framing::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.framing {
+                Framing::Done => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(left) => {
+                    if conn.rbuf.is_empty() {
+                        match ready!(conn.poll_fill(cx)) {
+                            Ok(0) => return this.fail(Error::Closed),
+                            Ok(_) => {}
+                            Err(e) => return this.fail(Error::Read(e)),
+                        }
+                    }
+                    let n = (conn.rbuf.len() as u64).min(left) as usize;
+                    let data = conn.rbuf.split_to(n).freeze();
+                    this.framing = Framing::Length(left - n as u64);
+                    if left == n as u64 {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Close => {
+                    if conn.rbuf.is_empty() {
+                        match ready!(conn.poll_fill(cx)) {
+                            Ok(0) => {
+                                this.reusable = false;
+                                this.finish();
+                                return Poll::Ready(None);
+                            }
+                            Ok(_) => {}
+                            Err(e) => return this.fail(Error::Read(e)),
+                        }
+                    }
+                    let data = conn.rbuf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Chunked(state) => match chunk_step(conn, state) {
+                    Ok(Step::Next(next)) => this.framing = Framing::Chunked(next),
+                    Ok(Step::Data(data, next)) => {
+                        this.framing = Framing::Chunked(next);
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Ok(Step::End(trailers)) => {
+                        this.finish();
+                        return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
+                    }
+                    Ok(Step::More) => match ready!(conn.poll_fill(cx)) {
+                        Ok(0) => return this.fail(Error::Closed),
+                        Ok(_) => {}
+                        Err(e) => return this.fail(Error::Read(e)),
+                    },
+                    Err(e) => return this.fail(e),
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Done => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+enum Step {
+    /// Moved on without output.
+    Next(Chunk),
+    Data(Bytes, Chunk),
+    /// The body is complete, with its trailers if it had any.
+    End(Option<HeaderMap>),
+    /// The read buffer holds too little to go on.
+    More,
+}
+
+/// One step of chunked decoding (RFC 9112 §7.1) over the read buffer.
+fn chunk_step(conn: &mut Conn, state: Chunk) -> Result<Step, Error> {
+    let buf = &mut conn.rbuf;
+    match state {
+        Chunk::Size => {
+            let Some(end) = find_crlf(buf, MAX_CHUNK_LINE)? else {
+                return Ok(Step::More);
+            };
+            let size = parse_chunk_size(&buf[..end])?;
+            buf.advance(end + 2);
+            Ok(Step::Next(if size == 0 {
+                Chunk::Trailers
+            } else {
+                Chunk::Data(size)
+            }))
+        }
+        Chunk::Data(left) => {
+            if buf.is_empty() {
+                return Ok(Step::More);
+            }
+            let n = (buf.len() as u64).min(left) as usize;
+            let data = buf.split_to(n).freeze();
+            let next = if left == n as u64 {
+                Chunk::DataEnd
+            } else {
+                Chunk::Data(left - n as u64)
+            };
+            Ok(Step::Data(data, next))
+        }
+        Chunk::DataEnd => {
+            if buf.len() < 2 {
+                return Ok(Step::More);
+            }
+            if &buf[..2] != b"\r\n" {
+                return Err(Error::Protocol("chunk data not followed by CRLF"));
+            }
+            buf.advance(2);
+            Ok(Step::Next(Chunk::Size))
+        }
+        Chunk::Trailers => {
+            if buf.starts_with(b"\r\n") {
+                buf.advance(2);
+                return Ok(Step::End(None));
+            }
+            let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+            match httparse::parse_headers(buf, &mut fields) {
+                Ok(httparse::Status::Complete((len, fields))) => {
+                    let mut trailers = HeaderMap::with_capacity(fields.len());
+                    for field in fields.iter() {
+                        let name = HeaderName::from_bytes(field.name.as_bytes())
+                            .map_err(|_| Error::Protocol("bad trailer name"))?;
+                        let value = HeaderValue::from_bytes(field.value)
+                            .map_err(|_| Error::Protocol("bad trailer value"))?;
+                        trailers.append(name, value);
+                    }
+                    buf.advance(len);
+                    Ok(Step::End(Some(trailers)))
+                }
+                Ok(httparse::Status::Partial) if buf.len() <= MAX_HEADER_BYTES => Ok(Step::More),
+                Ok(httparse::Status::Partial) => Err(Error::Protocol("trailers over 64 KiB")),
+                Err(_) => Err(Error::Protocol("malformed trailers")),
+            }
+        }
+    }
+}
+
+/// Where the first CRLF is, looking at most `limit` bytes in.
+fn find_crlf(buf: &[u8], limit: usize) -> Result<Option<usize>, Error> {
+    let window = &buf[..buf.len().min(limit + 1)];
+    match window.windows(2).position(|w| w == b"\r\n") {
+        Some(i) => Ok(Some(i)),
+        None if buf.len() > limit => Err(Error::Protocol("chunk-size line too long")),
+        None => Ok(None),
+    }
+}
+
+/// `1*HEXDIG [ BWS ";" chunk-ext ]`: the size; extensions are ignored but
+/// must be visible characters, spaces or tabs.
+fn parse_chunk_size(line: &[u8]) -> Result<u64, Error> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return Err(Error::Protocol("bad chunk size"));
+    }
+    let rest = &line[digits..];
+    let rest_ok = rest.is_empty()
+        || (rest.trim_ascii_start().starts_with(b";")
+            && rest
+                .iter()
+                .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80));
+    if !rest_ok {
+        return Err(Error::Protocol("bad chunk extension"));
+    }
+    let size = line[..digits].iter().fold(0u64, |n, &d| {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => d - b'A' + 10,
+        };
+        (n << 4) | u64::from(v)
+    });
+    Ok(size)
+}
+
+/// Idle inline connections of one listener's cluster, by endpoint.
+pub struct IdleConns {
+    /// Lock rule: held only to take or put a connection.
+    conns: Mutex<Idle>,
+    idle_timeout: Duration,
+    upstream: String,
+}
+
+struct Idle {
+    by_endpoint: HashMap<SocketAddr, Vec<(Conn, Instant)>>,
+    sweeping: bool,
+}
+
+impl IdleConns {
+    pub fn new(idle_timeout: Duration, upstream: String) -> Arc<Self> {
+        Arc::new(IdleConns {
+            conns: Mutex::new(Idle {
+                by_endpoint: HashMap::new(),
+                sweeping: false,
+            }),
+            idle_timeout,
+            upstream,
+        })
+    }
+
+    /// The most recently used live connection to `addr`; stale ones met
+    /// on the way are closed.
+    fn take(&self, addr: SocketAddr) -> Option<Conn> {
+        let mut idle = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.by_endpoint.get_mut(&addr)?;
+        while let Some((mut conn, since)) = list.pop() {
+            if since.elapsed() < self.idle_timeout && conn.alive() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn put(self: &Arc<Self>, addr: SocketAddr, conn: Conn) {
+        let mut idle = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        idle.by_endpoint
+            .entry(addr)
+            .or_default()
+            .push((conn, Instant::now()));
+        if !idle.sweeping {
+            self.start_sweeper(&mut idle);
+        }
+    }
+
+    /// Closes connections idle past the timeout, or closed by the
+    /// upstream, every quarter timeout (1 s to 60 s) while any are kept.
+    fn start_sweeper(self: &Arc<Self>, idle: &mut Idle) {
+        // No runtime (a body dropped while it shuts down): nothing to sweep.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        idle.sweeping = true;
+        let pool = Arc::downgrade(self);
+        let every = (self.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let span = tracing::debug_span!("upstream pool", upstream = %self.upstream);
+        runtime.spawn(
+            async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(pool) = pool.upgrade() else { return };
+                    let mut idle = pool.conns.lock().unwrap_or_else(|e| e.into_inner());
+                    let limit = pool.idle_timeout;
+                    idle.by_endpoint.retain(|_, list| {
+                        list.retain_mut(|(conn, since)| since.elapsed() < limit && conn.alive());
+                        !list.is_empty()
+                    });
+                    if idle.by_endpoint.is_empty() {
+                        idle.sweeping = false;
+                        return;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Sends `req` to `addr` on an idle connection or one from `connect`,
+    /// and returns the response head and body. A reused connection that
+    /// the upstream had closed meanwhile (nothing came back, or the write
+    /// failed) is dropped and the request sent again on another, when
+    /// that is safe: the request is idempotent or was never written.
+    pub async fn send<F, Fut, E>(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        authority: &Authority,
+        req: &RequestHead<'_>,
+        idempotent: bool,
+        connect: F,
+    ) -> Result<(Head, Body), SendError<E>>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Conn, E>>,
+    {
+        loop {
+            let (mut conn, reused) = match self.take(addr) {
+                Some(conn) => (conn, true),
+                // Boxed: connecting is rare, and its future would make
+                // every request's future that much larger.
+                None => (
+                    Box::pin(connect()).await.map_err(SendError::Connect)?,
+                    false,
+                ),
+            };
+            match exchange(&mut conn, req, authority).await {
+                Ok((head, framing, reusable)) => {
+                    let mut body = Body {
+                        conn: Some(conn),
+                        framing,
+                        reusable,
+                        addr,
+                        pool: Arc::downgrade(self),
+                    };
+                    if framing == Framing::Done {
+                        body.finish();
+                    }
+                    return Ok((head, body));
+                }
+                Err(e)
+                    if reused
+                        && e.broken()
+                        && !conn.answered
+                        && (idempotent || matches!(e, Error::Write(_))) =>
+                {
+                    tracing::debug!(endpoint = %addr, error = %e, "pooled connection was closed; sending on another");
+                }
+                Err(e) => return Err(SendError::Exchange(e)),
+            }
+        }
+    }
+}
+
+/// Why [`IdleConns::send`] got no response head.
+#[derive(Debug)]
+pub enum SendError<E> {
+    /// No connection was made (nothing sent).
+    Connect(E),
+    Exchange(Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    fn cluster() -> Arc<crate::proxy::cluster::Cluster> {
+        let text = "[registry]\naddresses = [\"127.0.0.1:8502\"]\n[service]\nname = \"web\"\nport = 8080\n[[upstreams]]\nname = \"api\"\nlisten = \"127.0.0.1:9191\"\nprotocol = \"http\"\n";
+        let mut config = crate::config::Config::parse("t.toml", text).expect("valid");
+        crate::proxy::cluster::Cluster::local(
+            config.upstreams.remove(0),
+            "127.0.0.1:1".parse().expect("addr"),
+        )
+    }
+
+    /// A server that reads one request head per answer in `answers` and
+    /// writes the answer (raw bytes) on the same connection; a new
+    /// connection for each element of `connections`. Returns what it read.
+    async fn server(
+        connections: Vec<Vec<&'static [u8]>>,
+    ) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for answers in connections {
+                let (mut socket, _) = listener.accept().await.expect("accept");
+                let mut pending = Vec::new();
+                for answer in answers {
+                    loop {
+                        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&pending[..end + 4]).into_owned();
+                            let body_len = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length: "))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if pending.len() >= end + 4 + body_len {
+                                pending.drain(..end + 4 + body_len);
+                                seen.push(head);
+                                break;
+                            }
+                        }
+                        let mut chunk = [0u8; 4096];
+                        let n = socket.read(&mut chunk).await.expect("read");
+                        assert!(n > 0, "client closed early");
+                        pending.extend_from_slice(&chunk[..n]);
+                    }
+                    socket.write_all(answer).await.expect("write");
+                }
+                // Linger so the client sees no EOF before it is done.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            seen
+        });
+        (addr, task)
+    }
+
+    async fn connector(addr: SocketAddr) -> Result<Conn, io::Error> {
+        let stream = TcpStream::connect(addr).await?;
+        let slot =
+            crate::proxy::cluster::acquire_owned(&cluster(), |g| &g.connections, 10).expect("slot");
+        Ok(Conn::new(stream, slot))
+    }
+
+    async fn get(
+        pool: &Arc<IdleConns>,
+        addr: SocketAddr,
+        method: Method,
+    ) -> Result<(StatusCode, HeaderMap, Bytes, Option<HeaderMap>), String> {
+        let headers = HeaderMap::new();
+        let body = Bytes::new();
+        let path = PathAndQuery::from_static("/x?y=1");
+        let req = RequestHead {
+            method: &method,
+            path: &path,
+            headers: &headers,
+            body: &body,
+            had_length: false,
+        };
+        let authority = Authority::from_static("up.example:80");
+        let (head, body) = pool
+            .send(addr, &authority, &req, true, || connector(addr))
+            .await
+            .map_err(|e| match e {
+                SendError::Connect(e) => e.to_string(),
+                SendError::Exchange(e) => e.to_string(),
+            })?;
+        let collected = body.collect().await.map_err(|e| e.to_string())?;
+        let trailers = collected.trailers().cloned();
+        Ok((head.status, head.headers, collected.to_bytes(), trailers))
+    }
+
+    #[tokio::test]
+    async fn bodies_of_every_framing_are_read_and_the_connection_reused() {
+        let (addr, seen) = server(vec![
+            vec![
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello",
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nGrpc-Status: 0\r\n\r\n",
+                b"HTTP/1.1 204 No Content\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\nxyz",
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+            ],
+            vec![b"HTTP/1.0 200 OK\r\n\r\nuntil close"],
+        ])
+        .await;
+        let pool = IdleConns::new(Duration::from_secs(60), "api".into());
+        let (status, headers, body, _) = get(&pool, addr, Method::GET).await.expect("length");
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"hello"[..]));
+        assert_eq!(headers.get("x-a").expect("x-a"), "1");
+        let (status, _, body, trailers) = get(&pool, addr, Method::GET).await.expect("chunked");
+        assert_eq!((status, &body[..]), (StatusCode::CREATED, &b"abcde"[..]));
+        assert_eq!(
+            trailers
+                .expect("trailers")
+                .get("grpc-status")
+                .expect("status"),
+            "0"
+        );
+        let (status, _, body, _) = get(&pool, addr, Method::GET).await.expect("204");
+        assert_eq!((status, body.len()), (StatusCode::NO_CONTENT, 0));
+        let (_, headers, body, _) = get(&pool, addr, Method::HEAD).await.expect("head");
+        assert_eq!(
+            (headers.get("content-length").expect("cl"), body.len()),
+            (&"7".parse::<HeaderValue>().expect("v"), 0)
+        );
+        let (_, _, body, _) = get(&pool, addr, Method::GET)
+            .await
+            .expect("repeated length");
+        assert_eq!(&body[..], b"xyz");
+        let (_, _, body, _) = get(&pool, addr, Method::GET).await.expect("close");
+        assert_eq!(&body[..], b"ok");
+        // `Connection: close`: the next request takes a new connection,
+        // whose HTTP/1.0 body runs to EOF.
+        let (_, _, body, _) = get(&pool, addr, Method::GET).await.expect("until close");
+        assert_eq!(&body[..], b"until close");
+        let seen = seen.await.expect("server");
+        assert_eq!(seen.len(), 7);
+        assert!(
+            seen[0].starts_with("GET /x?y=1 HTTP/1.1\r\nhost: up.example:80\r\n"),
+            "{}",
+            seen[0]
+        );
+        assert!(seen[3].starts_with("HEAD /x?y=1 HTTP/1.1\r\n"));
+    }
+
+    #[tokio::test]
+    async fn bad_responses_are_errors() {
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
+            b"NOT HTTP\r\n\r\n",
+        ] {
+            let (addr, _) = server(vec![vec![answer]]).await;
+            let pool = IdleConns::new(Duration::from_secs(60), "api".into());
+            let got = get(&pool, addr, Method::GET).await;
+            assert!(
+                got.is_err(),
+                "{:?} gave {got:?}",
+                String::from_utf8_lossy(answer)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_closed_by_the_upstream_is_replaced() {
+        // The first connection answers once and closes; the request after
+        // it must go out on a second connection without an error.
+        let (addr, seen) = server(vec![
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na"],
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"],
+        ])
+        .await;
+        let pool = IdleConns::new(Duration::from_secs(60), "api".into());
+        let (_, _, body, _) = get(&pool, addr, Method::GET).await.expect("first");
+        assert_eq!(&body[..], b"a");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (_, _, body, _) = get(&pool, addr, Method::GET).await.expect("second");
+        assert_eq!(&body[..], b"b");
+        assert_eq!(seen.await.expect("server").len(), 2);
+    }
+
+    #[test]
+    fn requests_are_encoded_with_the_proxy_framing() {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("svc"));
+        headers.insert("content-length", HeaderValue::from_static("999"));
+        headers.append("x-b", HeaderValue::from_static("1"));
+        headers.append("x-b", HeaderValue::from_static("2"));
+        let body = Bytes::from_static(b"data");
+        let req = RequestHead {
+            method: &Method::POST,
+            path: &PathAndQuery::from_static("/p"),
+            headers: &headers,
+            body: &body,
+            had_length: true,
+        };
+        let mut out = Vec::new();
+        req.encode(&mut out, &Authority::from_static("ignored:1"));
+        assert_eq!(
+            String::from_utf8(out).expect("utf8"),
+            "POST /p HTTP/1.1\r\nhost: svc\r\nx-b: 1\r\nx-b: 2\r\ncontent-length: 4\r\n\r\ndata"
+        );
+        assert_eq!(parse_chunk_size(b"1aF").ok(), Some(0x1af));
+        assert!(parse_chunk_size(b"").is_err());
+        assert!(parse_chunk_size(b"1 x").is_err());
+        assert!(parse_chunk_size(b"11111111111111111").is_err());
+        assert_eq!(parse_chunk_size(b"10 ; name=\"v\"").ok(), Some(16));
+        assert_eq!(parse_length(b"18446744073709551615"), None);
+        assert_eq!(parse_length(b"42"), Some(42));
+    }
+}
