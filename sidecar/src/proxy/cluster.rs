@@ -34,6 +34,9 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
+/// Clusters up to this size pick from a list on the stack.
+const SMALL_CLUSTER: usize = 32;
+
 fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64
 }
@@ -416,26 +419,53 @@ impl Cluster {
                 tracing::info!(upstream = %config.name, "out of panic mode");
             }
         }
-        let now = now_ms();
+        // The clock only matters once some endpoint has been ejected.
+        let now = if all
+            .iter()
+            .any(|e| e.stats.ejected_until_ms.load(Ordering::Relaxed) != 0)
+        {
+            now_ms()
+        } else {
+            0
+        };
         let usable = |i: usize| panic || all[i].healthy;
         // Healthy (or all, in panic), not ejected, not tried yet; each
         // condition is dropped, last first, when nothing would be left.
-        let mut candidates: Vec<usize> = (0..all.len())
-            .filter(|&i| usable(i) && !all[i].ejected_at(now) && !tried.contains(&all[i].addr))
-            .collect();
-        if candidates.is_empty() {
-            candidates = (0..all.len())
-                .filter(|&i| usable(i) && !all[i].ejected_at(now))
-                .collect();
+        // Gathered on the stack for small clusters: no allocation per pick.
+        let mut stack = [0usize; SMALL_CLUSTER];
+        let mut heap = Vec::new();
+        let mut gather = |keep: &dyn Fn(usize) -> bool| {
+            if all.len() <= SMALL_CLUSTER {
+                let mut n = 0;
+                for i in (0..all.len()).filter(|&i| keep(i)) {
+                    stack[n] = i;
+                    n += 1;
+                }
+                n
+            } else {
+                heap.clear();
+                heap.extend((0..all.len()).filter(|&i| keep(i)));
+                heap.len()
+            }
+        };
+        let mut n =
+            gather(&|i| usable(i) && !all[i].ejected_at(now) && !tried.contains(&all[i].addr));
+        if n == 0 {
+            n = gather(&|i| usable(i) && !all[i].ejected_at(now));
         }
-        if candidates.is_empty() {
-            candidates = (0..all.len()).filter(|&i| usable(i)).collect();
+        if n == 0 {
+            n = gather(&usable);
         }
+        let candidates = if all.len() <= SMALL_CLUSTER {
+            &stack[..n]
+        } else {
+            &heap[..]
+        };
         let counter = self.round_robin.fetch_add(1, Ordering::Relaxed);
         balance::pick(
             config.balance,
             all,
-            &candidates,
+            candidates,
             counter,
             table.ring.as_ref(),
             hash,

@@ -31,6 +31,55 @@ use tracing::Instrument;
 use super::cluster::{Cluster, OwnedGauge, acquire_owned};
 use super::h1;
 
+/// A map keyed by endpoint address, hashed cheaply: it is looked up on
+/// every request, and its keys come from the registry, not from clients
+/// (SipHash's flooding resistance buys nothing here).
+pub type AddrMap<V> = HashMap<SocketAddr, V, std::hash::BuildHasherDefault<AddrHasher>>;
+
+/// FxHash's mixing step per word written.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AddrHasher(u64);
+
+impl AddrHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl std::hash::Hasher for AddrHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// Why a connection was not made; found again in hyper's error chain.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -156,13 +205,13 @@ struct Shared<B> {
 struct Idle<B> {
     /// Ready HTTP/1.1 connections, most recently used last, with when
     /// they went idle.
-    h1: HashMap<SocketAddr, Vec<(http1::SendRequest<B>, Instant)>>,
+    h1: AddrMap<Vec<(http1::SendRequest<B>, Instant)>>,
     /// The HTTP/2 connection of each endpoint, with when it was last used.
-    h2: HashMap<SocketAddr, (http2::SendRequest<B>, Instant)>,
+    h2: AddrMap<(http2::SendRequest<B>, Instant)>,
     /// One HTTP/2 connect at a time per endpoint, so a burst of first
     /// requests opens one connection rather than one each (and a slow
     /// endpoint holds up no other).
-    h2_connecting: HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>,
+    h2_connecting: AddrMap<Arc<tokio::sync::Mutex<()>>>,
     /// The sweeper task is running.
     sweeping: bool,
 }
@@ -269,9 +318,9 @@ where
         Pool {
             shared: Arc::new(Shared {
                 idle: Mutex::new(Idle {
-                    h1: HashMap::new(),
-                    h2: HashMap::new(),
-                    h2_connecting: HashMap::new(),
+                    h1: AddrMap::default(),
+                    h2: AddrMap::default(),
+                    h2_connecting: AddrMap::default(),
                     sweeping: false,
                 }),
                 idle_timeout: cluster.config().idle_timeout,

@@ -19,9 +19,9 @@
 //! chunk, a head over 64 KiB or with over 100 fields, bytes after the
 //! end — is an error, and the connection is closed rather than reused.
 
-use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -39,6 +39,7 @@ use tracing::Instrument;
 
 use super::MAX_HEADER_BYTES;
 use super::cluster::OwnedGauge;
+use super::connect::AddrMap;
 
 /// Fields in a response head (hyper's client allows as many).
 const MAX_FIELDS: usize = 100;
@@ -241,10 +242,15 @@ async fn exchange(
 /// skipped.
 fn parse_head(conn: &mut Conn, head_request: bool) -> Result<Option<(Head, Framing, bool)>, Error> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-        let mut response = httparse::Response::new(&mut fields);
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+        let mut response = httparse::Response::new(&mut []);
         let base = conn.rbuf.as_ptr() as usize;
-        let len = match response.parse(&conn.rbuf) {
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            &conn.rbuf,
+            &mut fields,
+        );
+        let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => {
@@ -255,24 +261,25 @@ fn parse_head(conn: &mut Conn, head_request: bool) -> Result<Option<(Head, Frami
         if len > MAX_HEADER_BYTES {
             return Err(Error::Protocol("response head over 64 KiB"));
         }
-        let code = response.code.unwrap_or(0);
-        let status = StatusCode::from_u16(code).map_err(|_| Error::Protocol("bad status code"))?;
+        let status = StatusCode::from_u16(response.code.unwrap_or(0))
+            .map_err(|_| Error::Protocol("bad status code"))?;
         let version = if response.version == Some(1) {
             Version::HTTP_11
         } else {
             Version::HTTP_10
         };
-        // Where each field sits in the head, so the values can share it.
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_FIELDS];
+        // Where each field sits in the head (offsets fit u32: the head is
+        // at most 64 KiB), so the values can share its bytes.
+        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_FIELDS];
         let count = response.headers.len();
         for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
-            let name = field.name.as_ptr() as usize - base;
-            let value = field.value.as_ptr() as usize - base;
+            let name = (field.name.as_ptr() as usize - base) as u32;
+            let value = (field.value.as_ptr() as usize - base) as u32;
             *span = (
                 name,
-                name + field.name.len(),
+                name + field.name.len() as u32,
                 value,
-                value + field.value.len(),
+                value + field.value.len() as u32,
             );
         }
         let head_bytes = conn.rbuf.split_to(len).freeze();
@@ -282,64 +289,148 @@ fn parse_head(conn: &mut Conn, head_request: bool) -> Result<Option<(Head, Frami
             }
             continue;
         }
+        let raw = |&(n0, n1, v0, v1): &(u32, u32, u32, u32)| {
+            (
+                &head_bytes[n0 as usize..n1 as usize],
+                &head_bytes[v0 as usize..v1 as usize],
+            )
+        };
+        let message = Message::read(spans[..count].iter().map(raw))?;
+        let (framing, reusable) = message.framing(status, head_request, version)?;
+        // The fields minus the hop-by-hop ones (RFC 9110 §7.6.1), which
+        // describe this connection only, and minus a Content-Length that
+        // Transfer-Encoding overrides.
         let mut headers = HeaderMap::with_capacity(count);
-        for &(n0, n1, v0, v1) in &spans[..count] {
-            let name = HeaderName::from_bytes(&head_bytes[n0..n1])
-                .map_err(|_| Error::Protocol("bad header name"))?;
-            let value = HeaderValue::from_maybe_shared(head_bytes.slice(v0..v1))
-                .map_err(|_| Error::Protocol("bad header value"))?;
+        for span in &spans[..count] {
+            let (name, _) = raw(span);
+            if is_hop_by_hop(name) || (message.codings > 0 && is(name, b"content-length")) {
+                continue;
+            }
+            let name =
+                HeaderName::from_bytes(name).map_err(|_| Error::Protocol("bad header name"))?;
+            let value =
+                HeaderValue::from_maybe_shared(head_bytes.slice(span.2 as usize..span.3 as usize))
+                    .map_err(|_| Error::Protocol("bad header value"))?;
             headers.append(name, value);
         }
-        let (framing, mut reusable) = framing(status, head_request, &mut headers)?;
-        reusable &= keep_alive(version, &headers);
+        if message.connection_names {
+            // `Connection: x-foo` makes x-foo hop-by-hop too (rare).
+            for span in &spans[..count] {
+                let (name, value) = raw(span);
+                if is(name, b"connection") {
+                    for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                        if let Ok(named) = HeaderName::from_bytes(token) {
+                            headers.remove(named);
+                        }
+                    }
+                }
+            }
+        }
         return Ok(Some((Head { status, headers }, framing, reusable)));
     }
 }
 
-/// The body's framing (RFC 9112 §6.3) and whether the connection can
-/// carry another request after it.
-fn framing(
-    status: StatusCode,
-    head_request: bool,
-    headers: &mut HeaderMap,
-) -> Result<(Framing, bool), Error> {
-    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Ok((Framing::Done, true));
+fn is(name: &[u8], wanted: &[u8]) -> bool {
+    name.len() == wanted.len() && name.eq_ignore_ascii_case(wanted)
+}
+
+/// Hop-by-hop whatever `Connection` says.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    match name.len() {
+        2 => is(name, b"te"),
+        7 => is(name, b"upgrade"),
+        10 => is(name, b"connection") || is(name, b"keep-alive"),
+        16 => is(name, b"proxy-connection"),
+        17 => is(name, b"transfer-encoding"),
+        _ => false,
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        let mut codings = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(|c| c.trim_ascii())
-            .filter(|c| !c.is_empty());
-        let chunked = matches!(
-            (codings.next(), codings.next()),
-            (Some(c), None) if c.eq_ignore_ascii_case(b"chunked")
-        );
-        if !chunked {
-            return Err(Error::Protocol("unsupported transfer-encoding"));
-        }
-        // Both: Transfer-Encoding wins, and the message is suspect
-        // (RFC 9112 §6.3 item 3): not reused.
-        let both = headers.remove(header::CONTENT_LENGTH).is_some();
-        return Ok((Framing::Chunked(Chunk::Size), !both));
-    }
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let n = parse_length(part.trim_ascii()).ok_or(Error::Protocol("bad content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(Error::Protocol("conflicting content-length values"));
+}
+
+/// What a response head says about its body and its connection.
+#[derive(Debug, Default)]
+struct Message {
+    /// Transfer codings listed, and whether the only one is chunked.
+    codings: usize,
+    chunked: bool,
+    length: Option<u64>,
+    close: bool,
+    keep_alive: bool,
+    /// `Connection` names other fields.
+    connection_names: bool,
+}
+
+impl Message {
+    fn read<'a>(fields: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Result<Self, Error> {
+        let mut m = Message::default();
+        let list = |value: &'a [u8]| {
+            value
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .filter(|t| !t.is_empty())
+        };
+        for (name, value) in fields {
+            if is(name, b"transfer-encoding") {
+                for coding in list(value) {
+                    m.codings += 1;
+                    m.chunked = m.codings == 1 && coding.eq_ignore_ascii_case(b"chunked");
+                }
+            } else if is(name, b"content-length") {
+                for part in value.split(|&b| b == b',') {
+                    let n = parse_length(part.trim_ascii())
+                        .ok_or(Error::Protocol("bad content-length"))?;
+                    if m.length.is_some_and(|l| l != n) {
+                        return Err(Error::Protocol("conflicting content-length values"));
+                    }
+                    m.length = Some(n);
+                }
+            } else if is(name, b"connection") {
+                for token in list(value) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        m.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        m.keep_alive = true;
+                    } else {
+                        m.connection_names = true;
+                    }
+                }
             }
-            length = Some(n);
         }
+        Ok(m)
     }
-    Ok(match length {
-        Some(0) => (Framing::Done, true),
-        Some(n) => (Framing::Length(n), true),
-        None => (Framing::Close, false),
-    })
+
+    /// The body's framing (RFC 9112 §6.3) and whether the connection can
+    /// carry another request after it.
+    fn framing(
+        &self,
+        status: StatusCode,
+        head_request: bool,
+        version: Version,
+    ) -> Result<(Framing, bool), Error> {
+        let keep_alive = if version == Version::HTTP_11 {
+            !self.close
+        } else {
+            self.keep_alive && !self.close
+        };
+        if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            return Ok((Framing::Done, keep_alive));
+        }
+        if self.codings > 0 {
+            if !self.chunked {
+                return Err(Error::Protocol("unsupported transfer-encoding"));
+            }
+            // Both: Transfer-Encoding wins, and the message is suspect
+            // (RFC 9112 §6.3 item 3): not reused.
+            return Ok((
+                Framing::Chunked(Chunk::Size),
+                keep_alive && self.length.is_none(),
+            ));
+        }
+        Ok(match self.length {
+            Some(0) => (Framing::Done, keep_alive),
+            Some(n) => (Framing::Length(n), keep_alive),
+            None => (Framing::Close, false),
+        })
+    }
 }
 
 fn parse_length(digits: &[u8]) -> Option<u64> {
@@ -349,21 +440,6 @@ fn parse_length(digits: &[u8]) -> Option<u64> {
     digits.iter().try_fold(0u64, |n, &d| {
         d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
     })
-}
-
-fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &str| {
-        headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-        })
-    };
-    if version == Version::HTTP_11 {
-        !has("close")
-    } else {
-        has("keep-alive")
-    }
 }
 
 /// A response body read from the upstream connection as the client
@@ -612,7 +688,7 @@ pub struct IdleConns {
 }
 
 struct Idle {
-    by_endpoint: HashMap<SocketAddr, Vec<(Conn, Instant)>>,
+    by_endpoint: AddrMap<Vec<(Conn, Instant)>>,
     sweeping: bool,
 }
 
@@ -620,7 +696,7 @@ impl IdleConns {
     pub fn new(idle_timeout: Duration, upstream: String) -> Arc<Self> {
         Arc::new(IdleConns {
             conns: Mutex::new(Idle {
-                by_endpoint: HashMap::new(),
+                by_endpoint: AddrMap::default(),
                 sweeping: false,
             }),
             idle_timeout,

@@ -11,11 +11,12 @@
 //! idle keep-alive connections stay open for `idle` and clients reusing
 //! them do not race a 10 s close.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -140,6 +141,69 @@ impl Activity {
     }
 }
 
+/// A future polled only when its own waker has fired (and the first
+/// time), not on every wake of the task that awaits it. A connection's
+/// task is woken for each request; its idle timer and retirement token
+/// change a few times in its life, and polling them at every wake cost
+/// more than parsing the request.
+pub struct OnOwnWake<F> {
+    inner: Pin<Box<F>>,
+    flag: Arc<WakeFlag>,
+    waker: Waker,
+}
+
+struct WakeFlag {
+    woken: AtomicBool,
+    task: Mutex<Option<Waker>>,
+}
+
+impl Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            task.wake_by_ref();
+        }
+    }
+}
+
+impl<F: Future> OnOwnWake<F> {
+    pub fn new(inner: F) -> Self {
+        let flag = Arc::new(WakeFlag {
+            woken: AtomicBool::new(true),
+            task: Mutex::new(None),
+        });
+        OnOwnWake {
+            inner: Box::pin(inner),
+            waker: Waker::from(Arc::clone(&flag)),
+            flag,
+        }
+    }
+}
+
+impl<F: Future> Future for OnOwnWake<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        {
+            let mut task = self.flag.task.lock().unwrap_or_else(|e| e.into_inner());
+            if !task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+                *task = Some(cx.waker().clone());
+            }
+        }
+        if !self.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let this = &mut *self;
+        this.inner
+            .as_mut()
+            .poll(&mut Context::from_waker(&this.waker))
+    }
+}
+
 /// A socket that records activity on every read and write.
 #[derive(Debug)]
 pub struct Tracked<T> {
@@ -209,6 +273,30 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn on_own_wake_polls_only_after_its_waker_fired() {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&polls);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut rx = Some(rx);
+        let mut guarded = OnOwnWake::new(std::future::poll_fn(move |cx| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            match rx.as_mut().map(|r| Pin::new(r).poll(cx)) {
+                Some(Poll::Ready(_)) => Poll::Ready(7),
+                _ => Poll::Pending,
+            }
+        }));
+        let noop = Waker::noop();
+        let mut cx = Context::from_waker(noop);
+        assert!(Pin::new(&mut guarded).poll(&mut cx).is_pending());
+        assert!(Pin::new(&mut guarded).poll(&mut cx).is_pending());
+        assert!(Pin::new(&mut guarded).poll(&mut cx).is_pending());
+        assert_eq!(polls.load(Ordering::Relaxed), 1, "polled once until woken");
+        tx.send(()).expect("send");
+        assert_eq!(guarded.await, 7);
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
+    }
 
     #[tokio::test]
     async fn silent_and_idle_connections_are_noticed() {

@@ -464,15 +464,25 @@ impl Proxy {
                     self.tasks.spawn(async move {
                         let _open = open;
                         tokio::pin!(connection);
+                        // Idle or retired (true); polled only when one of
+                        // them changes, not at every request.
+                        let mut ended = idle::OnOwnWake::new(async move {
+                            tokio::select! {
+                                () = activity.idle(HEADER_READ_TIMEOUT, idle_timeout) => false,
+                                () = retired.cancelled() => true,
+                            }
+                        });
                         tokio::select! {
+                            biased;
                             result = connection.as_mut() => {
                                 if let Err(e) = result {
                                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                                 }
                                 return;
                             }
-                            () = activity.idle(HEADER_READ_TIMEOUT, idle_timeout) => return,
-                            () = retired.cancelled() => {}
+                            retired = &mut ended => if !retired {
+                                return;
+                            }
                         }
                         // Finish what is in flight, refuse new requests.
                         connection.as_mut().graceful_shutdown();

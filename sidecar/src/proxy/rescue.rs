@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
 
 use super::ProxyBody;
 use crate::telemetry::Outcome;
 
 /// The header naming why the proxy answered instead of the upstream.
-pub const ERROR_HEADER: &str = "x-meshwork-error";
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-meshwork-error");
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
