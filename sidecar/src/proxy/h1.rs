@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::{Frame, SizeHint};
@@ -683,23 +683,36 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, Error> {
 pub struct IdleConns {
     /// Lock rule: held only to take or put a connection.
     conns: Mutex<Idle>,
-    idle_timeout: Duration,
+    /// Sweeps happen this often while connections are kept...
+    sweep_every: Duration,
+    /// ...and a connection put back this many sweeps ago has idled out.
+    /// Ages are counted in sweeps so taking and putting back a connection
+    /// read no clock.
+    max_age: u64,
     upstream: String,
 }
 
 struct Idle {
-    by_endpoint: AddrMap<Vec<(Conn, Instant)>>,
+    /// Connections with the sweep count when they were put back.
+    by_endpoint: AddrMap<Vec<(Conn, u64)>>,
+    sweeps: u64,
     sweeping: bool,
 }
 
 impl IdleConns {
     pub fn new(idle_timeout: Duration, upstream: String) -> Arc<Self> {
+        let sweep_every = (idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
         Arc::new(IdleConns {
             conns: Mutex::new(Idle {
                 by_endpoint: AddrMap::default(),
+                sweeps: 0,
                 sweeping: false,
             }),
-            idle_timeout,
+            sweep_every,
+            max_age: idle_timeout
+                .as_nanos()
+                .div_ceil(sweep_every.as_nanos().max(1))
+                .max(1) as u64,
             upstream,
         })
     }
@@ -708,9 +721,10 @@ impl IdleConns {
     /// on the way are closed.
     fn take(&self, addr: SocketAddr) -> Option<Conn> {
         let mut idle = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let now = idle.sweeps;
         let list = idle.by_endpoint.get_mut(&addr)?;
         while let Some((mut conn, since)) = list.pop() {
-            if since.elapsed() < self.idle_timeout && conn.alive() {
+            if now - since < self.max_age && conn.alive() {
                 return Some(conn);
             }
         }
@@ -719,10 +733,8 @@ impl IdleConns {
 
     fn put(self: &Arc<Self>, addr: SocketAddr, conn: Conn) {
         let mut idle = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        idle.by_endpoint
-            .entry(addr)
-            .or_default()
-            .push((conn, Instant::now()));
+        let now = idle.sweeps;
+        idle.by_endpoint.entry(addr).or_default().push((conn, now));
         if !idle.sweeping {
             self.start_sweeper(&mut idle);
         }
@@ -737,7 +749,7 @@ impl IdleConns {
         };
         idle.sweeping = true;
         let pool = Arc::downgrade(self);
-        let every = (self.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let every = self.sweep_every;
         let span = tracing::debug_span!("upstream pool", upstream = %self.upstream);
         runtime.spawn(
             async move {
@@ -745,9 +757,10 @@ impl IdleConns {
                     tokio::time::sleep(every).await;
                     let Some(pool) = pool.upgrade() else { return };
                     let mut idle = pool.conns.lock().unwrap_or_else(|e| e.into_inner());
-                    let limit = pool.idle_timeout;
+                    idle.sweeps += 1;
+                    let (now, limit) = (idle.sweeps, pool.max_age);
                     idle.by_endpoint.retain(|_, list| {
-                        list.retain_mut(|(conn, since)| since.elapsed() < limit && conn.alive());
+                        list.retain_mut(|(conn, since)| now - *since < limit && conn.alive());
                         !list.is_empty()
                     });
                     if idle.by_endpoint.is_empty() {

@@ -20,25 +20,30 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// What a connection did and when.
+/// What a connection did. No clock is read per read or write: I/O bumps
+/// a counter, and [`Activity::idle`] notes the time when it sees the
+/// counter move.
 #[derive(Debug)]
 pub struct Activity {
-    start: Instant,
-    /// Milliseconds after `start` that bytes last moved; `u64::MAX` until
-    /// the first byte arrives.
-    last_ms: AtomicU64,
+    /// Bumped whenever bytes move or a request starts; 0 until the first.
+    moved: AtomicU64,
     /// Requests being answered on this connection.
     in_flight: AtomicUsize,
-    /// Milliseconds after `start` that the first byte of a request head
-    /// arrived while no request was in flight; `u64::MAX` for none.
-    head_since_ms: AtomicU64,
+    /// A request head has begun (while no request was in flight) and is
+    /// not complete yet.
+    head_pending: AtomicBool,
     /// Watch request heads (HTTP/1 listeners; off for TCP and once the
     /// HTTP/2 preface is seen).
     heads: AtomicBool,
     /// The first read has been looked at.
     first_read: AtomicBool,
+    /// The watcher sleeps longer than a quarter of the head timeout: a
+    /// head that begins must wake it (see `received`).
+    watcher_asleep: AtomicBool,
+    head_started: Notify,
 }
 
 /// The HTTP/2 connection preface.
@@ -48,12 +53,13 @@ impl Activity {
     /// `http`: the connection carries HTTP, so request heads are timed.
     pub fn new(http: bool) -> Self {
         Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(u64::MAX),
+            moved: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
-            head_since_ms: AtomicU64::new(u64::MAX),
+            head_pending: AtomicBool::new(false),
             heads: AtomicBool::new(http),
             first_read: AtomicBool::new(false),
+            watcher_asleep: AtomicBool::new(false),
+            head_started: Notify::new(),
         }
     }
 }
@@ -69,18 +75,13 @@ impl Drop for Busy {
 }
 
 impl Activity {
-    fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
-    }
-
     fn touch(&self) {
-        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.moved.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Bytes arrived from the client.
     fn received(&self, bytes: &[u8]) {
-        let now = self.now_ms();
-        self.last_ms.store(now, Ordering::Relaxed);
+        self.touch();
         if !self.first_read.swap(true, Ordering::Relaxed) {
             let n = bytes.len().min(H2_PREFACE.len());
             if n > 0 && H2_PREFACE.starts_with(&bytes[..n]) {
@@ -90,9 +91,11 @@ impl Activity {
         }
         if self.heads.load(Ordering::Relaxed)
             && self.in_flight.load(Ordering::Relaxed) == 0
-            && self.head_since_ms.load(Ordering::Relaxed) == u64::MAX
+            && !self.head_pending.swap(true, Ordering::Relaxed)
+            && self.watcher_asleep.swap(false, Ordering::Relaxed)
         {
-            self.head_since_ms.store(now, Ordering::Relaxed);
+            // At most once per long sleep of the watcher, not per request.
+            self.head_started.notify_one();
         }
     }
 
@@ -100,43 +103,79 @@ impl Activity {
     /// drops.
     pub fn busy(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.head_since_ms.store(u64::MAX, Ordering::Relaxed);
+        self.head_pending.store(false, Ordering::Relaxed);
         self.touch();
         Busy(Arc::clone(self))
     }
 
-    /// Resolves once the connection counts as idle.
+    /// Resolves once the connection counts as idle: no byte within
+    /// `first_byte` of the start, a request head (fresh or on a kept-alive
+    /// connection) unfinished `first_byte` (and up to a quarter more on a
+    /// busy connection) after its first byte, or
+    /// nothing moving for `idle` (up to a quarter more) while no request is
+    /// in flight.
     pub async fn idle(&self, first_byte: Duration, idle: Duration) {
+        let start = Instant::now();
+        let mut seen = 0;
+        let mut active_at = start;
+        let mut head_at: Option<Instant> = None;
+        let mut head_woke: Option<Instant> = None;
         loop {
-            let now = self.start.elapsed();
-            let last = self.last_ms.load(Ordering::Relaxed);
-            let head = self.head_since_ms.load(Ordering::Relaxed);
-            if head != u64::MAX
-                && self.in_flight.load(Ordering::Relaxed) == 0
-                && now.saturating_sub(Duration::from_millis(head)) >= first_byte
-            {
-                tracing::debug!("closing a connection whose request head took over {first_byte:?}");
-                return;
+            let now = Instant::now();
+            let moved = self.moved.load(Ordering::Relaxed);
+            if moved != seen {
+                seen = moved;
+                active_at = now;
             }
-            let wait = if last == u64::MAX {
-                if now >= first_byte {
+            let in_flight = self.in_flight.load(Ordering::Relaxed) > 0;
+            let mut wait = if seen == 0 {
+                let waited = now - start;
+                if waited >= first_byte {
                     tracing::debug!("closing a connection that sent nothing for {first_byte:?}");
                     return;
                 }
-                first_byte - now
+                first_byte - waited
             } else {
-                let quiet = now.saturating_sub(Duration::from_millis(last));
-                if quiet >= idle && self.in_flight.load(Ordering::Relaxed) == 0 {
+                let quiet = now - active_at;
+                if quiet >= idle && !in_flight {
                     tracing::debug!("closing a connection idle for {idle:?}");
                     return;
                 }
-                let mut wait = idle.saturating_sub(quiet);
-                if head != u64::MAX {
-                    wait = wait.min(Duration::from_millis(250));
-                }
-                wait.max(Duration::from_millis(100))
+                idle.saturating_sub(quiet).min(idle / 4)
             };
-            tokio::time::sleep(wait).await;
+            if self.head_pending.load(Ordering::Relaxed) && !in_flight {
+                let since = *head_at.get_or_insert(now);
+                if now - since >= first_byte {
+                    tracing::debug!(
+                        "closing a connection whose request head took over {first_byte:?}"
+                    );
+                    return;
+                }
+                wait = wait.min(first_byte - (now - since));
+            } else {
+                head_at = None;
+            }
+            let mut wait = wait.max(Duration::from_millis(50));
+            // Sleeps longer than this need a beginning head to wake the
+            // watcher, so the head is timed from its first byte.
+            let glance = first_byte / 4;
+            if head_woke.is_some_and(|t| now - t < first_byte) {
+                // A head woke the watcher lately: glance again soon
+                // rather than sleeping long, so a busy connection wakes it
+                // once per `first_byte`, not per request. A head begun
+                // meanwhile is cut within `first_byte` and a glance.
+                wait = wait.min(glance);
+            }
+            let long = wait > glance && self.heads.load(Ordering::Relaxed);
+            self.watcher_asleep.store(long, Ordering::Relaxed);
+            if long && self.head_pending.load(Ordering::Relaxed) {
+                // A head began between the look above and now.
+                continue;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.head_started.notified(), if long => head_woke = Some(Instant::now()),
+            }
         }
     }
 }
@@ -323,6 +362,32 @@ mod tests {
         let t = Instant::now();
         a.idle(ms(200), Duration::from_secs(60)).await;
         assert!(t.elapsed() < ms(600));
+        // Half a head arriving after the watcher started on a fresh
+        // connection: timed from its first byte.
+        let a = Arc::new(Activity::new(true));
+        let watch = a.idle(ms(400), Duration::from_secs(60));
+        tokio::pin!(watch);
+        assert!(tokio::time::timeout(ms(100), watch.as_mut()).await.is_err());
+        a.received(b"GET / HT");
+        let t = Instant::now();
+        tokio::time::timeout(ms(600), watch)
+            .await
+            .expect("timed from the first byte, not from the watcher's next look");
+        assert!(t.elapsed() >= ms(350), "{:?}", t.elapsed());
+        // Half a head on a kept-alive connection, after the watcher went
+        // to sleep for the long idle timeout: cut after `first_byte` too.
+        let a = Arc::new(Activity::new(true));
+        a.received(b"GET / HTTP/1.1\r\n\r\n");
+        drop(a.busy());
+        let watch = a.idle(ms(200), Duration::from_secs(60));
+        tokio::pin!(watch);
+        assert!(tokio::time::timeout(ms(300), watch.as_mut()).await.is_err());
+        a.received(b"GET / HT");
+        let t = Instant::now();
+        tokio::time::timeout(ms(1000), watch)
+            .await
+            .expect("a slow head on a kept-alive connection is cut");
+        assert!(t.elapsed() >= ms(150), "{:?}", t.elapsed());
         // An idle keep-alive connection (a request done, nothing since)
         // stays open.
         let a = Arc::new(Activity::new(true));
