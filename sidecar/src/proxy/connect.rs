@@ -104,6 +104,10 @@ impl Counted {
     pub fn into_parts(self) -> (TcpStream, OwnedGauge) {
         (self.stream, self._slot)
     }
+
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
 }
 
 /// Connects to `addr` for `cluster`, within its limits and timeout.
@@ -267,42 +271,57 @@ impl<B: Send + 'static> Shared<B> {
     }
 
     fn start_sweeper(self: &Arc<Self>, idle: &mut Idle<B>) {
-        if idle.sweeping {
-            return;
+        if !idle.sweeping {
+            let every =
+                (self.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+            idle.sweeping = spawn_sweeper(Arc::downgrade(self), every, &self.upstream, Self::sweep);
         }
-        // No runtime (a body dropped while it shuts down): nothing to sweep.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        idle.sweeping = true;
-        let pool = Arc::downgrade(self);
-        let every = (self.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
-        let span = tracing::debug_span!("upstream pool", upstream = %self.upstream);
-        // Ends with the pool (the listener's proxy) or once nothing is left.
-        runtime.spawn(
-            async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    let Some(pool) = pool.upgrade() else { return };
-                    let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-                    let limit = pool.idle_timeout;
-                    idle.h1.retain(|_, list| {
-                        list.retain(|(s, since)| !s.is_closed() && since.elapsed() < limit);
-                        !list.is_empty()
-                    });
-                    idle.h2
-                        .retain(|_, (s, used)| !s.is_closed() && used.elapsed() < limit);
-                    idle.h2_connecting
-                        .retain(|_, turn| Arc::strong_count(turn) > 1);
-                    if idle.h1.is_empty() && idle.h2.is_empty() {
-                        idle.sweeping = false;
-                        return;
-                    }
+    }
+
+    /// Closes what has idled out or been closed; false once nothing is left.
+    fn sweep(&self) -> bool {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let limit = self.idle_timeout;
+        idle.h1.retain(|_, list| {
+            list.retain(|(s, since)| !s.is_closed() && since.elapsed() < limit);
+            !list.is_empty()
+        });
+        idle.h2
+            .retain(|_, (s, used)| !s.is_closed() && used.elapsed() < limit);
+        idle.h2_connecting
+            .retain(|_, turn| Arc::strong_count(turn) > 1);
+        idle.sweeping = !(idle.h1.is_empty() && idle.h2.is_empty());
+        idle.sweeping
+    }
+}
+
+/// Runs `sweep` on the pool every `every`, until the pool (the listener's
+/// proxy) is gone or `sweep` says nothing is left. False when there is no
+/// runtime to run it on (a body dropped while the runtime shuts down):
+/// nothing is swept then.
+pub(super) fn spawn_sweeper<T: Send + Sync + 'static>(
+    pool: Weak<T>,
+    every: Duration,
+    upstream: &str,
+    sweep: fn(&T) -> bool,
+) -> bool {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return false;
+    };
+    let span = tracing::debug_span!("upstream pool", upstream = %upstream);
+    runtime.spawn(
+        async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(pool) = pool.upgrade() else { return };
+                if !sweep(&pool) {
+                    return;
                 }
             }
-            .instrument(span),
-        );
-    }
+        }
+        .instrument(span),
+    );
+    true
 }
 
 impl<B> Pool<B>
@@ -347,10 +366,7 @@ where
         req: &h1::RequestHead<'_>,
         idempotent: bool,
     ) -> Result<(h1::Head, h1::Body), SendError> {
-        let connect = || async move {
-            let (stream, slot) = connect(&self.cluster, addr).await?.into_parts();
-            Ok::<_, ConnectError>(h1::Conn::new(stream, slot))
-        };
+        let connect = || async move { connect(&self.cluster, addr).await.map(h1::Conn::new) };
         self.inline
             .send(addr, authority, req, idempotent, connect)
             .await

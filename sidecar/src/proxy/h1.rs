@@ -34,12 +34,10 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::{Method, StatusCode, Version};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use tracing::Instrument;
 
 use super::MAX_HEADER_BYTES;
-use super::cluster::OwnedGauge;
-use super::connect::AddrMap;
+use super::connect::{AddrMap, Counted, spawn_sweeper};
+use super::headers::is_hop_by_hop;
 
 /// Fields in a response head (hyper's client allows as many).
 const MAX_FIELDS: usize = 100;
@@ -71,8 +69,7 @@ impl Error {
 /// An upstream connection with its buffers; counted in the cluster's open
 /// connections while it lives.
 pub struct Conn {
-    stream: TcpStream,
-    _slot: OwnedGauge,
+    io: Counted,
     /// Bytes read and not yet consumed.
     rbuf: BytesMut,
     /// The request being written.
@@ -82,10 +79,9 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, slot: OwnedGauge) -> Self {
+    pub fn new(io: Counted) -> Self {
         Conn {
-            stream,
-            _slot: slot,
+            io,
             rbuf: BytesMut::new(),
             wbuf: Vec::new(),
             answered: false,
@@ -97,7 +93,16 @@ impl Conn {
         if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
             self.rbuf.reserve(READ_CHUNK);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf)
+        tokio_util::io::poll_read_buf(Pin::new(self.io.stream()), cx, &mut self.rbuf)
+    }
+
+    /// [`Conn::poll_fill`] for a body: more bytes, or why there are none.
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        match ready!(self.poll_fill(cx)) {
+            Ok(0) => Poll::Ready(Err(Error::Closed)),
+            Ok(_) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(Error::Read(e))),
+        }
     }
 
     /// Still usable after sitting idle: nothing arrived since (the
@@ -109,12 +114,13 @@ impl Conn {
             return false;
         }
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
+        let stream = self.io.stream();
+        match stream.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
             Poll::Ready(Ok(())) => {
                 let mut probe = [0u8; 1];
-                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
         }
     }
@@ -215,11 +221,12 @@ async fn exchange(
     authority: &Authority,
 ) -> Result<(Head, Framing, bool), Error> {
     conn.answered = false;
-    let mut wbuf = std::mem::take(&mut conn.wbuf);
-    req.encode(&mut wbuf, authority);
-    let written = conn.stream.write_all(&wbuf).await;
-    conn.wbuf = wbuf;
-    written.map_err(Error::Write)?;
+    req.encode(&mut conn.wbuf, authority);
+    conn.io
+        .stream()
+        .write_all(&conn.wbuf)
+        .await
+        .map_err(Error::Write)?;
     loop {
         if let Some((head, framing, reusable)) = parse_head(conn, req.method == Method::HEAD)? {
             return Ok((head, framing, reusable));
@@ -302,12 +309,11 @@ fn parse_head(conn: &mut Conn, head_request: bool) -> Result<Option<(Head, Frami
         // Transfer-Encoding overrides.
         let mut headers = HeaderMap::with_capacity(count);
         for span in &spans[..count] {
-            let (name, _) = raw(span);
-            if is_hop_by_hop(name) || (message.codings > 0 && is(name, b"content-length")) {
+            let name = HeaderName::from_bytes(raw(span).0)
+                .map_err(|_| Error::Protocol("bad header name"))?;
+            if is_hop_by_hop(&name) || (message.codings > 0 && name == header::CONTENT_LENGTH) {
                 continue;
             }
-            let name =
-                HeaderName::from_bytes(name).map_err(|_| Error::Protocol("bad header name"))?;
             let value =
                 HeaderValue::from_maybe_shared(head_bytes.slice(span.2 as usize..span.3 as usize))
                     .map_err(|_| Error::Protocol("bad header value"))?;
@@ -332,18 +338,6 @@ fn parse_head(conn: &mut Conn, head_request: bool) -> Result<Option<(Head, Frami
 
 fn is(name: &[u8], wanted: &[u8]) -> bool {
     name.len() == wanted.len() && name.eq_ignore_ascii_case(wanted)
-}
-
-/// Hop-by-hop whatever `Connection` says.
-fn is_hop_by_hop(name: &[u8]) -> bool {
-    match name.len() {
-        2 => is(name, b"te"),
-        7 => is(name, b"upgrade"),
-        10 => is(name, b"connection") || is(name, b"keep-alive"),
-        16 => is(name, b"proxy-connection"),
-        17 => is(name, b"transfer-encoding"),
-        _ => false,
-    }
 }
 
 /// What a response head says about its body and its connection.
@@ -502,12 +496,10 @@ impl hyper::body::Body for Body {
                     return Poll::Ready(None);
                 }
                 Framing::Length(left) => {
-                    if conn.rbuf.is_empty() {
-                        match ready!(conn.poll_fill(cx)) {
-                            Ok(0) => return this.fail(Error::Closed),
-                            Ok(_) => {}
-                            Err(e) => return this.fail(Error::Read(e)),
-                        }
+                    if conn.rbuf.is_empty()
+                        && let Err(e) = ready!(conn.poll_more(cx))
+                    {
+                        return this.fail(e);
                     }
                     let n = (conn.rbuf.len() as u64).min(left) as usize;
                     let data = conn.rbuf.split_to(n).freeze();
@@ -519,14 +511,15 @@ impl hyper::body::Body for Body {
                 }
                 Framing::Close => {
                     if conn.rbuf.is_empty() {
-                        match ready!(conn.poll_fill(cx)) {
-                            Ok(0) => {
+                        match ready!(conn.poll_more(cx)) {
+                            Ok(()) => {}
+                            // The close is the end of this body.
+                            Err(Error::Closed) => {
                                 this.reusable = false;
                                 this.finish();
                                 return Poll::Ready(None);
                             }
-                            Ok(_) => {}
-                            Err(e) => return this.fail(Error::Read(e)),
+                            Err(e) => return this.fail(e),
                         }
                     }
                     let data = conn.rbuf.split().freeze();
@@ -542,11 +535,11 @@ impl hyper::body::Body for Body {
                         this.finish();
                         return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
                     }
-                    Ok(Step::More) => match ready!(conn.poll_fill(cx)) {
-                        Ok(0) => return this.fail(Error::Closed),
-                        Ok(_) => {}
-                        Err(e) => return this.fail(Error::Read(e)),
-                    },
+                    Ok(Step::More) => {
+                        if let Err(e) = ready!(conn.poll_more(cx)) {
+                            return this.fail(e);
+                        }
+                    }
                     Err(e) => return this.fail(e),
                 },
             }
@@ -736,41 +729,28 @@ impl IdleConns {
         let now = idle.sweeps;
         idle.by_endpoint.entry(addr).or_default().push((conn, now));
         if !idle.sweeping {
-            self.start_sweeper(&mut idle);
+            idle.sweeping = spawn_sweeper(
+                Arc::downgrade(self),
+                self.sweep_every,
+                &self.upstream,
+                Self::sweep,
+            );
         }
     }
 
-    /// Closes connections idle past the timeout, or closed by the
-    /// upstream, every quarter timeout (1 s to 60 s) while any are kept.
-    fn start_sweeper(self: &Arc<Self>, idle: &mut Idle) {
-        // No runtime (a body dropped while it shuts down): nothing to sweep.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        idle.sweeping = true;
-        let pool = Arc::downgrade(self);
-        let every = self.sweep_every;
-        let span = tracing::debug_span!("upstream pool", upstream = %self.upstream);
-        runtime.spawn(
-            async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    let Some(pool) = pool.upgrade() else { return };
-                    let mut idle = pool.conns.lock().unwrap_or_else(|e| e.into_inner());
-                    idle.sweeps += 1;
-                    let (now, limit) = (idle.sweeps, pool.max_age);
-                    idle.by_endpoint.retain(|_, list| {
-                        list.retain_mut(|(conn, since)| now - *since < limit && conn.alive());
-                        !list.is_empty()
-                    });
-                    if idle.by_endpoint.is_empty() {
-                        idle.sweeping = false;
-                        return;
-                    }
-                }
-            }
-            .instrument(span),
-        );
+    /// Every quarter idle timeout (1 s to 60 s) while connections are
+    /// kept: closes those idle past the timeout or closed by the upstream;
+    /// false once none is left.
+    fn sweep(&self) -> bool {
+        let mut idle = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        idle.sweeps += 1;
+        let (now, limit) = (idle.sweeps, self.max_age);
+        idle.by_endpoint.retain(|_, list| {
+            list.retain_mut(|(conn, since)| now - *since < limit && conn.alive());
+            !list.is_empty()
+        });
+        idle.sweeping = !idle.by_endpoint.is_empty();
+        idle.sweeping
     }
 
     /// Sends `req` to `addr` on an idle connection or one from `connect`,
@@ -895,11 +875,10 @@ mod tests {
         (addr, task)
     }
 
-    async fn connector(addr: SocketAddr) -> Result<Conn, io::Error> {
-        let stream = TcpStream::connect(addr).await?;
-        let slot =
-            crate::proxy::cluster::acquire_owned(&cluster(), |g| &g.connections, 10).expect("slot");
-        Ok(Conn::new(stream, slot))
+    async fn connector(addr: SocketAddr) -> Result<Conn, crate::proxy::connect::ConnectError> {
+        crate::proxy::connect::connect(&cluster(), addr)
+            .await
+            .map(Conn::new)
     }
 
     async fn get(

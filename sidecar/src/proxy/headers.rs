@@ -50,6 +50,11 @@ const HAS_UPGRADE: u8 = 8;
 const HAS_KEEP_ALIVE: u8 = 16;
 const HAS_PROXY_CONNECTION: u8 = 32;
 
+/// Hop-by-hop whatever `Connection` says (RFC 9110 §7.6.1).
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    hop_by_hop_bit(name) != 0
+}
+
 /// The bit of a header that is hop-by-hop whatever `Connection` says.
 fn hop_by_hop_bit(name: &HeaderName) -> u8 {
     if name == header::CONNECTION {

@@ -138,10 +138,7 @@ impl HttpProxy {
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
-        let version = match self.protocol {
-            Protocol::Http2 | Protocol::Grpc => Version::HTTP_2,
-            _ => Version::HTTP_11,
-        };
+        let version = self.upstream_version();
         if version == Version::HTTP_2 {
             // HTTP/2 carries the authority in `:authority` (the endpoint
             // dialled); a Host header naming something else makes the
@@ -210,6 +207,7 @@ impl HttpProxy {
             && method != Method::CONNECT
             && matches!(body, RequestBody::Replayable(_));
         let had_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+        let idempotent = retry::idempotent(&method);
         let max_attempts = 1 + policy.attempts;
         // Endpoints already tried (filled only when retrying, so the usual
         // single attempt allocates nothing).
@@ -257,50 +255,26 @@ impl HttpProxy {
                         endpoint.addr,
                         &endpoint.authority,
                         &head,
-                        retry::idempotent(&method),
+                        idempotent,
                     );
                     tokio::time::timeout_at(deadline, send)
                         .await
                         .map(|r| r.map(|(head, body)| Upstream::Inline(head, body)))
                 }
                 (body, _) => {
-                    let outgoing_body = match body {
-                        RequestBody::Replayable(bytes) => OutgoingBody::Full(Some(bytes.clone())),
-                        RequestBody::Streaming(b) => match b.take() {
-                            Some(b) => OutgoingBody::Streaming(b),
-                            None => OutgoingBody::Full(None),
-                        },
-                    };
-                    let uri = match target_uri(version, &method, &endpoint, &path) {
-                        Ok(uri) => uri,
-                        Err(_) => {
-                            return self.fail(
-                                ProxyError::BadRequest("the request target is not a valid URI"),
-                                grpc,
-                                start,
-                                log,
-                                Some(endpoint.addr),
-                                attempt,
-                            );
+                    let outgoing = match self.hyper_request(
+                        body,
+                        &method,
+                        &endpoint,
+                        &path,
+                        &mut parts.headers,
+                        can_retry,
+                    ) {
+                        Ok(outgoing) => outgoing,
+                        Err(e) => {
+                            return self.fail(e, grpc, start, log, Some(endpoint.addr), attempt);
                         }
                     };
-                    let mut outgoing = Request::new(outgoing_body);
-                    *outgoing.method_mut() = method.clone();
-                    *outgoing.uri_mut() = uri;
-                    *outgoing.version_mut() = version;
-                    // The last attempt takes the headers; earlier ones a copy.
-                    *outgoing.headers_mut() = if can_retry {
-                        parts.headers.clone()
-                    } else {
-                        std::mem::take(&mut parts.headers)
-                    };
-                    if version == Version::HTTP_11 && !outgoing.headers().contains_key(header::HOST)
-                    {
-                        // An HTTP/1.0 request without Host: name the endpoint.
-                        if let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str()) {
-                            outgoing.headers_mut().insert(header::HOST, v);
-                        }
-                    }
                     tokio::time::timeout_at(deadline, self.pool.send(endpoint.addr, outgoing))
                         .await
                         .map(|r| r.map(|(response, lease)| Upstream::Hyper(response, lease)))
@@ -340,7 +314,7 @@ impl HttpProxy {
                         )
                     } else if failed
                         && can_retry
-                        && retry::idempotent(&method)
+                        && idempotent
                         && policy.on.status(status.as_u16())
                         && let Some(slot) = retry::budget(cluster)
                     {
@@ -397,9 +371,7 @@ impl HttpProxy {
                 cluster.report(&endpoint, true);
             }
             let safe = (connect && policy.on.connect_failure)
-                || (matches!(error, ProxyError::Reset(_))
-                    && policy.on.reset
-                    && retry::idempotent(&method));
+                || (matches!(error, ProxyError::Reset(_)) && policy.on.reset && idempotent);
             // A connection that was never made cost the upstream nothing,
             // so connect failures do not spend the retry budget.
             let slot = if can_retry && safe && !connect {
@@ -430,6 +402,53 @@ impl HttpProxy {
             tracing::debug!(upstream = %config.name, endpoint = %endpoint.addr, error = %error, attempt, retryable = can_retry && safe, "request failed");
             return self.fail(error, grpc, start, log, Some(endpoint.addr), attempt);
         }
+    }
+
+    /// What the upstream speaks.
+    fn upstream_version(&self) -> Version {
+        match self.protocol {
+            Protocol::Http2 | Protocol::Grpc => Version::HTTP_2,
+            _ => Version::HTTP_11,
+        }
+    }
+
+    /// The request for hyper's client (streamed bodies, upgrades, CONNECT,
+    /// HTTP/2): the last attempt takes the headers, earlier ones a copy.
+    fn hyper_request(
+        &self,
+        body: &mut RequestBody,
+        method: &Method,
+        endpoint: &EndpointState,
+        path: &hyper::http::uri::PathAndQuery,
+        headers: &mut hyper::HeaderMap,
+        can_retry: bool,
+    ) -> Result<Request<OutgoingBody>, ProxyError> {
+        let version = self.upstream_version();
+        let outgoing_body = match body {
+            RequestBody::Replayable(bytes) => OutgoingBody::Full(Some(bytes.clone())),
+            RequestBody::Streaming(b) => match b.take() {
+                Some(b) => OutgoingBody::Streaming(b),
+                None => OutgoingBody::Full(None),
+            },
+        };
+        let uri = target_uri(version, method, endpoint, path)
+            .map_err(|_| ProxyError::BadRequest("the request target is not a valid URI"))?;
+        let mut outgoing = Request::new(outgoing_body);
+        *outgoing.method_mut() = method.clone();
+        *outgoing.uri_mut() = uri;
+        *outgoing.version_mut() = version;
+        *outgoing.headers_mut() = if can_retry {
+            headers.clone()
+        } else {
+            std::mem::take(headers)
+        };
+        if version == Version::HTTP_11 && !outgoing.headers().contains_key(header::HOST) {
+            // An HTTP/1.0 request without Host: name the endpoint.
+            if let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str()) {
+                outgoing.headers_mut().insert(header::HOST, v);
+            }
+        }
+        Ok(outgoing)
     }
 
     /// Passes the upstream's response on, holding `guards` until its last
