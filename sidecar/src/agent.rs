@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use meshwork_proto::v1::agent_client::AgentClient;
 use meshwork_proto::v1::{
@@ -73,7 +73,7 @@ pub struct CheckState {
 
 pub type SharedStatus = Arc<Mutex<Status>>;
 
-fn lock(status: &SharedStatus) -> std::sync::MutexGuard<'_, Status> {
+pub(crate) fn lock(status: &SharedStatus) -> std::sync::MutexGuard<'_, Status> {
     status.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -93,6 +93,14 @@ struct Registry {
 }
 
 impl Registry {
+    fn new(addresses: Vec<String>) -> Self {
+        Registry {
+            addresses,
+            current: 0,
+            client: None,
+        }
+    }
+
     async fn client(&mut self) -> Result<AgentClient<Channel>, String> {
         if let Some(client) = &self.client {
             return Ok(client.clone());
@@ -187,20 +195,21 @@ impl TtlChecks {
 
 impl TtlReports {
     /// Records a report for TTL check `check_id`; `Err` names what is wrong.
+    ///
+    /// Sent while the TTL checks are locked: a reload swaps them under the
+    /// same lock, so every report tagged with the old generation is in the
+    /// channel before the agent drains it (see [`run`]).
     pub fn report(&self, check_id: &str, status: HealthStatus, note: String) -> Result<(), String> {
-        let (generation, index) = {
-            let checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
-            let (index, last) = checks
-                .by_id
-                .get(check_id)
-                .ok_or_else(|| format!("no TTL check {check_id:?} in this sidecar's config"))?;
-            *last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-            (checks.generation, *index)
-        };
+        let checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        let (index, last) = checks
+            .by_id
+            .get(check_id)
+            .ok_or_else(|| format!("no TTL check {check_id:?} in this sidecar's config"))?;
+        *last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         self.results
             .try_send((
-                generation,
-                index,
+                checks.generation,
+                *index,
                 probe::ProbeResult {
                     status,
                     output: note,
@@ -318,18 +327,10 @@ pub async fn run(
     (results_tx, mut results): (mpsc::Sender<CheckResult>, mpsc::Receiver<CheckResult>),
 ) {
     let mut config: Arc<Config> = Arc::clone(&configs.borrow_and_update());
-    let mut registry = Registry {
-        addresses: config.registry.clone(),
-        current: 0,
-        client: None,
-    };
+    let mut registry = Registry::new(config.registry.clone());
     let mut generation = 0u64;
     let mut checks = local_checks(&config, Vec::new());
-    {
-        let mut s = lock(&status);
-        s.node = config.node.clone();
-        s.service_id = config.service_id.clone();
-    }
+    publish_identity(&status, &config);
     publish_checks(&status, &checks);
     let mut probes = start_probes(&config, generation, &ttl_reports, &results_tx);
 
@@ -352,13 +353,20 @@ pub async fn run(
                     let mut ttl = ttl_reports.checks.lock().unwrap_or_else(|e| e.into_inner());
                     *ttl = TtlChecks::of(&next, generation, &ttl);
                 }
+                // Results already sent (a TTL report answered 200) are not
+                // lost: those of the old checks are folded in before their
+                // state carries over, those of the new ones after.
+                let mut queued = Vec::new();
+                while let Ok(result) = results.try_recv() {
+                    queued.push(result);
+                }
+                absorb_all(&mut checks, &mut queued, generation - 1);
                 checks = local_checks(&next, std::mem::take(&mut checks));
+                absorb_all(&mut checks, &mut queued, generation);
                 probes = start_probes(&next, generation, &ttl_reports, &results_tx);
                 if registry.addresses != next.registry {
                     tracing::info!(registry = ?next.registry, "registry servers changed");
-                    registry.addresses = next.registry.clone();
-                    registry.current = 0;
-                    registry.client = None;
+                    registry = Registry::new(next.registry.clone());
                 }
                 if next.session_ttl != config.session_ttl {
                     heartbeat = heartbeat_timer(&next);
@@ -367,11 +375,7 @@ pub async fn run(
                 let moved = (config.node != next.node || config.service_id != next.service_id)
                     .then(|| Arc::clone(&config));
                 config = next;
-                {
-                    let mut s = lock(&status);
-                    s.node = config.node.clone();
-                    s.service_id = config.service_id.clone();
-                }
+                publish_identity(&status, &config);
                 if before != after {
                     // Still registered as before until the new one lands.
                     tracing::info!(service = %config.service_id, "registration changed by a reload; registering again");
@@ -381,7 +385,6 @@ pub async fn run(
                     if let Some(old) = moved {
                         tracing::info!(old = %old.service_id, node = %old.node, "deregistering the instance's old identity");
                         deregister(&old, &mut registry, &status).await;
-                        lock(&status).registered = true;
                     }
                 }
                 publish_checks(&status, &checks);
@@ -419,7 +422,32 @@ pub async fn run(
     }
     probes.cancel();
     notify::stopping();
-    deregister(&config, &mut registry, &status).await;
+    if deregister(&config, &mut registry, &status).await {
+        lock(&status).registered = false;
+    }
+}
+
+/// Folds the queued results of `generation` into `checks` (they are taken
+/// out of `queued`); a flip is reported later.
+fn absorb_all(checks: &mut [LocalCheck], queued: &mut Vec<CheckResult>, generation: u64) {
+    let (mine, rest) = std::mem::take(queued)
+        .into_iter()
+        .partition(|(from, ..)| *from == generation);
+    *queued = rest;
+    for (_, i, result) in mine {
+        if let Some(check) = checks.get_mut(i)
+            && absorb(check, result)
+        {
+            tracing::info!(check = %check.config.id, status = check.status.as_str(), "check status changed");
+            check.reported = false;
+        }
+    }
+}
+
+fn publish_identity(status: &SharedStatus, config: &Config) {
+    let mut s = lock(status);
+    s.node = config.node.clone();
+    s.service_id = config.service_id.clone();
 }
 
 fn publish_checks(status: &SharedStatus, checks: &[LocalCheck]) {
@@ -575,10 +603,7 @@ async fn run_probe(
 fn note_success(status: &SharedStatus, registry: &Registry) {
     let mut s = lock(status);
     s.registry = Some(registry.current());
-    s.last_contact_unix = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .ok()
-        .map(|d| d.as_secs());
+    s.last_contact_unix = Some(crate::telemetry::unix_secs());
     s.last_error = None;
 }
 
@@ -740,7 +765,8 @@ async fn report(
 }
 
 /// Deregisters before exit, trying each server once.
-async fn deregister(config: &Config, registry: &mut Registry, status: &SharedStatus) {
+/// True once a server has deregistered the instance.
+async fn deregister(config: &Config, registry: &mut Registry, status: &SharedStatus) -> bool {
     for _ in 0..registry.addresses.len() {
         let request = DeregisterRequest {
             node: config.node.clone(),
@@ -752,8 +778,7 @@ async fn deregister(config: &Config, registry: &mut Registry, status: &SharedSta
         match attempt {
             Ok(_) => {
                 tracing::info!(service = %config.service_id, "deregistered");
-                lock(status).registered = false;
-                return;
+                return true;
             }
             Err(e) => note_failure(status, registry, "deregister", &e),
         }
@@ -761,4 +786,5 @@ async fn deregister(config: &Config, registry: &mut Registry, status: &SharedSta
     tracing::error!(
         "could not deregister from any registry server; the session will expire instead"
     );
+    false
 }

@@ -139,6 +139,8 @@ impl Discovery {
 enum Ended {
     Shutdown,
     Broken(String),
+    /// A reload took this server off the list: go on to the next at once.
+    Moved,
 }
 
 async fn follow(
@@ -154,7 +156,8 @@ async fn follow(
     let mut backoff = BACKOFF_MIN;
     loop {
         let list = Arc::clone(&addresses.borrow_and_update());
-        let addr = &list[server % list.len().max(1)];
+        // Config validation refuses an empty list.
+        let addr = &list[server % list.len()];
         match stream_once(
             addr,
             &service,
@@ -167,6 +170,11 @@ async fn follow(
         .await
         {
             Ended::Shutdown => return,
+            Ended::Moved => {
+                tracing::info!(service, registry = %addr, "registry server no longer listed; following the new list");
+                server += 1;
+                continue;
+            }
             Ended::Broken(reason) => {
                 tracing::warn!(service, registry = %addr, reason, resume_from = set.index, "watch stream broken; trying the next registry server");
             }
@@ -227,7 +235,7 @@ async fn stream_once(
                 if addresses.borrow_and_update().iter().any(|a| a == addr) {
                     continue;
                 }
-                return Ended::Broken("registry.addresses changed and no longer lists this server".into());
+                return Ended::Moved;
             }
             m = tokio::time::timeout(SILENCE, stream.message()) => m,
         };

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use clap::Parser;
 use meshwork_sidecar::discovery::Discovery;
 use meshwork_sidecar::proxy::Proxy;
-use meshwork_sidecar::reload::{ReloadCounters, Reloader};
+use meshwork_sidecar::reload::Reloader;
 use meshwork_sidecar::{admin, agent, config};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -137,6 +137,12 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()> {
+    // First: a signal that comes while the sidecar starts (registering can
+    // take long with no registry up) is kept for the loop below, and a
+    // SIGHUP then is a reload rather than the end of the process.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     let admin = tokio::net::TcpListener::bind(config.admin)
         .await
         .map_err(|e| {
@@ -162,24 +168,19 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
     proxy.run();
     let status: agent::SharedStatus = Arc::new(Mutex::new(agent::Status::default()));
     let (ttl_reports, results_tx, results) = agent::channels(&config);
-    let counters = Arc::new(ReloadCounters::default());
-    let config = Arc::new(config);
-    let (configs, agent_configs) = watch::channel(Arc::clone(&config));
+    let (configs, agent_configs) = watch::channel(Arc::new(config));
     let mut reloader = Reloader::new(
         config_path,
-        config,
         Arc::clone(&proxy),
         discovery,
         configs,
         Arc::clone(&status),
-        Arc::clone(&counters),
     );
     let admin_task = tokio::spawn(admin::serve(
         admin,
         Arc::clone(&status),
         ttl_reports.clone(),
         Arc::clone(&proxy),
-        counters,
         shutdown.clone(),
     ));
     let agent_shutdown = CancellationToken::new();
@@ -191,11 +192,9 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
         (results_tx, results),
     ));
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
             _ = term.recv() => break,
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading the config");

@@ -269,6 +269,8 @@ async fn grpc_backend(ip: &str) -> Result<SocketAddr> {
 struct Sidecar {
     ip: String,
     child: Option<Child>,
+    /// Its config file (a reload rewrites it).
+    config: PathBuf,
     log: PathBuf,
     /// Its stdout: the JSON access log when `[proxy] access_log = true`.
     access_log: PathBuf,
@@ -438,6 +440,7 @@ impl Mesh {
         self.sidecars.push(Sidecar {
             ip: ip.to_owned(),
             child: Some(child),
+            config: path,
             log,
             access_log,
             http: reqwest::Client::builder()
@@ -1647,20 +1650,15 @@ impl Load {
 // ---------------------------------------------------------------- reload
 
 impl Mesh {
-    /// The config file sidecar `i` was started with.
-    fn config_path(&self, name: &str) -> PathBuf {
-        self.cluster().dir.path().join(format!("{name}.toml"))
-    }
-
-    /// Writes `text` as sidecar `i`'s config (named `name`), sends SIGHUP
-    /// and waits until the reload is done; the `/status` config section.
-    async fn reload(&self, i: usize, name: &str, text: &str) -> Result<serde_json::Value> {
+    /// Writes `text` as sidecar `i`'s config, sends SIGHUP and waits until
+    /// the reload is done; the `/status` config section.
+    async fn reload(&self, i: usize, text: &str) -> Result<serde_json::Value> {
         let sidecar = &self.sidecars[i];
         let before = sidecar.json("/status").await?["config"].clone();
         let done = |c: &serde_json::Value| {
             c["reloads"].as_u64().unwrap_or(0) + c["reload_failures"].as_u64().unwrap_or(0)
         };
-        std::fs::write(self.config_path(name), text)?;
+        std::fs::write(&sidecar.config, text)?;
         sidecar.signal("HUP")?;
         wait_for("the reload", Duration::from_secs(10), || async {
             let now = sidecar.json("/status").await.ok()?["config"].clone();
@@ -1695,7 +1693,7 @@ async fn a_reload_changes_upstreams_without_failing_a_request() -> Result<()> {
         },
     )
     .await?;
-    let path = mesh.config_path("client");
+    let path = mesh.sidecars[c].config.clone();
     let original = std::fs::read_to_string(&path)?;
     let echo_url = format!("http://{client_ip}:{UPSTREAM_PORT}/");
     let other_port = UPSTREAM_PORT + 1;
@@ -1738,7 +1736,7 @@ async fn a_reload_changes_upstreams_without_failing_a_request() -> Result<()> {
         + &format!(
             "\n[[upstreams]]\nname = \"other\"\nlisten = \"{client_ip}:{other_port}\"\nprotocol = \"http\"\n"
         );
-    let status = mesh.reload(c, "client", &changed).await?;
+    let status = mesh.reload(c, &changed).await?;
     ensure!(
         status["reloads"] == 1 && status["last_reload_error"].is_null(),
         "{status}"
@@ -1794,7 +1792,7 @@ async fn a_reload_changes_upstreams_without_failing_a_request() -> Result<()> {
             .next()
             .context("config head")?
     );
-    let status = mesh.reload(c, "client", &moved).await?;
+    let status = mesh.reload(c, &moved).await?;
     ensure!(status["reloads"] == 2, "{status}");
     // ... is closed once idle and reopens onto the new route.
     wait_for(
@@ -1828,7 +1826,7 @@ async fn a_reload_changes_upstreams_without_failing_a_request() -> Result<()> {
     // Refused reloads change nothing: a bad file, a port already taken,
     // a new admin address.
     let bad = moved.replace("protocol = \"http\"\n", "protocol = \"http\"\nbogus = 1\n");
-    let status = mesh.reload(c, "client", &bad).await?;
+    let status = mesh.reload(c, &bad).await?;
     let error = status["last_reload_error"].as_str().unwrap_or_default();
     ensure!(
         status["reload_failures"] == 1 && error.contains("client.toml") && error.contains("bogus"),
@@ -1839,7 +1837,7 @@ async fn a_reload_changes_upstreams_without_failing_a_request() -> Result<()> {
     let clash = format!(
         "{moved}\n[[upstreams]]\nname = \"echo\"\nlisten = \"{taken_addr}\"\nprotocol = \"http\"\n"
     );
-    let status = mesh.reload(c, "client", &clash).await?;
+    let status = mesh.reload(c, &clash).await?;
     let error = status["last_reload_error"].as_str().unwrap_or_default();
     ensure!(
         status["reload_failures"] == 2 && error.contains(&taken_addr.to_string()),
@@ -1849,7 +1847,7 @@ async fn a_reload_changes_upstreams_without_failing_a_request() -> Result<()> {
         &format!("{client_ip}:{ADMIN_PORT}"),
         &format!("{client_ip}:{}", ADMIN_PORT + 1),
     );
-    let status = mesh.reload(c, "client", &admin_moved).await?;
+    let status = mesh.reload(c, &admin_moved).await?;
     let error = status["last_reload_error"].as_str().unwrap_or_default();
     ensure!(
         status["reload_failures"] == 3 && error.contains("admin.listen"),
@@ -1879,24 +1877,14 @@ async fn a_reload_registers_new_tags_checks_and_id_without_a_gap() -> Result<()>
     let mut mesh = Mesh::start().await?;
     let instances = echo_instances(&mut mesh, 1, "http").await?;
     let (app, _, s) = &instances[0];
-    let http = http_client()?;
-    let registry = mesh.cluster().servers[0].http();
-    let catalog = |registry: String| {
-        let http = http.clone();
-        async move {
-            let list: serde_json::Value = http
-                .get(format!("{registry}/v1/health/service/echo"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            let list = list.as_array()?.clone();
-            Some(list)
-        }
+    let catalog = || async {
+        let list = mesh
+            .cluster()
+            .get_json(0, "/v1/health/service/echo")
+            .await?;
+        list.as_array().cloned()
     };
-    let original = std::fs::read_to_string(mesh.config_path("echo-0"))?;
+    let original = std::fs::read_to_string(&mesh.sidecars[*s].config)?;
     // New tags and a TCP check on the app.
     let port_line = format!("port = {}", app.port());
     let tagged = original.replace(
@@ -1906,13 +1894,13 @@ async fn a_reload_registers_new_tags_checks_and_id_without_a_gap() -> Result<()>
         ),
     );
     ensure!(tagged != original, "the config was edited");
-    let status = mesh.reload(*s, "echo-0", &tagged).await?;
+    let status = mesh.reload(*s, &tagged).await?;
     ensure!(status["reloads"] == 1, "{status}");
     wait_for(
         "new tags and check in the registry",
         Duration::from_secs(10),
         || async {
-            let list = catalog(registry.clone()).await?;
+            let list = catalog().await?;
             let entry = list.first()?;
             let tags = entry["Service"]["Tags"].as_array()?;
             let checks = entry["Checks"].as_array()?;
@@ -1935,23 +1923,39 @@ async fn a_reload_registers_new_tags_checks_and_id_without_a_gap() -> Result<()>
             == 200,
         "ready throughout"
     );
-    // A new service id: the new one is registered, then the old one goes.
+    // A new service id: the new one is registered, then the old one goes;
+    // at every look one of them is there and the sidecar stays ready.
     let renamed = tagged.replace("id = \"echo-0\"", "id = \"echo-0b\"");
-    let status = mesh.reload(*s, "echo-0", &renamed).await?;
+    let status = mesh.reload(*s, &renamed).await?;
     ensure!(status["reloads"] == 2, "{status}");
+    let gaps = std::sync::atomic::AtomicUsize::new(0);
+    let sidecar = &mesh.sidecars[*s];
     wait_for(
         "only the new id registered",
         Duration::from_secs(10),
         || async {
-            let list = catalog(registry.clone()).await?;
+            let ready = sidecar
+                .http
+                .get(sidecar.admin("/ready"))
+                .send()
+                .await
+                .ok()?;
+            let list = catalog().await?;
             let ids: Vec<&str> = list
                 .iter()
                 .filter_map(|e| e["Service"]["ID"].as_str())
                 .collect();
+            if ids.is_empty() || ready.status() != 200 {
+                gaps.fetch_add(1, Ordering::Relaxed);
+            }
             (ids == ["echo-0b"]).then_some(())
         },
     )
     .await?;
+    ensure!(
+        gaps.load(Ordering::Relaxed) == 0,
+        "the instance was missing or not ready during the rename"
+    );
     let status = mesh.sidecars[*s].json("/status").await?;
     ensure!(
         status["service_id"] == "echo-0b" && status["registered"] == true,
