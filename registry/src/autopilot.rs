@@ -79,11 +79,9 @@ impl RegistryNode {
             .members()
             .into_iter()
             .map(|m| {
-                let info = self.channels.directory.get(m.id);
-                let (name, version) = (
-                    info.as_ref().map(|s| s.name.clone()),
-                    info.map(|s| s.version),
-                );
+                // `members()` has the name from the directory already.
+                let name = m.name.clone();
+                let version = self.channels.directory.get(m.id).map(|s| s.version);
                 if m.id == self.id {
                     return ServerHealth {
                         id: m.id,

@@ -18,9 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::command::Command;
 use crate::node::RegistryNode;
-
-/// The internal protocol level that has [`Command::Reap`].
-const REAP_PROTOCOL: u32 = 2;
+use crate::raft::directory::PROTOCOL_REAP;
 
 /// Default tombstone TTL (Consul's `tombstone_ttl` is 15 min too).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(15 * 60);
@@ -87,7 +85,7 @@ pub async fn run(node: Arc<RegistryNode>, ttl: Duration, shutdown: CancellationT
         // An older server could not decode the command (a rolling upgrade
         // in progress): wait until every voter speaks a level that has it.
         let voters = node.members().into_iter().filter(|m| m.voter).map(|m| m.id);
-        if !node.channels.directory.all_speak(voters, REAP_PROTOCOL) {
+        if !node.channels.directory.all_speak(voters, PROTOCOL_REAP) {
             tracing::info!(
                 "tombstone reap held back: not every server runs a version that has it yet"
             );

@@ -68,10 +68,13 @@ pub struct Member {
 impl Member {
     /// Its name, or `meshwork-<id>` while unknown.
     pub fn display_name(&self) -> String {
-        self.name
-            .clone()
-            .unwrap_or_else(|| format!("meshwork-{}", self.id))
+        display_name(self.id, self.name.as_deref())
     }
+}
+
+/// A server's name, or `meshwork-<id>` while unknown.
+pub fn display_name(id: NodeId, name: Option<&str>) -> String {
+    name.map_or_else(|| format!("meshwork-{id}"), str::to_owned)
 }
 
 /// Handle shared by every API of one server.

@@ -20,14 +20,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{SharedStatus, TtlReports};
 use crate::proxy::Proxy;
-use crate::reload::ReloadCounters;
 
 #[derive(Clone)]
 struct Admin {
     status: SharedStatus,
     ttl: TtlReports,
     proxy: Arc<Proxy>,
-    reloads: Arc<ReloadCounters>,
 }
 
 pub async fn serve(
@@ -35,7 +33,6 @@ pub async fn serve(
     status: SharedStatus,
     ttl: TtlReports,
     proxy: Arc<Proxy>,
-    reloads: Arc<ReloadCounters>,
     shutdown: CancellationToken,
 ) {
     let app = Router::new()
@@ -46,12 +43,7 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/clusters", get(clusters))
         .route("/config", get(config))
-        .with_state(Admin {
-            status,
-            ttl,
-            proxy,
-            reloads,
-        });
+        .with_state(Admin { status, ttl, proxy });
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -78,7 +70,9 @@ async fn ready(State(admin): State<Admin>) -> Response {
 
 async fn metrics(State(admin): State<Admin>) -> Response {
     let mut text = admin.proxy.metrics();
-    text.push_str(&admin.reloads.render());
+    text.push_str(&crate::reload::render_metrics(
+        &crate::agent::lock(&admin.status).config,
+    ));
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -344,6 +344,10 @@ impl AccessLog<'_> {
     }
 }
 
+pub fn unix_secs() -> u64 {
+    unix_ms() / 1000
+}
+
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -337,6 +337,26 @@ impl Cluster {
         }
     }
 
+    /// `GET <path>` on server `i` as JSON; `None` when it cannot be had
+    /// (for polling in [`wait_for`]).
+    pub async fn get_json(&self, i: usize, path: &str) -> Option<serde_json::Value> {
+        let url = format!("{}{path}", self.servers[i].http());
+        self.http.get(url).send().await.ok()?.json().await.ok()
+    }
+
+    /// A metric without labels from server `i`'s Prometheus text.
+    pub async fn metric(&self, i: usize, name: &str) -> Result<f64> {
+        let url = format!(
+            "{}/v1/agent/metrics?format=prometheus",
+            self.servers[i].http()
+        );
+        let text = self.http.get(url).send().await?.text().await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no {name} from server {}: {text}", i + 1))
+    }
+
     /// `service`'s instances as server `i` reports them in
     /// `/v1/health/service/<service>`: (service ID, worst check status),
     /// sorted.

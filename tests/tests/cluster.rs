@@ -518,20 +518,13 @@ async fn every_server_knows_the_others_by_name_and_version() -> Result<()> {
     let leader = cluster.wait_leader(Duration::from_secs(20)).await?;
     // Followers learn the others through the leader's heartbeats.
     for i in 0..3 {
-        let base = cluster.servers[i].http();
         wait_for(
             &format!("names in server {i}'s raft configuration"),
             Duration::from_secs(10),
             || async {
-                let config: serde_json::Value = cluster
-                    .http
-                    .get(format!("{base}/v1/operator/raft/configuration?stale"))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
+                let config = cluster
+                    .get_json(i, "/v1/operator/raft/configuration?stale")
+                    .await?;
                 let mut names: Vec<String> = config["Servers"]
                     .as_array()?
                     .iter()
@@ -543,16 +536,10 @@ async fn every_server_knows_the_others_by_name_and_version() -> Result<()> {
         )
         .await?;
     }
-    let health: serde_json::Value = cluster
-        .http
-        .get(format!(
-            "{}/v1/operator/autopilot/health",
-            cluster.servers[leader].http()
-        ))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let health = cluster
+        .get_json(leader, "/v1/operator/autopilot/health")
+        .await
+        .context("autopilot health")?;
     let servers = health["Servers"].as_array().context("Servers")?;
     ensure!(servers.len() == 3, "{health}");
     for s in servers {

@@ -385,20 +385,8 @@ async fn status_and_agent_self_have_consul_shapes() -> Result<()> {
 /// `meshwork_kv_tombstones` on every server.
 async fn tombstones(cluster: &Cluster) -> Result<Vec<u64>> {
     let mut out = Vec::new();
-    for s in &cluster.servers {
-        let text = cluster
-            .http
-            .get(format!("{}/v1/agent/metrics?format=prometheus", s.http()))
-            .send()
-            .await?
-            .text()
-            .await?;
-        let value = text
-            .lines()
-            .find_map(|l| l.strip_prefix("meshwork_kv_tombstones "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .ok_or_else(|| anyhow::anyhow!("no meshwork_kv_tombstones in {text}"))?;
-        out.push(value as u64);
+    for i in 0..cluster.servers.len() {
+        out.push(cluster.metric(i, "meshwork_kv_tombstones").await? as u64);
     }
     Ok(out)
 }

@@ -231,10 +231,11 @@ fn timers(
             let renewed = node.ttl_touched(&key);
             let last = renewed.map_or(leader_since, |t| t.max(leader_since));
             if check.status != HealthStatus::Critical {
-                if now.duration_since(last) > ttl / 2 {
+                let silent = now.duration_since(last);
+                if silent > ttl / 2 {
                     going_silent += 1;
                 }
-                if now.duration_since(last) >= ttl {
+                if silent >= ttl {
                     expiring.push(Command::CheckUpdate {
                         node: check.node.clone(),
                         check_id: check.check_id.clone(),
@@ -334,7 +335,7 @@ fn timers(
 }
 
 /// The safety valve holds expiries when more than this share of all
-/// sessions would expire at once...
+/// sessions has been silent for over half its TTL...
 const VALVE_SHARE: f64 = 0.4;
 /// ...and at least this many.
 const VALVE_MIN_SESSIONS: usize = 3;

@@ -6,7 +6,9 @@
 //! from the leader's heartbeats. What a server says of itself overrides
 //! what others relay about it.
 //!
-//! Used for server names in `/v1/agent/members` and autopilot health, and
+//! Used for server names in the Raft configuration
+//! (`/v1/operator/raft/configuration`, `meshctl members`) and autopilot
+//! health, and
 //! to hold back commands that older servers could not decode until every
 //! voter speaks a protocol level that has them ([`PROTOCOL`]).
 
@@ -21,9 +23,12 @@ use super::NodeId;
 /// gRPC binary metadata key carrying the directory (JSON).
 pub const DIRECTORY_HEADER: &str = "x-meshwork-servers-bin";
 
-/// The internal protocol level this build speaks. 2: `Command::Reap`.
-/// (Servers that send no directory at all are level 1.)
-pub const PROTOCOL: u32 = 2;
+/// The protocol level that added `Command::Reap`.
+pub const PROTOCOL_REAP: u32 = 2;
+
+/// The internal protocol level this build speaks: the newest of the
+/// levels above. (Servers that send no directory at all are level 1.)
+pub const PROTOCOL: u32 = PROTOCOL_REAP;
 
 /// One server as the directory knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,19 +105,25 @@ impl Directory {
     /// Learns from incoming metadata (ignored when absent or malformed:
     /// an older server sends none).
     pub fn absorb(&self, metadata: &MetadataMap) {
-        let Some(Ok(bytes)) = metadata.get_bin(DIRECTORY_HEADER).map(|v| v.to_bytes()) else {
+        let Some(value) = metadata.get_bin(DIRECTORY_HEADER) else {
             return;
         };
         {
+            // Looked up as sent (base64): nothing is decoded or allocated
+            // for the usual heartbeat that repeats a known payload.
+            let sent = value.as_encoded_bytes();
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            if seen.contains(&bytes) {
+            if seen.contains(sent) {
                 return;
             }
             if seen.len() >= SEEN_MAX {
                 seen.clear();
             }
-            seen.insert(bytes.clone());
+            seen.insert(bytes::Bytes::copy_from_slice(sent));
         }
+        let Ok(bytes) = value.to_bytes() else {
+            return;
+        };
         let Ok(Wire(list)) = serde_json::from_slice::<Wire>(&bytes) else {
             return;
         };

@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::{Body, Frame};
 use meshwork_proto::v1::SubscribeRequest;
 use prost::Message;
 use tokio::sync::broadcast::Receiver;
@@ -107,25 +107,28 @@ where
     let request = read_request(request.into_body()).await?;
     let topic = Topic::from_request(&request).map_err(Status::invalid_argument)?;
     if shutdown.is_cancelled() {
-        return Err(Status::unavailable(
-            SubscribeError::ShuttingDown.to_string(),
-        ));
+        return Err(status_of(SubscribeError::ShuttingDown));
     }
     let subscription = hub
         .subscribe(topic, request.since_index)
         .await
-        .map_err(|e| match e {
-            SubscribeError::InvalidTopic(m) => Status::invalid_argument(m),
-            e @ (SubscribeError::Behind { .. } | SubscribeError::ShuttingDown) => {
-                Status::unavailable(e.to_string())
-            }
-        })?;
+        .map_err(status_of)?;
     let mut response = http::Response::new(tonic::body::Body::new(EventBody::new(subscription)));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
     );
     Ok(response)
+}
+
+/// The gRPC status a subscription that cannot start ends with.
+fn status_of(e: SubscribeError) -> Status {
+    match e {
+        SubscribeError::InvalidTopic(m) => Status::invalid_argument(m),
+        e @ (SubscribeError::Behind { .. } | SubscribeError::ShuttingDown) => {
+            Status::unavailable(e.to_string())
+        }
+    }
 }
 
 /// The request body: exactly one uncompressed length-prefixed
@@ -142,18 +145,13 @@ where
             let e: StdError = e.into();
             Status::cancelled(format!("reading the request: {e}"))
         })?;
-        if let Ok(mut data) = frame.into_data() {
+        if let Ok(data) = frame.into_data() {
             if buf.len() + data.remaining() > MAX_REQUEST + 5 {
                 return Err(Status::out_of_range(format!(
                     "SubscribeRequest larger than {MAX_REQUEST} bytes"
                 )));
             }
-            while data.has_remaining() {
-                let chunk = data.chunk();
-                let n = chunk.len();
-                buf.extend_from_slice(chunk);
-                data.advance(n);
-            }
+            buf.put(data);
         }
     }
     if buf.len() < 5 {
@@ -224,11 +222,9 @@ impl Body for EventBody {
             Poll::Ready(Err(status)) => {
                 this.tail = None;
                 let mut trailers = http::HeaderMap::new();
-                if let Err(e) = status.add_header(&mut trailers) {
-                    trailers.clear();
-                    let _ = Status::new(status.code(), "").add_header(&mut trailers);
-                    tracing::debug!("watch stream status not encodable: {e}");
-                }
+                // Cannot fail: the message is percent-encoded and these
+                // statuses carry no details or metadata.
+                let _ = status.add_header(&mut trailers);
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))
             }
         }
@@ -236,10 +232,6 @@ impl Body for EventBody {
 
     fn is_end_stream(&self) -> bool {
         self.tail.is_none() && self.initial.len() == 0
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
     }
 }
 
