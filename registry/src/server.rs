@@ -217,7 +217,7 @@ pub async fn run(
         .map_err(|e| ServerError::Serve("grpc", e.to_string()))?;
     let (grpc_done, grpc_result) = tokio::sync::oneshot::channel();
     let span = tracing::info_span!("grpc_server");
-    std::thread::Builder::new()
+    let grpc_thread = std::thread::Builder::new()
         .name("grpc-public".into())
         .spawn(move || {
             let _ = grpc_done.send(serve_public_grpc(
@@ -387,6 +387,9 @@ pub async fn run(
         tracing::warn!("grace period over, aborting remaining tasks");
         tasks.abort_all();
     }
+    // The public gRPC thread ends by itself within the same grace; joined
+    // so that its listener and connections are gone when `run` returns.
+    let _ = tokio::task::spawn_blocking(move || grpc_thread.join()).await;
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown failed");
     }
