@@ -42,6 +42,7 @@ use crate::telemetry::{AccessLog, Outcome, unix_ms};
 const MAX_REPLAY_BODY: u64 = 64 * 1024;
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// One listener's HTTP proxy: its cluster and pooled client.
 #[derive(Debug)]
@@ -144,6 +145,15 @@ impl HttpProxy {
             // dialled); a Host header naming something else makes the
             // request malformed (RFC 9113 §8.3.1).
             parts.headers.remove(header::HOST);
+            // Values unique to each request would only churn the HPACK
+            // dynamic table (each one inserted, evicting useful entries,
+            // and every lookup walking the chain of earlier ids): sent as
+            // never-indexed literals instead.
+            for name in [&REQUEST_ID, &TRACEPARENT] {
+                if let Some(value) = parts.headers.get_mut(name) {
+                    value.set_sensitive(true);
+                }
+            }
         } else if !parts.headers.contains_key(header::HOST)
             && let Some(authority) = parts.uri.authority()
             && let Ok(v) = HeaderValue::from_str(authority.as_str())
