@@ -934,8 +934,49 @@ async fn http2_and_grpc_streaming_with_trailers() -> Result<()> {
         let body = r.into_body().collect().await?.to_bytes();
         ensure!(body == format!("h2-echo h2 {i}").as_bytes());
     }
+    // A streamed body (no length, so not buffered) larger than the HTTP/2
+    // windows, ending in trailers: piped upstream as the windows open.
+    let h2 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Chunks>();
+    let req = Request::post(format!("http://{c2_ip}:{UPSTREAM_PORT}/big")).body(Chunks(49))?;
+    let r = tokio::time::timeout(Duration::from_secs(30), h2.request(req)).await??;
+    ensure!(r.status() == 200, "{}", r.status());
+    let body = r.into_body().collect().await?.to_bytes();
+    let expected = "h2-echo ".len() + 48 * CHUNK.len();
+    ensure!(body.len() == expected, "{} bytes, not {expected}", body.len());
+    ensure!(body.ends_with(CHUNK), "the body arrived whole");
     mesh.done();
     Ok(())
+}
+
+const CHUNK: &[u8] = &[b'z'; 64 * 1024];
+
+/// A request body of this many frames, with no declared length: 64 KiB
+/// chunks, the last frame a trailer.
+struct Chunks(usize);
+
+impl hyper::body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        use hyper::body::Frame;
+        let frame = match self.0 {
+            0 => None,
+            1 => {
+                let mut trailers = hyper::HeaderMap::new();
+                trailers.insert("x-sum", hyper::header::HeaderValue::from_static("done"));
+                Some(Ok(Frame::trailers(trailers)))
+            }
+            _ => Some(Ok(Frame::data(Bytes::from_static(CHUNK)))),
+        };
+        self.0 = self.0.saturating_sub(1);
+        std::task::Poll::Ready(frame)
+    }
 }
 
 #[tokio::test]

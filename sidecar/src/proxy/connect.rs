@@ -2,7 +2,8 @@
 //! the cluster's `max_connections` limit, counters, and the I/O wrapper
 //! that keeps the connection counted while it lives), used by the HTTP
 //! and TCP proxies; and the HTTP proxy's [`Pool`] of them per endpoint:
-//! idle HTTP/1.1 keep-alive connections, one shared HTTP/2 connection.
+//! idle HTTP/1.1 keep-alive connections, one shared HTTP/2 connection
+//! (see [`h2c`]).
 //!
 //! The pool is ours rather than hyper-util's legacy `Client` because that
 //! one costs a boxed future, a pool-key hash and clone of both protocol
@@ -20,16 +21,18 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hyper::body::{Body, Incoming};
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http1;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use super::BoxError;
 use super::cluster::{Cluster, OwnedGauge, acquire_owned};
-use super::h1;
+use super::{h1, h2c};
 
 /// A map keyed by endpoint address, hashed cheaply: it is looked up on
 /// every request, and its keys come from the registry, not from clients
@@ -153,10 +156,13 @@ pub enum SendError {
     Connect(#[from] ConnectError),
     /// The HTTP/2 handshake on a new connection failed (nothing was sent).
     #[error("HTTP/2 handshake with {0} failed: {1}")]
-    Handshake(SocketAddr, #[source] hyper::Error),
+    Handshake(SocketAddr, #[source] h2::Error),
     /// The exchange itself failed (the upstream may have seen the request).
     #[error(transparent)]
     Http(hyper::Error),
+    /// The same, on an HTTP/2 connection.
+    #[error("HTTP/2 stream to the upstream failed: {0}")]
+    H2(#[source] h2::Error),
     /// The same, on an inline HTTP/1.1 connection.
     #[error(transparent)]
     Inline(h1::Error),
@@ -168,7 +174,6 @@ pub struct Pool<B> {
     cluster: Arc<Cluster>,
     http2: bool,
     h1: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
     shared: Arc<Shared<B>>,
     /// HTTP/1.1 connections driven by their requests (see [`h1`]).
     inline: Arc<h1::IdleConns>,
@@ -181,7 +186,6 @@ impl<B> Clone for Pool<B> {
             cluster: Arc::clone(&self.cluster),
             http2: self.http2,
             h1: self.h1.clone(),
-            h2: self.h2.clone(),
             shared: Arc::clone(&self.shared),
             inline: Arc::clone(&self.inline),
         }
@@ -211,7 +215,7 @@ struct Idle<B> {
     /// they went idle.
     h1: AddrMap<Vec<(http1::SendRequest<B>, Instant)>>,
     /// The HTTP/2 connection of each endpoint, with when it was last used.
-    h2: AddrMap<(http2::SendRequest<B>, Instant)>,
+    h2: AddrMap<(h2c::Conn, Instant)>,
     /// One HTTP/2 connect at a time per endpoint, so a burst of first
     /// requests opens one connection rather than one each (and a slow
     /// endpoint holds up no other).
@@ -332,8 +336,6 @@ where
 {
     /// `http2`: the upstream speaks HTTP/2 (prior knowledge) only.
     pub fn new(cluster: Arc<Cluster>, http2: bool) -> Self {
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new());
         Pool {
             shared: Arc::new(Shared {
                 idle: Mutex::new(Idle {
@@ -352,7 +354,6 @@ where
             cluster,
             http2,
             h1: http1::Builder::new(),
-            h2,
         }
     }
 
@@ -376,19 +377,15 @@ where
             })
     }
 
-    /// Sends `req` to `addr` on a pooled connection or a new one, and
-    /// returns the response head; for HTTP/1.1 also the connection, to be
+    /// Sends `req` to `addr` over HTTP/1.1 on a pooled connection or a
+    /// new one, and returns the response head and the connection, to be
     /// released when the response body is done. A request that a reused
     /// connection closed before taking goes out again on another.
     pub async fn send(
         &self,
         addr: SocketAddr,
         mut req: Request<B>,
-    ) -> Result<(Response<Incoming>, Option<Lease<B>>), SendError> {
-        if self.http2 {
-            return self.send_h2(addr, req).await.map(|r| (r, None));
-        }
-
+    ) -> Result<(Response<Incoming>, Lease<B>), SendError> {
         loop {
             let (mut sender, reused) = match self.shared.take_h1(addr) {
                 Some(sender) => (sender, true),
@@ -404,7 +401,7 @@ where
                         addr,
                         pool: Arc::downgrade(&self.shared),
                     };
-                    return Ok((response, Some(lease)));
+                    return Ok((response, lease));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => req = unsent,
@@ -431,86 +428,80 @@ where
         Ok(sender)
     }
 
-    async fn send_h2(
+    /// Sends `head` and `body` to `addr` on its HTTP/2 connection (opened
+    /// if there is none) and returns the response head. A request that a
+    /// reused connection could not take (closed, or going away) goes out
+    /// on a new one.
+    pub async fn send_h2<R>(
         &self,
         addr: SocketAddr,
-        mut req: Request<B>,
-    ) -> Result<Response<Incoming>, SendError> {
+        head: Request<()>,
+        body: R,
+    ) -> Result<Response<h2c::Body>, SendError>
+    where
+        R: Body<Data = Bytes> + Send + Unpin + 'static,
+        R::Error: Into<BoxError>,
+    {
         loop {
-            let (mut sender, reused) = match self.shared_h2(addr) {
-                Some(sender) => (sender, true),
+            let (conn, reused) = match self.shared_h2(addr) {
+                Some(conn) => (conn, true),
                 // Boxed: rare, and large (see `send`).
                 None => Box::pin(self.connect_h2_once(addr)).await?,
             };
-            match sender.try_send_request(req).await {
-                Ok(response) => return Ok(response),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => {
-                        self.forget_h2(addr, &sender);
-                        req = unsent;
-                    }
-                    _ => return Err(SendError::Http(e.into_error())),
-                },
+            match conn.ready().await {
+                Ok(ready) => return ready.send(head, body).await.map_err(SendError::H2),
+                Err(e) if reused => {
+                    tracing::debug!(error = %e, endpoint = %addr, "shared HTTP/2 connection is gone; opening another");
+                    self.forget_h2(addr, &conn);
+                }
+                Err(e) => return Err(SendError::H2(e)),
             }
         }
     }
 
     /// Connects unless another request did so while this one waited its
     /// turn; true when the connection is a reused one.
-    async fn connect_h2_once(
-        &self,
-        addr: SocketAddr,
-    ) -> Result<(http2::SendRequest<B>, bool), SendError> {
+    async fn connect_h2_once(&self, addr: SocketAddr) -> Result<(h2c::Conn, bool), SendError> {
         let turn = {
             let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
             Arc::clone(idle.h2_connecting.entry(addr).or_default())
         };
         let _one = turn.lock().await;
         match self.shared_h2(addr) {
-            Some(sender) => Ok((sender, true)),
+            Some(conn) => Ok((conn, true)),
             None => Ok((self.connect_h2(addr).await?, false)),
         }
     }
 
     /// The endpoint's open HTTP/2 connection, if any.
-    fn shared_h2(&self, addr: SocketAddr) -> Option<http2::SendRequest<B>> {
+    fn shared_h2(&self, addr: SocketAddr) -> Option<h2c::Conn> {
         let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let (sender, used) = idle.h2.get_mut(&addr)?;
-        if sender.is_closed() || used.elapsed() >= self.shared.idle_timeout {
+        let (conn, used) = idle.h2.get_mut(&addr)?;
+        if conn.is_closed() || used.elapsed() >= self.shared.idle_timeout {
             idle.h2.remove(&addr);
             return None;
         }
         *used = Instant::now();
-        Some(sender.clone())
+        Some(conn.clone())
     }
 
-    fn forget_h2(&self, addr: SocketAddr, sender: &http2::SendRequest<B>) {
+    fn forget_h2(&self, addr: SocketAddr, conn: &h2c::Conn) {
         let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if sender.is_closed() || idle.h2.get(&addr).is_some_and(|(s, _)| s.is_closed()) {
+        if idle.h2.get(&addr).is_some_and(|(c, _)| c.same(conn)) {
             idle.h2.remove(&addr);
         }
     }
 
-    async fn connect_h2(&self, addr: SocketAddr) -> Result<http2::SendRequest<B>, SendError> {
-        let io = TokioIo::new(connect(&self.cluster, addr).await?);
-        let (sender, connection) = self
-            .h2
-            .handshake(io)
+    async fn connect_h2(&self, addr: SocketAddr) -> Result<h2c::Conn, SendError> {
+        let io = connect(&self.cluster, addr).await?;
+        let span = tracing::debug_span!("upstream connection", upstream = %self.cluster.config().name, endpoint = %addr);
+        let conn = h2c::Conn::handshake(io, span)
             .await
             .map_err(|e| SendError::Handshake(addr, e))?;
-        let span = tracing::debug_span!("upstream connection", upstream = %self.cluster.config().name, endpoint = %addr);
-        tokio::spawn(
-            async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "upstream connection ended with an error");
-                }
-            }
-            .instrument(span),
-        );
         let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.h2.insert(addr, (sender.clone(), Instant::now()));
+        idle.h2.insert(addr, (conn.clone(), Instant::now()));
         self.shared.start_sweeper(&mut idle);
-        Ok(sender)
+        Ok(conn)
     }
 }
 
@@ -598,7 +589,7 @@ mod tests {
         let (response, lease) = pool.send(addr, req).await.expect("response");
         let body = response.into_body().collect().await.expect("body");
         assert_eq!(body.to_bytes(), "ok");
-        lease.expect("an HTTP/1.1 lease").release();
+        lease.release();
     }
 
     #[tokio::test]

@@ -272,7 +272,7 @@ impl HttpProxy {
                         .map(|r| r.map(|(head, body)| Upstream::Inline(head, body)))
                 }
                 (body, _) => {
-                    let outgoing = match self.hyper_request(
+                    let outgoing = match self.outgoing_request(
                         body,
                         &method,
                         &endpoint,
@@ -285,9 +285,21 @@ impl HttpProxy {
                             return self.fail(e, grpc, start, log, Some(endpoint.addr), attempt);
                         }
                     };
-                    tokio::time::timeout_at(deadline, self.pool.send(endpoint.addr, outgoing))
-                        .await
-                        .map(|r| r.map(|(response, lease)| Upstream::Hyper(response, lease)))
+                    if version == Version::HTTP_2 {
+                        let (head, body) = outgoing.into_parts();
+                        let send = self.pool.send_h2(
+                            endpoint.addr,
+                            Request::from_parts(head, ()),
+                            body,
+                        );
+                        tokio::time::timeout_at(deadline, send)
+                            .await
+                            .map(|r| r.map(Upstream::H2))
+                    } else {
+                        tokio::time::timeout_at(deadline, self.pool.send(endpoint.addr, outgoing))
+                            .await
+                            .map(|r| r.map(|(response, lease)| Upstream::Hyper(response, lease)))
+                    }
                 }
             };
             drop(pending);
@@ -422,9 +434,10 @@ impl HttpProxy {
         }
     }
 
-    /// The request for hyper's client (streamed bodies, upgrades, CONNECT,
-    /// HTTP/2): the last attempt takes the headers, earlier ones a copy.
-    fn hyper_request(
+    /// The request for hyper's HTTP/1.1 client (streamed bodies, upgrades,
+    /// CONNECT) or the HTTP/2 leg: the last attempt takes the headers,
+    /// earlier ones a copy.
+    fn outgoing_request(
         &self,
         body: &mut RequestBody,
         method: &Method,
@@ -479,6 +492,12 @@ impl HttpProxy {
                 *response.status_mut() = head.status;
                 *response.headers_mut() = headers;
                 return response;
+            }
+            Upstream::H2(response) => {
+                let (mut head, body) = response.into_parts();
+                head.version = Version::HTTP_11;
+                self.strip_response_headers(&mut head.headers);
+                return Response::from_parts(head, ResponseBody::h2(body, guards));
             }
             Upstream::Hyper(response, lease) => (response, lease),
         };
@@ -555,10 +574,12 @@ impl HttpProxy {
 }
 
 /// An upstream's answer: from hyper's client (with the HTTP/1.1
-/// connection to give back after the body) or from the inline leg.
+/// connection to give back after the body), the inline leg or the HTTP/2
+/// leg.
 enum Upstream {
-    Hyper(Response<Incoming>, Option<Lease<OutgoingBody>>),
+    Hyper(Response<Incoming>, Lease<OutgoingBody>),
     Inline(h1::Head, h1::Body),
+    H2(Response<super::h2c::Body>),
 }
 
 impl Upstream {
@@ -566,6 +587,7 @@ impl Upstream {
         match self {
             Upstream::Hyper(r, _) => r.status(),
             Upstream::Inline(head, _) => head.status,
+            Upstream::H2(r) => r.status(),
         }
     }
 
@@ -573,6 +595,7 @@ impl Upstream {
         match self {
             Upstream::Hyper(r, _) => r.headers(),
             Upstream::Inline(head, _) => &head.headers,
+            Upstream::H2(r) => r.headers(),
         }
     }
 }
@@ -587,6 +610,7 @@ fn classify(error: SendError) -> ProxyError {
         SendError::Connect(other) => ProxyError::ConnectFailure(other.to_string()),
         SendError::Handshake(..) => ProxyError::ConnectFailure(error.to_string()),
         SendError::Inline(e) => ProxyError::Reset(e.to_string()),
+        SendError::H2(e) => ProxyError::Reset(e.to_string()),
         SendError::Http(e) => {
             let mut text = e.to_string();
             if let Some(cause) = std::error::Error::source(&e) {

@@ -10,6 +10,7 @@ pub mod balance;
 pub mod cluster;
 pub mod connect;
 pub mod h1;
+pub mod h2c;
 pub mod headers;
 pub mod http;
 pub mod idle;

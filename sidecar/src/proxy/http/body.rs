@@ -12,7 +12,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::proxy::cluster::{InFlight, OwnedGauge};
 use crate::proxy::connect::Lease;
-use crate::proxy::h1;
+use crate::proxy::{h1, h2c};
 use crate::proxy::idle::Busy;
 use crate::proxy::{BoxError, ProxyBody};
 
@@ -66,6 +66,8 @@ pub enum ResponseBody {
     Upstream(Guarded),
     /// From the inline HTTP/1.1 leg, holding the request's guards.
     Inline(h1::Body, Guards),
+    /// From the HTTP/2 leg, holding the request's guards.
+    H2(h2c::Body, Guards),
     Own(ProxyBody),
     Empty,
 }
@@ -73,10 +75,10 @@ pub enum ResponseBody {
 impl ResponseBody {
     /// The upstream's body, holding `guards` (and `lease`, given back
     /// to the pool at the end) until its last byte has gone.
-    pub fn upstream(inner: Incoming, lease: Option<Lease<OutgoingBody>>, guards: Guards) -> Self {
+    pub fn upstream(inner: Incoming, lease: Lease<OutgoingBody>, guards: Guards) -> Self {
         ResponseBody::Upstream(Guarded {
             inner,
-            lease,
+            lease: Some(lease),
             done: false,
             _guards: guards,
         })
@@ -85,6 +87,11 @@ impl ResponseBody {
     /// The inline leg's body, holding `guards` until it is dropped.
     pub fn inline(body: h1::Body, guards: Guards) -> Self {
         ResponseBody::Inline(body, guards)
+    }
+
+    /// The HTTP/2 leg's body, holding `guards` until it is dropped.
+    pub fn h2(body: h2c::Body, guards: Guards) -> Self {
+        ResponseBody::H2(body, guards)
     }
 }
 
@@ -99,6 +106,7 @@ impl Body for ResponseBody {
         match self.get_mut() {
             ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
             ResponseBody::Inline(body, _) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            ResponseBody::H2(body, _) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
             ResponseBody::Own(body) => Pin::new(body).poll_frame(cx),
             ResponseBody::Empty => Poll::Ready(None),
         }
@@ -108,6 +116,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Upstream(body) => body.inner.is_end_stream(),
             ResponseBody::Inline(body, _) => body.is_end_stream(),
+            ResponseBody::H2(body, _) => body.is_end_stream(),
             ResponseBody::Own(body) => body.is_end_stream(),
             ResponseBody::Empty => true,
         }
@@ -117,6 +126,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Upstream(body) => body.inner.size_hint(),
             ResponseBody::Inline(body, _) => body.size_hint(),
+            ResponseBody::H2(body, _) => body.size_hint(),
             ResponseBody::Own(body) => body.size_hint(),
             ResponseBody::Empty => SizeHint::with_exact(0),
         }
