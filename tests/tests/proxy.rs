@@ -944,7 +944,11 @@ async fn http2_and_grpc_streaming_with_trailers() -> Result<()> {
     ensure!(r.status() == 200, "{}", r.status());
     let body = r.into_body().collect().await?.to_bytes();
     let expected = "h2-echo ".len() + 48 * CHUNK.len();
-    ensure!(body.len() == expected, "{} bytes, not {expected}", body.len());
+    ensure!(
+        body.len() == expected,
+        "{} bytes, not {expected}",
+        body.len()
+    );
     ensure!(body.ends_with(CHUNK), "the body arrived whole");
     mesh.done();
     Ok(())

@@ -60,10 +60,7 @@ impl Conn {
     /// The HTTP/2 handshake on a new connection (the client preface and
     /// SETTINGS); the connection's frames are then read and written by a
     /// task of its own until it closes.
-    pub async fn handshake(
-        io: Counted,
-        span: tracing::Span,
-    ) -> Result<Conn, h2::Error> {
+    pub async fn handshake(io: Counted, span: tracing::Span) -> Result<Conn, h2::Error> {
         let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -125,11 +122,7 @@ impl Ready {
         let (response, stream) = self.sender.send_request(head, end)?;
         drop(self);
         if !end {
-            let mut pipe = Pipe {
-                body,
-                stream,
-                held: None,
-            };
+            let mut pipe = Pipe::new(body, stream, Reason::CANCEL);
             // Most bodies (a buffered one within the window) go out at once;
             // only one that must wait gets a task.
             let done =
@@ -141,26 +134,32 @@ impl Ready {
         }
         let response = response.await?;
         let (parts, recv) = response.into_parts();
-        let remaining = content_length(&parts.headers);
-        Ok(Response::from_parts(
-            parts,
-            Body {
-                recv,
-                remaining,
-                data_done: false,
-            },
-        ))
+        let length = content_length(&parts.headers);
+        Ok(Response::from_parts(parts, Body::new(recv, length)))
     }
 }
 
-/// Sends a request body on its stream: data as the upstream's window
-/// allows, then trailers or the end of the stream. A body that fails, or
-/// a stream the upstream resets, ends the pipe (the stream is reset).
-struct Pipe<B> {
+/// Sends a body on its stream (a request's upstream, a response's
+/// downstream): data as the peer's window allows, then trailers or the end
+/// of the stream. A stream the peer resets ends the pipe; a body that
+/// fails resets the stream with `on_error`.
+pub struct Pipe<B> {
     body: B,
     stream: SendStream<Bytes>,
     /// A chunk read from the body, waiting for window.
     held: Option<(Bytes, bool)>,
+    on_error: Reason,
+}
+
+impl<B> Pipe<B> {
+    pub fn new(body: B, stream: SendStream<Bytes>, on_error: Reason) -> Self {
+        Pipe {
+            body,
+            stream,
+            held: None,
+            on_error,
+        }
+    }
 }
 
 impl<B> Future for Pipe<B>
@@ -225,8 +224,8 @@ where
                 },
                 Some(Err(e)) => {
                     let e: BoxError = e.into();
-                    tracing::debug!(error = %e, "the request body broke off");
-                    me.stream.send_reset(Reason::CANCEL);
+                    tracing::debug!(error = %e, "the body broke off");
+                    me.stream.send_reset(me.on_error);
                     return Poll::Ready(());
                 }
                 None => {
@@ -238,14 +237,26 @@ where
     }
 }
 
-/// An upstream's HTTP/2 response body: data frames (each one's window
-/// given back as it is read), then trailers.
+/// The body of a received HTTP/2 message (an upstream's response, a
+/// client's request): data frames (each one's window given back as it is
+/// read), then trailers.
 pub struct Body {
     recv: RecvStream,
     /// What `content-length` says is left to read, if the response gave
     /// one (h2 checks the data against it).
     remaining: Option<u64>,
     data_done: bool,
+}
+
+impl Body {
+    /// `length`: the message's `content-length`, if any.
+    pub fn new(recv: RecvStream, length: Option<u64>) -> Self {
+        Body {
+            recv,
+            remaining: length,
+            data_done: false,
+        }
+    }
 }
 
 impl HttpBody for Body {

@@ -25,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use rand::Rng;
 
 mod body;
-pub use body::{Guards, OutgoingBody, ResponseBody};
+pub use body::{ClientBody, Guards, OutgoingBody, ResponseBody};
 
 use super::balance::hash_of;
 use super::cluster::{Cluster, EndpointState, Source, acquire_owned};
@@ -57,7 +57,7 @@ pub struct HttpProxy {
 /// The request body: kept (so it can be sent again) or streamed once.
 enum RequestBody {
     Replayable(Bytes),
-    Streaming(Option<Incoming>),
+    Streaming(Option<ClientBody>),
 }
 
 impl HttpProxy {
@@ -96,7 +96,7 @@ impl HttpProxy {
     /// cheaper than those copies.
     pub fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         peer: SocketAddr,
         connection: Busy,
     ) -> Pin<Box<impl Future<Output = Response<ResponseBody>> + Send + '_>> {
@@ -105,7 +105,7 @@ impl HttpProxy {
 
     async fn answer(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         peer: SocketAddr,
         connection: Busy,
     ) -> Response<ResponseBody> {
@@ -287,11 +287,9 @@ impl HttpProxy {
                     };
                     if version == Version::HTTP_2 {
                         let (head, body) = outgoing.into_parts();
-                        let send = self.pool.send_h2(
-                            endpoint.addr,
-                            Request::from_parts(head, ()),
-                            body,
-                        );
+                        let send =
+                            self.pool
+                                .send_h2(endpoint.addr, Request::from_parts(head, ()), body);
                         tokio::time::timeout_at(deadline, send)
                             .await
                             .map(|r| r.map(Upstream::H2))
@@ -752,7 +750,7 @@ mod tests {
     use crate::proxy::idle::Activity;
 
     /// The size of what `f` returns, without calling it.
-    fn size_of_output<F: Fn(Request<Incoming>) -> R, R>(_: &F) -> usize {
+    fn size_of_output<F: Fn(Request<ClientBody>) -> R, R>(_: &F) -> usize {
         std::mem::size_of::<R>()
     }
 

@@ -16,17 +16,15 @@ pub mod http;
 pub mod idle;
 pub mod rescue;
 pub mod retry;
+pub mod serve;
 pub mod tcp;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -395,7 +393,7 @@ impl Proxy {
     }
 
     async fn accept_loop(self: Arc<Self>, slot: Arc<Slot>, socket: TcpListener) {
-        let server = server_builder();
+        let h1 = serve::http1_builder();
         loop {
             let (stream, peer) = tokio::select! {
                 () = self.stop_accepting.cancelled() => return,
@@ -441,7 +439,7 @@ impl Proxy {
                     let busy = Arc::clone(&activity);
                     let (slot, accepted_with) = (Arc::clone(&slot), Arc::clone(accepted_with));
                     let cluster = Arc::clone(&route.cluster);
-                    let service = hyper::service::service_fn(move |req| {
+                    let service = move |req| {
                         // A reload that kept the cluster but changed how
                         // it is served (access log) applies to the next
                         // request; a replaced route keeps serving its own
@@ -452,18 +450,18 @@ impl Proxy {
                             _ => Arc::clone(&accepted_with),
                         };
                         let busy = busy.busy();
-                        async move { Ok::<_, Infallible>(http.handle(req, peer, busy).await) }
-                    });
+                        async move { http.handle(req, peer, busy).await }
+                    };
                     let io = idle::Tracked::new(stream, Arc::clone(&activity));
-                    let connection = server
-                        .serve_connection_with_upgrades(TokioIo::new(io), service)
-                        .into_owned();
                     // Retired by a reload or when the proxy stops accepting.
                     let retired = route.retired.clone();
                     let cut = route.cut.clone();
                     let idle_timeout = route.cluster.config().idle_timeout;
+                    let h1 = h1.clone();
                     self.tasks.spawn(async move {
                         let _open = open;
+                        let drain = CancellationToken::new();
+                        let connection = serve::connection(io, &h1, service, drain.clone());
                         tokio::pin!(connection);
                         // Idle or retired (true); polled only when one of
                         // them changes, not at every request.
@@ -486,7 +484,7 @@ impl Proxy {
                             }
                         }
                         // Finish what is in flight, refuse new requests.
-                        connection.as_mut().graceful_shutdown();
+                        drain.cancel();
                         tokio::select! {
                             _ = connection.as_mut() => {}
                             () = cut.cancelled() => {}
@@ -731,28 +729,4 @@ impl Proxy {
             "proxy": *self.settings.read().unwrap_or_else(|e| e.into_inner()),
         })
     }
-}
-
-/// The listener's HTTP server: HTTP/1.1 and HTTP/2 (prior knowledge)
-/// with the bad-input limits.
-fn server_builder() -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Heads are timed by `idle::Activity` from their first byte;
-        // hyper's timer would also close idle keep-alive connections.
-        .header_read_timeout(None)
-        .max_buf_size(MAX_HEADER_BYTES)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
-        .max_concurrent_streams(H2_MAX_STREAMS)
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
-    builder
 }

@@ -12,25 +12,61 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::proxy::cluster::{InFlight, OwnedGauge};
 use crate::proxy::connect::Lease;
-use crate::proxy::{h1, h2c};
 use crate::proxy::idle::Busy;
 use crate::proxy::{BoxError, ProxyBody};
+use crate::proxy::{h1, h2c};
+
+/// A client's request body: from the HTTP/1.1 server (hyper's) or the
+/// HTTP/2 one (the `h2` crate's).
+pub enum ClientBody {
+    H1(Incoming),
+    H2(h2c::Body),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::H1(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            ClientBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::H1(body) => body.is_end_stream(),
+            ClientBody::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::H1(body) => body.size_hint(),
+            ClientBody::H2(body) => body.size_hint(),
+        }
+    }
+}
 
 /// The request body sent upstream: a buffered one (sent again on a retry)
 /// or the client's, streamed once.
 pub enum OutgoingBody {
     Full(Option<Bytes>),
-    Streaming(Incoming),
+    Streaming(ClientBody),
 }
 
 impl Body for OutgoingBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             OutgoingBody::Full(bytes) => Poll::Ready(
                 bytes

@@ -1,0 +1,469 @@
+//! Serving one accepted HTTP connection: HTTP/2 with prior knowledge when
+//! the client opens with the connection preface, HTTP/1.1 otherwise.
+//!
+//! HTTP/1.1 goes to hyper's server (with upgrades). HTTP/2 is served on
+//! the `h2` crate directly: each stream gets a task that runs the proxy's
+//! answer and sends the response on the stream, with none of the layers
+//! hyper's HTTP/2 server puts around it (its body and I/O adapters, a
+//! second pass over the headers, a ping recorder per body). The limits
+//! are the same: header list size, concurrent streams, resets a client may
+//! cause (rapid reset) or provoke, and keep-alive PINGs that close a
+//! connection whose peer has gone silent.
+
+use std::convert::Infallible;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use h2::server::SendResponse;
+use h2::{Ping, PingPong, Reason, RecvStream};
+use hyper::body::{Body as _, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::headers::content_length;
+use super::http::{ClientBody, ResponseBody};
+use super::idle::{OnOwnWake, Tracked};
+use super::{H2_MAX_LOCAL_RESETS, H2_MAX_PENDING_RESETS, H2_MAX_STREAMS, MAX_HEADER_BYTES, h2c};
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// What is read to tell the protocols apart (the rest goes to the server).
+const FIRST_READ: usize = 8 * 1024;
+/// Flow-control windows granted to a client (hyper's server defaults).
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// Bytes a response stream may have buffered before sending waits.
+const MAX_SEND_BUFFER: usize = 400 * 1024;
+/// A PING this often; no answer within the timeout closes the connection.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The HTTP/1.1 server's settings for every connection.
+pub fn http1_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // Heads are timed by `idle::Activity` from their first byte;
+        // hyper's timer would also close idle keep-alive connections.
+        .header_read_timeout(None)
+        // The head limit, checked on the parsed head: the buffer limit
+        // alone is soft (one read may fill the buffer past it, and a head
+        // that then parses whole gets through).
+        .max_header_size(MAX_HEADER_BYTES)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+    builder
+}
+
+/// Serves the connection until it closes, or until `shutdown` fires and
+/// what is in flight has been answered (new requests are then refused:
+/// HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`).
+pub async fn connection<S, F>(
+    mut io: Tracked<TcpStream>,
+    h1: &http1::Builder,
+    service: S,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError>
+where
+    S: Fn(Request<ClientBody>) -> F + Clone + Send + 'static,
+    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    let mut first = BytesMut::with_capacity(FIRST_READ);
+    let http2 = loop {
+        if io.read_buf(&mut first).await? == 0 {
+            return Ok(()); // closed before a request
+        }
+        let n = first.len().min(PREFACE.len());
+        if !PREFACE.starts_with(&first[..n]) {
+            break false;
+        }
+        if n == PREFACE.len() {
+            break true;
+        }
+    };
+    let io = Rewind {
+        first: first.freeze(),
+        inner: io,
+    };
+    let mut shutdown = pin!(OnOwnWake::new(shutdown.cancelled_owned()));
+    if http2 {
+        return serve_h2(io, service, shutdown)
+            .await
+            .map_err(ServeError::H2);
+    }
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let answer = service(req.map(ClientBody::H1));
+        async move { Ok::<_, Infallible>(answer.await) }
+    });
+    let mut conn = pin!(
+        h1.serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
+    );
+    tokio::select! {
+        biased;
+        result = conn.as_mut() => return result.map_err(ServeError::Http1),
+        () = shutdown.as_mut() => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await.map_err(ServeError::Http1)
+}
+
+/// How a connection ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Http1(hyper::Error),
+    #[error(transparent)]
+    H2(h2::Error),
+}
+
+async fn serve_h2<S, F, W>(
+    io: Rewind<Tracked<TcpStream>>,
+    service: S,
+    mut shutdown: Pin<&mut OnOwnWake<W>>,
+) -> Result<(), h2::Error>
+where
+    S: Fn(Request<ClientBody>) -> F + Clone + Send + 'static,
+    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+    W: Future<Output = ()>,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(Some(H2_MAX_LOCAL_RESETS))
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let mut keep_alive = pin!(OnOwnWake::new(keep_alive(conn.ping_pong())));
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            biased;
+            accepted = conn.accept() => match accepted {
+                Some(Ok((req, respond))) => {
+                    tokio::spawn(stream(service.clone(), req, respond));
+                }
+                Some(Err(e)) => return Err(e),
+                // Closed, or gone away with every stream done.
+                None => return Ok(()),
+            },
+            () = shutdown.as_mut(), if !closing => {
+                closing = true;
+                conn.graceful_shutdown();
+            }
+            () = keep_alive.as_mut() => {
+                tracing::debug!("the client did not answer a PING within {KEEP_ALIVE_TIMEOUT:?}; closing");
+                conn.abrupt_shutdown(Reason::NO_ERROR);
+                // Flush the GOAWAY, at most as long as a PING was given.
+                let _ = tokio::time::timeout(KEEP_ALIVE_TIMEOUT, poll_fn(|cx| conn.poll_closed(cx))).await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Resolves when a PING went unanswered for [`KEEP_ALIVE_TIMEOUT`].
+async fn keep_alive(pinger: Option<PingPong>) {
+    let Some(mut pinger) = pinger else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
+        if pinger.send_ping(Ping::opaque()).is_err() {
+            // The connection is closing: it ends by itself.
+            return std::future::pending().await;
+        }
+        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, poll_fn(|cx| pinger.poll_pong(cx))).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
+    }
+}
+
+/// One request stream: the proxy's answer, cancelled should the client
+/// reset the stream first, then the response and its body.
+async fn stream<S, F>(service: S, req: Request<RecvStream>, mut respond: SendResponse<Bytes>)
+where
+    S: Fn(Request<ClientBody>) -> F,
+    F: Future<Output = Response<ResponseBody>>,
+{
+    let (parts, recv) = req.into_parts();
+    let length = content_length(&parts.headers);
+    let body = ClientBody::H2(h2c::Body::new(recv, length));
+    let mut answer = pin!(service(Request::from_parts(parts, body)));
+    let response = tokio::select! {
+        biased;
+        response = answer.as_mut() => response,
+        reset = poll_fn(|cx| respond.poll_reset(cx)) => {
+            tracing::debug!(reason = ?reset.ok(), "the client reset the stream before the answer");
+            return;
+        }
+    };
+    let (mut head, body) = response.into_parts();
+    if !head.headers.contains_key(header::DATE) {
+        head.headers.insert(header::DATE, date());
+    }
+    let end = body.is_end_stream();
+    if !end
+        && let Some(n) = body.size_hint().exact()
+        && !head.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        head.headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+    match respond.send_response(Response::from_parts(head, ()), end) {
+        Ok(sending) if !end => h2c::Pipe::new(body, sending, Reason::INTERNAL_ERROR).await,
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "the response could not be sent"),
+    }
+}
+
+/// The `Date` of a response that has none (RFC 9110 §6.6.1): formatted
+/// once a second per thread.
+fn date() -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<(u64, HeaderValue)> =
+            const { std::cell::RefCell::new((0, HeaderValue::from_static(""))) };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    LAST.with_borrow_mut(|(at, value)| {
+        if *at != secs {
+            // An HTTP date is always a valid header value.
+            if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(now)) {
+                *value = v;
+                *at = secs;
+            }
+        }
+        value.clone()
+    })
+}
+
+/// The socket with what was read to tell the protocols apart put back in
+/// front.
+struct Rewind<T> {
+    first: Bytes,
+    inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.first.is_empty() {
+            let n = self.first.len().min(buf.remaining());
+            buf.put_slice(&self.first[..n]);
+            self.first.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use http_body_util::{BodyExt, Full};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::proxy::idle::Activity;
+
+    /// Serves one connection on a fresh listener with a service that
+    /// answers every request with its path.
+    async fn one_connection() -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("accept");
+            let io = Tracked::new(socket, Arc::new(Activity::new(true)));
+            let service = |req: Request<ClientBody>| async move {
+                let body = Full::new(Bytes::from(req.uri().path().to_owned()))
+                    .map_err(|never| match never {})
+                    .boxed_unsync();
+                Response::new(ResponseBody::Own(body))
+            };
+            let _ = connection(io, &http1_builder(), service, CancellationToken::new()).await;
+        });
+        addr
+    }
+
+    async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(request).await.expect("write");
+        let mut reply = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply)).await;
+        String::from_utf8_lossy(&reply).into_owned()
+    }
+
+    /// An HTTP/2 client connection to `addr`, driven by a task of its own.
+    async fn h2_client(addr: std::net::SocketAddr) -> h2::client::SendRequest<Bytes> {
+        let socket = TcpStream::connect(addr).await.expect("connect");
+        let (sender, conn) = h2::client::handshake(socket).await.expect("handshake");
+        tokio::spawn(conn);
+        sender
+    }
+
+    fn get(path: &str) -> Request<()> {
+        Request::get(format!("http://x{path}"))
+            .body(())
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn http2_streams_are_answered_on_the_connection() {
+        let addr = one_connection().await;
+        let mut client = h2_client(addr).await;
+        for path in ["/one", "/two"] {
+            let (response, _) = client.send_request(get(path), true).expect("send");
+            let response = response.await.expect("response");
+            assert_eq!(response.status(), 200);
+            assert!(response.headers().contains_key(header::DATE));
+            assert_eq!(
+                response.headers()[header::CONTENT_LENGTH],
+                path.len().to_string()
+            );
+            let mut body = response.into_body();
+            let mut got = Vec::new();
+            while let Some(chunk) = body.data().await {
+                got.extend_from_slice(&chunk.expect("data"));
+            }
+            assert_eq!(got, path.as_bytes());
+        }
+    }
+
+    #[tokio::test]
+    async fn http2_drain_finishes_streams_in_flight_then_closes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let drain = CancellationToken::new();
+        let (started_tx, started) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let (reset_tx, mut reset) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let token = drain.clone();
+        let served = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("accept");
+            let io = Tracked::new(socket, Arc::new(Activity::new(true)));
+            let service = move |req: Request<ClientBody>| {
+                let (started, reset) = (started_tx.clone(), reset_tx.clone());
+                async move {
+                    // Told when this answer is dropped unfinished.
+                    struct OnDrop(tokio::sync::mpsc::UnboundedSender<()>, bool);
+                    impl Drop for OnDrop {
+                        fn drop(&mut self) {
+                            if !self.1 {
+                                let _ = self.0.send(());
+                            }
+                        }
+                    }
+                    let mut guard = OnDrop(reset, false);
+                    let _ = started.send(());
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    guard.1 = true;
+                    let body = Full::new(Bytes::from(req.uri().path().to_owned()))
+                        .map_err(|never| match never {})
+                        .boxed_unsync();
+                    Response::new(ResponseBody::Own(body))
+                }
+            };
+            connection(io, &http1_builder(), service, token).await
+        });
+        let mut started = started;
+        let mut client = h2_client(addr).await;
+        // A stream the client resets: its answer is dropped, not finished.
+        let (abandoned, mut abandoned_stream) =
+            client.send_request(get("/gone"), false).expect("send");
+        started.recv().await.expect("started");
+        abandoned_stream.send_reset(Reason::CANCEL);
+        drop(abandoned);
+        tokio::time::timeout(Duration::from_secs(5), reset.recv())
+            .await
+            .expect("the answer was cancelled")
+            .expect("signal");
+        // A stream in flight when the drain starts is still answered.
+        let (response, _) = client.send_request(get("/kept"), true).expect("send");
+        started.recv().await.expect("started");
+        drain.cancel();
+        let response = tokio::time::timeout(Duration::from_secs(5), response)
+            .await
+            .expect("in time")
+            .expect("answered");
+        assert_eq!(response.status(), 200);
+        // Then the connection closes by itself.
+        let ended = tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("the connection closed")
+            .expect("joined");
+        assert!(ended.is_ok(), "{ended:?}");
+    }
+
+    #[tokio::test]
+    async fn http1_after_sniffing_keeps_the_head_limit() {
+        let addr = one_connection().await;
+        let reply = exchange(
+            addr,
+            b"GET /a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.ends_with("/a"), "{reply}");
+        let addr = one_connection().await;
+        let mut req = b"GET / HTTP/1.1\r\nhost: x\r\n".to_vec();
+        for i in 0..80 {
+            req.extend_from_slice(format!("x-filler-{i}: {}\r\n", "a".repeat(1000)).as_bytes());
+        }
+        req.extend_from_slice(b"\r\n");
+        let reply = exchange(addr, &req).await;
+        assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
+    }
+}
