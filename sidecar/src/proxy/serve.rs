@@ -155,7 +155,9 @@ where
             biased;
             accepted = conn.accept() => match accepted {
                 Some(Ok((req, respond))) => {
-                    tokio::spawn(stream(service.clone(), req, respond));
+                    // Boxed: the stream's future is large, and the runtime
+                    // would copy it into its task and again at each stage.
+                    tokio::spawn(Box::pin(stream(service.clone(), req, respond)));
                 }
                 Some(Err(e)) => return Err(e),
                 // Closed, or gone away with every stream done.
