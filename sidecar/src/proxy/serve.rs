@@ -32,7 +32,10 @@ use tokio_util::sync::CancellationToken;
 use super::headers::content_length;
 use super::http::{ClientBody, ResponseBody};
 use super::idle::{OnOwnWake, Tracked};
-use super::{H2_MAX_LOCAL_RESETS, H2_MAX_PENDING_RESETS, H2_MAX_STREAMS, MAX_HEADER_BYTES, h2c};
+use super::{
+    H2_MAX_LOCAL_RESETS, H2_MAX_PENDING_RESETS, H2_MAX_STREAMS, HEADER_READ_TIMEOUT,
+    MAX_HEADER_BYTES, h2c,
+};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -78,17 +81,27 @@ where
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     let mut first = BytesMut::with_capacity(FIRST_READ);
-    let http2 = loop {
-        if io.read_buf(&mut first).await? == 0 {
-            return Ok(()); // closed before a request
+    // A client that starts the preface and stalls is cut off like a slow
+    // HTTP/1.1 head (which `idle::Activity` times once this is decided).
+    let sniff = async {
+        loop {
+            if io.read_buf(&mut first).await? == 0 {
+                return Ok(None); // closed before a request
+            }
+            let n = first.len().min(PREFACE.len());
+            if !PREFACE.starts_with(&first[..n]) {
+                return Ok(Some(false));
+            }
+            if n == PREFACE.len() {
+                return Ok(Some(true));
+            }
         }
-        let n = first.len().min(PREFACE.len());
-        if !PREFACE.starts_with(&first[..n]) {
-            break false;
-        }
-        if n == PREFACE.len() {
-            break true;
-        }
+    };
+    let http2 = match tokio::time::timeout(HEADER_READ_TIMEOUT, sniff).await {
+        Ok(Ok(Some(http2))) => http2,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(ServeError::Io(e)),
+        Err(_) => return Err(ServeError::Slow),
     };
     let io = Rewind {
         first: first.freeze(),
@@ -96,9 +109,7 @@ where
     };
     let mut shutdown = pin!(OnOwnWake::new(shutdown.cancelled_owned()));
     if http2 {
-        return serve_h2(io, service, shutdown)
-            .await
-            .map_err(ServeError::H2);
+        return serve_h2(io, service, shutdown).await;
     }
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let answer = service(req.map(ClientBody::H1));
@@ -126,19 +137,21 @@ pub enum ServeError {
     Http1(hyper::Error),
     #[error(transparent)]
     H2(h2::Error),
+    #[error("the HTTP/2 preface and SETTINGS did not arrive within {HEADER_READ_TIMEOUT:?}")]
+    Slow,
 }
 
 async fn serve_h2<S, F, W>(
     io: Rewind<Tracked<TcpStream>>,
     service: S,
     mut shutdown: Pin<&mut OnOwnWake<W>>,
-) -> Result<(), h2::Error>
+) -> Result<(), ServeError>
 where
     S: Fn(Request<ClientBody>) -> F + Clone + Send + 'static,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
     W: Future<Output = ()>,
 {
-    let mut conn = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_header_list_size(MAX_HEADER_BYTES as u32)
@@ -146,8 +159,11 @@ where
         .max_concurrent_streams(H2_MAX_STREAMS)
         .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
         .max_local_error_reset_streams(Some(H2_MAX_LOCAL_RESETS))
-        .handshake::<_, Bytes>(io)
-        .await?;
+        .handshake::<_, Bytes>(io);
+    let mut conn = match tokio::time::timeout(HEADER_READ_TIMEOUT, handshake).await {
+        Ok(conn) => conn.map_err(ServeError::H2)?,
+        Err(_) => return Err(ServeError::Slow),
+    };
     let mut keep_alive = pin!(OnOwnWake::new(keep_alive(conn.ping_pong())));
     let mut closing = false;
     loop {
@@ -159,7 +175,7 @@ where
                     // would copy it into its task and again at each stage.
                     tokio::spawn(Box::pin(stream(service.clone(), req, respond)));
                 }
-                Some(Err(e)) => return Err(e),
+                Some(Err(e)) => return Err(ServeError::H2(e)),
                 // Closed, or gone away with every stream done.
                 None => return Ok(()),
             },
@@ -447,6 +463,38 @@ mod tests {
             .expect("the connection closed")
             .expect("joined");
         assert!(ended.is_ok(), "{ended:?}");
+    }
+
+    /// Serves one connection on which the client writes `sent` and then
+    /// nothing; how the serving ended.
+    async fn silent_after(sent: &'static [u8]) -> Result<(), ServeError> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let served = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("accept");
+            let io = Tracked::new(socket, Arc::new(Activity::new(true)));
+            let service = |_: Request<ClientBody>| async { Response::new(ResponseBody::Empty) };
+            connection(io, &http1_builder(), service, CancellationToken::new()).await
+        });
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        client.write_all(sent).await.expect("write");
+        // Paused time moves on while everything waits on the sockets.
+        let ended = served.await.expect("joined");
+        drop(client);
+        ended
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stalled_http2_clients_are_cut_off() {
+        // Half a preface: cut off like a slow head.
+        let ended = silent_after(b"PRI * HTTP/2.0\r\n").await;
+        assert!(matches!(ended, Err(ServeError::Slow)), "{ended:?}");
+        // The preface and then silence (no SETTINGS, no PING answer): closed
+        // by the keep-alive.
+        let start = tokio::time::Instant::now();
+        let ended = silent_after(PREFACE).await;
+        assert!(ended.is_ok(), "{ended:?}");
+        assert!(start.elapsed() <= KEEP_ALIVE_INTERVAL + 2 * KEEP_ALIVE_TIMEOUT);
     }
 
     #[tokio::test]
