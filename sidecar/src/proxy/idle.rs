@@ -14,11 +14,12 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -193,7 +194,8 @@ pub struct OnOwnWake<F> {
 
 struct WakeFlag {
     woken: AtomicBool,
-    task: Mutex<Option<Waker>>,
+    /// The awaiting task (lock-free: registered at every poll).
+    task: AtomicWaker,
 }
 
 impl Wake for WakeFlag {
@@ -203,9 +205,7 @@ impl Wake for WakeFlag {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
-        if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            task.wake_by_ref();
-        }
+        self.task.wake();
     }
 }
 
@@ -213,7 +213,7 @@ impl<F: Future> OnOwnWake<F> {
     pub fn new(inner: F) -> Self {
         let flag = Arc::new(WakeFlag {
             woken: AtomicBool::new(true),
-            task: Mutex::new(None),
+            task: AtomicWaker::new(),
         });
         OnOwnWake {
             inner: Box::pin(inner),
@@ -227,12 +227,7 @@ impl<F: Future> Future for OnOwnWake<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        {
-            let mut task = self.flag.task.lock().unwrap_or_else(|e| e.into_inner());
-            if !task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
-                *task = Some(cx.waker().clone());
-            }
-        }
+        self.flag.task.register(cx.waker());
         if !self.flag.woken.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }

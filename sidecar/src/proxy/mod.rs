@@ -450,7 +450,7 @@ impl Proxy {
                             _ => Arc::clone(&accepted_with),
                         };
                         let busy = busy.busy();
-                        async move { http.handle(req, peer, busy).await }
+                        async move { Ok(http.handle(req, peer, busy).await) }
                     };
                     let io = idle::Tracked::new(stream, Arc::clone(&activity));
                     // Retired by a reload or when the proxy stops accepting.

@@ -69,7 +69,9 @@ pub fn http1_builder() -> http1::Builder {
 
 /// Serves the connection until it closes, or until `shutdown` fires and
 /// what is in flight has been answered (new requests are then refused:
-/// HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`).
+/// HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`). `service` answers a
+/// request (it cannot fail: the `Result` is what hyper's servers take, so
+/// its future goes to hyper as it is).
 pub async fn connection<S, F>(
     mut io: Tracked<TcpStream>,
     h1: &http1::Builder,
@@ -78,7 +80,7 @@ pub async fn connection<S, F>(
 ) -> Result<(), ServeError>
 where
     S: Fn(Request<ClientBody>) -> F + Clone + Send + 'static,
-    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+    F: Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
 {
     let mut first = BytesMut::with_capacity(FIRST_READ);
     // A client that starts the preface and stalls is cut off like a slow
@@ -111,10 +113,8 @@ where
     if http2 {
         return serve_h2(io, service, shutdown).await;
     }
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let answer = service(req.map(ClientBody::H1));
-        async move { Ok::<_, Infallible>(answer.await) }
-    });
+    let service =
+        hyper::service::service_fn(move |req: Request<Incoming>| service(req.map(ClientBody::H1)));
     let mut conn = pin!(
         h1.serve_connection(TokioIo::new(io), service)
             .with_upgrades()
@@ -148,7 +148,7 @@ async fn serve_h2<S, F, W>(
 ) -> Result<(), ServeError>
 where
     S: Fn(Request<ClientBody>) -> F + Clone + Send + 'static,
-    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+    F: Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
     W: Future<Output = ()>,
 {
     let handshake = h2::server::Builder::new()
@@ -218,7 +218,7 @@ async fn keep_alive(pinger: Option<PingPong>) {
 async fn stream<S, F>(service: S, req: Request<RecvStream>, mut respond: SendResponse<Bytes>)
 where
     S: Fn(Request<ClientBody>) -> F,
-    F: Future<Output = Response<ResponseBody>>,
+    F: Future<Output = Result<Response<ResponseBody>, Infallible>>,
 {
     let (parts, recv) = req.into_parts();
     let length = content_length(&parts.headers);
@@ -226,7 +226,10 @@ where
     let mut answer = pin!(service(Request::from_parts(parts, body)));
     let response = tokio::select! {
         biased;
-        response = answer.as_mut() => response,
+        response = answer.as_mut() => match response {
+            Ok(response) => response,
+            Err(never) => match never {},
+        },
         reset = poll_fn(|cx| respond.poll_reset(cx)) => {
             tracing::debug!(reason = ?reset.ok(), "the client reset the stream before the answer");
             return;
@@ -350,7 +353,7 @@ mod tests {
                 let body = Full::new(Bytes::from(req.uri().path().to_owned()))
                     .map_err(|never| match never {})
                     .boxed_unsync();
-                Response::new(ResponseBody::Own(body))
+                Ok(Response::new(ResponseBody::Own(body)))
             };
             let _ = connection(io, &http1_builder(), service, CancellationToken::new()).await;
         });
@@ -431,7 +434,7 @@ mod tests {
                     let body = Full::new(Bytes::from(req.uri().path().to_owned()))
                         .map_err(|never| match never {})
                         .boxed_unsync();
-                    Response::new(ResponseBody::Own(body))
+                    Ok(Response::new(ResponseBody::Own(body)))
                 }
             };
             connection(io, &http1_builder(), service, token).await
@@ -473,7 +476,7 @@ mod tests {
         let served = tokio::spawn(async move {
             let (socket, _) = listener.accept().await.expect("accept");
             let io = Tracked::new(socket, Arc::new(Activity::new(true)));
-            let service = |_: Request<ClientBody>| async { Response::new(ResponseBody::Empty) };
+            let service = |_: Request<ClientBody>| async { Ok(Response::new(ResponseBody::Empty)) };
             connection(io, &http1_builder(), service, CancellationToken::new()).await
         });
         let mut client = TcpStream::connect(addr).await.expect("connect");
