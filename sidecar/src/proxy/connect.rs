@@ -613,4 +613,36 @@ mod tests {
         get(&pool, addr).await;
         assert_eq!(opened(), 3);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_upstream_that_stops_answering_pings_is_closed() {
+        // A peer that takes every byte and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut sink = vec![0u8; 64 * 1024];
+            while matches!(
+                tokio::io::AsyncReadExt::read(&mut socket, &mut sink).await,
+                Ok(1..)
+            ) {}
+        });
+        let cluster = cluster(addr);
+        let io = connect(&cluster, addr).await.expect("connect");
+        let conn = h2c::Conn::handshake(io, tracing::Span::none())
+            .await
+            .expect("handshake");
+        tokio::time::sleep(h2c::KEEP_ALIVE_INTERVAL).await;
+        assert!(!conn.is_closed(), "open until a PING goes unanswered");
+        // Paused time moves on while the connection waits for the PONG.
+        for _ in 0..100 {
+            if conn.is_closed() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert!(conn.is_closed(), "closed once the PING went unanswered");
+    }
 }

@@ -10,15 +10,16 @@
 //! (a streamed one, or one waiting for flow-control window) is piped by a
 //! task of its own, as hyper does.
 
-use std::future::Future;
-use std::pin::Pin;
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use h2::{Reason, RecvStream, SendStream};
+use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper::{Request, Response};
 use tracing::Instrument;
@@ -26,6 +27,7 @@ use tracing::Instrument;
 use super::BoxError;
 use super::connect::Counted;
 use super::headers::content_length;
+use super::idle::OnOwnWake;
 
 /// Stream window per request and connection window (hyper's defaults, so
 /// a large body is not held up by a small window).
@@ -38,6 +40,13 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 const MAX_HEADER_LIST: u32 = super::MAX_HEADER_BYTES as u32;
 /// Streams opened before the upstream's SETTINGS say how many it allows.
 const INITIAL_MAX_STREAMS: usize = 100;
+/// A PING this often on every HTTP/2 connection (upstream and client);
+/// no answer within the timeout closes it: a peer that vanished without a
+/// FIN or RST (a host gone, a partition) is noticed in 40 s, not at the
+/// next request timeout, and its streams fail at once (and are retried
+/// where that is safe).
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One HTTP/2 connection to an endpoint, shared by every request to it.
 #[derive(Clone)]
@@ -61,7 +70,7 @@ impl Conn {
     /// SETTINGS); the connection's frames are then read and written by a
     /// task of its own until it closes.
     pub async fn handshake(io: Counted, span: tracing::Span) -> Result<Conn, h2::Error> {
-        let (sender, connection) = h2::client::Builder::new()
+        let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_header_list_size(MAX_HEADER_LIST)
@@ -72,12 +81,20 @@ impl Conn {
             .await?;
         let closed = Arc::new(AtomicBool::new(false));
         let ended = Arc::clone(&closed);
+        let pinger = connection.ping_pong();
         // The connection ends by itself once every handle and stream on it
         // is gone (the pool drops its handle when the connection idles out).
         tokio::spawn(
             async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                let mut keep_alive = pin!(OnOwnWake::new(keep_alive(pinger)));
+                tokio::select! {
+                    biased;
+                    result = &mut connection => if let Err(e) = result {
+                        tracing::debug!(error = %e, "upstream connection ended with an error");
+                    },
+                    () = keep_alive.as_mut() => {
+                        tracing::warn!("the upstream did not answer a PING within {KEEP_ALIVE_TIMEOUT:?}; connection closed");
+                    }
                 }
                 ended.store(true, Ordering::Release);
             }
@@ -136,6 +153,26 @@ impl Ready {
         let (parts, recv) = response.into_parts();
         let length = content_length(&parts.headers);
         Ok(Response::from_parts(parts, Body::new(recv, length)))
+    }
+}
+
+/// Resolves when a PING on the connection went unanswered for
+/// [`KEEP_ALIVE_TIMEOUT`]; never when there is no PING handle or the
+/// connection is closing anyway.
+pub async fn keep_alive(pinger: Option<PingPong>) {
+    let Some(mut pinger) = pinger else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
+        if pinger.send_ping(Ping::opaque()).is_err() {
+            return std::future::pending().await;
+        }
+        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, poll_fn(|cx| pinger.poll_pong(cx))).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
     }
 }
 

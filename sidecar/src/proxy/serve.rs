@@ -15,11 +15,10 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use h2::server::SendResponse;
-use h2::{Ping, PingPong, Reason, RecvStream};
+use h2::{Reason, RecvStream};
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
@@ -46,9 +45,6 @@ const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 1024 * 1024;
 /// Bytes a response stream may have buffered before sending waits.
 const MAX_SEND_BUFFER: usize = 400 * 1024;
-/// A PING this often; no answer within the timeout closes the connection.
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The HTTP/1.1 server's settings for every connection.
 pub fn http1_builder() -> http1::Builder {
@@ -137,7 +133,8 @@ pub enum ServeError {
     Http1(hyper::Error),
     #[error(transparent)]
     H2(h2::Error),
-    #[error("the HTTP/2 preface and SETTINGS did not arrive within {HEADER_READ_TIMEOUT:?}")]
+    /// Nothing, part of the HTTP/2 preface, or no HTTP/2 handshake.
+    #[error("the client did not start a request within {HEADER_READ_TIMEOUT:?}")]
     Slow,
 }
 
@@ -164,7 +161,7 @@ where
         Ok(conn) => conn.map_err(ServeError::H2)?,
         Err(_) => return Err(ServeError::Slow),
     };
-    let mut keep_alive = pin!(OnOwnWake::new(keep_alive(conn.ping_pong())));
+    let mut keep_alive = pin!(OnOwnWake::new(h2c::keep_alive(conn.ping_pong())));
     let mut closing = false;
     loop {
         tokio::select! {
@@ -184,31 +181,12 @@ where
                 conn.graceful_shutdown();
             }
             () = keep_alive.as_mut() => {
-                tracing::debug!("the client did not answer a PING within {KEEP_ALIVE_TIMEOUT:?}; closing");
+                tracing::debug!("the client did not answer a PING in time; closing");
                 conn.abrupt_shutdown(Reason::NO_ERROR);
                 // Flush the GOAWAY, at most as long as a PING was given.
-                let _ = tokio::time::timeout(KEEP_ALIVE_TIMEOUT, poll_fn(|cx| conn.poll_closed(cx))).await;
+                let _ = tokio::time::timeout(h2c::KEEP_ALIVE_TIMEOUT, poll_fn(|cx| conn.poll_closed(cx))).await;
                 return Ok(());
             }
-        }
-    }
-}
-
-/// Resolves when a PING went unanswered for [`KEEP_ALIVE_TIMEOUT`].
-async fn keep_alive(pinger: Option<PingPong>) {
-    let Some(mut pinger) = pinger else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
-        if pinger.send_ping(Ping::opaque()).is_err() {
-            // The connection is closing: it ends by itself.
-            return std::future::pending().await;
-        }
-        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, poll_fn(|cx| pinger.poll_pong(cx))).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return std::future::pending().await,
-            Err(_) => return,
         }
     }
 }
@@ -294,6 +272,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
             let n = self.first.len().min(buf.remaining());
             buf.put_slice(&self.first[..n]);
             self.first.advance(n);
+            if self.first.is_empty() {
+                // Free the first read's buffer: an idle connection keeps
+                // only what its server holds.
+                self.first = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
@@ -333,6 +316,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::time::Duration;
 
     use http_body_util::{BodyExt, Full};
     use tokio::io::AsyncWriteExt;
@@ -497,7 +481,7 @@ mod tests {
         let start = tokio::time::Instant::now();
         let ended = silent_after(PREFACE).await;
         assert!(ended.is_ok(), "{ended:?}");
-        assert!(start.elapsed() <= KEEP_ALIVE_INTERVAL + 2 * KEEP_ALIVE_TIMEOUT);
+        assert!(start.elapsed() <= h2c::KEEP_ALIVE_INTERVAL + 2 * h2c::KEEP_ALIVE_TIMEOUT);
     }
 
     #[tokio::test]
