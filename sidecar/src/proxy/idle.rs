@@ -20,6 +20,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -243,11 +244,23 @@ impl<F: Future> Future for OnOwnWake<F> {
 pub struct Tracked<T> {
     inner: T,
     activity: Arc<Activity>,
+    /// Bytes already read (to tell the protocols apart), read again first.
+    unread: Bytes,
 }
 
 impl<T> Tracked<T> {
     pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        Tracked { inner, activity }
+        Tracked {
+            inner,
+            activity,
+            unread: Bytes::new(),
+        }
+    }
+
+    /// Puts `bytes` (read from this socket) back in front of what it gives
+    /// next; they were counted as activity when first read.
+    pub fn unread(&mut self, bytes: Bytes) {
+        self.unread = bytes;
     }
 }
 
@@ -257,6 +270,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.unread.is_empty() {
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread[..n]);
+            self.unread.advance(n);
+            if self.unread.is_empty() {
+                // Freed: an idle connection keeps only what its server holds.
+                self.unread = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {

@@ -14,9 +14,8 @@ use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
-use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream};
 use hyper::body::{Body as _, Incoming};
@@ -24,7 +23,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -101,10 +100,7 @@ where
         Ok(Err(e)) => return Err(ServeError::Io(e)),
         Err(_) => return Err(ServeError::Slow),
     };
-    let io = Rewind {
-        first: first.freeze(),
-        inner: io,
-    };
+    io.unread(first.freeze());
     let mut shutdown = pin!(OnOwnWake::new(shutdown.cancelled_owned()));
     if http2 {
         return serve_h2(io, service, shutdown).await;
@@ -139,7 +135,7 @@ pub enum ServeError {
 }
 
 async fn serve_h2<S, F, W>(
-    io: Rewind<Tracked<TcpStream>>,
+    io: Tracked<TcpStream>,
     service: S,
     mut shutdown: Pin<&mut OnOwnWake<W>>,
 ) -> Result<(), ServeError>
@@ -253,64 +249,6 @@ fn date() -> HeaderValue {
         }
         value.clone()
     })
-}
-
-/// The socket with what was read to tell the protocols apart put back in
-/// front.
-struct Rewind<T> {
-    first: Bytes,
-    inner: T,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.first.is_empty() {
-            let n = self.first.len().min(buf.remaining());
-            buf.put_slice(&self.first[..n]);
-            self.first.advance(n);
-            if self.first.is_empty() {
-                // Free the first read's buffer: an idle connection keeps
-                // only what its server holds.
-                self.first = Bytes::new();
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
 }
 
 #[cfg(test)]
