@@ -172,7 +172,6 @@ pub enum SendError {
 /// listener's cluster, by endpoint address.
 pub struct Pool<B> {
     cluster: Arc<Cluster>,
-    http2: bool,
     h1: http1::Builder,
     shared: Arc<Shared<B>>,
     /// HTTP/1.1 connections driven by their requests (see [`h1`]).
@@ -184,7 +183,6 @@ impl<B> Clone for Pool<B> {
     fn clone(&self) -> Self {
         Pool {
             cluster: Arc::clone(&self.cluster),
-            http2: self.http2,
             h1: self.h1.clone(),
             shared: Arc::clone(&self.shared),
             inline: Arc::clone(&self.inline),
@@ -196,7 +194,6 @@ impl<B> std::fmt::Debug for Pool<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
             .field("upstream", &self.cluster.config().name)
-            .field("http2", &self.http2)
             .finish_non_exhaustive()
     }
 }
@@ -334,8 +331,9 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    /// `http2`: the upstream speaks HTTP/2 (prior knowledge) only.
-    pub fn new(cluster: Arc<Cluster>, http2: bool) -> Self {
+    /// Connections are opened as requests need them: HTTP/1.1 by
+    /// [`Pool::send`] and [`Pool::send_inline`], HTTP/2 by [`Pool::send_h2`].
+    pub fn new(cluster: Arc<Cluster>) -> Self {
         Pool {
             shared: Arc::new(Shared {
                 idle: Mutex::new(Idle {
@@ -352,7 +350,6 @@ where
                 cluster.config().name.clone(),
             ),
             cluster,
-            http2,
             h1: http1::Builder::new(),
         }
     }
@@ -485,6 +482,17 @@ where
         Some(conn.clone())
     }
 
+    /// Stops sharing the endpoint's HTTP/2 connection: a request on it got
+    /// no answer within its timeout, and the connection may be dead without
+    /// a FIN or RST (a host gone, a partition). Streams on it go on; the
+    /// next request opens a new connection.
+    pub fn retire_h2(&self, addr: SocketAddr) {
+        let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.h2.remove(&addr).is_some() {
+            tracing::debug!(endpoint = %addr, "a request timed out: the shared HTTP/2 connection is retired");
+        }
+    }
+
     fn forget_h2(&self, addr: SocketAddr, conn: &h2c::Conn) {
         let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.h2.get(&addr).is_some_and(|(c, _)| c.same(conn)) {
@@ -596,7 +604,7 @@ mod tests {
     async fn idle_connections_are_reused_and_closed_ones_replaced() {
         let addr = server(Duration::from_millis(300)).await;
         let cluster = cluster(addr);
-        let pool = Pool::<TestBody>::new(Arc::clone(&cluster), false);
+        let pool = Pool::<TestBody>::new(Arc::clone(&cluster));
         let opened = || cluster.metrics.connections.load(Ordering::Relaxed);
         get(&pool, addr).await;
         get(&pool, addr).await;
@@ -614,35 +622,47 @@ mod tests {
         assert_eq!(opened(), 3);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn an_http2_upstream_that_stops_answering_pings_is_closed() {
+    #[tokio::test]
+    async fn a_retired_http2_connection_is_replaced_for_the_next_request() {
         // A peer that takes every byte and never answers.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.expect("accept");
-            let mut sink = vec![0u8; 64 * 1024];
-            while matches!(
-                tokio::io::AsyncReadExt::read(&mut socket, &mut sink).await,
-                Ok(1..)
-            ) {}
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
         });
         let cluster = cluster(addr);
-        let io = connect(&cluster, addr).await.expect("connect");
-        let conn = h2c::Conn::handshake(io, tracing::Span::none())
-            .await
-            .expect("handshake");
-        tokio::time::sleep(h2c::KEEP_ALIVE_INTERVAL).await;
-        assert!(!conn.is_closed(), "open until a PING goes unanswered");
-        // Paused time moves on while the connection waits for the PONG.
-        for _ in 0..100 {
-            if conn.is_closed() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        assert!(conn.is_closed(), "closed once the PING went unanswered");
+        let pool = Pool::<TestBody>::new(Arc::clone(&cluster));
+        let opened = || cluster.metrics.connections.load(Ordering::Relaxed);
+        let head = || {
+            Request::get(format!("http://{addr}/"))
+                .body(())
+                .expect("request")
+        };
+        let silent = tokio::time::timeout(
+            Duration::from_millis(200),
+            pool.send_h2(addr, head(), Empty::<bytes::Bytes>::new()),
+        );
+        assert!(silent.await.is_err(), "no answer from a silent upstream");
+        assert_eq!(opened(), 1);
+        // Still shared: the next request would go to the same connection...
+        let again = tokio::time::timeout(
+            Duration::from_millis(50),
+            pool.send_h2(addr, head(), Empty::<bytes::Bytes>::new()),
+        );
+        assert!(again.await.is_err());
+        assert_eq!(opened(), 1);
+        // ...until a timed-out request retires it.
+        pool.retire_h2(addr);
+        let fresh = tokio::time::timeout(
+            Duration::from_millis(50),
+            pool.send_h2(addr, head(), Empty::<bytes::Bytes>::new()),
+        );
+        assert!(fresh.await.is_err());
+        assert_eq!(opened(), 2, "a new connection after the retirement");
     }
 }

@@ -10,16 +10,15 @@
 //! (a streamed one, or one waiting for flow-control window) is piped by a
 //! task of its own, as hyper does.
 
-use std::future::{Future, poll_fn};
-use std::pin::{Pin, pin};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
+use h2::{Reason, RecvStream, SendStream};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper::{Request, Response};
 use tracing::Instrument;
@@ -27,7 +26,6 @@ use tracing::Instrument;
 use super::BoxError;
 use super::connect::Counted;
 use super::headers::content_length;
-use super::idle::OnOwnWake;
 
 /// Stream window per request and connection window (hyper's defaults, so
 /// a large body is not held up by a small window).
@@ -40,13 +38,6 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 const MAX_HEADER_LIST: u32 = super::MAX_HEADER_BYTES as u32;
 /// Streams opened before the upstream's SETTINGS say how many it allows.
 const INITIAL_MAX_STREAMS: usize = 100;
-/// A PING this often on every HTTP/2 connection (upstream and client);
-/// no answer within the timeout closes it: a peer that vanished without a
-/// FIN or RST (a host gone, a partition) is noticed in 40 s, not at the
-/// next request timeout, and its streams fail at once (and are retried
-/// where that is safe).
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
-pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One HTTP/2 connection to an endpoint, shared by every request to it.
 #[derive(Clone)]
@@ -70,7 +61,7 @@ impl Conn {
     /// SETTINGS); the connection's frames are then read and written by a
     /// task of its own until it closes.
     pub async fn handshake(io: Counted, span: tracing::Span) -> Result<Conn, h2::Error> {
-        let (sender, mut connection) = h2::client::Builder::new()
+        let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_header_list_size(MAX_HEADER_LIST)
@@ -81,20 +72,16 @@ impl Conn {
             .await?;
         let closed = Arc::new(AtomicBool::new(false));
         let ended = Arc::clone(&closed);
-        let pinger = connection.ping_pong();
         // The connection ends by itself once every handle and stream on it
-        // is gone (the pool drops its handle when the connection idles out).
+        // is gone (the pool drops its handle when the connection idles out,
+        // or when a request on it timed out: see `Pool::retire_h2`). No
+        // keep-alive PINGs: gRPC servers (grpc-go, grpc-java) answer PINGs
+        // more often than every 5 minutes, or on a connection without
+        // streams, with GOAWAY `too_many_pings`.
         tokio::spawn(
             async move {
-                let mut keep_alive = pin!(OnOwnWake::new(keep_alive(pinger)));
-                tokio::select! {
-                    biased;
-                    result = &mut connection => if let Err(e) = result {
-                        tracing::debug!(error = %e, "upstream connection ended with an error");
-                    },
-                    () = keep_alive.as_mut() => {
-                        tracing::warn!("the upstream did not answer a PING within {KEEP_ALIVE_TIMEOUT:?}; connection closed");
-                    }
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
                 }
                 ended.store(true, Ordering::Release);
             }
@@ -112,8 +99,10 @@ impl Conn {
         Arc::ptr_eq(&self.closed, &other.closed)
     }
 
-    /// A handle that can open a stream now; an error when the connection
-    /// can take none (closed or going away: nothing was sent).
+    /// A handle to open a stream with; an error when the connection can
+    /// take none (closed or going away: nothing was sent). Streams beyond
+    /// the upstream's `MAX_CONCURRENT_STREAMS` wait inside h2 until others
+    /// end (bounded by the cluster's `max_requests` and the request timeout).
     pub async fn ready(&self) -> Result<Ready, h2::Error> {
         let sender = self.sender.clone().ready().await?;
         Ok(Ready { sender })
@@ -153,26 +142,6 @@ impl Ready {
         let (parts, recv) = response.into_parts();
         let length = content_length(&parts.headers);
         Ok(Response::from_parts(parts, Body::new(recv, length)))
-    }
-}
-
-/// Resolves when a PING on the connection went unanswered for
-/// [`KEEP_ALIVE_TIMEOUT`]; never when there is no PING handle or the
-/// connection is closing anyway.
-pub async fn keep_alive(pinger: Option<PingPong>) {
-    let Some(mut pinger) = pinger else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
-        if pinger.send_ping(Ping::opaque()).is_err() {
-            return std::future::pending().await;
-        }
-        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, poll_fn(|cx| pinger.poll_pong(cx))).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return std::future::pending().await,
-            Err(_) => return,
-        }
     }
 }
 
@@ -262,7 +231,10 @@ where
                 Some(Err(e)) => {
                     let e: BoxError = e.into();
                     tracing::debug!(error = %e, "the body broke off");
-                    me.stream.send_reset(me.on_error);
+                    // An HTTP/2 reset behind the failure (the upstream's
+                    // CANCEL, REFUSED_STREAM, …) is passed on as it was.
+                    let reason = reset_reason(&*e).unwrap_or(me.on_error);
+                    me.stream.send_reset(reason);
                     return Poll::Ready(());
                 }
                 None => {
@@ -272,6 +244,19 @@ where
             }
         }
     }
+}
+
+/// The reason of the HTTP/2 reset somewhere in `error`'s chain of causes.
+pub fn reset_reason(error: &(dyn std::error::Error + 'static)) -> Option<Reason> {
+    let mut cause = Some(error);
+    for _ in 0..8 {
+        let e = cause?;
+        if let Some(reason) = e.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+            return Some(reason);
+        }
+        cause = e.source();
+    }
+    None
 }
 
 /// The body of a received HTTP/2 message (an upstream's response, a

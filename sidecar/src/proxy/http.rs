@@ -63,8 +63,7 @@ enum RequestBody {
 impl HttpProxy {
     pub fn new(cluster: Arc<Cluster>, direction: &'static str, access_log: bool) -> Self {
         let protocol = cluster.config().protocol;
-        let http2 = matches!(protocol, Protocol::Http2 | Protocol::Grpc);
-        let pool = Pool::new(Arc::clone(&cluster), http2);
+        let pool = Pool::new(Arc::clone(&cluster));
         HttpProxy {
             cluster,
             direction,
@@ -304,6 +303,11 @@ impl HttpProxy {
             drop(retry_slot.take());
             let error = match result {
                 Err(_) => {
+                    if version == Version::HTTP_2 {
+                        // Maybe a dead connection that no FIN or RST told
+                        // of: the next request gets a new one.
+                        self.pool.retire_h2(endpoint.addr);
+                    }
                     return self.fail(
                         ProxyError::Timeout(config.request_timeout),
                         grpc,
@@ -387,7 +391,12 @@ impl HttpProxy {
                 error,
                 ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout(..)
             );
-            if !matches!(error, ProxyError::CircuitOpen(_)) {
+            // Neither a full circuit nor a client's broken body is the
+            // endpoint's failure.
+            if !matches!(
+                error,
+                ProxyError::CircuitOpen(_) | ProxyError::BadRequest(_)
+            ) {
                 cluster.report(&endpoint, true);
             }
             let safe = (connect && policy.on.connect_failure)
@@ -608,6 +617,15 @@ fn classify(error: SendError) -> ProxyError {
         SendError::Connect(other) => ProxyError::ConnectFailure(other.to_string()),
         SendError::Handshake(..) => ProxyError::ConnectFailure(error.to_string()),
         SendError::Inline(e) => ProxyError::Reset(e.to_string()),
+        // Refused: the upstream did not process the stream (RFC 9113 §8.7),
+        // as safe to send elsewhere as a failed connect.
+        SendError::H2(e) if e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
+            ProxyError::ConnectFailure(format!("the upstream refused the stream: {e}"))
+        }
+        // Reset by the sidecar itself: the client's request body broke off.
+        SendError::H2(e) if e.is_reset() && !e.is_remote() && !e.is_library() => {
+            ProxyError::BadRequest("the request body broke off")
+        }
         SendError::H2(e) => ProxyError::Reset(e.to_string()),
         SendError::Http(e) => {
             let mut text = e.to_string();

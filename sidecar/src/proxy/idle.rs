@@ -38,18 +38,13 @@ pub struct Activity {
     /// not complete yet.
     head_pending: AtomicBool,
     /// Watch request heads (HTTP/1 listeners; off for TCP and once the
-    /// HTTP/2 preface is seen).
+    /// server has seen the HTTP/2 preface).
     heads: AtomicBool,
-    /// The first read has been looked at.
-    first_read: AtomicBool,
     /// The watcher sleeps longer than a quarter of the head timeout: a
     /// head that begins must wake it (see `received`).
     watcher_asleep: AtomicBool,
     head_started: Notify,
 }
-
-/// The HTTP/2 connection preface.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl Activity {
     /// `http`: the connection carries HTTP, so request heads are timed.
@@ -59,7 +54,6 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             head_pending: AtomicBool::new(false),
             heads: AtomicBool::new(http),
-            first_read: AtomicBool::new(false),
             watcher_asleep: AtomicBool::new(false),
             head_started: Notify::new(),
         }
@@ -82,15 +76,8 @@ impl Activity {
     }
 
     /// Bytes arrived from the client.
-    fn received(&self, bytes: &[u8]) {
+    fn received(&self) {
         self.touch();
-        if !self.first_read.swap(true, Ordering::Relaxed) {
-            let n = bytes.len().min(H2_PREFACE.len());
-            if n > 0 && H2_PREFACE.starts_with(&bytes[..n]) {
-                // HTTP/2 has no heads to time here (its own limits apply).
-                self.heads.store(false, Ordering::Relaxed);
-            }
-        }
         if self.heads.load(Ordering::Relaxed)
             && self.in_flight.load(Ordering::Relaxed) == 0
             && !self.head_pending.swap(true, Ordering::Relaxed)
@@ -99,6 +86,13 @@ impl Activity {
             // At most once per long sleep of the watcher, not per request.
             self.head_started.notify_one();
         }
+    }
+
+    /// The connection speaks HTTP/2: no heads to time from here on (the
+    /// preface counted as one until the server recognised it).
+    pub fn http2(&self) {
+        self.heads.store(false, Ordering::Relaxed);
+        self.head_pending.store(false, Ordering::Relaxed);
     }
 
     /// A request head was parsed: the request is in flight until the guard
@@ -257,6 +251,11 @@ impl<T> Tracked<T> {
         }
     }
 
+    /// The activity this socket records.
+    pub fn activity(&self) -> &Activity {
+        &self.activity
+    }
+
     /// Puts `bytes` (read from this socket) back in front of what it gives
     /// next; they were counted as activity when first read.
     pub fn unread(&mut self, bytes: Bytes) {
@@ -283,7 +282,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.activity.received(&buf.filled()[before..]);
+            self.activity.received();
         }
         r
     }
@@ -376,7 +375,7 @@ mod tests {
             .expect("idle once the request is done");
         // Half a head: cut after `first_byte`, though `idle` is long.
         let a = Arc::new(Activity::new(true));
-        a.received(b"GET / HTTP/1.1\r\n");
+        a.received();
         let t = Instant::now();
         a.idle(ms(200), Duration::from_secs(60)).await;
         assert!(t.elapsed() < ms(600));
@@ -386,7 +385,7 @@ mod tests {
         let watch = a.idle(ms(400), Duration::from_secs(60));
         tokio::pin!(watch);
         assert!(tokio::time::timeout(ms(100), watch.as_mut()).await.is_err());
-        a.received(b"GET / HT");
+        a.received();
         let t = Instant::now();
         tokio::time::timeout(ms(600), watch)
             .await
@@ -395,12 +394,12 @@ mod tests {
         // Half a head on a kept-alive connection, after the watcher went
         // to sleep for the long idle timeout: cut after `first_byte` too.
         let a = Arc::new(Activity::new(true));
-        a.received(b"GET / HTTP/1.1\r\n\r\n");
+        a.received();
         drop(a.busy());
         let watch = a.idle(ms(200), Duration::from_secs(60));
         tokio::pin!(watch);
         assert!(tokio::time::timeout(ms(300), watch.as_mut()).await.is_err());
-        a.received(b"GET / HT");
+        a.received();
         let t = Instant::now();
         tokio::time::timeout(ms(1000), watch)
             .await
@@ -409,19 +408,21 @@ mod tests {
         // An idle keep-alive connection (a request done, nothing since)
         // stays open.
         let a = Arc::new(Activity::new(true));
-        a.received(b"GET / HTTP/1.1\r\n\r\n");
+        a.received();
         drop(a.busy());
         assert!(
             tokio::time::timeout(ms(600), a.idle(ms(200), Duration::from_secs(60)))
                 .await
                 .is_err()
         );
-        // HTTP/2 and TCP connections have no heads to time.
-        for (a, bytes) in [
-            (Activity::new(true), H2_PREFACE),
-            (Activity::new(false), &b"GET"[..]),
-        ] {
-            a.received(bytes);
+        // HTTP/2 (once the server has recognised it) and TCP connections
+        // have no heads to time.
+        let h2 = Activity::new(true);
+        h2.received();
+        h2.http2();
+        let tcp = Activity::new(false);
+        tcp.received();
+        for a in [h2, tcp] {
             assert!(
                 tokio::time::timeout(ms(600), a.idle(ms(200), Duration::from_secs(60)))
                     .await

@@ -14,10 +14,11 @@ use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use h2::server::SendResponse;
-use h2::{Reason, RecvStream};
+use h2::{Ping, PingPong, Reason, RecvStream};
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
@@ -44,6 +45,10 @@ const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 1024 * 1024;
 /// Bytes a response stream may have buffered before sending waits.
 const MAX_SEND_BUFFER: usize = 400 * 1024;
+/// A PING this often to an HTTP/2 client; no answer within the timeout
+/// closes the connection (a client that vanished without FIN or RST).
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The HTTP/1.1 server's settings for every connection.
 pub fn http1_builder() -> http1::Builder {
@@ -94,14 +99,24 @@ where
             }
         }
     };
-    let http2 = match tokio::time::timeout(HEADER_READ_TIMEOUT, sniff).await {
+    let mut shutdown = pin!(OnOwnWake::new(shutdown.cancelled_owned()));
+    let sniffed = tokio::select! {
+        biased;
+        sniffed = tokio::time::timeout(HEADER_READ_TIMEOUT, sniff) => sniffed,
+        // Retired before it said anything: nothing to finish.
+        () = shutdown.as_mut() => return Ok(()),
+    };
+    let http2 = match sniffed {
         Ok(Ok(Some(http2))) => http2,
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(e)) => return Err(ServeError::Io(e)),
         Err(_) => return Err(ServeError::Slow),
     };
+    if http2 {
+        // HTTP/2 has no heads to time (its own limits apply).
+        io.activity().http2();
+    }
     io.unread(first.freeze());
-    let mut shutdown = pin!(OnOwnWake::new(shutdown.cancelled_owned()));
     if http2 {
         return serve_h2(io, service, shutdown).await;
     }
@@ -157,7 +172,7 @@ where
         Ok(conn) => conn.map_err(ServeError::H2)?,
         Err(_) => return Err(ServeError::Slow),
     };
-    let mut keep_alive = pin!(OnOwnWake::new(h2c::keep_alive(conn.ping_pong())));
+    let mut keep_alive = pin!(OnOwnWake::new(keep_alive(conn.ping_pong())));
     let mut closing = false;
     loop {
         tokio::select! {
@@ -180,9 +195,28 @@ where
                 tracing::debug!("the client did not answer a PING in time; closing");
                 conn.abrupt_shutdown(Reason::NO_ERROR);
                 // Flush the GOAWAY, at most as long as a PING was given.
-                let _ = tokio::time::timeout(h2c::KEEP_ALIVE_TIMEOUT, poll_fn(|cx| conn.poll_closed(cx))).await;
+                let _ = tokio::time::timeout(KEEP_ALIVE_TIMEOUT, poll_fn(|cx| conn.poll_closed(cx))).await;
                 return Ok(());
             }
+        }
+    }
+}
+
+/// Resolves when a PING went unanswered for [`KEEP_ALIVE_TIMEOUT`]; never
+/// when there is no PING handle or the connection is closing anyway.
+async fn keep_alive(pinger: Option<PingPong>) {
+    let Some(mut pinger) = pinger else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
+        if pinger.send_ping(Ping::opaque()).is_err() {
+            return std::future::pending().await;
+        }
+        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, poll_fn(|cx| pinger.poll_pong(cx))).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
         }
     }
 }
@@ -224,7 +258,10 @@ where
     match respond.send_response(Response::from_parts(head, ()), end) {
         Ok(sending) if !end => h2c::Pipe::new(body, sending, Reason::INTERNAL_ERROR).await,
         Ok(_) => {}
-        Err(e) => tracing::debug!(error = %e, "the response could not be sent"),
+        Err(e) => {
+            tracing::debug!(error = %e, "the response could not be sent");
+            respond.send_reset(Reason::INTERNAL_ERROR);
+        }
     }
 }
 
@@ -419,7 +456,7 @@ mod tests {
         let start = tokio::time::Instant::now();
         let ended = silent_after(PREFACE).await;
         assert!(ended.is_ok(), "{ended:?}");
-        assert!(start.elapsed() <= h2c::KEEP_ALIVE_INTERVAL + 2 * h2c::KEEP_ALIVE_TIMEOUT);
+        assert!(start.elapsed() <= KEEP_ALIVE_INTERVAL + 2 * KEEP_ALIVE_TIMEOUT);
     }
 
     #[tokio::test]
