@@ -58,11 +58,14 @@ SC_BIN=${SC_BIN:-$TARGET/meshwork-sidecar}
 PIN=${PIN:-0}
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
-# on_cpu CPU CMD...: CMD, pinned to CPU when PIN=1.
-on_cpu() {
-    local cpu=$1; shift
-    if [ "$PIN" = 1 ]; then taskset -c "$cpu" "$@"; else "$@"; fi
-}
+# Command prefixes that pin to a CPU when PIN=1 (taskset execs the
+# command, so a background start's $! is the command's own pid).
+PROXY_PIN=()
+LOAD_PIN=()
+if [ "$PIN" = 1 ]; then
+    PROXY_PIN=(taskset -c "$PROXY_CPU")
+    LOAD_PIN=(taskset -c "$LOAD_CPU")
+fi
 
 log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -154,9 +157,9 @@ http {
 $2
 }
 EOF
-    local cpu=$PROXY_CPU
-    [ "$1" = backend ] && cpu=$LOAD_CPU
-    on_cpu "$cpu" nginx -c "$WORK/$1/nginx.conf" -p "$WORK/$1" >"$WORK/logs/$1.out" 2>&1 &
+    local pin=("${PROXY_PIN[@]}")
+    [ "$1" = backend ] && pin=("${LOAD_PIN[@]}")
+    "${pin[@]}" nginx -c "$WORK/$1/nginx.conf" -p "$WORK/$1" >"$WORK/logs/$1.out" 2>&1 &
     LAST_PID=$!
     PIDS+=("$LAST_PID")
 }
@@ -191,7 +194,7 @@ backend b
     http-reuse always
     server s1 $HOST:$3 $srv_opt
 EOF
-    on_cpu "$PROXY_CPU" haproxy -f "$WORK/$1.cfg" -db >"$WORK/logs/$1.log" 2>&1 &
+    "${PROXY_PIN[@]}" haproxy -f "$WORK/$1.cfg" -db >"$WORK/logs/$1.log" 2>&1 &
     LAST_PID=$!
     PIDS+=("$LAST_PID")
 }
@@ -206,7 +209,7 @@ listen = "$HOST:$2"
 
 $3
 EOF
-    on_cpu "$PROXY_CPU" "$SC_BIN" --config "$WORK/$1.toml" --worker-threads 1 --log-level warn \
+    "${PROXY_PIN[@]}" "$SC_BIN" --config "$WORK/$1.toml" --worker-threads 1 --log-level warn \
         >"$WORK/logs/$1.out" 2>"$WORK/logs/$1.log" &
     LAST_PID=$!
     PIDS+=("$LAST_PID")
@@ -232,7 +235,7 @@ log "starting the backend (nginx, h1 :18080, h2c :18081), a registry, the proxie
 nginx_conf backend "    server { listen $HOST:18080; listen $HOST:18081 http2; location / { return 200 \"hello world\\n\"; } }"
 BACKEND_PID=$LAST_PID
 mkdir -p "$WORK/mw"
-on_cpu "$LOAD_CPU" "$MW_BIN" --node-id 1 --data-dir "$WORK/mw" --http-addr "$HOST:18531" --grpc-addr "$HOST:18631" \
+"${LOAD_PIN[@]}" "$MW_BIN" --node-id 1 --data-dir "$WORK/mw" --http-addr "$HOST:18531" --grpc-addr "$HOST:18631" \
     --raft-addr "$HOST:18331" --dns-addr "$HOST:18731" --peers "1@$HOST:18331" --log-level warn \
     >"$WORK/logs/registry.log" 2>&1 &
 PIDS+=("$!")
@@ -298,9 +301,9 @@ run() { # shape, proto (h1/h2), url, proxy pids...
     local shape=$1 proto=$2 url=$3; shift 3
     local pids=("$@") out t0 t1 s0 s1 busy rss
     if [ "$proto" = h1 ]; then
-        on_cpu "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
+        "${LOAD_PIN[@]}" wrk -t1 -c"$CONNS" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
     else
-        on_cpu "$LOAD_CPU" h2load -c"$H2_CONNS" -m"$H2_STREAMS" -D"$WARMUP" "$url" >/dev/null 2>&1 || true
+        "${LOAD_PIN[@]}" h2load -c"$H2_CONNS" -m"$H2_STREAMS" -D"$WARMUP" "$url" >/dev/null 2>&1 || true
     fi
     local perf_pid=""
     if [ "${PERF:-0}" = 1 ] && [ "${#pids[@]}" -gt 0 ] && [[ $shape == sidecar* ]]; then
@@ -314,10 +317,10 @@ run() { # shape, proto (h1/h2), url, proxy pids...
     fi
     t0=$(cpu_ticks "${pids[@]}"); s0=$(sys_cpu)
     if [ "$proto" = h1 ]; then
-        out=$(on_cpu "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$BENCH_DIR/proxy-wrk.lua" "$url" | tail -n 1)
+        out=$("${LOAD_PIN[@]}" wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$BENCH_DIR/proxy-wrk.lua" "$url" | tail -n 1)
     else
         rm -f "$WORK/h2.log"
-        on_cpu "$LOAD_CPU" h2load -c"$H2_CONNS" -m"$H2_STREAMS" -D"$DURATION" --log-file="$WORK/h2.log" "$url" \
+        "${LOAD_PIN[@]}" h2load -c"$H2_CONNS" -m"$H2_STREAMS" -D"$DURATION" --log-file="$WORK/h2.log" "$url" \
             >"$RAW_DIR/h2load-$shape.txt" 2>&1 || true
         out=$(python3 - "$WORK/h2.log" "$DURATION" <<'EOF'
 import json, sys
