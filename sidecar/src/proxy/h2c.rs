@@ -130,11 +130,11 @@ impl Ready {
         if !end {
             let mut pipe = Pipe::new(body, stream, Reason::CANCEL);
             // Most bodies (a buffered one within the window) go out at once;
-            // only one that must wait gets a task.
-            let done =
-                std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut pipe).poll(cx).is_ready()))
-                    .await;
-            if !done {
+            // only one that must wait gets a task. Polled here without a
+            // waker: the task's first poll registers its own, and no await
+            // keeps the pipe in this future.
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if Pin::new(&mut pipe).poll(&mut cx).is_pending() {
                 tokio::spawn(pipe.in_current_span());
             }
         }

@@ -139,7 +139,7 @@ where
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
-    Io(#[from] io::Error),
+    Io(io::Error),
     #[error(transparent)]
     Http1(hyper::Error),
     #[error(transparent)]
