@@ -665,4 +665,88 @@ mod tests {
         assert!(fresh.await.is_err());
         assert_eq!(opened(), 2, "a new connection after the retirement");
     }
+
+    /// A request body fed by the test, chunk by chunk.
+    struct ChannelBody(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+    impl Body for ChannelBody {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>>
+        {
+            self.0
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|c| Ok(hyper::body::Frame::data(c))))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_http2_exchange_stops_streaming_its_request_body() {
+        // An HTTP/2 upstream that reads the request body and never answers;
+        // it reports the first chunk, then how the body ended.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let Ok((socket, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(mut connection) = h2::server::handshake(socket).await else {
+                return;
+            };
+            let Some(Ok((request, _respond))) = connection.accept().await else {
+                return;
+            };
+            // The connection's frames go on being read meanwhile.
+            tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            let mut body = request.into_body();
+            let first = body.data().await.and_then(Result::ok);
+            let _ = body
+                .flow_control()
+                .release_capacity(first.as_ref().map_or(0, |b| b.len()));
+            let _ = first_tx.send(first);
+            let end = match body.data().await {
+                Some(Err(e)) => Some(e.reason()),
+                _ => None,
+            };
+            let _ = end_tx.send(end);
+            // `_respond` lives until here: the request stays unanswered.
+        });
+        let cluster = cluster(addr);
+        let pool = Pool::<TestBody>::new(Arc::clone(&cluster));
+        let (chunks, rx) = tokio::sync::mpsc::channel(4);
+        chunks
+            .send(bytes::Bytes::from_static(b"first chunk"))
+            .await
+            .expect("queued");
+        let head = Request::post(format!("http://{addr}/upload"))
+            .body(())
+            .expect("request");
+        let exchange = pool.send_h2(addr, head, ChannelBody(rx));
+        // Given up on (a request timeout, a client gone) once the upstream
+        // has the first chunk; the client's body is still open.
+        let gave_up = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::select! {
+                _ = exchange => panic!("the upstream never answers"),
+                first = first_rx => first,
+            }
+        })
+        .await
+        .expect("the upstream got the first chunk in time")
+        .expect("reported");
+        assert_eq!(gave_up.as_deref(), Some(&b"first chunk"[..]));
+        let end = tokio::time::timeout(Duration::from_secs(5), end_rx)
+            .await
+            .expect("the request stream was cancelled, not left streaming")
+            .expect("reported");
+        assert_eq!(end, Some(Some(h2::Reason::CANCEL)));
+        assert!(chunks.is_closed(), "the client's body was let go of");
+    }
 }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
+use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{Reason, RecvStream, SendStream};
@@ -127,6 +128,7 @@ impl Ready {
         let end = body.is_end_stream();
         let (response, stream) = self.sender.send_request(head, end)?;
         drop(self);
+        let mut abandon = None;
         if !end {
             let mut pipe = Pipe::new(body, stream, Reason::CANCEL);
             // Most bodies (a buffered one within the window) go out at once;
@@ -135,26 +137,63 @@ impl Ready {
             // keeps the pipe in this future.
             let mut cx = Context::from_waker(std::task::Waker::noop());
             if Pin::new(&mut pipe).poll(&mut cx).is_pending() {
+                // The task stops (and resets the stream) once nobody waits
+                // for this exchange: this future dropped before the answer
+                // (timed out, the client gone), or the answer's body.
+                let (guard, watch) = Abandon::new();
+                pipe.abandon = Some(watch);
+                abandon = Some(guard);
                 tokio::spawn(pipe.in_current_span());
             }
         }
         let response = response.await?;
         let (parts, recv) = response.into_parts();
         let length = content_length(&parts.headers);
-        Ok(Response::from_parts(parts, Body::new(recv, length)))
+        let mut body = Body::new(recv, length);
+        body.abandon = abandon;
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// Held by whoever waits for an exchange whose request body a task pipes
+/// upstream; dropped, it stops that task ([`Pipe`] resets the stream with
+/// CANCEL and lets go of the client's body) rather than letting it stream
+/// the rest of a body nobody will get an answer for.
+struct Abandon(Arc<Abandoned>);
+
+#[derive(Default)]
+struct Abandoned {
+    done: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Abandon {
+    /// The guard, and what the pipe watches.
+    fn new() -> (Abandon, Arc<Abandoned>) {
+        let shared = Arc::new(Abandoned::default());
+        (Abandon(Arc::clone(&shared)), shared)
+    }
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        self.0.done.store(true, Ordering::Release);
+        self.0.task.wake();
     }
 }
 
 /// Sends a body on its stream (a request's upstream, a response's
 /// downstream): data as the peer's window allows, then trailers or the end
 /// of the stream. A stream the peer resets ends the pipe; a body that
-/// fails resets the stream with `on_error`.
+/// fails resets the stream with `on_error`; so does an abandoned exchange
+/// (see [`Abandon`]), with CANCEL.
 pub struct Pipe<B> {
     body: B,
     stream: SendStream<Bytes>,
     /// A chunk read from the body, waiting for window.
     held: Option<(Bytes, bool)>,
     on_error: Reason,
+    abandon: Option<Arc<Abandoned>>,
 }
 
 impl<B> Pipe<B> {
@@ -164,6 +203,7 @@ impl<B> Pipe<B> {
             stream,
             held: None,
             on_error,
+            abandon: None,
         }
     }
 }
@@ -177,6 +217,14 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let me = &mut *self;
+        if let Some(abandon) = &me.abandon {
+            abandon.task.register(cx.waker());
+            if abandon.done.load(Ordering::Acquire) {
+                tracing::debug!("nobody waits for the exchange any more; cancelling its stream");
+                me.stream.send_reset(Reason::CANCEL);
+                return Poll::Ready(());
+            }
+        }
         loop {
             // Woken should the upstream reset the stream meanwhile.
             if let Poll::Ready(reset) = me.stream.poll_reset(cx) {
@@ -268,6 +316,9 @@ pub struct Body {
     /// one (h2 checks the data against it).
     remaining: Option<u64>,
     data_done: bool,
+    /// A response's: stops the task still piping its request's body once
+    /// this body is dropped.
+    abandon: Option<Abandon>,
 }
 
 impl Body {
@@ -277,6 +328,7 @@ impl Body {
             recv,
             remaining: length,
             data_done: false,
+            abandon: None,
         }
     }
 }
