@@ -165,12 +165,14 @@ async fn answer(
                 .map(|v| (format!("x-seen-{h}"), v.to_owned()))
         })
         .collect();
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let collected = req.into_body().collect().await.ok();
+    let trailers = collected.as_ref().and_then(|c| c.trailers()).map(|t| {
+        t.iter()
+            .map(|(k, v)| format!("{k}={}", v.to_str().unwrap_or("?")))
+            .collect::<Vec<_>>()
+            .join(",")
+    });
+    let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
     let mut r = Response::new(Full::new(Bytes::from(format!(
         "{name} {}",
         String::from_utf8_lossy(&body)
@@ -178,6 +180,9 @@ async fn answer(
     let headers = r.headers_mut();
     headers.insert("x-backend", name.parse().expect("ascii"));
     headers.insert("x-seen-version", version.parse().expect("ascii"));
+    if let Some(Ok(trailers)) = trailers.map(|t| t.parse()) {
+        headers.insert("x-seen-trailers", trailers);
+    }
     for (k, v) in seen {
         if let (Ok(k), Ok(v)) = (
             hyper::header::HeaderName::from_bytes(k.as_bytes()),
@@ -942,6 +947,11 @@ async fn http2_and_grpc_streaming_with_trailers() -> Result<()> {
     let req = Request::post(format!("http://{c2_ip}:{UPSTREAM_PORT}/big")).body(Chunks(49))?;
     let r = tokio::time::timeout(Duration::from_secs(30), h2.request(req)).await??;
     ensure!(r.status() == 200, "{}", r.status());
+    let r_trailers = r
+        .headers()
+        .get("x-seen-trailers")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let body = r.into_body().collect().await?.to_bytes();
     let expected = "h2-echo ".len() + 48 * CHUNK.len();
     ensure!(
@@ -950,6 +960,27 @@ async fn http2_and_grpc_streaming_with_trailers() -> Result<()> {
         body.len()
     );
     ensure!(body.ends_with(CHUNK), "the body arrived whole");
+    ensure!(
+        r_trailers == Some("x-sum=done".to_owned()),
+        "the streamed body's trailers reached the app: {r_trailers:?}"
+    );
+    // A small body with a length (kept in memory, for retries) and
+    // trailers: the trailers go upstream with it.
+    let h2 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Trailed>();
+    let req = Request::post(format!("http://{c2_ip}:{UPSTREAM_PORT}/kept"))
+        .header("content-length", "5")
+        .body(Trailed(2))?;
+    let r = tokio::time::timeout(Duration::from_secs(30), h2.request(req)).await??;
+    ensure!(r.status() == 200, "{}", r.status());
+    let seen = r.headers().get("x-seen-trailers").cloned();
+    let body = r.into_body().collect().await?.to_bytes();
+    ensure!(body == "h2-echo hello".as_bytes(), "{body:?}");
+    ensure!(
+        seen.as_ref().and_then(|v| v.to_str().ok()) == Some("x-sum=done"),
+        "the kept body's trailers reached the app: {seen:?}"
+    );
     mesh.done();
     Ok(())
 }
@@ -980,6 +1011,37 @@ impl hyper::body::Body for Chunks {
         };
         self.0 = self.0.saturating_sub(1);
         std::task::Poll::Ready(frame)
+    }
+}
+
+/// "hello" (with its length declared by the request), then a trailer:
+/// this many frames left.
+struct Trailed(usize);
+
+impl hyper::body::Body for Trailed {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        use hyper::body::Frame;
+        let frame = match self.0 {
+            0 => None,
+            1 => {
+                let mut trailers = hyper::HeaderMap::new();
+                trailers.insert("x-sum", hyper::header::HeaderValue::from_static("done"));
+                Some(Ok(Frame::trailers(trailers)))
+            }
+            _ => Some(Ok(Frame::data(Bytes::from_static(b"hello")))),
+        };
+        self.0 = self.0.saturating_sub(1);
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0 == 0
     }
 }
 

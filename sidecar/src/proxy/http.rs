@@ -54,9 +54,10 @@ pub struct HttpProxy {
     access_log: bool,
 }
 
-/// The request body: kept (so it can be sent again) or streamed once.
+/// The request body: kept (so it can be sent again), with its trailers if
+/// it had any, or streamed once.
 enum RequestBody {
-    Replayable(Bytes),
+    Replayable(Bytes, Option<hyper::HeaderMap>),
     Streaming(Option<ClientBody>),
 }
 
@@ -187,14 +188,17 @@ impl HttpProxy {
             let policy = &config.retries;
             let deadline = tokio::time::Instant::from_std(start) + config.request_timeout;
             let mut body = if body.is_end_stream() {
-                RequestBody::Replayable(Bytes::new())
+                RequestBody::Replayable(Bytes::new(), None)
             } else if policy.attempts > 0
                 && !upgrade
                 && content_length(&parts.headers).is_some_and(|n| n <= MAX_REPLAY_BODY)
             {
                 // Boxed: only requests with a body get here (see `Pool::send`).
                 match Box::pin(tokio::time::timeout_at(deadline, body.collect())).await {
-                    Ok(Ok(collected)) => RequestBody::Replayable(collected.to_bytes()),
+                    Ok(Ok(collected)) => {
+                        let trailers = collected.trailers().cloned();
+                        RequestBody::Replayable(collected.to_bytes(), trailers)
+                    }
                     Ok(Err(_)) => {
                         return self.fail(
                             ProxyError::BadRequest("the request body broke off"),
@@ -221,10 +225,12 @@ impl HttpProxy {
             };
             // An HTTP/1.1 upstream and a body in memory: the inline leg (see
             // `h1`). Upgrades, CONNECT and streamed bodies go through hyper.
+            // (A message with a length carries no trailers in HTTP/1.1: a
+            // kept body's are for an HTTP/2 upstream.)
             let inline = version == Version::HTTP_11
                 && !upgrade
                 && method != Method::CONNECT
-                && matches!(body, RequestBody::Replayable(_));
+                && matches!(body, RequestBody::Replayable(..));
             let had_length = parts.headers.contains_key(header::CONTENT_LENGTH);
             let idempotent = retry::idempotent(&method);
             let max_attempts = 1 + policy.attempts;
@@ -263,7 +269,7 @@ impl HttpProxy {
                     );
                 };
                 let in_flight = endpoint.start_request();
-                let replayable = matches!(body, RequestBody::Replayable(_));
+                let replayable = matches!(body, RequestBody::Replayable(..));
                 let can_retry = replayable && attempt < max_attempts;
                 let Some(pending) =
                     acquire_owned(cluster, |g| &g.pending, config.limits.max_pending)
@@ -278,7 +284,7 @@ impl HttpProxy {
                     );
                 };
                 let result = match (&mut body, inline) {
-                    (RequestBody::Replayable(bytes), true) => {
+                    (RequestBody::Replayable(bytes, _), true) => {
                         // Encoded straight from the client's headers: nothing
                         // to copy for a retry.
                         let head = h1::RequestHead {
@@ -488,10 +494,12 @@ impl HttpProxy {
     ) -> Result<Request<OutgoingBody>, ProxyError> {
         let version = self.upstream_version();
         let outgoing_body = match body {
-            RequestBody::Replayable(bytes) => OutgoingBody::Full(Some(bytes.clone())),
+            RequestBody::Replayable(bytes, trailers) => {
+                OutgoingBody::Full(Some(bytes.clone()), trailers.clone())
+            }
             RequestBody::Streaming(b) => match b.take() {
                 Some(b) => OutgoingBody::Streaming(b),
-                None => OutgoingBody::Full(None),
+                None => OutgoingBody::Full(None, None),
             },
         };
         let uri = target_uri(version, method, endpoint, path)

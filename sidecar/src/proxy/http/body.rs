@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use hyper::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::proxy::cluster::{InFlight, OwnedGauge};
@@ -55,7 +56,8 @@ impl Body for ClientBody {
 /// The request body sent upstream: a buffered one (sent again on a retry)
 /// or the client's, streamed once.
 pub enum OutgoingBody {
-    Full(Option<Bytes>),
+    /// The data, then the trailers if any.
+    Full(Option<Bytes>, Option<HeaderMap>),
     Streaming(ClientBody),
 }
 
@@ -68,11 +70,13 @@ impl Body for OutgoingBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            OutgoingBody::Full(bytes) => Poll::Ready(
+            OutgoingBody::Full(bytes, trailers) => Poll::Ready(
                 bytes
                     .take()
                     .filter(|b| !b.is_empty())
-                    .map(|b| Ok(Frame::data(b))),
+                    .map(Frame::data)
+                    .or_else(|| trailers.take().map(Frame::trailers))
+                    .map(Ok),
             ),
             OutgoingBody::Streaming(body) => Pin::new(body).poll_frame(cx),
         }
@@ -80,14 +84,16 @@ impl Body for OutgoingBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            OutgoingBody::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
+            OutgoingBody::Full(bytes, trailers) => {
+                bytes.as_ref().is_none_or(Bytes::is_empty) && trailers.is_none()
+            }
             OutgoingBody::Streaming(body) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            OutgoingBody::Full(bytes) => {
+            OutgoingBody::Full(bytes, _) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
             OutgoingBody::Streaming(body) => body.size_hint(),
