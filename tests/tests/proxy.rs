@@ -920,7 +920,12 @@ async fn http2_and_grpc_streaming_with_trailers() -> Result<()> {
     .await?;
     let c2_ip = mesh.ip(101);
     let c2 = mesh
-        .client_sidecar(&c2_ip, "name = \"h2echo\"\nprotocol = \"http2\"")
+        // Retries on (the default, said here): small bodies with a length
+        // are kept in memory for them (see the trailers case below).
+        .client_sidecar(
+            &c2_ip,
+            "name = \"h2echo\"\nprotocol = \"http2\"\nretries = { attempts = 2 }",
+        )
         .await?;
     mesh.sidecars[c2].wait_endpoints(1).await?;
     let h2 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())

@@ -749,4 +749,83 @@ mod tests {
         assert_eq!(end, Some(Some(h2::Reason::CANCEL)));
         assert!(chunks.is_closed(), "the client's body was let go of");
     }
+
+    #[tokio::test]
+    async fn an_upstream_that_answers_early_still_gets_the_rest_of_the_body() {
+        // An HTTP/2 upstream that answers (completely) after the first
+        // chunk, without resetting the stream, and then reads on.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (rest_tx, rest_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let Ok((socket, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(mut connection) = h2::server::handshake(socket).await else {
+                return;
+            };
+            let Some(Ok((request, mut respond))) = connection.accept().await else {
+                return;
+            };
+            tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            let mut body = request.into_body();
+            let mut got = Vec::new();
+            if let Some(Ok(first)) = body.data().await {
+                let _ = body.flow_control().release_capacity(first.len());
+                got.extend_from_slice(&first);
+            }
+            let answer = Response::new(());
+            let Ok(mut stream) = respond.send_response(answer, false) else {
+                return;
+            };
+            let _ = stream.send_data(bytes::Bytes::from_static(b"early"), true);
+            while let Some(chunk) = body.data().await {
+                match chunk {
+                    Ok(chunk) => {
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                        got.extend_from_slice(&chunk);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let _ = rest_tx.send((got, body.is_end_stream()));
+        });
+        let cluster = cluster(addr);
+        let pool = Pool::<TestBody>::new(Arc::clone(&cluster));
+        let (chunks, rx) = tokio::sync::mpsc::channel(4);
+        chunks
+            .send(bytes::Bytes::from_static(b"one "))
+            .await
+            .expect("queued");
+        let head = Request::post(format!("http://{addr}/upload"))
+            .body(())
+            .expect("request");
+        let response = tokio::time::timeout(
+            Duration::from_secs(5),
+            pool.send_h2(addr, head, ChannelBody(rx)),
+        )
+        .await
+        .expect("answered in time")
+        .expect("answered");
+        let body = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
+            .await
+            .expect("read in time")
+            .expect("read")
+            .to_bytes();
+        assert_eq!(&body[..], b"early");
+        // The answer is read and gone; the upload goes on to its end.
+        chunks
+            .send(bytes::Bytes::from_static(b"two"))
+            .await
+            .expect("the pipe still reads the client's body");
+        drop(chunks);
+        let (got, ended) = tokio::time::timeout(Duration::from_secs(5), rest_rx)
+            .await
+            .expect("the upstream got the whole body in time")
+            .expect("reported");
+        assert_eq!(got, b"one two");
+        assert!(ended, "the body ended normally, not with a reset");
+    }
 }

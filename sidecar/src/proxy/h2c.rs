@@ -151,6 +151,10 @@ impl Ready {
         let length = content_length(&parts.headers);
         let mut body = Body::new(recv, length);
         body.abandon = abandon;
+        if body.recv.is_end_stream() {
+            // A head-only answer is complete as it comes.
+            body.complete();
+        }
         Ok(Response::from_parts(parts, body))
     }
 }
@@ -158,8 +162,12 @@ impl Ready {
 /// Held by whoever waits for an exchange whose request body a task pipes
 /// upstream; dropped, it stops that task ([`Pipe`] resets the stream with
 /// CANCEL and lets go of the client's body) rather than letting it stream
-/// the rest of a body nobody will get an answer for.
-struct Abandon(Arc<Abandoned>);
+/// the rest of a body nobody will get an answer for. Disarmed once the
+/// answer has been read to its end: an upstream may answer before it has
+/// read the whole request, and then still reads the rest (RFC 9113 §8.1;
+/// one that wants no more resets the stream with NO_ERROR, which ends the
+/// pipe by itself).
+struct Abandon(Option<Arc<Abandoned>>);
 
 #[derive(Default)]
 struct Abandoned {
@@ -171,14 +179,21 @@ impl Abandon {
     /// The guard, and what the pipe watches.
     fn new() -> (Abandon, Arc<Abandoned>) {
         let shared = Arc::new(Abandoned::default());
-        (Abandon(Arc::clone(&shared)), shared)
+        (Abandon(Some(Arc::clone(&shared))), shared)
+    }
+
+    /// The answer is complete: the pipe goes on by itself.
+    fn disarm(&mut self) {
+        self.0 = None;
     }
 }
 
 impl Drop for Abandon {
     fn drop(&mut self) {
-        self.0.done.store(true, Ordering::Release);
-        self.0.task.wake();
+        if let Some(shared) = self.0.take() {
+            shared.done.store(true, Ordering::Release);
+            shared.task.wake();
+        }
     }
 }
 
@@ -333,6 +348,15 @@ impl Body {
     }
 }
 
+impl Body {
+    /// Read to its end: a request body still being piped goes on.
+    fn complete(&mut self) {
+        if let Some(abandon) = &mut self.abandon {
+            abandon.disarm();
+        }
+    }
+}
+
 impl HttpBody for Body {
     type Data = Bytes;
     type Error = h2::Error;
@@ -350,17 +374,23 @@ impl HttpBody for Body {
                     if let Some(left) = &mut me.remaining {
                         *left = left.saturating_sub(data.len() as u64);
                     }
+                    // The last frame: whoever reads this may stop here.
+                    if me.recv.is_end_stream() {
+                        me.complete();
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 None => me.data_done = true,
             }
         }
-        match ready!(me.recv.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e))),
-        }
+        let frame = match ready!(me.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
+            Ok(None) => None,
+            Err(e) => return Poll::Ready(Some(Err(e))),
+        };
+        me.complete();
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
