@@ -948,8 +948,11 @@ async fn http2_and_grpc_streaming_with_trailers() -> Result<()> {
     // windows, ending in trailers: piped upstream as the windows open.
     let h2 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .http2_only(true)
-        .build_http::<Chunks>();
-    let req = Request::post(format!("http://{c2_ip}:{UPSTREAM_PORT}/big")).body(Chunks(49))?;
+        .build_http::<Trailed>();
+    let req = Request::post(format!("http://{c2_ip}:{UPSTREAM_PORT}/big")).body(Trailed {
+        chunk: CHUNK,
+        left: 49,
+    })?;
     let r = tokio::time::timeout(Duration::from_secs(30), h2.request(req)).await??;
     ensure!(r.status() == 200, "{}", r.status());
     let r_trailers = r
@@ -976,7 +979,10 @@ async fn http2_and_grpc_streaming_with_trailers() -> Result<()> {
         .build_http::<Trailed>();
     let req = Request::post(format!("http://{c2_ip}:{UPSTREAM_PORT}/kept"))
         .header("content-length", "5")
-        .body(Trailed(2))?;
+        .body(Trailed {
+            chunk: b"hello",
+            left: 2,
+        })?;
     let r = tokio::time::timeout(Duration::from_secs(30), h2.request(req)).await??;
     ensure!(r.status() == 200, "{}", r.status());
     let seen = r.headers().get("x-seen-trailers").cloned();
@@ -992,36 +998,12 @@ async fn http2_and_grpc_streaming_with_trailers() -> Result<()> {
 
 const CHUNK: &[u8] = &[b'z'; 64 * 1024];
 
-/// A request body of this many frames, with no declared length: 64 KiB
-/// chunks, the last frame a trailer.
-struct Chunks(usize);
-
-impl hyper::body::Body for Chunks {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
-        use hyper::body::Frame;
-        let frame = match self.0 {
-            0 => None,
-            1 => {
-                let mut trailers = hyper::HeaderMap::new();
-                trailers.insert("x-sum", hyper::header::HeaderValue::from_static("done"));
-                Some(Ok(Frame::trailers(trailers)))
-            }
-            _ => Some(Ok(Frame::data(Bytes::from_static(CHUNK)))),
-        };
-        self.0 = self.0.saturating_sub(1);
-        std::task::Poll::Ready(frame)
-    }
+/// A request body: `left - 1` frames of `chunk`, then an `x-sum: done`
+/// trailer. It declares no length (a request may say one in its head).
+struct Trailed {
+    chunk: &'static [u8],
+    left: usize,
 }
-
-/// "hello" (with its length declared by the request), then a trailer:
-/// this many frames left.
-struct Trailed(usize);
 
 impl hyper::body::Body for Trailed {
     type Data = Bytes;
@@ -1032,21 +1014,21 @@ impl hyper::body::Body for Trailed {
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
         use hyper::body::Frame;
-        let frame = match self.0 {
+        let frame = match self.left {
             0 => None,
             1 => {
                 let mut trailers = hyper::HeaderMap::new();
                 trailers.insert("x-sum", hyper::header::HeaderValue::from_static("done"));
                 Some(Ok(Frame::trailers(trailers)))
             }
-            _ => Some(Ok(Frame::data(Bytes::from_static(b"hello")))),
+            _ => Some(Ok(Frame::data(Bytes::from_static(self.chunk)))),
         };
-        self.0 = self.0.saturating_sub(1);
+        self.left = self.left.saturating_sub(1);
         std::task::Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0 == 0
+        self.left == 0
     }
 }
 

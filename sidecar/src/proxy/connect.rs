@@ -684,16 +684,20 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_abandoned_http2_exchange_stops_streaming_its_request_body() {
-        // An HTTP/2 upstream that reads the request body and never answers;
-        // it reports the first chunk, then how the body ended.
+    /// An HTTP/2 upstream on loopback that takes one connection and hands
+    /// its first request to `serve` (the connection's frames go on being
+    /// read meanwhile).
+    async fn h2_upstream<F, Fut>(serve: F) -> SocketAddr
+    where
+        F: FnOnce(Request<h2::RecvStream>, h2::server::SendResponse<bytes::Bytes>) -> Fut
+            + Send
+            + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
-        let (end_tx, end_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let Ok((socket, _)) = listener.accept().await else {
                 return;
@@ -701,35 +705,66 @@ mod tests {
             let Ok(mut connection) = h2::server::handshake(socket).await else {
                 return;
             };
-            let Some(Ok((request, _respond))) = connection.accept().await else {
+            let Some(Ok((request, respond))) = connection.accept().await else {
                 return;
             };
-            // The connection's frames go on being read meanwhile.
             tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            serve(request, respond).await;
+        });
+        addr
+    }
+
+    /// A pool for `addr`, and an upload to it whose body the test feeds
+    /// (`first` already queued): the request head, the body and its feed.
+    async fn upload(
+        addr: SocketAddr,
+        first: &'static [u8],
+    ) -> (
+        Pool<TestBody>,
+        Request<()>,
+        ChannelBody,
+        tokio::sync::mpsc::Sender<bytes::Bytes>,
+    ) {
+        let pool = Pool::<TestBody>::new(cluster(addr));
+        let (chunks, rx) = tokio::sync::mpsc::channel(4);
+        chunks
+            .send(bytes::Bytes::from_static(first))
+            .await
+            .expect("queued");
+        let head = Request::post(format!("http://{addr}/upload"))
+            .body(())
+            .expect("request");
+        (pool, head, ChannelBody(rx), chunks)
+    }
+
+    /// Reads a received body's next chunk, giving its window back.
+    async fn next_chunk(body: &mut h2::RecvStream) -> Option<Result<bytes::Bytes, h2::Error>> {
+        let chunk = body.data().await;
+        if let Some(Ok(chunk)) = &chunk {
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        chunk
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_http2_exchange_stops_streaming_its_request_body() {
+        // An HTTP/2 upstream that reads the request body and never answers;
+        // it reports the first chunk, then how the body ended.
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel();
+        let addr = h2_upstream(|request, _respond| async move {
             let mut body = request.into_body();
-            let first = body.data().await.and_then(Result::ok);
-            let _ = body
-                .flow_control()
-                .release_capacity(first.as_ref().map_or(0, |b| b.len()));
-            let _ = first_tx.send(first);
+            let _ = first_tx.send(next_chunk(&mut body).await.and_then(Result::ok));
             let end = match body.data().await {
                 Some(Err(e)) => Some(e.reason()),
                 _ => None,
             };
             let _ = end_tx.send(end);
             // `_respond` lives until here: the request stays unanswered.
-        });
-        let cluster = cluster(addr);
-        let pool = Pool::<TestBody>::new(Arc::clone(&cluster));
-        let (chunks, rx) = tokio::sync::mpsc::channel(4);
-        chunks
-            .send(bytes::Bytes::from_static(b"first chunk"))
-            .await
-            .expect("queued");
-        let head = Request::post(format!("http://{addr}/upload"))
-            .body(())
-            .expect("request");
-        let exchange = pool.send_h2(addr, head, ChannelBody(rx));
+        })
+        .await;
+        let (pool, head, body, chunks) = upload(addr, b"first chunk").await;
+        let exchange = pool.send_h2(addr, head, body);
         // Given up on (a request timeout, a client gone) once the upstream
         // has the first chunk; the client's body is still open.
         let gave_up = tokio::time::timeout(Duration::from_secs(5), async {
@@ -754,61 +789,28 @@ mod tests {
     async fn an_upstream_that_answers_early_still_gets_the_rest_of_the_body() {
         // An HTTP/2 upstream that answers (completely) after the first
         // chunk, without resetting the stream, and then reads on.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let (rest_tx, rest_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let Ok((socket, _)) = listener.accept().await else {
-                return;
-            };
-            let Ok(mut connection) = h2::server::handshake(socket).await else {
-                return;
-            };
-            let Some(Ok((request, mut respond))) = connection.accept().await else {
-                return;
-            };
-            tokio::spawn(async move { while connection.accept().await.is_some() {} });
+        let addr = h2_upstream(|request, mut respond| async move {
             let mut body = request.into_body();
             let mut got = Vec::new();
-            if let Some(Ok(first)) = body.data().await {
-                let _ = body.flow_control().release_capacity(first.len());
+            if let Some(Ok(first)) = next_chunk(&mut body).await {
                 got.extend_from_slice(&first);
             }
-            let answer = Response::new(());
-            let Ok(mut stream) = respond.send_response(answer, false) else {
+            let Ok(mut stream) = respond.send_response(Response::new(()), false) else {
                 return;
             };
             let _ = stream.send_data(bytes::Bytes::from_static(b"early"), true);
-            while let Some(chunk) = body.data().await {
-                match chunk {
-                    Ok(chunk) => {
-                        let _ = body.flow_control().release_capacity(chunk.len());
-                        got.extend_from_slice(&chunk);
-                    }
-                    Err(_) => break,
-                }
+            while let Some(Ok(chunk)) = next_chunk(&mut body).await {
+                got.extend_from_slice(&chunk);
             }
             let _ = rest_tx.send((got, body.is_end_stream()));
-        });
-        let cluster = cluster(addr);
-        let pool = Pool::<TestBody>::new(Arc::clone(&cluster));
-        let (chunks, rx) = tokio::sync::mpsc::channel(4);
-        chunks
-            .send(bytes::Bytes::from_static(b"one "))
+        })
+        .await;
+        let (pool, head, body, chunks) = upload(addr, b"one ").await;
+        let response = tokio::time::timeout(Duration::from_secs(5), pool.send_h2(addr, head, body))
             .await
-            .expect("queued");
-        let head = Request::post(format!("http://{addr}/upload"))
-            .body(())
-            .expect("request");
-        let response = tokio::time::timeout(
-            Duration::from_secs(5),
-            pool.send_h2(addr, head, ChannelBody(rx)),
-        )
-        .await
-        .expect("answered in time")
-        .expect("answered");
+            .expect("answered in time")
+            .expect("answered");
         let body = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
             .await
             .expect("read in time")
