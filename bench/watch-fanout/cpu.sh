@@ -3,9 +3,11 @@
 # hold N watch streams on `service web` (the load tool, long hold), make
 # W topic changes spaced apart, and read the server's utime+stime
 # (/proc/PID/stat) around them; the same W writes with no subscribers give
-# the baseline cost of a write. Prints µs per subscriber per change.
+# the baseline cost of a write. Prints µs per subscriber per change, for
+# the server and for the load tool's receiving side (CLIENT=full|light,
+# default full: the subscriber side's own cost per message received).
 #
-#   bash bench/watch-fanout/cpu.sh [N=3000] [W=20] [CONNS=32]
+#   bash bench/watch-fanout/cpu.sh [N=3000] [W=20] [CONNS=32] [CLIENT=light]
 # SYSCALLS=1 also counts the server's syscalls during the writes.
 # PERF_OUT=FILE also records a perf profile of the server during the writes.
 set -euo pipefail
@@ -27,25 +29,30 @@ reg() { curl -sS -m 5 -X PUT http://$H:28501/v1/catalog/register \
     -d "{\"Node\":\"n-$1\",\"Address\":\"198.18.1.1\",\"Service\":{\"Service\":\"web\",\"ID\":\"$1\",\"Port\":8080}}" >/dev/null; }
 reg seed-1; reg seed-2; reg seed-3
 tck=$(getconf CLK_TCK)
-cpu() { awk '{print $14+$15}' /proc/$SRV/stat; }
-writes() { # tag -> server CPU ticks used by W writes (200 ms apart)
+TOOL_PID=
+ticks() { [ -n "$1" ] && awk '{print $14+$15}' "/proc/$1/stat" || echo 0; }
+cpu() { echo "$(ticks $SRV) $(ticks "$TOOL_PID")"; }
+delta() { # "srv tool" before, after -> "srv tool" ticks
+    echo "$(( $3 - $1 )) $(( $4 - $2 ))"
+}
+writes() { # tag -> server and tool CPU ticks used by W writes (200 ms apart)
     local a b i; a=$(cpu)
     for i in $(seq 1 "$W"); do reg "$1-$i"; sleep 0.2; done
-    sleep 0.5; b=$(cpu); echo $((b - a))
+    sleep 0.5; b=$(cpu); delta $a $b
 }
-idle() { local a b; a=$(cpu); sleep "$1"; b=$(cpu); echo $((b - a)); }
-base=$(writes base)
-"$TOOL" meshwork --servers $H:28601 --http $H:28501 --subscribers "$N" --conns "$CONNS" \
+idle() { local a b; a=$(cpu); sleep "$1"; b=$(cpu); delta $a $b; }
+read -r base _ < <(writes base)
+"$TOOL" meshwork --client "${CLIENT:-full}" --servers $H:28601 --http $H:28501 --subscribers "$N" --conns "$CONNS" \
     --settle-ms 100 --hold-ms 600000 --timeout 5 --new-id never --new-node never \
     --label cpu >"$WORK/tool.out" 2>"$WORK/tool.err" &
-PIDS+=("$!")
+TOOL_PID=$!; PIDS+=("$TOOL_PID")
 for _ in $(seq 1 600); do
     n=$(curl -s -m 1 http://$H:28501/metrics | awk '$1=="meshwork_watch_subscribers"{print $2}')
     [ "${n:-0}" = "$N" ] && break; sleep 0.1
 done
 [ "${n:-0}" = "$N" ] || { echo "only ${n:-0} subscribers"; exit 1; }
 sleep 1
-held_idle=$(idle $(awk -v w="$W" 'BEGIN{print w*0.2+0.5}'))   # CPU of the held streams alone (heartbeats etc.)
+read -r held_idle tool_idle < <(idle $(awk -v w="$W" 'BEGIN{print w*0.2+0.5}'))   # CPU of the held streams alone (heartbeats etc.)
 if [ -n "${SYSCALLS:-}" ]; then
     perf stat -e syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex -p "$SRV" -o "$WORK/stat" &
     PERF_PID=$!; sleep 0.5
@@ -54,10 +61,13 @@ if [ -n "${PERF_OUT:-}" ]; then
     perf record -F 2000 -g --call-graph dwarf,16384 -p "$SRV" -o "$PERF_OUT" 2>/dev/null &
     PERF_PID=$!; sleep 0.5
 fi
-with=$(writes held)
+read -r with tool_with < <(writes held)
 if [ -n "${PERF_OUT:-}${SYSCALLS:-}" ]; then kill -INT "$PERF_PID"; wait "$PERF_PID" || true; fi
 [ -n "${SYSCALLS:-}" ] && grep syscalls "$WORK/stat"
-awk -v n="$N" -v w="$W" -v t="$tck" -v base="$base" -v with="$with" -v idle="$held_idle" 'BEGIN{
+awk -v n="$N" -v w="$W" -v t="$tck" -v base="$base" -v with="$with" -v idle="$held_idle" \
+    -v tw="$tool_with" -v ti="$tool_idle" -v client="${CLIENT:-full}" 'BEGIN{
     per = (with - base - idle) / t / w / n * 1e6;
     printf "N=%d W=%d: writes alone %.3f s, held idle %.3f s, writes with N held %.3f s -> %.2f us CPU per subscriber per change\n",
-        n, w, base/t, idle/t, with/t, per }'
+        n, w, base/t, idle/t, with/t, per;
+    printf "load tool (%s client): %.3f s during the writes, %.3f s idle -> %.2f us CPU per message received\n",
+        client, tw/t, ti/t, (tw - ti) / t / w / n * 1e6 }'
