@@ -427,8 +427,8 @@ fn serve_public_grpc(
             );
             let serve = tonic::transport::Server::builder()
                 .layer(crate::api::grpc::metrics::GrpcMetricsLayer)
+                .layer(crate::api::grpc::watch::WatchLayer::new(watch))
                 .add_service(public)
-                .add_service(watch)
                 .add_service(agent)
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -86,6 +86,76 @@ where
     }
 }
 
+/// Puts [`WatchServer`] in front of tonic's router: `meshwork.v1.Watch`
+/// calls go straight to it and everything else to the router.
+///
+/// Through the router every response body would be boxed three times over
+/// (tonic's `Routes` runs an axum router, whose body type boxes it; tonic
+/// boxes that again; the transport boxes once more on the way to hyper),
+/// and every message of every subscriber would go through all those
+/// dynamically dispatched layers, each moving a `Status`-sized result.
+/// Here a watch body is boxed once (`tonic::body::Body::new`) and once
+/// more by the transport.
+#[derive(Debug, Clone)]
+pub struct WatchLayer {
+    watch: WatchServer,
+}
+
+impl WatchLayer {
+    pub fn new(watch: WatchServer) -> Self {
+        Self { watch }
+    }
+}
+
+impl<S> tower::Layer<S> for WatchLayer {
+    type Service = WithWatch<S>;
+
+    fn layer(&self, inner: S) -> WithWatch<S> {
+        WithWatch {
+            watch: self.watch.clone(),
+            inner,
+        }
+    }
+}
+
+/// See [`WatchLayer`].
+#[derive(Debug, Clone)]
+pub struct WithWatch<S> {
+    watch: WatchServer,
+    inner: S,
+}
+
+impl<S, B> Service<http::Request<B>> for WithWatch<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let is_watch = request
+            .uri()
+            .path()
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(<WatchServer as NamedService>::NAME))
+            .is_some_and(|p| p.starts_with('/'));
+        if is_watch {
+            self.watch.call(request)
+        } else {
+            Box::pin(self.inner.call(request))
+        }
+    }
+}
+
 /// One `Subscribe` call: reads the request, starts the subscription, and
 /// answers with its event stream (or with a trailers-only error).
 async fn subscribe<B>(
