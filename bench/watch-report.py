@@ -134,6 +134,79 @@ def main():
     report(raw)
 
 
+def cost_of(raw, c):
+    """(server us per subscriber per change, tool us per message) from cpu.sh's output."""
+    text = read(raw, f"cost-{c}.txt")
+    srv = re.search(r"-> ([0-9.]+) us CPU per subscriber per change", text)
+    tool = re.search(r"-> ([0-9.]+) us CPU per message received", text)
+    return (float(srv.group(1)) if srv else None, float(tool.group(1)) if tool else None, text)
+
+
+def cost_section(p, raw, m, modes, by, summary, n):
+    """What one message costs the server and the load tool, and the p99 floor that sets."""
+    p("## What one message costs, and the floor that sets")
+    p()
+    if int(m.get("cost_w", "0") or 0) <= 0:
+        p("Not measured (`COST_W=0`).")
+        p()
+        return
+    cores = int(m.get("nproc", "2") or 2)
+    p(f"Measured after the rounds with `bench/watch-fanout/cpu.sh {m.get('cost_n')} {m.get('cost_w')}` in each "
+      f"client mode: one `meshwork-registry --dev` holding {int(m.get('cost_n', 0)):,} streams of the load tool "
+      f"(what each server holds in the rounds), {m.get('cost_w')} topic changes 200 ms apart; CPU from "
+      "`/proc/PID/stat` of the server and of the load tool around the changes, less the same writes with no "
+      "subscribers (server) and an idle hold of the same length (both).")
+    p()
+    p(f"The change cannot reach a subscriber before the write is sent, and the load tool has to take in "
+      f"99 % of the {n:,} messages with at most {cores} cores: so even with servers that cost nothing, "
+      f"p99 from the send ≥ 0.99 × {n:,} × (tool µs per message) / {cores}, and p99 from the acknowledgement "
+      "≥ that minus the write's round trip. With the servers' measured cost added (all of it after the "
+      "commit, on the same cores), the CPU-bound estimate is 0.99 × N × (server + tool µs) / cores.")
+    p()
+    p("| client | server µs per subscriber per change | load tool µs per message | floor from send, servers free, ms "
+      "| Meshwork write RTT median ms | floor from ack, servers free, ms | CPU-bound estimate from send ms "
+      "| measured Meshwork p99 from send / from ack, median ms | etcd p99 from ack, median ms |")
+    p("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    findings = []
+    for c in modes:
+        srv, tool, text = cost_of(raw, c)
+        mw, et = summary.get((c, "meshwork")), summary.get((c, "etcd"))
+        rtts = [x.get("write_rtt_ms") for x in by.get((c, "meshwork"), []) if x.get("write_rtt_ms") is not None]
+        if srv is None or tool is None or not (mw and et) or not rtts or et["p99_med"] is None:
+            p(f"| {c} | {fmt(srv, 2)} | {fmt(tool, 2)} | – | – | – | – | – | – |")
+            if srv is None or tool is None:
+                findings.append(f"- {MODE_NAMES.get(c, c)}: the cost measurement failed "
+                                f"(`cost-{c}.txt`: {text.strip().splitlines()[-1][:200] if text.strip() else 'empty'}).")
+            continue
+        rtt = med(rtts)
+        floor_send = 0.99 * n * tool / cores / 1000
+        floor_ack = floor_send - rtt
+        est = 0.99 * n * (srv + tool) / cores / 1000
+        p(f"| {c} | {srv:.2f} | {tool:.2f} | {floor_send:.1f} | {fmt(rtt)} | {floor_ack:.1f} | {est:.1f} | "
+          f"{fmt(mw['s99_med'])} / {fmt(mw['p99_med'])} | {fmt(et['p99_med'])} |")
+        target = et["p99_med"]
+        if floor_ack > target:
+            findings.append(
+                f"- **{MODE_NAMES.get(c, c)}: out of reach on this machine.** The load tool alone needs "
+                f"{tool:.2f} µs of CPU per message, so with servers that cost nothing Meshwork's p99 would still be "
+                f"≥ {floor_send:.1f} ms after the send and ≥ {floor_ack:.1f} ms after its acknowledgement (median "
+                f"round trip {fmt(rtt)} ms), against etcd's {fmt(target)} ms. etcd's figure is that low because its "
+                "acknowledgement comes late (its subscribers get the change during the write's round trip); only "
+                "an acknowledgement held back until after the fan-out would pass, and Meshwork does not do that.")
+        else:
+            allowed = (target + rtt) * cores * 1000 / (0.99 * n) - tool
+            findings.append(
+                f"- {MODE_NAMES.get(c, c)}: not ruled out by the load tool's cost alone (floor {floor_ack:.1f} ms "
+                f"from the acknowledgement vs etcd's {fmt(target)} ms). The model would allow servers costing up "
+                f"to {max(allowed, 0):.2f} µs per subscriber per change (now {srv:.2f}), but it is a lower bound "
+                f"that assumes both cores perfectly used: the measured p99 from the send was "
+                f"{fmt(mw['s99_med'])} ms against its estimate of {est:.1f} ms.")
+    p()
+    for f in findings:
+        p(f)
+    p()
+
+
 def report(raw):
     lines = []
     p = lambda s="": lines.append(s)  # noqa: E731
@@ -523,6 +596,9 @@ def report(raw):
             + ("" if v[1] is None else f", {v[1]:,.0f} KiB above the idle RSS at start in the worst run")
             for s, v in mem_sum.items()) + ".")
     p()
+
+    # ------------------------------------------------------------ cost floor
+    cost_section(p, raw, m, modes, by, summary, n)
 
     # ------------------------------------------------------------ checks
     p("## Automatic checks")

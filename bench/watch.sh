@@ -44,6 +44,9 @@
 #   SETTLE_MS    after the last subscription: wait, then sample RSS [2000]
 #   HOLD_MS      after the RSS sample: wait, then write [1000]
 #   SIDECAR_IDLE_S  sidecar: seconds after /ready before reading RSS [5]
+#   COST_N, COST_W  per-message CPU, measured last with watch-fanout/cpu.sh
+#                in each client mode: COST_N streams on one `--dev` server,
+#                COST_W changes [3334, 40]; COST_W=0 skips it
 #   SKIP_BUILD   1 = use the existing release binaries (Meshwork and the
 #                load tool) [0]
 #   QUIET_WAIT_S before each round, wait up to this long for the machine to
@@ -59,7 +62,8 @@
 #                [bench/out/watch] (git-ignored)
 #
 # Ports: Meshwork raft/http/grpc/dns 1830N/1850N/1860N/1870N, etcd
-# client/peer 2379N/2380N (N = 1..3), sidecar admin 19090; the script refuses
+# client/peer 2379N/2380N (N = 1..3), sidecar admin 19090, cpu.sh's server
+# 28301/28501/28601/28701; the script refuses
 # to start if one is taken. Everything listens on 127.0.0.1 only; every wait
 # loop is bounded; the EXIT trap stops every process this script started
 # and removes the temp dir.
@@ -77,6 +81,8 @@ OPEN_CONCURRENCY=${OPEN_CONCURRENCY:-512}
 SETTLE_MS=${SETTLE_MS:-2000}
 HOLD_MS=${HOLD_MS:-1000}
 SIDECAR_IDLE_S=${SIDECAR_IDLE_S:-5}
+COST_N=${COST_N:-3334}
+COST_W=${COST_W:-40}
 SKIP_BUILD=${SKIP_BUILD:-0}
 QUIET_WAIT_S=${QUIET_WAIT_S:-90}
 NOISE_PCT=${NOISE_PCT:-10}
@@ -184,7 +190,7 @@ except OSError: sys.exit(1)' "$HOST" "$1"
 check_ports() {
     local p
     for p in 18301 18302 18303 18501 18502 18503 18601 18602 18603 18701 18702 18703 \
-             23791 23792 23793 23801 23802 23803 19090; do
+             23791 23792 23793 23801 23802 23803 19090 28301 28501 28601 28701; do
         port_free "$p" || die "port $HOST:$p is already in use"
     done
 }
@@ -538,6 +544,8 @@ mkdir -p "$WORK/logs"
     echo "settle_ms=$SETTLE_MS"
     echo "hold_ms=$HOLD_MS"
     echo "sidecar_idle_s=$SIDECAR_IDLE_S"
+    echo "cost_n=$COST_N"
+    echo "cost_w=$COST_W"
     echo "noise_pct=$NOISE_PCT"
     echo "mw_extra_args=$MW_EXTRA_ARGS"
     echo "skip_build=$SKIP_BUILD"
@@ -586,6 +594,19 @@ log "sidecar idle RSS"
 wait_quiet sidecar
 measure_sidecar
 snapshot_rss end
+
+# The CPU one message costs the server and the load tool's receiving side,
+# each client mode (what the report's cost floor is computed from).
+if [ "$COST_W" -gt 0 ]; then
+    for mode in "${MODES[@]}"; do
+        log "per-message CPU, $mode client (watch-fanout/cpu.sh $COST_N $COST_W)"
+        wait_quiet "cost-$mode"
+        if ! CLIENT=$mode MW_BIN=$MW_BIN bash "$TOOL_DIR/cpu.sh" "$COST_N" "$COST_W" \
+            >"$RAW_DIR/cost-$mode.txt" 2>&1; then
+            log "  cpu.sh failed; see $RAW_DIR/cost-$mode.txt"
+        fi
+    done
+fi
 
 echo "mw_leader_end=$(meshwork_leader)" >>"$RAW_DIR/machine.txt"
 echo "etcd_leader_end=$(etcd_leader)" >>"$RAW_DIR/machine.txt"
