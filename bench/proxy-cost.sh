@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# Where a proxied request's user-space CPU goes: instructions per request
+# (valgrind callgrind, deterministic, unlike timings on a shared 2-core box)
+# for one Meshwork sidecar and for HAProxy, both with one worker thread, in
+# front of the same nginx backend, over HTTP/1.1 and over HTTP/2 (prior
+# knowledge), and the sidecar's instructions split by the crate they run in.
+#
+#   bash bench/proxy-cost.sh      # from anywhere; ~4 minutes after the build
+#
+# Each measured run: the proxy under callgrind, a warm-up of WARMUP requests,
+# counters zeroed, exactly REQUESTS requests (h2load; HTTP/1.1: --h1 with
+# H1_CONNS connections; HTTP/2: H2_CONNS connections x H2_STREAMS streams),
+# counters dumped. Instructions per request = the dump's total / REQUESTS.
+# Kernel work (system calls, loopback) is not counted: callgrind sees user
+# space only.
+#
+# Knobs: REQUESTS [30000], WARMUP [3000], H1_CONNS [16], H2_CONNS [4],
+# H2_STREAMS [16], SKIP_BUILD [0], SC_BIN / MW_BIN (other binaries),
+# RESULTS_FILE [bench/RESULTS-proxy-cost.md], RAW_DIR [bench/out/proxy-cost].
+# Needs valgrind, h2load (nghttp2-client), haproxy, nginx: installed with
+# apt-get when missing. Listens on 127.0.0.1 ports 24080-24081 (backend),
+# 24181-24182 (HAProxy), 24191-24192 (sidecar), 24331/24531/24631/24731
+# (registry), 24291 (sidecar admin). Every wait is bounded; the EXIT trap
+# stops every process this script started.
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(dirname "$BENCH_DIR")
+REQUESTS=${REQUESTS:-30000}
+WARMUP=${WARMUP:-3000}
+H1_CONNS=${H1_CONNS:-16}
+H2_CONNS=${H2_CONNS:-4}
+H2_STREAMS=${H2_STREAMS:-16}
+SKIP_BUILD=${SKIP_BUILD:-0}
+RESULTS_FILE=${RESULTS_FILE:-$BENCH_DIR/RESULTS-proxy-cost.md}
+RAW_DIR=${RAW_DIR:-$BENCH_DIR/out/proxy-cost}
+TARGET=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release
+MW_BIN=${MW_BIN:-$TARGET/meshwork-registry}
+SC_BIN=${SC_BIN:-$TARGET/meshwork-sidecar}
+H=127.0.0.1
+
+log() { printf '[proxy-cost %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+need=()
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v h2load >/dev/null || need+=(nghttp2-client)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v nginx >/dev/null || need+=(nginx-light)
+if [ "${#need[@]}" -gt 0 ]; then
+    log "apt-get install ${need[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >&2 \
+        || die "could not install ${need[*]}"
+fi
+if [ "$SKIP_BUILD" != 1 ]; then
+    log "building release binaries (cargo build --release)"
+    (cd "$REPO_DIR" && cargo build --release --locked --bin meshwork-registry --bin meshwork-sidecar >&2)
+fi
+[ -x "$SC_BIN" ] && [ -x "$MW_BIN" ] || die "no release binaries at $SC_BIN / $MW_BIN"
+
+WORK=$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/mw-proxy-cost.XXXXXX")
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+rm -rf "$RAW_DIR"; mkdir -p "$RAW_DIR" "$WORK/backend" "$WORK/mw"
+
+wait_http() { # url [h2] -> waits up to 30 s for a 200
+    local i code
+    for i in $(seq 1 150); do
+        if [ "${2:-}" = h2 ]; then
+            code=$(curl -s -m 2 --http2-prior-knowledge -o /dev/null -w '%{http_code}' "$1" || true)
+        else
+            code=$(curl -s -m 2 -o /dev/null -w '%{http_code}' "$1" || true)
+        fi
+        [ "$code" = 200 ] && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+log "backend (nginx), registry, services"
+cat >"$WORK/backend/nginx.conf" <<EOF
+daemon off; master_process off; worker_processes 1; pid $WORK/backend/nginx.pid;
+error_log $WORK/backend/error.log warn; events { worker_connections 4096; }
+http { access_log off; client_body_temp_path $WORK/backend/b; proxy_temp_path $WORK/backend/p;
+ fastcgi_temp_path $WORK/backend/f; uwsgi_temp_path $WORK/backend/u; scgi_temp_path $WORK/backend/s;
+ keepalive_requests 1000000;
+ server { listen $H:24080; listen $H:24081 http2; location / { return 200 "hello world\n"; } } }
+EOF
+nginx -c "$WORK/backend/nginx.conf" -p "$WORK/backend" >"$WORK/backend/out.log" 2>&1 &
+PIDS+=("$!")
+"$MW_BIN" --dev --data-dir "$WORK/mw" --http-addr $H:24531 --grpc-addr $H:24631 \
+    --raft-addr $H:24331 --dns-addr $H:24731 --log-level warn >"$WORK/registry.log" 2>&1 &
+PIDS+=("$!")
+wait_http "http://$H:24080/" || die "nginx did not answer"
+for svc in "backend 24080" "backend-h2 24081"; do
+    set -- $svc
+    ok=0
+    for _ in $(seq 1 50); do
+        if curl -fsS -m 2 -X PUT "http://$H:24531/v1/agent/service/register" \
+            -d "{\"Name\":\"$1\",\"ID\":\"$1-1\",\"Address\":\"$H\",\"Port\":$2}" >/dev/null 2>&1; then
+            ok=1; break
+        fi
+        sleep 0.2
+    done
+    [ "$ok" = 1 ] || die "could not register $1 (registry log: $WORK/registry.log)"
+done
+
+cat >"$WORK/sidecar.toml" <<EOF
+[registry]
+addresses = ["$H:24631"]
+[admin]
+listen = "$H:24291"
+[service]
+name = "proxy-cost"
+port = 1
+[[upstreams]]
+name = "backend"
+listen = "$H:24191"
+protocol = "http"
+[[upstreams]]
+name = "backend-h2"
+listen = "$H:24192"
+protocol = "http2"
+EOF
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 4000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+frontend h1
+    bind $H:24181
+    default_backend b1
+frontend h2
+    bind $H:24182 proto h2
+    default_backend b2
+backend b1
+    http-reuse always
+    server s1 $H:24080
+backend b2
+    http-reuse always
+    server s1 $H:24081 proto h2
+EOF
+
+load() { # proto port count
+    if [ "$1" = h2 ]; then
+        h2load -n "$3" -c "$H2_CONNS" -m "$H2_STREAMS" "http://$H:$2/"
+    else
+        h2load --h1 -n "$3" -c "$H1_CONNS" "http://$H:$2/"
+    fi
+}
+
+# measure NAME -- command...: runs the proxy under callgrind, loads both
+# protocols, one dump each; writes RAW_DIR/NAME-PROTO.out
+measure() {
+    local name=$1 vp out proto port n
+    shift 2
+    valgrind --tool=callgrind --callgrind-out-file="$WORK/$name.cg" "$@" >"$WORK/$name.log" 2>&1 &
+    vp=$!; PIDS+=("$vp")
+    for proto in h1 h2; do
+        if [ "$name" = sidecar ]; then
+            port=$([ $proto = h1 ] && echo 24191 || echo 24192)
+        else
+            port=$([ $proto = h1 ] && echo 24181 || echo 24182)
+        fi
+        wait_http "http://$H:$port/" "$([ $proto = h2 ] && echo h2)" \
+            || die "$name did not answer over $proto (log: $WORK/$name.log)"
+        load $proto $port "$WARMUP" >/dev/null
+        callgrind_control -z "$vp" >/dev/null
+        out=$(load $proto $port "$REQUESTS")
+        n=$(echo "$out" | awk '/^requests:/{print $8}')
+        [ "$n" = "$REQUESTS" ] || die "$name over $proto: $n of $REQUESTS requests succeeded"
+        callgrind_control -d "$vp" >/dev/null
+        sleep 1
+        out=$(ls -t "$WORK/$name.cg".* | head -n1)
+        mv "$out" "$RAW_DIR/$name-$proto.out"
+        log "  $name $proto: $(awk '/^(summary|totals):/{print $2; exit}' "$RAW_DIR/$name-$proto.out") instructions"
+    done
+    kill "$vp" 2>/dev/null || true
+    wait "$vp" 2>/dev/null || true
+}
+
+log "sidecar under callgrind"
+measure sidecar -- "$SC_BIN" --config "$WORK/sidecar.toml" --worker-threads 1 --log-level warn
+log "HAProxy under callgrind"
+measure haproxy -- haproxy -f "$WORK/haproxy.cfg" -db
+
+{
+    echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "git=$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    # Uncommitted changes to the code measured (the bench's own files aside).
+    echo "dirty=$(git -C "$REPO_DIR" status --porcelain -- sidecar proto Cargo.toml Cargo.lock 2>/dev/null | wc -l)"
+    echo "requests=$REQUESTS"
+    echo "h1_conns=$H1_CONNS"
+    echo "h2_conns=$H2_CONNS"
+    echo "h2_streams=$H2_STREAMS"
+    echo "haproxy=$(haproxy -v 2>/dev/null | head -n1)"
+    echo "nginx=$(nginx -v 2>&1 | head -n1)"
+    echo "h2load=$(h2load --version 2>/dev/null | head -n1)"
+    echo "valgrind=$(valgrind --version)"
+} >"$RAW_DIR/machine.txt"
+python3 "$BENCH_DIR/proxy-cost-report.py" "$RAW_DIR" >"$RESULTS_FILE"
+log "wrote $RESULTS_FILE"
