@@ -46,7 +46,7 @@ const MAX_VERSIONS: usize = 256;
 const MAX_VERSION_AGE: Duration = Duration::from_secs(120);
 
 impl SharedState {
-    fn new(state: State) -> Self {
+    pub(crate) fn new(state: State) -> Self {
         let index = state.last_index;
         Self {
             state: RwLock::new(state),

@@ -404,3 +404,77 @@ impl Tail {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::state_machine::SharedState;
+    use crate::state::State;
+    use crate::watch::HubConfig;
+    use tower::{Layer, ServiceExt};
+
+    /// Stands in for tonic's router: answers every call with a marker.
+    #[derive(Debug, Clone)]
+    struct Router;
+
+    impl<B> Service<http::Request<B>> for Router {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _request: http::Request<B>) -> Self::Future {
+            let mut response = http::Response::new(tonic::body::Body::empty());
+            response
+                .headers_mut()
+                .insert("x-router", http::HeaderValue::from_static("yes"));
+            std::future::ready(Ok(response))
+        }
+    }
+
+    async fn route(path: &str) -> http::Response<tonic::body::Body> {
+        let hub = Hub::new(
+            Arc::new(SharedState::new(State::default())),
+            HubConfig::default(),
+        );
+        let service =
+            WatchLayer::new(WatchServer::new(hub, CancellationToken::new())).layer(Router);
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(path)
+            .body(http_body_util::Empty::<Bytes>::new())
+            .expect("a valid request");
+        match service.oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    }
+
+    #[tokio::test]
+    async fn watch_calls_skip_the_router_and_everything_else_reaches_it() {
+        // A method the watch service does not have: its own UNIMPLEMENTED,
+        // not the router's answer.
+        let response = route("/meshwork.v1.Watch/Nope").await;
+        assert!(response.headers().get("x-router").is_none());
+        assert_eq!(
+            response.headers().get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"12"[..])
+        );
+        for path in [
+            "/meshwork.v1.WatchX/Subscribe",
+            "/meshwork.v1.Registry/Get",
+            "/meshwork.v1.Watch",
+            "/",
+        ] {
+            let response = route(path).await;
+            assert_eq!(
+                response.headers().get("x-router").map(|v| v.as_bytes()),
+                Some(&b"yes"[..]),
+                "{path} should reach the router"
+            );
+        }
+    }
+}
