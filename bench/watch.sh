@@ -45,8 +45,10 @@
 #   HOLD_MS      after the RSS sample: wait, then write [1000]
 #   SIDECAR_IDLE_S  sidecar: seconds after /ready before reading RSS [5]
 #   COST_N, COST_W  per-message CPU, measured last with watch-fanout/cpu.sh
-#                in each client mode: COST_N streams on one `--dev` server,
-#                COST_W changes [3334, 40]; COST_W=0 skips it
+#                in each client mode: COST_N streams (over CONNS connections)
+#                on one `--dev` server, COST_W changes [SUBSCRIBERS / 3, the
+#                share of one server in the rounds, rounded up; 40];
+#                COST_W=0 skips it
 #   SKIP_BUILD   1 = use the existing release binaries (Meshwork and the
 #                load tool) [0]
 #   QUIET_WAIT_S before each round, wait up to this long for the machine to
@@ -81,7 +83,7 @@ OPEN_CONCURRENCY=${OPEN_CONCURRENCY:-512}
 SETTLE_MS=${SETTLE_MS:-2000}
 HOLD_MS=${HOLD_MS:-1000}
 SIDECAR_IDLE_S=${SIDECAR_IDLE_S:-5}
-COST_N=${COST_N:-3334}
+COST_N=${COST_N:-$(( (SUBSCRIBERS + 2) / 3 ))}
 COST_W=${COST_W:-40}
 SKIP_BUILD=${SKIP_BUILD:-0}
 QUIET_WAIT_S=${QUIET_WAIT_S:-90}
@@ -601,7 +603,7 @@ if [ "$COST_W" -gt 0 ]; then
     for mode in "${MODES[@]}"; do
         log "per-message CPU, $mode client (watch-fanout/cpu.sh $COST_N $COST_W)"
         wait_quiet "cost-$mode"
-        if ! CLIENT=$mode MW_BIN=$MW_BIN bash "$TOOL_DIR/cpu.sh" "$COST_N" "$COST_W" \
+        if ! CLIENT=$mode CONNS=$CONNS MW_BIN=$MW_BIN bash "$TOOL_DIR/cpu.sh" "$COST_N" "$COST_W" \
             >"$RAW_DIR/cost-$mode.txt" 2>&1; then
             log "  cpu.sh failed; see $RAW_DIR/cost-$mode.txt"
         fi

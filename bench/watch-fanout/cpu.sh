@@ -29,30 +29,35 @@ reg() { curl -sS -m 5 -X PUT http://$H:28501/v1/catalog/register \
     -d "{\"Node\":\"n-$1\",\"Address\":\"198.18.1.1\",\"Service\":{\"Service\":\"web\",\"ID\":\"$1\",\"Port\":8080}}" >/dev/null; }
 reg seed-1; reg seed-2; reg seed-3
 tck=$(getconf CLK_TCK)
+die() { echo "cpu.sh: $*" >&2; exit 1; }
+alive() { local p; for p in "$@"; do kill -0 "$p" 2>/dev/null || die "process $p exited (server log $WORK/log, tool $WORK/tool.err)"; done; }
 TOOL_PID=
-ticks() { [ -n "$1" ] && awk '{print $14+$15}' "/proc/$1/stat" || echo 0; }
+ticks() { if [ -z "$1" ]; then echo 0; else awk '{print $14+$15}' "/proc/$1/stat" 2>/dev/null || echo 0; fi; }
 cpu() { echo "$(ticks $SRV) $(ticks "$TOOL_PID")"; }
 delta() { # "srv tool" before, after -> "srv tool" ticks
     echo "$(( $3 - $1 )) $(( $4 - $2 ))"
 }
-writes() { # tag -> server and tool CPU ticks used by W writes (200 ms apart)
-    local a b i; a=$(cpu)
-    for i in $(seq 1 "$W"); do reg "$1-$i"; sleep 0.2; done
-    sleep 0.5; b=$(cpu); delta $a $b
+usec() { echo "${EPOCHREALTIME/./}"; }
+writes() { # tag -> server ticks, tool ticks, seconds taken, failed writes: W writes 200 ms apart
+    local a b i t0 t1 failed=0; a=$(cpu); t0=$(usec)
+    for i in $(seq 1 "$W"); do reg "$1-$i" || failed=$((failed + 1)); sleep 0.2; done
+    sleep 0.5; b=$(cpu); t1=$(usec)
+    echo "$(delta $a $b) $(awk -v d=$((t1 - t0)) 'BEGIN{printf "%.3f", d / 1e6}') $failed"
 }
 idle() { local a b; a=$(cpu); sleep "$1"; b=$(cpu); delta $a $b; }
-read -r base _ < <(writes base)
+read -r base _ _ failed < <(writes base)
+[ "${failed:-1}" = 0 ] || die "${failed:-all} of $W writes without subscribers failed"
 "$TOOL" meshwork --client "${CLIENT:-full}" --servers $H:28601 --http $H:28501 --subscribers "$N" --conns "$CONNS" \
     --settle-ms 100 --hold-ms 600000 --timeout 5 --new-id never --new-node never \
     --label cpu >"$WORK/tool.out" 2>"$WORK/tool.err" &
 TOOL_PID=$!; PIDS+=("$TOOL_PID")
+n=0
 for _ in $(seq 1 600); do
-    n=$(curl -s -m 1 http://$H:28501/metrics | awk '$1=="meshwork_watch_subscribers"{print $2}')
+    n=$(curl -s -m 1 http://$H:28501/metrics | awk '$1=="meshwork_watch_subscribers"{print $2}') || n=0
     [ "${n:-0}" = "$N" ] && break; sleep 0.1
 done
-[ "${n:-0}" = "$N" ] || { echo "only ${n:-0} subscribers"; exit 1; }
+[ "${n:-0}" = "$N" ] || die "only ${n:-0} of $N subscribers after 60 s"
 sleep 1
-read -r held_idle tool_idle < <(idle $(awk -v w="$W" 'BEGIN{print w*0.2+0.5}'))   # CPU of the held streams alone (heartbeats etc.)
 if [ -n "${SYSCALLS:-}" ]; then
     perf stat -e syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex -p "$SRV" -o "$WORK/stat" &
     PERF_PID=$!; sleep 0.5
@@ -61,9 +66,14 @@ if [ -n "${PERF_OUT:-}" ]; then
     perf record -F 2000 -g --call-graph dwarf,16384 -p "$SRV" -o "$PERF_OUT" 2>/dev/null &
     PERF_PID=$!; sleep 0.5
 fi
-read -r with tool_with < <(writes held)
+read -r with tool_with took failed < <(writes held)
 if [ -n "${PERF_OUT:-}${SYSCALLS:-}" ]; then kill -INT "$PERF_PID"; wait "$PERF_PID" || true; fi
 [ -n "${SYSCALLS:-}" ] && grep syscalls "$WORK/stat"
+alive "$SRV" "$TOOL_PID"
+[ "${failed:-1}" = 0 ] || die "${failed:-all} of $W writes with subscribers failed"
+# The held streams alone (heartbeats etc.) over a window as long as the writes'.
+read -r held_idle tool_idle < <(idle "$took")
+alive "$SRV" "$TOOL_PID"
 awk -v n="$N" -v w="$W" -v t="$tck" -v base="$base" -v with="$with" -v idle="$held_idle" \
     -v tw="$tool_with" -v ti="$tool_idle" -v client="${CLIENT:-full}" 'BEGIN{
     per = (with - base - idle) / t / w / n * 1e6;
