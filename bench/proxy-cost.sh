@@ -58,6 +58,22 @@ if [ "$SKIP_BUILD" != 1 ]; then
 fi
 [ -x "$SC_BIN" ] && [ -x "$MW_BIN" ] || die "no release binaries at $SC_BIN / $MW_BIN"
 
+port_free() {
+    python3 -c 'import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try: s.bind((sys.argv[1], int(sys.argv[2])))
+except OSError: sys.exit(1)' "$H" "$1"
+}
+for port in 24080 24081 24181 24182 24191 24192 24291 24331 24531 24631 24731; do
+    port_free "$port" || die "port $H:$port is already in use"
+done
+# Raw data: only ever replace a RAW_DIR that this script made (marker file).
+if [ -e "$RAW_DIR" ]; then
+    [ -f "$RAW_DIR/.proxy-cost-raw" ] || die "RAW_DIR $RAW_DIR exists and was not made by this script; pick another"
+    rm -rf -- "$RAW_DIR"
+fi
+mkdir -p "$RAW_DIR"; : >"$RAW_DIR/.proxy-cost-raw"
+
 WORK=$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/mw-proxy-cost.XXXXXX")
 PIDS=()
 cleanup() {
@@ -66,7 +82,7 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
-rm -rf "$RAW_DIR"; mkdir -p "$RAW_DIR" "$WORK/backend" "$WORK/mw"
+mkdir -p "$WORK/backend" "$WORK/mw"
 
 wait_http() { # url [h2] -> waits up to 30 s for a 200
     local i code
@@ -159,10 +175,13 @@ load() { # proto port count
     fi
 }
 
-# measure NAME -- command...: runs the proxy under callgrind, loads both
-# protocols, one dump each; writes RAW_DIR/NAME-PROTO.out
+# measure NAME -- command...: runs the proxy under callgrind and, for each
+# protocol, dumps the counters over exactly REQUESTS requests
+# (RAW_DIR/NAME-PROTO.out) and then over an idle spell as long as the load
+# took (RAW_DIR/NAME-PROTO-idle.out: timers and background work, subtracted
+# in the report).
 measure() {
-    local name=$1 vp out proto port n
+    local name=$1 vp out proto port got ok2xx t0 t1
     shift 2
     valgrind --tool=callgrind --callgrind-out-file="$WORK/$name.cg" "$@" >"$WORK/$name.log" 2>&1 &
     vp=$!; PIDS+=("$vp")
@@ -176,14 +195,26 @@ measure() {
             || die "$name did not answer over $proto (log: $WORK/$name.log)"
         load $proto $port "$WARMUP" >/dev/null
         callgrind_control -z "$vp" >/dev/null
+        t0=${EPOCHREALTIME/./}
         out=$(load $proto $port "$REQUESTS")
-        n=$(echo "$out" | awk '/^requests:/{print $8}')
-        [ "$n" = "$REQUESTS" ] || die "$name over $proto: $n of $REQUESTS requests succeeded"
+        t1=${EPOCHREALTIME/./}
+        # "requests: N total, N started, N done, N succeeded, ..." and
+        # "status codes: N 2xx, ...": every request answered, with a 2xx.
+        got=$(echo "$out" | awk '/^requests:/{print $8}')
+        ok2xx=$(echo "$out" | awk '/^status codes:/{print $3}')
+        [ "$got" = "$REQUESTS" ] && [ "$ok2xx" = "$REQUESTS" ] \
+            || die "$name over $proto: $got of $REQUESTS requests succeeded, $ok2xx with a 2xx"
         callgrind_control -d "$vp" >/dev/null
         sleep 1
         out=$(ls -t "$WORK/$name.cg".* | head -n1)
         mv "$out" "$RAW_DIR/$name-$proto.out"
-        log "  $name $proto: $(awk '/^(summary|totals):/{print $2; exit}' "$RAW_DIR/$name-$proto.out") instructions"
+        callgrind_control -z "$vp" >/dev/null
+        sleep "$(awk -v d=$((t1 - t0)) 'BEGIN{printf "%.3f", d / 1e6}')"
+        callgrind_control -d "$vp" >/dev/null
+        sleep 1
+        out=$(ls -t "$WORK/$name.cg".* | head -n1)
+        mv "$out" "$RAW_DIR/$name-$proto-idle.out"
+        log "  $name $proto: $(awk '/^(summary|totals):/{print $2; exit}' "$RAW_DIR/$name-$proto.out") instructions, idle $(awk '/^(summary|totals):/{print $2; exit}' "$RAW_DIR/$name-$proto-idle.out")"
     done
     kill "$vp" 2>/dev/null || true
     wait "$vp" 2>/dev/null || true
@@ -208,5 +239,7 @@ measure haproxy -- haproxy -f "$WORK/haproxy.cfg" -db
     echo "h2load=$(h2load --version 2>/dev/null | head -n1)"
     echo "valgrind=$(valgrind --version)"
 } >"$RAW_DIR/machine.txt"
-python3 "$BENCH_DIR/proxy-cost-report.py" "$RAW_DIR" >"$RESULTS_FILE"
+# A report that fails leaves the previous results file as it was.
+python3 "$BENCH_DIR/proxy-cost-report.py" "$RAW_DIR" >"$RAW_DIR/report.md"
+cp "$RAW_DIR/report.md" "$RESULTS_FILE"
 log "wrote $RESULTS_FILE"
