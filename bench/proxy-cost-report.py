@@ -171,7 +171,8 @@ def main():
         for k in shown:
             cells = []
             for x in protos:
-                v = groups[x][k] / n
+                v = groups[x][k] / n + 0.0  # (no "-0" from an idle spell's crumbs)
+                v = 0.0 if abs(v) < 0.5 else v
                 cells.append(f"{v:,.0f} | {100 * v / totals[x][0]:.1f} %")
             p(f"| {k} | " + " | ".join(cells) + " |")
         if rest:
