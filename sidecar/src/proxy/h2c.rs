@@ -346,9 +346,7 @@ impl Body {
             abandon: None,
         }
     }
-}
 
-impl Body {
     /// Read to its end: a request body still being piped goes on.
     fn complete(&mut self) {
         if let Some(abandon) = &mut self.abandon {
