@@ -81,6 +81,9 @@ pub struct Wal {
     segment_size: u64,
     state: Mutex<State>,
     spare_in_progress: Arc<AtomicBool>,
+    /// The thread making the spare, joined on drop so that a closed log
+    /// leaves no writer behind in its directory (a reopen would race it).
+    spare_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// What recovery found, for the log.
@@ -235,7 +238,11 @@ impl Wal {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             if name == SPARE_TMP {
-                std::fs::remove_file(entry.path())?;
+                // Left by a crash while the spare was being made.
+                match std::fs::remove_file(entry.path()) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
             } else if let Some(seq) = parse_segment_name(&name) {
                 seqs.push(seq);
             }
@@ -309,6 +316,7 @@ impl Wal {
                 dirty: Vec::new(),
             }),
             spare_in_progress: Arc::new(AtomicBool::new(false)),
+            spare_thread: Mutex::new(None),
         };
         if let Some(p) = purged {
             wal.purge(p)?;
@@ -348,8 +356,19 @@ impl Wal {
                 }
                 flag.store(false, Ordering::Release);
             });
-        if spawned.is_err() {
-            self.spare_in_progress.store(false, Ordering::Release);
+        match spawned {
+            Ok(handle) => {
+                let previous = self
+                    .spare_thread
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .replace(handle);
+                // The flag was clear, so the previous thread has finished.
+                if let Some(previous) = previous {
+                    let _ = previous.join();
+                }
+            }
+            Err(_) => self.spare_in_progress.store(false, Ordering::Release),
         }
     }
 
@@ -584,6 +603,19 @@ impl Wal {
     }
 }
 
+impl Drop for Wal {
+    fn drop(&mut self) {
+        let handle = self
+            .spare_thread
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -733,6 +765,24 @@ mod tests {
         );
         let (wal, _) = Wal::open(dir.path(), 4096, Some(390)).expect("purged gap accepted");
         assert_eq!(wal.bounds(), Some((391, 400)));
+    }
+
+    #[test]
+    fn a_closed_log_leaves_no_spare_half_made() {
+        // Making a 64 MiB spare takes far longer than opening and closing;
+        // without the join on drop, the spare's writer would still be at
+        // work here, and a reopen could race it (CI saw ENOENT that way).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (wal, _) = Wal::open(dir.path(), 64 << 20, None).expect("open");
+        drop(wal);
+        assert!(
+            !dir.path().join(SPARE_TMP).exists(),
+            "spare still being made"
+        );
+        assert!(dir.path().join(SPARE).exists(), "spare finished");
+        let (wal, _) = Wal::open(dir.path(), 64 << 20, None).expect("reopen");
+        wal.append(1, b"a").expect("append");
+        sync(&wal);
     }
 
     #[test]
