@@ -402,7 +402,7 @@ async fn index_of(resp: reqwest::Response) -> Result<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_keys_are_reaped_after_the_tombstone_ttl_and_indexes_never_go_back() -> Result<()> {
-    let cluster = Cluster::start(3, &["--tombstone-ttl-ms", "800"]).await?;
+    let cluster = Cluster::start(3, &["--tombstone-ttl-ms", "3000"]).await?;
     let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
     let base = cluster.servers[leader].http();
     let http = &cluster.http;
@@ -418,7 +418,8 @@ async fn deleted_keys_are_reaped_after_the_tombstone_ttl_and_indexes_never_go_ba
     .await?;
     let seen_key = index_of(http.get(format!("{base}/v1/kv/app/b")).send().await?).await?;
     assert_eq!(seen, seen_key, "the prefix's index is the deletion's");
-    // (Followers apply the deletion a moment later; the TTL is longer.)
+    // (Followers apply the deletion a moment later; the TTL is long enough
+    // that a stalled poll cannot miss the moment all three hold it.)
     meshwork_tests::wait_for(
         "one tombstone everywhere",
         Duration::from_secs(5),

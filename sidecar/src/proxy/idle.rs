@@ -139,7 +139,8 @@ impl Activity {
                 }
                 idle.saturating_sub(quiet).min(idle / 4)
             };
-            if self.head_pending.load(Ordering::Relaxed) && !in_flight {
+            let pending = self.head_pending.load(Ordering::Relaxed);
+            if pending && !in_flight {
                 let since = *head_at.get_or_insert(now);
                 if now - since >= first_byte {
                     tracing::debug!(
@@ -164,8 +165,10 @@ impl Activity {
             }
             let long = wait > glance && self.heads.load(Ordering::Relaxed);
             self.watcher_asleep.store(long, Ordering::Relaxed);
-            if long && self.head_pending.load(Ordering::Relaxed) {
-                // A head began between the look above and now.
+            if long && !pending && self.head_pending.load(Ordering::Relaxed) {
+                // A head began between the look above and now: look again
+                // (once; a head already seen is timed by `wait`, and looking
+                // again for it would spin until its deadline).
                 continue;
             }
             tokio::select! {
@@ -354,8 +357,34 @@ mod tests {
         assert_eq!(polls.load(Ordering::Relaxed), 2);
     }
 
-    #[tokio::test]
-    async fn silent_and_idle_connections_are_noticed() {
+    /// On tokio's paused clock, so the bounds below are exact and not at
+    /// the mercy of a busy machine. A watcher that spins instead of sleeping
+    /// never lets that clock move: the real-time limit turns it into a
+    /// failure rather than a hang.
+    #[test]
+    fn silent_and_idle_connections_are_noticed() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .expect("runtime");
+            rt.block_on(silent_and_idle_connections_are_noticed_on_paused_time());
+            let _ = done.send(());
+        });
+        match finished.recv_timeout(Duration::from_secs(30)) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("the idle watcher spun: paused time never advanced")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("the checks failed (see the panic above)")
+            }
+        }
+    }
+
+    async fn silent_and_idle_connections_are_noticed_on_paused_time() {
         let ms = Duration::from_millis;
         let a = Arc::new(Activity::new(true));
         let t = Instant::now();
