@@ -43,7 +43,27 @@ pub struct LogStore {
     /// sled's data file, for `fdatasync` after each flush.
     data_file: Arc<Option<std::fs::File>>,
     /// Completion callbacks of appends waiting for the next sync.
-    flusher: std::sync::mpsc::Sender<(LogFlushed<TypeConfig>, std::time::Instant)>,
+    flusher: Arc<Flusher>,
+}
+
+type Flush = (LogFlushed<TypeConfig>, std::time::Instant);
+
+/// The flusher thread's queue. When the last clone of the store drops, the
+/// queue closes and the drop waits for the thread (which holds the WAL) to
+/// finish, so a closed store leaves nothing running in its directory.
+#[derive(Debug)]
+struct Flusher {
+    queue: Option<std::sync::mpsc::Sender<Flush>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Why the log store could not open.
@@ -63,8 +83,8 @@ pub enum OpenError {
 
 impl LogStore {
     /// Opens the log: metadata in `db` (whose files live in `sled_dir`),
-    /// entries in the WAL in `wal_dir`. Starts the flusher thread (it ends
-    /// when the last clone of the store is dropped).
+    /// entries in the WAL in `wal_dir`. Starts the flusher thread (it ends,
+    /// and is waited for, when the last clone of the store is dropped).
     pub fn open(db: &sled::Db, sled_dir: &Path, wal_dir: &Path) -> Result<Self, OpenError> {
         Self::open_with_segment_size(db, sled_dir, wal_dir, DEFAULT_SEGMENT_SIZE)
     }
@@ -92,12 +112,16 @@ impl LogStore {
         let wal = Arc::new(wal);
         let data_file = Arc::new(std::fs::File::open(sled_dir.join("db")).ok());
         move_old_log(db, &wal, &data_file).map_err(wal_error)?;
-        let (flusher, pending) = std::sync::mpsc::channel();
+        let (queue, pending) = std::sync::mpsc::channel();
         let flush_wal = Arc::clone(&wal);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("raft-log-flush".into())
             .spawn(move || flush_appends(&flush_wal, &pending))
             .map_err(wal_error)?;
+        let flusher = Arc::new(Flusher {
+            queue: Some(queue),
+            thread: Some(thread),
+        });
         Ok(Self {
             db: db.clone(),
             meta,
@@ -235,10 +259,7 @@ async fn flush_durably(
 
 /// The flusher thread: one `fdatasync` per batch of queued appends. A
 /// plain thread, because syncing blocks: no async worker waits on disk.
-fn flush_appends(
-    wal: &Wal,
-    pending: &std::sync::mpsc::Receiver<(LogFlushed<TypeConfig>, std::time::Instant)>,
-) {
+fn flush_appends(wal: &Wal, pending: &std::sync::mpsc::Receiver<Flush>) {
     while let Ok(first) = pending.recv() {
         let mut batch = vec![first];
         while let Ok(more) = pending.try_recv() {
@@ -343,8 +364,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // Durable once the flusher's next sync completes.
         self.flusher
-            .send((callback, std::time::Instant::now()))
-            .map_err(|_| {
+            .queue
+            .as_ref()
+            .ok_or(())
+            .and_then(|queue| {
+                queue
+                    .send((callback, std::time::Instant::now()))
+                    .map_err(|_| ())
+            })
+            .map_err(|()| {
                 storage_io_error(
                     ErrorSubject::Logs,
                     ErrorVerb::Write,
@@ -369,5 +397,34 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.wal
             .purge(log_id.index)
             .map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dropped_store_leaves_no_thread_at_work_in_its_directory() {
+        // The WAL starts making a 64 MiB spare segment on open; the store's
+        // drop waits for the flusher, which holds the WAL, which waits for
+        // the spare. Without that, a reopen could race the spare's writer.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sled_dir = dir.path().join("sled");
+        let wal_dir = dir.path().join("wal");
+        for _ in 0..2 {
+            let db = sled::open(&sled_dir).expect("sled");
+            let store =
+                LogStore::open_with_segment_size(&db, &sled_dir, &wal_dir, 64 << 20).expect("open");
+            let clone = store.clone();
+            drop(store);
+            drop(clone);
+            // Open started the spare; the drop waited for it to be done.
+            assert!(
+                !wal_dir.join(super::super::wal::SPARE_TMP).exists()
+                    && wal_dir.join(super::super::wal::SPARE).exists(),
+                "the spare is still being written after the store closed"
+            );
+        }
     }
 }

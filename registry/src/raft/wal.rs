@@ -42,8 +42,8 @@ const HEADER: usize = 16;
 /// Refuses records this large (a batch of 256 commands of 512 KiB values
 /// in JSON stays below it).
 const MAX_RECORD: usize = 1 << 30;
-const SPARE: &str = "wal.spare";
-const SPARE_TMP: &str = "wal.spare.tmp";
+pub(crate) const SPARE: &str = "wal.spare";
+pub(crate) const SPARE_TMP: &str = "wal.spare.tmp";
 const ZERO_CHUNK: usize = 1 << 20;
 
 /// Where one record lives.

@@ -562,7 +562,9 @@ mod tests {
 
     /// An HTTP/1.1 server that answers "ok" and drops each connection
     /// `linger` after accepting it, keep-alive or not.
-    async fn server(linger: Duration) -> SocketAddr {
+    /// An HTTP/1.1 server answering "ok"; it closes every connection it
+    /// holds when `close` changes.
+    async fn server(close: tokio::sync::watch::Receiver<u32>) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -576,7 +578,15 @@ mod tests {
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service);
-                tokio::spawn(tokio::time::timeout(linger, connection));
+                let mut close = close.clone();
+                // Only a change from now on closes this one.
+                close.borrow_and_update();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = connection => {}
+                        _ = close.changed() => {}
+                    }
+                });
             }
         });
         addr
@@ -602,7 +612,8 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_are_reused_and_closed_ones_replaced() {
-        let addr = server(Duration::from_millis(300)).await;
+        let (close, closed) = tokio::sync::watch::channel(0);
+        let addr = server(closed).await;
         let cluster = cluster(addr);
         let pool = Pool::<TestBody>::new(Arc::clone(&cluster));
         let opened = || cluster.metrics.connections.load(Ordering::Relaxed);
@@ -610,7 +621,8 @@ mod tests {
         get(&pool, addr).await;
         get(&pool, addr).await;
         assert_eq!(opened(), 1, "one connection, kept alive");
-        // The server has dropped it meanwhile: a new one, no error.
+        // The server drops it: a new one, no error.
+        close.send_modify(|n| *n += 1);
         tokio::time::sleep(Duration::from_millis(500)).await;
         get(&pool, addr).await;
         assert_eq!(opened(), 2);
