@@ -1145,7 +1145,7 @@ async fn a_flaky_instance_is_ejected_and_later_readmitted() -> Result<()> {
 #[tokio::test]
 async fn timeouts_retries_and_limits_are_answered_and_counted() -> Result<()> {
     let mut mesh = Mesh::start().await?;
-    let (instances, client_ip, c) = echo_behind_client(&mut mesh, 2, "name = \"echo\"\nprotocol = \"http\"\nrequest_timeout = \"1500ms\"\nretries = { attempts = 1, on = [\"503\"] }\noutlier = { consecutive_5xx = 0 }\nlimits = { max_requests = 2 }").await?;
+    let (instances, client_ip, c) = echo_behind_client(&mut mesh, 2, "name = \"echo\"\nprotocol = \"http\"\nrequest_timeout = \"1000ms\"\nretries = { attempts = 1, on = [\"503\"] }\noutlier = { consecutive_5xx = 0 }\nlimits = { max_requests = 2 }").await?;
     let http = http_client()?;
     let url = format!("http://{client_ip}:{UPSTREAM_PORT}");
     // A slow answer: 504 from the proxy, saying why.
@@ -1199,7 +1199,8 @@ async fn timeouts_retries_and_limits_are_answered_and_counted() -> Result<()> {
     };
     let a = tokio::spawn(slow(http.clone(), url.clone()));
     let b = tokio::spawn(slow(http.clone(), url.clone()));
-    // Both held (1.5 s before they time out) before the third is sent.
+    // Both held (1 s before they time out, 1 s before /slow answers)
+    // before the third is sent.
     let sidecar = &mesh.sidecars[c];
     wait_for("two requests in flight", Duration::from_secs(5), || async {
         let clusters = sidecar.json("/clusters").await.ok()?;

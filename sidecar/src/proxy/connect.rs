@@ -560,8 +560,6 @@ mod tests {
 
     type TestBody = Empty<bytes::Bytes>;
 
-    /// An HTTP/1.1 server that answers "ok" and drops each connection
-    /// `linger` after accepting it, keep-alive or not.
     /// An HTTP/1.1 server answering "ok"; it closes every connection it
     /// holds when `close` changes.
     async fn server(close: tokio::sync::watch::Receiver<u32>) -> SocketAddr {
