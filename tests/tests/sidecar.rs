@@ -422,6 +422,18 @@ async fn keep_reporting(cluster: &Cluster, admin: &str, times: usize) -> Result<
     Ok(())
 }
 
+/// Waits (3 s at most) for `web-ttl` to be `status` while the TTL check
+/// keeps being reported, so a stall of the test cannot let the TTL lapse.
+async fn seen_while_reporting(cluster: &Cluster, admin: &str, status: &str) -> Result<()> {
+    let want = [("web-ttl", status)];
+    let (reported, seen) = tokio::join!(
+        keep_reporting(cluster, admin, 12),
+        cluster.wait_instance_health(0, "web", &want, Duration::from_secs(3))
+    );
+    reported?;
+    seen
+}
+
 #[tokio::test]
 async fn ttl_checks_via_the_admin_api_and_grpc_health_checks() -> Result<()> {
     let cluster = Cluster::start(1, &[]).await?;
@@ -481,31 +493,9 @@ listen = "{ip}:29001"
             .wait_instance_health(0, "web", &[("web-ttl", "critical")], Duration::from_secs(4))
             .await?;
         // Reports keep it passing; then the gRPC service stops serving.
-        // (Reports go on while the test looks, so a stall of the test
-        // cannot let the TTL lapse in between.)
-        let (reported, seen) = tokio::join!(
-            keep_reporting(&cluster, &admin, 12),
-            cluster.wait_instance_health(
-                0,
-                "web",
-                &[("web-ttl", "passing")],
-                Duration::from_secs(3)
-            )
-        );
-        reported?;
-        seen?;
+        seen_while_reporting(&cluster, &admin, "passing").await?;
         serving.store(false, Ordering::Relaxed);
-        let (reported, seen) = tokio::join!(
-            keep_reporting(&cluster, &admin, 12),
-            cluster.wait_instance_health(
-                0,
-                "web",
-                &[("web-ttl", "critical")],
-                Duration::from_secs(3)
-            )
-        );
-        reported?;
-        seen?;
+        seen_while_reporting(&cluster, &admin, "critical").await?;
         let unknown = cluster
             .http
             .put(format!("{admin}/v1/agent/check/pass/no-such-check"))
