@@ -49,6 +49,8 @@ set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$BENCH_DIR")
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$BENCH_DIR/lib.sh"
 WAITERS=${WAITERS:-10000}
 ROUNDS=${ROUNDS:-3}
 SMALL_WAITERS=${SMALL_WAITERS:-1000}
@@ -71,85 +73,34 @@ SKIP_BUILD=${SKIP_BUILD:-0}
 BENCH_TMPDIR=${BENCH_TMPDIR:-/var/tmp}
 RESULTS_FILE=${RESULTS_FILE:-$BENCH_DIR/RESULTS-catalog.md}
 RAW_DIR=${RAW_DIR:-/var/tmp/meshwork-bench-catalog}
-HOST=127.0.0.1
 CLIENT=$BENCH_DIR/catalog-waiters.py
 REPORT=$BENCH_DIR/catalog-report.py
 MW_BIN=$REPO_DIR/target/release/meshwork-registry
-PEERS="1@$HOST:36301,2@$HOST:36302,3@$HOST:36303"
 HTTP_PORTS="36501,36502,36503"
 RAFT_ADDRS="$HOST:36301,$HOST:36302,$HOST:36303"
 
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-declare -a PIDS=()
 declare -A MW_PID=()
-WORK=""
 
-cleanup() {
-    local rc=$?
-    set +e
-    trap - EXIT INT TERM
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-    local i alive
-    for i in $(seq 1 50); do
-        alive=0
-        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        [ "$alive" = 0 ] && break
-        sleep 0.2
-    done
-    for pid in "${PIDS[@]}"; do
-        if kill -0 "$pid" 2>/dev/null; then
-            log "pid $pid still running 10 s after SIGTERM; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null
-        fi
-    done
-    wait 2>/dev/null
-    if [ -n "$WORK" ] && [ -d "$WORK" ]; then
-        [ -d "$WORK/logs" ] && mkdir -p "$RAW_DIR" && cp "$WORK"/logs/*.log "$RAW_DIR/" 2>/dev/null
-        rm -rf -- "$WORK"
-    fi
-    [ "$rc" = 0 ] || log "exited with status $rc (processes stopped, temp dir removed)"
-    exit "$rc"
+# The servers' logs are kept in RAW_DIR even when the run fails.
+keep_logs() {
+    [ -d "$WORK/logs" ] && mkdir -p "$RAW_DIR" && cp "$WORK"/logs/*.log "$RAW_DIR/" 2>/dev/null
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+add_cleanup_after_stop keep_logs
 
 # ---------------------------------------------------------------- helpers
-# Free = can be bound the way the server binds it (SO_REUSEADDR, as tokio
-# does): the ports are in the ephemeral range, so an outgoing connection of
-# another program can hold one even though nothing listens on it.
-port_free() {
-    python3 -c 'import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-try: s.bind((sys.argv[1], int(sys.argv[2])))
-except OSError: sys.exit(1)' "$HOST" "$1"
-}
-
-# Waits (bounded) until the machine is idle for two 2-second samples in a
-# row; records the last sample and the processes that used the CPU during it
-# in quiet.tsv.
-wait_quiet() { # label
-    local deadline=$((SECONDS + QUIET_WAIT_S)) s1 s2 b1 b2 said=0 waited=$SECONDS
+# Waits (bounded) until the machine is idle (lib.sh); the sampler is the load
+# client's, which also names the processes that used the CPU. Records the
+# last sample, how long it waited and those processes in quiet.tsv.
+wait_quiet_catalog() { # label
     local ours="${MW_PID[1]},${MW_PID[2]},${MW_PID[3]},${SOLO_PID:-}"
-    s1=$(python3 "$CLIENT" busy --seconds 2 --ours "$ours")
-    s2=$(python3 "$CLIENT" busy --seconds 2 --ours "$ours")
-    b1=${s1%%$'\t'*}; b2=${s2%%$'\t'*}
-    while { [ "$b1" -gt 15 ] || [ "$b2" -gt 15 ]; } && [ "$SECONDS" -lt "$deadline" ]; do
-        if [ "$said" = 0 ]; then
-            log "  machine is ${b2}% busy without load (${s2#*$'\t'}); waiting up to ${QUIET_WAIT_S}s"
-            said=1
-        fi
-        b1=$b2; s2=$(python3 "$CLIENT" busy --seconds 2 --ours "$ours"); b2=${s2%%$'\t'*}
-    done
-    printf '%s\t%s\t%s\t%s\n' "$1" "$b2" "$((SECONDS - waited))" "${s2#*$'\t'}" >>"$RAW_DIR/quiet.tsv"
-    [ "$b2" -gt 15 ] && log "  machine still ${b2}% busy; measuring anyway (recorded)"
-    return 0
+    QUIET_SAMPLER="python3 \"\$CLIENT\" busy --seconds 2 --ours $ours"
+    wait_quiet
+    printf '%s\t%s\t%s\t%s\n' "$1" "$QUIET_BUSY" "$QUIET_WAITED" "$QUIET_DETAIL" >>"$RAW_DIR/quiet.tsv"
 }
 
 http_get() { curl -sS --max-time 5 "http://$HOST:$1$2"; }
 
-check_alive() {
+check_servers_alive() { # phase
     local i
     for i in 1 2 3; do
         if ! kill -0 "${MW_PID[$i]}" 2>/dev/null; then
@@ -185,7 +136,7 @@ run_client() { # label subcommand args...
         tail -n 5 "$RAW_DIR/client.log" >&2
         printf '{"kind":"failed","label":"%s"}\n' "$label" >>"$RAW_DIR/results.jsonl"
     fi
-    check_alive "$label"
+    check_servers_alive "$label"
 }
 
 # ---------------------------------------------------------------- prerequisites
@@ -193,8 +144,7 @@ command -v python3 >/dev/null || die "python3 is needed"
 command -v curl >/dev/null || die "curl is needed"
 
 # File descriptors: the client holds WAITERS sockets, each server a third.
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-NOFILE=$(ulimit -n)
+raise_nofile
 [ "$NOFILE" -ge $((WAITERS + 500)) ] || die "open-file limit $NOFILE is too low for $WAITERS waiters"
 log "open-file limit: $NOFILE (hard $(ulimit -Hn))"
 
@@ -207,66 +157,48 @@ rm -f -- "$RAW_DIR"/results.jsonl "$RAW_DIR"/discarded.jsonl "$RAW_DIR"/quiet.ts
 : >"$RAW_DIR/discarded.jsonl"
 
 if [ "$SKIP_BUILD" != 1 ]; then
-    log "cargo build --release --bin meshwork-registry (waits for a build lock held by others)"
-    (cd "$REPO_DIR" && timeout 1500 cargo build --release --bin meshwork-registry) >&2
+    build_release 1500 --bin meshwork-registry   # (waits for a build lock held by others)
 fi
 [ -x "$MW_BIN" ] || die "$MW_BIN missing (run without SKIP_BUILD=1)"
 
 # ---------------------------------------------------------------- metadata
 {
     echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "git=$(cd "$REPO_DIR" && git --no-optional-locks rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    echo "git_dirty=$(cd "$REPO_DIR" && git --no-optional-locks status --porcelain 2>/dev/null | grep -c . || true)"
+    echo "git=$(git_rev)"
+    echo "git_dirty=$(git_status | grep -c . || true)"
     echo "binary_mtime=$(date -u -r "$MW_BIN" +%Y-%m-%dT%H:%M:%SZ)"
     echo "version=$("$MW_BIN" --version 2>/dev/null | head -1)"
     echo "nproc=$(nproc)"
-    echo "cpu=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)"
+    echo "cpu=$(cpu_model)"
     echo "kernel=$(uname -r)"
     echo "loadavg=$(cut -d' ' -f1-3 /proc/loadavg)"
     echo "nofile=$NOFILE"
     echo "python=$(python3 --version 2>&1)"
-    echo "fs=$(df -PT "$BENCH_TMPDIR" | awk 'NR==2{print $2" ("$1")"}')"
+    echo "fs=$(fs_of "$BENCH_TMPDIR")"
     echo "params=WAITERS=$WAITERS ROUNDS=$ROUNDS SMALL_WAITERS=$SMALL_WAITERS SMALL_ROUNDS=$SMALL_ROUNDS WAIT=$WAIT HOLD_S=$HOLD_S NOISE_WRITES=$NOISE_WRITES SERVICES=$SERVICES INSTANCES=$INSTANCES SCALE_NODES=$SCALE_NODES SCALE_CONC=$SCALE_CONC"
 } >"$RAW_DIR/meta.txt"
 free -h >"$RAW_DIR/free.txt"
 
 # ---------------------------------------------------------------- cluster
-for p in 36301 36302 36303 36304 36501 36502 36503 36504 36601 36602 36603 36604 \
-         36701 36702 36703 36704; do
-    port_free "$p" || die "port $HOST:$p is already in use"
-done
+check_ports 36301 36302 36303 36304 36501 36502 36503 36504 36601 36602 36603 36604 \
+    36701 36702 36703 36704
 T0=$SECONDS
 WORK=$(mktemp -d "$BENCH_TMPDIR/meshwork-catalog-bench.XXXXXX")
 mkdir -p "$WORK/logs"
-for i in 1 2 3; do
-    mkdir -p "$WORK/n$i"
-    "$MW_BIN" --node-id "$i" --data-dir "$WORK/n$i" \
-        --http-addr "$HOST:3650$i" --grpc-addr "$HOST:3660$i" \
-        --raft-addr "$HOST:3630$i" --dns-addr "$HOST:3670$i" \
-        --peers "$PEERS" --log-level warn \
-        >"$WORK/logs/meshwork-$i.log" 2>&1 &
-    MW_PID[$i]=$!
-    PIDS+=("$!")
-done
+start_meshwork_cluster "$WORK/n" 3630 3650 3660 3670
 # The one-server cluster of the per-connection memory check starts now too:
 # its ports are in the ephemeral range and the load client's 10,000 outgoing
 # connections could hold them by the time it is needed.
 SOLO_PID=""
 if [ "$CONNMEM" -gt 0 ]; then
-    mkdir -p "$WORK/solo"
-    "$MW_BIN" --node-id 1 --data-dir "$WORK/solo" \
-        --http-addr "$HOST:36504" --grpc-addr "$HOST:36604" \
-        --raft-addr "$HOST:36304" --dns-addr "$HOST:36704" \
-        --peers "1@$HOST:36304" --log-level warn \
-        >"$WORK/logs/meshwork-solo.log" 2>&1 &
-    SOLO_PID=$!
-    PIDS+=("$SOLO_PID")
+    start_meshwork 1 "$WORK/solo" "$WORK/logs/meshwork-solo.log" 36504 36604 36304 36704 "1@$HOST:36304"
+    SOLO_PID=$LAST_PID
 fi
 log "servers started: pids ${MW_PID[1]} ${MW_PID[2]} ${MW_PID[3]} (one-server check: ${SOLO_PID:-none}), data in $WORK"
 
 leader=""
 for _ in $(seq 1 60); do
-    check_alive startup
+    check_servers_alive startup
     l1=$(http_get 36501 /v1/status/leader 2>/dev/null || true)
     l2=$(http_get 36502 /v1/status/leader 2>/dev/null || true)
     l3=$(http_get 36503 /v1/status/leader 2>/dev/null || true)
@@ -306,7 +238,7 @@ fanout() { # label waiters write_server(0-based) [extra args]
     local label=$1 n=$2 ws=$3 attempt last; shift 3
     for attempt in $(seq 1 "$MAX_ATTEMPTS"); do
         log "fan-out $label: $n waiters, write via server $((ws + 1))$([ "$attempt" -gt 1 ] && echo " (attempt $attempt)")"
-        wait_quiet "$label"
+        wait_quiet_catalog "$label"
         run_client "$label" fanout --raft-addrs "$RAFT_ADDRS" --waiters "$n" --wait "$WAIT" \
             --hold "$HOLD_S" --write-server "$ws" \
             --new-id "web-$label-a$attempt" --new-node "node-$label-a$attempt" "$@"
@@ -332,7 +264,7 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 if [ "$NOISE_WRITES" -gt 0 ] && budget_left "noise-test"; then
     log "noise: $NOISE_WRITES unrelated KV writes without waiters"
-    wait_quiet "noise-w0"
+    wait_quiet_catalog "noise-w0"
     run_client "noise-w0" noise --write-server 0 --noise-writes "$NOISE_WRITES"
     fanout "noise-w${WAITERS}" "$WAITERS" 0 --noise-writes "$NOISE_WRITES"
 fi
@@ -352,7 +284,7 @@ if [ -n "$SOLO_PID" ] && budget_left "connmem"; then
     done
     if [ "$solo_ok" = 1 ]; then
         log "per-connection memory: $CONNMEM connections to a fresh one-server cluster"
-        wait_quiet "connmem"
+        wait_quiet_catalog "connmem"
         CLIENT_PORTS=36504 CLIENT_PIDS=$SOLO_PID run_client connmem connmem --waiters "$CONNMEM" --wait "$WAIT"
     else
         log "one-server cluster for the memory check is not up; skipped (see meshwork-solo.log)"
@@ -362,7 +294,7 @@ fi
 
 # ---------------------------------------------------------------- catalog scale
 log "catalog scale: $SERVICES services x $INSTANCES instances, $SCALE_CONC connections"
-wait_quiet "scale"
+wait_quiet_catalog "scale"
 run_client "scale" scale --data-dirs "$WORK/n1,$WORK/n2,$WORK/n3" \
     --services "$SERVICES" --instances "$INSTANCES" --nodes "$SCALE_NODES" \
     --concurrency "$SCALE_CONC" --max-s "$SCALE_MAX_S"

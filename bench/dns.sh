@@ -44,6 +44,8 @@ set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$BENCH_DIR")
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$BENCH_DIR/lib.sh"
 DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
 PINNED_SETTINGS=${PINNED_SETTINGS:-"4:100"}
@@ -63,72 +65,14 @@ SKIP_BUILD=${SKIP_BUILD:-0}
 BENCH_TMPDIR=${BENCH_TMPDIR:-/tmp}
 RESULTS_FILE=${RESULTS_FILE:-$BENCH_DIR/RESULTS-dns.md}
 RAW_DIR=${RAW_DIR:-/tmp/meshwork-bench-dns}
-HOST=127.0.0.1
 N_INSTANCES=10
 
 MW_HTTP="" MW_GRPC="" MW_RAFT="" MW_DNS="" BIND_PORT=""
 
 export PATH="$PATH:/usr/sbin:/sbin"   # named, named-checkconf when not root's PATH
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-declare -a PIDS=()
-MW_PID="" BIND_PID="" BG_PID="" WORK=""
-
-cleanup() {
-    local rc=$?
-    set +e
-    trap - EXIT INT TERM
-    [ -n "$BG_PID" ] && kill -KILL "$BG_PID" 2>/dev/null
-    local pid i alive
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-    for i in $(seq 1 50); do
-        alive=0
-        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        [ "$alive" = 0 ] && break
-        sleep 0.2
-    done
-    for pid in "${PIDS[@]}"; do
-        if kill -0 "$pid" 2>/dev/null; then
-            log "pid $pid ($(cat "/proc/$pid/comm" 2>/dev/null)) still running 10 s after SIGTERM; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null
-        fi
-    done
-    wait 2>/dev/null
-    [ -n "$WORK" ] && [ -d "$WORK" ] && rm -rf -- "$WORK"
-    [ "$rc" = 0 ] || log "exited with status $rc (processes stopped, temp dir removed)"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+MW_DEV_PID="" BIND_PID=""
 
 # ---------------------------------------------------------------- prerequisites
-ensure_packages() {
-    local -a missing=()
-    command -v dnsperf >/dev/null || missing+=(dnsperf)
-    { command -v named >/dev/null || [ -x /usr/sbin/named ]; } || missing+=(bind9)
-    command -v named-checkzone >/dev/null || [ -x /usr/bin/named-checkzone ] || [ -x /usr/sbin/named-checkzone ] || missing+=(bind9-utils)
-    command -v dig >/dev/null || missing+=(dnsutils)
-    command -v curl >/dev/null || missing+=(curl)
-    command -v python3 >/dev/null || missing+=(python3)
-    command -v ss >/dev/null || missing+=(iproute2)
-    command -v taskset >/dev/null || missing+=(util-linux)
-    [ "${#missing[@]}" -eq 0 ] && return 0
-    [ "$(id -u)" = 0 ] || die "missing ${missing[*]}; run as root or install them first"
-    local p need_update=0
-    for p in "${missing[@]}"; do
-        apt-cache policy "$p" 2>/dev/null | grep -q 'Candidate: [0-9]' || need_update=1
-    done
-    if [ "$need_update" = 1 ]; then
-        log "apt-get update"
-        apt-get update -q >&2
-    fi
-    log "apt-get install ${missing[*]}"
-    # policy-rc.d may or may not let bind9's postinst start the system named
-    # (on port 53); either way it is not the one measured here.
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
-}
-
 NAMED=""
 find_named() {
     NAMED=$(command -v named 2>/dev/null || echo /usr/sbin/named)
@@ -162,45 +106,10 @@ pick_ports() { # [exclude-base]
     die "no free block of 5 ports found in 35000-35999"
 }
 
-# ---------------------------------------------------------------- /proc helpers
-CLK_TCK=$(getconf CLK_TCK)
-cpu_ticks() { [ -r "/proc/$1/stat" ] && awk '{print $14+$15}' "/proc/$1/stat" || echo 0; }
-rss_kb() { awk -v k="$2:" '$1==k{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
-sys_cpu() { awk '/^cpu /{idle=$5+$6; t=0; for(i=2;i<=NF;i++) t+=$i; print t, idle, $9}' /proc/stat; } # total idle steal
-steal_between() { # -> % of the machine's time stolen by the hypervisor
-    awk -v a="$1" -v b="$2" 'BEGIN{split(a,x," "); split(b,y," "); dt=y[1]-x[1]; printf "%.0f", (dt>0 ? 100*(y[3]-x[3])/dt : 0)}'
-}
-busy_between() { # "total idle" "total idle" -> busy % of the whole machine
-    awk -v a="$1" -v b="$2" 'BEGIN{split(a,x," "); split(b,y," "); dt=y[1]-x[1]; di=y[2]-x[2]; printf "%.0f", (dt>0 ? 100*(dt-di)/dt : 0)}'
-}
-busy_pct() { local a b; a=$(sys_cpu); sleep "$1"; b=$(sys_cpu); busy_between "$a" "$b"; }
-
-# Waits (bounded) until two 2-second samples in a row show the machine less
-# than 15% busy. Prints the last sample (busy % before the run).
-wait_quiet() {
-    local deadline=$((SECONDS + QUIET_WAIT_S)) b1 b2 said=0
-    b1=$(busy_pct 2); b2=$(busy_pct 2)
-    while { [ "$b1" -gt 15 ] || [ "$b2" -gt 15 ]; } && [ "$SECONDS" -lt "$deadline" ]; do
-        if [ "$said" = 0 ]; then
-            log "  machine is ${b2}% busy without our load; waiting up to ${QUIET_WAIT_S}s. Busiest now:"
-            top -b -n 2 -d 1 -w 120 2>/dev/null | awk '/^top -/{n++} n==2 && /^ *[0-9]/' | head -n 3 >&2 || true
-            said=1
-        fi
-        b1=$b2; b2=$(busy_pct 2)
-    done
-    [ "$b2" -gt 15 ] && log "  machine still ${b2}% busy; measuring anyway (reported)"
-    echo "$b2"
-}
-
 # ---------------------------------------------------------------- servers
-start_meshwork() {
-    mkdir -p "$WORK/mw"
-    "$MW_BIN" --dev --data-dir "$WORK/mw" \
-        --http-addr "$HOST:$MW_HTTP" --grpc-addr "$HOST:$MW_GRPC" \
-        --raft-addr "$HOST:$MW_RAFT" --dns-addr "$HOST:$MW_DNS" \
-        --log-level warn >"$WORK/logs/meshwork.log" 2>&1 &
-    MW_PID=$!
-    PIDS+=("$MW_PID")
+start_dns_meshwork() {
+    start_meshwork dev "$WORK/mw" "$WORK/logs/meshwork.log" "$MW_HTTP" "$MW_GRPC" "$MW_RAFT" "$MW_DNS" -
+    MW_DEV_PID=$LAST_PID
 }
 
 write_bind_config() {
@@ -250,26 +159,20 @@ start_bind() {
     PIDS+=("$BIND_PID")
 }
 
-check_alive() { # name pid log
-    kill -0 "$2" 2>/dev/null && return 0
-    tail -n 20 "$3" >&2 || true
-    die "$1 (pid $2) exited"
-}
-
 stop_servers() { # stops the current Meshwork and BIND (a failed start)
     local pid i keep=()
-    for pid in "$MW_PID" "$BIND_PID"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "$MW_DEV_PID" "$BIND_PID"; do kill -TERM "$pid" 2>/dev/null || true; done
     for i in $(seq 1 50); do
-        { kill -0 "$MW_PID" 2>/dev/null || kill -0 "$BIND_PID" 2>/dev/null; } || break
+        { kill -0 "$MW_DEV_PID" 2>/dev/null || kill -0 "$BIND_PID" 2>/dev/null; } || break
         sleep 0.2
     done
-    for pid in "$MW_PID" "$BIND_PID"; do kill -KILL "$pid" 2>/dev/null || true; done
-    wait "$MW_PID" "$BIND_PID" 2>/dev/null || true
+    for pid in "$MW_DEV_PID" "$BIND_PID"; do kill -KILL "$pid" 2>/dev/null || true; done
+    wait "$MW_DEV_PID" "$BIND_PID" 2>/dev/null || true
     for pid in "${PIDS[@]}"; do
-        if [ "$pid" != "$MW_PID" ] && [ "$pid" != "$BIND_PID" ]; then keep+=("$pid"); fi
+        if [ "$pid" != "$MW_DEV_PID" ] && [ "$pid" != "$BIND_PID" ]; then keep+=("$pid"); fi
     done
     PIDS=("${keep[@]}")
-    MW_PID="" BIND_PID=""
+    MW_DEV_PID="" BIND_PID=""
     return 0
 }
 
@@ -278,15 +181,15 @@ stop_servers() { # stops the current Meshwork and BIND (a failed start)
 try_start() {
     local deadline=$((SECONDS + 60)) leader=""
     write_bind_config
-    start_meshwork
+    start_dns_meshwork
     start_bind
     while [ "$SECONDS" -lt "$deadline" ]; do
-        if ! kill -0 "$MW_PID" 2>/dev/null; then
+        if ! kill -0 "$MW_DEV_PID" 2>/dev/null; then
             if grep -qi 'address already in use' "$WORK/logs/meshwork.log"; then
                 log "  Meshwork: $(grep -i -m1 'address already in use' "$WORK/logs/meshwork.log"); trying other ports"
                 return 1
             fi
-            check_alive meshwork "$MW_PID" "$WORK/logs/meshwork.log"
+            check_alive meshwork "$MW_DEV_PID" "$WORK/logs/meshwork.log"
         fi
         leader=$(curl -s -m 2 "http://$HOST:$MW_HTTP/v1/status/leader" 2>/dev/null || true)
         case "$leader" in '"'?*'"') break ;; esac
@@ -330,7 +233,7 @@ wait_ready() {
         if [ "$sys" = meshwork ]; then port=$MW_DNS; else port=$BIND_PORT; fi
         deadline=$((SECONDS + 30)); n=0
         while [ "$SECONDS" -lt "$deadline" ]; do
-            check_alive meshwork "$MW_PID" "$WORK/logs/meshwork.log"
+            check_alive meshwork "$MW_DEV_PID" "$WORK/logs/meshwork.log"
             check_alive bind "$BIND_PID" "$WORK/logs/named.log"
             n=$(dig +short +time=1 +tries=1 @"$HOST" -p "$port" web.service.mesh A 2>/dev/null | grep -c '^198\.18\.1\.' || true)
             [ "$n" = "$N_INSTANCES" ] && break
@@ -338,11 +241,11 @@ wait_ready() {
         done
         [ "$n" = "$N_INSTANCES" ] || die "$sys answers web.service.mesh A with $n records, expected $N_INSTANCES"
     done
-    log "both servers answer (Meshwork dns $HOST:$MW_DNS pid $MW_PID, BIND $HOST:$BIND_PORT pid $BIND_PID)"
+    log "both servers answer (Meshwork dns $HOST:$MW_DNS pid $MW_DEV_PID, BIND $HOST:$BIND_PORT pid $BIND_PID)"
 }
 
 port_of() { if [ "$1" = meshwork ]; then echo "$MW_DNS"; else echo "$BIND_PORT"; fi; }
-pid_of() { if [ "$1" = meshwork ]; then echo "$MW_PID"; else echo "$BIND_PID"; fi; }
+pid_of() { if [ "$1" = meshwork ]; then echo "$MW_DEV_PID"; else echo "$BIND_PID"; fi; }
 
 # ---------------------------------------------------------------- measurement
 # run_dnsperf SYSTEM KIND SETTING SECONDS OUTFILE [extra dnsperf args...]
@@ -406,15 +309,15 @@ qps_of() { sed -n 's/^ *Queries per second: *//p' "$1" | awk '{printf "%.0f", $1
 # ================================================================ main
 START_TS=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 T0=$SECONDS
-ensure_packages
+# (policy-rc.d may or may not let bind9's postinst start the system named on
+# port 53; either way it is not the one measured here.)
+ensure_packages dnsperf:dnsperf named:bind9 named-checkzone:bind9-utils dig:dnsutils \
+    curl:curl python3:python3 ss:iproute2 taskset:util-linux
 find_named
-if [ -e "$RAW_DIR" ] && [ ! -f "$RAW_DIR/.dns-bench-raw" ]; then
-    die "RAW_DIR $RAW_DIR exists and was not made by this script; pick another"
-fi
+check_raw_dir "$RAW_DIR" .dns-bench-raw
 
 if [ "$SKIP_BUILD" != 1 ]; then
-    log "cargo build --release --bin meshwork-registry"
-    (cd "$REPO_DIR" && cargo build --release --bin meshwork-registry) >&2
+    build_release 0 --bin meshwork-registry
 fi
 MW_BIN=${MW_BIN:-${CARGO_TARGET_DIR:-$REPO_DIR/target}/release/meshwork-registry}
 [ -x "$MW_BIN" ] || die "no binary at $MW_BIN"
@@ -429,13 +332,13 @@ printf 'web.service.mesh A\nweb.service.mesh SRV\n' >"$WORK/dns-queries.txt"
 {
     echo "date_utc=$START_TS"
     echo "nproc=$(nproc)"
-    echo "cpu_model=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)"
+    echo "cpu_model=$(cpu_model)"
     echo "kernel=$(uname -r)"
     echo "dnsperf_version=$(dnsperf -h 2>&1 | awk '/^Version/{print $2}')"
     echo "bind_version=$("$NAMED" -v 2>/dev/null)"
     echo "meshwork_version=$("$MW_BIN" --version 2>/dev/null | awk '{print $2}')"
-    echo "git_rev=$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    echo "git_dirty_files=$(git -C "$REPO_DIR" --no-optional-locks status --porcelain 2>/dev/null | grep -vc '^.. bench/' || true)"
+    echo "git_rev=$(git_rev)"
+    echo "git_dirty_files=$(git_status | grep -vc '^.. bench/' || true)"
     echo "loadavg_before=$(cut -d' ' -f1-3 /proc/loadavg)"
     echo "duration=$DURATION"
     echo "lat_duration=$LAT_DURATION"
@@ -458,7 +361,7 @@ log "starting Meshwork and BIND in $WORK"
 start_servers
 wait_ready
 echo "ports=Meshwork dns $MW_DNS (http $MW_HTTP), BIND $BIND_PORT" >>"$WORK/machine.txt"
-echo "meshwork_threads=$(ls /proc/"$MW_PID"/task | wc -l)" >>"$WORK/machine.txt"
+echo "meshwork_threads=$(ls /proc/"$MW_DEV_PID"/task | wc -l)" >>"$WORK/machine.txt"
 echo "bind_threads_running=$(ls /proc/"$BIND_PID"/task | wc -l)" >>"$WORK/machine.txt"
 
 log "checking answers (before load)"
@@ -479,7 +382,8 @@ measured_run() { # SYSTEM KIND SETTING SECONDS OUTFILE [dnsperf args...]
         tp) what="throughput" ;; lat) what="latency (dnsperf -v)" ;; *) what="fixed rate $FIXED_QPS qps (dnsperf -v)" ;;
     esac
     for attempt in $(seq 1 "$MAX_ATTEMPTS"); do
-        IDLE_BEFORE=$(wait_quiet)
+        wait_quiet
+        IDLE_BEFORE=$QUIET_BUSY
         log "$sys: $what ${d}s, -c/-q $setting$([ "${PIN:-0}" = 1 ] && echo ', pinned')$([ "$kind" = tp ] && echo ", round $ROUND") (attempt $attempt)"
         run_dnsperf "$sys" "$kind" "$setting" "$d" "$out.a$attempt" "$@"
         log "  $(qps_of "$out.a$attempt") qps; other processes used ${FOREIGN_PCT}% of the machine"
@@ -548,11 +452,7 @@ if [ "$DIAG_STRACE" = 1 ] && [ "$FIXED_QPS" -gt 0 ] && command -v strace >/dev/n
         timeout --kill-after=5 $((STRACE_S + 20)) dnsperf -s "$HOST" -p "$(port_of "$sys")" -d "$WORK/dns-queries.txt" \
             -l "$STRACE_S" -c "${FIXED_SETTING%%:*}" -q "${FIXED_SETTING##*:}" -Q "$FIXED_QPS" $([ "$EDNS" = 1 ] && echo -e) \
             >"$WORK/raw/strace-dnsperf-$sys.txt" 2>&1 || true
-        kill -INT "$BG_PID" 2>/dev/null || true
-        for i in $(seq 1 50); do kill -0 "$BG_PID" 2>/dev/null || break; sleep 0.2; done
-        kill -KILL "$BG_PID" 2>/dev/null || true
-        wait "$BG_PID" 2>/dev/null || true
-        BG_PID=""
+        stop_bg 10
         check_alive "$sys" "$(pid_of "$sys")" "$WORK/logs/$([ "$sys" = meshwork ] && echo meshwork || echo named).log"
     done
 fi
@@ -572,11 +472,7 @@ for sys in meshwork bind; do
 done
 echo "elapsed_s=$((SECONDS - T0))" >>"$WORK/machine.txt"
 
-if [ -e "$RAW_DIR" ]; then
-    [ -f "$RAW_DIR/.dns-bench-raw" ] || die "$RAW_DIR exists and was not made by this script; not replacing it"
-    rm -rf -- "$RAW_DIR"
-fi
-mkdir -p "$RAW_DIR"; : >"$RAW_DIR/.dns-bench-raw"
+claim_raw_dir "$RAW_DIR" .dns-bench-raw
 cp "$WORK"/raw/* "$RAW_DIR"/ 2>/dev/null || true
 cp "$WORK"/logs/*.log "$WORK"/*.tsv "$WORK"/machine.txt "$WORK"/free.txt "$WORK"/ps-before.txt \
    "$WORK"/dns-queries.txt "$WORK"/bind/named.conf "$WORK"/bind/mesh.zone "$RAW_DIR"/ 2>/dev/null || true

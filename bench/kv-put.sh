@@ -32,6 +32,8 @@ set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$BENCH_DIR")
+# shellcheck source=lib.sh
+. "$BENCH_DIR/lib.sh"
 DURATION=${DURATION:-20}
 WARMUP=${WARMUP:-3}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
@@ -48,203 +50,36 @@ NOISE_PCT=${NOISE_PCT:-10}
 MAX_ATTEMPTS=${MAX_ATTEMPTS:-3}
 MW_EXTRA_ARGS=${MW_EXTRA_ARGS:-}
 LUA=$BENCH_DIR/wrk-put.lua
-HOST=127.0.0.1
 
 # Ports. Meshwork: raft 1830N, http 1850N, grpc 1860N, dns 1870N.
 # etcd: client 2379N, peer 2380N (N = 1..3; Debian's default 2379/2380 untouched).
-MW_PEERS="1@$HOST:18301,2@$HOST:18302,3@$HOST:18303"
-ETCD_CLUSTER="e1=http://$HOST:23801,e2=http://$HOST:23802,e3=http://$HOST:23803"
 
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-declare -a PIDS=()
 declare -A MW_PID=() ETCD_PID=()
-WORK=""
-BG_PID=""
 SAMPLER_PID=""
 FOREIGN_PCT=0
+kill_sampler() { [ -z "$SAMPLER_PID" ] || kill -KILL "$SAMPLER_PID" 2>/dev/null; }
+add_cleanup kill_sampler
 
-cleanup() {
-    local rc=$?
-    set +e
-    trap - EXIT INT TERM
-    [ -n "$BG_PID" ] && kill -KILL "$BG_PID" 2>/dev/null
-    [ -n "$SAMPLER_PID" ] && kill -KILL "$SAMPLER_PID" 2>/dev/null
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-    local i alive
-    for i in $(seq 1 50); do
-        alive=0
-        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        [ "$alive" = 0 ] && break
-        sleep 0.2
-    done
-    for pid in "${PIDS[@]}"; do
-        if kill -0 "$pid" 2>/dev/null; then
-            log "pid $pid ($(cat "/proc/$pid/comm" 2>/dev/null)) still running 10 s after SIGTERM; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null
-        fi
-    done
-    wait 2>/dev/null
-    [ -n "$WORK" ] && [ -d "$WORK" ] && rm -rf -- "$WORK"
-    [ "$rc" = 0 ] || log "exited with status $rc (processes stopped, temp dir removed)"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------- prerequisites
-ensure_packages() {
-    local -a missing=()
-    command -v etcd >/dev/null || missing+=(etcd-server)
-    command -v etcdctl >/dev/null || missing+=(etcd-client)
-    command -v wrk >/dev/null || missing+=(wrk)
-    command -v curl >/dev/null || missing+=(curl)
-    command -v python3 >/dev/null || missing+=(python3)
-    [ "${#missing[@]}" -eq 0 ] && return 0
-    [ "$(id -u)" = 0 ] || die "missing ${missing[*]}; run as root or install them first"
-    local p need_update=0
-    for p in "${missing[@]}"; do
-        apt-cache policy "$p" 2>/dev/null | grep -q 'Candidate: [0-9]' || need_update=1
-    done
-    if [ "$need_update" = 1 ]; then
-        log "apt-get update"
-        apt-get update -q >&2
-    fi
-    log "apt-get install ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
-}
-
-port_free() { ! (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
-
-check_ports() {
-    local p
-    for p in 18301 18302 18303 18501 18502 18503 18601 18602 18603 \
-             23791 23792 23793 23801 23802 23803; do
-        port_free "$p" || die "port $HOST:$p is already in use"
-    done
+check_kv_ports() {
+    check_ports 18301 18302 18303 18501 18502 18503 18601 18602 18603 \
+        23791 23792 23793 23801 23802 23803
 }
 
 # ---------------------------------------------------------------- /proc helpers
-CLK_TCK=$(getconf CLK_TCK)
-cpu_ticks() { [ -r "/proc/$1/stat" ] && awk '{print $14+$15}' "/proc/$1/stat" || echo 0; }
 io_write_bytes() { [ -r "/proc/$1/io" ] && awk '/^write_bytes/{print $2}' "/proc/$1/io" || echo 0; }
-rss_kb() { awk -v k="$2:" '$1==k{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
-sys_cpu() { awk '/^cpu /{idle=$5+$6; t=0; for(i=2;i<=NF;i++) t+=$i; print t, idle}' /proc/stat; }
 du_alloc() { du -sB1 "$1" | cut -f1; }
 du_apparent() { du -sb --apparent-size "$1" | cut -f1; }
 
-# Machine CPU busy % over one second.
-busy_pct() { # seconds
-    local a b
-    a=$(sys_cpu); sleep "$1"; b=$(sys_cpu)
-    awk -v a="$a" -v b="$b" 'BEGIN{split(a,x," "); split(b,y," "); dt=y[1]-x[1]; di=y[2]-x[2]; printf "%.0f", (dt>0 ? 100*(dt-di)/dt : 0)}'
-}
-
-# Waits (bounded) until the machine has been idle for two 2-second samples in
-# a row, so that someone else's compile or test run does not end up in the
-# numbers. Records the last sample in quiet.tsv.
-wait_quiet() { # label
-    local deadline=$((SECONDS + QUIET_WAIT_S)) b1 b2 said=0
-    b1=$(busy_pct 2); b2=$(busy_pct 2)
-    while { [ "$b1" -gt 15 ] || [ "$b2" -gt 15 ]; } && [ "$SECONDS" -lt "$deadline" ]; do
-        if [ "$said" = 0 ]; then
-            log "  machine is ${b2}% busy without load (someone else?); waiting up to ${QUIET_WAIT_S}s"
-            ps -eo pid,pcpu,comm --sort=-pcpu | sed -n 2,4p >&2
-            said=1
-        fi
-        b1=$b2; b2=$(busy_pct 2)
-    done
-    printf '%s\t%s\n' "$1" "$b2" >>"$WORK/quiet.tsv"
-    [ "$b2" -gt 15 ] && log "  machine still ${b2}% busy; measuring anyway (see 'other processes' in the report)"
-    return 0
+# Waits (bounded) for an idle machine (lib.sh) and records the last sample in
+# quiet.tsv.
+wait_quiet_kv() { # label
+    wait_quiet
+    printf '%s\t%s\n' "$1" "$QUIET_BUSY" >>"$WORK/quiet.tsv"
 }
 
 # ---------------------------------------------------------------- clusters
-start_meshwork() {
-    local i
-    for i in 1 2 3; do
-        mkdir -p "$WORK/mw/n$i"
-        "$MW_BIN" --node-id "$i" --data-dir "$WORK/mw/n$i" \
-            --http-addr "$HOST:1850$i" --grpc-addr "$HOST:1860$i" \
-            --raft-addr "$HOST:1830$i" --dns-addr "$HOST:1870$i" \
-            --peers "$MW_PEERS" --log-level warn $MW_EXTRA_ARGS \
-            >"$WORK/logs/meshwork-$i.log" 2>&1 &
-        MW_PID[$i]=$!
-        PIDS+=("$!")
-    done
-}
-
-start_etcd() {
-    local i
-    for i in 1 2 3; do
-        mkdir -p "$WORK/etcd"
-        etcd --name "e$i" --data-dir "$WORK/etcd/n$i" \
-            --listen-client-urls "http://$HOST:2379$i" \
-            --advertise-client-urls "http://$HOST:2379$i" \
-            --listen-peer-urls "http://$HOST:2380$i" \
-            --initial-advertise-peer-urls "http://$HOST:2380$i" \
-            --initial-cluster "$ETCD_CLUSTER" --initial-cluster-state new \
-            --initial-cluster-token meshwork-bench \
-            --logger zap --log-level warn \
-            >"$WORK/logs/etcd-$i.log" 2>&1 &
-        ETCD_PID[$i]=$!
-        PIDS+=("$!")
-    done
-}
-
-check_alive() { # name pid log
-    kill -0 "$2" 2>/dev/null && return 0
-    tail -n 20 "$3" >&2 || true
-    die "$1 (pid $2) exited"
-}
-
-# Prints the node number (1..3) of the Meshwork leader, or nothing.
-meshwork_leader() {
-    local i raw
-    for i in 1 2 3; do
-        raw=$(curl -s -m 2 "http://$HOST:1850$i/v1/status/leader" 2>/dev/null) || continue
-        case "$raw" in
-            *"$HOST:1830"[123]*) raw=${raw##*:1830}; echo "${raw:0:1}"; return 0 ;;
-        esac
-    done
-}
-
-# Prints the member number (1..3) of the etcd leader, or nothing.
-etcd_leader() {
-    local i raw
-    for i in 1 2 3; do
-        raw=$(curl -s -m 2 -X POST -d '{}' "http://$HOST:2379$i/v3/maintenance/status" 2>/dev/null) || continue
-        if python3 -c 'import json,sys; d=json.loads(sys.argv[1]); sys.exit(0 if d["header"]["member_id"]==d["leader"] else 1)' "$raw" 2>/dev/null; then
-            echo "$i"; return 0
-        fi
-    done
-}
-
-wait_ready() {
-    local deadline=$((SECONDS + 60)) i
-    MW_LEADER="" ETCD_LEADER=""
-    while [ "$SECONDS" -lt "$deadline" ]; do
-        for i in 1 2 3; do
-            check_alive "meshwork-$i" "${MW_PID[$i]}" "$WORK/logs/meshwork-$i.log"
-            check_alive "etcd-$i" "${ETCD_PID[$i]}" "$WORK/logs/etcd-$i.log"
-        done
-        [ -z "$MW_LEADER" ] && MW_LEADER=$(meshwork_leader)
-        [ -z "$ETCD_LEADER" ] && ETCD_LEADER=$(etcd_leader)
-        if [ -n "$MW_LEADER" ] && [ -n "$ETCD_LEADER" ]; then
-            local a b
-            a=$(curl -s -m 5 -X PUT --data-binary ready "http://$HOST:1850$MW_LEADER/v1/kv/ready" || true)
-            b=$(curl -s -m 5 -X POST -d '{"key":"cmVhZHk=","value":"cmVhZHk="}' "http://$HOST:2379$ETCD_LEADER/v3/kv/put" || true)
-            if [ "$a" = true ] && [[ "$b" == *'"header"'* ]]; then
-                log "ready: Meshwork leader node $MW_LEADER, etcd leader member $ETCD_LEADER"
-                return 0
-            fi
-        fi
-        sleep 0.5
-    done
-    die "clusters not ready within 60 s (meshwork leader '${MW_LEADER}', etcd leader '${ETCD_LEADER}')"
-}
-
 url_of() { # system -> leader base URL
     if [ "$1" = meshwork ]; then echo "http://$HOST:1850$MW_LEADER"; else echo "http://$HOST:2379$ETCD_LEADER"; fi
 }
@@ -271,7 +106,7 @@ run_load() {
     { time timeout --signal=INT --kill-after=10 $((d + 30)) \
         wrk -t"$threads" -c"$c" -d"${d}s" --timeout 10s --latency -s "$LUA" "$url" -- "$sys" "$prefix" \
         >"$out" 2>"$out.err" ; } 2>"$out.time" || die "wrk failed for $sys c=$c (see $out.err)"
-    [ -n "$top_pid" ] && wait "$top_pid" 2>/dev/null || true
+    if [ -n "$top_pid" ]; then wait "$top_pid" 2>/dev/null || true; fi
     s1=$(sys_cpu)
     for pid in $(all_server_pids); do after+=("$(cpu_ticks "$pid")"); wb_after+=("$(io_write_bytes "$pid")"); done
     grep -q '^RESULT ' "$out" || die "no RESULT line from wrk for $sys c=$c (see $out)"
@@ -283,7 +118,7 @@ run_load() {
             wb+=("$(( wb_after[k] - wb_before[k] ))")
         done
         local sysbusy
-        sysbusy=$(awk -v a="$s0" -v b="$s1" 'BEGIN{split(a,x," "); split(b,y," "); dt=y[1]-x[1]; di=y[2]-x[2]; printf "%.1f", (dt>0 ? 100*(dt-di)/dt : 0)}')
+        sysbusy=$(busy_between "$s0" "$s1" "%.1f")
         # Share of the machine's CPU time used by processes other than the six
         # servers and wrk (someone else's build skews a 2-core machine).
         local ours=0
@@ -316,25 +151,8 @@ write_n() { # system n conns prefix outfile
         [ "$(find "$markers" -type f | wc -l)" -ge "$threads" ] && break
         sleep 0.2
     done
-    kill -INT "$BG_PID" 2>/dev/null || true
-    local i
-    for i in $(seq 1 100); do kill -0 "$BG_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$BG_PID" 2>/dev/null || true
-    wait "$BG_PID" 2>/dev/null || true
-    BG_PID=""
+    stop_bg 10
     grep -q '^RESULT ' "$out" || die "no RESULT line from wrk (disk phase, $sys; see $out)"
-}
-
-snapshot_rss() { # label -> appends to rss.tsv
-    local i
-    for i in 1 2 3; do
-        printf '%s\tmeshwork\t%s\t%s\t%s\t%s\n' "$1" "$i" "$([ "$i" = "$MW_LEADER" ] && echo leader || echo follower)" \
-            "$(rss_kb "${MW_PID[$i]}" VmRSS)" "$(rss_kb "${MW_PID[$i]}" VmHWM)" >>"$WORK/rss.tsv"
-    done
-    for i in 1 2 3; do
-        printf '%s\tetcd\t%s\t%s\t%s\t%s\n' "$1" "$i" "$([ "$i" = "$ETCD_LEADER" ] && echo leader || echo follower)" \
-            "$(rss_kb "${ETCD_PID[$i]}" VmRSS)" "$(rss_kb "${ETCD_PID[$i]}" VmHWM)" >>"$WORK/rss.tsv"
-    done
 }
 
 snapshot_disk() { # label system -> appends to disk.tsv
@@ -385,25 +203,17 @@ strace_probe() { # system leader-pid -> raw/strace-<system>.txt
     BG_PID=$!
     sleep 1
     run_load "$sys" 16 5 "strace" "$WORK/raw/strace-wrk-$sys.txt"
-    kill -INT "$BG_PID" 2>/dev/null || true
-    local i
-    for i in $(seq 1 100); do kill -0 "$BG_PID" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL "$BG_PID" 2>/dev/null || true
-    wait "$BG_PID" 2>/dev/null || true
-    BG_PID=""
+    stop_bg 20
 }
 
 # ================================================================ main
 START_TS=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-ensure_packages
-check_ports
-if [ -e "$RAW_DIR" ] && [ ! -f "$RAW_DIR/.kv-put-raw" ]; then
-    die "RAW_DIR $RAW_DIR exists and was not made by this script; pick another"
-fi
+ensure_packages etcd:etcd-server etcdctl:etcd-client wrk:wrk curl:curl python3:python3
+check_kv_ports
+check_raw_dir "$RAW_DIR" .kv-put-raw
 
 if [ "$SKIP_BUILD" != 1 ]; then
-    log "cargo build --release --bin meshwork-registry"
-    (cd "$REPO_DIR" && cargo build --release --bin meshwork-registry) >&2
+    build_release 0 --bin meshwork-registry
 fi
 MW_BIN=${MW_BIN:-${CARGO_TARGET_DIR:-$REPO_DIR/target}/release/meshwork-registry}
 [ -x "$MW_BIN" ] || die "no binary at $MW_BIN"
@@ -417,14 +227,14 @@ mkdir -p "$WORK/logs" "$WORK/raw"
 {
     echo "date_utc=$START_TS"
     echo "nproc=$(nproc)"
-    echo "cpu_model=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)"
+    echo "cpu_model=$(cpu_model)"
     echo "kernel=$(uname -r)"
-    echo "fs=$(df -PT "$WORK" | awk 'NR==2{print $2" ("$1")"}')"
+    echo "fs=$(fs_of "$WORK")"
     echo "etcd_version=$(etcd --version 2>/dev/null | awk '/etcd Version/{print $3}')"
     echo "wrk_version=$(wrk -v 2>&1 | head -n1 | awk '{print $2}')"
     echo "meshwork_version=$("$MW_BIN" --version 2>/dev/null | awk '{print $2}')"
-    echo "git_rev=$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    echo "git_dirty=$(git -C "$REPO_DIR" status --porcelain 2>/dev/null | grep -vc '^?? bench/' || true)"
+    echo "git_rev=$(git_rev)"
+    echo "git_dirty=$(git_status | grep -vc '^?? bench/' || true)"
     echo "loadavg_before=$(cut -d' ' -f1-3 /proc/loadavg)"
     echo "duration=$DURATION"
     echo "warmup=$WARMUP"
@@ -439,13 +249,14 @@ log "fsync probe on $(df -P "$WORK" | awk 'NR==2{print $1}')"
 fsync_probe >"$WORK/fsync.tsv"
 
 log "starting clusters in $WORK"
-start_meshwork
-start_etcd
-wait_ready
+# shellcheck disable=SC2086 # MW_EXTRA_ARGS is word-split on purpose
+start_meshwork_cluster "$WORK/mw/n" 1830 1850 1860 1870 $MW_EXTRA_ARGS
+start_etcd_cluster
+wait_clusters_ready
 MW_LEADER_START=$MW_LEADER
 ETCD_LEADER_START=$ETCD_LEADER
 sleep 2
-snapshot_rss idle
+snapshot_rss idle "$WORK/rss.tsv"
 snapshot_disk start meshwork
 snapshot_disk start etcd
 
@@ -458,7 +269,7 @@ for c in $CONCURRENCY; do
             run_load "$sys" "$c" "$WARMUP" "warm/c$c" "$WORK/raw/warmup-$sys-c$c.txt"
         fi
         for attempt in $(seq 1 "$MAX_ATTEMPTS"); do
-            wait_quiet "$sys-c$c"
+            wait_quiet_kv "$sys-c$c"
             log "$sys: measured ${DURATION}s, $c connections"
             cp "$WORK/runs.tsv" "$WORK/runs.tsv.bak"
             run_load "$sys" "$c" "$DURATION" "bench/c$c-$attempt" "$WORK/raw/wrk-$sys-c$c.txt" record
@@ -471,13 +282,10 @@ for c in $CONCURRENCY; do
             break
         done
         log "  $(sed -n 's/^RESULT //p' "$WORK/raw/wrk-$sys-c$c.txt" | awk '{print $2, $3, $4, $5, $11, $13}')"
-        for i in 1 2 3; do
-            check_alive "meshwork-$i" "${MW_PID[$i]}" "$WORK/logs/meshwork-$i.log"
-            check_alive "etcd-$i" "${ETCD_PID[$i]}" "$WORK/logs/etcd-$i.log"
-        done
+        check_clusters_alive
     done
 done
-snapshot_rss after-latency-runs
+snapshot_rss after-latency-runs "$WORK/rss.tsv"
 
 for sys in meshwork etcd; do
     sleep 3
@@ -507,7 +315,7 @@ for sys in meshwork etcd; do
     SAMPLER_PID=""
     snapshot_disk after-disk-phase "$sys"
 done
-snapshot_rss end
+snapshot_rss end "$WORK/rss.tsv"
 
 # Per-directory breakdown of node 1 of each system, and the leaders at the end.
 {
@@ -528,11 +336,7 @@ fi
 
 # Keep raw output and server logs next to the report.
 # Only ever delete a RAW_DIR that this script created (it carries a marker).
-if [ -e "$RAW_DIR" ]; then
-    [ -f "$RAW_DIR/.kv-put-raw" ] || die "$RAW_DIR exists and was not made by this script; not replacing it"
-    rm -rf -- "$RAW_DIR"
-fi
-mkdir -p "$RAW_DIR"; : >"$RAW_DIR/.kv-put-raw"
+claim_raw_dir "$RAW_DIR" .kv-put-raw
 cp "$WORK"/raw/* "$RAW_DIR"/ 2>/dev/null || true
 cp "$WORK"/logs/*.log "$RAW_DIR"/
 cp "$WORK"/*.tsv "$WORK"/machine.txt "$WORK"/free.txt "$WORK"/ps-before.txt "$RAW_DIR"/

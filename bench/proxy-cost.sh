@@ -26,6 +26,9 @@ set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$BENCH_DIR")
+LOG_TAG=proxy-cost
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$BENCH_DIR/lib.sh"
 REQUESTS=${REQUESTS:-30000}
 WARMUP=${WARMUP:-3000}
 H1_CONNS=${H1_CONNS:-16}
@@ -37,52 +40,20 @@ RAW_DIR=${RAW_DIR:-$BENCH_DIR/out/proxy-cost}
 TARGET=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release
 MW_BIN=${MW_BIN:-$TARGET/meshwork-registry}
 SC_BIN=${SC_BIN:-$TARGET/meshwork-sidecar}
-H=127.0.0.1
+H=$HOST
 
-log() { printf '[proxy-cost %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-need=()
-command -v valgrind >/dev/null || need+=(valgrind)
-command -v h2load >/dev/null || need+=(nghttp2-client)
-command -v haproxy >/dev/null || need+=(haproxy)
-command -v nginx >/dev/null || need+=(nginx-light)
-if [ "${#need[@]}" -gt 0 ]; then
-    log "apt-get install ${need[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >&2 \
-        || die "could not install ${need[*]}"
-fi
+ensure_packages valgrind:valgrind h2load:nghttp2-client haproxy:haproxy nginx:nginx-light
 if [ "$SKIP_BUILD" != 1 ]; then
-    log "building release binaries (cargo build --release)"
-    (cd "$REPO_DIR" && cargo build --release --locked --bin meshwork-registry --bin meshwork-sidecar >&2)
+    build_release 0 --locked --bin meshwork-registry --bin meshwork-sidecar
 fi
-[ -x "$SC_BIN" ] && [ -x "$MW_BIN" ] || die "no release binaries at $SC_BIN / $MW_BIN"
+{ [ -x "$SC_BIN" ] && [ -x "$MW_BIN" ]; } || die "no release binaries at $SC_BIN / $MW_BIN"
 
-port_free() {
-    python3 -c 'import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-try: s.bind((sys.argv[1], int(sys.argv[2])))
-except OSError: sys.exit(1)' "$H" "$1"
-}
-for port in 24080 24081 24181 24182 24191 24192 24291 24331 24531 24631 24731; do
-    port_free "$port" || die "port $H:$port is already in use"
-done
+check_ports 24080 24081 24181 24182 24191 24192 24291 24331 24531 24631 24731
 # Raw data: only ever replace a RAW_DIR that this script made (marker file).
-if [ -e "$RAW_DIR" ]; then
-    [ -f "$RAW_DIR/.proxy-cost-raw" ] || die "RAW_DIR $RAW_DIR exists and was not made by this script; pick another"
-    rm -rf -- "$RAW_DIR"
-fi
-mkdir -p "$RAW_DIR"; : >"$RAW_DIR/.proxy-cost-raw"
+claim_raw_dir "$RAW_DIR" .proxy-cost-raw
 
 WORK=$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/mw-proxy-cost.XXXXXX")
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-mkdir -p "$WORK/backend" "$WORK/mw"
+mkdir -p "$WORK/backend"
 
 wait_http() { # url [h2] -> waits up to 30 s for a 200
     local i code
@@ -109,9 +80,7 @@ http { access_log off; client_body_temp_path $WORK/backend/b; proxy_temp_path $W
 EOF
 nginx -c "$WORK/backend/nginx.conf" -p "$WORK/backend" >"$WORK/backend/out.log" 2>&1 &
 PIDS+=("$!")
-"$MW_BIN" --dev --data-dir "$WORK/mw" --http-addr $H:24531 --grpc-addr $H:24631 \
-    --raft-addr $H:24331 --dns-addr $H:24731 --log-level warn >"$WORK/registry.log" 2>&1 &
-PIDS+=("$!")
+start_meshwork dev "$WORK/mw" "$WORK/registry.log" 24531 24631 24331 24731 -
 wait_http "http://$H:24080/" || die "nginx did not answer"
 for svc in "backend 24080" "backend-h2 24081"; do
     set -- $svc
@@ -227,9 +196,9 @@ measure haproxy -- haproxy -f "$WORK/haproxy.cfg" -db
 
 {
     echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "git=$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "git=$(git_rev)"
     # Uncommitted changes to the code measured (the bench's own files aside).
-    echo "dirty=$(git -C "$REPO_DIR" status --porcelain -- sidecar proto Cargo.toml Cargo.lock 2>/dev/null | wc -l)"
+    echo "dirty=$(git_status -- sidecar proto Cargo.toml Cargo.lock | wc -l)"
     echo "requests=$REQUESTS"
     echo "h1_conns=$H1_CONNS"
     echo "h2_conns=$H2_CONNS"

@@ -42,6 +42,8 @@ set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$BENCH_DIR")
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$BENCH_DIR/lib.sh"
 DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
 WARMUP=${WARMUP:-2}
@@ -51,7 +53,6 @@ H2_STREAMS=${H2_STREAMS:-16}
 SKIP_BUILD=${SKIP_BUILD:-0}
 RESULTS_FILE=${RESULTS_FILE:-$BENCH_DIR/RESULTS-proxy.md}
 RAW_DIR=${RAW_DIR:-$BENCH_DIR/out/proxy}
-HOST=127.0.0.1
 TARGET=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release
 MW_BIN=${MW_BIN:-$TARGET/meshwork-registry}
 SC_BIN=${SC_BIN:-$TARGET/meshwork-sidecar}
@@ -67,76 +68,32 @@ if [ "$PIN" = 1 ]; then
     LOAD_PIN=(taskset -c "$LOAD_CPU")
 fi
 
-log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-PIDS=()
 WORK=$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/meshwork-proxy-bench.XXXXXX")
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    sleep 0.5
-    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
 mkdir -p "$RAW_DIR" "$WORK/logs"
 : >"$RAW_DIR/results.jsonl"
 
 # ---------------------------------------------------------------- tools
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v h2load >/dev/null || need+=(nghttp2-client)
-command -v haproxy >/dev/null || need+=(haproxy)
-command -v nginx >/dev/null || need+=(nginx-light)
-if [ "${#need[@]}" -gt 0 ]; then
-    log "apt-get install ${need[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >&2
-fi
+ensure_packages wrk:wrk h2load:nghttp2-client haproxy:haproxy nginx:nginx-light
 if [ "$SKIP_BUILD" != 1 ]; then
-    log "cargo build --release --bin meshwork-registry --bin meshwork-sidecar"
-    (cd "$REPO_DIR" && timeout 3600 cargo build --release --bin meshwork-registry --bin meshwork-sidecar) >&2
+    build_release 3600 --bin meshwork-registry --bin meshwork-sidecar
 fi
-[ -x "$MW_BIN" ] && [ -x "$SC_BIN" ] || die "release binaries missing under $TARGET"
+{ [ -x "$MW_BIN" ] && [ -x "$SC_BIN" ]; } || die "release binaries missing under $TARGET"
 
-port_free() { ! (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
-for p in 18080 18081 18181 18182 18183 18184 18281 18282 18283 18331 18531 18631 18731 \
-         19191 19192 19193 19291 19292 19293 19294 21001; do
-    port_free "$p" || die "port $HOST:$p is already in use"
-done
+check_ports 18080 18081 18181 18182 18183 18184 18281 18282 18283 18331 18531 18631 18731 \
+    19191 19192 19193 19291 19292 19293 19294 21001
 
 wait_port() { # port, seconds
     local deadline=$((SECONDS + $2))
-    until ! port_free "$1"; do
+    until port_listening "$1"; do
         [ "$SECONDS" -lt "$deadline" ] || die "nothing listens on $HOST:$1 after $2 s"
         sleep 0.1
     done
 }
 
-# ---------------------------------------------------------------- /proc helpers
-CLK_TCK=$(getconf CLK_TCK)
-cpu_ticks() { # pids... -> utime+stime summed
-    local p t=0 v
-    for p in "$@"; do
-        v=$(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0)
-        t=$((t + v))
-    done
-    echo "$t"
-}
-rss_kb() { # pids... -> VmRSS summed
-    local p t=0 v
-    for p in "$@"; do
-        v=$(awk '$1=="VmRSS:"{print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
-        t=$((t + v))
-    done
-    echo "$t"
-}
-sys_cpu() { awk '/^cpu /{idle=$5+$6; t=0; for(i=2;i<=NF;i++) t+=$i; print t, idle}' /proc/stat; }
-
 # ---------------------------------------------------------------- backend and peers
 # Each starter runs in this shell (not in $(...), whose PIDS+= would be
 # lost to the EXIT trap) and leaves the new process's pid in LAST_PID.
-LAST_PID=
+LAST_PID=""
 nginx_conf() { # name, server block(s)
     mkdir -p "$WORK/$1"
     cat >"$WORK/$1/nginx.conf" <<EOF
@@ -234,11 +191,8 @@ wait_endpoints() { # admin port, count, seconds
 log "starting the backend (nginx, h1 :18080, h2c :18081), a registry, the proxies"
 nginx_conf backend "    server { listen $HOST:18080; listen $HOST:18081 http2; location / { return 200 \"hello world\\n\"; } }"
 BACKEND_PID=$LAST_PID
-mkdir -p "$WORK/mw"
-"${LOAD_PIN[@]}" "$MW_BIN" --node-id 1 --data-dir "$WORK/mw" --http-addr "$HOST:18531" --grpc-addr "$HOST:18631" \
-    --raft-addr "$HOST:18331" --dns-addr "$HOST:18731" --peers "1@$HOST:18331" --log-level warn \
-    >"$WORK/logs/registry.log" 2>&1 &
-PIDS+=("$!")
+MW_LAUNCH=("${LOAD_PIN[@]}")
+start_meshwork 1 "$WORK/mw" "$WORK/logs/registry.log" 18531 18631 18331 18731 "1@$HOST:18331"
 wait_port 18080 10; wait_port 18531 20
 deadline=$((SECONDS + 30))
 until register backend backend-1 18080 2>/dev/null; do
@@ -293,7 +247,7 @@ for p in 18181 18182 18183 18184 18281 18282 18283 19191 19192 19193 21001; do w
 wait_endpoints 19291 2 20
 wait_endpoints 19292 1 20
 sleep 2
-SIDECAR_IDLE_KB=$(rss_kb "$SC_SINGLE")
+SIDECAR_IDLE_KB=$(rss_sum_kb "$SC_SINGLE")
 log "sidecar idle RSS: ${SIDECAR_IDLE_KB} KiB"
 
 # ---------------------------------------------------------------- runs
@@ -340,8 +294,8 @@ EOF
     fi
     t1=$(cpu_ticks "${pids[@]}"); s1=$(sys_cpu)
     [ -z "$perf_pid" ] || wait "$perf_pid" || true
-    busy=$(awk -v a="$s0" -v b="$s1" 'BEGIN{split(a,x," "); split(b,y," "); dt=y[1]-x[1]; di=y[2]-x[2]; printf "%.0f", (dt>0 ? 100*(dt-di)/dt : 0)}')
-    rss=$(rss_kb "${pids[@]}")
+    busy=$(busy_between "$s0" "$s1")
+    rss=$(rss_sum_kb "${pids[@]}")
     echo "$out" | python3 -c "
 import json, sys
 r = json.loads(sys.stdin.read())
@@ -389,7 +343,7 @@ $UPSTREAMS"
 SC_BIG=$LAST_PID
 wait_endpoints 19294 1000 60
 sleep 2
-SIDECAR_BIG_KB=$(rss_kb "$SC_BIG")
+SIDECAR_BIG_KB=$(rss_sum_kb "$SC_BIG")
 log "sidecar RSS with 1,000 endpoints: ${SIDECAR_BIG_KB} KiB"
 
 # ---------------------------------------------------------------- report

@@ -73,6 +73,8 @@ set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$BENCH_DIR")
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$BENCH_DIR/lib.sh"
 SUBSCRIBERS=${SUBSCRIBERS:-10000}
 CONNS=${CONNS:-32}
 ROUNDS=${ROUNDS:-3}
@@ -96,18 +98,12 @@ RAW_DIR=${RAW_DIR:-$BENCH_DIR/out/watch}
 REPORT=$BENCH_DIR/watch-report.py
 TOOL_DIR=$BENCH_DIR/watch-fanout
 TOOL=$TOOL_DIR/target/release/watch-fanout
-HOST=127.0.0.1
 ETCD_KEY=/bench/web
 SIDECAR_ADMIN=$HOST:19090
 
-MW_PEERS="1@$HOST:18301,2@$HOST:18302,3@$HOST:18303"
 MW_GRPC="$HOST:18601,$HOST:18602,$HOST:18603"
 MW_HTTP="$HOST:18501,$HOST:18502,$HOST:18503"
-ETCD_CLUSTER="e1=http://$HOST:23801,e2=http://$HOST:23802,e3=http://$HOST:23803"
 ETCD_CLIENT="$HOST:23791,$HOST:23792,$HOST:23793"
-
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
 
 read -r -a MODES <<<"$CLIENT_MODES"
 [ "${#MODES[@]}" -gt 0 ] || die "CLIENT_MODES is empty"
@@ -115,211 +111,43 @@ for m in "${MODES[@]}"; do
     case "$m" in full|light) ;; *) die "CLIENT_MODES: unknown mode '$m' (full, light)" ;; esac
 done
 
-declare -a PIDS=()
 declare -A MW_PID=() ETCD_PID=()
-WORK=""
 SIDECAR_PID=""
 
-cleanup() {
-    local rc=$?
-    set +e
-    trap - EXIT INT TERM
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-    local i alive
-    for i in $(seq 1 50); do
-        alive=0
-        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        [ "$alive" = 0 ] && break
-        sleep 0.2
-    done
-    for pid in "${PIDS[@]}"; do
-        if kill -0 "$pid" 2>/dev/null; then
-            log "pid $pid ($(cat "/proc/$pid/comm" 2>/dev/null)) still running 10 s after SIGTERM; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null
-        fi
-    done
-    wait 2>/dev/null
-    if [ -n "$WORK" ] && [ -d "$WORK" ]; then
-        # Keep the logs of a failed run.
-        if [ "$rc" != 0 ] && [ -d "$WORK/logs" ] && [ -d "$RAW_DIR" ]; then
-            cp "$WORK"/logs/*.log "$RAW_DIR/" 2>/dev/null
-        fi
-        rm -rf -- "$WORK"
+# Keep the logs of a failed run.
+keep_logs_on_failure() {
+    if [ "$BENCH_EXIT_RC" != 0 ] && [ -n "$WORK" ] && [ -d "$WORK/logs" ] && [ -d "$RAW_DIR" ]; then
+        cp "$WORK"/logs/*.log "$RAW_DIR/" 2>/dev/null
     fi
-    [ "$rc" = 0 ] || log "exited with status $rc (processes stopped, temp dir removed)"
-    exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+add_cleanup_after_stop keep_logs_on_failure
 
 # ---------------------------------------------------------------- prerequisites
 need_tool_build() { [ "$SKIP_BUILD" != 1 ] || [ ! -x "$TOOL" ]; }
 
-ensure_packages() {
-    local -a missing=()
-    command -v etcd >/dev/null || missing+=(etcd-server)
-    command -v etcdctl >/dev/null || missing+=(etcd-client)
-    command -v curl >/dev/null || missing+=(curl)
-    command -v python3 >/dev/null || missing+=(python3)
+ensure_watch_packages() {
+    local -a specs=(etcd:etcd-server etcdctl:etcd-client curl:curl python3:python3)
     # The load tool's etcd client (etcd-client crate) runs protoc in its build
     # script and needs the well-known types; the Meshwork client uses protox.
     if need_tool_build; then
-        command -v protoc >/dev/null || missing+=(protobuf-compiler)
-        [ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
+        specs+=(protoc:protobuf-compiler /usr/include/google/protobuf/descriptor.proto:libprotobuf-dev)
     fi
-    [ "${#missing[@]}" -eq 0 ] && return 0
-    [ "$(id -u)" = 0 ] || die "missing ${missing[*]}; run as root or install them first"
-    local p need_update=0
-    for p in "${missing[@]}"; do
-        apt-cache policy "$p" 2>/dev/null | grep -q 'Candidate: [0-9]' || need_update=1
-    done
-    if [ "$need_update" = 1 ]; then
-        log "apt-get update"
-        apt-get update -q >&2
-    fi
-    log "apt-get install ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+    ensure_packages "${specs[@]}"
 }
 
-# Free = can be bound the way the servers bind it (SO_REUSEADDR).
-port_free() {
-    python3 -c 'import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-try: s.bind((sys.argv[1], int(sys.argv[2])))
-except OSError: sys.exit(1)' "$HOST" "$1"
+check_watch_ports() {
+    check_ports 18301 18302 18303 18501 18502 18503 18601 18602 18603 18701 18702 18703 \
+        23791 23792 23793 23801 23802 23803 19090 28301 28501 28601 28701
 }
 
-check_ports() {
-    local p
-    for p in 18301 18302 18303 18501 18502 18503 18601 18602 18603 18701 18702 18703 \
-             23791 23792 23793 23801 23802 23803 19090 28301 28501 28601 28701; do
-        port_free "$p" || die "port $HOST:$p is already in use"
-    done
-}
-
-# ---------------------------------------------------------------- /proc helpers
-CLK_TCK=$(getconf CLK_TCK)
-rss_kb() { awk -v k="$2:" '$1==k{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
-sys_cpu() { awk '/^cpu /{idle=$5+$6; t=0; for(i=2;i<=NF;i++) t+=$i; print t, idle}' /proc/stat; }
-
-busy_pct() { # seconds -> machine CPU busy % over that time
-    local a b
-    a=$(sys_cpu); sleep "$1"; b=$(sys_cpu)
-    awk -v a="$a" -v b="$b" 'BEGIN{split(a,x," "); split(b,y," "); dt=y[1]-x[1]; di=y[2]-x[2]; printf "%.0f", (dt>0 ? 100*(dt-di)/dt : 0)}'
-}
-
-# Waits (bounded) until the machine has been idle for two 2-second samples in
-# a row; records the last sample (and how long it waited) in quiet.tsv.
-wait_quiet() { # label
-    local deadline=$((SECONDS + QUIET_WAIT_S)) t0=$SECONDS b1 b2 said=0
-    b1=$(busy_pct 2); b2=$(busy_pct 2)
-    while { [ "$b1" -gt 15 ] || [ "$b2" -gt 15 ]; } && [ "$SECONDS" -lt "$deadline" ]; do
-        if [ "$said" = 0 ]; then
-            log "  machine is ${b2}% busy without load (someone else?); waiting up to ${QUIET_WAIT_S}s"
-            ps -eo pid,pcpu,comm --sort=-pcpu | sed -n 2,4p >&2
-            said=1
-        fi
-        b1=$b2; b2=$(busy_pct 2)
-    done
-    printf '%s\t%s\t%s\n' "$1" "$b2" "$((SECONDS - t0))" >>"$RAW_DIR/quiet.tsv"
-    [ "$b2" -gt 15 ] && log "  machine still ${b2}% busy; measuring anyway (recorded)"
-    return 0
+# Waits (bounded) for an idle machine (lib.sh); records the last sample (and
+# how long it waited) in quiet.tsv.
+wait_quiet_watch() { # label
+    wait_quiet
+    printf '%s\t%s\t%s\n' "$1" "$QUIET_BUSY" "$QUIET_WAITED" >>"$RAW_DIR/quiet.tsv"
 }
 
 # ---------------------------------------------------------------- clusters
-start_meshwork() {
-    local i
-    for i in 1 2 3; do
-        mkdir -p "$WORK/mw/n$i"
-        # shellcheck disable=SC2086
-        "$MW_BIN" --node-id "$i" --data-dir "$WORK/mw/n$i" \
-            --http-addr "$HOST:1850$i" --grpc-addr "$HOST:1860$i" \
-            --raft-addr "$HOST:1830$i" --dns-addr "$HOST:1870$i" \
-            --peers "$MW_PEERS" --log-level warn $MW_EXTRA_ARGS \
-            >"$WORK/logs/meshwork-$i.log" 2>&1 &
-        MW_PID[$i]=$!
-        PIDS+=("$!")
-    done
-}
-
-start_etcd() {
-    local i
-    mkdir -p "$WORK/etcd"
-    for i in 1 2 3; do
-        etcd --name "e$i" --data-dir "$WORK/etcd/n$i" \
-            --listen-client-urls "http://$HOST:2379$i" \
-            --advertise-client-urls "http://$HOST:2379$i" \
-            --listen-peer-urls "http://$HOST:2380$i" \
-            --initial-advertise-peer-urls "http://$HOST:2380$i" \
-            --initial-cluster "$ETCD_CLUSTER" --initial-cluster-state new \
-            --initial-cluster-token meshwork-bench \
-            --logger zap --log-level warn \
-            >"$WORK/logs/etcd-$i.log" 2>&1 &
-        ETCD_PID[$i]=$!
-        PIDS+=("$!")
-    done
-}
-
-check_alive() { # name pid log
-    kill -0 "$2" 2>/dev/null && return 0
-    tail -n 20 "$3" >&2 || true
-    die "$1 (pid $2) exited"
-}
-
-check_all_alive() {
-    local i
-    for i in 1 2 3; do
-        check_alive "meshwork-$i" "${MW_PID[$i]}" "$WORK/logs/meshwork-$i.log"
-        check_alive "etcd-$i" "${ETCD_PID[$i]}" "$WORK/logs/etcd-$i.log"
-    done
-}
-
-# Prints the node number (1..3) of the Meshwork leader, or nothing.
-meshwork_leader() {
-    local i raw
-    for i in 1 2 3; do
-        raw=$(curl -s -m 2 "http://$HOST:1850$i/v1/status/leader" 2>/dev/null) || continue
-        case "$raw" in
-            *"$HOST:1830"[123]*) raw=${raw##*:1830}; echo "${raw:0:1}"; return 0 ;;
-        esac
-    done
-}
-
-# Prints the member number (1..3) of the etcd leader, or nothing.
-etcd_leader() {
-    local i raw
-    for i in 1 2 3; do
-        raw=$(curl -s -m 2 -X POST -d '{}' "http://$HOST:2379$i/v3/maintenance/status" 2>/dev/null) || continue
-        if python3 -c 'import json,sys; d=json.loads(sys.argv[1]); sys.exit(0 if d["header"]["member_id"]==d["leader"] else 1)' "$raw" 2>/dev/null; then
-            echo "$i"; return 0
-        fi
-    done
-}
-
-b64() { printf '%s' "$1" | base64 -w0; }
-
-wait_ready() {
-    local deadline=$((SECONDS + 60))
-    MW_LEADER="" ETCD_LEADER=""
-    while [ "$SECONDS" -lt "$deadline" ]; do
-        check_all_alive
-        [ -z "$MW_LEADER" ] && MW_LEADER=$(meshwork_leader)
-        [ -z "$ETCD_LEADER" ] && ETCD_LEADER=$(etcd_leader)
-        if [ -n "$MW_LEADER" ] && [ -n "$ETCD_LEADER" ]; then
-            local a b
-            a=$(curl -s -m 5 -X PUT --data-binary ready "http://$HOST:1850$MW_LEADER/v1/kv/ready" || true)
-            b=$(curl -s -m 5 -X POST -d "{\"key\":\"$(b64 ready)\",\"value\":\"$(b64 ready)\"}" \
-                "http://$HOST:2379$ETCD_LEADER/v3/kv/put" || true)
-            if [ "$a" = true ] && [[ "$b" == *'"header"'* ]]; then
-                log "ready: Meshwork leader node $MW_LEADER, etcd leader member $ETCD_LEADER"
-                return 0
-            fi
-        fi
-        sleep 0.5
-    done
-    die "clusters not ready within 60 s (meshwork leader '${MW_LEADER}', etcd leader '${ETCD_LEADER}')"
-}
-
 # The topic before the rounds: three `web` instances (Meshwork) and a value of
 # the same shape under the key (etcd).
 seed() {
@@ -345,18 +173,6 @@ seed() {
     [[ "$out" == *'"header"'* ]] || die "etcd seed put answered: $out"
 }
 
-snapshot_rss() { # label -> rss.tsv: label system member role VmRSS VmHWM
-    local i
-    for i in 1 2 3; do
-        printf '%s\tmeshwork\t%s\t%s\t%s\t%s\n' "$1" "$i" "$([ "$i" = "$MW_LEADER" ] && echo leader || echo follower)" \
-            "$(rss_kb "${MW_PID[$i]}" VmRSS)" "$(rss_kb "${MW_PID[$i]}" VmHWM)" >>"$RAW_DIR/rss.tsv"
-    done
-    for i in 1 2 3; do
-        printf '%s\tetcd\t%s\t%s\t%s\t%s\n' "$1" "$i" "$([ "$i" = "$ETCD_LEADER" ] && echo leader || echo follower)" \
-            "$(rss_kb "${ETCD_PID[$i]}" VmRSS)" "$(rss_kb "${ETCD_PID[$i]}" VmHWM)" >>"$RAW_DIR/rss.tsv"
-    done
-}
-
 # ---------------------------------------------------------------- one round
 # run_round SYSTEM ROUND WRITE_MEMBER MODE SEQ -> appends the tool's JSON to
 # results.jsonl (SEQ: the run's place in the whole sequence, for the report)
@@ -374,7 +190,7 @@ run_round() {
             pids="${ETCD_PID[1]},${ETCD_PID[2]},${ETCD_PID[3]}"
             others="${MW_PID[1]},${MW_PID[2]},${MW_PID[3]}"
         fi
-        wait_quiet "$label"
+        wait_quiet_watch "$label"
         log "$sys round $r, $mode client$([ "$attempt" -gt 1 ] && echo " (attempt $attempt)"): $SUBSCRIBERS subscribers, $CONNS conns/server, write via member $ws (leader: ${leader:-?})"
         local -a args=(--subscribers "$SUBSCRIBERS" --conns "$CONNS" --write-server "$ws"
             --open-concurrency "$OPEN_CONCURRENCY" --setup-timeout "$SETUP_TIMEOUT_S"
@@ -397,7 +213,7 @@ run_round() {
             curl -sS -m 10 -X PUT "http://$HOST:1850$ws/v1/catalog/deregister" \
                 -d "{\"Node\":\"bench-$tag\"}" >/dev/null 2>&1 || true
         fi
-        check_all_alive
+        check_clusters_alive
         python3 "$REPORT" --line "$out" >&2 || true
         if [ "$attempt" -lt "$MAX_ATTEMPTS" ] && python3 "$REPORT" --noisy "$out" "$NOISE_PCT"; then
             log "  other processes used more than ${NOISE_PCT}% of the machine during the write/delivery window; repeating"
@@ -481,17 +297,15 @@ EOF
 
 # ================================================================ main
 START_TS=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-ensure_packages
-check_ports
+ensure_watch_packages
+check_watch_ports
 
 # File descriptors (the tool multiplexes, but keep headroom for the servers).
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-NOFILE=$(ulimit -n)
+raise_nofile
 log "open-file limit: $NOFILE"
 
 if [ "$SKIP_BUILD" != 1 ]; then
-    log "cargo build --release --bin meshwork-registry --bin meshwork-sidecar"
-    (cd "$REPO_DIR" && timeout 1800 cargo build --release --bin meshwork-registry --bin meshwork-sidecar) >&2
+    build_release 1800 --bin meshwork-registry --bin meshwork-sidecar
 fi
 MW_BIN=${MW_BIN:-${CARGO_TARGET_DIR:-$REPO_DIR/target}/release/meshwork-registry}
 SIDECAR_BIN=${SIDECAR_BIN:-${CARGO_TARGET_DIR:-$REPO_DIR/target}/release/meshwork-sidecar}
@@ -504,11 +318,7 @@ fi
 [ -x "$TOOL" ] || die "no load tool at $TOOL"
 
 # Raw data: only ever replace a RAW_DIR that this script made (marker file).
-if [ -e "$RAW_DIR" ]; then
-    [ -f "$RAW_DIR/.watch-raw" ] || die "RAW_DIR $RAW_DIR exists and was not made by this script; pick another"
-    rm -rf -- "$RAW_DIR"
-fi
-mkdir -p "$RAW_DIR"; : >"$RAW_DIR/.watch-raw"
+claim_raw_dir "$RAW_DIR" .watch-raw
 : >"$RAW_DIR/results.jsonl"; : >"$RAW_DIR/discarded.jsonl"; : >"$RAW_DIR/quiet.tsv"
 : >"$RAW_DIR/rss.tsv"; : >"$RAW_DIR/client.log"
 
@@ -519,11 +329,11 @@ mkdir -p "$WORK/logs"
 {
     echo "date_utc=$START_TS"
     echo "nproc=$(nproc)"
-    echo "cpu_model=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)"
+    echo "cpu_model=$(cpu_model)"
     echo "mem_total=$(awk '/MemTotal/{print $2" kB"}' /proc/meminfo)"
     echo "kernel=$(uname -r)"
     echo "os=$(. /etc/os-release 2>/dev/null && echo "$PRETTY_NAME")"
-    echo "fs=$(df -PT "$WORK" | awk 'NR==2{print $2" ("$1")"}')"
+    echo "fs=$(fs_of "$WORK")"
     echo "etcd_version=$(etcd --version 2>/dev/null | awk '/etcd Version/{print $3}')"
     echo "etcd_go=$(etcd --version 2>/dev/null | awk '/Go Version/{print $3}')"
     echo "meshwork_version=$("$MW_BIN" --version 2>/dev/null | head -n1)"
@@ -531,8 +341,8 @@ mkdir -p "$WORK/logs"
     echo "sidecar_binary_mtime=$(date -u -r "$SIDECAR_BIN" +%Y-%m-%dT%H:%M:%SZ)"
     echo "rustc=$(rustc --version 2>/dev/null)"
     echo "tool_deps=$(cd "$TOOL_DIR" && awk '/^name = "(tonic|etcd-client|prost|tokio|h2|hyper)"$/{n=$3; getline; print n"@"$3}' Cargo.lock | tr -d '"' | tr '\n' ' ')"
-    echo "git_rev=$(git -C "$REPO_DIR" --no-optional-locks rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    echo "git_dirty=$(git -C "$REPO_DIR" --no-optional-locks status --porcelain 2>/dev/null | awk '$2 !~ /^bench\//' | grep -c . || true)"
+    echo "git_rev=$(git_rev)"
+    echo "git_dirty=$(git_status | awk '$2 !~ /^bench\//' | grep -c . || true)"
     echo "loadavg_before=$(cut -d' ' -f1-3 /proc/loadavg)"
     echo "nofile=$NOFILE"
     echo "clk_tck=$CLK_TCK"
@@ -556,12 +366,13 @@ free -h >"$RAW_DIR/free.txt"
 ps -eo pid,pcpu,etime,comm --sort=-pcpu | head -n 8 >"$RAW_DIR/ps-before.txt"
 
 log "starting clusters in $WORK"
-start_meshwork
-start_etcd
-wait_ready
+# shellcheck disable=SC2086 # MW_EXTRA_ARGS is word-split on purpose
+start_meshwork_cluster "$WORK/mw/n" 1830 1850 1860 1870 $MW_EXTRA_ARGS
+start_etcd_cluster
+wait_clusters_ready
 seed
 sleep 2
-snapshot_rss idle
+snapshot_rss idle "$RAW_DIR/rss.tsv"
 echo "mw_leader_start=$MW_LEADER" >>"$RAW_DIR/machine.txt"
 # Log lines from here on count as warnings after startup (elections and peer
 # connections log a few warnings while the clusters form).
@@ -589,20 +400,20 @@ for r in $(seq 1 "$ROUNDS"); do
             run_round "$sys" "$r" "$ws" "$mode" "$SEQ"
         done
     done
-    snapshot_rss "after-round-$r"
+    snapshot_rss "after-round-$r" "$RAW_DIR/rss.tsv"
 done
 
 log "sidecar idle RSS"
-wait_quiet sidecar
+wait_quiet_watch sidecar
 measure_sidecar
-snapshot_rss end
+snapshot_rss end "$RAW_DIR/rss.tsv"
 
 # The CPU one message costs the server and the load tool's receiving side,
 # each client mode (what the report's cost floor is computed from).
 if [ "$COST_W" -gt 0 ]; then
     for mode in "${MODES[@]}"; do
         log "per-message CPU, $mode client (watch-fanout/cpu.sh $COST_N $COST_W)"
-        wait_quiet "cost-$mode"
+        wait_quiet_watch "cost-$mode"
         if ! CLIENT=$mode CONNS=$CONNS MW_BIN=$MW_BIN bash "$TOOL_DIR/cpu.sh" "$COST_N" "$COST_W" \
             >"$RAW_DIR/cost-$mode.txt" 2>&1; then
             log "  cpu.sh failed; see $RAW_DIR/cost-$mode.txt"

@@ -14,26 +14,28 @@ set -euo pipefail
 N=${1:-3000}; W=${2:-20}; CONNS=${CONNS:-32}
 DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$(dirname "$DIR")")
-BIN=${MW_BIN:-$REPO/target/release/meshwork-registry}
+REPO_DIR=$REPO
+# watch.sh keeps this script's output and shows its last line when it fails:
+# no "exited with status" line after the error.
+CLEANUP_LOG_STATUS=0
+LOG_TAG=cpu.sh
+# shellcheck source-path=SCRIPTDIR source=../lib.sh
+. "$DIR/../lib.sh"
+MW_BIN=${MW_BIN:-$REPO/target/release/meshwork-registry}
 TOOL=$DIR/target/release/watch-fanout
 H=127.0.0.1
 WORK=$(mktemp -d /var/tmp/mw-cpu.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$WORK"; }
-trap cleanup EXIT
-"$BIN" --dev --data-dir "$WORK/d" --http-addr $H:28501 --grpc-addr $H:28601 \
-    --raft-addr $H:28301 --dns-addr $H:28701 --log-level warn ${MW_EXTRA_ARGS:-} >"$WORK/log" 2>&1 &
-SRV=$!; PIDS+=("$SRV")
+# shellcheck disable=SC2086 # MW_EXTRA_ARGS is word-split on purpose
+start_meshwork dev "$WORK/d" "$WORK/log" 28501 28601 28301 28701 - ${MW_EXTRA_ARGS:-}
+SRV=$LAST_PID
 for _ in $(seq 1 100); do curl -sf -m 1 http://$H:28501/v1/status/leader | grep -q 28301 && break; sleep 0.1; done
 reg() { curl -sS -m 5 -X PUT http://$H:28501/v1/catalog/register \
     -d "{\"Node\":\"n-$1\",\"Address\":\"198.18.1.1\",\"Service\":{\"Service\":\"web\",\"ID\":\"$1\",\"Port\":8080}}" >/dev/null; }
 reg seed-1; reg seed-2; reg seed-3
-tck=$(getconf CLK_TCK)
-die() { echo "cpu.sh: $*" >&2; exit 1; }
+tck=$CLK_TCK
 alive() { local p; for p in "$@"; do kill -0 "$p" 2>/dev/null || die "process $p exited (server log $WORK/log, tool $WORK/tool.err)"; done; }
 TOOL_PID=
-ticks() { if [ -z "$1" ]; then echo 0; else awk '{print $14+$15}' "/proc/$1/stat" 2>/dev/null || echo 0; fi; }
-cpu() { echo "$(ticks $SRV) $(ticks "$TOOL_PID")"; }
+cpu() { echo "$(cpu_ticks "$SRV") $(cpu_ticks ${TOOL_PID:+"$TOOL_PID"})"; }
 delta() { # "srv tool" before, after -> "srv tool" ticks
     echo "$(( $3 - $1 )) $(( $4 - $2 ))"
 }
