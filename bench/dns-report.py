@@ -11,30 +11,15 @@ checks.tsv, attempts.tsv, rss.tsv, strace-*.txt and the dnsperf outputs
 per query: '> RCODE name type seconds').
 """
 
-import math
 import os
 import re
 import statistics
 import sys
 
+from benchlib import fenced, md_header, md_row, percentile as pct, ratio, read_kv, read_text, read_tsv, reproduce
+
 SYSTEMS = ("meshwork", "bind")
 LABEL = {"meshwork": "Meshwork", "bind": "BIND 9"}
-
-
-def read_kv(path):
-    out = {}
-    if os.path.exists(path):
-        for line in open(path):
-            if "=" in line:
-                k, v = line.rstrip("\n").split("=", 1)
-                out[k] = v
-    return out
-
-
-def read_tsv(path):
-    if not os.path.exists(path):
-        return []
-    return [line.rstrip("\n").split("\t") for line in open(path) if line.strip()]
 
 
 def parse_summary(path):
@@ -90,13 +75,6 @@ def parse_verbose(path):
     return {"lat": lat, "by_type": by_type, "timeouts": timeouts}
 
 
-def pct(sorted_values, p):
-    if not sorted_values:
-        return None
-    k = max(0, min(len(sorted_values) - 1, math.ceil(p / 100 * len(sorted_values)) - 1))
-    return sorted_values[k]
-
-
 def fmt(v, digits=3):
     return "–" if v is None else f"{v:,.{digits}f}"
 
@@ -109,9 +87,9 @@ def rcodes_text(d):
 class Report:
     def __init__(self, raw):
         self.raw = raw
-        self.m = read_kv(os.path.join(raw, "machine.txt"))
+        self.m = read_kv(raw, "machine.txt")
         self.runs = []
-        for r in read_tsv(os.path.join(raw, "runs.tsv")):
+        for r in read_tsv(raw, "runs.tsv"):
             run = {
                 "sys": r[0], "kind": r[1], "setting": r[2], "file": os.path.join(raw, r[3]),
                 "srv_cpu": float(r[4]), "client_cpu": float(r[5]), "wall": float(r[6]),
@@ -133,12 +111,12 @@ class Report:
         return sorted((r for r in self.runs if r["sys"] == sysname and r["kind"] == kind
                        and r["setting"] == setting and r["pinned"] == pinned), key=lambda r: r["round"])
 
-    def table_row(self, label, vals, digits=3, ratio=True):
+    def table_row(self, label, vals, digits=3, with_ratio=True):
         cells = [v if isinstance(v, str) else fmt(v, digits) for v in vals]
         r = ""
-        if ratio and all(isinstance(v, (int, float)) for v in vals) and vals[1]:
-            r = f"{vals[0] / vals[1]:.2f}"
-        self.w(f"| {label} | {cells[0]} | {cells[1]} | {r} |")
+        if with_ratio and all(isinstance(v, (int, float)) for v in vals):
+            r = ratio(vals[0], vals[1], suffix="", zero="")
+        self.w(md_row([label, cells[0], cells[1], r]))
 
     def throughput_rows(self, setting, pinned):
         data = {s: self.select(s, "tp", setting, pinned) for s in SYSTEMS}
@@ -170,8 +148,7 @@ class Report:
         a = {k: agg(v) for k, v in data.items()}
         mw, bd = a["meshwork"], a["bind"]
         n = len(data["meshwork"])
-        self.w("| | Meshwork | BIND 9 | Meshwork / BIND |")
-        self.w("|---|---:|---:|---:|")
+        self.out += md_header(["", "Meshwork", "BIND 9", "Meshwork / BIND"], "lrrr")
         self.table_row(f"**QPS**, median of {n} runs", [mw["qps_median"], bd["qps_median"]], 0)
         self.table_row("QPS of each run (round 1, 2, …)",
                        [", ".join(f"{q:,.0f}" for q in mw["qps_list"]), ", ".join(f"{q:,.0f}" for q in bd["qps_list"])])
@@ -239,12 +216,7 @@ class Report:
           "the section \"What this run says\" at the end is written by hand for the run it "
           "describes and has to be rewritten after a new run.")
         w()
-        w("## Reproduce")
-        w()
-        w("```sh")
-        w("sudo bash bench/dns.sh        # from the repository root; ~7 minutes plus the build")
-        w("```")
-        w()
+        self.out += reproduce("## Reproduce", "sudo bash bench/dns.sh        # from the repository root; ~7 minutes plus the build")
         w(f"This run: {m.get('date_utc', '?')}, {m.get('elapsed_s', '?')} s including the build; "
           f"git `{m.get('git_rev', '?')}` ({m.get('git_dirty_files', '?')} files changed outside "
           f"bench/ in the work tree). Knobs: DURATION={m.get('duration')} ROUNDS={m.get('rounds')} "
@@ -265,10 +237,7 @@ class Report:
         w()
         w("`free -h`:")
         w()
-        w("```")
-        fp = os.path.join(self.raw, "free.txt")
-        w(open(fp).read().rstrip() if os.path.exists(fp) else "?")
-        w("```")
+        self.out += fenced(read_text(self.raw, "free.txt", "?").rstrip())
         w()
         w("The machine is shared with other engineers' builds and test runs. Before every "
           "measured run the script waits (up to QUIET_WAIT_S) for two 2-second samples of "
@@ -335,8 +304,7 @@ class Report:
             c, q = fs.split(":")
             w(f"### Fixed rate: `-Q {m.get('fixed_qps')} -c {c} -q {q}`")
             w()
-            w("| | Meshwork | BIND 9 | Meshwork / BIND |")
-            w("|---|---:|---:|---:|")
+            self.out += md_header(["", "Meshwork", "BIND 9", "Meshwork / BIND"], "lrrr")
             p99 = self.latency_rows("fixed", fs)
             w()
             self.commands(fs, ("fixed",))
@@ -403,7 +371,7 @@ class Report:
 
     def checks_section(self):
         w = self.w
-        checks = read_tsv(os.path.join(self.raw, "checks.tsv"))
+        checks = read_tsv(self.raw, "checks.tsv")
         w("## Answer checks")
         w()
         fails = [c for c in checks if len(c) >= 5 and c[3] == "FAIL"]
@@ -435,12 +403,12 @@ class Report:
                   "checks fully correct" + (": " + "; ".join(f"{c[0]}: {c[4]}" for c in bad) if bad else "")
                   + ".")
             w()
-        rss = {r[0]: (r[1], r[2]) for r in read_tsv(os.path.join(self.raw, "rss.tsv"))}
+        rss = {r[0]: (r[1], r[2]) for r in read_tsv(self.raw, "rss.tsv")}
         if rss:
             w("Memory at the end (VmRSS / VmHWM): " + "; ".join(
                 f"{LABEL[s]} {int(a) / 1024:.1f} / {int(b) / 1024:.1f} MiB" for s, (a, b) in rss.items()) + ".")
             w()
-        attempts = read_tsv(os.path.join(self.raw, "attempts.tsv"))
+        attempts = read_tsv(self.raw, "attempts.tsv")
         rep = [f"{LABEL.get(a[0], a[0])} {a[1]} {a[2]}{' pinned' if a[3] == '1' else ''}"
                + (f" round {a[4]}" if a[1] == "tp" else "") + f" ({a[5]} tries, kept try {a[6]})"
                for a in attempts if len(a) >= 7 and a[5] != "1"]

@@ -16,6 +16,8 @@ import os
 import re
 import sys
 
+from benchlib import md_header, read_kv
+
 # Function names in a callgrind file are compressed: "fn=(12) name" the
 # first time, "fn=(12)" afterwards; calls' "cfn=" lines share the table.
 NAME = re.compile(r"^c?fn=\((\d+)\)(?: (.*))?$")
@@ -99,13 +101,7 @@ def group(fn):
 
 def main():
     raw = sys.argv[1]
-    machine = {}
-    path = os.path.join(raw, "machine.txt")
-    if os.path.exists(path):
-        for line in open(path):
-            if "=" in line:
-                k, v = line.rstrip("\n").split("=", 1)
-                machine[k] = v
+    machine = read_kv(raw, "machine.txt")
     n = int(machine.get("requests", "0") or 0)
     out = []
     p = out.append
@@ -129,8 +125,7 @@ def main():
     p("")
     p("## Per request")
     p("")
-    p("| protocol | Meshwork sidecar | HAProxy | sidecar / HAProxy |")
-    p("|---|---:|---:|---:|")
+    out += md_header(["protocol", "Meshwork sidecar", "HAProxy", "sidecar / HAProxy"], "lrrr")
     groups = {}
     totals = {}
     for proto, label in (("h1", "HTTP/1.1"), ("h2", "HTTP/2")):
