@@ -10,22 +10,16 @@ import os
 import re
 import sys
 
+from benchlib import fenced, fmt, mib, read_jsonl, read_kv, reproduce, strip_ansi
+
 TARGET_MS = 1000.0
 TARGET_KIB_PER_WAITER = 16.0
 
 
 def load(raw):
-    results = []
-    with open(os.path.join(raw, "results.jsonl")) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                results.append(json.loads(line))
-    meta = {}
-    with open(os.path.join(raw, "meta.txt")) as f:
-        for line in f:
-            k, _, v = line.rstrip("\n").partition("=")
-            meta[k] = v
+    """The run's files; all four must exist (the script always writes them)."""
+    results = read_jsonl(raw, "results.jsonl", strict=True)
+    meta = read_kv(raw, "meta.txt", required=True)
     with open(os.path.join(raw, "free.txt")) as f:
         free = f.read().rstrip()
     quiet = []
@@ -36,18 +30,6 @@ def load(raw):
     return results, meta, free, quiet
 
 
-def mib(kib):
-    return f"{kib / 1024:.1f}"
-
-
-def fmt(v, nd=1):
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
 def rss_growth(r, a="mem_before", b="mem_held"):
     """Per server (KiB delta, waiters) and KiB per 1,000 waiters."""
     out = []
@@ -56,9 +38,6 @@ def rss_growth(r, a="mem_before", b="mem_held"):
         w = r["waiters_per_server"][i]
         out.append((d, w, 1000.0 * d / w if w else None))
     return out
-
-
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def log_groups(raw, meta, results):
@@ -76,7 +55,7 @@ def log_groups(raw, meta, results):
         with open(path, errors="replace") as f:
             lines = f.read().splitlines()[base:]
         for line in lines:
-            line = ANSI.sub("", line)
+            line = strip_ansi(line)
             m = re.match(r"(\S+)\s+(WARN|ERROR)\s+(.*)", line)
             if not m:
                 if re.search(r"panic", line, re.I):
@@ -158,12 +137,9 @@ def main():
       f"; binary built {meta.get('binary_mtime')}). Every number below was measured in that one run "
       f"({meta.get('total_s', '?')} s in all).")
     p()
-    p("Reproduce (as root, from the repository root; needs only `python3` and `curl`):")
-    p()
-    p("```sh")
-    p("bash bench/catalog.sh")
-    p("```")
-    p()
+    for line in reproduce("Reproduce (as root, from the repository root; needs only `python3` and `curl`):",
+                          "bash bench/catalog.sh"):
+        p(line)
     p(f"Parameters: `{meta.get('params')}`. Raw JSON per measurement, `/proc` samples and the "
       "server logs are kept in `/var/tmp/meshwork-bench-catalog/` (or `RAW_DIR`).")
     p()
@@ -174,9 +150,8 @@ def main():
       f"load average at start {meta.get('loadavg')}")
     p("- `free -h` at start:")
     p()
-    p("```")
-    p(free)
-    p("```")
+    for line in fenced(free):
+        p(line)
     p()
     p("- Three `meshwork-registry` servers (release build, default settings, `--log-level warn`) on "
       "127.0.0.1, the load client (`bench/catalog-waiters.py`, one Python asyncio process) on the "
@@ -203,10 +178,8 @@ def main():
     p()
 
     discarded = []
-    dpath = os.path.join(raw, "discarded.jsonl")
-    if os.path.exists(dpath):
-        with open(dpath) as f:
-            discarded = [json.loads(x) for x in f if x.strip()]
+    if os.path.exists(os.path.join(raw, "discarded.jsonl")):
+        discarded = read_jsonl(raw, "discarded.jsonl", strict=True)
     if discarded:
         p("Fan-out rounds repeated because other processes used more than the allowed share of "
           "the machine during the fan-out (only the last try of each round is in the tables):")

@@ -11,27 +11,16 @@ Only numbers measured in that run are printed.
 """
 
 import json
-import os
 import re
 import statistics
 import sys
+
+from benchlib import fenced, fmt, mib, read_jsonl, read_kv, read_text, read_tsv, reproduce, strip_ansi
 
 SYSTEMS = ("meshwork", "etcd")
 NAMES = {"meshwork": "Meshwork", "etcd": "etcd"}
 MODE_NAMES = {"full": "full client", "light": "light client"}
 SIDECAR_TARGET_KIB = 8 * 1024
-
-
-def fmt(v, nd=1):
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def mib(kib):
-    return f"{kib / 1024:.1f}"
 
 
 def st(r, key="from_ack_ms"):
@@ -88,24 +77,8 @@ def per_1k(r):
     return (1000.0 * sum(grow) / n if n else 0.0, per, grow)
 
 
-def read(raw, name, default=""):
-    try:
-        with open(os.path.join(raw, name), errors="replace") as f:
-            return f.read()
-    except OSError:
-        return default
-
-
-def jsonl(raw, name):
-    out = []
-    for line in read(raw, name).splitlines():
-        line = line.strip()
-        if line:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                out.append({"kind": "failed", "error": "unparsable line: " + line[:200]})
-    return out
+read = read_text
+jsonl = read_jsonl
 
 
 def log_lines(raw, prefix, m):
@@ -115,7 +88,7 @@ def log_lines(raw, prefix, m):
     for i in (1, 2, 3):
         base = int(m.get(f"{prefix}_log_base_{i}", "0") or 0)
         for k, line in enumerate(read(raw, f"{prefix}-{i}.log").splitlines()):
-            clean = re.sub(r"\x1b\[[0-9;]*m", "", line)
+            clean = strip_ansi(line)
             if re.search(r"\b(WARN|ERROR)\b|\"level\":\"(warn|error|fatal|panic)\"|panic", clean):
                 if k < base:
                     before += 1
@@ -237,13 +210,13 @@ def report(raw):
     lines = []
     p = lambda s="": lines.append(s)  # noqa: E731
 
-    m = dict(l.split("=", 1) for l in read(raw, "machine.txt").splitlines() if "=" in l)
+    m = read_kv(raw, "machine.txt")
     results = jsonl(raw, "results.jsonl")
     discarded = jsonl(raw, "discarded.jsonl")
     rounds = [r for r in results if r.get("kind") == "round"]
     failed = [r for r in results if r.get("kind") != "round"]
-    quiet = [l.split("\t") for l in read(raw, "quiet.tsv").splitlines() if l.strip()]
-    rss = [l.split("\t") for l in read(raw, "rss.tsv").splitlines() if l.strip()]
+    quiet = read_tsv(raw, "quiet.tsv")
+    rss = read_tsv(raw, "rss.tsv")
     side = {}
     side_samples = []
     for l in read(raw, "sidecar.tsv").splitlines():
@@ -269,13 +242,9 @@ def report(raw):
       f"registry binary built {m.get('meshwork_binary_mtime', '?')}). Every number below was measured "
       f"in that one run ({m.get('total_s', '?')} s in all, builds included).")
     p()
-    p("Reproduce (as root, from the repository root; installs `etcd-server`, `etcd-client`, and for the "
-      "load tool's etcd client `protobuf-compiler` + `libprotobuf-dev`, with apt-get if missing):")
-    p()
-    p("```sh")
-    p("bash bench/watch.sh")
-    p("```")
-    p()
+    lines += reproduce("Reproduce (as root, from the repository root; installs `etcd-server`, `etcd-client`, "
+                       "and for the load tool's etcd client `protobuf-compiler` + `libprotobuf-dev`, with "
+                       "apt-get if missing):", "bash bench/watch.sh")
     p(f"Parameters: `SUBSCRIBERS={n} CONNS={conns} ROUNDS={m.get('rounds')} "
       f"CLIENT_MODES=\"{m.get('client_modes', 'full')}\" TIMEOUT_S={m.get('timeout_s')} "
       f"SETUP_TIMEOUT_S={m.get('setup_timeout_s')} OPEN_CONCURRENCY={m.get('open_concurrency')} "
@@ -344,9 +313,7 @@ def report(raw):
       "growth of the three servers together × 1,000 / subscribers. Kernel socket memory is not in VmRSS.")
     p("- `free -h` at start:")
     p()
-    p("```")
-    p(read(raw, "free.txt").rstrip())
-    p("```")
+    lines += fenced(read(raw, "free.txt").rstrip())
     p()
 
     # ------------------------------------------------------------ latency
