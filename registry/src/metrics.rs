@@ -9,31 +9,22 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
+use meshwork_core::prometheus::{self, Buckets, escape};
+
 use crate::node::RegistryNode;
 
-/// Upper bounds (seconds) of the latency histogram buckets.
-const BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-];
+/// The registry's latency buckets: 0.5 ms to 5 s.
+#[derive(Debug)]
+pub struct Latency;
 
-#[derive(Debug, Default, Clone)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
+impl Buckets for Latency {
+    const UPPER_MICROS: &'static [u64] = &[
+        500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+        5_000_000,
+    ];
 }
 
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if seconds <= *bound {
-                self.counts[i] += 1;
-            }
-        }
-        self.count += 1;
-        self.sum += seconds;
-    }
-}
+type Histogram = prometheus::Histogram<Latency>;
 
 /// (method, status) -> latency histogram.
 type ByMethodStatus = BTreeMap<(&'static str, u16), Histogram>;
@@ -52,9 +43,9 @@ pub struct Metrics {
     /// setup, and a status sent later in its trailers is not seen).
     grpc: Mutex<BTreeMap<&'static str, BTreeMap<&'static str, Histogram>>>,
     /// Raft log appends: from the append to the sync that made it durable.
-    raft_append: Mutex<Histogram>,
+    raft_append: Histogram,
     /// State machine: one call applying a batch of committed entries.
-    raft_apply: Mutex<Histogram>,
+    raft_apply: Histogram,
     pub blocking_queries: AtomicI64,
     pub watch_subscribers: AtomicI64,
     pub leader_changes: AtomicU64,
@@ -104,10 +95,7 @@ impl Metrics {
             Some(m) => m,
             None => http.entry(route.to_owned()).or_default(),
         };
-        by_route
-            .entry((method, status))
-            .or_default()
-            .observe(took.as_secs_f64());
+        by_route.entry((method, status)).or_default().observe(took);
     }
 
     /// A public gRPC call: `path` is `/package.Service/Method`, `code` the
@@ -156,17 +144,17 @@ impl Metrics {
             .or_default()
             .entry(code)
             .or_default()
-            .observe(took.as_secs_f64());
+            .observe(took);
     }
 
     /// A batch of log entries became durable `took` after its append.
     pub fn raft_appended(&self, took: Duration) {
-        lock(&self.raft_append).observe(took.as_secs_f64());
+        self.raft_append.observe(took);
     }
 
     /// The state machine applied a batch of entries in `took`.
     pub fn raft_applied(&self, took: Duration) {
-        lock(&self.raft_apply).observe(took.as_secs_f64());
+        self.raft_apply.observe(took);
     }
 
     pub fn dns_answer(&self, qtype: &'static str, rcode: &'static str) {
@@ -297,12 +285,7 @@ impl Metrics {
                 escape(route),
                 escape(method)
             );
-            write_histogram(
-                &mut out,
-                "meshwork_http_request_duration_seconds",
-                &labels,
-                h,
-            );
+            h.write(&mut out, "meshwork_http_request_duration_seconds", &labels);
         }
         let _ = writeln!(
             out,
@@ -312,28 +295,23 @@ impl Metrics {
         for (method, codes) in lock(&self.grpc).iter() {
             for (code, h) in codes {
                 let labels = format!("method=\"{}\",code=\"{}\"", escape(method), escape(code));
-                write_histogram(
-                    &mut out,
-                    "meshwork_grpc_request_duration_seconds",
-                    &labels,
-                    h,
-                );
+                h.write(&mut out, "meshwork_grpc_request_duration_seconds", &labels);
             }
         }
         for (name, help, h) in [
             (
                 "meshwork_raft_append_duration_seconds",
                 "Raft log appends, from append to durable (fdatasync).",
-                lock(&self.raft_append).clone(),
+                &self.raft_append,
             ),
             (
                 "meshwork_raft_apply_duration_seconds",
                 "State machine apply calls (a batch of committed entries each).",
-                lock(&self.raft_apply).clone(),
+                &self.raft_apply,
             ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-            write_histogram(&mut out, name, "", &h);
+            prometheus::header(&mut out, name, "histogram", help);
+            h.write(&mut out, name, "");
         }
         let _ = writeln!(
             out,
@@ -360,63 +338,19 @@ impl Metrics {
             .collect();
         let counters: Vec<serde_json::Value> = lock(&self.http)
             .iter()
-            .flat_map(|(route, m)| m.iter().map(move |(k, h)| (route.clone(), *k, h.clone())))
-            .map(|(route, (method, status), h)| {
+            .flat_map(|(route, m)| {
+                m.iter()
+                    .map(move |(k, h)| (route.clone(), *k, h.count(), h.sum_seconds()))
+            })
+            .map(|(route, (method, status), count, sum)| {
                 serde_json::json!({
                     "Name": "meshwork_http_requests",
-                    "Count": h.count,
-                    "Sum": h.sum,
+                    "Count": count,
+                    "Sum": sum,
                     "Labels": {"route": route, "method": method, "status": status.to_string()},
                 })
             })
             .collect();
         serde_json::json!({"Gauges": gauges, "Counters": counters, "Samples": []})
-    }
-}
-
-/// One histogram series (`labels` without braces, possibly empty).
-fn write_histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
-    let sep = if labels.is_empty() { "" } else { "," };
-    for (bound, count) in BUCKETS.iter().zip(h.counts) {
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {count}");
-    }
-    let braces = if labels.is_empty() {
-        String::new()
-    } else {
-        format!("{{{labels}}}")
-    };
-    let _ = writeln!(
-        out,
-        "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}\n{name}_sum{braces} {}\n{name}_count{braces} {}",
-        h.count, h.sum, h.count
-    );
-}
-
-fn escape(label: &str) -> String {
-    label
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_buckets_are_cumulative() {
-        let mut h = Histogram::default();
-        h.observe(0.0004);
-        h.observe(0.02);
-        h.observe(9.0);
-        assert_eq!(h.counts[0], 1);
-        assert_eq!(h.counts[5], 2);
-        assert_eq!(h.counts[BUCKETS.len() - 1], 2);
-        assert_eq!(h.count, 3);
-    }
-
-    #[test]
-    fn labels_are_escaped() {
-        assert_eq!(escape("a\"b\\c\n"), "a\\\"b\\\\c\\n");
     }
 }

@@ -352,7 +352,7 @@ pub async fn run(
     );
 
     tracing::info!(node = config.node_id, "registry server started");
-    crate::notify::ready(&format!(
+    meshwork_core::notify::ready(&format!(
         "serving as server {} (REST {}, DNS {}, gRPC {})",
         config.node_id, config.http_addr, config.dns_addr, config.grpc_addr
     ));
@@ -375,7 +375,7 @@ pub async fn run(
     shutdown.cancel();
 
     tracing::info!("shutting down");
-    crate::notify::stopping();
+    meshwork_core::notify::stopping();
     let drain = async {
         while let Some(joined) = tasks.join_next().await {
             if let Ok(Err(e)) = joined {

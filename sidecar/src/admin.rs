@@ -14,7 +14,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, put};
-use meshwork_registry::state::catalog::HealthStatus;
+use meshwork_core::health::HealthStatus;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

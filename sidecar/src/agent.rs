@@ -8,13 +8,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use meshwork_core::backoff::Backoff;
+use meshwork_core::health::probe;
+use meshwork_core::health::{CheckDefinition, HealthStatus};
 use meshwork_proto::v1::agent_client::AgentClient;
 use meshwork_proto::v1::{
     AgentCheck, AgentService, CheckStatus, DeregisterRequest, HeartbeatRequest, RegisterRequest,
     UpdateCheckRequest,
 };
-use meshwork_registry::health::probe;
-use meshwork_registry::state::catalog::{CheckDefinition, HealthStatus};
 use rand::Rng;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
@@ -675,7 +676,7 @@ async fn register_until_done(
     status: &SharedStatus,
     shutdown: &CancellationToken,
 ) -> bool {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     loop {
         let request = register_request(config, checks);
         let attempt = registry
@@ -690,7 +691,7 @@ async fn register_until_done(
             }
             Err(e) => note_failure(status, registry, "register", &e),
         }
-        let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+        let wait = backoff.next_wait();
         tracing::warn!(
             retry_in_ms = wait.as_millis() as u64,
             "no registry server accepted the registration yet"
@@ -699,7 +700,6 @@ async fn register_until_done(
             () = shutdown.cancelled() => return false,
             () = tokio::time::sleep(wait) => {}
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use meshwork_registry::api::http::query::parse_duration;
+use meshwork_core::duration::parse_duration;
 use serde::Deserialize;
 
 mod traffic;

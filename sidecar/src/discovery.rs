@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use meshwork_core::backoff::Backoff;
 use meshwork_proto::v1::watch_client::WatchClient;
 use meshwork_proto::v1::watch_event::Kind;
 use meshwork_proto::v1::{Endpoint, ServiceTopic, SubscribeRequest, change, subscribe_request};
-use rand::Rng;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -153,7 +153,7 @@ async fn follow(
 ) {
     let mut set = EndpointSet::default();
     let mut server = 0usize;
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     loop {
         let list = Arc::clone(&addresses.borrow_and_update());
         // Config validation refuses an empty list.
@@ -180,14 +180,13 @@ async fn follow(
             }
         }
         server += 1;
-        let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+        let wait = backoff.next_wait();
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
         if set.ready {
-            backoff = BACKOFF_MIN;
+            backoff.reset();
         }
     }
 }

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use meshwork_core::prometheus::{self, Buckets, Histogram};
 use serde::Serialize;
 
 /// Why a request or connection ended as it did; the label `outcome`.
@@ -57,39 +58,27 @@ impl Outcome {
     }
 }
 
-/// Latency bucket bounds in milliseconds.
-const BUCKETS_MS: [u64; 14] = [
-    1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
-];
+/// The proxy's latency buckets: 1 ms to 30 s.
+#[derive(Debug)]
+pub struct Latency;
+
+impl Buckets for Latency {
+    const UPPER_MICROS: &'static [u64] = &[
+        1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+        2_500_000, 5_000_000, 10_000_000, 30_000_000,
+    ];
+}
+
 /// Status classes: 0 = no status (TCP, or the connection broke), 1..=5.
 const CLASSES: usize = 6;
 const OUTCOMES: usize = Outcome::ALL.len();
-
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS_MS.len()],
-    count: AtomicU64,
-    sum_us: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let ms = d.as_millis() as u64;
-        if let Some(i) = BUCKETS_MS.iter().position(|b| ms <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-}
 
 /// One cluster's counters.
 #[derive(Debug, Default)]
 pub struct ClusterMetrics {
     requests: [[AtomicU64; OUTCOMES]; CLASSES],
     /// Time to the response head (HTTP) or connection length (TCP).
-    pub latency: Histogram,
+    pub latency: Histogram<Latency>,
     pub retries: AtomicU64,
     pub retries_budget_exhausted: AtomicU64,
     pub ejections: AtomicU64,
@@ -141,9 +130,7 @@ pub fn render<'a>(
 ) -> String {
     let clusters: Vec<_> = clusters.collect();
     let mut out = String::with_capacity(4096);
-    let help = |out: &mut String, name: &str, kind: &str, text: &str| {
-        let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}");
-    };
+    let help = prometheus::header;
     help(
         &mut out,
         "meshwork_proxy_requests_total",
@@ -177,20 +164,10 @@ pub fn render<'a>(
         "Time to the response head (TCP: connection lifetime).",
     );
     for (direction, name, m, _) in &clusters {
-        let mut cumulative = 0;
-        for (i, bound) in BUCKETS_MS.iter().enumerate() {
-            cumulative += m.latency.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "meshwork_proxy_request_duration_seconds_bucket{{direction=\"{direction}\",upstream=\"{name}\",le=\"{}\"}} {cumulative}",
-                *bound as f64 / 1000.0
-            );
-        }
-        let count = m.latency.count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "meshwork_proxy_request_duration_seconds_bucket{{direction=\"{direction}\",upstream=\"{name}\",le=\"+Inf\"}} {count}\nmeshwork_proxy_request_duration_seconds_sum{{direction=\"{direction}\",upstream=\"{name}\"}} {}\nmeshwork_proxy_request_duration_seconds_count{{direction=\"{direction}\",upstream=\"{name}\"}} {count}",
-            m.latency.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        m.latency.write(
+            &mut out,
+            "meshwork_proxy_request_duration_seconds",
+            &format!("direction=\"{direction}\",upstream=\"{name}\""),
         );
     }
     let counters: [CounterRow; 7] = [

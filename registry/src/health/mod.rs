@@ -10,7 +10,7 @@
 //! output-only change at most every [`OUTPUT_REFRESH`] (as Consul's
 //! `check_update_interval`).
 
-pub mod probe;
+use meshwork_core::health::probe;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

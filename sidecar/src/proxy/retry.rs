@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hyper::Method;
-use rand::Rng;
 
 use super::cluster::{Cluster, OwnedGauge, acquire_owned};
 
@@ -35,10 +34,7 @@ pub fn budget(cluster: &Arc<Cluster>) -> Option<OwnedGauge> {
 
 /// How long to wait before retry number `retry` (1-based).
 pub fn backoff(retry: u32) -> Duration {
-    let ceiling = BASE
-        .saturating_mul(1 << retry.saturating_sub(1).min(8))
-        .min(CAP);
-    ceiling.mul_f64(rand::rng().random_range(0.0..=1.0))
+    meshwork_core::backoff::full_jitter(BASE, CAP, retry)
 }
 
 /// Methods that may be sent twice (RFC 9110 §9.2.2).
@@ -56,7 +52,8 @@ mod tests {
     #[test]
     fn backoff_grows_and_is_capped() {
         for retry in 1..20 {
-            let ceiling = BASE.saturating_mul(1 << (retry - 1).min(8)).min(CAP);
+            let ceiling = meshwork_core::backoff::ceiling(BASE, CAP, retry);
+            assert!(ceiling <= CAP);
             for _ in 0..20 {
                 assert!(backoff(retry) <= ceiling);
             }

@@ -12,11 +12,11 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
-use super::query::parse_duration;
 use crate::state::catalog::{
     CheckDefinition, CheckSpec, HealthCheck, HealthStatus, Node, ServiceInstance, ServiceSpec,
     Weights,
 };
+use meshwork_core::duration::parse_duration;
 
 /// A JSON object with lower-cased keys (user maps such as `Meta` keep
 /// their keys: only field names are folded), consumed field by field so

@@ -13,16 +13,14 @@ use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::error::ApiError;
 use super::query::{Params, ReadOptions};
 use crate::command::{Command, CommandResponse};
-use crate::raft::snapshot_file::{decode_frame, encode_frame};
+use meshwork_core::backup::{self, BACKUP_MAGIC, BackupHeader};
+use meshwork_core::frame::encode_frame;
 
-/// Marks a Meshwork backup archive (and its format version).
-pub const BACKUP_MAGIC: &[u8] = b"MWBACKUP1\n";
 /// Largest archive a restore accepts.
 pub const MAX_BACKUP_BYTES: usize = 128 * 1024 * 1024;
 /// A restore goes through Raft in pieces of this size: openraft gives one
@@ -31,24 +29,6 @@ pub const MAX_BACKUP_BYTES: usize = 128 * 1024 * 1024;
 const RESTORE_PART_BYTES: usize = 128 * 1024;
 /// One restore at a time per server.
 static RESTORING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// What an archive says about itself.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
-pub struct BackupHeader {
-    /// The cluster it was taken from.
-    pub cluster_id: Option<String>,
-    /// The log index of the state it holds.
-    pub index: u64,
-    pub datacenter: String,
-    /// The server that wrote it.
-    pub server: String,
-    pub version: String,
-    /// Seconds since the Unix epoch.
-    pub created_at: u64,
-    pub kv_entries: usize,
-    pub nodes: usize,
-}
 
 /// `GET /v1/snapshot`: a consistent archive of the whole state (a leader
 /// read by default; `?stale` from this server, `?consistent` after a
@@ -178,17 +158,8 @@ pub async fn restore(
 /// Returns the header and the state's JSON, checked to decode (and to hold
 /// only config entry kinds this version knows).
 pub fn decode_archive(bytes: &[u8]) -> Result<(BackupHeader, Vec<u8>), ApiError> {
-    let (meta, data) = decode_frame(BACKUP_MAGIC, bytes).map_err(|why| {
-        ApiError::bad_request(format!(
-            "Not a valid Meshwork snapshot ({} bytes): {why}; nothing was changed",
-            bytes.len()
-        ))
-    })?;
-    let header: BackupHeader = serde_json::from_slice(&meta).map_err(|e| {
-        ApiError::bad_request(format!(
-            "Snapshot header is invalid: {e}; nothing was changed"
-        ))
-    })?;
+    let (header, data) = backup::decode(bytes)
+        .map_err(|e| ApiError::bad_request(format!("{e}; nothing was changed")))?;
     let state: crate::state::State = serde_json::from_slice(&data).map_err(|e| {
         ApiError::bad_request(format!(
             "Snapshot data is invalid: {e}; nothing was changed"

@@ -212,7 +212,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CtlError> {
     let timeout = match &cli.timeout {
         None if slow => Duration::from_secs(600),
         None => Duration::from_secs(30),
-        Some(text) => crate::api::http::query::parse_duration(text)
+        Some(text) => meshwork_core::duration::parse_duration(text)
             .filter(|d| !d.is_zero())
             .ok_or_else(|| {
                 CtlError::Usage(format!(
@@ -622,10 +622,9 @@ impl Ctl {
                 let index = reply.index;
                 let bytes = reply.ok()?;
                 // Checked before it is kept: a damaged download is no backup.
-                let (header, _) =
-                    crate::api::http::snapshot::decode_archive(&bytes).map_err(|e| {
-                        CtlError::Server(format!("the snapshot received is damaged: {e}"))
-                    })?;
+                let (header, _) = meshwork_core::backup::decode(&bytes).map_err(|e| {
+                    CtlError::Server(format!("the snapshot received is damaged: {e}"))
+                })?;
                 write_atomically(&file, &bytes)?;
                 if self.json {
                     return print_json(
@@ -654,7 +653,7 @@ impl Ctl {
                     CtlError::Usage(format!("cannot read snapshot {}: {e}", file.display()))
                 })?;
                 // Refuse what is plainly not a snapshot before sending it.
-                let (header, _) = crate::api::http::snapshot::decode_archive(&bytes)
+                let (header, _) = meshwork_core::backup::decode(&bytes)
                     .map_err(|e| CtlError::Usage(format!("{}: {e}", file.display())))?;
                 let path = if force {
                     "/v1/snapshot?force"

@@ -1,5 +1,5 @@
 //! `meshctl`: operate a Meshwork registry cluster (see `meshctl --help`).
 
 fn main() -> std::process::ExitCode {
-    meshwork_registry::ctl::main()
+    meshctl::main()
 }

@@ -11,7 +11,7 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::state::catalog::{CheckDefinition, HealthStatus};
+use super::{CheckDefinition, HealthStatus};
 
 /// How much of an HTTP check's body goes into its output.
 const BODY_HEAD: usize = 4 * 1024;

@@ -1,0 +1,22 @@
+//! What both Meshwork binaries need and nothing heavier: the registry
+//! server and the sidecar each link this crate, and the sidecar links
+//! nothing of the server's (no Raft, storage, REST server or DNS).
+//!
+//! - [`health`]: check status and definitions as the catalog keeps them,
+//!   and one run of an HTTP or TCP probe;
+//! - [`duration`]: Go-style durations as Consul writes them;
+//! - [`backoff`]: the retry delays of every reconnect and retry loop;
+//! - [`notify`]: systemd's readiness protocol;
+//! - [`prometheus`]: the text exposition format and a lock-free histogram;
+//! - [`frame`] and [`backup`]: the checksummed snapshot frame and the API
+//!   backup archive built on it.
+
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod backup;
+pub mod duration;
+pub mod frame;
+pub mod health;
+pub mod notify;
+pub mod prometheus;
