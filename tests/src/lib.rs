@@ -5,10 +5,17 @@
 //! run in parallel without port races. Each server's stderr goes to a file
 //! in the cluster's temp dir; the last lines are printed when a test fails.
 
+pub mod apps;
+pub mod deploy;
 pub mod fault_report;
+pub mod fault_suite;
+pub mod host;
+pub mod http;
 pub mod lab_cluster;
 pub mod linearizable;
 pub mod netns;
+pub mod sidecar;
+pub mod watch;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
@@ -41,6 +48,16 @@ pub fn registry_bin() -> PathBuf {
     path
 }
 
+/// Path of the `meshwork-sidecar` binary under test (next to the registry's).
+pub fn sidecar_bin() -> PathBuf {
+    registry_bin().with_file_name("meshwork-sidecar")
+}
+
+/// Path of the `meshctl` binary under test (next to the registry's).
+pub fn meshctl_bin() -> PathBuf {
+    registry_bin().with_file_name("meshctl")
+}
+
 /// Polls `check` until it returns `Some`, at most `timeout` long.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
 where
@@ -56,6 +73,23 @@ where
             bail!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `check` every 200 ms until it succeeds, at most `limit` long.
+///
+/// The blocking counterpart of [`wait_for`], for tests that drive
+/// commands rather than async clients.
+pub fn eventually<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(value) => return Ok(value),
+            Err(e) if Instant::now() >= deadline => {
+                bail!("{what}: still failing after {limit:?}: {e:#}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
     }
 }
 
