@@ -80,7 +80,11 @@ where
 ///
 /// The blocking counterpart of [`wait_for`], for tests that drive
 /// commands rather than async clients.
-pub fn eventually<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Result<T>) -> Result<T> {
+pub fn eventually<T>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> Result<T>,
+) -> Result<T> {
     let deadline = Instant::now() + limit;
     loop {
         match check() {

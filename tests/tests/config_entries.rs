@@ -8,13 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use meshwork_proto::v1::watch_client::WatchClient;
 use meshwork_proto::v1::watch_event::Kind;
-use meshwork_proto::v1::{
-    ConfigEntriesTopic, SubscribeRequest, WatchEvent, change, subscribe_request,
-};
+use meshwork_proto::v1::{ConfigEntriesTopic, SubscribeRequest, change, subscribe_request};
 use meshwork_tests::Cluster;
 use meshwork_tests::watch::next_change;
 use serde_json::{Value, json};
-use tonic::Streaming;
 
 async fn put(cluster: &Cluster, i: usize, entry: &Value, query: &str) -> Result<(u16, String)> {
     let resp = cluster

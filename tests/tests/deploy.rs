@@ -18,9 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use meshwork_tests::deploy::{
-    Container, Lab, deploy_dir, install, listing, mode, stub_binaries,
-};
+use meshwork_tests::deploy::{Container, Lab, deploy_dir, install, listing, mode, stub_binaries};
 use meshwork_tests::host::{is_root, missing, run, which};
 use meshwork_tests::{eventually, registry_bin};
 
@@ -536,7 +534,6 @@ echo "--- again"
     assert_eq!(host_files(), host_before, "the host's own files changed");
     Ok(())
 }
-
 
 /// The units as systemd runs them: both become active through READY=1 as
 /// the `meshwork` user under all the hardening; a crash is restarted;

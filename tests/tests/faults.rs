@@ -41,13 +41,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use meshwork_tests::fault_suite::{in_lab, settle_and_compare, three_servers};
 use meshwork_tests::fault_report::{
     Findings, check_linearizable, conclude, failover_samples, write_report,
 };
+use meshwork_tests::fault_suite::{in_lab, settle_and_compare, three_servers};
 use meshwork_tests::lab_cluster::{Cluster, ELECTION_TIMEOUT_MS, Node, lock_suite};
 use meshwork_tests::linearizable::{Call, Outcome};
-use meshwork_tests::netns::Lab;
 use meshwork_tests::workload::{self, ClientLog, Mix, Observation, Shared, SplitMix, WatchLog};
 
 /// Client per-request timeout: past it a write is unknown.

@@ -14,16 +14,14 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, ensure};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::Request;
-use meshwork_tests::apps::{grpc_backend, http_backend, tcp_backend};
-use meshwork_tests::http::{CHUNK, Load, Trailed, body_of, h2_client, h2_frame, http_client, raw_exchange};
-use meshwork_tests::sidecar::{ADMIN_PORT, INBOUND_PORT, Mesh, Service, UPSTREAM_PORT, echo_behind_client, echo_instances};
-use meshwork_tests::wait_for;
+use meshwork_tests::http::{h2_client, h2_frame, http_client, raw_exchange};
+use meshwork_tests::sidecar::{Mesh, UPSTREAM_PORT, echo_behind_client, echo_instances};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn bad_input_is_refused_without_harming_others() -> Result<()> {

@@ -11,18 +11,16 @@
 //! backends and the clients) is in `meshwork_tests::{sidecar, apps, http}`.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use meshwork_tests::apps::{grpc_backend, http_backend, tcp_backend};
-use meshwork_tests::http::{CHUNK, Load, Trailed, body_of, h2_client, h2_frame, http_client, raw_exchange};
-use meshwork_tests::sidecar::{ADMIN_PORT, INBOUND_PORT, Mesh, Service, UPSTREAM_PORT, echo_behind_client, echo_instances};
-use meshwork_tests::wait_for;
+use anyhow::{Context, Result, ensure};
+use meshwork_tests::apps::{http_backend, tcp_backend};
+use meshwork_tests::http::{http_client, raw_exchange};
+use meshwork_tests::sidecar::{
+    INBOUND_PORT, Mesh, Service, UPSTREAM_PORT, echo_behind_client, echo_instances,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn http1_through_two_sidecars_spreads_evenly_and_passes_headers() -> Result<()> {

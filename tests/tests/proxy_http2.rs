@@ -10,19 +10,15 @@
 //! bounded in count and time. The harness (the mesh, its sidecars, the demo
 //! backends and the clients) is in `meshwork_tests::{sidecar, apps, http}`.
 
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
-use meshwork_tests::apps::{grpc_backend, http_backend, tcp_backend};
-use meshwork_tests::http::{CHUNK, Load, Trailed, body_of, h2_client, h2_frame, http_client, raw_exchange};
-use meshwork_tests::sidecar::{ADMIN_PORT, INBOUND_PORT, Mesh, Service, UPSTREAM_PORT, echo_behind_client, echo_instances};
-use meshwork_tests::wait_for;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use meshwork_tests::apps::{grpc_backend, http_backend};
+use meshwork_tests::http::{CHUNK, Trailed, h2_client};
+use meshwork_tests::sidecar::{Mesh, Service, UPSTREAM_PORT};
 
 #[tokio::test]
 async fn http2_and_grpc_streaming_with_trailers() -> Result<()> {

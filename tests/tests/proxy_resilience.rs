@@ -14,16 +14,14 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use meshwork_tests::apps::{grpc_backend, http_backend, tcp_backend};
-use meshwork_tests::http::{CHUNK, Load, Trailed, body_of, h2_client, h2_frame, http_client, raw_exchange};
-use meshwork_tests::sidecar::{ADMIN_PORT, INBOUND_PORT, Mesh, Service, UPSTREAM_PORT, echo_behind_client, echo_instances};
+use anyhow::{Context, Result, ensure};
+use meshwork_tests::apps::http_backend;
+use meshwork_tests::http::{Load, http_client};
+use meshwork_tests::sidecar::{
+    INBOUND_PORT, Mesh, Service, UPSTREAM_PORT, echo_behind_client, echo_instances,
+};
 use meshwork_tests::wait_for;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn an_instance_killed_mid_load_fails_no_idempotent_request() -> Result<()> {
@@ -282,9 +280,7 @@ async fn sigterm_drains_in_flight_requests() -> Result<()> {
         "the in-flight request finished: {}",
         r.status()
     );
-    let status = mesh.sidecars[c]
-        .wait_exit(Duration::from_secs(10))
-        .await?;
+    let status = mesh.sidecars[c].wait_exit(Duration::from_secs(10)).await?;
     ensure!(status.success(), "{status}");
     ensure!(
         TcpStream::connect(format!("{client_ip}:{UPSTREAM_PORT}"))
