@@ -4,6 +4,14 @@
 //! Every cluster gets its own random `127.x.y.0/24` addresses, so suites can
 //! run in parallel without port races. Each server's stderr goes to a file
 //! in the cluster's temp dir; the last lines are printed when a test fails.
+//!
+//! The suites' other plumbing lives here too, so that the files under
+//! `tests/tests/` hold scenarios: [`sidecar`] (sidecar processes and the
+//! proxy suites' mesh), [`apps`] (demo backends), [`http`] (clients, raw
+//! exchanges, load), [`watch`] (watch streams), [`host`] and [`deploy`]
+//! (commands, `deploy-vm/`), [`fault_suite`] with [`lab_cluster`],
+//! [`netns`], [`workload`], [`linearizable`] and [`fault_report`] (the
+//! fault suite). [`wait_for`] and [`eventually`] are the polling waits.
 
 pub mod apps;
 pub mod deploy;

@@ -85,14 +85,17 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
+    /// The URL of `path` on its admin listener.
     pub fn admin(&self, path: &str) -> String {
         format!("http://{}:{ADMIN_PORT}{path}", self.ip)
     }
 
+    /// `GET <admin>/<path>` as JSON.
     pub async fn json(&self, path: &str) -> Result<serde_json::Value> {
         Ok(self.http.get(self.admin(path)).send().await?.json().await?)
     }
 
+    /// Its Prometheus text.
     pub async fn metrics(&self) -> Result<String> {
         Ok(self
             .http
