@@ -10,6 +10,9 @@
 //! the install and unit tests need `systemctl` and `systemd-analyze`.
 //! Without them a test is skipped with the reason printed, except under CI
 //! (`CI` set), where a missing prerequisite is a failure.
+//!
+//! The plumbing (commands with time limits, the lab, the container) is in
+//! `meshwork_tests::{host, deploy}`.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
