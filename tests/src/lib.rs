@@ -4,11 +4,26 @@
 //! Every cluster gets its own random `127.x.y.0/24` addresses, so suites can
 //! run in parallel without port races. Each server's stderr goes to a file
 //! in the cluster's temp dir; the last lines are printed when a test fails.
+//!
+//! The suites' other plumbing lives here too, so that the files under
+//! `tests/tests/` hold scenarios: [`sidecar`] (sidecar processes and the
+//! proxy suites' mesh), [`apps`] (demo backends), [`http`] (clients, raw
+//! exchanges, load), [`watch`] (watch streams), [`host`] and [`deploy`]
+//! (commands, `deploy-vm/`), [`fault_suite`] with [`lab_cluster`],
+//! [`netns`], [`workload`], [`linearizable`] and [`fault_report`] (the
+//! fault suite). [`wait_for`] and [`eventually`] are the polling waits.
 
+pub mod apps;
+pub mod deploy;
 pub mod fault_report;
+pub mod fault_suite;
+pub mod host;
+pub mod http;
 pub mod lab_cluster;
 pub mod linearizable;
 pub mod netns;
+pub mod sidecar;
+pub mod watch;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
@@ -41,6 +56,16 @@ pub fn registry_bin() -> PathBuf {
     path
 }
 
+/// Path of the `meshwork-sidecar` binary under test (next to the registry's).
+pub fn sidecar_bin() -> PathBuf {
+    registry_bin().with_file_name("meshwork-sidecar")
+}
+
+/// Path of the `meshctl` binary under test (next to the registry's).
+pub fn meshctl_bin() -> PathBuf {
+    registry_bin().with_file_name("meshctl")
+}
+
 /// Polls `check` until it returns `Some`, at most `timeout` long.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
 where
@@ -56,6 +81,27 @@ where
             bail!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `check` every 200 ms until it succeeds, at most `limit` long.
+///
+/// The blocking counterpart of [`wait_for`], for tests that drive
+/// commands rather than async clients.
+pub fn eventually<T>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> Result<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(value) => return Ok(value),
+            Err(e) if Instant::now() >= deadline => {
+                bail!("{what}: still failing after {limit:?}: {e:#}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
     }
 }
 

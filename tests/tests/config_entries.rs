@@ -8,12 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use meshwork_proto::v1::watch_client::WatchClient;
 use meshwork_proto::v1::watch_event::Kind;
-use meshwork_proto::v1::{
-    ConfigEntriesTopic, SubscribeRequest, WatchEvent, change, subscribe_request,
-};
+use meshwork_proto::v1::{ConfigEntriesTopic, SubscribeRequest, change, subscribe_request};
 use meshwork_tests::Cluster;
+use meshwork_tests::watch::next_change;
 use serde_json::{Value, json};
-use tonic::Streaming;
 
 async fn put(cluster: &Cluster, i: usize, entry: &Value, query: &str) -> Result<(u16, String)> {
     let resp = cluster
@@ -42,21 +40,6 @@ async fn get(cluster: &Cluster, i: usize, path: &str) -> Result<(u16, Value, u64
     let text = resp.text().await?;
     let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
     Ok((status, body, index))
-}
-
-async fn next_change(stream: &mut Streaming<WatchEvent>) -> Result<WatchEvent> {
-    for _ in 0..100 {
-        let event = match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
-            Ok(Ok(Some(event))) => event,
-            Ok(Ok(None)) => bail!("stream ended"),
-            Ok(Err(status)) => bail!("stream failed: {status}"),
-            Err(_) => bail!("no event within 10 s"),
-        };
-        if event.kind != Kind::Heartbeat as i32 {
-            return Ok(event);
-        }
-    }
-    bail!("only heartbeats")
 }
 
 #[tokio::test]

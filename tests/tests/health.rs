@@ -7,31 +7,9 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use meshwork_tests::apps::status_app;
 use meshwork_tests::{Cluster, wait_for};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A tiny HTTP server answering every request with the current status.
-async fn health_target(status: Arc<AtomicU16>) -> Result<String> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let status = status.load(Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 2048];
-                let _ = socket.read(&mut buf).await;
-                let body = format!("status {status}");
-                let reply = format!(
-                    "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = socket.write_all(reply.as_bytes()).await;
-            });
-        }
-    });
-    Ok(format!("http://{addr}/health"))
-}
 
 async fn check_status(
     cluster: &Cluster,
@@ -92,7 +70,9 @@ async fn register(cluster: &Cluster, server: usize, body: Value) -> Result<()> {
 async fn http_and_tcp_checks_follow_the_target_and_survive_failover() -> Result<()> {
     let mut cluster = Cluster::start(3, &[]).await?;
     let status = Arc::new(AtomicU16::new(200));
-    let url = health_target(Arc::clone(&status)).await?;
+    // A tiny HTTP server answering every request with the current status.
+    let target = status_app("127.0.0.1", Arc::clone(&status), |s| format!("status {s}")).await?;
+    let url = format!("http://{target}/health");
     let tcp_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let tcp_addr = tcp_listener.local_addr()?.to_string();
     register(

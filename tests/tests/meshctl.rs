@@ -1,16 +1,11 @@
 //! `meshctl` against a live three-server cluster: every subcommand, its
 //! `--json` output parsed, and the exit codes scripts rely on.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use meshwork_tests::{Cluster, registry_bin, wait_for};
+use meshwork_tests::{Cluster, meshctl_bin, wait_for};
 use serde_json::Value;
-
-fn meshctl_bin() -> PathBuf {
-    registry_bin().with_file_name("meshctl")
-}
 
 /// What one meshctl run did.
 #[derive(Debug)]

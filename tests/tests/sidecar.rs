@@ -3,50 +3,14 @@
 //! kill -9 (session expiry then removal), losing the registry leader, and
 //! a bad config.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use meshwork_tests::{Cluster, GRPC_PORT};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::process::{Child, Command};
-
-fn sidecar_bin() -> PathBuf {
-    let bin = meshwork_tests::registry_bin();
-    bin.with_file_name("meshwork-sidecar")
-}
-
-/// A demo service whose `/health` answers with the status in `code`.
-async fn demo_service(ip: &str) -> Result<(u16, Arc<AtomicU16>)> {
-    let listener = TcpListener::bind(format!("{ip}:0")).await?;
-    let port = listener.local_addr()?.port();
-    let code = Arc::new(AtomicU16::new(200));
-    let served = Arc::clone(&code);
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let code = served.load(Ordering::Relaxed);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ = stream.read(&mut buf).await;
-                let reply = format!(
-                    "HTTP/1.1 {code} X\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
-                );
-                let _ = stream.write_all(reply.as_bytes()).await;
-            });
-        }
-    });
-    Ok((port, code))
-}
-
-fn write_config(dir: &Path, name: &str, body: &str) -> Result<PathBuf> {
-    let path = dir.join(name);
-    std::fs::write(&path, body)?;
-    Ok(path)
-}
+use meshwork_tests::apps::{grpc_health_backend, status_app};
+use meshwork_tests::sidecar::{signal, spawn_sidecar, write_config};
+use meshwork_tests::{Cluster, GRPC_PORT, sidecar_bin};
 
 /// A sidecar config listing every server, `first` first (the one it uses
 /// until that fails).
@@ -91,42 +55,23 @@ listen = "{ip}:{admin_port}"
     )
 }
 
-fn start_sidecar(config: &Path, log: &Path) -> Result<Child> {
-    let log = std::fs::File::create(log)?;
-    Ok(Command::new(sidecar_bin())
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()?)
-}
-
-fn signal(child: &Child, sig: &str) -> Result<()> {
-    let pid = child.id().context("sidecar already reaped")?;
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()?;
-    if !status.success() {
-        bail!("kill -{sig} {pid} failed");
-    }
-    Ok(())
-}
-
 #[tokio::test]
 async fn sidecar_registers_checks_survives_leader_loss_and_leaves() -> Result<()> {
     let mut cluster = Cluster::start(3, &[]).await?;
     let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
     let ip = cluster.servers[0].ip.clone();
-    let (app_port, code) = demo_service(&ip).await?;
+    // A demo service whose `/health` answers with the status in `code`.
+    let code = Arc::new(AtomicU16::new(200));
+    let app_port = status_app(&ip, Arc::clone(&code), |_| "ok".to_owned())
+        .await?
+        .port();
     let config = write_config(
         cluster.dir.path(),
         "web.toml",
         &sidecar_config(&cluster, leader, &ip, app_port, 29000),
     )?;
     let log = cluster.dir.path().join("sidecar.log");
-    let mut sidecar = start_sidecar(&config, &log)?;
+    let mut sidecar = spawn_sidecar(&config, &log, None, None)?;
     let result = async {
         // Registered and, after its first check, passing on every server.
         for i in 0..3 {
@@ -286,7 +231,7 @@ async fn sidecar_registers_checks_survives_leader_loss_and_leaves() -> Result<()
 
         // kill -9: critical within the session TTL, gone after
         // deregister_critical_after.
-        let mut again = start_sidecar(&config, &log)?;
+        let mut again = spawn_sidecar(&config, &log, None, None)?;
         cluster
             .wait_instance_health(
                 survivor,
@@ -365,50 +310,6 @@ async fn a_bad_config_exits_64_naming_file_line_and_key() -> Result<()> {
     Ok(())
 }
 
-mod grpc_health {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use meshwork_proto::grpc_health::health_check_response::ServingStatus;
-    use meshwork_proto::grpc_health::health_server::{Health, HealthServer};
-    use meshwork_proto::grpc_health::{HealthCheckRequest, HealthCheckResponse};
-    use tonic::{Request, Response, Status};
-
-    pub struct Demo(pub Arc<AtomicBool>);
-
-    #[tonic::async_trait]
-    impl Health for Demo {
-        async fn check(
-            &self,
-            _request: Request<HealthCheckRequest>,
-        ) -> Result<Response<HealthCheckResponse>, Status> {
-            let status = if self.0.load(Ordering::Relaxed) {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            Ok(Response::new(HealthCheckResponse {
-                status: status as i32,
-            }))
-        }
-    }
-
-    /// Serves `grpc.health.v1.Health` on `ip`, answering SERVING while the
-    /// flag is set.
-    pub async fn serve(ip: &str) -> anyhow::Result<(u16, Arc<AtomicBool>)> {
-        let listener = tokio::net::TcpListener::bind(format!("{ip}:0")).await?;
-        let port = listener.local_addr()?.port();
-        let serving = Arc::new(AtomicBool::new(true));
-        let service = HealthServer::new(Demo(Arc::clone(&serving)));
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-        );
-        Ok((port, serving))
-    }
-}
-
 /// Reports the TTL check `app-ttl` as passing `times` times, 250 ms apart.
 async fn keep_reporting(cluster: &Cluster, admin: &str, times: usize) -> Result<()> {
     for _ in 0..times {
@@ -439,7 +340,7 @@ async fn ttl_checks_via_the_admin_api_and_grpc_health_checks() -> Result<()> {
     let cluster = Cluster::start(1, &[]).await?;
     cluster.wait_leader(Duration::from_secs(10)).await?;
     let ip = cluster.servers[0].ip.clone();
-    let (grpc_port, serving) = grpc_health::serve(&ip).await?;
+    let (grpc_port, serving) = grpc_health_backend(&ip).await?;
     let config = format!(
         r#"
 [registry]
@@ -467,7 +368,7 @@ listen = "{ip}:29001"
     );
     let config = write_config(cluster.dir.path(), "ttl.toml", &config)?;
     let log = cluster.dir.path().join("sidecar-ttl.log");
-    let mut sidecar = start_sidecar(&config, &log)?;
+    let mut sidecar = spawn_sidecar(&config, &log, None, None)?;
     let admin = format!("http://{ip}:29001");
     let result = async {
         // The TTL check has had no report yet: critical.

@@ -10,6 +10,7 @@ use meshwork_proto::v1::{
     Change, KvPrefixTopic, ServiceTopic, SubscribeRequest, WatchEvent, change, subscribe_request,
 };
 use meshwork_tests::Cluster;
+use meshwork_tests::watch::{next, next_change};
 use tonic::Streaming;
 
 fn service_topic(name: &str, since_index: u64) -> SubscribeRequest {
@@ -25,26 +26,6 @@ fn service_topic(name: &str, since_index: u64) -> SubscribeRequest {
 async fn subscribe(url: String, request: SubscribeRequest) -> Result<Streaming<WatchEvent>> {
     let mut client = WatchClient::connect(url).await?;
     Ok(client.subscribe(request).await?.into_inner())
-}
-
-async fn next(stream: &mut Streaming<WatchEvent>) -> Result<WatchEvent> {
-    match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
-        Ok(Ok(Some(event))) => Ok(event),
-        Ok(Ok(None)) => bail!("stream ended"),
-        Ok(Err(status)) => bail!("stream failed: {status}"),
-        Err(_) => bail!("no event within 10 s"),
-    }
-}
-
-/// The next event that is not a heartbeat.
-async fn next_change(stream: &mut Streaming<WatchEvent>) -> Result<WatchEvent> {
-    for _ in 0..100 {
-        let event = next(stream).await?;
-        if event.kind != Kind::Heartbeat as i32 {
-            return Ok(event);
-        }
-    }
-    bail!("only heartbeats")
 }
 
 /// Reads the initial part of a stream up to END_OF_SNAPSHOT.
