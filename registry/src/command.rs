@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::state::catalog::{CatalogError, HealthStatus, Registration};
+use crate::state::{StagedPart, StagedRestore, State};
 
 /// A change to the replicated state, as written to the Raft log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,7 +83,7 @@ pub enum Command {
     /// `parts` pieces whose CRC-32 is `crc`: [`Command::Restore`] at this
     /// index. Refused (nothing changes) otherwise.
     RestoreCommit { id: String, parts: u32, crc: u32 },
-    /// Tombstone GC, proposed by the leader ([`crate::gc`]): drops KV
+    /// Tombstone GC, proposed by the leader ([`crate::leader::gc`]): drops KV
     /// tombstones and the indexes of gone services and nodes whose last
     /// change is at or below `up_to`. Readers never see an index go back.
     Reap { up_to: u64 },
@@ -176,5 +177,287 @@ mod tests {
         );
         let back: Command = serde_json::from_str(&json).expect("decode");
         assert_eq!(back, cmd);
+    }
+}
+
+/// Applies one command to the state at log index `index`: the only place
+/// the log's contract meets the state (Consul's FSM dispatch). Deterministic:
+/// the same commands at the same indexes give the same state on every
+/// server; a rule violation is a typed response, never a panic.
+pub fn apply(state: &mut State, index: u64, command: &Command) -> CommandResponse {
+    state.last_index = index;
+    match command {
+        Command::KvSet {
+            key,
+            value,
+            flags,
+            cas,
+        } => CommandResponse::Applied(state.kv.set(index, key, value, *flags, *cas)),
+        Command::KvDelete { key, cas } => {
+            CommandResponse::Applied(state.kv.delete(index, key, *cas))
+        }
+        Command::KvDeleteTree { prefix } => {
+            state.kv.delete_tree(index, prefix);
+            CommandResponse::Applied(true)
+        }
+        Command::CatalogRegister(registration) => {
+            catalog_response(state.catalog.register(index, registration).map(|()| true))
+        }
+        Command::CatalogDeregister {
+            node,
+            service_id,
+            check_id,
+        } => catalog_response(
+            state
+                .catalog
+                .deregister(index, node, service_id.as_deref(), check_id.as_deref())
+                .map(|()| true),
+        ),
+        Command::CheckUpdate {
+            node,
+            check_id,
+            status,
+            output,
+        } => catalog_response(
+            state
+                .catalog
+                .update_check(index, node, check_id, *status, output)
+                .map(|_| true),
+        ),
+        Command::Batch(commands) => {
+            CommandResponse::Batch(commands.iter().map(|c| apply(state, index, c)).collect())
+        }
+        Command::Restore(backup) => {
+            state.restore(index, backup);
+            CommandResponse::Applied(true)
+        }
+        Command::RestorePart { id, part, data } => {
+            let part_data = StagedPart(std::sync::Arc::from(data.as_slice()));
+            match (&mut state.restoring, *part) {
+                (slot, 0) => {
+                    *slot = Some(StagedRestore {
+                        id: id.clone(),
+                        parts: imbl::Vector::unit(part_data),
+                    });
+                    CommandResponse::Applied(true)
+                }
+                (Some(staged), n) if staged.id == *id && staged.parts.len() == n as usize => {
+                    staged.parts.push_back(part_data);
+                    CommandResponse::Applied(true)
+                }
+                _ => CommandResponse::Applied(false),
+            }
+        }
+        Command::RestoreCommit { id, parts, crc } => {
+            let staged = match &state.restoring {
+                Some(staged) if staged.id == *id => staged,
+                _ => return CommandResponse::Applied(false),
+            };
+            let complete = staged.parts.len() == *parts as usize;
+            let mut bytes = Vec::with_capacity(staged.parts.iter().map(|p| p.0.len()).sum());
+            for part in &staged.parts {
+                bytes.extend_from_slice(&part.0);
+            }
+            state.restoring = None;
+            if !complete || crc32fast::hash(&bytes) != *crc {
+                return CommandResponse::Applied(false);
+            }
+            match serde_json::from_slice::<State>(&bytes) {
+                Ok(backup) => {
+                    state.restore(index, &backup);
+                    CommandResponse::Applied(true)
+                }
+                Err(_) => CommandResponse::Applied(false),
+            }
+        }
+        Command::ConfigSet {
+            kind,
+            name,
+            body,
+            cas,
+        } => CommandResponse::Applied(state.config.set(index, kind, name, body, *cas)),
+        Command::ConfigDelete { kind, name, cas } => {
+            CommandResponse::Applied(state.config.delete(index, kind, name, *cas))
+        }
+        Command::Reap { up_to } => {
+            let reaped = state.kv.reap(*up_to) + state.catalog.reap(*up_to);
+            CommandResponse::Applied(reaped > 0)
+        }
+        Command::SetClusterId { id } => {
+            if state.cluster_id.is_some() {
+                CommandResponse::Applied(false)
+            } else {
+                state.cluster_id = Some(id.clone());
+                CommandResponse::Applied(true)
+            }
+        }
+    }
+}
+
+fn catalog_response(result: Result<bool, CatalogError>) -> CommandResponse {
+    match result {
+        Ok(applied) => CommandResponse::Applied(applied),
+        Err(e) => CommandResponse::CatalogRejected(e),
+    }
+}
+
+#[cfg(test)]
+mod apply_tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_applies_in_order_at_one_index() {
+        let mut state = State::default();
+        let set = |key: &str, cas: Option<u64>| Command::KvSet {
+            key: key.into(),
+            value: b"v".to_vec(),
+            flags: 0,
+            cas,
+        };
+        let batch = Command::Batch(vec![set("a", None), set("a", Some(0)), set("b", Some(0))]);
+        let response = apply(&mut state, 7, &batch);
+        assert_eq!(
+            response,
+            CommandResponse::Batch(vec![
+                CommandResponse::Applied(true),
+                CommandResponse::Applied(false),
+                CommandResponse::Applied(true)
+            ])
+        );
+        assert_eq!(state.kv.get("b").map(|e| e.modify_index), Some(7));
+    }
+
+    #[test]
+    fn a_restore_replaces_data_as_one_write_and_keeps_the_cluster_id() {
+        let set = |key: &str| Command::KvSet {
+            key: key.into(),
+            value: key.as_bytes().to_vec(),
+            flags: 1,
+            cas: None,
+        };
+        let mut backup = State::default();
+        apply(&mut backup, 3, &set_cluster_id("old"));
+        apply(&mut backup, 40, &set("kept"));
+        apply(&mut backup, 41, &set("only-in-backup"));
+        let mut state = State::default();
+        apply(&mut state, 2, &set_cluster_id("new"));
+        apply(&mut state, 5, &set("kept"));
+        apply(&mut state, 6, &set("only-here"));
+        let before = state.kv.prefix_index("only-here");
+        assert_eq!(
+            apply(&mut state, 9, &Command::Restore(Box::new(backup))),
+            CommandResponse::Applied(true)
+        );
+        assert_eq!(state.cluster_id.as_deref(), Some("new"));
+        assert!(state.kv.get("only-here").is_none());
+        let kept = state.kv.get("kept").expect("restored");
+        assert_eq!(
+            (kept.create_index, kept.modify_index, kept.flags),
+            (9, 9, 1)
+        );
+        assert!(state.kv.get("only-in-backup").is_some());
+        // The deleted key's prefix moved forward, never back.
+        assert!(state.kv.prefix_index("only-here") > before);
+        assert_eq!(state.kv.last_change(), 9);
+    }
+
+    #[test]
+    fn a_restore_in_pieces_applies_only_when_whole_and_intact() {
+        let mut backup = State::default();
+        apply(
+            &mut backup,
+            4,
+            &Command::KvSet {
+                key: "from/backup".into(),
+                value: vec![7; 3000],
+                flags: 0,
+                cas: None,
+            },
+        );
+        let data = serde_json::to_vec(&backup).expect("encode");
+        let pieces: Vec<&[u8]> = data.chunks(1000).collect();
+        let part = |id: &str, n: usize| Command::RestorePart {
+            id: id.into(),
+            part: n as u32,
+            data: pieces[n].to_vec(),
+        };
+        let commit = |id: &str, crc: u32| Command::RestoreCommit {
+            id: id.into(),
+            parts: pieces.len() as u32,
+            crc,
+        };
+        let crc = crc32fast::hash(&data);
+        let mut state = State::default();
+        let mut index = 10;
+        let mut step = |state: &mut State, c: &Command| {
+            index += 1;
+            apply(state, index, c)
+        };
+        // Out of order: refused.
+        assert_eq!(
+            step(&mut state, &part("a", 1)),
+            CommandResponse::Applied(false)
+        );
+        // A second restore replaces the first; the first's pieces are refused.
+        assert_eq!(
+            step(&mut state, &part("a", 0)),
+            CommandResponse::Applied(true)
+        );
+        assert_eq!(
+            step(&mut state, &part("b", 0)),
+            CommandResponse::Applied(true)
+        );
+        assert_eq!(
+            step(&mut state, &part("a", 1)),
+            CommandResponse::Applied(false)
+        );
+        for n in 1..pieces.len() {
+            assert_eq!(
+                step(&mut state, &part("b", n)),
+                CommandResponse::Applied(true)
+            );
+        }
+        // A bad checksum: nothing restored, the staging is gone.
+        assert_eq!(
+            step(&mut state, &commit("b", crc ^ 1)),
+            CommandResponse::Applied(false)
+        );
+        assert!(state.restoring.is_none() && state.kv.is_empty());
+        // Whole and intact: restored at the commit's index.
+        for n in 0..pieces.len() {
+            assert_eq!(
+                step(&mut state, &part("c", n)),
+                CommandResponse::Applied(true)
+            );
+        }
+        assert_eq!(
+            step(&mut state, &commit("c", crc)),
+            CommandResponse::Applied(true)
+        );
+        let entry = state.kv.get("from/backup").expect("restored");
+        assert_eq!(entry.modify_index, state.last_index);
+        assert!(state.restoring.is_none());
+        assert_eq!(
+            step(&mut state, &commit("c", crc)),
+            CommandResponse::Applied(false)
+        );
+    }
+
+    fn set_cluster_id(id: &str) -> Command {
+        Command::SetClusterId { id: id.into() }
+    }
+
+    #[test]
+    fn cluster_id_is_set_once() {
+        let mut state = State::default();
+        let first = Command::SetClusterId { id: "a".into() };
+        let second = Command::SetClusterId { id: "b".into() };
+        assert_eq!(apply(&mut state, 3, &first), CommandResponse::Applied(true));
+        assert_eq!(
+            apply(&mut state, 4, &second),
+            CommandResponse::Applied(false)
+        );
+        assert_eq!(state.cluster_id.as_deref(), Some("a"));
+        assert_eq!(state.last_index, 4);
     }
 }

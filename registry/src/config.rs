@@ -236,7 +236,7 @@ pub struct Config {
     pub heartbeat: Duration,
     pub election_timeout: Duration,
     pub leader_wait: Duration,
-    /// KV tombstones older than this are reaped ([`crate::gc`]).
+    /// KV tombstones older than this are reaped ([`crate::leader::gc`]).
     pub tombstone_ttl: Duration,
     pub dns: DnsSettings,
     pub watch: crate::watch::HubConfig,
@@ -370,7 +370,7 @@ impl Config {
         let tombstone_ttl_ms = cli
             .tombstone_ttl_ms
             .or(file.tombstone_ttl_ms)
-            .unwrap_or(crate::gc::DEFAULT_TTL.as_millis() as u64);
+            .unwrap_or(crate::leader::gc::DEFAULT_TTL.as_millis() as u64);
         if tombstone_ttl_ms < 100 {
             errors.push("tombstone_ttl_ms: must be at least 100".to_owned());
         }

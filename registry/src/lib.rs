@@ -1,23 +1,25 @@
 //! The Meshwork registry server: a Raft-replicated catalog, key/value
 //! store and configuration store with Consul-compatible APIs.
 //!
-//! Dependencies point one way: `api → node → raft → state`. Nothing in
-//! `state` knows about HTTP, gRPC or sled.
+//! Rooms, and the one way their dependencies point:
+//! `server` (listeners, tasks) → `api` (REST, gRPC), `dns` → `cluster`
+//! (leader routing, forwarding) and `leader` (duties only the leader runs)
+//! → `raft` (openraft's seams) → `storage` (WAL, snapshot file, data dir)
+//! and `state` (pure: no I/O, no clocks) with `command`, the log's
+//! contract. `watch` fans changes out; `metrics` is a leaf everyone
+//! records into.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod autopilot;
+pub mod cluster;
 pub mod command;
 pub mod config;
-pub mod datadir;
 pub mod dns;
-pub mod gc;
-pub mod health;
+pub mod leader;
 pub mod metrics;
-pub mod node;
 pub mod raft;
 pub mod server;
-pub mod session;
 pub mod state;
+pub mod storage;
 pub mod watch;

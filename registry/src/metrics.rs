@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use meshwork_core::prometheus::{self, Buckets, escape};
 
-use crate::node::RegistryNode;
-
 /// The registry's latency buckets: 0.5 ms to 5 s.
 #[derive(Debug)]
 pub struct Latency;
@@ -25,6 +23,22 @@ impl Buckets for Latency {
 }
 
 type Histogram = prometheus::Histogram<Latency>;
+
+/// What the node reports of itself at a scrape (read by
+/// [`crate::cluster::RegistryNode::readings`]; metrics itself is a leaf and
+/// knows nothing of the node).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeReadings {
+    pub term: u64,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub is_leader: bool,
+    pub services: usize,
+    pub nodes: usize,
+    pub keys: usize,
+    pub tombstones: usize,
+}
 
 /// (method, status) -> latency histogram.
 type ByMethodStatus = BTreeMap<(&'static str, u16), Histogram>;
@@ -169,42 +183,28 @@ impl Metrics {
     }
 
     /// The gauges that describe the node, as (name, help, value).
-    fn gauges(&self, node: &RegistryNode) -> Vec<(&'static str, &'static str, f64)> {
-        let m = node.raft.metrics().borrow().clone();
-        let (services, nodes, keys, tombstones) = {
-            let state = node.state.read();
-            (
-                state.catalog.service_names().len(),
-                state.catalog.nodes().count(),
-                state.kv.len(),
-                state.kv.tombstones(),
-            )
-        };
+    fn gauges(&self, node: &NodeReadings) -> Vec<(&'static str, &'static str, f64)> {
         vec![
-            (
-                "meshwork_raft_term",
-                "Current Raft term.",
-                m.current_term as f64,
-            ),
+            ("meshwork_raft_term", "Current Raft term.", node.term as f64),
             (
                 "meshwork_raft_last_log_index",
                 "Index of the last entry in this server's log.",
-                m.last_log_index.unwrap_or(0) as f64,
+                node.last_log_index as f64,
             ),
             (
                 "meshwork_raft_applied_index",
                 "Index of the last entry applied to the state machine.",
-                m.last_applied.map_or(0, |l| l.index) as f64,
+                node.applied_index as f64,
             ),
             (
                 "meshwork_raft_snapshot_index",
                 "Index covered by the latest snapshot.",
-                m.snapshot.map_or(0, |l| l.index) as f64,
+                node.snapshot_index as f64,
             ),
             (
                 "meshwork_raft_is_leader",
                 "1 when this server leads.",
-                f64::from(u8::from(node.is_leader())),
+                f64::from(u8::from(node.is_leader)),
             ),
             (
                 "meshwork_raft_leader_changes_total",
@@ -239,24 +239,28 @@ impl Metrics {
             (
                 "meshwork_catalog_services",
                 "Service names in the catalog.",
-                services as f64,
+                node.services as f64,
             ),
             (
                 "meshwork_catalog_nodes",
                 "Nodes in the catalog.",
-                nodes as f64,
+                node.nodes as f64,
             ),
-            ("meshwork_kv_keys", "Keys in the KV store.", keys as f64),
+            (
+                "meshwork_kv_keys",
+                "Keys in the KV store.",
+                node.keys as f64,
+            ),
             (
                 "meshwork_kv_tombstones",
                 "Deleted keys still remembered (reaped after tombstone_ttl_ms).",
-                tombstones as f64,
+                node.tombstones as f64,
             ),
         ]
     }
 
     /// Prometheus text exposition format 0.0.4.
-    pub fn prometheus(&self, node: &RegistryNode) -> String {
+    pub fn prometheus(&self, node: &NodeReadings) -> String {
         let mut out = String::new();
         for (name, help, value) in self.gauges(node) {
             let kind = if name.ends_with("_total") {
@@ -330,7 +334,7 @@ impl Metrics {
     }
 
     /// Consul's `/v1/agent/metrics` JSON shape (gauges and counters).
-    pub fn consul_json(&self, node: &RegistryNode) -> serde_json::Value {
+    pub fn consul_json(&self, node: &NodeReadings) -> serde_json::Value {
         let gauges: Vec<serde_json::Value> = self
             .gauges(node)
             .into_iter()

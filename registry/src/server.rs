@@ -19,16 +19,16 @@ use tracing::Instrument;
 
 use crate::api::grpc::RegistryService;
 use crate::api::http::{self, AppState};
+use crate::cluster::RegistryNode;
+use crate::cluster::forward::InternalService;
 use crate::command::Command;
 use crate::config::{Bootstrap, Config};
-use crate::datadir::{DataDir, DataDirError};
-use crate::node::RegistryNode;
 use crate::raft::identity::{ClusterIdentity, FOREIGN_CLUSTER};
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{MAX_INTERNAL_MESSAGE, NetworkFactory, PeerChannels};
-use crate::raft::service::InternalService;
 use crate::raft::state_machine::StateMachineStore;
 use crate::raft::{Raft, TypeConfig};
+use crate::storage::datadir::{DataDir, DataDirError};
 
 /// How long in-flight requests get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -153,7 +153,7 @@ pub async fn run(
     tasks.spawn({
         let (node, ttl, token) = (Arc::clone(&node), config.tombstone_ttl, shutdown.clone());
         async move {
-            crate::gc::run(node, ttl, token).await;
+            crate::leader::gc::run(node, ttl, token).await;
             Ok(())
         }
         .instrument(tracing::info_span!("tombstone_gc"))
@@ -186,7 +186,7 @@ pub async fn run(
         }
     });
     let (sessions, forward_sessions) =
-        crate::session::Sessions::new(Arc::clone(&node), shutdown.clone());
+        crate::leader::liveness::Sessions::new(Arc::clone(&node), shutdown.clone());
     tasks.spawn(
         async move {
             forward_sessions.await;
@@ -345,7 +345,7 @@ pub async fn run(
     let token = shutdown.clone();
     tasks.spawn(
         async move {
-            crate::health::supervise(health_node, token).await;
+            crate::leader::health::supervise(health_node, token).await;
             Ok(())
         }
         .instrument(tracing::info_span!("health")),
@@ -601,7 +601,7 @@ async fn keep_cluster_identity(node: &RegistryNode, dir: &DataDir) -> Result<(),
                 return Ok(());
             }
             None if node.is_leader() => {
-                let id = crate::datadir::new_uuid();
+                let id = crate::storage::datadir::new_uuid();
                 if let Err(e) = node.write(Command::SetClusterId { id }).await {
                     tracing::warn!(error = %e, "could not name the cluster yet");
                     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -1,4 +1,4 @@
-//! The Raft log store: entries in our write-ahead log ([`super::wal`]),
+//! The Raft log store: entries in our write-ahead log ([`crate::storage::wal`]),
 //! the vote, committed index and purge point in sled.
 //!
 //! Every append and vote is synced before openraft hears it is durable: an
@@ -22,8 +22,8 @@ use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, Vote};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::wal::{DEFAULT_SEGMENT_SIZE, Wal};
 use super::{LogId, NodeId, StorageError, TypeConfig, storage_io_error};
+use crate::storage::wal::{DEFAULT_SEGMENT_SIZE, Wal};
 
 type Entry = openraft::Entry<TypeConfig>;
 
@@ -421,8 +421,8 @@ mod tests {
             drop(clone);
             // Open started the spare; the drop waited for it to be done.
             assert!(
-                !wal_dir.join(super::super::wal::SPARE_TMP).exists()
-                    && wal_dir.join(super::super::wal::SPARE).exists(),
+                !wal_dir.join(crate::storage::wal::SPARE_TMP).exists()
+                    && wal_dir.join(crate::storage::wal::SPARE).exists(),
                 "the spare is still being written after the store closed"
             );
         }

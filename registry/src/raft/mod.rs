@@ -1,6 +1,9 @@
 //! Consensus: openraft's type configuration and the three seams it needs —
-//! the sled log store, the in-memory state machine with persisted
-//! snapshots, and the gRPC network between servers.
+//! the log store (over our own WAL, [`crate::storage::wal`]), the
+//! in-memory state machine with persisted snapshots, and the gRPC network
+//! between servers (with what rides on it: the server directory and the
+//! cluster identity). Forwarded writes and leader routing live one floor
+//! up, in [`crate::cluster`].
 
 // openraft's `StorageError` is large, and its storage traits dictate it.
 #![allow(clippy::result_large_err)]
@@ -9,10 +12,7 @@ pub mod directory;
 pub mod identity;
 pub mod log_store;
 pub mod network;
-pub mod service;
-pub mod snapshot_file;
 pub mod state_machine;
-pub mod wal;
 
 use std::io::Cursor;
 

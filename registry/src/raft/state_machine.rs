@@ -16,10 +16,10 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::snapshot_file::SnapshotFile;
 use super::{LogId, NodeId, StorageError, TypeConfig, storage_io_error};
 use crate::command::CommandResponse;
 use crate::state::State;
+use crate::storage::snapshot_file::SnapshotFile;
 
 type Entry = openraft::Entry<TypeConfig>;
 type Membership = StoredMembership<NodeId, BasicNode>;
@@ -265,7 +265,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         state.apply_noop(index);
                         CommandResponse::Empty
                     }
-                    EntryPayload::Normal(ref command) => state.apply(index, command),
+                    EntryPayload::Normal(ref command) => {
+                        crate::command::apply(&mut state, index, command)
+                    }
                     EntryPayload::Membership(ref membership) => {
                         self.last_membership =
                             StoredMembership::new(Some(entry.log_id), membership.clone());

@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 pub use meshwork_core::health::{CheckDefinition, HealthStatus};
 
+/// The node check that stands for a sidecar's session.
+pub const SESSION_CHECK_ID: &str = "meshwork:session";
+
 /// A node of the catalog (a VM or host).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {

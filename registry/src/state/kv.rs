@@ -1,7 +1,7 @@
 //! The key/value store with Consul's semantics: every entry carries
 //! `CreateIndex`/`ModifyIndex`, deletions leave tombstones so that a
 //! blocking query on a prefix sees a deletion as a change. Tombstones older
-//! than the tombstone TTL are reaped ([`crate::gc`]); what a reader saw of
+//! than the tombstone TTL are reaped ([`crate::leader::gc`]); what a reader saw of
 //! a reaped key's index never goes backwards (see `reaped`).
 
 use imbl::OrdMap;

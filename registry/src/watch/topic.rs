@@ -217,7 +217,8 @@ mod tests {
     use crate::command::Command;
 
     fn put(state: &mut State, index: u64, key: &str, value: &str) {
-        state.apply(
+        crate::command::apply(
+            state,
             index,
             &Command::KvSet {
                 key: key.into(),
@@ -239,7 +240,8 @@ mod tests {
         assert_eq!(before.len(), 2);
         assert_eq!(topic.index(&state), 2);
         put(&mut state, 4, "app/a", "changed");
-        state.apply(
+        crate::command::apply(
+            &mut state,
             5,
             &Command::KvDelete {
                 key: "app/b".into(),

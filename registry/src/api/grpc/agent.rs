@@ -12,9 +12,9 @@ use meshwork_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::cluster::{ClusterError, Consistency, RegistryNode};
 use crate::command::{Command, CommandResponse};
-use crate::node::{ClusterError, Consistency, RegistryNode};
-use crate::session::{DEFAULT_SESSION_TTL, SESSION_CHECK_ID, Sessions};
+use crate::leader::liveness::{DEFAULT_SESSION_TTL, SESSION_CHECK_ID, Sessions};
 use crate::state::catalog::{
     CatalogError, CheckDefinition, CheckSpec, HealthStatus, Registration, ServiceSpec, Weights,
 };

@@ -11,7 +11,7 @@ use meshwork_proto::v1::registry_server::Registry;
 use meshwork_proto::v1::{Server, StatusReply, StatusRequest};
 use tonic::{Request, Response, Status};
 
-use crate::node::RegistryNode;
+use crate::cluster::RegistryNode;
 
 /// Serves `meshwork.v1.Registry`.
 #[derive(Debug, Clone)]

@@ -11,8 +11,8 @@ use super::AppState;
 use super::consul_json::{self, Fields};
 use super::error::ApiError;
 use super::query::Params;
+use crate::cluster::Consistency;
 use crate::command::Command;
-use crate::node::Consistency;
 use crate::state::catalog::{CheckSpec, HealthStatus, Registration};
 
 /// The registration of this server's own node, carrying `service` and `checks`.

@@ -4,7 +4,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::node::ClusterError;
+use crate::cluster::ClusterError;
 
 /// A REST request that could not be served.
 #[derive(Debug, thiserror::Error)]

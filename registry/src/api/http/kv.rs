@@ -190,7 +190,7 @@ fn json_bytes(bytes: Vec<u8>) -> Response {
 }
 
 fn internal(e: &serde_json::Error) -> ApiError {
-    ApiError::Cluster(crate::node::ClusterError::Internal(e.to_string()))
+    ApiError::Cluster(crate::cluster::ClusterError::Internal(e.to_string()))
 }
 
 async fn put(

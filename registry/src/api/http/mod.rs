@@ -22,8 +22,8 @@ use axum::http::Uri;
 use axum::routing::{any, delete, get, put};
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::RegistryNode;
 use crate::command::{Command, CommandResponse};
-use crate::node::RegistryNode;
 use crate::state::catalog::CatalogError;
 use error::ApiError;
 
@@ -161,7 +161,7 @@ fn prometheus_text(app: &AppState) -> axum::response::Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::METRICS.prometheus(&app.node),
+        crate::metrics::METRICS.prometheus(&app.node.readings()),
     )
         .into_response()
 }
@@ -187,7 +187,9 @@ async fn metrics(
             "unknown format {other:?} (use prometheus, or leave it out for JSON)"
         ))
         .into_response(),
-        None => axum::Json(crate::metrics::METRICS.consul_json(&app.node)).into_response(),
+        None => {
+            axum::Json(crate::metrics::METRICS.consul_json(&app.node.readings())).into_response()
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
 use super::waiters::{IndexOf, Waiters};
-use crate::node::{Consistency, RegistryNode};
+use crate::cluster::{Consistency, RegistryNode};
 use crate::state::State;
 use meshwork_core::duration::parse_duration;
 

@@ -135,7 +135,7 @@ pub async fn autopilot_health(State(app): State<AppState>) -> Result<Response, A
         "FailureTolerance": healthy_voters.saturating_sub(quorum),
         "Servers": servers.iter().map(|s| json!({
             "ID": s.id.to_string(),
-            "Name": crate::node::display_name(s.id, s.name.as_deref()),
+            "Name": crate::cluster::display_name(s.id, s.name.as_deref()),
             "Version": s.version.clone().unwrap_or_default(),
             "Address": s.raft_addr,
             "Leader": s.leader,

@@ -22,8 +22,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::RegistryNode;
 use crate::command::Command;
-use crate::node::RegistryNode;
 use crate::state::catalog::{CheckDefinition, HealthStatus};
 use probe::ProbeResult;
 

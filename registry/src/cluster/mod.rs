@@ -2,6 +2,10 @@
 //! state, and the operations every API needs — writes from any server
 //! (forwarded to the leader), read barriers for the three consistency
 //! modes, and membership changes. Callers never need to know who leads.
+//! [`forward`] is the internal gRPC service that answers the other
+//! servers: Raft RPCs, and what followers forward to the leader.
+
+pub mod forward;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -166,6 +170,24 @@ impl RegistryNode {
         (metrics.current_leader.is_some(), since)
     }
 
+    /// What `/metrics` reports of this node: Raft progress, leadership
+    /// and the size of the state.
+    pub fn readings(&self) -> crate::metrics::NodeReadings {
+        let m = self.raft.metrics().borrow().clone();
+        let state = self.state.read();
+        crate::metrics::NodeReadings {
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            is_leader: self.is_leader(),
+            services: state.catalog.service_names().len(),
+            nodes: state.catalog.nodes().count(),
+            keys: state.kv.len(),
+            tombstones: state.kv.tombstones(),
+        }
+    }
+
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().state == ServerState::Leader
     }
@@ -293,7 +315,7 @@ impl RegistryNode {
         // sidecar's heartbeats renew those (and the leader's own expiry
         // write must not count as one).
         if let Command::CheckUpdate { node, check_id, .. } = &command
-            && check_id != crate::session::SESSION_CHECK_ID
+            && check_id != crate::state::catalog::SESSION_CHECK_ID
         {
             self.ttl_touches
                 .lock()

@@ -16,8 +16,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::RegistryNode;
 use crate::command::Command;
-use crate::node::RegistryNode;
 use crate::raft::directory::PROTOCOL_REAP;
 
 /// Default tombstone TTL (Consul's `tombstone_ttl` is 15 min too).

@@ -3,8 +3,9 @@
 //! data: a problem stops the start with a message naming it.
 //!
 //! Layout: `meshwork.json` (format version, node id, node UUID, cluster
-//! id), `raft/` (the sled database: log and Raft metadata) and `snapshot/`
-//! (the latest snapshot file).
+//! id), `wal/` (the Raft log's segments, [`super::wal`]), `raft/` (the sled
+//! database: vote, committed index and purge point) and `snapshot/` (the
+//! latest snapshot file).
 
 use std::path::{Path, PathBuf};
 

@@ -2,7 +2,7 @@
 //! [`SESSION_CHECK_ID`], whose definition holds the session TTL. Heartbeats
 //! never go through Raft: the leader keeps when each session was last
 //! renewed in memory (a follower batches the heartbeats it receives and
-//! forwards them); the leader's health duties (see [`crate::health`]) mark
+//! forwards them); the leader's health duties (see [`crate::leader::health`]) mark
 //! a silent session critical — which makes every service on that node
 //! critical — and later remove the node. A new leader gives every session
 //! a full TTL of grace.
@@ -15,10 +15,9 @@ use meshwork_proto::v1::TouchSessionsRequest;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::node::RegistryNode;
+use crate::cluster::RegistryNode;
 
-/// The node check that stands for a sidecar's session.
-pub const SESSION_CHECK_ID: &str = "meshwork:session";
+pub use crate::state::catalog::SESSION_CHECK_ID;
 /// Session TTL when the sidecar asks for none.
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(15);
 /// Heartbeats received on a follower are forwarded this often.

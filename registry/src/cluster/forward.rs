@@ -15,8 +15,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
+use crate::cluster::{RegistryNode, WriteAttempt};
 use crate::command::Command;
-use crate::node::{RegistryNode, WriteAttempt};
 
 /// Serves `meshwork.v1.RaftInternal` for one server.
 #[derive(Debug, Clone)]
@@ -164,7 +164,7 @@ impl RaftInternal for InternalService {
         if leader {
             for name in request.into_inner().nodes {
                 self.node
-                    .touch((name, crate::session::SESSION_CHECK_ID.to_owned()));
+                    .touch((name, crate::state::catalog::SESSION_CHECK_ID.to_owned()));
             }
         }
         Ok(Response::new(TouchSessionsReply { leader }))
@@ -183,11 +183,12 @@ impl RaftInternal for InternalService {
 }
 
 fn server_health_reply(
-    result: Result<Vec<crate::autopilot::ServerHealth>, WriteAttempt>,
+    result: Result<Vec<crate::leader::autopilot::ServerHealth>, WriteAttempt>,
 ) -> ServerHealthReply {
     let encoded = result.and_then(|servers| {
-        serde_json::to_vec(&servers)
-            .map_err(|e| WriteAttempt::Failed(crate::node::ClusterError::Internal(e.to_string())))
+        serde_json::to_vec(&servers).map_err(|e| {
+            WriteAttempt::Failed(crate::cluster::ClusterError::Internal(e.to_string()))
+        })
     });
     match encoded {
         Ok(servers) => ServerHealthReply {

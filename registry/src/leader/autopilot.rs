@@ -9,7 +9,7 @@ use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::node::{ClusterError, RegistryNode, WriteAttempt};
+use crate::cluster::{ClusterError, RegistryNode, WriteAttempt};
 use crate::raft::NodeId;
 
 /// A server that trails the leader's log by more than this is unhealthy

@@ -1,0 +1,12 @@
+//! What only the leader runs: the health checks registered over REST and
+//! the TTL and deregistration timers ([`health`]), sidecar heartbeat
+//! sessions ([`liveness`]), tombstone garbage collection ([`gc`]) and
+//! autopilot's dead-server cleanup ([`autopilot`]). Each watches
+//! leadership and starts afresh, with a full period of grace, when this
+//! server becomes leader; each changes state only by proposing commands
+//! through [`crate::cluster`].
+
+pub mod autopilot;
+pub mod gc;
+pub mod health;
+pub mod liveness;
