@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{SharedStatus, TtlReports};
-use crate::proxy::Proxy;
+use crate::listener::Proxy;
 
 #[derive(Clone)]
 struct Admin {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use meshwork_sidecar::discovery::Discovery;
-use meshwork_sidecar::proxy::Proxy;
+use meshwork_sidecar::listener::Proxy;
 use meshwork_sidecar::reload::Reloader;
 use meshwork_sidecar::{admin, agent, config};
 use tokio::signal::unix::{SignalKind, signal};

@@ -2,7 +2,7 @@
 //! validated again as at start; a bad file changes nothing and says why
 //! (log, `/status`, metrics). A good one is applied without a restart:
 //! the proxy's listeners, routes and upstream settings
-//! ([`crate::proxy::Proxy::reload`]; in-flight requests and pooled
+//! ([`crate::listener::Proxy::reload`]; in-flight requests and pooled
 //! connections are kept), the registry server list (agent and discovery),
 //! and the registration and checks (the agent registers again when what
 //! the registry holds changed). Only `admin.listen` needs a restart.
@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::agent::{ConfigStatus, SharedStatus, lock};
 use crate::config::Config;
 use crate::discovery::Discovery;
-use crate::proxy::{Proxy, ProxyChanges};
+use crate::listener::{Proxy, ProxyChanges};
 use crate::telemetry::unix_secs;
 
 /// Applies reloads of one config file.

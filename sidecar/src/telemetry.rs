@@ -11,7 +11,7 @@ use serde::Serialize;
 
 /// Why a request or connection ended as it did; the label `outcome`.
 /// Everything but `Upstream` is an answer the proxy made itself (see
-/// `proxy::rescue`).
+/// `http::rescue`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// The upstream's own answer (whatever its status).

@@ -8,7 +8,7 @@
 //! ([`IdleConns`]) the moment its last byte is read.
 //!
 //! Requests that stream their body, upgrades and CONNECT go through
-//! hyper's client instead (see `connect::Pool::send`): those need the
+//! hyper's client instead (see `pool::Pool::send`): those need the
 //! request and the response to move at the same time.
 //!
 //! Responses are framed per RFC 9112 §6.3: no body after HEAD or for
@@ -35,9 +35,9 @@ use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::{Method, StatusCode, Version};
 use tokio::io::AsyncWriteExt;
 
-use super::MAX_HEADER_BYTES;
-use super::connect::{AddrMap, Counted, spawn_sweeper};
-use super::headers::is_hop_by_hop;
+use crate::http::headers::is_hop_by_hop;
+use crate::upstream::MAX_HEADER_BYTES;
+use crate::upstream::dial::{AddrMap, Counted, spawn_sweeper};
 
 /// Fields in a response head (hyper's client allows as many).
 const MAX_FIELDS: usize = 100;
@@ -823,10 +823,10 @@ mod tests {
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
-    fn cluster() -> Arc<crate::proxy::cluster::Cluster> {
+    fn cluster() -> Arc<crate::upstream::cluster::Cluster> {
         let text = "[registry]\naddresses = [\"127.0.0.1:8502\"]\n[service]\nname = \"web\"\nport = 8080\n[[upstreams]]\nname = \"api\"\nlisten = \"127.0.0.1:9191\"\nprotocol = \"http\"\n";
         let mut config = crate::config::Config::parse("t.toml", text).expect("valid");
-        crate::proxy::cluster::Cluster::local(
+        crate::upstream::cluster::Cluster::local(
             config.upstreams.remove(0),
             "127.0.0.1:1".parse().expect("addr"),
         )
@@ -875,8 +875,8 @@ mod tests {
         (addr, task)
     }
 
-    async fn connector(addr: SocketAddr) -> Result<Conn, crate::proxy::connect::ConnectError> {
-        crate::proxy::connect::connect(&cluster(), addr)
+    async fn connector(addr: SocketAddr) -> Result<Conn, crate::upstream::dial::ConnectError> {
+        crate::upstream::dial::connect(&cluster(), addr)
             .await
             .map(Conn::new)
     }

@@ -13,13 +13,13 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::balance::hash_of;
-use super::cluster::{Cluster, acquire_owned};
-use super::connect::{ConnectError, connect};
-use super::idle::{Activity, Tracked};
-use super::rescue::ProxyError;
-use super::retry;
+use crate::http::idle::{Activity, Tracked};
+use crate::http::rescue::ProxyError;
+use crate::http::retry;
 use crate::telemetry::{AccessLog, Outcome, unix_ms};
+use crate::upstream::balance::hash_of;
+use crate::upstream::cluster::{Cluster, acquire_owned};
+use crate::upstream::dial::{ConnectError, connect};
 
 /// Proxies one accepted connection; returns when it is done or `stop`
 /// (the end of the drain period) fires.

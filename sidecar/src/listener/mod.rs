@@ -1,21 +1,12 @@
-//! The data plane: one outbound listener per upstream (`127.0.0.1:<port>`
-//! for the local app) and one inbound listener in front of the app. This
-//! module binds the listeners, assembles each one's stack (TCP splice or
-//! the HTTP proxy over a [`cluster::Cluster`]) and owns every connection
+//! The data plane's front: one outbound listener per upstream
+//! (`127.0.0.1:<port>` for the local app) and one inbound listener in front
+//! of the app. This module binds the listeners, assembles each one's stack
+//! ([`tcp`] splice, or [`serve`] into the HTTP proxy of [`crate::http`],
+//! over a [`Cluster`] of [`crate::upstream`]) and owns every connection
 //! task, so that shutdown can stop accepting, let in-flight requests
 //! finish for the drain period, then cut what is left. It reads endpoint
 //! sets from [`crate::discovery`] and never talks to the registry itself.
 
-pub mod balance;
-pub mod cluster;
-pub mod connect;
-pub mod h1;
-pub mod h2c;
-pub mod headers;
-pub mod http;
-pub mod idle;
-pub mod rescue;
-pub mod retry;
 pub mod serve;
 pub mod tcp;
 
@@ -24,7 +15,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use bytes::Bytes;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -34,26 +24,22 @@ use crate::config::{
     Balance, Config, Inbound, Limits, OutlierPolicy, ProxySettings, RetryOn, RetryPolicy, Upstream,
 };
 use crate::discovery::Discovery;
+use crate::http::{self, idle};
 use crate::telemetry::{self, ClusterGauges};
-use cluster::Cluster;
+use crate::upstream::cluster::{self, Cluster};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// Every body the proxy sends (upstream's, buffered, or its own).
-pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+pub use crate::upstream::{BoxError, MAX_HEADER_BYTES, ProxyBody};
 
-/// Request headers larger than this get 431 (HTTP/1.1) or a stream
-/// error (HTTP/2).
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// A client must send a request's whole head within this (slowloris), and
 /// its first byte within this of connecting.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 streams a client may reset before the server answers, per
 /// connection (rapid reset, CVE-2023-44487).
-const H2_MAX_PENDING_RESETS: usize = 20;
+pub(crate) const H2_MAX_PENDING_RESETS: usize = 20;
 /// HTTP/2 streams the server may reset for protocol errors before it
 /// closes the connection.
-const H2_MAX_LOCAL_RESETS: usize = 256;
-const H2_MAX_STREAMS: u32 = 1024;
+pub(crate) const H2_MAX_LOCAL_RESETS: usize = 256;
+pub(crate) const H2_MAX_STREAMS: u32 = 1024;
 
 /// Why the proxy could not start (or a reload could not apply).
 #[derive(Debug, thiserror::Error)]

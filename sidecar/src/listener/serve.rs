@@ -28,13 +28,13 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::headers::content_length;
-use super::http::{ClientBody, ResponseBody};
-use super::idle::{OnOwnWake, Tracked};
-use super::{
+use crate::http::headers::content_length;
+use crate::http::idle::{OnOwnWake, Tracked};
+use crate::http::{ClientBody, ResponseBody};
+use crate::listener::{
     H2_MAX_LOCAL_RESETS, H2_MAX_PENDING_RESETS, H2_MAX_STREAMS, HEADER_READ_TIMEOUT,
-    MAX_HEADER_BYTES, h2c,
 };
+use crate::upstream::{MAX_HEADER_BYTES, h2c};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -298,7 +298,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::proxy::idle::Activity;
+    use crate::http::idle::Activity;
 
     /// Serves one connection on a fresh listener with a service that
     /// answers every request with its path.

@@ -9,6 +9,12 @@
 //! once both sides agree on 101. Trailers (gRPC) pass through in both
 //! directions because bodies are streamed frame by frame.
 
+pub mod body;
+pub mod headers;
+pub mod idle;
+pub mod rescue;
+pub mod retry;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -24,19 +30,19 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use rand::Rng;
 
-mod body;
 pub use body::{ClientBody, Guards, OutgoingBody, ResponseBody};
 
-use super::balance::hash_of;
-use super::cluster::{Cluster, EndpointState, Source, acquire_owned};
-use super::connect::{ConnectError, Lease, Pool, SendError};
-use super::h1;
-use super::headers::{content_length, is_grpc, is_upgrade, strip_hop_by_hop};
-use super::idle::Busy;
-use super::rescue::{self, ProxyError};
-use super::retry;
 use crate::config::{Balance, Protocol};
+use crate::http::headers::{content_length, is_grpc, is_upgrade, strip_hop_by_hop};
+use crate::http::idle::Busy;
+use crate::http::rescue::ProxyError;
 use crate::telemetry::{AccessLog, Outcome, unix_ms};
+use crate::upstream::balance::hash_of;
+use crate::upstream::cluster::{Cluster, Source, acquire_owned};
+use crate::upstream::dial::ConnectError;
+use crate::upstream::endpoint::EndpointState;
+use crate::upstream::h1;
+use crate::upstream::pool::{Lease, Pool, SendError};
 
 /// Bodies up to this size are buffered so the request can be retried.
 const MAX_REPLAY_BODY: u64 = 64 * 1024;
@@ -627,7 +633,7 @@ impl HttpProxy {
 enum Upstream {
     Hyper(Response<Incoming>, Lease<OutgoingBody>),
     Inline(h1::Head, h1::Body),
-    H2(Response<super::h2c::Body>),
+    H2(Response<crate::upstream::h2c::Body>),
 }
 
 impl Upstream {
@@ -806,7 +812,7 @@ impl LogContext {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::idle::Activity;
+    use crate::http::idle::Activity;
 
     /// The size of what `f` returns, without calling it.
     fn size_of_output<F: Fn(Request<ClientBody>) -> R, R>(_: &F) -> usize {

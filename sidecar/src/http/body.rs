@@ -11,11 +11,12 @@ use bytes::Bytes;
 use hyper::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use crate::proxy::cluster::{InFlight, OwnedGauge};
-use crate::proxy::connect::Lease;
-use crate::proxy::idle::Busy;
-use crate::proxy::{BoxError, ProxyBody};
-use crate::proxy::{h1, h2c};
+use crate::http::idle::Busy;
+use crate::upstream::cluster::OwnedGauge;
+use crate::upstream::endpoint::InFlight;
+use crate::upstream::pool::Lease;
+use crate::upstream::{BoxError, ProxyBody};
+use crate::upstream::{h1, h2c};
 
 /// A client's request body: from the HTTP/1.1 server (hyper's) or the
 /// HTTP/2 one (the `h2` crate's).

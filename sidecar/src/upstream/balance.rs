@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use rand::Rng;
 
-use super::cluster::EndpointState;
 use crate::config::Balance;
+use crate::upstream::endpoint::EndpointState;
 
 /// Virtual nodes per unit of weight on the hash ring.
 const RING_POINTS_PER_WEIGHT: u32 = 64;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hyper::Method;
 
-use super::cluster::{Cluster, OwnedGauge, acquire_owned};
+use crate::upstream::cluster::{Cluster, OwnedGauge, acquire_owned};
 
 const BASE: Duration = Duration::from_millis(25);
 const CAP: Duration = Duration::from_millis(250);

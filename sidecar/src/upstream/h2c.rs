@@ -24,9 +24,9 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper::{Request, Response};
 use tracing::Instrument;
 
-use super::BoxError;
-use super::connect::Counted;
-use super::headers::content_length;
+use crate::http::headers::content_length;
+use crate::upstream::BoxError;
+use crate::upstream::dial::Counted;
 
 /// Stream window per request and connection window (hyper's defaults, so
 /// a large body is not held up by a small window).
@@ -36,7 +36,7 @@ const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
 /// The largest response head accepted from an upstream: as large as the
 /// request heads the listeners accept.
-const MAX_HEADER_LIST: u32 = super::MAX_HEADER_BYTES as u32;
+const MAX_HEADER_LIST: u32 = crate::upstream::MAX_HEADER_BYTES as u32;
 /// Streams opened before the upstream's SETTINGS say how many it allows.
 const INITIAL_MAX_STREAMS: usize = 100;
 

@@ -1,120 +1,35 @@
 //! A cluster: one upstream's endpoints as the proxy sees them. A task
 //! follows the discovery channel and swaps in a new immutable [`Table`]
 //! on each change; per-endpoint counters (in flight, failures, ejection)
-//! live in [`EndpointStats`] shared across tables, so an update keeps
-//! them and in-flight requests finish on the endpoint they started on.
-//! The panic threshold lives here too; passive health (outlier ejection)
-//! in [`outlier`], the picking itself in [`super::balance`].
+//! live in [`EndpointStats`] ([`super::endpoint`]) shared across tables,
+//! so an update keeps them and in-flight requests finish on the endpoint
+//! they started on. The panic threshold lives here too; passive health
+//! (outlier ejection) in [`super::outlier`], the picking itself in
+//! [`super::balance`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
-use hyper::http::uri::Authority;
 use meshwork_proto::v1::{Endpoint, Health};
 use serde::Serialize;
 
-mod outlier;
-
-use super::balance::{self, Ring};
 use crate::agent::INBOUND_PORT_META;
 use crate::config::{Balance, Upstream};
 use crate::discovery::{EndpointSet, Endpoints, ShutdownToken};
 use crate::telemetry::ClusterMetrics;
+use crate::upstream::balance::{self, Ring};
+pub use crate::upstream::endpoint::{EndpointState, EndpointStats, InFlight};
+use crate::upstream::endpoint::{authority_of, now_ms};
 
 /// Below this share of healthy endpoints, all endpoints are used (Envoy's
 /// panic threshold): better to spread load over maybe-bad instances than
 /// to crush the few good ones.
 const PANIC_THRESHOLD_PERCENT: usize = 50;
 
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
 /// Clusters up to this size pick from a list on the stack.
 const SMALL_CLUSTER: usize = 32;
-
-fn now_ms() -> u64 {
-    epoch().elapsed().as_millis() as u64
-}
-
-/// Counters of one endpoint, kept across table updates.
-#[derive(Debug, Default)]
-pub struct EndpointStats {
-    in_flight: AtomicUsize,
-    consecutive_failures: AtomicU32,
-    /// Milliseconds since [`epoch`]; 0 = not ejected.
-    ejected_until_ms: AtomicU64,
-    ejections: AtomicU32,
-    requests: AtomicU64,
-    failures: AtomicU64,
-}
-
-/// One endpoint in a table.
-#[derive(Debug)]
-pub struct EndpointState {
-    /// `<node>/<service id>`.
-    pub key: String,
-    /// Where it is dialled: its sidecar's inbound port when it has one.
-    pub addr: SocketAddr,
-    /// `addr` as a URI authority (made once, cloned per request).
-    pub authority: Authority,
-    pub weight: u32,
-    /// Passing or warning.
-    pub healthy: bool,
-    pub health: &'static str,
-    /// It has a sidecar in front (it advertises an inbound port), whose
-    /// `x-meshwork-error` answers can be trusted.
-    pub sidecar: bool,
-    stats: Arc<EndpointStats>,
-}
-
-/// Counts a request in flight on an endpoint until dropped.
-#[derive(Debug)]
-pub struct InFlight(Arc<EndpointStats>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl EndpointState {
-    pub fn new(key: String, addr: SocketAddr, weight: u32, healthy: bool) -> Self {
-        EndpointState {
-            key,
-            authority: authority_of(addr),
-            addr,
-            weight: weight.max(1),
-            healthy,
-            health: if healthy { "passing" } else { "critical" },
-            sidecar: false,
-            stats: Arc::default(),
-        }
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.stats.in_flight.load(Ordering::Relaxed)
-    }
-
-    pub fn start_request(&self) -> InFlight {
-        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(&self.stats))
-    }
-
-    fn ejected_at(&self, now: u64) -> bool {
-        let until = self.stats.ejected_until_ms.load(Ordering::Relaxed);
-        until != 0 && now < until
-    }
-
-    pub fn ejected(&self) -> bool {
-        self.ejected_at(now_ms())
-    }
-}
 
 /// The immutable view a request picks from.
 #[derive(Debug, Default)]
@@ -500,12 +415,6 @@ impl Cluster {
     pub fn panicking(&self) -> bool {
         self.panicking.load(Ordering::Relaxed)
     }
-}
-
-fn authority_of(addr: SocketAddr) -> Authority {
-    // A socket address always makes a valid authority.
-    Authority::try_from(addr.to_string().as_str())
-        .unwrap_or_else(|_| Authority::from_static("0.0.0.0:0"))
 }
 
 /// An endpoint from the registry as the proxy dials it: at its sidecar's

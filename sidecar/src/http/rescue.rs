@@ -10,8 +10,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
 
-use super::ProxyBody;
 use crate::telemetry::Outcome;
+use crate::upstream::ProxyBody;
 
 /// The header naming why the proxy answered instead of the upstream.
 pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-meshwork-error");

@@ -8,7 +8,9 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{Cluster, EndpointState, now_ms};
+use crate::upstream::cluster::Cluster;
+use crate::upstream::endpoint::EndpointState;
+use crate::upstream::endpoint::now_ms;
 
 /// Ejections never last longer than this (Envoy's max_ejection_time).
 const MAX_EJECTION: Duration = Duration::from_secs(300);
