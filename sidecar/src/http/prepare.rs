@@ -1,0 +1,141 @@
+//! Phase 1, prepare: the request's headers as they go upstream (an
+//! `x-request-id` when absent, hop-by-hop fields dropped, `Host` and
+//! `:authority` per the upstream's protocol) and what every attempt needs
+//! of the request (target, method, the consistent-hash key). No I/O.
+
+use std::net::SocketAddr;
+
+use hyper::header::{self, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::http::uri::PathAndQuery;
+use hyper::{Method, Version};
+use rand::Rng;
+
+use super::headers::strip_hop_by_hop;
+use super::respond::LogContext;
+use super::{REQUEST_ID, TRACEPARENT};
+use crate::config::{Balance, Upstream};
+use crate::upstream::balance::hash_of;
+
+/// What every attempt needs of the request, taken once.
+pub(super) struct Prepared {
+    pub version: Version,
+    pub path: PathAndQuery,
+    pub method: Method,
+    /// The consistent-hash key (ring hash balancing only).
+    pub hash: Option<u64>,
+    /// The client sent `Content-Length` (the inline leg repeats it).
+    pub had_length: bool,
+    pub idempotent: bool,
+    /// When the request times out, whatever its attempts.
+    pub deadline: tokio::time::Instant,
+}
+
+/// Rewrites `parts.headers` for the upstream and takes what the attempts
+/// need. `version` is what the upstream speaks.
+pub(super) fn prepare(
+    parts: &mut Parts,
+    config: &Upstream,
+    version: Version,
+    peer: SocketAddr,
+    upgrade: bool,
+    deadline: tokio::time::Instant,
+    log: Option<&mut LogContext>,
+) -> Prepared {
+    if !parts.headers.contains_key(REQUEST_ID) {
+        let id = request_id();
+        if let Some(log) = log {
+            log.request_id = id.to_str().ok().map(str::to_owned);
+        }
+        parts.headers.insert(REQUEST_ID, id);
+    }
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    if version == Version::HTTP_2 {
+        // HTTP/2 carries the authority in `:authority` (the endpoint
+        // dialled); a Host header naming something else makes the
+        // request malformed (RFC 9113 §8.3.1).
+        parts.headers.remove(header::HOST);
+        // Values unique to each request would only churn the HPACK
+        // dynamic table (each one inserted, evicting useful entries,
+        // and every lookup walking the chain of earlier ids): sent as
+        // never-indexed literals instead.
+        for name in [&REQUEST_ID, &TRACEPARENT] {
+            if let Some(value) = parts.headers.get_mut(name) {
+                value.set_sensitive(true);
+            }
+        }
+    } else if !parts.headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        // HTTP/2 downstream, HTTP/1.1 upstream: the authority becomes Host.
+        parts.headers.insert(header::HOST, v);
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let hash = match (&config.balance, &config.hash_header) {
+        (Balance::RingHash, Some(name)) => parts
+            .headers
+            .get(name.as_str())
+            .map(|v| hash_of(v.as_bytes())),
+        (Balance::RingHash, None) => Some(hash_of(&peer.ip())),
+        _ => None,
+    };
+    Prepared {
+        version,
+        path,
+        idempotent: super::retry::idempotent(&parts.method),
+        method: parts.method.clone(),
+        hash,
+        had_length: parts.headers.contains_key(header::CONTENT_LENGTH),
+        deadline,
+    }
+}
+
+/// A random `x-request-id`: 128 bits as 32 lowercase hex digits. The
+/// bits come from a per-thread wyrand generator seeded from the OS-seeded
+/// `rand` generator (ids must be unique, not unguessable: this is some
+/// ten times cheaper than drawing from ChaCha), and the digits are written
+/// into a per-thread slab that many ids share, so an id costs no
+/// allocation of its own.
+pub(super) fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    const LEN: usize = 32;
+    thread_local! {
+        static SLAB: std::cell::RefCell<bytes::BytesMut> =
+            std::cell::RefCell::new(bytes::BytesMut::new());
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new(rand::rng().random());
+    }
+    let mut id = [0u8; LEN];
+    STATE.with(|state| {
+        for half in id.chunks_exact_mut(LEN / 2) {
+            let n = wyrand(state);
+            for (i, pair) in half.chunks_exact_mut(2).enumerate() {
+                let byte = (n >> (56 - 8 * i)) as u8;
+                pair[0] = HEX[usize::from(byte >> 4)];
+                pair[1] = HEX[usize::from(byte & 0xf)];
+            }
+        }
+    });
+    let shared = SLAB.with_borrow_mut(|slab| {
+        if slab.capacity() < LEN {
+            *slab = bytes::BytesMut::with_capacity(LEN * 64);
+        }
+        slab.extend_from_slice(&id);
+        slab.split().freeze()
+    });
+    // Hex digits are always a valid header value.
+    HeaderValue::from_maybe_shared(shared)
+        .unwrap_or_else(|_| HeaderValue::from_static("00000000000000000000000000000000"))
+}
+
+/// wyrand: one 64-bit output per step, full period over the state.
+fn wyrand(state: &std::cell::Cell<u64>) -> u64 {
+    let s = state.get().wrapping_add(0xa076_1d64_78bd_642f);
+    state.set(s);
+    let t = u128::from(s) * u128::from(s ^ 0xe703_7ed1_a0b4_28db);
+    (t >> 64) as u64 ^ t as u64
+}

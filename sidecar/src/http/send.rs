@@ -1,0 +1,233 @@
+//! Phase 4, send: one attempt of the request to one endpoint, over the
+//! inline HTTP/1.1 leg (a body in memory), hyper's HTTP/1.1 client
+//! (streamed bodies, upgrades, CONNECT) or the endpoint's HTTP/2
+//! connection, bounded by the request's deadline; and what its failure
+//! means ([`classify`]).
+
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+
+use super::capture::RequestBody;
+use super::prepare::Prepared;
+use super::rescue::ProxyError;
+use super::{HttpProxy, OutgoingBody};
+use crate::upstream::dial::ConnectError;
+use crate::upstream::endpoint::EndpointState;
+use crate::upstream::h1;
+use crate::upstream::pool::{Lease, SendError};
+
+/// What became of one attempt. (Not boxed: it lives for one step of the
+/// answering future, and a box would cost an allocation per request.)
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Sent {
+    /// The upstream answered (any status).
+    Answer(Upstream),
+    /// No answer; the error says whether another endpoint may be tried.
+    Failed(ProxyError),
+    /// No answer and no other attempt: the deadline passed, or the request
+    /// cannot be sent at all.
+    Final(ProxyError),
+}
+
+impl HttpProxy {
+    /// Sends the request to `endpoint` once. `can_retry`: another attempt
+    /// may follow, so the headers are copied rather than taken.
+    pub(super) async fn send(
+        &self,
+        body: &mut RequestBody,
+        inline: bool,
+        request: &Prepared,
+        endpoint: &EndpointState,
+        headers: &mut hyper::HeaderMap,
+        can_retry: bool,
+    ) -> Sent {
+        let deadline = request.deadline;
+        let result = match (body, inline) {
+            (RequestBody::Replayable(bytes, _), true) => {
+                // Encoded straight from the client's headers: nothing
+                // to copy for a retry.
+                let head = h1::RequestHead {
+                    method: &request.method,
+                    path: &request.path,
+                    headers,
+                    body: bytes,
+                    had_length: request.had_length,
+                };
+                // Built in place: a future bound to a name first would
+                // be stored twice in this one (as the name and inside
+                // the timeout).
+                tokio::time::timeout_at(
+                    deadline,
+                    self.pool.send_inline(
+                        endpoint.addr,
+                        &endpoint.authority,
+                        &head,
+                        request.idempotent,
+                    ),
+                )
+                .await
+                .map(|r| r.map(|(head, body)| Upstream::Inline(head, body)))
+            }
+            (body, _) => {
+                let outgoing =
+                    match self.outgoing_request(body, request, endpoint, headers, can_retry) {
+                        Ok(outgoing) => outgoing,
+                        Err(e) => return Sent::Final(e),
+                    };
+                // Boxed: these futures are larger than the inline
+                // leg's, and the answering future is moved into its own
+                // box per request, every byte of it.
+                if request.version == Version::HTTP_2 {
+                    let (head, body) = outgoing.into_parts();
+                    Box::pin(tokio::time::timeout_at(
+                        deadline,
+                        self.pool
+                            .send_h2(endpoint.addr, Request::from_parts(head, ()), body),
+                    ))
+                    .await
+                    .map(|r| r.map(Upstream::H2))
+                } else {
+                    Box::pin(tokio::time::timeout_at(
+                        deadline,
+                        self.pool.send(endpoint.addr, outgoing),
+                    ))
+                    .await
+                    .map(|r| r.map(|(response, lease)| Upstream::Hyper(response, lease)))
+                }
+            }
+        };
+        match result {
+            Err(_) => {
+                if request.version == Version::HTTP_2 {
+                    // Maybe a dead connection that no FIN or RST told
+                    // of: the next request gets a new one.
+                    self.pool.retire_h2(endpoint.addr);
+                }
+                Sent::Final(ProxyError::Timeout(self.cluster.config().request_timeout))
+            }
+            Ok(Ok(response)) => Sent::Answer(response),
+            Ok(Err(e)) => Sent::Failed(classify(e)),
+        }
+    }
+
+    /// The request for hyper's HTTP/1.1 client (streamed bodies, upgrades,
+    /// CONNECT) or the HTTP/2 leg: the last attempt takes the headers,
+    /// earlier ones a copy.
+    fn outgoing_request(
+        &self,
+        body: &mut RequestBody,
+        request: &Prepared,
+        endpoint: &EndpointState,
+        headers: &mut hyper::HeaderMap,
+        can_retry: bool,
+    ) -> Result<Request<OutgoingBody>, ProxyError> {
+        let (version, method) = (request.version, &request.method);
+        let outgoing_body = match body {
+            RequestBody::Replayable(bytes, trailers) => {
+                OutgoingBody::Full(Some(bytes.clone()), trailers.clone())
+            }
+            RequestBody::Streaming(b) => match b.take() {
+                Some(b) => OutgoingBody::Streaming(b),
+                None => OutgoingBody::Full(None, None),
+            },
+        };
+        let uri = target_uri(version, method, endpoint, &request.path)
+            .map_err(|_| ProxyError::BadRequest("the request target is not a valid URI"))?;
+        let mut outgoing = Request::new(outgoing_body);
+        *outgoing.method_mut() = method.clone();
+        *outgoing.uri_mut() = uri;
+        *outgoing.version_mut() = version;
+        *outgoing.headers_mut() = if can_retry {
+            headers.clone()
+        } else {
+            std::mem::take(headers)
+        };
+        if version == Version::HTTP_11 && !outgoing.headers().contains_key(header::HOST) {
+            // An HTTP/1.0 request without Host: name the endpoint.
+            if let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str()) {
+                outgoing.headers_mut().insert(header::HOST, v);
+            }
+        }
+        Ok(outgoing)
+    }
+}
+
+/// An upstream's answer: from hyper's client (with the HTTP/1.1
+/// connection to give back after the body), the inline leg or the HTTP/2
+/// leg.
+pub(super) enum Upstream {
+    Hyper(Response<Incoming>, Lease<OutgoingBody>),
+    Inline(h1::Head, h1::Body),
+    H2(Response<crate::upstream::h2c::Body>),
+}
+
+impl Upstream {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Upstream::Hyper(r, _) => r.status(),
+            Upstream::Inline(head, _) => head.status,
+            Upstream::H2(r) => r.status(),
+        }
+    }
+
+    pub fn headers(&self) -> &hyper::HeaderMap {
+        match self {
+            Upstream::Hyper(r, _) => r.headers(),
+            Upstream::Inline(head, _) => &head.headers,
+            Upstream::H2(r) => r.headers(),
+        }
+    }
+}
+
+/// Turns a pool error into what went wrong.
+pub(super) fn classify(error: SendError) -> ProxyError {
+    match error {
+        SendError::Connect(ConnectError::Timeout(addr, d)) => {
+            ProxyError::ConnectTimeout(addr.to_string(), d)
+        }
+        SendError::Connect(ConnectError::Limit) => ProxyError::CircuitOpen("max_connections"),
+        SendError::Connect(other) => ProxyError::ConnectFailure(other.to_string()),
+        SendError::Handshake(..) => ProxyError::ConnectFailure(error.to_string()),
+        SendError::Inline(e) => ProxyError::Reset(e.to_string()),
+        // Refused: the upstream did not process the stream (RFC 9113 §8.7),
+        // as safe to send elsewhere as a failed connect.
+        SendError::H2(e) if e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
+            ProxyError::ConnectFailure(format!("the upstream refused the stream: {e}"))
+        }
+        // Reset by the sidecar itself: the client's request body broke off.
+        SendError::H2(e) if e.is_reset() && !e.is_remote() && !e.is_library() => {
+            ProxyError::BadRequest("the request body broke off")
+        }
+        SendError::H2(e) => ProxyError::Reset(e.to_string()),
+        SendError::Http(e) => {
+            let mut text = e.to_string();
+            if let Some(cause) = std::error::Error::source(&e) {
+                text = format!("{text}: {cause}");
+            }
+            ProxyError::Reset(text)
+        }
+    }
+}
+
+/// The request target sent upstream: origin form (`/path?query`) for
+/// HTTP/1.1, authority form for CONNECT, the absolute URI (scheme and
+/// `:authority`) for HTTP/2.
+fn target_uri(
+    version: Version,
+    method: &Method,
+    endpoint: &EndpointState,
+    path: &hyper::http::uri::PathAndQuery,
+) -> Result<Uri, hyper::http::Error> {
+    if version == Version::HTTP_11 {
+        if method == Method::CONNECT {
+            return Ok(Uri::from(endpoint.authority.clone()));
+        }
+        return Ok(Uri::from(path.clone()));
+    }
+    let mut target = hyper::http::uri::Parts::default();
+    target.scheme = Some(hyper::http::uri::Scheme::HTTP);
+    target.authority = Some(endpoint.authority.clone());
+    target.path_and_query = Some(path.clone());
+    Ok(Uri::from_parts(target)?)
+}
