@@ -37,9 +37,8 @@ use hyper::{Request, Response, StatusCode, Version};
 
 pub use body::{ClientBody, Guards, OutgoingBody, ResponseBody};
 
-use crate::config::Protocol;
-use crate::telemetry::Outcome;
-use crate::upstream::cluster::{Cluster, Source, acquire_owned};
+use crate::config::{Protocol, RetryOn};
+use crate::upstream::cluster::{Cluster, OwnedGauge, Source, acquire_owned};
 use crate::upstream::endpoint::EndpointState;
 use crate::upstream::pool::Pool;
 use headers::{is_grpc, is_upgrade};
@@ -48,6 +47,17 @@ use rescue::ProxyError;
 use respond::LogContext;
 use retry::{Attempt, Verdict};
 use send::{Sent, Upstream};
+
+/// What follows an attempt.
+enum Next {
+    /// Another endpoint, holding a retry budget slot when it spends one.
+    Retry {
+        slot: Option<OwnedGauge>,
+        why: &'static str,
+    },
+    /// This attempt's answer (or error) goes to the client.
+    Answer,
+}
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -205,43 +215,23 @@ impl HttpProxy {
                     .await;
                 drop(pending);
                 drop(retry_slot.take());
-                let (seen, endpoint_failed) = match &sent {
-                    Sent::Final(_) => (Attempt::Refused, None),
-                    Sent::Answer(response) => {
-                        let status = response.status();
-                        let unreached = self.unreached(&endpoint, response);
-                        let seen = Attempt::Answered {
-                            status: status.as_u16(),
-                            unreached,
-                        };
-                        (seen, Some(status.is_server_error()))
+                match self.decide(
+                    &sent,
+                    &endpoint,
+                    can_retry,
+                    request.idempotent,
+                    &config.retries.on,
+                ) {
+                    Next::Retry { slot, why } => {
+                        tracing::debug!(upstream = %config.name, endpoint = %endpoint.addr, attempt, "{why}");
+                        retry_slot = slot;
+                        drop(sent);
+                        drop(in_flight);
+                        tried.push(endpoint.addr);
+                        backoff_after = Some(endpoint.addr);
+                        continue;
                     }
-                    // Neither a full circuit nor a client's broken body is
-                    // the endpoint's failure.
-                    Sent::Failed(e) => {
-                        let seen = Attempt::failed(e);
-                        (seen, (seen != Attempt::Refused).then_some(true))
-                    }
-                };
-                if let Verdict::Retry { spends_budget, why } =
-                    retry::decide(seen, can_retry, request.idempotent, &config.retries.on)
-                    && let Some(slot) = if spends_budget {
-                        retry::budget(cluster).map(Some)
-                    } else {
-                        Some(None)
-                    }
-                {
-                    cluster.report(&endpoint, true);
-                    tracing::debug!(upstream = %config.name, endpoint = %endpoint.addr, attempt, "{why}");
-                    retry_slot = slot;
-                    drop(sent);
-                    drop(in_flight);
-                    tried.push(endpoint.addr);
-                    backoff_after = Some(endpoint.addr);
-                    continue;
-                }
-                if let Some(failed) = endpoint_failed {
-                    cluster.report(&endpoint, failed);
+                    Next::Answer => {}
                 }
                 let response = match sent {
                     Sent::Answer(response) => response,
@@ -250,24 +240,58 @@ impl HttpProxy {
                         return fail(error, log, Some(endpoint.addr), attempt);
                     }
                 };
-                let status = response.status().as_u16();
-                cluster
-                    .metrics
-                    .record(status, Outcome::Upstream, start.elapsed());
-                if let Some(log) = log {
-                    log.write(
-                        self,
-                        status,
-                        Outcome::Upstream,
-                        Some(endpoint.addr),
-                        attempt,
-                        start,
-                    );
-                }
+                let done = (log, Some(endpoint.addr), attempt, start);
                 let guards = Guards::new(active, in_flight, connection);
-                return self.forward(response, downstream_upgrade, guards);
+                return self.respond(response, downstream_upgrade, guards, done);
             }
         }
+    }
+
+    /// Phase 5: after an attempt, whether to try another endpoint
+    /// ([`retry::decide`], then the retry budget when it is spent), and
+    /// the endpoint's passive health told what the attempt showed.
+    fn decide(
+        &self,
+        sent: &Sent,
+        endpoint: &EndpointState,
+        can_retry: bool,
+        idempotent: bool,
+        on: &RetryOn,
+    ) -> Next {
+        let cluster = &self.cluster;
+        let (seen, endpoint_failed) = match sent {
+            Sent::Final(_) => (Attempt::Refused, None),
+            Sent::Answer(response) => {
+                let status = response.status();
+                let unreached = self.unreached(endpoint, response);
+                let seen = Attempt::Answered {
+                    status: status.as_u16(),
+                    unreached,
+                };
+                (seen, Some(status.is_server_error()))
+            }
+            // Neither a full circuit nor a client's broken body is the
+            // endpoint's failure.
+            Sent::Failed(e) => {
+                let seen = Attempt::failed(e);
+                (seen, (seen != Attempt::Refused).then_some(true))
+            }
+        };
+        if let Verdict::Retry { spends_budget, why } =
+            retry::decide(seen, can_retry, idempotent, on)
+            && let Some(slot) = if spends_budget {
+                retry::budget(cluster).map(Some)
+            } else {
+                Some(None)
+            }
+        {
+            cluster.report(endpoint, true);
+            return Next::Retry { slot, why };
+        }
+        if let Some(failed) = endpoint_failed {
+            cluster.report(endpoint, failed);
+        }
+        Next::Answer
     }
 
     /// The answer came from the endpoint's sidecar, which could not reach

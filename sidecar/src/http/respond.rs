@@ -16,11 +16,34 @@ use super::{Guards, HttpProxy, REQUEST_ID, ResponseBody};
 use crate::telemetry::{AccessLog, Outcome, unix_ms};
 use crate::upstream::cluster::Source;
 
+/// What the access log says of an answered request: its log context, the
+/// endpoint that answered, the attempts made, when it started.
+pub(super) type Done = (Option<LogContext>, Option<SocketAddr>, u32, Instant);
+
 impl HttpProxy {
+    /// The upstream's answer, counted, logged and passed on.
+    pub(super) fn respond(
+        &self,
+        response: Upstream,
+        downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        guards: Guards,
+        (log, endpoint, attempts, start): Done,
+    ) -> Response<ResponseBody> {
+        let status = response.status().as_u16();
+        let outcome = Outcome::Upstream;
+        self.cluster
+            .metrics
+            .record(status, outcome, start.elapsed());
+        if let Some(log) = log {
+            log.write(self, status, outcome, endpoint, attempts, start);
+        }
+        self.forward(response, downstream_upgrade, guards)
+    }
+
     /// Passes the upstream's response on, holding `guards` until its last
     /// byte; a 101 answer to an upgrade request splices the two upgraded
     /// connections instead.
-    pub(super) fn forward(
+    fn forward(
         &self,
         response: Upstream,
         downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
