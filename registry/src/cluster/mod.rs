@@ -6,6 +6,7 @@
 //! servers: Raft RPCs, and what followers forward to the leader.
 
 pub mod forward;
+pub mod with_leader;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,7 @@ use crate::command::{Command, CommandResponse};
 use crate::raft::network::PeerChannels;
 use crate::raft::state_machine::SharedState;
 use crate::raft::{NodeId, Raft};
+use with_leader::{Leader, Leadership, with_leader};
 
 /// How a read may be served (Consul's three modes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -231,30 +233,6 @@ impl RegistryNode {
             .map_or(0, |l| l.index)
     }
 
-    /// Waits until a leader is known, or the deadline passes.
-    pub(crate) async fn wait_for_leader(&self, deadline: Instant) -> Option<(NodeId, String)> {
-        let mut metrics = self.raft.metrics();
-        loop {
-            if let Some(leader) = self.leader() {
-                return Some(leader);
-            }
-            match tokio::time::timeout_at(deadline, metrics.changed()).await {
-                Ok(Ok(())) => {}
-                _ => return None,
-            }
-        }
-    }
-
-    /// A pause before trying again after a leader change, bounded by the deadline.
-    pub(crate) async fn backoff(deadline: Instant) -> bool {
-        let now = Instant::now();
-        if now >= deadline {
-            return false;
-        }
-        tokio::time::sleep_until(deadline.min(now + Duration::from_millis(50))).await;
-        Instant::now() < deadline
-    }
-
     /// Proposes `command` and answers once it is committed and applied,
     /// forwarding to the leader when this server does not lead.
     pub async fn write(&self, command: Command) -> Result<Applied, ClusterError> {
@@ -269,27 +247,14 @@ impl RegistryNode {
 
     async fn write_anywhere(&self, command: Command) -> Result<Applied, ClusterError> {
         let deadline = Instant::now() + self.leader_wait;
-        loop {
-            let Some((leader_id, leader_addr)) = self.wait_for_leader(deadline).await else {
-                return Err(ClusterError::NoLeader);
-            };
-            let retry = if leader_id == self.id {
-                match self.write_local(command.clone()).await {
-                    Ok(applied) => return Ok(applied),
-                    Err(WriteAttempt::Retry) => true,
-                    Err(WriteAttempt::Failed(e)) => return Err(e),
-                }
-            } else {
-                match self.forward_write(&leader_addr, &command).await {
-                    Ok(applied) => return Ok(applied),
-                    Err(WriteAttempt::Retry) => true,
-                    Err(WriteAttempt::Failed(e)) => return Err(e),
-                }
-            };
-            if retry && !Self::backoff(deadline).await {
-                return Err(ClusterError::NoLeader);
+        let command = &command;
+        with_leader(self, deadline, self.leader_wait, |to| async move {
+            match to {
+                Leader::Here => self.write_local(command.clone()).await,
+                Leader::There(addr) => self.forward_write(&addr, command).await,
             }
-        }
+        })
+        .await
     }
 
     /// Proposes on this server, which believes it leads.
@@ -394,26 +359,14 @@ impl RegistryNode {
         }
         let linearizable = mode == Consistency::Consistent;
         let deadline = Instant::now() + self.leader_wait;
-        loop {
-            let Some((leader_id, leader_addr)) = self.wait_for_leader(deadline).await else {
-                return Err(ClusterError::NoLeader);
-            };
-            let attempt = if leader_id == self.id {
-                self.read_index_local(linearizable, deadline).await
-            } else {
-                self.read_index_remote(&leader_addr, linearizable, deadline)
-                    .await
-            };
-            match attempt {
-                Ok(index) => return self.wait_applied(index, deadline).await,
-                Err(WriteAttempt::Failed(e)) => return Err(e),
-                Err(WriteAttempt::Retry) => {
-                    if !Self::backoff(deadline).await {
-                        return Err(ClusterError::NoLeader);
-                    }
-                }
+        let index = with_leader(self, deadline, self.leader_wait, |to| async move {
+            match to {
+                Leader::Here => self.read_index_local(linearizable, deadline).await,
+                Leader::There(addr) => self.read_index_remote(&addr, linearizable, deadline).await,
             }
-        }
+        })
+        .await?;
+        self.wait_applied(index, deadline).await
     }
 
     /// On the leader: the index a read must wait for.
@@ -544,28 +497,14 @@ impl RegistryNode {
     async fn membership_op(&self, op: MembershipOp) -> Result<(), ClusterError> {
         // Adding a learner waits until it has caught up: allow longer.
         let deadline = Instant::now() + self.leader_wait + Duration::from_secs(60);
-        loop {
-            let Some((leader_id, leader_addr)) = self
-                .wait_for_leader(Instant::now() + self.leader_wait)
-                .await
-            else {
-                return Err(ClusterError::NoLeader);
-            };
-            let attempt = if leader_id == self.id {
-                self.membership_local(&op).await
-            } else {
-                self.membership_remote(&leader_addr, &op, deadline).await
-            };
-            match attempt {
-                Ok(()) => return Ok(()),
-                Err(WriteAttempt::Failed(e)) => return Err(e),
-                Err(WriteAttempt::Retry) => {
-                    if !Self::backoff(deadline).await {
-                        return Err(ClusterError::NoLeader);
-                    }
-                }
+        let op = &op;
+        with_leader(self, deadline, self.leader_wait, |to| async move {
+            match to {
+                Leader::Here => self.membership_local(op).await,
+                Leader::There(addr) => self.membership_remote(&addr, op, deadline).await,
             }
-        }
+        })
+        .await
     }
 
     /// On the leader: applies a membership change.
@@ -677,6 +616,26 @@ impl RegistryNode {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
             Err(e) => Err(ClusterError::Internal(e.to_string())),
+        }
+    }
+}
+
+impl Leadership for RegistryNode {
+    fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Waits until a leader is known, or the deadline passes.
+    async fn wait_for_leader(&self, deadline: Instant) -> Option<(NodeId, String)> {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Some(leader) = self.leader() {
+                return Some(leader);
+            }
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
         }
     }
 }

@@ -9,6 +9,7 @@ use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::cluster::with_leader::{Leader, with_leader};
 use crate::cluster::{ClusterError, RegistryNode, WriteAttempt};
 use crate::raft::NodeId;
 
@@ -43,25 +44,13 @@ impl RegistryNode {
     /// service when this server does not lead).
     pub async fn server_health(&self) -> Result<Vec<ServerHealth>, ClusterError> {
         let deadline = Instant::now() + self.leader_wait;
-        loop {
-            let Some((leader_id, leader_addr)) = self.wait_for_leader(deadline).await else {
-                return Err(ClusterError::NoLeader);
-            };
-            let attempt = if leader_id == self.id {
-                self.server_health_local()
-            } else {
-                self.server_health_remote(&leader_addr, deadline).await
-            };
-            match attempt {
-                Ok(servers) => return Ok(servers),
-                Err(WriteAttempt::Failed(e)) => return Err(e),
-                Err(WriteAttempt::Retry) => {
-                    if !Self::backoff(deadline).await {
-                        return Err(ClusterError::NoLeader);
-                    }
-                }
+        with_leader(self, deadline, self.leader_wait, |to| async move {
+            match to {
+                Leader::Here => self.server_health_local(),
+                Leader::There(addr) => self.server_health_remote(&addr, deadline).await,
             }
-        }
+        })
+        .await
     }
 
     /// On the leader: its own metrics plus its replication state.
