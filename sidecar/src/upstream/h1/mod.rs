@@ -21,28 +21,27 @@
 
 use std::future::poll_fn;
 use std::io;
-use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
+use hyper::Method;
 use hyper::body::{Frame, SizeHint};
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderMap};
 use hyper::http::uri::{Authority, PathAndQuery};
-use hyper::{Method, StatusCode, Version};
 use tokio::io::AsyncWriteExt;
 
-use crate::http::headers::is_hop_by_hop;
 use crate::upstream::MAX_HEADER_BYTES;
 use crate::upstream::dial::{AddrMap, Counted, spawn_sweeper};
 
-/// Fields in a response head (hyper's client allows as many).
-const MAX_FIELDS: usize = 100;
-/// A chunk-size line, extensions included.
-const MAX_CHUNK_LINE: usize = 4096;
+pub mod parse;
+
+pub use parse::Head;
+use parse::{Framing, Step, chunk_step, parse_head};
+
 /// Reads ask for at least this much room.
 const READ_CHUNK: usize = 8 * 1024;
 
@@ -57,6 +56,11 @@ pub enum Error {
     Closed,
     #[error("invalid response from the upstream: {0}")]
     Protocol(&'static str),
+}
+
+/// A parse error as an exchange's error.
+fn proto(e: parse::Error) -> Error {
+    Error::Protocol(e.0)
 }
 
 impl Error {
@@ -184,35 +188,6 @@ fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     }
 }
 
-/// A parsed response head.
-pub struct Head {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-}
-
-/// How the response body is delimited, and how far it has got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    /// This many bytes still to come.
-    Length(u64),
-    Chunked(Chunk),
-    /// Until the upstream closes the connection.
-    Close,
-    Done,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    /// A chunk-size line is next.
-    Size,
-    /// This many bytes of chunk data are left.
-    Data(u64),
-    /// The CRLF after a chunk's data.
-    DataEnd,
-    /// The trailer section after the last chunk.
-    Trailers,
-}
-
 /// Sends `req` on `conn` and reads the response head; the body is left
 /// in `conn` for a [`Body`] to read. 1xx interim responses are skipped.
 async fn exchange(
@@ -228,7 +203,9 @@ async fn exchange(
         .await
         .map_err(Error::Write)?;
     loop {
-        if let Some((head, framing, reusable)) = parse_head(conn, req.method == Method::HEAD)? {
+        if let Some((head, framing, reusable)) =
+            parse_head(&mut conn.rbuf, req.method == Method::HEAD).map_err(proto)?
+        {
             return Ok((head, framing, reusable));
         }
         if conn.rbuf.len() > MAX_HEADER_BYTES {
@@ -242,198 +219,6 @@ async fn exchange(
         }
         conn.answered = true;
     }
-}
-
-/// A complete response head from the read buffer (consumed), or `None`
-/// when more bytes are needed. Interim 1xx responses are consumed and
-/// skipped.
-fn parse_head(conn: &mut Conn, head_request: bool) -> Result<Option<(Head, Framing, bool)>, Error> {
-    loop {
-        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
-        let mut response = httparse::Response::new(&mut []);
-        let base = conn.rbuf.as_ptr() as usize;
-        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
-            &mut response,
-            &conn.rbuf,
-            &mut fields,
-        );
-        let len = match parsed {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(Error::Protocol("over 100 header fields"));
-            }
-            Err(_) => return Err(Error::Protocol("malformed response head")),
-        };
-        if len > MAX_HEADER_BYTES {
-            return Err(Error::Protocol("response head over 64 KiB"));
-        }
-        let status = StatusCode::from_u16(response.code.unwrap_or(0))
-            .map_err(|_| Error::Protocol("bad status code"))?;
-        let version = if response.version == Some(1) {
-            Version::HTTP_11
-        } else {
-            Version::HTTP_10
-        };
-        // Where each field sits in the head (offsets fit u32: the head is
-        // at most 64 KiB), so the values can share its bytes.
-        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_FIELDS];
-        let count = response.headers.len();
-        for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
-            let name = (field.name.as_ptr() as usize - base) as u32;
-            let value = (field.value.as_ptr() as usize - base) as u32;
-            *span = (
-                name,
-                name + field.name.len() as u32,
-                value,
-                value + field.value.len() as u32,
-            );
-        }
-        let head_bytes = conn.rbuf.split_to(len).freeze();
-        if status.is_informational() {
-            if status == StatusCode::SWITCHING_PROTOCOLS {
-                return Err(Error::Protocol("101 to a request that asked no upgrade"));
-            }
-            continue;
-        }
-        let raw = |&(n0, n1, v0, v1): &(u32, u32, u32, u32)| {
-            (
-                &head_bytes[n0 as usize..n1 as usize],
-                &head_bytes[v0 as usize..v1 as usize],
-            )
-        };
-        let message = Message::read(spans[..count].iter().map(raw))?;
-        let (framing, reusable) = message.framing(status, head_request, version)?;
-        // The fields minus the hop-by-hop ones (RFC 9110 §7.6.1), which
-        // describe this connection only, and minus a Content-Length that
-        // Transfer-Encoding overrides.
-        let mut headers = HeaderMap::with_capacity(count);
-        for span in &spans[..count] {
-            let name = HeaderName::from_bytes(raw(span).0)
-                .map_err(|_| Error::Protocol("bad header name"))?;
-            if is_hop_by_hop(&name) || (message.codings > 0 && name == header::CONTENT_LENGTH) {
-                continue;
-            }
-            let value =
-                HeaderValue::from_maybe_shared(head_bytes.slice(span.2 as usize..span.3 as usize))
-                    .map_err(|_| Error::Protocol("bad header value"))?;
-            headers.append(name, value);
-        }
-        if message.connection_names {
-            // `Connection: x-foo` makes x-foo hop-by-hop too (rare).
-            for span in &spans[..count] {
-                let (name, value) = raw(span);
-                if is(name, b"connection") {
-                    for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                        if let Ok(named) = HeaderName::from_bytes(token) {
-                            headers.remove(named);
-                        }
-                    }
-                }
-            }
-        }
-        return Ok(Some((Head { status, headers }, framing, reusable)));
-    }
-}
-
-fn is(name: &[u8], wanted: &[u8]) -> bool {
-    name.len() == wanted.len() && name.eq_ignore_ascii_case(wanted)
-}
-
-/// What a response head says about its body and its connection.
-#[derive(Debug, Default)]
-struct Message {
-    /// Transfer codings listed, and whether the only one is chunked.
-    codings: usize,
-    chunked: bool,
-    length: Option<u64>,
-    close: bool,
-    keep_alive: bool,
-    /// `Connection` names other fields.
-    connection_names: bool,
-}
-
-impl Message {
-    fn read<'a>(fields: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Result<Self, Error> {
-        let mut m = Message::default();
-        let list = |value: &'a [u8]| {
-            value
-                .split(|&b| b == b',')
-                .map(<[u8]>::trim_ascii)
-                .filter(|t| !t.is_empty())
-        };
-        for (name, value) in fields {
-            if is(name, b"transfer-encoding") {
-                for coding in list(value) {
-                    m.codings += 1;
-                    m.chunked = m.codings == 1 && coding.eq_ignore_ascii_case(b"chunked");
-                }
-            } else if is(name, b"content-length") {
-                for part in value.split(|&b| b == b',') {
-                    let n = parse_length(part.trim_ascii())
-                        .ok_or(Error::Protocol("bad content-length"))?;
-                    if m.length.is_some_and(|l| l != n) {
-                        return Err(Error::Protocol("conflicting content-length values"));
-                    }
-                    m.length = Some(n);
-                }
-            } else if is(name, b"connection") {
-                for token in list(value) {
-                    if token.eq_ignore_ascii_case(b"close") {
-                        m.close = true;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                        m.keep_alive = true;
-                    } else {
-                        m.connection_names = true;
-                    }
-                }
-            }
-        }
-        Ok(m)
-    }
-
-    /// The body's framing (RFC 9112 §6.3) and whether the connection can
-    /// carry another request after it.
-    fn framing(
-        &self,
-        status: StatusCode,
-        head_request: bool,
-        version: Version,
-    ) -> Result<(Framing, bool), Error> {
-        let keep_alive = if version == Version::HTTP_11 {
-            !self.close
-        } else {
-            self.keep_alive && !self.close
-        };
-        if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-            return Ok((Framing::Done, keep_alive));
-        }
-        if self.codings > 0 {
-            if !self.chunked {
-                return Err(Error::Protocol("unsupported transfer-encoding"));
-            }
-            // Both: Transfer-Encoding wins, and the message is suspect
-            // (RFC 9112 §6.3 item 3): not reused.
-            return Ok((
-                Framing::Chunked(Chunk::Size),
-                keep_alive && self.length.is_none(),
-            ));
-        }
-        Ok(match self.length {
-            Some(0) => (Framing::Done, keep_alive),
-            Some(n) => (Framing::Length(n), keep_alive),
-            None => (Framing::Close, false),
-        })
-    }
-}
-
-fn parse_length(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 19 {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, &d| {
-        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
-    })
 }
 
 /// A response body read from the upstream connection as the client
@@ -525,7 +310,7 @@ impl hyper::body::Body for Body {
                     let data = conn.rbuf.split().freeze();
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Framing::Chunked(state) => match chunk_step(conn, state) {
+                Framing::Chunked(state) => match chunk_step(&mut conn.rbuf, state).map_err(proto) {
                     Ok(Step::Next(next)) => this.framing = Framing::Chunked(next),
                     Ok(Step::Data(data, next)) => {
                         this.framing = Framing::Chunked(next);
@@ -557,119 +342,6 @@ impl hyper::body::Body for Body {
             _ => SizeHint::default(),
         }
     }
-}
-
-enum Step {
-    /// Moved on without output.
-    Next(Chunk),
-    Data(Bytes, Chunk),
-    /// The body is complete, with its trailers if it had any.
-    End(Option<HeaderMap>),
-    /// The read buffer holds too little to go on.
-    More,
-}
-
-/// One step of chunked decoding (RFC 9112 §7.1) over the read buffer.
-fn chunk_step(conn: &mut Conn, state: Chunk) -> Result<Step, Error> {
-    let buf = &mut conn.rbuf;
-    match state {
-        Chunk::Size => {
-            let Some(end) = find_crlf(buf, MAX_CHUNK_LINE)? else {
-                return Ok(Step::More);
-            };
-            let size = parse_chunk_size(&buf[..end])?;
-            buf.advance(end + 2);
-            Ok(Step::Next(if size == 0 {
-                Chunk::Trailers
-            } else {
-                Chunk::Data(size)
-            }))
-        }
-        Chunk::Data(left) => {
-            if buf.is_empty() {
-                return Ok(Step::More);
-            }
-            let n = (buf.len() as u64).min(left) as usize;
-            let data = buf.split_to(n).freeze();
-            let next = if left == n as u64 {
-                Chunk::DataEnd
-            } else {
-                Chunk::Data(left - n as u64)
-            };
-            Ok(Step::Data(data, next))
-        }
-        Chunk::DataEnd => {
-            if buf.len() < 2 {
-                return Ok(Step::More);
-            }
-            if &buf[..2] != b"\r\n" {
-                return Err(Error::Protocol("chunk data not followed by CRLF"));
-            }
-            buf.advance(2);
-            Ok(Step::Next(Chunk::Size))
-        }
-        Chunk::Trailers => {
-            if buf.starts_with(b"\r\n") {
-                buf.advance(2);
-                return Ok(Step::End(None));
-            }
-            let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-            match httparse::parse_headers(buf, &mut fields) {
-                Ok(httparse::Status::Complete((len, fields))) => {
-                    let mut trailers = HeaderMap::with_capacity(fields.len());
-                    for field in fields.iter() {
-                        let name = HeaderName::from_bytes(field.name.as_bytes())
-                            .map_err(|_| Error::Protocol("bad trailer name"))?;
-                        let value = HeaderValue::from_bytes(field.value)
-                            .map_err(|_| Error::Protocol("bad trailer value"))?;
-                        trailers.append(name, value);
-                    }
-                    buf.advance(len);
-                    Ok(Step::End(Some(trailers)))
-                }
-                Ok(httparse::Status::Partial) if buf.len() <= MAX_HEADER_BYTES => Ok(Step::More),
-                Ok(httparse::Status::Partial) => Err(Error::Protocol("trailers over 64 KiB")),
-                Err(_) => Err(Error::Protocol("malformed trailers")),
-            }
-        }
-    }
-}
-
-/// Where the first CRLF is, looking at most `limit` bytes in.
-fn find_crlf(buf: &[u8], limit: usize) -> Result<Option<usize>, Error> {
-    let window = &buf[..buf.len().min(limit + 1)];
-    match window.windows(2).position(|w| w == b"\r\n") {
-        Some(i) => Ok(Some(i)),
-        None if buf.len() > limit => Err(Error::Protocol("chunk-size line too long")),
-        None => Ok(None),
-    }
-}
-
-/// `1*HEXDIG [ BWS ";" chunk-ext ]`: the size; extensions are ignored but
-/// must be visible characters, spaces or tabs.
-fn parse_chunk_size(line: &[u8]) -> Result<u64, Error> {
-    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits == 0 || digits > 16 {
-        return Err(Error::Protocol("bad chunk size"));
-    }
-    let rest = &line[digits..];
-    let rest_ok = rest.is_empty()
-        || (rest.trim_ascii_start().starts_with(b";")
-            && rest
-                .iter()
-                .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80));
-    if !rest_ok {
-        return Err(Error::Protocol("bad chunk extension"));
-    }
-    let size = line[..digits].iter().fold(0u64, |n, &d| {
-        let v = match d {
-            b'0'..=b'9' => d - b'0',
-            b'a'..=b'f' => d - b'a' + 10,
-            _ => d - b'A' + 10,
-        };
-        (n << 4) | u64::from(v)
-    });
-    Ok(size)
 }
 
 /// Idle inline connections of one listener's cluster, by endpoint.
@@ -820,6 +492,8 @@ pub enum SendError<E> {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use hyper::StatusCode;
+    use hyper::header::HeaderValue;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
@@ -1026,12 +700,5 @@ mod tests {
             String::from_utf8(out).expect("utf8"),
             "POST /p HTTP/1.1\r\nhost: svc\r\nx-b: 1\r\nx-b: 2\r\ncontent-length: 4\r\n\r\ndata"
         );
-        assert_eq!(parse_chunk_size(b"1aF").ok(), Some(0x1af));
-        assert!(parse_chunk_size(b"").is_err());
-        assert!(parse_chunk_size(b"1 x").is_err());
-        assert!(parse_chunk_size(b"11111111111111111").is_err());
-        assert_eq!(parse_chunk_size(b"10 ; name=\"v\"").ok(), Some(16));
-        assert_eq!(parse_length(b"18446744073709551615"), None);
-        assert_eq!(parse_length(b"42"), Some(42));
     }
 }
