@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use meshwork_registry::config::{Cli, Config, DataDir};
 use meshwork_registry::server::{self, Listeners};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -109,29 +108,8 @@ async fn reload_on_sighup(reload_log_level: ReloadLogLevel) {
     }
 }
 
-async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot listen for {what} on {addr}: {e} (pick another address with --{what}-addr)"
-        )
-    })
-}
-
 async fn serve(config: Config, reload_log_level: ReloadLogLevel) -> anyhow::Result<()> {
-    let listeners = Listeners {
-        http: bind("http", config.http_addr).await?,
-        grpc: bind("grpc", config.grpc_addr).await?,
-        raft: bind("raft", config.raft_addr).await?,
-        dns_udp: tokio::net::UdpSocket::bind(config.dns_addr)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot listen for dns (udp) on {}: {e} (pick another address with --dns-addr)",
-                    config.dns_addr
-                )
-            })?,
-        dns_tcp: bind("dns", config.dns_addr).await?,
-    };
+    let listeners = Listeners::bind(&config).await?;
     // Dev mode keeps its data in a temp dir that is removed at exit.
     let (data_dir, _temp) = match &config.data_dir {
         DataDir::Path(path) => (path.clone(), None),

@@ -5,6 +5,7 @@
 //! `run` takes already-bound listeners so that tests can bind port 0.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,41 @@ pub struct Listeners {
     pub raft: TcpListener,
     pub dns_udp: tokio::net::UdpSocket,
     pub dns_tcp: TcpListener,
+}
+
+impl Listeners {
+    /// Binds every address the config names.
+    pub async fn bind(config: &Config) -> Result<Self, BindError> {
+        async fn tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, BindError> {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| BindError { what, addr, source })
+        }
+        let udp = tokio::net::UdpSocket::bind(config.dns_addr)
+            .await
+            .map_err(|source| BindError {
+                what: "dns",
+                addr: config.dns_addr,
+                source,
+            })?;
+        Ok(Listeners {
+            http: tcp("http", config.http_addr).await?,
+            grpc: tcp("grpc", config.grpc_addr).await?,
+            raft: tcp("raft", config.raft_addr).await?,
+            dns_udp: udp,
+            dns_tcp: tcp("dns", config.dns_addr).await?,
+        })
+    }
+}
+
+/// An address that could not be listened on.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen for {what} on {addr}: {source} (pick another address with --{what}-addr)")]
+pub struct BindError {
+    what: &'static str,
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
 }
 
 /// Why the server could not start or stopped with an error.

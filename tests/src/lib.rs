@@ -105,7 +105,10 @@ pub fn eventually<T>(
     }
 }
 
-/// One server process and where it listens.
+/// One server and where it listens: a process of the real binary, or
+/// (for API behaviour tests, where a process adds nothing) the same
+/// server run in the test's own runtime through `server::run`, on the
+/// same addresses and flags.
 #[derive(Debug)]
 pub struct Server {
     pub id: u64,
@@ -114,7 +117,28 @@ pub struct Server {
     pub log_path: PathBuf,
     /// Flags every start of this server gets.
     pub args: Vec<String>,
+    /// Started in this process rather than as a child process.
+    in_process: bool,
     child: Option<Child>,
+    task: Option<InProcess>,
+}
+
+/// A server running in the test's runtime.
+#[derive(Debug)]
+struct InProcess {
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), meshwork_registry::server::ServerError>>,
+}
+
+/// Sends the in-process servers' logs to the test's captured output
+/// (shown when a test fails), at the level a spawned server logs.
+fn init_test_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "warn,openraft=error,meshwork_registry=info",
+        ))
+        .with_test_writer()
+        .try_init();
 }
 
 impl Server {
@@ -131,7 +155,7 @@ impl Server {
     }
 
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
+        self.child.is_some() || self.task.as_ref().is_some_and(|t| !t.task.is_finished())
     }
 
     /// The process id while it runs (to send it signals).
@@ -139,9 +163,16 @@ impl Server {
         self.child.as_ref().and_then(Child::id)
     }
 
-    /// Starts the process (with its fixed flags plus `extra`).
+    /// Starts the server (with its fixed flags plus `extra`).
     pub fn start(&mut self, extra: &[String]) -> Result<()> {
-        assert!(self.child.is_none(), "server {} already running", self.id);
+        assert!(
+            self.child.is_none() && self.task.is_none(),
+            "server {} already running",
+            self.id
+        );
+        if self.in_process {
+            return self.start_in_process(extra);
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -161,6 +192,34 @@ impl Server {
         Ok(())
     }
 
+    /// Parses the same flags the binary would get and runs the server as
+    /// a task of the current runtime.
+    fn start_in_process(&mut self, extra: &[String]) -> Result<()> {
+        use clap::Parser;
+        use meshwork_registry::config::{Cli, Config, DataDir};
+        init_test_logging();
+        let argv = std::iter::once("meshwork-registry".to_owned())
+            .chain(self.args.iter().cloned())
+            .chain(extra.iter().cloned());
+        let cli = Cli::try_parse_from(argv).context("registry flags")?;
+        let config = Config::load(cli).map_err(|e| anyhow::anyhow!("registry config: {e}"))?;
+        let DataDir::Path(data_dir) = config.data_dir.clone() else {
+            bail!("an in-process server needs --data-dir");
+        };
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let listeners = meshwork_registry::server::Listeners::bind(&config)
+                .await
+                .map_err(|e| {
+                    meshwork_registry::server::ServerError::Serve("bind", e.to_string())
+                })?;
+            meshwork_registry::server::run(config, &data_dir, listeners, token).await
+        });
+        self.task = Some(InProcess { shutdown, task });
+        Ok(())
+    }
+
     /// The exit status, if the process has exited (it is then reaped).
     pub fn try_exit_status(&mut self) -> Option<std::process::ExitStatus> {
         let status = self.child.as_mut()?.try_wait().ok()??;
@@ -168,16 +227,33 @@ impl Server {
         Some(status)
     }
 
-    /// `kill -9`: no chance to flush anything.
+    /// `kill -9`: no chance to flush anything. (An in-process server's
+    /// task is aborted: its open files close, but no shutdown runs.)
     pub async fn kill(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
             child.kill().await.context("kill")?;
         }
+        if let Some(server) = self.task.take() {
+            server.task.abort();
+            let _ = server.task.await;
+        }
         Ok(())
     }
 
-    /// SIGTERM, then waits for a clean exit.
+    /// SIGTERM, then waits for a clean exit. (In process: cancels the
+    /// server's shutdown token; a clean stop is exit status 0.)
     pub async fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(server) = self.task.take() {
+            server.shutdown.cancel();
+            let stopped = tokio::time::timeout(Duration::from_secs(20), server.task).await;
+            return match stopped {
+                Ok(Ok(Ok(()))) => Ok(std::process::ExitStatus::from_raw(0)),
+                Ok(Ok(Err(e))) => bail!("server {} stopped with an error: {e}", self.id),
+                Ok(Err(e)) => bail!("server {} task failed: {e}", self.id),
+                Err(_) => bail!("server {} did not stop within 20s of shutdown", self.id),
+            };
+        }
         let Some(mut child) = self.child.take() else {
             bail!("server {} is not running", self.id);
         };
@@ -210,6 +286,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub http: reqwest::Client,
     base_ip: String,
+    /// Servers run in the test's runtime ([`Cluster::start_in_process`]).
+    in_process: bool,
     /// Set by [`Cluster::done`]; a cluster dropped without it (an error or
     /// a panic) prints its servers' logs.
     done: bool,
@@ -231,6 +309,7 @@ impl Cluster {
                 .timeout(Duration::from_secs(30))
                 .build()?,
             base_ip,
+            in_process: false,
             done: false,
         };
         for id in 1..=n {
@@ -272,7 +351,9 @@ impl Cluster {
             data_dir: self.dir.path().join(format!("n{id}")),
             log_path: self.dir.path().join(format!("n{id}.log")),
             args,
+            in_process: self.in_process,
             child: None,
+            task: None,
         });
     }
 
@@ -299,7 +380,23 @@ impl Cluster {
 
     /// Starts `n` servers and waits until they agree on a leader.
     pub async fn start(n: u64, extra: &[&str]) -> Result<Self> {
+        Self::start_with(n, extra, false).await
+    }
+
+    /// [`Cluster::start`], the servers run in this process (faster to start,
+    /// no process to schedule): for API behaviour, not for crashes and
+    /// signals. The whole process shares one metrics registry, so a suite
+    /// that reads metrics runs a single server this way.
+    pub async fn start_in_process(n: u64, extra: &[&str]) -> Result<Self> {
+        Self::start_with(n, extra, true).await
+    }
+
+    async fn start_with(n: u64, extra: &[&str], in_process: bool) -> Result<Self> {
         let mut cluster = Self::new(n, extra)?;
+        cluster.in_process = in_process;
+        for server in &mut cluster.servers {
+            server.in_process = in_process;
+        }
         for server in &mut cluster.servers {
             server.start(&[])?;
         }

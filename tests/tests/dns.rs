@@ -161,7 +161,7 @@ async fn names_health_and_tags_resolve_with_dig() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_answers_truncate_over_udp_and_come_whole_over_tcp() -> Result<()> {
-    let cluster = Cluster::start(1, &["--dns-domain", "consul"]).await?;
+    let cluster = Cluster::start_in_process(1, &["--dns-domain", "consul"]).await?;
     for n in 1..=40 {
         instance(&cluster, n, "passing", &[]).await?;
     }
@@ -194,7 +194,7 @@ async fn big_answers_truncate_over_udp_and_come_whole_over_tcp() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_packets_get_formerr_or_silence_and_the_server_keeps_answering() -> Result<()> {
-    let cluster = Cluster::start(1, &[]).await?;
+    let cluster = Cluster::start_in_process(1, &[]).await?;
     instance(&cluster, 1, "passing", &[]).await?;
     let server = format!("{}:{DNS_PORT}", cluster.servers[0].ip);
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
@@ -262,7 +262,7 @@ async fn names_outside_the_domain_go_to_the_recursors() -> Result<()> {
         }
     });
     let recursor = upstream_addr.to_string();
-    let cluster = Cluster::start(1, &["--dns-recursors", &recursor]).await?;
+    let cluster = Cluster::start_in_process(1, &["--dns-recursors", &recursor]).await?;
     assert_eq!(short(&cluster, 0, &["example.com", "A"])?, ["127.0.0.99"]);
     assert_eq!(
         short(&cluster, 0, &["+tcp", "example.org", "A"])?,

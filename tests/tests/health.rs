@@ -257,7 +257,7 @@ async fn ttl_checks_expire_and_critical_instances_are_deregistered() -> Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_and_catalog_bad_input_gets_consul_status_codes() -> Result<()> {
-    let cluster = Cluster::start(1, &[]).await?;
+    let cluster = Cluster::start_in_process(1, &[]).await?;
     let base = cluster.servers[0].http();
     let http = &cluster.http;
     let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![

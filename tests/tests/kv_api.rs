@@ -15,7 +15,7 @@ async fn status_body(resp: reqwest::Response) -> Result<(u16, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_semantics_match_consul() -> Result<()> {
-    let cluster = Cluster::start(1, &[]).await?;
+    let cluster = Cluster::start_in_process(1, &[]).await?;
     let base = cluster.servers[0].http();
     let http = &cluster.http;
 
@@ -194,7 +194,7 @@ async fn kv_semantics_match_consul() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_4xx() -> Result<()> {
-    let cluster = Cluster::start(1, &[]).await?;
+    let cluster = Cluster::start_in_process(1, &[]).await?;
     let base = cluster.servers[0].http();
     let http = &cluster.http;
     let long_key = "k".repeat(513);

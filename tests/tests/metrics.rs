@@ -15,7 +15,7 @@ fn value(text: &str, series: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn prometheus_text_and_consul_json() -> Result<()> {
-    let cluster = Cluster::start(1, &[]).await?;
+    let cluster = Cluster::start_in_process(1, &[]).await?;
     cluster.wait_leader(Duration::from_secs(10)).await?;
     let base = cluster.servers[0].http();
     cluster.must_put(0, "app/a", "1").await?;
@@ -43,10 +43,11 @@ async fn prometheus_text_and_consul_json() -> Result<()> {
         Ok(reply) => panic!("an empty UpdateCheck was accepted: {reply:?}"),
         Err(status) => status.code(),
     };
-    let dig = std::process::Command::new("dig")
+    let dig = tokio::process::Command::new("dig")
         .arg(format!("@{}", cluster.servers[0].ip))
         .args(["-p", "28600", "+time=3", "+tries=1", "nosuch.service.mesh"])
-        .output()?;
+        .output()
+        .await?;
     assert!(dig.status.success());
 
     let mut text = String::new();

@@ -189,7 +189,7 @@ async fn service_watch_streams_changes_and_resumes_elsewhere_without_gaps_or_rep
 
 #[tokio::test]
 async fn kv_prefix_watch_and_bad_requests() -> Result<()> {
-    let cluster = Cluster::start(1, &["--watch-heartbeat-ms", "200"]).await?;
+    let cluster = Cluster::start_in_process(1, &["--watch-heartbeat-ms", "200"]).await?;
     cluster.wait_leader(Duration::from_secs(10)).await?;
     let url = cluster.servers[0].grpc();
     cluster.must_put(0, "app/a", "1").await?;
@@ -347,7 +347,7 @@ async fn a_server_with_open_watch_streams_stops_promptly() -> Result<()> {
 
 #[tokio::test]
 async fn a_subscriber_that_falls_behind_is_cut_off_and_catches_up_by_resubscribing() -> Result<()> {
-    let cluster = Cluster::start(1, &[]).await?;
+    let cluster = Cluster::start_in_process(1, &[]).await?;
     cluster.wait_leader(Duration::from_secs(10)).await?;
     let url = cluster.servers[0].grpc();
     let request = |since_index| SubscribeRequest {
