@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
 use meshwork_tests::http::{h2_client, h2_frame, http_client, raw_exchange};
-use meshwork_tests::sidecar::{Mesh, UPSTREAM_PORT, echo_behind_client, echo_instances};
+use meshwork_tests::sidecar::{Mesh, UPSTREAM_PORT, echo_behind_client};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -166,12 +166,8 @@ async fn bad_input_is_refused_without_harming_others() -> Result<()> {
 #[tokio::test]
 async fn an_http2_continuation_flood_is_cut_off() -> Result<()> {
     let mut mesh = Mesh::start().await?;
-    echo_instances(&mut mesh, 1, "http").await?;
-    let client_ip = mesh.ip(100);
-    let c = mesh
-        .client_sidecar(&client_ip, "name = \"echo\"\nprotocol = \"http\"")
-        .await?;
-    mesh.sidecars[c].wait_endpoints(1).await?;
+    let (_, client_ip, _c) =
+        echo_behind_client(&mut mesh, 1, "name = \"echo\"\nprotocol = \"http\"").await?;
     let addr = format!("{client_ip}:{UPSTREAM_PORT}");
     let mut s = TcpStream::connect(&addr).await?;
     s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;

@@ -16,9 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use meshwork_tests::apps::{http_backend, tcp_backend};
 use meshwork_tests::http::{http_client, raw_exchange};
-use meshwork_tests::sidecar::{
-    INBOUND_PORT, Mesh, Service, UPSTREAM_PORT, echo_behind_client, echo_instances,
-};
+use meshwork_tests::sidecar::{INBOUND_PORT, Mesh, Service, UPSTREAM_PORT, echo_behind_client};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -237,12 +235,8 @@ async fn tcp_through_two_sidecars_half_closes_and_retries_connects() -> Result<(
 #[tokio::test]
 async fn upgrades_are_passed_through() -> Result<()> {
     let mut mesh = Mesh::start().await?;
-    echo_instances(&mut mesh, 1, "http").await?;
-    let client_ip = mesh.ip(100);
-    let c = mesh
-        .client_sidecar(&client_ip, "name = \"echo\"\nprotocol = \"http\"")
-        .await?;
-    mesh.sidecars[c].wait_endpoints(1).await?;
+    let (_, client_ip, _c) =
+        echo_behind_client(&mut mesh, 1, "name = \"echo\"\nprotocol = \"http\"").await?;
     let mut s = TcpStream::connect(format!("{client_ip}:{UPSTREAM_PORT}")).await?;
     s.write_all(b"GET /ws HTTP/1.1\r\nhost: echo\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n")
         .await?;

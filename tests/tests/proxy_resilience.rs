@@ -17,9 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use meshwork_tests::apps::http_backend;
 use meshwork_tests::http::{Load, http_client};
-use meshwork_tests::sidecar::{
-    INBOUND_PORT, Mesh, Service, UPSTREAM_PORT, echo_behind_client, echo_instances,
-};
+use meshwork_tests::sidecar::{INBOUND_PORT, Mesh, Service, UPSTREAM_PORT, echo_behind_client};
 use meshwork_tests::wait_for;
 use tokio::net::TcpStream;
 
@@ -190,12 +188,8 @@ async fn timeouts_retries_and_limits_are_answered_and_counted() -> Result<()> {
 #[tokio::test]
 async fn new_instances_get_traffic_within_a_second_and_the_registry_can_vanish() -> Result<()> {
     let mut mesh = Mesh::start().await?;
-    echo_instances(&mut mesh, 1, "http").await?;
-    let client_ip = mesh.ip(100);
-    let c = mesh
-        .client_sidecar(&client_ip, "name = \"echo\"\nprotocol = \"http\"")
-        .await?;
-    mesh.sidecars[c].wait_endpoints(1).await?;
+    let (_, client_ip, c) =
+        echo_behind_client(&mut mesh, 1, "name = \"echo\"\nprotocol = \"http\"").await?;
     let http = http_client()?;
     let url = format!("http://{client_ip}:{UPSTREAM_PORT}/");
     // A second instance: as soon as its sidecar is registered, the client
@@ -259,12 +253,8 @@ async fn new_instances_get_traffic_within_a_second_and_the_registry_can_vanish()
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests() -> Result<()> {
     let mut mesh = Mesh::start().await?;
-    echo_instances(&mut mesh, 1, "http").await?;
-    let client_ip = mesh.ip(100);
-    let c = mesh
-        .client_sidecar(&client_ip, "name = \"echo\"\nprotocol = \"http\"")
-        .await?;
-    mesh.sidecars[c].wait_endpoints(1).await?;
+    let (_, client_ip, c) =
+        echo_behind_client(&mut mesh, 1, "name = \"echo\"\nprotocol = \"http\"").await?;
     let http = http_client()?;
     let url = format!("http://{client_ip}:{UPSTREAM_PORT}/slow");
     let in_flight = tokio::spawn({
