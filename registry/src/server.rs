@@ -28,7 +28,7 @@ use crate::raft::identity::{ClusterIdentity, FOREIGN_CLUSTER};
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{MAX_INTERNAL_MESSAGE, NetworkFactory, PeerChannels};
 use crate::raft::state_machine::StateMachineStore;
-use crate::raft::{Raft, TypeConfig};
+use crate::raft::{NodeId, Raft, TypeConfig};
 use crate::storage::datadir::{DataDir, DataDirError};
 
 /// How long in-flight requests get to finish at shutdown.
@@ -104,6 +104,249 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let dir = Arc::new(DataDir::open(data_dir, config.node_id)?);
+    let (raft, node) = start_consensus(&config, &dir).await?;
+
+    let mut tasks: JoinSet<Result<(), ServerError>> = JoinSet::new();
+
+    // Internal gRPC: Raft RPCs and forwarding, on the Raft address.
+    let internal = RaftInternalServer::new(InternalService::new(Arc::clone(&node)))
+        .max_decoding_message_size(MAX_INTERNAL_MESSAGE)
+        .max_encoding_message_size(MAX_INTERNAL_MESSAGE);
+    let token = shutdown.clone();
+    tasks.spawn(
+        async move {
+            // `tcp_nodelay` on the builder does not reach sockets from
+            // `serve_with_incoming`; without it Nagle + delayed ACK stall
+            // small replies for 40 ms.
+            tonic::transport::Server::builder()
+                .add_service(internal)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listeners.raft)
+                        .with_nodelay(Some(true)),
+                    token.cancelled_owned(),
+                )
+                .await
+                .map_err(|e| ServerError::Serve("raft", e.to_string()))
+        }
+        .instrument(tracing::info_span!("raft_server")),
+    );
+
+    tasks.spawn({
+        let (node, ttl, token) = (Arc::clone(&node), config.tombstone_ttl, shutdown.clone());
+        async move {
+            crate::leader::gc::run(node, ttl, token).await;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("tombstone_gc"))
+    });
+
+    let grpc_thread = spawn_public_grpc(&mut tasks, listeners.grpc, &node, &config, &shutdown)?;
+    tasks.spawn(count_leader_changes(node.raft.metrics(), shutdown.clone()));
+
+    // REST.
+    let app = http::router(rest_state(&config, &dir, &node, &shutdown));
+    let token = shutdown.clone();
+    tasks.spawn(
+        async move {
+            http::serve::serve(listeners.http, app, token).await;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("http_server")),
+    );
+
+    // Cluster formation.
+    let bootstrap_node = Arc::clone(&node);
+    let token = shutdown.clone();
+    let bootstrap = config.bootstrap.clone();
+    let advertise = config.advertise_addr.clone();
+    let dev = config.dev;
+    tasks.spawn(
+        async move {
+            tokio::select! {
+                () = token.cancelled() => Ok(()),
+                result = form_cluster(&bootstrap_node, bootstrap, advertise, dev) => result,
+            }
+        }
+        .instrument(tracing::info_span!("bootstrap")),
+    );
+
+    // Cluster identity: name a new cluster, record the name on disk.
+    let identity_node = Arc::clone(&node);
+    let identity_dir = Arc::clone(&dir);
+    let token = shutdown.clone();
+    tasks.spawn(
+        async move {
+            tokio::select! {
+                () = token.cancelled() => Ok(()),
+                result = keep_cluster_identity(&identity_node, &identity_dir) => result,
+            }
+        }
+        .instrument(tracing::info_span!("cluster_identity")),
+    );
+
+    // DNS, from this server's own state.
+    let dns_config = Arc::new(dns_config(&config)?);
+    let dns_state = Arc::clone(&node.state);
+    let token = shutdown.clone();
+    tasks.spawn(
+        async move {
+            crate::dns::serve(
+                listeners.dns_udp,
+                listeners.dns_tcp,
+                dns_state,
+                dns_config,
+                token,
+            )
+            .await;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("dns")),
+    );
+
+    // Snapshots: every interval, if enough entries were applied since the last.
+    let snapshot_node = Arc::clone(&node);
+    let token = shutdown.clone();
+    let (threshold, interval) = (config.snapshot_threshold, config.snapshot_interval);
+    tasks.spawn(
+        async move {
+            tokio::select! {
+                () = token.cancelled() => {}
+                () = snapshot_when_due(&snapshot_node, threshold, interval) => {}
+            }
+            Ok(())
+        }
+        .instrument(tracing::info_span!("snapshots")),
+    );
+
+    // Leader duties: health checks, TTLs, deregistration of critical instances.
+    let health_node = Arc::clone(&node);
+    let token = shutdown.clone();
+    tasks.spawn(
+        async move {
+            crate::leader::health::supervise(health_node, token).await;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("health")),
+    );
+
+    tracing::info!(node = config.node_id, "registry server started");
+    meshwork_core::notify::ready(&format!(
+        "serving as server {} (REST {}, DNS {}, gRPC {})",
+        config.node_id, config.http_addr, config.dns_addr, config.grpc_addr
+    ));
+
+    let failure = serve_until_stopped(&mut tasks, &shutdown).await;
+    drain(tasks).await;
+    // The public gRPC thread ends by itself within the same grace; joined
+    // so that its listener and connections are gone when `run` returns.
+    let _ = tokio::task::spawn_blocking(move || grpc_thread.join()).await;
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown failed");
+    }
+    if let Err(e) = dir.db.flush_async().await {
+        tracing::warn!(error = %e, "final flush failed");
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The public gRPC server (watch, agent, registry status) and the watch
+/// hub, on a thread of their own (see below); the thread's result joins
+/// `tasks`, its handle is returned so shutdown can wait for it.
+fn spawn_public_grpc(
+    tasks: &mut JoinSet<Result<(), ServerError>>,
+    listener: TcpListener,
+    node: &Arc<RegistryNode>,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<std::thread::JoinHandle<()>, ServerError> {
+    let public = RegistryServer::new(RegistryService {
+        node: Arc::clone(node),
+    });
+    // The hub's task runs on the public gRPC server's thread (below).
+    let hub = crate::watch::Hub::new(Arc::clone(&node.state), config.watch.clone());
+    let watch = crate::api::grpc::watch::WatchServer::new(Arc::clone(&hub), shutdown.clone());
+    let (sessions, forward_sessions) =
+        crate::leader::liveness::Sessions::new(Arc::clone(node), shutdown.clone());
+    tasks.spawn(
+        async move {
+            forward_sessions.await;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("sessions")),
+    );
+    let agent =
+        meshwork_proto::v1::agent_server::AgentServer::new(crate::api::grpc::agent::AgentService {
+            node: Arc::clone(node),
+            sessions,
+        });
+    // The public gRPC server and the watch hub's task run on a thread of
+    // their own with a single-threaded runtime. A watch change wakes every
+    // subscriber's stream task at once, from the same thread, so they go
+    // into its local run queue in order; each queues its DATA frame and
+    // wakes its connection's task, which is queued behind them and then
+    // writes all of its frames in one syscall. On the multi-threaded
+    // runtime the connection task, woken by the first stream, takes the
+    // worker's LIFO slot and runs right after every single stream (and
+    // tasks woken from another thread arrive through the injection queue,
+    // one at a time): one write(2) per subscriber, most of the cost of a
+    // fan-out.
+    let token = shutdown.clone();
+    let grpc_listener = listener
+        .into_std()
+        .map_err(|e| ServerError::Serve("grpc", e.to_string()))?;
+    let (grpc_done, grpc_result) = tokio::sync::oneshot::channel();
+    let span = tracing::info_span!("grpc_server");
+    let grpc_thread = std::thread::Builder::new()
+        .name("grpc-public".into())
+        .spawn(move || {
+            let _ = grpc_done.send(serve_public_grpc(
+                grpc_listener,
+                hub,
+                public,
+                watch,
+                agent,
+                token,
+                span,
+            ));
+        })
+        .map_err(|e| ServerError::Serve("grpc", e.to_string()))?;
+    tasks.spawn(async move {
+        grpc_result
+            .await
+            .unwrap_or_else(|_| Err(ServerError::Serve("grpc", "server thread died".into())))
+    });
+    Ok(grpc_thread)
+}
+
+/// Counts changes of the known leader (a metric) until shutdown.
+async fn count_leader_changes(
+    mut raft_metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
+    token: CancellationToken,
+) -> Result<(), ServerError> {
+    let mut leader = raft_metrics.borrow().current_leader;
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return Ok(()),
+            changed = raft_metrics.changed() => if changed.is_err() { return Ok(()) },
+        }
+        let now = raft_metrics.borrow().current_leader;
+        if now != leader {
+            leader = now;
+            crate::metrics::METRICS
+                .leader_changes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Opens the log and the state machine in `dir` and starts Raft on them.
+async fn start_consensus(
+    config: &Config,
+    dir: &DataDir,
+) -> Result<(Raft, Arc<RegistryNode>), ServerError> {
     let identity = Arc::new(ClusterIdentity::new(dir.cluster_id.clone()));
     let storage_error = |e: &dyn std::fmt::Display| ServerError::Storage {
         path: dir.path.display().to_string(),
@@ -160,122 +403,18 @@ pub async fn run(
         config.leader_wait,
         config.election_timeout,
     ));
+    Ok((raft, node))
+}
 
-    let mut tasks: JoinSet<Result<(), ServerError>> = JoinSet::new();
-
-    // Internal gRPC: Raft RPCs and forwarding, on the Raft address.
-    let internal = RaftInternalServer::new(InternalService::new(Arc::clone(&node)))
-        .max_decoding_message_size(MAX_INTERNAL_MESSAGE)
-        .max_encoding_message_size(MAX_INTERNAL_MESSAGE);
-    let token = shutdown.clone();
-    tasks.spawn(
-        async move {
-            // `tcp_nodelay` on the builder does not reach sockets from
-            // `serve_with_incoming`; without it Nagle + delayed ACK stall
-            // small replies for 40 ms.
-            tonic::transport::Server::builder()
-                .add_service(internal)
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listeners.raft)
-                        .with_nodelay(Some(true)),
-                    token.cancelled_owned(),
-                )
-                .await
-                .map_err(|e| ServerError::Serve("raft", e.to_string()))
-        }
-        .instrument(tracing::info_span!("raft_server")),
-    );
-
-    tasks.spawn({
-        let (node, ttl, token) = (Arc::clone(&node), config.tombstone_ttl, shutdown.clone());
-        async move {
-            crate::leader::gc::run(node, ttl, token).await;
-            Ok(())
-        }
-        .instrument(tracing::info_span!("tombstone_gc"))
-    });
-
-    // Public gRPC.
-    let public = RegistryServer::new(RegistryService {
-        node: Arc::clone(&node),
-    });
-    // The hub's task runs on the public gRPC server's thread (below).
-    let hub = crate::watch::Hub::new(Arc::clone(&node.state), config.watch.clone());
-    let watch = crate::api::grpc::watch::WatchServer::new(Arc::clone(&hub), shutdown.clone());
-    tasks.spawn({
-        let (mut raft_metrics, token) = (node.raft.metrics(), shutdown.clone());
-        async move {
-            let mut leader = raft_metrics.borrow().current_leader;
-            loop {
-                tokio::select! {
-                    () = token.cancelled() => return Ok(()),
-                    changed = raft_metrics.changed() => if changed.is_err() { return Ok(()) },
-                }
-                let now = raft_metrics.borrow().current_leader;
-                if now != leader {
-                    leader = now;
-                    crate::metrics::METRICS
-                        .leader_changes
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-        }
-    });
-    let (sessions, forward_sessions) =
-        crate::leader::liveness::Sessions::new(Arc::clone(&node), shutdown.clone());
-    tasks.spawn(
-        async move {
-            forward_sessions.await;
-            Ok(())
-        }
-        .instrument(tracing::info_span!("sessions")),
-    );
-    let agent =
-        meshwork_proto::v1::agent_server::AgentServer::new(crate::api::grpc::agent::AgentService {
-            node: Arc::clone(&node),
-            sessions,
-        });
-    // The public gRPC server and the watch hub's task run on a thread of
-    // their own with a single-threaded runtime. A watch change wakes every
-    // subscriber's stream task at once, from the same thread, so they go
-    // into its local run queue in order; each queues its DATA frame and
-    // wakes its connection's task, which is queued behind them and then
-    // writes all of its frames in one syscall. On the multi-threaded
-    // runtime the connection task, woken by the first stream, takes the
-    // worker's LIFO slot and runs right after every single stream (and
-    // tasks woken from another thread arrive through the injection queue,
-    // one at a time): one write(2) per subscriber, most of the cost of a
-    // fan-out.
-    let token = shutdown.clone();
-    let grpc_listener = listeners
-        .grpc
-        .into_std()
-        .map_err(|e| ServerError::Serve("grpc", e.to_string()))?;
-    let (grpc_done, grpc_result) = tokio::sync::oneshot::channel();
-    let span = tracing::info_span!("grpc_server");
-    let grpc_thread = std::thread::Builder::new()
-        .name("grpc-public".into())
-        .spawn(move || {
-            let _ = grpc_done.send(serve_public_grpc(
-                grpc_listener,
-                hub,
-                public,
-                watch,
-                agent,
-                token,
-                span,
-            ));
-        })
-        .map_err(|e| ServerError::Serve("grpc", e.to_string()))?;
-    tasks.spawn(async move {
-        grpc_result
-            .await
-            .unwrap_or_else(|_| Err(ServerError::Serve("grpc", "server thread died".into())))
-    });
-
-    // REST.
-    let app = http::router(AppState {
-        node: Arc::clone(&node),
+/// What every REST handler shares.
+fn rest_state(
+    config: &Config,
+    dir: &DataDir,
+    node: &Arc<RegistryNode>,
+    shutdown: &CancellationToken,
+) -> AppState {
+    AppState {
+        node: Arc::clone(node),
         shutdown: shutdown.clone(),
         node_name: config.node_name.clone().into(),
         node_uuid: dir.node_uuid.clone().into(),
@@ -289,48 +428,12 @@ pub async fn run(
         datacenter: config.datacenter.clone().into(),
         shared_reads: Arc::default(),
         waiters: http::waiters::Waiters::start(Arc::clone(&node.state), shutdown.clone()),
-    });
-    let token = shutdown.clone();
-    tasks.spawn(
-        async move {
-            http::serve::serve(listeners.http, app, token).await;
-            Ok(())
-        }
-        .instrument(tracing::info_span!("http_server")),
-    );
+    }
+}
 
-    // Cluster formation.
-    let bootstrap_node = Arc::clone(&node);
-    let token = shutdown.clone();
-    let bootstrap = config.bootstrap.clone();
-    let advertise = config.advertise_addr.clone();
-    let dev = config.dev;
-    tasks.spawn(
-        async move {
-            tokio::select! {
-                () = token.cancelled() => Ok(()),
-                result = form_cluster(&bootstrap_node, bootstrap, advertise, dev) => result,
-            }
-        }
-        .instrument(tracing::info_span!("bootstrap")),
-    );
-
-    // Cluster identity: name a new cluster, record the name on disk.
-    let identity_node = Arc::clone(&node);
-    let identity_dir = Arc::clone(&dir);
-    let token = shutdown.clone();
-    tasks.spawn(
-        async move {
-            tokio::select! {
-                () = token.cancelled() => Ok(()),
-                result = keep_cluster_identity(&identity_node, &identity_dir) => result,
-            }
-        }
-        .instrument(tracing::info_span!("cluster_identity")),
-    );
-
-    // DNS, from this server's own state.
-    let dns_config = Arc::new(crate::dns::DnsConfig {
+/// The DNS server's settings, from the config.
+fn dns_config(config: &Config) -> Result<crate::dns::DnsConfig, ServerError> {
+    Ok(crate::dns::DnsConfig {
         domain: hickory_proto::rr::Name::from_ascii(&config.dns.domain)
             .map_err(|e| ServerError::RaftConfig(format!("dns domain: {e}")))?,
         datacenter: config.datacenter.clone(),
@@ -343,57 +446,15 @@ pub async fn run(
             .advertise_addr
             .rsplit_once(':')
             .and_then(|(host, _)| host.trim_matches(|c| c == '[' || c == ']').parse().ok()),
-    });
-    let dns_state = Arc::clone(&node.state);
-    let token = shutdown.clone();
-    tasks.spawn(
-        async move {
-            crate::dns::serve(
-                listeners.dns_udp,
-                listeners.dns_tcp,
-                dns_state,
-                dns_config,
-                token,
-            )
-            .await;
-            Ok(())
-        }
-        .instrument(tracing::info_span!("dns")),
-    );
+    })
+}
 
-    // Snapshots: every interval, if enough entries were applied since the last.
-    let snapshot_node = Arc::clone(&node);
-    let token = shutdown.clone();
-    let (threshold, interval) = (config.snapshot_threshold, config.snapshot_interval);
-    tasks.spawn(
-        async move {
-            tokio::select! {
-                () = token.cancelled() => {}
-                () = snapshot_when_due(&snapshot_node, threshold, interval) => {}
-            }
-            Ok(())
-        }
-        .instrument(tracing::info_span!("snapshots")),
-    );
-
-    // Leader duties: health checks, TTLs, deregistration of critical instances.
-    let health_node = Arc::clone(&node);
-    let token = shutdown.clone();
-    tasks.spawn(
-        async move {
-            crate::leader::health::supervise(health_node, token).await;
-            Ok(())
-        }
-        .instrument(tracing::info_span!("health")),
-    );
-
-    tracing::info!(node = config.node_id, "registry server started");
-    meshwork_core::notify::ready(&format!(
-        "serving as server {} (REST {}, DNS {}, gRPC {})",
-        config.node_id, config.http_addr, config.dns_addr, config.grpc_addr
-    ));
-
-    // Serve until cancelled; a task that fails stops the server.
+/// Waits until `shutdown` is cancelled or a task fails (which stops the
+/// server); returns the failure, and cancels `shutdown` either way.
+async fn serve_until_stopped(
+    tasks: &mut JoinSet<Result<(), ServerError>>,
+    shutdown: &CancellationToken,
+) -> Option<ServerError> {
     let failure = loop {
         tokio::select! {
             () = shutdown.cancelled() => break None,
@@ -409,7 +470,11 @@ pub async fn run(
         }
     };
     shutdown.cancel();
+    failure
+}
 
+/// Lets the tasks finish for [`SHUTDOWN_GRACE`], then aborts the rest.
+async fn drain(mut tasks: JoinSet<Result<(), ServerError>>) {
     tracing::info!("shutting down");
     meshwork_core::notify::stopping();
     let drain = async {
@@ -422,19 +487,6 @@ pub async fn run(
     if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
         tracing::warn!("grace period over, aborting remaining tasks");
         tasks.abort_all();
-    }
-    // The public gRPC thread ends by itself within the same grace; joined
-    // so that its listener and connections are gone when `run` returns.
-    let _ = tokio::task::spawn_blocking(move || grpc_thread.join()).await;
-    if let Err(e) = raft.shutdown().await {
-        tracing::warn!(error = %e, "raft shutdown failed");
-    }
-    if let Err(e) = dir.db.flush_async().await {
-        tracing::warn!(error = %e, "final flush failed");
-    }
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
     }
 }
 
