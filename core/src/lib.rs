@@ -5,6 +5,7 @@
 //! - [`health`]: check status and definitions as the catalog keeps them,
 //!   and one run of an HTTP or TCP probe;
 //! - [`duration`]: Go-style durations as Consul writes them;
+//! - [`config_file`]: config-file errors, one line each with its line;
 //! - [`backoff`]: the retry delays of every reconnect and retry loop;
 //! - [`notify`]: systemd's readiness protocol;
 //! - [`prometheus`]: the text exposition format and a lock-free histogram;
@@ -15,6 +16,7 @@
 
 pub mod backoff;
 pub mod backup;
+pub mod config_file;
 pub mod duration;
 pub mod frame;
 pub mod health;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use meshwork_core::config_file::{line_of_key, toml_error};
 use serde::Deserialize;
 
 /// Defaults, named so that docs and code agree.
@@ -551,7 +552,7 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
     let table: toml::Table = text
         .parse()
-        .map_err(|e: toml::de::Error| ConfigError(vec![one_line(&e.to_string())]))?;
+        .map_err(|e: toml::de::Error| ConfigError(vec![toml_error(text, &e)]))?;
     let mut unknown: Vec<(usize, String)> = table
         .keys()
         .filter(|k| !FILE_KEYS.contains(&k.as_str()))
@@ -565,29 +566,7 @@ pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
     if !unknown.is_empty() {
         return Err(ConfigError(unknown));
     }
-    toml::from_str(text).map_err(|e: toml::de::Error| ConfigError(vec![one_line(&e.to_string())]))
-}
-
-fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('|'))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn line_of_key(text: &str, key: &str) -> Option<usize> {
-    text.lines()
-        .position(|line| {
-            let line = line.trim_start();
-            let rest = line
-                .strip_prefix(key)
-                .or_else(|| line.strip_prefix(&format!("\"{key}\"")))
-                .or_else(|| line.strip_prefix(&format!("[{key}]")).map(|_| "="));
-            rest.is_some_and(|r| r.trim_start().starts_with('=') || r.trim_start().starts_with('.'))
-        })
-        .map(|i| i + 1)
+    toml::from_str(text).map_err(|e: toml::de::Error| ConfigError(vec![toml_error(text, &e)]))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use meshwork_core::config_file::toml_error;
 use meshwork_core::duration::parse_duration;
 use serde::Deserialize;
 
@@ -259,7 +260,7 @@ impl Config {
 
     pub fn parse(file_name: &str, text: &str) -> Result<Self, ConfigError> {
         let file: File = toml::from_str(text)
-            .map_err(|e| ConfigError(format!("{file_name}: {}", e.to_string().trim_end())))?;
+            .map_err(|e| ConfigError(format!("{file_name}: {}", toml_error(text, &e))))?;
         let mut errors = Vec::new();
         let f = file_name;
         if file.registry.addresses.is_empty() {

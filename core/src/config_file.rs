@@ -1,0 +1,85 @@
+//! Config-file errors as both binaries report them: one line per problem,
+//! naming the line of the file it is on (`line 7: unknown field ...`),
+//! never toml's multi-line excerpt (a journal shows one line per entry).
+
+/// A TOML parse or type error as one line, with the line it points at.
+pub fn toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end();
+    match error.span() {
+        Some(span) => format!("line {}: {message}", line_of_offset(text, span.start)),
+        None => message.to_owned(),
+    }
+}
+
+/// The 1-based line a byte offset of `text` falls on.
+pub fn line_of_offset(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The 1-based line on which top-level key (or table) `key` is set.
+pub fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|line| {
+            let line = line.trim_start();
+            let rest = line
+                .strip_prefix(key)
+                .or_else(|| line.strip_prefix(&format!("\"{key}\"")))
+                .or_else(|| line.strip_prefix(&format!("[{key}]")).map(|_| "="));
+            rest.is_some_and(|r| r.trim_start().starts_with('=') || r.trim_start().starts_with('.'))
+        })
+        .map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct File {
+        port: u16,
+        name: Option<String>,
+    }
+
+    #[test]
+    fn errors_are_one_line_naming_theirs() {
+        let text = "port = 80\n\nname = \"a\"\nwieght = 3\n";
+        let err = toml::from_str::<File>(text).expect_err("unknown field");
+        let line = toml_error(text, &err);
+        assert!(line.starts_with("line 4: unknown field `wieght`"), "{line}");
+        assert!(!line.contains('\n'), "{line}");
+        let text = "port = \"eighty\"\n";
+        let err = toml::from_str::<File>(text).expect_err("bad type");
+        assert!(
+            toml_error(text, &err).starts_with("line 1: "),
+            "{}",
+            toml_error(text, &err)
+        );
+        let text = "port = 80\nname = [\n";
+        let err = toml::from_str::<File>(text).expect_err("bad syntax");
+        assert!(
+            toml_error(text, &err).starts_with("line "),
+            "{}",
+            toml_error(text, &err)
+        );
+    }
+
+    #[test]
+    fn keys_and_offsets_find_their_lines() {
+        let text = "a = 1\n[b]\nc = 2\n\"d\" = 3\ne.f = 4\n";
+        assert_eq!(line_of_key(text, "a"), Some(1));
+        assert_eq!(line_of_key(text, "b"), Some(2));
+        assert_eq!(line_of_key(text, "d"), Some(4));
+        assert_eq!(line_of_key(text, "e"), Some(5));
+        assert_eq!(line_of_key(text, "x"), None);
+        assert_eq!(line_of_offset(text, 0), 1);
+        assert_eq!(line_of_offset(text, 6), 2);
+        assert_eq!(line_of_offset(text, 10_000), 6);
+    }
+}
