@@ -151,15 +151,10 @@ impl HttpProxy {
             let upgrade = downstream_upgrade.is_some();
             let version = self.upstream_version();
             let deadline = tokio::time::Instant::from_std(start) + config.request_timeout;
-            let request = prepare::prepare(
-                &mut parts,
-                &config,
-                version,
-                peer,
-                upgrade,
-                deadline,
-                log.as_mut(),
-            );
+            let request = prepare::prepare(&mut parts, &config, version, peer, upgrade, deadline);
+            if let Some(log) = &mut log {
+                log.take_request_id(&parts.headers);
+            }
             let mut body =
                 match capture::capture(body, &parts.headers, &config, upgrade, deadline).await {
                     Ok(body) => body,

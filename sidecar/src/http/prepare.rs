@@ -12,7 +12,6 @@ use hyper::{Method, Version};
 use rand::Rng;
 
 use super::headers::strip_hop_by_hop;
-use super::respond::LogContext;
 use super::{REQUEST_ID, TRACEPARENT};
 use crate::config::{Balance, Upstream};
 use crate::upstream::balance::hash_of;
@@ -40,14 +39,9 @@ pub(super) fn prepare(
     peer: SocketAddr,
     upgrade: bool,
     deadline: tokio::time::Instant,
-    log: Option<&mut LogContext>,
 ) -> Prepared {
     if !parts.headers.contains_key(REQUEST_ID) {
-        let id = request_id();
-        if let Some(log) = log {
-            log.request_id = id.to_str().ok().map(str::to_owned);
-        }
-        parts.headers.insert(REQUEST_ID, id);
+        parts.headers.insert(REQUEST_ID, request_id());
     }
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if version == Version::HTTP_2 {

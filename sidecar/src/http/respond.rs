@@ -134,7 +134,7 @@ pub(super) struct LogContext {
     method: String,
     path: String,
     protocol: &'static str,
-    pub request_id: Option<String>,
+    request_id: Option<String>,
     traceparent: Option<String>,
 }
 
@@ -156,6 +156,15 @@ impl LogContext {
             },
             request_id: text(REQUEST_ID.as_str()),
             traceparent: text("traceparent"),
+        }
+    }
+
+    /// The `x-request-id` the request goes upstream with, when it came
+    /// without one (the proxy's own, added in [`super::prepare`]).
+    pub fn take_request_id(&mut self, headers: &hyper::HeaderMap) {
+        if self.request_id.is_none() {
+            let id = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok());
+            self.request_id = id.map(str::to_owned);
         }
     }
 
