@@ -653,8 +653,9 @@ impl Ctl {
                     CtlError::Usage(format!("cannot read snapshot {}: {e}", file.display()))
                 })?;
                 // Refuse what is plainly not a snapshot before sending it.
-                let (header, _) = meshwork_core::backup::decode(&bytes)
-                    .map_err(|e| CtlError::Usage(format!("{}: {e}", file.display())))?;
+                let (header, _) = meshwork_core::backup::decode(&bytes).map_err(|e| {
+                    CtlError::Usage(format!("{}: {e}; nothing was changed", file.display()))
+                })?;
                 let path = if force {
                     "/v1/snapshot?force"
                 } else {

@@ -48,22 +48,29 @@ impl Listeners {
     /// Binds every address the config names.
     pub async fn bind(config: &Config) -> Result<Self, BindError> {
         async fn tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, BindError> {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| BindError { what, addr, source })
+            TcpListener::bind(addr).await.map_err(|source| BindError {
+                what,
+                flag: what,
+                addr,
+                source,
+            })
         }
-        let udp = tokio::net::UdpSocket::bind(config.dns_addr)
+        let http = tcp("http", config.http_addr).await?;
+        let grpc = tcp("grpc", config.grpc_addr).await?;
+        let raft = tcp("raft", config.raft_addr).await?;
+        let dns_udp = tokio::net::UdpSocket::bind(config.dns_addr)
             .await
             .map_err(|source| BindError {
-                what: "dns",
+                what: "dns (udp)",
+                flag: "dns",
                 addr: config.dns_addr,
                 source,
             })?;
         Ok(Listeners {
-            http: tcp("http", config.http_addr).await?,
-            grpc: tcp("grpc", config.grpc_addr).await?,
-            raft: tcp("raft", config.raft_addr).await?,
-            dns_udp: udp,
+            http,
+            grpc,
+            raft,
+            dns_udp,
             dns_tcp: tcp("dns", config.dns_addr).await?,
         })
     }
@@ -71,9 +78,10 @@ impl Listeners {
 
 /// An address that could not be listened on.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen for {what} on {addr}: {source} (pick another address with --{what}-addr)")]
+#[error("cannot listen for {what} on {addr}: {source} (pick another address with --{flag}-addr)")]
 pub struct BindError {
     what: &'static str,
+    flag: &'static str,
     addr: SocketAddr,
     #[source]
     source: std::io::Error,

@@ -15,6 +15,7 @@
 //! [`send`] (one attempt) → [`retry::decide`] (a pure function) →
 //! [`respond`] (pass the answer on, or the proxy's own via [`rescue`]).
 
+pub mod access_log;
 pub mod body;
 pub mod capture;
 pub mod headers;
@@ -41,10 +42,10 @@ use crate::config::{Protocol, RetryOn};
 use crate::upstream::cluster::{Cluster, OwnedGauge, Source, acquire_owned};
 use crate::upstream::endpoint::EndpointState;
 use crate::upstream::pool::Pool;
+use access_log::LogContext;
 use headers::{is_grpc, is_upgrade};
 use idle::Busy;
 use rescue::ProxyError;
-use respond::LogContext;
 use retry::{Attempt, Verdict};
 use send::{Sent, Upstream};
 
@@ -138,6 +139,7 @@ impl HttpProxy {
             let start = Instant::now();
             let grpc = is_grpc(&parts.headers);
             let mut log = self.access_log.then(|| LogContext::new(&parts));
+            prepare::ensure_request_id(&mut parts.headers, log.as_mut());
             let cluster = &self.cluster;
             // The settings this request runs under, whatever a reload does meanwhile.
             let config = cluster.config();
@@ -152,9 +154,6 @@ impl HttpProxy {
             let version = self.upstream_version();
             let deadline = tokio::time::Instant::from_std(start) + config.request_timeout;
             let request = prepare::prepare(&mut parts, &config, version, peer, upgrade, deadline);
-            if let Some(log) = &mut log {
-                log.take_request_id(&parts.headers);
-            }
             let mut body =
                 match capture::capture(body, &parts.headers, &config, upgrade, deadline).await {
                     Ok(body) => body,
@@ -350,7 +349,14 @@ mod tests {
         let answer = |parts, body| proxy.answer(parts, body, None, peer, activity.busy());
         let size = size_of_answer(&answer);
         assert!(size <= 2048, "the answering future grew to {size} bytes");
-        assert_eq!(prepare::request_id().len(), 32);
-        assert_ne!(prepare::request_id(), prepare::request_id());
+        let id = |headers: &mut hyper::HeaderMap| {
+            prepare::ensure_request_id(headers, None);
+            headers[REQUEST_ID].clone()
+        };
+        let mut headers = hyper::HeaderMap::new();
+        let first = id(&mut headers);
+        assert_eq!(first.len(), 32);
+        assert_eq!(id(&mut headers), first, "an id present is kept");
+        assert_ne!(id(&mut hyper::HeaderMap::new()), first);
     }
 }

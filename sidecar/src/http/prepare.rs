@@ -1,5 +1,6 @@
 //! Phase 1, prepare: the request's headers as they go upstream (an
-//! `x-request-id` when absent, hop-by-hop fields dropped, `Host` and
+//! `x-request-id` when absent ([`ensure_request_id`], first of all, so even
+//! a refused request logs one), hop-by-hop fields dropped, `Host` and
 //! `:authority` per the upstream's protocol) and what every attempt needs
 //! of the request (target, method, the consistent-hash key). No I/O.
 
@@ -11,6 +12,7 @@ use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Version};
 use rand::Rng;
 
+use super::access_log::LogContext;
 use super::headers::strip_hop_by_hop;
 use super::{REQUEST_ID, TRACEPARENT};
 use crate::config::{Balance, Upstream};
@@ -26,8 +28,10 @@ pub(super) struct Prepared {
     /// The client sent `Content-Length` (the inline leg repeats it).
     pub had_length: bool,
     pub idempotent: bool,
-    /// When the request times out, whatever its attempts.
+    /// When the request times out, whatever its attempts...
     pub deadline: tokio::time::Instant,
+    /// ...and the timeout that set it (the config of the request's start).
+    pub timeout: std::time::Duration,
 }
 
 /// Rewrites `parts.headers` for the upstream and takes what the attempts
@@ -40,9 +44,6 @@ pub(super) fn prepare(
     upgrade: bool,
     deadline: tokio::time::Instant,
 ) -> Prepared {
-    if !parts.headers.contains_key(REQUEST_ID) {
-        parts.headers.insert(REQUEST_ID, request_id());
-    }
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if version == Version::HTTP_2 {
         // HTTP/2 carries the authority in `:authority` (the endpoint
@@ -86,7 +87,21 @@ pub(super) fn prepare(
         hash,
         had_length: parts.headers.contains_key(header::CONTENT_LENGTH),
         deadline,
+        timeout: config.request_timeout,
     }
+}
+
+/// Adds an `x-request-id` when the request has none, and gives the log
+/// line the same id.
+pub(super) fn ensure_request_id(headers: &mut hyper::HeaderMap, log: Option<&mut LogContext>) {
+    if headers.contains_key(REQUEST_ID) {
+        return;
+    }
+    let id = request_id();
+    if let Some(log) = log {
+        log.request_id = id.to_str().ok().map(str::to_owned);
+    }
+    headers.insert(REQUEST_ID, id);
 }
 
 /// A random `x-request-id`: 128 bits as 32 lowercase hex digits. The
@@ -95,7 +110,7 @@ pub(super) fn prepare(
 /// ten times cheaper than drawing from ChaCha), and the digits are written
 /// into a per-thread slab that many ids share, so an id costs no
 /// allocation of its own.
-pub(super) fn request_id() -> HeaderValue {
+fn request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     const LEN: usize = 32;
     thread_local! {

@@ -1,7 +1,7 @@
 //! Phase 6, respond: the upstream's answer passed on (hop-by-hop fields
 //! and an app's own `x-meshwork-error` dropped, an upgrade spliced), or the
-//! proxy's own answer for an error ([`super::rescue`]); and the access log
-//! line for either.
+//! proxy's own answer for an error ([`super::rescue`]); each counted and
+//! logged ([`super::access_log`]).
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -9,11 +9,12 @@ use std::time::Instant;
 use hyper::{Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 
+use super::access_log::LogContext;
 use super::headers::strip_hop_by_hop;
 use super::rescue::{self, ProxyError};
 use super::send::Upstream;
-use super::{Guards, HttpProxy, REQUEST_ID, ResponseBody};
-use crate::telemetry::{AccessLog, Outcome, unix_ms};
+use super::{Guards, HttpProxy, ResponseBody};
+use crate::telemetry::Outcome;
 use crate::upstream::cluster::Source;
 
 /// What the access log says of an answered request: its log context, the
@@ -22,6 +23,7 @@ pub(super) type Done = (Option<LogContext>, Option<SocketAddr>, u32, Instant);
 
 impl HttpProxy {
     /// The upstream's answer, counted, logged and passed on.
+    #[inline]
     pub(super) fn respond(
         &self,
         response: Upstream,
@@ -126,72 +128,5 @@ impl HttpProxy {
             log.write(self, status, error.outcome(), endpoint, attempts, start);
         }
         response
-    }
-}
-
-/// What the access log needs of the request, taken before it moves on.
-pub(super) struct LogContext {
-    method: String,
-    path: String,
-    protocol: &'static str,
-    request_id: Option<String>,
-    traceparent: Option<String>,
-}
-
-impl LogContext {
-    pub fn new(req: &hyper::http::request::Parts) -> Self {
-        let text = |name: &str| {
-            req.headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        LogContext {
-            method: req.method.to_string(),
-            path: req.uri.path().to_owned(),
-            protocol: match req.version {
-                Version::HTTP_2 => "HTTP/2",
-                Version::HTTP_10 => "HTTP/1.0",
-                _ => "HTTP/1.1",
-            },
-            request_id: text(REQUEST_ID.as_str()),
-            traceparent: text("traceparent"),
-        }
-    }
-
-    /// The `x-request-id` the request goes upstream with, when it came
-    /// without one (the proxy's own, added in [`super::prepare`]).
-    pub fn take_request_id(&mut self, headers: &hyper::HeaderMap) {
-        if self.request_id.is_none() {
-            let id = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok());
-            self.request_id = id.map(str::to_owned);
-        }
-    }
-
-    pub fn write(
-        self,
-        proxy: &HttpProxy,
-        status: u16,
-        outcome: Outcome,
-        endpoint: Option<SocketAddr>,
-        attempts: u32,
-        start: Instant,
-    ) {
-        AccessLog {
-            ts_unix_ms: unix_ms(),
-            direction: proxy.direction,
-            upstream: &proxy.cluster.config().name,
-            method: &self.method,
-            path: &self.path,
-            protocol: self.protocol,
-            status,
-            outcome: outcome.as_str(),
-            endpoint: endpoint.map(|e| e.to_string()),
-            attempts,
-            duration_ms: start.elapsed().as_secs_f64() * 1000.0,
-            request_id: self.request_id.as_deref(),
-            traceparent: self.traceparent.as_deref(),
-        }
-        .write();
     }
 }

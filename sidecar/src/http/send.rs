@@ -104,7 +104,7 @@ impl HttpProxy {
                     // of: the next request gets a new one.
                     self.pool.retire_h2(endpoint.addr);
                 }
-                Sent::Final(ProxyError::Timeout(self.cluster.config().request_timeout))
+                Sent::Final(ProxyError::Timeout(request.timeout))
             }
             Ok(Ok(response)) => Sent::Answer(response),
             Ok(Err(e)) => Sent::Failed(classify(e)),
