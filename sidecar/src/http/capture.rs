@@ -2,6 +2,8 @@
 //! length) is read into memory so the request can be retried, with its
 //! trailers; anything else is streamed, once.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Body;
@@ -27,16 +29,16 @@ impl RequestBody {
     }
 }
 
-/// Reads the body into memory when it may be replayed (retries are on, no
-/// upgrade, a `Content-Length` of at most [`MAX_REPLAY_BODY`]), within the
-/// request's deadline.
-pub(super) async fn capture(
+/// Whether the body is kept or streamed: kept when it may be replayed
+/// (retries are on, no upgrade, a `Content-Length` of at most
+/// [`MAX_REPLAY_BODY`]; an empty body always). `Err`: the body is to be
+/// read into memory first ([`read`]).
+pub(super) fn plan(
     body: ClientBody,
     headers: &hyper::HeaderMap,
     config: &Upstream,
     upgrade: bool,
-    deadline: tokio::time::Instant,
-) -> Result<RequestBody, ProxyError> {
+) -> Result<RequestBody, ClientBody> {
     if body.is_end_stream() {
         return Ok(RequestBody::Replayable(Bytes::new(), None));
     }
@@ -46,13 +48,22 @@ pub(super) async fn capture(
     {
         return Ok(RequestBody::Streaming(Some(body)));
     }
-    // Boxed: only requests with a body get here (see `Pool::send`).
-    match Box::pin(tokio::time::timeout_at(deadline, body.collect())).await {
+    Err(body)
+}
+
+/// Reads a body to keep, with its trailers, within the request's deadline
+/// (`timeout` is what the deadline came from).
+pub(super) async fn read(
+    body: ClientBody,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> Result<RequestBody, ProxyError> {
+    match tokio::time::timeout_at(deadline, body.collect()).await {
         Ok(Ok(collected)) => {
             let trailers = collected.trailers().cloned();
             Ok(RequestBody::Replayable(collected.to_bytes(), trailers))
         }
         Ok(Err(_)) => Err(ProxyError::BadRequest("the request body broke off")),
-        Err(_) => Err(ProxyError::Timeout(config.request_timeout)),
+        Err(_) => Err(ProxyError::Timeout(timeout)),
     }
 }

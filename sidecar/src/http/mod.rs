@@ -38,13 +38,15 @@ use hyper::{Request, Response, StatusCode, Version};
 
 pub use body::{ClientBody, Guards, OutgoingBody, ResponseBody};
 
-use crate::config::{Protocol, RetryOn};
+use crate::config::{Protocol, Upstream as UpstreamConfig};
 use crate::upstream::cluster::{Cluster, OwnedGauge, Source, acquire_owned};
 use crate::upstream::endpoint::EndpointState;
 use crate::upstream::pool::Pool;
 use access_log::LogContext;
+use capture::RequestBody;
 use headers::{is_grpc, is_upgrade};
 use idle::Busy;
+use prepare::Prepared;
 use rescue::ProxyError;
 use retry::{Attempt, Verdict};
 use send::{Sent, Upstream};
@@ -154,11 +156,14 @@ impl HttpProxy {
             let version = self.upstream_version();
             let deadline = tokio::time::Instant::from_std(start) + config.request_timeout;
             let request = prepare::prepare(&mut parts, &config, version, peer, upgrade, deadline);
-            let mut body =
-                match capture::capture(body, &parts.headers, &config, upgrade, deadline).await {
+            let mut body = match capture::plan(body, &parts.headers, &config, upgrade) {
+                Ok(body) => body,
+                // Boxed: only requests with a body to keep get here.
+                Err(body) => match Box::pin(capture::read(body, deadline, request.timeout)).await {
                     Ok(body) => body,
                     Err(e) => return fail(e, log, None, 0),
-                };
+                },
+            };
             // An HTTP/1.1 upstream and a body in memory: the inline leg (see
             // `h1`). Upgrades, CONNECT and streamed bodies go through hyper.
             // (A message with a length carries no trailers in HTTP/1.1: a
@@ -197,35 +202,41 @@ impl HttpProxy {
                     let full = ProxyError::CircuitOpen("max_pending");
                     return fail(full, log, Some(endpoint.addr), attempt);
                 };
-                let sent = self
-                    .send(
-                        &mut body,
-                        inline,
-                        &request,
-                        &endpoint,
-                        &mut parts.headers,
-                        can_retry,
-                    )
-                    .await;
+                let exchange = match (&mut body, inline) {
+                    (RequestBody::Replayable(bytes, _), true) => {
+                        let head = request.inline_head(&parts.headers, bytes);
+                        let (addr, authority) = (endpoint.addr, &endpoint.authority);
+                        let idempotent = request.idempotent;
+                        // Built in place: bound to a name first, the future
+                        // would be stored twice in this one.
+                        tokio::time::timeout_at(
+                            deadline,
+                            self.pool.send_inline(addr, authority, &head, idempotent),
+                        )
+                        .await
+                        .map(|r| r.map(|(head, body)| Upstream::Inline(head, body)))
+                    }
+                    (body, _) => {
+                        let headers = &mut parts.headers;
+                        match self.outgoing_request(body, &request, &endpoint, headers, can_retry) {
+                            Ok(outgoing) => {
+                                Box::pin(self.exchange(outgoing, &request, &endpoint)).await
+                            }
+                            Err(e) => return fail(e, log, Some(endpoint.addr), attempt),
+                        }
+                    }
+                };
+                let sent = self.sent(exchange, &request, &endpoint);
                 drop(pending);
                 drop(retry_slot.take());
-                match self.decide(
-                    &sent,
-                    &endpoint,
-                    can_retry,
-                    request.idempotent,
-                    &config.retries.on,
-                ) {
-                    Next::Retry { slot, why } => {
-                        tracing::debug!(upstream = %config.name, endpoint = %endpoint.addr, attempt, "{why}");
-                        retry_slot = slot;
-                        drop(sent);
-                        drop(in_flight);
-                        tried.push(endpoint.addr);
-                        backoff_after = Some(endpoint.addr);
-                        continue;
-                    }
-                    Next::Answer => {}
+                let next = self.decide(&sent, &endpoint, can_retry, &request, &config);
+                if let Next::Retry { slot, why } = next {
+                    tracing::debug!(upstream = %config.name, endpoint = %endpoint.addr, attempt, "{why}");
+                    retry_slot = slot;
+                    drop((sent, in_flight));
+                    tried.push(endpoint.addr);
+                    backoff_after = Some(endpoint.addr);
+                    continue;
                 }
                 let response = match sent {
                     Sent::Answer(response) => response,
@@ -249,8 +260,8 @@ impl HttpProxy {
         sent: &Sent,
         endpoint: &EndpointState,
         can_retry: bool,
-        idempotent: bool,
-        on: &RetryOn,
+        request: &Prepared,
+        config: &UpstreamConfig,
     ) -> Next {
         let cluster = &self.cluster;
         let (seen, endpoint_failed) = match sent {
@@ -272,7 +283,7 @@ impl HttpProxy {
             }
         };
         if let Verdict::Retry { spends_budget, why } =
-            retry::decide(seen, can_retry, idempotent, on)
+            retry::decide(seen, can_retry, request.idempotent, &config.retries.on)
             && let Some(slot) = if spends_budget {
                 retry::budget(cluster).map(Some)
             } else {

@@ -6,7 +6,8 @@
 
 use std::net::SocketAddr;
 
-use hyper::header::{self, HeaderValue};
+use bytes::Bytes;
+use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Version};
@@ -17,6 +18,7 @@ use super::headers::strip_hop_by_hop;
 use super::{REQUEST_ID, TRACEPARENT};
 use crate::config::{Balance, Upstream};
 use crate::upstream::balance::hash_of;
+use crate::upstream::h1;
 
 /// What every attempt needs of the request, taken once.
 pub(super) struct Prepared {
@@ -32,6 +34,24 @@ pub(super) struct Prepared {
     pub deadline: tokio::time::Instant,
     /// ...and the timeout that set it (the config of the request's start).
     pub timeout: std::time::Duration,
+}
+
+impl Prepared {
+    /// The request as the inline HTTP/1.1 leg encodes it: straight from
+    /// the client's headers and the kept body, nothing copied for a retry.
+    pub fn inline_head<'a>(
+        &'a self,
+        headers: &'a HeaderMap,
+        body: &'a Bytes,
+    ) -> h1::RequestHead<'a> {
+        h1::RequestHead {
+            method: &self.method,
+            path: &self.path,
+            headers,
+            body,
+            had_length: self.had_length,
+        }
+    }
 }
 
 /// Rewrites `parts.headers` for the upstream and takes what the attempts
