@@ -473,4 +473,110 @@ mod tests {
             Ok(Step::More)
         ));
     }
+
+    /// The fuzz targets' properties on stable, bounded: seeded random heads
+    /// built from HTTP-ish pieces and random chunked bodies fed in random
+    /// pieces never panic, a parsed head consumed input and is not
+    /// interim, and chunked decoding never yields more than it was given.
+    #[test]
+    fn random_input_keeps_the_fuzz_properties() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+        // How many inputs got past the parsers: the test must reach them.
+        let (mut heads, mut data) = (0, 0);
+        const STATUS: [&[u8]; 6] = [
+            b"200 OK",
+            b"101 Switching",
+            b"100 Continue",
+            b"204 No",
+            b"304 Not",
+            b"502 Bad",
+        ];
+        const FIELDS: [&[u8]; 8] = [
+            b"Content-Length: 5",
+            b"Content-Length: 5, 5",
+            b"Content-Length: 5, 6",
+            b"Transfer-Encoding: chunked",
+            b"Transfer-Encoding: gzip, chunked",
+            b"Connection: close, x-a",
+            b"X-A: b",
+            b"Keep-Alive: timeout=5",
+        ];
+        for _ in 0..20_000 {
+            // A head built from real pieces, then maybe damaged: a byte
+            // changed, or cut short.
+            let mut text = Vec::new();
+            for _ in 0..rng.random_range(1..3) {
+                text.extend_from_slice(if rng.random_bool(0.5) {
+                    b"HTTP/1.1 "
+                } else {
+                    b"HTTP/1.0 "
+                });
+                text.extend_from_slice(STATUS[rng.random_range(0..STATUS.len())]);
+                text.extend_from_slice(b"\r\n");
+                for _ in 0..rng.random_range(0..5) {
+                    text.extend_from_slice(FIELDS[rng.random_range(0..FIELDS.len())]);
+                    text.extend_from_slice(b"\r\n");
+                }
+                text.extend_from_slice(b"\r\n");
+            }
+            if rng.random_bool(0.3) {
+                let at = rng.random_range(0..text.len());
+                text[at] = rng.random();
+            }
+            if rng.random_bool(0.2) {
+                text.truncate(rng.random_range(0..text.len()));
+            }
+            let head_request = rng.random_bool(0.2);
+            let mut buf = BytesMut::from(&text[..]);
+            if let Ok(Some((head, framing, _))) = parse_head(&mut buf, head_request) {
+                heads += 1;
+                assert!(buf.len() < text.len());
+                assert!(!head.status.is_informational());
+                assert!(!head_request || framing == Framing::Done);
+            }
+        }
+        const CHUNKED: [&[u8]; 8] = [
+            b"5\r\n",
+            b"hello",
+            b"\r\n",
+            b"0\r\n",
+            b"a;x=y\r\n",
+            b"zz",
+            b"X: y\r\n",
+            b"fffffffff\r\n",
+        ];
+        for _ in 0..20_000 {
+            let mut body = Vec::new();
+            for _ in 0..rng.random_range(0..12) {
+                body.extend_from_slice(CHUNKED[rng.random_range(0..CHUNKED.len())]);
+            }
+            let piece = rng.random_range(1..8);
+            let (mut buf, mut state) = (BytesMut::new(), Chunk::Size);
+            let (mut fed, mut out) = (0, 0);
+            for _ in 0..(4 * body.len() + 16) {
+                match chunk_step(&mut buf, state) {
+                    Ok(Step::Next(next)) => state = next,
+                    Ok(Step::Data(bytes, next)) => {
+                        assert!(!bytes.is_empty());
+                        out += bytes.len();
+                        data += bytes.len();
+                        state = next;
+                    }
+                    Ok(Step::End(_)) | Err(_) => break,
+                    Ok(Step::More) if fed == body.len() => break,
+                    Ok(Step::More) => {
+                        let end = (fed + piece).min(body.len());
+                        buf.extend_from_slice(&body[fed..end]);
+                        fed = end;
+                    }
+                }
+                assert!(out <= fed);
+            }
+        }
+        assert!(
+            heads > 100 && data > 10_000,
+            "{heads} heads parsed, {data} bytes decoded"
+        );
+    }
 }
