@@ -9,7 +9,7 @@
 //! once both sides agree on 101. Trailers (gRPC) pass through in both
 //! directions because bodies are streamed frame by frame.
 //!
-//! [`HttpProxy::answer`] reads as the request's phases, each in its own
+//! `HttpProxy::answer` reads as the request's phases, each in its own
 //! file: [`prepare`] (headers, target, hash key) → [`capture`] (keep the
 //! body for retries or stream it) → pick (the cluster's balancer) →
 //! [`send`] (one attempt) → [`retry::decide`] (a pure function) →

@@ -1,5 +1,5 @@
 //! Phase 1, prepare: the request's headers as they go upstream (an
-//! `x-request-id` when absent ([`ensure_request_id`], first of all, so even
+//! `x-request-id` when absent (`ensure_request_id`, first of all, so even
 //! a refused request logs one), hop-by-hop fields dropped, `Host` and
 //! `:authority` per the upstream's protocol) and what every attempt needs
 //! of the request (target, method, the consistent-hash key). No I/O.

@@ -1,9 +1,9 @@
 //! Phase 4, send: one attempt of the request to one endpoint, over
 //! hyper's HTTP/1.1 client (streamed bodies, upgrades, CONNECT) or the
-//! endpoint's HTTP/2 connection ([`HttpProxy::exchange`]) — the inline
+//! endpoint's HTTP/2 connection (`HttpProxy::exchange`) — the inline
 //! HTTP/1.1 leg for a body in memory is awaited in the answering future
 //! itself — bounded by the request's deadline; and what its result means
-//! ([`HttpProxy::sent`], [`classify`]).
+//! (`HttpProxy::sent`, `classify`).
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
