@@ -2,13 +2,27 @@
 //! naming the line of the file it is on (`line 7: unknown field ...`),
 //! never toml's multi-line excerpt (a journal shows one line per entry).
 
-/// A TOML parse or type error as one line, with the line it points at.
+/// A TOML parse or type error as one line, with the line it points at
+/// and the key set on that line (when the message does not name it).
 pub fn toml_error(text: &str, error: &toml::de::Error) -> String {
     let message = error.message().trim_end();
-    match error.span() {
-        Some(span) => format!("line {}: {message}", line_of_offset(text, span.start)),
-        None => message.to_owned(),
+    let Some(span) = error.span() else {
+        return message.to_owned();
+    };
+    let line = line_of_offset(text, span.start);
+    match key_on_line(text, line) {
+        Some(key) if !message.contains(&format!("`{key}`")) => {
+            format!("line {line}: `{key}`: {message}")
+        }
+        _ => format!("line {line}: {message}"),
     }
+}
+
+/// The key a `key = value` line sets (dotted keys whole), if it is one.
+fn key_on_line(text: &str, line: usize) -> Option<&str> {
+    let (key, _) = text.lines().nth(line.checked_sub(1)?)?.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    (!key.is_empty() && !key.starts_with('[') && !key.starts_with('#')).then_some(key)
 }
 
 /// The 1-based line a byte offset of `text` falls on.
@@ -56,11 +70,8 @@ mod tests {
         assert!(!line.contains('\n'), "{line}");
         let text = "port = \"eighty\"\n";
         let err = toml::from_str::<File>(text).expect_err("bad type");
-        assert!(
-            toml_error(text, &err).starts_with("line 1: "),
-            "{}",
-            toml_error(text, &err)
-        );
+        let line = toml_error(text, &err);
+        assert!(line.starts_with("line 1: `port`: invalid type"), "{line}");
         let text = "port = 80\nname = [\n";
         let err = toml::from_str::<File>(text).expect_err("bad syntax");
         assert!(
