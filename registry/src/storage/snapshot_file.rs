@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 const MAGIC: &[u8; 8] = b"MWSNAP1\n";
 const FILE: &str = "snapshot.bin";
 
-pub use meshwork_core::frame::{decode_frame, encode_frame};
+use meshwork_core::frame::{decode_frame, encode_frame};
 
 /// The directory that holds the snapshot.
 #[derive(Debug, Clone)]
