@@ -42,7 +42,8 @@ impl Behavior {
 
 /// A demo HTTP backend (HTTP/1.1 and HTTP/2, upgrades). It answers
 /// `<name> <body>` with the headers it saw echoed back as `x-seen-*`;
-/// `/slow` waits 2 s; an `Upgrade` request gets 101 and an echo of bytes.
+/// `/slow` waits 2 s; an `Upgrade` request gets 101 and an echo of bytes;
+/// CONNECT gets 200, `hello\n` and then an echo.
 pub async fn http_backend(ip: &str, name: &str) -> Result<(SocketAddr, Arc<Behavior>)> {
     let listener = TcpListener::bind(format!("{ip}:0")).await?;
     let addr = listener.local_addr()?;
@@ -112,11 +113,16 @@ async fn answer(
     if req.uri().path() == "/slow" {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    if req.headers().contains_key(hyper::header::UPGRADE) {
+    let connect = req.method() == hyper::Method::CONNECT;
+    if req.headers().contains_key(hyper::header::UPGRADE) || connect {
         let upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             if let Ok(upgraded) = upgrade.await {
                 let mut io = TokioIo::new(upgraded);
+                // A tunnel's far end speaks first (as a database would).
+                if connect && io.write_all(b"hello\n").await.is_err() {
+                    return;
+                }
                 let mut buf = [0u8; 1024];
                 for _ in 0..100 {
                     match io.read(&mut buf).await {
@@ -131,6 +137,14 @@ async fn answer(
             }
         });
         let mut r = Response::new(Full::new(Bytes::new()));
+        if connect {
+            // What the tunnel was asked to reach.
+            let target = req.uri().authority().map_or("", |a| a.as_str());
+            if let Ok(v) = target.parse() {
+                r.headers_mut().insert("x-connect-target", v);
+            }
+            return r;
+        }
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         r.headers_mut()
             .insert("upgrade", "echo".parse().expect("ascii"));

@@ -240,6 +240,35 @@ async fn upgrades_are_passed_through() -> Result<()> {
     let mut s = TcpStream::connect(format!("{client_ip}:{UPSTREAM_PORT}")).await?;
     s.write_all(b"GET /ws HTTP/1.1\r\nhost: echo\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n")
         .await?;
+    let head = read_head(&mut s).await?;
+    ensure!(head.starts_with("http/1.1 101"), "{head}");
+    ensure!(head.contains("upgrade: echo"), "{head}");
+    echo_frames(&mut s).await?;
+    // CONNECT: a tunnel through both sidecars to what the client named,
+    // opened by a 2xx; the far end's first bytes come through too.
+    let mut s = TcpStream::connect(format!("{client_ip}:{UPSTREAM_PORT}")).await?;
+    s.write_all(b"CONNECT db.internal:5432 HTTP/1.1\r\nhost: db.internal:5432\r\n\r\n")
+        .await?;
+    let head = read_head(&mut s).await?;
+    ensure!(head.starts_with("http/1.1 200"), "{head}");
+    ensure!(
+        head.contains("x-connect-target: db.internal:5432"),
+        "{head}"
+    );
+    let mut hello = [0u8; 6];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut hello)).await??;
+    ensure!(
+        &hello == b"hello\n",
+        "{:?}",
+        String::from_utf8_lossy(&hello)
+    );
+    echo_frames(&mut s).await?;
+    mesh.done();
+    Ok(())
+}
+
+/// A response head read byte by byte (nothing after it), lowercased.
+async fn read_head(s: &mut TcpStream) -> Result<String> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     for _ in 0..4096 {
@@ -249,9 +278,11 @@ async fn upgrades_are_passed_through() -> Result<()> {
             break;
         }
     }
-    let head = String::from_utf8_lossy(&head).to_lowercase();
-    ensure!(head.starts_with("http/1.1 101"), "{head}");
-    ensure!(head.contains("upgrade: echo"), "{head}");
+    Ok(String::from_utf8_lossy(&head).to_lowercase())
+}
+
+/// Five messages echoed over an upgraded connection or tunnel.
+async fn echo_frames(s: &mut TcpStream) -> Result<()> {
     for i in 0..5 {
         let msg = format!("frame {i}");
         s.write_all(msg.as_bytes()).await?;
@@ -262,7 +293,6 @@ async fn upgrades_are_passed_through() -> Result<()> {
             "echoed over the upgraded connection"
         );
     }
-    mesh.done();
     Ok(())
 }
 

@@ -1,8 +1,8 @@
 //! The bodies of the HTTP proxy: what it sends upstream (a buffered,
 //! replayable body or the client's, streamed) and what it answers with
-//! (the upstream's body holding the request's counters and, for HTTP/1.1,
-//! its pooled connection until the last byte; its own; or none). Enums
-//! rather than boxed bodies, so a request allocates none of them.
+//! (the upstream's body holding the request's counters until the last
+//! byte; its own; or none). Enums rather than boxed bodies, so a request
+//! allocates none of them.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -14,7 +14,6 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use crate::http::idle::Busy;
 use crate::upstream::cluster::OwnedGauge;
 use crate::upstream::endpoint::InFlight;
-use crate::upstream::pool::Lease;
 use crate::upstream::{BoxError, ProxyBody};
 use crate::upstream::{h1, h2c};
 
@@ -55,11 +54,12 @@ impl Body for ClientBody {
 }
 
 /// The request body sent upstream: a buffered one (sent again on a retry)
-/// or the client's, streamed once.
+/// or the client's, streamed once (none: it was taken by an earlier
+/// attempt, or there is none).
 pub enum OutgoingBody {
     /// The data, then the trailers if any.
     Full(Option<Bytes>, Option<HeaderMap>),
-    Streaming(ClientBody),
+    Streaming(Option<ClientBody>),
 }
 
 impl Body for OutgoingBody {
@@ -79,7 +79,8 @@ impl Body for OutgoingBody {
                     .or_else(|| trailers.take().map(Frame::trailers))
                     .map(Ok),
             ),
-            OutgoingBody::Streaming(body) => Pin::new(body).poll_frame(cx),
+            OutgoingBody::Streaming(Some(body)) => Pin::new(body).poll_frame(cx),
+            OutgoingBody::Streaming(None) => Poll::Ready(None),
         }
     }
 
@@ -88,7 +89,7 @@ impl Body for OutgoingBody {
             OutgoingBody::Full(bytes, trailers) => {
                 bytes.as_ref().is_none_or(Bytes::is_empty) && trailers.is_none()
             }
-            OutgoingBody::Streaming(body) => body.is_end_stream(),
+            OutgoingBody::Streaming(body) => body.as_ref().is_none_or(Body::is_end_stream),
         }
     }
 
@@ -97,7 +98,8 @@ impl Body for OutgoingBody {
             OutgoingBody::Full(bytes, _) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            OutgoingBody::Streaming(body) => body.size_hint(),
+            OutgoingBody::Streaming(Some(body)) => body.size_hint(),
+            OutgoingBody::Streaming(None) => SizeHint::with_exact(0),
         }
     }
 }
@@ -106,8 +108,7 @@ impl Body for OutgoingBody {
 /// the request's counters), its own, or none (a spliced upgrade). An enum
 /// rather than a boxed body: no allocation per response.
 pub enum ResponseBody {
-    Upstream(Guarded),
-    /// From the inline HTTP/1.1 leg, holding the request's guards.
+    /// From the HTTP/1.1 client, holding the request's guards.
     Inline(h1::Body, Guards),
     /// From the HTTP/2 leg, holding the request's guards.
     H2(h2c::Body, Guards),
@@ -116,17 +117,6 @@ pub enum ResponseBody {
 }
 
 impl ResponseBody {
-    /// The upstream's body, holding `guards` (and `lease`, given back
-    /// to the pool at the end) until its last byte has gone.
-    pub fn upstream(inner: Incoming, lease: Lease<OutgoingBody>, guards: Guards) -> Self {
-        ResponseBody::Upstream(Guarded {
-            inner,
-            lease: Some(lease),
-            done: false,
-            _guards: guards,
-        })
-    }
-
     /// The inline leg's body, holding `guards` until it is dropped.
     pub fn inline(body: h1::Body, guards: Guards) -> Self {
         ResponseBody::Inline(body, guards)
@@ -147,7 +137,6 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
             ResponseBody::Inline(body, _) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
             ResponseBody::H2(body, _) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
             ResponseBody::Own(body) => Pin::new(body).poll_frame(cx),
@@ -157,7 +146,6 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ResponseBody::Upstream(body) => body.inner.is_end_stream(),
             ResponseBody::Inline(body, _) => body.is_end_stream(),
             ResponseBody::H2(body, _) => body.is_end_stream(),
             ResponseBody::Own(body) => body.is_end_stream(),
@@ -167,7 +155,6 @@ impl Body for ResponseBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ResponseBody::Upstream(body) => body.inner.size_hint(),
             ResponseBody::Inline(body, _) => body.size_hint(),
             ResponseBody::H2(body, _) => body.size_hint(),
             ResponseBody::Own(body) => body.size_hint(),
@@ -191,55 +178,6 @@ impl Guards {
             _active: active,
             _in_flight: in_flight,
             _connection: connection,
-        }
-    }
-}
-
-/// The upstream's response body; once it has been read to the end its
-/// HTTP/1.1 connection goes back to the pool.
-pub struct Guarded {
-    inner: Incoming,
-    lease: Option<Lease<OutgoingBody>>,
-    /// The body's end was seen.
-    done: bool,
-    _guards: Guards,
-}
-
-impl Body for Guarded {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.done = true,
-            Poll::Ready(Some(Err(_))) => drop(self.lease.take()),
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        // Read to the end (hyper drops a body whose declared length has
-        // been sent without polling for the end): the connection is
-        // reusable. Otherwise it is dropped and closes.
-        if let Some(lease) = self.lease.take()
-            && (self.done || self.inner.is_end_stream())
-        {
-            lease.release();
         }
     }
 }

@@ -71,7 +71,7 @@ const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub struct HttpProxy {
     pub cluster: Arc<Cluster>,
     pub direction: &'static str,
-    pool: Pool<OutgoingBody>,
+    pool: Pool,
     protocol: Protocol,
     access_log: bool,
 }
@@ -116,9 +116,10 @@ impl HttpProxy {
         peer: SocketAddr,
         connection: Busy,
     ) -> Pin<Box<impl Future<Output = Response<ResponseBody>> + Send + '_>> {
-        // Upgrades need an HTTP/1.1 hop all the way (HTTP/2 has no
-        // Upgrade; its extended CONNECT is not supported yet).
-        let downstream_upgrade = (self.protocol == Protocol::Http && is_upgrade(&req))
+        // Upgrades and CONNECT tunnels need an HTTP/1.1 hop all the way
+        // (HTTP/2 has no Upgrade; its extended CONNECT is not supported yet).
+        let downstream_upgrade = (self.protocol == Protocol::Http
+            && (is_upgrade(&req) || req.method() == hyper::Method::CONNECT))
             .then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         Box::pin(self.answer(parts, body, downstream_upgrade, peer, connection))
@@ -152,11 +153,12 @@ impl HttpProxy {
             else {
                 return fail(ProxyError::CircuitOpen("max_requests"), log, None, 0);
             };
-            let upgrade = downstream_upgrade.is_some();
+            let tunnel = downstream_upgrade.is_some();
+            let upgrade = tunnel && parts.method != hyper::Method::CONNECT;
             let version = self.upstream_version();
             let deadline = tokio::time::Instant::from_std(start) + config.request_timeout;
             let request = prepare::prepare(&mut parts, &config, version, peer, upgrade, deadline);
-            let mut body = match capture::plan(body, &parts.headers, &config, upgrade) {
+            let mut body = match capture::plan(body, &parts.headers, &config, tunnel) {
                 Ok(body) => body,
                 // Boxed: only requests with a body to keep get here.
                 Err(body) => match Box::pin(capture::read(body, deadline, request.timeout)).await {
@@ -164,14 +166,11 @@ impl HttpProxy {
                     Err(e) => return fail(e, log, None, 0),
                 },
             };
-            // An HTTP/1.1 upstream and a body in memory: the inline leg (see
-            // `h1`). Upgrades, CONNECT and streamed bodies go through hyper.
-            // (A message with a length carries no trailers in HTTP/1.1: a
-            // kept body's are for an HTTP/2 upstream.)
-            let inline = version == Version::HTTP_11
-                && !upgrade
-                && request.method != hyper::Method::CONNECT
-                && body.replayable();
+            // An HTTP/1.1 upstream: the inline client (see `h1`), with the
+            // body from memory or streamed. (A message with a length carries
+            // no trailers in HTTP/1.1: a kept body's are for an HTTP/2
+            // upstream.)
+            let h1 = version == Version::HTTP_11;
             let max_attempts = 1 + config.retries.attempts;
             // Endpoints already tried (filled only when retrying, so the usual
             // single attempt allocates nothing).
@@ -202,7 +201,7 @@ impl HttpProxy {
                     let full = ProxyError::CircuitOpen("max_pending");
                     return fail(full, log, Some(endpoint.addr), attempt);
                 };
-                let exchange = match (&mut body, inline) {
+                let exchange = match (&mut body, h1) {
                     (RequestBody::Replayable(bytes, _), true) => {
                         let head = request.inline_head(&parts.headers, bytes);
                         let (addr, authority) = (endpoint.addr, &endpoint.authority);
@@ -216,7 +215,12 @@ impl HttpProxy {
                         .await
                         .map(|r| r.map(|(head, body)| Upstream::Inline(head, body)))
                     }
-                    (body, _) => {
+                    (RequestBody::Streaming(streamed), true) => {
+                        let streamed = streamed.take();
+                        let headers = &parts.headers;
+                        Box::pin(self.stream_h1(streamed, headers, &request, &endpoint)).await
+                    }
+                    (body, false) => {
                         let headers = &mut parts.headers;
                         match self.outgoing_request(body, &request, &endpoint, headers, can_retry) {
                             Ok(outgoing) => {

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
-use hyper::http::uri::PathAndQuery;
+use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::{Method, Version};
 use rand::Rng;
 
@@ -24,10 +24,14 @@ use crate::upstream::h1;
 pub(super) struct Prepared {
     pub version: Version,
     pub path: PathAndQuery,
+    /// What a CONNECT asks to reach (its authority-form target).
+    pub connect_to: Option<Authority>,
     pub method: Method,
+    /// `Connection: upgrade`: the client asks to switch protocols.
+    pub upgrade: bool,
     /// The consistent-hash key (ring hash balancing only).
     pub hash: Option<u64>,
-    /// The client sent `Content-Length` (the inline leg repeats it).
+    /// The client sent `Content-Length` (repeated upstream, even when 0).
     pub had_length: bool,
     pub idempotent: bool,
     /// When the request times out, whatever its attempts...
@@ -37,22 +41,60 @@ pub(super) struct Prepared {
 }
 
 impl Prepared {
-    /// The request as the inline HTTP/1.1 leg encodes it: straight from
-    /// the client's headers and the kept body, nothing copied for a retry.
+    /// The request as the HTTP/1.1 client encodes it: straight from the
+    /// client's headers and the kept body, nothing copied for a retry.
     pub fn inline_head<'a>(
         &'a self,
         headers: &'a HeaderMap,
         body: &'a Bytes,
     ) -> h1::RequestHead<'a> {
+        let length = if self.had_length || !body.is_empty() {
+            h1::Length::Exact(body.len() as u64)
+        } else {
+            h1::Length::None
+        };
+        self.h1_head(headers, body, length)
+    }
+
+    /// The same for a body that streams: with its declared length, or
+    /// chunked when it has none (`exact`: the body's own size hint).
+    pub fn streamed_head<'a>(
+        &'a self,
+        headers: &'a HeaderMap,
+        exact: Option<u64>,
+        empty: bool,
+    ) -> h1::RequestHead<'a> {
+        let length = match exact {
+            Some(n) if self.had_length => h1::Length::Exact(n),
+            _ if empty => h1::Length::None,
+            _ => h1::Length::Chunked,
+        };
+        self.h1_head(headers, &EMPTY, length)
+    }
+
+    fn h1_head<'a>(
+        &'a self,
+        headers: &'a HeaderMap,
+        body: &'a Bytes,
+        length: h1::Length,
+    ) -> h1::RequestHead<'a> {
+        let target = match &self.connect_to {
+            Some(authority) => authority.as_str(),
+            None => self.path.as_str(),
+        };
         h1::RequestHead {
             method: &self.method,
-            path: &self.path,
+            target,
             headers,
             body,
-            had_length: self.had_length,
+            length,
+            upgrade: self.upgrade,
         }
     }
 }
+
+/// What a streamed request's head borrows as its (absent) in-memory body.
+static EMPTY: Bytes = Bytes::from_static(b"");
 
 /// Rewrites `parts.headers` for the upstream and takes what the attempts
 /// need. `version` is what the upstream speaks.
@@ -99,9 +141,14 @@ pub(super) fn prepare(
         (Balance::RingHash, None) => Some(hash_of(&peer.ip())),
         _ => None,
     };
+    let connect_to = (parts.method == Method::CONNECT)
+        .then(|| parts.uri.authority().cloned())
+        .flatten();
     Prepared {
         version,
         path,
+        connect_to,
+        upgrade,
         idempotent: super::retry::idempotent(&parts.method),
         method: parts.method.clone(),
         hash,

@@ -6,8 +6,9 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use hyper::{Response, StatusCode, Version};
+use hyper::{Response, Version};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 
 use super::access_log::LogContext;
 use super::headers::strip_hop_by_hop;
@@ -16,6 +17,7 @@ use super::send::Upstream;
 use super::{Guards, HttpProxy, ResponseBody};
 use crate::telemetry::Outcome;
 use crate::upstream::cluster::Source;
+use crate::upstream::h1;
 
 /// What the access log says of an answered request: its log context, the
 /// endpoint that answered, the attempts made, when it started.
@@ -43,62 +45,71 @@ impl HttpProxy {
     }
 
     /// Passes the upstream's response on, holding `guards` until its last
-    /// byte; a 101 answer to an upgrade request splices the two upgraded
-    /// connections instead.
+    /// byte; a 101 answer to an upgrade request, or a 2xx to CONNECT,
+    /// splices the two connections instead.
     fn forward(
         &self,
         response: Upstream,
         downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
         guards: Guards,
     ) -> Response<ResponseBody> {
-        let (mut response, lease) = match response {
+        match response {
             Upstream::Inline(head, body) => {
-                // The inline leg leaves hop-by-hop fields out as it parses.
+                // The HTTP/1.1 client leaves hop-by-hop fields out as it
+                // parses (but a 101's `Connection` and `Upgrade`).
                 let mut headers = head.headers;
                 self.strip_error_header(&mut headers);
-                let mut response = Response::new(ResponseBody::inline(body, guards));
+                let body = if body.is_tunnel() {
+                    self.splice(body, downstream_upgrade, guards);
+                    ResponseBody::Empty
+                } else {
+                    ResponseBody::inline(body, guards)
+                };
+                let mut response = Response::new(body);
                 *response.status_mut() = head.status;
                 *response.headers_mut() = headers;
-                return response;
+                response
             }
             Upstream::H2(response) => {
                 let (mut head, body) = response.into_parts();
                 head.version = Version::HTTP_11;
-                self.strip_response_headers(&mut head.headers);
-                return Response::from_parts(head, ResponseBody::h2(body, guards));
+                strip_hop_by_hop(&mut head.headers, false);
+                self.strip_error_header(&mut head.headers);
+                Response::from_parts(head, ResponseBody::h2(body, guards))
             }
-            Upstream::Hyper(response, lease) => (response, lease),
-        };
-        let upstream_upgrade = (response.status() == StatusCode::SWITCHING_PROTOCOLS)
-            .then(|| hyper::upgrade::on(&mut response));
-        let (mut head, body) = response.into_parts();
-        head.version = Version::HTTP_11;
-        if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
-            let name = self.cluster.config().name.clone();
-            tokio::spawn(async move {
-                let _guards = guards;
-                // The upstream connection is the splice's now.
-                let _lease = lease;
-                match tokio::join!(down, up) {
-                    (Ok(down), Ok(up)) => {
-                        let mut down = TokioIo::new(down);
-                        let mut up = TokioIo::new(up);
-                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                    }
-                    (d, u) => {
-                        tracing::debug!(upstream = %name, down_ok = d.is_ok(), up_ok = u.is_ok(), "upgrade did not complete")
-                    }
-                }
-            });
-            return Response::from_parts(head, ResponseBody::Empty);
         }
-        self.strip_response_headers(&mut head.headers);
-        Response::from_parts(head, ResponseBody::upstream(body, lease, guards))
     }
 
-    fn strip_response_headers(&self, headers: &mut hyper::HeaderMap) {
-        strip_hop_by_hop(headers, false);
-        self.strip_error_header(headers);
+    /// Joins the client's upgraded connection (once hyper has sent it the
+    /// answer) and the upstream's, byte for byte both ways, until either
+    /// side closes; `guards` are held meanwhile.
+    fn splice(
+        &self,
+        body: h1::Body,
+        downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        guards: Guards,
+    ) {
+        let name = self.cluster.config().name.clone();
+        tokio::spawn(async move {
+            let _guards = guards;
+            // Only asked-for switches are read as tunnels, and only a
+            // client's upgrade or CONNECT asks.
+            let Some(down) = downstream_upgrade else {
+                tracing::debug!(upstream = %name, "a tunnel answer to a request that asked none");
+                return;
+            };
+            let (down, up) = tokio::join!(down, body.into_tunnel());
+            let (Ok(down), Some((mut up, early))) = (down, up) else {
+                tracing::debug!(upstream = %name, "upgrade did not complete");
+                return;
+            };
+            let mut down = TokioIo::new(down);
+            // What the upstream sent right behind its answer.
+            if !early.is_empty() && down.write_all(&early).await.is_err() {
+                return;
+            }
+            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+        });
     }
 
     fn strip_error_header(&self, headers: &mut hyper::HeaderMap) {

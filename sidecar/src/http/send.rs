@@ -1,23 +1,22 @@
-//! Phase 4, send: one attempt of the request to one endpoint, over
-//! hyper's HTTP/1.1 client (streamed bodies, upgrades, CONNECT) or the
-//! endpoint's HTTP/2 connection (`HttpProxy::exchange`) — the inline
-//! HTTP/1.1 leg for a body in memory is awaited in the answering future
+//! Phase 4, send: one attempt of the request to one endpoint, over the
+//! HTTP/1.1 client with a streamed body (`HttpProxy::stream_h1`) or the
+//! endpoint's HTTP/2 connection (`HttpProxy::exchange`) — the HTTP/1.1
+//! client with a body in memory is awaited in the answering future
 //! itself — bounded by the request's deadline; and what its result means
 //! (`HttpProxy::sent`, `classify`).
 
-use hyper::body::Incoming;
-use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Body;
+use hyper::{Request, Response, StatusCode, Uri, Version};
 use tokio::time::error::Elapsed;
 
 use super::capture::RequestBody;
 use super::prepare::Prepared;
 use super::rescue::ProxyError;
-use super::{HttpProxy, OutgoingBody};
+use super::{ClientBody, HttpProxy, OutgoingBody};
 use crate::upstream::dial::ConnectError;
 use crate::upstream::endpoint::EndpointState;
 use crate::upstream::h1;
-use crate::upstream::pool::{Lease, SendError};
+use crate::upstream::pool::SendError;
 
 /// What became of one attempt. (Not boxed: it lives for one step of the
 /// answering future, and a box would cost an allocation per request.)
@@ -36,32 +35,47 @@ pub(super) enum Sent {
 pub(super) type Exchange = Result<Result<Upstream, SendError>, Elapsed>;
 
 impl HttpProxy {
-    /// One attempt over hyper's HTTP/1.1 client (streamed bodies,
-    /// upgrades, CONNECT) or the endpoint's HTTP/2 connection, within the
-    /// request's deadline. (The inline HTTP/1.1 leg is awaited in the
-    /// answering future itself: an `async fn` of its own would cost ~2 %
-    /// of the instructions per HTTP/1.1 request; this one runs boxed, as
-    /// its futures always were.)
+    /// One attempt over the endpoint's HTTP/2 connection, within the
+    /// request's deadline. (The HTTP/1.1 client with a body in memory is
+    /// awaited in the answering future itself: an `async fn` of its own
+    /// would cost ~2 % of the instructions per HTTP/1.1 request; this one
+    /// runs boxed, as its futures always were.)
     pub(super) async fn exchange(
         &self,
         outgoing: Request<OutgoingBody>,
         request: &Prepared,
         endpoint: &EndpointState,
     ) -> Exchange {
-        let deadline = request.deadline;
-        if request.version == Version::HTTP_2 {
-            let (head, body) = outgoing.into_parts();
-            let send = self
-                .pool
-                .send_h2(endpoint.addr, Request::from_parts(head, ()), body);
-            tokio::time::timeout_at(deadline, send)
-                .await
-                .map(|r| r.map(Upstream::H2))
-        } else {
-            tokio::time::timeout_at(deadline, self.pool.send(endpoint.addr, outgoing))
-                .await
-                .map(|r| r.map(|(response, lease)| Upstream::Hyper(response, lease)))
-        }
+        let (head, body) = outgoing.into_parts();
+        let send = self
+            .pool
+            .send_h2(endpoint.addr, Request::from_parts(head, ()), body);
+        tokio::time::timeout_at(request.deadline, send)
+            .await
+            .map(|r| r.map(Upstream::H2))
+    }
+
+    /// One attempt over the HTTP/1.1 client with the client's body
+    /// streamed (it cannot be kept for a retry: over 64 KiB, of unknown
+    /// length, or retries are off), within the request's deadline.
+    pub(super) async fn stream_h1(
+        &self,
+        body: Option<ClientBody>,
+        headers: &hyper::HeaderMap,
+        request: &Prepared,
+        endpoint: &EndpointState,
+    ) -> Exchange {
+        let (exact, empty) = body.as_ref().map_or((Some(0), true), |b| {
+            (b.size_hint().exact(), b.is_end_stream())
+        });
+        let head = request.streamed_head(headers, exact, empty);
+        let body = OutgoingBody::Streaming(body);
+        let send = self
+            .pool
+            .send_stream(endpoint.addr, &endpoint.authority, &head, body);
+        tokio::time::timeout_at(request.deadline, send)
+            .await
+            .map(|r| r.map(|(head, body)| Upstream::Inline(head, body)))
     }
 
     /// What an exchange's result means for the request.
@@ -85,8 +99,7 @@ impl HttpProxy {
         }
     }
 
-    /// The request for hyper's HTTP/1.1 client (streamed bodies, upgrades,
-    /// CONNECT) or the HTTP/2 leg: the last attempt takes the headers,
+    /// The request for the HTTP/2 leg: the last attempt takes the headers,
     /// earlier ones a copy.
     pub(super) fn outgoing_request(
         &self,
@@ -101,12 +114,9 @@ impl HttpProxy {
             RequestBody::Replayable(bytes, trailers) => {
                 OutgoingBody::Full(Some(bytes.clone()), trailers.clone())
             }
-            RequestBody::Streaming(b) => match b.take() {
-                Some(b) => OutgoingBody::Streaming(b),
-                None => OutgoingBody::Full(None, None),
-            },
+            RequestBody::Streaming(b) => OutgoingBody::Streaming(b.take()),
         };
-        let uri = target_uri(version, method, endpoint, &request.path)
+        let uri = target_uri(endpoint, &request.path)
             .map_err(|_| ProxyError::BadRequest("the request target is not a valid URI"))?;
         let mut outgoing = Request::new(outgoing_body);
         *outgoing.method_mut() = method.clone();
@@ -117,21 +127,12 @@ impl HttpProxy {
         } else {
             std::mem::take(headers)
         };
-        if version == Version::HTTP_11 && !outgoing.headers().contains_key(header::HOST) {
-            // An HTTP/1.0 request without Host: name the endpoint.
-            if let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str()) {
-                outgoing.headers_mut().insert(header::HOST, v);
-            }
-        }
         Ok(outgoing)
     }
 }
 
-/// An upstream's answer: from hyper's client (with the HTTP/1.1
-/// connection to give back after the body), the inline leg or the HTTP/2
-/// leg.
+/// An upstream's answer: from the HTTP/1.1 client or the HTTP/2 leg.
 pub(super) enum Upstream {
-    Hyper(Response<Incoming>, Lease<OutgoingBody>),
     Inline(h1::Head, h1::Body),
     H2(Response<crate::upstream::h2c::Body>),
 }
@@ -139,7 +140,6 @@ pub(super) enum Upstream {
 impl Upstream {
     pub fn status(&self) -> StatusCode {
         match self {
-            Upstream::Hyper(r, _) => r.status(),
             Upstream::Inline(head, _) => head.status,
             Upstream::H2(r) => r.status(),
         }
@@ -147,7 +147,6 @@ impl Upstream {
 
     pub fn headers(&self) -> &hyper::HeaderMap {
         match self {
-            Upstream::Hyper(r, _) => r.headers(),
             Upstream::Inline(head, _) => &head.headers,
             Upstream::H2(r) => r.headers(),
         }
@@ -163,7 +162,9 @@ pub(super) fn classify(error: SendError) -> ProxyError {
         SendError::Connect(ConnectError::Limit) => ProxyError::CircuitOpen("max_connections"),
         SendError::Connect(other) => ProxyError::ConnectFailure(other.to_string()),
         SendError::Handshake(..) => ProxyError::ConnectFailure(error.to_string()),
-        SendError::Inline(e) => ProxyError::Reset(e.to_string()),
+        // The client's body broke off: its failure, not the endpoint's.
+        SendError::H1(h1::Error::BodyBroke) => ProxyError::BadRequest("the request body broke off"),
+        SendError::H1(e) => ProxyError::Reset(e.to_string()),
         // Refused: the upstream did not process the stream (RFC 9113 §8.7),
         // as safe to send elsewhere as a failed connect.
         SendError::H2(e) if e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
@@ -174,31 +175,15 @@ pub(super) fn classify(error: SendError) -> ProxyError {
             ProxyError::BadRequest("the request body broke off")
         }
         SendError::H2(e) => ProxyError::Reset(e.to_string()),
-        SendError::Http(e) => {
-            let mut text = e.to_string();
-            if let Some(cause) = std::error::Error::source(&e) {
-                text = format!("{text}: {cause}");
-            }
-            ProxyError::Reset(text)
-        }
     }
 }
 
-/// The request target sent upstream: origin form (`/path?query`) for
-/// HTTP/1.1, authority form for CONNECT, the absolute URI (scheme and
-/// `:authority`) for HTTP/2.
+/// The request target sent over HTTP/2: the absolute URI (scheme and
+/// `:authority`).
 fn target_uri(
-    version: Version,
-    method: &Method,
     endpoint: &EndpointState,
     path: &hyper::http::uri::PathAndQuery,
 ) -> Result<Uri, hyper::http::Error> {
-    if version == Version::HTTP_11 {
-        if method == Method::CONNECT {
-            return Ok(Uri::from(endpoint.authority.clone()));
-        }
-        return Ok(Uri::from(path.clone()));
-    }
     let mut target = hyper::http::uri::Parts::default();
     target.scheme = Some(hyper::http::uri::Scheme::HTTP);
     target.authority = Some(endpoint.authority.clone());

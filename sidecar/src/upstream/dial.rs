@@ -94,6 +94,14 @@ impl Counted {
         (self.stream, self._slot)
     }
 
+    /// The connection again from [`Counted::into_parts`].
+    pub fn from_parts(stream: TcpStream, slot: OwnedGauge) -> Self {
+        Counted {
+            stream,
+            _slot: slot,
+        }
+    }
+
     pub fn stream(&mut self) -> &mut TcpStream {
         &mut self.stream
     }

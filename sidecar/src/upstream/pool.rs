@@ -1,24 +1,24 @@
 //! The HTTP proxy's [`Pool`] of upstream connections per endpoint: idle
-//! HTTP/1.1 keep-alive connections, one shared HTTP/2 connection (see
-//! [`h2c`]). Connections are opened by [`crate::upstream::dial`].
+//! HTTP/1.1 keep-alive connections (driven inline, see [`h1`]) and one
+//! shared HTTP/2 connection (see [`h2c`]). Connections are opened by
+//! [`crate::upstream::dial`].
 //!
 //! The pool is ours rather than hyper-util's legacy `Client` because that
 //! one costs a boxed future, a pool-key hash and clone of both protocol
 //! builders per request, and per HTTP/1 response a spawned task or
 //! `DelayEof` channel to return the connection; here a request takes an
 //! idle connection under a short lock and its response body gives it back
-//! when its last byte has gone (see [`Lease`]).
+//! when its last byte has been read.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hyper::body::{Body, Incoming};
-use hyper::client::conn::http1;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use tracing::Instrument;
+use hyper::Request;
+use hyper::Response;
+use hyper::body::Body;
+use hyper::http::uri::Authority;
 
 use crate::upstream::BoxError;
 use crate::upstream::cluster::Cluster;
@@ -34,40 +34,35 @@ pub enum SendError {
     /// The HTTP/2 handshake on a new connection failed (nothing was sent).
     #[error("HTTP/2 handshake with {0} failed: {1}")]
     Handshake(SocketAddr, #[source] h2::Error),
-    /// The exchange itself failed (the upstream may have seen the request).
-    #[error(transparent)]
-    Http(hyper::Error),
-    /// The same, on an HTTP/2 connection.
+    /// The exchange failed on an HTTP/2 connection (the upstream may have
+    /// seen the request).
     #[error("HTTP/2 stream to the upstream failed: {0}")]
     H2(#[source] h2::Error),
-    /// The same, on an inline HTTP/1.1 connection.
+    /// The same, on an HTTP/1.1 connection.
     #[error(transparent)]
-    Inline(h1::Error),
+    H1(h1::Error),
 }
 
-/// Idle HTTP/1.1 connections and shared HTTP/2 connections of one
-/// listener's cluster, by endpoint address.
-pub struct Pool<B> {
-    cluster: Arc<Cluster>,
-    h1: http1::Builder,
-    shared: Arc<Shared<B>>,
-    /// HTTP/1.1 connections driven by their requests (see [`h1`]).
-    inline: Arc<h1::IdleConns>,
-}
-
-impl<B> Clone for Pool<B> {
-    /// Another handle on the same connections (a reload that keeps them).
-    fn clone(&self) -> Self {
-        Pool {
-            cluster: Arc::clone(&self.cluster),
-            h1: self.h1.clone(),
-            shared: Arc::clone(&self.shared),
-            inline: Arc::clone(&self.inline),
+impl<E: Into<ConnectError>> From<h1::SendError<E>> for SendError {
+    fn from(e: h1::SendError<E>) -> Self {
+        match e {
+            h1::SendError::Connect(e) => SendError::Connect(e.into()),
+            h1::SendError::Exchange(e) => SendError::H1(e),
         }
     }
 }
 
-impl<B> std::fmt::Debug for Pool<B> {
+/// Idle HTTP/1.1 connections and shared HTTP/2 connections of one
+/// listener's cluster, by endpoint address.
+#[derive(Clone)]
+pub struct Pool {
+    cluster: Arc<Cluster>,
+    shared: Arc<Shared>,
+    /// HTTP/1.1 connections driven by their requests (see [`h1`]).
+    h1: Arc<h1::IdleConns>,
+}
+
+impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
             .field("upstream", &self.cluster.config().name)
@@ -75,19 +70,16 @@ impl<B> std::fmt::Debug for Pool<B> {
     }
 }
 
-/// What [`Lease`]s and the sweeper reach back to.
-struct Shared<B> {
+/// The HTTP/2 side's state, reached by the sweeper.
+struct Shared {
     /// Lock rule: held only to take or put an entry, never across an await.
-    idle: Mutex<Idle<B>>,
+    idle: Mutex<Idle>,
     /// Connections unused this long are closed.
     idle_timeout: Duration,
     upstream: String,
 }
 
-struct Idle<B> {
-    /// Ready HTTP/1.1 connections, most recently used last, with when
-    /// they went idle.
-    h1: AddrMap<Vec<(http1::SendRequest<B>, Instant)>>,
+struct Idle {
     /// The HTTP/2 connection of each endpoint, with when it was last used.
     h2: AddrMap<(h2c::Conn, Instant)>,
     /// One HTTP/2 connect at a time per endpoint, so a burst of first
@@ -98,57 +90,8 @@ struct Idle<B> {
     sweeping: bool,
 }
 
-/// An HTTP/1.1 connection lent to one request: [`Lease::release`] (once
-/// the response's last byte has been read) puts it back in the pool;
-/// dropping it unreleased closes the connection after the exchange.
-pub struct Lease<B> {
-    sender: Option<http1::SendRequest<B>>,
-    addr: SocketAddr,
-    pool: Weak<Shared<B>>,
-}
-
-impl<B> std::fmt::Debug for Lease<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease").field("addr", &self.addr).finish()
-    }
-}
-
-impl<B: Send + 'static> Lease<B> {
-    pub fn release(mut self) {
-        if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
-            pool.put_h1(self.addr, sender);
-        }
-    }
-}
-
-impl<B: Send + 'static> Shared<B> {
-    fn take_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<B>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.h1.get_mut(&addr)?;
-        while let Some((sender, since)) = list.pop() {
-            // Closed by the upstream, or idle too long: dropped (closes).
-            // Not ready yet: its last exchange is still going (a request
-            // body still streaming); dropping it closes it afterwards.
-            if sender.is_ready() && since.elapsed() < self.idle_timeout {
-                return Some(sender);
-            }
-        }
-        None
-    }
-
-    fn put_h1(self: &Arc<Self>, addr: SocketAddr, sender: http1::SendRequest<B>) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.h1
-            .entry(addr)
-            .or_default()
-            .push((sender, Instant::now()));
-        self.start_sweeper(&mut idle);
-    }
-
-    fn start_sweeper(self: &Arc<Self>, idle: &mut Idle<B>) {
+impl Shared {
+    fn start_sweeper(self: &Arc<Self>, idle: &mut Idle) {
         if !idle.sweeping {
             let every =
                 (self.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -165,32 +108,23 @@ impl<B: Send + 'static> Shared<B> {
     fn sweep(&self) -> bool {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let limit = self.idle_timeout;
-        idle.h1.retain(|_, list| {
-            list.retain(|(s, since)| !s.is_closed() && since.elapsed() < limit);
-            !list.is_empty()
-        });
         idle.h2
             .retain(|_, (s, used)| !s.is_closed() && used.elapsed() < limit);
         idle.h2_connecting
             .retain(|_, turn| Arc::strong_count(turn) > 1);
-        idle.sweeping = !(idle.h1.is_empty() && idle.h2.is_empty());
+        idle.sweeping = !idle.h2.is_empty();
         idle.sweeping
     }
 }
 
-impl<B> Pool<B>
-where
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+impl Pool {
     /// Connections are opened as requests need them: HTTP/1.1 by
-    /// [`Pool::send`] and [`Pool::send_inline`], HTTP/2 by [`Pool::send_h2`].
+    /// [`Pool::send_inline`] and [`Pool::send_stream`], HTTP/2 by
+    /// [`Pool::send_h2`].
     pub fn new(cluster: Arc<Cluster>) -> Self {
         Pool {
             shared: Arc::new(Shared {
                 idle: Mutex::new(Idle {
-                    h1: AddrMap::default(),
                     h2: AddrMap::default(),
                     h2_connecting: AddrMap::default(),
                     sweeping: false,
@@ -198,84 +132,46 @@ where
                 idle_timeout: cluster.config().idle_timeout,
                 upstream: cluster.config().name.clone(),
             }),
-            inline: h1::IdleConns::new(
-                cluster.config().idle_timeout,
-                cluster.config().name.clone(),
-            ),
+            h1: h1::IdleConns::new(cluster.config().idle_timeout, cluster.config().name.clone()),
             cluster,
-            h1: http1::Builder::new(),
         }
     }
 
-    /// Sends a request whose body is in memory over an inline HTTP/1.1
+    /// Sends a request whose body is in memory over an HTTP/1.1
     /// connection (see [`h1`]): the response head, and the body that reads
     /// the rest from the connection and then gives it back to the pool.
     pub async fn send_inline(
         &self,
         addr: SocketAddr,
-        authority: &hyper::http::uri::Authority,
+        authority: &Authority,
         req: &h1::RequestHead<'_>,
         idempotent: bool,
     ) -> Result<(h1::Head, h1::Body), SendError> {
         let connect = || async move { connect(&self.cluster, addr).await.map(h1::Conn::new) };
-        self.inline
+        self.h1
             .send(addr, authority, req, idempotent, connect)
             .await
-            .map_err(|e| match e {
-                h1::SendError::Connect(e) => SendError::Connect(e),
-                h1::SendError::Exchange(e) => SendError::Inline(e),
-            })
+            .map_err(SendError::from)
     }
 
-    /// Sends `req` to `addr` over HTTP/1.1 on a pooled connection or a
-    /// new one, and returns the response head and the connection, to be
-    /// released when the response body is done. A request that a reused
-    /// connection closed before taking goes out again on another.
-    pub async fn send(
+    /// Sends a request whose body streams from `body` over an HTTP/1.1
+    /// connection (see [`h1::stream`]).
+    pub async fn send_stream<B>(
         &self,
         addr: SocketAddr,
-        mut req: Request<B>,
-    ) -> Result<(Response<Incoming>, Lease<B>), SendError> {
-        loop {
-            let (mut sender, reused) = match self.shared.take_h1(addr) {
-                Some(sender) => (sender, true),
-                // Boxed: connecting is rare, and its future would make
-                // every request's future (moved into place per request)
-                // that much larger.
-                None => (Box::pin(self.connect_h1(addr)).await?, false),
-            };
-            match sender.try_send_request(req).await {
-                Ok(response) => {
-                    let lease = Lease {
-                        sender: Some(sender),
-                        addr,
-                        pool: Arc::downgrade(&self.shared),
-                    };
-                    return Ok((response, lease));
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => req = unsent,
-                    _ => return Err(SendError::Http(e.into_error())),
-                },
-            }
-        }
-    }
-
-    async fn connect_h1(&self, addr: SocketAddr) -> Result<http1::SendRequest<B>, SendError> {
-        let io = TokioIo::new(connect(&self.cluster, addr).await?);
-        // An HTTP/1 handshake does no I/O; it cannot fail on a new socket.
-        let (sender, connection) = self.h1.handshake(io).await.map_err(SendError::Http)?;
-        let span = tracing::debug_span!("upstream connection", upstream = %self.cluster.config().name, endpoint = %addr);
-        tokio::spawn(
-            async move {
-                // Upgrades: a 101 hands the socket to the splice.
-                if let Err(e) = connection.with_upgrades().await {
-                    tracing::debug!(error = %e, "upstream connection ended with an error");
-                }
-            }
-            .instrument(span),
-        );
-        Ok(sender)
+        authority: &Authority,
+        req: &h1::RequestHead<'_>,
+        body: B,
+    ) -> Result<(h1::Head, h1::Body), SendError>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let connect = || async move { connect(&self.cluster, addr).await.map(h1::Conn::new) };
+        Ok(self
+            .h1
+            .send_stream(addr, authority, req, body, connect)
+            .await?)
     }
 
     /// Sends `head` and `body` to `addr` on its HTTP/2 connection (opened
@@ -370,9 +266,8 @@ where
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioIo;
     use std::sync::atomic::Ordering;
-
-    type TestBody = Empty<bytes::Bytes>;
 
     /// An HTTP/1.1 server answering "ok"; it closes every connection it
     /// holds when `close` changes.
@@ -410,16 +305,28 @@ mod tests {
         Cluster::local(config.upstreams.remove(0), app)
     }
 
-    async fn get(pool: &Pool<TestBody>, addr: SocketAddr) {
-        let req = Request::builder()
-            .uri("/")
-            .header("host", "test")
-            .body(Empty::new())
-            .expect("request");
-        let (response, lease) = pool.send(addr, req).await.expect("response");
-        let body = response.into_body().collect().await.expect("body");
+    async fn get(pool: &Pool, addr: SocketAddr) -> h1::Body {
+        let (headers, body) = (hyper::HeaderMap::new(), Bytes::new());
+        let req = h1::RequestHead {
+            method: &hyper::Method::GET,
+            target: "/",
+            headers: &headers,
+            body: &body,
+            length: h1::Length::None,
+            upgrade: false,
+        };
+        let authority = Authority::from_static("test");
+        let (head, body) = pool
+            .send_inline(addr, &authority, &req, true)
+            .await
+            .expect("response");
+        assert_eq!(head.status, 200);
+        body
+    }
+
+    async fn get_ok(pool: &Pool, addr: SocketAddr) {
+        let body = get(pool, addr).await.collect().await.expect("body");
         assert_eq!(body.to_bytes(), "ok");
-        lease.release();
     }
 
     #[tokio::test]
@@ -427,22 +334,20 @@ mod tests {
         let (close, closed) = tokio::sync::watch::channel(0);
         let addr = server(closed).await;
         let cluster = cluster(addr);
-        let pool = Pool::<TestBody>::new(Arc::clone(&cluster));
+        let pool = Pool::new(Arc::clone(&cluster));
         let opened = || cluster.metrics.connections.load(Ordering::Relaxed);
-        get(&pool, addr).await;
-        get(&pool, addr).await;
-        get(&pool, addr).await;
+        get_ok(&pool, addr).await;
+        get_ok(&pool, addr).await;
+        get_ok(&pool, addr).await;
         assert_eq!(opened(), 1, "one connection, kept alive");
         // The server drops it: a new one, no error.
         close.send_modify(|n| *n += 1);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        get(&pool, addr).await;
+        get_ok(&pool, addr).await;
         assert_eq!(opened(), 2);
-        // A lease dropped unreleased is not reused.
-        let req = Request::new(Empty::new());
-        let (_response, lease) = pool.send(addr, req).await.expect("response");
-        drop(lease);
-        get(&pool, addr).await;
+        // A body dropped unread leaves its connection unfit: not reused.
+        drop(get(&pool, addr).await);
+        get_ok(&pool, addr).await;
         assert_eq!(opened(), 3);
     }
 
@@ -460,7 +365,7 @@ mod tests {
             }
         });
         let cluster = cluster(addr);
-        let pool = Pool::<TestBody>::new(Arc::clone(&cluster));
+        let pool = Pool::new(Arc::clone(&cluster));
         let opened = || cluster.metrics.connections.load(Ordering::Relaxed);
         let head = || {
             Request::get(format!("http://{addr}/"))
@@ -544,12 +449,12 @@ mod tests {
         addr: SocketAddr,
         first: &'static [u8],
     ) -> (
-        Pool<TestBody>,
+        Pool,
         Request<()>,
         ChannelBody,
         tokio::sync::mpsc::Sender<bytes::Bytes>,
     ) {
-        let pool = Pool::<TestBody>::new(cluster(addr));
+        let pool = Pool::new(cluster(addr));
         let (chunks, rx) = tokio::sync::mpsc::channel(4);
         chunks
             .send(bytes::Bytes::from_static(first))
@@ -653,5 +558,277 @@ mod tests {
             .expect("reported");
         assert_eq!(got, b"one two");
         assert!(ended, "the body ended normally, not with a reset");
+    }
+
+    /// A request body fed by the test frame by frame, errors included.
+    struct Feed(tokio::sync::mpsc::Receiver<Result<hyper::body::Frame<Bytes>, std::io::Error>>);
+
+    impl Body for Feed {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            self.0.poll_recv(cx)
+        }
+    }
+
+    type FeedTx = tokio::sync::mpsc::Sender<Result<hyper::body::Frame<Bytes>, std::io::Error>>;
+
+    fn feed() -> (FeedTx, Feed) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        (tx, Feed(rx))
+    }
+
+    /// An HTTP/1.1 upstream that answers each request with what it
+    /// received: `<framing> <body> <trailer x-t>`.
+    async fn echo_server() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let framing = if req.headers().contains_key("transfer-encoding") {
+                            "chunked".to_owned()
+                        } else {
+                            format!("length={:?}", req.headers().get("content-length"))
+                        };
+                        let body = req.into_body().collect().await?;
+                        let trailer = body
+                            .trailers()
+                            .and_then(|t| t.get("x-t"))
+                            .map(|v| v.to_str().unwrap_or("?").to_owned())
+                            .unwrap_or_default();
+                        let text = format!(
+                            "{framing} {} {trailer}",
+                            String::from_utf8_lossy(&body.to_bytes())
+                        );
+                        Ok::<_, hyper::Error>(Response::new(http_body_util::Full::new(
+                            Bytes::from(text),
+                        )))
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        addr
+    }
+
+    fn streamed(headers: &hyper::HeaderMap, length: h1::Length) -> h1::RequestHead<'_> {
+        static EMPTY: Bytes = Bytes::from_static(b"");
+        h1::RequestHead {
+            method: &hyper::Method::POST,
+            target: "/up",
+            headers,
+            body: &EMPTY,
+            length,
+            upgrade: false,
+        }
+    }
+
+    async fn text(body: h1::Body) -> String {
+        let bytes = body.collect().await.expect("body").to_bytes();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[tokio::test]
+    async fn streamed_bodies_go_out_chunked_or_with_their_length_and_the_connection_is_reused() {
+        let addr = echo_server().await;
+        let cluster = cluster(addr);
+        let pool = Pool::new(Arc::clone(&cluster));
+        let authority = Authority::from_static("test");
+        let headers = hyper::HeaderMap::new();
+        // Unknown length: chunked, trailers included.
+        let (tx, body) = feed();
+        let chunked = streamed(&headers, h1::Length::Chunked);
+        let send = pool.send_stream(addr, &authority, &chunked, body);
+        let feeding = async {
+            for part in ["one ", "two"] {
+                tx.send(Ok(hyper::body::Frame::data(Bytes::from(part))))
+                    .await
+                    .expect("fed");
+            }
+            let mut trailers = hyper::HeaderMap::new();
+            trailers.insert("x-t", hyper::header::HeaderValue::from_static("end"));
+            tx.send(Ok(hyper::body::Frame::trailers(trailers)))
+                .await
+                .expect("fed");
+            drop(tx);
+        };
+        let (sent, ()) = tokio::join!(send, feeding);
+        let (head, body) = sent.expect("answered");
+        assert_eq!(head.status, 200);
+        assert_eq!(text(body).await, "chunked one two end");
+        // A declared length is kept.
+        let (tx, body) = feed();
+        tx.send(Ok(hyper::body::Frame::data(Bytes::from("12345"))))
+            .await
+            .expect("fed");
+        drop(tx);
+        let (_, body) = pool
+            .send_stream(
+                addr,
+                &authority,
+                &streamed(&headers, h1::Length::Exact(5)),
+                body,
+            )
+            .await
+            .expect("answered");
+        assert_eq!(text(body).await, "length=Some(\"5\") 12345 ");
+        // Both went over one connection, which a request from memory reuses.
+        let body = get(&pool, addr).await.collect().await.expect("body");
+        assert_eq!(body.to_bytes(), "length=None  ");
+        assert_eq!(cluster.metrics.connections.load(Ordering::Relaxed), 1);
+        // A body longer than it declared is the client's fault.
+        let (tx, body) = feed();
+        tx.send(Ok(hyper::body::Frame::data(Bytes::from("123456"))))
+            .await
+            .expect("fed");
+        drop(tx);
+        let short = streamed(&headers, h1::Length::Exact(5));
+        let got = pool.send_stream(addr, &authority, &short, body).await;
+        assert!(
+            matches!(got, Err(SendError::H1(h1::Error::BodyBroke))),
+            "{got:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broken_client_body_ends_the_exchange_as_the_clients_failure() {
+        let addr = echo_server().await;
+        let pool = Pool::new(cluster(addr));
+        let authority = Authority::from_static("test");
+        let headers = hyper::HeaderMap::new();
+        let (tx, body) = feed();
+        tx.send(Ok(hyper::body::Frame::data(Bytes::from("part"))))
+            .await
+            .expect("fed");
+        tx.send(Err(std::io::Error::other("client went away")))
+            .await
+            .expect("fed");
+        // The upstream would wait for the rest for ever: the exchange must
+        // not.
+        let got = tokio::time::timeout(
+            Duration::from_secs(5),
+            pool.send_stream(
+                addr,
+                &authority,
+                &streamed(&headers, h1::Length::Chunked),
+                body,
+            ),
+        )
+        .await
+        .expect("ended at once");
+        assert!(
+            matches!(got, Err(SendError::H1(h1::Error::BodyBroke))),
+            "{got:?}"
+        );
+    }
+
+    /// An upstream that answers `answer` as soon as it has a request head,
+    /// then reads (and counts) what follows until the client closes.
+    async fn early_server(
+        answer: &'static [u8],
+    ) -> (SocketAddr, tokio::sync::oneshot::Receiver<usize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (done, read) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut seen = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = socket.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "closed before the head");
+                seen.extend_from_slice(&chunk[..n]);
+            }
+            socket.write_all(answer).await.expect("write");
+            loop {
+                match socket.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let _ = done.send(seen.len());
+        });
+        (addr, read)
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_arrives_while_the_body_streams_and_the_upload_goes_on() {
+        let (addr, upstream_read) =
+            early_server(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 4\r\n\r\nbig!").await;
+        let pool = Pool::new(cluster(addr));
+        let authority = Authority::from_static("test");
+        let headers = hyper::HeaderMap::new();
+        let (tx, body) = feed();
+        tx.send(Ok(hyper::body::Frame::data(Bytes::from("first"))))
+            .await
+            .expect("fed");
+        let (head, body) = tokio::time::timeout(
+            Duration::from_secs(5),
+            pool.send_stream(
+                addr,
+                &authority,
+                &streamed(&headers, h1::Length::Chunked),
+                body,
+            ),
+        )
+        .await
+        .expect("answered before the body ended")
+        .expect("answered");
+        assert_eq!(head.status, 413);
+        assert_eq!(text(body).await, "big!");
+        // The response is complete; the body still goes out to its end.
+        tx.send(Ok(hyper::body::Frame::data(Bytes::from("second"))))
+            .await
+            .expect("the pump still takes the body");
+        drop(tx);
+        let read = tokio::time::timeout(Duration::from_secs(5), upstream_read)
+            .await
+            .expect("the upload ended and the connection closed")
+            .expect("count");
+        assert!(read > 40, "the upstream got the rest: {read} bytes");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_exchange_stops_pumping_its_body() {
+        let (addr, upstream_read) =
+            early_server(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nmore").await;
+        let pool = Pool::new(cluster(addr));
+        let authority = Authority::from_static("test");
+        let headers = hyper::HeaderMap::new();
+        let (tx, body) = feed();
+        tx.send(Ok(hyper::body::Frame::data(Bytes::from("first"))))
+            .await
+            .expect("fed");
+        let (_, body) = pool
+            .send_stream(
+                addr,
+                &authority,
+                &streamed(&headers, h1::Length::Chunked),
+                body,
+            )
+            .await
+            .expect("answered");
+        // The client goes away half way through the response.
+        drop(body);
+        tokio::time::timeout(Duration::from_secs(5), tx.closed())
+            .await
+            .expect("the pump let go of the client's body");
+        tokio::time::timeout(Duration::from_secs(5), upstream_read)
+            .await
+            .expect("the upstream connection closed")
+            .expect("count");
     }
 }

@@ -1,15 +1,20 @@
-//! The HTTP/1.1 upstream leg, driven inline by the request that uses it:
-//! no connection task, no channels. A request whose body is already in
-//! memory (empty, or buffered for retries) is encoded straight from the
-//! client's header map into the connection's write buffer, written in one
-//! go, and its response head parsed from the connection's read buffer; the
-//! response body ([`Body`]) then reads the upstream socket itself from the
-//! client connection's task, and puts the connection back in the pool
-//! ([`IdleConns`]) the moment its last byte is read.
+//! The HTTP/1.1 upstream client, driven by the request that uses it: no
+//! connection task, no channels, one pool ([`IdleConns`]) per upstream.
+//! A request whose body is already in memory (empty, or buffered for
+//! retries) is encoded straight from the client's header map into the
+//! connection's write buffer, written in one go, and its response head
+//! parsed from the connection's read buffer; the response body ([`Body`])
+//! then reads the upstream socket itself from the client connection's
+//! task, and puts the connection back in the pool the moment its last byte
+//! is read.
 //!
-//! Requests that stream their body, upgrades and CONNECT go through
-//! hyper's client instead (see `pool::Pool::send`): those need the
-//! request and the response to move at the same time.
+//! A request whose body streams ([`IdleConns::send_stream`]) has its head
+//! written the same way; then a task pumps the body into the socket's
+//! write half (see [`stream`]) while the response is read here, so an
+//! upstream may answer before the upload ends. The halves are joined again
+//! and the connection pooled when both directions ended cleanly. An
+//! upgrade (101) or a CONNECT answered 2xx ends the exchange with the
+//! connection handed over whole ([`Body::into_tunnel`]) for splicing.
 //!
 //! Responses are framed per RFC 9112 §6.3: no body after HEAD or for
 //! 1xx/204/304; `Transfer-Encoding: chunked` (then any Content-Length is
@@ -31,16 +36,18 @@ use bytes::{Bytes, BytesMut};
 use hyper::Method;
 use hyper::body::{Frame, SizeHint};
 use hyper::header::{self, HeaderMap};
-use hyper::http::uri::{Authority, PathAndQuery};
+use hyper::http::uri::Authority;
 use tokio::io::AsyncWriteExt;
 
-use crate::upstream::MAX_HEADER_BYTES;
 use crate::upstream::dial::{AddrMap, Counted, spawn_sweeper};
+use crate::upstream::{BoxError, MAX_HEADER_BYTES};
 
 pub mod parse;
+pub mod stream;
 
 pub use parse::Head;
-use parse::{Framing, Step, chunk_step, parse_head};
+use parse::{Asked, Framing, Step, chunk_step, parse_head};
+use stream::Split;
 
 /// Reads ask for at least this much room.
 const READ_CHUNK: usize = 8 * 1024;
@@ -56,6 +63,10 @@ pub enum Error {
     Closed,
     #[error("invalid response from the upstream: {0}")]
     Protocol(&'static str),
+    /// The client's request body broke off or was malformed (the
+    /// client's failure, not the upstream's).
+    #[error("the request body broke off")]
+    BodyBroke,
 }
 
 /// A parse error as an exchange's error.
@@ -66,14 +77,14 @@ fn proto(e: parse::Error) -> Error {
 impl Error {
     /// An I/O failure or EOF (not a bad response).
     fn broken(&self) -> bool {
-        !matches!(self, Error::Protocol(_))
+        !matches!(self, Error::Protocol(_) | Error::BodyBroke)
     }
 }
 
 /// An upstream connection with its buffers; counted in the cluster's open
 /// connections while it lives.
 pub struct Conn {
-    io: Counted,
+    io: Io,
     /// Bytes read and not yet consumed.
     rbuf: BytesMut,
     /// The request being written.
@@ -85,7 +96,7 @@ pub struct Conn {
 impl Conn {
     pub fn new(io: Counted) -> Self {
         Conn {
-            io,
+            io: Io::Whole(io),
             rbuf: BytesMut::new(),
             wbuf: Vec::new(),
             answered: false,
@@ -97,7 +108,34 @@ impl Conn {
         if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
             self.rbuf.reserve(READ_CHUNK);
         }
-        tokio_util::io::poll_read_buf(Pin::new(self.io.stream()), cx, &mut self.rbuf)
+        match &mut self.io {
+            Io::Whole(io) => {
+                tokio_util::io::poll_read_buf(Pin::new(io.stream()), cx, &mut self.rbuf)
+            }
+            Io::Split(split) => split.poll_read_buf(cx, &mut self.rbuf),
+        }
+    }
+
+    /// Reads until the buffer holds a complete response head, skipping
+    /// interim ones.
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        asked: Asked,
+    ) -> Poll<Result<(Head, Framing, bool), Error>> {
+        loop {
+            if let Some(parsed) = parse_head(&mut self.rbuf, asked).map_err(proto)? {
+                return Poll::Ready(Ok(parsed));
+            }
+            if self.rbuf.len() > MAX_HEADER_BYTES {
+                return Poll::Ready(Err(Error::Protocol("response head over 64 KiB")));
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) => return Poll::Ready(Err(Error::Closed)),
+                Ok(_) => self.answered = true,
+                Err(e) => return Poll::Ready(Err(Error::Read(e))),
+            }
+        }
     }
 
     /// [`Conn::poll_fill`] for a body: more bytes, or why there are none.
@@ -114,11 +152,14 @@ impl Conn {
     /// readable, one non-blocking read tells EOF or stray bytes from a
     /// spurious wake-up).
     fn alive(&mut self) -> bool {
+        let Io::Whole(io) = &mut self.io else {
+            return false;
+        };
         if !self.rbuf.is_empty() {
             return false;
         }
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        let stream = self.io.stream();
+        let stream = io.stream();
         match stream.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
@@ -130,15 +171,90 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// The connection whole again, if its request body has gone out
+    /// (`None`: it still streams or failed, and closes after).
+    fn rejoin(self) -> Option<Conn> {
+        let Conn {
+            io,
+            rbuf,
+            wbuf,
+            answered,
+        } = self;
+        let io = match io {
+            Io::Whole(io) => io,
+            Io::Split(split) => match split.rejoin() {
+                Ok(io) => io,
+                Err(Some(mut split)) => {
+                    split.detach();
+                    return None;
+                }
+                Err(None) => return None,
+            },
+        };
+        Some(Conn {
+            io: Io::Whole(io),
+            rbuf,
+            wbuf,
+            answered,
+        })
+    }
+
+    /// Starts pumping `body` into the connection (see [`stream`]).
+    fn start_pump<B>(self, body: B, length: Length) -> Conn
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let Conn {
+            io,
+            rbuf,
+            wbuf,
+            answered,
+        } = self;
+        let io = match io {
+            Io::Whole(io) => Io::Split(stream::start(io, body, length)),
+            split @ Io::Split(_) => split,
+        };
+        Conn {
+            io,
+            rbuf,
+            wbuf,
+            answered,
+        }
+    }
+}
+
+/// A connection's socket: whole, or split while a task still pumps a
+/// streamed request body into its write half.
+enum Io {
+    Whole(Counted),
+    Split(Split),
+}
+
+/// How a request body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Length {
+    /// No body, and no field saying so.
+    None,
+    /// `Content-Length` (kept even when 0, as the client sent it).
+    Exact(u64),
+    /// `Transfer-Encoding: chunked` (a streamed body of unknown length).
+    Chunked,
+}
+
 /// What a request sends: borrowed from the request being answered, so a
 /// retry encodes it again without a copy being kept.
 pub struct RequestHead<'a> {
     pub method: &'a Method,
-    pub path: &'a PathAndQuery,
+    /// Origin form (`/path?query`), or authority form for CONNECT.
+    pub target: &'a str,
     pub headers: &'a HeaderMap,
+    /// The body when it is in memory (empty when it streams).
     pub body: &'a Bytes,
-    /// The client sent a Content-Length (kept even when it is 0).
-    pub had_length: bool,
+    pub length: Length,
+    /// The client asked to switch protocols (`Connection: upgrade`).
+    pub upgrade: bool,
 }
 
 impl RequestHead<'_> {
@@ -149,7 +265,7 @@ impl RequestHead<'_> {
         out.clear();
         out.extend_from_slice(self.method.as_str().as_bytes());
         out.push(b' ');
-        out.extend_from_slice(self.path.as_str().as_bytes());
+        out.extend_from_slice(self.target.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
         for (name, value) in self.headers {
             // Framing is the proxy's own (the body is sent whole).
@@ -166,13 +282,26 @@ impl RequestHead<'_> {
             out.extend_from_slice(authority.as_str().as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        if self.had_length || !self.body.is_empty() {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa(self.body.len() as u64, &mut [0u8; 20]));
-            out.extend_from_slice(b"\r\n");
+        match self.length {
+            Length::None => {}
+            Length::Exact(n) => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(itoa(n, &mut [0u8; 20]));
+                out.extend_from_slice(b"\r\n");
+            }
+            Length::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(self.body);
+    }
+
+    /// What the response may be, given what was asked.
+    fn asked(&self) -> Asked {
+        Asked {
+            head: self.method == Method::HEAD,
+            upgrade: self.upgrade,
+            connect: self.method == Method::CONNECT,
+        }
     }
 }
 
@@ -197,28 +326,15 @@ async fn exchange(
 ) -> Result<(Head, Framing, bool), Error> {
     conn.answered = false;
     req.encode(&mut conn.wbuf, authority);
-    conn.io
-        .stream()
+    let Io::Whole(io) = &mut conn.io else {
+        return Err(Error::Protocol("the connection is still sending a request"));
+    };
+    io.stream()
         .write_all(&conn.wbuf)
         .await
         .map_err(Error::Write)?;
-    loop {
-        if let Some((head, framing, reusable)) =
-            parse_head(&mut conn.rbuf, req.method == Method::HEAD).map_err(proto)?
-        {
-            return Ok((head, framing, reusable));
-        }
-        if conn.rbuf.len() > MAX_HEADER_BYTES {
-            return Err(Error::Protocol("response head over 64 KiB"));
-        }
-        let n = poll_fn(|cx| conn.poll_fill(cx))
-            .await
-            .map_err(Error::Read)?;
-        if n == 0 {
-            return Err(Error::Closed);
-        }
-        conn.answered = true;
-    }
+    let asked = req.asked();
+    poll_fn(|cx| conn.poll_head(cx, asked)).await
 }
 
 /// A response body read from the upstream connection as the client
@@ -243,16 +359,37 @@ impl std::fmt::Debug for Body {
 
 impl Body {
     /// The end of the body: the connection is reused when the exchange
-    /// left it clean.
+    /// left it clean (a request body still streaming is left to finish,
+    /// and the connection closes after it).
     fn finish(&mut self) {
         self.framing = Framing::Done;
         if let Some(conn) = self.conn.take()
+            && let Some(conn) = conn.rejoin()
             && self.reusable
             && conn.rbuf.is_empty()
             && let Some(pool) = self.pool.upgrade()
         {
             pool.put(self.addr, conn);
         }
+    }
+
+    /// The answer switched protocols (101) or opened a CONNECT tunnel.
+    pub fn is_tunnel(&self) -> bool {
+        self.framing == Framing::Tunnel
+    }
+
+    /// A tunnel's connection, for the splice: the socket once any request
+    /// body has gone out, and the bytes that came after the head.
+    pub async fn into_tunnel(mut self) -> Option<(Counted, BytesMut)> {
+        if self.framing != Framing::Tunnel {
+            return None;
+        }
+        let Conn { io, rbuf, .. } = self.conn.take()?;
+        let io = match io {
+            Io::Whole(io) => io,
+            Io::Split(split) => split.finished().await?,
+        };
+        Some((io, rbuf))
     }
 
     fn fail(&mut self, error: Error) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
@@ -278,6 +415,12 @@ impl hyper::body::Body for Body {
             match this.framing {
                 Framing::Done => {
                     this.finish();
+                    return Poll::Ready(None);
+                }
+                // Not a body: the connection is the splice's (see
+                // `into_tunnel`); read as one, it ends here.
+                Framing::Tunnel => {
+                    this.conn = None;
                     return Poll::Ready(None);
                 }
                 Framing::Length(left) => {
@@ -332,12 +475,12 @@ impl hyper::body::Body for Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.framing == Framing::Done
+        matches!(self.framing, Framing::Done | Framing::Tunnel)
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.framing {
-            Framing::Done => SizeHint::with_exact(0),
+            Framing::Done | Framing::Tunnel => SizeHint::with_exact(0),
             Framing::Length(n) => SizeHint::with_exact(n),
             _ => SizeHint::default(),
         }
@@ -454,17 +597,7 @@ impl IdleConns {
             };
             match exchange(&mut conn, req, authority).await {
                 Ok((head, framing, reusable)) => {
-                    let mut body = Body {
-                        conn: Some(conn),
-                        framing,
-                        reusable,
-                        addr,
-                        pool: Arc::downgrade(self),
-                    };
-                    if framing == Framing::Done {
-                        body.finish();
-                    }
-                    return Ok((head, body));
+                    return Ok((head, self.body(addr, conn, framing, reusable)));
                 }
                 Err(e)
                     if reused
@@ -477,6 +610,92 @@ impl IdleConns {
                 Err(e) => return Err(SendError::Exchange(e)),
             }
         }
+    }
+}
+
+impl IdleConns {
+    /// Sends `req`, whose body streams from `body`, to `addr` on an idle
+    /// connection or one from `connect`, and returns the response head and
+    /// body (see [`stream`]). Once the head is written the request cannot
+    /// be sent again (its body is being taken); before that, a reused
+    /// connection that fails the write is dropped for another.
+    pub async fn send_stream<B, F, Fut, E>(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        authority: &Authority,
+        req: &RequestHead<'_>,
+        body: B,
+        connect: F,
+    ) -> Result<(Head, Body), SendError<E>>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Conn, E>>,
+    {
+        let mut conn = loop {
+            let (mut conn, reused) = match self.take(addr) {
+                Some(conn) => (conn, true),
+                None => (connect().await.map_err(SendError::Connect)?, false),
+            };
+            conn.answered = false;
+            req.encode(&mut conn.wbuf, authority);
+            let Io::Whole(io) = &mut conn.io else {
+                return Err(SendError::Exchange(Error::Protocol(
+                    "the connection is still sending a request",
+                )));
+            };
+            match io.stream().write_all(&conn.wbuf).await {
+                Ok(()) => break conn,
+                Err(e) if reused => {
+                    tracing::debug!(endpoint = %addr, error = %e, "pooled connection was closed; sending on another");
+                }
+                Err(e) => return Err(SendError::Exchange(Error::Write(e))),
+            }
+        };
+        let asked = req.asked();
+        let head = if req.length == Length::None {
+            poll_fn(|cx| conn.poll_head(cx, asked)).await
+        } else {
+            conn = conn.start_pump(body, req.length);
+            let Io::Split(split) = &conn.io else {
+                return Err(SendError::Exchange(Error::Protocol(
+                    "the body pump did not start",
+                )));
+            };
+            let shared = split.shared();
+            tokio::select! {
+                biased;
+                head = poll_fn(|cx| conn.poll_head(cx, asked)) => head,
+                () = stream::client_broke(&shared) => Err(Error::BodyBroke),
+            }
+        };
+        match head {
+            Ok((head, framing, reusable)) => Ok((head, self.body(addr, conn, framing, reusable))),
+            Err(e) => Err(SendError::Exchange(e)),
+        }
+    }
+
+    /// The response body over `conn`; already finished (and the
+    /// connection pooled) when there is none.
+    fn body(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        conn: Conn,
+        framing: Framing,
+        reusable: bool,
+    ) -> Body {
+        let mut body = Body {
+            conn: Some(conn),
+            framing,
+            reusable,
+            addr,
+            pool: Arc::downgrade(self),
+        };
+        if framing == Framing::Done {
+            body.finish();
+        }
+        body
     }
 }
 
@@ -562,13 +781,13 @@ mod tests {
     ) -> Result<(StatusCode, HeaderMap, Bytes, Option<HeaderMap>), String> {
         let headers = HeaderMap::new();
         let body = Bytes::new();
-        let path = PathAndQuery::from_static("/x?y=1");
         let req = RequestHead {
             method: &method,
-            path: &path,
+            target: "/x?y=1",
             headers: &headers,
             body: &body,
-            had_length: false,
+            length: Length::None,
+            upgrade: false,
         };
         let authority = Authority::from_static("up.example:80");
         let (head, body) = pool
@@ -689,10 +908,11 @@ mod tests {
         let body = Bytes::from_static(b"data");
         let req = RequestHead {
             method: &Method::POST,
-            path: &PathAndQuery::from_static("/p"),
+            target: "/p",
             headers: &headers,
             body: &body,
-            had_length: true,
+            length: Length::Exact(4),
+            upgrade: false,
         };
         let mut out = Vec::new();
         req.encode(&mut out, &Authority::from_static("ignored:1"));

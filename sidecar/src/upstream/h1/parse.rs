@@ -37,6 +37,20 @@ pub enum Framing {
     /// Until the upstream closes the connection.
     Close,
     Done,
+    /// No body: the connection now carries another protocol (a 101 to an
+    /// upgrade request, a 2xx to CONNECT), to be spliced as it is.
+    Tunnel,
+}
+
+/// What the request asked for, which decides how a response is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Asked {
+    /// A HEAD request: no body follows any response.
+    pub head: bool,
+    /// `Connection: upgrade`: a 101 switches the connection over.
+    pub upgrade: bool,
+    /// CONNECT: a 2xx makes the connection a tunnel.
+    pub connect: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,10 +67,12 @@ pub enum Chunk {
 
 /// A complete response head from the read buffer (consumed), or `None`
 /// when more bytes are needed. Interim 1xx responses are consumed and
-/// skipped.
+/// skipped, except a 101 to an upgrade request: that one, and a 2xx to
+/// CONNECT, end the exchange with [`Framing::Tunnel`] (a 101 keeps its
+/// `Connection` and `Upgrade` fields, which the client needs).
 pub fn parse_head(
     rbuf: &mut BytesMut,
-    head_request: bool,
+    asked: Asked,
 ) -> Result<Option<(Head, Framing, bool)>, Error> {
     loop {
         let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
@@ -100,11 +116,12 @@ pub fn parse_head(
             );
         }
         let head_bytes = rbuf.split_to(len).freeze();
-        if status.is_informational() {
-            if status == StatusCode::SWITCHING_PROTOCOLS {
-                return Err(Error("101 to a request that asked no upgrade"));
-            }
+        let switched = status == StatusCode::SWITCHING_PROTOCOLS;
+        if status.is_informational() && !switched {
             continue;
+        }
+        if switched && !asked.upgrade {
+            return Err(Error("101 to a request that asked no upgrade"));
         }
         let raw = |&(n0, n1, v0, v1): &(u32, u32, u32, u32)| {
             (
@@ -113,14 +130,22 @@ pub fn parse_head(
             )
         };
         let message = Message::read(spans[..count].iter().map(raw))?;
-        let (framing, reusable) = message.framing(status, head_request, version)?;
+        let tunnel = switched || (asked.connect && status.is_success());
+        let (framing, reusable) = if tunnel {
+            (Framing::Tunnel, false)
+        } else {
+            message.framing(status, asked.head, version)?
+        };
         // The fields minus the hop-by-hop ones (RFC 9110 §7.6.1), which
         // describe this connection only, and minus a Content-Length that
         // Transfer-Encoding overrides.
         let mut headers = HeaderMap::with_capacity(count);
         for span in &spans[..count] {
             let name = HeaderName::from_bytes(raw(span).0).map_err(|_| Error("bad header name"))?;
-            if is_hop_by_hop(&name) || (message.codings > 0 && name == header::CONTENT_LENGTH) {
+            let kept = switched && (name == header::CONNECTION || name == header::UPGRADE);
+            if !kept
+                && (is_hop_by_hop(&name) || (message.codings > 0 && name == header::CONTENT_LENGTH))
+            {
                 continue;
             }
             let value =
@@ -128,7 +153,7 @@ pub fn parse_head(
                     .map_err(|_| Error("bad header value"))?;
             headers.append(name, value);
         }
-        if message.connection_names {
+        if message.connection_names && !switched {
             // `Connection: x-foo` makes x-foo hop-by-hop too (rare).
             for span in &spans[..count] {
                 let (name, value) = raw(span);
@@ -362,7 +387,54 @@ mod tests {
     use super::*;
 
     fn head(text: &[u8]) -> Result<Option<(Head, Framing, bool)>, Error> {
-        parse_head(&mut BytesMut::from(text), false)
+        parse_head(&mut BytesMut::from(text), Asked::default())
+    }
+
+    #[test]
+    fn a_switch_or_a_tunnel_is_only_taken_when_asked_for() {
+        let upgrade = Asked {
+            upgrade: true,
+            ..Asked::default()
+        };
+        let text = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nX-A: 1\r\n\r\nframe";
+        let mut buf = BytesMut::from(&text[..]);
+        let (h, framing, reuse) = parse_head(&mut buf, upgrade)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(
+            (h.status, framing, reuse),
+            (StatusCode::SWITCHING_PROTOCOLS, Framing::Tunnel, false)
+        );
+        // The switch's own fields stay (the client needs them), and what
+        // came after the head is the new protocol's, left in the buffer.
+        assert_eq!(h.headers["upgrade"], "websocket");
+        assert_eq!(h.headers["connection"], "Upgrade");
+        assert_eq!(&buf[..], b"frame");
+        // An upgrade request that gets an ordinary answer reads its body.
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"[..]);
+        let (_, framing, _) = parse_head(&mut buf, upgrade)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(framing, Framing::Length(2));
+        let connect = Asked {
+            connect: true,
+            ..Asked::default()
+        };
+        for (text, want) in [
+            (
+                &b"HTTP/1.1 200 Connection Established\r\n\r\n"[..],
+                Framing::Tunnel,
+            ),
+            (
+                b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n",
+                Framing::Done,
+            ),
+        ] {
+            let (_, framing, _) = parse_head(&mut BytesMut::from(text), connect)
+                .expect("valid")
+                .expect("complete");
+            assert_eq!(framing, want, "{}", String::from_utf8_lossy(text));
+        }
     }
 
     #[test]
@@ -527,13 +599,21 @@ mod tests {
             if rng.random_bool(0.2) {
                 text.truncate(rng.random_range(0..text.len()));
             }
-            let head_request = rng.random_bool(0.2);
+            let asked = Asked {
+                head: rng.random_bool(0.2),
+                upgrade: rng.random_bool(0.2),
+                connect: rng.random_bool(0.1),
+            };
             let mut buf = BytesMut::from(&text[..]);
-            if let Ok(Some((head, framing, _))) = parse_head(&mut buf, head_request) {
+            if let Ok(Some((head, framing, reusable))) = parse_head(&mut buf, asked) {
                 heads += 1;
                 assert!(buf.len() < text.len());
-                assert!(!head.status.is_informational());
-                assert!(!head_request || framing == Framing::Done);
+                let switched = head.status == hyper::StatusCode::SWITCHING_PROTOCOLS;
+                assert!(!head.status.is_informational() || (switched && asked.upgrade));
+                let tunnel = switched || (asked.connect && head.status.is_success());
+                assert_eq!(framing == Framing::Tunnel, tunnel);
+                assert!(!tunnel || !reusable);
+                assert!(tunnel || !asked.head || framing == Framing::Done);
             }
         }
         const CHUNKED: [&[u8]; 8] = [
