@@ -106,8 +106,8 @@ async fn http1_through_two_sidecars_spreads_evenly_and_passes_headers() -> Resul
         line["traceparent"].is_string() && line["request_id"].is_string(),
         "{line}"
     );
-    // Bodies that cannot be kept for a retry stream through hyper's client
-    // rather than the inline leg: one over 64 KiB, and a chunked one.
+    // Bodies that cannot be kept for a retry are streamed after the head
+    // rather than sent with it: one over 64 KiB, and a chunked one.
     let big = "b".repeat(200 * 1024);
     let r = http
         .post(format!("{url}/hello"))

@@ -59,13 +59,12 @@ impl HttpProxy {
                 // parses (but a 101's `Connection` and `Upgrade`).
                 let mut headers = head.headers;
                 self.strip_error_header(&mut headers);
-                let body = if body.is_tunnel() {
+                let mut response = if body.is_tunnel() {
                     self.splice(body, downstream_upgrade, guards);
-                    ResponseBody::Empty
+                    Response::new(ResponseBody::Empty)
                 } else {
-                    ResponseBody::inline(body, guards)
+                    Response::new(ResponseBody::inline(body, guards))
                 };
-                let mut response = Response::new(body);
                 *response.status_mut() = head.status;
                 *response.headers_mut() = headers;
                 response

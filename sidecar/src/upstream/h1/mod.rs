@@ -118,13 +118,18 @@ impl Conn {
 
     /// Reads until the buffer holds a complete response head, skipping
     /// interim ones.
+    #[inline(always)]
     fn poll_head(
         &mut self,
         cx: &mut Context<'_>,
         asked: Asked,
     ) -> Poll<Result<(Head, Framing, bool), Error>> {
         loop {
-            if let Some(parsed) = parse_head(&mut self.rbuf, asked).map_err(proto)? {
+            // Nothing read yet (the usual first poll, and its wake-up):
+            // nothing to parse.
+            if !self.rbuf.is_empty()
+                && let Some(parsed) = parse_head(&mut self.rbuf, asked).map_err(proto)?
+            {
                 return Poll::Ready(Ok(parsed));
             }
             if self.rbuf.len() > MAX_HEADER_BYTES {
@@ -174,6 +179,8 @@ impl Conn {
 impl Conn {
     /// The connection whole again, if its request body has gone out
     /// (`None`: it still streams or failed, and closes after).
+    #[cold]
+    #[inline(never)]
     fn rejoin(self) -> Option<Conn> {
         let Conn {
             io,
@@ -363,9 +370,22 @@ impl Body {
     /// and the connection closes after it).
     fn finish(&mut self) {
         self.framing = Framing::Done;
-        if let Some(conn) = self.conn.take()
-            && let Some(conn) = conn.rejoin()
-            && self.reusable
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if let Io::Split(_) = conn.io {
+            if let Some(whole) = conn.rejoin() {
+                self.keep(whole);
+            }
+            return;
+        }
+        self.keep(conn);
+    }
+
+    /// Puts `conn` back in the pool if the exchange left it clean.
+    #[inline(always)]
+    fn keep(&self, conn: Conn) {
+        if self.reusable
             && conn.rbuf.is_empty()
             && let Some(pool) = self.pool.upgrade()
         {
@@ -527,6 +547,7 @@ impl IdleConns {
 
     /// The most recently used live connection to `addr`; stale ones met
     /// on the way are closed.
+    #[inline(always)]
     fn take(&self, addr: SocketAddr) -> Option<Conn> {
         let mut idle = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let now = idle.sweeps;
@@ -678,6 +699,7 @@ impl IdleConns {
 
     /// The response body over `conn`; already finished (and the
     /// connection pooled) when there is none.
+    #[inline(always)]
     fn body(
         self: &Arc<Self>,
         addr: SocketAddr,
