@@ -360,8 +360,19 @@ async fn start_consensus(
         path: dir.path.display().to_string(),
         reason: e.to_string(),
     };
-    let log_store = LogStore::open(&dir.db, &dir.path.join("raft"), &dir.path.join("wal"))
-        .map_err(|e| storage_error(&e))?;
+    let wal = dir.path.join(crate::storage::datadir::WAL_DIR);
+    let log_store = LogStore::open(&dir.db, &dir.path.join("raft"), &wal).map_err(|e| {
+        if !e.is_damage() {
+            return storage_error(&e);
+        }
+        // The way out, explicit and the operator's to take.
+        let hint = crate::storage::datadir::rebuild_hint(&dir.path);
+        storage_error(&format!("{e}\n  {hint}"))
+    })?;
+    // A server joining a running cluster with no vote recorded waits for a
+    // leader before it votes (see `RegistryNode::withhold_votes_until_leader`);
+    // servers forming a cluster with `--peers` must vote for each other.
+    let withhold_votes = !log_store.has_vote() && !matches!(config.bootstrap, Bootstrap::Peers(_));
     let state_machine =
         StateMachineStore::open(&dir.path.join("snapshot")).map_err(|e| storage_error(&e))?;
     let shared = state_machine.shared();
@@ -411,6 +422,9 @@ async fn start_consensus(
         config.leader_wait,
         config.election_timeout,
     ));
+    if withhold_votes {
+        node.withhold_votes_until_leader();
+    }
     Ok((raft, node))
 }
 

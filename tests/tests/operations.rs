@@ -407,3 +407,142 @@ async fn a_follower_catches_up_on_large_entries() -> Result<()> {
     cluster.done();
     Ok(())
 }
+
+/// Every file under `dir`, by path, with its bytes.
+fn tree(dir: &std::path::Path) -> Result<BTreeMap<std::path::PathBuf, Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_owned()];
+    for _ in 0..10_000 {
+        let Some(next) = todo.pop() else {
+            return Ok(out);
+        };
+        for entry in std::fs::read_dir(&next)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                out.insert(path.clone(), std::fs::read(&path)?);
+            }
+        }
+    }
+    bail!("{} holds too many directories", dir.display())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_a_damaged_log_refuses_unchanged_and_is_rebuilt_from_the_others() -> Result<()>
+{
+    let mut cluster = Cluster::start(3, &[]).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await?;
+    for i in 0..20 {
+        cluster
+            .must_put(leader, &format!("damaged/k{i}"), &format!("v{i}"))
+            .await?;
+    }
+    let f = cluster.followers(leader)[0];
+    let want = kv_dump(&cluster, leader).await?;
+    wait_for(
+        "the follower to hold every key",
+        Duration::from_secs(10),
+        || async { (kv_dump(&cluster, f).await.ok()? == want).then_some(()) },
+    )
+    .await?;
+    cluster.servers[f].stop().await?;
+
+    // Flip one byte inside a record in the middle of its log (a committed
+    // write, with committed writes after it).
+    let data_dir = cluster.servers[f].data_dir.clone();
+    let wal = data_dir.join("wal");
+    let mut segments: Vec<_> = std::fs::read_dir(&wal)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    segments.retain(|p| p.extension().is_some_and(|x| x == "seg"));
+    segments.sort();
+    let segment = segments.last().context("a WAL segment")?.clone();
+    let mut bytes = std::fs::read(&segment)?;
+    let mut records = Vec::new();
+    let mut at = 0usize;
+    while at + 16 <= bytes.len() && records.len() < 100_000 {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into()?) as usize;
+        if len == 0 {
+            break;
+        }
+        records.push(at);
+        at += 16 + len;
+    }
+    if records.len() < 4 {
+        bail!("only {} records in {}", records.len(), segment.display());
+    }
+    let victim = records[records.len() / 2];
+    bytes[victim + 16] ^= 0x20;
+    std::fs::write(&segment, &bytes)?;
+    let before = tree(&data_dir)?;
+
+    // It refuses to start, says why and what to do, and changes nothing.
+    cluster.servers[f].start(&[])?;
+    let mut status = None;
+    for _ in 0..200 {
+        status = cluster.servers[f].try_exit_status();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = status.context("the damaged server kept running")?;
+    let log = cluster.servers[f].log_tail(30);
+    if status.success() {
+        bail!("a damaged log exited 0:\n{log}");
+    }
+    for needed in [
+        "the log is damaged, not torn by a crash; nothing was changed",
+        &format!("offset {victim}"),
+        "--join",
+    ] {
+        if !log.contains(needed) {
+            bail!("the refusal does not say {needed:?}:\n{log}");
+        }
+    }
+    let after = tree(&data_dir)?;
+    let changed: Vec<_> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|p| before.get(*p) != after.get(*p))
+        .collect();
+    if !changed.is_empty() {
+        bail!("refusing to start changed the data dir: {changed:?}");
+    }
+
+    // The way out it names: the data dir aside, and `--join`.
+    std::fs::rename(&data_dir, data_dir.with_extension("damaged"))?;
+    let via = cluster.servers[leader].raft_addr();
+    let args = &mut cluster.servers[f].args;
+    let peers = args
+        .iter()
+        .position(|a| a == "--peers")
+        .context("--peers")?;
+    args.drain(peers..peers + 2);
+    args.extend(["--join".to_owned(), via]);
+    cluster.servers[f].start(&[])?;
+    wait_for(
+        "the rebuilt server to hold every key",
+        Duration::from_secs(30),
+        || async { (kv_dump(&cluster, f).await.ok()? == want).then_some(()) },
+    )
+    .await?;
+    // A voter again, and writes go on.
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await?;
+    cluster.must_put(leader, "damaged/after", "yes").await?;
+    wait_for(
+        "the rebuilt server to take new writes",
+        Duration::from_secs(10),
+        || async {
+            kv_dump(&cluster, f)
+                .await
+                .ok()?
+                .contains_key("damaged/after")
+                .then_some(())
+        },
+    )
+    .await?;
+    cluster.done();
+    Ok(())
+}

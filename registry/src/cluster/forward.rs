@@ -61,6 +61,11 @@ impl RaftInternal for InternalService {
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.node.channels.accept(&request)?;
+        if !self.node.grants_votes() {
+            return Err(Status::unavailable(
+                "this server has no vote recorded and has not heard from a leader yet: it grants no vote",
+            ));
+        }
         let req = decode(request.get_ref())?;
         encode(&self.node.raft.vote(req).await)
     }

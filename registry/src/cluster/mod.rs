@@ -95,6 +95,14 @@ pub struct RegistryNode {
     pub election_timeout: Duration,
     /// When this follower last heard from a leader (AppendEntries).
     last_contact: Mutex<Option<std::time::Instant>>,
+    /// Set on a server that starts with no vote recorded and joins a
+    /// running cluster (a new server, or one rebuilt after its data dir
+    /// was set aside): it grants no vote until a leader has reached it.
+    /// A rebuilt server has forgotten which candidate it voted for in its
+    /// last term; granting a second vote in that term could elect two
+    /// leaders. Hearing from a leader moves it to the current term, where
+    /// that cannot happen.
+    withholding_votes: std::sync::atomic::AtomicBool,
     /// Queue of writes proposed on this server, batched into log entries.
     batcher: tokio::sync::mpsc::Sender<BatchItem>,
     /// On the leader: (term, index) — the last log index when this process
@@ -144,6 +152,7 @@ impl RegistryNode {
             leader_wait,
             election_timeout,
             last_contact: Mutex::new(None),
+            withholding_votes: std::sync::atomic::AtomicBool::new(false),
             read_floor: Mutex::new((0, 0)),
             ttl_touches: Mutex::new(HashMap::new()),
             batcher,
@@ -154,6 +163,27 @@ impl RegistryNode {
     pub fn touch_leader_contact(&self) {
         *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(std::time::Instant::now());
+        if self
+            .withholding_votes
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!("a leader reached this server: it grants votes again");
+        }
+    }
+
+    /// Grants no vote until a leader has reached this server (see
+    /// `withholding_votes`).
+    pub fn withhold_votes_until_leader(&self) {
+        self.withholding_votes
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!("no vote recorded: this server grants no vote until a leader reaches it");
+    }
+
+    /// Whether a vote request may be answered.
+    pub fn grants_votes(&self) -> bool {
+        !self
+            .withholding_votes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether this server knows a leader, and how long ago it heard from

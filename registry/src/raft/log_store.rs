@@ -81,6 +81,14 @@ pub enum OpenError {
     Decode(String),
 }
 
+impl OpenError {
+    /// The log is damaged (not an I/O failure): it was left unchanged, and
+    /// the server can be rebuilt from the others.
+    pub fn is_damage(&self) -> bool {
+        matches!(self, OpenError::Wal { source, .. } if source.kind() == std::io::ErrorKind::InvalidData)
+    }
+}
+
 impl LogStore {
     /// Opens the log: metadata in `db` (whose files live in `sled_dir`),
     /// entries in the WAL in `wal_dir`. Starts the flusher thread (it ends,
@@ -102,12 +110,24 @@ impl LogStore {
             }
             None => None,
         };
+        // The committed index bounds what a torn tail may take away.
+        let committed: Option<LogId> = match meta.get(COMMITTED)? {
+            Some(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|e| OpenError::Decode(e.to_string()))?
+            }
+            None => None,
+        };
         let wal_error = |source| OpenError::Wal {
             path: wal_dir.display().to_string(),
             source,
         };
-        let (wal, recovery) =
-            Wal::open(wal_dir, segment_size, purged.map(|p| p.index)).map_err(wal_error)?;
+        let (wal, recovery) = Wal::open(
+            wal_dir,
+            segment_size,
+            purged.map(|p| p.index),
+            committed.map(|c| c.index),
+        )
+        .map_err(wal_error)?;
         tracing::debug!(?recovery, "raft log opened");
         let wal = Arc::new(wal);
         let data_file = Arc::new(std::fs::File::open(sled_dir.join("db")).ok());
@@ -188,6 +208,12 @@ impl LogStore {
     }
 
     /// Number of entries currently kept in the log (for metrics and tests).
+    /// Whether this server has ever voted (or recorded a leader's vote):
+    /// false for a fresh data dir.
+    pub fn has_vote(&self) -> bool {
+        matches!(self.meta.get(VOTE), Ok(Some(_)))
+    }
+
     pub fn len(&self) -> usize {
         self.wal
             .bounds()

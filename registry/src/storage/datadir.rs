@@ -16,6 +16,19 @@ use serde::{Deserialize, Serialize};
 const FORMAT: u32 = 1;
 const MARKER: &str = "meshwork.json";
 const RAFT_DIR: &str = "raft";
+/// The Raft log's segments (see [`crate::storage::wal`]).
+pub const WAL_DIR: &str = "wal";
+
+/// What to do about a damaged log: the operator's explicit way out.
+pub fn rebuild_hint(path: &Path) -> String {
+    format!(
+        "To rebuild this server from the others: stop it, move {} aside (keep it for \
+         inspection), and start it again with `--join <a live server's Raft address>` in place \
+         of `--peers`. A single-server cluster restores its last backup instead \
+         (`meshctl snapshot restore`, into a fresh data dir).",
+        path.display()
+    )
+}
 
 /// Why a data dir cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +68,17 @@ pub enum DataDirError {
         "cannot open the Raft store in {path}: {reason} (is another meshwork-registry using it?)"
     )]
     Store { path: PathBuf, reason: String },
+    #[error("raft log {wal}: {reason}\n  {}", rebuild_hint(path))]
+    DamagedLog {
+        path: PathBuf,
+        wal: PathBuf,
+        reason: String,
+    },
+    #[error("cannot read the raft log {wal}: {source}")]
+    ReadLog {
+        wal: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -132,6 +156,23 @@ impl DataDir {
                 });
             }
         };
+        // The log is judged before the metadata store opens (which writes
+        // on open): a damaged log refuses with the data dir untouched.
+        let wal = path.join(WAL_DIR);
+        crate::storage::wal::Wal::check(&wal).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::InvalidData {
+                DataDirError::DamagedLog {
+                    path: path.to_owned(),
+                    wal: wal.clone(),
+                    reason: source.to_string(),
+                }
+            } else {
+                DataDirError::ReadLog {
+                    wal: wal.clone(),
+                    source,
+                }
+            }
+        })?;
         let db = sled::Config::new()
             .path(&raft_path)
             .mode(sled::Mode::HighThroughput)

@@ -24,9 +24,16 @@
 //!
 //! Crash safety: records are written in order and only acknowledged after
 //! `fdatasync`; a segment is synced before the next one receives a record.
-//! So on recovery an invalid record can only be a torn tail in the last
-//! segment: its remains are zeroed and the log ends before it. An invalid
-//! record in an earlier segment is corruption and refuses to open.
+//! So a crash can leave one thing only: a torn tail, an incomplete last
+//! record (or last batch) in the last segment. Recovery decides before it
+//! writes anything. An invalid record is a torn tail when it is in the last
+//! segment, nothing valid for this segment follows it anywhere (the search
+//! looks at every offset, so a damaged length field cannot hide what
+//! comes after), and dropping it loses no index at or below the committed
+//! index recorded in the metadata: then its remains are zeroed and the log
+//! ends before it. Anything else is corruption: the log refuses to open,
+//! changes nothing, and names the segment, the offset and the index (see
+//! [`Damage`]).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -87,12 +94,14 @@ pub struct Wal {
 }
 
 /// What recovery found, for the log.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Recovery {
     pub segments: usize,
     pub records: usize,
     /// Bytes of a torn tail that were zeroed.
     pub torn_bytes: u64,
+    /// Where the torn tail began, and what was wrong with it.
+    pub torn_at: Option<(PathBuf, u64, String)>,
 }
 
 fn segment_name(seq: u64) -> String {
@@ -117,6 +126,62 @@ fn checksum(seq: u64, index: u64, payload: &[u8]) -> u32 {
 
 fn corrupt(msg: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, msg)
+}
+
+/// Corruption found on open: where, and why it is not a torn write. The
+/// log was left as it was.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{segment}: {reason} at offset {offset} (the record for index {index}), and {why}: \
+     the log is damaged, not torn by a crash; nothing was changed"
+)]
+pub struct Damage {
+    pub segment: String,
+    pub offset: u64,
+    /// The index the damaged record should hold.
+    pub index: u64,
+    pub reason: String,
+    /// What proves it is not a torn tail.
+    pub why: String,
+}
+
+/// The first record after `from` that is valid for segment `seq` and
+/// carries an index in `(after, after + 2^20]`: proof that the log goes on
+/// past a damaged record. Every offset is tried (a damaged length cannot
+/// say where the next record starts); the index filter keeps the checksum
+/// work to real candidates, and records of a recycled segment's earlier
+/// life fail the checksum (it covers `seq`).
+fn valid_record_after(
+    file: &File,
+    seq: u64,
+    from: u64,
+    file_len: u64,
+    after: u64,
+) -> std::io::Result<Option<(u64, u64)>> {
+    if from >= file_len {
+        return Ok(None);
+    }
+    let mut rest = vec![0u8; (file_len - from) as usize];
+    file.read_exact_at(&mut rest, from)?;
+    let window = 1u64 << 20;
+    for at in 0..rest.len().saturating_sub(HEADER - 1) {
+        let header = &rest[at..at + HEADER];
+        let mut index_bytes = [0u8; 8];
+        index_bytes.copy_from_slice(&header[8..16]);
+        let index = u64::from_le_bytes(index_bytes);
+        if index <= after || index - after > window {
+            continue;
+        }
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        if len == 0 || len > MAX_RECORD || at + HEADER + len > rest.len() {
+            continue;
+        }
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if checksum(seq, index, &rest[at + HEADER..at + HEADER + len]) == crc {
+            return Ok(Some((from + at as u64, index)));
+        }
+    }
+    Ok(None)
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -187,7 +252,7 @@ fn scan_segment(file: &File, seq: u64) -> std::io::Result<Scanned> {
             break if header.iter().all(|b| *b == 0) {
                 None
             } else {
-                Some(format!("bad record header at offset {offset}"))
+                Some("bad record header".to_owned())
             };
         }
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
@@ -196,19 +261,17 @@ fn scan_segment(file: &File, seq: u64) -> std::io::Result<Scanned> {
         let index = u64::from_le_bytes(index_bytes);
         let total = HEADER as u64 + u64::from(len);
         if len as usize > MAX_RECORD || offset + total > file_len {
-            break Some(format!("record at offset {offset} runs past the end"));
+            break Some("record runs past the end of the segment".to_owned());
         }
         payload.resize(len as usize, 0);
         reader.read_exact(&mut payload)?;
         if checksum(seq, index, &payload) != crc {
-            break Some(format!("checksum mismatch at offset {offset}"));
+            break Some("checksum mismatch".to_owned());
         }
         if let Some(p) = prev
             && index != p + 1
         {
-            break Some(format!(
-                "index {index} at offset {offset} does not follow {p}"
-            ));
+            break Some(format!("index {index} does not follow {p}"));
         }
         records.push((index, Pos { seq, offset, len }));
         prev = Some(index);
@@ -222,70 +285,144 @@ fn scan_segment(file: &File, seq: u64) -> std::io::Result<Scanned> {
     })
 }
 
+/// The log's segments as read, once judged sound (a torn tail at most).
+struct Judged {
+    segments: Vec<(u64, PathBuf, File, Scanned)>,
+    /// A half-made spare left by a crash, to remove.
+    spare_tmp: Option<PathBuf>,
+}
+
+/// Reads every segment and decides, writing nothing: the log is sound (a
+/// torn tail at most, see the module docs), or `Err` naming the damage.
+fn judge(dir: &Path, purged: Option<u64>, committed: Option<u64>) -> std::io::Result<Judged> {
+    let mut seqs = Vec::new();
+    let mut spare_tmp = None;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name == SPARE_TMP {
+            // Left by a crash while the spare was being made: removed
+            // once the log is known to be sound.
+            spare_tmp = Some(entry.path());
+        } else if let Some(seq) = parse_segment_name(&name) {
+            seqs.push(seq);
+        }
+    }
+    seqs.sort_unstable();
+    // First read everything and decide; nothing is written before the
+    // whole log has been judged.
+    let mut scanned_segments = Vec::with_capacity(seqs.len());
+    let mut last_index: Option<u64> = purged;
+    let count = seqs.len();
+    for (i, seq) in seqs.iter().copied().enumerate() {
+        let path = dir.join(segment_name(seq));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let scanned = scan_segment(&file, seq)?;
+        let kept_last = scanned.records.last().map(|(i, _)| *i).or(last_index);
+        if let Some(reason) = &scanned.invalid {
+            let after = kept_last.unwrap_or(0);
+            let damage = |why: String| Damage {
+                segment: path.display().to_string(),
+                offset: scanned.end,
+                index: after + 1,
+                reason: reason.clone(),
+                why,
+            };
+            if i + 1 != count {
+                let why = format!("{} later segment(s) hold more of the log", count - i - 1);
+                return Err(corrupt(damage(why).to_string()));
+            }
+            if let Some((offset, index)) =
+                valid_record_after(&file, seq, scanned.end + 1, scanned.file_len, after)?
+            {
+                let why = format!("a valid record for index {index} follows at offset {offset}");
+                return Err(corrupt(damage(why).to_string()));
+            }
+            if let Some(c) = committed
+                && c > after
+            {
+                let why = format!(
+                    "index {c} was committed: dropping the rest would lose committed entries"
+                );
+                return Err(corrupt(damage(why).to_string()));
+            }
+        }
+        last_index = kept_last;
+        scanned_segments.push((seq, path, file, scanned));
+    }
+    // A log that ends cleanly but short of the committed index lost
+    // records at a boundary (a cut file): as damaged.
+    if let (Some(c), Some((seq, path, _, scanned))) = (committed, scanned_segments.last())
+        && last_index.is_none_or(|l| c > l)
+    {
+        let after = last_index.unwrap_or(0);
+        return Err(corrupt(
+            Damage {
+                segment: path.display().to_string(),
+                offset: scanned.end,
+                index: after + 1,
+                reason: format!("segment {seq:x} ends"),
+                why: format!("index {c} was committed: the log lost committed entries"),
+            }
+            .to_string(),
+        ));
+    }
+    Ok(Judged {
+        segments: scanned_segments,
+        spare_tmp,
+    })
+}
+
 impl Wal {
+    /// Judges the log in `dir` without writing anything (nor opening the
+    /// metadata store, which writes on open): `Err` when it is damaged
+    /// beyond a torn tail, by the proofs that need no metadata (a later
+    /// segment, or a valid record after the damage). A missing directory
+    /// is an empty log.
+    pub fn check(dir: &Path) -> std::io::Result<()> {
+        if !dir.exists() {
+            return Ok(());
+        }
+        judge(dir, None, None).map(drop)
+    }
+
     /// Opens (creating if needed) the log in `dir`. Records at or below
     /// `purged` may be missing (they were purged); a gap anywhere else is
-    /// corruption.
+    /// corruption. `committed` (the metadata's committed index, if known)
+    /// is a floor: a torn tail may not take the log below it.
     pub fn open(
         dir: &Path,
         segment_size: u64,
         purged: Option<u64>,
+        committed: Option<u64>,
     ) -> std::io::Result<(Self, Recovery)> {
         std::fs::create_dir_all(dir)?;
-        let mut seqs = Vec::new();
-        for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name == SPARE_TMP {
-                // Left by a crash while the spare was being made.
-                match std::fs::remove_file(entry.path()) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                    _ => {}
-                }
-            } else if let Some(seq) = parse_segment_name(&name) {
-                seqs.push(seq);
+        let Judged {
+            segments: scanned_segments,
+            spare_tmp,
+        } = judge(dir, purged, committed)?;
+        if let Some(tmp) = spare_tmp {
+            match std::fs::remove_file(tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
             }
         }
-        seqs.sort_unstable();
         let mut recovery = Recovery::default();
         let mut segments = VecDeque::new();
         let mut positions: VecDeque<Pos> = VecDeque::new();
         let mut first = 0u64;
-        let count = seqs.len();
-        for (i, seq) in seqs.iter().copied().enumerate() {
-            let path = dir.join(segment_name(seq));
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)?;
-            let scanned = scan_segment(&file, seq)?;
-            if let Some(reason) = &scanned.invalid {
-                if i + 1 != count {
-                    return Err(corrupt(format!(
-                        "{}: {reason} (not the last segment, so not a torn write)",
-                        path.display()
-                    )));
-                }
-                let torn = scanned.file_len - scanned.end;
-                tracing::warn!(
-                    segment = %path.display(),
-                    reason = %reason,
-                    zeroed_bytes = torn,
-                    "the log ends with a torn write (a crash while appending); dropping it"
-                );
-                zero_range(&file, scanned.end, torn)?;
-                file.sync_data()?;
-                recovery.torn_bytes = torn;
-            }
-            drop_cache(&file);
+        for (seq, path, file, scanned) in scanned_segments {
             if let Some((first_index, _)) = scanned.records.first() {
                 let expected = first + positions.len() as u64;
                 if !positions.is_empty() && *first_index != expected {
                     let last = expected - 1;
                     if *first_index < expected || purged.is_none_or(|p| p < last) {
                         return Err(corrupt(format!(
-                            "{}: starts at index {first_index} but the previous segment ends at {last}",
+                            "{}: starts at index {first_index} but the previous segment ends at {last}; nothing was changed",
                             path.display()
                         )));
                     }
@@ -297,13 +434,33 @@ impl Wal {
             }
             recovery.records += scanned.records.len();
             let last_index = scanned.records.last().map(|(i, _)| *i);
-            positions.extend(scanned.records.into_iter().map(|(_, p)| p));
+            positions.extend(scanned.records.iter().map(|(_, p)| *p));
             segments.push_back(Segment {
                 seq,
                 file: Arc::new(file),
                 end: scanned.end,
                 last_index,
             });
+            if let Some(reason) = &scanned.invalid {
+                recovery.torn_bytes = scanned.file_len - scanned.end;
+                recovery.torn_at = Some((path, scanned.end, reason.clone()));
+            }
+        }
+        // Index continuity is settled: only now is a proven torn tail
+        // zeroed (the last segment's; see the module docs).
+        if let (Some((path, offset, reason)), Some(last)) = (&recovery.torn_at, segments.back()) {
+            tracing::warn!(
+                segment = %path.display(),
+                offset,
+                reason = %reason,
+                zeroed_bytes = recovery.torn_bytes,
+                "the log ends with a torn write (a crash while appending, never acknowledged); dropping it"
+            );
+            zero_range(&last.file, *offset, recovery.torn_bytes)?;
+            last.file.sync_data()?;
+        }
+        for segment in &segments {
+            drop_cache(&segment.file);
         }
         recovery.segments = segments.len();
         let wal = Self {
@@ -643,7 +800,7 @@ mod tests {
     #[test]
     fn appends_roll_over_and_survive_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (wal, rec) = Wal::open(dir.path(), 4096, None).expect("open");
+        let (wal, rec) = Wal::open(dir.path(), 4096, None, None).expect("open");
         assert_eq!(rec, Recovery::default());
         for i in 1..=500 {
             wal.append(i, &payload(i)).expect("append");
@@ -652,7 +809,7 @@ mod tests {
         assert!(segment_files(dir.path()) > 3, "rolled over");
         assert_eq!(wal.bounds(), Some((1, 500)));
         drop(wal);
-        let (wal, rec) = Wal::open(dir.path(), 4096, None).expect("reopen");
+        let (wal, rec) = Wal::open(dir.path(), 4096, None, None).expect("reopen");
         assert_eq!(rec.records, 500);
         assert_eq!(rec.torn_bytes, 0);
         let got = wal.read(1, 501).expect("read");
@@ -666,7 +823,7 @@ mod tests {
     #[test]
     fn truncate_is_durable_and_leaves_no_stale_records() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (wal, _) = Wal::open(dir.path(), 4096, None).expect("open");
+        let (wal, _) = Wal::open(dir.path(), 4096, None, None).expect("open");
         for i in 1..=300 {
             wal.append(i, &payload(i)).expect("append");
         }
@@ -679,21 +836,21 @@ mod tests {
         }
         sync(&wal);
         drop(wal);
-        let (wal, _) = Wal::open(dir.path(), 4096, None).expect("reopen");
+        let (wal, _) = Wal::open(dir.path(), 4096, None, None).expect("reopen");
         assert_eq!(wal.bounds(), Some((1, 150)));
         wal.truncate(1).expect("truncate all");
         assert_eq!(wal.bounds(), None);
         wal.append(1, b"again").expect("append after full truncate");
         sync(&wal);
         drop(wal);
-        let (wal, _) = Wal::open(dir.path(), 4096, None).expect("reopen");
+        let (wal, _) = Wal::open(dir.path(), 4096, None, None).expect("reopen");
         assert_eq!(wal.read(1, 2).expect("read"), vec![(1, b"again".to_vec())]);
     }
 
     #[test]
     fn purge_deletes_old_segments_and_allows_a_gap() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (wal, _) = Wal::open(dir.path(), 4096, None).expect("open");
+        let (wal, _) = Wal::open(dir.path(), 4096, None, None).expect("open");
         for i in 1..=400 {
             wal.append(i, &payload(i)).expect("append");
         }
@@ -709,7 +866,7 @@ mod tests {
         sync(&wal);
         drop(wal);
         // The segments before the gap are gone, so no purge point is needed.
-        let (wal, _) = Wal::open(dir.path(), 4096, None).expect("reopen");
+        let (wal, _) = Wal::open(dir.path(), 4096, None, None).expect("reopen");
         assert_eq!(wal.bounds(), Some((1001, 1001)));
         assert_eq!(segment_files(dir.path()), 1);
     }
@@ -717,7 +874,7 @@ mod tests {
     #[test]
     fn recycled_segments_do_not_bring_old_records_back() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (wal, _) = Wal::open(dir.path(), 4096, None).expect("open");
+        let (wal, _) = Wal::open(dir.path(), 4096, None, None).expect("open");
         let mut next = 1;
         for round in 0..5 {
             for _ in 0..200 {
@@ -740,7 +897,7 @@ mod tests {
         }
         // Stop mid-segment: the rest of the (recycled) file is old records.
         drop(wal);
-        let (wal, rec) = Wal::open(dir.path(), 4096, Some(next - 50)).expect("reopen");
+        let (wal, rec) = Wal::open(dir.path(), 4096, Some(next - 50), None).expect("reopen");
         assert_eq!(wal.bounds(), Some((next - 49, next - 1)));
         assert!(rec.records >= 49);
         for (i, p) in wal.read(next - 49, next).expect("read") {
@@ -751,19 +908,19 @@ mod tests {
     #[test]
     fn a_missing_segment_is_corruption_unless_purged() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (wal, _) = Wal::open(dir.path(), 4096, None).expect("open");
+        let (wal, _) = Wal::open(dir.path(), 4096, None, None).expect("open");
         for i in 1..=400 {
             wal.append(i, &payload(i)).expect("append");
         }
         sync(&wal);
         drop(wal);
         std::fs::remove_file(dir.path().join(segment_name(2))).expect("remove");
-        let err = Wal::open(dir.path(), 4096, None).expect_err("gap refused");
+        let err = Wal::open(dir.path(), 4096, None, None).expect_err("gap refused");
         assert!(
             err.to_string().contains("previous segment ends at"),
             "{err}"
         );
-        let (wal, _) = Wal::open(dir.path(), 4096, Some(390)).expect("purged gap accepted");
+        let (wal, _) = Wal::open(dir.path(), 4096, Some(390), None).expect("purged gap accepted");
         assert_eq!(wal.bounds(), Some((391, 400)));
     }
 
@@ -773,14 +930,14 @@ mod tests {
         // without the join on drop, the spare's writer would still be at
         // work here, and a reopen could race it (CI saw ENOENT that way).
         let dir = tempfile::tempdir().expect("tempdir");
-        let (wal, _) = Wal::open(dir.path(), 64 << 20, None).expect("open");
+        let (wal, _) = Wal::open(dir.path(), 64 << 20, None, None).expect("open");
         drop(wal);
         assert!(
             !dir.path().join(SPARE_TMP).exists(),
             "spare still being made"
         );
         assert!(dir.path().join(SPARE).exists(), "spare finished");
-        let (wal, _) = Wal::open(dir.path(), 64 << 20, None).expect("reopen");
+        let (wal, _) = Wal::open(dir.path(), 64 << 20, None, None).expect("reopen");
         wal.append(1, b"a").expect("append");
         sync(&wal);
     }
@@ -788,7 +945,7 @@ mod tests {
     #[test]
     fn a_torn_tail_is_dropped_and_corruption_elsewhere_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (wal, _) = Wal::open(dir.path(), 1 << 20, None).expect("open");
+        let (wal, _) = Wal::open(dir.path(), 1 << 20, None, None).expect("open");
         for i in 1..=10 {
             wal.append(i, &payload(i)).expect("append");
         }
@@ -807,7 +964,7 @@ mod tests {
             .sum();
         file.write_all_at(b"#", end_of_10 - len + 1).expect("tear");
         drop(file);
-        let (wal, rec) = Wal::open(dir.path(), 1 << 20, None).expect("reopen");
+        let (wal, rec) = Wal::open(dir.path(), 1 << 20, None, None).expect("reopen");
         assert_eq!(wal.bounds(), Some((1, 9)));
         assert!(rec.torn_bytes > 0);
         // Roll over, then corrupt the first (no longer last) segment.
@@ -822,7 +979,198 @@ mod tests {
             .expect("open seg");
         file.write_all_at(b"#", HEADER as u64 + 2).expect("corrupt");
         drop(file);
-        let err = Wal::open(dir.path(), 1 << 20, None).expect_err("refused");
-        assert!(err.to_string().contains("not the last segment"), "{err}");
+        let err = Wal::open(dir.path(), 1 << 20, None, None).expect_err("refused");
+        assert!(
+            err.to_string()
+                .contains("later segment(s) hold more of the log"),
+            "{err}"
+        );
+    }
+
+    /// Every file of the log directory, by name, with its bytes.
+    fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(dir)
+            .expect("dir")
+            .map(|e| {
+                let e = e.expect("entry");
+                let name = e.file_name().to_string_lossy().into_owned();
+                (name, std::fs::read(e.path()).expect("read"))
+            })
+            .collect()
+    }
+
+    /// What opening a damaged copy of a log gave.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Opened {
+        /// Opened, with these records (index, payload) read back.
+        Records(Vec<(u64, Vec<u8>)>),
+        /// Refused; the files were left byte for byte as they were.
+        Refused(String),
+    }
+
+    /// Copies the log's segments into a fresh dir, lets `damage` change the
+    /// one segment file, and opens it with `committed` as the floor.
+    fn open_damaged(
+        segments: &std::collections::BTreeMap<String, Vec<u8>>,
+        committed: Option<u64>,
+        damage: impl FnOnce(&mut Vec<u8>),
+    ) -> Opened {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut segments = segments.clone();
+        let (_, bytes) = segments.iter_mut().next().expect("one segment");
+        damage(bytes);
+        for (name, bytes) in &segments {
+            std::fs::write(dir.path().join(name), bytes).expect("write");
+        }
+        let before = files(dir.path());
+        match Wal::open(dir.path(), SEGMENT, None, committed) {
+            Ok((wal, _)) => Opened::Records(match wal.bounds() {
+                Some((first, last)) => wal.read(first, last + 1).expect("read back"),
+                None => Vec::new(),
+            }),
+            Err(e) => {
+                assert_eq!(files(dir.path()), before, "a refusal changed files: {e}");
+                Opened::Refused(e.to_string())
+            }
+        }
+    }
+
+    const SEGMENT: u64 = 64 << 10;
+
+    /// A log's segment files by name, and its records (index, payload).
+    type Log = (
+        std::collections::BTreeMap<String, Vec<u8>>,
+        Vec<(u64, Vec<u8>)>,
+    );
+
+    /// A one-segment log of `n` records; its segment files and records.
+    fn small_log(n: u64, size: impl Fn(u64) -> usize) -> Log {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (wal, _) = Wal::open(dir.path(), SEGMENT, None, None).expect("open");
+        let records: Vec<(u64, Vec<u8>)> = (1..=n)
+            .map(|i| (i, vec![b'a' + (i % 26) as u8; size(i)]))
+            .collect();
+        for (i, payload) in &records {
+            wal.append(*i, payload).expect("append");
+        }
+        sync(&wal);
+        drop(wal);
+        let segments = files(dir.path())
+            .into_iter()
+            .filter(|(name, _)| parse_segment_name(name).is_some())
+            .collect();
+        (segments, records)
+    }
+
+    /// Where each record starts, and where the records end.
+    fn offsets(records: &[(u64, Vec<u8>)]) -> (Vec<usize>, usize) {
+        let mut at = 0;
+        let mut starts = Vec::new();
+        for (_, payload) in records {
+            starts.push(at);
+            at += HEADER + payload.len();
+        }
+        (starts, at)
+    }
+
+    #[test]
+    fn a_bit_flip_anywhere_is_refused_unchanged_or_loses_nothing_committed() {
+        let (segments, records) = small_log(6, |i| 20 + 7 * i as usize);
+        let (starts, end) = offsets(&records);
+        let last = records.len() as u64;
+        // Every bit of every byte of every record (headers and payloads
+        // alike), and a few bytes past the end.
+        for at in 0..end + 64 {
+            let bit = 1u8 << (at % 8);
+            // All committed: nothing may be dropped.
+            let opened = open_damaged(&segments, Some(last), |b| b[at] ^= bit);
+            match &opened {
+                Opened::Records(got) => {
+                    assert!(at >= end, "a flip at {at} inside the records was accepted");
+                    assert_eq!(got, &records, "a flip past the end lost records");
+                }
+                Opened::Refused(why) => {
+                    assert!(
+                        at < end,
+                        "a flip past the records at {at} was refused: {why}"
+                    );
+                    let record = starts.iter().rposition(|s| *s <= at).expect("a record") + 1;
+                    assert!(
+                        why.contains(&format!("index {record})")),
+                        "flip at {at}: {why}"
+                    );
+                }
+            }
+            // Nothing known committed: a damaged last record is a torn
+            // tail (dropped), any other is refused.
+            let opened = open_damaged(&segments, None, |b| b[at] ^= bit);
+            let in_last = at >= starts[starts.len() - 1] && at < end;
+            match opened {
+                Opened::Records(got) if in_last => assert_eq!(got, records[..5]),
+                Opened::Records(got) => {
+                    assert!(at >= end, "a flip at {at} was accepted");
+                    assert_eq!(got, records);
+                }
+                Opened::Refused(why) => {
+                    assert!(!in_last && at < end, "flip at {at} refused: {why}");
+                    assert!(why.contains("follows at offset"), "{why}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_torn_last_record_is_dropped_unless_it_was_committed() {
+        let (segments, records) = small_log(5, |i| 300 * i as usize);
+        let (starts, end) = offsets(&records);
+        let last_start = starts[4];
+        for cut in last_start..end {
+            // The write stopped at `cut`: the rest is still zero...
+            let torn = |b: &mut Vec<u8>| b[cut..end].fill(0);
+            assert_eq!(
+                open_damaged(&segments, Some(4), torn),
+                Opened::Records(records[..4].to_vec()),
+                "torn at {cut}"
+            );
+            assert!(matches!(
+                open_damaged(&segments, Some(5), torn),
+                Opened::Refused(why) if why.contains("index 5 was committed")
+            ));
+            // ...or the file ends there.
+            let cut_file = |b: &mut Vec<u8>| b.truncate(cut);
+            assert_eq!(
+                open_damaged(&segments, Some(4), cut_file),
+                Opened::Records(records[..4].to_vec()),
+                "file cut at {cut}"
+            );
+        }
+        // A file cut at a record boundary ends the log early: refused when
+        // that loses committed entries.
+        let cut = |b: &mut Vec<u8>| b.truncate(last_start);
+        assert!(matches!(
+            open_damaged(&segments, Some(5), cut),
+            Opened::Refused(why) if why.contains("lost committed entries")
+        ));
+    }
+
+    #[test]
+    fn a_zeroed_page_or_a_damaged_first_header_is_refused() {
+        let (segments, records) = small_log(14, |_| 1000);
+        let (_, end) = offsets(&records);
+        assert!(end > 3 * 4096);
+        // A page in the middle reads back as zeros (a lost write).
+        let zeroed = open_damaged(&segments, None, |b| b[4096..8192].fill(0));
+        assert!(
+            matches!(&zeroed, Opened::Refused(why) if why.contains("follows at offset")),
+            "{zeroed:?}"
+        );
+        // The first record's length says it runs past the segment's end.
+        let long = open_damaged(&segments, None, |b| {
+            b[0..4].copy_from_slice(&u32::MAX.to_le_bytes())
+        });
+        assert!(
+            matches!(&long, Opened::Refused(why) if why.contains("index 1)") && why.contains("index 2 follows")),
+            "{long:?}"
+        );
     }
 }
