@@ -49,7 +49,7 @@ use idle::Busy;
 use prepare::Prepared;
 use rescue::ProxyError;
 use retry::{Attempt, Verdict};
-use send::{Sent, Upstream};
+use send::{Leg, Sent, Upstream};
 
 /// What follows an attempt.
 enum Next {
@@ -215,19 +215,21 @@ impl HttpProxy {
                         .await
                         .map(|r| r.map(|(head, body)| Upstream::Inline(head, body)))
                     }
-                    (RequestBody::Streaming(streamed), true) => {
-                        let streamed = streamed.take();
-                        let headers = &parts.headers;
-                        Box::pin(self.stream_h1(streamed, headers, &request, &endpoint)).await
-                    }
-                    (body, false) => {
-                        let headers = &mut parts.headers;
-                        match self.outgoing_request(body, &request, &endpoint, headers, can_retry) {
-                            Ok(outgoing) => {
-                                Box::pin(self.exchange(outgoing, &request, &endpoint)).await
+                    (body, _) => {
+                        let leg = match body {
+                            RequestBody::Streaming(streamed) if h1 => Leg::H1(streamed.take()),
+                            body => {
+                                let headers = &mut parts.headers;
+                                match self
+                                    .outgoing_request(body, &request, &endpoint, headers, can_retry)
+                                {
+                                    Ok(outgoing) => Leg::H2(outgoing),
+                                    Err(e) => return fail(e, log, Some(endpoint.addr), attempt),
+                                }
                             }
-                            Err(e) => return fail(e, log, Some(endpoint.addr), attempt),
-                        }
+                        };
+                        let headers = &parts.headers;
+                        Box::pin(self.exchange(leg, headers, &request, &endpoint)).await
                     }
                 };
                 let sent = self.sent(exchange, &request, &endpoint);

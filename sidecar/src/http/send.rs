@@ -1,9 +1,9 @@
 //! Phase 4, send: one attempt of the request to one endpoint, over the
-//! HTTP/1.1 client with a streamed body (`HttpProxy::stream_h1`) or the
-//! endpoint's HTTP/2 connection (`HttpProxy::exchange`) — the HTTP/1.1
-//! client with a body in memory is awaited in the answering future
-//! itself — bounded by the request's deadline; and what its result means
-//! (`HttpProxy::sent`, `classify`).
+//! HTTP/1.1 client with a streamed body or the endpoint's HTTP/2
+//! connection (`HttpProxy::exchange`) — the HTTP/1.1 client with a body in
+//! memory is awaited in the answering future itself — bounded by the
+//! request's deadline; and what its result means (`HttpProxy::sent`,
+//! `classify`).
 
 use hyper::body::Body;
 use hyper::{Request, Response, StatusCode, Uri, Version};
@@ -35,47 +35,44 @@ pub(super) enum Sent {
 pub(super) type Exchange = Result<Result<Upstream, SendError>, Elapsed>;
 
 impl HttpProxy {
-    /// One attempt over the endpoint's HTTP/2 connection, within the
-    /// request's deadline. (The HTTP/1.1 client with a body in memory is
-    /// awaited in the answering future itself: an `async fn` of its own
-    /// would cost ~2 % of the instructions per HTTP/1.1 request; this one
-    /// runs boxed, as its futures always were.)
+    /// One attempt over the endpoint's HTTP/2 connection, or over the
+    /// HTTP/1.1 client with the client's body streamed (it cannot be kept
+    /// for a retry: over 64 KiB, of unknown length, or retries are off),
+    /// within the request's deadline. (The HTTP/1.1 client with a body in
+    /// memory is awaited in the answering future itself: an `async fn` of
+    /// its own would cost ~2 % of the instructions per HTTP/1.1 request;
+    /// this one runs boxed, as its futures always were.)
     pub(super) async fn exchange(
         &self,
-        outgoing: Request<OutgoingBody>,
-        request: &Prepared,
-        endpoint: &EndpointState,
-    ) -> Exchange {
-        let (head, body) = outgoing.into_parts();
-        let send = self
-            .pool
-            .send_h2(endpoint.addr, Request::from_parts(head, ()), body);
-        tokio::time::timeout_at(request.deadline, send)
-            .await
-            .map(|r| r.map(Upstream::H2))
-    }
-
-    /// One attempt over the HTTP/1.1 client with the client's body
-    /// streamed (it cannot be kept for a retry: over 64 KiB, of unknown
-    /// length, or retries are off), within the request's deadline.
-    pub(super) async fn stream_h1(
-        &self,
-        body: Option<ClientBody>,
+        leg: Leg,
         headers: &hyper::HeaderMap,
         request: &Prepared,
         endpoint: &EndpointState,
     ) -> Exchange {
-        let (exact, empty) = body.as_ref().map_or((Some(0), true), |b| {
-            (b.size_hint().exact(), b.is_end_stream())
-        });
-        let head = request.streamed_head(headers, exact, empty);
-        let body = OutgoingBody::Streaming(body);
-        let send = self
-            .pool
-            .send_stream(endpoint.addr, &endpoint.authority, &head, body);
-        tokio::time::timeout_at(request.deadline, send)
-            .await
-            .map(|r| r.map(|(head, body)| Upstream::Inline(head, body)))
+        match leg {
+            Leg::H2(outgoing) => {
+                let (head, body) = outgoing.into_parts();
+                let send = self
+                    .pool
+                    .send_h2(endpoint.addr, Request::from_parts(head, ()), body);
+                tokio::time::timeout_at(request.deadline, send)
+                    .await
+                    .map(|r| r.map(Upstream::H2))
+            }
+            Leg::H1(body) => {
+                let (exact, empty) = body.as_ref().map_or((Some(0), true), |b| {
+                    (b.size_hint().exact(), b.is_end_stream())
+                });
+                let head = request.streamed_head(headers, exact, empty);
+                let body = OutgoingBody::Streaming(body);
+                let send = self
+                    .pool
+                    .send_stream(endpoint.addr, &endpoint.authority, &head, body);
+                tokio::time::timeout_at(request.deadline, send)
+                    .await
+                    .map(|r| r.map(|(head, body)| Upstream::Inline(head, body)))
+            }
+        }
     }
 
     /// What an exchange's result means for the request.
@@ -129,6 +126,15 @@ impl HttpProxy {
         };
         Ok(outgoing)
     }
+}
+
+/// What one boxed attempt sends: an HTTP/2 request, or an HTTP/1.1 one
+/// whose body streams. (Not boxed: it is moved once, into the boxed
+/// attempt's future.)
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Leg {
+    H2(Request<OutgoingBody>),
+    H1(Option<ClientBody>),
 }
 
 /// An upstream's answer: from the HTTP/1.1 client or the HTTP/2 leg.
