@@ -213,7 +213,6 @@ impl HttpProxy {
                             self.pool.send_inline(addr, authority, &head, idempotent),
                         )
                         .await
-                        .map(|r| r.map(|(head, body)| Upstream::Inline(head, body)))
                     }
                     (body, _) => {
                         let leg = match body {

@@ -159,6 +159,17 @@ impl Upstream {
     }
 }
 
+/// The HTTP/1.1 client builds an attempt's result in place.
+impl h1::Outcome<ConnectError> for Result<Upstream, SendError> {
+    fn answered(head: h1::Head, body: h1::Body) -> Self {
+        Ok(Upstream::Inline(head, body))
+    }
+
+    fn failed(error: h1::SendError<ConnectError>) -> Self {
+        Err(SendError::from(error))
+    }
+}
+
 /// Turns a pool error into what went wrong.
 pub(super) fn classify(error: SendError) -> ProxyError {
     match error {

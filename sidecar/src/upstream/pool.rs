@@ -139,19 +139,19 @@ impl Pool {
 
     /// Sends a request whose body is in memory over an HTTP/1.1
     /// connection (see [`h1`]): the response head, and the body that reads
-    /// the rest from the connection and then gives it back to the pool.
-    pub async fn send_inline(
+    /// the rest from the connection and then gives it back to the pool, as
+    /// the caller's `O` (see [`h1::Outcome`]).
+    pub async fn send_inline<O: h1::Outcome<ConnectError>>(
         &self,
         addr: SocketAddr,
         authority: &Authority,
         req: &h1::RequestHead<'_>,
         idempotent: bool,
-    ) -> Result<(h1::Head, h1::Body), SendError> {
+    ) -> O {
         let connect = || async move { connect(&self.cluster, addr).await.map(h1::Conn::new) };
         self.h1
             .send(addr, authority, req, idempotent, connect)
             .await
-            .map_err(SendError::from)
     }
 
     /// Sends a request whose body streams from `body` over an HTTP/1.1
@@ -316,10 +316,9 @@ mod tests {
             upgrade: false,
         };
         let authority = Authority::from_static("test");
-        let (head, body) = pool
-            .send_inline(addr, &authority, &req, true)
-            .await
-            .expect("response");
+        let sent: Result<(h1::Head, h1::Body), h1::SendError<ConnectError>> =
+            pool.send_inline(addr, &authority, &req, true).await;
+        let (head, body) = sent.expect("response");
         assert_eq!(head.status, 200);
         body
     }

@@ -118,7 +118,7 @@ impl Conn {
 
     /// Reads until the buffer holds a complete response head, skipping
     /// interim ones.
-    #[inline(always)]
+    #[inline]
     fn poll_head(
         &mut self,
         cx: &mut Context<'_>,
@@ -547,7 +547,7 @@ impl IdleConns {
 
     /// The most recently used live connection to `addr`; stale ones met
     /// on the way are closed.
-    #[inline(always)]
+    #[inline]
     fn take(&self, addr: SocketAddr) -> Option<Conn> {
         let mut idle = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let now = idle.sweeps;
@@ -594,15 +594,16 @@ impl IdleConns {
     /// the upstream had closed meanwhile (nothing came back, or the write
     /// failed) is dropped and the request sent again on another, when
     /// that is safe: the request is idempotent or was never written.
-    pub async fn send<F, Fut, E>(
+    pub async fn send<O, F, Fut, E>(
         self: &Arc<Self>,
         addr: SocketAddr,
         authority: &Authority,
         req: &RequestHead<'_>,
         idempotent: bool,
         connect: F,
-    ) -> Result<(Head, Body), SendError<E>>
+    ) -> O
     where
+        O: Outcome<E>,
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<Conn, E>>,
     {
@@ -611,14 +612,14 @@ impl IdleConns {
                 Some(conn) => (conn, true),
                 // Boxed: connecting is rare, and its future would make
                 // every request's future that much larger.
-                None => (
-                    Box::pin(connect()).await.map_err(SendError::Connect)?,
-                    false,
-                ),
+                None => match Box::pin(connect()).await {
+                    Ok(conn) => (conn, false),
+                    Err(e) => return O::failed(SendError::Connect(e)),
+                },
             };
             match exchange(&mut conn, req, authority).await {
                 Ok((head, framing, reusable)) => {
-                    return Ok((head, self.body(addr, conn, framing, reusable)));
+                    return O::answered(head, self.body(addr, conn, framing, reusable));
                 }
                 Err(e)
                     if reused
@@ -628,9 +629,28 @@ impl IdleConns {
                 {
                     tracing::debug!(endpoint = %addr, error = %e, "pooled connection was closed; sending on another");
                 }
-                Err(e) => return Err(SendError::Exchange(e)),
+                Err(e) => return O::failed(SendError::Exchange(e)),
             }
         }
+    }
+}
+
+/// What the caller of [`IdleConns::send`] builds from an exchange, in
+/// place: its own type for the answer (head and body) or the failure.
+/// (Returning `(Head, Body)` for the caller to wrap would copy the
+/// ~300-byte answer once more per layer, on every request.)
+pub trait Outcome<E> {
+    fn answered(head: Head, body: Body) -> Self;
+    fn failed(error: SendError<E>) -> Self;
+}
+
+impl<E> Outcome<E> for Result<(Head, Body), SendError<E>> {
+    fn answered(head: Head, body: Body) -> Self {
+        Ok((head, body))
+    }
+
+    fn failed(error: SendError<E>) -> Self {
+        Err(error)
     }
 }
 
@@ -699,7 +719,7 @@ impl IdleConns {
 
     /// The response body over `conn`; already finished (and the
     /// connection pooled) when there is none.
-    #[inline(always)]
+    #[inline]
     fn body(
         self: &Arc<Self>,
         addr: SocketAddr,
@@ -812,13 +832,13 @@ mod tests {
             upgrade: false,
         };
         let authority = Authority::from_static("up.example:80");
-        let (head, body) = pool
+        let sent: Result<(Head, Body), SendError<_>> = pool
             .send(addr, &authority, &req, true, || connector(addr))
-            .await
-            .map_err(|e| match e {
-                SendError::Connect(e) => e.to_string(),
-                SendError::Exchange(e) => e.to_string(),
-            })?;
+            .await;
+        let (head, body) = sent.map_err(|e| match e {
+            SendError::Connect(e) => e.to_string(),
+            SendError::Exchange(e) => e.to_string(),
+        })?;
         let collected = body.collect().await.map_err(|e| e.to_string())?;
         let trailers = collected.trailers().cloned();
         Ok((head.status, head.headers, collected.to_bytes(), trailers))
