@@ -49,6 +49,80 @@ pub fn line_of_key(text: &str, key: &str) -> Option<usize> {
         .map(|i| i + 1)
 }
 
+/// The 1-based line on which the value at `path` is set: a dotted path
+/// with array-of-tables indexes, as `service.checks[0].interval` or
+/// `upstreams[1].retries.attempts` (a key inside an inline table is found
+/// on the line of the table's key). `None` when it cannot be found (a
+/// value left to its default).
+pub fn line_of_path(text: &str, path: &str) -> Option<usize> {
+    let segments: Vec<(&str, Option<usize>)> = path
+        .split('.')
+        .map(|seg| match seg.split_once('[') {
+            Some((name, index)) => (name, index.trim_end_matches(']').parse().ok()),
+            None => (seg, None),
+        })
+        .collect();
+    let lines: Vec<&str> = text.lines().collect();
+    // The longest table prefix whose section sets the next segment's key.
+    for cut in (0..segments.len()).rev() {
+        let (table, key) = (&segments[..cut], segments[cut].0);
+        let Some((start, end)) = section(&lines, table) else {
+            continue;
+        };
+        if let Some(found) = (start..end).find(|&i| sets_key(lines[i], key)) {
+            return Some(found + 1);
+        }
+    }
+    None
+}
+
+/// The lines `[start, end)` of the table at `path` (the top level for an
+/// empty path): after its header, up to the next header.
+fn section(lines: &[&str], path: &[(&str, Option<usize>)]) -> Option<(usize, usize)> {
+    let header = |line: &str| line.trim_start().starts_with('[');
+    let start = if path.is_empty() {
+        0
+    } else {
+        let name = path.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(".");
+        let index = path.last().and_then(|(_, i)| *i);
+        let (single, array) = (format!("[{name}]"), format!("[[{name}]]"));
+        let mut seen = 0;
+        let mut found = None;
+        for (i, line) in lines.iter().enumerate() {
+            let line = line.trim();
+            let line = line.split('#').next().unwrap_or(line).trim();
+            if index.is_none() && line == single {
+                found = Some(i + 1);
+                break;
+            }
+            if line == array {
+                if index.is_none_or(|n| n == seen) {
+                    found = Some(i + 1);
+                    break;
+                }
+                seen += 1;
+            }
+        }
+        found?
+    };
+    let end = (start..lines.len())
+        .find(|&i| header(lines[i]))
+        .unwrap_or(lines.len());
+    Some((start, end))
+}
+
+/// Whether `line` sets `key` (`key = …`, `"key" = …` or `key.sub = …`).
+fn sets_key(line: &str, key: &str) -> bool {
+    let line = line.trim_start();
+    let rest = line
+        .strip_prefix(key)
+        .or_else(|| line.strip_prefix(&format!("\"{key}\"")));
+    rest.is_some_and(|r| {
+        let r = r.trim_start();
+        r.starts_with('=') || r.starts_with('.')
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,6 +133,23 @@ mod tests {
     struct File {
         port: u16,
         name: Option<String>,
+    }
+
+    #[test]
+    fn paths_are_found_on_their_lines() {
+        let text = "name = \"x\"\n[service]\nport = 80\n[[service.checks]]\ntcp = \"a\"\n\
+                    [[service.checks]]\ninterval = \"5x\" # bad\n[[upstreams]]\nname = \"api\"\n\
+                    retries = { attempts = -1 }\n";
+        assert_eq!(line_of_path(text, "name"), Some(1));
+        assert_eq!(line_of_path(text, "service.port"), Some(3));
+        assert_eq!(line_of_path(text, "service.checks[1].interval"), Some(7));
+        assert_eq!(line_of_path(text, "service.checks[0].tcp"), Some(5));
+        assert_eq!(
+            line_of_path(text, "upstreams[0].retries.attempts"),
+            Some(10)
+        );
+        assert_eq!(line_of_path(text, "service.checks[0].interval"), None);
+        assert_eq!(line_of_path(text, "admin.listen"), None);
     }
 
     #[test]

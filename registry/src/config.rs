@@ -57,7 +57,7 @@ pub struct Cli {
     /// Where the Raft log, snapshots and metadata live.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// REST API and web UI listen address.
+    /// REST API listen address (Consul-compatible HTTP API).
     #[arg(long, value_name = "ADDR")]
     pub http_addr: Option<SocketAddr>,
     /// Public gRPC listen address (watch and agent services).

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use meshwork_registry::config::{Cli, Config, DataDir};
-use meshwork_registry::server::{self, Listeners};
+use meshwork_registry::server::{self, Listeners, ServerError};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -19,6 +19,9 @@ use tracing_subscriber::EnvFilter;
 /// keep-alive connections: 11 KiB -> 2.9 KiB).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Refused to start on its data dir (see `ServerError::is_data_refusal`).
+const EXIT_DATA_REFUSED: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -49,7 +52,14 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshwork-registry: {e}");
-            ExitCode::FAILURE
+            let refused = e
+                .downcast_ref::<ServerError>()
+                .is_some_and(ServerError::is_data_refusal);
+            if refused {
+                ExitCode::from(EXIT_DATA_REFUSED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

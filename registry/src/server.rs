@@ -104,6 +104,15 @@ pub enum ServerError {
     ForeignCluster(String),
 }
 
+impl ServerError {
+    /// The server refused to start on its data dir (wrong node, foreign,
+    /// damaged, unreadable): starting it again changes nothing, so it
+    /// exits with its own code, which the unit does not restart on.
+    pub fn is_data_refusal(&self) -> bool {
+        matches!(self, ServerError::DataDir(_) | ServerError::Storage { .. })
+    }
+}
+
 /// Runs a registry server until `shutdown` is cancelled.
 pub async fn run(
     config: Config,

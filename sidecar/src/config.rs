@@ -212,6 +212,24 @@ pub struct Config {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+/// `<file>: <path>: why` as `<file>: line N: <path>: why`, when the
+/// path's line can be found (not for a value left to its default).
+fn with_line(file: &str, text: &str, error: String) -> String {
+    let Some(rest) = error.strip_prefix(file).and_then(|r| r.strip_prefix(": ")) else {
+        return error;
+    };
+    let Some((path, _)) = rest.split_once(": ") else {
+        return error;
+    };
+    if path.contains(' ') {
+        return error;
+    }
+    match meshwork_core::config_file::line_of_path(text, path) {
+        Some(line) => format!("{file}: line {line}: {rest}"),
+        None => error,
+    }
+}
+
 fn duration(
     file: &str,
     key: &str,
@@ -447,6 +465,10 @@ impl Config {
         }
         let proxy = traffic::proxy(f, file.proxy, &mut errors);
         if !errors.is_empty() {
+            let errors: Vec<String> = errors
+                .into_iter()
+                .map(|e| with_line(file_name, text, e))
+                .collect();
             return Err(ConfigError(errors.join("\n")));
         }
         let node_address = file

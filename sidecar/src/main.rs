@@ -146,10 +146,12 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
     let admin = tokio::net::TcpListener::bind(config.admin)
         .await
         .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen for admin on {}: {e} (set admin.listen)",
-                config.admin
-            )
+            let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+                " (another sidecar on this host? each needs its own [admin] listen)"
+            } else {
+                " (set [admin] listen)"
+            };
+            anyhow::anyhow!("cannot listen for admin on {}: {e}{hint}", config.admin)
         })?;
     eprintln!(
         "meshwork-sidecar: {} ({}) on node {} via {}; admin on http://{}",

@@ -85,7 +85,8 @@ async fn unusable_data_dirs_are_refused_and_left_alone() -> Result<()> {
     args.extend(extra.iter().map(String::as_str));
     let out = run_registry(&args)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    // Refused on its data: 3, which the unit does not restart (a crash is 1).
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("belongs to node 1"), "{stderr}");
 
     // A corrupt marker.
@@ -96,7 +97,7 @@ async fn unusable_data_dirs_are_refused_and_left_alone() -> Result<()> {
     args.extend(extra.iter().map(String::as_str));
     let out = run_registry(&args)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("corrupt"), "{stderr}");
     std::fs::write(&marker, &saved)?;
 
@@ -107,7 +108,7 @@ async fn unusable_data_dirs_are_refused_and_left_alone() -> Result<()> {
     let mut args = vec!["--node-id", "1", "--data-dir", &file_arg];
     args.extend(extra.iter().map(String::as_str));
     let out = run_registry(&args)?;
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot create data dir"));
 
     // The original data is intact.

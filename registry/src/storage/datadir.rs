@@ -49,6 +49,11 @@ pub enum DataDirError {
         "{path} has Raft data but no {MARKER}: it was not written by meshwork-registry, or it is damaged"
     )]
     NoMarker { path: PathBuf },
+    #[error(
+        "{path} is not empty ({found} and maybe more) and was not written by meshwork-registry: \
+         point --data-dir at an empty or new directory"
+    )]
+    Foreign { path: PathBuf, found: String },
     #[error("data dir {path} uses layout version {found}; this binary reads version {FORMAT}")]
     Format { path: PathBuf, found: u32 },
     #[error(
@@ -139,6 +144,31 @@ impl DataDir {
                     return Err(DataDirError::NoMarker {
                         path: path.to_owned(),
                     });
+                }
+                // A new data dir is empty: anything else in it belongs to
+                // someone else. Excepted: a file system's lost+found, the
+                // marker half written by a crash, and the sidecars' state
+                // (their units keep it in /var/lib/meshwork/sidecar, inside
+                // the registry's default data dir).
+                let entries = std::fs::read_dir(path).map_err(|source| DataDirError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                for entry in entries {
+                    let entry = entry.map_err(|source| DataDirError::Read {
+                        path: path.to_owned(),
+                        source,
+                    })?;
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if !matches!(
+                        name.as_str(),
+                        "lost+found" | "meshwork.json.tmp" | "sidecar"
+                    ) {
+                        return Err(DataDirError::Foreign {
+                            path: path.to_owned(),
+                            found: name,
+                        });
+                    }
                 }
                 let marker = Marker {
                     format: FORMAT,
@@ -272,6 +302,19 @@ mod tests {
         std::fs::remove_file(dir.path().join(MARKER)).expect("rm");
         let err = DataDir::open(dir.path(), 1).expect_err("no marker");
         assert!(err.to_string().contains("no meshwork.json"), "{err}");
+    }
+
+    #[test]
+    fn a_foreign_non_empty_dir_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("notes.txt"), b"mine").expect("write");
+        let err = DataDir::open(dir.path(), 1).expect_err("foreign");
+        assert!(err.to_string().contains("notes.txt"), "{err}");
+        assert!(!dir.path().join(MARKER).exists(), "nothing written");
+        // A file system's lost+found is no one's data.
+        std::fs::remove_file(dir.path().join("notes.txt")).expect("rm");
+        std::fs::create_dir(dir.path().join("lost+found")).expect("mkdir");
+        drop(DataDir::open(dir.path(), 1).expect("a fresh dir"));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Consul's JSON shapes for the catalog: decoding registration bodies
-//! (case-insensitive keys, as Go's decoder) into catalog specs, and
+//! (case-insensitive keys, as Go's decoder, and the snake_case spellings
+//! Consul's agent translates, such as `enable_tag_override`) into catalog
+//! specs, and
 //! encoding catalog objects the way Consul answers.
 //!
 //! Unknown keys are refused with their name, except the Consul fields that
@@ -18,12 +20,22 @@ use crate::state::catalog::{
 };
 use meshwork_core::duration::parse_duration;
 
-/// A JSON object with lower-cased keys (user maps such as `Meta` keep
-/// their keys: only field names are folded), consumed field by field so
-/// that whatever is left over can be reported.
+/// A JSON object with its field names folded (lower case, underscores
+/// dropped: `DeregisterCriticalServiceAfter`, `deregistercriticalserviceafter`
+/// and `deregister_critical_service_after` are one field; user maps such as
+/// `Meta` keep their keys), consumed field by field so that whatever is
+/// left over can be reported.
 pub struct Fields {
     what: &'static str,
     map: Map<String, Value>,
+}
+
+/// A field name as [`Fields`] matches it.
+fn fold(key: &str) -> String {
+    key.chars()
+        .filter(|c| *c != '_')
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
 }
 
 impl Fields {
@@ -38,10 +50,7 @@ impl Fields {
         match value {
             Value::Object(map) => Ok(Fields {
                 what,
-                map: map
-                    .into_iter()
-                    .map(|(k, v)| (k.to_ascii_lowercase(), v))
-                    .collect(),
+                map: map.into_iter().map(|(k, v)| (fold(&k), v)).collect(),
             }),
             Value::Null => Ok(Fields {
                 what,
@@ -633,6 +642,21 @@ mod tests {
         assert_eq!(checks[0].status, HealthStatus::Critical);
         assert_eq!(checks[0].definition.interval_ms, Some(5000));
         assert_eq!(checks[0].definition.timeout_ms, Some(10_000));
+    }
+
+    #[test]
+    fn snake_case_fields_are_consuls_fields() {
+        let body = br#"{"name":"web","id":"web-1","port":80,"enable_tag_override":true,
+            "check":{"check_id":"web-alive","tcp":"127.0.0.1:80","interval":"10s",
+            "deregister_critical_service_after":"1m"},"meta":{"some_key":"v"}}"#;
+        let (svc, checks) = decode_agent_service(body).expect("valid");
+        assert_eq!(svc.id, "web-1");
+        assert_eq!(svc.meta["some_key"], "v", "user keys are kept as given");
+        assert_eq!(checks[0].check_id, "web-alive");
+        assert_eq!(
+            checks[0].definition.deregister_critical_after_ms,
+            Some(60_000)
+        );
     }
 
     #[test]
