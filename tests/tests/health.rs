@@ -296,6 +296,35 @@ async fn agent_and_catalog_bad_input_gets_consul_status_codes() -> Result<()> {
             404,
             "Unknown service ID",
         ),
+        // Scopes and filters Meshwork does not have are refused, never
+        // ignored (the answer would be to another question).
+        (
+            http.get(format!("{base}/v1/catalog/services?dc=dc2")),
+            400,
+            "No path to datacenter \"dc2\"",
+        ),
+        (
+            http.get(format!(
+                "{base}/v1/health/service/web?filter=Service.Port%3D%3D80"
+            )),
+            400,
+            "?filter is not supported",
+        ),
+        (
+            http.get(format!("{base}/v1/catalog/nodes?node-meta=rack:r1")),
+            400,
+            "?node-meta is not supported",
+        ),
+        (
+            http.get(format!("{base}/v1/kv/x?ns=team-a")),
+            400,
+            "Consul Enterprise",
+        ),
+        (
+            http.get(format!("{base}/v1/catalog/services?dc=dc1&ns=default")),
+            200,
+            "{",
+        ),
         (
             http.put(format!("{base}/v1/agent/check/pass/ghost")),
             404,

@@ -127,6 +127,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/metrics", get(metrics_prometheus))
         .route("/v1/agent/metrics", get(metrics))
+        // Scopes and filters Meshwork does not have are refused up front:
+        // ignored, they would answer another question than the one asked.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            refuse_unsupported_scope,
+        ))
         // Counted by matched route, so ids in paths do not explode labels.
         .route_layer(axum::middleware::from_fn(count_request))
         .fallback(not_found)
@@ -134,6 +140,37 @@ pub fn router(state: AppState) -> Router {
         // this bounds every other body.
         .layer(DefaultBodyLimit::max(kv::MAX_VALUE_BYTES))
         .with_state(state)
+}
+
+/// Refuses what would otherwise be silently ignored: another datacenter
+/// (`?dc=`, as Consul's "No path to datacenter"), a non-default namespace
+/// or partition (Consul Enterprise), and `?filter` / `?node-meta`
+/// (not implemented): a client asking for them must not get an answer to
+/// a different question.
+async fn refuse_unsupported_scope(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let query = request.uri().query().unwrap_or("");
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        let refusal = match key.as_ref() {
+            "dc" if !value.is_empty() && *value != *state.datacenter => {
+                format!("No path to datacenter {value:?}")
+            }
+            "ns" | "partition" if !value.is_empty() && value != "default" => format!(
+                "?{key}={value}: namespaces and partitions are Consul Enterprise features; \
+                 Meshwork has the default one only"
+            ),
+            "filter" | "node-meta" => format!(
+                "?{key} is not supported by Meshwork; ask without it and filter the answer yourself"
+            ),
+            _ => continue,
+        };
+        return ApiError::bad_request(refusal).into_response();
+    }
+    next.run(request).await
 }
 
 async fn count_request(
