@@ -11,6 +11,16 @@ use meshwork_registry::server::{self, Listeners, ServerError};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// `println!` that a closed stdout does not turn into a panic (as
+/// `--check-config | head -1` would, exit 101): what cannot be written is
+/// dropped.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// jemalloc keeps its bookkeeping outside the blocks it hands out, so the
 /// 8 KiB buffers hyper gives every connection cost no resident memory until
 /// they are written to; with glibc's malloc every block's header page is
@@ -34,7 +44,7 @@ fn main() -> ExitCode {
         }
     };
     if check_only {
-        println!("meshwork-registry: configuration is valid\n{config:#?}");
+        say!("meshwork-registry: configuration is valid\n{config:#?}");
         return ExitCode::SUCCESS;
     }
     let reload_log_level = init_tracing(&config);
@@ -128,25 +138,25 @@ async fn serve(config: Config, reload_log_level: ReloadLogLevel) -> anyhow::Resu
             (temp.path().to_owned(), Some(temp))
         }
     };
-    println!(
+    say!(
         "meshwork-registry {}: node {} ({}){}",
         env!("CARGO_PKG_VERSION"),
         config.node_id,
         config.node_name,
         if config.dev { ", dev mode" } else { "" }
     );
-    println!("  data  {}", data_dir.display());
-    println!(
+    say!("  data  {}", data_dir.display());
+    say!(
         "  http  http://{}  (REST API)",
         listeners.http.local_addr()?
     );
-    println!("  grpc  {}  (public gRPC)", listeners.grpc.local_addr()?);
-    println!(
+    say!("  grpc  {}  (public gRPC)", listeners.grpc.local_addr()?);
+    say!(
         "  raft  {}  (Raft and internal gRPC, advertised as {})",
         listeners.raft.local_addr()?,
         config.advertise_addr
     );
-    println!(
+    say!(
         "  dns   {}  (UDP and TCP, domain {})",
         listeners.dns_udp.local_addr()?,
         config.dns.domain

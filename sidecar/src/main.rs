@@ -19,6 +19,16 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// `println!` that a closed stdout does not turn into a panic (as
+/// `--check-config | head -1` would, exit 101): what cannot be written is
+/// dropped.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// jemalloc rather than glibc's malloc: the proxy allocates and frees a
 /// few small blocks per request (header maps, bodies, futures) and
 /// jemalloc's thread cache serves those faster.
@@ -69,7 +79,7 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
-        println!(
+        say!(
             "{}: valid — service {} ({}) on node {}, {} check(s), {} upstream(s){}, admin {}",
             cli.config.display(),
             config.service_id,

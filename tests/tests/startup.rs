@@ -256,6 +256,15 @@ fn check_config_validates_without_starting() -> Result<()> {
         !data.exists(),
         "--check-config must not create the data dir"
     );
+    // Into a pipe whose reader has gone (as `| head -1`), the answer is
+    // still the exit code, not a panic (101) on the broken pipe.
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let closed = std::process::Command::new(meshwork_tests::registry_bin())
+        .args(["--config", &good_arg, "--check-config"])
+        .stdout(writer)
+        .output()?;
+    assert_eq!(closed.status.code(), Some(0), "{closed:?}");
 
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "node_id = 0\nnot_a_key = 1\n")?;
