@@ -601,6 +601,30 @@ async fn run_probe(
     }
 }
 
+/// Whether `addr` answers a plain HTTP/1.1 request: the registry's REST
+/// port given where its gRPC port belongs (a gRPC call there fails with a
+/// bare "transport error").
+async fn answers_http1(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let wait = Duration::from_secs(1);
+    let Ok(Ok(mut stream)) = tokio::time::timeout(wait, tokio::net::TcpStream::connect(addr)).await
+    else {
+        return false;
+    };
+    if stream
+        .write_all(b"GET /v1/status/leader HTTP/1.0\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 7];
+    matches!(
+        tokio::time::timeout(wait, stream.read_exact(&mut head)).await,
+        Ok(Ok(_))
+    ) && &head == b"HTTP/1."
+}
+
 fn note_success(status: &SharedStatus, registry: &Registry) {
     let mut s = lock(status);
     s.registry = Some(registry.current());
@@ -677,6 +701,8 @@ async fn register_until_done(
     shutdown: &CancellationToken,
 ) -> bool {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+    // Addresses already found to answer HTTP/1.1 (said once each).
+    let mut rest_ports: Vec<String> = Vec::new();
     loop {
         let request = register_request(config, checks);
         let attempt = registry
@@ -689,7 +715,22 @@ async fn register_until_done(
                 lock(status).registered = true;
                 return true;
             }
-            Err(e) => note_failure(status, registry, "register", &e),
+            Err(e) => {
+                let server = registry.current();
+                note_failure(status, registry, "register", &e);
+                if e.contains("transport error")
+                    && !rest_ports.contains(&server)
+                    && answers_http1(&server).await
+                {
+                    let why = format!(
+                        "{server} answers HTTP/1.1, not gRPC: registry.addresses lists the \
+                         registry's gRPC ports (8502 by default), not its REST port (8500)"
+                    );
+                    tracing::error!(registry = %server, "{why}");
+                    lock(status).last_error = Some(why);
+                    rest_ports.push(server);
+                }
+            }
         }
         let wait = backoff.next_wait();
         tracing::warn!(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use meshwork_tests::apps::{grpc_health_backend, status_app};
 use meshwork_tests::sidecar::{signal, spawn_sidecar, write_config};
-use meshwork_tests::{Cluster, GRPC_PORT, sidecar_bin};
+use meshwork_tests::{Cluster, GRPC_PORT, HTTP_PORT, sidecar_bin};
 
 /// A sidecar config listing every server, `first` first (the one it uses
 /// until that fails).
@@ -413,6 +413,36 @@ listen = "{ip}:29001"
     }
     signal(&sidecar, "TERM")?;
     let _ = tokio::time::timeout(Duration::from_secs(10), sidecar.wait()).await;
+    cluster.done();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_registry_address_that_is_the_rest_port_is_named_as_such() -> Result<()> {
+    let cluster = Cluster::start_in_process(1, &[]).await?;
+    let ip = cluster.servers[0].ip.clone();
+    // The REST port where the gRPC port belongs: the most common slip.
+    let config = format!(
+        "[registry]\naddresses = [\"{ip}:{HTTP_PORT}\"]\n[service]\nname = \"web\"\nport = 8080\n\
+         [admin]\nlisten = \"{ip}:29011\"\n"
+    );
+    let config = write_config(cluster.dir.path(), "rest-port.toml", &config)?;
+    let log = cluster.dir.path().join("sidecar-rest-port.log");
+    let mut sidecar = spawn_sidecar(&config, &log, None, None)?;
+    let said = meshwork_tests::wait_for(
+        "the sidecar to say the address is a REST port",
+        Duration::from_secs(15),
+        || async {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.contains(
+                "answers HTTP/1.1, not gRPC: registry.addresses lists the registry's gRPC ports",
+            )
+            .then_some(())
+        },
+    )
+    .await;
+    let _ = sidecar.kill().await;
+    said?;
     cluster.done();
     Ok(())
 }
