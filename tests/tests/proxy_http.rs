@@ -228,6 +228,29 @@ async fn tcp_through_two_sidecars_half_closes_and_retries_connects() -> Result<(
         .metric_sum("meshwork_proxy_connect_failures_total{direction=\"outbound\"")
         .await?;
     ensure!(failures >= 1.0, "the dead endpoint was tried: {failures}");
+    // Bytes are bytes; but HTTP on a tcp upstream is said once (the
+    // default protocol would silently give up retries and request ids).
+    const WARNING: &str = "its client speaks HTTP";
+    ensure!(
+        !mesh.sidecars[c].log_tail().contains(WARNING),
+        "warned without HTTP"
+    );
+    let mut warned = false;
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(format!("{client_ip}:{UPSTREAM_PORT}")).await?;
+        s.write_all(b"GET / HTTP/1.1\r\nhost: blob\r\n\r\n").await?;
+        s.shutdown().await?;
+        let mut reply = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut reply))
+            .await
+            .context("reply in time")??;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if mesh.sidecars[c].log_tail().contains(WARNING) {
+            warned = true;
+            break;
+        }
+    }
+    ensure!(warned, "no warning: {}", mesh.sidecars[c].log_tail());
     mesh.done();
     Ok(())
 }

@@ -21,6 +21,49 @@ use crate::upstream::balance::hash_of;
 use crate::upstream::cluster::{Cluster, acquire_owned};
 use crate::upstream::dial::{ConnectError, connect};
 
+/// Says once per listener when a `tcp` upstream is being spoken HTTP to:
+/// the default protocol is `tcp`, which carries bytes only (no retries on
+/// 503, no `x-request-id`, no per-request metrics), and nothing else would
+/// tell. Looks only at what the client has already sent (a peek that does
+/// not wait), so protocols where the server speaks first are untouched.
+fn warn_if_http(client: &TcpStream, cluster: &Cluster, upstream: &str) {
+    if cluster.http_on_tcp_warned.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut first = [0u8; 24];
+    let mut buf = tokio::io::ReadBuf::new(&mut first);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if !matches!(
+        client.poll_peek(&mut cx, &mut buf),
+        std::task::Poll::Ready(Ok(_))
+    ) {
+        return;
+    }
+    if looks_like_http(buf.filled()) && !cluster.http_on_tcp_warned.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            upstream = %upstream,
+            "this upstream's protocol is tcp, but its client speaks HTTP: set protocol = \"http\" \
+             (or http2, grpc) for retries, x-request-id and per-request metrics"
+        );
+    }
+}
+
+/// The start of an HTTP/1.x request line or the HTTP/2 preface.
+fn looks_like_http(bytes: &[u8]) -> bool {
+    const METHODS: [&[u8]; 9] = [
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"HEAD ",
+        b"DELETE ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"CONNECT ",
+        b"PRI * HTTP/2",
+    ];
+    METHODS.iter().any(|m| bytes.starts_with(m))
+}
+
 /// Proxies one accepted connection; returns when it is done or `stop`
 /// (the end of the drain period) fires.
 pub async fn proxy_connection(
@@ -105,6 +148,7 @@ pub async fn proxy_connection(
         }
     };
     cluster.report(&endpoint, false);
+    warn_if_http(&client, &cluster, &config.name);
     let _in_flight = endpoint.start_request();
     let (mut upstream, _slot) = upstream.into_parts();
     let activity = Arc::new(Activity::new(false));
@@ -128,4 +172,18 @@ pub async fn proxy_connection(
         () = stop.cancelled() => {}
     }
     finish(Outcome::Upstream, Some(endpoint.addr), attempts);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_like_http;
+
+    #[test]
+    fn http_request_starts_are_recognised() {
+        assert!(looks_like_http(b"GET / HTTP/1.1\r\n"));
+        assert!(looks_like_http(b"PRI * HTTP/2.0\r\n\r\nSM"));
+        assert!(!looks_like_http(b"\x16\x03\x01"), "TLS");
+        assert!(!looks_like_http(b"\0\0\0\x08\x04\xd2\x16/"), "PostgreSQL");
+        assert!(!looks_like_http(b"GE"), "too short to tell");
+    }
 }

@@ -149,6 +149,8 @@ pub struct Cluster {
     stats: Mutex<HashMap<(String, SocketAddr), Arc<EndpointStats>>>,
     round_robin: AtomicUsize,
     panicking: AtomicBool,
+    /// A `tcp` listener has seen an HTTP client (warned once).
+    pub http_on_tcp_warned: AtomicBool,
     pub gauges: Gauges,
     pub metrics: ClusterMetrics,
 }
@@ -165,6 +167,7 @@ impl Cluster {
             stats: Mutex::default(),
             round_robin: AtomicUsize::new(0),
             panicking: AtomicBool::new(false),
+            http_on_tcp_warned: AtomicBool::new(false),
             gauges: Gauges::default(),
         }
     }
