@@ -198,6 +198,42 @@ const FILE_KEYS: &[&str] = &[
     "log_level",
 ];
 
+impl Cli {
+    /// Whether a flag gives the setting that file key `key` names.
+    fn sets(&self, key: &str) -> bool {
+        match key {
+            "node_id" => self.node_id.is_some(),
+            "node_name" => self.node_name.is_some(),
+            "datacenter" => self.datacenter.is_some(),
+            "data_dir" => self.data_dir.is_some(),
+            "http_addr" => self.http_addr.is_some(),
+            "grpc_addr" => self.grpc_addr.is_some(),
+            "raft_addr" => self.raft_addr.is_some(),
+            "advertise_addr" => self.advertise_addr.is_some(),
+            "dns_addr" => self.dns_addr.is_some(),
+            "peers" => self.peers.is_some(),
+            "join" => self.join.is_some(),
+            "snapshot_threshold" => self.snapshot_threshold.is_some(),
+            "snapshot_trailing_logs" => self.snapshot_trailing_logs.is_some(),
+            "snapshot_interval_ms" => self.snapshot_interval_ms.is_some(),
+            "heartbeat_ms" => self.heartbeat_ms.is_some(),
+            "watch_heartbeat_ms" => self.watch_heartbeat_ms.is_some(),
+            "election_timeout_ms" => self.election_timeout_ms.is_some(),
+            "leader_wait_ms" => self.leader_wait_ms.is_some(),
+            "tombstone_ttl_ms" => self.tombstone_ttl_ms.is_some(),
+            "dns_domain" => self.dns_domain.is_some(),
+            "dns_node_ttl" => self.dns_node_ttl.is_some(),
+            "dns_service_ttl" => self.dns_service_ttl.is_some(),
+            "dns_only_passing" => self.dns_only_passing,
+            "dns_a_record_limit" => self.dns_a_record_limit.is_some(),
+            "dns_recursors" => self.dns_recursors.is_some(),
+            "log_format" => self.log_format.is_some() || self.log_json,
+            "log_level" => self.log_level.is_some(),
+            _ => false,
+        }
+    }
+}
+
 /// How a server comes into a cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Bootstrap {
@@ -265,11 +301,36 @@ pub struct ConfigError(pub Vec<String>);
 impl Config {
     /// Reads the file named by `--config` (if any) and merges the flags.
     pub fn load(cli: Cli) -> Result<Self, ConfigError> {
-        let file = match &cli.config {
-            Some(path) => read_file(path)?,
-            None => FileConfig::default(),
+        let Some(path) = cli.config.clone() else {
+            return Self::merge(cli, FileConfig::default());
         };
-        Self::merge(cli, file)
+        let file = read_file(&path)?;
+        // A bad value set in the file is reported with the file and line
+        // that set it (a value a flag gave has neither).
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let from_flags: Vec<&str> = FILE_KEYS
+            .iter()
+            .copied()
+            .filter(|key| cli.sets(key))
+            .collect();
+        Self::merge(cli, file).map_err(|ConfigError(errors)| {
+            ConfigError(
+                errors
+                    .into_iter()
+                    .map(|e| match e.split_once(": ") {
+                        Some((key, _))
+                            if FILE_KEYS.contains(&key) && !from_flags.contains(&key) =>
+                        {
+                            match line_of_key(&text, key) {
+                                Some(line) => format!("{}: line {line}: {e}", path.display()),
+                                None => e,
+                            }
+                        }
+                        _ => e,
+                    })
+                    .collect(),
+            )
+        })
     }
 
     /// Merges flags over file settings over defaults, and validates.

@@ -274,6 +274,18 @@ fn check_config_validates_without_starting() -> Result<()> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not_a_key"), "{stderr}");
 
+    // A bad value names the file and line that set it.
+    std::fs::write(&bad, "node_id = 1\n\nsnapshot_threshold = 0\n")?;
+    let out = run_registry(&["--config", &bad_arg, "--check-config"])?;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{bad_arg}: line 3: snapshot_threshold: must be at least 1"
+        )),
+        "{stderr}"
+    );
+
     // A log filter that does not parse is an error too, not a silent default.
     std::fs::write(&bad, "log_level = \"info,meshwork=loud\"\n")?;
     let out = run_registry(&["--config", &bad_arg, "--check-config"])?;
