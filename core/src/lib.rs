@@ -7,6 +7,7 @@
 //! - [`duration`]: Go-style durations as Consul writes them;
 //! - [`config_file`]: config-file errors, one line each with its line;
 //! - [`backoff`]: the retry delays of every reconnect and retry loop;
+//! - [`log_level`]: log filters within what the build compiled in;
 //! - [`notify`]: systemd's readiness protocol;
 //! - [`prometheus`]: the text exposition format and a lock-free histogram;
 //! - [`frame`] and [`backup`]: the checksummed snapshot frame and the API
@@ -20,5 +21,6 @@ pub mod config_file;
 pub mod duration;
 pub mod frame;
 pub mod health;
+pub mod log_level;
 pub mod notify;
 pub mod prometheus;

@@ -510,7 +510,9 @@ impl Config {
         };
         let log_level = cli.log_level.or(file.log_level);
         if let Some(level) = &log_level
-            && let Err(e) = tracing_subscriber::EnvFilter::try_new(level)
+            && let Err(e) = tracing_subscriber::EnvFilter::try_new(
+                meshwork_core::log_level::within_build(level).0,
+            )
         {
             errors.push(format!(
                 "log_level: {level:?} is not a valid filter ({e}); e.g. \"info\" or \"warn,meshwork_registry=debug\""

@@ -77,31 +77,52 @@ fn main() -> ExitCode {
 /// Sets the log filter anew (on SIGHUP).
 type ReloadLogLevel = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
 
-/// The log filter: `--log-level` / `log_level`, else `RUST_LOG`, else quiet.
-fn log_filter(config: &Config) -> EnvFilter {
-    config
-        .log_level
-        .as_deref()
-        .map(EnvFilter::new)
-        .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("warn,openraft=error,meshwork_registry=info"))
+/// The log filter: `--log-level` / `log_level`, else `RUST_LOG`, else quiet;
+/// true when it asked for `trace`, which release builds compile out (it is
+/// lowered to `debug`, and the caller says so through the log).
+fn log_filter(config: &Config) -> (EnvFilter, bool) {
+    const QUIET: &str = "warn,openraft=error,meshwork_registry=info";
+    if let Some(level) = config.log_level.as_deref() {
+        let (level, lowered) = meshwork_core::log_level::within_build(level);
+        return (EnvFilter::new(level), lowered);
+    }
+    match std::env::var(EnvFilter::DEFAULT_ENV) {
+        Ok(level) if !level.is_empty() => {
+            let (level, lowered) = meshwork_core::log_level::within_build(&level);
+            match EnvFilter::try_new(level) {
+                Ok(filter) => (filter, lowered),
+                Err(_) => (EnvFilter::new(QUIET), false),
+            }
+        }
+        _ => (EnvFilter::new(QUIET), false),
+    }
+}
+
+/// Says that a `trace` level was lowered (see [`log_filter`]).
+fn say_lowered(lowered: bool) {
+    if lowered {
+        tracing::warn!("trace level is compiled out of release builds: logging at debug instead");
+    }
 }
 
 fn init_tracing(config: &Config) -> ReloadLogLevel {
+    let (filter, lowered) = log_filter(config);
     // Colour only on a terminal: the journal and log files get plain text.
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(log_filter(config))
+        .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if config.log_json {
         let builder = builder.json().with_filter_reloading();
         let handle = builder.reload_handle();
         builder.init();
+        say_lowered(lowered);
         Box::new(move |filter| handle.reload(filter).map_err(|e| e.to_string()))
     } else {
         let builder = builder.with_filter_reloading();
         let handle = builder.reload_handle();
         builder.init();
+        say_lowered(lowered);
         Box::new(move |filter| handle.reload(filter).map_err(|e| e.to_string()))
     }
 }
@@ -117,13 +138,21 @@ async fn reload_on_sighup(reload_log_level: ReloadLogLevel) {
     while hangup.recv().await.is_some() {
         match Config::load(Cli::parse()) {
             Err(e) => tracing::error!(error = %e, "reload failed: the running configuration stays"),
-            Ok(config) => match reload_log_level(log_filter(&config)) {
-                Ok(()) => tracing::warn!(
-                    log_level = config.log_level.as_deref().unwrap_or("default"),
-                    "configuration reloaded: the log level applies now, other settings after a restart"
-                ),
-                Err(e) => tracing::error!(error = %e, "reload failed: cannot change the log level"),
-            },
+            Ok(config) => {
+                let (filter, lowered) = log_filter(&config);
+                match reload_log_level(filter) {
+                    Ok(()) => {
+                        tracing::warn!(
+                            log_level = config.log_level.as_deref().unwrap_or("default"),
+                            "configuration reloaded: the log level applies now, other settings after a restart"
+                        );
+                        say_lowered(lowered);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload failed: cannot change the log level")
+                    }
+                }
+            }
         }
     }
 }

@@ -100,12 +100,26 @@ fn main() -> ExitCode {
         eprintln!("meshwork-sidecar: --log-format must be text or json");
         return ExitCode::from(EX_USAGE);
     }
-    let filter = cli
-        .log_level
-        .as_deref()
-        .map(EnvFilter::new)
-        .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("warn,meshwork_sidecar=info"));
+    // A `trace` that release builds compile out is lowered to `debug` (and
+    // said below), so the filter library prints no warning of its own, in
+    // colour, to a journal.
+    const QUIET: &str = "warn,meshwork_sidecar=info";
+    let wanted = cli.log_level.clone().or_else(|| {
+        std::env::var(EnvFilter::DEFAULT_ENV)
+            .ok()
+            .filter(|l| !l.is_empty())
+    });
+    let (filter, lowered) = match wanted {
+        Some(level) => {
+            let (level, lowered) = meshwork_core::log_level::within_build(&level);
+            match EnvFilter::try_new(&level) {
+                Ok(filter) => (filter, lowered),
+                Err(_) if cli.log_level.is_some() => (EnvFilter::new(level), lowered),
+                Err(_) => (EnvFilter::new(QUIET), false),
+            }
+        }
+        None => (EnvFilter::new(QUIET), false),
+    };
     // Colour only on a terminal: the journal and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -115,6 +129,9 @@ fn main() -> ExitCode {
         builder.json().init();
     } else {
         builder.init();
+    }
+    if lowered {
+        tracing::warn!("trace level is compiled out of release builds: logging at debug instead");
     }
     // A small runtime: the agent is mostly idle and one thread carries a
     // service's traffic comfortably; --worker-threads for more.
