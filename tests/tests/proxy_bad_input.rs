@@ -224,3 +224,60 @@ async fn an_http2_continuation_flood_is_cut_off() -> Result<()> {
     mesh.done();
     Ok(())
 }
+
+/// A client's own broken request is the client's failure: a malformed
+/// chunked body, or an upload cut off half way, gets a 400 (or just a
+/// closed connection) and never counts against the upstream — twelve of
+/// them used to eject a healthy instance.
+#[tokio::test]
+async fn a_clients_broken_body_never_ejects_a_healthy_upstream() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let (_instances, client_ip, c) = echo_behind_client(
+        &mut mesh,
+        2,
+        "name = \"echo\"\nprotocol = \"http\"\noutlier = { consecutive_5xx = 3 }",
+    )
+    .await?;
+    let addr = format!("{client_ip}:{UPSTREAM_PORT}");
+    for i in 0..12 {
+        // A chunk size that is not hex.
+        let reply = raw_exchange(
+            &addr,
+            b"POST /x HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        )
+        .await?;
+        ensure!(
+            reply.is_empty() || reply.starts_with("HTTP/1.1 400"),
+            "bad chunk {i}: {reply:?}"
+        );
+        // An upload that stops half way and hangs up.
+        let mut s = TcpStream::connect(&addr).await?;
+        s.write_all(b"POST /x HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\npartial")
+            .await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let clusters = mesh.sidecars[c].json("/clusters").await?;
+    let endpoints = clusters["clusters"][0]["endpoints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    ensure!(endpoints.len() == 2, "{clusters}");
+    for e in &endpoints {
+        ensure!(e["ejected"] == false && e["ejections"] == 0, "ejected: {e}");
+    }
+    let ejections = mesh.sidecars[c]
+        .metric_sum("meshwork_proxy_ejections_total")
+        .await?;
+    ensure!(ejections == 0.0, "{ejections} ejections");
+    // And the upstream still answers.
+    let reply = raw_exchange(
+        &addr,
+        b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await?;
+    ensure!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    mesh.done();
+    Ok(())
+}
