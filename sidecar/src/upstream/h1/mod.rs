@@ -940,6 +940,47 @@ mod tests {
         assert_eq!(seen.await.expect("server").len(), 2);
     }
 
+    #[tokio::test]
+    async fn a_pooled_connection_with_unsolicited_bytes_is_not_reused() {
+        // The first connection answers, then 300 ms later sends an extra
+        // response nobody asked for; the second connection answers right.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let mut chunk = [0u8; 4096];
+            let (mut first, _) = listener.accept().await.expect("accept");
+            let _ = first.read(&mut chunk).await.expect("read");
+            first
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+                .await
+                .expect("write");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            first
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
+                .await
+                .expect("write");
+            let (mut second, _) = listener.accept().await.expect("accept");
+            let _ = second.read(&mut chunk).await.expect("read");
+            second
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+                .await
+                .expect("write");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(first);
+        });
+        let pool = IdleConns::new(Duration::from_secs(60), "api".into());
+        let (_, _, body, _) = get(&pool, addr, Method::GET).await.expect("first");
+        assert_eq!(&body[..], b"first");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (_, _, body, _) = get(&pool, addr, Method::GET).await.expect("second");
+        assert_eq!(
+            &body[..],
+            b"second",
+            "the stray bytes went to the next request"
+        );
+        server.await.expect("server");
+    }
+
     #[test]
     fn requests_are_encoded_with_the_proxy_framing() {
         let mut headers = HeaderMap::new();

@@ -140,6 +140,7 @@ pub fn parse_head(
         // describe this connection only, and minus a Content-Length that
         // Transfer-Encoding overrides.
         let mut headers = HeaderMap::with_capacity(count);
+        let mut length_given = false;
         for span in &spans[..count] {
             let name = HeaderName::from_bytes(raw(span).0).map_err(|_| Error("bad header name"))?;
             let kept = switched && (name == header::CONNECTION || name == header::UPGRADE);
@@ -147,6 +148,20 @@ pub fn parse_head(
                 && (is_hop_by_hop(&name) || (message.codings > 0 && name == header::CONTENT_LENGTH))
             {
                 continue;
+            }
+            if name == header::CONTENT_LENGTH
+                && let Some(n) = message.length
+            {
+                // Repeated values that agree (`5, 5`, or two fields) go on
+                // as one (RFC 9110 §8.6); a plain one as it came.
+                if length_given {
+                    continue;
+                }
+                length_given = true;
+                if raw(span).1.contains(&b',') {
+                    headers.append(name, HeaderValue::from(n));
+                    continue;
+                }
             }
             let value =
                 HeaderValue::from_maybe_shared(head_bytes.slice(span.2 as usize..span.3 as usize))
@@ -388,6 +403,19 @@ mod tests {
 
     fn head(text: &[u8]) -> Result<Option<(Head, Framing, bool)>, Error> {
         parse_head(&mut BytesMut::from(text), Asked::default())
+    }
+
+    #[test]
+    fn agreeing_repeated_lengths_go_on_as_one() {
+        for text in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+        ] {
+            let (h, framing, _) = head(text).expect("valid").expect("complete");
+            let values: Vec<_> = h.headers.get_all("content-length").iter().collect();
+            assert_eq!(values, ["5"], "{}", String::from_utf8_lossy(text));
+            assert_eq!(framing, Framing::Length(5));
+        }
     }
 
     #[test]
