@@ -52,13 +52,19 @@ fn health(status: i32, what: &str) -> Result<HealthStatus, Status> {
     }
 }
 
+/// A name that is there and printable: control characters (CR, LF, NUL,
+/// …) would end up in DNS answers, logs and headers.
 fn non_empty(value: &str, what: &str) -> Result<(), Status> {
     if value.trim().is_empty() {
-        Err(Status::invalid_argument(format!(
+        return Err(Status::invalid_argument(format!(
             "{what} must not be empty"
-        )))
-    } else {
-        Ok(())
+        )));
+    }
+    match value.chars().find(|c| c.is_control()) {
+        Some(c) => Err(Status::invalid_argument(format!(
+            "{what} {value:?} contains the control character {c:?}"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -84,6 +90,7 @@ impl AgentService {
         let id = if service.id.is_empty() {
             service.name.clone()
         } else {
+            non_empty(&service.id, "service.id")?;
             service.id.clone()
         };
         let port = u16::try_from(service.port).map_err(|_| {

@@ -71,6 +71,7 @@ pub async fn register(State(app): State<AppState>, body: Bytes) -> Result<Respon
     if node.is_empty() {
         return Err(ApiError::bad_request("Must provide node"));
     }
+    super::consul_json::printable("node name", &node)?;
     let address = f.string("address")?;
     let skip_node_update = f.bool("skipnodeupdate")?;
     if address.is_empty() && !skip_node_update {

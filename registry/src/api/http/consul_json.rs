@@ -313,6 +313,8 @@ pub fn decode_check(mut f: Fields) -> Result<CheckSpec, ApiError> {
         check_id = id;
     }
     let name = f.string("name")?;
+    printable("check ID", &check_id)?;
+    printable("check name", &name)?;
     let notes = f.string("notes")?;
     let output = f.string("output")?;
     let service_id = f.string("serviceid")?;
@@ -455,6 +457,17 @@ pub fn decode_agent_service(body: &[u8]) -> Result<(ServiceSpec, Vec<CheckSpec>)
     Ok((spec, out))
 }
 
+/// Refuses a name with control characters (CR, LF, NUL, …): it would end up
+/// in DNS answers, logs and headers. (KV keys keep Consul's own rules.)
+pub fn printable(what: &str, value: &str) -> Result<(), ApiError> {
+    match value.chars().find(|c| c.is_control()) {
+        Some(c) => Err(ApiError::bad_request(format!(
+            "{what} {value:?} contains the control character {c:?}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The service fields shared by agent and catalog registrations. Agent
 /// bodies call the name `Name`; catalog bodies `Service`.
 pub fn decode_service_fields(f: &mut Fields, agent: bool) -> Result<ServiceSpec, ApiError> {
@@ -469,6 +482,8 @@ pub fn decode_service_fields(f: &mut Fields, agent: bool) -> Result<ServiceSpec,
     if id.is_empty() {
         id.clone_from(&name);
     }
+    printable("service name", &name)?;
+    printable("service ID", &id)?;
     let tags = f.strings("tags")?;
     let address = f.string("address")?;
     let port = f.port("port")?;
@@ -657,6 +672,22 @@ mod tests {
             checks[0].definition.deregister_critical_after_ms,
             Some(60_000)
         );
+    }
+
+    #[test]
+    fn names_with_control_characters_are_refused() {
+        for body in [
+            &br#"{"Name":"crlf\r\nx","Port":80}"#[..],
+            br#"{"Name":"web","ID":"a\u0000b","Port":80}"#,
+            br#"{"Name":"web","Check":{"CheckID":"c\nd","TTL":"10s"}}"#,
+        ] {
+            let err = decode_agent_service(body).expect_err("refused");
+            assert!(
+                err.to_string().contains("control character"),
+                "{}: {err}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]
