@@ -39,7 +39,11 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 const EX_USAGE: u8 = 64;
 
 #[derive(Debug, Parser)]
-#[command(name = "meshwork-sidecar", version, about = "Meshwork sidecar agent")]
+#[command(
+    name = "meshwork-sidecar",
+    version,
+    about = "Meshwork sidecar: registers a service instance, checks its health and carries its traffic"
+)]
 struct Cli {
     /// The sidecar's TOML configuration.
     #[arg(long)]
