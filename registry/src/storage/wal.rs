@@ -315,6 +315,18 @@ fn judge(dir: &Path, purged: Option<u64>, committed: Option<u64>) -> std::io::Re
     let mut scanned_segments = Vec::with_capacity(seqs.len());
     let mut last_index: Option<u64> = purged;
     let count = seqs.len();
+    // A log with no segment at all (a healthy one always keeps one) whose
+    // metadata says entries past the purge point were committed lost them.
+    if count == 0
+        && let Some(c) = committed
+        && purged.is_none_or(|p| c > p)
+    {
+        return Err(corrupt(format!(
+            "{}: the raft log holds no segment, but index {c} was committed: the log is \
+             damaged, not torn by a crash; nothing was changed",
+            dir.display()
+        )));
+    }
     for (i, seq) in seqs.iter().copied().enumerate() {
         let path = dir.join(segment_name(seq));
         let file = std::fs::OpenOptions::new()
@@ -1151,6 +1163,16 @@ mod tests {
             open_damaged(&segments, Some(5), cut),
             Opened::Refused(why) if why.contains("lost committed entries")
         ));
+    }
+
+    #[test]
+    fn a_log_without_segments_but_with_committed_entries_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = Wal::open(dir.path(), SEGMENT, Some(3), Some(9)).expect_err("refused");
+        assert!(err.to_string().contains("index 9 was committed"), "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
+        // Everything committed was purged into a snapshot: a fresh log is fine.
+        drop(Wal::open(dir.path(), SEGMENT, Some(9), Some(9)).expect("open"));
     }
 
     #[test]

@@ -705,10 +705,16 @@ impl IdleConns {
                 )));
             };
             let shared = split.shared();
-            tokio::select! {
+            let head = tokio::select! {
                 biased;
                 head = poll_fn(|cx| conn.poll_head(cx, asked)) => head,
                 () = stream::client_broke(&shared) => Err(Error::BodyBroke),
+            };
+            // The upstream may have closed on the cut-short request before
+            // the pump's word came: still the client's failure.
+            match head {
+                Err(e) if e.broken() && stream::client_failed(&shared) => Err(Error::BodyBroke),
+                head => head,
             }
         };
         match head {

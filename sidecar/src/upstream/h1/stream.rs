@@ -285,6 +285,13 @@ impl Split {
     }
 }
 
+/// Whether the pump has stopped because of the client's body: a head read
+/// that failed meanwhile (the upstream closing on the cut-short request)
+/// is the client's failure too.
+pub fn client_failed(shared: &Shared) -> bool {
+    matches!(&*shared.lock(), State::Failed(Failure::Client))
+}
+
 /// Resolves when the pump has stopped because of the client's body (and
 /// never otherwise): a head still awaited will not come.
 pub async fn client_broke(shared: &Shared) {
