@@ -90,7 +90,45 @@ pub fn check_linearizable(
         );
         match &r.verdict {
             Verdict::Linearizable => {}
-            Verdict::Undecided { .. } => undecided += 1,
+            Verdict::Undecided { .. } => {
+                // Undecided is not a pass: decide it with a larger budget,
+                // and fail if even that cannot.
+                let key_ops: Vec<Operation> =
+                    ops.iter().filter(|o| o.key == r.key).cloned().collect();
+                let larger = Budget {
+                    max_steps: budget.max_steps * 10,
+                    max_cache: budget.max_cache * 5,
+                };
+                match linearizable::check_history(&key_ops, larger)
+                    .into_iter()
+                    .next()
+                    .map(|r| r.verdict)
+                {
+                    Some(Verdict::Linearizable) => {
+                        let _ = writeln!(text, "    decided with a larger budget: linearizable");
+                    }
+                    Some(Verdict::NotLinearizable { reason }) => {
+                        ok = false;
+                        let _ = writeln!(
+                            text,
+                            "\n  NOT LINEARIZABLE (with a larger budget): {} ({reason})\n{}",
+                            r.key,
+                            indent(&linearizable::format_history(&key_ops), 4)
+                        );
+                    }
+                    _ => {
+                        ok = false;
+                        undecided += 1;
+                        let _ = writeln!(
+                            text,
+                            "\n  UNDECIDED even with a larger budget: {} ({} ops): a failure, \
+                             since a lost write can hide there",
+                            r.key,
+                            key_ops.len()
+                        );
+                    }
+                }
+            }
             Verdict::NotLinearizable { reason } => {
                 ok = false;
                 let key_ops: Vec<Operation> =
@@ -129,7 +167,7 @@ pub fn check_linearizable(
     );
     if undecided > 0 {
         findings.notes.push(format!(
-            "{what}: {undecided} key(s) undecided within the search budget (not counted as failures)"
+            "{what}: {undecided} key(s) undecided even with a larger search budget (failures)"
         ));
     }
     findings.check(what, ok, text.clone());
