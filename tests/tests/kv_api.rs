@@ -307,6 +307,42 @@ async fn bad_input_gets_a_clear_4xx() -> Result<()> {
     )
     .await?;
     assert!(status_line.starts_with("HTTP/1.1 413"), "{status_line}");
+    // A body over the limit that the client goes on sending after the
+    // server has answered 413 (as most clients do, reading only once they
+    // have sent everything): the server lingers and takes it, so the
+    // client finishes and reads the answer rather than a broken pipe.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = format!("{}:{}", cluster.servers[0].ip, meshwork_tests::HTTP_PORT);
+        let size = 8 << 20;
+        let mut stream = tokio::net::TcpStream::connect(&addr).await?;
+        let head =
+            format!("PUT /v1/kv/huge HTTP/1.1\r\nHost: test\r\nContent-Length: {size}\r\n\r\n");
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&vec![b'x'; 64 * 1024]).await?;
+        // The answer comes first...
+        let mut answer = Vec::new();
+        let mut byte = [0u8; 1];
+        for _ in 0..4096 {
+            tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut byte)).await??;
+            answer.push(byte[0]);
+            if answer.ends_with(b"\r\n\r\n") {
+                break;
+            }
+        }
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        // ...the server has closed its side meanwhile; the rest still goes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stream
+            .write_all(&vec![b'x'; size - 64 * 1024])
+            .await
+            .map_err(|e| anyhow::anyhow!("sending the rest of the body after the 413: {e}"))?;
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+            .await?
+            .map_err(|e| anyhow::anyhow!("reading to the end after the 413: {e}"))?;
+    }
     // The server is still fine.
     cluster.must_put(0, "still", "alive").await?;
     cluster.done();
