@@ -274,3 +274,63 @@ async fn names_outside_the_domain_go_to_the_recursors() -> Result<()> {
     cluster.done();
     Ok(())
 }
+
+/// One source cannot take the TCP pool: past its share (16) its new
+/// connections are closed, and a client from another address still gets
+/// its answer over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_cannot_take_every_tcp_connection() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::start_in_process(1, &[]).await?;
+    instance(&cluster, 1, "passing", &[]).await?;
+    let server: std::net::SocketAddr = format!("{}:{DNS_PORT}", cluster.servers[0].ip).parse()?;
+    let hog: std::net::IpAddr = "127.0.0.1".parse()?;
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind((hog, 0).into())?;
+        held.push(socket.connect(server).await?);
+    }
+    // The server closes what is past the share: those read EOF at once.
+    let mut closed = 0;
+    for stream in &mut held {
+        let mut byte = [0u8; 1];
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte)).await
+        {
+            closed += 1;
+        }
+    }
+    ensure!(
+        closed == 24,
+        "{closed} of 40 connections from one source closed, not 24"
+    );
+    // Another source is served over TCP meanwhile.
+    let other: std::net::IpAddr = "127.0.0.2".parse()?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((other, 0).into())?;
+    let mut stream = socket.connect(server).await?;
+    // A query for web.service.mesh A, id 0x1234, with its length prefix.
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in ["web", "service", "mesh"] {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&query);
+    stream.write_all(&framed).await?;
+    let mut len = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(3), stream.read_exact(&mut len))
+        .await
+        .context("no TCP answer for another source")??;
+    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut answer).await?;
+    ensure!(
+        answer[..2] == [0x12, 0x34] && answer[7] == 1,
+        "one answer record: {answer:?}"
+    );
+    drop(held);
+    cluster.done();
+    Ok(())
+}

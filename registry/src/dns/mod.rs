@@ -9,8 +9,10 @@
 
 pub mod answer;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,6 +29,9 @@ use answer::{Outcome, Transport, handle_packet};
 const MAX_TCP_CONNECTIONS: usize = 512;
 /// A TCP connection idle this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// TCP connections one source address may hold: a resolver multiplexes
+/// its queries over a few (RFC 7766); more is one client taking the pool.
+const MAX_TCP_PER_SOURCE: usize = 16;
 /// How long a recursor gets to answer.
 const RECURSOR_TIMEOUT: Duration = Duration::from_secs(2);
 /// UDP receive workers sharing the socket.
@@ -107,6 +112,69 @@ async fn udp_worker(
     forwards.abort_all();
 }
 
+/// The open TCP connections: how many per source, and in opening order
+/// whether each is idle (waiting for a query), so that a full pool makes
+/// room by closing the oldest idle one rather than making new clients wait.
+#[derive(Default)]
+struct TcpConnections {
+    per_source: HashMap<IpAddr, usize>,
+    open: VecDeque<(u64, Arc<TcpConnState>)>,
+    next_id: u64,
+}
+
+struct TcpConnState {
+    idle: AtomicBool,
+    close: CancellationToken,
+}
+
+impl TcpConnections {
+    /// Registers a connection from `source`; `None` when the source already
+    /// holds its share.
+    fn open(&mut self, source: IpAddr) -> Option<(u64, Arc<TcpConnState>)> {
+        let count = self.per_source.entry(source).or_insert(0);
+        if *count >= MAX_TCP_PER_SOURCE {
+            return None;
+        }
+        *count += 1;
+        self.next_id += 1;
+        let state = Arc::new(TcpConnState {
+            idle: AtomicBool::new(true),
+            close: CancellationToken::new(),
+        });
+        self.open.push_back((self.next_id, Arc::clone(&state)));
+        Some((self.next_id, state))
+    }
+
+    fn closed(&mut self, id: u64, source: IpAddr) {
+        self.open.retain(|(i, _)| *i != id);
+        if let Some(count) = self.per_source.get_mut(&source) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_source.remove(&source);
+            }
+        }
+    }
+
+    /// Closes the oldest idle connection; false when every one is busy.
+    fn close_oldest_idle(&self) -> bool {
+        match self
+            .open
+            .iter()
+            .find(|(_, c)| c.idle.load(Ordering::Relaxed))
+        {
+            Some((_, c)) => {
+                c.close.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn lock(t: &Mutex<TcpConnections>) -> std::sync::MutexGuard<'_, TcpConnections> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 async fn tcp_acceptor(
     listener: TcpListener,
     state: Arc<SharedState>,
@@ -114,12 +182,10 @@ async fn tcp_acceptor(
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    let tracked = Arc::new(Mutex::new(TcpConnections::default()));
     let mut connections = JoinSet::new();
     loop {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            break;
-        };
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
@@ -131,14 +197,32 @@ async fn tcp_acceptor(
                 }
             },
         };
+        let Some((id, conn)) = lock(&tracked).open(peer.ip()) else {
+            tracing::debug!(source = %peer.ip(), "dns tcp: this source holds its share of connections; closing");
+            continue;
+        };
+        // A full pool makes room: the oldest idle connection goes.
+        if permits.available_permits() == 0 {
+            lock(&tracked).close_oldest_idle();
+        }
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
         let state = Arc::clone(&state);
         let config = Arc::clone(&config);
         let token = shutdown.clone();
+        let tracked = Arc::clone(&tracked);
         connections.spawn(async move {
             tokio::select! {
                 () = token.cancelled() => {}
-                () = tcp_connection(stream, state, config) => {}
+                () = conn.close.cancelled() => {}
+                () = tcp_connection(stream, state, config, &conn.idle) => {}
             }
+            lock(&tracked).closed(id, peer.ip());
             drop(permit);
         });
     }
@@ -147,14 +231,21 @@ async fn tcp_acceptor(
 
 /// Serves length-prefixed queries on one connection until it closes,
 /// idles, or sends something that is not DNS.
-async fn tcp_connection(mut stream: TcpStream, state: Arc<SharedState>, config: Arc<DnsConfig>) {
+async fn tcp_connection(
+    mut stream: TcpStream,
+    state: Arc<SharedState>,
+    config: Arc<DnsConfig>,
+    idle: &AtomicBool,
+) {
     let _ = stream.set_nodelay(true);
     loop {
         let mut len = [0u8; 2];
+        idle.store(true, Ordering::Relaxed);
         match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
             Ok(Ok(_)) => {}
             _ => return,
         }
+        idle.store(false, Ordering::Relaxed);
         let len = usize::from(u16::from_be_bytes(len));
         let mut packet = vec![0u8; len];
         match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut packet)).await {
