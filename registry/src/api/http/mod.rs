@@ -153,7 +153,10 @@ async fn refuse_unsupported_scope(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let query = request.uri().query().unwrap_or("");
+    // Most requests carry no query: nothing to parse.
+    let Some(query) = request.uri().query() else {
+        return next.run(request).await;
+    };
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         let refusal = match key.as_ref() {
             "dc" if !value.is_empty() && *value != *state.datacenter => {

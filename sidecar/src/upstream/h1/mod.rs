@@ -182,12 +182,7 @@ impl Conn {
     #[cold]
     #[inline(never)]
     fn rejoin(self) -> Option<Conn> {
-        let Conn {
-            io,
-            rbuf,
-            wbuf,
-            answered,
-        } = self;
+        let (io, buffers) = self.into_parts();
         let io = match io {
             Io::Whole(io) => io,
             Io::Split(split) => match split.rejoin() {
@@ -199,12 +194,7 @@ impl Conn {
                 Err(None) => return None,
             },
         };
-        Some(Conn {
-            io: Io::Whole(io),
-            rbuf,
-            wbuf,
-            answered,
-        })
+        Some(Conn::from_parts(Io::Whole(io), buffers))
     }
 
     /// Starts pumping `body` into the connection (see [`stream`]).
@@ -213,16 +203,26 @@ impl Conn {
         B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
+        let (io, buffers) = self.into_parts();
+        let io = match io {
+            Io::Whole(io) => Io::Split(stream::start(io, body, length)),
+            split @ Io::Split(_) => split,
+        };
+        Conn::from_parts(io, buffers)
+    }
+
+    /// The socket apart from the buffers, to change one and keep the other.
+    fn into_parts(self) -> (Io, (BytesMut, Vec<u8>, bool)) {
         let Conn {
             io,
             rbuf,
             wbuf,
             answered,
         } = self;
-        let io = match io {
-            Io::Whole(io) => Io::Split(stream::start(io, body, length)),
-            split @ Io::Split(_) => split,
-        };
+        (io, (rbuf, wbuf, answered))
+    }
+
+    fn from_parts(io: Io, (rbuf, wbuf, answered): (BytesMut, Vec<u8>, bool)) -> Conn {
         Conn {
             io,
             rbuf,
