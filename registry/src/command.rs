@@ -87,6 +87,34 @@ pub enum Command {
     /// tombstones and the indexes of gone services and nodes whose last
     /// change is at or below `up_to`. Readers never see an index go back.
     Reap { up_to: u64 },
+    /// Take `key`'s lock for `session` and set the key (Consul's
+    /// `?acquire`); with `cas`, only if its ModifyIndex equals it.
+    KvLock {
+        key: String,
+        #[serde(with = "base64_bytes")]
+        value: Vec<u8>,
+        flags: u64,
+        session: String,
+        cas: Option<u64>,
+    },
+    /// Release `key`'s lock held by `session` and set the key (Consul's
+    /// `?release`); with `cas`, only if its ModifyIndex equals it.
+    KvUnlock {
+        key: String,
+        #[serde(with = "base64_bytes")]
+        value: Vec<u8>,
+        flags: u64,
+        session: String,
+        cas: Option<u64>,
+    },
+    /// Create a session (its id chosen by the server that took the request).
+    SessionCreate(Box<crate::state::session::SessionSpec>),
+    /// End a session: destroyed by a client, expired (proposed by the
+    /// leader's TTL clock) or invalidated; its locks are released or
+    /// deleted per its behavior.
+    SessionDestroy { id: String },
+    /// A transaction: every operation or none, at this entry's index.
+    Txn(Vec<crate::state::txn::TxnOp>),
 }
 
 impl Command {
@@ -103,6 +131,17 @@ impl Command {
             }
             Command::Restore(state) => serde_json::to_vec(state).map_or(usize::MAX, |b| b.len()),
             Command::CatalogRegister(_) => 4 * SMALL,
+            Command::KvLock { key, value, .. } | Command::KvUnlock { key, value, .. } => {
+                SMALL + key.len() + value.len() * 4 / 3
+            }
+            Command::Txn(ops) => ops
+                .iter()
+                .map(|op| match op {
+                    crate::state::txn::TxnOp::Kv(op) => {
+                        SMALL + op.key.len() + op.value.len() * 4 / 3
+                    }
+                })
+                .sum(),
             Command::KvDelete { .. }
             | Command::KvDeleteTree { .. }
             | Command::SetClusterId { .. }
@@ -110,7 +149,9 @@ impl Command {
             | Command::CheckUpdate { .. }
             | Command::ConfigDelete { .. }
             | Command::RestoreCommit { .. }
-            | Command::Reap { .. } => SMALL,
+            | Command::Reap { .. }
+            | Command::SessionCreate(_)
+            | Command::SessionDestroy { .. } => SMALL,
         }
     }
 }
@@ -127,6 +168,11 @@ pub enum CommandResponse {
     CatalogRejected(CatalogError),
     /// One response per command of a [`Command::Batch`].
     Batch(Vec<CommandResponse>),
+    /// Refused, with Consul's message (nothing changed): a session that
+    /// does not exist, a check that is missing or critical.
+    Refused(String),
+    /// A transaction's results, or why it was rolled back.
+    Txn(crate::state::txn::TxnOutcome),
 }
 
 impl CommandResponse {
@@ -201,29 +247,72 @@ pub fn apply(state: &mut State, index: u64, command: &Command) -> CommandRespons
             CommandResponse::Applied(true)
         }
         Command::CatalogRegister(registration) => {
-            catalog_response(state.catalog.register(index, registration).map(|()| true))
+            let result = state.catalog.register(index, registration);
+            if result.is_ok() {
+                state.sessions_follow_catalog(index, &registration.node);
+            }
+            catalog_response(result.map(|()| true))
         }
         Command::CatalogDeregister {
             node,
             service_id,
             check_id,
-        } => catalog_response(
-            state
-                .catalog
-                .deregister(index, node, service_id.as_deref(), check_id.as_deref())
-                .map(|()| true),
-        ),
+        } => {
+            let result =
+                state
+                    .catalog
+                    .deregister(index, node, service_id.as_deref(), check_id.as_deref());
+            if result.is_ok() {
+                state.sessions_follow_catalog(index, node);
+            }
+            catalog_response(result.map(|()| true))
+        }
         Command::CheckUpdate {
             node,
             check_id,
             status,
             output,
-        } => catalog_response(
-            state
+        } => {
+            let result = state
                 .catalog
-                .update_check(index, node, check_id, *status, output)
-                .map(|_| true),
-        ),
+                .update_check(index, node, check_id, *status, output);
+            if result.as_ref().is_ok_and(|changed| *changed) {
+                state.sessions_follow_catalog(index, node);
+            }
+            catalog_response(result.map(|_| true))
+        }
+        Command::KvLock {
+            key,
+            value,
+            flags,
+            session,
+            cas,
+        } => {
+            if state.sessions.get(session).is_none() {
+                return CommandResponse::Refused(invalid_session(session));
+            }
+            CommandResponse::Applied(state.kv.acquire(index, key, value, *flags, session, *cas))
+        }
+        Command::KvUnlock {
+            key,
+            value,
+            flags,
+            session,
+            cas,
+        } => {
+            if state.sessions.get(session).is_none() {
+                return CommandResponse::Refused(invalid_session(session));
+            }
+            CommandResponse::Applied(state.kv.release(index, key, value, *flags, session, *cas))
+        }
+        Command::SessionCreate(spec) => match state.create_session(index, spec) {
+            Ok(()) => CommandResponse::Applied(true),
+            Err(e) => CommandResponse::Refused(e.to_string()),
+        },
+        Command::SessionDestroy { id } => {
+            CommandResponse::Applied(state.destroy_session(index, id))
+        }
+        Command::Txn(ops) => CommandResponse::Txn(crate::state::txn::run(state, index, ops)),
         Command::Batch(commands) => {
             CommandResponse::Batch(commands.iter().map(|c| apply(state, index, c)).collect())
         }
@@ -292,6 +381,11 @@ pub fn apply(state: &mut State, index: u64, command: &Command) -> CommandRespons
             }
         }
     }
+}
+
+/// Consul's answer to a lock operation naming a session that does not exist.
+pub fn invalid_session(id: &str) -> String {
+    format!("invalid session {id:?}")
 }
 
 fn catalog_response(result: Result<bool, CatalogError>) -> CommandResponse {

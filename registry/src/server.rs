@@ -245,6 +245,15 @@ pub async fn run(
         }
         .instrument(tracing::info_span!("health")),
     );
+    let ttl_node = Arc::clone(&node);
+    let token = shutdown.clone();
+    tasks.spawn(
+        async move {
+            crate::leader::session_ttl::supervise(ttl_node, token).await;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("session_ttl")),
+    );
 
     tracing::info!(node = config.node_id, "registry server started");
     meshwork_core::notify::ready(&format!(

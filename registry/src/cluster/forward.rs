@@ -7,8 +7,8 @@ use std::sync::Arc;
 use meshwork_proto::v1::raft_internal_server::RaftInternal;
 use meshwork_proto::v1::{
     ErrorKind, ForwardWriteReply, ForwardWriteRequest, JoinReply, JoinRequest, RaftPayload,
-    ReadIndexReply, ReadIndexRequest, RemoveServerRequest, ServerHealthReply, ServerHealthRequest,
-    TouchSessionsReply, TouchSessionsRequest,
+    ReadIndexReply, ReadIndexRequest, RemoveServerRequest, RenewSessionReply, RenewSessionRequest,
+    ServerHealthReply, ServerHealthRequest, TouchSessionsReply, TouchSessionsRequest,
 };
 use openraft::raft::AppendEntriesResponse;
 use serde::Serialize;
@@ -173,6 +173,30 @@ impl RaftInternal for InternalService {
             }
         }
         Ok(Response::new(TouchSessionsReply { leader }))
+    }
+
+    async fn renew_session(
+        &self,
+        request: Request<RenewSessionRequest>,
+    ) -> Result<Response<RenewSessionReply>, Status> {
+        self.node.channels.accept(&request)?;
+        let id = request.into_inner().id;
+        let reply = match self.node.renew_session_local(&id).await {
+            Ok(found) => RenewSessionReply {
+                found,
+                error: String::new(),
+                kind: ErrorKind::None.into(),
+            },
+            Err(attempt) => {
+                let (kind, error) = attempt.to_wire();
+                RenewSessionReply {
+                    found: false,
+                    error,
+                    kind: kind.into(),
+                }
+            }
+        };
+        Ok(Response::new(reply))
     }
 
     async fn server_health(

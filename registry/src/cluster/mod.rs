@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use meshwork_proto::v1::{
     ErrorKind, ForwardWriteRequest, JoinRequest, ReadIndexRequest, RemoveServerRequest,
+    RenewSessionRequest,
 };
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
@@ -116,6 +117,9 @@ pub struct RegistryNode {
     /// On the leader: when each TTL check was last updated by a client.
     /// In memory only: a new leader gives every TTL a full period.
     ttl_touches: Mutex<HashMap<(String, String), tokio::time::Instant>>,
+    /// On the leader: when each Consul session was last renewed. In memory
+    /// only: a new leader gives every session a full TTL.
+    session_renewals: Mutex<HashMap<String, tokio::time::Instant>>,
 }
 
 impl std::fmt::Debug for BatchItem {
@@ -155,6 +159,7 @@ impl RegistryNode {
             withholding_votes: std::sync::atomic::AtomicBool::new(false),
             read_floor: Mutex::new((0, 0)),
             ttl_touches: Mutex::new(HashMap::new()),
+            session_renewals: Mutex::new(HashMap::new()),
             batcher,
         }
     }
@@ -320,6 +325,29 @@ impl RegistryNode {
                     tokio::time::Instant::now(),
                 );
         }
+        // Lock-delay is wall-clock time, so it is enforced here, on the
+        // leader, before the write is proposed (as Consul does).
+        if let Command::KvLock { key, .. } = &command
+            && let Some(until) = self.state.lock_delay(key)
+        {
+            tracing::warn!(
+                key = %key,
+                remaining_ms = until.saturating_duration_since(std::time::Instant::now()).as_millis() as u64,
+                "refusing a lock acquisition: the key's lock-delay runs"
+            );
+            return Ok(Applied {
+                index: self.state.applied_index(),
+                response: CommandResponse::Applied(false),
+            });
+        }
+        if let Command::Txn(ops) = &command
+            && let Some(refused) = self.txn_lock_delayed(ops)
+        {
+            return Ok(Applied {
+                index: self.state.applied_index(),
+                response: CommandResponse::Txn(refused),
+            });
+        }
         let (reply, answer) = tokio::sync::oneshot::channel();
         if self
             .batcher
@@ -335,6 +363,29 @@ impl RegistryNode {
             Err(WriteAttempt::Failed(ClusterError::Internal(
                 "the write batcher dropped a write".into(),
             )))
+        })
+    }
+
+    /// A transaction refused because one of its lock operations names a
+    /// key whose lock-delay runs (Consul's message).
+    fn txn_lock_delayed(
+        &self,
+        ops: &[crate::state::txn::TxnOp],
+    ) -> Option<crate::state::txn::TxnOutcome> {
+        use crate::state::txn::{KvVerb, TxnError, TxnOp, TxnOutcome};
+        ops.iter().enumerate().find_map(|(op_index, op)| match op {
+            TxnOp::Kv(kv)
+                if kv.verb == KvVerb::Lock && self.state.lock_delay(&kv.key).is_some() =>
+            {
+                Some(TxnOutcome {
+                    results: Vec::new(),
+                    errors: vec![TxnError {
+                        op_index,
+                        what: format!("failed to lock key {:?} due to lock delay", kv.key),
+                    }],
+                })
+            }
+            TxnOp::Kv(_) => None,
         })
     }
 
@@ -489,6 +540,83 @@ impl RegistryNode {
             // A read has no side effect: any failure is worth another try.
             Err(_) => Err(WriteAttempt::Retry),
         }
+    }
+
+    /// Renews a Consul session's TTL on the leader, from any server: false
+    /// when the session does not exist.
+    pub async fn renew_session(&self, id: &str) -> Result<bool, ClusterError> {
+        let deadline = Instant::now() + self.leader_wait;
+        with_leader(self, deadline, self.leader_wait, |to| async move {
+            match to {
+                Leader::Here => self.renew_session_local(id).await,
+                Leader::There(addr) => self.renew_session_remote(&addr, id, deadline).await,
+            }
+        })
+        .await
+    }
+
+    /// On the leader: restarts the session's TTL clock, once this server's
+    /// state is current (the session may have just been created).
+    pub(crate) async fn renew_session_local(&self, id: &str) -> Result<bool, WriteAttempt> {
+        let deadline = Instant::now() + self.leader_wait;
+        let index = self.read_index_local(false, deadline).await?;
+        self.wait_applied(index, deadline)
+            .await
+            .map_err(WriteAttempt::Failed)?;
+        if self.state.read().sessions.get(id).is_none() {
+            return Ok(false);
+        }
+        self.session_renewals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), tokio::time::Instant::now());
+        Ok(true)
+    }
+
+    async fn renew_session_remote(
+        &self,
+        leader_addr: &str,
+        id: &str,
+        deadline: Instant,
+    ) -> Result<bool, WriteAttempt> {
+        let mut client = self
+            .channels
+            .client(leader_addr)
+            .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
+        let mut request = self
+            .channels
+            .request(RenewSessionRequest { id: id.to_owned() });
+        request.set_timeout(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(10)),
+        );
+        match client.renew_session(request).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                match reply.kind() {
+                    ErrorKind::None => Ok(reply.found),
+                    ErrorKind::NoLeader | ErrorKind::NotLeader => Err(WriteAttempt::Retry),
+                    _ => Err(WriteAttempt::Failed(ClusterError::Internal(reply.error))),
+                }
+            }
+            // A renewal is idempotent: any failure is worth another try.
+            Err(_) => Err(WriteAttempt::Retry),
+        }
+    }
+
+    /// When each session was last renewed through this leader; forgets
+    /// sessions not in `live`.
+    pub fn session_renewals(
+        &self,
+        live: &dyn Fn(&str) -> bool,
+    ) -> HashMap<String, tokio::time::Instant> {
+        let mut renewals = self
+            .session_renewals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        renewals.retain(|id, _| live(id));
+        renewals.clone()
     }
 
     /// Waits until this server has applied `index`.

@@ -1,6 +1,6 @@
 //! What only the leader runs: the health checks registered over REST and
 //! the TTL and deregistration timers ([`health`]), sidecar heartbeat
-//! sessions ([`liveness`]), tombstone garbage collection ([`gc`]) and
+//! sessions ([`liveness`]), the TTL clock of Consul sessions ([`session_ttl`]), tombstone garbage collection ([`gc`]) and
 //! autopilot's dead-server cleanup ([`autopilot`]). Each watches
 //! leadership and starts afresh, with a full period of grace, when this
 //! server becomes leader; each changes state only by proposing commands
@@ -10,3 +10,4 @@ pub mod autopilot;
 pub mod gc;
 pub mod health;
 pub mod liveness;
+pub mod session_ttl;

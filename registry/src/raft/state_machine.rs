@@ -38,7 +38,14 @@ pub struct SharedState {
     /// (cheap: the maps are persistent and share what did not change).
     /// Watch streams diff against them to resume a client on any server.
     versions: std::sync::Mutex<std::collections::VecDeque<(Instant, State)>>,
+    /// key → until when its lock cannot be acquired (lock-delay), on this
+    /// server's clock: started when the invalidation that released the
+    /// lock was applied here. Only the leader consults it.
+    lock_delays: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
 }
+
+/// Past this many lock-delays, expired ones are swept when one is added.
+const LOCK_DELAY_SWEEP: usize = 1024;
 
 /// At most this many recent versions are kept...
 const MAX_VERSIONS: usize = 256;
@@ -52,6 +59,31 @@ impl SharedState {
             state: RwLock::new(state),
             applied: watch::Sender::new(index),
             versions: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            lock_delays: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Until when `key`'s lock may not be acquired, if a lock-delay runs.
+    pub fn lock_delay(&self, key: &str) -> Option<Instant> {
+        let delays = self.lock_delays.lock().unwrap_or_else(|e| e.into_inner());
+        delays
+            .get(key)
+            .copied()
+            .filter(|until| *until > Instant::now())
+    }
+
+    /// Starts the lock-delays that the entry just applied began.
+    fn begin_lock_delays(&self, begun: Vec<(String, u64)>) {
+        if begun.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut delays = self.lock_delays.lock().unwrap_or_else(|e| e.into_inner());
+        if delays.len() > LOCK_DELAY_SWEEP {
+            delays.retain(|_, until| *until > now);
+        }
+        for (key, nanos) in begun {
+            delays.insert(key, now + Duration::from_nanos(nanos));
         }
     }
 
@@ -275,6 +307,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         CommandResponse::Empty
                     }
                 };
+                self.shared
+                    .begin_lock_delays(std::mem::take(&mut state.lock_delays_begun.0));
                 self.shared.record_version(&state);
                 responses.push(response);
             }

@@ -4,7 +4,7 @@
 //! than the tombstone TTL are reaped ([`crate::leader::gc`]); what a reader saw of
 //! a reaped key's index never goes backwards (see `reaped`).
 
-use imbl::OrdMap;
+use imbl::{OrdMap, OrdSet};
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -19,9 +19,11 @@ pub struct KvEntry {
     pub flags: u64,
     pub create_index: u64,
     pub modify_index: u64,
-    /// Sessions and locks are not implemented; always 0, as Consul for an
-    /// unlocked key.
+    /// How many times the key's lock was acquired (kept after release).
     pub lock_index: u64,
+    /// The session holding the key's lock, if locked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 /// All keys, in order, plus the tombstones of deleted ones.
@@ -39,6 +41,9 @@ pub struct KvStore {
     /// deletion's) never goes backwards.
     #[serde(default)]
     reaped: u64,
+    /// session id → the keys it holds locked.
+    #[serde(default)]
+    held: OrdMap<String, OrdSet<String>>,
 }
 
 impl KvStore {
@@ -61,13 +66,13 @@ impl KvStore {
                 KvEntry {
                     create_index: index,
                     modify_index: index,
-                    lock_index: 0,
                     ..entry.clone()
                 },
             );
         }
         self.entries = entries;
         self.tombstones = tombstones;
+        self.held = backup.held.clone();
         self.last_change = index;
     }
 
@@ -87,20 +92,141 @@ impl KvStore {
                 return false;
             }
         }
+        // A plain write to a locked key keeps the lock (as Consul).
         let create_index = existing.map_or(index, |e| e.create_index);
-        self.entries.insert(
-            key.to_owned(),
+        let lock_index = existing.map_or(0, |e| e.lock_index);
+        let session = existing.and_then(|e| e.session.clone());
+        self.put(
+            key,
             KvEntry {
                 value: Arc::from(value),
                 flags,
                 create_index,
                 modify_index: index,
-                lock_index: 0,
+                lock_index,
+                session,
             },
         );
-        self.tombstones.remove(key);
-        self.last_change = index;
         true
+    }
+
+    fn put(&mut self, key: &str, entry: KvEntry) {
+        self.last_change = entry.modify_index;
+        self.entries.insert(key.to_owned(), entry);
+        self.tombstones.remove(key);
+    }
+
+    /// Takes `key`'s lock for `session` and sets it (Consul's `?acquire`):
+    /// false when another session holds it or the `cas` precondition
+    /// fails. The holder acquiring again updates the value without
+    /// counting a new acquisition. The caller checked that the session
+    /// exists.
+    pub fn acquire(
+        &mut self,
+        index: u64,
+        key: &str,
+        value: &[u8],
+        flags: u64,
+        session: &str,
+        cas: Option<u64>,
+    ) -> bool {
+        let existing = self.entries.get(key);
+        if cas.is_some_and(|cas| existing.map_or(0, |e| e.modify_index) != cas) {
+            return false;
+        }
+        let (create_index, lock_index) = match existing {
+            Some(e) if e.session.as_deref() == Some(session) => (e.create_index, e.lock_index),
+            Some(e) if e.session.is_some() => return false,
+            Some(e) => (e.create_index, e.lock_index + 1),
+            None => (index, 1),
+        };
+        self.put(
+            key,
+            KvEntry {
+                value: Arc::from(value),
+                flags,
+                create_index,
+                modify_index: index,
+                lock_index,
+                session: Some(session.to_owned()),
+            },
+        );
+        self.held
+            .entry(session.to_owned())
+            .or_default()
+            .insert(key.to_owned());
+        true
+    }
+
+    /// Releases `key`'s lock held by `session` and sets it (Consul's
+    /// `?release`): false when `session` does not hold it or the `cas`
+    /// precondition fails.
+    pub fn release(
+        &mut self,
+        index: u64,
+        key: &str,
+        value: &[u8],
+        flags: u64,
+        session: &str,
+        cas: Option<u64>,
+    ) -> bool {
+        let Some(existing) = self.entries.get(key) else {
+            return false;
+        };
+        if existing.session.as_deref() != Some(session)
+            || cas.is_some_and(|cas| existing.modify_index != cas)
+        {
+            return false;
+        }
+        let (create_index, lock_index) = (existing.create_index, existing.lock_index);
+        self.put(
+            key,
+            KvEntry {
+                value: Arc::from(value),
+                flags,
+                create_index,
+                modify_index: index,
+                lock_index,
+                session: None,
+            },
+        );
+        self.forget_lock(session, key);
+        true
+    }
+
+    /// Ends every lock of an invalidated session: the keys are unlocked
+    /// (their value kept) or deleted. Returns the keys it held.
+    pub fn drop_session(&mut self, index: u64, session: &str, delete: bool) -> Vec<String> {
+        let keys: Vec<String> = self
+            .held
+            .remove(session)
+            .map(|keys| keys.into_iter().collect())
+            .unwrap_or_default();
+        for key in &keys {
+            if delete {
+                self.entries.remove(key);
+                self.tombstones.insert(key.clone(), index);
+            } else if let Some(entry) = self.entries.get_mut(key) {
+                entry.session = None;
+                entry.modify_index = index;
+            }
+            self.last_change = index;
+        }
+        keys
+    }
+
+    fn forget_lock(&mut self, session: &str, key: &str) {
+        if let Some(keys) = self.held.get_mut(session) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.held.remove(session);
+            }
+        }
+    }
+
+    /// Keys locked by `session`, in order.
+    pub fn held_by<'a>(&'a self, session: &str) -> impl Iterator<Item = &'a String> + 'a {
+        self.held.get(session).into_iter().flat_map(|k| k.iter())
     }
 
     /// Deletes `key`; with `cas`, only if its ModifyIndex matches. Deleting
@@ -110,7 +236,9 @@ impl KvStore {
             (None, _) => true,
             (Some(e), Some(cas)) if e.modify_index != cas => false,
             (Some(_), _) => {
-                self.entries.remove(key);
+                if let Some(session) = self.entries.remove(key).and_then(|e| e.session) {
+                    self.forget_lock(&session, key);
+                }
                 self.tombstones.insert(key.to_owned(), index);
                 self.last_change = index;
                 true
@@ -122,7 +250,9 @@ impl KvStore {
     pub fn delete_tree(&mut self, index: u64, prefix: &str) {
         let doomed: Vec<String> = self.prefix_range(prefix).map(|(k, _)| k.clone()).collect();
         for key in doomed {
-            self.entries.remove(&key);
+            if let Some(session) = self.entries.remove(&key).and_then(|e| e.session) {
+                self.forget_lock(&session, &key);
+            }
             self.tombstones.insert(key, index);
             self.last_change = index;
         }

@@ -6,6 +6,8 @@
 pub mod catalog;
 pub mod config;
 pub mod kv;
+pub mod session;
+pub mod txn;
 
 use serde::{Deserialize, Serialize};
 
@@ -28,7 +30,32 @@ pub struct State {
     /// A backup being restored piece by piece (`PUT /v1/snapshot`).
     #[serde(default)]
     pub restoring: Option<StagedRestore>,
+    /// Consul sessions (KV locks live in `kv`).
+    #[serde(default)]
+    pub sessions: session::Sessions,
+    /// Locks whose lock-delay began with the entry being applied: (key,
+    /// delay in ns). Not replicated state: the state machine adapter takes
+    /// them after each entry and starts each delay on its own clock, as a
+    /// Consul server does when it applies a session's invalidation.
+    #[serde(skip)]
+    pub lock_delays_begun: Transient<Vec<(String, u64)>>,
 }
+
+/// The longest lock-delay applied, whatever a session asked for.
+pub const MAX_LOCK_DELAY_NS: u64 = 60_000_000_000;
+
+/// A value carried beside the state but not part of it: never compared,
+/// never encoded.
+#[derive(Debug, Clone, Default)]
+pub struct Transient<T>(pub T);
+
+impl<T> PartialEq for Transient<T> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl<T> Eq for Transient<T> {}
 
 /// The pieces of a backup received so far, in order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +75,79 @@ impl State {
         self.kv.restore(index, &backup.kv);
         self.catalog.restore(index, &backup.catalog);
         self.config.restore(index, &backup.config);
+        self.sessions.restore(index, &backup.sessions);
+    }
+
+    /// Creates a session after checking Consul's preconditions: its node
+    /// is registered, and each of its checks exists on that node and is
+    /// not critical.
+    pub fn create_session(
+        &mut self,
+        index: u64,
+        spec: &session::SessionSpec,
+    ) -> Result<(), session::SessionError> {
+        use session::SessionError;
+        if self.catalog.node(&spec.node).is_none() {
+            return Err(SessionError::MissingNode);
+        }
+        for check_id in spec.node_checks.iter().chain(&spec.service_checks) {
+            let check = self
+                .catalog
+                .node_checks(&spec.node)
+                .find(|c| c.check_id == *check_id)
+                .ok_or_else(|| SessionError::MissingCheck(check_id.clone()))?;
+            if check.status == catalog::HealthStatus::Critical {
+                return Err(SessionError::CriticalCheck(check_id.clone()));
+            }
+        }
+        self.sessions.insert(index, spec)
+    }
+
+    /// Ends a session: its locks are released or their keys deleted (per
+    /// its behavior) and their lock-delay begins. False when it did not
+    /// exist.
+    pub fn destroy_session(&mut self, index: u64, id: &str) -> bool {
+        let Some(session) = self.sessions.remove(index, id) else {
+            return false;
+        };
+        let delete = session.spec.behavior == session::Behavior::Delete;
+        let keys = self.kv.drop_session(index, id, delete);
+        // Consul caps the delay at a minute (`MaxLockDelay`).
+        let delay = session.spec.lock_delay_ns.min(MAX_LOCK_DELAY_NS);
+        if delay > 0 {
+            self.lock_delays_begun
+                .0
+                .extend(keys.into_iter().map(|k| (k, delay)));
+        }
+        true
+    }
+
+    /// After a change to `node` in the catalog: invalidates the node's
+    /// sessions whose node is gone or one of whose checks is gone or
+    /// critical.
+    pub(crate) fn sessions_follow_catalog(&mut self, index: u64, node: &str) {
+        let node_exists = self.catalog.node(node).is_some();
+        let doomed: Vec<String> = self
+            .sessions
+            .of_node(node)
+            .filter(|s| {
+                !node_exists
+                    || s.spec
+                        .node_checks
+                        .iter()
+                        .chain(&s.spec.service_checks)
+                        .any(|id| {
+                            self.catalog
+                                .node_checks(node)
+                                .find(|c| c.check_id == *id)
+                                .is_none_or(|c| c.status == catalog::HealthStatus::Critical)
+                        })
+            })
+            .map(|s| s.spec.id.clone())
+            .collect();
+        for id in doomed {
+            self.destroy_session(index, &id);
+        }
     }
 
     /// Records that a log entry without a command (blank, membership) was

@@ -143,6 +143,20 @@ impl Fields {
         }
     }
 
+    /// An unsigned integer (0 when absent).
+    pub fn u64(&mut self, key: &str) -> Result<u64, ApiError> {
+        match self.take(key) {
+            None => Ok(0),
+            Some(Value::Number(n)) => n.as_u64().ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Invalid {} field {key}: {n} is not an unsigned integer",
+                    self.what
+                ))
+            }),
+            Some(other) => Err(self.wrong(key, "a non-negative number", &other)),
+        }
+    }
+
     /// A Go duration string (`"10s"`) or a number of nanoseconds.
     pub fn duration(&mut self, key: &str) -> Result<Option<Duration>, ApiError> {
         match self.take(key) {
@@ -179,6 +193,11 @@ impl Fields {
                 .collect(),
             Some(other) => Err(self.wrong(key, "a list of objects", &other)),
         }
+    }
+
+    /// Whether the field was given at all, `null` included.
+    pub fn given(&self, key: &str) -> bool {
+        self.map.contains_key(key)
     }
 
     pub fn has(&self, key: &str) -> bool {

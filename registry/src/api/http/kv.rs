@@ -12,7 +12,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::query::{Params, ReadOptions, read_headers, run_read};
 use super::waiters::IndexOf;
-use crate::command::Command;
+use crate::command::{Command, CommandResponse};
 use crate::state::KvEntry;
 
 /// Largest value accepted (Consul's limit).
@@ -23,23 +23,27 @@ pub const MAX_KEY_BYTES: usize = 512;
 /// One entry as Consul's JSON shows it.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "PascalCase")]
-struct KvPair<'a> {
+pub(super) struct KvPair<'a> {
     lock_index: u64,
     key: &'a str,
     flags: u64,
     /// base64; `null` for an empty value, as Consul.
     value: Option<String>,
+    /// The lock holder; absent when unlocked (as Consul's `omitempty`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<&'a str>,
     create_index: u64,
     modify_index: u64,
 }
 
 impl<'a> KvPair<'a> {
-    fn new(key: &'a str, entry: &KvEntry) -> Self {
+    pub(super) fn new(key: &'a str, entry: &'a KvEntry) -> Self {
         KvPair {
             lock_index: entry.lock_index,
             key,
             flags: entry.flags,
             value: (!entry.value.is_empty()).then(|| STANDARD.encode(&entry.value)),
+            session: entry.session.as_deref(),
             create_index: entry.create_index,
             modify_index: entry.modify_index,
         }
@@ -115,7 +119,7 @@ async fn get(app: &AppState, key: &str, params: &Params) -> Result<Response, Api
         .await?;
         headers = read_headers(node, result.index, options.consistency);
         body = (!result.value.is_empty()).then(|| axum::Json(result.value).into_response());
-    } else if params.flag("recurse")? {
+    } else if params.present("recurse") {
         let result = run_read(
             node,
             &app.waiters,
@@ -142,7 +146,7 @@ async fn get(app: &AppState, key: &str, params: &Params) -> Result<Response, Api
         if key.is_empty() {
             return Err(ApiError::bad_request("Missing key name"));
         }
-        let raw = params.flag("raw")?;
+        let raw = params.present("raw");
         let result = run_read(
             node,
             &app.waiters,
@@ -203,25 +207,57 @@ async fn put(
     if key.is_empty() {
         return Err(ApiError::bad_request("Missing key name"));
     }
-    for unsupported in ["acquire", "release"] {
-        if params.has(unsupported) {
-            return Err(ApiError::bad_request(format!(
-                "?{unsupported} needs sessions, which Meshwork does not implement yet"
-            )));
-        }
-    }
     let flags = params.u64("flags")?.unwrap_or(0);
     let cas = params.u64("cas")?;
+    // As Consul: at most one of ?cas, ?acquire and ?release; an empty
+    // session is Consul's "missing session".
+    let given = ["cas", "acquire", "release"]
+        .iter()
+        .filter(|k| params.has(k))
+        .count();
+    if given > 1 {
+        return Err(ApiError::bad_request(format!(
+            "Conflicting flags: {}",
+            params.encoded()
+        )));
+    }
+    let lock = |name: &str| -> Result<Option<String>, ApiError> {
+        match params.get(name) {
+            None => Ok(None),
+            Some("") => Err(ApiError::Internal("missing session".into())),
+            Some(id) => Ok(Some(id.to_owned())),
+        }
+    };
+    let (acquire, release) = (lock("acquire")?, lock("release")?);
     let value = read_body(headers, body, MAX_VALUE_BYTES).await?;
-    let applied = app
-        .node
-        .write(Command::KvSet {
+    let command = if let Some(session) = acquire {
+        Command::KvLock {
+            key,
+            value,
+            flags,
+            session,
+            cas: None,
+        }
+    } else if let Some(session) = release {
+        Command::KvUnlock {
+            key,
+            value,
+            flags,
+            session,
+            cas: None,
+        }
+    } else {
+        Command::KvSet {
             key,
             value,
             flags,
             cas,
-        })
-        .await?;
+        }
+    };
+    let applied = app.node.write(command).await?;
+    if let CommandResponse::Refused(why) = applied.response {
+        return Err(ApiError::Internal(why));
+    }
     Ok(axum::Json(applied.response.succeeded()).into_response())
 }
 
@@ -266,7 +302,7 @@ pub(super) async fn read_body(
 
 async fn delete(app: &AppState, key: String, params: &Params) -> Result<Response, ApiError> {
     let cas = params.u64("cas")?;
-    let command = if params.flag("recurse")? {
+    let command = if params.present("recurse") {
         if cas.is_some() {
             return Err(ApiError::bad_request(
                 "?cas cannot be combined with ?recurse",

@@ -10,8 +10,10 @@ pub mod error;
 pub mod kv;
 pub mod query;
 pub mod serve;
+pub mod session;
 pub mod snapshot;
 pub mod status;
+pub mod txn;
 pub mod waiters;
 
 use std::sync::Arc;
@@ -81,27 +83,28 @@ pub fn router(state: AppState) -> Router {
             get(status::autopilot_health),
         )
         .route("/v1/agent/self", get(status::agent_self))
+        .route("/v1/agent/members", get(status::agent_members))
         .route("/v1/agent/services", get(agent::services))
-        .route("/v1/agent/service/{id}", get(agent::service))
+        .route("/v1/agent/service/{*id}", get(agent::service))
         .route("/v1/agent/checks", get(agent::checks))
         .route("/v1/agent/service/register", put(agent::register_service))
         .route(
-            "/v1/agent/service/deregister/{id}",
+            "/v1/agent/service/deregister/{*id}",
             put(agent::deregister_service),
         )
         .route(
-            "/v1/agent/service/maintenance/{id}",
+            "/v1/agent/service/maintenance/{*id}",
             put(agent::maintenance),
         )
         .route("/v1/agent/check/register", put(agent::register_check))
         .route(
-            "/v1/agent/check/deregister/{id}",
+            "/v1/agent/check/deregister/{*id}",
             put(agent::deregister_check),
         )
-        .route("/v1/agent/check/pass/{id}", put(agent::pass))
-        .route("/v1/agent/check/warn/{id}", put(agent::warn))
-        .route("/v1/agent/check/fail/{id}", put(agent::fail))
-        .route("/v1/agent/check/update/{id}", put(agent::update))
+        .route("/v1/agent/check/pass/{*id}", put(agent::pass))
+        .route("/v1/agent/check/warn/{*id}", put(agent::warn))
+        .route("/v1/agent/check/fail/{*id}", put(agent::fail))
+        .route("/v1/agent/check/update/{*id}", put(agent::update))
         .route("/v1/catalog/register", put(catalog::register))
         .route("/v1/catalog/deregister", put(catalog::deregister))
         .route("/v1/catalog/datacenters", get(catalog::datacenters))
@@ -125,6 +128,13 @@ pub fn router(state: AppState) -> Router {
             "/v1/config/{kind}/{name}",
             get(config::get).delete(config::delete),
         )
+        .route("/v1/txn", put(txn::handle))
+        .route("/v1/session/create", put(session::create))
+        .route("/v1/session/destroy/{id}", put(session::destroy))
+        .route("/v1/session/renew/{id}", put(session::renew))
+        .route("/v1/session/info/{id}", get(session::info))
+        .route("/v1/session/node/{node}", get(session::node))
+        .route("/v1/session/list", get(session::list))
         .route("/metrics", get(metrics_prometheus))
         .route("/v1/agent/metrics", get(metrics))
         // Scopes and filters Meshwork does not have are refused up front:

@@ -53,16 +53,34 @@ impl Params {
         self.0.get(key).map(String::as_str)
     }
 
-    /// A boolean flag: present with no value, or `true`/`false`.
+    /// A flag Consul reads by presence (`?recurse`, `?raw`, `?stale`,
+    /// `?consistent`): set whatever its value, `?recurse=false` included,
+    /// as Consul.
+    pub fn present(&self, key: &str) -> bool {
+        self.has(key)
+    }
+
+    /// A boolean parameter as Consul reads `?passing`: present with no
+    /// value means true, else Go's `strconv.ParseBool` spellings.
     pub fn flag(&self, key: &str) -> Result<bool, ApiError> {
         match self.get(key) {
             None => Ok(false),
-            Some("" | "true" | "1") => Ok(true),
-            Some("false" | "0") => Ok(false),
+            Some("" | "1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(true),
+            Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(false),
             Some(other) => Err(ApiError::bad_request(format!(
                 "Invalid value for ?{key}: {other:?}"
             ))),
         }
+    }
+
+    /// The query string re-encoded with its keys sorted (as Go's
+    /// `url.Values.Encode`, which Consul quotes in some errors).
+    pub fn encoded(&self) -> String {
+        let mut pairs = self.1.clone();
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish()
     }
 
     pub fn u64(&self, key: &str) -> Result<Option<u64>, ApiError> {
@@ -86,8 +104,8 @@ pub struct ReadOptions {
 
 impl ReadOptions {
     pub fn from_params(params: &Params) -> Result<Self, ApiError> {
-        let stale = params.flag("stale")?;
-        let consistent = params.flag("consistent")?;
+        let stale = params.present("stale");
+        let consistent = params.present("consistent");
         let consistency = match (stale, consistent) {
             (true, true) => {
                 return Err(ApiError::bad_request(

@@ -1,5 +1,5 @@
 //! Cluster status in Consul's shapes: `/v1/status/*`,
-//! `/v1/operator/raft/*` and `/v1/agent/self`.
+//! `/v1/operator/raft/*`, `/v1/agent/self` and `/v1/agent/members`.
 
 use axum::Json;
 use axum::extract::{RawQuery, State};
@@ -216,6 +216,9 @@ pub async fn agent_self(State(app): State<AppState>) -> Json<Value> {
     Json(json!({
         "Config": {
             "Datacenter": app.datacenter,
+            // Nanoseconds, as Consul's older agents reported it (Patroni
+            // reads it to fit its session TTL).
+            "SessionTTLMin": super::session::TTL_MIN.as_nanos() as u64,
             "PrimaryDatacenter": app.datacenter,
             "NodeName": app.node_name,
             "NodeID": app.node_uuid,
@@ -255,4 +258,135 @@ pub async fn agent_self(State(app): State<AppState>) -> Json<Value> {
         "Meta": {},
         "xDS": null,
     }))
+}
+
+/// Serf's member status numbers (`serf.MemberStatus`).
+const ALIVE: u8 = 1;
+const FAILED: u8 = 4;
+/// Status of a server whose health is unknown (no leader to ask).
+const UNKNOWN: u8 = 0;
+
+/// `GET /v1/agent/members`: Consul's gossip members, without gossip. The
+/// servers are the Raft configuration, alive when the leader reports them
+/// healthy (with no leader, only this server is known to be alive); the
+/// other members are the nodes sidecars run on, alive while their session
+/// check passes, failed when it is critical. Nodes registered through the
+/// catalog API alone are not members (as in Consul: they run no agent).
+/// `?wan` lists the servers as `name.dc`.
+pub async fn agent_members(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    let params = Params::parse(query.as_deref());
+    let wan = params.get("wan").is_some_and(|v| !v.is_empty());
+    match params.get("segment") {
+        None | Some("" | "_all") => {}
+        Some(_) if wan => {
+            return Err(ApiError::bad_request(
+                "Cannot provide a segment with wan=true",
+            ));
+        }
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "?segment={other}: network segments are a Consul Enterprise feature; \
+                 Meshwork has the default one only"
+            )));
+        }
+    }
+    let health = tokio::time::timeout(std::time::Duration::from_secs(1), app.node.server_health())
+        .await
+        .ok()
+        .and_then(Result::ok);
+    let mut members = Vec::new();
+    for server in app.node.members() {
+        let status = match &health {
+            Some(servers) => servers
+                .iter()
+                .find(|s| s.id == server.id)
+                .map_or(UNKNOWN, |s| if s.healthy { ALIVE } else { FAILED }),
+            None if server.id == app.node.id => ALIVE,
+            None => UNKNOWN,
+        };
+        let name = server.display_name();
+        let (host, port) = split_addr(&server.raft_addr);
+        members.push(member_json(
+            &if wan {
+                format!("{name}.{}", app.datacenter)
+            } else {
+                name
+            },
+            &host,
+            port,
+            json!({
+                "role": "consul",
+                "dc": app.datacenter,
+                "port": port.to_string(),
+                "vsn": "2",
+                "raft_vsn": "3",
+                "build": concat!(env!("CARGO_PKG_VERSION"), ":meshwork"),
+            }),
+            status,
+        ));
+    }
+    if !wan {
+        let state = app.node.state.read();
+        let servers: Vec<String> = members
+            .iter()
+            .filter_map(|m| m["Name"].as_str().map(str::to_owned))
+            .collect();
+        for node in state.catalog.nodes() {
+            let Some(check) = state
+                .catalog
+                .node_checks(&node.name)
+                .find(|c| c.check_id == crate::state::catalog::SESSION_CHECK_ID)
+            else {
+                continue;
+            };
+            if servers.contains(&node.name) {
+                continue;
+            }
+            let status = if check.status == crate::state::catalog::HealthStatus::Critical {
+                FAILED
+            } else {
+                ALIVE
+            };
+            members.push(member_json(
+                &node.name,
+                &node.address,
+                0,
+                json!({ "role": "node", "dc": app.datacenter }),
+                status,
+            ));
+        }
+    }
+    Ok(Json(members))
+}
+
+fn split_addr(addr: &str) -> (String, u16) {
+    addr.rsplit_once(':').map_or_else(
+        || (addr.to_owned(), 0),
+        |(h, p)| {
+            (
+                h.trim_matches(|c| c == '[' || c == ']').to_owned(),
+                p.parse().unwrap_or(0),
+            )
+        },
+    )
+}
+
+/// One member in serf's shape.
+fn member_json(name: &str, addr: &str, port: u16, tags: Value, status: u8) -> Value {
+    json!({
+        "Name": name,
+        "Addr": addr,
+        "Port": port,
+        "Tags": tags,
+        "Status": status,
+        "ProtocolMin": 1,
+        "ProtocolMax": 5,
+        "ProtocolCur": 2,
+        "DelegateMin": 2,
+        "DelegateMax": 5,
+        "DelegateCur": 4,
+    })
 }

@@ -36,6 +36,8 @@ pub enum IndexOf {
     Checks,
     /// The config entries of one kind.
     ConfigKind(String),
+    /// Every session.
+    Sessions,
 }
 
 impl IndexOf {
@@ -49,6 +51,7 @@ impl IndexOf {
             IndexOf::NodeList => state.catalog.nodes_index(),
             IndexOf::Checks => state.catalog.checks_index(),
             IndexOf::ConfigKind(kind) => state.config.kind_index(kind),
+            IndexOf::Sessions => state.sessions.index(),
         }
     }
 

@@ -1,0 +1,325 @@
+//! `/v1/session/*`: Consul's sessions, the leases that KV locks are held
+//! under (leader election for Patroni, Vault, `consul lock` and every lock
+//! recipe of the Consul clients).
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::consul_json::Fields;
+use super::error::ApiError;
+use super::query::{Params, ReadOptions, read_headers, run_read};
+use super::waiters::IndexOf;
+use crate::cluster::Consistency;
+use crate::command::{Command, CommandResponse};
+use crate::state::State as RegistryState;
+use crate::state::catalog::{Registration, SESSION_CHECK_ID};
+use crate::state::session::{Behavior, Session, SessionSpec};
+
+/// Shortest and longest session TTL (Consul's `session_ttl_min` and its
+/// fixed maximum).
+pub const TTL_MIN: Duration = Duration::from_secs(10);
+pub const TTL_MAX: Duration = Duration::from_secs(86_400);
+/// Lock-delay when the client names none (Consul's).
+pub const DEFAULT_LOCK_DELAY: Duration = Duration::from_secs(15);
+/// Consul's name for a node's liveness check; here, a sidecar node's
+/// session check (a registry server's own node has none).
+const SERF_HEALTH: &str = "serfHealth";
+
+/// `PUT /v1/session/create`.
+pub async fn create(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let _ = Params::parse(query.as_deref());
+    let mut f = if body.iter().all(u8::is_ascii_whitespace) {
+        Fields::from_value("session", Value::Null)?
+    } else {
+        Fields::from_body("session", &body)?
+    };
+    let name = f.string("name")?;
+    let node = match f.string("node")? {
+        n if n.is_empty() => app.node_name.to_string(),
+        n => n,
+    };
+    // Consul's defaults and quirks (its `fixupEmptySessionChecks`): no
+    // check field means the node's liveness check (`serfHealth`);
+    // `"Checks": []` or `null`, or `"NodeChecks": []`, means none;
+    // `Checks` (older clients) adds to the default `NodeChecks` unless
+    // `NodeChecks` is given empty.
+    let checks_given = f.given("checks");
+    let checks = f.strings("checks")?;
+    let node_checks = if f.given("nodechecks") {
+        f.strings("nodechecks")?
+    } else {
+        vec![SERF_HEALTH.to_owned()]
+    };
+    let node_checks = match (checks_given, checks.is_empty(), node_checks.is_empty()) {
+        (true, true, _) | (true, false, true) => Vec::new(),
+        (true, false, false) => {
+            let mut all = checks;
+            for check in node_checks {
+                if !all.contains(&check) {
+                    all.push(check);
+                }
+            }
+            all
+        }
+        (false, ..) => node_checks,
+    };
+    let mut service_checks = Vec::new();
+    for mut check in f.objects("servicechecks", "session service check")? {
+        let id = check.string("id")?;
+        check.ignore(&["namespace"]);
+        check.finish()?;
+        if id.is_empty() {
+            return Err(ApiError::bad_request("Missing service check ID"));
+        }
+        service_checks.push(id);
+    }
+    let lock_delay = lock_delay(&mut f)?;
+    // Consul reports these as server errors (500), with these messages;
+    // clients such as Patroni match on them.
+    let behavior = match f.string("behavior")?.as_str() {
+        "" | "release" => Behavior::Release,
+        "delete" => Behavior::Delete,
+        other => {
+            return Err(ApiError::Internal(format!(
+                "Invalid Behavior setting '{other}'"
+            )));
+        }
+    };
+    let ttl = f.string("ttl")?;
+    if !ttl.is_empty() {
+        let parsed = meshwork_core::duration::parse_duration(&ttl).ok_or_else(|| {
+            ApiError::Internal(format!(
+                "Session TTL '{ttl}' invalid: not a duration like \"30s\""
+            ))
+        })?;
+        if parsed != Duration::ZERO && !(TTL_MIN..=TTL_MAX).contains(&parsed) {
+            return Err(ApiError::Internal(format!(
+                "Invalid Session TTL '{}', must be between [10s=24h0m0s]",
+                parsed.as_nanos()
+            )));
+        }
+    }
+    // Unknown fields are ignored, as Consul's decoder does.
+
+    app.node.read_barrier(Consistency::Default).await?;
+    let (node_checks, register_node) = {
+        let state = app.node.state.read();
+        let liveness = state
+            .catalog
+            .node_checks(&node)
+            .any(|c| c.check_id == SESSION_CHECK_ID)
+            .then(|| SESSION_CHECK_ID.to_owned());
+        // `serfHealth` stands for the node's liveness check: a sidecar
+        // node's session check; a registry server's own node has none
+        // (it is alive while it serves this request).
+        let node_checks: Vec<String> = node_checks
+            .into_iter()
+            .filter_map(|id| {
+                if id == SERF_HEALTH {
+                    liveness.clone()
+                } else {
+                    Some(id)
+                }
+            })
+            .collect();
+        // A registry server's own node is in the catalog as a Consul
+        // agent's always is: registered with its first session.
+        let register_node = node == *app.node_name && state.catalog.node(&node).is_none();
+        (node_checks, register_node)
+    };
+    let id = crate::storage::datadir::new_uuid();
+    let spec = SessionSpec {
+        id: id.clone(),
+        name,
+        node,
+        node_checks,
+        service_checks,
+        lock_delay_ns: u64::try_from(lock_delay.as_nanos()).unwrap_or(u64::MAX),
+        behavior,
+        ttl: if meshwork_core::duration::parse_duration(&ttl) == Some(Duration::ZERO) {
+            String::new()
+        } else {
+            ttl
+        },
+    };
+    let create = Command::SessionCreate(Box::new(spec));
+    let command = if register_node {
+        Command::Batch(vec![
+            Command::CatalogRegister(Box::new(Registration {
+                node: app.node_name.to_string(),
+                node_id: app.node_uuid.to_string(),
+                address: app.agent_address.to_string(),
+                datacenter: app.datacenter.to_string(),
+                ..Registration::default()
+            })),
+            create,
+        ])
+    } else {
+        create
+    };
+    let applied = app.node.write(command).await?;
+    let response = match applied.response {
+        CommandResponse::Batch(mut responses) => responses.pop().unwrap_or_default(),
+        other => other,
+    };
+    match response {
+        CommandResponse::Applied(true) => Ok(axum::Json(json!({ "ID": id })).into_response()),
+        CommandResponse::Refused(why) => Err(ApiError::Internal(why)),
+        other => Err(ApiError::Internal(format!(
+            "Failed to create session: unexpected answer {other:?}"
+        ))),
+    }
+}
+
+/// `LockDelay`: a Go duration string, or a number — of seconds when
+/// below 1000 (what clients that write `15` mean), else of nanoseconds —
+/// as Consul reads it.
+fn lock_delay(f: &mut Fields) -> Result<Duration, ApiError> {
+    if !f.has("lockdelay") {
+        return Ok(DEFAULT_LOCK_DELAY);
+    }
+    let delay = f.duration("lockdelay")?.unwrap_or(Duration::ZERO);
+    if delay < Duration::from_nanos(1000) {
+        Ok(Duration::from_secs(u64::from(delay.subsec_nanos())))
+    } else {
+        Ok(delay)
+    }
+}
+
+/// `PUT /v1/session/destroy/:id`.
+pub async fn destroy(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    check_id(&id)?;
+    app.node.write(Command::SessionDestroy { id }).await?;
+    Ok(axum::Json(true).into_response())
+}
+
+/// `PUT /v1/session/renew/:id`: restarts the session's TTL clock on the
+/// leader (no log write); 404 once the session is gone.
+pub async fn renew(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    check_id(&id)?;
+    if !app.node.renew_session(&id).await? {
+        return Err(ApiError::NotFound(format!("Session id '{id}' not found")));
+    }
+    let state = app.node.state.read();
+    let body: Vec<Value> = state
+        .sessions
+        .get(&id)
+        .map(session_json)
+        .into_iter()
+        .collect();
+    let headers = read_headers(
+        &app.node,
+        state.sessions.index().max(1),
+        Consistency::Default,
+    );
+    Ok((headers, axum::Json(body)).into_response())
+}
+
+/// `GET /v1/session/info/:id`.
+pub async fn info(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    check_id(&id)?;
+    read(&app, query.as_deref(), move |state| {
+        state
+            .sessions
+            .get(&id)
+            .map(session_json)
+            .into_iter()
+            .collect()
+    })
+    .await
+}
+
+/// `GET /v1/session/node/:node`.
+pub async fn node(
+    State(app): State<AppState>,
+    Path(node): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    read(&app, query.as_deref(), move |state| {
+        state.sessions.of_node(&node).map(session_json).collect()
+    })
+    .await
+}
+
+/// `GET /v1/session/list`.
+pub async fn list(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    read(&app, query.as_deref(), |state| {
+        state.sessions.iter().map(session_json).collect()
+    })
+    .await
+}
+
+/// A (blocking) read of the sessions table.
+async fn read(
+    app: &AppState,
+    query: Option<&str>,
+    compute: impl Fn(&RegistryState) -> Vec<Value>,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(query);
+    let options = ReadOptions::from_params(&params)?;
+    let result = run_read(
+        &app.node,
+        &app.waiters,
+        options,
+        &app.shutdown,
+        &IndexOf::Sessions,
+        compute,
+    )
+    .await?;
+    let headers: HeaderMap = read_headers(&app.node, result.index, options.consistency);
+    Ok((headers, axum::Json(result.value)).into_response())
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() {
+        return Err(ApiError::bad_request("Missing session"));
+    }
+    Ok(())
+}
+
+/// A session as Consul's JSON shows it.
+pub fn session_json(session: &Session) -> Value {
+    let spec = &session.spec;
+    json!({
+        "ID": spec.id,
+        "Name": spec.name,
+        "Node": spec.node,
+        "LockDelay": spec.lock_delay_ns,
+        "Behavior": spec.behavior.as_str(),
+        "TTL": spec.ttl,
+        "NodeChecks": spec.node_checks,
+        "ServiceChecks": if spec.service_checks.is_empty() {
+            Value::Null
+        } else {
+            spec.service_checks
+                .iter()
+                .map(|id| json!({ "ID": id, "Namespace": "" }))
+                .collect()
+        },
+        "CreateIndex": session.create_index,
+        "ModifyIndex": session.modify_index,
+    })
+}

@@ -1,0 +1,204 @@
+//! `PUT /v1/txn`: Consul's transactions — up to 64 operations applied all
+//! or none in one log entry. A transaction that only reads is answered
+//! from the state (after the read's consistency barrier) without a write.
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::consul_json::Fields;
+use super::error::ApiError;
+use super::kv::{KvPair, MAX_KEY_BYTES, MAX_VALUE_BYTES, read_body};
+use super::query::{Params, ReadOptions, read_headers};
+use crate::command::{Command, CommandResponse};
+use crate::state::txn::{self, KvOp, KvVerb, MAX_OPS, TxnError, TxnOp, TxnOutcome, TxnResult};
+
+/// Largest transaction body (Consul's `txn_max_req_len` default).
+pub const MAX_TXN_BYTES: usize = 512 * 1024;
+
+/// `PUT /v1/txn`.
+pub async fn handle(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(query.as_deref());
+    let body = read_body(&headers, body, MAX_TXN_BYTES).await?;
+    drop(headers);
+    let decoded = decode(&body)?;
+    let errors: Vec<TxnError> = decoded
+        .iter()
+        .enumerate()
+        .filter_map(|(op_index, op)| {
+            op.as_ref().err().map(|what| TxnError {
+                op_index,
+                what: what.clone(),
+            })
+        })
+        .collect();
+    if !errors.is_empty() {
+        let outcome = TxnOutcome {
+            results: Vec::new(),
+            errors,
+        };
+        return Ok(answer(&outcome).into_response());
+    }
+    let ops: Vec<TxnOp> = decoded.into_iter().filter_map(Result::ok).collect();
+    if ops.iter().all(TxnOp::reads_only) {
+        let options = ReadOptions::from_params(&params)?;
+        app.node.read_barrier(options.consistency).await?;
+        let (outcome, index) = {
+            let mut state = app.node.state.read().clone();
+            let index = state.last_index;
+            (txn::run(&mut state, index, &ops), index)
+        };
+        let headers = read_headers(&app.node, index.max(1), options.consistency);
+        return Ok((headers, answer(&outcome)).into_response());
+    }
+    let applied = app.node.write(Command::Txn(ops)).await?;
+    match applied.response {
+        CommandResponse::Txn(outcome) => {
+            let mut response = answer(&outcome).into_response();
+            response.headers_mut().insert(
+                "X-Consul-Index",
+                axum::http::HeaderValue::from(applied.index),
+            );
+            Ok(response)
+        }
+        other => Err(ApiError::Internal(format!(
+            "unexpected answer to a transaction: {other:?}"
+        ))),
+    }
+}
+
+/// The answer: 200 with `Results`, or 409 with `Errors` (Consul's shape).
+fn answer(outcome: &TxnOutcome) -> (StatusCode, axum::Json<Value>) {
+    if !outcome.errors.is_empty() {
+        let errors: Vec<Value> = outcome
+            .errors
+            .iter()
+            .map(|e| json!({ "OpIndex": e.op_index, "What": e.what }))
+            .collect();
+        return (
+            StatusCode::CONFLICT,
+            axum::Json(json!({ "Results": null, "Errors": errors })),
+        );
+    }
+    let results: Vec<Value> = outcome
+        .results
+        .iter()
+        .map(|result| match result {
+            TxnResult::Kv {
+                key,
+                entry,
+                with_value,
+            } => {
+                let mut pair = serde_json::to_value(KvPair::new(key, entry)).unwrap_or(Value::Null);
+                if !with_value && let Value::Object(map) = &mut pair {
+                    map.insert("Value".into(), Value::Null);
+                }
+                json!({ "KV": pair })
+            }
+        })
+        .collect();
+    (
+        StatusCode::OK,
+        axum::Json(json!({ "Results": results, "Errors": null })),
+    )
+}
+
+/// Decodes the operations. A body that is not a list of operations, or an
+/// operation with an unknown field or a wrong type, is a 400 (`Failed to
+/// parse body`); an operation that parses but makes no sense (an unknown
+/// verb, no key) is reported, with every other such one, as Consul's 409.
+fn decode(body: &[u8]) -> Result<Vec<Result<TxnOp, String>>, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("Failed to parse body: {e}")))?;
+    let items = match value {
+        Value::Array(items) => items,
+        Value::Null => Vec::new(),
+        _ => {
+            return Err(ApiError::bad_request(
+                "Failed to parse body: a transaction is a JSON list of operations",
+            ));
+        }
+    };
+    if items.len() > MAX_OPS {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "Transaction contains too many operations ({} > {MAX_OPS})",
+            items.len()
+        )));
+    }
+    items.into_iter().map(decode_op).collect()
+}
+
+fn decode_op(item: Value) -> Result<Result<TxnOp, String>, ApiError> {
+    let mut op = Fields::from_value("operation", item)
+        .map_err(|e| ApiError::bad_request(format!("Failed to parse body: {e}")))?;
+    let kv = op.object("kv", "KV")?;
+    for other in ["node", "service", "check"] {
+        if op.has(other) {
+            return Err(ApiError::bad_request(format!(
+                "Failed to parse body: {other} operations in transactions are not supported \
+                 by Meshwork; use KV operations, or the catalog endpoints"
+            )));
+        }
+    }
+    op.finish()
+        .map_err(|e| ApiError::bad_request(format!("Failed to parse body: {e}")))?;
+    match kv {
+        Some(kv) => decode_kv(kv),
+        None => Ok(Err("no operation specified".into())),
+    }
+}
+
+fn decode_kv(mut f: Fields) -> Result<Result<TxnOp, String>, ApiError> {
+    let verb_text = f.string("verb")?;
+    let key = f.string("key")?;
+    let value = match f.string("value")? {
+        text if text.is_empty() => Vec::new(),
+        text => STANDARD.decode(text.as_bytes()).map_err(|_| {
+            ApiError::bad_request(format!(
+                "Failed to parse body: the Value of key {key:?} is not base64"
+            ))
+        })?,
+    };
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "Value for key {key:?} is too large ({} > {MAX_VALUE_BYTES} bytes)",
+            value.len()
+        )));
+    }
+    let flags = f.u64("flags")?;
+    let index = f.u64("index")?;
+    let session = f.string("session")?;
+    f.ignore(&["namespace", "partition"]);
+    f.finish()
+        .map_err(|e| ApiError::bad_request(format!("Failed to parse body: {e}")))?;
+    let Some(verb) = KvVerb::parse(&verb_text) else {
+        return Ok(Err(format!("unknown KV verb {verb_text:?}")));
+    };
+    if key.is_empty() && verb != KvVerb::DeleteTree && verb != KvVerb::GetTree {
+        return Ok(Err("Must provide key".into()));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Ok(Err(format!(
+            "Invalid key: {} bytes long, the limit is {MAX_KEY_BYTES}",
+            key.len()
+        )));
+    }
+    Ok(Ok(TxnOp::Kv(KvOp {
+        verb,
+        key,
+        value,
+        flags,
+        index,
+        session,
+    })))
+}

@@ -1,0 +1,116 @@
+//! The TTL clock of Consul sessions, run by the leader. A renewal
+//! (`PUT /v1/session/renew/:id`, on any server) only restarts the clock in
+//! the leader's memory — no log write — and a session whose clock runs
+//! out is destroyed through the log, which releases or deletes its locks.
+//!
+//! As Consul, a session lives for twice its TTL after its last renewal
+//! (clients renew at about half the TTL, and a renewal may be late), and
+//! a new leader, which cannot know when the old one last saw a renewal,
+//! gives every session that grace from the moment it takes over.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::RegistryNode;
+use crate::command::Command;
+use meshwork_core::duration::parse_duration;
+
+/// How long past its last renewal a session lives, in TTLs (Consul's
+/// `SessionTTLMultiplier`).
+pub const TTL_MULTIPLIER: u32 = 2;
+/// How often the clocks are looked at.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Runs the clock whenever this server leads, until shutdown.
+pub async fn supervise(node: Arc<RegistryNode>, shutdown: CancellationToken) {
+    let mut metrics = node.raft.metrics();
+    loop {
+        if node.is_leader() {
+            lead(&node, &shutdown).await;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = metrics.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+async fn lead(node: &Arc<RegistryNode>, shutdown: &CancellationToken) {
+    // When this leader first saw each session: the start of its grace.
+    let mut first_seen: HashMap<String, Instant> = HashMap::new();
+    // Expiries proposed and not yet answered.
+    let mut expiring: HashSet<String> = HashSet::new();
+    let mut writes: JoinSet<String> = JoinSet::new();
+    let mut metrics = node.raft.metrics();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            changed = metrics.changed() => {
+                if changed.is_err() || !node.is_leader() {
+                    break;
+                }
+            }
+            Some(done) = writes.join_next() => {
+                if let Ok(id) = done {
+                    expiring.remove(&id);
+                }
+            }
+            _ = tick.tick() => {
+                for id in expired(node, &mut first_seen, &expiring) {
+                    expiring.insert(id.clone());
+                    let node = Arc::clone(node);
+                    writes.spawn(async move {
+                        tracing::info!(session = %id, "session TTL expired: destroying it");
+                        if let Err(e) = node.write(Command::SessionDestroy { id: id.clone() }).await {
+                            tracing::warn!(session = %id, error = %e, "expired session not destroyed; trying again");
+                        }
+                        id
+                    });
+                }
+            }
+        }
+    }
+    writes.abort_all();
+}
+
+/// The sessions whose TTL ran out, not already being expired.
+fn expired(
+    node: &RegistryNode,
+    first_seen: &mut HashMap<String, Instant>,
+    expiring: &HashSet<String>,
+) -> Vec<String> {
+    let now = Instant::now();
+    let mut due = Vec::new();
+    let mut live: HashSet<String> = HashSet::new();
+    {
+        let state = node.state.read();
+        for session in state.sessions.iter() {
+            let id = &session.spec.id;
+            live.insert(id.clone());
+            first_seen.entry(id.clone()).or_insert(now);
+        }
+        first_seen.retain(|id, _| live.contains(id));
+        let renewals = node.session_renewals(&|id| live.contains(id));
+        for session in state.sessions.iter() {
+            let id = &session.spec.id;
+            let Some(ttl) = parse_duration(&session.spec.ttl) else {
+                continue;
+            };
+            let Some(seen) = first_seen.get(id) else {
+                continue;
+            };
+            let last = renewals.get(id).map_or(*seen, |r| (*r).max(*seen));
+            if now >= last + ttl * TTL_MULTIPLIER && !expiring.contains(id) {
+                due.push(id.clone());
+            }
+        }
+    }
+    due
+}
