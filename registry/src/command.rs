@@ -555,3 +555,234 @@ mod apply_tests {
         assert_eq!(state.last_index, 4);
     }
 }
+
+#[cfg(test)]
+mod session_tests {
+    use super::*;
+    use crate::state::catalog::{CheckSpec, Registration};
+    use crate::state::session::{Behavior, SessionSpec};
+
+    fn node_with_check(node: &str, check: &str, status: HealthStatus) -> Command {
+        Command::CatalogRegister(Box::new(Registration {
+            node: node.into(),
+            address: "10.0.0.1".into(),
+            checks: vec![CheckSpec {
+                check_id: check.into(),
+                name: check.into(),
+                status,
+                ..CheckSpec::default()
+            }],
+            ..Registration::default()
+        }))
+    }
+
+    fn create(id: &str, node: &str, checks: &[&str], behavior: Behavior) -> Command {
+        Command::SessionCreate(Box::new(SessionSpec {
+            id: id.into(),
+            node: node.into(),
+            node_checks: checks.iter().map(|c| (*c).to_owned()).collect(),
+            lock_delay_ns: 15_000_000_000,
+            behavior,
+            ..SessionSpec::default()
+        }))
+    }
+
+    fn lock(key: &str, session: &str, value: &str) -> Command {
+        Command::KvLock {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+            flags: 0,
+            session: session.into(),
+            cas: None,
+        }
+    }
+
+    fn unlock(key: &str, session: &str) -> Command {
+        Command::KvUnlock {
+            key: key.into(),
+            value: b"released".to_vec(),
+            flags: 3,
+            session: session.into(),
+            cas: None,
+        }
+    }
+
+    /// Applies commands at consecutive indexes from 10.
+    fn run(state: &mut State, commands: &[Command]) -> Vec<CommandResponse> {
+        commands
+            .iter()
+            .map(|c| {
+                let index = state.last_index.max(9) + 1;
+                apply(state, index, c)
+            })
+            .collect()
+    }
+
+    const YES: CommandResponse = CommandResponse::Applied(true);
+    const NO: CommandResponse = CommandResponse::Applied(false);
+
+    #[test]
+    fn a_session_needs_its_node_and_healthy_checks() {
+        let mut state = State::default();
+        let answers = run(
+            &mut state,
+            &[
+                create("s0", "n1", &[], Behavior::Release),
+                node_with_check("n1", "alive", HealthStatus::Passing),
+                create("s1", "n1", &["missing"], Behavior::Release),
+                node_with_check("n2", "down", HealthStatus::Critical),
+                create("s2", "n2", &["down"], Behavior::Release),
+                create("s3", "n1", &["alive"], Behavior::Release),
+                create("s3", "n1", &[], Behavior::Release),
+            ],
+        );
+        assert_eq!(
+            answers,
+            [
+                CommandResponse::Refused("Missing node registration".into()),
+                YES,
+                CommandResponse::Refused("Missing check 'missing' registration".into()),
+                YES,
+                CommandResponse::Refused("Check 'down' is in critical state".into()),
+                YES,
+                CommandResponse::Refused("Session ID \"s3\" is already in use".into()),
+            ]
+        );
+        assert_eq!(state.sessions.len(), 1);
+    }
+
+    #[test]
+    fn locks_are_held_by_one_session_and_count_acquisitions() {
+        let mut state = State::default();
+        let answers = run(
+            &mut state,
+            &[
+                node_with_check("n1", "alive", HealthStatus::Passing),
+                create("a", "n1", &[], Behavior::Release),
+                create("b", "n1", &[], Behavior::Release),
+                lock("k", "a", "one"),
+                lock("k", "b", "two"),
+                lock("k", "a", "again"),
+                lock("k", "gone", "x"),
+                unlock("k", "b"),
+                unlock("k", "a"),
+                lock("k", "b", "two"),
+            ],
+        );
+        assert_eq!(
+            answers[3..],
+            [
+                YES,
+                NO,
+                YES,
+                CommandResponse::Refused(invalid_session("gone")),
+                NO,
+                YES,
+                YES,
+            ]
+        );
+        let entry = state.kv.get("k").expect("key");
+        // Two acquisitions (the holder's second acquire is not one).
+        assert_eq!(entry.lock_index, 2);
+        assert_eq!(entry.session.as_deref(), Some("b"));
+        // A plain write keeps the lock, as Consul.
+        run(
+            &mut state,
+            &[Command::KvSet {
+                key: "k".into(),
+                value: b"plain".to_vec(),
+                flags: 0,
+                cas: None,
+            }],
+        );
+        assert_eq!(
+            state.kv.get("k").and_then(|e| e.session.as_deref()),
+            Some("b")
+        );
+        assert_eq!(state.kv.held_by("b").count(), 1);
+        // Deleting a locked key drops the lock with it.
+        run(
+            &mut state,
+            &[Command::KvDelete {
+                key: "k".into(),
+                cas: None,
+            }],
+        );
+        assert_eq!(state.kv.held_by("b").count(), 0);
+    }
+
+    #[test]
+    fn invalidation_releases_or_deletes_and_starts_the_lock_delay() {
+        let mut state = State::default();
+        run(
+            &mut state,
+            &[
+                node_with_check("n1", "alive", HealthStatus::Passing),
+                create("rel", "n1", &["alive"], Behavior::Release),
+                create("del", "n1", &[], Behavior::Delete),
+                lock("r/1", "rel", "v"),
+                lock("r/2", "rel", "v"),
+                lock("d/1", "del", "v"),
+            ],
+        );
+        state.lock_delays_begun.0.clear();
+        // The check the release session names turns critical.
+        let answers = run(
+            &mut state,
+            &[Command::CheckUpdate {
+                node: "n1".into(),
+                check_id: "alive".into(),
+                status: HealthStatus::Critical,
+                output: String::new(),
+            }],
+        );
+        assert_eq!(answers, [YES]);
+        assert!(state.sessions.get("rel").is_none());
+        let r1 = state.kv.get("r/1").expect("kept");
+        assert_eq!((r1.session.as_deref(), &*r1.value), (None, &b"v"[..]));
+        assert_eq!(r1.modify_index, state.last_index);
+        assert_eq!(
+            state.lock_delays_begun.0,
+            [
+                ("r/1".to_owned(), 15_000_000_000),
+                ("r/2".to_owned(), 15_000_000_000)
+            ]
+        );
+        // The node goes: its other session ends, deleting its key.
+        run(
+            &mut state,
+            &[Command::CatalogDeregister {
+                node: "n1".into(),
+                service_id: None,
+                check_id: None,
+            }],
+        );
+        assert!(state.sessions.is_empty());
+        assert!(state.kv.get("d/1").is_none());
+        assert_eq!(state.kv.key_index("d/1"), state.last_index);
+        // Destroying what is gone changes nothing.
+        assert_eq!(
+            run(&mut state, &[Command::SessionDestroy { id: "del".into() }]),
+            [NO]
+        );
+    }
+
+    #[test]
+    fn sessions_and_locks_survive_a_snapshot_round_trip() {
+        let mut state = State::default();
+        run(
+            &mut state,
+            &[
+                node_with_check("n1", "alive", HealthStatus::Passing),
+                create("a", "n1", &["alive"], Behavior::Release),
+                lock("k", "a", "v"),
+            ],
+        );
+        let bytes = serde_json::to_vec(&state).expect("encode");
+        let mut back: State = serde_json::from_slice(&bytes).expect("decode");
+        assert_eq!(back, state);
+        // The lock index survives: destroying the session still releases.
+        run(&mut back, &[Command::SessionDestroy { id: "a".into() }]);
+        assert_eq!(back.kv.get("k").and_then(|e| e.session.clone()), None);
+    }
+}

@@ -1,6 +1,8 @@
 //! Real Consul clients written by other people, unpatched, against a
 //! three-server cluster: the PyPI `py-consul` package and the npm `consul`
-//! package (installed by `scripts/install-test-deps.sh`).
+//! package (installed by `scripts/install-test-deps.sh`) — the catalog,
+//! KV and health, and sessions, locks (held by separate processes) and
+//! transactions.
 
 use std::path::Path;
 use std::time::Duration;
@@ -21,9 +23,9 @@ async fn run_client(program: &str, script: &str, cluster: &Cluster) -> Result<()
         .current_dir(&clients)
         .kill_on_drop(true)
         .output();
-    let output = tokio::time::timeout(Duration::from_secs(120), run)
+    let output = tokio::time::timeout(Duration::from_secs(150), run)
         .await
-        .with_context(|| format!("{script} did not finish within 120 s"))?
+        .with_context(|| format!("{script} did not finish within 150 s"))?
         .with_context(|| format!("cannot run {program} (run scripts/install-test-deps.sh)"))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -52,6 +54,22 @@ async fn npm_consul_works_unchanged() -> Result<()> {
     );
     let cluster = Cluster::start(3, &[]).await?;
     run_client("node", "node_consul_check.js", &cluster).await?;
+    cluster.done();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn py_consul_sessions_locks_and_transactions_work_unchanged() -> Result<()> {
+    let cluster = Cluster::start(3, &[]).await?;
+    run_client("python3", "py_consul_locks.py", &cluster).await?;
+    cluster.done();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn npm_consul_sessions_locks_and_transactions_work_unchanged() -> Result<()> {
+    let cluster = Cluster::start(3, &[]).await?;
+    run_client("node", "node_consul_locks.js", &cluster).await?;
     cluster.done();
     Ok(())
 }
