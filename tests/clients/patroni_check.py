@@ -374,11 +374,15 @@ class Etcd:
                 pass
 
 
-def delete_dcs_keys(kind, addr, scope):
-    """Best effort: removes the run's keys (service/<scope>/...) from the DCS."""
+def delete_dcs_keys(kind, addr, scope, members=()):
+    """Best effort: removes the run's keys (service/<scope>/...) from the DCS,
+    and with consul the services Patroni registered (register_service):
+    python-consul 0.7.1 deregisters with GET, which Consul >= 1.0 answers 405."""
     prefix = "service/%s/" % scope
     if kind == "consul":
         http("DELETE", "http://%s/v1/kv/%s?recurse=1" % (addr, prefix), timeout=5)
+        for name in members:
+            http("PUT", "http://%s/v1/agent/service/deregister/%s/%s" % (addr, scope, name), body=b"", timeout=5)
     else:
         key = "/" + prefix
         end = key[:-1] + chr(ord(key[-1]) + 1)
@@ -586,7 +590,8 @@ class Harness:
         for m in self.members:
             m.cleanup()
         if self.etcd is None and self.summary.get("scope") and not self.args.keep_dcs_keys:
-            delete_dcs_keys(self.args.dcs, self.args.dcs_addr, self.summary["scope"])
+            delete_dcs_keys(self.args.dcs, self.args.dcs_addr, self.summary["scope"],
+                            [m.name for m in self.members] if self.args.register_service else ())
         if self.etcd is not None:
             self.etcd.cleanup()
         left = [m.name for m in self.members if m.running() or m.postmaster_pid()]
