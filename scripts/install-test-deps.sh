@@ -12,8 +12,11 @@ sudo=""
 # npm for the real Consul clients; iproute2 (`ip netns`), curl and
 # systemd (`systemd-analyze verify`, `systemctl --root`) for the
 # deploy-vm tests; iptables for the fault suite's splits and one-way loss
-# (it also needs `setpriv`, from util-linux, which Debian always has).
-packages=(procps dnsutils iproute2 curl iptables)
+# (it also needs `setpriv`, from util-linux, which Debian always has);
+# Patroni with PostgreSQL 15 for the Consul-sessions test, with
+# python3-consul, Patroni's Consul client (the patroni package depends on
+# one DCS client of several, and apt picks etcd's).
+packages=(procps dnsutils iproute2 curl iptables patroni python3-consul postgresql-15)
 command -v systemd-analyze >/dev/null || packages+=(systemd)
 command -v python3 >/dev/null || packages+=(python3 python3-pip)
 command -v npm >/dev/null || packages+=(nodejs npm)

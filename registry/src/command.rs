@@ -134,14 +134,7 @@ impl Command {
             Command::KvLock { key, value, .. } | Command::KvUnlock { key, value, .. } => {
                 SMALL + key.len() + value.len() * 4 / 3
             }
-            Command::Txn(ops) => ops
-                .iter()
-                .map(|op| match op {
-                    crate::state::txn::TxnOp::Kv(op) => {
-                        SMALL + op.key.len() + op.value.len() * 4 / 3
-                    }
-                })
-                .sum(),
+            Command::Txn(ops) => ops.iter().map(crate::state::txn::TxnOp::approx_size).sum(),
             Command::KvDelete { .. }
             | Command::KvDeleteTree { .. }
             | Command::SetClusterId { .. }

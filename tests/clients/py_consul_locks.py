@@ -222,6 +222,21 @@ def transactions(c, other):
     # A read-only transaction.
     result = other.txn.put([{"KV": {"Verb": "get", "Key": f"{RUN}/txn/3"}}])
     assert base64.b64decode(result["Results"][0]["KV"]["Value"]) == b"v3", result
+    # Catalog operations join the transaction: a service on a node that
+    # does not exist undoes the node registered before it.
+    node = f"{RUN}-db"
+    node_op = {"Node": {"Verb": "set", "Node": {"Node": node, "Address": "10.9.9.9"}}}
+    service_op = {"Service": {"Verb": "set", "Node": node, "Service": {"ID": "pg-1", "Service": f"{RUN}-pg", "Port": 5432}}}
+    try:
+        c.txn.put([node_op, dict(service_op, Service=dict(service_op["Service"], Node=f"{node}-missing"))])
+        raise AssertionError("a service on a missing node was registered")
+    except consul.exceptions.ClientError as e:
+        assert "Missing node registration" in str(e), e
+    assert other.catalog.node(node)[1] is None
+    result = c.txn.put([node_op, service_op])
+    assert [list(r)[0] for r in result["Results"]] == ["Node", "Service"], result
+    _, instances = other.catalog.service(f"{RUN}-pg")
+    assert [i["ServiceID"] for i in instances] == ["pg-1"], instances
     # Too many operations: Consul's 413.
     too_many = [{"KV": {"Verb": "get", "Key": "k"}}] * 129
     try:

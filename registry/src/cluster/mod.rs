@@ -385,7 +385,7 @@ impl RegistryNode {
                     }],
                 })
             }
-            TxnOp::Kv(_) => None,
+            _ => None,
         })
     }
 

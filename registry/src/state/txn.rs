@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::State;
+use super::catalog::{CheckSpec, HealthCheck, Node, Registration, ServiceInstance, ServiceSpec};
 use super::kv::KvEntry;
 
 /// Consul's limit on operations per transaction (128 since Consul 1.14;
@@ -80,16 +81,82 @@ pub struct KvOp {
     pub session: String,
 }
 
+/// A verb of a Node, Service or Check operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CatalogVerb {
+    Get,
+    Set,
+    Cas,
+    Delete,
+    DeleteCas,
+}
+
+impl CatalogVerb {
+    /// The verb from Consul's spelling.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "get" => CatalogVerb::Get,
+            "set" => CatalogVerb::Set,
+            "cas" => CatalogVerb::Cas,
+            "delete" => CatalogVerb::Delete,
+            "delete-cas" => CatalogVerb::DeleteCas,
+            _ => return None,
+        })
+    }
+}
+
+/// A Node operation: the node's fields as a registration (no service, no
+/// checks); `index` is the ModifyIndex a `cas` or `delete-cas` expects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeOp {
+    pub verb: CatalogVerb,
+    pub node: Registration,
+    pub index: u64,
+}
+
+/// A Service operation on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceOp {
+    pub verb: CatalogVerb,
+    pub node: String,
+    pub service: ServiceSpec,
+    pub index: u64,
+}
+
+/// A Check operation on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckOp {
+    pub verb: CatalogVerb,
+    pub node: String,
+    pub check: CheckSpec,
+    pub index: u64,
+}
+
 /// One operation of a transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TxnOp {
     Kv(KvOp),
+    Node(NodeOp),
+    Service(ServiceOp),
+    Check(CheckOp),
 }
 
 impl TxnOp {
     pub fn reads_only(&self) -> bool {
         match self {
             TxnOp::Kv(op) => op.verb.reads_only(),
+            TxnOp::Node(NodeOp { verb, .. })
+            | TxnOp::Service(ServiceOp { verb, .. })
+            | TxnOp::Check(CheckOp { verb, .. }) => *verb == CatalogVerb::Get,
+        }
+    }
+
+    /// About how many bytes it takes in a log entry.
+    pub fn approx_size(&self) -> usize {
+        const SMALL: usize = 256;
+        match self {
+            TxnOp::Kv(op) => SMALL + op.key.len() + op.value.len() * 4 / 3,
+            TxnOp::Node(_) | TxnOp::Service(_) | TxnOp::Check(_) => 4 * SMALL,
         }
     }
 }
@@ -104,6 +171,9 @@ pub enum TxnResult {
         entry: KvEntry,
         with_value: bool,
     },
+    Node(Box<Node>),
+    Service(Box<ServiceInstance>),
+    Check(Box<HealthCheck>),
 }
 
 /// Why a transaction was rolled back: the failing operation (0-based) and
@@ -130,6 +200,9 @@ pub fn run(state: &mut State, index: u64, ops: &[TxnOp]) -> TxnOutcome {
     for (op_index, op) in ops.iter().enumerate() {
         let step = match op {
             TxnOp::Kv(op) => kv(&mut work, index, op, &mut results),
+            TxnOp::Node(op) => node(&mut work, index, op, &mut results),
+            TxnOp::Service(op) => service(&mut work, index, op, &mut results),
+            TxnOp::Check(op) => check(&mut work, index, op, &mut results),
         };
         if let Err(what) = step {
             return TxnOutcome {
@@ -271,6 +344,159 @@ fn kv(
     Ok(())
 }
 
+fn node(
+    state: &mut State,
+    index: u64,
+    op: &NodeOp,
+    results: &mut Vec<TxnResult>,
+) -> Result<(), String> {
+    let name = op.node.node.as_str();
+    let current = state.catalog.node(name).map(|n| n.modify_index);
+    match op.verb {
+        CatalogVerb::Get => {}
+        CatalogVerb::Set | CatalogVerb::Cas => {
+            if op.verb == CatalogVerb::Cas && current.unwrap_or(0) != op.index {
+                return Err(format!("failed to set node {name:?}, index is stale"));
+            }
+            state
+                .catalog
+                .register(index, &op.node)
+                .map_err(|e| e.to_string())?;
+        }
+        CatalogVerb::Delete | CatalogVerb::DeleteCas => {
+            if op.verb == CatalogVerb::DeleteCas && current != Some(op.index) {
+                return Err(format!("failed to delete node {name:?}, index is stale"));
+            }
+            state
+                .catalog
+                .deregister(index, name, None, None)
+                .map_err(|e| e.to_string())?;
+            state.sessions_follow_catalog(index, name);
+            return Ok(());
+        }
+    }
+    state.sessions_follow_catalog(index, name);
+    let node = state
+        .catalog
+        .node(name)
+        .ok_or_else(|| format!("node {name:?} doesn't exist"))?;
+    results.push(TxnResult::Node(Box::new(node.clone())));
+    Ok(())
+}
+
+fn service(
+    state: &mut State,
+    index: u64,
+    op: &ServiceOp,
+    results: &mut Vec<TxnResult>,
+) -> Result<(), String> {
+    let (node, id) = (op.node.as_str(), op.service.id.as_str());
+    let current = state.catalog.service(node, id).map(|s| s.modify_index);
+    let missing = || format!("service {id:?} on node {node:?} doesn't exist");
+    match op.verb {
+        CatalogVerb::Get => {}
+        CatalogVerb::Set | CatalogVerb::Cas => {
+            if op.verb == CatalogVerb::Cas && current.unwrap_or(0) != op.index {
+                return Err(format!(
+                    "failed to set service {id:?} on node {node:?}, index is stale"
+                ));
+            }
+            if state.catalog.node(node).is_none() {
+                return Err("Missing node registration".into());
+            }
+            let registration = Registration {
+                node: node.to_owned(),
+                skip_node_update: true,
+                service: Some(op.service.clone()),
+                ..Registration::default()
+            };
+            state
+                .catalog
+                .register(index, &registration)
+                .map_err(|e| e.to_string())?;
+        }
+        CatalogVerb::Delete | CatalogVerb::DeleteCas => {
+            if op.verb == CatalogVerb::DeleteCas && current != Some(op.index) {
+                return Err(format!(
+                    "failed to delete service {id:?} on node {node:?}, index is stale"
+                ));
+            }
+            // Deleting what is not there succeeds, as Consul.
+            if current.is_some() {
+                state
+                    .catalog
+                    .deregister(index, node, Some(id), None)
+                    .map_err(|e| e.to_string())?;
+                state.sessions_follow_catalog(index, node);
+            }
+            return Ok(());
+        }
+    }
+    let instance = state.catalog.service(node, id).ok_or_else(missing)?;
+    results.push(TxnResult::Service(Box::new(instance.clone())));
+    Ok(())
+}
+
+fn check(
+    state: &mut State,
+    index: u64,
+    op: &CheckOp,
+    results: &mut Vec<TxnResult>,
+) -> Result<(), String> {
+    let (node, id) = (op.node.as_str(), op.check.check_id.as_str());
+    let find = |state: &State| {
+        state
+            .catalog
+            .node_checks(node)
+            .find(|c| c.check_id == id)
+            .cloned()
+    };
+    let current = find(state).map(|c| c.modify_index);
+    match op.verb {
+        CatalogVerb::Get => {}
+        CatalogVerb::Set | CatalogVerb::Cas => {
+            if op.verb == CatalogVerb::Cas && current.unwrap_or(0) != op.index {
+                return Err(format!(
+                    "failed to set check {id:?} on node {node:?}, index is stale"
+                ));
+            }
+            if state.catalog.node(node).is_none() {
+                return Err("Missing node registration".into());
+            }
+            let registration = Registration {
+                node: node.to_owned(),
+                skip_node_update: true,
+                checks: vec![op.check.clone()],
+                ..Registration::default()
+            };
+            state
+                .catalog
+                .register(index, &registration)
+                .map_err(|e| e.to_string())?;
+            state.sessions_follow_catalog(index, node);
+        }
+        CatalogVerb::Delete | CatalogVerb::DeleteCas => {
+            if op.verb == CatalogVerb::DeleteCas && current != Some(op.index) {
+                return Err(format!(
+                    "failed to delete check {id:?} on node {node:?}, index is stale"
+                ));
+            }
+            if current.is_some() {
+                state
+                    .catalog
+                    .deregister(index, node, None, Some(id))
+                    .map_err(|e| e.to_string())?;
+                state.sessions_follow_catalog(index, node);
+            }
+            return Ok(());
+        }
+    }
+    let check =
+        find(state).ok_or_else(|| format!("check {id:?} on node {node:?} doesn't exist"))?;
+    results.push(TxnResult::Check(Box::new(check)));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,5 +555,55 @@ mod tests {
             }) => assert!(*with_value && &*entry.value == b"2"),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn catalog_operations_join_the_transaction() {
+        let mut state = State::default();
+        let node_op = TxnOp::Node(NodeOp {
+            verb: CatalogVerb::Set,
+            node: Registration {
+                node: "db1".into(),
+                address: "10.0.0.9".into(),
+                ..Registration::default()
+            },
+            index: 0,
+        });
+        let service_on = |node: &str| {
+            TxnOp::Service(ServiceOp {
+                verb: CatalogVerb::Set,
+                node: node.into(),
+                service: ServiceSpec {
+                    id: "pg-1".into(),
+                    name: "pg".into(),
+                    ..ServiceSpec::default()
+                },
+                index: 0,
+            })
+        };
+        // A service on a node that does not exist fails the whole
+        // transaction: the node registered before it is gone too.
+        let outcome = run(&mut state, 3, &[node_op.clone(), service_on("db2")]);
+        assert_eq!(outcome.errors[0].what, "Missing node registration");
+        assert!(state.catalog.node("db1").is_none());
+        let outcome = run(&mut state, 4, &[node_op, service_on("db1")]);
+        assert!(outcome.errors.is_empty(), "{:?}", outcome.errors);
+        assert_eq!(outcome.results.len(), 2);
+        assert!(state.catalog.service("db1", "pg-1").is_some());
+        // delete-cas with a stale index changes nothing.
+        let delete = TxnOp::Node(NodeOp {
+            verb: CatalogVerb::DeleteCas,
+            node: Registration {
+                node: "db1".into(),
+                ..Registration::default()
+            },
+            index: 3,
+        });
+        let outcome = run(&mut state, 5, &[delete]);
+        assert_eq!(
+            outcome.errors[0].what,
+            "failed to delete node \"db1\", index is stale"
+        );
+        assert!(state.catalog.node("db1").is_some());
     }
 }

@@ -195,6 +195,12 @@ impl Fields {
         }
     }
 
+    /// Moves `other`'s fields into these (theirs win): a nested object
+    /// read as if its fields were at this level.
+    pub fn absorb(&mut self, other: Fields) {
+        self.map.extend(other.map);
+    }
+
     /// Whether the field was given at all, `null` included.
     pub fn given(&self, key: &str) -> bool {
         self.map.contains_key(key)

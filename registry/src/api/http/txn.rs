@@ -11,12 +11,16 @@ use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::consul_json::Fields;
+use super::consul_json::{self, Fields};
 use super::error::ApiError;
 use super::kv::{KvPair, MAX_KEY_BYTES, MAX_VALUE_BYTES, read_body};
 use super::query::{Params, ReadOptions, read_headers};
 use crate::command::{Command, CommandResponse};
-use crate::state::txn::{self, KvOp, KvVerb, MAX_OPS, TxnError, TxnOp, TxnOutcome, TxnResult};
+use crate::state::catalog::{Registration, ServiceSpec};
+use crate::state::txn::{
+    self, CatalogVerb, CheckOp, KvOp, KvVerb, MAX_OPS, NodeOp, ServiceOp, TxnError, TxnOp,
+    TxnOutcome, TxnResult,
+};
 
 /// Largest transaction body (Consul's `txn_max_req_len` default).
 pub const MAX_TXN_BYTES: usize = 512 * 1024;
@@ -31,7 +35,7 @@ pub async fn handle(
     let params = Params::parse(query.as_deref());
     let body = read_body(&headers, body, MAX_TXN_BYTES).await?;
     drop(headers);
-    let decoded = decode(&body)?;
+    let decoded = decode(&body, &app.datacenter)?;
     let errors: Vec<TxnError> = decoded
         .iter()
         .enumerate()
@@ -105,6 +109,11 @@ fn answer(outcome: &TxnOutcome) -> (StatusCode, axum::Json<Value>) {
                 }
                 json!({ "KV": pair })
             }
+            TxnResult::Node(node) => json!({ "Node": consul_json::node_json(node) }),
+            TxnResult::Service(service) => {
+                json!({ "Service": consul_json::service_json(service) })
+            }
+            TxnResult::Check(check) => json!({ "Check": consul_json::check_json(check) }),
         })
         .collect();
     (
@@ -117,7 +126,7 @@ fn answer(outcome: &TxnOutcome) -> (StatusCode, axum::Json<Value>) {
 /// operation with an unknown field or a wrong type, is a 400 (`Failed to
 /// parse body`); an operation that parses but makes no sense (an unknown
 /// verb, no key) is reported, with every other such one, as Consul's 409.
-fn decode(body: &[u8]) -> Result<Vec<Result<TxnOp, String>>, ApiError> {
+fn decode(body: &[u8], datacenter: &str) -> Result<Vec<Result<TxnOp, String>>, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("Failed to parse body: {e}")))?;
     let items = match value {
@@ -135,27 +144,161 @@ fn decode(body: &[u8]) -> Result<Vec<Result<TxnOp, String>>, ApiError> {
             items.len()
         )));
     }
-    items.into_iter().map(decode_op).collect()
+    items
+        .into_iter()
+        .map(|item| decode_op(item, datacenter))
+        .collect()
 }
 
-fn decode_op(item: Value) -> Result<Result<TxnOp, String>, ApiError> {
+fn decode_op(item: Value, datacenter: &str) -> Result<Result<TxnOp, String>, ApiError> {
     let mut op = Fields::from_value("operation", item)
         .map_err(|e| ApiError::bad_request(format!("Failed to parse body: {e}")))?;
     let kv = op.object("kv", "KV")?;
-    for other in ["node", "service", "check"] {
-        if op.has(other) {
-            return Err(ApiError::bad_request(format!(
-                "Failed to parse body: {other} operations in transactions are not supported \
-                 by Meshwork; use KV operations, or the catalog endpoints"
-            )));
-        }
-    }
+    let node = op.object("node", "Node operation")?;
+    let service = op.object("service", "Service operation")?;
+    let check = op.object("check", "Check operation")?;
     op.finish()
         .map_err(|e| ApiError::bad_request(format!("Failed to parse body: {e}")))?;
-    match kv {
-        Some(kv) => decode_kv(kv),
-        None => Ok(Err("no operation specified".into())),
+    match (kv, node, service, check) {
+        (Some(kv), None, None, None) => decode_kv(kv),
+        (None, Some(node), None, None) => decode_node(node, datacenter),
+        (None, None, Some(service), None) => decode_service(service),
+        (None, None, None, Some(check)) => decode_check(check),
+        (None, None, None, None) => Ok(Err("no operation specified".into())),
+        _ => Err(ApiError::bad_request(
+            "Failed to parse body: an operation has exactly one of KV, Node, Service or Check",
+        )),
     }
+}
+
+/// The verb of a Node, Service or Check operation (Consul's message for
+/// an unknown one is a 409).
+fn catalog_verb(f: &mut Fields, kind: &str) -> Result<Result<CatalogVerb, String>, ApiError> {
+    let text = f.string("verb")?;
+    Ok(CatalogVerb::parse(&text).ok_or_else(|| format!("unknown {kind} verb {text:?}")))
+}
+
+fn parse_failed(e: ApiError) -> ApiError {
+    ApiError::bad_request(format!("Failed to parse body: {e}"))
+}
+
+fn decode_node(mut f: Fields, datacenter: &str) -> Result<Result<TxnOp, String>, ApiError> {
+    let verb = catalog_verb(&mut f, "Node")?;
+    let mut n = f
+        .object("node", "Node")?
+        .unwrap_or(Fields::from_value("Node", Value::Null)?);
+    f.finish().map_err(parse_failed)?;
+    let name = n.string("node")?;
+    consul_json::printable("node name", &name)?;
+    let index = n.u64("modifyindex")?;
+    let node = Registration {
+        node_id: n.string("id")?,
+        address: n.string("address")?,
+        datacenter: datacenter.to_owned(),
+        tagged_addresses: n.string_map("taggedaddresses")?,
+        node_meta: n.string_map("meta")?,
+        node: name,
+        ..Registration::default()
+    };
+    let given_dc = n.string("datacenter")?;
+    n.ignore(&["createindex", "partition", "peername", "locality"]);
+    n.finish().map_err(parse_failed)?;
+    let verb = match verb {
+        Ok(verb) => verb,
+        Err(e) => return Ok(Err(e)),
+    };
+    if !given_dc.is_empty() && given_dc != datacenter {
+        return Ok(Err(format!("No path to datacenter {given_dc:?}")));
+    }
+    if node.node.is_empty() {
+        return Ok(Err("Must provide node".into()));
+    }
+    if node.address.is_empty() && matches!(verb, CatalogVerb::Set | CatalogVerb::Cas) {
+        return Ok(Err("Must provide address".into()));
+    }
+    Ok(Ok(TxnOp::Node(NodeOp { verb, node, index })))
+}
+
+fn decode_service(mut f: Fields) -> Result<Result<TxnOp, String>, ApiError> {
+    let verb = catalog_verb(&mut f, "Service")?;
+    let node = f.string("node")?;
+    let mut s = f
+        .object("service", "Service")?
+        .unwrap_or(Fields::from_value("Service", Value::Null)?);
+    f.ignore(&["namespace", "partition"]);
+    f.finish().map_err(parse_failed)?;
+    let index = s.u64("modifyindex")?;
+    s.ignore(&["createindex"]);
+    let verb = match verb {
+        Ok(verb) => verb,
+        Err(e) => return Ok(Err(e)),
+    };
+    // A get or delete names the service by ID only.
+    let service = if matches!(verb, CatalogVerb::Set | CatalogVerb::Cas) {
+        let spec = consul_json::decode_service_fields(&mut s, false)?;
+        s.finish().map_err(parse_failed)?;
+        spec
+    } else {
+        let id = s.string("id")?;
+        ServiceSpec {
+            id,
+            ..ServiceSpec::default()
+        }
+    };
+    if node.is_empty() {
+        return Ok(Err("Must provide node".into()));
+    }
+    if service.id.is_empty() {
+        return Ok(Err("Must provide service ID".into()));
+    }
+    Ok(Ok(TxnOp::Service(ServiceOp {
+        verb,
+        node,
+        service,
+        index,
+    })))
+}
+
+fn decode_check(mut f: Fields) -> Result<Result<TxnOp, String>, ApiError> {
+    let verb = catalog_verb(&mut f, "Check")?;
+    let mut c = f
+        .object("check", "Check")?
+        .unwrap_or(Fields::from_value("Check", Value::Null)?);
+    f.finish().map_err(parse_failed)?;
+    let node = c.string("node")?;
+    let index = c.u64("modifyindex")?;
+    // Consul's check in a transaction carries its probe under
+    // `Definition`; read it as the agent's flat check body.
+    if let Some(definition) = c.object("definition", "Check Definition")? {
+        c.absorb(definition);
+    }
+    c.ignore(&[
+        "createindex",
+        "servicename",
+        "servicetags",
+        "type",
+        "exposedport",
+        "intervalduration",
+        "timeoutduration",
+        "deregistercriticalserviceafterduration",
+    ]);
+    let check = consul_json::decode_check(c)?;
+    let verb = match verb {
+        Ok(verb) => verb,
+        Err(e) => return Ok(Err(e)),
+    };
+    if node.is_empty() {
+        return Ok(Err("Must provide node".into()));
+    }
+    if check.check_id.is_empty() {
+        return Ok(Err("Must provide check ID".into()));
+    }
+    Ok(Ok(TxnOp::Check(CheckOp {
+        verb,
+        node,
+        check,
+        index,
+    })))
 }
 
 fn decode_kv(mut f: Fields) -> Result<Result<TxnOp, String>, ApiError> {
