@@ -195,8 +195,14 @@ impl RegistryNode {
     /// it (0 on the leader), as Consul's `X-Consul-KnownLeader` and
     /// `X-Consul-LastContact`.
     pub fn leader_contact(&self) -> (bool, Duration) {
-        let metrics = self.raft.metrics().borrow().clone();
-        if metrics.state == ServerState::Leader {
+        // Borrowed, not cloned: this runs on every read's answer, and the
+        // metrics carry the membership and replication maps.
+        let (leading, known) = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            (m.state == ServerState::Leader, m.current_leader.is_some())
+        };
+        if leading {
             return (true, Duration::ZERO);
         }
         let since = self
@@ -204,7 +210,7 @@ impl RegistryNode {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .map_or(Duration::ZERO, |t| t.elapsed());
-        (metrics.current_leader.is_some(), since)
+        (known, since)
     }
 
     /// What `/metrics` reports of this node: Raft progress, leadership
@@ -231,14 +237,11 @@ impl RegistryNode {
 
     /// The leader's id and Raft address, as this server believes.
     pub fn leader(&self) -> Option<(NodeId, String)> {
-        let metrics = self.raft.metrics().borrow().clone();
-        let id = metrics.current_leader?;
-        let addr = metrics
-            .membership_config
-            .membership()
-            .get_node(&id)?
-            .addr
-            .clone();
+        // Borrowed, not cloned: every write and read barrier asks.
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
         Some((id, addr))
     }
 
@@ -558,11 +561,24 @@ impl RegistryNode {
     /// On the leader: restarts the session's TTL clock, once this server's
     /// state is current (the session may have just been created).
     pub(crate) async fn renew_session_local(&self, id: &str) -> Result<bool, WriteAttempt> {
-        let deadline = Instant::now() + self.leader_wait;
-        let index = self.read_index_local(false, deadline).await?;
-        self.wait_applied(index, deadline)
-            .await
-            .map_err(WriteAttempt::Failed)?;
+        // The common case costs no wait (and no timer): a leader that has
+        // applied an entry of its term and everything up to its read floor.
+        let current = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            m.state == ServerState::Leader
+                && m.last_applied
+                    .is_some_and(|l| l.leader_id.term >= m.current_term)
+        } && self
+            .read_floor()
+            .is_some_and(|floor| self.state.applied_index() >= floor);
+        if !current {
+            let deadline = Instant::now() + self.leader_wait;
+            let index = self.read_index_local(false, deadline).await?;
+            self.wait_applied(index, deadline)
+                .await
+                .map_err(WriteAttempt::Failed)?;
+        }
         if self.state.read().sessions.get(id).is_none() {
             return Ok(false);
         }
@@ -605,18 +621,17 @@ impl RegistryNode {
         }
     }
 
-    /// When each session was last renewed through this leader; forgets
-    /// sessions not in `live`.
-    pub fn session_renewals(
+    /// Runs `f` on the session clock: when each session was last renewed
+    /// through this leader (or first seen by it). The leader's TTL task
+    /// reads and prunes it in place; nothing is copied.
+    pub fn with_session_clock<T>(
         &self,
-        live: &dyn Fn(&str) -> bool,
-    ) -> HashMap<String, tokio::time::Instant> {
-        let mut renewals = self
+        f: impl FnOnce(&mut HashMap<String, tokio::time::Instant>) -> T,
+    ) -> T {
+        f(&mut self
             .session_renewals
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        renewals.retain(|id, _| live(id));
-        renewals.clone()
+            .unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Waits until this server has applied `index`.

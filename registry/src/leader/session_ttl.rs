@@ -23,8 +23,8 @@ use meshwork_core::duration::parse_duration;
 /// How long past its last renewal a session lives, in TTLs (Consul's
 /// `SessionTTLMultiplier`).
 pub const TTL_MULTIPLIER: u32 = 2;
-/// How often the clocks are looked at.
-const TICK: Duration = Duration::from_millis(250);
+/// How often the clocks are looked at (a TTL is at least 10 s).
+const TICK: Duration = Duration::from_millis(500);
 
 /// Runs the clock whenever this server leads, until shutdown.
 pub async fn supervise(node: Arc<RegistryNode>, shutdown: CancellationToken) {
@@ -41,8 +41,10 @@ pub async fn supervise(node: Arc<RegistryNode>, shutdown: CancellationToken) {
 }
 
 async fn lead(node: &Arc<RegistryNode>, shutdown: &CancellationToken) {
-    // When this leader first saw each session: the start of its grace.
-    let mut first_seen: HashMap<String, Instant> = HashMap::new();
+    // A new leader cannot know when the last one saw a renewal: every
+    // session's clock starts now (what this server recorded when it last
+    // led is stale).
+    node.with_session_clock(HashMap::clear);
     // Expiries proposed and not yet answered.
     let mut expiring: HashSet<String> = HashSet::new();
     let mut writes: JoinSet<String> = JoinSet::new();
@@ -63,7 +65,7 @@ async fn lead(node: &Arc<RegistryNode>, shutdown: &CancellationToken) {
                 }
             }
             _ = tick.tick() => {
-                for id in expired(node, &mut first_seen, &expiring) {
+                for id in expired(node, &expiring) {
                     expiring.insert(id.clone());
                     let node = Arc::clone(node);
                     writes.spawn(async move {
@@ -80,37 +82,36 @@ async fn lead(node: &Arc<RegistryNode>, shutdown: &CancellationToken) {
     writes.abort_all();
 }
 
-/// The sessions whose TTL ran out, not already being expired.
-fn expired(
-    node: &RegistryNode,
-    first_seen: &mut HashMap<String, Instant>,
-    expiring: &HashSet<String>,
-) -> Vec<String> {
+/// The sessions whose TTL ran out, not already being expired. A session
+/// this leader has not seen before starts its clock now; the clock of a
+/// session that is gone is dropped. Costs a look-up per session per tick
+/// and no allocation for a session that is neither new nor due.
+fn expired(node: &RegistryNode, expiring: &HashSet<String>) -> Vec<String> {
     let now = Instant::now();
-    let mut due = Vec::new();
-    let mut live: HashSet<String> = HashSet::new();
-    {
-        let state = node.state.read();
-        for session in state.sessions.iter() {
-            let id = &session.spec.id;
-            live.insert(id.clone());
-            first_seen.entry(id.clone()).or_insert(now);
+    // A copy (cheap: persistent maps), so that applying entries never
+    // waits for this pass.
+    let state = node.state.read().clone();
+    node.with_session_clock(|clock| {
+        if clock.len() > state.sessions.len() {
+            clock.retain(|id, _| state.sessions.get(id).is_some());
         }
-        first_seen.retain(|id, _| live.contains(id));
-        let renewals = node.session_renewals(&|id| live.contains(id));
+        let mut due = Vec::new();
         for session in state.sessions.iter() {
-            let id = &session.spec.id;
             let Some(ttl) = parse_duration(&session.spec.ttl) else {
                 continue;
             };
-            let Some(seen) = first_seen.get(id) else {
-                continue;
+            let id = &session.spec.id;
+            let last = match clock.get(id) {
+                Some(last) => *last,
+                None => {
+                    clock.insert(id.clone(), now);
+                    now
+                }
             };
-            let last = renewals.get(id).map_or(*seen, |r| (*r).max(*seen));
             if now >= last + ttl * TTL_MULTIPLIER && !expiring.contains(id) {
                 due.push(id.clone());
             }
         }
-    }
-    due
+        due
+    })
 }

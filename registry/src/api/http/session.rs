@@ -8,6 +8,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::AppState;
@@ -216,19 +217,9 @@ pub async fn renew(
     if !app.node.renew_session(&id).await? {
         return Err(ApiError::NotFound(format!("Session id '{id}' not found")));
     }
-    let state = app.node.state.read();
-    let body: Vec<Value> = state
-        .sessions
-        .get(&id)
-        .map(session_json)
-        .into_iter()
-        .collect();
-    let headers = read_headers(
-        &app.node,
-        state.sessions.index().max(1),
-        Consistency::Default,
-    );
-    Ok((headers, axum::Json(body)).into_response())
+    // As Consul: the session, and no index headers (a renewal is no read).
+    let body = sessions_json(app.node.state.read().sessions.get(&id).into_iter());
+    Ok(json_response(body))
 }
 
 /// `GET /v1/session/info/:id`.
@@ -239,12 +230,7 @@ pub async fn info(
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
     read(&app, query.as_deref(), move |state| {
-        state
-            .sessions
-            .get(&id)
-            .map(session_json)
-            .into_iter()
-            .collect()
+        sessions_json(state.sessions.get(&id).into_iter())
     })
     .await
 }
@@ -256,7 +242,7 @@ pub async fn node(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     read(&app, query.as_deref(), move |state| {
-        state.sessions.of_node(&node).map(session_json).collect()
+        sessions_json(state.sessions.of_node(&node))
     })
     .await
 }
@@ -267,7 +253,7 @@ pub async fn list(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     read(&app, query.as_deref(), |state| {
-        state.sessions.iter().map(session_json).collect()
+        sessions_json(state.sessions.iter())
     })
     .await
 }
@@ -276,7 +262,7 @@ pub async fn list(
 async fn read(
     app: &AppState,
     query: Option<&str>,
-    compute: impl Fn(&RegistryState) -> Vec<Value>,
+    compute: impl Fn(&RegistryState) -> Vec<u8>,
 ) -> Result<Response, ApiError> {
     let params = Params::parse(query);
     let options = ReadOptions::from_params(&params)?;
@@ -290,7 +276,20 @@ async fn read(
     )
     .await?;
     let headers: HeaderMap = read_headers(&app.node, result.index, options.consistency);
-    Ok((headers, axum::Json(result.value)).into_response())
+    let mut response = json_response(result.value);
+    response.headers_mut().extend(headers);
+    Ok(response)
+}
+
+fn json_response(body: Vec<u8>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
@@ -301,25 +300,58 @@ fn check_id(id: &str) -> Result<(), ApiError> {
 }
 
 /// A session as Consul's JSON shows it.
-pub fn session_json(session: &Session) -> Value {
-    let spec = &session.spec;
-    json!({
-        "ID": spec.id,
-        "Name": spec.name,
-        "Node": spec.node,
-        "LockDelay": spec.lock_delay_ns,
-        "Behavior": spec.behavior.as_str(),
-        "TTL": spec.ttl,
-        "NodeChecks": spec.node_checks,
-        "ServiceChecks": if spec.service_checks.is_empty() {
-            Value::Null
-        } else {
-            spec.service_checks
-                .iter()
-                .map(|id| json!({ "ID": id, "Namespace": "" }))
-                .collect()
-        },
-        "CreateIndex": session.create_index,
-        "ModifyIndex": session.modify_index,
-    })
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct SessionJson<'a> {
+    #[serde(rename = "ID")]
+    id: &'a str,
+    name: &'a str,
+    node: &'a str,
+    /// Nanoseconds.
+    lock_delay: u64,
+    behavior: &'static str,
+    #[serde(rename = "TTL")]
+    ttl: &'a str,
+    node_checks: &'a [String],
+    /// `null` when there are none, as Consul.
+    service_checks: Option<Vec<ServiceCheckJson<'a>>>,
+    create_index: u64,
+    modify_index: u64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct ServiceCheckJson<'a> {
+    #[serde(rename = "ID")]
+    id: &'a str,
+    namespace: &'static str,
+}
+
+impl<'a> SessionJson<'a> {
+    pub fn new(session: &'a Session) -> Self {
+        let spec = &session.spec;
+        SessionJson {
+            id: &spec.id,
+            name: &spec.name,
+            node: &spec.node,
+            lock_delay: spec.lock_delay_ns,
+            behavior: spec.behavior.as_str(),
+            ttl: &spec.ttl,
+            node_checks: &spec.node_checks,
+            service_checks: (!spec.service_checks.is_empty()).then(|| {
+                spec.service_checks
+                    .iter()
+                    .map(|id| ServiceCheckJson { id, namespace: "" })
+                    .collect()
+            }),
+            create_index: session.create_index,
+            modify_index: session.modify_index,
+        }
+    }
+}
+
+/// Sessions as Consul's JSON list.
+fn sessions_json<'a>(sessions: impl Iterator<Item = &'a Session>) -> Vec<u8> {
+    let list: Vec<SessionJson<'_>> = sessions.map(SessionJson::new).collect();
+    serde_json::to_vec(&list).unwrap_or_else(|_| b"[]".to_vec())
 }
