@@ -36,7 +36,9 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
             _ => return None,
         };
         rest = &rest[unit_len..];
-        total += Duration::try_from_secs_f64(number * unit_secs).ok()?;
+        // Checked: `10000000000000000000s10000000000000000000s` is each
+        // term representable and their sum not.
+        total = total.checked_add(Duration::try_from_secs_f64(number * unit_secs).ok()?)?;
     }
     Some(total)
 }
@@ -49,6 +51,10 @@ mod tests {
     fn durations_parse_like_go() {
         assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
         assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(
+            parse_duration("10000000000000000000s10000000000000000000s"),
+            None
+        );
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
         assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));

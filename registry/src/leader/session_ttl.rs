@@ -108,7 +108,12 @@ fn expired(node: &RegistryNode, expiring: &HashSet<String>) -> Vec<String> {
                     now
                 }
             };
-            if now >= last + ttl * TTL_MULTIPLIER && !expiring.contains(id) {
+            // Checked: a TTL from a restored backup is not re-validated,
+            // and a huge one must mean "never", not a panic.
+            let expires = ttl
+                .checked_mul(TTL_MULTIPLIER)
+                .and_then(|grace| last.checked_add(grace));
+            if expires.is_some_and(|at| now >= at) && !expiring.contains(id) {
                 due.push(id.clone());
             }
         }
