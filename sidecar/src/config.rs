@@ -41,6 +41,8 @@ struct InboundSection {
     protocol: Option<String>,
     /// Where the local app listens; default `service.address:service.port`.
     app: Option<String>,
+    /// Client connections open on the inbound listener at once.
+    max_connections: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +86,8 @@ struct LimitsSection {
     max_connections: Option<u32>,
     max_pending: Option<u32>,
     max_requests: Option<u32>,
+    /// Client connections open on the listener at once.
+    max_downstream_connections: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -86,6 +86,10 @@ pub struct ClusterMetrics {
     pub connect_failures: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Client connections refused at the listener's connection limit.
+    pub downstream_refused: AtomicU64,
+    /// Idle client connections closed to make room at that limit.
+    pub downstream_evicted: AtomicU64,
 }
 
 impl ClusterMetrics {
@@ -170,7 +174,7 @@ pub fn render<'a>(
             &format!("direction=\"{direction}\",upstream=\"{name}\""),
         );
     }
-    let counters: [CounterRow; 7] = [
+    let counters: [CounterRow; 9] = [
         ("meshwork_proxy_retries_total", "Retries sent.", |m| {
             &m.retries
         }),
@@ -203,6 +207,16 @@ pub fn render<'a>(
             "meshwork_proxy_tcp_sent_bytes_total",
             "TCP bytes to the downstream client.",
             |m| &m.bytes_out,
+        ),
+        (
+            "meshwork_proxy_downstream_refused_total",
+            "Client connections refused at the listener's connection limit.",
+            |m| &m.downstream_refused,
+        ),
+        (
+            "meshwork_proxy_downstream_evicted_total",
+            "Idle client connections closed to make room at the listener's connection limit.",
+            |m| &m.downstream_evicted,
         ),
     ];
     for (metric, text, get) in counters {

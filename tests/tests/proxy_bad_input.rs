@@ -65,6 +65,32 @@ async fn bad_input_is_refused_without_harming_others() -> Result<()> {
         let reply = raw_exchange(&addr, &req).await?;
         ensure!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
     }
+    // Host and the request target (RFC 9112 §3.2–3.3): two Hosts, an
+    // HTTP/1.1 request without one, and an origin-form target without its
+    // leading / are refused before anything goes upstream.
+    let before = served();
+    for bad in [
+        &b"GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n"[..],
+        &b"GET / HTTP/1.1\r\nx-a: b\r\n\r\n"[..],
+        &b"GET c-noslash HTTP/1.1\r\nhost: x\r\n\r\n"[..],
+    ] {
+        let reply = raw_exchange(&addr, bad).await?;
+        ensure!(reply.starts_with("HTTP/1.1 400"), "{bad:?}: {reply:?}");
+    }
+    ensure!(served() == before, "a refused request reached the app");
+    // The absolute form's authority replaces Host on the way up.
+    let reply = raw_exchange(
+        &addr,
+        b"GET http://real.example/x HTTP/1.1\r\nhost: fake.example\r\nconnection: close\r\n\r\n",
+    )
+    .await?;
+    ensure!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
+    ensure!(
+        reply
+            .to_lowercase()
+            .contains("x-seen-host: real.example\r\n"),
+        "the app saw another Host: {reply:?}"
+    );
     // Headers over 64 KiB: 431.
     let mut req = b"GET / HTTP/1.1\r\nhost: x\r\n".to_vec();
     for i in 0..80 {
@@ -278,6 +304,127 @@ async fn a_clients_broken_body_never_ejects_a_healthy_upstream() -> Result<()> {
     )
     .await?;
     ensure!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    mesh.done();
+    Ok(())
+}
+
+/// A listener keeps at most `limits.max_downstream_connections` client
+/// connections: at the limit the oldest idle keep-alive connection is
+/// closed to make room, and with none idle (heads half sent) a new
+/// connection is refused — counted, and never at the cost of a request
+/// in progress.
+#[tokio::test]
+async fn a_listener_caps_client_connections_closing_the_oldest_idle_first() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let (_instances, client_ip, c) = echo_behind_client(
+        &mut mesh,
+        1,
+        "name = \"echo\"\nprotocol = \"http\"\nlimits = { max_downstream_connections = 4 }",
+    )
+    .await?;
+    let addr = format!("{client_ip}:{UPSTREAM_PORT}");
+    // Reads one answer head (and what follows it in the same read).
+    async fn ask(s: &mut TcpStream) -> Result<String> {
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await?;
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await??;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+    // Four kept-alive connections, each served once, now idle.
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(&addr).await?;
+        ensure!(ask(&mut s).await?.starts_with("HTTP/1.1 200"));
+        idle.push(s);
+    }
+    // A fifth is served; the oldest idle one is closed for it.
+    let mut fifth = TcpStream::connect(&addr).await?;
+    ensure!(ask(&mut fifth).await?.starts_with("HTTP/1.1 200"));
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), idle[0].read(&mut buf)).await??;
+    ensure!(n == 0, "the oldest idle connection is still open");
+    // The others still serve.
+    ensure!(ask(&mut idle[1]).await?.starts_with("HTTP/1.1 200"));
+    // Four connections each in the middle of a request head: none idle, so
+    // a new connection is refused (closed before any answer).
+    drop(idle);
+    drop(fifth);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut busy = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(&addr).await?;
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await?;
+        busy.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut refused = TcpStream::connect(&addr).await?;
+    let _ = refused
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await;
+    let n = tokio::time::timeout(Duration::from_secs(5), refused.read(&mut buf))
+        .await?
+        .unwrap_or(0);
+    ensure!(n == 0, "a connection past the limit was served");
+    // The heads in progress complete and are answered.
+    for s in &mut busy {
+        s.write_all(b"\r\n").await?;
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await??;
+        ensure!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "a request in progress was cut"
+        );
+    }
+    let evicted = mesh.sidecars[c]
+        .metric_sum("meshwork_proxy_downstream_evicted_total")
+        .await?;
+    let refused = mesh.sidecars[c]
+        .metric_sum("meshwork_proxy_downstream_refused_total")
+        .await?;
+    ensure!(
+        evicted >= 1.0 && refused >= 1.0,
+        "evicted {evicted}, refused {refused}"
+    );
+    mesh.done();
+    Ok(())
+}
+
+/// An HTTP/2 client that starts a header block and never finishes it is
+/// cut off after the head timeout (10 s), as a slow HTTP/1.1 head is: the
+/// `h2` crate would hold the block in memory for as long as it lasts.
+#[tokio::test]
+async fn an_unfinished_http2_header_block_is_cut_off() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let (_instances, client_ip, _c) =
+        echo_behind_client(&mut mesh, 1, "name = \"echo\"\nprotocol = \"http\"").await?;
+    let addr = format!("{client_ip}:{UPSTREAM_PORT}");
+    let mut s = TcpStream::connect(&addr).await?;
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+    s.write_all(&h2_frame(0x4, 0, 0, &[])).await?; // SETTINGS
+    // HEADERS without END_HEADERS: a block that never ends (the server
+    // answers the SETTINGS meanwhile; that is all that moves).
+    s.write_all(&h2_frame(0x1, 0x1, 1, &[0x82, 0x84, 0x86]))
+        .await?;
+    // Then nothing: any other frame inside a block is a protocol error
+    // that closes the connection at once.
+    let started = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let mut closed = false;
+    for _ in 0..1000 {
+        match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) => {}
+            Err(_) => break,
+        }
+    }
+    let took = started.elapsed();
+    ensure!(closed, "the connection stayed open for {took:?}");
+    ensure!(
+        took >= Duration::from_secs(9) && took <= Duration::from_secs(16),
+        "closed after {took:?}, not after the 10 s head timeout"
+    );
     mesh.done();
     Ok(())
 }

@@ -130,6 +130,10 @@ pub struct OutlierPolicy {
 pub struct Limits {
     /// Open upstream connections (TCP: proxied connections).
     pub max_connections: usize,
+    /// Client connections open on the listener at once: past it, the
+    /// oldest idle HTTP connection is closed to make room, or (none idle)
+    /// the new connection is refused.
+    pub max_downstream: usize,
     /// Requests waiting for a connection slot.
     pub max_pending: usize,
     /// Requests in flight.
@@ -165,6 +169,8 @@ pub struct Inbound {
     pub protocol: Protocol,
     /// The local app.
     pub app: SocketAddr,
+    /// Client connections open at once (see [`Limits::max_downstream`]).
+    pub max_connections: usize,
 }
 
 /// `[proxy]`: process-wide proxy settings.
@@ -211,15 +217,28 @@ fn percent(f: &str, key: &str, value: u32, errors: &mut Vec<String>) -> u32 {
 }
 
 fn limit(f: &str, key: &str, value: Option<u32>, errors: &mut Vec<String>) -> usize {
+    limit_or(f, key, value, 1024, errors)
+}
+
+fn limit_or(
+    f: &str,
+    key: &str,
+    value: Option<u32>,
+    default: usize,
+    errors: &mut Vec<String>,
+) -> usize {
     match value {
-        None => 1024,
+        None => default,
         Some(0) => {
             errors.push(format!("{f}: {key}: must be at least 1"));
-            1024
+            default
         }
         Some(n) => n as usize,
     }
 }
+
+/// Client connections a listener keeps open at once unless configured.
+pub const DEFAULT_MAX_DOWNSTREAM: usize = 4096;
 
 /// `[inbound]`; `app_default` is where the app listens by default.
 pub(super) fn inbound(
@@ -239,6 +258,13 @@ pub(super) fn inbound(
         app: raw
             .app
             .map_or(app_default, |a| socket_addr(f, "inbound.app", &a, errors)),
+        max_connections: limit_or(
+            f,
+            "inbound.max_connections",
+            raw.max_connections,
+            DEFAULT_MAX_DOWNSTREAM,
+            errors,
+        ),
     }
 }
 
@@ -406,6 +432,7 @@ pub(super) fn upstreams(
                 max_connections: 1024,
                 max_pending: 1024,
                 max_requests: 1024,
+                max_downstream: DEFAULT_MAX_DOWNSTREAM,
             },
             Some(l) => Limits {
                 max_connections: limit(
@@ -424,6 +451,13 @@ pub(super) fn upstreams(
                     f,
                     &format!("{key}.limits.max_requests"),
                     l.max_requests,
+                    errors,
+                ),
+                max_downstream: limit_or(
+                    f,
+                    &format!("{key}.limits.max_downstream_connections"),
+                    l.max_downstream_connections,
+                    DEFAULT_MAX_DOWNSTREAM,
                     errors,
                 ),
             },

@@ -40,6 +40,13 @@ pub struct Activity {
     /// Watch request heads (HTTP/1 listeners; off for TCP and once the
     /// server has seen the HTTP/2 preface).
     heads: AtomicBool,
+    /// HTTP/2: a header block (HEADERS or PUSH_PROMISE without
+    /// END_HEADERS) has begun and its last CONTINUATION has not come.
+    /// Timed like an HTTP/1 head, whatever else is in flight: the `h2`
+    /// crate holds a block in memory until it ends.
+    block_pending: AtomicBool,
+    /// Header blocks are watched (an HTTP/2 connection).
+    watch_blocks: AtomicBool,
     /// The watcher sleeps longer than a quarter of the head timeout: a
     /// head that begins must wake it (see `received`).
     watcher_asleep: AtomicBool,
@@ -54,6 +61,8 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             head_pending: AtomicBool::new(false),
             heads: AtomicBool::new(http),
+            block_pending: AtomicBool::new(false),
+            watch_blocks: AtomicBool::new(false),
             watcher_asleep: AtomicBool::new(false),
             head_started: Notify::new(),
         }
@@ -88,11 +97,31 @@ impl Activity {
         }
     }
 
-    /// The connection speaks HTTP/2: no heads to time from here on (the
-    /// preface counted as one until the server recognised it).
+    /// The connection speaks HTTP/2: no HTTP/1 heads to time from here on
+    /// (the preface counted as one until the server recognised it); its
+    /// header blocks are timed instead (see [`Tracked::watch_h2_frames`]).
     pub fn http2(&self) {
         self.heads.store(false, Ordering::Relaxed);
         self.head_pending.store(false, Ordering::Relaxed);
+        self.watch_blocks.store(true, Ordering::Relaxed);
+    }
+
+    /// Nothing in flight and no request head or header block begun: a
+    /// kept-alive connection waiting for its next request.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+            && !self.head_pending.load(Ordering::Relaxed)
+            && !self.block_pending.load(Ordering::Relaxed)
+    }
+
+    /// An HTTP/2 header block began (`true`) or ended.
+    fn header_block(&self, pending: bool) {
+        if self.block_pending.swap(pending, Ordering::Relaxed) != pending
+            && pending
+            && self.watcher_asleep.swap(false, Ordering::Relaxed)
+        {
+            self.head_started.notify_one();
+        }
     }
 
     /// A request head was parsed: the request is in flight until the guard
@@ -139,8 +168,9 @@ impl Activity {
                 }
                 idle.saturating_sub(quiet).min(idle / 4)
             };
+            let block = self.block_pending.load(Ordering::Relaxed);
             let pending = self.head_pending.load(Ordering::Relaxed);
-            if pending && !in_flight {
+            if (pending && !in_flight) || block {
                 let since = *head_at.get_or_insert(now);
                 if now - since >= first_byte {
                     tracing::debug!(
@@ -163,9 +193,14 @@ impl Activity {
                 // meanwhile is cut within `first_byte` and a glance.
                 wait = wait.min(glance);
             }
-            let long = wait > glance && self.heads.load(Ordering::Relaxed);
+            let long = wait > glance
+                && (self.heads.load(Ordering::Relaxed)
+                    || self.watch_blocks.load(Ordering::Relaxed));
             self.watcher_asleep.store(long, Ordering::Relaxed);
-            if long && !pending && self.head_pending.load(Ordering::Relaxed) {
+            if long
+                && ((!pending && self.head_pending.load(Ordering::Relaxed))
+                    || (!block && self.block_pending.load(Ordering::Relaxed)))
+            {
                 // A head began between the look above and now: look again
                 // (once; a head already seen is timed by `wait`, and looking
                 // again for it would spin until its deadline).
@@ -243,6 +278,71 @@ pub struct Tracked<T> {
     activity: Arc<Activity>,
     /// Bytes already read (to tell the protocols apart), read again first.
     unread: Bytes,
+    /// HTTP/2: where the client's frames begin and end.
+    frames: Option<FrameWatch>,
+}
+
+/// Follows the frame boundaries of what an HTTP/2 client sends (after the
+/// 24-byte preface), to see when a header block begins and ends. Reads
+/// only the 9-byte frame headers; payloads are skipped by length.
+#[derive(Debug)]
+struct FrameWatch {
+    /// Preface bytes still to skip.
+    preface: usize,
+    header: [u8; 9],
+    have: usize,
+    /// Payload bytes of the current frame still to skip.
+    payload: usize,
+}
+
+impl FrameWatch {
+    const HEADERS: u8 = 0x1;
+    const PUSH_PROMISE: u8 = 0x5;
+    const CONTINUATION: u8 = 0x9;
+    const END_HEADERS: u8 = 0x4;
+
+    fn new() -> Self {
+        FrameWatch {
+            preface: 24,
+            header: [0; 9],
+            have: 0,
+            payload: 0,
+        }
+    }
+
+    /// Feeds bytes the client sent; calls `block(true)` when a header
+    /// block begins and `block(false)` when it ends.
+    fn feed(&mut self, mut bytes: &[u8], block: impl Fn(bool)) {
+        while !bytes.is_empty() {
+            if self.preface > 0 {
+                let n = self.preface.min(bytes.len());
+                self.preface -= n;
+                bytes = &bytes[n..];
+            } else if self.payload > 0 {
+                let n = self.payload.min(bytes.len());
+                self.payload -= n;
+                bytes = &bytes[n..];
+            } else {
+                let n = (9 - self.have).min(bytes.len());
+                self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+                self.have += n;
+                bytes = &bytes[n..];
+                if self.have == 9 {
+                    self.have = 0;
+                    let h = &self.header;
+                    self.payload =
+                        (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+                    let (kind, flags) = (h[3], h[4]);
+                    let ends = flags & Self::END_HEADERS != 0;
+                    match kind {
+                        Self::HEADERS | Self::PUSH_PROMISE => block(!ends),
+                        Self::CONTINUATION if ends => block(false),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl<T> Tracked<T> {
@@ -251,7 +351,15 @@ impl<T> Tracked<T> {
             inner,
             activity,
             unread: Bytes::new(),
+            frames: None,
         }
+    }
+
+    /// The connection speaks HTTP/2 (its preface is the next thing read,
+    /// from [`Tracked::unread`] or the socket): time its header blocks.
+    pub fn watch_h2_frames(&mut self) {
+        self.activity.http2();
+        self.frames = Some(FrameWatch::new());
     }
 
     /// The activity this socket records.
@@ -275,6 +383,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         if !self.unread.is_empty() {
             let n = self.unread.len().min(buf.remaining());
             buf.put_slice(&self.unread[..n]);
+            let this = &mut *self;
+            if let Some(frames) = &mut this.frames {
+                let activity = &this.activity;
+                frames.feed(&this.unread[..n], |b| activity.header_block(b));
+            }
             self.unread.advance(n);
             if self.unread.is_empty() {
                 // Freed: an idle connection keeps only what its server holds.
@@ -286,6 +399,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.activity.received();
+            let this = &mut *self;
+            if let Some(frames) = &mut this.frames {
+                let activity = &this.activity;
+                frames.feed(&buf.filled()[before..], |b| activity.header_block(b));
+            }
         }
         r
     }
@@ -444,8 +562,33 @@ mod tests {
                 .await
                 .is_err()
         );
+        // An HTTP/2 header block left unfinished is cut after
+        // `first_byte`, even with a request in flight on the connection.
+        let a = Arc::new(Activity::new(true));
+        a.received();
+        a.http2();
+        let busy = a.busy();
+        a.header_block(true);
+        let t = Instant::now();
+        tokio::time::timeout(ms(1000), a.idle(ms(200), Duration::from_secs(60)))
+            .await
+            .expect("an unfinished header block is cut");
+        assert!(t.elapsed() >= ms(150), "{:?}", t.elapsed());
+        drop(busy);
+        // A block that ends in time stops the clock.
+        let a = Arc::new(Activity::new(true));
+        a.received();
+        a.http2();
+        let busy = a.busy();
+        let watch = a.idle(ms(200), Duration::from_secs(60));
+        tokio::pin!(watch);
+        a.header_block(true);
+        assert!(tokio::time::timeout(ms(100), watch.as_mut()).await.is_err());
+        a.header_block(false);
+        assert!(tokio::time::timeout(ms(600), watch.as_mut()).await.is_err());
+        drop(busy);
         // HTTP/2 (once the server has recognised it) and TCP connections
-        // have no heads to time.
+        // have no HTTP/1 heads to time.
         let h2 = Activity::new(true);
         h2.received();
         h2.http2();
@@ -457,6 +600,54 @@ mod tests {
                     .await
                     .is_err()
             );
+        }
+    }
+
+    #[test]
+    fn header_blocks_are_followed_across_any_split() {
+        let frame = |kind: u8, flags: u8, payload: &[u8]| {
+            let len = payload.len();
+            let mut f = vec![
+                (len >> 16) as u8,
+                (len >> 8) as u8,
+                len as u8,
+                kind,
+                flags,
+                0,
+                0,
+                0,
+                1,
+            ];
+            f.extend_from_slice(payload);
+            f
+        };
+        let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        wire.extend(frame(0x4, 0, &[0; 6])); // SETTINGS
+        wire.extend(frame(0x1, 0x1, &[7; 40])); // HEADERS, END_STREAM, no END_HEADERS
+        wire.extend(frame(0x9, 0, &[8; 30])); // CONTINUATION
+        let open_at = wire.len();
+        wire.extend(frame(0x9, 0x4, &[9; 20])); // CONTINUATION, END_HEADERS
+        let closed_at = wire.len();
+        wire.extend(frame(0x1, 0x4 | 0x1, &[1; 10])); // a whole HEADERS
+        for split in 1..wire.len() {
+            let events = std::cell::RefCell::new(Vec::new());
+            let mut watch = FrameWatch::new();
+            for chunk in [&wire[..split], &wire[split..]] {
+                watch.feed(chunk, |b| events.borrow_mut().push(b));
+            }
+            assert_eq!(*events.borrow(), [true, false, false], "split at {split}");
+        }
+        // Byte by byte, the block is open exactly between its first and
+        // last frame.
+        let open = std::cell::Cell::new(false);
+        let mut watch = FrameWatch::new();
+        for (i, byte) in wire.iter().enumerate() {
+            watch.feed(std::slice::from_ref(byte), |b| open.set(b));
+            if i + 1 >= closed_at {
+                assert!(!open.get(), "closed after byte {i}");
+            } else if i >= 24 + 15 + 9 && i < open_at {
+                assert!(open.get(), "open at byte {i}");
+            }
         }
     }
 }

@@ -143,6 +143,9 @@ impl HttpProxy {
             let grpc = is_grpc(&parts.headers);
             let mut log = self.access_log.then(|| LogContext::new(&parts));
             prepare::ensure_request_id(&mut parts.headers, log.as_mut());
+            if let Err(e) = prepare::check_target(&mut parts) {
+                return self.fail(e, grpc, start, log, None, 0);
+            }
             let cluster = &self.cluster;
             // The settings this request runs under, whatever a reload does meanwhile.
             let config = cluster.config();

@@ -15,6 +15,7 @@ use rand::Rng;
 
 use super::access_log::LogContext;
 use super::headers::strip_hop_by_hop;
+use super::rescue::ProxyError;
 use super::{REQUEST_ID, TRACEPARENT};
 use crate::config::{Balance, Upstream};
 use crate::upstream::balance::hash_of;
@@ -158,6 +159,55 @@ pub(super) fn prepare(
     }
 }
 
+/// The request-target and `Host` rules (RFC 9112 §3.2–3.3 for HTTP/1.x,
+/// RFC 9113 §8.3.1 for HTTP/2), checked before anything goes upstream:
+/// an HTTP/1.x request has at most one `Host`, and HTTP/1.1 exactly one;
+/// an absolute-form target's authority replaces `Host`; a target neither
+/// origin-form (`/…`) nor absolute is refused, except CONNECT's
+/// authority-form and `OPTIONS *`. In HTTP/2, `:authority` wins over a
+/// `host` header, which is dropped.
+pub(super) fn check_target(parts: &mut Parts) -> Result<(), ProxyError> {
+    let uri = &parts.uri;
+    if parts.version == Version::HTTP_2 {
+        if uri.authority().is_some() {
+            parts.headers.remove(header::HOST);
+        }
+        return Ok(());
+    }
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    let absolute = uri.scheme().is_some();
+    if parts.method == Method::CONNECT {
+        if absolute || uri.authority().is_none() {
+            return Err(ProxyError::BadRequest(
+                "CONNECT needs an authority-form target (host:port)",
+            ));
+        }
+    } else if absolute {
+        let authority = uri.authority().map(|a| HeaderValue::from_str(a.as_str()));
+        match authority {
+            Some(Ok(host)) => {
+                parts.headers.insert(header::HOST, host);
+            }
+            _ => return Err(ProxyError::BadRequest("an absolute target without a host")),
+        }
+    } else if uri.authority().is_some() {
+        return Err(ProxyError::BadRequest(
+            "the request target must start with / (or be an absolute URI)",
+        ));
+    } else if uri.path() == "*" && parts.method != Method::OPTIONS {
+        return Err(ProxyError::BadRequest("a * target is for OPTIONS only"));
+    }
+    if parts.version == Version::HTTP_11 && !parts.headers.contains_key(header::HOST) {
+        return Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs a Host header",
+        ));
+    }
+    Ok(())
+}
+
 /// Adds an `x-request-id` when the request has none, and gives the log
 /// line the same id.
 pub(super) fn ensure_request_id(headers: &mut hyper::HeaderMap, log: Option<&mut LogContext>) {
@@ -214,4 +264,60 @@ fn wyrand(state: &std::cell::Cell<u64>) -> u64 {
     state.set(s);
     let t = u128::from(s) * u128::from(s ^ 0xe703_7ed1_a0b4_28db);
     (t >> 64) as u64 ^ t as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(head: &str, version: Version, hosts: &[&str]) -> Parts {
+        let (method, target) = head.split_once(' ').expect("method and target");
+        let mut builder = hyper::Request::builder()
+            .method(method)
+            .uri(target)
+            .version(version);
+        for host in hosts {
+            builder = builder.header(header::HOST, *host);
+        }
+        builder.body(()).expect("request").into_parts().0
+    }
+
+    fn check(head: &str, version: Version, hosts: &[&str]) -> Result<Option<String>, &'static str> {
+        let mut p = parts(head, version, hosts);
+        match check_target(&mut p) {
+            Ok(()) => Ok(p
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)),
+            Err(ProxyError::BadRequest(why)) => Err(why),
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn targets_and_hosts_follow_rfc_9112() {
+        let v11 = Version::HTTP_11;
+        assert_eq!(check("GET /x", v11, &["a"]), Ok(Some("a".into())));
+        assert!(check("GET /x", v11, &["a", "b"]).is_err());
+        assert!(check("GET /x", v11, &[]).is_err());
+        assert_eq!(check("GET /x", Version::HTTP_10, &[]), Ok(None));
+        // The absolute form's authority replaces Host.
+        assert_eq!(
+            check("GET http://real:8080/x", v11, &["fake"]),
+            Ok(Some("real:8080".into()))
+        );
+        assert!(check("GET c-noslash", v11, &["a"]).is_err());
+        assert!(check("GET *", v11, &["a"]).is_err());
+        assert_eq!(check("OPTIONS *", v11, &["a"]), Ok(Some("a".into())));
+        assert_eq!(
+            check("CONNECT db:5432", v11, &["db:5432"]),
+            Ok(Some("db:5432".into()))
+        );
+        // HTTP/2: :authority wins, host goes.
+        assert_eq!(
+            check("GET https://auth/x", Version::HTTP_2, &["other"]),
+            Ok(None)
+        );
+    }
 }

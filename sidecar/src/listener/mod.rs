@@ -139,9 +139,103 @@ struct Slot {
     route: RwLock<Arc<Route>>,
     /// The listener is gone from the config: stop accepting, free the port.
     closed: CancellationToken,
+    /// The client connections open on it, oldest first.
+    conns: Mutex<Conns>,
+}
+
+/// A listener's open client connections, in the order they were accepted.
+#[derive(Debug, Default)]
+struct Conns {
+    next: u64,
+    open: std::collections::BTreeMap<u64, Open>,
+    /// When the last "connection limit reached" line was logged.
+    logged: Option<std::time::Instant>,
+}
+
+/// One open client connection.
+#[derive(Debug)]
+struct Open {
+    /// HTTP connections only: what tells whether it is idle.
+    activity: Option<Arc<idle::Activity>>,
+    /// Closes it (gracefully: what is in flight finishes).
+    close: CancellationToken,
+}
+
+/// Holds a connection's place in [`Slot::conns`] until dropped.
+#[derive(Debug)]
+struct Admitted {
+    slot: Arc<Slot>,
+    seq: u64,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.slot.conns().open.remove(&self.seq);
+    }
 }
 
 impl Slot {
+    fn conns(&self) -> std::sync::MutexGuard<'_, Conns> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a place for a new connection under the listener's limit: at
+    /// the limit, the oldest idle HTTP connection is closed to make room;
+    /// with none idle, `None` (the new connection is refused). Either is
+    /// counted, and logged at most every 10 s.
+    fn admit(
+        self: &Arc<Self>,
+        cluster: &Cluster,
+        activity: Option<Arc<idle::Activity>>,
+        close: CancellationToken,
+    ) -> Option<Admitted> {
+        let max = cluster.config().limits.max_downstream;
+        let mut conns = self.conns();
+        if conns.open.len() >= max {
+            let idle = conns
+                .open
+                .iter()
+                .find(|(_, o)| o.activity.as_ref().is_some_and(|a| a.is_idle()))
+                .map(|(seq, _)| *seq);
+            let now = std::time::Instant::now();
+            let log = conns
+                .logged
+                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10));
+            if log {
+                conns.logged = Some(now);
+            }
+            match idle.and_then(|seq| conns.open.remove(&seq)) {
+                Some(oldest) => {
+                    oldest.close.cancel();
+                    cluster
+                        .metrics
+                        .downstream_evicted
+                        .fetch_add(1, Ordering::Relaxed);
+                    if log {
+                        tracing::warn!(listener = %self.local, limit = max, "client connection limit reached: closing the oldest idle connection to make room");
+                    }
+                }
+                None => {
+                    cluster
+                        .metrics
+                        .downstream_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    if log {
+                        tracing::warn!(listener = %self.local, limit = max, "client connection limit reached and none idle: refusing new connections");
+                    }
+                    return None;
+                }
+            }
+        }
+        let seq = conns.next;
+        conns.next += 1;
+        conns.open.insert(seq, Open { activity, close });
+        Some(Admitted {
+            slot: Arc::clone(self),
+            seq,
+        })
+    }
+
     fn route(&self) -> Arc<Route> {
         Arc::clone(&self.route.read().unwrap_or_else(|e| e.into_inner()))
     }
@@ -234,6 +328,7 @@ fn inbound_upstream(service_name: &str, inbound: &Inbound) -> Upstream {
             max_connections: 1024,
             max_pending: 1024,
             max_requests: 1024,
+            max_downstream: inbound.max_connections,
         },
     }
 }
@@ -338,6 +433,7 @@ impl Proxy {
             local: socket.local_addr().unwrap_or(w.upstream.listen),
             route: RwLock::new(Route::new(w.direction, cluster, access_log, self.tokens())),
             closed: CancellationToken::new(),
+            conns: Mutex::default(),
         })
     }
 
@@ -400,12 +496,21 @@ impl Proxy {
             };
             // What the listener serves now (a reload may have changed it).
             let route = slot.route();
+            let activity = route
+                .http
+                .is_some()
+                .then(|| Arc::new(idle::Activity::new(true)));
+            let close = CancellationToken::new();
+            let Some(admitted) = slot.admit(&route.cluster, activity.clone(), close.clone()) else {
+                drop(stream);
+                continue;
+            };
             let Some(open) = cluster::acquire_owned(&route.cluster, |g| &g.downstream, usize::MAX)
             else {
                 continue;
             };
-            match &route.http {
-                None => {
+            match (&route.http, activity) {
+                (None, _) | (_, None) => {
                     let stream_task = tcp::proxy_connection(
                         stream,
                         peer,
@@ -416,12 +521,11 @@ impl Proxy {
                     );
                     self.tasks.spawn(async move {
                         stream_task.await;
-                        drop(open);
+                        drop((open, admitted));
                     });
                 }
-                Some(accepted_with) => {
+                (Some(accepted_with), Some(activity)) => {
                     let _ = stream.set_nodelay(true);
-                    let activity = Arc::new(idle::Activity::new(true));
                     let busy = Arc::clone(&activity);
                     let (slot, accepted_with) = (Arc::clone(&slot), Arc::clone(accepted_with));
                     let cluster = Arc::clone(&route.cluster);
@@ -445,16 +549,18 @@ impl Proxy {
                     let idle_timeout = route.cluster.config().idle_timeout;
                     let h1 = h1.clone();
                     self.tasks.spawn(async move {
-                        let _open = open;
+                        let _open = (open, admitted);
                         let drain = CancellationToken::new();
                         let connection = serve::connection(io, &h1, service, drain.clone());
                         tokio::pin!(connection);
-                        // Idle or retired (true); polled only when one of
-                        // them changes, not at every request.
+                        // Idle (false), or retired or closed to make room
+                        // (true); polled only when one of them changes,
+                        // not at every request.
                         let mut ended = idle::OnOwnWake::new(async move {
                             tokio::select! {
                                 () = activity.idle(HEADER_READ_TIMEOUT, idle_timeout) => false,
                                 () = retired.cancelled() => true,
+                                () = close.cancelled() => true,
                             }
                         });
                         tokio::select! {

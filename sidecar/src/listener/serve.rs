@@ -113,8 +113,8 @@ where
         Err(_) => return Err(ServeError::Slow),
     };
     if http2 {
-        // HTTP/2 has no heads to time (its own limits apply).
-        io.activity().http2();
+        // No HTTP/1 heads from here on; HTTP/2 header blocks are timed.
+        io.watch_h2_frames();
     }
     io.unread(first.freeze());
     if http2 {
