@@ -778,4 +778,65 @@ mod session_tests {
         run(&mut back, &[Command::SessionDestroy { id: "a".into() }]);
         assert_eq!(back.kv.get("k").and_then(|e| e.session.clone()), None);
     }
+
+    #[test]
+    fn a_restore_trusts_no_lock_the_backup_claims() {
+        // A backup whose key names a session it does not have, and whose
+        // other session's node is gone from its catalog.
+        let mut backup = State::default();
+        run(
+            &mut backup,
+            &[
+                node_with_check("n1", "alive", HealthStatus::Passing),
+                create("a", "n1", &[], Behavior::Release),
+                create("gone", "n1", &[], Behavior::Release),
+                lock("k", "a", "v"),
+                lock("ghost", "gone", "v"),
+            ],
+        );
+        backup.sessions.remove(99, "gone");
+        let mut state = State::default();
+        run(&mut state, &[Command::Restore(Box::new(backup))]);
+        let ghost = state.kv.get("ghost").expect("kept");
+        assert_eq!(
+            ghost.session, None,
+            "a lock of a missing session is released"
+        );
+        assert_eq!(
+            state.kv.get("k").and_then(|e| e.session.as_deref()),
+            Some("a")
+        );
+        assert_eq!(state.kv.held_by("a").count(), 1);
+        // The rebuilt lock index governs: destroying `a` releases `k`.
+        run(&mut state, &[Command::SessionDestroy { id: "a".into() }]);
+        assert_eq!(state.kv.get("k").and_then(|e| e.session.clone()), None);
+        // And anyone may take the ghost key now.
+        run(
+            &mut state,
+            &[
+                node_with_check("n1", "alive", HealthStatus::Passing),
+                create("b", "n1", &[], Behavior::Release),
+            ],
+        );
+        assert_eq!(run(&mut state, &[lock("ghost", "b", "w")]), [YES]);
+    }
+
+    #[test]
+    fn the_holder_acquiring_again_unchanged_writes_nothing() {
+        let mut state = State::default();
+        run(
+            &mut state,
+            &[
+                node_with_check("n1", "alive", HealthStatus::Passing),
+                create("a", "n1", &[], Behavior::Release),
+                lock("k", "a", "v"),
+            ],
+        );
+        let before = state.kv.get("k").map(|e| e.modify_index);
+        assert_eq!(run(&mut state, &[lock("k", "a", "v")]), [YES]);
+        assert_eq!(state.kv.get("k").map(|e| e.modify_index), before);
+        assert_eq!(run(&mut state, &[lock("k", "a", "changed")]), [YES]);
+        assert!(state.kv.get("k").map(|e| e.modify_index) > before);
+        assert_eq!(state.kv.get("k").map(|e| e.lock_index), Some(1));
+    }
 }

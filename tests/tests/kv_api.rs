@@ -224,10 +224,18 @@ async fn bad_input_gets_a_clear_4xx() -> Result<()> {
             400,
             "Invalid flags",
         ),
+        // Consul's answers: a session that does not exist is a server
+        // error; ?acquire with ?cas is a conflict of flags.
         (
             http.put(format!("{base}/v1/kv/k?acquire=abc")).body("x"),
+            500,
+            "invalid session \"abc\"",
+        ),
+        (
+            http.put(format!("{base}/v1/kv/k?acquire=abc&cas=0"))
+                .body("x"),
             400,
-            "sessions",
+            "Conflicting flags: acquire=abc&cas=0",
         ),
         (
             http.get(format!("{base}/v1/kv/k?index=xyz")),
@@ -244,10 +252,13 @@ async fn bad_input_gets_a_clear_4xx() -> Result<()> {
             400,
             "conflicting",
         ),
+        // Consul reads ?recurse by presence: any value recurses (here:
+        // nothing under the prefix, so 404), never a 400.
+        (http.get(format!("{base}/v1/kv/k?recurse=maybe")), 404, ""),
         (
-            http.get(format!("{base}/v1/kv/k?recurse=maybe")),
+            http.get(format!("{base}/v1/health/service/web?passing=maybe")),
             400,
-            "Invalid value",
+            "Invalid value for ?passing",
         ),
         (
             http.delete(format!("{base}/v1/kv/k?cas=1&recurse")),

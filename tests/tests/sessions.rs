@@ -344,3 +344,66 @@ async fn contending_clients_never_hold_one_lock_together_while_leaders_die() -> 
     cluster.done();
     Ok(())
 }
+
+/// Sends `signal` (`STOP`, `CONT`) to a server process.
+fn signal(cluster: &Cluster, i: usize, signal: &str) -> Result<()> {
+    let pid = cluster.servers[i].pid().context("server not running")?;
+    let status = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()?;
+    ensure!(status.success(), "kill -{signal} {pid} failed");
+    Ok(())
+}
+
+/// Continues the stopped servers when dropped (also when the test fails).
+struct Resume<'a>(&'a Cluster, Vec<usize>);
+
+impl Drop for Resume<'_> {
+    fn drop(&mut self) {
+        for i in &self.1 {
+            let _ = signal(self.0, *i, "CONT");
+        }
+    }
+}
+
+/// A leader whose followers stop answering keeps no session alive on its
+/// own say-so: once a quorum has not confirmed it for half an election
+/// timeout, renewals fail (while the majority side, in a real partition,
+/// would elect a leader that expires them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_its_quorum_stops_confirming_renewals() -> Result<()> {
+    let cluster = Cluster::start(3, &[]).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    let sid = create_session(&cluster, leader, json!({"TTL": "10s", "LockDelay": "0s"})).await?;
+    ensure!(renew(&cluster, leader, &sid).await? == 200);
+    let followers = cluster.followers(leader);
+    for f in &followers {
+        signal(&cluster, *f, "STOP")?;
+    }
+    let resume = Resume(&cluster, followers);
+    let stopped = Instant::now();
+    let refused = wait_for("a renewal refused", Duration::from_secs(20), || async {
+        let status = renew(&cluster, leader, &sid).await.ok()?;
+        (status != 200).then_some(status)
+    })
+    .await?;
+    let took = stopped.elapsed();
+    ensure!(refused >= 500, "renewal answered {refused}");
+    // Bounded by the leader wait (a renewal waits that long for a quorum
+    // before it fails), well inside the 10 s TTL.
+    ensure!(
+        took < Duration::from_secs(10),
+        "renewals kept succeeding for {took:?}"
+    );
+    drop(resume);
+    // The quorum back, renewals succeed again (through whoever leads).
+    let any = cluster.wait_leader(Duration::from_secs(10)).await?;
+    wait_for(
+        "renewals to work again",
+        Duration::from_secs(20),
+        || async { (renew(&cluster, any, &sid).await.ok()? == 200).then_some(()) },
+    )
+    .await?;
+    cluster.done();
+    Ok(())
+}

@@ -119,7 +119,25 @@ pub struct RegistryNode {
     ttl_touches: Mutex<HashMap<(String, String), tokio::time::Instant>>,
     /// On the leader: when each Consul session was last renewed. In memory
     /// only: a new leader gives every session a full TTL.
-    session_renewals: Mutex<HashMap<String, tokio::time::Instant>>,
+    session_renewals: Mutex<SessionClock>,
+    /// On the leader: (term, when) of the last confirmation that a quorum
+    /// still follows it, which session renewals rely on (a leader cut off
+    /// from its quorum must not keep confirming renewals while the other
+    /// side elects a leader that expires them)...
+    quorum_seen: Mutex<Option<(u64, std::time::Instant)>>,
+    /// ...and one confirmation at a time, shared by the renewals waiting.
+    quorum_check: tokio::sync::Mutex<()>,
+}
+
+/// The leader's clock of Consul sessions.
+#[derive(Debug, Default)]
+pub struct SessionClock {
+    /// When each session was last renewed through this leader, or first
+    /// seen by it.
+    pub last: HashMap<String, tokio::time::Instant>,
+    /// Sessions whose expiry was decided and is being written: a renewal
+    /// arriving now finds them gone (404), not renewed.
+    pub expiring: std::collections::HashSet<String>,
 }
 
 impl std::fmt::Debug for BatchItem {
@@ -159,7 +177,9 @@ impl RegistryNode {
             withholding_votes: std::sync::atomic::AtomicBool::new(false),
             read_floor: Mutex::new((0, 0)),
             ttl_touches: Mutex::new(HashMap::new()),
-            session_renewals: Mutex::new(HashMap::new()),
+            session_renewals: Mutex::default(),
+            quorum_seen: Mutex::new(None),
+            quorum_check: tokio::sync::Mutex::new(()),
             batcher,
         }
     }
@@ -559,8 +579,11 @@ impl RegistryNode {
     }
 
     /// On the leader: restarts the session's TTL clock, once this server's
-    /// state is current (the session may have just been created).
+    /// state is current (the session may have just been created) and a
+    /// quorum has confirmed its leadership lately.
     pub(crate) async fn renew_session_local(&self, id: &str) -> Result<bool, WriteAttempt> {
+        let deadline = Instant::now() + self.leader_wait;
+        self.confirm_leadership(deadline).await?;
         // The common case costs no wait (and no timer): a leader that has
         // applied an entry of its term and everything up to its read floor.
         let current = {
@@ -573,7 +596,6 @@ impl RegistryNode {
             .read_floor()
             .is_some_and(|floor| self.state.applied_index() >= floor);
         if !current {
-            let deadline = Instant::now() + self.leader_wait;
             let index = self.read_index_local(false, deadline).await?;
             self.wait_applied(index, deadline)
                 .await
@@ -582,11 +604,46 @@ impl RegistryNode {
         if self.state.read().sessions.get(id).is_none() {
             return Ok(false);
         }
-        self.session_renewals
+        let mut clock = self
+            .session_renewals
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(|p| p.into_inner());
+        if clock.expiring.contains(id) {
+            return Ok(false);
+        }
+        clock
+            .last
             .insert(id.to_owned(), tokio::time::Instant::now());
         Ok(true)
+    }
+
+    /// Returns once a quorum has confirmed this leader within half an
+    /// election timeout (the confirmation is shared: at most about two
+    /// quorum rounds a second however many renewals arrive). A leader cut
+    /// off from its quorum fails here instead of confirming renewals the
+    /// other side will not honour: no follower can start an election
+    /// within an election timeout of the heartbeat a quorum acknowledged.
+    async fn confirm_leadership(&self, deadline: Instant) -> Result<(), WriteAttempt> {
+        let fresh = self.election_timeout / 2;
+        let term = self.raft.metrics().borrow().current_term;
+        let confirmed = |seen: &Mutex<Option<(u64, std::time::Instant)>>| {
+            seen.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|(t, at)| t == term && at.elapsed() < fresh)
+        };
+        if confirmed(&self.quorum_seen) {
+            return Ok(());
+        }
+        let _one = tokio::time::timeout_at(deadline, self.quorum_check.lock())
+            .await
+            .map_err(|_| WriteAttempt::Failed(ClusterError::NoLeader))?;
+        if confirmed(&self.quorum_seen) {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        self.read_index_local(true, deadline).await?;
+        *self.quorum_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some((term, started));
+        Ok(())
     }
 
     async fn renew_session_remote(
@@ -621,13 +678,9 @@ impl RegistryNode {
         }
     }
 
-    /// Runs `f` on the session clock: when each session was last renewed
-    /// through this leader (or first seen by it). The leader's TTL task
-    /// reads and prunes it in place; nothing is copied.
-    pub fn with_session_clock<T>(
-        &self,
-        f: impl FnOnce(&mut HashMap<String, tokio::time::Instant>) -> T,
-    ) -> T {
+    /// Runs `f` on the session clock. The leader's TTL task reads and
+    /// prunes it in place; nothing is copied.
+    pub fn with_session_clock<T>(&self, f: impl FnOnce(&mut SessionClock) -> T) -> T {
         f(&mut self
             .session_renewals
             .lock()

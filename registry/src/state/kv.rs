@@ -72,7 +72,8 @@ impl KvStore {
         }
         self.entries = entries;
         self.tombstones = tombstones;
-        self.held = backup.held.clone();
+        // Rebuilt from the entries by `rebuild_locks`, not trusted.
+        self.held = OrdMap::new();
         self.last_change = index;
     }
 
@@ -135,6 +136,15 @@ impl KvStore {
             return false;
         }
         let (create_index, lock_index) = match existing {
+            // The holder acquiring again with nothing changed writes
+            // nothing (no index moves, no watcher wakes), as Consul.
+            Some(e)
+                if e.session.as_deref() == Some(session)
+                    && e.flags == flags
+                    && *e.value == *value =>
+            {
+                return true;
+            }
             Some(e) if e.session.as_deref() == Some(session) => (e.create_index, e.lock_index),
             Some(e) if e.session.is_some() => return false,
             Some(e) => (e.create_index, e.lock_index + 1),
@@ -213,6 +223,27 @@ impl KvStore {
             self.last_change = index;
         }
         keys
+    }
+
+    /// After a restore: the lock index rebuilt from the entries, and the
+    /// locks of sessions that do not exist (`exists` false) released, so
+    /// that a backup can never leave a key locked by nobody.
+    pub fn rebuild_locks(&mut self, index: u64, exists: impl Fn(&str) -> bool) {
+        let locked: Vec<(String, String)> = self
+            .entries
+            .iter()
+            .filter_map(|(k, e)| e.session.as_ref().map(|s| (k.clone(), s.clone())))
+            .collect();
+        self.held = OrdMap::new();
+        for (key, session) in locked {
+            if exists(&session) {
+                self.held.entry(session).or_default().insert(key);
+            } else if let Some(entry) = self.entries.get_mut(&key) {
+                entry.session = None;
+                entry.modify_index = index;
+                self.last_change = index;
+            }
+        }
     }
 
     fn forget_lock(&mut self, session: &str, key: &str) {

@@ -76,6 +76,17 @@ impl State {
         self.catalog.restore(index, &backup.catalog);
         self.config.restore(index, &backup.config);
         self.sessions.restore(index, &backup.sessions);
+        // Locks and sessions checked against each other and the catalog,
+        // not trusted: a key locked by a session the backup lacks is
+        // released, and a session whose node or checks are gone ends.
+        let sessions = &self.sessions;
+        self.kv
+            .rebuild_locks(index, |id| sessions.get(id).is_some());
+        let nodes: std::collections::BTreeSet<String> =
+            self.sessions.iter().map(|s| s.spec.node.clone()).collect();
+        for node in nodes {
+            self.sessions_follow_catalog(index, &node);
+        }
     }
 
     /// Creates a session after checking Consul's preconditions: its node

@@ -140,9 +140,15 @@ impl Sessions {
         self.by_id.is_empty()
     }
 
-    /// Replaces every session with a backup's, as one change at `index`.
+    /// Replaces every session with a backup's, as one change at `index`
+    /// (the by-node index rebuilt, not trusted).
     pub(crate) fn restore(&mut self, index: u64, backup: &Sessions) {
         let mut restored = backup.clone();
+        restored.by_node = backup
+            .by_id
+            .values()
+            .map(|s| (s.spec.node.clone(), s.spec.id.clone()))
+            .collect();
         restored.by_id = backup
             .by_id
             .iter()

@@ -201,6 +201,11 @@ impl Fields {
         self.map.extend(other.map);
     }
 
+    /// The field's text when it is a string (left in place).
+    pub fn string_value(&self, key: &str) -> Option<&str> {
+        self.map.get(key).and_then(Value::as_str)
+    }
+
     /// Whether the field was given at all, `null` included.
     pub fn given(&self, key: &str) -> bool {
         self.map.contains_key(key)

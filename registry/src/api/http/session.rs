@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::consul_json::Fields;
+use super::consul_json::{Fields, printable};
 use super::error::ApiError;
 use super::query::{Params, ReadOptions, read_headers, run_read};
 use super::waiters::IndexOf;
@@ -45,10 +45,18 @@ pub async fn create(
         Fields::from_body("session", &body)?
     };
     let name = f.string("name")?;
+    if name.len() > MAX_NAME_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "Session name is {} bytes long; the limit is {MAX_NAME_BYTES}",
+            name.len()
+        )));
+    }
+    printable("session name", &name)?;
     let node = match f.string("node")? {
         n if n.is_empty() => app.node_name.to_string(),
         n => n,
     };
+    printable("node name", &node)?;
     // Consul's defaults and quirks (its `fixupEmptySessionChecks`): no
     // check field means the node's liveness check (`serfHealth`);
     // `"Checks": []` or `null`, or `"NodeChecks": []`, means none;
@@ -84,6 +92,19 @@ pub async fn create(
         }
         service_checks.push(id);
     }
+    // Each check is looked up on every change to the node's checks, in
+    // every server's apply: de-duplicated and bounded.
+    let mut node_checks = node_checks;
+    dedup(&mut node_checks);
+    dedup(&mut service_checks);
+    if node_checks.len() + service_checks.len() > MAX_CHECKS {
+        return Err(ApiError::bad_request(format!(
+            "A session may name at most {MAX_CHECKS} checks"
+        )));
+    }
+    for id in node_checks.iter().chain(&service_checks) {
+        printable("check ID", id)?;
+    }
     let lock_delay = lock_delay(&mut f)?;
     // Consul reports these as server errors (500), with these messages;
     // clients such as Patroni match on them.
@@ -98,11 +119,16 @@ pub async fn create(
     };
     let ttl = f.string("ttl")?;
     if !ttl.is_empty() {
-        let parsed = meshwork_core::duration::parse_duration(&ttl).ok_or_else(|| {
-            ApiError::Internal(format!(
-                "Session TTL '{ttl}' invalid: not a duration like \"30s\""
-            ))
-        })?;
+        // A unit is required, as Go's time.ParseDuration does ("20" is
+        // no TTL Consul accepts).
+        let parsed = Some(ttl.as_str())
+            .filter(|t| t.ends_with(|c: char| c.is_ascii_alphabetic()))
+            .and_then(meshwork_core::duration::parse_duration)
+            .ok_or_else(|| {
+                ApiError::Internal(format!(
+                    "Session TTL '{ttl}' invalid: not a duration like \"30s\""
+                ))
+            })?;
         if parsed != Duration::ZERO && !(TTL_MIN..=TTL_MAX).contains(&parsed) {
             return Err(ApiError::Internal(format!(
                 "Invalid Session TTL '{}', must be between [10s=24h0m0s]",
@@ -182,12 +208,30 @@ pub async fn create(
     }
 }
 
+/// Longest session name accepted.
+const MAX_NAME_BYTES: usize = 1024;
+/// Most checks a session may name.
+const MAX_CHECKS: usize = 64;
+
+/// Drops repeated entries, keeping the first of each.
+fn dedup(list: &mut Vec<String>) {
+    let mut seen = std::collections::HashSet::new();
+    list.retain(|id| seen.insert(id.clone()));
+}
+
 /// `LockDelay`: a Go duration string, or a number — of seconds when
 /// below 1000 (what clients that write `15` mean), else of nanoseconds —
 /// as Consul reads it.
 fn lock_delay(f: &mut Fields) -> Result<Duration, ApiError> {
     if !f.has("lockdelay") {
         return Ok(DEFAULT_LOCK_DELAY);
+    }
+    if f.string_value("lockdelay")
+        .is_some_and(|t| !t.is_empty() && !t.ends_with(|c: char| c.is_ascii_alphabetic()))
+    {
+        return Err(ApiError::bad_request(
+            "Request decode failed: LockDelay needs a unit, as \"15s\"",
+        ));
     }
     let delay = f.duration("lockdelay")?.unwrap_or(Duration::ZERO);
     if delay < Duration::from_nanos(1000) {
@@ -218,6 +262,10 @@ pub async fn renew(
         return Err(ApiError::NotFound(format!("Session id '{id}' not found")));
     }
     // As Consul: the session, and no index headers (a renewal is no read).
+    // A follower that has not applied the session yet catches up first.
+    if app.node.state.read().sessions.get(&id).is_none() {
+        app.node.read_barrier(Consistency::Default).await?;
+    }
     let body = sessions_json(app.node.state.read().sessions.get(&id).into_iter());
     Ok(json_response(body))
 }

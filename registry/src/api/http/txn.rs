@@ -1,4 +1,4 @@
-//! `PUT /v1/txn`: Consul's transactions — up to 64 operations applied all
+//! `PUT /v1/txn`: Consul's transactions — up to 128 operations applied all
 //! or none in one log entry. A transaction that only reads is answered
 //! from the state (after the read's consistency barrier) without a write.
 
