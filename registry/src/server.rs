@@ -468,6 +468,7 @@ fn rest_state(
         datacenter: config.datacenter.clone().into(),
         shared_reads: Arc::default(),
         waiters: http::waiters::Waiters::start(Arc::clone(&node.state), shutdown.clone()),
+        data_dir: Arc::from(dir.path.as_path()),
     }
 }
 

@@ -546,3 +546,102 @@ async fn a_server_with_a_damaged_log_refuses_unchanged_and_is_rebuilt_from_the_o
     cluster.done();
     Ok(())
 }
+
+/// Resident memory of a server process, in MiB.
+fn rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")?;
+    Ok(kib / 1024.0)
+}
+
+/// Restores are checked as they stream in, one at a time per server: a
+/// second upload gets 429 while one runs, garbage is refused at its first
+/// byte without being read, and eight 100 MiB garbage uploads in parallel
+/// leave the server's memory where it was (they used to be buffered whole:
+/// 907 MB).
+#[tokio::test]
+async fn restores_stream_one_at_a_time_and_garbage_is_refused_at_once() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::start(3, &[]).await?;
+    let target = &cluster.servers[0];
+    let addr = format!("{}:{}", target.ip, meshwork_tests::HTTP_PORT);
+    let head = |len: u64| {
+        format!("PUT /v1/snapshot?force HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\n\r\n")
+    };
+    // Reads the status line (bounded in time).
+    async fn status(s: &mut tokio::net::TcpStream) -> Result<String> {
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await??;
+        Ok(String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned())
+    }
+    // A valid start that then stalls holds the server's one restore slot.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await?;
+    let meta = br#"{"ClusterId":null,"Index":1,"Datacenter":"dc1","Server":"s","Version":"0","CreatedAt":0,"KvEntries":0,"Nodes":0}"#;
+    let mut start = head(1 << 20).into_bytes();
+    start.extend_from_slice(b"MWBACKUP1\n");
+    start.extend_from_slice(&(meta.len() as u64).to_be_bytes());
+    start.extend_from_slice(meta);
+    start.extend_from_slice(&1000u64.to_be_bytes());
+    slow.write_all(&start).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut second = tokio::net::TcpStream::connect(&addr).await?;
+    second.write_all(head(16).as_bytes()).await?;
+    second.write_all(b"MWBACKUP1\nxxxxxx").await?;
+    let line = status(&mut second).await?;
+    anyhow::ensure!(line.contains(" 429 "), "a second restore got {line:?}");
+    drop(slow);
+
+    // Eight parallel 100 MiB garbage uploads: each refused at once.
+    let pid = target.pid().context("server pid")?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_mib(pid)?;
+    let mut uploads = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let addr = addr.clone();
+        let head = head(100 << 20);
+        uploads.spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(&addr).await?;
+            s.write_all(head.as_bytes()).await?;
+            let garbage = vec![b'g' ^ (i as u8); 1 << 20];
+            let started = Instant::now();
+            // Send until the answer comes (or the server stops reading).
+            let mut sent = 0usize;
+            for _ in 0..100 {
+                match tokio::time::timeout(Duration::from_millis(200), s.write_all(&garbage)).await
+                {
+                    Ok(Ok(())) => sent += garbage.len(),
+                    _ => break,
+                }
+            }
+            let line = status(&mut s).await.unwrap_or_default();
+            Ok::<_, anyhow::Error>((line, sent, started.elapsed()))
+        });
+    }
+    let mut answers = Vec::new();
+    while let Some(done) = uploads.join_next().await {
+        answers.push(done??);
+    }
+    let after = rss_mib(pid)?;
+    for (line, sent, took) in &answers {
+        // The first upload to get the slot is refused as garbage (400); the
+        // others meanwhile as busy (429), or as garbage once it is free.
+        anyhow::ensure!(
+            line.contains(" 400 ") || line.contains(" 429 "),
+            "garbage answered {line:?} after {sent} bytes ({took:?})"
+        );
+    }
+    anyhow::ensure!(
+        after - before < 64.0,
+        "memory grew from {before:.0} to {after:.0} MiB"
+    );
+    cluster.done();
+    Ok(())
+}

@@ -186,6 +186,7 @@ impl DataDir {
                 });
             }
         };
+        let _ = std::fs::remove_file(path.join(UPLOAD_FILE));
         // The log is judged before the metadata store opens (which writes
         // on open): a damaged log refuses with the data dir untouched.
         let wal = path.join(WAL_DIR);
@@ -259,6 +260,11 @@ fn write_atomically(path: &Path, marker: &Marker) -> Result<(), DataDirError> {
 }
 
 /// A random RFC 4122 version-4 UUID, as Consul's node IDs.
+/// Where `PUT /v1/snapshot` spills an uploaded archive while it checks
+/// and proposes it; a leftover (a crash mid-restore) is removed when the
+/// data dir opens.
+pub const UPLOAD_FILE: &str = "restore-upload.tmp";
+
 pub fn new_uuid() -> String {
     let mut b: [u8; 16] = rand::rng().random();
     b[6] = (b[6] & 0x0f) | 0x40;

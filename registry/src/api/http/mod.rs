@@ -45,6 +45,8 @@ pub struct AppState {
     pub shared_reads: Arc<query::SharedReads>,
     /// Parked blocking queries, woken by what they wait on.
     pub waiters: Arc<waiters::Waiters>,
+    /// The data dir (where an uploaded backup is spilled while checked).
+    pub data_dir: Arc<std::path::Path>,
 }
 
 impl AppState {
