@@ -102,6 +102,14 @@ pub enum ServerError {
     Serve(&'static str, String),
     #[error("data dir belongs to another cluster: {0}")]
     ForeignCluster(String),
+    /// The consensus core stopped (a storage write failed: a full disk,
+    /// an I/O error). The process exits rather than go on answering with
+    /// a core that will never move again; the service manager restarts it,
+    /// and it recovers from its data dir once the cause is gone.
+    #[error(
+        "the Raft core stopped ({0}); exiting so that the service manager restarts this server (free disk space in the data dir if it is full)"
+    )]
+    RaftStopped(String),
 }
 
 impl ServerError {
@@ -244,6 +252,30 @@ pub async fn run(
             Ok(())
         }
         .instrument(tracing::info_span!("health")),
+    );
+    // A stopped consensus core ends the process (see ServerError::RaftStopped).
+    let mut raft_metrics = raft.metrics();
+    let token = shutdown.clone();
+    tasks.spawn(
+        async move {
+            loop {
+                if let Err(fatal) = &raft_metrics.borrow_and_update().running_state {
+                    tracing::error!(error = %fatal, "the Raft core stopped");
+                    return Err(ServerError::RaftStopped(fatal.to_string()));
+                }
+                tokio::select! {
+                    () = token.cancelled() => return Ok(()),
+                    changed = raft_metrics.changed() => if changed.is_err() {
+                        // The core is gone: only at shutdown is that expected.
+                        if token.is_cancelled() {
+                            return Ok(());
+                        }
+                        return Err(ServerError::RaftStopped("its metrics channel closed".into()));
+                    },
+                }
+            }
+        }
+        .instrument(tracing::info_span!("raft_watchdog")),
     );
     let ttl_node = Arc::clone(&node);
     let token = shutdown.clone();

@@ -645,3 +645,88 @@ async fn restores_stream_one_at_a_time_and_garbage_is_refused_at_once() -> Resul
     cluster.done();
     Ok(())
 }
+
+/// A full data dir does not leave a zombie: the write that hits it fails
+/// (500, "No space left on device"), the server exits non-zero at once (its
+/// unit's `Restart=on-failure` restarts it) instead of answering on with a
+/// stopped consensus core, and once there is space again it starts from
+/// its data dir with every acknowledged write. On a small tmpfs in a mount
+/// namespace of the test's own.
+#[tokio::test]
+async fn a_full_disk_stops_the_server_which_restarts_with_every_acknowledged_write() -> Result<()> {
+    if meshwork_tests::host::missing(true, &["unshare", "mount", "curl"]).is_some() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data)?;
+    let bin = meshwork_tests::registry_bin();
+    let ip = format!("127.{}.{}.9", 30 + rand_byte() % 200, rand_byte());
+    let script = format!(
+        r#"set -u
+D={data}
+mount -t tmpfs -o size=40m tmpfs "$D" || exit 90
+run() {{ {bin} --node-id 1 --data-dir "$D" --http-addr {ip}:28500 --grpc-addr {ip}:28502 \
+    --raft-addr {ip}:28300 --dns-addr {ip}:28600 --peers 1@{ip}:28300 >>{log} 2>&1 & P=$!; \
+    for i in $(seq 1 100); do curl -s {ip}:28500/v1/status/leader | grep -q 28300 && return; sleep 0.1; done; }}
+run
+head -c 300000 /dev/zero | tr '\0' v > {dir}/value
+for i in $(seq 1 400); do
+  code=$(curl -s -o {dir}/resp -w '%{{http_code}}' -X PUT --data-binary @{dir}/value {ip}:28500/v1/kv/k$i)
+  if [ "$code" != 200 ]; then echo "PUT_FAILED $i $code $(head -c 200 {dir}/resp)"; break; fi
+done
+for i in $(seq 1 300); do kill -0 $P 2>/dev/null || break; sleep 0.1; done
+if kill -0 $P 2>/dev/null; then echo "STILL_RUNNING"; kill $P; exit 0; fi
+wait $P; echo "EXITED $?"
+mount -o remount,size=160m "$D"
+run
+echo "KEYS $(curl -s "{ip}:28500/v1/kv/?keys" | tr ',' '\n' | grep -c '"k')"
+echo "AFTER $(curl -s -X PUT --data-binary x {ip}:28500/v1/kv/after)"
+kill $P; wait $P
+"#,
+        data = data.display(),
+        bin = bin.display(),
+        dir = dir.path().display(),
+        log = dir.path().join("registry.log").display(),
+    );
+    let run = tokio::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "bash", "-c", &script])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(180), run)
+        .await
+        .context("the full-disk scenario did not finish within 180 s")??;
+    let out = String::from_utf8_lossy(&output.stdout).into_owned();
+    let log = std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default();
+    let field = |name: &str| -> Option<String> {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_owned))
+    };
+    let failed = field("PUT_FAILED").with_context(|| format!("the disk never filled:\n{out}"))?;
+    let failed_at: usize = failed.split(' ').next().unwrap_or("0").parse()?;
+    anyhow::ensure!(
+        failed.contains("500") && failed.contains("No space left"),
+        "the write that filled the disk answered {failed}"
+    );
+    anyhow::ensure!(
+        !out.contains("STILL_RUNNING"),
+        "the server stayed up with a stopped core:\n{out}\n{log}"
+    );
+    let exited = field("EXITED").context("no exit status")?;
+    anyhow::ensure!(exited != "0", "exited with status 0");
+    anyhow::ensure!(log.contains("the Raft core stopped"), "{log}");
+    let keys: usize = field("KEYS").context("no key count")?.trim().parse()?;
+    anyhow::ensure!(
+        keys >= failed_at - 1 && keys <= failed_at,
+        "{} writes were acknowledged, {keys} keys after the restart",
+        failed_at - 1
+    );
+    anyhow::ensure!(field("AFTER").as_deref() == Some("true"), "{out}");
+    Ok(())
+}
+
+fn rand_byte() -> u8 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(7, |d| (d.subsec_nanos() / 7 % 251) as u8)
+}
