@@ -226,93 +226,161 @@ async fn a_server_that_missed_a_snapshot_catches_up_after_restart() -> Result<()
     Ok(())
 }
 
+/// Waits until server `i` has `n` blocking queries parked (its
+/// `meshwork_blocking_queries` gauge): a wake test proves the query was
+/// waiting before it makes the change, instead of sleeping and hoping.
+async fn parked(cluster: &Cluster, i: usize, n: f64) -> Result<()> {
+    wait_for(
+        &format!("{n} blocking queries parked on server {}", i + 1),
+        Duration::from_secs(10),
+        || async {
+            let now = cluster.metric(i, "meshwork_blocking_queries").await.ok()?;
+            (now >= n).then_some(())
+        },
+    )
+    .await
+}
+
+/// A blocking GET of `url` run in the background.
+fn blocking_get(
+    cluster: &Cluster,
+    url: String,
+) -> tokio::task::JoinHandle<Result<(u16, u64, String, Duration)>> {
+    let http = cluster.http.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let resp = http.get(&url).send().await?;
+        let status = resp.status().as_u16();
+        let index = resp
+            .headers()
+            .get("x-consul-index")
+            .context("no index")?
+            .to_str()?
+            .parse()?;
+        Ok((status, index, resp.text().await?, started.elapsed()))
+    })
+}
+
+/// The index a read of `path` on server `i` reports.
+async fn index_of(cluster: &Cluster, i: usize, path: &str) -> Result<u64> {
+    let resp = cluster
+        .http
+        .get(format!("{}{path}", cluster.servers[i].http()))
+        .send()
+        .await?;
+    Ok(resp.headers()["x-consul-index"].to_str()?.parse()?)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_queries_wake_on_change_and_time_out_without_one() -> Result<()> {
     let cluster = Cluster::start(3, &[]).await?;
     cluster.must_put(0, "watched", "one").await?;
     cluster.must_put(0, "elsewhere", "x").await?;
-    let resp = cluster
-        .http
-        .get(format!("{}/v1/kv/watched", cluster.servers[1].http()))
-        .send()
-        .await?;
-    let index: u64 = resp.headers()["x-consul-index"].to_str()?.parse()?;
+    let index = index_of(&cluster, 1, "/v1/kv/watched").await?;
 
-    // A change elsewhere does not wake the query; the timeout ends it.
-    let started = Instant::now();
-    let url = format!(
-        "{}/v1/kv/watched?index={index}&wait=1s",
-        cluster.servers[1].http()
+    // A change elsewhere does not wake the query (parked first, proven by
+    // the gauge); its wait ends it.
+    let waiting = blocking_get(
+        &cluster,
+        format!(
+            "{}/v1/kv/watched?index={index}&wait=2s",
+            cluster.servers[1].http()
+        ),
     );
-    let writer = async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        cluster.must_put(2, "elsewhere", "y").await
-    };
-    let (resp, written) = tokio::join!(cluster.http.get(&url).send(), writer);
-    written?;
-    let resp = resp?;
-    let elapsed = started.elapsed();
-    assert_eq!(
-        resp.headers()["x-consul-index"].to_str()?.parse::<u64>()?,
-        index
-    );
+    parked(&cluster, 1, 1.0).await?;
+    cluster.must_put(2, "elsewhere", "y").await?;
+    let (_, answered, _, elapsed) = waiting.await??;
+    assert_eq!(answered, index, "woken by a change elsewhere");
     assert!(
-        elapsed >= Duration::from_secs(1),
+        elapsed >= Duration::from_secs(2),
         "returned after {elapsed:?}, before its wait"
     );
     assert!(
-        elapsed < Duration::from_secs(5),
+        elapsed < Duration::from_secs(6),
         "returned after {elapsed:?}"
     );
 
     // A change to the key wakes it well before its 30 s wait.
-    let started = Instant::now();
-    let url = format!(
-        "{}/v1/kv/watched?index={index}&wait=30s",
-        cluster.servers[2].http()
+    let waiting = blocking_get(
+        &cluster,
+        format!(
+            "{}/v1/kv/watched?index={index}&wait=30s",
+            cluster.servers[2].http()
+        ),
     );
-    let writer = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        cluster.must_put(0, "watched", "two").await
-    };
-    let (resp, written) = tokio::join!(cluster.http.get(&url).send(), writer);
-    written?;
-    let resp = resp?;
-    let new_index: u64 = resp.headers()["x-consul-index"].to_str()?.parse()?;
+    parked(&cluster, 2, 1.0).await?;
+    cluster.must_put(0, "watched", "two").await?;
+    let (_, new_index, body, elapsed) = waiting.await??;
     assert!(new_index > index);
-    let body: serde_json::Value = resp.json().await?;
+    let body: serde_json::Value = serde_json::from_str(&body)?;
     assert_eq!(body[0]["Value"], "dHdv"); // "two"
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "woke after {:?}",
-        started.elapsed()
-    );
+    assert!(elapsed < Duration::from_secs(15), "woke after {elapsed:?}");
 
     // A prefix query wakes on a deletion under the prefix.
     cluster.must_put(0, "tree/a", "1").await?;
-    let resp = cluster
+    let index = index_of(&cluster, 0, "/v1/kv/tree/?recurse").await?;
+    let waiting = blocking_get(
+        &cluster,
+        format!(
+            "{}/v1/kv/tree/?recurse&index={index}&wait=30s",
+            cluster.servers[1].http()
+        ),
+    );
+    parked(&cluster, 1, 1.0).await?;
+    let deleted = cluster
         .http
-        .get(format!("{}/v1/kv/tree/?recurse", cluster.servers[0].http()))
+        .delete(format!("{}/v1/kv/tree/a", cluster.servers[2].http()))
         .send()
         .await?;
-    let index: u64 = resp.headers()["x-consul-index"].to_str()?.parse()?;
-    let url = format!(
-        "{}/v1/kv/tree/?recurse&index={index}&wait=30s",
-        cluster.servers[1].http()
-    );
-    let deleter = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(deleted.status() == 200);
+    let (status, new_index, _, _) = waiting.await??;
+    assert_eq!(status, 404);
+    assert!(new_index > index);
+    cluster.done();
+    Ok(())
+}
+
+/// The catalog's blocking queries cover one service each: a change to
+/// `db` does not wake a query on `web`, a change to `web` does (each
+/// query proven parked before the change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_query_wakes_for_its_service_only() -> Result<()> {
+    let cluster = Cluster::start(3, &[]).await?;
+    let register = |service: &str, id: &str, port: u16| {
+        let body = serde_json::json!({
+            "Node": "host-1", "Address": "10.0.0.1",
+            "Service": {"Service": service, "ID": id, "Port": port}
+        });
         cluster
             .http
-            .delete(format!("{}/v1/kv/tree/a", cluster.servers[2].http()))
+            .put(format!("{}/v1/catalog/register", cluster.servers[0].http()))
+            .json(&body)
             .send()
-            .await
     };
-    let (resp, deleted) = tokio::join!(cluster.http.get(&url).send(), deleter);
-    ensure!(deleted?.status() == 200);
-    let resp = resp?;
-    assert_eq!(resp.status(), 404);
-    assert!(resp.headers()["x-consul-index"].to_str()?.parse::<u64>()? > index);
+    ensure!(register("web", "web-1", 80).await?.status() == 200);
+    ensure!(register("db", "db-1", 5432).await?.status() == 200);
+    let index = index_of(&cluster, 1, "/v1/health/service/web").await?;
+    let url = format!(
+        "{}/v1/health/service/web?index={index}&wait=2s",
+        cluster.servers[1].http()
+    );
+    let waiting = blocking_get(&cluster, url.clone());
+    parked(&cluster, 1, 1.0).await?;
+    ensure!(register("db", "db-2", 5433).await?.status() == 200);
+    let (_, answered, body, elapsed) = waiting.await??;
+    ensure!(answered == index, "a change to db woke the web query");
+    ensure!(
+        elapsed >= Duration::from_secs(2),
+        "returned after {elapsed:?}"
+    );
+    ensure!(body.contains("web-1") && !body.contains("db-2"), "{body}");
+    // A change to web wakes it.
+    let waiting = blocking_get(&cluster, url.replace("wait=2s", "wait=30s"));
+    parked(&cluster, 1, 1.0).await?;
+    ensure!(register("web", "web-2", 81).await?.status() == 200);
+    let (_, answered, body, elapsed) = waiting.await??;
+    ensure!(answered > index && body.contains("web-2"), "{body}");
+    ensure!(elapsed < Duration::from_secs(15), "woke after {elapsed:?}");
     cluster.done();
     Ok(())
 }
