@@ -181,6 +181,9 @@ async fn a_server_that_missed_a_snapshot_catches_up_after_restart() -> Result<()
     .await?;
     let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
     let lagging = cluster.followers(leader)[0];
+    let lagging_index = cluster
+        .metric(lagging, "meshwork_raft_last_log_index")
+        .await?;
     cluster.servers[lagging].kill().await?;
     let writers: Vec<usize> = (0..3).filter(|i| *i != lagging).collect();
     for n in 0..300 {
@@ -188,9 +191,20 @@ async fn a_server_that_missed_a_snapshot_catches_up_after_restart() -> Result<()
             .must_put(writers[n % 2], &format!("s/{n:03}"), &format!("v{n}"))
             .await?;
     }
-    // Snapshots are checked every 100 ms: let one run and purge the log
-    // the lagging server would need.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Snapshots are checked every 100 ms: wait until the leader's covers
+    // (and, with no trailing logs, purges) what the lagging server lacks.
+    wait_for(
+        "a snapshot past the lagging server's log",
+        Duration::from_secs(20),
+        || async {
+            let snapshot = cluster
+                .metric(leader, "meshwork_raft_snapshot_index")
+                .await
+                .ok()?;
+            (snapshot > lagging_index + 1.0).then_some(())
+        },
+    )
+    .await?;
     cluster.servers[lagging].start(&[])?;
     wait_for(
         "lagging server to have every key",

@@ -262,7 +262,16 @@ async fn sigterm_drains_in_flight_requests() -> Result<()> {
         let url = url.clone();
         async move { http.get(url).send().await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The request is in flight in the sidecar before the signal.
+    let sidecar = &mesh.sidecars[c];
+    wait_for("the request in flight", Duration::from_secs(10), || async {
+        let active = sidecar
+            .metric_sum("meshwork_proxy_requests_active")
+            .await
+            .ok()?;
+        (active >= 1.0).then_some(())
+    })
+    .await?;
     mesh.sidecars[c].signal("TERM")?;
     let r = in_flight.await??;
     ensure!(
