@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use meshwork_tests::apps::{grpc_health_backend, status_app};
 use meshwork_tests::sidecar::{signal, spawn_sidecar, write_config};
 use meshwork_tests::{Cluster, GRPC_PORT, HTTP_PORT, sidecar_bin};
@@ -176,21 +176,32 @@ async fn sidecar_registers_checks_survives_leader_loss_and_leaves() -> Result<()
             .await?;
 
         // Kill the registry leader: the instance stays registered and
-        // passing on the survivors throughout. (The session TTL, 4 s, leaves
-        // renewals through a follower room for an election on a busy box.)
+        // passing on the survivors. The new leader gives every session a
+        // full TTL (4 s here) of grace from its takeover, so a sidecar
+        // whose heartbeats no longer reached it would turn critical within
+        // that: watched for twice the TTL after the new leader is known,
+        // every answer must be there and passing (an error or an empty
+        // answer fails; only while there is no leader may reads fail).
         cluster.servers[leader].kill().await?;
         let survivor = (leader + 1) % 3;
-        for _ in 0..40 {
-            let now = cluster
-                .instance_health(survivor, "web")
-                .await
-                .unwrap_or_default();
-            if !now.is_empty() {
-                assert_eq!(now, [("web-1".to_owned(), "passing".to_owned())]);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
         cluster.wait_leader(Duration::from_secs(10)).await?;
+        let until = Instant::now() + Duration::from_secs(9);
+        for _ in 0..100 {
+            if Instant::now() >= until {
+                break;
+            }
+            let now = cluster.instance_health(survivor, "web").await?;
+            assert_eq!(
+                now,
+                [("web-1".to_owned(), "passing".to_owned())],
+                "after the leader change"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        ensure!(
+            Instant::now() >= until,
+            "watched for less than twice the TTL"
+        );
         // It streamed from the dead leader; it now talks to a survivor.
         let dead = format!("{}:{GRPC_PORT}", cluster.servers[leader].ip);
         let mut now_using = String::new();
