@@ -206,9 +206,10 @@ async fn new_instances_get_traffic_within_a_second_and_the_registry_can_vanish()
         },
     )
     .await?;
-    // The target is a second; the bound here is looser because a test on a
-    // shared 2-core box can stall for longer than that (bench/watch.sh
-    // measures the propagation: tens of ms at p99 to 10,000 subscribers).
+    // The claim is a second. Measured here: 56 ms in each of six runs on
+    // the 2-core box with a CI run beside it (the watch stream delivers
+    // the change; bench/watch.sh measures tens of ms at p99 to 10,000
+    // subscribers), so a second holds with a wide margin even loaded.
     let registered = Instant::now();
     wait_for(
         "traffic on the new instance",
@@ -219,9 +220,10 @@ async fn new_instances_get_traffic_within_a_second_and_the_registry_can_vanish()
         },
     )
     .await?;
-    eprintln!(
-        "new instance got traffic {:?} after it registered",
-        registered.elapsed()
+    let took = registered.elapsed();
+    ensure!(
+        took < Duration::from_secs(1),
+        "the new instance got traffic {took:?} after it registered"
     );
     // The registry goes away entirely: traffic keeps flowing to what was
     // known last, and the metrics say the registry is unreachable.
