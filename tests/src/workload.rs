@@ -275,6 +275,9 @@ impl SplitMix {
 /// What the watcher saw and what it found wrong.
 #[derive(Debug, Default)]
 pub struct WatchLog {
+    /// `last_index`, shared while the watcher runs (to wait for it to
+    /// catch up with an index instead of sleeping).
+    pub progress: Arc<std::sync::atomic::AtomicU64>,
     /// Every key's entry as the watcher last knew it.
     pub state: HashMap<String, Observation>,
     /// (key, observation) for every entry in a CHANGE.
@@ -321,8 +324,12 @@ pub async fn run_watcher(
     prefix: String,
     quiet: Duration,
     stop: Arc<AtomicBool>,
+    progress: Arc<std::sync::atomic::AtomicU64>,
 ) -> WatchLog {
-    let mut log = WatchLog::default();
+    let mut log = WatchLog {
+        progress,
+        ..WatchLog::default()
+    };
     let mut server = 0usize;
     // Bounded: at most this many reconnects (about one a second is usual
     // under faults), besides `stop`.
@@ -421,6 +428,7 @@ async fn follow_once(
                     log.covered.push((event.index, event.index));
                 }
                 log.last_index = log.last_index.max(event.index);
+                log.progress.store(log.last_index, Ordering::Relaxed);
             }
             Kind::Change => {
                 if event.index <= log.last_index {
@@ -454,6 +462,7 @@ async fn follow_once(
                     coalesced |= folded;
                 }
                 log.last_index = log.last_index.max(event.index);
+                log.progress.store(log.last_index, Ordering::Relaxed);
                 if !in_snapshot {
                     log.extend_coverage(event.index);
                 }

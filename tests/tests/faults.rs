@@ -368,11 +368,13 @@ fn partitions_pauses_crashes_and_membership_changes() -> Result<()> {
             ));
         }
         let watcher_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher_at = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let watcher = tokio::spawn(workload::run_watcher(
             cluster.nodes.iter().take(3).map(Node::grpc).collect(),
             "f/".into(),
             Duration::from_secs(2),
             Arc::clone(&watcher_stop),
+            Arc::clone(&watcher_at),
         ));
 
         // Faults: every kind once (in random order), then random ones
@@ -443,14 +445,18 @@ fn partitions_pauses_crashes_and_membership_changes() -> Result<()> {
         lab.heal()?;
         settle_and_compare(&mut cluster, &shared, &keys, "f/", &mut log, &mut findings).await?;
 
-        // Let the watcher catch up with the barrier, then stop it.
+        // Let the watcher catch up with what the reads saw (at most 30 s;
+        // check 5 fails if it did not), then stop it.
         let target_index = log
             .observed
             .iter()
             .map(|(_, o)| o.modify_index)
             .max()
             .unwrap_or(0);
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        let caught_up = Instant::now() + Duration::from_secs(30);
+        while watcher_at.load(Ordering::Relaxed) < target_index && Instant::now() < caught_up {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         watcher_stop.store(true, Ordering::Relaxed);
         let watch: WatchLog = tokio::time::timeout(Duration::from_secs(10), watcher)
             .await
@@ -533,9 +539,24 @@ async fn check_watch(
     for g in &gaps {
         let _ = writeln!(details, "  gap: {g}");
     }
-    // The watcher's final view against the servers' state.
+    // The watcher caught up with everything the reads saw.
+    let caught_up = watch.last_index >= target_index;
+    if !caught_up {
+        let _ = writeln!(
+            details,
+            "  the watcher stopped at index {} before {target_index}, the highest the reads saw",
+            watch.last_index
+        );
+    }
+    // The watcher's final view against the servers' state (a dump that
+    // fails is a failure, not a skipped comparison).
     let mut state_ok = true;
-    if let Ok((_, entries)) = cluster.dump(0, "f/").await {
+    let dump = cluster.dump(0, "f/").await;
+    if let Err(e) = &dump {
+        state_ok = false;
+        let _ = writeln!(details, "  final view not compared: the dump failed: {e:#}");
+    }
+    if let Ok((_, entries)) = dump {
         let server: HashMap<String, u64> =
             entries.iter().map(|(k, _, m)| (k.clone(), *m)).collect();
         let watcher: HashMap<String, u64> = watch
@@ -559,7 +580,11 @@ async fn check_watch(
     }
     findings.check(
         "5. watch: no gap, duplicate or index regression across reconnects",
-        watch.anomalies.is_empty() && gaps.is_empty() && state_ok && watch.connects > 0,
+        watch.anomalies.is_empty()
+            && gaps.is_empty()
+            && state_ok
+            && caught_up
+            && watch.connects > 0,
         details,
     );
 }
