@@ -280,13 +280,8 @@ pub fn apply(state: &mut State, index: u64, command: &Command) -> CommandRespons
             flags,
             session,
             cas,
-        } => {
-            if state.sessions.get(session).is_none() {
-                return CommandResponse::Refused(invalid_session(session));
-            }
-            CommandResponse::Applied(state.kv.acquire(index, key, value, *flags, session, *cas))
         }
-        Command::KvUnlock {
+        | Command::KvUnlock {
             key,
             value,
             flags,
@@ -296,7 +291,12 @@ pub fn apply(state: &mut State, index: u64, command: &Command) -> CommandRespons
             if state.sessions.get(session).is_none() {
                 return CommandResponse::Refused(invalid_session(session));
             }
-            CommandResponse::Applied(state.kv.release(index, key, value, *flags, session, *cas))
+            let kv = &mut state.kv;
+            CommandResponse::Applied(if matches!(command, Command::KvLock { .. }) {
+                kv.acquire(index, key, value, *flags, session, *cas)
+            } else {
+                kv.release(index, key, value, *flags, session, *cas)
+            })
         }
         Command::SessionCreate(spec) => match state.create_session(index, spec) {
             Ok(()) => CommandResponse::Applied(true),

@@ -546,19 +546,11 @@ impl RegistryNode {
             .client(leader_addr)
             .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
         let mut request = self.channels.request(ReadIndexRequest { linearizable });
-        request.set_timeout(
-            deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(10)),
-        );
+        request.set_timeout(time_left(deadline));
         match client.read_index(request).await {
             Ok(reply) => {
                 let reply = reply.into_inner();
-                match reply.kind() {
-                    ErrorKind::None => Ok(reply.index),
-                    ErrorKind::NoLeader | ErrorKind::NotLeader => Err(WriteAttempt::Retry),
-                    _ => Err(WriteAttempt::Failed(ClusterError::Internal(reply.error))),
-                }
+                answered(reply.kind(), reply.error).map(|()| reply.index)
             }
             // A read has no side effect: any failure is worth another try.
             Err(_) => Err(WriteAttempt::Retry),
@@ -659,19 +651,11 @@ impl RegistryNode {
         let mut request = self
             .channels
             .request(RenewSessionRequest { id: id.to_owned() });
-        request.set_timeout(
-            deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(10)),
-        );
+        request.set_timeout(time_left(deadline));
         match client.renew_session(request).await {
             Ok(reply) => {
                 let reply = reply.into_inner();
-                match reply.kind() {
-                    ErrorKind::None => Ok(reply.found),
-                    ErrorKind::NoLeader | ErrorKind::NotLeader => Err(WriteAttempt::Retry),
-                    _ => Err(WriteAttempt::Failed(ClusterError::Internal(reply.error))),
-                }
+                answered(reply.kind(), reply.error).map(|()| reply.found)
             }
             // A renewal is idempotent: any failure is worth another try.
             Err(_) => Err(WriteAttempt::Retry),
@@ -795,9 +779,7 @@ impl RegistryNode {
             .channels
             .client(leader_addr)
             .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
-        let timeout = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(10));
+        let timeout = time_left(deadline);
         let reply = match op {
             MembershipOp::Join(req) => {
                 let mut request = self.channels.request(req.clone());
@@ -894,6 +876,23 @@ impl WriteAttempt {
             }
             WriteAttempt::Failed(e) => (ErrorKind::Other, e.to_string()),
         }
+    }
+}
+
+/// What is left until `deadline`, as a call's timeout (at least 10 ms).
+pub(crate) fn time_left(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(10))
+}
+
+/// A leader-only call's answer from another server: done, try again (no
+/// leader there), or failed with its error.
+fn answered(kind: ErrorKind, error: String) -> Result<(), WriteAttempt> {
+    match kind {
+        ErrorKind::None => Ok(()),
+        ErrorKind::NoLeader | ErrorKind::NotLeader => Err(WriteAttempt::Retry),
+        _ => Err(WriteAttempt::Failed(ClusterError::Internal(error))),
     }
 }
 

@@ -2,8 +2,6 @@
 //! server's replication progress, last contact and whether it keeps up.
 //! Asked on a follower, the question goes to the leader.
 
-use std::time::Duration;
-
 use meshwork_proto::v1::{ErrorKind, ServerHealthRequest};
 use openraft::ServerState;
 use serde::{Deserialize, Serialize};
@@ -117,11 +115,7 @@ impl RegistryNode {
             .client(leader_addr)
             .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
         let mut request = self.channels.request(ServerHealthRequest {});
-        request.set_timeout(
-            deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(10)),
-        );
+        request.set_timeout(crate::cluster::time_left(deadline));
         match client.server_health(request).await {
             Ok(reply) => {
                 let reply = reply.into_inner();
