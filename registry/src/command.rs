@@ -10,7 +10,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::state::catalog::{CatalogError, HealthStatus, Registration};
-use crate::state::{StagedPart, StagedRestore, State};
+use crate::state::session::invalid_session;
+use crate::state::{StagedPart, StagedRestore, State, base64_bytes};
 
 /// A change to the replicated state, as written to the Raft log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,25 +176,6 @@ impl CommandResponse {
             self,
             CommandResponse::Applied(true) | CommandResponse::Empty
         )
-    }
-}
-
-/// Byte strings travel as base64 text in the JSON log, so a 256-byte value
-/// costs 344 bytes instead of a ~900-byte array of numbers.
-pub(crate) mod base64_bytes {
-    use base64::Engine;
-    use base64::engine::general_purpose::STANDARD;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&STANDARD.encode(bytes))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        STANDARD
-            .decode(text.as_bytes())
-            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -374,11 +356,6 @@ pub fn apply(state: &mut State, index: u64, command: &Command) -> CommandRespons
             }
         }
     }
-}
-
-/// Consul's answer to a lock operation naming a session that does not exist.
-pub fn invalid_session(id: &str) -> String {
-    format!("invalid session {id:?}")
 }
 
 fn catalog_response(result: Result<bool, CatalogError>) -> CommandResponse {

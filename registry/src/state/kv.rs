@@ -398,11 +398,11 @@ pub(crate) mod arc_bytes {
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(bytes: &Arc<[u8]>, serializer: S) -> Result<S::Ok, S::Error> {
-        crate::command::base64_bytes::serialize(bytes, serializer)
+        crate::state::base64_bytes::serialize(bytes, serializer)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Arc<[u8]>, D::Error> {
-        crate::command::base64_bytes::deserialize(deserializer).map(Arc::from)
+        crate::state::base64_bytes::deserialize(deserializer).map(Arc::from)
     }
 }
 

@@ -70,6 +70,11 @@ pub enum SessionError {
     DuplicateId(String),
 }
 
+/// Consul's answer to a lock operation naming a session that does not exist.
+pub fn invalid_session(id: &str) -> String {
+    format!("invalid session {id:?}")
+}
+
 /// Every session, by id and by node.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sessions {

@@ -72,7 +72,7 @@ impl KvVerb {
 pub struct KvOp {
     pub verb: KvVerb,
     pub key: String,
-    #[serde(with = "crate::command::base64_bytes")]
+    #[serde(with = "crate::state::base64_bytes")]
     pub value: Vec<u8>,
     pub flags: u64,
     /// The ModifyIndex a `cas`, `check-index` or `delete-cas` expects.
@@ -253,7 +253,7 @@ fn kv(
         KvVerb::Lock => {
             let id = session().ok_or_else(|| "missing session".to_owned())?;
             if state.sessions.get(id).is_none() {
-                return Err(crate::command::invalid_session(id));
+                return Err(super::session::invalid_session(id));
             }
             if !state.kv.acquire(index, key, &op.value, op.flags, id, None) {
                 return Err(format!("failed to lock key {key:?}, lock is already held"));
