@@ -168,7 +168,11 @@ async fn timeouts_retries_and_limits_are_answered_and_counted() -> Result<()> {
     let r = http.get(format!("{url}/")).send().await?;
     ensure!(r.status() == 503, "{}", r.status());
     ensure!(r.headers()["x-meshwork-error"] == "circuit-open");
-    let _ = (a.await?, b.await?);
+    // The held requests: 1 s timeout, /slow answers after 2 s: 504.
+    for held in [a.await??, b.await??] {
+        ensure!(held.status() == 504, "a held request got {}", held.status());
+        ensure!(held.headers()["x-meshwork-error"] == "timeout");
+    }
     // No instance at all: 503 no-healthy-upstream.
     let c2_ip = mesh.ip(101);
     let c2 = mesh

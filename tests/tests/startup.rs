@@ -207,6 +207,25 @@ async fn sighup_reloads_the_log_level_and_survives_a_bad_file() -> Result<()> {
         }
     };
 
+    // An info event on demand: a snapshot taken through the API logs
+    // "snapshot built" at info. At `warn` it is not written...
+    let snapshot = || {
+        cluster
+            .http
+            .put(format!(
+                "{}/v1/operator/raft/snapshot",
+                cluster.servers[0].http()
+            ))
+            .send()
+    };
+    cluster.must_put(0, "first/snapshot", "x").await?;
+    assert!(snapshot().await?.status().is_success());
+    let log_now = || std::fs::read_to_string(&cluster.servers[0].log_path).unwrap_or_default();
+    assert!(
+        !log_now().contains("snapshot built"),
+        "an info line written at log_level warn"
+    );
+
     std::fs::write(&path, "log_level = \"info,meshwork_registry=debug\"\n")?;
     let pid = cluster.servers[0].pid().context("pid")?;
     assert!(hangup(pid)?.success());
@@ -214,6 +233,16 @@ async fn sighup_reloads_the_log_level_and_survives_a_bad_file() -> Result<()> {
         "the reload to be logged",
         Duration::from_secs(10),
         log_has("configuration reloaded"),
+    )
+    .await?;
+    // ...and after the reload it is: the level really changed (a write
+    // first, so that there is a new snapshot to build).
+    cluster.must_put(0, "before/snapshot", "x").await?;
+    assert!(snapshot().await?.status().is_success());
+    meshwork_tests::wait_for(
+        "an info line at the reloaded level",
+        Duration::from_secs(10),
+        log_has("snapshot built"),
     )
     .await?;
 
