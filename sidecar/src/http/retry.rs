@@ -137,6 +137,34 @@ mod tests {
         assert!(idempotent(&Method::PUT));
     }
 
+    /// Full jitter spreads the waits over [0, ceiling]: a retry does wait
+    /// (the waits reach the upper half of the ceiling) and retries spread
+    /// out (some land in the lower half). 200 samples each: the chance of
+    /// a false failure is 2^-199.
+    #[test]
+    fn backoff_waits_and_spreads() {
+        for retry in [1, 2, 4] {
+            let ceiling = meshwork_core::backoff::ceiling(BASE, CAP, retry);
+            assert!(ceiling > Duration::ZERO);
+            let waits: Vec<Duration> = (0..200).map(|_| backoff(retry)).collect();
+            let max = waits.iter().max().copied().unwrap_or_default();
+            let min = waits.iter().min().copied().unwrap_or_default();
+            assert!(
+                max >= ceiling / 2,
+                "retry {retry}: longest wait {max:?} of {ceiling:?}"
+            );
+            assert!(
+                min < ceiling / 2,
+                "retry {retry}: shortest wait {min:?} of {ceiling:?}"
+            );
+        }
+        // Later retries may wait longer.
+        assert!(
+            meshwork_core::backoff::ceiling(BASE, CAP, 3)
+                > meshwork_core::backoff::ceiling(BASE, CAP, 1)
+        );
+    }
+
     fn on(connect_failure: bool, reset: bool, any_5xx: bool, statuses: &[u16]) -> RetryOn {
         RetryOn {
             connect_failure,
