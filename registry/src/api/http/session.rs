@@ -33,12 +33,7 @@ pub const DEFAULT_LOCK_DELAY: Duration = Duration::from_secs(15);
 const SERF_HEALTH: &str = "serfHealth";
 
 /// `PUT /v1/session/create`.
-pub async fn create(
-    State(app): State<AppState>,
-    RawQuery(query): RawQuery,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let _ = Params::parse(query.as_deref());
+pub async fn create(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let mut f = if body.iter().all(u8::is_ascii_whitespace) {
         Fields::from_value("session", Value::Null)?
     } else {
