@@ -412,6 +412,19 @@ impl RegistryNode {
         })
     }
 
+    /// A client of the internal service on the leader at `leader_addr`.
+    pub(crate) fn leader_client(
+        &self,
+        leader_addr: &str,
+    ) -> Result<
+        meshwork_proto::v1::raft_internal_client::RaftInternalClient<tonic::transport::Channel>,
+        WriteAttempt,
+    > {
+        self.channels
+            .client(leader_addr)
+            .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))
+    }
+
     async fn forward_write(
         &self,
         leader_addr: &str,
@@ -419,10 +432,7 @@ impl RegistryNode {
     ) -> Result<Applied, WriteAttempt> {
         let bytes = serde_json::to_vec(command)
             .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
-        let mut client = self
-            .channels
-            .client(leader_addr)
-            .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
+        let mut client = self.leader_client(leader_addr)?;
         let mut request = self
             .channels
             .request(ForwardWriteRequest { command: bytes });
@@ -541,10 +551,7 @@ impl RegistryNode {
         linearizable: bool,
         deadline: Instant,
     ) -> Result<u64, WriteAttempt> {
-        let mut client = self
-            .channels
-            .client(leader_addr)
-            .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
+        let mut client = self.leader_client(leader_addr)?;
         let mut request = self.channels.request(ReadIndexRequest { linearizable });
         request.set_timeout(time_left(deadline));
         match client.read_index(request).await {
@@ -644,10 +651,7 @@ impl RegistryNode {
         id: &str,
         deadline: Instant,
     ) -> Result<bool, WriteAttempt> {
-        let mut client = self
-            .channels
-            .client(leader_addr)
-            .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
+        let mut client = self.leader_client(leader_addr)?;
         let mut request = self
             .channels
             .request(RenewSessionRequest { id: id.to_owned() });
@@ -775,10 +779,7 @@ impl RegistryNode {
         op: &MembershipOp,
         deadline: Instant,
     ) -> Result<(), WriteAttempt> {
-        let mut client = self
-            .channels
-            .client(leader_addr)
-            .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
+        let mut client = self.leader_client(leader_addr)?;
         let timeout = time_left(deadline);
         let reply = match op {
             MembershipOp::Join(req) => {

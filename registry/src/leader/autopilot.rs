@@ -110,10 +110,7 @@ impl RegistryNode {
         leader_addr: &str,
         deadline: Instant,
     ) -> Result<Vec<ServerHealth>, WriteAttempt> {
-        let mut client = self
-            .channels
-            .client(leader_addr)
-            .map_err(|e| WriteAttempt::Failed(ClusterError::Internal(e.to_string())))?;
+        let mut client = self.leader_client(leader_addr)?;
         let mut request = self.channels.request(ServerHealthRequest {});
         request.set_timeout(crate::cluster::time_left(deadline));
         match client.server_health(request).await {
