@@ -10,6 +10,7 @@
 //! - [`log_level`]: log filters within what the build compiled in;
 //! - [`notify`]: systemd's readiness protocol;
 //! - [`prometheus`]: the text exposition format and a lock-free histogram;
+//! - [`timestamp`]: RFC 3339 times as Consul writes them;
 //! - [`frame`] and [`backup`]: the checksummed snapshot frame and the API
 //!   backup archive built on it.
 
@@ -24,3 +25,4 @@ pub mod health;
 pub mod log_level;
 pub mod notify;
 pub mod prometheus;
+pub mod timestamp;

@@ -9,6 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::state::acl;
 use crate::state::catalog::{CatalogError, HealthStatus, Registration};
 use crate::state::session::invalid_session;
 use crate::state::{StagedPart, StagedRestore, State, base64_bytes};
@@ -26,13 +27,20 @@ pub enum Command {
         cas: Option<u64>,
     },
     /// Delete one key. With `cas`, only if its `ModifyIndex` equals it.
-    KvDelete { key: String, cas: Option<u64> },
+    KvDelete {
+        key: String,
+        cas: Option<u64>,
+    },
     /// Delete every key that starts with `prefix`.
-    KvDeleteTree { prefix: String },
+    KvDeleteTree {
+        prefix: String,
+    },
     /// Names the cluster, once: the first leader proposes a random id and
     /// later proposals change nothing. Servers refuse Raft traffic from
     /// another cluster's id.
-    SetClusterId { id: String },
+    SetClusterId {
+        id: String,
+    },
     /// Register a node, optionally a service on it, and checks.
     CatalogRegister(Box<Registration>),
     /// Remove a node (both ids absent), a service instance, or a check.
@@ -83,11 +91,17 @@ pub enum Command {
     /// Restores the staged backup `id` (the JSON of a `State`) when it has
     /// `parts` pieces whose CRC-32 is `crc`: [`Command::Restore`] at this
     /// index. Refused (nothing changes) otherwise.
-    RestoreCommit { id: String, parts: u32, crc: u32 },
+    RestoreCommit {
+        id: String,
+        parts: u32,
+        crc: u32,
+    },
     /// Tombstone GC, proposed by the leader ([`crate::leader::gc`]): drops KV
     /// tombstones and the indexes of gone services and nodes whose last
     /// change is at or below `up_to`. Readers never see an index go back.
-    Reap { up_to: u64 },
+    Reap {
+        up_to: u64,
+    },
     /// Take `key`'s lock for `session` and set the key (Consul's
     /// `?acquire`); with `cas`, only if its ModifyIndex equals it.
     KvLock {
@@ -113,9 +127,29 @@ pub enum Command {
     /// End a session: destroyed by a client, expired (proposed by the
     /// leader's TTL clock) or invalidated; its locks are released or
     /// deleted per its behavior.
-    SessionDestroy { id: String },
+    SessionDestroy {
+        id: String,
+    },
     /// A transaction: every operation or none, at this entry's index.
     Txn(Vec<crate::state::txn::TxnOp>),
+    /// The first ACL token, with the management policy; refused after the
+    /// first (Consul's `/v1/acl/bootstrap`).
+    AclBootstrap(Box<acl::Token>),
+    /// Create or replace an ACL token (ids and secret chosen by the server
+    /// that took the request).
+    AclTokenSet(Box<acl::Token>),
+    AclTokenDelete {
+        accessor_id: String,
+    },
+    /// Create or replace an ACL policy (rules already parsed and checked).
+    AclPolicySet(Box<acl::Policy>),
+    AclPolicyDelete {
+        id: String,
+    },
+    AclRoleSet(Box<acl::Role>),
+    AclRoleDelete {
+        id: String,
+    },
 }
 
 impl Command {
@@ -145,7 +179,14 @@ impl Command {
             | Command::RestoreCommit { .. }
             | Command::Reap { .. }
             | Command::SessionCreate(_)
-            | Command::SessionDestroy { .. } => SMALL,
+            | Command::SessionDestroy { .. }
+            | Command::AclBootstrap(_)
+            | Command::AclTokenSet(_)
+            | Command::AclTokenDelete { .. }
+            | Command::AclRoleSet(_)
+            | Command::AclRoleDelete { .. }
+            | Command::AclPolicyDelete { .. } => SMALL,
+            Command::AclPolicySet(policy) => SMALL + policy.rules.len(),
         }
     }
 }
@@ -198,6 +239,15 @@ mod tests {
         );
         let back: Command = serde_json::from_str(&json).expect("decode");
         assert_eq!(back, cmd);
+    }
+}
+
+/// An ACL write's answer: applied (or found, for a delete), or refused
+/// with Consul's message.
+fn acl_outcome(result: Result<bool, acl::AclError>) -> CommandResponse {
+    match result {
+        Ok(done) => CommandResponse::Applied(done),
+        Err(e) => CommandResponse::Refused(e.to_string()),
     }
 }
 
@@ -288,6 +338,21 @@ pub fn apply(state: &mut State, index: u64, command: &Command) -> CommandRespons
             CommandResponse::Applied(state.destroy_session(index, id))
         }
         Command::Txn(ops) => CommandResponse::Txn(crate::state::txn::run(state, index, ops)),
+        Command::AclBootstrap(token) => {
+            acl_outcome(state.acl.bootstrap(index, token).map(|()| true))
+        }
+        Command::AclTokenSet(token) => {
+            acl_outcome(state.acl.set_token(index, token).map(|()| true))
+        }
+        Command::AclTokenDelete { accessor_id } => {
+            acl_outcome(state.acl.delete_token(index, accessor_id))
+        }
+        Command::AclPolicySet(policy) => {
+            acl_outcome(state.acl.set_policy(index, policy).map(|()| true))
+        }
+        Command::AclPolicyDelete { id } => acl_outcome(state.acl.delete_policy(index, id)),
+        Command::AclRoleSet(role) => acl_outcome(state.acl.set_role(index, role).map(|()| true)),
+        Command::AclRoleDelete { id } => CommandResponse::Applied(state.acl.delete_role(index, id)),
         Command::Batch(commands) => {
             CommandResponse::Batch(commands.iter().map(|c| apply(state, index, c)).collect())
         }

@@ -133,6 +133,43 @@ pub struct Cli {
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` also works.
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Enforce ACL tokens on every API (Consul's `acl.enabled`).
+    #[arg(long)]
+    pub acl_enabled: bool,
+    /// What a token may do where no rule says: `deny` (the default) or
+    /// `allow`.
+    #[arg(long, value_name = "allow|deny")]
+    pub acl_default_policy: Option<String>,
+    /// What tokens may do while this server has no leader:
+    /// `extend-cache` (the default: keep using this server's copy of the
+    /// ACL tables), `async-cache`, `allow` or `deny`.
+    #[arg(long, value_name = "POLICY")]
+    pub acl_down_policy: Option<String>,
+    /// Bootstrap the ACLs on the first start of a fresh cluster and write
+    /// the management token's SecretID to this file (mode 0600; it must
+    /// not exist yet). Without it, run `meshctl acl bootstrap`.
+    #[arg(long, value_name = "FILE")]
+    pub acl_bootstrap_file: Option<PathBuf>,
+}
+
+/// The `[acl]` table of the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclFile {
+    pub enabled: Option<bool>,
+    pub default_policy: Option<String>,
+    pub down_policy: Option<String>,
+    pub bootstrap_file: Option<PathBuf>,
+    /// Consul's `acl.tokens`: `default` (requests without a token) and
+    /// `dns` (what DNS answers may show).
+    pub tokens: Option<AclTokensFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclTokensFile {
+    pub default: Option<String>,
+    pub dns: Option<String>,
 }
 
 /// The config file: the same settings as [`Cli`].
@@ -166,6 +203,7 @@ pub struct FileConfig {
     pub dns_recursors: Option<Vec<SocketAddr>>,
     pub log_format: Option<String>,
     pub log_level: Option<String>,
+    pub acl: Option<AclFile>,
 }
 
 const FILE_KEYS: &[&str] = &[
@@ -196,6 +234,7 @@ const FILE_KEYS: &[&str] = &[
     "dns_recursors",
     "log_format",
     "log_level",
+    "acl",
 ];
 
 impl Cli {
@@ -279,6 +318,9 @@ pub struct Config {
     pub watch: crate::watch::HubConfig,
     pub log_json: bool,
     pub log_level: Option<String>,
+    pub acl: crate::auth::AclSettings,
+    /// Where the first leader writes the management token it bootstraps.
+    pub acl_bootstrap_file: Option<PathBuf>,
 }
 
 /// DNS settings, validated.
@@ -518,6 +560,49 @@ impl Config {
                 "log_level: {level:?} is not a valid filter ({e}); e.g. \"info\" or \"warn,meshwork_registry=debug\""
             ));
         }
+        let datacenter = cli
+            .datacenter
+            .or(file.datacenter)
+            .unwrap_or_else(|| defaults::DATACENTER.to_owned());
+        let acl_file = file.acl.unwrap_or_default();
+        let acl_tokens = acl_file.tokens.unwrap_or_default();
+        let mut acl = crate::auth::AclSettings::disabled(&datacenter);
+        acl.enabled = cli.acl_enabled || acl_file.enabled.unwrap_or(false);
+        match cli
+            .acl_default_policy
+            .or(acl_file.default_policy)
+            .as_deref()
+        {
+            None | Some("deny") => acl.default_policy = crate::auth::Fallback::Deny,
+            Some("allow") => acl.default_policy = crate::auth::Fallback::Allow,
+            Some(other) => errors.push(format!(
+                "acl.default_policy: {other:?} is neither \"allow\" nor \"deny\""
+            )),
+        }
+        if let Some(text) = cli.acl_down_policy.or(acl_file.down_policy) {
+            match crate::auth::DownPolicy::parse(&text) {
+                Some(policy) => acl.down_policy = policy,
+                None => errors.push(format!(
+                    "acl.down_policy: {text:?} is not one of extend-cache, async-cache, allow, deny"
+                )),
+            }
+        }
+        acl.default_token = acl_tokens
+            .default
+            .filter(|t| !t.is_empty())
+            .map(crate::auth::Secret::new);
+        acl.dns_token = acl_tokens
+            .dns
+            .filter(|t| !t.is_empty())
+            .map(crate::auth::Secret::new);
+        // A minute without a leader, as Consul's token_ttl of 30 s doubled:
+        // a normal election never reaches it.
+        acl.down_after = Duration::from_secs(60);
+        let acl_bootstrap_file = cli.acl_bootstrap_file.or(acl_file.bootstrap_file);
+        if acl_bootstrap_file.is_some() && !acl.enabled {
+            errors
+                .push("acl.bootstrap_file: set only with ACLs enabled (--acl-enabled)".to_owned());
+        }
 
         if !errors.is_empty() {
             return Err(ConfigError(errors));
@@ -538,10 +623,7 @@ impl Config {
                 .node_name
                 .or(file.node_name)
                 .unwrap_or_else(|| format!("meshwork-{node_id}")),
-            datacenter: cli
-                .datacenter
-                .or(file.datacenter)
-                .unwrap_or_else(|| defaults::DATACENTER.to_owned()),
+            datacenter,
             data_dir,
             http_addr,
             grpc_addr,
@@ -563,6 +645,8 @@ impl Config {
             },
             log_json,
             log_level,
+            acl,
+            acl_bootstrap_file,
         })
     }
 }

@@ -2,7 +2,8 @@
 //! store and configuration store with Consul-compatible APIs.
 //!
 //! Rooms, and the one way their dependencies point:
-//! `server` (listeners, tasks) → `api` (REST, gRPC), `dns` → `cluster`
+//! `server` (listeners, tasks) → `api` (REST, gRPC), `dns` → `auth` (ACL
+//! resolution, every permission decision) and `cluster`
 //! (leader routing, forwarding) and `leader` (duties only the leader runs)
 //! → `raft` (openraft's seams) → `storage` (WAL, snapshot file, data dir)
 //! and `state` (pure: no I/O, no clocks) with `command`, the log's
@@ -12,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod cluster;
 pub mod command;
 pub mod config;

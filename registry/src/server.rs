@@ -165,11 +165,20 @@ pub async fn run(
         .instrument(tracing::info_span!("tombstone_gc"))
     });
 
+    // One token resolver (and cache) for REST, gRPC and DNS.
+    let acl = Arc::new(crate::auth::Acl::new(config.acl.clone()));
+    if acl.enabled() {
+        tracing::info!(
+            default_policy = ?config.acl.default_policy,
+            "ACLs enabled: requests need a token"
+        );
+    }
+
     let grpc_thread = spawn_public_grpc(&mut tasks, listeners.grpc, &node, &config, &shutdown)?;
     tasks.spawn(count_leader_changes(node.raft.metrics(), shutdown.clone()));
 
     // REST.
-    let app = http::router(rest_state(&config, &dir, &node, &shutdown));
+    let app = http::router(rest_state(&config, &dir, &node, &shutdown, &acl));
     let token = shutdown.clone();
     tasks.spawn(
         async move {
@@ -484,6 +493,7 @@ fn rest_state(
     dir: &DataDir,
     node: &Arc<RegistryNode>,
     shutdown: &CancellationToken,
+    acl: &Arc<crate::auth::Acl>,
 ) -> AppState {
     AppState {
         node: Arc::clone(node),
@@ -501,6 +511,7 @@ fn rest_state(
         shared_reads: Arc::default(),
         waiters: http::waiters::Waiters::start(Arc::clone(&node.state), shutdown.clone()),
         data_dir: Arc::from(dir.path.as_path()),
+        acl: Arc::clone(acl),
     }
 }
 

@@ -3,6 +3,7 @@
 //! log order. Nothing here knows about HTTP, gRPC, sled or clocks; every
 //! object is stamped with the log index that created or changed it.
 
+pub mod acl;
 pub mod catalog;
 pub mod config;
 pub mod kv;
@@ -33,6 +34,9 @@ pub struct State {
     /// Consul sessions (KV locks live in `kv`).
     #[serde(default)]
     pub sessions: session::Sessions,
+    /// ACL tokens, policies and roles.
+    #[serde(default)]
+    pub acl: acl::AclStore,
     /// Locks whose lock-delay began with the entry being applied: (key,
     /// delay in ns). Not replicated state: the state machine adapter takes
     /// them after each entry and starts each delay on its own clock, as a
@@ -95,6 +99,7 @@ impl State {
         self.catalog.restore(index, &backup.catalog);
         self.config.restore(index, &backup.config);
         self.sessions.restore(index, &backup.sessions);
+        self.acl.restore(index, &backup.acl);
         // Locks and sessions checked against each other and the catalog,
         // not trusted: a key locked by a session the backup lacks is
         // released, and a session whose node or checks are gone ends.

@@ -259,12 +259,13 @@ fn write_atomically(path: &Path, marker: &Marker) -> Result<(), DataDirError> {
     })
 }
 
-/// A random RFC 4122 version-4 UUID, as Consul's node IDs.
 /// Where `PUT /v1/snapshot` spills an uploaded archive while it checks
 /// and proposes it; a leftover (a crash mid-restore) is removed when the
 /// data dir opens.
 pub const UPLOAD_FILE: &str = "restore-upload.tmp";
 
+/// A random RFC 4122 version-4 UUID, as Consul's node IDs (from the
+/// thread's CSPRNG: also used for ACL secrets).
 pub fn new_uuid() -> String {
     let mut b: [u8; 16] = rand::rng().random();
     b[6] = (b[6] & 0x0f) | 0x40;

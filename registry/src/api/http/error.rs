@@ -11,6 +11,12 @@ use crate::cluster::ClusterError;
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
+    /// ACLs are off and the request is about ACLs (Consul's 401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// No token, an unknown one, or one that lacks a permission.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -36,6 +42,8 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -45,6 +53,12 @@ impl ApiError {
             ApiError::Cluster(ClusterError::Rejected(_)) => StatusCode::BAD_REQUEST,
             ApiError::Cluster(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
+    }
+}
+
+impl From<crate::auth::Refusal> for ApiError {
+    fn from(refusal: crate::auth::Refusal) -> Self {
+        ApiError::Forbidden(refusal.to_string())
     }
 }
 

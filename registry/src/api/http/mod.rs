@@ -2,7 +2,9 @@
 //! clients use. Handlers parse and validate, then call [`RegistryNode`];
 //! errors map to responses in `error.rs` only.
 
+pub mod acl;
 pub mod agent;
+pub mod authz;
 pub mod catalog;
 pub mod config;
 pub mod consul_json;
@@ -47,6 +49,8 @@ pub struct AppState {
     pub waiters: Arc<waiters::Waiters>,
     /// The data dir (where an uploaded backup is spilled while checked).
     pub data_dir: Arc<std::path::Path>,
+    /// ACL token resolution (everything allowed when ACLs are off).
+    pub acl: Arc<crate::auth::Acl>,
 }
 
 impl AppState {
@@ -137,6 +141,35 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/session/info/{id}", get(session::info))
         .route("/v1/session/node/{node}", get(session::node))
         .route("/v1/session/list", get(session::list))
+        .route("/v1/acl/bootstrap", put(acl::bootstrap))
+        .route("/v1/acl/token", put(acl::token_create))
+        .route("/v1/acl/token/self", get(acl::token_self))
+        .route(
+            "/v1/acl/token/{id}",
+            get(acl::token_read)
+                .put(acl::token_update)
+                .delete(acl::token_delete),
+        )
+        .route("/v1/acl/token/{id}/clone", put(acl::token_clone))
+        .route("/v1/acl/tokens", get(acl::token_list))
+        .route("/v1/acl/policy", put(acl::policy_create))
+        .route(
+            "/v1/acl/policy/{id}",
+            get(acl::policy_read)
+                .put(acl::policy_update)
+                .delete(acl::policy_delete),
+        )
+        .route("/v1/acl/policy/name/{name}", get(acl::policy_read_by_name))
+        .route("/v1/acl/policies", get(acl::policy_list))
+        .route("/v1/acl/role", put(acl::role_create))
+        .route(
+            "/v1/acl/role/{id}",
+            get(acl::role_read)
+                .put(acl::role_update)
+                .delete(acl::role_delete),
+        )
+        .route("/v1/acl/role/name/{name}", get(acl::role_read_by_name))
+        .route("/v1/acl/roles", get(acl::role_list))
         .route("/metrics", get(metrics_prometheus))
         .route("/v1/agent/metrics", get(metrics))
         // Scopes and filters Meshwork does not have are refused up front:

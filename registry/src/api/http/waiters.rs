@@ -38,6 +38,8 @@ pub enum IndexOf {
     ConfigKind(String),
     /// Every session.
     Sessions,
+    /// The ACL tables (tokens, policies, roles).
+    Acl,
 }
 
 impl IndexOf {
@@ -52,6 +54,7 @@ impl IndexOf {
             IndexOf::Checks => state.catalog.checks_index(),
             IndexOf::ConfigKind(kind) => state.config.kind_index(kind),
             IndexOf::Sessions => state.sessions.index(),
+            IndexOf::Acl => state.acl.index(),
         }
     }
 
