@@ -8,9 +8,11 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
 
 use super::AppState;
+use super::authz::Authz;
 use super::consul_json::{self, Fields};
 use super::error::ApiError;
 use super::query::Params;
+use crate::auth::{Kind, Need};
 use crate::cluster::Consistency;
 use crate::command::Command;
 use crate::state::catalog::{CheckSpec, HealthStatus, Registration};
@@ -26,12 +28,55 @@ fn agent_registration(app: &AppState) -> Registration {
     }
 }
 
-/// `PUT /v1/agent/service/register`.
+/// The write a check on this server's node needs: its service's, or the
+/// node's for a node check (unknown checks: the node's).
+fn require_check_write(app: &AppState, authz: &Authz, check_id: &str) -> Result<(), ApiError> {
+    let state = app.node.state.read();
+    let owner = state
+        .catalog
+        .node_checks(&app.node_name)
+        .find(|c| c.check_id == check_id && !c.service_id.is_empty())
+        .map(|c| c.service_name.clone());
+    match owner {
+        Some(service) => authz.require(Kind::Service, &service, Need::Write)?,
+        None => authz.require(Kind::Node, &app.node_name, Need::Write)?,
+    }
+    Ok(())
+}
+
+/// The write a service instance of this node needs (its name's).
+fn require_service_write(app: &AppState, authz: &Authz, id: &str) -> Result<(), ApiError> {
+    let name = app
+        .node
+        .state
+        .read()
+        .catalog
+        .service(&app.node_name, id)
+        .map(|s| s.name.clone())
+        .ok_or_else(|| ApiError::NotFound(format!("Unknown service ID {id:?}")))?;
+    authz.require(Kind::Service, &name, Need::Write)?;
+    Ok(())
+}
+
+/// `PUT /v1/agent/service/register`: needs the service's write (the
+/// agent's node is this server's own).
 pub async fn register_service(
     State(app): State<AppState>,
+    authz: Authz,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (service, checks) = consul_json::decode_agent_service(&body)?;
+    authz.require(Kind::Service, &service.name, Need::Write)?;
+    if let Some(old) = app
+        .node
+        .state
+        .read()
+        .catalog
+        .service(&app.node_name, &service.id)
+        .filter(|old| old.name != service.name)
+    {
+        authz.require(Kind::Service, &old.name, Need::Write)?;
+    }
     let mut reg = agent_registration(&app);
     reg.service = Some(service);
     reg.checks = checks;
@@ -43,19 +88,11 @@ pub async fn register_service(
 /// `PUT /v1/agent/service/deregister/:id`.
 pub async fn deregister_service(
     State(app): State<AppState>,
+    authz: Authz,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     app.node.read_barrier(Consistency::Default).await?;
-    if app
-        .node
-        .state
-        .read()
-        .catalog
-        .service(&app.node_name, &id)
-        .is_none()
-    {
-        return Err(ApiError::NotFound(format!("Unknown service ID {id:?}")));
-    }
+    require_service_write(&app, &authz, &id)?;
     app.write_catalog(Command::CatalogDeregister {
         node: app.node_name.to_string(),
         service_id: Some(id),
@@ -66,11 +103,12 @@ pub async fn deregister_service(
 }
 
 /// `GET /v1/agent/services`: this node's services by id.
-pub async fn services(State(app): State<AppState>) -> Json<Value> {
+pub async fn services(State(app): State<AppState>, authz: Authz) -> Json<Value> {
     let state = app.node.state.read();
     let map: Map<String, Value> = state
         .catalog
         .node_services(&app.node_name)
+        .filter(|s| authz.allows(Kind::Service, &s.name, Need::Read))
         .map(|s| {
             (
                 s.id.clone(),
@@ -84,22 +122,28 @@ pub async fn services(State(app): State<AppState>) -> Json<Value> {
 /// `GET /v1/agent/service/:id`.
 pub async fn service(
     State(app): State<AppState>,
+    authz: Authz,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let state = app.node.state.read();
-    state
+    let service = state
         .catalog
         .service(&app.node_name, &id)
-        .map(|s| Json(consul_json::agent_service_json(s, &app.datacenter)))
-        .ok_or_else(|| ApiError::NotFound(format!("unknown service ID: {id}")))
+        .ok_or_else(|| ApiError::NotFound(format!("unknown service ID: {id}")))?;
+    authz.require(Kind::Service, &service.name, Need::Read)?;
+    Ok(Json(consul_json::agent_service_json(
+        service,
+        &app.datacenter,
+    )))
 }
 
 /// `GET /v1/agent/checks`: this node's checks by id.
-pub async fn checks(State(app): State<AppState>) -> Json<Value> {
+pub async fn checks(State(app): State<AppState>, authz: Authz) -> Json<Value> {
     let state = app.node.state.read();
     let map: Map<String, Value> = state
         .catalog
         .node_checks(&app.node_name)
+        .filter(|c| super::catalog::sees_check(&authz, c))
         .map(|c| (c.check_id.clone(), consul_json::check_json(c)))
         .collect();
     Json(Value::Object(map))
@@ -108,11 +152,17 @@ pub async fn checks(State(app): State<AppState>) -> Json<Value> {
 /// `PUT /v1/agent/check/register`.
 pub async fn register_check(
     State(app): State<AppState>,
+    authz: Authz,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let mut check = consul_json::decode_check(Fields::from_body("check", &body)?)?;
     if check.name.is_empty() {
         return Err(ApiError::bad_request("Missing check name"));
+    }
+    if check.service_id.is_empty() {
+        authz.require(Kind::Node, &app.node_name, Need::Write)?;
+    } else {
+        require_service_write(&app, &authz, &check.service_id)?;
     }
     if check.check_id.is_empty() {
         check.check_id.clone_from(&check.name);
@@ -127,9 +177,11 @@ pub async fn register_check(
 /// `PUT /v1/agent/check/deregister/:id`.
 pub async fn deregister_check(
     State(app): State<AppState>,
+    authz: Authz,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     app.node.read_barrier(Consistency::Default).await?;
+    require_check_write(&app, &authz, &id)?;
     let known = app
         .node
         .state
@@ -152,10 +204,13 @@ pub async fn deregister_check(
 /// `PUT /v1/agent/check/{pass,warn,fail}/:id?note=`.
 pub async fn ttl_update(
     app: AppState,
+    authz: Authz,
     id: String,
     status: HealthStatus,
     query: Option<String>,
 ) -> Result<Response, ApiError> {
+    app.node.read_barrier(Consistency::Default).await?;
+    require_check_write(&app, &authz, &id)?;
     let note = Params::parse(query.as_deref())
         .get("note")
         .unwrap_or_default()
@@ -165,34 +220,40 @@ pub async fn ttl_update(
 
 pub async fn pass(
     State(app): State<AppState>,
+    authz: Authz,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    ttl_update(app, id, HealthStatus::Passing, q).await
+    ttl_update(app, authz, id, HealthStatus::Passing, q).await
 }
 
 pub async fn warn(
     State(app): State<AppState>,
+    authz: Authz,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    ttl_update(app, id, HealthStatus::Warning, q).await
+    ttl_update(app, authz, id, HealthStatus::Warning, q).await
 }
 
 pub async fn fail(
     State(app): State<AppState>,
+    authz: Authz,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    ttl_update(app, id, HealthStatus::Critical, q).await
+    ttl_update(app, authz, id, HealthStatus::Critical, q).await
 }
 
 /// `PUT /v1/agent/check/update/:id` with `{"Status": …, "Output": …}`.
 pub async fn update(
     State(app): State<AppState>,
+    authz: Authz,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    app.node.read_barrier(Consistency::Default).await?;
+    require_check_write(&app, &authz, &id)?;
     let mut f = Fields::from_body("check update", &body)?;
     let status_text = f.string("status")?;
     let output = f.string("output")?;
@@ -211,7 +272,7 @@ async fn update_ttl_check(
     status: HealthStatus,
     output: String,
 ) -> Result<Response, ApiError> {
-    app.node.read_barrier(Consistency::Default).await?;
+    // The callers passed the read barrier and checked the token.
     {
         let state = app.node.state.read();
         let check = state
@@ -238,6 +299,7 @@ async fn update_ttl_check(
 /// `PUT /v1/agent/service/maintenance/:id?enable=true&reason=`.
 pub async fn maintenance(
     State(app): State<AppState>,
+    authz: Authz,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -252,16 +314,7 @@ pub async fn maintenance(
         }
         None => return Err(ApiError::bad_request("Missing value for enable")),
     };
-    let exists = app
-        .node
-        .state
-        .read()
-        .catalog
-        .service(&app.node_name, &id)
-        .is_some();
-    if !exists {
-        return Err(ApiError::NotFound(format!("Unknown service ID {id:?}")));
-    }
+    require_service_write(&app, &authz, &id)?;
     let check_id = format!("_service_maintenance:{id}");
     if enable {
         let reason = params

@@ -39,3 +39,14 @@ impl FromRequestParts<AppState> for Authz {
             .map_err(ApiError::from)
     }
 }
+
+/// Says that a list lost entries the token may not read (Consul's
+/// header; absent otherwise).
+pub fn mark_filtered(headers: &mut axum::http::HeaderMap, filtered: bool) {
+    if filtered {
+        headers.insert(
+            "X-Consul-Results-Filtered-By-ACLs",
+            axum::http::HeaderValue::from_static("true"),
+        );
+    }
+}

@@ -11,27 +11,35 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use super::AppState;
+use super::authz::{Authz, mark_filtered};
 use super::consul_json::{self, Fields};
 use super::error::ApiError;
 use super::query::{Params, ReadOptions, read_headers, run_read, shared_read_key};
 use super::waiters::IndexOf;
+use crate::auth::{Kind, Need, Resolved};
 use crate::command::Command;
 use crate::state::State as RegistryState;
-use crate::state::catalog::{HealthStatus, Registration};
+use crate::state::catalog::{HealthCheck, HealthStatus, Node, Registration, ServiceInstance};
 
-/// Runs a blocking-capable read whose result is JSON. The answer for each
-/// applied change is computed and encoded once and shared by every
-/// request asking the same question.
+/// Runs a blocking-capable read whose result is JSON: `compute` answers
+/// what the token may see, and says whether it left anything out. The
+/// answer for each applied change is computed and encoded once and shared
+/// by every request asking the same question with the same view.
 pub(super) async fn json_read(
     app: &AppState,
+    authz: &Authz,
     uri: Uri,
     query: Option<String>,
     what: IndexOf,
-    compute: impl Fn(&RegistryState, &Params) -> Value,
+    compute: impl Fn(&RegistryState, &Params) -> (Value, bool),
 ) -> Result<Response, ApiError> {
     let params = Params::parse(query.as_deref());
     let options = ReadOptions::from_params(&params)?;
-    let key = shared_read_key(uri.path(), query.as_deref());
+    let mut key = shared_read_key(uri.path(), query.as_deref());
+    if let Some(view) = authz.view_key() {
+        key.push('\u{2}');
+        key.push_str(&view);
+    }
     // The URI points into hyper's read buffer; holding it across a blocking
     // wait would pin 8 KiB per parked request.
     drop(uri);
@@ -43,18 +51,88 @@ pub(super) async fn json_read(
         &what,
         |state| {
             app.shared_reads.get_or_compute(&key, state, |state| {
-                let value = compute(state, &params);
-                Bytes::from(serde_json::to_vec(&value).unwrap_or_else(|_| b"null".to_vec()))
+                let (value, filtered) = compute(state, &params);
+                (
+                    Bytes::from(serde_json::to_vec(&value).unwrap_or_else(|_| b"null".to_vec())),
+                    filtered,
+                )
             })
         },
     )
     .await?;
+    let (body, filtered) = result.value;
     let mut headers = read_headers(&app.node, result.index, options.consistency);
+    mark_filtered(&mut headers, filtered);
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    Ok((headers, result.value).into_response())
+    Ok((headers, body).into_response())
+}
+
+/// Whether the token may see a service instance: the service and its
+/// node (Consul's filter for catalog and health lists).
+pub(super) fn sees_instance(authz: &Resolved, node: &Node, s: &ServiceInstance) -> bool {
+    authz.allows(Kind::Service, &s.name, Need::Read)
+        && authz.allows(Kind::Node, &node.name, Need::Read)
+}
+
+/// Whether the token may see a check: its service's, or its node's for a
+/// node check.
+pub(super) fn sees_check(authz: &Resolved, check: &HealthCheck) -> bool {
+    if check.service_id.is_empty() {
+        authz.allows(Kind::Node, &check.node, Need::Read)
+    } else {
+        authz.allows(Kind::Service, &check.service_name, Need::Read)
+    }
+}
+
+/// The write permissions a catalog registration needs (Consul's
+/// `vetRegisterWithACL`): `node:write` when it creates or changes the
+/// node or adds a node check, `service:write` for its service and for
+/// each service check's service.
+fn vet_registration(
+    authz: &Authz,
+    state: &RegistryState,
+    reg: &Registration,
+) -> Result<(), ApiError> {
+    let node_changes = !reg.skip_node_update
+        && state.catalog.node(&reg.node).is_none_or(|n| {
+            n.address != reg.address
+                || (!reg.node_id.is_empty() && n.id != reg.node_id)
+                || (!reg.tagged_addresses.is_empty() && n.tagged_addresses != reg.tagged_addresses)
+                || (!reg.node_meta.is_empty() && n.meta != reg.node_meta)
+        });
+    if node_changes {
+        authz.require(Kind::Node, &reg.node, Need::Write)?;
+    }
+    if let Some(service) = &reg.service {
+        authz.require(Kind::Service, &service.name, Need::Write)?;
+        // Taking over an instance id registered under another name needs
+        // that name's write too.
+        if let Some(old) = state.catalog.service(&reg.node, &service.id)
+            && old.name != service.name
+        {
+            authz.require(Kind::Service, &old.name, Need::Write)?;
+        }
+    }
+    for check in &reg.checks {
+        let service_name = if check.service_id.is_empty() {
+            None
+        } else if let Some(s) = reg.service.as_ref().filter(|s| s.id == check.service_id) {
+            Some(s.name.clone())
+        } else {
+            state
+                .catalog
+                .service(&reg.node, &check.service_id)
+                .map(|s| s.name.clone())
+        };
+        match service_name {
+            Some(name) => authz.require(Kind::Service, &name, Need::Write)?,
+            None => authz.require(Kind::Node, &reg.node, Need::Write)?,
+        }
+    }
+    Ok(())
 }
 
 /// Whether an instance carries every tag asked for with `?tag=`.
@@ -65,7 +143,11 @@ fn has_tags(tags: &[String], params: &Params) -> bool {
 }
 
 /// `PUT /v1/catalog/register`.
-pub async fn register(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn register(
+    State(app): State<AppState>,
+    authz: Authz,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let mut f = Fields::from_body("registration", &body)?;
     let node = f.string("node")?;
     if node.is_empty() {
@@ -122,13 +204,18 @@ pub async fn register(State(app): State<AppState>, body: Bytes) -> Result<Respon
         reg.checks.push(c);
     }
     reg.service = service;
+    vet_registration(&authz, &app.node.state.read(), &reg)?;
     app.write_catalog(Command::CatalogRegister(Box::new(reg)))
         .await?;
     Ok(Json(true).into_response())
 }
 
 /// `PUT /v1/catalog/deregister` with `{Node, ServiceID?, CheckID?}`.
-pub async fn deregister(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn deregister(
+    State(app): State<AppState>,
+    authz: Authz,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let mut f = Fields::from_body("deregistration", &body)?;
     let node = f.string("node")?;
     let service_id = Some(f.string("serviceid")?).filter(|s| !s.is_empty());
@@ -137,6 +224,25 @@ pub async fn deregister(State(app): State<AppState>, body: Bytes) -> Result<Resp
     f.finish()?;
     if node.is_empty() {
         return Err(ApiError::bad_request("Must provide node"));
+    }
+    {
+        // A service (or its check) needs its service's write; the node or
+        // a node check, the node's (Consul's `vetDeregisterWithACL`).
+        let state = app.node.state.read();
+        let catalog = &state.catalog;
+        let service_of = |id: &str| catalog.service(&node, id).map(|s| s.name.clone());
+        let owner = match (&service_id, &check_id) {
+            (Some(id), _) => service_of(id),
+            (None, Some(check)) => catalog
+                .node_checks(&node)
+                .find(|c| c.check_id == *check && !c.service_id.is_empty())
+                .map(|c| c.service_name.clone()),
+            (None, None) => None,
+        };
+        match owner {
+            Some(name) => authz.require(Kind::Service, &name, Need::Write)?,
+            None => authz.require(Kind::Node, &node, Need::Write)?,
+        }
     }
     app.write_catalog(Command::CatalogDeregister {
         node,
@@ -155,17 +261,20 @@ pub async fn datacenters(State(app): State<AppState>) -> Json<Value> {
 /// `GET /v1/catalog/services`: name → tags.
 pub async fn services(
     State(app): State<AppState>,
+    authz: Authz,
     uri: Uri,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, uri, q, IndexOf::ServiceList, |state, _| {
-        let names: BTreeMap<&str, Vec<&str>> = state
-            .catalog
-            .service_names()
+    json_read(&app, &authz, uri, q, IndexOf::ServiceList, |state, _| {
+        let all = state.catalog.service_names();
+        let total = all.len();
+        let names: BTreeMap<&str, Vec<&str>> = all
             .into_iter()
+            .filter(|(name, _)| authz.allows(Kind::Service, name, Need::Read))
             .map(|(name, tags)| (name, tags.into_iter().collect()))
             .collect();
-        json!(names)
+        let filtered = names.len() != total;
+        (json!(names), filtered)
     })
     .await
 }
@@ -173,23 +282,31 @@ pub async fn services(
 /// `GET /v1/catalog/service/:name?tag=`.
 pub async fn service(
     State(app): State<AppState>,
+    authz: Authz,
     uri: Uri,
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     json_read(
         &app,
+        &authz,
         uri,
         q,
         IndexOf::Service(name.clone()),
         |state, params| {
+            let mut filtered = false;
             let list: Vec<Value> = state
                 .catalog
                 .instances(&name)
                 .filter(|(_, s)| has_tags(&s.tags, params))
+                .filter(|(n, s)| {
+                    let sees = sees_instance(&authz, n, s);
+                    filtered |= !sees;
+                    sees
+                })
                 .map(|(n, s)| consul_json::catalog_service_json(n, s))
                 .collect();
-            Value::Array(list)
+            (Value::Array(list), filtered)
         },
     )
     .await
@@ -198,12 +315,23 @@ pub async fn service(
 /// `GET /v1/catalog/nodes`.
 pub async fn nodes(
     State(app): State<AppState>,
+    authz: Authz,
     uri: Uri,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, uri, q, IndexOf::NodeList, |state, _| {
-        let list: Vec<Value> = state.catalog.nodes().map(consul_json::node_json).collect();
-        Value::Array(list)
+    json_read(&app, &authz, uri, q, IndexOf::NodeList, |state, _| {
+        let mut filtered = false;
+        let list: Vec<Value> = state
+            .catalog
+            .nodes()
+            .filter(|n| {
+                let sees = authz.allows(Kind::Node, &n.name, Need::Read);
+                filtered |= !sees;
+                sees
+            })
+            .map(consul_json::node_json)
+            .collect();
+        (Value::Array(list), filtered)
     })
     .await
 }
@@ -211,24 +339,37 @@ pub async fn nodes(
 /// `GET /v1/catalog/node/:node`: the node and its services (`null` if unknown).
 pub async fn node(
     State(app): State<AppState>,
+    authz: Authz,
     uri: Uri,
     Path(node): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     json_read(
         &app,
+        &authz,
         uri,
         q,
         IndexOf::Node(node.clone()),
         |state, _| match state.catalog.node(&node) {
-            None => Value::Null,
+            None => (Value::Null, false),
+            // A node the token may not read is answered as unknown.
+            Some(_) if !authz.allows(Kind::Node, &node, Need::Read) => (Value::Null, true),
             Some(n) => {
+                let mut filtered = false;
                 let services: Map<String, Value> = state
                     .catalog
                     .node_services(&node)
+                    .filter(|s| {
+                        let sees = authz.allows(Kind::Service, &s.name, Need::Read);
+                        filtered |= !sees;
+                        sees
+                    })
                     .map(|s| (s.id.clone(), consul_json::service_json(s)))
                     .collect();
-                json!({ "Node": consul_json::node_json(n), "Services": services })
+                (
+                    json!({ "Node": consul_json::node_json(n), "Services": services }),
+                    filtered,
+                )
             }
         },
     )
@@ -238,6 +379,7 @@ pub async fn node(
 /// `GET /v1/health/service/:name?passing&tag=`.
 pub async fn health_service(
     State(app): State<AppState>,
+    authz: Authz,
     uri: Uri,
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
@@ -246,14 +388,21 @@ pub async fn health_service(
     let passing_only = params.flag("passing")?;
     json_read(
         &app,
+        &authz,
         uri,
         q,
         IndexOf::Service(name.clone()),
         |state, params| {
             let catalog = &state.catalog;
+            let mut filtered = false;
             let list: Vec<Value> = catalog
                 .instances(&name)
                 .filter(|(_, s)| has_tags(&s.tags, params))
+                .filter(|(n, s)| {
+                    let sees = sees_instance(&authz, n, s);
+                    filtered |= !sees;
+                    sees
+                })
                 .filter(|(n, s)| {
                     !passing_only
                         || catalog.instance_status(&n.name, &s.id) == HealthStatus::Passing
@@ -270,7 +419,7 @@ pub async fn health_service(
                     })
                 })
                 .collect();
-            Value::Array(list)
+            (Value::Array(list), filtered)
         },
     )
     .await
@@ -279,43 +428,70 @@ pub async fn health_service(
 /// `GET /v1/health/checks/:service`.
 pub async fn health_checks(
     State(app): State<AppState>,
+    authz: Authz,
     uri: Uri,
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, uri, q, IndexOf::Service(name.clone()), |state, _| {
-        let list: Vec<Value> = state
-            .catalog
-            .all_checks()
-            .filter(|c| c.service_name == name)
-            .map(consul_json::check_json)
-            .collect();
-        Value::Array(list)
-    })
+    json_read(
+        &app,
+        &authz,
+        uri,
+        q,
+        IndexOf::Service(name.clone()),
+        |state, _| {
+            checks_seen(
+                &authz,
+                state
+                    .catalog
+                    .all_checks()
+                    .filter(|c| c.service_name == name),
+            )
+        },
+    )
     .await
+}
+
+/// The checks the token may see, as JSON, and whether any were left out.
+fn checks_seen<'a>(
+    authz: &Resolved,
+    checks: impl Iterator<Item = &'a HealthCheck>,
+) -> (Value, bool) {
+    let mut filtered = false;
+    let list: Vec<Value> = checks
+        .filter(|c| {
+            let sees = sees_check(authz, c);
+            filtered |= !sees;
+            sees
+        })
+        .map(consul_json::check_json)
+        .collect();
+    (Value::Array(list), filtered)
 }
 
 /// `GET /v1/health/node/:node`.
 pub async fn health_node(
     State(app): State<AppState>,
+    authz: Authz,
     uri: Uri,
     Path(node): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, uri, q, IndexOf::Node(node.clone()), |state, _| {
-        let list: Vec<Value> = state
-            .catalog
-            .node_checks(&node)
-            .map(consul_json::check_json)
-            .collect();
-        Value::Array(list)
-    })
+    json_read(
+        &app,
+        &authz,
+        uri,
+        q,
+        IndexOf::Node(node.clone()),
+        |state, _| checks_seen(&authz, state.catalog.node_checks(&node)),
+    )
     .await
 }
 
 /// `GET /v1/health/state/:state` (`any`, `passing`, `warning`, `critical`).
 pub async fn health_state(
     State(app): State<AppState>,
+    authz: Authz,
     uri: Uri,
     Path(wanted): Path<String>,
     RawQuery(q): RawQuery,
@@ -328,14 +504,14 @@ pub async fn health_state(
             ))
         })?),
     };
-    json_read(&app, uri, q, IndexOf::Checks, |state, _| {
-        let list: Vec<Value> = state
-            .catalog
-            .all_checks()
-            .filter(|c| filter.is_none_or(|f| c.status == f))
-            .map(consul_json::check_json)
-            .collect();
-        Value::Array(list)
+    json_read(&app, &authz, uri, q, IndexOf::Checks, |state, _| {
+        checks_seen(
+            &authz,
+            state
+                .catalog
+                .all_checks()
+                .filter(|c| filter.is_none_or(|f| c.status == f)),
+        )
     })
     .await
 }

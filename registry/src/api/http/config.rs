@@ -8,9 +8,11 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::AppState;
+use super::authz::Authz;
 use super::error::ApiError;
 use super::query::{Params, ReadOptions, read_headers, run_read};
 use super::waiters::IndexOf;
+use crate::auth::{Kind, Need, Refusal, Resolved, Single};
 use crate::command::{Command, CommandResponse};
 use crate::state::config::{check_kind, entry_json, normalize};
 
@@ -27,6 +29,24 @@ fn cas(params: &Params) -> Result<Option<u64>, ApiError> {
         .transpose()
 }
 
+/// Who may read or write an entry (Consul's `CanRead` / `CanWrite` per
+/// kind): a service's entries follow the service's rules, intentions the
+/// destination's `intentions` rule, mesh-wide entries `mesh` (which falls
+/// back to `operator`); anyone may read `proxy-defaults`.
+fn entry_permission(authz: &Resolved, kind: &str, name: &str, need: Need) -> Result<(), Refusal> {
+    match (kind, need) {
+        ("service-defaults" | "service-router" | "service-splitter" | "service-resolver", _) => {
+            authz.require(Kind::Service, name, need)
+        }
+        ("service-intentions", _) => authz.require(Kind::Intention, name, need),
+        ("proxy-defaults", Need::Read | Need::List) => Ok(()),
+        ("ingress-gateway" | "terminating-gateway", Need::Read | Need::List) => {
+            authz.require(Kind::Service, name, Need::Read)
+        }
+        _ => authz.require_single(Single::Mesh, need),
+    }
+}
+
 /// The query of a request about one kind, once the kind is known to be
 /// valid. (Another datacenter and `?filter` are refused for every endpoint
 /// by the router: `refuse_unsupported_scope`.)
@@ -40,6 +60,7 @@ fn kind_request(kind: &str, query: Option<&str>) -> Result<Params, ApiError> {
 /// `false` when the check-and-set failed.
 pub async fn apply(
     State(app): State<AppState>,
+    authz: Authz,
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -48,6 +69,7 @@ pub async fn apply(
     let entry: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("Request decode failed: {e}")))?;
     let (kind, name, body) = normalize(entry).map_err(ApiError::bad_request)?;
+    entry_permission(&authz, &kind, &name, Need::Write)?;
     let applied = app
         .node
         .write(Command::ConfigSet {
@@ -63,6 +85,7 @@ pub async fn apply(
 /// `GET /v1/config/:kind`: every entry of the kind (blocking-capable).
 pub async fn list(
     State(app): State<AppState>,
+    authz: Authz,
     uri: Uri,
     Path(kind): Path<String>,
     RawQuery(query): RawQuery,
@@ -70,17 +93,23 @@ pub async fn list(
     kind_request(&kind, query.as_deref())?;
     super::catalog::json_read(
         &app,
+        &authz,
         uri,
         query,
         IndexOf::ConfigKind(kind.clone()),
         |state, _| {
-            Value::Array(
-                state
-                    .config
-                    .list(&kind)
-                    .map(|(name, entry)| entry_json(&kind, name, entry))
-                    .collect(),
-            )
+            let mut filtered = false;
+            let list = state
+                .config
+                .list(&kind)
+                .filter(|(name, _)| {
+                    let sees = entry_permission(&authz, &kind, name, Need::Read).is_ok();
+                    filtered |= !sees;
+                    sees
+                })
+                .map(|(name, entry)| entry_json(&kind, name, entry))
+                .collect();
+            (Value::Array(list), filtered)
         },
     )
     .await
@@ -89,10 +118,12 @@ pub async fn list(
 /// `GET /v1/config/:kind/:name` (blocking-capable): the entry, or 404.
 pub async fn get(
     State(app): State<AppState>,
+    authz: Authz,
     Path((kind, name)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let params = kind_request(&kind, query.as_deref())?;
+    entry_permission(&authz, &kind, &name, Need::Read)?;
     let options = ReadOptions::from_params(&params)?;
     let result = run_read(
         &app.node,
@@ -130,10 +161,12 @@ pub async fn get(
 /// `cas` whether the entry was deleted.
 pub async fn delete(
     State(app): State<AppState>,
+    authz: Authz,
     Path((kind, name)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let params = kind_request(&kind, query.as_deref())?;
+    entry_permission(&authz, &kind, &name, Need::Write)?;
     let cas = cas(&params)?;
     let applied = app
         .node

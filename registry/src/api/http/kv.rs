@@ -9,9 +9,11 @@ use base64::engine::general_purpose::STANDARD;
 use serde::Serialize;
 
 use super::AppState;
+use super::authz::{Authz, mark_filtered};
 use super::error::ApiError;
 use super::query::{Params, ReadOptions, read_headers, run_read};
 use super::waiters::IndexOf;
+use crate::auth::{Kind, Need};
 use crate::command::{Command, CommandResponse};
 use crate::state::KvEntry;
 
@@ -53,6 +55,7 @@ impl<'a> KvPair<'a> {
 /// Every method on `/v1/kv/...`.
 pub async fn handle(
     State(app): State<AppState>,
+    authz: Authz,
     method: Method,
     uri: Uri,
     RawQuery(query): RawQuery,
@@ -71,10 +74,10 @@ pub async fn handle(
     let result = match method {
         Method::GET => {
             drop((headers, body));
-            get(&app, &key, &params).await
+            get(&app, &authz, &key, &params).await
         }
-        Method::PUT | Method::POST => put(&app, key, &params, &headers, body).await,
-        Method::DELETE => delete(&app, key, &params).await,
+        Method::PUT | Method::POST => put(&app, &authz, key, &params, &headers, body).await,
+        Method::DELETE => delete(&app, &authz, key, &params).await,
         other => Err(ApiError::MethodNotAllowed(format!(
             "method {other} not allowed on /v1/kv (use GET, PUT or DELETE)"
         ))),
@@ -100,12 +103,19 @@ fn key_from_path(path: &str) -> Result<String, ApiError> {
     Ok(key)
 }
 
-async fn get(app: &AppState, key: &str, params: &Params) -> Result<Response, ApiError> {
+async fn get(
+    app: &AppState,
+    authz: &Authz,
+    key: &str,
+    params: &Params,
+) -> Result<Response, ApiError> {
     let options = ReadOptions::from_params(params)?;
     let node = &app.node;
     let shutdown = &app.shutdown;
     let mut headers;
     let body: Option<Response>;
+    // Lists keep what the token may read (Consul without
+    // `enable_key_list_policy`); an empty result is a 404 either way.
     if params.has("keys") {
         let separator = params.get("separator").map(str::to_owned);
         let result = run_read(
@@ -114,11 +124,18 @@ async fn get(app: &AppState, key: &str, params: &Params) -> Result<Response, Api
             options,
             shutdown,
             &IndexOf::Prefix(key.to_owned()),
-            |state| state.kv.keys(key, separator.as_deref()),
+            |state| {
+                let mut keys = state.kv.keys(key, separator.as_deref());
+                let filtered =
+                    crate::auth::filter(&mut keys, |k| authz.allows(Kind::Key, k, Need::Read));
+                (keys, filtered)
+            },
         )
         .await?;
+        let (keys, filtered) = result.value;
         headers = read_headers(node, result.index, options.consistency);
-        body = (!result.value.is_empty()).then(|| axum::Json(result.value).into_response());
+        mark_filtered(&mut headers, filtered);
+        body = (!keys.is_empty()).then(|| axum::Json(keys).into_response());
     } else if params.present("recurse") {
         let result = run_read(
             node,
@@ -127,25 +144,29 @@ async fn get(app: &AppState, key: &str, params: &Params) -> Result<Response, Api
             shutdown,
             &IndexOf::Prefix(key.to_owned()),
             |state| {
-                let pairs: Vec<KvPair<'_>> = state
+                let mut pairs: Vec<KvPair<'_>> = state
                     .kv
                     .prefix_range(key)
                     .map(|(k, e)| KvPair::new(k, e))
                     .collect();
-                (!pairs.is_empty()).then(|| serde_json::to_vec(&pairs))
+                let filtered =
+                    crate::auth::filter(&mut pairs, |p| authz.allows(Kind::Key, p.key, Need::Read));
+                (
+                    (!pairs.is_empty()).then(|| serde_json::to_vec(&pairs)),
+                    filtered,
+                )
             },
         )
         .await?;
+        let (pairs, filtered) = result.value;
         headers = read_headers(node, result.index, options.consistency);
-        body = result
-            .value
-            .transpose()
-            .map_err(|e| internal(&e))?
-            .map(json_bytes);
+        mark_filtered(&mut headers, filtered);
+        body = pairs.transpose().map_err(|e| internal(&e))?.map(json_bytes);
     } else {
         if key.is_empty() {
             return Err(ApiError::bad_request("Missing key name"));
         }
+        authz.require(Kind::Key, key, Need::Read)?;
         let raw = params.present("raw");
         let result = run_read(
             node,
@@ -199,6 +220,7 @@ fn internal(e: &serde_json::Error) -> ApiError {
 
 async fn put(
     app: &AppState,
+    authz: &Authz,
     key: String,
     params: &Params,
     headers: &HeaderMap,
@@ -229,6 +251,7 @@ async fn put(
         }
     };
     let (acquire, release) = (lock("acquire")?, lock("release")?);
+    authz.require(Kind::Key, &key, Need::Write)?;
     let value = read_body(headers, body, MAX_VALUE_BYTES).await?;
     let command = if let Some(session) = acquire {
         Command::KvLock {
@@ -300,7 +323,12 @@ pub(super) async fn read_body(
     }
 }
 
-async fn delete(app: &AppState, key: String, params: &Params) -> Result<Response, ApiError> {
+async fn delete(
+    app: &AppState,
+    authz: &Authz,
+    key: String,
+    params: &Params,
+) -> Result<Response, ApiError> {
     let cas = params.u64("cas")?;
     let command = if params.present("recurse") {
         if cas.is_some() {
@@ -308,11 +336,15 @@ async fn delete(app: &AppState, key: String, params: &Params) -> Result<Response
                 "?cas cannot be combined with ?recurse",
             ));
         }
+        // Every key under the prefix must be writable (Consul's
+        // `KeyWritePrefix`): a deny below it refuses the whole delete.
+        authz.require_prefix(Kind::Key, &key, Need::Write)?;
         Command::KvDeleteTree { prefix: key }
     } else {
         if key.is_empty() {
             return Err(ApiError::bad_request("Missing key name"));
         }
+        authz.require(Kind::Key, &key, Need::Write)?;
         Command::KvDelete { key, cas }
     };
     let applied = app.node.write(command).await?;

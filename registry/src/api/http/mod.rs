@@ -251,20 +251,35 @@ fn prometheus_text(app: &AppState) -> axum::response::Response {
         .into_response()
 }
 
-/// `GET /metrics`: Prometheus text.
+/// `GET /metrics`: Prometheus text (with ACLs, `agent:read` on this
+/// server's node, as Consul's metrics endpoint).
 async fn metrics_prometheus(
     axum::extract::State(app): axum::extract::State<AppState>,
-) -> axum::response::Response {
-    prometheus_text(&app)
+    authz: authz::Authz,
+) -> Result<axum::response::Response, ApiError> {
+    authz.require(
+        crate::auth::Kind::Agent,
+        &app.node_name,
+        crate::auth::Need::Read,
+    )?;
+    Ok(prometheus_text(&app))
 }
 
 /// `GET /v1/agent/metrics`: Consul's JSON, or Prometheus text with
 /// `?format=prometheus`.
 async fn metrics(
     axum::extract::State(app): axum::extract::State<AppState>,
+    authz: authz::Authz,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
+    if let Err(refusal) = authz.require(
+        crate::auth::Kind::Agent,
+        &app.node_name,
+        crate::auth::Need::Read,
+    ) {
+        return ApiError::from(refusal).into_response();
+    }
     let params = query::Params::parse(query.as_deref());
     match params.get("format") {
         Some("prometheus") => prometheus_text(&app),

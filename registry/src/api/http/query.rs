@@ -219,9 +219,9 @@ mod tests {
         let mut state = State::default();
         let mut computed = 0;
         for _ in 0..3 {
-            let body = reads.get_or_compute("k", &state, |_| {
+            let (body, _) = reads.get_or_compute("k", &state, |_| {
                 computed += 1;
-                bytes::Bytes::from_static(b"[]")
+                (bytes::Bytes::from_static(b"[]"), false)
             });
             assert_eq!(&body[..], b"[]");
         }
@@ -229,7 +229,7 @@ mod tests {
         state.last_index = 9;
         reads.get_or_compute("k", &state, |_| {
             computed += 1;
-            bytes::Bytes::new()
+            (bytes::Bytes::new(), false)
         });
         assert_eq!(computed, 2);
         assert_eq!(
@@ -273,6 +273,8 @@ struct SharedRead {
     /// The state's applied index when computed: valid until it moves.
     applied: u64,
     body: bytes::Bytes,
+    /// Whether ACLs left entries out of it.
+    filtered: bool,
 }
 
 /// Distinct questions kept before unused ones are dropped.
@@ -285,8 +287,8 @@ impl SharedReads {
         &self,
         key: &str,
         state: &State,
-        compute: impl FnOnce(&State) -> bytes::Bytes,
-    ) -> bytes::Bytes {
+        compute: impl FnOnce(&State) -> (bytes::Bytes, bool),
+    ) -> (bytes::Bytes, bool) {
         let slot = {
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             if entries.len() >= SHARED_READS_MAX && !entries.contains_key(key) {
@@ -298,14 +300,15 @@ impl SharedReads {
         if let Some(read) = slot.as_ref()
             && read.applied == state.last_index
         {
-            return read.body.clone();
+            return (read.body.clone(), read.filtered);
         }
-        let body = compute(state);
+        let (body, filtered) = compute(state);
         *slot = Some(SharedRead {
             applied: state.last_index,
             body: body.clone(),
+            filtered,
         });
-        body
+        (body, filtered)
     }
 }
 

@@ -12,10 +12,12 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::authz::{Authz, mark_filtered};
 use super::consul_json::{Fields, printable};
 use super::error::ApiError;
 use super::query::{Params, ReadOptions, read_headers, run_read};
 use super::waiters::IndexOf;
+use crate::auth::{Kind, Need};
 use crate::cluster::Consistency;
 use crate::command::{Command, CommandResponse};
 use crate::state::State as RegistryState;
@@ -33,7 +35,11 @@ pub const DEFAULT_LOCK_DELAY: Duration = Duration::from_secs(15);
 const SERF_HEALTH: &str = "serfHealth";
 
 /// `PUT /v1/session/create`.
-pub async fn create(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn create(
+    State(app): State<AppState>,
+    authz: Authz,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let mut f = if body.iter().all(u8::is_ascii_whitespace) {
         Fields::from_value("session", Value::Null)?
     } else {
@@ -52,6 +58,7 @@ pub async fn create(State(app): State<AppState>, body: Bytes) -> Result<Response
         n => n,
     };
     printable("node name", &node)?;
+    authz.require(Kind::Session, &node, Need::Write)?;
     // Consul's defaults and quirks (its `fixupEmptySessionChecks`): no
     // check field means the node's liveness check (`serfHealth`);
     // `"Checks": []` or `null`, or `"NodeChecks": []`, means none;
@@ -239,9 +246,11 @@ fn lock_delay(f: &mut Fields) -> Result<Duration, ApiError> {
 /// `PUT /v1/session/destroy/:id`.
 pub async fn destroy(
     State(app): State<AppState>,
+    authz: Authz,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
+    require_session_write(&app, &authz, &id)?;
     app.node.write(Command::SessionDestroy { id }).await?;
     Ok(axum::Json(true).into_response())
 }
@@ -250,9 +259,11 @@ pub async fn destroy(
 /// leader (no log write); 404 once the session is gone.
 pub async fn renew(
     State(app): State<AppState>,
+    authz: Authz,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
+    require_session_write(&app, &authz, &id)?;
     if !app.node.renew_session(&id).await? {
         return Err(ApiError::NotFound(format!("Session id '{id}' not found")));
     }
@@ -261,19 +272,36 @@ pub async fn renew(
     if app.node.state.read().sessions.get(&id).is_none() {
         app.node.read_barrier(Consistency::Default).await?;
     }
-    let body = sessions_json(app.node.state.read().sessions.get(&id).into_iter());
+    let (body, _) = sessions_json(&authz, app.node.state.read().sessions.get(&id).into_iter());
     Ok(json_response(body))
+}
+
+/// A session's write (its node's `session` rule); an unknown session
+/// needs none (destroying it changes nothing, renewing it is a 404).
+fn require_session_write(app: &AppState, authz: &Authz, id: &str) -> Result<(), ApiError> {
+    let node = app
+        .node
+        .state
+        .read()
+        .sessions
+        .get(id)
+        .map(|s| s.spec.node.clone());
+    if let Some(node) = node {
+        authz.require(Kind::Session, &node, Need::Write)?;
+    }
+    Ok(())
 }
 
 /// `GET /v1/session/info/:id`.
 pub async fn info(
     State(app): State<AppState>,
+    authz: Authz,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
     read(&app, query.as_deref(), move |state| {
-        sessions_json(state.sessions.get(&id).into_iter())
+        sessions_json(&authz, state.sessions.get(&id).into_iter())
     })
     .await
 }
@@ -281,11 +309,12 @@ pub async fn info(
 /// `GET /v1/session/node/:node`.
 pub async fn node(
     State(app): State<AppState>,
+    authz: Authz,
     Path(node): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     read(&app, query.as_deref(), move |state| {
-        sessions_json(state.sessions.of_node(&node))
+        sessions_json(&authz, state.sessions.of_node(&node))
     })
     .await
 }
@@ -293,10 +322,11 @@ pub async fn node(
 /// `GET /v1/session/list`.
 pub async fn list(
     State(app): State<AppState>,
+    authz: Authz,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    read(&app, query.as_deref(), |state| {
-        sessions_json(state.sessions.iter())
+    read(&app, query.as_deref(), move |state| {
+        sessions_json(&authz, state.sessions.iter())
     })
     .await
 }
@@ -305,7 +335,7 @@ pub async fn list(
 async fn read(
     app: &AppState,
     query: Option<&str>,
-    compute: impl Fn(&RegistryState) -> Vec<u8>,
+    compute: impl Fn(&RegistryState) -> (Vec<u8>, bool),
 ) -> Result<Response, ApiError> {
     let params = Params::parse(query);
     let options = ReadOptions::from_params(&params)?;
@@ -318,8 +348,10 @@ async fn read(
         compute,
     )
     .await?;
-    let headers: HeaderMap = read_headers(&app.node, result.index, options.consistency);
-    let mut response = json_response(result.value);
+    let mut headers: HeaderMap = read_headers(&app.node, result.index, options.consistency);
+    let (body, filtered) = result.value;
+    mark_filtered(&mut headers, filtered);
+    let mut response = json_response(body);
     response.headers_mut().extend(headers);
     Ok(response)
 }
@@ -393,8 +425,23 @@ impl<'a> SessionJson<'a> {
     }
 }
 
-/// Sessions as Consul's JSON list.
-fn sessions_json<'a>(sessions: impl Iterator<Item = &'a Session>) -> Vec<u8> {
-    let list: Vec<SessionJson<'_>> = sessions.map(SessionJson::new).collect();
-    serde_json::to_vec(&list).unwrap_or_else(|_| b"[]".to_vec())
+/// The sessions the token may read (its node's `session` rule), as
+/// Consul's JSON list, and whether any were left out.
+fn sessions_json<'a>(
+    authz: &Authz,
+    sessions: impl Iterator<Item = &'a Session>,
+) -> (Vec<u8>, bool) {
+    let mut filtered = false;
+    let list: Vec<SessionJson<'_>> = sessions
+        .filter(|s| {
+            let sees = authz.allows(Kind::Session, &s.spec.node, Need::Read);
+            filtered |= !sees;
+            sees
+        })
+        .map(SessionJson::new)
+        .collect();
+    (
+        serde_json::to_vec(&list).unwrap_or_else(|_| b"[]".to_vec()),
+        filtered,
+    )
 }

@@ -16,8 +16,10 @@ use axum::response::{IntoResponse, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::AppState;
+use super::authz::Authz;
 use super::error::ApiError;
 use super::query::{Params, ReadOptions};
+use crate::auth::{Need, Single};
 use crate::command::{Command, CommandResponse};
 use meshwork_core::backup::{BACKUP_MAGIC, BackupHeader};
 use meshwork_core::frame::encode_frame;
@@ -36,8 +38,12 @@ static RESTORING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// quorum check).
 pub async fn save(
     State(app): State<AppState>,
+    authz: Authz,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    // A backup holds every secret (ACL tokens included): management only,
+    // as Consul.
+    authz.require_single(Single::Acl, Need::Write)?;
     let options = ReadOptions::from_params(&Params::parse(query.as_deref()))?;
     app.node.read_barrier(options.consistency).await?;
     // O(1): the state maps are persistent.
@@ -89,10 +95,12 @@ const MAX_META_BYTES: u64 = 64 * 1024;
 /// before anything is proposed.
 pub async fn restore(
     State(app): State<AppState>,
+    authz: Authz,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    authz.require_single(Single::Acl, Need::Write)?;
     let params = Params::parse(query.as_deref());
     let force = params.flag("force")?;
     let Ok(_one_at_a_time) = RESTORING.try_lock() else {

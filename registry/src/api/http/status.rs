@@ -7,8 +7,10 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::authz::Authz;
 use super::error::ApiError;
 use super::query::Params;
+use crate::auth::{Kind, Need, Single};
 
 /// `GET /v1/status/leader`: the leader's Raft address, `""` if none.
 pub async fn leader(State(app): State<AppState>) -> Json<String> {
@@ -30,8 +32,10 @@ pub async fn peers(State(app): State<AppState>) -> Json<Vec<String>> {
 /// `GET /v1/operator/raft/configuration`.
 pub async fn raft_configuration(
     State(app): State<AppState>,
+    authz: Authz,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
+    authz.require_single(Single::Operator, Need::Read)?;
     // A leader read by default (as Consul), so a change just made through
     // any server is visible; `?stale` answers from this server's view.
     let options = super::query::ReadOptions::from_params(&Params::parse(query.as_deref()))?;
@@ -60,8 +64,10 @@ pub async fn raft_configuration(
 /// `DELETE /v1/operator/raft/peer?id=N` (or `?address=HOST:PORT`).
 pub async fn remove_peer(
     State(app): State<AppState>,
+    authz: Authz,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    authz.require_single(Single::Operator, Need::Write)?;
     let params = Params::parse(query.as_deref());
     let id = match (params.get("id"), params.get("address")) {
         (Some(id), _) => id.parse::<u64>().map_err(|_| {
@@ -95,8 +101,10 @@ pub async fn remove_peer(
 /// and Raft address, as a learner until it has caught up, then as a voter.
 pub async fn add_peer(
     State(app): State<AppState>,
+    authz: Authz,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    authz.require_single(Single::Operator, Need::Write)?;
     let params = Params::parse(query.as_deref());
     let (Some(id), Some(address)) = (params.get("id"), params.get("address")) else {
         return Err(ApiError::bad_request(
@@ -124,7 +132,11 @@ pub async fn add_peer(
 /// `GET /v1/operator/autopilot/health`: every server's health as the
 /// leader sees it (Consul's shape); 429 when the cluster is unhealthy, as
 /// Consul, so load balancers and scripts can check the status alone.
-pub async fn autopilot_health(State(app): State<AppState>) -> Result<Response, ApiError> {
+pub async fn autopilot_health(
+    State(app): State<AppState>,
+    authz: Authz,
+) -> Result<Response, ApiError> {
+    authz.require_single(Single::Operator, Need::Read)?;
     let servers = app.node.server_health().await?;
     let voters = servers.iter().filter(|s| s.voter).count();
     let healthy_voters = servers.iter().filter(|s| s.voter && s.healthy).count();
@@ -169,7 +181,11 @@ fn go_duration_ms(ms: u64) -> String {
 /// builds a Raft snapshot now and compacts its log behind it, instead of
 /// waiting for `--snapshot-threshold`; answers the snapshot's index once
 /// it is written (or 500 if that takes over 60 s).
-pub async fn take_snapshot(State(app): State<AppState>) -> Result<Response, ApiError> {
+pub async fn take_snapshot(
+    State(app): State<AppState>,
+    authz: Authz,
+) -> Result<Response, ApiError> {
+    authz.require_single(Single::Operator, Need::Write)?;
     static TAKING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let Ok(_one_at_a_time) = TAKING.try_lock() else {
         return Err(ApiError::Conflict(
@@ -207,13 +223,17 @@ pub async fn take_snapshot(State(app): State<AppState>) -> Result<Response, ApiE
 }
 
 /// `GET /v1/agent/self`: what Consul clients read on start.
-pub async fn agent_self(State(app): State<AppState>) -> Json<Value> {
+pub async fn agent_self(
+    State(app): State<AppState>,
+    authz: Authz,
+) -> Result<Json<Value>, ApiError> {
+    authz.require(Kind::Agent, &app.node_name, Need::Read)?;
     let (host, port) = app
         .node_raft_addr
         .rsplit_once(':')
         .map(|(h, p)| (h.to_owned(), p.parse::<u16>().unwrap_or(0)))
         .unwrap_or_else(|| (app.node_raft_addr.clone(), 0));
-    Json(json!({
+    Ok(Json(json!({
         "Config": {
             "Datacenter": app.datacenter,
             // Nanoseconds, as Consul's older agents reported it (Patroni
@@ -257,7 +277,7 @@ pub async fn agent_self(State(app): State<AppState>) -> Json<Value> {
         },
         "Meta": {},
         "xDS": null,
-    }))
+    })))
 }
 
 /// Serf's member status numbers (`serf.MemberStatus`).
@@ -275,6 +295,7 @@ const UNKNOWN: u8 = 0;
 /// `?wan` lists the servers as `name.dc`.
 pub async fn agent_members(
     State(app): State<AppState>,
+    authz: Authz,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Vec<Value>>, ApiError> {
     let params = Params::parse(query.as_deref());
@@ -359,6 +380,17 @@ pub async fn agent_members(
             ));
         }
     }
+    // Members are nodes: the token sees those it may read.
+    members.retain(|m| {
+        let name = m["Name"].as_str().unwrap_or_default();
+        let node = if wan {
+            name.strip_suffix(&format!(".{}", app.datacenter))
+                .unwrap_or(name)
+        } else {
+            name
+        };
+        authz.allows(Kind::Node, node, Need::Read)
+    });
     Ok(Json(members))
 }
 

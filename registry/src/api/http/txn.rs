@@ -11,10 +11,12 @@ use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::authz::Authz;
 use super::consul_json::{self, Fields};
 use super::error::ApiError;
 use super::kv::{KvPair, MAX_KEY_BYTES, MAX_VALUE_BYTES, read_body};
 use super::query::{Params, ReadOptions, read_headers};
+use crate::auth::{Kind, Need};
 use crate::command::{Command, CommandResponse};
 use crate::state::catalog::{Registration, ServiceSpec};
 use crate::state::txn::{
@@ -28,6 +30,7 @@ pub const MAX_TXN_BYTES: usize = 512 * 1024;
 /// `PUT /v1/txn`.
 pub async fn handle(
     State(app): State<AppState>,
+    authz: Authz,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
@@ -36,16 +39,22 @@ pub async fn handle(
     let body = read_body(&headers, body, MAX_TXN_BYTES).await?;
     drop(headers);
     let decoded = decode(&body, &app.datacenter)?;
-    let errors: Vec<TxnError> = decoded
-        .iter()
-        .enumerate()
-        .filter_map(|(op_index, op)| {
-            op.as_ref().err().map(|what| TxnError {
-                op_index,
-                what: what.clone(),
+    // An operation the token may not do fails the transaction as Consul's
+    // do: a 409 naming it, nothing applied.
+    let errors: Vec<TxnError> = {
+        let state = app.node.state.read();
+        decoded
+            .iter()
+            .enumerate()
+            .filter_map(|(op_index, op)| {
+                let what = match op {
+                    Err(what) => what.clone(),
+                    Ok(op) => permitted(&authz, &state, op).err()?.to_string(),
+                };
+                Some(TxnError { op_index, what })
             })
-        })
-        .collect();
+            .collect()
+    };
     if !errors.is_empty() {
         let outcome = TxnOutcome {
             results: Vec::new(),
@@ -57,17 +66,19 @@ pub async fn handle(
     if ops.iter().all(TxnOp::reads_only) {
         let options = ReadOptions::from_params(&params)?;
         app.node.read_barrier(options.consistency).await?;
-        let (outcome, index) = {
+        let (mut outcome, index) = {
             let mut state = app.node.state.read().clone();
             let index = state.last_index;
             (txn::run(&mut state, index, &ops), index)
         };
+        hide_unreadable(&authz, &mut outcome);
         let headers = read_headers(&app.node, index.max(1), options.consistency);
         return Ok((headers, answer(&outcome)).into_response());
     }
     let applied = app.node.write(Command::Txn(ops)).await?;
     match applied.response {
-        CommandResponse::Txn(outcome) => {
+        CommandResponse::Txn(mut outcome) => {
+            hide_unreadable(&authz, &mut outcome);
             let mut response = answer(&outcome).into_response();
             response.headers_mut().insert(
                 "X-Consul-Index",
@@ -79,6 +90,55 @@ pub async fn handle(
             "unexpected answer to a transaction: {other:?}"
         ))),
     }
+}
+
+/// Whether the token may do `op` (Consul's per-operation vetting): KV
+/// reads need `key:read`, writes `key:write` (a tree delete, on every key
+/// under it); catalog operations the node's or service's permission.
+fn permitted(
+    authz: &crate::auth::Resolved,
+    state: &crate::state::State,
+    op: &TxnOp,
+) -> Result<(), crate::auth::Refusal> {
+    use crate::state::txn::KvVerb;
+    let need = |reads: bool| if reads { Need::Read } else { Need::Write };
+    match op {
+        TxnOp::Kv(kv) => match kv.verb {
+            // Filtered afterwards, as Consul's lists.
+            KvVerb::GetTree => Ok(()),
+            KvVerb::DeleteTree => authz.require_prefix(Kind::Key, &kv.key, Need::Write),
+            verb => authz.require(Kind::Key, &kv.key, need(verb.reads_only())),
+        },
+        TxnOp::Node(n) => authz.require(Kind::Node, &n.node.node, need(n.verb == CatalogVerb::Get)),
+        TxnOp::Service(s) => authz.require(
+            Kind::Service,
+            &s.service.name,
+            need(s.verb == CatalogVerb::Get),
+        ),
+        TxnOp::Check(c) => {
+            let reads = c.verb == CatalogVerb::Get;
+            let service = if c.check.service_id.is_empty() {
+                None
+            } else {
+                state
+                    .catalog
+                    .service(&c.node, &c.check.service_id)
+                    .map(|s| s.name.clone())
+            };
+            match service {
+                Some(name) => authz.require(Kind::Service, &name, need(reads)),
+                None => authz.require(Kind::Node, &c.node, need(reads)),
+            }
+        }
+    }
+}
+
+/// Drops KV results the token may not read (a `get-tree`'s).
+fn hide_unreadable(authz: &crate::auth::Resolved, outcome: &mut TxnOutcome) {
+    outcome.results.retain(|r| match r {
+        TxnResult::Kv { key, .. } => authz.allows(Kind::Key, key, Need::Read),
+        _ => true,
+    });
 }
 
 /// The answer: 200 with `Results`, or 409 with `Errors` (Consul's shape).
