@@ -174,7 +174,15 @@ pub async fn run(
         );
     }
 
-    let grpc_thread = spawn_public_grpc(&mut tasks, listeners.grpc, &node, &config, &shutdown)?;
+    let resolver = crate::api::grpc::resolver(Arc::clone(&acl), Arc::clone(&node));
+    let grpc_thread = spawn_public_grpc(
+        &mut tasks,
+        listeners.grpc,
+        &node,
+        &config,
+        &shutdown,
+        resolver,
+    )?;
     tasks.spawn(count_leader_changes(node.raft.metrics(), shutdown.clone()));
 
     // REST.
@@ -219,7 +227,7 @@ pub async fn run(
     );
 
     // DNS, from this server's own state.
-    let dns_config = Arc::new(dns_config(&config)?);
+    let dns_config = Arc::new(dns_config(&config, &acl)?);
     let dns_state = Arc::clone(&node.state);
     let token = shutdown.clone();
     tasks.spawn(
@@ -328,13 +336,15 @@ fn spawn_public_grpc(
     node: &Arc<RegistryNode>,
     config: &Config,
     shutdown: &CancellationToken,
+    resolver: crate::api::grpc::Resolver,
 ) -> Result<std::thread::JoinHandle<()>, ServerError> {
     let public = RegistryServer::new(RegistryService {
         node: Arc::clone(node),
     });
     // The hub's task runs on the public gRPC server's thread (below).
     let hub = crate::watch::Hub::new(Arc::clone(&node.state), config.watch.clone());
-    let watch = crate::api::grpc::watch::WatchServer::new(Arc::clone(&hub), shutdown.clone());
+    let watch = crate::api::grpc::watch::WatchServer::new(Arc::clone(&hub), shutdown.clone())
+        .with_resolver(Arc::clone(&resolver));
     let (sessions, forward_sessions) =
         crate::leader::liveness::Sessions::new(Arc::clone(node), shutdown.clone());
     tasks.spawn(
@@ -348,6 +358,7 @@ fn spawn_public_grpc(
         meshwork_proto::v1::agent_server::AgentServer::new(crate::api::grpc::agent::AgentService {
             node: Arc::clone(node),
             sessions,
+            resolver,
         });
     // The public gRPC server and the watch hub's task run on a thread of
     // their own with a single-threaded runtime. A watch change wakes every
@@ -516,7 +527,10 @@ fn rest_state(
 }
 
 /// The DNS server's settings, from the config.
-fn dns_config(config: &Config) -> Result<crate::dns::DnsConfig, ServerError> {
+fn dns_config(
+    config: &Config,
+    acl: &Arc<crate::auth::Acl>,
+) -> Result<crate::dns::DnsConfig, ServerError> {
     Ok(crate::dns::DnsConfig {
         domain: hickory_proto::rr::Name::from_ascii(&config.dns.domain)
             .map_err(|e| ServerError::RaftConfig(format!("dns domain: {e}")))?,
@@ -530,6 +544,7 @@ fn dns_config(config: &Config) -> Result<crate::dns::DnsConfig, ServerError> {
             .advertise_addr
             .rsplit_once(':')
             .and_then(|(host, _)| host.trim_matches(|c| c == '[' || c == ']').parse().ok()),
+        acl: Some(Arc::clone(acl)),
     })
 }
 

@@ -150,12 +150,24 @@ pub struct Resolved {
 }
 
 impl Resolved {
-    /// Everything allowed (ACLs off).
+    /// Everything allowed (ACLs off): shared, no allocation per request.
     pub fn everything() -> Self {
+        static EVERYTHING: std::sync::LazyLock<Arc<Authorizer>> =
+            std::sync::LazyLock::new(|| Arc::new(Authorizer::everything()));
         Self {
             accessor: None,
-            authorizer: Arc::new(Authorizer::everything()),
+            authorizer: Arc::clone(&EVERYTHING),
             acl_index: 0,
+        }
+    }
+
+    /// Nothing allowed: what a server answers as when its configured
+    /// token does not resolve (refuse rather than guess).
+    pub fn nothing() -> Self {
+        Self {
+            accessor: None,
+            authorizer: Arc::new(Authorizer::compile([], Fallback::Deny)),
+            acl_index: u64::MAX - 2,
         }
     }
 
@@ -169,6 +181,11 @@ impl Resolved {
 
     pub fn allows_single(&self, single: Single, need: Need) -> bool {
         self.authorizer.allows_single(single, need)
+    }
+
+    /// Whether `need` is granted on every name under `prefix`.
+    pub fn allows_prefix(&self, kind: Kind, prefix: &str, need: Need) -> bool {
+        self.authorizer.allows_prefix(kind, prefix, need)
     }
 
     pub fn is_management(&self) -> bool {
@@ -224,6 +241,29 @@ impl Resolved {
             self.accessor.as_deref().unwrap_or(""),
             self.acl_index
         ))
+    }
+}
+
+/// Who may read or write a config entry (Consul's `CanRead` / `CanWrite`
+/// per kind): a service's entries follow the service's rules, intentions
+/// the destination's `intentions` rule, mesh-wide entries `mesh` (which
+/// falls back to `operator`); anyone may read `proxy-defaults`.
+pub fn config_entry_permission(
+    authz: &Resolved,
+    kind: &str,
+    name: &str,
+    need: Need,
+) -> Result<(), Refusal> {
+    match (kind, need) {
+        ("service-defaults" | "service-router" | "service-splitter" | "service-resolver", _) => {
+            authz.require(Kind::Service, name, need)
+        }
+        ("service-intentions", _) => authz.require(Kind::Intention, name, need),
+        ("proxy-defaults", Need::Read | Need::List) => Ok(()),
+        ("ingress-gateway" | "terminating-gateway", Need::Read | Need::List) => {
+            authz.require(Kind::Service, name, Need::Read)
+        }
+        _ => authz.require_single(Single::Mesh, need),
     }
 }
 

@@ -16,6 +16,7 @@ use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use rand::seq::SliceRandom;
 
+use crate::auth::{Kind, Need, Resolved};
 use crate::state::State;
 use crate::state::catalog::{HealthStatus, Node, ServiceInstance};
 
@@ -41,9 +42,45 @@ pub struct DnsConfig {
     pub recursors: Vec<SocketAddr>,
     /// The address `ns.<domain>` resolves to.
     pub ns_addr: Option<IpAddr>,
+    /// ACLs: answers show only what the DNS token may read (`None`:
+    /// everything).
+    pub acl: Option<std::sync::Arc<crate::auth::Acl>>,
 }
 
 impl DnsConfig {
+    /// What DNS answers may show now: the DNS token's rights (nothing if
+    /// that token does not resolve).
+    fn authz(&self, state: &State) -> Resolved {
+        match &self.acl {
+            Some(acl) if acl.enabled() => {
+                let now_ns = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+                acl.resolve_dns(state, now_ns).unwrap_or_else(|refusal| {
+                    // Once a minute at most: this is per query.
+                    static LAST_WARNED_S: std::sync::atomic::AtomicU64 =
+                        std::sync::atomic::AtomicU64::new(0);
+                    let now_s = now_ns / 1_000_000_000;
+                    let last = LAST_WARNED_S.load(std::sync::atomic::Ordering::Relaxed);
+                    if now_s >= last + 60
+                        && LAST_WARNED_S
+                            .compare_exchange(
+                                last,
+                                now_s,
+                                std::sync::atomic::Ordering::Relaxed,
+                                std::sync::atomic::Ordering::Relaxed,
+                            )
+                            .is_ok()
+                    {
+                        tracing::warn!(%refusal, "the DNS token (acl.tokens.dns) does not resolve; DNS answers nothing");
+                    }
+                    Resolved::nothing()
+                })
+            }
+            _ => Resolved::everything(),
+        }
+    }
+
     fn service_ttl(&self, service: &str) -> u32 {
         self.service_ttl
             .get(service)
@@ -114,6 +151,7 @@ pub fn handle_packet(
         response.set_response_code(ResponseCode::NotImp);
         return Outcome::Reply(encode(response, limit));
     }
+    let authz = config.authz(state);
     let [query] = request.queries() else {
         response.set_response_code(ResponseCode::FormErr);
         return Outcome::Reply(encode(response, limit));
@@ -127,7 +165,7 @@ pub fn handle_packet(
         .map(|n| n.zone_of(&name))
         .unwrap_or(false);
     if reverse {
-        return match reverse_lookup(&name, state, config) {
+        return match reverse_lookup(&name, state, config, &authz) {
             Some(record) => {
                 response.set_authoritative(true);
                 response.add_answer(record);
@@ -150,7 +188,7 @@ pub fn handle_packet(
         return Outcome::Reply(encode(response, limit));
     }
     response.set_authoritative(true);
-    let found = lookup(query, &name, state, config, rng);
+    let found = lookup(query, &name, state, config, &authz, rng);
     match found {
         Lookup::NxDomain => {
             response.set_response_code(ResponseCode::NXDomain);
@@ -220,6 +258,7 @@ fn lookup(
     name: &Name,
     state: &State,
     config: &DnsConfig,
+    authz: &Resolved,
     rng: &mut impl rand::Rng,
 ) -> Lookup {
     let qtype = query.query_type();
@@ -252,7 +291,7 @@ fn lookup(
             }
             _ => Lookup::nodata(),
         },
-        [node, "node"] => node_lookup(node, qtype, name, state, config),
+        [node, "node"] => node_lookup(node, qtype, name, state, config, authz),
         [hex, "addr"] => match decode_hex_ipv4(hex) {
             Some(ip) if matches!(qtype, RecordType::A | RecordType::ANY) => Lookup::Records {
                 answers: vec![Record::from_rdata(
@@ -266,16 +305,16 @@ fn lookup(
             None => Lookup::NxDomain,
         },
         [service, "service"] if !service.starts_with('_') => {
-            service_lookup(service, None, qtype, name, state, config, rng)
+            service_lookup(service, None, qtype, name, (state, authz), config, rng)
         }
         [tag, service, "service"] if tag.starts_with('_') && service.starts_with('_') => {
             // RFC 2782: `_<service>._<tag|tcp>`; the first label is the service.
             let (svc, proto) = (&tag[1..], &service[1..]);
             let tag = (proto != "tcp" && proto != "udp").then_some(proto);
-            service_lookup(svc, tag, qtype, name, state, config, rng)
+            service_lookup(svc, tag, qtype, name, (state, authz), config, rng)
         }
         [tag, service, "service"] => {
-            service_lookup(service, Some(tag), qtype, name, state, config, rng)
+            service_lookup(service, Some(tag), qtype, name, (state, authz), config, rng)
         }
         _ => Lookup::NxDomain,
     }
@@ -300,8 +339,12 @@ fn node_lookup(
     name: &Name,
     state: &State,
     config: &DnsConfig,
+    authz: &Resolved,
 ) -> Lookup {
-    let Some(node) = node_by_name(state, node) else {
+    // A node the DNS token may not read does not exist for DNS.
+    let Some(node) =
+        node_by_name(state, node).filter(|n| authz.allows(Kind::Node, &n.name, Need::Read))
+    else {
         return Lookup::NxDomain;
     };
     let answers: Vec<Record> = address_record(name.clone(), &node.address, config.node_ttl)
@@ -326,7 +369,8 @@ fn service_lookup(
     tag: Option<&str>,
     qtype: RecordType,
     name: &Name,
-    state: &State,
+    // The state and what the DNS token may read of it.
+    (state, authz): (&State, &Resolved),
     config: &DnsConfig,
     rng: &mut impl rand::Rng,
 ) -> Lookup {
@@ -344,6 +388,10 @@ fn service_lookup(
     let mut instances: Vec<(&Node, &ServiceInstance, HealthStatus)> = candidates
         .into_iter()
         .filter(|(_, s)| tag.is_none_or(|t| s.tags.iter().any(|have| have.eq_ignore_ascii_case(t))))
+        .filter(|(n, s)| {
+            authz.allows(Kind::Service, &s.name, Need::Read)
+                && authz.allows(Kind::Node, &n.name, Need::Read)
+        })
         .map(|(n, s)| (n, s, catalog.instance_status(&n.name, &s.id)))
         .filter(|(_, _, status)| match status {
             HealthStatus::Passing => true,
@@ -440,7 +488,12 @@ fn decode_hex_ipv4(hex: &str) -> Option<Ipv4Addr> {
     Some(Ipv4Addr::from(n))
 }
 
-fn reverse_lookup(name: &Name, state: &State, config: &DnsConfig) -> Option<Record> {
+fn reverse_lookup(
+    name: &Name,
+    state: &State,
+    config: &DnsConfig,
+    authz: &Resolved,
+) -> Option<Record> {
     // d.c.b.a.in-addr.arpa. → a.b.c.d
     let labels: Vec<String> = name
         .iter()
@@ -455,7 +508,8 @@ fn reverse_lookup(name: &Name, state: &State, config: &DnsConfig) -> Option<Reco
     let node = state
         .catalog
         .nodes()
-        .find(|n| n.address.parse::<Ipv4Addr>().ok() == Some(ip))?;
+        .find(|n| n.address.parse::<Ipv4Addr>().ok() == Some(ip))
+        .filter(|n| authz.allows(Kind::Node, &n.name, Need::Read))?;
     let target = labels_name(&[&node.name, "node", &config.datacenter], &config.domain)?;
     Some(Record::from_rdata(
         name.clone(),
@@ -540,6 +594,7 @@ mod tests {
             a_record_limit: 0,
             recursors: Vec::new(),
             ns_addr: Some("127.0.0.1".parse().expect("ip")),
+            acl: None,
         }
     }
 

@@ -12,6 +12,7 @@ use meshwork_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Kind, Need, Resolved};
 use crate::cluster::{ClusterError, Consistency, RegistryNode};
 use crate::command::{Command, CommandResponse};
 use crate::leader::liveness::{DEFAULT_SESSION_TTL, SESSION_CHECK_ID, Sessions};
@@ -23,10 +24,17 @@ use crate::state::catalog::{
 const MIN_SESSION_TTL: Duration = Duration::from_millis(500);
 
 /// Serves `meshwork.v1.Agent`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AgentService {
     pub node: Arc<RegistryNode>,
     pub sessions: Sessions,
+    pub resolver: super::Resolver,
+}
+
+impl std::fmt::Debug for AgentService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentService").finish_non_exhaustive()
+    }
 }
 
 fn cluster_status(e: ClusterError) -> Status {
@@ -69,6 +77,70 @@ fn non_empty(value: &str, what: &str) -> Result<(), Status> {
 }
 
 impl AgentService {
+    /// The rights of the call's token.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<Resolved, Status> {
+        (self.resolver)(super::call_token(request.metadata().as_ref()))
+            .map_err(super::refusal_status)
+    }
+
+    /// A sidecar may register its service with the service's write (a
+    /// service identity token): the node comes with it, unless the node
+    /// exists under another address, which takes the node's write (no
+    /// service token moves another machine's node).
+    fn vet_registration(
+        &self,
+        authz: &Resolved,
+        registration: &Registration,
+    ) -> Result<(), Status> {
+        let deny = super::refusal_status;
+        if let Some(service) = &registration.service {
+            authz
+                .require(Kind::Service, &service.name, Need::Write)
+                .map_err(deny)?;
+        }
+        let state = self.node.state.read();
+        if let Some(service) = &registration.service
+            && let Some(old) = state.catalog.service(&registration.node, &service.id)
+            && old.name != service.name
+        {
+            authz
+                .require(Kind::Service, &old.name, Need::Write)
+                .map_err(deny)?;
+        }
+        let moves_node = state
+            .catalog
+            .node(&registration.node)
+            .is_some_and(|n| n.address != registration.address);
+        if moves_node {
+            authz
+                .require(Kind::Node, &registration.node, Need::Write)
+                .map_err(deny)?;
+        }
+        Ok(())
+    }
+
+    /// The write a change to `service_id` on `node` needs (its service's;
+    /// the node's when it is not there).
+    fn require_instance_write(
+        &self,
+        authz: &Resolved,
+        node: &str,
+        service_id: &str,
+    ) -> Result<(), Status> {
+        let name = self
+            .node
+            .state
+            .read()
+            .catalog
+            .service(node, service_id)
+            .map(|s| s.name.clone());
+        match name {
+            Some(name) => authz.require(Kind::Service, &name, Need::Write),
+            None => authz.require(Kind::Node, node, Need::Write),
+        }
+        .map_err(super::refusal_status)
+    }
+
     async fn write(&self, command: Command) -> Result<u64, Status> {
         let applied = self.node.write(command).await.map_err(cluster_status)?;
         match applied.response {
@@ -188,7 +260,9 @@ impl Agent for AgentService {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterReply>, Status> {
+        let authz = self.authorize(&request)?;
         let (registration, ttl) = Self::registration(request.into_inner())?;
+        self.vet_registration(&authz, &registration)?;
         let node = registration.node.clone();
         // Checks this instance had before but no longer declares (the
         // sidecar's config changed) go in the same log entry.
@@ -242,9 +316,24 @@ impl Agent for AgentService {
         &self,
         request: Request<UpdateCheckRequest>,
     ) -> Result<Response<AgentReply>, Status> {
+        let authz = self.authorize(&request)?;
         let request = request.into_inner();
         non_empty(&request.node, "node")?;
         non_empty(&request.check_id, "check_id")?;
+        let owner = self
+            .node
+            .state
+            .read()
+            .catalog
+            .node_checks(&request.node)
+            .find(|c| c.check_id == request.check_id && !c.service_id.is_empty())
+            .map(|c| c.service_id.clone());
+        match owner {
+            Some(service_id) => self.require_instance_write(&authz, &request.node, &service_id)?,
+            None => authz
+                .require(Kind::Node, &request.node, Need::Write)
+                .map_err(super::refusal_status)?,
+        }
         if request.check_id == SESSION_CHECK_ID {
             return Err(Status::invalid_argument(
                 "the session check is renewed with Heartbeat, not updated",
@@ -266,9 +355,11 @@ impl Agent for AgentService {
         &self,
         request: Request<DeregisterRequest>,
     ) -> Result<Response<AgentReply>, Status> {
+        let authz = self.authorize(&request)?;
         let request = request.into_inner();
         non_empty(&request.node, "node")?;
         non_empty(&request.service_id, "service_id")?;
+        self.require_instance_write(&authz, &request.node, &request.service_id)?;
         let mut index = self
             .write(Command::CatalogDeregister {
                 node: request.node.clone(),
@@ -301,9 +392,29 @@ impl Agent for AgentService {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
+        let authz = self.authorize(&request)?;
         let request = request.into_inner();
         non_empty(&request.node, "node")?;
-        self.sessions.touch(&request.node);
+        // Renewing a node's liveness is a write to what runs on it. An
+        // instance this server does not know (yet) renews nothing: the
+        // answer only tells the sidecar to register.
+        let known = !request.service_id.is_empty()
+            && self
+                .node
+                .state
+                .read()
+                .catalog
+                .service(&request.node, &request.service_id)
+                .is_some();
+        if known {
+            self.require_instance_write(&authz, &request.node, &request.service_id)?;
+            self.sessions.touch(&request.node);
+        } else if request.service_id.is_empty() {
+            authz
+                .require(Kind::Node, &request.node, Need::Write)
+                .map_err(super::refusal_status)?;
+            self.sessions.touch(&request.node);
+        }
         let lookup = |node: &RegistryNode| {
             let state = node.state.read();
             let registered = request.service_id.is_empty()

@@ -11,7 +11,37 @@ use meshwork_proto::v1::registry_server::Registry;
 use meshwork_proto::v1::{Server, StatusReply, StatusRequest};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Acl, Refusal, Resolved};
 use crate::cluster::RegistryNode;
+
+/// Resolves a call's token (`None`: the default or anonymous token) to
+/// its rights: every public gRPC call goes through one.
+pub type Resolver = Arc<dyn Fn(Option<&str>) -> Result<Resolved, Refusal> + Send + Sync>;
+
+/// The resolver of a server: its ACL settings over its own replica.
+pub fn resolver(acl: Arc<Acl>, node: Arc<RegistryNode>) -> Resolver {
+    Arc::new(move |token| crate::api::resolve(&acl, &node, token))
+}
+
+/// Everything allowed (ACLs off; tests).
+pub fn allow_all() -> Resolver {
+    Arc::new(|_| Ok(Resolved::everything()))
+}
+
+/// The token of a call: `x-consul-token` or `authorization: Bearer`
+/// metadata, as the REST headers.
+pub fn call_token(headers: &tonic::codegen::http::HeaderMap) -> Option<&str> {
+    crate::auth::request_token(None, headers)
+}
+
+/// A refusal as a gRPC status: an unknown token is UNAUTHENTICATED, a
+/// missing permission PERMISSION_DENIED, with the REST API's message.
+pub fn refusal_status(refusal: Refusal) -> Status {
+    match refusal {
+        Refusal::TokenNotFound => Status::unauthenticated(refusal.to_string()),
+        Refusal::Denied { .. } => Status::permission_denied(refusal.to_string()),
+    }
+}
 
 /// Serves `meshwork.v1.Registry`.
 #[derive(Debug, Clone)]

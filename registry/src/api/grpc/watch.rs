@@ -31,24 +31,46 @@ use tonic::codegen::{BoxFuture, Service, StdError, http};
 use tonic::server::NamedService;
 use tonic::{Code, Status};
 
+use crate::auth::{Kind, Need, Refusal, Resolved};
 use crate::watch::{Encoded, Hub, Processed, SubscribeError, Subscription, Topic};
 
 /// Largest subscribe request accepted.
 const MAX_REQUEST: usize = 64 * 1024;
 
 /// Serves `meshwork.v1.Watch`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WatchServer {
     hub: Arc<Hub>,
     /// Refuses new subscriptions (UNAVAILABLE) once the server shuts down;
     /// open streams end (UNAVAILABLE, so clients resubscribe elsewhere)
     /// when the hub, stopping on the same token, closes their channels.
     shutdown: CancellationToken,
+    /// What each subscriber's token may read.
+    resolver: super::Resolver,
+}
+
+impl std::fmt::Debug for WatchServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchServer").finish_non_exhaustive()
+    }
 }
 
 impl WatchServer {
+    /// A watch service that lets every subscriber read everything; see
+    /// [`WatchServer::with_resolver`].
     pub fn new(hub: Arc<Hub>, shutdown: CancellationToken) -> Self {
-        Self { hub, shutdown }
+        Self {
+            hub,
+            shutdown,
+            resolver: super::allow_all(),
+        }
+    }
+
+    /// Resolves each subscriber's token: a topic it may not read is
+    /// refused, one it may read in part is filtered for it.
+    pub fn with_resolver(mut self, resolver: super::Resolver) -> Self {
+        self.resolver = resolver;
+        self
     }
 }
 
@@ -73,9 +95,10 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let hub = Arc::clone(&self.hub);
         let shutdown = self.shutdown.clone();
+        let resolver = Arc::clone(&self.resolver);
         match request.uri().path() {
             "/meshwork.v1.Watch/Subscribe" => Box::pin(async move {
-                Ok(subscribe(hub, shutdown, request)
+                Ok(subscribe(hub, shutdown, &resolver, request)
                     .await
                     .unwrap_or_else(Status::into_http))
             }),
@@ -161,12 +184,14 @@ where
 async fn subscribe<B>(
     hub: Arc<Hub>,
     shutdown: CancellationToken,
+    resolver: &super::Resolver,
     request: http::Request<B>,
 ) -> Result<http::Response<tonic::body::Body>, Status>
 where
     B: Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
+    let authz = resolver(super::call_token(request.headers())).map_err(super::refusal_status)?;
     if let Some(encoding) = request.headers().get("grpc-encoding")
         && encoding.as_bytes() != b"identity"
     {
@@ -176,6 +201,9 @@ where
     }
     let request = read_request(request.into_body()).await?;
     let topic = Topic::from_request(&request).map_err(Status::invalid_argument)?;
+    let filter = filter_for(&authz, &topic)
+        .map_err(super::refusal_status)?
+        .map(Arc::new);
     if shutdown.is_cancelled() {
         return Err(status_of(SubscribeError::ShuttingDown));
     }
@@ -183,7 +211,8 @@ where
         .subscribe(topic, request.since_index)
         .await
         .map_err(status_of)?;
-    let mut response = http::Response::new(tonic::body::Body::new(EventBody::new(subscription)));
+    let mut response =
+        http::Response::new(tonic::body::Body::new(EventBody::new(subscription, filter)));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
@@ -247,16 +276,99 @@ where
         .map_err(|e| Status::invalid_argument(format!("malformed SubscribeRequest: {e}")))
 }
 
+/// What a subscriber whose token may read only part of its topic is sent:
+/// each message with the changes it may not read taken out (Consul's list
+/// filtering). Subscribers that may read the whole topic, the usual case,
+/// get the shared bytes untouched.
+struct Filter {
+    authz: Resolved,
+    /// The kind of a config-entries topic (a removal names only the entry).
+    config_kind: Option<String>,
+}
+
+/// The filter a subscriber needs, `None` when it may read the whole
+/// topic, or the refusal when it may not watch it at all (a service it
+/// may not read, as REST answers 403 for a single object).
+fn filter_for(authz: &Resolved, topic: &Topic) -> Result<Option<Filter>, Refusal> {
+    if authz.is_management() {
+        return Ok(None);
+    }
+    let whole = match topic {
+        Topic::Service { name, .. } => {
+            authz.require(Kind::Service, name, Need::Read)?;
+            authz.allows_prefix(Kind::Node, "", Need::Read)
+        }
+        Topic::Services => authz.allows_prefix(Kind::Service, "", Need::Read),
+        Topic::KvPrefix(prefix) => authz.allows_prefix(Kind::Key, prefix, Need::Read),
+        Topic::ConfigEntries(_) => false,
+    };
+    Ok((!whole).then(|| Filter {
+        authz: authz.clone(),
+        config_kind: match topic {
+            Topic::ConfigEntries(kind) => Some(kind.clone()),
+            _ => None,
+        },
+    }))
+}
+
+impl Filter {
+    fn visible(&self, change: &meshwork_proto::v1::Change) -> bool {
+        use meshwork_proto::v1::change::Change as C;
+        let a = &self.authz;
+        let kind = self.config_kind.as_deref().unwrap_or_default();
+        match &change.change {
+            None => true,
+            Some(C::Endpoint(e)) => {
+                a.allows(Kind::Service, &e.service_name, Need::Read)
+                    && a.allows(Kind::Node, &e.node, Need::Read)
+            }
+            Some(C::EndpointRemoved(key)) => {
+                let node = key.split_once('/').map_or(key.as_str(), |(n, _)| n);
+                a.allows(Kind::Node, node, Need::Read)
+            }
+            Some(C::Service(s)) => a.allows(Kind::Service, &s.name, Need::Read),
+            Some(C::ServiceRemoved(name)) => a.allows(Kind::Service, name, Need::Read),
+            Some(C::Kv(e)) => a.allows(Kind::Key, &e.key, Need::Read),
+            Some(C::KvRemoved(key)) => a.allows(Kind::Key, key, Need::Read),
+            Some(C::ConfigEntry(e)) => {
+                crate::auth::config_entry_permission(a, &e.kind, &e.name, Need::Read).is_ok()
+            }
+            Some(C::ConfigEntryRemoved(name)) => {
+                crate::auth::config_entry_permission(a, kind, name, Need::Read).is_ok()
+            }
+        }
+    }
+
+    /// One message (a length-prefixed `WatchEvent`) as this subscriber
+    /// may see it; `None` if it does not decode (never for the hub's own
+    /// messages), which ends the stream rather than pass it on unread.
+    fn apply(&self, frame: &Bytes) -> Option<Bytes> {
+        let mut event = meshwork_proto::v1::WatchEvent::decode(frame.get(5..)?).ok()?;
+        let before = event.changes.len();
+        event.changes.retain(|c| self.visible(c));
+        if event.changes.len() == before {
+            return Some(frame.clone());
+        }
+        let len = event.encoded_len();
+        let mut out = BytesMut::with_capacity(5 + len);
+        out.put_u8(0);
+        out.put_u32(u32::try_from(len).ok()?);
+        event.encode(&mut out).ok()?;
+        Some(out.freeze())
+    }
+}
+
 /// The response body of one subscriber: the snapshot (or the missed
 /// changes), then live changes and heartbeats, then trailers.
 struct EventBody {
     initial: std::vec::IntoIter<Bytes>,
     /// `None` once the trailers went out.
     tail: Option<Tail>,
+    filter: Option<Arc<Filter>>,
 }
 
 impl EventBody {
-    fn new(subscription: Subscription) -> Self {
+    fn new(subscription: Subscription, filter: Option<Arc<Filter>>) -> Self {
         let Subscription {
             initial,
             index,
@@ -267,6 +379,7 @@ impl EventBody {
         Self {
             initial: initial.into_iter(),
             tail: Some(Tail::new(index, live, heartbeat, processed)),
+            filter,
         }
     }
 }
@@ -280,16 +393,26 @@ impl Body for EventBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = self.get_mut();
-        if let Some(message) = this.initial.next() {
-            return Poll::Ready(Some(Ok(Frame::data(message))));
-        }
-        let Some(tail) = this.tail.as_mut() else {
-            return Poll::Ready(None);
+        let next = match this.initial.next() {
+            Some(message) => Poll::Ready(Ok(message)),
+            None => match this.tail.as_mut() {
+                None => return Poll::Ready(None),
+                Some(tail) => tail.poll_next(cx),
+            },
         };
-        match tail.poll_next(cx) {
+        let next = match (next, &this.filter) {
+            (Poll::Ready(Ok(message)), Some(filter)) => Poll::Ready(
+                filter
+                    .apply(&message)
+                    .ok_or_else(|| Status::internal("a watch message did not decode")),
+            ),
+            (next, _) => next,
+        };
+        match next {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(message)) => Poll::Ready(Some(Ok(Frame::data(message)))),
             Poll::Ready(Err(status)) => {
+                this.initial = Vec::new().into_iter();
                 this.tail = None;
                 let mut trailers = http::HeaderMap::new();
                 // Cannot fail: the message is percent-encoded and these

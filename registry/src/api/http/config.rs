@@ -12,7 +12,7 @@ use super::authz::Authz;
 use super::error::ApiError;
 use super::query::{Params, ReadOptions, read_headers, run_read};
 use super::waiters::IndexOf;
-use crate::auth::{Kind, Need, Refusal, Resolved, Single};
+use crate::auth::{Need, config_entry_permission as entry_permission};
 use crate::command::{Command, CommandResponse};
 use crate::state::config::{check_kind, entry_json, normalize};
 
@@ -27,24 +27,6 @@ fn cas(params: &Params) -> Result<Option<u64>, ApiError> {
             })
         })
         .transpose()
-}
-
-/// Who may read or write an entry (Consul's `CanRead` / `CanWrite` per
-/// kind): a service's entries follow the service's rules, intentions the
-/// destination's `intentions` rule, mesh-wide entries `mesh` (which falls
-/// back to `operator`); anyone may read `proxy-defaults`.
-fn entry_permission(authz: &Resolved, kind: &str, name: &str, need: Need) -> Result<(), Refusal> {
-    match (kind, need) {
-        ("service-defaults" | "service-router" | "service-splitter" | "service-resolver", _) => {
-            authz.require(Kind::Service, name, need)
-        }
-        ("service-intentions", _) => authz.require(Kind::Intention, name, need),
-        ("proxy-defaults", Need::Read | Need::List) => Ok(()),
-        ("ingress-gateway" | "terminating-gateway", Need::Read | Need::List) => {
-            authz.require(Kind::Service, name, Need::Read)
-        }
-        _ => authz.require_single(Single::Mesh, need),
-    }
 }
 
 /// The query of a request about one kind, once the kind is known to be
