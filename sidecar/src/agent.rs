@@ -20,7 +20,7 @@ use rand::Rng;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::config::{Check, Config, Probe};
 use crate::notify;
@@ -89,20 +89,22 @@ fn wire(status: HealthStatus) -> i32 {
 /// The registry servers, one in use; a failure moves to the next.
 struct Registry {
     addresses: Vec<String>,
+    token: crate::RegistryToken,
     current: usize,
-    client: Option<AgentClient<Channel>>,
+    client: Option<AgentClient<crate::RegistryChannel>>,
 }
 
 impl Registry {
-    fn new(addresses: Vec<String>) -> Self {
+    fn new(addresses: Vec<String>, token: crate::RegistryToken) -> Self {
         Registry {
             addresses,
+            token,
             current: 0,
             client: None,
         }
     }
 
-    async fn client(&mut self) -> Result<AgentClient<Channel>, String> {
+    async fn client(&mut self) -> Result<AgentClient<crate::RegistryChannel>, String> {
         if let Some(client) = &self.client {
             return Ok(client.clone());
         }
@@ -112,7 +114,7 @@ impl Registry {
             .connect()
             .await
             .map_err(|e| format!("{addr}: {e}"))?;
-        let client = AgentClient::new(channel);
+        let client = AgentClient::with_interceptor(channel, self.token.clone());
         self.client = Some(client.clone());
         Ok(client)
     }
@@ -120,7 +122,7 @@ impl Registry {
     /// One call on the server in use; errors as one line.
     async fn call<T, F, Fut>(&mut self, call: F) -> Result<T, String>
     where
-        F: FnOnce(AgentClient<Channel>) -> Fut,
+        F: FnOnce(AgentClient<crate::RegistryChannel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let client = self.client().await?;
@@ -328,7 +330,7 @@ pub async fn run(
     (results_tx, mut results): (mpsc::Sender<CheckResult>, mpsc::Receiver<CheckResult>),
 ) {
     let mut config: Arc<Config> = Arc::clone(&configs.borrow_and_update());
-    let mut registry = Registry::new(config.registry.clone());
+    let mut registry = Registry::new(config.registry.clone(), config.registry_token.clone());
     let mut generation = 0u64;
     let mut checks = local_checks(&config, Vec::new());
     publish_identity(&status, &config);
@@ -365,9 +367,9 @@ pub async fn run(
                 checks = local_checks(&next, std::mem::take(&mut checks));
                 absorb_all(&mut checks, &mut queued, generation);
                 probes = start_probes(&next, generation, &ttl_reports, &results_tx);
-                if registry.addresses != next.registry {
-                    tracing::info!(registry = ?next.registry, "registry servers changed");
-                    registry = Registry::new(next.registry.clone());
+                if registry.addresses != next.registry || registry.token != next.registry_token {
+                    tracing::info!(registry = ?next.registry, "registry servers or token changed");
+                    registry = Registry::new(next.registry.clone(), next.registry_token.clone());
                 }
                 if next.session_ttl != config.session_ttl {
                     heartbeat = heartbeat_timer(&next);

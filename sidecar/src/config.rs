@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use meshwork_core::config_file::toml_error;
@@ -103,9 +103,12 @@ struct ProxySection {
 #[serde(deny_unknown_fields)]
 struct RegistrySection {
     addresses: Vec<String>,
-    /// Reserved for ACLs; accepted so configs can carry it already.
+    /// The ACL token for registration and watches (its SecretID).
     #[serde(default)]
     token: Option<String>,
+    /// A file holding the token instead (kept out of the config file).
+    #[serde(default)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,6 +195,8 @@ pub struct Check {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub registry: Vec<String>,
+    /// The ACL token sent with every registry call.
+    pub registry_token: crate::RegistryToken,
     pub node: String,
     pub node_address: String,
     pub service_name: String,
@@ -295,7 +300,32 @@ impl Config {
                 errors.push(format!("{f}: registry.addresses: {a:?} is not HOST:PORT"));
             }
         }
-        let _ = file.registry.token;
+        let registry_token = match (file.registry.token.as_deref(), &file.registry.token_file) {
+            (Some(_), Some(_)) => {
+                errors.push(format!(
+                    "{f}: registry.token_file: give the token or a token_file, not both"
+                ));
+                crate::RegistryToken::default()
+            }
+            (Some(secret), None) => crate::RegistryToken::new(secret).unwrap_or_else(|e| {
+                errors.push(format!("{f}: registry.token: {e}"));
+                crate::RegistryToken::default()
+            }),
+            (None, Some(path)) => match std::fs::read_to_string(path) {
+                Ok(text) => crate::RegistryToken::new(&text).unwrap_or_else(|e| {
+                    errors.push(format!("{f}: registry.token_file: {}: {e}", path.display()));
+                    crate::RegistryToken::default()
+                }),
+                Err(e) => {
+                    errors.push(format!(
+                        "{f}: registry.token_file: cannot read {}: {e}",
+                        path.display()
+                    ));
+                    crate::RegistryToken::default()
+                }
+            },
+            (None, None) => crate::RegistryToken::default(),
+        };
         let service = file.service;
         if service.name.trim().is_empty() {
             errors.push(format!("{f}: service.name: must not be empty"));
@@ -491,6 +521,7 @@ impl Config {
         });
         Ok(Config {
             registry: file.registry.addresses,
+            registry_token,
             service_address: service.address.unwrap_or_else(|| node_address.clone()),
             node,
             node_address,

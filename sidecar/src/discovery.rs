@@ -56,6 +56,9 @@ pub struct Discovery {
     /// is below the number of services followed, some endpoint sets are
     /// the last known ones).
     connected: Arc<AtomicUsize>,
+    /// The ACL token the watches present when they connect (a reload may
+    /// change it).
+    token: Arc<watch::Sender<crate::RegistryToken>>,
 }
 
 /// Counts a connected stream until dropped.
@@ -68,13 +71,28 @@ impl Drop for Connected {
 }
 
 impl Discovery {
-    pub fn new(addresses: Vec<String>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        addresses: Vec<String>,
+        token: crate::RegistryToken,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             addresses: Arc::new(watch::Sender::new(Arc::new(addresses))),
             services: Arc::default(),
             shutdown,
             connected: Arc::default(),
+            token: Arc::new(watch::Sender::new(token)),
         }
+    }
+
+    /// A new token for the streams that connect from now on (the server
+    /// ends the open ones if it revokes the old token).
+    pub fn set_token(&self, token: crate::RegistryToken) {
+        self.token.send_if_modified(|current| {
+            let changed = *current != token;
+            *current = token;
+            changed
+        });
     }
 
     /// `(connected, followed)` watch streams.
@@ -103,7 +121,7 @@ impl Discovery {
             passing_only,
             tx,
             stop,
-            Arc::clone(&self.connected),
+            (Arc::clone(&self.connected), self.token.subscribe()),
         ));
         rx
     }
@@ -149,7 +167,7 @@ async fn follow(
     passing_only: bool,
     tx: watch::Sender<Arc<EndpointSet>>,
     shutdown: CancellationToken,
-    connected: Arc<AtomicUsize>,
+    (connected, token): (Arc<AtomicUsize>, watch::Receiver<crate::RegistryToken>),
 ) {
     let mut set = EndpointSet::default();
     let mut server = 0usize;
@@ -158,6 +176,7 @@ async fn follow(
         let list = Arc::clone(&addresses.borrow_and_update());
         // Config validation refuses an empty list.
         let addr = &list[server % list.len()];
+        let current_token = token.borrow().clone();
         match stream_once(
             addr,
             &service,
@@ -165,7 +184,7 @@ async fn follow(
             &mut set,
             (&tx, &mut addresses),
             &shutdown,
-            &connected,
+            (&connected, &current_token),
         )
         .await
         {
@@ -201,7 +220,7 @@ async fn stream_once(
         &mut watch::Receiver<Arc<Vec<String>>>,
     ),
     shutdown: &CancellationToken,
-    connected: &Arc<AtomicUsize>,
+    (connected, token): (&Arc<AtomicUsize>, &crate::RegistryToken),
 ) -> Ended {
     let endpoint = match crate::registry_endpoint(addr) {
         Ok(e) => e,
@@ -218,7 +237,10 @@ async fn stream_once(
         })),
         since_index: set.index,
     };
-    let mut stream = match WatchClient::new(channel).subscribe(request).await {
+    let mut stream = match WatchClient::with_interceptor(channel, token.clone())
+        .subscribe(request)
+        .await
+    {
         Ok(s) => s.into_inner(),
         Err(status) => return Ended::Broken(format!("{}: {}", status.code(), status.message())),
     };

@@ -23,6 +23,62 @@ pub mod reload;
 pub mod telemetry;
 pub mod upstream;
 
+/// The ACL token the sidecar presents to the registry (`[registry] token`
+/// or `token_file`), sent as `x-consul-token` metadata on every call.
+/// Its `Debug` never shows the secret.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RegistryToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl RegistryToken {
+    /// A token from its SecretID; refused if it could not travel in a
+    /// header (non-visible-ASCII characters).
+    pub fn new(secret: &str) -> Result<Self, String> {
+        let secret = secret.trim();
+        if secret.is_empty() {
+            return Ok(Self(None));
+        }
+        if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the registry token has characters a header cannot carry".to_owned());
+        }
+        secret
+            .parse()
+            .map(|v| Self(Some(v)))
+            .map_err(|_| "the registry token has characters a header cannot carry".to_owned())
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl std::fmt::Debug for RegistryToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "\"<hidden>\""
+        } else {
+            "None"
+        })
+    }
+}
+
+impl tonic::service::Interceptor for RegistryToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("x-consul-token", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A connection to a registry server whose calls carry the token.
+pub(crate) type RegistryChannel =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, RegistryToken>;
+
 /// A gRPC endpoint for a registry server (`HOST:PORT`), as every part of
 /// the sidecar dials it: 2 s connect timeout, `TCP_NODELAY`.
 pub(crate) fn registry_endpoint(addr: &str) -> Result<tonic::transport::Endpoint, String> {

@@ -196,7 +196,11 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
     // The proxy's listeners are bound before registering, so peers that
     // see this instance can reach its inbound listener at once. A sidecar
     // without listeners still has an (idle) proxy: a reload may add some.
-    let discovery = Discovery::new(config.registry.clone(), shutdown.clone());
+    let discovery = Discovery::new(
+        config.registry.clone(),
+        config.registry_token.clone(),
+        shutdown.clone(),
+    );
     let proxy = Proxy::bind(&config, discovery.clone(), shutdown.clone()).await?;
     proxy.run();
     let status: agent::SharedStatus = Arc::new(Mutex::new(agent::Status::default()));

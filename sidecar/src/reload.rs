@@ -107,6 +107,7 @@ impl Reloader {
             .map_err(|e| format!("{}: {e}", self.path.display()))?;
         let next = Arc::new(next);
         self.discovery.set_addresses(next.registry.clone());
+        self.discovery.set_token(next.registry_token.clone());
         self.agent.send_replace(next);
         Ok(changes)
     }

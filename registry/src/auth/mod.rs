@@ -175,6 +175,12 @@ impl Resolved {
         self.accessor.as_deref()
     }
 
+    /// The ACL tables' index this was resolved at: a resolution at another
+    /// index may grant something else.
+    pub fn acl_index(&self) -> u64 {
+        self.acl_index
+    }
+
     pub fn allows(&self, kind: Kind, name: &str, need: Need) -> bool {
         self.authorizer.allows(kind, name, need)
     }

@@ -191,7 +191,8 @@ where
     B: Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
-    let authz = resolver(super::call_token(request.headers())).map_err(super::refusal_status)?;
+    let token = super::call_token(request.headers()).map(str::to_owned);
+    let authz = resolver(token.as_deref()).map_err(super::refusal_status)?;
     if let Some(encoding) = request.headers().get("grpc-encoding")
         && encoding.as_bytes() != b"identity"
     {
@@ -204,6 +205,14 @@ where
     let filter = filter_for(&authz, &topic)
         .map_err(super::refusal_status)?
         .map(Arc::new);
+    // With ACLs on, the stream's token is checked again before each
+    // message: one revoked (or whose rights changed) stops the stream.
+    let recheck = authz.accessor().is_some().then(|| Recheck {
+        resolver: Arc::clone(resolver),
+        token,
+        topic: topic.clone(),
+        acl_index: authz.acl_index(),
+    });
     if shutdown.is_cancelled() {
         return Err(status_of(SubscribeError::ShuttingDown));
     }
@@ -211,8 +220,11 @@ where
         .subscribe(topic, request.since_index)
         .await
         .map_err(status_of)?;
-    let mut response =
-        http::Response::new(tonic::body::Body::new(EventBody::new(subscription, filter)));
+    let mut response = http::Response::new(tonic::body::Body::new(EventBody::new(
+        subscription,
+        filter,
+        recheck,
+    )));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
@@ -358,6 +370,30 @@ impl Filter {
     }
 }
 
+/// What an open stream needs to check its token again.
+struct Recheck {
+    resolver: super::Resolver,
+    token: Option<String>,
+    topic: Topic,
+    /// The ACL tables' index the current filter was made at.
+    acl_index: u64,
+}
+
+impl Recheck {
+    /// The filter to use now, or why the stream must end. Cheap when the
+    /// ACL tables did not change (a cached resolution).
+    fn refresh(&mut self, filter: &mut Option<Arc<Filter>>) -> Result<(), Status> {
+        let authz = (self.resolver)(self.token.as_deref()).map_err(super::refusal_status)?;
+        if authz.acl_index() != self.acl_index {
+            *filter = filter_for(&authz, &self.topic)
+                .map_err(super::refusal_status)?
+                .map(Arc::new);
+            self.acl_index = authz.acl_index();
+        }
+        Ok(())
+    }
+}
+
 /// The response body of one subscriber: the snapshot (or the missed
 /// changes), then live changes and heartbeats, then trailers.
 struct EventBody {
@@ -365,10 +401,15 @@ struct EventBody {
     /// `None` once the trailers went out.
     tail: Option<Tail>,
     filter: Option<Arc<Filter>>,
+    recheck: Option<Recheck>,
 }
 
 impl EventBody {
-    fn new(subscription: Subscription, filter: Option<Arc<Filter>>) -> Self {
+    fn new(
+        subscription: Subscription,
+        filter: Option<Arc<Filter>>,
+        recheck: Option<Recheck>,
+    ) -> Self {
         let Subscription {
             initial,
             index,
@@ -380,6 +421,7 @@ impl EventBody {
             initial: initial.into_iter(),
             tail: Some(Tail::new(index, live, heartbeat, processed)),
             filter,
+            recheck,
         }
     }
 }
@@ -399,6 +441,12 @@ impl Body for EventBody {
                 None => return Poll::Ready(None),
                 Some(tail) => tail.poll_next(cx),
             },
+        };
+        let next = match (next, &mut this.recheck) {
+            (Poll::Ready(Ok(message)), Some(recheck)) => {
+                Poll::Ready(recheck.refresh(&mut this.filter).map(|()| message))
+            }
+            (next, _) => next,
         };
         let next = match (next, &this.filter) {
             (Poll::Ready(Ok(message)), Some(filter)) => Poll::Ready(
