@@ -174,6 +174,20 @@ pub async fn run(
         );
     }
 
+    if acl.enabled() {
+        tasks.spawn({
+            let (node, file, token) = (
+                Arc::clone(&node),
+                config.acl_bootstrap_file.clone(),
+                shutdown.clone(),
+            );
+            async move {
+                crate::leader::acl_bootstrap::run(node, file, token).await;
+                Ok(())
+            }
+            .instrument(tracing::info_span!("acl_bootstrap"))
+        });
+    }
     let resolver = crate::api::grpc::resolver(Arc::clone(&acl), Arc::clone(&node));
     let grpc_thread = spawn_public_grpc(
         &mut tasks,
