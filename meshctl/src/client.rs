@@ -50,12 +50,19 @@ impl Client {
         }
         let token = match token {
             None | Some("") => None,
-            Some(t) => Some(HeaderValue::from_str(t).map_err(|_| {
-                CtlError::Usage(
-                    "invalid token: it must be printable ASCII without line breaks (--token or MESHWORK_HTTP_TOKEN)"
-                        .into(),
-                )
-            })?),
+            Some(t) => {
+                // Never echoed: the token is a secret.
+                let mut value = HeaderValue::from_str(t).map_err(|_| {
+                    CtlError::Usage(
+                        "invalid token: it must be printable ASCII without line breaks \
+                         (--token, --token-file, MESHWORK_HTTP_TOKEN or CONSUL_HTTP_TOKEN)"
+                            .into(),
+                    )
+                })?;
+                // Shown as "Sensitive" by Debug.
+                value.set_sensitive(true);
+                Some(value)
+            }
         };
         Ok(Self {
             addr: bare.to_owned(),
@@ -175,9 +182,9 @@ impl Reply {
         };
         Err(match self.status {
             StatusCode::NOT_FOUND => CtlError::NotFound(message),
-            StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => {
-                CtlError::Server(format!("{message} (check --token or MESHWORK_HTTP_TOKEN)"))
-            }
+            StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => CtlError::Server(format!(
+                "{message} (check --token, --token-file or MESHWORK_HTTP_TOKEN)"
+            )),
             status => CtlError::Server(format!("{}: {message}", status.as_u16())),
         })
     }

@@ -1,11 +1,16 @@
 //! `meshctl`: the operator's command line for a registry cluster, over
 //! the REST API. Human tables by default, `--json` for scripts.
 //!
+//! With ACLs on, the token (`--token`, `--token-file`,
+//! `MESHWORK_HTTP_TOKEN` or `CONSUL_HTTP_TOKEN`) goes with every request
+//! as `X-Consul-Token`; it is never printed (not even by `Debug`).
+//!
 //! Exit codes: 0 done; 1 the registry refused or failed the request;
 //! 2 bad usage (unknown flag, bad address, unreadable file); 3 not found
 //! (key, service, server); 4 no registry answered; 5 the request was sent
 //! but its answer was lost, so whether it took effect is unknown.
 
+mod acl;
 mod client;
 
 use std::io::Write;
@@ -69,14 +74,15 @@ pub struct Cli {
     /// CONSUL_HTTP_ADDR is read too [default: 127.0.0.1:8500].
     #[arg(long, global = true, env = "MESHWORK_HTTP_ADDR")]
     http_addr: Option<String>,
-    /// ACL token, sent as X-Consul-Token; CONSUL_HTTP_TOKEN is read too.
-    #[arg(
-        long,
-        global = true,
-        env = "MESHWORK_HTTP_TOKEN",
-        hide_env_values = true
-    )]
-    token: Option<String>,
+    /// ACL token (its SecretID), sent as X-Consul-Token with every
+    /// request. Without it: --token-file, then the environment's
+    /// MESHWORK_HTTP_TOKEN, then CONSUL_HTTP_TOKEN.
+    #[arg(long, global = true, value_name = "TOKEN")]
+    token: Option<Secret>,
+    /// Read the ACL token from FILE (surrounding whitespace dropped), so
+    /// that it shows in no process listing.
+    #[arg(long, global = true, value_name = "FILE", conflicts_with = "token")]
+    token_file: Option<std::path::PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -110,6 +116,70 @@ enum Command {
     Server(ServerCommand),
     /// This meshctl's version and the registry's.
     Version,
+    /// Manage ACLs, as `consul acl` does: bootstrap, tokens, policies.
+    #[command(subcommand)]
+    Acl(acl::AclCommand),
+}
+
+/// A token's secret: kept out of `Debug` output and error messages.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the request header only.
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(text: String) -> Self {
+        Secret(text)
+    }
+}
+
+/// The token to send: `--token` (even empty: none), else `--token-file`,
+/// else `MESHWORK_HTTP_TOKEN`, else `CONSUL_HTTP_TOKEN` (empty variables
+/// count as unset).
+fn resolve_token(
+    flag: Option<Secret>,
+    file: Option<&std::path::Path>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<Secret>, CtlError> {
+    if flag.is_some() {
+        return Ok(flag);
+    }
+    if let Some(path) = file {
+        // The file's content never goes into a message: it is a secret.
+        let bytes = std::fs::read(path).map_err(|e| {
+            CtlError::Usage(format!("cannot read --token-file {}: {e}", path.display()))
+        })?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            CtlError::Usage(format!(
+                "--token-file {} does not hold a text token",
+                path.display()
+            ))
+        })?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(CtlError::Usage(format!(
+                "--token-file {} is empty",
+                path.display()
+            )));
+        }
+        return Ok(Some(Secret(token.to_owned())));
+    }
+    Ok(["MESHWORK_HTTP_TOKEN", "CONSUL_HTTP_TOKEN"]
+        .into_iter()
+        .filter_map(env)
+        .find(|value| !value.is_empty())
+        .map(Secret))
 }
 
 #[derive(Debug, Subcommand)]
@@ -224,10 +294,10 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CtlError> {
         .http_addr
         .or_else(|| std::env::var("CONSUL_HTTP_ADDR").ok())
         .unwrap_or_else(|| "127.0.0.1:8500".to_owned());
-    let token = cli
-        .token
-        .or_else(|| std::env::var("CONSUL_HTTP_TOKEN").ok());
-    let client = Client::new(&http_addr, token.as_deref(), timeout)?;
+    let token = resolve_token(cli.token, cli.token_file.as_deref(), |name| {
+        std::env::var(name).ok()
+    })?;
+    let client = Client::new(&http_addr, token.as_ref().map(Secret::expose), timeout)?;
     let ctl = Ctl {
         client,
         json: cli.json,
@@ -243,6 +313,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CtlError> {
         Command::Snapshot(cmd) => ctl.snapshot(cmd, out).await,
         Command::Server(cmd) => ctl.server(cmd, out).await,
         Command::Version => ctl.version(out).await,
+        Command::Acl(cmd) => ctl.acl(cmd, out).await,
     }
     .and_then(|()| out.flush().map_err(write_err))
 }
@@ -780,4 +851,197 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<(), CtlError
     tmp.as_file().sync_all().map_err(fail)?;
     tmp.persist(path).map_err(|e| fail(e.error))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("meshctl").chain(args.iter().copied()))
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn the_token_flag_is_global_and_never_shown_by_debug() {
+        let cli = parse(&["acl", "token", "list", "--token", "s3cr3t-value"]).expect("parses");
+        assert_eq!(cli.token, Some(Secret("s3cr3t-value".into())));
+        let debug = format!("{cli:?}");
+        assert!(!debug.contains("s3cr3t-value"), "{debug}");
+        assert!(debug.contains("<redacted>"), "{debug}");
+        let cli = parse(&["--token", "t", "members"]).expect("parses");
+        assert_eq!(cli.token, Some(Secret("t".into())));
+    }
+
+    #[test]
+    fn token_and_token_file_exclude_each_other() {
+        let e = parse(&["--token", "t", "--token-file", "/tmp/x", "members"])
+            .expect_err("both refused");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn the_flag_wins_then_the_file_then_meshwork_then_consul() {
+        let env = |name: &str| match name {
+            "MESHWORK_HTTP_TOKEN" => Some("from-meshwork".to_owned()),
+            "CONSUL_HTTP_TOKEN" => Some("from-consul".to_owned()),
+            _ => None,
+        };
+        let consul_only = |name: &str| (name == "CONSUL_HTTP_TOKEN").then(|| "from-consul".into());
+        let empty_meshwork = |name: &str| match name {
+            "MESHWORK_HTTP_TOKEN" => Some(String::new()),
+            _ => consul_only(name),
+        };
+        let secret = |s: &str| Some(Secret(s.to_owned()));
+        assert_eq!(
+            resolve_token(secret("flag"), None, env).ok(),
+            Some(secret("flag"))
+        );
+        assert_eq!(
+            resolve_token(None, None, env).ok(),
+            Some(secret("from-meshwork"))
+        );
+        assert_eq!(
+            resolve_token(None, None, consul_only).ok(),
+            Some(secret("from-consul"))
+        );
+        assert_eq!(
+            resolve_token(None, None, empty_meshwork).ok(),
+            Some(secret("from-consul"))
+        );
+        assert_eq!(resolve_token(None, None, no_env).ok(), Some(None));
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("token");
+        std::fs::write(&file, "  from-file \n").expect("write");
+        assert_eq!(
+            resolve_token(None, Some(&file), env).ok(),
+            Some(secret("from-file"))
+        );
+    }
+
+    #[test]
+    fn a_bad_token_file_is_a_usage_error_that_hides_its_content() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing");
+        let e = resolve_token(None, Some(&missing), no_env).expect_err("missing file");
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("missing"), "{e}");
+
+        let blank = dir.path().join("blank");
+        std::fs::write(&blank, "\n \n").expect("write");
+        let e = resolve_token(None, Some(&blank), no_env).expect_err("empty file");
+        assert!(e.to_string().ends_with("is empty"), "{e}");
+
+        // A secret with a line break inside cannot be a header; the
+        // message must not repeat it.
+        let broken = dir.path().join("broken");
+        std::fs::write(&broken, "abc\ndef-secret").expect("write");
+        let token = resolve_token(None, Some(&broken), no_env).expect("read");
+        let e = Client::new(
+            "127.0.0.1:8500",
+            token.as_ref().map(Secret::expose),
+            Duration::from_secs(1),
+        )
+        .expect_err("refused");
+        assert!(!e.to_string().contains("def-secret"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn the_client_never_shows_its_token() {
+        let client =
+            Client::new("127.0.0.1:8500", Some("s3cr3t"), Duration::from_secs(1)).expect("client");
+        let debug = format!("{client:?}");
+        assert!(!debug.contains("s3cr3t"), "{debug}");
+    }
+
+    /// One request to a loopback listener: the raw request it received.
+    fn exchange(token: Option<&str>, answer: &'static str) -> (String, Result<Value, CtlError>) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr").to_string();
+            let server = tokio::spawn(async move {
+                let (mut stream, _) = listener.accept().await.expect("accept");
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = stream.read(&mut buf).await.expect("read");
+                    if n == 0 {
+                        break;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                stream.write_all(answer.as_bytes()).await.expect("write");
+                String::from_utf8_lossy(&seen).into_owned()
+            });
+            let client = Client::new(&addr, token, Duration::from_secs(5)).expect("client");
+            let reply = client
+                .send(Method::GET, "/v1/acl/token/self", Vec::new())
+                .await
+                .and_then(client::Reply::json);
+            (server.await.expect("server"), reply)
+        })
+    }
+
+    #[test]
+    fn every_request_carries_the_token_header() {
+        let ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
+        let (request, reply) = exchange(Some("tok-123"), ok);
+        assert!(reply.is_ok());
+        let lower = request.to_ascii_lowercase();
+        assert!(
+            lower.contains("\r\nx-consul-token: tok-123\r\n"),
+            "{request}"
+        );
+
+        let (request, _) = exchange(None, ok);
+        assert!(
+            !request.to_ascii_lowercase().contains("x-consul-token"),
+            "{request}"
+        );
+    }
+
+    #[test]
+    fn acl_commands_parse() {
+        let cli = parse(&["acl", "bootstrap", "--json"]).expect("parses");
+        assert!(cli.json);
+        assert!(matches!(
+            cli.command,
+            Command::Acl(acl::AclCommand::Bootstrap)
+        ));
+        for args in [
+            &["acl", "token", "read"][..],
+            &["acl", "token", "read", "--id", "a", "--self"],
+            &["acl", "token", "delete"],
+            &["acl", "policy", "create", "--name", "p"],
+            &[
+                "acl",
+                "policy",
+                "create",
+                "--name",
+                "p",
+                "--rules",
+                "x",
+                "--rules-file",
+                "f",
+            ],
+            &["acl", "token", "create", "--node-identity", "just-a-node"],
+            &["acl", "token", "create", "--expires-ttl", "later"],
+            &["acl", "token", "create", "--policy-name", ""],
+        ] {
+            let e = parse(args).expect_err("refused");
+            assert!(e.use_stderr(), "{args:?}");
+        }
+    }
 }

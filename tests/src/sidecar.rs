@@ -186,6 +186,8 @@ pub struct Mesh {
     /// `127.x.y`: the cluster's own /24.
     net: String,
     pub sidecars: Vec<Sidecar>,
+    /// The ACL token the next sidecars present (`[registry] token`).
+    pub registry_token: Option<String>,
     done: bool,
 }
 
@@ -211,7 +213,12 @@ pub struct Service<'a> {
 impl Mesh {
     /// A one-server registry on a fresh `127.x.y.0/24`, no sidecars yet.
     pub async fn start() -> Result<Self> {
-        let cluster = Cluster::start(1, &[]).await?;
+        Self::start_with(&[]).await
+    }
+
+    /// [`Mesh::start`] with `extra` flags for the registry server.
+    pub async fn start_with(extra: &[&str]) -> Result<Self> {
+        let cluster = Cluster::start(1, extra).await?;
         let ip = cluster.servers[0].ip.clone();
         let net = ip
             .rsplit_once('.')
@@ -221,6 +228,7 @@ impl Mesh {
             cluster: Some(cluster),
             net,
             sidecars: Vec::new(),
+            registry_token: None,
             done: false,
         })
     }
@@ -260,9 +268,15 @@ impl Mesh {
         Ok(self.sidecars.len() - 1)
     }
 
-    fn registry_section(&self) -> String {
+    /// The `[registry]` table the next sidecar gets.
+    pub fn registry_section(&self) -> String {
+        let token = self
+            .registry_token
+            .as_ref()
+            .map(|t| format!("token = \"{t}\"\n"))
+            .unwrap_or_default();
         format!(
-            "[registry]\naddresses = [\"{}:{GRPC_PORT}\"]\n",
+            "[registry]\naddresses = [\"{}:{GRPC_PORT}\"]\n{token}",
             self.cluster().servers[0].ip
         )
     }

@@ -271,7 +271,11 @@ async fn sidecar_discovery_follows_a_service_across_a_server_loss() -> Result<()
             .map(|i| format!("{}:{}", cluster.servers[i].ip, meshwork_tests::GRPC_PORT)),
     );
     let shutdown = tokio_util_free_token();
-    let discovery = Discovery::new(addresses, shutdown.clone());
+    let discovery = Discovery::new(
+        addresses,
+        meshwork_sidecar::RegistryToken::default(),
+        shutdown.clone(),
+    );
     let mut web = discovery.service("web", false);
 
     async fn keys_when(

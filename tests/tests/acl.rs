@@ -1,0 +1,594 @@
+//! ACLs end to end, on real processes: bootstrap once, tokens made on one
+//! server work on every server, a revoked token is refused everywhere
+//! within a second, rules are enforced and lists filtered, a backup and a
+//! restarted follower keep the tokens, and sidecars register and watch
+//! with a token and are refused without one.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use meshwork_tests::sidecar::{ADMIN_PORT, Mesh};
+use meshwork_tests::{Cluster, wait_for};
+use serde_json::{Value, json};
+
+/// One request with an optional token; its status and body.
+async fn call(
+    cluster: &Cluster,
+    i: usize,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> Result<(u16, String)> {
+    let url = format!("{}{path}", cluster.servers[i].http());
+    let mut request = cluster.http.request(method, url);
+    if let Some(t) = token {
+        request = request.header("X-Consul-Token", t);
+    }
+    if let Some(b) = body {
+        request = request.json(&b);
+    }
+    let resp = request.send().await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.text().await?))
+}
+
+async fn get(
+    cluster: &Cluster,
+    i: usize,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, String)> {
+    call(cluster, i, reqwest::Method::GET, path, token, None).await
+}
+
+async fn put(
+    cluster: &Cluster,
+    i: usize,
+    path: &str,
+    token: Option<&str>,
+    body: Value,
+) -> Result<(u16, String)> {
+    call(cluster, i, reqwest::Method::PUT, path, token, Some(body)).await
+}
+
+/// A JSON answer's field as text.
+fn field(body: &str, name: &str) -> Result<String> {
+    let value: Value = serde_json::from_str(body).with_context(|| format!("not JSON: {body}"))?;
+    value[name]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("no {name} in {body}"))
+}
+
+/// Bootstraps through server `i`: the management SecretID.
+async fn bootstrap(cluster: &Cluster, i: usize) -> Result<String> {
+    let (status, body) = put(cluster, i, "/v1/acl/bootstrap", None, Value::Null).await?;
+    ensure!(status == 200, "bootstrap answered {status}: {body}");
+    field(&body, "SecretID")
+}
+
+/// Makes a policy and a token holding it through server `i`: the token's
+/// (AccessorID, SecretID).
+async fn token_with_rules(
+    cluster: &Cluster,
+    i: usize,
+    management: &str,
+    name: &str,
+    rules: &str,
+) -> Result<(String, String)> {
+    let (status, body) = put(
+        cluster,
+        i,
+        "/v1/acl/policy",
+        Some(management),
+        json!({ "Name": name, "Rules": rules }),
+    )
+    .await?;
+    ensure!(status == 200, "policy create answered {status}: {body}");
+    let (status, body) = put(
+        cluster,
+        i,
+        "/v1/acl/token",
+        Some(management),
+        json!({ "Description": name, "Policies": [{ "Name": name }] }),
+    )
+    .await?;
+    ensure!(status == 200, "token create answered {status}: {body}");
+    Ok((field(&body, "AccessorID")?, field(&body, "SecretID")?))
+}
+
+async fn policy_count(cluster: &Cluster, management: &str) -> Result<usize> {
+    let (_, body) = get(cluster, 0, "/v1/acl/policies", Some(management)).await?;
+    let list: Vec<Value> = serde_json::from_str(&body)?;
+    Ok(list.len())
+}
+
+const APP_RULES: &str = r#"
+key_prefix "app/" {
+  policy = "write"
+}
+key_prefix "app/secret/" {
+  policy = "deny"
+}
+service_prefix "" {
+  policy = "read"
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_work_everywhere_and_a_revoked_one_is_refused_everywhere_within_a_second()
+-> Result<()> {
+    let mut cluster = Cluster::start(3, &["--acl-enabled"]).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    let followers = cluster.followers(leader);
+
+    // Before the bootstrap nothing is allowed, and the answer says why.
+    let (status, body) = get(&cluster, 0, "/v1/kv/app/x", None).await?;
+    ensure!(
+        status == 403 && body.contains("anonymous token lacks permission 'key:read'"),
+        "{status} {body}"
+    );
+    // Bootstrap once, through a follower; the second time is refused with
+    // Consul's reset index, through another server.
+    let management = bootstrap(&cluster, followers[0]).await?;
+    let (status, body) = put(
+        &cluster,
+        followers[1],
+        "/v1/acl/bootstrap",
+        None,
+        Value::Null,
+    )
+    .await?;
+    ensure!(
+        status == 403 && body.contains("ACL bootstrap no longer allowed (reset index:"),
+        "{status} {body}"
+    );
+
+    // A token made through one server works on every server.
+    let (accessor, secret) =
+        token_with_rules(&cluster, followers[1], &management, "app", APP_RULES).await?;
+    for i in 0..3 {
+        let key = format!("/v1/kv/app/from-{i}");
+        let (status, body) =
+            call(&cluster, i, reqwest::Method::PUT, &key, Some(&secret), None).await?;
+        ensure!(
+            status == 200 && body.trim() == "true",
+            "server {i}: {status} {body}"
+        );
+        let (status, body) = call(
+            &cluster,
+            i,
+            reqwest::Method::PUT,
+            "/v1/kv/etc/x",
+            Some(&secret),
+            None,
+        )
+        .await?;
+        ensure!(
+            status == 403
+                && body.contains(&format!(
+                    "token with AccessorID '{accessor}' lacks permission 'key:write' on \"etc/x\""
+                )),
+            "server {i}: {status} {body}"
+        );
+        ensure!(!body.contains(&secret), "the refusal shows the secret");
+    }
+    // Deny below a write prefix wins; a recursive delete over it is refused.
+    let (status, _) = call(
+        &cluster,
+        0,
+        reqwest::Method::PUT,
+        "/v1/kv/app/secret/k",
+        Some(&secret),
+        None,
+    )
+    .await?;
+    ensure!(status == 403, "deny under a write prefix: {status}");
+    let (status, _) = call(
+        &cluster,
+        0,
+        reqwest::Method::DELETE,
+        "/v1/kv/app/?recurse",
+        Some(&secret),
+        None,
+    )
+    .await?;
+    ensure!(status == 403, "a tree delete over a denied key: {status}");
+    // Lists are filtered, and say so.
+    let (status, _) = call(
+        &cluster,
+        0,
+        reqwest::Method::PUT,
+        "/v1/kv/etc/y",
+        Some(&management),
+        None,
+    )
+    .await?;
+    ensure!(status == 200);
+    let url = format!("{}/v1/kv/?recurse", cluster.servers[2].http());
+    let resp = cluster
+        .http
+        .get(url)
+        .header("Authorization", format!("Bearer {secret}"))
+        .send()
+        .await?;
+    ensure!(
+        resp.headers()
+            .get("X-Consul-Results-Filtered-By-ACLs")
+            .is_some_and(|v| v == "true"),
+        "no filtered header: {:?}",
+        resp.headers()
+    );
+    let keys: Vec<Value> = resp.json().await?;
+    ensure!(
+        !keys.is_empty()
+            && keys
+                .iter()
+                .all(|k| k["Key"].as_str().is_some_and(|k| k.starts_with("app/"))),
+        "{keys:?}"
+    );
+    // `?token=` works too; an unknown token is "ACL not found".
+    let (status, _) = get(
+        &cluster,
+        1,
+        &format!("/v1/kv/app/from-0?token={secret}"),
+        None,
+    )
+    .await?;
+    ensure!(status == 200, "?token=: {status}");
+    let (status, body) = get(&cluster, 1, "/v1/kv/app/from-0", Some("not-a-token")).await?;
+    ensure!(
+        status == 403 && body.trim() == "ACL not found",
+        "{status} {body}"
+    );
+
+    // Revoke through one server: every server refuses it within a second.
+    let revoked_at = Instant::now();
+    let (status, body) = call(
+        &cluster,
+        followers[0],
+        reqwest::Method::DELETE,
+        &format!("/v1/acl/token/{accessor}"),
+        Some(&management),
+        None,
+    )
+    .await?;
+    ensure!(status == 200 && body.trim() == "true", "{status} {body}");
+    for i in 0..3 {
+        wait_for(
+            &format!("server {i} refusing the revoked token"),
+            Duration::from_secs(1),
+            || async {
+                let (status, body) = get(&cluster, i, "/v1/kv/app/from-0?stale", Some(&secret))
+                    .await
+                    .ok()?;
+                (status == 403 && body.trim() == "ACL not found").then_some(())
+            },
+        )
+        .await?;
+    }
+    let took = revoked_at.elapsed();
+    ensure!(took < Duration::from_secs(1), "revocation took {took:?}");
+
+    // A follower restarted from its data dir enforces the same tokens.
+    let (_, kept_secret) =
+        token_with_rules(&cluster, leader, &management, "kept", APP_RULES).await?;
+    let restarted = followers[1];
+    cluster.servers[restarted].stop().await?;
+    cluster.servers[restarted].start(&[])?;
+    cluster.wait_leader(Duration::from_secs(15)).await?;
+    wait_for(
+        "the restarted follower",
+        Duration::from_secs(15),
+        || async {
+            let (status, _) = get(
+                &cluster,
+                restarted,
+                "/v1/kv/app/from-0?stale",
+                Some(&kept_secret),
+            )
+            .await
+            .ok()?;
+            (status == 200).then_some(())
+        },
+    )
+    .await?;
+    let (status, _) = get(
+        &cluster,
+        restarted,
+        "/v1/kv/app/from-0?stale",
+        Some(&secret),
+    )
+    .await?;
+    ensure!(
+        status == 403,
+        "the revoked token on the restarted follower: {status}"
+    );
+    let (status, _) = get(&cluster, restarted, "/v1/kv/app/from-0?stale", None).await?;
+    ensure!(
+        status == 403,
+        "anonymous on the restarted follower: {status}"
+    );
+    cluster.done();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_nothing_changes() -> Result<()> {
+    let cluster = Cluster::start_in_process(1, &["--acl-enabled"]).await?;
+    let management = bootstrap(&cluster, 0).await?;
+    let m = Some(management.as_str());
+    let before = policy_count(&cluster, &management).await?;
+    // Rules that do not parse: 400 with the line and column.
+    let (status, body) = put(
+        &cluster,
+        0,
+        "/v1/acl/policy",
+        m,
+        json!({"Name": "bad", "Rules": "key_prefix \"a\" {\n  policy = \n}"}),
+    )
+    .await?;
+    ensure!(
+        status == 400 && body.contains("Failed to parse ACL rules: line 2, column"),
+        "{status} {body}"
+    );
+    let (status, body) = put(
+        &cluster,
+        0,
+        "/v1/acl/policy",
+        m,
+        json!({"Name": "bad", "Rules": "kye \"a\" { policy = \"read\" }"}),
+    )
+    .await?;
+    ensure!(
+        status == 400 && body.contains("unknown rule type \"kye\""),
+        "{status} {body}"
+    );
+    let (status, body) = put(
+        &cluster,
+        0,
+        "/v1/acl/policy",
+        m,
+        json!({"Name": "bad name!", "Rules": ""}),
+    )
+    .await?;
+    ensure!(status == 400, "{status} {body}");
+    // A token naming a policy that does not exist.
+    let (status, body) = put(
+        &cluster,
+        0,
+        "/v1/acl/token",
+        m,
+        json!({"Policies": [{"Name": "missing"}]}),
+    )
+    .await?;
+    ensure!(
+        status == 400 && body.contains("cannot find policy"),
+        "{status} {body}"
+    );
+    ensure!(
+        policy_count(&cluster, &management).await? == before,
+        "a refused write changed the policies"
+    );
+    // Unknown accessor, malformed and oversized tokens.
+    let (status, _) = get(
+        &cluster,
+        0,
+        "/v1/acl/token/00000000-0000-0000-0000-00000000dead",
+        m,
+    )
+    .await?;
+    ensure!(status == 403, "unknown accessor: {status}");
+    for bad in ["\u{7f}x", &"a".repeat(4096)] {
+        let url = format!("{}/v1/kv/k", cluster.servers[0].http());
+        let resp = cluster
+            .http
+            .get(url)
+            .header("X-Consul-Token", bad)
+            .send()
+            .await;
+        if let Ok(resp) = resp {
+            ensure!(
+                resp.status().as_u16() == 403,
+                "token {:?}: {}",
+                &bad[..4.min(bad.len())],
+                resp.status()
+            );
+        }
+    }
+    // A token that expires: it works, then it is "ACL not found".
+    let (status, body) = put(
+        &cluster,
+        0,
+        "/v1/acl/token",
+        m,
+        json!({"Policies": [{"Name": "global-management"}], "ExpirationTTL": "1s"}),
+    )
+    .await?;
+    ensure!(status == 200, "{status} {body}");
+    ensure!(field(&body, "ExpirationTime").is_ok(), "{body}");
+    let short = field(&body, "SecretID")?;
+    let (status, _) = get(&cluster, 0, "/v1/acl/token/self", Some(&short)).await?;
+    ensure!(status == 200, "before expiry: {status}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, body) = get(&cluster, 0, "/v1/acl/token/self", Some(&short)).await?;
+    ensure!(
+        status == 403 && body.trim() == "ACL not found",
+        "after expiry: {status} {body}"
+    );
+    // ACL reads need acl:read; a token's secret is hidden from acl:read.
+    let (_, reader) =
+        token_with_rules(&cluster, 0, &management, "reader", "acl = \"read\"").await?;
+    let (status, body) = get(&cluster, 0, "/v1/acl/tokens", Some(&reader)).await?;
+    ensure!(status == 200, "{status} {body}");
+    ensure!(!body.contains(&management), "acl:read sees secrets: {body}");
+    let (status, _) = put(
+        &cluster,
+        0,
+        "/v1/acl/policy",
+        Some(&reader),
+        json!({"Name": "x"}),
+    )
+    .await?;
+    ensure!(status == 403, "acl:read wrote a policy: {status}");
+    // Snapshots are management-only.
+    let (status, _) = get(&cluster, 0, "/v1/snapshot", Some(&reader)).await?;
+    ensure!(status == 403, "snapshot with acl:read: {status}");
+    cluster.done();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_backup_keeps_its_tokens() -> Result<()> {
+    let cluster = Cluster::start_in_process(1, &["--acl-enabled"]).await?;
+    let management = bootstrap(&cluster, 0).await?;
+    let (_, before) = token_with_rules(&cluster, 0, &management, "app", APP_RULES).await?;
+    let url = format!("{}/v1/snapshot", cluster.servers[0].http());
+    let backup = cluster
+        .http
+        .get(&url)
+        .header("X-Consul-Token", &management)
+        .send()
+        .await?
+        .error_for_status()?
+        .bytes()
+        .await?;
+    // A token made after the backup is gone once it is restored; the
+    // ones in it work again.
+    let (_, after) = token_with_rules(&cluster, 0, &management, "later", APP_RULES).await?;
+    let resp = cluster
+        .http
+        .put(&url)
+        .header("X-Consul-Token", &management)
+        .body(backup.to_vec())
+        .send()
+        .await?;
+    ensure!(
+        resp.status().is_success(),
+        "restore: {}",
+        resp.text().await?
+    );
+    let (status, _) = get(&cluster, 0, "/v1/acl/token/self", Some(&before)).await?;
+    ensure!(status == 200, "a token from the backup: {status}");
+    let (status, _) = get(&cluster, 0, "/v1/acl/token/self", Some(&after)).await?;
+    ensure!(status == 403, "a token made after the backup: {status}");
+    cluster.done();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_register_and_watch_with_a_token_and_are_refused_without() -> Result<()> {
+    let mut mesh = Mesh::start_with(&["--acl-enabled"]).await?;
+    let management = bootstrap(mesh.cluster(), 0).await?;
+    // Service identities: what each sidecar needs and nothing more.
+    let identity = |service: &'static str| {
+        let cluster = mesh.cluster();
+        let management = management.clone();
+        async move {
+            let (status, body) = put(
+                cluster,
+                0,
+                "/v1/acl/token",
+                Some(&management),
+                json!({"ServiceIdentities": [{"ServiceName": service}]}),
+            )
+            .await?;
+            ensure!(status == 200, "{status} {body}");
+            field(&body, "SecretID")
+        }
+    };
+    let web_token = identity("web").await?;
+    let client_token = identity("client").await?;
+
+    let (app, _) = meshwork_tests::apps::http_backend(&mesh.ip(10), "web-app").await?;
+    mesh.registry_token = Some(web_token);
+    let ip = mesh.ip(11);
+    mesh.server_sidecar(
+        &ip,
+        meshwork_tests::sidecar::Service {
+            name: "web",
+            id: "web-1",
+            app,
+            protocol: "http",
+        },
+    )
+    .await?;
+    mesh.registry_token = Some(client_token);
+    let client = mesh
+        .client_sidecar(&mesh.ip(12), "name = \"web\"\nprotocol = \"http\"")
+        .await?;
+    mesh.sidecars[client].wait_endpoints(1).await?;
+
+    // Without a token: the registration is refused with a clear log line,
+    // and nothing is registered.
+    mesh.registry_token = None;
+    let ip = mesh.ip(13);
+    let config = format!(
+        "{}\n[service]\nname = \"rogue\"\nport = 8080\naddress = \"{ip}\"\n\n[session]\nnode = \"node-{ip}\"\nttl = \"2s\"\n\n[admin]\nlisten = \"{ip}:{ADMIN_PORT}\"\n",
+        mesh.registry_section()
+    );
+    let rogue = mesh.spawn(&ip, "rogue", &config)?;
+    let log = mesh.sidecars[rogue].log.clone();
+    wait_for(
+        "the refusal in the sidecar's log",
+        Duration::from_secs(10),
+        || async {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.contains("anonymous token lacks permission 'service:write' on \\\"rogue\\\"")
+                .then_some(())
+                .or_else(|| {
+                    text.contains("anonymous token lacks permission 'service:write' on \"rogue\"")
+                        .then_some(())
+                })
+        },
+    )
+    .await
+    .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    let (status, body) = get(mesh.cluster(), 0, "/v1/catalog/services", Some(&management)).await?;
+    ensure!(status == 200, "{status}");
+    let services: Value = serde_json::from_str(&body)?;
+    ensure!(
+        services.get("rogue").is_none(),
+        "registered without a token: {services}"
+    );
+    ensure!(services.get("web").is_some(), "{services}");
+
+    // The watch of a token that is revoked ends; the sidecar keeps its last
+    // endpoints (and logs why).
+    let (status, body) = get(mesh.cluster(), 0, "/v1/acl/tokens", Some(&management)).await?;
+    ensure!(status == 200, "{status}");
+    let tokens: Vec<Value> = serde_json::from_str(&body)?;
+    let Some(client_accessor) = tokens
+        .iter()
+        .find(|t| t["ServiceIdentities"][0]["ServiceName"] == "client")
+        .and_then(|t| t["AccessorID"].as_str())
+    else {
+        bail!("no client token in {body}");
+    };
+    let (status, _) = call(
+        mesh.cluster(),
+        0,
+        reqwest::Method::DELETE,
+        &format!("/v1/acl/token/{client_accessor}"),
+        Some(&management),
+        None,
+    )
+    .await?;
+    ensure!(status == 200);
+    let client_log = mesh.sidecars[client].log.clone();
+    wait_for(
+        "the watch ended for the revoked token",
+        Duration::from_secs(15),
+        || async {
+            let text = std::fs::read_to_string(&client_log).ok()?;
+            text.lines()
+                .any(|l| l.contains("watch stream broken") && l.contains("ACL not found"))
+                .then_some(())
+        },
+    )
+    .await
+    .with_context(|| std::fs::read_to_string(&client_log).unwrap_or_default())?;
+    mesh.done();
+    Ok(())
+}
