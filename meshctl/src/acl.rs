@@ -662,12 +662,12 @@ mod tests {
     fn failures_keep_the_servers_words() {
         let bootstrap = acl_failure(
             status(403),
-            "ACL bootstrap no longer allowed (reset index: 3)",
+            "Permission denied: ACL bootstrap no longer allowed (reset index: 3)",
             UNKNOWN_TOKEN,
         );
         assert_eq!(
             bootstrap.to_string(),
-            "ACL bootstrap no longer allowed (reset index: 3)"
+            "Permission denied: ACL bootstrap no longer allowed (reset index: 3)"
         );
         assert_eq!(bootstrap.exit_code(), 1);
 

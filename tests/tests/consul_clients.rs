@@ -1,8 +1,9 @@
 //! Real Consul clients written by other people, unpatched, against a
 //! three-server cluster: the PyPI `py-consul` package and the npm `consul`
 //! package (installed by `scripts/install-test-deps.sh`) — the catalog,
-//! KV and health, and sessions, locks (held by separate processes) and
-//! transactions.
+//! KV and health, sessions, locks (held by separate processes) and
+//! transactions, and ACLs (bootstrap, policies, tokens, refusals, filtered
+//! lists).
 
 use std::path::Path;
 use std::time::Duration;
@@ -70,6 +71,22 @@ async fn py_consul_sessions_locks_and_transactions_work_unchanged() -> Result<()
 async fn npm_consul_sessions_locks_and_transactions_work_unchanged() -> Result<()> {
     let cluster = Cluster::start(3, &[]).await?;
     run_client("node", "node_consul_locks.js", &cluster).await?;
+    cluster.done();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn py_consul_with_acls_gets_what_its_token_allows() -> Result<()> {
+    let cluster = Cluster::start(3, &["--acl-enabled"]).await?;
+    run_client("python3", "py_consul_acl.py", &cluster).await?;
+    cluster.done();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn npm_consul_with_acls_gets_what_its_token_allows() -> Result<()> {
+    let cluster = Cluster::start(3, &["--acl-enabled"]).await?;
+    run_client("node", "node_consul_acl.js", &cluster).await?;
     cluster.done();
     Ok(())
 }

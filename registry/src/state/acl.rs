@@ -103,7 +103,7 @@ pub struct Role {
 /// Why an ACL write was refused (nothing changed).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AclError {
-    #[error("ACL bootstrap no longer allowed (reset index: {0})")]
+    #[error("Permission denied: ACL bootstrap no longer allowed (reset index: {0})")]
     BootstrapDone(u64),
     #[error("{0}")]
     Invalid(String),
