@@ -311,7 +311,11 @@ fn acl_failure(status: StatusCode, message: &str, not_found: &str) -> CtlError {
         StatusCode::FORBIDDEN if message == "ACL not found" => {
             CtlError::Server(format!("{message}: {not_found}"))
         }
-        StatusCode::FORBIDDEN if message.starts_with("Permission denied") => {
+        // A refused bootstrap is no token problem: the server's words.
+        StatusCode::FORBIDDEN
+            if message.starts_with("Permission denied")
+                && !message.contains("ACL bootstrap no longer allowed") =>
+        {
             CtlError::Server(format!("{message} ({TOKEN_HINT})"))
         }
         // Bootstrap refusals and the like: the server's words as they are.
