@@ -6,12 +6,20 @@
 # changes nothing (files are replaced only when their content differs).
 #
 # usage: deploy-vm/install.sh [--bin-dir DIR] [--node-id N]
+#                             [--acl-bootstrap file|manual]
 #                             [--registry] [--sidecar NAME]... [--now]
 #
 #   --bin-dir DIR   the built binaries (env BIN_DIR; default: target/release
 #                   of this checkout, `cargo build --release --bins`)
 #   --node-id N     /etc/meshwork/registry.toml, when absent, is written from
 #                   deploy-vm/config/registry-N.toml (default 1; edit it!)
+#   --acl-bootstrap file|manual
+#                   ACLs are on (default deny) in the written registry.toml;
+#                   `file` (default): the first server bootstraps them and
+#                   leaves the management token in
+#                   /var/lib/meshwork/management-token (0600); `manual`: you
+#                   run `meshctl acl bootstrap` once (the leader logs a
+#                   reminder until then)
 #   --registry      enable meshwork-registry.service (a registry server VM)
 #   --sidecar NAME  enable meshwork-sidecar@NAME.service, which reads
 #                   /etc/meshwork/sidecar/NAME.toml (repeatable)
@@ -55,6 +63,7 @@ DESTDIR=${DESTDIR:-}
 PREFIX=${PREFIX:-/usr/local}
 BIN_DIR=${BIN_DIR:-${CARGO_TARGET_DIR:-$repo/target}/release}
 node_id=1
+acl_bootstrap=file
 enable_registry=0
 sidecars=()
 now=0
@@ -69,6 +78,12 @@ while (($#)); do
     --node-id)
         (($# >= 2)) || die "--node-id needs a number"
         node_id=$2
+        shift 2
+        ;;
+    --acl-bootstrap)
+        (($# >= 2)) || die "--acl-bootstrap needs file or manual"
+        [[ $2 == file || $2 == manual ]] || die "--acl-bootstrap: '$2' is neither file nor manual"
+        acl_bootstrap=$2
         shift 2
         ;;
     --registry)
@@ -180,7 +195,7 @@ echo "installing Meshwork into ${root:-/} (binaries from $BIN_DIR)"
 # --- the user ---------------------------------------------------------
 sysdir "$root/etc/sysusers.d"
 sysusers=$(mktemp)
-trap 'rm -f "$sysusers" "${unit_tmp:-}"' EXIT
+trap 'rm -f "$sysusers" "${unit_tmp:-}" "${manual_config:-}"' EXIT
 cat >"$sysusers" <<'EOF'
 # The user Meshwork's systemd units run as (deploy-vm/install.sh).
 u meshwork - "Meshwork service mesh" /var/lib/meshwork -
@@ -219,7 +234,13 @@ dir "$root/etc/meshwork" 750 root:meshwork
 dir "$root/etc/meshwork/sidecar" 750 root:meshwork
 if [[ ! -e $root/etc/meshwork/registry.toml ]]; then
     [[ -f $here/config/registry-$node_id.toml ]] || die "no example config for --node-id $node_id (deploy-vm/config has registry-1..3.toml); write $root/etc/meshwork/registry.toml yourself"
-    put_if_absent "$here/config/registry-$node_id.toml" "$root/etc/meshwork/registry.toml" 640
+    if [[ $acl_bootstrap == manual ]]; then
+        manual_config=$(mktemp)
+        grep -v '^bootstrap_file = ' "$here/config/registry-$node_id.toml" >"$manual_config"
+        put_if_absent "$manual_config" "$root/etc/meshwork/registry.toml" 640
+    else
+        put_if_absent "$here/config/registry-$node_id.toml" "$root/etc/meshwork/registry.toml" 640
+    fi
 fi
 put_if_absent "$here/config/web.toml" "$root/etc/meshwork/sidecar/web.toml" 640
 chown_if root:meshwork "$root/etc/meshwork/registry.toml"

@@ -147,9 +147,12 @@ impl DataDir {
                 }
                 // A new data dir is empty: anything else in it belongs to
                 // someone else. Excepted: a file system's lost+found, the
-                // marker half written by a crash, and the sidecars' state
+                // marker half written by a crash, the sidecars' state
                 // (their units keep it in /var/lib/meshwork/sidecar, inside
-                // the registry's default data dir).
+                // the registry's default data dir), and the management
+                // token the installed config bootstraps into
+                // (`[acl] bootstrap_file`), which outlives a data dir wiped
+                // to rebuild a server.
                 let entries = std::fs::read_dir(path).map_err(|source| DataDirError::Read {
                     path: path.to_owned(),
                     source,
@@ -162,7 +165,7 @@ impl DataDir {
                     let name = entry.file_name().to_string_lossy().into_owned();
                     if !matches!(
                         name.as_str(),
-                        "lost+found" | "meshwork.json.tmp" | "sidecar"
+                        "lost+found" | "meshwork.json.tmp" | "sidecar" | "management-token"
                     ) {
                         return Err(DataDirError::Foreign {
                             path: path.to_owned(),
