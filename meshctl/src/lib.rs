@@ -5,13 +5,18 @@
 //! `MESHWORK_HTTP_TOKEN` or `CONSUL_HTTP_TOKEN`) goes with every request
 //! as `X-Consul-Token`; it is never printed (not even by `Debug`).
 //!
+//! `meshctl tls` makes a cluster's CA and certificates from local files
+//! alone, as `consul tls` does; it sends no request.
+//!
 //! Exit codes: 0 done; 1 the registry refused or failed the request;
-//! 2 bad usage (unknown flag, bad address, unreadable file); 3 not found
+//! 2 bad usage (unknown flag, bad address, unreadable file, a `tls` file
+//! that is already there or does not fit); 3 not found
 //! (key, service, server); 4 no registry answered; 5 the request was sent
 //! but its answer was lost, so whether it took effect is unknown.
 
 mod acl;
 mod client;
+mod tls;
 
 use std::io::Write;
 use std::time::Duration;
@@ -66,29 +71,45 @@ impl CtlError {
 #[command(
     name = "meshctl",
     version,
-    about = "Operate a Meshwork registry cluster over its REST API",
-    after_help = "Exit codes: 0 ok, 1 request failed, 2 bad usage, 3 not found, 4 registry unreachable, 5 request sent but outcome unknown."
+    about = "Operate a Meshwork registry cluster over its REST API, and make its TLS certificates",
+    after_help = "Exit codes: 0 ok, 1 request failed, 2 bad usage (for tls: bad input, or a file already there), 3 not found, 4 registry unreachable, 5 request sent but outcome unknown."
 )]
 pub struct Cli {
     /// The registry's REST address (HOST:PORT or http://HOST:PORT);
     /// CONSUL_HTTP_ADDR is read too [default: 127.0.0.1:8500].
-    #[arg(long, global = true, env = "MESHWORK_HTTP_ADDR")]
+    #[arg(
+        long,
+        global = true,
+        env = "MESHWORK_HTTP_ADDR",
+        help_heading = "Global options"
+    )]
     http_addr: Option<String>,
     /// ACL token (its SecretID), sent as X-Consul-Token with every
     /// request. Without it: --token-file, then the environment's
     /// MESHWORK_HTTP_TOKEN, then CONSUL_HTTP_TOKEN.
-    #[arg(long, global = true, value_name = "TOKEN")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "TOKEN",
+        help_heading = "Global options"
+    )]
     token: Option<Secret>,
     /// Read the ACL token from FILE (surrounding whitespace dropped), so
     /// that it shows in no process listing.
-    #[arg(long, global = true, value_name = "FILE", conflicts_with = "token")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        conflicts_with = "token",
+        help_heading = "Global options"
+    )]
     token_file: Option<std::path::PathBuf>,
     /// Print JSON instead of tables.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     json: bool,
     /// How long to wait for an answer (e.g. 10s, 500ms) [default: 30s;
     /// 10m for snapshot and server commands, which can take long].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     timeout: Option<String>,
     #[command(subcommand)]
     command: Command,
@@ -119,6 +140,13 @@ enum Command {
     /// Manage ACLs, as `consul acl` does: bootstrap, tokens, policies.
     #[command(subcommand)]
     Acl(acl::AclCommand),
+    /// Make the cluster's TLS CA and certificates, as `consul tls` does.
+    ///
+    /// `meshctl tls ca create` once, then `meshctl tls cert create
+    /// --server` for each server and `--client` for clients. Local files
+    /// only: no OpenSSL needed, no registry contacted.
+    #[command(subcommand)]
+    Tls(tls::TlsCommand),
 }
 
 /// A token's secret: kept out of `Debug` output and error messages.
@@ -278,6 +306,12 @@ pub fn main() -> std::process::ExitCode {
 
 /// Runs one parsed command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CtlError> {
+    let write_err = |e: std::io::Error| CtlError::Server(format!("cannot write output: {e}"));
+    // Local files only: no address, token or timeout is read, so a broken
+    // MESHWORK_HTTP_ADDR or token setting does not get in the way.
+    if let Command::Tls(cmd) = cli.command {
+        return tls::run(cmd, cli.json, out).and_then(|()| out.flush().map_err(write_err));
+    }
     let slow = matches!(cli.command, Command::Snapshot(_) | Command::Server(_));
     let timeout = match &cli.timeout {
         None if slow => Duration::from_secs(600),
@@ -303,7 +337,6 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CtlError> {
         json: cli.json,
         timeout,
     };
-    let write_err = |e: std::io::Error| CtlError::Server(format!("cannot write output: {e}"));
     match cli.command {
         Command::Members => ctl.members(out).await,
         Command::Leader => ctl.leader(out).await,
@@ -314,6 +347,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CtlError> {
         Command::Server(cmd) => ctl.server(cmd, out).await,
         Command::Version => ctl.version(out).await,
         Command::Acl(cmd) => ctl.acl(cmd, out).await,
+        Command::Tls(cmd) => tls::run(cmd, ctl.json, out),
     }
     .and_then(|()| out.flush().map_err(write_err))
 }

@@ -57,12 +57,41 @@ pub struct Cli {
     /// Where the Raft log, snapshots and metadata live.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// REST API listen address (Consul-compatible HTTP API).
-    #[arg(long, value_name = "ADDR")]
-    pub http_addr: Option<SocketAddr>,
-    /// Public gRPC listen address (watch and agent services).
-    #[arg(long, value_name = "ADDR")]
-    pub grpc_addr: Option<SocketAddr>,
+    /// REST API listen address (Consul-compatible HTTP API); "" turns the
+    /// plain listener off (with TLS, HTTPS only).
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub http_addr: Option<Listen>,
+    /// Public gRPC listen address (watch and agent services); "" turns it
+    /// off.
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub grpc_addr: Option<Listen>,
+    /// REST over HTTPS (Consul's 8501); on with TLS (default: the HTTP
+    /// address's host, port 8501); "" turns it off.
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub https_addr: Option<Listen>,
+    /// Public gRPC over TLS (Consul's `grpc_tls`, 8503); on with TLS
+    /// (default: the gRPC address's host, port 8503); "" turns it off.
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub grpc_tls_addr: Option<Listen>,
+    /// CA certificate(s), PEM: what server and client certificates must
+    /// chain to. With --tls-cert and --tls-key it turns TLS on: mutual TLS
+    /// between servers, HTTPS and gRPC over TLS for clients.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This server's certificate (chain), PEM.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key, PEM.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// HTTPS and gRPC-over-TLS clients must present a certificate the CA
+    /// signed.
+    #[arg(long)]
+    pub tls_verify_incoming: bool,
+    /// Servers must present `server.<datacenter>.meshwork` in their
+    /// certificate (a client certificate cannot pass for a server).
+    #[arg(long)]
+    pub tls_verify_server_hostname: bool,
     /// Raft and internal gRPC listen address.
     #[arg(long, value_name = "ADDR")]
     pub raft_addr: Option<SocketAddr>,
@@ -152,6 +181,49 @@ pub struct Cli {
     pub acl_bootstrap_file: Option<PathBuf>,
 }
 
+/// A listen address, or off (`""`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    Off,
+    At(SocketAddr),
+}
+
+impl Listen {
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            Listen::Off => None,
+            Listen::At(a) => Some(a),
+        }
+    }
+}
+
+fn parse_listen(text: &str) -> Result<Listen, String> {
+    if text.trim().is_empty() {
+        return Ok(Listen::Off);
+    }
+    text.parse()
+        .map(Listen::At)
+        .map_err(|_| format!("{text:?} is not IP:PORT (or \"\" for off)"))
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_listen(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The `[tls]` table of the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub verify_incoming: Option<bool>,
+    pub verify_server_hostname: Option<bool>,
+}
+
 /// The `[acl]` table of the config file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -180,8 +252,10 @@ pub struct FileConfig {
     pub node_name: Option<String>,
     pub datacenter: Option<String>,
     pub data_dir: Option<PathBuf>,
-    pub http_addr: Option<SocketAddr>,
-    pub grpc_addr: Option<SocketAddr>,
+    pub http_addr: Option<Listen>,
+    pub grpc_addr: Option<Listen>,
+    pub https_addr: Option<Listen>,
+    pub grpc_tls_addr: Option<Listen>,
     pub raft_addr: Option<SocketAddr>,
     pub advertise_addr: Option<String>,
     pub dns_addr: Option<SocketAddr>,
@@ -204,6 +278,7 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     pub log_level: Option<String>,
     pub acl: Option<AclFile>,
+    pub tls: Option<TlsFile>,
 }
 
 const FILE_KEYS: &[&str] = &[
@@ -213,6 +288,8 @@ const FILE_KEYS: &[&str] = &[
     "data_dir",
     "http_addr",
     "grpc_addr",
+    "https_addr",
+    "grpc_tls_addr",
     "raft_addr",
     "advertise_addr",
     "dns_addr",
@@ -235,6 +312,7 @@ const FILE_KEYS: &[&str] = &[
     "log_format",
     "log_level",
     "acl",
+    "tls",
 ];
 
 impl Cli {
@@ -247,6 +325,8 @@ impl Cli {
             "data_dir" => self.data_dir.is_some(),
             "http_addr" => self.http_addr.is_some(),
             "grpc_addr" => self.grpc_addr.is_some(),
+            "https_addr" => self.https_addr.is_some(),
+            "grpc_tls_addr" => self.grpc_tls_addr.is_some(),
             "raft_addr" => self.raft_addr.is_some(),
             "advertise_addr" => self.advertise_addr.is_some(),
             "dns_addr" => self.dns_addr.is_some(),
@@ -300,8 +380,11 @@ pub struct Config {
     pub node_name: String,
     pub datacenter: String,
     pub data_dir: DataDir,
-    pub http_addr: SocketAddr,
-    pub grpc_addr: SocketAddr,
+    /// `None`: that listener is off.
+    pub http_addr: Option<SocketAddr>,
+    pub grpc_addr: Option<SocketAddr>,
+    pub https_addr: Option<SocketAddr>,
+    pub grpc_tls_addr: Option<SocketAddr>,
     pub raft_addr: SocketAddr,
     pub advertise_addr: String,
     pub dns_addr: SocketAddr,
@@ -321,6 +404,8 @@ pub struct Config {
     pub acl: crate::auth::AclSettings,
     /// Where the first leader writes the management token it bootstraps.
     pub acl_bootstrap_file: Option<PathBuf>,
+    /// TLS, when the CA, certificate and key are given.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 /// DNS settings, validated.
@@ -385,8 +470,13 @@ impl Config {
                     .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
             })
         };
-        let http_addr = addr(cli.http_addr, file.http_addr, defaults::HTTP_ADDR);
-        let grpc_addr = addr(cli.grpc_addr, file.grpc_addr, defaults::GRPC_ADDR);
+        let listen = |flag: Option<Listen>, file: Option<Listen>, default: &str| {
+            flag.or(file)
+                .unwrap_or_else(|| parse_listen(default).unwrap_or(Listen::Off))
+                .addr()
+        };
+        let http_addr = listen(cli.http_addr, file.http_addr, defaults::HTTP_ADDR);
+        let grpc_addr = listen(cli.grpc_addr, file.grpc_addr, defaults::GRPC_ADDR);
         let raft_addr = addr(cli.raft_addr, file.raft_addr, defaults::RAFT_ADDR);
         let dns_addr = addr(cli.dns_addr, file.dns_addr, defaults::DNS_ADDR);
 
@@ -564,6 +654,74 @@ impl Config {
             .datacenter
             .or(file.datacenter)
             .unwrap_or_else(|| defaults::DATACENTER.to_owned());
+        let tls_file = file.tls.unwrap_or_default();
+        let tls = match (
+            cli.tls_ca.or(tls_file.ca_file),
+            cli.tls_cert.or(tls_file.cert_file),
+            cli.tls_key.or(tls_file.key_file),
+        ) {
+            (None, None, None) => None,
+            (Some(ca_file), Some(cert_file), Some(key_file)) => Some(crate::tls::TlsSettings {
+                ca_file,
+                cert_file,
+                key_file,
+                verify_incoming: cli.tls_verify_incoming
+                    || tls_file.verify_incoming.unwrap_or(false),
+                verify_server_hostname: cli.tls_verify_server_hostname
+                    || tls_file.verify_server_hostname.unwrap_or(false),
+                server_name: format!("server.{}.meshwork", datacenter.to_ascii_lowercase()),
+            }),
+            _ => {
+                errors.push(
+                    "tls: give the CA, the certificate and the key together (--tls-ca, --tls-cert, --tls-key)"
+                        .to_owned(),
+                );
+                None
+            }
+        };
+        let tls_only = |flag: Option<Listen>,
+                        file: Option<Listen>,
+                        beside: Option<SocketAddr>,
+                        port: u16,
+                        name: &str,
+                        errors: &mut Vec<String>| {
+            match (flag.or(file), &tls) {
+                (Some(Listen::At(_)), None) => {
+                    errors.push(format!(
+                        "{name}: needs TLS (--tls-ca, --tls-cert, --tls-key)"
+                    ));
+                    None
+                }
+                (Some(l), Some(_)) => l.addr(),
+                (None, Some(_)) => Some(SocketAddr::new(
+                    beside.map_or(std::net::IpAddr::from([127, 0, 0, 1]), |a| a.ip()),
+                    port,
+                )),
+                (_, None) => None,
+            }
+        };
+        let https_addr = tls_only(
+            cli.https_addr,
+            file.https_addr,
+            http_addr,
+            8501,
+            "https_addr",
+            &mut errors,
+        );
+        let grpc_tls_addr = tls_only(
+            cli.grpc_tls_addr,
+            file.grpc_tls_addr,
+            grpc_addr,
+            8503,
+            "grpc_tls_addr",
+            &mut errors,
+        );
+        if http_addr.is_none() && https_addr.is_none() {
+            errors.push(
+                "http_addr and https_addr are both off: the REST API would be unreachable"
+                    .to_owned(),
+            );
+        }
         let acl_file = file.acl.unwrap_or_default();
         let acl_tokens = acl_file.tokens.unwrap_or_default();
         let mut acl = crate::auth::AclSettings::disabled(&datacenter);
@@ -627,6 +785,8 @@ impl Config {
             data_dir,
             http_addr,
             grpc_addr,
+            https_addr,
+            grpc_tls_addr,
             raft_addr,
             advertise_addr,
             dns_addr,
@@ -647,6 +807,7 @@ impl Config {
             log_level,
             acl,
             acl_bootstrap_file,
+            tls,
         })
     }
 }

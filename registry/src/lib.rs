@@ -24,4 +24,5 @@ pub mod raft;
 pub mod server;
 pub mod state;
 pub mod storage;
+pub mod tls;
 pub mod watch;

@@ -175,14 +175,29 @@ async fn serve(config: Config, reload_log_level: ReloadLogLevel) -> anyhow::Resu
         if config.dev { ", dev mode" } else { "" }
     );
     say!("  data  {}", data_dir.display());
+    if let Some(http) = &listeners.http {
+        say!("  http  http://{}  (REST API)", http.local_addr()?);
+    }
+    if let Some(https) = &listeners.https {
+        say!(
+            "  https https://{}  (REST API over TLS)",
+            https.local_addr()?
+        );
+    }
+    if let Some(grpc) = &listeners.grpc {
+        say!("  grpc  {}  (public gRPC)", grpc.local_addr()?);
+    }
+    if let Some(grpc) = &listeners.grpc_tls {
+        say!("  grpcs {}  (public gRPC over TLS)", grpc.local_addr()?);
+    }
     say!(
-        "  http  http://{}  (REST API)",
-        listeners.http.local_addr()?
-    );
-    say!("  grpc  {}  (public gRPC)", listeners.grpc.local_addr()?);
-    say!(
-        "  raft  {}  (Raft and internal gRPC, advertised as {})",
+        "  raft  {}  (Raft and internal gRPC{}, advertised as {})",
         listeners.raft.local_addr()?,
+        if config.tls.is_some() {
+            ", mutual TLS"
+        } else {
+            ""
+        },
         config.advertise_addr
     );
     say!(

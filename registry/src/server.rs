@@ -37,8 +37,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Bound sockets, one per interface.
 #[derive(Debug)]
 pub struct Listeners {
-    pub http: TcpListener,
-    pub grpc: TcpListener,
+    /// `None`: that listener is off in the config.
+    pub http: Option<TcpListener>,
+    pub grpc: Option<TcpListener>,
+    pub https: Option<TcpListener>,
+    pub grpc_tls: Option<TcpListener>,
     pub raft: TcpListener,
     pub dns_udp: tokio::net::UdpSocket,
     pub dns_tcp: TcpListener,
@@ -55,8 +58,19 @@ impl Listeners {
                 source,
             })
         }
-        let http = tcp("http", config.http_addr).await?;
-        let grpc = tcp("grpc", config.grpc_addr).await?;
+        async fn maybe(
+            what: &'static str,
+            addr: Option<SocketAddr>,
+        ) -> Result<Option<TcpListener>, BindError> {
+            match addr {
+                Some(addr) => tcp(what, addr).await.map(Some),
+                None => Ok(None),
+            }
+        }
+        let http = maybe("http", config.http_addr).await?;
+        let grpc = maybe("grpc", config.grpc_addr).await?;
+        let https = maybe("https", config.https_addr).await?;
+        let grpc_tls = maybe("grpc-tls", config.grpc_tls_addr).await?;
         let raft = tcp("raft", config.raft_addr).await?;
         let dns_udp = tokio::net::UdpSocket::bind(config.dns_addr)
             .await
@@ -69,6 +83,8 @@ impl Listeners {
         Ok(Listeners {
             http,
             grpc,
+            https,
+            grpc_tls,
             raft,
             dns_udp,
             dns_tcp: tcp("dns", config.dns_addr).await?,
@@ -96,6 +112,8 @@ pub enum ServerError {
     Storage { path: String, reason: String },
     #[error("invalid Raft settings: {0}")]
     RaftConfig(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot start Raft: {0}")]
     Raft(String),
     #[error("{0} server failed: {1}")]
@@ -128,26 +146,35 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
+    // TLS material first: a bad file stops the start before anything else.
+    let tls = match &config.tls {
+        Some(settings) => Some(Arc::new(crate::tls::Tls::load(settings.clone())?)),
+        None => None,
+    };
     let dir = Arc::new(DataDir::open(data_dir, config.node_id)?);
-    let (raft, node) = start_consensus(&config, &dir).await?;
+    let (raft, node) = start_consensus(&config, &dir, tls.clone()).await?;
 
     let mut tasks: JoinSet<Result<(), ServerError>> = JoinSet::new();
 
-    // Internal gRPC: Raft RPCs and forwarding, on the Raft address.
+    // Internal gRPC: Raft RPCs and forwarding, on the Raft address; with
+    // TLS, mutual TLS only (a server the CA did not sign cannot join, vote
+    // or receive entries).
     let internal = RaftInternalServer::new(InternalService::new(Arc::clone(&node)))
         .max_decoding_message_size(MAX_INTERNAL_MESSAGE)
         .max_encoding_message_size(MAX_INTERNAL_MESSAGE);
+    let internal_tls = match &tls {
+        Some(tls) => Some(tls.server_config(true, b"h2")?),
+        None => None,
+    };
     let token = shutdown.clone();
     tasks.spawn(
         async move {
-            // `tcp_nodelay` on the builder does not reach sockets from
-            // `serve_with_incoming`; without it Nagle + delayed ACK stall
-            // small replies for 40 ms.
+            // TCP_NODELAY is set on every accepted socket: without it Nagle
+            // + delayed ACK stall small replies for 40 ms.
             tonic::transport::Server::builder()
                 .add_service(internal)
                 .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listeners.raft)
-                        .with_nodelay(Some(true)),
+                    crate::tls::io::incoming(listeners.raft, internal_tls, "raft", token.clone()),
                     token.cancelled_owned(),
                 )
                 .await
@@ -155,6 +182,9 @@ pub async fn run(
         }
         .instrument(tracing::info_span!("raft_server")),
     );
+    if let Some(tls) = &tls {
+        tasks.spawn(reload_tls_on_sighup(Arc::clone(tls), shutdown.clone()));
+    }
 
     tasks.spawn({
         let (node, ttl, token) = (Arc::clone(&node), config.tombstone_ttl, shutdown.clone());
@@ -189,9 +219,16 @@ pub async fn run(
         });
     }
     let resolver = crate::api::grpc::resolver(Arc::clone(&acl), Arc::clone(&node));
+    let (grpc_tls, https_tls) = match &tls {
+        Some(tls) => (
+            Some(tls.server_config(false, b"h2")?),
+            Some(tls.server_config(false, b"http/1.1")?),
+        ),
+        None => (None, None),
+    };
     let grpc_thread = spawn_public_grpc(
         &mut tasks,
-        listeners.grpc,
+        (listeners.grpc, listeners.grpc_tls.zip(grpc_tls)),
         &node,
         &config,
         &shutdown,
@@ -201,14 +238,24 @@ pub async fn run(
 
     // REST.
     let app = http::router(rest_state(&config, &dir, &node, &shutdown, &acl));
-    let token = shutdown.clone();
-    tasks.spawn(
-        async move {
-            http::serve::serve(listeners.http, app, token).await;
-            Ok(())
-        }
-        .instrument(tracing::info_span!("http_server")),
-    );
+    for (listener, tls, span) in [
+        (listeners.http, None, tracing::info_span!("http_server")),
+        (
+            listeners.https,
+            https_tls,
+            tracing::info_span!("https_server"),
+        ),
+    ] {
+        let Some(listener) = listener else { continue };
+        let (app, token) = (app.clone(), shutdown.clone());
+        tasks.spawn(
+            async move {
+                http::serve::serve(listener, app, tls, token).await;
+                Ok(())
+            }
+            .instrument(span),
+        );
+    }
 
     // Cluster formation.
     let bootstrap_node = Arc::clone(&node);
@@ -321,7 +368,10 @@ pub async fn run(
     tracing::info!(node = config.node_id, "registry server started");
     meshwork_core::notify::ready(&format!(
         "serving as server {} (REST {}, DNS {}, gRPC {})",
-        config.node_id, config.http_addr, config.dns_addr, config.grpc_addr
+        config.node_id,
+        listen_text(config.http_addr.or(config.https_addr)),
+        config.dns_addr,
+        listen_text(config.grpc_addr.or(config.grpc_tls_addr))
     ));
 
     let failure = serve_until_stopped(&mut tasks, &shutdown).await;
@@ -341,12 +391,18 @@ pub async fn run(
     }
 }
 
+/// The public gRPC listeners: plain, and TLS with its configuration.
+type PublicListeners = (
+    Option<TcpListener>,
+    Option<(TcpListener, Arc<rustls::ServerConfig>)>,
+);
+
 /// The public gRPC server (watch, agent, registry status) and the watch
 /// hub, on a thread of their own (see below); the thread's result joins
 /// `tasks`, its handle is returned so shutdown can wait for it.
 fn spawn_public_grpc(
     tasks: &mut JoinSet<Result<(), ServerError>>,
-    listener: TcpListener,
+    (plain, tls): PublicListeners,
     node: &Arc<RegistryNode>,
     config: &Config,
     shutdown: &CancellationToken,
@@ -386,9 +442,17 @@ fn spawn_public_grpc(
     // one at a time): one write(2) per subscriber, most of the cost of a
     // fan-out.
     let token = shutdown.clone();
-    let grpc_listener = listener
-        .into_std()
-        .map_err(|e| ServerError::Serve("grpc", e.to_string()))?;
+    let to_std = |l: TcpListener| {
+        l.into_std()
+            .map_err(|e| ServerError::Serve("grpc", e.to_string()))
+    };
+    let grpc_listener = (
+        plain.map(to_std).transpose()?,
+        match tls {
+            Some((l, config)) => Some((to_std(l)?, config)),
+            None => None,
+        },
+    );
     let (grpc_done, grpc_result) = tokio::sync::oneshot::channel();
     let span = tracing::info_span!("grpc_server");
     let grpc_thread = std::thread::Builder::new()
@@ -411,6 +475,35 @@ fn spawn_public_grpc(
             .unwrap_or_else(|_| Err(ServerError::Serve("grpc", "server thread died".into())))
     });
     Ok(grpc_thread)
+}
+
+fn listen_text(addr: Option<SocketAddr>) -> String {
+    addr.map_or_else(|| "off".to_owned(), |a| a.to_string())
+}
+
+/// SIGHUP: reads the TLS files again; new handshakes use them, open
+/// connections keep theirs. A failed reload keeps the old ones.
+async fn reload_tls_on_sighup(
+    tls: Arc<crate::tls::Tls>,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!("cannot listen for SIGHUP: TLS files will not be reloaded");
+        return Ok(());
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            got = hangup.recv() => if got.is_none() { return Ok(()) },
+        }
+        match tls.reload() {
+            Ok(()) => tracing::warn!("TLS certificate, key and CA reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "TLS reload failed: the running certificates stay")
+            }
+        }
+    }
 }
 
 /// Counts changes of the known leader (a metric) until shutdown.
@@ -438,6 +531,7 @@ async fn count_leader_changes(
 async fn start_consensus(
     config: &Config,
     dir: &DataDir,
+    tls: Option<Arc<crate::tls::Tls>>,
 ) -> Result<(Raft, Arc<RegistryNode>), ServerError> {
     let identity = Arc::new(ClusterIdentity::new(dir.cluster_id.clone()));
     let storage_error = |e: &dyn std::fmt::Display| ServerError::Storage {
@@ -486,6 +580,7 @@ async fn start_consensus(
                 config.node_id,
                 config.node_name.clone(),
             )),
+            tls,
         ),
     };
     let channels = network.channels.clone();
@@ -606,7 +701,10 @@ async fn drain(mut tasks: JoinSet<Result<(), ServerError>>) {
 /// Serves the public gRPC port and runs the watch hub on the calling
 /// thread (see `run`) until `shutdown`, plus the grace period for open calls.
 fn serve_public_grpc(
-    listener: std::net::TcpListener,
+    (plain, tls): (
+        Option<std::net::TcpListener>,
+        Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
+    ),
     hub: Arc<crate::watch::Hub>,
     public: RegistryServer<RegistryService>,
     watch: crate::api::grpc::watch::WatchServer,
@@ -621,7 +719,25 @@ fn serve_public_grpc(
         .map_err(|e| serve_error(&e))?;
     runtime.block_on(
         async move {
-            let listener = TcpListener::from_std(listener).map_err(|e| serve_error(&e))?;
+            // The plain and the TLS listener feed one server.
+            let plain = plain
+                .map(TcpListener::from_std)
+                .transpose()
+                .map_err(|e| serve_error(&e))?
+                .map(|l| crate::tls::io::incoming(l, None, "grpc", shutdown.clone()));
+            let tls = match tls {
+                Some((l, config)) => Some(crate::tls::io::incoming(
+                    TcpListener::from_std(l).map_err(|e| serve_error(&e))?,
+                    Some(config),
+                    "grpc-tls",
+                    shutdown.clone(),
+                )),
+                None => None,
+            };
+            let incoming = futures::stream::select(
+                futures::StreamExt::flatten(futures::stream::iter(plain)),
+                futures::StreamExt::flatten(futures::stream::iter(tls)),
+            );
             tokio::spawn(
                 hub.run(shutdown.clone())
                     .instrument(tracing::info_span!("watch_hub")),
@@ -631,10 +747,7 @@ fn serve_public_grpc(
                 .layer(crate::api::grpc::watch::WatchLayer::new(watch))
                 .add_service(public)
                 .add_service(agent)
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    shutdown.clone().cancelled_owned(),
-                );
+                .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
             tokio::select! {
                 served = serve => served.map_err(|e| serve_error(&e)),
                 // Past the grace `run` gives every task, drop what is left.

@@ -47,15 +47,22 @@ pub struct PeerChannels {
     pub identity: Arc<ClusterIdentity>,
     /// The servers' names and versions, exchanged on every request.
     pub directory: Arc<Directory>,
+    /// Mutual TLS to other servers, when configured.
+    tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl PeerChannels {
-    pub fn new(identity: Arc<ClusterIdentity>, directory: Arc<Directory>) -> Self {
+    pub fn new(
+        identity: Arc<ClusterIdentity>,
+        directory: Arc<Directory>,
+        tls: Option<Arc<crate::tls::Tls>>,
+    ) -> Self {
         Self {
             channels: Arc::default(),
             contacts: Arc::default(),
             identity,
             directory,
+            tls,
         }
     }
 
@@ -89,12 +96,16 @@ impl PeerChannels {
         let channel = match channels.get(addr) {
             Some(channel) => channel.clone(),
             None => {
-                let channel = Endpoint::from_shared(format!("http://{addr}"))?
+                let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
                     .connect_timeout(Duration::from_millis(500))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(5))
-                    .connect_lazy();
+                    .keep_alive_timeout(Duration::from_secs(5));
+                let channel = match &self.tls {
+                    Some(tls) => endpoint
+                        .connect_with_connector_lazy(crate::tls::io::connector(Arc::clone(tls))),
+                    None => endpoint.connect_lazy(),
+                };
                 channels.insert(addr.to_owned(), channel.clone());
                 channel
             }

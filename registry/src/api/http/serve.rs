@@ -116,8 +116,47 @@ impl AsyncWrite for Lingering {
     }
 }
 
+/// One connection until it ends, or until shutdown asks it to finish what
+/// it is doing.
+async fn serve_connection<IO, S>(
+    builder: hyper::server::conn::http1::Builder,
+    io: IO,
+    service: S,
+    shutdown: CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming> + Send + 'static,
+    S::Future: Send,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result {
+                tracing::trace!(error = %e, "HTTP connection ended with an error");
+            }
+            return;
+        }
+        () = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
+    }
+    if let Err(e) = connection.await {
+        tracing::trace!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` is cancelled, then drains.
-pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken) {
+/// With `tls`, each connection first finishes a TLS handshake (HTTPS).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: CancellationToken,
+) {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -163,29 +202,27 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
                 Ok::<_, Infallible>(response)
             }
         });
-        let io = Lingering {
-            stream: Some(stream),
-            refused_early,
-        };
-        let connection = builder
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades();
+        let builder = builder.clone();
         let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::trace!(error = %e, "HTTP connection ended with an error");
+        match tls.clone() {
+            None => {
+                let io = Lingering {
+                    stream: Some(stream),
+                    refused_early,
+                };
+                connections.spawn(serve_connection(builder, io, service, shutdown));
+            }
+            Some(config) => {
+                connections.spawn(async move {
+                    // The handshake runs in the connection's own task: a
+                    // slow or silent client holds up no one else.
+                    match crate::tls::io::accept(stream, config).await {
+                        Ok(io) => serve_connection(builder, io, service, shutdown).await,
+                        Err(e) => tracing::debug!(error = %e, "HTTPS handshake failed"),
                     }
-                    return;
-                }
-                () = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
+                });
             }
-            if let Err(e) = connection.await {
-                tracing::trace!(error = %e, "HTTP connection ended with an error");
-            }
-        });
+        }
     }
     drop(listener);
     connections.close();
