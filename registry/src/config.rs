@@ -179,6 +179,11 @@ pub struct Cli {
     /// not exist yet). Without it, run `meshctl acl bootstrap`.
     #[arg(long, value_name = "FILE")]
     pub acl_bootstrap_file: Option<PathBuf>,
+    /// Run ACLs across servers without TLS between them. Anyone who can
+    /// reach a server's Raft port can then forge writes (tokens included)
+    /// or join the cluster: only for a network no one else is on.
+    #[arg(long)]
+    pub acl_allow_plaintext_raft: bool,
 }
 
 /// A listen address, or off (`""`).
@@ -232,6 +237,7 @@ pub struct AclFile {
     pub default_policy: Option<String>,
     pub down_policy: Option<String>,
     pub bootstrap_file: Option<PathBuf>,
+    pub allow_plaintext_raft: Option<bool>,
     /// Consul's `acl.tokens`: `default` (requests without a token) and
     /// `dns` (what DNS answers may show).
     pub tokens: Option<AclTokensFile>,
@@ -760,6 +766,22 @@ impl Config {
         if acl_bootstrap_file.is_some() && !acl.enabled {
             errors
                 .push("acl.bootstrap_file: set only with ACLs enabled (--acl-enabled)".to_owned());
+        }
+
+        // ACLs guard the APIs; between servers only TLS does. Without it
+        // the Raft port takes forged writes from anyone who reaches it, so
+        // a cluster reachable beyond this host must say it accepts that.
+        let allow_plaintext_raft =
+            cli.acl_allow_plaintext_raft || acl_file.allow_plaintext_raft.unwrap_or(false);
+        let several_servers = peers.len() > 1 || join.is_some() || !raft_addr.ip().is_loopback();
+        if acl.enabled && tls.is_none() && several_servers && !allow_plaintext_raft && !cli.dev {
+            errors.push(
+                "acl: ACLs without TLS between servers protect nothing from whoever reaches the Raft port \
+                 (they could forge writes, tokens included, or join the cluster): give --tls-ca, --tls-cert and \
+                 --tls-key (meshctl tls ca create / cert create --server), or --acl-allow-plaintext-raft for a \
+                 network no one else is on"
+                    .to_owned(),
+            );
         }
 
         if !errors.is_empty() {

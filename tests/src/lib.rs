@@ -285,7 +285,7 @@ pub struct Cluster {
     pub servers: Vec<Server>,
     pub dir: tempfile::TempDir,
     pub http: reqwest::Client,
-    base_ip: String,
+    pub base_ip: String,
     /// Servers run in the test's runtime ([`Cluster::start_in_process`]).
     in_process: bool,
     /// Set by [`Cluster::done`]; a cluster dropped without it (an error or

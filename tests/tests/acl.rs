@@ -4,6 +4,7 @@
 //! restarted follower keep the tokens, and sidecars register and watch
 //! with a token and are refused without one.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -116,11 +117,93 @@ service_prefix "" {
 }
 "#;
 
+/// `meshctl tls …` in `dir`; its stdout.
+fn meshctl_tls(dir: &Path, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(meshwork_tests::meshctl_bin())
+        .arg("tls")
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "meshctl tls {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A CA and one server certificate (for `server.dc1.meshwork` and the
+/// given addresses) in `dir`: the `--tls-*` flags that use them.
+fn tls_flags(dir: &Path, ips: &[String]) -> Result<Vec<String>> {
+    meshctl_tls(dir, &["ca", "create"])?;
+    let mut args = vec!["cert", "create", "--server"];
+    for ip in ips {
+        args.extend(["--additional-ipaddress", ip.as_str()]);
+    }
+    meshctl_tls(dir, &args)?;
+    let path = |name: &str| dir.join(name).display().to_string();
+    Ok(vec![
+        "--tls-ca".into(),
+        path("meshwork-agent-ca.pem"),
+        "--tls-cert".into(),
+        path("dc1-server-meshwork-0.pem"),
+        "--tls-key".into(),
+        path("dc1-server-meshwork-0-key.pem"),
+    ])
+}
+
+/// `curl` over HTTPS to server `ip`'s REST API: its exit code and output.
+fn curl_https(ip: &str, path: &str, ca: Option<&Path>) -> Result<(i32, String)> {
+    let mut command = std::process::Command::new("curl");
+    command.args(["-s", "--max-time", "5"]);
+    if let Some(ca) = ca {
+        command.arg("--cacert").arg(ca);
+    }
+    let out = command.arg(format!("https://{ip}:8501{path}")).output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokens_work_everywhere_and_a_revoked_one_is_refused_everywhere_within_a_second()
+async fn with_tls_and_acls_tokens_work_everywhere_and_a_revoked_one_is_refused_within_a_second()
 -> Result<()> {
-    let mut cluster = Cluster::start(3, &["--acl-enabled"]).await?;
-    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    // Three servers with mutual TLS between them (checking server names)
+    // and ACLs, default deny; certificates from `meshctl tls`.
+    let mut cluster = Cluster::new(3, &["--acl-enabled", "--tls-verify-server-hostname"])?;
+    let certs = tempfile::tempdir()?;
+    let ips: Vec<String> = cluster.servers.iter().map(|s| s.ip.clone()).collect();
+    let tls = tls_flags(certs.path(), &ips)?;
+    for server in &mut cluster.servers {
+        server.args.extend(tls.iter().cloned());
+        server.start(&[])?;
+    }
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await?;
+    // HTTPS: with the CA it answers, without it curl refuses the server;
+    // plain HTTP to the HTTPS port is told what it did.
+    let ca = certs.path().join("meshwork-agent-ca.pem");
+    let (code, body) = curl_https(&ips[0], "/v1/status/leader", Some(&ca))?;
+    ensure!(
+        code == 0 && body.contains(":28300"),
+        "with the CA: {code} {body}"
+    );
+    let (code, _) = curl_https(&ips[0], "/v1/status/leader", None)?;
+    ensure!(
+        code == 60,
+        "without the CA curl must refuse the certificate: exit {code}"
+    );
+    let plain = cluster
+        .http
+        .get(format!("http://{}:8501/v1/status/leader", ips[0]))
+        .send()
+        .await?;
+    ensure!(
+        plain.status().as_u16() == 400,
+        "plain HTTP to HTTPS: {}",
+        plain.status()
+    );
     let followers = cluster.followers(leader);
 
     // Before the bootstrap nothing is allowed, and the answer says why.
@@ -310,6 +393,38 @@ async fn tokens_work_everywhere_and_a_revoked_one_is_refused_everywhere_within_a
         status == 403,
         "anonymous on the restarted follower: {status}"
     );
+
+    // A server whose certificate another CA signed cannot join: the
+    // configuration stays three servers and it never learns a leader.
+    let rogue_certs = tempfile::tempdir()?;
+    let rogue_ip = format!("{}.9", cluster.base_ip);
+    let rogue_tls = tls_flags(rogue_certs.path(), &[rogue_ip])?;
+    let rogue_flags: Vec<&str> = ["--acl-enabled", "--tls-verify-server-hostname"]
+        .into_iter()
+        .chain(rogue_tls.iter().map(String::as_str))
+        .collect();
+    let rogue = cluster.add_joining_server(leader, &rogue_flags);
+    cluster.servers[rogue].start(&[])?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, body) = get(
+        &cluster,
+        leader,
+        "/v1/operator/raft/configuration",
+        Some(&management),
+    )
+    .await?;
+    let config: Value = serde_json::from_str(&body)?;
+    ensure!(
+        config["Servers"].as_array().map(Vec::len) == Some(3),
+        "a server from another CA joined: {config}"
+    );
+    let url = format!("{}/v1/status/leader", cluster.servers[rogue].http());
+    let rogue_leader = cluster.http.get(url).send().await?.text().await?;
+    ensure!(
+        rogue_leader.trim() == "\"\"",
+        "the rogue server found a leader: {rogue_leader}"
+    );
+    cluster.servers[rogue].kill().await?;
     cluster.done();
     Ok(())
 }

@@ -77,7 +77,7 @@ async fn npm_consul_sessions_locks_and_transactions_work_unchanged() -> Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn py_consul_with_acls_gets_what_its_token_allows() -> Result<()> {
-    let cluster = Cluster::start(3, &["--acl-enabled"]).await?;
+    let cluster = Cluster::start(3, &["--acl-enabled", "--acl-allow-plaintext-raft"]).await?;
     run_client("python3", "py_consul_acl.py", &cluster).await?;
     cluster.done();
     Ok(())
@@ -85,7 +85,7 @@ async fn py_consul_with_acls_gets_what_its_token_allows() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn npm_consul_with_acls_gets_what_its_token_allows() -> Result<()> {
-    let cluster = Cluster::start(3, &["--acl-enabled"]).await?;
+    let cluster = Cluster::start(3, &["--acl-enabled", "--acl-allow-plaintext-raft"]).await?;
     run_client("node", "node_consul_acl.js", &cluster).await?;
     cluster.done();
     Ok(())

@@ -17,6 +17,8 @@ pub fn resolve(acl: &Acl, node: &RegistryNode, token: Option<&str>) -> Result<Re
     let now_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-    let state = node.state.read();
-    acl.resolve(&state, token, now_ns, leader_lost)
+    // A copy of the tables (persistent maps: O(1)), so that compiling a
+    // token's rules never holds the state's lock.
+    let tables = node.state.read().acl.clone();
+    acl.resolve(&tables, token, now_ns, leader_lost)
 }

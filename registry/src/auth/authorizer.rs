@@ -54,6 +54,16 @@ impl Table {
             .map(|(_, a)| *a)
     }
 
+    /// The prefix rule that governs a whole tree under `prefix`: the
+    /// longest prefix rule covering it. An exact rule for the name
+    /// `prefix` governs that one key only, never the names below it.
+    fn lookup_tree(&self, prefix: &str) -> Option<Access> {
+        self.prefixes
+            .iter()
+            .find(|(p, _)| prefix.starts_with(p.as_str()))
+            .map(|(_, a)| *a)
+    }
+
     /// Whether any rule for a name under `prefix` (other than `prefix`
     /// itself as a prefix rule) withholds `need`.
     fn any_below_withholds(&self, prefix: &str, need: Need) -> bool {
@@ -136,8 +146,12 @@ impl Authorizer {
         if self.all {
             return true;
         }
-        self.allows(kind, prefix, need)
-            && !self.tables[kind_slot(kind)].any_below_withholds(prefix, need)
+        let table = &self.tables[kind_slot(kind)];
+        let tree = match table.lookup_tree(prefix) {
+            Some(access) => access.grants(need),
+            None => self.fallback == Fallback::Allow,
+        };
+        tree && !table.any_below_withholds(prefix, need)
     }
 
     /// Whether `need` on a resource with one rule is granted. `mesh` and

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 pub use authorizer::{Authorizer, Fallback};
 pub use rules::{Access, Kind, Need, Single};
 
-use crate::state::State;
 use crate::state::acl::{
     ANONYMOUS_ACCESSOR, ANONYMOUS_SECRET, AclStore, NodeIdentity, ServiceIdentity, Token,
 };
@@ -322,7 +321,7 @@ impl Acl {
     /// for longer than `down_after`.
     pub fn resolve(
         &self,
-        state: &State,
+        acl_store: &AclStore,
         secret: Option<&str>,
         now_ns: u64,
         leader_lost: bool,
@@ -362,7 +361,7 @@ impl Acl {
         if secret.len() > MAX_SECRET_BYTES {
             return Err(Refusal::TokenNotFound);
         }
-        let acl_index = state.acl.index();
+        let acl_index = acl_store.index();
         {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(hit) = cache.get(secret)
@@ -374,8 +373,7 @@ impl Acl {
                 return Ok(hit.resolved.clone());
             }
         }
-        let token = state
-            .acl
+        let token = acl_store
             .token_by_secret(secret)
             .ok_or(Refusal::TokenNotFound)?;
         if token.expired(now_ns) {
@@ -383,7 +381,7 @@ impl Acl {
         }
         let resolved = Resolved {
             accessor: Some(Arc::from(token.accessor_id.as_str())),
-            authorizer: Arc::new(self.compile(&state.acl, &token)),
+            authorizer: Arc::new(self.compile(acl_store, &token)),
             acl_index,
         };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -402,9 +400,9 @@ impl Acl {
     }
 
     /// The rights DNS answers with.
-    pub fn resolve_dns(&self, state: &State, now_ns: u64) -> Result<Resolved, Refusal> {
+    pub fn resolve_dns(&self, acl_store: &AclStore, now_ns: u64) -> Result<Resolved, Refusal> {
         let secret = self.settings.dns_token.as_ref().map(Secret::expose);
-        self.resolve(state, secret, now_ns, false)
+        self.resolve(acl_store, secret, now_ns, false)
     }
 
     /// A token's policies (direct, through its roles, and its identities)
@@ -520,6 +518,7 @@ pub fn request_token<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::State;
     use crate::state::acl::{GLOBAL_MANAGEMENT_ID, Policy};
 
     fn settings() -> AclSettings {
@@ -556,7 +555,7 @@ mod tests {
         let state = state_with(token, Some(policy));
         let acl = Acl::new(settings());
         let r = acl
-            .resolve(&state, Some("sec-1"), 10, false)
+            .resolve(&state.acl, Some("sec-1"), 10, false)
             .expect("known");
         assert!(r.require(Kind::Key, "app/x", Need::Write).is_ok());
         let refusal = r
@@ -567,17 +566,17 @@ mod tests {
             "Permission denied: token with AccessorID 'acc-1' lacks permission 'key:read' on \"etc/x\""
         );
         assert_eq!(
-            acl.resolve(&state, Some("nope"), 10, false)
+            acl.resolve(&state.acl, Some("nope"), 10, false)
                 .expect_err("unknown"),
             Refusal::TokenNotFound
         );
         // Cached, and still expires.
         assert_eq!(
-            acl.resolve(&state, Some("sec-1"), 1_000, false)
+            acl.resolve(&state.acl, Some("sec-1"), 1_000, false)
                 .expect_err("expired"),
             Refusal::TokenNotFound
         );
-        let anonymous = acl.resolve(&state, None, 10, false).expect("anonymous");
+        let anonymous = acl.resolve(&state.acl, None, 10, false).expect("anonymous");
         assert_eq!(
             anonymous
                 .require_single(Single::Operator, Need::Read)
@@ -598,13 +597,13 @@ mod tests {
         let mut state = state_with(token, None);
         let acl = Acl::new(settings());
         assert!(
-            acl.resolve(&state, Some("sec"), 1, false)
+            acl.resolve(&state.acl, Some("sec"), 1, false)
                 .expect("ok")
                 .is_management()
         );
         state.acl.delete_token(9, "acc").expect("delete");
         assert_eq!(
-            acl.resolve(&state, Some("sec"), 1, false)
+            acl.resolve(&state.acl, Some("sec"), 1, false)
                 .expect_err("revoked"),
             Refusal::TokenNotFound
         );
@@ -617,9 +616,9 @@ mod tests {
             down_policy: DownPolicy::Allow,
             ..settings()
         });
-        let up = acl.resolve(&state, None, 1, false).expect("anonymous");
+        let up = acl.resolve(&state.acl, None, 1, false).expect("anonymous");
         assert!(!up.allows(Kind::Key, "k", Need::Read));
-        let down = acl.resolve(&state, None, 1, true).expect("down");
+        let down = acl.resolve(&state.acl, None, 1, true).expect("down");
         assert!(down.allows(Kind::Key, "k", Need::Read));
         assert!(!down.is_management());
     }
@@ -650,7 +649,7 @@ mod tests {
         };
         let state = state_with(token, None);
         let r = Acl::new(settings())
-            .resolve(&state, Some("s"), 1, false)
+            .resolve(&state.acl, Some("s"), 1, false)
             .expect("ok");
         assert!(r.allows(Kind::Service, "web", Need::Write));
         assert!(r.allows(Kind::Service, "db", Need::Read));

@@ -285,9 +285,11 @@ impl Collector<'_> {
             prefix,
             access: policy,
         });
-        // Service read implies reading its intentions (as Consul).
+        // A service's read implies reading its intentions, and its deny
+        // denies them (as Consul).
         let intentions = intentions.or(match (kind, policy) {
             (Kind::Service, Access::Read | Access::Write) => Some(Access::Read),
+            (Kind::Service, Access::Deny) => Some(Access::Deny),
             _ => None,
         });
         if let Some(access) = intentions {
@@ -455,8 +457,73 @@ fn string_of(expr: &Expression) -> Option<&str> {
     }
 }
 
+/// JSON that refuses a key given twice in one object (serde_json would
+/// keep the last silently, and a later `read` could undo an earlier
+/// `deny`).
+struct NoDuplicates(Value);
+
+impl<'de> serde::Deserialize<'de> for NoDuplicates {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Value;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("JSON")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+                Ok(Value::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+                Ok(Value::from(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+                Ok(Value::from(v))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+                Ok(Value::from(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+                Ok(Value::String(v.to_owned()))
+            }
+            fn visit_unit<E>(self) -> Result<Value, E> {
+                Ok(Value::Null)
+            }
+            fn visit_none<E>(self) -> Result<Value, E> {
+                Ok(Value::Null)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Value, A::Error> {
+                let mut items = Vec::new();
+                while let Some(NoDuplicates(v)) = seq.next_element()? {
+                    items.push(v);
+                }
+                Ok(Value::Array(items))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Value, A::Error> {
+                let mut object = serde_json::Map::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if object.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format!(
+                            "{key:?} is given more than once"
+                        )));
+                    }
+                    let NoDuplicates(value) = map.next_value()?;
+                    object.insert(key, value);
+                }
+                Ok(Value::Object(object))
+            }
+        }
+        d.deserialize_any(Visit).map(NoDuplicates)
+    }
+}
+
 fn parse_json(text: &str) -> Result<Rules, RulesError> {
-    let value: Value = serde_json::from_str(text).map_err(|e| RulesError {
+    let NoDuplicates(value) = serde_json::from_str(text).map_err(|e| RulesError {
         message: e.to_string(),
         at: Some((e.line(), e.column())),
     })?;
@@ -567,6 +634,17 @@ operator = "read"
         assert!(parse("key \"a\" {}").is_err(), "policy is required");
         assert!(parse("key \"a\" \"b\" { policy = \"read\" }").is_err());
         assert!(parse("operator = \"read\"\noperator = \"write\"").is_err());
+        let err = parse(r#"{"key": {"a": {"policy": "deny"}}, "key": {"a": {"policy": "read"}}}"#)
+            .expect_err("a JSON key twice");
+        assert!(err.to_string().contains("given more than once"), "{err}");
+        let denied = parse(r#"service "db" { policy = "deny" }"#).expect("deny");
+        assert!(
+            denied
+                .rules
+                .iter()
+                .any(|r| r.kind == Kind::Intention && r.access == Access::Deny),
+            "a denied service denies its intentions"
+        );
     }
 
     #[test]

@@ -56,7 +56,7 @@ impl DnsConfig {
                 let now_ns = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-                acl.resolve_dns(state, now_ns).unwrap_or_else(|refusal| {
+                acl.resolve_dns(&state.acl, now_ns).unwrap_or_else(|refusal| {
                     // Once a minute at most: this is per query.
                     static LAST_WARNED_S: std::sync::atomic::AtomicU64 =
                         std::sync::atomic::AtomicU64::new(0);

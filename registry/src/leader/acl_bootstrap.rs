@@ -100,6 +100,21 @@ fn secret_in(path: &Path) -> Result<String, String> {
     use std::os::unix::fs::OpenOptionsExt;
     match std::fs::read_to_string(path) {
         Ok(text) => {
+            // Only a file this server wrote is trusted (its own, 0600): a
+            // file planted by someone else would name their secret.
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let uid = rustix::process::geteuid().as_raw();
+            if meta.uid() != uid || meta.mode() & 0o077 != 0 {
+                return Err(format!(
+                    "{} exists but was not written by this server (owner {}, mode {:o}; \
+                     expected uid {uid}, mode 600): move it away",
+                    path.display(),
+                    meta.uid(),
+                    meta.mode() & 0o777
+                ));
+            }
             let secret = text.trim();
             if secret.len() != 36 {
                 return Err(format!(

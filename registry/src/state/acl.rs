@@ -318,6 +318,12 @@ impl AclStore {
                     .to_owned(),
             ));
         }
+        if policy.id == GLOBAL_MANAGEMENT_ID && !policy.datacenters.is_empty() {
+            return Err(AclError::Invalid(
+                "Changing the Datacenters of the builtin global-management policy is not permitted"
+                    .to_owned(),
+            ));
+        }
         let existing = self.policy(&policy.id);
         let mut policy = policy.clone();
         policy.create_index = match &existing {
@@ -500,6 +506,12 @@ mod tests {
         let mut builtin = AclStore::global_management();
         builtin.rules = "acl = \"read\"".into();
         assert!(acl.set_policy(5, &builtin).is_err());
+        let mut elsewhere = AclStore::global_management();
+        elsewhere.datacenters = vec!["nowhere".into()];
+        assert!(
+            acl.set_policy(5, &elsewhere).is_err(),
+            "it must work everywhere"
+        );
         assert_eq!(acl.policies().len(), 2);
         assert_eq!(acl.tokens().len(), 1, "the anonymous token");
     }

@@ -115,6 +115,25 @@ impl DataDir {
             path: path.to_owned(),
             source,
         })?;
+        // The log and snapshots hold every secret (ACL tokens included):
+        // nobody but the service user (and its group, as systemd's
+        // StateDirectory makes it) may read them.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(meta) = std::fs::metadata(path)
+                && meta.permissions().mode() & 0o007 != 0
+            {
+                let tightened = meta.permissions().mode() & 0o770;
+                match std::fs::set_permissions(path, std::fs::Permissions::from_mode(tightened)) {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), mode = format!("{tightened:o}"), "data dir was readable by other users; tightened")
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "data dir is readable by other users and cannot be tightened")
+                    }
+                }
+            }
+        }
         let marker_path = path.join(MARKER);
         let raft_path = path.join(RAFT_DIR);
         let marker = match std::fs::read(&marker_path) {

@@ -107,11 +107,18 @@ impl AgentService {
                 .require(Kind::Service, &old.name, Need::Write)
                 .map_err(deny)?;
         }
-        let moves_node = state
-            .catalog
-            .node(&registration.node)
-            .is_some_and(|n| n.address != registration.address);
-        if moves_node {
+        // A node that exists is someone's: a sidecar may register onto it
+        // only if it may write every service already there (its own
+        // earlier registration); otherwise — another machine's node, or
+        // one moved to another address — it takes the node's write.
+        let takes_over = state.catalog.node(&registration.node).is_some_and(|n| {
+            n.address != registration.address
+                || state
+                    .catalog
+                    .node_services(&registration.node)
+                    .any(|s| !authz.allows(Kind::Service, &s.name, Need::Write))
+        });
+        if takes_over {
             authz
                 .require(Kind::Node, &registration.node, Need::Write)
                 .map_err(deny)?;

@@ -19,7 +19,7 @@ use super::consul_json::Fields;
 use super::error::ApiError;
 use super::query::{Params, ReadOptions, read_headers, run_read};
 use super::waiters::IndexOf;
-use crate::auth::{Need, Single};
+use crate::auth::{Need, Resolved, Single};
 use crate::command::{Command, CommandResponse};
 use crate::state::State as RegistryState;
 use crate::state::acl::{
@@ -226,11 +226,13 @@ fn role_json(acl: &AclStore, role: &Role) -> Value {
 
 // ---- reads ----
 
-/// A (blocking) read of the ACL tables, after `need` on `acl`.
+/// A (blocking) read of the ACL tables: `compute` gets the token's rights
+/// as they are when it runs (after a wait, they may have changed).
 async fn read(
     app: &AppState,
+    authz: &Authz,
     query: Option<&str>,
-    compute: impl Fn(&RegistryState) -> Result<Value, ApiError>,
+    compute: impl Fn(&RegistryState, &Resolved) -> Result<Value, ApiError>,
 ) -> Result<Response, ApiError> {
     let params = Params::parse(query);
     let options = ReadOptions::from_params(&params)?;
@@ -239,7 +241,7 @@ async fn read(
         &app.waiters,
         options,
         &app.shutdown,
-        &IndexOf::Acl,
+        (&IndexOf::Acl, authz),
         compute,
     )
     .await?;
@@ -259,12 +261,15 @@ pub async fn token_self(
 ) -> Result<Response, ApiError> {
     enabled(&app)?;
     let accessor = authz.accessor().unwrap_or(ANONYMOUS_ACCESSOR).to_owned();
-    read(&app, query.as_deref(), move |state| {
+    // The secret only to who sent it: a request without a token acts as
+    // the default token, whose secret it was never given.
+    let show = authz.token_given();
+    read(&app, &authz, query.as_deref(), move |state, _| {
         let token = state
             .acl
             .token(&accessor)
             .ok_or_else(|| ApiError::Forbidden("ACL not found".into()))?;
-        Ok(token_json(&state.acl, &token, true))
+        Ok(token_json(&state.acl, &token, show))
     })
     .await
 }
@@ -278,8 +283,9 @@ pub async fn token_read(
 ) -> Result<Response, ApiError> {
     enabled(&app)?;
     authz.require_single(Single::Acl, Need::Read)?;
-    let show = authz.allows_single(Single::Acl, Need::Write);
-    read(&app, query.as_deref(), move |state| {
+    read(&app, &authz, query.as_deref(), move |state, rights| {
+        rights.require_single(Single::Acl, Need::Read)?;
+        let show = rights.allows_single(Single::Acl, Need::Write);
         let token = state
             .acl
             .token(&id)
@@ -297,11 +303,12 @@ pub async fn token_list(
 ) -> Result<Response, ApiError> {
     enabled(&app)?;
     authz.require_single(Single::Acl, Need::Read)?;
-    let show = authz.allows_single(Single::Acl, Need::Write);
     let params = Params::parse(query.as_deref());
     let policy = params.get("policy").map(str::to_owned);
     let role = params.get("role").map(str::to_owned);
-    read(&app, query.as_deref(), move |state| {
+    read(&app, &authz, query.as_deref(), move |state, rights| {
+        rights.require_single(Single::Acl, Need::Read)?;
+        let show = rights.allows_single(Single::Acl, Need::Write);
         let list: Vec<Value> = state
             .acl
             .tokens()
@@ -324,7 +331,8 @@ pub async fn policy_read(
 ) -> Result<Response, ApiError> {
     enabled(&app)?;
     authz.require_single(Single::Acl, Need::Read)?;
-    read(&app, query.as_deref(), move |state| {
+    read(&app, &authz, query.as_deref(), move |state, rights| {
+        rights.require_single(Single::Acl, Need::Read)?;
         let policy = state
             .acl
             .policy(&id)
@@ -343,7 +351,8 @@ pub async fn policy_read_by_name(
 ) -> Result<Response, ApiError> {
     enabled(&app)?;
     authz.require_single(Single::Acl, Need::Read)?;
-    read(&app, query.as_deref(), move |state| {
+    read(&app, &authz, query.as_deref(), move |state, rights| {
+        rights.require_single(Single::Acl, Need::Read)?;
         let policy = state
             .acl
             .policy_by_name(&name)
@@ -361,7 +370,8 @@ pub async fn policy_list(
 ) -> Result<Response, ApiError> {
     enabled(&app)?;
     authz.require_single(Single::Acl, Need::Read)?;
-    read(&app, query.as_deref(), |state| {
+    read(&app, &authz, query.as_deref(), |state, rights| {
+        rights.require_single(Single::Acl, Need::Read)?;
         Ok(Value::Array(
             state
                 .acl
@@ -383,7 +393,8 @@ pub async fn role_read(
 ) -> Result<Response, ApiError> {
     enabled(&app)?;
     authz.require_single(Single::Acl, Need::Read)?;
-    read(&app, query.as_deref(), move |state| {
+    read(&app, &authz, query.as_deref(), move |state, rights| {
+        rights.require_single(Single::Acl, Need::Read)?;
         let role = state
             .acl
             .role(&id)
@@ -402,7 +413,8 @@ pub async fn role_read_by_name(
 ) -> Result<Response, ApiError> {
     enabled(&app)?;
     authz.require_single(Single::Acl, Need::Read)?;
-    read(&app, query.as_deref(), move |state| {
+    read(&app, &authz, query.as_deref(), move |state, rights| {
+        rights.require_single(Single::Acl, Need::Read)?;
         let role = state
             .acl
             .role_by_name(&name)
@@ -420,7 +432,8 @@ pub async fn role_list(
 ) -> Result<Response, ApiError> {
     enabled(&app)?;
     authz.require_single(Single::Acl, Need::Read)?;
-    read(&app, query.as_deref(), |state| {
+    read(&app, &authz, query.as_deref(), |state, rights| {
+        rights.require_single(Single::Acl, Need::Read)?;
         Ok(Value::Array(
             state
                 .acl

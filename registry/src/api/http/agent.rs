@@ -77,6 +77,12 @@ pub async fn register_service(
     {
         authz.require(Kind::Service, &old.name, Need::Write)?;
     }
+    {
+        let state = app.node.state.read();
+        for check in &checks {
+            super::catalog::require_check_owner(&authz, &state, &app.node_name, &check.check_id)?;
+        }
+    }
     let mut reg = agent_registration(&app);
     reg.service = Some(service);
     reg.checks = checks;
@@ -164,6 +170,16 @@ pub async fn register_check(
     } else {
         require_service_write(&app, &authz, &check.service_id)?;
     }
+    super::catalog::require_check_owner(
+        &authz,
+        &app.node.state.read(),
+        &app.node_name,
+        if check.check_id.is_empty() {
+            &check.name
+        } else {
+            &check.check_id
+        },
+    )?;
     if check.check_id.is_empty() {
         check.check_id.clone_from(&check.name);
     }

@@ -11,13 +11,42 @@ use crate::auth::Resolved;
 /// The resolved rights of the request's token (`?token=`,
 /// `X-Consul-Token` or `Authorization: Bearer`). An unknown or expired
 /// token is refused here, before the handler runs: 403 "ACL not found".
+/// A blocking query resolves the token again when it wakes
+/// ([`Authz::refresh`]): a token revoked while it waited gets nothing.
 #[derive(Debug, Clone)]
-pub struct Authz(pub Resolved);
+pub struct Authz {
+    resolved: Resolved,
+    /// What the request carried (`None`: it acts as the default or
+    /// anonymous token).
+    token: Option<crate::auth::Secret>,
+    app: Option<AppState>,
+}
 
 impl std::ops::Deref for Authz {
     type Target = Resolved;
     fn deref(&self) -> &Resolved {
-        &self.0
+        &self.resolved
+    }
+}
+
+impl Authz {
+    /// Whether the request named a token itself.
+    pub fn token_given(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// The token's rights now (after a blocking wait), or the refusal if
+    /// it no longer resolves.
+    pub fn refresh(&self) -> Result<Resolved, ApiError> {
+        match &self.app {
+            None => Ok(self.resolved.clone()),
+            Some(app) => crate::api::resolve(
+                &app.acl,
+                &app.node,
+                self.token.as_ref().map(crate::auth::Secret::expose),
+            )
+            .map_err(ApiError::from),
+        }
     }
 }
 
@@ -26,7 +55,11 @@ impl FromRequestParts<AppState> for Authz {
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
         if !app.acl.enabled() {
-            return Ok(Authz(Resolved::everything()));
+            return Ok(Authz {
+                resolved: Resolved::everything(),
+                token: None,
+                app: None,
+            });
         }
         let query_token = parts.uri.query().and_then(|q| {
             form_urlencoded::parse(q.as_bytes())
@@ -34,9 +67,12 @@ impl FromRequestParts<AppState> for Authz {
                 .map(|(_, v)| v.into_owned())
         });
         let token = crate::auth::request_token(query_token.as_deref(), &parts.headers);
-        crate::api::resolve(&app.acl, &app.node, token)
-            .map(Authz)
-            .map_err(ApiError::from)
+        let resolved = crate::api::resolve(&app.acl, &app.node, token)?;
+        Ok(Authz {
+            resolved,
+            token: token.map(|t| crate::auth::Secret::new(t.to_owned())),
+            app: Some(app.clone()),
+        })
     }
 }
 

@@ -31,15 +31,11 @@ pub(super) async fn json_read(
     uri: Uri,
     query: Option<String>,
     what: IndexOf,
-    compute: impl Fn(&RegistryState, &Params) -> (Value, bool),
+    compute: impl Fn(&RegistryState, &Params, &Resolved) -> (Value, bool),
 ) -> Result<Response, ApiError> {
     let params = Params::parse(query.as_deref());
     let options = ReadOptions::from_params(&params)?;
-    let mut key = shared_read_key(uri.path(), query.as_deref());
-    if let Some(view) = authz.view_key() {
-        key.push('\u{2}');
-        key.push_str(&view);
-    }
+    let question = shared_read_key(uri.path(), query.as_deref());
     // The URI points into hyper's read buffer; holding it across a blocking
     // wait would pin 8 KiB per parked request.
     drop(uri);
@@ -48,10 +44,16 @@ pub(super) async fn json_read(
         &app.waiters,
         options,
         &app.shutdown,
-        &what,
-        |state| {
+        (&what, authz),
+        |state, rights| {
+            // Keyed by the token's view as it is when computed (a blocking
+            // query may wake to changed rights).
+            let key = match rights.view_key() {
+                Some(view) => format!("{question}\u{2}{view}"),
+                None => question.clone(),
+            };
             app.shared_reads.get_or_compute(&key, state, |state| {
-                let (value, filtered) = compute(state, &params);
+                let (value, filtered) = compute(state, &params, rights);
                 (
                     Bytes::from(serde_json::to_vec(&value).unwrap_or_else(|_| b"null".to_vec())),
                     filtered,
@@ -77,14 +79,13 @@ pub(super) fn sees_instance(authz: &Resolved, node: &Node, s: &ServiceInstance) 
         && authz.allows(Kind::Node, &node.name, Need::Read)
 }
 
-/// Whether the token may see a check: its service's, or its node's for a
-/// node check.
+/// Whether the token may see a check: its node's read, and for a service
+/// check its service's too (a node the token may not see stays hidden in
+/// every list).
 pub(super) fn sees_check(authz: &Resolved, check: &HealthCheck) -> bool {
-    if check.service_id.is_empty() {
-        authz.allows(Kind::Node, &check.node, Need::Read)
-    } else {
-        authz.allows(Kind::Service, &check.service_name, Need::Read)
-    }
+    authz.allows(Kind::Node, &check.node, Need::Read)
+        && (check.service_id.is_empty()
+            || authz.allows(Kind::Service, &check.service_name, Need::Read))
 }
 
 /// The write permissions a catalog registration needs (Consul's
@@ -96,13 +97,19 @@ fn vet_registration(
     state: &RegistryState,
     reg: &Registration,
 ) -> Result<(), ApiError> {
-    let node_changes = !reg.skip_node_update
-        && state.catalog.node(&reg.node).is_none_or(|n| {
+    // As applied: a missing node is created (SkipNodeUpdate or not), and
+    // an existing one takes the registration's address, tagged addresses
+    // and meta as given (left out: emptied).
+    let node_changes = match state.catalog.node(&reg.node) {
+        None => true,
+        Some(_) if reg.skip_node_update => false,
+        Some(n) => {
             n.address != reg.address
                 || (!reg.node_id.is_empty() && n.id != reg.node_id)
-                || (!reg.tagged_addresses.is_empty() && n.tagged_addresses != reg.tagged_addresses)
-                || (!reg.node_meta.is_empty() && n.meta != reg.node_meta)
-        });
+                || n.tagged_addresses != reg.tagged_addresses
+                || n.meta != reg.node_meta
+        }
+    };
     if node_changes {
         authz.require(Kind::Node, &reg.node, Need::Write)?;
     }
@@ -131,6 +138,31 @@ fn vet_registration(
             Some(name) => authz.require(Kind::Service, &name, Need::Write)?,
             None => authz.require(Kind::Node, &reg.node, Need::Write)?,
         }
+        require_check_owner(authz, state, &reg.node, &check.check_id)?;
+    }
+    Ok(())
+}
+
+/// Overwriting a check that exists needs its current owner's write too
+/// (its service's, or the node's): a check ID is no way into another
+/// service's health.
+pub(super) fn require_check_owner(
+    authz: &Resolved,
+    state: &RegistryState,
+    node: &str,
+    check_id: &str,
+) -> Result<(), ApiError> {
+    let Some(existing) = state
+        .catalog
+        .node_checks(node)
+        .find(|c| c.check_id == check_id)
+    else {
+        return Ok(());
+    };
+    if existing.service_id.is_empty() {
+        authz.require(Kind::Node, node, Need::Write)?;
+    } else {
+        authz.require(Kind::Service, &existing.service_name, Need::Write)?;
     }
     Ok(())
 }
@@ -265,17 +297,24 @@ pub async fn services(
     uri: Uri,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, &authz, uri, q, IndexOf::ServiceList, |state, _| {
-        let all = state.catalog.service_names();
-        let total = all.len();
-        let names: BTreeMap<&str, Vec<&str>> = all
-            .into_iter()
-            .filter(|(name, _)| authz.allows(Kind::Service, name, Need::Read))
-            .map(|(name, tags)| (name, tags.into_iter().collect()))
-            .collect();
-        let filtered = names.len() != total;
-        (json!(names), filtered)
-    })
+    json_read(
+        &app,
+        &authz,
+        uri,
+        q,
+        IndexOf::ServiceList,
+        |state, _, authz| {
+            let all = state.catalog.service_names();
+            let total = all.len();
+            let names: BTreeMap<&str, Vec<&str>> = all
+                .into_iter()
+                .filter(|(name, _)| authz.allows(Kind::Service, name, Need::Read))
+                .map(|(name, tags)| (name, tags.into_iter().collect()))
+                .collect();
+            let filtered = names.len() != total;
+            (json!(names), filtered)
+        },
+    )
     .await
 }
 
@@ -293,14 +332,14 @@ pub async fn service(
         uri,
         q,
         IndexOf::Service(name.clone()),
-        |state, params| {
+        |state, params, authz| {
             let mut filtered = false;
             let list: Vec<Value> = state
                 .catalog
                 .instances(&name)
                 .filter(|(_, s)| has_tags(&s.tags, params))
                 .filter(|(n, s)| {
-                    let sees = sees_instance(&authz, n, s);
+                    let sees = sees_instance(authz, n, s);
                     filtered |= !sees;
                     sees
                 })
@@ -319,20 +358,27 @@ pub async fn nodes(
     uri: Uri,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    json_read(&app, &authz, uri, q, IndexOf::NodeList, |state, _| {
-        let mut filtered = false;
-        let list: Vec<Value> = state
-            .catalog
-            .nodes()
-            .filter(|n| {
-                let sees = authz.allows(Kind::Node, &n.name, Need::Read);
-                filtered |= !sees;
-                sees
-            })
-            .map(consul_json::node_json)
-            .collect();
-        (Value::Array(list), filtered)
-    })
+    json_read(
+        &app,
+        &authz,
+        uri,
+        q,
+        IndexOf::NodeList,
+        |state, _, authz| {
+            let mut filtered = false;
+            let list: Vec<Value> = state
+                .catalog
+                .nodes()
+                .filter(|n| {
+                    let sees = authz.allows(Kind::Node, &n.name, Need::Read);
+                    filtered |= !sees;
+                    sees
+                })
+                .map(consul_json::node_json)
+                .collect();
+            (Value::Array(list), filtered)
+        },
+    )
     .await
 }
 
@@ -350,7 +396,7 @@ pub async fn node(
         uri,
         q,
         IndexOf::Node(node.clone()),
-        |state, _| match state.catalog.node(&node) {
+        |state, _, authz| match state.catalog.node(&node) {
             None => (Value::Null, false),
             // A node the token may not read is answered as unknown.
             Some(_) if !authz.allows(Kind::Node, &node, Need::Read) => (Value::Null, true),
@@ -392,14 +438,14 @@ pub async fn health_service(
         uri,
         q,
         IndexOf::Service(name.clone()),
-        |state, params| {
+        |state, params, authz| {
             let catalog = &state.catalog;
             let mut filtered = false;
             let list: Vec<Value> = catalog
                 .instances(&name)
                 .filter(|(_, s)| has_tags(&s.tags, params))
                 .filter(|(n, s)| {
-                    let sees = sees_instance(&authz, n, s);
+                    let sees = sees_instance(authz, n, s);
                     filtered |= !sees;
                     sees
                 })
@@ -439,9 +485,9 @@ pub async fn health_checks(
         uri,
         q,
         IndexOf::Service(name.clone()),
-        |state, _| {
+        |state, _, authz| {
             checks_seen(
-                &authz,
+                authz,
                 state
                     .catalog
                     .all_checks()
@@ -483,7 +529,7 @@ pub async fn health_node(
         uri,
         q,
         IndexOf::Node(node.clone()),
-        |state, _| checks_seen(&authz, state.catalog.node_checks(&node)),
+        |state, _, authz| checks_seen(authz, state.catalog.node_checks(&node)),
     )
     .await
 }
@@ -504,9 +550,9 @@ pub async fn health_state(
             ))
         })?),
     };
-    json_read(&app, &authz, uri, q, IndexOf::Checks, |state, _| {
+    json_read(&app, &authz, uri, q, IndexOf::Checks, |state, _, authz| {
         checks_seen(
-            &authz,
+            authz,
             state
                 .catalog
                 .all_checks()

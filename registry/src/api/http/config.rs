@@ -79,13 +79,13 @@ pub async fn list(
         uri,
         query,
         IndexOf::ConfigKind(kind.clone()),
-        |state, _| {
+        |state, _, authz| {
             let mut filtered = false;
             let list = state
                 .config
                 .list(&kind)
                 .filter(|(name, _)| {
-                    let sees = entry_permission(&authz, &kind, name, Need::Read).is_ok();
+                    let sees = entry_permission(authz, &kind, name, Need::Read).is_ok();
                     filtered |= !sees;
                     sees
                 })
@@ -112,17 +112,21 @@ pub async fn get(
         &app.waiters,
         options,
         &app.shutdown,
-        &IndexOf::ConfigKind(kind.clone()),
-        |state| {
-            state
-                .config
-                .get(&kind, &name)
-                .map(|entry| entry_json(&kind, &name, entry))
+        (&IndexOf::ConfigKind(kind.clone()), &authz),
+        |state, rights| {
+            // Again after a blocking wait: the token's rights may have changed.
+            entry_permission(rights, &kind, &name, Need::Read)?;
+            Ok::<_, crate::auth::Refusal>(
+                state
+                    .config
+                    .get(&kind, &name)
+                    .map(|entry| entry_json(&kind, &name, entry)),
+            )
         },
     )
     .await?;
     let mut headers = read_headers(&app.node, result.index, options.consistency);
-    match result.value {
+    match result.value? {
         Some(entry) => {
             headers.insert(
                 header::CONTENT_TYPE,

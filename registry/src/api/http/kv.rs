@@ -123,8 +123,8 @@ async fn get(
             &app.waiters,
             options,
             shutdown,
-            &IndexOf::Prefix(key.to_owned()),
-            |state| {
+            (&IndexOf::Prefix(key.to_owned()), authz),
+            |state, authz| {
                 let mut keys = state.kv.keys(key, separator.as_deref());
                 let filtered =
                     crate::auth::filter(&mut keys, |k| authz.allows(Kind::Key, k, Need::Read));
@@ -142,8 +142,8 @@ async fn get(
             &app.waiters,
             options,
             shutdown,
-            &IndexOf::Prefix(key.to_owned()),
-            |state| {
+            (&IndexOf::Prefix(key.to_owned()), authz),
+            |state, authz| {
                 let mut pairs: Vec<KvPair<'_>> = state
                     .kv
                     .prefix_range(key)
@@ -173,8 +173,8 @@ async fn get(
             &app.waiters,
             options,
             shutdown,
-            &IndexOf::Key(key.to_owned()),
-            |state| {
+            (&IndexOf::Key(key.to_owned()), authz),
+            |state, _| {
                 state.kv.get(key).map(|entry| {
                     if raw {
                         Ok(entry.value.to_vec())

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
 use super::waiters::{IndexOf, Waiters};
+use crate::auth::Resolved;
 use crate::cluster::{Consistency, RegistryNode};
 use crate::state::State;
 use meshwork_core::duration::parse_duration;
@@ -149,19 +150,19 @@ pub async fn run_read<T>(
     waiters: &Waiters,
     options: ReadOptions,
     shutdown: &CancellationToken,
-    what: &IndexOf,
-    compute: impl Fn(&State) -> T,
+    (what, authz): (&IndexOf, &super::authz::Authz),
+    compute: impl Fn(&State, &Resolved) -> T,
 ) -> Result<Indexed<T>, ApiError> {
     // Boxed: the barrier's future (a gRPC call to the leader) is large, and
     // inline it would size the state of every parked blocking query.
     Box::pin(node.read_barrier(options.consistency)).await?;
     // Index 0 would make clients spin; Consul reports at least 1.
-    let answer = |state: &State| Indexed {
+    let answer = |state: &State, rights: &Resolved| Indexed {
         index: what.index(state).max(1),
-        value: compute(state),
+        value: compute(state, rights),
     };
     let Some(min) = options.min_index else {
-        return Ok(answer(&node.state.read()));
+        return Ok(answer(&node.state.read(), authz));
     };
     let jitter_ms = rand::rng().random_range(0..=(options.wait.as_millis() as u64 / 16).max(1));
     let deadline = Instant::now() + options.wait + Duration::from_millis(jitter_ms);
@@ -170,7 +171,7 @@ pub async fn run_read<T>(
     let mut group = waiters.subscribe(what);
     let due_now = {
         let state = node.state.read();
-        (what.index(&state).max(1) > min).then(|| answer(&state))
+        (what.index(&state).max(1) > min).then(|| answer(&state, authz))
     };
     if let Some(due) = due_now {
         waiters.release(what, group);
@@ -181,8 +182,10 @@ pub async fn run_read<T>(
         () = shutdown.cancelled() => {}
     }
     waiters.release(what, group);
-    // Due, timed out or shutting down: the answer as it stands.
-    Ok(answer(&node.state.read()))
+    // Due, timed out or shutting down: the answer as it stands, for the
+    // token as it stands (revoked while waiting: refused).
+    let rights = authz.refresh()?;
+    Ok(answer(&node.state.read(), &rights))
 }
 
 /// Consul's read headers: the index, and how fresh the answering server is.
@@ -242,6 +245,11 @@ mod tests {
         assert_ne!(
             shared_read_key("/v1/health/service/web", Some("passing")),
             shared_read_key("/v1/health/service/web", None)
+        );
+        // A name carrying a separator is not another question's key.
+        assert_ne!(
+            shared_read_key("/v1/health/service/web", Some("passing%3D1%01tag=prod")),
+            shared_read_key("/v1/health/service/web", Some("passing=1&tag=prod"))
         );
     }
 
@@ -329,12 +337,14 @@ pub fn shared_read_key(path: &str, query: Option<&str>) -> String {
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
     pairs.sort();
-    let mut key = path.to_owned();
-    for (k, v) in pairs {
-        key.push('\u{1}');
-        key.push_str(&k);
-        key.push('=');
-        key.push_str(&v);
+    // Encoded again: a name or value holding a separator cannot pass for
+    // another question's key.
+    let mut encoded = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in &pairs {
+        encoded.append_pair(k, v);
     }
+    let mut key = path.to_owned();
+    key.push('?');
+    key.push_str(&encoded.finish());
     key
 }

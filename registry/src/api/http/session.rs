@@ -300,8 +300,8 @@ pub async fn info(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
-    read(&app, query.as_deref(), move |state| {
-        sessions_json(&authz, state.sessions.get(&id).into_iter())
+    read(&app, query.as_deref(), &authz, move |state, authz| {
+        sessions_json(authz, state.sessions.get(&id).into_iter())
     })
     .await
 }
@@ -313,8 +313,8 @@ pub async fn node(
     Path(node): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    read(&app, query.as_deref(), move |state| {
-        sessions_json(&authz, state.sessions.of_node(&node))
+    read(&app, query.as_deref(), &authz, move |state, authz| {
+        sessions_json(authz, state.sessions.of_node(&node))
     })
     .await
 }
@@ -325,8 +325,8 @@ pub async fn list(
     authz: Authz,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    read(&app, query.as_deref(), move |state| {
-        sessions_json(&authz, state.sessions.iter())
+    read(&app, query.as_deref(), &authz, move |state, authz| {
+        sessions_json(authz, state.sessions.iter())
     })
     .await
 }
@@ -335,7 +335,8 @@ pub async fn list(
 async fn read(
     app: &AppState,
     query: Option<&str>,
-    compute: impl Fn(&RegistryState) -> (Vec<u8>, bool),
+    authz: &Authz,
+    compute: impl Fn(&RegistryState, &crate::auth::Resolved) -> (Vec<u8>, bool),
 ) -> Result<Response, ApiError> {
     let params = Params::parse(query);
     let options = ReadOptions::from_params(&params)?;
@@ -344,7 +345,7 @@ async fn read(
         &app.waiters,
         options,
         &app.shutdown,
-        &IndexOf::Sessions,
+        (&IndexOf::Sessions, authz),
         compute,
     )
     .await?;
@@ -428,7 +429,7 @@ impl<'a> SessionJson<'a> {
 /// The sessions the token may read (its node's `session` rule), as
 /// Consul's JSON list, and whether any were left out.
 fn sessions_json<'a>(
-    authz: &Authz,
+    authz: &crate::auth::Resolved,
     sessions: impl Iterator<Item = &'a Session>,
 ) -> (Vec<u8>, bool) {
     let mut filtered = false;

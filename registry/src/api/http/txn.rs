@@ -109,26 +109,62 @@ fn permitted(
             KvVerb::DeleteTree => authz.require_prefix(Kind::Key, &kv.key, Need::Write),
             verb => authz.require(Kind::Key, &kv.key, need(verb.reads_only())),
         },
-        TxnOp::Node(n) => authz.require(Kind::Node, &n.node.node, need(n.verb == CatalogVerb::Get)),
-        TxnOp::Service(s) => authz.require(
-            Kind::Service,
-            &s.service.name,
-            need(s.verb == CatalogVerb::Get),
-        ),
+        TxnOp::Node(n) => {
+            let reads = n.verb == CatalogVerb::Get;
+            authz.require(Kind::Node, &n.node.node, need(reads))
+        }
+        // The stored instance decides (a delete names only its ID); a set
+        // that renames an instance needs both names' write.
+        TxnOp::Service(s) => {
+            let reads = s.verb == CatalogVerb::Get;
+            let stored = state.catalog.service(&s.node, &s.service.id);
+            if reads {
+                authz.require(Kind::Node, &s.node, Need::Read)?;
+            }
+            if let Some(old) = stored {
+                authz.require(Kind::Service, &old.name, need(reads))?;
+            }
+            let writes_name = matches!(s.verb, CatalogVerb::Set | CatalogVerb::Cas);
+            if writes_name || stored.is_none() {
+                authz.require(Kind::Service, &s.service.name, need(reads))?;
+            }
+            Ok(())
+        }
+        // A check belongs to its service, or to its node: both the stored
+        // check's owner and (for a set) the new one must be allowed.
         TxnOp::Check(c) => {
             let reads = c.verb == CatalogVerb::Get;
-            let service = if c.check.service_id.is_empty() {
-                None
-            } else {
-                state
-                    .catalog
-                    .service(&c.node, &c.check.service_id)
-                    .map(|s| s.name.clone())
+            let owner_of = |service_id: &str| {
+                (!service_id.is_empty())
+                    .then(|| {
+                        state
+                            .catalog
+                            .service(&c.node, service_id)
+                            .map(|s| s.name.clone())
+                    })
+                    .flatten()
             };
-            match service {
-                Some(name) => authz.require(Kind::Service, &name, need(reads)),
-                None => authz.require(Kind::Node, &c.node, need(reads)),
+            let stored = state
+                .catalog
+                .node_checks(&c.node)
+                .find(|k| k.check_id == c.check.check_id)
+                .map(|k| owner_of(&k.service_id));
+            let requested = owner_of(&c.check.service_id);
+            if reads {
+                authz.require(Kind::Node, &c.node, Need::Read)?;
             }
+            let owners = match (stored, c.verb) {
+                (Some(old), CatalogVerb::Set | CatalogVerb::Cas) => vec![old, requested],
+                (Some(old), _) => vec![old],
+                (None, _) => vec![requested],
+            };
+            for owner in owners {
+                match owner {
+                    Some(name) => authz.require(Kind::Service, &name, need(reads))?,
+                    None => authz.require(Kind::Node, &c.node, need(reads))?,
+                }
+            }
+            Ok(())
         }
     }
 }
