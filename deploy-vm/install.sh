@@ -40,6 +40,8 @@
 #   /etc/sysusers.d/meshwork.conf      the meshwork user
 #   /etc/meshwork/registry.toml        only if absent
 #   /etc/meshwork/sidecar/web.toml     only if absent
+#   /etc/meshwork/tls/                 where the CA and this server's certificate go
+#                                      (docs/tls.md; the registry needs them to start)
 #   /var/lib/meshwork                  state (the units' StateDirectory)
 set -euo pipefail
 
@@ -232,6 +234,7 @@ for example in "$here"/config/*.toml; do
 done
 dir "$root/etc/meshwork" 750 root:meshwork
 dir "$root/etc/meshwork/sidecar" 750 root:meshwork
+dir "$root/etc/meshwork/tls" 750 root:meshwork
 if [[ ! -e $root/etc/meshwork/registry.toml ]]; then
     [[ -f $here/config/registry-$node_id.toml ]] || die "no example config for --node-id $node_id (deploy-vm/config has registry-1..3.toml); write $root/etc/meshwork/registry.toml yourself"
     if [[ $acl_bootstrap == manual ]]; then

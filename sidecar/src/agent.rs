@@ -89,13 +89,13 @@ fn wire(status: HealthStatus) -> i32 {
 /// The registry servers, one in use; a failure moves to the next.
 struct Registry {
     addresses: Vec<String>,
-    token: crate::RegistryToken,
+    token: crate::RegistryAccess,
     current: usize,
     client: Option<AgentClient<crate::RegistryChannel>>,
 }
 
 impl Registry {
-    fn new(addresses: Vec<String>, token: crate::RegistryToken) -> Self {
+    fn new(addresses: Vec<String>, token: crate::RegistryAccess) -> Self {
         Registry {
             addresses,
             token,
@@ -109,11 +109,7 @@ impl Registry {
             return Ok(client.clone());
         }
         let addr = &self.addresses[self.current % self.addresses.len()];
-        let endpoint = crate::registry_endpoint(addr)?.timeout(RPC_TIMEOUT);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| format!("{addr}: {e}"))?;
+        let channel = self.token.channel(addr, Some(RPC_TIMEOUT)).await?;
         let client = AgentClient::with_interceptor(channel, self.token.clone());
         self.client = Some(client.clone());
         Ok(client)

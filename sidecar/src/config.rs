@@ -109,6 +109,21 @@ struct RegistrySection {
     /// A file holding the token instead (kept out of the config file).
     #[serde(default)]
     token_file: Option<PathBuf>,
+    /// Reach the registry's gRPC TLS port (8503) over TLS.
+    #[serde(default)]
+    tls: bool,
+    /// The CA the registry's certificate must chain to.
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    /// A client certificate and key, for a registry with verify_incoming.
+    #[serde(default)]
+    cert_file: Option<PathBuf>,
+    #[serde(default)]
+    key_file: Option<PathBuf>,
+    /// The name the registry's certificate must carry (default
+    /// `server.dc1.meshwork`).
+    #[serde(default)]
+    server_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -196,7 +211,7 @@ pub struct Check {
 pub struct Config {
     pub registry: Vec<String>,
     /// The ACL token sent with every registry call.
-    pub registry_token: crate::RegistryToken,
+    pub registry_token: crate::RegistryAccess,
     pub node: String,
     pub node_address: String,
     pub service_name: String,
@@ -305,27 +320,71 @@ impl Config {
                 errors.push(format!(
                     "{f}: registry.token_file: give the token or a token_file, not both"
                 ));
-                crate::RegistryToken::default()
+                crate::RegistryAccess::default()
             }
-            (Some(secret), None) => crate::RegistryToken::new(secret).unwrap_or_else(|e| {
+            (Some(secret), None) => crate::RegistryAccess::new(secret).unwrap_or_else(|e| {
                 errors.push(format!("{f}: registry.token: {e}"));
-                crate::RegistryToken::default()
+                crate::RegistryAccess::default()
             }),
             (None, Some(path)) => match std::fs::read_to_string(path) {
-                Ok(text) => crate::RegistryToken::new(&text).unwrap_or_else(|e| {
+                Ok(text) => crate::RegistryAccess::new(&text).unwrap_or_else(|e| {
                     errors.push(format!("{f}: registry.token_file: {}: {e}", path.display()));
-                    crate::RegistryToken::default()
+                    crate::RegistryAccess::default()
                 }),
                 Err(e) => {
                     errors.push(format!(
                         "{f}: registry.token_file: cannot read {}: {e}",
                         path.display()
                     ));
-                    crate::RegistryToken::default()
+                    crate::RegistryAccess::default()
                 }
             },
-            (None, None) => crate::RegistryToken::default(),
+            (None, None) => crate::RegistryAccess::default(),
         };
+        let registry = &file.registry;
+        let registry_tls = match (registry.tls, &registry.ca_file) {
+            (false, None) if registry.cert_file.is_none() && registry.key_file.is_none() => None,
+            (false, _) => {
+                errors.push(format!(
+                    "{f}: registry.tls: ca_file, cert_file and key_file are used only with tls = true"
+                ));
+                None
+            }
+            (true, None) => {
+                errors.push(format!(
+                    "{f}: registry.ca_file: tls = true needs the CA the registry's certificate chains to"
+                ));
+                None
+            }
+            (true, Some(ca)) => {
+                let client = match (&registry.cert_file, &registry.key_file) {
+                    (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                    (None, None) => None,
+                    _ => {
+                        errors.push(format!(
+                            "{f}: registry.cert_file: give cert_file and key_file together"
+                        ));
+                        None
+                    }
+                };
+                let settings = crate::tls::RegistryTlsSettings {
+                    ca_file: ca.clone(),
+                    client,
+                    server_name: registry
+                        .server_name
+                        .clone()
+                        .unwrap_or_else(|| "server.dc1.meshwork".to_owned()),
+                };
+                match crate::tls::RegistryTls::load(settings) {
+                    Ok(tls) => Some(std::sync::Arc::new(tls)),
+                    Err(e) => {
+                        errors.push(format!("{f}: registry.tls: {e}"));
+                        None
+                    }
+                }
+            }
+        };
+        let registry_token = registry_token.with_tls(registry_tls);
         let service = file.service;
         if service.name.trim().is_empty() {
             errors.push(format!("{f}: service.name: must not be empty"));

@@ -58,7 +58,7 @@ pub struct Discovery {
     connected: Arc<AtomicUsize>,
     /// The ACL token the watches present when they connect (a reload may
     /// change it).
-    token: Arc<watch::Sender<crate::RegistryToken>>,
+    token: Arc<watch::Sender<crate::RegistryAccess>>,
 }
 
 /// Counts a connected stream until dropped.
@@ -73,7 +73,7 @@ impl Drop for Connected {
 impl Discovery {
     pub fn new(
         addresses: Vec<String>,
-        token: crate::RegistryToken,
+        token: crate::RegistryAccess,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -87,7 +87,7 @@ impl Discovery {
 
     /// A new token for the streams that connect from now on (the server
     /// ends the open ones if it revokes the old token).
-    pub fn set_token(&self, token: crate::RegistryToken) {
+    pub fn set_token(&self, token: crate::RegistryAccess) {
         self.token.send_if_modified(|current| {
             let changed = *current != token;
             *current = token;
@@ -167,7 +167,7 @@ async fn follow(
     passing_only: bool,
     tx: watch::Sender<Arc<EndpointSet>>,
     shutdown: CancellationToken,
-    (connected, token): (Arc<AtomicUsize>, watch::Receiver<crate::RegistryToken>),
+    (connected, token): (Arc<AtomicUsize>, watch::Receiver<crate::RegistryAccess>),
 ) {
     let mut set = EndpointSet::default();
     let mut server = 0usize;
@@ -220,15 +220,11 @@ async fn stream_once(
         &mut watch::Receiver<Arc<Vec<String>>>,
     ),
     shutdown: &CancellationToken,
-    (connected, token): (&Arc<AtomicUsize>, &crate::RegistryToken),
+    (connected, token): (&Arc<AtomicUsize>, &crate::RegistryAccess),
 ) -> Ended {
-    let endpoint = match crate::registry_endpoint(addr) {
-        Ok(e) => e,
-        Err(e) => return Ended::Broken(e),
-    };
-    let channel = match endpoint.connect().await {
+    let channel = match token.channel(addr, None).await {
         Ok(c) => c,
-        Err(e) => return Ended::Broken(e.to_string()),
+        Err(e) => return Ended::Broken(e),
     };
     let request = SubscribeRequest {
         topic: Some(subscribe_request::Topic::Service(ServiceTopic {

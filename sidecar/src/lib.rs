@@ -21,52 +21,98 @@ pub mod listener;
 pub mod notify;
 pub mod reload;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
-/// The ACL token the sidecar presents to the registry (`[registry] token`
-/// or `token_file`), sent as `x-consul-token` metadata on every call.
-/// Its `Debug` never shows the secret.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct RegistryToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+/// How the sidecar reaches the registry: the ACL token it presents
+/// (`[registry] token` or `token_file`, sent as `x-consul-token` metadata
+/// on every call) and, with `[registry] tls`, TLS to the registry's gRPC
+/// TLS port. Its `Debug` never shows the secret.
+#[derive(Clone, Default)]
+pub struct RegistryAccess {
+    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    tls: Option<std::sync::Arc<tls::RegistryTls>>,
+}
 
-impl RegistryToken {
+impl PartialEq for RegistryAccess {
+    fn eq(&self, other: &Self) -> bool {
+        self.token == other.token
+            && self.tls.as_ref().map(|t| t.settings()) == other.tls.as_ref().map(|t| t.settings())
+    }
+}
+
+impl RegistryAccess {
+    /// The same, reaching the registry over TLS.
+    pub fn with_tls(mut self, tls: Option<std::sync::Arc<tls::RegistryTls>>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// A channel to the registry server at `addr` (`HOST:PORT`): plain,
+    /// or TLS with `[registry] tls`.
+    pub(crate) async fn channel(
+        &self,
+        addr: &str,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<tonic::transport::Channel, String> {
+        let mut endpoint = registry_endpoint(addr)?;
+        if let Some(timeout) = timeout {
+            endpoint = endpoint.timeout(timeout);
+        }
+        let connected = match &self.tls {
+            None => endpoint.connect().await,
+            Some(tls) => endpoint.connect_with_connector(tls.connector()).await,
+        };
+        connected.map_err(|e| {
+            let mut text = format!("{addr}: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        })
+    }
+
     /// A token from its SecretID; refused if it could not travel in a
     /// header (non-visible-ASCII characters).
     pub fn new(secret: &str) -> Result<Self, String> {
         let secret = secret.trim();
         if secret.is_empty() {
-            return Ok(Self(None));
+            return Ok(Self::default());
         }
         if !secret.bytes().all(|b| b.is_ascii_graphic()) {
             return Err("the registry token has characters a header cannot carry".to_owned());
         }
         secret
             .parse()
-            .map(|v| Self(Some(v)))
+            .map(|v| Self {
+                token: Some(v),
+                tls: None,
+            })
             .map_err(|_| "the registry token has characters a header cannot carry".to_owned())
     }
 
     pub fn is_set(&self) -> bool {
-        self.0.is_some()
+        self.token.is_some()
     }
 }
 
-impl std::fmt::Debug for RegistryToken {
+impl std::fmt::Debug for RegistryAccess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "\"<hidden>\""
-        } else {
-            "None"
-        })
+        f.debug_struct("RegistryAccess")
+            .field("token", &self.token.as_ref().map(|_| "<hidden>"))
+            .field("tls", &self.tls.as_ref().map(|t| t.settings()))
+            .finish()
     }
 }
 
-impl tonic::service::Interceptor for RegistryToken {
+impl tonic::service::Interceptor for RegistryAccess {
     fn call(
         &mut self,
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
+        if let Some(value) = &self.token {
             request
                 .metadata_mut()
                 .insert("x-consul-token", value.clone());
@@ -77,7 +123,7 @@ impl tonic::service::Interceptor for RegistryToken {
 
 /// A connection to a registry server whose calls carry the token.
 pub(crate) type RegistryChannel =
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, RegistryToken>;
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, RegistryAccess>;
 
 /// A gRPC endpoint for a registry server (`HOST:PORT`), as every part of
 /// the sidecar dials it: 2 s connect timeout, `TCP_NODELAY`.

@@ -188,6 +188,9 @@ pub struct Mesh {
     pub sidecars: Vec<Sidecar>,
     /// The ACL token the next sidecars present (`[registry] token`).
     pub registry_token: Option<String>,
+    /// The CA the next sidecars trust to reach the registry's gRPC TLS
+    /// port (8503) instead of the plain one.
+    pub registry_ca: Option<PathBuf>,
     done: bool,
 }
 
@@ -229,6 +232,7 @@ impl Mesh {
             net,
             sidecars: Vec::new(),
             registry_token: None,
+            registry_ca: None,
             done: false,
         })
     }
@@ -275,8 +279,15 @@ impl Mesh {
             .as_ref()
             .map(|t| format!("token = \"{t}\"\n"))
             .unwrap_or_default();
+        let (port, tls) = match &self.registry_ca {
+            Some(ca) => (
+                8503,
+                format!("tls = true\nca_file = \"{}\"\n", ca.display()),
+            ),
+            None => (GRPC_PORT, String::new()),
+        };
         format!(
-            "[registry]\naddresses = [\"{}:{GRPC_PORT}\"]\n{token}",
+            "[registry]\naddresses = [\"{}:{port}\"]\n{token}{tls}",
             self.cluster().servers[0].ip
         )
     }

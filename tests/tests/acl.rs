@@ -707,3 +707,70 @@ async fn sidecars_register_and_watch_with_a_token_and_are_refused_without() -> R
     mesh.done();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_reaches_the_registry_over_tls_with_its_token() -> Result<()> {
+    let certs = tempfile::tempdir()?;
+    let tls = tls_flags(certs.path(), &[])?;
+    let mut flags = vec!["--acl-enabled"];
+    flags.extend(tls.iter().map(String::as_str));
+    let mut mesh = Mesh::start_with(&flags).await?;
+    let management = bootstrap(mesh.cluster(), 0).await?;
+    let (status, body) = put(
+        mesh.cluster(),
+        0,
+        "/v1/acl/token",
+        Some(&management),
+        json!({"ServiceIdentities": [{"ServiceName": "web"}]}),
+    )
+    .await?;
+    ensure!(status == 200, "{status} {body}");
+    mesh.registry_token = Some(field(&body, "SecretID")?);
+    mesh.registry_ca = Some(certs.path().join("meshwork-agent-ca.pem"));
+    let (app, _) = meshwork_tests::apps::http_backend(&mesh.ip(10), "web-app").await?;
+    let ip = mesh.ip(11);
+    // Ready means registered (over TLS, with the token).
+    mesh.server_sidecar(
+        &ip,
+        meshwork_tests::sidecar::Service {
+            name: "web",
+            id: "web-1",
+            app,
+            protocol: "http",
+        },
+    )
+    .await?;
+    let (status, body) = get(
+        mesh.cluster(),
+        0,
+        "/v1/catalog/service/web",
+        Some(&management),
+    )
+    .await?;
+    ensure!(status == 200 && body.contains("web-1"), "{status} {body}");
+
+    // A sidecar trusting another CA is refused at the handshake, and says so.
+    let other = tempfile::tempdir()?;
+    meshctl_tls(other.path(), &["ca", "create"])?;
+    mesh.registry_ca = Some(other.path().join("meshwork-agent-ca.pem"));
+    let ip = mesh.ip(12);
+    let config = format!(
+        "{}\n[service]\nname = \"web\"\nid = \"web-2\"\nport = 8080\naddress = \"{ip}\"\n\n[session]\nnode = \"node-{ip}\"\nttl = \"2s\"\n\n[admin]\nlisten = \"{ip}:{ADMIN_PORT}\"\n",
+        mesh.registry_section()
+    );
+    let wrong = mesh.spawn(&ip, "wrong-ca", &config)?;
+    let log = mesh.sidecars[wrong].log.clone();
+    wait_for(
+        "the TLS refusal in the sidecar's log",
+        Duration::from_secs(10),
+        || async {
+            let text = std::fs::read_to_string(&log).ok()?;
+            (text.contains("UnknownIssuer") || text.contains("invalid peer certificate"))
+                .then_some(())
+        },
+    )
+    .await
+    .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    mesh.done();
+    Ok(())
+}

@@ -292,11 +292,36 @@ fn example_configs_are_accepted_by_the_binaries() -> Result<()> {
         } else {
             Command::new(registry_bin())
         };
+        // The examples name certificates under /etc/meshwork/tls (an
+        // operator copies them there): here, ones made by meshctl.
+        let certs = dir.path().join("tls");
+        fs::create_dir(&certs)?;
+        for args in [&["ca", "create"][..], &["cert", "create", "--server"][..]] {
+            let out = Command::new(meshwork_tests::meshctl_bin())
+                .arg("tls")
+                .args(args)
+                .arg("--dir")
+                .arg(&certs)
+                .output()?;
+            assert!(out.status.success(), "meshctl tls {args:?}: {out:?}");
+        }
         let mut child = command
             .arg("--config")
             .arg(&config)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
+            .arg("--tls-ca")
+            .arg(certs.join("meshwork-agent-ca.pem"))
+            .arg("--tls-cert")
+            .arg(certs.join("dc1-server-meshwork-0.pem"))
+            .arg("--tls-key")
+            .arg(certs.join("dc1-server-meshwork-0-key.pem"))
+            .args([
+                "--https-addr",
+                "127.0.0.1:0",
+                "--grpc-tls-addr",
+                "127.0.0.1:0",
+            ])
             .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
             .args(["--raft-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0"])
             .stdin(Stdio::null())

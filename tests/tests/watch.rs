@@ -273,7 +273,7 @@ async fn sidecar_discovery_follows_a_service_across_a_server_loss() -> Result<()
     let shutdown = tokio_util_free_token();
     let discovery = Discovery::new(
         addresses,
-        meshwork_sidecar::RegistryToken::default(),
+        meshwork_sidecar::RegistryAccess::default(),
         shutdown.clone(),
     );
     let mut web = discovery.service("web", false);
