@@ -65,13 +65,19 @@ function init(args)
   sent, ok, non2xx, badbody, answered = 0, 0, 0, 0, 0
   first_error = ""
   etcd_headers = { ["Content-Type"] = "application/json" }
+  -- An ACL token for Meshwork (bench/kv-put-secure.sh), from the environment.
+  local token = os.getenv("WRK_TOKEN")
+  mw_headers = nil
+  if token and token ~= "" then
+    mw_headers = { ["X-Consul-Token"] = token }
+  end
 end
 
 function request()
   sent = sent + 1
   local key = prefix .. "/" .. tid .. "/" .. sent
   if mode == "meshwork" then
-    return wrk.format("PUT", "/v1/kv/" .. key, nil, value)
+    return wrk.format("PUT", "/v1/kv/" .. key, mw_headers, value)
   else
     local body = '{"key":"' .. b64(key) .. '","value":"' .. value_b64 .. '"}'
     return wrk.format("POST", "/v3/kv/put", etcd_headers, body)
