@@ -212,6 +212,7 @@ pub async fn three_servers<'a>(lab: &'a Lab, kind: &str, t0: Instant) -> Result<
         cluster.start(i)?;
     }
     cluster.wait_leader(Duration::from_secs(30)).await?;
+    cluster.bootstrap_acls().await?;
     cluster.note("cluster up");
     Ok(cluster)
 }

@@ -112,6 +112,55 @@ pub struct Cluster<'a> {
     /// Data dirs (removed at the end; logs stay in `run_dir`).
     pub _data: tempfile::TempDir,
     pub done: bool,
+    /// The flags that turn on TLS between servers and ACLs (empty when
+    /// `MESHWORK_FAULTS_PLAIN=1`), given to every server, joiners too.
+    secure_args: Vec<String>,
+    /// The management token's secret the cluster is bootstrapped with;
+    /// also every server's `acl.tokens.default`, so the workload's
+    /// requests (which carry no token) resolve to it through the ACL
+    /// machinery on every request.
+    pub management: Option<String>,
+}
+
+/// Whether the suite runs its servers as installed clusters do: mutual
+/// TLS between servers (names checked) and ACLs with default deny.
+pub fn secure() -> bool {
+    std::env::var("MESHWORK_FAULTS_PLAIN").map_or(true, |v| v != "1")
+}
+
+/// A CA and a server certificate (`meshctl tls`) in `dir`, and an ACL
+/// config whose default token is `secret`: the flags that use them.
+fn secure_flags(dir: &Path, secret: &str) -> Result<Vec<String>> {
+    let meshctl = target_dir().join("debug").join("meshctl");
+    for args in [&["ca", "create"][..], &["cert", "create", "--server"][..]] {
+        let out = std::process::Command::new(&meshctl)
+            .arg("tls")
+            .args(args)
+            .arg("--dir")
+            .arg(dir)
+            .output()
+            .with_context(|| format!("run {}", meshctl.display()))?;
+        anyhow::ensure!(out.status.success(), "meshctl tls {args:?}: {out:?}");
+    }
+    let config = dir.join("acl.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[acl]\nenabled = true\ndefault_policy = \"deny\"\n\n[acl.tokens]\ndefault = \"{secret}\"\n"
+        ),
+    )?;
+    let path = |name: &str| dir.join(name).display().to_string();
+    Ok(vec![
+        "--config".into(),
+        config.display().to_string(),
+        "--tls-ca".into(),
+        path("meshwork-agent-ca.pem"),
+        "--tls-cert".into(),
+        path("dc1-server-meshwork-0.pem"),
+        "--tls-key".into(),
+        path("dc1-server-meshwork-0-key.pem"),
+        "--tls-verify-server-hostname".into(),
+    ])
 }
 
 impl<'a> Cluster<'a> {
@@ -120,6 +169,14 @@ impl<'a> Cluster<'a> {
         let run_dir = target_dir().join("faults").join(run);
         std::fs::create_dir_all(&run_dir)?;
         let data = tempfile::tempdir()?;
+        let (secure_args, management) = if secure() {
+            let dir = data.path().join("secure");
+            std::fs::create_dir_all(&dir)?;
+            let secret = "5ec0e000-0000-4000-8000-00000000f001".to_owned();
+            (secure_flags(&dir, &secret)?, Some(secret))
+        } else {
+            (Vec::new(), None)
+        };
         let mut cluster = Cluster {
             nodes: Vec::new(),
             lab,
@@ -131,6 +188,8 @@ impl<'a> Cluster<'a> {
             run_dir,
             _data: data,
             done: false,
+            secure_args,
+            management,
         };
         let peers: Vec<String> = (1..=3)
             .map(|i| {
@@ -183,6 +242,7 @@ impl<'a> Cluster<'a> {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(self.secure_args.iter().cloned());
         args.extend(extra.iter().cloned());
         self.nodes.push(Node {
             id,
@@ -194,6 +254,37 @@ impl<'a> Cluster<'a> {
             paused: false,
         });
         Ok(self.nodes.len() - 1)
+    }
+
+    /// With ACLs on: bootstraps them (through any server that answers)
+    /// with the default token's secret, so the workload's requests act as
+    /// management from here on. Bounded: 30 attempts, 10 s.
+    pub async fn bootstrap_acls(&mut self) -> Result<()> {
+        let Some(secret) = self.management.clone() else {
+            return Ok(());
+        };
+        let body = serde_json::json!({ "BootstrapSecret": secret }).to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for _ in 0..30 {
+            for node in self.nodes.iter().filter(|n| n.running()) {
+                let url = format!("{}/v1/acl/bootstrap", node.http());
+                let Ok(resp) = self.http.put(url).body(body.clone()).send().await else {
+                    continue;
+                };
+                let status = resp.status().as_u16();
+                let text = resp.text().await.unwrap_or_default();
+                // Done, or done by an earlier attempt whose answer was lost.
+                if status == 200 || text.contains("no longer allowed") {
+                    self.note("ACLs bootstrapped (TLS between servers, default deny)");
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        anyhow::bail!("cannot bootstrap the ACLs within 10 s")
     }
 
     pub fn now_ms(&self) -> u64 {

@@ -31,6 +31,12 @@
 //! faults, operation counts, anomalies with minimal histories, and failover
 //! times; the full history and the server logs sit next to it.
 //!
+//! The servers run as installed clusters do: mutual TLS between them
+//! (certificates from `meshctl tls`, server names checked) and ACLs with
+//! default deny, every request of the workload resolved through the ACL
+//! tables (their default token is the bootstrapped management token);
+//! `MESHWORK_FAULTS_PLAIN=1` runs them without either.
+//!
 //! Quick mode by default; `MESHWORK_FAULTS_LONG=1` for a soak run. The
 //! tests skip (and say so) when not run as root.
 
