@@ -1,6 +1,8 @@
 //! The little HTTP/1.1 client meshctl needs: one request per connection
-//! to the registry's REST API, with a deadline and the token header.
+//! to the registry's REST API, plain or over TLS, with a deadline and the
+//! token header.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -8,14 +10,22 @@ use http_body_util::{BodyExt, Full};
 use hyper::header::{CONTENT_TYPE, HOST, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::CtlError;
+use super::https::{Endpoint, Tls};
+
+/// What an HTTPS port answers a plain HTTP request with (Go's servers and
+/// the registry alike).
+const PLAIN_TO_HTTPS: &str = "Client sent an HTTP request to an HTTPS server";
 
 /// Where and how to reach the registry.
 #[derive(Debug, Clone)]
 pub struct Client {
     /// `host:port`.
     addr: String,
+    /// `None`: plain HTTP.
+    tls: Option<Arc<Tls>>,
     token: Option<HeaderValue>,
     timeout: Duration,
 }
@@ -29,25 +39,19 @@ pub struct Reply {
 }
 
 impl Client {
-    /// `addr` may be `host:port` or `http://host:port` (as in
-    /// `CONSUL_HTTP_ADDR`).
+    /// Plain HTTP: `addr` may be `host:port` or `http://host:port` (as in
+    /// `CONSUL_HTTP_ADDR`); `https://host:port` needs [`Client::connect`]
+    /// and a CA file.
     pub fn new(addr: &str, token: Option<&str>, timeout: Duration) -> Result<Self, CtlError> {
-        let trimmed = addr.trim().trim_end_matches('/');
-        if trimmed.starts_with("https://") {
-            return Err(CtlError::Usage(format!(
-                "{addr}: HTTPS is not supported by the registry's REST API yet; use http://HOST:PORT"
-            )));
-        }
-        let bare = trimmed.strip_prefix("http://").unwrap_or(trimmed);
-        let valid = bare
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
-            && !bare.contains('/');
-        if !valid {
-            return Err(CtlError::Usage(format!(
-                "invalid HTTP address {addr:?}: want HOST:PORT, e.g. 127.0.0.1:8500 (--http-addr or MESHWORK_HTTP_ADDR)"
-            )));
-        }
+        Self::connect(&Endpoint::parse(addr, || Ok(false))?, token, timeout)
+    }
+
+    /// A client of `endpoint`; its TLS files, if any, are read now.
+    pub fn connect(
+        endpoint: &Endpoint,
+        token: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Self, CtlError> {
         let token = match token {
             None | Some("") => None,
             Some(t) => {
@@ -64,8 +68,13 @@ impl Client {
                 Some(value)
             }
         };
+        let tls = match &endpoint.tls {
+            None => None,
+            Some(files) => Some(Arc::new(Tls::load(files, endpoint)?)),
+        };
         Ok(Self {
-            addr: bare.to_owned(),
+            addr: endpoint.addr.clone(),
+            tls,
             token,
             timeout,
         })
@@ -76,7 +85,8 @@ impl Client {
     }
 
     /// Sends one request; connection trouble and timeouts are
-    /// [`CtlError::Unreachable`], any answer is returned as it is.
+    /// [`CtlError::Unreachable`], any answer is returned as it is (but a
+    /// plain request to an HTTPS port is bad usage).
     pub async fn send(
         &self,
         method: Method,
@@ -84,27 +94,42 @@ impl Client {
         body: Vec<u8>,
     ) -> Result<Reply, CtlError> {
         let sent = std::sync::atomic::AtomicBool::new(false);
-        match tokio::time::timeout(
+        let reply = match tokio::time::timeout(
             self.timeout,
             self.exchange(method, path_and_query, body, &sent),
         )
         .await
         {
-            Ok(result) => result,
+            Ok(result) => result?,
             Err(_) if sent.load(std::sync::atomic::Ordering::Relaxed) => {
-                Err(CtlError::OutcomeUnknown(format!(
+                return Err(CtlError::OutcomeUnknown(format!(
                     "{} took the request but did not answer within {:?}; it may still take effect: \
                      check (e.g. `meshctl members`, `meshctl kv get`) or raise --timeout",
                     self.addr, self.timeout
-                )))
+                )));
             }
-            Err(_) => Err(CtlError::Unreachable(format!(
-                "no answer from {} within {:?}; is the registry up and is --http-addr right?",
-                self.addr, self.timeout
-            ))),
+            Err(_) => {
+                return Err(CtlError::Unreachable(format!(
+                    "no answer from {} within {:?}; is the registry up and is --http-addr right?",
+                    self.addr, self.timeout
+                )));
+            }
+        };
+        if self.tls.is_none() && reply.status == StatusCode::BAD_REQUEST {
+            let text = String::from_utf8_lossy(&reply.body);
+            let text = text.trim();
+            if text.starts_with(PLAIN_TO_HTTPS) {
+                return Err(CtlError::Usage(format!(
+                    "{} answered 400 \"{text}\": it is an HTTPS port; use --http-addr https://{} \
+                     with --ca-file (or MESHWORK_HTTP_SSL=true)",
+                    self.addr, self.addr
+                )));
+            }
         }
+        Ok(reply)
     }
 
+    /// Connects (and for HTTPS, completes the handshake), then sends.
     async fn exchange(
         &self,
         method: Method,
@@ -112,25 +137,59 @@ impl Client {
         body: Vec<u8>,
         sent: &std::sync::atomic::AtomicBool,
     ) -> Result<Reply, CtlError> {
-        let lost = |e: &dyn std::fmt::Display| {
+        let stream = tokio::net::TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| self.unreachable(&e))?;
+        let _ = stream.set_nodelay(true);
+        match &self.tls {
+            None => {
+                self.request(stream, method, path_and_query, body, sent)
+                    .await
+            }
+            Some(tls) => {
+                let stream = tls
+                    .connect(stream)
+                    .await
+                    .map_err(|e| tls.handshake_error(&self.addr, &e))?;
+                self.request(stream, method, path_and_query, body, sent)
+                    .await
+            }
+        }
+    }
+
+    fn unreachable(&self, e: &dyn std::fmt::Display) -> CtlError {
+        CtlError::Unreachable(format!(
+            "cannot reach the registry at {}: {e}; is it running, and is --http-addr (or MESHWORK_HTTP_ADDR) right?",
+            self.addr
+        ))
+    }
+
+    /// One request and its answer over `stream`.
+    async fn request<S>(
+        &self,
+        stream: S,
+        method: Method,
+        path_and_query: &str,
+        body: Vec<u8>,
+        sent: &std::sync::atomic::AtomicBool,
+    ) -> Result<Reply, CtlError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let lost = |e: &(dyn std::error::Error + 'static)| {
+            // A registry refusing our certificate (TLS 1.3: after our side
+            // of the handshake) read no request: that is no lost answer.
+            if let Some(refused) = self.tls.as_ref().and_then(|tls| tls.refusal(&self.addr, e)) {
+                return refused;
+            }
             CtlError::OutcomeUnknown(format!(
                 "the request reached {} but its answer was lost ({e}); it may have taken effect: check before retrying",
                 self.addr
             ))
         };
-        let unreachable = |e: &dyn std::fmt::Display| {
-            CtlError::Unreachable(format!(
-                "cannot reach the registry at {}: {e}; is it running, and is --http-addr (or MESHWORK_HTTP_ADDR) right?",
-                self.addr
-            ))
-        };
-        let stream = tokio::net::TcpStream::connect(&self.addr)
-            .await
-            .map_err(|e| unreachable(&e))?;
-        let _ = stream.set_nodelay(true);
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| unreachable(&e))?;
+            .map_err(|e| self.unreachable(&e))?;
         tokio::spawn(async move {
             let _ = connection.await;
         });

@@ -5,17 +5,25 @@
 //! `MESHWORK_HTTP_TOKEN` or `CONSUL_HTTP_TOKEN`) goes with every request
 //! as `X-Consul-Token`; it is never printed (not even by `Debug`).
 //!
+//! HTTPS, as Consul's CLI: `--http-addr https://HOST:8501` (or
+//! `MESHWORK_HTTP_SSL=true` with a scheme-less address) and `--ca-file`;
+//! `--client-cert`/`--client-key` for a registry with `verify_incoming`
+//! (see the `https` module).
+//!
 //! `meshctl tls` makes a cluster's CA and certificates from local files
 //! alone, as `consul tls` does; it sends no request.
 //!
 //! Exit codes: 0 done; 1 the registry refused or failed the request;
 //! 2 bad usage (unknown flag, bad address, unreadable file, a `tls` file
-//! that is already there or does not fit); 3 not found
+//! that is already there or does not fit, HTTPS without a CA file, a TLS
+//! handshake refused for certificates that do not fit, plain HTTP to an
+//! HTTPS port); 3 not found
 //! (key, service, server); 4 no registry answered; 5 the request was sent
 //! but its answer was lost, so whether it took effect is unknown.
 
 mod acl;
 mod client;
+mod https;
 mod tls;
 
 use std::io::Write;
@@ -72,18 +80,66 @@ impl CtlError {
     name = "meshctl",
     version,
     about = "Operate a Meshwork registry cluster over its REST API, and make its TLS certificates",
-    after_help = "Exit codes: 0 ok, 1 request failed, 2 bad usage (for tls: bad input, or a file already there), 3 not found, 4 registry unreachable, 5 request sent but outcome unknown."
+    after_help = "HTTPS (a registry's TLS port, 8501): --http-addr https://HOST:PORT --ca-file CA.pem, \
+                  plus --client-cert and --client-key if it verifies clients; or set MESHWORK_HTTP_ADDR, \
+                  MESHWORK_CACERT, ... (CONSUL_HTTP_ADDR, CONSUL_HTTP_SSL, CONSUL_CACERT, CONSUL_CLIENT_CERT, \
+                  CONSUL_CLIENT_KEY and CONSUL_TLS_SERVER_NAME are read too).\n\n\
+                  Exit codes: 0 ok, 1 request failed, 2 bad usage (for tls: bad input, or a file already there; \
+                  for HTTPS: no CA file, certificates that do not fit, plain HTTP to an HTTPS port), 3 not found, \
+                  4 registry unreachable, 5 request sent but outcome unknown."
 )]
 pub struct Cli {
-    /// The registry's REST address (HOST:PORT or http://HOST:PORT);
-    /// CONSUL_HTTP_ADDR is read too [default: 127.0.0.1:8500].
+    /// The registry's REST address: HOST:PORT or http://HOST:PORT, or
+    /// https://HOST:PORT for its HTTPS port (then give --ca-file). Without
+    /// it: MESHWORK_HTTP_ADDR, then CONSUL_HTTP_ADDR [default:
+    /// 127.0.0.1:8500]. MESHWORK_HTTP_SSL=true (or CONSUL_HTTP_SSL) makes
+    /// an address without a scheme HTTPS.
     #[arg(
         long,
         global = true,
-        env = "MESHWORK_HTTP_ADDR",
+        value_name = "ADDR",
         help_heading = "Global options"
     )]
     http_addr: Option<String>,
+    /// HTTPS: the PEM file of the CA (one or more certificates) that
+    /// signed the registry's certificate; no system roots are used.
+    /// Without it: MESHWORK_CACERT, then CONSUL_CACERT.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        help_heading = "Global options"
+    )]
+    ca_file: Option<std::ffi::OsString>,
+    /// HTTPS: this client's PEM certificate, for a registry with
+    /// verify_incoming (e.g. from `meshctl tls cert create --client`).
+    /// Without it: MESHWORK_CLIENT_CERT, then CONSUL_CLIENT_CERT.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        help_heading = "Global options"
+    )]
+    client_cert: Option<std::ffi::OsString>,
+    /// HTTPS: the PEM private key of --client-cert (never printed).
+    /// Without it: MESHWORK_CLIENT_KEY, then CONSUL_CLIENT_KEY.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        help_heading = "Global options"
+    )]
+    client_key: Option<std::ffi::OsString>,
+    /// HTTPS: the name the registry's certificate must carry (e.g.
+    /// server.dc1.meshwork) [default: the address's host]. Without it:
+    /// MESHWORK_TLS_SERVER_NAME, then CONSUL_TLS_SERVER_NAME.
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME",
+        help_heading = "Global options"
+    )]
+    tls_server_name: Option<String>,
     /// ACL token (its SecretID), sent as X-Consul-Token with every
     /// request. Without it: --token-file, then the environment's
     /// MESHWORK_HTTP_TOKEN, then CONSUL_HTTP_TOKEN.
@@ -324,14 +380,21 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CtlError> {
                 ))
             })?,
     };
-    let http_addr = cli
-        .http_addr
-        .or_else(|| std::env::var("CONSUL_HTTP_ADDR").ok())
-        .unwrap_or_else(|| "127.0.0.1:8500".to_owned());
-    let token = resolve_token(cli.token, cli.token_file.as_deref(), |name| {
-        std::env::var(name).ok()
-    })?;
-    let client = Client::new(&http_addr, token.as_ref().map(Secret::expose), timeout)?;
+    let env = |name: &str| std::env::var(name).ok();
+    let endpoint = https::resolve(
+        https::Flags {
+            http_addr: cli.http_addr,
+            // OsString rather than PathBuf: an empty flag (clap refuses an
+            // empty path) means "none", over the environment.
+            ca_file: cli.ca_file.map(Into::into),
+            client_cert: cli.client_cert.map(Into::into),
+            client_key: cli.client_key.map(Into::into),
+            tls_server_name: cli.tls_server_name,
+        },
+        env,
+    )?;
+    let token = resolve_token(cli.token, cli.token_file.as_deref(), env)?;
+    let client = Client::connect(&endpoint, token.as_ref().map(Secret::expose), timeout)?;
     let ctl = Ctl {
         client,
         json: cli.json,
@@ -908,6 +971,31 @@ mod tests {
         assert!(debug.contains("<redacted>"), "{debug}");
         let cli = parse(&["--token", "t", "members"]).expect("parses");
         assert_eq!(cli.token, Some(Secret("t".into())));
+    }
+
+    #[test]
+    fn the_https_flags_are_global_and_may_be_empty() {
+        let cli = parse(&[
+            "leader",
+            "--http-addr",
+            "https://localhost:8501",
+            "--ca-file",
+            "ca.pem",
+            "--client-cert",
+            "",
+            "--client-key",
+            "",
+            "--tls-server-name",
+            "server.dc1.meshwork",
+        ])
+        .expect("parses");
+        assert_eq!(cli.http_addr.as_deref(), Some("https://localhost:8501"));
+        assert_eq!(cli.ca_file.as_deref(), Some("ca.pem".as_ref()));
+        assert_eq!(cli.client_cert.as_deref(), Some("".as_ref()));
+        assert_eq!(cli.client_key.as_deref(), Some("".as_ref()));
+        assert_eq!(cli.tls_server_name.as_deref(), Some("server.dc1.meshwork"));
+        let cli = parse(&["--ca-file", "", "kv", "get", "k"]).expect("parses");
+        assert_eq!(cli.ca_file.as_deref(), Some("".as_ref()));
     }
 
     #[test]
