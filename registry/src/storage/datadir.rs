@@ -111,10 +111,13 @@ pub struct DataDir {
 impl DataDir {
     /// Opens (creating if new) the data dir for `node_id`.
     pub fn open(path: &Path, node_id: u64) -> Result<Self, DataDirError> {
-        std::fs::create_dir_all(path).map_err(|source| DataDirError::Create {
-            path: path.to_owned(),
-            source,
-        })?;
+        // Created closed to other users (see below for one that exists).
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o750)
+            .create(path)
+            .map_err(|source| DataDirError::Create {
+                path: path.to_owned(),
+                source,
+            })?;
         // The log and snapshots hold every secret (ACL tokens included):
         // nobody but the service user (and its group, as systemd's
         // StateDirectory makes it) may read them.
