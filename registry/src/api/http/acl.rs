@@ -804,6 +804,36 @@ pub async fn token_delete(
     Ok(axum::Json(deleted).into_response())
 }
 
+/// The id a policy or role write is for: a new one on create (an id in
+/// the body is refused, as Consul), the URL's on update (the body's, if
+/// given, must match; the object must exist).
+fn object_id(
+    path_id: Option<&str>,
+    body_id: String,
+    what: &str,
+    exists: impl Fn(&str) -> bool,
+) -> Result<String, ApiError> {
+    let Some(path) = path_id else {
+        if !body_id.is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "Cannot specify the ID when creating a new {what}"
+            )));
+        }
+        return Ok(new_uuid());
+    };
+    if !body_id.is_empty() && body_id != path {
+        let mut title = what.to_owned();
+        title[..1].make_ascii_uppercase();
+        return Err(ApiError::bad_request(format!(
+            "{title} ID in URL and payload do not match"
+        )));
+    }
+    if !exists(path) {
+        return Err(ApiError::NotFound(format!("Cannot find {what} {path:?}")));
+    }
+    Ok(path.to_owned())
+}
+
 /// `PUT /v1/acl/policy` (create).
 pub async fn policy_create(
     State(app): State<AppState>,
@@ -856,27 +886,9 @@ async fn write_policy(
     crate::auth::rules::parse(&rules).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let policy = {
         let state = app.node.state.read();
-        let id = match &path_id {
-            None => {
-                if !id.is_empty() {
-                    return Err(ApiError::bad_request(
-                        "Cannot specify the ID when creating a new policy",
-                    ));
-                }
-                new_uuid()
-            }
-            Some(path) => {
-                if !id.is_empty() && id != *path {
-                    return Err(ApiError::bad_request(
-                        "Policy ID in URL and payload do not match",
-                    ));
-                }
-                if state.acl.policy(path).is_none() {
-                    return Err(ApiError::NotFound(format!("Cannot find policy {path:?}")));
-                }
-                path.clone()
-            }
-        };
+        let id = object_id(path_id.as_deref(), id, "policy", |id| {
+            state.acl.policy(id).is_some()
+        })?;
         Policy {
             id,
             name,
@@ -956,27 +968,7 @@ async fn write_role(
             |id| acl.policy(id).is_some(),
             |name| acl.policy_by_name(name).map(|p| p.id),
         )?;
-        let id = match &path_id {
-            None => {
-                if !id.is_empty() {
-                    return Err(ApiError::bad_request(
-                        "Cannot specify the ID when creating a new role",
-                    ));
-                }
-                new_uuid()
-            }
-            Some(path) => {
-                if !id.is_empty() && id != *path {
-                    return Err(ApiError::bad_request(
-                        "Role ID in URL and payload do not match",
-                    ));
-                }
-                if acl.role(path).is_none() {
-                    return Err(ApiError::NotFound(format!("Cannot find role {path:?}")));
-                }
-                path.clone()
-            }
-        };
+        let id = object_id(path_id.as_deref(), id, "role", |id| acl.role(id).is_some())?;
         Role {
             id,
             name,
