@@ -26,6 +26,9 @@
 #                 % of the machine's CPU during it; the quietest try is kept [10]
 #   MAX_ATTEMPTS  tries per measured run [3]
 #   PORT_BASE     ports PORT_BASE+1..+5: Meshwork http, grpc, raft, dns; BIND.
+#   ACL           1 = the registry runs with ACLs (default deny), answering DNS
+#                 as a DNS token that may read every service and node (the
+#                 query's resolution and checks cost, beside BIND) [0]
 #                 If one is in use, another block in 35000-35999 is taken [35400]
 #   DIAG_STRACE   1 = after the measured runs, attach `strace -c -f` to each
 #                 server for STRACE_S [5] seconds at FIXED_QPS (syscalls per
@@ -63,7 +66,16 @@ DIAG_STRACE=${DIAG_STRACE:-1}
 STRACE_S=${STRACE_S:-5}
 SKIP_BUILD=${SKIP_BUILD:-0}
 BENCH_TMPDIR=${BENCH_TMPDIR:-/tmp}
+ACL=${ACL:-0}
+if [ "$ACL" = 1 ]; then
+    RESULTS_FILE=${RESULTS_FILE:-$BENCH_DIR/RESULTS-dns-acl.md}
+fi
 RESULTS_FILE=${RESULTS_FILE:-$BENCH_DIR/RESULTS-dns.md}
+# With ACL=1: the management token (bootstrapped with this secret) and the
+# DNS token the registry is configured with.
+ACL_MANAGEMENT=5ec0e000-0000-4000-8000-0000000000a1
+ACL_DNS=5ec0e000-0000-4000-8000-0000000000d5
+MW_TOKEN_HEADER=()
 RAW_DIR=${RAW_DIR:-/tmp/meshwork-bench-dns}
 N_INSTANCES=10
 
@@ -108,8 +120,30 @@ pick_ports() { # [exclude-base]
 
 # ---------------------------------------------------------------- servers
 start_dns_meshwork() {
-    start_meshwork dev "$WORK/mw" "$WORK/logs/meshwork.log" "$MW_HTTP" "$MW_GRPC" "$MW_RAFT" "$MW_DNS" -
+    local -a acl=()
+    if [ "$ACL" = 1 ]; then
+        printf '[acl]\nenabled = true\ndefault_policy = "deny"\n\n[acl.tokens]\ndns = "%s"\n' \
+            "$ACL_DNS" >"$WORK/acl.toml"
+        acl=(--config "$WORK/acl.toml")
+        MW_TOKEN_HEADER=(-H "X-Consul-Token: $ACL_MANAGEMENT")
+    fi
+    start_meshwork dev "$WORK/mw" "$WORK/logs/meshwork.log" "$MW_HTTP" "$MW_GRPC" "$MW_RAFT" "$MW_DNS" - "${acl[@]}"
     MW_DEV_PID=$LAST_PID
+}
+
+# With ACL=1: bootstraps, then gives the configured DNS token read on every
+# service and node (a policy, as an operator would).
+setup_acl() {
+    [ "$ACL" = 1 ] || return 0
+    local out
+    out=$(curl -s -m 5 -X PUT -d "{\"BootstrapSecret\":\"$ACL_MANAGEMENT\"}" "http://$HOST:$MW_HTTP/v1/acl/bootstrap")
+    case "$out" in *SecretID*) ;; *) die "ACL bootstrap failed: '$out'" ;; esac
+    out=$(curl -s -m 5 -X PUT "${MW_TOKEN_HEADER[@]}" "http://$HOST:$MW_HTTP/v1/acl/policy" \
+        -d '{"Name":"dns-read","Rules":"service_prefix \"\" {\n  policy = \"read\"\n}\nnode_prefix \"\" {\n  policy = \"read\"\n}\n"}')
+    case "$out" in *dns-read*) ;; *) die "DNS policy failed: '$out'" ;; esac
+    out=$(curl -s -m 5 -X PUT "${MW_TOKEN_HEADER[@]}" "http://$HOST:$MW_HTTP/v1/acl/token" \
+        -d "{\"SecretID\":\"$ACL_DNS\",\"Description\":\"DNS\",\"Policies\":[{\"Name\":\"dns-read\"}]}")
+    case "$out" in *AccessorID*) ;; *) die "DNS token failed: '$out'" ;; esac
 }
 
 write_bind_config() {
@@ -219,12 +253,13 @@ start_servers() {
 
 wait_ready() {
     local deadline i
+    setup_acl
     log "registering $N_INSTANCES instances of web"
     for i in $(seq 1 "$N_INSTANCES"); do
         local body out
         body=$(printf '{"Node":"host%d","Address":"198.18.1.%d","Service":{"Service":"web","ID":"web-%d","Port":%d},"Check":{"CheckID":"web-%d-alive","Name":"alive","ServiceID":"web-%d","Status":"passing"}}' \
             "$i" "$i" "$i" $((8000 + i)) "$i" "$i")
-        out=$(curl -s -m 5 -X PUT --data-binary "$body" "http://$HOST:$MW_HTTP/v1/catalog/register" || true)
+        out=$(curl -s -m 5 -X PUT "${MW_TOKEN_HEADER[@]}" --data-binary "$body" "http://$HOST:$MW_HTTP/v1/catalog/register" || true)
         [ "$out" = true ] || die "register web-$i failed: '$out'"
     done
     # Both servers answer the A query with 10 records (bounded wait).
@@ -349,6 +384,7 @@ printf 'web.service.mesh A\nweb.service.mesh SRV\n' >"$WORK/dns-queries.txt"
     echo "fixed_qps=$FIXED_QPS"
     echo "fixed_setting=$FIXED_SETTING"
     echo "edns=$EDNS"
+    echo "acl=$ACL"
     echo "noise_pct=$NOISE_PCT"
     echo "max_attempts=$MAX_ATTEMPTS"
     echo "bind_threads=default (one per CPU)"
