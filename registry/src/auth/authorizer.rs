@@ -85,6 +85,9 @@ pub struct Authorizer {
     fallback: Fallback,
     /// Grants everything (ACLs off): no lookups.
     all: bool,
+    /// Per kind: whether every name may be read (so a list needs no
+    /// per-item check).
+    reads_all: [bool; Kind::ALL.len()],
 }
 
 fn kind_slot(kind: Kind) -> usize {
@@ -103,6 +106,7 @@ impl Authorizer {
             singles: [None; Single::ALL.len()],
             fallback: Fallback::Allow,
             all: true,
+            reads_all: [true; Kind::ALL.len()],
         }
     }
 
@@ -113,6 +117,7 @@ impl Authorizer {
             singles: [None; Single::ALL.len()],
             fallback,
             all: false,
+            reads_all: [false; Kind::ALL.len()],
         };
         for rules in rules {
             for rule in &rules.rules {
@@ -126,7 +131,15 @@ impl Authorizer {
         for table in &mut authorizer.tables {
             table.seal();
         }
+        for kind in Kind::ALL {
+            authorizer.reads_all[kind_slot(kind)] = authorizer.allows_prefix(kind, "", Need::Read);
+        }
         authorizer
+    }
+
+    /// Whether every name of `kind` may be read.
+    pub fn reads_all(&self, kind: Kind) -> bool {
+        self.reads_all[kind_slot(kind)]
     }
 
     /// Whether `need` on `name` is granted.

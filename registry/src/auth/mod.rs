@@ -188,6 +188,12 @@ impl Resolved {
         self.authorizer.allows_single(single, need)
     }
 
+    /// Whether every name of `kind` may be read (a list needs no per-item
+    /// check).
+    pub fn reads_all(&self, kind: Kind) -> bool {
+        self.authorizer.reads_all(kind)
+    }
+
     /// Whether `need` is granted on every name under `prefix`.
     pub fn allows_prefix(&self, kind: Kind, prefix: &str, need: Need) -> bool {
         self.authorizer.allows_prefix(kind, prefix, need)
