@@ -425,6 +425,38 @@ async fn with_tls_and_acls_tokens_work_everywhere_and_a_revoked_one_is_refused_w
         "the rogue server found a leader: {rogue_leader}"
     );
     cluster.servers[rogue].kill().await?;
+
+    // Nor can one whose certificate the same CA signed for another name
+    // (`server.dc2.meshwork`): with verify_server_hostname the servers
+    // refuse it in both directions.
+    meshctl_tls(certs.path(), &["cert", "create", "--server", "--dc", "dc2"])?;
+    let path = |name: &str| certs.path().join(name).display().to_string();
+    let misnamed_flags = [
+        "--acl-enabled".to_owned(),
+        "--tls-ca".to_owned(),
+        path("meshwork-agent-ca.pem"),
+        "--tls-cert".to_owned(),
+        path("dc2-server-meshwork-0.pem"),
+        "--tls-key".to_owned(),
+        path("dc2-server-meshwork-0-key.pem"),
+    ];
+    let misnamed_flags: Vec<&str> = misnamed_flags.iter().map(String::as_str).collect();
+    let misnamed = cluster.add_joining_server(leader, &misnamed_flags);
+    cluster.servers[misnamed].start(&[])?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, body) = get(
+        &cluster,
+        leader,
+        "/v1/operator/raft/configuration",
+        Some(&management),
+    )
+    .await?;
+    let config: Value = serde_json::from_str(&body)?;
+    ensure!(
+        config["Servers"].as_array().map(Vec::len) == Some(3),
+        "a server without server.dc1.meshwork joined: {config}"
+    );
+    cluster.servers[misnamed].kill().await?;
     cluster.done();
     Ok(())
 }

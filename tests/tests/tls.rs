@@ -100,6 +100,27 @@ async fn https_client_certificates_garbage_and_reload() -> Result<()> {
         "with a client certificate: {code} {body}"
     );
 
+    // A client certificate from another CA is refused like none.
+    let other = tempfile::tempdir()?;
+    meshctl_tls(other.path(), &["ca", "create"])?;
+    meshctl_tls(other.path(), &["cert", "create", "--client"])?;
+    let (code, _) = curl(
+        local,
+        &[
+            "--resolve",
+            &resolve,
+            "--cacert",
+            &ca,
+            "--cert",
+            &path(other.path(), "dc1-client-meshwork-0.pem"),
+            "--key",
+            &path(other.path(), "dc1-client-meshwork-0-key.pem"),
+        ],
+    )?;
+    ensure!(
+        code != 0,
+        "a client certificate from another CA was accepted"
+    );
     // Garbage, then plain HTTP, on the TLS port: refused, and the server
     // goes on serving.
     let mut garbage = tokio::net::TcpStream::connect((ip.as_str(), 8501)).await?;
