@@ -4,6 +4,10 @@
 //! next registry server and resumes from the last index it fully received,
 //! so it never misses or repeats a change; a fresh snapshot (the server
 //! could not resume) replaces the set.
+//!
+//! Other topics (the mesh CA's roots; config entries) are followed the
+//! same way by [`Discovery::follow_topic`], folding their changes into a
+//! value of the caller's type ([`Fold`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,7 +17,9 @@ use std::time::Duration;
 use meshwork_core::backoff::Backoff;
 use meshwork_proto::v1::watch_client::WatchClient;
 use meshwork_proto::v1::watch_event::Kind;
-use meshwork_proto::v1::{Endpoint, ServiceTopic, SubscribeRequest, change, subscribe_request};
+use meshwork_proto::v1::{
+    CaRoots, CaRootsTopic, Endpoint, ServiceTopic, SubscribeRequest, change, subscribe_request,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -93,6 +99,39 @@ impl Discovery {
             *current = token;
             changed
         });
+    }
+
+    /// The registry servers and the access the sidecar's calls present
+    /// now (for calls other than watches: signing a leaf).
+    pub(crate) fn registry(&self) -> (Arc<Vec<String>>, crate::RegistryAccess) {
+        (
+            Arc::clone(&self.addresses.borrow()),
+            self.token.borrow().clone(),
+        )
+    }
+
+    /// Follows `topic` until shutdown or until every receiver is gone,
+    /// folding its changes into a `T` (see [`Fold`]); `what` names it in
+    /// logs.
+    pub fn follow_topic<T: Fold>(
+        &self,
+        topic: subscribe_request::Topic,
+        what: &'static str,
+    ) -> watch::Receiver<Arc<TopicState<T>>> {
+        let (tx, rx) = watch::channel(Arc::new(TopicState::<T>::default()));
+        let shutdown = self.shutdown.child_token();
+        let addresses = self.addresses.subscribe();
+        let token = self.token.subscribe();
+        tokio::spawn(follow_topic(addresses, topic, what, tx, shutdown, token));
+        rx
+    }
+
+    /// The mesh CA's roots (`None` until the first snapshot holds some).
+    pub fn ca_roots(&self) -> watch::Receiver<Arc<TopicState<Option<CaRoots>>>> {
+        self.follow_topic(
+            subscribe_request::Topic::CaRoots(CaRootsTopic {}),
+            "ca_roots",
+        )
     }
 
     /// `(connected, followed)` watch streams.
@@ -295,6 +334,158 @@ async fn stream_once(
             Ok(Kind::Heartbeat) if pending.is_none() => {
                 // Nothing changed up to here: resume from it next time.
                 set.index = set.index.max(event.index);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// How a topic's changes make up the value followed.
+pub trait Fold: Clone + Default + Send + Sync + 'static {
+    /// A fresh snapshot starts: forget everything.
+    fn reset(&mut self);
+    /// One change of the topic.
+    fn apply(&mut self, change: change::Change);
+}
+
+/// The CA roots topic carries the whole set each time: keep the last.
+impl Fold for Option<CaRoots> {
+    fn reset(&mut self) {
+        *self = None;
+    }
+
+    fn apply(&mut self, change: change::Change) {
+        if let change::Change::CaRoots(roots) = change {
+            *self = Some(roots);
+        }
+    }
+}
+
+/// A followed topic's value as of `index`.
+#[derive(Debug, Clone, Default)]
+pub struct TopicState<T> {
+    /// The last index fully applied; 0 until the first snapshot.
+    pub index: u64,
+    /// True once a snapshot has been received.
+    pub ready: bool,
+    pub value: T,
+}
+
+async fn follow_topic<T: Fold>(
+    mut addresses: watch::Receiver<Arc<Vec<String>>>,
+    topic: subscribe_request::Topic,
+    what: &'static str,
+    tx: watch::Sender<Arc<TopicState<T>>>,
+    shutdown: CancellationToken,
+    token: watch::Receiver<crate::RegistryAccess>,
+) {
+    let mut state = TopicState::<T>::default();
+    let mut server = 0usize;
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+    loop {
+        let list = Arc::clone(&addresses.borrow_and_update());
+        // Config validation refuses an empty list.
+        let addr = &list[server % list.len()];
+        let current_token = token.borrow().clone();
+        let ended = tokio::select! {
+            // Nobody follows it any more.
+            () = tx.closed() => return,
+            ended = topic_once(addr, &topic, &mut state, (&tx, &mut addresses), &shutdown, &current_token) => ended,
+        };
+        match ended {
+            Ended::Shutdown => return,
+            Ended::Moved => {
+                server += 1;
+                continue;
+            }
+            Ended::Broken(reason) => {
+                tracing::warn!(topic = what, registry = %addr, reason, resume_from = state.index, "watch stream broken; trying the next registry server");
+            }
+        }
+        server += 1;
+        let wait = backoff.next_wait();
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        if state.ready {
+            backoff.reset();
+        }
+    }
+}
+
+async fn topic_once<T: Fold>(
+    addr: &str,
+    topic: &subscribe_request::Topic,
+    state: &mut TopicState<T>,
+    (tx, addresses): (
+        &watch::Sender<Arc<TopicState<T>>>,
+        &mut watch::Receiver<Arc<Vec<String>>>,
+    ),
+    shutdown: &CancellationToken,
+    token: &crate::RegistryAccess,
+) -> Ended {
+    let channel = match token.channel(addr, None).await {
+        Ok(c) => c,
+        Err(e) => return Ended::Broken(e),
+    };
+    let request = SubscribeRequest {
+        topic: Some(topic.clone()),
+        since_index: state.index,
+    };
+    let mut stream = match WatchClient::with_interceptor(channel, token.clone())
+        .subscribe(request)
+        .await
+    {
+        Ok(s) => s.into_inner(),
+        Err(status) => return Ended::Broken(format!("{}: {}", status.code(), status.message())),
+    };
+    // Changes before END_OF_SNAPSHOT go to a copy: a half-received
+    // snapshot never shows.
+    let mut pending: Option<TopicState<T>> = Some(state.clone());
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return Ended::Shutdown,
+            Ok(()) = addresses.changed() => {
+                if addresses.borrow_and_update().iter().any(|a| a == addr) {
+                    continue;
+                }
+                return Ended::Moved;
+            }
+            m = tokio::time::timeout(SILENCE, stream.message()) => m,
+        };
+        let event = match message {
+            Err(_) => return Ended::Broken(format!("nothing received for {SILENCE:?}")),
+            Ok(Err(status)) => {
+                return Ended::Broken(format!("{}: {}", status.code(), status.message()));
+            }
+            Ok(Ok(None)) => return Ended::Broken("the server ended the stream".into()),
+            Ok(Ok(Some(event))) => event,
+        };
+        let target = pending.as_mut().unwrap_or(state);
+        if event.reset {
+            target.value.reset();
+        }
+        for c in event.changes {
+            if let Some(c) = c.change {
+                target.value.apply(c);
+            }
+        }
+        match Kind::try_from(event.kind) {
+            Ok(Kind::EndOfSnapshot) => {
+                if let Some(mut done) = pending.take() {
+                    done.index = done.index.max(event.index);
+                    done.ready = true;
+                    *state = done;
+                    tx.send_replace(Arc::new(state.clone()));
+                }
+            }
+            Ok(Kind::Change) if pending.is_none() => {
+                state.index = state.index.max(event.index);
+                tx.send_replace(Arc::new(state.clone()));
+            }
+            Ok(Kind::Heartbeat) if pending.is_none() => {
+                state.index = state.index.max(event.index);
             }
             _ => {}
         }

@@ -2,8 +2,8 @@
 //! true`): the registry's certificate checked against `ca_file` and the
 //! name `server_name` (`server.<dc>.meshwork`, what `meshctl tls cert
 //! create --server` puts in it), and this sidecar's own certificate when
-//! the registry asks for one (`verify_incoming`). The mesh's own mTLS
-//! between sidecars is another matter, still to come.
+//! the registry asks for one (`verify_incoming`). Operator-provided files
+//! only: the mesh's own certificates are [`super::mesh`]'s.
 
 use std::io;
 use std::path::PathBuf;
@@ -35,9 +35,7 @@ pub struct RegistryTls {
 impl RegistryTls {
     /// Reads and checks the files: one line saying what is wrong.
     pub fn load(settings: RegistryTlsSettings) -> Result<Self, String> {
-        // ring: no C/CMake build (see the registry's tls module).
-        #[allow(deprecated)]
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = super::provider();
         let mut roots = rustls::RootCertStore::empty();
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&settings.ca_file)
             .map_err(|e| format!("cannot read {}: {e}", settings.ca_file.display()))?
