@@ -12,7 +12,10 @@
 //! - [`prometheus`]: the text exposition format and a lock-free histogram;
 //! - [`timestamp`]: RFC 3339 times as Consul writes them;
 //! - [`frame`] and [`backup`]: the checksummed snapshot frame and the API
-//!   backup archive built on it.
+//!   backup archive built on it;
+//! - [`intentions`]: Consul service-intentions entries validated, compiled
+//!   and evaluated (connection and request decisions);
+//! - [`http_path`]: request paths normalised as L7 intentions match them.
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +25,8 @@ pub mod config_file;
 pub mod duration;
 pub mod frame;
 pub mod health;
+pub mod http_path;
+pub mod intentions;
 pub mod log_level;
 pub mod notify;
 pub mod prometheus;
