@@ -1358,3 +1358,860 @@ pub fn flatten<'a>(
     });
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(value: Value) -> Map<String, Value> {
+        match value {
+            Value::Object(map) => map,
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    fn set(entries: &[(&str, Value)], default_allow: bool) -> IntentionSet {
+        let bodies: Vec<(&str, Map<String, Value>)> = entries
+            .iter()
+            .map(|(name, value)| (*name, body(value.clone())))
+            .collect();
+        IntentionSet::compile("api", bodies.iter().map(|(n, b)| (*n, b)), default_allow)
+            .expect("entries compile")
+    }
+
+    const NO_HEADERS: &[(&str, &str)] = &[];
+
+    fn get(path: &str) -> Request<'_, [(&'static str, &'static str)]> {
+        Request::new("GET", path, NO_HEADERS)
+    }
+
+    fn error(name: &str, value: Value) -> String {
+        match validate_entry(name, &body(value)) {
+            Ok(()) => panic!("entry {name:?} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn precedence_values_are_consuls() {
+        assert_eq!(precedence("api", "web"), 9);
+        assert_eq!(precedence("api", "*"), 8);
+        assert_eq!(precedence("*", "web"), 6);
+        assert_eq!(precedence("*", "*"), 5);
+    }
+
+    #[test]
+    fn exact_source_beats_wildcard_source() {
+        let set = set(
+            &[(
+                "api",
+                json!({"Sources": [
+                    {"Name": "*", "Action": "deny"},
+                    {"Name": "web", "Action": "allow"},
+                ]}),
+            )],
+            true,
+        );
+        let web = set.decide_connection("web");
+        assert!(web.allow);
+        assert_eq!(web.rule.to_string(), "web -> api");
+        let db = set.decide_connection("db");
+        assert!(!db.allow);
+        assert_eq!(db.rule.to_string(), "* -> api");
+        assert!(matches!(db.rule, Rule::Intention { precedence: 8, .. }));
+    }
+
+    #[test]
+    fn destination_entry_beats_wildcard_entry_and_others_are_ignored() {
+        let entries = [
+            (
+                "*",
+                json!({"Sources": [
+                    {"Name": "web", "Action": "deny"},
+                    {"Name": "*", "Action": "deny"},
+                ]}),
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "*", "Action": "allow"}]}),
+            ),
+            // Another destination's entry: never consulted for api, even
+            // an invalid one.
+            (
+                "billing",
+                json!({"Sources": [{"Name": "web", "Action": "bogus"}]}),
+            ),
+        ];
+        let set = set(&entries, false);
+        // api/* (8) beats */web (6).
+        let web = set.decide_connection("web");
+        assert!(web.allow);
+        assert!(matches!(web.rule, Rule::Intention { precedence: 8, .. }));
+
+        let only_wild = self::set(&entries[..1], true);
+        let web = only_wild.decide_connection("web");
+        assert!(!web.allow);
+        assert_eq!(web.rule.to_string(), "web -> *");
+        assert!(matches!(web.rule, Rule::Intention { precedence: 6, .. }));
+        let db = only_wild.decide_connection("db");
+        assert!(!db.allow);
+        assert!(matches!(db.rule, Rule::Intention { precedence: 5, .. }));
+
+        let none = self::set(&[], true);
+        assert_eq!(
+            none.decide_connection("web"),
+            Decision {
+                allow: true,
+                rule: Rule::Default
+            }
+        );
+        let none = self::set(&[], false);
+        assert!(!none.decide_connection("web").allow);
+        assert_eq!(none.decide_connection("web").rule.to_string(), "default");
+    }
+
+    #[test]
+    fn deny_wins_at_equal_precedence() {
+        let set = set(
+            &[
+                (
+                    "api",
+                    json!({"Sources": [{"Name": "web", "Action": "allow"}, {"Name": "*", "Action": "allow"}]}),
+                ),
+                (
+                    "api",
+                    json!({"Sources": [{"Name": "web", "Action": "deny"}, {"Name": "*", "Action": "deny"}]}),
+                ),
+                (
+                    "api",
+                    json!({"Sources": [{"Name": "web", "Action": "allow"}, {"Name": "*", "Action": "allow"}]}),
+                ),
+            ],
+            true,
+        );
+        assert!(!set.decide_connection("web").allow);
+        assert!(!set.decide_connection("db").allow);
+        assert!(!set.decide_request("web", &get("/")).allow);
+    }
+
+    #[test]
+    fn l4_and_l7() {
+        let set = set(
+            &[
+                (
+                    "api",
+                    json!({"Sources": [{"Name": "web", "Permissions": [
+                        {"Action": "allow", "HTTP": {"PathPrefix": "/public"}},
+                    ]}]}),
+                ),
+                ("*", json!({"Sources": [{"Name": "*", "Action": "allow"}]})),
+            ],
+            false,
+        );
+        assert!(set.has_permissions());
+        // A connection from an L7 source: deny, as Consul's check/authorize.
+        let conn = set.decide_connection("web");
+        assert!(!conn.allow);
+        assert_eq!(
+            conn.rule.to_string(),
+            "web -> api (L7 permissions: deny for a connection)"
+        );
+        // L4 intentions decide requests too.
+        assert!(set.decide_request("db", &get("/anything")).allow);
+        assert!(set.decide_connection("db").allow);
+
+        let ok = set.decide_request("web", &get("/public/x"));
+        assert!(ok.allow);
+        assert_eq!(ok.rule.permission(), Some(0));
+        // No permission matches: the default (deny), not the lower `*`
+        // intention that would allow.
+        let no = set.decide_request("web", &get("/private"));
+        assert!(!no.allow);
+        assert_eq!(
+            no.rule.to_string(),
+            "web -> api (no permission matched: default)"
+        );
+
+        let allowing = self::set(
+            &[(
+                "api",
+                json!({"Sources": [{"Name": "web", "Permissions": [
+                    {"Action": "deny", "HTTP": {"PathPrefix": "/admin"}},
+                ]}]}),
+            )],
+            true,
+        );
+        assert!(allowing.decide_request("web", &get("/x")).allow);
+        assert!(!allowing.decide_request("web", &get("/admin")).allow);
+        assert!(!allowing.decide_connection("web").allow);
+        assert!(!self::set(&[], true).has_permissions());
+    }
+
+    #[test]
+    fn permissions_apply_in_order() {
+        let set = set(
+            &[(
+                "api",
+                json!({"Sources": [{"Name": "web", "Permissions": [
+                    {"Action": "deny", "HTTP": {"PathPrefix": "/v2/admin"}},
+                    {"Action": "allow", "HTTP": {"PathPrefix": "/v2"}},
+                    {"Action": "allow", "HTTP": {"PathExact": "/healthz", "Methods": ["GET"]}},
+                    {"Action": "deny", "HTTP": {"PathPrefix": "/"}},
+                ]}]}),
+            )],
+            true,
+        );
+        let cases = [
+            ("GET", "/v2/admin/users", false, Some(0)),
+            ("GET", "/v2/orders", true, Some(1)),
+            ("GET", "/healthz", true, Some(2)),
+            ("POST", "/healthz", false, Some(3)),
+            ("GET", "/healthz/x", false, Some(3)),
+        ];
+        for (method, path, allow, permission) in cases {
+            let d = set.decide_request("web", &Request::new(method, path, NO_HEADERS));
+            assert_eq!(d.allow, allow, "{method} {path}");
+            assert_eq!(d.rule.permission(), permission, "{method} {path}");
+        }
+        let d = set.decide_request("web", &get("/v2/admin"));
+        assert_eq!(d.rule.to_string(), "web -> api permission #0");
+    }
+
+    fn header_set(header: Value) -> IntentionSet {
+        set(
+            &[(
+                "api",
+                json!({"Sources": [{"Name": "web", "Permissions": [
+                    {"Action": "allow", "HTTP": {"Header": [header]}},
+                ]}]}),
+            )],
+            false,
+        )
+    }
+
+    fn allowed_with(set: &IntentionSet, headers: &[(&str, &str)]) -> bool {
+        set.decide_request("web", &Request::new("GET", "/", headers))
+            .allow
+    }
+
+    #[test]
+    fn header_matchers() {
+        // (matcher, headers, allowed)
+        type Headers = &'static [(&'static str, &'static str)];
+        let cases: &[(Value, Headers, bool)] = &[
+            (
+                json!({"Name": "x-user", "Exact": "bob"}),
+                &[("x-user", "bob")],
+                true,
+            ),
+            (
+                json!({"Name": "x-user", "Exact": "bob"}),
+                &[("X-User", "bob")],
+                true,
+            ),
+            (
+                json!({"Name": "X-User", "Exact": "bob"}),
+                &[("x-user", "bob")],
+                true,
+            ),
+            (
+                json!({"Name": "x-user", "Exact": "bob"}),
+                &[("x-user", "Bob")],
+                false,
+            ),
+            (json!({"Name": "x-user", "Exact": "bob"}), &[], false),
+            (
+                json!({"Name": "x-user", "Exact": "bob", "Invert": true}),
+                &[("x-user", "eve")],
+                true,
+            ),
+            (
+                json!({"Name": "x-user", "Exact": "bob", "Invert": true}),
+                &[("x-user", "bob")],
+                false,
+            ),
+            // Envoy: a missing header matches no inverted value test.
+            (
+                json!({"Name": "x-user", "Exact": "bob", "Invert": true}),
+                &[],
+                false,
+            ),
+            (
+                json!({"Name": "x-user", "Prefix": "bo"}),
+                &[("x-user", "bob")],
+                true,
+            ),
+            (
+                json!({"Name": "x-user", "Prefix": "ob"}),
+                &[("x-user", "bob")],
+                false,
+            ),
+            (
+                json!({"Name": "x-user", "Suffix": "ob"}),
+                &[("x-user", "bob")],
+                true,
+            ),
+            (
+                json!({"Name": "x-user", "Suffix": "bo"}),
+                &[("x-user", "bob")],
+                false,
+            ),
+            (
+                json!({"Name": "x-user", "Contains": "o"}),
+                &[("x-user", "bob")],
+                true,
+            ),
+            (
+                json!({"Name": "x-user", "Contains": "x"}),
+                &[("x-user", "bob")],
+                false,
+            ),
+            (
+                json!({"Name": "x-user", "Contains": "x", "Invert": true}),
+                &[("x-user", "bob")],
+                true,
+            ),
+            (
+                json!({"Name": "x-user", "Regex": "b.b"}),
+                &[("x-user", "bob")],
+                true,
+            ),
+            // Anchored: the whole value must match.
+            (
+                json!({"Name": "x-user", "Regex": "o"}),
+                &[("x-user", "bob")],
+                false,
+            ),
+            (
+                json!({"Name": "x-user", "Regex": "b.*"}),
+                &[("x-user", "abob")],
+                false,
+            ),
+            (
+                json!({"Name": "x-user", "Present": true}),
+                &[("x-user", "")],
+                true,
+            ),
+            (json!({"Name": "x-user", "Present": true}), &[], false),
+            (
+                json!({"Name": "x-user", "Present": true, "Invert": true}),
+                &[],
+                true,
+            ),
+            (
+                json!({"Name": "x-user", "Present": true, "Invert": true}),
+                &[("x-user", "a")],
+                false,
+            ),
+            // Several values are joined with ',' (Envoy).
+            (
+                json!({"Name": "x-user", "Exact": "a,b"}),
+                &[("x-user", "a"), ("x-user", "b")],
+                true,
+            ),
+            (
+                json!({"Name": "x-user", "Exact": "a"}),
+                &[("x-user", "a"), ("x-user", "b")],
+                false,
+            ),
+            (json!({"Name": ":method", "Exact": "GET"}), &[], true),
+            (json!({"Name": ":method", "Exact": "PUT"}), &[], false),
+            (
+                json!({"Name": ":authority", "Suffix": ".internal"}),
+                &[("host", "api.internal")],
+                true,
+            ),
+            (
+                json!({"Name": ":authority", "Suffix": ".internal"}),
+                &[("host", "api.example")],
+                false,
+            ),
+        ];
+        for (matcher, headers, allowed) in cases {
+            let set = header_set(matcher.clone());
+            assert_eq!(
+                allowed_with(&set, headers),
+                *allowed,
+                "{matcher} with {headers:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn several_headers_must_all_match() {
+        let set = set(
+            &[(
+                "api",
+                json!({"Sources": [{"Name": "web", "Permissions": [
+                    {"Action": "allow", "HTTP": {"PathPrefix": "/", "Header": [
+                        {"Name": "x-a", "Exact": "1"},
+                        {"Name": "x-b", "Present": true},
+                    ]}},
+                ]}]}),
+            )],
+            false,
+        );
+        assert!(allowed_with(&set, &[("x-a", "1"), ("x-b", "")]));
+        assert!(!allowed_with(&set, &[("x-a", "1")]));
+        assert!(!allowed_with(&set, &[("x-b", "1")]));
+    }
+
+    #[test]
+    fn header_map_is_a_header_source() {
+        let set = header_set(json!({"Name": "x-user", "Regex": "bob|eve"}));
+        let mut headers = http::HeaderMap::new();
+        let request = |h: &http::HeaderMap| {
+            set.decide_request("web", &Request::new("GET", "/", h))
+                .allow
+        };
+        assert!(!request(&headers));
+        headers.insert("x-user", http::HeaderValue::from_static("eve"));
+        assert!(request(&headers));
+        headers.append("x-user", http::HeaderValue::from_static("bob"));
+        assert!(!request(&headers), "joined as \"eve,bob\"");
+        // A value that is not UTF-8 is compared as bytes.
+        let mut binary = http::HeaderMap::new();
+        let value = http::HeaderValue::from_bytes(b"bob\xff").expect("obs-text is allowed");
+        binary.insert("x-user", value);
+        let prefix = header_set(json!({"Name": "x-user", "Prefix": "bob"}));
+        assert!(
+            prefix
+                .decide_request("web", &Request::new("GET", "/", &binary))
+                .allow
+        );
+    }
+
+    #[test]
+    fn methods() {
+        let set = set(
+            &[(
+                "api",
+                json!({"Sources": [{"Name": "web", "Permissions": [
+                    {"Action": "allow", "HTTP": {"Methods": ["get", "Head"]}},
+                ]}]}),
+            )],
+            false,
+        );
+        assert!(
+            set.decide_request("web", &Request::new("GET", "/x", NO_HEADERS))
+                .allow
+        );
+        assert!(
+            set.decide_request("web", &Request::new("HEAD", "/x", NO_HEADERS))
+                .allow
+        );
+        assert!(
+            !set.decide_request("web", &Request::new("POST", "/x", NO_HEADERS))
+                .allow
+        );
+        // Methods are case-sensitive on the wire, as Envoy's `:method`.
+        assert!(
+            !set.decide_request("web", &Request::new("get", "/x", NO_HEADERS))
+                .allow
+        );
+    }
+
+    #[test]
+    fn paths() {
+        let cases: &[(Value, &str, bool)] = &[
+            (json!({"PathExact": "/a"}), "/a", true),
+            (json!({"PathExact": "/a"}), "/a/", false),
+            (json!({"PathExact": "/a"}), "/A", false),
+            (json!({"PathPrefix": "/a"}), "/ab", true),
+            (json!({"PathPrefix": "/a/"}), "/a", false),
+            (json!({"PathRegex": "/a.*"}), "/a/b", true),
+            (json!({"PathRegex": "/a.*"}), "/b/a", false),
+            (json!({"PathRegex": "/a"}), "/a/b", false),
+            (json!({"PathRegex": "/(x|y)/[0-9]+"}), "/y/42", true),
+            (json!({"path_regex": "/(x|y)/[0-9]+"}), "/y/42x", false),
+        ];
+        for (http, path, allowed) in cases {
+            let set = set(
+                &[(
+                    "api",
+                    json!({"Sources": [{"Name": "web", "Permissions": [
+                        {"Action": "allow", "HTTP": http},
+                    ]}]}),
+                )],
+                false,
+            );
+            assert_eq!(
+                set.decide_request("web", &get(path)).allow,
+                *allowed,
+                "{http} on {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn field_names_ignore_case_and_separators() {
+        let entry = json!({"Sources": [{"name": "web", "permissions": [
+            {"action": "allow", "http": {"path_prefix": "/p", "methods": ["GET"],
+             "header": [{"NAME": "x-a", "prefix": "1", "in-vert": false}]}},
+        ]}, {"NAME": "*", "ACTION": "deny", "legacy_id": "", "sameness_group": ""}]});
+        let set = set(&[("api", entry)], false);
+        assert!(allowed_with_path(&set, "/p/x", &[("x-a", "12")]));
+        assert!(!allowed_with_path(&set, "/q", &[("x-a", "12")]));
+    }
+
+    fn allowed_with_path(set: &IntentionSet, path: &str, headers: &[(&str, &str)]) -> bool {
+        set.decide_request("web", &Request::new("GET", path, headers))
+            .allow
+    }
+
+    #[test]
+    fn accepted_and_ignored_fields() {
+        let entry = json!({
+            "Meta": {"owner": "team"},
+            "Namespace": "default",
+            "Partition": "",
+            "JWT": {"Providers": []},
+            "Sources": [{
+                "Name": "web", "Action": "allow", "Description": "the web tier",
+                "Type": "consul", "Namespace": "default", "Partition": "default",
+                "Peer": "", "SamenessGroup": null, "Precedence": 9,
+                "LegacyID": "2a1b", "LegacyMeta": {}, "LegacyCreateTime": "2020-01-01T00:00:00Z",
+                "LegacyUpdateTime": "2020-01-01T00:00:00Z",
+            }],
+        });
+        validate_entry("api", &body(entry)).expect("valid");
+    }
+
+    #[test]
+    fn regexes_are_bounded() {
+        let long = "a".repeat(MAX_REGEX_LEN + 1);
+        let e = error(
+            "api",
+            json!({"Sources": [{"Name": "web", "Permissions": [
+                {"Action": "allow", "HTTP": {"PathRegex": long}},
+            ]}]}),
+        );
+        assert_eq!(
+            e,
+            format!(
+                "Sources[0].Permissions[0].HTTP.PathRegex: regex too large: {} bytes, at most {MAX_REGEX_LEN}",
+                MAX_REGEX_LEN + 1
+            )
+        );
+        // Short pattern, huge program: Unicode classes repeated.
+        let e = error(
+            "api",
+            json!({"Sources": [
+                {"Name": "db", "Action": "deny"},
+                {"Name": "web", "Permissions": [
+                    {"Action": "allow", "HTTP": {"PathPrefix": "/"}},
+                    {"Action": "allow", "HTTP": {"PathRegex": r"\w{1000}"}},
+                ]},
+            ]}),
+        );
+        assert!(
+            e.starts_with("Sources[1].Permissions[1].HTTP.PathRegex: regex too large"),
+            "{e}"
+        );
+        let e = error(
+            "api",
+            json!({"Sources": [{"Name": "web", "Permissions": [
+                {"Action": "allow", "HTTP": {"Header": [{"Name": "x", "Regex": r"\w{1000}"}]}},
+            ]}]}),
+        );
+        assert!(
+            e.starts_with("Sources[0].Permissions[0].HTTP.Header[0].Regex: regex too large"),
+            "{e}"
+        );
+        let e = error(
+            "api",
+            json!({"Sources": [{"Name": "web", "Permissions": [
+                {"Action": "allow", "HTTP": {"PathRegex": "/(a"}},
+            ]}]}),
+        );
+        assert!(
+            e.starts_with("Sources[0].Permissions[0].HTTP.PathRegex: invalid regex: "),
+            "{e}"
+        );
+        // Backreferences are not RE2.
+        let e = error(
+            "api",
+            json!({"Sources": [{"Name": "web", "Permissions": [
+                {"Action": "allow", "HTTP": {"PathRegex": r"/(a)\1"}},
+            ]}]}),
+        );
+        assert!(e.contains("invalid regex"), "{e}");
+    }
+
+    #[test]
+    fn bad_entries_say_what_and_where() {
+        let web_l7 = |http: Value| json!({"Sources": [{"Name": "web", "Permissions": [{"Action": "allow", "HTTP": http}]}]});
+        let cases: Vec<(&str, Value, &str)> = vec![
+            (
+                "",
+                json!({"Sources": [{"Name": "web", "Action": "allow"}]}),
+                "Name: is required",
+            ),
+            (
+                "api*",
+                json!({"Sources": [{"Name": "web", "Action": "allow"}]}),
+                "Name: wildcard character '*' cannot be used with partial values",
+            ),
+            ("api", json!({}), "Sources: at least one source is required"),
+            (
+                "api",
+                json!({"Sources": []}),
+                "Sources: at least one source is required",
+            ),
+            ("api", json!({"Sources": {}}), "Sources: must be a list"),
+            (
+                "api",
+                json!({"Sources": [{"Name": "web", "Action": "allow"}], "Kind": "x"}),
+                "unknown field \"Kind\" (known fields: Sources, JWT, Meta, Namespace, Partition)",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "web", "Action": "allow"}], "Namespace": "team"}),
+                "Namespace: not supported by Meshwork: namespaces other than \"default\"",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "web", "Action": "allow"}], "JWT": {"Providers": [{"Name": "okta"}]}}),
+                "JWT: not supported by Meshwork: JWT requirements (the sidecar does not verify JWTs)",
+            ),
+            (
+                "api",
+                json!({"Sources": ["web"]}),
+                "Sources[0]: must be an object",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Action": "allow"}]}),
+                "Sources[0].Name: is required",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "w*", "Action": "allow"}]}),
+                "Sources[0].Name: wildcard character '*' cannot be used with partial values",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": 7, "Action": "allow"}]}),
+                "Sources[0].Name: must be a string",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "web", "Action": "allow", "Colour": "red"}]}),
+                "Sources[0]: unknown field \"Colour\" (known fields: Name, Action, Permissions, Description, Type, Namespace, Partition, Peer, SamenessGroup, Precedence, LegacyID, LegacyMeta, LegacyCreateTime, LegacyUpdateTime)",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "web", "name": "db", "Action": "allow"}]}),
+                "Sources[0].Name: given twice, as \"Name\" and \"name\"",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "web", "Action": "allow"}, {"Name": "web", "Action": "deny"}]}),
+                "Sources[1]: defines \"web\" more than once",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "web"}]}),
+                "Sources[0].Action: must be set to \"allow\" or \"deny\" (or give Permissions)",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "web", "Action": "Allow"}]}),
+                "Sources[0].Action: must be \"allow\" or \"deny\", not \"Allow\"",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "web", "Action": "allow", "Permissions": [{"Action": "allow", "HTTP": {"PathPrefix": "/"}}]}]}),
+                "Sources[0].Action: must be omitted if Permissions are specified",
+            ),
+            (
+                "*",
+                json!({"Sources": [{"Name": "web", "Permissions": [{"Action": "allow", "HTTP": {"PathPrefix": "/"}}]}]}),
+                "Sources[0].Permissions: cannot be specified on intentions with wildcarded destinations",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "web", "Action": "allow", "Type": "external"}]}),
+                "Sources[0].Type: must be \"consul\", not \"external\"",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "web", "Action": "allow", "Peer": "east"}]}),
+                "Sources[0].Peer: not supported by Meshwork: sources in cluster peers",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "web", "Action": "allow", "SamenessGroup": "g"}]}),
+                "Sources[0].SamenessGroup: not supported by Meshwork: sameness groups",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "web", "Action": "allow", "Partition": "p1"}]}),
+                "Sources[0].Partition: not supported by Meshwork: admin partitions other than \"default\"",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "web", "Action": "allow", "Description": "x".repeat(513)}]}),
+                "Sources[0].Description: exceeds maximum length 512",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "web", "Permissions": [{"HTTP": {"PathPrefix": "/"}}]}]}),
+                "Sources[0].Permissions[0].Action: must be set to \"allow\" or \"deny\"",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "web", "Permissions": [{"Action": "allow"}]}]}),
+                "Sources[0].Permissions[0].HTTP: is required",
+            ),
+            (
+                "api",
+                json!({"Sources": [{"Name": "web", "Permissions": [{"Action": "allow", "HTTP": {"PathPrefix": "/"}, "JWT": {"Providers": [{"Name": "okta"}]}}]}]}),
+                "Sources[0].Permissions[0].JWT: not supported by Meshwork: JWT requirements (the sidecar does not verify JWTs)",
+            ),
+            (
+                "api",
+                web_l7(json!({})),
+                "Sources[0].Permissions[0].HTTP: should not be empty",
+            ),
+            (
+                "api",
+                web_l7(json!({"PathExact": "", "Methods": []})),
+                "Sources[0].Permissions[0].HTTP: should not be empty",
+            ),
+            (
+                "api",
+                web_l7(json!({"PathExact": "/a", "PathPrefix": "/b"})),
+                "Sources[0].Permissions[0].HTTP: should only contain at most one of PathExact, PathPrefix, or PathRegex",
+            ),
+            (
+                "api",
+                web_l7(json!({"PathExact": "a"})),
+                "Sources[0].Permissions[0].HTTP.PathExact: doesn't start with '/': \"a\"",
+            ),
+            (
+                "api",
+                web_l7(json!({"PathPrefix": "a"})),
+                "Sources[0].Permissions[0].HTTP.PathPrefix: doesn't start with '/': \"a\"",
+            ),
+            (
+                "api",
+                web_l7(json!({"Paths": "/a"})),
+                "Sources[0].Permissions[0].HTTP: unknown field \"Paths\" (known fields: PathExact, PathPrefix, PathRegex, Header, Methods)",
+            ),
+            (
+                "api",
+                web_l7(json!({"Methods": ["FETCH"]})),
+                "Sources[0].Permissions[0].HTTP.Methods: contains an invalid method \"FETCH\" (use GET, HEAD, POST, PUT, PATCH, DELETE, CONNECT, OPTIONS, TRACE)",
+            ),
+            (
+                "api",
+                web_l7(json!({"Methods": ["GET", "get"]})),
+                "Sources[0].Permissions[0].HTTP.Methods: contains \"GET\" more than once",
+            ),
+            (
+                "api",
+                web_l7(json!({"Methods": [1]})),
+                "Sources[0].Permissions[0].HTTP.Methods[0]: must be a string",
+            ),
+            (
+                "api",
+                web_l7(json!({"Header": [{"Exact": "x"}]})),
+                "Sources[0].Permissions[0].HTTP.Header[0].Name: is required",
+            ),
+            (
+                "api",
+                web_l7(json!({"Header": [{"Name": "x"}]})),
+                "Sources[0].Permissions[0].HTTP.Header[0]: should only contain one of Present, Exact, Prefix, Suffix, Contains, or Regex",
+            ),
+            (
+                "api",
+                web_l7(json!({"Header": [{"Name": "x", "Exact": "a", "Prefix": "b"}]})),
+                "Sources[0].Permissions[0].HTTP.Header[0]: should only contain one of Present, Exact, Prefix, Suffix, Contains, or Regex",
+            ),
+            (
+                "api",
+                web_l7(json!({"Header": [{"Name": "x", "Present": "yes"}]})),
+                "Sources[0].Permissions[0].HTTP.Header[0].Present: must be true or false",
+            ),
+            (
+                "api",
+                web_l7(json!({"Header": [{"Name": "bad name", "Present": true}]})),
+                "Sources[0].Permissions[0].HTTP.Header[0].Name: \"bad name\" is not a valid header name",
+            ),
+            (
+                "api",
+                web_l7(json!({"Header": [{"Name": ":path", "Prefix": "/"}]})),
+                "Sources[0].Permissions[0].HTTP.Header[0].Name: not supported by Meshwork: pseudo-headers other than :authority and :method (match the path with PathExact, PathPrefix or PathRegex)",
+            ),
+        ];
+        for (name, value, want) in cases {
+            assert_eq!(error(name, value.clone()), want, "entry {name:?}: {value}");
+        }
+    }
+
+    #[test]
+    fn compile_names_the_entry_at_fault() {
+        let good = body(json!({"Sources": [{"Name": "web", "Action": "allow"}]}));
+        let bad = body(json!({"Sources": [{"Name": "web", "Action": "maybe"}]}));
+        let err = IntentionSet::compile("api", [("api", &good), ("*", &bad)], false)
+            .expect_err("the * entry is bad");
+        assert_eq!(err.entry(), Some("*"));
+        assert_eq!(err.path(), "Sources[0].Action");
+        assert_eq!(
+            err.to_string(),
+            "service-intentions entry \"*\": Sources[0].Action: must be \"allow\" or \"deny\", not \"maybe\""
+        );
+        let err =
+            IntentionSet::compile("a*", [("api", &good)], false).expect_err("bad destination");
+        assert_eq!(err.to_string(), "destination: \"a*\" is not a service name");
+    }
+
+    #[test]
+    fn flatten_lists_in_consul_order() {
+        let api = body(json!({"Meta": {"k": "v"}, "Sources": [
+            {"Name": "*", "Action": "deny"},
+            {"Name": "web", "Permissions": [{"Action": "allow", "HTTP": {"PathPrefix": "/"}}]},
+            {"Name": "admin", "Action": "allow", "Description": "ops"},
+        ]}));
+        let wild = body(json!({"Sources": [
+            {"Name": "*", "Action": "allow"},
+            {"Name": "web", "Action": "deny"},
+        ]}));
+        let billing = body(json!({"Sources": [{"Name": "web", "Action": "allow"}]}));
+        let flat = flatten([("api", &api), ("*", &wild), ("billing", &billing)]).expect("valid");
+        let order: Vec<(u32, &str, &str)> = flat
+            .iter()
+            .map(|f| (f.precedence, f.source.as_str(), f.destination.as_str()))
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                (9, "admin", "api"),
+                (9, "web", "api"),
+                (9, "web", "billing"),
+                (8, "*", "api"),
+                (6, "web", "*"),
+                (5, "*", "*"),
+            ]
+        );
+        assert_eq!(flat[0].action, Some(Action::Allow));
+        assert_eq!(flat[0].description.as_deref(), Some("ops"));
+        assert_eq!(flat[0].meta, Some(json!({"k": "v"})));
+        assert_eq!(flat[1].action, None);
+        assert_eq!(
+            flat[1].permissions,
+            Some(json!([{"Action": "allow", "HTTP": {"PathPrefix": "/"}}]))
+        );
+        assert_eq!(flat[3].action, Some(Action::Deny));
+        assert_eq!(flat[4].meta, None);
+    }
+
+    #[test]
+    fn set_is_shareable() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<IntentionSet>();
+        shareable::<Decision>();
+    }
+}
