@@ -1,7 +1,8 @@
 //! The admin listener: `/live` (the process runs), `/ready` (registered
-//! with the registry and, with a proxy, every upstream's first endpoint
-//! set received), `/status` (JSON: registration, checks, which
-//! registry server, last contact), and Consul's TTL check endpoints
+//! with the registry and, with a proxy, the mesh leaf and roots in hand and
+//! every upstream's first endpoint set received), `/status` (JSON:
+//! registration, checks, which registry server, last contact, the mesh
+//! leaf and roots under `mesh`), and Consul's TTL check endpoints
 //! (`PUT /v1/agent/check/pass|warn|fail/<check id>?note=...`) for the app;
 //! `/metrics` (Prometheus text: the proxy's counters and config reloads),
 //! `/clusters` and `/config` (JSON; empty without listeners).
@@ -54,6 +55,9 @@ pub async fn serve(
 
 async fn ready(State(admin): State<Admin>) -> Response {
     let registered = admin.status.lock().map(|s| s.registered).unwrap_or(false);
+    if let Some(reason) = admin.proxy.mesh_not_ready() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response();
+    }
     if registered && !admin.proxy.ready() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -93,7 +97,11 @@ async fn config(State(admin): State<Admin>) -> Response {
 
 async fn status_json(State(admin): State<Admin>) -> Response {
     let snapshot = admin.status.lock().map(|s| s.clone()).unwrap_or_default();
-    Json(snapshot).into_response()
+    let mut value = serde_json::to_value(snapshot).unwrap_or_default();
+    if let Some(object) = value.as_object_mut() {
+        object.insert("mesh".into(), admin.proxy.mesh().status());
+    }
+    Json(value).into_response()
 }
 
 async fn ttl_report(

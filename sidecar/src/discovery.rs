@@ -371,6 +371,9 @@ pub struct TopicState<T> {
     pub value: T,
 }
 
+type TopicSender<T> = watch::Sender<Arc<TopicState<T>>>;
+type Addresses = watch::Receiver<Arc<Vec<String>>>;
+
 async fn follow_topic<T: Fold>(
     mut addresses: watch::Receiver<Arc<Vec<String>>>,
     topic: subscribe_request::Topic,
@@ -418,10 +421,7 @@ async fn topic_once<T: Fold>(
     addr: &str,
     topic: &subscribe_request::Topic,
     state: &mut TopicState<T>,
-    (tx, addresses): (
-        &watch::Sender<Arc<TopicState<T>>>,
-        &mut watch::Receiver<Arc<Vec<String>>>,
-    ),
+    (tx, addresses): (&TopicSender<T>, &mut Addresses),
     shutdown: &CancellationToken,
     token: &crate::RegistryAccess,
 ) -> Ended {

@@ -13,6 +13,7 @@ use clap::Parser;
 use meshwork_sidecar::discovery::Discovery;
 use meshwork_sidecar::listener::Proxy;
 use meshwork_sidecar::reload::Reloader;
+use meshwork_sidecar::tls::{MeshTls, renew};
 use meshwork_sidecar::{admin, agent, config};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -201,7 +202,14 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
         config.registry_token.clone(),
         shutdown.clone(),
     );
-    let proxy = Proxy::bind(&config, discovery.clone(), shutdown.clone()).await?;
+    // The mesh identity: a leaf signed by the registry's CA and its roots,
+    // kept current by a task of its own; the listeners read it.
+    let mesh = MeshTls::new(&config.service_name);
+    let mesh_task = tokio::spawn(tracing::Instrument::instrument(
+        renew::run(mesh.clone(), discovery.clone(), shutdown.clone()),
+        tracing::info_span!("mesh identity"),
+    ));
+    let proxy = Proxy::bind(&config, discovery.clone(), mesh, shutdown.clone()).await?;
     proxy.run();
     let status: agent::SharedStatus = Arc::new(Mutex::new(agent::Status::default()));
     let (ttl_reports, results_tx, results) = agent::channels(&config);
@@ -249,5 +257,6 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
     proxy.drain().await;
     shutdown.cancel();
     let _ = admin_task.await;
+    let _ = mesh_task.await;
     Ok(())
 }

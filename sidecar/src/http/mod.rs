@@ -110,10 +110,13 @@ impl HttpProxy {
     /// HTTP/2, where each stream is a spawned task); one allocation is
     /// cheaper than those copies. The box is filled by one copy of the
     /// whole future, so its size still counts (see [`HttpProxy::answer`]).
+    /// `caller` is the service the client's verified mesh certificate
+    /// names (inbound listener only).
     pub fn handle(
         &self,
         mut req: Request<ClientBody>,
         peer: SocketAddr,
+        caller: Option<Arc<str>>,
         connection: Busy,
     ) -> Pin<Box<impl Future<Output = Response<ResponseBody>> + Send + '_>> {
         // Upgrades and CONNECT tunnels need an HTTP/1.1 hop all the way
@@ -122,7 +125,7 @@ impl HttpProxy {
             && (is_upgrade(&req) || req.method() == hyper::Method::CONNECT))
             .then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        Box::pin(self.answer(parts, body, downstream_upgrade, peer, connection))
+        Box::pin(self.answer(parts, body, downstream_upgrade, (peer, caller), connection))
     }
 
     /// Not an `async fn`, whose arguments would be stored twice in its
@@ -135,11 +138,15 @@ impl HttpProxy {
         mut parts: hyper::http::request::Parts,
         body: ClientBody,
         downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
-        peer: SocketAddr,
+        (peer, caller): (SocketAddr, Option<Arc<str>>),
         connection: Busy,
     ) -> impl Future<Output = Response<ResponseBody>> + Send + '_ {
         async move {
             let start = Instant::now();
+            // The seam for intentions (L7): `caller` is the verified
+            // source service of an inbound request (None elsewhere); the
+            // decision goes here, before anything is sent on.
+            drop(caller);
             let grpc = is_grpc(&parts.headers);
             let mut log = self.access_log.then(|| LogContext::new(&parts));
             prepare::ensure_request_id(&mut parts.headers, log.as_mut());
@@ -357,7 +364,7 @@ mod tests {
         let proxy = HttpProxy::new(cluster, "outbound", false);
         let activity = Arc::new(Activity::new(true));
         let peer: SocketAddr = "127.0.0.1:2".parse().expect("addr");
-        let handle = |req| proxy.handle(req, peer, activity.busy());
+        let handle = |req| proxy.handle(req, peer, None, activity.busy());
         assert!(size_of_output(&handle) <= 16);
         // What goes into that box, copied whole per request: 2.9 KiB
         // before the large send futures were boxed and the arguments no
@@ -365,7 +372,7 @@ mod tests {
         fn size_of_answer<F: Fn(hyper::http::request::Parts, ClientBody) -> R, R>(_: &F) -> usize {
             std::mem::size_of::<R>()
         }
-        let answer = |parts, body| proxy.answer(parts, body, None, peer, activity.busy());
+        let answer = |parts, body| proxy.answer(parts, body, None, (peer, None), activity.busy());
         let size = size_of_answer(&answer);
         assert!(size <= 2048, "the answering future grew to {size} bytes");
         let id = |headers: &mut hyper::HeaderMap| {

@@ -26,6 +26,8 @@ use crate::config::{
 use crate::discovery::Discovery;
 use crate::http::{self, idle};
 use crate::telemetry::{self, ClusterGauges};
+use crate::tls::MeshTls;
+use crate::tls::stream::{ServerStream, Stream};
 use crate::upstream::cluster::{self, Cluster};
 
 pub use crate::upstream::{BoxError, MAX_HEADER_BYTES, ProxyBody};
@@ -282,6 +284,9 @@ pub struct Proxy {
     settings: RwLock<ProxySettings>,
     inbound: RwLock<Option<Inbound>>,
     discovery: Discovery,
+    /// The mesh identity: the inbound listener's TLS, and the outbound
+    /// clusters' TLS to sidecars.
+    mesh: MeshTls,
     /// Ends the clusters' discovery followers.
     shutdown: CancellationToken,
     /// One reload at a time.
@@ -378,6 +383,68 @@ async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, BindError> {
     })
 }
 
+/// Who is on the other end of an accepted connection: its address and,
+/// on the inbound listener, the service its verified mesh certificate
+/// names (what intentions decide on). Plain listeners (outbound, for the
+/// local app) have no caller identity.
+#[derive(Debug, Clone)]
+pub struct Downstream {
+    pub peer: SocketAddr,
+    pub caller: Option<Arc<str>>,
+}
+
+/// The inbound listener's mutual TLS: the handshake within
+/// [`HEADER_READ_TIMEOUT`] and the caller's service name from its
+/// verified SPIFFE ID. Without `mesh` (outbound listeners) the stream is
+/// passed on plain. `None`: refused (counted, logged at debug) or no mesh
+/// identity yet.
+async fn secure(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    mesh: Option<MeshTls>,
+) -> Option<(ServerStream, Option<Arc<str>>)> {
+    let Some(mesh) = mesh else {
+        return Some((Stream::Plain(stream), None));
+    };
+    let config = match mesh.server_config() {
+        Ok(config) => config,
+        Err(reason) => {
+            mesh.count_failure("inbound", "other");
+            tracing::debug!(%peer, %reason, "inbound connection refused");
+            return None;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    let tls = match tokio::time::timeout(HEADER_READ_TIMEOUT, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            mesh.handshake_failed("inbound", &e);
+            tracing::debug!(%peer, error = %e, "inbound mesh TLS handshake refused");
+            return None;
+        }
+        Err(_) => {
+            mesh.count_failure("inbound", "protocol");
+            tracing::debug!(%peer, "inbound mesh TLS handshake timed out");
+            return None;
+        }
+    };
+    // The verifier checked the chain and the trust domain; the name is
+    // read again from the certificate it accepted (resumed sessions keep it).
+    let caller = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|cert| crate::tls::spiffe::of_certificate(cert).ok())
+        .map(|id| Arc::<str>::from(id.service));
+    let Some(caller) = caller else {
+        mesh.count_failure("inbound", "bad_identity");
+        return None;
+    };
+    Some((Stream::Tls(Box::new(tls)), Some(caller)))
+}
+
 impl Proxy {
     /// Binds every listener of `config` and starts following the
     /// upstreams' endpoints (nothing is accepted until [`Proxy::run`]).
@@ -386,6 +453,7 @@ impl Proxy {
     pub async fn bind(
         config: &Config,
         discovery: Discovery,
+        mesh: MeshTls,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, BindError> {
         let proxy = Arc::new(Proxy {
@@ -395,6 +463,7 @@ impl Proxy {
             settings: RwLock::new(config.proxy.clone()),
             inbound: RwLock::new(config.inbound.clone()),
             discovery,
+            mesh,
             shutdown,
             reloading: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
@@ -422,6 +491,7 @@ impl Proxy {
                 w.upstream.clone(),
                 self.discovery.service(&w.upstream.name, false),
                 self.shutdown.clone(),
+                Some(self.mesh.clone()),
             ),
         }
     }
@@ -509,40 +579,34 @@ impl Proxy {
             else {
                 continue;
             };
+            // Inbound: mutual TLS first (in the connection's task), and
+            // the verified caller's service name goes with every request.
+            let mesh = (route.direction == "inbound").then(|| self.mesh.clone());
             match (&route.http, activity) {
                 (None, _) | (_, None) => {
-                    let stream_task = tcp::proxy_connection(
-                        stream,
-                        peer,
-                        Arc::clone(&route.cluster),
-                        route.direction,
-                        route.access_log,
-                        route.cut.clone(),
-                    );
+                    let cluster = Arc::clone(&route.cluster);
+                    let (direction, access_log, cut) =
+                        (route.direction, route.access_log, route.cut.clone());
                     self.tasks.spawn(async move {
-                        stream_task.await;
-                        drop((open, admitted));
+                        let _open = (open, admitted);
+                        let Some((stream, caller)) = secure(stream, peer, mesh).await else {
+                            return;
+                        };
+                        tcp::proxy_connection(
+                            stream,
+                            Downstream { peer, caller },
+                            cluster,
+                            direction,
+                            access_log,
+                            cut,
+                        )
+                        .await;
                     });
                 }
                 (Some(accepted_with), Some(activity)) => {
                     let _ = stream.set_nodelay(true);
-                    let busy = Arc::clone(&activity);
                     let (slot, accepted_with) = (Arc::clone(&slot), Arc::clone(accepted_with));
                     let cluster = Arc::clone(&route.cluster);
-                    let service = move |req| {
-                        // A reload that kept the cluster but changed how
-                        // it is served (access log) applies to the next
-                        // request; a replaced route keeps serving its own
-                        // connections until they close.
-                        let now = slot.route();
-                        let http = match &now.http {
-                            Some(h) if Arc::ptr_eq(&now.cluster, &cluster) => Arc::clone(h),
-                            _ => Arc::clone(&accepted_with),
-                        };
-                        let busy = busy.busy();
-                        async move { Ok(http.handle(req, peer, busy).await) }
-                    };
-                    let io = idle::Tracked::new(stream, Arc::clone(&activity));
                     // Retired by a reload or when the proxy stops accepting.
                     let retired = route.retired.clone();
                     let cut = route.cut.clone();
@@ -550,6 +614,32 @@ impl Proxy {
                     let h1 = h1.clone();
                     self.tasks.spawn(async move {
                         let _open = (open, admitted);
+                        let handshake = async {
+                            tokio::select! {
+                                secured = secure(stream, peer, mesh) => secured,
+                                () = retired.cancelled() => None,
+                                () = close.cancelled() => None,
+                            }
+                        };
+                        let Some((stream, caller)) = handshake.await else {
+                            return;
+                        };
+                        let busy = Arc::clone(&activity);
+                        let service = move |req| {
+                            // A reload that kept the cluster but changed how
+                            // it is served (access log) applies to the next
+                            // request; a replaced route keeps serving its own
+                            // connections until they close.
+                            let now = slot.route();
+                            let http = match &now.http {
+                                Some(h) if Arc::ptr_eq(&now.cluster, &cluster) => Arc::clone(h),
+                                _ => Arc::clone(&accepted_with),
+                            };
+                            let busy = busy.busy();
+                            let caller = caller.clone();
+                            async move { Ok(http.handle(req, peer, caller, busy).await) }
+                        };
+                        let io = idle::Tracked::new(stream, Arc::clone(&activity));
                         let drain = CancellationToken::new();
                         let connection = serve::connection(io, &h1, service, drain.clone());
                         tokio::pin!(connection);
@@ -731,6 +821,22 @@ impl Proxy {
             .collect()
     }
 
+    /// The mesh identity its listeners use.
+    pub fn mesh(&self) -> &MeshTls {
+        &self.mesh
+    }
+
+    /// Why the proxy cannot carry mesh traffic yet: it has listeners and
+    /// no leaf or roots (an inbound listener refuses every client until
+    /// then, an outbound one cannot dial sidecars).
+    pub fn mesh_not_ready(&self) -> Option<crate::tls::mesh::NotReady> {
+        if self.has_listeners() {
+            self.mesh.not_ready()
+        } else {
+            None
+        }
+    }
+
     /// Every upstream has received its first endpoint set.
     pub fn ready(&self) -> bool {
         self.clusters_now().iter().all(|(_, c)| c.table().ready)
@@ -756,11 +862,13 @@ impl Proxy {
                 };
                 (*direction, config.name.as_str(), &c.metrics, gauges)
             });
-        telemetry::render(
+        let mut text = telemetry::render(
             rows,
             self.discovery.streams(),
             self.draining.load(Ordering::Relaxed),
-        )
+        );
+        text.push_str(&self.mesh.render_metrics());
+        text
     }
 
     /// `/clusters`: every cluster's endpoints and their state.
@@ -817,6 +925,7 @@ impl Proxy {
             .collect();
         json!({
             "inbound": *self.inbound.read().unwrap_or_else(|e| e.into_inner()),
+            "mesh": self.mesh.status(),
             "upstreams": upstreams,
             "proxy": *self.settings.read().unwrap_or_else(|e| e.into_inner()),
         })

@@ -25,7 +25,6 @@ use hyper::server::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::headers::content_length;
@@ -34,6 +33,7 @@ use crate::http::{ClientBody, ResponseBody};
 use crate::listener::{
     H2_MAX_LOCAL_RESETS, H2_MAX_PENDING_RESETS, H2_MAX_STREAMS, HEADER_READ_TIMEOUT,
 };
+use crate::tls::stream::ServerStream;
 use crate::upstream::{MAX_HEADER_BYTES, h2c};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
@@ -73,7 +73,7 @@ pub fn http1_builder() -> http1::Builder {
 /// request (it cannot fail: the `Result` is what hyper's servers take, so
 /// its future goes to hyper as it is).
 pub async fn connection<S, F>(
-    mut io: Tracked<TcpStream>,
+    mut io: Tracked<ServerStream>,
     h1: &http1::Builder,
     service: S,
     shutdown: CancellationToken,
@@ -150,7 +150,7 @@ pub enum ServeError {
 }
 
 async fn serve_h2<S, F, W>(
-    io: Tracked<TcpStream>,
+    io: Tracked<ServerStream>,
     service: S,
     mut shutdown: Pin<&mut OnOwnWake<W>>,
 ) -> Result<(), ServeError>
@@ -299,6 +299,8 @@ mod tests {
 
     use super::*;
     use crate::http::idle::Activity;
+    use crate::tls::stream::Stream;
+    use tokio::net::TcpStream;
 
     /// Serves one connection on a fresh listener with a service that
     /// answers every request with its path.
@@ -307,7 +309,7 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             let (socket, _) = listener.accept().await.expect("accept");
-            let io = Tracked::new(socket, Arc::new(Activity::new(true)));
+            let io = Tracked::new(Stream::Plain(socket), Arc::new(Activity::new(true)));
             let service = |req: Request<ClientBody>| async move {
                 let body = Full::new(Bytes::from(req.uri().path().to_owned()))
                     .map_err(|never| match never {})
@@ -373,7 +375,7 @@ mod tests {
         let token = drain.clone();
         let served = tokio::spawn(async move {
             let (socket, _) = listener.accept().await.expect("accept");
-            let io = Tracked::new(socket, Arc::new(Activity::new(true)));
+            let io = Tracked::new(Stream::Plain(socket), Arc::new(Activity::new(true)));
             let service = move |req: Request<ClientBody>| {
                 let (started, reset) = (started_tx.clone(), reset_tx.clone());
                 async move {
@@ -434,7 +436,7 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let served = tokio::spawn(async move {
             let (socket, _) = listener.accept().await.expect("accept");
-            let io = Tracked::new(socket, Arc::new(Activity::new(true)));
+            let io = Tracked::new(Stream::Plain(socket), Arc::new(Activity::new(true)));
             let service = |_: Request<ClientBody>| async { Ok(Response::new(ResponseBody::Empty)) };
             connection(io, &http1_builder(), service, CancellationToken::new()).await
         });

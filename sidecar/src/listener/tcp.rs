@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::idle::{Activity, Tracked};
 use crate::http::rescue::ProxyError;
 use crate::http::retry;
+use crate::listener::Downstream;
 use crate::telemetry::{AccessLog, Outcome, unix_ms};
+use crate::tls::stream::{ServerStream, Stream};
 use crate::upstream::balance::hash_of;
 use crate::upstream::cluster::{Cluster, acquire_owned};
 use crate::upstream::dial::{ConnectError, connect};
@@ -26,7 +27,11 @@ use crate::upstream::dial::{ConnectError, connect};
 /// 503, no `x-request-id`, no per-request metrics), and nothing else would
 /// tell. Looks only at what the client has already sent (a peek that does
 /// not wait), so protocols where the server speaks first are untouched.
-fn warn_if_http(client: &TcpStream, cluster: &Cluster, upstream: &str) {
+fn warn_if_http(client: &ServerStream, cluster: &Cluster, upstream: &str) {
+    // A mesh client is a sidecar, which warns on its own side.
+    let Stream::Plain(client) = client else {
+        return;
+    };
     if cluster.http_on_tcp_warned.load(Ordering::Relaxed) {
         return;
     }
@@ -65,17 +70,25 @@ fn looks_like_http(bytes: &[u8]) -> bool {
 }
 
 /// Proxies one accepted connection; returns when it is done or `stop`
-/// (the end of the drain period) fires.
+/// (the end of the drain period) fires. On the inbound listener the client
+/// is a sidecar over mutual TLS and `downstream.caller` its service.
 pub async fn proxy_connection(
-    client: TcpStream,
-    peer: SocketAddr,
+    client: ServerStream,
+    downstream: Downstream,
     cluster: Arc<Cluster>,
     direction: &'static str,
     access_log: bool,
     stop: CancellationToken,
 ) {
     let start = Instant::now();
-    let _ = client.set_nodelay(true);
+    let peer = downstream.peer;
+    if let Stream::Plain(client) = &client {
+        let _ = client.set_nodelay(true);
+    }
+    // The seam for intentions (L4): `downstream.caller` is the verified
+    // source service; a connection it may not open is closed here, before
+    // an upstream is dialled.
+    let _caller = downstream.caller;
     // The settings this connection runs under, whatever a reload does.
     let config = cluster.config();
     let finish = |status_outcome: Outcome, endpoint: Option<SocketAddr>, attempts: u32| {

@@ -121,11 +121,10 @@ impl ClientStream {
                 }
                 let mut probe = [0u8; 1];
                 let mut buf = ReadBuf::new(&mut probe);
-                match Pin::new(&mut **tls).poll_read(&mut cx, &mut buf) {
-                    Poll::Pending => true,
-                    // EOF (close_notify or FIN), stray data, or an error.
-                    Poll::Ready(_) => false,
-                }
+                // Ready is EOF (close_notify or FIN), stray data, or an error.
+                Pin::new(&mut **tls)
+                    .poll_read(&mut cx, &mut buf)
+                    .is_pending()
             }
         }
     }

@@ -42,6 +42,15 @@ pub struct Table {
     pub ring: Option<Ring>,
 }
 
+impl Table {
+    /// Whether the endpoint at `addr` has a sidecar in front (dialled
+    /// with mutual TLS). Looked up when a connection is made, not per
+    /// request.
+    pub fn is_sidecar(&self, addr: SocketAddr) -> bool {
+        self.endpoints.iter().any(|e| e.addr == addr && e.sidecar)
+    }
+}
+
 /// Where a cluster's endpoints come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -59,6 +68,9 @@ pub struct EndpointView {
     pub address: String,
     pub weight: u32,
     pub health: &'static str,
+    /// `mesh`: its sidecar is dialled with mutual TLS; `plain`: no
+    /// sidecar in front (or the local app), dialled as it is.
+    pub tls: &'static str,
     pub ejected: bool,
     pub ejected_for_ms: u64,
     pub ejections: u32,
@@ -151,6 +163,9 @@ pub struct Cluster {
     panicking: AtomicBool,
     /// A `tcp` listener has seen an HTTP client (warned once).
     pub http_on_tcp_warned: AtomicBool,
+    /// The mesh identity its connections to sidecars present and check
+    /// (registry clusters; the local app is dialled plain).
+    pub mesh: Option<crate::tls::MeshTls>,
     pub gauges: Gauges,
     pub metrics: ClusterMetrics,
 }
@@ -168,6 +183,7 @@ impl Cluster {
             round_robin: AtomicUsize::new(0),
             panicking: AtomicBool::new(false),
             http_on_tcp_warned: AtomicBool::new(false),
+            mesh: None,
             gauges: Gauges::default(),
         }
     }
@@ -192,13 +208,18 @@ impl Cluster {
         cluster
     }
 
-    /// A cluster that follows `endpoints` until `shutdown`.
+    /// A cluster that follows `endpoints` until `shutdown`; endpoints
+    /// with a sidecar are dialled with mutual TLS as `mesh`.
     pub fn follow(
         config: Upstream,
         mut endpoints: Endpoints,
         shutdown: ShutdownToken,
+        mesh: Option<crate::tls::MeshTls>,
     ) -> Arc<Self> {
-        let cluster = Arc::new(Self::new(config, Source::Registry));
+        let cluster = Arc::new(Cluster {
+            mesh,
+            ..Self::new(config, Source::Registry)
+        });
         let weak = Arc::downgrade(&cluster);
         let name = cluster.config().name.clone();
         tokio::spawn(async move {
@@ -403,6 +424,11 @@ impl Cluster {
                     address: e.addr.to_string(),
                     weight: e.weight,
                     health: e.health,
+                    tls: if e.sidecar && self.mesh.is_some() {
+                        "mesh"
+                    } else {
+                        "plain"
+                    },
                     ejected: e.ejected_at(now),
                     ejected_for_ms: until.saturating_sub(now),
                     ejections: e.stats.ejections.load(Ordering::Relaxed),

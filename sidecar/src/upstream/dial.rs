@@ -1,5 +1,7 @@
 //! Opening upstream connections: a connect timeout, `TCP_NODELAY`, the
-//! cluster's `max_connections` limit, counters, and the I/O wrapper
+//! cluster's `max_connections` limit, mutual TLS to endpoints that have a
+//! sidecar in front (the mesh leaf presented, the server's chain and
+//! SPIFFE ID checked: see [`crate::tls::trust`]), counters, and the I/O wrapper
 //! ([`Counted`]) that keeps a connection counted while it lives. Used by
 //! the HTTP/1.1 and HTTP/2 connections ([`crate::upstream::h1`], [`crate::upstream::h2c`]), the
 //! HTTP proxy's pool ([`crate::upstream::pool`]) and the TCP proxy; it knows none of
@@ -18,6 +20,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use crate::tls::mesh::{Alpn, NotReady};
+use crate::tls::stream::{ClientStream, Stream};
 use crate::upstream::cluster::{Cluster, OwnedGauge, acquire_owned};
 
 /// A map keyed by endpoint address, hashed cheaply: it is looked up on
@@ -80,35 +84,55 @@ pub enum ConnectError {
     Limit,
     #[error("bad upstream authority {0:?}")]
     BadAddress(String),
+    /// The endpoint's sidecar cannot be dialled yet: no leaf or roots.
+    #[error("{0}")]
+    MeshNotReady(#[source] NotReady),
+    /// The TLS handshake with the endpoint's sidecar failed.
+    #[error("mesh TLS handshake with {0} failed: {1}")]
+    Tls(SocketAddr, #[source] io::Error),
 }
 
-/// A TCP connection counted in its cluster's open connections.
+/// A connection (plain, or TLS to a sidecar) counted in its cluster's
+/// open connections.
 #[derive(Debug)]
 pub struct Counted {
-    stream: TcpStream,
+    stream: ClientStream,
     _slot: OwnedGauge,
 }
 
 impl Counted {
-    pub fn into_parts(self) -> (TcpStream, OwnedGauge) {
+    pub fn into_parts(self) -> (ClientStream, OwnedGauge) {
         (self.stream, self._slot)
     }
 
     /// The connection again from [`Counted::into_parts`].
-    pub fn from_parts(stream: TcpStream, slot: OwnedGauge) -> Self {
+    pub fn from_parts(stream: ClientStream, slot: OwnedGauge) -> Self {
         Counted {
             stream,
             _slot: slot,
         }
     }
 
-    pub fn stream(&mut self) -> &mut TcpStream {
+    pub fn stream(&mut self) -> &mut ClientStream {
         &mut self.stream
     }
 }
 
-/// Connects to `addr` for `cluster`, within its limits and timeout.
+/// Connects to `addr` for `cluster`, within its limits and timeout; an
+/// endpoint with a sidecar in front gets mutual TLS (the handshake within
+/// the same timeout).
 pub async fn connect(cluster: &Arc<Cluster>, addr: SocketAddr) -> Result<Counted, ConnectError> {
+    // The mesh config first: without a leaf, no connection is made at all.
+    let tls = match &cluster.mesh {
+        Some(mesh) if cluster.table().is_sidecar(addr) => {
+            let config = cluster.config();
+            let client = mesh
+                .client_config(&config.name, Alpn::of(config.protocol))
+                .map_err(ConnectError::MeshNotReady)?;
+            Some((mesh, client))
+        }
+        _ => None,
+    };
     let slot = acquire_owned(
         cluster,
         |g| &g.connections,
@@ -116,25 +140,38 @@ pub async fn connect(cluster: &Arc<Cluster>, addr: SocketAddr) -> Result<Counted
     )
     .ok_or(ConnectError::Limit)?;
     let timeout = cluster.config().connect_timeout;
-    let attempt = tokio::time::timeout(timeout, TcpStream::connect(addr)).await;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let attempt = tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await;
+    let failed = |e| {
+        cluster
+            .metrics
+            .connect_failures
+            .fetch_add(1, Ordering::Relaxed);
+        Err(e)
+    };
     let stream = match attempt {
-        Err(_) => {
-            cluster
-                .metrics
-                .connect_failures
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(ConnectError::Timeout(addr, timeout));
-        }
-        Ok(Err(e)) => {
-            cluster
-                .metrics
-                .connect_failures
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(ConnectError::Io(addr, e));
-        }
+        Err(_) => return failed(ConnectError::Timeout(addr, timeout)),
+        Ok(Err(e)) => return failed(ConnectError::Io(addr, e)),
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
+    let stream = match tls {
+        None => Stream::Plain(stream),
+        Some((mesh, client)) => {
+            // No SNI (an IP address); the server is known by its SPIFFE ID.
+            let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+            let handshake = tokio_rustls::TlsConnector::from(client).connect(name, stream);
+            match tokio::time::timeout_at(deadline, handshake).await {
+                Err(_) => return failed(ConnectError::Timeout(addr, timeout)),
+                Ok(Err(e)) => {
+                    mesh.handshake_failed("outbound", &e);
+                    tracing::debug!(upstream = %cluster.config().name, endpoint = %addr, error = %e, "mesh TLS handshake failed");
+                    return failed(ConnectError::Tls(addr, e));
+                }
+                Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
+            }
+        }
+    };
     cluster.metrics.connections.fetch_add(1, Ordering::Relaxed);
     Ok(Counted {
         stream,

@@ -152,10 +152,8 @@ impl Conn {
         }
     }
 
-    /// Still usable after sitting idle: nothing arrived since (the
-    /// runtime's readiness says so without a system call; when it says
-    /// readable, one non-blocking read tells EOF or stray bytes from a
-    /// spurious wake-up).
+    /// Still usable after sitting idle: nothing arrived since (see
+    /// [`crate::tls::stream::Stream::alive`]).
     fn alive(&mut self) -> bool {
         let Io::Whole(io) = &mut self.io else {
             return false;
@@ -163,16 +161,7 @@ impl Conn {
         if !self.rbuf.is_empty() {
             return false;
         }
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let stream = io.stream();
-        match stream.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-        }
+        io.stream().alive()
     }
 }
 

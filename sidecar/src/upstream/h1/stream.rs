@@ -29,11 +29,11 @@ use http_body_util::BodyExt;
 use hyper::HeaderMap;
 use hyper::body::Body;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 use super::Length;
+use crate::tls::stream::{ReadHalf as OwnedReadHalf, WriteHalf as OwnedWriteHalf};
 use crate::upstream::BoxError;
 use crate::upstream::cluster::OwnedGauge;
 use crate::upstream::dial::Counted;
@@ -260,7 +260,7 @@ impl Split {
         drop(state);
         let Split { read, mut pump } = self;
         match (read.reunite(write), pump.slot.take()) {
-            (Ok(stream), Some(slot)) => Ok(Counted::from_parts(stream, slot)),
+            (Some(stream), Some(slot)) => Ok(Counted::from_parts(stream, slot)),
             // Halves of one stream, and the slot is only given up on drop:
             // neither can fail; the connection would just close.
             _ => Err(None),
