@@ -931,3 +931,160 @@ impl Proxy {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::leaf::tests::signed;
+    use crate::tls::mesh::Alpn;
+    use crate::tls::trust::Trust;
+    use crate::tls::trust::tests::TestCa;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const TD: &str = "c0ffee.meshwork";
+
+    fn mesh_of(ca: &TestCa, service: &str) -> MeshTls {
+        let mesh = MeshTls::new(service);
+        let trust = Trust::from_roots(&ca.roots(TD)).expect("trust");
+        mesh.install_for_tests(signed(ca, TD, service), trust);
+        mesh
+    }
+
+    /// An inbound listener's accept: one connection through [`secure`],
+    /// answering its caller's name; what the handshake gave.
+    async fn inbound(mesh: MeshTls) -> (SocketAddr, tokio::task::JoinHandle<Option<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let served = tokio::spawn(async move {
+            let (stream, peer) = listener.accept().await.expect("accept");
+            let (mut stream, caller) = secure(stream, peer, Some(mesh)).await?;
+            let caller = caller.map(|c| c.to_string()).unwrap_or_default();
+            let _ = stream.write_all(caller.as_bytes()).await;
+            let _ = stream.shutdown().await;
+            Some(caller)
+        });
+        (addr, served)
+    }
+
+    async fn dial(client: Arc<rustls::ClientConfig>, addr: SocketAddr) -> std::io::Result<String> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+        let mut tls = tokio_rustls::TlsConnector::from(client)
+            .connect(name, tcp)
+            .await?;
+        let mut got = String::new();
+        tls.read_to_string(&mut got).await?;
+        Ok(got)
+    }
+
+    fn failures(mesh: &MeshTls, direction: &str, reason: &str) -> String {
+        let line = format!(
+            "meshwork_sidecar_tls_handshake_failures_total{{direction=\"{direction}\",reason=\"{reason}\"}} "
+        );
+        mesh.render_metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(&line).map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn mesh_peers_handshake_and_the_caller_is_named() {
+        let ca = TestCa::new("mesh");
+        let (api, web) = (mesh_of(&ca, "api"), mesh_of(&ca, "web"));
+        let (addr, served) = inbound(api.clone()).await;
+        let client = web.client_config("api", Alpn::Http1).expect("client");
+        assert_eq!(dial(client, addr).await.expect("answered"), "web");
+        assert_eq!(served.await.expect("joined").as_deref(), Some("web"));
+    }
+
+    #[tokio::test]
+    async fn the_wrong_server_a_foreign_client_and_plain_text_are_refused() {
+        let ca = TestCa::new("mesh");
+        let (api, web) = (mesh_of(&ca, "api"), mesh_of(&ca, "web"));
+        // web dials what it thinks is "billing" but finds api: refused.
+        let (addr, _served) = inbound(api.clone()).await;
+        let client = web.client_config("billing", Alpn::Http1).expect("client");
+        let e = dial(client, addr).await.expect_err("refused");
+        web.handshake_failed("outbound", &e);
+        assert_eq!(failures(&web, "outbound", "bad_identity"), "1");
+        // A client of another CA: refused by the inbound side.
+        let other = mesh_of(&TestCa::new("other"), "web");
+        let (addr, served) = inbound(api.clone()).await;
+        let client = other.client_config("api", Alpn::H2).expect("client");
+        assert!(dial(client, addr).await.is_err());
+        assert_eq!(served.await.expect("joined"), None);
+        assert_eq!(failures(&api, "inbound", "unknown_ca"), "1");
+        // Plain text: refused at the handshake.
+        let (addr, served) = inbound(api.clone()).await;
+        let mut plain = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        plain
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        assert_eq!(served.await.expect("joined"), None);
+        assert_eq!(failures(&api, "inbound", "protocol"), "1");
+        // TLS without a client certificate.
+        let (addr, served) = inbound(api.clone()).await;
+        let anonymous = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnything))
+            .with_no_client_auth();
+        let _ = dial(Arc::new(anonymous), addr).await;
+        assert_eq!(served.await.expect("joined"), None);
+        assert_eq!(failures(&api, "inbound", "no_client_cert"), "1");
+    }
+
+    #[tokio::test]
+    async fn without_a_leaf_inbound_connections_are_refused_and_ready_says_why() {
+        let mesh = MeshTls::new("api");
+        assert_eq!(mesh.not_ready(), Some(crate::tls::mesh::NotReady::NoLeaf));
+        let (addr, served) = inbound(mesh.clone()).await;
+        let _ = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        assert_eq!(served.await.expect("joined"), None);
+        assert!(mesh.client_config("web", Alpn::None).is_err());
+    }
+
+    /// A client that checks nothing (to show the server refuses it for
+    /// lack of a certificate, not the other way round).
+    #[derive(Debug)]
+    struct AcceptAnything;
+
+    impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
+        fn verify_server_cert(
+            &self,
+            _: &rustls_pki_types::CertificateDer<'_>,
+            _: &[rustls_pki_types::CertificateDer<'_>],
+            _: &rustls_pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls_pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls_pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &rustls_pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            crate::tls::provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+}

@@ -166,9 +166,36 @@ pub fn renew_after(valid_after: i64, valid_before: i64, now: i64, jitter: f64) -
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::tls::trust::tests::TestCa;
+
+    /// A leaf for `service` in trust domain `td`, signed by `ca` from a
+    /// CSR as the registry would (root id `root-1`).
+    pub(crate) fn signed(ca: &TestCa, td: &str, service: &str) -> Leaf {
+        let request = Request::new(service).expect("request");
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(&request.csr_pem).expect("csr");
+        let mut params = csr.params;
+        let uri = format!("spiffe://{td}/ns/default/dc/dc1/svc/{service}");
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.as_str().try_into().expect("ia5"))];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params
+            .signed_by(&csr.public_key, &ca.issuer)
+            .expect("signed");
+        let reply = SignLeafReply {
+            cert_chain_pem: cert.pem(),
+            spiffe_id: uri,
+            serial: "01".into(),
+            valid_after_unix: now_unix() - 60,
+            valid_before_unix: now_unix() + 3600,
+            root_id: "root-1".into(),
+            index: 1,
+        };
+        request.accept(reply, service).expect("accepted")
+    }
 
     #[test]
     fn renewal_comes_at_sixty_percent_of_the_life_within_the_jitter() {

@@ -203,6 +203,11 @@ impl MeshTls {
         });
     }
 
+    #[cfg(test)]
+    pub(crate) fn install_for_tests(&self, leaf: Leaf, trust: Trust) {
+        self.install(Some(Arc::new(leaf)), Some(Arc::new(trust)));
+    }
+
     pub(super) fn renewal(&self, result: Result<(), String>) {
         let counters = &self.inner.counters;
         let mut last = self
