@@ -150,6 +150,23 @@ pub enum Command {
     AclRoleDelete {
         id: String,
     },
+    /// Make `root` the mesh CA's active root (the first one, or a
+    /// rotation), when the active root is still `expect_active`; with
+    /// `config`, the CA configuration changes with it. `now_unix` (the
+    /// proposer's clock) stamps the old root's end.
+    CaRotate {
+        expect_active: Option<String>,
+        root: Box<crate::state::ca::CaRoot>,
+        config: Option<crate::state::ca::CaConfig>,
+        now_unix: i64,
+    },
+    /// Change the CA configuration without a new root.
+    CaSetConfig(crate::state::ca::CaConfig),
+    /// Remove roots rotated out long enough ago that no leaf they signed
+    /// is still valid (proposed by the leader).
+    CaPrune {
+        ids: Vec<String>,
+    },
 }
 
 impl Command {
@@ -187,6 +204,16 @@ impl Command {
             | Command::AclRoleDelete { .. }
             | Command::AclPolicyDelete { .. } => SMALL,
             Command::AclPolicySet(policy) => SMALL + policy.rules.len(),
+            Command::CaRotate { root, .. } => {
+                4 * SMALL
+                    + root.root_cert_pem.len()
+                    + root
+                        .intermediate_cert_pems
+                        .iter()
+                        .map(String::len)
+                        .sum::<usize>()
+            }
+            Command::CaSetConfig(_) | Command::CaPrune { .. } => SMALL,
         }
     }
 }
@@ -353,6 +380,23 @@ pub fn apply(state: &mut State, index: u64, command: &Command) -> CommandRespons
         Command::AclPolicyDelete { id } => acl_outcome(state.acl.delete_policy(index, id)),
         Command::AclRoleSet(role) => acl_outcome(state.acl.set_role(index, role).map(|()| true)),
         Command::AclRoleDelete { id } => CommandResponse::Applied(state.acl.delete_role(index, id)),
+        Command::CaRotate {
+            expect_active,
+            root,
+            config,
+            now_unix,
+        } => CommandResponse::Applied(state.ca.rotate(
+            index,
+            expect_active.as_deref(),
+            root,
+            config.as_ref(),
+            *now_unix,
+        )),
+        Command::CaSetConfig(config) => {
+            state.ca.set_config(index, config);
+            CommandResponse::Applied(true)
+        }
+        Command::CaPrune { ids } => CommandResponse::Applied(state.ca.prune(index, ids)),
         Command::Batch(commands) => {
             CommandResponse::Batch(commands.iter().map(|c| apply(state, index, c)).collect())
         }

@@ -184,6 +184,15 @@ pub struct Cli {
     /// or join the cluster: only for a network no one else is on.
     #[arg(long)]
     pub acl_allow_plaintext_raft: bool,
+    /// A mesh leaf certificate's lifetime (e.g. `72h`, the default) for a
+    /// new cluster's CA; change it later with
+    /// `PUT /v1/connect/ca/configuration`.
+    #[arg(long, value_name = "DURATION")]
+    pub connect_leaf_cert_ttl: Option<String>,
+    /// What sidecars do when no intention matches: `allow` (the default
+    /// without ACLs) or `deny` (the default with ACLs on and default deny).
+    #[arg(long, value_name = "allow|deny")]
+    pub connect_default_intention: Option<String>,
 }
 
 /// A listen address, or off (`""`).
@@ -217,6 +226,30 @@ impl<'de> Deserialize<'de> for Listen {
         parse_listen(&text).map_err(serde::de::Error::custom)
     }
 }
+
+/// The `[connect]` table of the config file (the mesh CA and intentions).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectFile {
+    pub enabled: Option<bool>,
+    pub leaf_cert_ttl: Option<String>,
+    pub default_intention: Option<String>,
+}
+
+/// The mesh CA and intention settings, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectSettings {
+    /// Off: no CA is made, leaves are refused, and sidecars cannot serve
+    /// their inbound listeners.
+    pub enabled: bool,
+    /// The first leader's CA configuration takes it.
+    pub leaf_cert_ttl: Duration,
+    pub default_intention_allow: bool,
+}
+
+/// Shortest leaf lifetime accepted (Consul's floor is an hour; a second
+/// lets the renewal be tested under load).
+pub const MIN_LEAF_TTL: Duration = Duration::from_secs(2);
 
 /// The `[tls]` table of the config file.
 #[derive(Debug, Default, Deserialize)]
@@ -285,6 +318,7 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     pub acl: Option<AclFile>,
     pub tls: Option<TlsFile>,
+    pub connect: Option<ConnectFile>,
 }
 
 const FILE_KEYS: &[&str] = &[
@@ -319,6 +353,7 @@ const FILE_KEYS: &[&str] = &[
     "log_level",
     "acl",
     "tls",
+    "connect",
 ];
 
 impl Cli {
@@ -412,6 +447,7 @@ pub struct Config {
     pub acl_bootstrap_file: Option<PathBuf>,
     /// TLS, when the CA, certificate and key are given.
     pub tls: Option<crate::tls::TlsSettings>,
+    pub connect: ConnectSettings,
 }
 
 /// DNS settings, validated.
@@ -768,6 +804,50 @@ impl Config {
                 .push("acl.bootstrap_file: set only with ACLs enabled (--acl-enabled)".to_owned());
         }
 
+        let connect_file = file.connect.unwrap_or_default();
+        let leaf_cert_ttl = match cli
+            .connect_leaf_cert_ttl
+            .or(connect_file.leaf_cert_ttl)
+            .as_deref()
+            .map(meshwork_core::duration::parse_duration)
+        {
+            None => Duration::from_secs(72 * 3600),
+            Some(Some(ttl)) if ttl >= MIN_LEAF_TTL => ttl,
+            Some(Some(ttl)) => {
+                errors.push(format!(
+                    "connect.leaf_cert_ttl: {ttl:?} is shorter than {MIN_LEAF_TTL:?}"
+                ));
+                MIN_LEAF_TTL
+            }
+            Some(None) => {
+                errors.push(
+                    "connect.leaf_cert_ttl: not a duration (e.g. \"72h\", \"30m\")".to_owned(),
+                );
+                MIN_LEAF_TTL
+            }
+        };
+        let default_intention_allow = match cli
+            .connect_default_intention
+            .or(connect_file.default_intention)
+            .as_deref()
+        {
+            // As Consul: the ACL default policy decides.
+            None => !(acl.enabled && acl.default_policy == crate::auth::Fallback::Deny),
+            Some("allow") => true,
+            Some("deny") => false,
+            Some(other) => {
+                errors.push(format!(
+                    "connect.default_intention: {other:?} is neither \"allow\" nor \"deny\""
+                ));
+                false
+            }
+        };
+        let connect = ConnectSettings {
+            enabled: connect_file.enabled.unwrap_or(true),
+            leaf_cert_ttl,
+            default_intention_allow,
+        };
+
         // ACLs guard the APIs; between servers only TLS does. Without it
         // the Raft port takes forged writes from anyone who reaches it, so
         // a cluster reachable beyond this host must say it accepts that.
@@ -828,6 +908,7 @@ impl Config {
             log_json,
             log_level,
             acl,
+            connect,
             acl_bootstrap_file,
             tls,
         })

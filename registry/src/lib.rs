@@ -17,6 +17,7 @@ pub mod auth;
 pub mod cluster;
 pub mod command;
 pub mod config;
+pub mod connect;
 pub mod dns;
 pub mod leader;
 pub mod metrics;

@@ -63,6 +63,8 @@ pub struct Metrics {
     pub blocking_queries: AtomicI64,
     pub watch_subscribers: AtomicI64,
     pub leader_changes: AtomicU64,
+    /// Mesh leaf certificates signed by this server.
+    pub leaves_signed: AtomicU64,
     snapshot_bytes: AtomicU64,
     snapshot_millis: AtomicU64,
     snapshots: AtomicU64,
@@ -210,6 +212,11 @@ impl Metrics {
                 "meshwork_raft_leader_changes_total",
                 "Times the known leader changed since start.",
                 self.leader_changes.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "meshwork_connect_leaves_signed_total",
+                "Mesh leaf certificates this server signed since start.",
+                self.leaves_signed.load(Ordering::Relaxed) as f64,
             ),
             (
                 "meshwork_snapshots_total",

@@ -195,6 +195,15 @@ pub async fn run(
         .instrument(tracing::info_span!("tombstone_gc"))
     });
 
+    tasks.spawn({
+        let (node, settings, token) = (Arc::clone(&node), config.connect.clone(), shutdown.clone());
+        async move {
+            crate::leader::ca::run(node, settings, token).await;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("mesh_ca"))
+    });
+
     // One token resolver (and cache) for REST, gRPC and DNS.
     let acl = Arc::new(crate::auth::Acl::new(config.acl.clone()));
     if acl.enabled() {
@@ -414,7 +423,8 @@ fn spawn_public_grpc(
     // The hub's task runs on the public gRPC server's thread (below).
     let hub = crate::watch::Hub::new(Arc::clone(&node.state), config.watch.clone());
     let watch = crate::api::grpc::watch::WatchServer::new(Arc::clone(&hub), shutdown.clone())
-        .with_resolver(Arc::clone(&resolver));
+        .with_resolver(Arc::clone(&resolver))
+        .with_default_intention(config.connect.default_intention_allow);
     let (sessions, forward_sessions) =
         crate::leader::liveness::Sessions::new(Arc::clone(node), shutdown.clone());
     tasks.spawn(
@@ -429,6 +439,8 @@ fn spawn_public_grpc(
             node: Arc::clone(node),
             sessions,
             resolver,
+            datacenter: config.datacenter.clone().into(),
+            connect_enabled: config.connect.enabled,
         });
     // The public gRPC server and the watch hub's task run on a thread of
     // their own with a single-threaded runtime. A watch change wakes every
@@ -632,6 +644,8 @@ fn rest_state(
         waiters: http::waiters::Waiters::start(Arc::clone(&node.state), shutdown.clone()),
         data_dir: Arc::from(dir.path.as_path()),
         acl: Arc::clone(acl),
+        leaves: Arc::default(),
+        default_intention_allow: config.connect.default_intention_allow,
     }
 }
 

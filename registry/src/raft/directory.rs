@@ -26,9 +26,13 @@ pub const DIRECTORY_HEADER: &str = "x-meshwork-servers-bin";
 /// The protocol level that added `Command::Reap`.
 pub const PROTOCOL_REAP: u32 = 2;
 
+/// The protocol level that added the mesh CA's commands
+/// (`Command::CaRotate`, `CaSetConfig`, `CaPrune`).
+pub const PROTOCOL_CA: u32 = 3;
+
 /// The internal protocol level this build speaks: the newest of the
 /// levels above. (Servers that send no directory at all are level 1.)
-pub const PROTOCOL: u32 = PROTOCOL_REAP;
+pub const PROTOCOL: u32 = PROTOCOL_CA;
 
 /// One server as the directory knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

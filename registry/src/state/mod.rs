@@ -4,6 +4,7 @@
 //! object is stamped with the log index that created or changed it.
 
 pub mod acl;
+pub mod ca;
 pub mod catalog;
 pub mod config;
 pub mod kv;
@@ -37,6 +38,10 @@ pub struct State {
     /// ACL tokens, policies and roles.
     #[serde(default)]
     pub acl: acl::AclStore,
+    /// The mesh CA: roots (with their keys) and configuration. Like the
+    /// cluster id, it is the cluster's own: a restore keeps it.
+    #[serde(default)]
+    pub ca: ca::CaStore,
     /// Locks whose lock-delay began with the entry being applied: (key,
     /// delay in ns). Not replicated state: the state machine adapter takes
     /// them after each entry and starts each delay on its own clock, as a

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use meshwork_proto::v1::{
-    Change, ConfigEntry, Endpoint, Health, KvEntry, ServiceSummary, SubscribeRequest, change,
-    subscribe_request,
+    CaRoot, CaRoots, Change, ConfigEntry, Endpoint, Health, KvEntry, ServiceSummary,
+    SubscribeRequest, change, subscribe_request,
 };
 
 use crate::state::State;
@@ -22,18 +22,27 @@ pub enum Topic {
     KvPrefix(String),
     /// The config entries of one kind.
     ConfigEntries(String),
+    /// The mesh CA's roots, with what applies when no intention matches
+    /// (this server's setting).
+    CaRoots { default_allow: bool },
 }
+
+/// The key of the one item of the CA roots topic.
+const CA_ROOTS_KEY: &str = "roots";
 
 /// A topic's contents: item key → its current value (as an upsert).
 pub type Contents = BTreeMap<String, Change>;
 
 impl Topic {
-    /// The topic a request asks for, or why it is invalid.
-    pub fn from_request(request: &SubscribeRequest) -> Result<Self, String> {
+    /// The topic a request asks for, or why it is invalid;
+    /// `default_allow` is this server's default intention.
+    pub fn from_request(request: &SubscribeRequest, default_allow: bool) -> Result<Self, String> {
         match &request.topic {
-            None => {
-                Err("no topic: set one of service, services, kv_prefix or config_entries".into())
-            }
+            None => Err(
+                "no topic: set one of service, services, kv_prefix, config_entries or ca_roots"
+                    .into(),
+            ),
+            Some(subscribe_request::Topic::CaRoots(_)) => Ok(Topic::CaRoots { default_allow }),
             Some(subscribe_request::Topic::Service(s)) => {
                 if s.name.is_empty() {
                     return Err("service topic without a service name".into());
@@ -59,6 +68,8 @@ impl Topic {
             Topic::Services => state.catalog.services_list_index(),
             Topic::KvPrefix(prefix) => state.kv.prefix_index(prefix),
             Topic::ConfigEntries(kind) => state.config.kind_index(kind),
+            // The trust domain follows the cluster id, set before any root.
+            Topic::CaRoots { .. } => state.ca.index,
         }
     }
 
@@ -170,6 +181,36 @@ impl Topic {
                     )
                 })
                 .collect(),
+            Topic::CaRoots { default_allow } => {
+                let (Some(cluster_id), Some(_)) = (&state.cluster_id, state.ca.active()) else {
+                    return Contents::new();
+                };
+                let roots = CaRoots {
+                    trust_domain: crate::connect::trust_domain(cluster_id),
+                    active_root_id: state.ca.active().map(|r| r.id.clone()).unwrap_or_default(),
+                    roots: state
+                        .ca
+                        .roots
+                        .iter()
+                        .map(|r| CaRoot {
+                            id: r.id.clone(),
+                            name: r.name.clone(),
+                            root_cert_pem: r.root_cert_pem.clone(),
+                            intermediate_cert_pems: r.intermediate_cert_pems.clone(),
+                            active: r.active,
+                            not_after_unix: r.not_after_unix,
+                        })
+                        .collect(),
+                    default_intention: if *default_allow { "allow" } else { "deny" }.to_owned(),
+                    leaf_ttl_secs: state.ca.config.leaf_cert_ttl_secs,
+                };
+                Contents::from([(
+                    CA_ROOTS_KEY.to_owned(),
+                    Change {
+                        change: Some(change::Change::CaRoots(roots)),
+                    },
+                )])
+            }
         }
     }
 
@@ -182,6 +223,9 @@ impl Topic {
                 Topic::Services => change::Change::ServiceRemoved(key),
                 Topic::KvPrefix(_) => change::Change::KvRemoved(key),
                 Topic::ConfigEntries(_) => change::Change::ConfigEntryRemoved(key),
+                // The CA's roots never go once made (only a restore of an
+                // older data dir could): an empty set says so.
+                Topic::CaRoots { .. } => change::Change::CaRoots(CaRoots::default()),
             }),
         }
     }
@@ -266,7 +310,7 @@ mod tests {
 
     #[test]
     fn requests_without_a_usable_topic_are_refused() {
-        assert!(Topic::from_request(&SubscribeRequest::default()).is_err());
+        assert!(Topic::from_request(&SubscribeRequest::default(), true).is_err());
         let empty_service = SubscribeRequest {
             topic: Some(subscribe_request::Topic::Service(
                 meshwork_proto::v1::ServiceTopic {
@@ -276,6 +320,6 @@ mod tests {
             )),
             since_index: 0,
         };
-        assert!(Topic::from_request(&empty_service).is_err());
+        assert!(Topic::from_request(&empty_service, true).is_err());
     }
 }

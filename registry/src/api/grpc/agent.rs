@@ -8,7 +8,7 @@ use std::time::Duration;
 use meshwork_proto::v1::agent_server::Agent;
 use meshwork_proto::v1::{
     AgentReply, CheckStatus, DeregisterRequest, HeartbeatReply, HeartbeatRequest, RegisterReply,
-    RegisterRequest, UpdateCheckRequest,
+    RegisterRequest, SignLeafReply, SignLeafRequest, UpdateCheckRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -29,6 +29,10 @@ pub struct AgentService {
     pub node: Arc<RegistryNode>,
     pub sessions: Sessions,
     pub resolver: super::Resolver,
+    /// In the SPIFFE IDs of the leaves signed here.
+    pub datacenter: Arc<str>,
+    /// Off: SignLeaf answers FAILED_PRECONDITION.
+    pub connect_enabled: bool,
 }
 
 impl std::fmt::Debug for AgentService {
@@ -263,6 +267,49 @@ impl AgentService {
 
 #[tonic::async_trait]
 impl Agent for AgentService {
+    async fn sign_leaf(
+        &self,
+        request: Request<SignLeafRequest>,
+    ) -> Result<Response<SignLeafReply>, Status> {
+        use crate::connect::CaError;
+        let authz = self.authorize(&request)?;
+        let request = request.into_inner();
+        if !self.connect_enabled {
+            return Err(Status::failed_precondition(
+                "the mesh CA is off on this server (connect.enabled = false)",
+            ));
+        }
+        crate::connect::valid_service_name(&request.service).map_err(Status::invalid_argument)?;
+        authz
+            .require(Kind::Service, &request.service, Need::Write)
+            .map_err(super::refusal_status)?;
+        let state = self.node.state.read().clone();
+        let leaf = crate::connect::leaf_from_state(
+            &state,
+            &self.datacenter,
+            &request.service,
+            Some(&request.csr_pem),
+        )
+        .map_err(|e| match e {
+            CaError::NotReady => Status::unavailable(e.to_string()),
+            CaError::Csr(_) => Status::invalid_argument(e.to_string()),
+            CaError::Root(_) | CaError::Sign(_) => Status::internal(e.to_string()),
+        })?;
+        crate::metrics::METRICS
+            .leaves_signed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(service = %request.service, serial = %leaf.serial, "leaf signed");
+        Ok(Response::new(SignLeafReply {
+            cert_chain_pem: leaf.chain_pem,
+            spiffe_id: leaf.spiffe_id,
+            serial: leaf.serial,
+            valid_after_unix: leaf.valid_after_unix,
+            valid_before_unix: leaf.valid_before_unix,
+            root_id: leaf.root_id,
+            index: state.ca.index,
+        }))
+    }
+
     async fn register(
         &self,
         request: Request<RegisterRequest>,

@@ -47,6 +47,8 @@ pub struct WatchServer {
     shutdown: CancellationToken,
     /// What each subscriber's token may read.
     resolver: super::Resolver,
+    /// This server's default intention, for the CA roots topic.
+    default_intention_allow: bool,
 }
 
 impl std::fmt::Debug for WatchServer {
@@ -63,7 +65,15 @@ impl WatchServer {
             hub,
             shutdown,
             resolver: super::allow_all(),
+            default_intention_allow: true,
         }
+    }
+
+    /// What the CA roots topic tells sidecars to do when no intention
+    /// matches.
+    pub fn with_default_intention(mut self, allow: bool) -> Self {
+        self.default_intention_allow = allow;
+        self
     }
 
     /// Resolves each subscriber's token: a topic it may not read is
@@ -96,9 +106,10 @@ where
         let hub = Arc::clone(&self.hub);
         let shutdown = self.shutdown.clone();
         let resolver = Arc::clone(&self.resolver);
+        let default_allow = self.default_intention_allow;
         match request.uri().path() {
             "/meshwork.v1.Watch/Subscribe" => Box::pin(async move {
-                Ok(subscribe(hub, shutdown, &resolver, request)
+                Ok(subscribe(hub, shutdown, &resolver, default_allow, request)
                     .await
                     .unwrap_or_else(Status::into_http))
             }),
@@ -185,6 +196,7 @@ async fn subscribe<B>(
     hub: Arc<Hub>,
     shutdown: CancellationToken,
     resolver: &super::Resolver,
+    default_allow: bool,
     request: http::Request<B>,
 ) -> Result<http::Response<tonic::body::Body>, Status>
 where
@@ -201,7 +213,7 @@ where
         )));
     }
     let request = read_request(request.into_body()).await?;
-    let topic = Topic::from_request(&request).map_err(Status::invalid_argument)?;
+    let topic = Topic::from_request(&request, default_allow).map_err(Status::invalid_argument)?;
     let filter = filter_for(&authz, &topic)
         .map_err(super::refusal_status)?
         .map(Arc::new);
@@ -313,6 +325,8 @@ fn filter_for(authz: &Resolved, topic: &Topic) -> Result<Option<Filter>, Refusal
         Topic::Services => authz.allows_prefix(Kind::Service, "", Need::Read),
         Topic::KvPrefix(prefix) => authz.allows_prefix(Kind::Key, prefix, Need::Read),
         Topic::ConfigEntries(_) => false,
+        // Roots are public (as Consul's /v1/connect/ca/roots).
+        Topic::CaRoots { .. } => true,
     };
     Ok((!whole).then(|| Filter {
         authz: authz.clone(),
@@ -348,6 +362,7 @@ impl Filter {
             Some(C::ConfigEntryRemoved(name)) => {
                 crate::auth::config_entry_permission(a, kind, name, Need::Read).is_ok()
             }
+            Some(C::CaRoots(_)) => true,
         }
     }
 

@@ -52,6 +52,12 @@ pub async fn apply(
         .map_err(|e| ApiError::bad_request(format!("Request decode failed: {e}")))?;
     let (kind, name, body) = normalize(entry).map_err(ApiError::bad_request)?;
     entry_permission(&authz, &kind, &name, Need::Write)?;
+    if kind == "service-intentions" {
+        // Sidecars compile these with the same code: refuse what they could
+        // not enforce (bad regexes, unknown matchers) here, with the field.
+        meshwork_core::intentions::validate_entry(&name, &body)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
     let applied = app
         .node
         .write(Command::ConfigSet {

@@ -7,8 +7,10 @@ pub mod agent;
 pub mod authz;
 pub mod catalog;
 pub mod config;
+pub mod connect;
 pub mod consul_json;
 pub mod error;
+pub mod intentions;
 pub mod kv;
 pub mod query;
 pub mod serve;
@@ -23,7 +25,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::Uri;
-use axum::routing::{any, delete, get, put};
+use axum::routing::{any, delete, get, post, put};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::RegistryNode;
@@ -51,6 +53,10 @@ pub struct AppState {
     pub data_dir: Arc<std::path::Path>,
     /// ACL token resolution (everything allowed when ACLs are off).
     pub acl: Arc<crate::auth::Acl>,
+    /// Leaves made for `/v1/agent/connect/ca/leaf`.
+    pub leaves: Arc<connect::LeafCache>,
+    /// What applies when no intention matches (`connect.default_intention`).
+    pub default_intention_allow: bool,
 }
 
 impl AppState {
@@ -170,6 +176,23 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/acl/role/name/{name}", get(acl::role_read_by_name))
         .route("/v1/acl/roles", get(acl::role_list))
+        .route("/v1/connect/ca/roots", get(connect::roots))
+        .route("/v1/agent/connect/ca/roots", get(connect::roots))
+        .route(
+            "/v1/connect/ca/configuration",
+            get(connect::configuration).put(connect::set_configuration),
+        )
+        .route("/v1/agent/connect/ca/leaf/{service}", get(connect::leaf))
+        .route("/v1/agent/connect/authorize", post(intentions::authorize))
+        .route("/v1/connect/intentions", get(intentions::list))
+        .route(
+            "/v1/connect/intentions/exact",
+            get(intentions::exact_get)
+                .put(intentions::exact_put)
+                .delete(intentions::exact_delete),
+        )
+        .route("/v1/connect/intentions/match", get(intentions::matches))
+        .route("/v1/connect/intentions/check", get(intentions::check))
         .route("/metrics", get(metrics_prometheus))
         .route("/v1/agent/metrics", get(metrics))
         // Scopes and filters Meshwork does not have are refused up front:

@@ -46,8 +46,10 @@ pub async fn save(
     authz.require_single(Single::Acl, Need::Write)?;
     let options = ReadOptions::from_params(&Params::parse(query.as_deref()))?;
     app.node.read_barrier(options.consistency).await?;
-    // O(1): the state maps are persistent.
-    let state = app.node.state.read().clone();
+    // O(1): the state maps are persistent. The mesh CA (its private keys)
+    // never leaves the servers: a restore keeps the cluster's own anyway.
+    let mut state = app.node.state.read().clone();
+    state.ca = Default::default();
     let header = BackupHeader {
         cluster_id: state.cluster_id.clone(),
         index: state.last_index,

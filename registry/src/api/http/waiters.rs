@@ -40,6 +40,8 @@ pub enum IndexOf {
     Sessions,
     /// The ACL tables (tokens, policies, roles).
     Acl,
+    /// The mesh CA (roots and configuration).
+    CaRoots,
 }
 
 impl IndexOf {
@@ -55,6 +57,7 @@ impl IndexOf {
             IndexOf::ConfigKind(kind) => state.config.kind_index(kind),
             IndexOf::Sessions => state.sessions.index(),
             IndexOf::Acl => state.acl.index(),
+            IndexOf::CaRoots => state.ca.index,
         }
     }
 
