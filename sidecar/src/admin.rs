@@ -58,6 +58,13 @@ async fn ready(State(admin): State<Admin>) -> Response {
     if let Some(reason) = admin.proxy.mesh_not_ready() {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response();
     }
+    if admin.proxy.intentions_pending() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no intentions yet (waiting for the registry's service-intentions and ca_roots watches)\n",
+        )
+            .into_response();
+    }
     if registered && !admin.proxy.ready() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -100,6 +107,10 @@ async fn status_json(State(admin): State<Admin>) -> Response {
     let mut value = serde_json::to_value(snapshot).unwrap_or_default();
     if let Some(object) = value.as_object_mut() {
         object.insert("mesh".into(), admin.proxy.mesh().status());
+        object.insert(
+            "intentions_loaded".into(),
+            admin.proxy.intentions().loaded().into(),
+        );
     }
     Json(value).into_response()
 }

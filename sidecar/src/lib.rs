@@ -19,6 +19,7 @@ pub mod discovery;
 pub mod http;
 pub mod listener;
 pub mod notify;
+pub mod policy;
 pub mod reload;
 pub mod telemetry;
 pub mod tls;

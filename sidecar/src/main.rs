@@ -211,6 +211,15 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
     ));
     let proxy = Proxy::bind(&config, discovery.clone(), mesh, shutdown.clone()).await?;
     proxy.run();
+    let intentions_task = tokio::spawn(tracing::Instrument::instrument(
+        meshwork_sidecar::policy::intentions::run(
+            proxy.intentions().clone(),
+            config.service_name.clone(),
+            discovery.clone(),
+            shutdown.clone(),
+        ),
+        tracing::info_span!("intentions"),
+    ));
     let status: agent::SharedStatus = Arc::new(Mutex::new(agent::Status::default()));
     let (ttl_reports, results_tx, results) = agent::channels(&config);
     let (configs, agent_configs) = watch::channel(Arc::new(config));
@@ -258,5 +267,6 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
     shutdown.cancel();
     let _ = admin_task.await;
     let _ = mesh_task.await;
+    let _ = intentions_task.await;
     Ok(())
 }

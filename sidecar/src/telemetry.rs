@@ -24,10 +24,14 @@ pub enum Outcome {
     CircuitOpen,
     BadRequest,
     Draining,
+    /// The inbound listener's intentions refused the caller (403).
+    IntentionDenied,
+    /// The inbound listener has no intentions yet (503).
+    IntentionsPending,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Upstream,
         Outcome::NoHealthyUpstream,
         Outcome::ConnectFailure,
@@ -37,6 +41,8 @@ impl Outcome {
         Outcome::CircuitOpen,
         Outcome::BadRequest,
         Outcome::Draining,
+        Outcome::IntentionDenied,
+        Outcome::IntentionsPending,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -50,6 +56,8 @@ impl Outcome {
             Outcome::CircuitOpen => "circuit-open",
             Outcome::BadRequest => "bad-request",
             Outcome::Draining => "draining",
+            Outcome::IntentionDenied => "intention-denied",
+            Outcome::IntentionsPending => "intentions-pending",
         }
     }
 

@@ -16,6 +16,7 @@
 //! [`respond`] (pass the answer on, or the proxy's own via [`rescue`]).
 
 pub mod access_log;
+pub mod authorize;
 pub mod body;
 pub mod capture;
 pub mod headers;
@@ -39,6 +40,7 @@ use hyper::{Request, Response, StatusCode, Version};
 pub use body::{ClientBody, Guards, OutgoingBody, ResponseBody};
 
 use crate::config::{Protocol, Upstream as UpstreamConfig};
+use crate::policy::intentions::Caller;
 use crate::upstream::cluster::{Cluster, OwnedGauge, Source, acquire_owned};
 use crate::upstream::endpoint::EndpointState;
 use crate::upstream::pool::Pool;
@@ -116,7 +118,7 @@ impl HttpProxy {
         &self,
         mut req: Request<ClientBody>,
         peer: SocketAddr,
-        caller: Option<Arc<str>>,
+        caller: Option<Arc<Caller>>,
         connection: Busy,
     ) -> Pin<Box<impl Future<Output = Response<ResponseBody>> + Send + '_>> {
         // Upgrades and CONNECT tunnels need an HTTP/1.1 hop all the way
@@ -138,17 +140,21 @@ impl HttpProxy {
         mut parts: hyper::http::request::Parts,
         body: ClientBody,
         downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
-        (peer, caller): (SocketAddr, Option<Arc<str>>),
+        (peer, caller): (SocketAddr, Option<Arc<Caller>>),
         connection: Busy,
     ) -> impl Future<Output = Response<ResponseBody>> + Send + '_ {
         async move {
             let start = Instant::now();
-            // The seam for intentions (L7): `caller` is the verified
-            // source service of an inbound request (None elsewhere); the
-            // decision goes here, before anything is sent on.
-            drop(caller);
             let grpc = is_grpc(&parts.headers);
             let mut log = self.access_log.then(|| LogContext::new(&parts));
+            // Inbound: the verified caller against the intentions, on the
+            // normalised path (which is what the app gets), before
+            // anything is sent on.
+            if let Some(caller) = caller
+                && let Err(e) = authorize::request(&caller, &mut parts)
+            {
+                return self.fail(e, grpc, start, log, None, 0);
+            }
             prepare::ensure_request_id(&mut parts.headers, log.as_mut());
             if let Err(e) = prepare::check_target(&mut parts) {
                 return self.fail(e, grpc, start, log, None, 0);

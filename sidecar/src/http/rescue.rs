@@ -34,6 +34,12 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("the sidecar is shutting down")]
     Draining,
+    /// An intention refuses the caller (the rule that decided).
+    #[error("denied by intention {0}")]
+    IntentionDenied(String),
+    /// No intentions have arrived from the registry yet.
+    #[error("intentions not loaded yet")]
+    IntentionsPending,
 }
 
 impl ProxyError {
@@ -47,6 +53,8 @@ impl ProxyError {
             ProxyError::CircuitOpen(_) => Outcome::CircuitOpen,
             ProxyError::BadRequest(_) => Outcome::BadRequest,
             ProxyError::Draining => Outcome::Draining,
+            ProxyError::IntentionDenied(_) => Outcome::IntentionDenied,
+            ProxyError::IntentionsPending => Outcome::IntentionsPending,
         }
     }
 
@@ -56,7 +64,9 @@ impl ProxyError {
             | ProxyError::ConnectFailure(_)
             | ProxyError::ConnectTimeout(..)
             | ProxyError::CircuitOpen(_)
-            | ProxyError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::Draining
+            | ProxyError::IntentionsPending => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::IntentionDenied(_) => StatusCode::FORBIDDEN,
             ProxyError::Reset(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -66,10 +76,11 @@ impl ProxyError {
     /// The gRPC status code for the same failure.
     fn grpc_status(&self) -> u8 {
         match self {
-            ProxyError::Timeout(_) => 4,      // DEADLINE_EXCEEDED
-            ProxyError::BadRequest(_) => 13,  // INTERNAL
-            ProxyError::CircuitOpen(_) => 14, // UNAVAILABLE
-            _ => 14,                          // UNAVAILABLE
+            ProxyError::Timeout(_) => 4,         // DEADLINE_EXCEEDED
+            ProxyError::BadRequest(_) => 13,     // INTERNAL
+            ProxyError::CircuitOpen(_) => 14,    // UNAVAILABLE
+            ProxyError::IntentionDenied(_) => 7, // PERMISSION_DENIED
+            _ => 14,                             // UNAVAILABLE
         }
     }
 }
@@ -85,6 +96,7 @@ pub fn never_reached_app(headers: &hyper::HeaderMap) -> bool {
             Outcome::NoHealthyUpstream,
             Outcome::CircuitOpen,
             Outcome::Draining,
+            Outcome::IntentionsPending,
         ]
         .iter()
         .any(|o| v.as_bytes() == o.as_str().as_bytes())

@@ -25,6 +25,7 @@ use crate::config::{
 };
 use crate::discovery::Discovery;
 use crate::http::{self, idle};
+use crate::policy::intentions::{Caller, Intentions};
 use crate::telemetry::{self, ClusterGauges};
 use crate::tls::MeshTls;
 use crate::tls::stream::{ServerStream, Stream};
@@ -287,6 +288,8 @@ pub struct Proxy {
     /// The mesh identity: the inbound listener's TLS, and the outbound
     /// clusters' TLS to sidecars.
     mesh: MeshTls,
+    /// What the inbound listener checks callers against.
+    intentions: Intentions,
     /// Ends the clusters' discovery followers.
     shutdown: CancellationToken,
     /// One reload at a time.
@@ -390,7 +393,7 @@ async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, BindError> {
 #[derive(Debug, Clone)]
 pub struct Downstream {
     pub peer: SocketAddr,
-    pub caller: Option<Arc<str>>,
+    pub caller: Option<Arc<Caller>>,
 }
 
 /// The inbound listener's mutual TLS: the handshake within
@@ -401,9 +404,9 @@ pub struct Downstream {
 async fn secure(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
-    mesh: Option<MeshTls>,
-) -> Option<(ServerStream, Option<Arc<str>>)> {
-    let Some(mesh) = mesh else {
+    mesh: Option<(MeshTls, Intentions)>,
+) -> Option<(ServerStream, Option<Arc<Caller>>)> {
+    let Some((mesh, intentions)) = mesh else {
         return Some((Stream::Plain(stream), None));
     };
     let config = match mesh.server_config() {
@@ -438,10 +441,14 @@ async fn secure(
         .and_then(|certs| certs.first())
         .and_then(|cert| crate::tls::spiffe::of_certificate(cert).ok())
         .map(|id| Arc::<str>::from(id.service));
-    let Some(caller) = caller else {
+    let Some(service) = caller else {
         mesh.count_failure("inbound", "bad_identity");
         return None;
     };
+    let caller = Arc::new(Caller {
+        service,
+        intentions,
+    });
     Some((Stream::Tls(Box::new(tls)), Some(caller)))
 }
 
@@ -464,6 +471,7 @@ impl Proxy {
             inbound: RwLock::new(config.inbound.clone()),
             discovery,
             mesh,
+            intentions: Intentions::default(),
             shutdown,
             reloading: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
@@ -581,7 +589,8 @@ impl Proxy {
             };
             // Inbound: mutual TLS first (in the connection's task), and
             // the verified caller's service name goes with every request.
-            let mesh = (route.direction == "inbound").then(|| self.mesh.clone());
+            let mesh = (route.direction == "inbound")
+                .then(|| (self.mesh.clone(), self.intentions.clone()));
             match (&route.http, activity) {
                 (None, _) | (_, None) => {
                     let cluster = Arc::clone(&route.cluster);
@@ -821,6 +830,12 @@ impl Proxy {
             .collect()
     }
 
+    /// The intentions its inbound listener applies (kept current by
+    /// [`crate::policy::intentions::run`]).
+    pub fn intentions(&self) -> &Intentions {
+        &self.intentions
+    }
+
     /// The mesh identity its listeners use.
     pub fn mesh(&self) -> &MeshTls {
         &self.mesh
@@ -835,6 +850,16 @@ impl Proxy {
         } else {
             None
         }
+    }
+
+    /// The inbound listener refuses every request until the first
+    /// intentions arrive: true while it has to.
+    pub fn intentions_pending(&self) -> bool {
+        self.inbound
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+            && !self.intentions.loaded()
     }
 
     /// Every upstream has received its first endpoint set.
@@ -868,6 +893,7 @@ impl Proxy {
             self.draining.load(Ordering::Relaxed),
         );
         text.push_str(&self.mesh.render_metrics());
+        text.push_str(&self.intentions.render_metrics());
         text
     }
 
@@ -957,8 +983,9 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let served = tokio::spawn(async move {
             let (stream, peer) = listener.accept().await.expect("accept");
-            let (mut stream, caller) = secure(stream, peer, Some(mesh)).await?;
-            let caller = caller.map(|c| c.to_string()).unwrap_or_default();
+            let (mut stream, caller) =
+                secure(stream, peer, Some((mesh, Intentions::default()))).await?;
+            let caller = caller.map(|c| c.service.to_string()).unwrap_or_default();
             let _ = stream.write_all(caller.as_bytes()).await;
             let _ = stream.shutdown().await;
             Some(caller)

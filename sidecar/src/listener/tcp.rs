@@ -16,6 +16,7 @@ use crate::http::idle::{Activity, Tracked};
 use crate::http::rescue::ProxyError;
 use crate::http::retry;
 use crate::listener::Downstream;
+use crate::policy::intentions::Authz;
 use crate::telemetry::{AccessLog, Outcome, unix_ms};
 use crate::tls::stream::{ServerStream, Stream};
 use crate::upstream::balance::hash_of;
@@ -85,10 +86,21 @@ pub async fn proxy_connection(
     if let Stream::Plain(client) = &client {
         let _ = client.set_nodelay(true);
     }
-    // The seam for intentions (L4): `downstream.caller` is the verified
-    // source service; a connection it may not open is closed here, before
-    // an upstream is dialled.
-    let _caller = downstream.caller;
+    // Inbound: the verified caller against the intentions (L4); a
+    // connection it may not open is closed before an upstream is dialled.
+    if let Some(caller) = downstream.caller {
+        match caller.intentions.decide_connection(&caller.service) {
+            Authz::Allow(_) => {}
+            Authz::Deny(rule) => {
+                tracing::debug!(source = %caller.service, %rule, %peer, "connection denied by intention");
+                return;
+            }
+            Authz::Pending => {
+                tracing::debug!(source = %caller.service, %peer, "no intentions yet: connection refused");
+                return;
+            }
+        }
+    }
     // The settings this connection runs under, whatever a reload does.
     let config = cluster.config();
     let finish = |status_outcome: Outcome, endpoint: Option<SocketAddr>, attempts: u32| {
