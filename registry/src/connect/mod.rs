@@ -59,9 +59,11 @@ fn at(unix: i64) -> Result<OffsetDateTime, CaError> {
     OffsetDateTime::from_unix_timestamp(unix).map_err(|e| CaError::Sign(e.to_string()))
 }
 
-/// A random positive 128-bit serial number.
-fn random_serial() -> (SerialNumber, String) {
-    let mut bytes: [u8; 16] = rand::random();
+/// A random positive serial number of `N` bytes (16 for leaves; 8 for
+/// roots, which Consul's API shows as a number).
+fn random_serial<const N: usize>() -> (SerialNumber, String) {
+    let mut bytes = [0u8; N];
+    rand::fill(&mut bytes[..]);
     bytes[0] &= 0x7f;
     bytes[0] |= 0x01;
     (SerialNumber::from_slice(&bytes), colon_hex(&bytes))
@@ -111,7 +113,7 @@ pub fn generate_root(
 ) -> Result<CaRoot, CaError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
         .map_err(|e| CaError::Sign(format!("cannot generate a key: {e}")))?;
-    let (serial, serial_hex) = random_serial();
+    let (serial, serial_hex) = random_serial::<8>();
     let not_before = now_unix - BACKDATE_SECS;
     let not_after = now_unix.saturating_add(i64::try_from(ttl_secs).unwrap_or(i64::MAX / 2));
     let id_bytes = CertificateParams::default().key_identifier(&key);
@@ -307,7 +309,7 @@ fn leaf_params(
 ) -> Result<(CertificateParams, String, String), CaError> {
     let spiffe = spiffe_id(to.trust_domain, to.datacenter, to.service);
     let mut params = CertificateParams::default();
-    let (serial, serial_hex) = random_serial();
+    let (serial, serial_hex) = random_serial::<16>();
     params.serial_number = Some(serial);
     let mut subject = DistinguishedName::new();
     subject.push(DnType::CommonName, to.service);
