@@ -153,6 +153,10 @@ async fn answer(
         return r;
     }
     let version = format!("{:?}", req.version());
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
     let seen: Vec<(String, String)> = ["x-request-id", "traceparent", "host"]
         .iter()
         .filter_map(|h| {
@@ -177,6 +181,9 @@ async fn answer(
     let headers = r.headers_mut();
     headers.insert("x-backend", name.parse().expect("ascii"));
     headers.insert("x-seen-version", version.parse().expect("ascii"));
+    if let Ok(path) = path.parse() {
+        headers.insert("x-seen-path", path);
+    }
     if let Some(Ok(trailers)) = trailers.map(|t| t.parse()) {
         headers.insert("x-seen-trailers", trailers);
     }

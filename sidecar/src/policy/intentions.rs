@@ -148,7 +148,14 @@ pub fn compile(
             continue;
         };
         match serde_json::from_str::<serde_json::Value>(&entry.json) {
-            Ok(serde_json::Value::Object(body)) => bodies.push((name, body)),
+            Ok(serde_json::Value::Object(mut body)) => {
+                // The watch shows the entry as `GET /v1/config` does: the
+                // envelope goes, the fields stay.
+                for envelope in ["Kind", "Name", "CreateIndex", "ModifyIndex"] {
+                    body.remove(envelope);
+                }
+                bodies.push((name, body));
+            }
             _ => return Err(format!("intentions entry {name:?} is not a JSON object")),
         }
     }
@@ -234,7 +241,7 @@ mod tests {
         let entries: BTreeMap<_, _> = [
             entry(
                 "api",
-                r#"{"Sources":[{"Name":"web","Permissions":[{"Action":"deny","HTTP":{"PathPrefix":"/admin"}},{"Action":"allow","HTTP":{"PathPrefix":"/"}}]}]}"#,
+                r#"{"Kind":"service-intentions","Name":"api","CreateIndex":1,"ModifyIndex":1,"Sources":[{"Name":"web","Permissions":[{"Action":"deny","HTTP":{"PathPrefix":"/admin"}},{"Action":"allow","HTTP":{"PathPrefix":"/"}}]}]}"#,
             ),
             entry("*", r#"{"Sources":[{"Name":"db","Action":"deny"}]}"#),
             entry("other", "not even JSON"),

@@ -82,7 +82,12 @@ pub async fn run(mesh: MeshTls, discovery: Discovery, shutdown: CancellationToke
                     Ok(leaf) => {
                         backoff.reset();
                         let now = now_unix();
-                        let wait = renew_after(leaf.valid_after_unix, leaf.valid_before_unix, now, jitter());
+                        // Its life counts from now: the CA backdates a
+                        // leaf's start a minute for clock skew, which would
+                        // put a short-lived leaf past its renewal point at
+                        // once.
+                        let start = leaf.valid_after_unix.max(now);
+                        let wait = renew_after(start, leaf.valid_before_unix, now, jitter());
                         // A leaf already past its renewal point (a clock
                         // apart from the registry's): not again at once.
                         let wait = wait.max(BACKOFF_MIN);
