@@ -238,13 +238,29 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
         shutdown.clone(),
     ));
     let agent_shutdown = CancellationToken::new();
-    let agent_task = tokio::spawn(agent::run(
-        agent_configs,
-        Arc::clone(&status),
-        agent_shutdown.clone(),
-        ttl_reports,
-        (results_tx, results),
-    ));
+    let agent_task = tokio::spawn({
+        let (proxy, agent_shutdown, status) = (
+            Arc::clone(&proxy),
+            agent_shutdown.clone(),
+            Arc::clone(&status),
+        );
+        async move {
+            // An instance is advertised only once its sidecar can take
+            // traffic: with a leaf, the roots and (inbound) its intentions.
+            // Until then callers would be refused in the handshake.
+            if !inbound_can_serve(&proxy, &agent_shutdown).await {
+                return;
+            }
+            agent::run(
+                agent_configs,
+                status,
+                agent_shutdown,
+                ttl_reports,
+                (results_tx, results),
+            )
+            .await;
+        }
+    });
 
     loop {
         tokio::select! {
@@ -269,4 +285,32 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
     let _ = mesh_task.await;
     let _ = intentions_task.await;
     Ok(())
+}
+
+/// Waits until the proxy's inbound listener (if any) can serve mesh
+/// traffic; false when `shutdown` came first. Says once why it waits.
+async fn inbound_can_serve(proxy: &Proxy, shutdown: &CancellationToken) -> bool {
+    let mut said = false;
+    loop {
+        let waiting = if !proxy.has_inbound() {
+            None
+        } else if let Some(reason) = proxy.mesh_not_ready() {
+            Some(reason.to_string())
+        } else if proxy.intentions_pending() {
+            Some("no intentions yet".to_owned())
+        } else {
+            None
+        };
+        let Some(reason) = waiting else {
+            return true;
+        };
+        if !said {
+            tracing::info!(%reason, "registering once the inbound listener can take mesh traffic");
+            said = true;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(std::time::Duration::from_millis(25)) => {}
+        }
+    }
 }

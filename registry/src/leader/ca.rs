@@ -15,8 +15,9 @@ use crate::config::ConnectSettings;
 use crate::raft::directory::PROTOCOL_CA;
 use crate::state::ca::{CaConfig, CaStore};
 
-/// How often the leader looks.
-const EVERY: Duration = Duration::from_millis(500);
+/// How often the leader looks (a look is a read of two fields: a new
+/// cluster's sidecars wait for the first root).
+const EVERY: Duration = Duration::from_millis(100);
 
 /// Slack for clocks between rotation and pruning.
 const PRUNE_GRACE_SECS: i64 = 60;
@@ -52,15 +53,19 @@ pub async fn run(node: Arc<RegistryNode>, settings: ConnectSettings, shutdown: C
         if !node.is_leader() {
             continue;
         }
-        let (cluster_id, ca) = {
+        let now = crate::connect::now_unix();
+        let (cluster_id, has_root, ids) = {
             let state = node.state.read();
-            (state.cluster_id.clone(), state.ca.clone())
+            (
+                state.cluster_id.clone(),
+                state.ca.active().is_some(),
+                prunable(&state.ca, now),
+            )
         };
         let Some(cluster_id) = cluster_id else {
             continue;
         };
-        let now = crate::connect::now_unix();
-        if ca.active().is_none() {
+        if !has_root {
             let voters = node.members().into_iter().filter(|m| m.voter).map(|m| m.id);
             if !node.channels.directory.all_speak(voters, PROTOCOL_CA) {
                 if !held_back_logged {
@@ -100,7 +105,6 @@ pub async fn run(node: Arc<RegistryNode>, settings: ConnectSettings, shutdown: C
             }
             continue;
         }
-        let ids = prunable(&ca, now);
         if ids.is_empty() {
             continue;
         }

@@ -852,6 +852,14 @@ impl Proxy {
         }
     }
 
+    /// Whether it has an inbound listener.
+    pub fn has_inbound(&self) -> bool {
+        self.inbound
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     /// The inbound listener refuses every request until the first
     /// intentions arrive: true while it has to.
     pub fn intentions_pending(&self) -> bool {
