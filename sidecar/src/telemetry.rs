@@ -331,6 +331,13 @@ pub struct AccessLog<'a> {
     pub duration_ms: f64,
     pub request_id: Option<&'a str>,
     pub traceparent: Option<&'a str>,
+    /// Inbound: the caller's service, from its mesh certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<&'a str>,
+    /// Inbound: the intention that decided (e.g. `web -> api`,
+    /// `default`), allowed or denied as `outcome` says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intention: Option<&'a str>,
 }
 
 impl AccessLog<'_> {

@@ -313,6 +313,7 @@ protocol = "{}"
 
 [proxy]
 drain = "3s"
+access_log = true
 
 [admin]
 listen = "{ip}:{ADMIN_PORT}"

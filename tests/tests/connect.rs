@@ -294,6 +294,16 @@ async fn intentions_decide_at_the_destination_within_a_second() -> Result<()> {
         .metric_sum("meshwork_sidecar_intention_decisions_total{decision=\"deny\"")
         .await?;
     ensure!(denied >= 8.0, "denials counted: {denied}");
+    // The access log names the caller and the rule, allowed or denied.
+    let log = std::fs::read_to_string(&mesh.sidecars[0].access_log)?;
+    for want in [
+        r#""outcome":"intention-denied""#,
+        r#""source":"client","intention":"client -> echo""#,
+        r#""intention":"client -> echo permission #1""#,
+        r#""intention":"default""#,
+    ] {
+        ensure!(log.contains(want), "{want} in the access log:\n{log}");
+    }
 
     // The registry answers the same question the same way.
     let check = mesh

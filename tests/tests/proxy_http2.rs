@@ -70,6 +70,27 @@ async fn http2_and_grpc_streaming_with_trailers() -> Result<()> {
         Ok(m) => bail!("expected NOT_FOUND in the trailers, got {m:?}"),
     }
 
+    // An intention denying the caller: PERMISSION_DENIED, from the
+    // destination's sidecar, before the app sees the call.
+    let url = format!("{}/v1/config", mesh.cluster().servers[0].http());
+    let written = meshwork_tests::http::http_client()?
+        .put(url)
+        .body(r#"{"Kind":"service-intentions","Name":"streamer","Sources":[{"Name":"client","Action":"deny"}]}"#)
+        .send()
+        .await?;
+    ensure!(written.status() == 200);
+    let denied = meshwork_tests::wait_for("the deny applied", Duration::from_secs(3), || {
+        let mut client = client.clone();
+        async move {
+            match client.subscribe(request("ok")).await {
+                Err(status) if status.code() == tonic::Code::PermissionDenied => Some(status),
+                _ => None,
+            }
+        }
+    })
+    .await?;
+    ensure!(denied.message().contains("intention"), "{denied:?}");
+
     // The proxy's own errors reach a gRPC caller as a gRPC status.
     let c3_ip = mesh.ip(102);
     mesh.client_sidecar(&c3_ip, "name = \"nobody\"\nprotocol = \"grpc\"")

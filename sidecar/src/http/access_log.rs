@@ -17,6 +17,9 @@ pub struct LogContext {
     protocol: &'static str,
     pub request_id: Option<String>,
     traceparent: Option<String>,
+    /// Inbound: the caller and the intention that decided.
+    pub source: Option<std::sync::Arc<str>>,
+    pub intention: Option<String>,
 }
 
 impl LogContext {
@@ -37,6 +40,8 @@ impl LogContext {
             },
             request_id: text(REQUEST_ID.as_str()),
             traceparent: text("traceparent"),
+            source: None,
+            intention: None,
         }
     }
 
@@ -63,6 +68,8 @@ impl LogContext {
             duration_ms: start.elapsed().as_secs_f64() * 1000.0,
             request_id: self.request_id.as_deref(),
             traceparent: self.traceparent.as_deref(),
+            source: self.source.as_deref(),
+            intention: self.intention.as_deref(),
         }
         .write();
     }

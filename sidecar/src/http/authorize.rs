@@ -16,8 +16,8 @@ use super::rescue::ProxyError;
 use crate::policy::intentions::{Authz, Caller};
 
 /// Lets the request through (its path rewritten to the normal form when
-/// it was not) or says why not.
-pub fn request(caller: &Caller, parts: &mut Parts) -> Result<(), ProxyError> {
+/// it was not), with the rule that allowed it, or says why not.
+pub fn request(caller: &Caller, parts: &mut Parts) -> Result<String, ProxyError> {
     let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
     let (path, query) = http_path::split_query(target);
     // CONNECT's authority form has no path to decide on: the root stands in.
@@ -33,14 +33,14 @@ pub fn request(caller: &Caller, parts: &mut Parts) -> Result<(), ProxyError> {
         &path,
         &parts.headers,
     );
-    match decision {
-        Authz::Allow(_) => {}
+    let allowed_by = match decision {
+        Authz::Allow(rule) => rule,
         Authz::Deny(rule) => {
             tracing::debug!(source = %caller.service, method = %parts.method, path = %path, %rule, "request denied by intention");
             return Err(ProxyError::IntentionDenied(rule));
         }
         Authz::Pending => return Err(ProxyError::IntentionsPending),
-    }
+    };
     if let Cow::Owned(normal) = path {
         let target = match query {
             Some(q) => format!("{normal}?{q}"),
@@ -54,7 +54,7 @@ pub fn request(caller: &Caller, parts: &mut Parts) -> Result<(), ProxyError> {
         parts.uri = Uri::from_parts(uri)
             .map_err(|_| ProxyError::BadRequest("the request target is not a valid URI"))?;
     }
-    Ok(())
+    Ok(allowed_by)
 }
 
 #[cfg(test)]

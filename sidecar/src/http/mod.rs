@@ -150,10 +150,18 @@ impl HttpProxy {
             // Inbound: the verified caller against the intentions, on the
             // normalised path (which is what the app gets), before
             // anything is sent on.
-            if let Some(caller) = caller
-                && let Err(e) = authorize::request(&caller, &mut parts)
-            {
-                return self.fail(e, grpc, start, log, None, 0);
+            if let Some(caller) = caller {
+                let decided = authorize::request(&caller, &mut parts);
+                if let Some(log) = log.as_mut() {
+                    log.source = Some(Arc::clone(&caller.service));
+                    log.intention = match &decided {
+                        Ok(rule) | Err(ProxyError::IntentionDenied(rule)) => Some(rule.clone()),
+                        Err(_) => None,
+                    };
+                }
+                if let Err(e) = decided {
+                    return self.fail(e, grpc, start, log, None, 0);
+                }
             }
             prepare::ensure_request_id(&mut parts.headers, log.as_mut());
             if let Err(e) = prepare::check_target(&mut parts) {

@@ -86,42 +86,69 @@ pub async fn proxy_connection(
     if let Stream::Plain(client) = &client {
         let _ = client.set_nodelay(true);
     }
+    // The settings this connection runs under, whatever a reload does.
+    let config = cluster.config();
     // Inbound: the verified caller against the intentions (L4); a
     // connection it may not open is closed before an upstream is dialled.
+    let mut decided: Option<(Arc<str>, String)> = None;
+    let log = |status_outcome: Outcome,
+               endpoint: Option<SocketAddr>,
+               attempts: u32,
+               decided: &Option<(Arc<str>, String)>| {
+        AccessLog {
+            ts_unix_ms: unix_ms(),
+            direction,
+            upstream: &config.name,
+            method: "",
+            path: "",
+            protocol: "tcp",
+            status: 0,
+            outcome: status_outcome.as_str(),
+            endpoint: endpoint.map(|e| e.to_string()),
+            attempts,
+            duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+            request_id: None,
+            traceparent: None,
+            source: decided.as_ref().map(|(s, _)| &**s),
+            intention: decided.as_ref().map(|(_, r)| r.as_str()),
+        }
+        .write();
+    };
     if let Some(caller) = downstream.caller {
+        let source = Arc::clone(&caller.service);
         match caller.intentions.decide_connection(&caller.service) {
-            Authz::Allow(_) => {}
+            Authz::Allow(rule) => decided = Some((source, rule)),
             Authz::Deny(rule) => {
                 tracing::debug!(source = %caller.service, %rule, %peer, "connection denied by intention");
+                cluster
+                    .metrics
+                    .record(0, Outcome::IntentionDenied, start.elapsed());
+                if access_log {
+                    log(Outcome::IntentionDenied, None, 0, &Some((source, rule)));
+                }
                 return;
             }
             Authz::Pending => {
                 tracing::debug!(source = %caller.service, %peer, "no intentions yet: connection refused");
+                cluster
+                    .metrics
+                    .record(0, Outcome::IntentionsPending, start.elapsed());
+                if access_log {
+                    log(
+                        Outcome::IntentionsPending,
+                        None,
+                        0,
+                        &Some((source, String::new())),
+                    );
+                }
                 return;
             }
         }
     }
-    // The settings this connection runs under, whatever a reload does.
-    let config = cluster.config();
     let finish = |status_outcome: Outcome, endpoint: Option<SocketAddr>, attempts: u32| {
         cluster.metrics.record(0, status_outcome, start.elapsed());
         if access_log {
-            AccessLog {
-                ts_unix_ms: unix_ms(),
-                direction,
-                upstream: &config.name,
-                method: "",
-                path: "",
-                protocol: "tcp",
-                status: 0,
-                outcome: status_outcome.as_str(),
-                endpoint: endpoint.map(|e| e.to_string()),
-                attempts,
-                duration_ms: start.elapsed().as_secs_f64() * 1000.0,
-                request_id: None,
-                traceparent: None,
-            }
-            .write();
+            log(status_outcome, endpoint, attempts, &decided);
         }
     };
     let Some(_active) = acquire_owned(&cluster, |g| &g.requests, usize::MAX) else {
