@@ -47,6 +47,8 @@
 #              not by whatever else the shared cores run at the moment [0]
 #   HS_DURATION seconds per handshake run [DURATION]; HS_CLIENTS openssl
 #              s_time processes at once [4]; HANDSHAKES 0 = skip them [1]
+#   BUILD_REV  the commit to name in the report when the binaries are not
+#              HEAD's (SKIP_BUILD=1 with an earlier build) [HEAD]
 #   RESULTS_FILE  [bench/RESULTS-proxy.md]; RAW_DIR [bench/out/proxy]
 #   BENCH_TMPDIR  parent of the temp dir [/var/tmp]
 #
@@ -474,7 +476,7 @@ SIDECAR_BIG_KB=$(rss_sum_kb "$SC_BIG")
 log "sidecar RSS with 1,000 endpoints: ${SIDECAR_BIG_KB} KiB"
 
 # ---------------------------------------------------------------- report
-PIN=$PIN PROXY_CPU=$PROXY_CPU LOAD_CPU=$LOAD_CPU HS_DURATION=$HS_DURATION HS_CLIENTS=$HS_CLIENTS \
+BUILD_REV=${BUILD_REV:-} PIN=$PIN PROXY_CPU=$PROXY_CPU LOAD_CPU=$LOAD_CPU HS_DURATION=$HS_DURATION HS_CLIENTS=$HS_CLIENTS \
 python3 "$BENCH_DIR/proxy-report.py" "$RAW_DIR/results.jsonl" "$RESULTS_FILE" "$SIDECAR_IDLE_KB" "$SIDECAR_BIG_KB" \
     "$DURATION" "$CONNS" "$H2_CONNS" "$H2_STREAMS"
 log "wrote $RESULTS_FILE"
