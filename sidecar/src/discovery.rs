@@ -33,16 +33,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// considered dead and another server is tried.
 const SILENCE: Duration = Duration::from_secs(45);
 
-/// One service's endpoints as of `index`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct EndpointSet {
-    /// The last index fully applied; 0 until the first snapshot.
-    pub index: u64,
-    /// True once a snapshot has been received.
-    pub ready: bool,
-    /// By `<node>/<service id>`.
-    pub endpoints: BTreeMap<String, Endpoint>,
-}
+/// One service's endpoints as of `index`, by `<node>/<service id>`
+/// (`value`).
+pub type EndpointSet = TopicState<BTreeMap<String, Endpoint>>;
 
 /// A followed service's endpoint set, always the latest.
 pub type Endpoints = watch::Receiver<Arc<EndpointSet>>;
@@ -62,12 +55,14 @@ pub struct Discovery {
     /// is below the number of services followed, some endpoint sets are
     /// the last known ones).
     connected: Arc<AtomicUsize>,
+    /// Topics other than services followed now (the CA roots, intentions).
+    topics: Arc<AtomicUsize>,
     /// The ACL token the watches present when they connect (a reload may
     /// change it).
     token: Arc<watch::Sender<crate::RegistryAccess>>,
 }
 
-/// Counts a connected stream until dropped.
+/// Counts a connected stream (or a followed topic) until dropped.
 struct Connected(Arc<AtomicUsize>);
 
 impl Drop for Connected {
@@ -87,6 +82,7 @@ impl Discovery {
             services: Arc::default(),
             shutdown,
             connected: Arc::default(),
+            topics: Arc::default(),
             token: Arc::new(watch::Sender::new(token)),
         }
     }
@@ -122,7 +118,21 @@ impl Discovery {
         let shutdown = self.shutdown.child_token();
         let addresses = self.addresses.subscribe();
         let token = self.token.subscribe();
-        tokio::spawn(follow_topic(addresses, topic, what, tx, shutdown, token));
+        let connected = Arc::clone(&self.connected);
+        self.topics.fetch_add(1, Ordering::Relaxed);
+        let followed = Connected(Arc::clone(&self.topics));
+        tokio::spawn(async move {
+            follow_topic(
+                addresses,
+                topic,
+                Arc::from(what),
+                tx,
+                shutdown,
+                (connected, token),
+            )
+            .await;
+            drop(followed);
+        });
         rx
     }
 
@@ -136,7 +146,8 @@ impl Discovery {
 
     /// `(connected, followed)` watch streams.
     pub fn streams(&self) -> (usize, usize) {
-        let followed = self.services.lock().map(|s| s.len()).unwrap_or(0);
+        let followed = self.services.lock().map(|s| s.len()).unwrap_or(0)
+            + self.topics.load(Ordering::Relaxed);
         (
             self.connected.load(Ordering::Relaxed).min(followed),
             followed,
@@ -154,10 +165,14 @@ impl Discovery {
         let (tx, rx) = watch::channel(Arc::new(EndpointSet::default()));
         let stop = self.shutdown.child_token();
         services.insert(key, (rx.clone(), stop.clone()));
-        tokio::spawn(follow(
-            self.addresses.subscribe(),
-            service.to_owned(),
+        let topic = subscribe_request::Topic::Service(ServiceTopic {
+            name: service.to_owned(),
             passing_only,
+        });
+        tokio::spawn(follow_topic(
+            self.addresses.subscribe(),
+            topic,
+            Arc::from(service),
             tx,
             stop,
             (Arc::clone(&self.connected), self.token.subscribe()),
@@ -200,152 +215,31 @@ enum Ended {
     Moved,
 }
 
-async fn follow(
-    mut addresses: watch::Receiver<Arc<Vec<String>>>,
-    service: String,
-    passing_only: bool,
-    tx: watch::Sender<Arc<EndpointSet>>,
-    shutdown: CancellationToken,
-    (connected, token): (Arc<AtomicUsize>, watch::Receiver<crate::RegistryAccess>),
-) {
-    let mut set = EndpointSet::default();
-    let mut server = 0usize;
-    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
-    loop {
-        let list = Arc::clone(&addresses.borrow_and_update());
-        // Config validation refuses an empty list.
-        let addr = &list[server % list.len()];
-        let current_token = token.borrow().clone();
-        match stream_once(
-            addr,
-            &service,
-            passing_only,
-            &mut set,
-            (&tx, &mut addresses),
-            &shutdown,
-            (&connected, &current_token),
-        )
-        .await
-        {
-            Ended::Shutdown => return,
-            Ended::Moved => {
-                tracing::info!(service, registry = %addr, "registry server no longer listed; following the new list");
-                server += 1;
-                continue;
-            }
-            Ended::Broken(reason) => {
-                tracing::warn!(service, registry = %addr, reason, resume_from = set.index, "watch stream broken; trying the next registry server");
-            }
-        }
-        server += 1;
-        let wait = backoff.next_wait();
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
-        }
-        if set.ready {
-            backoff.reset();
-        }
-    }
-}
-
-async fn stream_once(
-    addr: &str,
-    service: &str,
-    passing_only: bool,
-    set: &mut EndpointSet,
-    (tx, addresses): (
-        &watch::Sender<Arc<EndpointSet>>,
-        &mut watch::Receiver<Arc<Vec<String>>>,
-    ),
-    shutdown: &CancellationToken,
-    (connected, token): (&Arc<AtomicUsize>, &crate::RegistryAccess),
-) -> Ended {
-    let channel = match token.channel(addr, None).await {
-        Ok(c) => c,
-        Err(e) => return Ended::Broken(e),
-    };
-    let request = SubscribeRequest {
-        topic: Some(subscribe_request::Topic::Service(ServiceTopic {
-            name: service.to_owned(),
-            passing_only,
-        })),
-        since_index: set.index,
-    };
-    let mut stream = match WatchClient::with_interceptor(channel, token.clone())
-        .subscribe(request)
-        .await
-    {
-        Ok(s) => s.into_inner(),
-        Err(status) => return Ended::Broken(format!("{}: {}", status.code(), status.message())),
-    };
-    connected.fetch_add(1, Ordering::Relaxed);
-    let _connected = Connected(Arc::clone(connected));
-    // Changes received before END_OF_SNAPSHOT are applied to a copy, so a
-    // half-received snapshot never shows.
-    let mut pending: Option<EndpointSet> = Some(set.clone());
-    loop {
-        let message = tokio::select! {
-            () = shutdown.cancelled() => return Ended::Shutdown,
-            Ok(()) = addresses.changed() => {
-                if addresses.borrow_and_update().iter().any(|a| a == addr) {
-                    continue;
-                }
-                return Ended::Moved;
-            }
-            m = tokio::time::timeout(SILENCE, stream.message()) => m,
-        };
-        let event = match message {
-            Err(_) => return Ended::Broken(format!("nothing received for {SILENCE:?}")),
-            Ok(Err(status)) => {
-                return Ended::Broken(format!("{}: {}", status.code(), status.message()));
-            }
-            Ok(Ok(None)) => return Ended::Broken("the server ended the stream".into()),
-            Ok(Ok(Some(event))) => event,
-        };
-        let target = pending.as_mut().unwrap_or(set);
-        if event.reset {
-            target.endpoints.clear();
-        }
-        for c in event.changes {
-            match c.change {
-                Some(change::Change::Endpoint(e)) => {
-                    target.endpoints.insert(e.key.clone(), e);
-                }
-                Some(change::Change::EndpointRemoved(key)) => {
-                    target.endpoints.remove(&key);
-                }
-                _ => {}
-            }
-        }
-        match Kind::try_from(event.kind) {
-            Ok(Kind::EndOfSnapshot) => {
-                if let Some(mut done) = pending.take() {
-                    done.index = done.index.max(event.index);
-                    done.ready = true;
-                    *set = done;
-                    tx.send_replace(Arc::new(set.clone()));
-                }
-            }
-            Ok(Kind::Change) if pending.is_none() => {
-                set.index = set.index.max(event.index);
-                tx.send_replace(Arc::new(set.clone()));
-            }
-            Ok(Kind::Heartbeat) if pending.is_none() => {
-                // Nothing changed up to here: resume from it next time.
-                set.index = set.index.max(event.index);
-            }
-            _ => {}
-        }
-    }
-}
-
 /// How a topic's changes make up the value followed.
 pub trait Fold: Clone + Default + Send + Sync + 'static {
     /// A fresh snapshot starts: forget everything.
     fn reset(&mut self);
     /// One change of the topic.
     fn apply(&mut self, change: change::Change);
+}
+
+/// A service's endpoints, by key.
+impl Fold for BTreeMap<String, Endpoint> {
+    fn reset(&mut self) {
+        self.clear();
+    }
+
+    fn apply(&mut self, change: change::Change) {
+        match change {
+            change::Change::Endpoint(e) => {
+                self.insert(e.key.clone(), e);
+            }
+            change::Change::EndpointRemoved(key) => {
+                self.remove(&key);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The CA roots topic carries the whole set each time: keep the last.
@@ -362,7 +256,7 @@ impl Fold for Option<CaRoots> {
 }
 
 /// A followed topic's value as of `index`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TopicState<T> {
     /// The last index fully applied; 0 until the first snapshot.
     pub index: u64,
@@ -374,13 +268,16 @@ pub struct TopicState<T> {
 type TopicSender<T> = watch::Sender<Arc<TopicState<T>>>;
 type Addresses = watch::Receiver<Arc<Vec<String>>>;
 
+/// Follows `topic` (named `what` in logs) until `shutdown` or until
+/// nobody reads `tx`, failing over between the registry servers and
+/// resuming from the last index fully received.
 async fn follow_topic<T: Fold>(
     mut addresses: watch::Receiver<Arc<Vec<String>>>,
     topic: subscribe_request::Topic,
-    what: &'static str,
+    what: Arc<str>,
     tx: watch::Sender<Arc<TopicState<T>>>,
     shutdown: CancellationToken,
-    token: watch::Receiver<crate::RegistryAccess>,
+    (connected, token): (Arc<AtomicUsize>, watch::Receiver<crate::RegistryAccess>),
 ) {
     let mut state = TopicState::<T>::default();
     let mut server = 0usize;
@@ -393,16 +290,17 @@ async fn follow_topic<T: Fold>(
         let ended = tokio::select! {
             // Nobody follows it any more.
             () = tx.closed() => return,
-            ended = topic_once(addr, &topic, &mut state, (&tx, &mut addresses), &shutdown, &current_token) => ended,
+            ended = topic_once(addr, &topic, &mut state, (&tx, &mut addresses), &shutdown, (&connected, &current_token)) => ended,
         };
         match ended {
             Ended::Shutdown => return,
             Ended::Moved => {
+                tracing::info!(topic = %what, registry = %addr, "registry server no longer listed; following the new list");
                 server += 1;
                 continue;
             }
             Ended::Broken(reason) => {
-                tracing::warn!(topic = what, registry = %addr, reason, resume_from = state.index, "watch stream broken; trying the next registry server");
+                tracing::warn!(topic = %what, registry = %addr, reason, resume_from = state.index, "watch stream broken; trying the next registry server");
             }
         }
         server += 1;
@@ -423,7 +321,7 @@ async fn topic_once<T: Fold>(
     state: &mut TopicState<T>,
     (tx, addresses): (&TopicSender<T>, &mut Addresses),
     shutdown: &CancellationToken,
-    token: &crate::RegistryAccess,
+    (connected, token): (&Arc<AtomicUsize>, &crate::RegistryAccess),
 ) -> Ended {
     let channel = match token.channel(addr, None).await {
         Ok(c) => c,
@@ -440,6 +338,8 @@ async fn topic_once<T: Fold>(
         Ok(s) => s.into_inner(),
         Err(status) => return Ended::Broken(format!("{}: {}", status.code(), status.message())),
     };
+    connected.fetch_add(1, Ordering::Relaxed);
+    let _connected = Connected(Arc::clone(connected));
     // Changes before END_OF_SNAPSHOT go to a copy: a half-received
     // snapshot never shows.
     let mut pending: Option<TopicState<T>> = Some(state.clone());

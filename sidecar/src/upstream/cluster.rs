@@ -308,7 +308,7 @@ impl Cluster {
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         let mut kept = HashMap::new();
         let mut endpoints = Vec::new();
-        for endpoint in set.endpoints.values() {
+        for endpoint in set.value.values() {
             if let Some(tag) = &config.tag
                 && !endpoint.tags.contains(tag)
             {
@@ -519,7 +519,7 @@ outlier = { consecutive_5xx = 2, base_ejection = "30s", max_ejection_percent = 5
         c.update(&EndpointSet {
             index: 7,
             ready: true,
-            endpoints: endpoints.into_iter().map(|e| (e.key.clone(), e)).collect(),
+            value: endpoints.into_iter().map(|e| (e.key.clone(), e)).collect(),
         });
         c
     }
@@ -597,7 +597,7 @@ outlier = { consecutive_5xx = 2, base_ejection = "30s", max_ejection_percent = 5
         c.update(&EndpointSet {
             index: 8,
             ready: true,
-            endpoints: [
+            value: [
                 endpoint(1, Health::Passing, None),
                 endpoint(2, Health::Passing, None),
             ]
