@@ -286,7 +286,7 @@ async fn sidecar_discovery_follows_a_service_across_a_server_loss() -> Result<()
         let waited = tokio::time::timeout(
             Duration::from_secs(15),
             rx.wait_for(|set| {
-                set.ready && set.endpoints.keys().cloned().collect::<Vec<_>>() == want
+                set.ready && set.value.keys().cloned().collect::<Vec<_>>() == want
             }),
         )
         .await
@@ -295,7 +295,7 @@ async fn sidecar_discovery_follows_a_service_across_a_server_loss() -> Result<()
             true => Ok(()),
             false => bail!(
                 "endpoints never became {want:?}: {:?}",
-                rx.borrow().endpoints.keys().collect::<Vec<_>>()
+                rx.borrow().value.keys().collect::<Vec<_>>()
             ),
         }
     }
