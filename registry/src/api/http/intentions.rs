@@ -70,6 +70,16 @@ fn required<'a>(params: &'a Params, name: &str) -> Result<&'a str, ApiError> {
         .ok_or_else(|| ApiError::bad_request(format!("required query parameter '{name}' not set")))
 }
 
+/// The `?source=&destination=` pair of an exact request, after checking
+/// the token may `need` the destination's intentions.
+fn pair(query: Option<&str>, authz: &Authz, need: Need) -> Result<(String, String), ApiError> {
+    let params = Params::parse(query);
+    let source = required(&params, "source")?.to_owned();
+    let destination = required(&params, "destination")?.to_owned();
+    authz.require(Kind::Intention, &destination, need)?;
+    Ok((source, destination))
+}
+
 /// `GET /v1/connect/intentions` (blocking-capable): every intention the
 /// token may read (`intentions:read` on the destination).
 pub async fn list(
@@ -197,12 +207,9 @@ pub async fn check(
     authz: Authz,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref());
-    let source = required(&params, "source")?;
-    let destination = required(&params, "destination")?;
-    authz.require(Kind::Intention, destination, Need::Read)?;
+    let (source, destination) = pair(query.as_deref(), &authz, Need::Read)?;
     let state = app.node.state.read().clone();
-    let (allowed, _) = decide(&state, source, destination, app.default_intention_allow)?;
+    let (allowed, _) = decide(&state, &source, &destination, app.default_intention_allow)?;
     Ok(axum::Json(json!({ "Allowed": allowed })).into_response())
 }
 
@@ -284,10 +291,7 @@ pub async fn exact_get(
     authz: Authz,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref());
-    let source = required(&params, "source")?;
-    let destination = required(&params, "destination")?;
-    authz.require(Kind::Intention, destination, Need::Read)?;
+    let (source, destination) = pair(query.as_deref(), &authz, Need::Read)?;
     let state = app.node.state.read().clone();
     let found = flat(&state)?
         .into_iter()
@@ -363,13 +367,10 @@ pub async fn exact_put(
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref());
-    let source = required(&params, "source")?.to_owned();
-    let destination = required(&params, "destination")?.to_owned();
+    let (source, destination) = pair(query.as_deref(), &authz, Need::Write)?;
     crate::connect::valid_service_name(&destination)
         .or_else(|e| if destination == "*" { Ok(()) } else { Err(e) })
         .map_err(ApiError::bad_request)?;
-    authz.require(Kind::Intention, &destination, Need::Write)?;
     let body = json_object(&body)?;
     for (name, want) in [("SourceName", &source), ("DestinationName", &destination)] {
         if let Some(given) = field(&body, name).and_then(Value::as_str)
@@ -415,10 +416,7 @@ pub async fn exact_delete(
     authz: Authz,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref());
-    let source = required(&params, "source")?.to_owned();
-    let destination = required(&params, "destination")?.to_owned();
-    authz.require(Kind::Intention, &destination, Need::Write)?;
+    let (source, destination) = pair(query.as_deref(), &authz, Need::Write)?;
     edit_entry(&app, &destination, |sources| {
         sources.retain(|s| source_name(s) != Some(source.as_str()));
     })
