@@ -16,10 +16,15 @@
 //! 1. refuses a path that does not start with `/`;
 //! 2. decodes percent-escapes of *unreserved* characters only (RFC 3986
 //!    §2.3: `A-Z a-z 0-9 - . _ ~`), so `%2e%2e` becomes `..`, and writes the
-//!    hex of every other escape in upper case (`%2f` → `%2F`); `%2F` and
-//!    `%5C` stay encoded, so they never become separators;
-//! 3. refuses a malformed escape (`%zz`, a truncated `%4`) and a NUL or
-//!    other control character, raw or decoded;
+//!    hex of every other escape in upper case (`%3f` → `%3F`);
+//! 3. refuses a malformed escape (`%zz`, a truncated `%4`), a NUL or other
+//!    control character (raw or decoded), an encoded separator (`%2F`,
+//!    `%5C`: many applications decode it before resolving `..`, so
+//!    `/public/..%2Fadmin` would walk out of a `/public/` rule — Envoy's
+//!    `path_with_escaped_slashes_action: REJECT_REQUEST`), escapes that do
+//!    not decode to UTF-8 (`%c0%ae`, an overlong `.`), and a `.` or `..`
+//!    segment with parameters (`..;x`, which servlet containers read as
+//!    `..`);
 //! 4. turns a raw `\` into `/` (Envoy's path canonicaliser, from Chromium,
 //!    does the same; several application servers would otherwise);
 //! 5. merges repeated `/`;
@@ -54,6 +59,19 @@ pub enum PathError {
         /// Byte offset where it (or its escape) starts.
         at: usize,
     },
+    /// `%2F` or `%5C`: a separator the application may decode.
+    #[error("encoded '/' or '\\' at byte {at}")]
+    EncodedSeparator {
+        /// Byte offset of the `%`.
+        at: usize,
+    },
+    /// Percent-escapes that do not decode to UTF-8 (e.g. an overlong
+    /// encoding of `.`).
+    #[error("percent-escapes that are not UTF-8")]
+    NotUtf8,
+    /// A `.` or `..` segment followed by `;` parameters.
+    #[error("a dot segment with parameters")]
+    DotSegmentParameters,
 }
 
 /// Splits a request target into its path and its query (without the `?`).
@@ -74,7 +92,7 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
         return Ok(Cow::Borrowed(path));
     }
     let decoded = decode(path)?;
-    Ok(Cow::Owned(remove_dot_segments(&decoded)))
+    Ok(Cow::Owned(remove_dot_segments(&decoded)?))
 }
 
 /// RFC 3986 §2.3 unreserved characters: the only escapes we decode.
@@ -127,6 +145,8 @@ fn is_normal(path: &[u8]) -> bool {
                     || l.is_ascii_lowercase()
                     || is_unreserved(value)
                     || is_control(value)
+                    || is_separator(value)
+                    || value >= 0x80
                 {
                     return false;
                 }
@@ -142,13 +162,21 @@ fn is_normal(path: &[u8]) -> bool {
 }
 
 fn segment_is_normal(segment: &[u8]) -> bool {
-    segment != b"." && segment != b".."
+    let before_parameters = segment.split(|b| *b == b';').next().unwrap_or(segment);
+    before_parameters != b"." && before_parameters != b".."
+}
+
+fn is_separator(b: u8) -> bool {
+    b == b'/' || b == b'\\'
 }
 
 /// Step 2–4: escapes decoded or upper-cased, controls refused, `\` → `/`.
 fn decode(path: &str) -> Result<String, PathError> {
     let bytes = path.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
+    // Every escape decoded, to check that the path is UTF-8 as the
+    // application will read it.
+    let mut all_decoded = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
@@ -163,6 +191,10 @@ fn decode(path: &str) -> Result<String, PathError> {
                 if is_control(value) {
                     return Err(PathError::ControlCharacter { byte: value, at: i });
                 }
+                if is_separator(value) {
+                    return Err(PathError::EncodedSeparator { at: i });
+                }
+                all_decoded.push(value);
                 if is_unreserved(value) {
                     out.push(value);
                 } else {
@@ -173,11 +205,20 @@ fn decode(path: &str) -> Result<String, PathError> {
                 i += 3;
                 continue;
             }
-            b'\\' => out.push(b'/'),
+            b'\\' => {
+                out.push(b'/');
+                all_decoded.push(b'/');
+            }
             _ if is_control(b) => return Err(PathError::ControlCharacter { byte: b, at: i }),
-            _ => out.push(b),
+            _ => {
+                out.push(b);
+                all_decoded.push(b);
+            }
         }
         i += 1;
+    }
+    if std::str::from_utf8(&all_decoded).is_err() {
+        return Err(PathError::NotUtf8);
     }
     // Only ASCII bytes were added or replaced by ASCII, and multi-byte
     // characters were copied whole, so this cannot fail; map it anyway
@@ -186,13 +227,16 @@ fn decode(path: &str) -> Result<String, PathError> {
 }
 
 /// Steps 5–6 over a decoded path that starts with `/`.
-fn remove_dot_segments(path: &str) -> String {
+fn remove_dot_segments(path: &str) -> Result<String, PathError> {
     let mut segments: Vec<&str> = Vec::new();
     let mut trailing_slash = false;
     let rest = path.strip_prefix('/').unwrap_or(path);
     let mut parts = rest.split('/').peekable();
     while let Some(segment) = parts.next() {
         let last = parts.peek().is_none();
+        if !segment_is_normal(segment.as_bytes()) && segment.contains(';') {
+            return Err(PathError::DotSegmentParameters);
+        }
         match segment {
             "" => {}
             "." => {}
@@ -212,7 +256,7 @@ fn remove_dot_segments(path: &str) -> String {
     if segments.is_empty() || trailing_slash {
         out.push('/');
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -231,10 +275,6 @@ mod tests {
             ("/public/%2e%2e/admin", "/admin"),
             ("/public/%2E%2E/admin", "/admin"),
             ("/public/.%2e/admin", "/admin"),
-            // %2F stays encoded: one segment, not a separator.
-            ("/public/%2E%2E%2Fadmin", "/public/..%2Fadmin"),
-            ("/public/%2e%2e%2fadmin", "/public/..%2Fadmin"),
-            ("/public/..%5cadmin", "/public/..%5Cadmin"),
             ("//public//x", "/public/x"),
             ("///", "/"),
             ("/PUBLIC", "/PUBLIC"),
@@ -252,6 +292,8 @@ mod tests {
             ("/%41%62c", "/Abc"),
             ("/a%20b", "/a%20b"),
             ("/a%c3%a9", "/a%C3%A9"),
+            ("/a;b/c", "/a;b/c"),
+            ("/a/x.;b", "/a/x.;b"),
             ("/caf\u{e9}", "/caf\u{e9}"),
             ("/a\\..\\b", "/b"),
             ("/a%3f", "/a%3F"),
@@ -267,13 +309,13 @@ mod tests {
 
     #[test]
     fn borrows_when_already_normal() {
-        for path in ["/", "/a/b", "/a/b/", "/a%20b", "/~x/.y", "/a%2Fb"] {
+        for path in ["/", "/a/b", "/a/b/", "/a%20b", "/~x/.y", "/a%3Fb"] {
             assert!(
                 matches!(normalize(path), Ok(Cow::Borrowed(_))),
                 "{path:?} should borrow"
             );
         }
-        for path in ["//a", "/a/./b", "/a/..", "/%7e", "/a%2fb", "/a\\b"] {
+        for path in ["//a", "/a/./b", "/a/..", "/%7e", "/a%3fb", "/a\\b"] {
             assert!(
                 matches!(normalize(path), Ok(Cow::Owned(_))),
                 "{path:?} should change"
@@ -327,6 +369,36 @@ mod tests {
                 PathError::ControlCharacter { byte: 0x7f, at: 2 },
                 "control character 0x7f at byte 2",
             ),
+            (
+                "/public/..%2Fadmin",
+                PathError::EncodedSeparator { at: 10 },
+                "encoded '/' or '\\' at byte 10",
+            ),
+            (
+                "/public/%2e%2e%2fadmin",
+                PathError::EncodedSeparator { at: 14 },
+                "encoded '/' or '\\' at byte 14",
+            ),
+            (
+                "/public/..%5cadmin",
+                PathError::EncodedSeparator { at: 10 },
+                "encoded '/' or '\\' at byte 10",
+            ),
+            (
+                "/public/%c0%ae%c0%ae/admin",
+                PathError::NotUtf8,
+                "percent-escapes that are not UTF-8",
+            ),
+            (
+                "/public/..;/admin",
+                PathError::DotSegmentParameters,
+                "a dot segment with parameters",
+            ),
+            (
+                "/public/.;x/admin",
+                PathError::DotSegmentParameters,
+                "a dot segment with parameters",
+            ),
         ];
         for (input, error, message) in cases {
             let got = normalize(input);
@@ -362,8 +434,13 @@ mod tests {
             };
             let twice = normalize(&once);
             assert_eq!(twice.as_deref(), Ok(&*once), "not idempotent for {path:?}");
+            // Escapes of non-ASCII bytes take the slow path (their UTF-8
+            // is checked there); everything else normal borrows.
+            let non_ascii_escape = once
+                .match_indices('%')
+                .any(|(i, _)| once.as_bytes().get(i + 1).is_some_and(|h| *h >= b'8'));
             assert!(
-                matches!(twice, Ok(Cow::Borrowed(_))),
+                non_ascii_escape || matches!(twice, Ok(Cow::Borrowed(_))),
                 "normal form {once:?} of {path:?} does not borrow"
             );
             assert!(!once.contains("//"), "{path:?} → {once:?}");

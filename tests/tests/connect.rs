@@ -64,8 +64,12 @@ async fn put_config(mesh: &Mesh, entry: &Value) -> Result<()> {
 /// A raw HTTP/1.1 request for `target` through the client sidecar: the
 /// status line's code and the path the app saw (if it was reached).
 async fn through(addr: &str, method: &str, target: &str, extra: &str) -> Result<(u16, String)> {
-    let request =
-        format!("{method} {target} HTTP/1.1\r\nHost: echo\r\n{extra}Connection: close\r\n\r\n");
+    let host = if extra.to_ascii_lowercase().contains("host:") {
+        ""
+    } else {
+        "Host: echo\r\n"
+    };
+    let request = format!("{method} {target} HTTP/1.1\r\n{host}{extra}Connection: close\r\n\r\n");
     let answer = raw_exchange(addr, request.as_bytes()).await?;
     let code = answer
         .get(9..12)
@@ -195,6 +199,44 @@ async fn sidecars_speak_mtls_with_spiffe_identities_and_refuse_outsiders() -> Re
         .await?;
     ensure!(expiry > 3600.0, "leaf expiry gauge: {expiry}");
 
+    // A TLS session resumed after its client's leaf expired is refused:
+    // the leaf is checked again, not trusted for the ticket's life.
+    // (Leaves of 2 s from now on; the sidecars keep their 72 h ones.)
+    let ca_url = format!(
+        "{}/v1/connect/ca/configuration",
+        mesh.cluster().servers[0].http()
+    );
+    let r = http_client()?
+        .put(ca_url)
+        .json(&json!({"Provider": "consul", "Config": {"LeafCertTTL": "2s"}}))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent_leaf(&mesh, dir, "short-lived").await?;
+    let s_client = |session: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "cd {} && printf 'GET /resumed HTTP/1.1\\r\\nHost: echo\\r\\nConnection: close\\r\\n\\r\\n' \
+                 | timeout 5 openssl s_client -connect {inbound} -cert short-lived.pem -key short-lived-key.pem \
+                   -tls1_3 -ign_eof {session} 2>&1",
+                dir.display()
+            ))
+            .output()
+    };
+    let first = String::from_utf8_lossy(&s_client("-sess_out sess.pem")?.stdout).into_owned();
+    ensure!(first.contains("echo-"), "a fresh leaf is served: {first}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let resumed = String::from_utf8_lossy(&s_client("-sess_in sess.pem")?.stdout).into_owned();
+    ensure!(
+        resumed.contains("Reused"),
+        "the session was resumed: {resumed}"
+    );
+    ensure!(
+        !resumed.contains("echo-"),
+        "an expired leaf's session is refused: {resumed}"
+    );
     // The registry goes away: the leaves and roots the sidecars hold keep
     // working, for new connections too.
     mesh.cluster.as_mut().context("cluster")?.servers[0]
@@ -251,7 +293,10 @@ async fn intentions_decide_at_the_destination_within_a_second() -> Result<()> {
     "Permissions": [
         {"Action": "allow", "HTTP": {"PathPrefix": "/public/", "Methods": ["GET", "HEAD"]}},
         {"Action": "allow", "HTTP": {"PathExact": "/admin",
-            "Header": [{"Name": "x-role", "Exact": "admin"}]}}
+            "Header": [{"Name": "x-role", "Exact": "admin"}]}},
+        {"Action": "allow", "HTTP": {"PathPrefix": "/hosted/",
+            "Header": [{"Name": "host", "Exact": "public.example"}]}},
+        {"Action": "allow", "HTTP": {"PathExact": "/"}}
     ]}]});
     put_config(&mesh, &l7).await?;
     wait_for("the L7 rules applied", Duration::from_secs(3), || async {
@@ -272,15 +317,40 @@ async fn intentions_decide_at_the_destination_within_a_second() -> Result<()> {
         ("GET", "/public/./a", "", 200, "/public/a"),
         ("GET", "//public//a", "", 200, "/public/a"),
         ("GET", "/PUBLIC/a", "", 403, ""),
-        // An encoded slash stays encoded: one segment under /public/.
+        ("GET", "/public/%7Euser", "", 200, "/public/~user"),
+        // What an application might read as a separator or a dot segment
+        // is refused rather than guessed at.
+        ("GET", "/public/%2e%2e%2fadmin", "", 400, ""),
+        ("GET", "/public/..%2Fadmin", "", 400, ""),
+        ("GET", "/public/..%5cadmin", "", 400, ""),
+        ("GET", "/public/..;/admin", "", 400, ""),
+        ("GET", "/public/%c0%ae%c0%ae/admin", "", 400, ""),
+        // Host rules judge the host the app gets: an absolute-form
+        // target's authority, not the Host header beside it.
         (
             "GET",
-            "/public/%2e%2e%2fadmin",
-            "",
+            "/hosted/x",
+            "Host: public.example\r\n",
             200,
-            "/public/..%2Fadmin",
+            "/hosted/x",
         ),
-        ("GET", "/public/%7Euser", "", 200, "/public/~user"),
+        (
+            "GET",
+            "http://admin.internal/hosted/x",
+            "Host: public.example\r\n",
+            403,
+            "",
+        ),
+        (
+            "GET",
+            "http://public.example/hosted/x",
+            "Host: admin.internal\r\n",
+            200,
+            "/hosted/x",
+        ),
+        // No tunnel under L7 rules: a CONNECT that "/" would allow is
+        // refused...
+        ("CONNECT", "echo:80", "", 403, ""),
     ];
     for (method, target, extra, want, seen_want) in cases {
         let (code, seen) = through(&addr, method, target, extra).await?;
@@ -290,6 +360,21 @@ async fn intentions_decide_at_the_destination_within_a_second() -> Result<()> {
             "{method} {target}: the app saw {seen:?}, want {seen_want:?}"
         );
     }
+    // ...and an h2c upgrade is dropped: the request is answered as the
+    // HTTP/1.1 request it also is, and the next one on the connection is
+    // judged like any other (no HTTP/2 smuggled past the rules).
+    let smuggle = "GET /public/a HTTP/1.1\r\nHost: echo\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+                   Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n\
+                   GET /admin HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n";
+    let answer = raw_exchange(&addr, smuggle.as_bytes()).await?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 200") && !answer.contains(" 101 "),
+        "h2c offer: {answer}"
+    );
+    ensure!(
+        answer.contains("HTTP/1.1 403") && answer.contains("intention-denied"),
+        "the request after it is judged: {answer}"
+    );
     let denied = mesh.sidecars[0]
         .metric_sum("meshwork_sidecar_intention_decisions_total{decision=\"deny\"")
         .await?;
@@ -300,6 +385,7 @@ async fn intentions_decide_at_the_destination_within_a_second() -> Result<()> {
         r#""outcome":"intention-denied""#,
         r#""source":"client","intention":"client -> echo""#,
         r#""intention":"client -> echo permission #1""#,
+        r#""intention":"client -> echo permission #3 (L7 permissions: no tunnels)""#,
         r#""intention":"default""#,
     ] {
         ensure!(log.contains(want), "{want} in the access log:\n{log}");
@@ -450,6 +536,7 @@ async fn short_leaves_renew_and_the_root_rotates_under_load_failing_nothing() ->
             .await?;
         ensure!(renewals <= 12.0, "{} renewed {renewals} times", s.ip);
     }
+
     mesh.done();
     Ok(())
 }

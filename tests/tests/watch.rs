@@ -285,9 +285,7 @@ async fn sidecar_discovery_follows_a_service_across_a_server_loss() -> Result<()
         let want: Vec<String> = want.iter().map(|s| (*s).to_owned()).collect();
         let waited = tokio::time::timeout(
             Duration::from_secs(15),
-            rx.wait_for(|set| {
-                set.ready && set.value.keys().cloned().collect::<Vec<_>>() == want
-            }),
+            rx.wait_for(|set| set.ready && set.value.keys().cloned().collect::<Vec<_>>() == want),
         )
         .await
         .is_ok_and(|r| r.is_ok());

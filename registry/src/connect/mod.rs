@@ -143,6 +143,8 @@ pub fn generate_root(
         serial: serial_hex,
         root_cert_pem: cert.pem(),
         intermediate_cert_pems: intermediates,
+        cross_signed_by: previous.map(|p| p.id.clone()),
+        max_leaf_ttl_secs: 0,
         private_key_pem: key.serialize_pem(),
         not_before_unix: not_before,
         not_after_unix: not_after,
@@ -205,6 +207,8 @@ pub fn import_root(cert_pem: &str, key_pem: &str, now_unix: i64) -> Result<CaRoo
         serial: colon_hex(cert.raw_serial()),
         root_cert_pem: cert_pem.trim().to_owned() + "\n",
         intermediate_cert_pems: Vec::new(),
+        cross_signed_by: None,
+        max_leaf_ttl_secs: 0,
         private_key_pem: key.serialize_pem(),
         not_before_unix: not_before,
         not_after_unix: not_after,
@@ -321,9 +325,9 @@ fn leaf_params(
             .map_err(|e| CaError::Csr(format!("service name: {e}")))?,
     )];
     params.is_ca = IsCa::ExplicitNoCa;
+    // An ECDSA key's usages; `sign_csr` sets an RSA or Ed25519 key's.
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
         KeyUsagePurpose::KeyAgreement,
     ];
     params.extended_key_usages = vec![
@@ -384,7 +388,16 @@ pub fn sign_csr(ca: &CaStore, csr_pem: &str, to: LeafFor<'_>) -> Result<Leaf, Ca
     {
         return Err(CaError::Csr("unsupported key algorithm".into()));
     }
-    let (params, spiffe, serial) = leaf_params(ca, root, to)?;
+    let (mut params, spiffe, serial) = leaf_params(ca, root, to)?;
+    let algorithm = csr.public_key.algorithm();
+    if *algorithm == rcgen::PKCS_RSA_SHA256 {
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+    } else if *algorithm == rcgen::PKCS_ED25519 {
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    }
     csr.params = params;
     let cert = csr
         .signed_by(&issuer(root)?)

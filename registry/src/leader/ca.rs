@@ -24,11 +24,17 @@ const PRUNE_GRACE_SECS: i64 = 60;
 
 /// The roots whose leaves have all expired by `now_unix`.
 pub fn prunable(ca: &CaStore, now_unix: i64) -> Vec<String> {
-    let ttl = i64::try_from(ca.config.leaf_cert_ttl_secs).unwrap_or(i64::MAX / 4);
     ca.roots
         .iter()
         .filter(|r| !r.active)
         .filter(|r| {
+            // The longest lifetime its leaves had (roots recorded before
+            // that was kept: the longer of the current and the default).
+            let ttl = match r.max_leaf_ttl_secs {
+                0 => ca.config.leaf_cert_ttl_secs.max(72 * 3600),
+                ttl => ttl,
+            };
+            let ttl = i64::try_from(ttl).unwrap_or(i64::MAX / 4);
             r.rotated_out_unix
                 .is_none_or(|at| now_unix > at.saturating_add(ttl).saturating_add(PRUNE_GRACE_SECS))
                 || r.not_after_unix <= now_unix
@@ -127,6 +133,8 @@ mod tests {
             serial: "01".into(),
             root_cert_pem: String::new(),
             intermediate_cert_pems: vec![],
+            cross_signed_by: None,
+            max_leaf_ttl_secs: 100,
             private_key_pem: String::new(),
             not_before_unix: 0,
             not_after_unix: 1_000_000,

@@ -33,6 +33,13 @@ pub struct CaRoot {
     /// The root cross-signed by the root it replaced, so peers that only
     /// trust the old root accept leaves of the new one during a rotation.
     pub intermediate_cert_pems: Vec<String>,
+    /// The root whose key signed `intermediate_cert_pems`.
+    #[serde(default)]
+    pub cross_signed_by: Option<String>,
+    /// The longest leaf lifetime in force while this root signed: it is
+    /// pruned that long after its rotation, whatever the TTL is by then.
+    #[serde(default)]
+    pub max_leaf_ttl_secs: u64,
     /// PKCS#8 PEM. Never shown, never logged (see `Debug`).
     pub private_key_pem: String,
     pub not_before_unix: i64,
@@ -110,11 +117,10 @@ impl CaStore {
         root.rotated_out_unix = None;
         root.create_index = index;
         root.modify_index = index;
+        root.max_leaf_ttl_secs = 0;
         self.roots.push(root);
-        if let Some(config) = config {
-            self.set_config(index, config);
-        }
-        self.index = index;
+        let config = config.cloned().unwrap_or_else(|| self.config.clone());
+        self.set_config(index, &config);
         true
     }
 
@@ -130,6 +136,10 @@ impl CaStore {
             modify_index: index,
             ..config.clone()
         };
+        let ttl = self.config.leaf_cert_ttl_secs;
+        for root in self.roots.iter_mut().filter(|r| r.active) {
+            root.max_leaf_ttl_secs = root.max_leaf_ttl_secs.max(ttl);
+        }
         self.index = index;
     }
 
@@ -150,10 +160,15 @@ impl CaStore {
         self.roots.retain(|r| r.active || !ids.contains(&r.id));
         debug_assert!(self.roots.len() < before);
         // A cross-signed certificate is only useful while its issuer is
-        // trusted; once the old root is gone, drop it from the chains.
+        // trusted; once that root is gone, drop it from the chains.
         for root in &mut self.roots {
-            if !root.intermediate_cert_pems.is_empty() {
+            if root
+                .cross_signed_by
+                .as_ref()
+                .is_some_and(|by| ids.contains(by))
+            {
                 root.intermediate_cert_pems.clear();
+                root.cross_signed_by = None;
                 root.modify_index = index;
             }
         }
@@ -173,6 +188,8 @@ mod tests {
             serial: "01".into(),
             root_cert_pem: String::new(),
             intermediate_cert_pems: vec![],
+            cross_signed_by: None,
+            max_leaf_ttl_secs: 0,
             private_key_pem: "SECRET".into(),
             not_before_unix: 0,
             not_after_unix: 100,
@@ -192,6 +209,7 @@ mod tests {
         assert!(!ca.rotate(6, Some("x"), &root("b"), None, 10));
         let mut b = root("b");
         b.intermediate_cert_pems = vec!["cross".into()];
+        b.cross_signed_by = Some("a".into());
         assert!(ca.rotate(7, Some("a"), &b, None, 20));
         assert_eq!(ca.active().map(|r| r.id.as_str()), Some("b"));
         assert_eq!(ca.roots.len(), 2);
@@ -203,6 +221,39 @@ mod tests {
         assert!(ca.prune(8, &["a".into()]));
         assert_eq!(ca.roots.len(), 1);
         assert!(ca.roots[0].intermediate_cert_pems.is_empty());
+    }
+
+    #[test]
+    fn a_root_remembers_the_longest_leaf_lifetime_it_signed_with() {
+        let mut ca = CaStore::default();
+        let long = CaConfig {
+            leaf_cert_ttl_secs: 72 * 3600,
+            ..CaConfig::default()
+        };
+        assert!(ca.rotate(1, None, &root("a"), Some(&long), 0));
+        assert_eq!(ca.roots[0].max_leaf_ttl_secs, 72 * 3600);
+        let short = CaConfig {
+            leaf_cert_ttl_secs: 2,
+            ..CaConfig::default()
+        };
+        ca.set_config(2, &short);
+        assert_eq!(ca.roots[0].max_leaf_ttl_secs, 72 * 3600, "never shrinks");
+        let mut b = root("b");
+        b.cross_signed_by = Some("a".into());
+        b.intermediate_cert_pems = vec!["b by a".into()];
+        assert!(ca.rotate(3, Some("a"), &b, None, 10));
+        assert_eq!(ca.roots[1].max_leaf_ttl_secs, 2, "the new root's own");
+        let mut c = root("c");
+        c.cross_signed_by = Some("b".into());
+        c.intermediate_cert_pems = vec!["c by b".into()];
+        assert!(ca.rotate(4, Some("b"), &c, None, 20));
+        // Pruning a keeps c's cross-signature by b (still trusted).
+        assert!(ca.prune(5, &["a".into()]));
+        assert!(
+            ca.roots
+                .iter()
+                .any(|r| r.id == "c" && !r.intermediate_cert_pems.is_empty())
+        );
     }
 
     #[test]

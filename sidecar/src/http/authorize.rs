@@ -27,14 +27,43 @@ pub fn request(caller: &Caller, parts: &mut Parts) -> Result<String, ProxyError>
         http_path::normalize(path)
             .map_err(|_| ProxyError::BadRequest("the request path cannot be normalised"))?
     };
+    // Header rules about the host see the authority the app will get:
+    // HTTP/2 carries it as `:authority`, which the upstream request keeps
+    // in the URI (no `host` header), so it stands in as `host` here.
+    let lent_host = parts.version == hyper::Version::HTTP_2
+        && !parts.headers.contains_key(hyper::header::HOST)
+        && parts
+            .uri
+            .authority()
+            .and_then(|a| hyper::header::HeaderValue::from_str(a.as_str()).ok())
+            .map(|host| parts.headers.insert(hyper::header::HOST, host))
+            .is_some();
     let decision = caller.intentions.decide_request(
         &caller.service,
         parts.method.as_str(),
         &path,
         &parts.headers,
     );
+    if lent_host {
+        parts.headers.remove(hyper::header::HOST);
+    }
+    // A tunnel (CONNECT, or an upgrade to anything but WebSocket) carries
+    // whatever the caller sends next, which no L7 rule sees: only an L4
+    // intention (or the default) may open one. (`Upgrade: h2c` never
+    // gets here: the inbound listener drops it.)
+    let tunnel = parts.method == hyper::Method::CONNECT
+        || parts
+            .headers
+            .get(hyper::header::UPGRADE)
+            .is_some_and(|u| !u.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let decision = match decision {
+        Authz::AllowL7(rule) if tunnel => {
+            Authz::Deny(format!("{rule} (L7 permissions: no tunnels)"))
+        }
+        other => other,
+    };
     let allowed_by = match decision {
-        Authz::Allow(rule) => rule,
+        Authz::Allow(rule) | Authz::AllowL7(rule) => rule,
         Authz::Deny(rule) => {
             tracing::debug!(source = %caller.service, method = %parts.method, path = %path, %rule, "request denied by intention");
             return Err(ProxyError::IntentionDenied(rule));

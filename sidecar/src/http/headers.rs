@@ -13,6 +13,19 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 /// An HTTP/1.1 `Connection: upgrade` request with an `Upgrade` header.
+/// Removes an `Upgrade: h2c` offer (and its `HTTP2-Settings`): the
+/// request stays the HTTP/1.1 request it also is.
+pub fn drop_h2c_upgrade(headers: &mut HeaderMap) {
+    let h2c = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .any(|v| has_token(v, "h2c"));
+    if h2c {
+        headers.remove(header::UPGRADE);
+        headers.remove("http2-settings");
+    }
+}
+
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)

@@ -121,6 +121,12 @@ impl HttpProxy {
         caller: Option<Arc<Caller>>,
         connection: Busy,
     ) -> Pin<Box<impl Future<Output = Response<ResponseBody>> + Send + '_>> {
+        // Inbound, an upgrade to h2c would turn the connection into HTTP/2
+        // requests that no intention sees (h2c smuggling): the request is
+        // answered as the plain HTTP/1.1 request it also is.
+        if caller.is_some() {
+            headers::drop_h2c_upgrade(req.headers_mut());
+        }
         // Upgrades and CONNECT tunnels need an HTTP/1.1 hop all the way
         // (HTTP/2 has no Upgrade; its extended CONNECT is not supported yet).
         let downstream_upgrade = (self.protocol == Protocol::Http
@@ -150,6 +156,12 @@ impl HttpProxy {
             // Inbound: the verified caller against the intentions, on the
             // normalised path (which is what the app gets), before
             // anything is sent on.
+            // The target and `Host` first: intentions judge what the app
+            // will be sent (an absolute-form target's authority is the
+            // host, HTTP/2's `:authority` wins over `host`).
+            if let Err(e) = prepare::check_target(&mut parts) {
+                return self.fail(e, grpc, start, log, None, 0);
+            }
             if let Some(caller) = caller {
                 let decided = authorize::request(&caller, &mut parts);
                 if let Some(log) = log.as_mut() {
@@ -164,9 +176,6 @@ impl HttpProxy {
                 }
             }
             prepare::ensure_request_id(&mut parts.headers, log.as_mut());
-            if let Err(e) = prepare::check_target(&mut parts) {
-                return self.fail(e, grpc, start, log, None, 0);
-            }
             let cluster = &self.cluster;
             // The settings this request runs under, whatever a reload does meanwhile.
             let config = cluster.config();

@@ -432,18 +432,42 @@ async fn secure(
             return None;
         }
     };
-    // The verifier checked the chain and the trust domain; the name is
-    // read again from the certificate it accepted (resumed sessions keep it).
-    let caller = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|certs| certs.first())
-        .and_then(|cert| crate::tls::spiffe::of_certificate(cert).ok())
-        .map(|id| Arc::<str>::from(id.service));
-    let Some(service) = caller else {
-        mesh.count_failure("inbound", "bad_identity");
-        return None;
+    // The verifier checked the chain and the trust domain on a full
+    // handshake. A resumed session skips the verifier, so its certificate
+    // is checked again against the roots in force now: a leaf that has
+    // expired, or whose root was pruned, does not live on through a
+    // session ticket.
+    let connection = tls.get_ref().1;
+    let resumed = connection.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let caller = match connection.peer_certificates().and_then(|c| c.split_first()) {
+        None => Err("no client certificate"),
+        Some((leaf, presented)) if resumed => match mesh.snapshot().trust.as_ref() {
+            None => Err("no roots"),
+            Some(trust) => trust
+                .verify(
+                    leaf,
+                    presented,
+                    rustls::pki_types::UnixTime::now(),
+                    webpki::KeyUsage::client_auth(),
+                    None,
+                )
+                .map_err(|e| {
+                    mesh.count_failure("inbound", crate::tls::trust::reason_of(&e));
+                    "a resumed session's certificate no longer verifies"
+                }),
+        },
+        Some((leaf, _)) => crate::tls::spiffe::of_certificate(leaf)
+            .map_err(|_| "no SPIFFE ID in the client certificate"),
+    };
+    let service = match caller {
+        Ok(id) => Arc::<str>::from(id.service),
+        Err(why) => {
+            if !resumed {
+                mesh.count_failure("inbound", "bad_identity");
+            }
+            tracing::debug!(%peer, why, "inbound mesh connection refused");
+            return None;
+        }
     };
     let caller = Arc::new(Caller {
         service,

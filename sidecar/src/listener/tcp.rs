@@ -117,7 +117,7 @@ pub async fn proxy_connection(
     if let Some(caller) = downstream.caller {
         let source = Arc::clone(&caller.service);
         match caller.intentions.decide_connection(&caller.service) {
-            Authz::Allow(rule) => decided = Some((source, rule)),
+            Authz::Allow(rule) | Authz::AllowL7(rule) => decided = Some((source, rule)),
             Authz::Deny(rule) => {
                 tracing::debug!(source = %caller.service, %rule, %peer, "connection denied by intention");
                 cluster

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use meshwork_core::intentions::{IntentionSet, Request};
+use meshwork_core::intentions::{DecidedBy, IntentionSet, Request};
 use meshwork_proto::v1::{ConfigEntriesTopic, ConfigEntry, change, subscribe_request};
 use tokio_util::sync::CancellationToken;
 
@@ -49,6 +49,10 @@ pub struct Caller {
 pub enum Authz {
     /// Let through; the rule that decided (for logs).
     Allow(String),
+    /// Let through by an L7 intention's permissions (or by the default
+    /// because none matched): the request itself was judged, so what
+    /// follows it on a tunnel could not be.
+    AllowL7(String),
     /// Refused by this rule.
     Deny(String),
     /// No intentions known yet: refuse without deciding.
@@ -95,7 +99,17 @@ impl Intentions {
             return Authz::Pending;
         };
         let d = set.decide_request(source, &Request::new(method, path, headers));
-        self.count(d.allow, d.rule.to_string())
+        let layer7 = matches!(
+            d.rule,
+            meshwork_core::intentions::Rule::Intention {
+                by: DecidedBy::Permission(_) | DecidedBy::NoPermission,
+                ..
+            }
+        );
+        match self.count(d.allow, d.rule.to_string()) {
+            Authz::Allow(rule) if layer7 => Authz::AllowL7(rule),
+            other => other,
+        }
     }
 
     pub(crate) fn install(&self, set: IntentionSet) {

@@ -164,12 +164,17 @@ fn certificate_error(e: webpki::Error) -> CertificateError {
 /// The bounded label of a failed handshake for
 /// `meshwork_sidecar_tls_handshake_failures_total{reason}`.
 pub fn reason(e: &std::io::Error) -> &'static str {
-    let Some(tls) = e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
-        return match e.kind() {
+    match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        Some(tls) => reason_of(tls),
+        None => match e.kind() {
             std::io::ErrorKind::InvalidData => "protocol",
             _ => "other",
-        };
-    };
+        },
+    }
+}
+
+/// [`reason`] of a rustls error itself.
+pub fn reason_of(tls: &rustls::Error) -> &'static str {
     use rustls::AlertDescription as A;
     use rustls::Error as R;
     match tls {
