@@ -263,8 +263,14 @@ mod tests {
         .into_iter()
         .collect();
         intentions.install(compile("api", &entries, true).expect("compiled"));
+        // Allowed by a permission: an L7 decision (no tunnels on it).
         assert!(matches!(
             intentions.decide_request("web", "GET", "/orders", &headers),
+            Authz::AllowL7(_)
+        ));
+        // An L4 intention or the default: a plain allow.
+        assert!(matches!(
+            intentions.decide_request("billing", "GET", "/orders", &headers),
             Authz::Allow(_)
         ));
         assert!(matches!(
@@ -277,7 +283,7 @@ mod tests {
             Authz::Allow(_)
         ));
         let metrics = intentions.render_metrics();
-        assert!(metrics.contains("{decision=\"allow\"} 2"), "{metrics}");
+        assert!(metrics.contains("{decision=\"allow\"} 3"), "{metrics}");
         assert!(metrics.contains("{decision=\"deny\"} 2"), "{metrics}");
         // Default deny from the roots.
         intentions.install(compile("api", &BTreeMap::new(), false).expect("compiled"));
