@@ -14,10 +14,11 @@ use meshwork_core::http_path;
 
 use super::rescue::ProxyError;
 use crate::policy::intentions::{Authz, Caller};
+use meshwork_core::intentions::Rule;
 
 /// Lets the request through (its path rewritten to the normal form when
 /// it was not), with the rule that allowed it, or says why not.
-pub fn request(caller: &Caller, parts: &mut Parts) -> Result<String, ProxyError> {
+pub fn request(caller: &Caller, parts: &mut Parts) -> Result<Rule, ProxyError> {
     let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
     let (path, query) = http_path::split_query(target);
     // CONNECT's authority form has no path to decide on: the root stands in.

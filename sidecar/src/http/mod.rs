@@ -167,7 +167,8 @@ impl HttpProxy {
                 if let Some(log) = log.as_mut() {
                     log.source = Some(Arc::clone(&caller.service));
                     log.intention = match &decided {
-                        Ok(rule) | Err(ProxyError::IntentionDenied(rule)) => Some(rule.clone()),
+                        Ok(rule) => Some(rule.to_string()),
+                        Err(ProxyError::IntentionDenied(rule)) => Some(rule.clone()),
                         Err(_) => None,
                     };
                 }

@@ -117,7 +117,9 @@ pub async fn proxy_connection(
     if let Some(caller) = downstream.caller {
         let source = Arc::clone(&caller.service);
         match caller.intentions.decide_connection(&caller.service) {
-            Authz::Allow(rule) | Authz::AllowL7(rule) => decided = Some((source, rule)),
+            Authz::Allow(rule) | Authz::AllowL7(rule) => {
+                decided = access_log.then(|| (source, rule.to_string()));
+            }
             Authz::Deny(rule) => {
                 tracing::debug!(source = %caller.service, %rule, %peer, "connection denied by intention");
                 cluster

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use meshwork_core::intentions::{DecidedBy, IntentionSet, Request};
+use meshwork_core::intentions::{DecidedBy, IntentionSet, Request, Rule};
 use meshwork_proto::v1::{ConfigEntriesTopic, ConfigEntry, change, subscribe_request};
 use tokio_util::sync::CancellationToken;
 
@@ -47,12 +47,13 @@ pub struct Caller {
 /// A decision as the proxy acts on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Authz {
-    /// Let through; the rule that decided (for logs).
-    Allow(String),
+    /// Let through; the rule that decided (for logs: shown only when
+    /// logged, so an allowed request formats nothing).
+    Allow(Rule),
     /// Let through by an L7 intention's permissions (or by the default
     /// because none matched): the request itself was judged, so what
     /// follows it on a tunnel could not be.
-    AllowL7(String),
+    AllowL7(Rule),
     /// Refused by this rule.
     Deny(String),
     /// No intentions known yet: refuse without deciding.
@@ -68,13 +69,13 @@ impl Intentions {
             .clone()
     }
 
-    fn count(&self, allow: bool, rule: String) -> Authz {
+    fn count(&self, allow: bool, rule: Rule) -> Authz {
         if allow {
             self.inner.allowed.fetch_add(1, Ordering::Relaxed);
             Authz::Allow(rule)
         } else {
             self.inner.denied.fetch_add(1, Ordering::Relaxed);
-            Authz::Deny(rule)
+            Authz::Deny(rule.to_string())
         }
     }
 
@@ -84,7 +85,7 @@ impl Intentions {
             return Authz::Pending;
         };
         let d = set.decide_connection(source);
-        self.count(d.allow, d.rule.to_string())
+        self.count(d.allow, d.rule)
     }
 
     /// One HTTP request from `source`; `path` already normalised.
@@ -106,7 +107,7 @@ impl Intentions {
                 ..
             }
         );
-        match self.count(d.allow, d.rule.to_string()) {
+        match self.count(d.allow, d.rule) {
             Authz::Allow(rule) if layer7 => Authz::AllowL7(rule),
             other => other,
         }
