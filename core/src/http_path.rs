@@ -22,9 +22,11 @@
 //!    `%5C`: many applications decode it before resolving `..`, so
 //!    `/public/..%2Fadmin` would walk out of a `/public/` rule — Envoy's
 //!    `path_with_escaped_slashes_action: REJECT_REQUEST`), escapes that do
-//!    not decode to UTF-8 (`%c0%ae`, an overlong `.`), and a `.` or `..`
-//!    segment with parameters (`..;x`, which servlet containers read as
-//!    `..`);
+//!    not decode to UTF-8 (`%c0%ae`, an overlong `.`), a double-encoded
+//!    escape (`%252e`, which applications that decode twice read as `.`),
+//!    and path parameters (`;`: servlet containers and Spring drop them,
+//!    so `/admin;x` would be served as `/admin` past a `PathExact` rule,
+//!    and `..;` as `..`);
 //! 4. turns a raw `\` into `/` (Envoy's path canonicaliser, from Chromium,
 //!    does the same; several application servers would otherwise);
 //! 5. merges repeated `/`;
@@ -69,9 +71,18 @@ pub enum PathError {
     /// encoding of `.`).
     #[error("percent-escapes that are not UTF-8")]
     NotUtf8,
-    /// A `.` or `..` segment followed by `;` parameters.
-    #[error("a dot segment with parameters")]
-    DotSegmentParameters,
+    /// `;` path parameters.
+    #[error("path parameters (';') at byte {at}")]
+    Parameters {
+        /// Byte offset of the `;`.
+        at: usize,
+    },
+    /// `%25` followed by two hex digits: an escape escaped again.
+    #[error("a double-encoded escape at byte {at}")]
+    DoubleEncoded {
+        /// Byte offset of the `%`.
+        at: usize,
+    },
 }
 
 /// Splits a request target into its path and its query (without the `?`).
@@ -146,13 +157,14 @@ fn is_normal(path: &[u8]) -> bool {
                     || is_unreserved(value)
                     || is_control(value)
                     || is_separator(value)
+                    || value == b'%'
                     || value >= 0x80
                 {
                     return false;
                 }
                 i += 2;
             }
-            b'\\' => return false,
+            b'\\' | b';' => return false,
             _ if is_control(b) => return false,
             _ => {}
         }
@@ -162,8 +174,7 @@ fn is_normal(path: &[u8]) -> bool {
 }
 
 fn segment_is_normal(segment: &[u8]) -> bool {
-    let before_parameters = segment.split(|b| *b == b';').next().unwrap_or(segment);
-    before_parameters != b"." && before_parameters != b".."
+    segment != b"." && segment != b".."
 }
 
 fn is_separator(b: u8) -> bool {
@@ -194,6 +205,7 @@ fn decode(path: &str) -> Result<String, PathError> {
                 if is_separator(value) {
                     return Err(PathError::EncodedSeparator { at: i });
                 }
+
                 all_decoded.push(value);
                 if is_unreserved(value) {
                     out.push(value);
@@ -210,6 +222,7 @@ fn decode(path: &str) -> Result<String, PathError> {
                 all_decoded.push(b'/');
             }
             _ if is_control(b) => return Err(PathError::ControlCharacter { byte: b, at: i }),
+            b';' => return Err(PathError::Parameters { at: i }),
             _ => {
                 out.push(b);
                 all_decoded.push(b);
@@ -219,6 +232,13 @@ fn decode(path: &str) -> Result<String, PathError> {
     }
     if std::str::from_utf8(&all_decoded).is_err() {
         return Err(PathError::NotUtf8);
+    }
+    // In the result (escapes upper-cased, unreserved ones decoded), so
+    // that `%25B%41` → `%25BA` is caught as well as `%252e`.
+    if let Some(at) = out.windows(5).position(|w| {
+        w.starts_with(b"%25") && hex_value(w[3]).is_some() && hex_value(w[4]).is_some()
+    }) {
+        return Err(PathError::DoubleEncoded { at });
     }
     // Only ASCII bytes were added or replaced by ASCII, and multi-byte
     // characters were copied whole, so this cannot fail; map it anyway
@@ -234,9 +254,6 @@ fn remove_dot_segments(path: &str) -> Result<String, PathError> {
     let mut parts = rest.split('/').peekable();
     while let Some(segment) = parts.next() {
         let last = parts.peek().is_none();
-        if !segment_is_normal(segment.as_bytes()) && segment.contains(';') {
-            return Err(PathError::DotSegmentParameters);
-        }
         match segment {
             "" => {}
             "." => {}
@@ -292,8 +309,6 @@ mod tests {
             ("/%41%62c", "/Abc"),
             ("/a%20b", "/a%20b"),
             ("/a%c3%a9", "/a%C3%A9"),
-            ("/a;b/c", "/a;b/c"),
-            ("/a/x.;b", "/a/x.;b"),
             ("/caf\u{e9}", "/caf\u{e9}"),
             ("/a\\..\\b", "/b"),
             ("/a%3f", "/a%3F"),
@@ -391,13 +406,18 @@ mod tests {
             ),
             (
                 "/public/..;/admin",
-                PathError::DotSegmentParameters,
-                "a dot segment with parameters",
+                PathError::Parameters { at: 10 },
+                "path parameters (';') at byte 10",
             ),
             (
-                "/public/.;x/admin",
-                PathError::DotSegmentParameters,
-                "a dot segment with parameters",
+                "/admin;jsessionid=1/secret",
+                PathError::Parameters { at: 6 },
+                "path parameters (';') at byte 6",
+            ),
+            (
+                "/public/%252e%252e/admin",
+                PathError::DoubleEncoded { at: 8 },
+                "a double-encoded escape at byte 8",
             ),
         ];
         for (input, error, message) in cases {
@@ -434,11 +454,13 @@ mod tests {
             };
             let twice = normalize(&once);
             assert_eq!(twice.as_deref(), Ok(&*once), "not idempotent for {path:?}");
-            // Escapes of non-ASCII bytes take the slow path (their UTF-8
-            // is checked there); everything else normal borrows.
-            let non_ascii_escape = once
-                .match_indices('%')
-                .any(|(i, _)| once.as_bytes().get(i + 1).is_some_and(|h| *h >= b'8'));
+            // Escapes of non-ASCII bytes and of `%` take the slow path
+            // (UTF-8 and double encoding are checked there); everything
+            // else normal borrows.
+            let non_ascii_escape = once.match_indices('%').any(|(i, _)| {
+                once.as_bytes().get(i + 1).is_some_and(|h| *h >= b'8')
+                    || once.get(i + 1..i + 3) == Some("25")
+            });
             assert!(
                 non_ascii_escape || matches!(twice, Ok(Cow::Borrowed(_))),
                 "normal form {once:?} of {path:?} does not borrow"

@@ -325,6 +325,28 @@ async fn intentions_decide_at_the_destination_within_a_second() -> Result<()> {
         ("GET", "/public/..%5cadmin", "", 400, ""),
         ("GET", "/public/..;/admin", "", 400, ""),
         ("GET", "/public/%c0%ae%c0%ae/admin", "", 400, ""),
+        ("GET", "/admin;x", "", 400, ""),
+        ("GET", "/public/a;jsessionid=1", "", 400, ""),
+        ("GET", "/public/%252e%252e/admin", "", 400, ""),
+        // A method in lower case (read as upper case by some frameworks).
+        ("delete", "/public/a", "", 400, ""),
+        // A header the client names in Connection is gone before the
+        // decision, as it is before the app.
+        (
+            "GET",
+            "/admin",
+            "x-role: admin\r\nConnection: x-role\r\n",
+            403,
+            "",
+        ),
+        // Userinfo in the authority.
+        (
+            "GET",
+            "http://u@public.example/hosted/x",
+            "Host: public.example\r\n",
+            400,
+            "",
+        ),
         // Host rules judge the host the app gets: an absolute-form
         // target's authority, not the Host header beside it.
         (
@@ -349,8 +371,15 @@ async fn intentions_decide_at_the_destination_within_a_second() -> Result<()> {
             "/hosted/x",
         ),
         // No tunnel under L7 rules: a CONNECT that "/" would allow is
-        // refused...
+        // refused, as is a WebSocket upgrade with a second protocol...
         ("CONNECT", "echo:80", "", 403, ""),
+        (
+            "GET",
+            "/public/a",
+            "Connection: Upgrade\r\nUpgrade: websocket\r\nUpgrade: SPDY/3.1\r\n",
+            403,
+            "",
+        ),
     ];
     for (method, target, extra, want, seen_want) in cases {
         let (code, seen) = through(&addr, method, target, extra).await?;

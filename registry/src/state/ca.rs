@@ -107,7 +107,11 @@ impl CaStore {
         {
             return false;
         }
+        let seed = self.seed_ttl();
         for old in self.roots.iter_mut().filter(|r| r.active) {
+            if old.max_leaf_ttl_secs == 0 {
+                old.max_leaf_ttl_secs = seed;
+            }
             old.active = false;
             old.rotated_out_unix = Some(now_unix);
             old.modify_index = index;
@@ -124,8 +128,29 @@ impl CaStore {
         true
     }
 
+    /// What a root recorded before the longest leaf lifetime was kept
+    /// (written by an earlier version) is taken to have signed with: the
+    /// longer of the lifetime in force and the default.
+    fn seed_ttl(&self) -> u64 {
+        self.config
+            .leaf_cert_ttl_secs
+            .max(CaConfig::default().leaf_cert_ttl_secs)
+    }
+
     /// Replaces the configuration (its indexes are the store's).
     pub fn set_config(&mut self, index: u64, config: &CaConfig) {
+        let seed = self.seed_ttl();
+        for root in self
+            .roots
+            .iter_mut()
+            .filter(|r| r.active && r.max_leaf_ttl_secs == 0)
+        {
+            // Not for a root just made by `rotate` (no leaf signed yet):
+            // its create_index is this write's.
+            if root.create_index != index {
+                root.max_leaf_ttl_secs = seed;
+            }
+        }
         let create_index = if self.config.create_index == 0 {
             index
         } else {
@@ -254,6 +279,22 @@ mod tests {
                 .iter()
                 .any(|r| r.id == "c" && !r.intermediate_cert_pems.is_empty())
         );
+    }
+
+    #[test]
+    fn a_root_from_an_earlier_version_keeps_the_default_leaf_lifetime() {
+        let mut ca = CaStore::default();
+        let mut old = root("old");
+        old.active = true;
+        old.create_index = 1;
+        ca.roots.push(old);
+        ca.config.leaf_cert_ttl_secs = 60;
+        let short = CaConfig {
+            leaf_cert_ttl_secs: 2,
+            ..CaConfig::default()
+        };
+        ca.set_config(9, &short);
+        assert_eq!(ca.roots[0].max_leaf_ttl_secs, 72 * 3600);
     }
 
     #[test]

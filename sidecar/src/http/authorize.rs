@@ -19,6 +19,16 @@ use meshwork_core::intentions::Rule;
 /// Lets the request through (its path rewritten to the normal form when
 /// it was not), with the rule that allowed it, or says why not.
 pub fn request(caller: &Caller, parts: &mut Parts) -> Result<Rule, ProxyError> {
+    // Methods are case-sensitive, but some frameworks upper-case them:
+    // `delete` would pass a `DELETE` rule and be served as one.
+    if parts
+        .method
+        .as_str()
+        .bytes()
+        .any(|b| b.is_ascii_lowercase())
+    {
+        return Err(ProxyError::BadRequest("a method in lower case"));
+    }
     let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
     let (path, query) = http_path::split_query(target);
     // CONNECT's authority form has no path to decide on: the root stands in.
@@ -52,11 +62,16 @@ pub fn request(caller: &Caller, parts: &mut Parts) -> Result<Rule, ProxyError> {
     // whatever the caller sends next, which no L7 rule sees: only an L4
     // intention (or the default) may open one. (`Upgrade: h2c` never
     // gets here: the inbound listener drops it.)
-    let tunnel = parts.method == hyper::Method::CONNECT
-        || parts
-            .headers
-            .get(hyper::header::UPGRADE)
-            .is_some_and(|u| !u.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let mut upgrades = parts.headers.get_all(hyper::header::UPGRADE).iter();
+    let websocket_only = match (upgrades.next(), upgrades.next()) {
+        (None, _) => true,
+        (Some(one), None) => one
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"websocket"),
+        _ => false,
+    };
+    let tunnel = parts.method == hyper::Method::CONNECT || !websocket_only;
     let decision = match decision {
         Authz::AllowL7(rule) if tunnel => {
             Authz::Deny(format!("{rule} (L7 permissions: no tunnels)"))

@@ -16,10 +16,12 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 /// Removes an `Upgrade: h2c` offer (and its `HTTP2-Settings`): the
 /// request stays the HTTP/1.1 request it also is.
 pub fn drop_h2c_upgrade(headers: &mut HeaderMap) {
-    let h2c = headers
-        .get_all(header::UPGRADE)
-        .iter()
-        .any(|v| has_token(v, "h2c"));
+    // Byte by byte: a value that is not UTF-8 must not hide the token.
+    let h2c = headers.get_all(header::UPGRADE).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+    });
     if h2c {
         headers.remove(header::UPGRADE);
         headers.remove("http2-settings");

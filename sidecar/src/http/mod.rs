@@ -156,9 +156,15 @@ impl HttpProxy {
             // Inbound: the verified caller against the intentions, on the
             // normalised path (which is what the app gets), before
             // anything is sent on.
-            // The target and `Host` first: intentions judge what the app
-            // will be sent (an absolute-form target's authority is the
-            // host, HTTP/2's `:authority` wins over `host`).
+            // The target, `Host` and hop-by-hop fields first: intentions
+            // judge what the app will be sent (an absolute-form target's
+            // authority is the host, HTTP/2's `:authority` wins over
+            // `host`, a header the client names in `Connection` is gone).
+            if caller.is_some() {
+                let upgrade =
+                    downstream_upgrade.is_some() && parts.method != hyper::Method::CONNECT;
+                headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+            }
             if let Err(e) = prepare::check_target(&mut parts) {
                 return self.fail(e, grpc, start, log, None, 0);
             }

@@ -168,15 +168,20 @@ pub(super) fn prepare(
 /// `host` header, which is dropped.
 pub(super) fn check_target(parts: &mut Parts) -> Result<(), ProxyError> {
     let uri = &parts.uri;
+    // Userinfo in an authority (RFC 9110 §4.2.4 deprecates it) would
+    // reach the app as a Host that URL parsers read differently.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(ProxyError::BadRequest("an authority with userinfo"));
+    }
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
     if parts.version == Version::HTTP_2 {
         if uri.authority().is_some() {
             parts.headers.remove(header::HOST);
         }
         return Ok(());
-    }
-    let mut hosts = parts.headers.get_all(header::HOST).iter();
-    if hosts.next().is_some() && hosts.next().is_some() {
-        return Err(ProxyError::BadRequest("more than one Host header"));
     }
     let absolute = uri.scheme().is_some();
     if parts.method == Method::CONNECT {
