@@ -422,9 +422,15 @@ fn spawn_public_grpc(
     });
     // The hub's task runs on the public gRPC server's thread (below).
     let hub = crate::watch::Hub::new(Arc::clone(&node.state), config.watch.clone());
-    let watch = crate::api::grpc::watch::WatchServer::new(Arc::clone(&hub), shutdown.clone())
+    let mut watch = crate::api::grpc::watch::WatchServer::new(Arc::clone(&hub), shutdown.clone())
         .with_resolver(Arc::clone(&resolver))
         .with_default_intention(config.connect.default_intention_allow);
+    if config.connect.enabled {
+        watch = watch.with_leaf_signer(crate::api::grpc::leaf_watch::LeafSigner {
+            node: Arc::clone(node),
+            datacenter: config.datacenter.clone().into(),
+        });
+    }
     let (sessions, forward_sessions) =
         crate::leader::liveness::Sessions::new(Arc::clone(node), shutdown.clone());
     tasks.spawn(

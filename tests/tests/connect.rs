@@ -264,6 +264,41 @@ async fn intentions_decide_at_the_destination_within_a_second() -> Result<()> {
     let (code, _) = through(&addr, "GET", "/hello", "").await?;
     ensure!(code == 403, "default deny: {code}");
 
+    // The mesh config entry's DefaultIntention overrides the server's
+    // setting for the whole cluster, as fast as an intention; without the
+    // field the server's setting applies again.
+    const CHECK: &str = "/v1/connect/intentions/check?source=client&destination=echo";
+    let written = Instant::now();
+    put_config(
+        &mesh,
+        &json!({"Kind": "mesh", "Name": "mesh", "DefaultIntention": "allow"}),
+    )
+    .await?;
+    let took = wait_for(
+        "the mesh default applied",
+        Duration::from_secs(3),
+        || async {
+            let (code, _) = through(&addr, "GET", "/hello", "").await.ok()?;
+            (code == 200).then(|| written.elapsed())
+        },
+    )
+    .await?;
+    ensure!(took < Duration::from_secs(1), "mesh default took {took:?}");
+    let allowed = mesh.cluster().get_json(0, CHECK).await.context("check")?;
+    ensure!(allowed["Allowed"] == json!(true), "{allowed}");
+    put_config(&mesh, &json!({"Kind": "mesh", "Name": "mesh"})).await?;
+    wait_for(
+        "the server default again",
+        Duration::from_secs(3),
+        || async {
+            let (code, _) = through(&addr, "GET", "/hello", "").await.ok()?;
+            (code == 403).then_some(())
+        },
+    )
+    .await?;
+    let allowed = mesh.cluster().get_json(0, CHECK).await.context("check")?;
+    ensure!(allowed["Allowed"] == json!(false), "{allowed}");
+
     // An allow applies to the next requests within a second of its write.
     let allow = json!({"Kind": "service-intentions", "Name": "echo",
         "Sources": [{"Name": "client", "Action": "allow"}]});
@@ -567,5 +602,197 @@ async fn short_leaves_renew_and_the_root_rotates_under_load_failing_nothing() ->
     }
 
     mesh.done();
+    Ok(())
+}
+
+/// A P-256 key and a CSR for it, made by `openssl` in `dir`: (key path, CSR PEM).
+fn openssl_csr(dir: &Path, name: &str) -> Result<(std::path::PathBuf, String)> {
+    let key = dir.join(format!("{name}.key"));
+    let csr = dir.join(format!("{name}.csr"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-subj", "/CN=ignored", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr)
+        .output()?;
+    ensure!(out.status.success(), "openssl req: {out:?}");
+    Ok((key, std::fs::read_to_string(csr)?))
+}
+
+/// The public key (PEM) of a certificate or a private key, by `openssl`.
+fn public_key(pem_file: &Path, of_cert: bool) -> Result<String> {
+    let out = if of_cert {
+        Command::new("openssl")
+            .args(["x509", "-noout", "-pubkey", "-in"])
+            .arg(pem_file)
+            .output()?
+    } else {
+        Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(pem_file)
+            .output()?
+    };
+    ensure!(out.status.success(), "openssl: {out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The next message of a leaf stream, within `within`.
+async fn next_event(
+    stream: &mut tonic::Streaming<meshwork_proto::v1::WatchEvent>,
+    within: Duration,
+) -> Result<meshwork_proto::v1::WatchEvent> {
+    tokio::time::timeout(within, stream.message())
+        .await
+        .context("no message in time")??
+        .context("the stream ended")
+}
+
+fn leaf_of(event: &meshwork_proto::v1::WatchEvent) -> Option<meshwork_proto::v1::LeafCert> {
+    event.changes.iter().find_map(|c| match &c.change {
+        Some(meshwork_proto::v1::change::Change::Leaf(leaf)) => Some(leaf.clone()),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_signs_every_leaf_and_leaves_stream_as_a_topic() -> Result<()> {
+    use meshwork_proto::v1::watch_client::WatchClient;
+    use meshwork_proto::v1::watch_event::Kind;
+    use meshwork_proto::v1::{LeafTopic, SubscribeRequest, subscribe_request};
+
+    let mut cluster = meshwork_tests::Cluster::start(3, &[]).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    let follower = cluster.followers(leader)[0];
+    const SIGNED: &str = "meshwork_connect_leaves_signed_total";
+
+    // A leaf asked of a follower is signed by the leader (the follower's
+    // key and CSR, the leader's signature).
+    let leaf = wait_for("a leaf from a follower", Duration::from_secs(5), || async {
+        let leaf = cluster
+            .get_json(follower, "/v1/agent/connect/ca/leaf/api")
+            .await?;
+        leaf["CertPEM"].as_str().is_some().then_some(leaf)
+    })
+    .await?;
+    ensure!(
+        leaf["PrivateKeyPEM"]
+            .as_str()
+            .is_some_and(|k| k.contains("PRIVATE KEY")),
+        "{leaf}"
+    );
+    ensure!(cluster.metric(leader, SIGNED).await? >= 1.0);
+    ensure!(cluster.metric(follower, SIGNED).await? == 0.0);
+
+    // The leaf topic, on a follower: a leaf for the subscriber's own key.
+    let dir = tempfile::tempdir()?;
+    let (key, csr) = openssl_csr(dir.path(), "api")?;
+    let channel = tonic::transport::Endpoint::from_shared(cluster.servers[follower].grpc())?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await?;
+    let mut client = WatchClient::new(channel);
+    let subscribe = |service: &str, csr: &str| SubscribeRequest {
+        topic: Some(subscribe_request::Topic::Leaf(LeafTopic {
+            service: service.into(),
+            csr_pem: csr.into(),
+        })),
+        since_index: 0,
+    };
+    let mut stream = client.subscribe(subscribe("api", &csr)).await?.into_inner();
+    let first = next_event(&mut stream, Duration::from_secs(5)).await?;
+    ensure!(first.kind() == Kind::Snapshot && first.reset, "{first:?}");
+    let first_leaf = leaf_of(&first).context("a leaf in the snapshot")?;
+    ensure!(
+        first_leaf.spiffe_id.ends_with("/ns/default/dc/dc1/svc/api"),
+        "{first_leaf:?}"
+    );
+    let cert = dir.path().join("api.pem");
+    std::fs::write(&cert, &first_leaf.cert_chain_pem)?;
+    ensure!(
+        public_key(&cert, true)? == public_key(&key, false)?,
+        "the leaf is for the subscriber's key"
+    );
+    let marker = next_event(&mut stream, Duration::from_secs(5)).await?;
+    ensure!(marker.kind() == Kind::EndOfSnapshot, "{marker:?}");
+
+    // A root rotation (asked of the follower, written through the
+    // leader) pushes a leaf from the new root on the same stream.
+    let url = format!(
+        "{}/v1/connect/ca/configuration",
+        cluster.servers[follower].http()
+    );
+    let r = http_client()?
+        .put(url)
+        .json(&json!({"Provider": "consul", "Config": {"RotateRoot": true}}))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "rotation: {}", r.status());
+    let rotated = Instant::now();
+    let renewed = loop {
+        ensure!(
+            rotated.elapsed() < Duration::from_secs(5),
+            "no leaf after the rotation"
+        );
+        let event = next_event(&mut stream, Duration::from_secs(5)).await?;
+        if let Some(leaf) = leaf_of(&event) {
+            ensure!(event.kind() == Kind::Change, "{event:?}");
+            break leaf;
+        }
+    };
+    let roots = cluster
+        .get_json(follower, "/v1/connect/ca/roots")
+        .await
+        .context("roots")?;
+    ensure!(
+        Some(renewed.root_id.as_str()) == roots["ActiveRootID"].as_str()
+            && renewed.root_id != first_leaf.root_id
+            && renewed.serial != first_leaf.serial,
+        "the new leaf is from the new root: {renewed:?} {roots}"
+    );
+
+    // Bad subscriptions get a clear INVALID_ARGUMENT.
+    for (service, csr, says) in [
+        ("api", "junk", "CSR"),
+        ("api", "", "csr_pem"),
+        ("a/b", csr.as_str(), "SPIFFE"),
+    ] {
+        let status = match client.subscribe(subscribe(service, csr)).await {
+            Ok(mut s) => match s.get_mut().message().await {
+                Err(status) => status,
+                Ok(m) => anyhow::bail!("{service} {csr:?} was accepted: {m:?}"),
+            },
+            Err(status) => status,
+        };
+        ensure!(
+            status.code() == tonic::Code::InvalidArgument && status.message().contains(says),
+            "{service} {csr:?}: {status:?}"
+        );
+    }
+
+    // The leader goes: the next leader signs (and the stream on the
+    // follower carries on, or ends UNAVAILABLE for the client to come
+    // back).
+    cluster.servers[leader].kill().await?;
+    let asked = cluster.followers(leader)[1];
+    wait_for(
+        "a leaf after the leader died",
+        Duration::from_secs(10),
+        || async {
+            let leaf = cluster
+                .get_json(asked, "/v1/agent/connect/ca/leaf/web")
+                .await?;
+            leaf["CertPEM"].as_str().is_some().then_some(())
+        },
+    )
+    .await?;
+    cluster.done();
     Ok(())
 }

@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use meshwork_proto::v1::raft_internal_server::RaftInternal;
 use meshwork_proto::v1::{
-    ErrorKind, ForwardWriteReply, ForwardWriteRequest, JoinReply, JoinRequest, RaftPayload,
-    ReadIndexReply, ReadIndexRequest, RemoveServerRequest, RenewSessionReply, RenewSessionRequest,
-    ServerHealthReply, ServerHealthRequest, TouchSessionsReply, TouchSessionsRequest,
+    ErrorKind, ForwardSignLeafReply, ForwardSignLeafRequest, ForwardWriteReply,
+    ForwardWriteRequest, JoinReply, JoinRequest, RaftPayload, ReadIndexReply, ReadIndexRequest,
+    RemoveServerRequest, RenewSessionReply, RenewSessionRequest, ServerHealthReply,
+    ServerHealthRequest, TouchSessionsReply, TouchSessionsRequest,
 };
 use openraft::raft::AppendEntriesResponse;
 use serde::Serialize;
@@ -197,6 +198,24 @@ impl RaftInternal for InternalService {
             }
         };
         Ok(Response::new(reply))
+    }
+
+    async fn sign_leaf(
+        &self,
+        request: Request<ForwardSignLeafRequest>,
+    ) -> Result<Response<ForwardSignLeafReply>, Status> {
+        self.node.channels.accept(&request)?;
+        let req = request.into_inner();
+        // Only the leader signs: a follower forwarding again could loop.
+        let result = self
+            .node
+            .sign_leaf_local(crate::connect::sign::LeafRequest {
+                datacenter: &req.datacenter,
+                service: &req.service,
+                csr_pem: &req.csr_pem,
+            })
+            .await;
+        Ok(Response::new(crate::connect::sign::leaf_reply(result)))
     }
 
     async fn server_health(

@@ -583,6 +583,29 @@ impl RegistryNode {
     pub(crate) async fn renew_session_local(&self, id: &str) -> Result<bool, WriteAttempt> {
         let deadline = Instant::now() + self.leader_wait;
         self.confirm_leadership(deadline).await?;
+        self.wait_current_as_leader(deadline).await?;
+        if self.state.read().sessions.get(id).is_none() {
+            return Ok(false);
+        }
+        let mut clock = self
+            .session_renewals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if clock.expiring.contains(id) {
+            return Ok(false);
+        }
+        clock
+            .last
+            .insert(id.to_owned(), tokio::time::Instant::now());
+        Ok(true)
+    }
+
+    /// On the leader: returns once this server's state holds everything
+    /// committed before now (what it reads is what the cluster has).
+    pub(crate) async fn wait_current_as_leader(
+        &self,
+        deadline: Instant,
+    ) -> Result<(), WriteAttempt> {
         // The common case costs no wait (and no timer): a leader that has
         // applied an entry of its term and everything up to its read floor.
         let current = {
@@ -600,20 +623,7 @@ impl RegistryNode {
                 .await
                 .map_err(WriteAttempt::Failed)?;
         }
-        if self.state.read().sessions.get(id).is_none() {
-            return Ok(false);
-        }
-        let mut clock = self
-            .session_renewals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if clock.expiring.contains(id) {
-            return Ok(false);
-        }
-        clock
-            .last
-            .insert(id.to_owned(), tokio::time::Instant::now());
-        Ok(true)
+        Ok(())
     }
 
     /// Returns once a quorum has confirmed this leader within half an
@@ -889,7 +899,7 @@ pub(crate) fn time_left(deadline: Instant) -> Duration {
 
 /// A leader-only call's answer from another server: done, try again (no
 /// leader there), or failed with its error.
-fn answered(kind: ErrorKind, error: String) -> Result<(), WriteAttempt> {
+pub(crate) fn answered(kind: ErrorKind, error: String) -> Result<(), WriteAttempt> {
     match kind {
         ErrorKind::None => Ok(()),
         ErrorKind::NoLeader | ErrorKind::NotLeader => Err(WriteAttempt::Retry),

@@ -4,10 +4,11 @@
 //! The replicated part (which roots exist, which is active) is
 //! [`crate::state::ca`]; this module holds the clock and the randomness.
 //!
-//! Every server signs with the active root of its own replica: a leaf is
-//! not a replicated object (as in Consul), and a server whose replica
-//! lags a rotation by a moment signs with the old root, which everyone
-//! still trusts until it is pruned a leaf lifetime later.
+//! The leader signs every leaf ([`sign`]: other servers forward the CSR),
+//! with the active root of a state that holds everything committed: a
+//! leaf is never signed with a root already rotated out, and the CA key
+//! is used in one place at a time. A leaf is not a replicated object (as
+//! in Consul).
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
@@ -271,7 +272,7 @@ pub fn leaf_from_state(
 }
 
 /// A signed leaf.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct Leaf {
     /// The leaf alone.
     pub cert_pem: String,
@@ -284,7 +285,9 @@ pub struct Leaf {
     pub valid_before_unix: i64,
     pub root_id: String,
     /// Only for leaves whose key the server made
-    /// (`/v1/agent/connect/ca/leaf/:service`).
+    /// (`/v1/agent/connect/ca/leaf/:service`); never serialized (a leaf
+    /// forwarded between servers carries none).
+    #[serde(skip)]
     pub private_key_pem: Option<String>,
 }
 
@@ -433,6 +436,8 @@ pub fn issue_leaf(ca: &CaStore, to: LeafFor<'_>) -> Result<Leaf, CaError> {
         Some(key.serialize_pem()),
     ))
 }
+
+pub mod sign;
 
 #[cfg(test)]
 mod tests;

@@ -93,6 +93,8 @@ const KINDS: &[(&str, &[&str])] = &[
             "TLS",
             "HTTP",
             "Peering",
+            // Meshwork's: what applies when no intention matches.
+            "DefaultIntention",
         ],
     ),
     ("exported-services", &["Services"]),
@@ -216,6 +218,10 @@ fn check_field(kind: &str, field: &str, value: &Value) -> Result<(), String> {
             Some(map) if map.values().all(Value::is_string) => Ok(()),
             _ => bad("an object of strings"),
         },
+        "DefaultIntention" => match value.as_str() {
+            Some("allow" | "deny") => Ok(()),
+            _ => bad("\"allow\" or \"deny\""),
+        },
         "Namespace" | "Partition" | "DefaultSubset" | "ConnectTimeout" | "RequestTimeout"
         | "Mode" | "MutualTLSMode" | "ExternalSNI" => match value {
             Value::String(_) => Ok(()),
@@ -300,6 +306,21 @@ impl ConfigStore {
         true
     }
 
+    /// What applies when no intention matches: the `mesh` entry's
+    /// `DefaultIntention` when it says, else `configured` (the server's
+    /// `connect.default_intention`).
+    pub fn default_intention_allow(&self, configured: bool) -> bool {
+        match self
+            .get("mesh", "mesh")
+            .and_then(|mesh| mesh.body.get("DefaultIntention"))
+            .and_then(Value::as_str)
+        {
+            Some("allow") => true,
+            Some("deny") => false,
+            _ => configured,
+        }
+    }
+
     pub fn get(&self, kind: &str, name: &str) -> Option<&ConfigEntry> {
         self.entries.get(kind).and_then(|e| e.get(name))
     }
@@ -371,6 +392,32 @@ pub fn entry_json(kind: &str, name: &str, entry: &ConfigEntry) -> Value {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_mesh_entry_can_set_the_default_intention() {
+        let mut store = ConfigStore::default();
+        assert!(store.default_intention_allow(true));
+        assert!(!store.default_intention_allow(false));
+        let (kind, name, body) = normalize(json!({
+            "Kind": "mesh", "Name": "mesh", "default_intention": "deny"
+        }))
+        .expect("valid");
+        assert_eq!(body.get("DefaultIntention"), Some(&json!("deny")));
+        assert!(store.set(3, &kind, &name, &body, None));
+        assert!(!store.default_intention_allow(true));
+        let (_, _, body) =
+            normalize(json!({"Kind": "mesh", "Name": "mesh", "DefaultIntention": "allow"}))
+                .expect("valid");
+        assert!(store.set(4, "mesh", "mesh", &body, None));
+        assert!(store.default_intention_allow(false));
+        // Without the field the server's setting applies again.
+        assert!(store.set(5, "mesh", "mesh", &Map::new(), None));
+        assert!(!store.default_intention_allow(false));
+        let refused =
+            normalize(json!({"Kind": "mesh", "Name": "mesh", "DefaultIntention": "Allow"}))
+                .expect_err("only allow or deny");
+        assert!(refused.contains("\"allow\" or \"deny\""), "{refused}");
+    }
 
     #[test]
     fn entries_are_checked_and_spelled_as_consul() {

@@ -23,7 +23,8 @@ pub enum Topic {
     /// The config entries of one kind.
     ConfigEntries(String),
     /// The mesh CA's roots, with what applies when no intention matches
-    /// (this server's setting).
+    /// (the `mesh` entry's `DefaultIntention`, else this server's setting,
+    /// carried here).
     CaRoots { default_allow: bool },
 }
 
@@ -39,10 +40,14 @@ impl Topic {
     pub fn from_request(request: &SubscribeRequest, default_allow: bool) -> Result<Self, String> {
         match &request.topic {
             None => Err(
-                "no topic: set one of service, services, kv_prefix, config_entries or ca_roots"
+                "no topic: set one of service, services, kv_prefix, config_entries, ca_roots or leaf"
                     .into(),
             ),
             Some(subscribe_request::Topic::CaRoots(_)) => Ok(Topic::CaRoots { default_allow }),
+            // Not state: served by its own stream (`api::grpc::leaf_watch`).
+            Some(subscribe_request::Topic::Leaf(_)) => {
+                Err("the leaf topic is not a state topic".into())
+            }
             Some(subscribe_request::Topic::Service(s)) => {
                 if s.name.is_empty() {
                     return Err("service topic without a service name".into());
@@ -68,8 +73,9 @@ impl Topic {
             Topic::Services => state.catalog.services_list_index(),
             Topic::KvPrefix(prefix) => state.kv.prefix_index(prefix),
             Topic::ConfigEntries(kind) => state.config.kind_index(kind),
-            // The trust domain follows the cluster id, set before any root.
-            Topic::CaRoots { .. } => state.ca.index,
+            // The trust domain follows the cluster id, set before any root;
+            // the mesh entry may set the default intention.
+            Topic::CaRoots { .. } => state.ca.index.max(state.config.kind_index("mesh")),
         }
     }
 
@@ -201,7 +207,12 @@ impl Topic {
                             not_after_unix: r.not_after_unix,
                         })
                         .collect(),
-                    default_intention: if *default_allow { "allow" } else { "deny" }.to_owned(),
+                    default_intention: if state.config.default_intention_allow(*default_allow) {
+                        "allow"
+                    } else {
+                        "deny"
+                    }
+                    .to_owned(),
                     leaf_ttl_secs: state.ca.config.leaf_cert_ttl_secs,
                 };
                 Contents::from([(

@@ -272,6 +272,7 @@ impl Agent for AgentService {
         request: Request<SignLeafRequest>,
     ) -> Result<Response<SignLeafReply>, Status> {
         use crate::connect::CaError;
+        use crate::connect::sign::SignError;
         let authz = self.authorize(&request)?;
         let request = request.into_inner();
         if !self.connect_enabled {
@@ -283,22 +284,22 @@ impl Agent for AgentService {
         authz
             .require(Kind::Service, &request.service, Need::Write)
             .map_err(super::refusal_status)?;
-        let state = self.node.state.read().clone();
-        let leaf = crate::connect::leaf_from_state(
-            &state,
-            &self.datacenter,
-            &request.service,
-            Some(&request.csr_pem),
-        )
-        .map_err(|e| match e {
-            CaError::NotReady => Status::unavailable(e.to_string()),
-            CaError::Csr(_) => Status::invalid_argument(e.to_string()),
-            CaError::Root(_) | CaError::Sign(_) => Status::internal(e.to_string()),
-        })?;
-        crate::metrics::METRICS
-            .leaves_signed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::debug!(service = %request.service, serial = %leaf.serial, "leaf signed");
+        let (leaf, index) = self
+            .node
+            .sign_leaf(crate::connect::sign::LeafRequest {
+                datacenter: &self.datacenter,
+                service: &request.service,
+                csr_pem: &request.csr_pem,
+            })
+            .await
+            .map_err(|e| match e {
+                SignError::Cluster(e) => cluster_status(e),
+                SignError::Ca(e @ CaError::NotReady) => Status::unavailable(e.to_string()),
+                SignError::Ca(e @ CaError::Csr(_)) => Status::invalid_argument(e.to_string()),
+                SignError::Ca(e @ (CaError::Root(_) | CaError::Sign(_))) => {
+                    Status::internal(e.to_string())
+                }
+            })?;
         Ok(Response::new(SignLeafReply {
             cert_chain_pem: leaf.chain_pem,
             spiffe_id: leaf.spiffe_id,
@@ -306,7 +307,7 @@ impl Agent for AgentService {
             valid_after_unix: leaf.valid_after_unix,
             valid_before_unix: leaf.valid_before_unix,
             root_id: leaf.root_id,
-            index: state.ca.index,
+            index,
         }))
     }
 

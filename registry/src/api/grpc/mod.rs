@@ -2,6 +2,7 @@
 //! watch and agent services for sidecars join it here.
 
 pub mod agent;
+pub mod leaf_watch;
 pub mod metrics;
 pub mod watch;
 

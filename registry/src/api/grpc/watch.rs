@@ -49,6 +49,8 @@ pub struct WatchServer {
     resolver: super::Resolver,
     /// This server's default intention, for the CA roots topic.
     default_intention_allow: bool,
+    /// Signs the leaf topic's leaves (`None` with connect off).
+    leaves: Option<super::leaf_watch::LeafSigner>,
 }
 
 impl std::fmt::Debug for WatchServer {
@@ -66,6 +68,7 @@ impl WatchServer {
             shutdown,
             resolver: super::allow_all(),
             default_intention_allow: true,
+            leaves: None,
         }
     }
 
@@ -73,6 +76,12 @@ impl WatchServer {
     /// matches.
     pub fn with_default_intention(mut self, allow: bool) -> Self {
         self.default_intention_allow = allow;
+        self
+    }
+
+    /// Serves the leaf topic, signing with `signer`.
+    pub fn with_leaf_signer(mut self, signer: super::leaf_watch::LeafSigner) -> Self {
+        self.leaves = Some(signer);
         self
     }
 
@@ -107,11 +116,14 @@ where
         let shutdown = self.shutdown.clone();
         let resolver = Arc::clone(&self.resolver);
         let default_allow = self.default_intention_allow;
+        let leaves = self.leaves.clone();
         match request.uri().path() {
             "/meshwork.v1.Watch/Subscribe" => Box::pin(async move {
-                Ok(subscribe(hub, shutdown, &resolver, default_allow, request)
-                    .await
-                    .unwrap_or_else(Status::into_http))
+                Ok(
+                    subscribe(hub, shutdown, &resolver, (default_allow, leaves), request)
+                        .await
+                        .unwrap_or_else(Status::into_http),
+                )
             }),
             _ => Box::pin(async move {
                 Ok(Status::unimplemented("no such method in meshwork.v1.Watch").into_http())
@@ -196,7 +208,7 @@ async fn subscribe<B>(
     hub: Arc<Hub>,
     shutdown: CancellationToken,
     resolver: &super::Resolver,
-    default_allow: bool,
+    (default_allow, leaves): (bool, Option<super::leaf_watch::LeafSigner>),
     request: http::Request<B>,
 ) -> Result<http::Response<tonic::body::Body>, Status>
 where
@@ -212,7 +224,30 @@ where
             "grpc-encoding {encoding:?} is not supported; send uncompressed requests"
         )));
     }
-    let request = read_request(request.into_body()).await?;
+    let mut request = read_request(request.into_body()).await?;
+    let leaf_topic = match request.topic.take() {
+        Some(meshwork_proto::v1::subscribe_request::Topic::Leaf(leaf)) => Some(leaf),
+        other => {
+            request.topic = other;
+            None
+        }
+    };
+    if let Some(leaf) = leaf_topic {
+        let Some(signer) = leaves else {
+            return Err(Status::failed_precondition(
+                "the mesh CA is off on this server (connect.enabled = false)",
+            ));
+        };
+        if shutdown.is_cancelled() {
+            return Err(status_of(SubscribeError::ShuttingDown));
+        }
+        let stream = super::leaf_watch::StreamAuth {
+            resolver: Arc::clone(resolver),
+            token,
+            authz,
+        };
+        return super::leaf_watch::subscribe(hub, signer, shutdown, stream, leaf).await;
+    }
     let topic = Topic::from_request(&request, default_allow).map_err(Status::invalid_argument)?;
     let filter = filter_for(&authz, &topic)
         .map_err(super::refusal_status)?
@@ -363,6 +398,8 @@ impl Filter {
                 crate::auth::config_entry_permission(a, kind, name, Need::Read).is_ok()
             }
             Some(C::CaRoots(_)) => true,
+            // Never on a hub topic.
+            Some(C::Leaf(_)) => false,
         }
     }
 

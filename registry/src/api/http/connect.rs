@@ -17,6 +17,7 @@ use super::error::ApiError;
 use super::waiters::IndexOf;
 use crate::auth::{Kind, Need, Single};
 use crate::command::{Command, CommandResponse};
+use crate::connect::sign::{LeafRequest, SignError};
 use crate::connect::{CaError, Leaf};
 use crate::state::ca::{CaConfig, CaRoot, CaStore};
 
@@ -356,15 +357,23 @@ pub async fn leaf(
     let leaf = match cached {
         Some(leaf) => leaf,
         None => {
-            let leaf = crate::connect::leaf_from_state(&state, &app.datacenter, &service, None)
+            let (key, csr) = crate::connect::sign::key_and_csr()
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            let (mut leaf, _) = app
+                .node
+                .sign_leaf(LeafRequest {
+                    datacenter: &app.datacenter,
+                    service: &service,
+                    csr_pem: &csr,
+                })
+                .await
                 .map_err(|e| match e {
-                    CaError::NotReady => ApiError::Internal(e.to_string()),
-                    CaError::Csr(m) => ApiError::bad_request(m),
-                    e => ApiError::Internal(e.to_string()),
+                    SignError::Cluster(e) => ApiError::from(e),
+                    SignError::Ca(e @ CaError::NotReady) => ApiError::Internal(e.to_string()),
+                    SignError::Ca(CaError::Csr(m)) => ApiError::bad_request(m),
+                    SignError::Ca(e) => ApiError::Internal(e.to_string()),
                 })?;
-            crate::metrics::METRICS
-                .leaves_signed
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            leaf.private_key_pem = Some(key);
             app.leaves
                 .0
                 .lock()

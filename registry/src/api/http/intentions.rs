@@ -181,14 +181,26 @@ fn decide(
     state: &RegistryState,
     source: &str,
     destination: &str,
-    default_allow: bool,
+    configured_default_allow: bool,
 ) -> Result<(bool, String), ApiError> {
+    let default_allow = state
+        .config
+        .default_intention_allow(configured_default_allow);
     let set = IntentionSet::compile(destination, entries(state), default_allow)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let decision = set.decide_connection(source);
+    let by_mesh = state
+        .config
+        .get("mesh", "mesh")
+        .is_some_and(|m| m.body.contains_key("DefaultIntention"));
     let reason = match &decision.rule {
         intentions::Rule::Default => format!(
-            "Default behavior configured by connect.default_intention ({})",
+            "Default behavior configured by {} ({})",
+            if by_mesh {
+                "the mesh config entry's DefaultIntention"
+            } else {
+                "connect.default_intention"
+            },
             if default_allow { "allow" } else { "deny" }
         ),
         rule => format!(
