@@ -758,6 +758,111 @@ async fn the_leader_signs_every_leaf_and_leaves_stream_as_a_topic() -> Result<()
         "the new leaf is from the new root: {renewed:?} {roots}"
     );
 
+    // An operator's own root (made by openssl) is cross-signed by the
+    // current one: a leaf of the new root verifies, through the chain it
+    // carries, for a peer that knows only the old root.
+    let old_root = roots["Roots"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["Active"] == json!(true)))
+        .and_then(|r| r["RootCert"].as_str())
+        .context("the active root")?
+        .to_owned();
+    let operator_root = |name: &str, subject: &str| -> Result<(String, String)> {
+        let (key, cert) = (
+            dir.path().join(format!("{name}.key")),
+            dir.path().join(format!("{name}.pem")),
+        );
+        let out = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "30", "-subj", subject])
+            .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+            .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()?;
+        ensure!(out.status.success(), "openssl req -x509: {out:?}");
+        Ok((
+            std::fs::read_to_string(cert)?,
+            std::fs::read_to_string(key)?,
+        ))
+    };
+    let put_root = |cert: String, key: String| {
+        let url = format!(
+            "{}/v1/connect/ca/configuration",
+            cluster.servers[follower].http()
+        );
+        async move {
+            let r = http_client()?
+                .put(url)
+                .json(&json!({"Provider": "consul",
+                    "Config": {"RootCert": cert, "PrivateKey": key}}))
+                .send()
+                .await?;
+            Ok::<_, anyhow::Error>((r.status().as_u16(), r.text().await?))
+        }
+    };
+    // Two attributes of one type cannot be written back as an issuer
+    // name: refused, with the reason.
+    let (cert, key) = operator_root("dup", "/OU=a/OU=b/CN=Dup Root")?;
+    let (code, body) = put_root(cert, key).await?;
+    ensure!(
+        code == 400 && body.contains("written back"),
+        "{code} {body}"
+    );
+    let (cert, key) = operator_root("ours", "/C=DE/O=Example Corp/CN=Example Mesh Root")?;
+    let (code, body) = put_root(cert, key).await?;
+    ensure!(code == 200, "operator root: {code} {body}");
+    let imported = loop {
+        ensure!(
+            rotated.elapsed() < Duration::from_secs(15),
+            "no leaf of the operator's root"
+        );
+        let event = next_event(&mut stream, Duration::from_secs(5)).await?;
+        if let Some(leaf) = leaf_of(&event).filter(|l| l.root_id != renewed.root_id) {
+            break leaf;
+        }
+    };
+    let split = imported
+        .cert_chain_pem
+        .find("-----END CERTIFICATE-----")
+        .map(|i| i + "-----END CERTIFICATE-----\n".len())
+        .context("a PEM chain")?;
+    let (leaf_pem, cross_pem) = imported.cert_chain_pem.split_at(split);
+    ensure!(
+        cross_pem.contains("BEGIN CERTIFICATE"),
+        "the chain has the cross-signed root"
+    );
+    for (name, text) in [
+        ("old-root.pem", old_root.as_str()),
+        ("leaf.pem", leaf_pem),
+        ("cross.pem", cross_pem),
+    ] {
+        std::fs::write(dir.path().join(name), text)?;
+    }
+    let verify = |untrusted: bool| -> Result<bool> {
+        let mut cmd = Command::new("openssl");
+        cmd.current_dir(dir.path())
+            .args(["verify", "-CAfile", "old-root.pem"]);
+        if untrusted {
+            cmd.args(["-untrusted", "cross.pem"]);
+        }
+        Ok(cmd.arg("leaf.pem").output()?.status.success())
+    };
+    ensure!(
+        verify(true)?,
+        "the leaf verifies against the old root through the cross-signature"
+    );
+    ensure!(!verify(false)?, "and not without it");
+
     // Bad subscriptions get a clear INVALID_ARGUMENT.
     for (service, csr, says) in [
         ("api", "junk", "CSR"),

@@ -158,9 +158,8 @@ pub fn generate_root(
 
 /// Takes an operator's root (`PUT /v1/connect/ca/configuration` with
 /// `RootCert` and `PrivateKey`): a CA certificate, currently valid, whose
-/// key is the one given. It is not cross-signed (its subject is the
-/// operator's); sidecars trust it as soon as they see the new roots,
-/// before they renew their leaves.
+/// key is the one given. [`cross_sign_imported`] then has the current
+/// root vouch for it.
 pub fn import_root(cert_pem: &str, key_pem: &str, now_unix: i64) -> Result<CaRoot, CaError> {
     use x509_parser::prelude::{FromDer, X509Certificate};
     let key = KeyPair::from_pem(key_pem)
@@ -179,6 +178,14 @@ pub fn import_root(cert_pem: &str, key_pem: &str, now_unix: i64) -> Result<CaRoo
             "PrivateKey does not match RootCert's public key".into(),
         ));
     }
+    // A relative name must hold exactly one attribute to be used as an
+    // issuer name here (and an empty one is malformed).
+    if cert.subject().iter().any(|rdn| rdn.iter().count() != 1) {
+        return Err(CaError::Root(
+            "RootCert's subject has an empty or multi-valued name component, which is not supported"
+                .into(),
+        ));
+    }
     let validity = cert.validity();
     let (not_before, not_after) = (
         validity.not_before.timestamp(),
@@ -189,11 +196,22 @@ pub fn import_root(cert_pem: &str, key_pem: &str, now_unix: i64) -> Result<CaRoo
     }
     // Leaves must verify: the issuer must be usable by the sidecars'
     // verifier, so check that rcgen can sign with it.
+    // Leaves name their issuer as rcgen writes the root's subject: it must
+    // be the subject's exact bytes, or no leaf would chain to the root.
     let issuer_check = Issuer::from_ca_cert_pem(cert_pem, key)
         .map_err(|e| CaError::Root(format!("RootCert cannot sign: {e}")))?;
-    drop(issuer_check);
     let key = KeyPair::from_pem(key_pem)
         .map_err(|_| CaError::Root("PrivateKey is not a PEM key".into()))?;
+    let probe = CertificateParams::default()
+        .signed_by(&key, &issuer_check)
+        .map_err(|e| CaError::Root(format!("RootCert cannot sign: {e}")))?;
+    let (_, probe) = X509Certificate::from_der(probe.der())
+        .map_err(|e| CaError::Root(format!("RootCert cannot sign: {e}")))?;
+    if probe.issuer().as_raw() != cert.subject().as_raw() {
+        return Err(CaError::Root(
+            "RootCert's subject cannot be written back exactly as an issuer name (a repeated attribute type?), so its leaves would not chain to it".into(),
+        ));
+    }
     let id = colon_hex(&CertificateParams::default().key_identifier(&key));
     let name = cert
         .subject()
@@ -218,6 +236,105 @@ pub fn import_root(cert_pem: &str, key_pem: &str, now_unix: i64) -> Result<CaRoo
         create_index: 0,
         modify_index: 0,
     })
+}
+
+/// `root`'s subject as rcgen writes names, if it can be written back as
+/// it is: one attribute per relative name, no attribute type twice, and
+/// string types rcgen keeps.
+fn rebuilt_subject(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> Option<DistinguishedName> {
+    use rcgen::DnValue;
+    use x509_parser::der_parser::asn1_rs::Tag;
+    let mut dn = DistinguishedName::new();
+    let mut seen = Vec::new();
+    for rdn in cert.subject().iter() {
+        let mut attributes = rdn.iter();
+        let (Some(attribute), None) = (attributes.next(), attributes.next()) else {
+            return None;
+        };
+        let oid: Vec<u64> = attribute.attr_type().iter()?.collect();
+        if seen.contains(&oid) {
+            return None;
+        }
+        let value = attribute.attr_value();
+        let text = std::str::from_utf8(value.data).ok()?;
+        let value = match value.header.tag() {
+            Tag::PrintableString => DnValue::PrintableString(text.try_into().ok()?),
+            Tag::Utf8String => DnValue::Utf8String(text.to_owned()),
+            Tag::Ia5String => DnValue::Ia5String(text.try_into().ok()?),
+            _ => return None,
+        };
+        dn.push(DnType::from_oid(&oid), value);
+        seen.push(oid);
+    }
+    Some(dn)
+}
+
+/// Has `previous` (the active root being replaced) cross-sign an
+/// operator's root, as rotation to a generated root does: a certificate
+/// with the operator root's subject, key and key id, issued by the old
+/// root, which leaves of the new root carry in their chain so that peers
+/// that know only the old root accept them. `Err` says why it cannot be
+/// made (a subject that cannot be written back byte for byte); the caller
+/// then needs `ForceWithoutCrossSigning`.
+pub fn cross_sign_imported(root: &mut CaRoot, previous: &CaRoot) -> Result<(), String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, pem) = x509_parser::pem::parse_x509_pem(root.root_cert_pem.as_bytes())
+        .map_err(|_| "RootCert is not a PEM certificate".to_owned())?;
+    let (_, cert) =
+        X509Certificate::from_der(&pem.contents).map_err(|e| format!("RootCert: {e}"))?;
+    let subject = rebuilt_subject(&cert).ok_or_else(|| {
+        "its subject cannot be written back exactly (a multi-valued or repeated attribute,          or a string type other than PrintableString, UTF8String or IA5String)"
+            .to_owned()
+    })?;
+    let key = KeyPair::from_pem(&root.private_key_pem)
+        .map_err(|_| "its private key cannot be read".to_owned())?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = subject;
+    let (serial, _) = random_serial::<8>();
+    params.serial_number = Some(serial);
+    params.is_ca = match cert.basic_constraints().ok().flatten() {
+        Some(bc) => match bc.value.path_len_constraint {
+            Some(n) => IsCa::Ca(BasicConstraints::Constrained(
+                u8::try_from(n).unwrap_or(u8::MAX),
+            )),
+            None => IsCa::Ca(BasicConstraints::Unconstrained),
+        },
+        None => IsCa::Ca(BasicConstraints::Unconstrained),
+    };
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    // The operator's key id, which the leaves' authority key id names.
+    if let Some(ski) = cert
+        .iter_extensions()
+        .find_map(|ext| match ext.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => {
+                Some(id.0.to_vec())
+            }
+            _ => None,
+        })
+    {
+        params.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(ski);
+    }
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = at(root.not_before_unix).map_err(|e| e.to_string())?;
+    params.not_after = at(root.not_after_unix).map_err(|e| e.to_string())?;
+    let cross = params
+        .signed_by(&key, &issuer(previous).map_err(|e| e.to_string())?)
+        .map_err(|e| format!("cannot cross-sign: {e}"))?;
+    // Chains are built by names: the copy must name exactly the root.
+    let (_, made) = X509Certificate::from_der(cross.der())
+        .map_err(|e| format!("the cross-signed certificate does not parse: {e}"))?;
+    if made.subject().as_raw() != cert.subject().as_raw() {
+        return Err("its subject cannot be written back byte for byte".into());
+    }
+    root.intermediate_cert_pems = vec![cross.pem()];
+    root.cross_signed_by = Some(previous.id.clone());
+    Ok(())
 }
 
 /// Whether `service` can be the last segment of a SPIFFE ID: letters,

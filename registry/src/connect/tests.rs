@@ -154,3 +154,75 @@ fn bad_csrs_and_roots_are_refused_with_a_reason() {
         import_root(&root.root_cert_pem, &root.private_key_pem, NOW + 7200).expect_err("expired");
     assert!(e.to_string().contains("not valid now"), "{e}");
 }
+
+/// An operator's CA certificate with `subject`, its own key and a key id
+/// of its own (as OpenSSL makes: not rcgen's method).
+fn operator_root(subject: DistinguishedName) -> (String, String) {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = CertificateParams::default();
+    params.distinguished_name = subject;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(vec![7; 20]);
+    params.not_before = at(NOW - 10).expect("time");
+    params.not_after = at(NOW + 3600 * 24).expect("time");
+    let cert = params.self_signed(&key).expect("operator root");
+    (cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn an_operators_root_is_cross_signed_so_peers_with_the_old_root_accept_its_leaves() {
+    use rcgen::DnValue;
+    let old = generate_root("c1.meshwork", 3600 * 24, NOW, None).expect("root");
+    let mut ca = store_with(old.clone(), 3600);
+    let mut subject = DistinguishedName::new();
+    subject.push(
+        DnType::CountryName,
+        DnValue::PrintableString("DE".try_into().expect("printable")),
+    );
+    subject.push(DnType::OrganizationName, "Example Corp");
+    subject.push(DnType::CommonName, "Example Mesh Root");
+    let (cert, key) = operator_root(subject);
+    let mut new = import_root(&cert, &key, NOW).expect("import");
+    assert!(new.intermediate_cert_pems.is_empty());
+    cross_sign_imported(&mut new, &old).expect("cross-signed");
+    assert_eq!(new.cross_signed_by.as_deref(), Some(old.id.as_str()));
+    assert!(ca.rotate(2, Some(&old.id), &new, None, NOW));
+    let leaf = issue_leaf(&ca, to("api")).expect("leaf");
+    assert_eq!(leaf.root_id, new.id);
+    // A peer that knows only the old root, and one that knows the new.
+    assert!(verifies(&leaf.chain_pem, &[&old], NOW + 10));
+    assert!(verifies(&leaf.chain_pem, &[&new], NOW + 10));
+    assert!(!verifies(&leaf.cert_pem, &[&old], NOW + 10));
+    // The copy keeps the operator's key id and names the old root as its
+    // authority.
+    let der = certs(&new.intermediate_cert_pems[0]).remove(0);
+    let (_, cross) = x509_parser::parse_x509_certificate(&der).expect("x509");
+    let ski = cross
+        .iter_extensions()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => {
+                Some(id.0.to_vec())
+            }
+            _ => None,
+        });
+    assert_eq!(ski, Some(vec![7; 20]));
+    assert!(cross.is_ca());
+}
+
+#[test]
+fn a_subject_that_cannot_be_copied_exactly_is_not_cross_signed() {
+    let old = generate_root("c1.meshwork", 3600 * 24, NOW, None).expect("root");
+    // A BMPString: leaves can name it (rcgen writes it back as it is), a
+    // cross-signed copy here is not made.
+    let mut subject = DistinguishedName::new();
+    subject.push(
+        DnType::CommonName,
+        rcgen::DnValue::BmpString("Root".try_into().expect("bmp")),
+    );
+    let (cert, key) = operator_root(subject);
+    let mut new = import_root(&cert, &key, NOW).expect("import");
+    let why = cross_sign_imported(&mut new, &old).expect_err("not copied");
+    assert!(why.contains("written back"), "{why}");
+    assert!(new.intermediate_cert_pems.is_empty() && new.cross_signed_by.is_none());
+}

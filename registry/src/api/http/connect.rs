@@ -158,9 +158,10 @@ fn duration_field(config: &Map<String, Value>, name: &str) -> Result<Option<u64>
 
 /// `PUT /v1/connect/ca/configuration` (operator:write): Consul's body
 /// (`Provider` "consul", `Config`, `ForceWithoutCrossSigning`). With
-/// `Config.PrivateKey` and `Config.RootCert` the CA rotates to that root
-/// (it cannot be cross-signed here: `ForceWithoutCrossSigning` must say
-/// that is meant); with `Config.RotateRoot` = true (a Meshwork extension)
+/// `Config.PrivateKey` and `Config.RootCert` the CA rotates to that root,
+/// cross-signed by the current one (when its subject cannot be copied
+/// exactly, `ForceWithoutCrossSigning` must say rotating without is
+/// meant); with `Config.RotateRoot` = true (a Meshwork extension)
 /// it rotates to a new generated root cross-signed by the current one;
 /// otherwise only `LeafCertTTL` / `RootCertTTL` change.
 pub async fn set_configuration(
@@ -276,18 +277,25 @@ pub async fn set_configuration(
     let now = crate::connect::now_unix();
     let root = match (text("PrivateKey"), text("RootCert")) {
         (Some(key), Some(cert)) => {
-            let root = crate::connect::import_root(cert, key, now)
+            let mut root = crate::connect::import_root(cert, key, now)
                 .map_err(|e| ApiError::bad_request(e.to_string()))?;
             if root.id == active.id {
                 None
-            } else if !force {
-                return Err(ApiError::bad_request(
-                    "Config.RootCert: a root given by the operator is not cross-signed by the current one, \
-                     so peers that have not yet seen it refuse its leaves for a moment; set \
-                     ForceWithoutCrossSigning to true if that is meant",
-                ));
             } else {
-                Some(root)
+                match crate::connect::cross_sign_imported(&mut root, active) {
+                    Ok(()) => Some(root),
+                    Err(why) if force => {
+                        tracing::warn!(reason = %why, "operator root not cross-signed (forced)");
+                        Some(root)
+                    }
+                    Err(why) => {
+                        return Err(ApiError::bad_request(format!(
+                            "Config.RootCert cannot be cross-signed by the current root: {why}; \
+                             peers that have not yet seen it would refuse its leaves for a moment. \
+                             Set ForceWithoutCrossSigning to true if that is meant"
+                        )));
+                    }
+                }
             }
         }
         (None, None) if rotate => Some(
