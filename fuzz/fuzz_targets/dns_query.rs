@@ -1,5 +1,7 @@
 //! Feeds arbitrary bytes to the DNS query path: it must answer (or drop)
 //! without panicking, and every answer must itself be a valid DNS message.
+//! Through the answer cache too: asked twice, the second (a kept answer,
+//! patched) must say what the first said.
 #![no_main]
 
 use std::collections::HashMap;
@@ -9,6 +11,7 @@ use hickory_proto::op::Message;
 use hickory_proto::rr::Name;
 use libfuzzer_sys::fuzz_target;
 use meshwork_registry::dns::answer::{DnsConfig, Outcome, Transport, handle_packet};
+use meshwork_registry::dns::cache::{AnswerCache, DEFAULT_BUDGET};
 use meshwork_registry::state::State;
 use meshwork_registry::state::catalog::{CheckSpec, HealthStatus, Registration, ServiceSpec};
 use rand::SeedableRng;
@@ -49,6 +52,7 @@ fn fixture() -> &'static (State, DnsConfig) {
             a_record_limit: 0,
             recursors: Vec::new(),
             ns_addr: None,
+            acl: None,
         };
         (state, config)
     })
@@ -65,6 +69,25 @@ fuzz_target!(|data: &[u8]| {
             if bytes.len() > 12 {
                 assert!(Message::from_vec(&bytes).is_ok(), "invalid answer to {data:?}");
             }
+        }
+        let cache = AnswerCache::new(DEFAULT_BUDGET);
+        let (mut first, mut second) = (Vec::new(), Vec::new());
+        let a = cache.answer(data, state, config, transport, &mut first);
+        let b = cache.answer(data, state, config, transport, &mut second);
+        match (a, b) {
+            (Outcome::Placed, Outcome::Placed) => {
+                assert_eq!(first.len() >= 4, second.len() >= 4);
+                if first.len() >= 4 {
+                    // Same id and flags and rcode, same counts.
+                    assert_eq!(first[..4], second[..4], "{data:?}");
+                }
+                if let (Ok(x), Ok(y)) = (Message::from_vec(&first), Message::from_vec(&second)) {
+                    assert_eq!(x.queries(), y.queries(), "{data:?}");
+                    assert_eq!(x.answers().len(), y.answers().len(), "{data:?}");
+                }
+            }
+            (Outcome::Drop, Outcome::Drop) | (Outcome::Forward, Outcome::Forward) => {}
+            (a, b) => panic!("{data:?}: {a:?} then {b:?}"),
         }
     }
 });

@@ -65,6 +65,11 @@ pub struct Metrics {
     pub leader_changes: AtomicU64,
     /// Mesh leaf certificates signed by this server.
     pub leaves_signed: AtomicU64,
+    /// DNS answers sent from the answer cache, made anew, and the
+    /// cache's size.
+    pub dns_cache_hits: AtomicU64,
+    pub dns_cache_misses: AtomicU64,
+    pub dns_cache_bytes: AtomicU64,
     snapshot_bytes: AtomicU64,
     snapshot_millis: AtomicU64,
     snapshots: AtomicU64,
@@ -173,6 +178,19 @@ impl Metrics {
         self.raft_apply.observe(took);
     }
 
+    /// An answer from the DNS answer cache (`hit`) or made anew.
+    pub fn dns_cache(&self, hit: bool) {
+        if hit {
+            self.dns_cache_hits.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.dns_cache_misses.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn dns_cache_bytes(&self, bytes: usize) {
+        self.dns_cache_bytes.store(bytes as u64, Ordering::Relaxed);
+    }
+
     pub fn dns_answer(&self, qtype: &'static str, rcode: &'static str) {
         *lock(&self.dns).entry((qtype, rcode)).or_default() += 1;
     }
@@ -217,6 +235,21 @@ impl Metrics {
                 "meshwork_connect_leaves_signed_total",
                 "Mesh leaf certificates this server signed since start.",
                 self.leaves_signed.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "meshwork_dns_cache_hits_total",
+                "DNS answers sent from the answer cache.",
+                self.dns_cache_hits.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "meshwork_dns_cache_misses_total",
+                "DNS answers made anew (not in the answer cache, or out of date).",
+                self.dns_cache_misses.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "meshwork_dns_cache_bytes",
+                "Bytes of answers kept by the DNS answer cache.",
+                self.dns_cache_bytes.load(Ordering::Relaxed) as f64,
             ),
             (
                 "meshwork_snapshots_total",

@@ -184,7 +184,17 @@ async fn with_tls_and_acls_tokens_work_everywhere_and_a_revoked_one_is_refused_w
     // HTTPS: with the CA it answers, without it curl refuses the server;
     // plain HTTP to the HTTPS port is told what it did.
     let ca = certs.path().join("meshwork-agent-ca.pem");
-    let (code, body) = curl_https(&ips[0], "/v1/status/leader", Some(&ca))?;
+    // Server 0 may not have heard from the new leader yet: ask until it
+    // names one (bounded).
+    let mut answer = (0, String::new());
+    for _ in 0..50 {
+        answer = curl_https(&ips[0], "/v1/status/leader", Some(&ca))?;
+        if answer.0 != 0 || answer.1.contains(":28300") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, body) = answer;
     ensure!(
         code == 0 && body.contains(":28300"),
         "with the CA: {code} {body}"

@@ -155,6 +155,36 @@ async fn names_health_and_tags_resolve_with_dig() -> Result<()> {
     assert_eq!(short(&cluster, 0, &["mesh", "NS"])?, ["ns.mesh."]);
     // Outside the domain without recursors: refused.
     assert!(dig(&cluster, 0, &["example.com", "A"])?.contains("status: REFUSED"));
+
+    // Answers come from the answer cache once made, and a change still
+    // shows in the very next answer (no waiting this time).
+    let hits = cluster.metric(0, "meshwork_dns_cache_hits_total").await?;
+    for _ in 0..3 {
+        assert_eq!(
+            short(&cluster, 0, &["web.service.mesh", "A"])?,
+            ["198.18.1.2", "198.18.1.3"]
+        );
+    }
+    assert!(cluster.metric(0, "meshwork_dns_cache_hits_total").await? >= hits + 2.0);
+    instance(&cluster, 2, "critical", &["v1"]).await?;
+    // The write was acknowledged by the leader; server 0 answers once it
+    // has applied it (a stale read), so wait for its index, not the answer.
+    wait_for(
+        "server 0 to apply the change",
+        Duration::from_secs(5),
+        || async {
+            let health = cluster.instance_health(0, "web").await.ok()?;
+            health
+                .iter()
+                .any(|(id, status)| id == "web-2" && status == "critical")
+                .then_some(())
+        },
+    )
+    .await?;
+    assert_eq!(
+        short(&cluster, 0, &["web.service.mesh", "A"])?,
+        ["198.18.1.3"]
+    );
     cluster.done();
     Ok(())
 }

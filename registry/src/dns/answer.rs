@@ -102,10 +102,39 @@ pub enum Transport {
 pub enum Outcome {
     /// Send these bytes back.
     Reply(Vec<u8>),
+    /// Send the bytes now in the caller's buffer back (the answer cache's
+    /// way: no allocation).
+    Placed,
     /// A name outside our domain: ask a recursor (the packet as received).
     Forward,
     /// Not worth an answer (shorter than a header, or itself a response).
     Drop,
+}
+
+/// How the instances of a service answer are ordered.
+pub enum Order<'a> {
+    /// Shuffled.
+    Random(&'a mut dyn rand::RngCore),
+    /// Sorted by node and service id, then rotated left this many places:
+    /// the answer cache's variants, in which every instance comes first
+    /// once.
+    Rotated(usize),
+}
+
+/// What an answer was made from, so that a kept copy can tell whether it
+/// is still the answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Covers {
+    /// The configuration alone (the apex, `ns`, `.addr` names, refusals).
+    Config,
+    /// The instances of this service (as registered, under the name
+    /// asked) and which service names exist; `instances` were in it.
+    Service { name: String, instances: usize },
+    /// The nodes (node names, reverse lookups).
+    Nodes,
+    /// Not to be kept: forwarded, dropped, an error, or a service found
+    /// under another case of its name.
+    Nothing,
 }
 
 /// Answers one DNS packet.
@@ -116,12 +145,43 @@ pub fn handle_packet(
     transport: Transport,
     rng: &mut impl rand::Rng,
 ) -> Outcome {
+    answer(packet, state, config, transport, Order::Random(rng)).0
+}
+
+/// Answers one DNS packet, ordering service answers by `order`, and says
+/// what the answer covers.
+pub fn answer(
+    packet: &[u8],
+    state: &State,
+    config: &DnsConfig,
+    transport: Transport,
+    order: Order<'_>,
+) -> (Outcome, Covers) {
+    let mut covers = Covers::Config;
+    let outcome = answer_inner(packet, state, config, transport, order, &mut covers);
+    match outcome {
+        Outcome::Reply(_) => (outcome, covers),
+        _ => (outcome, Covers::Nothing),
+    }
+}
+
+fn answer_inner(
+    packet: &[u8],
+    state: &State,
+    config: &DnsConfig,
+    transport: Transport,
+    order: Order<'_>,
+    covers: &mut Covers,
+) -> Outcome {
     if packet.len() < 12 {
         return Outcome::Drop;
     }
     let request = match Message::from_vec(packet) {
         Ok(m) => m,
-        Err(_) => return Outcome::Reply(header_only_error(packet, ResponseCode::FormErr)),
+        Err(_) => {
+            *covers = Covers::Nothing;
+            return Outcome::Reply(header_only_error(packet, ResponseCode::FormErr));
+        }
     };
     if request.message_type() == MessageType::Response {
         return Outcome::Drop;
@@ -165,6 +225,7 @@ pub fn handle_packet(
         .map(|n| n.zone_of(&name))
         .unwrap_or(false);
     if reverse {
+        *covers = Covers::Nodes;
         return match reverse_lookup(&name, state, config, &authz) {
             Some(record) => {
                 response.set_authoritative(true);
@@ -188,7 +249,7 @@ pub fn handle_packet(
         return Outcome::Reply(encode(response, limit));
     }
     response.set_authoritative(true);
-    let found = lookup(query, &name, state, config, &authz, rng);
+    let found = lookup(query, &name, (state, &authz), config, order, covers);
     match found {
         Lookup::NxDomain => {
             response.set_response_code(ResponseCode::NXDomain);
@@ -256,10 +317,10 @@ fn relative_labels(name: &Name, config: &DnsConfig) -> Vec<String> {
 fn lookup(
     query: &Query,
     name: &Name,
-    state: &State,
+    (state, authz): (&State, &Resolved),
     config: &DnsConfig,
-    authz: &Resolved,
-    rng: &mut impl rand::Rng,
+    order: Order<'_>,
+    covers: &mut Covers,
 ) -> Lookup {
     let qtype = query.query_type();
     let labels = relative_labels(name, config);
@@ -291,7 +352,10 @@ fn lookup(
             }
             _ => Lookup::nodata(),
         },
-        [node, "node"] => node_lookup(node, qtype, name, state, config, authz),
+        [node, "node"] => {
+            *covers = Covers::Nodes;
+            node_lookup(node, qtype, name, state, config, authz)
+        }
         [hex, "addr"] => match decode_hex_ipv4(hex) {
             Some(ip) if matches!(qtype, RecordType::A | RecordType::ANY) => Lookup::Records {
                 answers: vec![Record::from_rdata(
@@ -304,18 +368,38 @@ fn lookup(
             Some(_) => Lookup::nodata(),
             None => Lookup::NxDomain,
         },
-        [service, "service"] if !service.starts_with('_') => {
-            service_lookup(service, None, qtype, name, (state, authz), config, rng)
-        }
+        [service, "service"] if !service.starts_with('_') => service_lookup(
+            service,
+            None,
+            qtype,
+            name,
+            (state, authz),
+            config,
+            (order, covers),
+        ),
         [tag, service, "service"] if tag.starts_with('_') && service.starts_with('_') => {
             // RFC 2782: `_<service>._<tag|tcp>`; the first label is the service.
             let (svc, proto) = (&tag[1..], &service[1..]);
             let tag = (proto != "tcp" && proto != "udp").then_some(proto);
-            service_lookup(svc, tag, qtype, name, (state, authz), config, rng)
+            service_lookup(
+                svc,
+                tag,
+                qtype,
+                name,
+                (state, authz),
+                config,
+                (order, covers),
+            )
         }
-        [tag, service, "service"] => {
-            service_lookup(service, Some(tag), qtype, name, (state, authz), config, rng)
-        }
+        [tag, service, "service"] => service_lookup(
+            service,
+            Some(tag),
+            qtype,
+            name,
+            (state, authz),
+            config,
+            (order, covers),
+        ),
         _ => Lookup::NxDomain,
     }
 }
@@ -372,11 +456,15 @@ fn service_lookup(
     // The state and what the DNS token may read of it.
     (state, authz): (&State, &Resolved),
     config: &DnsConfig,
-    rng: &mut impl rand::Rng,
+    (order, covers): (Order<'_>, &mut Covers),
 ) -> Lookup {
     let catalog = &state.catalog;
     let reads_all = authz.reads_all(Kind::Service) && authz.reads_all(Kind::Node);
     let mut candidates: Vec<(&Node, &ServiceInstance)> = catalog.instances(service).collect();
+    *covers = Covers::Service {
+        name: service.to_owned(),
+        instances: candidates.len(),
+    };
     if candidates.is_empty() {
         // Service names are case-insensitive in DNS; registered names may not be.
         candidates = catalog
@@ -385,6 +473,11 @@ fn service_lookup(
             .filter(|n| n.eq_ignore_ascii_case(service))
             .flat_map(|n| catalog.instances(n).collect::<Vec<_>>())
             .collect();
+        if !candidates.is_empty() {
+            // Found under another case of its name: the answer hangs on
+            // services other than `service`'s own, so it is not kept.
+            *covers = Covers::Nothing;
+        }
     }
     let mut instances: Vec<(&Node, &ServiceInstance, HealthStatus)> = candidates
         .into_iter()
@@ -406,7 +499,18 @@ fn service_lookup(
     if instances.is_empty() {
         return Lookup::NxDomain;
     }
-    instances.shuffle(rng);
+    if let Covers::Service { instances: n, .. } = covers {
+        *n = instances.len();
+    }
+    match order {
+        Order::Random(rng) => instances.shuffle(rng),
+        Order::Rotated(by) => {
+            instances
+                .sort_by(|(n1, s1, _), (n2, s2, _)| (&n1.name, &s1.id).cmp(&(&n2.name, &s2.id)));
+            let len = instances.len();
+            instances.rotate_left(by % len);
+        }
+    }
     let ttl = config.service_ttl(service);
     let mut answers = Vec::new();
     let mut additionals = Vec::new();

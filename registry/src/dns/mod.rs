@@ -8,6 +8,7 @@
 //! by rules we control, and UDP answers respect 512 bytes without EDNS.
 
 pub mod answer;
+pub mod cache;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -23,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::raft::state_machine::SharedState;
 pub use answer::DnsConfig;
-use answer::{Outcome, Transport, handle_packet};
+use answer::{Outcome, Transport};
+use cache::AnswerCache;
 
 /// Concurrent TCP connections served; more wait in the accept queue.
 const MAX_TCP_CONNECTIONS: usize = 512;
@@ -46,26 +48,32 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let udp = Arc::new(udp);
+    let cache = AnswerCache::new(cache::DEFAULT_BUDGET);
     let mut tasks = JoinSet::new();
     for _ in 0..UDP_WORKERS {
         tasks.spawn(udp_worker(
             Arc::clone(&udp),
-            Arc::clone(&state),
+            (Arc::clone(&state), Arc::clone(&cache)),
             Arc::clone(&config),
             shutdown.clone(),
         ));
     }
-    tasks.spawn(tcp_acceptor(tcp, state, config, shutdown.clone()));
+    tasks.spawn(tcp_acceptor(tcp, (state, cache), config, shutdown.clone()));
     while tasks.join_next().await.is_some() {}
 }
 
+/// The state answers come from, and the answers kept from it.
+type Source = (Arc<SharedState>, Arc<AnswerCache>);
+
 async fn udp_worker(
     socket: Arc<UdpSocket>,
-    state: Arc<SharedState>,
+    (state, cache): Source,
     config: Arc<DnsConfig>,
     shutdown: CancellationToken,
 ) {
     let mut buf = vec![0u8; 65_535];
+    // Each answer is written here (kept answers are copied, not made).
+    let mut out = Vec::with_capacity(4096);
     let mut forwards = JoinSet::new();
     loop {
         let (len, src) = tokio::select! {
@@ -83,12 +91,16 @@ async fn udp_worker(
         let packet = &buf[..len];
         let outcome = {
             let state = state.read();
-            handle_packet(packet, &state, &config, Transport::Udp, &mut rand::rng())
+            cache.answer(packet, &state, &config, Transport::Udp, &mut out)
         };
         match outcome {
-            Outcome::Reply(bytes) => {
-                count_answer(packet, &bytes);
-                if let Err(e) = socket.send_to(&bytes, src).await {
+            Outcome::Placed | Outcome::Reply(_) => {
+                let bytes = match &outcome {
+                    Outcome::Reply(bytes) => bytes,
+                    _ => &out,
+                };
+                count_answer(packet, bytes);
+                if let Err(e) = socket.send_to(bytes, src).await {
                     tracing::debug!(error = %e, %src, "dns udp send failed");
                 }
             }
@@ -177,7 +189,7 @@ fn lock(t: &Mutex<TcpConnections>) -> std::sync::MutexGuard<'_, TcpConnections> 
 
 async fn tcp_acceptor(
     listener: TcpListener,
-    state: Arc<SharedState>,
+    (state, cache): Source,
     config: Arc<DnsConfig>,
     shutdown: CancellationToken,
 ) {
@@ -212,7 +224,7 @@ async fn tcp_acceptor(
                 Err(_) => break,
             },
         };
-        let state = Arc::clone(&state);
+        let source = (Arc::clone(&state), Arc::clone(&cache));
         let config = Arc::clone(&config);
         let token = shutdown.clone();
         let tracked = Arc::clone(&tracked);
@@ -220,7 +232,7 @@ async fn tcp_acceptor(
             tokio::select! {
                 () = token.cancelled() => {}
                 () = conn.close.cancelled() => {}
-                () = tcp_connection(stream, state, config, &conn.idle) => {}
+                () = tcp_connection(stream, source, config, &conn.idle) => {}
             }
             lock(&tracked).closed(id, peer.ip());
             drop(permit);
@@ -233,11 +245,12 @@ async fn tcp_acceptor(
 /// idles, or sends something that is not DNS.
 async fn tcp_connection(
     mut stream: TcpStream,
-    state: Arc<SharedState>,
+    (state, cache): Source,
     config: Arc<DnsConfig>,
     idle: &AtomicBool,
 ) {
     let _ = stream.set_nodelay(true);
+    let mut out = Vec::new();
     loop {
         let mut len = [0u8; 2];
         idle.store(true, Ordering::Relaxed);
@@ -254,12 +267,16 @@ async fn tcp_connection(
         }
         let outcome = {
             let state = state.read();
-            handle_packet(&packet, &state, &config, Transport::Tcp, &mut rand::rng())
+            cache.answer(&packet, &state, &config, Transport::Tcp, &mut out)
         };
         let reply = match outcome {
             Outcome::Reply(bytes) => {
                 count_answer(&packet, &bytes);
                 bytes
+            }
+            Outcome::Placed => {
+                count_answer(&packet, &out);
+                std::mem::take(&mut out)
             }
             Outcome::Forward => forward(&packet, &config.recursors)
                 .await
