@@ -632,7 +632,7 @@ impl RegistryNode {
     /// off from its quorum fails here instead of confirming renewals the
     /// other side will not honour: no follower can start an election
     /// within an election timeout of the heartbeat a quorum acknowledged.
-    async fn confirm_leadership(&self, deadline: Instant) -> Result<(), WriteAttempt> {
+    pub(crate) async fn confirm_leadership(&self, deadline: Instant) -> Result<(), WriteAttempt> {
         let fresh = self.election_timeout / 2;
         let term = self.raft.metrics().borrow().current_term;
         let confirmed = |seen: &Mutex<Option<(u64, std::time::Instant)>>| {

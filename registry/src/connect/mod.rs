@@ -162,6 +162,16 @@ pub fn generate_root(
 /// root vouch for it.
 pub fn import_root(cert_pem: &str, key_pem: &str, now_unix: i64) -> Result<CaRoot, CaError> {
     use x509_parser::prelude::{FromDer, X509Certificate};
+    // Exactly one PEM block each: the parsers here (x509-parser, rcgen's
+    // pem) must not be able to read different certificates or keys.
+    if cert_pem.matches("-----BEGIN").count() != 1 {
+        return Err(CaError::Root(
+            "RootCert must be exactly one PEM certificate".into(),
+        ));
+    }
+    if key_pem.matches("-----BEGIN").count() != 1 {
+        return Err(CaError::Root("PrivateKey must be exactly one PEM key".into()));
+    }
     let key = KeyPair::from_pem(key_pem)
         .map_err(|_| CaError::Root("PrivateKey is not a PEM PKCS#8 or SEC1 key".into()))?;
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
@@ -288,6 +298,25 @@ pub fn cross_sign_imported(root: &mut CaRoot, previous: &CaRoot) -> Result<(), S
         "its subject cannot be written back exactly (a multi-valued or repeated attribute,          or a string type other than PrintableString, UTF8String or IA5String)"
             .to_owned()
     })?;
+    // What the copy would not carry: a peer trusting only the old root
+    // would then accept more than the operator's root allows.
+    use x509_parser::extensions::ParsedExtension as X;
+    for ext in cert.iter_extensions() {
+        match ext.parsed_extension() {
+            X::BasicConstraints(_)
+            | X::KeyUsage(_)
+            | X::SubjectKeyIdentifier(_)
+            | X::AuthorityKeyIdentifier(_)
+            | X::SubjectAlternativeName(_) => {}
+            other => {
+                return Err(format!(
+                    "it has an extension the cross-signed copy would not carry ({}), \
+                     which would let peers that know only the old root accept more than it allows",
+                    extension_name(other, ext.oid.to_id_string())
+                ));
+            }
+        }
+    }
     let key = KeyPair::from_pem(&root.private_key_pem)
         .map_err(|_| "its private key cannot be read".to_owned())?;
     let mut params = CertificateParams::default();
@@ -303,11 +332,25 @@ pub fn cross_sign_imported(root: &mut CaRoot, previous: &CaRoot) -> Result<(), S
         },
         None => IsCa::Ca(BasicConstraints::Unconstrained),
     };
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    // The operator's key usages, no more (a CA without the extension may
+    // sign certificates and CRLs).
+    params.key_usages = match cert.key_usage().ok().flatten() {
+        Some(ku) => {
+            let ku = ku.value;
+            [
+                (ku.key_cert_sign(), KeyUsagePurpose::KeyCertSign),
+                (ku.crl_sign(), KeyUsagePurpose::CrlSign),
+                (ku.digital_signature(), KeyUsagePurpose::DigitalSignature),
+            ]
+            .into_iter()
+            .filter_map(|(set, usage)| set.then_some(usage))
+            .collect()
+        }
+        None => vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign],
+    };
+    if !params.key_usages.contains(&KeyUsagePurpose::KeyCertSign) {
+        return Err("its key usage does not allow signing certificates".into());
+    }
     // The operator's key id, which the leaves' authority key id names.
     if let Some(ski) = cert
         .iter_extensions()
@@ -335,6 +378,19 @@ pub fn cross_sign_imported(root: &mut CaRoot, previous: &CaRoot) -> Result<(), S
     root.intermediate_cert_pems = vec![cross.pem()];
     root.cross_signed_by = Some(previous.id.clone());
     Ok(())
+}
+
+fn extension_name(ext: &x509_parser::extensions::ParsedExtension<'_>, oid: String) -> String {
+    use x509_parser::extensions::ParsedExtension as X;
+    match ext {
+        X::NameConstraints(_) => "name constraints".into(),
+        X::PolicyConstraints(_) => "policy constraints".into(),
+        X::ExtendedKeyUsage(_) => "extended key usage".into(),
+        X::CertificatePolicies(_) => "certificate policies".into(),
+        X::InhibitAnyPolicy(_) => "inhibit any policy".into(),
+        X::PolicyMappings(_) => "policy mappings".into(),
+        _ => format!("OID {oid}"),
+    }
 }
 
 /// Whether `service` can be the last segment of a SPIFFE ID: letters,

@@ -11,6 +11,10 @@ use tokio::time::Instant;
 use super::{CaError, Leaf};
 use crate::cluster::with_leader::{Leader, with_leader};
 use crate::cluster::{ClusterError, RegistryNode, WriteAttempt, answered, time_left};
+use crate::raft::directory::PROTOCOL_SIGN_FORWARD;
+
+/// Largest CSR accepted (checked before it is forwarded).
+pub const MAX_CSR: usize = 16 * 1024;
 
 /// Why a leaf was not signed.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +43,9 @@ impl RegistryNode {
     /// this server does not lead).
     pub async fn sign_leaf(&self, request: LeafRequest<'_>) -> Result<Signed, SignError> {
         super::valid_service_name(request.service).map_err(CaError::Csr)?;
+        if request.csr_pem.len() > MAX_CSR {
+            return Err(CaError::Csr(format!("larger than {} KiB", MAX_CSR / 1024)).into());
+        }
         let deadline = Instant::now() + self.leader_wait;
         let signed = with_leader(self, deadline, self.leader_wait, |to| async move {
             match to {
@@ -50,7 +57,9 @@ impl RegistryNode {
         Ok(signed?)
     }
 
-    /// On the leader: signs with the active root of a current state.
+    /// On the leader: signs with the active root of a current state, once
+    /// a quorum has lately confirmed this server still leads (a leader cut
+    /// off from the others must not sign with a root they rotated out).
     pub(crate) async fn sign_leaf_local(
         &self,
         request: LeafRequest<'_>,
@@ -59,7 +68,14 @@ impl RegistryNode {
         if !self.is_leader() {
             return Err(WriteAttempt::Retry);
         }
+        self.confirm_leadership(deadline).await?;
         self.wait_current_as_leader(deadline).await?;
+        Ok(self.sign_here(request))
+    }
+
+    /// Signs with this server's own replica (what every server did before
+    /// the leader signed: used while the leader runs an older version).
+    fn sign_here(&self, request: LeafRequest<'_>) -> Result<Signed, CaError> {
         let state = self.state.read();
         let signed = super::leaf_from_state(
             &state,
@@ -69,13 +85,13 @@ impl RegistryNode {
         );
         let index = state.ca.index;
         drop(state);
-        Ok(signed.map(|leaf| {
+        signed.map(|leaf| {
             crate::metrics::METRICS
                 .leaves_signed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!(service = %leaf.service, serial = %leaf.serial, "leaf signed");
             (leaf, index)
-        }))
+        })
     }
 
     async fn sign_leaf_remote(
@@ -84,6 +100,16 @@ impl RegistryNode {
         request: LeafRequest<'_>,
         deadline: Instant,
     ) -> Result<Result<Signed, CaError>, WriteAttempt> {
+        let leader_too_old = self
+            .leader()
+            .filter(|(_, addr)| addr == leader_addr)
+            .and_then(|(id, _)| self.channels.directory.get(id))
+            .is_some_and(|info| info.protocol < PROTOCOL_SIGN_FORWARD);
+        if leader_too_old {
+            // A leader of an older version (a rolling upgrade) has no
+            // SignLeaf: sign here, as that version does.
+            return Ok(self.sign_here(request));
+        }
         let mut client = self.leader_client(leader_addr)?;
         let mut call = self.channels.request(ForwardSignLeafRequest {
             service: request.service.to_owned(),
@@ -91,12 +117,22 @@ impl RegistryNode {
             datacenter: request.datacenter.to_owned(),
         });
         call.set_timeout(time_left(deadline));
-        // Signing has no side effect: any transport failure is worth
-        // another try (the leader may have moved).
-        let Ok(reply) = client.sign_leaf(call).await else {
-            return Err(WriteAttempt::Retry);
-        };
-        reply_to_leaf(reply.into_inner())
+        match client.sign_leaf(call).await {
+            Ok(reply) => reply_to_leaf(reply.into_inner()),
+            Err(status) => match status.code() {
+                tonic::Code::Unimplemented => Ok(self.sign_here(request)),
+                // Signing has no side effect: a failure to reach the
+                // leader is worth another try (it may have moved).
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown => Err(WriteAttempt::Retry),
+                _ => Err(WriteAttempt::Failed(ClusterError::Internal(format!(
+                    "the leader refused to sign: {}",
+                    status.message()
+                )))),
+            },
+        }
     }
 }
 

@@ -226,3 +226,32 @@ fn a_subject_that_cannot_be_copied_exactly_is_not_cross_signed() {
     assert!(why.contains("written back"), "{why}");
     assert!(new.intermediate_cert_pems.is_empty() && new.cross_signed_by.is_none());
 }
+
+#[test]
+fn a_root_whose_limits_a_copy_would_lose_is_not_cross_signed_and_odd_pem_is_refused() {
+    let old = generate_root("c1.meshwork", 3600 * 24, NOW, None).expect("root");
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Constrained Root");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    params.name_constraints = Some(rcgen::NameConstraints {
+        permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName("example.com".into())],
+        excluded_subtrees: Vec::new(),
+    });
+    params.not_before = at(NOW - 10).expect("time");
+    params.not_after = at(NOW + 3600).expect("time");
+    let cert = params.self_signed(&key).expect("root");
+    let mut new = import_root(&cert.pem(), &key.serialize_pem(), NOW).expect("import");
+    let why = cross_sign_imported(&mut new, &old).expect_err("not copied");
+    assert!(why.contains("name constraints"), "{why}");
+    // Two PEM blocks, where two parsers could read different ones.
+    let two = format!("{}{}", old.root_cert_pem, cert.pem());
+    let e = import_root(&two, &key.serialize_pem(), NOW).expect_err("two certificates");
+    assert!(e.to_string().contains("exactly one"), "{e}");
+    let hidden = format!("x{}", cert.pem());
+    let e = import_root(&hidden, &key.serialize_pem(), NOW).expect_err("hidden block");
+    assert!(e.to_string().contains("PEM"), "{e}");
+}

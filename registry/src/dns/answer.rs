@@ -90,6 +90,17 @@ impl DnsConfig {
     }
 }
 
+/// The size a UDP answer may take for a client's EDNS0 size: 512, 1232
+/// (the DNS flag day's safe size, for clients offering 1232 to 4095) or
+/// 4096 — a few sizes, so that answers cut to size can be kept.
+pub fn udp_limit(edns_size: u16) -> u16 {
+    match edns_size {
+        UDP_MAX_SIZE.. => UDP_MAX_SIZE,
+        1232.. => 1232,
+        _ => 512,
+    }
+}
+
 /// The transport a query came over (it sets the size limit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -204,7 +215,7 @@ fn answer_inner(
     let limit = match transport {
         Transport::Tcp => usize::from(u16::MAX),
         Transport::Udp => request.extensions().as_ref().map_or(UDP_DEFAULT_SIZE, |e| {
-            usize::from(e.max_payload().clamp(512, UDP_MAX_SIZE))
+            usize::from(udp_limit(e.max_payload()))
         }),
     };
     if request.op_code() != OpCode::Query {
@@ -356,7 +367,9 @@ fn lookup(
             *covers = Covers::Nodes;
             node_lookup(node, qtype, name, state, config, authz)
         }
-        [hex, "addr"] => match decode_hex_ipv4(hex) {
+        // Any hex number is a name here: not kept (a flood of them would
+        // fill the answer cache).
+        [hex, "addr"] => match decode_hex_ipv4(hex).inspect(|_| *covers = Covers::Nothing) {
             Some(ip) if matches!(qtype, RecordType::A | RecordType::ANY) => Lookup::Records {
                 answers: vec![Record::from_rdata(
                     name.clone(),

@@ -13,10 +13,13 @@
 //!
 //! A service answer is kept as one variant per instance (up to
 //! [`MAX_VARIANTS`]): the instances sorted, then rotated, so each comes
-//! first in one variant; hits take the variants in turn, and every
-//! instance is first equally often (what a random shuffle gives on
-//! average). Memory is bounded by bytes: past the budget, the least
-//! recently used half is dropped.
+//! first in one variant; the answer that makes them takes one at random
+//! and the hits after it take the others in turn, so every instance is
+//! first equally often (what a random shuffle gives on average). Only
+//! NOERROR answers with records are kept: negative answers are cheap and
+//! their names are the client's to choose (a flood of random names would
+//! only churn the cache). Memory is bounded by bytes: past the budget,
+//! the least recently used half is dropped.
 //!
 //! Only plain queries are kept: opcode QUERY, one question without name
 //! compression, nothing but an EDNS OPT record (version 0) after it.
@@ -44,14 +47,7 @@ const MAX_KEY: usize = 255 + 4 + 3;
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Validity {
     Config,
-    /// `list`: the service list's index, for answers that found no
-    /// instance (a service registered under another case of the name
-    /// changes them).
-    Service {
-        name: String,
-        index: u64,
-        list: Option<u64>,
-    },
+    Service { name: String, index: u64 },
     Nodes(u64),
 }
 
@@ -63,7 +59,6 @@ impl Validity {
                 Some(Validity::Service {
                     name: name.clone(),
                     index: state.catalog.service_index(name),
-                    list: (*instances == 0).then(|| state.catalog.services_list_index()),
                 })
             }
             Covers::Nodes => Some(Validity::Nodes(state.catalog.nodes_index())),
@@ -74,10 +69,7 @@ impl Validity {
     fn holds(&self, state: &State) -> bool {
         match self {
             Validity::Config => true,
-            Validity::Service { name, index, list } => {
-                list.is_none_or(|list| list == state.catalog.services_list_index())
-                    && *index == state.catalog.service_index(name)
-            }
+            Validity::Service { name, index } => *index == state.catalog.service_index(name),
             Validity::Nodes(index) => *index == state.catalog.nodes_index(),
         }
     }
@@ -185,7 +177,7 @@ fn parse(packet: &[u8], transport: Transport) -> Option<Parsed> {
     let limit: u16 = match (transport, edns) {
         (Transport::Tcp, _) => u16::MAX,
         (Transport::Udp, false) => UDP_DEFAULT_SIZE as u16,
-        (Transport::Udp, true) => size.clamp(512, answer::UDP_MAX_SIZE),
+        (Transport::Udp, true) => answer::udp_limit(size),
     };
     let tail = name_len + 4;
     key[tail..tail + 2].copy_from_slice(&limit.to_be_bytes());
@@ -208,12 +200,24 @@ fn patch(kept: &[u8], packet: &[u8], name_len: usize, out: &mut Vec<u8>) {
     out[12..12 + name_len].copy_from_slice(&packet[12..12 + name_len]);
 }
 
-/// Whether `reply` can be patched for other queries of the same key: it
-/// echoes the one question at offset 12.
-fn patchable(reply: &[u8], packet: &[u8], name_len: usize) -> bool {
+/// Whether `reply` is worth keeping and can be patched for other queries
+/// of the same key: a NOERROR answer with records (negative answers are
+/// cheap to make and their names are the client's choice: a flood of
+/// random names would only churn the cache) that echoes the one question
+/// at offset 12.
+fn keepable(reply: &[u8], packet: &[u8], name_len: usize) -> bool {
     reply.len() >= 12 + name_len
+        && reply[3] & 0x0f == 0
         && reply[4..6] == [0, 1]
+        && reply[6..8] != [0, 0]
         && reply[12..12 + name_len].eq_ignore_ascii_case(&packet[12..12 + name_len])
+}
+
+/// How many answer records `reply` has.
+fn answer_count(reply: &[u8]) -> usize {
+    reply
+        .get(6..8)
+        .map_or(0, |c| usize::from(u16::from_be_bytes([c[0], c[1]])))
 }
 
 impl AnswerCache {
@@ -270,24 +274,44 @@ impl AnswerCache {
         let Outcome::Reply(first) = first else {
             return first;
         };
+        let mut rng = rand::rng();
         let validity =
-            Validity::of(&covers, state).filter(|_| patchable(&first, packet, parsed.name_len));
-        if let Some(validity) = validity {
-            let count = match &covers {
-                Covers::Service { instances, .. } => (*instances).max(1),
-                _ => 1,
-            };
-            let mut variants = vec![first.clone().into_boxed_slice()];
-            for by in 1..count {
-                match answer::answer(packet, state, config, transport, Order::Rotated(by)).0 {
-                    Outcome::Reply(bytes) => variants.push(bytes.into_boxed_slice()),
-                    _ => break,
-                }
+            Validity::of(&covers, state).filter(|_| keepable(&first, packet, parsed.name_len));
+        let Some(validity) = validity else {
+            // Not kept: answered as without a cache (shuffled, when the
+            // order matters).
+            if answer_count(&first) < 2 {
+                *out = first;
+                return Outcome::Placed;
             }
-            self.insert(key, variants, validity, acl_index);
+            return match answer::handle_packet(packet, state, config, transport, &mut rng) {
+                Outcome::Reply(bytes) => {
+                    *out = bytes;
+                    Outcome::Placed
+                }
+                other => other,
+            };
+        };
+        // One variant per instance when the order matters (several
+        // records); each is an answer made in full.
+        let count = match &covers {
+            Covers::Service { instances, .. } if answer_count(&first) > 1 => (*instances).max(1),
+            _ => 1,
+        };
+        let mut variants = vec![first.into_boxed_slice()];
+        for by in 1..count {
+            match answer::answer(packet, state, config, transport, Order::Rotated(by)).0 {
+                Outcome::Reply(bytes) => variants.push(bytes.into_boxed_slice()),
+                _ => break,
+            }
         }
+        // This answer takes a variant at random (so that answers made anew
+        // after every change do not all lead with one instance); the hits
+        // after it take the ones that follow.
+        let pick = rand::Rng::random_range(&mut rng, 0..variants.len());
         out.clear();
-        out.extend_from_slice(&first);
+        out.extend_from_slice(&variants[pick]);
+        self.insert(key, variants, validity, (acl_index, pick + 1));
         Outcome::Placed
     }
 
@@ -323,12 +347,14 @@ impl AnswerCache {
         true
     }
 
+    /// Keeps `variants` under `key`; `next` is the variant the next hit
+    /// takes.
     fn insert(
         &self,
         key: &[u8],
         variants: Vec<Box<[u8]>>,
         validity: Validity,
-        acl_index: Option<u64>,
+        (acl_index, next): (Option<u64>, usize),
     ) {
         let bytes = key.len() + variants.iter().map(|v| v.len()).sum::<usize>() + 64;
         if bytes > self.budget / 8 {
@@ -348,8 +374,7 @@ impl AnswerCache {
                 variants,
                 validity,
                 acl: acl_index.map(|i| (i, Instant::now())),
-                // The miss that made it sent the first variant.
-                turn: AtomicUsize::new(1),
+                turn: AtomicUsize::new(next),
                 used: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
                 bytes,
             },

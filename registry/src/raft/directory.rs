@@ -30,9 +30,13 @@ pub const PROTOCOL_REAP: u32 = 2;
 /// (`Command::CaRotate`, `CaSetConfig`, `CaPrune`).
 pub const PROTOCOL_CA: u32 = 3;
 
+/// The protocol level that added `RaftInternal.SignLeaf` (the leader
+/// signs every leaf; a follower whose leader is older signs itself).
+pub const PROTOCOL_SIGN_FORWARD: u32 = 4;
+
 /// The internal protocol level this build speaks: the newest of the
 /// levels above. (Servers that send no directory at all are level 1.)
-pub const PROTOCOL: u32 = PROTOCOL_CA;
+pub const PROTOCOL: u32 = PROTOCOL_SIGN_FORWARD;
 
 /// One server as the directory knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -220,6 +220,16 @@ impl Catalog {
         if node_changed {
             self.nodes_index = index;
             self.touch_node(index, &reg.node);
+            // A service's answers carry its node's address (and meta):
+            // every service on the node changed with it.
+            let names: Vec<String> = self
+                .services
+                .get(&reg.node)
+                .map(|s| s.values().map(|i| i.name.clone()).collect())
+                .unwrap_or_default();
+            for name in names {
+                self.service_index.insert(name, index);
+            }
         }
 
         // Service.

@@ -29,7 +29,7 @@ use tonic::codegen::http;
 
 use crate::auth::{Kind, Need, Resolved};
 use crate::cluster::{ClusterError, RegistryNode};
-use crate::connect::sign::{LeafRequest, SignError, Signed};
+use crate::connect::sign::{LeafRequest, MAX_CSR, SignError, Signed};
 use crate::connect::{CaError, Leaf};
 use crate::watch::{Hub, Topic, grpc_frame};
 
@@ -40,9 +40,6 @@ pub struct LeafSigner {
     /// In the SPIFFE IDs.
     pub datacenter: Arc<str>,
 }
-
-/// Largest CSR accepted.
-const MAX_CSR: usize = 16 * 1024;
 
 /// One leaf subscription, validated and with its first leaf signed: the
 /// response whose body streams it.
@@ -143,12 +140,29 @@ struct LeafStream {
     shutdown: CancellationToken,
 }
 
-/// When a leaf is renewed: 60 % of its life, plus up to 10 % jitter so
-/// that leaves signed together are not renewed together.
-fn renew_at(leaf: &Leaf, jitter: f64) -> i64 {
-    let life = (leaf.valid_before_unix - leaf.valid_after_unix).max(1);
-    let jitter = (life as f64 * 0.1 * jitter.clamp(0.0, 1.0)) as i64;
-    leaf.valid_after_unix + life * 6 / 10 + jitter
+/// How long after receiving `leaf` (at `now_unix`) to renew it: at 60 % of
+/// what is left of its life plus up to 10 % jitter (drawn once per leaf,
+/// so that leaves signed together are not renewed together), at least a
+/// second; `None` when a new leaf would end no later (it ends with its
+/// root: only a new root helps).
+fn renew_after(
+    leaf: &Leaf,
+    root_not_after: Option<i64>,
+    now_unix: i64,
+    jitter: f64,
+) -> Option<Duration> {
+    if root_not_after.is_some_and(|end| leaf.valid_before_unix >= end) {
+        return None;
+    }
+    let left = (leaf.valid_before_unix - now_unix).max(0) as f64;
+    let secs = left * (0.6 + 0.1 * jitter.clamp(0.0, 1.0));
+    Some(Duration::from_secs_f64(secs).max(Duration::from_secs(1)))
+}
+
+/// A pause before re-signing after a rotation, so that every stream of a
+/// server does not ask the leader in the same instant.
+fn spread() -> Duration {
+    Duration::from_millis(rand::random_range(0..3000))
 }
 
 /// Whether the CA changed in a way that calls for a new leaf.
@@ -202,10 +216,35 @@ impl LeafStream {
         {
             return;
         }
+        let due_for = |leaf: &Leaf| {
+            let root_end = state
+                .read()
+                .ca
+                .roots
+                .iter()
+                .find(|r| r.id == leaf.root_id)
+                .map(|r| r.not_after_unix);
+            renew_after(
+                leaf,
+                root_end,
+                crate::connect::now_unix(),
+                rand::random::<f64>(),
+            )
+            .map(|after| tokio::time::Instant::now() + after)
+        };
+        let mut due = due_for(&leaf);
+        // A rotation applied between the first signature and the feed's
+        // subscription is seen here.
+        if stale(&leaf, ttl, &state.read().ca) {
+            due = Some(tokio::time::Instant::now() + spread());
+        }
         loop {
-            let due = renew_at(&leaf, rand::random::<f64>());
-            let wait = u64::try_from(due - crate::connect::now_unix()).unwrap_or(0);
-            let renew_in = tokio::time::sleep(Duration::from_secs(wait));
+            let renew_in = async {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let heartbeat = tokio::time::sleep(self.heartbeat);
             let renew = tokio::select! {
                 () = self.tx.closed() => return,
@@ -222,7 +261,12 @@ impl LeafStream {
                     false
                 }
                 received = roots.recv() => match received {
-                    Ok(_) | Err(RecvError::Lagged(_)) => stale(&leaf, ttl, &state.read().ca),
+                    Ok(_) | Err(RecvError::Lagged(_)) => {
+                        if stale(&leaf, ttl, &state.read().ca) {
+                            due = Some(tokio::time::Instant::now() + spread());
+                        }
+                        false
+                    }
                     Err(RecvError::Closed) => {
                         self.send(Err(Status::unavailable("server shutting down; resubscribe elsewhere"))).await;
                         return;
@@ -240,6 +284,7 @@ impl LeafStream {
             match sign(&self.signer, &self.topic).await {
                 Ok((renewed, index)) => {
                     leaf = renewed;
+                    due = due_for(&leaf);
                     last = last.max(index).max(state.applied_index());
                     if !self
                         .send(Ok(event(EventKind::Change, last, false, Some(&leaf))))
@@ -315,12 +360,25 @@ mod tests {
     }
 
     #[test]
-    fn renewal_comes_at_sixty_to_seventy_percent_of_life() {
-        let l = leaf(1000, 2000, "r");
-        assert_eq!(renew_at(&l, 0.0), 1600);
-        assert_eq!(renew_at(&l, 1.0), 1700);
-        assert_eq!(renew_at(&l, 7.0), 1700);
-        assert!((1600..=1700).contains(&renew_at(&l, 0.5)));
+    fn renewal_comes_at_sixty_to_seventy_percent_of_what_is_left() {
+        // Signed now (valid from a minute ago, clock skew), 100 s left.
+        let l = leaf(940, 1100, "r");
+        let at = |jitter| renew_after(&l, Some(5000), 1000, jitter).map(|d| d.as_secs());
+        assert_eq!(at(0.0), Some(60));
+        assert_eq!(at(1.0), Some(70));
+        assert_eq!(at(7.0), Some(70));
+        // Short or spent leaves wait at least a second: never a busy loop.
+        let short = leaf(940, 1001, "r");
+        assert_eq!(
+            renew_after(&short, Some(5000), 1000, 0.0),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            renew_after(&short, Some(5000), 2000, 0.0),
+            Some(Duration::from_secs(1))
+        );
+        // A leaf that ends with its root: only a new root helps.
+        assert_eq!(renew_after(&l, Some(1100), 1000, 0.5), None);
     }
 
     #[test]

@@ -141,26 +141,27 @@ fn same_answer(got: &Message, want: &Message, what: &str) {
 fn a_kept_answer_is_the_answer_with_the_querys_id_flags_and_case() {
     let state = state_with("web", 5);
     let cache = AnswerCache::new(DEFAULT_BUDGET);
-    let cases: &[(&str, RecordType)] = &[
-        ("web.service.mesh.", RecordType::A),
-        ("WeB.SeRvIcE.mesh.", RecordType::A),
-        ("web.service.mesh.", RecordType::SRV),
-        ("_web._tcp.service.mesh.", RecordType::SRV),
-        ("web.service.dc1.mesh.", RecordType::AAAA),
-        ("web.service.mesh.", RecordType::ANY),
-        ("nope.service.mesh.", RecordType::A),
-        ("n1.node.mesh.", RecordType::A),
-        ("N2.NODE.mesh.", RecordType::A),
-        ("mesh.", RecordType::SOA),
-        ("mesh.", RecordType::NS),
-        ("ns.mesh.", RecordType::A),
-        ("0a000001.addr.mesh.", RecordType::A),
-        ("1.0.0.10.in-addr.arpa.", RecordType::PTR),
-        ("example.com.", RecordType::A),
-        ("what.ever.mesh.", RecordType::TXT),
+    // (name, type, kept): only NOERROR answers with records are kept.
+    let cases: &[(&str, RecordType, bool)] = &[
+        ("web.service.mesh.", RecordType::A, true),
+        ("WeB.SeRvIcE.mesh.", RecordType::A, true),
+        ("web.service.mesh.", RecordType::SRV, true),
+        ("_web._tcp.service.mesh.", RecordType::SRV, true),
+        ("web.service.dc1.mesh.", RecordType::AAAA, false),
+        ("web.service.mesh.", RecordType::ANY, true),
+        ("nope.service.mesh.", RecordType::A, false),
+        ("n1.node.mesh.", RecordType::A, true),
+        ("N2.NODE.mesh.", RecordType::A, true),
+        ("mesh.", RecordType::SOA, true),
+        ("mesh.", RecordType::NS, true),
+        ("ns.mesh.", RecordType::A, true),
+        ("0a000001.addr.mesh.", RecordType::A, false),
+        ("1.0.0.10.in-addr.arpa.", RecordType::PTR, true),
+        ("example.com.", RecordType::A, false),
+        ("what.ever.mesh.", RecordType::TXT, false),
     ];
-    for (i, (name, qtype)) in cases.iter().enumerate() {
-        for edns in [None, Some(512), Some(1232), Some(4096)] {
+    for (i, (name, qtype, kept)) in cases.iter().enumerate() {
+        for edns in [None, Some(512), Some(1232), Some(2000), Some(4096)] {
             for transport in [Transport::Udp, Transport::Tcp] {
                 let what = format!("{name} {qtype} {edns:?} {transport:?}");
                 // The first asks with one id and case; the next (a hit)
@@ -170,7 +171,7 @@ fn a_kept_answer_is_the_answer_with_the_querys_id_flags_and_case() {
                 let again = query(&name.to_ascii_uppercase(), *qtype, 201 + i as u16, edns);
                 let (hits, _) = cache.stats();
                 let got = via_cache(&cache, &state, &again, transport);
-                assert_eq!(cache.stats().0, hits + 1, "{what}: a hit");
+                assert_eq!(cache.stats().0, hits + u64::from(*kept), "{what}: kept?");
                 same_answer(&got, &full_path(&state, &again, transport), &what);
             }
         }
@@ -201,6 +202,10 @@ fn a_change_to_what_an_answer_covers_shows_in_the_next_one() {
     );
     assert_eq!(
         ask(&cache, &state, "n7.node.mesh."),
+        (ResponseCode::NoError, 1)
+    );
+    assert_eq!(
+        ask(&cache, &state, "db.service.mesh."),
         (ResponseCode::NoError, 1)
     );
     let (hits, misses) = cache.stats();
@@ -256,6 +261,15 @@ fn a_change_to_what_an_answer_covers_shows_in_the_next_one() {
         Transport::Udp,
     );
     assert_eq!(m.answers()[0].data().to_string(), "10.9.9.9");
+    // ... and so does the answer of the service on it.
+    let m = via_cache(
+        &cache,
+        &state,
+        &query("db.service.mesh.", RecordType::A, 1, None),
+        Transport::Udp,
+    );
+    let addresses: Vec<String> = m.answers().iter().map(|r| r.data().to_string()).collect();
+    assert!(addresses.contains(&"10.9.9.9".to_owned()), "{addresses:?}");
 }
 
 #[test]
@@ -280,18 +294,55 @@ fn every_instance_comes_first_equally_often() {
 
 #[test]
 fn memory_stays_within_the_budget_and_unusual_queries_take_the_full_path() {
-    let state = state_with("web", 3);
-    let cache = AnswerCache::new(8 * 1024);
-    for i in 0..2000u16 {
-        let name = format!("s{i}.service.mesh.");
+    let mut state = State::default();
+    for s in 0..20u64 {
+        for i in 0..3u64 {
+            let service = format!("s{s}");
+            register(
+                &mut state,
+                1 + s * 3 + i,
+                &service,
+                (100 * s + i) as usize,
+                HealthStatus::Passing,
+            );
+        }
+    }
+    let budget = 6 * 1024;
+    let cache = AnswerCache::new(budget);
+    let mut id = 0u16;
+    for round in 0..3 {
+        for s in 0..20 {
+            for qtype in [RecordType::A, RecordType::SRV, RecordType::ANY] {
+                for edns in [None, Some(1232), Some(4096)] {
+                    id = id.wrapping_add(1);
+                    let name = format!("s{s}.service.mesh.");
+                    let m = via_cache(
+                        &cache,
+                        &state,
+                        &query(&name, qtype, id, edns),
+                        Transport::Udp,
+                    );
+                    assert_eq!(m.answers().len(), 3, "round {round} {name} {qtype}");
+                    assert!(cache.bytes() <= budget, "{} bytes", cache.bytes());
+                }
+            }
+        }
+    }
+    assert!(cache.bytes() > 0);
+    // Negative answers are not kept: a flood of random names leaves the
+    // cache as it was.
+    let before = cache.bytes();
+    for i in 0..500u16 {
+        let name = format!("x{i}.service.mesh.");
         let _ = via_cache(
             &cache,
             &state,
             &query(&name, RecordType::A, i, None),
             Transport::Udp,
         );
-        assert!(cache.bytes() <= 8 * 1024, "{} bytes", cache.bytes());
     }
+    assert_eq!(cache.bytes(), before);
+    let state = state_with("web", 3);
     let cache = AnswerCache::new(DEFAULT_BUDGET);
     let plain = query("web.service.mesh.", RecordType::A, 9, None);
     // Two questions; a compression pointer in the question; EDNS version
