@@ -28,10 +28,14 @@ pub enum Outcome {
     IntentionDenied,
     /// The inbound listener has no intentions yet (503).
     IntentionsPending,
+    /// The inbound listener refused a request that came on a connection
+    /// after its caller's certificate expired (421, retried by the caller
+    /// on a new connection).
+    PeerCertificateExpired,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 11] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Upstream,
         Outcome::NoHealthyUpstream,
         Outcome::ConnectFailure,
@@ -43,6 +47,7 @@ impl Outcome {
         Outcome::Draining,
         Outcome::IntentionDenied,
         Outcome::IntentionsPending,
+        Outcome::PeerCertificateExpired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +63,7 @@ impl Outcome {
             Outcome::Draining => "draining",
             Outcome::IntentionDenied => "intention-denied",
             Outcome::IntentionsPending => "intentions-pending",
+            Outcome::PeerCertificateExpired => "peer-certificate-expired",
         }
     }
 

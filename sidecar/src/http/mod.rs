@@ -153,6 +153,13 @@ impl HttpProxy {
             let start = Instant::now();
             let grpc = is_grpc(&parts.headers);
             let mut log = self.access_log.then(|| LogContext::new(&parts));
+            // Inbound: a connection whose caller's certificate has expired
+            // takes no new request (see `crate::tls::expiry`).
+            if let Some(caller) = &caller
+                && caller.expired()
+            {
+                return self.refuse_expired(caller, &parts, grpc, start, log);
+            }
             // Inbound: the verified caller against the intentions, on the
             // normalised path (which is what the app gets), before
             // anything is sent on.
@@ -318,7 +325,11 @@ impl HttpProxy {
                     status: status.as_u16(),
                     unreached,
                 };
-                (seen, Some(status.is_server_error()))
+                // A 421 refused the connection (made with an expired
+                // leaf), not the endpoint: no failure to count.
+                let failed = (status != StatusCode::MISDIRECTED_REQUEST || !unreached)
+                    .then_some(status.is_server_error());
+                (seen, failed)
             }
             // Neither a full circuit nor a client's broken body is the
             // endpoint's failure.
@@ -335,7 +346,9 @@ impl HttpProxy {
                 Some(None)
             }
         {
-            cluster.report(endpoint, true);
+            if endpoint_failed.is_some() {
+                cluster.report(endpoint, true);
+            }
             return Next::Retry { slot, why };
         }
         if let Some(failed) = endpoint_failed {
@@ -345,14 +358,53 @@ impl HttpProxy {
     }
 
     /// The answer came from the endpoint's sidecar, which could not reach
-    /// its app: the request went no further than that sidecar, so it is as
-    /// safe to send elsewhere as a failed connect.
+    /// its app (503) or refused the connection the request came on (421:
+    /// made with a leaf that has expired since): the request went no
+    /// further than that sidecar, so it is as safe to send elsewhere as a
+    /// failed connect.
     fn unreached(&self, endpoint: &EndpointState, response: &Upstream) -> bool {
         self.cluster.source == Source::Registry
             && endpoint.sidecar
-            && (response.status() == StatusCode::SERVICE_UNAVAILABLE
-                || response.headers().contains_key(GRPC_STATUS))
+            && (matches!(
+                response.status(),
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::MISDIRECTED_REQUEST
+            ) || response.headers().contains_key(GRPC_STATUS))
             && rescue::never_reached_app(response.headers())
+    }
+
+    /// The inbound answer to a request that came after its connection's
+    /// client certificate expired: 421, not passed on, and over HTTP/1.1
+    /// `Connection: close` (the connection is closing anyway: its timer
+    /// has started a graceful close, and a racing request must not keep
+    /// it open).
+    #[cold]
+    fn refuse_expired(
+        &self,
+        caller: &Caller,
+        parts: &hyper::http::request::Parts,
+        grpc: bool,
+        start: Instant,
+        mut log: Option<LogContext>,
+    ) -> Response<ResponseBody> {
+        if let Some(log) = log.as_mut() {
+            log.source = Some(Arc::clone(&caller.service));
+        }
+        tracing::debug!(source = %caller.service, "a request after the caller's certificate expired: refused");
+        let mut response = self.fail(
+            ProxyError::PeerCertificateExpired,
+            grpc,
+            start,
+            log,
+            None,
+            0,
+        );
+        if parts.version < Version::HTTP_2 {
+            response.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 
     /// What the upstream speaks.
@@ -414,5 +466,55 @@ mod tests {
         assert_eq!(first.len(), 32);
         assert_eq!(id(&mut headers), first, "an id present is kept");
         assert_ne!(id(&mut hyper::HeaderMap::new()), first);
+    }
+
+    #[tokio::test]
+    async fn a_request_after_the_callers_certificate_expired_is_refused_with_421() {
+        let text = "[registry]\naddresses = [\"127.0.0.1:8502\"]\n[service]\nname = \"web\"\nport = 8080\n[[upstreams]]\nname = \"api\"\nlisten = \"127.0.0.1:9191\"\nprotocol = \"http\"\n";
+        let mut config = crate::config::Config::parse("t.toml", text).expect("valid");
+        let app = "127.0.0.1:1".parse().expect("addr");
+        let cluster = Cluster::local(config.upstreams.remove(0), app);
+        let proxy = HttpProxy::new(Arc::clone(&cluster), "inbound", false);
+        let caller = Caller::new(
+            Arc::from("web"),
+            crate::policy::intentions::Intentions::default(),
+            Some(0),
+        );
+        assert!(!caller.expired());
+        caller.mark_expired();
+        assert!(caller.expired());
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let (parts, ()) = Request::post("http://api/orders")
+                .version(version)
+                .body(())
+                .expect("request")
+                .into_parts();
+            let response = proxy.refuse_expired(&caller, &parts, false, Instant::now(), None);
+            assert_eq!(response.status(), StatusCode::MISDIRECTED_REQUEST);
+            assert_eq!(
+                response.headers()[rescue::ERROR_HEADER],
+                "peer-certificate-expired"
+            );
+            // HTTP/1.1 closes the connection; HTTP/2 may carry no such field.
+            assert_eq!(
+                response.headers().get(hyper::header::CONNECTION).is_some(),
+                version == Version::HTTP_11
+            );
+        }
+        let gauges = crate::telemetry::ClusterGauges {
+            requests_active: 0,
+            pending: 0,
+            connections_active: 0,
+            downstream_active: 0,
+            endpoints: 1,
+            endpoints_healthy: 1,
+            endpoints_ejected: 0,
+        };
+        let rows = [("inbound", "api", &cluster.metrics, gauges)];
+        let text = crate::telemetry::render(rows.into_iter(), (1, 1), false);
+        assert!(
+            text.contains("class=\"4xx\",outcome=\"peer-certificate-expired\"} 2"),
+            "counted by outcome: {text}"
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! Every answer the proxy makes itself, in one place: a [`ProxyError`]
-//! becomes a 502/503/504/400 with `x-meshwork-error: <code>` and a one-line
+//! becomes a 502/503/504/400/403/421 with `x-meshwork-error: <code>` and a one-line
 //! body, or, for a gRPC caller, a trailers-only response with the matching
 //! `grpc-status`. Nothing else in the proxy builds error responses.
 
@@ -40,6 +40,14 @@ pub enum ProxyError {
     /// No intentions have arrived from the registry yet.
     #[error("intentions not loaded yet")]
     IntentionsPending,
+    /// The request came on a connection whose client certificate has
+    /// expired since it was made: refused before it reached the app, with
+    /// 421 Misdirected Request, which a client may send again on another
+    /// connection whatever its method (RFC 9110 §15.5.20).
+    #[error(
+        "the client certificate of this connection has expired: send the request on a new connection"
+    )]
+    PeerCertificateExpired,
 }
 
 impl ProxyError {
@@ -55,6 +63,7 @@ impl ProxyError {
             ProxyError::Draining => Outcome::Draining,
             ProxyError::IntentionDenied(_) => Outcome::IntentionDenied,
             ProxyError::IntentionsPending => Outcome::IntentionsPending,
+            ProxyError::PeerCertificateExpired => Outcome::PeerCertificateExpired,
         }
     }
 
@@ -70,6 +79,7 @@ impl ProxyError {
             ProxyError::Reset(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::PeerCertificateExpired => StatusCode::MISDIRECTED_REQUEST,
         }
     }
 
@@ -85,9 +95,10 @@ impl ProxyError {
     }
 }
 
-/// True when `headers` (of a 503 from a peer sidecar) say the request
-/// never reached that sidecar's app: it could not connect, had nothing to
-/// send to, was at a limit, or was shutting down.
+/// True when `headers` (of a 503 or 421 from a peer sidecar) say the
+/// request never reached that sidecar's app: it could not connect, had
+/// nothing to send to, was at a limit, was shutting down, or refused the
+/// connection it came on (its certificate had expired).
 pub fn never_reached_app(headers: &hyper::HeaderMap) -> bool {
     headers.get(ERROR_HEADER).is_some_and(|v| {
         [
@@ -97,6 +108,7 @@ pub fn never_reached_app(headers: &hyper::HeaderMap) -> bool {
             Outcome::CircuitOpen,
             Outcome::Draining,
             Outcome::IntentionsPending,
+            Outcome::PeerCertificateExpired,
         ]
         .iter()
         .any(|o| v.as_bytes() == o.as_str().as_bytes())
@@ -180,5 +192,9 @@ mod tests {
         assert!(never_reached_app(r.headers()));
         let r = respond(&ProxyError::Reset("app".into()), false);
         assert!(!never_reached_app(r.headers()));
+        let r = respond(&ProxyError::PeerCertificateExpired, false);
+        assert_eq!(r.status(), StatusCode::MISDIRECTED_REQUEST);
+        assert_eq!(r.headers()[ERROR_HEADER], "peer-certificate-expired");
+        assert!(never_reached_app(r.headers()));
     }
 }

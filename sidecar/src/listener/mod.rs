@@ -469,11 +469,29 @@ async fn secure(
             return None;
         }
     };
-    let caller = Arc::new(Caller {
-        service,
-        intentions,
-    });
+    // Until when the caller's certificate holds: the connection takes no
+    // request after that (see `expire_at`).
+    let not_after = connection
+        .peer_certificates()
+        .and_then(crate::tls::expiry::peer_not_after);
+    let caller = Arc::new(Caller::new(service, intentions, not_after));
     Some((Stream::Tls(Box::new(tls)), Some(caller)))
+}
+
+/// Resolves when `caller`'s certificate expires (never without a caller
+/// or a readable expiry: outbound listeners), having marked it expired and
+/// counted the connection. One timer per connection, armed once; what the
+/// connection then does (a graceful close: HTTP/1.1 after the request in
+/// flight, HTTP/2 GOAWAY after its streams; TCP cut) is its caller's, and
+/// a request that still comes is refused by [`http::HttpProxy`] (421).
+async fn expire_at(caller: Option<Arc<Caller>>, mesh: MeshTls, peer: SocketAddr) {
+    let Some((caller, at)) = caller.and_then(|c| c.not_after_unix.map(|at| (c, at))) else {
+        return std::future::pending().await;
+    };
+    tokio::time::sleep_until(crate::tls::expiry::deadline(at)).await;
+    caller.mark_expired();
+    mesh.count_peer_expired();
+    tracing::debug!(%peer, source = %caller.service, "the caller's certificate has expired: closing its connection");
 }
 
 impl Proxy {
@@ -620,20 +638,33 @@ impl Proxy {
                     let cluster = Arc::clone(&route.cluster);
                     let (direction, access_log, cut) =
                         (route.direction, route.access_log, route.cut.clone());
+                    let tls = self.mesh.clone();
                     self.tasks.spawn(async move {
                         let _open = (open, admitted);
                         let Some((stream, caller)) = secure(stream, peer, mesh).await else {
                             return;
                         };
-                        tcp::proxy_connection(
+                        // Cut when the caller's certificate expires (a
+                        // byte stream cannot be refused more gently).
+                        let stop = cut.child_token();
+                        let expired = expire_at(caller.clone(), tls, peer);
+                        let cut_at_expiry = async {
+                            expired.await;
+                            stop.cancel();
+                            std::future::pending::<()>().await;
+                        };
+                        let splice = tcp::proxy_connection(
                             stream,
                             Downstream { peer, caller },
                             cluster,
                             direction,
                             access_log,
-                            cut,
-                        )
-                        .await;
+                            stop.clone(),
+                        );
+                        tokio::select! {
+                            () = splice => {}
+                            () = cut_at_expiry => {}
+                        }
                     });
                 }
                 (Some(accepted_with), Some(activity)) => {
@@ -645,6 +676,7 @@ impl Proxy {
                     let cut = route.cut.clone();
                     let idle_timeout = route.cluster.config().idle_timeout;
                     let h1 = h1.clone();
+                    let tls = self.mesh.clone();
                     self.tasks.spawn(async move {
                         let _open = (open, admitted);
                         let handshake = async {
@@ -658,6 +690,7 @@ impl Proxy {
                             return;
                         };
                         let busy = Arc::clone(&activity);
+                        let expired = expire_at(caller.clone(), tls, peer);
                         let service = move |req| {
                             // A reload that kept the cluster but changed how
                             // it is served (access log) applies to the next
@@ -676,25 +709,29 @@ impl Proxy {
                         let drain = CancellationToken::new();
                         let connection = serve::connection(io, &h1, service, drain.clone());
                         tokio::pin!(connection);
-                        // Idle (false), or retired or closed to make room
-                        // (true); polled only when one of them changes,
-                        // not at every request.
+                        // Idle (false), or retired, closed to make room or
+                        // its caller's certificate expired (true); polled
+                        // only when one of them changes, not at every
+                        // request. Polled before the connection, so that a
+                        // request read in the same wake-up as the expiry
+                        // already finds the caller marked expired.
                         let mut ended = idle::OnOwnWake::new(async move {
                             tokio::select! {
                                 () = activity.idle(HEADER_READ_TIMEOUT, idle_timeout) => false,
                                 () = retired.cancelled() => true,
                                 () = close.cancelled() => true,
+                                () = expired => true,
                             }
                         });
                         tokio::select! {
                             biased;
+                            retired = &mut ended => if !retired {
+                                return;
+                            },
                             result = connection.as_mut() => {
                                 if let Err(e) = result {
                                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                                 }
-                                return;
-                            }
-                            retired = &mut ended => if !retired {
                                 return;
                             }
                         }
