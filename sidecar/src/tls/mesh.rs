@@ -112,8 +112,6 @@ struct Counters {
     /// Inbound connections still open when their peer's certificate
     /// expired (closed or drained then).
     peer_expired: AtomicU64,
-    /// Requests refused on such a connection after the expiry (421).
-    peer_expired_requests: AtomicU64,
 }
 
 /// The shared mesh identity; cheap to clone.
@@ -330,15 +328,6 @@ impl MeshTls {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts a request refused because its connection's peer certificate
-    /// had expired.
-    pub fn count_peer_expired_request(&self) {
-        self.inner
-            .counters
-            .peer_expired_requests
-            .fetch_add(1, Ordering::Relaxed);
-    }
-
     /// What `/status` and `/config` show: the leaf (serial, SPIFFE ID,
     /// validity, root) and the roots (trust domain, ids).
     pub fn status(&self) -> serde_json::Value {
@@ -414,17 +403,11 @@ impl MeshTls {
                 );
             }
         }
-        out.push_str("# HELP meshwork_sidecar_tls_peer_expired_total Inbound mesh connections still open when the peer's certificate expired (closed at that moment: HTTP/1.1 once its request is answered, HTTP/2 by GOAWAY after its streams, TCP at once).\n# TYPE meshwork_sidecar_tls_peer_expired_total counter\n");
+        out.push_str("# HELP meshwork_sidecar_tls_peer_expired_total Inbound mesh connections still open when the peer's certificate expired (closed at that moment: HTTP/1.1 once its request is answered, HTTP/2 by GOAWAY after its streams, TCP at once; requests refused after it count as outcome peer-certificate-expired).\n# TYPE meshwork_sidecar_tls_peer_expired_total counter\n");
         let _ = writeln!(
             out,
             "meshwork_sidecar_tls_peer_expired_total{{direction=\"inbound\"}} {}",
             counters.peer_expired.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP meshwork_sidecar_tls_peer_expired_requests_total Requests refused (421, not passed to the app) because they came on a connection after its peer's certificate expired.\n# TYPE meshwork_sidecar_tls_peer_expired_requests_total counter\n");
-        let _ = writeln!(
-            out,
-            "meshwork_sidecar_tls_peer_expired_requests_total{{direction=\"inbound\"}} {}",
-            counters.peer_expired_requests.load(Ordering::Relaxed)
         );
         out.push_str("# HELP meshwork_sidecar_tls_connections_retired_total Pooled mesh connections retired because the leaf they were made with was renewed or about to expire (closed once idle).\n# TYPE meshwork_sidecar_tls_connections_retired_total counter\n");
         let _ = writeln!(
