@@ -52,7 +52,9 @@ pub fn idempotent(method: &Method) -> bool {
 pub enum Attempt {
     /// The upstream answered with `status`. `unreached`: the answer came
     /// from the endpoint's sidecar, which says its app never saw the
-    /// request (`x-meshwork-error`), so nothing was processed.
+    /// request (`x-meshwork-error`: a 503 it could not pass on, or a 421
+    /// for a connection made with a leaf that has expired since), so
+    /// nothing was processed.
     Answered { status: u16, unreached: bool },
     /// No connection was made (refused, timed out, an HTTP/2 stream the
     /// upstream refused): the upstream saw nothing.
@@ -224,6 +226,20 @@ mod tests {
             ),
             // A peer sidecar that never reached its app: any method, free.
             (unreached, true, false, &default, free_unreached),
+            // A peer sidecar refusing the connection a request came on (its
+            // client certificate expired): the same, whatever the method.
+            (
+                Answered {
+                    status: 421,
+                    unreached: true,
+                },
+                true,
+                false,
+                &default,
+                free_unreached,
+            ),
+            // An app's own 421 is its answer.
+            (answered(421), true, true, &default, Verdict::Final),
             (
                 unreached,
                 true,
