@@ -8,7 +8,7 @@
 //! The suites' other plumbing lives here too, so that the files under
 //! `tests/tests/` hold scenarios: [`sidecar`] (sidecar processes and the
 //! proxy suites' mesh), [`apps`] (demo backends), [`http`] (clients, raw
-//! exchanges, load), [`watch`] (watch streams), [`host`] and [`deploy`]
+//! exchanges, load), [`mesh_client`] (a mesh TLS client of the test's own), [`watch`] (watch streams), [`host`] and [`deploy`]
 //! (commands, `deploy-vm/`), [`fault_suite`] with [`lab_cluster`],
 //! [`netns`], [`workload`], [`linearizable`] and [`fault_report`] (the
 //! fault suite). [`wait_for`] and [`eventually`] are the polling waits.
@@ -21,6 +21,7 @@ pub mod host;
 pub mod http;
 pub mod lab_cluster;
 pub mod linearizable;
+pub mod mesh_client;
 pub mod netns;
 pub mod sidecar;
 pub mod watch;

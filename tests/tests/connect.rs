@@ -14,8 +14,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use meshwork_tests::apps::tcp_backend;
+use meshwork_tests::apps::{http_backend, tcp_backend};
 use meshwork_tests::http::{Load, http_client, raw_exchange};
+use meshwork_tests::mesh_client::{self, AgentLeaf};
 use meshwork_tests::sidecar::{INBOUND_PORT, Mesh, Service, UPSTREAM_PORT, echo_behind_client};
 use meshwork_tests::wait_for;
 use serde_json::{Value, json};
@@ -533,6 +534,9 @@ async fn leaves(mesh: &Mesh) -> Result<Vec<(String, String)>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_leaves_renew_and_the_root_rotates_under_load_failing_nothing() -> Result<()> {
     let mut mesh = Mesh::start_with(&["--connect-leaf-cert-ttl", "4s"]).await?;
+    // An L4 (tcp) upstream: the load's own kept-alive connections are
+    // spliced through, made with one leaf and kept open across renewals
+    // and the rotation (open connections finish).
     let (_instances, client_ip, _c) = echo_behind_client(&mut mesh, 2, "name = \"echo\"").await?;
     let load = Load::start(&format!("http://{client_ip}:{UPSTREAM_PORT}/x"), true);
     let before = leaves(&mesh).await?;
@@ -899,5 +903,174 @@ async fn the_leader_signs_every_leaf_and_leaves_stream_as_a_topic() -> Result<()
     )
     .await?;
     cluster.done();
+    Ok(())
+}
+
+/// Where in the server sidecar's access log a path shows, and how each
+/// request for it ended (`outcome`).
+fn outcomes_for(log: &str, path: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["path"] == path)
+        .map(|e| e["outcome"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_alive_connections_follow_leaf_expiry_failing_nothing() -> Result<()> {
+    // Leaves of 3 s, renewed at about 1.8 s.
+    let mut mesh = Mesh::start_with(&["--connect-leaf-cert-ttl", "3s"]).await?;
+    let (instances, h1_client, c1) =
+        echo_behind_client(&mut mesh, 1, "name = \"echo\"\nprotocol = \"http\"").await?;
+    let server = instances[0].2;
+    // The same over HTTP/2 between the sidecars.
+    let h2_ip = mesh.ip(30);
+    let (h2_app, _) = http_backend(&h2_ip, "h2echo-0").await?;
+    mesh.server_sidecar(
+        &h2_ip,
+        Service {
+            name: "h2echo",
+            id: "h2echo-0",
+            app: h2_app,
+            protocol: "http2",
+        },
+    )
+    .await?;
+    let h2_client = mesh.ip(101);
+    let c2 = mesh
+        .client_sidecar(&h2_client, "name = \"h2echo\"\nprotocol = \"http2\"")
+        .await?;
+    mesh.sidecars[c2].wait_endpoints(1).await?;
+    let started = Instant::now();
+    // Kept-alive connections all along: the client sidecars' pools.
+    let h1_load = Load::start(&format!("http://{h1_client}:{UPSTREAM_PORT}/x"), true);
+    let h2_load = Load::start(&format!("http://{h2_client}:{UPSTREAM_PORT}/x"), true);
+
+    // A caller with a leaf it never renews, on two kept-alive connections.
+    let leaf = mesh
+        .cluster()
+        .get_json(0, "/v1/agent/connect/ca/leaf/raw")
+        .await
+        .context("leaf")?;
+    let leaf = AgentLeaf::from_json(&leaf)?;
+    ensure!(
+        leaf.expires_in() <= Duration::from_secs(3),
+        "a 3 s leaf: {leaf:?}"
+    );
+    let connector = leaf.connector()?;
+    let inbound = format!("{}:{INBOUND_PORT}", mesh.ip(20));
+    let get = |path: &str, close: bool| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: echo\r\n{}\r\n",
+            if close { "Connection: close\r\n" } else { "" }
+        )
+    };
+    let mut idle = mesh_client::connect(&connector, &inbound).await?;
+    let mut busy = mesh_client::connect(&connector, &inbound).await?;
+    for (conn, path) in [(&mut idle, "/raw-idle"), (&mut busy, "/raw-busy")] {
+        conn.write_all(get(path, false).as_bytes()).await?;
+        let answer = mesh_client::read_response(conn, Duration::from_secs(3)).await?;
+        ensure!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains("x-seen-path: "),
+            "served before the expiry: {answer}"
+        );
+    }
+    // A second before the expiry, a slow request and two behind it
+    // (pipelined): the first is in flight at the expiry and is answered;
+    // the next one, read after the expiry, is the connection's last (it is
+    // answered with `Connection: close`); the third never reaches the app.
+    tokio::time::sleep(leaf.expires_in().saturating_sub(Duration::from_secs(1))).await;
+    let pipelined = get("/slow", false) + &get("/after-busy", false) + &get("/after-busy-2", false);
+    busy.write_all(pipelined.as_bytes()).await?;
+    let (answers, closed) = mesh_client::read_until_close(&mut busy, Duration::from_secs(6)).await;
+    ensure!(closed, "the connection closed after its expiry: {answers}");
+    ensure!(
+        answers.starts_with("HTTP/1.1 200")
+            && answers.matches("HTTP/1.1 200").count() == 2
+            && answers.matches("HTTP/1.1 ").count() == 2
+            && answers.to_ascii_lowercase().contains("connection: close"),
+        "the request in flight and the next were answered, the last closing: {answers}"
+    );
+    // The idle connection stayed open through the expiry (closing it
+    // could fail a client about to send); its next request is its last.
+    tokio::time::sleep(leaf.expires_in() + Duration::from_millis(500)).await;
+    idle.write_all((get("/after-idle", false) + &get("/after-idle-2", false)).as_bytes())
+        .await?;
+    let (answer, closed) = mesh_client::read_until_close(&mut idle, Duration::from_secs(3)).await;
+    ensure!(
+        closed
+            && answer.matches("HTTP/1.1 ").count() == 1
+            && answer.starts_with("HTTP/1.1 200")
+            && answer.to_ascii_lowercase().contains("connection: close"),
+        "the expired caller's idle connection takes one more request: closed={closed} {answer:?}"
+    );
+    // A new connection with the expired leaf is refused at the handshake.
+    let again = match mesh_client::connect(&connector, &inbound).await {
+        Ok(mut conn) => {
+            let _ = conn.write_all(get("/after-new", true).as_bytes()).await;
+            mesh_client::read_until_close(&mut conn, Duration::from_secs(3))
+                .await
+                .0
+        }
+        Err(_) => String::new(),
+    };
+    ensure!(!again.contains("200"), "an expired leaf connects: {again}");
+
+    // The load goes on for more than three leaf lifetimes, and each
+    // client sidecar renews its leaf and retires its old connections.
+    wait_for(
+        "three renewals and retired connections",
+        Duration::from_secs(30),
+        || async {
+            let mut all = started.elapsed() >= Duration::from_secs(10);
+            for s in [c1, c2] {
+                let sidecar = &mesh.sidecars[s];
+                let renewed = sidecar
+                    .metric_sum("meshwork_sidecar_leaf_renewals_total{result=\"ok\"")
+                    .await
+                    .ok()?;
+                let retired = sidecar
+                    .metric_sum("meshwork_sidecar_tls_connections_retired_total")
+                    .await
+                    .ok()?;
+                all &= renewed >= 4.0 && retired >= 1.0;
+            }
+            all.then_some(())
+        },
+    )
+    .await?;
+    for (what, load) in [("HTTP/1.1", h1_load), ("HTTP/2", h2_load)] {
+        let (ok, failed) = load.stop().await?;
+        ensure!(ok > 100, "{what}: the load ran: {ok}");
+        ensure!(
+            failed == 0,
+            "{what}: {failed} of {} requests failed",
+            ok + failed
+        );
+    }
+    // What the server sidecar saw: the request in flight and each
+    // connection's last request were served; nothing after them reached
+    // the app, nor did the new connection's; both connections counted.
+    let log = std::fs::read_to_string(&mesh.sidecars[server].access_log)?;
+    for path in ["/slow", "/after-busy", "/after-idle"] {
+        let seen = outcomes_for(&log, path);
+        ensure!(seen == ["upstream"], "{path} was served once: {seen:?}");
+    }
+    for path in ["/after-busy-2", "/after-idle-2", "/after-new"] {
+        let seen = outcomes_for(&log, path);
+        ensure!(seen.is_empty(), "{path} did not reach the app: {seen:?}");
+    }
+    let cut = mesh.sidecars[server]
+        .metric_sum("meshwork_sidecar_tls_peer_expired_total")
+        .await?;
+    ensure!(cut >= 2.0, "the raw caller's connections counted: {cut}");
+    let expired_handshakes = mesh.sidecars[server]
+        .metric_sum("meshwork_sidecar_tls_handshake_failures_total{direction=\"inbound\",reason=\"expired\"")
+        .await?;
+    ensure!(
+        expired_handshakes >= 1.0,
+        "the expired leaf's new connection refused: {expired_handshakes}"
+    );
+    mesh.done();
     Ok(())
 }

@@ -170,7 +170,9 @@ pub fn import_root(cert_pem: &str, key_pem: &str, now_unix: i64) -> Result<CaRoo
         ));
     }
     if key_pem.matches("-----BEGIN").count() != 1 {
-        return Err(CaError::Root("PrivateKey must be exactly one PEM key".into()));
+        return Err(CaError::Root(
+            "PrivateKey must be exactly one PEM key".into(),
+        ));
     }
     let key = KeyPair::from_pem(key_pem)
         .map_err(|_| CaError::Root("PrivateKey is not a PEM PKCS#8 or SEC1 key".into()))?;

@@ -128,10 +128,7 @@ mod tests {
             .collect();
             intentions.install(compile("api", &entries, true).expect("compiled"));
         }
-        Caller {
-            service: Arc::from("web"),
-            intentions,
-        }
+        Caller::new(Arc::from("web"), intentions, None)
     }
 
     fn parts(target: &str) -> Parts {

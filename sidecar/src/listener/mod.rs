@@ -469,11 +469,27 @@ async fn secure(
             return None;
         }
     };
-    let caller = Arc::new(Caller {
-        service,
-        intentions,
-    });
+    // Until when the caller's certificate holds: the connection takes no
+    // request after that (see `expire_at`).
+    let not_after = connection
+        .peer_certificates()
+        .and_then(crate::tls::expiry::peer_not_after);
+    let caller = Arc::new(Caller::new(service, intentions, not_after));
     Some((Stream::Tls(Box::new(tls)), Some(caller)))
+}
+
+/// Resolves when `caller`'s certificate expires (never without a caller
+/// or a readable expiry: outbound listeners), having marked it expired and
+/// counted the connection. One timer per connection, armed once; the
+/// connection's next request is then its last (see the HTTP listener).
+async fn expire_at(caller: Option<Arc<Caller>>, mesh: MeshTls, peer: SocketAddr) {
+    let Some((caller, at)) = caller.and_then(|c| c.not_after_unix.map(|at| (c, at))) else {
+        return std::future::pending().await;
+    };
+    tokio::time::sleep_until(crate::tls::expiry::deadline(at)).await;
+    caller.mark_expired();
+    mesh.count_peer_expired();
+    tracing::debug!(%peer, source = %caller.service, "the caller's certificate has expired: its next request is the connection's last");
 }
 
 impl Proxy {
@@ -625,6 +641,11 @@ impl Proxy {
                         let Some((stream, caller)) = secure(stream, peer, mesh).await else {
                             return;
                         };
+                        // A byte stream is not cut when the caller's
+                        // certificate expires: an open connection finishes
+                        // (as Envoy and Linkerd do), a client could not
+                        // tell a cut from a failure, and nothing can move
+                        // it to the caller's renewed leaf.
                         tcp::proxy_connection(
                             stream,
                             Downstream { peer, caller },
@@ -645,6 +666,7 @@ impl Proxy {
                     let cut = route.cut.clone();
                     let idle_timeout = route.cluster.config().idle_timeout;
                     let h1 = h1.clone();
+                    let tls = self.mesh.clone();
                     self.tasks.spawn(async move {
                         let _open = (open, admitted);
                         let handshake = async {
@@ -658,6 +680,14 @@ impl Proxy {
                             return;
                         };
                         let busy = Arc::clone(&activity);
+                        // At the caller's expiry the connection is marked
+                        // (nothing closes: an idle HTTP/1.1 connection
+                        // closed under a client about to send would fail
+                        // its request); the first request after it starts
+                        // the graceful close below.
+                        let expired = expire_at(caller.clone(), tls, peer);
+                        let drain = CancellationToken::new();
+                        let close_after = drain.clone();
                         let service = move |req| {
                             // A reload that kept the cluster but changed how
                             // it is served (access log) applies to the next
@@ -670,31 +700,45 @@ impl Proxy {
                             };
                             let busy = busy.busy();
                             let caller = caller.clone();
+                            // A request after the caller's certificate
+                            // expired is the connection's last: it is
+                            // answered, then HTTP/1.1 closes (the answer
+                            // says `Connection: close`) and HTTP/2 sends
+                            // GOAWAY and closes once its streams are done.
+                            if caller.as_ref().is_some_and(|c| c.expired()) {
+                                close_after.cancel();
+                            }
                             async move { Ok(http.handle(req, peer, caller, busy).await) }
                         };
                         let io = idle::Tracked::new(stream, Arc::clone(&activity));
-                        let drain = CancellationToken::new();
                         let connection = serve::connection(io, &h1, service, drain.clone());
                         tokio::pin!(connection);
                         // Idle (false), or retired or closed to make room
-                        // (true); polled only when one of them changes,
-                        // not at every request.
+                        // (true); polled only when one of them changes, not
+                        // at every request. Polled before the connection,
+                        // so that a request read in the same wake-up as the
+                        // caller's expiry already finds the caller marked.
                         let mut ended = idle::OnOwnWake::new(async move {
+                            let expired = async {
+                                expired.await;
+                                std::future::pending::<()>().await;
+                            };
                             tokio::select! {
                                 () = activity.idle(HEADER_READ_TIMEOUT, idle_timeout) => false,
                                 () = retired.cancelled() => true,
                                 () = close.cancelled() => true,
+                                () = expired => true,
                             }
                         });
                         tokio::select! {
                             biased;
+                            retired = &mut ended => if !retired {
+                                return;
+                            },
                             result = connection.as_mut() => {
                                 if let Err(e) = result {
                                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                                 }
-                                return;
-                            }
-                            retired = &mut ended => if !retired {
                                 return;
                             }
                         }

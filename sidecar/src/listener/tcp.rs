@@ -204,7 +204,7 @@ pub async fn proxy_connection(
     cluster.report(&endpoint, false);
     warn_if_http(&client, &cluster, &config.name);
     let _in_flight = endpoint.start_request();
-    let (mut upstream, _slot) = upstream.into_parts();
+    let (mut upstream, _slot, _) = upstream.into_parts();
     let activity = Arc::new(Activity::new(false));
     let mut client = Tracked::new(client, Arc::clone(&activity));
     let idle = config.idle_timeout;

@@ -9,7 +9,7 @@
 //! Lock rule: `set` is held only to clone or replace the `Arc`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use meshwork_core::intentions::{DecidedBy, IntentionSet, Request, Rule};
@@ -42,6 +42,35 @@ pub struct Caller {
     /// The source service, from its certificate's SPIFFE ID.
     pub service: Arc<str>,
     pub intentions: Intentions,
+    /// When the caller's certificate stops verifying (Unix seconds, the
+    /// earliest `notAfter` of its chain): the connection's one timer is set
+    /// for it. `None` when it could not be read (then no timer).
+    pub not_after_unix: Option<i64>,
+    /// Set by that timer: a request that comes after it is refused before
+    /// the intentions or the app see it. Read once per request (a relaxed
+    /// load, no clock).
+    expired: AtomicBool,
+}
+
+impl Caller {
+    pub fn new(service: Arc<str>, intentions: Intentions, not_after_unix: Option<i64>) -> Self {
+        Caller {
+            service,
+            intentions,
+            not_after_unix,
+            expired: AtomicBool::new(false),
+        }
+    }
+
+    /// The caller's certificate has expired (its connection's timer fired).
+    pub fn expired(&self) -> bool {
+        self.expired.load(Ordering::Relaxed)
+    }
+
+    /// Called by the connection's timer at `not_after_unix`.
+    pub fn mark_expired(&self) {
+        self.expired.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A decision as the proxy acts on it.

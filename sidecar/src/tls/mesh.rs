@@ -8,8 +8,14 @@
 //! never across an await or a handshake. The per-upstream client configs
 //! are made on first use and cached in the snapshot they belong to.
 //!
-//! Its counters (handshake failures by direction and reason, renewals)
-//! and what `/status`, `/config` and `/ready` say about it live here too.
+//! Each leaf installed gets a generation number ([`LeafStamp`]): outbound
+//! mesh connections carry the stamp of the leaf they were made with, and
+//! the pool asks [`MeshTls::usable`] (one atomic load) before handing one
+//! out — see [`super::expiry`].
+//!
+//! Its counters (handshake failures by direction and reason, renewals,
+//! connections retired or cut for an old or expired leaf) and what
+//! `/status`, `/config` and `/ready` say about it live here too.
 //! The task that keeps the leaf and roots current is [`super::renew`]'s.
 
 use std::collections::HashMap;
@@ -19,6 +25,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use rustls::{ClientConfig, ServerConfig};
 use serde_json::json;
 
+use super::expiry::LeafStamp;
 use super::leaf::{Leaf, now_unix};
 use super::trust::{self, InboundVerifier, OutboundVerifier, Trust};
 use crate::config::Protocol;
@@ -64,6 +71,9 @@ pub enum NotReady {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub leaf: Option<Arc<Leaf>>,
+    /// The leaf's generation (0 before the first leaf): what connections
+    /// dialled with this snapshot's configs are stamped with.
+    generation: u64,
     pub trust: Option<Arc<Trust>>,
     /// The inbound listeners' config (both of the above are needed).
     server: Option<Arc<ServerConfig>>,
@@ -96,6 +106,12 @@ struct Counters {
     handshake_failures: [[AtomicU64; trust::REASONS.len()]; 2],
     renewals_ok: AtomicU64,
     renewals_error: AtomicU64,
+    /// Pooled outbound connections retired because the leaf they were
+    /// made with was renewed or about to expire.
+    retired_outbound: AtomicU64,
+    /// Inbound connections still open when their peer's certificate
+    /// expired (closed or drained then).
+    peer_expired: AtomicU64,
 }
 
 /// The shared mesh identity; cheap to clone.
@@ -109,6 +125,12 @@ struct Inner {
     /// This sidecar's service: its leaf names it.
     service: String,
     snapshot: RwLock<Arc<Snapshot>>,
+    /// The generation of the current leaf while connections made with it
+    /// may take requests; 0 (no leaf's) from [`MeshTls::leaf_expiring`]
+    /// until the next leaf. Written under the `snapshot` write lock (and
+    /// by `leaf_expiring` with a compare-exchange); read without a lock,
+    /// once per pooled connection handed out.
+    usable: AtomicU64,
     counters: Counters,
     /// The last renewal's error, cleared by a success (for `/status`).
     last_error: Mutex<Option<String>>,
@@ -120,6 +142,7 @@ impl MeshTls {
             inner: Arc::new(Inner {
                 service: service.to_owned(),
                 snapshot: RwLock::default(),
+                usable: AtomicU64::new(0),
                 counters: Counters::default(),
                 last_error: Mutex::default(),
             }),
@@ -157,7 +180,18 @@ impl MeshTls {
 
     /// The config to dial a sidecar of `service` with, speaking `alpn`.
     pub fn client_config(&self, service: &str, alpn: Alpn) -> Result<Arc<ClientConfig>, NotReady> {
+        self.dial_config(service, alpn).map(|(config, _)| config)
+    }
+
+    /// [`MeshTls::client_config`] and the stamp of the leaf it presents,
+    /// for the connection dialled with it to carry.
+    pub fn dial_config(
+        &self,
+        service: &str,
+        alpn: Alpn,
+    ) -> Result<(Arc<ClientConfig>, LeafStamp), NotReady> {
         let snapshot = self.snapshot();
+        let stamp = LeafStamp(snapshot.generation);
         if let Some(reason) = snapshot.not_ready() {
             return Err(reason);
         }
@@ -166,23 +200,50 @@ impl MeshTls {
         };
         let mut clients = snapshot.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(config) = clients.get(&(service.to_owned(), alpn)) {
-            return Ok(Arc::clone(config));
+            return Ok((Arc::clone(config), stamp));
         }
         let config = client_config(leaf, trust, service, alpn).map_err(|e| {
             tracing::warn!(upstream = %service, error = %e, "cannot build the mesh client TLS config");
             NotReady::Broken
         })?;
         clients.insert((service.to_owned(), alpn), Arc::clone(&config));
-        Ok(config)
+        Ok((config, stamp))
+    }
+
+    /// Whether a connection made with the leaf `stamp` may take another
+    /// request: its leaf is still the current one and not about to expire.
+    /// One atomic load: asked each time a pooled connection is handed out.
+    #[inline]
+    pub fn usable(&self, stamp: LeafStamp) -> bool {
+        self.inner.usable.load(Ordering::Acquire) == stamp.0
+    }
+
+    /// The leaf `stamp` is about to expire (no renewed one came in time):
+    /// connections made with it are handed out no more. Nothing changes
+    /// if another leaf has been installed meanwhile.
+    pub(super) fn leaf_expiring(&self, stamp: LeafStamp) {
+        let _ = self
+            .inner
+            .usable
+            .compare_exchange(stamp.0, 0, Ordering::AcqRel, Ordering::Relaxed);
     }
 
     /// Swaps in a new leaf (renewed) and/or new roots; configs are rebuilt.
-    pub(super) fn install(&self, leaf: Option<Arc<Leaf>>, trust: Option<Arc<Trust>>) {
+    /// A new leaf is a new generation: connections made with the previous
+    /// one are retired by the pools. The stamp of the leaf now in use.
+    pub(super) fn install(&self, leaf: Option<Arc<Leaf>>, trust: Option<Arc<Trust>>) -> LeafStamp {
         let mut slot = self
             .inner
             .snapshot
             .write()
             .unwrap_or_else(|e| e.into_inner());
+        let generation = if leaf.is_some() {
+            let next = slot.generation + 1;
+            self.inner.usable.store(next, Ordering::Release);
+            next
+        } else {
+            slot.generation
+        };
         let leaf = leaf.or_else(|| slot.leaf.clone());
         let trust = trust.or_else(|| slot.trust.clone());
         let server = match (&leaf, &trust) {
@@ -197,15 +258,22 @@ impl MeshTls {
         };
         *slot = Arc::new(Snapshot {
             leaf,
+            generation,
             trust,
             server,
             clients: Mutex::default(),
         });
+        LeafStamp(generation)
     }
 
     #[cfg(test)]
-    pub(crate) fn install_for_tests(&self, leaf: Leaf, trust: Trust) {
-        self.install(Some(Arc::new(leaf)), Some(Arc::new(trust)));
+    pub(crate) fn install_for_tests(&self, leaf: Leaf, trust: Trust) -> LeafStamp {
+        self.install(Some(Arc::new(leaf)), Some(Arc::new(trust)))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn leaf_expiring_for_tests(&self, stamp: LeafStamp) {
+        self.leaf_expiring(stamp);
     }
 
     pub(super) fn renewal(&self, result: Result<(), String>) {
@@ -241,6 +309,23 @@ impl MeshTls {
             .position(|x| *x == reason)
             .unwrap_or(trust::REASONS.len() - 1);
         self.inner.counters.handshake_failures[d][r].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a pooled outbound connection retired for its leaf.
+    pub fn count_retired(&self) {
+        self.inner
+            .counters
+            .retired_outbound
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an inbound connection whose peer's certificate expired while
+    /// it was open.
+    pub fn count_peer_expired(&self) {
+        self.inner
+            .counters
+            .peer_expired
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// What `/status` and `/config` show: the leaf (serial, SPIFFE ID,
@@ -318,6 +403,18 @@ impl MeshTls {
                 );
             }
         }
+        out.push_str("# HELP meshwork_sidecar_tls_peer_expired_total Inbound mesh HTTP connections still open when the peer's certificate expired (the next request on each is its last: answered, then HTTP/1.1 closes and HTTP/2 sends GOAWAY).\n# TYPE meshwork_sidecar_tls_peer_expired_total counter\n");
+        let _ = writeln!(
+            out,
+            "meshwork_sidecar_tls_peer_expired_total{{direction=\"inbound\"}} {}",
+            counters.peer_expired.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP meshwork_sidecar_tls_connections_retired_total Pooled mesh connections retired because the leaf they were made with was renewed or about to expire (closed once idle).\n# TYPE meshwork_sidecar_tls_connections_retired_total counter\n");
+        let _ = writeln!(
+            out,
+            "meshwork_sidecar_tls_connections_retired_total{{direction=\"outbound\"}} {}",
+            counters.retired_outbound.load(Ordering::Relaxed)
+        );
         out
     }
 }

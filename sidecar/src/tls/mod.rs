@@ -9,11 +9,15 @@
 //!   dialers read: the current leaf, roots and rustls configs, swapped
 //!   whole on every change; the task that keeps them current) and
 //!   [`stream`] (a socket that is plain or TLS, without boxing per read);
-//!   [`renew`] is the task that keeps the leaf and roots current.
+//!   [`renew`] is the task that keeps the leaf and roots current;
+//!   [`expiry`] says when a kept-alive connection's certificate no longer
+//!   carries new requests (pooled ones made with a renewed leaf, accepted
+//!   ones whose peer's leaf expired).
 //!
 //! Nothing here touches listeners, pools or HTTP: they ask [`mesh`] for a
 //! config when they accept or dial.
 
+pub mod expiry;
 pub mod leaf;
 pub mod mesh;
 pub mod registry;

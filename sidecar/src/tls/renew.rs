@@ -4,7 +4,10 @@
 //! and within 1–3 s of the active root changing away from the one that
 //! signed the leaf. A failed signing keeps the current leaf and is tried
 //! again with backoff; with the registry gone, the leaf and roots in hand
-//! go on working until they expire.
+//! go on working until they expire. Shortly before a leaf expires
+//! ([`super::expiry::retire_margin`]) with no renewed one in hand, it
+//! marks the leaf as expiring, so pooled connections made with it are
+//! handed out no more.
 
 use std::time::Duration;
 
@@ -16,6 +19,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::expiry::{LeafStamp, retire_margin};
 use super::leaf::{Leaf, Request, now_unix, renew_after};
 use super::mesh::MeshTls;
 use super::trust::Trust;
@@ -43,6 +47,8 @@ pub async fn run(mesh: MeshTls, discovery: Discovery, shutdown: CancellationToke
     let mut server = 0usize;
     let mut first = true;
     let mut roots_open = true;
+    // When the current leaf is about to expire, and its stamp.
+    let mut expiring: Option<(Instant, LeafStamp)> = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -74,6 +80,12 @@ pub async fn run(mesh: MeshTls, discovery: Discovery, shutdown: CancellationToke
                     Err(e) => tracing::warn!(error = %e, "mesh CA roots refused; keeping the previous ones"),
                 }
             }
+            () = sleep_until_some(expiring.map(|(at, _)| at)) => {
+                if let Some((_, stamp)) = expiring.take() {
+                    tracing::warn!("the mesh leaf is about to expire and no renewed one came: pooled connections made with it are no longer used");
+                    mesh.leaf_expiring(stamp);
+                }
+            }
             () = tokio::time::sleep_until(next) => {
                 let (addresses, access) = discovery.registry();
                 // Config validation refuses an empty list.
@@ -99,7 +111,15 @@ pub async fn run(mesh: MeshTls, discovery: Discovery, shutdown: CancellationToke
                             tracing::debug!(serial = %leaf.serial, "mesh leaf certificate renewed");
                         }
                         tracing::debug!(renew_in_secs = wait.as_secs(), "next leaf renewal");
-                        mesh.install(Some(Arc::new(leaf)), None);
+                        let life = Duration::from_secs(
+                            u64::try_from(leaf.valid_before_unix - start).unwrap_or(0),
+                        );
+                        let left = Duration::from_secs(
+                            u64::try_from(leaf.valid_before_unix - now).unwrap_or(0),
+                        );
+                        let retire_in = left.saturating_sub(retire_margin(life));
+                        let stamp = mesh.install(Some(Arc::new(leaf)), None);
+                        expiring = Some((Instant::now() + retire_in, stamp));
                         mesh.renewal(Ok(()));
                     }
                     Err(e) => {
@@ -113,6 +133,14 @@ pub async fn run(mesh: MeshTls, discovery: Discovery, shutdown: CancellationToke
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `at`; for ever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

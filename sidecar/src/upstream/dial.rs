@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use crate::tls::expiry::LeafStamp;
 use crate::tls::mesh::{Alpn, NotReady};
 use crate::tls::stream::{ClientStream, Stream};
 use crate::upstream::cluster::{Cluster, OwnedGauge, acquire_owned};
@@ -98,19 +99,28 @@ pub enum ConnectError {
 pub struct Counted {
     stream: ClientStream,
     _slot: OwnedGauge,
+    /// Mesh TLS: the leaf it presented, so that the pool retires it once
+    /// that leaf is renewed (see [`crate::tls::expiry`]). `None`: plain.
+    leaf: Option<LeafStamp>,
 }
 
 impl Counted {
-    pub fn into_parts(self) -> (ClientStream, OwnedGauge) {
-        (self.stream, self._slot)
+    pub fn into_parts(self) -> (ClientStream, OwnedGauge, Option<LeafStamp>) {
+        (self.stream, self._slot, self.leaf)
     }
 
     /// The connection again from [`Counted::into_parts`].
-    pub fn from_parts(stream: ClientStream, slot: OwnedGauge) -> Self {
+    pub fn from_parts(stream: ClientStream, slot: OwnedGauge, leaf: Option<LeafStamp>) -> Self {
         Counted {
             stream,
             _slot: slot,
+            leaf,
         }
+    }
+
+    /// The leaf a mesh connection was made with (`None`: plain).
+    pub fn leaf(&self) -> Option<LeafStamp> {
+        self.leaf
     }
 
     pub fn stream(&mut self) -> &mut ClientStream {
@@ -127,7 +137,7 @@ pub async fn connect(cluster: &Arc<Cluster>, addr: SocketAddr) -> Result<Counted
         Some(mesh) if cluster.table().is_sidecar(addr) => {
             let config = cluster.config();
             let client = mesh
-                .client_config(&config.name, Alpn::of(config.protocol))
+                .dial_config(&config.name, Alpn::of(config.protocol))
                 .map_err(ConnectError::MeshNotReady)?;
             Some((mesh, client))
         }
@@ -155,9 +165,10 @@ pub async fn connect(cluster: &Arc<Cluster>, addr: SocketAddr) -> Result<Counted
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
+    let leaf = tls.as_ref().map(|(_, (_, stamp))| *stamp);
     let stream = match tls {
         None => Stream::Plain(stream),
-        Some((mesh, client)) => {
+        Some((mesh, (client, _))) => {
             // No SNI (an IP address); the server is known by its SPIFFE ID.
             let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
             let handshake = tokio_rustls::TlsConnector::from(client).connect(name, stream);
@@ -176,6 +187,7 @@ pub async fn connect(cluster: &Arc<Cluster>, addr: SocketAddr) -> Result<Counted
     Ok(Counted {
         stream,
         _slot: slot,
+        leaf,
     })
 }
 

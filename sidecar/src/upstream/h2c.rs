@@ -25,6 +25,7 @@ use hyper::{Request, Response};
 use tracing::Instrument;
 
 use crate::http::headers::content_length;
+use crate::tls::expiry::LeafStamp;
 use crate::upstream::BoxError;
 use crate::upstream::dial::Counted;
 
@@ -47,6 +48,9 @@ pub struct Conn {
     /// Set once the connection's task has ended (closed, failed, or gone
     /// away): no new stream can open on it.
     closed: Arc<AtomicBool>,
+    /// Mesh TLS: the leaf it was made with; the pool stops sharing it
+    /// once that leaf is renewed (`None`: plain).
+    leaf: Option<LeafStamp>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -62,6 +66,7 @@ impl Conn {
     /// SETTINGS); the connection's frames are then read and written by a
     /// task of its own until it closes.
     pub async fn handshake(io: Counted, span: tracing::Span) -> Result<Conn, h2::Error> {
+        let leaf = io.leaf();
         let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -88,11 +93,20 @@ impl Conn {
             }
             .instrument(span),
         );
-        Ok(Conn { sender, closed })
+        Ok(Conn {
+            sender,
+            closed,
+            leaf,
+        })
     }
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// The leaf a mesh connection was made with (`None`: plain).
+    pub fn leaf(&self) -> Option<LeafStamp> {
+        self.leaf
     }
 
     /// The same connection (not another one to the same endpoint).

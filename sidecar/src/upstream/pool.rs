@@ -77,6 +77,9 @@ struct Shared {
     /// Connections unused this long are closed.
     idle_timeout: Duration,
     upstream: String,
+    /// The mesh identity: which leaf shared connections must have been
+    /// made with (`None`: no mesh).
+    mesh: Option<crate::tls::MeshTls>,
 }
 
 struct Idle {
@@ -104,12 +107,26 @@ impl Shared {
         }
     }
 
-    /// Closes what has idled out or been closed; false once nothing is left.
+    /// Whether `conn` may take new streams: plain, or made with the leaf
+    /// in use (counted when not: the caller lets go of it).
+    fn current(&self, conn: &h2c::Conn) -> bool {
+        let (Some(leaf), Some(mesh)) = (conn.leaf(), &self.mesh) else {
+            return true;
+        };
+        let usable = mesh.usable(leaf);
+        if !usable {
+            mesh.count_retired();
+        }
+        usable
+    }
+
+    /// Closes what has idled out, been closed or was made with a renewed
+    /// leaf; false once nothing is left.
     fn sweep(&self) -> bool {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let limit = self.idle_timeout;
         idle.h2
-            .retain(|_, (s, used)| !s.is_closed() && used.elapsed() < limit);
+            .retain(|_, (s, used)| !s.is_closed() && used.elapsed() < limit && self.current(s));
         idle.h2_connecting
             .retain(|_, turn| Arc::strong_count(turn) > 1);
         idle.sweeping = !idle.h2.is_empty();
@@ -131,8 +148,13 @@ impl Pool {
                 }),
                 idle_timeout: cluster.config().idle_timeout,
                 upstream: cluster.config().name.clone(),
+                mesh: cluster.mesh.clone(),
             }),
-            h1: h1::IdleConns::new(cluster.config().idle_timeout, cluster.config().name.clone()),
+            h1: h1::IdleConns::new(
+                cluster.config().idle_timeout,
+                cluster.config().name.clone(),
+                cluster.mesh.clone(),
+            ),
             cluster,
         }
     }
@@ -219,10 +241,18 @@ impl Pool {
         }
     }
 
-    /// The endpoint's open HTTP/2 connection, if any.
+    /// The endpoint's open HTTP/2 connection, if any. One made with a
+    /// leaf that has since been renewed (or is about to expire) is shared
+    /// no more: its streams finish, and it closes once they have (the
+    /// connection ends when its last handle and stream are gone).
     fn shared_h2(&self, addr: SocketAddr) -> Option<h2c::Conn> {
         let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
         let (conn, used) = idle.h2.get_mut(&addr)?;
+        if !self.shared.current(conn) {
+            tracing::debug!(endpoint = %addr, "the mesh leaf was renewed: the shared HTTP/2 connection made with the old one is retired");
+            idle.h2.remove(&addr);
+            return None;
+        }
         if conn.is_closed() || used.elapsed() >= self.shared.idle_timeout {
             idle.h2.remove(&addr);
             return None;

@@ -23,6 +23,10 @@
 //! close. Anything else — another transfer coding, a bad length, a bad
 //! chunk, a head over 64 KiB or with over 100 fields, bytes after the
 //! end — is an error, and the connection is closed rather than reused.
+//!
+//! A mesh connection made with a leaf that has since been renewed (or is
+//! about to expire) is retired: no longer handed out, closed when put
+//! back or swept (see [`crate::tls::expiry`]).
 
 use std::future::poll_fn;
 use std::io;
@@ -39,6 +43,8 @@ use hyper::header::{self, HeaderMap};
 use hyper::http::uri::Authority;
 use tokio::io::AsyncWriteExt;
 
+use crate::tls::MeshTls;
+use crate::tls::expiry::LeafStamp;
 use crate::upstream::dial::{AddrMap, Counted, spawn_sweeper};
 use crate::upstream::{BoxError, MAX_HEADER_BYTES};
 
@@ -91,11 +97,15 @@ pub struct Conn {
     wbuf: Vec<u8>,
     /// Bytes came back during the current exchange.
     answered: bool,
+    /// Mesh TLS: the leaf it was made with (kept here, beside the socket,
+    /// so checking it costs no look into a split connection).
+    leaf: Option<LeafStamp>,
 }
 
 impl Conn {
     pub fn new(io: Counted) -> Self {
         Conn {
+            leaf: io.leaf(),
             io: Io::Whole(io),
             rbuf: BytesMut::new(),
             wbuf: Vec::new(),
@@ -201,25 +211,30 @@ impl Conn {
     }
 
     /// The socket apart from the buffers, to change one and keep the other.
-    fn into_parts(self) -> (Io, (BytesMut, Vec<u8>, bool)) {
+    fn into_parts(self) -> (Io, Buffers) {
         let Conn {
             io,
             rbuf,
             wbuf,
             answered,
+            leaf,
         } = self;
-        (io, (rbuf, wbuf, answered))
+        (io, (rbuf, wbuf, answered, leaf))
     }
 
-    fn from_parts(io: Io, (rbuf, wbuf, answered): (BytesMut, Vec<u8>, bool)) -> Conn {
+    fn from_parts(io: Io, (rbuf, wbuf, answered, leaf): Buffers) -> Conn {
         Conn {
             io,
             rbuf,
             wbuf,
             answered,
+            leaf,
         }
     }
 }
+
+/// What [`Conn::into_parts`] keeps beside the socket.
+type Buffers = (BytesMut, Vec<u8>, bool, Option<LeafStamp>);
 
 /// A connection's socket: whole, or split while a task still pumps a
 /// streamed request body into its write half.
@@ -507,6 +522,9 @@ pub struct IdleConns {
     /// read no clock.
     max_age: u64,
     upstream: String,
+    /// The mesh identity, for which leaf pooled mesh connections must
+    /// have been made with (`None`: no mesh, nothing retired).
+    mesh: Option<MeshTls>,
 }
 
 struct Idle {
@@ -517,7 +535,7 @@ struct Idle {
 }
 
 impl IdleConns {
-    pub fn new(idle_timeout: Duration, upstream: String) -> Arc<Self> {
+    pub fn new(idle_timeout: Duration, upstream: String, mesh: Option<MeshTls>) -> Arc<Self> {
         let sweep_every = (idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
         Arc::new(IdleConns {
             conns: Mutex::new(Idle {
@@ -531,7 +549,23 @@ impl IdleConns {
                 .div_ceil(sweep_every.as_nanos().max(1))
                 .max(1) as u64,
             upstream,
+            mesh,
         })
+    }
+
+    /// Whether `conn` may take a request: plain, or made with the leaf in
+    /// use (one atomic load). A connection that may not is counted here,
+    /// once: the caller drops it.
+    #[inline]
+    fn current(&self, conn: &Conn) -> bool {
+        let (Some(leaf), Some(mesh)) = (conn.leaf, &self.mesh) else {
+            return true;
+        };
+        let usable = mesh.usable(leaf);
+        if !usable {
+            mesh.count_retired();
+        }
+        usable
     }
 
     /// The most recently used live connection to `addr`; stale ones met
@@ -542,7 +576,7 @@ impl IdleConns {
         let now = idle.sweeps;
         let list = idle.by_endpoint.get_mut(&addr)?;
         while let Some((mut conn, since)) = list.pop() {
-            if now - since < self.max_age && conn.alive() {
+            if now - since < self.max_age && self.current(&conn) && conn.alive() {
                 return Some(conn);
             }
         }
@@ -550,6 +584,11 @@ impl IdleConns {
     }
 
     fn put(self: &Arc<Self>, addr: SocketAddr, conn: Conn) {
+        // Made with a leaf renewed meanwhile: its last request is done,
+        // and it closes here.
+        if !self.current(&conn) {
+            return;
+        }
         let mut idle = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let now = idle.sweeps;
         idle.by_endpoint.entry(addr).or_default().push((conn, now));
@@ -564,14 +603,16 @@ impl IdleConns {
     }
 
     /// Every quarter idle timeout (1 s to 60 s) while connections are
-    /// kept: closes those idle past the timeout or closed by the upstream;
-    /// false once none is left.
+    /// kept: closes those idle past the timeout, closed by the upstream or
+    /// made with a renewed leaf; false once none is left.
     fn sweep(&self) -> bool {
         let mut idle = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         idle.sweeps += 1;
         let (now, limit) = (idle.sweeps, self.max_age);
         idle.by_endpoint.retain(|_, list| {
-            list.retain_mut(|(conn, since)| now - *since < limit && conn.alive());
+            list.retain_mut(|(conn, since)| {
+                now - *since < limit && self.current(conn) && conn.alive()
+            });
             !list.is_empty()
         });
         idle.sweeping = !idle.by_endpoint.is_empty();
@@ -853,7 +894,7 @@ mod tests {
             vec![b"HTTP/1.0 200 OK\r\n\r\nuntil close"],
         ])
         .await;
-        let pool = IdleConns::new(Duration::from_secs(60), "api".into());
+        let pool = IdleConns::new(Duration::from_secs(60), "api".into(), None);
         let (status, headers, body, _) = get(&pool, addr, Method::GET).await.expect("length");
         assert_eq!((status, &body[..]), (StatusCode::OK, &b"hello"[..]));
         assert_eq!(headers.get("x-a").expect("x-a"), "1");
@@ -894,6 +935,94 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn connections_made_with_a_renewed_leaf_finish_their_request_and_close() {
+        use crate::tls::mesh::Alpn;
+        let ca = crate::tls::trust::tests::TestCa::new("mesh");
+        let td = "c0ffee.meshwork";
+        let mesh = MeshTls::new("web");
+        let trust = || crate::tls::trust::Trust::from_roots(&ca.roots(td)).expect("trust");
+        mesh.install_for_tests(crate::tls::leaf::tests::signed(&ca, td, "web"), trust());
+        let ok = |body: &'static [u8]| -> &'static [u8] { body };
+        let (addr, seen) = server(vec![
+            vec![
+                ok(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na"),
+                ok(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"),
+            ],
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nc"],
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nd"],
+        ])
+        .await;
+        // Connections stamped with the leaf in use when they are made, as
+        // `dial::connect` does for a mesh endpoint (plain TCP here).
+        let dial = || {
+            let mesh = mesh.clone();
+            async move {
+                let (_, stamp) = mesh.dial_config("api", Alpn::Http1).expect("ready");
+                let (stream, slot, _) = crate::upstream::dial::connect(&cluster(), addr)
+                    .await?
+                    .into_parts();
+                Ok::<_, crate::upstream::dial::ConnectError>(Conn::new(Counted::from_parts(
+                    stream,
+                    slot,
+                    Some(stamp),
+                )))
+            }
+        };
+        let pool = IdleConns::new(Duration::from_secs(60), "api".into(), Some(mesh.clone()));
+        let (headers, empty) = (HeaderMap::new(), Bytes::new());
+        let req = RequestHead {
+            method: &Method::GET,
+            target: "/",
+            headers: &headers,
+            body: &empty,
+            length: Length::None,
+            upgrade: false,
+        };
+        let authority = Authority::from_static("api");
+        let send = || async {
+            let sent: Result<(Head, Body), SendError<_>> =
+                pool.send(addr, &authority, &req, true, dial).await;
+            sent.map_err(|_| "no answer")
+        };
+        let text = |body: Body| async move {
+            let bytes = body.collect().await.expect("body").to_bytes();
+            String::from_utf8_lossy(&bytes).into_owned()
+        };
+        let retired = || {
+            mesh.render_metrics()
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(
+                        "meshwork_sidecar_tls_connections_retired_total{direction=\"outbound\"} ",
+                    )
+                    .map(str::to_owned)
+                })
+                .unwrap_or_default()
+        };
+        let (_, body) = send().await.expect("first");
+        assert_eq!(text(body).await, "a");
+        // A request in flight when the leaf is renewed...
+        let (_, body) = send().await.expect("second, on the same connection");
+        mesh.install_for_tests(crate::tls::leaf::tests::signed(&ca, td, "web"), trust());
+        // ...finishes, and its connection closes instead of being pooled.
+        assert_eq!(text(body).await, "b");
+        assert_eq!(retired(), "1");
+        assert!(pool.take(addr).is_none(), "nothing pooled");
+        let (_, body) = send().await.expect("third, on a new connection");
+        assert_eq!(text(body).await, "c");
+        // A leaf about to expire (no renewal came): its connections are
+        // handed out no more either.
+        let (_, stamp) = mesh.dial_config("api", Alpn::Http1).expect("ready");
+        mesh.leaf_expiring_for_tests(stamp);
+        let (_, body) = send().await.expect("fourth, on a third connection");
+        assert_eq!(text(body).await, "d");
+        // (That third one, made with the same leaf for want of another,
+        // carried its request and is not kept either.)
+        assert_eq!(retired(), "3");
+        assert_eq!(seen.await.expect("server").len(), 4);
+    }
+
+    #[tokio::test]
     async fn bad_responses_are_errors() {
         for answer in [
             &b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"[..],
@@ -907,7 +1036,7 @@ mod tests {
             b"NOT HTTP\r\n\r\n",
         ] {
             let (addr, _) = server(vec![vec![answer]]).await;
-            let pool = IdleConns::new(Duration::from_secs(60), "api".into());
+            let pool = IdleConns::new(Duration::from_secs(60), "api".into(), None);
             let got = get(&pool, addr, Method::GET).await;
             assert!(
                 got.is_err(),
@@ -926,7 +1055,7 @@ mod tests {
             vec![b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"],
         ])
         .await;
-        let pool = IdleConns::new(Duration::from_secs(60), "api".into());
+        let pool = IdleConns::new(Duration::from_secs(60), "api".into(), None);
         let (_, _, body, _) = get(&pool, addr, Method::GET).await.expect("first");
         assert_eq!(&body[..], b"a");
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -963,7 +1092,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             drop(first);
         });
-        let pool = IdleConns::new(Duration::from_secs(60), "api".into());
+        let pool = IdleConns::new(Duration::from_secs(60), "api".into(), None);
         let (_, _, body, _) = get(&pool, addr, Method::GET).await.expect("first");
         assert_eq!(&body[..], b"first");
         tokio::time::sleep(Duration::from_millis(500)).await;

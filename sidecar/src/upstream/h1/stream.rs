@@ -33,6 +33,7 @@ use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 use super::Length;
+use crate::tls::expiry::LeafStamp;
 use crate::tls::stream::{ReadHalf as OwnedReadHalf, WriteHalf as OwnedWriteHalf};
 use crate::upstream::BoxError;
 use crate::upstream::cluster::OwnedGauge;
@@ -42,6 +43,8 @@ use crate::upstream::dial::Counted;
 pub struct Split {
     read: OwnedReadHalf,
     pump: Guard,
+    /// The leaf the connection was made with, for the whole one again.
+    leaf: Option<LeafStamp>,
 }
 
 /// The exchange's hold on the pump: dropped before the pump has ended, it
@@ -96,7 +99,7 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    let (stream, slot) = io.into_parts();
+    let (stream, slot, leaf) = io.into_parts();
     let (read, write) = stream.into_split();
     let shared = Arc::new(Shared {
         state: Mutex::new(State::Running(None)),
@@ -111,6 +114,7 @@ where
             slot: Some(slot),
             detached: false,
         },
+        leaf,
     }
 }
 
@@ -258,9 +262,13 @@ impl Split {
             }
         };
         drop(state);
-        let Split { read, mut pump } = self;
+        let Split {
+            read,
+            mut pump,
+            leaf,
+        } = self;
         match (read.reunite(write), pump.slot.take()) {
-            (Some(stream), Some(slot)) => Ok(Counted::from_parts(stream, slot)),
+            (Some(stream), Some(slot)) => Ok(Counted::from_parts(stream, slot, leaf)),
             // Halves of one stream, and the slot is only given up on drop:
             // neither can fail; the connection would just close.
             _ => Err(None),
