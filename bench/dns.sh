@@ -12,10 +12,15 @@
 #                 two systems alternates from round to round [3]
 #   LAT_DURATION  seconds per latency run (dnsperf -v, per-query latencies); 0 = skip [10]
 #   WARMUP        seconds of discarded load before each setting's runs [2]
-#   SETTINGS      closed-loop load settings, CLIENTS:OUTSTANDING (dnsperf -c/-q) ["1:10 4:100"]
+#   SETTINGS      closed-loop load settings, CLIENTS:OUTSTANDING (dnsperf -c/-q)
+#                 ["1:10 1:100 4:100"]. With few queries in flight dnsperf's
+#                 sender sleeps when an answer comes back before it waits for
+#                 one (at -q 1 a 67 µs answer gives ~190 qps): 1:10 measures
+#                 that more than the server once answers take under ~100 µs;
+#                 1:100 (dnsperf's default -q) is one client kept busy
 #   PINNED_SETTINGS closed-loop settings also run with the server pinned to
 #                 CPU 1 and dnsperf to CPU 0 (taskset), so that neither takes
-#                 CPU from the other; "" = skip ["4:100"]
+#                 CPU from the other; "" = skip ["1:100 4:100"]
 #   FIXED_QPS     offered rate of the fixed-rate latency run (dnsperf -Q); 0 = skip [2000]
 #   FIXED_SETTING CLIENTS:OUTSTANDING of the fixed-rate run [4:100]
 #   EDNS          1 = dnsperf -e (EDNS0, 4096-byte UDP answers, so the SRV
@@ -51,10 +56,10 @@ REPO_DIR=$(dirname "$BENCH_DIR")
 . "$BENCH_DIR/lib.sh"
 DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
-PINNED_SETTINGS=${PINNED_SETTINGS:-"4:100"}
+PINNED_SETTINGS=${PINNED_SETTINGS:-"1:100 4:100"}
 LAT_DURATION=${LAT_DURATION:-10}
 WARMUP=${WARMUP:-2}
-SETTINGS=${SETTINGS:-"1:10 4:100"}
+SETTINGS=${SETTINGS:-"1:10 1:100 4:100"}
 FIXED_QPS=${FIXED_QPS:-2000}
 FIXED_SETTING=${FIXED_SETTING:-4:100}
 EDNS=${EDNS:-1}
