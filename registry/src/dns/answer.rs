@@ -699,6 +699,23 @@ fn header_only_error(packet: &[u8], code: ResponseCode) -> Vec<u8> {
     out
 }
 
+/// The settings the DNS tests use: domain `mesh.`, datacenter `dc1`,
+/// TTLs 0, no recursors, no ACLs.
+#[cfg(test)]
+pub(crate) fn test_config() -> DnsConfig {
+    DnsConfig {
+        domain: Name::from_ascii("mesh.").expect("name"),
+        datacenter: "dc1".into(),
+        service_ttl: HashMap::new(),
+        node_ttl: 0,
+        only_passing: false,
+        a_record_limit: 0,
+        recursors: Vec::new(),
+        ns_addr: Some("127.0.0.1".parse().expect("ip")),
+        acl: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -706,17 +723,7 @@ mod tests {
     use rand::SeedableRng;
 
     fn config() -> DnsConfig {
-        DnsConfig {
-            domain: Name::from_ascii("mesh.").expect("name"),
-            datacenter: "dc1".into(),
-            service_ttl: HashMap::new(),
-            node_ttl: 0,
-            only_passing: false,
-            a_record_limit: 0,
-            recursors: Vec::new(),
-            ns_addr: Some("127.0.0.1".parse().expect("ip")),
-            acl: None,
-        }
+        test_config()
     }
 
     fn state_with(instances: &[(&str, &str, &str, HealthStatus, &[&str])]) -> State {

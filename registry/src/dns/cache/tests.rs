@@ -8,17 +8,7 @@ use super::*;
 use crate::state::catalog::{CheckSpec, HealthStatus, Registration, ServiceSpec};
 
 fn config() -> DnsConfig {
-    DnsConfig {
-        domain: Name::from_ascii("mesh.").expect("name"),
-        datacenter: "dc1".into(),
-        service_ttl: HashMap::new(),
-        node_ttl: 0,
-        only_passing: false,
-        a_record_limit: 0,
-        recursors: Vec::new(),
-        ns_addr: Some("127.0.0.1".parse().expect("ip")),
-        acl: None,
-    }
+    answer::test_config()
 }
 
 fn register(state: &mut State, index: u64, service: &str, i: usize, status: HealthStatus) {
