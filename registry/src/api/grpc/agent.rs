@@ -271,7 +271,6 @@ impl Agent for AgentService {
         &self,
         request: Request<SignLeafRequest>,
     ) -> Result<Response<SignLeafReply>, Status> {
-        use crate::connect::CaError;
         use crate::connect::sign::SignError;
         let authz = self.authorize(&request)?;
         let request = request.into_inner();
@@ -294,11 +293,7 @@ impl Agent for AgentService {
             .await
             .map_err(|e| match e {
                 SignError::Cluster(e) => cluster_status(e),
-                SignError::Ca(e @ CaError::NotReady) => Status::unavailable(e.to_string()),
-                SignError::Ca(e @ CaError::Csr(_)) => Status::invalid_argument(e.to_string()),
-                SignError::Ca(e @ (CaError::Root(_) | CaError::Sign(_))) => {
-                    Status::internal(e.to_string())
-                }
+                SignError::Ca(e) => super::ca_status(e),
             })?;
         Ok(Response::new(SignLeafReply {
             cert_chain_pem: leaf.chain_pem,

@@ -28,9 +28,9 @@ use tonic::Status;
 use tonic::codegen::http;
 
 use crate::auth::{Kind, Need, Resolved};
-use crate::cluster::{ClusterError, RegistryNode};
+use crate::cluster::RegistryNode;
+use crate::connect::Leaf;
 use crate::connect::sign::{LeafRequest, MAX_CSR, SignError, Signed};
-use crate::connect::{CaError, Leaf};
 use crate::watch::{Hub, Topic, grpc_frame};
 
 /// What signs the leaves of this server's leaf streams.
@@ -122,10 +122,8 @@ async fn sign(signer: &LeafSigner, topic: &LeafTopic) -> Result<Signed, Status> 
         })
         .await
         .map_err(|e| match e {
-            SignError::Ca(e @ CaError::Csr(_)) => Status::invalid_argument(e.to_string()),
-            SignError::Ca(e @ CaError::NotReady) => Status::unavailable(e.to_string()),
-            SignError::Ca(e) => Status::internal(e.to_string()),
-            SignError::Cluster(ClusterError::NoLeader) => Status::unavailable("No cluster leader"),
+            SignError::Ca(e) => super::ca_status(e),
+            // Another server may do better: the client subscribes again.
             SignError::Cluster(e) => Status::unavailable(e.to_string()),
         })
 }

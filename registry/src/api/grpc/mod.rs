@@ -44,6 +44,18 @@ pub fn refusal_status(refusal: Refusal) -> Status {
     }
 }
 
+/// The gRPC status for a certificate the mesh CA would not make: a bad
+/// CSR or name is the caller's, no root yet is worth a retry, the rest is
+/// ours.
+pub(crate) fn ca_status(e: crate::connect::CaError) -> Status {
+    use crate::connect::CaError;
+    match e {
+        CaError::Csr(_) => Status::invalid_argument(e.to_string()),
+        CaError::NotReady => Status::unavailable(e.to_string()),
+        CaError::Root(_) | CaError::Sign(_) => Status::internal(e.to_string()),
+    }
+}
+
 /// Serves `meshwork.v1.Registry`.
 #[derive(Debug, Clone)]
 pub struct RegistryService {
