@@ -25,8 +25,8 @@ pub mod defaults {
     pub const SNAPSHOT_TRAILING_LOGS: u64 = 1024;
     pub const SNAPSHOT_INTERVAL_MS: u64 = 30_000;
     pub const WATCH_HEARTBEAT_MS: u64 = 10_000;
-    pub const HEARTBEAT_MS: u64 = 200;
-    pub const ELECTION_TIMEOUT_MS: u64 = 1000;
+    pub const HEARTBEAT_MS: u64 = 100;
+    pub const ELECTION_TIMEOUT_MS: u64 = 300;
     pub const LEADER_WAIT_MS: u64 = 5000;
 }
 
@@ -468,6 +468,13 @@ pub struct DnsSettings {
 pub struct ConfigError(pub Vec<String>);
 
 impl Config {
+    /// Raft's maximum election timeout, which openraft 0.9 also uses as
+    /// the leader lease: how long a voter refuses votes after it last
+    /// heard from a leader.
+    pub fn election_timeout_max(&self) -> Duration {
+        self.election_timeout * 2
+    }
+
     /// Reads the file named by `--config` (if any) and merges the flags.
     pub fn load(cli: Cli) -> Result<Self, ConfigError> {
         let Some(path) = cli.config.clone() else {

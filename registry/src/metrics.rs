@@ -63,6 +63,9 @@ pub struct Metrics {
     pub blocking_queries: AtomicI64,
     pub watch_subscribers: AtomicI64,
     pub leader_changes: AtomicU64,
+    /// Elections this server called because its leader's port refused
+    /// connections (see `cluster::failover`).
+    pub fast_elections: AtomicU64,
     /// Mesh leaf certificates signed by this server.
     pub leaves_signed: AtomicU64,
     /// DNS answers sent from the answer cache, made anew, and the
@@ -230,6 +233,11 @@ impl Metrics {
                 "meshwork_raft_leader_changes_total",
                 "Times the known leader changed since start.",
                 self.leader_changes.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "meshwork_raft_fast_elections_total",
+                "Elections this server called because its leader's port refused connections.",
+                self.fast_elections.load(Ordering::Relaxed) as f64,
             ),
             (
                 "meshwork_connect_leaves_signed_total",

@@ -28,7 +28,7 @@ use crate::raft::identity::{ClusterIdentity, FOREIGN_CLUSTER};
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{MAX_INTERNAL_MESSAGE, NetworkFactory, PeerChannels};
 use crate::raft::state_machine::StateMachineStore;
-use crate::raft::{NodeId, Raft, TypeConfig};
+use crate::raft::{Raft, TypeConfig};
 use crate::storage::datadir::{DataDir, DataDirError};
 
 /// How long in-flight requests get to finish at shutdown.
@@ -243,7 +243,18 @@ pub async fn run(
         &shutdown,
         resolver,
     )?;
-    tasks.spawn(count_leader_changes(node.raft.metrics(), shutdown.clone()));
+    tasks.spawn({
+        let timing = crate::cluster::failover::Timing {
+            heartbeat: config.heartbeat,
+            lease: config.election_timeout_max(),
+        };
+        let watch =
+            crate::cluster::failover::watch_leader(Arc::clone(&node), timing, shutdown.clone());
+        async move {
+            watch.await;
+            Ok(())
+        }
+    });
 
     // REST.
     let app = http::router(rest_state(&config, &dir, &node, &shutdown, &acl));
@@ -524,27 +535,6 @@ async fn reload_tls_on_sighup(
     }
 }
 
-/// Counts changes of the known leader (a metric) until shutdown.
-async fn count_leader_changes(
-    mut raft_metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
-    token: CancellationToken,
-) -> Result<(), ServerError> {
-    let mut leader = raft_metrics.borrow().current_leader;
-    loop {
-        tokio::select! {
-            () = token.cancelled() => return Ok(()),
-            changed = raft_metrics.changed() => if changed.is_err() { return Ok(()) },
-        }
-        let now = raft_metrics.borrow().current_leader;
-        if now != leader {
-            leader = now;
-            crate::metrics::METRICS
-                .leader_changes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-}
-
 /// Opens the log and the state machine in `dir` and starts Raft on them.
 async fn start_consensus(
     config: &Config,
@@ -577,7 +567,7 @@ async fn start_consensus(
         cluster_name: "meshwork".into(),
         heartbeat_interval: config.heartbeat.as_millis() as u64,
         election_timeout_min: config.election_timeout.as_millis() as u64,
-        election_timeout_max: config.election_timeout.as_millis() as u64 * 2,
+        election_timeout_max: config.election_timeout_max().as_millis() as u64,
         // Snapshots are triggered by `snapshot_when_due`, at most once per
         // interval (as Consul's snapshot_interval), not on every threshold
         // crossing: at high write rates a large state would otherwise be

@@ -98,6 +98,58 @@ pub struct Mix {
     pub write: u32,
 }
 
+/// The failover prober: writes a key of its own (`key`, outside what the
+/// checks read) every `every`, each write with a `timeout` of its own,
+/// trying the next server at once when one fails or does not answer in
+/// time, as a client that can reach the majority would. Returns the
+/// acknowledged writes as (invoke, complete) in ns since the run's start:
+/// a leader loss's failover is the first of them invoked after it.
+/// Unlike the workload clients (random server, the suite's long timeout),
+/// it is not held up by an unreachable server, so it measures how long the
+/// cluster cannot acknowledge a write.
+pub async fn run_prober(
+    shared: Shared,
+    targets: Vec<Target>,
+    key: String,
+    every: Duration,
+    timeout: Duration,
+) -> Vec<(u64, u64)> {
+    let mut acks = Vec::new();
+    let mut next = 0usize;
+    // Bounded by the stop flag and by a count (a day at 1 ms).
+    for n in 0..86_400_000u64 {
+        if shared.stop.load(Ordering::Relaxed) || targets.is_empty() {
+            break;
+        }
+        let target = &targets[next % targets.len()];
+        let invoke = shared.now();
+        let url = format!("{}/v1/kv/{key}", target.http);
+        let sent = shared
+            .http
+            .put(url)
+            .body(n.to_string())
+            .timeout(timeout)
+            .send();
+        let acked = match sent.await {
+            Ok(resp) if resp.status() == 200 => {
+                resp.text().await.is_ok_and(|body| body.trim() == "true")
+            }
+            _ => false,
+        };
+        if acked {
+            acks.push((invoke, shared.now()));
+            tokio::time::sleep(every).await;
+        } else {
+            next += 1;
+            if next.is_multiple_of(targets.len()) {
+                // Every server failed in turn: no busy loop.
+                tokio::time::sleep(every).await;
+            }
+        }
+    }
+    acks
+}
+
 /// One client: random operations on random `keys` through random
 /// `targets` until [`Shared::stop`] is set or `max_ops` are done, with a
 /// pause of up to `think` between operations.

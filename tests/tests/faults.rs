@@ -37,8 +37,15 @@
 //! tables (their default token is the bootstrapped management token);
 //! `MESHWORK_FAULTS_PLAIN=1` runs them without either.
 //!
-//! Quick mode by default; `MESHWORK_FAULTS_LONG=1` for a soak run. The
-//! tests skip (and say so) when not run as root.
+//! Quick mode by default; `MESHWORK_FAULTS_LONG=1` for a soak run,
+//! `MESHWORK_FAULTS_SECS` / `MESHWORK_FAULTS_COUNT` (at least that long and
+//! that many faults) and `MESHWORK_FAULTS_CYCLES` (kill -9 cycles) to set
+//! the length,
+//! `MESHWORK_FAULTS_KINDS=IsolateLeader,…` to inject only some kinds (to
+//! measure one kind's failover over many episodes; refused under CI), and
+//! `MESHWORK_REGISTRY_BIN` to run a release build. The report gives the
+//! failover distribution per kind of leader loss. Without root the tests
+//! skip and say so (under `CI` they fail instead).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -48,7 +55,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use meshwork_tests::fault_report::{
-    Findings, check_linearizable, conclude, failover_samples, write_report,
+    Findings, check_failover_target, check_linearizable, conclude, failover_from_acks,
+    failover_samples, write_report,
 };
 use meshwork_tests::fault_suite::{in_lab, settle_and_compare, three_servers};
 use meshwork_tests::lab_cluster::{Cluster, ELECTION_TIMEOUT_MS, Node, lock_suite};
@@ -58,10 +66,17 @@ use meshwork_tests::workload::{self, ClientLog, Mix, Observation, Shared, SplitM
 /// Client per-request timeout: past it a write is unknown.
 const OP_TIMEOUT: Duration = Duration::from_millis(2000);
 
+/// The failover prober's key (outside the keys the checks read), how
+/// often it writes, and how long it waits for one server before the next
+/// (see `workload::run_prober`).
+const PROBE_KEY: &str = "probe/failover";
+const PROBE_EVERY: Duration = Duration::from_millis(10);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+
 /// The run's settings, for the report's header.
 fn setup(mode: Mode) -> String {
     format!(
-        "mode: {} ; election timeout {ELECTION_TIMEOUT_MS} ms, heartbeat 100 ms, client timeout {OP_TIMEOUT:?}",
+        "mode: {} ; election timeout {ELECTION_TIMEOUT_MS} ms, heartbeat 100 ms, client timeout {OP_TIMEOUT:?} ; failover prober: a write every {PROBE_EVERY:?}, {PROBE_TIMEOUT:?} per server before the next",
         if mode.long { "long" } else { "quick" }
     )
 }
@@ -70,8 +85,10 @@ fn setup(mode: Mode) -> String {
 #[derive(Debug, Clone, Copy)]
 struct Mode {
     long: bool,
-    /// Seconds of random faults in the partition test.
+    /// Seconds of random faults in the partition test...
     fault_secs: u64,
+    /// ...and at least this many faults.
+    fault_count: u64,
     kill_cycles: u32,
 }
 
@@ -80,12 +97,14 @@ fn mode() -> Mode {
         Mode {
             long: true,
             fault_secs: 480,
+            fault_count: 1000,
             kill_cycles: 600,
         }
     } else {
         Mode {
             long: false,
             fault_secs: 60,
+            fault_count: 0,
             kill_cycles: 200,
         }
     };
@@ -94,10 +113,41 @@ fn mode() -> Mode {
     if let Some(secs) = number("MESHWORK_FAULTS_SECS") {
         mode.fault_secs = secs;
     }
+    if let Some(count) = number("MESHWORK_FAULTS_COUNT") {
+        mode.fault_count = count;
+    }
     if let Some(cycles) = number("MESHWORK_FAULTS_CYCLES") {
         mode.kill_cycles = cycles as u32;
     }
     mode
+}
+
+/// The fault kinds to inject: all of them, or (for measuring one kind
+/// over many episodes) those named in `MESHWORK_FAULTS_KINDS`, e.g.
+/// `IsolateLeader,SplitLeaderFromFollowers`. Refused under CI: CI runs
+/// every kind.
+fn fault_kinds() -> Result<Vec<Fault>> {
+    let Ok(names) = std::env::var("MESHWORK_FAULTS_KINDS") else {
+        return Ok(FAULTS.to_vec());
+    };
+    anyhow::ensure!(
+        std::env::var_os("CI").is_none(),
+        "MESHWORK_FAULTS_KINDS is for measurements; under CI every fault kind runs"
+    );
+    names
+        .split(',')
+        .map(|name| {
+            FAULTS
+                .iter()
+                .copied()
+                .find(|f| format!("{f:?}") == name.trim())
+                .with_context(|| {
+                    format!(
+                        "MESHWORK_FAULTS_KINDS: no fault kind {name:?}; the kinds are {FAULTS:?}"
+                    )
+                })
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,15 +208,19 @@ async fn inject(
     let lab = cluster.lab;
     let name = |i: usize| format!("n{}", i + 1);
     let (l, f1, f2) = (name(leader), name(followers[0]), name(followers[1]));
-    let at = cluster.now_ms();
+    // The loss counts from when the fault is in place, not from before
+    // the command that puts it there.
+    let mut at = cluster.now_ms();
     match fault {
         Fault::IsolateLeader => {
             lab.isolate(&l)?;
+            at = cluster.now_ms();
             cluster.note(format!("isolate leader {l} (link down) for {hold:?}"));
             tokio::time::sleep(hold).await;
         }
         Fault::SplitLeaderFromFollowers => {
             lab.split(&[&l], &[&f1, &f2])?;
+            at = cluster.now_ms();
             cluster.note(format!(
                 "split {{{l}}} | {{{f1}, {f2}}} (leader in the minority; the client reaches both) for {hold:?}"
             ));
@@ -200,6 +254,7 @@ async fn inject(
         }
         Fault::KillLeader => {
             cluster.kill(leader).await?;
+            at = cluster.now_ms();
             cluster.note(format!("kill -9 leader {l}; down for {hold:?}"));
             tokio::time::sleep(hold).await;
             cluster.start(leader)?;
@@ -217,6 +272,7 @@ async fn inject(
             for i in 0..3 {
                 cluster.kill(i).await?;
             }
+            at = cluster.now_ms();
             cluster.note(format!("kill -9 all three; down for {hold:?}"));
             tokio::time::sleep(hold).await;
             for i in 0..3 {
@@ -226,6 +282,7 @@ async fn inject(
         }
         Fault::PauseLeader => {
             cluster.signal(leader, "-STOP")?;
+            at = cluster.now_ms();
             cluster.note(format!(
                 "SIGSTOP leader {l} for {hold:?} (election timeout {ELECTION_TIMEOUT_MS} ms)"
             ));
@@ -359,6 +416,13 @@ fn partitions_pauses_crashes_and_membership_changes() -> Result<()> {
         let shared = Shared::new(t0, OP_TIMEOUT)?;
         let keys: Vec<String> = (0..4).map(|k| format!("f/k{k}")).collect();
         let mut clients = tokio::task::JoinSet::new();
+        let prober = tokio::spawn(workload::run_prober(
+            shared.clone(),
+            cluster.targets(),
+            PROBE_KEY.into(),
+            PROBE_EVERY,
+            PROBE_TIMEOUT,
+        ));
         for c in 0..5 {
             clients.spawn(workload::run_client(
                 shared.clone(),
@@ -386,7 +450,7 @@ fn partitions_pauses_crashes_and_membership_changes() -> Result<()> {
         // Faults: every kind once (in random order), then random ones
         // until the time is up; each held for 1.5-4 s, then healed.
         let mut rng = SplitMix(t0.elapsed().as_nanos() as u64 ^ u64::from(std::process::id()));
-        let mut order: Vec<Fault> = FAULTS.to_vec();
+        let mut order: Vec<Fault> = fault_kinds()?;
         for i in (1..order.len()).rev() {
             order.swap(i, rng.below(i as u64 + 1) as usize);
         }
@@ -416,7 +480,7 @@ fn partitions_pauses_crashes_and_membership_changes() -> Result<()> {
         let mut next_id = 4;
         let mut fault_errors = Vec::new();
         for n in 0..10_000 {
-            if n >= order.len() && t0.elapsed() >= budget {
+            if n >= order.len() && t0.elapsed() >= budget && n as u64 >= mode.fault_count {
                 break;
             }
             let fault = if n < order.len() {
@@ -426,7 +490,7 @@ fn partitions_pauses_crashes_and_membership_changes() -> Result<()> {
             };
             let hold = Duration::from_millis(1500 + rng.below(2500));
             match inject(&mut cluster, fault, hold, &mut rng, &mut next_id).await {
-                Ok(loss) => losses.extend(loss),
+                Ok(loss) => losses.extend(loss.map(|at| (fault, at))),
                 Err(e) => {
                     cluster.note(format!("fault {fault:?} went wrong: {e:#}"));
                     fault_errors.push(format!("{fault:?}: {e:#}"));
@@ -442,6 +506,7 @@ fn partitions_pauses_crashes_and_membership_changes() -> Result<()> {
         }
         cluster.note(format!("{injected} faults injected; stopping the workload"));
         shared.stop.store(true, Ordering::Relaxed);
+        let probes = prober.await.context("prober task")?;
         let mut log = ClientLog::default();
         while let Some(joined) = clients.join_next().await {
             let mut one = joined.context("client task")?;
@@ -492,7 +557,41 @@ fn partitions_pauses_crashes_and_membership_changes() -> Result<()> {
             conflicts.join("\n"),
         );
         check_watch(&watch, &log.observed, target_index, &cluster, &mut findings).await;
-        findings.failover_ms = failover_samples(&log.ops, &losses);
+        for kind in FAULTS.iter().filter(|f| f.loses_leader()) {
+            let at: Vec<u64> = losses
+                .iter()
+                .filter(|(f, _)| f == kind)
+                .map(|(_, at)| *at)
+                .collect();
+            if at.is_empty() {
+                continue;
+            }
+            let probed = failover_from_acks(probes.clone(), &at);
+            match kind {
+                Fault::KillLeader => check_failover_target(
+                    &mut findings,
+                    "kill -9 of the leader",
+                    &probed,
+                    1000,
+                    100,
+                ),
+                Fault::IsolateLeader => check_failover_target(
+                    &mut findings,
+                    "the leader's isolation",
+                    &probed,
+                    2000,
+                    100,
+                ),
+                _ => {}
+            }
+            findings
+                .failover
+                .push((format!("{kind:?}, prober"), probed));
+            findings.failover.push((
+                format!("{kind:?}, workload clients"),
+                failover_samples(&log.ops, &at),
+            ));
+        }
         let mut snapshots = Vec::new();
         for i in 0..3 {
             let taken = cluster.metric(i, "meshwork_snapshots_total").await;
@@ -608,6 +707,13 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
         // values only grow: the last acknowledged one must survive.
         let keys: Vec<String> = (0..3).map(|k| format!("kl/c{k}")).collect();
         let mut clients = tokio::task::JoinSet::new();
+        let prober = tokio::spawn(workload::run_prober(
+            shared.clone(),
+            cluster.targets(),
+            PROBE_KEY.into(),
+            PROBE_EVERY,
+            PROBE_TIMEOUT,
+        ));
         for (c, key) in keys.iter().enumerate() {
             clients.spawn(workload::run_client(
                 shared.clone(),
@@ -631,7 +737,6 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
         for cycle in 0..mode.kill_cycles {
             tokio::time::sleep(Duration::from_millis(50 + rng.below(150))).await;
             let leader = cluster.leader().await;
-            let at = cluster.now_ms();
             // Every tenth cycle all three; every fourth the leader, kept
             // down until another server acknowledges a write (a failover
             // sample); two cycles later the leader again, restarted at
@@ -659,6 +764,8 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
             for &v in &victims {
                 cluster.kill(v).await?;
             }
+            // The loss counts from when the kill is done.
+            let at = cluster.now_ms();
             if keep_down {
                 leader_losses.push(at);
             } else {
@@ -714,6 +821,7 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
             loop_took.as_secs_f64()
         ));
         shared.stop.store(true, Ordering::Relaxed);
+        let probes = prober.await.context("prober task")?;
         let mut log = ClientLog::default();
         while let Some(joined) = clients.join_next().await {
             let mut one = joined.context("client task")?;
@@ -775,12 +883,20 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
             conflicts.is_empty(),
             conflicts.join("\n"),
         );
-        findings.failover_ms = failover_samples(&log.ops, &leader_losses);
+        let probed = failover_from_acks(probes, &leader_losses);
         findings.check(
             "4. failover time measured over at least 30 leader losses",
-            findings.failover_ms.len() >= 30,
-            format!("{} samples", findings.failover_ms.len()),
+            probed.len() >= 30,
+            format!("{} samples", probed.len()),
         );
+        check_failover_target(&mut findings, "kill -9 of the leader", &probed, 1000, 100);
+        findings
+            .failover
+            .push(("kill -9 of the leader, kept down; prober".into(), probed));
+        findings.failover.push((
+            "kill -9 of the leader, kept down; workload clients".into(),
+            failover_samples(&log.ops, &leader_losses),
+        ));
         let extra = format!(
             "\n## Kill loop\n{} cycles in {:.1} s: {leader_down} of the leader kept down until failover, {leader_restarts} of the leader restarted at once, {follower_kills} of a follower, {all_kills} of all three",
             mode.kill_cycles,

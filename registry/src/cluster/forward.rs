@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use meshwork_proto::v1::raft_internal_server::RaftInternal;
 use meshwork_proto::v1::{
-    ErrorKind, ForwardSignLeafReply, ForwardSignLeafRequest, ForwardWriteReply,
-    ForwardWriteRequest, JoinReply, JoinRequest, RaftPayload, ReadIndexReply, ReadIndexRequest,
-    RemoveServerRequest, RenewSessionReply, RenewSessionRequest, ServerHealthReply,
-    ServerHealthRequest, TouchSessionsReply, TouchSessionsRequest,
+    ErrorKind, FollowerStateReply, FollowerStateRequest, ForwardSignLeafReply,
+    ForwardSignLeafRequest, ForwardWriteReply, ForwardWriteRequest, JoinReply, JoinRequest,
+    RaftPayload, ReadIndexReply, ReadIndexRequest, RemoveServerRequest, RenewSessionReply,
+    RenewSessionRequest, ServerHealthReply, ServerHealthRequest, TouchSessionsReply,
+    TouchSessionsRequest,
 };
 use openraft::raft::AppendEntriesResponse;
 use serde::Serialize;
@@ -216,6 +217,14 @@ impl RaftInternal for InternalService {
             })
             .await;
         Ok(Response::new(crate::connect::sign::leaf_reply(result)))
+    }
+
+    async fn follower_state(
+        &self,
+        request: Request<FollowerStateRequest>,
+    ) -> Result<Response<FollowerStateReply>, Status> {
+        self.node.channels.accept(&request)?;
+        Ok(Response::new(self.node.follower_state()))
     }
 
     async fn server_health(

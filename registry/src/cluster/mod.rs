@@ -5,6 +5,7 @@
 //! [`forward`] is the internal gRPC service that answers the other
 //! servers: Raft RPCs, and what followers forward to the leader.
 
+pub mod failover;
 pub mod forward;
 pub mod with_leader;
 
@@ -96,6 +97,9 @@ pub struct RegistryNode {
     pub election_timeout: Duration,
     /// When this follower last heard from a leader (AppendEntries).
     last_contact: Mutex<Option<std::time::Instant>>,
+    /// The known leader, changed only when it changes (cheaper to wait on
+    /// than Raft's metrics, which change with every entry).
+    leader_now: tokio::sync::watch::Sender<Option<NodeId>>,
     /// Set on a server that starts with no vote recorded and joins a
     /// running cluster (a new server, or one rebuilt after its data dir
     /// was set aside): it grants no vote until a leader has reached it.
@@ -166,6 +170,8 @@ impl RegistryNode {
     ) -> Self {
         let (batcher, queue) = tokio::sync::mpsc::channel(4096);
         tokio::spawn(run_batcher(raft.clone(), queue, leader_wait));
+        let leader_now = tokio::sync::watch::Sender::new(raft.metrics().borrow().current_leader);
+        tokio::spawn(follow_leader(raft.metrics(), leader_now.clone()));
         Self {
             id,
             raft,
@@ -174,6 +180,7 @@ impl RegistryNode {
             leader_wait,
             election_timeout,
             last_contact: Mutex::new(None),
+            leader_now,
             withholding_votes: std::sync::atomic::AtomicBool::new(false),
             read_floor: Mutex::new((0, 0)),
             ttl_touches: Mutex::new(HashMap::new()),
@@ -193,6 +200,35 @@ impl RegistryNode {
             .swap(false, std::sync::atomic::Ordering::Relaxed)
         {
             tracing::info!("a leader reached this server: it grants votes again");
+        }
+    }
+
+    /// When this server last heard from a leader (AppendEntries or a
+    /// snapshot), if ever since it started.
+    pub fn last_leader_contact(&self) -> Option<std::time::Instant> {
+        *self.last_contact.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What this server knows of its leader and the end of its log (the
+    /// internal `FollowerState` call; see [`failover`]).
+    pub fn follower_state(&self) -> meshwork_proto::v1::FollowerStateReply {
+        let (leader_id, leading) = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            (
+                m.current_leader.unwrap_or(0),
+                m.state == ServerState::Leader,
+            )
+        };
+        let last_log = self.raft.data_metrics().borrow().last_log;
+        meshwork_proto::v1::FollowerStateReply {
+            leader_id,
+            leading,
+            silent_ms: self
+                .last_leader_contact()
+                .map_or(u64::MAX, |t| t.elapsed().as_millis() as u64),
+            last_log_term: last_log.map_or(0, |l| l.leader_id.term),
+            last_log_index: last_log.map_or(0, |l| l.index),
         }
     }
 
@@ -412,6 +448,32 @@ impl RegistryNode {
         })
     }
 
+    /// Runs `call`, a request to the leader at `leader_addr`, unless that
+    /// is not the leader this server knows (`Replaced::Before`: nothing was
+    /// sent), and gives up on it once another leader is known
+    /// (`Replaced::During`): a leader that crashed, was cut off or paused
+    /// may never answer, and waiting out the call's timeout would hold the
+    /// client past the failover.
+    pub(crate) async fn unless_replaced<T>(
+        &self,
+        leader_addr: &str,
+        call: impl std::future::Future<Output = T>,
+    ) -> Result<T, Replaced> {
+        let mut leader_now = self.leader_now.subscribe();
+        let known = *leader_now.borrow_and_update();
+        let Some(sent_to) = known.filter(|id| {
+            self.leader()
+                .is_some_and(|(l, a)| l == *id && a == leader_addr)
+        }) else {
+            return Err(Replaced::Before);
+        };
+        let replaced = leader_now.wait_for(|now| now.is_some_and(|id| id != sent_to));
+        tokio::select! {
+            answer = call => Ok(answer),
+            _ = replaced => Err(Replaced::During),
+        }
+    }
+
     /// A client of the internal service on the leader at `leader_addr`.
     pub(crate) fn leader_client(
         &self,
@@ -437,7 +499,24 @@ impl RegistryNode {
             .channels
             .request(ForwardWriteRequest { command: bytes });
         request.set_timeout(self.leader_wait + Duration::from_secs(5));
-        let reply = match client.forward_write(request).await {
+        // A leader that another one has replaced (it crashed, was cut off
+        // or paused) may never answer: once a new leader is known, the
+        // caller learns at once that the outcome is unknown instead of
+        // waiting out the timeout. (Not retried: the old leader may have
+        // replicated the write before it went.)
+        let answer = match self
+            .unless_replaced(leader_addr, client.forward_write(request))
+            .await
+        {
+            Ok(answer) => answer,
+            Err(Replaced::Before) => return Err(WriteAttempt::Retry),
+            Err(Replaced::During) => {
+                return Err(WriteAttempt::Failed(ClusterError::OutcomeUnknown(format!(
+                    "the leader at {leader_addr} was replaced while it had the write: it may or may not have been applied"
+                ))));
+            }
+        };
+        let reply = match answer {
             Ok(reply) => reply.into_inner(),
             Err(status) if is_connect_failure(&status) => return Err(WriteAttempt::Retry),
             Err(status) => {
@@ -554,7 +633,12 @@ impl RegistryNode {
         let mut client = self.leader_client(leader_addr)?;
         let mut request = self.channels.request(ReadIndexRequest { linearizable });
         request.set_timeout(time_left(deadline));
-        match client.read_index(request).await {
+        // A leader replaced meanwhile may never answer; the new one will.
+        match self
+            .unless_replaced(leader_addr, client.read_index(request))
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::unavailable("the leader was replaced")))
+        {
             Ok(reply) => {
                 let reply = reply.into_inner();
                 answered(reply.kind(), reply.error).map(|()| reply.index)
@@ -666,7 +750,11 @@ impl RegistryNode {
             .channels
             .request(RenewSessionRequest { id: id.to_owned() });
         request.set_timeout(time_left(deadline));
-        match client.renew_session(request).await {
+        match self
+            .unless_replaced(leader_addr, client.renew_session(request))
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::unavailable("the leader was replaced")))
+        {
             Ok(reply) => {
                 let reply = reply.into_inner();
                 answered(reply.kind(), reply.error).map(|()| reply.found)
@@ -866,6 +954,15 @@ pub enum MembershipOp {
     Remove(NodeId),
 }
 
+/// Why [`RegistryNode::unless_replaced`] did not run a call to the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replaced {
+    /// The leader had moved before the call: nothing was sent.
+    Before,
+    /// Another leader became known while the call was waiting.
+    During,
+}
+
 /// The outcome of one attempt at a leader-only operation.
 #[derive(Debug)]
 pub enum WriteAttempt {
@@ -886,6 +983,34 @@ impl WriteAttempt {
                 (ErrorKind::OutcomeUnknown, e.to_string())
             }
             WriteAttempt::Failed(e) => (ErrorKind::Other, e.to_string()),
+        }
+    }
+}
+
+/// Publishes the known leader on `leader_now` whenever it changes (and
+/// counts the changes, a metric), until Raft stops.
+async fn follow_leader(
+    mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
+    leader_now: tokio::sync::watch::Sender<Option<NodeId>>,
+) {
+    while metrics.changed().await.is_ok() {
+        let (now, term) = {
+            let m = metrics.borrow();
+            (m.current_leader, m.current_term)
+        };
+        let changed = leader_now.send_if_modified(|known| {
+            let changed = *known != now;
+            *known = now;
+            changed
+        });
+        if changed {
+            match now {
+                Some(leader) => tracing::info!(leader, term, "leader known"),
+                None => tracing::info!(term, "no leader known"),
+            }
+            crate::metrics::METRICS
+                .leader_changes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

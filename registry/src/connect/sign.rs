@@ -117,7 +117,11 @@ impl RegistryNode {
             datacenter: request.datacenter.to_owned(),
         });
         call.set_timeout(time_left(deadline));
-        match client.sign_leaf(call).await {
+        let answer = self
+            .unless_replaced(leader_addr, client.sign_leaf(call))
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::unavailable("the leader was replaced")));
+        match answer {
             Ok(reply) => reply_to_leaf(reply.into_inner()),
             Err(status) => match status.code() {
                 tonic::Code::Unimplemented => Ok(self.sign_here(request)),

@@ -113,7 +113,13 @@ impl RegistryNode {
         let mut client = self.leader_client(leader_addr)?;
         let mut request = self.channels.request(ServerHealthRequest {});
         request.set_timeout(crate::cluster::time_left(deadline));
-        match client.server_health(request).await {
+        let Ok(answer) = self
+            .unless_replaced(leader_addr, client.server_health(request))
+            .await
+        else {
+            return Err(WriteAttempt::Retry);
+        };
+        match answer {
             Ok(reply) => {
                 let reply = reply.into_inner();
                 match reply.kind() {
