@@ -15,6 +15,8 @@
 #   BENCH_TMPDIR parent of the temporary data dirs [/var/tmp] (a real disk)
 #   RESULTS_FILE where to write the report [bench/RESULTS-elections.md]
 #   MW_EXTRA_ARGS extra flags for meshwork-registry (e.g. other timings) []
+#   SKIP_ETCD    1 = Meshwork only, no report (a quick look at the logs) [0]
+#   RAW_DIR      where the servers' logs are kept [bench/out/elections]
 #
 # Everything listens on 127.0.0.1 only; every wait loop is bounded; the EXIT
 # trap stops every process this script started and removes the temp dir.
@@ -31,6 +33,8 @@ SKIP_BUILD=${SKIP_BUILD:-0}
 BENCH_TMPDIR=${BENCH_TMPDIR:-/var/tmp}
 RESULTS_FILE=${RESULTS_FILE:-$BENCH_DIR/RESULTS-elections.md}
 MW_EXTRA_ARGS=${MW_EXTRA_ARGS:-}
+SKIP_ETCD=${SKIP_ETCD:-0}
+RAW_DIR=${RAW_DIR:-$BENCH_DIR/out/elections}
 LUA=$BENCH_DIR/wrk-put.lua
 declare -A MW_PID=() ETCD_PID=()
 
@@ -46,6 +50,8 @@ mkdir -p "$BENCH_TMPDIR"
 WORK=$(mktemp -d "$BENCH_TMPDIR/meshwork-elections.XXXXXX")
 mkdir -p "$WORK/logs"
 raise_nofile
+keep_logs() { rm -rf "$RAW_DIR"; mkdir -p "$RAW_DIR"; cp -r "$WORK/logs/." "$RAW_DIR/" 2>/dev/null || true; }
+add_cleanup_after_stop keep_logs
 
 # metric BASE_URL NAME: the value of a Prometheus metric (first sample).
 metric() {
@@ -96,6 +102,10 @@ for i in 1 2 3; do check_alive "meshwork $i" "${MW_PID[$i]}" "$WORK/logs/meshwor
 mw_result=$(sed -n 's/^RESULT //p' "$WORK/mw-wrk.txt")
 for i in 1 2 3; do kill -TERM "${MW_PID[$i]}" 2>/dev/null || true; done
 for i in 1 2 3; do wait "${MW_PID[$i]}" 2>/dev/null || true; done
+log "Meshwork: terms/changes/fast before: $mw_before; after: $mw_after; $mw_result"
+if [ "$SKIP_ETCD" = 1 ]; then
+    exit 0
+fi
 
 # ---------------------------------------------------------------- etcd
 log "etcd: three members, defaults, $CONNS connections for $DURATION s"

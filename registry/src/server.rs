@@ -247,6 +247,7 @@ pub async fn run(
         let timing = crate::cluster::failover::Timing {
             heartbeat: config.heartbeat,
             lease: config.election_timeout_max(),
+            election_timeout: config.election_timeout,
         };
         let watch =
             crate::cluster::failover::watch_leader(Arc::clone(&node), timing, shutdown.clone());

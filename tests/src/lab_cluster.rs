@@ -314,7 +314,13 @@ impl<'a> Cluster<'a> {
             .lab
             .command(&node.host, &registry_bin())?
             .args(&node.args)
-            .env("RUST_LOG", "warn,openraft=error,meshwork_registry=info")
+            // `MESHWORK_FAULTS_RUST_LOG` for a diagnosis (e.g. adding
+            // `openraft=info` shows every vote and why it was refused).
+            .env(
+                "RUST_LOG",
+                std::env::var("MESHWORK_FAULTS_RUST_LOG")
+                    .unwrap_or_else(|_| "warn,openraft=error,meshwork_registry=info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -42,7 +42,8 @@
 //! that many faults) and `MESHWORK_FAULTS_CYCLES` (kill -9 cycles) to set
 //! the length,
 //! `MESHWORK_FAULTS_KINDS=IsolateLeader,…` to inject only some kinds (to
-//! measure one kind's failover over many episodes; refused under CI), and
+//! measure one kind's failover over many episodes; refused under CI),
+//! `MESHWORK_FAULTS_RUST_LOG` for the servers' log filter, and
 //! `MESHWORK_REGISTRY_BIN` to run a release build. The report gives the
 //! failover distribution per kind of leader loss. Without root the tests
 //! skip and say so (under `CI` they fail instead).
@@ -97,8 +98,8 @@ fn mode() -> Mode {
         Mode {
             long: true,
             fault_secs: 480,
-            fault_count: 1000,
-            kill_cycles: 600,
+            fault_count: 500,
+            kill_cycles: 1000,
         }
     } else {
         Mode {

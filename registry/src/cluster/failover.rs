@@ -47,6 +47,9 @@ pub struct Timing {
     /// How long a voter refuses votes after it last heard from a leader
     /// (openraft 0.9: the maximum election timeout).
     pub lease: Duration,
+    /// The minimum election timeout: Raft's own timer fires no earlier
+    /// than the lease plus this after the last heartbeat.
+    pub election_timeout: Duration,
 }
 
 impl Timing {
@@ -55,10 +58,12 @@ impl Timing {
         self.heartbeat * 3 / 2
     }
 
-    /// Added to the lease: the other voters may have heard the leader's
-    /// last heartbeat a little after this server did.
+    /// Added to the lease: a voter's lease runs from when it *processed*
+    /// the leader's last heartbeat, a little after it arrived. A call that
+    /// comes too early is refused, and a refused candidate's higher term
+    /// would depose a leader that is in fact alive; a heartbeat is ample.
     fn margin(self) -> Duration {
-        self.heartbeat / 2
+        self.heartbeat
     }
 
     /// Between the calls of two ranks: a vote round (a round trip and a
@@ -162,11 +167,9 @@ async fn ask_peers(node: &RegistryNode, silent: &Silent, within: Duration) -> Ve
         let answer = async {
             let mut client = node.channels.client(addr).ok()?;
             let request = node.channels.request(FollowerStateRequest {});
-            let reply = tokio::time::timeout(within, client.follower_state(request))
-                .await
-                .ok()?
-                .ok()?;
-            Some(reply.into_inner())
+            let reply = tokio::time::timeout(within, client.follower_state(request)).await;
+            node.channels.outcome(addr, reply.is_ok());
+            Some(reply.ok()?.ok()?.into_inner())
         };
         (*id, answer.await)
     });
@@ -202,13 +205,26 @@ pub async fn watch_leader(node: Arc<RegistryNode>, timing: Timing, token: Cancel
             crashed,
             "the leader is gone: calling an election when the leader lease ends"
         );
-        // Map the contact (std time) onto tokio's clock.
-        let since = silent.contact.elapsed();
+        // The lease runs from the latest contact any of the voters had
+        // with a leader (this server's may be older: a connection that
+        // stalled), mapped onto tokio's clock.
+        let since = peers
+            .iter()
+            .filter_map(|(_, answer)| answer.as_ref())
+            .map(|peer| Duration::from_millis(peer.silent_ms))
+            .fold(silent.contact.elapsed(), Duration::min);
+        // A crashed leader is replaced as soon as the voters allow; one
+        // that may be alive (cut off, paused, slow) no sooner than Raft's
+        // own timer would: this module only picks the candidate then.
+        let wait = if crashed {
+            timing.lease + timing.margin()
+        } else {
+            timing.lease + timing.election_timeout.max(timing.margin())
+        };
         let first = Instant::now()
             .checked_sub(since)
             .unwrap_or_else(Instant::now)
-            + timing.lease
-            + timing.margin()
+            + wait
             + timing.stagger() * rank;
         for call in [first, first + timing.second_call()] {
             tokio::select! {
@@ -216,6 +232,14 @@ pub async fn watch_leader(node: Arc<RegistryNode>, timing: Timing, token: Cancel
                 () = tokio::time::sleep_until(call) => {}
             }
             if !still_leaderless(&node, &silent) {
+                break;
+            }
+            // Late by more than a heartbeat: this process was itself
+            // stalled (starved of CPU, paused), and its idea of the
+            // leader's silence may be its own. Unless the leader's port
+            // refused, Raft's own timer decides.
+            if !crashed && Instant::now() > call + timing.heartbeat {
+                tracing::info!("too late to call an election: leaving it to Raft's timer");
                 break;
             }
             if let Err(e) = node.raft.trigger().elect().await {
@@ -233,7 +257,7 @@ pub async fn watch_leader(node: Arc<RegistryNode>, timing: Timing, token: Cancel
 
 /// The leader this follower has not heard from for a while, if any.
 fn silent_leader(node: &RegistryNode, timing: Timing) -> Option<Silent> {
-    let contact = node.last_leader_contact()?;
+    let contact = node.last_leader_heard()?;
     if contact.elapsed() < timing.suspicion() {
         return None;
     }
@@ -267,7 +291,7 @@ fn silent_leader(node: &RegistryNode, timing: Timing) -> Option<Silent> {
 /// Whether nothing has changed since the leader fell silent: no new
 /// contact, no other leader, this server not leading.
 fn still_leaderless(node: &RegistryNode, silent: &Silent) -> bool {
-    if node.last_leader_contact() != Some(silent.contact) {
+    if node.last_leader_heard() != Some(silent.contact) {
         return false;
     }
     let metrics = node.raft.metrics();
@@ -309,6 +333,7 @@ mod tests {
     const T: Timing = Timing {
         heartbeat: Duration::from_millis(100),
         lease: Duration::from_millis(600),
+        election_timeout: Duration::from_millis(300),
     };
 
     /// Leader 1 silent, seen from server `me` of voters 1..=3.
@@ -459,6 +484,7 @@ mod tests {
         assert!(t.suspicion() > t.heartbeat);
         // Rank 1's first call comes after rank 0's second.
         assert!(t.stagger() > t.second_call());
-        assert!(t.margin() < t.heartbeat);
+        assert!(t.margin() <= t.heartbeat);
+        assert!(t.election_timeout > t.margin());
     }
 }

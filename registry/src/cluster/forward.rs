@@ -50,6 +50,7 @@ impl RaftInternal for InternalService {
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         self.node.channels.accept(&request)?;
+        self.node.heard_from_leader();
         let req = decode(request.get_ref())?;
         let result = self.node.raft.append_entries(req).await;
         if matches!(&result, Ok(resp) if !matches!(resp, AppendEntriesResponse::HigherVote(_))) {
@@ -77,6 +78,7 @@ impl RaftInternal for InternalService {
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         self.node.channels.accept(&request)?;
+        self.node.heard_from_leader();
         let req = decode(request.get_ref())?;
         let result = self.node.raft.install_snapshot(req).await;
         if result.is_ok() {

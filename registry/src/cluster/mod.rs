@@ -97,6 +97,10 @@ pub struct RegistryNode {
     pub election_timeout: Duration,
     /// When this follower last heard from a leader (AppendEntries).
     last_contact: Mutex<Option<std::time::Instant>>,
+    /// When an AppendEntries or snapshot piece last *arrived* (before it
+    /// is processed: a follower slowed down by its own disk or a snapshot
+    /// build still hears a live leader). What the failover watcher goes by.
+    last_heard: Mutex<Option<std::time::Instant>>,
     /// The known leader, changed only when it changes (cheaper to wait on
     /// than Raft's metrics, which change with every entry).
     leader_now: tokio::sync::watch::Sender<Option<NodeId>>,
@@ -180,6 +184,7 @@ impl RegistryNode {
             leader_wait,
             election_timeout,
             last_contact: Mutex::new(None),
+            last_heard: Mutex::new(None),
             leader_now,
             withholding_votes: std::sync::atomic::AtomicBool::new(false),
             read_floor: Mutex::new((0, 0)),
@@ -204,9 +209,24 @@ impl RegistryNode {
     }
 
     /// When this server last heard from a leader (AppendEntries or a
-    /// snapshot), if ever since it started.
+    /// snapshot, once processed), if ever since it started.
     pub fn last_leader_contact(&self) -> Option<std::time::Instant> {
         *self.last_contact.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called by the internal service when an AppendEntries or a snapshot
+    /// piece arrives, before it is processed.
+    pub fn heard_from_leader(&self) {
+        *self.last_heard.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now());
+    }
+
+    /// When a leader's request last arrived (processed or not), or was
+    /// last processed, whichever is later: how long a leader has really
+    /// been silent.
+    pub fn last_leader_heard(&self) -> Option<std::time::Instant> {
+        let heard = *self.last_heard.lock().unwrap_or_else(|p| p.into_inner());
+        heard.max(self.last_leader_contact())
     }
 
     /// What this server knows of its leader and the end of its log (the
@@ -225,7 +245,7 @@ impl RegistryNode {
             leader_id,
             leading,
             silent_ms: self
-                .last_leader_contact()
+                .last_leader_heard()
                 .map_or(u64::MAX, |t| t.elapsed().as_millis() as u64),
             last_log_term: last_log.map_or(0, |l| l.leader_id.term),
             last_log_index: last_log.map_or(0, |l| l.index),

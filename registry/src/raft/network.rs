@@ -35,12 +35,27 @@ pub const MAX_INTERNAL_MESSAGE: usize = 256 * 1024 * 1024;
 /// sizes), beyond its first entry.
 const MAX_APPEND_BYTES: usize = 512 * 1024;
 
+/// Calls to one address that ended without an answer in a row, past which
+/// its connection counts as stalled and is replaced.
+const STALLED_AFTER: u32 = 3;
+
+/// At most one replacement per address this often.
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+
+/// Unanswered calls to one address in a row, and when its channel was
+/// last replaced.
+type Stall = (u32, Option<std::time::Instant>);
+
 /// Lazily connected channels to other servers, keyed by Raft address.
-/// A channel reconnects by itself, so one per address is kept for the life
-/// of the process.
+/// A channel reconnects by itself when its connection closes; one that
+/// stalls instead (a partition healed while TCP backs off its
+/// retransmissions: seconds with nothing delivered) is replaced after
+/// [`STALLED_AFTER`] calls in a row went unanswered (see [`Self::outcome`]).
 #[derive(Debug, Clone)]
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Per address: unanswered calls in a row, and the last replacement.
+    stalls: Arc<Mutex<HashMap<String, Stall>>>,
     /// When each peer last answered an AppendEntries (on the leader).
     contacts: Arc<Mutex<HashMap<NodeId, std::time::Instant>>>,
     /// Stamped on every request; checked by the receiving server.
@@ -59,6 +74,7 @@ impl PeerChannels {
     ) -> Self {
         Self {
             channels: Arc::default(),
+            stalls: Arc::default(),
             contacts: Arc::default(),
             identity,
             directory,
@@ -80,6 +96,36 @@ impl PeerChannels {
         contacts.get(&peer).map(|at| at.elapsed())
     }
 
+    /// Records how a call to `addr` ended: answered (whatever the answer)
+    /// or not (a timeout, a dropped call). After [`STALLED_AFTER`]
+    /// unanswered calls in a row the address's channel is dropped, so the
+    /// next call opens a new connection (at most every
+    /// [`RECONNECT_EVERY`]).
+    pub fn outcome(&self, addr: &str, answered: bool) {
+        let mut stalls = self.stalls.lock().unwrap_or_else(|p| p.into_inner());
+        if answered {
+            if let Some(entry) = stalls.get_mut(addr) {
+                entry.0 = 0;
+            }
+            return;
+        }
+        let entry = stalls.entry(addr.to_owned()).or_insert((0, None));
+        entry.0 += 1;
+        let due = entry.1.is_none_or(|at| at.elapsed() >= RECONNECT_EVERY);
+        if entry.0 >= STALLED_AFTER && due {
+            *entry = (0, Some(std::time::Instant::now()));
+            drop(stalls);
+            self.channels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(addr);
+            tracing::info!(
+                peer = addr,
+                "no answer from a server for {STALLED_AFTER} calls in a row: reconnecting"
+            );
+        }
+    }
+
     /// A request stamped with this server's cluster id and directory.
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = self.identity.request(message);
@@ -99,8 +145,11 @@ impl PeerChannels {
                 let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
                     .connect_timeout(Duration::from_millis(500))
                     .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(5));
+                    // A connection that stops delivering (a peer cut
+                    // off) is found within 2 s even when idle.
+                    .http2_keep_alive_interval(Duration::from_secs(1))
+                    .keep_alive_while_idle(true)
+                    .keep_alive_timeout(Duration::from_secs(1));
                 let channel = match &self.tls {
                     Some(tls) => endpoint
                         .connect_with_connector_lazy(crate::tls::io::connector(Arc::clone(tls))),
@@ -129,8 +178,8 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         PeerClient {
             target,
             addr: node.addr.clone(),
-            client: self.channels.client(&node.addr).map_err(|e| e.to_string()),
             channels: self.channels.clone(),
+            in_flight: false,
         }
     }
 }
@@ -140,10 +189,12 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 pub struct PeerClient {
     target: NodeId,
     addr: String,
-    /// An address that is not a valid URI fails every call (and says so).
-    client: Result<RaftInternalClient<Channel>, String>,
-    /// For the identity and directory stamps and the contact times.
+    /// For the channel, the identity and directory stamps and the contact
+    /// times.
     channels: PeerChannels,
+    /// Set while a call runs: still set when the next one starts, the
+    /// previous call was dropped by openraft's own timeout (unanswered).
+    in_flight: bool,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
@@ -160,7 +211,10 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let client = match &mut self.client {
+        if self.in_flight {
+            self.channels.outcome(&self.addr, false);
+        }
+        let mut client = match self.channels.client(&self.addr) {
             Ok(client) => client,
             Err(e) => {
                 let err = std::io::Error::other(format!(
@@ -173,11 +227,18 @@ impl PeerClient {
         let data = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = self.channels.request(RaftPayload { data });
         request.set_timeout(option.hard_ttl());
+        self.in_flight = true;
         let reply = match method {
             Method::AppendEntries => client.append_entries(request).await,
             Method::Vote => client.vote(request).await,
             Method::InstallSnapshot => client.install_snapshot(request).await,
         };
+        self.in_flight = false;
+        let answered = !matches!(
+            &reply,
+            Err(status) if matches!(status.code(), tonic::Code::Cancelled | tonic::Code::DeadlineExceeded)
+        );
+        self.channels.outcome(&self.addr, answered);
         let reply = reply.map_err(|status| match status.code() {
             tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&status)),
             tonic::Code::FailedPrecondition => {
