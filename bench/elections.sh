@@ -78,6 +78,18 @@ etcd_state() {
     echo "$terms| $changes"
 }
 
+# await_leader FN NAME: the leader's number from FN (meshwork_leader,
+# etcd_leader) once it names one (at most 60 s), then 2 s to settle.
+await_leader() {
+    local deadline=$((SECONDS + 60)) leader=""
+    while [ -z "$leader" ] && [ "$SECONDS" -lt "$deadline" ]; do
+        leader=$("$1"); [ -n "$leader" ] || sleep 0.5
+    done
+    [ -n "$leader" ] || die "no $2 leader within 60 s"
+    sleep 2
+    echo "$leader"
+}
+
 # load SYSTEM URL OUT: wrk at CONNS for DURATION.
 load() {
     timeout --signal=INT --kill-after=10 $((DURATION + 60)) \
@@ -89,12 +101,7 @@ load() {
 log "Meshwork: three servers, defaults, $CONNS connections for $DURATION s"
 # shellcheck disable=SC2086
 start_meshwork_cluster "$WORK/mw" 1830 1850 1860 1870 $MW_EXTRA_ARGS
-deadline=$((SECONDS + 60)); MW_LEADER=""
-while [ -z "$MW_LEADER" ] && [ "$SECONDS" -lt "$deadline" ]; do
-    MW_LEADER=$(meshwork_leader); [ -n "$MW_LEADER" ] || sleep 0.5
-done
-[ -n "$MW_LEADER" ] || die "no Meshwork leader within 60 s"
-sleep 2
+MW_LEADER=$(await_leader meshwork_leader Meshwork)
 mw_before=$(mw_state)
 load meshwork "http://$HOST:1850$MW_LEADER" "$WORK/mw-wrk.txt"
 mw_after=$(mw_state)
@@ -110,12 +117,7 @@ fi
 # ---------------------------------------------------------------- etcd
 log "etcd: three members, defaults, $CONNS connections for $DURATION s"
 start_etcd_cluster
-deadline=$((SECONDS + 60)); ETCD_LEADER=""
-while [ -z "$ETCD_LEADER" ] && [ "$SECONDS" -lt "$deadline" ]; do
-    ETCD_LEADER=$(etcd_leader); [ -n "$ETCD_LEADER" ] || sleep 0.5
-done
-[ -n "$ETCD_LEADER" ] || die "no etcd leader within 60 s"
-sleep 2
+ETCD_LEADER=$(await_leader etcd_leader etcd)
 etcd_before=$(etcd_state)
 load etcd "http://$HOST:2379$ETCD_LEADER" "$WORK/etcd-wrk.txt"
 etcd_after=$(etcd_state)

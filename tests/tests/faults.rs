@@ -74,6 +74,20 @@ const PROBE_KEY: &str = "probe/failover";
 const PROBE_EVERY: Duration = Duration::from_millis(10);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 
+/// Starts the failover prober on every server of `cluster`.
+fn spawn_prober(
+    shared: &Shared,
+    cluster: &Cluster<'_>,
+) -> tokio::task::JoinHandle<Vec<(u64, u64)>> {
+    tokio::spawn(workload::run_prober(
+        shared.clone(),
+        cluster.targets(),
+        PROBE_KEY.into(),
+        PROBE_EVERY,
+        PROBE_TIMEOUT,
+    ))
+}
+
 /// The run's settings, for the report's header.
 fn setup(mode: Mode) -> String {
     format!(
@@ -417,13 +431,7 @@ fn partitions_pauses_crashes_and_membership_changes() -> Result<()> {
         let shared = Shared::new(t0, OP_TIMEOUT)?;
         let keys: Vec<String> = (0..4).map(|k| format!("f/k{k}")).collect();
         let mut clients = tokio::task::JoinSet::new();
-        let prober = tokio::spawn(workload::run_prober(
-            shared.clone(),
-            cluster.targets(),
-            PROBE_KEY.into(),
-            PROBE_EVERY,
-            PROBE_TIMEOUT,
-        ));
+        let prober = spawn_prober(&shared, &cluster);
         for c in 0..5 {
             clients.spawn(workload::run_client(
                 shared.clone(),
@@ -708,13 +716,7 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
         // values only grow: the last acknowledged one must survive.
         let keys: Vec<String> = (0..3).map(|k| format!("kl/c{k}")).collect();
         let mut clients = tokio::task::JoinSet::new();
-        let prober = tokio::spawn(workload::run_prober(
-            shared.clone(),
-            cluster.targets(),
-            PROBE_KEY.into(),
-            PROBE_EVERY,
-            PROBE_TIMEOUT,
-        ));
+        let prober = spawn_prober(&shared, &cluster);
         for (c, key) in keys.iter().enumerate() {
             clients.spawn(workload::run_client(
                 shared.clone(),
