@@ -1,4 +1,4 @@
-//! Failover in well under a second, without split or lost elections.
+//! Failover in under a second after a crash, and in one election round.
 //!
 //! Raft alone notices a lost leader only when a follower's election timer
 //! runs out, and in openraft 0.9 that timer is the leader lease *plus* an
@@ -18,11 +18,20 @@
 //!   win; a follower that still hears the leader (a partition of this
 //!   server alone, a slow machine) vetoes it, as pre-vote would;
 //! - the followers rank themselves by log (longest first, then id) and the
-//!   first calls the election at its last contact + the leader lease + a
-//!   margin (the voters refuse votes until their lease has run out, so an
-//!   earlier call could only lose); the others follow a heartbeat apart,
-//!   each only if no leader emerged meanwhile, and each calls twice (the
-//!   second call's term beats a vote a failed candidate took meanwhile).
+//!   first calls the election: when the leader's port refused, at the
+//!   latest contact any of them had + the leader lease + a heartbeat (the
+//!   voters refuse votes until their lease has run out, so an earlier call
+//!   could only lose); when the leader may be alive, no sooner than Raft's
+//!   own timer (lease + election timeout), so only the candidate is chosen
+//!   and a live leader is never deposed earlier than Raft would; the others
+//!   follow a heartbeat apart, each only if no leader emerged meanwhile,
+//!   twice each (the second call's term beats a vote a failed candidate
+//!   took meanwhile); a call that comes late (this process was stalled)
+//!   is left to Raft, unless the port refused.
+//!
+//! Silence counts from when a leader's request *arrives*, not when it has
+//! been processed: a follower slowed down by its own disk or a snapshot
+//! build still hears a live leader.
 //!
 //! It changes nothing Raft guarantees: votes are still granted only by
 //! voters whose own lease has ended and whose log the candidate's covers.
@@ -250,8 +259,8 @@ pub async fn watch_leader(node: Arc<RegistryNode>, timing: Timing, token: Cancel
                 .fast_elections
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        // The next probe only once a leader is known again: until then
-        // the election timers are in charge.
+        // No new probe until a leader is known again (`silent_leader`
+        // needs one): until then Raft's election timers are in charge.
     }
 }
 
