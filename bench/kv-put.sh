@@ -87,6 +87,15 @@ url_of() { # system -> leader base URL
 # ---------------------------------------------------------------- measurement
 all_server_pids() { echo "${MW_PID[1]} ${MW_PID[2]} ${MW_PID[3]} ${ETCD_PID[1]} ${ETCD_PID[2]} ${ETCD_PID[3]}"; }
 
+# scrape_mw_metrics OUTPREFIX: each Meshwork server's /metrics into
+# OUTPREFIX-nN.txt (the per-stage histograms of a write; see report.py).
+scrape_mw_metrics() {
+    local i
+    for i in 1 2 3; do
+        curl -s -m 5 "http://$HOST:1850$i/metrics" >"$1-n$i.txt" 2>/dev/null || true
+    done
+}
+
 # run_load SYSTEM CONNS SECONDS PREFIX OUTFILE [record]
 # Runs wrk; if the 6th argument is "record", appends one line to runs.tsv.
 run_load() {
@@ -96,6 +105,7 @@ run_load() {
     local -a before=() wb_before=() after=() wb_after=()
     for pid in $(all_server_pids); do before+=("$(cpu_ticks "$pid")"); wb_before+=("$(io_write_bytes "$pid")"); done
     local s0 s1
+    if [ "$record" = record ] && [ "$sys" = meshwork ]; then scrape_mw_metrics "$out.metrics-before"; fi
     s0=$(sys_cpu)
     local top_pid=""
     if [ "$record" = record ]; then
@@ -108,6 +118,7 @@ run_load() {
         >"$out" 2>"$out.err" ; } 2>"$out.time" || die "wrk failed for $sys c=$c (see $out.err)"
     if [ -n "$top_pid" ]; then wait "$top_pid" 2>/dev/null || true; fi
     s1=$(sys_cpu)
+    if [ "$record" = record ] && [ "$sys" = meshwork ]; then scrape_mw_metrics "$out.metrics-after"; fi
     for pid in $(all_server_pids); do after+=("$(cpu_ticks "$pid")"); wb_after+=("$(io_write_bytes "$pid")"); done
     grep -q '^RESULT ' "$out" || die "no RESULT line from wrk for $sys c=$c (see $out)"
     if [ "$record" = record ]; then

@@ -222,6 +222,19 @@ if m1 and e1:
     ok = m1["p50_us"] <= 1.2 * e1["p50_us"]
     verdicts.append(ok)
     w(f"| 1 client: p50 ≤ 1.2 × etcd's | {ms(m1['p50_us'])} vs {ms(e1['p50_us'])} ms ({ratio(m1['p50_us'], e1['p50_us'])}) | {'yes' if ok else '**NO**'} |")
+if m1:
+    for label, key, bound in (("p50 ≤ 0.7 ms", "p50_us", 700), ("p99 ≤ 2 ms", "p99_us", 2000)):
+        ok = m1[key] <= bound
+        verdicts.append(ok)
+        w(f"| 1 client: {label} | {ms(m1[key])} ms | {'yes' if ok else '**NO**'} |")
+for c in levels:
+    m, e = runs.get(("meshwork", c)), runs.get(("etcd", c))
+    if not (m and e):
+        continue
+    for label, key in (("p99.9", "p999_us"), ("max", "max_us")):
+        ok = m[key] <= e[key]
+        verdicts.append(ok)
+        w(f"| {c} client{'s' if c != 1 else ''}: {label} ≤ etcd's | {ms(m[key])} vs {ms(e[key])} ms ({ratio(m[key], e[key])}) | {'yes' if ok else '**NO**'} |")
 w("")
 if verdicts:
     if all(verdicts):
@@ -332,6 +345,129 @@ for sys_ in SYSTEMS:
     tot = sum(r[3] for r in end if r[0] == sys_)
     w(f"- {NAMES[sys_]}: {tot / 1024:.1f} MiB for three servers at the end.")
 w("")
+
+# ---------------------------------------------------------------- stages
+HIST = re.compile(r'^(meshwork_[a-z_]+_duration_seconds)_(bucket|sum|count)(?:\{(.*)\})? ([0-9.e+-]+)$')
+
+
+def scrape(path):
+    """{series: {"le": {bound: count}, "sum": s, "count": n}} plus plain values."""
+    hist, plain = {}, {}
+    try:
+        text = open(path).read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        m = HIST.match(line)
+        if m:
+            name, kind, labels, v = m.groups()
+            labels = labels or ""
+            le = re.search(r'le="([^"]+)"', labels)
+            key = (name, re.sub(r',?le="[^"]+"', "", labels))
+            h = hist.setdefault(key, {"le": {}, "sum": 0.0, "count": 0.0})
+            if kind == "bucket" and le:
+                h["le"][float(le.group(1))] = float(v)
+            elif kind in ("sum", "count"):
+                h[kind] = float(v)
+        elif line and not line.startswith("#"):
+            f = line.split()
+            if len(f) == 2:
+                plain[f[0]] = float(f[1])
+    return hist, plain
+
+
+def diff_hist(a, b):
+    le = {k: v - a["le"].get(k, 0.0) for k, v in b["le"].items()}
+    return {"le": le, "sum": b["sum"] - a["sum"], "count": b["count"] - a["count"]}
+
+
+def add_hist(x, y):
+    if x is None:
+        return y
+    return {"le": {k: x["le"].get(k, 0.0) + v for k, v in y["le"].items()},
+            "sum": x["sum"] + y["sum"], "count": x["count"] + y["count"]}
+
+
+def quantile(h, q):
+    """Linear interpolation inside the bucket that holds quantile q (ms)."""
+    n = h["count"]
+    if n <= 0:
+        return None
+    rank, lower, below = q * n, 0.0, 0.0
+    for bound in sorted(h["le"]):
+        cum = h["le"][bound]
+        if cum >= rank:
+            if bound == float("inf"):
+                return None  # past the last finite bucket
+            inside = cum - below
+            frac = (rank - below) / inside if inside > 0 else 1.0
+            return 1000 * (lower + (bound - lower) * frac)
+        lower, below = bound, cum
+    return None
+
+
+def fmt_ms(v):
+    return "—" if v is None else (f"{v:.3f}" if v < 1 else f"{v:.2f}")
+
+
+STAGES = (
+    ("HTTP `PUT /v1/kv` on the leader, whole request", "meshwork_http_request_duration_seconds",
+     'route="/v1/kv/{*key}",method="PUT",status="200"', "leader"),
+    ("proposed on the leader → committed and applied", "meshwork_raft_write_duration_seconds", "", "leader"),
+    ("leader's log append → durable (`fdatasync`)", "meshwork_raft_append_duration_seconds", "", "leader"),
+    ("AppendEntries round trip, leader → follower → leader (follower's sync included)",
+     "meshwork_raft_replicate_duration_seconds", "", "leader"),
+    ("followers' log append → durable (`fdatasync`)", "meshwork_raft_append_duration_seconds", "", "followers"),
+    ("state machine apply (one batch of entries)", "meshwork_raft_apply_duration_seconds", "", "leader"),
+)
+
+stage_rows = []
+for c in levels:
+    before = [scrape(os.path.join(RAW, f"wrk-meshwork-c{c}.txt.metrics-before-n{i}.txt")) for i in (1, 2, 3)]
+    after = [scrape(os.path.join(RAW, f"wrk-meshwork-c{c}.txt.metrics-after-n{i}.txt")) for i in (1, 2, 3)]
+    if not all(before) or not all(after):
+        continue
+    leaders = [i for i in range(3) if after[i][1].get("meshwork_raft_is_leader") == 1]
+    if len(leaders) != 1:
+        continue
+    lead = leaders[0]
+    snaps = sum(after[i][1].get("meshwork_snapshots_total", 0) - before[i][1].get("meshwork_snapshots_total", 0)
+                for i in range(3))
+    rows = []
+    for label, name, labels, where in STAGES:
+        nodes = [lead] if where == "leader" else [i for i in range(3) if i != lead]
+        h = None
+        for i in nodes:
+            a, b = before[i][0].get((name, labels)), after[i][0].get((name, labels))
+            if b is None:
+                continue
+            h = add_hist(h, diff_hist(a or {"le": {}, "sum": 0.0, "count": 0.0}, b))
+        rows.append((label, h))
+    stage_rows.append((c, lead + 1, snaps, rows))
+
+if stage_rows:
+    w("## Where a Meshwork write's time goes, stage by stage")
+    w("")
+    w("From the servers' own histograms (`/metrics` of all three, scraped just before and just after each "
+      "measured run; the difference is that run). Means are exact (sum / count); quantiles are interpolated "
+      "inside the histogram's buckets (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500 ms, 1 s, 5 s), "
+      "so they are estimates within a bucket. Counts are per call: one log append, one AppendEntries and "
+      "one apply each carry a batch of writes.")
+    w("")
+    for c, lead, snaps, rows in stage_rows:
+        w(f"### {c} concurrent client{'s' if c != 1 else ''} (leader: node {lead}; snapshots built during the run, "
+          f"3 servers: {snaps:.0f})")
+        w("")
+        w("| stage | calls | mean (ms) | p50 (ms) | p99 (ms) | p99.9 (ms) |")
+        w("|---|---:|---:|---:|---:|---:|")
+        for label, h in rows:
+            if not h or h["count"] <= 0:
+                w(f"| {label} | 0 | — | — | — | — |")
+                continue
+            mean = 1000 * h["sum"] / h["count"]
+            w(f"| {label} | {h['count']:.0f} | {fmt_ms(mean)} | {fmt_ms(quantile(h, 0.5))} "
+              f"| {fmt_ms(quantile(h, 0.99))} | {fmt_ms(quantile(h, 0.999))} |")
+        w("")
 
 # ---------------------------------------------------------------- where time goes
 w("## Where the time goes (diagnostics from the same run)")

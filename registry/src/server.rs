@@ -943,12 +943,13 @@ async fn keep_cluster_identity(node: &RegistryNode, dir: &DataDir) -> Result<(),
 }
 
 /// Triggers a snapshot (which then purges the log) whenever `threshold`
-/// entries have been applied since the last one, checking every `interval`.
+/// entries have been applied since the last one, checking every `interval`
+/// to twice that, at random (as Consul's Raft library does), so that the
+/// servers of a cluster seldom build theirs at the same time.
 async fn snapshot_when_due(node: &RegistryNode, threshold: u64, interval: Duration) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
+        let jitter = interval.mul_f64(rand::random::<f64>());
+        tokio::time::sleep(interval + jitter).await;
         let (applied, last_snapshot) = {
             let metrics = node.raft.metrics();
             let m = metrics.borrow();

@@ -428,6 +428,7 @@ impl RegistryNode {
             });
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
+        let proposed = std::time::Instant::now();
         if self
             .batcher
             .send(BatchItem { command, reply })
@@ -438,11 +439,15 @@ impl RegistryNode {
                 "the write batcher has stopped".into(),
             )));
         }
-        answer.await.unwrap_or_else(|_| {
+        let outcome = answer.await.unwrap_or_else(|_| {
             Err(WriteAttempt::Failed(ClusterError::Internal(
                 "the write batcher dropped a write".into(),
             )))
-        })
+        });
+        if outcome.is_ok() {
+            crate::metrics::METRICS.raft_written(proposed.elapsed());
+        }
+        outcome
     }
 
     /// A transaction refused because one of its lock operations names a

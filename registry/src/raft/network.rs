@@ -296,7 +296,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             }
             _ => None,
         };
+        let sent = (!rpc.entries.is_empty()).then(std::time::Instant::now);
         let reply = self.call(Method::AppendEntries, &rpc, &option).await;
+        if let (Ok(_), Some(sent)) = (&reply, sent) {
+            crate::metrics::METRICS.raft_replicated(sent.elapsed());
+        }
         if reply.is_ok() {
             let mut contacts = self
                 .channels
