@@ -713,11 +713,16 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
         let mut findings = Findings::default();
         let shared = Shared::new(t0, OP_TIMEOUT)?;
         // One key per client, so each key has one sequential writer whose
-        // values only grow: the last acknowledged one must survive.
-        let keys: Vec<String> = (0..3).map(|k| format!("kl/c{k}")).collect();
+        // values only grow: the last acknowledged one must survive (check
+        // 3). And two keys shared by three concurrent clients each, doing
+        // reads, writes and CAS, for the linearizability check (check 1)
+        // on overlapping histories through the kills.
+        let single: Vec<String> = (0..3).map(|k| format!("kl/c{k}")).collect();
+        let shared_keys: Vec<String> = (0..2).map(|k| format!("kl/s{k}")).collect();
+        let keys: Vec<String> = single.iter().chain(&shared_keys).cloned().collect();
         let mut clients = tokio::task::JoinSet::new();
         let prober = spawn_prober(&shared, &cluster);
-        for (c, key) in keys.iter().enumerate() {
+        for (c, key) in single.iter().enumerate() {
             clients.spawn(workload::run_client(
                 shared.clone(),
                 c as u32,
@@ -730,6 +735,22 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
                 Duration::from_millis(10),
                 1_000_000,
             ));
+        }
+        for (k, key) in shared_keys.iter().enumerate() {
+            for c in 0..3 {
+                clients.spawn(workload::run_client(
+                    shared.clone(),
+                    (10 + 3 * k + c) as u32,
+                    cluster.targets(),
+                    vec![key.clone()],
+                    Mix {
+                        read: 40,
+                        write: 30,
+                    },
+                    Duration::from_millis(20),
+                    1_000_000,
+                ));
+            }
         }
         let mut rng = SplitMix(t0.elapsed().as_nanos() as u64 ^ 0x5eed);
         let mut leader_losses = Vec::new();
@@ -836,7 +857,7 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
         // Check 3: per key, the final value is the last acknowledged write
         // or a later (unknown) one: values of one writer only grow.
         let mut lost = Vec::new();
-        for key in &keys {
+        for key in &single {
             let last_ack = log
                 .ops
                 .iter()
