@@ -16,12 +16,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use meshwork_tests::apps::{Behavior, http_backend};
+use meshwork_tests::apps::{Behavior, http_backend, tcp_backend};
 use meshwork_tests::http::{Load, Trailed, h1_client, http_client};
 use meshwork_tests::sidecar::{
     INBOUND_PORT, Mesh, Service, Sidecar, UPSTREAM_PORT, echo_behind_client,
 };
 use meshwork_tests::wait_for;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 #[tokio::test]
@@ -705,7 +706,8 @@ async fn retries_in_flight_stay_within_budget_percent() -> Result<()> {
 /// head (one whose head has come, its body still streaming, no longer
 /// counts), `max_connections` the upstream connections (a request that
 /// would need one more is refused; the pooled one is reused). Both
-/// answer 503 `circuit-open` naming the limit.
+/// answer 503 `circuit-open` naming the limit. On a tcp upstream
+/// `max_connections` caps the proxied connections.
 #[tokio::test]
 async fn max_pending_and_max_connections_open_the_circuit() -> Result<()> {
     let mut mesh = Mesh::start().await?;
@@ -784,6 +786,7 @@ async fn max_pending_and_max_connections_open_the_circuit() -> Result<()> {
         .client_sidecar(&c2_ip, "name = \"echo\"\nprotocol = \"http\"\nrequest_timeout = \"30s\"\nretries = { attempts = 0 }\nlimits = { max_connections = 1 }")
         .await?;
     mesh.sidecars[c2].wait_endpoints(1).await?;
+    mesh.sidecars[c2].wait_ready().await?;
     let url2 = format!("http://{c2_ip}:{UPSTREAM_PORT}");
     held(0).await?;
     let busy = tokio::spawn(http.get(format!("{url2}/hold")).send());
@@ -811,6 +814,81 @@ async fn max_pending_and_max_connections_open_the_circuit() -> Result<()> {
         opened == 1.0,
         "one upstream connection ever opened, not {opened}"
     );
+
+    // A tcp upstream: max_connections caps the proxied connections. While
+    // one is open, the next is closed with nothing sent on (and counted).
+    let tcp_ip = mesh.ip(30);
+    let app = tcp_backend(&tcp_ip, "bytes-0").await?;
+    mesh.server_sidecar(
+        &tcp_ip,
+        Service {
+            name: "bytes",
+            id: "bytes-0",
+            app,
+            protocol: "tcp",
+        },
+    )
+    .await?;
+    let c3_ip = mesh.ip(102);
+    let c3 = mesh
+        .client_sidecar(
+            &c3_ip,
+            "name = \"bytes\"\nprotocol = \"tcp\"\nlimits = { max_connections = 1 }",
+        )
+        .await?;
+    mesh.sidecars[c3].wait_endpoints(1).await?;
+    mesh.sidecars[c3].wait_ready().await?;
+    let tcp = format!("{c3_ip}:{UPSTREAM_PORT}");
+    let exchange = |mut s: TcpStream| async move {
+        s.write_all(b"four").await?;
+        s.shutdown().await?;
+        let mut reply = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut reply)).await??;
+        anyhow::Ok(reply)
+    };
+    let mut open = TcpStream::connect(&tcp).await?;
+    open.write_all(b"one").await?;
+    let sidecar = &mesh.sidecars[c3];
+    wait_for(
+        "the first connection proxied",
+        Duration::from_secs(10),
+        || async {
+            let active = sidecar
+                .metric_sum("meshwork_proxy_upstream_connections_active{direction=\"outbound\"")
+                .await
+                .ok()?;
+            (active == 1.0).then_some(())
+        },
+    )
+    .await?;
+    // Closed at once: nothing read, or (our bytes unread) a reset.
+    let refused = exchange(TcpStream::connect(&tcp).await?).await;
+    let closed = match &refused {
+        Ok(reply) => reply.is_empty(),
+        Err(e) => e.downcast_ref::<std::io::Error>().is_some(),
+    };
+    ensure!(
+        closed,
+        "a second tcp connection with max_connections = 1 was not closed at once: {refused:?}"
+    );
+    let counted = sidecar
+        .metric_sum("meshwork_proxy_requests_total{direction=\"outbound\",upstream=\"bytes\",class=\"none\",outcome=\"circuit-open\"}")
+        .await?;
+    ensure!(
+        counted == 1.0,
+        "the refused connection counted as circuit-open: {counted}"
+    );
+    let first = exchange(open).await?;
+    ensure!(first == "bytes-0 got 7 bytes", "{first:?}");
+    wait_for(
+        "a connection proxied once the first closed",
+        Duration::from_secs(10),
+        || async {
+            let reply = exchange(TcpStream::connect(&tcp).await.ok()?).await.ok()?;
+            (reply == "bytes-0 got 4 bytes").then_some(())
+        },
+    )
+    .await?;
     mesh.done();
     Ok(())
 }
