@@ -1,8 +1,8 @@
 //! The sidecar's data plane end to end when things fail: instances killed,
 //! crashed or stopped under load, outlier ejection (and its growth),
 //! timeouts, retries (which bodies are replayed, the retry budget) and
-//! circuit limits (`max_requests`, `max_pending`, `max_connections`), new instances and a vanished registry, and draining on
-//! SIGTERM. Through
+//! circuit limits (`max_requests`, `max_pending`, `max_connections`), new
+//! instances and a vanished registry, and draining on SIGTERM. Through
 //! real `meshwork-registry` and `meshwork-sidecar` processes and demo
 //! backends (hyper and tonic servers). Traffic goes app → client sidecar
 //! (outbound listener) → server sidecar (inbound listener) → backend, as in
@@ -370,8 +370,8 @@ async fn a_server_sidecar_stopped_with_sigterm_fails_no_request() -> Result<()> 
     Ok(())
 }
 
-/// The flaky endpoint (instance 0, behind `.20`) as the client's
-/// `/clusters` shows it.
+/// The outbound endpoint at `address` as the sidecar's `/clusters` shows
+/// it.
 async fn endpoint_view(sidecar: &Sidecar, address: &str) -> Result<serde_json::Value> {
     let clusters = sidecar.json("/clusters").await?;
     clusters["clusters"]
@@ -630,14 +630,14 @@ async fn retries_in_flight_stay_within_budget_percent() -> Result<()> {
     failing.fail_with.store(503, Ordering::Relaxed);
     let sidecar = &mesh.sidecars[c];
     let mut held = Vec::new();
-    // `n` requests in flight (held at echo-1), then requests to echo-0
-    // until one is refused a retry: how many retries the budget admitted.
+    // `n` more requests in flight, held at echo-1.
     let fill = |n: usize, held: &mut Vec<_>| {
         for _ in 0..n {
             let request = http.get(format!("{url}/hold")).header("x-user", &to_holder);
             held.push(tokio::spawn(request.send()));
         }
     };
+    // Lets them all go; each must have been answered by echo-1.
     let release = |held: Vec<HeldRequest>| async move {
         holder.release();
         for task in held {
@@ -745,7 +745,8 @@ async fn max_pending_and_max_connections_open_the_circuit() -> Result<()> {
     refused(http.get(format!("{url}/")).send().await?, "max_pending").await?;
     holder.release();
     for task in waiting {
-        ensure!(task.await??.status() == 200);
+        let status = task.await??.status();
+        ensure!(status == 200, "a released request: {status}");
     }
     held(0).await?;
     // Two whose heads have come (bodies held): not pending any more.
@@ -776,7 +777,8 @@ async fn max_pending_and_max_connections_open_the_circuit() -> Result<()> {
     );
     holder.release();
     for r in bodies {
-        ensure!(r.text().await?.ends_with("released"));
+        let body = r.text().await?;
+        ensure!(body.ends_with("released"), "a held body: {body:?}");
     }
 
     // A second client sidecar allowed one upstream connection: a request
@@ -797,7 +799,8 @@ async fn max_pending_and_max_connections_open_the_circuit() -> Result<()> {
     )
     .await?;
     holder.release();
-    ensure!(busy.await??.status() == 200);
+    let status = busy.await??.status();
+    ensure!(status == 200, "the request on the one connection: {status}");
     wait_for(
         "a request on the pooled connection",
         Duration::from_secs(5),
