@@ -16,8 +16,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use bytes::Bytes;
+use http_body_util::Full;
 use meshwork_tests::apps::{Behavior, http_backend, tcp_backend};
-use meshwork_tests::http::{Load, Trailed, h1_client, http_client};
+use meshwork_tests::http::{Load, Trailed, h1_client, h2_client, http_client};
 use meshwork_tests::sidecar::{
     INBOUND_PORT, Mesh, Service, Sidecar, UPSTREAM_PORT, echo_behind_client,
 };
@@ -448,7 +450,8 @@ async fn each_ejection_lasts_base_ejection_times_its_number() -> Result<()> {
 /// body, or one of at most 64 KiB with a Content-Length. A PUT (idempotent)
 /// whose first attempt meets a 503 listed in `retries.on` is sent to the
 /// other instance with 64 KiB and a length, and answered with the 503
-/// with 64 KiB + 1, or with a body of unknown length (chunked).
+/// with 64 KiB + 1, or with a body of unknown length (chunked; over
+/// HTTP/2, no content-length). From HTTP/1.1 and HTTP/2 clients.
 #[tokio::test]
 async fn only_bodies_of_at_most_64_kib_with_a_length_are_retried() -> Result<()> {
     #[derive(Debug, Clone, Copy)]
@@ -456,6 +459,10 @@ async fn only_bodies_of_at_most_64_kib_with_a_length_are_retried() -> Result<()>
         Empty,
         Length(usize),
         Chunked,
+        /// Over HTTP/2 (prior knowledge), with a content-length.
+        H2Length(usize),
+        /// Over HTTP/2, DATA frames and no content-length.
+        H2NoLength,
     }
     let mut mesh = Mesh::start().await?;
     let (instances, client_ip, c) = echo_behind_client(&mut mesh, 2, "name = \"echo\"\nprotocol = \"http\"\nretries = { attempts = 1, on = [\"503\"] }\noutlier = { consecutive_5xx = 0 }").await?;
@@ -464,6 +471,7 @@ async fn only_bodies_of_at_most_64_kib_with_a_length_are_retried() -> Result<()>
     let url = format!("http://{client_ip}:{UPSTREAM_PORT}/put");
     let http = http_client()?;
     let chunked = h1_client::<Trailed>();
+    let (h2_full, h2_streamed) = (h2_client::<Full<Bytes>>(), h2_client::<Trailed>());
     let sidecar = &mesh.sidecars[c];
     let retries = || sidecar.metric_sum("meshwork_proxy_retries_total{direction=\"outbound\"");
     for (sent, replayable) in [
@@ -472,6 +480,9 @@ async fn only_bodies_of_at_most_64_kib_with_a_length_are_retried() -> Result<()>
         (Sent::Length(64 * 1024), true),
         (Sent::Length(64 * 1024 + 1), false),
         (Sent::Chunked, false),
+        (Sent::H2Length(64 * 1024), true),
+        (Sent::H2Length(64 * 1024 + 1), false),
+        (Sent::H2NoLength, false),
     ] {
         // Round robin: the first or the second request starts on the
         // failing instance.
@@ -493,6 +504,23 @@ async fn only_bodies_of_at_most_64_kib_with_a_length_are_retried() -> Result<()>
                         left: 2,
                     })?;
                     let r = tokio::time::timeout(Duration::from_secs(10), chunked.request(req))
+                        .await??;
+                    (r.status().as_u16(), r.headers().get("x-backend").cloned())
+                }
+                Sent::H2Length(n) => {
+                    let req = hyper::Request::put(&url)
+                        .header("content-length", n)
+                        .body(Full::new(Bytes::from(vec![b'b'; n])))?;
+                    let r = tokio::time::timeout(Duration::from_secs(10), h2_full.request(req))
+                        .await??;
+                    (r.status().as_u16(), r.headers().get("x-backend").cloned())
+                }
+                Sent::H2NoLength => {
+                    let req = hyper::Request::put(&url).body(Trailed {
+                        chunk: b"no length",
+                        left: 2,
+                    })?;
+                    let r = tokio::time::timeout(Duration::from_secs(10), h2_streamed.request(req))
                         .await??;
                     (r.status().as_u16(), r.headers().get("x-backend").cloned())
                 }
