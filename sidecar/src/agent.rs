@@ -238,34 +238,48 @@ pub fn channels(
     )
 }
 
-/// The local checks of `config`; a check already known by id that probes
-/// the same thing keeps its state (a reload does not flap it back to
-/// critical). A changed probe starts over, as Consul's agent does.
+/// The local checks of `config`; a check already known that probes the
+/// same thing keeps its state (a reload does not flap it back to
+/// critical). Known by id, or — its id gone, as default ids
+/// (`<service id>:check-<n>`) go with a new service id — at the same
+/// place in the list: a renamed instance is registered with the status
+/// its checks have, not as critical until they run again. A changed
+/// probe starts over, as Consul's agent does.
 fn local_checks(config: &Config, before: Vec<LocalCheck>) -> Vec<LocalCheck> {
-    let mut before: HashMap<String, LocalCheck> = before
-        .into_iter()
-        .map(|c| (c.config.id.clone(), c))
-        .collect();
-    config
+    let mut before: Vec<Option<LocalCheck>> = before.into_iter().map(Some).collect();
+    let mut kept: Vec<Option<LocalCheck>> = config
         .checks
         .iter()
-        .map(
-            |c| match before.remove(&c.id).filter(|b| b.config.probe == c.probe) {
-                Some(kept) => LocalCheck {
-                    config: c.clone(),
-                    ..kept
-                },
-                None => LocalCheck {
-                    config: c.clone(),
-                    // Consul's default until the first result.
-                    status: HealthStatus::Critical,
-                    output: "not run yet".into(),
-                    streak: 0,
-                    streak_status: HealthStatus::Critical,
-                    reported: true,
-                },
+        .map(|c| {
+            let i = before
+                .iter()
+                .position(|b| b.as_ref().is_some_and(|b| b.config.id == c.id))?;
+            before[i].take().filter(|b| b.config.probe == c.probe)
+        })
+        .collect();
+    // What is left had an id no check has now.
+    for ((slot, c), old) in kept.iter_mut().zip(&config.checks).zip(&mut before) {
+        if slot.is_none() && old.as_ref().is_some_and(|b| b.config.probe == c.probe) {
+            *slot = old.take();
+        }
+    }
+    kept.into_iter()
+        .zip(&config.checks)
+        .map(|(kept, c)| match kept {
+            Some(kept) => LocalCheck {
+                config: c.clone(),
+                ..kept
             },
-        )
+            None => LocalCheck {
+                config: c.clone(),
+                // Consul's default until the first result.
+                status: HealthStatus::Critical,
+                output: "not run yet".into(),
+                streak: 0,
+                streak_status: HealthStatus::Critical,
+                reported: true,
+            },
+        })
         .collect()
 }
 
@@ -826,4 +840,69 @@ async fn deregister(config: &Config, registry: &mut Registry, status: &SharedSta
         "could not deregister from any registry server; the session will expire instead"
     );
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(service_id: &str, checks: &[&str]) -> Config {
+        let mut text = format!(
+            "[registry]\naddresses = [\"127.0.0.1:8502\"]\n[service]\nname = \"web\"\nid = \"{service_id}\"\nport = 8080\n"
+        );
+        for target in checks {
+            text.push_str(&format!(
+                "[[service.checks]]\ntcp = \"{target}\"\ninterval = \"1s\"\n"
+            ));
+        }
+        Config::parse("t.toml", &text).expect("valid")
+    }
+
+    fn statuses(checks: &[LocalCheck]) -> Vec<(String, HealthStatus)> {
+        checks
+            .iter()
+            .map(|c| (c.config.id.clone(), c.status))
+            .collect()
+    }
+
+    /// A reload keeps a check's status while it probes the same thing:
+    /// under its id, or under a new one at the same place (default ids
+    /// follow the service id, so a renamed instance keeps its health).
+    #[test]
+    fn checks_keep_their_status_across_a_reload_even_renamed() {
+        let mut checks = local_checks(
+            &config("web-1", &["127.0.0.1:1", "127.0.0.1:2"]),
+            Vec::new(),
+        );
+        for c in &mut checks {
+            c.status = HealthStatus::Passing;
+        }
+        let same = local_checks(&config("web-1", &["127.0.0.1:1", "127.0.0.1:2"]), checks);
+        let passing = HealthStatus::Passing;
+        assert_eq!(
+            statuses(&same),
+            [
+                ("web-1:check-1".into(), passing),
+                ("web-1:check-2".into(), passing)
+            ]
+        );
+        let renamed = local_checks(&config("web-2", &["127.0.0.1:1", "127.0.0.1:3"]), same);
+        assert_eq!(
+            statuses(&renamed),
+            [
+                ("web-2:check-1".into(), passing),
+                ("web-2:check-2".into(), HealthStatus::Critical)
+            ],
+            "the renamed check probing the same target keeps its status; a new target starts over"
+        );
+        // Moved to another place under a new id: starts over.
+        let moved = local_checks(&config("web-3", &["127.0.0.1:4", "127.0.0.1:1"]), renamed);
+        assert_eq!(
+            statuses(&moved),
+            [
+                ("web-3:check-1".into(), HealthStatus::Critical),
+                ("web-3:check-2".into(), HealthStatus::Critical)
+            ]
+        );
+    }
 }

@@ -14,8 +14,8 @@ use serde::Deserialize;
 mod traffic;
 
 pub use traffic::{
-    Balance, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, Inbound, Limits, OutlierPolicy,
-    Protocol, ProxySettings, RetryOn, RetryPolicy, Upstream,
+    Balance, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, Inbound, Limits, MAX_EJECTION,
+    OutlierPolicy, Protocol, ProxySettings, RetryOn, RetryPolicy, Upstream,
 };
 
 #[derive(Debug, Deserialize)]
@@ -749,6 +749,7 @@ listen = "127.0.0.1:9192"
             .replace("least_request", "fastest")
             .replace("\"503\"", "\"404\"")
             .replace("max_ejection_percent = 50", "max_ejection_percent = 150")
+            .replace("base_ejection = \"30s\"", "base_ejection = \"6m\"")
             .replace("max_pending = 1024", "max_pending = 0")
             .replace("request_timeout = \"15s\"", "request_timeout = \"later\"")
             .replace("127.0.0.1:9192", "127.0.0.1:9191");
@@ -760,6 +761,7 @@ listen = "127.0.0.1:9192"
             "upstreams[0].balance",
             "upstreams[0].retries.on",
             "upstreams[0].outlier.max_ejection_percent",
+            "upstreams[0].outlier.base_ejection",
             "upstreams[0].limits.max_pending",
             "upstreams[0].request_timeout",
             "upstreams[1].listen",

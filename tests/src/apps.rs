@@ -5,7 +5,9 @@
 //! `grpc.health.v1` server.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -26,6 +28,13 @@ pub struct Behavior {
     pub fail_with: AtomicU16,
     /// Requests answered.
     pub served: AtomicUsize,
+    /// Requests held right now: `/hold` before its answer, `/hold-body`
+    /// before the end of its body (see [`Behavior::release`]).
+    pub holding: AtomicUsize,
+    /// Bumped by [`Behavior::release`]: a request held since an earlier
+    /// value goes on.
+    releases: AtomicUsize,
+    released: tokio::sync::Notify,
     /// Set (with `down`) when the backend has "crashed": it stops
     /// accepting and drops its connections.
     is_down: AtomicBool,
@@ -38,12 +47,79 @@ impl Behavior {
         self.is_down.store(true, Ordering::SeqCst);
         self.down.notify_waiters();
     }
+
+    /// Lets every request held now go on (later ones are held again).
+    pub fn release(&self) {
+        self.releases.fetch_add(1, Ordering::SeqCst);
+        self.released.notify_waiters();
+    }
+
+    /// Holds the caller until the next [`Behavior::release`] (at most
+    /// [`HOLD_LIMIT`]), counted in `holding` meanwhile.
+    async fn hold(&self) {
+        struct Held<'a>(&'a AtomicUsize);
+        impl Drop for Held<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let seen = self.releases.load(Ordering::SeqCst);
+        self.holding.fetch_add(1, Ordering::SeqCst);
+        let _held = Held(&self.holding);
+        let released = async {
+            loop {
+                // Registered before the check: a release in between wakes it.
+                let next = self.released.notified();
+                if self.releases.load(Ordering::SeqCst) != seen {
+                    return;
+                }
+                next.await;
+            }
+        };
+        let _ = tokio::time::timeout(HOLD_LIMIT, released).await;
+    }
+}
+
+/// The longest a demo backend holds a request (`/hold`, `/hold-body`).
+pub const HOLD_LIMIT: Duration = Duration::from_secs(30);
+
+/// A response body: `first`, then (once `rest` resolves) `last`.
+struct HeldBody {
+    first: Option<Bytes>,
+    rest: Pin<Box<dyn Future<Output = ()> + Send>>,
+    last: Option<Bytes>,
+}
+
+impl hyper::body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        use std::task::Poll;
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(hyper::body::Frame::data(first))));
+        }
+        if self.last.is_none() {
+            return Poll::Ready(None);
+        }
+        match self.rest.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => {
+                Poll::Ready(self.last.take().map(|b| Ok(hyper::body::Frame::data(b))))
+            }
+        }
+    }
 }
 
 /// A demo HTTP backend (HTTP/1.1 and HTTP/2, upgrades). It answers
 /// `<name> <body>` with the headers it saw echoed back as `x-seen-*`;
-/// `/slow` waits 2 s; an `Upgrade` request gets 101 and an echo of bytes;
-/// CONNECT gets 200, `hello\n` and then an echo.
+/// `/slow` waits 2 s; `/hold` waits for [`Behavior::release`] before it
+/// answers, `/hold-body` answers at once but ends its body only then; an
+/// `Upgrade` request gets 101 and an echo of bytes; CONNECT gets 200,
+/// `hello\n` and then an echo.
 pub async fn http_backend(ip: &str, name: &str) -> Result<(SocketAddr, Arc<Behavior>)> {
     let listener = TcpListener::bind(format!("{ip}:0")).await?;
     let addr = listener.local_addr()?;
@@ -75,7 +151,7 @@ pub async fn http_backend(ip: &str, name: &str) -> Result<(SocketAddr, Arc<Behav
                 let service = hyper::service::service_fn(move |req| {
                     let behavior = Arc::clone(&behavior);
                     let name = Arc::clone(&name);
-                    async move { Ok::<_, Infallible>(answer(req, &name, &behavior).await) }
+                    async move { Ok::<_, Infallible>(answer(req, &name, behavior).await) }
                 });
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 let connection =
@@ -90,7 +166,26 @@ pub async fn http_backend(ip: &str, name: &str) -> Result<(SocketAddr, Arc<Behav
     Ok((addr, behavior))
 }
 
-async fn answer(
+/// What the demo backend answers with: a whole body, or one held open.
+type DemoBody = http_body_util::Either<Full<Bytes>, HeldBody>;
+
+async fn answer(req: Request<Incoming>, name: &str, behavior: Arc<Behavior>) -> Response<DemoBody> {
+    if req.uri().path() == "/hold-body" && behavior.fail_with.load(Ordering::Relaxed) == 0 {
+        behavior.served.fetch_add(1, Ordering::Relaxed);
+        let held = Arc::clone(&behavior);
+        let mut r = Response::new(DemoBody::Right(HeldBody {
+            first: Some(Bytes::from(format!("{name} held "))),
+            rest: Box::pin(async move { held.hold().await }),
+            last: Some(Bytes::from_static(b"released")),
+        }));
+        r.headers_mut()
+            .insert("x-backend", name.parse().expect("ascii"));
+        return r;
+    }
+    answer_whole(req, name, &behavior).await.map(DemoBody::Left)
+}
+
+async fn answer_whole(
     mut req: Request<Incoming>,
     name: &str,
     behavior: &Behavior,
@@ -112,6 +207,9 @@ async fn answer(
     }
     if req.uri().path() == "/slow" {
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    if req.uri().path() == "/hold" {
+        behavior.hold().await;
     }
     let connect = req.method() == hyper::Method::CONNECT;
     if req.headers().contains_key(hyper::header::UPGRADE) || connect {

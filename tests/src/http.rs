@@ -1,5 +1,5 @@
 //! Clients for the end-to-end suites: a reqwest client with the suites'
-//! timeout, an HTTP/2 (prior knowledge) hyper client, raw HTTP/1.1 and
+//! timeout, HTTP/1.1 and HTTP/2 (prior knowledge) hyper clients, raw HTTP/1.1 and
 //! HTTP/2 bytes on a socket, a request body with trailers, and a load
 //! generator that counts answers and failures.
 
@@ -33,6 +33,16 @@ where
     Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http::<B>()
+}
+
+/// A hyper client speaking HTTP/1.1 only, sending bodies of type `B` (a
+/// body with no exact size goes chunked).
+pub fn h1_client<B>() -> Client<HttpConnector, B>
+where
+    B: hyper::body::Body + Send,
+    B::Data: Send,
+{
+    Client::builder(TokioExecutor::new()).build_http::<B>()
 }
 
 /// A raw HTTP/1.1 exchange: writes `request`, reads until the server

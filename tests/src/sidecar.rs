@@ -139,6 +139,18 @@ impl Sidecar {
         Ok(list)
     }
 
+    /// Waits (at most 15 s) for `/ready`: registered, with the proxy its
+    /// mesh leaf, roots, intentions and first endpoint sets. Before it, a
+    /// request may fail for want of a leaf (a connect failure that counts
+    /// against the endpoint).
+    pub async fn wait_ready(&self) -> Result<()> {
+        wait_for("the sidecar ready", Duration::from_secs(15), || async {
+            let r = self.http.get(self.admin("/ready")).send().await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await
+    }
+
     pub async fn wait_endpoints(&self, n: usize) -> Result<()> {
         wait_for(
             &format!("{n} passing endpoints"),
@@ -326,16 +338,7 @@ listen = "{ip}:{ADMIN_PORT}"
             service.protocol,
         );
         let i = self.spawn(ip, service.id, &config)?;
-        wait_for("server sidecar ready", Duration::from_secs(15), || async {
-            let r = self.sidecars[i]
-                .http
-                .get(self.sidecars[i].admin("/ready"))
-                .send()
-                .await
-                .ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await?;
+        self.sidecars[i].wait_ready().await?;
         Ok(i)
     }
 
@@ -395,8 +398,8 @@ pub type Instance = (SocketAddr, Arc<Behavior>, usize);
 
 /// `n` HTTP echo instances with their sidecars, and a client sidecar on
 /// the mesh's client address (`.100`) whose one upstream is `upstream`
-/// (TOML), once it sees all `n` endpoints: (instances, client address,
-/// its index).
+/// (TOML), once it sees all `n` endpoints and is ready: (instances, client
+/// address, its index).
 pub async fn echo_behind_client(
     mesh: &mut Mesh,
     n: u8,
@@ -406,6 +409,7 @@ pub async fn echo_behind_client(
     let client_ip = mesh.ip(100);
     let c = mesh.client_sidecar(&client_ip, upstream).await?;
     mesh.sidecars[c].wait_endpoints(usize::from(n)).await?;
+    mesh.sidecars[c].wait_ready().await?;
     Ok((instances, client_ip, c))
 }
 

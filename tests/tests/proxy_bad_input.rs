@@ -1,6 +1,7 @@
 //! The sidecar's data plane end to end against hostile clients: request
 //! smuggling, bad headers, oversized heads, slowloris and silent
-//! connections, HTTP/2 rapid reset and CONTINUATION floods, each refused
+//! connections, HTTP/2 rapid reset (and its limit of 20 resets) and
+//! CONTINUATION floods, each refused
 //! without harming other clients. Through
 //! real `meshwork-registry` and `meshwork-sidecar` processes and demo
 //! backends (hyper and tonic servers). Traffic goes app → client sidecar
@@ -425,6 +426,101 @@ async fn an_unfinished_http2_header_block_is_cut_off() -> Result<()> {
         took >= Duration::from_secs(9) && took <= Duration::from_secs(16),
         "closed after {took:?}, not after the 10 s head timeout"
     );
+    mesh.done();
+    Ok(())
+}
+
+/// What came back on a raw HTTP/2 connection.
+#[derive(Debug, PartialEq, Eq)]
+enum H2Outcome {
+    /// A HEADERS frame on the probe stream whose first field is
+    /// `:status: 200` (HPACK static index 8).
+    Served,
+    /// A GOAWAY frame with this error code.
+    GoAway(u32),
+    /// Closed, or nothing within the time, without either.
+    Nothing,
+}
+
+/// Opens an HTTP/2 connection to `addr` and sends, in one write, `resets`
+/// requests each reset (RST_STREAM CANCEL) straight after its HEADERS,
+/// then a last request on its own: whether the last one is answered or
+/// the connection goes away.
+async fn reset_streams_then_ask(addr: &str, resets: u32) -> Result<H2Outcome> {
+    // GET http://x/: :method GET, :scheme http, :path / (static table),
+    // :authority "x" (a literal, not indexed: the same bytes each time).
+    const REQUEST: &[u8] = &[0x82, 0x86, 0x84, 0x01, 0x01, b'x'];
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    for i in 0..resets {
+        let stream = 2 * i + 1;
+        // HEADERS, END_STREAM | END_HEADERS; RST_STREAM CANCEL (0x8).
+        out.extend(h2_frame(0x1, 0x5, stream, REQUEST));
+        out.extend(h2_frame(0x3, 0, stream, &8u32.to_be_bytes()));
+    }
+    let probe = 2 * resets + 1;
+    out.extend(h2_frame(0x1, 0x5, probe, REQUEST));
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(&out).await?;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let n = match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => n,
+            Err(_) => continue,
+        };
+        got.extend_from_slice(&buf[..n]);
+        let mut i = 0;
+        while i + 9 <= got.len() {
+            let len = (usize::from(got[i]) << 16)
+                | (usize::from(got[i + 1]) << 8)
+                | usize::from(got[i + 2]);
+            let Some(payload) = got.get(i + 9..i + 9 + len) else {
+                break;
+            };
+            let (kind, stream) = (
+                got[i + 3],
+                u32::from_be_bytes([got[i + 5], got[i + 6], got[i + 7], got[i + 8]]) & 0x7fff_ffff,
+            );
+            if kind == 0x7 && payload.len() >= 8 {
+                let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+                return Ok(H2Outcome::GoAway(code));
+            }
+            if kind == 0x1 && stream == probe && payload.first() == Some(&0x88) {
+                return Ok(H2Outcome::Served);
+            }
+            i += 9 + len;
+        }
+    }
+    Ok(H2Outcome::Nothing)
+}
+
+/// docs/proxy.md: at most 20 HTTP/2 streams reset by the client before
+/// they are served (rapid reset, CVE-2023-44487). Twenty such streams in
+/// one burst are borne and the next request on the connection is
+/// answered; a 21st gets the connection a GOAWAY ENHANCE_YOUR_CALM (0xb).
+#[tokio::test]
+async fn the_21st_http2_stream_reset_before_it_is_served_gets_a_goaway() -> Result<()> {
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    let mut mesh = Mesh::start().await?;
+    let (_, client_ip, _) =
+        echo_behind_client(&mut mesh, 1, "name = \"echo\"\nprotocol = \"http\"").await?;
+    let addr = format!("{client_ip}:{UPSTREAM_PORT}");
+    let twenty = reset_streams_then_ask(&addr, 20).await?;
+    ensure!(
+        twenty == H2Outcome::Served,
+        "20 streams reset before they were served: the next request should be answered, got {twenty:?}"
+    );
+    let twenty_one = reset_streams_then_ask(&addr, 21).await?;
+    ensure!(
+        twenty_one == H2Outcome::GoAway(ENHANCE_YOUR_CALM),
+        "21 streams reset before they were served: wanted GOAWAY ENHANCE_YOUR_CALM, got {twenty_one:?}"
+    );
+    // Other connections are served as before.
+    let r = http_client()?.get(format!("http://{addr}/")).send().await?;
+    ensure!(r.status() == 200, "served after the GOAWAY: {}", r.status());
     mesh.done();
     Ok(())
 }

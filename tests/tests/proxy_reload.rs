@@ -1,7 +1,8 @@
 //! The sidecar's config reload (SIGHUP) end to end: upstreams changed,
 //! added, moved and removed under load without a failed request, refused
 //! reloads that change nothing, and new tags, checks and service id
-//! registered without a gap. Through
+//! registered without a gap (every state on the registry's watch stream).
+//! Through
 //! real `meshwork-registry` and `meshwork-sidecar` processes and demo
 //! backends (hyper and tonic servers). Traffic goes app → client sidecar
 //! (outbound listener) → server sidecar (inbound listener) → backend, as in
@@ -11,16 +12,21 @@
 //! bounded in count and time. The harness (the mesh, its sidecars, the demo
 //! backends and the clients) is in `meshwork_tests::{sidecar, apps, http}`.
 
-use std::sync::atomic::Ordering;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
+use meshwork_proto::v1::watch_client::WatchClient;
+use meshwork_proto::v1::watch_event::Kind;
+use meshwork_proto::v1::{
+    Change, Health, ServiceTopic, SubscribeRequest, WatchEvent, change, subscribe_request,
+};
 use meshwork_tests::apps::http_backend;
 use meshwork_tests::http::{Load, body_of, http_client};
 use meshwork_tests::sidecar::{
     ADMIN_PORT, Mesh, Service, UPSTREAM_PORT, echo_behind_client, echo_instances,
 };
-use meshwork_tests::wait_for;
+use meshwork_tests::{wait_for, watch};
 use tokio::net::{TcpListener, TcpStream};
 
 #[tokio::test]
@@ -271,38 +277,43 @@ async fn a_reload_registers_new_tags_checks_and_id_without_a_gap() -> Result<()>
             == 200,
         "ready throughout"
     );
-    // A new service id: the new one is registered, then the old one goes;
-    // at every look one of them is there and the sidecar stays ready.
+    // A new service id: the new one is registered, then the old one goes.
+    // Every state the registry passes through is on a watch of `echo`
+    // (one CHANGE per Raft index): after each one a passing instance is
+    // there (the check, renamed with the service id as default check ids
+    // are, keeps its status), and the sidecar stays ready.
+    let mut watch = watch_service(&mesh, "echo").await?;
+    let mut instances = watch.snapshot().await?;
+    ensure!(
+        instances.get(&format!("node-{}/echo-0", mesh.ip(20))) == Some(&(Health::Passing as i32)),
+        "echo-0 passing before the rename: {instances:?}"
+    );
     let renamed = tagged.replace("id = \"echo-0\"", "id = \"echo-0b\"");
     let status = mesh.reload(*s, &renamed).await?;
     ensure!(status["reloads"] == 2, "{status}");
-    let gaps = std::sync::atomic::AtomicUsize::new(0);
     let sidecar = &mesh.sidecars[*s];
-    wait_for(
-        "only the new id registered",
-        Duration::from_secs(10),
-        || async {
-            let ready = sidecar
-                .http
-                .get(sidecar.admin("/ready"))
-                .send()
-                .await
-                .ok()?;
-            let list = catalog().await?;
-            let ids: Vec<&str> = list
-                .iter()
-                .filter_map(|e| e["Service"]["ID"].as_str())
-                .collect();
-            if ids.is_empty() || ready.status() != 200 {
-                gaps.fetch_add(1, Ordering::Relaxed);
-            }
-            (ids == ["echo-0b"]).then_some(())
-        },
-    )
-    .await?;
+    let mut states = Vec::new();
+    for _ in 0..50 {
+        let index = watch.apply_next_change(&mut instances).await?;
+        let ready = sidecar
+            .http
+            .get(sidecar.admin("/ready"))
+            .send()
+            .await?
+            .status();
+        states.push(format!("{index}: {instances:?}"));
+        let passing = instances.values().any(|h| *h == Health::Passing as i32);
+        ensure!(
+            passing && ready == 200,
+            "no passing echo instance (or the sidecar not ready: {ready}) at index {index} during the rename (health {{key: 1 passing, 3 critical}}): {states:#?}"
+        );
+        if instances.len() == 1 && instances.keys().all(|k| k.ends_with("/echo-0b")) {
+            break;
+        }
+    }
     ensure!(
-        gaps.load(Ordering::Relaxed) == 0,
-        "the instance was missing or not ready during the rename"
+        instances.len() == 1 && instances.keys().all(|k| k.ends_with("/echo-0b")),
+        "only the new id registered in the end: {states:#?}"
     );
     let status = mesh.sidecars[*s].json("/status").await?;
     ensure!(
@@ -310,5 +321,64 @@ async fn a_reload_registers_new_tags_checks_and_id_without_a_gap() -> Result<()>
         "{status}"
     );
     mesh.done();
+    Ok(())
+}
+
+/// A watch of one service on the registry: its instances (key → health)
+/// as the registry's changes come, one Raft index at a time.
+struct ServiceWatch(tonic::Streaming<WatchEvent>);
+
+async fn watch_service(mesh: &Mesh, name: &str) -> Result<ServiceWatch> {
+    let mut client = WatchClient::connect(mesh.cluster().servers[0].grpc()).await?;
+    let request = SubscribeRequest {
+        topic: Some(subscribe_request::Topic::Service(ServiceTopic {
+            name: name.to_owned(),
+            passing_only: false,
+        })),
+        since_index: 0,
+    };
+    Ok(ServiceWatch(client.subscribe(request).await?.into_inner()))
+}
+
+impl ServiceWatch {
+    /// The instances in the stream's snapshot.
+    async fn snapshot(&mut self) -> Result<BTreeMap<String, i32>> {
+        let mut instances = BTreeMap::new();
+        for _ in 0..1000 {
+            let event = watch::next(&mut self.0).await?;
+            if event.kind == Kind::EndOfSnapshot as i32 {
+                return Ok(instances);
+            }
+            apply(&mut instances, &event.changes)?;
+        }
+        bail!("no END_OF_SNAPSHOT")
+    }
+
+    /// Applies the next change to `instances`; its index. A fresh
+    /// snapshot in the middle (a lagging watcher) would hide the states
+    /// in between: that fails.
+    async fn apply_next_change(&mut self, instances: &mut BTreeMap<String, i32>) -> Result<u64> {
+        let event = watch::next_change(&mut self.0).await?;
+        ensure!(
+            event.kind == Kind::Change as i32,
+            "a CHANGE, not {event:?} (a fresh snapshot would hide the states in between)"
+        );
+        apply(instances, &event.changes)?;
+        Ok(event.index)
+    }
+}
+
+fn apply(instances: &mut BTreeMap<String, i32>, changes: &[Change]) -> Result<()> {
+    for c in changes {
+        match &c.change {
+            Some(change::Change::Endpoint(e)) => {
+                instances.insert(e.key.clone(), e.health);
+            }
+            Some(change::Change::EndpointRemoved(key)) => {
+                instances.remove(key);
+            }
+            other => bail!("not a service change: {other:?}"),
+        }
+    }
     Ok(())
 }

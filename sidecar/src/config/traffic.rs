@@ -19,6 +19,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
+/// No ejection lasts longer than this, however often an endpoint has been
+/// ejected (Envoy's `max_ejection_time` default). A `base_ejection` over it
+/// is refused rather than stretching the cap, as Envoy would.
+pub const MAX_EJECTION: Duration = Duration::from_secs(300);
 
 /// What a listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -119,7 +123,8 @@ pub struct RetryPolicy {
 pub struct OutlierPolicy {
     /// Consecutive 5xx (or connect failures) that eject an endpoint; 0 = off.
     pub consecutive_5xx: u32,
-    /// Ejection time is this times the number of ejections so far.
+    /// Ejection time is this times the number of ejections so far, at
+    /// most [`MAX_EJECTION`] (which this may not exceed).
     #[serde(serialize_with = "millis")]
     pub base_ejection: Duration,
     /// At most this share of endpoints is ejected at once.
@@ -134,7 +139,7 @@ pub struct Limits {
     /// oldest idle HTTP connection is closed to make room, or (none idle)
     /// the new connection is refused.
     pub max_downstream: usize,
-    /// Requests waiting for a connection slot.
+    /// Requests sent upstream and waiting for the response head.
     pub max_pending: usize,
     /// Requests in flight.
     pub max_requests: usize,
@@ -427,6 +432,13 @@ pub(super) fn upstreams(
                 ),
             },
         };
+        if outlier.base_ejection > MAX_EJECTION {
+            errors.push(format!(
+                "{f}: {key}.outlier.base_ejection: {:?} is over the {}-minute cap on ejections",
+                outlier.base_ejection,
+                MAX_EJECTION.as_secs() / 60
+            ));
+        }
         let limits = match u.limits {
             None => Limits {
                 max_connections: 1024,
