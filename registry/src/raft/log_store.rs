@@ -381,6 +381,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        // The append's duration counts from here: encoding and writing
+        // (a segment roll-over included) as well as the sync.
+        let started = std::time::Instant::now();
         for entry in entries {
             let bytes = serde_json::to_vec(&entry)
                 .map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Write, e))?;
@@ -393,11 +396,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .queue
             .as_ref()
             .ok_or(())
-            .and_then(|queue| {
-                queue
-                    .send((callback, std::time::Instant::now()))
-                    .map_err(|_| ())
-            })
+            .and_then(|queue| queue.send((callback, started)).map_err(|_| ()))
             .map_err(|()| {
                 storage_io_error(
                     ErrorSubject::Logs,

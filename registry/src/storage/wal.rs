@@ -50,6 +50,17 @@ const HEADER: usize = 16;
 /// in JSON stays below it).
 const MAX_RECORD: usize = 1 << 30;
 pub(crate) const SPARE: &str = "wal.spare";
+/// How long a roll-over's steps took, each counted from its start.
+#[derive(Debug, Default)]
+struct RollOver {
+    sync_old: std::time::Duration,
+    new_segment: std::time::Duration,
+    sync_dir: std::time::Duration,
+    no_spare: bool,
+}
+
+/// A segment roll-over slower than this is logged as a warning.
+const SLOW_ROLL_OVER: std::time::Duration = std::time::Duration::from_millis(20);
 pub(crate) const SPARE_TMP: &str = "wal.spare.tmp";
 const ZERO_CHUNK: usize = 1 << 20;
 
@@ -211,11 +222,23 @@ fn drop_cache(file: &File) {
     }
 }
 
+/// The spare is zero-filled and synced this much at a time, so that at
+/// most this much of it waits ahead of a log sync on the same disk
+/// (written in one go, 64 MiB of zeros held up the appends behind it).
+const SPARE_SYNC_EVERY: u64 = 4 << 20;
+
 /// Creates `wal.spare`: a zero-filled, synced file of `size` bytes.
+/// Runs on a thread of its own (see `prepare_spare`).
 fn make_spare(dir: &Path, size: u64) -> std::io::Result<()> {
     let tmp = dir.join(SPARE_TMP);
     let file = File::create(&tmp)?;
-    zero_range(&file, 0, size)?;
+    let mut done = 0;
+    while done < size {
+        let n = (size - done).min(SPARE_SYNC_EVERY);
+        zero_range(&file, done, n)?;
+        file.sync_data()?;
+        done += n;
+    }
     file.sync_all()?;
     drop_cache(&file);
     drop(file);
@@ -520,6 +543,10 @@ impl Wal {
         let spawned = std::thread::Builder::new()
             .name("raft-wal-spare".into())
             .spawn(move || {
+                // Background work: the appends' syncs go first.
+                if let Err(e) = rustix::process::setpriority_process(None, 10) {
+                    tracing::debug!(error = %e, "could not lower the spare writer's priority");
+                }
                 if let Err(e) = make_spare(&dir, size) {
                     tracing::warn!(error = %e, "could not prepare a spare log segment");
                 }
@@ -544,7 +571,9 @@ impl Wal {
     /// Makes a new (zero-filled) segment the one appended to. The current
     /// one is synced first, so that records never become durable out of
     /// order across segments.
-    fn roll_over(&self, state: &mut State) -> std::io::Result<()> {
+    fn roll_over(&self, state: &mut State) -> std::io::Result<RollOver> {
+        let mut took = RollOver::default();
+        let started = std::time::Instant::now();
         if let Some(current) = state.segments.back() {
             // Close it with an explicit end (a recycled file holds old
             // bytes past the last record), unless the file ends there.
@@ -554,18 +583,22 @@ impl Wal {
             }
             current.file.sync_data()?;
         }
+        took.sync_old = started.elapsed();
         let seq = state.segments.back().map_or(1, |s| s.seq + 1);
         let path = self.dir.join(segment_name(seq));
         let spare = self.dir.join(SPARE);
         if spare.exists() && !self.spare_in_progress.load(Ordering::Acquire) {
             std::fs::rename(&spare, &path)?;
         } else {
+            took.no_spare = true;
             let file = File::create(&path)?;
             zero_range(&file, 0, self.segment_size)?;
             file.sync_all()?;
             drop_cache(&file);
         }
+        took.new_segment = started.elapsed();
         sync_dir(&self.dir)?;
+        took.sync_dir = started.elapsed();
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -578,7 +611,7 @@ impl Wal {
         });
         self.remove_unused_segments(state)?;
         self.prepare_spare();
-        Ok(())
+        Ok(took)
     }
 
     /// Recycles as the spare, or deletes, the segments (never the current
@@ -649,7 +682,24 @@ impl Wal {
             }
         };
         if needs_new {
-            self.roll_over(&mut state)?;
+            let started = std::time::Instant::now();
+            let phases = self.roll_over(&mut state)?;
+            let took = started.elapsed();
+            // On the append path (openraft's core waits for it): say when
+            // it is slow, and in which step (times are cumulative), so a
+            // latency spike can be traced to it.
+            if took > SLOW_ROLL_OVER {
+                tracing::warn!(
+                    took_ms = took.as_millis() as u64,
+                    old_synced_ms = phases.sync_old.as_millis() as u64,
+                    new_ready_ms = phases.new_segment.as_millis() as u64,
+                    dir_synced_ms = phases.sync_dir.as_millis() as u64,
+                    spare_was_missing = phases.no_spare,
+                    "starting a new log segment held up appends"
+                );
+            } else {
+                tracing::debug!(took_us = took.as_micros() as u64, "new log segment");
+            }
         }
         let Some(seg) = state.segments.back_mut() else {
             return Err(std::io::Error::other("no log segment"));
