@@ -266,7 +266,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         std::thread::Builder::new()
             .name("raft-snapshot".into())
             .spawn(move || {
-                lower_this_threads_priority();
+                crate::storage::lower_this_threads_priority();
                 let written = files.write_with(&meta_bytes, |out| {
                     serde_json::to_writer(out, &payload).map_err(std::io::Error::from)
                 });
@@ -292,18 +292,6 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta,
             snapshot: Box::new(Cursor::new(Vec::new())),
         })
-    }
-}
-
-/// Snapshot threads run at this nice value (19 is the lowest priority).
-const SNAPSHOT_NICE: i32 = 10;
-
-/// Lowers the calling thread's scheduling priority (on Linux a nice value
-/// belongs to a thread, and `setpriority(PRIO_PROCESS, 0)` sets the
-/// caller's). Best effort: a failure only costs latency.
-fn lower_this_threads_priority() {
-    if let Err(e) = rustix::process::setpriority_process(None, SNAPSHOT_NICE) {
-        tracing::debug!(error = %e, "could not lower the snapshot thread's priority");
     }
 }
 

@@ -15,6 +15,8 @@ const FILE: &str = "snapshot.bin";
 
 use meshwork_core::frame::decode_frame;
 
+use super::drop_cache;
+
 /// The directory that holds the snapshot.
 #[derive(Debug, Clone)]
 pub struct SnapshotFile {
@@ -135,15 +137,6 @@ impl Write for SyncingWriter<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-/// Drops a synced file's pages from the page cache: the snapshot is read
-/// back only at a restart, and hundreds of cached megabytes would push out
-/// what the server does use.
-fn drop_cache(file: &std::fs::File) {
-    if let Err(e) = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed) {
-        tracing::debug!(error = %e, "fadvise(DONTNEED) failed");
     }
 }
 

@@ -43,6 +43,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::drop_cache;
+
 /// Default size of a segment file.
 pub const DEFAULT_SEGMENT_SIZE: u64 = 16 * 1024 * 1024;
 const HEADER: usize = 16;
@@ -211,20 +213,9 @@ fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Drops a synced file's pages from the page cache. Zero-filling (or
-/// reading) a file in large chunks leaves it cached in large folios, and a
-/// small append then dirties a whole folio: measured on ext4 with this
-/// kernel, every 500-byte append + `fdatasync` wrote 1 MiB to the disk. With
-/// the cache dropped, appends build page-sized folios again (4 KiB each).
-fn drop_cache(file: &File) {
-    if let Err(e) = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed) {
-        tracing::debug!(error = %e, "fadvise(DONTNEED) failed");
-    }
-}
-
 /// The spare is zero-filled and synced this much at a time, so that at
 /// most this much of it waits ahead of a log sync on the same disk
-/// (written in one go, 64 MiB of zeros held up the appends behind it).
+/// (written in one go, a whole segment of zeros held up the appends behind it).
 const SPARE_SYNC_EVERY: u64 = 4 << 20;
 
 /// Creates `wal.spare`: a zero-filled, synced file of `size` bytes.
@@ -544,9 +535,7 @@ impl Wal {
             .name("raft-wal-spare".into())
             .spawn(move || {
                 // Background work: the appends' syncs go first.
-                if let Err(e) = rustix::process::setpriority_process(None, 10) {
-                    tracing::debug!(error = %e, "could not lower the spare writer's priority");
-                }
+                super::lower_this_threads_priority();
                 if let Err(e) = make_spare(&dir, size) {
                     tracing::warn!(error = %e, "could not prepare a spare log segment");
                 }
