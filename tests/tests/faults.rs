@@ -722,35 +722,33 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
         let keys: Vec<String> = single.iter().chain(&shared_keys).cloned().collect();
         let mut clients = tokio::task::JoinSet::new();
         let prober = spawn_prober(&shared, &cluster);
-        for (c, key) in single.iter().enumerate() {
+        // (client id, key, mix, think time) of each workload client.
+        let single_writers = single.iter().enumerate().map(|(c, key)| {
+            let mix = Mix {
+                read: 20,
+                write: 80,
+            };
+            (c as u32, key, mix, Duration::from_millis(10))
+        });
+        let sharers = shared_keys.iter().enumerate().flat_map(|(k, key)| {
+            (0..3).map(move |c| {
+                let mix = Mix {
+                    read: 40,
+                    write: 30,
+                };
+                ((10 + 3 * k + c) as u32, key, mix, Duration::from_millis(20))
+            })
+        });
+        for (client, key, mix, think) in single_writers.chain(sharers) {
             clients.spawn(workload::run_client(
                 shared.clone(),
-                c as u32,
+                client,
                 cluster.targets(),
                 vec![key.clone()],
-                Mix {
-                    read: 20,
-                    write: 80,
-                },
-                Duration::from_millis(10),
+                mix,
+                think,
                 1_000_000,
             ));
-        }
-        for (k, key) in shared_keys.iter().enumerate() {
-            for c in 0..3 {
-                clients.spawn(workload::run_client(
-                    shared.clone(),
-                    (10 + 3 * k + c) as u32,
-                    cluster.targets(),
-                    vec![key.clone()],
-                    Mix {
-                        read: 40,
-                        write: 30,
-                    },
-                    Duration::from_millis(20),
-                    1_000_000,
-                ));
-            }
         }
         let mut rng = SplitMix(t0.elapsed().as_nanos() as u64 ^ 0x5eed);
         let mut leader_losses = Vec::new();
