@@ -135,12 +135,10 @@ fn secret_in(path: &Path) -> Result<String, String> {
         .open(path)
         .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
     file.write_all(format!("{secret}\n").as_bytes())
-        .and_then(|()| file.sync_all())
+        .and_then(|()| crate::storage::durable::sync_all(&file))
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && let Ok(dir) = std::fs::File::open(dir)
-    {
-        let _ = dir.sync_all();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = crate::storage::durable::sync_dir(dir);
     }
     Ok(secret)
 }

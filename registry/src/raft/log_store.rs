@@ -41,12 +41,30 @@ pub struct LogStore {
     meta: sled::Tree,
     wal: Arc<Wal>,
     /// sled's data file, for `fdatasync` after each flush.
-    data_file: Arc<Option<std::fs::File>>,
+    data_file: Arc<SledFiles>,
     /// Completion callbacks of appends waiting for the next sync.
     flusher: Arc<Flusher>,
 }
 
 type Flush = (LogFlushed<TypeConfig>, std::time::Instant);
+
+/// sled's directory and its data file.
+#[derive(Debug)]
+struct SledFiles {
+    dir: std::path::PathBuf,
+    db: Option<std::fs::File>,
+}
+
+impl SledFiles {
+    /// After a sled flush: `fdatasync` of the data file, which makes the
+    /// flushed state durable (sled's own flush ends in `sync_file_range`).
+    fn sync(&self) -> std::io::Result<()> {
+        if let Some(file) = &self.db {
+            crate::storage::durable::sync_data(file)?;
+        }
+        crate::storage::durable::synced_tree(&self.dir)
+    }
+}
 
 /// The flusher thread's queue. When the last clone of the store drops, the
 /// queue closes and the drop waits for the thread (which holds the WAL) to
@@ -130,7 +148,10 @@ impl LogStore {
         .map_err(wal_error)?;
         tracing::debug!(?recovery, "raft log opened");
         let wal = Arc::new(wal);
-        let data_file = Arc::new(std::fs::File::open(sled_dir.join("db")).ok());
+        let data_file = Arc::new(SledFiles {
+            dir: sled_dir.to_owned(),
+            db: std::fs::File::open(sled_dir.join("db")).ok(),
+        });
         move_old_log(db, &wal, &data_file).map_err(wal_error)?;
         let (queue, pending) = std::sync::mpsc::channel();
         let flush_wal = Arc::clone(&wal);
@@ -227,11 +248,7 @@ impl LogStore {
 
 /// Moves entries left in sled's `log` tree by an earlier build into the
 /// WAL (synced), then drops the tree.
-fn move_old_log(
-    db: &sled::Db,
-    wal: &Wal,
-    data_file: &Option<std::fs::File>,
-) -> std::io::Result<()> {
+fn move_old_log(db: &sled::Db, wal: &Wal, data_file: &SledFiles) -> std::io::Result<()> {
     let names = db.tree_names();
     if !names.iter().any(|n| n.as_ref() == OLD_LOG_TREE) {
         return Ok(());
@@ -257,30 +274,22 @@ fn move_old_log(
         moved += 1;
     }
     for file in wal.take_dirty() {
-        file.sync_data()?;
+        crate::storage::durable::sync_data(&file)?;
     }
     db.drop_tree(OLD_LOG_TREE).map_err(std::io::Error::other)?;
     db.flush().map_err(std::io::Error::other)?;
-    if let Some(file) = data_file {
-        file.sync_data()?;
-    }
+    data_file.sync()?;
     tracing::info!(entries = moved, "moved the raft log from sled to the WAL");
     Ok(())
 }
 
 /// sled flush, then `fdatasync` of its data file.
-async fn flush_durably(
-    db: &sled::Db,
-    data_file: &Arc<Option<std::fs::File>>,
-) -> std::io::Result<()> {
+async fn flush_durably(db: &sled::Db, data_file: &Arc<SledFiles>) -> std::io::Result<()> {
     db.flush_async().await.map_err(std::io::Error::other)?;
-    let file = Arc::clone(data_file);
-    tokio::task::spawn_blocking(move || match file.as_ref() {
-        Some(file) => file.sync_data(),
-        None => Ok(()),
-    })
-    .await
-    .map_err(std::io::Error::other)?
+    let files = Arc::clone(data_file);
+    tokio::task::spawn_blocking(move || files.sync())
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 /// The flusher thread: one `fdatasync` per batch of queued appends. A
@@ -294,7 +303,7 @@ fn flush_appends(wal: &Wal, pending: &std::sync::mpsc::Receiver<Flush>) {
         let result = wal
             .take_dirty()
             .iter()
-            .try_for_each(|file| file.sync_data());
+            .try_for_each(|file| crate::storage::durable::sync_data(file));
         if let Err(e) = &result {
             tracing::error!(error = %e, "raft log sync failed");
         }

@@ -79,6 +79,8 @@ pub enum DataDirError {
         wal: PathBuf,
         reason: String,
     },
+    #[error("power-loss image ({}): {source}", super::durable::IMAGE_ENV)]
+    PowerLossImage { source: std::io::Error },
     #[error("cannot read the raft log {wal}: {source}")]
     ReadLog {
         wal: PathBuf,
@@ -137,6 +139,9 @@ impl DataDir {
                 }
             }
         }
+        // Tests only: the image a power loss would leave, from here on.
+        super::durable::start_image_from_env(path)
+            .map_err(|source| DataDirError::PowerLossImage { source })?;
         let marker_path = path.join(MARKER);
         let raft_path = path.join(RAFT_DIR);
         let marker = match std::fs::read(&marker_path) {
@@ -271,10 +276,10 @@ fn write_atomically(path: &Path, marker: &Marker) -> Result<(), DataDirError> {
         use std::io::Write;
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(&bytes)?;
-        file.sync_all()?;
+        super::durable::sync_all(&file)?;
         std::fs::rename(&tmp, path)?;
         if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
+            super::durable::sync_dir(dir)?;
         }
         Ok(())
     };

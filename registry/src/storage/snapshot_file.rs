@@ -15,7 +15,7 @@ const FILE: &str = "snapshot.bin";
 
 use meshwork_core::frame::decode_frame;
 
-use super::drop_cache;
+use super::{drop_cache, durable};
 
 /// The directory that holds the snapshot.
 #[derive(Debug, Clone)]
@@ -101,11 +101,12 @@ impl SnapshotFile {
         crc.combine(&out.crc);
         out.write_all(&crc.finalize().to_be_bytes())?;
         file.write_all_at(&data_len.to_be_bytes(), length_at)?;
-        file.sync_all()?;
+        durable::wrote(&file, length_at, 8);
+        durable::sync_all(&file)?;
         drop_cache(&file);
         drop(file);
         std::fs::rename(&tmp, self.dir.join(FILE))?;
-        std::fs::File::open(&self.dir)?.sync_all()?;
+        durable::sync_dir(&self.dir)?;
         Ok(data_len)
     }
 }
@@ -125,10 +126,11 @@ struct SyncingWriter<'a> {
 impl Write for SyncingWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = (&*self.file).write(buf)?;
+        durable::wrote(self.file, self.written, n as u64);
         self.crc.update(&buf[..n]);
         self.written += n as u64;
         if self.written - self.synced >= SYNC_EVERY {
-            self.file.sync_data()?;
+            durable::sync_data(self.file)?;
             drop_cache(self.file);
             self.synced = self.written;
         }

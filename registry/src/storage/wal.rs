@@ -197,9 +197,7 @@ fn valid_record_after(
     Ok(None)
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
-}
+use super::durable::{self, sync_dir};
 
 /// Writes `len` zero bytes at `offset`.
 fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
@@ -208,6 +206,7 @@ fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     while done < len {
         let n = (len - done).min(zeros.len() as u64) as usize;
         file.write_all_at(&zeros[..n], offset + done)?;
+        durable::wrote(file, offset + done, n as u64);
         done += n as u64;
     }
     Ok(())
@@ -227,10 +226,10 @@ fn make_spare(dir: &Path, size: u64) -> std::io::Result<()> {
     while done < size {
         let n = (size - done).min(SPARE_SYNC_EVERY);
         zero_range(&file, done, n)?;
-        file.sync_data()?;
+        durable::sync_data(&file)?;
         done += n;
     }
-    file.sync_all()?;
+    durable::sync_all(&file)?;
     drop_cache(&file);
     drop(file);
     std::fs::rename(&tmp, dir.join(SPARE))?;
@@ -483,7 +482,7 @@ impl Wal {
                 "the log ends with a torn write (a crash while appending, never acknowledged); dropping it"
             );
             zero_range(&last.file, *offset, recovery.torn_bytes)?;
-            last.file.sync_data()?;
+            durable::sync_data(&last.file)?;
         }
         for segment in &segments {
             drop_cache(&segment.file);
@@ -569,8 +568,9 @@ impl Wal {
             let file_len = current.file.metadata()?.len();
             if current.end + HEADER as u64 <= file_len {
                 current.file.write_all_at(&[0u8; HEADER], current.end)?;
+                durable::wrote(&current.file, current.end, HEADER as u64);
             }
-            current.file.sync_data()?;
+            durable::sync_data(&current.file)?;
         }
         took.sync_old = started.elapsed();
         let seq = state.segments.back().map_or(1, |s| s.seq + 1);
@@ -582,7 +582,7 @@ impl Wal {
             took.no_spare = true;
             let file = File::create(&path)?;
             zero_range(&file, 0, self.segment_size)?;
-            file.sync_all()?;
+            durable::sync_all(&file)?;
             drop_cache(&file);
         }
         took.new_segment = started.elapsed();
@@ -701,6 +701,7 @@ impl Wal {
         // The segment is zero-filled, so a record that runs past its
         // preallocated end (an oversized one) is the only size change.
         seg.file.write_all_at(&record, seg.end)?;
+        durable::wrote(&seg.file, seg.end, total);
         let pos = Pos {
             seq: seg.seq,
             offset: seg.end,
@@ -788,7 +789,7 @@ impl Wal {
         }
         if let Some(seg) = state.segments.back_mut() {
             zero_range(&seg.file, cut.offset, seg.end - cut.offset)?;
-            seg.file.sync_data()?;
+            durable::sync_data(&seg.file)?;
             seg.end = cut.offset;
             // A record before the cut in this segment is index - 1.
             seg.last_index = (cut.offset > 0).then(|| index - 1);
@@ -834,7 +835,7 @@ mod tests {
 
     fn sync(wal: &Wal) {
         for f in wal.take_dirty() {
-            f.sync_data().expect("sync");
+            durable::sync_data(&f).expect("sync");
         }
     }
 
