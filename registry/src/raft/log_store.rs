@@ -437,6 +437,51 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::power_loss::Powered;
+
+    fn open_store(root: &Path) -> (sled::Db, LogStore) {
+        let sled_dir = root.join("raft");
+        let db = sled::Config::new()
+            .path(&sled_dir)
+            .flush_every_ms(None)
+            .open()
+            .expect("sled");
+        let store = LogStore::open_with_segment_size(&db, &sled_dir, &root.join("wal"), 4096)
+            .expect("open");
+        (db, store)
+    }
+
+    /// A saved vote, and a purge point with the segments it let go, are
+    /// durable when the call returns: after a power loss the store opens
+    /// with that vote (Raft's safety rests on it) and its log.
+    #[tokio::test]
+    async fn the_vote_and_the_purge_point_survive_a_power_loss() {
+        let disk = Powered::new();
+        let (db, mut store) = open_store(&disk.root);
+        for i in 1..=200u64 {
+            store
+                .wal
+                .append(i, format!("entry {i} {}", "x".repeat(60)).as_bytes())
+                .expect("append");
+        }
+        for file in store.wal.take_dirty() {
+            crate::storage::durable::sync_data(&file).expect("sync");
+        }
+        let vote = Vote::new(7, 2);
+        store.save_vote(&vote).await.expect("save vote");
+        let purged = LogId::new(openraft::CommittedLeaderId::new(7, 2), 150);
+        store.purge(purged).await.expect("purge");
+        drop(store);
+        drop(db);
+        disk.power_loss();
+        let (_db, mut store) = open_store(&disk.root);
+        assert_eq!(store.read_vote().await.expect("read vote"), Some(vote));
+        let read: Option<LogId> = store
+            .read_meta(LAST_PURGED, ErrorSubject::Logs)
+            .expect("read purge point");
+        assert_eq!(read, Some(purged));
+        assert_eq!(store.wal.bounds(), Some((151, 200)));
+    }
 
     #[test]
     fn a_dropped_store_leaves_no_thread_at_work_in_its_directory() {

@@ -12,7 +12,7 @@ pub mod snapshot_file;
 pub mod wal;
 
 #[cfg(test)]
-mod power_loss;
+pub(crate) mod power_loss;
 
 /// Drops a synced file's pages from the page cache. Zero-filling (or
 /// reading) a file in large chunks leaves it cached in large folios, and a
