@@ -207,7 +207,23 @@ where
 
 /// Servers n1..n3 of `lab` started and agreeing on a leader.
 pub async fn three_servers<'a>(lab: &'a Lab, kind: &str, t0: Instant) -> Result<Cluster<'a>> {
+    start_three(Cluster::new(lab, &run_name(kind), t0)?).await
+}
+
+/// As [`three_servers`], each server keeping the image a power loss would
+/// leave of its data dir from its first start (see
+/// [`Cluster::power_loss`]).
+pub async fn three_servers_with_power_losses<'a>(
+    lab: &'a Lab,
+    kind: &str,
+    t0: Instant,
+) -> Result<Cluster<'a>> {
     let mut cluster = Cluster::new(lab, &run_name(kind), t0)?;
+    cluster.keep_power_loss_images();
+    start_three(cluster).await
+}
+
+async fn start_three(mut cluster: Cluster<'_>) -> Result<Cluster<'_>> {
     for i in 0..3 {
         cluster.start(i)?;
     }

@@ -65,6 +65,10 @@ pub struct Node {
     pub args: Vec<String>,
     pub child: Option<Child>,
     pub paused: bool,
+    pub data_dir: PathBuf,
+    /// Where the server keeps the image a power loss would leave of its
+    /// data dir, when the cluster simulates power losses.
+    pub image_dir: Option<PathBuf>,
 }
 
 impl Node {
@@ -254,6 +258,8 @@ impl<'a> Cluster<'a> {
             args,
             child: None,
             paused: false,
+            data_dir,
+            image_dir: None,
         });
         Ok(self.nodes.len() - 1)
     }
@@ -300,11 +306,39 @@ impl<'a> Cluster<'a> {
         self.timeline.lines.push((at, what));
     }
 
+    /// From the next start on, every server keeps the image a power loss
+    /// would leave of its data dir (the registry's power-loss seam, debug
+    /// builds), so that [`Cluster::power_loss`] can put it in place.
+    pub fn keep_power_loss_images(&mut self) {
+        for node in &mut self.nodes {
+            node.image_dir = Some(self._data.path().join(format!("node{}.image", node.id)));
+        }
+    }
+
+    /// A power loss: kill -9, then everything the server had not made
+    /// durable (synced) is gone from its data dir.
+    pub async fn power_loss(&mut self, i: usize) -> Result<()> {
+        self.kill(i).await?;
+        let node = &self.nodes[i];
+        let image = node
+            .image_dir
+            .as_ref()
+            .context("power losses need keep_power_loss_images")?;
+        meshwork_registry::storage::durable::restore_image(image, &node.data_dir)
+            .with_context(|| format!("restoring the power-loss image of {}", node.host))
+    }
+
     pub fn start(&mut self, i: usize) -> Result<()> {
         let node = &mut self.nodes[i];
         if node.child.is_some() {
             bail!("{} already running", node.host);
         }
+        let image_env = node.image_dir.as_ref().map(|dir| {
+            (
+                meshwork_registry::storage::durable::IMAGE_ENV,
+                dir.display().to_string(),
+            )
+        });
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -321,6 +355,7 @@ impl<'a> Cluster<'a> {
                 std::env::var("MESHWORK_FAULTS_RUST_LOG")
                     .unwrap_or_else(|_| "warn,openraft=error,meshwork_registry=info".into()),
             )
+            .envs(image_env)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -23,7 +23,12 @@
 //!   (every tenth all three; every fourth the leader, kept down until
 //!   another server acknowledges a write: a failover sample; two cycles
 //!   later the leader, restarted at once; otherwise a random follower),
-//!   restarted on the same data; checks 3, 4, 1, 6.
+//!   restarted on the same data; a third of the cycles, and every other
+//!   all-three one, are power losses instead: the servers keep the image a
+//!   power loss would leave of their data dirs (each file as of its last
+//!   sync, each directory as of its last sync: the registry's
+//!   `storage::durable` seam, debug builds) and the cycle puts it in place
+//!   before the restart; checks 3, 4, 1, 6.
 //! - `restarted_leader_serves_no_stale_consistent_read`: the stale read the
 //!   kill -9 loop finds, on its own (loopback, no root needed).
 //!
@@ -59,7 +64,9 @@ use meshwork_tests::fault_report::{
     Findings, check_failover_target, check_linearizable, conclude, failover_from_acks,
     failover_samples, write_report,
 };
-use meshwork_tests::fault_suite::{in_lab, settle_and_compare, three_servers};
+use meshwork_tests::fault_suite::{
+    in_lab, settle_and_compare, three_servers, three_servers_with_power_losses,
+};
 use meshwork_tests::lab_cluster::{Cluster, ELECTION_TIMEOUT_MS, Node, lock_suite};
 use meshwork_tests::linearizable::{Call, Outcome};
 use meshwork_tests::workload::{self, ClientLog, Mix, Observation, Shared, SplitMix, WatchLog};
@@ -709,7 +716,11 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
     in_lab(&["n1", "n2", "n3", "client"], |lab| async move {
         let mode = mode();
         let t0 = Instant::now();
-        let mut cluster = three_servers(&lab, "kill9", t0).await?;
+        // Power losses as well as kill -9: a kill leaves the page cache to
+        // the kernel, so only a power loss shows a missing sync (the
+        // servers keep the image a power loss would leave; see
+        // `storage::durable` in the registry).
+        let mut cluster = three_servers_with_power_losses(&lab, "kill9", t0).await?;
         let mut findings = Findings::default();
         let shared = Shared::new(t0, OP_TIMEOUT)?;
         // One key per client, so each key has one sequential writer whose
@@ -755,6 +766,7 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
         let mut stalls = Vec::new();
         let (mut all_kills, mut leader_down, mut leader_restarts, mut follower_kills) =
             (0, 0, 0, 0);
+        let (mut power_losses, mut all_power_losses) = (0, 0);
         let loop_started = Instant::now();
         for cycle in 0..mode.kill_cycles {
             tokio::time::sleep(Duration::from_millis(50 + rng.below(150))).await;
@@ -783,8 +795,23 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
                     (vec![others[rng.below(others.len() as u64) as usize]], false)
                 }
             };
+            // Every other all-three cycle, and a third of the others, a
+            // power loss instead of kill -9.
+            let power = if victims.len() == 3 {
+                cycle % 20 == 19
+            } else {
+                rng.below(3) == 0
+            };
             for &v in &victims {
-                cluster.kill(v).await?;
+                if power {
+                    cluster.power_loss(v).await?;
+                } else {
+                    cluster.kill(v).await?;
+                }
+            }
+            if power {
+                power_losses += 1;
+                all_power_losses += u32::from(victims.len() == 3);
             }
             // The loss counts from when the kill is done.
             let at = cluster.now_ms();
@@ -799,7 +826,8 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
             cluster.timeline.lines.push((
                 at,
                 format!(
-                    "cycle {cycle}: kill -9 {names:?}{}; the leader was {}",
+                    "cycle {cycle}: {} {names:?}{}; the leader was {}",
+                    if power { "power loss of" } else { "kill -9" },
                     if keep_down {
                         " (kept down until a write is acknowledged)"
                     } else {
@@ -838,7 +866,7 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
         }
         let loop_took = loop_started.elapsed();
         cluster.note(format!(
-            "{} cycles in {:.1} s ({leader_down} leader kept down, {leader_restarts} leader restarted at once, {follower_kills} follower, {all_kills} all three)",
+            "{} cycles in {:.1} s ({leader_down} leader kept down, {leader_restarts} leader restarted at once, {follower_kills} follower, {all_kills} all three; {power_losses} of them power losses, {all_power_losses} of all three)",
             mode.kill_cycles,
             loop_took.as_secs_f64()
         ));
