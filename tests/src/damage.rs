@@ -44,9 +44,10 @@ pub fn changed(
     out
 }
 
-/// Copies the directory tree `from` to `to` (created).
+/// Copies the directory tree `from` to `to` (created), with the modes.
 pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to)?;
+    std::fs::set_permissions(to, std::fs::metadata(from)?.permissions())?;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         let target = to.join(entry.file_name());

@@ -168,26 +168,34 @@ impl Fixture {
                 let meta = meta.with_context(|| {
                     format!("{what}: the server started, though sled cannot open its store")
                 })?;
+                // Every acknowledged write, once the server has caught up
+                // on its log (a bounded wait: it may still be applying).
                 let mut missing = Vec::new();
-                for (key, value) in &self.acked {
-                    let got = self.cluster.get_raw(self.victim, key, "&stale").await?;
-                    if got.as_deref() != Some(value.as_str()) {
-                        missing.push(format!("{key}={got:?}"));
+                for _ in 0..100 {
+                    missing.clear();
+                    for (key, value) in &self.acked {
+                        let got = self.cluster.get_raw(self.victim, key, "&stale").await?;
+                        if got.as_deref() != Some(value.as_str()) {
+                            missing.push(format!("{key}={got:?}"));
+                        }
                     }
+                    if missing.is_empty() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 let server = &mut self.cluster.servers[self.victim];
                 server.stop().await?;
                 if !missing.is_empty() {
                     bail!("{what}: started but lost acknowledged writes: {missing:?}\n{log}");
                 }
-                // The vote (term and candidate) must be the one recorded;
-                // the committed index may lag, as after a crash (it is
-                // written unsynced: a hint for openraft); the purge point
-                // must stand (the log below it is gone).
+                // The vote (term and candidate) must be the one recorded.
+                // The committed index may lag, as after a crash (it is
+                // written unsynced: a hint for openraft), and so may the
+                // purge point (the log still holds what lies past the older
+                // one): the writes above show whether anything was lost.
                 let leader_id = |m: &RaftMeta| m.vote.as_ref().map(|v| v["leader_id"].clone());
-                if leader_id(&meta) != leader_id(&self.meta)
-                    || meta.last_purged != self.meta.last_purged
-                {
+                if leader_id(&meta) != leader_id(&self.meta) {
                     bail!(
                         "{what}: started on changed Raft metadata {meta:?}, recorded {:?}\n{log}",
                         self.meta
@@ -231,10 +239,14 @@ async fn wait_replicated(cluster: &Cluster, acked: &[(String, String)]) -> Resul
         return Ok(());
     };
     for i in 0..cluster.servers.len() {
-        wait_for("every server to hold the last write", Duration::from_secs(10), || async {
-            let got = cluster.get_raw(i, key, "&stale").await.ok()?;
-            (got.as_deref() == Some(value.as_str())).then_some(())
-        })
+        wait_for(
+            "every server to hold the last write",
+            Duration::from_secs(10),
+            || async {
+                let got = cluster.get_raw(i, key, "&stale").await.ok()?;
+                (got.as_deref() == Some(value.as_str())).then_some(())
+            },
+        )
         .await?;
     }
     Ok(())
@@ -255,7 +267,16 @@ fn damages(fixture: &Fixture, file: &str, flips: u64) -> Result<Vec<Damage>> {
         .into_iter()
         .map(Damage::Flip)
         .collect();
-    for cut in [0, 1, 8, 20, len / 3, len / 2, len.saturating_sub(4), len - 1] {
+    for cut in [
+        0,
+        1,
+        8,
+        20,
+        len / 3,
+        len / 2,
+        len.saturating_sub(4),
+        len - 1,
+    ] {
         out.push(Damage::Truncate(cut));
     }
     for page in [0, len / 2, len - 1] {
