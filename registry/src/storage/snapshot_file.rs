@@ -88,7 +88,7 @@ impl SnapshotFile {
         let meta_len = u64_at(MAGIC.len() as u64)?;
         let data_len = meta_len
             .and_then(|m| meta_at.checked_add(m))
-            .map(|at| u64_at(at))
+            .map(u64_at)
             .transpose()?
             .flatten();
         let framed = meta_len.zip(data_len).and_then(|(m, d)| {
