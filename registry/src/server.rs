@@ -561,7 +561,8 @@ async fn start_consensus(
     // servers forming a cluster with `--peers` must vote for each other.
     let withhold_votes = !log_store.has_vote() && !matches!(config.bootstrap, Bootstrap::Peers(_));
     let state_machine =
-        StateMachineStore::open(&dir.path.join("snapshot")).map_err(|e| storage_error(&e))?;
+        StateMachineStore::open(&dir.path.join(crate::storage::datadir::SNAPSHOT_DIR))
+            .map_err(|e| storage_error(&e))?;
     let shared = state_machine.shared();
 
     let raft_config = openraft::Config {

@@ -14,6 +14,7 @@
 //! fault suite). [`wait_for`] and [`eventually`] are the polling waits.
 
 pub mod apps;
+pub mod damage;
 pub mod deploy;
 pub mod fault_report;
 pub mod fault_suite;

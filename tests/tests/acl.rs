@@ -816,3 +816,91 @@ async fn a_sidecar_reaches_the_registry_over_tls_with_its_token() -> Result<()> 
     mesh.done();
     Ok(())
 }
+
+/// `dig` against server `i`'s DNS port: its whole output.
+fn dig(cluster: &Cluster, i: usize, name: &str) -> Result<String> {
+    let out = std::process::Command::new("dig")
+        .arg(format!("@{}", cluster.servers[i].ip))
+        .args(["-p", "28600", "+time=3", "+tries=1", name, "A"])
+        .output()
+        .context("run dig (install dnsutils: scripts/install-test-deps.sh)")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Under ACLs (default deny), DNS answers what `[acl.tokens] dns` may
+/// read: with no DNS token configured, a registered service does not
+/// exist (NXDOMAIN, as for any name the token may not see); with a DNS
+/// token that may read services and nodes, the same lookup answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_answers_only_what_the_dns_token_may_read() -> Result<()> {
+    let config_dir = tempfile::tempdir()?;
+    let config = config_dir.path().join("registry.toml");
+    let acl = "[acl]\nenabled = true\ndefault_policy = \"deny\"\n";
+    std::fs::write(&config, acl)?;
+    let config_arg = config.display().to_string();
+    let mut cluster = Cluster::new(1, &["--config", &config_arg])?;
+    cluster.servers[0].start(&[])?;
+    cluster.wait_leader(Duration::from_secs(20)).await?;
+    let management = bootstrap(&cluster, 0).await?;
+    let (status, body) = put(
+        &cluster,
+        0,
+        "/v1/catalog/register",
+        Some(&management),
+        json!({
+            "Node": "host1", "Address": "198.18.7.1",
+            "Service": {"Service": "web", "ID": "web-1", "Port": 8000},
+        }),
+    )
+    .await?;
+    ensure!(status == 200, "register answered {status}: {body}");
+    let (status, body) = get(&cluster, 0, "/v1/catalog/service/web", Some(&management)).await?;
+    ensure!(
+        status == 200 && body.contains("198.18.7.1"),
+        "the service is not in the catalog: {status} {body}"
+    );
+    let dns_rules = r#"
+service_prefix "" {
+  policy = "read"
+}
+node_prefix "" {
+  policy = "read"
+}
+"#;
+    let (_, dns_token) = token_with_rules(&cluster, 0, &management, "dns", dns_rules).await?;
+
+    // No DNS token: the anonymous token, which may read nothing.
+    let answer = dig(&cluster, 0, "web.service.mesh")?;
+    ensure!(
+        answer.contains("status: NXDOMAIN") && answer.contains("ANSWER: 0"),
+        "without a DNS token:\n{answer}"
+    );
+    ensure!(
+        !answer.contains("198.18.7.1"),
+        "without a DNS token:\n{answer}"
+    );
+
+    // The same lookup once the server runs with the DNS token.
+    cluster.servers[0].stop().await?;
+    std::fs::write(
+        &config,
+        format!("{acl}\n[acl.tokens]\ndns = \"{dns_token}\"\n"),
+    )?;
+    cluster.servers[0].start(&[])?;
+    cluster.wait_leader(Duration::from_secs(20)).await?;
+    let answer = wait_for(
+        "DNS to answer with the DNS token",
+        Duration::from_secs(10),
+        || async {
+            let answer = dig(&cluster, 0, "web.service.mesh").ok()?;
+            answer.contains("status: NOERROR").then_some(answer)
+        },
+    )
+    .await?;
+    ensure!(
+        answer.contains("ANSWER: 1") && answer.contains("\tA\t198.18.7.1"),
+        "with the DNS token:\n{answer}"
+    );
+    cluster.done();
+    Ok(())
+}

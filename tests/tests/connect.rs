@@ -213,8 +213,32 @@ async fn sidecars_speak_mtls_with_spiffe_identities_and_refuse_outsiders() -> Re
         .send()
         .await?;
     ensure!(r.status() == 200, "{}", r.status());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    agent_leaf(&mesh, dir, "short-lived").await?;
+    // Server 0 signs with the TTL once it has applied the change (read
+    // from its own state, not the leader's).
+    wait_for(
+        "server 0 to have applied the 2 s leaf TTL",
+        Duration::from_secs(10),
+        || async {
+            let config = mesh
+                .cluster()
+                .get_json(0, "/v1/connect/ca/configuration?stale")
+                .await?;
+            (config["Config"]["LeafCertTTL"] == "2s").then_some(())
+        },
+    )
+    .await?;
+    let leaf = agent_leaf(&mesh, dir, "short-lived").await?;
+    let valid_before = leaf["ValidBefore"]
+        .as_str()
+        .and_then(meshwork_core::timestamp::parse_rfc3339)
+        .context("ValidBefore")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64;
+    ensure!(
+        valid_before < now + 60_000_000_000,
+        "the leaf signed after the change is not short-lived: {leaf}"
+    );
     let s_client = |session: &str| {
         Command::new("sh")
             .arg("-c")

@@ -5,7 +5,8 @@
 //! Layout: `meshwork.json` (format version, node id, node UUID, cluster
 //! id), `wal/` (the Raft log's segments, [`super::wal`]), `raft/` (the sled
 //! database: vote, committed index and purge point) and `snapshot/` (the
-//! latest snapshot file).
+//! latest snapshot file). The log, the snapshot and the metadata are all
+//! judged before anything opens for writing.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,8 @@ use serde::{Deserialize, Serialize};
 const FORMAT: u32 = 1;
 const MARKER: &str = "meshwork.json";
 const RAFT_DIR: &str = "raft";
+/// The latest snapshot (see [`crate::storage::snapshot_file`]).
+pub const SNAPSHOT_DIR: &str = "snapshot";
 /// The Raft log's segments (see [`crate::storage::wal`]).
 pub const WAL_DIR: &str = "wal";
 
@@ -81,6 +84,21 @@ pub enum DataDirError {
     },
     #[error("power-loss image ({}): {source}", super::durable::IMAGE_ENV)]
     PowerLossImage { source: std::io::Error },
+    #[error("snapshot {file}: {reason}\n  {}", rebuild_hint(path))]
+    DamagedSnapshot {
+        path: PathBuf,
+        file: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "raft metadata store {store} is damaged: {reason}; nothing was changed\n  {}",
+        rebuild_hint(path)
+    )]
+    DamagedMeta {
+        path: PathBuf,
+        store: PathBuf,
+        reason: String,
+    },
     #[error("cannot read the raft log {wal}: {source}")]
     ReadLog {
         wal: PathBuf,
@@ -220,7 +238,7 @@ impl DataDir {
         // The log is judged before the metadata store opens (which writes
         // on open): a damaged log refuses with the data dir untouched.
         let wal = path.join(WAL_DIR);
-        crate::storage::wal::Wal::check(&wal).map_err(|source| {
+        let last_record = crate::storage::wal::Wal::check(&wal).map_err(|source| {
             if source.kind() == std::io::ErrorKind::InvalidData {
                 DataDirError::DamagedLog {
                     path: path.to_owned(),
@@ -234,12 +252,39 @@ impl DataDir {
                 }
             }
         })?;
-        let db = sled::Config::new()
-            .path(&raft_path)
-            .mode(sled::Mode::HighThroughput)
-            // Durability comes from explicit flushes before acknowledging;
-            // the background flusher would only add writes.
-            .flush_every_ms(None)
+        // So is the snapshot, and then the metadata store's vote against
+        // both (on a copy: see `meta_check`).
+        let snapshot = path.join(SNAPSHOT_DIR);
+        let snapshot_meta =
+            crate::storage::snapshot_file::SnapshotFile::check(&snapshot).map_err(|source| {
+                if source.kind() == std::io::ErrorKind::InvalidData {
+                    DataDirError::DamagedSnapshot {
+                        path: path.to_owned(),
+                        file: snapshot.join(crate::storage::snapshot_file::FILE),
+                        reason: source.to_string(),
+                    }
+                } else {
+                    DataDirError::Read {
+                        path: snapshot.clone(),
+                        source,
+                    }
+                }
+            })?;
+        let evidence = crate::storage::meta_check::Evidence {
+            last_record,
+            snapshot_meta,
+        };
+        crate::storage::meta_check::check(path, &raft_path, &evidence, sled_config)
+            .map_err(|source| DataDirError::Write {
+                path: path.join(crate::storage::meta_check::CHECK_DIR),
+                source,
+            })?
+            .map_err(|refusal| DataDirError::DamagedMeta {
+                path: path.to_owned(),
+                store: raft_path.clone(),
+                reason: refusal.0,
+            })?;
+        let db = sled_config(&raft_path)
             .open()
             .map_err(|e| DataDirError::Store {
                 path: raft_path.clone(),
@@ -264,6 +309,16 @@ impl DataDir {
         };
         write_atomically(&self.path.join(MARKER), &marker)
     }
+}
+
+/// How the metadata store is opened (also its copy, for the check).
+fn sled_config(path: &Path) -> sled::Config {
+    sled::Config::new()
+        .path(path)
+        .mode(sled::Mode::HighThroughput)
+        // Durability comes from explicit flushes before acknowledging;
+        // the background flusher would only add writes.
+        .flush_every_ms(None)
 }
 
 fn write_atomically(path: &Path, marker: &Marker) -> Result<(), DataDirError> {

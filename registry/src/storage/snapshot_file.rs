@@ -11,7 +11,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"MWSNAP1\n";
-const FILE: &str = "snapshot.bin";
+/// The snapshot file's name in its directory.
+pub const FILE: &str = "snapshot.bin";
 
 use meshwork_core::frame::decode_frame;
 
@@ -46,6 +47,87 @@ impl SnapshotFile {
                 format!("{} is corrupt: {why}", path.display()),
             )
         })
+    }
+
+    /// Judges the snapshot in `dir` without writing anything (nor holding
+    /// it in memory): `Err` (`InvalidData`, naming the file) when it is
+    /// damaged, else its metadata, if there is a snapshot. Run before
+    /// anything in the data dir is opened for writing, so that a damaged
+    /// snapshot refuses the start with every byte unchanged.
+    pub fn check(dir: &Path) -> io::Result<Option<Vec<u8>>> {
+        let path = dir.join(FILE);
+        let file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let damaged = |why: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is corrupt: {why}", path.display()),
+            )
+        };
+        let len = file.metadata()?.len();
+        let u64_at = |at: u64| -> io::Result<Option<u64>> {
+            let mut bytes = [0u8; 8];
+            if at.checked_add(8).is_none_or(|end| end > len) {
+                return Ok(None);
+            }
+            file.read_exact_at(&mut bytes, at)?;
+            Ok(Some(u64::from_be_bytes(bytes)))
+        };
+        let mut magic = [0u8; MAGIC.len()];
+        if len < MAGIC.len() as u64 || {
+            file.read_exact_at(&mut magic, 0)?;
+            &magic != MAGIC
+        } {
+            return Err(damaged("not a snapshot of this kind (bad magic)"));
+        }
+        // The layout must add up to the file's length exactly.
+        let meta_at = MAGIC.len() as u64 + 8;
+        let meta_len = u64_at(MAGIC.len() as u64)?;
+        let data_len = meta_len
+            .and_then(|m| meta_at.checked_add(m))
+            .map(u64_at)
+            .transpose()?
+            .flatten();
+        let framed = meta_len.zip(data_len).and_then(|(m, d)| {
+            meta_at
+                .checked_add(m)?
+                .checked_add(8)?
+                .checked_add(d)?
+                .checked_add(4)
+        });
+        let crc_at = len.saturating_sub(4);
+        let mut crc = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < crc_at {
+            let n = (crc_at - at).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], at)?;
+            crc.update(&buf[..n]);
+            at += n as u64;
+        }
+        let mut stored = [0u8; 4];
+        if len >= 4 {
+            file.read_exact_at(&mut stored, crc_at)?;
+        }
+        if len < meta_at + 8 + 4 || crc.finalize() != u32::from_be_bytes(stored) {
+            return Err(damaged(if framed.is_some_and(|f| f <= len) {
+                "checksum mismatch"
+            } else {
+                "truncated"
+            }));
+        }
+        match (framed, meta_len) {
+            (Some(f), Some(m)) if f == len => {
+                let mut meta = vec![0u8; m as usize];
+                file.read_exact_at(&mut meta, meta_at)?;
+                Ok(Some(meta))
+            }
+            (Some(f), _) if f < len => Err(damaged("trailing bytes after the data")),
+            _ => Err(damaged("truncated")),
+        }
     }
 
     /// Replaces the stored snapshot, durably.
@@ -165,6 +247,43 @@ mod tests {
         assert!(file.read().is_err());
         std::fs::write(&path, b"short").expect("write");
         assert!(file.read().is_err());
+    }
+
+    #[test]
+    fn the_check_refuses_exactly_what_a_read_refuses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = SnapshotFile::new(dir.path()).expect("new");
+        assert!(SnapshotFile::check(dir.path()).expect("check").is_none());
+        file.write(b"{\"m\":3}", &[7u8; 300]).expect("write");
+        assert_eq!(
+            SnapshotFile::check(dir.path()).expect("check").as_deref(),
+            Some(&b"{\"m\":3}"[..])
+        );
+        let path = dir.path().join(FILE);
+        let good = std::fs::read(&path).expect("bytes");
+        let mut damaged: Vec<Vec<u8>> = Vec::new();
+        for at in 0..good.len() {
+            let mut bytes = good.clone();
+            bytes[at] ^= 0x20;
+            damaged.push(bytes);
+        }
+        for len in 0..good.len() {
+            damaged.push(good[..len].to_vec());
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        damaged.push(longer);
+        for bytes in damaged {
+            std::fs::write(&path, &bytes).expect("write");
+            let err = SnapshotFile::check(dir.path()).expect_err("damage passed the check");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            let read = file.read().expect_err("damage passed the read");
+            assert!(err.to_string().contains("snapshot.bin is corrupt"), "{err}");
+            // The same words for the same damage, but for which of
+            // "truncated" and "checksum mismatch" a cut file gets.
+            let kind = |e: &io::Error| e.to_string().contains("bad magic");
+            assert_eq!(kind(&err), kind(&read), "{err} / {read}");
+        }
     }
 
     #[test]

@@ -407,12 +407,28 @@ impl Wal {
     /// metadata store, which writes on open): `Err` when it is damaged
     /// beyond a torn tail, by the proofs that need no metadata (a later
     /// segment, or a valid record after the damage). A missing directory
-    /// is an empty log.
-    pub fn check(dir: &Path) -> std::io::Result<()> {
+    /// is an empty log. Returns the log's last record (index, payload),
+    /// for the checks of the metadata against the log.
+    pub fn check(dir: &Path) -> std::io::Result<Option<(u64, Vec<u8>)>> {
         if !dir.exists() {
-            return Ok(());
+            return Ok(None);
         }
-        judge(dir, None, None).map(drop)
+        let judged = judge(dir, None, None)?;
+        let last = judged
+            .segments
+            .iter()
+            .rev()
+            .find_map(|(_, _, file, scanned)| {
+                let (index, pos) = scanned.records.last()?;
+                Some((file, *index, *pos))
+            });
+        let Some((file, index, pos)) = last else {
+            return Ok(None);
+        };
+        // Its checksum was verified by the scan.
+        let mut payload = vec![0u8; pos.len as usize];
+        file.read_exact_at(&mut payload, pos.offset + HEADER as u64)?;
+        Ok(Some((index, payload)))
     }
 
     /// Opens (creating if needed) the log in `dir`. Records at or below
