@@ -5,6 +5,7 @@
 //! - [`health`]: check status and definitions as the catalog keeps them,
 //!   and one run of an HTTP or TCP probe;
 //! - [`duration`]: Go-style durations as Consul writes them;
+//! - [`filter`]: Consul's filter expressions (service-resolver subsets);
 //! - [`config_file`]: config-file errors, one line each with its line;
 //! - [`backoff`]: the retry delays of every reconnect and retry loop;
 //! - [`log_level`]: log filters within what the build compiled in;
@@ -23,6 +24,7 @@ pub mod backoff;
 pub mod backup;
 pub mod config_file;
 pub mod duration;
+pub mod filter;
 pub mod frame;
 pub mod health;
 pub mod http_path;
