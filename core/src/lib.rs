@@ -6,6 +6,8 @@
 //!   and one run of an HTTP or TCP probe;
 //! - [`duration`]: Go-style durations as Consul writes them;
 //! - [`filter`]: Consul's filter expressions (service-resolver subsets);
+//! - [`chain`]: Consul's discovery chain (router, splitter, resolver)
+//!   compiled per called service;
 //! - [`config_file`]: config-file errors, one line each with its line;
 //! - [`backoff`]: the retry delays of every reconnect and retry loop;
 //! - [`log_level`]: log filters within what the build compiled in;
@@ -22,6 +24,7 @@
 
 pub mod backoff;
 pub mod backup;
+pub mod chain;
 pub mod config_file;
 pub mod duration;
 pub mod filter;

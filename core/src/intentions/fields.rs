@@ -26,7 +26,7 @@ fn same_field(key: &str, canonical: &str) -> bool {
     }
 }
 
-pub(super) fn join(path: &str, field: &str) -> String {
+pub(crate) fn join(path: &str, field: &str) -> String {
     if path.is_empty() {
         field.to_owned()
     } else {
@@ -36,7 +36,7 @@ pub(super) fn join(path: &str, field: &str) -> String {
 
 /// The fields of `object`, in the order of `known`; unknown and doubled
 /// fields are errors, `null` counts as absent.
-pub(super) fn fields<'v, const N: usize>(
+pub(crate) fn fields<'v, const N: usize>(
     object: &'v Map<String, Value>,
     known: &'static [&'static str; N],
     path: &str,
@@ -69,7 +69,7 @@ pub(super) fn fields<'v, const N: usize>(
     Ok(found.map(|f| f.map(|(_, v)| v)))
 }
 
-pub(super) fn string<'v>(
+pub(crate) fn string<'v>(
     value: Option<&'v Value>,
     path: &str,
 ) -> Result<Option<&'v str>, IntentionError> {
@@ -81,14 +81,14 @@ pub(super) fn string<'v>(
 }
 
 /// A string where `""` means absent, as Go's zero value does.
-pub(super) fn nonempty_string<'v>(
+pub(crate) fn nonempty_string<'v>(
     value: Option<&'v Value>,
     path: &str,
 ) -> Result<Option<&'v str>, IntentionError> {
     Ok(string(value, path)?.filter(|s| !s.is_empty()))
 }
 
-pub(super) fn boolean(value: Option<&Value>, path: &str) -> Result<bool, IntentionError> {
+pub(crate) fn boolean(value: Option<&Value>, path: &str) -> Result<bool, IntentionError> {
     match value {
         None => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
@@ -99,7 +99,7 @@ pub(super) fn boolean(value: Option<&Value>, path: &str) -> Result<bool, Intenti
     }
 }
 
-pub(super) fn array<'v>(
+pub(crate) fn array<'v>(
     value: Option<&'v Value>,
     path: &str,
 ) -> Result<&'v [Value], IntentionError> {
@@ -110,7 +110,7 @@ pub(super) fn array<'v>(
     }
 }
 
-pub(super) fn object<'v>(
+pub(crate) fn object<'v>(
     value: &'v Value,
     path: &str,
 ) -> Result<&'v Map<String, Value>, IntentionError> {
@@ -121,7 +121,7 @@ pub(super) fn object<'v>(
 
 /// Null, `{}`, `[]`, or objects and lists of nothing else: a field given
 /// but saying nothing (`"JWT": {"Providers": []}`).
-pub(super) fn says_nothing(value: &Value) -> bool {
+pub(crate) fn says_nothing(value: &Value) -> bool {
     match value {
         Value::Null => true,
         Value::Object(map) => map.values().all(says_nothing),
@@ -130,7 +130,7 @@ pub(super) fn says_nothing(value: &Value) -> bool {
     }
 }
 
-pub(super) fn action(value: Option<&Value>, path: &str) -> Result<Option<Action>, IntentionError> {
+pub(crate) fn action(value: Option<&Value>, path: &str) -> Result<Option<Action>, IntentionError> {
     match nonempty_string(value, path)? {
         None => Ok(None),
         Some("allow") => Ok(Some(Action::Allow)),

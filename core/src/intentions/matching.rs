@@ -45,7 +45,7 @@ fn regex_error(error: regex::Error, path: &str) -> IntentionError {
     }
 }
 
-pub(super) fn path_regex(pattern: &str, path: &str) -> Result<regex::Regex, IntentionError> {
+pub(crate) fn path_regex(pattern: &str, path: &str) -> Result<regex::Regex, IntentionError> {
     regex::RegexBuilder::new(&anchored(pattern, path)?)
         .size_limit(REGEX_SIZE_LIMIT)
         .dfa_size_limit(REGEX_DFA_LIMIT)
@@ -53,7 +53,7 @@ pub(super) fn path_regex(pattern: &str, path: &str) -> Result<regex::Regex, Inte
         .map_err(|e| regex_error(e, path))
 }
 
-pub(super) fn header_regex(
+pub(crate) fn header_regex(
     pattern: &str,
     path: &str,
 ) -> Result<regex::bytes::Regex, IntentionError> {
@@ -66,7 +66,7 @@ pub(super) fn header_regex(
 
 /// One L7 permission, ready to match.
 #[derive(Debug)]
-pub(super) struct Permission {
+pub(crate) struct Permission {
     pub(super) action: Action,
     /// Upper-case (Consul upper-cases on write); empty = any method.
     pub(super) methods: Box<[Box<str>]>,
@@ -109,7 +109,7 @@ pub(super) enum HeaderTest {
 }
 
 impl Permission {
-    pub(super) fn matches<H: HeaderValues + ?Sized>(&self, request: &Request<'_, H>) -> bool {
+    pub(crate) fn matches<H: HeaderValues + ?Sized>(&self, request: &Request<'_, H>) -> bool {
         if !self.methods.is_empty() && !self.methods.iter().any(|m| **m == *request.method) {
             return false;
         }

@@ -107,10 +107,10 @@
 
 mod entry;
 mod error;
-mod fields;
+pub(crate) mod fields;
 mod listing;
-mod matching;
-mod permission;
+pub(crate) mod matching;
+pub(crate) mod permission;
 mod set;
 #[cfg(test)]
 mod test_support;

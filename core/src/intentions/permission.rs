@@ -24,7 +24,7 @@ const HEADER_FIELDS: [&str; 8] = [
     "Name", "Present", "Exact", "Prefix", "Suffix", "Contains", "Regex", "Invert",
 ];
 
-pub(super) fn parse_permission(
+pub(crate) fn parse_permission(
     permission: &Map<String, Value>,
     path: &str,
 ) -> Result<Permission, IntentionError> {

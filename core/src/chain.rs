@@ -1,0 +1,995 @@
+//! Consul's discovery chain, compiled: what `service-router`,
+//! `service-splitter` and `service-resolver` entries make of the calls to
+//! one service. A request goes router → splitter → resolver → subset →
+//! endpoints; the compiled [`Chain`] answers the first three steps without
+//! allocating ([`Chain::route`], [`Destination::pick`]) and lists the
+//! targets (a service, optionally a subset of its instances by filter)
+//! whose endpoints the caller keeps.
+//!
+//! Semantics, as Consul's compiler has them:
+//! - routes are tried in order, the first match wins; a route without a
+//!   match takes everything; after the routes comes the default route to
+//!   the service itself;
+//! - a destination (route or default) with a `ServiceSubset` goes straight
+//!   to that service's resolver; without one it goes to the service's
+//!   splitter when it has one (splits to another service with its own
+//!   splitter are flattened, weights multiplied), else to its resolver;
+//! - a resolver `Redirect` sends the service elsewhere (loops refused); a
+//!   subset left out is the resolver's `DefaultSubset`; a named subset must
+//!   exist; `Failover` (by subset, or `*`) lists the targets tried, in
+//!   order, when a target has no healthy endpoint;
+//! - split weights are percentages with two decimals and add up to 100.
+//!
+//! Owns: reading the three kinds and deciding per request. Does not touch:
+//! endpoints, health, sending (the sidecar), storage (the registry, which
+//! calls [`validate_entry`] on write).
+
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::filter::Filter;
+use crate::intentions::HeaderValues;
+use crate::intentions::fields::{array, boolean, fields, join, nonempty_string, object};
+use crate::intentions::matching::Permission;
+use crate::intentions::permission::parse_permission;
+
+/// Redirects and nested splitters followed at most this deep.
+const MAX_DEPTH: usize = 8;
+/// Split weights in units of 0.01 %.
+const WHOLE: u32 = 10_000;
+
+/// The config entries a chain is compiled from, by kind and name.
+pub trait Entries {
+    fn entry(&self, kind: &str, name: &str) -> Option<&Map<String, Value>>;
+}
+
+/// The compiled chain for calls to one service.
+#[derive(Debug)]
+pub struct Chain {
+    pub service: String,
+    routes: Vec<Route>,
+    default: Destination,
+    /// Every target any destination or failover names, each once.
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug)]
+struct Route {
+    http: Option<Permission>,
+    query: Vec<QueryMatch>,
+    dest: Destination,
+}
+
+#[derive(Debug)]
+struct QueryMatch {
+    name: String,
+    test: QueryTest,
+}
+
+#[derive(Debug)]
+enum QueryTest {
+    Present,
+    Exact(String),
+    Regex(regex::Regex),
+}
+
+/// Where a route (or the default) sends a request, and how.
+#[derive(Debug, Default)]
+pub struct Destination {
+    /// Cumulative: a roll below `upto` (of 10,000) picks that split.
+    pub splits: Vec<Split>,
+    pub prefix_rewrite: Option<String>,
+    pub request_timeout: Option<Duration>,
+    pub num_retries: Option<u32>,
+    pub retry_on_connect_failure: bool,
+    pub retry_on_status_codes: Vec<u16>,
+    pub request_headers: HeaderMods,
+    pub response_headers: HeaderMods,
+}
+
+/// One weighted share of a destination.
+#[derive(Debug)]
+pub struct Split {
+    pub upto: u32,
+    /// Index into [`Chain::targets`].
+    pub target: usize,
+    pub request_headers: HeaderMods,
+    pub response_headers: HeaderMods,
+}
+
+/// `RequestHeaders` / `ResponseHeaders`: Add, Set, Remove.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HeaderMods {
+    pub add: Vec<(String, String)>,
+    pub set: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+impl HeaderMods {
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.set.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// A service, or a subset of its instances.
+#[derive(Debug)]
+pub struct Target {
+    /// `<subset>.<service>` or `<service>`, as Consul names targets.
+    pub id: String,
+    pub service: String,
+    pub subset: Option<String>,
+    pub filter: Option<Filter>,
+    pub only_passing: bool,
+    /// Indexes into [`Chain::targets`], tried in order when this target
+    /// has no healthy endpoint.
+    pub failover: Vec<usize>,
+    pub connect_timeout: Option<Duration>,
+    pub request_timeout: Option<Duration>,
+}
+
+impl Chain {
+    /// Compiles the chain for calls to `service`. Errors name the entry
+    /// and field.
+    pub fn compile(service: &str, entries: &dyn Entries) -> Result<Self, String> {
+        let mut compiler = Compiler {
+            entries,
+            targets: Vec::new(),
+        };
+        let mut routes = Vec::new();
+        if let Some(router) = entries.entry("service-router", service) {
+            let path = format!("service-router {service:?}");
+            let [routes_field] = fields(router, &["Routes"], &path).map_err(|e| e.to_string())?;
+            for (i, route) in array(routes_field, &join(&path, "Routes"))
+                .map_err(|e| e.to_string())?
+                .iter()
+                .enumerate()
+            {
+                let at = format!("{path}.Routes[{i}]");
+                routes.push(compiler.route(service, route, &at)?);
+            }
+        }
+        let default = Destination {
+            splits: compiler.splits(service, 0)?,
+            ..Destination::default()
+        };
+        Ok(Self {
+            service: service.to_owned(),
+            routes,
+            default,
+            targets: compiler.targets,
+        })
+    }
+
+    /// Whether no entry changes anything: every request goes to the whole
+    /// service.
+    pub fn is_plain(&self) -> bool {
+        self.routes.is_empty()
+            && self.targets.len() == 1
+            && self.targets[0].service == self.service
+            && self.targets[0].subset.is_none()
+            && self.targets[0].failover.is_empty()
+    }
+
+    /// The destination of a request: the first route that matches, else
+    /// the default. `query` is the raw query string, if any.
+    pub fn route<H: HeaderValues + ?Sized>(
+        &self,
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+        headers: &H,
+    ) -> (Option<usize>, &Destination) {
+        let request = crate::intentions::Request::new(method, path, headers);
+        for (i, route) in self.routes.iter().enumerate() {
+            if route.http.as_ref().is_none_or(|p| p.matches(&request))
+                && route.query.iter().all(|q| q.matches(query))
+            {
+                return (Some(i), &route.dest);
+            }
+        }
+        (None, &self.default)
+    }
+}
+
+impl Destination {
+    /// The split a roll in `0..10_000` lands on.
+    pub fn pick(&self, roll: u32) -> &Split {
+        let roll = roll % WHOLE;
+        self.splits
+            .iter()
+            .find(|s| roll < s.upto)
+            .or(self.splits.last())
+            .expect("a destination has at least one split")
+    }
+}
+
+impl QueryMatch {
+    fn matches(&self, query: Option<&str>) -> bool {
+        let value = query.and_then(|q| {
+            q.split('&').find_map(|pair| {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (name == self.name).then_some(value)
+            })
+        });
+        match (&self.test, value) {
+            (_, None) => false,
+            (QueryTest::Present, Some(_)) => true,
+            (QueryTest::Exact(want), Some(v)) => v == want,
+            (QueryTest::Regex(r), Some(v)) => r.is_match(v),
+        }
+    }
+}
+
+struct Compiler<'e> {
+    entries: &'e dyn Entries,
+    targets: Vec<Target>,
+}
+
+fn text(e: crate::intentions::IntentionError) -> String {
+    e.to_string()
+}
+
+fn duration(value: Option<&Value>, path: &str) -> Result<Option<Duration>, String> {
+    match nonempty_string(value, path).map_err(text)? {
+        None => Ok(None),
+        Some(s) => crate::duration::parse_duration(s)
+            .map(Some)
+            .ok_or_else(|| format!("{path}: {s:?} is not a duration (e.g. \"5s\", \"250ms\")")),
+    }
+}
+
+fn header_mods(value: Option<&Value>, path: &str) -> Result<HeaderMods, String> {
+    let Some(value) = value else {
+        return Ok(HeaderMods::default());
+    };
+    let object = object(value, path).map_err(text)?;
+    let [add, set, remove] = fields(object, &["Add", "Set", "Remove"], path).map_err(text)?;
+    let pairs = |value: Option<&Value>, at: &str| -> Result<Vec<(String, String)>, String> {
+        let Some(value) = value else {
+            return Ok(Vec::new());
+        };
+        let map = value
+            .as_object()
+            .ok_or_else(|| format!("{at}: must be an object of header names to values"))?;
+        map.iter()
+            .map(|(k, v)| match v.as_str() {
+                Some(v) => Ok((k.to_ascii_lowercase(), v.to_owned())),
+                None => Err(format!("{at}.{k}: must be a string")),
+            })
+            .collect()
+    };
+    let remove = array(remove, &join(path, "Remove"))
+        .map_err(text)?
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .map(str::to_ascii_lowercase)
+                .ok_or_else(|| format!("{path}.Remove: must be a list of header names"))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(HeaderMods {
+        add: pairs(add, &join(path, "Add"))?,
+        set: pairs(set, &join(path, "Set"))?,
+        remove,
+    })
+}
+
+impl Compiler<'_> {
+    fn route(&mut self, service: &str, route: &Value, at: &str) -> Result<Route, String> {
+        let route = object(route, at).map_err(text)?;
+        let [matching, destination] = fields(route, &["Match", "Destination"], at).map_err(text)?;
+        let (http, query) = match matching {
+            None => (None, Vec::new()),
+            Some(m) => {
+                let m_path = join(at, "Match");
+                let [http] =
+                    fields(object(m, &m_path).map_err(text)?, &["HTTP"], &m_path).map_err(text)?;
+                match http {
+                    None => (None, Vec::new()),
+                    Some(http) => self.http_match(http, &join(&m_path, "HTTP"))?,
+                }
+            }
+        };
+        let dest = match destination {
+            None => Destination {
+                splits: self.splits(service, 0)?,
+                ..Destination::default()
+            },
+            Some(d) => self.destination(service, d, &join(at, "Destination"))?,
+        };
+        Ok(Route { http, query, dest })
+    }
+
+    fn http_match(
+        &mut self,
+        http: &Value,
+        at: &str,
+    ) -> Result<(Option<Permission>, Vec<QueryMatch>), String> {
+        let mut http = object(http, at).map_err(text)?.clone();
+        // QueryParam is the router's own; the rest reads as an L7
+        // intention's HTTP block (the same matchers, Envoy's).
+        let query_key = http
+            .keys()
+            .find(|k| k.replace(['_', '-'], "").eq_ignore_ascii_case("queryparam"))
+            .cloned();
+        let query_value = query_key.and_then(|k| http.remove(&k));
+        let mut query = Vec::new();
+        for (i, q) in array(query_value.as_ref(), &join(at, "QueryParam"))
+            .map_err(text)?
+            .iter()
+            .enumerate()
+        {
+            let q_at = format!("{at}.QueryParam[{i}]");
+            let q = object(q, &q_at).map_err(text)?;
+            let [name, present, exact, regex] =
+                fields(q, &["Name", "Present", "Exact", "Regex"], &q_at).map_err(text)?;
+            let name = nonempty_string(name, &join(&q_at, "Name"))
+                .map_err(text)?
+                .ok_or_else(|| format!("{q_at}.Name: must be set"))?;
+            let present = boolean(present, &join(&q_at, "Present")).map_err(text)?;
+            let exact = nonempty_string(exact, &join(&q_at, "Exact")).map_err(text)?;
+            let regex = nonempty_string(regex, &join(&q_at, "Regex")).map_err(text)?;
+            let test = match (present, exact, regex) {
+                (true, None, None) => QueryTest::Present,
+                (false, Some(e), None) => QueryTest::Exact(e.to_owned()),
+                (false, None, Some(r)) => QueryTest::Regex(
+                    regex::Regex::new(&format!(r"\A(?:{r})\z"))
+                        .map_err(|e| format!("{q_at}.Regex: {e}"))?,
+                ),
+                _ => {
+                    return Err(format!(
+                        "{q_at}: set exactly one of Present, Exact or Regex"
+                    ));
+                }
+            };
+            query.push(QueryMatch {
+                name: name.to_owned(),
+                test,
+            });
+        }
+        let says_something = http
+            .values()
+            .any(|v| !crate::intentions::fields::says_nothing(v));
+        let permission = if says_something {
+            let mut wrapped = Map::new();
+            wrapped.insert("Action".into(), Value::String("allow".into()));
+            wrapped.insert("HTTP".into(), Value::Object(http));
+            let parsed = parse_permission(&wrapped, at).map_err(text)?;
+            Some(parsed)
+        } else {
+            None
+        };
+        Ok((permission, query))
+    }
+
+    fn destination(&mut self, service: &str, d: &Value, at: &str) -> Result<Destination, String> {
+        const FIELDS: [&str; 12] = [
+            "Service",
+            "ServiceSubset",
+            "Namespace",
+            "Partition",
+            "PrefixRewrite",
+            "RequestTimeout",
+            "IdleTimeout",
+            "NumRetries",
+            "RetryOnConnectFailure",
+            "RetryOnStatusCodes",
+            "RequestHeaders",
+            "ResponseHeaders",
+        ];
+        let d = object(d, at).map_err(text)?;
+        // RetryOn (Envoy's retry conditions) is read but not used yet.
+        let mut d = d.clone();
+        d.retain(|k, _| !k.eq_ignore_ascii_case("retryon"));
+        let [
+            svc,
+            subset,
+            _,
+            _,
+            rewrite,
+            timeout,
+            _,
+            retries,
+            on_connect,
+            codes,
+            req,
+            resp,
+        ] = fields(&d, &FIELDS, at).map_err(text)?;
+        let target_service = nonempty_string(svc, &join(at, "Service"))
+            .map_err(text)?
+            .unwrap_or(service)
+            .to_owned();
+        let subset = nonempty_string(subset, &join(at, "ServiceSubset")).map_err(text)?;
+        let splits = match subset {
+            Some(subset) => vec![Split {
+                upto: WHOLE,
+                target: self.target(&target_service, Some(subset), 0)?,
+                request_headers: HeaderMods::default(),
+                response_headers: HeaderMods::default(),
+            }],
+            None => self.splits(&target_service, 0)?,
+        };
+        let num_retries = match retries {
+            None => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| format!("{at}.NumRetries: must be a whole number"))?,
+            ),
+        };
+        let retry_on_status_codes = array(codes, &join(at, "RetryOnStatusCodes"))
+            .map_err(text)?
+            .iter()
+            .map(|c| {
+                c.as_u64()
+                    .and_then(|n| u16::try_from(n).ok())
+                    .filter(|n| (100..600).contains(n))
+                    .ok_or_else(|| format!("{at}.RetryOnStatusCodes: {c} is not an HTTP status"))
+            })
+            .collect::<Result<_, _>>()?;
+        let prefix_rewrite = nonempty_string(rewrite, &join(at, "PrefixRewrite"))
+            .map_err(text)?
+            .map(str::to_owned);
+        Ok(Destination {
+            splits,
+            prefix_rewrite,
+            request_timeout: duration(timeout, &join(at, "RequestTimeout"))?,
+            num_retries,
+            retry_on_connect_failure: boolean(on_connect, &join(at, "RetryOnConnectFailure"))
+                .map_err(text)?,
+            retry_on_status_codes,
+            request_headers: header_mods(req, &join(at, "RequestHeaders"))?,
+            response_headers: header_mods(resp, &join(at, "ResponseHeaders"))?,
+        })
+    }
+
+    /// The splits of calls to `service` without a subset: its splitter's,
+    /// flattened, or all to its resolver.
+    fn splits(&mut self, service: &str, depth: usize) -> Result<Vec<Split>, String> {
+        if depth > MAX_DEPTH {
+            return Err(format!(
+                "service-splitter {service:?}: splitters nest more than {MAX_DEPTH} deep (a loop?)"
+            ));
+        }
+        let Some(splitter) = self.entries.entry("service-splitter", service) else {
+            return Ok(vec![Split {
+                upto: WHOLE,
+                target: self.target(service, None, 0)?,
+                request_headers: HeaderMods::default(),
+                response_headers: HeaderMods::default(),
+            }]);
+        };
+        let at = format!("service-splitter {service:?}");
+        let [splits] = fields(splitter, &["Splits"], &at).map_err(text)?;
+        let splits = array(splits, &join(&at, "Splits")).map_err(text)?;
+        if splits.is_empty() {
+            return Err(format!("{at}.Splits: must have at least one split"));
+        }
+        let mut out = Vec::new();
+        let mut total = 0u32;
+        for (i, split) in splits.iter().enumerate() {
+            let s_at = format!("{at}.Splits[{i}]");
+            let split = object(split, &s_at).map_err(text)?;
+            let [weight, svc, subset, _, _, req, resp] = fields(
+                split,
+                &[
+                    "Weight",
+                    "Service",
+                    "ServiceSubset",
+                    "Namespace",
+                    "Partition",
+                    "RequestHeaders",
+                    "ResponseHeaders",
+                ],
+                &s_at,
+            )
+            .map_err(text)?;
+            let weight = weight
+                .and_then(Value::as_f64)
+                .filter(|w| (0.0..=100.0).contains(w))
+                .ok_or_else(|| format!("{s_at}.Weight: must be a number from 0 to 100"))?;
+            let units = (weight * 100.0).round() as u32;
+            if (f64::from(units) - weight * 100.0).abs() > 1e-6 {
+                return Err(format!(
+                    "{s_at}.Weight: {weight} has more than two decimals (0.01 % is the finest split)"
+                ));
+            }
+            let target_service = nonempty_string(svc, &join(&s_at, "Service"))
+                .map_err(text)?
+                .unwrap_or(service)
+                .to_owned();
+            let subset = nonempty_string(subset, &join(&s_at, "ServiceSubset")).map_err(text)?;
+            let request_headers = header_mods(req, &join(&s_at, "RequestHeaders"))?;
+            let response_headers = header_mods(resp, &join(&s_at, "ResponseHeaders"))?;
+            if units == 0 {
+                // Still checked above; takes no traffic.
+                if subset.is_some() || target_service != service {
+                    self.target(&target_service, subset, 0)?;
+                }
+                continue;
+            }
+            let nested = subset.is_none()
+                && target_service != service
+                && self
+                    .entries
+                    .entry("service-splitter", &target_service)
+                    .is_some();
+            if nested {
+                let inner = self.splits(&target_service, depth + 1)?;
+                let mut before = 0u32;
+                for s in inner {
+                    let share = (s.upto - before) * units / WHOLE;
+                    before = s.upto;
+                    total += share;
+                    out.push(Split {
+                        upto: total,
+                        target: s.target,
+                        request_headers: merge(&request_headers, &s.request_headers),
+                        response_headers: merge(&response_headers, &s.response_headers),
+                    });
+                }
+            } else {
+                total += units;
+                out.push(Split {
+                    upto: total,
+                    target: self.target(&target_service, subset, 0)?,
+                    request_headers,
+                    response_headers,
+                });
+            }
+        }
+        if depth == 0 && total != WHOLE {
+            return Err(format!(
+                "{at}.Splits: the weights add up to {}, not 100",
+                f64::from(total) / 100.0
+            ));
+        }
+        if let Some(last) = out.last_mut()
+            && depth == 0
+        {
+            last.upto = WHOLE;
+        }
+        Ok(out)
+    }
+
+    /// The target for `service` (and subset), through its resolver's
+    /// redirect and default subset; added to the list once.
+    fn target(
+        &mut self,
+        service: &str,
+        subset: Option<&str>,
+        depth: usize,
+    ) -> Result<usize, String> {
+        self.resolve(service, subset, depth, true)
+    }
+
+    fn resolve(
+        &mut self,
+        service: &str,
+        subset: Option<&str>,
+        depth: usize,
+        with_failover: bool,
+    ) -> Result<usize, String> {
+        if depth > MAX_DEPTH {
+            return Err(format!(
+                "service-resolver {service:?}: redirects go more than {MAX_DEPTH} deep (a loop?)"
+            ));
+        }
+        let resolver = self.entries.entry("service-resolver", service);
+        let at = format!("service-resolver {service:?}");
+        const FIELDS: [&str; 8] = [
+            "DefaultSubset",
+            "Subsets",
+            "Redirect",
+            "Failover",
+            "ConnectTimeout",
+            "RequestTimeout",
+            "LoadBalancer",
+            "PrioritizeByLocality",
+        ];
+        let [
+            default_subset,
+            subsets,
+            redirect,
+            failover,
+            connect,
+            request,
+            _,
+            _,
+        ] = match resolver {
+            Some(r) => fields(r, &FIELDS, &at).map_err(text)?,
+            None => [None; 8],
+        };
+        if let Some(redirect) = redirect {
+            let r_at = join(&at, "Redirect");
+            let r = object(redirect, &r_at).map_err(text)?;
+            let [svc, r_subset, _, _, _, _] = fields(
+                r,
+                &[
+                    "Service",
+                    "ServiceSubset",
+                    "Namespace",
+                    "Partition",
+                    "Datacenter",
+                    "Peer",
+                ],
+                &r_at,
+            )
+            .map_err(text)?;
+            let to = nonempty_string(svc, &join(&r_at, "Service"))
+                .map_err(text)?
+                .unwrap_or(service)
+                .to_owned();
+            let to_subset = nonempty_string(r_subset, &join(&r_at, "ServiceSubset"))
+                .map_err(text)?
+                .map(str::to_owned);
+            if to == service && to_subset.is_none() {
+                return Err(format!("{r_at}: redirects {service:?} to itself"));
+            }
+            return self.resolve(&to, to_subset.as_deref(), depth + 1, with_failover);
+        }
+        let subset = subset.map(str::to_owned).or(nonempty_string(
+            default_subset,
+            &join(&at, "DefaultSubset"),
+        )
+        .map_err(text)?
+        .map(str::to_owned));
+        let (filter, only_passing) = match &subset {
+            None => (None, false),
+            Some(name) => {
+                let s_at = join(&at, "Subsets");
+                let found = subsets
+                    .and_then(Value::as_object)
+                    .and_then(|m| m.get(name))
+                    .ok_or_else(|| format!("{s_at}: no subset {name:?} (named by a route, split, redirect, failover or DefaultSubset)"))?;
+                let s_at = format!("{s_at}.{name}");
+                let found = object(found, &s_at).map_err(text)?;
+                let [filter, only_passing] =
+                    fields(found, &["Filter", "OnlyPassing"], &s_at).map_err(text)?;
+                let filter = nonempty_string(filter, &join(&s_at, "Filter"))
+                    .map_err(text)?
+                    .map(|f| Filter::parse(f).map_err(|e| format!("{s_at}.Filter: {e}")))
+                    .transpose()?;
+                (
+                    filter,
+                    boolean(only_passing, &join(&s_at, "OnlyPassing")).map_err(text)?,
+                )
+            }
+        };
+        let id = match &subset {
+            Some(s) => format!("{s}.{service}"),
+            None => service.to_owned(),
+        };
+        if let Some(existing) = self.targets.iter().position(|t| t.id == id) {
+            return Ok(existing);
+        }
+        let index = self.targets.len();
+        self.targets.push(Target {
+            id,
+            service: service.to_owned(),
+            subset: subset.clone(),
+            filter,
+            only_passing,
+            failover: Vec::new(),
+            connect_timeout: duration(connect, &join(&at, "ConnectTimeout"))?,
+            request_timeout: duration(request, &join(&at, "RequestTimeout"))?,
+        });
+        if with_failover && let Some(failover) = failover {
+            let f_at = join(&at, "Failover");
+            let map = failover.as_object().ok_or_else(|| {
+                format!("{f_at}: must be an object of subset (or \"*\") to failover")
+            })?;
+            let key = subset.as_deref().unwrap_or("*");
+            if let Some(policy) = map.get(key).or_else(|| map.get("*")) {
+                let p_at = format!("{f_at}.{key}");
+                let policy = object(policy, &p_at).map_err(text)?;
+                let [svc, f_subset, _, targets, _, _] = fields(
+                    policy,
+                    &[
+                        "Service",
+                        "ServiceSubset",
+                        "Namespace",
+                        "Targets",
+                        "Datacenters",
+                        "Policy",
+                    ],
+                    &p_at,
+                )
+                .map_err(text)?;
+                let mut chosen = Vec::new();
+                let svc = nonempty_string(svc, &join(&p_at, "Service")).map_err(text)?;
+                let f_subset =
+                    nonempty_string(f_subset, &join(&p_at, "ServiceSubset")).map_err(text)?;
+                if svc.is_some() || f_subset.is_some() {
+                    chosen.push((
+                        svc.unwrap_or(service).to_owned(),
+                        f_subset.map(str::to_owned),
+                    ));
+                }
+                for (i, t) in array(targets, &join(&p_at, "Targets"))
+                    .map_err(text)?
+                    .iter()
+                    .enumerate()
+                {
+                    let t_at = format!("{p_at}.Targets[{i}]");
+                    let t = object(t, &t_at).map_err(text)?;
+                    let [svc, t_subset, _, _, _, _] = fields(
+                        t,
+                        &[
+                            "Service",
+                            "ServiceSubset",
+                            "Namespace",
+                            "Partition",
+                            "Datacenter",
+                            "Peer",
+                        ],
+                        &t_at,
+                    )
+                    .map_err(text)?;
+                    let svc = nonempty_string(svc, &join(&t_at, "Service")).map_err(text)?;
+                    let t_subset =
+                        nonempty_string(t_subset, &join(&t_at, "ServiceSubset")).map_err(text)?;
+                    chosen.push((
+                        svc.unwrap_or(service).to_owned(),
+                        t_subset.map(str::to_owned),
+                    ));
+                }
+                let mut failover = Vec::new();
+                for (svc, s) in chosen {
+                    let t = self.resolve(&svc, s.as_deref(), depth + 1, false)?;
+                    if t != index && !failover.contains(&t) {
+                        failover.push(t);
+                    }
+                }
+                self.targets[index].failover = failover;
+            }
+        }
+        Ok(index)
+    }
+}
+
+fn merge(outer: &HeaderMods, inner: &HeaderMods) -> HeaderMods {
+    let mut all = outer.clone();
+    all.add.extend(inner.add.iter().cloned());
+    all.set.extend(inner.set.iter().cloned());
+    all.remove.extend(inner.remove.iter().cloned());
+    all
+}
+
+/// Checks a router, splitter or resolver entry on write, as far as it can
+/// be checked alone plus the entries already stored (`entries`): the
+/// chain of the service it names must compile. Other kinds pass.
+pub fn validate_entry(
+    kind: &str,
+    name: &str,
+    body: &Map<String, Value>,
+    stored: &dyn Entries,
+) -> Result<(), String> {
+    if !matches!(
+        kind,
+        "service-router" | "service-splitter" | "service-resolver"
+    ) {
+        return Ok(());
+    }
+    struct With<'a> {
+        kind: &'a str,
+        name: &'a str,
+        body: &'a Map<String, Value>,
+        stored: &'a dyn Entries,
+    }
+    impl Entries for With<'_> {
+        fn entry(&self, kind: &str, name: &str) -> Option<&Map<String, Value>> {
+            if kind == self.kind && name == self.name {
+                Some(self.body)
+            } else {
+                self.stored.entry(kind, name)
+            }
+        }
+    }
+    let with = With {
+        kind,
+        name,
+        body,
+        stored,
+    };
+    Chain::compile(name, &with).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde_json::json;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Store(BTreeMap<(String, String), Map<String, Value>>);
+
+    impl Store {
+        fn with(mut self, kind: &str, name: &str, body: Value) -> Self {
+            let Value::Object(body) = body else {
+                panic!("an object")
+            };
+            self.0.insert((kind.into(), name.into()), body);
+            self
+        }
+    }
+
+    impl Entries for Store {
+        fn entry(&self, kind: &str, name: &str) -> Option<&Map<String, Value>> {
+            self.0.get(&(kind.to_owned(), name.to_owned()))
+        }
+    }
+
+    const NO_HEADERS: &[(&str, &str)] = &[];
+
+    fn target_of<'c>(chain: &'c Chain, dest: &Destination, roll: u32) -> &'c str {
+        &chain.targets[dest.pick(roll).target].id
+    }
+
+    fn resolver() -> Value {
+        json!({
+            "DefaultSubset": "v1",
+            "Subsets": {
+                "v1": {"Filter": "Service.Meta.version == v1"},
+                "v2": {"Filter": "Service.Meta.version == v2", "OnlyPassing": true}
+            },
+            "Failover": {"v2": {"ServiceSubset": "v1"}}
+        })
+    }
+
+    #[test]
+    fn without_entries_everything_goes_to_the_service() {
+        let chain = Chain::compile("api", &Store::default()).expect("compiles");
+        assert!(chain.is_plain());
+        let (route, dest) = chain.route("GET", "/", None, NO_HEADERS);
+        assert_eq!(route, None);
+        assert_eq!(target_of(&chain, dest, 1234), "api");
+    }
+
+    #[test]
+    fn router_splitter_and_resolver_make_the_chain_consul_makes() {
+        let store = Store::default()
+            .with("service-resolver", "api", resolver())
+            .with(
+                "service-splitter",
+                "api",
+                json!({"Splits": [
+                    {"Weight": 90, "ServiceSubset": "v1"},
+                    {"Weight": 10, "ServiceSubset": "v2", "ResponseHeaders": {"Set": {"x-split": "v2"}}}
+                ]}),
+            )
+            .with(
+                "service-router",
+                "api",
+                json!({"Routes": [
+                    {"Match": {"HTTP": {"Header": [{"Name": "x-canary", "Exact": "1"}]}},
+                     "Destination": {"ServiceSubset": "v2"}},
+                    {"Match": {"HTTP": {"PathPrefix": "/admin"}},
+                     "Destination": {"Service": "admin", "PrefixRewrite": "/", "RequestTimeout": "3s", "NumRetries": 2}},
+                    {"Match": {"HTTP": {"QueryParam": [{"Name": "debug", "Present": true}], "Methods": ["GET"]}},
+                     "Destination": {"ServiceSubset": "v1"}}
+                ]}),
+            );
+        let chain = Chain::compile("api", &store).expect("compiles");
+        assert!(!chain.is_plain());
+        let canary: &[(&str, &str)] = &[("x-canary", "1")];
+        let (route, dest) = chain.route("GET", "/x", None, canary);
+        assert_eq!(route, Some(0));
+        assert_eq!(target_of(&chain, dest, 0), "v2.api");
+        let (route, dest) = chain.route("POST", "/admin/users", None, NO_HEADERS);
+        assert_eq!(route, Some(1));
+        assert_eq!(target_of(&chain, dest, 0), "admin");
+        assert_eq!(dest.prefix_rewrite.as_deref(), Some("/"));
+        assert_eq!(dest.request_timeout, Some(Duration::from_secs(3)));
+        assert_eq!(dest.num_retries, Some(2));
+        let (route, _) = chain.route("GET", "/x", Some("a=1&debug"), NO_HEADERS);
+        assert_eq!(route, Some(2));
+        let (route, _) = chain.route("POST", "/x", Some("debug=1"), NO_HEADERS);
+        assert_eq!(route, None, "the method does not match");
+        // The default route: the splitter, 90/10 over 10,000 rolls.
+        let (_, dest) = chain.route("GET", "/x", None, NO_HEADERS);
+        let v2 = (0..10_000)
+            .filter(|r| target_of(&chain, dest, *r) == "v2.api")
+            .count();
+        assert_eq!(v2, 1_000);
+        assert_eq!(
+            dest.pick(9_999).response_headers.set,
+            vec![("x-split".into(), "v2".into())]
+        );
+        // Targets: v2 fails over to v1; filters parsed; only-passing kept.
+        let v2 = chain.targets.iter().find(|t| t.id == "v2.api").expect("v2");
+        assert!(v2.only_passing);
+        assert_eq!(chain.targets[v2.failover[0]].id, "v1.api");
+        assert_eq!(
+            v2.filter.as_ref().map(Filter::as_str),
+            Some("Service.Meta.version == v2")
+        );
+    }
+
+    #[test]
+    fn nested_splitters_and_redirects_flatten() {
+        let store = Store::default()
+            .with(
+                "service-splitter",
+                "api",
+                json!({"Splits": [{"Weight": 50}, {"Weight": 50, "Service": "api-next"}]}),
+            )
+            .with(
+                "service-splitter",
+                "api-next",
+                json!({"Splits": [{"Weight": 50, "Service": "blue"}, {"Weight": 50, "Service": "green"}]}),
+            )
+            .with("service-resolver", "green", json!({"Redirect": {"Service": "green2"}}));
+        let chain = Chain::compile("api", &store).expect("compiles");
+        let (_, dest) = chain.route("GET", "/", None, NO_HEADERS);
+        let count = |id: &str| {
+            (0..10_000)
+                .filter(|r| target_of(&chain, dest, *r) == id)
+                .count()
+        };
+        assert_eq!(
+            (count("api"), count("blue"), count("green2")),
+            (5_000, 2_500, 2_500)
+        );
+    }
+
+    #[test]
+    fn bad_chains_are_refused_naming_the_entry_and_field() {
+        let cases = [
+            (
+                Store::default().with("service-splitter", "api", json!({"Splits": [{"Weight": 60}, {"Weight": 30, "Service": "b"}]})),
+                "weights add up to 90",
+            ),
+            (
+                Store::default().with("service-splitter", "api", json!({"Splits": [{"Weight": 99.995}, {"Weight": 0.005, "Service": "b"}]})),
+                "more than two decimals",
+            ),
+            (
+                Store::default().with("service-resolver", "api", json!({"DefaultSubset": "v9", "Subsets": {"v1": {"Filter": "Service.ID == a"}}})),
+                "no subset \"v9\"",
+            ),
+            (
+                Store::default().with("service-resolver", "api", json!({"DefaultSubset": "v1", "Subsets": {"v1": {"Filter": "Service.Meta.version = v1"}}})),
+                "Subsets.v1.Filter: filter",
+            ),
+            (
+                Store::default()
+                    .with("service-resolver", "api", json!({"Redirect": {"Service": "b"}}))
+                    .with("service-resolver", "b", json!({"Redirect": {"Service": "api"}})),
+                "a loop?",
+            ),
+            (
+                Store::default().with("service-router", "api", json!({"Routes": [{"Match": {"HTTP": {"PathPrefix": "admin"}}}]})),
+                "doesn't start with '/'",
+            ),
+            (
+                Store::default().with("service-router", "api", json!({"Routes": [{"Destination": {"RequestTimeout": "soon"}}]})),
+                "is not a duration",
+            ),
+        ];
+        for (store, says) in cases {
+            let err = Chain::compile("api", &store).expect_err(says);
+            assert!(err.contains(says), "{says}: {err}");
+        }
+    }
+
+    #[test]
+    fn validation_on_write_sees_the_entry_with_those_stored() {
+        let stored = Store::default().with("service-resolver", "api", resolver());
+        let split = json!({"Splits": [{"Weight": 100, "ServiceSubset": "v3"}]});
+        let body = split.as_object().expect("object");
+        let err = validate_entry("service-splitter", "api", body, &stored).expect_err("v3 unknown");
+        assert!(err.contains("no subset \"v3\""), "{err}");
+        let ok = json!({"Splits": [{"Weight": 100, "ServiceSubset": "v2"}]});
+        validate_entry(
+            "service-splitter",
+            "api",
+            ok.as_object().expect("object"),
+            &stored,
+        )
+        .expect("v2 exists");
+    }
+}
