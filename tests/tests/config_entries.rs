@@ -213,3 +213,60 @@ async fn config_entries_replicate_with_consul_semantics() -> Result<()> {
     cluster.done();
     Ok(())
 }
+
+/// Routers, splitters and resolvers are refused at `PUT` when the chain of
+/// the service they name would not compile (the sidecars compile it with
+/// the same code), with the entry and field named; a chain that compiles
+/// is stored.
+#[tokio::test]
+async fn discovery_chain_entries_that_cannot_apply_are_refused_at_put() -> Result<()> {
+    let cluster = Cluster::start(1, &[]).await?;
+    cluster.wait_leader(Duration::from_secs(20)).await?;
+    let resolver = json!({
+        "Kind": "service-resolver", "Name": "api",
+        "DefaultSubset": "v1",
+        "Subsets": {
+            "v1": {"Filter": "Service.Meta.version == v1"},
+            "v2": {"Filter": "Service.Meta.version == v2"}
+        }
+    });
+    assert_eq!(put(&cluster, 0, &resolver, "").await?, (200, "true".into()));
+    for (entry, says) in [
+        (
+            json!({"Kind": "service-resolver", "Name": "db", "DefaultSubset": "a",
+                   "Subsets": {"a": {"Filter": "Service.Meta.version = v1"}}}),
+            "Subsets.a.Filter: filter \"Service.Meta.version = v1\": expected == or !=",
+        ),
+        (
+            json!({"Kind": "service-splitter", "Name": "api",
+                   "Splits": [{"Weight": 90, "ServiceSubset": "v1"}, {"Weight": 5, "ServiceSubset": "v2"}]}),
+            "the weights add up to 95, not 100",
+        ),
+        (
+            json!({"Kind": "service-splitter", "Name": "api",
+                   "Splits": [{"Weight": 100, "ServiceSubset": "v3"}]}),
+            "no subset \"v3\"",
+        ),
+        (
+            json!({"Kind": "service-router", "Name": "api",
+                   "Routes": [{"Match": {"HTTP": {"PathRegex": "(unclosed"}}}]}),
+            "PathRegex",
+        ),
+        (
+            json!({"Kind": "service-resolver", "Name": "api", "Redirect": {"Service": "api"}}),
+            "redirects \"api\" to itself",
+        ),
+    ] {
+        let (status, text) = put(&cluster, 0, &entry, "").await?;
+        assert_eq!(status, 400, "{entry}: {text}");
+        assert!(text.contains(says), "{entry}: {text}");
+    }
+    let splitter = json!({"Kind": "service-splitter", "Name": "api",
+        "Splits": [{"Weight": 90, "ServiceSubset": "v1"}, {"Weight": 10, "ServiceSubset": "v2"}]});
+    assert_eq!(put(&cluster, 0, &splitter, "").await?, (200, "true".into()));
+    let (status, _, _) = get(&cluster, 0, "service-splitter/api").await?;
+    assert_eq!(status, 200);
+    let (status, body, _) = get(&cluster, 0, "service-resolver/db").await?;
+    assert_eq!(status, 404, "the refused resolver was not stored: {body}");
+    Ok(())
+}

@@ -59,10 +59,7 @@ impl SledFiles {
     /// After a sled flush: `fdatasync` of the data file, which makes the
     /// flushed state durable (sled's own flush ends in `sync_file_range`).
     fn sync(&self) -> std::io::Result<()> {
-        if let Some(file) = &self.db {
-            crate::storage::durable::sync_data(file)?;
-        }
-        crate::storage::durable::synced_tree(&self.dir)
+        crate::storage::durable::sync_store(self.db.as_ref(), &self.dir)
     }
 }
 

@@ -1,7 +1,7 @@
 //! The one place where the registry makes data durable: `fdatasync` of a
 //! file ([`sync_data`]), `fsync` of a directory ([`sync_dir`]), and, for
-//! sled (whose files we do not write ourselves), [`synced_tree`] after its
-//! flush and our `fdatasync` of its data file.
+//! sled (whose files we do not write ourselves), [`sync_store`] after its
+//! flush.
 //!
 //! It is also the **power-loss seam**. A `kill -9` leaves the page cache
 //! to the kernel, so a crash test would pass with every sync deleted. A
@@ -86,10 +86,21 @@ pub fn wrote(file: &File, offset: u64, len: u64) {
     }
 }
 
-/// Everything under `dir` (files and names) is durable now: for sled,
-/// after its flush and our `fdatasync` of its data file, which is sled's
-/// durability promise. Walks the tree only when the seam is on.
-pub fn synced_tree(dir: &Path) -> io::Result<()> {
+/// After a flush of sled (whose files live in `dir`): `fdatasync` of its
+/// data file, which makes the flushed state durable (sled's own flush
+/// ends in `sync_file_range`, which does not). For the image, everything
+/// under `dir` is then durable, names included: we do not see sled's own
+/// writes, so its store counts as a whole, as of this call.
+pub fn sync_store(data_file: Option<&File>, dir: &Path) -> io::Result<()> {
+    if let Some(file) = data_file {
+        file.sync_data()?;
+    }
+    synced_tree(dir)
+}
+
+/// Everything under `dir` (files and names) is durable now. Walks the
+/// tree only when the seam is on.
+fn synced_tree(dir: &Path) -> io::Result<()> {
     if !ACTIVE.load(Ordering::Relaxed) {
         return Ok(());
     }

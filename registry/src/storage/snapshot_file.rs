@@ -212,6 +212,8 @@ impl Write for SyncingWriter<'_> {
         self.crc.update(&buf[..n]);
         self.written += n as u64;
         if self.written - self.synced >= SYNC_EVERY {
+            // For latency (the write-back stays small), not safety: the
+            // file counts only once synced whole and renamed.
             durable::sync_data(self.file)?;
             drop_cache(self.file);
             self.synced = self.written;

@@ -226,6 +226,12 @@ fn make_spare(dir: &Path, size: u64) -> std::io::Result<()> {
     while done < size {
         let n = (size - done).min(SPARE_SYNC_EVERY);
         zero_range(&file, done, n)?;
+        // These syncs are for latency, not safety (storage::power_loss
+        // passes without them): a spare cut short by a power loss is
+        // still whole where it matters, since the segment made from it is
+        // synced with its records, length and blocks included. Synced
+        // here, its blocks are allocated and zeroed ahead of time, so the
+        // appends' syncs write data only.
         durable::sync_data(&file)?;
         done += n;
     }
@@ -498,6 +504,9 @@ impl Wal {
                 "the log ends with a torn write (a crash while appending, never acknowledged); dropping it"
             );
             zero_range(&last.file, *offset, recovery.torn_bytes)?;
+            // Keeps the disk as the log now sees it. Not needed for
+            // safety: a torn tail that a power loss brings back is judged
+            // torn again at the next start (no record after it was synced).
             durable::sync_data(&last.file)?;
         }
         for segment in &segments {
@@ -598,6 +607,7 @@ impl Wal {
             took.no_spare = true;
             let file = File::create(&path)?;
             zero_range(&file, 0, self.segment_size)?;
+            // For latency, as the spare's syncs (see `make_spare`).
             durable::sync_all(&file)?;
             drop_cache(&file);
         }

@@ -58,6 +58,16 @@ pub async fn apply(
         meshwork_core::intentions::validate_entry(&name, &body)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
+    // Routers, splitters and resolvers: the chain of the service they
+    // name must compile with the entries stored (a filter that does not
+    // parse, a subset that does not exist, a redirect loop, weights not
+    // adding up to 100), as the sidecars will compile it.
+    {
+        let state = app.node.state.read();
+        let stored = StoredEntries(&state.config);
+        meshwork_core::chain::validate_entry(&kind, &name, &body, &stored)
+            .map_err(ApiError::bad_request)?;
+    }
     let applied = app
         .node
         .write(Command::ConfigSet {
@@ -169,4 +179,13 @@ pub async fn delete(
         Some(_) => axum::Json(Value::Bool(deleted)).into_response(),
         None => axum::Json(serde_json::json!({})).into_response(),
     })
+}
+
+/// The stored entries as the chain compiler reads them.
+struct StoredEntries<'a>(&'a crate::state::config::ConfigStore);
+
+impl meshwork_core::chain::Entries for StoredEntries<'_> {
+    fn entry(&self, kind: &str, name: &str) -> Option<&serde_json::Map<String, Value>> {
+        self.0.get(kind, name).map(|e| &e.body)
+    }
 }
