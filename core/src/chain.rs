@@ -80,6 +80,9 @@ pub struct Destination {
     /// Cumulative: a roll below `upto` (of 10,000) picks that split.
     pub splits: Vec<Split>,
     pub prefix_rewrite: Option<String>,
+    /// The route's `PathPrefix` (or `PathExact`) that `prefix_rewrite`
+    /// replaces.
+    pub rewrite_from: Option<String>,
     pub request_timeout: Option<Duration>,
     pub num_retries: Option<u32>,
     pub retry_on_connect_failure: bool,
@@ -161,6 +164,16 @@ impl Chain {
         })
     }
 
+    /// Every destination: the routes' (by index), then the default
+    /// (`None`).
+    pub fn destinations(&self) -> impl Iterator<Item = (Option<usize>, &Destination)> {
+        self.routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (Some(i), &r.dest))
+            .chain(std::iter::once((None, &self.default)))
+    }
+
     /// Whether no entry changes anything: every request goes to the whole
     /// service.
     pub fn is_plain(&self) -> bool {
@@ -193,6 +206,25 @@ impl Chain {
 }
 
 impl Destination {
+    /// The path after `PrefixRewrite`, when this destination rewrites and
+    /// `path` starts with what it replaces.
+    pub fn rewrite(&self, path: &str) -> Option<String> {
+        let (from, to) = (
+            self.rewrite_from.as_deref()?,
+            self.prefix_rewrite.as_deref()?,
+        );
+        let rest = path.strip_prefix(from)?;
+        let mut out = String::with_capacity(to.len() + rest.len());
+        out.push_str(to);
+        // `/admin` → `/` on `/admin/users`: `/users`, not `//users`.
+        if to.ends_with('/') && rest.starts_with('/') {
+            out.push_str(&rest[1..]);
+        } else {
+            out.push_str(rest);
+        }
+        Some(out)
+    }
+
     /// The split a roll in `0..10_000` lands on.
     pub fn pick(&self, roll: u32) -> &Split {
         let roll = roll % WHOLE;
@@ -254,7 +286,13 @@ fn header_mods(value: Option<&Value>, path: &str) -> Result<HeaderMods, String> 
             .ok_or_else(|| format!("{at}: must be an object of header names to values"))?;
         map.iter()
             .map(|(k, v)| match v.as_str() {
-                Some(v) => Ok((k.to_ascii_lowercase(), v.to_owned())),
+                Some(v) => {
+                    http::HeaderName::from_bytes(k.as_bytes())
+                        .map_err(|_| format!("{at}: {k:?} is not a header name"))?;
+                    http::HeaderValue::from_str(v)
+                        .map_err(|_| format!("{at}.{k}: {v:?} is not a header value"))?;
+                    Ok((k.to_ascii_lowercase(), v.to_owned()))
+                }
                 None => Err(format!("{at}.{k}: must be a string")),
             })
             .collect()
@@ -291,13 +329,34 @@ impl Compiler<'_> {
                 }
             }
         };
-        let dest = match destination {
+        let mut dest = match destination {
             None => Destination {
                 splits: self.splits(service, 0)?,
                 ..Destination::default()
             },
             Some(d) => self.destination(service, d, &join(at, "Destination"))?,
         };
+        if dest.prefix_rewrite.is_some() {
+            dest.rewrite_from = matching
+                .and_then(Value::as_object)
+                .and_then(|m| m.iter().find(|(k, _)| k.eq_ignore_ascii_case("http")))
+                .and_then(|(_, h)| h.as_object())
+                .and_then(|h| {
+                    h.iter()
+                        .find(|(k, v)| {
+                            let k = k.replace(['_', '-'], "").to_ascii_lowercase();
+                            (k == "pathprefix" || k == "pathexact")
+                                && v.as_str().is_some_and(|v| !v.is_empty())
+                        })
+                        .and_then(|(_, v)| v.as_str())
+                })
+                .map(str::to_owned);
+            if dest.rewrite_from.is_none() {
+                return Err(format!(
+                    "{at}.Destination.PrefixRewrite: needs a PathPrefix or PathExact match to replace"
+                ));
+            }
+        }
         Ok(Route { http, query, dest })
     }
 
@@ -434,6 +493,7 @@ impl Compiler<'_> {
         Ok(Destination {
             splits,
             prefix_rewrite,
+            rewrite_from: None,
             request_timeout: duration(timeout, &join(at, "RequestTimeout"))?,
             num_retries,
             retry_on_connect_failure: boolean(on_connect, &join(at, "RetryOnConnectFailure"))
@@ -883,6 +943,8 @@ mod tests {
         assert_eq!(route, Some(1));
         assert_eq!(target_of(&chain, dest, 0), "admin");
         assert_eq!(dest.prefix_rewrite.as_deref(), Some("/"));
+        assert_eq!(dest.rewrite("/admin/users").as_deref(), Some("/users"));
+        assert_eq!(dest.rewrite("/admin").as_deref(), Some("/"));
         assert_eq!(dest.request_timeout, Some(Duration::from_secs(3)));
         assert_eq!(dest.num_retries, Some(2));
         let (route, _) = chain.route("GET", "/x", Some("a=1&debug"), NO_HEADERS);

@@ -657,6 +657,10 @@ impl Wal {
             removed = true;
         }
         if removed {
+            // Tidiness, not safety: segments that a power loss brings back
+            // hold only purged records (below the purge point, never read),
+            // and a recycled spare is renamed again, and that rename synced,
+            // before anything is written to it (`roll_over`).
             sync_dir(&self.dir)?;
         }
         Ok(())

@@ -76,6 +76,9 @@ pub struct HttpProxy {
     pool: Pool,
     protocol: Protocol,
     access_log: bool,
+    /// Outbound: the discovery chain (routes, splits, subsets, failover)
+    /// in front of `cluster`, which serves what no entry changes.
+    pub routing: Option<Arc<crate::policy::chain::Routing>>,
 }
 
 impl HttpProxy {
@@ -88,7 +91,14 @@ impl HttpProxy {
             pool,
             protocol,
             access_log,
+            routing: None,
         }
+    }
+
+    /// The same proxy with the discovery chain in front.
+    pub fn with_routing(mut self, routing: Arc<crate::policy::chain::Routing>) -> Self {
+        self.routing = Some(routing);
+        self
     }
 
     /// The same proxy (cluster and pooled connections) with the access
@@ -100,6 +110,7 @@ impl HttpProxy {
             pool: self.pool.clone(),
             protocol: self.protocol,
             access_log,
+            routing: self.routing.clone(),
         }
     }
 
@@ -120,7 +131,20 @@ impl HttpProxy {
         peer: SocketAddr,
         caller: Option<Arc<Caller>>,
         connection: Busy,
-    ) -> Pin<Box<impl Future<Output = Response<ResponseBody>> + Send + '_>> {
+    ) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>> {
+        // Outbound, through the discovery chain: the target's own proxy
+        // answers (the request already rewritten), then the response's
+        // header changes.
+        if let Some(routing) = &self.routing
+            && let Some(chosen) = routing.choose(&mut req)
+        {
+            return Box::pin(async move {
+                let proxy = chosen.proxy;
+                let mut response = proxy.handle(req, peer, caller, connection).await;
+                crate::policy::chain::apply(&chosen.response_headers, response.headers_mut());
+                response
+            });
+        }
         // Inbound, an upgrade to h2c would turn the connection into HTTP/2
         // requests that no intention sees (h2c smuggling): the request is
         // answered as the plain HTTP/1.1 request it also is.

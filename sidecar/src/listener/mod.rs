@@ -25,11 +25,13 @@ use crate::config::{
 };
 use crate::discovery::Discovery;
 use crate::http::{self, idle};
+use crate::policy::chain::{self, ChainEntries, Routing};
 use crate::policy::intentions::{Caller, Intentions};
 use crate::telemetry::{self, ClusterGauges};
 use crate::tls::MeshTls;
 use crate::tls::stream::{ServerStream, Stream};
 use crate::upstream::cluster::{self, Cluster};
+use meshwork_core::chain::{Destination, Target};
 
 pub use crate::upstream::{BoxError, MAX_HEADER_BYTES, ProxyBody};
 
@@ -77,16 +79,16 @@ impl Route {
     /// `stop_accepting` and `stop_now` are the proxy's tokens.
     fn new(
         direction: &'static str,
-        cluster: Arc<Cluster>,
+        (cluster, routing): (Arc<Cluster>, Option<Arc<Routing>>),
         access_log: bool,
         (stop_accepting, stop_now): (&CancellationToken, &CancellationToken),
     ) -> Arc<Self> {
         let http = cluster.config().protocol.is_http().then(|| {
-            Arc::new(http::HttpProxy::new(
-                Arc::clone(&cluster),
-                direction,
-                access_log,
-            ))
+            let proxy = http::HttpProxy::new(Arc::clone(&cluster), direction, access_log);
+            Arc::new(match routing {
+                Some(routing) => proxy.with_routing(routing),
+                None => proxy,
+            })
         });
         Arc::new(Route {
             direction,
@@ -292,6 +294,9 @@ pub struct Proxy {
     intentions: Intentions,
     /// Ends the clusters' discovery followers.
     shutdown: CancellationToken,
+    /// The discovery-chain entries, followed from the first outbound HTTP
+    /// listener on.
+    chain_entries: std::sync::OnceLock<ChainEntries>,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
     draining: AtomicBool,
@@ -513,6 +518,7 @@ impl Proxy {
             mesh,
             intentions: Intentions::default(),
             shutdown,
+            chain_entries: std::sync::OnceLock::new(),
             reloading: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
             tasks: TaskTracker::new(),
@@ -544,8 +550,62 @@ impl Proxy {
         }
     }
 
+    /// An outbound HTTP listener's discovery chain: its targets' proxies
+    /// derive their settings from the listener's, then the resolver's and
+    /// the route's (timeouts, retries).
+    fn new_routing(&self, w: &Wanted, access_log: bool) -> Option<Arc<Routing>> {
+        if w.app.is_some() || !w.upstream.protocol.is_http() {
+            return None;
+        }
+        let entries = self
+            .chain_entries
+            .get_or_init(|| ChainEntries::follow(&self.discovery));
+        let applied = chain::follow(entries, w.upstream.name.clone(), self.shutdown.clone());
+        let (discovery, mesh, shutdown) = (
+            self.discovery.clone(),
+            self.mesh.clone(),
+            self.shutdown.clone(),
+        );
+        let base = w.upstream.clone();
+        let make = move |target: &Target, dest: &Destination| {
+            let mut config = base.clone();
+            if target.service != base.name {
+                config.tag = None;
+            }
+            config.name = target.service.clone();
+            if let Some(timeout) = dest.request_timeout.or(target.request_timeout) {
+                config.request_timeout = timeout;
+            }
+            if let Some(timeout) = target.connect_timeout {
+                config.connect_timeout = timeout;
+            }
+            if let Some(retries) = dest.num_retries {
+                config.retries.attempts = retries;
+            }
+            config.retries.on.connect_failure |= dest.retry_on_connect_failure;
+            config
+                .retries
+                .on
+                .statuses
+                .extend(dest.retry_on_status_codes.iter().copied());
+            let endpoints = discovery.service(&target.service, false);
+            let mesh = Some(mesh.clone());
+            let cluster = if target.filter.is_some() || target.only_passing {
+                let subset = cluster::Subset {
+                    filter: target.filter.clone(),
+                    only_passing: target.only_passing,
+                };
+                Cluster::follow_subset(config, endpoints, shutdown.clone(), mesh, subset)
+            } else {
+                Cluster::follow(config, endpoints, shutdown.clone(), mesh)
+            };
+            Arc::new(http::HttpProxy::new(cluster, "outbound", access_log))
+        };
+        Some(Arc::new(Routing::new(applied, Box::new(make))))
+    }
+
     fn new_slot(&self, w: &Wanted, socket: &TcpListener, access_log: bool) -> Arc<Slot> {
-        let cluster = self.new_cluster(w);
+        let cluster = (self.new_cluster(w), self.new_routing(w, access_log));
         Arc::new(Slot {
             key: w.key,
             local: socket.local_addr().unwrap_or(w.upstream.listen),
@@ -811,7 +871,7 @@ impl Proxy {
                     slot.set_route(route.with_access_log(access_log));
                 }
             } else {
-                let cluster = self.new_cluster(w);
+                let cluster = (self.new_cluster(w), self.new_routing(w, access_log));
                 let old =
                     slot.set_route(Route::new(w.direction, cluster, access_log, self.tokens()));
                 old.retire(grace);
@@ -1025,10 +1085,41 @@ impl Proxy {
                 })
             })
             .collect();
+        // The discovery chain each outbound HTTP listener applies: the
+        // config-entry index, its targets, and why newer entries were
+        // refused (the previous chain stays).
+        let chains: Vec<_> = self
+            .slots()
+            .iter()
+            .filter_map(|slot| {
+                let route = slot.route();
+                let routing = route.http.as_ref()?.routing.as_ref()?;
+                let applied = routing.applied();
+                let targets: Vec<_> = applied.chain.iter().flat_map(|c| {
+                    c.targets.iter().map(|t| json!({
+                        "id": t.id,
+                        "service": t.service,
+                        "subset": t.subset,
+                        "filter": t.filter.as_ref().map(|f| f.as_str()),
+                        "only_passing": t.only_passing,
+                        "failover": t.failover.iter().map(|f| &c.targets[*f].id).collect::<Vec<_>>(),
+                    }))
+                }).collect();
+                Some(json!({
+                    "upstream": route.cluster.config().name,
+                    "index": applied.index,
+                    "loaded": applied.chain.is_some(),
+                    "plain": applied.chain.as_ref().is_none_or(|c| c.is_plain()),
+                    "targets": targets,
+                    "refused": applied.refused,
+                }))
+            })
+            .collect();
         json!({
             "inbound": *self.inbound.read().unwrap_or_else(|e| e.into_inner()),
             "mesh": self.mesh.status(),
             "upstreams": upstreams,
+            "chains": chains,
             "proxy": *self.settings.read().unwrap_or_else(|e| e.into_inner()),
         })
     }

@@ -168,6 +168,49 @@ pub struct Cluster {
     pub mesh: Option<crate::tls::MeshTls>,
     pub gauges: Gauges,
     pub metrics: ClusterMetrics,
+    /// A service-resolver subset: only the instances its filter passes
+    /// (and, with `OnlyPassing`, only passing ones).
+    subset: Option<Subset>,
+}
+
+/// The instances a discovery-chain target keeps.
+#[derive(Debug, Clone)]
+pub struct Subset {
+    pub filter: Option<meshwork_core::filter::Filter>,
+    pub only_passing: bool,
+}
+
+/// An endpoint as a subset filter sees it.
+struct FilterView<'a>(&'a Endpoint);
+
+impl meshwork_core::filter::Fields for FilterView<'_> {
+    fn service_id(&self) -> &str {
+        &self.0.service_id
+    }
+    fn service_name(&self) -> &str {
+        &self.0.service_name
+    }
+    fn address(&self) -> &str {
+        &self.0.address
+    }
+    fn port(&self) -> u32 {
+        self.0.port
+    }
+    fn tags(&self) -> &[String] {
+        &self.0.tags
+    }
+    fn meta(&self, key: &str) -> Option<&str> {
+        self.0.meta.get(key).map(String::as_str)
+    }
+    fn meta_is_empty(&self) -> bool {
+        self.0.meta.is_empty()
+    }
+    fn node(&self) -> &str {
+        &self.0.node
+    }
+    fn node_address(&self) -> &str {
+        &self.0.node_address
+    }
 }
 
 impl Cluster {
@@ -185,7 +228,30 @@ impl Cluster {
             http_on_tcp_warned: AtomicBool::new(false),
             mesh: None,
             gauges: Gauges::default(),
+            subset: None,
         }
+    }
+
+    /// As [`Cluster::follow`], keeping only the instances of `subset`.
+    pub fn follow_subset(
+        config: Upstream,
+        endpoints: Endpoints,
+        shutdown: ShutdownToken,
+        mesh: Option<crate::tls::MeshTls>,
+        subset: Subset,
+    ) -> Arc<Self> {
+        Self::follow_with(config, endpoints, shutdown, mesh, Some(subset))
+    }
+
+    /// Whether any endpoint could take a request now (healthy and not
+    /// ejected): a discovery-chain target without one fails over.
+    pub fn has_healthy(&self) -> bool {
+        let table = self.table();
+        let now = now_ms();
+        table
+            .endpoints
+            .iter()
+            .any(|e| e.healthy && !e.ejected_at(now))
     }
 
     /// A cluster of one fixed endpoint (the local app).
@@ -212,25 +278,32 @@ impl Cluster {
     /// with a sidecar are dialled with mutual TLS as `mesh`.
     pub fn follow(
         config: Upstream,
-        mut endpoints: Endpoints,
+        endpoints: Endpoints,
         shutdown: ShutdownToken,
         mesh: Option<crate::tls::MeshTls>,
     ) -> Arc<Self> {
+        Self::follow_with(config, endpoints, shutdown, mesh, None)
+    }
+
+    fn follow_with(
+        config: Upstream,
+        mut endpoints: Endpoints,
+        shutdown: ShutdownToken,
+        mesh: Option<crate::tls::MeshTls>,
+        subset: Option<Subset>,
+    ) -> Arc<Self> {
         let cluster = Arc::new(Cluster {
             mesh,
+            subset,
             ..Self::new(config, Source::Registry)
         });
+        // What discovery already knows (a service followed for another
+        // cluster): in the table before the first request, not after.
+        cluster.follow_update(Arc::clone(&endpoints.borrow_and_update()));
         let weak = Arc::downgrade(&cluster);
         let name = cluster.config().name.clone();
         tokio::spawn(async move {
             loop {
-                let set = Arc::clone(&endpoints.borrow_and_update());
-                // The cluster is gone (the proxy shut down): stop.
-                let Some(cluster) = weak.upgrade() else {
-                    return;
-                };
-                cluster.follow_update(set);
-                drop(cluster);
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     changed = endpoints.changed() => {
@@ -240,6 +313,12 @@ impl Cluster {
                         }
                     }
                 }
+                let set = Arc::clone(&endpoints.borrow_and_update());
+                // The cluster is gone (the proxy shut down): stop.
+                let Some(cluster) = weak.upgrade() else {
+                    return;
+                };
+                cluster.follow_update(set);
             }
         });
         cluster
@@ -311,6 +390,15 @@ impl Cluster {
         for endpoint in set.value.values() {
             if let Some(tag) = &config.tag
                 && !endpoint.tags.contains(tag)
+            {
+                continue;
+            }
+            if let Some(subset) = &self.subset
+                && (subset.only_passing && endpoint.health != Health::Passing as i32
+                    || subset
+                        .filter
+                        .as_ref()
+                        .is_some_and(|f| !f.matches(&FilterView(endpoint))))
             {
                 continue;
             }

@@ -1,0 +1,310 @@
+//! The discovery chain applied to outbound HTTP calls: the registry's
+//! `service-router`, `service-splitter` and `service-resolver` entries,
+//! followed live and compiled per upstream with `meshwork_core::chain`
+//! (the code the registry validates them with at `PUT`).
+//!
+//! Per request, [`Routing::choose`] runs the router and the splitter,
+//! fails over to the resolver's failover targets when the chosen target
+//! has no healthy endpoint, applies the route's path rewrite and the
+//! header changes, and hands the request to the target's own proxy (a
+//! cluster of the target's instances, subset filter applied, with the
+//! route's timeout and retries). Target proxies are made once per chain
+//! version, all at once, so failover targets are warm; a new chain
+//! replaces them (requests in flight finish on the ones they started on).
+//! A chain that does not compile keeps the previous one and is logged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use hyper::Request;
+use meshwork_core::chain::{Chain, Destination, Entries, HeaderMods, Target};
+use meshwork_proto::v1::{ConfigEntriesTopic, ConfigEntry, subscribe_request};
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::discovery::{Discovery, TopicState};
+use crate::http::{ClientBody, HttpProxy};
+
+const KINDS: [&str; 3] = ["service-router", "service-splitter", "service-resolver"];
+
+type Followed = watch::Receiver<Arc<TopicState<BTreeMap<String, ConfigEntry>>>>;
+
+/// The three kinds' entries, followed once per sidecar.
+#[derive(Debug, Clone)]
+pub struct ChainEntries {
+    kinds: [Followed; 3],
+}
+
+impl ChainEntries {
+    pub fn follow(discovery: &Discovery) -> Self {
+        let follow = |kind: &'static str| {
+            discovery.follow_topic::<BTreeMap<String, ConfigEntry>>(
+                subscribe_request::Topic::ConfigEntries(ConfigEntriesTopic { kind: kind.into() }),
+                kind,
+            )
+        };
+        Self {
+            kinds: KINDS.map(follow),
+        }
+    }
+}
+
+/// The chain an upstream applies now.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// `None` until every kind's first snapshot arrived.
+    pub chain: Option<Arc<Chain>>,
+    /// The highest config-entry index it reflects.
+    pub index: u64,
+    /// Why the latest entries were not applied (the previous chain stays).
+    pub refused: Option<String>,
+}
+
+/// Bodies by (kind, name), envelope removed.
+struct Bodies(HashMap<(&'static str, String), Map<String, Value>>);
+
+impl Entries for Bodies {
+    fn entry(&self, kind: &str, name: &str) -> Option<&Map<String, Value>> {
+        let kind = KINDS.iter().find(|k| **k == kind)?;
+        self.0.get(&(*kind, name.to_owned()))
+    }
+}
+
+fn bodies(states: &[Arc<TopicState<BTreeMap<String, ConfigEntry>>>]) -> Result<Bodies, String> {
+    let mut out = HashMap::new();
+    for (kind, state) in KINDS.iter().zip(states) {
+        for (name, entry) in &state.value {
+            match serde_json::from_str::<Value>(&entry.json) {
+                Ok(Value::Object(mut body)) => {
+                    for envelope in ["Kind", "Name", "CreateIndex", "ModifyIndex"] {
+                        body.remove(envelope);
+                    }
+                    out.insert((*kind, name.clone()), body);
+                }
+                _ => return Err(format!("{kind} {name:?} is not a JSON object")),
+            }
+        }
+    }
+    Ok(Bodies(out))
+}
+
+/// Compiles the chain of calls to `service` on every change of the
+/// entries, until `shutdown`.
+pub fn follow(
+    entries: &ChainEntries,
+    service: String,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Arc<Applied>> {
+    let (tx, rx) = watch::channel(Arc::new(Applied::default()));
+    let mut kinds = entries.kinds.clone();
+    tokio::spawn(async move {
+        loop {
+            let states: Vec<_> = kinds
+                .iter_mut()
+                .map(|k| Arc::clone(&k.borrow_and_update()))
+                .collect();
+            if states.iter().all(|s| s.ready) {
+                let index = states.iter().map(|s| s.index).max().unwrap_or(0);
+                let compiled = bodies(&states).and_then(|b| Chain::compile(&service, &b));
+                let previous = tx.borrow().chain.clone();
+                let applied = match compiled {
+                    Ok(chain) => {
+                        tracing::info!(upstream = %service, index, plain = chain.is_plain(), targets = chain.targets.len(), "discovery chain applied");
+                        Applied {
+                            chain: Some(Arc::new(chain)),
+                            index,
+                            refused: None,
+                        }
+                    }
+                    Err(why) => {
+                        tracing::warn!(upstream = %service, index, error = %why, "discovery chain refused; keeping the previous one");
+                        Applied {
+                            chain: previous,
+                            index,
+                            refused: Some(why),
+                        }
+                    }
+                };
+                if tx.send(Arc::new(applied)).is_err() {
+                    return;
+                }
+            }
+            let [a, b, c] = &mut kinds;
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = a.changed() => if changed.is_err() { return },
+                changed = b.changed() => if changed.is_err() { return },
+                changed = c.changed() => if changed.is_err() { return },
+            }
+        }
+    });
+    rx
+}
+
+/// Makes the proxy of one target, with the settings of the destination
+/// that leads to it.
+pub type MakeProxy = dyn Fn(&Target, &Destination) -> Arc<HttpProxy> + Send + Sync;
+
+/// One outbound listener's routing: its chain and the target proxies.
+pub struct Routing {
+    applied: watch::Receiver<Arc<Applied>>,
+    made: Mutex<Made>,
+    make: Box<MakeProxy>,
+}
+
+impl std::fmt::Debug for Routing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routing").finish_non_exhaustive()
+    }
+}
+
+/// The target proxies of one chain version, by (route, target): route
+/// `None` is the default route.
+#[derive(Default)]
+struct Made {
+    chain: Option<Arc<Chain>>,
+    proxies: HashMap<(Option<usize>, usize), Arc<HttpProxy>>,
+}
+
+/// What [`Routing::choose`] decided.
+pub struct Chosen {
+    pub proxy: Arc<HttpProxy>,
+    pub response_headers: HeaderMods,
+}
+
+impl Routing {
+    pub fn new(applied: watch::Receiver<Arc<Applied>>, make: Box<MakeProxy>) -> Self {
+        Self {
+            applied,
+            made: Mutex::default(),
+            make,
+        }
+    }
+
+    /// The chain applied now (for `/config`).
+    pub fn applied(&self) -> Arc<Applied> {
+        Arc::clone(&self.applied.borrow())
+    }
+
+    /// Routes `req`: `None` when no entry changes anything (the listener's
+    /// own cluster serves it); otherwise the target's proxy, with the
+    /// request already rewritten.
+    pub fn choose(&self, req: &mut Request<ClientBody>) -> Option<Chosen> {
+        let chain = self.applied.borrow().chain.clone()?;
+        if chain.is_plain() {
+            return None;
+        }
+        let (route, dest) = chain.route(
+            req.method().as_str(),
+            req.uri().path(),
+            req.uri().query(),
+            req.headers(),
+        );
+        let split = dest.pick(rand::random_range(0..10_000));
+        let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
+        if !made.chain.as_ref().is_some_and(|c| Arc::ptr_eq(c, &chain)) {
+            *made = self.make_all(&chain);
+        }
+        let target = &chain.targets[split.target];
+        let mut proxy = made.proxies.get(&(route, split.target))?;
+        if !proxy.cluster.has_healthy() {
+            // The resolver's failover, in order; with none healthy, the
+            // target itself answers (503 no healthy upstream).
+            if let Some(next) = target
+                .failover
+                .iter()
+                .filter_map(|f| made.proxies.get(&(route, *f)))
+                .find(|p| p.cluster.has_healthy())
+            {
+                proxy = next;
+            }
+        }
+        let proxy = Arc::clone(proxy);
+        drop(made);
+        apply(&dest.request_headers, req.headers_mut());
+        apply(&split.request_headers, req.headers_mut());
+        if let Some(path) = dest.rewrite(req.uri().path()) {
+            let path_and_query = match req.uri().query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            let mut parts = req.uri().clone().into_parts();
+            if let Ok(pq) = path_and_query.parse() {
+                parts.path_and_query = Some(pq);
+                if let Ok(uri) = hyper::Uri::from_parts(parts) {
+                    *req.uri_mut() = uri;
+                }
+            }
+        }
+        let mut response_headers = dest.response_headers.clone();
+        response_headers
+            .add
+            .extend(split.response_headers.add.iter().cloned());
+        response_headers
+            .set
+            .extend(split.response_headers.set.iter().cloned());
+        response_headers
+            .remove
+            .extend(split.response_headers.remove.iter().cloned());
+        Some(Chosen {
+            proxy,
+            response_headers,
+        })
+    }
+
+    /// Every (route, target) proxy of `chain`, failover targets included.
+    fn make_all(&self, chain: &Arc<Chain>) -> Made {
+        let mut proxies = HashMap::new();
+        let mut add = |route: Option<usize>, dest: &Destination| {
+            let mut wanted: Vec<usize> = dest.splits.iter().map(|s| s.target).collect();
+            let mut i = 0;
+            while i < wanted.len() {
+                for f in &chain.targets[wanted[i]].failover {
+                    if !wanted.contains(f) {
+                        wanted.push(*f);
+                    }
+                }
+                i += 1;
+            }
+            for t in wanted {
+                proxies
+                    .entry((route, t))
+                    .or_insert_with(|| (self.make)(&chain.targets[t], dest));
+            }
+        };
+        for (i, dest) in chain.destinations() {
+            add(i, dest);
+        }
+        Made {
+            chain: Some(Arc::clone(chain)),
+            proxies,
+        }
+    }
+}
+
+/// Applies Add (append), Set (replace) and Remove to `headers`.
+pub fn apply(mods: &HeaderMods, headers: &mut hyper::HeaderMap) {
+    use hyper::header::{HeaderName, HeaderValue};
+    for name in &mods.remove {
+        if let Ok(name) = HeaderName::try_from(name.as_str()) {
+            headers.remove(name);
+        }
+    }
+    for (name, value) in &mods.set {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        ) {
+            headers.insert(name, value);
+        }
+    }
+    for (name, value) in &mods.add {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        ) {
+            headers.append(name, value);
+        }
+    }
+}

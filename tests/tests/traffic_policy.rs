@@ -1,0 +1,257 @@
+//! Sidecars follow the discovery chain from the registry (issue 24): web's
+//! sidecar calls `api`, whose instances are v1 ×2 and v2 ×1 (meta
+//! `version`), and one `PUT /v1/config` at a time changes where its
+//! requests go — resolver subsets, a 90/10 split, router matches on a
+//! header and a path prefix (with a rewrite, to another service), and the
+//! resolver's failover when every v2 instance is gone. Real binaries: one
+//! registry server, four server sidecars, one client sidecar.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use meshwork_tests::apps::http_backend;
+use meshwork_tests::http::http_client;
+use meshwork_tests::sidecar::{ADMIN_PORT, INBOUND_PORT, Mesh, UPSTREAM_PORT};
+use meshwork_tests::wait_for;
+use serde_json::{Value, json};
+
+/// A server sidecar for `service` instance `id` with meta `version`.
+async fn instance(
+    mesh: &mut Mesh,
+    host: u8,
+    service: &str,
+    id: &str,
+    version: &str,
+) -> Result<usize> {
+    let ip = mesh.ip(host);
+    let (app, _) = http_backend(&ip, id).await?;
+    let config = format!(
+        r#"{}
+[service]
+name = "{service}"
+id = "{id}"
+address = "{}"
+port = {}
+meta = {{ version = "{version}" }}
+
+[session]
+node = "node-{ip}"
+ttl = "2s"
+deregister_critical_after = "2s"
+
+[inbound]
+listen = "{ip}:{INBOUND_PORT}"
+protocol = "http"
+
+[admin]
+listen = "{ip}:{ADMIN_PORT}"
+"#,
+        mesh.registry_section(),
+        app.ip(),
+        app.port(),
+    );
+    let i = mesh.spawn(&ip, id, &config)?;
+    mesh.sidecars[i].wait_ready().await?;
+    Ok(i)
+}
+
+async fn put_entry(mesh: &Mesh, entry: &Value) -> Result<()> {
+    let url = format!("{}/v1/config", mesh.cluster().servers[0].http());
+    let r = http_client()?.put(url).json(entry).send().await?;
+    let status = r.status();
+    let text = r.text().await?;
+    ensure!(
+        status == 200 && text == "true",
+        "PUT {entry}: {status} {text}"
+    );
+    Ok(())
+}
+
+/// The client sidecar applies config entries up to `index` or later.
+async fn applied(mesh: &Mesh, c: usize, at_least: u64) -> Result<()> {
+    wait_for("the chain applied", Duration::from_secs(10), || async {
+        let config = mesh.sidecars[c].json("/config").await.ok()?;
+        let chain = config["chains"].get(0)?;
+        (chain["index"].as_u64()? >= at_least && chain["loaded"] == true).then_some(())
+    })
+    .await
+}
+
+async fn entry_index(mesh: &Mesh, path: &str) -> Result<u64> {
+    let url = format!("{}/v1/config/{path}", mesh.cluster().servers[0].http());
+    let r: Value = http_client()?.get(url).send().await?.json().await?;
+    r["ModifyIndex"].as_u64().context("ModifyIndex")
+}
+
+/// Sends `n` GETs to `path` (with `headers`) through the client sidecar;
+/// counts the answering instance (the body's first word).
+async fn spread(
+    client_ip: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    n: usize,
+) -> Result<HashMap<String, usize>> {
+    let http = http_client()?;
+    let mut seen = HashMap::new();
+    for _ in 0..n {
+        let mut request = http.get(format!("http://{client_ip}:{UPSTREAM_PORT}{path}"));
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let r = request.send().await?;
+        ensure!(r.status() == 200, "{path}: {}", r.status());
+        let body = r.text().await?;
+        let who = body.split_whitespace().next().unwrap_or("").to_owned();
+        *seen.entry(who).or_default() += 1;
+    }
+    Ok(seen)
+}
+
+fn count(seen: &HashMap<String, usize>, prefix: &str) -> usize {
+    seen.iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+#[tokio::test]
+async fn routes_splits_subsets_and_failover_apply_live_from_the_registry() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    instance(&mut mesh, 20, "api", "api-v1-a", "v1").await?;
+    instance(&mut mesh, 21, "api", "api-v1-b", "v1").await?;
+    let v2 = instance(&mut mesh, 22, "api", "api-v2-a", "v2").await?;
+    instance(&mut mesh, 23, "admin", "admin-a", "v1").await?;
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(&client_ip, "name = \"api\"\nprotocol = \"http\"")
+        .await?;
+    mesh.sidecars[c].wait_endpoints(3).await?;
+    mesh.sidecars[c].wait_ready().await?;
+
+    // No entries: all three instances share the traffic.
+    let seen = spread(&client_ip, "/", &[], 60).await?;
+    ensure!(
+        count(&seen, "api-v2") > 0 && count(&seen, "api-v1") > 0,
+        "{seen:?}"
+    );
+
+    // A resolver whose default subset is v1: only v1 answers.
+    put_entry(
+        &mesh,
+        &json!({
+            "Kind": "service-resolver", "Name": "api",
+            "DefaultSubset": "v1",
+            "Subsets": {
+                "v1": {"Filter": "Service.Meta.version == v1"},
+                "v2": {"Filter": "Service.Meta.version == v2"}
+            },
+            "Failover": {"v2": {"ServiceSubset": "v1"}}
+        }),
+    )
+    .await?;
+    applied(&mesh, c, entry_index(&mesh, "service-resolver/api").await?).await?;
+    let seen = spread(&client_ip, "/", &[], 40).await?;
+    ensure!(count(&seen, "api-v1") == 40, "default subset v1: {seen:?}");
+
+    // A 90/10 split between the subsets, over 2,000 requests.
+    put_entry(
+        &mesh,
+        &json!({
+            "Kind": "service-splitter", "Name": "api",
+            "Splits": [
+                {"Weight": 90, "ServiceSubset": "v1"},
+                {"Weight": 10, "ServiceSubset": "v2", "ResponseHeaders": {"Set": {"x-split": "v2"}}}
+            ]
+        }),
+    )
+    .await?;
+    applied(&mesh, c, entry_index(&mesh, "service-splitter/api").await?).await?;
+    let seen = spread(&client_ip, "/", &[], 2_000).await?;
+    let share = count(&seen, "api-v2") as f64 / 2_000.0;
+    ensure!(
+        (0.07..=0.13).contains(&share),
+        "v2's share {share} of 2,000 (want 10 % ± 3): {seen:?}"
+    );
+    ensure!(
+        count(&seen, "api-v1") + count(&seen, "api-v2") == 2_000,
+        "{seen:?}"
+    );
+
+    // A router: `x-canary: 1` always to v2; `/admin` to the admin service
+    // with the prefix rewritten to `/`.
+    put_entry(
+        &mesh,
+        &json!({
+            "Kind": "service-router", "Name": "api",
+            "Routes": [
+                {"Match": {"HTTP": {"Header": [{"Name": "x-canary", "Exact": "1"}]}},
+                 "Destination": {"ServiceSubset": "v2"}},
+                {"Match": {"HTTP": {"PathPrefix": "/admin"}},
+                 "Destination": {"Service": "admin", "PrefixRewrite": "/"}}
+            ]
+        }),
+    )
+    .await?;
+    applied(&mesh, c, entry_index(&mesh, "service-router/api").await?).await?;
+    let seen = spread(&client_ip, "/", &[("x-canary", "1")], 50).await?;
+    ensure!(count(&seen, "api-v2") == 50, "x-canary: {seen:?}");
+    let http = http_client()?;
+    let r = http
+        .get(format!(
+            "http://{client_ip}:{UPSTREAM_PORT}/admin/users?x=1"
+        ))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    let path = r
+        .headers()
+        .get("x-seen-path")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = r.text().await?;
+    ensure!(body.starts_with("admin-a"), "/admin went to {body}");
+    ensure!(
+        path == "/users?x=1" || path == "/users",
+        "the admin app saw {path:?}"
+    );
+    // The split's response header, on the default route's v2 share.
+    let mut marked = false;
+    for _ in 0..200 {
+        let r = http
+            .get(format!("http://{client_ip}:{UPSTREAM_PORT}/"))
+            .send()
+            .await?;
+        let header = r.headers().get("x-split").is_some();
+        let body = r.text().await?;
+        ensure!(header == body.starts_with("api-v2"), "x-split on {body}");
+        marked |= header;
+        if marked {
+            break;
+        }
+    }
+    ensure!(marked, "no v2 answer in 200 requests");
+
+    // Every v2 instance gone: the canary route fails over to v1.
+    mesh.sidecars[v2].kill().await?;
+    wait_for(
+        "v2 gone, canary served by v1",
+        Duration::from_secs(15),
+        || async {
+            let seen = spread(&client_ip, "/", &[("x-canary", "1")], 5)
+                .await
+                .ok()?;
+            (count(&seen, "api-v1") == 5).then_some(())
+        },
+    )
+    .await?;
+    let config = mesh.sidecars[c].json("/config").await?;
+    let targets = config["chains"][0]["targets"].to_string();
+    ensure!(
+        targets.contains("v2.api") && targets.contains("v1.api"),
+        "{targets}"
+    );
+    mesh.done();
+    Ok(())
+}
