@@ -89,6 +89,41 @@ pub struct Destination {
     pub retry_on_status_codes: Vec<u16>,
     pub request_headers: HeaderMods,
     pub response_headers: HeaderMods,
+    /// The route's fault injection (over the target's).
+    pub fault: Option<Fault>,
+    /// `RetryOn`: the conditions retried, besides the upstream's own.
+    pub retry_on: RetryOn,
+}
+
+/// The `RetryOn` conditions Meshwork retries on (Envoy's names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    /// `5xx`
+    pub any_5xx: bool,
+    /// `gateway-error`: 502, 503, 504.
+    pub gateway_error: bool,
+    /// `reset`
+    pub reset: bool,
+    /// `connect-failure`
+    pub connect_failure: bool,
+}
+
+fn parse_retry_on(value: Option<&Value>, at: &str) -> Result<RetryOn, String> {
+    let mut on = RetryOn::default();
+    for v in array(value, at).map_err(text)? {
+        match v.as_str() {
+            Some("5xx") => on.any_5xx = true,
+            Some("gateway-error") => on.gateway_error = true,
+            Some("reset") => on.reset = true,
+            Some("connect-failure") => on.connect_failure = true,
+            _ => {
+                return Err(format!(
+                    "{at}: {v} is not a condition Meshwork retries on (5xx, gateway-error, reset, connect-failure)"
+                ));
+            }
+        }
+    }
+    Ok(on)
 }
 
 /// One weighted share of a destination.
@@ -115,6 +150,34 @@ impl HeaderMods {
     }
 }
 
+/// Meshwork's fault injection (Istio's semantics), on a route's
+/// `Destination` or a service's `service-defaults` entry:
+/// `{"Delay": {"Percent": 10, "Duration": "2s"}, "Abort": {"Percent": 5,
+/// "HTTPStatus": 503, "GRPCStatus": 14}}`. Applied in the caller's
+/// sidecar; the route's wins over the service's.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fault {
+    pub delay: Option<Delay>,
+    pub abort: Option<Abort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delay {
+    /// Of 10,000 requests, this many are delayed.
+    pub per_10k: u32,
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Abort {
+    /// Of 10,000 requests, this many are aborted.
+    pub per_10k: u32,
+    /// The status an HTTP caller gets (default 503).
+    pub http_status: u16,
+    /// The `grpc-status` a gRPC caller gets (default 14, UNAVAILABLE).
+    pub grpc_status: u8,
+}
+
 /// A service, or a subset of its instances.
 #[derive(Debug)]
 pub struct Target {
@@ -129,6 +192,8 @@ pub struct Target {
     pub failover: Vec<usize>,
     pub connect_timeout: Option<Duration>,
     pub request_timeout: Option<Duration>,
+    /// From the service's `service-defaults` entry.
+    pub fault: Option<Fault>,
 }
 
 impl Chain {
@@ -182,6 +247,7 @@ impl Chain {
             && self.targets[0].service == self.service
             && self.targets[0].subset.is_none()
             && self.targets[0].failover.is_empty()
+            && self.targets[0].fault.is_none()
     }
 
     /// The destination of a request: the first route that matches, else
@@ -423,7 +489,9 @@ impl Compiler<'_> {
     }
 
     fn destination(&mut self, service: &str, d: &Value, at: &str) -> Result<Destination, String> {
-        const FIELDS: [&str; 12] = [
+        const FIELDS: [&str; 14] = [
+            "Fault",
+            "RetryOn",
             "Service",
             "ServiceSubset",
             "Namespace",
@@ -438,10 +506,9 @@ impl Compiler<'_> {
             "ResponseHeaders",
         ];
         let d = object(d, at).map_err(text)?;
-        // RetryOn (Envoy's retry conditions) is read but not used yet.
-        let mut d = d.clone();
-        d.retain(|k, _| !k.eq_ignore_ascii_case("retryon"));
         let [
+            fault,
+            retry_on,
             svc,
             subset,
             _,
@@ -454,7 +521,11 @@ impl Compiler<'_> {
             codes,
             req,
             resp,
-        ] = fields(&d, &FIELDS, at).map_err(text)?;
+        ] = fields(d, &FIELDS, at).map_err(text)?;
+        let fault = fault
+            .map(|f| parse_fault(f, &join(at, "Fault")))
+            .transpose()?;
+        let retry_on = parse_retry_on(retry_on, &join(at, "RetryOn"))?;
         let target_service = nonempty_string(svc, &join(at, "Service"))
             .map_err(text)?
             .unwrap_or(service)
@@ -501,6 +572,8 @@ impl Compiler<'_> {
             retry_on_status_codes,
             request_headers: header_mods(req, &join(at, "RequestHeaders"))?,
             response_headers: header_mods(resp, &join(at, "ResponseHeaders"))?,
+            fault,
+            retry_on,
         })
     }
 
@@ -734,6 +807,7 @@ impl Compiler<'_> {
             failover: Vec::new(),
             connect_timeout: duration(connect, &join(&at, "ConnectTimeout"))?,
             request_timeout: duration(request, &join(&at, "RequestTimeout"))?,
+            fault: self.service_fault(service)?,
         });
         if with_failover && let Some(failover) = failover {
             let f_at = join(&at, "Failover");
@@ -809,6 +883,90 @@ impl Compiler<'_> {
     }
 }
 
+impl Compiler<'_> {
+    /// The `Fault` of `service`'s `service-defaults` entry, if any.
+    fn service_fault(&self, service: &str) -> Result<Option<Fault>, String> {
+        let Some(defaults) = self.entries.entry("service-defaults", service) else {
+            return Ok(None);
+        };
+        defaults
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("fault"))
+            .map(|(_, f)| parse_fault(f, &format!("service-defaults {service:?}.Fault")))
+            .transpose()
+    }
+}
+
+/// A percentage (two decimals at most) in units of 0.01 %.
+fn percent(value: Option<&Value>, at: &str) -> Result<u32, String> {
+    let p = value
+        .and_then(Value::as_f64)
+        .filter(|p| (0.0..=100.0).contains(p))
+        .ok_or_else(|| format!("{at}: must be a number from 0 to 100"))?;
+    let units = (p * 100.0).round();
+    if (units - p * 100.0).abs() > 1e-6 {
+        return Err(format!("{at}: {p} has more than two decimals"));
+    }
+    Ok(units as u32)
+}
+
+fn parse_fault(value: &Value, at: &str) -> Result<Fault, String> {
+    let obj = object(value, at).map_err(text)?;
+    let [delay, abort] = fields(obj, &["Delay", "Abort"], at).map_err(text)?;
+    let delay = match delay {
+        None => None,
+        Some(d) => {
+            let d_at = join(at, "Delay");
+            let d = object(d, &d_at).map_err(text)?;
+            let [p, length] = fields(d, &["Percent", "Duration"], &d_at).map_err(text)?;
+            let duration = duration(length, &join(&d_at, "Duration"))?
+                .ok_or_else(|| format!("{d_at}.Duration: must be set (e.g. \"2s\")"))?;
+            Some(Delay {
+                per_10k: percent(p, &join(&d_at, "Percent"))?,
+                duration,
+            })
+        }
+    };
+    let abort = match abort {
+        None => None,
+        Some(a) => {
+            let a_at = join(at, "Abort");
+            let a = object(a, &a_at).map_err(text)?;
+            let [p, http, grpc] =
+                fields(a, &["Percent", "HTTPStatus", "GRPCStatus"], &a_at).map_err(text)?;
+            let http_status = match http {
+                None => 503,
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|n| u16::try_from(n).ok())
+                    .filter(|n| (200..600).contains(n))
+                    .ok_or_else(|| {
+                        format!("{a_at}.HTTPStatus: {v} is not an HTTP status from 200 to 599")
+                    })?,
+            };
+            let grpc_status = match grpc {
+                None => 14,
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|n| u8::try_from(n).ok())
+                    .filter(|n| (1..=16).contains(n))
+                    .ok_or_else(|| {
+                        format!("{a_at}.GRPCStatus: {v} is not a gRPC error code (1-16)")
+                    })?,
+            };
+            Some(Abort {
+                per_10k: percent(p, &join(&a_at, "Percent"))?,
+                http_status,
+                grpc_status,
+            })
+        }
+    };
+    if delay.is_none() && abort.is_none() {
+        return Err(format!("{at}: set Delay, Abort or both"));
+    }
+    Ok(Fault { delay, abort })
+}
+
 fn merge(outer: &HeaderMods, inner: &HeaderMods) -> HeaderMods {
     let mut all = outer.clone();
     all.add.extend(inner.add.iter().cloned());
@@ -826,6 +984,12 @@ pub fn validate_entry(
     body: &Map<String, Value>,
     stored: &dyn Entries,
 ) -> Result<(), String> {
+    if kind == "service-defaults" {
+        return match body.iter().find(|(k, _)| k.eq_ignore_ascii_case("fault")) {
+            Some((_, f)) => parse_fault(f, &format!("service-defaults {name:?}.Fault")).map(|_| ()),
+            None => Ok(()),
+        };
+    }
     if !matches!(
         kind,
         "service-router" | "service-splitter" | "service-resolver"
@@ -1031,11 +1195,65 @@ mod tests {
                 Store::default().with("service-router", "api", json!({"Routes": [{"Destination": {"RequestTimeout": "soon"}}]})),
                 "is not a duration",
             ),
+            (
+                Store::default().with("service-router", "api", json!({"Routes": [{"Destination": {"Fault": {"Abort": {"Percent": 101}}}}]})),
+                "Fault.Abort.Percent: must be a number from 0 to 100",
+            ),
+            (
+                Store::default().with("service-defaults", "api", json!({"Fault": {"Delay": {"Percent": 10}}})),
+                "service-defaults \"api\".Fault.Delay.Duration: must be set",
+            ),
+            (
+                Store::default().with("service-router", "api", json!({"Routes": [{"Destination": {"Fault": {}}}]})),
+                "set Delay, Abort or both",
+            ),
+            (
+                Store::default().with("service-router", "api", json!({"Routes": [{"Destination": {"RetryOn": ["5xx", "retriable-4xx"]}}]})),
+                "\"retriable-4xx\" is not a condition Meshwork retries on",
+            ),
         ];
         for (store, says) in cases {
             let err = Chain::compile("api", &store).expect_err(says);
             assert!(err.contains(says), "{says}: {err}");
         }
+    }
+
+    #[test]
+    fn faults_come_from_the_route_or_the_service_defaults() {
+        let store = Store::default()
+            .with("service-defaults", "api", json!({"Protocol": "http", "Fault": {"Delay": {"Percent": 12.5, "Duration": "2s"}}}))
+            .with(
+                "service-router",
+                "api",
+                json!({"Routes": [{"Match": {"HTTP": {"PathPrefix": "/x"}},
+                                   "Destination": {"Fault": {"Abort": {"Percent": 5, "GRPCStatus": 8}}, "RetryOn": ["gateway-error", "reset"]}}]}),
+            );
+        let chain = Chain::compile("api", &store).expect("compiles");
+        assert!(
+            !chain.is_plain(),
+            "a service fault alone makes the chain matter"
+        );
+        let (_, dest) = chain.route("GET", "/x", None, NO_HEADERS);
+        let abort = dest
+            .fault
+            .as_ref()
+            .and_then(|f| f.abort.clone())
+            .expect("abort");
+        assert_eq!(
+            (abort.per_10k, abort.http_status, abort.grpc_status),
+            (500, 503, 8)
+        );
+        assert!(dest.retry_on.gateway_error && dest.retry_on.reset && !dest.retry_on.any_5xx);
+        let target = &chain.targets[dest.pick(0).target];
+        let delay = target
+            .fault
+            .as_ref()
+            .and_then(|f| f.delay.clone())
+            .expect("delay");
+        assert_eq!(
+            (delay.per_10k, delay.duration),
+            (1_250, Duration::from_secs(2))
+        );
     }
 
     #[test]

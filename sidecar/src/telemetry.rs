@@ -28,10 +28,12 @@ pub enum Outcome {
     IntentionDenied,
     /// The inbound listener has no intentions yet (503).
     IntentionsPending,
+    /// An injected fault answered instead of the upstream.
+    FaultAbort,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 11] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Upstream,
         Outcome::NoHealthyUpstream,
         Outcome::ConnectFailure,
@@ -43,6 +45,7 @@ impl Outcome {
         Outcome::Draining,
         Outcome::IntentionDenied,
         Outcome::IntentionsPending,
+        Outcome::FaultAbort,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +61,7 @@ impl Outcome {
             Outcome::Draining => "draining",
             Outcome::IntentionDenied => "intention-denied",
             Outcome::IntentionsPending => "intentions-pending",
+            Outcome::FaultAbort => "fault-abort",
         }
     }
 

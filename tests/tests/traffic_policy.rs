@@ -188,7 +188,10 @@ async fn routes_splits_subsets_and_failover_apply_live_from_the_registry() -> Re
                 {"Match": {"HTTP": {"Header": [{"Name": "x-canary", "Exact": "1"}]}},
                  "Destination": {"ServiceSubset": "v2"}},
                 {"Match": {"HTTP": {"PathPrefix": "/admin"}},
-                 "Destination": {"Service": "admin", "PrefixRewrite": "/"}}
+                 "Destination": {"Service": "admin", "PrefixRewrite": "/"}},
+                {"Match": {"HTTP": {"PathPrefix": "/faulty"}},
+                 "Destination": {"ServiceSubset": "v1",
+                                 "Fault": {"Abort": {"Percent": 50, "HTTPStatus": 503}}}}
             ]
         }),
     )
@@ -232,6 +235,81 @@ async fn routes_splits_subsets_and_failover_apply_live_from_the_registry() -> Re
         }
     }
     ensure!(marked, "no v2 answer in 200 requests");
+
+    // Fault injection: the /faulty route aborts half its requests (503,
+    // marked), and a service-defaults entry delays a tenth of the calls
+    // to admin by 200 ms (marked; the route's fault would win over it).
+    let (mut aborted, mut passed) = (0, 0);
+    for _ in 0..400 {
+        let r = http
+            .get(format!("http://{client_ip}:{UPSTREAM_PORT}/faulty"))
+            .send()
+            .await?;
+        let marked = r
+            .headers()
+            .get("x-meshwork-fault")
+            .map(|v| v.as_bytes().to_vec());
+        match r.status().as_u16() {
+            503 => {
+                ensure!(
+                    marked.as_deref() == Some(&b"abort"[..]),
+                    "an abort unmarked: {marked:?}"
+                );
+                aborted += 1;
+            }
+            200 => {
+                ensure!(marked.is_none(), "a request served marked {marked:?}");
+                passed += 1;
+            }
+            other => anyhow::bail!("/faulty: {other}"),
+        }
+    }
+    // 400 draws at 50 %: 200 ± 5 standard deviations (10 each).
+    ensure!(
+        (150..=250).contains(&aborted),
+        "{aborted} of 400 aborted ({passed} passed)"
+    );
+    let counted = mesh.sidecars[c]
+        .metric_sum("meshwork_sidecar_faults_injected_total{kind=\"abort\"")
+        .await?;
+    ensure!(
+        counted as usize == aborted,
+        "/metrics counts {counted} aborts, {aborted} seen"
+    );
+    put_entry(
+        &mesh,
+        &json!({"Kind": "service-defaults", "Name": "admin", "Protocol": "http",
+                "Fault": {"Delay": {"Percent": 10, "Duration": "200ms"}}}),
+    )
+    .await?;
+    applied(
+        &mesh,
+        c,
+        entry_index(&mesh, "service-defaults/admin").await?,
+    )
+    .await?;
+    let mut delayed = 0;
+    for _ in 0..200 {
+        let sent = std::time::Instant::now();
+        let r = http
+            .get(format!("http://{client_ip}:{UPSTREAM_PORT}/admin/x"))
+            .send()
+            .await?;
+        let took = sent.elapsed();
+        ensure!(r.status() == 200, "{}", r.status());
+        if r.headers()
+            .get("x-meshwork-fault")
+            .is_some_and(|v| v == "delay")
+        {
+            ensure!(
+                took >= Duration::from_millis(200),
+                "a delayed request took {took:?}"
+            );
+            delayed += 1;
+        }
+    }
+    // 200 draws at 10 %: 20 ± 5 standard deviations (4.2 each).
+    ensure!((1..=42).contains(&delayed), "{delayed} of 200 delayed");
 
     // Every v2 instance gone: the canary route fails over to v1.
     mesh.sidecars[v2].kill().await?;

@@ -52,6 +52,8 @@ const KINDS: &[(&str, &[&str])] = &[
             "EnvoyExtensions",
             "BalanceInboundConnections",
             "RateLimits",
+            // Meshwork's: fault injection on calls to the service.
+            "Fault",
         ],
     ),
     (

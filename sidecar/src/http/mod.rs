@@ -140,8 +140,41 @@ impl HttpProxy {
         {
             return Box::pin(async move {
                 let proxy = chosen.proxy;
+                let mut delayed = false;
+                if let Some(fault) = &chosen.fault {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let hit = |per_10k: u32| rand::random_range(0..10_000u32) < per_10k;
+                    if let Some(delay) = fault.delay.as_ref().filter(|d| hit(d.per_10k)) {
+                        crate::policy::chain::FAULTS_DELAYED.fetch_add(1, Relaxed);
+                        tokio::time::sleep(delay.duration).await;
+                        delayed = true;
+                    }
+                    if let Some(abort) = fault.abort.as_ref().filter(|a| hit(a.per_10k)) {
+                        crate::policy::chain::FAULTS_ABORTED.fetch_add(1, Relaxed);
+                        let grpc = is_grpc(req.headers());
+                        let mut response =
+                            rescue::fault_abort(abort.http_status, abort.grpc_status, grpc)
+                                .map(ResponseBody::Own);
+                        proxy.cluster.metrics.record(
+                            response.status().as_u16(),
+                            crate::telemetry::Outcome::FaultAbort,
+                            std::time::Duration::ZERO,
+                        );
+                        crate::policy::chain::apply(
+                            &chosen.response_headers,
+                            response.headers_mut(),
+                        );
+                        return response;
+                    }
+                }
                 let mut response = proxy.handle(req, peer, caller, connection).await;
                 crate::policy::chain::apply(&chosen.response_headers, response.headers_mut());
+                if delayed {
+                    response.headers_mut().insert(
+                        rescue::FAULT_HEADER,
+                        hyper::header::HeaderValue::from_static("delay"),
+                    );
+                }
                 response
             });
         }

@@ -133,6 +133,38 @@ pub fn respond(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
     response
 }
 
+/// The header marking a response an injected fault changed: `abort` or
+/// `delay`.
+pub const FAULT_HEADER: HeaderName = HeaderName::from_static("x-meshwork-fault");
+
+/// The answer of an injected abort: `status` (HTTP) or `grpc_status`
+/// (a gRPC caller), marked `x-meshwork-fault: abort`.
+pub fn fault_abort(status: u16, grpc_status: u8, grpc: bool) -> Response<ProxyBody> {
+    let code = HeaderValue::from_static(Outcome::FaultAbort.as_str());
+    let mut response = if grpc {
+        let mut response = Response::new(empty());
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from(u16::from(grpc_status)));
+        headers.insert("grpc-message", HeaderValue::from_static("fault%20injected"));
+        response
+    } else {
+        let mut response = Response::new(full(Bytes::from_static(b"fault injected\n")));
+        *response.status_mut() =
+            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    };
+    response.headers_mut().insert(ERROR_HEADER, code);
+    response
+        .headers_mut()
+        .insert(FAULT_HEADER, HeaderValue::from_static("abort"));
+    response
+}
+
 /// gRPC's percent-encoding of `grpc-message` (everything outside
 /// printable ASCII, and `%`).
 fn grpc_message(text: &str) -> String {

@@ -582,7 +582,13 @@ impl Proxy {
             if let Some(retries) = dest.num_retries {
                 config.retries.attempts = retries;
             }
-            config.retries.on.connect_failure |= dest.retry_on_connect_failure;
+            config.retries.on.connect_failure |=
+                dest.retry_on_connect_failure || dest.retry_on.connect_failure;
+            config.retries.on.reset |= dest.retry_on.reset;
+            config.retries.on.any_5xx |= dest.retry_on.any_5xx;
+            if dest.retry_on.gateway_error {
+                config.retries.on.statuses.extend([502, 503, 504]);
+            }
             config
                 .retries
                 .on
@@ -1030,6 +1036,7 @@ impl Proxy {
         );
         text.push_str(&self.mesh.render_metrics());
         text.push_str(&self.intentions.render_metrics());
+        text.push_str(&chain::render_metrics());
         text
     }
 

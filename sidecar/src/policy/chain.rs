@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use hyper::Request;
-use meshwork_core::chain::{Chain, Destination, Entries, HeaderMods, Target};
+use meshwork_core::chain::{Chain, Destination, Entries, Fault, HeaderMods, Target};
 use meshwork_proto::v1::{ConfigEntriesTopic, ConfigEntry, subscribe_request};
 use serde_json::{Map, Value};
 use tokio::sync::watch;
@@ -26,14 +26,33 @@ use tokio_util::sync::CancellationToken;
 use crate::discovery::{Discovery, TopicState};
 use crate::http::{ClientBody, HttpProxy};
 
-const KINDS: [&str; 3] = ["service-router", "service-splitter", "service-resolver"];
+const KINDS: [&str; 4] = [
+    "service-router",
+    "service-splitter",
+    "service-resolver",
+    "service-defaults",
+];
 
 type Followed = watch::Receiver<Arc<TopicState<BTreeMap<String, ConfigEntry>>>>;
 
-/// The three kinds' entries, followed once per sidecar.
+/// The kinds' entries, followed once per sidecar.
 #[derive(Debug, Clone)]
 pub struct ChainEntries {
-    kinds: [Followed; 3],
+    kinds: [Followed; 4],
+}
+
+/// Faults injected, by kind (for `/metrics`).
+pub static FAULTS_DELAYED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub static FAULTS_ABORTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// `/metrics` lines of the faults injected.
+pub fn render_metrics() -> String {
+    use std::sync::atomic::Ordering;
+    format!(
+        "# HELP meshwork_sidecar_faults_injected_total Requests an injected fault delayed or aborted.\n# TYPE meshwork_sidecar_faults_injected_total counter\nmeshwork_sidecar_faults_injected_total{{kind=\"delay\"}} {}\nmeshwork_sidecar_faults_injected_total{{kind=\"abort\"}} {}\n",
+        FAULTS_DELAYED.load(Ordering::Relaxed),
+        FAULTS_ABORTED.load(Ordering::Relaxed),
+    )
 }
 
 impl ChainEntries {
@@ -130,12 +149,13 @@ pub fn follow(
                     return;
                 }
             }
-            let [a, b, c] = &mut kinds;
+            let [a, b, c, d] = &mut kinds;
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 changed = a.changed() => if changed.is_err() { return },
                 changed = b.changed() => if changed.is_err() { return },
                 changed = c.changed() => if changed.is_err() { return },
+                changed = d.changed() => if changed.is_err() { return },
             }
         }
     });
@@ -171,6 +191,8 @@ struct Made {
 pub struct Chosen {
     pub proxy: Arc<HttpProxy>,
     pub response_headers: HeaderMods,
+    /// The fault to inject (the route's, else the target service's).
+    pub fault: Option<Fault>,
 }
 
 impl Routing {
@@ -222,6 +244,7 @@ impl Routing {
         }
         let proxy = Arc::clone(proxy);
         drop(made);
+        let fault = dest.fault.clone().or_else(|| target.fault.clone());
         apply(&dest.request_headers, req.headers_mut());
         apply(&split.request_headers, req.headers_mut());
         if let Some(path) = dest.rewrite(req.uri().path()) {
@@ -250,6 +273,7 @@ impl Routing {
         Some(Chosen {
             proxy,
             response_headers,
+            fault,
         })
     }
 
