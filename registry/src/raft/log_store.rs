@@ -44,6 +44,18 @@ pub struct LogStore {
     data_file: Arc<SledFiles>,
     /// Completion callbacks of appends waiting for the next sync.
     flusher: Arc<Flusher>,
+    /// The committed index openraft last reported, not yet written: it is
+    /// a hint, so it is not written (to sled) on every commit, only with
+    /// the next vote or purge point, and only once this server's own log
+    /// holds it durably (a leader may commit on its followers' syncs
+    /// before its own; a restart must not find a committed index past its
+    /// log).
+    committed: Arc<std::sync::Mutex<Option<Option<LogId>>>>,
+    /// The last index appended, and the last one known synced.
+    appended: Arc<std::sync::atomic::AtomicU64>,
+    durable: Arc<std::sync::atomic::AtomicU64>,
+    /// Truncations so far (see `truncate`).
+    cuts: Arc<std::sync::atomic::AtomicU64>,
 }
 
 type Flush = (LogFlushed<TypeConfig>, std::time::Instant);
@@ -150,11 +162,22 @@ impl LogStore {
             db: std::fs::File::open(sled_dir.join("db")).ok(),
         });
         move_old_log(db, &wal, &data_file).map_err(wal_error)?;
+        // What the log holds now is durable from here on.
+        wal.sync_current().map_err(wal_error)?;
+        let last = wal.bounds().map_or(0, |(_, last)| last);
+        let appended = Arc::new(std::sync::atomic::AtomicU64::new(last));
+        let durable = Arc::new(std::sync::atomic::AtomicU64::new(last));
         let (queue, pending) = std::sync::mpsc::channel();
         let flush_wal = Arc::clone(&wal);
+        let cuts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let progress = (
+            Arc::clone(&appended),
+            Arc::clone(&durable),
+            Arc::clone(&cuts),
+        );
         let thread = std::thread::Builder::new()
             .name("raft-log-flush".into())
-            .spawn(move || flush_appends(&flush_wal, &pending))
+            .spawn(move || flush_appends(&flush_wal, &pending, &progress))
             .map_err(wal_error)?;
         let flusher = Arc::new(Flusher {
             queue: Some(queue),
@@ -166,10 +189,25 @@ impl LogStore {
             wal,
             data_file,
             flusher,
+            committed: Arc::default(),
+            appended,
+            durable,
+            cuts,
         })
     }
 
     async fn flush_meta(&self, subject: ErrorSubject<NodeId>) -> Result<(), StorageError> {
+        let pending = *self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(committed) = pending {
+            let durable = self.durable.load(std::sync::atomic::Ordering::Acquire);
+            if committed.is_none_or(|c| c.index <= durable) {
+                self.write_meta(COMMITTED, &committed, ErrorSubject::Store)?;
+                let mut slot = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+                if *slot == pending {
+                    *slot = None;
+                }
+            }
+        }
         flush_durably(&self.db, &self.data_file)
             .await
             .map_err(|e| storage_io_error(subject, ErrorVerb::Write, e))
@@ -291,18 +329,41 @@ async fn flush_durably(db: &sled::Db, data_file: &Arc<SledFiles>) -> std::io::Re
 
 /// The flusher thread: one `fdatasync` per batch of queued appends. A
 /// plain thread, because syncing blocks: no async worker waits on disk.
-fn flush_appends(wal: &Wal, pending: &std::sync::mpsc::Receiver<Flush>) {
+/// The last index appended, the last one known synced, and the number
+/// of truncations so far.
+type Progress = (
+    Arc<std::sync::atomic::AtomicU64>,
+    Arc<std::sync::atomic::AtomicU64>,
+    Arc<std::sync::atomic::AtomicU64>,
+);
+
+fn flush_appends(
+    wal: &Wal,
+    pending: &std::sync::mpsc::Receiver<Flush>,
+    (appended, durable, cuts): &Progress,
+) {
+    use std::sync::atomic::Ordering;
     while let Ok(first) = pending.recv() {
         let mut batch = vec![first];
         while let Ok(more) = pending.try_recv() {
             batch.push(more);
         }
+        // Everything appended before this load is in the files taken next
+        // (or in ones synced before).
+        let cuts_before = cuts.load(Ordering::Acquire);
+        let covered = appended.load(Ordering::Acquire);
         let result = wal
             .take_dirty()
             .iter()
             .try_for_each(|file| crate::storage::durable::sync_data(file));
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "raft log sync failed");
+        match &result {
+            // Not when a truncation came in between: the next batch
+            // covers what was appended after it.
+            Ok(()) if cuts.load(Ordering::Acquire) == cuts_before => {
+                durable.fetch_max(covered, Ordering::AcqRel);
+            }
+            Ok(()) => {}
+            Err(e) => tracing::error!(error = %e, "raft log sync failed"),
         }
         for (callback, appended) in batch {
             crate::metrics::METRICS.raft_appended(appended.elapsed());
@@ -367,12 +428,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Not flushed: openraft treats the committed index as a hint that
-        // speeds up restart; losing the latest one is safe.
-        self.write_meta(COMMITTED, &committed, ErrorSubject::Store)
+        // Kept in memory, written with the next vote or purge point (see
+        // `committed`): openraft treats it as a hint that speeds up a
+        // restart, and losing the latest one is safe.
+        *self.committed.lock().unwrap_or_else(|e| e.into_inner()) = Some(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        if let Some(pending) = *self.committed.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(pending);
+        }
         Ok(self
             .read_meta::<Option<LogId>>(COMMITTED, ErrorSubject::Store)?
             .flatten())
@@ -396,6 +462,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.wal
                 .append(entry.log_id.index, &bytes)
                 .map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+            self.appended
+                .store(entry.log_id.index, std::sync::atomic::Ordering::Release);
         }
         // Durable once the flusher's next sync completes.
         self.flusher
@@ -417,7 +485,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // uncommitted entries).
         self.wal
             .truncate(log_id.index)
-            .map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))
+            .map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        // A sync that started before the cut must not raise `durable`
+        // past it: the flusher raises it only when no cut came meanwhile.
+        let kept = log_id.index.saturating_sub(1);
+        self.cuts.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.durable
+            .fetch_min(kept, std::sync::atomic::Ordering::AcqRel);
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {

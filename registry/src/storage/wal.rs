@@ -750,6 +750,16 @@ impl Wal {
         Ok(())
     }
 
+    /// Syncs the segment appended to: what a start read from disk (which a
+    /// crash, unlike a power loss, leaves in the page cache) is durable.
+    pub fn sync_current(&self) -> std::io::Result<()> {
+        let file = self.lock().segments.back().map(|s| Arc::clone(&s.file));
+        match file {
+            Some(file) => durable::sync_data(&file),
+            None => Ok(()),
+        }
+    }
+
     /// The files written since the last call; syncing them makes every
     /// append made before this call durable.
     pub fn take_dirty(&self) -> Vec<Arc<File>> {
