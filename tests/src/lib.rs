@@ -22,6 +22,7 @@ pub mod host;
 pub mod http;
 pub mod lab_cluster;
 pub mod linearizable;
+pub mod lock_client;
 pub mod lock_history;
 pub mod mesh_client;
 pub mod netns;
