@@ -6,10 +6,12 @@
 //! nothing about faults or namespaces.
 //!
 //! A client never uses a session whose hold on the lock it cannot know:
-//! after an acquire attempt or a release whose outcome stayed unknown it
-//! releases until it gets an answer, or gives the session up (destroys
-//! it, best effort, and makes a new one). That keeps `lock_history`'s
-//! count of acquisitions exact.
+//! after an acquire attempt whose outcome stayed unknown it releases until
+//! it gets an answer; after a release whose outcome was unknown — even if
+//! a retry was then answered — it gives the session up (destroys it, best
+//! effort, and makes a new one), since that release may still be applied
+//! later and would end a next holding of the same session (the fault
+//! suite saw one land seconds after the heal of a cut-off server).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -216,15 +218,20 @@ impl Contender<'_> {
     }
 
     /// Releases until an answer, at most [`RELEASE_CALLS`]; false when the
-    /// session must be given up (it is gone, or whether it still holds the
-    /// lock stayed unknown: then it is destroyed, best effort).
+    /// session must be given up: it is gone, or a release of it had an
+    /// unknown outcome (it may yet land; the session is destroyed, best
+    /// effort).
     async fn release(&mut self, sid: &str) -> bool {
+        let mut unknown = false;
         for _ in 0..RELEASE_CALLS {
             match self.call(sid, LockCall::Release).await {
-                LockOutcome::Ok | LockOutcome::Refused => return true,
+                LockOutcome::Ok | LockOutcome::Refused if !unknown => return true,
+                LockOutcome::Ok | LockOutcome::Refused => break,
                 LockOutcome::Failed { gone: true } => return false,
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                LockOutcome::Unknown => unknown = true,
+                _ => {}
             }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         self.call(sid, LockCall::Destroy).await;
         false

@@ -42,6 +42,15 @@
 //! TTL expiry ends a holding, and these *safe intervals* (half-open) of
 //! two holdings must never overlap.
 //!
+//! Except for a release of the same session whose outcome stayed unknown:
+//! it may still be applied at any later time (a server kept it while cut
+//! off, and forwarded it after the heal), and then it ends whatever that
+//! session holds by then — a later holding too. Such a holding is
+//! *tainted*: the client could not count on it, so it is left out of the
+//! checks (and counted apart). The lock clients give a session up after
+//! an unknown release, so there are none unless a client errs; the first
+//! fault runs found one before they did.
+//!
 //! # LockIndex
 //!
 //! The key is created by its first acquisition (LockIndex 1) and never
@@ -53,9 +62,12 @@
 //! took effect is the holder acquiring again; the session cannot have lost
 //! the lock in between, since it would then be gone and no later call of
 //! it could succeed), and an attempt with an unknown call and no `true` is
-//! at most one. So, with `T` the attempts that ended `true` and `U` the
-//! others with an unknown call: every LockIndex read is at most `T + U`,
-//! and one read after every client stopped is at least `T`. Besides:
+//! at most one — until later, since an unknown call may be applied any
+//! time after it was made. So, with `T` the attempts that ended `true` and
+//! `U` the acquire calls whose outcome is unknown: every LockIndex read is
+//! at most `T + U`, and one read after every client stopped is at least
+//! `T` (each attempt that ended `true` began a holding after the
+//! session's previous one ended, so no two share an acquisition). Besides:
 //! reads ordered in real time never see LockIndex or ModifyIndex go back;
 //! one LockIndex is only ever seen with one session; two holdings never
 //! show the same LockIndex; and a read that lies wholly inside a holding's
@@ -136,6 +148,9 @@ pub struct Holding {
     pub alive_until: u64,
     /// LockIndex the holder read while holding, if it did.
     pub lock_index: Option<u64>,
+    /// A release (or destroy) of the same session made before, whose
+    /// outcome is unknown, may end it at any moment: not counted on.
+    pub tainted: bool,
 }
 
 impl Holding {
@@ -149,8 +164,10 @@ impl Holding {
 /// much was checked.
 #[derive(Debug, Default)]
 pub struct LockVerdict {
-    /// Holdings with a non-empty safe interval.
+    /// Holdings with a non-empty safe interval (not tainted).
     pub holdings: Vec<Holding>,
+    /// Holdings left out: a release of theirs from before could still land.
+    pub tainted: Vec<Holding>,
     /// Holdings whose safe interval the TTL bound cut short, or to nothing.
     pub cut_by_ttl: usize,
     pub cut_to_nothing: usize,
@@ -160,9 +177,10 @@ pub struct LockVerdict {
     /// show that holding's session).
     pub reads_inside_holdings: usize,
     pub reads: usize,
-    /// Attempts that ended `true` (T) and uncertain ones (U).
+    /// Attempts that ended `true` (T), and acquire calls with an unknown
+    /// outcome (U).
     pub acquired_attempts: usize,
-    pub uncertain_attempts: usize,
+    pub unknown_acquires: usize,
     /// The highest LockIndex the final reads saw.
     pub final_lock_index: Option<u64>,
     pub violations: Vec<String>,
@@ -171,15 +189,16 @@ pub struct LockVerdict {
 impl LockVerdict {
     pub fn summary(&self) -> String {
         format!(
-            "{} acquisitions checked for mutual exclusion ({} handoffs between clients; {} safe intervals cut short by the TTL bound, {} more to nothing); {} reads, {} of them inside a holding's safe interval; {} attempts acquired, {} uncertain; final LockIndex {:?}",
+            "{} acquisitions checked for mutual exclusion ({} left out as tainted by an earlier unknown release; {} handoffs between clients; {} safe intervals cut short by the TTL bound, {} more to nothing); {} reads, {} of them inside a holding's safe interval; {} attempts acquired, {} acquire calls unknown; final LockIndex {:?}",
             self.holdings.len(),
+            self.tainted.len(),
             self.handoffs,
             self.cut_by_ttl,
             self.cut_to_nothing,
             self.reads,
             self.reads_inside_holdings,
             self.acquired_attempts,
-            self.uncertain_attempts,
+            self.unknown_acquires,
             self.final_lock_index
         )
     }
@@ -250,9 +269,18 @@ fn holdings_of(calls: &[&LockOp], alive: &HashMap<&str, u64>, verdict: &mut Lock
             release_at,
             alive_until,
             lock_index: None,
+            tainted: calls[..i].iter().any(|o| {
+                matches!(o.call, LockCall::Release | LockCall::Destroy)
+                    && o.session == op.session
+                    && o.outcome == LockOutcome::Unknown
+            }),
         };
         if holding.to() <= from {
             verdict.cut_to_nothing += 1;
+            continue;
+        }
+        if holding.tainted {
+            verdict.tainted.push(holding);
             continue;
         }
         if alive_until < release_at {
@@ -262,25 +290,22 @@ fn holdings_of(calls: &[&LockOp], alive: &HashMap<&str, u64>, verdict: &mut Lock
     }
 }
 
-/// Attempts that ended `true` (T) and uncertain ones (U), for the
-/// LockIndex bounds.
+/// Attempts that ended `true` (T) and acquire calls with an unknown
+/// outcome (U), for the LockIndex bounds.
 fn count_attempts(calls: &[&LockOp], verdict: &mut LockVerdict) {
-    // attempt → (acquired, had an unknown call)
-    let mut attempts: BTreeMap<(u32, &str), (bool, bool)> = BTreeMap::new();
+    let mut acquired: std::collections::BTreeSet<(u32, &str)> = Default::default();
     for op in calls {
         if let LockCall::Acquire { attempt } = op.call {
-            let a = attempts.entry((attempt, op.session.as_str())).or_default();
-            a.0 |= op.outcome == LockOutcome::Ok;
-            a.1 |= op.outcome == LockOutcome::Unknown;
+            match op.outcome {
+                LockOutcome::Ok => {
+                    acquired.insert((attempt, op.session.as_str()));
+                }
+                LockOutcome::Unknown => verdict.unknown_acquires += 1,
+                _ => {}
+            }
         }
     }
-    for (acquired, unknown) in attempts.values() {
-        if *acquired {
-            verdict.acquired_attempts += 1;
-        } else if *unknown {
-            verdict.uncertain_attempts += 1;
-        }
-    }
+    verdict.acquired_attempts += acquired.len();
 }
 
 /// No two safe intervals overlap.
@@ -453,7 +478,7 @@ fn reads_agree(ops: &[LockOp], final_from: u64, verdict: &mut LockVerdict) {
     }
 
     // The count: at most T + U everywhere, at least T at the end.
-    let most = (verdict.acquired_attempts + verdict.uncertain_attempts) as u64;
+    let most = (verdict.acquired_attempts + verdict.unknown_acquires) as u64;
     for (op, state, _) in &reads {
         if state.lock_index > most {
             problems.push(format!(
@@ -678,7 +703,7 @@ mod tests {
         ];
         let v = check_lock_history(&ops, 3_000 * MS);
         assert!(v.violations.is_empty(), "{:?}", v.violations);
-        assert_eq!((v.acquired_attempts, v.uncertain_attempts), (1, 1));
+        assert_eq!((v.acquired_attempts, v.unknown_acquires), (1, 1));
         // Without the unknown call, LockIndex 2 has no acquisition.
         let v = check_lock_history(
             &[ops[0].clone(), ops[2].clone(), ops[5].clone()],
@@ -686,6 +711,39 @@ mod tests {
         );
         assert!(
             v.violations.iter().any(|p| p.contains("above the 1")),
+            "{:?}",
+            v.violations
+        );
+    }
+
+    #[test]
+    fn a_holding_after_an_unknown_release_of_its_session_is_not_counted_on() {
+        // What the fault suite saw: client 1's release through a cut-off
+        // server stays unknown; it releases again (true), acquires again
+        // with the same session — and the first release, applied late,
+        // ends that holding: client 2 takes the lock while client 1
+        // believes it holds it.
+        let mut ops = vec![
+            create(1, "a", 0),
+            create(2, "b", 0),
+            acquire(1, "a", 1, 100, LockOutcome::Ok),
+            op(1, "a", LockCall::Release, LockOutcome::Unknown, 200, None),
+            release(1, "a", 2_300),
+            acquire(1, "a", 2, 2_400, LockOutcome::Ok),
+            acquire(2, "b", 1, 2_500, LockOutcome::Ok),
+            release(2, "b", 2_600),
+            release(1, "a", 2_700),
+            read(1000, 3_000, None, 3, 20),
+        ];
+        let v = check_lock_history(&ops, 3_000 * MS);
+        assert!(v.violations.is_empty(), "{:?}", v.violations);
+        assert_eq!((v.holdings.len(), v.tainted.len()), (2, 1));
+        // Had that release been answered, the overlap is a violation.
+        ops[3].outcome = LockOutcome::Ok;
+        ops[3].complete = Some(205 * MS);
+        let v = check_lock_history(&ops, 3_000 * MS);
+        assert!(
+            v.violations.iter().any(|p| p.contains("TWO HOLDERS")),
             "{:?}",
             v.violations
         );
