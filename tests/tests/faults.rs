@@ -107,10 +107,11 @@ fn spawn_prober(
 
 /// The lock the lock contenders take turns at (outside the prefixes the
 /// other checks read), how many contend, and the fewest acquisitions a
-/// run must check under CI (a quick run makes over a hundred).
+/// run must check under CI (quick runs checked 23-45 in the partition test,
+/// about 150 in the kill loop).
 const LOCK_KEY: &str = "locks/leader";
 const LOCK_CONTENDERS: u32 = 3;
-const MIN_LOCK_HOLDINGS: usize = 20;
+const MIN_LOCK_HOLDINGS: usize = 10;
 
 /// Starts the lock contenders (clients 500..) on every server of
 /// `cluster`: sessions with a 10 s TTL (Consul's shortest) renewed every
