@@ -22,6 +22,8 @@ pub mod host;
 pub mod http;
 pub mod lab_cluster;
 pub mod linearizable;
+pub mod lock_client;
+pub mod lock_history;
 pub mod mesh_client;
 pub mod netns;
 pub mod sidecar;

@@ -29,6 +29,14 @@
 //!   sync, each directory as of its last sync: the registry's
 //!   `storage::durable` seam, debug builds) and the cycle puts it in place
 //!   before the restart; checks 3, 4, 1, 6.
+//!
+//! Both also run three lock contenders (`meshwork_tests::lock_client`):
+//! sessions with a 10 s TTL, acquire, hold, release on one key, recreating
+//! a session that is gone. Check 7 (issue 20) holds their history to
+//! mutual exclusion — no two holders' safe intervals overlap, from an
+//! acquire's completion to the release's invocation or the session's TTL
+//! bound — and the lock's Session and LockIndex read back to the
+//! acquisitions (`meshwork_tests::lock_history`).
 //! - `restarted_leader_serves_no_stale_consistent_read`: the stale read the
 //!   kill -9 loop finds, on its own (loopback, no root needed).
 //!
@@ -61,7 +69,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use meshwork_tests::fault_report::{
-    Findings, check_failover_target, check_linearizable, conclude, failover_from_acks,
+    Findings, check_failover_target, check_linearizable, check_locks, conclude, failover_from_acks,
     failover_samples, write_report,
 };
 use meshwork_tests::fault_suite::{
@@ -69,6 +77,8 @@ use meshwork_tests::fault_suite::{
 };
 use meshwork_tests::lab_cluster::{Cluster, ELECTION_TIMEOUT_MS, Node, lock_suite};
 use meshwork_tests::linearizable::{Call, Outcome};
+use meshwork_tests::lock_client::{self, LockSettings};
+use meshwork_tests::lock_history::LockOp;
 use meshwork_tests::workload::{self, ClientLog, Mix, Observation, Shared, SplitMix, WatchLog};
 
 /// Client per-request timeout: past it a write is unknown.
@@ -93,6 +103,62 @@ fn spawn_prober(
         PROBE_EVERY,
         PROBE_TIMEOUT,
     ))
+}
+
+/// The lock the lock contenders take turns at (outside the prefixes the
+/// other checks read), how many contend, and the fewest acquisitions a
+/// run must check under CI (quick runs checked 23-45 in the partition test,
+/// about 150 in the kill loop).
+const LOCK_KEY: &str = "locks/leader";
+const LOCK_CONTENDERS: u32 = 3;
+const MIN_LOCK_HOLDINGS: usize = 10;
+
+/// Starts the lock contenders (clients 500..) on every server of
+/// `cluster`: sessions with a 10 s TTL (Consul's shortest) renewed every
+/// 2 s and no lock-delay, holds of 50-300 ms.
+fn spawn_lock_clients(shared: &Shared, cluster: &Cluster<'_>) -> tokio::task::JoinSet<Vec<LockOp>> {
+    let mut contenders = tokio::task::JoinSet::new();
+    for c in 0..LOCK_CONTENDERS {
+        contenders.spawn(lock_client::run_lock_client(
+            shared.clone(),
+            500 + c,
+            cluster.targets(),
+            LockSettings {
+                key: LOCK_KEY.into(),
+                ttl: Duration::from_secs(10),
+                renew_every: Duration::from_secs(2),
+                hold: (Duration::from_millis(50), Duration::from_millis(300)),
+                max_ops: 100_000,
+            },
+        ));
+    }
+    contenders
+}
+
+/// Once the contenders have stopped and the cluster has settled: their
+/// history with final reads through every server, checked (issue 20).
+async fn check_lock_contenders(
+    contenders: tokio::task::JoinSet<Vec<LockOp>>,
+    shared: &Shared,
+    cluster: &Cluster<'_>,
+    findings: &mut Findings,
+) -> Result<()> {
+    let mut contenders = contenders;
+    let mut ops = Vec::new();
+    while let Some(joined) = contenders.join_next().await {
+        ops.extend(joined.context("lock contender task")?);
+    }
+    let final_from = shared.now();
+    ops.extend(lock_client::final_reads(shared, &cluster.targets(), LOCK_KEY).await);
+    check_locks(
+        &ops,
+        final_from,
+        MIN_LOCK_HOLDINGS,
+        cluster,
+        findings,
+        "7. locks: never two holders at once; Session and LockIndex read back agree with the acquisitions",
+    );
+    Ok(())
 }
 
 /// The run's settings, for the report's header.
@@ -439,6 +505,7 @@ fn partitions_pauses_crashes_and_membership_changes() -> Result<()> {
         let keys: Vec<String> = (0..4).map(|k| format!("f/k{k}")).collect();
         let mut clients = tokio::task::JoinSet::new();
         let prober = spawn_prober(&shared, &cluster);
+        let contenders = spawn_lock_clients(&shared, &cluster);
         for c in 0..5 {
             clients.spawn(workload::run_client(
                 shared.clone(),
@@ -531,6 +598,7 @@ fn partitions_pauses_crashes_and_membership_changes() -> Result<()> {
         }
         lab.heal()?;
         settle_and_compare(&mut cluster, &shared, &keys, "f/", &mut log, &mut findings).await?;
+        check_lock_contenders(contenders, &shared, &cluster, &mut findings).await?;
 
         // Let the watcher catch up with what the reads saw (at most 30 s;
         // check 5 fails if it did not), then stop it.
@@ -733,6 +801,7 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
         let keys: Vec<String> = single.iter().chain(&shared_keys).cloned().collect();
         let mut clients = tokio::task::JoinSet::new();
         let prober = spawn_prober(&shared, &cluster);
+        let contenders = spawn_lock_clients(&shared, &cluster);
         // (client id, key, mix, think time) of each workload client.
         let single_writers = single.iter().enumerate().map(|(c, key)| {
             let mix = Mix {
@@ -879,6 +948,7 @@ fn kill_9_loop_loses_no_acknowledged_write() -> Result<()> {
             log.observed.append(&mut one.observed);
         }
         settle_and_compare(&mut cluster, &shared, &keys, "kl/", &mut log, &mut findings).await?;
+        check_lock_contenders(contenders, &shared, &cluster, &mut findings).await?;
 
         // Check 3: per key, the final value is the last acknowledged write
         // or a later (unknown) one: values of one writer only grow.
