@@ -84,6 +84,8 @@ pub struct Destination {
     /// replaces.
     pub rewrite_from: Option<String>,
     pub request_timeout: Option<Duration>,
+    /// How long a pooled connection to the target may sit idle.
+    pub idle_timeout: Option<Duration>,
     pub num_retries: Option<u32>,
     pub retry_on_connect_failure: bool,
     pub retry_on_status_codes: Vec<u16>,
@@ -194,6 +196,97 @@ pub struct Target {
     pub request_timeout: Option<Duration>,
     /// From the service's `service-defaults` entry.
     pub fault: Option<Fault>,
+    /// The resolver's `LoadBalancer`.
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+/// A resolver's `LoadBalancer`, as far as the sidecar balances that way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadBalancer {
+    /// `round_robin`, `least_request`, `random`, or `ring_hash` (`maglev`
+    /// is balanced as `ring_hash`).
+    pub policy: String,
+    /// `HashPolicies` with `Field = "header"`: the header hashed on; none
+    /// (with `SourceIP`) hashes on the client's address.
+    pub hash_header: Option<String>,
+}
+
+fn parse_load_balancer(value: &Value, at: &str) -> Result<LoadBalancer, String> {
+    let obj = object(value, at).map_err(text)?;
+    let [policy, ring, least, hashes] = fields(
+        obj,
+        &[
+            "Policy",
+            "RingHashConfig",
+            "LeastRequestConfig",
+            "HashPolicies",
+        ],
+        at,
+    )
+    .map_err(text)?;
+    let _ = (ring, least);
+    let policy = match nonempty_string(policy, &join(at, "Policy")).map_err(text)? {
+        None | Some("round_robin") => "round_robin",
+        Some("least_request") => "least_request",
+        Some("random") => "random",
+        Some("ring_hash" | "maglev") => "ring_hash",
+        Some(other) => {
+            return Err(format!(
+                "{at}.Policy: {other:?} is not a policy (round_robin, least_request, random, ring_hash, maglev)"
+            ));
+        }
+    };
+    let mut hash_header = None;
+    for (i, h) in array(hashes, &join(at, "HashPolicies"))
+        .map_err(text)?
+        .iter()
+        .enumerate()
+    {
+        let h_at = format!("{at}.HashPolicies[{i}]");
+        let h = object(h, &h_at).map_err(text)?;
+        let [field, value, source_ip, terminal, cookie] = fields(
+            h,
+            &[
+                "Field",
+                "FieldValue",
+                "SourceIP",
+                "Terminal",
+                "CookieConfig",
+            ],
+            &h_at,
+        )
+        .map_err(text)?;
+        let _ = terminal;
+        if cookie.is_some() {
+            return Err(format!(
+                "{h_at}.CookieConfig: cookie hashing is not supported yet"
+            ));
+        }
+        match nonempty_string(field, &join(&h_at, "Field")).map_err(text)? {
+            Some("header") => {
+                let name = nonempty_string(value, &join(&h_at, "FieldValue"))
+                    .map_err(text)?
+                    .ok_or_else(|| format!("{h_at}.FieldValue: the header to hash on"))?;
+                hash_header.get_or_insert_with(|| name.to_ascii_lowercase());
+            }
+            Some(other) => {
+                return Err(format!(
+                    "{h_at}.Field: hashing on {other:?} is not supported yet (header, or SourceIP)"
+                ));
+            }
+            None if boolean(source_ip, &join(&h_at, "SourceIP")).map_err(text)? => {}
+            None => return Err(format!("{h_at}: set Field = \"header\" or SourceIP = true")),
+        }
+    }
+    if hash_header.is_some() && policy != "ring_hash" {
+        return Err(format!(
+            "{at}.HashPolicies: hashing needs Policy ring_hash or maglev"
+        ));
+    }
+    Ok(LoadBalancer {
+        policy: policy.to_owned(),
+        hash_header,
+    })
 }
 
 impl Chain {
@@ -511,17 +604,18 @@ impl Compiler<'_> {
             retry_on,
             svc,
             subset,
-            _,
-            _,
+            namespace,
+            partition,
             rewrite,
             timeout,
-            _,
+            idle,
             retries,
             on_connect,
             codes,
             req,
             resp,
         ] = fields(d, &FIELDS, at).map_err(text)?;
+        only_default(namespace, partition, at)?;
         let fault = fault
             .map(|f| parse_fault(f, &join(at, "Fault")))
             .transpose()?;
@@ -566,6 +660,7 @@ impl Compiler<'_> {
             prefix_rewrite,
             rewrite_from: None,
             request_timeout: duration(timeout, &join(at, "RequestTimeout"))?,
+            idle_timeout: duration(idle, &join(at, "IdleTimeout"))?,
             num_retries,
             retry_on_connect_failure: boolean(on_connect, &join(at, "RetryOnConnectFailure"))
                 .map_err(text)?,
@@ -604,7 +699,7 @@ impl Compiler<'_> {
         for (i, split) in splits.iter().enumerate() {
             let s_at = format!("{at}.Splits[{i}]");
             let split = object(split, &s_at).map_err(text)?;
-            let [weight, svc, subset, _, _, req, resp] = fields(
+            let [weight, svc, subset, namespace, partition, req, resp] = fields(
                 split,
                 &[
                     "Weight",
@@ -618,6 +713,7 @@ impl Compiler<'_> {
                 &s_at,
             )
             .map_err(text)?;
+            only_default(namespace, partition, &s_at)?;
             let weight = weight
                 .and_then(Value::as_f64)
                 .filter(|w| (0.0..=100.0).contains(w))
@@ -728,35 +824,23 @@ impl Compiler<'_> {
             failover,
             connect,
             request,
-            _,
-            _,
+            load_balancer,
+            locality,
         ] = match resolver {
             Some(r) => fields(r, &FIELDS, &at).map_err(text)?,
             None => [None; 8],
         };
+        if locality.is_some_and(|l| !crate::intentions::fields::says_nothing(l)) {
+            return Err(format!(
+                "{at}.PrioritizeByLocality: Meshwork has no localities (zones, regions) yet"
+            ));
+        }
         if let Some(redirect) = redirect {
             let r_at = join(&at, "Redirect");
             let r = object(redirect, &r_at).map_err(text)?;
-            let [svc, r_subset, _, _, _, _] = fields(
-                r,
-                &[
-                    "Service",
-                    "ServiceSubset",
-                    "Namespace",
-                    "Partition",
-                    "Datacenter",
-                    "Peer",
-                ],
-                &r_at,
-            )
-            .map_err(text)?;
-            let to = nonempty_string(svc, &join(&r_at, "Service"))
-                .map_err(text)?
-                .unwrap_or(service)
-                .to_owned();
-            let to_subset = nonempty_string(r_subset, &join(&r_at, "ServiceSubset"))
-                .map_err(text)?
-                .map(str::to_owned);
+            let (to, to_subset) = service_ref(r, &r_at)?;
+            let to = to.unwrap_or(service).to_owned();
+            let to_subset = to_subset.map(str::to_owned);
             if to == service && to_subset.is_none() {
                 return Err(format!("{r_at}: redirects {service:?} to itself"));
             }
@@ -808,6 +892,9 @@ impl Compiler<'_> {
             connect_timeout: duration(connect, &join(&at, "ConnectTimeout"))?,
             request_timeout: duration(request, &join(&at, "RequestTimeout"))?,
             fault: self.service_fault(service)?,
+            load_balancer: load_balancer
+                .map(|lb| parse_load_balancer(lb, &join(&at, "LoadBalancer")))
+                .transpose()?,
         });
         if with_failover && let Some(failover) = failover {
             let f_at = join(&at, "Failover");
@@ -818,7 +905,7 @@ impl Compiler<'_> {
             if let Some(policy) = map.get(key).or_else(|| map.get("*")) {
                 let p_at = format!("{f_at}.{key}");
                 let policy = object(policy, &p_at).map_err(text)?;
-                let [svc, f_subset, _, targets, _, _] = fields(
+                let [svc, f_subset, namespace, targets, datacenters, _] = fields(
                     policy,
                     &[
                         "Service",
@@ -831,6 +918,13 @@ impl Compiler<'_> {
                     &p_at,
                 )
                 .map_err(text)?;
+                only_default(namespace, None, &p_at)?;
+                if !array(datacenters, &join(&p_at, "Datacenters"))
+                    .map_err(text)?
+                    .is_empty()
+                {
+                    return Err(format!("{p_at}.Datacenters: Meshwork has one datacenter"));
+                }
                 let mut chosen = Vec::new();
                 let svc = nonempty_string(svc, &join(&p_at, "Service")).map_err(text)?;
                 let f_subset =
@@ -848,22 +942,7 @@ impl Compiler<'_> {
                 {
                     let t_at = format!("{p_at}.Targets[{i}]");
                     let t = object(t, &t_at).map_err(text)?;
-                    let [svc, t_subset, _, _, _, _] = fields(
-                        t,
-                        &[
-                            "Service",
-                            "ServiceSubset",
-                            "Namespace",
-                            "Partition",
-                            "Datacenter",
-                            "Peer",
-                        ],
-                        &t_at,
-                    )
-                    .map_err(text)?;
-                    let svc = nonempty_string(svc, &join(&t_at, "Service")).map_err(text)?;
-                    let t_subset =
-                        nonempty_string(t_subset, &join(&t_at, "ServiceSubset")).map_err(text)?;
+                    let (svc, t_subset) = service_ref(t, &t_at)?;
                     chosen.push((
                         svc.unwrap_or(service).to_owned(),
                         t_subset.map(str::to_owned),
@@ -965,6 +1044,58 @@ fn parse_fault(value: &Value, at: &str) -> Result<Fault, String> {
         return Err(format!("{at}: set Delay, Abort or both"));
     }
     Ok(Fault { delay, abort })
+}
+
+/// A `Redirect` or failover target: (Service, ServiceSubset). Other
+/// datacenters, peers, namespaces and partitions are refused, not ignored:
+/// Meshwork has one datacenter and the default namespace and partition.
+fn service_ref<'v>(
+    object: &'v Map<String, Value>,
+    at: &str,
+) -> Result<(Option<&'v str>, Option<&'v str>), String> {
+    let [svc, subset, namespace, partition, datacenter, peer] = fields(
+        object,
+        &[
+            "Service",
+            "ServiceSubset",
+            "Namespace",
+            "Partition",
+            "Datacenter",
+            "Peer",
+        ],
+        at,
+    )
+    .map_err(text)?;
+    only_default(namespace, partition, at)?;
+    for (value, field) in [(datacenter, "Datacenter"), (peer, "Peer")] {
+        if let Some(v) = nonempty_string(value, &join(at, field)).map_err(text)? {
+            return Err(format!(
+                "{at}.{field}: {v:?}: Meshwork has one datacenter and no peers"
+            ));
+        }
+    }
+    Ok((
+        nonempty_string(svc, &join(at, "Service")).map_err(text)?,
+        nonempty_string(subset, &join(at, "ServiceSubset")).map_err(text)?,
+    ))
+}
+
+/// `Namespace` and `Partition` may only name the default ones.
+fn only_default(
+    namespace: Option<&Value>,
+    partition: Option<&Value>,
+    at: &str,
+) -> Result<(), String> {
+    for (value, field) in [(namespace, "Namespace"), (partition, "Partition")] {
+        if let Some(v) = nonempty_string(value, &join(at, field)).map_err(text)?
+            && v != "default"
+        {
+            return Err(format!(
+                "{at}.{field}: {v:?}: namespaces and partitions are Consul Enterprise features; Meshwork has the default one only"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn merge(outer: &HeaderMods, inner: &HeaderMods) -> HeaderMods {
@@ -1211,11 +1342,49 @@ mod tests {
                 Store::default().with("service-router", "api", json!({"Routes": [{"Destination": {"RetryOn": ["5xx", "retriable-4xx"]}}]})),
                 "\"retriable-4xx\" is not a condition Meshwork retries on",
             ),
+            (
+                Store::default().with("service-resolver", "api", json!({"Redirect": {"Service": "api", "Datacenter": "dc2"}})),
+                "Redirect.Datacenter: \"dc2\": Meshwork has one datacenter",
+            ),
+            (
+                Store::default().with("service-splitter", "api", json!({"Splits": [{"Weight": 100, "Namespace": "team-a"}]})),
+                "Splits[0].Namespace: \"team-a\": namespaces and partitions",
+            ),
+            (
+                Store::default().with("service-resolver", "api", json!({"LoadBalancer": {"Policy": "least_request", "HashPolicies": [{"Field": "header", "FieldValue": "x-user"}]}})),
+                "hashing needs Policy ring_hash or maglev",
+            ),
+            (
+                Store::default().with("service-resolver", "api", json!({"LoadBalancer": {"Policy": "ring_hash", "HashPolicies": [{"Field": "cookie", "FieldValue": "id"}]}})),
+                "hashing on \"cookie\" is not supported yet",
+            ),
+            (
+                Store::default().with("service-resolver", "api", json!({"PrioritizeByLocality": {"Mode": "failover"}})),
+                "PrioritizeByLocality: Meshwork has no localities",
+            ),
         ];
         for (store, says) in cases {
             let err = Chain::compile("api", &store).expect_err(says);
             assert!(err.contains(says), "{says}: {err}");
         }
+    }
+
+    #[test]
+    fn load_balancer_and_idle_timeout_are_read() {
+        let store = Store::default()
+            .with("service-resolver", "api", json!({"LoadBalancer": {"Policy": "maglev", "HashPolicies": [{"Field": "header", "FieldValue": "X-User"}]}}))
+            .with("service-router", "api", json!({"Routes": [{"Destination": {"IdleTimeout": "30s", "Namespace": "default"}}]}));
+        let chain = Chain::compile("api", &store).expect("compiles");
+        let (_, dest) = chain.route("GET", "/", None, NO_HEADERS);
+        assert_eq!(dest.idle_timeout, Some(Duration::from_secs(30)));
+        let lb = chain.targets[dest.pick(0).target]
+            .load_balancer
+            .clone()
+            .expect("lb");
+        assert_eq!(
+            (lb.policy.as_str(), lb.hash_header.as_deref()),
+            ("ring_hash", Some("x-user"))
+        );
     }
 
     #[test]

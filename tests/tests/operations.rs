@@ -408,25 +408,6 @@ async fn a_follower_catches_up_on_large_entries() -> Result<()> {
     Ok(())
 }
 
-/// Every file under `dir`, by path, with its bytes.
-fn tree(dir: &std::path::Path) -> Result<BTreeMap<std::path::PathBuf, Vec<u8>>> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![dir.to_owned()];
-    for _ in 0..10_000 {
-        let Some(next) = todo.pop() else {
-            return Ok(out);
-        };
-        for entry in std::fs::read_dir(&next)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                todo.push(path);
-            } else {
-                out.insert(path.clone(), std::fs::read(&path)?);
-            }
-        }
-    }
-    bail!("{} holds too many directories", dir.display())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_with_a_damaged_log_refuses_unchanged_and_is_rebuilt_from_the_others() -> Result<()>
@@ -475,7 +456,7 @@ async fn a_server_with_a_damaged_log_refuses_unchanged_and_is_rebuilt_from_the_o
     let victim = records[records.len() / 2];
     bytes[victim + 16] ^= 0x20;
     std::fs::write(&segment, &bytes)?;
-    let before = tree(&data_dir)?;
+    let before = meshwork_tests::damage::files(&data_dir)?;
 
     // It refuses to start, says why and what to do, and changes nothing.
     cluster.servers[f].start(&[])?;
@@ -501,7 +482,7 @@ async fn a_server_with_a_damaged_log_refuses_unchanged_and_is_rebuilt_from_the_o
             bail!("the refusal does not say {needed:?}:\n{log}");
         }
     }
-    let after = tree(&data_dir)?;
+    let after = meshwork_tests::damage::files(&data_dir)?;
     let changed: Vec<_> = before
         .keys()
         .chain(after.keys())

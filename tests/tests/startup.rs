@@ -122,19 +122,6 @@ async fn unusable_data_dirs_are_refused_and_left_alone() -> Result<()> {
     Ok(())
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), target)?;
-        }
-    }
-    Ok(())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_dir_from_another_cluster_is_refused() -> Result<()> {
@@ -157,7 +144,7 @@ async fn a_data_dir_from_another_cluster_is_refused() -> Result<()> {
 
     // Cluster B's server 1, started on a copy of A's data.
     let mut b = Cluster::new(1, &[])?;
-    copy_dir(&a.servers[0].data_dir, &b.servers[0].data_dir)?;
+    meshwork_tests::damage::copy_dir(&a.servers[0].data_dir, &b.servers[0].data_dir)?;
     b.servers[0].start(&[])?;
     let mut status = None;
     for _ in 0..200 {

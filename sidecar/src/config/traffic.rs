@@ -79,7 +79,7 @@ pub enum Balance {
 }
 
 impl Balance {
-    fn parse(text: &str) -> Option<Self> {
+    pub fn parse(text: &str) -> Option<Self> {
         Some(match text {
             "round_robin" => Balance::RoundRobin,
             "least_request" => Balance::LeastRequest,

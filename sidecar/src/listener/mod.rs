@@ -579,6 +579,16 @@ impl Proxy {
             if let Some(timeout) = target.connect_timeout {
                 config.connect_timeout = timeout;
             }
+            if let Some(idle) = dest.idle_timeout {
+                config.idle_timeout = idle;
+            }
+            if let Some(lb) = &target.load_balancer {
+                // Policies were checked when the chain compiled.
+                if let Some(balance) = crate::config::Balance::parse(&lb.policy) {
+                    config.balance = balance;
+                }
+                config.hash_header = lb.hash_header.clone();
+            }
             if let Some(retries) = dest.num_retries {
                 config.retries.attempts = retries;
             }
