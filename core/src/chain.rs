@@ -1116,6 +1116,7 @@ pub fn validate_entry(
     stored: &dyn Entries,
 ) -> Result<(), String> {
     if kind == "service-defaults" {
+        crate::ratelimit::RateLimits::from_service_defaults(name, body)?;
         return match body.iter().find(|(k, _)| k.eq_ignore_ascii_case("fault")) {
             Some((_, f)) => parse_fault(f, &format!("service-defaults {name:?}.Fault")).map(|_| ()),
             None => Ok(()),

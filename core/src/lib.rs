@@ -12,6 +12,7 @@
 //! - [`backoff`]: the retry delays of every reconnect and retry loop;
 //! - [`log_level`]: log filters within what the build compiled in;
 //! - [`notify`]: systemd's readiness protocol;
+//! - [`ratelimit`]: `service-defaults` `RateLimits`, parsed, and token buckets;
 //! - [`prometheus`]: the text exposition format and a lock-free histogram;
 //! - [`timestamp`]: RFC 3339 times as Consul writes them;
 //! - [`frame`] and [`backup`]: the checksummed snapshot frame and the API
@@ -35,4 +36,5 @@ pub mod intentions;
 pub mod log_level;
 pub mod notify;
 pub mod prometheus;
+pub mod ratelimit;
 pub mod timestamp;

@@ -220,6 +220,15 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
         ),
         tracing::info_span!("intentions"),
     ));
+    let limits_task = tokio::spawn(tracing::Instrument::instrument(
+        meshwork_sidecar::policy::ratelimit::run(
+            proxy.limits().clone(),
+            config.service_name.clone(),
+            discovery.clone(),
+            shutdown.clone(),
+        ),
+        tracing::info_span!("rate limits"),
+    ));
     let status: agent::SharedStatus = Arc::new(Mutex::new(agent::Status::default()));
     let (ttl_reports, results_tx, results) = agent::channels(&config);
     let (configs, agent_configs) = watch::channel(Arc::new(config));
@@ -284,6 +293,7 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
     let _ = admin_task.await;
     let _ = mesh_task.await;
     let _ = intentions_task.await;
+    let _ = limits_task.await;
     Ok(())
 }
 

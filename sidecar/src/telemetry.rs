@@ -30,10 +30,12 @@ pub enum Outcome {
     IntentionsPending,
     /// An injected fault answered instead of the upstream.
     FaultAbort,
+    /// The service's rate limit refused the request (429).
+    RateLimited,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::Upstream,
         Outcome::NoHealthyUpstream,
         Outcome::ConnectFailure,
@@ -46,6 +48,7 @@ impl Outcome {
         Outcome::IntentionDenied,
         Outcome::IntentionsPending,
         Outcome::FaultAbort,
+        Outcome::RateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +65,7 @@ impl Outcome {
             Outcome::IntentionDenied => "intention-denied",
             Outcome::IntentionsPending => "intentions-pending",
             Outcome::FaultAbort => "fault-abort",
+            Outcome::RateLimited => "rate-limited",
         }
     }
 

@@ -408,7 +408,6 @@ async fn a_follower_catches_up_on_large_entries() -> Result<()> {
     Ok(())
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_with_a_damaged_log_refuses_unchanged_and_is_rebuilt_from_the_others() -> Result<()>
 {

@@ -122,7 +122,6 @@ async fn unusable_data_dirs_are_refused_and_left_alone() -> Result<()> {
     Ok(())
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_dir_from_another_cluster_is_refused() -> Result<()> {
     let mut a = Cluster::start(1, &[]).await?;

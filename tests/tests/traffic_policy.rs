@@ -333,3 +333,103 @@ async fn routes_splits_subsets_and_failover_apply_live_from_the_registry() -> Re
     mesh.done();
     Ok(())
 }
+
+/// `service-defaults` `RateLimits`, enforced in the destination's sidecar:
+/// over the instance's rate (and a route's own), requests get 429 with
+/// `retry-after` and never reach the app; the count is in `/metrics`.
+#[tokio::test]
+async fn rate_limits_from_service_defaults_apply_in_the_destination_sidecar() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let api = instance(&mut mesh, 20, "api", "api-1", "v1").await?;
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(&client_ip, "name = \"api\"\nprotocol = \"http\"")
+        .await?;
+    mesh.sidecars[c].wait_endpoints(1).await?;
+    mesh.sidecars[c].wait_ready().await?;
+    put_entry(
+        &mesh,
+        &json!({"Kind": "service-defaults", "Name": "api", "Protocol": "http",
+        "RateLimits": {"InstanceLevel": {
+            "RequestsPerSecond": 20, "RequestsMaxBurst": 20,
+            "Routes": [{"PathPrefix": "/search", "RequestsPerSecond": 2, "RequestsMaxBurst": 2}]
+        }}}),
+    )
+    .await?;
+    let http = http_client()?;
+    // Applied once the sidecar refuses something: until then, nothing is
+    // limited (bounded: 10 s).
+    wait_for("the limits applied", Duration::from_secs(10), || async {
+        for _ in 0..30 {
+            let r = http
+                .get(format!("http://{client_ip}:{UPSTREAM_PORT}/search"))
+                .send()
+                .await
+                .ok()?;
+            if r.status() == 429 {
+                return Some(());
+            }
+        }
+        None
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1_100)).await; // the buckets refill
+    let started = std::time::Instant::now();
+    let (mut ok, mut limited) = (0u32, 0u32);
+    for _ in 0..200 {
+        let r = http
+            .get(format!("http://{client_ip}:{UPSTREAM_PORT}/"))
+            .send()
+            .await?;
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                let retry = r
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                ensure!(retry == "1", "retry-after {retry:?}");
+                let why = r
+                    .headers()
+                    .get("x-meshwork-error")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                ensure!(why == "rate-limited", "x-meshwork-error {why:?}");
+                limited += 1;
+            }
+            other => anyhow::bail!("status {other}"),
+        }
+    }
+    let took = started.elapsed().as_secs_f64();
+    // The burst, plus 20 a second while it ran (a margin of two).
+    let most = 20.0 + 20.0 * took + 2.0;
+    ensure!(
+        f64::from(ok) <= most && ok >= 20 && limited > 0,
+        "{ok} passed and {limited} limited in {took:.2} s (at most {most:.0} may pass)"
+    );
+    // The route's own bucket: 2 a second.
+    let started = std::time::Instant::now();
+    let mut search_ok = 0u32;
+    for _ in 0..20 {
+        let r = http
+            .get(format!("http://{client_ip}:{UPSTREAM_PORT}/search"))
+            .send()
+            .await?;
+        search_ok += u32::from(r.status() == 200);
+    }
+    let most = 2.0 + 2.0 * started.elapsed().as_secs_f64() + 1.0;
+    ensure!(
+        f64::from(search_ok) <= most,
+        "{search_ok} /search requests passed"
+    );
+    let counted = mesh.sidecars[api]
+        .metric_sum("meshwork_sidecar_rate_limited_total")
+        .await?;
+    ensure!(
+        counted >= f64::from(limited),
+        "/metrics counts {counted}, {limited} seen"
+    );
+    mesh.done();
+    Ok(())
+}

@@ -128,7 +128,7 @@ mod tests {
             .collect();
             intentions.install(compile("api", &entries, true).expect("compiled"));
         }
-        Caller::new(Arc::from("web"), intentions, None)
+        Caller::new(Arc::from("web"), (intentions, Default::default()), None)
     }
 
     fn parts(target: &str) -> Parts {

@@ -238,6 +238,9 @@ impl HttpProxy {
                 if let Err(e) = decided {
                     return self.fail(e, grpc, start, log, None, 0);
                 }
+                if let Err(wait) = caller.limits.admit(parts.uri.path()) {
+                    return self.fail(ProxyError::RateLimited(wait), grpc, start, log, None, 0);
+                }
             }
             prepare::ensure_request_id(&mut parts.headers, log.as_mut());
             let cluster = &self.cluster;

@@ -40,6 +40,9 @@ pub enum ProxyError {
     /// No intentions have arrived from the registry yet.
     #[error("intentions not loaded yet")]
     IntentionsPending,
+    /// The service's rate limit: the next token comes after this long.
+    #[error("rate limited: retry after {0:?}")]
+    RateLimited(Duration),
 }
 
 impl ProxyError {
@@ -55,6 +58,7 @@ impl ProxyError {
             ProxyError::Draining => Outcome::Draining,
             ProxyError::IntentionDenied(_) => Outcome::IntentionDenied,
             ProxyError::IntentionsPending => Outcome::IntentionsPending,
+            ProxyError::RateLimited(_) => Outcome::RateLimited,
         }
     }
 
@@ -70,6 +74,7 @@ impl ProxyError {
             ProxyError::Reset(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -80,6 +85,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => 13,     // INTERNAL
             ProxyError::CircuitOpen(_) => 14,    // UNAVAILABLE
             ProxyError::IntentionDenied(_) => 7, // PERMISSION_DENIED
+            ProxyError::RateLimited(_) => 8,     // RESOURCE_EXHAUSTED
             _ => 14,                             // UNAVAILABLE
         }
     }
@@ -105,6 +111,18 @@ pub fn never_reached_app(headers: &hyper::HeaderMap) -> bool {
 
 /// The response for `error`; `grpc` when the caller speaks gRPC.
 pub fn respond(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
+    let mut response = respond_without_wait(error, grpc);
+    if let ProxyError::RateLimited(wait) = error {
+        // Whole seconds, rounded up (RFC 9110 §10.2.3).
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        response
+            .headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    response
+}
+
+fn respond_without_wait(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
     let code = HeaderValue::from_static(error.outcome().as_str());
     let message = error.to_string();
     if grpc {

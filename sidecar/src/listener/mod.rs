@@ -27,6 +27,7 @@ use crate::discovery::Discovery;
 use crate::http::{self, idle};
 use crate::policy::chain::{self, ChainEntries, Routing};
 use crate::policy::intentions::{Caller, Intentions};
+use crate::policy::ratelimit::Limits as RateLimits;
 use crate::telemetry::{self, ClusterGauges};
 use crate::tls::MeshTls;
 use crate::tls::stream::{ServerStream, Stream};
@@ -292,6 +293,8 @@ pub struct Proxy {
     mesh: MeshTls,
     /// What the inbound listener checks callers against.
     intentions: Intentions,
+    /// How often they may call.
+    limits: RateLimits,
     /// Ends the clusters' discovery followers.
     shutdown: CancellationToken,
     /// The discovery-chain entries, followed from the first outbound HTTP
@@ -409,7 +412,7 @@ pub struct Downstream {
 async fn secure(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
-    mesh: Option<(MeshTls, Intentions)>,
+    mesh: Option<(MeshTls, (Intentions, RateLimits))>,
 ) -> Option<(ServerStream, Option<Arc<Caller>>)> {
     let Some((mesh, intentions)) = mesh else {
         return Some((Stream::Plain(stream), None));
@@ -517,6 +520,7 @@ impl Proxy {
             discovery,
             mesh,
             intentions: Intentions::default(),
+            limits: RateLimits::default(),
             shutdown,
             chain_entries: std::sync::OnceLock::new(),
             reloading: tokio::sync::Mutex::new(()),
@@ -705,8 +709,10 @@ impl Proxy {
             };
             // Inbound: mutual TLS first (in the connection's task), and
             // the verified caller's service name goes with every request.
-            let mesh = (route.direction == "inbound")
-                .then(|| (self.mesh.clone(), self.intentions.clone()));
+            let mesh = (route.direction == "inbound").then(|| {
+                let policy = (self.intentions.clone(), self.limits.clone());
+                (self.mesh.clone(), policy)
+            });
             match (&route.http, activity) {
                 (None, _) | (_, None) => {
                     let cluster = Arc::clone(&route.cluster);
@@ -980,6 +986,11 @@ impl Proxy {
         &self.intentions
     }
 
+    /// The inbound rate limits (see `policy::ratelimit::run`).
+    pub fn limits(&self) -> &RateLimits {
+        &self.limits
+    }
+
     /// The mesh identity its listeners use.
     pub fn mesh(&self) -> &MeshTls {
         &self.mesh
@@ -1047,6 +1058,7 @@ impl Proxy {
         text.push_str(&self.mesh.render_metrics());
         text.push_str(&self.intentions.render_metrics());
         text.push_str(&chain::render_metrics());
+        text.push_str(&self.limits.render_metrics());
         text
     }
 
@@ -1168,7 +1180,7 @@ mod tests {
         let served = tokio::spawn(async move {
             let (stream, peer) = listener.accept().await.expect("accept");
             let (mut stream, caller) =
-                secure(stream, peer, Some((mesh, Intentions::default()))).await?;
+                secure(stream, peer, Some((mesh, Default::default()))).await?;
             let caller = caller.map(|c| c.service.to_string()).unwrap_or_default();
             let _ = stream.write_all(caller.as_bytes()).await;
             let _ = stream.shutdown().await;

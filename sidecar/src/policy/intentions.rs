@@ -42,6 +42,8 @@ pub struct Caller {
     /// The source service, from its certificate's SPIFFE ID.
     pub service: Arc<str>,
     pub intentions: Intentions,
+    /// This service's rate limits (checked after the intentions).
+    pub limits: crate::policy::ratelimit::Limits,
     /// When the caller's certificate stops verifying (Unix seconds, the
     /// earliest `notAfter` of its chain): the connection's one timer is set
     /// for it. `None` when it could not be read (then no timer).
@@ -53,10 +55,15 @@ pub struct Caller {
 }
 
 impl Caller {
-    pub fn new(service: Arc<str>, intentions: Intentions, not_after_unix: Option<i64>) -> Self {
+    pub fn new(
+        service: Arc<str>,
+        (intentions, limits): (Intentions, crate::policy::ratelimit::Limits),
+        not_after_unix: Option<i64>,
+    ) -> Self {
         Caller {
             service,
             intentions,
+            limits,
             not_after_unix,
             expired: AtomicBool::new(false),
         }
