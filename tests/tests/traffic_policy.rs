@@ -325,11 +325,67 @@ async fn routes_splits_subsets_and_failover_apply_live_from_the_registry() -> Re
     )
     .await?;
     let config = mesh.sidecars[c].json("/config").await?;
-    let targets = config["chains"][0]["targets"].to_string();
+    let targets = config["chains"][0]["targets"].clone();
+    let listed = targets.to_string();
     ensure!(
-        targets.contains("v2.api") && targets.contains("v1.api"),
-        "{targets}"
+        listed.contains("v2.api") && listed.contains("v1.api"),
+        "{listed}"
     );
+    let index = config["chains"][0]["index"].as_u64().context("index")?;
+
+    // The registry goes away: the sidecar keeps routing with the chain it
+    // has (static stability). It comes back from its data dir with every
+    // entry: the sidecar re-syncs to the same chain, nothing lost.
+    if let Some(cluster) = mesh.cluster.as_mut() {
+        cluster.servers[0].kill().await?;
+    }
+    let seen = spread(&client_ip, "/admin/x", &[], 10).await?;
+    ensure!(
+        count(&seen, "admin-a") == 10,
+        "registry down, /admin: {seen:?}"
+    );
+    let seen = spread(&client_ip, "/", &[("x-canary", "1")], 10).await?;
+    ensure!(
+        count(&seen, "api-v1") == 10,
+        "registry down, canary: {seen:?}"
+    );
+    if let Some(cluster) = mesh.cluster.as_mut() {
+        cluster.servers[0].start(&[])?;
+    }
+    wait_for("the registry back", Duration::from_secs(20), || async {
+        let url = format!(
+            "{}/v1/config/service-router/api",
+            mesh.cluster().servers[0].http()
+        );
+        let r = http_client().ok()?.get(url).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await?;
+    applied(&mesh, c, index).await?;
+    let config = mesh.sidecars[c].json("/config").await?;
+    ensure!(
+        config["chains"][0]["targets"] == targets,
+        "after the registry's restart: {}",
+        config["chains"][0]
+    );
+    let seen = spread(&client_ip, "/admin/x", &[], 5).await?;
+    ensure!(
+        count(&seen, "admin-a") == 5,
+        "after the restart, /admin: {seen:?}"
+    );
+    // And the sidecar follows the restarted registry: the router deleted,
+    // /admin goes to api like any path (v2 is dead: its share fails over).
+    let url = format!(
+        "{}/v1/config/service-router/api",
+        mesh.cluster().servers[0].http()
+    );
+    let r = http_client()?.delete(url).send().await?;
+    ensure!(r.status() == 200, "DELETE: {}", r.status());
+    wait_for("the router gone", Duration::from_secs(20), || async {
+        let seen = spread(&client_ip, "/admin/x", &[], 5).await.ok()?;
+        (count(&seen, "api-v1") == 5).then_some(())
+    })
+    .await?;
     mesh.done();
     Ok(())
 }
