@@ -177,20 +177,35 @@ pub fn stop_image(root: &Path) {
 /// `image`. The process that kept it must be dead (or, in a unit test,
 /// everything it had open dropped).
 pub fn restore_image(image: &Path, root: &Path) -> io::Result<()> {
+    restore_image_except(image, root, &[])
+}
+
+/// [`restore_image`], leaving the top-level entries named in `keep` as
+/// they are (neither reverted nor removed).
+pub fn restore_image_except(image: &Path, root: &Path, keep: &[&str]) -> io::Result<()> {
     let manifest: Manifest = serde_json::from_slice(&std::fs::read(image.join(MANIFEST))?)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let kept = |name: &Path| {
+        name.components()
+            .next()
+            .is_some_and(|first| keep.iter().any(|k| first.as_os_str() == *k))
+    };
     for entry in std::fs::read_dir(root)? {
-        let path = entry?.path();
+        let entry = entry?;
+        if keep.iter().any(|k| entry.file_name() == *k) {
+            continue;
+        }
+        let path = entry.path();
         if path.is_dir() {
             std::fs::remove_dir_all(&path)?;
         } else {
             std::fs::remove_file(&path)?;
         }
     }
-    for dir in &manifest.dirs {
+    for dir in manifest.dirs.iter().filter(|d| !kept(d)) {
         std::fs::create_dir_all(root.join(dir))?;
     }
-    for (name, key) in &manifest.names {
+    for (name, key) in manifest.names.iter().filter(|(n, _)| !kept(n)) {
         let to = root.join(name);
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent)?;
