@@ -78,7 +78,13 @@ pub struct HttpProxy {
     access_log: bool,
     /// Outbound: the discovery chain (routes, splits, subsets, failover)
     /// in front of `cluster`, which serves what no entry changes.
-    pub routing: Option<Arc<crate::policy::chain::Routing>>,
+    pub routing: Option<Arc<crate::policy::chain::Routing<HttpProxy>>>,
+}
+
+impl crate::policy::chain::TargetProxy for HttpProxy {
+    fn has_healthy(&self) -> bool {
+        self.cluster.has_healthy()
+    }
 }
 
 impl HttpProxy {
@@ -96,7 +102,7 @@ impl HttpProxy {
     }
 
     /// The same proxy with the discovery chain in front.
-    pub fn with_routing(mut self, routing: Arc<crate::policy::chain::Routing>) -> Self {
+    pub fn with_routing(mut self, routing: Arc<crate::policy::chain::Routing<HttpProxy>>) -> Self {
         self.routing = Some(routing);
         self
     }

@@ -80,7 +80,7 @@ impl Route {
     /// `stop_accepting` and `stop_now` are the proxy's tokens.
     fn new(
         direction: &'static str,
-        (cluster, routing): (Arc<Cluster>, Option<Arc<Routing>>),
+        (cluster, routing): (Arc<Cluster>, Option<Arc<Routing<http::HttpProxy>>>),
         access_log: bool,
         (stop_accepting, stop_now): (&CancellationToken, &CancellationToken),
     ) -> Arc<Self> {
@@ -557,7 +557,7 @@ impl Proxy {
     /// An outbound HTTP listener's discovery chain: its targets' proxies
     /// derive their settings from the listener's, then the resolver's and
     /// the route's (timeouts, retries).
-    fn new_routing(&self, w: &Wanted, access_log: bool) -> Option<Arc<Routing>> {
+    fn new_routing(&self, w: &Wanted, access_log: bool) -> Option<Arc<Routing<http::HttpProxy>>> {
         if w.app.is_some() || !w.upstream.protocol.is_http() {
             return None;
         }

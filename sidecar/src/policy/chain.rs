@@ -24,7 +24,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::discovery::{Discovery, TopicState};
-use crate::http::{ClientBody, HttpProxy};
 
 const KINDS: [&str; 4] = [
     "service-router",
@@ -162,18 +161,25 @@ pub fn follow(
     rx
 }
 
-/// Makes the proxy of one target, with the settings of the destination
-/// that leads to it.
-pub type MakeProxy = dyn Fn(&Target, &Destination) -> Arc<HttpProxy> + Send + Sync;
-
-/// One outbound listener's routing: its chain and the target proxies.
-pub struct Routing {
-    applied: watch::Receiver<Arc<Applied>>,
-    made: Mutex<Made>,
-    make: Box<MakeProxy>,
+/// What answers for one target (the HTTP proxy of its cluster): all the
+/// routing needs of it is whether it could take a request now.
+pub trait TargetProxy {
+    /// Some endpoint is healthy and not ejected.
+    fn has_healthy(&self) -> bool;
 }
 
-impl std::fmt::Debug for Routing {
+/// Makes the proxy of one target, with the settings of the destination
+/// that leads to it.
+pub type MakeProxy<P> = dyn Fn(&Target, &Destination) -> Arc<P> + Send + Sync;
+
+/// One outbound listener's routing: its chain and the target proxies.
+pub struct Routing<P> {
+    applied: watch::Receiver<Arc<Applied>>,
+    made: Mutex<Made<P>>,
+    make: Box<MakeProxy<P>>,
+}
+
+impl<P> std::fmt::Debug for Routing<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Routing").finish_non_exhaustive()
     }
@@ -181,22 +187,30 @@ impl std::fmt::Debug for Routing {
 
 /// The target proxies of one chain version, by (route, target): route
 /// `None` is the default route.
-#[derive(Default)]
-struct Made {
+struct Made<P> {
     chain: Option<Arc<Chain>>,
-    proxies: HashMap<(Option<usize>, usize), Arc<HttpProxy>>,
+    proxies: HashMap<(Option<usize>, usize), Arc<P>>,
+}
+
+impl<P> Default for Made<P> {
+    fn default() -> Self {
+        Self {
+            chain: None,
+            proxies: HashMap::new(),
+        }
+    }
 }
 
 /// What [`Routing::choose`] decided.
-pub struct Chosen {
-    pub proxy: Arc<HttpProxy>,
+pub struct Chosen<P> {
+    pub proxy: Arc<P>,
     pub response_headers: HeaderMods,
     /// The fault to inject (the route's, else the target service's).
     pub fault: Option<Fault>,
 }
 
-impl Routing {
-    pub fn new(applied: watch::Receiver<Arc<Applied>>, make: Box<MakeProxy>) -> Self {
+impl<P: TargetProxy> Routing<P> {
+    pub fn new(applied: watch::Receiver<Arc<Applied>>, make: Box<MakeProxy<P>>) -> Self {
         Self {
             applied,
             made: Mutex::default(),
@@ -212,7 +226,7 @@ impl Routing {
     /// Routes `req`: `None` when no entry changes anything (the listener's
     /// own cluster serves it); otherwise the target's proxy, with the
     /// request already rewritten.
-    pub fn choose(&self, req: &mut Request<ClientBody>) -> Option<Chosen> {
+    pub fn choose<B>(&self, req: &mut Request<B>) -> Option<Chosen<P>> {
         let chain = self.applied.borrow().chain.clone()?;
         if chain.is_plain() {
             return None;
@@ -230,14 +244,14 @@ impl Routing {
         }
         let target = &chain.targets[split.target];
         let mut proxy = made.proxies.get(&(route, split.target))?;
-        if !proxy.cluster.has_healthy() {
+        if !proxy.has_healthy() {
             // The resolver's failover, in order; with none healthy, the
             // target itself answers (503 no healthy upstream).
             if let Some(next) = target
                 .failover
                 .iter()
                 .filter_map(|f| made.proxies.get(&(route, *f)))
-                .find(|p| p.cluster.has_healthy())
+                .find(|p| p.has_healthy())
             {
                 proxy = next;
             }
@@ -278,7 +292,7 @@ impl Routing {
     }
 
     /// Every (route, target) proxy of `chain`, failover targets included.
-    fn make_all(&self, chain: &Arc<Chain>) -> Made {
+    fn make_all(&self, chain: &Arc<Chain>) -> Made<P> {
         let mut proxies = HashMap::new();
         let mut add = |route: Option<usize>, dest: &Destination| {
             let mut wanted: Vec<usize> = dest.splits.iter().map(|s| s.target).collect();
