@@ -93,15 +93,7 @@ fn bodies(states: &[Arc<TopicState<BTreeMap<String, ConfigEntry>>>]) -> Result<B
     let mut out = HashMap::new();
     for (kind, state) in KINDS.iter().zip(states) {
         for (name, entry) in &state.value {
-            match serde_json::from_str::<Value>(&entry.json) {
-                Ok(Value::Object(mut body)) => {
-                    for envelope in ["Kind", "Name", "CreateIndex", "ModifyIndex"] {
-                        body.remove(envelope);
-                    }
-                    out.insert((*kind, name.clone()), body);
-                }
-                _ => return Err(format!("{kind} {name:?} is not a JSON object")),
-            }
+            out.insert((*kind, name.clone()), super::entry_body(entry)?);
         }
     }
     Ok(Bodies(out))

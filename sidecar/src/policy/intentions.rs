@@ -198,17 +198,7 @@ pub fn compile(
         let Some(entry) = entries.get(name) else {
             continue;
         };
-        match serde_json::from_str::<serde_json::Value>(&entry.json) {
-            Ok(serde_json::Value::Object(mut body)) => {
-                // The watch shows the entry as `GET /v1/config` does: the
-                // envelope goes, the fields stay.
-                for envelope in ["Kind", "Name", "CreateIndex", "ModifyIndex"] {
-                    body.remove(envelope);
-                }
-                bodies.push((name, body));
-            }
-            _ => return Err(format!("intentions entry {name:?} is not a JSON object")),
-        }
+        bodies.push((name, super::entry_body(entry)?));
     }
     IntentionSet::compile(
         service,

@@ -7,3 +7,25 @@
 pub mod chain;
 pub mod intentions;
 pub mod ratelimit;
+
+use meshwork_proto::v1::ConfigEntry;
+
+/// An entry's fields as its watch event carries them: the JSON of
+/// `GET /v1/config/<kind>/<name>`, the envelope (Kind, Name, indexes)
+/// removed.
+pub fn entry_body(
+    entry: &ConfigEntry,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str::<serde_json::Value>(&entry.json) {
+        Ok(serde_json::Value::Object(mut body)) => {
+            for envelope in ["Kind", "Name", "CreateIndex", "ModifyIndex"] {
+                body.remove(envelope);
+            }
+            Ok(body)
+        }
+        _ => Err(format!(
+            "{} {:?} is not a JSON object",
+            entry.kind, entry.name
+        )),
+    }
+}

@@ -83,12 +83,8 @@ pub async fn run(
             if state.ready {
                 let parsed = match state.value.get(&service) {
                     None => Ok(None),
-                    Some(entry) => match serde_json::from_str::<serde_json::Value>(&entry.json) {
-                        Ok(serde_json::Value::Object(body)) => {
-                            RateLimits::from_service_defaults(&service, &body)
-                        }
-                        _ => Err(format!("{KIND} {service:?} is not a JSON object")),
-                    },
+                    Some(entry) => super::entry_body(entry)
+                        .and_then(|body| RateLimits::from_service_defaults(&service, &body)),
                 };
                 match parsed {
                     Ok(parsed) => limits.install(parsed),
