@@ -322,6 +322,13 @@ impl Chain {
         })
     }
 
+    /// The destination of route `route` (`None`: the default).
+    pub fn destination(&self, route: Option<usize>) -> &Destination {
+        route
+            .and_then(|i| self.routes.get(i))
+            .map_or(&self.default, |r| &r.dest)
+    }
+
     /// Every destination: the routes' (by index), then the default
     /// (`None`).
     pub fn destinations(&self) -> impl Iterator<Item = (Option<usize>, &Destination)> {

@@ -145,7 +145,7 @@ impl HttpProxy {
             && let Some(chosen) = routing.choose(&mut req)
         {
             return Box::pin(async move {
-                let proxy = chosen.proxy;
+                let proxy = Arc::clone(&chosen.proxy);
                 let mut delayed = false;
                 if let Some(fault) = &chosen.fault {
                     use std::sync::atomic::Ordering::Relaxed;
@@ -166,15 +166,12 @@ impl HttpProxy {
                             crate::telemetry::Outcome::FaultAbort,
                             std::time::Duration::ZERO,
                         );
-                        crate::policy::chain::apply(
-                            &chosen.response_headers,
-                            response.headers_mut(),
-                        );
+                        chosen.change_response(response.headers_mut());
                         return response;
                     }
                 }
                 let mut response = proxy.handle(req, peer, caller, connection).await;
-                crate::policy::chain::apply(&chosen.response_headers, response.headers_mut());
+                chosen.change_response(response.headers_mut());
                 if delayed {
                     response.headers_mut().insert(
                         rescue::FAULT_HEADER,

@@ -14,7 +14,7 @@
 //! A chain that does not compile keeps the previous one and is logged.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use hyper::Request;
 use meshwork_core::chain::{Chain, Destination, Entries, Fault, HeaderMods, Target};
@@ -167,7 +167,7 @@ pub type MakeProxy<P> = dyn Fn(&Target, &Destination) -> Arc<P> + Send + Sync;
 /// One outbound listener's routing: its chain and the target proxies.
 pub struct Routing<P> {
     applied: watch::Receiver<Arc<Applied>>,
-    made: Mutex<Made<P>>,
+    made: RwLock<Made<P>>,
     make: Box<MakeProxy<P>>,
 }
 
@@ -196,7 +196,11 @@ impl<P> Default for Made<P> {
 /// What [`Routing::choose`] decided.
 pub struct Chosen<P> {
     pub proxy: Arc<P>,
-    pub response_headers: HeaderMods,
+    /// The chain, route and split chosen (for the response's header
+    /// changes, applied by [`Chosen::change_response`]).
+    chain: Arc<Chain>,
+    route: Option<usize>,
+    split: usize,
     /// The fault to inject (the route's, else the target service's).
     pub fault: Option<Fault>,
 }
@@ -205,7 +209,7 @@ impl<P: TargetProxy> Routing<P> {
     pub fn new(applied: watch::Receiver<Arc<Applied>>, make: Box<MakeProxy<P>>) -> Self {
         Self {
             applied,
-            made: Mutex::default(),
+            made: RwLock::default(),
             make,
         }
     }
@@ -230,10 +234,21 @@ impl<P: TargetProxy> Routing<P> {
             req.headers(),
         );
         let split = dest.pick(rand::random_range(0..10_000));
-        let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
-        if !made.chain.as_ref().is_some_and(|c| Arc::ptr_eq(c, &chain)) {
-            *made = self.make_all(&chain);
+        let current = |made: &Made<P>| made.chain.as_ref().is_some_and(|c| Arc::ptr_eq(c, &chain));
+        if !current(&self.made.read().unwrap_or_else(|e| e.into_inner())) {
+            // A new chain: its target proxies, made once (the first
+            // request after the change makes them; the others wait).
+            let mut made = self.made.write().unwrap_or_else(|e| e.into_inner());
+            if !current(&made) {
+                *made = self.make_all(&chain);
+            }
         }
+        let made = self.made.read().unwrap_or_else(|e| e.into_inner());
+        let split_index = dest
+            .splits
+            .iter()
+            .position(|s| std::ptr::eq(s, split))
+            .unwrap_or(0);
         let target = &chain.targets[split.target];
         let mut proxy = made.proxies.get(&(route, split.target))?;
         if !proxy.has_healthy() {
@@ -266,19 +281,11 @@ impl<P: TargetProxy> Routing<P> {
                 }
             }
         }
-        let mut response_headers = dest.response_headers.clone();
-        response_headers
-            .add
-            .extend(split.response_headers.add.iter().cloned());
-        response_headers
-            .set
-            .extend(split.response_headers.set.iter().cloned());
-        response_headers
-            .remove
-            .extend(split.response_headers.remove.iter().cloned());
         Some(Chosen {
             proxy,
-            response_headers,
+            chain: Arc::clone(&chain),
+            route,
+            split: split_index,
             fault,
         })
     }
@@ -309,6 +316,17 @@ impl<P: TargetProxy> Routing<P> {
         Made {
             chain: Some(Arc::clone(chain)),
             proxies,
+        }
+    }
+}
+
+impl<P> Chosen<P> {
+    /// The destination's and the split's response header changes.
+    pub fn change_response(&self, headers: &mut hyper::HeaderMap) {
+        let dest = self.chain.destination(self.route);
+        apply(&dest.response_headers, headers);
+        if let Some(split) = dest.splits.get(self.split) {
+            apply(&split.response_headers, headers);
         }
     }
 }
