@@ -24,6 +24,7 @@
 mod acl;
 mod client;
 mod https;
+mod mesh;
 mod tls;
 
 use std::io::Write;
@@ -61,6 +62,9 @@ pub enum CtlError {
     Unreachable(String),
     #[error("{0}")]
     OutcomeUnknown(String),
+    /// `--wait`: not every sidecar applied the change in time.
+    #[error("{0}")]
+    Incomplete(String),
 }
 
 impl CtlError {
@@ -71,6 +75,7 @@ impl CtlError {
             CtlError::NotFound(_) => 3,
             CtlError::Unreachable(_) => 4,
             CtlError::OutcomeUnknown(_) => 5,
+            CtlError::Incomplete(_) => 6,
         }
     }
 }
@@ -86,7 +91,8 @@ impl CtlError {
                   CONSUL_CLIENT_KEY and CONSUL_TLS_SERVER_NAME are read too).\n\n\
                   Exit codes: 0 ok, 1 request failed, 2 bad usage (for tls: bad input, or a file already there; \
                   for HTTPS: no CA file, certificates that do not fit, plain HTTP to an HTTPS port), 3 not found, \
-                  4 registry unreachable, 5 request sent but outcome unknown."
+                  4 registry unreachable, 5 request sent but outcome unknown, 6 (config --wait) not every sidecar applied \
+                  the change in time."
 )]
 pub struct Cli {
     /// The registry's REST address: HOST:PORT or http://HOST:PORT, or
@@ -196,6 +202,13 @@ enum Command {
     /// Manage ACLs, as `consul acl` does: bootstrap, tokens, policies.
     #[command(subcommand)]
     Acl(acl::AclCommand),
+    /// Read and write config entries, as `consul config` does; `apply
+    /// --wait` returns once every sidecar has applied the change.
+    #[command(subcommand)]
+    Config(mesh::ConfigCommand),
+    /// The sidecars: which config each has applied.
+    #[command(subcommand)]
+    Mesh(mesh::MeshCommand),
     /// Make the cluster's TLS CA and certificates, as `consul tls` does.
     ///
     /// `meshctl tls ca create` once, then `meshctl tls cert create
@@ -369,8 +382,18 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CtlError> {
         return tls::run(cmd, cli.json, out).and_then(|()| out.flush().map_err(write_err));
     }
     let slow = matches!(cli.command, Command::Snapshot(_) | Command::Server(_));
+    // `config --wait D`: the request that waits must outlast D.
+    let waits = match &cli.command {
+        Command::Config(cmd) => cmd
+            .wait()
+            .map(mesh::wait_duration)
+            .transpose()?
+            .map(|d| d + Duration::from_secs(5)),
+        _ => None,
+    };
     let timeout = match &cli.timeout {
         None if slow => Duration::from_secs(600),
+        None if waits.is_some() => waits.unwrap_or_default().max(Duration::from_secs(30)),
         None => Duration::from_secs(30),
         Some(text) => meshwork_core::duration::parse_duration(text)
             .filter(|d| !d.is_zero())
@@ -410,6 +433,8 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CtlError> {
         Command::Server(cmd) => ctl.server(cmd, out).await,
         Command::Version => ctl.version(out).await,
         Command::Acl(cmd) => ctl.acl(cmd, out).await,
+        Command::Config(cmd) => ctl.config(cmd, out).await,
+        Command::Mesh(cmd) => ctl.mesh(cmd, out).await,
         Command::Tls(cmd) => tls::run(cmd, ctl.json, out),
     }
     .and_then(|()| out.flush().map_err(write_err))

@@ -8,7 +8,7 @@
 //! → `raft` (openraft's seams) → `storage` (WAL, snapshot file, data dir)
 //! and `state` (pure: no I/O, no clocks) with `command`, the log's
 //! contract. `watch` fans changes out; `metrics` is a leaf everyone
-//! records into.
+//! records into; `telemetry` keeps what sidecars report (in memory).
 
 #![forbid(unsafe_code)]
 
@@ -25,5 +25,6 @@ pub mod raft;
 pub mod server;
 pub mod state;
 pub mod storage;
+pub mod telemetry;
 pub mod tls;
 pub mod watch;

@@ -155,13 +155,19 @@ pub async fn run(
     let (raft, node) = start_consensus(&config, &dir, tls.clone()).await?;
 
     let mut tasks: JoinSet<Result<(), ServerError>> = JoinSet::new();
+    // What the sidecars connected here report (in memory).
+    let sidecars = Arc::new(crate::telemetry::sidecars::Sidecars::default());
 
     // Internal gRPC: Raft RPCs and forwarding, on the Raft address; with
     // TLS, mutual TLS only (a server the CA did not sign cannot join, vote
     // or receive entries).
-    let internal = RaftInternalServer::new(InternalService::new(Arc::clone(&node)))
-        .max_decoding_message_size(MAX_INTERNAL_MESSAGE)
-        .max_encoding_message_size(MAX_INTERNAL_MESSAGE);
+    let internal = RaftInternalServer::new(InternalService::new(
+        Arc::clone(&node),
+        Arc::clone(&sidecars),
+        config.node_name.clone(),
+    ))
+    .max_decoding_message_size(MAX_INTERNAL_MESSAGE)
+    .max_encoding_message_size(MAX_INTERNAL_MESSAGE);
     let internal_tls = match &tls {
         Some(tls) => Some(tls.server_config(true, b"h2")?),
         None => None,
@@ -242,6 +248,7 @@ pub async fn run(
         &config,
         &shutdown,
         resolver,
+        &sidecars,
     )?;
     tasks.spawn({
         let timing = crate::cluster::failover::Timing {
@@ -258,7 +265,7 @@ pub async fn run(
     });
 
     // REST.
-    let app = http::router(rest_state(&config, &dir, &node, &shutdown, &acl));
+    let app = http::router(rest_state(&config, &dir, &node, &shutdown, &acl, &sidecars));
     for (listener, tls, span) in [
         (listeners.http, None, tracing::info_span!("http_server")),
         (
@@ -428,6 +435,7 @@ fn spawn_public_grpc(
     config: &Config,
     shutdown: &CancellationToken,
     resolver: crate::api::grpc::Resolver,
+    sidecars: &Arc<crate::telemetry::sidecars::Sidecars>,
 ) -> Result<std::thread::JoinHandle<()>, ServerError> {
     let public = RegistryServer::new(RegistryService {
         node: Arc::clone(node),
@@ -459,6 +467,7 @@ fn spawn_public_grpc(
             resolver,
             datacenter: config.datacenter.clone().into(),
             connect_enabled: config.connect.enabled,
+            sidecars: Arc::clone(sidecars),
         });
     // The public gRPC server and the watch hub's task run on a thread of
     // their own with a single-threaded runtime. A watch change wakes every
@@ -624,6 +633,7 @@ fn rest_state(
     node: &Arc<RegistryNode>,
     shutdown: &CancellationToken,
     acl: &Arc<crate::auth::Acl>,
+    sidecars: &Arc<crate::telemetry::sidecars::Sidecars>,
 ) -> AppState {
     AppState {
         node: Arc::clone(node),
@@ -644,6 +654,7 @@ fn rest_state(
         acl: Arc::clone(acl),
         leaves: Arc::default(),
         default_intention_allow: config.connect.default_intention_allow,
+        sidecars: Arc::clone(sidecars),
     }
 }
 

@@ -111,6 +111,16 @@ async fn status_json(State(admin): State<Admin>) -> Response {
             "intentions_loaded".into(),
             admin.proxy.intentions().loaded().into(),
         );
+        let applied = admin.proxy.applied().summary();
+        let refused: Vec<serde_json::Value> = applied
+            .refused
+            .iter()
+            .map(|r| serde_json::json!({ "scope": r.scope, "reason": r.reason, "index": r.index }))
+            .collect();
+        object.insert(
+            "applied_config".into(),
+            serde_json::json!({ "kinds": applied.applied, "refused": refused }),
+        );
     }
     Json(value).into_response()
 }

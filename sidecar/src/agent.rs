@@ -14,7 +14,7 @@ use meshwork_core::health::{CheckDefinition, HealthStatus};
 use meshwork_proto::v1::agent_client::AgentClient;
 use meshwork_proto::v1::{
     AgentCheck, AgentService, CheckStatus, DeregisterRequest, HeartbeatRequest, RegisterRequest,
-    UpdateCheckRequest,
+    SidecarReport, UpdateCheckRequest,
 };
 use rand::Rng;
 use serde::Serialize;
@@ -24,10 +24,17 @@ use tonic::transport::Endpoint;
 
 use crate::config::{Check, Config, Probe};
 use crate::notify;
+use crate::policy::applied::AppliedConfig;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the applied config is reported when it does not change (the
+/// registry lists a sidecar silent for 30 s as disconnected).
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// Changes this close together go in one report (an entry change rebuilds
+/// every upstream's chain, each a change here).
+const REPORT_COALESCE: Duration = Duration::from_millis(5);
 
 /// Service meta key naming the port of the instance's sidecar inbound
 /// listener; upstream traffic to the instance goes there.
@@ -338,6 +345,7 @@ pub async fn run(
     shutdown: CancellationToken,
     ttl_reports: TtlReports,
     (results_tx, mut results): (mpsc::Sender<CheckResult>, mpsc::Receiver<CheckResult>),
+    applied: AppliedConfig,
 ) {
     let mut config: Arc<Config> = Arc::clone(&configs.borrow_and_update());
     let mut registry = Registry::new(config.registry.clone(), config.registry_token.clone());
@@ -354,9 +362,22 @@ pub async fn run(
     notify::ready();
 
     let mut heartbeat = heartbeat_timer(&config);
+    let mut applied_changes = applied.changes();
+    // Its first tick is at once: the first report follows registration.
+    let mut report_timer = tokio::time::interval(REPORT_EVERY);
+    report_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
+            Ok(()) = applied_changes.changed() => {
+                tokio::time::sleep(REPORT_COALESCE).await;
+                applied_changes.borrow_and_update();
+                report_applied(&config, &mut registry, &status, &applied).await;
+                report_timer.reset();
+            }
+            _ = report_timer.tick() => {
+                report_applied(&config, &mut registry, &status, &applied).await;
+            }
             Ok(()) = configs.changed() => {
                 let next = Arc::clone(&configs.borrow_and_update());
                 let before = register_request(&config, &checks);
@@ -814,6 +835,54 @@ async fn report(
                 return;
             }
         }
+    }
+}
+
+/// Sends what the policy has applied (`Agent.ReportApplied`); a failure
+/// is noted and the next change or tick sends it again.
+async fn report_applied(
+    config: &Config,
+    registry: &mut Registry,
+    status: &SharedStatus,
+    applied: &AppliedConfig,
+) {
+    let summary = applied.summary();
+    let request = SidecarReport {
+        node: config.node.clone(),
+        service_id: config.service_id.clone(),
+        service: config.service_name.clone(),
+        // The registry fills it in from the catalog.
+        address: String::new(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        mode: "sidecar".to_owned(),
+        applied: summary.applied.into_iter().collect(),
+        refused: summary.refused,
+        config_digest: config.digest.clone(),
+        config_loaded_unix: lock(status).config.loaded_unix.unwrap_or(0),
+    };
+    let mut client = match registry.client().await {
+        Ok(client) => client,
+        Err(e) => return note_failure(status, registry, "applied-config report", &e),
+    };
+    match client.report_applied(request).await {
+        Ok(_) => note_success(status, registry),
+        // A server of an older version (during an upgrade), or one that
+        // does not have the instance yet: not a reason to leave it; the
+        // next tick tries again.
+        Err(s)
+            if matches!(
+                s.code(),
+                tonic::Code::Unimplemented | tonic::Code::FailedPrecondition
+            ) =>
+        {
+            tracing::debug!(registry = %registry.current(), error = %s.message(), "applied-config report not taken");
+        }
+        Err(s) => note_failure(
+            status,
+            registry,
+            "applied-config report",
+            &format!("{}: {}", s.code(), s.message()),
+        ),
     }
 }
 

@@ -18,7 +18,8 @@ use meshwork_core::backoff::Backoff;
 use meshwork_proto::v1::watch_client::WatchClient;
 use meshwork_proto::v1::watch_event::Kind;
 use meshwork_proto::v1::{
-    CaRoots, CaRootsTopic, Endpoint, ServiceTopic, SubscribeRequest, change, subscribe_request,
+    CaRoots, CaRootsTopic, ConfigEntriesTopic, ConfigEntry, Endpoint, ServiceTopic,
+    SubscribeRequest, change, subscribe_request,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +44,9 @@ pub type Endpoints = watch::Receiver<Arc<EndpointSet>>;
 /// By (service, passing only): its channel and what stops its follower.
 type Followed = HashMap<(String, bool), (Endpoints, CancellationToken)>;
 
+/// The config entries of one kind, by name, always the latest.
+pub type ConfigEntries = watch::Receiver<Arc<TopicState<BTreeMap<String, ConfigEntry>>>>;
+
 /// Follows services; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Discovery {
@@ -57,6 +61,10 @@ pub struct Discovery {
     connected: Arc<AtomicUsize>,
     /// Topics other than services followed now (the CA roots, intentions).
     topics: Arc<AtomicUsize>,
+    /// Each config entry kind followed: one stream per kind, shared by
+    /// every user (the chain, intentions, rate limits), for the process's
+    /// life.
+    config_kinds: Arc<Mutex<HashMap<&'static str, ConfigEntries>>>,
     /// The ACL token the watches present when they connect (a reload may
     /// change it).
     token: Arc<watch::Sender<crate::RegistryAccess>>,
@@ -83,8 +91,26 @@ impl Discovery {
             shutdown,
             connected: Arc::default(),
             topics: Arc::default(),
+            config_kinds: Arc::default(),
             token: Arc::new(watch::Sender::new(token)),
         }
+    }
+
+    /// The config entries of `kind`, kept current from now on (one stream
+    /// per kind, however many ask).
+    pub fn config_entries(&self, kind: &'static str) -> ConfigEntries {
+        let mut kinds = self.config_kinds.lock().unwrap_or_else(|e| e.into_inner());
+        kinds
+            .entry(kind)
+            .or_insert_with(|| {
+                self.follow_topic::<BTreeMap<String, ConfigEntry>>(
+                    subscribe_request::Topic::ConfigEntries(ConfigEntriesTopic {
+                        kind: kind.into(),
+                    }),
+                    kind,
+                )
+            })
+            .clone()
     }
 
     /// A new token for the streams that connect from now on (the server
@@ -221,6 +247,25 @@ pub trait Fold: Clone + Default + Send + Sync + 'static {
     fn reset(&mut self);
     /// One change of the topic.
     fn apply(&mut self, change: change::Change);
+}
+
+/// Config entries of one kind by name; removals by name.
+impl Fold for BTreeMap<String, ConfigEntry> {
+    fn reset(&mut self) {
+        self.clear();
+    }
+
+    fn apply(&mut self, change: change::Change) {
+        match change {
+            change::Change::ConfigEntry(entry) => {
+                self.insert(entry.name.clone(), entry);
+            }
+            change::Change::ConfigEntryRemoved(name) => {
+                self.remove(&name);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// A service's endpoints, by key.

@@ -216,6 +216,7 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
             proxy.intentions().clone(),
             config.service_name.clone(),
             discovery.clone(),
+            proxy.applied().clone(),
             shutdown.clone(),
         ),
         tracing::info_span!("intentions"),
@@ -225,6 +226,7 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
             proxy.limits().clone(),
             config.service_name.clone(),
             discovery.clone(),
+            proxy.applied().clone(),
             shutdown.clone(),
         ),
         tracing::info_span!("rate limits"),
@@ -266,6 +268,7 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
                 agent_shutdown,
                 ttl_reports,
                 (results_tx, results),
+                proxy.applied().clone(),
             )
             .await;
         }

@@ -233,7 +233,13 @@ impl Mesh {
 
     /// [`Mesh::start`] with `extra` flags for the registry server.
     pub async fn start_with(extra: &[&str]) -> Result<Self> {
-        let cluster = Cluster::start(1, extra).await?;
+        Self::start_servers(1, extra).await
+    }
+
+    /// A registry of `servers` servers; sidecars use the first unless
+    /// their config says otherwise ([`Mesh::registry_section_on`]).
+    pub async fn start_servers(servers: u64, extra: &[&str]) -> Result<Self> {
+        let cluster = Cluster::start(servers, extra).await?;
         let ip = cluster.servers[0].ip.clone();
         let net = ip
             .rsplit_once('.')
@@ -286,6 +292,11 @@ impl Mesh {
 
     /// The `[registry]` table the next sidecar gets.
     pub fn registry_section(&self) -> String {
+        self.registry_section_on(0)
+    }
+
+    /// The `[registry]` table of a sidecar that uses server `server`.
+    pub fn registry_section_on(&self, server: usize) -> String {
         let token = self
             .registry_token
             .as_ref()
@@ -300,7 +311,7 @@ impl Mesh {
         };
         format!(
             "[registry]\naddresses = [\"{}:{port}\"]\n{token}{tls}",
-            self.cluster().servers[0].ip
+            self.cluster().servers[server].ip
         )
     }
 

@@ -8,9 +8,9 @@ use meshwork_proto::v1::raft_internal_server::RaftInternal;
 use meshwork_proto::v1::{
     ErrorKind, FollowerStateReply, FollowerStateRequest, ForwardSignLeafReply,
     ForwardSignLeafRequest, ForwardWriteReply, ForwardWriteRequest, JoinReply, JoinRequest,
-    RaftPayload, ReadIndexReply, ReadIndexRequest, RemoveServerRequest, RenewSessionReply,
-    RenewSessionRequest, ServerHealthReply, ServerHealthRequest, TouchSessionsReply,
-    TouchSessionsRequest,
+    LocalSidecarsReply, LocalSidecarsRequest, RaftPayload, ReadIndexReply, ReadIndexRequest,
+    RemoveServerRequest, RenewSessionReply, RenewSessionRequest, ReportedSidecar,
+    ServerHealthReply, ServerHealthRequest, TouchSessionsReply, TouchSessionsRequest,
 };
 use openraft::raft::AppendEntriesResponse;
 use serde::Serialize;
@@ -24,11 +24,23 @@ use crate::command::Command;
 #[derive(Debug, Clone)]
 pub struct InternalService {
     node: Arc<RegistryNode>,
+    /// What the sidecars connected to this server report, and this
+    /// server's name (for `LocalSidecars`).
+    sidecars: Arc<crate::telemetry::sidecars::Sidecars>,
+    name: String,
 }
 
 impl InternalService {
-    pub fn new(node: Arc<RegistryNode>) -> Self {
-        Self { node }
+    pub fn new(
+        node: Arc<RegistryNode>,
+        sidecars: Arc<crate::telemetry::sidecars::Sidecars>,
+        name: String,
+    ) -> Self {
+        Self {
+            node,
+            sidecars,
+            name,
+        }
     }
 }
 
@@ -227,6 +239,27 @@ impl RaftInternal for InternalService {
     ) -> Result<Response<FollowerStateReply>, Status> {
         self.node.channels.accept(&request)?;
         Ok(Response::new(self.node.follower_state()))
+    }
+
+    async fn local_sidecars(
+        &self,
+        request: Request<LocalSidecarsRequest>,
+    ) -> Result<Response<LocalSidecarsReply>, Status> {
+        self.node.channels.accept(&request)?;
+        let sidecars = self
+            .sidecars
+            .local()
+            .into_iter()
+            .map(|(report, age)| ReportedSidecar {
+                report: Some(report),
+                age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+            })
+            .collect();
+        Ok(Response::new(LocalSidecarsReply {
+            sidecars,
+            server: self.name.clone(),
+            generation: *self.sidecars.changes().borrow(),
+        }))
     }
 
     async fn server_health(

@@ -300,6 +300,9 @@ pub struct Proxy {
     /// The discovery-chain entries, followed from the first outbound HTTP
     /// listener on.
     chain_entries: std::sync::OnceLock<ChainEntries>,
+    /// What the policy built from config entries has applied (reported to
+    /// the registry by the agent).
+    applied: crate::policy::applied::AppliedConfig,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
     draining: AtomicBool,
@@ -523,6 +526,7 @@ impl Proxy {
             limits: RateLimits::default(),
             shutdown,
             chain_entries: std::sync::OnceLock::new(),
+            applied: crate::policy::applied::AppliedConfig::default(),
             reloading: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
             tasks: TaskTracker::new(),
@@ -563,7 +567,7 @@ impl Proxy {
         }
         let entries = self
             .chain_entries
-            .get_or_init(|| ChainEntries::follow(&self.discovery));
+            .get_or_init(|| ChainEntries::follow(&self.discovery, self.applied.clone()));
         let applied = chain::follow(entries, w.upstream.name.clone(), self.shutdown.clone());
         let (discovery, mesh, shutdown) = (
             self.discovery.clone(),
@@ -621,7 +625,7 @@ impl Proxy {
             };
             Arc::new(http::HttpProxy::new(cluster, "outbound", access_log))
         };
-        Some(Arc::new(Routing::new(applied, Box::new(make))))
+        Some(Routing::start(applied, Box::new(make)))
     }
 
     fn new_slot(&self, w: &Wanted, socket: &TcpListener, access_log: bool) -> Arc<Slot> {
@@ -989,6 +993,11 @@ impl Proxy {
     /// The inbound rate limits (see `policy::ratelimit::run`).
     pub fn limits(&self) -> &RateLimits {
         &self.limits
+    }
+
+    /// What its policy has applied of the registry's config entries.
+    pub fn applied(&self) -> &crate::policy::applied::AppliedConfig {
+        &self.applied
     }
 
     /// The mesh identity its listeners use.

@@ -18,12 +18,13 @@ use std::sync::{Arc, RwLock};
 
 use hyper::Request;
 use meshwork_core::chain::{Chain, Destination, Entries, Fault, HeaderMods, Target};
-use meshwork_proto::v1::{ConfigEntriesTopic, ConfigEntry, subscribe_request};
+use meshwork_proto::v1::ConfigEntry;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::discovery::{Discovery, TopicState};
+use super::applied::{AppliedConfig, Consumer};
+use crate::discovery::{ConfigEntries, Discovery, TopicState};
 
 const KINDS: [&str; 4] = [
     "service-router",
@@ -32,12 +33,12 @@ const KINDS: [&str; 4] = [
     "service-defaults",
 ];
 
-type Followed = watch::Receiver<Arc<TopicState<BTreeMap<String, ConfigEntry>>>>;
-
-/// The kinds' entries, followed once per sidecar.
+/// The kinds' entries, followed once per sidecar, and where each
+/// upstream's chain says what it applied.
 #[derive(Debug, Clone)]
 pub struct ChainEntries {
-    kinds: [Followed; 4],
+    kinds: [ConfigEntries; 4],
+    applied: AppliedConfig,
 }
 
 /// Faults injected, by kind (for `/metrics`).
@@ -55,15 +56,10 @@ pub fn render_metrics() -> String {
 }
 
 impl ChainEntries {
-    pub fn follow(discovery: &Discovery) -> Self {
-        let follow = |kind: &'static str| {
-            discovery.follow_topic::<BTreeMap<String, ConfigEntry>>(
-                subscribe_request::Topic::ConfigEntries(ConfigEntriesTopic { kind: kind.into() }),
-                kind,
-            )
-        };
+    pub fn follow(discovery: &Discovery, applied: AppliedConfig) -> Self {
         Self {
-            kinds: KINDS.map(follow),
+            kinds: KINDS.map(|kind| discovery.config_entries(kind)),
+            applied,
         }
     }
 }
@@ -108,6 +104,9 @@ pub fn follow(
 ) -> watch::Receiver<Arc<Applied>> {
     let (tx, rx) = watch::channel(Arc::new(Applied::default()));
     let mut kinds = entries.kinds.clone();
+    let consumer: Consumer = entries
+        .applied
+        .consumer(format!("upstream {service}"), &KINDS);
     tokio::spawn(async move {
         loop {
             let states: Vec<_> = kinds
@@ -116,6 +115,11 @@ pub fn follow(
                 .collect();
             if states.iter().all(|s| s.ready) {
                 let index = states.iter().map(|s| s.index).max().unwrap_or(0);
+                let indexes: Vec<_> = KINDS
+                    .iter()
+                    .copied()
+                    .zip(states.iter().map(|s| s.index))
+                    .collect();
                 let compiled = bodies(&states).and_then(|b| Chain::compile(&service, &b));
                 let previous = tx.borrow().chain.clone();
                 let applied = match compiled {
@@ -136,6 +140,7 @@ pub fn follow(
                         }
                     }
                 };
+                consumer.applied(&indexes, applied.refused.clone());
                 if tx.send(Arc::new(applied)).is_err() {
                     return;
                 }
@@ -214,6 +219,47 @@ impl<P: TargetProxy> Routing<P> {
         }
     }
 
+    /// [`Routing::new`], and a task that makes each new chain's target
+    /// proxies as soon as it is applied (not at its first request): a
+    /// target's cluster then has its endpoints by the time a request
+    /// comes (a service no upstream followed before would otherwise start
+    /// empty and answer the first requests with 503). It ends with the
+    /// routing.
+    pub fn start(applied: watch::Receiver<Arc<Applied>>, make: Box<MakeProxy<P>>) -> Arc<Self>
+    where
+        P: Send + Sync + 'static,
+    {
+        let routing = Arc::new(Self::new(applied.clone(), make));
+        let weak = Arc::downgrade(&routing);
+        let mut changes = applied;
+        tokio::spawn(async move {
+            loop {
+                let chain = changes.borrow_and_update().chain.clone();
+                match (weak.upgrade(), chain) {
+                    (None, _) => return,
+                    (Some(routing), Some(chain)) if !chain.is_plain() => routing.prepare(&chain),
+                    _ => {}
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        routing
+    }
+
+    /// Makes `chain`'s target proxies unless they are made already.
+    fn prepare(&self, chain: &Arc<Chain>) {
+        let current = |made: &Made<P>| made.chain.as_ref().is_some_and(|c| Arc::ptr_eq(c, chain));
+        if current(&self.made.read().unwrap_or_else(|e| e.into_inner())) {
+            return;
+        }
+        let mut made = self.made.write().unwrap_or_else(|e| e.into_inner());
+        if !current(&made) {
+            *made = self.make_all(chain);
+        }
+    }
+
     /// The chain applied now (for `/config`).
     pub fn applied(&self) -> Arc<Applied> {
         Arc::clone(&self.applied.borrow())
@@ -234,15 +280,9 @@ impl<P: TargetProxy> Routing<P> {
             req.headers(),
         );
         let split = dest.pick(rand::random_range(0..10_000));
-        let current = |made: &Made<P>| made.chain.as_ref().is_some_and(|c| Arc::ptr_eq(c, &chain));
-        if !current(&self.made.read().unwrap_or_else(|e| e.into_inner())) {
-            // A new chain: its target proxies, made once (the first
-            // request after the change makes them; the others wait).
-            let mut made = self.made.write().unwrap_or_else(|e| e.into_inner());
-            if !current(&made) {
-                *made = self.make_all(&chain);
-            }
-        }
+        // Made already by the task of `start`, unless this request came
+        // first (then it makes them; the others wait).
+        self.prepare(&chain);
         let made = self.made.read().unwrap_or_else(|e| e.into_inner());
         let split_index = dest
             .splits

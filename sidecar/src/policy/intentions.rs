@@ -13,10 +13,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use meshwork_core::intentions::{DecidedBy, IntentionSet, Request, Rule};
-use meshwork_proto::v1::{ConfigEntriesTopic, ConfigEntry, change, subscribe_request};
+use meshwork_proto::v1::ConfigEntry;
 use tokio_util::sync::CancellationToken;
 
-use crate::discovery::{Discovery, Fold};
+use super::applied::AppliedConfig;
+use crate::discovery::Discovery;
 
 /// The config entry kind followed.
 pub const KIND: &str = "service-intentions";
@@ -168,25 +169,6 @@ impl Intentions {
     }
 }
 
-/// Config entries of one kind by name; removals by name.
-impl Fold for BTreeMap<String, ConfigEntry> {
-    fn reset(&mut self) {
-        self.clear();
-    }
-
-    fn apply(&mut self, change: change::Change) {
-        match change {
-            change::Change::ConfigEntry(entry) => {
-                self.insert(entry.name.clone(), entry);
-            }
-            change::Change::ConfigEntryRemoved(name) => {
-                self.remove(&name);
-            }
-            _ => {}
-        }
-    }
-}
-
 /// Compiles the entries that apply to `service` with `default_allow`.
 pub fn compile(
     service: &str,
@@ -214,12 +196,11 @@ pub async fn run(
     intentions: Intentions,
     service: String,
     discovery: Discovery,
+    applied: AppliedConfig,
     shutdown: CancellationToken,
 ) {
-    let mut entries = discovery.follow_topic::<BTreeMap<String, ConfigEntry>>(
-        subscribe_request::Topic::ConfigEntries(ConfigEntriesTopic { kind: KIND.into() }),
-        KIND,
-    );
+    let mut entries = discovery.config_entries(KIND);
+    let consumer = applied.consumer("intentions", &[KIND]);
     let mut roots = discovery.ca_roots();
     loop {
         {
@@ -238,9 +219,11 @@ pub async fn run(
                             );
                         }
                         intentions.install(set);
+                        consumer.applied(&[(KIND, entries.index)], None);
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "intentions refused; keeping the previous ones")
+                        tracing::warn!(error = %e, "intentions refused; keeping the previous ones");
+                        consumer.applied(&[(KIND, entries.index)], Some(e));
                     }
                 }
             }

@@ -4,15 +4,14 @@
 //! intentions; a request over the limit is answered 429 with
 //! `retry-after` (gRPC: RESOURCE_EXHAUSTED) and never reaches the app.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use meshwork_core::ratelimit::RateLimits;
-use meshwork_proto::v1::{ConfigEntriesTopic, ConfigEntry, subscribe_request};
 use tokio_util::sync::CancellationToken;
 
+use super::applied::AppliedConfig;
 use crate::discovery::Discovery;
 
 const KIND: &str = "service-defaults";
@@ -71,12 +70,11 @@ pub async fn run(
     limits: Limits,
     service: String,
     discovery: Discovery,
+    applied: AppliedConfig,
     shutdown: CancellationToken,
 ) {
-    let mut entries = discovery.follow_topic::<BTreeMap<String, ConfigEntry>>(
-        subscribe_request::Topic::ConfigEntries(ConfigEntriesTopic { kind: KIND.into() }),
-        KIND,
-    );
+    let mut entries = discovery.config_entries(KIND);
+    let consumer = applied.consumer("rate limits", &[KIND]);
     loop {
         {
             let state = Arc::clone(&entries.borrow_and_update());
@@ -87,9 +85,13 @@ pub async fn run(
                         .and_then(|body| RateLimits::from_service_defaults(&service, &body)),
                 };
                 match parsed {
-                    Ok(parsed) => limits.install(parsed),
+                    Ok(parsed) => {
+                        limits.install(parsed);
+                        consumer.applied(&[(KIND, state.index)], None);
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "rate limits refused; keeping the previous ones")
+                        tracing::warn!(error = %e, "rate limits refused; keeping the previous ones");
+                        consumer.applied(&[(KIND, state.index)], Some(e));
                     }
                 }
             }

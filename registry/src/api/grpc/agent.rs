@@ -8,7 +8,7 @@ use std::time::Duration;
 use meshwork_proto::v1::agent_server::Agent;
 use meshwork_proto::v1::{
     AgentReply, CheckStatus, DeregisterRequest, HeartbeatReply, HeartbeatRequest, RegisterReply,
-    RegisterRequest, SignLeafReply, SignLeafRequest, UpdateCheckRequest,
+    RegisterRequest, SidecarReport, SignLeafReply, SignLeafRequest, UpdateCheckRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -33,6 +33,8 @@ pub struct AgentService {
     pub datacenter: Arc<str>,
     /// Off: SignLeaf answers FAILED_PRECONDITION.
     pub connect_enabled: bool,
+    /// What the sidecars connected here have applied.
+    pub sidecars: Arc<crate::telemetry::sidecars::Sidecars>,
 }
 
 impl std::fmt::Debug for AgentService {
@@ -78,6 +80,40 @@ fn non_empty(value: &str, what: &str) -> Result<(), Status> {
         ))),
         None => Ok(()),
     }
+}
+
+/// Bounds of a `SidecarReport` (a sidecar follows a handful of kinds and
+/// refuses few entries; anything bigger is not a sidecar's report).
+const MAX_REPORTED_KINDS: usize = 64;
+const MAX_REFUSED: usize = 64;
+const MAX_REPORT_TEXT: usize = 2048;
+
+/// Checks a report's sizes and text; `Err` says what is wrong.
+fn vet_report(report: &SidecarReport) -> Result<(), Status> {
+    non_empty(&report.node, "node")?;
+    non_empty(&report.service_id, "service_id")?;
+    if report.applied.len() > MAX_REPORTED_KINDS || report.refused.len() > MAX_REFUSED {
+        return Err(Status::invalid_argument(format!(
+            "a report names at most {MAX_REPORTED_KINDS} kinds and {MAX_REFUSED} refused entries"
+        )));
+    }
+    let texts = [&report.version, &report.mode, &report.config_digest]
+        .into_iter()
+        .chain(report.applied.keys())
+        .chain(report.refused.iter().flat_map(|r| [&r.scope, &r.reason]));
+    for text in texts {
+        if text.len() > MAX_REPORT_TEXT {
+            return Err(Status::invalid_argument(format!(
+                "report text longer than {MAX_REPORT_TEXT} bytes"
+            )));
+        }
+        if text.chars().any(|c| c.is_control() && c != '\n') {
+            return Err(Status::invalid_argument(
+                "report text contains control characters",
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl AgentService {
@@ -401,6 +437,50 @@ impl Agent for AgentService {
         Ok(Response::new(AgentReply { index }))
     }
 
+    async fn report_applied(
+        &self,
+        request: Request<SidecarReport>,
+    ) -> Result<Response<AgentReply>, Status> {
+        let authz = self.authorize(&request)?;
+        let mut report = request.into_inner();
+        vet_report(&report)?;
+        // Listed as what the catalog has: the service's name and address
+        // come from its registration, not from the report.
+        let instance = {
+            let state = self.node.state.read();
+            state
+                .catalog
+                .service(&report.node, &report.service_id)
+                .map(|s| {
+                    let host = if s.address.is_empty() {
+                        state
+                            .catalog
+                            .node(&report.node)
+                            .map(|n| n.address.clone())
+                            .unwrap_or_default()
+                    } else {
+                        s.address.clone()
+                    };
+                    (s.name.clone(), format!("{host}:{}", s.port))
+                })
+        };
+        let Some((name, address)) = instance else {
+            return Err(Status::failed_precondition(format!(
+                "no instance {:?} on node {:?}: register it first",
+                report.service_id, report.node
+            )));
+        };
+        self.require_instance_write(&authz, &report.node, &report.service_id)?;
+        report.service = name;
+        report.address = address;
+        self.sidecars
+            .record(report)
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        Ok(Response::new(AgentReply {
+            index: self.node.state.applied_index(),
+        }))
+    }
+
     async fn deregister(
         &self,
         request: Request<DeregisterRequest>,
@@ -410,6 +490,7 @@ impl Agent for AgentService {
         non_empty(&request.node, "node")?;
         non_empty(&request.service_id, "service_id")?;
         self.require_instance_write(&authz, &request.node, &request.service_id)?;
+        self.sidecars.remove(&request.node, &request.service_id);
         let mut index = self
             .write(Command::CatalogDeregister {
                 node: request.node.clone(),

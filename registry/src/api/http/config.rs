@@ -39,7 +39,8 @@ fn kind_request(kind: &str, query: Option<&str>) -> Result<Params, ApiError> {
 }
 
 /// `PUT /v1/config[?cas=N]`: creates or replaces an entry; `true`, or
-/// `false` when the check-and-set failed.
+/// `false` when the check-and-set failed; the write's index in
+/// `X-Consul-Index`.
 pub async fn apply(
     State(app): State<AppState>,
     authz: Authz,
@@ -77,7 +78,18 @@ pub async fn apply(
             cas,
         })
         .await?;
-    Ok(axum::Json(applied.response == CommandResponse::Applied(true)).into_response())
+    let mut response =
+        axum::Json(applied.response == CommandResponse::Applied(true)).into_response();
+    written_at(&mut response, applied.index);
+    Ok(response)
+}
+
+/// The write's index in `X-Consul-Index` (Meshwork's addition: what
+/// `/v1/mesh/propagation?index=` waits for).
+fn written_at(response: &mut Response, index: u64) {
+    response
+        .headers_mut()
+        .insert("X-Consul-Index", axum::http::HeaderValue::from(index));
 }
 
 /// `GET /v1/config/:kind`: every entry of the kind (blocking-capable).
@@ -175,10 +187,12 @@ pub async fn delete(
         .write(Command::ConfigDelete { kind, name, cas })
         .await?;
     let deleted = applied.response == CommandResponse::Applied(true);
-    Ok(match cas {
+    let mut response = match cas {
         Some(_) => axum::Json(Value::Bool(deleted)).into_response(),
         None => axum::Json(serde_json::json!({})).into_response(),
-    })
+    };
+    written_at(&mut response, applied.index);
+    Ok(response)
 }
 
 /// The stored entries as the chain compiler reads them.

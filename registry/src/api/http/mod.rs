@@ -12,6 +12,7 @@ pub mod consul_json;
 pub mod error;
 pub mod intentions;
 pub mod kv;
+pub mod mesh;
 pub mod query;
 pub mod serve;
 pub mod session;
@@ -57,6 +58,8 @@ pub struct AppState {
     pub leaves: Arc<connect::LeafCache>,
     /// What applies when no intention matches (`connect.default_intention`).
     pub default_intention_allow: bool,
+    /// What the sidecars connected to this server have applied.
+    pub sidecars: Arc<crate::telemetry::sidecars::Sidecars>,
 }
 
 impl AppState {
@@ -135,6 +138,8 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::max(snapshot::MAX_BACKUP_BYTES)),
         )
         .route("/v1/config", put(config::apply))
+        .route("/v1/mesh/sidecars", get(mesh::sidecars))
+        .route("/v1/mesh/propagation", get(mesh::propagation))
         .route("/v1/config/{kind}", get(config::list))
         .route(
             "/v1/config/{kind}/{name}",
