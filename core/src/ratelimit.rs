@@ -11,7 +11,13 @@
 //!
 //! A request takes a token from the first route whose path matches, else
 //! from the instance's bucket; with none left it is refused (the sidecar
-//! answers 429 with `retry-after`). `RequestsMaxBurst` defaults to
+//! answers 429 with `retry-after`).
+//!
+//! Meshwork adds a cluster-wide quota, `"ServiceLevel":
+//! {"RequestsPerSecond": 300}`: requests a second across every instance of
+//! the service, shared out by the registry to the instances' sidecars in
+//! proportion to the traffic each sees ([`quota_shares`]); each enforces
+//! its share with a bucket of its own ([`Bucket::set_rate`]). `RequestsMaxBurst` defaults to
 //! `RequestsPerSecond` (a second's worth). Parsed once per change
 //! ([`RateLimits::parse`], also the registry's check at `PUT`); a request
 //! costs one short lock of its bucket.
@@ -28,6 +34,8 @@ use crate::intentions::fields::{array, fields, join, nonempty_string, object};
 pub struct RateLimits {
     instance: Option<Bucket>,
     routes: Vec<(PathMatch, Bucket)>,
+    /// `ServiceLevel.RequestsPerSecond`: the cluster-wide quota.
+    service: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -50,17 +58,36 @@ impl PathMatch {
 /// A token bucket: `rate` tokens a second, at most `burst` kept.
 #[derive(Debug)]
 pub struct Bucket {
+    state: Mutex<BucketState>,
+}
+
+#[derive(Debug)]
+struct BucketState {
     rate: f64,
     burst: f64,
-    state: Mutex<(f64, Option<Instant>)>,
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl BucketState {
+    fn refill(&mut self, now: Instant) {
+        if let Some(last) = self.last {
+            let elapsed = now.saturating_duration_since(last).as_secs_f64();
+            self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        }
+        self.last = Some(now);
+    }
 }
 
 impl Bucket {
     pub fn new(rate: f64, burst: u32) -> Self {
         Self {
-            rate,
-            burst: f64::from(burst),
-            state: Mutex::new((f64::from(burst), None)),
+            state: Mutex::new(BucketState {
+                rate,
+                burst: f64::from(burst),
+                tokens: f64::from(burst),
+                last: None,
+            }),
         }
     }
 
@@ -68,19 +95,53 @@ impl Bucket {
     /// long until the next one.
     pub fn take(&self, now: Instant) -> Result<(), Duration> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (tokens, last) = &mut *state;
-        if let Some(last) = *last {
-            let elapsed = now.saturating_duration_since(last).as_secs_f64();
-            *tokens = (*tokens + elapsed * self.rate).min(self.burst);
-        }
-        *last = Some(now);
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
+        state.refill(now);
+        if state.tokens >= 1.0 {
+            state.tokens -= 1.0;
             Ok(())
+        } else if state.rate > 0.0 {
+            Err(Duration::from_secs_f64(
+                ((1.0 - state.tokens) / state.rate).min(3600.0),
+            ))
         } else {
-            Err(Duration::from_secs_f64((1.0 - *tokens) / self.rate))
+            Err(Duration::from_secs(1))
         }
     }
+
+    /// A new rate from `now` on (tokens earned so far are kept, up to the
+    /// new burst: a second's worth, at least 1).
+    pub fn set_rate(&self, rate: f64, now: Instant) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.refill(now);
+        state.rate = rate.max(0.0);
+        state.burst = rate.ceil().max(1.0);
+        state.tokens = state.tokens.min(state.burst);
+    }
+}
+
+/// The cluster-wide quota `quota` (requests a second) shared out among
+/// instances that each saw `demands[i]` requests a second lately: in
+/// proportion to demand, plus a floor (a tenth of an equal share) so an
+/// idle instance can still take its first requests. The shares add up to
+/// `quota`.
+pub fn quota_shares(quota: f64, demands: &[f64]) -> Vec<f64> {
+    if demands.is_empty() {
+        return Vec::new();
+    }
+    let floor = quota / demands.len() as f64 / 10.0;
+    let weights: Vec<f64> = demands
+        .iter()
+        .map(|d| {
+            let d = if d.is_nan() {
+                0.0
+            } else {
+                d.clamp(0.0, f64::MAX / 4.0)
+            };
+            d + floor.max(f64::MIN_POSITIVE)
+        })
+        .collect();
+    let total: f64 = weights.iter().sum();
+    weights.iter().map(|w| quota * w / total).collect()
 }
 
 fn text(e: crate::intentions::IntentionError) -> String {
@@ -115,11 +176,26 @@ impl RateLimits {
     /// name the field (`at` is where the field is).
     pub fn parse(value: &Value, at: &str) -> Result<Self, String> {
         let obj = object(value, at).map_err(text)?;
-        let [instance] = fields(obj, &["InstanceLevel"], at).map_err(text)?;
+        let [instance, service] =
+            fields(obj, &["InstanceLevel", "ServiceLevel"], at).map_err(text)?;
+        let service = match service {
+            None => None,
+            Some(service) => {
+                let s_at = join(at, "ServiceLevel");
+                let service = object(service, &s_at).map_err(text)?;
+                let [rps] = fields(service, &["RequestsPerSecond"], &s_at).map_err(text)?;
+                let rate = rps
+                    .and_then(Value::as_f64)
+                    .filter(|r| *r > 0.0 && r.is_finite())
+                    .ok_or_else(|| format!("{s_at}.RequestsPerSecond: must be a number above 0"))?;
+                Some(rate)
+            }
+        };
         let Some(instance) = instance else {
             return Ok(Self {
                 instance: None,
                 routes: Vec::new(),
+                service,
             });
         };
         let i_at = join(at, "InstanceLevel");
@@ -173,7 +249,13 @@ impl RateLimits {
         Ok(Self {
             instance: bucket(rps, burst, &i_at)?,
             routes: compiled,
+            service,
         })
+    }
+
+    /// The cluster-wide quota (`ServiceLevel.RequestsPerSecond`), if any.
+    pub fn service_quota(&self) -> Option<f64> {
+        self.service
     }
 
     /// Reads `RateLimits` from a `service-defaults` body, if it has one.
@@ -242,6 +324,50 @@ mod tests {
             assert!(limits.admit("/", later).is_ok());
         }
         assert!(limits.admit("/", later).is_err());
+    }
+
+    #[test]
+    fn quota_shares_follow_demand_and_add_up_to_the_quota() {
+        let shares = quota_shares(30.0, &[0.0, 0.0, 0.0]);
+        assert!(shares.iter().all(|s| (s - 10.0).abs() < 1e-9), "{shares:?}");
+        let shares = quota_shares(30.0, &[100.0, 0.0, 0.0]);
+        assert!(shares[0] > 29.0 && shares[1] > 0.0, "{shares:?}");
+        let shares = quota_shares(30.0, &[60.0, 30.0, 10.0]);
+        assert!(shares[0] > shares[1] && shares[1] > shares[2], "{shares:?}");
+        for shares in [shares, quota_shares(7.5, &[1e300, f64::NAN, 3.0])] {
+            let total: f64 = shares.iter().sum();
+            assert!(
+                shares.iter().all(|s| s.is_finite() && *s >= 0.0),
+                "{shares:?}"
+            );
+            assert!(total > 0.0, "{shares:?}");
+        }
+        assert!(quota_shares(10.0, &[]).is_empty());
+        let limits = RateLimits::parse(
+            &json!({"ServiceLevel": {"RequestsPerSecond": 300}}),
+            "RateLimits",
+        )
+        .expect("parses");
+        assert_eq!(limits.service_quota(), Some(300.0));
+        assert!(
+            limits.admit("/", Instant::now()).is_ok(),
+            "no instance limit"
+        );
+    }
+
+    #[test]
+    fn a_bucket_takes_a_new_rate_live() {
+        let bucket = Bucket::new(1.0, 1);
+        let t0 = Instant::now();
+        assert!(bucket.take(t0).is_ok());
+        assert!(bucket.take(t0).is_err());
+        bucket.set_rate(100.0, t0);
+        assert!(bucket.take(t0 + Duration::from_millis(20)).is_ok());
+        bucket.set_rate(0.0, t0 + Duration::from_millis(20));
+        // What was earned at the old rate stays (one token, the burst);
+        // nothing more comes.
+        assert!(bucket.take(t0 + Duration::from_secs(5)).is_ok());
+        assert!(bucket.take(t0 + Duration::from_secs(50)).is_err());
     }
 
     #[test]

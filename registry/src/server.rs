@@ -468,6 +468,7 @@ fn spawn_public_grpc(
             datacenter: config.datacenter.clone().into(),
             connect_enabled: config.connect.enabled,
             sidecars: Arc::clone(sidecars),
+            peers: Arc::default(),
         });
     // The public gRPC server and the watch hub's task run on a thread of
     // their own with a single-threaded runtime. A watch change wakes every

@@ -25,13 +25,17 @@ use tonic::transport::Endpoint;
 use crate::config::{Check, Config, Probe};
 use crate::notify;
 use crate::policy::applied::AppliedConfig;
+use crate::policy::ratelimit::Limits as RateLimits;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the applied config is reported when it does not change (the
-/// registry lists a sidecar silent for 30 s as disconnected).
+/// registry lists a sidecar silent for 30 s as disconnected)...
 const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// ...and while the service has a cluster-wide quota (each report carries
+/// the demand seen and brings back this instance's share).
+const REPORT_EVERY_QUOTA: Duration = Duration::from_secs(2);
 /// Changes this close together go in one report (an entry change rebuilds
 /// every upstream's chain, each a change here).
 const REPORT_COALESCE: Duration = Duration::from_millis(5);
@@ -345,7 +349,7 @@ pub async fn run(
     shutdown: CancellationToken,
     ttl_reports: TtlReports,
     (results_tx, mut results): (mpsc::Sender<CheckResult>, mpsc::Receiver<CheckResult>),
-    applied: AppliedConfig,
+    (applied, limits): (AppliedConfig, RateLimits),
 ) {
     let mut config: Arc<Config> = Arc::clone(&configs.borrow_and_update());
     let mut registry = Registry::new(config.registry.clone(), config.registry_token.clone());
@@ -364,19 +368,26 @@ pub async fn run(
     let mut heartbeat = heartbeat_timer(&config);
     let mut applied_changes = applied.changes();
     // Its first tick is at once: the first report follows registration.
-    let mut report_timer = tokio::time::interval(REPORT_EVERY);
+    let mut report_timer = tokio::time::interval(REPORT_EVERY_QUOTA);
     report_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_report: Option<Instant> = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             Ok(()) = applied_changes.changed() => {
                 tokio::time::sleep(REPORT_COALESCE).await;
                 applied_changes.borrow_and_update();
-                report_applied(&config, &mut registry, &status, &applied).await;
+                report_applied(&config, &mut registry, &status, (&applied, &limits)).await;
+                last_report = Some(Instant::now());
                 report_timer.reset();
             }
             _ = report_timer.tick() => {
-                report_applied(&config, &mut registry, &status, &applied).await;
+                let due = limits.quota().is_some()
+                    || last_report.is_none_or(|at| at.elapsed() + REPORT_EVERY_QUOTA / 2 >= REPORT_EVERY);
+                if due {
+                    report_applied(&config, &mut registry, &status, (&applied, &limits)).await;
+                    last_report = Some(Instant::now());
+                }
             }
             Ok(()) = configs.changed() => {
                 let next = Arc::clone(&configs.borrow_and_update());
@@ -844,9 +855,10 @@ async fn report_applied(
     config: &Config,
     registry: &mut Registry,
     status: &SharedStatus,
-    applied: &AppliedConfig,
+    (applied, limits): (&AppliedConfig, &RateLimits),
 ) {
     let summary = applied.summary();
+    let quota = limits.quota().is_some();
     let request = SidecarReport {
         node: config.node.clone(),
         service_id: config.service_id.clone(),
@@ -859,13 +871,20 @@ async fn report_applied(
         refused: summary.refused,
         config_digest: config.digest.clone(),
         config_loaded_unix: lock(status).config.loaded_unix.unwrap_or(0),
+        quota,
+        quota_demand_rps: if quota { limits.take_demand() } else { 0.0 },
     };
     let mut client = match registry.client().await {
         Ok(client) => client,
         Err(e) => return note_failure(status, registry, "applied-config report", &e),
     };
     match client.report_applied(request).await {
-        Ok(_) => note_success(status, registry),
+        Ok(reply) => {
+            if let Some(share) = reply.into_inner().quota_share_rps {
+                limits.set_quota_share(share);
+            }
+            note_success(status, registry);
+        }
         // A server of an older version (during an upgrade), or one that
         // does not have the instance yet: not a reason to leave it; the
         // next tick tries again.

@@ -268,7 +268,7 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
                 agent_shutdown,
                 ttl_reports,
                 (results_tx, results),
-                proxy.applied().clone(),
+                (proxy.applied().clone(), proxy.limits().clone()),
             )
             .await;
         }

@@ -489,3 +489,123 @@ async fn rate_limits_from_service_defaults_apply_in_the_destination_sidecar() ->
     mesh.done();
     Ok(())
 }
+
+/// Sends GETs to `/` through the client sidecar as fast as they come back
+/// for `window`; (answered 200, answered 429).
+async fn drive(client_ip: &str, window: Duration) -> Result<(u32, u32)> {
+    let http = http_client()?;
+    let started = std::time::Instant::now();
+    let (mut ok, mut limited) = (0u32, 0u32);
+    // Bounded: at most 200,000 requests, however fast they come back.
+    for _ in 0..200_000 {
+        if started.elapsed() >= window {
+            break;
+        }
+        let r = http
+            .get(format!("http://{client_ip}:{UPSTREAM_PORT}/"))
+            .send()
+            .await?;
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => limited += 1,
+            other => anyhow::bail!("status {other}"),
+        }
+    }
+    Ok((ok, limited))
+}
+
+/// A sidecar's quota share (`meshwork_sidecar_quota_share_rps`).
+async fn share(mesh: &Mesh, i: usize) -> Result<f64> {
+    mesh.sidecars[i]
+        .metric_sum("meshwork_sidecar_quota_share_rps")
+        .await
+}
+
+/// Meshwork's cluster-wide quota (`RateLimits.ServiceLevel`): 30 requests
+/// a second across api's three instances, shared out by the registry in
+/// proportion to the traffic each sees — evenly while the client spreads
+/// its calls, then almost all to the one instance left in the resolver's
+/// default subset, so the service still takes about 30 a second, not a
+/// third of it.
+#[tokio::test]
+async fn a_cluster_wide_quota_is_shared_out_by_traffic() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let a = instance(&mut mesh, 20, "api", "api-v1-a", "v1").await?;
+    let b = instance(&mut mesh, 21, "api", "api-v1-b", "v1").await?;
+    let v2 = instance(&mut mesh, 22, "api", "api-v2-a", "v2").await?;
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(&client_ip, "name = \"api\"\nprotocol = \"http\"")
+        .await?;
+    mesh.sidecars[c].wait_endpoints(3).await?;
+    mesh.sidecars[c].wait_ready().await?;
+    put_entry(
+        &mesh,
+        &json!({"Kind": "service-defaults", "Name": "api", "Protocol": "http",
+                "RateLimits": {"ServiceLevel": {"RequestsPerSecond": 30}}}),
+    )
+    .await?;
+    wait_for(
+        "every instance enforcing a share",
+        Duration::from_secs(10),
+        || async {
+            for i in [a, b, v2] {
+                if share(&mesh, i).await.ok()? <= 0.0 {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await?;
+
+    // Spread over three: a third each, about 30 a second in all.
+    drive(&client_ip, Duration::from_secs(3)).await?; // two reports to settle
+    let window = Duration::from_secs(4);
+    let (ok, limited) = drive(&client_ip, window).await?;
+    let rate = f64::from(ok) / window.as_secs_f64();
+    let shares = [
+        share(&mesh, a).await?,
+        share(&mesh, b).await?,
+        share(&mesh, v2).await?,
+    ];
+    println!("spread: {rate:.1}/s admitted, {limited} limited, shares {shares:?}");
+    ensure!(limited > 0, "the load exceeds the quota");
+    ensure!(
+        (20.0..=42.0).contains(&rate),
+        "{rate:.1} a second admitted across the three (quota 30; shares {shares:?})"
+    );
+    ensure!(
+        shares.iter().all(|s| (5.0..=15.0).contains(s)),
+        "even traffic, even shares: {shares:?}"
+    );
+
+    // All traffic to v2: its share grows to most of the quota.
+    put_entry(
+        &mesh,
+        &json!({"Kind": "service-resolver", "Name": "api", "DefaultSubset": "v2",
+                "Subsets": {"v1": {"Filter": "Service.Meta.version == v1"},
+                            "v2": {"Filter": "Service.Meta.version == v2"}}}),
+    )
+    .await?;
+    applied(&mesh, c, entry_index(&mesh, "service-resolver/api").await?).await?;
+    drive(&client_ip, Duration::from_secs(4)).await?;
+    let (ok, limited) = drive(&client_ip, window).await?;
+    let rate = f64::from(ok) / window.as_secs_f64();
+    let shares = [
+        share(&mesh, a).await?,
+        share(&mesh, b).await?,
+        share(&mesh, v2).await?,
+    ];
+    println!("one instance: {rate:.1}/s admitted, {limited} limited, shares {shares:?}");
+    ensure!(
+        (20.0..=42.0).contains(&rate),
+        "{rate:.1} a second admitted by v2 alone (quota 30, not a third of it; shares {shares:?})"
+    );
+    ensure!(
+        shares[2] >= 25.0 && shares[0] < 5.0 && shares[1] < 5.0,
+        "the busy instance holds most of the quota: {shares:?}"
+    );
+    mesh.done();
+    Ok(())
+}

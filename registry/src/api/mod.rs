@@ -1,5 +1,6 @@
 //! The registry's public interfaces: REST (Consul-compatible) and gRPC.
 
+pub mod fleet;
 pub mod grpc;
 pub mod http;
 

@@ -8,7 +8,8 @@ use std::time::Duration;
 use meshwork_proto::v1::agent_server::Agent;
 use meshwork_proto::v1::{
     AgentReply, CheckStatus, DeregisterRequest, HeartbeatReply, HeartbeatRequest, RegisterReply,
-    RegisterRequest, SidecarReport, SignLeafReply, SignLeafRequest, UpdateCheckRequest,
+    RegisterRequest, ReportAppliedReply, SidecarReport, SignLeafReply, SignLeafRequest,
+    UpdateCheckRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -35,6 +36,8 @@ pub struct AgentService {
     pub connect_enabled: bool,
     /// What the sidecars connected here have applied.
     pub sidecars: Arc<crate::telemetry::sidecars::Sidecars>,
+    /// The other servers' sidecars, for quota shares.
+    pub peers: Arc<crate::api::fleet::PeerCache>,
 }
 
 impl std::fmt::Debug for AgentService {
@@ -116,7 +119,55 @@ fn vet_report(report: &SidecarReport) -> Result<(), Status> {
     Ok(())
 }
 
+/// Instances whose last quota report is older than this are not given a
+/// share (they report every 2 s while a quota applies).
+const QUOTA_FRESH: Duration = Duration::from_secs(6);
+
 impl AgentService {
+    /// `report`'s share of its service's cluster-wide quota: the quota
+    /// (from the service's `service-defaults`, as this server has it)
+    /// shared out among the instances that report enforcing it, on any
+    /// server, by the demand each reported (`quota_shares`). `None` when
+    /// the service has no quota (the sidecar keeps what it has until its
+    /// own copy of the entry catches up).
+    async fn quota_share(&self, report: &SidecarReport) -> Option<f64> {
+        let quota = {
+            let state = self.node.state.read();
+            let entry = state.config.get("service-defaults", &report.service)?;
+            meshwork_core::ratelimit::RateLimits::from_service_defaults(
+                &report.service,
+                &entry.body,
+            )
+            .ok()??
+            .service_quota()?
+        };
+        let mut listed: Vec<crate::api::fleet::Listed> = self
+            .sidecars
+            .local()
+            .into_iter()
+            .map(|(report, age)| crate::api::fleet::Listed {
+                report,
+                server: String::new(),
+                age,
+            })
+            .collect();
+        listed.extend(self.peers.peers(&self.node).await);
+        let instances: Vec<_> = crate::api::fleet::freshest(listed)
+            .into_iter()
+            .filter(|l| l.report.quota && l.report.service == report.service && l.age < QUOTA_FRESH)
+            .collect();
+        let demands: Vec<f64> = instances
+            .iter()
+            .map(|l| l.report.quota_demand_rps)
+            .collect();
+        let mine = instances.iter().position(|l| {
+            l.report.node == report.node && l.report.service_id == report.service_id
+        })?;
+        meshwork_core::ratelimit::quota_shares(quota, &demands)
+            .get(mine)
+            .copied()
+    }
+
     /// The rights of the call's token.
     fn authorize<T>(&self, request: &Request<T>) -> Result<Resolved, Status> {
         (self.resolver)(super::call_token(request.metadata().as_ref()))
@@ -440,7 +491,7 @@ impl Agent for AgentService {
     async fn report_applied(
         &self,
         request: Request<SidecarReport>,
-    ) -> Result<Response<AgentReply>, Status> {
+    ) -> Result<Response<ReportAppliedReply>, Status> {
         let authz = self.authorize(&request)?;
         let mut report = request.into_inner();
         vet_report(&report)?;
@@ -473,11 +524,23 @@ impl Agent for AgentService {
         self.require_instance_write(&authz, &report.node, &report.service_id)?;
         report.service = name;
         report.address = address;
+        if !report.quota_demand_rps.is_finite() || report.quota_demand_rps < 0.0 {
+            return Err(Status::invalid_argument(
+                "quota_demand_rps must be a number from 0",
+            ));
+        }
+        let quota = report.quota;
         self.sidecars
-            .record(report)
+            .record(report.clone())
             .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-        Ok(Response::new(AgentReply {
+        let quota_share_rps = if quota {
+            self.quota_share(&report).await
+        } else {
+            None
+        };
+        Ok(Response::new(ReportAppliedReply {
             index: self.node.state.applied_index(),
+            quota_share_rps,
         }))
     }
 

@@ -13,44 +13,30 @@
 //! it reports (within the last 30 s).
 
 use std::collections::{BTreeMap, HashMap};
+
 use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
-use meshwork_proto::v1::{LocalSidecarsRequest, SidecarReport};
+use meshwork_proto::v1::SidecarReport;
 use serde_json::{Value, json};
 
 use super::AppState;
 use super::authz::Authz;
 use super::error::ApiError;
 use super::query::Params;
+use crate::api::fleet::Listed;
 use crate::auth::{Kind, Need, Resolved};
 use crate::telemetry::sidecars::{DISCONNECTED_AFTER, pending_kinds};
 
-/// How long a peer may take to list its sidecars.
-const PEER_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often a waiting query asks the peers again (their sidecars'
 /// reports reach only them).
 const PEER_POLL: Duration = Duration::from_millis(100);
 /// `/v1/mesh/propagation`'s wait when none is given, and the longest.
 const DEFAULT_PROPAGATION_WAIT: Duration = Duration::from_secs(10);
 const MAX_WAIT: Duration = Duration::from_secs(600);
-
-/// One sidecar as the merge sees it: its report, the server it reports
-/// to, and how long ago.
-struct Listed {
-    report: SidecarReport,
-    server: String,
-    age: Duration,
-}
-
-impl Listed {
-    fn connected(&self) -> bool {
-        self.age < DISCONNECTED_AFTER
-    }
-}
 
 /// Every server's sidecars, merged (a sidecar listed by two servers,
 /// having moved, keeps its freshest report), those `authz` may not read
@@ -63,75 +49,13 @@ struct Fleet {
     generation: u64,
 }
 
+fn connected(sidecar: &Listed) -> bool {
+    sidecar.age < DISCONNECTED_AFTER
+}
+
 async fn gather(app: &AppState, authz: &Resolved) -> Fleet {
-    let own_name = app.node_name.to_string();
-    let mut listed: Vec<Listed> = app
-        .sidecars
-        .local()
-        .into_iter()
-        .map(|(report, age)| Listed {
-            report,
-            server: own_name.clone(),
-            age,
-        })
-        .collect();
-    let mut generation = *app.sidecars.changes().borrow();
-    let mut unreachable = Vec::new();
-    let peers = app
-        .node
-        .members()
-        .into_iter()
-        .filter(|m| m.id != app.node.id);
-    let asks = peers.map(|member| {
-        let node = &app.node;
-        async move {
-            let answer = async {
-                let mut client = node.channels.client(&member.raft_addr).ok()?;
-                let request = node.channels.request(LocalSidecarsRequest {});
-                let reply =
-                    tokio::time::timeout(PEER_TIMEOUT, client.local_sidecars(request)).await;
-                node.channels.outcome(&member.raft_addr, reply.is_ok());
-                Some(reply.ok()?.ok()?.into_inner())
-            };
-            let answer = answer.await;
-            (member, answer)
-        }
-    });
-    for (member, answer) in futures::future::join_all(asks).await {
-        match answer {
-            Some(reply) => {
-                generation = generation.wrapping_add(reply.generation);
-                let server = if reply.server.is_empty() {
-                    member.display_name()
-                } else {
-                    reply.server
-                };
-                listed.extend(reply.sidecars.into_iter().filter_map(|s| {
-                    Some(Listed {
-                        report: s.report?,
-                        server: server.clone(),
-                        age: Duration::from_millis(s.age_ms),
-                    })
-                }));
-            }
-            None => unreachable.push(member.display_name()),
-        }
-    }
-    // The freshest report of each instance.
-    let mut by_instance: HashMap<(String, String), Listed> = HashMap::new();
-    for sidecar in listed {
-        let key = (
-            sidecar.report.node.clone(),
-            sidecar.report.service_id.clone(),
-        );
-        match by_instance.get(&key) {
-            Some(known) if known.age <= sidecar.age => {}
-            _ => {
-                by_instance.insert(key, sidecar);
-            }
-        }
-    }
-    let mut sidecars: Vec<Listed> = by_instance.into_values().collect();
+    let tables = crate::api::fleet::tables(&app.node, &app.sidecars, &app.node_name).await;
+    let mut sidecars = crate::api::fleet::freshest(tables.sidecars);
     // A sidecar whose instance is gone from the catalog (deregistered, or
     // removed after its session expired: killed without a goodbye) is not
     // part of the mesh any more.
@@ -157,12 +81,11 @@ async fn gather(app: &AppState, authz: &Resolved) -> Fleet {
             &b.report.service_id,
         ))
     });
-    unreachable.sort();
     Fleet {
         sidecars,
-        unreachable,
+        unreachable: tables.unreachable,
         filtered,
-        generation,
+        generation: tables.generation,
     }
 }
 
@@ -236,7 +159,7 @@ pub async fn sidecars(
         let resolved = authz.refresh()?;
         let fleet = gather(&app, &resolved).await;
         let (state_index, kind_indexes) = kind_indexes(&app, &fleet);
-        let disconnected = fleet.sidecars.iter().filter(|s| !s.connected()).count() as u64;
+        let disconnected = fleet.sidecars.iter().filter(|s| !connected(s)).count() as u64;
         let index = fleet
             .generation
             .wrapping_add(kind_indexes.values().copied().max().unwrap_or(0))
@@ -263,7 +186,7 @@ pub async fn sidecars(
                     "Version": r.version,
                     "Mode": r.mode,
                     "Server": s.server,
-                    "Connected": s.connected(),
+                    "Connected": connected(s),
                     "LastReportMs": millis(s.age),
                     "AppliedIndex": applied_index(r, state_index, &kind_index),
                     "Applied": r.applied.iter().collect::<BTreeMap<_, _>>(),
@@ -324,7 +247,7 @@ pub async fn propagation(
         let fleet = gather(&app, &resolved).await;
         let (state_index, kind_indexes) = kind_indexes(&app, &fleet);
         let kind_index = |kind: &str| kind_indexes.get(kind).copied().unwrap_or(0);
-        let connected: Vec<&Listed> = fleet.sidecars.iter().filter(|s| s.connected()).collect();
+        let connected: Vec<&Listed> = fleet.sidecars.iter().filter(|s| connected(s)).collect();
         let mut pending = Vec::new();
         let mut refused = Vec::new();
         for sidecar in &connected {
