@@ -133,6 +133,33 @@ pub struct ClusterGauges {
     pub endpoints_ejected: usize,
 }
 
+/// The labels of a cluster's series: its listener's direction and
+/// upstream, and for a discovery-chain target (a service or a subset the
+/// upstream's routes, splits or failover send requests to) the target's
+/// id (`v2.api`) and the route (`default`, or the router's route number).
+pub fn cluster_labels(direction: &str, upstream: &str, target: Option<(&str, &str)>) -> String {
+    let mut labels = format!(
+        "direction=\"{direction}\",upstream=\"{}\"",
+        escape(upstream)
+    );
+    if let Some((target, route)) = target {
+        labels.push_str(&format!(
+            ",target=\"{}\",route=\"{}\"",
+            escape(target),
+            escape(route)
+        ));
+    }
+    labels
+}
+
+/// A label value as Prometheus text wants it.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// A counter's name, help text and where it lives.
 type CounterRow = (
     &'static str,
@@ -142,9 +169,10 @@ type CounterRow = (
 /// A gauge's name, help text and how to read it.
 type GaugeRow = (&'static str, &'static str, fn(&ClusterGauges) -> usize);
 
-/// Renders the metrics of every cluster: `(direction, name, metrics, gauges)`.
+/// Renders the metrics of every cluster: `(labels, metrics, gauges)`, the
+/// labels as Prometheus text without braces (see [`cluster_labels`]).
 pub fn render<'a>(
-    clusters: impl Iterator<Item = (&'a str, &'a str, &'a ClusterMetrics, ClusterGauges)>,
+    clusters: impl Iterator<Item = (String, &'a ClusterMetrics, ClusterGauges)>,
     registry_streams: (usize, usize),
     draining: bool,
 ) -> String {
@@ -157,7 +185,7 @@ pub fn render<'a>(
         "counter",
         "Requests (TCP: connections) by upstream, status class and outcome.",
     );
-    for (direction, name, m, _) in &clusters {
+    for (labels, m, _) in &clusters {
         for (class, row) in m.requests.iter().enumerate() {
             for outcome in Outcome::ALL {
                 let n = row[outcome.index()].load(Ordering::Relaxed);
@@ -171,7 +199,7 @@ pub fn render<'a>(
                 };
                 let _ = writeln!(
                     out,
-                    "meshwork_proxy_requests_total{{direction=\"{direction}\",upstream=\"{name}\",class=\"{class}\",outcome=\"{}\"}} {n}",
+                    "meshwork_proxy_requests_total{{{labels},class=\"{class}\",outcome=\"{}\"}} {n}",
                     outcome.as_str()
                 );
             }
@@ -183,12 +211,9 @@ pub fn render<'a>(
         "histogram",
         "Time to the response head (TCP: connection lifetime).",
     );
-    for (direction, name, m, _) in &clusters {
-        m.latency.write(
-            &mut out,
-            "meshwork_proxy_request_duration_seconds",
-            &format!("direction=\"{direction}\",upstream=\"{name}\""),
-        );
+    for (labels, m, _) in &clusters {
+        m.latency
+            .write(&mut out, "meshwork_proxy_request_duration_seconds", labels);
     }
     let counters: [CounterRow; 9] = [
         ("meshwork_proxy_retries_total", "Retries sent.", |m| {
@@ -237,10 +262,10 @@ pub fn render<'a>(
     ];
     for (metric, text, get) in counters {
         help(&mut out, metric, "counter", text);
-        for (direction, name, m, _) in &clusters {
+        for (labels, m, _) in &clusters {
             let _ = writeln!(
                 out,
-                "{metric}{{direction=\"{direction}\",upstream=\"{name}\"}} {}",
+                "{metric}{{{labels}}} {}",
                 get(m).load(Ordering::Relaxed)
             );
         }
@@ -282,12 +307,8 @@ pub fn render<'a>(
     ];
     for (metric, text, get) in gauges {
         help(&mut out, metric, "gauge", text);
-        for (direction, name, _, g) in &clusters {
-            let _ = writeln!(
-                out,
-                "{metric}{{direction=\"{direction}\",upstream=\"{name}\"}} {}",
-                get(g)
-            );
+        for (labels, _, g) in &clusters {
+            let _ = writeln!(out, "{metric}{{{labels}}} {}", get(g));
         }
     }
     help(

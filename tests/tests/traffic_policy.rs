@@ -177,6 +177,34 @@ async fn routes_splits_subsets_and_failover_apply_live_from_the_registry() -> Re
         count(&seen, "api-v1") + count(&seen, "api-v2") == 2_000,
         "{seen:?}"
     );
+    // Each target is a cluster of its own, in /metrics and /clusters.
+    let served = |target: &str| {
+        format!(
+            "meshwork_proxy_requests_total{{direction=\"outbound\",upstream=\"api\",target=\"{target}\",route=\"default\",class=\"2xx\""
+        )
+    };
+    for (target, prefix) in [("v2.api", "api-v2"), ("v1.api", "api-v1")] {
+        let counted = mesh.sidecars[c].metric_sum(&served(target)).await?;
+        ensure!(
+            counted as usize == count(&seen, prefix),
+            "/metrics counts {counted} for {target}, {} seen: {seen:?}",
+            count(&seen, prefix)
+        );
+    }
+    let clusters = mesh.sidecars[c].json("/clusters").await?;
+    let v2_cluster = clusters["clusters"]
+        .as_array()
+        .context("clusters")?
+        .iter()
+        .find(|c| c["target"] == "v2.api")
+        .context("the v2.api target's cluster in /clusters")?;
+    ensure!(
+        v2_cluster["upstream"] == "api"
+            && v2_cluster["endpoints"]
+                .as_array()
+                .is_some_and(|e| e.len() == 1),
+        "{v2_cluster}"
+    );
 
     // A router: `x-canary: 1` always to v2; `/admin` to the admin service
     // with the prefix rewritten to `/`.

@@ -984,6 +984,27 @@ impl Proxy {
             .collect()
     }
 
+    /// The clusters of the discovery-chain targets of every outbound
+    /// listener: (upstream, route, target id, cluster).
+    fn target_clusters(&self) -> Vec<(String, String, String, Arc<Cluster>)> {
+        self.slots()
+            .iter()
+            .flat_map(|slot| {
+                let route = slot.route();
+                let upstream = route.cluster.config().name.clone();
+                let targets = route
+                    .http
+                    .as_ref()
+                    .and_then(|h| h.routing.as_ref())
+                    .map(|r| r.target_proxies())
+                    .unwrap_or_default();
+                targets.into_iter().map(move |(r, target, proxy)| {
+                    (upstream.clone(), r, target, Arc::clone(&proxy.cluster))
+                })
+            })
+            .collect()
+    }
+
     /// The intentions its inbound listener applies (kept current by
     /// [`crate::policy::intentions::run`]).
     pub fn intentions(&self) -> &Intentions {
@@ -1041,24 +1062,36 @@ impl Proxy {
 
     /// Prometheus text for `/metrics`.
     pub fn metrics(&self) -> String {
-        let clusters = self.clusters_now();
-        let configs: Vec<Arc<Upstream>> = clusters.iter().map(|(_, c)| c.config()).collect();
-        let rows = clusters
-            .iter()
-            .zip(&configs)
-            .map(|((direction, c), config)| {
-                let table = c.table();
-                let gauges = ClusterGauges {
-                    requests_active: c.gauges.requests.load(Ordering::Relaxed),
-                    pending: c.gauges.pending.load(Ordering::Relaxed),
-                    connections_active: c.gauges.connections.load(Ordering::Relaxed),
-                    downstream_active: c.gauges.downstream.load(Ordering::Relaxed),
-                    endpoints: table.endpoints.len(),
-                    endpoints_healthy: table.endpoints.iter().filter(|e| e.healthy).count(),
-                    endpoints_ejected: table.endpoints.iter().filter(|e| e.ejected()).count(),
-                };
-                (*direction, config.name.as_str(), &c.metrics, gauges)
-            });
+        let mut clusters: Vec<(String, Arc<Cluster>)> = self
+            .clusters_now()
+            .into_iter()
+            .map(|(direction, c)| {
+                let labels = telemetry::cluster_labels(direction, &c.config().name, None);
+                (labels, c)
+            })
+            .collect();
+        clusters.extend(
+            self.target_clusters()
+                .into_iter()
+                .map(|(upstream, route, target, c)| {
+                    let labels =
+                        telemetry::cluster_labels("outbound", &upstream, Some((&target, &route)));
+                    (labels, c)
+                }),
+        );
+        let rows = clusters.iter().map(|(labels, c)| {
+            let table = c.table();
+            let gauges = ClusterGauges {
+                requests_active: c.gauges.requests.load(Ordering::Relaxed),
+                pending: c.gauges.pending.load(Ordering::Relaxed),
+                connections_active: c.gauges.connections.load(Ordering::Relaxed),
+                downstream_active: c.gauges.downstream.load(Ordering::Relaxed),
+                endpoints: table.endpoints.len(),
+                endpoints_healthy: table.endpoints.iter().filter(|e| e.healthy).count(),
+                endpoints_ejected: table.endpoints.iter().filter(|e| e.ejected()).count(),
+            };
+            (labels.clone(), &c.metrics, gauges)
+        });
         let mut text = telemetry::render(
             rows,
             self.discovery.streams(),
@@ -1073,7 +1106,7 @@ impl Proxy {
 
     /// `/clusters`: every cluster's endpoints and their state.
     pub fn clusters(&self) -> serde_json::Value {
-        let list: Vec<_> = self
+        let mut list: Vec<_> = self
             .clusters_now()
             .iter()
             .map(|(direction, c)| {
@@ -1096,6 +1129,28 @@ impl Proxy {
                 })
             })
             .collect();
+        // The discovery chain's targets, each a cluster of its own.
+        list.extend(
+            self.target_clusters()
+                .into_iter()
+                .map(|(upstream, route, target, c)| {
+                    let table = c.table();
+                    json!({
+                        "name": c.config().name,
+                        "direction": "outbound",
+                        "upstream": upstream,
+                        "target": target,
+                        "route": route,
+                        "ready": table.ready,
+                        "index": table.index,
+                        "panic": c.panicking(),
+                        "requests_active": c.gauges.requests.load(Ordering::Relaxed),
+                        "pending": c.gauges.pending.load(Ordering::Relaxed),
+                        "connections_active": c.gauges.connections.load(Ordering::Relaxed),
+                        "endpoints": c.view(),
+                    })
+                }),
+        );
         let (up, total) = self.discovery.streams();
         json!({
             "registry_connected": up == total,

@@ -260,6 +260,30 @@ impl<P: TargetProxy> Routing<P> {
         }
     }
 
+    /// The target proxies of the chain in use, for `/metrics` and
+    /// `/clusters`: (route — `default` or the router's route number —,
+    /// target id, proxy), sorted.
+    pub fn target_proxies(&self) -> Vec<(String, String, Arc<P>)> {
+        let made = self.made.read().unwrap_or_else(|e| e.into_inner());
+        let Some(chain) = made.chain.as_ref() else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = made
+            .proxies
+            .iter()
+            .filter_map(|((route, target), proxy)| {
+                let route = route.map_or_else(|| "default".to_owned(), |r| r.to_string());
+                Some((
+                    route,
+                    chain.targets.get(*target)?.id.clone(),
+                    Arc::clone(proxy),
+                ))
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        out
+    }
+
     /// The chain applied now (for `/config`).
     pub fn applied(&self) -> Arc<Applied> {
         Arc::clone(&self.applied.borrow())
