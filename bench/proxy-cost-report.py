@@ -4,8 +4,8 @@ sidecar's split by crate, HAProxy's total.
 
     python3 bench/proxy-cost-report.py RAW_DIR > RESULTS.md
 
-Reads RAW_DIR/{sidecar,haproxy}-{h1,h2}.out (callgrind dumps over the
-requests), the matching -idle.out dumps (an idle spell as long as the load:
+Reads RAW_DIR/{sidecar,sidecar-chain,haproxy}-{h1,h2}.out (callgrind dumps
+over the requests), the matching -idle.out dumps (an idle spell as long as the load:
 subtracted) and RAW_DIR/machine.txt. Costs are "self" instructions of each
 function, grouped by the crate (Rust path prefix) or library function they
 belong to.
@@ -147,6 +147,25 @@ def main():
                 g[group(fn)] -= c
         groups[proto] = g
     p("")
+    chained = {}
+    for proto, label in (("h1", "HTTP/1.1"), ("h2", "HTTP/2")):
+        sc = os.path.join(raw, f"sidecar-chain-{proto}.out")
+        if os.path.exists(sc) and proto in totals and n:
+            chained[proto] = (total(sc) - idle_total(sc)) / n
+    if chained:
+        p("## With a discovery chain")
+        p("")
+        p("The same sidecar with a `service-router` of 20 routes (path prefixes, a header and a query "
+          "match; none matches, so every request tries all 20 and falls through), a 3-way "
+          "`service-splitter` over subsets and a `service-resolver` filtering on `Service.Meta.shard` "
+          "in front of each upstream (issue 24's target: within 10 % of the plain hop).")
+        p("")
+        out += md_header(["protocol", "plain", "with the chain", "chain / plain"], "lrrr")
+        for proto, label in (("h1", "HTTP/1.1"), ("h2", "HTTP/2")):
+            if proto in chained:
+                s0 = totals[proto][0]
+                p(f"| {label} | {s0:,.0f} | {chained[proto]:,.0f} | {chained[proto] / s0:.3f} |")
+        p("")
     if groups:
         p("## The sidecar's instructions by crate")
         p("")

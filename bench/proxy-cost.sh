@@ -14,6 +14,14 @@
 # Kernel work (system calls, loopback) is not counted: callgrind sees user
 # space only.
 #
+# The sidecar is measured twice: plain, then with a discovery chain in front
+# of each upstream (issue 24's routing cost): a service-router of 20 routes
+# (path prefixes, a header and a query match; none matches the benchmark's
+# `/`, so every request tries all 20 and falls through), a 3-way
+# service-splitter over subsets, and a service-resolver whose subsets filter
+# on Service.Meta.shard. Each upstream has three instances (shard a, b, c;
+# the same nginx port) in both runs.
+#
 # Knobs: REQUESTS [30000], WARMUP [3000], H1_CONNS [16], H2_CONNS [4],
 # H2_STREAMS [16], SKIP_BUILD [0], SC_BIN / MW_BIN (other binaries),
 # RESULTS_FILE [bench/RESULTS-proxy-cost.md], RAW_DIR [bench/out/proxy-cost].
@@ -82,18 +90,41 @@ nginx -c "$WORK/backend/nginx.conf" -p "$WORK/backend" >"$WORK/backend/out.log" 
 PIDS+=("$!")
 start_meshwork dev "$WORK/mw" "$WORK/registry.log" 24531 24631 24331 24731 -
 wait_http "http://$H:24080/" || die "nginx did not answer"
-for svc in "backend 24080" "backend-h2 24081"; do
+for svc in "backend 24080 a" "backend 24080 b" "backend 24080 c" \
+    "backend-h2 24081 a" "backend-h2 24081 b" "backend-h2 24081 c"; do
     set -- $svc
     ok=0
     for _ in $(seq 1 50); do
         if curl -fsS -m 2 -X PUT "http://$H:24531/v1/agent/service/register" \
-            -d "{\"Name\":\"$1\",\"ID\":\"$1-1\",\"Address\":\"$H\",\"Port\":$2}" >/dev/null 2>&1; then
+            -d "{\"Name\":\"$1\",\"ID\":\"$1-$3\",\"Address\":\"$H\",\"Port\":$2,\"Meta\":{\"shard\":\"$3\"}}" >/dev/null 2>&1; then
             ok=1; break
         fi
         sleep 0.2
     done
     [ "$ok" = 1 ] || die "could not register $1 (registry log: $WORK/registry.log)"
 done
+
+# chain_entries: the discovery chain of the second sidecar run, for both
+# upstreams (see the header).
+chain_entries() {
+    local svc routes i
+    for svc in backend backend-h2; do
+        routes=""
+        for i in $(seq 1 18); do
+            routes+="{\"Match\":{\"HTTP\":{\"PathPrefix\":\"/api/v$i/\"}},\"Destination\":{\"ServiceSubset\":\"a\"}},"
+        done
+        routes+="{\"Match\":{\"HTTP\":{\"Header\":[{\"Name\":\"x-canary\",\"Exact\":\"1\"}]}},\"Destination\":{\"ServiceSubset\":\"b\"}},"
+        routes+="{\"Match\":{\"HTTP\":{\"QueryParam\":[{\"Name\":\"debug\",\"Present\":true}]}},\"Destination\":{\"ServiceSubset\":\"c\"}}"
+        curl -fsS -m 5 -X PUT "http://$H:24531/v1/config" -d "{\"Kind\":\"service-resolver\",\"Name\":\"$svc\",
+            \"Subsets\":{\"a\":{\"Filter\":\"Service.Meta.shard == a\"},\"b\":{\"Filter\":\"Service.Meta.shard == b\"},
+            \"c\":{\"Filter\":\"Service.Meta.shard == c\"}}}" >/dev/null
+        curl -fsS -m 5 -X PUT "http://$H:24531/v1/config" -d "{\"Kind\":\"service-splitter\",\"Name\":\"$svc\",
+            \"Splits\":[{\"Weight\":33.33,\"ServiceSubset\":\"a\"},{\"Weight\":33.33,\"ServiceSubset\":\"b\"},
+            {\"Weight\":33.34,\"ServiceSubset\":\"c\"}]}" >/dev/null
+        curl -fsS -m 5 -X PUT "http://$H:24531/v1/config" -d "{\"Kind\":\"service-router\",\"Name\":\"$svc\",
+            \"Routes\":[$routes]}" >/dev/null
+    done
+}
 
 cat >"$WORK/sidecar.toml" <<EOF
 [registry]
@@ -155,7 +186,7 @@ measure() {
     valgrind --tool=callgrind --callgrind-out-file="$WORK/$name.cg" "$@" >"$WORK/$name.log" 2>&1 &
     vp=$!; PIDS+=("$vp")
     for proto in h1 h2; do
-        if [ "$name" = sidecar ]; then
+        if [[ "$name" == sidecar* ]]; then
             port=$([ $proto = h1 ] && echo 24191 || echo 24192)
         else
             port=$([ $proto = h1 ] && echo 24181 || echo 24182)
@@ -191,6 +222,11 @@ measure() {
 
 log "sidecar under callgrind"
 measure sidecar -- "$SC_BIN" --config "$WORK/sidecar.toml" --worker-threads 1 --log-level warn
+log "sidecar with a discovery chain under callgrind"
+chain_entries || die "could not store the discovery chain's entries"
+measure sidecar-chain -- "$SC_BIN" --config "$WORK/sidecar.toml" --worker-threads 1 --log-level warn
+[ "$(curl -s "http://$H:24291/config" | python3 -c 'import json,sys; c=json.load(sys.stdin)["chains"]; print(sum(1 for x in c if not x["plain"] and x["loaded"]))')" = 2 ] \
+    || die "the chained sidecar did not apply both chains"
 log "HAProxy under callgrind"
 measure haproxy -- haproxy -f "$WORK/haproxy.cfg" -db
 
