@@ -1122,8 +1122,12 @@ pub fn validate_entry(
     body: &Map<String, Value>,
     stored: &dyn Entries,
 ) -> Result<(), String> {
+    if kind == "proxy-defaults" {
+        return crate::upstream_defaults::validate_proxy_defaults(name, body);
+    }
     if kind == "service-defaults" {
         crate::ratelimit::RateLimits::from_service_defaults(name, body)?;
+        crate::upstream_defaults::validate_service_defaults(name, body)?;
         return match body.iter().find(|(k, _)| k.eq_ignore_ascii_case("fault")) {
             Some((_, f)) => parse_fault(f, &format!("service-defaults {name:?}.Fault")).map(|_| ()),
             None => Ok(()),

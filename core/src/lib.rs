@@ -38,3 +38,4 @@ pub mod notify;
 pub mod prometheus;
 pub mod ratelimit;
 pub mod timestamp;
+pub mod upstream_defaults;

@@ -14,8 +14,8 @@ use serde::Deserialize;
 mod traffic;
 
 pub use traffic::{
-    Balance, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, Inbound, Limits, MAX_EJECTION,
-    OutlierPolicy, Protocol, ProxySettings, RetryOn, RetryPolicy, Upstream,
+    Balance, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, Explicit, Inbound, Limits,
+    MAX_EJECTION, OutlierPolicy, Protocol, ProxySettings, RetryOn, RetryPolicy, Upstream,
 };
 
 #[derive(Debug, Deserialize)]

@@ -234,6 +234,16 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
     let status: agent::SharedStatus = Arc::new(Mutex::new(agent::Status::default()));
     let (ttl_reports, results_tx, results) = agent::channels(&config);
     let (configs, agent_configs) = watch::channel(Arc::new(config));
+    let defaults_task = tokio::spawn(tracing::Instrument::instrument(
+        meshwork_sidecar::policy::defaults::run(
+            Arc::clone(&proxy),
+            configs.subscribe(),
+            discovery.clone(),
+            proxy.applied().clone(),
+            shutdown.clone(),
+        ),
+        tracing::info_span!("upstream defaults"),
+    ));
     let mut reloader = Reloader::new(
         config_path,
         Arc::clone(&proxy),
@@ -297,6 +307,7 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
     let _ = mesh_task.await;
     let _ = intentions_task.await;
     let _ = limits_task.await;
+    let _ = defaults_task.await;
     Ok(())
 }
 

@@ -100,9 +100,18 @@ impl Reloader {
                 next.admin
             ));
         }
+        // With the registry's defaults for the upstreams, as the follower
+        // of those entries applies them (`policy::defaults`).
+        let effective =
+            crate::policy::defaults::effective(&next, &self.discovery).map_err(|e| {
+                format!(
+                    "{}: the registry's upstream defaults: {e}",
+                    self.path.display()
+                )
+            })?;
         let changes = self
             .proxy
-            .reload(&next)
+            .reload(&effective)
             .await
             .map_err(|e| format!("{}: {e}", self.path.display()))?;
         let next = Arc::new(next);

@@ -637,3 +637,116 @@ async fn a_cluster_wide_quota_is_shared_out_by_traffic() -> Result<()> {
     mesh.done();
     Ok(())
 }
+
+/// The client sidecar's `/config` entry for its upstream `api`.
+async fn upstream_config(mesh: &Mesh, c: usize) -> Option<Value> {
+    let config = mesh.sidecars[c].json("/config").await.ok()?;
+    config["upstreams"]
+        .as_array()?
+        .iter()
+        .map(|u| u["upstream"].clone())
+        .find(|u| u["name"] == "api")
+}
+
+/// Consul's `service-defaults` `UpstreamConfig` (of the caller), the
+/// upstream's own `Protocol` and `proxy-defaults`, applied by the caller's
+/// sidecar under its file: what the file gives wins, the rest follows the
+/// registry live, and `/config` says where each setting came from.
+#[tokio::test]
+async fn upstream_defaults_from_the_registry_apply_under_the_file() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    instance(&mut mesh, 20, "api", "api-1", "v1").await?;
+    let client_ip = mesh.ip(100);
+    // No protocol in the file (tcp by default), its own connect timeout.
+    let c = mesh
+        .client_sidecar(&client_ip, "name = \"api\"\nconnect_timeout = \"3s\"")
+        .await?;
+    mesh.sidecars[c].wait_endpoints(1).await?;
+    let before = upstream_config(&mesh, c).await.context("api upstream")?;
+    ensure!(before["protocol"] == "tcp", "{before}");
+
+    // A bad UpstreamConfig is refused at PUT, naming the field.
+    let url = format!("{}/v1/config", mesh.cluster().servers[0].http());
+    let r = http_client()?
+        .put(&url)
+        .json(&json!({"Kind": "service-defaults", "Name": "client",
+            "UpstreamConfig": {"Defaults": {"Limits": {"MaxConnections": "many"}}}}))
+        .send()
+        .await?;
+    let status = r.status();
+    let text = r.text().await?;
+    ensure!(
+        status == 400 && text.contains("Limits.MaxConnections"),
+        "{status} {text}"
+    );
+
+    put_entry(
+        &mesh,
+        &json!({"Kind": "service-defaults", "Name": "api", "Protocol": "http"}),
+    )
+    .await?;
+    put_entry(
+        &mesh,
+        &json!({"Kind": "service-defaults", "Name": "client", "UpstreamConfig": {
+            "Defaults": {"ConnectTimeoutMs": 250, "Limits": {"MaxConnections": 64}},
+            "Overrides": [{"Name": "api", "Limits": {"MaxConcurrentRequests": 7},
+                           "PassiveHealthCheck": {"MaxFailures": 9, "BaseEjectionTime": "12s"}}]}}),
+    )
+    .await?;
+    let after = wait_for(
+        "the registry's defaults applied",
+        Duration::from_secs(10),
+        || async {
+            let u = upstream_config(&mesh, c).await?;
+            (u["limits"]["max_requests"] == 7 && u["protocol"] == "http").then_some(u)
+        },
+    )
+    .await?;
+    ensure!(
+        after["connect_timeout"] == 3000,
+        "the file's connect timeout wins: {after}"
+    );
+    ensure!(after["limits"]["max_connections"] == 64, "{after}");
+    ensure!(after["outlier"]["consecutive_5xx"] == 9, "{after}");
+    ensure!(after["outlier"]["base_ejection"] == 12_000, "{after}");
+    let sources = &after["from_registry"];
+    ensure!(
+        sources["protocol"]
+            .as_str()
+            .is_some_and(|s| s.contains("service-defaults \"api\""))
+            && sources["limits.max_requests"]
+                .as_str()
+                .is_some_and(|s| s.contains("Overrides[0]"))
+            && sources.get("connect_timeout").is_none(),
+        "where each setting came from: {sources}"
+    );
+    // Proxied as HTTP now.
+    let r = http_client()?
+        .get(format!("http://{client_ip}:{UPSTREAM_PORT}/"))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    ensure!(
+        r.text().await?.starts_with("api-1"),
+        "the HTTP listener reaches api"
+    );
+
+    // The caller's entry removed: back to the file's and built-in values.
+    let url = format!(
+        "{}/v1/config/service-defaults/client",
+        mesh.cluster().servers[0].http()
+    );
+    let r = http_client()?.delete(url).send().await?;
+    ensure!(r.status() == 200, "DELETE: {}", r.status());
+    let reverted = wait_for("the defaults gone", Duration::from_secs(10), || async {
+        let u = upstream_config(&mesh, c).await?;
+        (u["limits"]["max_requests"] == 1024).then_some(u)
+    })
+    .await?;
+    ensure!(
+        reverted["outlier"]["consecutive_5xx"] == 5 && reverted["protocol"] == "http",
+        "{reverted}"
+    );
+    mesh.done();
+    Ok(())
+}

@@ -4,7 +4,7 @@
 //! 1 h, circuit breaker 1024/1024/1024, ejection 30 s base). This module
 //! only parses; it knows nothing about sockets.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -165,6 +165,109 @@ pub struct Upstream {
     pub retries: RetryPolicy,
     pub outlier: OutlierPolicy,
     pub limits: Limits,
+    /// Which settings the file gives (they win over the registry's).
+    #[serde(skip)]
+    pub explicit: Explicit,
+    /// Settings taken from the registry's config entries: setting → the
+    /// entry and field (see [`Upstream::with_defaults`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub from_registry: BTreeMap<String, String>,
+}
+
+/// The settings of an `[[upstreams]]` entry that its file gives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Explicit {
+    pub protocol: bool,
+    pub connect_timeout: bool,
+    pub retry_on: bool,
+    pub max_connections: bool,
+    pub max_pending: bool,
+    pub max_requests: bool,
+    pub consecutive_5xx: bool,
+    pub base_ejection: bool,
+    pub max_ejection_percent: bool,
+}
+
+impl Upstream {
+    /// This upstream with the registry's settings for it
+    /// (`meshwork_core::upstream_defaults`) where its file says nothing.
+    /// A protocol from the registry brings its default retry conditions
+    /// along unless the file lists them.
+    pub fn with_defaults(
+        &self,
+        d: &meshwork_core::upstream_defaults::UpstreamDefaults,
+    ) -> Upstream {
+        let mut out = self.clone();
+        out.from_registry.clear();
+        let e = self.explicit;
+        let mut took = |setting: &'static str| {
+            if let Some(source) = d.sources.get(setting) {
+                out.from_registry.insert(setting.to_owned(), source.clone());
+            }
+        };
+        if !e.protocol
+            && let Some(p) = d.protocol.as_deref().and_then(Protocol::parse)
+        {
+            took("protocol");
+            out.protocol = p;
+            if !e.retry_on {
+                out.retries.on = default_retry_on(p);
+            }
+        }
+        if !e.connect_timeout
+            && let Some(t) = d.connect_timeout
+        {
+            took("connect_timeout");
+            out.connect_timeout = t;
+        }
+        let limits = [
+            (
+                e.max_connections,
+                d.max_connections,
+                "limits.max_connections",
+            ),
+            (e.max_pending, d.max_pending, "limits.max_pending"),
+            (e.max_requests, d.max_requests, "limits.max_requests"),
+        ];
+        for (explicit, value, setting) in limits {
+            if let (false, Some(n)) = (explicit, value) {
+                took(setting);
+                let n = n as usize;
+                match setting {
+                    "limits.max_connections" => out.limits.max_connections = n,
+                    "limits.max_pending" => out.limits.max_pending = n,
+                    _ => out.limits.max_requests = n,
+                }
+            }
+        }
+        if !e.consecutive_5xx
+            && let Some(n) = d.consecutive_5xx
+        {
+            took("outlier.consecutive_5xx");
+            out.outlier.consecutive_5xx = n;
+        }
+        if !e.base_ejection
+            && let Some(t) = d.base_ejection
+        {
+            took("outlier.base_ejection");
+            out.outlier.base_ejection = t.min(MAX_EJECTION);
+        }
+        if !e.max_ejection_percent
+            && let Some(p) = d.max_ejection_percent
+        {
+            took("outlier.max_ejection_percent");
+            out.outlier.max_ejection_percent = p.min(100);
+        }
+        // A hash header needs HTTP; a tcp upstream keeps ring hashing on
+        // the client's address.
+        if out.protocol == Protocol::Tcp {
+            out.hash_header = None;
+            out.retries.on.reset = false;
+            out.retries.on.any_5xx = false;
+            out.retries.on.statuses.clear();
+        }
+        out
+    }
 }
 
 /// The `[inbound]` listener, in front of the local app.
@@ -315,6 +418,29 @@ pub(super) fn upstreams(
     let mut out = Vec::new();
     for (i, u) in raw.into_iter().enumerate() {
         let key = format!("upstreams[{i}]");
+        let explicit = Explicit {
+            protocol: u.protocol.is_some(),
+            connect_timeout: u.connect_timeout.is_some(),
+            retry_on: u.retries.as_ref().is_some_and(|r| r.on.is_some()),
+            max_connections: u
+                .limits
+                .as_ref()
+                .is_some_and(|l| l.max_connections.is_some()),
+            max_pending: u.limits.as_ref().is_some_and(|l| l.max_pending.is_some()),
+            max_requests: u.limits.as_ref().is_some_and(|l| l.max_requests.is_some()),
+            consecutive_5xx: u
+                .outlier
+                .as_ref()
+                .is_some_and(|o| o.consecutive_5xx.is_some()),
+            base_ejection: u
+                .outlier
+                .as_ref()
+                .is_some_and(|o| o.base_ejection.is_some()),
+            max_ejection_percent: u
+                .outlier
+                .as_ref()
+                .is_some_and(|o| o.max_ejection_percent.is_some()),
+        };
         if u.name.trim().is_empty() {
             errors.push(format!("{f}: {key}.name: must not be empty"));
         } else if !names.insert(u.name.clone()) {
@@ -487,6 +613,8 @@ pub(super) fn upstreams(
             retries,
             outlier,
             limits,
+            explicit,
+            from_registry: BTreeMap::new(),
         });
     }
     out

@@ -343,6 +343,8 @@ fn inbound_upstream(service_name: &str, inbound: &Inbound) -> Upstream {
             base_ejection: Duration::from_secs(30),
             max_ejection_percent: 0,
         },
+        explicit: crate::config::Explicit::default(),
+        from_registry: std::collections::BTreeMap::new(),
         limits: Limits {
             max_connections: 1024,
             max_pending: 1024,

@@ -1,11 +1,13 @@
 //! Policy from the registry's config entries, compiled for this sidecar
 //! and applied live: [`intentions`] (who may call this service),
 //! [`ratelimit`] (how often) and [`chain`] (where its outbound HTTP calls go: routes, splits, subsets,
-//! failover); [`applied`] keeps what each has applied, for the registry. Decisions themselves are `meshwork_core`'s pure functions,
+//! failover); [`defaults`] (the registry's settings for its upstreams); [`applied`] keeps
+//! what each has applied, for the registry. Decisions themselves are `meshwork_core`'s pure functions,
 //! the same the registry validates and answers with.
 
 pub mod applied;
 pub mod chain;
+pub mod defaults;
 pub mod intentions;
 pub mod ratelimit;
 
