@@ -44,6 +44,14 @@ impl Powered {
     }
 }
 
+impl Powered {
+    /// Counts everything now on disk as durable (for files written by
+    /// code the seam does not see, such as an earlier build's sled store).
+    pub(crate) fn everything_durable_now(&self) {
+        durable::start_image(&self.root, &self.image).expect("restart image");
+    }
+}
+
 impl Drop for Powered {
     fn drop(&mut self) {
         durable::stop_image(&self.root);
