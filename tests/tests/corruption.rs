@@ -151,11 +151,7 @@ impl Fixture {
                     bail!("{what}: the server exited 0:\n{log}");
                 }
                 let named = path.display().to_string();
-                let names_it = log.contains(&named)
-                    // Damage to the snapshot or the log that makes the
-                    // vote look stale names the metadata file instead.
-                    || log.contains(&data_dir.join(meta_file::FILE).display().to_string());
-                if !names_it {
+                if !log.contains(&named) {
                     bail!("{what}: the refusal does not name {named}:\n{log}");
                 }
                 let changed = damage::changed(&before, &damage::files(&data_dir)?);
