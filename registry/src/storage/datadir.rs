@@ -467,6 +467,17 @@ mod tests {
     }
 
     #[test]
+    fn a_data_dir_in_use_is_refused_until_it_is_closed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = DataDir::open(dir.path(), 1).expect("open");
+        let err = DataDir::open(dir.path(), 1).expect_err("in use");
+        assert!(matches!(err, DataDirError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("another meshwork-registry"), "{err}");
+        drop(first);
+        drop(DataDir::open(dir.path(), 1).expect("free again"));
+    }
+
+    #[test]
     fn uuid_shape() {
         let id = new_uuid();
         assert_eq!(id.len(), 36);
