@@ -472,7 +472,10 @@ mod tests {
         let first = DataDir::open(dir.path(), 1).expect("open");
         let err = DataDir::open(dir.path(), 1).expect_err("in use");
         assert!(matches!(err, DataDirError::Locked { .. }), "{err}");
-        assert!(err.to_string().contains("another meshwork-registry"), "{err}");
+        assert!(
+            err.to_string().contains("another meshwork-registry"),
+            "{err}"
+        );
         drop(first);
         drop(DataDir::open(dir.path(), 1).expect("free again"));
     }
