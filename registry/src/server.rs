@@ -410,9 +410,6 @@ pub async fn run(
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown failed");
     }
-    if let Err(e) = dir.db.flush_async().await {
-        tracing::warn!(error = %e, "final flush failed");
-    }
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
@@ -558,7 +555,7 @@ async fn start_consensus(
         reason: e.to_string(),
     };
     let wal = dir.path.join(crate::storage::datadir::WAL_DIR);
-    let log_store = LogStore::open(&dir.db, &dir.path.join("raft"), &wal).map_err(|e| {
+    let log_store = LogStore::open(&dir.meta_file, &wal).map_err(|e| {
         if !e.is_damage() {
             return storage_error(&e);
         }

@@ -1,5 +1,5 @@
-//! openraft's storage conformance suite against our log store (WAL + sled metadata) and
-//! state machine, each test on a fresh sled database in a temp dir.
+//! openraft's storage conformance suite against our log store (WAL + metadata file) and
+//! state machine, each test on a fresh temp dir.
 
 use meshwork_registry::raft::TypeConfig;
 use meshwork_registry::raft::log_store::LogStore;
@@ -14,10 +14,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
         &self,
     ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<u64>> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let db = sled::open(dir.path().join("raft")).expect("open sled");
         let log = LogStore::open_with_segment_size(
-            &db,
-            &dir.path().join("raft"),
+            &dir.path().join("raft-meta"),
             &dir.path().join("wal"),
             64 * 1024,
         )

@@ -317,14 +317,9 @@ impl<'a> Cluster<'a> {
 
     /// A power loss: kill -9, then everything the server had not made
     /// durable (synced) is gone from its data dir — the Raft log, the
-    /// snapshot and the marker. The Raft metadata store (sled, `raft/`) is
-    /// left as the kill left it: the seam does not see sled's own writes,
-    /// and its background threads (snapshots, segment cleaning) make a
-    /// copy taken at our flush an inconsistent one that sled refuses to
-    /// open ("Read corrupted data at file offset Inline(130)", twice in 200
-    /// cycles). Whether a real power loss can do that to sled is open; the
-    /// vote's and purge point's syncs are proven by the log store's unit
-    /// test, where sled is quiet.
+    /// metadata file (vote, committed index, purge point), the snapshot
+    /// and the marker, all written by the registry's own code through the
+    /// seam.
     pub async fn power_loss(&mut self, i: usize) -> Result<()> {
         self.kill(i).await?;
         let node = &self.nodes[i];
@@ -332,7 +327,7 @@ impl<'a> Cluster<'a> {
             .image_dir
             .as_ref()
             .context("power losses need keep_power_loss_images")?;
-        meshwork_registry::storage::durable::restore_image_except(image, &node.data_dir, &["raft"])
+        meshwork_registry::storage::durable::restore_image(image, &node.data_dir)
             .with_context(|| format!("restoring the power-loss image of {}", node.host))
     }
 

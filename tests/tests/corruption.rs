@@ -1,10 +1,10 @@
-//! A damaged snapshot file or Raft metadata store never destroys data
+//! A damaged snapshot file or Raft metadata file never destroys data
 //! (issue 27): a server on a real data dir whose `snapshot/snapshot.bin` or
-//! sled files in `raft/` were damaged (a flipped bit, a cut file, a zeroed
-//! 4 KiB page) either starts with every acknowledged write and the same
-//! vote, or exits non-zero naming the damaged file with every byte of its
-//! data dir unchanged. A start that loses a write or the vote, or a panic,
-//! fails the suite. (The Raft log's own damage cases are in
+//! `raft-meta` was damaged (a flipped bit, a cut file, a zeroed 4 KiB
+//! page) either starts with every acknowledged write and the same vote, or
+//! exits non-zero naming the damaged file with every byte of its data dir
+//! unchanged. A start that loses a write or the vote, or a panic, fails
+//! the suite. (The Raft log's own damage cases are in
 //! `storage/wal.rs`'s unit tests and `operations.rs`.)
 //!
 //! Each case is one start of the real binary on a fresh copy of a pristine
@@ -17,6 +17,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use meshwork_registry::storage::meta_file::{self, MetaFile};
 use meshwork_tests::damage::{self, Damage};
 use meshwork_tests::{Cluster, wait_for};
 use serde_json::Value;
@@ -39,7 +40,7 @@ struct Fixture {
     meta: RaftMeta,
 }
 
-/// What sled's `raft_meta` tree answers, as JSON (absent keys as `None`).
+/// What the metadata file holds, as JSON (absent or null keys as `None`).
 #[derive(Debug, Clone, PartialEq)]
 struct RaftMeta {
     vote: Option<Value>,
@@ -47,23 +48,16 @@ struct RaftMeta {
     last_purged: Option<Value>,
 }
 
-/// Reads the Raft metadata of `raft_dir` as the server would at its start:
-/// sled opened on a copy (opening writes), so the original stays as it is.
-fn read_meta(raft_dir: &Path) -> Result<RaftMeta> {
-    let copy = tempfile::tempdir()?;
-    damage::copy_dir(raft_dir, copy.path())?;
-    let db = sled::Config::new().path(copy.path()).open()?;
-    let tree = db.open_tree("raft_meta")?;
-    let get = |key: &str| -> Result<Option<Value>> {
-        Ok(match tree.get(key)? {
-            Some(bytes) => Some(serde_json::from_slice(&bytes)?),
-            None => None,
-        })
-    };
+/// Reads the Raft metadata file as the server would at its start (the
+/// reader writes nothing): `Err` when the server must refuse it.
+fn read_meta(meta_file: &Path) -> Result<RaftMeta> {
+    let payload = MetaFile::read(meta_file)?.context("no metadata file")?;
+    let meta: Value = serde_json::from_slice(&payload)?;
+    let get = |key: &str| meta.get(key).filter(|v| !v.is_null()).cloned();
     Ok(RaftMeta {
-        vote: get("vote")?,
-        committed: get("committed")?,
-        last_purged: get("last_purged")?,
+        vote: get("vote"),
+        committed: get("committed"),
+        last_purged: get("last_purged"),
     })
 }
 
@@ -98,12 +92,12 @@ impl Fixture {
             server.stop().await?;
         }
         let data_dir = cluster.servers[victim].data_dir.clone();
-        for needed in ["snapshot/snapshot.bin", "raft/db", "raft/conf"] {
+        for needed in ["snapshot/snapshot.bin", meta_file::FILE] {
             if !data_dir.join(needed).exists() {
                 bail!("the data dir has no {needed}");
             }
         }
-        let meta = read_meta(&data_dir.join("raft"))?;
+        let meta = read_meta(&data_dir.join(meta_file::FILE))?;
         if meta.vote.is_none() || meta.last_purged.is_none() {
             bail!("the pristine data dir lacks a vote or a purge point: {meta:?}");
         }
@@ -123,14 +117,21 @@ impl Fixture {
     /// The other servers (if any) stay stopped: the victim decides alone
     /// whether its own data is sound.
     async fn case(&mut self, file: &str, damage: Damage) -> Result<Outcome> {
+        self.case_of(file, &[damage]).await
+    }
+
+    /// [`Fixture::case`] with several damages to the same file.
+    async fn case_of(&mut self, file: &str, damages: &[Damage]) -> Result<Outcome> {
         let server = &mut self.cluster.servers[self.victim];
         let data_dir = server.data_dir.clone();
         damage::reset_dir(&self.pristine, &data_dir)?;
         let path = data_dir.join(file);
-        damage.apply(&path)?;
+        for damage in damages {
+            damage.apply(&path)?;
+        }
         let before = damage::files(&data_dir)?;
-        // What the server's metadata store will answer (read on a copy).
-        let meta = read_meta(&data_dir.join("raft"));
+        // What the server's metadata will answer.
+        let meta = read_meta(&data_dir.join(meta_file::FILE));
         let log_from = std::fs::metadata(&server.log_path).map_or(0, |m| m.len() as usize);
         server.start(&[])?;
         let started = self.exit_or_serve(Duration::from_secs(20)).await;
@@ -140,7 +141,7 @@ impl Fixture {
             .get(log_from..)
             .unwrap_or_default()
             .to_owned();
-        let what = format!("{file} with {damage:?}");
+        let what = format!("{file} with {damages:?}");
         match started.with_context(|| format!("{what}:\n{log}"))? {
             Err(status) => {
                 if status.code() == Some(101) || log.contains("panicked") {
@@ -150,12 +151,7 @@ impl Fixture {
                     bail!("{what}: the server exited 0:\n{log}");
                 }
                 let named = path.display().to_string();
-                let store = data_dir.join("raft").display().to_string();
-                let names_it = log.contains(&named)
-                    // sled does not say which of its files is damaged: the
-                    // store's directory is named instead.
-                    || (file.starts_with("raft/") && log.contains(&store));
-                if !names_it {
+                if !log.contains(&named) {
                     bail!("{what}: the refusal does not name {named}:\n{log}");
                 }
                 let changed = damage::changed(&before, &damage::files(&data_dir)?);
@@ -166,7 +162,7 @@ impl Fixture {
             }
             Ok(()) => {
                 let meta = meta.with_context(|| {
-                    format!("{what}: the server started, though sled cannot open its store")
+                    format!("{what}: the server started, though its metadata file is unreadable")
                 })?;
                 // Every acknowledged write, once the server has caught up
                 // on its log (a bounded wait: it may still be applying).
@@ -311,10 +307,25 @@ async fn a_damaged_snapshot_file_is_refused_with_the_data_dir_unchanged() -> Res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_damaged_raft_metadata_store_starts_intact_or_is_refused_unchanged() -> Result<()> {
+async fn a_damaged_raft_metadata_file_starts_intact_or_is_refused_unchanged() -> Result<()> {
     let mut fixture = Fixture::build(1).await?;
-    run_cases(&mut fixture, "raft/db", 24).await?;
-    run_cases(&mut fixture, "raft/conf", 6).await?;
+    let file = meta_file::FILE;
+    let (started, refused) = run_cases(&mut fixture, file, 24).await?;
+    // A cut to a few bytes leaves no slot; a bit flipped in padding
+    // changes nothing.
+    assert!(
+        started > 0 && refused > 0,
+        "{started} started, {refused} refused"
+    );
+    // One slot damaged: the other one is read (the pristine file's last
+    // two writes hold the same vote); both damaged: refused.
+    let in_slot = |slot: u64| Damage::Flip(slot * meta_file::SLOT as u64 + 9);
+    for slot in [0, 1] {
+        let outcome = fixture.case(file, in_slot(slot)).await?;
+        assert_eq!(outcome, Outcome::Started, "slot {slot} damaged");
+    }
+    let outcome = fixture.case_of(file, &[in_slot(0), in_slot(1)]).await?;
+    assert_eq!(outcome, Outcome::Refused, "both slots damaged");
     fixture.cluster.done();
     Ok(())
 }

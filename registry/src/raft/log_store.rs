@@ -1,11 +1,13 @@
 //! The Raft log store: entries in our write-ahead log ([`crate::storage::wal`]),
-//! the vote, committed index and purge point in sled.
+//! the vote, committed index and purge point in the metadata file
+//! ([`crate::storage::meta_file`], `raft-meta`), of which an in-memory copy
+//! serves reads.
 //!
 //! Every append and vote is synced before openraft hears it is durable: an
-//! acknowledged write is on disk on a quorum. sled 0.34's flush ends in
-//! `sync_file_range`, which neither flushes the drive's write cache nor file
-//! metadata, so every sled flush here is followed by `fdatasync` of sled's
-//! data file.
+//! acknowledged write is on disk on a quorum. A vote or purge point is
+//! written whole into the metadata file's other slot and `fdatasync`ed
+//! before the call returns, on a blocking thread (both are rare: a vote per
+//! election, a purge point per snapshot).
 //!
 //! Group commit: `append` writes its entries to the WAL (page cache) and
 //! hands its completion callback to one flusher thread; the flusher takes
@@ -15,42 +17,82 @@
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, Vote};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use super::{LogId, NodeId, StorageError, TypeConfig, storage_io_error};
+use crate::storage::meta_file::MetaFile;
 use crate::storage::wal::{DEFAULT_SEGMENT_SIZE, Wal};
 
 type Entry = openraft::Entry<TypeConfig>;
 
-const VOTE: &[u8] = b"vote";
-const COMMITTED: &[u8] = b"committed";
-const LAST_PURGED: &[u8] = b"last_purged";
-/// The sled tree that held log entries before they moved to the WAL; its
-/// entries are moved over on open.
-const OLD_LOG_TREE: &[u8] = b"log";
+/// The Raft metadata: the metadata file's payload (JSON). The field names
+/// are the format: `storage::meta_check` reads `vote`, and
+/// `storage::sled_migration` writes these three keys from an earlier
+/// build's sled store.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Meta {
+    #[serde(default)]
+    vote: Option<Vote<NodeId>>,
+    #[serde(default)]
+    committed: Option<LogId>,
+    #[serde(default)]
+    last_purged: Option<LogId>,
+}
+
+/// The metadata file and the copy of what it holds.
+#[derive(Debug)]
+struct MetaStore {
+    /// Held for a whole write (on a blocking thread), so writes go one at
+    /// a time, each computed from the state the one before left.
+    file: Mutex<MetaFile>,
+    /// What the file holds, for reads without a disk read. Replaced whole
+    /// once a write is durable; held only to copy or replace it.
+    current: Mutex<Meta>,
+}
+
+/// A poisoned lock here is ignored: a panic while holding one leaves no
+/// half-done state (`current` is replaced whole, after the file's write,
+/// and a failed file write leaves the next one to the other slot as
+/// before).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl MetaStore {
+    /// Applies `change` to the metadata, durably (blocking I/O).
+    fn update(&self, change: impl FnOnce(&mut Meta)) -> std::io::Result<()> {
+        let mut file = lock(&self.file);
+        let mut next = lock(&self.current).clone();
+        change(&mut next);
+        let bytes = serde_json::to_vec(&next).map_err(std::io::Error::other)?;
+        file.write(&bytes)?;
+        *lock(&self.current) = next;
+        Ok(())
+    }
+
+    fn get(&self) -> Meta {
+        lock(&self.current).clone()
+    }
+}
 
 /// The log store. Cloning is cheap and clones share the same files.
 #[derive(Debug, Clone)]
 pub struct LogStore {
-    db: sled::Db,
-    meta: sled::Tree,
+    meta: Arc<MetaStore>,
     wal: Arc<Wal>,
-    /// sled's data file, for `fdatasync` after each flush.
-    data_file: Arc<SledFiles>,
     /// Completion callbacks of appends waiting for the next sync.
     flusher: Arc<Flusher>,
     /// The committed index openraft last reported, not yet written: it is
-    /// a hint, so it is not written (to sled) on every commit, only with
-    /// the next vote or purge point, and only once this server's own log
-    /// holds it durably (a leader may commit on its followers' syncs
-    /// before its own; a restart must not find a committed index past its
-    /// log).
-    committed: Arc<std::sync::Mutex<Option<Option<LogId>>>>,
+    /// a hint, so it is not written on every commit, only with the next
+    /// vote or purge point, and only once this server's own log holds it
+    /// durably (a leader may commit on its followers' syncs before its
+    /// own; a restart must not find a committed index past its log).
+    committed: Arc<Mutex<Option<Option<LogId>>>>,
     /// The last index appended, and the last one known synced.
     appended: Arc<std::sync::atomic::AtomicU64>,
     durable: Arc<std::sync::atomic::AtomicU64>,
@@ -59,21 +101,6 @@ pub struct LogStore {
 }
 
 type Flush = (LogFlushed<TypeConfig>, std::time::Instant);
-
-/// sled's directory and its data file.
-#[derive(Debug)]
-struct SledFiles {
-    dir: std::path::PathBuf,
-    db: Option<std::fs::File>,
-}
-
-impl SledFiles {
-    /// After a sled flush: `fdatasync` of the data file, which makes the
-    /// flushed state durable (sled's own flush ends in `sync_file_range`).
-    fn sync(&self) -> std::io::Result<()> {
-        crate::storage::durable::sync_store(self.db.as_ref(), &self.dir)
-    }
-}
 
 /// The flusher thread's queue. When the last clone of the store drops, the
 /// queue closes and the drop waits for the thread (which holds the WAL) to
@@ -96,54 +123,70 @@ impl Drop for Flusher {
 /// Why the log store could not open.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("raft metadata (sled): {0}")]
-    Meta(#[from] sled::Error),
+    #[error("raft metadata {path}: {source}")]
+    Meta {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("raft log {path}: {source}")]
     Wal {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("raft metadata: {0}")]
-    Decode(String),
+    #[error("raft metadata {path}: not what this build writes: {source}")]
+    Decode {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 impl OpenError {
-    /// The log is damaged (not an I/O failure): it was left unchanged, and
-    /// the server can be rebuilt from the others.
+    /// The log or the metadata is damaged (not an I/O failure): it was
+    /// left unchanged, and the server can be rebuilt from the others.
     pub fn is_damage(&self) -> bool {
-        matches!(self, OpenError::Wal { source, .. } if source.kind() == std::io::ErrorKind::InvalidData)
+        match self {
+            OpenError::Wal { source, .. } | OpenError::Meta { source, .. } => {
+                source.kind() == std::io::ErrorKind::InvalidData
+            }
+            OpenError::Decode { .. } => true,
+        }
     }
 }
 
 impl LogStore {
-    /// Opens the log: metadata in `db` (whose files live in `sled_dir`),
-    /// entries in the WAL in `wal_dir`. Starts the flusher thread (it ends,
-    /// and is waited for, when the last clone of the store is dropped).
-    pub fn open(db: &sled::Db, sled_dir: &Path, wal_dir: &Path) -> Result<Self, OpenError> {
-        Self::open_with_segment_size(db, sled_dir, wal_dir, DEFAULT_SEGMENT_SIZE)
+    /// Opens the log: metadata in the file `meta_path` (created if there
+    /// is none), entries in the WAL in `wal_dir`. Starts the flusher thread
+    /// (it ends, and is waited for, when the last clone of the store is
+    /// dropped).
+    pub fn open(meta_path: &Path, wal_dir: &Path) -> Result<Self, OpenError> {
+        Self::open_with_segment_size(meta_path, wal_dir, DEFAULT_SEGMENT_SIZE)
     }
 
     pub fn open_with_segment_size(
-        db: &sled::Db,
-        sled_dir: &Path,
+        meta_path: &Path,
         wal_dir: &Path,
         segment_size: u64,
     ) -> Result<Self, OpenError> {
-        let meta = db.open_tree("raft_meta")?;
-        let purged: Option<LogId> = match meta.get(LAST_PURGED)? {
-            Some(bytes) => {
-                Some(serde_json::from_slice(&bytes).map_err(|e| OpenError::Decode(e.to_string()))?)
-            }
-            None => None,
-        };
+        let path = || meta_path.display().to_string();
+        let empty = serde_json::to_vec(&Meta::default()).map_err(|source| OpenError::Decode {
+            path: path(),
+            source,
+        })?;
+        let (file, payload) =
+            MetaFile::open_or_create(meta_path, &empty).map_err(|source| OpenError::Meta {
+                path: path(),
+                source,
+            })?;
+        let meta: Meta = serde_json::from_slice(&payload).map_err(|source| OpenError::Decode {
+            path: path(),
+            source,
+        })?;
+        let purged = meta.last_purged;
         // The committed index bounds what a torn tail may take away.
-        let committed: Option<LogId> = match meta.get(COMMITTED)? {
-            Some(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| OpenError::Decode(e.to_string()))?
-            }
-            None => None,
-        };
+        let committed = meta.committed;
         let wal_error = |source| OpenError::Wal {
             path: wal_dir.display().to_string(),
             source,
@@ -157,11 +200,6 @@ impl LogStore {
         .map_err(wal_error)?;
         tracing::debug!(?recovery, "raft log opened");
         let wal = Arc::new(wal);
-        let data_file = Arc::new(SledFiles {
-            dir: sled_dir.to_owned(),
-            db: std::fs::File::open(sled_dir.join("db")).ok(),
-        });
-        move_old_log(db, &wal, &data_file).map_err(wal_error)?;
         // What the log holds now is durable from here on.
         wal.sync_current().map_err(wal_error)?;
         let last = wal.bounds().map_or(0, |(_, last)| last);
@@ -184,10 +222,11 @@ impl LogStore {
             thread: Some(thread),
         });
         Ok(Self {
-            db: db.clone(),
-            meta,
+            meta: Arc::new(MetaStore {
+                file: Mutex::new(file),
+                current: Mutex::new(meta),
+            }),
             wal,
-            data_file,
             flusher,
             committed: Arc::default(),
             appended,
@@ -196,52 +235,37 @@ impl LogStore {
         })
     }
 
-    async fn flush_meta(&self, subject: ErrorSubject<NodeId>) -> Result<(), StorageError> {
-        let pending = *self.committed.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(committed) = pending {
-            let durable = self.durable.load(std::sync::atomic::Ordering::Acquire);
-            if committed.is_none_or(|c| c.index <= durable) {
-                self.write_meta(COMMITTED, &committed, ErrorSubject::Store)?;
-                let mut slot = self.committed.lock().unwrap_or_else(|e| e.into_inner());
-                if *slot == pending {
-                    *slot = None;
+    /// Applies `change` to the metadata, durable when this returns, with
+    /// the pending committed index if this server's log holds it durably
+    /// (see `committed`). On a blocking thread: it waits on the disk.
+    async fn write_meta(
+        &self,
+        subject: ErrorSubject<NodeId>,
+        change: impl FnOnce(&mut Meta) + Send + 'static,
+    ) -> Result<(), StorageError> {
+        let pending = *lock(&self.committed);
+        let durable = self.durable.load(std::sync::atomic::Ordering::Acquire);
+        let committed = pending.filter(|c| c.is_none_or(|c| c.index <= durable));
+        let meta = Arc::clone(&self.meta);
+        tokio::task::spawn_blocking(move || {
+            meta.update(|m| {
+                change(m);
+                if let Some(committed) = committed {
+                    m.committed = committed;
                 }
+            })
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|written| written)
+        .map_err(|e| storage_io_error(subject, ErrorVerb::Write, e))?;
+        if committed.is_some() {
+            let mut slot = lock(&self.committed);
+            if *slot == committed {
+                *slot = None;
             }
         }
-        flush_durably(&self.db, &self.data_file)
-            .await
-            .map_err(|e| storage_io_error(subject, ErrorVerb::Write, e))
-    }
-
-    fn read_meta<T: DeserializeOwned>(
-        &self,
-        key: &[u8],
-        subject: ErrorSubject<NodeId>,
-    ) -> Result<Option<T>, StorageError> {
-        let Some(bytes) = self
-            .meta
-            .get(key)
-            .map_err(|e| storage_io_error(subject.clone(), ErrorVerb::Read, e))?
-        else {
-            return Ok(None);
-        };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| storage_io_error(subject, ErrorVerb::Read, e))
-    }
-
-    fn write_meta<T: Serialize>(
-        &self,
-        key: &[u8],
-        value: &T,
-        subject: ErrorSubject<NodeId>,
-    ) -> Result<(), StorageError> {
-        let bytes = serde_json::to_vec(value)
-            .map_err(|e| storage_io_error(subject.clone(), ErrorVerb::Write, e))?;
-        self.meta
-            .insert(key, bytes)
-            .map(|_| ())
-            .map_err(|e| storage_io_error(subject, ErrorVerb::Write, e))
+        Ok(())
     }
 
     fn decode_entry(bytes: &[u8]) -> Result<Entry, StorageError> {
@@ -267,7 +291,7 @@ impl LogStore {
     /// Whether this server has ever voted (or recorded a leader's vote):
     /// false for a fresh data dir.
     pub fn has_vote(&self) -> bool {
-        matches!(self.meta.get(VOTE), Ok(Some(_)))
+        lock(&self.meta.current).vote.is_some()
     }
 
     pub fn len(&self) -> usize {
@@ -279,52 +303,6 @@ impl LogStore {
     pub fn is_empty(&self) -> bool {
         self.wal.bounds().is_none()
     }
-}
-
-/// Moves entries left in sled's `log` tree by an earlier build into the
-/// WAL (synced), then drops the tree.
-fn move_old_log(db: &sled::Db, wal: &Wal, data_file: &SledFiles) -> std::io::Result<()> {
-    let names = db.tree_names();
-    if !names.iter().any(|n| n.as_ref() == OLD_LOG_TREE) {
-        return Ok(());
-    }
-    let tree = db.open_tree(OLD_LOG_TREE).map_err(std::io::Error::other)?;
-    if tree.is_empty() {
-        return Ok(());
-    }
-    if wal.bounds().is_some() {
-        return Err(std::io::Error::other(
-            "log entries both in sled and in the WAL; refusing to guess which is right",
-        ));
-    }
-    let mut moved = 0usize;
-    for item in tree.iter() {
-        let (key, bytes) = item.map_err(std::io::Error::other)?;
-        let mut index = [0u8; 8];
-        if key.len() != 8 {
-            return Err(std::io::Error::other("bad key in the old sled log"));
-        }
-        index.copy_from_slice(&key);
-        wal.append(u64::from_be_bytes(index), &bytes)?;
-        moved += 1;
-    }
-    for file in wal.take_dirty() {
-        crate::storage::durable::sync_data(&file)?;
-    }
-    db.drop_tree(OLD_LOG_TREE).map_err(std::io::Error::other)?;
-    db.flush().map_err(std::io::Error::other)?;
-    data_file.sync()?;
-    tracing::info!(entries = moved, "moved the raft log from sled to the WAL");
-    Ok(())
-}
-
-/// sled flush, then `fdatasync` of its data file.
-async fn flush_durably(db: &sled::Db, data_file: &Arc<SledFiles>) -> std::io::Result<()> {
-    db.flush_async().await.map_err(std::io::Error::other)?;
-    let files = Arc::clone(data_file);
-    tokio::task::spawn_blocking(move || files.sync())
-        .await
-        .map_err(std::io::Error::other)?
 }
 
 /// The flusher thread: one `fdatasync` per batch of queued appends. A
@@ -406,7 +384,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged_log_id: Option<LogId> = self.read_meta(LAST_PURGED, ErrorSubject::Logs)?;
+        let last_purged_log_id = self.meta.get().last_purged;
         let last_log_id = self.last_entry_log_id()?.or(last_purged_log_id);
         Ok(LogState {
             last_purged_log_id,
@@ -419,29 +397,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
-        self.write_meta(VOTE, vote, ErrorSubject::Vote)?;
-        self.flush_meta(ErrorSubject::Vote).await
+        let vote = *vote;
+        self.write_meta(ErrorSubject::Vote, move |m| m.vote = Some(vote))
+            .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
-        self.read_meta(VOTE, ErrorSubject::Vote)
+        Ok(self.meta.get().vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         // Kept in memory, written with the next vote or purge point (see
         // `committed`): openraft treats it as a hint that speeds up a
         // restart, and losing the latest one is safe.
-        *self.committed.lock().unwrap_or_else(|e| e.into_inner()) = Some(committed);
+        *lock(&self.committed) = Some(committed);
         Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        if let Some(pending) = *self.committed.lock().unwrap_or_else(|e| e.into_inner()) {
+        if let Some(pending) = *lock(&self.committed) {
             return Ok(pending);
         }
-        Ok(self
-            .read_meta::<Option<LogId>>(COMMITTED, ErrorSubject::Store)?
-            .flatten())
+        Ok(self.meta.get().committed)
     }
 
     async fn append<I>(
@@ -498,8 +475,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Record the purge point first: a crash between the two steps leaves
         // extra entries below it, which reads never reach.
-        self.write_meta(LAST_PURGED, &log_id, ErrorSubject::Logs)?;
-        self.flush_meta(ErrorSubject::Logs).await?;
+        self.write_meta(ErrorSubject::Logs, move |m| m.last_purged = Some(log_id))
+            .await?;
         self.wal
             .purge(log_id.index)
             .map_err(|e| storage_io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))
@@ -511,16 +488,13 @@ mod tests {
     use super::*;
     use crate::storage::power_loss::Powered;
 
-    fn open_store(root: &Path) -> (sled::Db, LogStore) {
-        let sled_dir = root.join("raft");
-        let db = sled::Config::new()
-            .path(&sled_dir)
-            .flush_every_ms(None)
-            .open()
-            .expect("sled");
-        let store = LogStore::open_with_segment_size(&db, &sled_dir, &root.join("wal"), 4096)
-            .expect("open");
-        (db, store)
+    fn open_store(root: &Path) -> LogStore {
+        LogStore::open_with_segment_size(&root.join("raft-meta"), &root.join("wal"), 4096)
+            .expect("open")
+    }
+
+    fn log_id(term: u64, index: u64) -> LogId {
+        LogId::new(openraft::CommittedLeaderId::new(term, 1), index)
     }
 
     /// A saved vote, and a purge point with the segments it let go, are
@@ -529,7 +503,7 @@ mod tests {
     #[tokio::test]
     async fn the_vote_and_the_purge_point_survive_a_power_loss() {
         let disk = Powered::new();
-        let (db, mut store) = open_store(&disk.root);
+        let mut store = open_store(&disk.root);
         for i in 1..=200u64 {
             store
                 .wal
@@ -539,20 +513,47 @@ mod tests {
         for file in store.wal.take_dirty() {
             crate::storage::durable::sync_data(&file).expect("sync");
         }
+        store
+            .durable
+            .store(200, std::sync::atomic::Ordering::Release);
+        store
+            .save_committed(Some(log_id(7, 180)))
+            .await
+            .expect("commit");
         let vote = Vote::new(7, 2);
         store.save_vote(&vote).await.expect("save vote");
-        let purged = LogId::new(openraft::CommittedLeaderId::new(7, 2), 150);
+        let purged = log_id(7, 150);
         store.purge(purged).await.expect("purge");
         drop(store);
-        drop(db);
         disk.power_loss();
-        let (_db, mut store) = open_store(&disk.root);
+        let mut store = open_store(&disk.root);
         assert_eq!(store.read_vote().await.expect("read vote"), Some(vote));
-        let read: Option<LogId> = store
-            .read_meta(LAST_PURGED, ErrorSubject::Logs)
-            .expect("read purge point");
-        assert_eq!(read, Some(purged));
+        assert_eq!(store.meta.get().last_purged, Some(purged));
+        assert_eq!(
+            store.read_committed().await.expect("committed"),
+            Some(log_id(7, 180)),
+            "the committed index went with the vote"
+        );
         assert_eq!(store.wal.bounds(), Some((151, 200)));
+    }
+
+    /// The committed index is written only once the log holds it durably.
+    #[tokio::test]
+    async fn a_committed_index_past_the_synced_log_is_not_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = open_store(dir.path());
+        store
+            .save_committed(Some(log_id(1, 5)))
+            .await
+            .expect("commit");
+        store.save_vote(&Vote::new(1, 1)).await.expect("vote");
+        drop(store);
+        let mut store = open_store(dir.path());
+        assert_eq!(store.read_committed().await.expect("committed"), None);
+        assert_eq!(
+            store.read_vote().await.expect("vote"),
+            Some(Vote::new(1, 1))
+        );
     }
 
     #[test]
@@ -561,12 +562,10 @@ mod tests {
         // drop waits for the flusher, which holds the WAL, which waits for
         // the spare. Without that, a reopen could race the spare's writer.
         let dir = tempfile::tempdir().expect("tempdir");
-        let sled_dir = dir.path().join("sled");
+        let meta = dir.path().join("raft-meta");
         let wal_dir = dir.path().join("wal");
         for _ in 0..2 {
-            let db = sled::open(&sled_dir).expect("sled");
-            let store =
-                LogStore::open_with_segment_size(&db, &sled_dir, &wal_dir, 64 << 20).expect("open");
+            let store = LogStore::open_with_segment_size(&meta, &wal_dir, 64 << 20).expect("open");
             let clone = store.clone();
             drop(store);
             drop(clone);
@@ -577,5 +576,110 @@ mod tests {
                 "the spare is still being written after the store closed"
             );
         }
+    }
+
+    fn entry_json(term: u64, index: u64) -> Vec<u8> {
+        let entry = Entry {
+            log_id: log_id(term, index),
+            payload: openraft::EntryPayload::Blank,
+        };
+        serde_json::to_vec(&entry).expect("encode")
+    }
+
+    /// A data dir of an earlier build (vote, committed index and purge
+    /// point in sled, and entries in sled's old `log` tree) opens with all
+    /// of them, durably (a power loss right after the move changes
+    /// nothing); the sled store is set aside, and a second open does not
+    /// move anything again.
+    #[tokio::test]
+    async fn an_earlier_builds_sled_store_is_moved_into_the_metadata_file() {
+        use crate::storage::{datadir::DataDir, sled_migration};
+        let disk = Powered::new();
+        drop(DataDir::open(&disk.root, 1).expect("a new data dir"));
+        let vote = Vote::new(4, 1);
+        let old_log: Vec<(u64, Vec<u8>)> = (11..=20).map(|i| (i, entry_json(4, i))).collect();
+        sled_migration::write_old_store(
+            disk.root.as_path(),
+            &[
+                ("vote", serde_json::to_value(vote).expect("json")),
+                (
+                    "committed",
+                    serde_json::to_value(Some(log_id(4, 18))).expect("json"),
+                ),
+                (
+                    "last_purged",
+                    serde_json::to_value(log_id(3, 10)).expect("json"),
+                ),
+            ],
+            &old_log,
+        )
+        .expect("old store");
+        disk.everything_durable_now();
+        let root = disk.root.as_path();
+        for round in 0..2 {
+            // The power fails as soon as the move is done (before the log
+            // store's open, which syncs what it finds, could cover for it).
+            drop(DataDir::open(root, 1).expect("open"));
+            disk.power_loss();
+            let opened = DataDir::open(root, 1).expect("open after a power loss");
+            // (The rename, undone by the power loss, is redone.)
+            assert!(
+                !root.join(sled_migration::OLD_DIR).exists()
+                    && root.join(sled_migration::MIGRATED_DIR).join("db").exists(),
+                "round {round}: the sled store was not set aside"
+            );
+            assert!(!root.join(sled_migration::CHECK_DIR).exists());
+            let mut store = open_store_at(&opened);
+            let vote_read = store.read_vote().await.expect("vote");
+            assert_eq!(vote_read, Some(vote), "round {round}");
+            let committed = store.read_committed().await.expect("committed");
+            assert_eq!(committed, Some(log_id(4, 18)));
+            let state = store.get_log_state().await.expect("state");
+            assert_eq!(state.last_purged_log_id, Some(log_id(3, 10)));
+            assert_eq!(state.last_log_id, Some(log_id(4, 20)));
+            let entries = store.try_get_log_entries(11..=20).await.expect("entries");
+            assert_eq!(entries.len(), 10, "round {round}");
+        }
+    }
+
+    fn open_store_at(dir: &crate::storage::datadir::DataDir) -> LogStore {
+        LogStore::open(
+            &dir.meta_file,
+            &dir.path.join(crate::storage::datadir::WAL_DIR),
+        )
+        .expect("open the log store")
+    }
+
+    /// An earlier build's sled store whose vote its own log proves stale is
+    /// refused, with nothing moved or written.
+    #[test]
+    fn an_earlier_builds_stale_vote_is_refused_before_anything_moves() {
+        use crate::storage::{datadir::DataDir, sled_migration};
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(DataDir::open(dir.path(), 1).expect("a new data dir"));
+        sled_migration::write_old_store(
+            dir.path(),
+            &[("vote", serde_json::to_value(Vote::new(2, 1)).expect("json"))],
+            &[(1, entry_json(3, 1))],
+        )
+        .expect("old store");
+        let before = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect::<std::collections::BTreeSet<_>>();
+        let err = DataDir::open(dir.path(), 1).expect_err("a stale vote");
+        assert!(
+            matches!(
+                err,
+                crate::storage::datadir::DataDirError::DamagedMeta { .. }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("term 2"), "{err}");
+        let after = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect::<std::collections::BTreeSet<_>>();
+        assert_eq!(before, after, "the refusal changed the data dir");
     }
 }

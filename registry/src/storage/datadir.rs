@@ -3,10 +3,15 @@
 //! data: a problem stops the start with a message naming it.
 //!
 //! Layout: `meshwork.json` (format version, node id, node UUID, cluster
-//! id), `wal/` (the Raft log's segments, [`super::wal`]), `raft/` (the sled
-//! database: vote, committed index and purge point) and `snapshot/` (the
-//! latest snapshot file). The log, the snapshot and the metadata are all
-//! judged before anything opens for writing.
+//! id), `wal/` (the Raft log's segments, [`super::wal`]), `raft-meta` (the
+//! vote, committed index and purge point, [`super::meta_file`]) and
+//! `snapshot/` (the latest snapshot file). A data dir of an earlier build
+//! has `raft/` (sled) instead of `raft-meta`: it is moved over once
+//! ([`super::sled_migration`]) and kept as `raft.migrated`. The log, the
+//! snapshot and the metadata are all judged before anything is written.
+//!
+//! An open data dir is locked (`flock` on the directory itself, so that no
+//! file is added): a second server on it is refused.
 
 use std::path::{Path, PathBuf};
 
@@ -16,7 +21,6 @@ use serde::{Deserialize, Serialize};
 /// Layout version written by this binary.
 const FORMAT: u32 = 1;
 const MARKER: &str = "meshwork.json";
-const RAFT_DIR: &str = "raft";
 /// The latest snapshot (see [`crate::storage::snapshot_file`]).
 pub const SNAPSHOT_DIR: &str = "snapshot";
 /// The Raft log's segments (see [`crate::storage::wal`]).
@@ -72,10 +76,11 @@ pub enum DataDirError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(
-        "cannot open the Raft store in {path}: {reason} (is another meshwork-registry using it?)"
-    )]
-    Store { path: PathBuf, reason: String },
+    #[error("data dir {path} is in use (is another meshwork-registry using it?): {source}")]
+    Locked {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("raft log {wal}: {reason}\n  {}", rebuild_hint(path))]
     DamagedLog {
         path: PathBuf,
@@ -91,7 +96,7 @@ pub enum DataDirError {
         reason: String,
     },
     #[error(
-        "raft metadata store {store} is damaged: {reason}; nothing was changed\n  {}",
+        "raft metadata {store} is damaged: {reason}; nothing was changed\n  {}",
         rebuild_hint(path)
     )]
     DamagedMeta {
@@ -125,7 +130,10 @@ pub struct DataDir {
     pub node_uuid: String,
     /// The cluster this data belongs to, once known.
     pub cluster_id: Option<String>,
-    pub db: sled::Db,
+    /// The Raft metadata file (`raft-meta`), for the log store.
+    pub meta_file: PathBuf,
+    /// The directory, open and `flock`ed while this lives.
+    _lock: std::fs::File,
 }
 
 impl DataDir {
@@ -157,11 +165,13 @@ impl DataDir {
                 }
             }
         }
+        let lock = lock(path)?;
         // Tests only: the image a power loss would leave, from here on.
         super::durable::start_image_from_env(path)
             .map_err(|source| DataDirError::PowerLossImage { source })?;
         let marker_path = path.join(MARKER);
-        let raft_path = path.join(RAFT_DIR);
+        let old_store = path.join(super::sled_migration::OLD_DIR);
+        let meta_path = path.join(super::meta_file::FILE);
         let marker = match std::fs::read(&marker_path) {
             Ok(bytes) => {
                 let marker: Marker =
@@ -185,7 +195,7 @@ impl DataDir {
                 marker
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if raft_path.exists() {
+                if old_store.exists() || meta_path.exists() {
                     return Err(DataDirError::NoMarker {
                         path: path.to_owned(),
                     });
@@ -235,8 +245,8 @@ impl DataDir {
             }
         };
         let _ = std::fs::remove_file(path.join(UPLOAD_FILE));
-        // The log is judged before the metadata store opens (which writes
-        // on open): a damaged log refuses with the data dir untouched.
+        // The log is judged before anything is written: a damaged log
+        // refuses with the data dir untouched.
         let wal = path.join(WAL_DIR);
         let last_record = crate::storage::wal::Wal::check(&wal).map_err(|source| {
             if source.kind() == std::io::ErrorKind::InvalidData {
@@ -252,8 +262,7 @@ impl DataDir {
                 }
             }
         })?;
-        // So is the snapshot, and then the metadata store's vote against
-        // both (on a copy: see `meta_check`).
+        // So is the snapshot, and then the metadata's vote against both.
         let snapshot = path.join(SNAPSHOT_DIR);
         let snapshot_meta =
             crate::storage::snapshot_file::SnapshotFile::check(&snapshot).map_err(|source| {
@@ -270,32 +279,71 @@ impl DataDir {
                     }
                 }
             })?;
+        // An earlier build's sled store, not yet moved: read (on a copy).
+        let legacy = if old_store.exists() && !meta_path.exists() {
+            let read = super::sled_migration::read(path).map_err(|source| DataDirError::Write {
+                path: path.join(super::sled_migration::CHECK_DIR),
+                source,
+            })?;
+            Some(read.map_err(|reason| DataDirError::DamagedMeta {
+                path: path.to_owned(),
+                store: old_store.clone(),
+                reason,
+            })?)
+        } else {
+            None
+        };
+        let stored = match &legacy {
+            Some(legacy) => Some(legacy.payload.clone()),
+            None => super::meta_file::MetaFile::read(&meta_path).map_err(|source| {
+                if source.kind() == std::io::ErrorKind::InvalidData {
+                    DataDirError::DamagedMeta {
+                        path: path.to_owned(),
+                        store: meta_path.clone(),
+                        reason: source.to_string(),
+                    }
+                } else {
+                    DataDirError::Read {
+                        path: meta_path.clone(),
+                        source,
+                    }
+                }
+            })?,
+        };
+        let old_log_last = legacy.as_ref().and_then(|l| l.old_log.last().cloned());
         let evidence = crate::storage::meta_check::Evidence {
-            last_record,
+            last_record: last_record.or(old_log_last),
             snapshot_meta,
         };
-        crate::storage::meta_check::check(path, &raft_path, &evidence, sled_config)
-            .map_err(|source| DataDirError::Write {
-                path: path.join(crate::storage::meta_check::CHECK_DIR),
-                source,
-            })?
-            .map_err(|refusal| DataDirError::DamagedMeta {
+        crate::storage::meta_check::check(stored.as_deref(), &evidence).map_err(|refusal| {
+            DataDirError::DamagedMeta {
                 path: path.to_owned(),
-                store: raft_path.clone(),
+                store: if legacy.is_some() {
+                    old_store.clone()
+                } else {
+                    meta_path.clone()
+                },
                 reason: refusal.0,
-            })?;
-        let db = sled_config(&raft_path)
-            .open()
-            .map_err(|e| DataDirError::Store {
-                path: raft_path.clone(),
-                reason: e.to_string(),
-            })?;
+            }
+        })?;
+        // Judged sound: now the move may write.
+        let moved = match &legacy {
+            Some(legacy) => super::sled_migration::finish(path, legacy, &wal, &meta_path),
+            // Moved, but the rename was undone by a power loss.
+            None if old_store.exists() => super::sled_migration::set_aside(path),
+            None => Ok(()),
+        };
+        moved.map_err(|source| DataDirError::Write {
+            path: old_store.clone(),
+            source,
+        })?;
         Ok(Self {
             path: path.to_owned(),
             node_id,
             node_uuid: marker.node_uuid,
             cluster_id: marker.cluster_id,
-            db,
+            meta_file: meta_path,
+            _lock: lock,
         })
     }
 
@@ -311,14 +359,20 @@ impl DataDir {
     }
 }
 
-/// How the metadata store is opened (also its copy, for the check).
-fn sled_config(path: &Path) -> sled::Config {
-    sled::Config::new()
-        .path(path)
-        .mode(sled::Mode::HighThroughput)
-        // Durability comes from explicit flushes before acknowledging;
-        // the background flusher would only add writes.
-        .flush_every_ms(None)
+/// Opens the data dir and takes an exclusive `flock` on it (released when
+/// the returned file closes, by this process or its death).
+fn lock(path: &Path) -> Result<std::fs::File, DataDirError> {
+    let dir = std::fs::File::open(path).map_err(|source| DataDirError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+        DataDirError::Locked {
+            path: path.to_owned(),
+            source: e.into(),
+        }
+    })?;
+    Ok(dir)
 }
 
 fn write_atomically(path: &Path, marker: &Marker) -> Result<(), DataDirError> {
@@ -391,6 +445,9 @@ mod tests {
         std::fs::write(dir.path().join(MARKER), b"{not json").expect("write");
         let err = DataDir::open(dir.path(), 1).expect_err("corrupt");
         assert!(err.to_string().contains("corrupt"), "{err}");
+        // Raft metadata without a marker.
+        let meta = dir.path().join(crate::storage::meta_file::FILE);
+        drop(crate::storage::meta_file::MetaFile::open_or_create(&meta, b"{}").expect("meta"));
         std::fs::remove_file(dir.path().join(MARKER)).expect("rm");
         let err = DataDir::open(dir.path(), 1).expect_err("no marker");
         assert!(err.to_string().contains("no meshwork.json"), "{err}");
@@ -407,6 +464,20 @@ mod tests {
         std::fs::remove_file(dir.path().join("notes.txt")).expect("rm");
         std::fs::create_dir(dir.path().join("lost+found")).expect("mkdir");
         drop(DataDir::open(dir.path(), 1).expect("a fresh dir"));
+    }
+
+    #[test]
+    fn a_data_dir_in_use_is_refused_until_it_is_closed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = DataDir::open(dir.path(), 1).expect("open");
+        let err = DataDir::open(dir.path(), 1).expect_err("in use");
+        assert!(matches!(err, DataDirError::Locked { .. }), "{err}");
+        assert!(
+            err.to_string().contains("another meshwork-registry"),
+            "{err}"
+        );
+        drop(first);
+        drop(DataDir::open(dir.path(), 1).expect("free again"));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The one place where the registry makes data durable: `fdatasync` of a
-//! file ([`sync_data`]), `fsync` of a directory ([`sync_dir`]), and, for
-//! sled (whose files we do not write ourselves), [`sync_store`] after its
-//! flush.
+//! file ([`sync_data`]) and `fsync` of a directory ([`sync_dir`]). Every
+//! file the registry keeps is written by its own code (the Raft metadata
+//! too, since it left sled), so the image below sees every write.
 //!
 //! It is also the **power-loss seam**. A `kill -9` leaves the page cache
 //! to the kernel, so a crash test would pass with every sync deleted. A
@@ -86,18 +86,6 @@ pub fn wrote(file: &File, offset: u64, len: u64) {
     }
 }
 
-/// After a flush of sled (whose files live in `dir`): `fdatasync` of its
-/// data file, which makes the flushed state durable (sled's own flush
-/// ends in `sync_file_range`, which does not). For the image, everything
-/// under `dir` is then durable, names included: we do not see sled's own
-/// writes, so its store counts as a whole, as of this call.
-pub fn sync_store(data_file: Option<&File>, dir: &Path) -> io::Result<()> {
-    if let Some(file) = data_file {
-        file.sync_data()?;
-    }
-    synced_tree(dir)
-}
-
 /// Everything under `dir` (files and names) is durable now. Walks the
 /// tree only when the seam is on.
 fn synced_tree(dir: &Path) -> io::Result<()> {
@@ -177,35 +165,20 @@ pub fn stop_image(root: &Path) {
 /// `image`. The process that kept it must be dead (or, in a unit test,
 /// everything it had open dropped).
 pub fn restore_image(image: &Path, root: &Path) -> io::Result<()> {
-    restore_image_except(image, root, &[])
-}
-
-/// [`restore_image`], leaving the top-level entries named in `keep` as
-/// they are (neither reverted nor removed).
-pub fn restore_image_except(image: &Path, root: &Path, keep: &[&str]) -> io::Result<()> {
     let manifest: Manifest = serde_json::from_slice(&std::fs::read(image.join(MANIFEST))?)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let kept = |name: &Path| {
-        name.components()
-            .next()
-            .is_some_and(|first| keep.iter().any(|k| first.as_os_str() == *k))
-    };
     for entry in std::fs::read_dir(root)? {
-        let entry = entry?;
-        if keep.iter().any(|k| entry.file_name() == *k) {
-            continue;
-        }
-        let path = entry.path();
+        let path = entry?.path();
         if path.is_dir() {
             std::fs::remove_dir_all(&path)?;
         } else {
             std::fs::remove_file(&path)?;
         }
     }
-    for dir in manifest.dirs.iter().filter(|d| !kept(d)) {
+    for dir in &manifest.dirs {
         std::fs::create_dir_all(root.join(dir))?;
     }
-    for (name, key) in manifest.names.iter().filter(|(n, _)| !kept(n)) {
+    for (name, key) in &manifest.names {
         let to = root.join(name);
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent)?;

@@ -1,32 +1,22 @@
-//! The check that the Raft metadata store (sled, in `raft/`) still holds
-//! the vote the log and the snapshot prove was recorded, made before the
-//! store is opened for real. Owns only that judgement: it writes nothing in
-//! the store (it reads a copy) and knows of the records only the fields it
-//! compares.
+//! The check that the Raft metadata ([`super::meta_file`]) still holds the
+//! vote the log and the snapshot prove was recorded, made before the log
+//! store opens. Owns only that judgement: it reads the payload it is given
+//! and knows of the records only the fields it compares.
 //!
-//! Why: sled reads a record that fails its checksum as the end of its log
-//! and opens on what came before it, silently: a flipped bit in `raft/db`
-//! can take the vote away (measured: a bit flipped in the first segment's
-//! header opens an empty store). A server that lost its vote may vote twice
-//! in one term. And sled writes on open (it re-stamps its log and writes a
-//! snapshot of its page table on close), so a refusal decided after the
-//! real open would not leave the data dir as it was: the copy is opened
-//! instead, then removed.
+//! Why: a server that lost its vote may vote twice in one term. The
+//! metadata file refuses damage it can see (both slots invalid), but a
+//! rolled-back file (a backup put in place, a damaged latest slot beside a
+//! valid older one, a metadata file from an older copy of the data dir)
+//! opens on an older vote; when the log or the snapshot holds an entry of
+//! a later term, that older vote is proven stale and the start refused.
 //!
-//! What it cannot see: a store rolled back to an earlier vote that no log
+//! What it cannot see: a file rolled back to an earlier vote that no log
 //! entry or snapshot contradicts (a vote for a term that has no entry yet).
-
-use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-/// Where the copy of the store is opened (inside the data dir: the store
-/// is as private as the rest of it); removed after the check, and when a
-/// crash left it, before the next.
-pub const CHECK_DIR: &str = "raft.check";
-
-/// The metadata tree and key of the vote (as `raft::log_store` writes it).
-const META_TREE: &str = "raft_meta";
+/// The key of the vote in the metadata payload (as `raft::log_store`
+/// writes it: a JSON object).
 const VOTE: &str = "vote";
 
 /// What the log and the snapshot prove about the vote.
@@ -38,42 +28,24 @@ pub struct Evidence {
     pub snapshot_meta: Option<Vec<u8>>,
 }
 
-/// Why the store is refused: what is wrong, for the message.
+/// Why the metadata is refused: what is wrong, for the message.
 #[derive(Debug)]
 pub struct Refusal(pub String);
 
-/// Opens a copy of the store in `raft_dir` (made in `data_dir`) and judges
-/// its vote against `evidence`. `Ok(())` when the store holds a vote at
-/// least as recent as any log entry or snapshot (or there is nothing for
-/// it to answer for); an I/O error when the copy cannot be made.
-pub fn check(
-    data_dir: &Path,
-    raft_dir: &Path,
-    evidence: &Evidence,
-    config: impl FnOnce(&Path) -> sled::Config,
-) -> std::io::Result<Result<(), Refusal>> {
-    let copy = data_dir.join(CHECK_DIR);
-    remove(&copy)?;
-    if !raft_dir.exists() {
-        return Ok(judge(None, evidence));
-    }
-    let _remove = RemoveOnDrop(copy.clone());
-    copy_dir(raft_dir, &copy)?;
-    let db = match config(&copy).open() {
-        Ok(db) => db,
-        Err(e) => return Ok(Err(Refusal(format!("sled cannot open it: {e}")))),
+/// Judges the vote in `stored` (the metadata payload, `None` when the
+/// data dir has none yet) against `evidence`. `Ok(())` when it holds a
+/// vote at least as recent as any log entry or snapshot (or there is
+/// nothing for it to answer for).
+pub fn check(stored: Option<&[u8]>, evidence: &Evidence) -> Result<(), Refusal> {
+    let Some(bytes) = stored else {
+        return judge(None, evidence);
     };
-    let vote = db
-        .open_tree(META_TREE)
-        .and_then(|tree| tree.get(VOTE))
-        .map(|v| v.map(|bytes| serde_json::from_slice::<Value>(&bytes)));
-    drop(db);
-    Ok(match vote {
-        Err(e) => Err(Refusal(format!("sled cannot read it: {e}"))),
-        Ok(Some(Err(e))) => Err(Refusal(format!("its vote is not JSON: {e}"))),
-        Ok(Some(Ok(vote))) => judge(Some(&vote), evidence),
-        Ok(None) => judge(None, evidence),
-    })
+    let meta: Value = serde_json::from_slice(bytes)
+        .map_err(|e| Refusal(format!("its content is not JSON: {e}")))?;
+    match meta.get(VOTE) {
+        None | Some(Value::Null) => judge(None, evidence),
+        Some(vote) => judge(Some(vote), evidence),
+    }
 }
 
 /// The term of a `leader_id` in `value` (under `path`).
@@ -112,7 +84,7 @@ fn judge(vote: Option<&Value>, evidence: &Evidence) -> Result<(), Refusal> {
     let Some((needed, proof)) = proofs.into_iter().max_by_key(|(t, _)| *t) else {
         return Ok(());
     };
-    let why = "the store lost records (sled reads a damaged record as the end of its log)";
+    let why = "the metadata was rolled back or lost";
     match vote.map(|v| term(v, &[])) {
         None => Err(Refusal(format!("it holds no vote, but {proof}: {why}"))),
         Some(None) => Err(Refusal("its vote has no term".to_owned())),
@@ -121,38 +93,6 @@ fn judge(vote: Option<&Value>, evidence: &Evidence) -> Result<(), Refusal> {
         ))),
         Some(Some(_)) => Ok(()),
     }
-}
-
-fn remove(dir: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
-}
-
-/// Removes the copy however the check ends.
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if let Err(e) = remove(&self.0) {
-            tracing::warn!(path = %self.0.display(), error = %e, "cannot remove the metadata check's copy");
-        }
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), target)?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -190,36 +130,21 @@ mod tests {
     }
 
     #[test]
-    fn the_check_reads_a_copy_and_leaves_no_trace() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let raft = dir.path().join("raft");
-        let config = |p: &Path| sled::Config::new().path(p);
-        {
-            let db = config(&raft).open().expect("sled");
-            let tree = db.open_tree(META_TREE).expect("tree");
-            tree.insert(VOTE, vote(3).to_string().as_bytes())
-                .expect("insert");
-            db.flush().expect("flush");
-        }
-        let before: Vec<_> = std::fs::read_dir(&raft)
-            .expect("ls")
-            .map(|e| {
-                let path = e.expect("entry").path();
-                (path.clone(), std::fs::read(&path).unwrap_or_default())
-            })
-            .collect();
-        let checked = check(dir.path(), &raft, &evidence(Some(4), None), config).expect("io");
-        assert!(checked.expect_err("stale").0.contains("term 3"));
-        let checked = check(dir.path(), &raft, &evidence(Some(3), None), config).expect("io");
-        assert!(checked.is_ok());
-        assert!(!dir.path().join(CHECK_DIR).exists(), "the copy was left");
-        for (path, bytes) in before {
-            assert_eq!(
-                std::fs::read(&path).unwrap_or_default(),
-                bytes,
-                "{}",
-                path.display()
-            );
-        }
+    fn the_check_reads_the_vote_from_the_metadata_payload() {
+        let payload = |vote: Value| {
+            serde_json::json!({"vote": vote, "committed": null, "last_purged": null})
+                .to_string()
+                .into_bytes()
+        };
+        assert!(check(None, &evidence(None, None)).is_ok(), "a new data dir");
+        let missing = check(None, &evidence(Some(1), None)).expect_err("no metadata");
+        assert!(missing.0.contains("holds no vote"), "{}", missing.0);
+        let stale = check(Some(&payload(vote(3))), &evidence(Some(4), None));
+        assert!(stale.expect_err("stale").0.contains("term 3"));
+        assert!(check(Some(&payload(vote(3))), &evidence(Some(3), None)).is_ok());
+        let null = check(Some(&payload(Value::Null)), &evidence(Some(1), None));
+        assert!(null.expect_err("no vote").0.contains("holds no vote"));
+        let garbage = check(Some(b"{not json"), &evidence(None, None));
+        assert!(garbage.expect_err("garbage").0.contains("not JSON"));
     }
 }

@@ -1,7 +1,10 @@
 //! What the registry keeps on disk, as files: the write-ahead log of Raft
-//! entries ([`wal`]), the latest snapshot ([`snapshot_file`]) and the data
-//! directory's identity and checks ([`datadir`], [`meta_check`]); every sync
-//! goes through [`durable`], which is also the power-loss seam of the tests.
+//! entries ([`wal`]), the vote, committed index and purge point
+//! ([`meta_file`]), the latest snapshot ([`snapshot_file`]) and the data
+//! directory's identity and checks ([`datadir`], [`meta_check`], and the
+//! one-time move from an earlier build's sled store, [`sled_migration`]);
+//! every sync goes through [`durable`], which is also the power-loss seam of
+//! the tests.
 //! Nothing here knows about openraft or the state: `raft::log_store` adapts
 //! the WAL to openraft's storage traits, and `raft::state_machine` writes
 //! snapshots through [`snapshot_file`].
@@ -9,6 +12,8 @@
 pub mod datadir;
 pub mod durable;
 pub mod meta_check;
+pub mod meta_file;
+pub mod sled_migration;
 pub mod snapshot_file;
 pub mod wal;
 

@@ -1,7 +1,7 @@
 //! The write-ahead log that holds the Raft log entries: append-only segment
 //! files that are zero-filled before first use.
 //!
-//! Why not sled (which keeps the vote and the other Raft metadata): an
+//! Why not sled (which kept all Raft data in earlier builds): an
 //! append to a file that grows changes the file's size, so every
 //! `fdatasync` also commits the filesystem journal, and on one disk the
 //! journal commits of the three servers (and sled's own extra
