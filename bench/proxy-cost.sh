@@ -193,6 +193,9 @@ measure() {
         fi
         wait_http "http://$H:$port/" "$([ $proto = h2 ] && echo h2)" \
             || die "$name did not answer over $proto (log: $WORK/$name.log)"
+        if [ -n "${MEASURE_CHECK:-}" ]; then
+            eval "$MEASURE_CHECK" || die "$name: check failed: $MEASURE_CHECK"
+        fi
         load $proto $port "$WARMUP" >/dev/null
         callgrind_control -z "$vp" >/dev/null
         t0=${EPOCHREALTIME/./}
@@ -224,9 +227,16 @@ log "sidecar under callgrind"
 measure sidecar -- "$SC_BIN" --config "$WORK/sidecar.toml" --worker-threads 1 --log-level warn
 log "sidecar with a discovery chain under callgrind"
 chain_entries || die "could not store the discovery chain's entries"
-measure sidecar-chain -- "$SC_BIN" --config "$WORK/sidecar.toml" --worker-threads 1 --log-level warn
-[ "$(curl -s "http://$H:24291/config" | python3 -c 'import json,sys; c=json.load(sys.stdin)["chains"]; print(sum(1 for x in c if not x["plain"] and x["loaded"]))')" = 2 ] \
-    || die "the chained sidecar did not apply both chains"
+# Both chains applied before the load (checked while the sidecar runs).
+chains_applied() {
+    local i
+    for i in $(seq 1 50); do
+        [ "$(curl -s -m 2 "http://$H:24291/config" | python3 -c 'import json,sys; c=json.load(sys.stdin)["chains"]; print(sum(1 for x in c if not x["plain"] and x["loaded"]))' 2>/dev/null)" = 2 ] && return 0
+        sleep 0.2
+    done
+    return 1
+}
+MEASURE_CHECK=chains_applied measure sidecar-chain -- "$SC_BIN" --config "$WORK/sidecar.toml" --worker-threads 1 --log-level warn
 log "HAProxy under callgrind"
 measure haproxy -- haproxy -f "$WORK/haproxy.cfg" -db
 
