@@ -206,9 +206,38 @@ pub struct LoadBalancer {
     /// `round_robin`, `least_request`, `random`, or `ring_hash` (`maglev`
     /// is balanced as `ring_hash`).
     pub policy: String,
-    /// `HashPolicies` with `Field = "header"`: the header hashed on; none
-    /// (with `SourceIP`) hashes on the client's address.
-    pub hash_header: Option<String>,
+    /// `HashPolicies`, in order (Envoy's semantics): each that finds its
+    /// value in the request adds it to the hash; a `Terminal` one that
+    /// finds it ends the list. None found (or none given): the client's
+    /// address.
+    pub hash_policies: Vec<HashPolicy>,
+}
+
+/// One of a `LoadBalancer`'s `HashPolicies`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashPolicy {
+    pub on: HashOn,
+    pub terminal: bool,
+}
+
+/// What a hash policy hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashOn {
+    /// A request header (lower-case name).
+    Header(String),
+    /// A cookie; with `ttl` or `session`, one the sidecar sets (a random
+    /// value, `Set-Cookie` on the response) when the request has none, so
+    /// that a client's next requests stick to the same endpoint.
+    Cookie {
+        name: String,
+        ttl: Option<Duration>,
+        session: bool,
+        path: Option<String>,
+    },
+    /// A query parameter.
+    QueryParameter(String),
+    /// The client's address.
+    SourceIp,
 }
 
 fn parse_load_balancer(value: &Value, at: &str) -> Result<LoadBalancer, String> {
@@ -236,7 +265,7 @@ fn parse_load_balancer(value: &Value, at: &str) -> Result<LoadBalancer, String> 
             ));
         }
     };
-    let mut hash_header = None;
+    let mut hash_policies = Vec::new();
     for (i, h) in array(hashes, &join(at, "HashPolicies"))
         .map_err(text)?
         .iter()
@@ -256,37 +285,105 @@ fn parse_load_balancer(value: &Value, at: &str) -> Result<LoadBalancer, String> 
             &h_at,
         )
         .map_err(text)?;
-        let _ = terminal;
-        if cookie.is_some() {
-            return Err(format!(
-                "{h_at}.CookieConfig: cookie hashing is not supported yet"
-            ));
+        let terminal = boolean(terminal, &join(&h_at, "Terminal")).map_err(text)?;
+        let source_ip = boolean(source_ip, &join(&h_at, "SourceIP")).map_err(text)?;
+        let field = nonempty_string(field, &join(&h_at, "Field")).map_err(text)?;
+        let value = nonempty_string(value, &join(&h_at, "FieldValue")).map_err(text)?;
+        if field.is_some() && source_ip {
+            return Err(format!("{h_at}: set Field or SourceIP, not both"));
         }
-        match nonempty_string(field, &join(&h_at, "Field")).map_err(text)? {
-            Some("header") => {
-                let name = nonempty_string(value, &join(&h_at, "FieldValue"))
-                    .map_err(text)?
-                    .ok_or_else(|| format!("{h_at}.FieldValue: the header to hash on"))?;
-                hash_header.get_or_insert_with(|| name.to_ascii_lowercase());
-            }
-            Some(other) => {
+        if cookie.is_some() && field != Some("cookie") {
+            return Err(format!("{h_at}.CookieConfig: only with Field = \"cookie\""));
+        }
+        let on = match (field, source_ip) {
+            (None, true) => HashOn::SourceIp,
+            (None, false) => {
                 return Err(format!(
-                    "{h_at}.Field: hashing on {other:?} is not supported yet (header, or SourceIP)"
+                    "{h_at}: set Field (header, cookie, query_parameter) or SourceIP = true"
                 ));
             }
-            None if boolean(source_ip, &join(&h_at, "SourceIP")).map_err(text)? => {}
-            None => return Err(format!("{h_at}: set Field = \"header\" or SourceIP = true")),
-        }
+            (Some(field), _) => {
+                let name =
+                    value.ok_or_else(|| format!("{h_at}.FieldValue: the {field} to hash on"))?;
+                match field {
+                    "header" => {
+                        if axum_like_header_name(name) {
+                            HashOn::Header(name.to_ascii_lowercase())
+                        } else {
+                            return Err(format!(
+                                "{h_at}.FieldValue: {name:?} is not a header name"
+                            ));
+                        }
+                    }
+                    "cookie" => {
+                        if !name
+                            .bytes()
+                            .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+                        {
+                            return Err(format!(
+                                "{h_at}.FieldValue: {name:?} is not a cookie name"
+                            ));
+                        }
+                        let (ttl, session, path) = match cookie {
+                            None => (None, false, None),
+                            Some(c) => {
+                                let c_at = join(&h_at, "CookieConfig");
+                                let c = object(c, &c_at).map_err(text)?;
+                                let [session, ttl, path] =
+                                    fields(c, &["Session", "TTL", "Path"], &c_at).map_err(text)?;
+                                let session =
+                                    boolean(session, &join(&c_at, "Session")).map_err(text)?;
+                                let ttl =
+                                    duration(ttl, &join(&c_at, "TTL"))?.filter(|t| !t.is_zero());
+                                if session && ttl.is_some() {
+                                    return Err(format!("{c_at}: a Session cookie has no TTL"));
+                                }
+                                let path =
+                                    nonempty_string(path, &join(&c_at, "Path")).map_err(text)?;
+                                if let Some(p) = path
+                                    && (!p.starts_with('/')
+                                        || p.bytes().any(|b| b.is_ascii_control() || b == b';'))
+                                {
+                                    return Err(format!("{c_at}.Path: {p:?} is not a cookie path"));
+                                }
+                                (ttl, session, path.map(str::to_owned))
+                            }
+                        };
+                        HashOn::Cookie {
+                            name: name.to_owned(),
+                            ttl,
+                            session,
+                            path,
+                        }
+                    }
+                    "query_parameter" => HashOn::QueryParameter(name.to_owned()),
+                    other => {
+                        return Err(format!(
+                            "{h_at}.Field: {other:?} is not a hash field (header, cookie, query_parameter)"
+                        ));
+                    }
+                }
+            }
+        };
+        hash_policies.push(HashPolicy { on, terminal });
     }
-    if hash_header.is_some() && policy != "ring_hash" {
+    if !hash_policies.is_empty() && policy != "ring_hash" {
         return Err(format!(
             "{at}.HashPolicies: hashing needs Policy ring_hash or maglev"
         ));
     }
     Ok(LoadBalancer {
         policy: policy.to_owned(),
-        hash_header,
+        hash_policies,
     })
+}
+
+/// An HTTP header name (RFC 9110 token characters).
+fn axum_like_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 impl Chain {
@@ -341,13 +438,38 @@ impl Chain {
 
     /// Whether no entry changes anything: every request goes to the whole
     /// service.
+    ///
+    /// Anything an entry says makes a chain not plain: a resolver's
+    /// timeouts, `OnlyPassing` or `LoadBalancer` alone (no subset, no
+    /// route) still apply, as do a lone split's header changes.
     pub fn is_plain(&self) -> bool {
+        let [target] = self.targets.as_slice() else {
+            return false;
+        };
+        let d = &self.default;
         self.routes.is_empty()
-            && self.targets.len() == 1
-            && self.targets[0].service == self.service
-            && self.targets[0].subset.is_none()
-            && self.targets[0].failover.is_empty()
-            && self.targets[0].fault.is_none()
+            && target.service == self.service
+            && target.subset.is_none()
+            && target.filter.is_none()
+            && !target.only_passing
+            && target.failover.is_empty()
+            && target.fault.is_none()
+            && target.connect_timeout.is_none()
+            && target.request_timeout.is_none()
+            && target.load_balancer.is_none()
+            && d.prefix_rewrite.is_none()
+            && d.request_timeout.is_none()
+            && d.idle_timeout.is_none()
+            && d.num_retries.is_none()
+            && !d.retry_on_connect_failure
+            && d.retry_on_status_codes.is_empty()
+            && d.request_headers.is_empty()
+            && d.response_headers.is_empty()
+            && d.fault.is_none()
+            && d.retry_on == RetryOn::default()
+            && d.splits
+                .iter()
+                .all(|s| s.request_headers.is_empty() && s.response_headers.is_empty())
     }
 
     /// The destination of a request: the first route that matches, else
@@ -1367,8 +1489,12 @@ mod tests {
                 "hashing needs Policy ring_hash or maglev",
             ),
             (
-                Store::default().with("service-resolver", "api", json!({"LoadBalancer": {"Policy": "ring_hash", "HashPolicies": [{"Field": "cookie", "FieldValue": "id"}]}})),
-                "hashing on \"cookie\" is not supported yet",
+                Store::default().with("service-resolver", "api", json!({"LoadBalancer": {"Policy": "ring_hash", "HashPolicies": [{"Field": "path", "FieldValue": "id"}]}})),
+                "\"path\" is not a hash field",
+            ),
+            (
+                Store::default().with("service-resolver", "api", json!({"LoadBalancer": {"Policy": "ring_hash", "HashPolicies": [{"Field": "cookie", "FieldValue": "id", "CookieConfig": {"Session": true, "TTL": "1h"}}]}})),
+                "a Session cookie has no TTL",
             ),
             (
                 Store::default().with("service-resolver", "api", json!({"PrioritizeByLocality": {"Mode": "failover"}})),
@@ -1393,9 +1519,51 @@ mod tests {
             .load_balancer
             .clone()
             .expect("lb");
+        assert_eq!(lb.policy, "ring_hash");
         assert_eq!(
-            (lb.policy.as_str(), lb.hash_header.as_deref()),
-            ("ring_hash", Some("x-user"))
+            lb.hash_policies,
+            [HashPolicy {
+                on: HashOn::Header("x-user".into()),
+                terminal: false
+            }]
+        );
+        let store = Store::default().with(
+            "service-resolver",
+            "api",
+            json!({"LoadBalancer": {"Policy": "ring_hash", "HashPolicies": [
+                {"Field": "cookie", "FieldValue": "sid", "CookieConfig": {"TTL": "1h", "Path": "/"}, "Terminal": true},
+                {"Field": "query_parameter", "FieldValue": "user"},
+                {"SourceIP": true}]}}),
+        );
+        let chain = Chain::compile("api", &store).expect("compiles");
+        let lb = chain.targets[0].load_balancer.clone().expect("lb");
+        assert_eq!(
+            lb.hash_policies
+                .iter()
+                .map(|p| p.on.clone())
+                .collect::<Vec<_>>(),
+            [
+                HashOn::Cookie {
+                    name: "sid".into(),
+                    ttl: Some(Duration::from_secs(3600)),
+                    session: false,
+                    path: Some("/".into())
+                },
+                HashOn::QueryParameter("user".into()),
+                HashOn::SourceIp
+            ]
+        );
+        assert!(lb.hash_policies[0].terminal);
+        // A resolver that only balances or times out still applies.
+        assert!(!chain.is_plain(), "a LoadBalancer alone applies");
+        let timeout_only =
+            Store::default().with("service-resolver", "api", json!({"ConnectTimeout": "2s"}));
+        let chain = Chain::compile("api", &timeout_only).expect("compiles");
+        assert!(!chain.is_plain(), "a ConnectTimeout alone applies");
+        assert!(
+            Chain::compile("api", &Store::default())
+                .expect("compiles")
+                .is_plain()
         );
     }
 

@@ -750,3 +750,105 @@ async fn upstream_defaults_from_the_registry_apply_under_the_file() -> Result<()
     mesh.done();
     Ok(())
 }
+
+/// The instances answering `n` GETs of `path` with `headers`.
+async fn answered_by(
+    client_ip: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    n: usize,
+) -> Result<std::collections::BTreeSet<String>> {
+    Ok(spread(client_ip, path, headers, n)
+        .await?
+        .into_keys()
+        .collect())
+}
+
+/// A resolver's `LoadBalancer` hash policies: a query parameter, and a
+/// cookie the sidecar sets for a client that has none (`CookieConfig`
+/// with a `TTL`), each keeping a client on one instance while different
+/// clients spread over all three.
+#[tokio::test]
+async fn hash_policies_keep_a_client_on_one_instance() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    for (host, id) in [(20, "api-a"), (21, "api-b"), (22, "api-c")] {
+        instance(&mut mesh, host, "api", id, "v1").await?;
+    }
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(&client_ip, "name = \"api\"\nprotocol = \"http\"")
+        .await?;
+    mesh.sidecars[c].wait_endpoints(3).await?;
+    mesh.sidecars[c].wait_ready().await?;
+    put_entry(
+        &mesh,
+        &json!({"Kind": "service-resolver", "Name": "api", "LoadBalancer": {
+            "Policy": "ring_hash",
+            "HashPolicies": [
+                {"Field": "cookie", "FieldValue": "sid", "CookieConfig": {"TTL": "1h", "Path": "/"}, "Terminal": true},
+                {"Field": "query_parameter", "FieldValue": "user"}
+            ]}}),
+    )
+    .await?;
+    applied(&mesh, c, entry_index(&mesh, "service-resolver/api").await?).await?;
+
+    // No cookie: one is set, and requests carrying it stay on one instance.
+    let r = http_client()?
+        .get(format!("http://{client_ip}:{UPSTREAM_PORT}/"))
+        .send()
+        .await?;
+    let set = r
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .context("a set-cookie for a client without one")?
+        .to_owned();
+    ensure!(
+        set.starts_with("sid=") && set.contains("Max-Age=3600") && set.contains("HttpOnly"),
+        "{set}"
+    );
+    let first = r.text().await?;
+    let sid = set.split(';').next().context("cookie pair")?.to_owned();
+    let seen = answered_by(&client_ip, "/", &[("cookie", &sid)], 20).await?;
+    let who = first.split_whitespace().next().unwrap_or("").to_owned();
+    ensure!(
+        seen.len() == 1 && seen.contains(&who),
+        "the cookie's instance {who} answers every time: {seen:?}"
+    );
+    let r = http_client()?
+        .get(format!("http://{client_ip}:{UPSTREAM_PORT}/"))
+        .header("cookie", &sid)
+        .send()
+        .await?;
+    ensure!(
+        r.headers().get("set-cookie").is_none(),
+        "no new cookie once it has one"
+    );
+
+    // Different cookies spread over the instances.
+    let mut all = std::collections::BTreeSet::new();
+    for i in 0..40 {
+        let cookie = format!("sid=client-{i}");
+        all.extend(answered_by(&client_ip, "/", &[("cookie", &cookie)], 1).await?);
+    }
+    ensure!(all.len() == 3, "40 clients over three instances: {all:?}");
+
+    // A query parameter: one user, one instance; users spread.
+    put_entry(
+        &mesh,
+        &json!({"Kind": "service-resolver", "Name": "api", "LoadBalancer": {
+            "Policy": "maglev",
+            "HashPolicies": [{"Field": "query_parameter", "FieldValue": "user"}]}}),
+    )
+    .await?;
+    applied(&mesh, c, entry_index(&mesh, "service-resolver/api").await?).await?;
+    let mut all = std::collections::BTreeSet::new();
+    for i in 0..30 {
+        let seen = answered_by(&client_ip, &format!("/?user=u{i}&x={i}"), &[], 5).await?;
+        ensure!(seen.len() == 1, "user u{i}: {seen:?}");
+        all.extend(seen);
+    }
+    ensure!(all.len() == 3, "30 users over three instances: {all:?}");
+    mesh.done();
+    Ok(())
+}

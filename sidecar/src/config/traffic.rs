@@ -165,6 +165,13 @@ pub struct Upstream {
     pub retries: RetryPolicy,
     pub outlier: OutlierPolicy,
     pub limits: Limits,
+    /// A discovery-chain target's `LoadBalancer.HashPolicies` (ring hash);
+    /// over `hash_header` when given.
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "hash_policies"
+    )]
+    pub hash_policies: Vec<meshwork_core::chain::HashPolicy>,
     /// Which settings the file gives (they win over the registry's).
     #[serde(skip)]
     pub explicit: Explicit,
@@ -287,6 +294,24 @@ pub struct ProxySettings {
     #[serde(serialize_with = "millis")]
     pub drain: Duration,
     pub access_log: bool,
+}
+
+/// Hash policies as `/config` shows them: `header:x-user`, `cookie:sid`,
+/// `query_parameter:user`, `source_ip` (`!` after a terminal one).
+fn hash_policies<S: serde::Serializer>(
+    policies: &[meshwork_core::chain::HashPolicy],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use meshwork_core::chain::HashOn;
+    s.collect_seq(policies.iter().map(|p| {
+        let on = match &p.on {
+            HashOn::Header(h) => format!("header:{h}"),
+            HashOn::Cookie { name, .. } => format!("cookie:{name}"),
+            HashOn::QueryParameter(q) => format!("query_parameter:{q}"),
+            HashOn::SourceIp => "source_ip".to_owned(),
+        };
+        if p.terminal { format!("{on}!") } else { on }
+    }))
 }
 
 fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -613,6 +638,7 @@ pub(super) fn upstreams(
             retries,
             outlier,
             limits,
+            hash_policies: Vec::new(),
             explicit,
             from_registry: BTreeMap::new(),
         });

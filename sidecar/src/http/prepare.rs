@@ -135,6 +135,9 @@ pub(super) fn prepare(
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let hash = match (&config.balance, &config.hash_header) {
+        (Balance::RingHash, _) if !config.hash_policies.is_empty() => {
+            Some(policy_hash(&config.hash_policies, parts, peer))
+        }
         (Balance::RingHash, Some(name)) => parts
             .headers
             .get(name.as_str())
@@ -157,6 +160,74 @@ pub(super) fn prepare(
         deadline,
         timeout: config.request_timeout,
     }
+}
+
+/// A cookie the sidecar set on this request's response (its value is what
+/// the request hashes on: it had none of its own); put in the request's
+/// extensions by `policy::chain`.
+#[derive(Debug, Clone)]
+pub struct GeneratedCookie {
+    pub name: String,
+    pub value: String,
+}
+
+/// The ring-hash key of a request under `policies` (Envoy's semantics: the
+/// values found are hashed together, in order, up to the first terminal
+/// policy that found one; none found: the client's address).
+fn policy_hash(
+    policies: &[meshwork_core::chain::HashPolicy],
+    parts: &Parts,
+    peer: SocketAddr,
+) -> u64 {
+    use meshwork_core::chain::HashOn;
+    let mut found: Option<u64> = None;
+    for policy in policies {
+        let value: Option<u64> = match &policy.on {
+            HashOn::Header(name) => parts
+                .headers
+                .get(name.as_str())
+                .map(|v| hash_of(v.as_bytes())),
+            HashOn::Cookie { name, .. } => cookie(&parts.headers, name)
+                .map(|v| hash_of(v.as_bytes()))
+                .or_else(|| {
+                    parts
+                        .extensions
+                        .get::<GeneratedCookie>()
+                        .filter(|g| g.name == *name)
+                        .map(|g| hash_of(g.value.as_bytes()))
+                }),
+            HashOn::QueryParameter(name) => parts.uri.query().and_then(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .find(|(k, _)| k == name.as_str())
+                    .map(|(_, v)| hash_of(v.as_bytes()))
+            }),
+            HashOn::SourceIp => Some(hash_of(&peer.ip())),
+        };
+        if let Some(v) = value {
+            found = Some(match found {
+                // Combined as Envoy does: rotate the previous, xor.
+                Some(h) => h.rotate_left(1) ^ v,
+                None => v,
+            });
+            if policy.terminal {
+                break;
+            }
+        }
+    }
+    found.unwrap_or_else(|| hash_of(&peer.ip()))
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then_some(v.trim_matches('"'))
+        })
 }
 
 /// The request-target and `Host` rules (RFC 9112 §3.2–3.3 for HTTP/1.x,

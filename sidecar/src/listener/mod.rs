@@ -343,6 +343,7 @@ fn inbound_upstream(service_name: &str, inbound: &Inbound) -> Upstream {
             base_ejection: Duration::from_secs(30),
             max_ejection_percent: 0,
         },
+        hash_policies: Vec::new(),
         explicit: crate::config::Explicit::default(),
         from_registry: std::collections::BTreeMap::new(),
         limits: Limits {
@@ -597,7 +598,8 @@ impl Proxy {
                 if let Some(balance) = crate::config::Balance::parse(&lb.policy) {
                     config.balance = balance;
                 }
-                config.hash_header = lb.hash_header.clone();
+                config.hash_header = None;
+                config.hash_policies = lb.hash_policies.clone();
             }
             if let Some(retries) = dest.num_retries {
                 config.retries.attempts = retries;

@@ -183,18 +183,32 @@ impl<P> std::fmt::Debug for Routing<P> {
 }
 
 /// The target proxies of one chain version, by (route, target): route
-/// `None` is the default route.
+/// `None` is the default route. A flat table (slot
+/// `(route + 1) * targets + target`, the default route first): a request
+/// finds its proxy by index, not by hashing.
 struct Made<P> {
     chain: Option<Arc<Chain>>,
-    proxies: HashMap<(Option<usize>, usize), Arc<P>>,
+    targets: usize,
+    proxies: Vec<Option<Arc<P>>>,
 }
 
 impl<P> Default for Made<P> {
     fn default() -> Self {
         Self {
             chain: None,
-            proxies: HashMap::new(),
+            targets: 0,
+            proxies: Vec::new(),
         }
+    }
+}
+
+impl<P> Made<P> {
+    fn slot(&self, route: Option<usize>, target: usize) -> usize {
+        route.map_or(0, |r| r + 1) * self.targets + target
+    }
+
+    fn get(&self, route: Option<usize>, target: usize) -> Option<&Arc<P>> {
+        self.proxies.get(self.slot(route, target))?.as_ref()
     }
 }
 
@@ -208,6 +222,9 @@ pub struct Chosen<P> {
     split: usize,
     /// The fault to inject (the route's, else the target service's).
     pub fault: Option<Fault>,
+    /// A hash cookie the sidecar made for this client (`Set-Cookie` on
+    /// the response; see [`sticky_cookie`]).
+    pub set_cookie: Option<hyper::header::HeaderValue>,
 }
 
 impl<P: TargetProxy> Routing<P> {
@@ -271,11 +288,17 @@ impl<P: TargetProxy> Routing<P> {
         let mut out: Vec<_> = made
             .proxies
             .iter()
-            .filter_map(|((route, target), proxy)| {
-                let route = route.map_or_else(|| "default".to_owned(), |r| r.to_string());
+            .enumerate()
+            .filter_map(|(slot, proxy)| {
+                let proxy = proxy.as_ref()?;
+                let (route, target) = (slot / made.targets, slot % made.targets);
+                let route = match route {
+                    0 => "default".to_owned(),
+                    r => (r - 1).to_string(),
+                };
                 Some((
                     route,
-                    chain.targets.get(*target)?.id.clone(),
+                    chain.targets.get(target)?.id.clone(),
                     Arc::clone(proxy),
                 ))
             })
@@ -314,14 +337,14 @@ impl<P: TargetProxy> Routing<P> {
             .position(|s| std::ptr::eq(s, split))
             .unwrap_or(0);
         let target = &chain.targets[split.target];
-        let mut proxy = made.proxies.get(&(route, split.target))?;
+        let mut proxy = made.get(route, split.target)?;
         if !proxy.has_healthy() {
             // The resolver's failover, in order; with none healthy, the
             // target itself answers (503 no healthy upstream).
             if let Some(next) = target
                 .failover
                 .iter()
-                .filter_map(|f| made.proxies.get(&(route, *f)))
+                .filter_map(|f| made.get(route, *f))
                 .find(|p| p.has_healthy())
             {
                 proxy = next;
@@ -329,6 +352,7 @@ impl<P: TargetProxy> Routing<P> {
         }
         let proxy = Arc::clone(proxy);
         drop(made);
+        let set_cookie = sticky_cookie(target, req);
         let fault = dest.fault.clone().or_else(|| target.fault.clone());
         apply(&dest.request_headers, req.headers_mut());
         apply(&split.request_headers, req.headers_mut());
@@ -351,12 +375,20 @@ impl<P: TargetProxy> Routing<P> {
             route,
             split: split_index,
             fault,
+            set_cookie,
         })
     }
 
     /// Every (route, target) proxy of `chain`, failover targets included.
     fn make_all(&self, chain: &Arc<Chain>) -> Made<P> {
-        let mut proxies = HashMap::new();
+        let routes = chain.destinations().count();
+        let mut made = Made {
+            chain: Some(Arc::clone(chain)),
+            targets: chain.targets.len(),
+            proxies: Vec::new(),
+        };
+        made.proxies
+            .resize_with(routes * chain.targets.len(), || None);
         let mut add = |route: Option<usize>, dest: &Destination| {
             let mut wanted: Vec<usize> = dest.splits.iter().map(|s| s.target).collect();
             let mut i = 0;
@@ -369,19 +401,55 @@ impl<P: TargetProxy> Routing<P> {
                 i += 1;
             }
             for t in wanted {
-                proxies
-                    .entry((route, t))
-                    .or_insert_with(|| (self.make)(&chain.targets[t], dest));
+                let slot = made.slot(route, t);
+                if let Some(place) = made.proxies.get_mut(slot)
+                    && place.is_none()
+                {
+                    *place = Some((self.make)(&chain.targets[t], dest));
+                }
             }
         };
         for (i, dest) in chain.destinations() {
             add(i, dest);
         }
-        Made {
-            chain: Some(Arc::clone(chain)),
-            proxies,
-        }
+        made
     }
+}
+
+/// A ring-hash target whose hash policy is a cookie the sidecar sets
+/// (`CookieConfig` with a `TTL` or `Session`), for a request that has no
+/// such cookie: a new random value, which the request hashes on (a request
+/// extension the balancer reads) and the response sets, so the client's
+/// next requests go to the same endpoint (Envoy's generated cookies).
+fn sticky_cookie<B>(target: &Target, req: &mut Request<B>) -> Option<hyper::header::HeaderValue> {
+    use meshwork_core::chain::HashOn;
+    let lb = target.load_balancer.as_ref()?;
+    let (name, ttl, path) = lb.hash_policies.iter().find_map(|p| match &p.on {
+        HashOn::Cookie {
+            name,
+            ttl,
+            session,
+            path,
+        } if ttl.is_some() || *session => Some((name, ttl, path)),
+        _ => None,
+    })?;
+    if crate::http::request_cookie(req.headers(), name).is_some() {
+        return None;
+    }
+    let value = format!("{:016x}", rand::random::<u64>());
+    let mut header = format!(
+        "{name}={value}; Path={}; HttpOnly",
+        path.as_deref().unwrap_or("/")
+    );
+    if let Some(ttl) = ttl {
+        header.push_str(&format!("; Max-Age={}", ttl.as_secs().max(1)));
+    }
+    let header = hyper::header::HeaderValue::from_str(&header).ok()?;
+    req.extensions_mut().insert(crate::http::GeneratedCookie {
+        name: name.clone(),
+        value,
+    });
+    Some(header)
 }
 
 impl<P> Chosen<P> {
@@ -389,6 +457,9 @@ impl<P> Chosen<P> {
     pub fn change_response(&self, headers: &mut hyper::HeaderMap) {
         let dest = self.chain.destination(self.route);
         apply(&dest.response_headers, headers);
+        if let Some(cookie) = &self.set_cookie {
+            headers.append(hyper::header::SET_COOKIE, cookie.clone());
+        }
         if let Some(split) = dest.splits.get(self.split) {
             apply(&split.response_headers, headers);
         }
