@@ -39,10 +39,7 @@ const MAX_DEPTH: usize = 8;
 /// Split weights in units of 0.01 %.
 const WHOLE: u32 = 10_000;
 
-/// The config entries a chain is compiled from, by kind and name.
-pub trait Entries {
-    fn entry(&self, kind: &str, name: &str) -> Option<&Map<String, Value>>;
-}
+pub use crate::entries::Entries;
 
 /// The compiled chain for calls to one service.
 #[derive(Debug)]
@@ -52,6 +49,8 @@ pub struct Chain {
     default: Destination,
     /// Every target any destination or failover names, each once.
     pub targets: Vec<Target>,
+    /// Worked out once ([`Chain::is_plain`]: asked per request).
+    plain: bool,
 }
 
 #[derive(Debug)]
@@ -147,6 +146,7 @@ pub struct HeaderMods {
 }
 
 impl HeaderMods {
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.add.is_empty() && self.set.is_empty() && self.remove.is_empty()
     }
@@ -411,12 +411,15 @@ impl Chain {
             splits: compiler.splits(service, 0)?,
             ..Destination::default()
         };
-        Ok(Self {
+        let mut chain = Self {
             service: service.to_owned(),
             routes,
             default,
             targets: compiler.targets,
-        })
+            plain: false,
+        };
+        chain.plain = chain.says_nothing();
+        Ok(chain)
     }
 
     /// The destination of route `route` (`None`: the default).
@@ -442,7 +445,12 @@ impl Chain {
     /// Anything an entry says makes a chain not plain: a resolver's
     /// timeouts, `OnlyPassing` or `LoadBalancer` alone (no subset, no
     /// route) still apply, as do a lone split's header changes.
+    #[inline]
     pub fn is_plain(&self) -> bool {
+        self.plain
+    }
+
+    fn says_nothing(&self) -> bool {
         let [target] = self.targets.as_slice() else {
             return false;
         };

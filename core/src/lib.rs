@@ -28,6 +28,7 @@ pub mod backup;
 pub mod chain;
 pub mod config_file;
 pub mod duration;
+pub mod entries;
 pub mod filter;
 pub mod frame;
 pub mod health;

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use crate::chain::Entries;
+use crate::entries::Entries;
 use crate::intentions::fields::{array, fields, join, nonempty_string, object};
 
 /// The settings the entries give for one upstream (`None`: not given), and

@@ -38,7 +38,6 @@ use hyper::header::HeaderName;
 use hyper::{Request, Response, StatusCode, Version};
 
 pub use body::{ClientBody, Guards, OutgoingBody, ResponseBody};
-pub use prepare::{GeneratedCookie, cookie as request_cookie};
 
 use crate::config::{Protocol, Upstream as UpstreamConfig};
 use crate::policy::intentions::Caller;

@@ -162,15 +162,6 @@ pub(super) fn prepare(
     }
 }
 
-/// A cookie the sidecar set on this request's response (its value is what
-/// the request hashes on: it had none of its own); put in the request's
-/// extensions by `policy::chain`.
-#[derive(Debug, Clone)]
-pub struct GeneratedCookie {
-    pub name: String,
-    pub value: String,
-}
-
 /// The ring-hash key of a request under `policies` (Envoy's semantics: the
 /// values found are hashed together, in order, up to the first terminal
 /// policy that found one; none found: the client's address).
@@ -187,15 +178,17 @@ fn policy_hash(
                 .headers
                 .get(name.as_str())
                 .map(|v| hash_of(v.as_bytes())),
-            HashOn::Cookie { name, .. } => cookie(&parts.headers, name)
-                .map(|v| hash_of(v.as_bytes()))
-                .or_else(|| {
-                    parts
-                        .extensions
-                        .get::<GeneratedCookie>()
-                        .filter(|g| g.name == *name)
-                        .map(|g| hash_of(g.value.as_bytes()))
-                }),
+            HashOn::Cookie { name, .. } => {
+                crate::policy::chain::request_cookie(&parts.headers, name)
+                    .map(|v| hash_of(v.as_bytes()))
+                    .or_else(|| {
+                        parts
+                            .extensions
+                            .get::<crate::policy::chain::GeneratedCookie>()
+                            .filter(|g| g.name == *name)
+                            .map(|g| hash_of(g.value.as_bytes()))
+                    })
+            }
             HashOn::QueryParameter(name) => parts.uri.query().and_then(|q| {
                 form_urlencoded::parse(q.as_bytes())
                     .find(|(k, _)| k == name.as_str())
@@ -215,19 +208,6 @@ fn policy_hash(
         }
     }
     found.unwrap_or_else(|| hash_of(&peer.ip()))
-}
-
-/// The value of cookie `name` in the request's `Cookie` headers.
-pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|pair| {
-            let (k, v) = pair.trim().split_once('=')?;
-            (k == name).then_some(v.trim_matches('"'))
-        })
 }
 
 /// The request-target and `Host` rules (RFC 9112 §3.2–3.3 for HTTP/1.x,

@@ -329,8 +329,12 @@ impl<P: TargetProxy> Routing<P> {
         let split = dest.pick(rand::random_range(0..10_000));
         // Made already by the task of `start`, unless this request came
         // first (then it makes them; the others wait).
-        self.prepare(&chain);
-        let made = self.made.read().unwrap_or_else(|e| e.into_inner());
+        let mut made = self.made.read().unwrap_or_else(|e| e.into_inner());
+        if !made.chain.as_ref().is_some_and(|c| Arc::ptr_eq(c, &chain)) {
+            drop(made);
+            self.prepare(&chain);
+            made = self.made.read().unwrap_or_else(|e| e.into_inner());
+        }
         let split_index = dest
             .splits
             .iter()
@@ -416,6 +420,28 @@ impl<P: TargetProxy> Routing<P> {
     }
 }
 
+/// A cookie the sidecar set on this request's response (its value is what
+/// the request hashes on: it had none of its own); put in the request's
+/// extensions by `policy::chain`.
+#[derive(Debug, Clone)]
+pub struct GeneratedCookie {
+    pub name: String,
+    pub value: String,
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn request_cookie<'h>(headers: &'h hyper::HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(hyper::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then_some(v.trim_matches('"'))
+        })
+}
+
 /// A ring-hash target whose hash policy is a cookie the sidecar sets
 /// (`CookieConfig` with a `TTL` or `Session`), for a request that has no
 /// such cookie: a new random value, which the request hashes on (a request
@@ -433,7 +459,7 @@ fn sticky_cookie<B>(target: &Target, req: &mut Request<B>) -> Option<hyper::head
         } if ttl.is_some() || *session => Some((name, ttl, path)),
         _ => None,
     })?;
-    if crate::http::request_cookie(req.headers(), name).is_some() {
+    if request_cookie(req.headers(), name).is_some() {
         return None;
     }
     let value = format!("{:016x}", rand::random::<u64>());
@@ -445,7 +471,7 @@ fn sticky_cookie<B>(target: &Target, req: &mut Request<B>) -> Option<hyper::head
         header.push_str(&format!("; Max-Age={}", ttl.as_secs().max(1)));
     }
     let header = hyper::header::HeaderValue::from_str(&header).ok()?;
-    req.extensions_mut().insert(crate::http::GeneratedCookie {
+    req.extensions_mut().insert(GeneratedCookie {
         name: name.clone(),
         value,
     });
@@ -467,7 +493,14 @@ impl<P> Chosen<P> {
 }
 
 /// Applies Add (append), Set (replace) and Remove to `headers`.
+#[inline]
 pub fn apply(mods: &HeaderMods, headers: &mut hyper::HeaderMap) {
+    if !mods.is_empty() {
+        apply_mods(mods, headers);
+    }
+}
+
+fn apply_mods(mods: &HeaderMods, headers: &mut hyper::HeaderMap) {
     use hyper::header::{HeaderName, HeaderValue};
     for name in &mods.remove {
         if let Ok(name) = HeaderName::try_from(name.as_str()) {
