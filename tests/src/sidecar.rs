@@ -315,6 +315,46 @@ impl Mesh {
         )
     }
 
+    /// An HTTP app answering with `id` and its sidecar on `127.x.y.<host>`:
+    /// instance `id` of `service` with meta `version`, inbound HTTP,
+    /// reporting to registry server `server`. Its index, once ready.
+    pub async fn versioned_instance(
+        &mut self,
+        (host, server): (u8, usize),
+        (service, id, version): (&str, &str, &str),
+    ) -> Result<usize> {
+        let ip = self.ip(host);
+        let (app, _) = http_backend(&ip, id).await?;
+        let config = format!(
+            r#"{}
+[service]
+name = "{service}"
+id = "{id}"
+address = "{}"
+port = {}
+meta = {{ version = "{version}" }}
+
+[session]
+node = "node-{ip}"
+ttl = "2s"
+deregister_critical_after = "2s"
+
+[inbound]
+listen = "{ip}:{INBOUND_PORT}"
+protocol = "http"
+
+[admin]
+listen = "{ip}:{ADMIN_PORT}"
+"#,
+            self.registry_section_on(server),
+            app.ip(),
+            app.port(),
+        );
+        let i = self.spawn(&ip, id, &config)?;
+        self.sidecars[i].wait_ready().await?;
+        Ok(i)
+    }
+
     /// Starts a server sidecar on `ip` in front of `service.app`.
     pub async fn server_sidecar(&mut self, ip: &str, service: Service<'_>) -> Result<usize> {
         let config = format!(

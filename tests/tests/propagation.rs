@@ -8,51 +8,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use meshwork_tests::apps::http_backend;
 use meshwork_tests::http::http_client;
-use meshwork_tests::sidecar::{ADMIN_PORT, INBOUND_PORT, Mesh, UPSTREAM_PORT};
+use meshwork_tests::sidecar::{Mesh, UPSTREAM_PORT};
 use meshwork_tests::{meshctl_bin, wait_for};
 use serde_json::{Value, json};
-
-/// A server sidecar for `service` instance `id` (meta `version`) that
-/// reports to registry server `server`.
-async fn instance(
-    mesh: &mut Mesh,
-    host: u8,
-    server: usize,
-    (service, id, version): (&str, &str, &str),
-) -> Result<usize> {
-    let ip = mesh.ip(host);
-    let (app, _) = http_backend(&ip, id).await?;
-    let config = format!(
-        r#"{}
-[service]
-name = "{service}"
-id = "{id}"
-address = "{}"
-port = {}
-meta = {{ version = "{version}" }}
-
-[session]
-node = "node-{ip}"
-ttl = "2s"
-deregister_critical_after = "2s"
-
-[inbound]
-listen = "{ip}:{INBOUND_PORT}"
-protocol = "http"
-
-[admin]
-listen = "{ip}:{ADMIN_PORT}"
-"#,
-        mesh.registry_section_on(server),
-        app.ip(),
-        app.port(),
-    );
-    let i = mesh.spawn(&ip, id, &config)?;
-    mesh.sidecars[i].wait_ready().await?;
-    Ok(i)
-}
 
 /// `PUT /v1/config` through `server`: the write's index.
 async fn put_entry(mesh: &Mesh, server: usize, entry: &Value) -> Result<u64> {
@@ -96,9 +55,12 @@ fn meshctl(mesh: &Mesh, server: usize, args: &[&str]) -> Result<(i32, String)> {
 #[tokio::test]
 async fn every_server_sees_which_config_each_sidecar_applied_and_when_all_have() -> Result<()> {
     let mut mesh = Mesh::start_servers(3, &[]).await?;
-    instance(&mut mesh, 20, 0, ("api", "api-v1", "v1")).await?;
-    instance(&mut mesh, 21, 1, ("api", "api-v2", "v2")).await?;
-    instance(&mut mesh, 22, 2, ("admin", "admin-a", "v1")).await?;
+    mesh.versioned_instance((20, 0), ("api", "api-v1", "v1"))
+        .await?;
+    mesh.versioned_instance((21, 1), ("api", "api-v2", "v2"))
+        .await?;
+    mesh.versioned_instance((22, 2), ("admin", "admin-a", "v1"))
+        .await?;
     let client_ip = mesh.ip(100);
     let c = mesh
         .client_sidecar(&client_ip, "name = \"api\"\nprotocol = \"http\"")

@@ -10,51 +10,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use meshwork_tests::apps::http_backend;
 use meshwork_tests::http::http_client;
-use meshwork_tests::sidecar::{ADMIN_PORT, INBOUND_PORT, Mesh, UPSTREAM_PORT};
+use meshwork_tests::sidecar::{Mesh, UPSTREAM_PORT};
 use meshwork_tests::wait_for;
 use serde_json::{Value, json};
-
-/// A server sidecar for `service` instance `id` with meta `version`.
-async fn instance(
-    mesh: &mut Mesh,
-    host: u8,
-    service: &str,
-    id: &str,
-    version: &str,
-) -> Result<usize> {
-    let ip = mesh.ip(host);
-    let (app, _) = http_backend(&ip, id).await?;
-    let config = format!(
-        r#"{}
-[service]
-name = "{service}"
-id = "{id}"
-address = "{}"
-port = {}
-meta = {{ version = "{version}" }}
-
-[session]
-node = "node-{ip}"
-ttl = "2s"
-deregister_critical_after = "2s"
-
-[inbound]
-listen = "{ip}:{INBOUND_PORT}"
-protocol = "http"
-
-[admin]
-listen = "{ip}:{ADMIN_PORT}"
-"#,
-        mesh.registry_section(),
-        app.ip(),
-        app.port(),
-    );
-    let i = mesh.spawn(&ip, id, &config)?;
-    mesh.sidecars[i].wait_ready().await?;
-    Ok(i)
-}
 
 async fn put_entry(mesh: &Mesh, entry: &Value) -> Result<()> {
     let url = format!("{}/v1/config", mesh.cluster().servers[0].http());
@@ -118,10 +77,15 @@ fn count(seen: &HashMap<String, usize>, prefix: &str) -> usize {
 #[tokio::test]
 async fn routes_splits_subsets_and_failover_apply_live_from_the_registry() -> Result<()> {
     let mut mesh = Mesh::start().await?;
-    instance(&mut mesh, 20, "api", "api-v1-a", "v1").await?;
-    instance(&mut mesh, 21, "api", "api-v1-b", "v1").await?;
-    let v2 = instance(&mut mesh, 22, "api", "api-v2-a", "v2").await?;
-    instance(&mut mesh, 23, "admin", "admin-a", "v1").await?;
+    mesh.versioned_instance((20, 0), ("api", "api-v1-a", "v1"))
+        .await?;
+    mesh.versioned_instance((21, 0), ("api", "api-v1-b", "v1"))
+        .await?;
+    let v2 = mesh
+        .versioned_instance((22, 0), ("api", "api-v2-a", "v2"))
+        .await?;
+    mesh.versioned_instance((23, 0), ("admin", "admin-a", "v1"))
+        .await?;
     let client_ip = mesh.ip(100);
     let c = mesh
         .client_sidecar(&client_ip, "name = \"api\"\nprotocol = \"http\"")
@@ -424,7 +388,9 @@ async fn routes_splits_subsets_and_failover_apply_live_from_the_registry() -> Re
 #[tokio::test]
 async fn rate_limits_from_service_defaults_apply_in_the_destination_sidecar() -> Result<()> {
     let mut mesh = Mesh::start().await?;
-    let api = instance(&mut mesh, 20, "api", "api-1", "v1").await?;
+    let api = mesh
+        .versioned_instance((20, 0), ("api", "api-1", "v1"))
+        .await?;
     let client_ip = mesh.ip(100);
     let c = mesh
         .client_sidecar(&client_ip, "name = \"api\"\nprotocol = \"http\"")
@@ -558,9 +524,15 @@ async fn share(mesh: &Mesh, i: usize) -> Result<f64> {
 #[tokio::test]
 async fn a_cluster_wide_quota_is_shared_out_by_traffic() -> Result<()> {
     let mut mesh = Mesh::start().await?;
-    let a = instance(&mut mesh, 20, "api", "api-v1-a", "v1").await?;
-    let b = instance(&mut mesh, 21, "api", "api-v1-b", "v1").await?;
-    let v2 = instance(&mut mesh, 22, "api", "api-v2-a", "v2").await?;
+    let a = mesh
+        .versioned_instance((20, 0), ("api", "api-v1-a", "v1"))
+        .await?;
+    let b = mesh
+        .versioned_instance((21, 0), ("api", "api-v1-b", "v1"))
+        .await?;
+    let v2 = mesh
+        .versioned_instance((22, 0), ("api", "api-v2-a", "v2"))
+        .await?;
     let client_ip = mesh.ip(100);
     let c = mesh
         .client_sidecar(&client_ip, "name = \"api\"\nprotocol = \"http\"")
@@ -655,7 +627,8 @@ async fn upstream_config(mesh: &Mesh, c: usize) -> Option<Value> {
 #[tokio::test]
 async fn upstream_defaults_from_the_registry_apply_under_the_file() -> Result<()> {
     let mut mesh = Mesh::start().await?;
-    instance(&mut mesh, 20, "api", "api-1", "v1").await?;
+    mesh.versioned_instance((20, 0), ("api", "api-1", "v1"))
+        .await?;
     let client_ip = mesh.ip(100);
     // No protocol in the file (tcp by default), its own connect timeout.
     let c = mesh
@@ -772,7 +745,8 @@ async fn answered_by(
 async fn hash_policies_keep_a_client_on_one_instance() -> Result<()> {
     let mut mesh = Mesh::start().await?;
     for (host, id) in [(20, "api-a"), (21, "api-b"), (22, "api-c")] {
-        instance(&mut mesh, host, "api", id, "v1").await?;
+        mesh.versioned_instance((host, 0), ("api", id, "v1"))
+            .await?;
     }
     let client_ip = mesh.ip(100);
     let c = mesh

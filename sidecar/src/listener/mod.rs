@@ -1113,46 +1113,20 @@ impl Proxy {
         let mut list: Vec<_> = self
             .clusters_now()
             .iter()
-            .map(|(direction, c)| {
-                let table = c.table();
-                let config = c.config();
-                json!({
-                    "name": config.name,
-                    "direction": direction,
-                    "source": c.source,
-                    "protocol": config.protocol,
-                    "balance": config.balance,
-                    "ready": table.ready,
-                    "index": table.index,
-                    "panic": c.panicking(),
-                    "requests_active": c.gauges.requests.load(Ordering::Relaxed),
-                    "pending": c.gauges.pending.load(Ordering::Relaxed),
-                    "connections_active": c.gauges.connections.load(Ordering::Relaxed),
-                    "downstream_connections_active": c.gauges.downstream.load(Ordering::Relaxed),
-                    "endpoints": c.view(),
-                })
-            })
+            .map(|(direction, c)| cluster_json(c, direction))
             .collect();
         // The discovery chain's targets, each a cluster of its own.
         list.extend(
             self.target_clusters()
                 .into_iter()
                 .map(|(upstream, route, target, c)| {
-                    let table = c.table();
-                    json!({
-                        "name": c.config().name,
-                        "direction": "outbound",
-                        "upstream": upstream,
-                        "target": target,
-                        "route": route,
-                        "ready": table.ready,
-                        "index": table.index,
-                        "panic": c.panicking(),
-                        "requests_active": c.gauges.requests.load(Ordering::Relaxed),
-                        "pending": c.gauges.pending.load(Ordering::Relaxed),
-                        "connections_active": c.gauges.connections.load(Ordering::Relaxed),
-                        "endpoints": c.view(),
-                    })
+                    let mut entry = cluster_json(&c, "outbound");
+                    if let Some(entry) = entry.as_object_mut() {
+                        entry.insert("upstream".into(), upstream.into());
+                        entry.insert("target".into(), target.into());
+                        entry.insert("route".into(), route.into());
+                    }
+                    entry
                 }),
         );
         let (up, total) = self.discovery.streams();
@@ -1220,6 +1194,27 @@ impl Proxy {
             "proxy": *self.settings.read().unwrap_or_else(|e| e.into_inner()),
         })
     }
+}
+
+/// One cluster as `/clusters` shows it.
+fn cluster_json(c: &Cluster, direction: &str) -> serde_json::Value {
+    let table = c.table();
+    let config = c.config();
+    json!({
+        "name": config.name,
+        "direction": direction,
+        "source": c.source,
+        "protocol": config.protocol,
+        "balance": config.balance,
+        "ready": table.ready,
+        "index": table.index,
+        "panic": c.panicking(),
+        "requests_active": c.gauges.requests.load(Ordering::Relaxed),
+        "pending": c.gauges.pending.load(Ordering::Relaxed),
+        "connections_active": c.gauges.connections.load(Ordering::Relaxed),
+        "downstream_connections_active": c.gauges.downstream.load(Ordering::Relaxed),
+        "endpoints": c.view(),
+    })
 }
 
 #[cfg(test)]
