@@ -849,6 +849,37 @@ async fn report(
     }
 }
 
+/// The registry takes at most 16 refusals of at most 1 KiB each: the
+/// first 16, each reason cut short at a character boundary.
+fn bounded(
+    mut refused: Vec<meshwork_proto::v1::RefusedEntry>,
+) -> Vec<meshwork_proto::v1::RefusedEntry> {
+    const MAX: usize = 16;
+    const TEXT: usize = 1000;
+    refused.truncate(MAX);
+    for r in &mut refused {
+        for text in [&mut r.scope, &mut r.reason] {
+            if text.len() > TEXT {
+                let mut end = TEXT;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
+                text.push('…');
+            }
+            // Control characters are refused by the registry (a reason
+            // quotes entry text): shown as spaces.
+            if text.chars().any(|c| c.is_control() && c != '\n') {
+                *text = text
+                    .chars()
+                    .map(|c| if c.is_control() && c != '\n' { ' ' } else { c })
+                    .collect();
+            }
+        }
+    }
+    refused
+}
+
 /// Sends what the policy has applied (`Agent.ReportApplied`); a failure
 /// is noted and the next change or tick sends it again.
 async fn report_applied(
@@ -868,7 +899,7 @@ async fn report_applied(
         version: env!("CARGO_PKG_VERSION").to_owned(),
         mode: "sidecar".to_owned(),
         applied: summary.applied.into_iter().collect(),
-        refused: summary.refused,
+        refused: bounded(summary.refused),
         config_digest: config.digest.clone(),
         config_loaded_unix: lock(status).config.loaded_unix.unwrap_or(0),
         quota,
@@ -956,6 +987,25 @@ mod tests {
     /// A reload keeps a check's status while it probes the same thing:
     /// under its id, or under a new one at the same place (default ids
     /// follow the service id, so a renamed instance keeps its health).
+    #[test]
+    fn refusals_are_cut_to_what_the_registry_takes() {
+        let long = meshwork_proto::v1::RefusedEntry {
+            scope: "upstream api".into(),
+            reason: format!("é{}\tx", "y".repeat(3000)),
+            index: 7,
+        };
+        let cut = bounded(vec![long; 40]);
+        assert_eq!(cut.len(), 16);
+        assert!(cut[0].reason.len() <= 1003, "{}", cut[0].reason.len());
+        assert!(cut[0].reason.starts_with('é') && cut[0].reason.ends_with('…'));
+        let tab = bounded(vec![meshwork_proto::v1::RefusedEntry {
+            scope: "s".into(),
+            reason: "a\tb".into(),
+            index: 1,
+        }]);
+        assert_eq!(tab[0].reason, "a b");
+    }
+
     #[test]
     fn checks_keep_their_status_across_a_reload_even_renamed() {
         let mut checks = local_checks(

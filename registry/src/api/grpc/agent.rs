@@ -87,9 +87,10 @@ fn non_empty(value: &str, what: &str) -> Result<(), Status> {
 
 /// Bounds of a `SidecarReport` (a sidecar follows a handful of kinds and
 /// refuses few entries; anything bigger is not a sidecar's report).
+/// (At most about 20 KiB a sidecar: a server holds up to 50,000.)
 const MAX_REPORTED_KINDS: usize = 64;
-const MAX_REFUSED: usize = 64;
-const MAX_REPORT_TEXT: usize = 2048;
+const MAX_REFUSED: usize = 16;
+const MAX_REPORT_TEXT: usize = 1024;
 
 /// Checks a report's sizes and text; `Err` says what is wrong.
 fn vet_report(report: &SidecarReport) -> Result<(), Status> {
