@@ -162,7 +162,15 @@ pub async fn run_read<T>(
         value: compute(state, rights),
     };
     let Some(min) = options.min_index else {
-        return Ok(answer(&node.state.read(), authz));
+        // The token as of the barrier too: a token revoked through another
+        // server (acknowledged before this read began) is refused here even
+        // when the extractor resolved it on this server's older replica.
+        // A stale read answers from this server's state, token included.
+        if options.consistency == Consistency::Stale {
+            return Ok(answer(&node.state.read(), authz));
+        }
+        let rights = authz.refresh()?;
+        return Ok(answer(&node.state.read(), &rights));
     };
     let jitter_ms = rand::rng().random_range(0..=(options.wait.as_millis() as u64 / 16).max(1));
     let deadline = Instant::now() + options.wait + Duration::from_millis(jitter_ms);
