@@ -15,6 +15,17 @@ use meshwork_tests::sidecar::{Mesh, UPSTREAM_PORT};
 use meshwork_tests::wait_for;
 use serde_json::{Value, json};
 
+/// The client sidecar on `client_ip` with an HTTP upstream `api`, ready
+/// and knowing `endpoints` of api's instances.
+async fn api_client(mesh: &mut Mesh, client_ip: &str, endpoints: usize) -> Result<usize> {
+    let c = mesh
+        .client_sidecar(client_ip, "name = \"api\"\nprotocol = \"http\"")
+        .await?;
+    mesh.sidecars[c].wait_endpoints(endpoints).await?;
+    mesh.sidecars[c].wait_ready().await?;
+    Ok(c)
+}
+
 async fn put_entry(mesh: &Mesh, entry: &Value) -> Result<()> {
     let url = format!("{}/v1/config", mesh.cluster().servers[0].http());
     let r = http_client()?.put(url).json(entry).send().await?;
@@ -87,11 +98,7 @@ async fn routes_splits_subsets_and_failover_apply_live_from_the_registry() -> Re
     mesh.versioned_instance((23, 0), ("admin", "admin-a", "v1"))
         .await?;
     let client_ip = mesh.ip(100);
-    let c = mesh
-        .client_sidecar(&client_ip, "name = \"api\"\nprotocol = \"http\"")
-        .await?;
-    mesh.sidecars[c].wait_endpoints(3).await?;
-    mesh.sidecars[c].wait_ready().await?;
+    let c = api_client(&mut mesh, &client_ip, 3).await?;
 
     // No entries: all three instances share the traffic.
     let seen = spread(&client_ip, "/", &[], 60).await?;
@@ -392,11 +399,7 @@ async fn rate_limits_from_service_defaults_apply_in_the_destination_sidecar() ->
         .versioned_instance((20, 0), ("api", "api-1", "v1"))
         .await?;
     let client_ip = mesh.ip(100);
-    let c = mesh
-        .client_sidecar(&client_ip, "name = \"api\"\nprotocol = \"http\"")
-        .await?;
-    mesh.sidecars[c].wait_endpoints(1).await?;
-    mesh.sidecars[c].wait_ready().await?;
+    api_client(&mut mesh, &client_ip, 1).await?;
     put_entry(
         &mesh,
         &json!({"Kind": "service-defaults", "Name": "api", "Protocol": "http",
@@ -534,11 +537,7 @@ async fn a_cluster_wide_quota_is_shared_out_by_traffic() -> Result<()> {
         .versioned_instance((22, 0), ("api", "api-v2-a", "v2"))
         .await?;
     let client_ip = mesh.ip(100);
-    let c = mesh
-        .client_sidecar(&client_ip, "name = \"api\"\nprotocol = \"http\"")
-        .await?;
-    mesh.sidecars[c].wait_endpoints(3).await?;
-    mesh.sidecars[c].wait_ready().await?;
+    let c = api_client(&mut mesh, &client_ip, 3).await?;
     put_entry(
         &mesh,
         &json!({"Kind": "service-defaults", "Name": "api", "Protocol": "http",
@@ -749,11 +748,7 @@ async fn hash_policies_keep_a_client_on_one_instance() -> Result<()> {
             .await?;
     }
     let client_ip = mesh.ip(100);
-    let c = mesh
-        .client_sidecar(&client_ip, "name = \"api\"\nprotocol = \"http\"")
-        .await?;
-    mesh.sidecars[c].wait_endpoints(3).await?;
-    mesh.sidecars[c].wait_ready().await?;
+    let c = api_client(&mut mesh, &client_ip, 3).await?;
     put_entry(
         &mesh,
         &json!({"Kind": "service-resolver", "Name": "api", "LoadBalancer": {

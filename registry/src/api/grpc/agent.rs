@@ -131,16 +131,13 @@ impl AgentService {
     /// server, by the demand each reported (`quota_shares`). `None` when
     /// the service has no quota (the sidecar keeps what it has until its
     /// own copy of the entry catches up).
-    async fn quota_share(&self, report: &SidecarReport) -> Option<f64> {
+    async fn quota_share(&self, node: &str, service_id: &str, service: &str) -> Option<f64> {
         let quota = {
             let state = self.node.state.read();
-            let entry = state.config.get("service-defaults", &report.service)?;
-            meshwork_core::ratelimit::RateLimits::from_service_defaults(
-                &report.service,
-                &entry.body,
-            )
-            .ok()??
-            .service_quota()?
+            let entry = state.config.get("service-defaults", service)?;
+            meshwork_core::ratelimit::RateLimits::from_service_defaults(service, &entry.body)
+                .ok()??
+                .service_quota()?
         };
         let mut listed: Vec<crate::api::fleet::Listed> = self
             .sidecars
@@ -155,15 +152,15 @@ impl AgentService {
         listed.extend(self.peers.peers(&self.node).await);
         let instances: Vec<_> = crate::api::fleet::freshest(listed)
             .into_iter()
-            .filter(|l| l.report.quota && l.report.service == report.service && l.age < QUOTA_FRESH)
+            .filter(|l| l.report.quota && l.report.service == service && l.age < QUOTA_FRESH)
             .collect();
         let demands: Vec<f64> = instances
             .iter()
             .map(|l| l.report.quota_demand_rps)
             .collect();
-        let mine = instances.iter().position(|l| {
-            l.report.node == report.node && l.report.service_id == report.service_id
-        })?;
+        let mine = instances
+            .iter()
+            .position(|l| l.report.node == node && l.report.service_id == service_id)?;
         meshwork_core::ratelimit::quota_shares(quota, &demands)
             .get(mine)
             .copied()
@@ -530,14 +527,23 @@ impl Agent for AgentService {
                 "quota_demand_rps must be a number from 0",
             ));
         }
-        let quota = report.quota;
+        // What the quota share needs of it, kept before the report goes
+        // into the table.
+        let quota = report.quota.then(|| {
+            (
+                report.node.clone(),
+                report.service_id.clone(),
+                report.service.clone(),
+            )
+        });
         self.sidecars
-            .record(report.clone())
+            .record(report)
             .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-        let quota_share_rps = if quota {
-            self.quota_share(&report).await
-        } else {
-            None
+        let quota_share_rps = match quota {
+            Some((node, service_id, service)) => {
+                self.quota_share(&node, &service_id, &service).await
+            }
+            None => None,
         };
         Ok(Response::new(ReportAppliedReply {
             index: self.node.state.applied_index(),
