@@ -247,7 +247,7 @@ pub async fn run(
         &node,
         &config,
         &shutdown,
-        resolver,
+        (Arc::clone(&acl), resolver),
         &sidecars,
     )?;
     tasks.spawn({
@@ -431,7 +431,7 @@ fn spawn_public_grpc(
     node: &Arc<RegistryNode>,
     config: &Config,
     shutdown: &CancellationToken,
-    resolver: crate::api::grpc::Resolver,
+    (acl, resolver): (Arc<crate::auth::Acl>, crate::api::grpc::Resolver),
     sidecars: &Arc<crate::telemetry::sidecars::Sidecars>,
 ) -> Result<std::thread::JoinHandle<()>, ServerError> {
     let public = RegistryServer::new(RegistryService {
@@ -462,6 +462,7 @@ fn spawn_public_grpc(
             node: Arc::clone(node),
             sessions,
             resolver,
+            acl,
             datacenter: config.datacenter.clone().into(),
             connect_enabled: config.connect.enabled,
             sidecars: Arc::clone(sidecars),

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use tokio::process::{Child, Command};
 
 /// HTTP, gRPC and Raft ports every test server uses on its own address.
@@ -297,6 +297,18 @@ pub struct Cluster {
     done: bool,
 }
 
+/// Continues the servers named when dropped (also when a test fails
+/// while they are stopped).
+pub struct Resume<'a>(pub &'a Cluster, pub Vec<usize>);
+
+impl Drop for Resume<'_> {
+    fn drop(&mut self) {
+        for i in &self.1 {
+            let _ = self.0.signal(*i, "CONT");
+        }
+    }
+}
+
 impl Cluster {
     /// Creates (but does not start) `n` servers forming one cluster via
     /// `--peers`, each also given `extra` flags.
@@ -406,6 +418,16 @@ impl Cluster {
         }
         cluster.wait_leader(Duration::from_secs(20)).await?;
         Ok(cluster)
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to server `i`'s process.
+    pub fn signal(&self, i: usize, signal: &str) -> Result<()> {
+        let pid = self.servers[i].pid().context("server not running")?;
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()?;
+        ensure!(status.success(), "kill -{signal} {pid} failed");
+        Ok(())
     }
 
     /// The leader's index in `servers`, once every running server names

@@ -1,7 +1,8 @@
 //! ACLs end to end, on real processes: bootstrap once, tokens made on one
 //! server work on every server, a revoked token is refused everywhere
 //! within a second, rules are enforced and lists filtered, a backup and a
-//! restarted follower keep the tokens, and sidecars register and watch
+//! restarted follower keep the tokens, a lagging follower refuses a write
+//! with a token just revoked elsewhere, and sidecars register and watch
 //! with a token and are refused without one.
 
 use std::path::Path;
@@ -630,6 +631,84 @@ async fn a_restored_backup_keeps_its_tokens() -> Result<()> {
     ensure!(status == 200, "a token from the backup: {status}");
     let (status, _) = get(&cluster, 0, "/v1/acl/token/self", Some(&after)).await?;
     ensure!(status == 403, "a token made after the backup: {status}");
+    cluster.done();
+    Ok(())
+}
+
+/// A write through a follower that has not applied its token's revocation
+/// yet is refused, not accepted and forwarded: a server catches up with the
+/// leader before it resolves a write's token (Consul resolves write tokens
+/// on the leader). The follower is paused (SIGSTOP) while the token is
+/// revoked through the leader and while the write is sent to it, so that
+/// on waking it has the write in its socket before the revocation is
+/// applied. Three rounds, each with a token of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_a_lagging_follower_with_a_just_revoked_token_is_refused() -> Result<()> {
+    // Loopback only: plain Raft between the servers is allowed.
+    let cluster = Cluster::start(3, &["--acl-enabled", "--acl-allow-plaintext-raft"]).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await?;
+    let management = bootstrap(&cluster, leader).await?;
+    let follower = (0..3).find(|i| *i != leader).context("a follower")?;
+    for round in 0..3 {
+        let name = format!("lagging-{round}");
+        let (accessor, secret) =
+            token_with_rules(&cluster, leader, &management, &name, APP_RULES).await?;
+        // The follower knows the token: a write with it goes through there.
+        wait_for(
+            &format!("round {round}: a write through the follower with the new token"),
+            Duration::from_secs(5),
+            || async {
+                let (status, _) = put(
+                    &cluster,
+                    follower,
+                    "/v1/kv/app/known",
+                    Some(&secret),
+                    json!(round),
+                )
+                .await
+                .ok()?;
+                (status == 200).then_some(())
+            },
+        )
+        .await?;
+        cluster.signal(follower, "STOP")?;
+        let resume = meshwork_tests::Resume(&cluster, vec![follower]);
+        let (status, body) = call(
+            &cluster,
+            leader,
+            reqwest::Method::DELETE,
+            &format!("/v1/acl/token/{accessor}"),
+            Some(&management),
+            None,
+        )
+        .await?;
+        ensure!(status == 200, "round {round}: revoke: {status} {body}");
+        let key = format!("/v1/kv/app/after-revocation-{round}");
+        let write = put(&cluster, follower, &key, Some(&secret), json!("written"));
+        let woken = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(resume);
+        };
+        let ((status, body), ()) = tokio::join!(
+            async { write.await.unwrap_or((0, "no answer".into())) },
+            woken
+        );
+        ensure!(
+            status == 403 && body.trim() == "ACL not found",
+            "round {round}: a write with the revoked token through the lagging follower: {status} {body}"
+        );
+        let (status, body) = get(
+            &cluster,
+            leader,
+            &format!("{key}?consistent"),
+            Some(&management),
+        )
+        .await?;
+        ensure!(
+            status == 404,
+            "round {round}: the refused write is there: {status} {body}"
+        );
+    }
     cluster.done();
     Ok(())
 }

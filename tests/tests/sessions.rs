@@ -345,27 +345,6 @@ async fn contending_clients_never_hold_one_lock_together_while_leaders_die() -> 
     Ok(())
 }
 
-/// Sends `signal` (`STOP`, `CONT`) to a server process.
-fn signal(cluster: &Cluster, i: usize, signal: &str) -> Result<()> {
-    let pid = cluster.servers[i].pid().context("server not running")?;
-    let status = std::process::Command::new("kill")
-        .args([format!("-{signal}"), pid.to_string()])
-        .status()?;
-    ensure!(status.success(), "kill -{signal} {pid} failed");
-    Ok(())
-}
-
-/// Continues the stopped servers when dropped (also when the test fails).
-struct Resume<'a>(&'a Cluster, Vec<usize>);
-
-impl Drop for Resume<'_> {
-    fn drop(&mut self) {
-        for i in &self.1 {
-            let _ = signal(self.0, *i, "CONT");
-        }
-    }
-}
-
 /// A leader whose followers stop answering keeps no session alive on its
 /// own say-so: once a quorum has not confirmed it for half an election
 /// timeout, renewals fail (while the majority side, in a real partition,
@@ -378,9 +357,9 @@ async fn a_leader_cut_off_from_its_quorum_stops_confirming_renewals() -> Result<
     ensure!(renew(&cluster, leader, &sid).await? == 200);
     let followers = cluster.followers(leader);
     for f in &followers {
-        signal(&cluster, *f, "STOP")?;
+        cluster.signal(*f, "STOP")?;
     }
-    let resume = Resume(&cluster, followers);
+    let resume = meshwork_tests::Resume(&cluster, followers);
     let stopped = Instant::now();
     let refused = wait_for("a renewal refused", Duration::from_secs(20), || async {
         let status = renew(&cluster, leader, &sid).await.ok()?;

@@ -30,6 +30,9 @@ pub struct AgentService {
     pub node: Arc<RegistryNode>,
     pub sessions: Sessions,
     pub resolver: super::Resolver,
+    /// The ACL settings the resolver applies (whether a write must catch
+    /// up first: [`crate::api::catch_up_for_write`]).
+    pub acl: Arc<crate::auth::Acl>,
     /// In the SPIFFE IDs of the leaves signed here.
     pub datacenter: Arc<str>,
     /// Off: SignLeaf answers FAILED_PRECONDITION.
@@ -170,6 +173,15 @@ impl AgentService {
     fn authorize<T>(&self, request: &Request<T>) -> Result<Resolved, Status> {
         (self.resolver)(super::call_token(request.metadata().as_ref()))
             .map_err(super::refusal_status)
+    }
+
+    /// The rights of the token of a call that writes or signs a leaf, as
+    /// of the leader's state ([`crate::api::catch_up_for_write`]).
+    async fn authorize_write<T>(&self, request: &Request<T>) -> Result<Resolved, Status> {
+        crate::api::catch_up_for_write(&self.acl, &self.node)
+            .await
+            .map_err(cluster_status)?;
+        self.authorize(request)
     }
 
     /// A sidecar may register its service with the service's write (a
@@ -357,7 +369,7 @@ impl Agent for AgentService {
         request: Request<SignLeafRequest>,
     ) -> Result<Response<SignLeafReply>, Status> {
         use crate::connect::sign::SignError;
-        let authz = self.authorize(&request)?;
+        let authz = self.authorize_write(&request).await?;
         let request = request.into_inner();
         if !self.connect_enabled {
             return Err(Status::failed_precondition(
@@ -395,7 +407,7 @@ impl Agent for AgentService {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterReply>, Status> {
-        let authz = self.authorize(&request)?;
+        let authz = self.authorize_write(&request).await?;
         let (registration, ttl) = Self::registration(request.into_inner())?;
         self.vet_registration(&authz, &registration)?;
         let node = registration.node.clone();
@@ -451,7 +463,7 @@ impl Agent for AgentService {
         &self,
         request: Request<UpdateCheckRequest>,
     ) -> Result<Response<AgentReply>, Status> {
-        let authz = self.authorize(&request)?;
+        let authz = self.authorize_write(&request).await?;
         let request = request.into_inner();
         non_empty(&request.node, "node")?;
         non_empty(&request.check_id, "check_id")?;
@@ -555,7 +567,7 @@ impl Agent for AgentService {
         &self,
         request: Request<DeregisterRequest>,
     ) -> Result<Response<AgentReply>, Status> {
-        let authz = self.authorize(&request)?;
+        let authz = self.authorize_write(&request).await?;
         let request = request.into_inner();
         non_empty(&request.node, "node")?;
         non_empty(&request.service_id, "service_id")?;
@@ -593,7 +605,7 @@ impl Agent for AgentService {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
-        let authz = self.authorize(&request)?;
+        let authz = self.authorize_write(&request).await?;
         let request = request.into_inner();
         non_empty(&request.node, "node")?;
         // Renewing a node's liveness is a write to what runs on it. An

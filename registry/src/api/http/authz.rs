@@ -12,7 +12,9 @@ use crate::auth::Resolved;
 /// `X-Consul-Token` or `Authorization: Bearer`). An unknown or expired
 /// token is refused here, before the handler runs: 403 "ACL not found".
 /// A blocking query resolves the token again when it wakes
-/// ([`Authz::refresh`]): a token revoked while it waited gets nothing.
+/// ([`Authz::refresh`]): a token revoked while it waited gets nothing. A
+/// request that may change something (any method but `GET` and `HEAD`)
+/// resolves it after [`crate::api::catch_up_for_write`].
 #[derive(Debug, Clone)]
 pub struct Authz {
     resolved: Resolved,
@@ -67,6 +69,12 @@ impl FromRequestParts<AppState> for Authz {
                 .map(|(_, v)| v.into_owned())
         });
         let token = crate::auth::request_token(query_token.as_deref(), &parts.headers);
+        if !matches!(
+            parts.method,
+            axum::http::Method::GET | axum::http::Method::HEAD
+        ) {
+            crate::api::catch_up_for_write(&app.acl, &app.node).await?;
+        }
         let resolved = crate::api::resolve(&app.acl, &app.node, token)?;
         Ok(Authz {
             resolved,
