@@ -14,6 +14,14 @@
 //! - `proxy-defaults` `global`'s `Config.connect_timeout_ms` under the
 //!   above.
 //!
+//! For the service's own inbound listener ([`for_inbound`]): its
+//! `service-defaults` `LocalConnectTimeoutMs`, `LocalRequestTimeoutMs` and
+//! `MaxInboundConnections`, else the `proxy-defaults` entry `global`'s
+//! `Config.local_connect_timeout_ms`, `local_request_timeout_ms` and
+//! `max_inbound_connections` (0 is "not set", as in Consul;
+//! `BalanceInboundConnections` is accepted and has no effect: one accept
+//! loop hands connections to every worker thread).
+//!
 //! The sidecar applies these under its own TOML: a setting the file gives
 //! wins. [`validate_service_defaults`] is the registry's check at `PUT`,
 //! the same code.
@@ -41,6 +49,80 @@ pub struct UpstreamDefaults {
     /// By setting (`connect_timeout`, `limits.max_connections`, ...): the
     /// entry and field it came from.
     pub sources: BTreeMap<&'static str, String>,
+}
+
+/// The settings the entries give for the service's inbound listener
+/// (`None`: not given), and where each came from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InboundDefaults {
+    /// Connecting to the local app.
+    pub connect_timeout: Option<Duration>,
+    /// A request to the local app, answer included.
+    pub request_timeout: Option<Duration>,
+    /// Client connections open on the inbound listener at once.
+    pub max_connections: Option<u32>,
+    /// By setting (`connect_timeout`, `request_timeout`,
+    /// `max_connections`): the entry and field it came from.
+    pub sources: BTreeMap<&'static str, String>,
+}
+
+/// The inbound settings: (setting, `service-defaults` field, `proxy-defaults`
+/// `Config` key).
+const INBOUND: [(&str, &str, &str); 3] = [
+    (
+        "connect_timeout",
+        "LocalConnectTimeoutMs",
+        "local_connect_timeout_ms",
+    ),
+    (
+        "request_timeout",
+        "LocalRequestTimeoutMs",
+        "local_request_timeout_ms",
+    ),
+    (
+        "max_connections",
+        "MaxInboundConnections",
+        "max_inbound_connections",
+    ),
+];
+
+/// What the entries say for `service`'s own inbound listener (see the
+/// module's doc): its `service-defaults` over `proxy-defaults` `global`.
+pub fn for_inbound(service: &str, entries: &dyn Entries) -> Result<InboundDefaults, String> {
+    let own = entries.entry("service-defaults", service);
+    let global = entries
+        .entry("proxy-defaults", "global")
+        .and_then(|g| field(g, "Config"))
+        .and_then(Value::as_object);
+    let mut out = InboundDefaults::default();
+    for (setting, own_field, global_key) in INBOUND {
+        let own_at = format!("service-defaults {service:?}.{own_field}");
+        let global_at = format!("proxy-defaults \"global\".Config.{global_key}");
+        let from_own = count(own.and_then(|b| field(b, own_field)), &own_at)?.filter(|n| *n > 0);
+        let from_global = count(
+            global
+                .and_then(|c| c.get(global_key))
+                .filter(|v| !v.is_null()),
+            &global_at,
+        )?
+        .filter(|n| *n > 0);
+        let (n, at) = match (from_own, from_global) {
+            (Some(n), _) => (n, own_at),
+            (None, Some(n)) => (n, global_at),
+            (None, None) => continue,
+        };
+        match setting {
+            "connect_timeout" => {
+                out.connect_timeout = Some(Duration::from_millis(u64::from(n)));
+            }
+            "request_timeout" => {
+                out.request_timeout = Some(Duration::from_millis(u64::from(n)));
+            }
+            _ => out.max_connections = Some(n),
+        }
+        out.sources.insert(setting, at);
+    }
+    Ok(out)
 }
 
 const PROTOCOLS: [&str; 4] = ["tcp", "http", "http2", "grpc"];
@@ -260,6 +342,19 @@ pub fn validate_service_defaults(name: &str, body: &Map<String, Value>) -> Resul
             ));
         }
     }
+    for (_, own_field, _) in INBOUND {
+        count(field(body, own_field), &format!("{at}.{own_field}"))?;
+    }
+    if let Some(b) = field(body, "BalanceInboundConnections") {
+        match b.as_str() {
+            Some("" | "exact_balance") => {}
+            _ => {
+                return Err(format!(
+                    "{at}.BalanceInboundConnections: \"exact_balance\" or empty"
+                ));
+            }
+        }
+    }
     upstream_config(name, body, None).map(|_| ())
 }
 
@@ -285,6 +380,12 @@ pub fn validate_proxy_defaults(name: &str, body: &Map<String, Value>) -> Result<
         return Err(format!(
             "{at}.connect_timeout_ms: must be a whole number of milliseconds"
         ));
+    }
+    for (_, _, key) in INBOUND {
+        count(
+            config.get(key).filter(|v| !v.is_null()),
+            &format!("{at}.{key}"),
+        )?;
     }
     Ok(())
 }
@@ -483,6 +584,18 @@ mod tests {
                 json!({"UpstreamConfig": {"Defaults": {"Timeout": 5}}}),
                 "Timeout",
             ),
+            (
+                json!({"LocalRequestTimeoutMs": "5s"}),
+                "LocalRequestTimeoutMs",
+            ),
+            (
+                json!({"MaxInboundConnections": -3}),
+                "MaxInboundConnections",
+            ),
+            (
+                json!({"BalanceInboundConnections": "round_robin"}),
+                "BalanceInboundConnections",
+            ),
         ] {
             let body = body.as_object().cloned().unwrap_or_default();
             let err = validate_service_defaults("web", &body).expect_err("refused");
@@ -490,5 +603,48 @@ mod tests {
         }
         let good = json!({"Protocol": "http", "UpstreamConfig": {"Defaults": {"MeshGateway": {"Mode": "local"}}}});
         validate_service_defaults("web", good.as_object().expect("object")).expect("accepted");
+    }
+
+    #[test]
+    fn the_inbound_settings_come_from_the_services_defaults_over_the_global_ones() {
+        let stored = Stored(vec![
+            (
+                "service-defaults",
+                "api",
+                json!({"LocalRequestTimeoutMs": 2500, "MaxInboundConnections": 0,
+                       "BalanceInboundConnections": "exact_balance"}),
+            ),
+            (
+                "proxy-defaults",
+                "global",
+                json!({"Config": {"local_request_timeout_ms": 9000,
+                                  "local_connect_timeout_ms": 700,
+                                  "max_inbound_connections": 64}}),
+            ),
+        ]);
+        let d = for_inbound("api", &stored).expect("valid");
+        assert_eq!(d.request_timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(d.connect_timeout, Some(Duration::from_millis(700)));
+        // 0 in the service's entry is "not set": the global one applies.
+        assert_eq!(d.max_connections, Some(64));
+        assert_eq!(
+            d.sources.get("request_timeout").map(String::as_str),
+            Some("service-defaults \"api\".LocalRequestTimeoutMs")
+        );
+        assert_eq!(
+            d.sources.get("max_connections").map(String::as_str),
+            Some("proxy-defaults \"global\".Config.max_inbound_connections")
+        );
+        // Another service gets the global settings only; none without them.
+        let web = for_inbound("web", &stored).expect("valid");
+        assert_eq!(web.request_timeout, Some(Duration::from_millis(9000)));
+        assert_eq!(
+            for_inbound("web", &Stored(Vec::new())).expect("valid"),
+            InboundDefaults::default()
+        );
+        let bad = json!({"Config": {"local_connect_timeout_ms": "1s"}});
+        let err = validate_proxy_defaults("global", bad.as_object().expect("object"))
+            .expect_err("refused");
+        assert!(err.contains("local_connect_timeout_ms"), "{err}");
     }
 }

@@ -14,8 +14,9 @@ use serde::Deserialize;
 mod traffic;
 
 pub use traffic::{
-    Balance, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, Explicit, Inbound, Limits,
-    MAX_EJECTION, OutlierPolicy, Protocol, ProxySettings, RetryOn, RetryPolicy, Upstream,
+    Balance, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, Explicit, Inbound, InboundExplicit,
+    Limits, MAX_EJECTION, NO_REQUEST_TIMEOUT, OutlierPolicy, Protocol, ProxySettings, RetryOn,
+    RetryPolicy, Upstream,
 };
 
 #[derive(Debug, Deserialize)]
@@ -43,6 +44,11 @@ struct InboundSection {
     app: Option<String>,
     /// Client connections open on the inbound listener at once.
     max_connections: Option<u32>,
+    /// Connecting to the app; default 5 s.
+    connect_timeout: Option<String>,
+    /// A request to the app (HTTP), answer included; default none (the
+    /// caller's sidecar has its own).
+    request_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -695,6 +701,47 @@ limits = { max_connections = 1024, max_pending = 1024, max_requests = 1024 }
 name = "db"
 listen = "127.0.0.1:9192"
 "#;
+
+    #[test]
+    fn the_registrys_inbound_settings_apply_where_the_file_says_nothing() {
+        use meshwork_core::upstream_defaults::InboundDefaults;
+        let text = format!("{GOOD}{TRAFFIC}")
+            .replace("[inbound]\n", "[inbound]\nrequest_timeout = \"20s\"\n");
+        let c = Config::parse("s.toml", &text).expect("valid");
+        let inbound = c.inbound.expect("inbound");
+        assert_eq!(inbound.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        let mut d = InboundDefaults {
+            connect_timeout: Some(Duration::from_millis(700)),
+            request_timeout: Some(Duration::from_millis(300)),
+            max_connections: Some(50),
+            ..InboundDefaults::default()
+        };
+        d.sources.insert(
+            "connect_timeout",
+            "service-defaults \"web\".LocalConnectTimeoutMs".into(),
+        );
+        let applied = inbound.with_defaults(&d);
+        // The file's request timeout wins; the rest come from the registry.
+        assert_eq!(applied.request_timeout, Some(Duration::from_secs(20)));
+        assert_eq!(applied.connect_timeout, Duration::from_millis(700));
+        assert_eq!(applied.max_connections, 50);
+        assert_eq!(
+            applied
+                .from_registry
+                .get("inbound.connect_timeout")
+                .map(String::as_str),
+            Some("service-defaults \"web\".LocalConnectTimeoutMs")
+        );
+        // Defaults gone: the file's and built-in values (the registry's
+        // are always applied to what the file says).
+        assert_eq!(inbound.with_defaults(&InboundDefaults::default()), inbound);
+        let bad = format!("{GOOD}{TRAFFIC}")
+            .replace("[inbound]\n", "[inbound]\nconnect_timeout = \"soon\"\n");
+        let err = Config::parse("s.toml", &bad)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("inbound.connect_timeout"), "{err}");
+    }
 
     #[test]
     fn the_proxy_example_parses_with_defaults_filled_in() {

@@ -242,7 +242,7 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
             proxy.applied().clone(),
             shutdown.clone(),
         ),
-        tracing::info_span!("upstream defaults"),
+        tracing::info_span!("proxy defaults"),
     ));
     let mut reloader = Reloader::new(
         config_path,

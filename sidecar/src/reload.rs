@@ -105,7 +105,7 @@ impl Reloader {
         let effective =
             crate::policy::defaults::effective(&next, &self.discovery).map_err(|e| {
                 format!(
-                    "{}: the registry's upstream defaults: {e}",
+                    "{}: the registry's proxy defaults: {e}",
                     self.path.display()
                 )
             })?;

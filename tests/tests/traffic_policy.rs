@@ -626,7 +626,8 @@ async fn upstream_config(mesh: &Mesh, c: usize) -> Option<Value> {
 #[tokio::test]
 async fn upstream_defaults_from_the_registry_apply_under_the_file() -> Result<()> {
     let mut mesh = Mesh::start().await?;
-    mesh.versioned_instance((20, 0), ("api", "api-1", "v1"))
+    let api = mesh
+        .versioned_instance((20, 0), ("api", "api-1", "v1"))
         .await?;
     let client_ip = mesh.ip(100);
     // No protocol in the file (tcp by default), its own connect timeout.
@@ -701,6 +702,46 @@ async fn upstream_defaults_from_the_registry_apply_under_the_file() -> Result<()
     ensure!(
         r.text().await?.starts_with("api-1"),
         "the HTTP listener reaches api"
+    );
+
+    // The destination's own settings for its inbound listener: api's
+    // sidecar gives its app 300 ms per request and 50 client connections.
+    put_entry(
+        &mesh,
+        &json!({"Kind": "service-defaults", "Name": "api", "Protocol": "http",
+                "LocalRequestTimeoutMs": 300, "LocalConnectTimeoutMs": 800,
+                "MaxInboundConnections": 50}),
+    )
+    .await?;
+    let inbound = wait_for(
+        "api's inbound settings applied",
+        Duration::from_secs(10),
+        || async {
+            let config = mesh.sidecars[api].json("/config").await.ok()?;
+            let inbound = config["inbound"].clone();
+            (inbound["request_timeout"] == 300).then_some(inbound)
+        },
+    )
+    .await?;
+    ensure!(
+        inbound["connect_timeout"] == 800
+            && inbound["max_connections"] == 50
+            && inbound["from_registry"]["inbound.request_timeout"]
+                .as_str()
+                .is_some_and(|s| s.contains("LocalRequestTimeoutMs")),
+        "{inbound}"
+    );
+    // The app's 2 s answer is cut by api's sidecar at 300 ms.
+    let started = std::time::Instant::now();
+    let r = http_client()?
+        .get(format!("http://{client_ip}:{UPSTREAM_PORT}/slow"))
+        .send()
+        .await?;
+    let took = started.elapsed();
+    ensure!(
+        r.status() == 504 && took < Duration::from_millis(1500),
+        "a slow answer past LocalRequestTimeoutMs: {} after {took:?}",
+        r.status()
     );
 
     // The caller's entry removed: back to the file's and built-in values.

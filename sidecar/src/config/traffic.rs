@@ -286,6 +286,57 @@ pub struct Inbound {
     pub app: SocketAddr,
     /// Client connections open at once (see [`Limits::max_downstream`]).
     pub max_connections: usize,
+    /// Connecting to the app.
+    #[serde(serialize_with = "millis")]
+    pub connect_timeout: Duration,
+    /// A request to the app, answer included (`None`: no limit of its own).
+    #[serde(serialize_with = "optional_millis")]
+    pub request_timeout: Option<Duration>,
+    /// Which settings the file gives (they win over the registry's).
+    #[serde(skip)]
+    pub explicit: InboundExplicit,
+    /// Settings taken from the registry's config entries: setting → the
+    /// entry and field (see [`Inbound::with_defaults`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub from_registry: BTreeMap<String, String>,
+}
+
+/// The settings of `[inbound]` that its file gives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InboundExplicit {
+    pub connect_timeout: bool,
+    pub request_timeout: bool,
+    pub max_connections: bool,
+}
+
+impl Inbound {
+    /// This listener with the registry's settings for its service
+    /// (`meshwork_core::upstream_defaults::for_inbound`) where the file
+    /// says nothing.
+    pub fn with_defaults(&self, d: &meshwork_core::upstream_defaults::InboundDefaults) -> Inbound {
+        let mut out = self.clone();
+        out.from_registry.clear();
+        let e = self.explicit;
+        let mut took = |setting: &'static str| {
+            if let Some(source) = d.sources.get(setting) {
+                out.from_registry
+                    .insert(format!("inbound.{setting}"), source.clone());
+            }
+        };
+        if let (false, Some(t)) = (e.connect_timeout, d.connect_timeout) {
+            took("connect_timeout");
+            out.connect_timeout = t;
+        }
+        if let (false, Some(t)) = (e.request_timeout, d.request_timeout) {
+            took("request_timeout");
+            out.request_timeout = Some(t);
+        }
+        if let (false, Some(n)) = (e.max_connections, d.max_connections) {
+            took("max_connections");
+            out.max_connections = n as usize;
+        }
+        out
+    }
 }
 
 /// `[proxy]`: process-wide proxy settings.
@@ -312,6 +363,13 @@ fn hash_policies<S: serde::Serializer>(
         };
         if p.terminal { format!("{on}!") } else { on }
     }))
+}
+
+fn optional_millis<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => millis(d, s),
+        None => s.serialize_none(),
+    }
 }
 
 fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -398,8 +456,34 @@ pub(super) fn inbound(
             DEFAULT_MAX_DOWNSTREAM,
             errors,
         ),
+        connect_timeout: or_error(
+            duration(
+                f,
+                "inbound.connect_timeout",
+                raw.connect_timeout.as_deref(),
+                DEFAULT_CONNECT_TIMEOUT,
+            ),
+            DEFAULT_CONNECT_TIMEOUT,
+            errors,
+        ),
+        request_timeout: raw.request_timeout.as_deref().map(|text| {
+            or_error(
+                duration(f, "inbound.request_timeout", Some(text), NO_REQUEST_TIMEOUT),
+                NO_REQUEST_TIMEOUT,
+                errors,
+            )
+        }),
+        explicit: InboundExplicit {
+            connect_timeout: raw.connect_timeout.is_some(),
+            request_timeout: raw.request_timeout.is_some(),
+            max_connections: raw.max_connections.is_some(),
+        },
+        from_registry: BTreeMap::new(),
     }
 }
+
+/// What "no request timeout" means on the inbound listener: a day.
+pub const NO_REQUEST_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 fn retry_on(f: &str, key: &str, list: &[String], errors: &mut Vec<String>) -> RetryOn {
     let mut on = RetryOn::default();

@@ -315,7 +315,8 @@ pub struct Proxy {
 }
 
 /// The inbound listener's cluster: the local app, no retries but connect
-/// failures, no ejection, long timeout (the caller's sidecar has its own).
+/// failures, no ejection, no request timeout unless configured (the
+/// caller's sidecar has its own).
 fn inbound_upstream(service_name: &str, inbound: &Inbound) -> Upstream {
     Upstream {
         name: service_name.to_owned(),
@@ -324,8 +325,10 @@ fn inbound_upstream(service_name: &str, inbound: &Inbound) -> Upstream {
         tag: None,
         balance: Balance::RoundRobin,
         hash_header: None,
-        connect_timeout: crate::config::DEFAULT_CONNECT_TIMEOUT,
-        request_timeout: Duration::from_secs(24 * 3600),
+        connect_timeout: inbound.connect_timeout,
+        request_timeout: inbound
+            .request_timeout
+            .unwrap_or(crate::config::NO_REQUEST_TIMEOUT),
         idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
         // Once more on a fresh connection when a pooled one to the app
         // turns out closed (idempotent requests only).

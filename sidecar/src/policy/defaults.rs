@@ -1,6 +1,8 @@
-//! The registry's defaults for this sidecar's upstreams: its service's
-//! `service-defaults` `UpstreamConfig`, each upstream's own
-//! `service-defaults` `Protocol` and the `proxy-defaults` entry `global`
+//! The registry's defaults for this sidecar's upstreams and its inbound
+//! listener: its service's `service-defaults` `UpstreamConfig` and
+//! `LocalConnectTimeoutMs` / `LocalRequestTimeoutMs` /
+//! `MaxInboundConnections`, each upstream's own `service-defaults`
+//! `Protocol` and the `proxy-defaults` entry `global`
 //! (`meshwork_core::upstream_defaults`), applied under the config file
 //! (what the file gives wins) through the proxy's reload: settings change
 //! in place, a protocol change replaces the listener's route as a SIGHUP
@@ -67,12 +69,20 @@ fn apply(config: &Config, states: &[State; 2]) -> Result<Config, String> {
         )?;
         *upstream = upstream.with_defaults(&defaults);
     }
+    if let Some(inbound) = &mut out.inbound {
+        let defaults =
+            meshwork_core::upstream_defaults::for_inbound(&config.service_name, &bodies)?;
+        *inbound = inbound.with_defaults(&defaults);
+    }
     Ok(out)
 }
 
+/// What a reload would change: the upstreams and the inbound listener.
+type Applied = (Vec<crate::config::Upstream>, Option<crate::config::Inbound>);
+
 /// Follows the two kinds and the config file in use (`file`: the agent's
 /// channel, which a reload updates) until `shutdown`, reloading the proxy
-/// when the effective upstreams change.
+/// when the effective upstreams or inbound listener change.
 pub async fn run(
     proxy: Arc<Proxy>,
     mut file: watch::Receiver<Arc<Config>>,
@@ -81,15 +91,19 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut kinds = KINDS.map(|k| discovery.config_entries(k));
-    let consumer = applied.consumer("upstream defaults", &KINDS);
-    let mut last: Option<Vec<crate::config::Upstream>> = None;
+    let consumer = applied.consumer("proxy defaults", &KINDS);
+    let mut last: Option<Applied> = None;
     loop {
         let states = kinds.each_mut().map(|k| Arc::clone(&k.borrow_and_update()));
         let config = Arc::clone(&file.borrow_and_update());
         if states.iter().all(|s| s.ready) {
             let indexes = [(KINDS[0], states[0].index), (KINDS[1], states[1].index)];
             match apply(&config, &states) {
-                Ok(next) if last.as_ref() == Some(&next.upstreams) => {
+                Ok(next)
+                    if last
+                        .as_ref()
+                        .is_some_and(|(u, i)| *u == next.upstreams && *i == next.inbound) =>
+                {
                     consumer.applied(&indexes, None);
                 }
                 Ok(next) => match proxy.reload(&next).await {
@@ -98,19 +112,19 @@ pub async fn run(
                             tracing::info!(
                                 replaced = ?changes.replaced,
                                 reconfigured = ?changes.reconfigured,
-                                "upstream defaults from the registry applied"
+                                "proxy defaults from the registry applied"
                             );
                         }
-                        last = Some(next.upstreams);
+                        last = Some((next.upstreams, next.inbound));
                         consumer.applied(&indexes, None);
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "upstream defaults from the registry refused");
+                        tracing::warn!(error = %e, "proxy defaults from the registry refused");
                         consumer.applied(&indexes, Some(e.to_string()));
                     }
                 },
                 Err(why) => {
-                    tracing::warn!(error = %why, "upstream defaults from the registry refused; keeping the current settings");
+                    tracing::warn!(error = %why, "proxy defaults from the registry refused; keeping the current settings");
                     consumer.applied(&indexes, Some(why));
                 }
             }
