@@ -422,6 +422,21 @@ impl Chain {
         Ok(chain)
     }
 
+    /// The chain of a tcp upstream's connections: the resolver alone
+    /// (redirect, subsets, failover, connect timeout, load balancer). As
+    /// in Consul, a router or splitter for the service is refused: they
+    /// need requests to match and split.
+    pub fn compile_l4(service: &str, entries: &dyn Entries) -> Result<Self, String> {
+        for kind in ["service-router", "service-splitter"] {
+            if entries.entry(kind, service).is_some() {
+                return Err(format!(
+                    "{kind} {service:?}: routes and splits need an HTTP upstream (protocol http, http2 or grpc); this upstream is tcp"
+                ));
+            }
+        }
+        Self::compile(service, entries)
+    }
+
     /// The destination of route `route` (`None`: the default).
     pub fn destination(&self, route: Option<usize>) -> &Destination {
         route

@@ -315,9 +315,9 @@ impl Mesh {
         )
     }
 
-    /// An HTTP app answering with `id` and its sidecar on `127.x.y.<host>`:
-    /// instance `id` of `service` with meta `version`, inbound HTTP,
-    /// reporting to registry server `server`. Its index, once ready.
+    /// Starts an instance of `service` (`id`, meta `version`) on host
+    /// `host`: an HTTP app (answering with its id first) and its server
+    /// sidecar, which uses registry server `server`; ready when returned.
     pub async fn versioned_instance(
         &mut self,
         (host, server): (u8, usize),
@@ -325,46 +325,75 @@ impl Mesh {
     ) -> Result<usize> {
         let ip = self.ip(host);
         let (app, _) = http_backend(&ip, id).await?;
-        let config = format!(
-            r#"{}
-[service]
-name = "{service}"
-id = "{id}"
-address = "{}"
-port = {}
-meta = {{ version = "{version}" }}
-
-[session]
-node = "node-{ip}"
-ttl = "2s"
-deregister_critical_after = "2s"
-
-[inbound]
-listen = "{ip}:{INBOUND_PORT}"
-protocol = "http"
-
-[admin]
-listen = "{ip}:{ADMIN_PORT}"
-"#,
-            self.registry_section_on(server),
-            app.ip(),
-            app.port(),
+        let config = self.instance_config(
+            &ip,
+            server,
+            &Service {
+                name: service,
+                id,
+                app,
+                protocol: "http",
+            },
+            Some(version),
         );
-        let i = self.spawn(&ip, id, &config)?;
-        self.sidecars[i].wait_ready().await?;
-        Ok(i)
+        self.spawn_ready(&ip, id, &config).await
+    }
+
+    /// [`Mesh::versioned_instance`] with a TCP app ([`tcp_backend`]:
+    /// answers `<id> got <n> bytes`) and a tcp inbound listener.
+    pub async fn versioned_tcp_instance(
+        &mut self,
+        (host, server): (u8, usize),
+        (service, id, version): (&str, &str, &str),
+    ) -> Result<usize> {
+        let ip = self.ip(host);
+        let app = crate::apps::tcp_backend(&ip, id).await?;
+        let config = self.instance_config(
+            &ip,
+            server,
+            &Service {
+                name: service,
+                id,
+                app,
+                protocol: "tcp",
+            },
+            Some(version),
+        );
+        self.spawn_ready(&ip, id, &config).await
     }
 
     /// Starts a server sidecar on `ip` in front of `service.app`.
     pub async fn server_sidecar(&mut self, ip: &str, service: Service<'_>) -> Result<usize> {
-        let config = format!(
+        let config = self.instance_config(ip, 0, &service, None);
+        self.spawn_ready(ip, service.id, &config).await
+    }
+
+    async fn spawn_ready(&mut self, ip: &str, id: &str, config: &str) -> Result<usize> {
+        let i = self.spawn(ip, id, config)?;
+        self.sidecars[i].wait_ready().await?;
+        Ok(i)
+    }
+
+    /// The config of a server sidecar on `ip` (registry server `server`)
+    /// in front of `service.app`, with meta `version` when given.
+    fn instance_config(
+        &self,
+        ip: &str,
+        server: usize,
+        service: &Service<'_>,
+        version: Option<&str>,
+    ) -> String {
+        let meta = version
+            .map(|v| format!("meta = {{ version = \"{v}\" }}\n"))
+            .unwrap_or_default();
+        format!(
             r#"{}
 [service]
 name = "{}"
 id = "{}"
 address = "{}"
 port = {}
-
+{meta}
 [session]
 node = "node-{ip}"
 ttl = "2s"
@@ -381,16 +410,13 @@ access_log = true
 [admin]
 listen = "{ip}:{ADMIN_PORT}"
 "#,
-            self.registry_section(),
+            self.registry_section_on(server),
             service.name,
             service.id,
             service.app.ip(),
             service.app.port(),
             service.protocol,
-        );
-        let i = self.spawn(ip, service.id, &config)?;
-        self.sidecars[i].wait_ready().await?;
-        Ok(i)
+        )
     }
 
     /// Starts the client sidecar on `ip` with one upstream, given as the

@@ -862,3 +862,121 @@ async fn hash_policies_keep_a_client_on_one_instance() -> Result<()> {
     mesh.done();
     Ok(())
 }
+
+/// `n` TCP connections through the client sidecar's upstream: each sends
+/// a byte and half-closes; counts the answering instance (the reply's
+/// first word).
+async fn tcp_spread(client_ip: &str, n: usize) -> Result<HashMap<String, usize>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut seen = HashMap::new();
+    for _ in 0..n {
+        let mut stream = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(format!("{client_ip}:{UPSTREAM_PORT}")),
+        )
+        .await??;
+        stream.write_all(b"x").await?;
+        stream.shutdown().await?;
+        let mut reply = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut reply)).await??;
+        let who = reply.split_whitespace().next().unwrap_or("").to_owned();
+        *seen.entry(who).or_default() += 1;
+    }
+    Ok(seen)
+}
+
+/// A tcp upstream follows the service's resolver, as Consul applies it to
+/// L4 upstreams: `DefaultSubset`, `Redirect` and `Failover`, chosen per
+/// connection; a router for the service is refused for it (it needs
+/// requests), reported in `/config`, the resolver kept.
+#[tokio::test]
+async fn a_tcp_upstream_follows_the_resolver() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    mesh.versioned_tcp_instance((20, 0), ("db", "db-1", "v1"))
+        .await?;
+    let v2 = mesh
+        .versioned_tcp_instance((21, 0), ("db", "db-2", "v2"))
+        .await?;
+    mesh.versioned_tcp_instance((22, 0), ("db-replica", "replica-1", "v1"))
+        .await?;
+    let client_ip = mesh.ip(100);
+    // No protocol: tcp.
+    let c = mesh.client_sidecar(&client_ip, "name = \"db\"").await?;
+    mesh.sidecars[c].wait_endpoints(2).await?;
+    mesh.sidecars[c].wait_ready().await?;
+    let seen = tcp_spread(&client_ip, 20).await?;
+    ensure!(
+        count(&seen, "db-1") > 0 && count(&seen, "db-2") > 0,
+        "no entry: both instances: {seen:?}"
+    );
+
+    // The default subset: v2 only.
+    put_entry(
+        &mesh,
+        &json!({"Kind": "service-resolver", "Name": "db", "DefaultSubset": "v2",
+            "Subsets": {"v1": {"Filter": "Service.Meta.version == v1"},
+                        "v2": {"Filter": "Service.Meta.version == v2"}},
+            "Failover": {"v2": {"Service": "db-replica"}}}),
+    )
+    .await?;
+    applied(&mesh, c, entry_index(&mesh, "service-resolver/db").await?).await?;
+    let seen = tcp_spread(&client_ip, 20).await?;
+    ensure!(count(&seen, "db-2") == 20, "DefaultSubset v2: {seen:?}");
+
+    // A router for db: refused for this tcp upstream, the resolver kept.
+    put_entry(
+        &mesh,
+        &json!({"Kind": "service-router", "Name": "db",
+            "Routes": [{"Match": {"HTTP": {"PathPrefix": "/admin"}},
+                        "Destination": {"ServiceSubset": "v1"}}]}),
+    )
+    .await?;
+    let refused = wait_for("the router refused", Duration::from_secs(10), || async {
+        let config = mesh.sidecars[c].json("/config").await.ok()?;
+        let why = config["chains"][0]["refused"].as_str()?.to_owned();
+        Some(why)
+    })
+    .await?;
+    ensure!(
+        refused.contains("service-router \"db\"") && refused.contains("tcp"),
+        "{refused}"
+    );
+    let seen = tcp_spread(&client_ip, 10).await?;
+    ensure!(count(&seen, "db-2") == 10, "the resolver kept: {seen:?}");
+    let url = format!(
+        "{}/v1/config/service-router/db",
+        mesh.cluster().servers[0].http()
+    );
+    let r = http_client()?.delete(url).send().await?;
+    ensure!(r.status() == 200, "DELETE: {}", r.status());
+
+    // v2 gone: its connections fail over to db-replica.
+    mesh.sidecars[v2].kill().await?;
+    wait_for(
+        "v2 gone, db-replica answering",
+        Duration::from_secs(15),
+        || async {
+            let seen = tcp_spread(&client_ip, 5).await.ok()?;
+            (count(&seen, "replica-1") == 5).then_some(())
+        },
+    )
+    .await?;
+
+    // A redirect: every connection to db goes to db-replica.
+    put_entry(
+        &mesh,
+        &json!({"Kind": "service-resolver", "Name": "db",
+            "Redirect": {"Service": "db-replica"}}),
+    )
+    .await?;
+    applied(&mesh, c, entry_index(&mesh, "service-resolver/db").await?).await?;
+    let seen = tcp_spread(&client_ip, 10).await?;
+    ensure!(count(&seen, "replica-1") == 10, "Redirect: {seen:?}");
+    let metrics = mesh.sidecars[c].metrics().await?;
+    ensure!(
+        metrics.contains("target=\"db-replica\""),
+        "per-target series for the tcp upstream"
+    );
+    mesh.done();
+    Ok(())
+}

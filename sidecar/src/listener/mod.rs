@@ -65,6 +65,8 @@ struct Route {
     direction: &'static str,
     cluster: Arc<Cluster>,
     http: Option<Arc<http::HttpProxy>>,
+    /// A tcp upstream's discovery chain (the resolver's targets).
+    l4: Option<Arc<Routing<tcp::TcpTarget>>>,
     access_log: bool,
     /// Cancelled when a reload replaces or removes the route, or when the
     /// proxy stops accepting (a child of that token): its HTTP connections
@@ -80,13 +82,18 @@ impl Route {
     /// `stop_accepting` and `stop_now` are the proxy's tokens.
     fn new(
         direction: &'static str,
-        (cluster, routing): (Arc<Cluster>, Option<Arc<Routing<http::HttpProxy>>>),
+        (cluster, routing): (Arc<Cluster>, Option<Routed>),
         access_log: bool,
         (stop_accepting, stop_now): (&CancellationToken, &CancellationToken),
     ) -> Arc<Self> {
+        let (http_routing, l4) = match routing {
+            Some(Routed::Http(r)) => (Some(r), None),
+            Some(Routed::Tcp(r)) => (None, Some(r)),
+            None => (None, None),
+        };
         let http = cluster.config().protocol.is_http().then(|| {
             let proxy = http::HttpProxy::new(Arc::clone(&cluster), direction, access_log);
-            Arc::new(match routing {
+            Arc::new(match http_routing {
                 Some(routing) => proxy.with_routing(routing),
                 None => proxy,
             })
@@ -95,6 +102,7 @@ impl Route {
             direction,
             cluster,
             http,
+            l4,
             access_log,
             retired: stop_accepting.child_token(),
             cut: stop_now.child_token(),
@@ -111,6 +119,7 @@ impl Route {
                 .http
                 .as_ref()
                 .map(|h| Arc::new(h.with_access_log(access_log))),
+            l4: self.l4.clone(),
             access_log,
             retired: self.retired.clone(),
             cut: self.cut.clone(),
@@ -128,6 +137,40 @@ impl Route {
                 () = cut.cancelled() => {}
             }
         });
+    }
+}
+
+/// An outbound listener's discovery chain, by what it carries.
+enum Routed {
+    Http(Arc<Routing<http::HttpProxy>>),
+    Tcp(Arc<Routing<tcp::TcpTarget>>),
+}
+
+impl Route {
+    /// The chain's target clusters now: (route, target id, cluster).
+    fn target_clusters(&self) -> Vec<(String, String, Arc<Cluster>)> {
+        if let Some(routing) = self.http.as_ref().and_then(|h| h.routing.as_ref()) {
+            return routing
+                .target_proxies()
+                .into_iter()
+                .map(|(r, t, p)| (r, t, Arc::clone(&p.cluster)))
+                .collect();
+        }
+        self.l4.as_ref().map_or_else(Vec::new, |routing| {
+            routing
+                .target_proxies()
+                .into_iter()
+                .map(|(r, t, p)| (r, t, Arc::clone(&p.0)))
+                .collect()
+        })
+    }
+
+    /// The chain applied now, if the listener follows one.
+    fn applied_chain(&self) -> Option<Arc<chain::Applied>> {
+        if let Some(routing) = self.http.as_ref().and_then(|h| h.routing.as_ref()) {
+            return Some(routing.applied());
+        }
+        self.l4.as_ref().map(|r| r.applied())
     }
 }
 
@@ -358,6 +401,50 @@ fn inbound_upstream(service_name: &str, inbound: &Inbound) -> Upstream {
     }
 }
 
+/// The settings of a discovery-chain target's cluster: the listener's
+/// upstream, then the resolver's (connect and request timeouts, load
+/// balancer) and the route's (timeouts, retries; HTTP only).
+fn target_config(base: &Upstream, target: &Target, dest: &Destination) -> Upstream {
+    let mut config = base.clone();
+    if target.service != base.name {
+        config.tag = None;
+    }
+    config.name = target.service.clone();
+    if let Some(timeout) = dest.request_timeout.or(target.request_timeout) {
+        config.request_timeout = timeout;
+    }
+    if let Some(timeout) = target.connect_timeout {
+        config.connect_timeout = timeout;
+    }
+    if let Some(idle) = dest.idle_timeout {
+        config.idle_timeout = idle;
+    }
+    if let Some(lb) = &target.load_balancer {
+        // Policies were checked when the chain compiled.
+        if let Some(balance) = crate::config::Balance::parse(&lb.policy) {
+            config.balance = balance;
+        }
+        config.hash_header = None;
+        config.hash_policies = lb.hash_policies.clone();
+    }
+    if let Some(retries) = dest.num_retries {
+        config.retries.attempts = retries;
+    }
+    config.retries.on.connect_failure |=
+        dest.retry_on_connect_failure || dest.retry_on.connect_failure;
+    config.retries.on.reset |= dest.retry_on.reset;
+    config.retries.on.any_5xx |= dest.retry_on.any_5xx;
+    if dest.retry_on.gateway_error {
+        config.retries.on.statuses.extend([502, 503, 504]);
+    }
+    config
+        .retries
+        .on
+        .statuses
+        .extend(dest.retry_on_status_codes.iter().copied());
+    config
+}
+
 /// One listener as a config asks for it.
 struct Wanted {
     key: SlotKey,
@@ -564,64 +651,39 @@ impl Proxy {
         }
     }
 
-    /// An outbound HTTP listener's discovery chain: its targets' proxies
+    /// An outbound listener's discovery chain: its targets' clusters
     /// derive their settings from the listener's, then the resolver's and
-    /// the route's (timeouts, retries).
-    fn new_routing(&self, w: &Wanted, access_log: bool) -> Option<Arc<Routing<http::HttpProxy>>> {
-        if w.app.is_some() || !w.upstream.protocol.is_http() {
+    /// (HTTP) the route's (timeouts, retries). A tcp listener follows the
+    /// resolver alone.
+    fn new_routing(&self, w: &Wanted, access_log: bool) -> Option<Routed> {
+        if w.app.is_some() {
             return None;
         }
         let entries = self
             .chain_entries
             .get_or_init(|| ChainEntries::follow(&self.discovery, self.applied.clone()));
-        let applied = chain::follow(entries, w.upstream.name.clone(), self.shutdown.clone());
+        let layer = if w.upstream.protocol.is_http() {
+            chain::Layer::Http
+        } else {
+            chain::Layer::Tcp
+        };
+        let applied = chain::follow(
+            entries,
+            w.upstream.name.clone(),
+            layer,
+            self.shutdown.clone(),
+        );
         let (discovery, mesh, shutdown) = (
             self.discovery.clone(),
             self.mesh.clone(),
             self.shutdown.clone(),
         );
         let base = w.upstream.clone();
-        let make = move |target: &Target, dest: &Destination| {
-            let mut config = base.clone();
-            if target.service != base.name {
-                config.tag = None;
-            }
-            config.name = target.service.clone();
-            if let Some(timeout) = dest.request_timeout.or(target.request_timeout) {
-                config.request_timeout = timeout;
-            }
-            if let Some(timeout) = target.connect_timeout {
-                config.connect_timeout = timeout;
-            }
-            if let Some(idle) = dest.idle_timeout {
-                config.idle_timeout = idle;
-            }
-            if let Some(lb) = &target.load_balancer {
-                // Policies were checked when the chain compiled.
-                if let Some(balance) = crate::config::Balance::parse(&lb.policy) {
-                    config.balance = balance;
-                }
-                config.hash_header = None;
-                config.hash_policies = lb.hash_policies.clone();
-            }
-            if let Some(retries) = dest.num_retries {
-                config.retries.attempts = retries;
-            }
-            config.retries.on.connect_failure |=
-                dest.retry_on_connect_failure || dest.retry_on.connect_failure;
-            config.retries.on.reset |= dest.retry_on.reset;
-            config.retries.on.any_5xx |= dest.retry_on.any_5xx;
-            if dest.retry_on.gateway_error {
-                config.retries.on.statuses.extend([502, 503, 504]);
-            }
-            config
-                .retries
-                .on
-                .statuses
-                .extend(dest.retry_on_status_codes.iter().copied());
+        let cluster = move |target: &Target, dest: &Destination| {
+            let config = target_config(&base, target, dest);
             let endpoints = discovery.service(&target.service, false);
             let mesh = Some(mesh.clone());
-            let cluster = if target.filter.is_some() || target.only_passing {
+            if target.filter.is_some() || target.only_passing {
                 let subset = cluster::Subset {
                     filter: target.filter.clone(),
                     only_passing: target.only_passing,
@@ -629,10 +691,26 @@ impl Proxy {
                 Cluster::follow_subset(config, endpoints, shutdown.clone(), mesh, subset)
             } else {
                 Cluster::follow(config, endpoints, shutdown.clone(), mesh)
-            };
-            Arc::new(http::HttpProxy::new(cluster, "outbound", access_log))
+            }
         };
-        Some(Routing::start(applied, Box::new(make)))
+        Some(match layer {
+            chain::Layer::Http => {
+                let make = move |target: &Target, dest: &Destination| {
+                    Arc::new(http::HttpProxy::new(
+                        cluster(target, dest),
+                        "outbound",
+                        access_log,
+                    ))
+                };
+                Routed::Http(Routing::start(applied, Box::new(make)))
+            }
+            chain::Layer::Tcp => {
+                let make = move |target: &Target, dest: &Destination| {
+                    Arc::new(tcp::TcpTarget(cluster(target, dest)))
+                };
+                Routed::Tcp(Routing::start(applied, Box::new(make)))
+            }
+        })
     }
 
     fn new_slot(&self, w: &Wanted, socket: &TcpListener, access_log: bool) -> Arc<Slot> {
@@ -726,7 +804,13 @@ impl Proxy {
             });
             match (&route.http, activity) {
                 (None, _) | (_, None) => {
-                    let cluster = Arc::clone(&route.cluster);
+                    // A tcp upstream's chain picks the target's cluster per
+                    // connection (the listener's own when it is plain).
+                    let cluster = route
+                        .l4
+                        .as_ref()
+                        .and_then(|r| r.choose_connection())
+                        .map_or_else(|| Arc::clone(&route.cluster), |t| Arc::clone(&t.0));
                     let (direction, access_log, cut) =
                         (route.direction, route.access_log, route.cut.clone());
                     self.tasks.spawn(async move {
@@ -999,15 +1083,10 @@ impl Proxy {
             .flat_map(|slot| {
                 let route = slot.route();
                 let upstream = route.cluster.config().name.clone();
-                let targets = route
-                    .http
-                    .as_ref()
-                    .and_then(|h| h.routing.as_ref())
-                    .map(|r| r.target_proxies())
-                    .unwrap_or_default();
-                targets.into_iter().map(move |(r, target, proxy)| {
-                    (upstream.clone(), r, target, Arc::clone(&proxy.cluster))
-                })
+                route
+                    .target_clusters()
+                    .into_iter()
+                    .map(move |(r, target, cluster)| (upstream.clone(), r, target, cluster))
             })
             .collect()
     }
@@ -1159,7 +1238,7 @@ impl Proxy {
                 })
             })
             .collect();
-        // The discovery chain each outbound HTTP listener applies: the
+        // The discovery chain each outbound listener applies: the
         // config-entry index, its targets, and why newer entries were
         // refused (the previous chain stays).
         let chains: Vec<_> = self
@@ -1167,8 +1246,7 @@ impl Proxy {
             .iter()
             .filter_map(|slot| {
                 let route = slot.route();
-                let routing = route.http.as_ref()?.routing.as_ref()?;
-                let applied = routing.applied();
+                let applied = route.applied_chain()?;
                 let targets: Vec<_> = applied.chain.iter().flat_map(|c| {
                     c.targets.iter().map(|t| json!({
                         "id": t.id,

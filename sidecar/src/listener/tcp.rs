@@ -23,6 +23,17 @@ use crate::upstream::balance::hash_of;
 use crate::upstream::cluster::{Cluster, acquire_owned};
 use crate::upstream::dial::{ConnectError, connect};
 
+/// The cluster of one discovery-chain target of a tcp upstream (its
+/// connections follow the resolver: `policy::chain::Routing`).
+#[derive(Debug)]
+pub struct TcpTarget(pub Arc<Cluster>);
+
+impl crate::policy::chain::TargetProxy for TcpTarget {
+    fn has_healthy(&self) -> bool {
+        self.0.has_healthy()
+    }
+}
+
 /// Says once per listener when a `tcp` upstream is being spoken HTTP to:
 /// the default protocol is `tcp`, which carries bytes only (no retries on
 /// 503, no `x-request-id`, no per-request metrics), and nothing else would

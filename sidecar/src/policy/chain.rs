@@ -1,4 +1,4 @@
-//! The discovery chain applied to outbound HTTP calls: the registry's
+//! The discovery chain applied to outbound calls: the registry's
 //! `service-router`, `service-splitter` and `service-resolver` entries,
 //! followed live and compiled per upstream with `meshwork_core::chain`
 //! (the code the registry validates them with at `PUT`).
@@ -9,13 +9,17 @@
 //! header changes, and hands the request to the target's own proxy (a
 //! cluster of the target's instances, subset filter applied, with the
 //! route's timeout and retries). Target proxies are made once per chain
-//! version, all at once, so failover targets are warm; a new chain
-//! replaces them (requests in flight finish on the ones they started on).
-//! A chain that does not compile keeps the previous one and is logged.
+//! version, all at once, into an immutable table, so failover targets are
+//! warm; a new chain's table replaces the old one with a pointer swap
+//! (requests in flight finish on the table they started on), and a
+//! request reads it without a lock. A tcp upstream's connections follow
+//! the resolver alone ([`Routing::choose_connection`]). A chain that does
+//! not compile keeps the previous one and is logged and reported.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
+use arc_swap::ArcSwapOption;
 use hyper::Request;
 use meshwork_core::chain::{Chain, Destination, Entries, Fault, HeaderMods, Target};
 use meshwork_proto::v1::ConfigEntry;
@@ -71,6 +75,8 @@ pub struct Applied {
     pub chain: Option<Arc<Chain>>,
     /// The highest config-entry index it reflects.
     pub index: u64,
+    /// Each kind's index (what the sidecar reports as applied).
+    pub indexes: Vec<(&'static str, u64)>,
     /// Why the latest entries were not applied (the previous chain stays).
     pub refused: Option<String>,
 }
@@ -95,13 +101,24 @@ fn bodies(states: &[Arc<TopicState<BTreeMap<String, ConfigEntry>>>]) -> Result<B
     Ok(Bodies(out))
 }
 
+/// Which requests a chain sees: HTTP ones (router, splitter and resolver),
+/// or connections of a tcp upstream (the resolver only, as in Consul:
+/// a router or splitter for the service is refused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    Http,
+    Tcp,
+}
+
 /// Compiles the chain of calls to `service` on every change of the
-/// entries, until `shutdown`.
+/// entries, until `shutdown`. What it applied is reported by the
+/// [`Routing`] that uses it, once its table is in place.
 pub fn follow(
     entries: &ChainEntries,
     service: String,
+    layer: Layer,
     shutdown: CancellationToken,
-) -> watch::Receiver<Arc<Applied>> {
+) -> (watch::Receiver<Arc<Applied>>, Consumer) {
     let (tx, rx) = watch::channel(Arc::new(Applied::default()));
     let mut kinds = entries.kinds.clone();
     let consumer: Consumer = entries
@@ -120,7 +137,10 @@ pub fn follow(
                     .copied()
                     .zip(states.iter().map(|s| s.index))
                     .collect();
-                let compiled = bodies(&states).and_then(|b| Chain::compile(&service, &b));
+                let compiled = bodies(&states).and_then(|b| match layer {
+                    Layer::Http => Chain::compile(&service, &b),
+                    Layer::Tcp => Chain::compile_l4(&service, &b),
+                });
                 let previous = tx.borrow().chain.clone();
                 let applied = match compiled {
                     Ok(chain) => {
@@ -128,6 +148,7 @@ pub fn follow(
                         Applied {
                             chain: Some(Arc::new(chain)),
                             index,
+                            indexes,
                             refused: None,
                         }
                     }
@@ -136,11 +157,11 @@ pub fn follow(
                         Applied {
                             chain: previous,
                             index,
+                            indexes,
                             refused: Some(why),
                         }
                     }
                 };
-                consumer.applied(&indexes, applied.refused.clone());
                 if tx.send(Arc::new(applied)).is_err() {
                     return;
                 }
@@ -155,11 +176,12 @@ pub fn follow(
             }
         }
     });
-    rx
+    (rx, consumer)
 }
 
-/// What answers for one target (the HTTP proxy of its cluster): all the
-/// routing needs of it is whether it could take a request now.
+/// What answers for one target (the HTTP proxy of its cluster, or the
+/// cluster of a tcp upstream's target): all the routing needs of it is
+/// whether it could take a request now.
 pub trait TargetProxy {
     /// Some endpoint is healthy and not ejected.
     fn has_healthy(&self) -> bool;
@@ -169,11 +191,15 @@ pub trait TargetProxy {
 /// that leads to it.
 pub type MakeProxy<P> = dyn Fn(&Target, &Destination) -> Arc<P> + Send + Sync;
 
-/// One outbound listener's routing: its chain and the target proxies.
+/// One outbound listener's routing: its chain and the target proxies,
+/// compiled into one immutable [`Table`] per chain version. A request
+/// reads the table with an atomic load (no lock) and keeps it until it
+/// is done; a new chain's table is made whole, then swapped in.
 pub struct Routing<P> {
     applied: watch::Receiver<Arc<Applied>>,
-    made: RwLock<Made<P>>,
-    make: Box<MakeProxy<P>>,
+    /// `None`: no chain yet, or a plain one (the listener's own cluster
+    /// serves).
+    table: ArcSwapOption<Table<P>>,
 }
 
 impl<P> std::fmt::Debug for Routing<P> {
@@ -186,29 +212,39 @@ impl<P> std::fmt::Debug for Routing<P> {
 /// `None` is the default route. A flat table (slot
 /// `(route + 1) * targets + target`, the default route first): a request
 /// finds its proxy by index, not by hashing.
-struct Made<P> {
-    chain: Option<Arc<Chain>>,
+struct Table<P> {
+    chain: Arc<Chain>,
     targets: usize,
     proxies: Vec<Option<Arc<P>>>,
 }
 
-impl<P> Default for Made<P> {
-    fn default() -> Self {
-        Self {
-            chain: None,
-            targets: 0,
-            proxies: Vec::new(),
-        }
-    }
-}
-
-impl<P> Made<P> {
+impl<P> Table<P> {
     fn slot(&self, route: Option<usize>, target: usize) -> usize {
         route.map_or(0, |r| r + 1) * self.targets + target
     }
 
     fn get(&self, route: Option<usize>, target: usize) -> Option<&Arc<P>> {
         self.proxies.get(self.slot(route, target))?.as_ref()
+    }
+
+    /// The proxy for `target` on `route`, or the first of its failover
+    /// targets (in order) with a healthy endpoint when it has none; with
+    /// none healthy anywhere, the target's own (its "no healthy upstream"
+    /// answers).
+    fn healthy(&self, route: Option<usize>, target: usize) -> Option<&Arc<P>>
+    where
+        P: TargetProxy,
+    {
+        let proxy = self.get(route, target)?;
+        if proxy.has_healthy() {
+            return Some(proxy);
+        }
+        self.chain.targets[target]
+            .failover
+            .iter()
+            .filter_map(|f| self.get(route, *f))
+            .find(|p| p.has_healthy())
+            .or(Some(proxy))
     }
 }
 
@@ -227,36 +263,47 @@ pub struct Chosen<P> {
     pub set_cookie: Option<hyper::header::HeaderValue>,
 }
 
-impl<P: TargetProxy> Routing<P> {
-    pub fn new(applied: watch::Receiver<Arc<Applied>>, make: Box<MakeProxy<P>>) -> Self {
-        Self {
-            applied,
-            made: RwLock::default(),
-            make,
-        }
-    }
-
-    /// [`Routing::new`], and a task that makes each new chain's target
-    /// proxies as soon as it is applied (not at its first request): a
-    /// target's cluster then has its endpoints by the time a request
-    /// comes (a service no upstream followed before would otherwise start
-    /// empty and answer the first requests with 503). It ends with the
+impl<P: TargetProxy + Send + Sync + 'static> Routing<P> {
+    /// The routing of one listener, and the task that makes each new
+    /// chain's table as soon as it is applied (not at its first request:
+    /// a target's cluster then has its endpoints by the time a request
+    /// comes, and a service no upstream followed before does not start
+    /// empty and answer the first requests with 503), swaps it in and
+    /// then reports the chain applied (`consumer`). It ends with the
     /// routing.
-    pub fn start(applied: watch::Receiver<Arc<Applied>>, make: Box<MakeProxy<P>>) -> Arc<Self>
-    where
-        P: Send + Sync + 'static,
-    {
-        let routing = Arc::new(Self::new(applied.clone(), make));
+    pub fn start(
+        (applied, consumer): (watch::Receiver<Arc<Applied>>, Consumer),
+        make: Box<MakeProxy<P>>,
+    ) -> Arc<Self> {
+        let routing = Arc::new(Self {
+            applied: applied.clone(),
+            table: ArcSwapOption::empty(),
+        });
         let weak = Arc::downgrade(&routing);
         let mut changes = applied;
         tokio::spawn(async move {
+            let mut made: Option<Arc<Chain>> = None;
             loop {
-                let chain = changes.borrow_and_update().chain.clone();
-                match (weak.upgrade(), chain) {
-                    (None, _) => return,
-                    (Some(routing), Some(chain)) if !chain.is_plain() => routing.prepare(&chain),
-                    _ => {}
+                let now = Arc::clone(&changes.borrow_and_update());
+                let Some(routing) = weak.upgrade() else {
+                    return;
+                };
+                let same = match (&made, &now.chain) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if !same {
+                    let table = now
+                        .chain
+                        .as_ref()
+                        .filter(|c| !c.is_plain())
+                        .map(|chain| Arc::new(make_table(chain, &make)));
+                    routing.table.store(table);
+                    made.clone_from(&now.chain);
                 }
+                drop(routing);
+                consumer.applied(&now.indexes, now.refused.clone());
                 if changes.changed().await.is_err() {
                     return;
                 }
@@ -264,41 +311,31 @@ impl<P: TargetProxy> Routing<P> {
         });
         routing
     }
+}
 
-    /// Makes `chain`'s target proxies unless they are made already.
-    fn prepare(&self, chain: &Arc<Chain>) {
-        let current = |made: &Made<P>| made.chain.as_ref().is_some_and(|c| Arc::ptr_eq(c, chain));
-        if current(&self.made.read().unwrap_or_else(|e| e.into_inner())) {
-            return;
-        }
-        let mut made = self.made.write().unwrap_or_else(|e| e.into_inner());
-        if !current(&made) {
-            *made = self.make_all(chain);
-        }
-    }
-
+impl<P: TargetProxy> Routing<P> {
     /// The target proxies of the chain in use, for `/metrics` and
     /// `/clusters`: (route — `default` or the router's route number —,
     /// target id, proxy), sorted.
     pub fn target_proxies(&self) -> Vec<(String, String, Arc<P>)> {
-        let made = self.made.read().unwrap_or_else(|e| e.into_inner());
-        let Some(chain) = made.chain.as_ref() else {
+        let table = self.table.load();
+        let Some(table) = table.as_ref() else {
             return Vec::new();
         };
-        let mut out: Vec<_> = made
+        let mut out: Vec<_> = table
             .proxies
             .iter()
             .enumerate()
             .filter_map(|(slot, proxy)| {
                 let proxy = proxy.as_ref()?;
-                let (route, target) = (slot / made.targets, slot % made.targets);
+                let (route, target) = (slot / table.targets, slot % table.targets);
                 let route = match route {
                     0 => "default".to_owned(),
                     r => (r - 1).to_string(),
                 };
                 Some((
                     route,
-                    chain.targets.get(target)?.id.clone(),
+                    table.chain.targets.get(target)?.id.clone(),
                     Arc::clone(proxy),
                 ))
             })
@@ -316,10 +353,9 @@ impl<P: TargetProxy> Routing<P> {
     /// own cluster serves it); otherwise the target's proxy, with the
     /// request already rewritten.
     pub fn choose<B>(&self, req: &mut Request<B>) -> Option<Chosen<P>> {
-        let chain = self.applied.borrow().chain.clone()?;
-        if chain.is_plain() {
-            return None;
-        }
+        let table = self.table.load();
+        let table = table.as_ref()?;
+        let chain = &table.chain;
         let (route, dest) = chain.route(
             req.method().as_str(),
             req.uri().path(),
@@ -327,35 +363,13 @@ impl<P: TargetProxy> Routing<P> {
             req.headers(),
         );
         let split = dest.pick(rand::random_range(0..10_000));
-        // Made already by the task of `start`, unless this request came
-        // first (then it makes them; the others wait).
-        let mut made = self.made.read().unwrap_or_else(|e| e.into_inner());
-        if !made.chain.as_ref().is_some_and(|c| Arc::ptr_eq(c, &chain)) {
-            drop(made);
-            self.prepare(&chain);
-            made = self.made.read().unwrap_or_else(|e| e.into_inner());
-        }
         let split_index = dest
             .splits
             .iter()
             .position(|s| std::ptr::eq(s, split))
             .unwrap_or(0);
         let target = &chain.targets[split.target];
-        let mut proxy = made.get(route, split.target)?;
-        if !proxy.has_healthy() {
-            // The resolver's failover, in order; with none healthy, the
-            // target itself answers (503 no healthy upstream).
-            if let Some(next) = target
-                .failover
-                .iter()
-                .filter_map(|f| made.get(route, *f))
-                .find(|p| p.has_healthy())
-            {
-                proxy = next;
-            }
-        }
-        let proxy = Arc::clone(proxy);
-        drop(made);
+        let proxy = Arc::clone(table.healthy(route, split.target)?);
         let set_cookie = sticky_cookie(target, req);
         let fault = dest.fault.clone().or_else(|| target.fault.clone());
         apply(&dest.request_headers, req.headers_mut());
@@ -375,7 +389,7 @@ impl<P: TargetProxy> Routing<P> {
         }
         Some(Chosen {
             proxy,
-            chain: Arc::clone(&chain),
+            chain: Arc::clone(chain),
             route,
             split: split_index,
             fault,
@@ -383,41 +397,50 @@ impl<P: TargetProxy> Routing<P> {
         })
     }
 
-    /// Every (route, target) proxy of `chain`, failover targets included.
-    fn make_all(&self, chain: &Arc<Chain>) -> Made<P> {
-        let routes = chain.destinations().count();
-        let mut made = Made {
-            chain: Some(Arc::clone(chain)),
-            targets: chain.targets.len(),
-            proxies: Vec::new(),
-        };
-        made.proxies
-            .resize_with(routes * chain.targets.len(), || None);
-        let mut add = |route: Option<usize>, dest: &Destination| {
-            let mut wanted: Vec<usize> = dest.splits.iter().map(|s| s.target).collect();
-            let mut i = 0;
-            while i < wanted.len() {
-                for f in &chain.targets[wanted[i]].failover {
-                    if !wanted.contains(f) {
-                        wanted.push(*f);
-                    }
-                }
-                i += 1;
-            }
-            for t in wanted {
-                let slot = made.slot(route, t);
-                if let Some(place) = made.proxies.get_mut(slot)
-                    && place.is_none()
-                {
-                    *place = Some((self.make)(&chain.targets[t], dest));
-                }
-            }
-        };
-        for (i, dest) in chain.destinations() {
-            add(i, dest);
-        }
-        made
+    /// Routes a connection of a tcp upstream: `None` when no entry changes
+    /// anything; otherwise the proxy of the resolver's target (its subset,
+    /// or a redirect's service), or of its first failover target with a
+    /// healthy endpoint when it has none.
+    pub fn choose_connection(&self) -> Option<Arc<P>> {
+        let table = self.table.load();
+        let table = table.as_ref()?;
+        let split = table.chain.destination(None).pick(0);
+        table.healthy(None, split.target).map(Arc::clone)
     }
+}
+
+/// Every (route, target) proxy of `chain`, failover targets included.
+fn make_table<P>(chain: &Arc<Chain>, make: &MakeProxy<P>) -> Table<P> {
+    let routes = chain.destinations().count();
+    let mut table = Table {
+        chain: Arc::clone(chain),
+        targets: chain.targets.len(),
+        proxies: Vec::new(),
+    };
+    table
+        .proxies
+        .resize_with(routes * chain.targets.len(), || None);
+    for (route, dest) in chain.destinations() {
+        let mut wanted: Vec<usize> = dest.splits.iter().map(|s| s.target).collect();
+        let mut i = 0;
+        while i < wanted.len() {
+            for f in &chain.targets[wanted[i]].failover {
+                if !wanted.contains(f) {
+                    wanted.push(*f);
+                }
+            }
+            i += 1;
+        }
+        for t in wanted {
+            let slot = table.slot(route, t);
+            if let Some(place) = table.proxies.get_mut(slot)
+                && place.is_none()
+            {
+                *place = Some(make(&chain.targets[t], dest));
+            }
+        }
+    }
+    table
 }
 
 /// A cookie the sidecar set on this request's response (its value is what
