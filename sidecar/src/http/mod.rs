@@ -170,7 +170,9 @@ impl HttpProxy {
                         return response;
                     }
                 }
-                let mut response = proxy.handle(req, peer, caller, connection).await;
+                // The target's future inline in this one: one allocation
+                // per routed request, as for a plain one.
+                let mut response = proxy.serve(req, peer, caller, connection).await;
                 chosen.change_response(response.headers_mut());
                 if delayed {
                     response.headers_mut().insert(
@@ -181,6 +183,17 @@ impl HttpProxy {
                 response
             });
         }
+        Box::pin(self.serve(req, peer, caller, connection))
+    }
+
+    /// Answers `req` from this proxy's own cluster (no routing).
+    fn serve(
+        &self,
+        mut req: Request<ClientBody>,
+        peer: SocketAddr,
+        caller: Option<Arc<Caller>>,
+        connection: Busy,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send + '_ {
         // Inbound, an upgrade to h2c would turn the connection into HTTP/2
         // requests that no intention sees (h2c smuggling): the request is
         // answered as the plain HTTP/1.1 request it also is.
@@ -193,7 +206,7 @@ impl HttpProxy {
             && (is_upgrade(&req) || req.method() == hyper::Method::CONNECT))
             .then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        Box::pin(self.answer(parts, body, downstream_upgrade, (peer, caller), connection))
+        self.answer(parts, body, downstream_upgrade, (peer, caller), connection)
     }
 
     /// Not an `async fn`, whose arguments would be stored twice in its

@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 
 use meshwork_proto::v1::{Endpoint, Health};
 use serde::Serialize;
@@ -149,11 +151,11 @@ pub fn acquire_owned(
 pub struct Cluster {
     /// Swapped by a config reload ([`Cluster::reconfigure`]); a request
     /// reads it once and keeps that version to its end.
-    config: RwLock<Arc<Upstream>>,
+    config: ArcSwap<Upstream>,
     pub source: Source,
     /// The local app, for the inbound listener's cluster.
     pub app: Option<SocketAddr>,
-    table: RwLock<Arc<Table>>,
+    table: ArcSwap<Table>,
     /// The last endpoint set from discovery, to rebuild the table when a
     /// reload changes the tag filter or the balancer.
     last_set: Mutex<Option<Arc<EndpointSet>>>,
@@ -217,10 +219,10 @@ impl Cluster {
     fn new(config: Upstream, source: Source) -> Self {
         Cluster {
             metrics: ClusterMetrics::default(),
-            config: RwLock::new(Arc::new(config)),
+            config: ArcSwap::from_pointee(config),
             source,
             app: None,
-            table: RwLock::default(),
+            table: ArcSwap::default(),
             last_set: Mutex::default(),
             stats: Mutex::default(),
             round_robin: AtomicUsize::new(0),
@@ -325,12 +327,12 @@ impl Cluster {
     }
 
     pub fn table(&self) -> Arc<Table> {
-        Arc::clone(&self.table.read().unwrap_or_else(|e| e.into_inner()))
+        self.table.load_full()
     }
 
     /// The upstream's settings now.
     pub fn config(&self) -> Arc<Upstream> {
-        Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
+        self.config.load_full()
     }
 
     /// Applies new settings for the same upstream (a config reload):
@@ -338,10 +340,7 @@ impl Cluster {
     /// endpoint counters and ejections are kept, and the table is rebuilt
     /// when the tag filter or the balancer changed.
     pub fn reconfigure(&self, config: Upstream) {
-        let old = std::mem::replace(
-            &mut *self.config.write().unwrap_or_else(|e| e.into_inner()),
-            Arc::new(config),
-        );
+        let old = self.config.swap(Arc::new(config));
         let new = self.config();
         if old.tag == new.tag && old.balance == new.balance {
             return;
@@ -378,7 +377,7 @@ impl Cluster {
         if self.config().balance == Balance::RingHash {
             table.ring = Some(Ring::build(&table.endpoints));
         }
-        *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+        self.table.store(Arc::new(table));
     }
 
     /// Rebuilds the table from a discovery update.
