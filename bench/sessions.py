@@ -12,7 +12,10 @@
    its log moved (Meshwork: the Raft applied index; a renewal must not be a
    write).
    For scale, Meshwork's CPU at the same rate of `GET /v1/status/leader`
-   (the cheapest request) is measured first.
+   (the cheapest request) is measured first, and nginx (Debian's, one
+   worker) answering the same renewal requests with a fixed `[]` at the
+   same rate: the least any HTTP server costs for this load on this
+   machine.
 2. Lock hand-over on Meshwork: a holder releases (`?release=`), a waiter
    parked in a blocking read of the key wakes and acquires (`?acquire=`);
    the time from sending the release to the waiter's `true`, p50/p99.
@@ -327,7 +330,64 @@ async def bench_etcd(binary, work, sessions, seconds, conns_n):
             proc.kill()
 
 
-def report(args, mw, etcd, etcd_version):
+async def bench_nginx(binary, work, sessions, seconds, conns_n):
+    """nginx answering every request with a fixed body: the HTTP floor."""
+    host, port = "127.0.0.1", 28580
+    prefix = os.path.join(work, "nginx")
+    os.makedirs(os.path.join(prefix, "logs"))
+    conf = os.path.join(prefix, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 600s;
+    client_body_temp_path {prefix}/body;
+    server {{
+        listen {host}:{port};
+        default_type application/json;
+        location / {{ return 200 '[]'; }}
+    }}
+}}
+""")
+    proc = subprocess.Popen([binary, "-p", prefix, "-c", conf],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_http(host, port, "/")
+        workers = []
+        for _ in range(50):
+            out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+            workers = [int(p) for p in out.stdout.split()]
+            if workers:
+                break
+            time.sleep(0.1)
+        pids = [proc.pid] + workers
+        conns = await pool(host, port, conns_n)
+        ids = [f"{i:08x}-0000-0000-0000-000000000000" for i in range(sessions)]
+
+        async def renew(conn, ident):
+            status, _ = await conn.request("PUT", f"/v1/session/renew/{ident}")
+            return status
+
+        ticks = sum(cpu_ticks(p) for p in pids)
+        done, took, lat, errors = await renew_load(conns, ids, renew, min(seconds, 10))
+        cpu = (sum(cpu_ticks(p) for p in pids) - ticks) / CLK_TCK / took * 100
+        for c in conns:
+            c.close()
+        return {"cpu_pct": cpu, "rate": done / took, "errors": errors}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def report(args, mw, etcd, etcd_version, nginx):
     cmd = "python3 bench/sessions.py"
     if args.sessions != 10000 or args.seconds != 30:
         cmd += f" --sessions {args.sessions} --seconds {args.seconds}"
@@ -364,12 +424,13 @@ def report(args, mw, etcd, etcd_version):
         f"A renewal is not a log write: the leader keeps the time of the last renewal in memory "
         f"(the Raft applied index moved by {mw['log_moved']} during the run). For scale, the same "
         f"rate of Meshwork's cheapest request (`GET /v1/status/leader`) costs "
-        f"{mw['floor_cpu_pct']:.1f} % of one core on this machine: most of a renewal's cost is "
-        "serving an HTTP request at all. "
+        f"{mw['floor_cpu_pct']:.1f} % of one core on this machine, and nginx answering the same "
+        f"requests with a fixed body at the same rate ({nginx['rate']:.0f}/s, one worker) "
+        f"{nginx['cpu_pct']:.1f} %: most of a renewal's cost is serving an HTTP request at all. "
         + ("Target (under 10 % of one core at 10,000 sessions): "
            + ("met." if mw["cpu_pct"] < 10 else
-              f"not met ({mw['cpu_pct']:.1f} %): the HTTP floor alone is above it here; "
-              "what a renewal adds to it is "
+              f"not met ({mw['cpu_pct']:.1f} %; nginx's fixed answer alone costs "
+              f"{nginx['cpu_pct']:.1f} % here); what a renewal adds to Meshwork's own HTTP floor is "
               f"{max(0.0, mw['cpu_pct'] - mw['floor_cpu_pct']):.1f} % of one core.")
            if args.sessions == 10000 else ""),
         "",
@@ -396,11 +457,12 @@ async def main():
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--registry-bin", default=os.path.join(REPO, "target/release/meshwork-registry"))
     p.add_argument("--etcd-bin", default=shutil.which("etcd") or "/usr/bin/etcd")
+    p.add_argument("--nginx-bin", default=shutil.which("nginx") or "/usr/sbin/nginx")
     p.add_argument("--out", default=os.path.join(REPO, "bench/RESULTS-sessions.md"))
     args = p.parse_args()
-    for binary in (args.registry_bin, args.etcd_bin):
+    for binary in (args.registry_bin, args.etcd_bin, args.nginx_bin):
         if not os.access(binary, os.X_OK):
-            sys.exit(f"{binary} is missing (build it, or apt-get install etcd-server)")
+            sys.exit(f"{binary} is missing (build it, or apt-get install etcd-server nginx)")
     etcd_version = subprocess.run([args.etcd_bin, "--version"], capture_output=True,
                                   text=True).stdout.split("\n")[0].split()[-1]
     with tempfile.TemporaryDirectory(prefix="meshwork-sessions-bench-") as work:
@@ -411,7 +473,10 @@ async def main():
         print(f"etcd: {args.sessions} leases, {args.seconds} s of keep-alives", file=sys.stderr)
         etcd = await bench_etcd(args.etcd_bin, work, args.sessions, args.seconds, args.connections)
         print(f"etcd: {etcd}", file=sys.stderr)
-    text = report(args, mw, etcd, etcd_version)
+        nginx = await bench_nginx(args.nginx_bin, work, args.sessions, args.seconds,
+                                  args.connections)
+        print(f"nginx: {nginx}", file=sys.stderr)
+    text = report(args, mw, etcd, etcd_version, nginx)
     with open(args.out, "w") as f:
         f.write(text)
     print(text)
