@@ -149,6 +149,18 @@ pub struct Resolved {
 }
 
 impl Resolved {
+    /// The rights of a token with these rules, default deny (tests of
+    /// what a handler shows to whom).
+    #[cfg(test)]
+    pub fn with_rules(rules: &str) -> Result<Self, rules::RulesError> {
+        let rules = rules::parse(rules)?;
+        Ok(Self {
+            accessor: Some(Arc::from("test")),
+            authorizer: Arc::new(Authorizer::compile([&rules], Fallback::Deny)),
+            acl_index: 1,
+        })
+    }
+
     /// Everything allowed (ACLs off): shared, no allocation per request.
     pub fn everything() -> Self {
         static EVERYTHING: std::sync::LazyLock<Arc<Authorizer>> =

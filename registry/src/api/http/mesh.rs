@@ -28,7 +28,7 @@ use super::authz::Authz;
 use super::error::ApiError;
 use super::query::Params;
 use crate::api::fleet::Listed;
-use crate::auth::{Kind, Need, Resolved};
+use crate::auth::{Kind, Need, Resolved, Single};
 use crate::telemetry::sidecars::{DISCONNECTED_AFTER, pending_kinds};
 
 /// How often a waiting query asks the peers again (their sidecars'
@@ -110,11 +110,27 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn refused_json(report: &SidecarReport) -> Vec<Value> {
+/// A refusal's reason is the sidecar's compiler's message, which may quote
+/// any entry of the chain (another service's resolver, a subset of a
+/// redirect's target): it is shown to tokens that may read every
+/// service's entries (`service_prefix ""` read) or `operator:read`; others
+/// get the scope and index, and this in place of the reason.
+const REASON_WITHHELD: &str = "withheld: a refusal's reason may quote other services' config entries; it is shown to tokens with service:read on every service or operator:read";
+
+fn refused_json(report: &SidecarReport, authz: &Resolved) -> Vec<Value> {
+    let may_read_reasons = authz.allows_prefix(Kind::Service, "", Need::Read)
+        || authz.allows_single(Single::Operator, Need::Read);
     report
         .refused
         .iter()
-        .map(|r| json!({ "Scope": r.scope, "Reason": r.reason, "Index": r.index }))
+        .map(|r| {
+            let reason = if may_read_reasons {
+                r.reason.as_str()
+            } else {
+                REASON_WITHHELD
+            };
+            json!({ "Scope": r.scope, "Reason": reason, "Index": r.index })
+        })
         .collect()
 }
 
@@ -190,7 +206,7 @@ pub async fn sidecars(
                     "LastReportMs": millis(s.age),
                     "AppliedIndex": applied_index(r, state_index, &kind_index),
                     "Applied": r.applied.iter().collect::<BTreeMap<_, _>>(),
-                    "Refused": refused_json(r),
+                    "Refused": refused_json(r, &resolved),
                     "ConfigDigest": r.config_digest,
                     "ConfigLoadedUnix": r.config_loaded_unix,
                 })
@@ -268,7 +284,7 @@ pub async fn propagation(
                     "Node": r.node,
                     "Service": r.service,
                     "ServiceID": r.service_id,
-                    "Refused": refused_json(r),
+                    "Refused": refused_json(r, &resolved),
                 }));
             }
         }
@@ -299,6 +315,34 @@ pub async fn propagation(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusal_reasons_are_shown_only_to_who_may_read_every_service() {
+        let report = SidecarReport {
+            refused: vec![meshwork_proto::v1::RefusedEntry {
+                scope: "upstream api".into(),
+                reason: "service-resolver \"billing\".Subsets: secret-subset".into(),
+                index: 7,
+            }],
+            ..Default::default()
+        };
+        let reason = |rules: &str| {
+            let authz = Resolved::with_rules(rules).expect("rules");
+            refused_json(&report, &authz)[0]["Reason"]
+                .as_str()
+                .map(str::to_owned)
+        };
+        let one_service = reason(r#"service "api" { policy = "read" }"#);
+        assert_eq!(one_service.as_deref(), Some(REASON_WITHHELD));
+        let all = reason(r#"service_prefix "" { policy = "read" }"#);
+        assert!(all.is_some_and(|r| r.contains("billing")));
+        let operator = reason(r#"operator = "read""#);
+        assert!(operator.is_some_and(|r| r.contains("billing")));
+        let authz = Resolved::with_rules(r#"service "api" { policy = "read" }"#).expect("rules");
+        let shown = refused_json(&report, &authz);
+        assert_eq!(shown[0]["Scope"], "upstream api");
+        assert_eq!(shown[0]["Index"], 7);
+    }
 
     #[test]
     fn the_applied_index_is_held_back_only_by_kinds_that_changed_since() {
