@@ -123,22 +123,36 @@ impl PeerCache {
     /// The other servers' sidecars, at most a second old (ages as of when
     /// they were asked, plus the time since).
     pub async fn peers(&self, node: &RegistryNode) -> Vec<Listed> {
+        self.peers_matching(node, |_| true).await
+    }
+
+    /// [`PeerCache::peers`], only the reports `keep` wants (the others are
+    /// not copied).
+    pub async fn peers_matching(
+        &self,
+        node: &RegistryNode,
+        keep: impl Fn(&SidecarReport) -> bool,
+    ) -> Vec<Listed> {
         let mut last = self.last.lock().await;
-        if let Some((at, listed)) = last.as_ref()
-            && at.elapsed() < PEER_CACHE
+        if last
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= PEER_CACHE)
         {
-            let since = at.elapsed();
-            return listed
-                .iter()
-                .cloned()
-                .map(|mut l| {
-                    l.age += since;
-                    l
-                })
-                .collect();
+            let fetched = tables(node, &Sidecars::default(), "").await.sidecars;
+            *last = Some((Instant::now(), fetched));
         }
-        let fetched = tables(node, &Sidecars::default(), "").await.sidecars;
-        *last = Some((Instant::now(), fetched.clone()));
-        fetched
+        let Some((at, listed)) = last.as_ref() else {
+            return Vec::new();
+        };
+        let since = at.elapsed();
+        listed
+            .iter()
+            .filter(|l| keep(&l.report))
+            .cloned()
+            .map(|mut l| {
+                l.age += since;
+                l
+            })
+            .collect()
     }
 }

@@ -57,19 +57,30 @@ pub struct MetaFile {
     seq: u64,
 }
 
+/// What [`MetaFile::read_slots`] finds: the latest valid slot's sequence
+/// and payload, and why the other slot is invalid if it is.
+type Slots = (u64, Vec<u8>, Option<String>);
+
 impl MetaFile {
     /// Reads the file at `path` without writing anything: `Ok(None)` when
     /// there is none, its latest payload otherwise, `InvalidData` when
-    /// neither slot is valid.
+    /// neither slot is valid. (An invalid slot beside a valid one is
+    /// logged when the file is opened, not here: the start-up check reads
+    /// it just before.)
     pub fn read(path: &Path) -> io::Result<Option<Vec<u8>>> {
-        Ok(Self::read_slots(path)?.map(|(_, payload)| payload))
+        Ok(Self::read_slots(path)?.map(|(_, payload, _)| payload))
     }
 
     /// Opens the file at `path`, creating it with `initial` if there is
     /// none (durably: the file and its name). Returns the file and its
     /// latest payload.
     pub fn open_or_create(path: &Path, initial: &[u8]) -> io::Result<(Self, Vec<u8>)> {
-        if let Some((seq, payload)) = Self::read_slots(path)? {
+        if let Some((seq, payload, invalid)) = Self::read_slots(path)? {
+            if let Some(why) = invalid {
+                // A crash in the middle of a write leaves this; so would
+                // damage, which the other slot outlives.
+                tracing::warn!(path = %path.display(), seq, reason = %why, "one slot of the raft metadata file is invalid; the other is used");
+            }
             let file = std::fs::OpenOptions::new().write(true).open(path)?;
             return Ok((Self { file, seq }, payload));
         }
@@ -110,9 +121,9 @@ impl MetaFile {
         Ok(Self { file, seq: 1 })
     }
 
-    /// The latest valid slot's (seq, payload), `None` when the file does
-    /// not exist.
-    fn read_slots(path: &Path) -> io::Result<Option<(u64, Vec<u8>)>> {
+    /// The latest valid slot's (seq, payload, why the other slot is
+    /// invalid if it is), `None` when the file does not exist.
+    fn read_slots(path: &Path) -> io::Result<Option<Slots>> {
         let bytes = match std::fs::read(path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -126,13 +137,9 @@ impl MetaFile {
             .cloned();
         let [first, second] = &slots;
         match best {
-            Some(best) => {
-                if let Some(why) = first.as_ref().err().or(second.as_ref().err()) {
-                    // A crash in the middle of a write leaves this; so
-                    // would damage, which the other slot outlives.
-                    tracing::warn!(path = %path.display(), seq = best.0, reason = %why, "one slot of the raft metadata file is invalid; the other is used");
-                }
-                Ok(Some(best))
+            Some((seq, payload)) => {
+                let invalid = first.as_ref().err().or(second.as_ref().err()).cloned();
+                Ok(Some((seq, payload, invalid)))
             }
             None => Err(io::Error::new(
                 io::ErrorKind::InvalidData,

@@ -118,11 +118,21 @@ impl Sidecars {
     /// Every sidecar known here with the time since its last report
     /// (those past [`FORGOTTEN_AFTER`] are dropped on the way).
     pub fn local(&self) -> Vec<(SidecarReport, Duration)> {
+        self.local_matching(|_| true)
+    }
+
+    /// [`Sidecars::local`], only the reports `keep` wants (the others are
+    /// not copied).
+    pub fn local_matching(
+        &self,
+        keep: impl Fn(&SidecarReport) -> bool,
+    ) -> Vec<(SidecarReport, Duration)> {
         let now = Instant::now();
         let mut table = self.lock();
         forget_old(&mut table, now);
         table
             .values()
+            .filter(|r| keep(&r.report))
             .map(|r| (r.report.clone(), now.duration_since(r.received)))
             .collect()
     }

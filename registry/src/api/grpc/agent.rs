@@ -142,9 +142,12 @@ impl AgentService {
                 .ok()??
                 .service_quota()?
         };
+        // Only the service's instances that enforce a quota are copied
+        // (a server may hold tens of thousands of reports).
+        let wanted = |r: &SidecarReport| r.quota && r.service == service;
         let mut listed: Vec<crate::api::fleet::Listed> = self
             .sidecars
-            .local()
+            .local_matching(wanted)
             .into_iter()
             .map(|(report, age)| crate::api::fleet::Listed {
                 report,
@@ -152,7 +155,7 @@ impl AgentService {
                 age,
             })
             .collect();
-        listed.extend(self.peers.peers(&self.node).await);
+        listed.extend(self.peers.peers_matching(&self.node, wanted).await);
         let instances: Vec<_> = crate::api::fleet::freshest(listed)
             .into_iter()
             .filter(|l| l.report.quota && l.report.service == service && l.age < QUOTA_FRESH)
