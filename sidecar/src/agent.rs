@@ -712,6 +712,7 @@ fn register_request(config: &Config, checks: &[LocalCheck]) -> RegisterRequest {
             meta: service_meta(config),
             weight_passing: 0,
             weight_warning: 0,
+            kind: String::new(),
         }),
         checks: checks
             .iter()

@@ -383,6 +383,12 @@ async fn agent_and_catalog_bad_input_gets_consul_status_codes() -> Result<()> {
             400,
             "Invalid check state",
         ),
+        (
+            http.put(format!("{base}/v1/agent/service/register"))
+                .body(r#"{"Name":"a","Kind":"sidecar"}"#),
+            400,
+            "Invalid service kind",
+        ),
     ];
     for (request, want_status, want_text) in cases {
         let request = request.build()?;
@@ -437,6 +443,59 @@ async fn agent_and_catalog_bad_input_gets_consul_status_codes() -> Result<()> {
         .json()
         .await?;
     assert!(checks.get("_service_maintenance:w").is_none());
+    cluster.done();
+    Ok(())
+}
+
+/// A service's `Kind` is kept and shown as Consul shows it: `ServiceKind`
+/// in the catalog, `Kind` in health answers (empty for a typical service)
+/// and in the agent's list (left out for a typical service).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_kind_is_kept_and_shown_where_consul_shows_it() -> Result<()> {
+    let cluster = Cluster::start_in_process(1, &[]).await?;
+    let base = cluster.servers[0].http();
+    let http = &cluster.http;
+    register(
+        &cluster,
+        0,
+        json!({"Name": "edge", "Kind": "ingress-gateway", "Port": 8443}),
+    )
+    .await?;
+    register(
+        &cluster,
+        0,
+        json!({"Name": "web", "Kind": "typical", "Port": 80}),
+    )
+    .await?;
+    let catalog: Value = http
+        .get(format!("{base}/v1/catalog/service/edge"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(catalog[0]["ServiceKind"], "ingress-gateway", "{catalog}");
+    let health: Value = http
+        .get(format!("{base}/v1/health/service/edge"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(health[0]["Service"]["Kind"], "ingress-gateway", "{health}");
+    let web: Value = http
+        .get(format!("{base}/v1/health/service/web"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(web[0]["Service"]["Kind"], "", "{web}");
+    let agent: Value = http
+        .get(format!("{base}/v1/agent/services"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(agent["edge"]["Kind"], "ingress-gateway", "{agent}");
+    assert!(agent["web"].get("Kind").is_none(), "{agent}");
     cluster.done();
     Ok(())
 }

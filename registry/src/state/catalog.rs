@@ -52,6 +52,10 @@ impl Default for Weights {
 pub struct ServiceInstance {
     pub id: String,
     pub name: String,
+    /// Consul's service kind: empty for a typical service, else
+    /// `ingress-gateway`, `connect-proxy`, ... ([`SERVICE_KINDS`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
     pub tags: Vec<String>,
     pub address: String,
     pub port: u16,
@@ -79,11 +83,24 @@ pub struct HealthCheck {
     pub modify_index: u64,
 }
 
+/// The service kinds Consul knows besides a typical service (stored and
+/// shown as given; Meshwork's own gateway registers as `ingress-gateway`).
+pub const SERVICE_KINDS: [&str; 5] = [
+    "connect-proxy",
+    "mesh-gateway",
+    "terminating-gateway",
+    "ingress-gateway",
+    "api-gateway",
+];
+
 /// A service as given in a registration (indexes are assigned on apply).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
     pub id: String,
     pub name: String,
+    /// See [`ServiceInstance::kind`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
     pub tags: Vec<String>,
     pub address: String,
     pub port: u16,
@@ -244,6 +261,7 @@ impl Catalog {
             let instance = ServiceInstance {
                 id: id.clone(),
                 name: spec.name.clone(),
+                kind: spec.kind.clone(),
                 tags: spec.tags.clone(),
                 address: spec.address.clone(),
                 port: spec.port,

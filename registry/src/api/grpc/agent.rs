@@ -60,6 +60,18 @@ fn cluster_status(e: ClusterError) -> Status {
     }
 }
 
+/// A registration's service kind: empty (typical) or one of Consul's.
+fn service_kind(kind: &str) -> Result<String, Status> {
+    match kind {
+        "" | "typical" => Ok(String::new()),
+        k if crate::state::catalog::SERVICE_KINDS.contains(&k) => Ok(k.to_owned()),
+        k => Err(Status::invalid_argument(format!(
+            "invalid service kind {k:?} (one of typical, {})",
+            crate::state::catalog::SERVICE_KINDS.join(", ")
+        ))),
+    }
+}
+
 fn health(status: i32, what: &str) -> Result<HealthStatus, Status> {
     match CheckStatus::try_from(status) {
         Ok(CheckStatus::CheckPassing) => Ok(HealthStatus::Passing),
@@ -339,6 +351,7 @@ impl AgentService {
             node_meta: request.node_meta.into_iter().collect::<BTreeMap<_, _>>(),
             service: Some(ServiceSpec {
                 id,
+                kind: service_kind(&service.kind)?,
                 name: service.name,
                 tags: service.tags,
                 address: service.address,

@@ -15,8 +15,8 @@ use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
 use crate::state::catalog::{
-    CheckDefinition, CheckSpec, HealthCheck, HealthStatus, Node, ServiceInstance, ServiceSpec,
-    Weights,
+    CheckDefinition, CheckSpec, HealthCheck, HealthStatus, Node, SERVICE_KINDS, ServiceInstance,
+    ServiceSpec, Weights,
 };
 use meshwork_core::duration::parse_duration;
 
@@ -255,7 +255,6 @@ fn type_name(v: &Value) -> &'static str {
 
 /// Consul service fields accepted and ignored.
 const IGNORED_SERVICE_FIELDS: &[&str] = &[
-    "kind",
     "proxy",
     "connect",
     "taggedaddresses",
@@ -514,6 +513,16 @@ pub fn decode_service_fields(f: &mut Fields, agent: bool) -> Result<ServiceSpec,
     }
     printable("service name", &name)?;
     printable("service ID", &id)?;
+    let kind = match f.string("kind")?.as_str() {
+        "" | "typical" => String::new(),
+        k if SERVICE_KINDS.contains(&k) => k.to_owned(),
+        k => {
+            return Err(ApiError::bad_request(format!(
+                "Invalid service kind: {k:?} (one of typical, {})",
+                SERVICE_KINDS.join(", ")
+            )));
+        }
+    };
     let tags = f.strings("tags")?;
     let address = f.string("address")?;
     let port = f.port("port")?;
@@ -540,6 +549,7 @@ pub fn decode_service_fields(f: &mut Fields, agent: bool) -> Result<ServiceSpec,
     Ok(ServiceSpec {
         id,
         name,
+        kind,
         tags,
         address,
         port,
@@ -588,6 +598,7 @@ pub fn weights_json(w: Weights) -> Value {
 /// A service as `/v1/health/service` and `/v1/catalog/node` show it.
 pub fn service_json(s: &ServiceInstance) -> Value {
     json!({
+        "Kind": s.kind,
         "ID": s.id,
         "Service": s.name,
         "Tags": s.tags,
@@ -603,7 +614,7 @@ pub fn service_json(s: &ServiceInstance) -> Value {
 
 /// A service as `/v1/agent/services` shows it.
 pub fn agent_service_json(s: &ServiceInstance, datacenter: &str) -> Value {
-    json!({
+    let mut out = json!({
         "ID": s.id,
         "Service": s.name,
         "Tags": s.tags,
@@ -613,7 +624,14 @@ pub fn agent_service_json(s: &ServiceInstance, datacenter: &str) -> Value {
         "Weights": weights_json(s.weights),
         "EnableTagOverride": s.enable_tag_override,
         "Datacenter": datacenter,
-    })
+    });
+    // Consul leaves it out for a typical service here.
+    if !s.kind.is_empty()
+        && let Some(map) = out.as_object_mut()
+    {
+        map.insert("Kind".into(), Value::from(s.kind.clone()));
+    }
+    out
 }
 
 /// An entry of `/v1/catalog/service/:name`.
@@ -625,7 +643,7 @@ pub fn catalog_service_json(node: &Node, s: &ServiceInstance) -> Value {
         "Datacenter": node.datacenter,
         "TaggedAddresses": node.tagged_addresses,
         "NodeMeta": node.meta,
-        "ServiceKind": "",
+        "ServiceKind": s.kind,
         "ServiceID": s.id,
         "ServiceName": s.name,
         "ServiceTags": s.tags,
