@@ -1270,6 +1270,9 @@ pub fn validate_entry(
     if kind == "proxy-defaults" {
         return crate::upstream_defaults::validate_proxy_defaults(name, body);
     }
+    if kind == "ingress-gateway" {
+        return crate::ingress::parse(name, body).map(|_| ());
+    }
     if kind == "service-defaults" {
         crate::ratelimit::RateLimits::from_service_defaults(name, body)?;
         crate::upstream_defaults::validate_service_defaults(name, body)?;

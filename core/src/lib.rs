@@ -19,7 +19,8 @@
 //!   backup archive built on it;
 //! - [`intentions`]: Consul service-intentions entries validated, compiled
 //!   and evaluated (connection and request decisions);
-//! - [`http_path`]: request paths normalised as L7 intentions match them.
+//! - [`http_path`]: request paths normalised as L7 intentions match them;
+//! - [`ingress`]: the `ingress-gateway` entry's listeners, checked.
 
 #![forbid(unsafe_code)]
 
@@ -33,6 +34,7 @@ pub mod filter;
 pub mod frame;
 pub mod health;
 pub mod http_path;
+pub mod ingress;
 pub mod intentions;
 pub mod log_level;
 pub mod notify;

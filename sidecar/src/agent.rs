@@ -712,7 +712,11 @@ fn register_request(config: &Config, checks: &[LocalCheck]) -> RegisterRequest {
             meta: service_meta(config),
             weight_passing: 0,
             weight_warning: 0,
-            kind: String::new(),
+            kind: if config.gateway.is_some() {
+                crate::gateway::KIND.to_owned()
+            } else {
+                String::new()
+            },
         }),
         checks: checks
             .iter()
@@ -898,7 +902,12 @@ async fn report_applied(
         // The registry fills it in from the catalog.
         address: String::new(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        mode: "sidecar".to_owned(),
+        mode: if config.gateway.is_some() {
+            "gateway"
+        } else {
+            "sidecar"
+        }
+        .to_owned(),
         applied: summary.applied.into_iter().collect(),
         refused: bounded(summary.refused),
         config_digest: config.digest.clone(),

@@ -16,14 +16,16 @@ mod traffic;
 pub use traffic::{
     Balance, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, Explicit, Inbound, InboundExplicit,
     Limits, MAX_EJECTION, NO_REQUEST_TIMEOUT, OutlierPolicy, Protocol, ProxySettings, RetryOn,
-    RetryPolicy, Upstream,
+    RetryPolicy, Upstream, gateway_upstream,
 };
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
     registry: RegistrySection,
-    service: ServiceSection,
+    service: Option<ServiceSection>,
+    /// Gateway mode, instead of `[service]`, `[inbound]` and `[[upstreams]]`.
+    gateway: Option<GatewaySection>,
     #[serde(default)]
     admin: AdminSection,
     #[serde(default)]
@@ -147,6 +149,25 @@ struct ServiceSection {
     checks: Vec<CheckSection>,
 }
 
+/// `[gateway]`: the sidecar as an ingress gateway.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatewaySection {
+    /// Its service name; its listeners come from the `ingress-gateway`
+    /// entry of this name.
+    name: String,
+    id: Option<String>,
+    /// The address the listeners bind (default all: `0.0.0.0`).
+    address: Option<String>,
+    /// The port registered for it (what DNS and the catalog tell
+    /// clients); default 443.
+    port: Option<u32>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    meta: BTreeMap<String, String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CheckSection {
@@ -234,10 +255,22 @@ pub struct Config {
     pub inbound: Option<Inbound>,
     /// One outbound listener each.
     pub upstreams: Vec<Upstream>,
+    /// Gateway mode: the listeners come from its `ingress-gateway` entry
+    /// (`crate::gateway`), the service registers as `ingress-gateway`.
+    pub gateway: Option<Gateway>,
     pub proxy: ProxySettings,
     /// The first 16 hex digits of the file's SHA-256: which file is in use
     /// (reported to the registry; it says nothing of the file's secrets).
     pub digest: String,
+}
+
+/// `[gateway]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gateway {
+    /// The `ingress-gateway` entry it follows (its service name).
+    pub name: String,
+    /// Where its listeners bind.
+    pub bind: std::net::IpAddr,
 }
 
 /// A configuration error: one line per problem, each naming the file.
@@ -404,7 +437,50 @@ impl Config {
             }
         };
         let registry_token = registry_token.with_tls(registry_tls);
-        let service = file.service;
+        let (service, gateway) = match (file.service, file.gateway) {
+            (Some(service), None) => (service, None),
+            (None, Some(g)) => {
+                if file.inbound.is_some() || !file.upstreams.is_empty() {
+                    errors.push(format!(
+                        "{f}: gateway: a gateway's listeners come from its ingress-gateway entry: remove [inbound] and [[upstreams]]"
+                    ));
+                }
+                let bind = match g.address.as_deref().unwrap_or("0.0.0.0").parse() {
+                    Ok(ip) => ip,
+                    Err(_) => {
+                        errors.push(format!(
+                            "{f}: gateway.address: {:?} is not an IP address",
+                            g.address.as_deref().unwrap_or_default()
+                        ));
+                        std::net::IpAddr::from([0, 0, 0, 0])
+                    }
+                };
+                let gateway = Gateway {
+                    name: g.name.clone(),
+                    bind,
+                };
+                let service = ServiceSection {
+                    id: Some(g.id.unwrap_or_else(|| g.name.clone())),
+                    name: g.name,
+                    address: None,
+                    port: g.port.unwrap_or(443),
+                    tags: g.tags,
+                    meta: g.meta,
+                    checks: Vec::new(),
+                };
+                (service, Some(gateway))
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError(format!(
+                    "{f}: gateway: give [service] (a sidecar) or [gateway] (a gateway), not both"
+                )));
+            }
+            (None, None) => {
+                return Err(ConfigError(format!(
+                    "{f}: service: the [service] table is required (or [gateway] for a gateway)"
+                )));
+            }
+        };
         if service.name.trim().is_empty() {
             errors.push(format!("{f}: service.name: must not be empty"));
         }
@@ -614,6 +690,7 @@ impl Config {
             deregister_critical_after,
             inbound,
             upstreams,
+            gateway,
             proxy,
             digest: digest(text),
         })
@@ -701,6 +778,48 @@ limits = { max_connections = 1024, max_pending = 1024, max_requests = 1024 }
 name = "db"
 listen = "127.0.0.1:9192"
 "#;
+
+    #[test]
+    fn a_gateway_is_given_instead_of_a_service_and_alone() {
+        let gateway = r#"
+[registry]
+addresses = ["127.0.0.1:8502"]
+
+[gateway]
+name = "edge"
+address = "10.0.0.5"
+"#;
+        let c = Config::parse("g.toml", gateway).expect("valid");
+        let g = c.gateway.as_ref().expect("gateway mode");
+        assert_eq!(g.name, "edge");
+        assert_eq!(g.bind, "10.0.0.5".parse::<std::net::IpAddr>().expect("ip"));
+        assert_eq!(
+            (c.service_name.as_str(), c.service_id.as_str()),
+            ("edge", "edge")
+        );
+        assert_eq!(c.port, 443);
+        assert!(c.upstreams.is_empty() && c.inbound.is_none());
+        for (text, says) in [
+            (
+                format!("{gateway}[inbound]\nlisten = \"0.0.0.0:21000\"\n"),
+                "remove [inbound]",
+            ),
+            (
+                gateway.replace("address = \"10.0.0.5\"", "address = \"somewhere\""),
+                "gateway.address",
+            ),
+            (format!("{GOOD}\n[gateway]\nname = \"edge\"\n"), "not both"),
+            (
+                "[registry]\naddresses = [\"127.0.0.1:8502\"]\n".to_owned(),
+                "[service] table is required",
+            ),
+        ] {
+            let err = Config::parse("g.toml", &text)
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains(says), "{err} (want {says})");
+        }
+    }
 
     #[test]
     fn the_registrys_inbound_settings_apply_where_the_file_says_nothing() {

@@ -16,6 +16,7 @@ pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod discovery;
+pub mod gateway;
 pub mod http;
 pub mod listener;
 pub mod notify;

@@ -92,7 +92,16 @@ impl Reloader {
 
     async fn try_reload(&mut self) -> Result<ProxyChanges, String> {
         let next = Config::load(&self.path).map_err(|e| e.to_string())?;
-        let admin = self.agent.borrow().admin;
+        let (admin, gateway) = {
+            let current = self.agent.borrow();
+            (current.admin, current.gateway.is_some())
+        };
+        if next.gateway.is_some() != gateway {
+            return Err(format!(
+                "{}: switching between [service] and [gateway] needs a restart",
+                self.path.display()
+            ));
+        }
         if next.admin != admin {
             return Err(format!(
                 "{}: admin.listen: changed from {admin} to {}, which needs a restart",

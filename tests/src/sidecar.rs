@@ -419,6 +419,44 @@ listen = "{ip}:{ADMIN_PORT}"
         )
     }
 
+    /// Starts a sidecar in gateway mode on `ip`: `[gateway] name`, its
+    /// listeners bound on `ip` (from the `ingress-gateway` entry `name`).
+    /// Returned once its admin listener answers.
+    pub async fn gateway(&mut self, ip: &str, name: &str) -> Result<usize> {
+        let config = format!(
+            r#"{}
+[gateway]
+name = "{name}"
+address = "{ip}"
+port = 8443
+
+[session]
+node = "node-{ip}"
+ttl = "2s"
+
+[proxy]
+drain = "3s"
+access_log = true
+
+[admin]
+listen = "{ip}:{ADMIN_PORT}"
+"#,
+            self.registry_section()
+        );
+        let i = self.spawn(ip, name, &config)?;
+        wait_for("gateway admin", Duration::from_secs(15), || async {
+            self.sidecars[i]
+                .http
+                .get(self.sidecars[i].admin("/live"))
+                .send()
+                .await
+                .ok()?;
+            Some(())
+        })
+        .await?;
+        Ok(i)
+    }
+
     /// Starts the client sidecar on `ip` with one upstream, given as the
     /// body of its `[[upstreams]]` table (listen is added).
     pub async fn client_sidecar(&mut self, ip: &str, upstream: &str) -> Result<usize> {

@@ -428,6 +428,37 @@ fn limit_or(
     }
 }
 
+/// A gateway's listener for one service (`crate::gateway`): `name` on
+/// `listen` with the entry's `protocol` (explicit: the service's own
+/// `Protocol` does not change it), every other setting as an
+/// `[[upstreams]]` entry that names only these.
+pub fn gateway_upstream(
+    name: &str,
+    listen: SocketAddr,
+    protocol: &str,
+) -> Result<Upstream, String> {
+    let mut errors = Vec::new();
+    let section = UpstreamSection {
+        name: name.to_owned(),
+        listen: listen.to_string(),
+        protocol: Some(protocol.to_owned()),
+        tag: None,
+        balance: None,
+        hash_header: None,
+        connect_timeout: None,
+        request_timeout: None,
+        idle_timeout: None,
+        retries: None,
+        outlier: None,
+        limits: None,
+    };
+    let mut made = upstreams("ingress-gateway", vec![section], &mut errors);
+    match (made.pop(), errors.is_empty()) {
+        (Some(u), true) => Ok(u),
+        _ => Err(errors.join("; ")),
+    }
+}
+
 /// Client connections a listener keeps open at once unless configured.
 pub const DEFAULT_MAX_DOWNSTREAM: usize = 4096;
 

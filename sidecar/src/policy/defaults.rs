@@ -1,13 +1,16 @@
-//! The registry's defaults for this sidecar's upstreams and its inbound
-//! listener: its service's `service-defaults` `UpstreamConfig` and
-//! `LocalConnectTimeoutMs` / `LocalRequestTimeoutMs` /
+//! What the registry's config entries make of this sidecar's listeners:
+//! a gateway's listeners from its `ingress-gateway` entry
+//! ([`crate::gateway`]), then the defaults for the upstreams and the
+//! inbound listener — its service's `service-defaults` `UpstreamConfig`
+//! and `LocalConnectTimeoutMs` / `LocalRequestTimeoutMs` /
 //! `MaxInboundConnections`, each upstream's own `service-defaults`
 //! `Protocol` and the `proxy-defaults` entry `global`
 //! (`meshwork_core::upstream_defaults`), applied under the config file
 //! (what the file gives wins) through the proxy's reload: settings change
 //! in place, a protocol change replaces the listener's route as a SIGHUP
-//! reload would. A reload of the file applies them too ([`effective`]).
-//! The effective settings, and where each came from, show in `/config`.
+//! reload would, a gateway's new listener opens. A reload of the file
+//! applies them too ([`effective`]). The effective settings, and where
+//! each came from, show in `/config`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -20,26 +23,30 @@ use tokio_util::sync::CancellationToken;
 
 use super::applied::AppliedConfig;
 use crate::config::Config;
-use crate::discovery::{Discovery, TopicState};
+use crate::discovery::{ConfigEntries, Discovery, TopicState};
 use crate::listener::Proxy;
 
+/// Every sidecar follows these; a gateway also [`crate::gateway::KIND`].
 const KINDS: [&str; 2] = ["service-defaults", "proxy-defaults"];
 
 type State = Arc<TopicState<BTreeMap<String, ConfigEntry>>>;
 
-/// The two kinds' entries as the core reads them.
+/// The kinds' entries as the core reads them.
 struct Bodies(HashMap<(&'static str, String), Map<String, Value>>);
 
 impl Entries for Bodies {
     fn entry(&self, kind: &str, name: &str) -> Option<&Map<String, Value>> {
-        let kind = KINDS.iter().find(|k| **k == kind)?;
+        let kind = KINDS
+            .iter()
+            .chain([&crate::gateway::KIND])
+            .find(|k| **k == kind)?;
         self.0.get(&(*kind, name.to_owned()))
     }
 }
 
-fn bodies(states: &[State; 2]) -> Result<Bodies, String> {
+fn bodies(states: &[(&'static str, State)]) -> Result<Bodies, String> {
     let mut out = HashMap::new();
-    for (kind, state) in KINDS.iter().zip(states) {
+    for (kind, state) in states {
         for (name, entry) in &state.value {
             out.insert((*kind, name.clone()), super::entry_body(entry)?);
         }
@@ -47,20 +54,45 @@ fn bodies(states: &[State; 2]) -> Result<Bodies, String> {
     Ok(Bodies(out))
 }
 
-/// `config` with the registry's defaults applied to its upstreams, from
-/// the entries as last seen (`None` until both kinds' first snapshots
-/// came: then the file alone).
-pub fn effective(config: &Config, discovery: &Discovery) -> Result<Config, String> {
-    let states = KINDS.map(|k| Arc::clone(&discovery.config_entries(k).borrow()));
-    if !states.iter().all(|s| s.ready) {
-        return Ok(config.clone());
+/// The kinds `config` follows.
+fn kinds(config: &Config) -> Vec<&'static str> {
+    let mut kinds = KINDS.to_vec();
+    if config.gateway.is_some() {
+        kinds.push(crate::gateway::KIND);
     }
-    apply(config, &states)
+    kinds
 }
 
-fn apply(config: &Config, states: &[State; 2]) -> Result<Config, String> {
+/// `config` with the registry's entries applied, from the entries as last
+/// seen (until every kind's first snapshot came: the file alone). What a
+/// gateway's entry asked that it cannot open is logged.
+pub fn effective(config: &Config, discovery: &Discovery) -> Result<Config, String> {
+    let states: Vec<_> = kinds(config)
+        .into_iter()
+        .map(|k| (k, Arc::clone(&discovery.config_entries(k).borrow())))
+        .collect();
+    if !states.iter().all(|(_, s)| s.ready) {
+        return Ok(config.clone());
+    }
+    let (out, refused) = apply(config, &states)?;
+    for why in refused {
+        tracing::warn!(refused = %why, "gateway listener not opened");
+    }
+    Ok(out)
+}
+
+/// `config` with the entries applied, and what of them was refused while
+/// the rest applies (a gateway's listeners it cannot open).
+fn apply(
+    config: &Config,
+    states: &[(&'static str, State)],
+) -> Result<(Config, Vec<String>), String> {
     let bodies = bodies(states)?;
-    let mut out = config.clone();
+    let entry = config
+        .gateway
+        .as_ref()
+        .and_then(|g| bodies.entry(crate::gateway::KIND, &g.name));
+    let (mut out, refused) = crate::gateway::with_listeners(config, entry)?;
     for upstream in &mut out.upstreams {
         let defaults = meshwork_core::upstream_defaults::for_upstream(
             &config.service_name,
@@ -74,13 +106,21 @@ fn apply(config: &Config, states: &[State; 2]) -> Result<Config, String> {
             meshwork_core::upstream_defaults::for_inbound(&config.service_name, &bodies)?;
         *inbound = inbound.with_defaults(&defaults);
     }
-    Ok(out)
+    Ok((out, refused))
 }
 
 /// What a reload would change: the upstreams and the inbound listener.
 type Applied = (Vec<crate::config::Upstream>, Option<crate::config::Inbound>);
 
-/// Follows the two kinds and the config file in use (`file`: the agent's
+/// Waits for a change of `entries` (never, without them).
+async fn changed(entries: Option<&mut ConfigEntries>) -> bool {
+    match entries {
+        Some(e) => e.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Follows the kinds and the config file in use (`file`: the agent's
 /// channel, which a reload updates) until `shutdown`, reloading the proxy
 /// when the effective upstreams or inbound listener change.
 pub async fn run(
@@ -90,50 +130,73 @@ pub async fn run(
     applied: AppliedConfig,
     shutdown: CancellationToken,
 ) {
-    let mut kinds = KINDS.map(|k| discovery.config_entries(k));
-    let consumer = applied.consumer("proxy defaults", &KINDS);
+    // Whether it is a gateway is fixed for the process (a reload cannot
+    // change it).
+    let followed = kinds(&file.borrow());
+    let [mut defaults, mut global] = KINDS.map(|k| discovery.config_entries(k));
+    let mut ingress = followed
+        .contains(&crate::gateway::KIND)
+        .then(|| discovery.config_entries(crate::gateway::KIND));
+    let consumer = applied.consumer("proxy defaults", &followed);
     let mut last: Option<Applied> = None;
     loop {
-        let states = kinds.each_mut().map(|k| Arc::clone(&k.borrow_and_update()));
+        let mut states = vec![
+            (KINDS[0], Arc::clone(&defaults.borrow_and_update())),
+            (KINDS[1], Arc::clone(&global.borrow_and_update())),
+        ];
+        if let Some(ingress) = &mut ingress {
+            states.push((
+                crate::gateway::KIND,
+                Arc::clone(&ingress.borrow_and_update()),
+            ));
+        }
         let config = Arc::clone(&file.borrow_and_update());
-        if states.iter().all(|s| s.ready) {
-            let indexes = [(KINDS[0], states[0].index), (KINDS[1], states[1].index)];
+        if states.iter().all(|(_, s)| s.ready) {
+            let indexes: Vec<_> = states.iter().map(|(k, s)| (*k, s.index)).collect();
             match apply(&config, &states) {
-                Ok(next)
+                Ok((next, refused)) => {
+                    let note = (!refused.is_empty()).then(|| refused.join("; "));
+                    if let Some(note) = &note {
+                        tracing::warn!(refused = %note, "gateway listeners not opened");
+                    }
                     if last
                         .as_ref()
-                        .is_some_and(|(u, i)| *u == next.upstreams && *i == next.inbound) =>
-                {
-                    consumer.applied(&indexes, None);
-                }
-                Ok(next) => match proxy.reload(&next).await {
-                    Ok(changes) => {
-                        if !(changes.replaced.is_empty() && changes.reconfigured.is_empty()) {
-                            tracing::info!(
-                                replaced = ?changes.replaced,
-                                reconfigured = ?changes.reconfigured,
-                                "proxy defaults from the registry applied"
-                            );
+                        .is_some_and(|(u, i)| *u == next.upstreams && *i == next.inbound)
+                    {
+                        consumer.applied(&indexes, note);
+                    } else {
+                        match proxy.reload(&next).await {
+                            Ok(changes) => {
+                                if !changes.is_empty() {
+                                    tracing::info!(
+                                        added = ?changes.added,
+                                        removed = ?changes.removed,
+                                        replaced = ?changes.replaced,
+                                        reconfigured = ?changes.reconfigured,
+                                        "config from the registry applied"
+                                    );
+                                }
+                                last = Some((next.upstreams, next.inbound));
+                                consumer.applied(&indexes, note);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "config from the registry refused");
+                                consumer.applied(&indexes, Some(e.to_string()));
+                            }
                         }
-                        last = Some((next.upstreams, next.inbound));
-                        consumer.applied(&indexes, None);
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "proxy defaults from the registry refused");
-                        consumer.applied(&indexes, Some(e.to_string()));
-                    }
-                },
+                }
                 Err(why) => {
-                    tracing::warn!(error = %why, "proxy defaults from the registry refused; keeping the current settings");
+                    tracing::warn!(error = %why, "config from the registry refused; keeping the current settings");
                     consumer.applied(&indexes, Some(why));
                 }
             }
         }
-        let [a, b] = &mut kinds;
         tokio::select! {
             () = shutdown.cancelled() => return,
-            changed = a.changed() => if changed.is_err() { return },
-            changed = b.changed() => if changed.is_err() { return },
+            changed = defaults.changed() => if changed.is_err() { return },
+            changed = global.changed() => if changed.is_err() { return },
+            ok = changed(ingress.as_mut()) => if !ok { return },
             changed = file.changed() => if changed.is_err() { return },
         }
     }

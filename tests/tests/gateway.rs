@@ -1,0 +1,207 @@
+//! The sidecar in gateway mode (issue 25, its first part): `[gateway]`
+//! instead of `[service]`, registered as an `ingress-gateway` service, its
+//! listeners opened and closed live from the `ingress-gateway` entry named
+//! after it, each carrying outside clients' calls into the mesh as an
+//! upstream does (mutual TLS to the services' sidecars, their discovery
+//! chain). Listeners it cannot open yet (TLS termination, routing by
+//! host) are reported, not half-served. Real binaries: one registry
+//! server, two service instances, the gateway.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use meshwork_tests::http::http_client;
+use meshwork_tests::sidecar::Mesh;
+use meshwork_tests::wait_for;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn put_entry(mesh: &Mesh, entry: &Value) -> Result<(u16, String)> {
+    let url = format!("{}/v1/config", mesh.cluster().servers[0].http());
+    let r = http_client()?.put(url).json(entry).send().await?;
+    let status = r.status().as_u16();
+    Ok((status, r.text().await?))
+}
+
+/// The first word of the answer to `GET /` on `addr`, if any.
+async fn answered_by(addr: &str) -> Option<String> {
+    let r = http_client()
+        .ok()?
+        .get(format!("http://{addr}/"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    let body = r.text().await.ok()?;
+    body.split_whitespace().next().map(str::to_owned)
+}
+
+/// One TCP exchange with `addr`: a byte, a half-close, the reply.
+async fn tcp_reply(addr: &str) -> Option<String> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream.write_all(b"x").await.ok()?;
+        stream.shutdown().await.ok()?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await.ok()?;
+        Some(reply)
+    };
+    tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .ok()
+        .flatten()
+        .filter(|r| !r.is_empty())
+}
+
+#[tokio::test]
+async fn a_gateway_opens_the_listeners_of_its_ingress_entry_live() -> Result<()> {
+    let mut mesh = Mesh::start().await?;
+    mesh.versioned_instance((20, 0), ("api", "api-1", "v1"))
+        .await?;
+    mesh.versioned_tcp_instance((21, 0), ("db", "db-1", "v1"))
+        .await?;
+    let ip = mesh.ip(100);
+    let g = mesh.gateway(&ip, "edge").await?;
+    let (http_addr, tcp_addr, hosts_addr) = (
+        format!("{ip}:18080"),
+        format!("{ip}:18081"),
+        format!("{ip}:18082"),
+    );
+
+    // Registered as Consul registers an ingress gateway.
+    let registry = mesh.cluster().servers[0].http();
+    let catalog = wait_for(
+        "the gateway registered",
+        Duration::from_secs(10),
+        || async {
+            let c: Value = http_client()
+                .ok()?
+                .get(format!("{registry}/v1/catalog/service/edge"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            c.get(0).cloned()
+        },
+    )
+    .await?;
+    ensure!(
+        catalog["ServiceKind"] == "ingress-gateway" && catalog["ServicePort"] == 8443,
+        "{catalog}"
+    );
+
+    // An entry Consul would refuse is refused at PUT, naming the field.
+    let (status, body) = put_entry(
+        &mesh,
+        &json!({"Kind": "ingress-gateway", "Name": "edge", "Listeners": [
+            {"Port": 18081, "Protocol": "tcp", "Services": [{"Name": "db"}, {"Name": "api"}]}]}),
+    )
+    .await?;
+    ensure!(
+        status == 400 && body.contains("Listeners[0].Services"),
+        "{status} {body}"
+    );
+
+    // An HTTP listener for api: open within a second of the PUT's send.
+    let sent = Instant::now();
+    let (status, body) = put_entry(
+        &mesh,
+        &json!({"Kind": "ingress-gateway", "Name": "edge", "Listeners": [
+            {"Port": 18080, "Protocol": "http", "Services": [{"Name": "api"}]}]}),
+    )
+    .await?;
+    ensure!(status == 200, "{status} {body}");
+    wait_for("the http listener", Duration::from_secs(5), || async {
+        (answered_by(&http_addr).await.as_deref() == Some("api-1")).then_some(())
+    })
+    .await?;
+    let took = sent.elapsed();
+    ensure!(took < Duration::from_secs(1), "applied after {took:?}");
+
+    // A tcp listener for db added; a listener routing by host, which the
+    // gateway cannot serve yet, is reported and not opened; the others
+    // stay.
+    put_entry(
+        &mesh,
+        &json!({"Kind": "ingress-gateway", "Name": "edge", "Listeners": [
+            {"Port": 18080, "Protocol": "http", "Services": [{"Name": "api"}]},
+            {"Port": 18081, "Services": [{"Name": "db"}]},
+            {"Port": 18082, "Protocol": "http",
+             "Services": [{"Name": "api", "Hosts": ["api.example.com"]}]}]}),
+    )
+    .await?;
+    let reply = wait_for("the tcp listener", Duration::from_secs(5), || async {
+        tcp_reply(&tcp_addr).await
+    })
+    .await?;
+    ensure!(reply.starts_with("db-1 got 1 bytes"), "{reply}");
+    let refused = wait_for(
+        "the host listener reported",
+        Duration::from_secs(10),
+        || async {
+            let fleet: Value = http_client()
+                .ok()?
+                .get(format!("{registry}/v1/mesh/sidecars"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let gateway = fleet["Sidecars"]
+                .as_array()?
+                .iter()
+                .find(|s| s["Service"] == "edge")?
+                .clone();
+            let reasons = gateway["Refused"].to_string();
+            (gateway["Mode"] == "gateway" && reasons.contains("port 18082")).then_some(reasons)
+        },
+    )
+    .await?;
+    ensure!(refused.contains("Hosts"), "{refused}");
+    ensure!(
+        tokio::net::TcpStream::connect(&hosts_addr).await.is_err(),
+        "the host-routing listener is not open"
+    );
+    ensure!(answered_by(&http_addr).await.as_deref() == Some("api-1"));
+
+    // The tcp listener removed: closed; the registry gone: the gateway
+    // keeps serving what it has.
+    put_entry(
+        &mesh,
+        &json!({"Kind": "ingress-gateway", "Name": "edge", "Listeners": [
+            {"Port": 18080, "Protocol": "http", "Services": [{"Name": "api"}]}]}),
+    )
+    .await?;
+    wait_for(
+        "the tcp listener closed",
+        Duration::from_secs(5),
+        || async {
+            tokio::net::TcpStream::connect(&tcp_addr)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await?;
+    if let Some(cluster) = mesh.cluster.as_mut() {
+        cluster.servers[0].kill().await?;
+    }
+    for _ in 0..5 {
+        let who = answered_by(&http_addr).await;
+        ensure!(
+            who.as_deref() == Some("api-1"),
+            "with the registry down: {who:?}"
+        );
+    }
+    let config = mesh.sidecars[g].json("/config").await?;
+    let listed = config["upstreams"].to_string();
+    ensure!(listed.contains("18080"), "{listed}");
+    mesh.done();
+    Ok(())
+}
