@@ -166,6 +166,18 @@ struct GatewaySection {
     tags: Vec<String>,
     #[serde(default)]
     meta: BTreeMap<String, String>,
+    /// What its TLS listeners present, picked by the name the client asks
+    /// for (SNI).
+    #[serde(default)]
+    certificates: Vec<CertificateSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertificateSection {
+    hosts: Vec<String>,
+    cert_file: PathBuf,
+    key_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -265,12 +277,15 @@ pub struct Config {
 }
 
 /// `[gateway]`, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Gateway {
     /// The `ingress-gateway` entry it follows (its service name).
     pub name: String,
     /// Where its listeners bind.
     pub bind: std::net::IpAddr,
+    /// Its certificates, read (`None`: none configured; a listener with
+    /// TLS is then not opened).
+    pub tls: Option<crate::tls::edge::EdgeTls>,
 }
 
 /// A configuration error: one line per problem, each naming the file.
@@ -455,9 +470,50 @@ impl Config {
                         std::net::IpAddr::from([0, 0, 0, 0])
                     }
                 };
+                let mut certs = Vec::new();
+                for (i, c) in g.certificates.iter().enumerate() {
+                    let at = format!("{f}: gateway.certificates[{i}]");
+                    if c.hosts.is_empty() {
+                        errors.push(format!("{at}.hosts: list the host names it is for"));
+                    }
+                    let mut hosts = Vec::new();
+                    for h in &c.hosts {
+                        let h = h.to_ascii_lowercase();
+                        let name = h.strip_prefix("*.").unwrap_or(&h);
+                        if name.is_empty()
+                            || name.contains('*')
+                            || !name.split('.').all(|l| {
+                                !l.is_empty()
+                                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                            })
+                        {
+                            errors.push(format!(
+                                "{at}.hosts: {h:?} is not a host name (a leading \"*.\" for a wildcard)"
+                            ));
+                        }
+                        hosts.push(h);
+                    }
+                    certs.push(crate::tls::edge::EdgeCert {
+                        hosts,
+                        cert_file: c.cert_file.clone(),
+                        key_file: c.key_file.clone(),
+                    });
+                }
+                let tls = if certs.is_empty() {
+                    None
+                } else {
+                    match crate::tls::edge::EdgeTls::load(&certs) {
+                        Ok(tls) => Some(tls),
+                        Err(e) => {
+                            errors.push(format!("{f}: gateway.certificates: {e}"));
+                            None
+                        }
+                    }
+                };
                 let gateway = Gateway {
                     name: g.name.clone(),
                     bind,
+                    tls,
                 };
                 let service = ServiceSection {
                     id: Some(g.id.unwrap_or_else(|| g.name.clone())),

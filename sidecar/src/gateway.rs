@@ -7,9 +7,13 @@
 //! upstream has — the service's discovery chain, mutual TLS to its
 //! sidecars, retries, timeouts, outlier ejection, metrics and access log.
 //!
+//! A listener with TLS enabled (its own `TLS.Enabled`, else the entry's)
+//! terminates TLS with the gateway's `[[gateway.certificates]]`
+//! (`crate::tls::edge`: SNI picks the certificate).
+//!
 //! Not built yet, and refused (reported to the registry, the other
-//! listeners applied): TLS termination and routing by `Host` among several
-//! services on one listener.
+//! listeners applied): routing by `Host` among several services on one
+//! listener.
 
 use serde_json::{Map, Value};
 
@@ -42,9 +46,9 @@ pub fn listeners(
             "ingress-gateway {:?} listener on port {}",
             gateway.name, l.port
         );
-        if l.tls {
+        if l.tls && gateway.tls.is_none() {
             out.refused.push(format!(
-                "{at}: TLS termination at the gateway is not built yet; the listener is not opened"
+                "{at}: TLS is enabled but the gateway has no [[gateway.certificates]]; the listener is not opened"
             ));
             continue;
         }
@@ -62,11 +66,9 @@ pub fn listeners(
             continue;
         }
         let listen = std::net::SocketAddr::new(gateway.bind, l.port);
-        out.upstreams.push(crate::config::gateway_upstream(
-            &service.name,
-            listen,
-            &l.protocol,
-        )?);
+        let mut upstream = crate::config::gateway_upstream(&service.name, listen, &l.protocol)?;
+        upstream.edge_tls = l.tls;
+        out.upstreams.push(upstream);
     }
     Ok(out)
 }

@@ -420,9 +420,10 @@ listen = "{ip}:{ADMIN_PORT}"
     }
 
     /// Starts a sidecar in gateway mode on `ip`: `[gateway] name`, its
-    /// listeners bound on `ip` (from the `ingress-gateway` entry `name`).
+    /// listeners bound on `ip` (from the `ingress-gateway` entry `name`),
+    /// `extra` TOML at the end of the file (`[[gateway.certificates]]`).
     /// Returned once its admin listener answers.
-    pub async fn gateway(&mut self, ip: &str, name: &str) -> Result<usize> {
+    pub async fn gateway(&mut self, ip: &str, name: &str, extra: &str) -> Result<usize> {
         let config = format!(
             r#"{}
 [gateway]
@@ -440,6 +441,8 @@ access_log = true
 
 [admin]
 listen = "{ip}:{ADMIN_PORT}"
+
+{extra}
 "#,
             self.registry_section()
         );

@@ -3,9 +3,10 @@
 //! listeners opened and closed live from the `ingress-gateway` entry named
 //! after it, each carrying outside clients' calls into the mesh as an
 //! upstream does (mutual TLS to the services' sidecars, their discovery
-//! chain). Listeners it cannot open yet (TLS termination, routing by
-//! host) are reported, not half-served. Real binaries: one registry
-//! server, two service instances, the gateway.
+//! chain), plain or terminating TLS with the certificate the client names
+//! (SNI). Listeners it cannot open yet (routing by host) are reported, not
+//! half-served. Real binaries (one registry server, service instances, the
+//! gateway) and curl.
 
 use std::time::{Duration, Instant};
 
@@ -64,7 +65,7 @@ async fn a_gateway_opens_the_listeners_of_its_ingress_entry_live() -> Result<()>
     mesh.versioned_tcp_instance((21, 0), ("db", "db-1", "v1"))
         .await?;
     let ip = mesh.ip(100);
-    let g = mesh.gateway(&ip, "edge").await?;
+    let g = mesh.gateway(&ip, "edge", "").await?;
     let (http_addr, tcp_addr, hosts_addr) = (
         format!("{ip}:18080"),
         format!("{ip}:18081"),
@@ -202,6 +203,143 @@ async fn a_gateway_opens_the_listeners_of_its_ingress_entry_live() -> Result<()>
     let config = mesh.sidecars[g].json("/config").await?;
     let listed = config["upstreams"].to_string();
     ensure!(listed.contains("18080"), "{listed}");
+    mesh.done();
+    Ok(())
+}
+
+/// `meshctl tls …` in `dir`.
+fn meshctl(dir: &std::path::Path, args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new(meshwork_tests::meshctl_bin())
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "meshctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `curl` over HTTPS to `https://<host>:<port>/` reaching `ip` (the name
+/// sent as SNI), trusting `ca`: (exit code, HTTP version, body). Async:
+/// the apps behind the gateway run on this test's runtime.
+async fn curl_https(
+    ca: &std::path::Path,
+    host: &str,
+    ip: &str,
+    port: u16,
+) -> Result<(i32, String, String)> {
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "--max-time", "5", "--http2", "--cacert"])
+        .arg(ca)
+        .args([
+            "--resolve",
+            &format!("{host}:{port}:{ip}"),
+            "-w",
+            "\n%{http_version}",
+            &format!("https://{host}:{port}/"),
+        ])
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, version) = text.rsplit_once('\n').unwrap_or((&text, ""));
+    Ok((
+        out.status.code().unwrap_or(-1),
+        version.to_owned(),
+        body.to_owned(),
+    ))
+}
+
+/// A TLS listener: the certificate is the one for the name the client
+/// sends (SNI: an exact host, or a `*.` wildcard), HTTP/2 by ALPN; a name
+/// no certificate covers, or none, fails the handshake.
+#[tokio::test]
+async fn a_gateway_terminates_tls_with_the_certificate_the_client_names() -> Result<()> {
+    let certs = tempfile::tempdir()?;
+    meshctl(certs.path(), &["tls", "ca", "create"])?;
+    meshctl(
+        certs.path(),
+        &[
+            "tls",
+            "cert",
+            "create",
+            "--server",
+            "--additional-dnsname",
+            "shop.example.com",
+        ],
+    )?;
+    meshctl(
+        certs.path(),
+        &[
+            "tls",
+            "cert",
+            "create",
+            "--server",
+            "--additional-dnsname",
+            "*.api.example.com",
+        ],
+    )?;
+    let file = |name: &str| certs.path().join(name).display().to_string();
+    let extra = format!(
+        r#"[[gateway.certificates]]
+hosts = ["shop.example.com"]
+cert_file = "{}"
+key_file = "{}"
+
+[[gateway.certificates]]
+hosts = ["*.api.example.com"]
+cert_file = "{}"
+key_file = "{}"
+"#,
+        file("dc1-server-meshwork-0.pem"),
+        file("dc1-server-meshwork-0-key.pem"),
+        file("dc1-server-meshwork-1.pem"),
+        file("dc1-server-meshwork-1-key.pem"),
+    );
+    let mut mesh = Mesh::start().await?;
+    mesh.versioned_instance((20, 0), ("api", "api-1", "v1"))
+        .await?;
+    let ip = mesh.ip(100);
+    mesh.gateway(&ip, "edge", &extra).await?;
+    let (status, body) = put_entry(
+        &mesh,
+        &json!({"Kind": "ingress-gateway", "Name": "edge", "TLS": {"Enabled": true},
+            "Listeners": [{"Port": 18443, "Protocol": "http", "Services": [{"Name": "api"}]}]}),
+    )
+    .await?;
+    ensure!(status == 200, "{status} {body}");
+    let ca = certs.path().join("meshwork-agent-ca.pem");
+    let answer = wait_for("the TLS listener", Duration::from_secs(10), || async {
+        let answer = curl_https(&ca, "shop.example.com", &ip, 18443).await.ok()?;
+        (answer.0 == 0).then_some(answer)
+    })
+    .await?;
+    ensure!(
+        answer.1 == "2" && answer.2.starts_with("api-1"),
+        "shop.example.com: {answer:?}"
+    );
+    // The wildcard certificate for a name under api.example.com.
+    let answer = curl_https(&ca, "v1.api.example.com", &ip, 18443).await?;
+    ensure!(
+        answer.0 == 0 && answer.2.starts_with("api-1"),
+        "v1.api.example.com: {answer:?}"
+    );
+    // No certificate for the name: the handshake fails (curl 35), and
+    // none is shown to a client that names no host.
+    let answer = curl_https(&ca, "other.example.com", &ip, 18443).await?;
+    ensure!(answer.0 == 35, "other.example.com: {answer:?}");
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-k", "--max-time", "5"])
+        .arg(format!("https://{ip}:18443/"))
+        .output()
+        .await?;
+    ensure!(
+        out.status.code() == Some(35),
+        "no SNI: curl exit {:?}",
+        out.status.code()
+    );
     mesh.done();
     Ok(())
 }

@@ -179,6 +179,10 @@ pub struct Upstream {
     /// entry and field (see [`Upstream::with_defaults`]).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub from_registry: BTreeMap<String, String>,
+    /// A gateway's listener that terminates TLS for outside clients
+    /// (`crate::tls::edge`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub edge_tls: bool,
 }
 
 /// The settings of an `[[upstreams]]` entry that its file gives.
@@ -756,6 +760,7 @@ pub(super) fn upstreams(
             hash_policies: Vec::new(),
             explicit,
             from_registry: BTreeMap::new(),
+            edge_tls: false,
         });
     }
     out

@@ -334,6 +334,9 @@ pub struct Proxy {
     /// The mesh identity: the inbound listener's TLS, and the outbound
     /// clusters' TLS to sidecars.
     mesh: MeshTls,
+    /// A gateway's certificates for its TLS listeners (replaced by a
+    /// reload).
+    edge: RwLock<Option<crate::tls::edge::EdgeTls>>,
     /// What the inbound listener checks callers against.
     intentions: Intentions,
     /// How often they may call.
@@ -392,6 +395,7 @@ fn inbound_upstream(service_name: &str, inbound: &Inbound) -> Upstream {
         hash_policies: Vec::new(),
         explicit: crate::config::Explicit::default(),
         from_registry: std::collections::BTreeMap::new(),
+        edge_tls: false,
         limits: Limits {
             max_connections: 1024,
             max_pending: 1024,
@@ -509,7 +513,23 @@ async fn secure(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     mesh: Option<(MeshTls, (Intentions, RateLimits))>,
+    edge: Option<crate::tls::edge::EdgeTls>,
 ) -> Option<(ServerStream, Option<Arc<Caller>>)> {
+    if let Some(edge) = edge {
+        let _ = stream.set_nodelay(true);
+        let accept = tokio_rustls::TlsAcceptor::from(edge.server_config()).accept(stream);
+        return match tokio::time::timeout(HEADER_READ_TIMEOUT, accept).await {
+            Ok(Ok(tls)) => Some((Stream::Tls(Box::new(tls)), None)),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "gateway TLS handshake refused");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "gateway TLS handshake timed out");
+                None
+            }
+        };
+    }
     let Some((mesh, intentions)) = mesh else {
         return Some((Stream::Plain(stream), None));
     };
@@ -613,6 +633,7 @@ impl Proxy {
             running: AtomicBool::new(false),
             settings: RwLock::new(config.proxy.clone()),
             inbound: RwLock::new(config.inbound.clone()),
+            edge: RwLock::new(config.gateway.as_ref().and_then(|g| g.tls.clone())),
             discovery,
             mesh,
             intentions: Intentions::default(),
@@ -802,6 +823,20 @@ impl Proxy {
                 let policy = (self.intentions.clone(), self.limits.clone());
                 (self.mesh.clone(), policy)
             });
+            // A gateway's TLS listener: outside clients' TLS ends here.
+            let edge = if route.cluster.config().edge_tls {
+                match self.edge.read().unwrap_or_else(|e| e.into_inner()).clone() {
+                    Some(edge) => Some(edge),
+                    None => {
+                        // Not opened without certificates (`gateway`);
+                        // a reload that dropped them closes it too.
+                        drop(stream);
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
             match (&route.http, activity) {
                 (None, _) | (_, None) => {
                     // A tcp upstream's chain picks the target's cluster per
@@ -815,7 +850,7 @@ impl Proxy {
                         (route.direction, route.access_log, route.cut.clone());
                     self.tasks.spawn(async move {
                         let _open = (open, admitted);
-                        let Some((stream, caller)) = secure(stream, peer, mesh).await else {
+                        let Some((stream, caller)) = secure(stream, peer, mesh, edge).await else {
                             return;
                         };
                         // A byte stream is not cut when the caller's
@@ -848,7 +883,7 @@ impl Proxy {
                         let _open = (open, admitted);
                         let handshake = async {
                             tokio::select! {
-                                secured = secure(stream, peer, mesh) => secured,
+                                secured = secure(stream, peer, mesh, edge) => secured,
                                 () = retired.cancelled() => None,
                                 () = close.cancelled() => None,
                             }
@@ -1012,6 +1047,8 @@ impl Proxy {
         *self.slots.write().unwrap_or_else(|e| e.into_inner()) = slots;
         *self.settings.write().unwrap_or_else(|e| e.into_inner()) = config.proxy.clone();
         *self.inbound.write().unwrap_or_else(|e| e.into_inner()) = config.inbound.clone();
+        *self.edge.write().unwrap_or_else(|e| e.into_inner()) =
+            config.gateway.as_ref().and_then(|g| g.tls.clone());
         let followed: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
         self.discovery
             .retain(|service| followed.iter().any(|n| n == service));
@@ -1324,7 +1361,7 @@ mod tests {
         let served = tokio::spawn(async move {
             let (stream, peer) = listener.accept().await.expect("accept");
             let (mut stream, caller) =
-                secure(stream, peer, Some((mesh, Default::default()))).await?;
+                secure(stream, peer, Some((mesh, Default::default())), None).await?;
             let caller = caller.map(|c| c.service.to_string()).unwrap_or_default();
             let _ = stream.write_all(caller.as_bytes()).await;
             let _ = stream.shutdown().await;

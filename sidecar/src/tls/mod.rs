@@ -17,6 +17,7 @@
 //! Nothing here touches listeners, pools or HTTP: they ask [`mesh`] for a
 //! config when they accept or dial.
 
+pub mod edge;
 pub mod expiry;
 pub mod leaf;
 pub mod mesh;
