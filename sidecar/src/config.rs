@@ -14,9 +14,9 @@ use serde::Deserialize;
 mod traffic;
 
 pub use traffic::{
-    Balance, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, Explicit, Inbound, InboundExplicit,
-    Limits, MAX_EJECTION, NO_REQUEST_TIMEOUT, OutlierPolicy, Protocol, ProxySettings, RetryOn,
-    RetryPolicy, Upstream, gateway_upstream,
+    Balance, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, Explicit, HostRoute, Inbound,
+    InboundExplicit, Limits, MAX_EJECTION, NO_REQUEST_TIMEOUT, OutlierPolicy, Protocol,
+    ProxySettings, RetryOn, RetryPolicy, Upstream, gateway_upstream,
 };
 
 #[derive(Debug, Deserialize)]

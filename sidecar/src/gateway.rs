@@ -11,9 +11,11 @@
 //! terminates TLS with the gateway's `[[gateway.certificates]]`
 //! (`crate::tls::edge`: SNI picks the certificate).
 //!
-//! Not built yet, and refused (reported to the registry, the other
-//! listeners applied): routing by `Host` among several services on one
-//! listener.
+//! An HTTP listener with several services, or with `Hosts`, routes each
+//! request by its `Host` (HTTP/2: `:authority`): an exact host, a
+//! `*.example.com` suffix, or Consul's default `<service>.ingress.*` for a
+//! service without hosts; a host no service has gets 404
+//! `x-meshwork-error: no-route`.
 
 use serde_json::{Map, Value};
 
@@ -52,21 +54,30 @@ pub fn listeners(
             ));
             continue;
         }
-        let [service] = l.services.as_slice() else {
-            out.refused.push(format!(
-                "{at}: routing by Host among several services on one listener is not built yet; the listener is not opened"
-            ));
-            continue;
-        };
-        if !service.hosts.is_empty() {
-            out.refused.push(format!(
-                "{at}: Hosts on a listener are not matched yet (requests for other hosts would reach {:?}); the listener is not opened",
-                service.name
-            ));
-            continue;
-        }
         let listen = std::net::SocketAddr::new(gateway.bind, l.port);
-        let mut upstream = crate::config::gateway_upstream(&service.name, listen, &l.protocol)?;
+        let routes_by_host = l.services.len() > 1 || l.services.iter().any(|s| !s.hosts.is_empty());
+        let mut upstream = if routes_by_host {
+            // Several services, or hosts: each request by its Host; the
+            // listener's own settings are the first service's.
+            let mut routes = Vec::new();
+            for service in &l.services {
+                let hosts = if service.hosts.is_empty() {
+                    // Consul's default: <name>.ingress.<any domain>.
+                    vec![format!("{}.ingress.*", service.name.to_ascii_lowercase())]
+                } else {
+                    service.hosts.clone()
+                };
+                routes.push(crate::config::HostRoute {
+                    hosts,
+                    upstream: crate::config::gateway_upstream(&service.name, listen, &l.protocol)?,
+                });
+            }
+            let mut first = routes[0].upstream.clone();
+            first.host_routes = routes;
+            first
+        } else {
+            crate::config::gateway_upstream(&l.services[0].name, listen, &l.protocol)?
+        };
         upstream.edge_tls = l.tls;
         out.upstreams.push(upstream);
     }

@@ -32,10 +32,12 @@ pub enum Outcome {
     FaultAbort,
     /// The service's rate limit refused the request (429).
     RateLimited,
+    /// A gateway listener has no service for the request's host (404).
+    NoRoute,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 13] = [
+    pub const ALL: [Outcome; 14] = [
         Outcome::Upstream,
         Outcome::NoHealthyUpstream,
         Outcome::ConnectFailure,
@@ -49,6 +51,7 @@ impl Outcome {
         Outcome::IntentionsPending,
         Outcome::FaultAbort,
         Outcome::RateLimited,
+        Outcome::NoRoute,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +69,7 @@ impl Outcome {
             Outcome::IntentionsPending => "intentions-pending",
             Outcome::FaultAbort => "fault-abort",
             Outcome::RateLimited => "rate-limited",
+            Outcome::NoRoute => "no-route",
         }
     }
 

@@ -64,12 +64,15 @@ async fn a_gateway_opens_the_listeners_of_its_ingress_entry_live() -> Result<()>
         .await?;
     mesh.versioned_tcp_instance((21, 0), ("db", "db-1", "v1"))
         .await?;
+    mesh.versioned_instance((22, 0), ("web", "web-1", "v1"))
+        .await?;
     let ip = mesh.ip(100);
     let g = mesh.gateway(&ip, "edge", "").await?;
-    let (http_addr, tcp_addr, hosts_addr) = (
+    let (http_addr, tcp_addr, tls_addr, hosts_addr) = (
         format!("{ip}:18080"),
         format!("{ip}:18081"),
         format!("{ip}:18082"),
+        format!("{ip}:18083"),
     );
 
     // Registered as Consul registers an ingress gateway.
@@ -124,16 +127,19 @@ async fn a_gateway_opens_the_listeners_of_its_ingress_entry_live() -> Result<()>
     let took = sent.elapsed();
     ensure!(took < Duration::from_secs(1), "applied after {took:?}");
 
-    // A tcp listener for db added; a listener routing by host, which the
-    // gateway cannot serve yet, is reported and not opened; the others
-    // stay.
+    // A tcp listener for db added, and one routing by host between api
+    // and web; a TLS listener on this gateway, which has no certificates,
+    // is reported and not opened; the others stay.
     put_entry(
         &mesh,
         &json!({"Kind": "ingress-gateway", "Name": "edge", "Listeners": [
             {"Port": 18080, "Protocol": "http", "Services": [{"Name": "api"}]},
             {"Port": 18081, "Services": [{"Name": "db"}]},
-            {"Port": 18082, "Protocol": "http",
-             "Services": [{"Name": "api", "Hosts": ["api.example.com"]}]}]}),
+            {"Port": 18082, "Protocol": "http", "TLS": {"Enabled": true},
+             "Services": [{"Name": "api"}]},
+            {"Port": 18083, "Protocol": "http", "Services": [
+                {"Name": "api", "Hosts": ["api.example.com", "*.api.example.com"]},
+                {"Name": "web"}]}]}),
     )
     .await?;
     let reply = wait_for("the tcp listener", Duration::from_secs(5), || async {
@@ -141,8 +147,66 @@ async fn a_gateway_opens_the_listeners_of_its_ingress_entry_live() -> Result<()>
     })
     .await?;
     ensure!(reply.starts_with("db-1 got 1 bytes"), "{reply}");
+    let by_host = |host: &'static str| {
+        let addr = hosts_addr.clone();
+        async move {
+            let r = http_client()
+                .ok()?
+                .get(format!("http://{addr}/"))
+                .header("host", host)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .ok()?;
+            let status = r.status().as_u16();
+            let error = r
+                .headers()
+                .get("x-meshwork-error")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = r.text().await.ok()?;
+            Some((
+                status,
+                error,
+                body.split_whitespace().next().unwrap_or("").to_owned(),
+            ))
+        }
+    };
+    wait_for(
+        "the host-routing listener",
+        Duration::from_secs(5),
+        || async {
+            let (status, _, who) = by_host("api.example.com").await?;
+            (status == 200 && who == "api-1").then_some(())
+        },
+    )
+    .await?;
+    let cases = [
+        ("v2.api.example.com:18083", 200, "api-1"),
+        ("web.ingress.example.org", 200, "web-1"),
+        ("WEB.ingress.mesh", 200, "web-1"),
+    ];
+    for (host, want_status, want_who) in cases {
+        // Each service's cluster fills as its endpoints arrive.
+        wait_for(
+            &format!("{host} routed"),
+            Duration::from_secs(5),
+            || async {
+                let (status, _, who) = by_host(host).await?;
+                (status == want_status && who == want_who).then_some(())
+            },
+        )
+        .await?;
+    }
+    let answer = by_host("other.example.com").await;
+    ensure!(
+        answer
+            .as_ref()
+            .is_some_and(|(s, e, _)| *s == 404 && e.as_deref() == Some("no-route")),
+        "an unknown host: {answer:?}"
+    );
     let refused = wait_for(
-        "the host listener reported",
+        "the TLS listener reported",
         Duration::from_secs(10),
         || async {
             let fleet: Value = http_client()
@@ -164,10 +228,10 @@ async fn a_gateway_opens_the_listeners_of_its_ingress_entry_live() -> Result<()>
         },
     )
     .await?;
-    ensure!(refused.contains("Hosts"), "{refused}");
+    ensure!(refused.contains("no [[gateway.certificates]]"), "{refused}");
     ensure!(
-        tokio::net::TcpStream::connect(&hosts_addr).await.is_err(),
-        "the host-routing listener is not open"
+        tokio::net::TcpStream::connect(&tls_addr).await.is_err(),
+        "the TLS listener without certificates is not open"
     );
     ensure!(answered_by(&http_addr).await.as_deref() == Some("api-1"));
 

@@ -609,14 +609,14 @@ async fn a_cluster_wide_quota_is_shared_out_by_traffic() -> Result<()> {
     Ok(())
 }
 
-/// The client sidecar's `/config` entry for its upstream `api`.
-async fn upstream_config(mesh: &Mesh, c: usize) -> Option<Value> {
+/// The client sidecar's `/config` entry for its upstream `name`.
+async fn upstream_config(mesh: &Mesh, c: usize, name: &str) -> Option<Value> {
     let config = mesh.sidecars[c].json("/config").await.ok()?;
     config["upstreams"]
         .as_array()?
         .iter()
         .map(|u| u["upstream"].clone())
-        .find(|u| u["name"] == "api")
+        .find(|u| u["name"] == name)
 }
 
 /// Consul's `service-defaults` `UpstreamConfig` (of the caller), the
@@ -635,7 +635,9 @@ async fn upstream_defaults_from_the_registry_apply_under_the_file() -> Result<()
         .client_sidecar(&client_ip, "name = \"api\"\nconnect_timeout = \"3s\"")
         .await?;
     mesh.sidecars[c].wait_endpoints(1).await?;
-    let before = upstream_config(&mesh, c).await.context("api upstream")?;
+    let before = upstream_config(&mesh, c, "api")
+        .await
+        .context("api upstream")?;
     ensure!(before["protocol"] == "tcp", "{before}");
 
     // A bad UpstreamConfig is refused at PUT, naming the field.
@@ -670,7 +672,7 @@ async fn upstream_defaults_from_the_registry_apply_under_the_file() -> Result<()
         "the registry's defaults applied",
         Duration::from_secs(10),
         || async {
-            let u = upstream_config(&mesh, c).await?;
+            let u = upstream_config(&mesh, c, "api").await?;
             (u["limits"]["max_requests"] == 7 && u["protocol"] == "http").then_some(u)
         },
     )
@@ -752,7 +754,7 @@ async fn upstream_defaults_from_the_registry_apply_under_the_file() -> Result<()
     let r = http_client()?.delete(url).send().await?;
     ensure!(r.status() == 200, "DELETE: {}", r.status());
     let reverted = wait_for("the defaults gone", Duration::from_secs(10), || async {
-        let u = upstream_config(&mesh, c).await?;
+        let u = upstream_config(&mesh, c, "api").await?;
         (u["limits"]["max_requests"] == 1024).then_some(u)
     })
     .await?;
@@ -972,6 +974,33 @@ async fn a_tcp_upstream_follows_the_resolver() -> Result<()> {
     applied(&mesh, c, entry_index(&mesh, "service-resolver/db").await?).await?;
     let seen = tcp_spread(&client_ip, 10).await?;
     ensure!(count(&seen, "replica-1") == 10, "Redirect: {seen:?}");
+
+    // A reload of the client's proxy (proxy-defaults changes its connect
+    // timeout; the chain itself is unchanged) keeps following the
+    // redirect's service: an instance of it that arrives afterwards gets
+    // connections.
+    put_entry(
+        &mesh,
+        &json!({"Kind": "proxy-defaults", "Name": "global",
+            "Config": {"connect_timeout_ms": 4000}}),
+    )
+    .await?;
+    wait_for("the reload", Duration::from_secs(10), || async {
+        let u = upstream_config(&mesh, c, "db").await?;
+        (u["connect_timeout"] == 4000).then_some(())
+    })
+    .await?;
+    mesh.versioned_tcp_instance((23, 0), ("db-replica", "replica-2", "v1"))
+        .await?;
+    wait_for(
+        "the new db-replica instance reached",
+        Duration::from_secs(10),
+        || async {
+            let seen = tcp_spread(&client_ip, 10).await.ok()?;
+            (count(&seen, "replica-2") > 0).then_some(())
+        },
+    )
+    .await?;
     let metrics = mesh.sidecars[c].metrics().await?;
     ensure!(
         metrics.contains("target=\"db-replica\""),

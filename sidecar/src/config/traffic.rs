@@ -183,6 +183,35 @@ pub struct Upstream {
     /// (`crate::tls::edge`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub edge_tls: bool,
+    /// A gateway's listener for several services (or hosts): each request
+    /// goes to the first route whose hosts match its `Host`; none: 404.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub host_routes: Vec<HostRoute>,
+}
+
+/// One service of a gateway listener that routes by host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostRoute {
+    /// Lower-case host names; `*.example.com` matches any name ending in
+    /// `.example.com`, `name.ingress.*` any name starting with
+    /// `name.ingress.` (Consul's default for a service without hosts).
+    pub hosts: Vec<String>,
+    pub upstream: Upstream,
+}
+
+impl HostRoute {
+    /// Whether `host` (lower case, no port) is one of this route's.
+    pub fn matches(&self, host: &str) -> bool {
+        self.hosts.iter().any(|h| {
+            if let Some(suffix) = h.strip_prefix('*') {
+                host.len() > suffix.len() && host.ends_with(suffix)
+            } else if let Some(prefix) = h.strip_suffix('*') {
+                host.len() > prefix.len() && host.starts_with(prefix)
+            } else {
+                h == host
+            }
+        })
+    }
 }
 
 /// The settings of an `[[upstreams]]` entry that its file gives.
@@ -761,6 +790,7 @@ pub(super) fn upstreams(
             explicit,
             from_registry: BTreeMap::new(),
             edge_tls: false,
+            host_routes: Vec::new(),
         });
     }
     out

@@ -79,7 +79,14 @@ pub struct HttpProxy {
     /// Outbound: the discovery chain (routes, splits, subsets, failover)
     /// in front of `cluster`, which serves what no entry changes.
     pub routing: Option<Arc<crate::policy::chain::Routing<HttpProxy>>>,
+    /// A gateway listener for several services: the proxy of each, by
+    /// host (first match wins).
+    pub hosts: Option<Arc<HostTable>>,
 }
+
+/// A gateway listener's services by host, each with its own proxy (first
+/// match wins).
+pub type HostTable = Vec<(crate::config::HostRoute, Arc<HttpProxy>)>;
 
 impl crate::policy::chain::TargetProxy for HttpProxy {
     fn has_healthy(&self) -> bool {
@@ -98,7 +105,14 @@ impl HttpProxy {
             protocol,
             access_log,
             routing: None,
+            hosts: None,
         }
+    }
+
+    /// The same proxy routing each request by host to one of `hosts`.
+    pub fn with_hosts(mut self, hosts: HostTable) -> Self {
+        self.hosts = Some(Arc::new(hosts));
+        self
     }
 
     /// The same proxy with the discovery chain in front.
@@ -117,6 +131,7 @@ impl HttpProxy {
             protocol: self.protocol,
             access_log,
             routing: self.routing.clone(),
+            hosts: self.hosts.clone(),
         }
     }
 
@@ -138,6 +153,25 @@ impl HttpProxy {
         caller: Option<Arc<Caller>>,
         connection: Busy,
     ) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>> {
+        // A gateway listener for several services: the one for the
+        // request's host answers; a host none has gets 404.
+        if let Some(hosts) = &self.hosts {
+            let host = request_host(&req);
+            return match hosts.iter().find(|(route, _)| route.matches(&host)) {
+                Some((_, proxy)) => proxy.handle(req, peer, caller, connection),
+                None => {
+                    let grpc = is_grpc(req.headers());
+                    let error = ProxyError::NoRoute(host);
+                    self.cluster.metrics.record(
+                        error.status().as_u16(),
+                        error.outcome(),
+                        std::time::Duration::ZERO,
+                    );
+                    let response = rescue::respond(&error, grpc).map(ResponseBody::Own);
+                    Box::pin(std::future::ready(response))
+                }
+            };
+        }
         // Outbound, through the discovery chain: the target's own proxy
         // answers (the request already rewritten), then the response's
         // header changes.
@@ -200,7 +234,29 @@ impl HttpProxy {
         let (parts, body) = req.into_parts();
         Box::pin(self.answer(parts, body, downstream_upgrade, (peer, caller), connection))
     }
+}
 
+/// The host a request is for, lower case, without a port: HTTP/2's
+/// `:authority` (or an absolute-form target's), else `Host`.
+fn request_host<B>(req: &Request<B>) -> String {
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.host())
+        .or_else(|| {
+            req.headers()
+                .get(hyper::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(|h| match h.rsplit_once(':') {
+                    Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+                    _ => h,
+                })
+        })
+        .unwrap_or("");
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl HttpProxy {
     /// Not an `async fn`, whose arguments would be stored twice in its
     /// future (as arguments and again as locals); the request comes in
     /// parts for the same reason (a `Request` split inside would keep its

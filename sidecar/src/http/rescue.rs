@@ -43,6 +43,9 @@ pub enum ProxyError {
     /// The service's rate limit: the next token comes after this long.
     #[error("rate limited: retry after {0:?}")]
     RateLimited(Duration),
+    /// A gateway listener routes no service for this host.
+    #[error("no route for host {0:?} on this listener")]
+    NoRoute(String),
 }
 
 impl ProxyError {
@@ -59,6 +62,7 @@ impl ProxyError {
             ProxyError::IntentionDenied(_) => Outcome::IntentionDenied,
             ProxyError::IntentionsPending => Outcome::IntentionsPending,
             ProxyError::RateLimited(_) => Outcome::RateLimited,
+            ProxyError::NoRoute(_) => Outcome::NoRoute,
         }
     }
 
@@ -75,6 +79,7 @@ impl ProxyError {
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
         }
     }
 
@@ -86,6 +91,7 @@ impl ProxyError {
             ProxyError::CircuitOpen(_) => 14,    // UNAVAILABLE
             ProxyError::IntentionDenied(_) => 7, // PERMISSION_DENIED
             ProxyError::RateLimited(_) => 8,     // RESOURCE_EXHAUSTED
+            ProxyError::NoRoute(_) => 12,        // UNIMPLEMENTED
             _ => 14,                             // UNAVAILABLE
         }
     }

@@ -24,6 +24,7 @@ use crate::config::{
     Balance, Config, Inbound, Limits, OutlierPolicy, ProxySettings, RetryOn, RetryPolicy, Upstream,
 };
 use crate::discovery::Discovery;
+use crate::http::HostTable;
 use crate::http::{self, idle};
 use crate::policy::chain::{self, ChainEntries, Routing};
 use crate::policy::intentions::{Caller, Intentions};
@@ -82,7 +83,7 @@ impl Route {
     /// `stop_accepting` and `stop_now` are the proxy's tokens.
     fn new(
         direction: &'static str,
-        (cluster, routing): (Arc<Cluster>, Option<Routed>),
+        (cluster, routing, hosts): (Arc<Cluster>, Option<Routed>, Option<HostTable>),
         access_log: bool,
         (stop_accepting, stop_now): (&CancellationToken, &CancellationToken),
     ) -> Arc<Self> {
@@ -93,8 +94,12 @@ impl Route {
         };
         let http = cluster.config().protocol.is_http().then(|| {
             let proxy = http::HttpProxy::new(Arc::clone(&cluster), direction, access_log);
-            Arc::new(match http_routing {
+            let proxy = match http_routing {
                 Some(routing) => proxy.with_routing(routing),
+                None => proxy,
+            };
+            Arc::new(match hosts {
+                Some(hosts) => proxy.with_hosts(hosts),
                 None => proxy,
             })
         });
@@ -149,6 +154,25 @@ enum Routed {
 impl Route {
     /// The chain's target clusters now: (route, target id, cluster).
     fn target_clusters(&self) -> Vec<(String, String, Arc<Cluster>)> {
+        if let Some(hosts) = self.http.as_ref().and_then(|h| h.hosts.as_ref()) {
+            // A gateway listener's services: the route is the hosts.
+            // A host's service with a chain: its targets' clusters too.
+            let mut out = Vec::new();
+            for (route, proxy) in hosts.iter() {
+                let label = format!("host {}", route.hosts.join(","));
+                out.push((
+                    label.clone(),
+                    route.upstream.name.clone(),
+                    Arc::clone(&proxy.cluster),
+                ));
+                if let Some(routing) = &proxy.routing {
+                    for (r, target, p) in routing.target_proxies() {
+                        out.push((format!("{label} {r}"), target, Arc::clone(&p.cluster)));
+                    }
+                }
+            }
+            return out;
+        }
         if let Some(routing) = self.http.as_ref().and_then(|h| h.routing.as_ref()) {
             return routing
                 .target_proxies()
@@ -396,6 +420,7 @@ fn inbound_upstream(service_name: &str, inbound: &Inbound) -> Upstream {
         explicit: crate::config::Explicit::default(),
         from_registry: std::collections::BTreeMap::new(),
         edge_tls: false,
+        host_routes: Vec::new(),
         limits: Limits {
             max_connections: 1024,
             max_pending: 1024,
@@ -677,7 +702,9 @@ impl Proxy {
     /// (HTTP) the route's (timeouts, retries). A tcp listener follows the
     /// resolver alone.
     fn new_routing(&self, w: &Wanted, access_log: bool) -> Option<Routed> {
-        if w.app.is_some() {
+        // A gateway listener routing by host: each host's service has its
+        // own chain (`new_hosts`).
+        if w.app.is_some() || !w.upstream.host_routes.is_empty() {
             return None;
         }
         let entries = self
@@ -734,8 +761,41 @@ impl Proxy {
         })
     }
 
+    /// A gateway listener's services by host: each a proxy with its own
+    /// cluster and discovery chain (`None`: not such a listener).
+    fn new_hosts(&self, w: &Wanted, access_log: bool) -> Option<HostTable> {
+        if w.upstream.host_routes.is_empty() {
+            return None;
+        }
+        let table = w
+            .upstream
+            .host_routes
+            .iter()
+            .map(|route| {
+                let one = Wanted {
+                    key: w.key,
+                    config_key: w.config_key.clone(),
+                    direction: w.direction,
+                    upstream: route.upstream.clone(),
+                    app: None,
+                };
+                let proxy = http::HttpProxy::new(self.new_cluster(&one), w.direction, access_log);
+                let proxy = match self.new_routing(&one, access_log) {
+                    Some(Routed::Http(routing)) => proxy.with_routing(routing),
+                    _ => proxy,
+                };
+                (route.clone(), Arc::new(proxy))
+            })
+            .collect();
+        Some(table)
+    }
+
     fn new_slot(&self, w: &Wanted, socket: &TcpListener, access_log: bool) -> Arc<Slot> {
-        let cluster = (self.new_cluster(w), self.new_routing(w, access_log));
+        let cluster = (
+            self.new_cluster(w),
+            self.new_routing(w, access_log),
+            self.new_hosts(w, access_log),
+        );
         Arc::new(Slot {
             key: w.key,
             local: socket.local_addr().unwrap_or(w.upstream.listen),
@@ -1011,6 +1071,8 @@ impl Proxy {
                 && current.name == w.upstream.name
                 && current.protocol == w.upstream.protocol
                 && route.cluster.app == w.app
+                // A gateway listener's hosts and services are its table's.
+                && current.host_routes == w.upstream.host_routes
                 // The pool's idle timeout is fixed when it is made.
                 && (current.idle_timeout == w.upstream.idle_timeout || route.http.is_none());
             if same_identity {
@@ -1023,7 +1085,11 @@ impl Proxy {
                     slot.set_route(route.with_access_log(access_log));
                 }
             } else {
-                let cluster = (self.new_cluster(w), self.new_routing(w, access_log));
+                let cluster = (
+                    self.new_cluster(w),
+                    self.new_routing(w, access_log),
+                    self.new_hosts(w, access_log),
+                );
                 let old =
                     slot.set_route(Route::new(w.direction, cluster, access_log, self.tokens()));
                 old.retire(grace);
@@ -1049,9 +1115,29 @@ impl Proxy {
         *self.inbound.write().unwrap_or_else(|e| e.into_inner()) = config.inbound.clone();
         *self.edge.write().unwrap_or_else(|e| e.into_inner()) =
             config.gateway.as_ref().and_then(|g| g.tls.clone());
-        let followed: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
-        self.discovery
-            .retain(|service| followed.iter().any(|n| n == service));
+        // Every service a listener now uses stays followed: the upstreams,
+        // a gateway listener's host routes and every discovery-chain
+        // target (made, or named by the chain applied, whose table a task
+        // may be making right now). Only what no listener uses is dropped.
+        let followed: std::collections::HashSet<String> = self
+            .slots()
+            .iter()
+            .flat_map(|slot| {
+                let route = slot.route();
+                let mut names = vec![route.cluster.config().name.clone()];
+                names.extend(
+                    route
+                        .target_clusters()
+                        .into_iter()
+                        .map(|(_, _, cluster)| cluster.config().name.clone()),
+                );
+                if let Some(chain) = route.applied_chain().and_then(|a| a.chain.clone()) {
+                    names.extend(chain.targets.iter().map(|t| t.service.clone()));
+                }
+                names
+            })
+            .collect();
+        self.discovery.retain(|service| followed.contains(service));
         if self.running.load(Ordering::SeqCst) && !self.stop_accepting.is_cancelled() {
             for (slot, socket) in to_start {
                 self.start(slot, socket);

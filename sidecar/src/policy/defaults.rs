@@ -93,13 +93,21 @@ fn apply(
         .as_ref()
         .and_then(|g| bodies.entry(crate::gateway::KIND, &g.name));
     let (mut out, refused) = crate::gateway::with_listeners(config, entry)?;
-    for upstream in &mut out.upstreams {
-        let defaults = meshwork_core::upstream_defaults::for_upstream(
+    let defaults_of = |upstream: &crate::config::Upstream| {
+        meshwork_core::upstream_defaults::for_upstream(
             &config.service_name,
             &upstream.name,
             &bodies,
-        )?;
-        *upstream = upstream.with_defaults(&defaults);
+        )
+        .map(|d| upstream.with_defaults(&d))
+    };
+    for upstream in &mut out.upstreams {
+        let mut with = defaults_of(upstream)?;
+        // A gateway listener's host routes: each service's own.
+        for route in &mut with.host_routes {
+            route.upstream = defaults_of(&route.upstream)?;
+        }
+        *upstream = with;
     }
     if let Some(inbound) = &mut out.inbound {
         let defaults =
