@@ -13,7 +13,9 @@
 
 use serde_json::{Map, Value};
 
-use crate::intentions::fields::{array, boolean, fields, join, nonempty_string, object};
+use crate::intentions::fields::{
+    array, boolean, fields, join, nonempty_string, object, says_nothing,
+};
 
 /// One listener of the gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,16 +68,30 @@ fn tls_enabled(value: Option<&Value>, at: &str) -> Result<Option<bool>, String> 
             "{at}.SDS: certificates come from the gateway's own files ([[gateway.certificates]]), not SDS"
         ));
     }
-    for (v, f) in [(min, "TLSMinVersion"), (max, "TLSMaxVersion")] {
-        if let Some(v) = nonempty_string(v, &join(at, f)).map_err(text)?
-            && !matches!(v, "TLSv1_2" | "TLSv1_3" | "TLS_AUTO")
-        {
-            return Err(format!(
-                "{at}.{f}: {v:?}: TLSv1_2 or TLSv1_3 (older versions are not offered)"
-            ));
-        }
+    // The gateway offers TLS 1.2 and 1.3 with rustls's modern suites:
+    // a setting that would narrow that is refused, not ignored.
+    if let Some(v) = nonempty_string(min, &join(at, "TLSMinVersion")).map_err(text)?
+        && !matches!(v, "TLSv1_2" | "TLS_AUTO")
+    {
+        return Err(format!(
+            "{at}.TLSMinVersion: {v:?}: the gateway offers TLS 1.2 and 1.3 (TLSv1_2 or TLS_AUTO); other minimums are not supported yet"
+        ));
     }
-    array(suites, &join(at, "CipherSuites")).map_err(text)?;
+    if let Some(v) = nonempty_string(max, &join(at, "TLSMaxVersion")).map_err(text)?
+        && !matches!(v, "TLSv1_3" | "TLS_AUTO")
+    {
+        return Err(format!(
+            "{at}.TLSMaxVersion: {v:?}: the gateway offers TLS 1.2 and 1.3 (TLSv1_3 or TLS_AUTO); other maximums are not supported yet"
+        ));
+    }
+    if !array(suites, &join(at, "CipherSuites"))
+        .map_err(text)?
+        .is_empty()
+    {
+        return Err(format!(
+            "{at}.CipherSuites: choosing suites is not supported yet (rustls's modern suites only are offered)"
+        ));
+    }
     Ok(Some(boolean(enabled, &join(at, "Enabled")).map_err(text)?))
 }
 
@@ -151,7 +167,18 @@ pub fn parse(name: &str, body: &Map<String, Value>) -> Result<Vec<Listener>, Str
         {
             let s_at = format!("{at}.Services[{j}]");
             let s = object(s, &s_at).map_err(text)?;
-            let [name, hosts, namespace, partition, _headers, _limits, _tls] = fields(
+            let [
+                name,
+                hosts,
+                namespace,
+                partition,
+                request_headers,
+                response_headers,
+                max_connections,
+                max_pending,
+                max_concurrent,
+                service_tls,
+            ] = fields(
                 s,
                 &[
                     "Name",
@@ -159,12 +186,32 @@ pub fn parse(name: &str, body: &Map<String, Value>) -> Result<Vec<Listener>, Str
                     "Namespace",
                     "Partition",
                     "RequestHeaders",
+                    "ResponseHeaders",
                     "MaxConnections",
+                    "MaxPendingRequests",
+                    "MaxConcurrentRequests",
                     "TLS",
                 ],
                 &s_at,
             )
             .map_err(text)?;
+            // Accepted by Consul, not applied by the gateway yet: refused
+            // rather than ignored (a header meant to be stripped from
+            // outside clients would reach the service).
+            for (v, f) in [
+                (request_headers, "RequestHeaders"),
+                (response_headers, "ResponseHeaders"),
+                (max_connections, "MaxConnections"),
+                (max_pending, "MaxPendingRequests"),
+                (max_concurrent, "MaxConcurrentRequests"),
+                (service_tls, "TLS"),
+            ] {
+                if v.is_some_and(|v| !says_nothing(v) && v.as_u64() != Some(0)) {
+                    return Err(format!(
+                        "{s_at}.{f}: not supported by the gateway yet (limits come from service-defaults and proxy-defaults; TLS from the listener and [[gateway.certificates]])"
+                    ));
+                }
+            }
             for (v, f) in [(namespace, "Namespace"), (partition, "Partition")] {
                 if let Some(v) = nonempty_string(v, &join(&s_at, f)).map_err(text)?
                     && v != "default"
@@ -310,6 +357,18 @@ mod tests {
                 "SDS",
             ),
             (json!([{"Port": 1, "Services": [{"Nmae": "a"}]}]), "Nmae"),
+            (
+                json!([{"Port": 1, "Services": [{"Name": "a", "RequestHeaders": {"Remove": ["x-user"]}}]}]),
+                "RequestHeaders",
+            ),
+            (
+                json!([{"Port": 1, "TLS": {"Enabled": true, "TLSMinVersion": "TLSv1_3"}, "Services": [{"Name": "a"}]}]),
+                "TLSMinVersion",
+            ),
+            (
+                json!([{"Port": 1, "TLS": {"CipherSuites": ["TLS_AES_128_GCM_SHA256"]}, "Services": [{"Name": "a"}]}]),
+                "CipherSuites",
+            ),
         ] {
             let entry = body(json!({"Listeners": listeners}));
             let err = parse("edge", &entry).expect_err("refused");

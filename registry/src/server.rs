@@ -444,6 +444,7 @@ fn spawn_public_grpc(
         .with_default_intention(config.connect.default_intention_allow);
     if config.connect.enabled {
         watch = watch.with_leaf_signer(crate::api::grpc::leaf_watch::LeafSigner {
+            acl: Arc::clone(&acl),
             node: Arc::clone(node),
             datacenter: config.datacenter.clone().into(),
         });

@@ -98,3 +98,76 @@ pub fn with_listeners(
     out.upstreams = made.upstreams;
     Ok((out, made.refused))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn gateway() -> Gateway {
+        Gateway {
+            name: "edge".into(),
+            bind: std::net::IpAddr::from([127, 0, 0, 1]),
+            tls: None,
+        }
+    }
+
+    #[test]
+    fn hosts_route_to_the_most_specific_match_as_envoy_ranks_them() {
+        let entry = json!({"Listeners": [{"Port": 8080, "Protocol": "http", "Services": [
+            {"Name": "wild", "Hosts": ["*.example.com"]},
+            {"Name": "deep", "Hosts": ["*.api.example.com"]},
+            {"Name": "exact", "Hosts": ["api.example.com"]},
+            {"Name": "web"}]}]});
+        let made = listeners(&gateway(), entry.as_object()).expect("valid");
+        assert!(made.refused.is_empty(), "{:?}", made.refused);
+        let routes = &made.upstreams[0].host_routes;
+        let pick = |host: &str| {
+            routes
+                .iter()
+                .filter_map(|r| r.rank(host).map(|rank| (rank, r.upstream.name.as_str())))
+                .fold(
+                    None,
+                    |best: Option<((u8, usize), &str)>, (rank, name)| match best {
+                        Some((b, _)) if b >= rank => best,
+                        _ => Some((rank, name)),
+                    },
+                )
+                .map(|(_, name)| name)
+        };
+        assert_eq!(
+            pick("api.example.com"),
+            Some("exact"),
+            "exact beats wildcards"
+        );
+        assert_eq!(
+            pick("v1.api.example.com"),
+            Some("deep"),
+            "the longest suffix"
+        );
+        assert_eq!(pick("shop.example.com"), Some("wild"));
+        assert_eq!(
+            pick("example.com"),
+            None,
+            "a wildcard needs a label before it"
+        );
+        assert_eq!(pick("evil-example.com"), None);
+        assert_eq!(
+            pick("web.ingress.example.org"),
+            Some("web"),
+            "Consul's default host"
+        );
+        assert_eq!(pick("web.ingress"), None);
+    }
+
+    #[test]
+    fn a_tls_listener_without_certificates_is_reported_and_the_rest_applied() {
+        let entry = json!({"Listeners": [
+            {"Port": 8443, "Protocol": "http", "TLS": {"Enabled": true}, "Services": [{"Name": "api"}]},
+            {"Port": 8080, "Protocol": "http", "Services": [{"Name": "api"}]}]});
+        let made = listeners(&gateway(), entry.as_object()).expect("valid");
+        assert_eq!(made.upstreams.len(), 1);
+        assert_eq!(made.upstreams[0].listen.port(), 8080);
+        assert!(made.refused[0].contains("port 8443"), "{:?}", made.refused);
+    }
+}

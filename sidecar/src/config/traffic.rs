@@ -200,17 +200,25 @@ pub struct HostRoute {
 }
 
 impl HostRoute {
-    /// Whether `host` (lower case, no port) is one of this route's.
-    pub fn matches(&self, host: &str) -> bool {
-        self.hosts.iter().any(|h| {
-            if let Some(suffix) = h.strip_prefix('*') {
-                host.len() > suffix.len() && host.ends_with(suffix)
-            } else if let Some(prefix) = h.strip_suffix('*') {
-                host.len() > prefix.len() && host.starts_with(prefix)
-            } else {
-                h == host
-            }
-        })
+    /// How well `host` (lower case, no port) matches this route, as Envoy
+    /// ranks virtual-host domains: an exact name beats any `*.suffix`
+    /// (the longest suffix first), which beats a `prefix.*` (the longest
+    /// first); `None`: no match.
+    pub fn rank(&self, host: &str) -> Option<(u8, usize)> {
+        self.hosts
+            .iter()
+            .filter_map(|h| {
+                if let Some(suffix) = h.strip_prefix('*') {
+                    (host.len() > suffix.len() && host.ends_with(suffix))
+                        .then_some((2, suffix.len()))
+                } else if let Some(prefix) = h.strip_suffix('*') {
+                    (host.len() > prefix.len() && host.starts_with(prefix))
+                        .then_some((1, prefix.len()))
+                } else {
+                    (h == host).then_some((3, h.len()))
+                }
+            })
+            .max()
     }
 }
 

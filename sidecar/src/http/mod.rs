@@ -154,10 +154,21 @@ impl HttpProxy {
         connection: Busy,
     ) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>> {
         // A gateway listener for several services: the one for the
-        // request's host answers; a host none has gets 404.
+        // request's host answers; a host none has gets 404 (counted on the
+        // listener's own cluster, the first service's).
         if let Some(hosts) = &self.hosts {
             let host = request_host(&req);
-            return match hosts.iter().find(|(route, _)| route.matches(&host)) {
+            // The most specific match (exact, longest suffix, longest
+            // prefix); among equals, the first service.
+            let mut best: Option<((u8, usize), &Arc<HttpProxy>)> = None;
+            for (route, proxy) in hosts.iter() {
+                if let Some(rank) = route.rank(&host)
+                    && best.as_ref().is_none_or(|(b, _)| rank > *b)
+                {
+                    best = Some((rank, proxy));
+                }
+            }
+            return match best {
                 Some((_, proxy)) => proxy.handle(req, peer, caller, connection),
                 None => {
                     let grpc = is_grpc(req.headers());

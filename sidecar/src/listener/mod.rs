@@ -538,11 +538,11 @@ async fn secure(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     mesh: Option<(MeshTls, (Intentions, RateLimits))>,
-    edge: Option<crate::tls::edge::EdgeTls>,
+    edge: Option<(crate::tls::edge::EdgeTls, bool)>,
 ) -> Option<(ServerStream, Option<Arc<Caller>>)> {
-    if let Some(edge) = edge {
+    if let Some((edge, http)) = edge {
         let _ = stream.set_nodelay(true);
-        let accept = tokio_rustls::TlsAcceptor::from(edge.server_config()).accept(stream);
+        let accept = tokio_rustls::TlsAcceptor::from(edge.server_config(http)).accept(stream);
         return match tokio::time::timeout(HEADER_READ_TIMEOUT, accept).await {
             Ok(Ok(tls)) => Some((Stream::Tls(Box::new(tls)), None)),
             Ok(Err(e)) => {
@@ -886,7 +886,7 @@ impl Proxy {
             // A gateway's TLS listener: outside clients' TLS ends here.
             let edge = if route.cluster.config().edge_tls {
                 match self.edge.read().unwrap_or_else(|e| e.into_inner()).clone() {
-                    Some(edge) => Some(edge),
+                    Some(edge) => Some((edge, route.http.is_some())),
                     None => {
                         // Not opened without certificates (`gateway`);
                         // a reload that dropped them closes it too.
@@ -1133,6 +1133,17 @@ impl Proxy {
                 );
                 if let Some(chain) = route.applied_chain().and_then(|a| a.chain.clone()) {
                     names.extend(chain.targets.iter().map(|t| t.service.clone()));
+                }
+                // A gateway listener's host routes: each one's chain too.
+                let hosts = route.http.as_ref().and_then(|h| h.hosts.clone());
+                for (_, proxy) in hosts.iter().flat_map(|h| h.iter()) {
+                    let chain = proxy
+                        .routing
+                        .as_ref()
+                        .and_then(|r| r.applied().chain.clone());
+                    if let Some(chain) = chain {
+                        names.extend(chain.targets.iter().map(|t| t.service.clone()));
+                    }
                 }
                 names
             })

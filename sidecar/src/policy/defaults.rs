@@ -117,8 +117,15 @@ fn apply(
     Ok((out, refused))
 }
 
-/// What a reload would change: the upstreams and the inbound listener.
-type Applied = (Vec<crate::config::Upstream>, Option<crate::config::Inbound>);
+/// What the last reload applied: the upstreams, the inbound listener and
+/// the file config it was made from (a file reload — new certificates, say
+/// — is applied again even when the listeners come out the same: the file
+/// reloader and this follower may have crossed).
+type Applied = (
+    Vec<crate::config::Upstream>,
+    Option<crate::config::Inbound>,
+    Arc<Config>,
+);
 
 /// Waits for a change of `entries` (never, without them).
 async fn changed(entries: Option<&mut ConfigEntries>) -> bool {
@@ -167,10 +174,9 @@ pub async fn run(
                     if let Some(note) = &note {
                         tracing::warn!(refused = %note, "gateway listeners not opened");
                     }
-                    if last
-                        .as_ref()
-                        .is_some_and(|(u, i)| *u == next.upstreams && *i == next.inbound)
-                    {
+                    if last.as_ref().is_some_and(|(u, i, file)| {
+                        *u == next.upstreams && *i == next.inbound && Arc::ptr_eq(file, &config)
+                    }) {
                         consumer.applied(&indexes, note);
                     } else {
                         match proxy.reload(&next).await {
@@ -184,7 +190,7 @@ pub async fn run(
                                         "config from the registry applied"
                                     );
                                 }
-                                last = Some((next.upstreams, next.inbound));
+                                last = Some((next.upstreams, next.inbound, Arc::clone(&config)));
                                 consumer.applied(&indexes, note);
                             }
                             Err(e) => {

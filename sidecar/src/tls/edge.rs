@@ -47,10 +47,14 @@ impl ResolvesServerCert for ByHost {
     }
 }
 
-/// The TLS server configuration of a gateway's TLS listeners.
+/// The TLS server configurations of a gateway's TLS listeners: HTTP
+/// ones offer ALPN `h2` and `http/1.1`, tcp ones no ALPN (a client's own
+/// protocol name is not refused, and no HTTP/2 is negotiated in front of
+/// a byte stream).
 #[derive(Debug, Clone)]
 pub struct EdgeTls {
-    config: Arc<ServerConfig>,
+    http: Arc<ServerConfig>,
+    tcp: Arc<ServerConfig>,
 }
 
 fn certified(cert: &EdgeCert) -> Result<Arc<CertifiedKey>, String> {
@@ -102,18 +106,21 @@ impl EdgeTls {
                 }
             }
         }
-        let mut config = ServerConfig::builder_with_provider(super::provider())
+        let tcp = ServerConfig::builder_with_provider(super::provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| e.to_string())?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(by_host));
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let mut http = tcp.clone();
+        http.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Self {
-            config: Arc::new(config),
+            http: Arc::new(http),
+            tcp: Arc::new(tcp),
         })
     }
 
-    pub fn server_config(&self) -> Arc<ServerConfig> {
-        Arc::clone(&self.config)
+    /// The configuration of an HTTP listener (`http`) or a tcp one.
+    pub fn server_config(&self, http: bool) -> Arc<ServerConfig> {
+        Arc::clone(if http { &self.http } else { &self.tcp })
     }
 }

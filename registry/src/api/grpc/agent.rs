@@ -518,7 +518,7 @@ impl Agent for AgentService {
         &self,
         request: Request<SidecarReport>,
     ) -> Result<Response<ReportAppliedReply>, Status> {
-        let authz = self.authorize(&request)?;
+        let authz = self.authorize_write(&request).await?;
         let mut report = request.into_inner();
         vet_report(&report)?;
         // Listed as what the catalog has: the service's name and address

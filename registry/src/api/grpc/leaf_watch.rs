@@ -39,6 +39,9 @@ pub struct LeafSigner {
     pub node: Arc<RegistryNode>,
     /// In the SPIFFE IDs.
     pub datacenter: Arc<str>,
+    /// Whether a token must be resolved as of the leader's state before a
+    /// leaf is signed for it ([`crate::api::catch_up_for_write`]).
+    pub acl: Arc<crate::auth::Acl>,
 }
 
 /// One leaf subscription, validated and with its first leaf signed: the
@@ -51,7 +54,10 @@ pub(super) async fn subscribe(
     topic: LeafTopic,
 ) -> Result<http::Response<tonic::body::Body>, Status> {
     crate::connect::valid_service_name(&topic.service).map_err(Status::invalid_argument)?;
-    stream.check(&topic.service)?;
+    // Signing is a write: the token as of the leader's state (a follower
+    // that has not applied its revocation must not sign for it).
+    let mut stream = stream;
+    stream.recheck_fresh(&signer, &topic.service).await?;
     if topic.csr_pem.trim().is_empty() || topic.csr_pem.len() > MAX_CSR {
         return Err(Status::invalid_argument(format!(
             "the leaf topic needs csr_pem: a PEM CSR of at most {MAX_CSR} bytes"
@@ -106,7 +112,11 @@ impl StreamAuth {
             .map_err(super::refusal_status)
     }
 
-    fn recheck(&mut self, service: &str) -> Result<(), Status> {
+    /// The token resolved again after catching up with the leader.
+    async fn recheck_fresh(&mut self, signer: &LeafSigner, service: &str) -> Result<(), Status> {
+        crate::api::catch_up_for_write(&signer.acl, &signer.node)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         self.authz = (self.resolver)(self.token.as_deref()).map_err(super::refusal_status)?;
         self.check(service)
     }
@@ -274,7 +284,11 @@ impl LeafStream {
             if !renew {
                 continue;
             }
-            if let Err(status) = self.stream.recheck(&self.topic.service) {
+            if let Err(status) = self
+                .stream
+                .recheck_fresh(&self.signer, &self.topic.service)
+                .await
+            {
                 self.send(Err(status)).await;
                 return;
             }

@@ -351,7 +351,12 @@ pub async fn leaf(
     Path(service): Path<String>,
 ) -> Result<Response, ApiError> {
     crate::connect::valid_service_name(&service).map_err(ApiError::bad_request)?;
-    authz.require(Kind::Service, &service, Need::Write)?;
+    // A GET that signs (or hands out a kept leaf with its key): the token
+    // as of the leader's state, as for writes.
+    crate::api::catch_up_for_write(&app.acl, &app.node).await?;
+    authz
+        .refresh()?
+        .require(Kind::Service, &service, Need::Write)?;
     let state = app.node.state.read().clone();
     let now = crate::connect::now_unix();
     let active = state.ca.active().map(|r| r.id.clone());
