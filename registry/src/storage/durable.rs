@@ -128,27 +128,63 @@ pub fn start_image_from_env(root: &Path) -> io::Result<()> {
     start_image(root, Path::new(&image))
 }
 
-/// Starts keeping the power-loss image of the data dir `root` in `image`
-/// (emptied first). Everything in `root` now counts as durable.
+/// Starts keeping the power-loss image of the data dir `root` in `image`.
+/// Everything in `root` now counts as durable.
+///
+/// The new image is built beside the old one (`<image>.next`) and swapped
+/// in only once it is whole: a process killed while starting (the harness
+/// kills at any moment) leaves the previous image usable — deleting it
+/// first once left a half-deleted image whose restore made an empty WAL
+/// segment out of a synced one. [`restore_image`] takes `<image>.next`
+/// when the swap was cut between its two renames.
 pub fn start_image(root: &Path, image: &Path) -> io::Result<()> {
     let root = root.canonicalize()?;
-    if image.exists() {
-        std::fs::remove_dir_all(image)?;
+    let next = sibling(image, "next");
+    if next.exists() {
+        std::fs::remove_dir_all(&next)?;
     }
-    std::fs::create_dir_all(image.join(CONTENT))?;
-    let image = image.canonicalize()?;
+    std::fs::create_dir_all(next.join(CONTENT))?;
+    let next = next.canonicalize()?;
     {
         let mut seam = lock();
         seam.images.retain(|i| i.root != root);
         seam.images.push(Image {
             root: root.clone(),
-            dir: image,
+            dir: next.clone(),
             names: BTreeMap::new(),
             dirs: BTreeSet::new(),
         });
     }
     ACTIVE.store(true, Ordering::Relaxed);
-    synced_tree(&root)
+    synced_tree(&root)?;
+    // Whole: swap it in, under the seam's lock (no sync writes into the
+    // image while its directory moves).
+    let old = sibling(image, "old");
+    let mut seam = lock();
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    if image.exists() {
+        std::fs::rename(image, &old)?;
+    }
+    std::fs::rename(&next, image)?;
+    let image = image.canonicalize()?;
+    if let Some(kept) = seam.images.iter_mut().find(|i| i.root == root) {
+        kept.dir = image;
+    }
+    drop(seam);
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    Ok(())
+}
+
+/// `<image>.<what>`, beside `image`.
+fn sibling(image: &Path, what: &str) -> PathBuf {
+    let mut name = image.as_os_str().to_owned();
+    name.push(".");
+    name.push(what);
+    PathBuf::from(name)
 }
 
 /// Stops keeping the image of `root` (unit tests reuse one process).
@@ -165,6 +201,14 @@ pub fn stop_image(root: &Path) {
 /// `image`. The process that kept it must be dead (or, in a unit test,
 /// everything it had open dropped).
 pub fn restore_image(image: &Path, root: &Path) -> io::Result<()> {
+    // A start killed between the two renames of its swap left the new,
+    // whole image at `<image>.next` and none at `image`.
+    let next = sibling(image, "next");
+    let image = if !image.exists() && next.join(MANIFEST).exists() {
+        next.as_path()
+    } else {
+        image
+    };
     let manifest: Manifest = serde_json::from_slice(&std::fs::read(image.join(MANIFEST))?)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     for entry in std::fs::read_dir(root)? {
