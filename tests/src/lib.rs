@@ -70,6 +70,22 @@ pub fn meshctl_bin() -> PathBuf {
     registry_bin().with_file_name("meshctl")
 }
 
+/// `meshctl tls …` in `dir` (certificates for tests); its stdout.
+pub fn meshctl_tls(dir: &Path, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(meshctl_bin())
+        .arg("tls")
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "meshctl tls {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Polls `check` until it returns `Some`, at most `timeout` long.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
 where

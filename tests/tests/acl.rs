@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use meshwork_tests::sidecar::{ADMIN_PORT, Mesh};
-use meshwork_tests::{Cluster, wait_for};
+use meshwork_tests::{Cluster, meshctl_tls, wait_for};
 use serde_json::{Value, json};
 
 /// One request with an optional token; its status and body.
@@ -117,22 +117,6 @@ service_prefix "" {
   policy = "read"
 }
 "#;
-
-/// `meshctl tls …` in `dir`; its stdout.
-fn meshctl_tls(dir: &Path, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(meshwork_tests::meshctl_bin())
-        .arg("tls")
-        .args(args)
-        .arg("--dir")
-        .arg(dir)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "meshctl tls {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// A CA and one server certificate (for `server.dc1.meshwork` and the
 /// given addresses) in `dir`: the `--tls-*` flags that use them.

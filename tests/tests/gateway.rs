@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use meshwork_tests::http::http_client;
+use meshwork_tests::meshctl_tls;
 use meshwork_tests::sidecar::Mesh;
 use meshwork_tests::wait_for;
 use serde_json::{Value, json};
@@ -271,21 +272,6 @@ async fn a_gateway_opens_the_listeners_of_its_ingress_entry_live() -> Result<()>
     Ok(())
 }
 
-/// `meshctl tls …` in `dir`.
-fn meshctl(dir: &std::path::Path, args: &[&str]) -> Result<()> {
-    let out = std::process::Command::new(meshwork_tests::meshctl_bin())
-        .args(args)
-        .arg("--dir")
-        .arg(dir)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "meshctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 /// `curl` over HTTPS to `https://<host>:<port>/` reaching `ip` (the name
 /// sent as SNI), trusting `ca`: (exit code, HTTP version, body). Async:
 /// the apps behind the gateway run on this test's runtime.
@@ -322,11 +308,10 @@ async fn curl_https(
 #[tokio::test]
 async fn a_gateway_terminates_tls_with_the_certificate_the_client_names() -> Result<()> {
     let certs = tempfile::tempdir()?;
-    meshctl(certs.path(), &["tls", "ca", "create"])?;
-    meshctl(
+    meshctl_tls(certs.path(), &["ca", "create"])?;
+    meshctl_tls(
         certs.path(),
         &[
-            "tls",
             "cert",
             "create",
             "--server",
@@ -334,10 +319,9 @@ async fn a_gateway_terminates_tls_with_the_certificate_the_client_names() -> Res
             "shop.example.com",
         ],
     )?;
-    meshctl(
+    meshctl_tls(
         certs.path(),
         &[
-            "tls",
             "cert",
             "create",
             "--server",

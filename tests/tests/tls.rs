@@ -9,23 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use meshwork_tests::{Cluster, wait_for};
+use meshwork_tests::{Cluster, meshctl_tls, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn meshctl_tls(dir: &Path, args: &[&str]) -> Result<()> {
-    let out = Command::new(meshwork_tests::meshctl_bin())
-        .arg("tls")
-        .args(args)
-        .arg("--dir")
-        .arg(dir)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "meshctl tls {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
 
 /// `curl` over HTTPS: its exit code and body.
 fn curl(url: &str, extra: &[&str]) -> Result<(i32, String)> {
