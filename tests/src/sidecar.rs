@@ -446,8 +446,14 @@ listen = "{ip}:{ADMIN_PORT}"
 "#,
             self.registry_section()
         );
-        let i = self.spawn(ip, name, &config)?;
-        wait_for("gateway admin", Duration::from_secs(15), || async {
+        self.spawn_live(ip, name, &config).await
+    }
+
+    /// Spawns a sidecar and waits (bounded) until its admin listener
+    /// answers `/live`.
+    async fn spawn_live(&mut self, ip: &str, id: &str, config: &str) -> Result<usize> {
+        let i = self.spawn(ip, id, config)?;
+        wait_for("sidecar admin", Duration::from_secs(15), || async {
             self.sidecars[i]
                 .http
                 .get(self.sidecars[i].admin("/live"))
@@ -488,18 +494,7 @@ listen = "{ip}:{UPSTREAM_PORT}"
 "#,
             self.registry_section()
         );
-        let i = self.spawn(ip, "client", &config)?;
-        wait_for("client sidecar admin", Duration::from_secs(15), || async {
-            self.sidecars[i]
-                .http
-                .get(self.sidecars[i].admin("/live"))
-                .send()
-                .await
-                .ok()?;
-            Some(())
-        })
-        .await?;
-        Ok(i)
+        self.spawn_live(ip, "client", &config).await
     }
 
     pub fn done(mut self) {

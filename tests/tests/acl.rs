@@ -619,6 +619,39 @@ async fn a_restored_backup_keeps_its_tokens() -> Result<()> {
     Ok(())
 }
 
+/// Pauses `follower` (SIGSTOP), revokes the token `accessor` through
+/// `leader`, then sends `request` (lazy: it goes out only now) to the
+/// paused follower and wakes it 200 ms later: the request's answer, read
+/// by the follower before it can apply the revocation.
+async fn sent_to_a_paused_follower_across_a_revocation(
+    cluster: &Cluster,
+    (leader, follower): (usize, usize),
+    (management, accessor): (&str, &str),
+    request: impl std::future::Future<Output = Result<(u16, String)>>,
+) -> Result<(u16, String)> {
+    cluster.signal(follower, "STOP")?;
+    let resume = meshwork_tests::Resume(cluster, vec![follower]);
+    let (status, body) = call(
+        cluster,
+        leader,
+        reqwest::Method::DELETE,
+        &format!("/v1/acl/token/{accessor}"),
+        Some(management),
+        None,
+    )
+    .await?;
+    ensure!(status == 200, "revoke: {status} {body}");
+    let woken = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(resume);
+    };
+    let (answer, ()) = tokio::join!(
+        async { request.await.unwrap_or((0, "no answer".into())) },
+        woken
+    );
+    Ok(answer)
+}
+
 /// A write through a follower that has not applied its token's revocation
 /// yet is refused, not accepted and forwarded: a server catches up with the
 /// leader before it resolves a write's token (Consul resolves write tokens
@@ -655,28 +688,15 @@ async fn a_write_through_a_lagging_follower_with_a_just_revoked_token_is_refused
             },
         )
         .await?;
-        cluster.signal(follower, "STOP")?;
-        let resume = meshwork_tests::Resume(&cluster, vec![follower]);
-        let (status, body) = call(
-            &cluster,
-            leader,
-            reqwest::Method::DELETE,
-            &format!("/v1/acl/token/{accessor}"),
-            Some(&management),
-            None,
-        )
-        .await?;
-        ensure!(status == 200, "round {round}: revoke: {status} {body}");
         let key = format!("/v1/kv/app/after-revocation-{round}");
         let write = put(&cluster, follower, &key, Some(&secret), json!("written"));
-        let woken = async {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            drop(resume);
-        };
-        let ((status, body), ()) = tokio::join!(
-            async { write.await.unwrap_or((0, "no answer".into())) },
-            woken
-        );
+        let (status, body) = sent_to_a_paused_follower_across_a_revocation(
+            &cluster,
+            (leader, follower),
+            (&management, &accessor),
+            write,
+        )
+        .await?;
         ensure!(
             status == 403 && body.trim() == "ACL not found",
             "round {round}: a write with the revoked token through the lagging follower: {status} {body}"
@@ -723,32 +743,19 @@ async fn a_write_through_a_lagging_follower_with_a_just_revoked_token_is_refused
         },
     )
     .await?;
-    cluster.signal(follower, "STOP")?;
-    let resume = meshwork_tests::Resume(&cluster, vec![follower]);
-    let (status, body) = call(
-        &cluster,
-        leader,
-        reqwest::Method::DELETE,
-        &format!("/v1/acl/token/{accessor}"),
-        Some(&management),
-        None,
-    )
-    .await?;
-    ensure!(status == 200, "leaf round: revoke: {status} {body}");
     let leaf = get(
         &cluster,
         follower,
         "/v1/agent/connect/ca/leaf/api",
         Some(&secret),
     );
-    let woken = async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        drop(resume);
-    };
-    let ((status, body), ()) = tokio::join!(
-        async { leaf.await.unwrap_or((0, "no answer".into())) },
-        woken
-    );
+    let (status, body) = sent_to_a_paused_follower_across_a_revocation(
+        &cluster,
+        (leader, follower),
+        (&management, &accessor),
+        leaf,
+    )
+    .await?;
     ensure!(
         status == 403 && !body.contains("PRIVATE KEY"),
         "a leaf for the revoked token from the lagging follower: {status} {body}"

@@ -25,6 +25,19 @@ async fn put_entry(mesh: &Mesh, entry: &Value) -> Result<(u16, String)> {
     Ok((status, r.text().await?))
 }
 
+/// `GET url` as JSON, if it answers.
+async fn get_json(url: &str) -> Option<Value> {
+    http_client()
+        .ok()?
+        .get(url)
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
 /// The first word of the answer to `GET /` on `addr`, if any.
 async fn answered_by(addr: &str) -> Option<String> {
     let r = http_client()
@@ -82,15 +95,7 @@ async fn a_gateway_opens_the_listeners_of_its_ingress_entry_live() -> Result<()>
         "the gateway registered",
         Duration::from_secs(10),
         || async {
-            let c: Value = http_client()
-                .ok()?
-                .get(format!("{registry}/v1/catalog/service/edge"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let c = get_json(&format!("{registry}/v1/catalog/service/edge")).await?;
             c.get(0).cloned()
         },
     )
@@ -210,15 +215,7 @@ async fn a_gateway_opens_the_listeners_of_its_ingress_entry_live() -> Result<()>
         "the TLS listener reported",
         Duration::from_secs(10),
         || async {
-            let fleet: Value = http_client()
-                .ok()?
-                .get(format!("{registry}/v1/mesh/sidecars"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let fleet = get_json(&format!("{registry}/v1/mesh/sidecars")).await?;
             let gateway = fleet["Sidecars"]
                 .as_array()?
                 .iter()
