@@ -1273,6 +1273,9 @@ pub fn validate_entry(
     if kind == "ingress-gateway" {
         return crate::ingress::parse(name, body).map(|_| ());
     }
+    if kind == crate::jwt_provider::KIND {
+        return crate::jwt_provider::parse(name, body).map(|_| ());
+    }
     if kind == "service-defaults" {
         crate::ratelimit::RateLimits::from_service_defaults(name, body)?;
         crate::upstream_defaults::validate_service_defaults(name, body)?;

@@ -23,10 +23,73 @@ pub struct Listener {
     pub port: u16,
     /// `tcp`, `http`, `http2` or `grpc`.
     pub protocol: String,
+    /// Empty only for a listener that redirects to HTTPS.
     pub services: Vec<Service>,
     /// The listener terminates TLS (its own `TLS.Enabled`, else the
     /// entry's).
     pub tls: bool,
+    /// What the listener asks of outside clients (Meshwork's fields).
+    pub edge: Edge,
+}
+
+/// A listener's edge policy (Meshwork's extension of the entry, HTTP
+/// listeners only): authentication, per-client rate limits, the HTTPS
+/// redirect and HSTS.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Edge {
+    /// `JWT.Providers` (Consul's API-gateway shape): a token verified by
+    /// one of them passes.
+    pub jwt: Vec<JwtRequirement>,
+    /// `APIKeys.Header`: a key of the gateway's `[[gateway.api_keys]]` in
+    /// this header passes (as a token would).
+    pub api_key_header: Option<String>,
+    pub rate_limit: Option<ClientLimit>,
+    /// `HTTPSRedirect.Port`: every request is answered `308` to
+    /// `https://<host>:<port><path>` (a plain listener without services).
+    pub https_redirect: Option<u16>,
+    /// `HSTS`: the `Strict-Transport-Security` value added to every
+    /// answer (TLS listeners).
+    pub hsts: Option<String>,
+}
+
+impl Edge {
+    /// Whether requests must authenticate.
+    pub fn authenticates(&self) -> bool {
+        !self.jwt.is_empty() || self.api_key_header.is_some()
+    }
+}
+
+/// A provider a listener accepts tokens of, and the claims it demands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtRequirement {
+    pub provider: String,
+    /// `VerifyClaims`: the claim at `Path` must be `Value` (or, a list,
+    /// hold it).
+    pub claims: Vec<(Vec<String>, String)>,
+}
+
+/// A token bucket per client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientLimit {
+    pub rate: f64,
+    pub burst: u32,
+    pub by: LimitBy,
+    /// Clients tracked at most (least recently seen dropped first).
+    pub max_clients: usize,
+}
+
+// The rate is finite and above 0 (checked when read): no NaN to break
+// equality's reflexivity.
+impl Eq for ClientLimit {}
+
+/// What a client is, for its bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitBy {
+    /// The client's address (after trusted hops).
+    ClientIp,
+    /// The verified token's `sub`, or the API key's name; the address
+    /// when the request carries neither.
+    Subject,
 }
 
 /// A mesh service behind a listener.
@@ -113,6 +176,195 @@ fn check_host(host: &str, at: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn positive(value: Option<&Value>, at: &str) -> Result<Option<f64>, String> {
+    value
+        .map(|v| {
+            v.as_f64()
+                .filter(|r| *r > 0.0 && r.is_finite())
+                .ok_or_else(|| format!("{at}: must be a number above 0"))
+        })
+        .transpose()
+}
+
+/// A listener's edge fields (`JWT`, `APIKeys`, `RateLimit`,
+/// `HTTPSRedirect`, `HSTS`).
+fn edge(
+    at: &str,
+    protocol: &str,
+    tls: bool,
+    [jwt, api_keys, rate_limit, redirect, hsts]: [Option<&Value>; 5],
+) -> Result<Edge, String> {
+    let mut out = Edge::default();
+    let given = [
+        (jwt, "JWT"),
+        (api_keys, "APIKeys"),
+        (rate_limit, "RateLimit"),
+        (redirect, "HTTPSRedirect"),
+        (hsts, "HSTS"),
+    ];
+    if protocol == "tcp" {
+        if let Some((_, f)) = given.iter().find(|(v, _)| v.is_some()) {
+            return Err(format!(
+                "{at}.{f}: only for HTTP listeners (http, http2, grpc): a tcp listener carries bytes"
+            ));
+        }
+        return Ok(out);
+    }
+    if let Some(jwt) = jwt {
+        let j_at = join(at, "JWT");
+        let jwt = object(jwt, &j_at).map_err(text)?;
+        let [providers] = fields(jwt, &["Providers"], &j_at).map_err(text)?;
+        for (i, p) in array(providers, &join(&j_at, "Providers"))
+            .map_err(text)?
+            .iter()
+            .enumerate()
+        {
+            let p_at = format!("{j_at}.Providers[{i}]");
+            let p = object(p, &p_at).map_err(text)?;
+            let [name, verify] = fields(p, &["Name", "VerifyClaims"], &p_at).map_err(text)?;
+            let name = nonempty_string(name, &join(&p_at, "Name"))
+                .map_err(text)?
+                .ok_or_else(|| format!("{p_at}.Name: the jwt-provider entry is required"))?;
+            let mut claims = Vec::new();
+            for (k, c) in array(verify, &join(&p_at, "VerifyClaims"))
+                .map_err(text)?
+                .iter()
+                .enumerate()
+            {
+                let c_at = format!("{p_at}.VerifyClaims[{k}]");
+                let c = object(c, &c_at).map_err(text)?;
+                let [path, value] = fields(c, &["Path", "Value"], &c_at).map_err(text)?;
+                let path: Vec<String> = array(path, &join(&c_at, "Path"))
+                    .map_err(text)?
+                    .iter()
+                    .map(|p| p.as_str().filter(|p| !p.is_empty()).map(str::to_owned))
+                    .collect::<Option<_>>()
+                    .filter(|p: &Vec<String>| !p.is_empty())
+                    .ok_or_else(|| {
+                        format!(
+                            "{c_at}.Path: a list of claim names (\"role\" or [\"org\", \"id\"])"
+                        )
+                    })?;
+                let value = nonempty_string(value, &join(&c_at, "Value"))
+                    .map_err(text)?
+                    .ok_or_else(|| format!("{c_at}.Value: required"))?;
+                claims.push((path, value.to_owned()));
+            }
+            if out.jwt.iter().any(|r| r.provider == name) {
+                return Err(format!("{p_at}.Name: {name:?} is listed twice"));
+            }
+            out.jwt.push(JwtRequirement {
+                provider: name.to_owned(),
+                claims,
+            });
+        }
+    }
+    if let Some(keys) = api_keys {
+        let k_at = join(at, "APIKeys");
+        let keys = object(keys, &k_at).map_err(text)?;
+        let [header] = fields(keys, &["Header"], &k_at).map_err(text)?;
+        let header = nonempty_string(header, &join(&k_at, "Header"))
+            .map_err(text)?
+            .unwrap_or("x-api-key");
+        out.api_key_header = Some(crate::jwt_provider::check_header_name(
+            header,
+            &join(&k_at, "Header"),
+        )?);
+    }
+    if let Some(limit) = rate_limit {
+        let r_at = join(at, "RateLimit");
+        let limit = object(limit, &r_at).map_err(text)?;
+        let [rps, burst, by, max] = fields(
+            limit,
+            &["RequestsPerSecond", "RequestsMaxBurst", "By", "MaxClients"],
+            &r_at,
+        )
+        .map_err(text)?;
+        let rate = positive(rps, &join(&r_at, "RequestsPerSecond"))?
+            .ok_or_else(|| format!("{r_at}.RequestsPerSecond: required, a number above 0"))?;
+        let burst = match burst {
+            None => rate.ceil().max(1.0) as u32,
+            Some(b) => b
+                .as_u64()
+                .and_then(|b| u32::try_from(b).ok())
+                .filter(|b| *b > 0)
+                .ok_or_else(|| format!("{r_at}.RequestsMaxBurst: a whole number above 0"))?,
+        };
+        let by = match nonempty_string(by, &join(&r_at, "By")).map_err(text)? {
+            None | Some("client-ip") => LimitBy::ClientIp,
+            Some("subject") => LimitBy::Subject,
+            Some(other) => {
+                return Err(format!(
+                    "{r_at}.By: {other:?}: \"client-ip\" (the default) or \"subject\" (the token's sub or the API key's name)"
+                ));
+            }
+        };
+        let max_clients = match max {
+            None => 100_000,
+            Some(m) => m
+                .as_u64()
+                .filter(|m| (1..=10_000_000).contains(m))
+                .map(|m| m as usize)
+                .ok_or_else(|| format!("{r_at}.MaxClients: 1 to 10000000"))?,
+        };
+        out.rate_limit = Some(ClientLimit {
+            rate,
+            burst,
+            by,
+            max_clients,
+        });
+    }
+    if let Some(redirect) = redirect {
+        let r_at = join(at, "HTTPSRedirect");
+        if tls || protocol != "http" {
+            return Err(format!("{r_at}: only on a plain (not TLS) http listener"));
+        }
+        let redirect = object(redirect, &r_at).map_err(text)?;
+        let [port] = fields(redirect, &["Port"], &r_at).map_err(text)?;
+        let port = match port {
+            None => 443,
+            Some(p) => p
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("{r_at}.Port: a port from 1 to 65535"))?,
+        };
+        if out.authenticates() || out.rate_limit.is_some() {
+            return Err(format!(
+                "{r_at}: a redirecting listener forwards nothing; authentication and limits belong on the HTTPS listener"
+            ));
+        }
+        out.https_redirect = Some(port);
+    }
+    if let Some(hsts) = hsts {
+        let h_at = join(at, "HSTS");
+        if !tls {
+            return Err(format!(
+                "{h_at}: only on a listener with TLS enabled (browsers ignore it over plain HTTP)"
+            ));
+        }
+        let hsts = object(hsts, &h_at).map_err(text)?;
+        let [age, subdomains, preload] = fields(
+            hsts,
+            &["MaxAgeSeconds", "IncludeSubdomains", "Preload"],
+            &h_at,
+        )
+        .map_err(text)?;
+        let age = age.and_then(Value::as_u64).ok_or_else(|| {
+            format!("{h_at}.MaxAgeSeconds: required, seconds (31536000 is a year)")
+        })?;
+        let mut value = format!("max-age={age}");
+        if boolean(subdomains, &join(&h_at, "IncludeSubdomains")).map_err(text)? {
+            value.push_str("; includeSubDomains");
+        }
+        if boolean(preload, &join(&h_at, "Preload")).map_err(text)? {
+            value.push_str("; preload");
+        }
+        out.hsts = Some(value);
+    }
+    Ok(out)
+}
+
 /// The listeners of the `ingress-gateway` entry `name`; errors name the
 /// field.
 pub fn parse(name: &str, body: &Map<String, Value>) -> Result<Vec<Listener>, String> {
@@ -139,8 +391,32 @@ pub fn parse(name: &str, body: &Map<String, Value>) -> Result<Vec<Listener>, Str
     {
         let at = format!("{path}.Listeners[{i}]");
         let l = object(l, &at).map_err(text)?;
-        let [port, protocol, services, tls] =
-            fields(l, &["Port", "Protocol", "Services", "TLS"], &at).map_err(text)?;
+        let [
+            port,
+            protocol,
+            services,
+            tls,
+            jwt,
+            api_keys,
+            rate_limit,
+            redirect,
+            hsts,
+        ] = fields(
+            l,
+            &[
+                "Port",
+                "Protocol",
+                "Services",
+                "TLS",
+                "JWT",
+                "APIKeys",
+                "RateLimit",
+                "HTTPSRedirect",
+                "HSTS",
+            ],
+            &at,
+        )
+        .map_err(text)?;
         let port = port
             .and_then(Value::as_u64)
             .and_then(|p| u16::try_from(p).ok())
@@ -254,7 +530,20 @@ pub fn parse(name: &str, body: &Map<String, Value>) -> Result<Vec<Listener>, Str
                 hosts: host_list,
             });
         }
-        if parsed.is_empty() {
+        let tls = listener_tls.unwrap_or(entry_tls);
+        let edge = edge(
+            &at,
+            protocol,
+            tls,
+            [jwt, api_keys, rate_limit, redirect, hsts],
+        )?;
+        if edge.https_redirect.is_some() {
+            if !parsed.is_empty() {
+                return Err(format!(
+                    "{at}.Services: a listener that redirects to HTTPS forwards nothing: leave Services out"
+                ));
+            }
+        } else if parsed.is_empty() {
             return Err(format!(
                 "{at}.Services: a listener needs at least one service"
             ));
@@ -275,7 +564,8 @@ pub fn parse(name: &str, body: &Map<String, Value>) -> Result<Vec<Listener>, Str
             port,
             protocol: protocol.to_owned(),
             services: parsed,
-            tls: listener_tls.unwrap_or(entry_tls),
+            tls,
+            edge,
         });
     }
     Ok(out)

@@ -36,6 +36,7 @@ pub mod health;
 pub mod http_path;
 pub mod ingress;
 pub mod intentions;
+pub mod jwt_provider;
 pub mod log_level;
 pub mod notify;
 pub mod prometheus;

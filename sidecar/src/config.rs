@@ -170,6 +170,21 @@ struct GatewaySection {
     /// for (SNI).
     #[serde(default)]
     certificates: Vec<CertificateSection>,
+    /// Proxies in front of the gateway whose `X-Forwarded-For` entries
+    /// are believed (default 0: only the peer's address).
+    trusted_hops: Option<u8>,
+    /// Keys a listener with `APIKeys` accepts.
+    #[serde(default)]
+    api_keys: Vec<ApiKeySection>,
+}
+
+/// `[[gateway.api_keys]]`: a client's name and the SHA-256 (hex) of its
+/// key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiKeySection {
+    name: String,
+    sha256: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -286,6 +301,11 @@ pub struct Gateway {
     /// Its certificates, read (`None`: none configured; a listener with
     /// TLS is then not opened).
     pub tls: Option<crate::tls::edge::EdgeTls>,
+    /// The certificate files (watched for changes).
+    pub certificates: Vec<crate::tls::edge::EdgeCert>,
+    /// `X-Forwarded-For` entries believed (proxies in front of it).
+    pub trusted_hops: u8,
+    pub api_keys: std::sync::Arc<Vec<crate::gateway::edge::ApiKey>>,
 }
 
 /// A configuration error: one line per problem, each naming the file.
@@ -510,10 +530,41 @@ impl Config {
                         }
                     }
                 };
+                let mut api_keys: Vec<crate::gateway::edge::ApiKey> = Vec::new();
+                for (i, k) in g.api_keys.iter().enumerate() {
+                    let at = format!("{f}: gateway.api_keys[{i}]");
+                    let hex = k.sha256.trim().to_ascii_lowercase();
+                    let mut sha256 = [0u8; 32];
+                    let ok = hex.len() == 64
+                        && hex.is_ascii()
+                        && sha256.iter_mut().enumerate().all(|(j, byte)| {
+                            u8::from_str_radix(&hex[2 * j..2 * j + 2], 16)
+                                .map(|b| *byte = b)
+                                .is_ok()
+                        });
+                    if !ok {
+                        errors.push(format!(
+                            "{at}.sha256: the SHA-256 of the key as 64 hex digits (printf %s \"$KEY\" | sha256sum); the key itself never goes in the file"
+                        ));
+                    }
+                    if k.name.is_empty() || api_keys.iter().any(|o| o.name == k.name) {
+                        errors.push(format!("{at}.name: a name of its own is required"));
+                    }
+                    if api_keys.iter().any(|o| o.sha256 == sha256) {
+                        errors.push(format!("{at}.sha256: the same key as another entry"));
+                    }
+                    api_keys.push(crate::gateway::edge::ApiKey {
+                        name: k.name.clone(),
+                        sha256,
+                    });
+                }
                 let gateway = Gateway {
                     name: g.name.clone(),
                     bind,
                     tls,
+                    certificates: certs,
+                    trusted_hops: g.trusted_hops.unwrap_or(0),
+                    api_keys: std::sync::Arc::new(api_keys),
                 };
                 let service = ServiceSection {
                     id: Some(g.id.unwrap_or_else(|| g.name.clone())),

@@ -34,10 +34,16 @@ pub enum Outcome {
     RateLimited,
     /// A gateway listener has no service for the request's host (404).
     NoRoute,
+    /// A gateway listener's authentication refused the request (401).
+    Unauthenticated,
+    /// A gateway listener does not serve the method (405: CONNECT).
+    MethodNotAllowed,
+    /// A gateway listener redirected the request to HTTPS (308).
+    Redirect,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 14] = [
+    pub const ALL: [Outcome; 17] = [
         Outcome::Upstream,
         Outcome::NoHealthyUpstream,
         Outcome::ConnectFailure,
@@ -52,6 +58,9 @@ impl Outcome {
         Outcome::FaultAbort,
         Outcome::RateLimited,
         Outcome::NoRoute,
+        Outcome::Unauthenticated,
+        Outcome::MethodNotAllowed,
+        Outcome::Redirect,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +79,9 @@ impl Outcome {
             Outcome::FaultAbort => "fault-abort",
             Outcome::RateLimited => "rate-limited",
             Outcome::NoRoute => "no-route",
+            Outcome::Unauthenticated => "unauthenticated",
+            Outcome::MethodNotAllowed => "method-not-allowed",
+            Outcome::Redirect => "https-redirect",
         }
     }
 

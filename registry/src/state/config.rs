@@ -102,6 +102,20 @@ const KINDS: &[(&str, &[&str])] = &[
     ("exported-services", &["Services"]),
     ("ingress-gateway", &["TLS", "Listeners", "Defaults"]),
     ("terminating-gateway", &["Services"]),
+    (
+        "jwt-provider",
+        &[
+            "Issuer",
+            "Audiences",
+            "JSONWebKeySet",
+            "Locations",
+            "Forwarding",
+            "ClockSkewSeconds",
+            "CacheConfig",
+            // Meshwork's: claims to the service as headers.
+            "ClaimToHeaders",
+        ],
+    ),
 ];
 
 /// Longest entry name accepted.

@@ -187,6 +187,10 @@ pub struct Upstream {
     /// goes to the first route whose hosts match its `Host`; none: 404.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub host_routes: Vec<HostRoute>,
+    /// A gateway's HTTP listener: what it asks of outside clients
+    /// (`crate::gateway::edge`).
+    #[serde(skip)]
+    pub edge: Option<std::sync::Arc<crate::gateway::edge::EdgeSpec>>,
 }
 
 /// One service of a gateway listener that routes by host.
@@ -799,6 +803,7 @@ pub(super) fn upstreams(
             from_registry: BTreeMap::new(),
             edge_tls: false,
             host_routes: Vec::new(),
+            edge: None,
         });
     }
     out

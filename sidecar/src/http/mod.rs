@@ -82,6 +82,9 @@ pub struct HttpProxy {
     /// A gateway listener for several services: the proxy of each, by
     /// host (first match wins).
     pub hosts: Option<Arc<HostTable>>,
+    /// A gateway listener: what it asks of outside clients before
+    /// routing (`crate::gateway::edge`).
+    pub edge: Option<Arc<crate::gateway::edge::Edge>>,
 }
 
 /// A gateway listener's services by host, each with its own proxy (first
@@ -106,7 +109,14 @@ impl HttpProxy {
             access_log,
             routing: None,
             hosts: None,
+            edge: None,
         }
+    }
+
+    /// The same proxy with a gateway listener's edge in front.
+    pub fn with_edge(mut self, edge: Arc<crate::gateway::edge::Edge>) -> Self {
+        self.edge = Some(edge);
+        self
     }
 
     /// The same proxy routing each request by host to one of `hosts`.
@@ -132,6 +142,7 @@ impl HttpProxy {
             access_log,
             routing: self.routing.clone(),
             hosts: self.hosts.clone(),
+            edge: self.edge.clone(),
         }
     }
 
@@ -147,6 +158,57 @@ impl HttpProxy {
     /// `caller` is the service the client's verified mesh certificate
     /// names (inbound listener only).
     pub fn handle(
+        &self,
+        mut req: Request<ClientBody>,
+        peer: SocketAddr,
+        caller: Option<Arc<Caller>>,
+        connection: Busy,
+    ) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>> {
+        // A gateway listener: the edge's checks first; its own answer, or
+        // the request goes on (HSTS added to the answer).
+        if let Some(edge) = &self.edge {
+            use crate::gateway::edge::EdgeAnswer;
+            let answer = match edge.admit(&mut req, peer) {
+                Ok(admitted) => {
+                    let inner = self.route(req, peer, caller, connection);
+                    return match admitted.hsts {
+                        None => inner,
+                        Some(hsts) => Box::pin(async move {
+                            let mut response = inner.await;
+                            response
+                                .headers_mut()
+                                .insert(hyper::header::STRICT_TRANSPORT_SECURITY, hsts);
+                            response
+                        }),
+                    };
+                }
+                Err(EdgeAnswer::Error(error)) => {
+                    let grpc = is_grpc(req.headers());
+                    self.cluster.metrics.record(
+                        error.status().as_u16(),
+                        error.outcome(),
+                        std::time::Duration::ZERO,
+                    );
+                    rescue::respond(&error, grpc)
+                }
+                Err(EdgeAnswer::Redirect(location)) => {
+                    let response = rescue::redirect(&location);
+                    self.cluster.metrics.record(
+                        response.status().as_u16(),
+                        crate::telemetry::Outcome::Redirect,
+                        std::time::Duration::ZERO,
+                    );
+                    response
+                }
+            };
+            return Box::pin(std::future::ready(answer.map(ResponseBody::Own)));
+        }
+        self.route(req, peer, caller, connection)
+    }
+
+    /// [`HttpProxy::handle`] past the edge: by host, through the chain, or
+    /// to the cluster.
+    fn route(
         &self,
         mut req: Request<ClientBody>,
         peer: SocketAddr,
@@ -249,7 +311,7 @@ impl HttpProxy {
 
 /// The host a request is for, lower case, without a port: HTTP/2's
 /// `:authority` (or an absolute-form target's), else `Host`.
-fn request_host<B>(req: &Request<B>) -> String {
+pub(crate) fn request_host<B>(req: &Request<B>) -> String {
     let host = req
         .uri()
         .authority()

@@ -46,6 +46,13 @@ pub enum ProxyError {
     /// A gateway listener routes no service for this host.
     #[error("no route for host {0:?} on this listener")]
     NoRoute(String),
+    /// A gateway listener's authentication failed; the
+    /// `WWW-Authenticate` challenge.
+    #[error("authentication required: no valid credentials")]
+    Unauthenticated(String),
+    /// A method the gateway does not serve.
+    #[error("method not allowed: {0}")]
+    MethodNotAllowed(&'static str),
 }
 
 impl ProxyError {
@@ -63,6 +70,8 @@ impl ProxyError {
             ProxyError::IntentionsPending => Outcome::IntentionsPending,
             ProxyError::RateLimited(_) => Outcome::RateLimited,
             ProxyError::NoRoute(_) => Outcome::NoRoute,
+            ProxyError::Unauthenticated(_) => Outcome::Unauthenticated,
+            ProxyError::MethodNotAllowed(_) => Outcome::MethodNotAllowed,
         }
     }
 
@@ -80,19 +89,23 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
+            ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
     /// The gRPC status code for the same failure.
     fn grpc_status(&self) -> u8 {
         match self {
-            ProxyError::Timeout(_) => 4,         // DEADLINE_EXCEEDED
-            ProxyError::BadRequest(_) => 13,     // INTERNAL
-            ProxyError::CircuitOpen(_) => 14,    // UNAVAILABLE
-            ProxyError::IntentionDenied(_) => 7, // PERMISSION_DENIED
-            ProxyError::RateLimited(_) => 8,     // RESOURCE_EXHAUSTED
-            ProxyError::NoRoute(_) => 12,        // UNIMPLEMENTED
-            _ => 14,                             // UNAVAILABLE
+            ProxyError::Timeout(_) => 4,           // DEADLINE_EXCEEDED
+            ProxyError::BadRequest(_) => 13,       // INTERNAL
+            ProxyError::CircuitOpen(_) => 14,      // UNAVAILABLE
+            ProxyError::IntentionDenied(_) => 7,   // PERMISSION_DENIED
+            ProxyError::RateLimited(_) => 8,       // RESOURCE_EXHAUSTED
+            ProxyError::NoRoute(_) => 12,          // UNIMPLEMENTED
+            ProxyError::Unauthenticated(_) => 16,  // UNAUTHENTICATED
+            ProxyError::MethodNotAllowed(_) => 12, // UNIMPLEMENTED
+            _ => 14,                               // UNAVAILABLE
         }
     }
 }
@@ -118,6 +131,19 @@ pub fn never_reached_app(headers: &hyper::HeaderMap) -> bool {
 /// The response for `error`; `grpc` when the caller speaks gRPC.
 pub fn respond(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
     let mut response = respond_without_wait(error, grpc);
+    if let ProxyError::Unauthenticated(challenge) = error
+        && let Ok(v) = HeaderValue::from_str(challenge)
+    {
+        response
+            .headers_mut()
+            .insert(hyper::header::WWW_AUTHENTICATE, v);
+    }
+    if let ProxyError::MethodNotAllowed(_) = error {
+        response.headers_mut().insert(
+            hyper::header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
+    }
     if let ProxyError::RateLimited(wait) = error {
         // Whole seconds, rounded up (RFC 9110 §10.2.3).
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -154,6 +180,21 @@ fn respond_without_wait(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     headers.insert(ERROR_HEADER, code);
+    response
+}
+
+/// A gateway listener's redirect to HTTPS: `308` to `location` (the
+/// method and body are kept by the client, RFC 9110 §15.4.9).
+pub fn redirect(location: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(empty());
+    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(hyper::header::LOCATION, v);
+    }
+    response.headers_mut().insert(
+        ERROR_HEADER,
+        HeaderValue::from_static(Outcome::Redirect.as_str()),
+    );
     response
 }
 

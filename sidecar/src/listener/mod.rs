@@ -83,7 +83,12 @@ impl Route {
     /// `stop_accepting` and `stop_now` are the proxy's tokens.
     fn new(
         direction: &'static str,
-        (cluster, routing, hosts): (Arc<Cluster>, Option<Routed>, Option<HostTable>),
+        (cluster, routing, hosts, edge): (
+            Arc<Cluster>,
+            Option<Routed>,
+            Option<HostTable>,
+            Option<Arc<crate::gateway::edge::Edge>>,
+        ),
         access_log: bool,
         (stop_accepting, stop_now): (&CancellationToken, &CancellationToken),
     ) -> Arc<Self> {
@@ -98,8 +103,12 @@ impl Route {
                 Some(routing) => proxy.with_routing(routing),
                 None => proxy,
             };
-            Arc::new(match hosts {
+            let proxy = match hosts {
                 Some(hosts) => proxy.with_hosts(hosts),
+                None => proxy,
+            };
+            Arc::new(match edge {
+                Some(edge) => proxy.with_edge(edge),
                 None => proxy,
             })
         });
@@ -361,6 +370,8 @@ pub struct Proxy {
     /// A gateway's certificates for its TLS listeners (replaced by a
     /// reload).
     edge: RwLock<Option<crate::tls::edge::EdgeTls>>,
+    /// A gateway's JWT providers' keys.
+    keyring: Arc<crate::gateway::keys::Keyring>,
     /// What the inbound listener checks callers against.
     intentions: Intentions,
     /// How often they may call.
@@ -421,6 +432,7 @@ fn inbound_upstream(service_name: &str, inbound: &Inbound) -> Upstream {
         from_registry: std::collections::BTreeMap::new(),
         edge_tls: false,
         host_routes: Vec::new(),
+        edge: None,
         limits: Limits {
             max_connections: 1024,
             max_pending: 1024,
@@ -671,7 +683,9 @@ impl Proxy {
             tasks: TaskTracker::new(),
             stop_accepting: CancellationToken::new(),
             stop_now: CancellationToken::new(),
+            keyring: Arc::default(),
         });
+        proxy.sync_keys(config);
         let mut slots = Vec::new();
         for w in wanted(config) {
             let socket = bind(&w.config_key, w.upstream.listen).await?;
@@ -790,11 +804,34 @@ impl Proxy {
         Some(table)
     }
 
+    /// A gateway HTTP listener's edge (authentication, client limits,
+    /// forwarding headers); `None` for any other listener.
+    fn new_edge(&self, w: &Wanted) -> Option<Arc<crate::gateway::edge::Edge>> {
+        let spec = w.upstream.edge.clone()?;
+        Some(Arc::new(crate::gateway::edge::Edge::new(
+            spec,
+            Arc::clone(&self.keyring),
+        )))
+    }
+
+    /// Keeps the keys of the JWT providers `config`'s listeners name
+    /// (read again: a reload re-reads key files).
+    fn sync_keys(&self, config: &Config) {
+        let providers: Vec<_> = config
+            .upstreams
+            .iter()
+            .filter_map(|u| u.edge.as_ref())
+            .flat_map(|e| e.providers.iter().cloned())
+            .collect();
+        self.keyring.sync(&providers);
+    }
+
     fn new_slot(&self, w: &Wanted, socket: &TcpListener, access_log: bool) -> Arc<Slot> {
         let cluster = (
             self.new_cluster(w),
             self.new_routing(w, access_log),
             self.new_hosts(w, access_log),
+            self.new_edge(w),
         );
         Arc::new(Slot {
             key: w.key,
@@ -1035,6 +1072,7 @@ impl Proxy {
     /// socket is bound first: when one cannot be, nothing changes.
     pub async fn reload(self: &Arc<Self>, config: &Config) -> Result<ProxyChanges, BindError> {
         let _one = self.reloading.lock().await;
+        self.sync_keys(config);
         let old_slots = self.slots();
         let wanted = wanted(config);
         let mut fresh = Vec::new();
@@ -1073,6 +1111,9 @@ impl Proxy {
                 && route.cluster.app == w.app
                 // A gateway listener's hosts and services are its table's.
                 && current.host_routes == w.upstream.host_routes
+                // And what it asks of clients, its edge's (a new edge
+                // starts with empty client buckets).
+                && current.edge == w.upstream.edge
                 // The pool's idle timeout is fixed when it is made.
                 && (current.idle_timeout == w.upstream.idle_timeout || route.http.is_none());
             if same_identity {
@@ -1089,6 +1130,7 @@ impl Proxy {
                     self.new_cluster(w),
                     self.new_routing(w, access_log),
                     self.new_hosts(w, access_log),
+                    self.new_edge(w),
                 );
                 let old =
                     slot.set_route(Route::new(w.direction, cluster, access_log, self.tokens()));
@@ -1321,6 +1363,18 @@ impl Proxy {
         text.push_str(&self.intentions.render_metrics());
         text.push_str(&chain::render_metrics());
         text.push_str(&self.limits.render_metrics());
+        let edges: Vec<_> = self
+            .slots()
+            .iter()
+            .filter_map(|slot| slot.route().http.as_ref().and_then(|h| h.edge.clone()))
+            .collect();
+        if !edges.is_empty() {
+            text.push_str(crate::gateway::edge::METRICS_HEAD);
+            for edge in &edges {
+                edge.render_metrics(&mut text);
+            }
+        }
+        self.keyring.render_metrics(&mut text);
         text
     }
 

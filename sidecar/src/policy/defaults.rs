@@ -26,8 +26,10 @@ use crate::config::Config;
 use crate::discovery::{ConfigEntries, Discovery, TopicState};
 use crate::listener::Proxy;
 
-/// Every sidecar follows these; a gateway also [`crate::gateway::KIND`].
+/// Every sidecar follows these; a gateway also [`GATEWAY_KINDS`].
 const KINDS: [&str; 2] = ["service-defaults", "proxy-defaults"];
+/// A gateway's listeners and the JWT providers they name.
+const GATEWAY_KINDS: [&str; 2] = [crate::gateway::KIND, meshwork_core::jwt_provider::KIND];
 
 type State = Arc<TopicState<BTreeMap<String, ConfigEntry>>>;
 
@@ -36,10 +38,7 @@ struct Bodies(HashMap<(&'static str, String), Map<String, Value>>);
 
 impl Entries for Bodies {
     fn entry(&self, kind: &str, name: &str) -> Option<&Map<String, Value>> {
-        let kind = KINDS
-            .iter()
-            .chain([&crate::gateway::KIND])
-            .find(|k| **k == kind)?;
+        let kind = KINDS.iter().chain(&GATEWAY_KINDS).find(|k| **k == kind)?;
         self.0.get(&(*kind, name.to_owned()))
     }
 }
@@ -58,7 +57,7 @@ fn bodies(states: &[(&'static str, State)]) -> Result<Bodies, String> {
 fn kinds(config: &Config) -> Vec<&'static str> {
     let mut kinds = KINDS.to_vec();
     if config.gateway.is_some() {
-        kinds.push(crate::gateway::KIND);
+        kinds.extend(GATEWAY_KINDS);
     }
     kinds
 }
@@ -92,7 +91,8 @@ fn apply(
         .gateway
         .as_ref()
         .and_then(|g| bodies.entry(crate::gateway::KIND, &g.name));
-    let (mut out, refused) = crate::gateway::with_listeners(config, entry)?;
+    let providers = |name: &str| bodies.entry(meshwork_core::jwt_provider::KIND, name);
+    let (mut out, refused) = crate::gateway::with_listeners(config, entry, &providers)?;
     let defaults_of = |upstream: &crate::config::Upstream| {
         meshwork_core::upstream_defaults::for_upstream(
             &config.service_name,
@@ -152,6 +152,9 @@ pub async fn run(
     let mut ingress = followed
         .contains(&crate::gateway::KIND)
         .then(|| discovery.config_entries(crate::gateway::KIND));
+    let mut jwt_providers = followed
+        .contains(&meshwork_core::jwt_provider::KIND)
+        .then(|| discovery.config_entries(meshwork_core::jwt_provider::KIND));
     let consumer = applied.consumer("proxy defaults", &followed);
     let mut last: Option<Applied> = None;
     loop {
@@ -163,6 +166,12 @@ pub async fn run(
             states.push((
                 crate::gateway::KIND,
                 Arc::clone(&ingress.borrow_and_update()),
+            ));
+        }
+        if let Some(providers) = &mut jwt_providers {
+            states.push((
+                meshwork_core::jwt_provider::KIND,
+                Arc::clone(&providers.borrow_and_update()),
             ));
         }
         let config = Arc::clone(&file.borrow_and_update());
@@ -211,6 +220,7 @@ pub async fn run(
             changed = defaults.changed() => if changed.is_err() { return },
             changed = global.changed() => if changed.is_err() { return },
             ok = changed(ingress.as_mut()) => if !ok { return },
+            ok = changed(jwt_providers.as_mut()) => if !ok { return },
             changed = file.changed() => if changed.is_err() { return },
         }
     }

@@ -17,9 +17,18 @@
 //! service without hosts; a host no service has gets 404
 //! `x-meshwork-error: no-route`.
 
+pub mod edge;
+pub mod jwt;
+pub mod keys;
+
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 
 use crate::config::{Config, Gateway, Upstream};
+
+/// The `jwt-provider` entries by name, as last seen.
+pub type ProviderEntries<'a> = &'a dyn Fn(&str) -> Option<&'a Map<String, Value>>;
 
 /// The config-entry kind a gateway follows.
 pub const KIND: &str = "ingress-gateway";
@@ -38,6 +47,7 @@ pub struct Listeners {
 pub fn listeners(
     gateway: &Gateway,
     entry: Option<&Map<String, Value>>,
+    providers: ProviderEntries<'_>,
 ) -> Result<Listeners, String> {
     let Some(entry) = entry else {
         return Ok(Listeners::default());
@@ -54,7 +64,47 @@ pub fn listeners(
             ));
             continue;
         }
+        // The providers the listener names, each as its entry says; a
+        // missing or unreadable one keeps the listener closed (it would
+        // otherwise refuse every token, or worse, pass them).
+        let mut named = Vec::new();
+        let mut missing = None;
+        for required in &l.edge.jwt {
+            match providers(&required.provider)
+                .map(|body| meshwork_core::jwt_provider::parse(&required.provider, body))
+            {
+                Some(Ok(p)) => named.push(p),
+                Some(Err(e)) => missing = Some(e),
+                None => missing = Some(format!("no jwt-provider entry {:?}", required.provider)),
+            }
+        }
+        if let Some(why) = missing {
+            out.refused
+                .push(format!("{at}: {why}; the listener is not opened"));
+            continue;
+        }
+        if l.edge.api_key_header.is_some() && gateway.api_keys.is_empty() {
+            out.refused.push(format!(
+                "{at}: APIKeys is set but the gateway has no [[gateway.api_keys]]; the listener is not opened"
+            ));
+            continue;
+        }
         let listen = std::net::SocketAddr::new(gateway.bind, l.port);
+        if l.edge.https_redirect.is_some() {
+            // Forwards nothing: its cluster is the gateway's own service,
+            // never called.
+            let mut upstream = crate::config::gateway_upstream(&gateway.name, listen, "http")?;
+            upstream.edge = Some(Arc::new(edge::EdgeSpec {
+                policy: l.edge.clone(),
+                providers: Vec::new(),
+                api_keys: Arc::clone(&gateway.api_keys),
+                trusted_hops: gateway.trusted_hops,
+                https: false,
+                port: l.port,
+            }));
+            out.upstreams.push(upstream);
+            continue;
+        }
         let routes_by_host = l.services.len() > 1 || l.services.iter().any(|s| !s.hosts.is_empty());
         let mut upstream = if routes_by_host {
             // Several services, or hosts: each request by its Host; the
@@ -79,6 +129,16 @@ pub fn listeners(
             crate::config::gateway_upstream(&l.services[0].name, listen, &l.protocol)?
         };
         upstream.edge_tls = l.tls;
+        if upstream.protocol.is_http() {
+            upstream.edge = Some(Arc::new(edge::EdgeSpec {
+                policy: l.edge.clone(),
+                providers: named,
+                api_keys: Arc::clone(&gateway.api_keys),
+                trusted_hops: gateway.trusted_hops,
+                https: l.tls,
+                port: l.port,
+            }));
+        }
         out.upstreams.push(upstream);
     }
     Ok(out)
@@ -89,11 +149,12 @@ pub fn listeners(
 pub fn with_listeners(
     config: &Config,
     entry: Option<&Map<String, Value>>,
+    providers: ProviderEntries<'_>,
 ) -> Result<(Config, Vec<String>), String> {
     let Some(gateway) = &config.gateway else {
         return Ok((config.clone(), Vec::new()));
     };
-    let made = listeners(gateway, entry)?;
+    let made = listeners(gateway, entry, providers)?;
     let mut out = config.clone();
     out.upstreams = made.upstreams;
     Ok((out, made.refused))
@@ -109,6 +170,9 @@ mod tests {
             name: "edge".into(),
             bind: std::net::IpAddr::from([127, 0, 0, 1]),
             tls: None,
+            certificates: Vec::new(),
+            trusted_hops: 0,
+            api_keys: Arc::default(),
         }
     }
 
@@ -119,7 +183,7 @@ mod tests {
             {"Name": "deep", "Hosts": ["*.api.example.com"]},
             {"Name": "exact", "Hosts": ["api.example.com"]},
             {"Name": "web"}]}]});
-        let made = listeners(&gateway(), entry.as_object()).expect("valid");
+        let made = listeners(&gateway(), entry.as_object(), &|_| None).expect("valid");
         assert!(made.refused.is_empty(), "{:?}", made.refused);
         let routes = &made.upstreams[0].host_routes;
         let pick = |host: &str| {
@@ -165,7 +229,7 @@ mod tests {
         let entry = json!({"Listeners": [
             {"Port": 8443, "Protocol": "http", "TLS": {"Enabled": true}, "Services": [{"Name": "api"}]},
             {"Port": 8080, "Protocol": "http", "Services": [{"Name": "api"}]}]});
-        let made = listeners(&gateway(), entry.as_object()).expect("valid");
+        let made = listeners(&gateway(), entry.as_object(), &|_| None).expect("valid");
         assert_eq!(made.upstreams.len(), 1);
         assert_eq!(made.upstreams[0].listen.port(), 8080);
         assert!(made.refused[0].contains("port 8443"), "{:?}", made.refused);

@@ -1,0 +1,574 @@
+//! What a gateway's HTTP listener asks of a request from outside before
+//! it goes into the mesh, in order:
+//!
+//! 1. `CONNECT` is refused (405): the gateway routes requests, it does
+//!    not open tunnels.
+//! 2. A listener with `HTTPSRedirect` answers `308` to the same host and
+//!    path over HTTPS, and nothing else.
+//! 3. The client's address: the peer's, or — with `trusted_hops` set in
+//!    `[gateway]` — the address that many hops back in
+//!    `X-Forwarded-For`. `X-Forwarded-For` (the trusted part of the chain
+//!    and the peer), `X-Forwarded-Proto` and `Forwarded` (RFC 7239) are
+//!    set by the gateway: what a client sent beyond the trusted hops is
+//!    not passed on.
+//! 4. Per-client rate limit by address (before authentication, so a
+//!    flood costs no signature checks) — or, `By: "subject"`, after it,
+//!    by the token's `sub` or the API key's name.
+//! 5. Authentication, when the listener asks for it: an API key of the
+//!    gateway's `[[gateway.api_keys]]` in the listener's header, or a JWT
+//!    one of its providers verifies (`super::jwt`). Headers the gateway
+//!    sets from a token (claims, the forwarded payload) are removed from
+//!    every request first, so a client cannot supply them. Failure: 401
+//!    with `WWW-Authenticate`.
+//!
+//! The answer gets `Strict-Transport-Security` when the listener has
+//! `HSTS`.
+
+use std::fmt::Write as _;
+use std::hash::Hash;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::{Method, Request};
+use meshwork_core::ingress::{ClientLimit, Edge as EdgePolicy, LimitBy};
+use meshwork_core::jwt_provider::{Location, Provider};
+use serde_json::Value;
+
+use super::jwt::{self, Refused};
+use super::keys::Keyring;
+use crate::http::ClientBody;
+use crate::http::rescue::ProxyError;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// One `[[gateway.api_keys]]` entry: a name and the SHA-256 of the key
+/// (the key itself is never in the file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub name: String,
+    pub sha256: [u8; 32],
+}
+
+/// A gateway listener's edge settings: the entry's policy, the providers
+/// it names (as their entries say) and the gateway's own settings. Part
+/// of the listener's identity: a change replaces its route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeSpec {
+    pub policy: EdgePolicy,
+    pub providers: Vec<Provider>,
+    pub api_keys: Arc<Vec<ApiKey>>,
+    pub trusted_hops: u8,
+    /// The listener terminates TLS (`X-Forwarded-Proto: https`).
+    pub https: bool,
+    pub port: u16,
+}
+
+/// Why a request was refused, for `/metrics`.
+const REASONS: [&str; 15] = [
+    "missing",
+    "api-key",
+    "too-large",
+    "malformed",
+    "algorithm",
+    "unknown-key",
+    "signature",
+    "expired",
+    "not-yet-valid",
+    "issuer",
+    "audience",
+    "claims",
+    "claim-value",
+    "no-keys",
+    "method",
+];
+
+fn reason_index(reason: &str) -> usize {
+    REASONS.iter().position(|r| *r == reason).unwrap_or(0)
+}
+
+/// Who a client is, for its bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ClientKey {
+    Ip(IpAddr),
+    Subject(Box<str>),
+}
+
+#[derive(Debug)]
+struct ClientBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// The buckets of the clients seen last, at most `max_clients`.
+#[derive(Debug)]
+struct Buckets {
+    limit: ClientLimit,
+    table: std::sync::Mutex<lru::LruCache<ClientKey, ClientBucket>>,
+    limited: AtomicU64,
+    evicted: AtomicU64,
+}
+
+impl Buckets {
+    fn new(limit: ClientLimit) -> Self {
+        let cap = NonZeroUsize::new(limit.max_clients).unwrap_or(NonZeroUsize::MIN);
+        Self {
+            limit,
+            table: std::sync::Mutex::new(lru::LruCache::new(cap)),
+            limited: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes a token of `key`'s bucket; `Err(wait)` until the next one.
+    fn take(&self, key: ClientKey, now: Instant) -> Result<(), Duration> {
+        let burst = f64::from(self.limit.burst);
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket = match table.get_mut(&key) {
+            Some(b) => b,
+            None => {
+                if table.len() == table.cap().get() {
+                    self.evicted.fetch_add(1, Ordering::Relaxed);
+                }
+                // A new (or forgotten) client starts with a full bucket.
+                table.push(
+                    key.clone(),
+                    ClientBucket {
+                        tokens: burst,
+                        last: now,
+                    },
+                );
+                table.get_mut(&key).ok_or(Duration::ZERO)?
+            }
+        };
+        let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * self.limit.rate).min(burst);
+        bucket.last = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            self.limited.fetch_add(1, Ordering::Relaxed);
+            Err(Duration::from_secs_f64(
+                (1.0 - bucket.tokens) / self.limit.rate,
+            ))
+        }
+    }
+}
+
+/// A listener's edge, live: its spec, the providers' keys, the client
+/// buckets and counters.
+#[derive(Debug)]
+pub struct Edge {
+    spec: Arc<EdgeSpec>,
+    keyring: Arc<Keyring>,
+    buckets: Option<Buckets>,
+    hsts: Option<HeaderValue>,
+    /// Headers the gateway sets from tokens: removed from every request.
+    owned_headers: Vec<HeaderName>,
+    refused: [AtomicU64; REASONS.len()],
+}
+
+/// What the edge made of a request it let through.
+#[derive(Debug, Default)]
+pub struct Admitted {
+    /// The answer's `Strict-Transport-Security`.
+    pub hsts: Option<HeaderValue>,
+}
+
+impl Edge {
+    pub fn new(spec: Arc<EdgeSpec>, keyring: Arc<Keyring>) -> Self {
+        let mut owned_headers = Vec::new();
+        for p in &spec.providers {
+            let names = p
+                .claim_headers
+                .iter()
+                .map(|c| c.header.as_str())
+                .chain(p.forward_payload.as_deref());
+            for name in names {
+                if let Ok(h) = HeaderName::from_bytes(name.as_bytes())
+                    && !owned_headers.contains(&h)
+                {
+                    owned_headers.push(h);
+                }
+            }
+        }
+        Self {
+            buckets: spec.policy.rate_limit.clone().map(Buckets::new),
+            hsts: spec
+                .policy
+                .hsts
+                .as_deref()
+                .and_then(|v| HeaderValue::from_str(v).ok()),
+            owned_headers,
+            keyring,
+            spec,
+            refused: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    fn refuse(&self, reason: &str) {
+        self.refused[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Checks and prepares `req` from `peer`; the proxy's own answer when
+    /// it goes no further (`Err`).
+    pub fn admit(
+        &self,
+        req: &mut Request<ClientBody>,
+        peer: SocketAddr,
+    ) -> Result<Admitted, EdgeAnswer> {
+        if req.method() == Method::CONNECT {
+            self.refuse("method");
+            return Err(EdgeAnswer::Error(ProxyError::MethodNotAllowed(
+                "CONNECT: the gateway routes requests, it opens no tunnels",
+            )));
+        }
+        if let Some(port) = self.spec.policy.https_redirect {
+            return Err(match redirect_location(req, port) {
+                Some(location) => EdgeAnswer::Redirect(location),
+                None => EdgeAnswer::Error(ProxyError::BadRequest(
+                    "the Host header is not a name or address to redirect to",
+                )),
+            });
+        }
+        let client = self.forwarded(req, peer);
+        let by_subject = self
+            .buckets
+            .as_ref()
+            .is_some_and(|b| b.limit.by == LimitBy::Subject);
+        if let Some(buckets) = self.buckets.as_ref().filter(|_| !by_subject) {
+            buckets
+                .take(ClientKey::Ip(client), Instant::now())
+                .map_err(|wait| EdgeAnswer::Error(ProxyError::RateLimited(wait)))?;
+        }
+        for name in &self.owned_headers {
+            req.headers_mut().remove(name);
+        }
+        let subject = if self.spec.policy.authenticates() {
+            match self.authenticate(req) {
+                Ok(subject) => subject,
+                Err((reason, challenge)) => {
+                    self.refuse(reason);
+                    return Err(EdgeAnswer::Error(ProxyError::Unauthenticated(challenge)));
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(buckets) = self.buckets.as_ref().filter(|_| by_subject) {
+            let key = match subject {
+                Some(s) => ClientKey::Subject(s.into_boxed_str()),
+                None => ClientKey::Ip(client),
+            };
+            buckets
+                .take(key, Instant::now())
+                .map_err(|wait| EdgeAnswer::Error(ProxyError::RateLimited(wait)))?;
+        }
+        Ok(Admitted {
+            hsts: self.hsts.clone(),
+        })
+    }
+
+    /// Sets the forwarding headers; the client's address.
+    fn forwarded(&self, req: &mut Request<ClientBody>, peer: SocketAddr) -> IpAddr {
+        let hops = usize::from(self.spec.trusted_hops);
+        let headers = req.headers_mut();
+        let mut chain: Vec<IpAddr> = Vec::new();
+        if hops > 0 {
+            for value in headers.get_all(&X_FORWARDED_FOR) {
+                let Ok(text) = value.to_str() else {
+                    continue;
+                };
+                for item in text.split(',') {
+                    // A malformed entry ends what can be believed: the
+                    // addresses left of it are dropped with it.
+                    match item.trim().parse::<IpAddr>() {
+                        Ok(ip) => chain.push(ip),
+                        Err(_) => chain.clear(),
+                    }
+                }
+            }
+        }
+        chain.push(peer.ip());
+        // With N trusted hops the client is N entries left of the peer;
+        // a shorter chain's first entry.
+        let first = chain.len().saturating_sub(hops + 1);
+        let chain = &chain[first..];
+        let client = chain[0];
+        let proto_from_hop = (hops > 0)
+            .then(|| headers.get(&X_FORWARDED_PROTO).cloned())
+            .flatten()
+            .filter(|v| v == "http" || v == "https");
+        let proto = proto_from_hop.unwrap_or_else(|| {
+            HeaderValue::from_static(if self.spec.https { "https" } else { "http" })
+        });
+        let mut xff = String::new();
+        let mut forwarded = String::new();
+        for (i, ip) in chain.iter().enumerate() {
+            if i > 0 {
+                xff.push_str(", ");
+                forwarded.push_str(", ");
+            }
+            let _ = write!(xff, "{ip}");
+            match ip {
+                IpAddr::V4(v4) => {
+                    let _ = write!(forwarded, "for={v4}");
+                }
+                IpAddr::V6(v6) => {
+                    let _ = write!(forwarded, "for=\"[{v6}]\"");
+                }
+            }
+        }
+        let _ = write!(forwarded, ";proto={}", proto.to_str().unwrap_or("https"));
+        headers.remove(&X_FORWARDED_FOR);
+        headers.remove(&FORWARDED);
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            headers.insert(X_FORWARDED_FOR, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&forwarded) {
+            headers.insert(FORWARDED, v);
+        }
+        headers.insert(X_FORWARDED_PROTO, proto);
+        client
+    }
+
+    /// An API key or a token that passes: the subject (key name or `sub`).
+    fn authenticate(
+        &self,
+        req: &mut Request<ClientBody>,
+    ) -> Result<Option<String>, (&'static str, String)> {
+        let policy = &self.spec.policy;
+        let mut reason = "missing";
+        let mut token_seen = false;
+        if let Some(header) = &policy.api_key_header
+            && let Some(value) = req.headers_mut().remove(header.as_str())
+        {
+            match self.api_key(value.as_bytes()) {
+                Some(name) => return Ok(Some(name)),
+                None => reason = "api-key",
+            }
+        }
+        for required in &policy.jwt {
+            let Some(entry) = self.keyring.get(&required.provider) else {
+                reason = "no-keys";
+                continue;
+            };
+            let provider = &entry.provider;
+            let Some((token, location)) = find_token(req, provider) else {
+                continue;
+            };
+            token_seen = true;
+            let Some(keys) = entry.keys.load_full() else {
+                reason = "no-keys";
+                continue;
+            };
+            match jwt::verify(&token, provider, &keys, &required.claims)
+                .and_then(|claims| pass_claims(req, provider, &token, &claims).map(|()| claims))
+            {
+                Ok(claims) => {
+                    if let Some(Location::Header {
+                        name,
+                        forward: false,
+                        ..
+                    }) = location
+                    {
+                        req.headers_mut().remove(name.as_str());
+                    }
+                    // No `sub`: limited by address, as an anonymous client.
+                    return Ok(claims.get("sub").and_then(Value::as_str).map(str::to_owned));
+                }
+                Err(refused) => reason = refused.as_str(),
+            }
+        }
+        let realm = format!("realm=\"{}\"", self.spec.port);
+        let challenge = if policy.jwt.is_empty() {
+            format!("ApiKey {realm}")
+        } else if token_seen {
+            format!(
+                "Bearer {realm}, error=\"invalid_token\", error_description=\"{}\"",
+                describe(reason)
+            )
+        } else {
+            format!("Bearer {realm}")
+        };
+        Err((reason, challenge))
+    }
+
+    /// The name of the key `presented` is (compared by SHA-256, every
+    /// entry looked at).
+    fn api_key(&self, presented: &[u8]) -> Option<String> {
+        if presented.is_empty() || presented.len() > 1024 {
+            return None;
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, presented);
+        let mut found = None;
+        for key in self.spec.api_keys.iter() {
+            let diff = key
+                .sha256
+                .iter()
+                .zip(digest.as_ref())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            if diff == 0 {
+                found = Some(key.name.clone());
+            }
+        }
+        found
+    }
+
+    /// `/metrics` lines of this listener.
+    pub fn render_metrics(&self, out: &mut String) {
+        let port = self.spec.port;
+        for (i, reason) in REASONS.iter().enumerate() {
+            let n = self.refused[i].load(Ordering::Relaxed);
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "meshwork_gateway_refused_total{{listener=\"{port}\",reason=\"{reason}\"}} {n}"
+                );
+            }
+        }
+        if let Some(b) = &self.buckets {
+            let clients = b.table.lock().unwrap_or_else(|e| e.into_inner()).len();
+            let _ = writeln!(
+                out,
+                "meshwork_gateway_rate_limited_total{{listener=\"{port}\"}} {}\nmeshwork_gateway_rate_limit_clients{{listener=\"{port}\"}} {clients}\nmeshwork_gateway_rate_limit_evicted_total{{listener=\"{port}\"}} {}",
+                b.limited.load(Ordering::Relaxed),
+                b.evicted.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+/// The metrics' HELP and TYPE lines (once for every listener).
+pub const METRICS_HEAD: &str = "# HELP meshwork_gateway_refused_total Requests a gateway listener refused before routing, by reason (authentication, CONNECT).\n# TYPE meshwork_gateway_refused_total counter\n# HELP meshwork_gateway_rate_limited_total Requests refused by a gateway listener's per-client rate limit.\n# TYPE meshwork_gateway_rate_limited_total counter\n# HELP meshwork_gateway_rate_limit_clients Clients in a gateway listener's rate-limit table.\n# TYPE meshwork_gateway_rate_limit_clients gauge\n# HELP meshwork_gateway_rate_limit_evicted_total Clients dropped from a full rate-limit table (least recently seen first).\n# TYPE meshwork_gateway_rate_limit_evicted_total counter\n";
+
+/// What the gateway's 401 says about a token (never more than the
+/// category).
+fn describe(reason: &str) -> &'static str {
+    match reason {
+        "expired" => "the token has expired",
+        "not-yet-valid" => "the token is not valid yet",
+        "issuer" => "the token's issuer is not accepted",
+        "audience" => "the token is not for this audience",
+        "claims" => "the token lacks a required claim",
+        "too-large" => "the token is too large",
+        "no-keys" => "the issuer's keys are not available",
+        _ => "the token is not valid",
+    }
+}
+
+/// The first token `provider`'s locations find, and where.
+fn find_token<'p>(
+    req: &Request<ClientBody>,
+    provider: &'p Provider,
+) -> Option<(String, Option<&'p Location>)> {
+    for location in &provider.locations {
+        match location {
+            Location::Header { name, prefix, .. } => {
+                let value = req.headers().get(name.as_str())?.to_str().ok()?;
+                let rest = if prefix.is_empty() {
+                    Some(value)
+                } else {
+                    value
+                        .get(..prefix.len())
+                        .filter(|p| p.eq_ignore_ascii_case(prefix))
+                        .map(|_| &value[prefix.len()..])
+                };
+                if let Some(token) = rest.map(str::trim).filter(|t| !t.is_empty()) {
+                    return Some((token.to_owned(), Some(location)));
+                }
+            }
+            Location::QueryParam(name) => {
+                let query = req.uri().query()?;
+                if let Some((_, v)) =
+                    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name)
+                {
+                    return Some((v.into_owned(), Some(location)));
+                }
+            }
+            Location::Cookie(name) => {
+                for value in req.headers().get_all(header::COOKIE) {
+                    let Ok(text) = value.to_str() else {
+                        continue;
+                    };
+                    for pair in text.split(';') {
+                        if let Some((k, v)) = pair.trim().split_once('=')
+                            && k == name
+                        {
+                            return Some((v.to_owned(), Some(location)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Puts a verified token's claims (and payload) in the headers its
+/// provider names; a value no header may carry refuses the token.
+fn pass_claims(
+    req: &mut Request<ClientBody>,
+    provider: &Provider,
+    token: &str,
+    claims: &Value,
+) -> Result<(), Refused> {
+    for c in &provider.claim_headers {
+        let text = match jwt::claim(claims, &c.claim) {
+            None | Some(Value::Null) => continue,
+            Some(Value::String(s)) => s.clone(),
+            Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
+            // Lists and objects as JSON (one line: serde_json escapes
+            // control characters inside strings).
+            Some(v) => v.to_string(),
+        };
+        if text.bytes().any(|b| b < 0x20 || b == 0x7f) {
+            return Err(Refused::ClaimValue);
+        }
+        let value = HeaderValue::from_str(&text).map_err(|_| Refused::ClaimValue)?;
+        let name = HeaderName::from_bytes(c.header.as_bytes()).map_err(|_| Refused::ClaimValue)?;
+        req.headers_mut().insert(name, value);
+    }
+    if let Some(header) = &provider.forward_payload
+        && let Some(payload) = token.split('.').nth(1)
+        && let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(header.as_bytes()),
+            HeaderValue::from_str(payload),
+        )
+    {
+        req.headers_mut().insert(name, value);
+    }
+    Ok(())
+}
+
+/// `https://<host>[:port]<path>` for a request on a redirecting
+/// listener; `None` when the host is missing or not a name or address
+/// (nothing but the client's own host is ever named).
+fn redirect_location(req: &Request<ClientBody>, port: u16) -> Option<String> {
+    let host = crate::http::request_host(req);
+    let plain = host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'));
+    if host.is_empty() || !plain {
+        return None;
+    }
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    Some(if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    })
+}
+
+/// The gateway's own answer to a request it does not forward.
+#[derive(Debug)]
+pub enum EdgeAnswer {
+    Error(ProxyError),
+    Redirect(String),
+}
