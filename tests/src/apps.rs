@@ -255,15 +255,27 @@ async fn answer_whole(
         .uri()
         .path_and_query()
         .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
-    let seen: Vec<(String, String)> = ["x-request-id", "traceparent", "host"]
-        .iter()
-        .filter_map(|h| {
-            req.headers()
-                .get(*h)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| (format!("x-seen-{h}"), v.to_owned()))
-        })
-        .collect();
+    let seen: Vec<(String, String)> = [
+        "x-request-id",
+        "traceparent",
+        "host",
+        // What a gateway passes on (or must not).
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "forwarded",
+        "authorization",
+        "x-api-key",
+        "x-user",
+        "x-jwt-payload",
+    ]
+    .iter()
+    .filter_map(|h| {
+        req.headers()
+            .get(*h)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| (format!("x-seen-{h}"), v.to_owned()))
+    })
+    .collect();
     let collected = req.into_body().collect().await.ok();
     let trailers = collected.as_ref().and_then(|c| c.trailers()).map(|t| {
         t.iter()

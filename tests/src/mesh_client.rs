@@ -129,7 +129,8 @@ pub async fn read_response(stream: &mut TlsStream<TcpStream>, limit: Duration) -
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// rustls's ring provider for the suites' own TLS servers and clients.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     // The ring provider, as the binaries (no aws-lc build).
     #[allow(deprecated)]
     Arc::new(rustls::crypto::ring::default_provider())

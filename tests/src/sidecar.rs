@@ -421,7 +421,8 @@ listen = "{ip}:{ADMIN_PORT}"
 
     /// Starts a sidecar in gateway mode on `ip`: `[gateway] name`, its
     /// listeners bound on `ip` (from the `ingress-gateway` entry `name`),
-    /// `extra` TOML at the end of the file (`[[gateway.certificates]]`).
+    /// `extra` TOML inside `[gateway]` (its keys, then its tables:
+    /// `[[gateway.certificates]]`, `[[gateway.api_keys]]`).
     /// Returned once its admin listener answers.
     pub async fn gateway(&mut self, ip: &str, name: &str, extra: &str) -> Result<usize> {
         let config = format!(
@@ -430,6 +431,7 @@ listen = "{ip}:{ADMIN_PORT}"
 name = "{name}"
 address = "{ip}"
 port = 8443
+{extra}
 
 [session]
 node = "node-{ip}"
@@ -441,8 +443,6 @@ access_log = true
 
 [admin]
 listen = "{ip}:{ADMIN_PORT}"
-
-{extra}
 "#,
             self.registry_section()
         );

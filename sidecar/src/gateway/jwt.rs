@@ -116,7 +116,8 @@ impl KeySet {
         Ok(Self { keys })
     }
 
-    pub fn len(&self) -> usize {
+    /// Keys in the set (never 0: such a set is refused).
+    pub fn keys(&self) -> usize {
         self.keys.len()
     }
 }

@@ -122,7 +122,7 @@ impl Keyring {
         let mut names: Vec<_> = map.keys().collect();
         names.sort();
         for name in &names {
-            let n = map[*name].keys.load().as_ref().map_or(0, |k| k.len());
+            let n = map[*name].keys.load().as_ref().map_or(0, |k| k.keys());
             let _ = writeln!(out, "meshwork_gateway_jwt_keys{{provider=\"{name}\"}} {n}");
         }
         out.push_str("# HELP meshwork_gateway_jwks_fetch_failures_total Failed fetches of a remote key set (the last good keys are kept).\n# TYPE meshwork_gateway_jwks_fetch_failures_total counter\n");
@@ -150,7 +150,7 @@ async fn refresh(keys: std::sync::Weak<ProviderKeys>, name: String, remote: Remo
         };
         let wait = match result {
             Ok(set) => {
-                tracing::debug!(provider = %name, keys = set.len(), "JWT key set fetched");
+                tracing::debug!(provider = %name, keys = set.keys(), "JWT key set fetched");
                 entry.keys.store(Some(Arc::new(set)));
                 backoff = Duration::from_secs(1);
                 remote.refresh
