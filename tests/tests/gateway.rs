@@ -387,6 +387,92 @@ key_file = "{}"
         "no SNI: curl exit {:?}",
         out.status.code()
     );
+
+    // Certificate rotation: the files replaced on disk (no SIGHUP) are
+    // served to new connections within seconds; a connection opened
+    // before keeps working.
+    let ca_file = ca.clone();
+    let connect = move || {
+        let ca = ca_file.clone();
+        let addr = format!("{ip}:18443");
+        async move {
+            use rustls_pki_types::pem::PemObject as _;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_pki_types::CertificateDer::pem_file_iter(&ca)? {
+                roots.add(cert?)?;
+            }
+            let config = rustls::ClientConfig::builder_with_provider(
+                meshwork_tests::mesh_client::provider(),
+            )
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            let tcp = tokio::net::TcpStream::connect(&addr).await?;
+            let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                .connect("shop.example.com".try_into()?, tcp)
+                .await?;
+            let served = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.as_ref().to_vec())
+                .unwrap_or_default();
+            let (send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+            tokio::spawn(conn);
+            anyhow::Ok((served, send))
+        }
+    };
+    let get = |mut send: hyper::client::conn::http1::SendRequest<
+        http_body_util::Empty<bytes::Bytes>,
+    >| async move {
+        let request = hyper::Request::get("/")
+            .header("host", "shop.example.com")
+            .body(http_body_util::Empty::new())?;
+        let response =
+            tokio::time::timeout(Duration::from_secs(5), send.send_request(request)).await??;
+        anyhow::Ok((response.status().as_u16(), send))
+    };
+    let (before, open) = connect().await?;
+    let (status, open) = get(open).await?;
+    ensure!(status == 200, "before the rotation: {status}");
+    meshctl_tls(
+        certs.path(),
+        &[
+            "cert",
+            "create",
+            "--server",
+            "--additional-dnsname",
+            "shop.example.com",
+        ],
+    )?;
+    for (from, to) in [
+        (
+            "dc1-server-meshwork-2-key.pem",
+            "dc1-server-meshwork-0-key.pem",
+        ),
+        ("dc1-server-meshwork-2.pem", "dc1-server-meshwork-0.pem"),
+    ] {
+        // Put in place whole (a rename), as a deploy tool does.
+        let staged = certs.path().join(format!("{to}.new"));
+        std::fs::copy(certs.path().join(from), &staged)?;
+        std::fs::rename(&staged, certs.path().join(to))?;
+    }
+    wait_for(
+        "the rotated certificate served",
+        Duration::from_secs(10),
+        || async {
+            let (served, _) = connect().await.ok()?;
+            (served != before).then_some(())
+        },
+    )
+    .await?;
+    let (status, _) = get(open).await?;
+    ensure!(
+        status == 200,
+        "the connection opened before the rotation: {status}"
+    );
     mesh.done();
     Ok(())
 }

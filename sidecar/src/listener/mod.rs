@@ -369,7 +369,7 @@ pub struct Proxy {
     mesh: MeshTls,
     /// A gateway's certificates for its TLS listeners (replaced by a
     /// reload).
-    edge: RwLock<Option<crate::tls::edge::EdgeTls>>,
+    edge: RwLock<crate::tls::edge::Served>,
     /// A gateway's JWT providers' keys.
     keyring: Arc<crate::gateway::keys::Keyring>,
     /// What the inbound listener checks callers against.
@@ -653,6 +653,9 @@ async fn expire_at(caller: Option<Arc<Caller>>, mesh: MeshTls, peer: SocketAddr)
     tracing::debug!(%peer, source = %caller.service, "the caller's certificate has expired: its next request is the connection's last");
 }
 
+/// How often a gateway looks at its certificate files.
+const CERTIFICATE_POLL: Duration = Duration::from_secs(2);
+
 impl Proxy {
     /// Binds every listener of `config` and starts following the
     /// upstreams' endpoints (nothing is accepted until [`Proxy::run`]).
@@ -670,7 +673,10 @@ impl Proxy {
             running: AtomicBool::new(false),
             settings: RwLock::new(config.proxy.clone()),
             inbound: RwLock::new(config.inbound.clone()),
-            edge: RwLock::new(config.gateway.as_ref().and_then(|g| g.tls.clone())),
+            edge: RwLock::new(match &config.gateway {
+                Some(g) => crate::tls::edge::Served::new(&g.certificates, g.tls.clone()),
+                None => crate::tls::edge::Served::default(),
+            }),
             discovery,
             mesh,
             intentions: Intentions::default(),
@@ -857,8 +863,44 @@ impl Proxy {
     }
 
     /// Starts accepting on every listener.
+    /// Reads a gateway's certificate files again when they changed on
+    /// disk (new connections get them; open ones keep theirs).
+    pub fn refresh_certificates(&self) {
+        let changed = self
+            .edge
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .changed();
+        if let Some((certs, stamps)) = changed {
+            let read = crate::tls::edge::EdgeTls::load(&certs);
+            self.edge
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .install(&certs, stamps, read);
+        }
+    }
+
     pub fn run(self: &Arc<Self>) {
         self.running.store(true, Ordering::SeqCst);
+        // A gateway watches its certificate files (every 2 s: cheap, a
+        // stat per file; no inotify dependency, and it sees a file put in
+        // place by any means, a symlink swap included).
+        let watcher = Arc::downgrade(self);
+        let stop = self.stop_accepting.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CERTIFICATE_POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let Some(proxy) = watcher.upgrade() else {
+                    return;
+                };
+                proxy.refresh_certificates();
+            }
+        });
         let unstarted =
             std::mem::take(&mut *self.unstarted.lock().unwrap_or_else(|e| e.into_inner()));
         for (slot, socket) in unstarted {
@@ -922,7 +964,7 @@ impl Proxy {
             });
             // A gateway's TLS listener: outside clients' TLS ends here.
             let edge = if route.cluster.config().edge_tls {
-                match self.edge.read().unwrap_or_else(|e| e.into_inner()).clone() {
+                match self.edge.read().unwrap_or_else(|e| e.into_inner()).tls() {
                     Some(edge) => Some((edge, route.http.is_some())),
                     None => {
                         // Not opened without certificates (`gateway`);
@@ -1155,8 +1197,18 @@ impl Proxy {
         *self.slots.write().unwrap_or_else(|e| e.into_inner()) = slots;
         *self.settings.write().unwrap_or_else(|e| e.into_inner()) = config.proxy.clone();
         *self.inbound.write().unwrap_or_else(|e| e.into_inner()) = config.inbound.clone();
-        *self.edge.write().unwrap_or_else(|e| e.into_inner()) =
-            config.gateway.as_ref().and_then(|g| g.tls.clone());
+        match &config.gateway {
+            Some(g) => self
+                .edge
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .configure(&g.certificates, g.tls.clone()),
+            None => {
+                *self.edge.write().unwrap_or_else(|e| e.into_inner()) =
+                    crate::tls::edge::Served::default();
+            }
+        }
+        self.refresh_certificates();
         // Every service a listener now uses stays followed: the upstreams,
         // a gateway listener's host routes and every discovery-chain
         // target (made, or named by the chain applied, whose table a task

@@ -124,3 +124,94 @@ impl EdgeTls {
         Arc::clone(if http { &self.http } else { &self.tcp })
     }
 }
+
+/// What identifies a file's content cheaply: modification time, length
+/// and inode (a file replaced by a rename or a symlink swap is seen too).
+type Stamp = Option<(std::time::SystemTime, u64, u64)>;
+
+fn stamps(certs: &[EdgeCert]) -> Vec<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    certs
+        .iter()
+        .flat_map(|c| [&c.cert_file, &c.key_file])
+        .map(|path| {
+            let m = std::fs::metadata(path).ok()?;
+            Some((m.modified().ok()?, m.len(), m.ino()))
+        })
+        .collect()
+}
+
+/// A gateway's certificates as served: the files, what they looked like
+/// when read, and what was read. A config names the files; a change of
+/// their content (seen by [`Served::changed`], polled, and at every
+/// reload) is read again and applies to new connections — open ones keep
+/// their session. A file that cannot be read keeps the last good set.
+#[derive(Debug, Default)]
+pub struct Served {
+    certs: Vec<EdgeCert>,
+    stamps: Vec<Stamp>,
+    tls: Option<EdgeTls>,
+}
+
+impl Served {
+    /// `certs` as `tls` (read by the config's load just now).
+    pub fn new(certs: &[EdgeCert], tls: Option<EdgeTls>) -> Self {
+        Self {
+            certs: certs.to_vec(),
+            stamps: stamps(certs),
+            tls,
+        }
+    }
+
+    pub fn tls(&self) -> Option<EdgeTls> {
+        self.tls.clone()
+    }
+
+    /// A reloaded config's certificates: other files are taken as the
+    /// config read them; the same files stay as served (a change of their
+    /// content is [`Served::changed`]'s to find).
+    pub fn configure(&mut self, certs: &[EdgeCert], tls: Option<EdgeTls>) {
+        if self.certs != certs {
+            *self = Served::new(certs, tls);
+        }
+    }
+
+    /// The files and their stamps now, when they differ from what is
+    /// served (then read them with [`EdgeTls::load`] and
+    /// [`Served::install`]).
+    pub fn changed(&self) -> Option<(Vec<EdgeCert>, Vec<Stamp>)> {
+        if self.certs.is_empty() {
+            return None;
+        }
+        let now = stamps(&self.certs);
+        (now != self.stamps).then(|| (self.certs.clone(), now))
+    }
+
+    /// Puts what was read from `certs` (as they were at `stamps`) in
+    /// service, unless the config moved to other files meanwhile; a
+    /// failed read keeps the last good set (and is not retried until the
+    /// files change again).
+    pub fn install(
+        &mut self,
+        certs: &[EdgeCert],
+        stamps: Vec<Stamp>,
+        read: Result<EdgeTls, String>,
+    ) {
+        if self.certs != certs {
+            return;
+        }
+        self.stamps = stamps;
+        match read {
+            Ok(tls) => {
+                tracing::info!(
+                    files = certs.len(),
+                    "gateway certificates changed on disk: read again, new connections get them"
+                );
+                self.tls = Some(tls);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "gateway certificates changed on disk but cannot be read; the last good ones stay in use");
+            }
+        }
+    }
+}
