@@ -7,7 +7,8 @@
 #
 # usage: deploy-vm/install.sh [--bin-dir DIR] [--node-id N]
 #                             [--acl-bootstrap file|manual]
-#                             [--registry] [--sidecar NAME]... [--now]
+#                             [--registry] [--sidecar NAME]...
+#                             [--gateway NAME]... [--now]
 #
 #   --bin-dir DIR   the built binaries (env BIN_DIR; default: target/release
 #                   of this checkout, `cargo build --release --bins`)
@@ -23,6 +24,8 @@
 #   --registry      enable meshwork-registry.service (a registry server VM)
 #   --sidecar NAME  enable meshwork-sidecar@NAME.service, which reads
 #                   /etc/meshwork/sidecar/NAME.toml (repeatable)
+#   --gateway NAME  enable meshwork-gateway@NAME.service, which reads
+#                   /etc/meshwork/gateway/NAME.toml (repeatable)
 #   --now           also start the enabled units (needs a running systemd)
 #
 # environment:
@@ -35,11 +38,14 @@
 #
 # What goes where (under $DESTDIR):
 #   $PREFIX/bin/meshwork-registry, meshwork-sidecar, meshctl (if built)
-#   $PREFIX/share/meshwork/examples/   registry-{1,2,3}.toml, web.toml
-#   /etc/systemd/system/               meshwork-registry.service, meshwork-sidecar@.service
+#   $PREFIX/share/meshwork/examples/   registry-{1,2,3}.toml, web.toml, edge.toml,
+#                                      edge-ingress.json (the gateway's config entry)
+#   /etc/systemd/system/               meshwork-registry.service, meshwork-sidecar@.service,
+#                                      meshwork-gateway@.service
 #   /etc/sysusers.d/meshwork.conf      the meshwork user
 #   /etc/meshwork/registry.toml        only if absent
 #   /etc/meshwork/sidecar/web.toml     only if absent
+#   /etc/meshwork/gateway/edge.toml    only if absent
 #   /etc/meshwork/tls/                 where the CA and this server's certificate go
 #                                      (docs/tls.md; the registry needs them to start)
 #   /var/lib/meshwork                  state (the units' StateDirectory)
@@ -68,6 +74,7 @@ node_id=1
 acl_bootstrap=file
 enable_registry=0
 sidecars=()
+gateways=()
 now=0
 
 while (($#)); do
@@ -96,6 +103,12 @@ while (($#)); do
         (($# >= 2)) || die "--sidecar needs a service name"
         [[ $2 =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] || die "--sidecar: '$2' is not a usable service name (letters, digits, _ . -)"
         sidecars+=("$2")
+        shift 2
+        ;;
+    --gateway)
+        (($# >= 2)) || die "--gateway needs a gateway name"
+        [[ $2 =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] || die "--gateway: '$2' is not a usable gateway name (letters, digits, _ . -)"
+        gateways+=("$2")
         shift 2
         ;;
     --now)
@@ -229,11 +242,12 @@ fi
 sysdir "$root$PREFIX/share"
 dir "$root$PREFIX/share/meshwork" 755
 dir "$root$PREFIX/share/meshwork/examples" 755
-for example in "$here"/config/*.toml; do
+for example in "$here"/config/*.toml "$here"/config/*.json; do
     put "$example" "$root$PREFIX/share/meshwork/examples/$(basename "$example")" 644
 done
 dir "$root/etc/meshwork" 750 root:meshwork
 dir "$root/etc/meshwork/sidecar" 750 root:meshwork
+dir "$root/etc/meshwork/gateway" 750 root:meshwork
 dir "$root/etc/meshwork/tls" 750 root:meshwork
 if [[ ! -e $root/etc/meshwork/registry.toml ]]; then
     [[ -f $here/config/registry-$node_id.toml ]] || die "no example config for --node-id $node_id (deploy-vm/config has registry-1..3.toml); write $root/etc/meshwork/registry.toml yourself"
@@ -246,8 +260,10 @@ if [[ ! -e $root/etc/meshwork/registry.toml ]]; then
     fi
 fi
 put_if_absent "$here/config/web.toml" "$root/etc/meshwork/sidecar/web.toml" 640
+put_if_absent "$here/config/edge.toml" "$root/etc/meshwork/gateway/edge.toml" 640
 chown_if root:meshwork "$root/etc/meshwork/registry.toml"
 chown_if root:meshwork "$root/etc/meshwork/sidecar/web.toml"
+chown_if root:meshwork "$root/etc/meshwork/gateway/edge.toml"
 dir "$root/var/lib/meshwork" 750 meshwork:meshwork
 
 # --- units ------------------------------------------------------------
@@ -270,6 +286,11 @@ for name in "${sidecars[@]}"; do
     to_enable+=("meshwork-sidecar@$name.service")
     [[ -e $root/etc/meshwork/sidecar/$name.toml ]] ||
         echo "install.sh: warning: $root/etc/meshwork/sidecar/$name.toml does not exist yet; meshwork-sidecar@$name will not start without it" >&2
+done
+for name in "${gateways[@]}"; do
+    to_enable+=("meshwork-gateway@$name.service")
+    [[ -e $root/etc/meshwork/gateway/$name.toml ]] ||
+        echo "install.sh: warning: $root/etc/meshwork/gateway/$name.toml does not exist yet; meshwork-gateway@$name will not start without it" >&2
 done
 
 systemd_running=0
@@ -306,9 +327,11 @@ else
     echo "done: $changes change(s)"
 fi
 if ((systemd_running)) && [[ ${#to_enable[@]} -eq 0 ]]; then
-    echo "next: edit /etc/meshwork/registry.toml (servers) or /etc/meshwork/sidecar/NAME.toml (apps), then"
+    echo "next: edit /etc/meshwork/registry.toml (servers), /etc/meshwork/sidecar/NAME.toml (apps)"
+    echo "  or /etc/meshwork/gateway/NAME.toml (gateways), then"
     echo "  systemctl enable --now meshwork-registry         # on each registry server"
     echo "  systemctl enable --now meshwork-sidecar@NAME     # one per service instance"
+    echo "  systemctl enable --now meshwork-gateway@NAME     # one per gateway"
 fi
 if ((systemd_running && changes > 0)); then
     running=$(systemctl list-units --state=active --no-legend --plain 'meshwork-*' | awk '{print $1}' | xargs)

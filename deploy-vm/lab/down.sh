@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Removes everything deploy-vm/lab/up.sh made: stops every process in the
-# lab's namespaces (SIGTERM, then SIGKILL), deletes the namespaces (the
-# switch's bridges and the veths go with them) and LAB_DIR. Only names with
+# lab's namespaces (SIGTERM, then SIGKILL; the apps' sidecars and the
+# gateway first, so they deregister), deletes the namespaces (the switch's
+# bridges and the veths go with them) and LAB_DIR (the registry's data with
+# the gateway's ingress-gateway entry, the lab's CA and certificate). Only names with
 # the lab's prefix are touched (LAB_PREFIX, default mwlab, or the one
 # recorded in LAB_DIR), so other labs and the host's own interfaces are left
 # alone. Safe to re-run.
@@ -43,12 +45,12 @@ stop() {
 apps=() servers=()
 for ns in "${namespaces[@]}"; do
     case $ns in
-    "$LAB_PREFIX"-app*) apps+=("$ns") ;;
+    "$LAB_PREFIX"-app* | "$LAB_PREFIX"-gw) apps+=("$ns") ;;
     *) servers+=("$ns") ;;
     esac
 done
-# Apps first (their sidecars deregister while the registry still runs),
-# then the servers; whatever ignores SIGTERM gets SIGKILL.
+# Apps and the gateway first (their sidecars deregister while the
+# registry still runs), then the servers; whatever ignores SIGTERM gets SIGKILL.
 if ((${#apps[@]})); then
     stop TERM 10 "${apps[@]}" || stop KILL 5 "${apps[@]}" || true
 fi

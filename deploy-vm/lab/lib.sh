@@ -29,6 +29,7 @@ lab_load_settings() {
     LAB_NET=${LAB_NET:-198.18.0}
     LAB_SERVERS=${LAB_SERVERS:-3}
     LAB_APPS=${LAB_APPS:-2}
+    LAB_GATEWAY=${LAB_GATEWAY:-1}
     if [[ -f $lab_env ]]; then
         local key value
         while IFS='=' read -r key value; do
@@ -37,6 +38,7 @@ lab_load_settings() {
             recorded_net) recorded_net=$value ;;
             recorded_servers) recorded_servers=$value ;;
             recorded_apps) recorded_apps=$value ;;
+            recorded_gateway) recorded_gateway=$value ;;
             esac
         done <"$lab_env"
     fi
@@ -47,6 +49,7 @@ lab_load_settings() {
     fi
     [[ $LAB_SERVERS =~ ^[1-7]$ ]] || die "LAB_SERVERS '$LAB_SERVERS': 1 to 7 registry servers"
     [[ $LAB_APPS =~ ^[0-9]$ ]] || die "LAB_APPS '$LAB_APPS': 0 to 9 app hosts"
+    [[ $LAB_GATEWAY =~ ^[01]$ ]] || die "LAB_GATEWAY '$LAB_GATEWAY': 1 (a gateway in front of the apps) or 0 (none)"
 }
 
 # Use what a running lab recorded (down.sh, partition.sh, heal.sh).
@@ -55,6 +58,7 @@ lab_use_recorded() {
     LAB_NET=${recorded_net:-$LAB_NET}
     LAB_SERVERS=${recorded_servers:-$LAB_SERVERS}
     LAB_APPS=${recorded_apps:-$LAB_APPS}
+    LAB_GATEWAY=${recorded_gateway:-$LAB_GATEWAY}
 }
 
 # Ports (every host has its own network namespace, so all use the defaults).
@@ -66,6 +70,14 @@ APP_PORT=8080
 INBOUND_PORT=21000
 ADMIN_PORT=19000
 UPSTREAM_PORT_BASE=9100
+# The gateway (host gw): its listeners, the name of its ingress-gateway
+# entry, and the domain of the host names it routes (app<i>.lab.test ->
+# app<i>; .test is reserved, never a real name: clients reach the gateway
+# with curl --resolve, no DNS involved).
+GATEWAY_HTTPS_PORT=443
+GATEWAY_HTTP_PORT=80
+GATEWAY_NAME=edge
+GATEWAY_DOMAIN=lab.test
 
 # The "switch": a namespace of its own holding the bridge and the
 # host-side ends of the veths, so nothing is made in the caller's namespace.
@@ -87,16 +99,23 @@ lab_apps() {
     local i
     for ((i = 1; i <= LAB_APPS; i++)); do echo "app$i"; done
 }
+# The gateway host, when there is one: LAB_GATEWAY=1 and apps behind it.
+lab_gateways() {
+    ((LAB_GATEWAY == 1 && LAB_APPS >= 1)) && echo gw
+    return 0
+}
 lab_hosts() {
     lab_servers
     lab_apps
+    lab_gateways
 }
 
-# reg<i> is LAB_NET.1<i>, app<i> LAB_NET.2<i>.
+# reg<i> is LAB_NET.1<i>, app<i> LAB_NET.2<i>, gw LAB_NET.30.
 lab_ip() {
     case $1 in
     reg[1-9]) echo "$LAB_NET.1${1#reg}" ;;
     app[1-9]) echo "$LAB_NET.2${1#app}" ;;
+    gw) echo "$LAB_NET.30" ;;
     *) die "unknown lab host '$1'" ;;
     esac
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Meshwork lab: a fleet of "VMs" made of network namespaces on one
 # Linux host (root needed). Registry servers and app hosts, each app host
-# running a demo HTTP service and its sidecar. Safe to re-run: a second
+# running a demo HTTP service and its sidecar, and a gateway in front of
+# the apps for clients outside the mesh. Safe to re-run: a second
 # up.sh creates what is missing and starts what is not running (a killed
 # server comes back with its data), and changes nothing else.
 #
@@ -19,12 +20,21 @@
 #                                               node app<i>), inbound :21000,
 #                                               admin 127.0.0.1:19000, upstream "app<j>"
 #                                               for every other app j on 127.0.0.1:910<j>
+#   gw       <prefix>-gw     LAB_NET.30         meshwork-sidecar in gateway mode (docs/gateway.md):
+#                                               gateway "edge", admin 127.0.0.1:19000; its
+#                                               ingress-gateway entry "edge" (written by up.sh)
+#                                               routes app<i>.lab.test to app<i> on :443 (TLS,
+#                                               a certificate for *.lab.test signed by a CA
+#                                               up.sh makes: gw/tls/ca.pem) and on :80 (plain)
 #   switch   <prefix>-sw     -                  bridge br0; one port per host, named
 #                                               after it (eth0 inside the host)
 #
-#   e.g. reg1 198.18.0.11, reg2 .12, reg3 .13, app1 .21, app2 .22. Reach them
+#   e.g. reg1 198.18.0.11, reg2 .12, reg3 .13, app1 .21, app2 .22, gw .30. Reach them
 #   from a host: `ip netns exec mwlab-app1 curl http://198.18.0.11:8500/v1/status/leader`;
-#   app1 calls app2 with `ip netns exec mwlab-app1 curl http://127.0.0.1:9102/`.
+#   app1 calls app2 with `ip netns exec mwlab-app1 curl http://127.0.0.1:9102/`;
+#   an outside client (any other host) reaches app2 through the gateway with
+#   `ip netns exec mwlab-reg1 curl --cacert /tmp/meshwork-lab/gw/tls/ca.pem
+#    --resolve app2.lab.test:443:198.18.0.30 https://app2.lab.test/`.
 #   partition.sh moves ports to a second bridge br1 (or downs them);
 #   heal.sh puts them back.
 #
@@ -34,14 +44,19 @@
 #   LAB_NET      first three octets of the lab's /24 (default 198.18.0; 198.18.X or 198.19.X)
 #   LAB_SERVERS  registry servers, 1-7 (default 3)
 #   LAB_APPS     app hosts, 0-9 (default 2; 0 = registry servers only)
+#   LAB_GATEWAY  1 (default): the gateway host gw in front of the apps (none
+#                without apps); 0: no gateway
 #   BIN_DIR      meshwork-registry and meshwork-sidecar (default: target/release,
-#                brought up to date with `cargo build --release` first)
+#                brought up to date with `cargo build --release` first); the
+#                gateway's certificate is made with meshctl from there, else
+#                with openssl
 #   LAB_WAIT     seconds to wait for each stage (default 60)
 #   LAB_REGISTRY_FLAGS  extra meshwork-registry flags, e.g. "--election-timeout-ms 500"
 #   RUST_LOG     passed to the binaries
 #
 # State in LAB_DIR: lab.env (the settings, read by the other scripts),
-# <host>/{registry.toml,data/,sidecar.toml,*.log,*.pid}.
+# <host>/{registry.toml,data/,sidecar.toml,*.log,*.pid},
+# gw/{gateway.toml,ingress-gateway.json,tls/}.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -49,7 +64,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 lab_load_settings
 if [[ -f $lab_env ]]; then
     for pair in "prefix:$LAB_PREFIX:${recorded_prefix:-}" "net:$LAB_NET:${recorded_net:-}" \
-        "servers:$LAB_SERVERS:${recorded_servers:-}" "apps:$LAB_APPS:${recorded_apps:-}"; do
+        "servers:$LAB_SERVERS:${recorded_servers:-}" "apps:$LAB_APPS:${recorded_apps:-}" \
+        "gateway:$LAB_GATEWAY:${recorded_gateway:-}"; do
         IFS=: read -r what want have <<<"$pair"
         [[ $want == "$have" ]] ||
             die "the lab in $LAB_DIR was made with $what=$have, not $want: run down.sh first (or use another LAB_DIR)"
@@ -85,6 +101,7 @@ recorded_prefix=$LAB_PREFIX
 recorded_net=$LAB_NET
 recorded_servers=$LAB_SERVERS
 recorded_apps=$LAB_APPS
+recorded_gateway=$LAB_GATEWAY
 EOF
 
 # --- network --------------------------------------------------------------
@@ -291,9 +308,143 @@ for host in $(lab_apps); do
     fi
 done
 
+# --- the gateway -------------------------------------------------------------
+# make_certificates DIR: a CA of the lab's own and, signed by it, the
+# gateway's certificate for *.GATEWAY_DOMAIN (ca.pem, gateway.pem,
+# gateway-key.pem; the CA's key is not kept). Made once: a second up.sh
+# keeps them, and the running gateway with them.
+make_certificates() {
+    local dir=$1 tmp
+    if [[ -s $dir/ca.pem && -s $dir/gateway.pem && -s $dir/gateway-key.pem ]]; then
+        return 0
+    fi
+    mkdir -p "$dir"
+    tmp=$(mktemp -d "$dir/.make.XXXXXX")
+    if [[ -x $BIN_DIR/meshctl ]]; then
+        "$BIN_DIR/meshctl" tls ca create --dir "$tmp" >/dev/null &&
+            "$BIN_DIR/meshctl" tls cert create --server --additional-dnsname "*.$GATEWAY_DOMAIN" \
+                --dir "$tmp" >/dev/null &&
+            mv "$tmp/meshwork-agent-ca.pem" "$tmp/ca.pem" &&
+            mv "$tmp/dc1-server-meshwork-0.pem" "$tmp/gateway.pem" &&
+            mv "$tmp/dc1-server-meshwork-0-key.pem" "$tmp/gateway-key.pem" ||
+            die "meshctl tls could not make the gateway's certificate"
+    elif command -v openssl >/dev/null; then
+        printf '%s\n' "subjectAltName=DNS:*.$GATEWAY_DOMAIN" "basicConstraints=critical,CA:FALSE" \
+            "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" >"$tmp/leaf.ext"
+        {
+            openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+                -keyout "$tmp/ca-key.pem" -out "$tmp/ca.pem" -days 365 -subj "/CN=Meshwork lab CA" &&
+                openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+                    -keyout "$tmp/gateway-key.pem" -out "$tmp/gateway.csr" -subj "/CN=*.$GATEWAY_DOMAIN" &&
+                openssl x509 -req -in "$tmp/gateway.csr" -CA "$tmp/ca.pem" -CAkey "$tmp/ca-key.pem" \
+                    -set_serial "0x$(openssl rand -hex 16)" -days 365 -extfile "$tmp/leaf.ext" \
+                    -out "$tmp/gateway.pem"
+        } >/dev/null 2>&1 || die "openssl could not make the gateway's certificate"
+    else
+        die "the gateway's certificate needs meshctl in BIN_DIR or openssl (apt-get install openssl); or set LAB_GATEWAY=0"
+    fi
+    chmod 600 "$tmp/gateway-key.pem"
+    mv -f "$tmp/ca.pem" "$tmp/gateway.pem" "$tmp/gateway-key.pem" "$dir/"
+    rm -rf "$tmp"
+    say "gw: made a lab CA and the gateway's certificate for *.$GATEWAY_DOMAIN in $dir"
+}
+
+# The lab's first server that answers `curl ARGS… http://SERVER:8500PATH`
+# from inside the gateway's host; fails when none does.
+ask_registry() {
+    local path=$1 server
+    shift
+    for server in $(lab_servers); do
+        in_host gw curl -fsS --max-time 5 "$@" "http://$(lab_ip "$server"):$HTTP_PORT$path" && return 0
+    done
+    return 1
+}
+
+# through_gateway FROM APP: FROM (a host other than gw) gets APP's answer
+# over HTTPS from the gateway, by name (SNI app<i>.lab.test), trusting the
+# lab's CA; --resolve keeps it off DNS.
+through_gateway() {
+    local from=$1 app=$2 name="$2.$GATEWAY_DOMAIN" answer
+    answer=$(in_host "$from" curl -fsS --max-time 2 --cacert "$LAB_DIR/gw/tls/ca.pem" \
+        --resolve "$name:$GATEWAY_HTTPS_PORT:$(lab_ip gw)" "https://$name:$GATEWAY_HTTPS_PORT/") || return 1
+    [[ $answer == "hello from $app" ]]
+}
+
+for host in $(lab_gateways); do
+    ip=$(lab_ip "$host")
+    dir="$LAB_DIR/$host"
+    mkdir -p "$dir"
+    make_certificates "$dir/tls"
+    cat >"$dir/gateway.toml" <<EOF
+# Written by deploy-vm/lab/up.sh.
+[registry]
+addresses = [$registry_grpc]
+
+[gateway]
+name = "$GATEWAY_NAME"
+address = "$ip"
+port = $GATEWAY_HTTPS_PORT
+tags = ["lab"]
+
+[[gateway.certificates]]
+hosts = ["*.$GATEWAY_DOMAIN"]
+cert_file = "$dir/tls/gateway.pem"
+key_file = "$dir/tls/gateway-key.pem"
+
+[session]
+node = "$host"
+ttl = "10s"
+
+[admin]
+listen = "127.0.0.1:$ADMIN_PORT"
+EOF
+    # Its listeners: every app by name, over TLS and plain HTTP.
+    services=""
+    for app in $(lab_apps); do
+        services+="${services:+, }{\"Name\": \"$app\", \"Hosts\": [\"$app.$GATEWAY_DOMAIN\"]}"
+    done
+    cat >"$dir/ingress-gateway.json" <<EOF
+{
+  "Kind": "ingress-gateway",
+  "Name": "$GATEWAY_NAME",
+  "Listeners": [
+    {"Port": $GATEWAY_HTTPS_PORT, "Protocol": "http", "TLS": {"Enabled": true}, "Services": [
+        $services]},
+    {"Port": $GATEWAY_HTTP_PORT, "Protocol": "http", "Services": [
+        $services]}
+  ]
+}
+EOF
+    start "$host" gateway "$BIN_DIR/meshwork-sidecar" --config "$dir/gateway.toml"
+    if ((partitioned)); then
+        continue
+    fi
+    if ! wait_until "$LAB_WAIT" "the gateway to be ready" alive_and "$host" gateway http_ok "$host" "http://127.0.0.1:$ADMIN_PORT/ready" ||
+        ! alive "$host" gateway; then
+        tail_logs "$host"
+        die "the gateway did not come up (logs in $LAB_DIR; clean up with down.sh)"
+    fi
+    # The entry is written once: one already in the registry (from an
+    # earlier up.sh, or changed since by hand) is left as it is.
+    if ask_registry "/v1/config/ingress-gateway/$GATEWAY_NAME" -o /dev/null 2>/dev/null; then
+        say "$host: ingress-gateway $GATEWAY_NAME is in the registry (left as it is)"
+    elif ask_registry /v1/config -o /dev/null -X PUT --data-binary "@$dir/ingress-gateway.json"; then
+        say "$host: wrote ingress-gateway $GATEWAY_NAME ($dir/ingress-gateway.json)"
+    else
+        die "no registry server took the ingress-gateway entry $dir/ingress-gateway.json"
+    fi
+    first_server=$(lab_servers | head -n 1)
+    first_app=$(lab_apps | head -n 1)
+    if ! wait_until "$LAB_WAIT" "$first_app over HTTPS through the gateway" through_gateway "$first_server" "$first_app"; then
+        tail_logs "$host"
+        die "the gateway does not carry requests (logs in $LAB_DIR; clean up with down.sh)"
+    fi
+done
+
 # --- how to reach it ---------------------------------------------------------
 echo
-echo "Meshwork lab is up: $LAB_SERVERS registry server(s), $LAB_APPS app host(s); state and logs in $LAB_DIR"
+gateways=$(lab_gateways | wc -l)
+echo "Meshwork lab is up: $LAB_SERVERS registry server(s), $LAB_APPS app host(s), $gateways gateway(s); state and logs in $LAB_DIR"
 printf '  %-5s %-14s %-14s %s\n' host namespace address "what"
 for host in $(lab_servers); do
     printf '  %-5s %-14s %-14s %s\n' "$host" "$(lab_ns "$host")" "$(lab_ip "$host")" \
@@ -306,6 +457,10 @@ for host in $(lab_apps); do
     done
     printf '  %-5s %-14s %-14s %s\n' "$host" "$(lab_ns "$host")" "$(lab_ip "$host")" \
         "app 127.0.0.1:$APP_PORT, sidecar inbound :$INBOUND_PORT, admin 127.0.0.1:$ADMIN_PORT, upstreams:${ups:- none}"
+done
+for host in $(lab_gateways); do
+    printf '  %-5s %-14s %-14s %s\n' "$host" "$(lab_ns "$host")" "$(lab_ip "$host")" \
+        "gateway $GATEWAY_NAME: https :$GATEWAY_HTTPS_PORT and http :$GATEWAY_HTTP_PORT for app<i>.$GATEWAY_DOMAIN, admin 127.0.0.1:$ADMIN_PORT"
 done
 reg1_ip=$(lab_ip reg1)
 echo
@@ -322,5 +477,11 @@ fi
 if ((LAB_APPS >= 2)); then
     echo "  ip netns exec $(lab_ns app1) curl http://127.0.0.1:$((UPSTREAM_PORT_BASE + 2))/   # app1 -> its sidecar -> app2's sidecar -> app2"
 fi
+for host in $(lab_gateways); do
+    gw_ip=$(lab_ip "$host")
+    echo "  $in_reg1 curl --cacert $LAB_DIR/$host/tls/ca.pem --resolve app1.$GATEWAY_DOMAIN:$GATEWAY_HTTPS_PORT:$gw_ip https://app1.$GATEWAY_DOMAIN/   # outside client -> gateway -> app1's sidecar -> app1"
+    echo "  $in_reg1 curl -H 'Host: app1.$GATEWAY_DOMAIN' http://$gw_ip:$GATEWAY_HTTP_PORT/"
+    echo "  $in_reg1 curl http://$reg1_ip:$HTTP_PORT/v1/config/ingress-gateway/$GATEWAY_NAME   # the gateway's listeners"
+done
 echo "  $lab_script_dir/partition.sh reg1      # cut reg1 off (several hosts: one side; --isolate); heal.sh undoes it"
 echo "  $lab_script_dir/down.sh                # remove everything"

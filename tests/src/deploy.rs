@@ -101,6 +101,9 @@ pub fn mode(path: &Path) -> Result<u32> {
 /// Prefix of the labs' names in these tests (`mwd<pid>-reg1`, …).
 pub const LAB_PREFIX: &str = "mwd";
 
+/// The hosts of the tests' labs: 3 servers, 2 apps and the gateway.
+const LAB_HOSTS: [&str; 6] = ["reg1", "reg2", "reg3", "app1", "app2", "gw"];
+
 /// A lab made by `deploy-vm/lab/up.sh` with its own name prefix and dir,
 /// so it cannot clash with another lab (or another test's). Dropping it
 /// runs `down.sh`, also when the test fails.
@@ -165,8 +168,8 @@ impl Lab {
         self.dir.path().join("lab")
     }
 
-    /// Runs `deploy-vm/lab/<name> <args>` for this lab (3 servers, 2 apps),
-    /// within 180 s.
+    /// Runs `deploy-vm/lab/<name> <args>` for this lab (3 servers, 2 apps,
+    /// the gateway), within 180 s.
     pub fn script(&self, name: &str, args: &[&str]) -> Result<Outcome> {
         let bin_dir = registry_bin()
             .parent()
@@ -180,17 +183,19 @@ impl Lab {
                 .env("LAB_NET", self.net)
                 .env("LAB_SERVERS", "3")
                 .env("LAB_APPS", "2")
+                .env("LAB_GATEWAY", "1")
                 .env("LAB_WAIT", "60")
                 .env("BIN_DIR", bin_dir),
             Duration::from_secs(180),
         )
     }
 
-    /// The address of `host` (`reg<n>`, `app<n>`) on the lab's net.
+    /// The address of `host` (`reg<n>`, `app<n>`, `gw`) on the lab's net.
     pub fn ip(&self, host: &str) -> String {
         let last = match host.as_bytes() {
             [b'r', b'e', b'g', n] => format!("1{}", *n as char),
             [b'a', b'p', b'p', n] => format!("2{}", *n as char),
+            b"gw" => "30".to_owned(),
             _ => "1".to_owned(),
         };
         format!("{}.{last}", self.net)
@@ -198,25 +203,65 @@ impl Lab {
 
     /// GET `url` with curl from inside `host`'s namespace.
     pub fn curl(&self, host: &str, url: &str) -> Result<String> {
-        let out = run(
-            Command::new("ip").args([
-                "netns",
-                "exec",
-                &format!("{}-{host}", self.prefix),
-                "curl",
-                "-fsS",
-                "--max-time",
-                "2",
-                url,
-            ]),
-            Duration::from_secs(10),
-        )?;
+        let out = self.curl_with(host, &["-fsS", url])?;
         ensure!(
             out.status.success(),
             "GET {url} from {host}: {}",
             out.stderr.trim()
         );
         Ok(out.stdout)
+    }
+
+    /// `curl --max-time 2 <args>` from inside `host`'s namespace, whatever
+    /// its outcome.
+    pub fn curl_with(&self, host: &str, args: &[&str]) -> Result<Outcome> {
+        run(
+            Command::new("ip")
+                .args(["netns", "exec", &format!("{}-{host}", self.prefix)])
+                .args(["curl", "--max-time", "2"])
+                .args(args),
+            Duration::from_secs(10),
+        )
+    }
+
+    /// `GET https://<name>/` from `from` to the lab's gateway, as an
+    /// outside client does it: the name sent as SNI and `Host`, reaching
+    /// the gateway's address through `--resolve` (no DNS), trusting the CA
+    /// up.sh made for the lab (`gw/tls/ca.pem`).
+    pub fn https_to_gateway(&self, from: &str, name: &str) -> Result<Outcome> {
+        let ca = self.lab_dir().join("gw/tls/ca.pem");
+        self.curl_with(
+            from,
+            &[
+                "-sS",
+                "--cacert",
+                &ca.display().to_string(),
+                "--resolve",
+                &format!("{name}:443:{}", self.ip("gw")),
+                &format!("https://{name}/"),
+            ],
+        )
+    }
+
+    /// `https://<app>.lab.test/` from `from` through the gateway comes back
+    /// with `<app>`'s answer (within 15 s: the gateway's discovery may still
+    /// be catching up).
+    pub fn request_through_gateway(&self, from: &str, app: &str) -> Result<()> {
+        let name = format!("{app}.lab.test");
+        let got = eventually(
+            &format!("{from} -> https://{name}/ through the gateway"),
+            Duration::from_secs(15),
+            || {
+                let out = self.https_to_gateway(from, &name)?;
+                ensure!(out.status.success(), "{}", out.stderr.trim());
+                Ok(out.stdout)
+            },
+        )?;
+        ensure!(
+            got.trim() == format!("hello from {app}"),
+            "{from} -> https://{name}/: {got:?}"
+        );
+        Ok(())
     }
 
     /// The leader `host`'s server names.
@@ -288,7 +333,7 @@ impl Lab {
     /// The pids up.sh recorded.
     pub fn pids(&self) -> Result<Vec<u32>> {
         let mut pids = Vec::new();
-        for host in ["reg1", "reg2", "reg3", "app1", "app2"] {
+        for host in LAB_HOSTS {
             for entry in fs::read_dir(self.lab_dir().join(host))? {
                 let path = entry?.path();
                 if path.extension().is_some_and(|e| e == "pid") {
@@ -316,8 +361,8 @@ impl Lab {
 
     /// The last lines of every host's logs, to stderr.
     pub fn print_logs(&self) {
-        for host in ["reg1", "reg2", "reg3", "app1", "app2"] {
-            for name in ["registry", "app", "sidecar"] {
+        for host in LAB_HOSTS {
+            for name in ["registry", "app", "sidecar", "gateway"] {
                 let path = self.lab_dir().join(host).join(format!("{name}.log"));
                 if let Ok(text) = fs::read_to_string(&path) {
                     let lines: Vec<&str> = text.lines().collect();
@@ -357,17 +402,32 @@ pub struct Container {
 }
 
 impl Container {
-    /// Boots systemd after `install.sh --registry --sidecar web` ran inside
-    /// with the given configs; `Ok(None)` when systemd cannot boot here.
-    pub fn boot(registry_toml: &str, web_toml: &str) -> Result<Option<Self>> {
+    /// Boots systemd after `install.sh <install_args>` ran inside, with
+    /// `files` (absolute path in the container, content) put in place
+    /// first, root:meshwork 0640 (configs, certificates and keys the units
+    /// read as the meshwork user); `Ok(None)` when systemd cannot boot here.
+    pub fn boot(files: &[(&str, String)], install_args: &[&str]) -> Result<Option<Self>> {
         let dir = tempfile::tempdir()?;
         let repo = repo().canonicalize()?;
         let bins = registry_bin()
             .parent()
             .context("the binaries' directory")?
             .canonicalize()?;
-        fs::write(dir.path().join("registry.toml"), registry_toml)?;
-        fs::write(dir.path().join("web.toml"), web_toml)?;
+        let mut put_files = String::new();
+        let mut own_files = String::new();
+        for (i, (path, content)) in files.iter().enumerate() {
+            ensure!(
+                path.starts_with('/') && !path.contains(char::is_whitespace),
+                "{path:?}: an absolute path without spaces"
+            );
+            fs::write(dir.path().join(format!("file-{i}")), content)?;
+            put_files.push_str(&format!("install -D -m 0640 $D/file-{i} $R{path}\n"));
+            own_files.push_str(&format!(" {path}"));
+        }
+        // The meshwork user exists once install.sh ran.
+        if !own_files.is_empty() {
+            own_files = format!("chroot $R chgrp meshwork{own_files}\n");
+        }
         let script = format!(
             r#"set -euo pipefail
 D={dir}
@@ -378,11 +438,8 @@ mount -t overlay overlay -o lowerdir=/,upperdir=$D/mnt/up,workdir=$D/mnt/work $D
 R=$D/mnt/root
 # The checkout and the binaries may live on other mounts than /.
 for p in {repo} {bins}; do mkdir -p "$R$p"; mount --bind "$p" "$R$p"; done
-mkdir -p $R/etc/meshwork/sidecar
-cp $D/registry.toml $R/etc/meshwork/registry.toml
-cp $D/web.toml $R/etc/meshwork/sidecar/web.toml
-chroot $R {repo}/deploy-vm/install.sh --bin-dir {bins} --registry --sidecar web
-# What cannot work in a container.
+{put_files}chroot $R {repo}/deploy-vm/install.sh --bin-dir {bins} {install_args}
+{own_files}# What cannot work in a container.
 chroot $R systemctl mask --quiet systemd-udevd.service systemd-udev-trigger.service \
     systemd-networkd.service systemd-logind.service getty.target console-getty.service || true
 mount -t proc proc $R/proc
@@ -394,6 +451,7 @@ exec chroot $R /lib/systemd/systemd --system --unit=multi-user.target --log-targ
             dir = dir.path().display(),
             repo = repo.display(),
             bins = bins.display(),
+            install_args = install_args.join(" "),
         );
         fs::write(dir.path().join("boot.sh"), script)?;
         let console = fs::File::create(dir.path().join("console.log"))?;

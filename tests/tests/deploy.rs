@@ -1,10 +1,15 @@
-//! `deploy-vm/`: the systemd units pass `systemd-analyze verify`,
-//! `install.sh` into a temp `DESTDIR` is idempotent and keeps the
-//! operator's configs, the example configs are accepted by the binaries,
-//! and the network-namespace lab comes up (a leader, every app registered
-//! and passing), carries requests app -> sidecar -> sidecar -> app both
-//! ways, is safe to bring up again, survives partitions and a killed server,
-//! heals, and `down.sh` leaves nothing behind.
+//! `deploy-vm/`: the systemd units pass `systemd-analyze verify` (the
+//! gateway's keeps the sidecar's hardening, with only the capability to
+//! bind ports below 1024), `install.sh` into a temp `DESTDIR` is idempotent
+//! and keeps the operator's configs, the example configs (the gateway's
+//! and its ingress-gateway entry too) are accepted by the binaries, the
+//! units run under a booted systemd (the gateway serving HTTPS on 443 as the
+//! meshwork user), and the network-namespace lab comes up (a leader, every
+//! app registered and passing, the gateway), carries requests app ->
+//! sidecar -> sidecar -> app both ways and outside client -> gateway (HTTPS,
+//! by name) -> sidecar -> app, is safe to bring up again, survives
+//! partitions and a killed server, heals, and `down.sh` leaves nothing
+//! behind.
 //!
 //! The lab needs root (network namespaces), `ip`, `curl` and `python3`;
 //! the install and unit tests need `systemctl` and `systemd-analyze`.
@@ -23,7 +28,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use meshwork_tests::deploy::{Container, Lab, deploy_dir, install, listing, mode, stub_binaries};
 use meshwork_tests::host::{is_root, missing, run, which};
-use meshwork_tests::{eventually, registry_bin};
+use meshwork_tests::http::http_client;
+use meshwork_tests::{Cluster, eventually, meshctl_tls, registry_bin, sidecar_bin};
 
 #[test]
 fn install_sh_twice_into_destdir_changes_nothing_the_second_time() -> Result<()> {
@@ -34,7 +40,8 @@ fn install_sh_twice_into_destdir_changes_nothing_the_second_time() -> Result<()>
     let bins = stub_binaries(dir.path(), "build 1")?;
     let root = dir.path().join("root");
 
-    let first = install(&root, &bins, &["--registry", "--sidecar", "web"])?.ok("install.sh")?;
+    let args = ["--registry", "--sidecar", "web", "--gateway", "edge"];
+    let first = install(&root, &bins, &args)?.ok("install.sh")?;
     assert!(first.stdout.contains("change(s)"), "{}", first.stdout);
 
     // What it put where.
@@ -42,7 +49,7 @@ fn install_sh_twice_into_destdir_changes_nothing_the_second_time() -> Result<()>
         assert_eq!(mode(&root.join("usr/local/bin").join(bin))?, 0o755, "{bin}");
     }
     let units = root.join("etc/systemd/system");
-    for unit in ["meshwork-registry.service", "meshwork-sidecar@.service"] {
+    for unit in UNITS {
         assert_eq!(
             fs::read_to_string(units.join(unit))?,
             fs::read_to_string(deploy_dir().join("systemd").join(unit))?,
@@ -57,8 +64,14 @@ fn install_sh_twice_into_destdir_changes_nothing_the_second_time() -> Result<()>
         fs::read_link(units.join("multi-user.target.wants/meshwork-sidecar@web.service"))?,
         Path::new("/etc/systemd/system/meshwork-sidecar@.service")
     );
+    assert_eq!(
+        fs::read_link(units.join("multi-user.target.wants/meshwork-gateway@edge.service"))?,
+        Path::new("/etc/systemd/system/meshwork-gateway@.service")
+    );
     assert_eq!(mode(&root.join("etc/meshwork"))?, 0o750);
     assert_eq!(mode(&root.join("etc/meshwork/sidecar"))?, 0o750);
+    assert_eq!(mode(&root.join("etc/meshwork/gateway"))?, 0o750);
+    assert_eq!(mode(&root.join("etc/meshwork/gateway/edge.toml"))?, 0o640);
     assert_eq!(mode(&root.join("var/lib/meshwork"))?, 0o750);
     assert_eq!(mode(&root.join("etc/meshwork/registry.toml"))?, 0o640);
     assert_eq!(
@@ -69,11 +82,17 @@ fn install_sh_twice_into_destdir_changes_nothing_the_second_time() -> Result<()>
         fs::read_to_string(root.join("etc/meshwork/sidecar/web.toml"))?,
         fs::read_to_string(deploy_dir().join("config/web.toml"))?
     );
+    assert_eq!(
+        fs::read_to_string(root.join("etc/meshwork/gateway/edge.toml"))?,
+        fs::read_to_string(deploy_dir().join("config/edge.toml"))?
+    );
     for example in [
         "registry-1.toml",
         "registry-2.toml",
         "registry-3.toml",
         "web.toml",
+        "edge.toml",
+        "edge-ingress.json",
     ] {
         assert!(
             root.join("usr/local/share/meshwork/examples")
@@ -87,7 +106,7 @@ fn install_sh_twice_into_destdir_changes_nothing_the_second_time() -> Result<()>
 
     // The second run: not one entry changes, not even an mtime.
     let before = listing(&root)?;
-    let second = install(&root, &bins, &["--registry", "--sidecar", "web"])?.ok("install.sh")?;
+    let second = install(&root, &bins, &args)?.ok("install.sh")?;
     assert!(
         second.stdout.contains("nothing to change"),
         "{}",
@@ -98,10 +117,15 @@ fn install_sh_twice_into_destdir_changes_nothing_the_second_time() -> Result<()>
     // An operator's config is theirs; a new build replaces the binaries.
     let mine = "node_id = 2\n# edited by the operator\n";
     fs::write(root.join("etc/meshwork/registry.toml"), mine)?;
+    fs::write(root.join("etc/meshwork/gateway/edge.toml"), mine)?;
     let bins = stub_binaries(dir.path(), "build 2")?;
     let third = install(&root, &bins, &["--node-id", "3"])?.ok("install.sh")?;
     assert_eq!(
         fs::read_to_string(root.join("etc/meshwork/registry.toml"))?,
+        mine
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("etc/meshwork/gateway/edge.toml"))?,
         mine
     );
     assert!(
@@ -177,13 +201,15 @@ fn install_sh_follows_prefix_in_the_units() -> Result<()> {
         root.join("opt/meshwork/share/meshwork/examples/web.toml")
             .is_file()
     );
-    for unit in ["meshwork-registry.service", "meshwork-sidecar@.service"] {
+    for unit in UNITS {
         let text = fs::read_to_string(root.join("etc/systemd/system").join(unit))?;
         let exec = text
             .lines()
             .find(|l| l.starts_with("ExecStart="))
             .context("ExecStart")?;
         assert!(exec.starts_with("ExecStart=/opt/meshwork/bin/"), "{exec}");
+        // ExecReload's --check-config too: no line names /usr/local.
+        assert!(!text.contains("/usr/local/"), "{unit}:\n{text}");
     }
     Ok(())
 }
@@ -196,7 +222,12 @@ fn units_pass_systemd_analyze_verify() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let bins = stub_binaries(dir.path(), "verify")?;
     let root = dir.path().join("root");
-    install(&root, &bins, &["--registry", "--sidecar", "web"])?.ok("install.sh")?;
+    install(
+        &root,
+        &bins,
+        &["--registry", "--sidecar", "web", "--gateway", "edge"],
+    )?
+    .ok("install.sh")?;
 
     // verify --root resolves ExecStart= and the units' dependencies
     // (sysinit.target, …) inside the root, so give it systemd's own units.
@@ -227,6 +258,7 @@ fn units_pass_systemd_analyze_verify() -> Result<()> {
             &format!("--root={}", root.display()),
             "meshwork-registry.service",
             "meshwork-sidecar@web.service",
+            "meshwork-gateway@edge.service",
         ]),
         Duration::from_secs(60),
     )?
@@ -253,6 +285,67 @@ fn units_pass_systemd_analyze_verify() -> Result<()> {
     )?;
     assert!(!out.status.success(), "{}", out.stderr);
     assert!(out.stderr.contains("meshwork-sidecar"), "{}", out.stderr);
+    Ok(())
+}
+
+/// The units the repository ships.
+const UNITS: [&str; 3] = [
+    "meshwork-registry.service",
+    "meshwork-sidecar@.service",
+    "meshwork-gateway@.service",
+];
+
+/// `[Service]` settings of a unit file (comments and blank lines dropped),
+/// in order.
+fn service_settings(unit: &str) -> Result<Vec<String>> {
+    let text = fs::read_to_string(deploy_dir().join("systemd").join(unit))?;
+    Ok(text
+        .lines()
+        .skip_while(|l| *l != "[Service]")
+        .skip(1)
+        .take_while(|l| !l.starts_with('['))
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// The gateway's unit is the sidecar's, on its own config, without a
+/// state dir (it keeps none, and one in /var/lib/meshwork would stop a
+/// new registry server there: `units_run_under_systemd` runs both), with
+/// one capability more: binding ports below 1024 (ambient, so it runs as
+/// the meshwork user; bounding, so it can gain no other). Every hardening
+/// setting of the sidecar's is there.
+#[test]
+fn the_gateway_unit_is_the_sidecars_with_only_the_low_port_capability() -> Result<()> {
+    let sidecar = service_settings("meshwork-sidecar@.service")?;
+    let gateway = service_settings("meshwork-gateway@.service")?;
+    let expected: Vec<String> = sidecar
+        .iter()
+        .filter(|l| *l != "CapabilityBoundingSet=" && !l.starts_with("StateDirectory"))
+        .map(|l| l.replace("/etc/meshwork/sidecar/", "/etc/meshwork/gateway/"))
+        .collect();
+    let missing: Vec<&String> = expected.iter().filter(|l| !gateway.contains(l)).collect();
+    assert!(missing.is_empty(), "not in the gateway's unit: {missing:?}");
+    let extra: Vec<&String> = gateway.iter().filter(|l| !expected.contains(l)).collect();
+    assert_eq!(
+        extra,
+        [
+            "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+            "CapabilityBoundingSet=CAP_NET_BIND_SERVICE"
+        ],
+        "the gateway's unit differs from the sidecar's in more than its capability"
+    );
+    assert!(
+        gateway.contains(
+            &"ExecStart=/usr/local/bin/meshwork-sidecar --config /etc/meshwork/gateway/%i.toml"
+                .to_owned()
+        ),
+        "{gateway:?}"
+    );
+    assert!(
+        !gateway.iter().any(|l| l.starts_with("StateDirectory")),
+        "{gateway:?}"
+    );
     Ok(())
 }
 
@@ -353,6 +446,116 @@ fn example_configs_are_accepted_by_the_binaries() -> Result<()> {
     Ok(())
 }
 
+/// `meshwork-sidecar --config FILE --check-config`: (exit code, stdout,
+/// stderr).
+fn check_config(file: &Path) -> Result<(i32, String, String)> {
+    let out = run(
+        Command::new(sidecar_bin())
+            .arg("--config")
+            .arg(file)
+            .arg("--check-config"),
+        Duration::from_secs(30),
+    )?;
+    Ok((out.status.code().unwrap_or(-1), out.stdout, out.stderr))
+}
+
+/// The certificates the example edge.toml names (shop.pem, shop-key.pem,
+/// api.pem, api-key.pem) and the CA that signed them (ca.pem), made by
+/// meshctl in `dir`.
+fn edge_certificates(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir)?;
+    meshctl_tls(dir, &["ca", "create"])?;
+    fs::copy(dir.join("meshwork-agent-ca.pem"), dir.join("ca.pem"))?;
+    // meshctl names a certificate with the first free number: 0, once the
+    // one before is renamed.
+    for (name, host) in [("shop", "shop.example.com"), ("api", "*.api.example.com")] {
+        meshctl_tls(
+            dir,
+            &["cert", "create", "--server", "--additional-dnsname", host],
+        )?;
+        for (made, wanted) in [
+            ("dc1-server-meshwork-0.pem", format!("{name}.pem")),
+            ("dc1-server-meshwork-0-key.pem", format!("{name}-key.pem")),
+        ] {
+            fs::rename(dir.join(made), dir.join(wanted))?;
+        }
+    }
+    Ok(())
+}
+
+/// The sidecar and gateway examples pass the binary's `--check-config`
+/// (what `systemctl reload` runs first); the gateway's with certificates
+/// where it names them (here made by meshctl), and not without them or
+/// with a key that is not its certificate's. The example ingress-gateway
+/// entry is taken by a registry at `PUT /v1/config`.
+#[tokio::test]
+async fn gateway_examples_are_accepted_by_the_binaries() -> Result<()> {
+    let (code, stdout, stderr) = check_config(&deploy_dir().join("config/web.toml"))?;
+    assert_eq!(code, 0, "web.toml: {stdout}{stderr}");
+    assert!(stdout.contains("valid"), "{stdout}");
+
+    // As shipped, edge.toml names certificates under /etc/meshwork/tls,
+    // which an operator puts there: without them the file is refused,
+    // naming the file (exit 64, so the unit does not restart in a loop).
+    let example = deploy_dir().join("config/edge.toml");
+    let (code, stdout, stderr) = check_config(&example)?;
+    assert_eq!(
+        code, 64,
+        "edge.toml without its certificates: {stdout}{stderr}"
+    );
+    assert!(stderr.contains("/etc/meshwork/tls/shop.pem"), "{stderr}");
+
+    // With the certificates where it says (moved under a temp dir).
+    let dir = tempfile::tempdir()?;
+    let tls = dir.path().join("tls");
+    edge_certificates(&tls)?;
+    let text = fs::read_to_string(&example)?;
+    ensure!(
+        text.contains("\"/etc/meshwork/tls/"),
+        "edge.toml names no certificate"
+    );
+    let edge = dir.path().join("edge.toml");
+    fs::write(
+        &edge,
+        text.replace("\"/etc/meshwork/tls/", &format!("\"{}/", tls.display())),
+    )?;
+    let (code, stdout, stderr) = check_config(&edge)?;
+    assert_eq!(code, 0, "edge.toml: {stdout}{stderr}");
+    assert!(
+        stdout.contains("valid") && stdout.contains("edge"),
+        "{stdout}"
+    );
+    // A key that is not its certificate's: refused, naming both.
+    fs::copy(tls.join("api-key.pem"), tls.join("shop-key.pem"))?;
+    let (code, stdout, stderr) = check_config(&edge)?;
+    assert_eq!(code, 64, "a mismatched key: {stdout}{stderr}");
+    assert!(stderr.contains("shop-key.pem"), "{stderr}");
+
+    // The entry the operator PUTs: taken by a registry server as it is.
+    let entry: serde_json::Value = serde_json::from_str(&fs::read_to_string(
+        deploy_dir().join("config/edge-ingress.json"),
+    )?)?;
+    let cluster = Cluster::start(1, &[]).await?;
+    let registry = cluster.servers[0].http();
+    let put = http_client()?
+        .put(format!("{registry}/v1/config"))
+        .json(&entry)
+        .send()
+        .await?;
+    let status = put.status();
+    let body = put.text().await?;
+    assert_eq!(status, 200, "PUT edge-ingress.json: {body}");
+    let stored: serde_json::Value = http_client()?
+        .get(format!("{registry}/v1/config/ingress-gateway/edge"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(stored["Listeners"], entry["Listeners"], "{stored}");
+    cluster.done();
+    Ok(())
+}
+
 #[test]
 fn lab_comes_up_carries_traffic_survives_partitions_and_goes_down() -> Result<()> {
     if missing(true, &["ip", "curl", "python3"]).is_some() {
@@ -405,15 +608,90 @@ fn lab_comes_up_carries_traffic_survives_partitions_and_goes_down() -> Result<()
     lab.request_flows("app1", 9102, "hello from app2")?;
     lab.request_flows("app2", 9101, "hello from app1")?;
 
-    // up.sh again: everything is already running, nothing restarts.
+    // The gateway, in a namespace of its own, registered as Consul
+    // registers an ingress gateway, at its host's address.
+    let text = lab.curl(
+        "reg2",
+        &format!("http://{}:8500/v1/catalog/service/edge", lab.ip("reg2")),
+    )?;
+    let edge: serde_json::Value = serde_json::from_str(&text)?;
+    assert_eq!(edge[0]["ServiceKind"], "ingress-gateway", "{text}");
+    assert_eq!(edge[0]["ServiceAddress"], lab.ip("gw"), "{text}");
+    assert_eq!(edge[0]["ServicePort"], 443, "{text}");
+    // Outside clients (hosts other than the gateway's) reach each app over
+    // HTTPS by its name: the gateway terminates TLS with the lab's
+    // certificate for *.lab.test and routes by host into the mesh (mutual
+    // TLS to the app's sidecar).
+    lab.request_through_gateway("reg1", "app1")?;
+    lab.request_through_gateway("reg3", "app2")?;
+    lab.request_through_gateway("app1", "app2")?;
+    // TLS 1.3 with the lab's certificate, HTTP/2 by ALPN.
+    let out = lab
+        .https_to_gateway("reg1", "app2.lab.test")?
+        .ok("https to the gateway")?;
+    assert_eq!(out.stdout.trim(), "hello from app2");
+    let ca = lab.lab_dir().join("gw/tls/ca.pem").display().to_string();
+    let resolve = format!("app1.lab.test:443:{}", lab.ip("gw"));
+    let out = lab
+        .curl_with(
+            "reg2",
+            &[
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version} %{ssl_verify_result}",
+                "--cacert",
+                &ca,
+                "--resolve",
+                &resolve,
+                "https://app1.lab.test/",
+            ],
+        )?
+        .ok("https to the gateway")?;
+    assert_eq!(out.stdout, "2 0", "HTTP version and certificate check");
+    // Plain HTTP on :80, routed by Host; a host no service has: 404.
+    let plain = format!("http://{}:80/", lab.ip("gw"));
+    let out = lab
+        .curl_with("app2", &["-fsS", "-H", "Host: app1.lab.test", &plain])?
+        .ok("http to the gateway")?;
+    assert_eq!(out.stdout.trim(), "hello from app1");
+    let out = lab.curl_with(
+        "app2",
+        &[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Host: nobody.lab.test",
+            &plain,
+        ],
+    )?;
+    assert_eq!(out.stdout, "404", "{}", out.stderr);
+    // The entry up.sh wrote is in the registry.
+    let text = lab.curl(
+        "reg1",
+        &format!(
+            "http://{}:8500/v1/config/ingress-gateway/edge",
+            lab.ip("reg1")
+        ),
+    )?;
+    let entry: serde_json::Value = serde_json::from_str(&text)?;
+    assert_eq!(entry["Listeners"][0]["Port"], 443, "{text}");
+
+    // up.sh again: everything is already running, nothing restarts, the
+    // gateway's entry is left as it is.
     let pids = lab.pids()?;
     let again = lab.script("up.sh", &[])?.ok("the second up.sh")?;
     assert_eq!(
         again.stdout.matches("already running").count(),
-        7,
+        8,
         "{}",
         again.stdout
     );
+    assert!(again.stdout.contains("left as it is"), "{}", again.stdout);
     assert_eq!(lab.pids()?, pids);
 
     // Cut reg1 off: app1 cannot reach it, the other two keep a leader.
@@ -464,6 +742,7 @@ fn lab_comes_up_carries_traffic_survives_partitions_and_goes_down() -> Result<()
     })?;
     lab.curl("app1", &reg1)?;
     lab.request_flows("app1", 9102, "hello from app2")?;
+    lab.request_through_gateway("reg2", "app2")?;
 
     lab.down()
 }
@@ -563,11 +842,15 @@ echo "--- again"
     Ok(())
 }
 
-/// The units as systemd runs them: both become active through READY=1 as
-/// the `meshwork` user under all the hardening; a crash is restarted;
+/// The units as systemd runs them: all three become active through READY=1
+/// as the `meshwork` user under all the hardening; a crash is restarted;
 /// `systemctl reload` reloads the registry in place; a stray SIGHUP does not
 /// leave the sidecar stopped; a stopping sidecar deregisters; a bad config
-/// fails without a restart loop.
+/// fails without a restart loop. The gateway runs the example edge.toml
+/// (only its registry addresses changed) with the example ingress-gateway
+/// entry: HTTPS on 443 as the meshwork user, with no capability but
+/// binding low ports; a reload with a broken certificate fails and keeps
+/// it serving.
 #[test]
 fn units_run_under_systemd() -> Result<()> {
     if missing(true, &["unshare", "nsenter", "chroot", "systemctl"]).is_some() {
@@ -604,7 +887,30 @@ app = "127.0.0.1:8500"
 name = "web"
 listen = "127.0.0.1:9191"
 "#;
-    let Some(container) = Container::boot(registry_toml, web_toml)? else {
+    let edge_toml = fs::read_to_string(deploy_dir().join("config/edge.toml"))?;
+    let addresses = edge_toml
+        .lines()
+        .find(|l| l.starts_with("addresses = "))
+        .context("edge.toml names its registry servers")?;
+    let edge_toml = edge_toml.replace(addresses, r#"addresses = ["127.0.0.1:8502"]"#);
+    let certs = tempfile::tempdir()?;
+    edge_certificates(certs.path())?;
+    let mut files = vec![
+        ("/etc/meshwork/registry.toml", registry_toml.to_owned()),
+        ("/etc/meshwork/sidecar/web.toml", web_toml.to_owned()),
+        ("/etc/meshwork/gateway/edge.toml", edge_toml),
+    ];
+    for (name, path) in [
+        ("ca.pem", "/etc/meshwork/tls/ca.pem"),
+        ("shop.pem", "/etc/meshwork/tls/shop.pem"),
+        ("shop-key.pem", "/etc/meshwork/tls/shop-key.pem"),
+        ("api.pem", "/etc/meshwork/tls/api.pem"),
+        ("api-key.pem", "/etc/meshwork/tls/api-key.pem"),
+    ] {
+        files.push((path, fs::read_to_string(certs.path().join(name))?));
+    }
+    let install_args = ["--registry", "--sidecar", "web", "--gateway", "edge"];
+    let Some(container) = Container::boot(&files, &install_args)? else {
         return Ok(());
     };
     let result = check_units(&container);
@@ -617,10 +923,92 @@ listen = "127.0.0.1:9191"
     result
 }
 
+/// The gateway unit in the booted container: the example entry applied,
+/// HTTPS on 443 into the mesh, its capabilities, reloads.
+fn check_gateway(
+    c: &Container,
+    gateway: &str,
+    reload_in_place: &dyn Fn(&str, &str) -> Result<()>,
+) -> Result<()> {
+    // The example entry, as install.sh put it among the examples: 443,
+    // shop.example.com -> web (whose app here is the registry's REST port).
+    c.exec(
+        &[
+            "curl",
+            "-fsS",
+            "-m",
+            "5",
+            "-X",
+            "PUT",
+            "--data-binary",
+            "@/usr/local/share/meshwork/examples/edge-ingress.json",
+            "http://127.0.0.1:8500/v1/config",
+        ],
+        10,
+    )?
+    .ok("PUT edge-ingress.json")?;
+    let https = || {
+        c.exec(
+            &[
+                "curl",
+                "-fsS",
+                "-m",
+                "2",
+                "--cacert",
+                "/etc/meshwork/tls/ca.pem",
+                "--resolve",
+                "shop.example.com:443:127.0.0.1",
+                "https://shop.example.com/v1/status/leader",
+            ],
+            10,
+        )
+    };
+    eventually(
+        "https://shop.example.com through the gateway",
+        Duration::from_secs(20),
+        || {
+            let out = https()?;
+            ensure!(out.stdout.contains("127.0.0.1:8300"), "{out:?}");
+            Ok(())
+        },
+    )?;
+    // Port 443 as the meshwork user: CAP_NET_BIND_SERVICE (bit 10) is its
+    // one capability, effective, ambient and the bound.
+    let pid = c.show(gateway)?["MainPID"].clone();
+    let status = c
+        .exec(&["cat", &format!("/proc/{pid}/status")], 10)?
+        .ok("the gateway's /proc status")?;
+    for cap in ["CapEff", "CapBnd", "CapAmb"] {
+        let line = status
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{cap}:")))
+            .context("no capability line")?;
+        assert!(line.ends_with("0000000000000400"), "{line}");
+    }
+    reload_in_place(gateway, "config reloaded")?;
+    // A certificate that no longer parses: `systemctl reload` fails (its
+    // --check-config), the gateway keeps running and serving.
+    c.exec(
+        &["sh", "-c", "echo garbage > /etc/meshwork/tls/shop.pem"],
+        10,
+    )?
+    .ok("break the certificate")?;
+    let reload = c.exec(&["systemctl", "reload", gateway], 30)?;
+    assert!(!reload.status.success(), "{reload:?}");
+    let show = c.show(gateway)?;
+    assert_eq!(show["SubState"], "running", "{show:?}");
+    assert_eq!(show["MainPID"], pid, "{show:?}");
+    let out = https()?.ok("https after a refused reload")?;
+    assert!(out.stdout.contains("127.0.0.1:8300"), "{out:?}");
+    Ok(())
+}
+
 fn check_units(c: &Container) -> Result<()> {
     let registry = "meshwork-registry.service";
     let sidecar = "meshwork-sidecar@web.service";
-    for unit in [registry, sidecar] {
+    let gateway = "meshwork-gateway@edge.service";
+    for unit in [registry, sidecar, gateway] {
         let show = eventually(&format!("{unit} active"), Duration::from_secs(30), || {
             let show = c.show(unit)?;
             ensure!(
@@ -693,6 +1081,7 @@ fn check_units(c: &Container) -> Result<()> {
     reload_in_place(registry, "reloaded")?;
     assert_eq!(c.show(registry)?["NRestarts"], "1");
     reload_in_place(sidecar, "config reloaded")?;
+    check_gateway(c, gateway, &reload_in_place)?;
 
     // Stopping the sidecar deregisters its instance.
     c.exec(&["systemctl", "stop", sidecar], 60)?
