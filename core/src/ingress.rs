@@ -68,19 +68,33 @@ pub struct JwtRequirement {
     pub claims: Vec<(Vec<String>, String)>,
 }
 
-/// A token bucket per client.
+/// A token bucket per client (and per route, for a path `Routes`
+/// names).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientLimit {
-    pub rate: f64,
+    /// The listener-wide bucket; `None`: only the routes are limited.
+    pub rate: Option<f64>,
     pub burst: u32,
+    /// Paths with a bucket of their own per client (the first match; a
+    /// request no route matches draws from the listener-wide bucket).
+    pub routes: Vec<RouteLimit>,
     pub by: LimitBy,
     /// Clients tracked at most (least recently seen dropped first).
     pub max_clients: usize,
 }
 
-// The rate is finite and above 0 (checked when read): no NaN to break
+/// One `RateLimit.Routes` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteLimit {
+    pub path: crate::ratelimit::PathMatch,
+    pub rate: f64,
+    pub burst: u32,
+}
+
+// The rates are finite and above 0 (checked when read): no NaN to break
 // equality's reflexivity.
 impl Eq for ClientLimit {}
+impl Eq for RouteLimit {}
 
 /// What a client is, for its bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,22 +288,62 @@ fn edge(
     if let Some(limit) = rate_limit {
         let r_at = join(at, "RateLimit");
         let limit = object(limit, &r_at).map_err(text)?;
-        let [rps, burst, by, max] = fields(
+        let [rps, burst, by, max, routes] = fields(
             limit,
-            &["RequestsPerSecond", "RequestsMaxBurst", "By", "MaxClients"],
+            &[
+                "RequestsPerSecond",
+                "RequestsMaxBurst",
+                "By",
+                "MaxClients",
+                "Routes",
+            ],
             &r_at,
         )
         .map_err(text)?;
-        let rate = positive(rps, &join(&r_at, "RequestsPerSecond"))?
-            .ok_or_else(|| format!("{r_at}.RequestsPerSecond: required, a number above 0"))?;
-        let burst = match burst {
-            None => rate.ceil().max(1.0) as u32,
+        let burst_of = |rate: f64, burst: Option<&Value>, at: &str| match burst {
+            None => Ok(rate.ceil().max(1.0) as u32),
             Some(b) => b
                 .as_u64()
                 .and_then(|b| u32::try_from(b).ok())
                 .filter(|b| *b > 0)
-                .ok_or_else(|| format!("{r_at}.RequestsMaxBurst: a whole number above 0"))?,
+                .ok_or_else(|| format!("{at}.RequestsMaxBurst: a whole number above 0")),
         };
+        let mut route_limits = Vec::new();
+        for (i, route) in array(routes, &join(&r_at, "Routes"))
+            .map_err(text)?
+            .iter()
+            .enumerate()
+        {
+            let ro_at = format!("{r_at}.Routes[{i}]");
+            let route = object(route, &ro_at).map_err(text)?;
+            let [exact, prefix, regex, r_rps, r_burst] = fields(
+                route,
+                &[
+                    "PathExact",
+                    "PathPrefix",
+                    "PathRegex",
+                    "RequestsPerSecond",
+                    "RequestsMaxBurst",
+                ],
+                &ro_at,
+            )
+            .map_err(text)?;
+            let path = crate::ratelimit::PathMatch::parse(exact, prefix, regex, &ro_at)?;
+            let rate = positive(r_rps, &join(&ro_at, "RequestsPerSecond"))?
+                .ok_or_else(|| format!("{ro_at}.RequestsPerSecond: required, a number above 0"))?;
+            route_limits.push(RouteLimit {
+                path,
+                rate,
+                burst: burst_of(rate, r_burst, &ro_at)?,
+            });
+        }
+        let rate = positive(rps, &join(&r_at, "RequestsPerSecond"))?;
+        if rate.is_none() && route_limits.is_empty() {
+            return Err(format!(
+                "{r_at}.RequestsPerSecond: required (or Routes), a number above 0"
+            ));
+        }
+        let burst = burst_of(rate.unwrap_or(1.0), burst, &r_at)?;
         let by = match nonempty_string(by, &join(&r_at, "By")).map_err(text)? {
             None | Some("client-ip") => LimitBy::ClientIp,
             Some("subject") => LimitBy::Subject,
@@ -310,6 +364,7 @@ fn edge(
         out.rate_limit = Some(ClientLimit {
             rate,
             burst,
+            routes: route_limits,
             by,
             max_clients,
         });
@@ -662,6 +717,86 @@ mod tests {
         ] {
             let entry = body(json!({"Listeners": listeners}));
             let err = parse("edge", &entry).expect_err("refused");
+            assert!(err.contains(says), "{err} (want {says})");
+        }
+    }
+
+    #[test]
+    fn edge_fields_are_read_and_misplaced_ones_refused() {
+        let entry = body(json!({"Listeners": [
+            {"Port": 8443, "Protocol": "http", "TLS": {"Enabled": true},
+             "JWT": {"Providers": [{"Name": "okta", "VerifyClaims": [{"Path": ["role"], "Value": "admin"}]}]},
+             "APIKeys": {},
+             "RateLimit": {"RequestsPerSecond": 20, "By": "subject",
+                           "Routes": [{"PathPrefix": "/login", "RequestsPerSecond": 0.5}]},
+             "HSTS": {"MaxAgeSeconds": 600, "Preload": true},
+             "Services": [{"Name": "api"}]},
+            {"Port": 8080, "Protocol": "http", "HTTPSRedirect": {"Port": 8443}}]}));
+        let l = parse("edge", &entry).expect("valid");
+        let edge = &l[0].edge;
+        assert_eq!(edge.jwt[0].provider, "okta");
+        assert_eq!(
+            edge.jwt[0].claims,
+            vec![(vec!["role".to_owned()], "admin".to_owned())]
+        );
+        assert_eq!(edge.api_key_header.as_deref(), Some("x-api-key"));
+        let limit = edge.rate_limit.as_ref().expect("limit");
+        assert_eq!(
+            (limit.rate, limit.burst, limit.by),
+            (Some(20.0), 20, LimitBy::Subject)
+        );
+        assert_eq!(limit.routes[0].burst, 1);
+        assert_eq!(edge.hsts.as_deref(), Some("max-age=600; preload"));
+        assert_eq!(l[1].edge.https_redirect, Some(8443));
+        assert!(l[1].services.is_empty());
+        for (listener, says) in [
+            (
+                json!({"Port": 1, "Protocol": "tcp", "JWT": {"Providers": []}, "Services": [{"Name": "db"}]}),
+                "only for HTTP listeners",
+            ),
+            (
+                json!({"Port": 1, "Protocol": "http", "HSTS": {"MaxAgeSeconds": 1}, "Services": [{"Name": "a"}]}),
+                "only on a listener with TLS",
+            ),
+            (
+                json!({"Port": 1, "Protocol": "http", "HTTPSRedirect": {}, "Services": [{"Name": "a"}]}),
+                "forwards nothing",
+            ),
+            (
+                json!({"Port": 1, "Protocol": "http", "TLS": {"Enabled": true}, "HTTPSRedirect": {}}),
+                "only on a plain",
+            ),
+            (
+                json!({"Port": 1, "Protocol": "http", "HTTPSRedirect": {}, "APIKeys": {}}),
+                "authentication and limits belong",
+            ),
+            (
+                json!({"Port": 1, "Protocol": "http", "RateLimit": {"By": "ip"}, "Services": [{"Name": "a"}]}),
+                "RateLimit.RequestsPerSecond",
+            ),
+            (
+                json!({"Port": 1, "Protocol": "http", "RateLimit": {"RequestsPerSecond": 1, "By": "ip"}, "Services": [{"Name": "a"}]}),
+                "RateLimit.By",
+            ),
+            (
+                json!({"Port": 1, "Protocol": "http", "RateLimit": {"Routes": [{"PathPrefix": "/a", "PathExact": "/b", "RequestsPerSecond": 1}]}, "Services": [{"Name": "a"}]}),
+                "exactly one of PathExact",
+            ),
+            (
+                json!({"Port": 1, "Protocol": "http", "APIKeys": {"Header": "Host"}, "Services": [{"Name": "a"}]}),
+                "a header the proxy owns",
+            ),
+            (
+                json!({"Port": 1, "Protocol": "http", "JWT": {"Providers": [{"Name": "a"}, {"Name": "a"}]}, "Services": [{"Name": "a"}]}),
+                "listed twice",
+            ),
+            (
+                json!({"Port": 1, "Protocol": "http", "JWT": {"Providers": [{"Name": "a", "VerifyClaims": [{"Path": [], "Value": "x"}]}]}, "Services": [{"Name": "a"}]}),
+                "VerifyClaims[0].Path",
+            ),
+        ] {
+            let entry = body(json!({"Listeners": [listener.clone()]}));
+            let err = parse("edge", &entry).expect_err(&listener.to_string());
             assert!(err.contains(says), "{err} (want {says})");
         }
     }

@@ -38,15 +38,53 @@ pub struct RateLimits {
     service: Option<f64>,
 }
 
-#[derive(Debug)]
-enum PathMatch {
+/// Which request paths a limit covers.
+#[derive(Debug, Clone)]
+pub enum PathMatch {
     Exact(String),
     Prefix(String),
     Regex(regex::Regex),
 }
 
+impl PartialEq for PathMatch {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (PathMatch::Exact(a), PathMatch::Exact(b))
+            | (PathMatch::Prefix(a), PathMatch::Prefix(b)) => a == b,
+            (PathMatch::Regex(a), PathMatch::Regex(b)) => a.as_str() == b.as_str(),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for PathMatch {}
+
 impl PathMatch {
-    fn matches(&self, path: &str) -> bool {
+    /// Reads one of `PathExact`, `PathPrefix` or `PathRegex` (exactly
+    /// one) of a route at `at`.
+    pub fn parse(
+        exact: Option<&Value>,
+        prefix: Option<&Value>,
+        regex: Option<&Value>,
+        at: &str,
+    ) -> Result<Self, String> {
+        let exact = nonempty_string(exact, &join(at, "PathExact")).map_err(text)?;
+        let prefix = nonempty_string(prefix, &join(at, "PathPrefix")).map_err(text)?;
+        let regex = nonempty_string(regex, &join(at, "PathRegex")).map_err(text)?;
+        match (exact, prefix, regex) {
+            (Some(p), None, None) => Ok(PathMatch::Exact(p.to_owned())),
+            (None, Some(p), None) => Ok(PathMatch::Prefix(p.to_owned())),
+            (None, None, Some(r)) => Ok(PathMatch::Regex(
+                regex::Regex::new(&format!(r"\A(?:{r})\z"))
+                    .map_err(|e| format!("{at}.PathRegex: {e}"))?,
+            )),
+            _ => Err(format!(
+                "{at}: set exactly one of PathExact, PathPrefix or PathRegex"
+            )),
+        }
+    }
+
+    pub fn matches(&self, path: &str) -> bool {
         match self {
             PathMatch::Exact(p) => path == p,
             PathMatch::Prefix(p) => path.starts_with(p.as_str()),
@@ -226,22 +264,7 @@ impl RateLimits {
                 &r_at,
             )
             .map_err(text)?;
-            let exact = nonempty_string(exact, &join(&r_at, "PathExact")).map_err(text)?;
-            let prefix = nonempty_string(prefix, &join(&r_at, "PathPrefix")).map_err(text)?;
-            let regex = nonempty_string(regex, &join(&r_at, "PathRegex")).map_err(text)?;
-            let path = match (exact, prefix, regex) {
-                (Some(p), None, None) => PathMatch::Exact(p.to_owned()),
-                (None, Some(p), None) => PathMatch::Prefix(p.to_owned()),
-                (None, None, Some(r)) => PathMatch::Regex(
-                    regex::Regex::new(&format!(r"\A(?:{r})\z"))
-                        .map_err(|e| format!("{r_at}.PathRegex: {e}"))?,
-                ),
-                _ => {
-                    return Err(format!(
-                        "{r_at}: set exactly one of PathExact, PathPrefix or PathRegex"
-                    ));
-                }
-            };
+            let path = PathMatch::parse(exact, prefix, regex, &r_at)?;
             let bucket = bucket(r_rps, r_burst, &r_at)?
                 .ok_or_else(|| format!("{r_at}.RequestsPerSecond: must be set"))?;
             compiled.push((path, bucket));

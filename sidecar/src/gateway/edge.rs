@@ -40,7 +40,6 @@ use serde_json::Value;
 
 use super::jwt::{self, Refused};
 use super::keys::Keyring;
-use crate::http::ClientBody;
 use crate::http::rescue::ProxyError;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -109,7 +108,8 @@ struct ClientBucket {
 #[derive(Debug)]
 struct Buckets {
     limit: ClientLimit,
-    table: std::sync::Mutex<lru::LruCache<ClientKey, ClientBucket>>,
+    /// By client and route (`u16::MAX`: the listener-wide bucket).
+    table: std::sync::Mutex<lru::LruCache<(ClientKey, u16), ClientBucket>>,
     limited: AtomicU64,
     evicted: AtomicU64,
 }
@@ -125,9 +125,22 @@ impl Buckets {
         }
     }
 
-    /// Takes a token of `key`'s bucket; `Err(wait)` until the next one.
-    fn take(&self, key: ClientKey, now: Instant) -> Result<(), Duration> {
-        let burst = f64::from(self.limit.burst);
+    /// Takes a token of `key`'s bucket for `path` (its route's, else the
+    /// listener's); `Err(wait)` until the next one.
+    fn take(&self, key: ClientKey, path: &str, now: Instant) -> Result<(), Duration> {
+        let route = self
+            .limit
+            .routes
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.path.matches(path));
+        let (slot, rate, burst) = match (route, self.limit.rate) {
+            (Some((i, r)), _) => (u16::try_from(i).unwrap_or(u16::MAX - 1), r.rate, r.burst),
+            (None, Some(rate)) => (u16::MAX, rate, self.limit.burst),
+            (None, None) => return Ok(()),
+        };
+        let key = (key, slot);
+        let burst = f64::from(burst);
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let bucket = match table.get_mut(&key) {
             Some(b) => b,
@@ -147,16 +160,14 @@ impl Buckets {
             }
         };
         let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.limit.rate).min(burst);
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
         bucket.last = now;
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
             Ok(())
         } else {
             self.limited.fetch_add(1, Ordering::Relaxed);
-            Err(Duration::from_secs_f64(
-                (1.0 - bucket.tokens) / self.limit.rate,
-            ))
+            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / rate))
         }
     }
 }
@@ -218,11 +229,7 @@ impl Edge {
 
     /// Checks and prepares `req` from `peer`; the proxy's own answer when
     /// it goes no further (`Err`).
-    pub fn admit(
-        &self,
-        req: &mut Request<ClientBody>,
-        peer: SocketAddr,
-    ) -> Result<Admitted, EdgeAnswer> {
+    pub fn admit<B>(&self, req: &mut Request<B>, peer: SocketAddr) -> Result<Admitted, EdgeAnswer> {
         if req.method() == Method::CONNECT {
             self.refuse("method");
             return Err(EdgeAnswer::Error(ProxyError::MethodNotAllowed(
@@ -244,7 +251,7 @@ impl Edge {
             .is_some_and(|b| b.limit.by == LimitBy::Subject);
         if let Some(buckets) = self.buckets.as_ref().filter(|_| !by_subject) {
             buckets
-                .take(ClientKey::Ip(client), Instant::now())
+                .take(ClientKey::Ip(client), req.uri().path(), Instant::now())
                 .map_err(|wait| EdgeAnswer::Error(ProxyError::RateLimited(wait)))?;
         }
         for name in &self.owned_headers {
@@ -267,7 +274,7 @@ impl Edge {
                 None => ClientKey::Ip(client),
             };
             buckets
-                .take(key, Instant::now())
+                .take(key, req.uri().path(), Instant::now())
                 .map_err(|wait| EdgeAnswer::Error(ProxyError::RateLimited(wait)))?;
         }
         Ok(Admitted {
@@ -276,7 +283,7 @@ impl Edge {
     }
 
     /// Sets the forwarding headers; the client's address.
-    fn forwarded(&self, req: &mut Request<ClientBody>, peer: SocketAddr) -> IpAddr {
+    fn forwarded<B>(&self, req: &mut Request<B>, peer: SocketAddr) -> IpAddr {
         let hops = usize::from(self.spec.trusted_hops);
         let headers = req.headers_mut();
         let mut chain: Vec<IpAddr> = Vec::new();
@@ -339,9 +346,9 @@ impl Edge {
     }
 
     /// An API key or a token that passes: the subject (key name or `sub`).
-    fn authenticate(
+    fn authenticate<B>(
         &self,
-        req: &mut Request<ClientBody>,
+        req: &mut Request<B>,
     ) -> Result<Option<String>, (&'static str, String)> {
         let policy = &self.spec.policy;
         let mut reason = "missing";
@@ -464,8 +471,8 @@ fn describe(reason: &str) -> &'static str {
 }
 
 /// The first token `provider`'s locations find, and where.
-fn find_token<'p>(
-    req: &Request<ClientBody>,
+fn find_token<'p, B>(
+    req: &Request<B>,
     provider: &'p Provider,
 ) -> Option<(String, Option<&'p Location>)> {
     for location in &provider.locations {
@@ -513,8 +520,8 @@ fn find_token<'p>(
 
 /// Puts a verified token's claims (and payload) in the headers its
 /// provider names; a value no header may carry refuses the token.
-fn pass_claims(
-    req: &mut Request<ClientBody>,
+fn pass_claims<B>(
+    req: &mut Request<B>,
     provider: &Provider,
     token: &str,
     claims: &Value,
@@ -550,7 +557,7 @@ fn pass_claims(
 /// `https://<host>[:port]<path>` for a request on a redirecting
 /// listener; `None` when the host is missing or not a name or address
 /// (nothing but the client's own host is ever named).
-fn redirect_location(req: &Request<ClientBody>, port: u16) -> Option<String> {
+fn redirect_location<B>(req: &Request<B>, port: u16) -> Option<String> {
     let host = crate::http::request_host(req);
     let plain = host
         .bytes()
@@ -571,4 +578,176 @@ fn redirect_location(req: &Request<ClientBody>, port: u16) -> Option<String> {
 pub enum EdgeAnswer {
     Error(ProxyError),
     Redirect(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edge(policy: EdgePolicy, trusted_hops: u8) -> Edge {
+        Edge::new(
+            Arc::new(EdgeSpec {
+                policy,
+                providers: Vec::new(),
+                api_keys: Arc::new(vec![ApiKey {
+                    name: "partner".into(),
+                    sha256: ring::digest::digest(&ring::digest::SHA256, b"secret")
+                        .as_ref()
+                        .try_into()
+                        .unwrap_or([0; 32]),
+                }]),
+                trusted_hops,
+                https: true,
+                port: 8443,
+            }),
+            Arc::default(),
+        )
+    }
+
+    fn request(xff: Option<&str>) -> Request<()> {
+        let mut r = Request::get("/a?b=1")
+            .header("host", "shop.example.com:8080")
+            .header("forwarded", "for=6.6.6.6")
+            .body(())
+            .unwrap_or_default();
+        if let Some(xff) = xff {
+            r.headers_mut().insert(
+                X_FORWARDED_FOR,
+                HeaderValue::from_str(xff).unwrap_or(HeaderValue::from_static("x")),
+            );
+        }
+        r
+    }
+
+    fn peer() -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 9], 5000))
+    }
+
+    fn header<'r>(r: &'r Request<()>, name: &str) -> &'r str {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    #[test]
+    fn forwarding_headers_believe_only_the_trusted_hops() {
+        // No trusted hop: the client's own X-Forwarded-For and Forwarded
+        // are replaced by the peer.
+        let e = edge(EdgePolicy::default(), 0);
+        let mut r = request(Some("1.1.1.1, 2.2.2.2"));
+        assert_eq!(e.forwarded(&mut r, peer()), IpAddr::from([10, 0, 0, 9]));
+        assert_eq!(header(&r, "x-forwarded-for"), "10.0.0.9");
+        assert_eq!(header(&r, "forwarded"), "for=10.0.0.9;proto=https");
+        assert_eq!(header(&r, "x-forwarded-proto"), "https");
+        // One trusted hop (a load balancer in front): the client is the
+        // last entry it added; what the client claimed before is dropped.
+        let e = edge(EdgePolicy::default(), 1);
+        let mut r = request(Some("1.1.1.1, 2.2.2.2"));
+        assert_eq!(e.forwarded(&mut r, peer()), IpAddr::from([2, 2, 2, 2]));
+        assert_eq!(header(&r, "x-forwarded-for"), "2.2.2.2, 10.0.0.9");
+        assert_eq!(
+            header(&r, "forwarded"),
+            "for=2.2.2.2, for=10.0.0.9;proto=https"
+        );
+        // Fewer entries than trusted hops: the first; a malformed entry
+        // drops what is left of it; IPv6 quoted in Forwarded.
+        let e = edge(EdgePolicy::default(), 3);
+        let mut r = request(Some("garbage, 2001:db8::1"));
+        assert_eq!(
+            e.forwarded(&mut r, peer()),
+            "2001:db8::1"
+                .parse::<IpAddr>()
+                .unwrap_or(IpAddr::from([0; 4]))
+        );
+        assert_eq!(
+            header(&r, "forwarded"),
+            "for=\"[2001:db8::1]\", for=10.0.0.9;proto=https"
+        );
+    }
+
+    #[test]
+    fn connect_redirects_and_api_keys() {
+        let e = edge(EdgePolicy::default(), 0);
+        let mut r = request(None);
+        *r.method_mut() = Method::CONNECT;
+        assert!(matches!(
+            e.admit(&mut r, peer()),
+            Err(EdgeAnswer::Error(ProxyError::MethodNotAllowed(_)))
+        ));
+        let e = edge(
+            EdgePolicy {
+                https_redirect: Some(8443),
+                ..EdgePolicy::default()
+            },
+            0,
+        );
+        let mut r = request(None);
+        match e.admit(&mut r, peer()) {
+            Err(EdgeAnswer::Redirect(l)) => assert_eq!(l, "https://shop.example.com:8443/a?b=1"),
+            other => panic!("{other:?}"),
+        }
+        r.headers_mut()
+            .insert("host", HeaderValue::from_static("evil.example/x@y"));
+        assert!(matches!(
+            e.admit(&mut r, peer()),
+            Err(EdgeAnswer::Error(ProxyError::BadRequest(_)))
+        ));
+        let e = edge(
+            EdgePolicy {
+                api_key_header: Some("x-api-key".into()),
+                ..EdgePolicy::default()
+            },
+            0,
+        );
+        let mut r = request(None);
+        r.headers_mut()
+            .insert("x-api-key", HeaderValue::from_static("secret"));
+        assert!(e.admit(&mut r, peer()).is_ok());
+        assert!(r.headers().get("x-api-key").is_none(), "not passed on");
+        r.headers_mut()
+            .insert("x-api-key", HeaderValue::from_static("secreT"));
+        match e.admit(&mut r, peer()) {
+            Err(EdgeAnswer::Error(ProxyError::Unauthenticated(c))) => {
+                assert_eq!(c, "ApiKey realm=\"8443\"")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn client_buckets_are_bounded_and_per_client() {
+        let b = Buckets::new(ClientLimit {
+            rate: Some(1.0),
+            burst: 2,
+            routes: vec![meshwork_core::ingress::RouteLimit {
+                path: meshwork_core::ratelimit::PathMatch::Prefix("/login".into()),
+                rate: 0.1,
+                burst: 1,
+            }],
+            by: LimitBy::ClientIp,
+            max_clients: 3,
+        });
+        let now = Instant::now();
+        let ip = |n: u8| ClientKey::Ip(IpAddr::from([10, 0, 0, n]));
+        assert!(b.take(ip(1), "/", now).is_ok());
+        assert!(b.take(ip(1), "/", now).is_ok());
+        let wait = b.take(ip(1), "/", now).expect_err("the burst is spent");
+        assert!(wait <= Duration::from_secs(1) && wait > Duration::ZERO);
+        // The route's own bucket, per client.
+        assert!(b.take(ip(1), "/login", now).is_ok());
+        let wait = b.take(ip(1), "/login/x", now).expect_err("one per 10 s");
+        assert!(wait > Duration::from_secs(9));
+        assert!(b.take(ip(2), "/", now).is_ok(), "another client");
+        assert!(
+            b.take(ip(1), "/", now + Duration::from_secs(1)).is_ok(),
+            "a token a second"
+        );
+        // A fourth bucket pushes out the least recently seen (ip 1's
+        // route bucket).
+        assert!(b.take(ip(3), "/", now).is_ok());
+        assert_eq!(b.evicted.load(Ordering::Relaxed), 1);
+        assert_eq!(b.table.lock().map(|t| t.len()).unwrap_or(0), 3);
+        assert_eq!(b.limited.load(Ordering::Relaxed), 2);
+    }
 }
