@@ -84,21 +84,34 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
-        say!(
-            "{}: valid — service {} ({}) on node {}, {} check(s), {} upstream(s){}, admin {}",
-            cli.config.display(),
-            config.service_id,
-            config.service_name,
-            config.node,
-            config.checks.len(),
-            config.upstreams.len(),
-            config
-                .inbound
-                .as_ref()
-                .map(|i| format!(", inbound {}", i.listen))
-                .unwrap_or_default(),
-            config.admin
-        );
+        match &config.gateway {
+            Some(g) => say!(
+                "{}: valid — gateway {} ({}) on node {}, listeners from ingress-gateway {:?}, {} certificate file(s), {} API key(s), admin {}",
+                cli.config.display(),
+                config.service_id,
+                config.service_name,
+                config.node,
+                g.name,
+                g.certificates.len(),
+                g.api_keys.len(),
+                config.admin
+            ),
+            None => say!(
+                "{}: valid — service {} ({}) on node {}, {} check(s), {} upstream(s){}, admin {}",
+                cli.config.display(),
+                config.service_id,
+                config.service_name,
+                config.node,
+                config.checks.len(),
+                config.upstreams.len(),
+                config
+                    .inbound
+                    .as_ref()
+                    .map(|i| format!(", inbound {}", i.listen))
+                    .unwrap_or_default(),
+                config.admin
+            ),
+        }
         return ExitCode::SUCCESS;
     }
     if cli.log_format != "text" && cli.log_format != "json" {

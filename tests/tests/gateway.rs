@@ -1033,3 +1033,146 @@ sha256 = "{hex}"
     mesh.done();
     Ok(())
 }
+
+/// Through the gateway as through a sidecar: gRPC (a server stream, its
+/// trailers, and the edge's refusal as a gRPC status), HTTP/2 with prior
+/// knowledge, and the service's router (a path prefix to another
+/// service, rewritten).
+#[tokio::test]
+async fn a_gateway_carries_grpc_http2_and_the_services_routes() -> Result<()> {
+    use meshwork_proto::v1::watch_client::WatchClient;
+    use meshwork_proto::v1::{ServiceTopic, SubscribeRequest, subscribe_request};
+    use meshwork_tests::sidecar::Service;
+
+    let mut mesh = Mesh::start().await?;
+    let grpc_ip = mesh.ip(30);
+    let app = meshwork_tests::apps::grpc_backend(&grpc_ip).await?;
+    mesh.server_sidecar(
+        &grpc_ip,
+        Service {
+            name: "streamer",
+            id: "streamer-1",
+            app,
+            protocol: "grpc",
+        },
+    )
+    .await?;
+    mesh.versioned_instance((20, 0), ("api", "api-1", "v1"))
+        .await?;
+    mesh.versioned_instance((21, 0), ("admin", "admin-a", "v1"))
+        .await?;
+    let ip = mesh.ip(100);
+    let api_key = "k-grpc";
+    let digest = ring::digest::digest(&ring::digest::SHA256, api_key.as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    mesh.gateway(
+        &ip,
+        "edge",
+        &format!("[[gateway.api_keys]]\nname = \"partner\"\nsha256 = \"{hex}\"\n"),
+    )
+    .await?;
+    for entry in [
+        json!({"Kind": "service-router", "Name": "api", "Routes": [
+            {"Match": {"HTTP": {"PathPrefix": "/admin"}},
+             "Destination": {"Service": "admin", "PrefixRewrite": "/"}}]}),
+        json!({"Kind": "ingress-gateway", "Name": "edge", "Listeners": [
+            {"Port": 18100, "Protocol": "grpc", "Services": [{"Name": "streamer"}]},
+            {"Port": 18101, "Protocol": "grpc", "APIKeys": {}, "Services": [{"Name": "streamer"}]},
+            {"Port": 18102, "Protocol": "http", "Services": [{"Name": "api"}]}]}),
+    ] {
+        let (status, body) = put_entry(&mesh, &entry).await?;
+        ensure!(status == 200, "{entry}: {status} {body}");
+    }
+
+    // gRPC: a server stream with its end-of-stream status, and a status
+    // in the trailers after a message.
+    let request = |name: &str| SubscribeRequest {
+        topic: Some(subscribe_request::Topic::Service(ServiceTopic {
+            name: name.to_owned(),
+            passing_only: false,
+        })),
+        since_index: 0,
+    };
+    let indexes = wait_for(
+        "gRPC through the gateway",
+        Duration::from_secs(10),
+        || async {
+            let mut client = WatchClient::connect(format!("http://{ip}:18100"))
+                .await
+                .ok()?;
+            let mut stream = client.subscribe(request("ok")).await.ok()?.into_inner();
+            let mut indexes = Vec::new();
+            for _ in 0..10 {
+                match stream.message().await {
+                    Ok(Some(e)) => indexes.push(e.index),
+                    Ok(None) => break,
+                    Err(_) => return None,
+                }
+            }
+            Some(indexes)
+        },
+    )
+    .await?;
+    ensure!(indexes == vec![1, 2, 3], "{indexes:?}");
+    let mut client = WatchClient::connect(format!("http://{ip}:18100")).await?;
+    let mut stream = client.subscribe(request("fail")).await?.into_inner();
+    ensure!(stream.message().await?.map(|e| e.index) == Some(1));
+    match stream.message().await {
+        Err(status) => ensure!(status.code() == tonic::Code::NotFound, "{status:?}"),
+        Ok(m) => anyhow::bail!("expected NOT_FOUND in the trailers, got {m:?}"),
+    }
+    // The edge's refusal, as gRPC clients read it; the key lets it pass.
+    let mut keyed = WatchClient::connect(format!("http://{ip}:18101")).await?;
+    match keyed.subscribe(request("ok")).await {
+        Err(status) => ensure!(status.code() == tonic::Code::Unauthenticated, "{status:?}"),
+        Ok(_) => anyhow::bail!("a call without the API key passed"),
+    }
+    let mut with_key = tonic::Request::new(request("ok"));
+    with_key
+        .metadata_mut()
+        .insert("x-api-key", api_key.parse()?);
+    let mut stream = keyed.subscribe(with_key).await?.into_inner();
+    ensure!(stream.message().await?.map(|e| e.index) == Some(1));
+
+    // HTTP/2 with prior knowledge on an http listener, and the service's
+    // router: /admin goes to admin, rewritten.
+    let h2 = meshwork_tests::http::h2_client::<http_body_util::Empty<bytes::Bytes>>();
+    let routed = wait_for(
+        "the router through the gateway",
+        Duration::from_secs(10),
+        || async {
+            let request = hyper::Request::get(format!("http://{ip}:18102/admin/users?x=1"))
+                .body(http_body_util::Empty::new())
+                .ok()?;
+            let response = h2.request(request).await.ok()?;
+            let version = response.version();
+            let path = response
+                .headers()
+                .get("x-seen-path")?
+                .to_str()
+                .ok()?
+                .to_owned();
+            let seen_version = response
+                .headers()
+                .get("x-seen-version")?
+                .to_str()
+                .ok()?
+                .to_owned();
+            let body = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .ok()?
+                .to_bytes();
+            let body = String::from_utf8_lossy(&body).into_owned();
+            body.starts_with("admin-a")
+                .then_some((version, path, seen_version))
+        },
+    )
+    .await?;
+    ensure!(
+        routed.0 == hyper::Version::HTTP_2 && routed.1 == "/users?x=1",
+        "{routed:?}"
+    );
+    ensure!(answered_by(&format!("{ip}:18102")).await.as_deref() == Some("api-1"));
+    mesh.done();
+    Ok(())
+}

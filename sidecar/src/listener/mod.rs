@@ -514,7 +514,15 @@ fn wanted(config: &Config) -> Vec<Wanted> {
             .count();
         list.push(Wanted {
             key: (upstream.listen, nth),
-            config_key: format!("upstreams[{i}].listen"),
+            config_key: match &config.gateway {
+                // A gateway's listeners come from its entry, by port.
+                Some(g) => format!(
+                    "ingress-gateway {:?} listener on port {}",
+                    g.name,
+                    upstream.listen.port()
+                ),
+                None => format!("upstreams[{i}].listen"),
+            },
             direction: "outbound",
             upstream: upstream.clone(),
             app: None,
