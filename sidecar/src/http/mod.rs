@@ -64,6 +64,9 @@ enum Next {
     Answer,
 }
 
+/// How long a request waits for its cluster's first endpoint set.
+const FIRST_SET_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -426,7 +429,18 @@ impl HttpProxy {
                     return fail(timeout, log, Some(failed), attempt);
                 }
                 attempt += 1;
-                let Some(endpoint) = cluster.pick(&config, request.hash, &tried) else {
+                let mut picked = cluster.pick(&config, request.hash, &tried);
+                if picked.is_none() && attempt == 1 && !cluster.table().ready {
+                    // Before discovery's first answer (a listener just
+                    // opened): wait for it, within the request's time.
+                    let limit = deadline
+                        .saturating_duration_since(tokio::time::Instant::now())
+                        .min(FIRST_SET_WAIT);
+                    if Box::pin(cluster.first_set(limit)).await {
+                        picked = cluster.pick(&config, request.hash, &tried);
+                    }
+                }
+                let Some(endpoint) = picked else {
                     let none = ProxyError::NoHealthyUpstream(config.name.clone());
                     return fail(none, log, None, attempt);
                 };

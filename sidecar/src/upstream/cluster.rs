@@ -173,6 +173,9 @@ pub struct Cluster {
     /// A service-resolver subset: only the instances its filter passes
     /// (and, with `OnlyPassing`, only passing ones).
     subset: Option<Subset>,
+    /// Woken when a table from discovery is installed (requests that came
+    /// before the first one wait for it: [`Cluster::first_set`]).
+    updated: tokio::sync::Notify,
 }
 
 /// The instances a discovery-chain target keeps.
@@ -231,7 +234,26 @@ impl Cluster {
             mesh: None,
             gauges: Gauges::default(),
             subset: None,
+            updated: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Waits, at most `limit`, for discovery's first endpoint set (a
+    /// listener just opened — a gateway's new listener, say — may get a
+    /// request before its service's endpoints arrive, a few milliseconds
+    /// later; answering 503 then would fail a client for nothing). True
+    /// when the table is ready.
+    pub async fn first_set(&self, limit: std::time::Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.updated.notified();
+                if self.table().ready {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
     }
 
     /// As [`Cluster::follow`], keeping only the instances of `subset`.
@@ -371,6 +393,7 @@ impl Cluster {
         let mut last = self.last_set.lock().unwrap_or_else(|e| e.into_inner());
         self.update(&set);
         *last = Some(set);
+        self.updated.notify_waiters();
     }
 
     fn install(&self, mut table: Table) {
