@@ -1030,6 +1030,17 @@ sha256 = "{hex}"
         )),
         "{metrics}"
     );
+    // The refusals are in the access log, and no credential is.
+    let log = std::fs::read_to_string(&mesh.sidecars[g].access_log)?;
+    ensure!(
+        log.lines()
+            .any(|l| l.contains("\"outcome\":\"unauthenticated\"") && l.contains("\"status\":401")),
+        "no 401 in the access log"
+    );
+    ensure!(
+        !log.contains(api_key) && !log.contains(&good),
+        "a credential in the access log"
+    );
     mesh.done();
     Ok(())
 }

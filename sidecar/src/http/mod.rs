@@ -187,26 +187,39 @@ impl HttpProxy {
                 }
                 Err(EdgeAnswer::Error(error)) => {
                     let grpc = is_grpc(req.headers());
-                    self.cluster.metrics.record(
-                        error.status().as_u16(),
-                        error.outcome(),
-                        std::time::Duration::ZERO,
-                    );
-                    rescue::respond(&error, grpc)
+                    let response = rescue::respond(&error, grpc);
+                    self.edge_answered(&req, response.status().as_u16(), error.outcome());
+                    response
                 }
                 Err(EdgeAnswer::Redirect(location)) => {
                     let response = rescue::redirect(&location);
-                    self.cluster.metrics.record(
-                        response.status().as_u16(),
-                        crate::telemetry::Outcome::Redirect,
-                        std::time::Duration::ZERO,
-                    );
+                    let outcome = crate::telemetry::Outcome::Redirect;
+                    self.edge_answered(&req, response.status().as_u16(), outcome);
                     response
                 }
             };
             return Box::pin(std::future::ready(answer.map(ResponseBody::Own)));
         }
         self.route(req, peer, caller, connection)
+    }
+
+    /// Counts (and logs, with the access log on) an answer the gateway's
+    /// edge gave itself.
+    fn edge_answered<B>(&self, req: &Request<B>, status: u16, outcome: crate::telemetry::Outcome) {
+        self.cluster
+            .metrics
+            .record(status, outcome, std::time::Duration::ZERO);
+        if self.access_log {
+            let mut head = Request::new(());
+            *head.method_mut() = req.method().clone();
+            *head.uri_mut() = req.uri().clone();
+            *head.version_mut() = req.version();
+            if let Some(id) = req.headers().get(REQUEST_ID) {
+                head.headers_mut().insert(REQUEST_ID, id.clone());
+            }
+            let (parts, ()) = head.into_parts();
+            LogContext::new(&parts).write(self, status, outcome, None, 0, Instant::now());
+        }
     }
 
     /// [`HttpProxy::handle`] past the edge: by host, through the chain, or
