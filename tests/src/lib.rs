@@ -28,6 +28,7 @@ pub mod mesh_client;
 pub mod netns;
 pub mod sidecar;
 pub mod watch;
+pub mod webdriver;
 pub mod workload;
 
 use std::path::{Path, PathBuf};

@@ -659,6 +659,22 @@ impl Catalog {
     pub fn checks_index(&self) -> u64 {
         self.checks_index
     }
+
+    /// An index that moves with any change of services, instances, nodes
+    /// or checks (the UI's service summary).
+    pub fn catalog_index(&self) -> u64 {
+        self.service_index
+            .values()
+            .copied()
+            .chain([
+                self.services_list_index,
+                self.checks_index,
+                self.nodes_index,
+                self.reaped,
+            ])
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// A name and its index.

@@ -318,6 +318,57 @@ pub async fn services(
     .await
 }
 
+/// `GET /v1/internal/ui/services`: every service with its instance and
+/// check counts (Consul's UI endpoint, the same shape), as the token may
+/// see them; blocking on any catalog change.
+pub async fn ui_services(
+    State(app): State<AppState>,
+    authz: Authz,
+    uri: Uri,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    json_read(&app, &authz, uri, q, IndexOf::Catalog, |state, _, authz| {
+        let catalog = &state.catalog;
+        let mut filtered = false;
+        let mut out = Vec::new();
+        for (name, tags) in catalog.service_names() {
+            let mut instances = 0u64;
+            let mut counts = [0u64; 3];
+            let mut nodes = std::collections::BTreeSet::new();
+            let mut kind = "";
+            for (node, s) in catalog.instances(name) {
+                if !sees_instance(authz, node, s) {
+                    filtered = true;
+                    continue;
+                }
+                instances += 1;
+                kind = &s.kind;
+                nodes.insert(node.name.as_str());
+                for check in catalog.instance_checks(&node.name, &s.id) {
+                    if sees_check(authz, check) {
+                        counts[check.status as usize] += 1;
+                    }
+                }
+            }
+            if instances == 0 {
+                continue;
+            }
+            out.push(json!({
+                "Name": name,
+                "Kind": kind,
+                "Tags": tags,
+                "InstanceCount": instances,
+                "ChecksPassing": counts[HealthStatus::Passing as usize],
+                "ChecksWarning": counts[HealthStatus::Warning as usize],
+                "ChecksCritical": counts[HealthStatus::Critical as usize],
+                "Nodes": nodes,
+            }));
+        }
+        (Value::Array(out), filtered)
+    })
+    .await
+}
+
 /// `GET /v1/catalog/service/:name?tag=`.
 pub async fn service(
     State(app): State<AppState>,

@@ -19,6 +19,7 @@ pub mod session;
 pub mod snapshot;
 pub mod status;
 pub mod txn;
+pub mod ui;
 pub mod waiters;
 
 use std::sync::Arc;
@@ -79,6 +80,12 @@ impl AppState {
 /// The REST router.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(ui::to_ui))
+        .route("/ui", get(ui::to_ui))
+        .route("/ui/", get(ui::index))
+        .route("/ui/app.js", get(ui::app_js))
+        .route("/ui/app.css", get(ui::app_css))
+        .route("/v1/internal/ui/services", get(catalog::ui_services))
         .route("/v1/kv", any(kv::handle))
         .route("/v1/kv/", any(kv::handle))
         .route("/v1/kv/{*key}", any(kv::handle))

@@ -42,6 +42,8 @@ pub enum IndexOf {
     Acl,
     /// The mesh CA (roots and configuration).
     CaRoots,
+    /// Any service, instance, node or check (the UI's summaries).
+    Catalog,
 }
 
 impl IndexOf {
@@ -58,6 +60,7 @@ impl IndexOf {
             IndexOf::Sessions => state.sessions.index(),
             IndexOf::Acl => state.acl.index(),
             IndexOf::CaRoots => state.ca.index,
+            IndexOf::Catalog => state.catalog.catalog_index(),
         }
     }
 
