@@ -203,6 +203,18 @@ impl Browser {
         .await
     }
 
+    /// Resizes the window (its CSS viewport: 640×360 is 1280×720 at
+    /// 200 % zoom).
+    pub async fn resize(&self, width: u32, height: u32) -> Result<()> {
+        self.call(
+            "POST",
+            "/window/rect",
+            Some(json!({"width": width, "height": height})),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Saves a PNG of the page to `path`.
     pub async fn screenshot(&self, path: &Path) -> Result<()> {
         let v = self.call("GET", "/screenshot", None).await?;

@@ -104,6 +104,24 @@ async fn the_ui_shows_the_cluster_live_and_edits_safely() -> Result<()> {
         .await?;
     ensure!(health.contains("0 critical"), "{health}");
     browser.screenshot(&shots().join("services.png")).await?;
+    // Nothing wider than the window at 1280×720, nor at 200 % zoom (a
+    // CSS viewport half as wide).
+    let overflow = "return document.documentElement.scrollWidth - window.innerWidth;";
+    ensure!(
+        browser.script(overflow).await?.as_f64() <= Some(0.0),
+        "wider than 1280"
+    );
+    browser.resize(640, 360).await?;
+    let width = browser.script("return window.innerWidth;").await?;
+    let wider = browser.script(overflow).await?;
+    browser
+        .screenshot(&shots().join("services-200pct.png"))
+        .await?;
+    ensure!(
+        wider.as_f64() <= Some(0.0),
+        "at a {width} px viewport the page is {wider} px wider"
+    );
+    browser.resize(1280, 720).await?;
     let filter = browser
         .wait("#service-filter", Duration::from_secs(5))
         .await?;
