@@ -190,12 +190,13 @@ fn check_host(host: &str, at: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A rate: 0.001 a second (one in about 17 minutes) to 10 million.
 fn positive(value: Option<&Value>, at: &str) -> Result<Option<f64>, String> {
     value
         .map(|v| {
             v.as_f64()
-                .filter(|r| *r > 0.0 && r.is_finite())
-                .ok_or_else(|| format!("{at}: must be a number above 0"))
+                .filter(|r| (0.001..=1e7).contains(r))
+                .ok_or_else(|| format!("{at}: a number from 0.001 to 10000000"))
         })
         .transpose()
 }
@@ -271,6 +272,13 @@ fn edge(
                 provider: name.to_owned(),
                 claims,
             });
+        }
+        if out.jwt.is_empty() {
+            // An empty list would leave the listener open while it reads
+            // as protected.
+            return Err(format!(
+                "{j_at}.Providers: name at least one jwt-provider (or leave JWT out)"
+            ));
         }
     }
     if let Some(keys) = api_keys {
@@ -357,9 +365,9 @@ fn edge(
             None => 100_000,
             Some(m) => m
                 .as_u64()
-                .filter(|m| (1..=10_000_000).contains(m))
+                .filter(|m| (1..=1_000_000).contains(m))
                 .map(|m| m as usize)
-                .ok_or_else(|| format!("{r_at}.MaxClients: 1 to 10000000"))?,
+                .ok_or_else(|| format!("{r_at}.MaxClients: 1 to 1000000"))?,
         };
         out.rate_limit = Some(ClientLimit {
             rate,

@@ -306,10 +306,14 @@ fn keys(value: Option<&Value>, at: &str) -> Result<Keys, String> {
                         format!("{r_at}.CacheDuration: {d:?}: a duration of 1s or more (\"5m\")")
                     })?,
             };
+            let timeout = millis(timeout, &join(&r_at, "RequestTimeoutMs"))?
+                .unwrap_or(Duration::from_secs(5));
+            if timeout > Duration::from_secs(60) {
+                return Err(format!("{r_at}.RequestTimeoutMs: at most 60000"));
+            }
             Ok(Keys::Remote(Remote {
                 uri: uri.to_owned(),
-                timeout: millis(timeout, &join(&r_at, "RequestTimeoutMs"))?
-                    .unwrap_or(Duration::from_secs(5)),
+                timeout,
                 refresh,
                 trusted_ca: trusted_ca(cluster, &join(&r_at, "JWKSCluster"))?,
             }))

@@ -27,7 +27,6 @@
 use std::fmt::Write as _;
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -61,6 +60,10 @@ pub struct ApiKey {
 pub struct EdgeSpec {
     pub policy: EdgePolicy,
     pub providers: Vec<Provider>,
+    /// The headers every `jwt-provider` entry sets (claims, payload):
+    /// removed from every request on every listener, so a client cannot
+    /// supply them through a listener that does not verify tokens.
+    pub owned_headers: Vec<String>,
     pub api_keys: Arc<Vec<ApiKey>>,
     pub trusted_hops: u8,
     /// The listener terminates TLS (`X-Forwarded-Proto: https`).
@@ -95,7 +98,9 @@ fn reason_index(reason: &str) -> usize {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum ClientKey {
     Ip(IpAddr),
-    Subject(Box<str>),
+    /// A subject (`key:<name>` or `jwt:<provider>:<sub>`), hashed: a long
+    /// `sub` costs the table no more than a short one.
+    Subject(u64),
 }
 
 #[derive(Debug)]
@@ -112,28 +117,38 @@ struct Buckets {
     table: std::sync::Mutex<lru::LruCache<(ClientKey, u16), ClientBucket>>,
     limited: AtomicU64,
     evicted: AtomicU64,
+    /// Keyed per process: subjects hash unpredictably.
+    hasher: std::hash::RandomState,
 }
 
 impl Buckets {
     fn new(limit: ClientLimit) -> Self {
-        let cap = NonZeroUsize::new(limit.max_clients).unwrap_or(NonZeroUsize::MIN);
         Self {
             limit,
-            table: std::sync::Mutex::new(lru::LruCache::new(cap)),
+            // Grown as clients come (a full-size table up front would
+            // reserve memory for clients that never come), bounded below.
+            table: std::sync::Mutex::new(lru::LruCache::unbounded()),
             limited: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
+            hasher: std::hash::RandomState::new(),
         }
+    }
+
+    fn subject(&self, subject: &str) -> ClientKey {
+        use std::hash::BuildHasher as _;
+        ClientKey::Subject(self.hasher.hash_one(subject))
     }
 
     /// Takes a token of `key`'s bucket for `path` (its route's, else the
     /// listener's); `Err(wait)` until the next one.
     fn take(&self, key: ClientKey, path: &str, now: Instant) -> Result<(), Duration> {
+        let normal = (!self.limit.routes.is_empty()).then(|| normalize_path(path));
         let route = self
             .limit
             .routes
             .iter()
             .enumerate()
-            .find(|(_, r)| r.path.matches(path));
+            .find(|(_, r)| normal.as_deref().is_some_and(|p| r.path.matches(p)));
         let (slot, rate, burst) = match (route, self.limit.rate) {
             (Some((i, r)), _) => (u16::try_from(i).unwrap_or(u16::MAX - 1), r.rate, r.burst),
             (None, Some(rate)) => (u16::MAX, rate, self.limit.burst),
@@ -145,7 +160,8 @@ impl Buckets {
         let bucket = match table.get_mut(&key) {
             Some(b) => b,
             None => {
-                if table.len() == table.cap().get() {
+                while table.len() >= self.limit.max_clients.max(1) {
+                    table.pop_lru();
                     self.evicted.fetch_add(1, Ordering::Relaxed);
                 }
                 // A new (or forgotten) client starts with a full bucket.
@@ -167,9 +183,55 @@ impl Buckets {
             Ok(())
         } else {
             self.limited.fetch_add(1, Ordering::Relaxed);
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / rate))
+            // The rate is at least 0.001 a second (checked when read): the
+            // wait is at most 1,000 s.
+            Err(Duration::try_from_secs_f64((1.0 - bucket.tokens) / rate)
+                .unwrap_or(Duration::from_secs(1000)))
         }
     }
+}
+
+/// `path` as a backend may read it, for matching a route's limit: escapes
+/// of printable characters decoded, repeated slashes collapsed, `.` and
+/// `..` segments resolved (so `//login`, `/%6Cogin` and `/x/../login` all
+/// count as `/login`). Matching stays case-sensitive, as HTTP paths are.
+fn normalize_path(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = path.get(i + 1..i + 3)
+            && let Ok(b) = u8::from_str_radix(hex, 16)
+            && (0x21..0x7f).contains(&b)
+        {
+            decoded.push(b);
+            i += 3;
+        } else {
+            decoded.push(bytes[i]);
+            i += 1;
+        }
+    }
+    let text = String::from_utf8_lossy(&decoded);
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in text.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || (text.ends_with('/') && !segments.is_empty()) {
+        out.push('/');
+    }
+    out
 }
 
 /// A listener's edge, live: its spec, the providers' keys, the client
@@ -185,6 +247,14 @@ pub struct Edge {
     refused: [AtomicU64; REASONS.len()],
 }
 
+/// The headers a provider sets from a verified token.
+pub fn provider_headers(p: &Provider) -> impl Iterator<Item = &str> {
+    p.claim_headers
+        .iter()
+        .map(|c| c.header.as_str())
+        .chain(p.forward_payload.as_deref())
+}
+
 /// What the edge made of a request it let through.
 #[derive(Debug, Default)]
 pub struct Admitted {
@@ -195,18 +265,16 @@ pub struct Admitted {
 impl Edge {
     pub fn new(spec: Arc<EdgeSpec>, keyring: Arc<Keyring>) -> Self {
         let mut owned_headers = Vec::new();
-        for p in &spec.providers {
-            let names = p
-                .claim_headers
-                .iter()
-                .map(|c| c.header.as_str())
-                .chain(p.forward_payload.as_deref());
-            for name in names {
-                if let Ok(h) = HeaderName::from_bytes(name.as_bytes())
-                    && !owned_headers.contains(&h)
-                {
-                    owned_headers.push(h);
-                }
+        let names = spec
+            .providers
+            .iter()
+            .flat_map(provider_headers)
+            .chain(spec.owned_headers.iter().map(String::as_str));
+        for name in names {
+            if let Ok(h) = HeaderName::from_bytes(name.as_bytes())
+                && !owned_headers.contains(&h)
+            {
+                owned_headers.push(h);
             }
         }
         Self {
@@ -244,6 +312,18 @@ impl Edge {
                 )),
             });
         }
+        // Headers spelled with `_`: CGI-style servers (WSGI, Rack, PHP) read
+        // `x_user` as `x-user`, so one could pass for a header the gateway
+        // sets or strips. Dropped, as Envoy's edge setting does.
+        let underscored: Vec<HeaderName> = req
+            .headers()
+            .keys()
+            .filter(|k| k.as_str().contains('_'))
+            .cloned()
+            .collect();
+        for name in underscored {
+            req.headers_mut().remove(&name);
+        }
         let client = self.forwarded(req, peer);
         let by_subject = self
             .buckets
@@ -262,6 +342,13 @@ impl Edge {
                 Ok(subject) => subject,
                 Err((reason, challenge)) => {
                     self.refuse(reason);
+                    // Limited by subject, a failure has none: it is charged
+                    // to the address, so guessing keys is limited too.
+                    if let Some(buckets) = self.buckets.as_ref().filter(|_| by_subject) {
+                        buckets
+                            .take(ClientKey::Ip(client), req.uri().path(), Instant::now())
+                            .map_err(|wait| EdgeAnswer::Error(ProxyError::RateLimited(wait)))?;
+                    }
                     return Err(EdgeAnswer::Error(ProxyError::Unauthenticated(challenge)));
                 }
             }
@@ -270,7 +357,7 @@ impl Edge {
         };
         if let Some(buckets) = self.buckets.as_ref().filter(|_| by_subject) {
             let key = match subject {
-                Some(s) => ClientKey::Subject(s.into_boxed_str()),
+                Some(s) => buckets.subject(&s),
                 None => ClientKey::Ip(client),
             };
             buckets
@@ -280,6 +367,11 @@ impl Edge {
         Ok(Admitted {
             hsts: self.hsts.clone(),
         })
+    }
+
+    /// The listener's `Strict-Transport-Security`, if any.
+    pub fn hsts(&self) -> Option<HeaderValue> {
+        self.hsts.clone()
     }
 
     /// Sets the forwarding headers; the client's address.
@@ -308,10 +400,24 @@ impl Edge {
         let first = chain.len().saturating_sub(hops + 1);
         let chain = &chain[first..];
         let client = chain[0];
+        // The trusted proxy's (the last) value; a trusted proxy must set
+        // it (one that passes its client's on is not to be trusted).
         let proto_from_hop = (hops > 0)
-            .then(|| headers.get(&X_FORWARDED_PROTO).cloned())
+            .then(|| {
+                headers
+                    .get_all(&X_FORWARDED_PROTO)
+                    .iter()
+                    .next_back()
+                    .cloned()
+            })
             .flatten()
             .filter(|v| v == "http" || v == "https");
+        if hops == 0 {
+            // Nobody in front to vouch for these.
+            for name in ["x-real-ip", "x-forwarded-host", "x-forwarded-port"] {
+                headers.remove(name);
+            }
+        }
         let proto = proto_from_hop.unwrap_or_else(|| {
             HeaderValue::from_static(if self.spec.https { "https" } else { "http" })
         });
@@ -345,7 +451,11 @@ impl Edge {
         client
     }
 
-    /// An API key or a token that passes: the subject (key name or `sub`).
+    /// An API key or a token that passes: the subject for the client
+    /// limit (`key:<name>`, `jwt:<provider>:<sub>`; `None` for a token
+    /// without `sub`). Whatever passes, every provider's token headers
+    /// other than a verified one kept by `Forward` are removed: no
+    /// unverified token reaches the service beside a verified one.
     fn authenticate<B>(
         &self,
         req: &mut Request<B>,
@@ -354,43 +464,65 @@ impl Edge {
         let mut reason = "missing";
         let mut token_seen = false;
         if let Some(header) = &policy.api_key_header
+            && let several = req.headers().get_all(header.as_str()).iter().count() > 1
+            // Removes every value: a key is never passed on.
             && let Some(value) = req.headers_mut().remove(header.as_str())
         {
-            match self.api_key(value.as_bytes()) {
-                Some(name) => return Ok(Some(name)),
+            match self.api_key(value.as_bytes()).filter(|_| !several) {
+                Some(name) => {
+                    self.strip_tokens(req, None);
+                    return Ok(Some(format!("key:{name}")));
+                }
                 None => reason = "api-key",
             }
         }
         for required in &policy.jwt {
-            let Some(entry) = self.keyring.get(&required.provider) else {
+            // The provider as this listener was made with (its keys from
+            // the keyring, which a later failed reload may have moved on).
+            let Some(provider) = self
+                .spec
+                .providers
+                .iter()
+                .find(|p| p.name == required.provider)
+            else {
                 reason = "no-keys";
                 continue;
             };
-            let provider = &entry.provider;
-            let Some((token, location)) = find_token(req, provider) else {
-                continue;
+            let (token, location) = match find_token(req, provider) {
+                Ok(Some(found)) => found,
+                Ok(None) => continue,
+                Err(()) => {
+                    // The same location twice: which one would the
+                    // service read?
+                    token_seen = true;
+                    reason = "malformed";
+                    continue;
+                }
             };
             token_seen = true;
-            let Some(keys) = entry.keys.load_full() else {
+            let keys = self
+                .keyring
+                .get(&provider.name)
+                .and_then(|entry| entry.keys.load_full());
+            let Some(keys) = keys else {
                 reason = "no-keys";
                 continue;
             };
-            match jwt::verify(&token, provider, &keys, &required.claims)
-                .and_then(|claims| pass_claims(req, provider, &token, &claims).map(|()| claims))
-            {
+            let verified = jwt::verify(&token, provider, &keys, &required.claims)
+                .and_then(|claims| pass_claims(req, provider, &token, &claims).map(|()| claims));
+            match verified {
                 Ok(claims) => {
-                    if let Some(Location::Header {
-                        name,
-                        forward: false,
-                        ..
-                    }) = location
-                    {
-                        req.headers_mut().remove(name.as_str());
-                    }
-                    // No `sub`: limited by address, as an anonymous client.
-                    return Ok(claims.get("sub").and_then(Value::as_str).map(str::to_owned));
+                    self.strip_tokens(req, Some((provider, location)));
+                    let sub = claims.get("sub").and_then(Value::as_str);
+                    return Ok(sub.map(|s| format!("jwt:{}:{s}", provider.name)));
                 }
-                Err(refused) => reason = refused.as_str(),
+                Err(refused) => {
+                    // What this provider may have set before failing.
+                    for name in provider_headers(provider) {
+                        req.headers_mut().remove(name);
+                    }
+                    reason = refused.as_str();
+                }
             }
         }
         let realm = format!("realm=\"{}\"", self.spec.port);
@@ -405,6 +537,31 @@ impl Edge {
             format!("Bearer {realm}")
         };
         Err((reason, challenge))
+    }
+
+    /// Removes every provider's token headers but `kept` (the verified
+    /// token's, when its provider forwards it).
+    fn strip_tokens<B>(&self, req: &mut Request<B>, kept: Option<(&Provider, &Location)>) {
+        let keep = match kept {
+            Some((
+                _,
+                Location::Header {
+                    name,
+                    forward: true,
+                    ..
+                },
+            )) => Some(name.as_str()),
+            _ => None,
+        };
+        for p in &self.spec.providers {
+            for location in &p.locations {
+                if let Location::Header { name, .. } = location
+                    && Some(name.as_str()) != keep
+                {
+                    req.headers_mut().remove(name.as_str());
+                }
+            }
+        }
     }
 
     /// The name of the key `presented` is (compared by SHA-256, every
@@ -470,33 +627,42 @@ fn describe(reason: &str) -> &'static str {
     }
 }
 
-/// The first token `provider`'s locations find, and where.
+/// The first token `provider`'s locations find, and where; `Err` when
+/// that location holds it more than once (two headers, two query
+/// parameters or two cookies of the name).
+#[allow(clippy::result_unit_err)]
 fn find_token<'p, B>(
     req: &Request<B>,
     provider: &'p Provider,
-) -> Option<(String, Option<&'p Location>)> {
+) -> Result<Option<(String, &'p Location)>, ()> {
     for location in &provider.locations {
+        let mut found: Vec<String> = Vec::new();
         match location {
             Location::Header { name, prefix, .. } => {
-                let value = req.headers().get(name.as_str())?.to_str().ok()?;
-                let rest = if prefix.is_empty() {
-                    Some(value)
-                } else {
-                    value
-                        .get(..prefix.len())
-                        .filter(|p| p.eq_ignore_ascii_case(prefix))
-                        .map(|_| &value[prefix.len()..])
-                };
-                if let Some(token) = rest.map(str::trim).filter(|t| !t.is_empty()) {
-                    return Some((token.to_owned(), Some(location)));
+                for value in req.headers().get_all(name.as_str()) {
+                    let Ok(value) = value.to_str() else {
+                        return Err(());
+                    };
+                    let rest = if prefix.is_empty() {
+                        Some(value)
+                    } else {
+                        value
+                            .get(..prefix.len())
+                            .filter(|p| p.eq_ignore_ascii_case(prefix))
+                            .map(|_| &value[prefix.len()..])
+                    };
+                    if let Some(token) = rest.map(str::trim).filter(|t| !t.is_empty()) {
+                        found.push(token.to_owned());
+                    }
                 }
             }
             Location::QueryParam(name) => {
-                let query = req.uri().query()?;
-                if let Some((_, v)) =
-                    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name)
-                {
-                    return Some((v.into_owned(), Some(location)));
+                if let Some(query) = req.uri().query() {
+                    found.extend(
+                        form_urlencoded::parse(query.as_bytes())
+                            .filter(|(k, _)| k == name)
+                            .map(|(_, v)| v.into_owned()),
+                    );
                 }
             }
             Location::Cookie(name) => {
@@ -508,14 +674,19 @@ fn find_token<'p, B>(
                         if let Some((k, v)) = pair.trim().split_once('=')
                             && k == name
                         {
-                            return Some((v.to_owned(), Some(location)));
+                            found.push(v.to_owned());
                         }
                     }
                 }
             }
         }
+        match found.len() {
+            0 => continue,
+            1 => return Ok(found.pop().map(|t| (t, location))),
+            _ => return Err(()),
+        }
     }
-    None
+    Ok(None)
 }
 
 /// Puts a verified token's claims (and payload) in the headers its
@@ -589,6 +760,7 @@ mod tests {
             Arc::new(EdgeSpec {
                 policy,
                 providers: Vec::new(),
+                owned_headers: vec!["x-user".into()],
                 api_keys: Arc::new(vec![ApiKey {
                     name: "partner".into(),
                     sha256: ring::digest::digest(&ring::digest::SHA256, b"secret")
@@ -716,6 +888,91 @@ mod tests {
     }
 
     #[test]
+    fn what_a_client_may_not_pass_on_is_removed() {
+        // An API-key listener of a gateway whose providers set x-user and
+        // read Authorization: a spoofed x-user, an x_user spelling, an
+        // unverified Authorization and X-Real-IP are all gone.
+        let mut e = edge(
+            EdgePolicy {
+                api_key_header: Some("x-api-key".into()),
+                ..EdgePolicy::default()
+            },
+            0,
+        );
+        let mut spec = (*e.spec).clone();
+        spec.providers.push(
+            meshwork_core::jwt_provider::parse(
+                "idp",
+                serde_json::json!({"JSONWebKeySet": {"Local": {"Filename": "/k"}},
+                "ClaimToHeaders": [{"Claim": "sub", "HeaderName": "x-user"}]})
+                .as_object()
+                .unwrap_or(&serde_json::Map::new()),
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        e = Edge::new(Arc::new(spec), Arc::default());
+        let mut r = request(None);
+        for (k, v) in [
+            ("x-api-key", "secret"),
+            ("x-user", "root"),
+            ("x_user", "root"),
+            ("x_forwarded_for", "1.2.3.4"),
+            ("authorization", "Bearer forged"),
+            ("x-real-ip", "1.2.3.4"),
+        ] {
+            r.headers_mut().append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap_or(X_FORWARDED_FOR),
+                HeaderValue::from_static(v),
+            );
+        }
+        assert!(e.admit(&mut r, peer()).is_ok());
+        for gone in [
+            "x-user",
+            "x_user",
+            "x_forwarded_for",
+            "authorization",
+            "x-real-ip",
+            "x-api-key",
+        ] {
+            assert!(r.headers().get(gone).is_none(), "{gone} passed");
+        }
+        // Two API keys: which one would count? Refused.
+        let mut r = request(None);
+        r.headers_mut()
+            .append("x-api-key", HeaderValue::from_static("secret"));
+        r.headers_mut()
+            .append("x-api-key", HeaderValue::from_static("other"));
+        assert!(matches!(
+            e.admit(&mut r, peer()),
+            Err(EdgeAnswer::Error(ProxyError::Unauthenticated(_)))
+        ));
+    }
+
+    #[test]
+    fn a_token_given_twice_is_refused_and_later_locations_are_read() {
+        let p = meshwork_core::jwt_provider::parse(
+            "idp",
+            serde_json::json!({"JSONWebKeySet": {"Local": {"Filename": "/k"}},
+                "Locations": [{"Header": {"Name": "x-token"}}, {"QueryParam": {"Name": "t"}}]})
+            .as_object()
+            .unwrap_or(&serde_json::Map::new()),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Request::get("/a?t=one").body(()).unwrap_or_default();
+        assert!(
+            matches!(find_token(&r, &p), Ok(Some((t, _))) if t == "one"),
+            "the second location"
+        );
+        r.headers_mut()
+            .append("x-token", HeaderValue::from_static("a"));
+        r.headers_mut()
+            .append("x-token", HeaderValue::from_static("b"));
+        assert_eq!(find_token(&r, &p).map(|f| f.is_some()), Err(()));
+        let r = Request::get("/a?t=one&t=two").body(()).unwrap_or_default();
+        assert_eq!(find_token(&r, &p).map(|f| f.is_some()), Err(()));
+    }
+
+    #[test]
     fn client_buckets_are_bounded_and_per_client() {
         let b = Buckets::new(ClientLimit {
             rate: Some(1.0),
@@ -743,11 +1000,18 @@ mod tests {
             b.take(ip(1), "/", now + Duration::from_secs(1)).is_ok(),
             "a token a second"
         );
+        // Spellings of the same path draw from the route's bucket.
+        for variant in ["//login", "/%6Cogin", "/./login", "/x/../login"] {
+            assert!(b.take(ip(1), variant, now).is_err(), "{variant}");
+        }
+        assert_eq!(normalize_path("/a//b/./c/../d/"), "/a/b/d/");
+        assert_eq!(normalize_path("/.."), "/");
+        assert_eq!(b.limited.load(Ordering::Relaxed), 6);
         // A fourth bucket pushes out the least recently seen (ip 1's
         // route bucket).
         assert!(b.take(ip(3), "/", now).is_ok());
         assert_eq!(b.evicted.load(Ordering::Relaxed), 1);
         assert_eq!(b.table.lock().map(|t| t.len()).unwrap_or(0), 3);
-        assert_eq!(b.limited.load(Ordering::Relaxed), 2);
+        assert_eq!(b.limited.load(Ordering::Relaxed), 6);
     }
 }

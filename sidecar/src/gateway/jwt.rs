@@ -7,7 +7,7 @@
 //! as rustls); which key may verify which algorithm is decided here, so a
 //! key cannot be used with an algorithm of another family.
 
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use meshwork_core::jwt_provider::Provider;
 use serde_json::Value;
@@ -99,11 +99,21 @@ impl KeySet {
     /// with (encryption keys, HMAC secrets, other curves) are skipped; a
     /// set with no usable key is an error.
     pub fn parse(text: &[u8]) -> Result<Self, String> {
-        let set: JwkSet =
+        // Key by key: one of a kind the crate does not know (another
+        // curve, a new key type) is skipped, not fatal to the others.
+        let set: Value =
             serde_json::from_slice(text).map_err(|e| format!("not a JSON Web Key Set: {e}"))?;
+        let list = set
+            .get("keys")
+            .and_then(Value::as_array)
+            .ok_or("not a JSON Web Key Set: no \"keys\" list")?;
         let mut keys = Vec::new();
-        for jwk in &set.keys {
-            if let Some(key) = usable(jwk)? {
+        for one in list {
+            let Ok(jwk) = serde_json::from_value::<Jwk>(one.clone()) else {
+                continue;
+            };
+            // A key the crate reads but cannot use is skipped too.
+            if let Ok(Some(key)) = usable(&jwk) {
                 keys.push(key);
             }
         }
@@ -240,6 +250,11 @@ pub fn verify(
         match jsonwebtoken::decode::<Value>(token, &key.key, &validation) {
             Ok(data) => {
                 let claims = data.claims;
+                // One issuer, as a string: the crate accepts a list
+                // holding the issuer among others.
+                if provider.issuer.is_some() && !claims.get("iss").is_some_and(Value::is_string) {
+                    return Err(Refused::Issuer);
+                }
                 for (path, want) in required {
                     let ok = match claim(&claims, path) {
                         Some(Value::String(s)) => s == want,
@@ -364,6 +379,16 @@ mod tests {
             verify(&with("aud", json!("other")), &p, &keys, &[]),
             Err(Refused::Audience)
         );
+        assert_eq!(
+            verify(
+                &with("iss", json!(["https://other", "https://idp.example"])),
+                &p,
+                &keys,
+                &[]
+            ),
+            Err(Refused::Issuer),
+            "an issuer list"
+        );
         let mut no_aud = good.clone();
         no_aud.as_object_mut().map(|o| o.remove("aud"));
         assert_eq!(
@@ -406,5 +431,16 @@ mod tests {
         ] {
             assert!(KeySet::parse(set.to_string().as_bytes()).is_err(), "{set}");
         }
+        // Keys the gateway cannot use beside one it can: that one is kept.
+        let (_, jwk) = ed_key();
+        let set = json!({"keys": [
+            {"kty": "EC", "crv": "secp256k1", "x": "AA", "y": "AA"},
+            {"kty": "AKP", "alg": "ML-DSA-44", "pub": "AA"},
+            {"kty": "RSA", "alg": "RSA-OAEP-384", "n": "AA", "e": "AQAB"},
+            jwk]});
+        assert_eq!(
+            KeySet::parse(set.to_string().as_bytes()).map(|k| k.keys()),
+            Ok(1)
+        );
     }
 }

@@ -62,13 +62,22 @@ impl Keyring {
     /// rest is dropped (its task stops). Key problems are logged, never
     /// fatal: the listener refuses tokens until keys load.
     pub fn sync(&self, providers: &[Provider]) {
+        // Files first, without the lock (requests read the keyring).
+        let read: Vec<Option<Result<KeySet, String>>> = providers
+            .iter()
+            .map(|p| match &p.keys {
+                Keys::File(path) => Some(
+                    read_small(path)
+                        .and_then(|b| KeySet::parse(&b).map_err(|e| format!("{path}: {e}"))),
+                ),
+                _ => None,
+            })
+            .collect();
         let mut map = self.providers.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|name, _| providers.iter().any(|p| p.name == *name));
-        for provider in providers {
-            let kept = map
-                .get(&provider.name)
-                .filter(|k| k.provider == *provider)
-                .cloned();
+        for (provider, file) in providers.iter().zip(read) {
+            let old = map.get(&provider.name).cloned();
+            let kept = old.clone().filter(|k| k.provider == *provider);
             let entry = match kept.clone() {
                 Some(k) => k,
                 None => {
@@ -78,6 +87,11 @@ impl Keyring {
                         fetch_failures: AtomicU64::new(0),
                         task: Mutex::new(None),
                     });
+                    // The same key source under changed settings: its keys
+                    // carry over (a key server down now does not lose them).
+                    if let Some(old) = old.filter(|o| o.provider.keys == provider.keys) {
+                        fresh.keys.store(old.keys.load_full());
+                    }
                     map.insert(provider.name.clone(), Arc::clone(&fresh));
                     if let Keys::Remote(remote) = &provider.keys {
                         let task = tokio::spawn(refresh(
@@ -93,11 +107,7 @@ impl Keyring {
             };
             let loaded = match &provider.keys {
                 Keys::Inline(text) if kept.is_none() => Some(KeySet::parse(text.as_bytes())),
-                Keys::File(path) => Some(
-                    std::fs::read(path)
-                        .map_err(|e| format!("{path}: {e}"))
-                        .and_then(|b| KeySet::parse(&b).map_err(|e| format!("{path}: {e}"))),
-                ),
+                Keys::File(_) => file,
                 _ => None,
             };
             match loaded {
@@ -123,17 +133,43 @@ impl Keyring {
         names.sort();
         for name in &names {
             let n = map[*name].keys.load().as_ref().map_or(0, |k| k.keys());
+            let name = label(name);
             let _ = writeln!(out, "meshwork_gateway_jwt_keys{{provider=\"{name}\"}} {n}");
         }
         out.push_str("# HELP meshwork_gateway_jwks_fetch_failures_total Failed fetches of a remote key set (the last good keys are kept).\n# TYPE meshwork_gateway_jwks_fetch_failures_total counter\n");
         for name in &names {
             let n = map[*name].fetch_failures.load(Ordering::Relaxed);
+            let name = label(name);
             let _ = writeln!(
                 out,
                 "meshwork_gateway_jwks_fetch_failures_total{{provider=\"{name}\"}} {n}"
             );
         }
     }
+}
+
+/// A Prometheus label value, escaped.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Largest key or CA file read (bytes).
+const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// A regular file of at most [`MAX_FILE_BYTES`] (a path from a config
+/// entry could name a FIFO or a device).
+fn read_small(path: &str) -> Result<Vec<u8>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{path}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{path}: not a regular file"));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(format!("{path}: larger than {MAX_FILE_BYTES} bytes"));
+    }
+    std::fs::read(path).map_err(|e| format!("{path}: {e}"))
 }
 
 /// Fetches `remote` now and every `refresh` after, until the provider is
@@ -174,8 +210,7 @@ fn roots(ca: Option<&TrustedCa>) -> Result<rustls::RootCertStore, String> {
         Some(TrustedCa::Pem(pem)) => CertificateDer::pem_slice_iter(pem.as_bytes())
             .collect::<Result<_, _>>()
             .map_err(|e| format!("the trusted CA: {e}"))?,
-        Some(TrustedCa::File(path)) => CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("{path}: {e}"))?
+        Some(TrustedCa::File(path)) => CertificateDer::pem_slice_iter(&read_small(path)?)
             .collect::<Result<_, _>>()
             .map_err(|e| format!("{path}: {e}"))?,
         None => CertificateDer::pem_file_iter(SYSTEM_ROOTS)
@@ -218,7 +253,14 @@ async fn fetch(remote: &Remote) -> Result<Vec<u8>, String> {
         hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(tls))
             .await
             .map_err(|e| e.to_string())?;
-    let conn = tokio::spawn(conn);
+    // Ended with this fetch, however it ends (a timeout drops the future).
+    struct AbortOnDrop(tokio::task::JoinHandle<Result<(), hyper::Error>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _conn = AbortOnDrop(tokio::spawn(conn));
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let request = hyper::Request::get(path)
         .header(
@@ -233,7 +275,6 @@ async fn fetch(remote: &Remote) -> Result<Vec<u8>, String> {
         .await
         .map_err(|e| e.to_string())?;
     if !response.status().is_success() {
-        conn.abort();
         return Err(format!("the key server answered {}", response.status()));
     }
     let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
@@ -241,6 +282,5 @@ async fn fetch(remote: &Remote) -> Result<Vec<u8>, String> {
         .await
         .map_err(|e| format!("reading the key set: {e}"))?
         .to_bytes();
-    conn.abort();
     Ok(body.to_vec())
 }

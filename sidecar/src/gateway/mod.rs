@@ -30,6 +30,25 @@ use crate::config::{Config, Gateway, Upstream};
 /// The `jwt-provider` entries by name, as last seen.
 pub type ProviderEntries<'a> = &'a dyn Fn(&str) -> Option<&'a Map<String, Value>>;
 
+/// What a gateway's listeners are made from besides its own entry: the
+/// `jwt-provider` entries by name, and the headers every one of them sets
+/// (each listener strips them all).
+#[derive(Clone, Copy)]
+pub struct Providers<'a> {
+    pub by_name: ProviderEntries<'a>,
+    pub owned_headers: &'a [String],
+}
+
+impl Providers<'_> {
+    /// None at all.
+    pub fn none() -> Providers<'static> {
+        Providers {
+            by_name: &|_| None,
+            owned_headers: &[],
+        }
+    }
+}
+
 /// The config-entry kind a gateway follows.
 pub const KIND: &str = "ingress-gateway";
 
@@ -47,7 +66,7 @@ pub struct Listeners {
 pub fn listeners(
     gateway: &Gateway,
     entry: Option<&Map<String, Value>>,
-    providers: ProviderEntries<'_>,
+    providers: Providers<'_>,
 ) -> Result<Listeners, String> {
     let Some(entry) = entry else {
         return Ok(Listeners::default());
@@ -70,7 +89,7 @@ pub fn listeners(
         let mut named = Vec::new();
         let mut missing = None;
         for required in &l.edge.jwt {
-            match providers(&required.provider)
+            match (providers.by_name)(&required.provider)
                 .map(|body| meshwork_core::jwt_provider::parse(&required.provider, body))
             {
                 Some(Ok(p)) => named.push(p),
@@ -97,6 +116,7 @@ pub fn listeners(
             upstream.edge = Some(Arc::new(edge::EdgeSpec {
                 policy: l.edge.clone(),
                 providers: Vec::new(),
+                owned_headers: providers.owned_headers.to_vec(),
                 api_keys: Arc::clone(&gateway.api_keys),
                 trusted_hops: gateway.trusted_hops,
                 https: false,
@@ -133,6 +153,7 @@ pub fn listeners(
             upstream.edge = Some(Arc::new(edge::EdgeSpec {
                 policy: l.edge.clone(),
                 providers: named,
+                owned_headers: providers.owned_headers.to_vec(),
                 api_keys: Arc::clone(&gateway.api_keys),
                 trusted_hops: gateway.trusted_hops,
                 https: l.tls,
@@ -149,7 +170,7 @@ pub fn listeners(
 pub fn with_listeners(
     config: &Config,
     entry: Option<&Map<String, Value>>,
-    providers: ProviderEntries<'_>,
+    providers: Providers<'_>,
 ) -> Result<(Config, Vec<String>), String> {
     let Some(gateway) = &config.gateway else {
         return Ok((config.clone(), Vec::new()));
@@ -183,7 +204,7 @@ mod tests {
             {"Name": "deep", "Hosts": ["*.api.example.com"]},
             {"Name": "exact", "Hosts": ["api.example.com"]},
             {"Name": "web"}]}]});
-        let made = listeners(&gateway(), entry.as_object(), &|_| None).expect("valid");
+        let made = listeners(&gateway(), entry.as_object(), Providers::none()).expect("valid");
         assert!(made.refused.is_empty(), "{:?}", made.refused);
         let routes = &made.upstreams[0].host_routes;
         let pick = |host: &str| {
@@ -229,7 +250,7 @@ mod tests {
         let entry = json!({"Listeners": [
             {"Port": 8443, "Protocol": "http", "TLS": {"Enabled": true}, "Services": [{"Name": "api"}]},
             {"Port": 8080, "Protocol": "http", "Services": [{"Name": "api"}]}]});
-        let made = listeners(&gateway(), entry.as_object(), &|_| None).expect("valid");
+        let made = listeners(&gateway(), entry.as_object(), Providers::none()).expect("valid");
         assert_eq!(made.upstreams.len(), 1);
         assert_eq!(made.upstreams[0].listen.port(), 8080);
         assert!(made.refused[0].contains("port 8443"), "{:?}", made.refused);

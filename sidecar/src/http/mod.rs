@@ -198,6 +198,12 @@ impl HttpProxy {
                     response
                 }
             };
+            let mut answer = answer;
+            if let Some(hsts) = edge.hsts() {
+                answer
+                    .headers_mut()
+                    .insert(hyper::header::STRICT_TRANSPORT_SECURITY, hsts);
+            }
             return Box::pin(std::future::ready(answer.map(ResponseBody::Own)));
         }
         self.route(req, peer, caller, connection)

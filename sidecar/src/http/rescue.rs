@@ -195,6 +195,11 @@ pub fn redirect(location: &str) -> Response<ProxyBody> {
         ERROR_HEADER,
         HeaderValue::from_static(Outcome::Redirect.as_str()),
     );
+    // Made from the client's own Host: not for a shared cache to keep.
+    response.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
     response
 }
 

@@ -91,8 +91,27 @@ fn apply(
         .gateway
         .as_ref()
         .and_then(|g| bodies.entry(crate::gateway::KIND, &g.name));
-    let providers = |name: &str| bodies.entry(meshwork_core::jwt_provider::KIND, name);
-    let (mut out, refused) = crate::gateway::with_listeners(config, entry, &providers)?;
+    let by_name = |name: &str| bodies.entry(meshwork_core::jwt_provider::KIND, name);
+    // Every provider's claim and payload headers (a listener strips them
+    // all, not only its own providers').
+    let mut owned_headers: Vec<String> = bodies
+        .0
+        .iter()
+        .filter(|((kind, _), _)| *kind == meshwork_core::jwt_provider::KIND)
+        .filter_map(|((_, name), body)| meshwork_core::jwt_provider::parse(name, body).ok())
+        .flat_map(|p| {
+            crate::gateway::edge::provider_headers(&p)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    owned_headers.sort();
+    owned_headers.dedup();
+    let providers = crate::gateway::Providers {
+        by_name: &by_name,
+        owned_headers: &owned_headers,
+    };
+    let (mut out, refused) = crate::gateway::with_listeners(config, entry, providers)?;
     let defaults_of = |upstream: &crate::config::Upstream| {
         meshwork_core::upstream_defaults::for_upstream(
             &config.service_name,
