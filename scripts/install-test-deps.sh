@@ -17,8 +17,9 @@ sudo=""
 # python3-consul, Patroni's Consul client (the patroni package depends on
 # one DCS client of several, and apt picks etcd's); chromium and
 # chromium-driver for the web UI suite (driven over WebDriver); openssl
-# for the gateway suite's RSA keys.
-packages=(procps dnsutils iproute2 curl iptables patroni python3-consul postgresql-15 chromium chromium-driver openssl)
+# for the gateway suite's RSA keys; prometheus (with promtool) for the
+# dashboards and alert rules suite.
+packages=(procps dnsutils iproute2 curl iptables patroni python3-consul postgresql-15 chromium chromium-driver openssl prometheus)
 command -v systemd-analyze >/dev/null || packages+=(systemd)
 command -v python3 >/dev/null || packages+=(python3 python3-pip)
 command -v npm >/dev/null || packages+=(nodejs npm)
