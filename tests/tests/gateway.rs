@@ -388,6 +388,52 @@ key_file = "{}"
         out.status.code()
     );
 
+    // A returning client resumes its TLS session (a ticket), no full
+    // handshake: openssl saves the session, then offers it.
+    let session = certs.path().join("session.pem");
+    let s_client = |extra: &'static str| {
+        let (ip, ca, session) = (ip.clone(), ca.clone(), session.clone());
+        async move {
+            // A request read to its end: the tickets come after the
+            // handshake, before the answer.
+            let mut child = tokio::process::Command::new("openssl")
+                .args([
+                    "s_client",
+                    "-ign_eof",
+                    "-connect",
+                    &format!("{ip}:18443"),
+                    "-servername",
+                    "shop.example.com",
+                ])
+                .arg("-CAfile")
+                .arg(&ca)
+                .arg(extra)
+                .arg(&session)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?;
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin
+                    .write_all(
+                        b"GET / HTTP/1.1\r\nhost: shop.example.com\r\nconnection: close\r\n\r\n",
+                    )
+                    .await?;
+            }
+            let out =
+                tokio::time::timeout(Duration::from_secs(10), child.wait_with_output()).await??;
+            anyhow::Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    };
+    let first = s_client("-sess_out").await?;
+    ensure!(first.contains("New, TLSv1.3"), "{first}");
+    let again = s_client("-sess_in").await?;
+    ensure!(
+        again.contains("Reused, TLSv1.3"),
+        "the session was not resumed:\n{again}"
+    );
+
     // Certificate rotation: the files replaced on disk (no SIGHUP) are
     // served to new connections within seconds; a connection opened
     // before keeps working.

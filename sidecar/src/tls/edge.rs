@@ -19,6 +19,9 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+/// TLS sessions a gateway remembers for resumption without tickets.
+const SESSION_CACHE: usize = 16 * 1024;
+
 /// One `[[gateway.certificates]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EdgeCert {
@@ -106,11 +109,18 @@ impl EdgeTls {
                 }
             }
         }
-        let tcp = ServerConfig::builder_with_provider(super::provider())
+        let mut tcp = ServerConfig::builder_with_provider(super::provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| e.to_string())?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(by_host));
+        // Resumption for returning clients (a full handshake is the costly
+        // part of a new connection): stateless tickets (keys rotated by
+        // rustls every 6 hours) and a session cache for clients without
+        // ticket support, larger than rustls's 256 so that more than a few
+        // hundred clients can resume.
+        tcp.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?;
+        tcp.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
         let mut http = tcp.clone();
         http.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Self {
