@@ -336,7 +336,7 @@ fi
 for port in 18443 18451 18461; do
     printf '%s\t' "$port"
     openssl s_client -connect "$HOST:$port" -servername "$SNI" -CAfile "$PKI/ca.pem" -alpn http/1.1 \
-        </dev/null 2>/dev/null | awk '/^New, /{printf "%s\t", $0} /Server Temp Key/{printf "%s\t", $0} /Verify return code/{print}'
+        </dev/null 2>/dev/null | awk '/^New, /{printf "%s\t", $0} /Server Temp Key/{printf "%s\t", $0} /Verify return code/ && !v {print; v=1}'
 done >"$RAW_DIR/negotiated.tsv"
 log "negotiated: $(tr '\n' ';' <"$RAW_DIR/negotiated.tsv")"
 grep -c 'TLSv1.3' "$RAW_DIR/negotiated.tsv" | grep -qx 3 || die "not every front negotiates TLS 1.3 (see $RAW_DIR/negotiated.tsv)"

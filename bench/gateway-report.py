@@ -75,7 +75,7 @@ def keepalive_table(w, table, note_sidecar=True):
     for shape, s in table.items():
         added = "—"
         if d and shape != "direct":
-            added = f"+{s['p50'] - d['p50']:.2f} / +{s['p99'] - d['p99']:.2f}"
+            added = f"{s['p50'] - d['p50']:+.2f} / {s['p99'] - d['p99']:+.2f}"
         w([md_row([PATHS[shape][0], f"{s['rps']:,.0f}", f"{s['min']:,.0f}–{s['max']:,.0f}",
                    f"{s['p50']:.2f}", f"{s['p99']:.2f}", f"{s['p999']:.2f}", added,
                    fmt(s["front"], 2) if shape != "direct" else "—",
@@ -101,8 +101,8 @@ def handshakes(rows, sessions_one=True):
                 "sidecar_per_conn_us": med([1e6 * r["sidecar_cpu_s"] / r["done"] for r in runs if r["done"]]),
                 # Of the connections that offered a session (reuse: all but
                 # the first of each slot); of all connections in new mode.
-                "resumed": 100 * sum(r["resumed"] for r in runs)
-                / max(1, sum(r["offered"] if mode == "reuse" else r["done"] for r in runs)),
+                "resumed": (100 * sum(r["resumed"] for r in runs) / offered) if (
+                    offered := sum(r["offered"] if mode == "reuse" else r["done"] for r in runs)) else None,
                 "failed": sum(r["failed"] for r in runs),
                 "errors": sorted({r["error"] for r in runs if r["error"]}),
                 "ok": 100 * sum(r["ok200"] for r in runs) / max(1, sum(r["done"] for r in runs)),
@@ -170,7 +170,9 @@ def main():
       "process's own CPU; *sidecar CPU* that of the service's sidecar, i.e. the mesh hop's cost on the "
       "server side.")
     w("")
-    negotiated = read_tsv(raw, "negotiated.tsv")
+    # One line per port (older runs: s_client's later "Verify return code"
+    # lines, one per session ticket it printed, are dropped).
+    negotiated = [row for row in read_tsv(raw, "negotiated.tsv") if not row[0].startswith("Verify")]
     if negotiated:
         w("Negotiated with `openssl s_client` (port: 18443 gateway, 18451 HAProxy, 18461 nginx):")
         w("")
@@ -224,7 +226,7 @@ def main():
                       f"{s['pmin']:,.0f}–{s['pmax']:,.0f}" if s["pmin"] else "–",
                       f"{1e6 / s['per_core']:.0f}" if s["per_core"] else "–",
                       f"{s['sidecar_per_conn_us']:.0f}" if server == "gateway" else "—",
-                      f"{s['resumed']:.0f}%", f"{s['ok']:.0f}%", fmt(s["bytes"]),
+                      fmt(s["resumed"], 0) + "%", f"{s['ok']:.0f}%", fmt(s["bytes"]),
                       str(s["failed"]) + (f" ({'; '.join(s['errors'])})" if s["errors"] else ""),
                       f"{s['busy_machine']:.0f}%", s["tls"]]))
         w("")
@@ -234,7 +236,7 @@ def main():
         w("")
         w(md_header(["server", "sessions in use", "resumed", "per front CPU second", "failed"], "lrrrr"))
         for (server, _mode), s in hs_many.items():
-            w(md_row([HS_LABELS[server], f"{s['sessions']:,}", f"{s['resumed']:.0f}%",
+            w(md_row([HS_LABELS[server], f"{s['sessions']:,}", fmt(s["resumed"], 0) + "%" if s["resumed"] is not None else "– (none offered: run too short)",
                       f"{s['per_core']:,.0f}" if s["per_core"] else "–", s["failed"]]))
         w("")
 
