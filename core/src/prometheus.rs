@@ -67,6 +67,20 @@ impl<B: Buckets> Histogram<B> {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// (upper bound in microseconds, observations in that bucket — not
+    /// cumulative), the last with bound `u64::MAX` for those above every
+    /// bound.
+    pub fn buckets(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = B::UPPER_MICROS
+            .iter()
+            .zip(&self.counts)
+            .map(|(bound, n)| (*bound, n.load(Ordering::Relaxed)))
+            .collect();
+        let within: u64 = out.iter().map(|(_, n)| n).sum();
+        out.push((u64::MAX, self.count().saturating_sub(within)));
+        out
+    }
+
     /// The sum of all observations, in seconds.
     pub fn sum_seconds(&self) -> f64 {
         self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6

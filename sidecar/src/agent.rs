@@ -349,7 +349,7 @@ pub async fn run(
     shutdown: CancellationToken,
     ttl_reports: TtlReports,
     (results_tx, mut results): (mpsc::Sender<CheckResult>, mpsc::Receiver<CheckResult>),
-    (applied, limits): (AppliedConfig, RateLimits),
+    (applied, limits, traffic): (AppliedConfig, RateLimits, Traffic),
 ) {
     let mut config: Arc<Config> = Arc::clone(&configs.borrow_and_update());
     let mut registry = Registry::new(config.registry.clone(), config.registry_token.clone());
@@ -377,7 +377,7 @@ pub async fn run(
             Ok(()) = applied_changes.changed() => {
                 tokio::time::sleep(REPORT_COALESCE).await;
                 applied_changes.borrow_and_update();
-                report_applied(&config, &mut registry, &status, (&applied, &limits)).await;
+                report_applied(&config, &mut registry, &status, (&applied, &limits, &traffic)).await;
                 last_report = Some(Instant::now());
                 report_timer.reset();
             }
@@ -385,7 +385,7 @@ pub async fn run(
                 let due = limits.quota().is_some()
                     || last_report.is_none_or(|at| at.elapsed() + REPORT_EVERY_QUOTA / 2 >= REPORT_EVERY);
                 if due {
-                    report_applied(&config, &mut registry, &status, (&applied, &limits)).await;
+                    report_applied(&config, &mut registry, &status, (&applied, &limits, &traffic)).await;
                     last_report = Some(Instant::now());
                 }
             }
@@ -885,13 +885,16 @@ fn bounded(
     refused
 }
 
+/// The proxy's traffic counts per edge, read at each report.
+pub type Traffic = Arc<dyn Fn() -> Vec<meshwork_proto::v1::TrafficEdge> + Send + Sync>;
+
 /// Sends what the policy has applied (`Agent.ReportApplied`); a failure
 /// is noted and the next change or tick sends it again.
 async fn report_applied(
     config: &Config,
     registry: &mut Registry,
     status: &SharedStatus,
-    (applied, limits): (&AppliedConfig, &RateLimits),
+    (applied, limits, traffic): (&AppliedConfig, &RateLimits, &Traffic),
 ) {
     let summary = applied.summary();
     let quota = limits.quota().is_some();
@@ -914,6 +917,7 @@ async fn report_applied(
         config_loaded_unix: lock(status).config.loaded_unix.unwrap_or(0),
         quota,
         quota_demand_rps: if quota { limits.take_demand() } else { 0.0 },
+        traffic: traffic(),
     };
     let mut client = match registry.client().await {
         Ok(client) => client,

@@ -291,7 +291,10 @@ async fn run(config: config::Config, config_path: PathBuf) -> anyhow::Result<()>
                 agent_shutdown,
                 ttl_reports,
                 (results_tx, results),
-                (proxy.applied().clone(), proxy.limits().clone()),
+                (proxy.applied().clone(), proxy.limits().clone(), {
+                    let proxy = Arc::clone(&proxy);
+                    Arc::new(move || proxy.traffic()) as agent::Traffic
+                }),
             )
             .await;
         }

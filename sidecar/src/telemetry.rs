@@ -135,6 +135,11 @@ impl ClusterMetrics {
     pub fn requests(&self, class: usize, outcome: Outcome) -> u64 {
         self.requests[class][outcome.index()].load(Ordering::Relaxed)
     }
+
+    /// Requests by status class (`[0]`: none), every outcome.
+    pub fn by_class(&self) -> [u64; CLASSES] {
+        std::array::from_fn(|class| Outcome::ALL.iter().map(|o| self.requests(class, *o)).sum())
+    }
 }
 
 /// Gauges read at render time.

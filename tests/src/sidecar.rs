@@ -368,6 +368,17 @@ impl Mesh {
         self.spawn_ready(ip, service.id, &config).await
     }
 
+    /// [`Mesh::server_sidecar`] reporting to registry server `server`.
+    pub async fn server_sidecar_on(
+        &mut self,
+        ip: &str,
+        server: usize,
+        service: Service<'_>,
+    ) -> Result<usize> {
+        let config = self.instance_config(ip, server, &service, None);
+        self.spawn_ready(ip, service.id, &config).await
+    }
+
     async fn spawn_ready(&mut self, ip: &str, id: &str, config: &str) -> Result<usize> {
         let i = self.spawn(ip, id, config)?;
         self.sidecars[i].wait_ready().await?;

@@ -349,7 +349,7 @@ key_file = "{}"
     mesh.versioned_instance((20, 0), ("api", "api-1", "v1"))
         .await?;
     let ip = mesh.ip(100);
-    mesh.gateway(&ip, "edge", &extra).await?;
+    let g = mesh.gateway(&ip, "edge", &extra).await?;
     let (status, body) = put_entry(
         &mesh,
         &json!({"Kind": "ingress-gateway", "Name": "edge", "TLS": {"Enabled": true},
@@ -387,6 +387,10 @@ key_file = "{}"
         "no SNI: curl exit {:?}",
         out.status.code()
     );
+    let refused = mesh.sidecars[g]
+        .metric_sum("meshwork_gateway_tls_handshake_failures_total{reason=\"refused\"}")
+        .await?;
+    ensure!(refused >= 2.0, "{refused} refused handshakes counted");
 
     // A returning client resumes its TLS session (a ticket), no full
     // handshake: openssl saves the session, then offers it.

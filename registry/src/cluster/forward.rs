@@ -3,14 +3,16 @@
 //! forward (writes, read indexes, membership changes).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use meshwork_proto::v1::raft_internal_server::RaftInternal;
 use meshwork_proto::v1::{
     ErrorKind, FollowerStateReply, FollowerStateRequest, ForwardSignLeafReply,
     ForwardSignLeafRequest, ForwardWriteReply, ForwardWriteRequest, JoinReply, JoinRequest,
-    LocalSidecarsReply, LocalSidecarsRequest, RaftPayload, ReadIndexReply, ReadIndexRequest,
-    RemoveServerRequest, RenewSessionReply, RenewSessionRequest, ReportedSidecar,
-    ServerHealthReply, ServerHealthRequest, TouchSessionsReply, TouchSessionsRequest,
+    LocalSidecarsReply, LocalSidecarsRequest, LocalTopologyReply, LocalTopologyRequest,
+    RaftPayload, ReadIndexReply, ReadIndexRequest, RemoveServerRequest, RenewSessionReply,
+    RenewSessionRequest, ReportedSidecar, ServerHealthReply, ServerHealthRequest,
+    TouchSessionsReply, TouchSessionsRequest,
 };
 use openraft::raft::AppendEntriesResponse;
 use serde::Serialize;
@@ -259,6 +261,19 @@ impl RaftInternal for InternalService {
             sidecars,
             server: self.name.clone(),
             generation: *self.sidecars.changes().borrow(),
+        }))
+    }
+
+    async fn local_topology(
+        &self,
+        request: Request<LocalTopologyRequest>,
+    ) -> Result<Response<LocalTopologyReply>, Status> {
+        self.node.channels.accept(&request)?;
+        let window = Duration::from_millis(request.into_inner().window_ms);
+        let (edges, covered_seconds) = self.sidecars.topology().window(window);
+        Ok(Response::new(LocalTopologyReply {
+            edges,
+            covered_seconds,
         }))
     }
 

@@ -2,3 +2,4 @@
 //! memory (no Raft write): [`sidecars`], the config each has applied.
 
 pub mod sidecars;
+pub mod topology;

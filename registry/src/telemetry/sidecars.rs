@@ -43,6 +43,8 @@ struct Reported {
 #[derive(Debug)]
 pub struct Sidecars {
     by_instance: Mutex<HashMap<(String, String), Reported>>,
+    /// Their traffic, per edge ([`super::topology`]).
+    topology: super::topology::Topology,
     /// Bumped when a report changes what is listed (not by a report that
     /// only says "still here"): what blocking queries wait on.
     generation: watch::Sender<u64>,
@@ -52,6 +54,7 @@ impl Default for Sidecars {
     fn default() -> Self {
         Self {
             by_instance: Mutex::default(),
+            topology: super::topology::Topology::default(),
             generation: watch::Sender::new(0),
         }
     }
@@ -66,7 +69,12 @@ pub enum ReportError {
 
 impl Sidecars {
     /// Keeps `report` as its instance's latest.
-    pub fn record(&self, report: SidecarReport) -> Result<(), ReportError> {
+    pub fn record(&self, mut report: SidecarReport) -> Result<(), ReportError> {
+        // The traffic counts go to the topology; what is listed is the
+        // rest (counts that move every report are not a change).
+        let traffic = std::mem::take(&mut report.traffic);
+        self.topology
+            .record(&report.node, &report.service_id, &report.service, &traffic);
         let key = (report.node.clone(), report.service_id.clone());
         let now = Instant::now();
         let mut table = self.lock();
@@ -104,8 +112,14 @@ impl Sidecars {
         Ok(())
     }
 
+    /// The traffic of the sidecars reporting here.
+    pub fn topology(&self) -> &super::topology::Topology {
+        &self.topology
+    }
+
     /// Forgets an instance (it deregistered).
     pub fn remove(&self, node: &str, service_id: &str) {
+        self.topology.forget(node, service_id);
         let removed = self
             .lock()
             .remove(&(node.to_owned(), service_id.to_owned()))

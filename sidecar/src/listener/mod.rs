@@ -566,10 +566,12 @@ async fn secure(
         return match tokio::time::timeout(HEADER_READ_TIMEOUT, accept).await {
             Ok(Ok(tls)) => Some((Stream::Tls(Box::new(tls)), None)),
             Ok(Err(e)) => {
+                crate::tls::edge::HANDSHAKES_REFUSED.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%peer, error = %e, "gateway TLS handshake refused");
                 None
             }
             Err(_) => {
+                crate::tls::edge::HANDSHAKES_TIMED_OUT.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%peer, "gateway TLS handshake timed out");
                 None
             }
@@ -1311,6 +1313,52 @@ impl Proxy {
             .collect()
     }
 
+    /// Its traffic since it started, per (direction, service): every
+    /// cluster's counts (a listener's, its chain targets', a gateway's
+    /// host services'), each cluster once, summed by the service it
+    /// calls (reported to the registry for `/v1/mesh/topology`).
+    pub fn traffic(&self) -> Vec<meshwork_proto::v1::TrafficEdge> {
+        let mut seen = std::collections::HashSet::new();
+        let mut edges: std::collections::BTreeMap<
+            (&'static str, String),
+            meshwork_proto::v1::TrafficEdge,
+        > = std::collections::BTreeMap::new();
+        for slot in self.slots() {
+            let route = slot.route();
+            let clusters = std::iter::once(Arc::clone(&route.cluster))
+                .chain(route.target_clusters().into_iter().map(|(_, _, c)| c));
+            for cluster in clusters {
+                if !seen.insert(Arc::as_ptr(&cluster)) {
+                    continue;
+                }
+                let name = cluster.config().name.clone();
+                let edge = edges
+                    .entry((route.direction, name.clone()))
+                    .or_insert_with(|| meshwork_proto::v1::TrafficEdge {
+                        direction: route.direction.to_owned(),
+                        service: name,
+                        ..Default::default()
+                    });
+                let classes = cluster.metrics.by_class();
+                if edge.by_class.is_empty() {
+                    edge.by_class = vec![0; classes.len()];
+                }
+                for (sum, n) in edge.by_class.iter_mut().zip(classes) {
+                    *sum += n;
+                }
+                let buckets = cluster.metrics.latency.buckets();
+                if edge.latency_le_us.is_empty() {
+                    edge.latency_le_us = buckets.iter().map(|(le, _)| *le).collect();
+                    edge.latency_counts = vec![0; buckets.len()];
+                }
+                for (sum, (_, n)) in edge.latency_counts.iter_mut().zip(buckets) {
+                    *sum += n;
+                }
+            }
+        }
+        edges.into_values().collect()
+    }
+
     /// The clusters of the discovery-chain targets of every outbound
     /// listener: (upstream, route, target id, cluster).
     fn target_clusters(&self) -> Vec<(String, String, String, Arc<Cluster>)> {
@@ -1435,6 +1483,15 @@ impl Proxy {
             }
         }
         self.keyring.render_metrics(&mut text);
+        if self
+            .edge
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .tls()
+            .is_some()
+        {
+            crate::tls::edge::render_metrics(&mut text);
+        }
         text
     }
 

@@ -22,6 +22,39 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 /// TLS sessions a gateway remembers for resumption without tickets.
 const SESSION_CACHE: usize = 16 * 1024;
 
+/// Handshakes with outside clients refused (bad TLS, an unknown or
+/// missing SNI) and timed out; `/metrics`.
+pub static HANDSHAKES_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub static HANDSHAKES_TIMED_OUT: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+type Resumption = (
+    Arc<dyn rustls::server::ProducesTickets>,
+    Arc<dyn rustls::server::StoresServerSessions>,
+);
+
+/// The process's ticket keys and session cache (made once).
+fn resumption() -> Result<Resumption, String> {
+    static MADE: std::sync::OnceLock<Resumption> = std::sync::OnceLock::new();
+    if let Some(made) = MADE.get() {
+        return Ok(made.clone());
+    }
+    let ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?;
+    let cache: Arc<dyn rustls::server::StoresServerSessions> =
+        rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+    Ok(MADE.get_or_init(|| (ticketer, cache)).clone())
+}
+
+/// `/metrics` lines of the gateway's TLS.
+pub fn render_metrics(out: &mut String) {
+    use std::sync::atomic::Ordering::Relaxed;
+    out.push_str(&format!(
+        "# HELP meshwork_gateway_tls_handshake_failures_total Outside clients' TLS handshakes that failed, by reason (refused: bad TLS, a name no certificate covers or none; timeout).\n# TYPE meshwork_gateway_tls_handshake_failures_total counter\nmeshwork_gateway_tls_handshake_failures_total{{reason=\"refused\"}} {}\nmeshwork_gateway_tls_handshake_failures_total{{reason=\"timeout\"}} {}\n",
+        HANDSHAKES_REFUSED.load(Relaxed),
+        HANDSHAKES_TIMED_OUT.load(Relaxed)
+    ));
+}
+
 /// One `[[gateway.certificates]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EdgeCert {
@@ -119,8 +152,11 @@ impl EdgeTls {
         // rustls every 6 hours) and a session cache for clients without
         // ticket support, larger than rustls's 256 so that more than a few
         // hundred clients can resume.
-        tcp.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?;
-        tcp.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+        // One ticketer and cache for the process: a certificate reload
+        // does not make every returning client do a full handshake.
+        let (ticketer, cache) = resumption()?;
+        tcp.ticketer = ticketer;
+        tcp.session_storage = cache;
         let mut http = tcp.clone();
         http.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Self {

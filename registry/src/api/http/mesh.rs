@@ -312,6 +312,147 @@ pub async fn propagation(
     }
 }
 
+/// `GET /v1/mesh/topology?window=1m`: who calls whom over the window
+/// (10 s to 15 m, default 1 m), from every server's table of its
+/// sidecars' traffic ([`crate::telemetry::topology`]), summed per edge:
+/// `Services` (calls into each service, from its own sidecars) and
+/// `Edges` (a caller's sidecars' calls to a service), each with requests
+/// a second, error rate and p50/p99 latency in milliseconds. A server
+/// that does not answer is named in `Unreachable` (its sidecars' traffic
+/// is missing). Only services the token may read are shown.
+pub async fn topology(
+    State(app): State<AppState>,
+    authz: Authz,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    use crate::telemetry::topology::{KEPT, SLOT, summary};
+    let params = Params::parse(query.as_deref());
+    let window = match params.get("window") {
+        None => Duration::from_secs(60),
+        Some(text) => meshwork_core::duration::parse_duration(text)
+            .filter(|w| *w >= SLOT && *w <= KEPT)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "window: {text:?}: a duration from 10s to 15m (\"1m\")"
+                ))
+            })?,
+    };
+    let resolved = authz.refresh()?;
+    let (mut edges, mut covered) = app.sidecars.topology().window(window);
+    let mut unreachable = Vec::new();
+    let asks = app
+        .node
+        .members()
+        .into_iter()
+        .filter(|m| m.id != app.node.id)
+        .map(|member| {
+            let node = &app.node;
+            async move {
+                let answer = async {
+                    let mut client = node.channels.client(&member.raft_addr).ok()?;
+                    let request = node
+                        .channels
+                        .request(meshwork_proto::v1::LocalTopologyRequest {
+                            window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
+                        });
+                    let reply = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        client.local_topology(request),
+                    )
+                    .await;
+                    node.channels.outcome(&member.raft_addr, reply.is_ok());
+                    Some(reply.ok()?.ok()?.into_inner())
+                }
+                .await;
+                (member, answer)
+            }
+        });
+    for (member, answer) in futures::future::join_all(asks).await {
+        match answer {
+            Some(reply) => {
+                edges.extend(reply.edges);
+                covered = covered.max(reply.covered_seconds);
+            }
+            None => unreachable.push(member.display_name()),
+        }
+    }
+    unreachable.sort();
+    // Sum each edge over the servers.
+    let mut merged: BTreeMap<(String, String, String), meshwork_proto::v1::TopologyEdge> =
+        BTreeMap::new();
+    for e in edges {
+        let key = (e.source.clone(), e.direction.clone(), e.service.clone());
+        match merged.get_mut(&key) {
+            None => {
+                merged.insert(key, e);
+            }
+            Some(sum) => {
+                for (s, n) in sum.by_class.iter_mut().zip(&e.by_class) {
+                    *s += n;
+                }
+                if sum.latency_le_us == e.latency_le_us {
+                    for (s, n) in sum.latency_counts.iter_mut().zip(&e.latency_counts) {
+                        *s += n;
+                    }
+                }
+            }
+        }
+    }
+    let reads = |name: &str| resolved.allows(Kind::Service, name, Need::Read);
+    let mut filtered = false;
+    let mut services = Vec::new();
+    let mut calls = Vec::new();
+    for ((source, direction, service), e) in &merged {
+        let (rate, errors, p50, p99) = summary(e, covered);
+        let stats = json!({
+            "RequestsPerSecond": rate,
+            "ErrorRate": errors,
+            "P50Ms": p50.filter(|v| v.is_finite()),
+            "P99Ms": p99.filter(|v| v.is_finite()),
+            "Requests": e.by_class.iter().sum::<u64>(),
+        });
+        if direction == "inbound" {
+            if !reads(service) {
+                filtered = true;
+                continue;
+            }
+            let mut v = json!({"Name": service});
+            merge_json(&mut v, stats);
+            services.push(v);
+        } else {
+            if !reads(service) || !reads(source) {
+                filtered = true;
+                continue;
+            }
+            let mut v = json!({"Source": source, "Destination": service});
+            merge_json(&mut v, stats);
+            calls.push(v);
+        }
+    }
+    let body = json!({
+        "WindowSeconds": window.as_secs_f64(),
+        "CoveredSeconds": covered,
+        "Services": services,
+        "Edges": calls,
+        "Unreachable": unreachable,
+        "DroppedEdges": app.sidecars.topology().dropped_edges.load(std::sync::atomic::Ordering::Relaxed),
+    });
+    let mut response = Json(body).into_response();
+    if filtered {
+        response.headers_mut().insert(
+            "x-consul-results-filtered-by-acls",
+            HeaderValue::from_static("true"),
+        );
+    }
+    Ok(response)
+}
+
+fn merge_json(into: &mut Value, more: Value) {
+    if let (Some(a), Value::Object(b)) = (into.as_object_mut(), more) {
+        a.extend(b);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -147,6 +147,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/config", put(config::apply))
         .route("/v1/mesh/sidecars", get(mesh::sidecars))
         .route("/v1/mesh/propagation", get(mesh::propagation))
+        .route("/v1/mesh/topology", get(mesh::topology))
         .route("/v1/config/{kind}", get(config::list))
         .route(
             "/v1/config/{kind}/{name}",
