@@ -323,20 +323,7 @@ fn edge(
             .enumerate()
         {
             let ro_at = format!("{r_at}.Routes[{i}]");
-            let route = object(route, &ro_at).map_err(text)?;
-            let [exact, prefix, regex, r_rps, r_burst] = fields(
-                route,
-                &[
-                    "PathExact",
-                    "PathPrefix",
-                    "PathRegex",
-                    "RequestsPerSecond",
-                    "RequestsMaxBurst",
-                ],
-                &ro_at,
-            )
-            .map_err(text)?;
-            let path = crate::ratelimit::PathMatch::parse(exact, prefix, regex, &ro_at)?;
+            let (path, r_rps, r_burst) = crate::ratelimit::route_entry(route, &ro_at)?;
             let rate = positive(r_rps, &join(&ro_at, "RequestsPerSecond"))?
                 .ok_or_else(|| format!("{ro_at}.RequestsPerSecond: required, a number above 0"))?;
             route_limits.push(RouteLimit {

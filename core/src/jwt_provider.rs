@@ -26,6 +26,19 @@ use crate::intentions::fields::{array, boolean, fields, join, nonempty_string, o
 /// The config-entry kind.
 pub const KIND: &str = "jwt-provider";
 
+/// Its fields (Consul's, and Meshwork's `ClaimToHeaders`: claims to the
+/// service as headers).
+pub const FIELDS: [&str; 8] = [
+    "Issuer",
+    "Audiences",
+    "JSONWebKeySet",
+    "Locations",
+    "Forwarding",
+    "ClockSkewSeconds",
+    "CacheConfig",
+    "ClaimToHeaders",
+];
+
 /// One provider, as a gateway uses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Provider {
@@ -404,21 +417,7 @@ pub fn parse(name: &str, body: &Map<String, Value>) -> Result<Provider, String> 
         skew,
         _cache,
         claim_headers,
-    ] = fields(
-        &body,
-        &[
-            "Issuer",
-            "Audiences",
-            "JSONWebKeySet",
-            "Locations",
-            "Forwarding",
-            "ClockSkewSeconds",
-            "CacheConfig",
-            "ClaimToHeaders",
-        ],
-        &path,
-    )
-    .map_err(text)?;
+    ] = fields(&body, &FIELDS, &path).map_err(text)?;
     let issuer = nonempty_string(issuer, &join(&path, "Issuer"))
         .map_err(text)?
         .map(str::to_owned);

@@ -38,6 +38,29 @@ pub struct RateLimits {
     service: Option<f64>,
 }
 
+/// One `Routes` entry of a limit (`PathExact`, `PathPrefix` or
+/// `PathRegex`, `RequestsPerSecond`, `RequestsMaxBurst`): its path, and
+/// its rate and burst as given (each user checks them its way).
+pub(crate) fn route_entry<'v>(
+    route: &'v Value,
+    at: &str,
+) -> Result<(PathMatch, Option<&'v Value>, Option<&'v Value>), String> {
+    let route = object(route, at).map_err(text)?;
+    let [exact, prefix, regex, rps, burst] = fields(
+        route,
+        &[
+            "PathExact",
+            "PathPrefix",
+            "PathRegex",
+            "RequestsPerSecond",
+            "RequestsMaxBurst",
+        ],
+        at,
+    )
+    .map_err(text)?;
+    Ok((PathMatch::parse(exact, prefix, regex, at)?, rps, burst))
+}
+
 /// Which request paths a limit covers.
 #[derive(Debug, Clone)]
 pub enum PathMatch {
@@ -251,20 +274,7 @@ impl RateLimits {
             .enumerate()
         {
             let r_at = format!("{i_at}.Routes[{i}]");
-            let route = object(route, &r_at).map_err(text)?;
-            let [exact, prefix, regex, r_rps, r_burst] = fields(
-                route,
-                &[
-                    "PathExact",
-                    "PathPrefix",
-                    "PathRegex",
-                    "RequestsPerSecond",
-                    "RequestsMaxBurst",
-                ],
-                &r_at,
-            )
-            .map_err(text)?;
-            let path = PathMatch::parse(exact, prefix, regex, &r_at)?;
+            let (path, r_rps, r_burst) = route_entry(route, &r_at)?;
             let bucket = bucket(r_rps, r_burst, &r_at)?
                 .ok_or_else(|| format!("{r_at}.RequestsPerSecond: must be set"))?;
             compiled.push((path, bucket));

@@ -103,18 +103,8 @@ const KINDS: &[(&str, &[&str])] = &[
     ("ingress-gateway", &["TLS", "Listeners", "Defaults"]),
     ("terminating-gateway", &["Services"]),
     (
-        "jwt-provider",
-        &[
-            "Issuer",
-            "Audiences",
-            "JSONWebKeySet",
-            "Locations",
-            "Forwarding",
-            "ClockSkewSeconds",
-            "CacheConfig",
-            // Meshwork's: claims to the service as headers.
-            "ClaimToHeaders",
-        ],
+        meshwork_core::jwt_provider::KIND,
+        &meshwork_core::jwt_provider::FIELDS,
     ),
 ];
 
