@@ -11,6 +11,7 @@ use meshwork_core::config_file::toml_error;
 use meshwork_core::duration::parse_duration;
 use serde::Deserialize;
 
+pub mod edge;
 mod traffic;
 
 pub use traffic::{
@@ -305,7 +306,7 @@ pub struct Gateway {
     pub certificates: Vec<crate::tls::edge::EdgeCert>,
     /// `X-Forwarded-For` entries believed (proxies in front of it).
     pub trusted_hops: u8,
-    pub api_keys: std::sync::Arc<Vec<crate::gateway::edge::ApiKey>>,
+    pub api_keys: std::sync::Arc<Vec<edge::ApiKey>>,
 }
 
 /// A configuration error: one line per problem, each naming the file.
@@ -530,7 +531,7 @@ impl Config {
                         }
                     }
                 };
-                let mut api_keys: Vec<crate::gateway::edge::ApiKey> = Vec::new();
+                let mut api_keys: Vec<edge::ApiKey> = Vec::new();
                 for (i, k) in g.api_keys.iter().enumerate() {
                     let at = format!("{f}: gateway.api_keys[{i}]");
                     let hex = k.sha256.trim().to_ascii_lowercase();
@@ -553,7 +554,7 @@ impl Config {
                     if api_keys.iter().any(|o| o.sha256 == sha256) {
                         errors.push(format!("{at}.sha256: the same key as another entry"));
                     }
-                    api_keys.push(crate::gateway::edge::ApiKey {
+                    api_keys.push(edge::ApiKey {
                         name: k.name.clone(),
                         sha256,
                     });

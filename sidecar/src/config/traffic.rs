@@ -190,7 +190,7 @@ pub struct Upstream {
     /// A gateway's HTTP listener: what it asks of outside clients
     /// (`crate::gateway::edge`).
     #[serde(skip)]
-    pub edge: Option<std::sync::Arc<crate::gateway::edge::EdgeSpec>>,
+    pub edge: Option<std::sync::Arc<super::edge::EdgeSpec>>,
 }
 
 /// One service of a gateway listener that routes by host.

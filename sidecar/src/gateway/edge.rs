@@ -33,43 +33,18 @@ use std::time::{Duration, Instant};
 
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Method, Request};
-use meshwork_core::ingress::{ClientLimit, Edge as EdgePolicy, LimitBy};
+use meshwork_core::ingress::{ClientLimit, LimitBy};
 use meshwork_core::jwt_provider::{Location, Provider};
 use serde_json::Value;
 
 use super::jwt::{self, Refused};
 use super::keys::Keyring;
+use crate::config::edge::EdgeSpec;
 use crate::http::rescue::ProxyError;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-
-/// One `[[gateway.api_keys]]` entry: a name and the SHA-256 of the key
-/// (the key itself is never in the file).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiKey {
-    pub name: String,
-    pub sha256: [u8; 32],
-}
-
-/// A gateway listener's edge settings: the entry's policy, the providers
-/// it names (as their entries say) and the gateway's own settings. Part
-/// of the listener's identity: a change replaces its route.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EdgeSpec {
-    pub policy: EdgePolicy,
-    pub providers: Vec<Provider>,
-    /// The headers every `jwt-provider` entry sets (claims, payload):
-    /// removed from every request on every listener, so a client cannot
-    /// supply them through a listener that does not verify tokens.
-    pub owned_headers: Vec<String>,
-    pub api_keys: Arc<Vec<ApiKey>>,
-    pub trusted_hops: u8,
-    /// The listener terminates TLS (`X-Forwarded-Proto: https`).
-    pub https: bool,
-    pub port: u16,
-}
 
 /// Why a request was refused, for `/metrics`.
 const REASONS: [&str; 15] = [
@@ -729,7 +704,7 @@ fn pass_claims<B>(
 /// listener; `None` when the host is missing or not a name or address
 /// (nothing but the client's own host is ever named).
 fn redirect_location<B>(req: &Request<B>, port: u16) -> Option<String> {
-    let host = crate::http::request_host(req);
+    let host = crate::http::headers::request_host(req);
     let plain = host
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'));
@@ -754,6 +729,8 @@ pub enum EdgeAnswer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::edge::ApiKey;
+    use meshwork_core::ingress::Edge as EdgePolicy;
 
     fn edge(policy: EdgePolicy, trusted_hops: u8) -> Edge {
         Edge::new(

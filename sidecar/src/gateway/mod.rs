@@ -113,7 +113,7 @@ pub fn listeners(
             // Forwards nothing: its cluster is the gateway's own service,
             // never called.
             let mut upstream = crate::config::gateway_upstream(&gateway.name, listen, "http")?;
-            upstream.edge = Some(Arc::new(edge::EdgeSpec {
+            upstream.edge = Some(Arc::new(crate::config::edge::EdgeSpec {
                 policy: l.edge.clone(),
                 providers: Vec::new(),
                 owned_headers: providers.owned_headers.to_vec(),
@@ -150,7 +150,7 @@ pub fn listeners(
         };
         upstream.edge_tls = l.tls;
         if upstream.protocol.is_http() {
-            upstream.edge = Some(Arc::new(edge::EdgeSpec {
+            upstream.edge = Some(Arc::new(crate::config::edge::EdgeSpec {
                 policy: l.edge.clone(),
                 providers: named,
                 owned_headers: providers.owned_headers.to_vec(),

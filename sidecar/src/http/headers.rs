@@ -150,6 +150,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// The host a request is for, lower case, without a port: HTTP/2's
+/// `:authority` (or an absolute-form target's), else `Host`.
+pub(crate) fn request_host<B>(req: &Request<B>) -> String {
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.host())
+        .or_else(|| {
+            req.headers()
+                .get(hyper::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(|h| match h.rsplit_once(':') {
+                    Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+                    _ => h,
+                })
+        })
+        .unwrap_or("");
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

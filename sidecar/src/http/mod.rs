@@ -241,7 +241,7 @@ impl HttpProxy {
         // request's host answers; a host none has gets 404 (counted on the
         // listener's own cluster, the first service's).
         if let Some(hosts) = &self.hosts {
-            let host = request_host(&req);
+            let host = headers::request_host(&req);
             // The most specific match (exact, longest suffix, longest
             // prefix); among equals, the first service.
             let mut best: Option<((u8, usize), &Arc<HttpProxy>)> = None;
@@ -329,26 +329,6 @@ impl HttpProxy {
         let (parts, body) = req.into_parts();
         Box::pin(self.answer(parts, body, downstream_upgrade, (peer, caller), connection))
     }
-}
-
-/// The host a request is for, lower case, without a port: HTTP/2's
-/// `:authority` (or an absolute-form target's), else `Host`.
-pub(crate) fn request_host<B>(req: &Request<B>) -> String {
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.host())
-        .or_else(|| {
-            req.headers()
-                .get(hyper::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(|h| match h.rsplit_once(':') {
-                    Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-                    _ => h,
-                })
-        })
-        .unwrap_or("");
-    host.trim_end_matches('.').to_ascii_lowercase()
 }
 
 impl HttpProxy {
