@@ -387,10 +387,22 @@ key_file = "{}"
         "no SNI: curl exit {:?}",
         out.status.code()
     );
+    // TLS garbage: the connection is closed, nothing answered, counted.
+    let mut raw = tokio::net::TcpStream::connect(format!("{ip}:18443")).await?;
+    raw.write_all(b"\x16\x03\x01\x00\x05garbage that is no ClientHello\r\n\r\n")
+        .await?;
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut reply)).await;
+    ensure!(
+        read.is_ok() && !String::from_utf8_lossy(&reply).contains("HTTP/"),
+        "garbage got {reply:?}"
+    );
     let refused = mesh.sidecars[g]
         .metric_sum("meshwork_gateway_tls_handshake_failures_total{reason=\"refused\"}")
         .await?;
-    ensure!(refused >= 2.0, "{refused} refused handshakes counted");
+    ensure!(refused >= 3.0, "{refused} refused handshakes counted");
+    let answer = curl_https(&ca, "shop.example.com", &ip, 18443).await?;
+    ensure!(answer.0 == 0, "after the garbage: {answer:?}");
 
     // A returning client resumes its TLS session (a ticket), no full
     // handshake: openssl saves the session, then offers it.
