@@ -141,14 +141,19 @@ async fn dashboards_and_alerts_hold_against_a_live_prometheus() -> Result<()> {
     std::fs::write(&config_file, &config)?;
     promtool(&["check", "config", &config_file.display().to_string()])?;
     let prom_ip = mesh.ip(200);
-    let prometheus = format!("http://{prom_ip}:9090");
+    // A free port (a Prometheus installed as a service may hold 9090 on
+    // every address).
+    let prom_port = std::net::TcpListener::bind(format!("{prom_ip}:0"))?
+        .local_addr()?
+        .port();
+    let prometheus = format!("http://{prom_ip}:{prom_port}");
     let mut server = tokio::process::Command::new("prometheus")
         .arg(format!("--config.file={}", config_file.display()))
         .arg(format!(
             "--storage.tsdb.path={}",
             dir.path().join("data").display()
         ))
-        .arg(format!("--web.listen-address={prom_ip}:9090"))
+        .arg(format!("--web.listen-address={prom_ip}:{prom_port}"))
         .arg("--log.level=warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("prometheus.log"))?)
