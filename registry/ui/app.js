@@ -147,6 +147,7 @@ function servicesPage() {
 function servicePage(name) {
   const instances = h('tbody');
   const routing = h('div');
+  const intentions = h('div', { id: 'intentions' });
   const sidecars = h('tbody');
   main.replaceChildren(
     h('p', {}, h('a', { href: '#/services' }, '← Services')),
@@ -155,6 +156,8 @@ function servicePage(name) {
     h('table', {}, h('thead', {}, h('tr', {}, ['Instance', 'Node', 'Address', 'Tags', 'Checks'].map((c) => h('th', { scope: 'col' }, c)))), instances),
     h('h2', {}, 'Traffic policy'),
     routing,
+    h('h2', {}, 'Intentions'),
+    intentions,
     h('h2', {}, 'Sidecars'),
     h('table', {}, h('thead', {}, h('tr', {}, ['Sidecar', 'Mode', 'Server', 'Applied'].map((c) => h('th', { scope: 'col' }, c)))), sidecars));
   const enc = encodeURIComponent(name);
@@ -186,6 +189,18 @@ function servicePage(name) {
     }));
     routing.replaceChildren(...parts);
   })();
+  // Who may call it, and whom it may call (`*` rules included).
+  follow('/v1/connect/intentions', (data) => {
+    const list = data || [];
+    const rule = (i, other) => h('li', { class: i.Action === 'deny' ? 'critical' : 'passing' },
+      `${other}: ${i.Action || (i.Permissions ? 'by permissions (L7)' : '')}`,
+      i.Precedence !== undefined ? ` (precedence ${i.Precedence})` : '');
+    const ins = list.filter((i) => i.DestinationName === name || i.DestinationName === '*');
+    const outs = list.filter((i) => i.SourceName === name && i.DestinationName !== name);
+    intentions.replaceChildren(
+      h('h3', {}, 'In (who may call it)'), h('ul', { id: 'intentions-in' }, ins.length ? ins.map((i) => rule(i, i.SourceName)) : [h('li', {}, 'none: the mesh default applies')]),
+      h('h3', {}, 'Out (whom it may call)'), h('ul', { id: 'intentions-out' }, outs.length ? outs.map((i) => rule(i, i.DestinationName)) : [h('li', {}, 'none')]));
+  });
   follow('/v1/mesh/sidecars', (data) => {
     const list = ((data && data.Sidecars) || []).filter((s) => s.Service === name);
     sidecars.replaceChildren(...list.map((s) => h('tr', {},
@@ -424,6 +439,107 @@ function clusterPage() {
   });
 }
 
+
+// ---- Topology ---------------------------------------------------------
+
+const SVG = 'http://www.w3.org/2000/svg';
+
+function svg(tag, attrs = {}, ...children) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === 'on') for (const [e, fn] of Object.entries(v)) el.addEventListener(e, fn);
+    else el.setAttribute(k, String(v));
+  }
+  for (const c of children) el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return el;
+}
+
+function stats(e) {
+  const ms = (v) => (v === null || v === undefined ? '–' : `${v} ms`);
+  return `${e.RequestsPerSecond.toFixed(2)} req/s · ${(e.ErrorRate * 100).toFixed(1)}% errors · p50 ${ms(e.P50Ms)} · p99 ${ms(e.P99Ms)}`;
+}
+
+/**
+ * Services in columns by their depth from the callers nobody calls
+ * (a gateway, a front end), edges between them with their rate, errors
+ * and latency over the last minute; polled every 5 s. A node picked
+ * (click or keyboard) lists its calls in and out below.
+ */
+function topologyPage(selected) {
+  const picture = h('div', { id: 'topology-graph' });
+  const details = h('div', { id: 'topology-details' });
+  const table = h('tbody');
+  main.replaceChildren(
+    h('h1', {}, 'Topology'),
+    h('p', {}, 'Observed calls over the last minute, as the sidecars report them (every 10 s).'),
+    picture, details,
+    h('h2', {}, 'Calls'),
+    h('table', {}, h('thead', {}, h('tr', {}, ['From', 'To', 'Requests/s', 'Errors', 'p50', 'p99'].map((c) => h('th', { scope: 'col' }, c)))), table));
+  const draw = (data) => {
+    const edges = (data && data.Edges) || [];
+    const services = (data && data.Services) || [];
+    const names = new Set([...services.map((s) => s.Name), ...edges.flatMap((e) => [e.Source, e.Destination])]);
+    // Depth: 0 for services nobody calls, else one more than their callers (bounded: cycles).
+    const depth = new Map([...names].map((n) => [n, 0]));
+    for (let round = 0; round < names.size; round++) {
+      for (const e of edges) {
+        if (e.Source !== e.Destination && depth.get(e.Destination) <= depth.get(e.Source)) depth.set(e.Destination, Math.min(depth.get(e.Source) + 1, names.size));
+      }
+    }
+    const columns = new Map();
+    for (const n of [...names].sort()) {
+      const d = depth.get(n);
+      if (!columns.has(d)) columns.set(d, []);
+      columns.get(d).push(n);
+    }
+    const width = 960;
+    const colCount = Math.max(columns.size, 1);
+    const rows = Math.max(1, ...[...columns.values()].map((c) => c.length));
+    const height = Math.max(160, rows * 110 + 40);
+    const at = new Map();
+    [...columns.keys()].sort((a, b) => a - b).forEach((d, ci) => {
+      const col = columns.get(d);
+      col.forEach((n, ri) => at.set(n, { x: 90 + ci * ((width - 180) / Math.max(colCount - 1, 1)), y: 60 + ri * ((height - 100) / Math.max(col.length - 1, 1)) }));
+    });
+    const graph = svg('svg', { class: 'topology', viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': `Service graph: ${names.size} services, ${edges.length} observed calls` });
+    for (const e of edges) {
+      const a = at.get(e.Source); const b = at.get(e.Destination);
+      if (!a || !b) continue;
+      graph.append(svg('g', { class: `edge${e.ErrorRate > 0 ? ' errors' : ''}`, 'data-edge': `${e.Source}->${e.Destination}` },
+        svg('line', { x1: a.x + 28, y1: a.y, x2: b.x - 28, y2: b.y }),
+        svg('text', { x: (a.x + b.x) / 2, y: (a.y + b.y) / 2 - 8, 'text-anchor': 'middle' }, `${e.RequestsPerSecond.toFixed(1)}/s · ${(e.ErrorRate * 100).toFixed(1)}% · p99 ${e.P99Ms ?? '–'} ms`)));
+    }
+    for (const n of names) {
+      const p = at.get(n);
+      const inbound = services.find((s) => s.Name === n);
+      const cls = `node${n === selected ? ' selected' : ''}${inbound && inbound.ErrorRate > 0 ? ' errors' : ''}`;
+      graph.append(svg('a', { href: `#/topology/${encodeURIComponent(n)}`, 'aria-label': n, class: cls, 'data-node': n },
+        svg('circle', { cx: p.x, cy: p.y, r: 26 }),
+        svg('text', { x: p.x, y: p.y + 44, 'text-anchor': 'middle' }, n)));
+    }
+    picture.replaceChildren(graph);
+    table.replaceChildren(...edges.map((e) => h('tr', { 'data-call': `${e.Source}->${e.Destination}` },
+      h('td', {}, e.Source), h('td', {}, e.Destination), h('td', { class: 'rate' }, e.RequestsPerSecond.toFixed(2)),
+      h('td', {}, `${(e.ErrorRate * 100).toFixed(1)}%`), h('td', {}, e.P50Ms ?? '–'), h('td', {}, e.P99Ms ?? '–'))));
+    if (!edges.length) table.append(h('tr', {}, h('td', { colspan: 6 }, 'No calls observed in the last minute.')));
+    if (selected) {
+      const ins = edges.filter((e) => e.Destination === selected);
+      const outs = edges.filter((e) => e.Source === selected);
+      const own = services.find((s) => s.Name === selected);
+      details.replaceChildren(h('h2', {}, selected),
+        own ? h('p', {}, `Into ${selected}: ${stats(own)}`) : null,
+        h('h3', {}, 'Called by'), h('ul', { id: 'calls-in' }, ins.length ? ins.map((e) => h('li', {}, `${e.Source}: ${stats(e)}`)) : [h('li', {}, 'nobody (observed)')]),
+        h('h3', {}, 'Calls'), h('ul', { id: 'calls-out' }, outs.length ? outs.map((e) => h('li', {}, `${e.Destination}: ${stats(e)}`)) : [h('li', {}, 'nothing (observed)')]));
+    } else {
+      details.replaceChildren();
+    }
+    if (data && data.Unreachable && data.Unreachable.length) {
+      details.prepend(h('p', { class: 'notice' }, `Servers not answering (their sidecars' traffic is missing): ${data.Unreachable.join(', ')}`));
+    }
+  };
+  follow('/v1/mesh/topology?window=1m', draw);
+}
+
 // ---- Routing ----------------------------------------------------------
 
 function route() {
@@ -439,6 +555,7 @@ function route() {
   const tail = rest.join('/');
   if (section === 'services' && tail) servicePage(tail);
   else if (section === 'nodes') nodesPage();
+  else if (section === 'topology') topologyPage(tail || null);
   else if (section === 'kv') (tail === '' || tail.endsWith('/') ? kvFolder(tail) : kvKey(tail));
   else if (section === 'config' && rest.length >= 2) configEntryPage(rest[0], rest.slice(1).join('/'));
   else if (section === 'config') configPage();

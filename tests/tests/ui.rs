@@ -314,3 +314,74 @@ async fn the_ui_shows_the_cluster_live_and_edits_safely() -> Result<()> {
     cluster.done();
     Ok(())
 }
+
+/// The Topology page draws the observed edge with its rate; a service's
+/// page lists the intentions in and out.
+#[tokio::test]
+async fn the_topology_page_shows_observed_calls_and_a_service_its_intentions() -> Result<()> {
+    use meshwork_tests::sidecar::{Mesh, UPSTREAM_PORT};
+    let mut mesh = Mesh::start().await?;
+    mesh.versioned_instance((20, 0), ("api", "api-1", "v1"))
+        .await?;
+    let client_ip = mesh.ip(100);
+    let c = mesh
+        .client_sidecar(&client_ip, "name = \"api\"\nprotocol = \"http\"")
+        .await?;
+    mesh.sidecars[c].wait_endpoints(1).await?;
+    let base = mesh.cluster().servers[0].http();
+    let http = meshwork_tests::http::http_client()?;
+    let r = http
+        .put(format!("{base}/v1/config"))
+        .json(&json!({"Kind": "service-intentions", "Name": "api",
+            "Sources": [{"Name": "client", "Action": "allow"}, {"Name": "*", "Action": "deny"}]}))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    // Traffic for a while (reports come every 10 s, the first a baseline).
+    let url = format!("http://{client_ip}:{UPSTREAM_PORT}/");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let traffic = {
+        let (stop, http, url) = (stop.clone(), http.clone(), url.clone());
+        tokio::spawn(async move {
+            for _ in 0..1000 {
+                if stop.is_cancelled() {
+                    return;
+                }
+                let _ = http.get(&url).send().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+
+    let browser = Browser::start().await?;
+    browser.goto(&format!("{base}/ui/#/topology")).await?;
+    let rate = browser
+        .wait_text("tr[data-call='client->api'] .rate", Duration::from_secs(30), |t| {
+            t.parse::<f64>().is_ok_and(|r| r > 0.0)
+        })
+        .await?;
+    ensure!(
+        browser.find("svg g[data-edge='client->api']").await?.is_some(),
+        "no edge drawn ({rate} req/s in the table)"
+    );
+    let node = browser.wait("svg a[data-node='api']", Duration::from_secs(5)).await?;
+    browser.click(&node).await?;
+    let calls_in = browser
+        .wait_text("#calls-in", Duration::from_secs(5), |t| t.contains("client"))
+        .await?;
+    ensure!(calls_in.contains("req/s"), "{calls_in}");
+    browser.screenshot(&shots().join("topology.png")).await?;
+    stop.cancel();
+    let _ = traffic.await;
+
+    browser.goto(&format!("{base}/ui/#/services/api")).await?;
+    let ins = browser
+        .wait_text("#intentions-in", Duration::from_secs(5), |t| t.contains("client: allow"))
+        .await?;
+    ensure!(ins.contains("*: deny"), "{ins}");
+    let outs = browser.wait_text("#intentions-out", Duration::from_secs(5), |t| !t.is_empty()).await?;
+    ensure!(outs.contains("none"), "{outs}");
+    browser.quit().await;
+    mesh.done();
+    Ok(())
+}
