@@ -203,9 +203,10 @@ function servicePage(name) {
   });
   follow('/v1/mesh/sidecars', (data) => {
     const list = ((data && data.Sidecars) || []).filter((s) => s.Service === name);
+    const index = (data && data.Index) || 0;
     sidecars.replaceChildren(...list.map((s) => h('tr', {},
-      h('td', {}, s.ID || s.Id || s.Node || ''), h('td', {}, s.Mode || ''), h('td', {}, s.Server || ''),
-      h('td', {}, JSON.stringify(s.Applied || s.Indexes || {})))));
+      h('td', {}, `${s.ServiceID} on ${s.Node}`), h('td', {}, s.Mode || ''), h('td', {}, s.Server || ''),
+      h('td', {}, `${s.AppliedIndex ?? '?'} (${lagOf(s, index)})`))));
     if (!list.length) sidecars.append(h('tr', {}, h('td', { colspan: 4 }, 'No sidecar reports for this service.')));
   });
 }
@@ -396,16 +397,27 @@ function configEntryPage(kind, name) {
 
 // ---- Sidecars and cluster --------------------------------------------
 
+/** A sidecar's config state: the index it has applied and how far behind
+ * the registry's state that is. */
+function lagOf(s, index) {
+  if (!s.Connected) return 'disconnected';
+  if (s.AppliedIndex === undefined || s.AppliedIndex === null) return 'unknown';
+  return s.AppliedIndex >= index ? 'current' : `${index - s.AppliedIndex} behind`;
+}
+
 function sidecarsPage() {
   const body = h('tbody');
   main.replaceChildren(h('h1', {}, 'Sidecars'),
-    h('table', {}, h('thead', {}, h('tr', {}, ['Service', 'Sidecar', 'Mode', 'Server', 'Report'].map((c) => h('th', { scope: 'col' }, c)))), body));
+    h('table', {}, h('thead', {}, h('tr', {}, ['Service', 'Instance', 'Mode', 'Server', 'Applied index', 'Lag', 'Refused', 'Last report', 'Report'].map((c) => h('th', { scope: 'col' }, c)))), body));
   follow('/v1/mesh/sidecars', (data) => {
     const list = (data && data.Sidecars) || [];
-    body.replaceChildren(...list.map((s) => h('tr', {},
-      h('td', {}, s.Service || ''), h('td', {}, s.ID || s.Id || ''), h('td', {}, s.Mode || ''), h('td', {}, s.Server || ''),
+    const index = (data && data.Index) || 0;
+    body.replaceChildren(...list.map((s) => h('tr', { 'data-sidecar': `${s.ServiceID}@${s.Node}` },
+      h('td', {}, s.Service || ''), h('td', {}, `${s.ServiceID} on ${s.Node}`), h('td', {}, s.Mode || ''), h('td', {}, s.Server || ''),
+      h('td', {}, s.AppliedIndex ?? ''), h('td', { class: 'lag' }, lagOf(s, index)),
+      h('td', {}, (s.Refused || []).length), h('td', {}, `${((s.LastReportMs || 0) / 1000).toFixed(0)} s ago`),
       h('td', {}, h('details', {}, h('summary', {}, 'details'), h('pre', {}, JSON.stringify(s, null, 2)))))));
-    if (!list.length) body.append(h('tr', {}, h('td', { colspan: 5 }, 'No sidecar reports.')));
+    if (!list.length) body.append(h('tr', {}, h('td', { colspan: 9 }, 'No sidecar reports.')));
   });
 }
 

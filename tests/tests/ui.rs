@@ -307,6 +307,14 @@ async fn the_ui_shows_the_cluster_live_and_edits_safely() -> Result<()> {
     ensure!(leaders == json!(1), "{leaders}");
     browser.screenshot(&shots().join("cluster.png")).await?;
 
+    // Sidecars: none in this cluster, said so.
+    browser.goto(&format!("{ui}#/sidecars")).await?;
+    browser
+        .wait_text("main table", Duration::from_secs(5), |t| {
+            t.contains("No sidecar reports")
+        })
+        .await?;
+
     // Nothing of the session reached a URL or a cookie.
     let cookies = browser.script("return document.cookie;").await?;
     ensure!(cookies == json!(""), "{cookies}");
@@ -356,18 +364,27 @@ async fn the_topology_page_shows_observed_calls_and_a_service_its_intentions() -
     let browser = Browser::start().await?;
     browser.goto(&format!("{base}/ui/#/topology")).await?;
     let rate = browser
-        .wait_text("tr[data-call='client->api'] .rate", Duration::from_secs(30), |t| {
-            t.parse::<f64>().is_ok_and(|r| r > 0.0)
-        })
+        .wait_text(
+            "tr[data-call='client->api'] .rate",
+            Duration::from_secs(30),
+            |t| t.parse::<f64>().is_ok_and(|r| r > 0.0),
+        )
         .await?;
     ensure!(
-        browser.find("svg g[data-edge='client->api']").await?.is_some(),
+        browser
+            .find("svg g[data-edge='client->api']")
+            .await?
+            .is_some(),
         "no edge drawn ({rate} req/s in the table)"
     );
-    let node = browser.wait("svg a[data-node='api']", Duration::from_secs(5)).await?;
+    let node = browser
+        .wait("svg a[data-node='api']", Duration::from_secs(5))
+        .await?;
     browser.click(&node).await?;
     let calls_in = browser
-        .wait_text("#calls-in", Duration::from_secs(5), |t| t.contains("client"))
+        .wait_text("#calls-in", Duration::from_secs(5), |t| {
+            t.contains("client")
+        })
         .await?;
     ensure!(calls_in.contains("req/s"), "{calls_in}");
     browser.screenshot(&shots().join("topology.png")).await?;
@@ -376,11 +393,26 @@ async fn the_topology_page_shows_observed_calls_and_a_service_its_intentions() -
 
     browser.goto(&format!("{base}/ui/#/services/api")).await?;
     let ins = browser
-        .wait_text("#intentions-in", Duration::from_secs(5), |t| t.contains("client: allow"))
+        .wait_text("#intentions-in", Duration::from_secs(5), |t| {
+            t.contains("client: allow")
+        })
         .await?;
     ensure!(ins.contains("*: deny"), "{ins}");
-    let outs = browser.wait_text("#intentions-out", Duration::from_secs(5), |t| !t.is_empty()).await?;
+    let outs = browser
+        .wait_text("#intentions-out", Duration::from_secs(5), |t| !t.is_empty())
+        .await?;
     ensure!(outs.contains("none"), "{outs}");
+    // The Sidecars page: both, each having applied the current config.
+    browser.goto(&format!("{base}/ui/#/sidecars")).await?;
+    for id in ["api-1", "client-1"] {
+        browser
+            .wait_text(
+                &format!("tr[data-sidecar^='{id}@'] .lag"),
+                Duration::from_secs(15),
+                |t| t == "current",
+            )
+            .await?;
+    }
     browser.quit().await;
     mesh.done();
     Ok(())
