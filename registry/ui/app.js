@@ -101,6 +101,10 @@ function follow(path, render) {
           continue;
         }
         setStatus(`Error: ${e.message}`);
+        if (e.status === 403 && !document.getElementById('denied')) {
+          main.prepend(h('p', { class: 'error', role: 'alert', id: 'denied' },
+            `Permission denied: ${e.message}. ${token() ? 'Your token does not allow this.' : 'Paste an ACL token in the box above.'}`));
+        }
         await sleep(2000, signal);
       }
     }

@@ -417,3 +417,90 @@ async fn the_topology_page_shows_observed_calls_and_a_service_its_intentions() -
     mesh.done();
     Ok(())
 }
+
+/// With ACLs on: without a token the pages show the registry's refusal;
+/// the token typed in the login box is used for every request (and kept
+/// in the tab's session storage only); Forget drops it.
+#[tokio::test]
+async fn with_acls_the_ui_uses_the_token_from_the_login_box() -> Result<()> {
+    let cluster = Cluster::start(1, &["--acl-enabled"]).await?;
+    let base = cluster.servers[0].http();
+    let bootstrap: serde_json::Value = cluster
+        .http
+        .put(format!("{base}/v1/acl/bootstrap"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = bootstrap["SecretID"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(!token.is_empty(), "{bootstrap}");
+    let r = cluster
+        .http
+        .put(format!("{base}/v1/kv/secret/plan"))
+        .header("x-consul-token", &token)
+        .body("launch")
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+
+    let browser = Browser::start().await?;
+    browser.goto(&format!("{base}/ui/#/kv/secret/plan")).await?;
+    // Anonymous: nothing shown, the status line says why.
+    browser
+        .wait_text("#status", Duration::from_secs(10), |t| {
+            t.contains("403") || t.contains("Permission denied")
+        })
+        .await?;
+    let shown = browser
+        .script("return document.getElementById('kv-value').textContent;")
+        .await?;
+    ensure!(shown == json!(""), "shown without a token: {shown}");
+    let denied = browser
+        .wait_text("#denied", Duration::from_secs(5), |t| {
+            t.contains("Paste an ACL token")
+        })
+        .await?;
+    ensure!(!denied.contains("launch"), "{denied}");
+    // The token in the login box: the value appears.
+    let field = browser.wait("#token", Duration::from_secs(5)).await?;
+    browser.fill(&field, &token).await?;
+    browser
+        .click(
+            &browser
+                .wait("#login button[type='submit']", Duration::from_secs(5))
+                .await?,
+        )
+        .await?;
+    browser
+        .wait_text("#kv-value", Duration::from_secs(10), |t| t == "launch")
+        .await?;
+    let kept = browser
+        .script("return [sessionStorage.getItem('meshwork-token') !== null, localStorage.length, document.cookie, location.href];")
+        .await?;
+    ensure!(
+        kept[0] == json!(true)
+            && kept[1] == json!(0)
+            && kept[2] == json!("")
+            && !kept[3].as_str().unwrap_or_default().contains(&token),
+        "{kept}"
+    );
+    // Forget: refused again.
+    browser
+        .click(&browser.wait("#logout", Duration::from_secs(5)).await?)
+        .await?;
+    browser
+        .wait_text("#status", Duration::from_secs(10), |t| {
+            t.contains("403") || t.contains("Permission denied")
+        })
+        .await?;
+    let gone = browser
+        .script("return sessionStorage.getItem('meshwork-token');")
+        .await?;
+    ensure!(gone.is_null(), "{gone}");
+    browser.quit().await;
+    cluster.done();
+    Ok(())
+}
