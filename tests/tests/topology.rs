@@ -114,6 +114,22 @@ async fn the_topology_shows_who_calls_whom_from_any_server() -> Result<()> {
     })
     .await?;
     ensure!(api["ErrorRate"] == 0.1, "{api}");
+    // The table's size, in /metrics of the server the client reports to.
+    let metrics = http
+        .get(format!("{}/metrics", mesh.cluster().servers[0].http()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let edges = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("meshwork_topology_edges "))
+        .and_then(|v| v.parse::<u64>().ok());
+    ensure!(edges.is_some_and(|e| e >= 1), "{edges:?}");
+    ensure!(
+        metrics.contains("meshwork_topology_dropped_edges_total 0"),
+        "{metrics}"
+    );
     mesh.done();
     Ok(())
 }

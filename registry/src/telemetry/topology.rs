@@ -226,6 +226,24 @@ impl Topology {
         (out, span.min(up).max(1.0))
     }
 
+    /// `/metrics` lines: edges kept, their approximate memory, edges
+    /// dropped at the bound.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let edges = self
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .slots
+            .len();
+        let _ = write!(
+            out,
+            "# HELP meshwork_topology_edges Traffic edges this server keeps (its sidecars' calls, per caller and service).\n# TYPE meshwork_topology_edges gauge\nmeshwork_topology_edges {edges}\n# HELP meshwork_topology_bytes Approximate memory of the traffic table.\n# TYPE meshwork_topology_bytes gauge\nmeshwork_topology_bytes {}\n# HELP meshwork_topology_dropped_edges_total Edges not kept: the table was at its bound.\n# TYPE meshwork_topology_dropped_edges_total counter\nmeshwork_topology_dropped_edges_total {}\n",
+            self.approximate_bytes(),
+            self.dropped_edges.load(Ordering::Relaxed)
+        );
+    }
+
     /// Bytes the table holds, roughly (for the cost measurement).
     pub fn approximate_bytes(&self) -> usize {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());

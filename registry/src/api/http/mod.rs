@@ -282,7 +282,11 @@ fn prometheus_text(app: &AppState) -> axum::response::Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::METRICS.prometheus(&app.node.readings()),
+        {
+            let mut text = crate::metrics::METRICS.prometheus(&app.node.readings());
+            app.sidecars.topology().render_metrics(&mut text);
+            text
+        },
     )
         .into_response()
 }
