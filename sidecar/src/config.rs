@@ -174,6 +174,10 @@ struct GatewaySection {
     /// Proxies in front of the gateway whose `X-Forwarded-For` entries
     /// are believed (default 0: only the peer's address).
     trusted_hops: Option<u8>,
+    /// Address blocks of those proxies: only a peer (then an entry) within
+    /// them is believed (default: any).
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
     /// Keys a listener with `APIKeys` accepts.
     #[serde(default)]
     api_keys: Vec<ApiKeySection>,
@@ -306,6 +310,7 @@ pub struct Gateway {
     pub certificates: Vec<crate::tls::edge::EdgeCert>,
     /// `X-Forwarded-For` entries believed (proxies in front of it).
     pub trusted_hops: u8,
+    pub trusted_proxies: std::sync::Arc<Vec<edge::Cidr>>,
     pub api_keys: std::sync::Arc<Vec<edge::ApiKey>>,
 }
 
@@ -559,12 +564,25 @@ impl Config {
                         sha256,
                     });
                 }
+                let mut proxies = Vec::new();
+                for (i, p) in g.trusted_proxies.iter().enumerate() {
+                    match edge::Cidr::parse(p) {
+                        Ok(c) => proxies.push(c),
+                        Err(e) => errors.push(format!("{f}: gateway.trusted_proxies[{i}]: {e}")),
+                    }
+                }
+                if !proxies.is_empty() && g.trusted_hops.unwrap_or(0) == 0 {
+                    errors.push(format!(
+                        "{f}: gateway.trusted_proxies: set trusted_hops too (how many of them are in front)"
+                    ));
+                }
                 let gateway = Gateway {
                     name: g.name.clone(),
                     bind,
                     tls,
                     certificates: certs,
                     trusted_hops: g.trusted_hops.unwrap_or(0),
+                    trusted_proxies: std::sync::Arc::new(proxies),
                     api_keys: std::sync::Arc::new(api_keys),
                 };
                 let service = ServiceSection {

@@ -370,14 +370,25 @@ impl Edge {
             }
         }
         chain.push(peer.ip());
-        // With N trusted hops the client is N entries left of the peer;
-        // a shorter chain's first entry.
-        let first = chain.len().saturating_sub(hops + 1);
+        // With N trusted hops the client is N entries left of the peer (a
+        // shorter chain's first entry); with trusted proxies named, only
+        // as far as each hop is one of them.
+        let proxies = &self.spec.trusted_proxies;
+        let mut first = chain.len() - 1;
+        for _ in 0..hops {
+            if first == 0
+                || !(proxies.is_empty() || proxies.iter().any(|c| c.contains(chain[first])))
+            {
+                break;
+            }
+            first -= 1;
+        }
+        let believed = first < chain.len() - 1;
         let chain = &chain[first..];
         let client = chain[0];
         // The trusted proxy's (the last) value; a trusted proxy must set
         // it (one that passes its client's on is not to be trusted).
-        let proto_from_hop = (hops > 0)
+        let proto_from_hop = believed
             .then(|| {
                 headers
                     .get_all(&X_FORWARDED_PROTO)
@@ -387,7 +398,7 @@ impl Edge {
             })
             .flatten()
             .filter(|v| v == "http" || v == "https");
-        if hops == 0 {
+        if !believed {
             // Nobody in front to vouch for these.
             for name in ["x-real-ip", "x-forwarded-host", "x-forwarded-port"] {
                 headers.remove(name);
@@ -746,6 +757,7 @@ mod tests {
                         .unwrap_or([0; 32]),
                 }]),
                 trusted_hops,
+                trusted_proxies: Arc::default(),
                 https: true,
                 port: 8443,
             }),
@@ -813,6 +825,36 @@ mod tests {
             header(&r, "forwarded"),
             "for=\"[2001:db8::1]\", for=10.0.0.9;proto=https"
         );
+    }
+
+    #[test]
+    fn only_named_proxies_are_believed() {
+        let mut spec = (*edge(EdgePolicy::default(), 2).spec).clone();
+        spec.trusted_proxies = Arc::new(vec![
+            crate::config::edge::Cidr::parse("10.0.0.0/8").unwrap_or_else(|e| panic!("{e}")),
+        ]);
+        let e = Edge::new(Arc::new(spec), Arc::default());
+        // The peer is a proxy; the entry before it (2.2.2.2) is not: it
+        // is the client, whatever it claims before.
+        let mut r = request(Some("1.1.1.1, 2.2.2.2"));
+        assert_eq!(e.forwarded(&mut r, peer()), IpAddr::from([2, 2, 2, 2]));
+        assert_eq!(header(&r, "x-forwarded-for"), "2.2.2.2, 10.0.0.9");
+        // Two proxies in front: both within the block.
+        let mut r = request(Some("1.1.1.1, 10.1.1.1"));
+        assert_eq!(e.forwarded(&mut r, peer()), IpAddr::from([1, 1, 1, 1]));
+        // A peer outside the block: nothing it says is believed.
+        let mut r = request(Some("1.1.1.1"));
+        let outsider = SocketAddr::from(([192, 168, 0, 7], 5000));
+        assert_eq!(
+            e.forwarded(&mut r, outsider),
+            IpAddr::from([192, 168, 0, 7])
+        );
+        assert_eq!(header(&r, "x-forwarded-for"), "192.168.0.7");
+        let c = crate::config::edge::Cidr::parse("2001:db8::/32").unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.contains("2001:db8:1::5".parse().unwrap_or(IpAddr::from([0; 4]))));
+        assert!(!c.contains(IpAddr::from([10, 0, 0, 1])));
+        assert!(crate::config::edge::Cidr::parse("10.0.0.0/33").is_err());
+        assert!(crate::config::edge::Cidr::parse("x/8").is_err());
     }
 
     #[test]

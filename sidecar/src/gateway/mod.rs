@@ -119,6 +119,7 @@ pub fn listeners(
                 owned_headers: providers.owned_headers.to_vec(),
                 api_keys: Arc::clone(&gateway.api_keys),
                 trusted_hops: gateway.trusted_hops,
+                trusted_proxies: Arc::clone(&gateway.trusted_proxies),
                 https: false,
                 port: l.port,
             }));
@@ -156,6 +157,7 @@ pub fn listeners(
                 owned_headers: providers.owned_headers.to_vec(),
                 api_keys: Arc::clone(&gateway.api_keys),
                 trusted_hops: gateway.trusted_hops,
+                trusted_proxies: Arc::clone(&gateway.trusted_proxies),
                 https: l.tls,
                 port: l.port,
             }));
@@ -193,6 +195,7 @@ mod tests {
             tls: None,
             certificates: Vec::new(),
             trusted_hops: 0,
+            trusted_proxies: Arc::default(),
             api_keys: Arc::default(),
         }
     }
