@@ -23,6 +23,11 @@ pub fn http_client() -> Result<reqwest::Client> {
         .build()?)
 }
 
+/// `GET url` with `client`, as JSON, if it answers (for bounded waits).
+pub async fn get_json(client: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
+    client.get(url).send().await.ok()?.json().await.ok()
+}
+
 /// A hyper client speaking HTTP/2 only (prior knowledge, no TLS), sending
 /// bodies of type `B`.
 pub fn h2_client<B>() -> Client<HttpConnector, B>

@@ -186,14 +186,8 @@ async fn dashboards_and_alerts_hold_against_a_live_prometheus() -> Result<()> {
 
     // Every rule loaded and evaluated without error.
     let rules_state = wait_for("the rules evaluated", Duration::from_secs(10), || async {
-        let r: Value = http
-            .get(format!("{prometheus}/api/v1/rules"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let r =
+            meshwork_tests::http::get_json(&http, &format!("{prometheus}/api/v1/rules")).await?;
         let rules: Vec<Value> = r["data"]["groups"]
             .as_array()?
             .iter()

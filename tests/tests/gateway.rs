@@ -20,6 +20,16 @@ use meshwork_tests::wait_for;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// A server certificate for `host` from the test CA in `dir` (meshctl
+/// numbers the files: `dc1-server-meshwork-<n>.pem`).
+fn server_cert(dir: &std::path::Path, host: &str) -> Result<()> {
+    meshctl_tls(
+        dir,
+        &["cert", "create", "--server", "--additional-dnsname", host],
+    )?;
+    Ok(())
+}
+
 async fn put_entry(mesh: &Mesh, entry: &Value) -> Result<(u16, String)> {
     let url = format!("{}/v1/config", mesh.cluster().servers[0].http());
     let r = http_client()?.put(url).json(entry).send().await?;
@@ -29,15 +39,7 @@ async fn put_entry(mesh: &Mesh, entry: &Value) -> Result<(u16, String)> {
 
 /// `GET url` as JSON, if it answers.
 async fn get_json(url: &str) -> Option<Value> {
-    http_client()
-        .ok()?
-        .get(url)
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()
+    meshwork_tests::http::get_json(&http_client().ok()?, url).await
 }
 
 /// The first word of the answer to `GET /` on `addr`, if any.
@@ -308,26 +310,8 @@ async fn curl_https(
 async fn a_gateway_terminates_tls_with_the_certificate_the_client_names() -> Result<()> {
     let certs = tempfile::tempdir()?;
     meshctl_tls(certs.path(), &["ca", "create"])?;
-    meshctl_tls(
-        certs.path(),
-        &[
-            "cert",
-            "create",
-            "--server",
-            "--additional-dnsname",
-            "shop.example.com",
-        ],
-    )?;
-    meshctl_tls(
-        certs.path(),
-        &[
-            "cert",
-            "create",
-            "--server",
-            "--additional-dnsname",
-            "*.api.example.com",
-        ],
-    )?;
+    server_cert(certs.path(), "shop.example.com")?;
+    server_cert(certs.path(), "*.api.example.com")?;
     let file = |name: &str| certs.path().join(name).display().to_string();
     let extra = format!(
         r#"[[gateway.certificates]]
@@ -499,16 +483,7 @@ key_file = "{}"
     let (before, open) = connect().await?;
     let (status, open) = get(open).await?;
     ensure!(status == 200, "before the rotation: {status}");
-    meshctl_tls(
-        certs.path(),
-        &[
-            "cert",
-            "create",
-            "--server",
-            "--additional-dnsname",
-            "shop.example.com",
-        ],
-    )?;
+    server_cert(certs.path(), "shop.example.com")?;
     for (from, to) in [
         (
             "dc1-server-meshwork-2-key.pem",
@@ -746,16 +721,7 @@ async fn a_gateway_authenticates_limits_and_forwards_outside_clients() -> Result
     // Certificates: the gateway's (for its TLS listener) and the key
     // server's, from one CA.
     meshctl_tls(dir.path(), &["ca", "create"])?;
-    meshctl_tls(
-        dir.path(),
-        &[
-            "cert",
-            "create",
-            "--server",
-            "--additional-dnsname",
-            "shop.example.com",
-        ],
-    )?;
+    server_cert(dir.path(), "shop.example.com")?;
     let file = |name: &str| dir.path().join(name).display().to_string();
     let ca = file("meshwork-agent-ca.pem");
     // The API key "k-partner-secret" of "partner", by its SHA-256.

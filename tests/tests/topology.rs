@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use meshwork_tests::apps::http_backend;
+use meshwork_tests::http::get_json;
 use meshwork_tests::sidecar::{Mesh, Service, UPSTREAM_PORT};
 use meshwork_tests::wait_for;
 use serde_json::Value;
@@ -63,14 +64,7 @@ async fn the_topology_shows_who_calls_whom_from_any_server() -> Result<()> {
         "the edge client -> api",
         Duration::from_secs(25),
         || async {
-            let t: Value = http
-                .get(format!("{server}/v1/mesh/topology?window=1m"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let t = get_json(&http, &format!("{server}/v1/mesh/topology?window=1m")).await?;
             let edge = t["Edges"]
                 .as_array()?
                 .iter()
@@ -97,14 +91,7 @@ async fn the_topology_shows_who_calls_whom_from_any_server() -> Result<()> {
     );
     // api's inbound, from its own sidecar on another server.
     let api = wait_for("api's inbound", Duration::from_secs(25), || async {
-        let t: Value = http
-            .get(format!("{server}/v1/mesh/topology"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let t = get_json(&http, &format!("{server}/v1/mesh/topology")).await?;
         let s = t["Services"]
             .as_array()?
             .iter()

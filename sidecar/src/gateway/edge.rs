@@ -24,6 +24,7 @@
 //! The answer gets `Strict-Transport-Security` when the listener has
 //! `HSTS`.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
@@ -166,47 +167,14 @@ impl Buckets {
     }
 }
 
-/// `path` as a backend may read it, for matching a route's limit: escapes
-/// of printable characters decoded, repeated slashes collapsed, `.` and
-/// `..` segments resolved (so `//login`, `/%6Cogin` and `/x/../login` all
-/// count as `/login`). Matching stays case-sensitive, as HTTP paths are.
+/// `path` as a backend may read it, for matching a route's limit: the
+/// one normal form the inbound intentions use (`meshwork_core::http_path::normalize`:
+/// unreserved escapes decoded, `//` merged, `.` and `..` resolved), so
+/// `//login`, `/%6Cogin` and `/x/../login` all count as `/login`. A path
+/// with no normal form is matched as it is (no route takes it; the
+/// listener-wide bucket still does). Matching is case-sensitive.
 fn normalize_path(path: &str) -> String {
-    let bytes = path.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(hex) = path.get(i + 1..i + 3)
-            && let Ok(b) = u8::from_str_radix(hex, 16)
-            && (0x21..0x7f).contains(&b)
-        {
-            decoded.push(b);
-            i += 3;
-        } else {
-            decoded.push(bytes[i]);
-            i += 1;
-        }
-    }
-    let text = String::from_utf8_lossy(&decoded);
-    let mut segments: Vec<&str> = Vec::new();
-    for segment in text.split('/') {
-        match segment {
-            "" | "." => {}
-            ".." => {
-                segments.pop();
-            }
-            s => segments.push(s),
-        }
-    }
-    let mut out = String::with_capacity(path.len());
-    for s in &segments {
-        out.push('/');
-        out.push_str(s);
-    }
-    if out.is_empty() || (text.ends_with('/') && !segments.is_empty()) {
-        out.push('/');
-    }
-    out
+    meshwork_core::http_path::normalize(path).map_or_else(|_| path.to_owned(), Cow::into_owned)
 }
 
 /// A listener's edge, live: its spec, the providers' keys, the client

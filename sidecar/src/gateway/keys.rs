@@ -133,27 +133,19 @@ impl Keyring {
         names.sort();
         for name in &names {
             let n = map[*name].keys.load().as_ref().map_or(0, |k| k.keys());
-            let name = label(name);
+            let name = meshwork_core::prometheus::escape(name);
             let _ = writeln!(out, "meshwork_gateway_jwt_keys{{provider=\"{name}\"}} {n}");
         }
         out.push_str("# HELP meshwork_gateway_jwks_fetch_failures_total Failed fetches of a remote key set (the last good keys are kept).\n# TYPE meshwork_gateway_jwks_fetch_failures_total counter\n");
         for name in &names {
             let n = map[*name].fetch_failures.load(Ordering::Relaxed);
-            let name = label(name);
+            let name = meshwork_core::prometheus::escape(name);
             let _ = writeln!(
                 out,
                 "meshwork_gateway_jwks_fetch_failures_total{{provider=\"{name}\"}} {n}"
             );
         }
     }
-}
-
-/// A Prometheus label value, escaped.
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// Largest key or CA file read (bytes).
